@@ -1,0 +1,5 @@
+"""`python -m hybridq` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,809 @@
+"""Per-layer error of a quantized model against its float model (SPEC 5).
+
+For every float tensor ``t`` written by a compute node of the fp32 model that
+the quantized model still has, two errors are measured on each sample and
+averaged:
+
+* **entire**: fp32[t] vs the quantized model's *view* of ``t`` (the tensor
+  its consumers read: the DequantizeLinear or Cast output after ``t``);
+  errors of all upstream layers accumulate;
+* **single**: fp32[t] vs the same view computed by that layer alone, fed
+  the fp32 model's tensors, so a person sees which layer *adds* error.
+
+Identity comes from the ``hybridq.qdq_map`` metadata that step2 writes
+(original tensor -> view) and, for QDQ models made elsewhere (ONNX Runtime's
+``quantize_static``), from the graph structure: from a tensor forward along
+a single-consumer chain of adapter nodes (QuantizeLinear, DequantizeLinear,
+inserted Cast). Names are never parsed.
+
+Cost per sample, independent of the number of layers (plan first, then build
+the graphs once):
+
+1. one *combined* graph = the fp32 graph plus, for each quantized compute
+   node N, a copy N' whose inputs are rebuilt from fp32 tensors through
+   copies of N's input adapters and whose output goes through a copy of N's
+   output adapters. One run gives every fp32 tensor and every single view.
+2. the quantized model with the intermediate views added as outputs. Extra
+   outputs stop ONNX Runtime from fusing QDQ node groups into integer
+   kernels, so this run *simulates* the integer arithmetic in float
+   (identical up to rounding).
+3. the unmodified quantized model (only when step 2 had extra outputs), so
+   the final outputs are exactly what a plain ``InferenceSession`` gives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .errors import HybridqError, InputError, ModelError
+from .metrics import Accumulator, Metrics
+
+QDQ_MAP_KEY = "hybridq.qdq_map"
+"""``metadata_props`` key of the step2 model's tensor/layer map (JSON)."""
+
+_QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
+_SKIP_OPS = frozenset({"Constant", "ConstantOfShape"})
+_IN_PREFIX = "hybridq.single.in/"
+_OUT_PREFIX = "hybridq.single/"
+_LARGE_MODEL = 1_800_000_000  # bytes; larger models go to ORT through a temp file with external data
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class LayerError:
+    """Errors of one fp32 tensor (one row of the table), in graph order.
+
+    ``layer`` and ``op_type`` are those of the fp32 node that writes ``tensor``;
+    ``shape`` and ``dtype`` describe one sample of the fp32 tensor;
+    ``quant_tensor`` names the view compared in the quantized model; ``single``
+    is ``None`` when the layer is not quantized (nothing to isolate) or could
+    not be isolated (see :attr:`AnalysisResult.notes`).
+    """
+
+    tensor: str
+    layer: str
+    op_type: str
+    shape: tuple[int, ...]
+    dtype: str
+    entire: Metrics
+    single: Metrics | None
+    quant_tensor: str = ""
+    precision: str | None = None
+    fp32_file: str | None = None
+    quant_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``[OpType] layer``, plus ``(tensor)`` when the tensor is named differently."""
+        s = f"[{self.op_type}] {self.layer}"
+        return s if self.tensor == self.layer else f"{s} ({self.tensor})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (the manifest's per-tensor entry)."""
+        return {
+            "layer": self.layer,
+            "op_type": self.op_type,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "quant_tensor": self.quant_tensor,
+            "precision": self.precision,
+            "fp32": self.fp32_file,
+            "quant": self.quant_file,
+            "entire": self.entire.to_dict(),
+            "single": self.single.to_dict() if self.single is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, tensor: str, d: dict[str, Any]) -> LayerError:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            tensor=tensor,
+            layer=str(d["layer"]),
+            op_type=str(d["op_type"]),
+            shape=tuple(int(x) for x in d["shape"]),
+            dtype=str(d["dtype"]),
+            entire=Metrics.from_dict(d["entire"]),
+            single=Metrics.from_dict(d["single"]) if d.get("single") is not None else None,
+            quant_tensor=str(d.get("quant_tensor", "")),
+            precision=d.get("precision"),
+            fp32_file=d.get("fp32"),
+            quant_file=d.get("quant"),
+        )
+
+
+def badness(layer: LayerError) -> tuple[float, float]:
+    """Sort key, worst first: the error the layer adds (single cosine), then the accumulated one.
+
+    A layer without a single error adds none (cosine 1.0); NaN sorts first.
+    """
+
+    def c(m: Metrics | None) -> float:
+        if m is None:
+            return 1.0
+        return -math.inf if math.isnan(m.cosine) else m.cosine
+
+    return (c(layer.single), c(layer.entire))
+
+
+@dataclass
+class AnalysisResult:
+    """Everything the report renders; also what a snapshot's ``manifest.json`` holds."""
+
+    layers: list[LayerError]
+    outputs: list[str]
+    n_samples: int
+    notes: list[str] = field(default_factory=list)
+    dumped_samples: int = 0
+    dump_message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; ``tensors`` is keyed by tensor name in graph order."""
+        return {
+            "format": "hybridq-snapshot",
+            "version": 1,
+            "n_samples": self.n_samples,
+            "outputs": list(self.outputs),
+            "notes": list(self.notes),
+            "dumped_samples": self.dumped_samples,
+            "dump_message": self.dump_message,
+            "tensors": {layer.tensor: layer.to_dict() for layer in self.layers},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnalysisResult:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            layers=[LayerError.from_dict(t, e) for t, e in d["tensors"].items()],
+            outputs=[str(o) for o in d["outputs"]],
+            n_samples=int(d["n_samples"]),
+            notes=[str(n) for n in d.get("notes", [])],
+            dumped_samples=int(d.get("dumped_samples", 0)),
+            dump_message=d.get("dump_message"),
+        )
+
+    def worst(self, n: int | None = None) -> list[LayerError]:
+        """The ``n`` worst layers (all when ``None``), by :func:`badness`; ties keep graph order."""
+        ranked = sorted(self.layers, key=badness)
+        return ranked if n is None else ranked[:n]
+
+    def output_layers(self) -> list[LayerError]:
+        """The rows of the model's outputs, in output order."""
+        by_name = {layer.tensor: layer for layer in self.layers}
+        return [by_name[o] for o in self.outputs if o in by_name]
+
+
+# --------------------------------------------------------------------------- graph index
+
+
+class _Graph:
+    """Read-only index of a model's main graph."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.model = model
+        self.nodes = list(g.node)
+        self.inits = {i.name: i for i in g.initializer}
+        self.inputs = [i.name for i in g.input if i.name not in self.inits]
+        self.outputs = [o.name for o in g.output]
+        self.output_set = set(self.outputs)
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = defaultdict(list)
+        for k, node in enumerate(self.nodes):
+            for o in node.output:
+                if o:
+                    self.producer[o] = k
+            for i in node.input:
+                if i:
+                    self.consumers[i].append(k)
+        self.types = _elem_types(model)
+        # tensors computed at run time: graph inputs and node outputs
+        self.values = set(self.inputs) | set(self.producer)
+
+    def node_of(self, tensor: str) -> onnx.NodeProto | None:
+        k = self.producer.get(tensor)
+        return None if k is None else self.nodes[k]
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor shape inference can tell (empty when it cannot run)."""
+    types: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model shape inference cannot handle: learn the types at run time
+        inferred = model
+    g = inferred.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def _attr(node: onnx.NodeProto, name: str) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return None
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+class _Identity:
+    """Which quant-model tensors stand for which fp32 tensors."""
+
+    def __init__(self, f: _Graph, q: _Graph) -> None:
+        self.f, self.q = f, q
+
+    def is_adapter(self, node: onnx.NodeProto) -> bool:
+        """Q/DQ always; a Cast only when it is not one of the fp32 model's own Casts."""
+        if node.op_type in _QDQ_OPS:
+            return True
+        if node.op_type == "Cast" and node.output:
+            orig = self.f.node_of(node.output[0])
+            return orig is None or orig.op_type != "Cast"
+        return False
+
+    def yields_float(self, node: onnx.NodeProto) -> bool:
+        if node.op_type == "QuantizeLinear":
+            return False
+        if node.op_type == "Cast":
+            return _attr(node, "to") in _FLOAT_TYPES
+        return True
+
+    def forward_chain(self, t: str) -> list[int]:
+        """Adapter nodes after ``t`` along a single-consumer chain, cut after the last float view."""
+        q, chain, last_float, cur = self.q, [], 0, t
+        while cur not in q.output_set:
+            cons = q.consumers.get(cur, [])
+            if len(cons) != 1:
+                break
+            node = q.nodes[cons[0]]
+            if not self.is_adapter(node) or node.input[0] != cur or len(node.output) != 1:
+                break
+            chain.append(cons[0])
+            if self.yields_float(node):
+                last_float = len(chain)
+            cur = node.output[0]
+        return chain[:last_float]
+
+    def adapter_path(self, src: str, dst: str, max_depth: int = 8) -> list[int] | None:
+        """Adapter nodes leading from ``src`` to ``dst`` (breadth first), or None."""
+        frontier: list[tuple[str, list[int]]] = [(src, [])]
+        for _ in range(max_depth + 1):
+            nxt: list[tuple[str, list[int]]] = []
+            for cur, path in frontier:
+                if cur == dst:
+                    return path
+                for k in self.q.consumers.get(cur, []):
+                    node = self.q.nodes[k]
+                    if self.is_adapter(node) and node.input[0] == cur and node.output:
+                        nxt.append((node.output[0], path + [k]))
+            frontier = nxt
+        return None
+
+    def back_to_source(self, view: str) -> tuple[str, list[int]]:
+        """Walk back from a view through adapters: (source tensor, adapter nodes source -> view)."""
+        chain: list[int] = []
+        cur = view
+        while True:
+            k = self.q.producer.get(cur)
+            if k is None or not self.is_adapter(self.q.nodes[k]):
+                return cur, chain[::-1]
+            chain.append(k)
+            cur = self.q.nodes[k].input[0]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one fp32 tensor is measured (plain data; see :func:`plan_analysis`).
+
+    ``source`` is the quant-model tensor written by the compute node
+    ``quant_node`` (index into the quant graph) before the output adapters
+    ``out_chain`` (node indices) that lead to ``view``.
+    """
+
+    tensor: str
+    layer: str
+    op_type: str
+    view: str
+    source: str
+    out_chain: tuple[int, ...]
+    quant_node: int | None
+    precision: str | None = None
+
+
+@dataclass
+class AnalysisPlan:
+    """The tensors to measure, in fp32 graph order, and anything worth telling the user."""
+
+    tensors: list[TensorPlan]
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_qdq_map(model: onnx.ModelProto) -> dict[str, Any] | None:
+    for p in model.metadata_props:
+        if p.key == QDQ_MAP_KEY:
+            try:
+                m = json.loads(p.value)
+            except json.JSONDecodeError as e:
+                raise ModelError(
+                    f"the quantized model's metadata '{QDQ_MAP_KEY}' is not valid JSON ({e}); "
+                    "rebuild the model with `hybridq step2`"
+                ) from None
+            if not isinstance(m, dict) or not isinstance(m.get("tensors", {}), dict):
+                raise ModelError(
+                    f"the quantized model's metadata '{QDQ_MAP_KEY}' must be an object with a "
+                    "'tensors' object; rebuild the model with `hybridq step2`"
+                )
+            return m
+    return None
+
+
+def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> AnalysisPlan:
+    """Decide which fp32 tensors are compared with which quant-model views (no model is run)."""
+    f, q = _Graph(float_model), _Graph(quant_model)
+    ident = _Identity(f, q)
+    qmap = _read_qdq_map(quant_model)
+    mapped: dict[str, str] = dict(qmap.get("tensors", {})) if qmap else {}
+    layer_info: dict[str, Any] = dict(qmap.get("layers", {})) if qmap else {}
+    notes: list[str] = []
+    plans: list[TensorPlan] = []
+    missing_views: list[str] = []
+    seen: set[str] = set()
+    for k, node in enumerate(f.nodes):
+        if node.op_type in _SKIP_OPS or not any(node.input):
+            continue
+        layer = node.name or node.output[0]
+        for t in node.output:
+            if not t or t in seen:
+                continue
+            seen.add(t)
+            et = f.types.get(t)
+            if et is not None and et not in _FLOAT_TYPES:
+                continue
+            view = mapped.get(t)
+            if view is not None and view not in q.values:
+                missing_views.append(f"{t!r} -> {view!r}")
+                view = None
+            if view is None:
+                if t not in q.values:
+                    continue  # fused away or renamed by the quantizer: nothing to compare
+                chain = ident.forward_chain(t)
+                view = q.nodes[chain[-1]].output[0] if chain else t
+            source, out_chain = ident.back_to_source(view)
+            qk = q.producer.get(source)
+            info = layer_info.get(layer) if isinstance(layer_info.get(layer), dict) else None
+            plans.append(
+                TensorPlan(
+                    tensor=t,
+                    layer=layer,
+                    op_type=node.op_type,
+                    view=view,
+                    source=source,
+                    out_chain=tuple(out_chain),
+                    quant_node=qk,
+                    precision=(info or {}).get("precision"),
+                )
+            )
+    if missing_views:
+        notes.append(
+            f"{len(missing_views)} entries of '{QDQ_MAP_KEY}' name tensors the quantized model does "
+            f"not have and were matched structurally instead: {', '.join(missing_views[:5])}"
+            + (" ..." if len(missing_views) > 5 else "")
+        )
+    if not plans:
+        raise InputError(
+            "the float and quantized models have no float tensor in common to compare; "
+            "check that QUANT_MODEL was built from FLOAT_MODEL"
+        )
+    return AnalysisPlan(plans, notes)
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+class _Namer:
+    """Fresh, deterministic tensor names that never collide with existing ones."""
+
+    def __init__(self, used: Iterable[str]) -> None:
+        self.used = set(used)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            k += 1
+            name = f"{base}#{k}"
+        self.used.add(name)
+        return name
+
+
+def _merge_opsets(a: onnx.ModelProto, b: onnx.ModelProto) -> list[onnx.OperatorSetIdProto]:
+    versions: dict[str, int] = {}
+    for op in list(a.opset_import) + list(b.opset_import):
+        versions[op.domain] = max(versions.get(op.domain, 0), op.version)
+    return [helper.make_opsetid(d, v) for d, v in sorted(versions.items())]
+
+
+def _same_initializer(a: TensorProto, b: TensorProto) -> bool:
+    return a.data_type == b.data_type and list(a.dims) == list(b.dims) and a.SerializeToString() == b.SerializeToString()
+
+
+def _output_info(name: str, types: dict[str, int]) -> onnx.ValueInfoProto:
+    et = types.get(name)
+    if et:
+        return helper.make_tensor_value_info(name, et, None)
+    return helper.make_empty_tensor_value_info(name)
+
+
+def _set_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int]) -> None:
+    existing = {o.name for o in model.graph.output}
+    for n in names:
+        if n not in existing:
+            model.graph.output.append(_output_info(n, types))
+            existing.add(n)
+
+
+def build_single_model(
+    float_model: onnx.ModelProto, quant_model: onnx.ModelProto, plan: AnalysisPlan
+) -> tuple[onnx.ModelProto, dict[str, str], list[str]]:
+    """The combined graph: the fp32 graph plus an isolated copy of every quantized compute node.
+
+    Returns ``(model, single_views, notes)``: ``single_views`` maps each fp32
+    tensor to the combined-graph tensor holding its single-layer view. The
+    combined model's outputs are the fp32 tensors of ``plan`` and the single
+    views. Neither input model is modified.
+    """
+    f, q = _Graph(float_model), _Graph(quant_model)
+    ident = _Identity(f, q)
+    combined = onnx.ModelProto()
+    combined.CopyFrom(float_model)
+    del combined.opset_import[:]
+    combined.opset_import.extend(_merge_opsets(float_model, quant_model))
+    combined.ir_version = max(float_model.ir_version, quant_model.ir_version)
+    have_funcs = {(fn.domain, fn.name) for fn in combined.functions}
+    combined.functions.extend(fn for fn in quant_model.functions if (fn.domain, fn.name) not in have_funcs)
+    g = combined.graph
+    used = set(f.values) | set(f.inits) | set(q.values) | set(q.inits)
+    fresh = _Namer(used)
+    types = dict(f.types)
+
+    # a quant-model tensor written by a compute node -> the fp32 tensor it stands for
+    src_to_fp32 = {tp.source: tp.tensor for tp in plan.tensors}
+    memo: dict[str, str | None] = {}
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[TensorProto] = []
+
+    def fp32_name(x: str) -> str | None:
+        if x in f.values:
+            return x
+        if x in src_to_fp32:
+            return src_to_fp32[x]
+        for k in ident.forward_chain(x):
+            o = q.nodes[k].output[0]
+            if o in f.values:
+                return o
+        return None
+
+    def copy_node(node: onnx.NodeProto, inputs: list[str], outputs: list[str], name: str) -> None:
+        n = onnx.NodeProto()
+        n.CopyFrom(node)
+        del n.input[:]
+        n.input.extend(inputs)
+        del n.output[:]
+        n.output.extend(outputs)
+        n.name = name
+        new_nodes.append(n)
+
+    def rebuild(x: str) -> str | None:
+        """Name in the combined graph of quant tensor ``x`` computed from fp32 tensors."""
+        if x == "":
+            return ""
+        if x in memo:
+            return memo[x]
+        memo[x] = None  # guards against cycles
+        name: str | None = None
+        if x in q.inits:
+            init = q.inits[x]
+            if x in f.inits and _same_initializer(init, f.inits[x]):
+                name = x
+            else:
+                name = fresh(_IN_PREFIX + x)
+                t = TensorProto()
+                t.CopyFrom(init)
+                t.name = name
+                new_inits.append(t)
+                types[name] = init.data_type
+        elif (node := q.node_of(x)) is not None:
+            if ident.is_adapter(node) or not any(node.input):  # adapters and Constant nodes
+                ins = [rebuild(i) for i in node.input]
+                if all(i is not None for i in ins):
+                    outs = [fresh(_IN_PREFIX + o) if o else "" for o in node.output]
+                    copy_node(node, ins, outs, fresh(_IN_PREFIX + (node.name or x)))  # type: ignore[arg-type]
+                    for o, c in zip(node.output, outs):
+                        memo[o] = c
+                        if o in q.types:
+                            types[c] = q.types[o]
+                    name = memo[x]
+            else:
+                name = fp32_name(x)
+        elif x in q.inputs and x in f.values:
+            name = x
+        memo[x] = name
+        return name
+
+    def is_quantized(node: onnx.NodeProto, out_chains: list[tuple[int, ...]]) -> bool:
+        if any(out_chains):
+            return True
+        for i in node.input:
+            if not i:
+                continue
+            p = q.node_of(i)
+            if p is not None and ident.is_adapter(p):
+                return True
+            if i in q.inits and not (i in f.inits and _same_initializer(q.inits[i], f.inits[i])):
+                return True
+        return False
+
+    by_node: dict[int, list[TensorPlan]] = defaultdict(list)
+    for tp in plan.tensors:
+        if tp.quant_node is not None:
+            by_node[tp.quant_node].append(tp)
+
+    single_views: dict[str, str] = {}
+    notes: list[str] = []
+    not_isolated: list[str] = []
+    for k in sorted(by_node):
+        node = q.nodes[k]
+        tps = by_node[k]
+        if not is_quantized(node, [tp.out_chain for tp in tps]):
+            continue
+        if _has_subgraph(node):
+            not_isolated.append(f"{node.name or node.output[0]} (has a subgraph)")
+            continue
+        ins = [rebuild(i) for i in node.input]
+        if any(i is None for i in ins):
+            bad = [i for i, c in zip(node.input, ins) if c is None]
+            not_isolated.append(f"{node.name or node.output[0]} (input {bad[0]!r} has no fp32 counterpart)")
+            continue
+        outs = [fresh(_OUT_PREFIX + o) if o else "" for o in node.output]
+        copy_node(node, ins, outs, fresh(_OUT_PREFIX + (node.name or node.output[0])))  # type: ignore[arg-type]
+        local = dict(zip(node.output, outs))
+        for o, c in local.items():
+            if o in q.types:
+                types[c] = q.types[o]
+        for tp in tps:
+            cur = local[tp.source]
+            for ck in tp.out_chain:
+                a = q.nodes[ck]
+                rest = [rebuild(i) for i in a.input[1:]]
+                if any(r is None for r in rest):
+                    cur = ""
+                    break
+                out = fresh(_OUT_PREFIX + a.output[0])
+                copy_node(a, [cur, *rest], [out], fresh(_OUT_PREFIX + (a.name or a.output[0])))  # type: ignore[list-item]
+                if a.output[0] in q.types:
+                    types[out] = q.types[a.output[0]]
+                cur = out
+            if cur:
+                single_views[tp.tensor] = cur
+            else:
+                not_isolated.append(f"{tp.tensor} (output adapter parameters are not constant)")
+
+    if not_isolated:
+        notes.append(
+            f"single error not computed for {len(not_isolated)} layer(s): "
+            + "; ".join(not_isolated[:5])
+            + (" ..." if len(not_isolated) > 5 else "")
+        )
+    g.node.extend(new_nodes)
+    g.initializer.extend(new_inits)
+    _set_outputs(combined, [tp.tensor for tp in plan.tensors] + list(single_views.values()), types)
+    return combined, single_views, notes
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _load(model: str | os.PathLike[str] | onnx.ModelProto, what: str) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise ModelError(f"{what} '{path}' does not exist or is not a file")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # protobuf raises several unrelated types on corrupt files
+        raise ModelError(f"{what} '{path}' is not a readable ONNX model ({type(e).__name__}: {e})") from None
+
+
+class _Session:
+    """An ONNX Runtime CPU session over an in-memory model (through a temp file when > 2 GB)."""
+
+    def __init__(self, model: onnx.ModelProto, what: str) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        self.what = what
+        try:
+            if model.ByteSize() < _LARGE_MODEL:
+                self.sess = ort.InferenceSession(
+                    model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+                )
+            else:
+                with tempfile.TemporaryDirectory(prefix="hybridq-") as tmp:
+                    path = os.path.join(tmp, "model.onnx")
+                    onnx.save(model, path, save_as_external_data=True, location="model.data")
+                    self.sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise ModelError(f"ONNX Runtime cannot load the {what}: {e}") from None
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+
+    def run(self, feed: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+        try:
+            values = self.sess.run(None, {n: feed[n] for n in self.input_names})
+        except Exception as e:
+            cls = InputError if "INVALID_ARGUMENT" in str(e) else HybridqError
+            raise cls(f"running the {self.what} on sample {index} failed: {e}") from None
+        return dict(zip(self.output_names, values))
+
+
+def _check_feed(sample: dict[str, np.ndarray], names: list[str], index: int) -> None:
+    from .errors import did_you_mean
+
+    for n in names:
+        if n not in sample:
+            raise InputError(
+                f"sample {index} has no value for model input {n!r} (it has {sorted(sample)!r})"
+            )
+    extra = [k for k in sample if k not in names]
+    if extra:
+        raise InputError(
+            f"sample {index} has a value for {extra[0]!r}, which is not an input of the model "
+            f"(inputs: {names!r}).{did_you_mean(extra[0], names)}"
+        )
+
+
+def analyze(
+    float_model: str | os.PathLike[str] | onnx.ModelProto,
+    quant_model: str | os.PathLike[str] | onnx.ModelProto,
+    samples: Iterable[dict[str, np.ndarray]],
+    *,
+    dump: str | os.PathLike[str] | None = None,
+    max_bytes: int | None = None,
+    on_sample: Callable[[], None] | None = None,
+) -> AnalysisResult:
+    """Entire and single error of every layer output both models have, averaged over ``samples``.
+
+    ``samples`` yields ``{input name: array}`` and is consumed once, one
+    sample at a time: metrics are accumulated per sample and the tensors are
+    dropped (or appended to the snapshot when ``dump`` is a directory, see
+    :mod:`hybridq.snapshot`; ``max_bytes`` caps the arrays written there).
+    With ``dump``, the manifest and the reports are written too.
+    ``on_sample`` is called after each sample (for progress bars).
+
+    Raises :class:`~hybridq.errors.InputError` for unusable models or
+    samples, :class:`~hybridq.errors.OutputError` when the dump cannot be
+    written.
+    """
+    fm = _load(float_model, "float model")
+    qm = _load(quant_model, "quantized model")
+    plan = plan_analysis(fm, qm)
+    combined, single_views, notes = build_single_model(fm, qm, plan)
+    notes = plan.notes + notes
+
+    q = _Graph(qm)
+    f_inputs = [i for i in _Graph(fm).inputs]
+    if sorted(q.inputs) != sorted(f_inputs):
+        raise InputError(
+            f"the float and quantized models have different inputs ({f_inputs!r} vs {q.inputs!r}); "
+            "check that QUANT_MODEL was built from FLOAT_MODEL"
+        )
+    final = [tp for tp in plan.tensors if tp.view in q.output_set]
+    inner_views = [tp.view for tp in plan.tensors if tp.view not in q.output_set]
+    sim_model = onnx.ModelProto()
+    sim_model.CopyFrom(qm)
+    _set_outputs(sim_model, inner_views, q.types)
+
+    comb_sess = _Session(combined, "float model with the isolated quantized layers")
+    sim_sess = _Session(sim_model, "quantized model with intermediate outputs")
+    plain_sess = _Session(qm, "quantized model") if inner_views and final else None
+
+    writer = None
+    if dump is not None:
+        from .snapshot import ArrayDump
+
+        writer = ArrayDump(Path(dump), [tp.tensor for tp in plan.tensors], max_bytes)
+
+    entire = {tp.tensor: Accumulator() for tp in plan.tensors}
+    single = {t: Accumulator() for t in single_views}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    skipped: set[str] = set()
+    n = 0
+    try:
+        for sample in samples:
+            _check_feed(sample, f_inputs, n)
+            ref = comb_sess.run(sample, n)
+            quant = sim_sess.run(sample, n)
+            if plain_sess is not None:
+                quant.update(plain_sess.run(sample, n))
+            arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            for tp in plan.tensors:
+                t = tp.tensor
+                if t in skipped:
+                    continue
+                a, b = ref[t], quant[tp.view]
+                if n == 0:
+                    if a.dtype.kind != "f":
+                        skipped.add(t)  # not a float tensor after all (types were unknown)
+                        continue
+                    shapes[t], dtypes[t] = tuple(a.shape), str(a.dtype)
+                if a.shape != b.shape:
+                    raise HybridqError(
+                        f"tensor {t!r} has shape {a.shape} in the float model but its quantized view "
+                        f"{tp.view!r} has shape {b.shape} (sample {n}); the models do not match"
+                    )
+                entire[t].add(a, b)
+                if t in single_views:
+                    single[t].add(a, ref[single_views[t]])
+                if writer is not None:
+                    arrays[t] = (a, b)
+            if writer is not None:
+                writer.add_sample(arrays)
+            del ref, quant, arrays
+            n += 1
+            if on_sample is not None:
+                on_sample()
+        if n == 0:
+            raise InputError("no samples to analyse: the dataset is empty")
+        layers = [
+            LayerError(
+                tensor=tp.tensor,
+                layer=tp.layer,
+                op_type=tp.op_type,
+                shape=shapes[tp.tensor],
+                dtype=dtypes[tp.tensor],
+                entire=entire[tp.tensor].result(),
+                single=single[tp.tensor].result() if tp.tensor in single else None,
+                quant_tensor=tp.view,
+                precision=tp.precision,
+            )
+            for tp in plan.tensors
+            if tp.tensor not in skipped
+        ]
+        result = AnalysisResult(layers=layers, outputs=list(_Graph(fm).outputs), n_samples=n, notes=notes)
+        if writer is not None:
+            writer.finish(result)
+            from .report import write_reports
+            from .snapshot import write_snapshot
+
+            write_snapshot(result, Path(dump))  # type: ignore[arg-type]
+            write_reports(result, Path(dump))  # type: ignore[arg-type]
+            writer = None
+        return result
+    finally:
+        if writer is not None:
+            writer.abort()

@@ -1,0 +1,274 @@
+"""The Python API: every CLI command as a function returning a typed result, printing nothing."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import __version__
+from .artifacts import read_step1, save_model_atomic, write_step1
+from .calibration import calibrate
+from .config import Cfg, load_cfg, render_cfg
+from .dataset import Dataset, Preprocess, input_specs, load_dataset
+from .errors import ConfigError, HybridqError, did_you_mean
+from .graph import float_activations, has_subgraphs, load_model, prepare
+from .plan import QuantPlan, make_plan
+from .qdq import RewriteResult, apply_plan
+from .resolve import activation_entry, resolve, weight_entry
+from .settings import Settings
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class Step1Result:
+    """Paths of the three artifacts and what step1 did."""
+
+    model: Path
+    data: Path
+    cfg: Path
+    backup: Path | None
+    samples: int
+    quantized_tensors: int
+    layers: dict[str, int]
+    fused: dict[str, str]
+    float_subgraph_nodes: list[str]
+    proposal: Any = None
+
+
+@dataclass
+class LayerResolution:
+    """What one custom_quantize_layers entry resolved to."""
+
+    entry: str
+    node: str
+    requested: str
+    effective: str
+    how: str
+
+
+@dataclass
+class Step2Result:
+    """The deployable model and what step2 built."""
+
+    output: Path
+    layers: dict[str, int]
+    resolved: list[LayerResolution]
+    size_fp32: int
+    size_quant: int
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    rewrite: RewriteResult | None = field(default=None, repr=False)
+
+
+def open_dataset(model: onnx.ModelProto, dataset: str | Path, preprocess: Preprocess | None) -> Dataset:
+    """The dataset for this model's inputs."""
+    return load_dataset(dataset, input_specs(model), preprocess)
+
+
+def _describe(ds: Dataset, batch_size: int) -> Callable[[int], str]:
+    entries = ds.entries()
+
+    def describe(b: int) -> str:
+        first = entries[min(b * batch_size, len(entries) - 1)]
+        where = f"line {first[0]} of '{ds.source}'" if first[0] else f"'{first[1][0]}'"
+        return f"sample {b * batch_size + 1} ({where})"
+
+    return describe
+
+
+def _initializer_arrays(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
+    wanted = set(names)
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
+
+
+def written_entries(plan: QuantPlan, model: onnx.ModelProto, observers, settings: Settings) -> dict[str, dict[str, Any]]:
+    """The quantize_parameters step1 writes for a plan: activations from statistics, weights from the weights."""
+    entries: dict[str, dict[str, Any]] = {}
+    for t, tp in plan.tensors.items():
+        entries[t], _ = activation_entry(tp, observers[t], settings)
+    arrays = _initializer_arrays(model, plan.weights)
+    for w, wp in plan.weights.items():
+        entries[w], _ = weight_entry(wp, arrays[w])
+    return entries
+
+
+def _entry_comments(plan: QuantPlan) -> dict[str, str]:
+    comments = {}
+    for t, tp in plan.tensors.items():
+        comments[t] = f"output of {tp.producer}" if tp.layer_output else f"input of {', '.join(tp.readers[:3])}" + (" ..." if len(tp.readers) > 3 else "")
+    for w, wp in plan.weights.items():
+        comments[w] = f"weight of {wp.node}"
+    return comments
+
+
+def step1(
+    model: str | Path,
+    dataset: str | Path,
+    *,
+    out: str | Path | None = None,
+    settings: Settings | None = None,
+    preprocess: Preprocess | None = None,
+    samples: int | None = None,
+    batch_size: int = 1,
+    on_progress: Progress | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> Step1Result:
+    """Prepare the temp model, calibrate on the dataset, and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg`."""
+    settings = settings or Settings()
+    settings.validate("settings")
+    model_path = Path(model)
+    original = load_model(model_path)
+    temp, report = prepare(original)
+    ds = open_dataset(temp, dataset, preprocess)
+    n = min(len(ds), samples) if samples else len(ds)
+    if on_start:
+        on_start(n)
+    observers = calibrate(temp, ds.batches(batch_size, limit=n), describe=_describe(ds, batch_size), on_batch=on_progress)
+    plan = make_plan(temp, settings)
+    entries = written_entries(plan, temp, observers, settings)
+    out_dir = Path(out) if out else model_path.parent
+    stem = model_path.stem
+    header = {
+        "version": __version__,
+        "model": model_path.name,
+        "model_sha256": "",
+        "dataset": str(dataset),
+        "samples": n,
+        "preprocess": _preprocess_dict(preprocess),
+    }
+    meta = {
+        "tool_version": __version__,
+        "source_model": str(model_path),
+        "written_entries": entries,
+        "written_settings": settings.to_dict(),
+        "original_nodes": report.original_nodes,
+        "renamed": report.renamed,
+        "fused": report.fused,
+        "dataset": str(dataset),
+        "samples": n,
+    }
+    comments = _entry_comments(plan)
+
+    def cfg_text(model_sha: str) -> str:
+        header["model_sha256"] = model_sha
+        return render_cfg(header, settings, {}, {}, entries, comments, stem)
+
+    paths = write_step1(out_dir, stem, temp, observers, meta, cfg_text)
+    return Step1Result(
+        model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
+        quantized_tensors=len(entries), layers=plan.precision_counts(), fused=report.fused,
+        float_subgraph_nodes=has_subgraphs(temp),
+    )
+
+
+def _preprocess_dict(pre: Preprocess | None) -> dict[str, Any]:
+    if pre is None:
+        return {}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(pre).items() if v is not None}
+
+
+def resolve_layer_names(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tuple[dict[str, str], list[LayerResolution]]:
+    """Map each custom_quantize_layers key (node or output tensor, original or temp model) to a temp-model node."""
+    nodes = {n.name: n for n in model.graph.node}
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    original = meta.get("original_nodes", {})
+    fused = meta.get("fused", {})
+    renamed = meta.get("renamed", {})
+    inputs = {i.name for i in model.graph.input}
+    out: dict[str, str] = {}
+    resolved: list[LayerResolution] = []
+    for key, prec in cfg.custom.items():
+        line = cfg.custom_lines.get(key, 0)
+        if key in nodes:
+            node, how = key, "node name"
+        elif key in producer:
+            node, how = producer[key], "output tensor"
+        elif key in renamed and renamed[key] in nodes:
+            node, how = renamed[key], f"original node renamed to '{renamed[key]}'"
+        elif key in fused and fused[key]:
+            node, how = fused[key], f"original node fused into '{fused[key]}'"
+        elif key in original and any(o in producer for o in original[key]):
+            node = next(producer[o] for o in original[key] if o in producer)
+            how = f"original node, now '{node}'"
+        elif key in inputs:
+            raise ConfigError(f"{cfg.path}:{line}: '{key}' is a model input, not a layer; name the first layer that reads it instead.")
+        else:
+            candidates = list(nodes) + list(producer)
+            raise ConfigError(
+                f"{cfg.path}:{line}: custom_quantize_layers entry '{key}' is neither a node nor a tensor of the model."
+                f"{did_you_mean(key, candidates)} Names of the original model and of the temp model both work."
+            )
+        if node in out and out[node] != prec:
+            raise ConfigError(f"{cfg.path}:{line}: '{key}' resolves to node '{node}', which another entry already sets to {out[node]}; keep one.")
+        out[node] = prec
+        resolved.append(LayerResolution(key, node, prec, "", how))
+    return out, resolved
+
+
+def build_plan(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tuple[QuantPlan, list[LayerResolution]]:
+    """The plan for step2: settings, resolved layer precisions and per-tensor dtype/qmethod edits."""
+    layer_precision, resolved = resolve_layer_names(cfg, model, meta)
+    written = meta.get("written_entries", {})
+    tensor_dtype = {t: e.values["dtype"] for t, e in cfg.entries.items() if "dtype" in e.values and e.values["dtype"] != written.get(t, {}).get("dtype")}
+    weight_method = {t: e.values["qmethod"] for t, e in cfg.entries.items() if "qmethod" in e.values}
+    return make_plan(model, cfg.settings, layer_precision, tensor_dtype, weight_method), resolved
+
+
+def step2(
+    model: str | Path,
+    data: str | Path,
+    cfg: str | Path,
+    output: str | Path,
+) -> Step2Result:
+    """Merge temp model + data + cfg into one deployable QDQ ONNX model."""
+    parsed = load_cfg(cfg)
+    bundle = read_step1(model, data, parsed.header.get("model_sha256"), cfg)
+    temp = bundle.model
+    known = set(bundle.meta.get("written_entries", {})) | set(bundle.observers) | {i.name for i in temp.graph.initializer}
+    for name, e in parsed.entries.items():
+        if name not in known:
+            raise ConfigError(f"{parsed.path}:{e.line}: quantize_parameters has unknown tensor '{name}'.{did_you_mean(name, known)} Remove the entry or fix the name.")
+    plan, resolved = build_plan(parsed, temp, bundle.meta)
+    written_settings = Settings(**bundle.meta.get("written_settings", {}))
+    arrays = _initializer_arrays(temp, plan.weights)
+    res = resolve(plan, parsed.entries, bundle.meta.get("written_entries", {}), bundle.observers, arrays, parsed.settings, written_settings, str(parsed.path))
+    rewrite = apply_plan(temp, plan, res.activations, res.weights)
+    for r in resolved:
+        lp = rewrite.layers.get(r.node)
+        r.effective = lp["precision"] if lp else "float32"
+        if r.requested in ("uint8", "int8", "int16") and lp is None:
+            raise ConfigError(
+                f"{parsed.path}:{parsed.custom_lines.get(r.entry, 0)}: custom_quantize_layers['{r.entry}'] = {r.requested} has no effect: "
+                f"'{r.node}' ({temp.graph.node[[n.name for n in temp.graph.node].index(r.node)].op_type}) has no quantized form. Remove the entry."
+            )
+    out_path = Path(output)
+    try:
+        onnx.checker.check_model(rewrite.model, full_check=False)
+    except Exception as exc:
+        raise HybridqError(f"The quantized model failed the ONNX checker ({str(exc).splitlines()[0]}); this is a hybridq bug, please report it with --debug output.") from exc
+    save_model_atomic(rewrite.model, out_path)
+    size_fp32 = temp.ByteSize()
+    return Step2Result(
+        output=out_path,
+        layers=_count_precisions(rewrite),
+        resolved=resolved,
+        size_fp32=size_fp32,
+        size_quant=os.path.getsize(out_path),
+        notes=res.notes + rewrite.notes + plan.notes,
+        warnings=res.warnings,
+        rewrite=rewrite,
+    )
+
+
+def _count_precisions(rewrite: RewriteResult) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for lp in rewrite.layers.values():
+        counts[lp["precision"]] = counts.get(lp["precision"], 0) + 1
+    return counts

@@ -1,0 +1,83 @@
+"""Streaming calibration: run the temp model in ONNX Runtime and feed every float activation to an observer.
+
+One pass over the samples; each batch's tensors are dropped after their
+statistics are merged, so memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from .errors import DatasetError, ModelError
+from .graph import float_activations
+from .observers import HistogramObserver
+
+
+def session_for(model: onnx.ModelProto, outputs: list[str] | None = None, *, basic: bool = True):
+    """An ORT CPU session over `model`, with extra graph outputs when given (model copied, not modified)."""
+    import onnxruntime as ort
+
+    work = model
+    if outputs:
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        present = {o.name for o in work.graph.output}
+        for name in outputs:
+            if name not in present:
+                work.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        if work.ByteSize() > 1_800_000_000:
+            with tempfile.TemporaryDirectory(prefix="hybridq-sess-") as tmp:
+                path = os.path.join(tmp, "m.onnx")
+                onnx.save_model(work, path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data")
+                return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(work.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime cannot run the model: {str(exc).splitlines()[0]}") from exc
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    tensors: list[str] | None = None,
+    describe: Callable[[int], str] = lambda i: f"batch {i}",
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, HistogramObserver]:
+    """Observe every float activation (or `tensors`) over all batches; returns one observer per tensor."""
+    names = tensors if tensors is not None else float_activations(model)
+    sess = session_for(model, names)
+    feeds = {i.name for i in sess.get_inputs()}
+    observers = {n: HistogramObserver() for n in names}
+    n_batches = 0
+    for b, batch in enumerate(batches):
+        missing = feeds - batch.keys()
+        if missing:
+            raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")
+        try:
+            values = sess.run(names, {k: batch[k] for k in feeds})
+        except Exception as exc:
+            raise DatasetError(f"ONNX Runtime failed on {describe(b)}: {str(exc).splitlines()[0]}. Check the sample's shape and dtype against the model input.") from exc
+        for name, value in zip(names, values):
+            try:
+                observers[name].update(value)
+            except ValueError:
+                raise DatasetError(
+                    f"Tensor '{name}' holds NaN or Inf on {describe(b)}. Check that sample (its values, preprocessing "
+                    "and mean/std); calibration needs finite activations."
+                ) from None
+        del values
+        n_batches += 1
+        if on_batch:
+            on_batch(len(next(iter(batch.values()))) if batch else 1)
+    if n_batches == 0:
+        raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
+    return observers

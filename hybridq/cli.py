@@ -1,0 +1,241 @@
+"""The `hybridq` command: parse, call the API, render, map errors to exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import ExitCode, HybridqError, InputError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Hybrid post-training quantization of ONNX models (RKNN-Toolkit2 style): step1 -> edit cfg -> step2 -> analyze.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class State:
+    """Flags that apply to every command."""
+
+    quiet = False
+    json = False
+
+
+@contextmanager
+def progress(label: str, total: int | None) -> Iterator[Any]:
+    """A rich progress bar on stderr (silent when quiet or not a terminal); yields an advance(n) callable."""
+    if State.quiet or State.json or not err.is_terminal:
+        yield lambda n=1: None
+        return
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=total, rate="")
+
+        def advance(n: int = 1) -> None:
+            bar.advance(task, n)
+            t = bar.tasks[task]
+            if t.elapsed:
+                bar.update(task, rate=f"{t.completed / t.elapsed:.1f} samples/s")
+
+        yield advance
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    table = Table(title=title, box=None if not out.is_terminal else None, show_edge=False, header_style="bold")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*(str(x) for x in r))
+    return table
+
+
+def _emit(data: dict[str, Any], tables: list[Table], lines: list[str]) -> None:
+    if State.json:
+        out.print_json(json.dumps(data, default=str))
+        return
+    if State.quiet:
+        return
+    for t in tables:
+        out.print(t)
+    for line in lines:
+        out.print(line, highlight=False, markup=False)
+
+
+def _preprocess(mean, std, color, layout, resize, hook):
+    from .dataset import Preprocess, parse_floats
+
+    return Preprocess(
+        mean=parse_floats(mean, "--mean") if mean else None,
+        std=parse_floats(std, "--std") if std else None,
+        color=color, layout=layout, resize=resize, hook=hook,
+    )
+
+
+MeanOpt = Annotated[Optional[str], typer.Option(help="Per-channel mean in 0-255 pixel units, e.g. 123.675,116.28,103.53 (RKNN mean_values).")]
+StdOpt = Annotated[Optional[str], typer.Option(help="Per-channel std in 0-255 pixel units, e.g. 58.395,57.12,57.375.")]
+ColorOpt = Annotated[str, typer.Option(help="Channel order fed to the model: rgb or bgr.")]
+LayoutOpt = Annotated[Optional[str], typer.Option(help="nchw or nhwc; inferred from the model when omitted.")]
+ResizeOpt = Annotated[str, typer.Option(help="none (size mismatch is an error), stretch or letterbox.")]
+HookOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module.py:function(path, spec) -> array, replacing image loading.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Workspace directory to create.")],
+    model: Annotated[Optional[Path], typer.Option(help="Copy this ONNX model into the workspace.")] = None,
+) -> None:
+    """Create a workspace from the template: commented config, dataset.txt, README of the three-step loop."""
+    template = Path(__file__).resolve().parent.parent / "workspace_template"
+    if not template.is_dir():
+        template = Path(__file__).resolve().parent / "workspace_template"
+    if directory.exists() and any(directory.iterdir()):
+        raise InputError(f"'{directory}' exists and is not empty; choose a new directory for the workspace.")
+    shutil.copytree(template, directory, dirs_exist_ok=True)
+    if model is not None:
+        if not model.is_file():
+            raise InputError(f"Model '{model}' does not exist; give the path of an .onnx file.")
+        shutil.copy2(model, directory / model.name)
+    _emit({"workspace": str(directory)}, [], [f"Workspace ready in {directory}: edit dataset.txt, then run the commands in {directory}/README.md."])
+
+
+@app.command()
+def step1(
+    model: Annotated[Path, typer.Argument(help="fp32 ONNX model.")],
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="dataset.txt (RKNN convention), a directory or a glob.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where the three artifacts go (default: beside the model).")] = None,
+    dtype: Annotated[str, typer.Option(help="Activation dtype: uint8, int8 or int16.")] = "uint8",
+    weight_dtype: Annotated[str, typer.Option(help="Weight dtype: int8 or int16.")] = "int8",
+    qmethod: Annotated[str, typer.Option(help="Weights per channel or per layer: channel or layer.")] = "channel",
+    qtype: Annotated[str, typer.Option(help="Activations asym or sym.")] = "asym",
+    algorithm: Annotated[str, typer.Option(help="Range algorithm: minmax, percentile, kl or mse.")] = "minmax",
+    percentile: Annotated[float, typer.Option(help="Percentile for --algorithm percentile.")] = 99.99,
+    samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per batch (models with a dynamic batch dim).")] = 1,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    color: ColorOpt = "rgb",
+    layout: LayoutOpt = None,
+    resize: ResizeOpt = "none",
+    preprocess_hook: HookOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Calibrate MODEL on a dataset and write <name>.model, <name>.data and the editable <name>.quantization.cfg."""
+    from . import api
+    from .settings import Settings
+
+    State.quiet, State.json = quiet, as_json
+    if samples is not None and samples < 1:
+        raise InputError(f"--samples must be at least 1, got {samples}.")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
+    settings = Settings(dtype=dtype, weight_dtype=weight_dtype, qmethod=qmethod, qtype=qtype, algorithm=algorithm, percentile=percentile)
+    settings.validate("command line")
+    pre = _preprocess(mean, std, color, layout, resize, preprocess_hook)
+    totals: dict[str, int] = {}
+    with progress("calibrating", None) as advance:
+        res = api.step1(
+            model, dataset, out=out_dir, settings=settings, preprocess=pre, samples=samples, batch_size=batch_size,
+            on_progress=advance, on_start=lambda n: totals.setdefault("n", n),
+        )
+    lines = [
+        f"Calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.",
+        f"  temp model: {res.model}",
+        f"  data:       {res.data}",
+        f"  cfg:        {res.cfg}",
+    ]
+    if res.backup:
+        lines.append(f"The previous cfg had edits: kept as {res.backup}.")
+    if res.fused:
+        lines.append(f"{len(res.fused)} nodes were fused or folded in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in list(res.fused.items())[:8]) + (" ..." if len(res.fused) > 8 else ""))
+    if res.float_subgraph_nodes:
+        lines.append(f"Control-flow nodes stay float (their subgraphs are not quantized): {', '.join(res.float_subgraph_nodes)}.")
+    lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
+    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused}
+    _emit(data, [_table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])], lines)
+
+
+@app.command()
+def step2(
+    model: Annotated[Path, typer.Argument(help="<name>.model from step1.")],
+    data: Annotated[Path, typer.Argument(help="<name>.data from step1.")],
+    cfg: Annotated[Path, typer.Argument(help="<name>.quantization.cfg, edited or not.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The deployable QDQ ONNX model to write.")],
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge temp model + data + cfg into one deployable QDQ ONNX model."""
+    from . import api
+
+    State.quiet, State.json = quiet, as_json
+    res = api.step2(model, data, cfg, output)
+    rows = [[k, v] for k, v in sorted(res.layers.items())]
+    tables = [_table("layers per precision", ["precision", "layers"], rows)]
+    if res.resolved:
+        tables.append(_table("custom_quantize_layers", ["entry", "node", "requested", "effective", "resolved as"],
+                             [[r.entry, r.node, r.requested, r.effective, r.how] for r in res.resolved]))
+    lines = [f"Wrote {res.output}: {res.size_fp32 / 1e6:.2f} MB fp32 -> {res.size_quant / 1e6:.2f} MB."]
+    lines += [f"note: {n}" for n in res.notes]
+    for w in res.warnings:
+        err.print(f"warning: {w}", highlight=False, markup=False)
+    data = {
+        "output": res.output, "layers": res.layers, "size_fp32": res.size_fp32, "size_quant": res.size_quant,
+        "resolved": [vars(r) for r in res.resolved], "notes": res.notes, "warnings": res.warnings,
+    }
+    _emit(data, tables, lines)
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and turn hybridq errors into a one-paragraph message and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("HYBRIDQ_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app(args=args, prog_name="hybridq", standalone_mode=False)
+    except HybridqError as exc:
+        if debug:
+            raise
+        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(int(exc.exit_code))
+    except KeyboardInterrupt:
+        err.print("interrupted: earlier artifacts are left as they were, and nothing half-written was kept.", highlight=False)
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(int(ExitCode.USAGE))
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if debug:
+            raise
+        err.print(f"internal error: {type(exc).__name__}: {exc}. Re-run with --debug for the traceback and report it.", highlight=False, markup=False)
+        sys.exit(int(ExitCode.FAILURE))
+    sys.exit(0)

@@ -1,0 +1,252 @@
+"""The editable `<name>.quantization.cfg`: YAML with comments, RKNN-Toolkit2 keys, round-tripped by ruamel.yaml.
+
+Reading never executes anything from the file (ruamel's round-trip loader builds
+only plain maps, lists and scalars). Every problem is a ConfigError naming the
+file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from .errors import ConfigError, did_you_mean
+from .plan import LAYER_PRECISIONS
+from .qparams import normalize_dtype
+from .settings import Settings
+
+ENTRY_KEYS = ("qtype", "qmethod", "dtype", "algorithm", "min", "max", "ori_min", "ori_max", "scale", "zero_point")
+LIST_KEYS = ("min", "max", "ori_min", "ori_max", "scale", "zero_point")
+TOP_KEYS = ("hybridq", "settings", "custom_quantize_layers", "quantize_parameters")
+
+HEADER = """\
+hybridq quantization config for '{model}'.
+Edit, then build the deployable model with:
+  hybridq step2 {stem}.model {stem}.data {stem}.quantization.cfg -o {stem}.q.onnx
+
+custom_quantize_layers: node or tensor name -> float32 | float16 | int16 | int8 | uint8.
+  Names of the original model or of the temp model ({stem}.model, open it in Netron) both work.
+quantize_parameters: one entry per quantized tensor (activations and weights).
+  min/max: the range used; edit them to clip a range (scale and zero_point are recomputed).
+  ori_min/ori_max: the range observed in calibration (for reference).
+  dtype: uint8 | int8 | int16; qtype: asym | sym; qmethod: layer | channel (weights);
+  algorithm: minmax | percentile | kl | mse (recomputed from stored statistics, no re-calibration).
+  Delete an entry to fall back to the step1 statistics.
+"""
+
+
+def _yaml() -> YAML:
+    y = YAML(typ="rt")
+    y.width = 4096
+    y.indent(mapping=2, sequence=4, offset=2)
+    return y
+
+
+def short_float(x: float) -> float:
+    """The shortest decimal that round-trips the value's float32 (what YAML shows the user)."""
+    import numpy as np
+
+    return float(repr(np.float32(x)).replace("np.float32(", "").rstrip(")")) if math.isfinite(x) else float(x)
+
+
+def _flow(values) -> CommentedSeq:
+    seq = CommentedSeq(values)
+    seq.fa.set_flow_style()
+    return seq
+
+
+def render_cfg(
+    header: dict[str, Any],
+    settings: Settings,
+    custom: dict[str, str],
+    custom_comments: dict[str, str],
+    entries: dict[str, dict[str, Any]],
+    entry_comments: dict[str, str],
+    stem: str,
+) -> str:
+    """YAML text of a new cfg, with comments a person can edit from."""
+    doc = CommentedMap()
+    doc["hybridq"] = CommentedMap(header)
+    sdict = CommentedMap(settings.to_dict())
+    sdict["quantize_ops"] = _flow(settings.quantize_ops)
+    doc["settings"] = sdict
+    cq = CommentedMap(custom)
+    for k, c in custom_comments.items():
+        cq.yaml_add_eol_comment(c, k)
+    doc["custom_quantize_layers"] = cq
+    qp = CommentedMap()
+    for name, entry in entries.items():
+        e = CommentedMap()
+        for k in ENTRY_KEYS:
+            if k in entry:
+                e[k] = _flow(entry[k]) if k in LIST_KEYS else entry[k]
+        qp[name] = e
+        if name in entry_comments:
+            qp.yaml_set_comment_before_after_key(name, before=entry_comments[name], indent=2)
+    doc["quantize_parameters"] = qp
+    doc.yaml_set_start_comment(HEADER.format(model=header.get("model", stem), stem=stem))
+    doc.yaml_set_comment_before_after_key("settings", before="Global settings: apply to every entry below that you did not edit.")
+    doc.yaml_set_comment_before_after_key(
+        "custom_quantize_layers", before="Layers to run in another precision (empty: every layer at its default)."
+    )
+    doc.yaml_set_comment_before_after_key("quantize_parameters", before="Per-tensor quantization parameters (RKNN-Toolkit2 keys).")
+    buf = io.StringIO()
+    _yaml().dump(doc, buf)
+    return buf.getvalue()
+
+
+@dataclass
+class CfgEntry:
+    """One quantize_parameters entry as the user left it, with its line for error messages."""
+
+    name: str
+    line: int
+    values: dict[str, Any]
+
+
+@dataclass
+class Cfg:
+    """A parsed, validated cfg: settings, layer precisions, per-tensor entries, and the round-trip document."""
+
+    path: Path
+    header: dict[str, Any]
+    settings: Settings
+    custom: dict[str, str]
+    custom_lines: dict[str, int]
+    entries: dict[str, CfgEntry]
+    doc: Any = field(repr=False, default=None)
+
+
+def _line(node: Any, key: Any) -> int:
+    try:
+        return int(node.lc.key(key)[0]) + 1
+    except Exception:
+        return 0
+
+
+def _as_list(v: Any, where: str, key: str) -> list[float]:
+    items = list(v) if isinstance(v, (list, tuple)) else [v]
+    out = []
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise ConfigError(f"{where}: {key} must be a number or a list of numbers, got {x!r}.")
+        if not math.isfinite(float(x)):
+            raise ConfigError(f"{where}: {key} holds {x!r}; use finite numbers.")
+        out.append(float(x) if key != "zero_point" else x)
+    if not out:
+        raise ConfigError(f"{where}: {key} is an empty list; give one value per tensor or one per channel.")
+    return out
+
+
+def validate_entry(name: str, raw: Any, where: str) -> dict[str, Any]:
+    """Check one quantize_parameters entry; returns normalised values."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the entry for tensor '{name}' must be a mapping of {', '.join(ENTRY_KEYS)}.")
+    out: dict[str, Any] = {}
+    for key, v in raw.items():
+        if key not in ENTRY_KEYS:
+            raise ConfigError(f"{where}: unknown key {key!r} in the entry of '{name}'.{did_you_mean(str(key), ENTRY_KEYS)} Valid keys: {', '.join(ENTRY_KEYS)}.")
+        if key in LIST_KEYS:
+            out[key] = _as_list(v, where, key)
+        elif key == "dtype":
+            dt = normalize_dtype(v)
+            if dt not in ("uint8", "int8", "int16", "uint16"):
+                raise ConfigError(f"{where}: dtype {v!r} of '{name}' is not valid; use uint8, int8 or int16 (or move the layer to custom_quantize_layers for float).")
+            out[key] = dt
+        elif key == "qtype":
+            qt = {"asymmetric": "asym", "symmetric": "sym"}.get(str(v), str(v))
+            if qt not in ("asym", "sym"):
+                raise ConfigError(f"{where}: qtype {v!r} of '{name}' is not valid; use asym or sym.")
+            out[key] = qt
+        elif key == "qmethod":
+            if v not in ("layer", "channel"):
+                raise ConfigError(f"{where}: qmethod {v!r} of '{name}' is not valid; use layer or channel.")
+            out[key] = v
+        else:
+            from .observers import ALGORITHM_ALIASES, ALGORITHMS
+
+            algo = ALGORITHM_ALIASES.get(str(v), str(v))
+            if algo not in ALGORITHMS:
+                raise ConfigError(f"{where}: algorithm {v!r} of '{name}' is not valid.{did_you_mean(algo, ALGORITHMS)} Use one of: {', '.join(ALGORITHMS)}.")
+            out[key] = algo
+    if "min" in out and "max" in out:
+        if len(out["min"]) != len(out["max"]):
+            raise ConfigError(f"{where}: '{name}' has {len(out['min'])} min values but {len(out['max'])} max values.")
+        for lo, hi in zip(out["min"], out["max"]):
+            if lo > hi:
+                raise ConfigError(f"{where}: '{name}' has min {lo} > max {hi}; make min <= max.")
+    if "scale" in out and any(s <= 0 for s in out["scale"]):
+        raise ConfigError(f"{where}: '{name}' has a scale <= 0; scales must be positive.")
+    return out
+
+
+def load_cfg(path: str | Path) -> Cfg:
+    """Parse and validate a cfg file (structure and values; names are checked against the model by step2)."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"Config file '{p}' does not exist. step1 writes it as <name>.quantization.cfg.")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Config file '{p}' cannot be read: {exc}.") from exc
+    try:
+        doc = _yaml().load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc.context}. Fix the line (indentation, a missing ':' or quote).") from None
+    except YAMLError as exc:
+        raise ConfigError(f"{p}: YAML error: {exc}.") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p}: expected a YAML mapping with custom_quantize_layers and quantize_parameters, got {type(doc).__name__}.")
+    for key in doc:
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{p}:{_line(doc, key)}: unknown top-level key {key!r}.{did_you_mean(str(key), TOP_KEYS)} Valid keys: {', '.join(TOP_KEYS)}.")
+    settings_raw = doc.get("settings") or {}
+    if not isinstance(settings_raw, dict):
+        raise ConfigError(f"{p}:{_line(doc, 'settings')}: settings must be a mapping.")
+    settings = Settings.from_dict(dict(settings_raw), f"{p}:{_line(doc, 'settings')}")
+    custom_raw = doc.get("custom_quantize_layers") or {}
+    if not isinstance(custom_raw, dict):
+        raise ConfigError(f"{p}:{_line(doc, 'custom_quantize_layers')}: custom_quantize_layers must be a mapping of layer name -> precision, e.g. `conv1: float16`.")
+    custom, custom_lines = {}, {}
+    for name, v in custom_raw.items():
+        line = _line(custom_raw, name)
+        dt = normalize_dtype(v) if v is not None else None
+        if dt not in LAYER_PRECISIONS:
+            raise ConfigError(f"{p}:{line}: custom_quantize_layers['{name}'] = {v!r} is not a valid precision; use one of {', '.join(LAYER_PRECISIONS)}.")
+        custom[str(name)] = dt
+        custom_lines[str(name)] = line
+    params_raw = doc.get("quantize_parameters") or {}
+    if not isinstance(params_raw, dict):
+        raise ConfigError(f"{p}:{_line(doc, 'quantize_parameters')}: quantize_parameters must be a mapping of tensor name -> parameters.")
+    entries = {}
+    for name, raw in params_raw.items():
+        line = _line(params_raw, name)
+        entries[str(name)] = CfgEntry(str(name), line, validate_entry(str(name), raw, f"{p}:{line}"))
+    header = dict(doc.get("hybridq") or {})
+    return Cfg(p, header, settings, custom, custom_lines, entries, doc)
+
+
+def update_custom_layers(text: str, layers: dict[str, str], comments: dict[str, str]) -> str:
+    """Add or replace custom_quantize_layers entries in cfg text, keeping every other edit and comment."""
+    y = _yaml()
+    doc = y.load(text)
+    cq = doc.get("custom_quantize_layers")
+    if not isinstance(cq, CommentedMap):
+        cq = CommentedMap()
+        doc["custom_quantize_layers"] = cq
+    for name, prec in layers.items():
+        cq[name] = prec
+        if name in comments:
+            cq.yaml_add_eol_comment(comments[name], name)
+    buf = io.StringIO()
+    y.dump(doc, buf)
+    return buf.getvalue()

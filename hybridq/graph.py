@@ -1,0 +1,246 @@
+"""Load an ONNX model and prepare the temp model: the fp32 graph step2 will quantize.
+
+Preparation makes weights initializers, upgrades old opsets, folds constants and
+BatchNorm (ONNX Runtime's basic, standard-op-only optimizer), infers shapes and
+gives every node a unique, stable name. Names of tensors and nodes that survive
+are kept; what was fused is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import ModelError
+
+MIN_OPSET = 13
+
+
+@dataclass
+class PrepReport:
+    """What preparation changed: opset, constants lifted, nodes fused away (old name -> new producer)."""
+
+    opset_from: int
+    opset_to: int
+    constants_lifted: int = 0
+    renamed: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, str] = field(default_factory=dict)
+    original_nodes: dict[str, list[str]] = field(default_factory=dict)
+
+
+def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Read and check an ONNX model; every failure is a ModelError naming the file."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"Model file '{p}' does not exist. Check the path, or run `hybridq step1` first if it is a step1 artifact.")
+    if p.is_dir():
+        raise ModelError(f"Model path '{p}' is a directory; give the path of an .onnx file.")
+    try:
+        model = onnx.load(str(p), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf raises DecodeError, external data raises OSError
+        raise ModelError(
+            f"Model file '{p}' could not be read as ONNX ({type(exc).__name__}: {exc}). "
+            "It may be truncated, corrupt or not an ONNX file; re-export or re-download it."
+        ) from exc
+    if not model.graph.node:
+        raise ModelError(f"Model file '{p}' holds no graph nodes; it is empty or not an ONNX model.")
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:
+        raise ModelError(f"Model file '{p}' is not a valid ONNX graph: {str(exc).splitlines()[0]}. Fix the exporter output.") from exc
+    return model
+
+
+def main_opset(model: onnx.ModelProto) -> int:
+    """The ai.onnx opset version the model imports."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+def name_nodes(model: onnx.ModelProto) -> dict[str, str]:
+    """Give unnamed or duplicate nodes a unique `<OpType>_<n>` name in place; returns old -> new for renamed ones."""
+    taken = Counter(n.name for n in model.graph.node if n.name)
+    seen: set[str] = set()
+    renamed: dict[str, str] = {}
+    counters: Counter[str] = Counter()
+    for node in model.graph.node:
+        if node.name and taken[node.name] == 1:
+            seen.add(node.name)
+            continue
+        old = node.name
+        while True:
+            candidate = f"{old or node.op_type}_{counters[old or node.op_type]}"
+            counters[old or node.op_type] += 1
+            if candidate not in taken and candidate not in seen:
+                break
+        node.name = candidate
+        seen.add(candidate)
+        if old:
+            renamed.setdefault(old, candidate)
+    return renamed
+
+
+def lift_constants(model: onnx.ModelProto) -> int:
+    """Turn `Constant` nodes of the main graph into initializers (Paddle2ONNX stores weights this way)."""
+    keep, lifted = [], 0
+    graph_outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or node.output[0] in graph_outputs:
+            keep.append(node)
+            continue
+        attr = node.attribute[0]
+        if attr.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+        elif attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
+            value = onnx.helper.get_attribute_value(attr)
+            dtype = np.float32 if "float" in attr.name else np.int64
+            tensor = numpy_helper.from_array(np.array(value, dtype=dtype))
+        else:
+            keep.append(node)
+            continue
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+        lifted += 1
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return lifted
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.ModelProto:
+    """Convert to opset `target` when older (per-channel QDQ needs opset 13)."""
+    if main_opset(model) >= target:
+        return model
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, target)
+    except Exception as exc:
+        raise ModelError(
+            f"Could not upgrade the model from opset {main_opset(model)} to {target} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Re-export the model with opset >= 13."
+        ) from exc
+
+
+def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding, Conv+BN/Add/Mul fusion, identity removal: ORT's basic level, standard ops only."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="hybridq-prep-") as tmp:
+        src = os.path.join(tmp, "in.onnx")
+        dst = os.path.join(tmp, "out.onnx")
+        large = model.ByteSize() > 1_800_000_000
+        if large:
+            onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True, location="in.data")
+        else:
+            onnx.save_model(model, src)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = dst
+        so.log_severity_level = 3
+        if large:
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "out.data")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelError(
+                f"ONNX Runtime cannot load this model: {str(exc).splitlines()[0]}. "
+                "hybridq calibrates with ONNX Runtime, so the fp32 model must run there first."
+            ) from exc
+        out = onnx.load(dst)
+    # ORT's optimizer may drop the model's metadata; keep the original's.
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    used = {n.domain for n in out.graph.node} | {"", "ai.onnx"}
+    keep = [o for o in out.opset_import if o.domain in used]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape and type inference; the model is returned unchanged when inference fails on an exotic op."""
+    try:
+        if model.ByteSize() > 1_800_000_000:
+            return model
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return model
+
+
+def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepReport]:
+    """Return the temp model (a new proto) and what changed; the input model is not modified."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    report = PrepReport(opset_from=main_opset(work), opset_to=main_opset(work))
+    report.renamed = name_nodes(work)
+    original = {n.name: (n.op_type, list(n.output)) for n in work.graph.node}
+    report.constants_lifted = lift_constants(work)
+    work = upgrade_opset(work)
+    report.opset_to = main_opset(work)
+    work = ort_basic_optimize(work)
+    name_nodes(work)
+    work = infer_shapes(work)
+    producer = {o: n.name for n in work.graph.node for o in n.output}
+    present = {n.name for n in work.graph.node}
+    for name, (op, outputs) in original.items():
+        report.original_nodes[name] = outputs
+        if name in present or op == "Constant":
+            continue
+        report.fused[name] = next((producer[o] for o in outputs if o in producer), "")
+    return work, report
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every typed tensor in the main graph (inputs, outputs, value_info, initializers)."""
+    types: dict[str, int] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in model.graph.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+    """Static or symbolic shape of every tensor with a known rank."""
+    shapes: dict[str, tuple[int | str | None, ...]] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        t = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and t.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    return shapes
+
+
+def float_activations(model: onnx.ModelProto) -> list[str]:
+    """Float32 tensors computed at run time in the main graph (graph inputs and node outputs), in graph order."""
+    types = tensor_types(model)
+    inits = {i.name for i in model.graph.initializer}
+    names: list[str] = []
+    for vi in model.graph.input:
+        if vi.name not in inits and types.get(vi.name) == onnx.TensorProto.FLOAT:
+            names.append(vi.name)
+    for node in model.graph.node:
+        for o in node.output:
+            if o and types.get(o) == onnx.TensorProto.FLOAT:
+                names.append(o)
+    return names
+
+
+def has_subgraphs(model: onnx.ModelProto) -> list[str]:
+    """Names of main-graph nodes that carry subgraphs (If, Loop, Scan); these stay float."""
+    return [n.name for n in model.graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]

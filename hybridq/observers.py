@@ -1,0 +1,224 @@
+"""Streaming statistics of one tensor, and the range algorithms that read them.
+
+A `HistogramObserver` sees data only through `update(x)` and can be `merge`d.
+Its histogram has power-of-two bin widths aligned at multiples of the width, so
+growing the range merges whole bins exactly and the result depends only on the
+set of values seen, never on their order or batching. Memory is bounded: at
+most `MAX_BINS` counts per tensor, whatever the number of samples.
+
+Range algorithms are pure functions of the statistics, listed in `ALGORITHMS`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+MAX_BINS = 4096
+# Bin widths never go below 2**-E_SPAN times the largest magnitude seen, so bin
+# indices stay well inside int64 even for constant tensors.
+E_SPAN = 40
+
+
+def _needed_exponent(lo: float, hi: float) -> int:
+    """Smallest e such that [lo, hi] spans at most MAX_BINS bins of width 2**e (and not absurdly fine)."""
+    mag = max(abs(lo), abs(hi))
+    e_floor = (math.frexp(mag)[1] - E_SPAN) if mag > 0 else -E_SPAN - 100
+    span = hi - lo
+    e = math.frexp(span / MAX_BINS)[1] - 1 if span > 0 else e_floor
+    e = max(e, e_floor)
+    while math.floor(hi / 2.0**e) - math.floor(lo / 2.0**e) + 1 > MAX_BINS:
+        e += 1
+    while e - 1 >= e_floor and math.floor(hi / 2.0 ** (e - 1)) - math.floor(lo / 2.0 ** (e - 1)) + 1 <= MAX_BINS:
+        e -= 1
+    return e
+
+
+@dataclass
+class HistogramObserver:
+    """Exact min/max, element count and a bounded power-of-two histogram of everything seen."""
+
+    min: float = math.inf
+    max: float = -math.inf
+    count: int = 0
+    exponent: int = 0
+    start: int = 0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def update(self, x: np.ndarray) -> None:
+        """Add a batch of values; raises ValueError on NaN or Inf (the caller names the sample)."""
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("non-finite values (NaN or Inf)")
+        other = HistogramObserver(lo, hi, int(x.size))
+        other.exponent = _needed_exponent(lo, hi)
+        idx = np.floor(x.astype(np.float64, copy=False).ravel() * 2.0**-other.exponent).astype(np.int64)
+        other.start = math.floor(lo / 2.0**other.exponent)
+        other.counts = np.bincount(idx - other.start).astype(np.int64)
+        self.merge(other)
+
+    def merge(self, other: "HistogramObserver") -> None:
+        """Fold another observer's statistics into this one (exact, order-independent)."""
+        if other.count == 0:
+            return
+        if self.count == 0:
+            self.min, self.max, self.count = other.min, other.max, other.count
+            self.exponent, self.start, self.counts = other.exponent, other.start, other.counts.copy()
+            return
+        lo, hi = min(self.min, other.min), max(self.max, other.max)
+        e = max(self.exponent, other.exponent, _needed_exponent(lo, hi))
+        a_start, a = _rebin(self.start, self.counts, self.exponent, e)
+        b_start, b = _rebin(other.start, other.counts, other.exponent, e)
+        start = min(a_start, b_start)
+        end = max(a_start + len(a), b_start + len(b))
+        counts = np.zeros(end - start, dtype=np.int64)
+        counts[a_start - start : a_start - start + len(a)] += a
+        counts[b_start - start : b_start - start + len(b)] += b
+        self.min, self.max, self.count = lo, hi, self.count + other.count
+        self.exponent, self.start, self.counts = e, start, counts
+
+    @property
+    def width(self) -> float:
+        """Bin width."""
+        return 2.0**self.exponent
+
+    def edges(self) -> np.ndarray:
+        """Bin edges (len(counts) + 1 values)."""
+        return (self.start + np.arange(len(self.counts) + 1, dtype=np.float64)) * self.width
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays that round-trip through `from_state` (stored in the .data artifact)."""
+        return {
+            "scalars": np.array([self.min, self.max], dtype=np.float64),
+            "ints": np.array([self.count, self.exponent, self.start], dtype=np.int64),
+            "counts": self.counts,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "HistogramObserver":
+        """Rebuild an observer saved with `state()`."""
+        lo, hi = state["scalars"].tolist()
+        count, exponent, start = (int(v) for v in state["ints"])
+        return cls(lo, hi, count, exponent, start, np.asarray(state["counts"], dtype=np.int64))
+
+
+def _rebin(start: int, counts: np.ndarray, e_from: int, e_to: int) -> tuple[int, np.ndarray]:
+    """Merge bins by 2**(e_to - e_from): exact because bins are aligned at multiples of the width."""
+    if e_to == e_from:
+        return start, counts
+    shift = e_to - e_from
+    idx = (start + np.arange(len(counts), dtype=np.int64)) >> shift
+    new_start = int(idx[0])
+    return new_start, np.bincount(idx - new_start, weights=counts, minlength=int(idx[-1] - new_start + 1)).astype(np.int64)
+
+
+# Range algorithms: (observer, levels, options) -> (lo, hi). `levels` is the number
+# of quantization steps of the target dtype (255 for 8 bit), used by kl and mse.
+
+def range_minmax(obs: HistogramObserver, levels: int, percentile: float = 99.99) -> tuple[float, float]:
+    """The observed range, as RKNN's `normal` algorithm."""
+    return obs.min, obs.max
+
+
+def _quantile(obs: HistogramObserver, q: float) -> float:
+    """Value below which a fraction q of the elements lie, interpolated linearly inside a bin."""
+    cum = np.cumsum(obs.counts, dtype=np.float64)
+    target = q * cum[-1]
+    i = int(np.searchsorted(cum, target, side="left"))
+    i = min(i, len(cum) - 1)
+    before = cum[i - 1] if i > 0 else 0.0
+    frac = (target - before) / obs.counts[i] if obs.counts[i] else 0.0
+    return float((obs.start + i + frac) * obs.width)
+
+
+def range_percentile(obs: HistogramObserver, levels: int, percentile: float = 99.99) -> tuple[float, float]:
+    """Clip each tail to (100 - percentile) % of the elements; the range still holds 0 and never exceeds min/max."""
+    tail = (100.0 - percentile) / 100.0
+    lo = max(obs.min, _quantile(obs, tail)) if obs.min < 0 else obs.min
+    hi = min(obs.max, _quantile(obs, 1.0 - tail)) if obs.max > 0 else obs.max
+    return lo, hi
+
+
+def _abs_histogram(obs: HistogramObserver) -> np.ndarray:
+    """Histogram of |x| on bins [k w, (k+1) w), k >= 0: negative bins fold exactly onto positive ones."""
+    idx = obs.start + np.arange(len(obs.counts), dtype=np.int64)
+    folded = np.where(idx < 0, -idx - 1, idx)
+    return np.bincount(folded, weights=obs.counts).astype(np.float64)
+
+
+def _clipped_range(obs: HistogramObserver, threshold: float) -> tuple[float, float]:
+    """Range [-t, t] intersected with the observed range."""
+    return max(obs.min, -threshold), min(obs.max, threshold)
+
+
+def range_kl(obs: HistogramObserver, levels: int, percentile: float = 99.99) -> tuple[float, float]:
+    """TensorRT-style entropy calibration on |x|: the threshold minimising KL(P || Q) with `levels` bins."""
+    hist = _abs_histogram(obs)
+    nq = (levels + 1) // 2 if obs.min < 0 else levels + 1
+    n = len(hist)
+    if n <= nq or hist.sum() == 0:
+        return obs.min, obs.max
+    best_t, best_kl = n, math.inf
+    step = max(1, (n - nq) // 256)
+    for t in list(range(nq, n, step)) + [n]:
+        p = hist[:t].copy()
+        p[-1] += hist[t:].sum()
+        nonzero = p > 0
+        chunks = np.array_split(np.arange(t), nq)
+        q = np.zeros(t)
+        for c in chunks:
+            nz = nonzero[c]
+            if nz.any():
+                q[c[nz]] = p[c].sum() / nz.sum()
+        ps, qs = p / p.sum(), q / q.sum()
+        mask = ps > 0
+        kl = float(np.sum(ps[mask] * np.log(ps[mask] / np.maximum(qs[mask], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_t = kl, t
+    return _clipped_range(obs, best_t * obs.width)
+
+
+def range_mse(obs: HistogramObserver, levels: int, percentile: float = 99.99) -> tuple[float, float]:
+    """The shrink of the min/max range that minimises the expected squared quantization error (bin centres)."""
+    centres = (obs.edges()[:-1] + obs.edges()[1:]) / 2
+    weights = obs.counts.astype(np.float64)
+    best, best_err = (obs.min, obs.max), math.inf
+    for f in np.linspace(0.05, 1.0, 96):
+        lo, hi = min(obs.min * f, 0.0), max(obs.max * f, 0.0)
+        scale = (hi - lo) / levels
+        if scale <= 0:
+            continue
+        clipped = np.clip(centres, lo, hi)
+        err = float(np.sum(weights * ((centres - clipped) ** 2 + scale**2 / 12)))
+        if err < best_err:
+            best_err, best = err, (max(obs.min, lo), min(obs.max, hi))
+    return best
+
+
+RangeAlgorithm = Callable[[HistogramObserver, int, float], "tuple[float, float]"]
+
+ALGORITHMS: dict[str, RangeAlgorithm] = {
+    "minmax": range_minmax,
+    "percentile": range_percentile,
+    "kl": range_kl,
+    "mse": range_mse,
+}
+
+# RKNN-Toolkit2's names, accepted on input.
+ALGORITHM_ALIASES = {"normal": "minmax", "kl_divergence": "kl", "mmse": "mse", "entropy": "kl"}
+
+
+def compute_range(obs: HistogramObserver, algorithm: str, levels: int, percentile: float = 99.99) -> tuple[float, float]:
+    """Range of the tensor by the named algorithm; an unknown name raises KeyError listing the valid ones."""
+    name = ALGORITHM_ALIASES.get(algorithm, algorithm)
+    if name not in ALGORITHMS:
+        raise KeyError(f"unknown algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+    if obs.count == 0:
+        return 0.0, 0.0
+    return ALGORITHMS[name](obs, levels, percentile)

@@ -1,0 +1,311 @@
+"""Decide what to quantize: each layer's precision, which tensors get Q/DQ, which weights and biases.
+
+The plan is plain data with no numbers: step1 writes its tensors into the cfg,
+step2 fills in parameters and applies it. Placement follows what ONNX Runtime's
+CPU provider fuses into integer kernels (see the op table below).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .graph import tensor_types
+from .settings import Settings
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Which inputs of a node are activations to quantize, which is a weight (and its channel axis), which a bias."""
+
+    activations: tuple[int, ...]
+    weight: tuple[int, int] | None = None
+    bias: int | None = None
+    quantize_output: bool = True
+
+
+@dataclass
+class GraphView:
+    """Producer/consumer lookups over a model's main graph."""
+
+    model: onnx.ModelProto
+    nodes: dict[str, onnx.NodeProto] = field(init=False)
+    producer: dict[str, onnx.NodeProto] = field(init=False)
+    consumers: dict[str, list[onnx.NodeProto]] = field(init=False)
+    inits: dict[str, onnx.TensorProto] = field(init=False)
+    types: dict[str, int] = field(init=False)
+    outputs: set[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        g = self.model.graph
+        self.nodes = {n.name: n for n in g.node}
+        self.producer = {o: n for n in g.node for o in n.output if o}
+        self.consumers = {}
+        for n in g.node:
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.inits = {i.name: i for i in g.initializer}
+        self.types = tensor_types(self.model)
+        self.outputs = {o.name for o in g.output}
+
+    def is_float_activation(self, name: str) -> bool:
+        return bool(name) and name not in self.inits and self.types.get(name) == FLOAT
+
+    def init_array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+
+def _conv(node: onnx.NodeProto, g: GraphView) -> Slots | None:
+    if len(node.input) < 2 or node.input[1] not in g.inits:
+        return None
+    bias = 2 if len(node.input) > 2 and node.input[2] in g.inits else None
+    return Slots((0,), (1, 0), bias)
+
+
+def _gemm(node: onnx.NodeProto, g: GraphView) -> Slots | None:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transA", 0):
+        return None
+    if node.input[1] in g.inits:
+        n_out = g.inits[node.input[1]].dims[0 if attrs.get("transB", 0) else 1]
+        bias = None
+        if len(node.input) > 2 and node.input[2] in g.inits and list(g.inits[node.input[2]].dims) in ([n_out], [1, n_out]):
+            if attrs.get("beta", 1.0) == 1.0 and attrs.get("alpha", 1.0) == 1.0:
+                bias = 2
+        return Slots((0,), (1, 0 if attrs.get("transB", 0) else 1), bias)
+    return Slots((0, 1))
+
+
+def _matmul(node: onnx.NodeProto, g: GraphView) -> Slots | None:
+    a, b = node.input[0], node.input[1]
+    if b in g.inits and len(g.inits[b].dims) == 2 and g.is_float_activation(a):
+        return Slots((0,), (1, 1), quantize_output=False)
+    if g.is_float_activation(a) and g.is_float_activation(b):
+        return Slots((0, 1), quantize_output=False)
+    return None
+
+
+def _all_float_inputs(node: onnx.NodeProto, g: GraphView) -> Slots | None:
+    acts = tuple(i for i, t in enumerate(node.input) if g.is_float_activation(t))
+    return Slots(acts) if acts else None
+
+
+def _first_input(node: onnx.NodeProto, g: GraphView) -> Slots | None:
+    return Slots((0,)) if g.is_float_activation(node.input[0]) else None
+
+
+# Op types that can run quantized, and where their Q/DQ go. Conv, Gemm and MatMul
+# are quantized by default (Settings.quantize_ops); the others when a user or a
+# setting asks, since ORT's QLinear elementwise kernels are slower than fp32.
+QUANTIZABLE: dict[str, Callable[[onnx.NodeProto, GraphView], Slots | None]] = {
+    "Conv": _conv,
+    "ConvTranspose": _conv,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Add": _all_float_inputs,
+    "Mul": _all_float_inputs,
+    "Concat": _all_float_inputs,
+    "AveragePool": _first_input,
+    "GlobalAveragePool": _first_input,
+    "MaxPool": _first_input,
+    "Sigmoid": _first_input,
+    "Softmax": _first_input,
+    "LeakyRelu": _first_input,
+    "Resize": _first_input,
+    "Relu": _first_input,
+    "Clip": _first_input,
+}
+
+# Activations ORT folds into the preceding Q (ReluQuantFusion / ClipQuantFusion).
+ABSORBED_ACTIVATIONS = ("Relu", "Clip")
+
+LAYER_PRECISIONS = ("uint8", "int8", "int16", "float16", "float32")
+
+
+@dataclass
+class LayerPlan:
+    """One node's precision and why: `default`, a policy name, or `cfg`."""
+
+    node: str
+    op: str
+    precision: str
+    reason: str
+
+
+@dataclass
+class TensorPlan:
+    """An activation tensor that gets a Q/DQ pair, and which consumers read the dequantized copy."""
+
+    tensor: str
+    dtype: str
+    symmetric: bool
+    readers: list[str]
+    producer: str
+    layer_output: bool
+
+
+@dataclass
+class WeightPlan:
+    """A weight initializer stored quantized, per channel along `axis` or per tensor (axis None)."""
+
+    tensor: str
+    node: str
+    dtype: str
+    axis: int | None
+
+
+@dataclass
+class BiasPlan:
+    """A bias stored as int32 with scale = input scale x weight scale."""
+
+    tensor: str
+    node: str
+    activation: str
+    weight: str
+
+
+@dataclass
+class QuantPlan:
+    """Everything step2 will do to the temp model, as data."""
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    tensors: dict[str, TensorPlan] = field(default_factory=dict)
+    weights: dict[str, WeightPlan] = field(default_factory=dict)
+    biases: dict[str, BiasPlan] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def precision_counts(self) -> dict[str, int]:
+        """Number of layers per effective precision (int8 and uint8 counted as their dtype)."""
+        counts: dict[str, int] = {}
+        for lp in self.layers.values():
+            counts[lp.precision] = counts.get(lp.precision, 0) + 1
+        return counts
+
+
+def _is_depthwise(node: onnx.NodeProto, g: GraphView) -> bool:
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    w = g.inits.get(node.input[1])
+    return group > 1 and w is not None and w.dims[1] == 1 and group == w.dims[0]
+
+
+def _in_channels(node: onnx.NodeProto, g: GraphView) -> int:
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return int(g.inits[node.input[1]].dims[1]) * group
+
+
+def _policy(node: onnx.NodeProto, g: GraphView, settings: Settings) -> str | None:
+    """Why a quantizable node stays float by default, or None."""
+    if node.op_type == "ConvTranspose":
+        return "ConvTranspose has no int8 kernel in ONNX Runtime CPU"
+    if node.op_type == "Conv" and settings.float_stem and _in_channels(node, g) <= 4:
+        return "stem Conv with <= 4 input channels (int8 is slower there)"
+    if node.op_type == "Conv" and settings.float_depthwise and _is_depthwise(node, g):
+        return "depthwise Conv (int8 depthwise is slower than fp32 on x86)"
+    if node.op_type == "Conv" and all(o in g.outputs for o in node.output):
+        return "Conv producing a graph output stays float"
+    return None
+
+
+def _absorbed_output(node: onnx.NodeProto, g: GraphView) -> str:
+    """The tensor whose Q ends this layer: after a sole following Relu/Clip that ORT folds into the Q."""
+    out = node.output[0]
+    users = g.consumers.get(out, [])
+    if out not in g.outputs and len(users) == 1 and users[0].op_type in ABSORBED_ACTIVATIONS:
+        nxt = users[0]
+        if nxt.op_type == "Relu" or _clip_min_is_zero(nxt, g):
+            return nxt.output[0]
+    return out
+
+
+def _clip_min_is_zero(node: onnx.NodeProto, g: GraphView) -> bool:
+    if len(node.input) > 1 and node.input[1] in g.inits:
+        return float(g.init_array(node.input[1])) == 0.0
+    return any(a.name == "min" and a.f == 0.0 for a in node.attribute)
+
+
+def make_plan(
+    model: onnx.ModelProto,
+    settings: Settings,
+    layer_precision: dict[str, str] | None = None,
+    tensor_dtype: dict[str, str] | None = None,
+    weight_method: dict[str, str] | None = None,
+) -> QuantPlan:
+    """Plan the rewrite of `model` (the temp model).
+
+    `layer_precision` maps node names to a precision from the cfg's custom_quantize_layers;
+    `tensor_dtype` and `weight_method` carry per-tensor dtype / qmethod edits from the cfg.
+    """
+    layer_precision = layer_precision or {}
+    tensor_dtype = tensor_dtype or {}
+    weight_method = weight_method or {}
+    g = GraphView(model)
+    plan = QuantPlan()
+    quantized: dict[str, Slots] = {}
+    for node in model.graph.node:
+        requested = layer_precision.get(node.name)
+        handler = QUANTIZABLE.get(node.op_type)
+        slots = handler(node, g) if handler else None
+        if requested is not None:
+            if requested in ("float16", "float32"):
+                plan.layers[node.name] = LayerPlan(node.name, node.op_type, requested, "cfg")
+            elif slots is not None:
+                plan.layers[node.name] = LayerPlan(node.name, node.op_type, requested, "cfg")
+                quantized[node.name] = slots
+            continue
+        if slots is None or node.op_type not in settings.quantize_ops:
+            continue
+        reason = _policy(node, g, settings)
+        if reason:
+            plan.layers[node.name] = LayerPlan(node.name, node.op_type, "float32", reason)
+            continue
+        plan.layers[node.name] = LayerPlan(node.name, node.op_type, "default", "default")
+        quantized[node.name] = slots
+
+    sym = settings.qtype == "sym"
+
+    def want(tensor: str, precision: str, reader: str | None, producer: str, layer_output: bool) -> None:
+        dtype = precision if precision in ("uint8", "int8", "int16") else tensor_dtype.get(tensor, settings.dtype)
+        tp = plan.tensors.get(tensor)
+        if tp is None:
+            tp = plan.tensors[tensor] = TensorPlan(tensor, dtype, sym, [], producer, layer_output)
+        elif dtype == "int16" or (precision != "default" and tp.dtype != "int16"):
+            tp.dtype = dtype
+        tp.layer_output = tp.layer_output or layer_output
+        if reader and reader not in tp.readers:
+            tp.readers.append(reader)
+
+    for name, slots in quantized.items():
+        node, lp = g.nodes[name], plan.layers[name]
+        for i in slots.activations:
+            t = node.input[i]
+            prod = g.producer.get(t)
+            want(t, lp.precision, name, prod.name if prod else "", False)
+        if slots.weight:
+            idx, axis = slots.weight
+            w = node.input[idx]
+            wdtype = "int16" if lp.precision == "int16" else settings.weight_dtype
+            method = weight_method.get(w, settings.qmethod)
+            plan.weights[w] = WeightPlan(w, name, wdtype, axis if method == "channel" else None)
+            if slots.bias is not None and lp.precision != "int16":
+                plan.biases[node.input[slots.bias]] = BiasPlan(node.input[slots.bias], name, node.input[slots.activations[0]], w)
+        if slots.quantize_output:
+            out = _absorbed_output(node, g)
+            if out not in g.outputs and g.types.get(out) == FLOAT:
+                want(out, lp.precision, None, name, True)
+
+    # A quantized layer's output is read dequantized by every consumer (the integer
+    # kernel produces it quantized), except layers the cfg explicitly keeps in float.
+    for tp in plan.tensors.values():
+        if tp.layer_output:
+            explicit_float = {n for n, p in layer_precision.items() if p in ("float16", "float32")}
+            tp.readers = [c.name for c in g.consumers.get(tp.tensor, []) if c.name not in explicit_float]
+    # MatMul outputs get a Q only when a quantized consumer needs it (MatMulIntegerToFloat otherwise).
+    plan.tensors = {k: v for k, v in plan.tensors.items() if v.readers}
+    return plan

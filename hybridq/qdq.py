@@ -1,0 +1,196 @@
+"""Apply a quantization plan with its parameters: the QDQ rewrite of the temp model.
+
+Returns a new model and the name map (original tensor -> tensor holding its
+quantized view, node -> effective precision), which is also stored in the
+model's metadata under `hybridq.qdq_map` so analysis never parses names.
+Generated names are a deterministic function of the source names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .graph import main_opset
+from .plan import GraphView, QuantPlan
+from .qparams import ONNX, QParams, quantize
+
+QDQ_MAP_KEY = "hybridq.qdq_map"
+INT32_LIMIT = 2**31 - 1
+
+
+@dataclass
+class RewriteResult:
+    """The quantized model and what the rewrite did."""
+
+    model: onnx.ModelProto
+    tensor_map: dict[str, str] = field(default_factory=dict)
+    layers: dict[str, dict[str, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _qparam_inits(prefix: str, qp: QParams) -> tuple[TensorProto, TensorProto]:
+    """Scale (float32) and zero point (the integer dtype) initializers; scalars for per-tensor."""
+    shape = (qp.scale.size,) if qp.axis is not None else ()
+    scale = numpy_helper.from_array(qp.scale.astype(np.float32).reshape(shape), f"{prefix}_scale")
+    zp = numpy_helper.from_array(qp.zero_point.reshape(shape), f"{prefix}_zero_point")
+    return scale, zp
+
+
+def _needs_16bit(plan: QuantPlan) -> bool:
+    return any(t.dtype in ("int16", "uint16") for t in plan.tensors.values()) or any(w.dtype == "int16" for w in plan.weights.values())
+
+
+def _prepare_opset(model: onnx.ModelProto, sixteen: bool) -> tuple[onnx.ModelProto, str]:
+    """16-bit Q/DQ need opset 21; upgrade when possible, else use ONNX Runtime's com.microsoft Q/DQ."""
+    if not sixteen or main_opset(model) >= 21:
+        return model, ""
+    from onnx import version_converter
+
+    try:
+        upgraded = version_converter.convert_version(model, 21)
+        onnx.checker.check_model(upgraded)
+        return upgraded, ""
+    except Exception:
+        if not any(i.domain == "com.microsoft" for i in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        return model, "com.microsoft"
+
+
+def apply_plan(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    act_params: dict[str, QParams],
+    weight_params: dict[str, QParams],
+) -> RewriteResult:
+    """Rewrite a copy of `model`: Q/DQ on planned tensors, quantized weights and biases, fp16 layers wrapped in Casts."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    work, ms_domain = _prepare_opset(work, _needs_16bit(plan))
+    g = GraphView(work)
+    result = RewriteResult(work)
+    new_inits: list[TensorProto] = []
+    dropped_inits: set[str] = set()
+
+    def qdq_domain(dtype: str) -> str:
+        return ms_domain if dtype in ("int16", "uint16") else ""
+
+    for name, lp in plan.layers.items():
+        node = g.nodes[name]
+        eff = lp.precision
+        if eff in ("default", "uint8", "int8", "int16"):
+            dts = [plan.tensors[t].dtype for t in node.input if t in plan.tensors]
+            eff = "int16" if "int16" in dts or lp.precision == "int16" else (dts[0] if dts else lp.precision)
+        result.layers[name] = {"op": lp.op, "precision": eff, "requested": lp.precision, "reason": lp.reason}
+    # Activations: Q -> DQ right after the producer, readers rewired.
+    after: dict[str, list[onnx.NodeProto]] = {}
+    rewire: dict[str, dict[str, str]] = {}
+    for t, tp in plan.tensors.items():
+        qp = act_params[t]
+        scale, zp = _qparam_inits(t, qp)
+        new_inits += [scale, zp]
+        dom = qdq_domain(qp.dtype)
+        q = helper.make_node("QuantizeLinear", [t, scale.name, zp.name], [f"{t}_quantized"], name=f"{t}_QuantizeLinear", domain=dom)
+        dq = helper.make_node("DequantizeLinear", [q.output[0], scale.name, zp.name], [f"{t}_dequantized"], name=f"{t}_DequantizeLinear", domain=dom)
+        prod = g.producer.get(t)
+        after.setdefault(prod.name if prod is not None else "", []).extend([q, dq])
+        for reader in tp.readers:
+            rewire.setdefault(reader, {})[t] = dq.output[0]
+        result.tensor_map[t] = dq.output[0]
+
+    # Weights: stored quantized, read through a DQ.
+    weight_users = {}
+    for w, wp in plan.weights.items():
+        weight_users[w] = wp
+        qp = weight_params[w]
+        arr = g.init_array(w)
+        q_arr = quantize(arr, qp)
+        new_inits.append(numpy_helper.from_array(q_arr, f"{w}_quantized"))
+        scale, zp = _qparam_inits(w, qp)
+        new_inits += [scale, zp]
+        attrs = {"axis": qp.axis} if qp.axis is not None else {}
+        dq = helper.make_node("DequantizeLinear", [f"{w}_quantized", scale.name, zp.name], [f"{w}_dequantized"], name=f"{w}_DequantizeLinear", domain=qdq_domain(qp.dtype), **attrs)
+        after.setdefault("", []).append(dq)
+        rewire.setdefault(wp.node, {})[w] = dq.output[0]
+        if all(c.name == wp.node for c in g.consumers.get(w, [])):
+            dropped_inits.add(w)
+
+    # Biases: int32 with scale = s_input * s_weight, when it fits.
+    for b, bp in plan.biases.items():
+        if bp.activation not in act_params or bp.weight not in weight_params:
+            continue
+        s_x, qp_w = act_params[bp.activation], weight_params[bp.weight]
+        arr = g.init_array(b).reshape(-1).astype(np.float64)
+        scale = (s_x.scale.astype(np.float64).reshape(()) * qp_w.scale.astype(np.float64)).reshape(-1)
+        if scale.size == 1:
+            scale = np.full(arr.shape, scale[0])
+        if np.any(scale <= 0) or np.any(np.abs(np.rint(arr / scale)) > INT32_LIMIT):
+            result.notes.append(f"bias '{b}' of '{bp.node}' would overflow int32; kept float")
+            continue
+        q_arr = np.rint(arr / scale).astype(np.int32).reshape(g.inits[b].dims)
+        new_inits.append(numpy_helper.from_array(q_arr, f"{b}_quantized"))
+        new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{b}_scale"))
+        new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{b}_zero_point"))
+        dq = helper.make_node("DequantizeLinear", [f"{b}_quantized", f"{b}_scale", f"{b}_zero_point"], [f"{b}_dequantized"], name=f"{b}_DequantizeLinear", axis=0)
+        after.setdefault("", []).append(dq)
+        rewire.setdefault(bp.node, {})[b] = dq.output[0]
+        if all(c.name == bp.node for c in g.consumers.get(b, [])):
+            dropped_inits.add(b)
+
+    # Float16 layers: Cast in, fp16 weights, Cast out.
+    fp16_nodes = {n for n, lp in plan.layers.items() if lp.precision == "float16"}
+    before: dict[str, list[onnx.NodeProto]] = {}
+    for name in fp16_nodes:
+        node = g.nodes[name]
+        casts_in, casts_out = [], []
+        for i, t in enumerate(node.input):
+            src = rewire.get(name, {}).get(t, t)
+            if t in g.inits and g.types.get(t) == TensorProto.FLOAT:
+                half = numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16")
+                new_inits.append(half)
+                rewire.setdefault(name, {})[t] = half.name
+                if all(c.name == name for c in g.consumers.get(t, [])):
+                    dropped_inits.add(t)
+            elif g.is_float_activation(t):
+                out = f"{name}_input{i}_fp16"
+                casts_in.append(helper.make_node("Cast", [src], [out], name=f"{name}_Cast_input{i}", to=TensorProto.FLOAT16))
+                rewire.setdefault(name, {})[t] = out
+        for j, o in enumerate(node.output):
+            if g.types.get(o) == TensorProto.FLOAT:
+                half_out = f"{o}_fp16"
+                casts_out.append(helper.make_node("Cast", [half_out], [o], name=f"{name}_Cast_output{j}", to=TensorProto.FLOAT))
+                node.output[j] = half_out
+        before[name] = casts_in
+        after.setdefault(name, [])[:0] = casts_out
+
+    nodes: list[onnx.NodeProto] = list(after.get("", []))
+    for node in work.graph.node:
+        nodes.extend(before.get(node.name, []))
+        for i, t in enumerate(node.input):
+            new = rewire.get(node.name, {}).get(t)
+            if new:
+                node.input[i] = new
+        nodes.append(node)
+        nodes.extend(after.get(node.name, []))
+    del work.graph.node[:]
+    work.graph.node.extend(nodes)
+    keep = [i for i in work.graph.initializer if i.name not in dropped_inits]
+    del work.graph.initializer[:]
+    work.graph.initializer.extend(keep + new_inits)
+    # value_info of fp16-renamed outputs would now lie; drop stale entries.
+    stale = {o for n in fp16_nodes for o in g.nodes[n].output}
+    vi = [v for v in work.graph.value_info if v.name not in stale]
+    del work.graph.value_info[:]
+    work.graph.value_info.extend(vi)
+
+    meta = {"tensors": result.tensor_map, "layers": {k: {"op": v["op"], "precision": v["precision"]} for k, v in result.layers.items()}}
+    props = [p for p in work.metadata_props if p.key != QDQ_MAP_KEY]
+    del work.metadata_props[:]
+    work.metadata_props.extend(props)
+    work.metadata_props.add(key=QDQ_MAP_KEY, value=json.dumps(meta, sort_keys=True))
+    result.model = work
+    return result

@@ -1,0 +1,186 @@
+"""From statistics and cfg entries to final parameters: what step1 writes and how step2 honours edits.
+
+An edit is any value that differs from what step1 wrote (kept in the .data
+metadata). Edited min/max win; else an edited scale/zero_point is honoured;
+else an edited dtype, qtype or algorithm recomputes the range from the stored
+statistics. No model is run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import CfgEntry, short_float
+from .errors import ConfigError
+from .observers import HistogramObserver, compute_range
+from .plan import QuantPlan, TensorPlan, WeightPlan
+from .qparams import QParams, compute_qparams, levels, qrange, range_of, weight_qparams
+from .settings import Settings
+
+
+def _floats(values) -> list[float]:
+    return [short_float(float(v)) for v in np.asarray(values, dtype=np.float64).reshape(-1)]
+
+
+def activation_entry(tp: TensorPlan, obs: HistogramObserver, settings: Settings, algorithm: str | None = None) -> tuple[dict[str, Any], QParams]:
+    """The cfg entry and parameters step1 computes for an activation tensor."""
+    algo = algorithm or settings.algorithm
+    lo, hi = compute_range(obs, algo, levels(tp.dtype), settings.percentile)
+    qp = compute_qparams(lo, hi, tp.dtype, tp.symmetric)
+    entry = {
+        "qtype": "sym" if tp.symmetric else "asym",
+        "qmethod": "layer",
+        "dtype": tp.dtype,
+        "algorithm": algo,
+        "min": _floats([lo]),
+        "max": _floats([hi]),
+        "ori_min": _floats([obs.min]),
+        "ori_max": _floats([obs.max]),
+        "scale": _floats(qp.scale),
+        "zero_point": [int(z) for z in qp.zero_point],
+    }
+    return entry, qp
+
+
+def weight_entry(wp: WeightPlan, w: np.ndarray) -> tuple[dict[str, Any], QParams]:
+    """The cfg entry and parameters of a weight (symmetric, minmax, per channel or per tensor)."""
+    qp, lo, hi = weight_qparams(w, wp.dtype, wp.axis)
+    entry = {
+        "qtype": "sym",
+        "qmethod": "channel" if wp.axis is not None else "layer",
+        "dtype": wp.dtype,
+        "algorithm": "minmax",
+        "min": _floats(lo),
+        "max": _floats(hi),
+        "ori_min": _floats(lo),
+        "ori_max": _floats(hi),
+        "scale": _floats(qp.scale),
+        "zero_point": [int(z) for z in qp.zero_point],
+    }
+    return entry, qp
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(np.float32(x) == np.float32(y) for x, y in zip(a, b))
+    return a == b
+
+
+@dataclass
+class Resolution:
+    """Final parameters plus what step2 tells the user about the cfg entries."""
+
+    activations: dict[str, QParams] = field(default_factory=dict)
+    weights: dict[str, QParams] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _check_zero_points(name: str, where: str, zps: list, dtype: str, symmetric: bool) -> np.ndarray:
+    qmin, qmax = qrange(dtype, False)
+    out = []
+    for z in zps:
+        if float(z) != int(float(z)) or not qmin <= int(float(z)) <= qmax:
+            raise ConfigError(f"{where}: zero_point {z!r} of '{name}' is outside {dtype} [{qmin}, {qmax}] or not an integer; fix or delete it.")
+        out.append(int(float(z)))
+    return np.array(out)
+
+
+def resolve(
+    plan: QuantPlan,
+    entries: dict[str, CfgEntry],
+    written: dict[str, dict[str, Any]],
+    observers: dict[str, HistogramObserver],
+    weights: dict[str, np.ndarray],
+    settings: Settings,
+    written_settings: Settings,
+    cfg_name: str,
+) -> Resolution:
+    """Parameters for every tensor of the plan, honouring the cfg's edits."""
+    res = Resolution()
+    changed_settings = {k for k, v in settings.to_dict().items() if v != written_settings.to_dict().get(k)}
+
+    for t, tp in plan.tensors.items():
+        e = entries.get(t)
+        obs = observers.get(t)
+        if obs is None or obs.count == 0:
+            raise ConfigError(f"Tensor '{t}' has no calibration statistics (it was not computed for any sample); keep its layer in float in custom_quantize_layers.")
+        if e is None:
+            if t in written:
+                res.notes.append(f"'{t}': no entry in the cfg; fell back to the step1 statistics")
+            _, res.activations[t] = activation_entry(tp, obs, settings)
+            continue
+        where = f"{cfg_name}:{e.line}"
+        w = written.get(t, {})
+        v = e.values
+        edited = {k for k in v if not _same(v[k], w.get(k))}
+        algo = v.get("algorithm", settings.algorithm if "algorithm" in changed_settings else w.get("algorithm", settings.algorithm))
+        dtype = tp.dtype if tp.dtype != w.get("dtype", tp.dtype) else v.get("dtype", tp.dtype)
+        if "dtype" not in edited and "dtype" in changed_settings and tp.dtype == w.get("dtype"):
+            dtype = settings.dtype
+        sym = (v.get("qtype", "sym" if tp.symmetric else "asym") == "sym")
+        if "qtype" not in edited and "qtype" in changed_settings:
+            sym = settings.qtype == "sym"
+        if {"min", "max"} & edited:
+            lo = v.get("min", w.get("min"))
+            hi = v.get("max", w.get("max"))
+            if len(lo) != 1 or len(hi) != 1:
+                raise ConfigError(f"{where}: activation '{t}' takes one min and one max value, got {len(lo)} and {len(hi)}.")
+            if lo[0] > hi[0]:
+                raise ConfigError(f"{where}: '{t}' has min {lo[0]} > max {hi[0]}; make min <= max.")
+            qp = compute_qparams(lo, hi, dtype, sym)
+        elif {"scale", "zero_point"} & edited and dtype == w.get("dtype") and not ({"algorithm", "qtype"} & edited):
+            scale = np.array(v.get("scale", w.get("scale")), dtype=np.float32)
+            zp = _check_zero_points(t, where, v.get("zero_point", w.get("zero_point")), dtype, sym)
+            if scale.size != 1 or zp.size != 1:
+                raise ConfigError(f"{where}: activation '{t}' takes one scale and one zero_point value.")
+            from .qparams import NUMPY
+
+            qp = QParams(dtype, scale, zp.astype(NUMPY[dtype]))
+            lo, hi = range_of(qp)
+            mn, mx = v.get("min", [None])[0], v.get("max", [None])[0]
+            if mn is not None and mx is not None and (abs(lo[0] - min(mn, 0.0)) > scale[0] or abs(hi[0] - max(mx, 0.0)) > scale[0]):
+                res.warnings.append(
+                    f"{where}: '{t}' scale/zero_point give the range [{lo[0]:.6g}, {hi[0]:.6g}], which contradicts min/max "
+                    f"[{mn:.6g}, {mx:.6g}]; the scale/zero_point edit is used."
+                )
+        elif edited & {"dtype", "qtype", "algorithm"} or changed_settings & {"dtype", "qtype", "algorithm", "percentile"} or dtype != w.get("dtype"):
+            lo, hi = compute_range(obs, algo, levels(dtype), settings.percentile)
+            qp = compute_qparams(lo, hi, dtype, sym)
+        else:
+            from .qparams import NUMPY
+
+            qp = QParams(dtype, np.array(v["scale"], dtype=np.float32), _check_zero_points(t, where, v["zero_point"], dtype, sym).astype(NUMPY[dtype]))
+        res.activations[t] = qp
+
+    for wname, wp in plan.weights.items():
+        arr = weights[wname]
+        e = entries.get(wname)
+        _, fresh = weight_entry(wp, arr)
+        if e is None:
+            if wname in written:
+                res.notes.append(f"'{wname}': no entry in the cfg; recomputed from the weights")
+            res.weights[wname] = fresh
+            continue
+        where = f"{cfg_name}:{e.line}"
+        v, w = e.values, written.get(wname, {})
+        edited = {k for k in v if not _same(v[k], w.get(k))}
+        if v.get("algorithm", "minmax") != "minmax":
+            raise ConfigError(f"{where}: weight '{wname}' uses algorithm minmax only; clip a weight range by editing its min/max instead.")
+        if {"min", "max"} & edited:
+            lo, hi = np.array(v.get("min", w.get("min"))), np.array(v.get("max", w.get("max")))
+            n = arr.shape[wp.axis] if wp.axis is not None else 1
+            if lo.size != n or hi.size != n:
+                raise ConfigError(f"{where}: weight '{wname}' needs {n} min/max values ({'one per channel' if n > 1 else 'per tensor'}), got {lo.size}/{hi.size}.")
+            res.weights[wname] = compute_qparams(lo, hi, wp.dtype, True, wp.axis)
+        elif {"scale"} & edited:
+            scale = np.array(v["scale"], dtype=np.float32)
+            if scale.size != fresh.scale.size:
+                raise ConfigError(f"{where}: weight '{wname}' needs {fresh.scale.size} scale values, got {scale.size}.")
+            res.weights[wname] = QParams(wp.dtype, scale, fresh.zero_point, wp.axis)
+        else:
+            res.weights[wname] = fresh
+    return res

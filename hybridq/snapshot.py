@@ -1,0 +1,281 @@
+"""Snapshots of an analysis: arrays, ``manifest.json``, read back without running a model.
+
+Layout of a snapshot directory ``DIR``::
+
+    DIR/manifest.json        AnalysisResult.to_dict(): per tensor its layer, op type,
+                             shape, dtype, files ("fp32", "quant": paths relative to DIR,
+                             null when not dumped) and metrics ("entire", "single")
+    DIR/fp32/<safe>.npy      the fp32 tensor, samples stacked on axis 0
+    DIR/quant/<safe>.npy     the quantized model's view of it, same layout
+
+Non-finite metric values are written as the strings "inf", "-inf", "nan" so
+the manifest is strict JSON. Every file is written to a temporary name in
+its directory and renamed into place, so an interrupted run never leaves a
+half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from hashlib import sha1
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .analysis import AnalysisResult
+from .errors import InputError, OutputError
+
+MANIFEST = "manifest.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_MAX_STEM = 120
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def safe_names(names: list[str]) -> dict[str, str]:
+    """File stems for tensor names: characters outside ``[A-Za-z0-9._-]`` become ``_``.
+
+    Deterministic in the order given: a stem already taken (compared without
+    case, for case-insensitive file systems) gets ``_2``, ``_3``, ...; long
+    names are cut and keep a short hash of the full name; a stem that would be
+    empty or start with a dot starts with ``_``.
+    """
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in names:
+        stem = _UNSAFE.sub("_", name)
+        if len(stem) > _MAX_STEM:
+            stem = stem[:_MAX_STEM] + "_" + sha1(name.encode()).hexdigest()[:8]
+        if not stem or stem.startswith("."):
+            stem = "_" + stem
+        cand, k = stem, 1
+        while cand.lower() in taken:
+            k += 1
+            cand = f"{stem}_{k}"
+        taken.add(cand.lower())
+        out[name] = cand
+    return out
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...], total: int | None = None) -> bytes:
+    """A version 1.0 ``.npy`` header, space-padded to ``total`` bytes (a multiple of 64)."""
+    body = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (
+        np.lib.format.dtype_to_descr(dtype),
+        tuple(shape),
+    )
+    raw = body.encode("latin1")
+    if total is None:
+        total = -(-(10 + len(raw) + 1) // 64) * 64
+    pad = total - 10 - len(raw) - 1
+    if pad < 0:
+        raise ValueError("npy header does not fit its reserved space")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", total - 10) + raw + b" " * pad + b"\n"
+
+
+class _NpyAppender:
+    """Appends samples to one ``.npy`` file; the header's sample count is fixed up at the end."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape = path, np.dtype(dtype), tuple(shape)
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.count = 0
+        # reserve room for any sample count up to 10**15
+        self.reserved = len(_npy_header(self.dtype, (10**15, *self.shape)))
+        self.fh: BinaryIO | None = open(self.tmp, "wb")
+        self.fh.write(_npy_header(self.dtype, (0, *self.shape), self.reserved))
+
+    def append(self, a: np.ndarray) -> None:
+        assert self.fh is not None
+        self.fh.write(np.ascontiguousarray(a, dtype=self.dtype).tobytes())
+        self.count += 1
+
+    def finish(self) -> None:
+        assert self.fh is not None
+        self.fh.seek(0)
+        self.fh.write(_npy_header(self.dtype, (self.count, *self.shape), self.reserved))
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        self.fh = None
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+        self.tmp.unlink(missing_ok=True)
+
+
+class ArrayDump:
+    """Streams the fp32 and quant arrays of each sample into ``DIR/fp32`` and ``DIR/quant``.
+
+    With ``max_bytes``: the tensors of the first sample are kept in graph
+    order while they fit; each further sample is written only if all its kept
+    tensors still fit; then writing stops. Metrics are unaffected; the result
+    says what was left out (:attr:`AnalysisResult.dump_message`).
+    """
+
+    def __init__(self, root: Path, tensors: list[str], max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise InputError(f"--max-bytes must be >= 0, got {max_bytes}")
+        self.root = Path(root)
+        self.names = safe_names(tensors)
+        self.order = list(tensors)
+        self.max_bytes = max_bytes
+        self.files: dict[str, tuple[_NpyAppender, _NpyAppender]] = {}
+        self.kept: list[str] | None = None
+        self.bytes = 0
+        self.samples = 0
+        self.seen = 0
+        self.stopped = False
+        try:
+            (self.root / "fp32").mkdir(parents=True, exist_ok=True)
+            (self.root / "quant").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"cannot create the snapshot directory '{self.root}': {e.strerror or e}") from None
+
+    def add_sample(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Append one sample: ``{tensor: (fp32 array, quant array)}``."""
+        self.seen += 1
+        if self.stopped:
+            return
+        cap = self.max_bytes
+        if self.kept is None:
+            self.kept, total = [], 0
+            for t in self.order:
+                if t not in arrays:
+                    continue
+                need = arrays[t][0].nbytes + arrays[t][1].nbytes
+                if cap is not None and total + need > cap:
+                    break
+                self.kept.append(t)
+                total += need
+            if not self.kept:
+                self.stopped = True
+                return
+        else:
+            need = sum(arrays[t][0].nbytes + arrays[t][1].nbytes for t in self.kept)
+            if cap is not None and self.bytes + need > cap:
+                self.stopped = True
+                return
+        try:
+            for t in self.kept:
+                a, b = arrays[t]
+                if t not in self.files:
+                    stem = self.names[t]
+                    self.files[t] = (
+                        _NpyAppender(self.root / "fp32" / f"{stem}.npy", a.dtype, a.shape),
+                        _NpyAppender(self.root / "quant" / f"{stem}.npy", b.dtype, b.shape),
+                    )
+                fa, fb = self.files[t]
+                fa.append(a)
+                fb.append(b)
+                self.bytes += a.nbytes + b.nbytes
+        except OSError as e:
+            raise OutputError(f"cannot write the snapshot under '{self.root}': {e.strerror or e}") from None
+        self.samples += 1
+
+    def finish(self, result: AnalysisResult) -> None:
+        """Move the arrays into place and record their files and any cap message in ``result``."""
+        try:
+            for fa, fb in self.files.values():
+                fa.finish()
+                fb.finish()
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"cannot write the snapshot under '{self.root}': {e.strerror or e}") from None
+        for layer in result.layers:
+            if layer.tensor in self.files:
+                stem = self.names[layer.tensor]
+                layer.fp32_file = f"fp32/{stem}.npy"
+                layer.quant_file = f"quant/{stem}.npy"
+        result.dumped_samples = self.samples
+        kept = len(self.files)
+        total = len(result.layers)
+        if kept < total or self.samples < self.seen:
+            left = [layer.tensor for layer in result.layers if layer.tensor not in self.files]
+            msg = (
+                f"snapshot capped at {self.max_bytes} bytes (--max-bytes): arrays written for "
+                f"{kept} of {total} tensors and {self.samples} of {self.seen} samples "
+                f"({self.bytes} bytes)"
+            )
+            if left:
+                msg += f"; not written: {', '.join(repr(t) for t in left[:5])}" + (" ..." if len(left) > 5 else "")
+            msg += "; the metrics cover every tensor and sample"
+            result.dump_message = msg
+
+    def abort(self) -> None:
+        """Remove the temporary files of an interrupted dump."""
+        for fa, fb in self.files.values():
+            fa.abort()
+            fb.abort()
+
+
+def write_snapshot(result: AnalysisResult, directory: str | os.PathLike[str]) -> Path:
+    """Write ``DIR/manifest.json`` for ``result`` (atomically); returns its path."""
+    path = Path(directory) / MANIFEST
+    text = json.dumps(result.to_dict(), indent=1, allow_nan=False, ensure_ascii=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
+def load_snapshot(directory: str | os.PathLike[str]) -> AnalysisResult:
+    """Read a snapshot's manifest back into an :class:`AnalysisResult` (no model is run)."""
+    d = Path(directory)
+    path = d / MANIFEST
+    if not path.is_file():
+        raise InputError(
+            f"'{d}' is not a snapshot: '{path}' does not exist; create one with "
+            "`hybridq analyze FLOAT QUANT --dataset D --dump DIR`"
+        )
+    try:
+        data: Any = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read snapshot manifest '{path}': {e}") from None
+    if not isinstance(data, dict) or data.get("format") != "hybridq-snapshot":
+        raise InputError(f"'{path}' is not a hybridq snapshot manifest (no \"format\": \"hybridq-snapshot\")")
+    if data.get("version") != 1:
+        raise InputError(
+            f"snapshot manifest '{path}' has version {data.get('version')!r}; this hybridq reads version 1"
+        )
+    try:
+        return AnalysisResult.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise InputError(f"snapshot manifest '{path}' is damaged: bad or missing field {e}") from None
+
+
+def load_arrays(directory: str | os.PathLike[str], tensor: str) -> tuple[np.ndarray, np.ndarray]:
+    """The dumped ``(fp32, quant)`` arrays of ``tensor``, samples on axis 0."""
+    d = Path(directory)
+    result = load_snapshot(d)
+    from .errors import did_you_mean
+
+    for layer in result.layers:
+        if layer.tensor == tensor:
+            if layer.fp32_file is None or layer.quant_file is None:
+                raise InputError(f"tensor {tensor!r} was not dumped in snapshot '{d}' ({result.dump_message})")
+            return np.load(d / layer.fp32_file), np.load(d / layer.quant_file)
+    raise InputError(
+        f"snapshot '{d}' has no tensor {tensor!r}.{did_you_mean(tensor, [x.tensor for x in result.layers])}"
+    )
