@@ -18,7 +18,7 @@ from .config import Cfg, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, did_you_mean
 from .graph import float_activations, has_subgraphs, load_model, prepare
-from .plan import QuantPlan, make_plan
+from .plan import QuantPlan, candidate_tensors, make_plan
 from .qdq import RewriteResult, apply_plan
 from .resolve import activation_entry, resolve, weight_entry
 from .settings import Settings
@@ -130,8 +130,11 @@ def step1(
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
         on_start(n)
-    observers = calibrate(temp, ds.batches(batch_size, limit=n), describe=_describe(ds, batch_size), on_batch=on_progress)
     plan = make_plan(temp, settings)
+    observers = calibrate(
+        temp, ds.batches(batch_size, limit=n), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
+        describe=_describe(ds, batch_size), on_batch=on_progress,
+    )
     entries = written_entries(plan, temp, observers, settings)
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem

@@ -49,14 +49,18 @@ def calibrate(
     batches: Iterable[dict[str, np.ndarray]],
     *,
     tensors: list[str] | None = None,
+    histograms: set[str] | None = None,
     describe: Callable[[int], str] = lambda i: f"batch {i}",
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, HistogramObserver]:
-    """Observe every float activation (or `tensors`) over all batches; returns one observer per tensor."""
+    """Observe every float activation (or `tensors`) over all batches; returns one observer per tensor.
+
+    Tensors in `histograms` (all when None) get a histogram; the others only min/max, which is much cheaper.
+    """
     names = tensors if tensors is not None else float_activations(model)
     sess = session_for(model, names)
     feeds = {i.name for i in sess.get_inputs()}
-    observers = {n: HistogramObserver() for n in names}
+    observers = {n: HistogramObserver(bins=histograms is None or n in histograms) for n in names}
     n_batches = 0
     for b, batch in enumerate(batches):
         missing = feeds - batch.keys()

@@ -47,6 +47,7 @@ class HistogramObserver:
     exponent: int = 0
     start: int = 0
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    bins: bool = True  # False: exact min/max and count only (cheap; minmax is then the only algorithm)
 
     def update(self, x: np.ndarray) -> None:
         """Add a batch of values; raises ValueError on NaN or Inf (the caller names the sample)."""
@@ -56,11 +57,13 @@ class HistogramObserver:
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("non-finite values (NaN or Inf)")
-        other = HistogramObserver(lo, hi, int(x.size))
+        other = HistogramObserver(lo, hi, int(x.size), bins=self.bins)
+        if not self.bins:
+            self.merge(other)
+            return
         other.exponent = _needed_exponent(lo, hi)
-        idx = np.floor(x.astype(np.float64, copy=False).ravel() * 2.0**-other.exponent).astype(np.int64)
         other.start = math.floor(lo / 2.0**other.exponent)
-        other.counts = np.bincount(idx - other.start).astype(np.int64)
+        other.counts = _bin_counts(x, other.exponent, other.start)
         self.merge(other)
 
     def merge(self, other: "HistogramObserver") -> None:
@@ -68,10 +71,14 @@ class HistogramObserver:
         if other.count == 0:
             return
         if self.count == 0:
-            self.min, self.max, self.count = other.min, other.max, other.count
+            self.min, self.max, self.count, self.bins = other.min, other.max, other.count, self.bins and other.bins
             self.exponent, self.start, self.counts = other.exponent, other.start, other.counts.copy()
             return
         lo, hi = min(self.min, other.min), max(self.max, other.max)
+        if not (self.bins and other.bins):
+            self.min, self.max, self.count, self.bins = lo, hi, self.count + other.count, False
+            self.counts = np.zeros(0, dtype=np.int64)
+            return
         e = max(self.exponent, other.exponent, _needed_exponent(lo, hi))
         a_start, a = _rebin(self.start, self.counts, self.exponent, e)
         b_start, b = _rebin(other.start, other.counts, other.exponent, e)
@@ -96,7 +103,7 @@ class HistogramObserver:
         """Arrays that round-trip through `from_state` (stored in the .data artifact)."""
         return {
             "scalars": np.array([self.min, self.max], dtype=np.float64),
-            "ints": np.array([self.count, self.exponent, self.start], dtype=np.int64),
+            "ints": np.array([self.count, self.exponent, self.start, int(self.bins)], dtype=np.int64),
             "counts": self.counts,
         }
 
@@ -104,8 +111,20 @@ class HistogramObserver:
     def from_state(cls, state: dict[str, np.ndarray]) -> "HistogramObserver":
         """Rebuild an observer saved with `state()`."""
         lo, hi = state["scalars"].tolist()
-        count, exponent, start = (int(v) for v in state["ints"])
-        return cls(lo, hi, count, exponent, start, np.asarray(state["counts"], dtype=np.int64))
+        count, exponent, start, bins = (int(v) for v in state["ints"])
+        return cls(lo, hi, count, exponent, start, np.asarray(state["counts"], dtype=np.int64), bool(bins))
+
+
+def _bin_counts(x: np.ndarray, exponent: int, start: int) -> np.ndarray:
+    """Counts of floor(x / 2**exponent) - start; scaling by a power of two and floor are exact in float32."""
+    x = x.ravel()
+    if x.dtype != np.float32 or not -126 <= -exponent <= 127:
+        x = x.astype(np.float64)
+    scaled = np.multiply(x, x.dtype.type(2.0**-exponent))
+    np.floor(scaled, out=scaled)
+    if start != 0:
+        scaled -= x.dtype.type(start)
+    return np.bincount(scaled.astype(np.intp)).astype(np.int64)
 
 
 def _rebin(start: int, counts: np.ndarray, e_from: int, e_to: int) -> tuple[int, np.ndarray]:
@@ -221,4 +240,6 @@ def compute_range(obs: HistogramObserver, algorithm: str, levels: int, percentil
         raise KeyError(f"unknown algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
     if obs.count == 0:
         return 0.0, 0.0
+    if not obs.bins and name != "minmax":
+        raise KeyError(f"only min/max were recorded for this tensor, so algorithm {algorithm!r} cannot run; use minmax")
     return ALGORITHMS[name](obs, levels, percentile)

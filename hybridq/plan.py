@@ -309,3 +309,22 @@ def make_plan(
     # MatMul outputs get a Q only when a quantized consumer needs it (MatMulIntegerToFloat otherwise).
     plan.tensors = {k: v for k, v in plan.tensors.items() if v.readers}
     return plan
+
+
+def candidate_tensors(model: onnx.ModelProto) -> list[str]:
+    """Float activations any plan could quantize: inputs and outputs of quantizable nodes, in graph order.
+
+    Calibration observes only these, which keeps the per-batch copy of tensors small.
+    """
+    g = GraphView(model)
+    wanted: set[str] = set()
+    for node in model.graph.node:
+        handler = QUANTIZABLE.get(node.op_type)
+        slots = handler(node, g) if handler else None
+        if slots is None:
+            continue
+        wanted.update(node.input[i] for i in slots.activations)
+        wanted.add(_absorbed_output(node, g))
+        wanted.update(o for o in node.output if g.types.get(o) == FLOAT)
+    ordered = [i.name for i in model.graph.input] + [o for n in model.graph.node for o in n.output]
+    return [t for t in ordered if t in wanted and g.is_float_activation(t)]

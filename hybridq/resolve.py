@@ -15,10 +15,21 @@ import numpy as np
 
 from .config import CfgEntry, short_float
 from .errors import ConfigError
-from .observers import HistogramObserver, compute_range
+from .observers import HistogramObserver
+from .observers import compute_range as _compute_range
 from .plan import QuantPlan, TensorPlan, WeightPlan
 from .qparams import QParams, compute_qparams, levels, qrange, range_of, weight_qparams
 from .settings import Settings
+
+
+def compute_range(obs: HistogramObserver, algorithm: str, n_levels: int, percentile: float, tensor: str = "") -> tuple[float, float]:
+    """The observer's range by an algorithm; a tensor observed without histogram names itself in a ConfigError."""
+    try:
+        return _compute_range(obs, algorithm, n_levels, percentile)
+    except KeyError as exc:
+        raise ConfigError(
+            f"Tensor '{tensor}': {exc.args[0]}. It was not quantized by default in step1, so only its range was recorded."
+        ) from None
 
 
 def _floats(values) -> list[float]:
@@ -28,7 +39,7 @@ def _floats(values) -> list[float]:
 def activation_entry(tp: TensorPlan, obs: HistogramObserver, settings: Settings, algorithm: str | None = None) -> tuple[dict[str, Any], QParams]:
     """The cfg entry and parameters step1 computes for an activation tensor."""
     algo = algorithm or settings.algorithm
-    lo, hi = compute_range(obs, algo, levels(tp.dtype), settings.percentile)
+    lo, hi = compute_range(obs, algo, levels(tp.dtype), settings.percentile, tp.tensor)
     qp = compute_qparams(lo, hi, tp.dtype, tp.symmetric)
     entry = {
         "qtype": "sym" if tp.symmetric else "asym",
@@ -148,7 +159,7 @@ def resolve(
                     f"[{mn:.6g}, {mx:.6g}]; the scale/zero_point edit is used."
                 )
         elif edited & {"dtype", "qtype", "algorithm"} or changed_settings & {"dtype", "qtype", "algorithm", "percentile"} or dtype != w.get("dtype"):
-            lo, hi = compute_range(obs, algo, levels(dtype), settings.percentile)
+            lo, hi = compute_range(obs, algo, levels(dtype), settings.percentile, t)
             qp = compute_qparams(lo, hi, dtype, sym)
         else:
             from .qparams import NUMPY

@@ -1,0 +1,33 @@
+"""Shared fixtures: small models on disk with calibration data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from tests import models
+
+
+def run(model: str | Path | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a model in ONNX Runtime's CPU provider."""
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity by the textbook formula."""
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture
+def cnn_ws(tmp_path: Path) -> dict[str, Path]:
+    """The residual CNN saved to disk with 12 calibration samples."""
+    path = tmp_path / "cnn.onnx"
+    onnx.save(models.residual_cnn(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 12)
+    return {"model": path, "dataset": listing, "dir": tmp_path}

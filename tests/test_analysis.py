@@ -1,0 +1,359 @@
+"""analyze(): entire vs single error, identity through the QDQ map or the graph, snapshots.
+
+Expected values come from numpy and ONNX's reference evaluator or a plain
+ONNX Runtime session, never from hybridq itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+from onnx.reference import ReferenceEvaluator
+
+from hybridq.analysis import QDQ_MAP_KEY, analyze, plan_analysis
+from hybridq.errors import InputError, ModelError
+from hybridq.report import render_csv, render_txt
+from hybridq.snapshot import load_arrays, load_snapshot, safe_names
+
+C2 = "stage 1/c2:0"  # a tensor name that is not a safe file name
+SHAPES = {"conv1": (4, 2), "conv2": (4, 4), "conv3": (3, 4)}  # (out, in) channels
+OUTS = {"conv1": "c1", "conv2": C2, "conv3": "c3"}
+INS = {"conv1": "x", "conv2": "c1", "conv3": C2}
+
+
+def _weights() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(7)
+    return {
+        n: (
+            (rng.normal(size=(co, ci, 3, 3)) * 0.4).astype(np.float32),
+            (rng.normal(size=(co,)) * 0.1).astype(np.float32),
+        )
+        for n, (co, ci) in SHAPES.items()
+    }
+
+
+W = _weights()
+
+
+def _model(nodes: list[onnx.NodeProto], inits: list[TP], opset: int = 17) -> onnx.ModelProto:
+    g = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", TP.FLOAT, [1, 2, 6, 6])],
+        [h.make_tensor_value_info("c3", TP.FLOAT, [1, 3, 6, 6])],
+        inits,
+    )
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", opset)], ir_version=8)
+    onnx.checker.check_model(m)
+    return m
+
+
+def float_model() -> onnx.ModelProto:
+    nodes, inits = [], []
+    for n in SHAPES:
+        w, b = W[n]
+        inits += [nh.from_array(w, f"{n}.w"), nh.from_array(b, f"{n}.b")]
+        nodes.append(h.make_node("Conv", [INS[n], f"{n}.w", f"{n}.b"], [OUTS[n]], name=n, pads=[1, 1, 1, 1]))
+    return _model(nodes, inits)
+
+
+def samples(n: int = 3, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(1, 2, 6, 6)).astype(np.float32)} for _ in range(n)]
+
+
+def fp32_values(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    ref = ReferenceEvaluator(float_model())
+    return dict(zip(["c1", C2, "c3"], ref.run(["c1", C2, "c3"], feed)))
+
+
+def act_scale(name: str) -> float:
+    """Symmetric int8 scale from the fp32 range over the test samples."""
+    return float(max(np.abs(fp32_values(s)[name]).max() for s in samples())) / 127
+
+
+WEIGHT_SCALE = {n: float(np.abs(W[n][0]).max()) / 127 for n in SHAPES}
+WEIGHT_SCALE["conv2"] = float(np.abs(W["conv2"][0]).max()) / 1.5  # terrible: weights become -1, 0, 1 steps
+ACT_SCALE = {"c1": act_scale("c1"), C2: act_scale(C2)}
+
+
+def fake_quant(x: np.ndarray, scale: float, lo: int = -128, hi: int = 127) -> np.ndarray:
+    """numpy QuantizeLinear + DequantizeLinear, zero point 0 (round half to even, like ONNX)."""
+    return (np.clip(np.round(x / np.float32(scale)), lo, hi) * np.float32(scale)).astype(np.float32)
+
+
+def quant_model(with_map: bool) -> onnx.ModelProto:
+    """step2's layout: weights int8 + DQ; c1 and c2 quantized Q -> DQ -> t_dq; c3 (output) float."""
+    nodes, inits = [], []
+    for n in SHAPES:
+        w, b = W[n]
+        s = WEIGHT_SCALE[n]
+        wq = np.clip(np.round(w / np.float32(s)), -127, 127).astype(np.int8)
+        inits += [
+            nh.from_array(wq, f"{n}.w_quantized"),
+            nh.from_array(np.array(s, np.float32), f"{n}.w_scale"),
+            nh.from_array(np.array(0, np.int8), f"{n}.w_zero_point"),
+            nh.from_array(b, f"{n}.b"),
+        ]
+        nodes.append(
+            h.make_node(
+                "DequantizeLinear",
+                [f"{n}.w_quantized", f"{n}.w_scale", f"{n}.w_zero_point"],
+                [f"{n}.w_dq"],
+                name=f"{n}.w_DequantizeLinear",
+            )
+        )
+        src = INS[n] if n == "conv1" else f"{INS[n]}_dq"
+        nodes.append(h.make_node("Conv", [src, f"{n}.w_dq", f"{n}.b"], [OUTS[n]], name=n, pads=[1, 1, 1, 1]))
+        t = OUTS[n]
+        if t in ACT_SCALE:
+            inits += [
+                nh.from_array(np.array(ACT_SCALE[t], np.float32), f"{t}_scale"),
+                nh.from_array(np.array(0, np.int8), f"{t}_zero_point"),
+            ]
+            nodes += [
+                h.make_node("QuantizeLinear", [t, f"{t}_scale", f"{t}_zero_point"], [f"{t}_q"], name=f"{t}_Q"),
+                h.make_node("DequantizeLinear", [f"{t}_q", f"{t}_scale", f"{t}_zero_point"], [f"{t}_dq"], name=f"{t}_DQ"),
+            ]
+    m = _model(nodes, inits, opset=19)  # the reference evaluator runs DequantizeLinear from opset 19
+    if with_map:
+        qmap = {
+            "tensors": {"c1": "c1_dq", C2: f"{C2}_dq", "c3": "c3"},
+            "layers": {n: {"op": "Conv", "precision": "int8"} for n in SHAPES},
+        }
+        onnx.helper.set_model_props(m, {QDQ_MAP_KEY: json.dumps(qmap)})
+    return m
+
+
+def np_cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def expected_conv2_single(feed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """conv2 alone: fp32 c1 -> int8 fake quant -> conv with the dequantized bad weights -> fake quant."""
+    fp = fp32_values(feed)
+    s = WEIGHT_SCALE["conv2"]
+    w, b = W["conv2"]
+    wdq = (np.clip(np.round(w / np.float32(s)), -127, 127) * np.float32(s)).astype(np.float32)
+    conv = ReferenceEvaluator(
+        h.make_model(
+            h.make_graph(
+                [h.make_node("Conv", ["i", "w", "b"], ["o"], pads=[1, 1, 1, 1])],
+                "one",
+                [h.make_tensor_value_info("i", TP.FLOAT, None)],
+                [h.make_tensor_value_info("o", TP.FLOAT, None)],
+                [nh.from_array(wdq, "w"), nh.from_array(b, "b")],
+            ),
+            opset_imports=[h.make_opsetid("", 17)],
+        )
+    )
+    (out,) = conv.run(None, {"i": fake_quant(fp["c1"], ACT_SCALE["c1"])})
+    return fp[C2], fake_quant(out, ACT_SCALE[C2])
+
+
+@pytest.mark.parametrize("with_map", [True, False], ids=["qdq_map", "structural"])
+def test_single_flags_the_lossy_layer_and_entire_propagates(with_map: bool) -> None:
+    data = samples()
+    result = analyze(float_model(), quant_model(with_map), data)
+    by = {layer.tensor: layer for layer in result.layers}
+    assert list(by) == ["c1", C2, "c3"]  # graph order
+    assert [by[t].layer for t in by] == ["conv1", "conv2", "conv3"]
+    assert by[C2].quant_tensor == f"{C2}_dq"
+    assert all(layer.single is not None for layer in result.layers)
+    single = {t: layer.single.cosine for t, layer in by.items() if layer.single}
+    entire = {t: layer.entire.cosine for t, layer in by.items()}
+    # the layer with the terrible weight scale is the only one that adds error ...
+    assert single[C2] < 0.95
+    assert single["c1"] > 0.999 and single["c3"] > 0.999
+    assert result.worst(1)[0].tensor == C2
+    # ... and its error reaches everything downstream
+    assert entire["c1"] > 0.999
+    assert entire[C2] < 0.95 and entire["c3"] < 0.95
+    assert entire["c3"] < single["c3"] - 0.05
+
+    # single of conv2 against an independent numpy / reference-evaluator computation
+    want = np.mean([np_cos(*expected_conv2_single(s)) for s in data])
+    assert single[C2] == pytest.approx(want, abs=1e-4)
+    # entire against the reference evaluator on the quantized model
+    qref = ReferenceEvaluator(quant_model(with_map))
+    for t, view in (("c1", "c1_dq"), (C2, f"{C2}_dq"), ("c3", "c3")):
+        want = np.mean([np_cos(fp32_values(s)[t], qref.run([view], s)[0]) for s in data])
+        assert entire[t] == pytest.approx(want, abs=1e-4), t
+    assert by["c1"].precision == ("int8" if with_map else None)
+
+
+def test_models_given_as_protos_are_not_modified() -> None:
+    fm, qm = float_model(), quant_model(True)
+    before = (fm.SerializeToString(), qm.SerializeToString())
+    analyze(fm, qm, samples(1))
+    assert (fm.SerializeToString(), qm.SerializeToString()) == before
+
+
+def test_float16_layer_is_recognised_structurally() -> None:
+    # conv2 kept in float16: Cast(to fp16) on its input, fp16 weights, Cast(to float) writes the original name
+    qm = quant_model(False)
+    g = qm.graph
+    keep = [n for n in g.node if not n.name.startswith(("conv2", C2))]
+    w, b = W["conv2"]
+    g.initializer.extend([nh.from_array(w.astype(np.float16), "conv2.w_fp16"), nh.from_array(b.astype(np.float16), "conv2.b_fp16")])
+    fp16 = [
+        h.make_node("Cast", ["c1_dq"], ["c1_fp16"], name="conv2_in_cast", to=TP.FLOAT16),
+        h.make_node("Conv", ["c1_fp16", "conv2.w_fp16", "conv2.b_fp16"], ["c2_fp16"], name="conv2", pads=[1, 1, 1, 1]),
+        h.make_node("Cast", ["c2_fp16"], [C2], name="conv2_out_cast", to=TP.FLOAT),
+    ]
+    conv3 = next(n for n in keep if n.name == "conv3")
+    conv3.input[0] = C2
+    del g.node[:]
+    g.node.extend([n for n in keep if n.name != "conv3"] + fp16 + [conv3])
+    onnx.checker.check_model(qm)
+    result = analyze(float_model(), qm, samples(2))
+    by = {layer.tensor: layer for layer in result.layers}
+    assert by[C2].quant_tensor == C2
+    assert by[C2].single is not None
+    # fp16 of an int8-quantized input: close to fp32 but not exact
+    assert 0.999 < by[C2].single.cosine < 1.0
+    assert by[C2].entire.cosine > 0.999
+
+
+def _ort_model() -> onnx.ModelProto:
+    """A conv -> relu -> conv -> relu -> conv model, for onnxruntime's quantize_static."""
+    rng = np.random.default_rng(3)
+    nodes, inits = [], []
+    chans = [(3, 6), (6, 6), (6, 4)]
+    src = "x"
+    for i, (ci, co) in enumerate(chans, 1):
+        inits += [
+            nh.from_array((rng.normal(size=(co, ci, 3, 3)) * 0.3).astype(np.float32), f"w{i}"),
+            nh.from_array((rng.normal(size=(co,)) * 0.1).astype(np.float32), f"b{i}"),
+        ]
+        nodes.append(h.make_node("Conv", [src, f"w{i}", f"b{i}"], [f"conv{i}_out"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        src = f"conv{i}_out"
+        if i < 3:
+            nodes.append(h.make_node("Relu", [src], [f"relu{i}_out"], name=f"relu{i}"))
+            src = f"relu{i}_out"
+    g = h.make_graph(
+        nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+        [h.make_tensor_value_info(src, TP.FLOAT, [1, 4, 8, 8])], inits,
+    )
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
+
+
+def test_foreign_qdq_model_from_onnxruntime(tmp_path: Path) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    fpath, qpath = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(_ort_model(), fpath)
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calib)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    quantize_static(str(fpath), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    data = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    result = analyze(fpath, qpath, data, dump=tmp_path / "snap")
+
+    fs, qs = ort.InferenceSession(str(fpath)), ort.InferenceSession(str(qpath))
+    f_out = [fs.run(None, s)[0] for s in data]
+    q_out = [qs.run(None, s)[0] for s in data]
+    out = result.output_layers()
+    assert [o.tensor for o in out] == ["conv3_out"]
+    want = np.mean([np_cos(a, b) for a, b in zip(f_out, q_out)])
+    assert out[0].entire.cosine == pytest.approx(want, rel=1e-9, abs=1e-12)
+    # the quantized outputs used are exactly those of a plain session (QDQ groups fused as deployed)
+    dumped = np.load(tmp_path / "snap" / out[0].quant_file)
+    np.testing.assert_array_equal(dumped, np.stack(q_out))
+    # identity recovered from the graph: ORT renames the producer of a graph output
+    assert [layer.tensor for layer in result.layers] == ["relu1_out", "relu2_out", "conv3_out"]
+    assert all(layer.single is not None for layer in result.layers)
+    assert all(0.99 < layer.single.cosine <= 1.0 for layer in result.layers if layer.single)
+    assert result.notes == []
+
+
+def test_snapshot_round_trip_and_numpy_recomputation(tmp_path: Path) -> None:
+    snap = tmp_path / "snap"
+    result = analyze(float_model(), quant_model(True), samples(3), dump=snap)
+    assert sorted(p.name for p in snap.iterdir()) == [
+        "error_analysis.csv", "error_analysis.png", "error_analysis.txt", "fp32", "manifest.json", "quant", "report.html",
+    ]
+    assert not [p for p in snap.rglob(".*")]  # no temporary file left behind
+    manifest = json.loads((snap / "manifest.json").read_text())
+    entry = manifest["tensors"][C2]
+    assert entry["fp32"] == f"fp32/{safe_names([C2])[C2]}.npy" == "fp32/stage_1_c2_0.npy"
+    assert set(entry["entire"]) >= {"cosine", "euclid", "snr_db", "max_abs"}
+
+    back = load_snapshot(snap)
+    assert back.to_dict() == result.to_dict()
+    # `analyze --from DIR` renders the same table without a model
+    assert render_txt(back) == (snap / "error_analysis.txt").read_text()
+    assert render_csv(back) == (snap / "error_analysis.csv").read_text()
+
+    for layer in back.layers:
+        a, b = load_arrays(snap, layer.tensor)
+        assert a.shape == (3, *layer.shape) and b.shape == a.shape
+        want = np.mean([np_cos(a[i], b[i]) for i in range(3)])
+        assert layer.entire.cosine == pytest.approx(want, rel=1e-12)
+        d = a.astype(np.float64) - b.astype(np.float64)
+        assert layer.entire.max_abs == pytest.approx(np.mean([np.abs(d[i]).max() for i in range(3)]), rel=1e-12)
+
+
+def test_max_bytes_caps_the_dump_but_not_the_metrics(tmp_path: Path) -> None:
+    one = 2 * 4 * 36 * 4  # fp32 + quant arrays of c1 for one sample: 2 x (1*4*6*6) float32
+    snap = tmp_path / "snap"
+    result = analyze(float_model(), quant_model(True), samples(3), dump=snap, max_bytes=one + 10)
+    assert result.dumped_samples == 1
+    assert result.dump_message is not None and "1 of 3 tensors and 1 of 3 samples" in result.dump_message
+    by = {layer.tensor: layer for layer in result.layers}
+    assert by["c1"].fp32_file and by[C2].fp32_file is None and by["c3"].quant_file is None
+    assert np.load(snap / by["c1"].fp32_file).shape == (1, 1, 4, 6, 6)
+    assert all(layer.entire.n_samples == 3 for layer in result.layers)
+    assert result.dump_message in (snap / "error_analysis.txt").read_text()
+    assert load_snapshot(snap).dump_message == result.dump_message
+    assert not [p for p in snap.rglob(".*")]
+
+
+def test_plan_is_data_and_deterministic() -> None:
+    p1 = plan_analysis(float_model(), quant_model(False))
+    p2 = plan_analysis(float_model(), quant_model(False))
+    assert p1 == p2
+    assert [(t.tensor, t.view, t.source) for t in p1.tensors] == [
+        ("c1", "c1_dq", "c1"), (C2, f"{C2}_dq", C2), ("c3", "c3", "c3"),
+    ]
+
+
+def test_safe_names_are_deterministic_and_unique() -> None:
+    names = safe_names(["a/b", "a:b", "A_b", "..", "", "x" * 300])
+    assert names["a/b"] == "a_b"
+    assert len({v.lower() for v in names.values()}) == 6
+    assert all(not v.startswith(".") and v for v in names.values())
+    assert len(names["x" * 300]) < 140
+    assert safe_names(["a/b", "a:b", "A_b", "..", "", "x" * 300]) == names
+
+
+def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no value for model input 'x'"):
+        analyze(float_model(), quant_model(True), [{"y": np.zeros((1, 2, 6, 6), np.float32)}])
+    with pytest.raises(InputError, match="no samples"):
+        analyze(float_model(), quant_model(True), [])
+    with pytest.raises(ModelError, match="does not exist"):
+        analyze(tmp_path / "missing.onnx", quant_model(True), samples(1))
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="not a readable ONNX model"):
+        analyze(tmp_path / "bad.onnx", quant_model(True), samples(1))
+    with pytest.raises(InputError, match="sample 0"):
+        analyze(float_model(), quant_model(True), [{"x": np.zeros((1, 2, 6, 6), np.float64)}])
+    with pytest.raises(InputError, match="not a snapshot"):
+        load_snapshot(tmp_path)

@@ -1,0 +1,161 @@
+"""Each metric against its numpy formula on hand-made arrays, with the degenerate cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from hybridq.metrics import (
+    Accumulator,
+    Metrics,
+    compare,
+    cosine,
+    decode_float,
+    encode_float,
+    euclid,
+    max_abs,
+    mean,
+    sample_metrics,
+    snr_db,
+)
+
+A = np.array([[1.0, -2.0], [3.0, 0.5]], dtype=np.float32)
+B = np.array([[0.9, -2.1], [2.5, 0.0]], dtype=np.float32)
+
+
+def np_cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_cosine_matches_numpy() -> None:
+    assert cosine(A, B) == pytest.approx(np_cos(A, B), rel=1e-12)
+    # hand computed: a.b = 0.9 + 4.2 + 7.5 + 0 = 12.6; |a|^2 = 14.25; |b|^2 = 11.47
+    assert cosine(A, B) == pytest.approx(12.6 / math.sqrt(14.25 * 11.47), rel=1e-6)
+
+
+def test_cosine_degenerate() -> None:
+    z = np.zeros(5, np.float32)
+    one = np.ones(5, np.float32)
+    # both zero: identical tensors
+    assert cosine(z, z) == 1.0
+    # one zero: no direction in common, either side
+    assert cosine(z, one) == 0.0
+    assert cosine(one, z) == 0.0
+    # constant vectors: same sign -> 1, opposite sign -> -1, whatever the magnitudes
+    assert cosine(np.full(5, 3.0), np.full(5, 0.001)) == pytest.approx(1.0, abs=1e-15)
+    assert cosine(np.full(5, 3.0), np.full(5, -2.0)) == pytest.approx(-1.0, abs=1e-15)
+    # empty tensors count as zero vectors
+    assert cosine(np.zeros(0), np.zeros(0)) == 1.0
+    # never outside [-1, 1] through rounding
+    x = np.full(1000, 0.1, np.float32)
+    assert cosine(x, x) <= 1.0
+
+
+def test_euclid_and_max_abs_match_numpy() -> None:
+    d = A.astype(np.float64) - B.astype(np.float64)
+    assert euclid(A, B) == pytest.approx(float(np.linalg.norm(d)), rel=1e-12)
+    assert max_abs(A, B) == pytest.approx(float(np.abs(d).max()), rel=1e-12)
+    assert max_abs(A, B) == pytest.approx(0.5, rel=1e-6)  # |3.0 - 2.5| and |0.5 - 0|
+    # identical, zero and empty
+    assert euclid(A, A) == 0.0 and max_abs(A, A) == 0.0
+    assert euclid(np.zeros(3), np.zeros(3)) == 0.0
+    assert max_abs(np.zeros(0), np.zeros(0)) == 0.0
+    # constant vectors: the distance of two constants c1, c2 over n elements is |c1 - c2| sqrt(n)
+    assert euclid(np.full(4, 2.0), np.full(4, 5.0)) == pytest.approx(6.0)
+    assert max_abs(np.full(4, 2.0), np.full(4, 5.0)) == 3.0
+
+
+def test_snr_matches_numpy() -> None:
+    r, t = A.astype(np.float64), B.astype(np.float64)
+    expected = 10 * np.log10(np.sum(r**2) / np.sum((r - t) ** 2))
+    assert snr_db(A, B) == pytest.approx(float(expected), rel=1e-12)
+    # an error 10x smaller than the signal in amplitude -> 20 dB
+    assert snr_db(np.full(8, 10.0), np.full(8, 9.0)) == pytest.approx(20.0)
+
+
+def test_snr_degenerate() -> None:
+    z = np.zeros(4)
+    # identical (no error) -> +inf, also for zero and empty tensors
+    assert snr_db(A, A) == math.inf
+    assert snr_db(z, z) == math.inf
+    assert snr_db(np.zeros(0), np.zeros(0)) == math.inf
+    # zero reference with a nonzero error -> -inf
+    assert snr_db(z, np.ones(4)) == -math.inf
+    # zero test against a nonzero reference: error == signal -> 0 dB
+    assert snr_db(np.ones(4), z) == pytest.approx(0.0)
+
+
+def test_float16_inputs_are_computed_in_float64() -> None:
+    a16, b16 = A.astype(np.float16), B.astype(np.float16)
+    assert cosine(a16, b16) == pytest.approx(np_cos(a16, b16), rel=1e-12)
+
+
+def test_size_mismatch_is_an_error() -> None:
+    with pytest.raises(ValueError, match="4 and 3 elements"):
+        cosine(np.zeros(4), np.zeros(3))
+
+
+def test_nan_propagates() -> None:
+    a = np.array([1.0, math.nan])
+    assert math.isnan(cosine(a, np.ones(2)))
+    assert math.isnan(snr_db(a, np.ones(2)))
+
+
+def test_mean_handles_infinities() -> None:
+    assert mean([1.0, 2.0, 6.0]) == 3.0
+    # one lossless sample makes the mean SNR infinite
+    assert mean([30.0, math.inf]) == math.inf
+    assert mean([30.0, -math.inf]) == -math.inf
+    # +inf and -inf together have no mean
+    assert math.isnan(mean([math.inf, -math.inf]))
+    assert math.isnan(mean([]))
+    assert math.isnan(mean([1.0, math.nan]))
+
+
+def test_compare_is_per_sample_then_mean() -> None:
+    refs = [A, np.full(3, 2.0)]
+    tests = [B, np.full(3, 1.0)]
+    m = compare(refs, tests)
+    assert m.cosine == pytest.approx((np_cos(A, B) + 1.0) / 2, rel=1e-12)
+    assert m.euclid == pytest.approx((euclid(A, B) + math.sqrt(3.0)) / 2, rel=1e-12)
+    assert m.snr_db == pytest.approx((snr_db(A, B) + 10 * math.log10(4.0)) / 2, rel=1e-12)
+    assert m.max_abs == pytest.approx((0.5 + 1.0) / 2, rel=1e-6)
+    assert m.per_sample is not None and len(m.per_sample["cosine"]) == 2
+    assert m.n_samples == 2
+    with pytest.raises(ValueError):
+        compare([A], [])
+
+
+def test_metrics_dict_round_trip_with_non_finite() -> None:
+    acc = Accumulator()
+    acc.add(A, A)  # snr +inf
+    acc.add(A, B)
+    m = acc.result()
+    assert m.snr_db == math.inf
+    d = m.to_dict()
+    assert d["snr_db"] == "inf"  # strict JSON
+    back = Metrics.from_dict(d)
+    assert back == m and back.per_sample == m.per_sample
+    assert [encode_float(x) for x in (1.5, -math.inf)] == [1.5, "-inf"]
+    assert math.isnan(decode_float("nan")) and math.isnan(decode_float(None))
+
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.integers(1, 20), elements=finite), st.data())
+def test_sample_metrics_agree_with_single_functions(a: np.ndarray, data: st.DataObject) -> None:
+    b = data.draw(arrays(np.float32, a.shape, elements=finite))
+    c, e, s, m = sample_metrics(a, b)
+    assert c == cosine(a, b) and e == euclid(a, b) and m == max_abs(a, b)
+    assert s == snr_db(a, b) or (math.isnan(s) and math.isnan(snr_db(a, b)))
+    assert -1.0 <= c <= 1.0
+    assert cosine(a, b) == cosine(b, a)
+    assert snr_db(a, a) == math.inf

@@ -1,0 +1,175 @@
+"""step1 -> cfg -> step2 end to end, checked against ONNX Runtime on the fp32 model and numpy formulas."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import hybridq
+from hybridq.config import load_cfg
+from tests import models
+from tests.conftest import cosine, run
+
+
+def _step1_step2(model_path: Path, dataset: Path, out: Path, edit=None, **kw):
+    r1 = hybridq.step1(model_path, dataset, out=out, **kw)
+    if edit:
+        r1.cfg.write_text(edit(r1.cfg.read_text()))
+    r2 = hybridq.step2(r1.model, r1.data, r1.cfg, out / "q.onnx")
+    return r1, r2
+
+
+def _eval_samples(shapes: dict[str, tuple[int, ...]], n: int = 6, seed: int = 99) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{k: rng.normal(0, 1, s).astype(np.float32) for k, s in shapes.items()} for _ in range(n)]
+
+
+def _optimized_ops(path: Path) -> list[onnx.NodeProto]:
+    """Nodes of the model as ORT's CPU provider runs it (ORT_ENABLE_ALL), to see which QDQ groups fused."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return list(onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def _init(model: onnx.ModelProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
+
+
+def test_temp_model_is_plain_onnx_with_the_fp32_function(cnn_ws):
+    r1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=cnn_ws["dir"] / "ws")
+    temp = onnx.load(str(r1.model))
+    onnx.checker.check_model(temp)
+    # BatchNormalization was folded into conv2; the node names that survive are the original ones.
+    assert "BatchNormalization" not in {n.op_type for n in temp.graph.node}
+    assert {"conv1", "conv2", "conv3", "fc"} <= {n.name for n in temp.graph.node}
+    assert r1.fused == {"bn2": "conv2"}
+    for feeds in _eval_samples({"x": (1, 3, 16, 16)}):
+        np.testing.assert_allclose(run(r1.model, feeds)[0], run(cnn_ws["model"], feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_default_int8_matches_fp32_and_fuses_into_integer_kernels(cnn_ws):
+    _, r2 = _step1_step2(cnn_ws["model"], cnn_ws["dataset"], cnn_ws["dir"] / "ws")
+    for feeds in _eval_samples({"x": (1, 3, 16, 16)}):
+        assert cosine(run(r2.output, feeds)[0], run(cnn_ws["model"], feeds)[0]) > 0.995
+    ops = [n.op_type for n in _optimized_ops(r2.output)]
+    # conv2 and conv3 run as QLinearConv, fc as QGemm; the Cin=3 stem stays float by policy.
+    assert ops.count("QLinearConv") == 2 and "QGemm" in ops
+    assert r2.layers == {"uint8": 3, "float32": 1}
+
+
+def test_qdq_parameters_are_the_cfg_values_and_weights_follow_numpy(cnn_ws):
+    r1, r2 = _step1_step2(cnn_ws["model"], cnn_ws["dataset"], cnn_ws["dir"] / "ws")
+    q = onnx.load(str(r2.output))
+    cfg = load_cfg(r1.cfg)
+    # Activation r1: asymmetric uint8 over [min(0, lo), max(0, hi)] of the calibration data, computed here with numpy.
+    temp = onnx.load(str(r1.model))
+    acts = []
+    sess = ort.InferenceSession(_with_output(temp, "r1").SerializeToString(), providers=["CPUExecutionProvider"])
+    for line in cnn_ws["dataset"].read_text().split("\n"):
+        if line.endswith(".npy"):
+            acts.append(sess.run(["r1"], {"x": np.load(cnn_ws["dataset"].parent / line)})[0])
+    lo, hi = min(0.0, min(a.min() for a in acts)), max(0.0, max(a.max() for a in acts))
+    scale = np.float32((hi - lo) / 255)
+    assert _init(q, "r1_scale") == pytest.approx(scale, rel=1e-6)
+    assert int(_init(q, "r1_zero_point")) == int(np.clip(np.rint(-lo / scale), 0, 255))
+    assert cfg.entries["r1"].values["scale"] == [pytest.approx(float(scale), rel=1e-6)]
+    # Weight w3: int8 symmetric per output channel, scale = max|w_c| / 127, q = round(w / scale).
+    w3 = numpy_helper.to_array(next(i for i in temp.graph.initializer if i.name == "w3"))
+    s = np.abs(w3).reshape(w3.shape[0], -1).max(axis=1) / 127
+    np.testing.assert_allclose(_init(q, "w3_scale"), s, rtol=1e-6)
+    np.testing.assert_array_equal(_init(q, "w3_quantized"), np.clip(np.rint(w3 / s[:, None, None, None]), -127, 127).astype(np.int8))
+    # Bias b3: int32 with scale = s_input * s_weight.
+    np.testing.assert_allclose(_init(q, "b3_scale"), _init(q, "r2_scale") * s, rtol=1e-6)
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return m
+
+
+def test_cfg_edits_float32_float16_int16_take_effect(cnn_ws):
+    def edit(text: str) -> str:
+        return text.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv2: float32\n  c3: float16\n  fc: int16")
+
+    _, r2 = _step1_step2(cnn_ws["model"], cnn_ws["dataset"], cnn_ws["dir"] / "ws", edit=edit)
+    q = onnx.load(str(r2.output))
+    nodes = {n.name: n for n in q.graph.node}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    # float32: conv2 reads its input and weight directly, no DQ in front of it.
+    assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in nodes["conv2"].input)
+    # float16 (named by its output tensor c3): Cast in, fp16 weights, Cast back to float.
+    conv3 = nodes["conv3"]
+    assert producer[conv3.input[0]].op_type == "Cast"
+    assert _init(q, conv3.input[1]).dtype == np.float16
+    assert {n.op_type for n in q.graph.node if n.input and n.input[0] == conv3.output[0]} == {"Cast"}
+    # int16: fc reads 16-bit DQs with explicit int16 zero points.
+    dq_in = producer[nodes["fc"].input[0]]
+    assert dq_in.op_type == "DequantizeLinear" and _init(q, dq_in.input[2]).dtype in (np.int16, np.uint16)
+    assert {r.entry: r.effective for r in r2.resolved} == {"conv2": "float32", "c3": "float16", "fc": "int16"}
+    # The hybrid model is closer to fp32 than the all-int8 one on the same inputs.
+    _, r_int8 = _step1_step2(cnn_ws["model"], cnn_ws["dataset"], cnn_ws["dir"] / "ws8")
+    for feeds in _eval_samples({"x": (1, 3, 16, 16)}, n=3):
+        ref = run(cnn_ws["model"], feeds)[0]
+        assert cosine(run(r2.output, feeds)[0], ref) >= cosine(run(r_int8.output, feeds)[0], ref) - 1e-6
+
+
+def test_min_max_edit_recomputes_scale_of_that_tensor_only(cnn_ws):
+    r1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=cnn_ws["dir"] / "ws")
+    base = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "base.onnx")
+    text = r1.cfg.read_text()
+    start = text.index("  r2:\n")
+    block = text[start:text.index("\n  ", text.index("zero_point", start))]
+    new_block = block.replace(block[block.index("    max: ["):].split("\n")[0], "    max: [2.0]")
+    r1.cfg.write_text(text.replace(block, new_block))
+    edited = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "edited.onnx")
+    a, b = onnx.load(str(base.output)), onnx.load(str(edited.output))
+    assert _init(b, "r2_scale") == pytest.approx(np.float32(2.0 / 255))
+    for name in ("r1_scale", "w3_scale", "w2_scale" if any(i.name == "w2_scale" for i in a.graph.initializer) else "r1_scale"):
+        np.testing.assert_array_equal(_init(a, name), _init(b, name))
+
+
+def test_matmul_model_with_dynamic_batch(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    onnx.save(models.matmul_mlp(), path)
+    listing = models.write_npy_dataset(tmp_path / "d", {"x": (4, 32)}, 6)
+    _, r2 = _step1_step2(path, listing, tmp_path / "ws")
+    ops = [n.op_type for n in _optimized_ops(r2.output)]
+    assert "MatMulIntegerToFloat" in ops or "QLinearMatMul" in ops
+    for feeds in _eval_samples({"x": (5, 32)}):
+        assert cosine(run(r2.output, feeds)[0], run(path, feeds)[0]) > 0.999
+
+
+def test_two_input_model_reads_two_paths_per_line(tmp_path):
+    path = tmp_path / "two.onnx"
+    onnx.save(models.two_input(), path)
+    listing = models.write_npy_dataset(tmp_path / "d", {"a": (1, 3, 8, 8), "b": (1, 3, 8, 8)}, 6)
+    r1, r2 = _step1_step2(path, listing, tmp_path / "ws", settings=hybridq.Settings(float_stem=False))
+    q = onnx.load(str(r2.output))
+    assert [i.name for i in q.graph.input] == ["a", "b"] and [o.name for o in q.graph.output] == ["out", "peak"]
+    for feeds in _eval_samples({"a": (1, 3, 8, 8), "b": (1, 3, 8, 8)}):
+        for got, ref in zip(run(r2.output, feeds), run(path, feeds)):
+            assert cosine(got, ref) > 0.99
+
+
+def test_opset11_constant_weights_become_int8_initializers(tmp_path):
+    path = tmp_path / "paddle.onnx"
+    onnx.save(models.opset11_constant_weights(), path)
+    listing = models.write_npy_dataset(tmp_path / "d", {"x": (1, 3, 8, 8)}, 6)
+    r1, r2 = _step1_step2(path, listing, tmp_path / "ws")
+    temp = onnx.load(str(r1.model))
+    assert temp.opset_import[0].version >= 13 and "Constant" not in {n.op_type for n in temp.graph.node}
+    q = onnx.load(str(r2.output))
+    # conv2's weight is stored as int8 and fed through a DQ, not quantized as an activation.
+    assert _init(q, "w2_quantized").dtype == np.int8
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "w2" for n in q.graph.node)
+    for feeds in _eval_samples({"x": (1, 3, 8, 8)}):
+        assert cosine(run(r2.output, feeds)[0], run(path, feeds)[0]) > 0.99
