@@ -44,6 +44,21 @@ def session_for(model: onnx.ModelProto, outputs: list[str] | None = None, *, bas
         raise ModelError(f"ONNX Runtime cannot run the model: {str(exc).splitlines()[0]}") from exc
 
 
+_MIN, _MAX = "__hybridq_min", "__hybridq_max"
+
+
+def _with_range_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the model that also computes ReduceMin/ReduceMax of `names` (scalars are cheap to fetch)."""
+    if not names:
+        return model
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    for n in names:
+        for op, suffix in (("ReduceMin", _MIN), ("ReduceMax", _MAX)):
+            work.graph.node.append(onnx.helper.make_node(op, [n], [n + suffix], name=n + suffix, keepdims=0))
+    return work
+
+
 def calibrate(
     model: onnx.ModelProto,
     batches: Iterable[dict[str, np.ndarray]],
@@ -58,26 +73,33 @@ def calibrate(
     Tensors in `histograms` (all when None) get a histogram; the others only min/max, which is much cheaper.
     """
     names = tensors if tensors is not None else float_activations(model)
-    sess = session_for(model, names)
+    full = [n for n in names if histograms is None or n in histograms]
+    ranged = [n for n in names if histograms is not None and n not in histograms]
+    sess = session_for(_with_range_outputs(model, ranged), full + [f"{n}{_MIN}" for n in ranged] + [f"{n}{_MAX}" for n in ranged])
+    fetch = full + [f"{n}{_MIN}" for n in ranged] + [f"{n}{_MAX}" for n in ranged]
     feeds = {i.name for i in sess.get_inputs()}
-    observers = {n: HistogramObserver(bins=histograms is None or n in histograms) for n in names}
+    observers = {n: HistogramObserver(bins=n in full) for n in names}
     n_batches = 0
     for b, batch in enumerate(batches):
         missing = feeds - batch.keys()
         if missing:
             raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")
         try:
-            values = sess.run(names, {k: batch[k] for k in feeds})
+            values = sess.run(fetch, {k: batch[k] for k in feeds})
         except Exception as exc:
             raise DatasetError(f"ONNX Runtime failed on {describe(b)}: {str(exc).splitlines()[0]}. Check the sample's shape and dtype against the model input.") from exc
-        for name, value in zip(names, values):
-            try:
+        name = ""
+        try:
+            for name, value in zip(full, values):
                 observers[name].update(value)
-            except ValueError:
-                raise DatasetError(
-                    f"Tensor '{name}' holds NaN or Inf on {describe(b)}. Check that sample (its values, preprocessing "
-                    "and mean/std); calibration needs finite activations."
-                ) from None
+            k = len(full)
+            for i, name in enumerate(ranged):
+                observers[name].update_range(float(values[k + i]), float(values[k + len(ranged) + i]), 1)
+        except ValueError:
+            raise DatasetError(
+                f"Tensor '{name}' holds NaN or Inf on {describe(b)}. Check that sample (its values, preprocessing "
+                "and mean/std); calibration needs finite activations."
+            ) from None
         del values
         n_batches += 1
         if on_batch:

@@ -17,16 +17,18 @@ from typing import Callable
 
 import numpy as np
 
-MAX_BINS = 4096
-# Bin widths never go below 2**-E_SPAN times the largest magnitude seen, so bin
-# indices stay well inside int64 even for constant tensors.
+MAX_BINS = 16384
+# Bin widths never go below 2**-E_SPAN times the largest magnitude seen (nor below
+# 2**E_MIN), so bin indices stay well inside int64 even for constant tensors, and
+# the chosen width is a monotone function of the data's range (order-independent).
 E_SPAN = 40
+E_MIN = -160
 
 
 def _needed_exponent(lo: float, hi: float) -> int:
     """Smallest e such that [lo, hi] spans at most MAX_BINS bins of width 2**e (and not absurdly fine)."""
     mag = max(abs(lo), abs(hi))
-    e_floor = (math.frexp(mag)[1] - E_SPAN) if mag > 0 else -E_SPAN - 100
+    e_floor = max(E_MIN, math.frexp(mag)[1] - E_SPAN) if mag > 0 else E_MIN
     span = hi - lo
     e = math.frexp(span / MAX_BINS)[1] - 1 if span > 0 else e_floor
     e = max(e, e_floor)
@@ -65,6 +67,12 @@ class HistogramObserver:
         other.start = math.floor(lo / 2.0**other.exponent)
         other.counts = _bin_counts(x, other.exponent, other.start)
         self.merge(other)
+
+    def update_range(self, lo: float, hi: float, n: int) -> None:
+        """Add a batch known only by its min and max (n elements); drops the histogram."""
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("non-finite values (NaN or Inf)")
+        self.merge(HistogramObserver(lo, hi, n, bins=False))
 
     def merge(self, other: "HistogramObserver") -> None:
         """Fold another observer's statistics into this one (exact, order-independent)."""
@@ -122,6 +130,9 @@ def _bin_counts(x: np.ndarray, exponent: int, start: int) -> np.ndarray:
         x = x.astype(np.float64)
     scaled = np.multiply(x, x.dtype.type(2.0**-exponent))
     np.floor(scaled, out=scaled)
+    if exponent > 0:
+        # x * 2**-e can underflow to -0.0 for tiny negative x, whose bin is -1, not 0.
+        scaled[(scaled == 0) & np.signbit(scaled) & (x != 0)] = -1
     if start != 0:
         scaled -= x.dtype.type(start)
     return np.bincount(scaled.astype(np.intp)).astype(np.int64)
@@ -186,16 +197,16 @@ def range_kl(obs: HistogramObserver, levels: int, percentile: float = 99.99) -> 
     best_t, best_kl = n, math.inf
     step = max(1, (n - nq) // 256)
     for t in list(range(nq, n, step)) + [n]:
-        p = hist[:t].copy()
-        p[-1] += hist[t:].sum()
+        sliced = hist[:t]
+        p = sliced.copy()
+        p[-1] += hist[t:].sum()  # P keeps the clipped tail in its last bin; Q is built without it
         nonzero = p > 0
-        chunks = np.array_split(np.arange(t), nq)
         q = np.zeros(t)
-        for c in chunks:
+        for c in np.array_split(np.arange(t), nq):
             nz = nonzero[c]
             if nz.any():
-                q[c[nz]] = p[c].sum() / nz.sum()
-        ps, qs = p / p.sum(), q / q.sum()
+                q[c[nz]] = sliced[c].sum() / nz.sum()
+        ps, qs = p / p.sum(), q / max(q.sum(), 1e-300)
         mask = ps > 0
         kl = float(np.sum(ps[mask] * np.log(ps[mask] / np.maximum(qs[mask], 1e-12))))
         if kl < best_kl:
