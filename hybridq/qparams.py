@@ -117,7 +117,8 @@ def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
     info = np.iinfo(NUMPY[qp.dtype])
     scale = _broadcast(qp.scale, x.ndim, qp.axis).astype(np.float32)
     zp = _broadcast(qp.zero_point, x.ndim, qp.axis).astype(np.int64)
-    q = np.rint(x.astype(np.float32) / scale).astype(np.float64) + zp
+    with np.errstate(over="ignore"):  # |x| / tiny scale overflows to inf, then clips to the dtype's bound
+        q = np.rint(x.astype(np.float32) / scale).astype(np.float64) + zp
     return np.clip(q, info.min, info.max).astype(NUMPY[qp.dtype])
 
 
