@@ -4,12 +4,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "step1", "step2", "Settings", "Preprocess"]
+__all__ = ["__version__", "step1", "step2", "analyze", "load_snapshot", "Settings", "Preprocess"]
 
 
 def __getattr__(name: str):
     """Import the API lazily so `import hybridq` does no work."""
-    if name in ("step1", "step2", "Step1Result", "Step2Result"):
+    if name in ("step1", "step2", "analyze", "load_snapshot", "Step1Result", "Step2Result"):
         from . import api
 
         return getattr(api, name)
@@ -21,8 +21,4 @@ def __getattr__(name: str):
         from .dataset import Preprocess
 
         return Preprocess
-    if name in ("analyze", "load_snapshot"):
-        from . import analysis, snapshot
-
-        return getattr(analysis, name, None) or getattr(snapshot, name)
     raise AttributeError(name)

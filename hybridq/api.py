@@ -16,7 +16,7 @@ from .artifacts import read_step1, save_model_atomic, write_step1
 from .calibration import calibrate
 from .config import Cfg, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
-from .errors import ConfigError, HybridqError, did_you_mean
+from .errors import ConfigError, HybridqError, InputError, did_you_mean
 from .graph import float_activations, has_subgraphs, load_model, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
 from .qdq import RewriteResult, apply_plan
@@ -275,3 +275,48 @@ def _count_precisions(rewrite: RewriteResult) -> dict[str, int]:
     for lp in rewrite.layers.values():
         counts[lp["precision"]] = counts.get(lp["precision"], 0) + 1
     return counts
+
+
+def analyze(
+    float_model: str | Path,
+    quant_model: str | Path,
+    dataset: str | Path,
+    *,
+    preprocess: Preprocess | None = None,
+    samples: int | None = None,
+    dump: str | Path | None = None,
+    max_bytes: int | None = None,
+    on_sample: Callable[[], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+):
+    """Run the fp32 and quantized models side by side; entire and single error of every layer.
+
+    `quant_model` may also be a step1 cfg (`<name>.quantization.cfg`): the model it
+    describes is built in a temporary directory first, so a cfg can be checked before step2.
+    """
+    import tempfile
+
+    from .analysis import analyze as run_analysis
+
+    fm = load_model(float_model)
+    ds = open_dataset(fm, dataset, preprocess)
+    n = min(len(ds), samples) if samples else len(ds)
+    if on_start:
+        on_start(n)
+    quant_path = Path(quant_model)
+    with tempfile.TemporaryDirectory(prefix="hybridq-analyze-") as tmp:
+        if quant_path.name.endswith(".quantization.cfg"):
+            stem = quant_path.name[: -len(".quantization.cfg")]
+            built = step2(quant_path.with_name(f"{stem}.model"), quant_path.with_name(f"{stem}.data"), quant_path, Path(tmp) / "q.onnx")
+            quant_path = built.output
+        qm = load_model(quant_path)
+        return run_analysis(fm, qm, ds.samples(limit=n), dump=dump, max_bytes=max_bytes, on_sample=on_sample)
+
+
+def load_snapshot(directory: str | Path):
+    """Read a snapshot written by `analyze(..., dump=DIR)`; no model is run."""
+    from .snapshot import load_snapshot as read
+
+    if not (Path(directory) / "manifest.json").exists():
+        raise InputError(f"'{directory}' is not a hybridq snapshot (no manifest.json). Write one with `hybridq analyze ... --dump {directory}`.")
+    return read(directory)

@@ -25,8 +25,8 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Hybrid post-training quantization of ONNX models (RKNN-Toolkit2 style): step1 -> edit cfg -> step2 -> analyze.",
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
 class State:
@@ -202,6 +202,48 @@ def step2(
         "resolved": [vars(r) for r in res.resolved], "notes": res.notes, "warnings": res.warnings,
     }
     _emit(data, tables, lines)
+
+
+@app.command()
+def analyze(
+    float_model: Annotated[Optional[Path], typer.Argument(help="fp32 ONNX model.")] = None,
+    quant_model: Annotated[Optional[Path], typer.Argument(help="Quantized QDQ model, or a step1 <name>.quantization.cfg.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Samples to compare on (same format as step1).")] = None,
+    samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
+    dump: Annotated[Optional[Path], typer.Option(help="Write a snapshot here: fp32/ and quant/ tensors, manifest, reports.")] = None,
+    max_bytes: Annotated[Optional[int], typer.Option(help="Cap the arrays written by --dump (bytes).")] = None,
+    from_dir: Annotated[Optional[Path], typer.Option("--from", help="Re-render a snapshot without running a model.")] = None,
+    top: Annotated[int, typer.Option(help="Rows in the table of worst layers.")] = 20,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    color: ColorOpt = "rgb",
+    layout: LayoutOpt = None,
+    resize: ResizeOpt = "none",
+    preprocess_hook: HookOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-layer error of QUANT_MODEL against FLOAT_MODEL: entire (accumulated) and single (isolated), with a snapshot."""
+    from . import api
+    from .report import rich_table, verdict
+
+    State.quiet, State.json = quiet, as_json
+    if from_dir is not None:
+        result = api.load_snapshot(from_dir)
+    else:
+        if float_model is None or quant_model is None or dataset is None:
+            raise InputError("analyze needs FLOAT_MODEL QUANT_MODEL --dataset D (or --from SNAPSHOT_DIR to re-read a snapshot).")
+        pre = _preprocess(mean, std, color, layout, resize, preprocess_hook)
+        with progress("analyzing", None) as advance:
+            result = api.analyze(float_model, quant_model, dataset, preprocess=pre, samples=samples, dump=dump, max_bytes=max_bytes,
+                                 on_sample=lambda: advance(1))
+    lines = [verdict(result)]
+    if dump is not None and from_dir is None:
+        lines.append(f"Snapshot written to {dump}: error_analysis.txt/.csv/.png, report.html, manifest.json.")
+    lines += [f"note: {n}" for n in getattr(result, "notes", [])]
+    if getattr(result, "dump_message", None):
+        lines.append(result.dump_message)
+    _emit(result.to_dict(), [rich_table(result, top=top)], lines)
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
