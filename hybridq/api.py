@@ -19,6 +19,7 @@ from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
 from .graph import float_activations, has_subgraphs, load_model, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
+from .proposal import Evaluator, ProposalResult, Score, Target, as_cfg, propose
 from .qdq import RewriteResult, apply_plan
 from .resolve import activation_entry, resolve, weight_entry
 from .settings import Settings
@@ -119,8 +120,12 @@ def step1(
     batch_size: int = 1,
     on_progress: Progress | None = None,
     on_start: Callable[[int], None] | None = None,
+    proposal: "ProposalOptions | None" = None,
 ) -> Step1Result:
-    """Prepare the temp model, calibrate on the dataset, and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg`."""
+    """Prepare the temp model, calibrate on the dataset, and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg`.
+
+    With `proposal`, the worst layers are first chosen for float (verified on the built model) and written into the cfg.
+    """
     settings = settings or Settings()
     settings.validate("settings")
     model_path = Path(model)
@@ -158,16 +163,28 @@ def step1(
         "samples": n,
     }
     comments = _entry_comments(plan)
+    prop, evaluator = None, None
+    custom: dict[str, str] = {}
+    custom_comments: dict[str, str] = {}
+    cfg_entries = entries
+    if proposal is not None:
+        prop_samples = list(ds.samples(limit=min(n, proposal.samples)))
+        prop, evaluator = run_proposal(temp, observers, meta, settings, entries, {}, prop_samples, proposal)
+        custom, custom_comments = prop.layers, prop.comments
+        cfg_entries = {t: prop.clips.get(t, e) for t, e in entries.items()}
+        comments.update({t: f"{comments.get(t, '')}; {c}" for t, c in prop.clip_comments.items()})
 
     def cfg_text(model_sha: str) -> str:
         header["model_sha256"] = model_sha
-        return render_cfg(header, settings, {}, {}, entries, comments, stem)
+        return render_cfg(header, settings, custom, custom_comments, cfg_entries, comments, stem)
 
     paths = write_step1(out_dir, stem, temp, observers, meta, cfg_text)
+    if prop is not None:
+        prop.measured = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=plan.precision_counts(), fused=report.fused,
-        float_subgraph_nodes=has_subgraphs(temp),
+        float_subgraph_nodes=has_subgraphs(temp), proposal=prop,
     )
 
 
@@ -224,6 +241,16 @@ def build_plan(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tuple[
     return make_plan(model, cfg.settings, layer_precision, tensor_dtype, weight_method), resolved
 
 
+def build_quantized(temp: onnx.ModelProto, observers, meta: dict[str, Any], cfg: Cfg):
+    """Plan, resolve parameters and rewrite: the one path from (temp model, statistics, cfg) to a QDQ model."""
+    plan, resolved = build_plan(cfg, temp, meta)
+    written_settings = Settings(**meta.get("written_settings", {}))
+    arrays = _initializer_arrays(temp, plan.weights)
+    res = resolve(plan, cfg.entries, meta.get("written_entries", {}), observers, arrays, cfg.settings, written_settings, str(cfg.path))
+    rewrite = apply_plan(temp, plan, res.activations, res.weights)
+    return rewrite, plan, res, resolved
+
+
 def step2(
     model: str | Path,
     data: str | Path,
@@ -238,11 +265,7 @@ def step2(
     for name, e in parsed.entries.items():
         if name not in known:
             raise ConfigError(f"{parsed.path}:{e.line}: quantize_parameters has unknown tensor '{name}'.{did_you_mean(name, known)} Remove the entry or fix the name.")
-    plan, resolved = build_plan(parsed, temp, bundle.meta)
-    written_settings = Settings(**bundle.meta.get("written_settings", {}))
-    arrays = _initializer_arrays(temp, plan.weights)
-    res = resolve(plan, parsed.entries, bundle.meta.get("written_entries", {}), bundle.observers, arrays, parsed.settings, written_settings, str(parsed.path))
-    rewrite = apply_plan(temp, plan, res.activations, res.weights)
+    rewrite, plan, res, resolved = build_quantized(temp, bundle.observers, bundle.meta, parsed)
     for r in resolved:
         lp = rewrite.layers.get(r.node)
         r.effective = lp["precision"] if lp else "float32"
@@ -320,3 +343,91 @@ def load_snapshot(directory: str | Path):
     if not (Path(directory) / "manifest.json").exists():
         raise InputError(f"'{directory}' is not a hybridq snapshot (no manifest.json). Write one with `hybridq analyze ... --dump {directory}`.")
     return read(directory)
+
+
+@dataclass
+class ProposalOptions:
+    """How a proposal searches: the target, the budget, the fallback precision and the samples it measures on."""
+
+    target: Target = field(default_factory=Target)
+    max_float_layers: int | None = None
+    max_float_fraction: float | None = None
+    fallback: str = "float32"
+    samples: int = 16
+
+
+def run_proposal(
+    temp: onnx.ModelProto, observers, meta: dict[str, Any], settings: Settings, entries: dict[str, dict[str, Any]],
+    existing: dict[str, str], samples: list[dict[str, np.ndarray]], options: ProposalOptions,
+    single: dict[str, float] | None = None,
+) -> tuple[ProposalResult, Evaluator]:
+    """Rank layers (analysis, unless `single` errors are given), then search candidates built like step2 builds them."""
+    if options.fallback not in ("float32", "float16"):
+        raise InputError(f"--fallback {options.fallback!r} is not valid; use float32 (fastest on CPU) or float16 (NPUs).")
+    evaluator = Evaluator(temp, samples, options.target)
+
+    def build(layers: dict[str, str], edits: dict[str, dict[str, Any]]) -> onnx.ModelProto:
+        return build_quantized(temp, observers, meta, as_cfg(settings, layers, entries, edits))[0].model
+
+    if single is None:
+        from .analysis import analyze as run_analysis
+
+        analysed = run_analysis(temp, build(existing, {}), samples)
+        single = {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
+    plan = make_plan(temp, settings, existing)
+    result = propose(
+        build, evaluator, single, plan, temp, observers, entries, settings, fallback=options.fallback,
+        max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction, existing=existing,
+    )
+    return result, evaluator
+
+
+def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) -> Score:
+    """Build the written cfg with step2 (in a temporary directory) and measure it: the figure a proposal may claim."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="hybridq-verify-") as tmp:
+        built = step2(model, data, cfg, Path(tmp) / "verify.onnx")
+        return evaluator.score(onnx.load(str(built.output)))
+
+
+def propose_cfg(
+    cfg: str | Path,
+    dataset: str | Path,
+    *,
+    snapshot: str | Path | None = None,
+    preprocess: Preprocess | None = None,
+    options: ProposalOptions | None = None,
+) -> tuple[ProposalResult, Path | None]:
+    """Propose float layers for an existing cfg (keeping its edits and comments), write them into it, verify.
+
+    With `snapshot` (from `analyze --dump`), its single errors rank the layers and no analysis is re-run.
+    Returns the result and the backup of the previous cfg.
+    """
+    from .artifacts import backup_if_edited, write_text_atomic
+    from .config import update_custom_layers, update_entries
+
+    options = options or ProposalOptions()
+    cfg_path = Path(cfg)
+    if not cfg_path.name.endswith(".quantization.cfg"):
+        raise InputError(f"'{cfg_path}' is not a step1 cfg (<name>.quantization.cfg); pass the cfg written by step1.")
+    stem = cfg_path.name[: -len(".quantization.cfg")]
+    model_path, data_path = cfg_path.with_name(f"{stem}.model"), cfg_path.with_name(f"{stem}.data")
+    parsed = load_cfg(cfg_path)
+    bundle = read_step1(model_path, data_path, parsed.header.get("model_sha256"), cfg_path)
+    existing, _ = resolve_layer_names(parsed, bundle.model, bundle.meta)
+    entries = {t: e.values for t, e in parsed.entries.items()}
+    single = None
+    if snapshot is not None:
+        snap = load_snapshot(snapshot)
+        single = {le.layer: le.single.cosine for le in snap.layers if le.single is not None}
+    ds = open_dataset(bundle.model, dataset, preprocess)
+    samples = list(ds.samples(limit=min(len(ds), options.samples)))
+    result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options, single)
+    text = cfg_path.read_text(encoding="utf-8")
+    text = update_custom_layers(text, result.layers, result.comments)
+    text = update_entries(text, result.clips, result.clip_comments)
+    backup = backup_if_edited(cfg_path, data_path)
+    write_text_atomic(cfg_path, text)
+    result.measured = verify_proposal(model_path, data_path, cfg_path, evaluator)
+    return result, backup

@@ -94,6 +94,14 @@ ColorOpt = Annotated[str, typer.Option(help="Channel order fed to the model: rgb
 LayoutOpt = Annotated[Optional[str], typer.Option(help="nchw or nhwc; inferred from the model when omitted.")]
 ResizeOpt = Annotated[str, typer.Option(help="none (size mismatch is an error), stretch or letterbox.")]
 HookOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module.py:function(path, spec) -> array, replacing image loading.")]
+TargetCosOpt = Annotated[Optional[float], typer.Option(help="Proposal target: cosine on every output (default 0.99).")]
+TargetSnrOpt = Annotated[Optional[float], typer.Option(help="Proposal target: SNR in dB on every output (instead of or with cosine).")]
+MaxLayersOpt = Annotated[Optional[int], typer.Option(help="Proposal budget: at most K float layers.")]
+MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: at most this fraction of Conv/MatMul/Gemm compute in float.")]
+EvalOpt = Annotated[Optional[str], typer.Option("--eval", help="module.py:function(model_path) -> score (higher is better) for the proposal target.")]
+MaxDropOpt = Annotated[float, typer.Option(help="With --eval: largest allowed drop of the score below fp32.")]
+FallbackOpt = Annotated[str, typer.Option(help="Precision of proposed layers: float32 (fastest on CPU) or float16 (NPUs).")]
+PropSamplesOpt = Annotated[int, typer.Option(help="Samples the proposal measures candidates on.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
@@ -136,6 +144,15 @@ def step1(
     layout: LayoutOpt = None,
     resize: ResizeOpt = "none",
     preprocess_hook: HookOpt = None,
+    proposal: Annotated[bool, typer.Option(help="Analyse first and pre-fill custom_quantize_layers with the layers that lose most.")] = False,
+    target_cosine: TargetCosOpt = None,
+    target_snr: TargetSnrOpt = None,
+    max_float_layers: MaxLayersOpt = None,
+    max_float_fraction: MaxFracOpt = None,
+    eval_fn: EvalOpt = None,
+    max_drop: MaxDropOpt = 0.01,
+    fallback: FallbackOpt = "float32",
+    proposal_samples: PropSamplesOpt = 16,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -156,6 +173,7 @@ def step1(
         res = api.step1(
             model, dataset, out=out_dir, settings=settings, preprocess=pre, samples=samples, batch_size=batch_size,
             on_progress=advance, on_start=lambda n: totals.setdefault("n", n),
+            proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples) if proposal else None,
         )
     lines = [
         f"Calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.",
@@ -171,7 +189,13 @@ def step1(
         lines.append(f"Control-flow nodes stay float (their subgraphs are not quantized): {', '.join(res.float_subgraph_nodes)}.")
     lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
     data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused}
-    _emit(data, [_table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])], lines)
+    tables = [_table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
+    if res.proposal is not None:
+        ptables, plines, pdata = _proposal_report(res.proposal)
+        tables += ptables
+        lines = plines + lines
+        data["proposal"] = pdata
+    _emit(data, tables, lines)
 
 
 @app.command()
@@ -244,6 +268,77 @@ def analyze(
     if getattr(result, "dump_message", None):
         lines.append(result.dump_message)
     _emit(result.to_dict(), [rich_table(result, top=top)], lines)
+
+
+def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples):
+    from .api import ProposalOptions
+    from .proposal import Target
+
+    if samples < 1:
+        raise InputError(f"--proposal-samples must be at least 1, got {samples}.")
+    cos = target_cosine if target_cosine is not None else (None if target_snr is not None or eval_fn else 0.99)
+    if cos is not None and not -1.0 <= cos <= 1.0:
+        raise InputError(f"--target-cosine {cos} is outside [-1, 1]; use e.g. 0.99.")
+    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, max_float_fraction, fallback, samples)
+
+
+def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
+    rows = [[i + 1, n, f"{c:.5f}", "float" if n in p.layers else ""] for i, (n, c) in enumerate(p.ranked[:max(10, len(p.layers))])]
+    tables = [_table("layers ranked by isolated error", ["rank", "layer", "single cos", "proposed"], rows)]
+    lines = [
+        f"Proposal: {p.choice}.",
+        f"  int8 baseline: {p.baseline.describe()}",
+        f"  predicted:     {p.predicted.describe()}",
+    ]
+    if p.measured is not None:
+        lines.append(f"  measured on the model step2 builds from the written cfg: {p.measured.describe()}")
+    lines.append(f"  float layers: {len(p.layers)}, float compute {100 * p.float_fraction:.1f} %, {p.evaluations} evaluations, {p.seconds:.1f} s")
+    if p.clips:
+        lines.append(f"  range clips: {', '.join(p.clips)}")
+    if not p.met:
+        lines.append("  The target was NOT met; the cfg holds the best candidate found. Loosen the target or raise the budget.")
+    data = {
+        "layers": p.layers, "clips": list(p.clips), "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
+        "baseline": p.baseline.to_dict(), "predicted": p.predicted.to_dict(),
+        "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
+    }
+    return tables, lines, data
+
+
+@app.command()
+def propose(
+    snapshot: Annotated[Optional[Path], typer.Argument(help="Snapshot from `analyze --dump` (its single errors rank the layers); omit to analyse now.")] = None,
+    cfg: Annotated[Path, typer.Option(help="The step1 cfg to write the proposal into (its edits and comments are kept).")] = Path(""),
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Samples to measure candidates on.")] = "",
+    target_cosine: TargetCosOpt = None,
+    target_snr: TargetSnrOpt = None,
+    max_float_layers: MaxLayersOpt = None,
+    max_float_fraction: MaxFracOpt = None,
+    eval_fn: EvalOpt = None,
+    max_drop: MaxDropOpt = 0.01,
+    fallback: FallbackOpt = "float32",
+    proposal_samples: PropSamplesOpt = 16,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    color: ColorOpt = "rgb",
+    layout: LayoutOpt = None,
+    resize: ResizeOpt = "none",
+    preprocess_hook: HookOpt = None,
+    quiet: QuietOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose layers to keep in float (or ranges to clip) for a cfg, verified on the model step2 builds."""
+    from . import api
+
+    State.quiet, State.json = quiet, as_json
+    if not str(cfg) or not dataset:
+        raise InputError("propose needs --cfg <name>.quantization.cfg and --dataset D (samples to measure candidates on).")
+    pre = _preprocess(mean, std, color, layout, resize, preprocess_hook)
+    opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples)
+    result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts)
+    tables, lines, data = _proposal_report(result)
+    lines.append(f"Wrote the proposal into {cfg}" + (f" (previous version kept as {backup})." if backup else "."))
+    _emit(data, tables, lines)
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature

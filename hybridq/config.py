@@ -250,3 +250,22 @@ def update_custom_layers(text: str, layers: dict[str, str], comments: dict[str, 
     buf = io.StringIO()
     y.dump(doc, buf)
     return buf.getvalue()
+
+
+def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[str, str]) -> str:
+    """Change keys of quantize_parameters entries in cfg text (e.g. a proposed range clip), keeping everything else."""
+    y = _yaml()
+    doc = y.load(text)
+    qp = doc.get("quantize_parameters")
+    for name, values in edits.items():
+        entry = qp.get(name) if isinstance(qp, CommentedMap) else None
+        if not isinstance(entry, CommentedMap):
+            continue
+        for k in ("algorithm", "min", "max"):
+            if k in values:
+                entry[k] = _flow(values[k]) if k in LIST_KEYS else values[k]
+        if name in comments:
+            entry.yaml_add_eol_comment(comments[name], "max")
+    buf = io.StringIO()
+    y.dump(doc, buf)
+    return buf.getvalue()

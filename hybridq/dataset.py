@@ -682,6 +682,14 @@ def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.stack(resized, axis=2)
 
 
+def load_callable(hook: str, what: str = "preprocess hook") -> Callable:
+    """Import `path/to/module.py:function` or `package.module:function` (only when asked for) and return the function."""
+    try:
+        return _load_hook(hook)
+    except DatasetError as exc:
+        raise DatasetError(str(exc).replace("preprocess hook", what)) from None
+
+
 def _load_hook(hook: str) -> Hook:
     """Import `path/to/module.py:function` or `package.module:function` and return the function."""
     module_ref, _, function_name = hook.rpartition(":")

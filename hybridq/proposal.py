@@ -1,0 +1,306 @@
+"""Proposal: the smallest set of float layers (or range clips) that brings the outputs to a target.
+
+Layers are ranked by their isolated (single) error from analysis; candidate
+hybrid models are built through the same path as step2 and measured on real
+samples. A bisection over the ranked list needs about log2(N) + 2 evaluations.
+A fallback layer runs in float and reads its inputs unquantized, so each layer
+is a self-contained unit: no neighbour has to fall back with it.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from .calibration import session_for
+from .config import Cfg, CfgEntry, short_float
+from .errors import InputError
+from .metrics import cosine, snr_db
+from .observers import HistogramObserver, compute_range
+from .plan import GraphView, QuantPlan
+from .qparams import levels
+from .settings import Settings
+
+BuildFn = Callable[[dict[str, str], dict[str, dict[str, Any]]], onnx.ModelProto]
+
+
+@dataclass
+class Target:
+    """What the outputs must reach: cosine and/or SNR on every output, and optionally a task metric."""
+
+    cosine: float | None = 0.99
+    snr_db: float | None = None
+    eval_fn: str | None = None
+    max_drop: float = 0.01
+
+
+@dataclass
+class Score:
+    """Measured quality of one candidate model: per-output mean cosine and SNR, and the task score."""
+
+    cosine: dict[str, float]
+    snr_db: dict[str, float]
+    task: float | None = None
+
+    @property
+    def worst_cosine(self) -> float:
+        return min(self.cosine.values())
+
+    @property
+    def worst_snr(self) -> float:
+        return min(self.snr_db.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cosine": self.cosine, "snr_db": self.snr_db, "task": self.task}
+
+    def describe(self) -> str:
+        text = f"output cosine {self.worst_cosine:.5f}, SNR {self.worst_snr:.2f} dB"
+        return text + (f", task {self.task:.4f}" if self.task is not None else "")
+
+
+@dataclass
+class ProposalResult:
+    """The choice, what it costs and what it measured."""
+
+    layers: dict[str, str]
+    comments: dict[str, str]
+    clips: dict[str, dict[str, Any]]
+    clip_comments: dict[str, str]
+    baseline: Score
+    predicted: Score
+    met: bool
+    evaluations: int
+    ranked: list[tuple[str, float]]
+    float_fraction: float
+    choice: str
+    seconds: float
+    fp32_task: float | None = None
+    measured: Score | None = None
+    log: list[str] = field(default_factory=list)
+
+
+class Evaluator:
+    """Scores candidate models on fixed samples against the fp32 outputs (computed once)."""
+
+    def __init__(self, fp32: onnx.ModelProto, samples: list[dict[str, np.ndarray]], target: Target) -> None:
+        self.samples = samples
+        self.target = target
+        sess = session_for(fp32, basic=False)
+        self.names = [o.name for o in sess.get_outputs()]
+        self.ref = [sess.run(self.names, s) for s in samples]
+        self.evaluations = 0
+        self._eval = None
+        self.fp32_task = None
+        if target.eval_fn:
+            from .dataset import load_callable
+
+            self._eval = load_callable(target.eval_fn, "--eval function")
+            self.fp32_task = self._task(fp32)
+
+    def _task(self, model: onnx.ModelProto) -> float:
+        with tempfile.TemporaryDirectory(prefix="hybridq-eval-") as tmp:
+            path = Path(tmp) / "candidate.onnx"
+            onnx.save_model(model, str(path))
+            try:
+                return float(self._eval(str(path)))
+            except Exception as exc:
+                raise InputError(f"The --eval function {self.target.eval_fn!r} failed: {type(exc).__name__}: {exc}. It must take a model path and return a number.") from exc
+
+    def score(self, model: onnx.ModelProto) -> Score:
+        """Run the candidate on every sample; one evaluation."""
+        self.evaluations += 1
+        sess = session_for(model, basic=False)
+        cos: dict[str, list[float]] = {n: [] for n in self.names}
+        snr: dict[str, list[float]] = {n: [] for n in self.names}
+        for feeds, ref in zip(self.samples, self.ref):
+            for name, r, q in zip(self.names, ref, sess.run(self.names, feeds)):
+                cos[name].append(cosine(r, q))
+                snr[name].append(snr_db(r, q))
+        task = self._task(model) if self._eval else None
+        return Score({n: float(np.mean(v)) for n, v in cos.items()}, {n: _mean_db(v) for n, v in snr.items()}, task)
+
+    def met(self, s: Score) -> bool:
+        """Does a score reach the target on every output?"""
+        t = self.target
+        if t.cosine is not None and s.worst_cosine < t.cosine:
+            return False
+        if t.snr_db is not None and s.worst_snr < t.snr_db:
+            return False
+        if s.task is not None and self.fp32_task is not None and s.task < self.fp32_task - t.max_drop:
+            return False
+        return True
+
+
+def _mean_db(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.inf
+    return float(np.mean(finite))
+
+
+def layer_macs(model: onnx.ModelProto) -> dict[str, float]:
+    """Multiply-accumulates of each Conv/Gemm/MatMul node (weight size x output positions; weight size when shapes are unknown)."""
+    from .graph import tensor_shapes
+
+    g = GraphView(model)
+    shapes = tensor_shapes(model)
+    macs: dict[str, float] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            continue
+        w = next((g.inits[i] for i in node.input[1:2] if i in g.inits), None)
+        out = shapes.get(node.output[0], ())
+        known = [d for d in out if isinstance(d, int) and d > 0]
+        if w is not None:
+            size = float(np.prod(w.dims))
+            if node.op_type in ("Conv", "ConvTranspose"):
+                positions = float(np.prod(known[2:])) if len(known) == len(out) and len(out) > 2 else 1.0
+            else:
+                positions = float(np.prod(known[:-1])) if len(known) == len(out) and len(out) > 1 else 1.0
+            macs[node.name] = size * positions
+        else:
+            a = shapes.get(node.input[0], ())
+            dims = [d for d in a if isinstance(d, int) and d > 0]
+            macs[node.name] = float(np.prod(dims) * (known[-1] if known else 1)) if dims else 1.0
+    return macs
+
+
+def rank_layers(single: dict[str, float], plan: QuantPlan, model: onnx.ModelProto) -> list[tuple[str, float]]:
+    """Quantized layers, worst isolated cosine first; an absorbed Relu/Clip's error counts for its producer."""
+    g = GraphView(model)
+    quantized = {n for n, lp in plan.layers.items() if lp.precision not in ("float16", "float32")}
+    worst: dict[str, float] = {}
+    for node, cos in single.items():
+        target = node
+        if node not in quantized and node in g.nodes:
+            prod = g.producer.get(g.nodes[node].input[0]) if g.nodes[node].input else None
+            target = prod.name if prod is not None else node
+        if target in quantized and not math.isnan(cos):
+            worst[target] = min(cos, worst.get(target, 1.0))
+    return sorted(worst.items(), key=lambda kv: (kv[1], kv[0]))
+
+
+def clip_candidates(
+    ranked: list[tuple[str, float]], plan: QuantPlan, observers: dict[str, HistogramObserver],
+    written: dict[str, dict[str, Any]], settings: Settings, top: int = 8,
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Range clips for the activations around the worst layers, where an MSE range is much tighter than min/max."""
+    clips: dict[str, dict[str, Any]] = {}
+    comments: dict[str, str] = {}
+    worst = {n for n, _ in ranked[:top]}
+    for t, tp in plan.tensors.items():
+        if not ({tp.producer} | set(tp.readers)) & worst or t not in observers or not observers[t].bins:
+            continue
+        obs = observers[t]
+        lo, hi = compute_range(obs, "mse", levels(tp.dtype), settings.percentile)
+        width, clipped = obs.max - min(obs.min, 0.0), hi - min(lo, 0.0)
+        if clipped > 0 and width / clipped >= 2.0:
+            entry = dict(written[t])
+            entry.update(algorithm="mse", min=[short_float(lo)], max=[short_float(hi)])
+            clips[t] = entry
+            comments[t] = f"proposal: range clipped from [{obs.min:.4g}, {obs.max:.4g}] to [{lo:.4g}, {hi:.4g}] (mse); outliers saturate"
+    return clips, comments
+
+
+def as_cfg(settings: Settings, custom: dict[str, str], entries: dict[str, dict[str, Any]], edits: dict[str, dict[str, Any]]) -> Cfg:
+    """An in-memory cfg: the given entries with `edits` applied, and `custom` layer precisions."""
+    merged = {t: CfgEntry(t, 0, dict(edits.get(t, v))) for t, v in entries.items()}
+    return Cfg(Path("<proposal>"), {}, settings, dict(custom), {k: 0 for k in custom}, merged)
+
+
+def propose(
+    build: BuildFn,
+    evaluator: Evaluator,
+    single: dict[str, float],
+    plan: QuantPlan,
+    model: onnx.ModelProto,
+    observers: dict[str, HistogramObserver],
+    written: dict[str, dict[str, Any]],
+    settings: Settings,
+    *,
+    fallback: str = "float32",
+    max_float_layers: int | None = None,
+    max_float_fraction: float | None = None,
+    existing: dict[str, str] | None = None,
+) -> ProposalResult:
+    """Search the ranked layers (and range clips) for the cheapest candidate that meets the target."""
+    t0 = time.perf_counter()
+    existing = dict(existing or {})
+    log: list[str] = []
+    ranked = [(n, c) for n, c in rank_layers(single, plan, model) if n not in existing]
+    macs = layer_macs(model)
+    total = sum(macs.get(n, 0.0) for n in plan.layers) or 1.0
+
+    def fraction(layers: list[str]) -> float:
+        names = set(layers) | {n for n, p in existing.items() if p in ("float16", "float32")}
+        names |= {n for n, lp in plan.layers.items() if lp.precision in ("float16", "float32")}
+        return sum(macs.get(n, 0.0) for n in names) / total
+
+    def candidate(k: int, clips: dict[str, dict[str, Any]]) -> Score:
+        layers = dict(existing)
+        layers.update({n: fallback for n, _ in ranked[:k]})
+        s = evaluator.score(build(layers, clips))
+        log.append(f"eval {evaluator.evaluations}: {k} float layer(s){' + clips' if clips else ''}: {s.describe()}")
+        return s
+
+    base = candidate(0, {})
+    clips: dict[str, dict[str, Any]] = {}
+    clip_comments: dict[str, str] = {}
+    best_clips: dict[str, dict[str, Any]] = {}
+
+    def result(k: int, score: Score, met: bool, choice: str, use_clips: dict[str, dict[str, Any]]) -> ProposalResult:
+        layers = {n: fallback for n, _ in ranked[:k]}
+        comments = {
+            n: f"proposal rank {i + 1}/{len(ranked)}: single cos {c:.4f}" for i, (n, c) in enumerate(ranked[:k])
+        }
+        return ProposalResult(
+            layers=layers, comments=comments, clips=use_clips, clip_comments={t: clip_comments[t] for t in use_clips},
+            baseline=base, predicted=score, met=met, evaluations=evaluator.evaluations, ranked=ranked,
+            float_fraction=fraction(list(layers)), choice=choice, seconds=time.perf_counter() - t0,
+            fp32_task=evaluator.fp32_task, log=log,
+        )
+
+    if evaluator.met(base):
+        return result(0, base, True, "the default quantization already meets the target; nothing to change", {})
+
+    clips, clip_comments = clip_candidates(ranked, plan, observers, written, settings)
+    if clips:
+        s = candidate(0, clips)
+        if evaluator.met(s):
+            return result(0, s, True, f"range clips on {len(clips)} tensor(s) meet the target with no float layer", clips)
+        if s.worst_cosine > base.worst_cosine:
+            best_clips, base_for_search = clips, s
+            log.append("clips improve the outputs; kept under the float layers")
+        else:
+            base_for_search = base
+    else:
+        base_for_search = base
+
+    limit = len(ranked)
+    if max_float_layers is not None:
+        limit = min(limit, max(0, max_float_layers - len(existing)))
+    if max_float_fraction is not None:
+        while limit > 0 and fraction([n for n, _ in ranked[:limit]]) > max_float_fraction:
+            limit -= 1
+    if limit == 0:
+        return result(0, base_for_search, False, "the budget allows no float layer and the target is not met", best_clips)
+    top = candidate(limit, best_clips)
+    if not evaluator.met(top):
+        return result(limit, top, False, f"even {limit} float layer(s) (the budget) miss the target; best effort", best_clips)
+    lo, hi, hi_score = 0, limit, top
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        s = candidate(mid, best_clips)
+        if evaluator.met(s):
+            hi, hi_score = mid, s
+        else:
+            lo = mid
+    what = f"{hi} float layer(s), the {hi} worst by isolated error"
+    return result(hi, hi_score, True, what + (" plus range clips" if best_clips else ""), best_clips)

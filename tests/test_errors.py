@@ -1,0 +1,742 @@
+"""The reliability matrix (issue 7): every user mistake, through the real CLI, gets a clean error naming the culprit.
+
+Each case runs `hybridq.cli.main` in process (the real exit-code mapping) and checks
+the exit code (2 bad input, 1 failure), that no traceback or "internal error" shows,
+and that the message names the file and line, the layer or tensor, or the bad value.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import signal
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+from ruamel.yaml import YAML
+
+import hybridq
+from hybridq import cli
+from tests import models
+
+USAGE, FAILURE = 2, 1
+
+
+def hq(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
+    """Run `hybridq ARGS` through cli.main; returns (exit code, stdout + stderr)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        cli.main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def assert_clean(result: tuple[int, str], code: int, *culprits: str) -> str:
+    """The exit code is `code`, nothing looks like a crash, and every culprit is named."""
+    status, output = result
+    assert status == code, output
+    assert "Traceback" not in output and "internal error" not in output, output
+    for c in culprits:
+        assert c in output, f"{c!r} is not in the message: {output}"
+    return output
+
+
+def no_staging_left(directory: Path) -> list[str]:
+    """Temp files and dirs hybridq writes while staging outputs (none may remain)."""
+    return sorted(str(p) for p in Path(directory).rglob(".hybridq-*")) + sorted(
+        str(p) for p in Path(directory).rglob(".*.onnx.*")
+    )
+
+
+@dataclass
+class Ws:
+    """A residual CNN, a 4-sample dataset and the step1 artifacts of one run, in a private directory."""
+
+    root: Path
+    model: Path
+    dataset: Path
+    out: Path
+
+    @property
+    def artifacts(self) -> tuple[Path, Path, Path]:
+        return self.out / "cnn.model", self.out / "cnn.data", self.out / "cnn.quantization.cfg"
+
+    @property
+    def cfg(self) -> Path:
+        return self.artifacts[2]
+
+    def step2_args(self, cfg: Path | None = None, output: Path | None = None) -> list[object]:
+        m, d, c = self.artifacts
+        return ["step2", m, d, cfg or c, "-o", output or self.root / "q.onnx"]
+
+    def edit_cfg(self, old: str, new: str, count: int = 1) -> int:
+        """Replace the first `count` occurrences of `old` in the cfg; returns the 1-based line of the first edit."""
+        text = self.cfg.read_text()
+        assert old in text, old
+        line = text[: text.index(old)].count("\n") + 1
+        self.cfg.write_text(text.replace(old, new, count))
+        return line
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One step1 run of the residual CNN (and one of another model, in other/), copied by each test."""
+    root = tmp_path_factory.mktemp("pristine")
+    onnx.save(models.residual_cnn(), root / "cnn.onnx")
+    listing = models.write_npy_dataset(root / "data", {"x": (1, 3, 16, 16)}, 4)
+    hybridq.step1(root / "cnn.onnx", listing, out=root / "ws")
+    (root / "other").mkdir()
+    onnx.save(models.residual_cnn(seed=7), root / "other" / "cnn.onnx")
+    hybridq.step1(root / "other" / "cnn.onnx", listing, out=root / "other" / "ws")
+    return root
+
+
+@pytest.fixture
+def ws(pristine: Path, tmp_path: Path) -> Ws:
+    root = tmp_path / "w"
+    shutil.copytree(pristine, root)
+    return Ws(root, root / "cnn.onnx", root / "data" / "dataset.txt", root / "ws")
+
+
+def _line_of(path: Path, needle: str) -> int:
+    return next(i for i, line in enumerate(path.read_text().splitlines(), start=1) if needle in line)
+
+
+# ---- model files -------------------------------------------------------------------------------------
+
+
+def test_model_file_missing(ws, capsys):
+    assert_clean(hq(capsys, "step1", ws.root / "nope.onnx", "--dataset", ws.dataset), USAGE, "nope.onnx", "does not exist")
+
+
+def test_model_file_is_not_onnx(ws, capsys):
+    bad = ws.root / "notes.onnx"
+    bad.write_text("this is a README, not a model\n" * 20)
+    assert_clean(hq(capsys, "step1", bad, "--dataset", ws.dataset), USAGE, "notes.onnx")
+
+
+def test_model_file_is_a_directory(ws, capsys):
+    assert_clean(hq(capsys, "step1", ws.root / "data", "--dataset", ws.dataset), USAGE, "data", "directory")
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.97])
+def test_model_file_truncated(ws, capsys, fraction):
+    data = ws.model.read_bytes()
+    cut = ws.root / "cut.onnx"
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    assert_clean(hq(capsys, "step1", cut, "--dataset", ws.dataset), USAGE, "cut.onnx")
+
+
+def test_model_with_invalid_graph_names_file_and_node(ws, capsys):
+    # conv2 reads a tensor nobody produces.
+    model = models.residual_cnn()
+    model.graph.node[2].input[0] = "ghost"
+    bad = ws.root / "broken.onnx"
+    onnx.save(model, bad)
+    assert_clean(hq(capsys, "step1", bad, "--dataset", ws.dataset), USAGE, "broken.onnx", "ghost")
+
+
+def test_model_onnx_runtime_cannot_load(ws, capsys):
+    # Valid protobuf and checker-clean, but an op from an unknown domain: ORT refuses it.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 16])
+    node = helper.make_node("Frobnicate", ["x"], ["y"], name="frob", domain="com.example")
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.example", 1)])
+    model.ir_version = 7
+    bad = ws.root / "custom_op.onnx"
+    onnx.save(model, bad)
+    assert_clean(hq(capsys, "step1", bad, "--dataset", ws.dataset), USAGE, "Frobnicate")
+
+
+# ---- dataset lists -----------------------------------------------------------------------------------
+
+
+def test_dataset_list_missing(ws, capsys):
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", ws.root / "nolist.txt"), USAGE, "nolist.txt", "does not exist")
+
+
+def test_dataset_list_empty(ws, capsys):
+    empty = ws.root / "empty.txt"
+    empty.write_text("# nothing yet\n\n   \n")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", empty), USAGE, "empty.txt", "empty")
+
+
+def test_dataset_list_names_a_missing_file_with_its_line(ws, capsys):
+    listing = ws.root / "data" / "bad.txt"
+    listing.write_text("# header\nx_0.npy\nx_1.npy\nx_99.npy\n")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, "bad.txt", "line 4", "x_99.npy")
+
+
+@pytest.mark.parametrize("name, content", [("cat.jpg", b"not a jpeg at all"), ("dog.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40),
+                                            ("empty.bmp", b"")])
+def test_dataset_unreadable_image_is_named_with_its_line(ws, capsys, name, content):
+    (ws.root / "data" / name).write_bytes(content)
+    listing = ws.root / "data" / "imgs.txt"
+    listing.write_text(f"x_0.npy\n{name}\n")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, name, "line 2")
+
+
+def test_dataset_file_of_unknown_kind_is_named(ws, capsys):
+    (ws.root / "data" / "notes.txt").write_text("hello")
+    listing = ws.root / "data" / "kinds.txt"
+    listing.write_text("x_0.npy\nnotes.txt\n")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, "notes.txt", "line 2", ".npy")
+
+
+def test_dataset_wrong_number_of_paths_per_line(ws, capsys):
+    listing = ws.root / "data" / "pairs.txt"
+    listing.write_text("x_0.npy\nx_1.npy x_2.npy\n")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, "pairs.txt", "line 2", "2 paths", "'x'")
+
+
+def test_dataset_one_path_for_a_two_input_model(ws, capsys):
+    model = ws.root / "two.onnx"
+    onnx.save(models.two_input(), model)
+    listing = models.write_npy_dataset(ws.root / "two", {"a": (1, 3, 8, 8), "b": (1, 3, 8, 8)}, 2)
+    listing.write_text(listing.read_text() + "a_0.npy\n")
+    assert_clean(hq(capsys, "step1", model, "--dataset", listing), USAGE, "line 4", "1 path", "'a', 'b'")
+
+
+@pytest.mark.parametrize(
+    "array, culprits",
+    [
+        (np.zeros((1, 3, 8, 8), np.float32), ["(1, 3, 8, 8)", "(1, 3, 16, 16)"]),
+        (np.zeros((3, 16), np.float32), ["(3, 16)"]),
+        (np.zeros((1, 3, 16, 16), np.int64), ["int64", "float32"]),
+        (np.array(["a", "b"]), ["<U1", "float32"]),
+    ],
+    ids=["shape", "rank", "int64", "strings"],
+)
+def test_dataset_npy_wrong_shape_or_dtype(ws, capsys, array, culprits):
+    np.save(ws.root / "data" / "odd.npy", array)
+    listing = ws.root / "data" / "odd.txt"
+    listing.write_text("x_0.npy\n\nodd.npy\n")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, "odd.npy", "line 3", *culprits)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_dataset_npy_with_nan_or_inf(ws, capsys, bad):
+    sample = np.ones((1, 3, 16, 16), np.float32)
+    sample[0, 1, 2, 3] = bad
+    np.save(ws.root / "data" / "nan.npy", sample)
+    listing = ws.root / "data" / "nan.txt"
+    listing.write_text("x_0.npy\nnan.npy\n")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, "nan.npy", "line 2", "NaN or Inf")
+
+
+def test_dataset_npz_wrong_key_and_corrupt_npy(ws, capsys):
+    np.savez(ws.root / "data" / "wrong.npz", y=np.zeros((1, 3, 16, 16), np.float32))
+    (ws.root / "data" / "junk.npy").write_bytes(b"\x93NUMPY garbage")
+    for name, culprit in (("wrong.npz", "'y'"), ("junk.npy", "junk.npy")):
+        listing = ws.root / "data" / "l.txt"
+        listing.write_text(f"{name}\n")
+        assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, name, "line 1", culprit)
+
+
+def test_dataset_pickled_npy_is_refused_without_running_it(ws, capsys):
+    np.save(ws.root / "data" / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    listing = ws.root / "data" / "obj.txt"
+    listing.write_text("obj.npy\n")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, "obj.npy", "pickle")
+
+
+def test_dataset_list_lines_are_never_executed(ws, capsys, monkeypatch):
+    monkeypatch.chdir(ws.root)
+    listing = ws.root / "data" / "shell.txt"
+    listing.write_text("$(touch PWNED).npy\n`touch PWNED2`.npy\n")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, "touch PWNED")
+    assert not list(ws.root.rglob("PWNED*"))
+
+
+# ---- cfg ---------------------------------------------------------------------------------------------
+
+
+def test_cfg_yaml_syntax_error_gives_line_and_column(ws, capsys):
+    line = ws.edit_cfg("    dtype: uint8\n", "    dtype: uint8: int8\n")
+    col = len("    dtype: uint8:")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}:{col}", "YAML syntax error")
+
+
+def test_cfg_unclosed_bracket_gives_a_line(ws, capsys):
+    ws.edit_cfg("    min: [0.0]", "    min: [0.0")
+    out = assert_clean(hq(capsys, *ws.step2_args()), USAGE, "YAML syntax error")
+    assert re.search(r"cnn\.quantization\.cfg:\d+:\d+", out), out
+
+
+def test_cfg_unknown_top_level_key_did_you_mean(ws, capsys):
+    line = ws.edit_cfg("quantize_parameters:", "quantize_paramters:")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}", "quantize_paramters", "Did you mean", "'quantize_parameters'")
+
+
+def test_cfg_unknown_entry_key_did_you_mean(ws, capsys):
+    ws.edit_cfg("    ori_min:", "    ori_mni:")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "ori_mni", "'ori_min'", "'r1'")
+
+
+def test_cfg_unknown_setting_did_you_mean(ws, capsys):
+    ws.edit_cfg("  weight_dtype:", "  weight_dtpye:")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "weight_dtpye", "'weight_dtype'")
+
+
+def test_cfg_unknown_layer_did_you_mean(ws, capsys):
+    ws.edit_cfg("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv22: float16")
+    line = _line_of(ws.cfg, "conv22")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}", "conv22", "Did you mean", "'conv2'")
+
+
+def test_cfg_unknown_tensor_did_you_mean(ws, capsys):
+    ws.edit_cfg("  r1:\n", "  r11:\n")
+    line = _line_of(ws.cfg, "  r11:")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}", "r11", "Did you mean", "'r1'")
+
+
+def test_cfg_model_input_as_layer(ws, capsys):
+    ws.edit_cfg("custom_quantize_layers: {}", "custom_quantize_layers:\n  x: float16")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "'x'", "model input")
+
+
+@pytest.mark.parametrize(
+    "old, new, culprits",
+    [
+        ("    dtype: uint8\n", "    dtype: uint9\n", ["uint9", "'r1'", "uint8, int8", "int16"]),
+        ("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv2: fp8", ["fp8", "conv2", "float16", "float32"]),
+        ("  dtype: uint8\n  qtype", "  dtype: u8\n  qtype", ["u8", "uint8, int8", "int16"]),
+        ("  weight_dtype: int8", "  weight_dtype: int4", ["int4", "int8 or int16"]),
+        ("  algorithm: minmax\n  percentile", "  algorithm: minmx\n  percentile", ["minmx", "'minmax'"]),
+    ],
+    ids=["entry", "layer", "settings", "weight", "algorithm"],
+)
+def test_cfg_unknown_dtype_lists_the_allowed_ones(ws, capsys, old, new, culprits):
+    ws.edit_cfg(old, new)
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, *culprits)
+
+
+def test_cfg_min_greater_than_max(ws, capsys):
+    line = _line_of(ws.cfg, "  r1:")
+    ws.edit_cfg("    min: [0.0]", "    min: [100.0]")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}", "'r1'", "100.0", "min <= max")
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "'abc'", "[]", "true"])
+def test_cfg_non_finite_or_non_number_min(ws, capsys, value):
+    line = _line_of(ws.cfg, "  r1:")
+    ws.edit_cfg("    min: [0.0]", f"    min: [{value}]" if value != "[]" else "    min: []")
+    out = assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}", "min", "'r1'")
+    if value not in ("[]",):
+        assert value.strip("'").lstrip("-.").lower()[:3] in out.lower(), out
+
+
+@pytest.mark.parametrize("zp", ["300", "-1", "1.5", "'a'"])
+def test_cfg_zero_point_out_of_range(ws, capsys, zp):
+    ws.edit_cfg("    zero_point: [0]", f"    zero_point: [{zp}]")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "zero_point", "'r1'", zp.strip("'"))
+
+
+def test_cfg_weight_zero_point_must_stay_zero(ws, capsys):
+    # Weights are symmetric: a non-zero (or out of range) zero_point edit cannot be honoured, so it is refused, not ignored.
+    text = ws.cfg.read_text()
+    start = text.index("  w2:")
+    ws.cfg.write_text(text[:start] + text[start:].replace("zero_point: [0,", "zero_point: [300,", 1))
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "zero_point", "'w2'", "300")
+
+
+def test_cfg_zero_scale(ws, capsys):
+    ws.edit_cfg("    scale: [", "    scale: [0.0, ")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "scale", "'r1'")
+
+
+def test_cfg_not_a_mapping_and_empty(ws, capsys):
+    ws.cfg.write_text("- just\n- a list\n")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "cnn.quantization.cfg", "mapping")
+    ws.cfg.write_text("")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "cnn.quantization.cfg")
+
+
+def test_cfg_not_utf8(ws, capsys):
+    ws.cfg.write_bytes(b"\xff\xfe\x00garbage")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "cnn.quantization.cfg")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        'custom_quantize_layers: !!python/object/apply:os.system ["touch PWNED"]\n',
+        'custom_quantize_layers:\n  conv2: !!python/object/apply:os.system ["touch PWNED"]\n',
+        'quantize_parameters:\n  r1:\n    min: !!python/object/apply:os.system ["touch PWNED"]\n',
+        'settings: !!python/object/new:os.system ["touch PWNED"]\n',
+        'hybridq: !!python/object/apply:os.system ["touch PWNED"]\n',
+        '!!python/object/apply:os.system ["touch PWNED"]\n',
+    ],
+)
+def test_cfg_loading_never_executes_code(ws, capsys, monkeypatch, payload):
+    monkeypatch.chdir(ws.root)
+    ws.cfg.write_text(payload)
+    status, output = hq(capsys, *ws.step2_args())
+    assert status in (0, USAGE) and "Traceback" not in output and "internal error" not in output, output
+    assert not list(ws.root.rglob("PWNED"))
+    assert not Path("PWNED").exists()
+
+
+# ---- step1 artifacts ---------------------------------------------------------------------------------
+
+
+def test_mixed_artifacts_name_the_data_file(ws, capsys):
+    m, _, c = ws.artifacts
+    other = ws.root / "other" / "ws" / "cnn.data"
+    assert_clean(hq(capsys, "step2", m, other, c, "-o", ws.root / "q.onnx"), USAGE, str(other), "different step1 runs")
+
+
+def test_mixed_artifacts_name_the_model_file(ws, capsys):
+    _, d, c = ws.artifacts
+    other = ws.root / "other" / "ws" / "cnn.model"
+    assert_clean(hq(capsys, "step2", other, d, c, "-o", ws.root / "q.onnx"), USAGE, str(other), "different step1 runs")
+
+
+def test_mixed_artifacts_name_the_cfg(ws, capsys):
+    m, d, _ = ws.artifacts
+    other = ws.root / "other" / "ws" / "cnn.quantization.cfg"
+    assert_clean(hq(capsys, "step2", m, d, other, "-o", ws.root / "q.onnx"), USAGE, str(other))
+    assert not (ws.root / "q.onnx").exists()
+
+
+def test_step2_given_the_original_model_or_a_foreign_data_file(ws, capsys):
+    _, d, c = ws.artifacts
+    assert_clean(hq(capsys, "step2", ws.model, d, c, "-o", ws.root / "q.onnx"), USAGE, str(ws.model))
+    m, _, _ = ws.artifacts
+    assert_clean(hq(capsys, "step2", m, ws.root / "data" / "x_0.npy", c, "-o", ws.root / "q.onnx"), USAGE, "x_0.npy")
+    assert_clean(hq(capsys, "step2", m, ws.root / "missing.data", c, "-o", ws.root / "q.onnx"), USAGE, "missing.data")
+    assert_clean(hq(capsys, "step2", ws.root / "missing.model", d, c, "-o", ws.root / "q.onnx"), USAGE, "missing.model")
+    assert_clean(hq(capsys, "step2", m, d, ws.root / "missing.cfg", "-o", ws.root / "q.onnx"), USAGE, "missing.cfg")
+    assert not (ws.root / "q.onnx").exists()
+
+
+def test_step1_keeps_an_edited_cfg_as_bak_and_says_so(ws, capsys):
+    ws.edit_cfg("    min: [0.0]", "    min: [-1.0]")
+    edited = ws.cfg.read_text()
+    out = assert_clean(hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.out), 0)
+    baks = list(ws.out.glob("cnn.quantization.cfg.*.bak"))
+    assert len(baks) == 1 and baks[0].read_text() == edited
+    assert baks[0].name in out
+    # An unedited cfg is replaced without a backup.
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.out), 0)
+    assert len(list(ws.out.glob("*.bak"))) == 1
+
+
+# ---- outputs -----------------------------------------------------------------------------------------
+
+
+def test_output_under_a_regular_file(ws, capsys):
+    blocker = ws.root / "somefile"
+    blocker.write_text("I am a file")
+    out = ws.root / "somefile" / "q.onnx"
+    status, output = hq(capsys, *ws.step2_args(output=out))
+    assert_clean((status, output), status, "somefile", "not a directory")
+    assert status in (USAGE, FAILURE)
+    assert blocker.read_text() == "I am a file"
+    status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", blocker / "ws")
+    assert_clean((status, output), status, "somefile", "not a directory")
+    assert status in (USAGE, FAILURE)
+    assert no_staging_left(ws.root) == []
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_output_directory_without_write_permission(ws, capsys):
+    locked = ws.root / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        status, output = hq(capsys, *ws.step2_args(output=locked / "q.onnx"))
+        assert_clean((status, output), status, "locked")
+        assert status in (USAGE, FAILURE)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_is_an_existing_directory(ws, capsys):
+    target = ws.root / "adir.onnx"
+    target.mkdir()
+    status, output = hq(capsys, *ws.step2_args(output=target))
+    assert_clean((status, output), status, "adir.onnx")
+    assert status in (USAGE, FAILURE) and target.is_dir()
+
+
+def _enospc(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_on_rename_step2_leaves_no_output(ws, capsys, monkeypatch):
+    monkeypatch.setattr(os, "replace", _enospc)
+    status, output = hq(capsys, *ws.step2_args())
+    assert_clean((status, output), status, "q.onnx", "No space left on device")
+    assert status in (USAGE, FAILURE)
+    assert not (ws.root / "q.onnx").exists() and no_staging_left(ws.root) == []
+
+
+def test_disk_full_while_writing_step2_leaves_no_output(ws, capsys, monkeypatch):
+    real_save = onnx.save_model
+
+    def half_then_full(model, f, *args, **kwargs):
+        Path(f).write_bytes(model.SerializeToString()[:100])
+        _enospc()
+
+    monkeypatch.setattr(onnx, "save_model", half_then_full)
+    status, output = hq(capsys, *ws.step2_args())
+    monkeypatch.setattr(onnx, "save_model", real_save)
+    assert_clean((status, output), status, "q.onnx", "No space left on device")
+    assert status in (USAGE, FAILURE)
+    assert not (ws.root / "q.onnx").exists() and no_staging_left(ws.root) == []
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_disk_full_while_publishing_step1_keeps_earlier_artifacts(ws, capsys, monkeypatch, fail_at):
+    before = _snapshot(ws.out)
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == fail_at:
+            _enospc()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    # A different model: every artifact would change, so a partial publish would show.
+    onnx.save(models.residual_cnn(seed=11), ws.model)
+    status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.out)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert_clean((status, output), status, "No space left on device")
+    assert status in (USAGE, FAILURE)
+    assert _snapshot(ws.out) == before
+    assert no_staging_left(ws.root) == []
+
+
+def test_disk_full_while_writing_step1_keeps_earlier_artifacts(ws, capsys, monkeypatch):
+    before = _snapshot(ws.out)
+
+    def full(*_args, **_kwargs):
+        _enospc()
+
+    monkeypatch.setattr(onnx, "save_model", full)
+    onnx.save(models.residual_cnn(seed=11), ws.model)
+    status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.out)
+    assert_clean((status, output), status, "No space left on device", str(ws.out))
+    assert _snapshot(ws.out) == before and no_staging_left(ws.root) == []
+
+
+@pytest.mark.parametrize("interrupt_at", [1, 2, 3])
+def test_interrupt_while_publishing_step1_keeps_earlier_artifacts(ws, capsys, monkeypatch, interrupt_at):
+    # Ctrl-C between two renames must not leave a .model of one run beside the .data of another.
+    before = _snapshot(ws.out)
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    onnx.save(models.residual_cnn(seed=11), ws.model)
+    status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.out)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert status == 130 and "Traceback" not in output, output
+    assert _snapshot(ws.out) == before
+    assert no_staging_left(ws.root) == []
+    # The earlier artifacts still build a model.
+    assert_clean(hq(capsys, *ws.step2_args()), 0)
+
+
+# ---- analyze -----------------------------------------------------------------------------------------
+
+
+def test_analyze_bad_inputs_are_named(ws, capsys):
+    hybridq.step2(*ws.artifacts, ws.root / "q.onnx")
+    q = ws.root / "q.onnx"
+    assert_clean(hq(capsys, "analyze", ws.root / "nope.onnx", q, "--dataset", ws.dataset), USAGE, "nope.onnx")
+    assert_clean(hq(capsys, "analyze", ws.model, ws.root / "noq.onnx", "--dataset", ws.dataset), USAGE, "noq.onnx")
+    assert_clean(hq(capsys, "analyze", ws.model, q, "--dataset", ws.root / "none.txt"), USAGE, "none.txt")
+    assert_clean(hq(capsys, "analyze", ws.model, q), USAGE, "--dataset")
+    blocker = ws.root / "blocker"
+    blocker.write_text("")
+    status, output = hq(capsys, "analyze", ws.model, q, "--dataset", ws.dataset, "--dump", blocker / "snap")
+    assert_clean((status, output), status, "blocker")
+    assert status in (USAGE, FAILURE)
+
+
+# ---- property tests: random cfg edits and dataset lists never crash ------------------------------------
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.sampled_from(["uint8", "int8", "int16", "float16", "float32", "fp8", "asym", "sym", "layer",
+                                           "channel", "kl", "mse", "percentile", "conv2", "r1", "w2", "fc", "x"]),
+)
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                       max_leaves=8)
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+def _mutate(doc, data) -> object:
+    """One random edit of a parsed cfg: delete, replace a value, rename a key, add a key, or nudge a number."""
+    paths = [p for p in _paths(doc) if p]
+    if not paths:
+        return data.draw(_values)
+    path = data.draw(st.sampled_from(paths))
+    parent = doc
+    for k in path[:-1]:
+        parent = parent[k]
+    key = path[-1]
+    op = data.draw(st.sampled_from(["delete", "replace", "rename", "add", "nudge"]))
+    if op == "delete":
+        del parent[key]
+    elif op == "replace":
+        parent[key] = data.draw(_values)
+    elif op == "rename" and isinstance(parent, dict):
+        new = data.draw(st.one_of(st.text(max_size=10), st.just(str(key)[:-1]), st.just(str(key) + "x"), st.integers()))
+        parent[new] = parent.pop(key)
+    elif op == "add" and isinstance(parent, dict):
+        parent[data.draw(st.text(max_size=10))] = data.draw(_values)
+    elif isinstance(parent[key], (int, float)) and not isinstance(parent[key], bool):
+        parent[key] = parent[key] * data.draw(st.sampled_from([-1, 0, 0.5, 2, 1e6, 1e300])) + data.draw(st.integers(-300, 300))
+    return doc
+
+
+def _dump(doc) -> str:
+    import io
+
+    buf = io.StringIO()
+    YAML(typ="safe", pure=True).dump(doc, buf)
+    return buf.getvalue()
+
+
+def _cfg_property(pristine_ws: Ws, capsys, data) -> None:
+    yaml = YAML(typ="safe", pure=True)
+    doc = yaml.load(pristine_ws.cfg.read_text())
+    for _ in range(data.draw(st.integers(1, 4))):
+        doc = _mutate(doc, data)
+    text = _dump(doc)
+    if data.draw(st.booleans()):
+        # A raw text edit too: drop a line or insert characters somewhere.
+        lines = text.splitlines(keepends=True)
+        i = data.draw(st.integers(0, max(0, len(lines) - 1)))
+        if data.draw(st.booleans()) and lines:
+            del lines[i]
+        else:
+            lines.insert(i, data.draw(st.text(alphabet=string.printable, max_size=20)))
+        text = "".join(lines)
+    cfg = pristine_ws.root / "mutated.quantization.cfg"
+    out = pristine_ws.root / "mutated.q.onnx"
+    cfg.write_text(text)
+    if out.exists():
+        out.unlink()
+    status, output = hq(capsys, *pristine_ws.step2_args(cfg=cfg, output=out))
+    assert status in (0, USAGE), f"{output}\n--- cfg ---\n{text}"
+    assert "Traceback" not in output and "internal error" not in output, f"{output}\n--- cfg ---\n{text}"
+    assert out.exists() == (status == 0)
+
+
+@pytest.fixture(scope="module")
+def shared_ws(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> Ws:
+    root = tmp_path_factory.mktemp("shared") / "w"
+    shutil.copytree(pristine, root)
+    return Ws(root, root / "cnn.onnx", root / "data" / "dataset.txt", root / "ws")
+
+
+_PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], derandomize=False)
+
+
+@settings(max_examples=30, **_PROPERTY)
+@given(data=st.data())
+def test_random_cfg_edits_give_success_or_a_clean_error(shared_ws, capsys, data):
+    _cfg_property(shared_ws, capsys, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=1000, **_PROPERTY)
+@given(data=st.data())
+def test_random_cfg_edits_give_success_or_a_clean_error_1000(shared_ws, capsys, data):
+    _cfg_property(shared_ws, capsys, data)
+
+
+_TOKENS = st.one_of(
+    st.sampled_from(["x_0.npy", "x_1.npy", "x_2.npy", "x_3.npy", "odd.npy", "nan.npy", "int.npy", "junk.npy", "cat.jpg",
+                     "gray.png", "missing.npy", "data.npz", "../data/x_0.npy", "#", "# comment", ".", "..", "sub",
+                     "x_0.NPY", "notes.txt", "\t", "x_0.npy#c", "/dev/null", "/", "~", "$(touch PWNED).npy"]),
+    st.text(max_size=15),
+)
+
+
+def _dataset_property(root: Path, model: Path, capsys, data) -> None:
+    lines = data.draw(st.lists(st.lists(_TOKENS, max_size=3).map(" ".join), max_size=6))
+    listing = root / "random.txt"
+    if data.draw(st.booleans()):
+        listing.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
+    else:
+        listing.write_bytes("\n".join(lines).encode("utf-8", "surrogatepass") + data.draw(st.binary(max_size=8)))
+    out = root / "out"
+    status, output = hq(capsys, "step1", model, "--dataset", listing, "--out", out, "--samples", "3")
+    assert status in (0, USAGE), f"{output}\n--- list ---\n{lines}"
+    assert "Traceback" not in output and "internal error" not in output, f"{output}\n--- list ---\n{lines}"
+    assert not list(root.rglob("PWNED"))
+
+
+@pytest.fixture(scope="module")
+def dataset_zoo(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dataset directory plus a sample of every bad kind, for random lists to pick from."""
+    root = tmp_path_factory.mktemp("zoo")
+    shutil.copytree(pristine / "data", root / "data")
+    shutil.copy(pristine / "cnn.onnx", root / "data" / "cnn.onnx")
+    d = root / "data"
+    np.save(d / "odd.npy", np.zeros((1, 3, 8, 8), np.float32))
+    np.save(d / "nan.npy", np.full((1, 3, 16, 16), np.nan, np.float32))
+    np.save(d / "int.npy", np.zeros((1, 3, 16, 16), np.int32))
+    (d / "junk.npy").write_bytes(b"junk")
+    (d / "cat.jpg").write_bytes(b"not a jpeg")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(d / "gray.png")
+    np.savez(d / "data.npz", x=np.zeros((1, 3, 16, 16), np.float32))
+    (d / "notes.txt").write_text("hi")
+    (d / "sub").mkdir()
+    return d
+
+
+@settings(max_examples=30, **_PROPERTY)
+@given(data=st.data())
+def test_random_dataset_lists_give_success_or_a_clean_error(dataset_zoo, capsys, data):
+    _dataset_property(dataset_zoo, dataset_zoo / "cnn.onnx", capsys, data)
+
+
+@pytest.mark.slow
+@settings(max_examples=1000, **_PROPERTY)
+@given(data=st.data())
+def test_random_dataset_lists_give_success_or_a_clean_error_1000(dataset_zoo, capsys, data):
+    _dataset_property(dataset_zoo, dataset_zoo / "cnn.onnx", capsys, data)
