@@ -120,3 +120,78 @@ def write_npy_dataset(directory: Path, shapes: dict[str, tuple[int, ...]], n: in
     listing = directory / "dataset.txt"
     listing.write_text("# test samples\n" + "\n".join(lines) + "\n")
     return listing
+
+
+def outlier_channel_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Four convs; conv1 writes one channel ~300x larger than the others (input x [1,8,16,16]).
+
+    Per-tensor uint8 on conv1's output wipes the 15 small channels that conv2 reads.
+    """
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (16, 8, 3, 3))
+    w1[0] *= 300
+    w2 = rng.normal(0, 0.2, (16, 16, 3, 3))
+    w2[:, 0] /= 300
+    inits = [_init("w1", w1), _init("w2", w2), _init("w3", rng.normal(0, 0.2, (16, 16, 1, 1))), _init("w4", rng.normal(0, 0.2, (8, 16, 1, 1)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1] * 4), helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3"), helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+        helper.make_node("Conv", ["r3", "w4"], ["out"], name="conv4"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16, 16])],
+                  [helper.make_tensor_value_info("out", T.FLOAT, [1, 8, 16, 16])], inits)
+
+
+def concat_ranges_cnn(seed: int = 0) -> onnx.ModelProto:
+    """Two branches with ranges 1000x apart concatenated, then a 1x1 conv that needs both (input x [1,8,12,12])."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("wa", rng.normal(0, 0.3, (8, 8, 3, 3)) * 500), _init("wb", rng.normal(0, 0.3, (8, 8, 3, 3)) * 0.5),
+             _init("wc", np.concatenate([rng.normal(0, 0.2, (8, 8, 1, 1)) / 1000, rng.normal(0, 0.2, (8, 8, 1, 1))], axis=1)),
+             _init("wd", rng.normal(0, 0.3, (4, 8, 1, 1)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a", pads=[1] * 4),
+        helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_b", pads=[1] * 4),
+        helper.make_node("Concat", ["a", "b"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "wc"], ["c"], name="conv_c"),
+        helper.make_node("Relu", ["c"], ["rc"], name="relu_c"),
+        helper.make_node("Conv", ["rc", "wd"], ["out"], name="conv_d"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 12, 12])],
+                  [helper.make_tensor_value_info("out", T.FLOAT, [1, 4, 12, 12])], inits)
+
+
+def attention_block(seed: int = 0, seq: int = 16, dim: int = 32) -> onnx.ModelProto:
+    """A transformer encoder layer: LayerNorm, QKV MatMuls, scaled QK^T with an additive mask of -1e9, Softmax,
+    attention MatMul, output projection, residual, GELU (Erf) MLP. Inputs x [1,seq,dim] and mask [1,1,seq] (0 or 1)."""
+    rng = np.random.default_rng(seed)
+    inits = [_init(n, rng.normal(0, 0.2, (dim, dim))) for n in ("wq", "wk", "wv", "wo")]
+    inits += [_init("w1", rng.normal(0, 0.2, (dim, 2 * dim))), _init("w2", rng.normal(0, 0.2, (2 * dim, dim))),
+              _init("ln_g", np.ones(dim)), _init("ln_b", np.zeros(dim)), _init("scale", np.array(1 / np.sqrt(dim))),
+              _init("neg", np.array(-1e9)), _init("one", np.array(1.0)), _init("half", np.array(0.5)), _init("sqrt2", np.array(np.sqrt(2.0)))]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "ln_g", "ln_b"], ["ln"], name="ln", axis=-1),
+        helper.make_node("MatMul", ["ln", "wq"], ["q"], name="q_proj"),
+        helper.make_node("MatMul", ["ln", "wk"], ["k"], name="k_proj"),
+        helper.make_node("MatMul", ["ln", "wv"], ["v"], name="v_proj"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="k_t", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["qk"], name="qk"),
+        helper.make_node("Mul", ["qk", "scale"], ["qk_s"], name="qk_scale"),
+        helper.make_node("Sub", ["one", "mask"], ["inv_mask"], name="inv_mask"),
+        helper.make_node("Mul", ["inv_mask", "neg"], ["bias"], name="mask_bias"),
+        helper.make_node("Add", ["qk_s", "bias"], ["logits"], name="masked"),
+        helper.make_node("Softmax", ["logits"], ["attn"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["attn", "v"], ["ctx"], name="attn_v"),
+        helper.make_node("MatMul", ["ctx", "wo"], ["o"], name="o_proj"),
+        helper.make_node("Add", ["o", "x"], ["h"], name="residual"),
+        helper.make_node("MatMul", ["h", "w1"], ["f1"], name="fc1"),
+        helper.make_node("Div", ["f1", "sqrt2"], ["f1s"], name="gelu_div"),
+        helper.make_node("Erf", ["f1s"], ["erf"], name="gelu_erf"),
+        helper.make_node("Add", ["erf", "one"], ["erf1"], name="gelu_add"),
+        helper.make_node("Mul", ["f1", "erf1"], ["g0"], name="gelu_mul"),
+        helper.make_node("Mul", ["g0", "half"], ["g"], name="gelu_half"),
+        helper.make_node("MatMul", ["g", "w2"], ["f2"], name="fc2"),
+        helper.make_node("Add", ["f2", "h"], ["y"], name="residual2"),
+    ]
+    ins = [helper.make_tensor_value_info("x", T.FLOAT, [1, seq, dim]), helper.make_tensor_value_info("mask", T.FLOAT, [1, 1, seq])]
+    return _model(nodes, ins, [helper.make_tensor_value_info("y", T.FLOAT, [1, seq, dim])], inits, opset=17)

@@ -84,10 +84,14 @@ class Ws:
         return ["step2", m, d, cfg or c, "-o", output or self.root / "q.onnx"]
 
     def edit_cfg(self, old: str, new: str, count: int = 1) -> int:
-        """Replace the first `count` occurrences of `old` in the cfg; returns the 1-based line of the first edit."""
+        """Replace the first `count` occurrences of `old` (a leading newline anchors it at column 0) in the cfg.
+
+        Returns the 1-based line where the first replaced text starts.
+        """
         text = self.cfg.read_text()
         assert old in text, old
-        line = text[: text.index(old)].count("\n") + 1
+        start = text.index(old) + len(old) - len(old.lstrip("\n"))
+        line = text[:start].count("\n") + 1
         self.cfg.write_text(text.replace(old, new, count))
         return line
 
@@ -279,7 +283,7 @@ def test_cfg_unclosed_bracket_gives_a_line(ws, capsys):
 
 
 def test_cfg_unknown_top_level_key_did_you_mean(ws, capsys):
-    line = ws.edit_cfg("quantize_parameters:", "quantize_paramters:")
+    line = ws.edit_cfg("\nquantize_parameters:", "\nquantize_paramters:")
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}", "quantize_paramters", "Did you mean", "'quantize_parameters'")
 
 

@@ -1,0 +1,107 @@
+"""Proposal on models with planted problems: it finds them, meets the target, and step2's model measures what it printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import hybridq
+from hybridq.api import ProposalOptions
+from hybridq.config import load_cfg
+from hybridq.proposal import Target
+from tests import models
+from tests.conftest import cosine, run
+
+
+def _setup(tmp_path: Path, model: onnx.ModelProto, shape: tuple[int, ...], n: int = 16) -> tuple[Path, Path]:
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    return path, models.write_npy_dataset(tmp_path / "data", {model.graph.input[0].name: shape}, n)
+
+
+def _output_cosine(fp32: Path, quant: Path, dataset: Path) -> float:
+    """Mean output cosine over the dataset's samples, computed here with ORT runs and numpy."""
+    values = []
+    for line in dataset.read_text().splitlines():
+        if line.endswith(".npy"):
+            x = np.load(dataset.parent / line)
+            values.append(cosine(run(quant, {"x": x})[0], run(fp32, {"x": x})[0]))
+    return float(np.mean(values))
+
+
+def test_outlier_channel_is_found_and_the_built_model_measures_the_claim(tmp_path):
+    path, listing = _setup(tmp_path, models.outlier_channel_cnn(), (1, 8, 16, 16))
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", proposal=ProposalOptions(Target(cosine=0.99)))
+    p = r1.proposal
+    # int8 collapses on this model; the proposal keeps conv2 (which reads the outlier tensor) in float.
+    assert p.baseline.worst_cosine < 0.8
+    assert p.met and list(p.layers) == ["conv2"]
+    assert p.evaluations <= int(np.ceil(np.log2(len(p.ranked)))) + 3
+    cfg = load_cfg(r1.cfg)
+    assert cfg.custom == {"conv2": "float32"}
+    assert "proposal rank 1" in r1.cfg.read_text()
+    # Build the written cfg with step2 and measure independently: the printed figure is what the model does.
+    r2 = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    measured = _output_cosine(path, r2.output, listing)
+    assert measured >= 0.99
+    assert p.measured is not None and p.measured.worst_cosine == pytest.approx(measured, abs=1e-4)
+
+
+def test_concat_of_very_different_ranges(tmp_path):
+    path, listing = _setup(tmp_path, models.concat_ranges_cnn(), (1, 8, 12, 12))
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings=hybridq.Settings(float_stem=False),
+                       proposal=ProposalOptions(Target(cosine=0.995)))
+    p = r1.proposal
+    assert p.baseline.worst_cosine < 0.995 and p.met
+    assert "conv_c" in p.layers or p.clips
+    r2 = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    assert _output_cosine(path, r2.output, listing) >= 0.995
+
+
+def test_no_change_when_int8_already_meets_the_target(cnn_ws):
+    r1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=cnn_ws["dir"] / "ws", proposal=ProposalOptions(Target(cosine=0.9)))
+    assert r1.proposal.met and r1.proposal.layers == {} and r1.proposal.evaluations == 1
+    assert load_cfg(r1.cfg).custom == {}
+
+
+def test_budget_is_respected_and_a_miss_is_reported(tmp_path):
+    path, listing = _setup(tmp_path, models.outlier_channel_cnn(), (1, 8, 16, 16))
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", proposal=ProposalOptions(Target(cosine=0.99999999), max_float_layers=1))
+    assert not r1.proposal.met and len(r1.proposal.layers) <= 1
+
+
+def test_propose_on_a_hand_edited_cfg_keeps_edits_and_comments(tmp_path):
+    path, listing = _setup(tmp_path, models.outlier_channel_cnn(), (1, 8, 16, 16))
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws")
+    text = r1.cfg.read_text()
+    text = text.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv3: int16  # my own choice, keep it")
+    text = text.replace("quantize_parameters:\n", "quantize_parameters:\n  # my note on r2\n", 1)
+    r1.cfg.write_text(text)
+    result, backup = hybridq.api.propose_cfg(r1.cfg, listing, options=ProposalOptions(Target(cosine=0.99)))
+    after = r1.cfg.read_text()
+    assert "conv3: int16  # my own choice, keep it" in after and "# my note on r2" in after
+    assert load_cfg(r1.cfg).custom == {"conv3": "int16", "conv2": "float32"}
+    assert backup is not None and backup.read_text() == text
+    assert result.met and result.measured.worst_cosine >= 0.99
+
+
+def test_transformer_block_does_not_collapse_and_proposal_reaches_target(tmp_path):
+    path = tmp_path / "attn.onnx"
+    onnx.save(models.attention_block(), path)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d"
+    data.mkdir()
+    lines = []
+    for i in range(12):
+        np.save(data / f"x{i}.npy", rng.normal(0, 1, (1, 16, 32)).astype(np.float32))
+        mask = np.ones((1, 1, 16), np.float32)
+        mask[..., rng.integers(8, 16):] = 0
+        np.save(data / f"m{i}.npy", mask)
+        lines.append(f"x{i}.npy m{i}.npy")
+    (data / "dataset.txt").write_text("\n".join(lines) + "\n")
+    r1 = hybridq.step1(path, data / "dataset.txt", out=tmp_path / "ws", proposal=ProposalOptions(Target(cosine=0.999)))
+    assert r1.proposal.baseline.worst_cosine > 0.98  # default int8 does not collapse
+    assert r1.proposal.met and r1.proposal.measured.worst_cosine >= 0.999
