@@ -1,0 +1,853 @@
+"""`from hybridq.rknn import RKNN`: RKNN-Toolkit2's Python API on top of hybridq, for ONNX models.
+
+Scripts written for `from rknn.api import RKNN` (Rockchip's step1.py / step2.py /
+accuracy_analysis examples) run with only the import line changed. Every method
+keeps RKNN-Toolkit2 2.x's argument names and defaults, returns 0 on success and -1
+on failure (`inference` returns the outputs, or None), and prints RKNN-style log
+lines: `E <method>: <message>` and `W <method>: <message>` on stderr always,
+`I <method>: <message>` only with `RKNN(verbose=True)`. The messages are hybridq's
+own (the ones its CLI prints), so a failure names the file, line, layer or value.
+
+Nothing here quantizes: each call maps its arguments onto `hybridq.step1`,
+`hybridq.step2` and `hybridq.analyze` (hybridq/api.py) and runs the result in
+ONNX Runtime. What maps to what, and what differs, is in docs/coming-from-rknn.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import shutil
+import sys
+import tempfile
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import HybridqError, InputError, ModelError, did_you_mean
+
+# quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
+QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
+    "w8a8": ("uint8", "asym", "int8"),
+    "w8a16": ("int16", "sym", "int8"),
+    "w16a16i": ("int16", "sym", "int16"),
+    "w16a16i_dfp": ("int16", "sym", "int16"),
+    "asymmetric_quantized-8": ("int8", "asym", "int8"),
+    "asymmetric_quantized-u8": ("uint8", "asym", "int8"),
+    "asymmetric_affine-u8": ("uint8", "asym", "int8"),
+    "dynamic_fixed_point-i8": ("int8", "sym", "int8"),
+    "dynamic_fixed_point-8": ("int8", "sym", "int8"),
+    "dynamic_fixed_point-i16": ("int16", "sym", "int16"),
+    "dynamic_fixed_point-16": ("int16", "sym", "int16"),
+}
+UNSUPPORTED_DTYPES = {"w4a16": "4-bit weights have no QDQ form that ONNX Runtime's CPU kernels run; use w8a8 or w8a16"}
+QUANTIZED_ALGORITHMS = {"normal": "minmax", "kl_divergence": "kl", "mmse": "mse"}
+FLOAT_DTYPES = ("float16", "float32")
+
+# config() options that only mean something on a Rockchip NPU, with their RKNN defaults.
+NPU_ONLY_OPTIONS: dict[str, Any] = {
+    "quantized_hybrid_level": 0,
+    "target_platform": None,
+    "optimization_level": 3,
+    "custom_string": None,
+    "remove_weight": False,
+    "compress_weight": False,
+    "inputs_yuv_fmt": None,
+    "single_core_mode": False,
+    "dynamic_input": None,
+    "model_pruning": False,
+    "op_target": None,
+    "quantize_weight": False,
+    "remove_reshape": False,
+    "sparse_infer": False,
+    "enable_flash_attention": False,
+}
+
+# RKNN methods hybridq does not provide, with what to do instead.
+UNSUPPORTED_METHODS = {
+    "load_tensorflow": "hybridq reads ONNX only; export the model to ONNX (tf2onnx) and call load_onnx",
+    "load_tflite": "hybridq reads ONNX only; convert the model with tf2onnx and call load_onnx",
+    "load_caffe": "hybridq reads ONNX only; convert the model to ONNX and call load_onnx",
+    "load_darknet": "hybridq reads ONNX only; convert the model to ONNX and call load_onnx",
+    "load_pytorch": "hybridq reads ONNX only; export with torch.onnx.export and call load_onnx",
+    "eval_perf": "there is no NPU to profile; time rknn.inference or the exported model in ONNX Runtime",
+    "eval_memory": "there is no NPU to measure; the exported model runs in ONNX Runtime",
+    "export_encrypted_rknn_model": "hybridq writes plain ONNX, which cannot be encrypted for an NPU driver",
+    "codegen": "hybridq writes ONNX; deploy it with ONNX Runtime's C/C++ API",
+    "gen_cpp_demo": "hybridq writes ONNX; deploy it with ONNX Runtime's C/C++ API",
+    "reg_custom_op": "custom ops must be registered with ONNX Runtime itself",
+    "optimize_onnx": "step1 already prepares the graph (fusions, shape inference) in <name>.model",
+    "list_devices": "hybridq runs on this machine's CPU through ONNX Runtime; there are no devices",
+}
+
+
+class _Failed(Exception):
+    """A method gave up after logging its error; the wrapper turns it into -1."""
+
+
+def _rknn_method(fail: Any = -1) -> Callable:
+    """Run an RKNN method: HybridqError -> `E name: message` on stderr and `fail`; no traceback.
+
+    With HYBRIDQ_DEBUG=1 (or RKNN(verbose='debug')) unexpected exceptions propagate.
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(self: "RKNN", *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            except _Failed:
+                return fail
+            except HybridqError as exc:
+                self._log("E", fn.__name__, str(exc))
+                return fail
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:
+                if self._debug:
+                    raise
+                self._log("E", fn.__name__, f"internal error: {type(exc).__name__}: {exc}. "
+                                            "Set HYBRIDQ_DEBUG=1 for the traceback and report it.")
+                return fail
+
+        return run
+
+    return wrap
+
+
+@dataclass
+class _Config:
+    """What config() set, already mapped to hybridq's names."""
+
+    mean_values: list[tuple[float, ...]] | None = None
+    std_values: list[tuple[float, ...]] | None = None
+    bgr: bool = False
+    dtype: str = "uint8"
+    qtype: str = "asym"
+    weight_dtype: str = "int8"
+    qmethod: str = "channel"
+    algorithm: str = "minmax"
+    float_dtype: str = "float16"
+    cos_thresh: float = 0.98
+    euc_thresh: float | None = None
+    npu_only: dict[str, Any] = field(default_factory=dict)
+
+
+class RKNN:
+    """RKNN-Toolkit2's `RKNN` class for ONNX models; quantization, build and analysis are hybridq's."""
+
+    NPU_CORE_AUTO = 0x0
+    NPU_CORE_0 = 0x1
+    NPU_CORE_1 = 0x2
+    NPU_CORE_2 = 0x4
+    NPU_CORE_0_1 = 0x3
+    NPU_CORE_0_1_2 = 0x7
+    NPU_CORE_ALL = 0xFFFF
+
+    def __init__(self, verbose: bool | str = False, verbose_file: str | None = None) -> None:
+        self.verbose = verbose
+        self._debug = verbose == "debug" or os.environ.get("HYBRIDQ_DEBUG") == "1"
+        self._log_file = verbose_file if verbose else None
+        self._cfg = _Config()
+        self._reported: set[str] = set()
+        self._tmp = Path(tempfile.mkdtemp(prefix="hybridq-rknn-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._tmp), True)
+        self._model_path: Path | None = None  # what step1 reads (the ONNX file, or a cut copy named like it)
+        self._float_path: Path | None = None  # fp32 reference for accuracy_analysis
+        self._built: Path | None = None  # the deployable QDQ (or fp32) ONNX model
+        self._built_quantized = False
+        self._built_pre: dict[str, Any] = {}  # preprocess recorded in a cfg (step2 without config())
+        self._session: Any = None
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, level: str, where: str, message: str) -> None:
+        """RKNN-style line: E and W always on stderr, I and D only when verbose."""
+        if level == "E":
+            self.last_error = message
+        if level in ("I", "D") and not self.verbose:
+            return
+        line = f"{level} {where}: {message}"
+        print(line, file=sys.stderr, flush=True)
+        if self._log_file:
+            try:
+                with open(self._log_file, "a", encoding="utf-8") as fh:
+                    fh.write(line + "\n")
+            except OSError:
+                self._log_file = None
+
+    def _once(self, key: str, where: str, message: str) -> None:
+        if key not in self._reported:
+            self._reported.add(key)
+            self._log("W", where, message)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in UNSUPPORTED_METHODS:
+            def unsupported(*args: Any, **kwargs: Any) -> int:
+                self._log("E", name, f"{name} is not available in hybridq: {UNSUPPORTED_METHODS[name]}.")
+                return -1
+
+            return unsupported
+        raise AttributeError(f"RKNN has no attribute {name!r}.{did_you_mean(name, [m for m in dir(type(self)) if not m.startswith('_')])}")
+
+    # ------------------------------------------------------------------ config
+
+    @_rknn_method()
+    def config(
+        self,
+        mean_values: Any = None,
+        std_values: Any = None,
+        quantized_dtype: str = "w8a8",
+        quantized_algorithm: str = "normal",
+        quantized_method: str = "channel",
+        quantized_hybrid_level: int = 0,
+        target_platform: str | None = None,
+        quant_img_RGB2BGR: bool = False,
+        float_dtype: str = "float16",
+        optimization_level: int = 3,
+        custom_string: str | None = None,
+        remove_weight: bool = False,
+        compress_weight: bool = False,
+        inputs_yuv_fmt: Any = None,
+        single_core_mode: bool = False,
+        dynamic_input: Any = None,
+        model_pruning: bool = False,
+        op_target: Any = None,
+        quantize_weight: bool = False,
+        remove_reshape: bool = False,
+        sparse_infer: bool = False,
+        enable_flash_attention: bool = False,
+        auto_hybrid_cos_thresh: float = 0.98,
+        auto_hybrid_euc_thresh: float | None = None,
+        **kwargs: Any,
+    ) -> int:
+        """Preprocessing and quantization options; NPU-only options are accepted and reported once."""
+        known = [p for p in inspect.signature(RKNN.config).parameters if p not in ("self", "kwargs")]
+        for key in kwargs:
+            raise InputError(f"unknown option {key!r}.{did_you_mean(key, known)} Valid options: {', '.join(known)}.")
+        cfg = _Config()
+        cfg.mean_values = _per_input(mean_values, "mean_values")
+        cfg.std_values = _per_input(std_values, "std_values")
+        if cfg.std_values and any(v <= 0 for vals in cfg.std_values for v in vals):
+            raise InputError(f"std_values {std_values!r} has a value <= 0; every std must be positive (0-255 pixel units, e.g. [[58.395, 57.12, 57.375]]).")
+        key = str(quantized_dtype).strip().lower()
+        if key in UNSUPPORTED_DTYPES:
+            raise InputError(f"quantized_dtype {quantized_dtype!r} is not supported: {UNSUPPORTED_DTYPES[key]}.")
+        if key not in QUANTIZED_DTYPES:
+            raise InputError(f"quantized_dtype {quantized_dtype!r} is not valid.{did_you_mean(key, QUANTIZED_DTYPES)} Use one of: {', '.join(QUANTIZED_DTYPES)}.")
+        cfg.dtype, cfg.qtype, cfg.weight_dtype = QUANTIZED_DTYPES[key]
+        if key.endswith("_dfp") or key.startswith("dynamic_fixed_point"):
+            self._once("dfp", "config", f"quantized_dtype {quantized_dtype!r}: dynamic fixed point (power-of-two scales) is an NPU format; "
+                                        "hybridq quantizes symmetrically with the exact scale instead.")
+        algo = str(quantized_algorithm)
+        if algo not in QUANTIZED_ALGORITHMS:
+            extra = " ('gdq' tunes weights by gradient descent on the NPU toolchain; hybridq has no equivalent, try 'mmse')" if algo == "gdq" else ""
+            raise InputError(f"quantized_algorithm {algo!r} is not supported{extra}.{did_you_mean(algo, QUANTIZED_ALGORITHMS)} Use one of: {', '.join(QUANTIZED_ALGORITHMS)}.")
+        cfg.algorithm = QUANTIZED_ALGORITHMS[algo]
+        if quantized_method not in ("channel", "layer"):
+            why = " (group quantization has no ONNX QDQ form that ONNX Runtime's CPU kernels run)" if str(quantized_method).startswith("group") else ""
+            raise InputError(f"quantized_method {quantized_method!r} is not supported{why}; use 'channel' or 'layer'.")
+        cfg.qmethod = quantized_method
+        cfg.bgr = bool(quant_img_RGB2BGR)
+        if float_dtype not in FLOAT_DTYPES:
+            raise InputError(f"float_dtype {float_dtype!r} is not valid; use 'float16' (as RKNN) or 'float32' (hybridq only).")
+        cfg.float_dtype = float_dtype
+        cfg.cos_thresh = float(auto_hybrid_cos_thresh)
+        cfg.euc_thresh = auto_hybrid_euc_thresh
+        given = dict(locals())
+        for name, default in NPU_ONLY_OPTIONS.items():
+            value = given[name]
+            if value != default:
+                cfg.npu_only[name] = value
+                self._once(f"config:{name}", "config", f"{name}={value!r} only matters for Rockchip NPUs; ignored "
+                                                       "(hybridq builds an ONNX model for ONNX Runtime's CPU provider).")
+        self._cfg = cfg
+        self._log("I", "config", f"activations {cfg.dtype} {cfg.qtype}, weights {cfg.weight_dtype} per {cfg.qmethod}, algorithm {cfg.algorithm}.")
+        return 0
+
+    # ------------------------------------------------------------------ load
+
+    @_rknn_method()
+    def load_onnx(self, model: str, inputs: list[str] | None = None, input_size_list: list[list[int]] | None = None,
+                  input_initial_val: list[Any] | None = None, outputs: list[str] | None = None) -> int:
+        """Load an ONNX model; `inputs`/`outputs` cut it, `input_size_list` fixes input shapes."""
+        import onnx
+
+        from .graph import load_model
+
+        path = Path(model)
+        proto = load_model(path)
+        self._model_path = self._float_path = None
+        self._reset_build()
+        if inputs is None and outputs is None and input_size_list is None and input_initial_val is None:
+            self._model_path = self._float_path = path
+            self._log("I", "load_onnx", f"loaded {path}.")
+            return 0
+        cut = _edit_model(proto, path, inputs, input_size_list, input_initial_val, outputs)
+        work = self._tmp / "model"
+        work.mkdir(exist_ok=True)
+        out = work / f"{path.stem}.onnx"  # step1 names its artifacts by this stem, as RKNN does
+        onnx.save(cut, str(out), save_as_external_data=cut.ByteSize() > 1_800_000_000)
+        self._model_path = self._float_path = out
+        self._log("I", "load_onnx", f"loaded {path} (inputs {[i.name for i in cut.graph.input]}, outputs {[o.name for o in cut.graph.output]}).")
+        return 0
+
+    def _need_model(self) -> Path:
+        if self._model_path is None:
+            raise InputError("no model is loaded; call rknn.load_onnx(model='model.onnx') first.")
+        return self._model_path
+
+    def _reset_build(self) -> None:
+        self._built, self._built_quantized, self._built_pre, self._session = None, False, {}, None
+
+    # ------------------------------------------------------------------ settings from config
+
+    def _settings(self):
+        from .settings import Settings
+
+        c = self._cfg
+        s = Settings(dtype=c.dtype, qtype=c.qtype, weight_dtype=c.weight_dtype, qmethod=c.qmethod, algorithm=c.algorithm)
+        s.validate("rknn.config")
+        return s
+
+    def _preprocess(self, n_inputs: int):
+        """hybridq's Preprocess for images read from files (dataset, accuracy_analysis)."""
+        from .dataset import Preprocess
+
+        c = self._cfg
+        mean = _single(c.mean_values, n_inputs, "mean_values")
+        std = _single(c.std_values, n_inputs, "std_values")
+        return Preprocess(mean=mean, std=std, color="bgr" if c.bgr else "rgb")
+
+    def _n_inputs(self, path: Path) -> int:
+        from .dataset import input_specs
+        from .graph import load_model
+
+        return len(input_specs(load_model(path, load_external_data=False)))
+
+    # ------------------------------------------------------------------ step1 / step2
+
+    @_rknn_method()
+    def hybrid_quantization_step1(self, dataset: str = "dataset.txt", rknn_batch_size: int | None = None, proposal: bool = False,
+                                  proposal_dataset_size: int = 1, custom_hybrid: list[list[str]] | None = None) -> int:
+        """Calibrate and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg` into the current directory."""
+        from . import api
+
+        model = self._need_model()
+        if rknn_batch_size is not None:
+            self._once("rknn_batch_size", "hybrid_quantization_step1", f"rknn_batch_size={rknn_batch_size!r} sets the NPU model's batch; ignored (the ONNX model keeps its own batch dim).")
+        kwargs: dict[str, Any] = {}
+        if proposal:
+            kwargs = self._proposal_kwargs("hybrid_quantization_step1", proposal_dataset_size)
+        pre = self._preprocess(self._n_inputs(model))
+        here = Path.cwd()
+        # onnx.save_model(location=...) refuses to write when a file of that name exists relative to the
+        # *current* directory (onnx/external_data_helper.py), which is where a previous step1 left
+        # <name>.data; so step1 runs from the private directory, with every path made absolute.
+        with _cwd(self._tmp):
+            res = api.step1(here / model, _absolute(dataset, here), out=here, settings=self._settings(), preprocess=pre, **kwargs)
+        self._log("I", "hybrid_quantization_step1", f"calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.")
+        for p in (res.model, res.data, res.cfg):
+            self._log("I", "hybrid_quantization_step1", f"wrote {p}")
+        if res.backup:
+            self._log("W", "hybrid_quantization_step1", f"the previous cfg had edits: kept as {res.backup}.")
+        if res.fused:
+            self._log("I", "hybrid_quantization_step1", "fused in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in res.fused.items()))
+        if custom_hybrid:
+            layers = self._custom_hybrid_layers(custom_hybrid, res.model, res.fused)
+            from .config import update_custom_layers
+
+            pairs = {str(tuple(p)) for p in custom_hybrid}
+            comments = {n: f"custom_hybrid {why}" for n, why in layers.items()}
+            text = update_custom_layers(res.cfg.read_text(encoding="utf-8"), {n: self._cfg.float_dtype for n in layers}, comments)
+            _atomic_write_text(res.cfg, text)
+            self._log("I", "hybrid_quantization_step1", f"custom_hybrid {', '.join(sorted(pairs))}: {len(layers)} layers set to {self._cfg.float_dtype} in {res.cfg.name}.")
+        return 0
+
+    def _proposal_kwargs(self, where: str, samples: int) -> dict[str, Any]:
+        """Arguments for hybridq's proposal, or a clear failure when this hybridq has none."""
+        from . import api
+
+        params = inspect.signature(api.step1).parameters
+        if "proposal" not in params:
+            self._log("E", where, "automatic layer choice (proposal / auto_hybrid) is not available in this hybridq yet; run without it, "
+                                  "then find the layers to keep in float with `hybridq analyze MODEL.onnx MODEL.quantization.cfg --dataset D` "
+                                  "and list them in custom_quantize_layers.")
+            raise _Failed
+        kwargs: dict[str, Any] = {"proposal": True}
+        for name, value in (("target_cosine", self._cfg.cos_thresh), ("proposal_samples", samples)):
+            if name in params:
+                kwargs[name] = value
+        return kwargs
+
+    def _custom_hybrid_layers(self, pairs: list[list[str]], temp_model: Path, fused: dict[str, str]) -> dict[str, str]:
+        """Temp-model nodes on every path from each pair's input tensor to its output tensor."""
+        import onnx
+
+        if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+            raise InputError(f"custom_hybrid must be a list of [input_tensor, output_tensor] pairs, got {pairs!r}.")
+        g = onnx.load(str(temp_model), load_external_data=False).graph
+        original = None
+        if self._float_path is not None:
+            original = onnx.load(str(self._float_path), load_external_data=False).graph
+        producer = {o: n for n in g.node for o in n.output}
+        consumers: dict[str, list[Any]] = {}
+        for n in g.node:
+            for t in n.input:
+                consumers.setdefault(t, []).append(n)
+        by_name = {n.name: n for n in g.node}
+        tensors = set(producer) | {i.name for i in g.input}
+        float_out = _float_outputs(g)
+
+        def find(t: str, role: str) -> list[str]:
+            if t in tensors:
+                return [t]
+            if original is not None:  # a tensor the temp model's fusions removed: follow its producer
+                prod = next((n.name for n in original.node if t in n.output), None)
+                node = prod if prod in by_name else fused.get(prod or "", "")
+                if node in by_name:
+                    self._log("I", "hybrid_quantization_step1", f"custom_hybrid {role} tensor {t!r} was fused into {node!r} in the temp model; using its output.")
+                    return list(by_name[node].output)
+            raise InputError(f"custom_hybrid {role} tensor {t!r} is not a tensor of the model.{did_you_mean(t, sorted(tensors))} "
+                             "Give tensor names (node outputs, as Netron shows them), not node names.")
+
+        chosen: dict[str, str] = {}
+        for src, dst in pairs:
+            starts, ends = find(str(src), "input"), find(str(dst), "output")
+            down: set[str] = set()
+            stack = [c for t in starts for c in consumers.get(t, [])]
+            while stack:
+                n = stack.pop()
+                if n.name not in down:
+                    down.add(n.name)
+                    stack.extend(c for o in n.output for c in consumers.get(o, []))
+            up: set[str] = set()
+            stack = [producer[t] for t in ends if t in producer]
+            while stack:
+                n = stack.pop()
+                if n.name not in up:
+                    up.add(n.name)
+                    stack.extend(producer[t] for t in n.input if t in producer)
+            on_path = [n.name for n in g.node if n.name in down and n.name in up and any(o in float_out for o in n.output)]
+            if not on_path:
+                raise InputError(f"custom_hybrid pair [{src!r}, {dst!r}]: no layer lies on a path from {src!r} to {dst!r}; "
+                                 "the first name must be the input of the subgraph and the second an output computed from it.")
+            for n in on_path:
+                chosen.setdefault(n, f"[{src}, {dst}]")
+        return chosen
+
+    @_rknn_method()
+    def hybrid_quantization_step2(self, model_input: str, data_input: str, model_quantization_cfg: str) -> int:
+        """Build the deployable model from the three step1 artifacts (the cfg as edited)."""
+        from . import api
+        from .config import load_cfg
+
+        out = self._tmp / "built"
+        out.mkdir(exist_ok=True)
+        self._reset_build()
+        res = api.step2(model_input, data_input, model_quantization_cfg, out / f"{Path(model_input).stem}.q.onnx")
+        self._built, self._built_quantized = res.output, True
+        self._built_pre = dict(load_cfg(model_quantization_cfg).header.get("preprocess") or {})
+        if self._float_path is None:
+            self._float_path = Path(model_input)  # the temp model is plain fp32 ONNX
+        self._report_step2(res, "hybrid_quantization_step2")
+        return 0
+
+    def _report_step2(self, res: Any, where: str) -> None:
+        counts = ", ".join(f"{v} {k}" for k, v in sorted(res.layers.items()))
+        self._log("I", where, f"built: {counts}; {res.size_fp32 / 1e6:.2f} MB fp32 -> {res.size_quant / 1e6:.2f} MB.")
+        for r in res.resolved:
+            self._log("I", where, f"custom_quantize_layers {r.entry!r}: {r.requested} -> node {r.node!r} runs {r.effective} ({r.how}).")
+        for n in res.notes:
+            self._log("I", where, f"note: {n}")
+        for w in res.warnings:
+            self._log("W", where, w)
+
+    # ------------------------------------------------------------------ build
+
+    @_rknn_method()
+    def build(self, do_quantization: bool = True, dataset: str | None = None, rknn_batch_size: int | None = None, auto_hybrid: bool = False) -> int:
+        """step1 + step2 in a private directory (nothing is written beside the model or in the current directory)."""
+        from . import api
+        from .config import load_cfg
+
+        model = self._need_model()
+        self._reset_build()
+        if rknn_batch_size is not None:
+            self._once("rknn_batch_size", "build", f"rknn_batch_size={rknn_batch_size!r} sets the NPU model's batch; ignored (the ONNX model keeps its own batch dim).")
+        if not do_quantization:
+            if auto_hybrid:
+                self._log("W", "build", "auto_hybrid=True has no effect with do_quantization=False.")
+            self._built, self._built_quantized = model, False
+            self._log("I", "build", "do_quantization=False: the built model is the fp32 ONNX model "
+                                    "(RKNN would run it in float16 on the NPU; ONNX Runtime's CPU runs float32).")
+            return 0
+        if dataset is None:
+            raise InputError("do_quantization=True needs a dataset: rknn.build(do_quantization=True, dataset='./dataset.txt') "
+                             "(one image or .npy path per line, one path per model input).")
+        kwargs = self._proposal_kwargs("build", 1) if auto_hybrid else {}
+        work = self._tmp / "build"
+        if work.exists():
+            shutil.rmtree(work)
+        pre = self._preprocess(self._n_inputs(model))
+        r1 = api.step1(model, dataset, out=work, settings=self._settings(), preprocess=pre, **kwargs)
+        self._log("I", "build", f"calibrated on {r1.samples} samples.")
+        res = api.step2(r1.model, r1.data, r1.cfg, work / f"{model.stem}.q.onnx")
+        self._built, self._built_quantized = res.output, True
+        self._built_pre = dict(load_cfg(r1.cfg).header.get("preprocess") or {})
+        self._report_step2(res, "build")
+        return 0
+
+    def _need_built(self) -> Path:
+        if self._built is None:
+            raise InputError("no model is built; call rknn.build(...) or rknn.hybrid_quantization_step2(...) first "
+                             "(or rknn.load_rknn(path) for a model exported by hybridq).")
+        return self._built
+
+    # ------------------------------------------------------------------ export / load
+
+    @_rknn_method()
+    def export_rknn(self, export_path: str, **kwargs: Any) -> int:
+        """Write the built model; it is a QDQ ONNX model (ONNX Runtime runs it), not an RKNN file."""
+        if kwargs:
+            self._once("export_rknn:kwargs", "export_rknn", f"options {', '.join(kwargs)} are for RKNN files; ignored.")
+        self._export(Path(export_path))
+        self._log("W", "export_rknn", f"{export_path} is an ONNX model (QDQ, opset {self._opset()}), not an RKNN model: run it with ONNX Runtime, "
+                                      "open it in Netron, or call rknn.export_onnx() to give it an .onnx name.")
+        return 0
+
+    @_rknn_method()
+    def export_onnx(self, export_path: str) -> int:
+        """Write the built (deployable QDQ) ONNX model."""
+        self._export(Path(export_path))
+        self._log("I", "export_onnx", f"wrote {export_path}.")
+        return 0
+
+    def _export(self, dest: Path) -> None:
+        from .errors import OutputError
+
+        src = self._need_built()
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"cannot write '{dest}': {exc.strerror or exc}.") from None
+
+    def _opset(self) -> int:
+        import onnx
+
+        from .graph import main_opset
+
+        return main_opset(onnx.load(str(self._need_built()), load_external_data=False))
+
+    @_rknn_method()
+    def load_rknn(self, path: str) -> int:
+        """Load a model written by export_rknn / export_onnx (an ONNX file) for init_runtime / inference."""
+        from .graph import load_model
+
+        p = Path(path)
+        try:
+            load_model(p)
+        except ModelError as exc:
+            raise ModelError(f"{exc} hybridq's load_rknn reads the ONNX files its export_rknn writes; a real .rknn file runs only on a Rockchip NPU.") from None
+        self._reset_build()
+        self._built, self._built_quantized = p, True
+        return 0
+
+    # ------------------------------------------------------------------ accuracy analysis
+
+    @_rknn_method()
+    def accuracy_analysis(self, inputs: list[str], output_dir: str | None = "./snapshot", target: str | None = None, device_id: str | None = None) -> int:
+        """Per-layer error of the built model against fp32 on one sample (one path per model input).
+
+        Writes hybridq's snapshot (fp32/, quant/, manifest.json, error_analysis.txt, report) into
+        `output_dir` and RKNN's names beside it: golden/ and simulator/ hold the same .npy arrays
+        (hard links when possible), and golden/<output>.txt, simulator/<output>.txt the model
+        outputs flattened, one value per line (what np.genfromtxt in Rockchip's examples reads).
+        """
+        from . import api
+        from .report import render_txt, verdict
+
+        if target is not None or device_id is not None:
+            self._once("accuracy_analysis:target", "accuracy_analysis", f"target={target!r} needs a Rockchip board; comparing fp32 with the built model in ONNX Runtime only.")
+        built = self._need_built()
+        if not self._built_quantized:
+            raise InputError("the built model is not quantized (build(do_quantization=False)); there is nothing to analyse. "
+                             "Build with do_quantization=True and a dataset.")
+        float_path = self._float_path or built
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [str(inputs)]
+        n = self._n_inputs(float_path)
+        if len(inputs) != n:
+            raise InputError(f"accuracy_analysis got {len(inputs)} input path(s) but the model has {n} input(s); give one image or .npy path per input, in input order.")
+        listing = self._tmp / "analysis" / "dataset.txt"
+        listing.parent.mkdir(exist_ok=True)
+        names = []
+        for i, src in enumerate(inputs):
+            p = Path(src)
+            if not p.is_file():
+                raise InputError(f"accuracy_analysis input {str(src)!r} does not exist; give the path of an image (.jpg .png .bmp) or .npy file.")
+            link = listing.parent / f"input{i}{p.suffix.lower()}"
+            link.unlink(missing_ok=True)
+            try:
+                link.symlink_to(p.resolve())
+            except OSError:
+                shutil.copyfile(p, link)
+            names.append(link.name)
+        listing.write_text(" ".join(names) + "\n", encoding="utf-8")
+        out = Path(output_dir) if output_dir is not None else self._tmp / "snapshot"
+        result = api.analyze(float_path, built, listing, preprocess=self._analysis_preprocess(n), dump=out)
+        _rknn_layout(out, result)
+        print(render_txt(result), flush=True)  # RKNN prints the table too
+        self._log("I", "accuracy_analysis", verdict(result))
+        if output_dir is not None:
+            self._log("I", "accuracy_analysis", f"the error analysis results save to: {out / 'error_analysis.txt'}")
+        return 0
+
+    def _analysis_preprocess(self, n_inputs: int):
+        if self._cfg.mean_values is None and self._cfg.std_values is None and self._built_pre:
+            from .dataset import Preprocess
+
+            p = self._built_pre
+            return Preprocess(mean=p.get("mean"), std=p.get("std"), color=p.get("color", "rgb"))
+        return self._preprocess(n_inputs)
+
+    # ------------------------------------------------------------------ runtime
+
+    @_rknn_method()
+    def init_runtime(self, target: str | None = None, device_id: str | None = None, perf_debug: bool = False, eval_mem: bool = False,
+                     async_mode: bool = False, core_mask: int = NPU_CORE_AUTO, fallback_prior_device: str = "cpu") -> int:
+        """An ONNX Runtime CPU session on the built model (the 'simulator')."""
+        import onnxruntime as ort
+
+        if target is not None or device_id is not None:
+            self._once("init_runtime:target", "init_runtime", f"target={target!r}: there is no Rockchip NPU here; running the built ONNX model in ONNX Runtime's CPU provider.")
+        built = self._need_built()
+        try:
+            self._session = ort.InferenceSession(str(built), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelError(f"ONNX Runtime cannot load the built model '{built}': {str(exc).splitlines()[0]}") from None
+        self._log("I", "init_runtime", f"ONNX Runtime {ort.__version__} CPU session on {built.name}.")
+        return 0
+
+    @_rknn_method(fail=None)
+    def inference(self, inputs: list[np.ndarray], data_format: str | list[str] | None = None, inputs_pass_through: list[int] | None = None,
+                  get_frame_id: bool = False) -> list[np.ndarray] | None:
+        """Run the built model: 4-D inputs are raw images (NHWC unless data_format says 'nchw'), normalised with mean/std."""
+        if self._session is None:
+            raise InputError("the runtime is not initialised; call rknn.init_runtime() after build / hybrid_quantization_step2.")
+        if get_frame_id:
+            self._once("get_frame_id", "inference", "get_frame_id is for camera demos on a board; ignored.")
+        metas = self._session.get_inputs()
+        if isinstance(inputs, np.ndarray):
+            inputs = [inputs]
+        if len(inputs) != len(metas):
+            raise InputError(f"inference got {len(inputs)} input(s) but the model has {len(metas)} ({', '.join(m.name for m in metas)}); pass one array per input in that order.")
+        formats = data_format if isinstance(data_format, (list, tuple)) else [data_format] * len(metas)
+        passes = inputs_pass_through or [0] * len(metas)
+        mean = self._runtime_values("mean", len(metas))
+        std = self._runtime_values("std", len(metas))
+        feed = {}
+        for k, (meta, arr) in enumerate(zip(metas, inputs)):
+            feed[meta.name] = _runtime_input(np.asarray(arr), meta, formats[k] or "nhwc", None if passes[k] else mean[k], None if passes[k] else std[k])
+        return list(self._session.run(None, feed))
+
+    def _runtime_values(self, which: str, n: int) -> list[tuple[float, ...] | None]:
+        vals = self._cfg.mean_values if which == "mean" else self._cfg.std_values
+        if vals is None and self._built_pre.get(which) is not None:
+            vals = [tuple(self._built_pre[which])]
+        if vals is None:
+            return [None] * n
+        if len(vals) == 1:
+            return list(vals) * n
+        if len(vals) != n:
+            raise InputError(f"{which}_values has {len(vals)} lists but the model has {n} inputs; give one list per input.")
+        return list(vals)
+
+    @_rknn_method(fail=None)
+    def get_sdk_version(self) -> str:
+        """hybridq and ONNX Runtime versions (there is no NPU SDK)."""
+        import onnxruntime as ort
+
+        from . import __version__
+
+        return f"hybridq {__version__} (ONNX Runtime {ort.__version__}, CPU)"
+
+    def release(self) -> None:
+        """Drop the session and delete the private working directory."""
+        self._session = None
+        self._cleanup()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _per_input(values: Any, what: str) -> list[tuple[float, ...]] | None:
+    """RKNN's [[...], ...] (one list per input) or the older flat [...] as a list of tuples."""
+    if values is None:
+        return None
+    if not isinstance(values, (list, tuple)) or not values:
+        raise InputError(f"{what} must be a list of per-channel lists, one per input, e.g. [[123.675, 116.28, 103.53]]; got {values!r}.")
+    lists = [values] if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) else values
+    out = []
+    for sub in lists:
+        if not isinstance(sub, (list, tuple)) or not sub or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sub):
+            raise InputError(f"{what} must be a list of per-channel lists of numbers, e.g. [[123.675, 116.28, 103.53]]; got {values!r}.")
+        out.append(tuple(float(v) for v in sub))
+    return out
+
+
+def _single(values: list[tuple[float, ...]] | None, n_inputs: int, what: str) -> tuple[float, ...] | None:
+    """The one mean/std hybridq's dataset loader applies to every image input."""
+    if values is None:
+        return None
+    if len(values) not in (1, n_inputs):
+        raise InputError(f"{what} has {len(values)} lists but the model has {n_inputs} input(s); give one list per input.")
+    if any(v != values[0] for v in values[1:]):
+        raise InputError(f"{what} differs between inputs ({values}); hybridq applies one mean/std to every image input. "
+                         "Use the same values for all inputs, or feed the other inputs as preprocessed .npy files.")
+    return values[0]
+
+
+def _float_outputs(g: Any) -> set[str]:
+    """Tensors known to be float: graph inputs/outputs/value_info typed FLOAT, and outputs of nodes with float inputs."""
+    from onnx import TensorProto
+
+    typed = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
+    return {o for n in g.node for o in n.output if typed.get(o, TensorProto.FLOAT) in (TensorProto.FLOAT, TensorProto.FLOAT16)}
+
+
+def _edit_model(proto: Any, path: Path, inputs: list[str] | None, sizes: list[list[int]] | None, initial: list[Any] | None, outputs: list[str] | None) -> Any:
+    """load_onnx's inputs / input_size_list / input_initial_val / outputs applied to a copy of the model."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = proto.graph
+    inits = {i.name for i in g.initializer}
+    tensors = {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    model_inputs = [i.name for i in g.input if i.name not in inits]
+    for name in list(inputs or []) + list(outputs or []):
+        if name not in tensors:
+            raise InputError(f"'{name}' is not a tensor of {path}.{did_you_mean(name, sorted(tensors))} Give tensor names as Netron shows them.")
+    if sizes is not None and inputs is None and len(sizes) != len(model_inputs):
+        raise InputError(f"input_size_list has {len(sizes)} shapes but {path} has {len(model_inputs)} inputs ({', '.join(model_inputs)}); give one shape per input.")
+    if inputs is not None and sizes is not None and len(sizes) != len(inputs):
+        raise InputError(f"input_size_list has {len(sizes)} shapes but inputs names {len(inputs)} tensors; give one shape per input.")
+    model = proto
+    if inputs is not None or outputs is not None:
+        try:
+            model = onnx.utils.Extractor(proto).extract_model(list(inputs or model_inputs), list(outputs or [o.name for o in g.output]))
+        except Exception as exc:
+            raise InputError(f"cannot cut {path} at inputs {inputs} / outputs {outputs}: {exc}") from None
+        model.opset_import[:] = proto.opset_import
+        model.ir_version = proto.ir_version
+    g = model.graph
+    names = list(inputs or [i.name for i in g.input if i.name not in {x.name for x in g.initializer}])
+    by_name = {i.name: i for i in g.input}
+    if sizes is not None:
+        for name, size in zip(names, sizes):
+            dims = by_name[name].type.tensor_type.shape.dim
+            size = list(size)
+            if len(size) == len(dims) - 1:
+                size = [1] + size  # RKNN lists often leave out the batch dim
+            if len(size) != len(dims):
+                raise InputError(f"input_size_list gives {size} for '{name}', which has {len(dims)} dims.")
+            for d, v in zip(dims, size):
+                d.ClearField("dim_param")
+                d.dim_value = int(v)
+        del g.value_info[:]  # shapes are inferred again by step1
+    if initial is not None:
+        for name, val in zip(names, initial):
+            if val is None:
+                continue
+            arr = np.asarray(val)
+            g.initializer.append(numpy_helper.from_array(arr.astype(onnx.helper.tensor_dtype_to_np_dtype(by_name[name].type.tensor_type.elem_type)), name))
+            g.input.remove(by_name[name])
+    return model
+
+
+def _runtime_input(arr: np.ndarray, meta: Any, data_format: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> np.ndarray:
+    """One inference input: batch dim added, mean/std applied on the channel axis, laid out like the model input."""
+    fmt = str(data_format).lower()
+    if fmt not in ("nhwc", "nchw"):
+        raise InputError(f"data_format {data_format!r} is not valid; use 'nhwc' or 'nchw'.")
+    shape = list(meta.shape)
+    dtype = np.dtype({"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                      "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int32)": np.int32,
+                      "tensor(int64)": np.int64, "tensor(bool)": np.bool_}.get(meta.type, np.float32))
+    if arr.ndim == len(shape) - 1:
+        arr = arr[np.newaxis]
+    if len(shape) == 4 and arr.ndim == 4:
+        model_nchw = shape[1] in (1, 3) or not (shape[3] in (1, 3))
+        x = arr.astype(np.float32) if (mean is not None or std is not None) else arr
+        c_axis = 1 if fmt == "nchw" else 3
+        for vals, op in ((mean, np.subtract), (std, np.divide)):
+            if vals is not None:
+                if len(vals) not in (1, x.shape[c_axis]):
+                    raise InputError(f"input '{meta.name}': {len(vals)} mean/std values for {x.shape[c_axis]} channels (data_format {fmt}); check data_format.")
+                b = [1, 1, 1, 1]
+                b[c_axis] = len(vals)
+                x = op(x, np.asarray(vals, np.float32).reshape(b))
+        if fmt == "nhwc" and model_nchw:
+            x = x.transpose(0, 3, 1, 2)
+        elif fmt == "nchw" and not model_nchw:
+            x = x.transpose(0, 2, 3, 1)
+        arr = x
+    want = [d if isinstance(d, int) else None for d in shape]
+    if arr.ndim != len(want) or any(w is not None and w != a for w, a in zip(want, arr.shape)):
+        raise InputError(f"input '{meta.name}' wants shape {shape} but got {list(arr.shape)} after layout conversion; "
+                         "check data_format ('nhwc' for HxWxC images) and the image size.")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+@contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _absolute(dataset: Any, base: Path) -> str:
+    """A dataset argument (list file, directory or glob) made absolute against `base`."""
+    return os.path.join(base, os.fspath(dataset))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _rknn_layout(out: Path, result: Any) -> None:
+    """golden/ and simulator/ beside hybridq's fp32/ and quant/ (same arrays), plus .txt for the model outputs."""
+    outputs = set(result.outputs)
+    for sub, side in (("golden", "fp32"), ("simulator", "quant")):
+        d = out / sub
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        for layer in result.layers:
+            rel = layer.fp32_file if side == "fp32" else layer.quant_file
+            if rel is None:
+                continue
+            src = out / rel
+            dst = d / Path(rel).name
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+            if layer.tensor in outputs:
+                np.savetxt(d / (Path(rel).stem + ".txt"), np.load(src).reshape(-1), fmt="%.6f")
+

@@ -1,0 +1,79 @@
+"""The command line end to end: exit codes, messages, JSON, the workspace template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from hybridq.cli import main
+from tests import models
+from tests.conftest import cosine, run
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run `hybridq args...` in-process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return int(exc.value.code or 0), captured.out, captured.err
+
+
+def test_step1_step2_analyze_propose_from_the_command_line(capsys, cnn_ws):
+    ws = cnn_ws["dir"] / "ws"
+    code, out, err = cli(capsys, "step1", cnn_ws["model"], "--dataset", cnn_ws["dataset"], "--out", ws)
+    assert code == 0, err
+    assert "Calibrated on 12 samples" in out and (ws / "cnn.quantization.cfg").exists()
+    code, out, err = cli(capsys, "step2", ws / "cnn.model", ws / "cnn.data", ws / "cnn.quantization.cfg", "-o", ws / "q.onnx", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["layers"] == {"uint8": 3, "float32": 1}
+    x = np.load(cnn_ws["dataset"].parent / "x_0.npy")
+    assert cosine(run(ws / "q.onnx", {"x": x})[0], run(cnn_ws["model"], {"x": x})[0]) > 0.99
+    code, out, err = cli(capsys, "analyze", cnn_ws["model"], ws / "q.onnx", "--dataset", cnn_ws["dataset"], "--dump", ws / "snap")
+    assert code == 0, err
+    assert (ws / "snap" / "manifest.json").exists() and (ws / "snap" / "report.html").exists()
+    code, out2, err = cli(capsys, "analyze", "--from", ws / "snap")
+    assert code == 0, err
+    # Re-reading the snapshot prints the same table and verdict without running a model.
+    assert out2.strip().splitlines() == out.strip().splitlines()[: len(out2.strip().splitlines())]
+    assert "conv3" in out2 and "OK:" in out2
+    code, out, err = cli(capsys, "propose", ws / "snap", "--cfg", ws / "cnn.quantization.cfg", "--dataset", cnn_ws["dataset"], "--target-cosine", "0.9")
+    assert code == 0, err
+    assert "measured on the model step2 builds" in out
+
+
+def test_analyze_accepts_a_cfg_before_step2(capsys, cnn_ws):
+    ws = cnn_ws["dir"] / "ws"
+    assert cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "-q")[0] == 0
+    code, out, err = cli(capsys, "analyze", cnn_ws["model"], ws / "cnn.quantization.cfg", "-d", cnn_ws["dataset"], "--json")
+    assert code == 0, err
+    assert json.loads(out)["n_samples"] == 12
+
+
+def test_bad_usage_exits_2_without_traceback(capsys, cnn_ws):
+    code, out, err = cli(capsys, "step1", cnn_ws["model"], "--dataset", cnn_ws["dataset"], "--dtype", "int4")
+    assert code == 2 and "int4" in err and "Traceback" not in out + err
+    code, out, err = cli(capsys, "step1", cnn_ws["model"])
+    assert code == 2 and "Traceback" not in out + err
+    code, out, err = cli(capsys, "step1", cnn_ws["model"], "--dataset", cnn_ws["dataset"], "--algorithm", "kll")
+    assert code == 2 and "kl" in err
+
+
+def test_init_copies_the_workspace_template(capsys, tmp_path, cnn_ws):
+    code, out, err = cli(capsys, "init", tmp_path / "w", "--model", cnn_ws["model"])
+    assert code == 0, err
+    assert {p.name for p in (tmp_path / "w").iterdir()} >= {"README.md", "dataset.txt", "hybridq.yaml", "cnn.onnx"}
+    code, out, err = cli(capsys, "init", tmp_path / "w")
+    assert code == 2 and "not empty" in err
+
+
+def test_python_module_entry_point(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "hybridq", "--help"], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0 and "step1" in res.stdout
