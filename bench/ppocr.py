@@ -236,10 +236,23 @@ def label_runs(rows: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nda
     return np.array([_find(parent, i) for i in range(n)], dtype=np.int64)
 
 
+def dilate_2x2(mask: np.ndarray) -> np.ndarray:
+    """Binary dilation by a 2x2 kernel, as cv2.dilate with the default anchor (grows right/down)."""
+    out = mask.copy()
+    out[1:, :] |= mask[:-1, :]
+    out[:, 1:] |= out[:, :-1].copy()
+    return out
+
+
 def det_boxes(prob: np.ndarray) -> np.ndarray:
-    """Boxes [n,4] (x0,y0,x1,y1) from a [H,W] probability map, DB-style (threshold, CC, unclip)."""
+    """Boxes [n,4] (x0,y0,x1,y1) from a [H,W] probability map, DB-style (threshold, CC, unclip).
+
+    As PaddleOCR's DBPostProcess with use_dilation=True: the thresholded map is dilated by a
+    2x2 kernel before labelling (the README omits this step; without it fp32 scores 0.980
+    instead of the README's 0.917, with it fp32 0.917 and ORT default int8 0.954 as listed).
+    """
     h, w = prob.shape
-    rows, starts, ends = _row_runs(prob > DET_THRESH)
+    rows, starts, ends = _row_runs(dilate_2x2(prob > DET_THRESH))
     if len(rows) == 0:
         return np.zeros((0, 4))
     labels = label_runs(rows, starts, ends)

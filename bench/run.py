@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -34,6 +35,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 WORK_DIR = ppocr.CACHE_DIR / "work"
 PPOCR_PY = BENCH_DIR / "ppocr.py"
 STEP_TIMEOUT_S = 1800
+MEMORY_ERRORS = ("MemoryError", "bad_alloc", "Failed to allocate", "Cannot allocate memory")
 
 
 @dataclass
@@ -47,9 +49,10 @@ class Profile:
     cost_n: dict[str, int] = field(default_factory=lambda: {"rec": 10, "cls": 10, "det": 2})
     cost_methods: tuple[str, ...] = ("MinMax", "Percentile", "Entropy")
     threads: tuple[int, ...] = (1, 2)
+    cost: bool = True
 
 
-QUICK = Profile(calib_limit=20, eval_limit=40, rounds=3, runs={"cls": 20}, cost_n={"cls": 2}, cost_methods=("MinMax",))
+QUICK = Profile(calib_limit=10, eval_limit=20, rounds=2, runs={"cls": 20}, cost=False)
 
 
 @dataclass
@@ -78,16 +81,32 @@ class Variant:
 # --------------------------------------------------------------------------- subprocesses
 
 
+def memory_cap_bytes() -> int:
+    """Address-space cap for child processes: env HYBRIDQ_BENCH_MEM_GB, default 2/3 of physical RAM."""
+    if "HYBRIDQ_BENCH_MEM_GB" in os.environ:
+        return int(float(os.environ["HYBRIDQ_BENCH_MEM_GB"]) * 2**30)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 2 / 3)
+
+
+def _limit_memory() -> None:
+    """preexec_fn: cap the child's address space so a runaway calibrator fails instead of OOM-killing."""
+    cap = memory_cap_bytes()
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
 def run_measured(cmd: list[str], log: Path, timeout_s: float = STEP_TIMEOUT_S) -> Proc:
     """Run cmd in a fresh process; return wall time, peak RSS (incl. waited-for children), error tail."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ppocr.REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    pythonpath = os.pathsep.join(filter(None, [str(ppocr.REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath, COLUMNS="200")
     with open(log, "w", encoding="utf-8") as out:
         out.write("$ " + shlex.join(cmd) + "\n")
         out.flush()
         start = time.perf_counter()
         try:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ppocr.REPO_ROOT)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ppocr.REPO_ROOT, preexec_fn=_limit_memory
+            )
         except OSError as exc:
             return Proc(False, 0.0, 0.0, f"{type(exc).__name__}: {exc}")
         timer = threading.Timer(timeout_s, proc.kill)
@@ -101,9 +120,14 @@ def run_measured(cmd: list[str], log: Path, timeout_s: float = STEP_TIMEOUT_S) -
 
 
 def last_line(log: Path, code: int) -> str:
-    """Last non-empty line of a log, for an n/a cell."""
-    lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    """Last non-empty line of a log (or the killing signal), for an n/a cell."""
+    text = log.read_text(encoding="utf-8", errors="replace")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if code < 0:
+        return f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
     tail = lines[-1] if len(lines) > 1 else "(no output)"
+    if any(m in text for m in MEMORY_ERRORS):
+        tail = f"out of memory (cap {memory_cap_bytes() / 2**30:.0f} GB): {tail}"
     return f"exit {code}: {tail}"[:200]
 
 
@@ -242,17 +266,22 @@ def bench_model(task: ppocr.Task, variants: list[str], prof: Profile) -> dict:
         results[name] = v
     ok = {n: Path(v.path) for n, v in results.items() if not v.error}
     x = task.eval_input()
+    load = {}
     for threads in prof.threads:
-        log(f"[{task.name}] latency {threads}t: {', '.join(ok)}")
+        load[f"{threads}t"] = os.getloadavg()[0]
+        log(f"[{task.name}] latency {threads}t (load avg {load[f'{threads}t']:.2f}): {', '.join(ok)}")
         for name, meds in measure_latency(ok, x, threads, prof.rounds, prof.runs[task.name]).items():
             results[name].latency_ms[f"{threads}t"] = meds
-    log(f"[{task.name}] calibration cost")
-    cost = calibration_cost(task, dataset, work, prof)
+    cost = []
+    if prof.cost:
+        log(f"[{task.name}] calibration cost")
+        cost = calibration_cost(task, dataset, work, prof)
     return {
         "model": task.name,
         "file": task.model.name,
         "metric_name": task.metric_name,
         "n_calib": n_calib,
+        "load_avg_before_latency": load,
         "variants": [asdict(v) for v in results.values()],
         "calibration_cost": cost,
     }
@@ -329,6 +358,11 @@ def render_markdown(report: dict) -> str:
                 f"| {v['name']} | {v['metric']:.3f} | {fmt_latency(v['latency_ms'].get('1t'))} | "
                 f"{fmt_latency(v['latency_ms'].get('2t'))} | {v['size_mb']:.2f} | {b['wall_s']:.1f} | {b['peak_rss_mb']:.0f} |"
             )
+        load = ", ".join(f"{k} {v:.2f}" for k, v in r["load_avg_before_latency"].items())
+        out += ["", f"1-min load average before the latency rounds: {load} ({report['machine']['cores']} cores;"]
+        out += ["above ~0.5 other work was running and latencies are inflated)."]
+        if not r["calibration_cost"]:
+            continue
         out += ["", "Calibration cost (fresh process each; ORT = full quantize_static, hybridq = step1):", ""]
         out += ["| tool | samples | wall s | peak RSS MB |", "|---|---|---|---|"]
         for c in r["calibration_cost"]:

@@ -48,7 +48,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .errors import HybridqError, InputError, ModelError
-from .metrics import Accumulator, Metrics
+from .metrics import Accumulator, Metrics, metrics_from_sums
 
 QDQ_MAP_KEY = "hybridq.qdq_map"
 """``metadata_props`` key of the step2 model's tensor/layer map (JSON)."""
@@ -210,7 +210,7 @@ class _Graph:
             for i in node.input:
                 if i:
                     self.consumers[i].append(k)
-        self.types = _elem_types(model)
+        self.types, self.ranks = _type_info(model)
         # tensors computed at run time: graph inputs and node outputs
         self.values = set(self.inputs) | set(self.producer)
 
@@ -219,20 +219,26 @@ class _Graph:
         return None if k is None else self.nodes[k]
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor shape inference can tell (empty when it cannot run)."""
+def _type_info(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """``(element type, rank)`` of every tensor shape inference can tell."""
     types: dict[str, int] = {}
+    ranks: dict[str, int] = {}
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # a model shape inference cannot handle: learn the types at run time
         inferred = model
     g = inferred.graph
     for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
+        if vi.type.HasField("tensor_type"):
+            tt = vi.type.tensor_type
+            if tt.elem_type:
+                types[vi.name] = tt.elem_type
+            if tt.HasField("shape"):
+                ranks[vi.name] = len(tt.shape.dim)
     for init in g.initializer:
         types[init.name] = init.data_type
-    return types
+        ranks[init.name] = len(init.dims)
+    return types, ranks
 
 
 def _attr(node: onnx.NodeProto, name: str) -> Any:
@@ -362,7 +368,11 @@ def _read_qdq_map(model: onnx.ModelProto) -> dict[str, Any] | None:
 
 def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> AnalysisPlan:
     """Decide which fp32 tensors are compared with which quant-model views (no model is run)."""
-    f, q = _Graph(float_model), _Graph(quant_model)
+    return _plan(_Graph(float_model), _Graph(quant_model))
+
+
+def _plan(f: _Graph, q: _Graph) -> AnalysisPlan:
+    quant_model = q.model
     ident = _Identity(f, q)
     qmap = _read_qdq_map(quant_model)
     mapped: dict[str, str] = dict(qmap.get("tensors", {})) if qmap else {}
@@ -474,7 +484,16 @@ def build_single_model(
     combined model's outputs are the fp32 tensors of ``plan`` and the single
     views. Neither input model is modified.
     """
-    f, q = _Graph(float_model), _Graph(quant_model)
+    combined, single_views, notes, types, _ = _build_single(_Graph(float_model), _Graph(quant_model), plan)
+    _set_outputs(combined, [tp.tensor for tp in plan.tensors] + list(single_views.values()), types)
+    return combined, single_views, notes
+
+
+def _build_single(
+    f: _Graph, q: _Graph, plan: AnalysisPlan
+) -> tuple[onnx.ModelProto, dict[str, str], list[str], dict[str, int], _Namer]:
+    """:func:`build_single_model` without the extra outputs; also the types and the name source."""
+    float_model, quant_model = f.model, q.model
     ident = _Identity(f, q)
     combined = onnx.ModelProto()
     combined.CopyFrom(float_model)
@@ -618,8 +637,237 @@ def build_single_model(
         )
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
-    _set_outputs(combined, [tp.tensor for tp in plan.tensors] + list(single_views.values()), types)
-    return combined, single_views, notes
+    return combined, single_views, notes, types, fresh
+
+
+# --------------------------------------------------------------------------- analysis graph
+
+_Q_PREFIX = "hybridq.quant/"
+_M_PREFIX = "hybridq.metric/"
+
+
+def _main_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return int(op.version)
+    return 0
+
+
+def _align_opsets(fm: onnx.ModelProto, qm: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Both models at the same ai.onnx opset (the older one converted), so their nodes can share a graph.
+
+    step2 upgrades old models to opset 13, so the float model is often older
+    than the quantized one; an old node (``Squeeze`` with an ``axes``
+    attribute) is invalid under the newer opset.
+    """
+    a, b = _main_opset(fm), _main_opset(qm)
+    if not a or not b or a == b:
+        return fm, qm
+    from onnx import version_converter
+
+    old, target = (fm, b) if a < b else (qm, a)
+    try:
+        new = version_converter.convert_version(old, target)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ModelError(
+            f"the float model (opset {a}) and the quantized model (opset {b}) use different opsets and "
+            f"the older cannot be converted to opset {target} ({type(e).__name__}: {first}); "
+            "export the float model with the quantized model's opset"
+        ) from None
+    del new.metadata_props[:]
+    new.metadata_props.extend(old.metadata_props)
+    return (new, qm) if old is fm else (fm, new)
+
+
+def _rename_outer(g: onnx.GraphProto, rename: dict[str, str], shadow: frozenset[str] = frozenset()) -> None:
+    """In a subgraph, rename the references to outer-scope tensors that ``rename`` maps."""
+    local = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+    hidden = shadow | local
+
+    def sub(x: str) -> str:
+        return rename[x] if x and x not in hidden and x in rename else x
+
+    for n in g.node:
+        for j, i in enumerate(n.input):
+            n.input[j] = sub(i)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _rename_outer(a.g, rename, frozenset(hidden))
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    _rename_outer(sg, rename, frozenset(hidden))
+    for o in g.output:
+        o.name = sub(o.name)
+
+
+def _embed(combined: onnx.ModelProto, q: _Graph, fresh: _Namer, types: dict[str, int]) -> dict[str, str]:
+    """Append a renamed copy of the whole quantized graph (sharing the inputs); return its name map."""
+    g = combined.graph
+    rename = {i: i for i in q.inputs}
+    for init in q.model.graph.initializer:
+        if init.name in rename:
+            continue
+        t = TensorProto()
+        t.CopyFrom(init)
+        t.name = rename[init.name] = fresh(_Q_PREFIX + init.name)
+        g.initializer.append(t)
+    for node in q.nodes:
+        for o in node.output:
+            if o:
+                rename[o] = fresh(_Q_PREFIX + o)
+    for node in q.nodes:
+        n = onnx.NodeProto()
+        n.CopyFrom(node)
+        for j, i in enumerate(n.input):
+            n.input[j] = rename.get(i, i) if i else ""
+        for j, o in enumerate(n.output):
+            n.output[j] = rename.get(o, o) if o else ""
+        n.name = _Q_PREFIX + (node.name or node.output[0])
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _rename_outer(a.g, rename)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    _rename_outer(sg, rename)
+        g.node.append(n)
+    for k, v in rename.items():
+        if k in q.types:
+            types[v] = q.types[k]
+    return rename
+
+
+@dataclass(frozen=True)
+class _Probe:
+    """Graph outputs holding one comparison's sums: ``test.test``, ``d.d``, max and min of ``d``, ``shape(test)``."""
+
+    yy: str
+    dd: str
+    mx: str
+    mn: str
+    shape: str
+
+
+@dataclass
+class _RefProbes:
+    """Graph outputs for one fp32 tensor: ``ref.ref``, ``shape(ref)`` and its comparisons."""
+
+    xx: str
+    shape: str
+    dtype: str
+    entire: _Probe
+    single: _Probe | None
+
+
+@dataclass
+class _AnalysisGraph:
+    model: onnx.ModelProto
+    single_views: dict[str, str]
+    notes: list[str]
+    quant_views: dict[str, str]  # fp32 tensor -> its quant view in the analysis graph
+    probes: dict[str, _RefProbes]  # fp32 tensors measured inside the graph
+    fetched: list[str]  # fp32 tensors whose arrays are fetched and measured in numpy
+
+
+def _build_analysis_graph(f: _Graph, q: _Graph, plan: AnalysisPlan, fetch_all: bool) -> _AnalysisGraph:
+    """One graph for everything: fp32 graph + isolated layers + the whole quantized graph + the sums.
+
+    The quantized graph is embedded unchanged (renamed), so ONNX Runtime fuses
+    its QDQ groups into integer kernels as when deployed: a view read by the
+    sums gets its own DequantizeLinear. Each comparison adds ``d = ref - test``
+    and four reductions whose float32 partial sums run along the last axis
+    only (rows, not whole tensors) and are added up in float64 by the caller;
+    so only a few numbers per tensor leave the session, no tensor is copied.
+    Tensors whose element type is unknown, and all tensors when
+    ``fetch_all`` (a snapshot needs the arrays), are fetched instead.
+    """
+    combined, single_views, notes, types, fresh = _build_single(f, q, plan)
+    rename = _embed(combined, q, fresh, types)
+    g = combined.graph
+    ranks = dict(f.ranks)
+    for k, v in rename.items():
+        if k in q.ranks:
+            ranks[v] = q.ranks[k]
+    opset = _main_opset(combined)
+    axes_name = None
+    if opset >= 18:
+        axes_name = fresh(_M_PREFIX + "axes")
+        g.initializer.append(helper.make_tensor(axes_name, TensorProto.INT64, [1], [-1]))
+    outputs: list[str] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op: str, ins: list[str], base: str, out_type: int = TensorProto.FLOAT, **attrs: Any) -> str:
+        out = fresh(_M_PREFIX + base)
+        nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
+        types[out] = out_type
+        return out
+
+    casts: dict[str, str] = {}
+
+    def as_float(x: str) -> str:
+        if types.get(x) == TensorProto.FLOAT:
+            return x
+        if x not in casts:
+            casts[x] = node("Cast", [x], x + "/f32", to=TensorProto.FLOAT)
+        return casts[x]
+
+    def sumsq(x: str, base: str, rank: int | None) -> str:
+        if not rank:  # unknown rank or a scalar: one float32 sum over the whole tensor
+            return node("ReduceSumSquare", [x], base, keepdims=0)
+        if axes_name is not None:
+            return node("ReduceSumSquare", [x, axes_name], base, keepdims=0)
+        return node("ReduceSumSquare", [x], base, keepdims=0, axes=[-1])
+
+    def compare(ref: str, test: str, rank: int | None, tag: str) -> _Probe:
+        d = node("Sub", [ref, as_float(test)], f"{tag}/d")
+        return _Probe(
+            yy=sumsq(as_float(test), f"{tag}/yy", rank),
+            dd=sumsq(d, f"{tag}/dd", rank),
+            mx=node("ReduceMax", [d], f"{tag}/max", keepdims=0),
+            mn=node("ReduceMin", [d], f"{tag}/min", keepdims=0),
+            shape=node("Shape", [test], f"{tag}/shape", TensorProto.INT64),
+        )
+
+    probes: dict[str, _RefProbes] = {}
+    fetched: list[str] = []
+    quant_views = {tp.tensor: rename[tp.view] for tp in plan.tensors}
+    for tp in plan.tensors:
+        t, view = tp.tensor, quant_views[tp.tensor]
+        sv = single_views.get(t)
+        known = [types.get(x) for x in (t, view, sv) if x is not None]
+        if fetch_all or not all(k in _FLOAT_TYPES for k in known):
+            fetched.append(t)
+            outputs += [t, view] + ([sv] if sv else [])
+            continue
+        rank = ranks.get(t)
+        ref = as_float(t)
+        probes[t] = _RefProbes(
+            xx=sumsq(ref, f"{t}/xx", rank),
+            shape=node("Shape", [t], f"{t}/shape", TensorProto.INT64),
+            dtype=str(helper.tensor_dtype_to_np_dtype(types[t])),
+            entire=compare(ref, view, rank, f"{t}/entire"),
+            single=compare(ref, sv, rank, f"{t}/single") if sv else None,
+        )
+        p = probes[t]
+        outputs += [p.xx, p.shape]
+        for c in (p.entire, p.single):
+            if c is not None:
+                outputs += [c.yy, c.dd, c.mx, c.mn, c.shape]
+    g.node.extend(nodes)
+    del g.output[:]
+    _set_outputs(combined, outputs, types)
+    return _AnalysisGraph(combined, single_views, notes, quant_views, probes, fetched)
+
+
+def _total(x: np.ndarray) -> float:
+    return float(np.sum(x, dtype=np.float64))
+
+
+def _max_abs(mx: np.ndarray, mn: np.ndarray) -> float:
+    a, b = float(mx), float(mn)
+    if math.isnan(a) or math.isnan(b):
+        return math.nan
+    return max(a, -b)
 
 
 # --------------------------------------------------------------------------- running
@@ -710,26 +958,18 @@ def analyze(
     """
     fm = _load(float_model, "float model")
     qm = _load(quant_model, "quantized model")
-    plan = plan_analysis(fm, qm)
-    combined, single_views, notes = build_single_model(fm, qm, plan)
-    notes = plan.notes + notes
-
-    q = _Graph(qm)
-    f_inputs = [i for i in _Graph(fm).inputs]
-    if sorted(q.inputs) != sorted(f_inputs):
+    fm, qm = _align_opsets(fm, qm)
+    f, q = _Graph(fm), _Graph(qm)
+    if sorted(q.inputs) != sorted(f.inputs):
         raise InputError(
-            f"the float and quantized models have different inputs ({f_inputs!r} vs {q.inputs!r}); "
+            f"the float and quantized models have different inputs ({f.inputs!r} vs {q.inputs!r}); "
             "check that QUANT_MODEL was built from FLOAT_MODEL"
         )
-    final = [tp for tp in plan.tensors if tp.view in q.output_set]
-    inner_views = [tp.view for tp in plan.tensors if tp.view not in q.output_set]
-    sim_model = onnx.ModelProto()
-    sim_model.CopyFrom(qm)
-    _set_outputs(sim_model, inner_views, q.types)
-
-    comb_sess = _Session(combined, "float model with the isolated quantized layers")
-    sim_sess = _Session(sim_model, "quantized model with intermediate outputs")
-    plain_sess = _Session(qm, "quantized model") if inner_views and final else None
+    plan = _plan(f, q)
+    ag = _build_analysis_graph(f, q, plan, fetch_all=dump is not None)
+    notes = plan.notes + ag.notes
+    sess = _Session(ag.model, "float and quantized models with the isolated quantized layers")
+    single_views = ag.single_views
 
     writer = None
     if dump is not None:
@@ -743,37 +983,54 @@ def analyze(
     dtypes: dict[str, str] = {}
     skipped: set[str] = set()
     n = 0
+
+    def mismatch(t: str, view: str, a: tuple[int, ...], b: tuple[int, ...]) -> HybridqError:
+        return HybridqError(
+            f"tensor {t!r} has shape {a} in the float model but its quantized view "
+            f"{view!r} has shape {b} (sample {n}); the models do not match"
+        )
+
     try:
         for sample in samples:
-            _check_feed(sample, f_inputs, n)
-            ref = comb_sess.run(sample, n)
-            quant = sim_sess.run(sample, n)
-            if plain_sess is not None:
-                quant.update(plain_sess.run(sample, n))
+            _check_feed(sample, f.inputs, n)
+            out = sess.run(sample, n)
             arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
             for tp in plan.tensors:
                 t = tp.tensor
                 if t in skipped:
                     continue
-                a, b = ref[t], quant[tp.view]
+                p = ag.probes.get(t)
+                if p is not None:
+                    shape = tuple(int(x) for x in out[p.shape])
+                    if n == 0:
+                        shapes[t], dtypes[t] = shape, p.dtype
+                    xx = _total(out[p.xx])
+                    for c, acc in ((p.entire, entire[t]), (p.single, single.get(t))):
+                        if c is None or acc is None:
+                            continue
+                        got = tuple(int(x) for x in out[c.shape])
+                        if got != shape:
+                            raise mismatch(t, tp.view, shape, got)
+                        acc.add_values(
+                            metrics_from_sums(xx, _total(out[c.yy]), _total(out[c.dd]), _max_abs(out[c.mx], out[c.mn]))
+                        )
+                    continue
+                a, b = out[t], out[ag.quant_views[t]]
                 if n == 0:
                     if a.dtype.kind != "f":
                         skipped.add(t)  # not a float tensor after all (types were unknown)
                         continue
                     shapes[t], dtypes[t] = tuple(a.shape), str(a.dtype)
                 if a.shape != b.shape:
-                    raise HybridqError(
-                        f"tensor {t!r} has shape {a.shape} in the float model but its quantized view "
-                        f"{tp.view!r} has shape {b.shape} (sample {n}); the models do not match"
-                    )
+                    raise mismatch(t, tp.view, a.shape, b.shape)
                 entire[t].add(a, b)
                 if t in single_views:
-                    single[t].add(a, ref[single_views[t]])
+                    single[t].add(a, out[single_views[t]])
                 if writer is not None:
                     arrays[t] = (a, b)
             if writer is not None:
                 writer.add_sample(arrays)
-            del ref, quant, arrays
+            del out, arrays
             n += 1
             if on_sample is not None:
                 on_sample()
@@ -794,7 +1051,7 @@ def analyze(
             for tp in plan.tensors
             if tp.tensor not in skipped
         ]
-        result = AnalysisResult(layers=layers, outputs=list(_Graph(fm).outputs), n_samples=n, notes=notes)
+        result = AnalysisResult(layers=layers, outputs=list(f.outputs), n_samples=n, notes=notes)
         if writer is not None:
             writer.finish(result)
             from .report import write_reports

@@ -1,7 +1,9 @@
 """The three step1 artifacts on disk, written atomically and bound together by hashes.
 
 `<name>.model` is the temp model with its weights as ONNX external data in
-`<name>.data`. After the weights, `<name>.data` carries a zip archive (readable
+`<name>.data`; its metadata holds a digest of the run (weights, settings,
+statistics), so the hash of `<name>.model` that the `.data` and the cfg record
+binds all three files. After the weights, `<name>.data` carries a zip archive (readable
 from the file's end) with `meta.json` (format version, hash of `<name>.model`,
 hash of the cfg as written, the preparation report) and the statistics of every
 observed tensor. ONNX readers use only the weights' offsets, so the file stays
@@ -16,7 +18,9 @@ import io
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ from .errors import ArtifactMismatchError, InputError, OutputError
 from .observers import HistogramObserver
 
 FORMAT_VERSION = 1
+RUN_KEY = "hybridq.step1_run"
 
 
 def sha256_file(path: Path) -> str:
@@ -54,7 +59,10 @@ def staging(out_dir: Path) -> Iterator[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".hybridq-", dir=out_dir))
     except OSError as exc:
-        raise OutputError(f"Cannot write into '{out_dir}': {exc.strerror or exc}. Choose a writable --out directory.") from exc
+        blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise OutputError(f"Cannot write into '{out_dir}': '{blocker}' is a file, not a directory. Choose another output location.") from exc
+        raise OutputError(f"Cannot write into '{out_dir}': {exc.strerror or exc}. Choose a writable output directory with free space.") from exc
     try:
         yield tmp
     finally:
@@ -71,20 +79,81 @@ def publish(src: Path, dst: Path) -> None:
     os.replace(src, dst)
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one to the previous handler.
+
+    Used around the renames that publish several files, so Ctrl-C cannot land between two of them.
+    Only the main thread can set handlers; elsewhere the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
+
+
+def publish_all(moves: list[tuple[Path, Path]], keep: Path) -> None:
+    """Move finished files into place as one unit: if any move fails, every target gets its previous content back.
+
+    Each existing target is first hard-linked (or copied) into `keep`, a staging directory on the same filesystem.
+    """
+    saved: list[tuple[Path, Path | None]] = []
+    with signals_held():
+        try:
+            for i, (_, dst) in enumerate(moves):
+                old = None
+                if dst.is_file():
+                    old = keep / f"previous-{i}-{dst.name}"
+                    try:
+                        os.link(dst, old)
+                    except OSError:
+                        shutil.copy2(dst, old)
+                saved.append((dst, old))
+            for i, (src, dst) in enumerate(moves):
+                publish(src, dst)
+        except BaseException:
+            for dst, old in reversed(saved):
+                with contextlib.suppress(OSError):
+                    if old is not None:
+                        os.replace(old, dst)
+                    else:
+                        os.unlink(dst)
+            raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write text via a temp file in the same directory and rename it into place."""
     path = Path(path)
+    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        fd, tmp = tempfile.mkstemp(prefix=f".hybridq-{path.name}.", dir=path.parent or ".")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(Exception):
-            os.unlink(tmp)
-        raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}. Check the directory exists, is writable and has space.") from exc
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}. Check the directory exists, is writable and has space.") from exc
+        raise
 
 
 def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
@@ -95,10 +164,10 @@ def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
         try:
             if model.ByteSize() > 1_900_000_000:
                 onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
-                publish(tmp / (path.name + ".data"), path.parent / (path.name + ".data"))
+                publish_all([(tmp / (path.name + ".data"), path.parent / (path.name + ".data")), (target, path)], tmp)
             else:
                 onnx.save_model(model, str(target))
-            publish(target, path)
+                publish_all([(target, path)], tmp)
         except OSError as exc:
             raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}. Check the directory is writable and has space.") from exc
 
@@ -120,6 +189,29 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _zip_entry(name: str) -> zipfile.ZipInfo:
+    """A zip member with a fixed timestamp, so the same run gives a byte-identical `.data`."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    return info
+
+
+def run_digest(model: onnx.ModelProto, meta: dict[str, Any], stats: dict[str, bytes]) -> str:
+    """Hex sha256 of what makes one step1 run: every weight, the metadata and the statistics.
+
+    Stored in the temp model's metadata (key RUN_KEY), so the hash of `<name>.model` that
+    the `.data` and the cfg record binds all three files, weights and statistics included.
+    """
+    h = hashlib.sha256()
+    for tensor in external_data_helper._get_all_tensors(model):
+        h.update(tensor.SerializeToString())
+    h.update(json.dumps(meta, sort_keys=True).encode("utf-8"))
+    for name, data in stats.items():
+        h.update(name.encode("utf-8"))
+        h.update(data)
+    return h.hexdigest()
+
+
 def write_step1(
     out_dir: Path,
     stem: str,
@@ -128,46 +220,55 @@ def write_step1(
     meta: dict[str, Any],
     render_cfg,
 ) -> dict[str, Path]:
-    """Write `<stem>.model`, `<stem>.data`, `<stem>.quantization.cfg` atomically.
+    """Write `<stem>.model`, `<stem>.data`, `<stem>.quantization.cfg` atomically, as one unit.
 
     `render_cfg(model_sha256) -> str` makes the cfg text once the model hash is known.
     An existing cfg that differs from what the previous step1 wrote is first copied
-    to a timestamped `.bak`. Returns the written paths (plus `backup` when one was made).
+    to a timestamped `.bak`. If writing fails or is interrupted, the previous three
+    files are left as they were. Returns the written paths (plus `backup` when one was made).
     """
     paths = {
         "model": out_dir / f"{stem}.model",
         "data": out_dir / f"{stem}.data",
         "cfg": out_dir / f"{stem}.quantization.cfg",
     }
+    names = list(observers)
+    stats = {f"stats/{i}.{key}.npy": _npy_bytes(arr) for i, name in enumerate(names) for key, arr in observers[name].state().items()}
     with staging(out_dir) as tmp:
         work = onnx.ModelProto()
         work.CopyFrom(model)
+        props = [p for p in work.metadata_props if p.key != RUN_KEY]
+        del work.metadata_props[:]
+        work.metadata_props.extend(props)
+        work.metadata_props.add(key=RUN_KEY, value=run_digest(work, dict(meta, stat_tensors=names), stats))
         try:
-            onnx.save_model(
-                work, str(tmp / paths["model"].name), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=paths["data"].name, size_threshold=0,
-            )
+            # Tag the weights ourselves: onnx's save_as_external_data checks `location` against the
+            # current directory, not the model's, and refuses when a <stem>.data happens to sit there.
+            for tensor in external_data_helper._get_all_tensors(work):
+                if tensor.HasField("raw_data"):
+                    external_data_helper.set_external_data(tensor, location=paths["data"].name)
+            onnx.save_model(work, str(tmp / paths["model"].name))
             model_sha = sha256_file(tmp / paths["model"].name)
             cfg_text = render_cfg(model_sha)
             (tmp / paths["cfg"].name).write_text(cfg_text, encoding="utf-8")
-            names = list(observers)
             full_meta = dict(meta, format_version=FORMAT_VERSION, model_sha256=model_sha, cfg_sha256=sha256_text(cfg_text), stat_tensors=names)
             data_file = tmp / paths["data"].name
             if not data_file.exists():
                 data_file.write_bytes(b"")
-            with zipfile.ZipFile(data_file, mode="a", compression=zipfile.ZIP_DEFLATED) as zf:
-                zf.writestr("meta.json", json.dumps(full_meta, sort_keys=True))
-                for i, name in enumerate(names):
-                    for key, arr in observers[name].state().items():
-                        zf.writestr(f"stats/{i}.{key}.npy", _npy_bytes(arr))
+            with zipfile.ZipFile(data_file, mode="a") as zf:
+                zf.writestr(_zip_entry("meta.json"), json.dumps(full_meta, sort_keys=True))
+                for name, data in stats.items():
+                    zf.writestr(_zip_entry(name), data)
+            written = dict(paths)
+            backup = backup_if_edited(paths["cfg"], paths["data"])
+            if backup:
+                written["backup"] = backup
+            publish_all([(tmp / paths[key].name, paths[key]) for key in ("data", "model", "cfg")], tmp)
         except OSError as exc:
-            raise OutputError(f"Cannot write the step1 artifacts into '{out_dir}': {exc.strerror or exc}. Check free space and permissions.") from exc
-        written = dict(paths)
-        backup = backup_if_edited(paths["cfg"], paths["data"])
-        if backup:
-            written["backup"] = backup
-        for key in ("data", "model", "cfg"):
-            publish(tmp / paths[key].name, paths[key])
+            raise OutputError(
+                f"Cannot write the step1 artifacts into '{out_dir}': {exc.strerror or exc}. "
+                "Any previous artifacts there were left as they were; free some space or fix the permissions and re-run."
+            ) from exc
     return written
 
 
@@ -205,17 +306,26 @@ def read_meta(data_path: Path) -> dict[str, Any]:
 def read_step1(model_path: str | Path, data_path: str | Path, cfg_model_sha: str | None, cfg_path: str | Path) -> Step1Bundle:
     """Load and cross-check the artifacts; a mismatch names the file that does not belong."""
     model_path, data_path = Path(model_path), Path(data_path)
-    if not model_path.exists():
-        raise InputError(f"Temp model '{model_path}' does not exist. Pass the <name>.model written by step1.")
+    if not model_path.is_file():
+        state = "is not a file" if model_path.exists() else "does not exist"
+        raise InputError(f"Temp model '{model_path}' {state}. Pass the <name>.model written by step1.")
     meta = read_meta(data_path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactMismatchError(f"'{data_path}' has format version {meta.get('format_version')}, this hybridq reads {FORMAT_VERSION}. Re-run step1.")
-    model_sha = sha256_file(model_path)
+    try:
+        model_sha = sha256_file(model_path)
+    except OSError as exc:
+        raise InputError(f"Temp model '{model_path}' cannot be read: {exc.strerror or exc}.") from None
     data_sha = meta.get("model_sha256")
     if model_sha != data_sha:
-        culprit = f"'{model_path}'" if cfg_model_sha == data_sha else f"'{data_path}'"
+        if cfg_model_sha == data_sha:
+            culprit = f"'{model_path}' does not belong with the others"
+        elif cfg_model_sha == model_sha:
+            culprit = f"'{data_path}' does not belong with the others"
+        else:
+            culprit = f"'{model_path}', '{data_path}' and the cfg '{cfg_path}' all come from different runs"
         raise ArtifactMismatchError(
-            f"The artifacts come from different step1 runs: {culprit} does not belong with the others "
+            f"The artifacts come from different step1 runs: {culprit} "
             f"(model hash {model_sha[:12]}, data file records {str(data_sha)[:12]}, cfg records {str(cfg_model_sha)[:12]}). "
             "Pass the .model, .data and .cfg written by the same step1 run, or re-run step1."
         )

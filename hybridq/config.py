@@ -25,6 +25,7 @@ from .settings import Settings
 ENTRY_KEYS = ("qtype", "qmethod", "dtype", "algorithm", "min", "max", "ori_min", "ori_max", "scale", "zero_point")
 LIST_KEYS = ("min", "max", "ori_min", "ori_max", "scale", "zero_point")
 TOP_KEYS = ("hybridq", "settings", "custom_quantize_layers", "quantize_parameters")
+FLOAT32_MAX = 3.4028234663852886e38
 
 HEADER = """\
 hybridq quantization config for '{model}'.
@@ -131,17 +132,23 @@ def _line(node: Any, key: Any) -> int:
         return 0
 
 
-def _as_list(v: Any, where: str, key: str) -> list[float]:
+def _as_list(v: Any, where: str, key: str, name: str) -> list[float]:
     items = list(v) if isinstance(v, (list, tuple)) else [v]
     out = []
     for x in items:
         if isinstance(x, bool) or not isinstance(x, (int, float)):
-            raise ConfigError(f"{where}: {key} must be a number or a list of numbers, got {x!r}.")
-        if not math.isfinite(float(x)):
-            raise ConfigError(f"{where}: {key} holds {x!r}; use finite numbers.")
+            raise ConfigError(f"{where}: {key} of '{name}' must be a number or a list of numbers, got {x!r}.")
+        try:
+            finite = math.isfinite(float(x))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise ConfigError(f"{where}: {key} of '{name}' holds {x!r}; use finite numbers.")
+        if abs(float(x)) > FLOAT32_MAX:
+            raise ConfigError(f"{where}: {key} of '{name}' holds {x!r}, outside the float32 range (+-3.4e38); use a smaller number.")
         out.append(float(x) if key != "zero_point" else x)
     if not out:
-        raise ConfigError(f"{where}: {key} is an empty list; give one value per tensor or one per channel.")
+        raise ConfigError(f"{where}: {key} of '{name}' is an empty list; give one value per tensor or one per channel.")
     return out
 
 
@@ -154,7 +161,7 @@ def validate_entry(name: str, raw: Any, where: str) -> dict[str, Any]:
         if key not in ENTRY_KEYS:
             raise ConfigError(f"{where}: unknown key {key!r} in the entry of '{name}'.{did_you_mean(str(key), ENTRY_KEYS)} Valid keys: {', '.join(ENTRY_KEYS)}.")
         if key in LIST_KEYS:
-            out[key] = _as_list(v, where, key)
+            out[key] = _as_list(v, where, key, name)
         elif key == "dtype":
             dt = normalize_dtype(v)
             if dt not in ("uint8", "int8", "int16", "uint16"):
@@ -231,7 +238,10 @@ def load_cfg(path: str | Path) -> Cfg:
     for name, raw in params_raw.items():
         line = _line(params_raw, name)
         entries[str(name)] = CfgEntry(str(name), line, validate_entry(str(name), raw, f"{p}:{line}"))
-    header = dict(doc.get("hybridq") or {})
+    header_raw = doc.get("hybridq") or {}
+    if not isinstance(header_raw, dict):
+        raise ConfigError(f"{p}:{_line(doc, 'hybridq')}: the hybridq header must be the mapping step1 wrote (model, model_sha256, ...); restore it from a fresh step1 cfg.")
+    header = dict(header_raw)
     return Cfg(p, header, settings, custom, custom_lines, entries, doc)
 
 

@@ -8,9 +8,11 @@ are kept; what was fused is reported.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import ModelError
+from .errors import ModelError, OutputError
 
 MIN_OPSET = 13
 
@@ -132,18 +134,38 @@ def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.Model
         ) from exc
 
 
+@contextlib.contextmanager
+def _temp_dir(prefix: str) -> Iterator[str]:
+    """A temporary directory, or an OutputError naming the temp location when it cannot be made."""
+    try:
+        holder = tempfile.TemporaryDirectory(prefix=prefix)
+    except OSError as exc:
+        raise OutputError(
+            f"Cannot create a temporary directory in '{tempfile.gettempdir()}': {exc.strerror or exc}. "
+            "Free space there, or point TMPDIR at a writable directory."
+        ) from exc
+    with holder as tmp:
+        yield tmp
+
+
 def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding, Conv+BN/Add/Mul fusion, identity removal: ORT's basic level, standard ops only."""
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory(prefix="hybridq-prep-") as tmp:
+    with _temp_dir("hybridq-prep-") as tmp:
         src = os.path.join(tmp, "in.onnx")
         dst = os.path.join(tmp, "out.onnx")
         large = model.ByteSize() > 1_800_000_000
-        if large:
-            onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True, location="in.data")
-        else:
-            onnx.save_model(model, src)
+        try:
+            if large:
+                onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True, location="in.data")
+            else:
+                onnx.save_model(model, src)
+        except OSError as exc:
+            raise OutputError(
+                f"Cannot write a temporary copy of the model into '{tmp}': {exc.strerror or exc}. "
+                "Free space there, or point TMPDIR at a directory with room."
+            ) from exc
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         so.optimized_model_filepath = dst

@@ -120,6 +120,26 @@ def sample_metrics(ref: Any, test: Any) -> tuple[float, float, float, float]:
     return (_cosine_from(xy, xx, yy), math.sqrt(dd), _snr_from(xx, dd), mx)
 
 
+def metrics_from_sums(xx: float, yy: float, dd: float, max_abs_diff: float) -> tuple[float, float, float, float]:
+    """``(cosine, euclid, snr_db, max_abs)`` from ``a.a``, ``b.b``, ``d.d`` and ``max|d|`` (``d = a - b``).
+
+    For sums computed elsewhere (in the analysis graph, see
+    :mod:`hybridq.analysis`). ``a.b`` is recovered as ``(a.a + b.b - d.d) / 2``;
+    its error is that of the sums times ``1 - cosine`` plus
+    ``|(|a| - |b|)| / |b|``, so near-identical tensors lose no digits. Same
+    definitions and degenerate cases as :func:`sample_metrics`; a NaN sum
+    makes ``max_abs`` NaN too.
+    """
+    xx, yy, dd, mx = float(xx), float(yy), float(dd), float(max_abs_diff)
+    if math.isnan(dd) or math.isnan(xx) or math.isnan(yy):
+        mx = math.nan
+    if dd == 0.0 and not math.isnan(xx) and not math.isnan(yy):
+        cos = 1.0  # identical tensors, including both all zero
+    else:
+        cos = _cosine_from(0.5 * ((xx + yy) - dd), xx, yy)
+    return (cos, math.sqrt(dd) if dd >= 0.0 or math.isnan(dd) else 0.0, _snr_from(xx, dd), mx)
+
+
 def mean(values: Sequence[float]) -> float:
     """Mean of per-sample values, exact for infinities.
 
@@ -188,6 +208,11 @@ class Accumulator:
         """Add one sample."""
         for k, v in zip(METRIC_NAMES, sample_metrics(ref, test)):
             self._values[k].append(v)
+
+    def add_values(self, values: Sequence[float]) -> None:
+        """Add one sample's ``(cosine, euclid, snr_db, max_abs)``, computed elsewhere."""
+        for k, v in zip(METRIC_NAMES, values):
+            self._values[k].append(float(v))
 
     def result(self) -> Metrics:
         """Means (see :func:`mean`) and the per-sample values."""

@@ -200,7 +200,20 @@ def _in_channels(node: onnx.NodeProto, g: GraphView) -> int:
     return int(g.inits[node.input[1]].dims[1]) * group
 
 
-def _policy(node: onnx.NodeProto, g: GraphView, settings: Settings) -> str | None:
+POOLING = ("GlobalAveragePool", "GlobalMaxPool")
+
+
+def pooled_tensors(g: GraphView) -> set[str]:
+    """Tensors with 1x1 spatial extent: outputs of global pooling and of ops that read only such tensors (SE blocks)."""
+    pooled: set[str] = set()
+    for node in g.model.graph.node:
+        acts = [i for i in node.input if g.is_float_activation(i)]
+        if node.op_type in POOLING or (acts and all(i in pooled for i in acts) and node.op_type not in ("Reshape", "Flatten", "Expand", "Tile", "Resize")):
+            pooled.update(node.output)
+    return pooled
+
+
+def _policy(node: onnx.NodeProto, g: GraphView, settings: Settings, pooled: set[str] = frozenset()) -> str | None:
     """Why a quantizable node stays float by default, or None."""
     if node.op_type == "ConvTranspose":
         return "ConvTranspose has no int8 kernel in ONNX Runtime CPU"
@@ -210,6 +223,8 @@ def _policy(node: onnx.NodeProto, g: GraphView, settings: Settings) -> str | Non
         return "depthwise Conv (int8 depthwise is slower than fp32 on x86)"
     if node.op_type == "Conv" and all(o in g.outputs for o in node.output):
         return "Conv producing a graph output stays float"
+    if node.op_type == "Conv" and settings.float_pooled and node.input[0] in pooled:
+        return "Conv on a 1x1 pooled tensor (SE block): too little compute for int8 to pay for its Q/DQ"
     return None
 
 
@@ -248,6 +263,7 @@ def make_plan(
     g = GraphView(model)
     plan = QuantPlan()
     quantized: dict[str, Slots] = {}
+    pooled = pooled_tensors(g)
     for node in model.graph.node:
         requested = layer_precision.get(node.name)
         handler = QUANTIZABLE.get(node.op_type)
@@ -261,7 +277,7 @@ def make_plan(
             continue
         if slots is None or node.op_type not in settings.quantize_ops:
             continue
-        reason = _policy(node, g, settings)
+        reason = _policy(node, g, settings, pooled)
         if reason:
             plan.layers[node.name] = LayerPlan(node.name, node.op_type, "float32", reason)
             continue

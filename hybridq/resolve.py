@@ -76,7 +76,8 @@ def weight_entry(wp: WeightPlan, w: np.ndarray) -> tuple[dict[str, Any], QParams
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(np.float32(x) == np.float32(y) for x, y in zip(a, b))
+        with np.errstate(over="ignore"):
+            return len(a) == len(b) and all(np.float32(x) == np.float32(y) for x, y in zip(a, b))
     return a == b
 
 
@@ -181,6 +182,11 @@ def resolve(
         edited = {k for k in v if not _same(v[k], w.get(k))}
         if v.get("algorithm", "minmax") != "minmax":
             raise ConfigError(f"{where}: weight '{wname}' uses algorithm minmax only; clip a weight range by editing its min/max instead.")
+        if "zero_point" in edited and np.any(_check_zero_points(wname, where, v["zero_point"], wp.dtype, True) != 0):
+            raise ConfigError(
+                f"{where}: weight '{wname}' has zero_point {v['zero_point']}, but weights are quantized symmetrically with zero_point 0; "
+                "set it back to 0 (or delete the entry) and clip the weight range by editing min/max."
+            )
         if {"min", "max"} & edited:
             lo, hi = np.array(v.get("min", w.get("min"))), np.array(v.get("max", w.get("max")))
             n = arr.shape[wp.axis] if wp.axis is not None else 1

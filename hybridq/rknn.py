@@ -47,6 +47,7 @@ QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
 }
 UNSUPPORTED_DTYPES = {"w4a16": "4-bit weights have no QDQ form that ONNX Runtime's CPU kernels run; use w8a8 or w8a16"}
 QUANTIZED_ALGORITHMS = {"normal": "minmax", "kl_divergence": "kl", "mmse": "mse"}
+HYBRIDQ_ALGORITHMS = ("minmax", "percentile", "kl", "mse")
 FLOAT_DTYPES = ("float16", "float32")
 
 # config() options that only mean something on a Rockchip NPU, with their RKNN defaults.
@@ -99,6 +100,9 @@ def _rknn_method(fail: Any = -1) -> Callable:
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def run(self: "RKNN", *args: Any, **kwargs: Any) -> Any:
+            if not self._cleanup.alive:
+                self._log("E", fn.__name__, "this RKNN object was released; create a new one with RKNN().")
+                return fail
             try:
                 return fn(self, *args, **kwargs)
             except _Failed:
@@ -246,10 +250,12 @@ class RKNN:
             self._once("dfp", "config", f"quantized_dtype {quantized_dtype!r}: dynamic fixed point (power-of-two scales) is an NPU format; "
                                         "hybridq quantizes symmetrically with the exact scale instead.")
         algo = str(quantized_algorithm)
-        if algo not in QUANTIZED_ALGORITHMS:
+        if algo in HYBRIDQ_ALGORITHMS:  # hybridq's own names work too
+            algo = next((k for k, v in QUANTIZED_ALGORITHMS.items() if v == algo), algo)
+        if algo not in QUANTIZED_ALGORITHMS and algo not in HYBRIDQ_ALGORITHMS:
             extra = " ('gdq' tunes weights by gradient descent on the NPU toolchain; hybridq has no equivalent, try 'mmse')" if algo == "gdq" else ""
             raise InputError(f"quantized_algorithm {algo!r} is not supported{extra}.{did_you_mean(algo, QUANTIZED_ALGORITHMS)} Use one of: {', '.join(QUANTIZED_ALGORITHMS)}.")
-        cfg.algorithm = QUANTIZED_ALGORITHMS[algo]
+        cfg.algorithm = QUANTIZED_ALGORITHMS.get(algo, algo)
         if quantized_method not in ("channel", "layer"):
             why = " (group quantization has no ONNX QDQ form that ONNX Runtime's CPU kernels run)" if str(quantized_method).startswith("group") else ""
             raise InputError(f"quantized_method {quantized_method!r} is not supported{why}; use 'channel' or 'layer'.")
@@ -286,7 +292,7 @@ class RKNN:
         self._model_path = self._float_path = None
         self._reset_build()
         if inputs is None and outputs is None and input_size_list is None and input_initial_val is None:
-            self._model_path = self._float_path = path
+            self._model_path = self._float_path = path.resolve()
             self._log("I", "load_onnx", f"loaded {path}.")
             return 0
         cut = _edit_model(proto, path, inputs, input_size_list, input_initial_val, outputs)
@@ -297,6 +303,11 @@ class RKNN:
         self._model_path = self._float_path = out
         self._log("I", "load_onnx", f"loaded {path} (inputs {[i.name for i in cut.graph.input]}, outputs {[o.name for o in cut.graph.output]}).")
         return 0
+
+    def _empty_dir(self) -> Path:
+        d = self._tmp / "cwd"
+        d.mkdir(exist_ok=True)
+        return d
 
     def _need_model(self) -> Path:
         if self._model_path is None:
@@ -350,13 +361,14 @@ class RKNN:
         # onnx.save_model(location=...) refuses to write when a file of that name exists relative to the
         # *current* directory (onnx/external_data_helper.py), which is where a previous step1 left
         # <name>.data; so step1 runs from the private directory, with every path made absolute.
-        with _cwd(self._tmp):
+        with _cwd(self._empty_dir()):
             res = api.step1(here / model, _absolute(dataset, here), out=here, settings=self._settings(), preprocess=pre, **kwargs)
         self._log("I", "hybrid_quantization_step1", f"calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.")
         for p in (res.model, res.data, res.cfg):
             self._log("I", "hybrid_quantization_step1", f"wrote {p}")
         if res.backup:
             self._log("W", "hybrid_quantization_step1", f"the previous cfg had edits: kept as {res.backup}.")
+        self._report_proposal("hybrid_quantization_step1", res.proposal)
         if res.fused:
             self._log("I", "hybrid_quantization_step1", "fused in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in res.fused.items()))
         if custom_hybrid:
@@ -371,20 +383,36 @@ class RKNN:
         return 0
 
     def _proposal_kwargs(self, where: str, samples: int) -> dict[str, Any]:
-        """Arguments for hybridq's proposal, or a clear failure when this hybridq has none."""
+        """`proposal=` for hybridq.step1 (target auto_hybrid_cos_thresh, fallback float_dtype), or a clear failure."""
         from . import api
 
-        params = inspect.signature(api.step1).parameters
-        if "proposal" not in params:
-            self._log("E", where, "automatic layer choice (proposal / auto_hybrid) is not available in this hybridq yet; run without it, "
+        options = getattr(api, "ProposalOptions", None)
+        if options is None or "proposal" not in inspect.signature(api.step1).parameters:
+            self._log("E", where, "automatic layer choice (proposal / auto_hybrid) is not available in this hybridq; run without it, "
                                   "then find the layers to keep in float with `hybridq analyze MODEL.onnx MODEL.quantization.cfg --dataset D` "
                                   "and list them in custom_quantize_layers.")
             raise _Failed
-        kwargs: dict[str, Any] = {"proposal": True}
-        for name, value in (("target_cosine", self._cfg.cos_thresh), ("proposal_samples", samples)):
-            if name in params:
-                kwargs[name] = value
-        return kwargs
+        from .proposal import Target
+
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise InputError(f"proposal_dataset_size must be a positive integer, got {samples!r}.")
+        if self._cfg.euc_thresh is not None:
+            self._once("euc_thresh", where, "auto_hybrid_euc_thresh has no hybridq equivalent (Euclidean distance depends on the tensor's scale); "
+                                            "only auto_hybrid_cos_thresh is used as the target.")
+        return {"proposal": options(target=Target(cosine=self._cfg.cos_thresh), fallback=self._cfg.float_dtype, samples=samples)}
+
+    def _report_proposal(self, where: str, p: Any) -> None:
+        if p is None:
+            return
+        self._log("I", where, f"proposal: {p.choice}; int8 baseline {p.baseline.describe()}; predicted {p.predicted.describe()}.")
+        if p.measured is not None:
+            self._log("I", where, f"proposal measured on the model step2 builds from the cfg: {p.measured.describe()}.")
+        self._log("I", where, f"proposal: {len(p.layers)} float layers ({', '.join(p.layers) or 'none'}), float compute {100 * p.float_fraction:.1f} %.")
+        if p.clips:
+            self._log("I", where, f"proposal: range clips on {', '.join(p.clips)}.")
+        if not p.met:
+            self._log("W", where, "the proposal did NOT meet the target; the cfg holds the best candidate found. "
+                                  "Lower auto_hybrid_cos_thresh or edit the cfg by hand.")
 
     def _custom_hybrid_layers(self, pairs: list[list[str]], temp_model: Path, fused: dict[str, str]) -> dict[str, str]:
         """Temp-model nodes on every path from each pair's input tensor to its output tensor."""
@@ -455,7 +483,7 @@ class RKNN:
         self._built, self._built_quantized = res.output, True
         self._built_pre = dict(load_cfg(model_quantization_cfg).header.get("preprocess") or {})
         if self._float_path is None:
-            self._float_path = Path(model_input)  # the temp model is plain fp32 ONNX
+            self._float_path = Path(model_input).resolve()  # the temp model is plain fp32 ONNX
         self._report_step2(res, "hybrid_quantization_step2")
         return 0
 
@@ -491,13 +519,16 @@ class RKNN:
         if dataset is None:
             raise InputError("do_quantization=True needs a dataset: rknn.build(do_quantization=True, dataset='./dataset.txt') "
                              "(one image or .npy path per line, one path per model input).")
-        kwargs = self._proposal_kwargs("build", 1) if auto_hybrid else {}
+        kwargs = self._proposal_kwargs("build", 16) if auto_hybrid else {}
         work = self._tmp / "build"
         if work.exists():
             shutil.rmtree(work)
         pre = self._preprocess(self._n_inputs(model))
-        r1 = api.step1(model, dataset, out=work, settings=self._settings(), preprocess=pre, **kwargs)
+        here = Path.cwd()
+        with _cwd(self._empty_dir()):  # see hybrid_quantization_step1
+            r1 = api.step1(here / model, _absolute(dataset, here), out=work, settings=self._settings(), preprocess=pre, **kwargs)
         self._log("I", "build", f"calibrated on {r1.samples} samples.")
+        self._report_proposal("build", r1.proposal)
         res = api.step2(r1.model, r1.data, r1.cfg, work / f"{model.stem}.q.onnx")
         self._built, self._built_quantized = res.output, True
         self._built_pre = dict(load_cfg(r1.cfg).header.get("preprocess") or {})
@@ -560,7 +591,7 @@ class RKNN:
         except ModelError as exc:
             raise ModelError(f"{exc} hybridq's load_rknn reads the ONNX files its export_rknn writes; a real .rknn file runs only on a Rockchip NPU.") from None
         self._reset_build()
-        self._built, self._built_quantized = p, True
+        self._built, self._built_quantized = p.resolve(), True
         return 0
 
     # ------------------------------------------------------------------ accuracy analysis
@@ -745,10 +776,11 @@ def _edit_model(proto: Any, path: Path, inputs: list[str] | None, sizes: list[li
     model = proto
     if inputs is not None or outputs is not None:
         try:
-            model = onnx.utils.Extractor(proto).extract_model(list(inputs or model_inputs), list(outputs or [o.name for o in g.output]))
+            model = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto)).extract_model(list(inputs or model_inputs), list(outputs or [o.name for o in g.output]))
         except Exception as exc:
             raise InputError(f"cannot cut {path} at inputs {inputs} / outputs {outputs}: {exc}") from None
-        model.opset_import[:] = proto.opset_import
+        del model.opset_import[:]
+        model.opset_import.extend(proto.opset_import)
         model.ir_version = proto.ir_version
     g = model.graph
     names = list(inputs or [i.name for i in g.input if i.name not in {x.name for x in g.initializer}])

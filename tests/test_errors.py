@@ -319,7 +319,7 @@ def test_cfg_model_input_as_layer(ws, capsys):
     [
         ("    dtype: uint8\n", "    dtype: uint9\n", ["uint9", "'r1'", "uint8, int8", "int16"]),
         ("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv2: fp8", ["fp8", "conv2", "float16", "float32"]),
-        ("  dtype: uint8\n  qtype", "  dtype: u8\n  qtype", ["u8", "uint8, int8", "int16"]),
+        ("  dtype: uint8\n  qtype", "  dtype: uint4\n  qtype", ["uint4", "uint8, int8", "int16"]),
         ("  weight_dtype: int8", "  weight_dtype: int4", ["int4", "int8 or int16"]),
         ("  algorithm: minmax\n  percentile", "  algorithm: minmx\n  percentile", ["minmx", "'minmax'"]),
     ],
@@ -354,9 +354,11 @@ def test_cfg_zero_point_out_of_range(ws, capsys, zp):
 def test_cfg_weight_zero_point_must_stay_zero(ws, capsys):
     # Weights are symmetric: a non-zero (or out of range) zero_point edit cannot be honoured, so it is refused, not ignored.
     text = ws.cfg.read_text()
-    start = text.index("  w2:")
+    start = text.index("\n  w3:")
     ws.cfg.write_text(text[:start] + text[start:].replace("zero_point: [0,", "zero_point: [300,", 1))
-    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "zero_point", "'w2'", "300")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "zero_point", "'w3'", "300")
+    ws.cfg.write_text(text[:start] + text[start:].replace("zero_point: [0,", "zero_point: [5,", 1))
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "zero_point", "'w3'", "symmetric")
 
 
 def test_cfg_zero_scale(ws, capsys):
@@ -535,15 +537,32 @@ def test_disk_full_while_publishing_step1_keeps_earlier_artifacts(ws, capsys, mo
 
 def test_disk_full_while_writing_step1_keeps_earlier_artifacts(ws, capsys, monkeypatch):
     before = _snapshot(ws.out)
+    real_save = onnx.save_model
 
+    def full_in_out_dir(model, f, *args, **kwargs):
+        if Path(f).parent.parent != ws.out:
+            return real_save(model, f, *args, **kwargs)
+        Path(f).write_bytes(b"half a model")
+        _enospc()
+
+    monkeypatch.setattr(onnx, "save_model", full_in_out_dir)
+    onnx.save(models.residual_cnn(seed=11), ws.model)
+    status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.out)
+    monkeypatch.setattr(onnx, "save_model", real_save)
+    assert_clean((status, output), status, "No space left on device", str(ws.out))
+    assert status in (USAGE, FAILURE)
+    assert _snapshot(ws.out) == before and no_staging_left(ws.root) == []
+
+
+def test_disk_full_in_the_temp_directory(ws, capsys, monkeypatch):
+    # Preparation hands the model to ONNX Runtime through a temp file: a full /tmp is named, not a crash.
     def full(*_args, **_kwargs):
         _enospc()
 
     monkeypatch.setattr(onnx, "save_model", full)
-    onnx.save(models.residual_cnn(seed=11), ws.model)
-    status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.out)
-    assert_clean((status, output), status, "No space left on device", str(ws.out))
-    assert _snapshot(ws.out) == before and no_staging_left(ws.root) == []
+    status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.root / "new")
+    assert_clean((status, output), status, "No space left on device", "TMPDIR")
+    assert status in (USAGE, FAILURE)
 
 
 @pytest.mark.parametrize("interrupt_at", [1, 2, 3])
@@ -563,8 +582,8 @@ def test_interrupt_while_publishing_step1_keeps_earlier_artifacts(ws, capsys, mo
     onnx.save(models.residual_cnn(seed=11), ws.model)
     status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.out)
     monkeypatch.setattr(os, "replace", real_replace)
-    assert status == 130 and "Traceback" not in output, output
     assert _snapshot(ws.out) == before
+    assert status == 130 and "Traceback" not in output and "interrupted" in output, output
     assert no_staging_left(ws.root) == []
     # The earlier artifacts still build a model.
     assert_clean(hq(capsys, *ws.step2_args()), 0)

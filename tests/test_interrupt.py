@@ -1,0 +1,111 @@
+"""Ctrl-C and SIGTERM part-way through step1 leave the previous artifacts byte-identical and no temp file behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+
+import hybridq
+from tests import models
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A preprocess hook that marks the first sample and is slow enough (20 ms a sample) to be interrupted mid-calibration.
+SLOW_HOOK = '''
+import pathlib, time
+import numpy as np
+
+def load(path, spec):
+    pathlib.Path(__file__).with_name("started").touch()
+    time.sleep(0.02)
+    return np.load(path)
+'''
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _leftovers(*directories: Path) -> list[str]:
+    return sorted(str(p) for d in directories for p in d.rglob("*") if p.name.startswith((".hybridq-", "hybridq-")))
+
+
+@pytest.fixture
+def earlier(tmp_path: Path) -> dict[str, Path]:
+    """A finished step1 run on 200 samples; the model file is then replaced so a new run would change every artifact."""
+    model = tmp_path / "cnn.onnx"
+    onnx.save(models.residual_cnn(), model)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 200)
+    out = tmp_path / "ws"
+    hybridq.step1(model, listing, out=out, samples=4)
+    onnx.save(models.residual_cnn(seed=11), model)
+    (tmp_path / "hook.py").write_text(SLOW_HOOK)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    return {"model": model, "dataset": listing, "out": out, "root": tmp_path, "tmp": tmpdir}
+
+
+def _start(earlier: dict[str, Path], *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(earlier["tmp"]))
+    env.pop("HYBRIDQ_DEBUG", None)
+    cmd = [sys.executable, "-m", "hybridq", "step1", str(earlier["model"]), "--dataset", str(earlier["dataset"]),
+           "--out", str(earlier["out"]), *extra]
+    return subprocess.Popen(cmd, cwd=earlier["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"step1 ended before calibrating: {proc.communicate()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("step1 did not start calibrating in time")
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_calibration_keeps_earlier_artifacts(earlier, sig):
+    before = _snapshot(earlier["out"])
+    proc = _start(earlier, "--preprocess", f"{earlier['root'] / 'hook.py'}:load")
+    _wait_for(earlier["root"] / "started", proc)
+    time.sleep(0.3)
+    assert proc.poll() is None, "step1 finished before it could be interrupted"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in out + err, err
+    assert _snapshot(earlier["out"]) == before
+    assert _leftovers(earlier["out"], earlier["tmp"]) == []
+    assert proc.returncode == 130, (proc.returncode, out, err)
+    assert "interrupted" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [round(0.4 + 0.15 * i, 2) for i in range(16)])
+def test_signal_at_any_moment_leaves_old_or_new_artifacts_never_a_mix(earlier, delay):
+    # Without the slow hook the run takes ~1-2 s; an interrupt lands anywhere, the write phase included.
+    # (Not before 0.4 s: a Ctrl-C while Python imports typer and rich, before cli.main runs, is Python's own.)
+    before = _snapshot(earlier["out"])
+    proc = _start(earlier)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in out + err, err
+    assert _leftovers(earlier["out"], earlier["tmp"]) == []
+    after = _snapshot(earlier["out"])
+    # Old or new, never a mix: either nothing changed, or all three files are the new run's (a held signal may
+    # still stop the process right after the last rename).
+    # -SIGINT: the signal came while the interpreter was shutting down, after the work was done.
+    assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, err)
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    assert changed in ([], ["cnn.data", "cnn.model", "cnn.quantization.cfg"]), (changed, proc.returncode, err)
+    assert set(after) == set(before)
+    m, d, c = (earlier["out"] / f"cnn.{s}" for s in ("model", "data", "quantization.cfg"))
+    hybridq.step2(m, d, c, earlier["root"] / "q.onnx")

@@ -1,0 +1,315 @@
+"""`from hybridq.rknn import RKNN`: Rockchip-style scripts with only the import line changed.
+
+The scripts below follow RKNN-Toolkit2's examples/functions/hybrid_quant/step1.py,
+step2.py and examples/functions/accuracy_analysis/test.py: same calls, same
+argument names, same `if ret != 0` checks. Each runs in a fresh directory
+(RKNN writes the step1 artifacts into the current directory).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from hybridq.rknn import RKNN
+from tests import models
+from tests.conftest import cosine, run
+
+MEAN = [[123.675, 116.28, 103.53]]
+STD = [[58.395, 57.12, 57.375]]
+
+
+@pytest.fixture
+def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """cnn.onnx (input x [1,3,16,16]) and dataset.txt of 8 PNG images, as the current directory."""
+    monkeypatch.chdir(tmp_path)
+    onnx.save(models.residual_cnn(), "cnn.onnx")
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(f"img{i}.png")
+        names.append(f"img{i}.png")
+    Path("dataset.txt").write_text("\n".join(names) + "\n")
+    return tmp_path
+
+
+def fp32_logits(image: np.ndarray) -> np.ndarray:
+    """The fp32 model on an HWC uint8 image normalised by hand: (x - mean) / std, HWC -> NCHW."""
+    x = ((image.astype(np.float32) - np.float32(MEAN[0])) / np.float32(STD[0])).transpose(2, 0, 1)[None]
+    return run("cnn.onnx", {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def step1_script(**step1_kwargs) -> int:
+    """Rockchip's step1.py, for ONNX."""
+    rknn = RKNN(verbose=True)
+    rknn.config(mean_values=MEAN, std_values=STD, target_platform="rk3588")
+    ret = rknn.load_onnx(model="./cnn.onnx")
+    if ret != 0:
+        return ret
+    ret = rknn.hybrid_quantization_step1(dataset="./dataset.txt", proposal=False, **step1_kwargs)
+    rknn.release()
+    return ret
+
+
+def step2_script(analyse: bool = True) -> tuple[int, list[np.ndarray] | None]:
+    """Rockchip's step2.py: a new RKNN object, step2, export, accuracy analysis, runtime, inference."""
+    rknn = RKNN(verbose=True)
+    ret = rknn.hybrid_quantization_step2(model_input="./cnn.model", data_input="./cnn.data", model_quantization_cfg="./cnn.quantization.cfg")
+    if ret != 0:
+        return ret, None
+    ret = rknn.export_rknn("./cnn.rknn")
+    if ret != 0:
+        return ret, None
+    ret = rknn.accuracy_analysis(inputs=["./img1.png"], output_dir=None) if analyse else 0
+    if ret != 0:
+        return ret, None
+    img = np.asarray(Image.open("./img1.png"))
+    ret = rknn.init_runtime()
+    if ret != 0:
+        return ret, None
+    outputs = rknn.inference(inputs=[img])
+    rknn.release()
+    return 0, outputs
+
+
+def test_hybrid_quant_scripts_step1_edit_step2(ws, capsys):
+    assert step1_script() == 0
+    # RKNN writes the three artifacts into the current directory, named after the model.
+    assert {"cnn.model", "cnn.data", "cnn.quantization.cfg"} <= set(os.listdir("."))
+    err = capsys.readouterr().err
+    assert "W config: target_platform='rk3588' only matters for Rockchip NPUs" in err
+    # The edit Rockchip's step1.py prints as its tip: output tensor name -> float16.
+    cfg = Path("cnn.quantization.cfg")
+    text = cfg.read_text()
+    assert "custom_quantize_layers: {}\n" in text
+    cfg.write_text(text.replace("custom_quantize_layers: {}\n", "custom_quantize_layers:\n  c3: float16\n"))
+
+    ret, outputs = step2_script()
+    assert ret == 0
+    err = capsys.readouterr().err
+    assert "I hybrid_quantization_step2: custom_quantize_layers 'c3': float16 -> node 'conv3' runs float16 (output tensor)" in err
+    assert "W export_rknn: ./cnn.rknn is an ONNX model" in err
+    # The edit took effect: conv3 runs in fp16 between Casts, with fp16 weights; conv2 stays int8.
+    q = onnx.load("cnn.rknn")
+    names = {n.name: n.op_type for n in q.graph.node}
+    assert names.get("conv3_Cast_input0") == "Cast" and names.get("conv3_Cast_output0") == "Cast"
+    assert any(i.name == "w3_fp16" and i.data_type == onnx.TensorProto.FLOAT16 for i in q.graph.initializer)
+    conv2 = next(n for n in q.graph.node if n.name == "conv2")
+    assert conv2.input[0] == "r1_dequantized" and conv2.input[1].endswith("_dequantized")
+    # inference() normalised the raw uint8 HWC image with the cfg's mean/std (step2 ran without config()).
+    assert outputs is not None and outputs[0].shape == (1, 10)
+    assert cosine(outputs[0], fp32_logits(np.asarray(Image.open("img1.png")))) > 0.99
+
+
+def test_custom_hybrid_marks_every_layer_between_the_tensors(ws):
+    # r1 (relu1's output) -> res (the residual Add): conv2 (BN folded into it), relu2, conv3, add.
+    assert step1_script(custom_hybrid=[["r1", "res"]]) == 0
+    from hybridq.config import load_cfg
+
+    assert load_cfg("cnn.quantization.cfg").custom == {"conv2": "float16", "relu2": "float16", "conv3": "float16", "add": "float16"}
+    assert "# custom_hybrid [r1, res]" in Path("cnn.quantization.cfg").read_text()
+    ret, outputs = step2_script(analyse=False)
+    assert ret == 0
+    q = onnx.load("cnn.rknn")
+    casts = {n.name for n in q.graph.node if n.op_type == "Cast"}
+    assert {"conv2_Cast_input0", "conv3_Cast_output0", "add_Cast_output0"} <= casts
+    # The layers outside the pair keep their default: fc is still quantized.
+    assert any(n.op_type == "DequantizeLinear" and n.input[0].startswith("flat") for n in q.graph.node)
+    assert cosine(outputs[0], fp32_logits(np.asarray(Image.open("img1.png")))) > 0.99
+
+
+def test_custom_hybrid_accepts_a_tensor_the_temp_model_fused_away(ws, capsys):
+    # c2 (conv2's output before BN) does not exist once BN is folded; its producer conv2 does.
+    assert step1_script(custom_hybrid=[["c2", "c3"]]) == 0
+    from hybridq.config import load_cfg
+
+    assert load_cfg("cnn.quantization.cfg").custom == {"relu2": "float16", "conv3": "float16"}
+    assert "'c2' was fused into 'conv2'" in capsys.readouterr().err
+
+
+def test_build_accuracy_analysis_export_as_rockchip_example(ws, capsys):
+    rknn = RKNN(verbose=True)
+    rknn.config(mean_values=MEAN, std_values=STD)
+    assert rknn.load_onnx(model="cnn.onnx") == 0
+    assert rknn.build(do_quantization=True, dataset="./dataset.txt") == 0
+    assert rknn.accuracy_analysis(inputs=["./img0.png"], output_dir="./snapshot") == 0
+    assert rknn.export_rknn("./cnn.rknn") == 0
+    rknn.release()
+    # build() writes nothing into the current directory; the snapshot has both layouts.
+    assert not any(Path(p).exists() for p in ("cnn.model", "cnn.data", "cnn.quantization.cfg"))
+    snap = Path("snapshot")
+    assert {"golden", "simulator", "fp32", "quant", "manifest.json", "error_analysis.txt"} <= set(os.listdir(snap))
+    assert "[Gemm] fc (logits)" in (snap / "error_analysis.txt").read_text()
+    assert "[Gemm] fc (logits)" in capsys.readouterr().out  # the table is printed, as RKNN does
+    # golden/ and simulator/ hold hybridq's fp32/ and quant/ arrays under the same names.
+    for sub, side in (("golden", "fp32"), ("simulator", "quant")):
+        assert sorted(os.listdir(snap / side)) == sorted(p for p in os.listdir(snap / sub) if p.endswith(".npy"))
+        np.testing.assert_array_equal(np.load(snap / sub / "r2.npy"), np.load(snap / side / "r2.npy"))
+    # What Rockchip's accuracy_analysis example reads: np.genfromtxt of the output, one value per line.
+    golden = np.genfromtxt(snap / "golden" / "logits.txt")
+    simulator = np.genfromtxt(snap / "simulator" / "logits.txt")
+    assert golden.shape == simulator.shape == (10,)
+    np.testing.assert_allclose(golden, fp32_logits(np.asarray(Image.open("img0.png"))).ravel(), atol=2e-6)
+    np.testing.assert_allclose(simulator, run("cnn.rknn", {"x": _normalised("img0.png")})[0].ravel(), atol=2e-6)
+    assert cosine(golden, simulator) > 0.99
+
+
+def _normalised(path: str) -> np.ndarray:
+    img = np.asarray(Image.open(path)).astype(np.float32)
+    return np.ascontiguousarray(((img - np.float32(MEAN[0])) / np.float32(STD[0])).transpose(2, 0, 1)[None])
+
+
+def test_inference_nchw_and_nhwc_agree_and_load_rknn_reads_the_export(ws):
+    rknn = RKNN()
+    rknn.config(mean_values=MEAN, std_values=STD)
+    rknn.load_onnx(model="cnn.onnx")
+    assert rknn.build(do_quantization=True, dataset="./dataset.txt") == 0
+    assert rknn.export_rknn("cnn.rknn") == 0
+    assert rknn.init_runtime() == 0
+    img = np.asarray(Image.open("img2.png"))
+    nhwc = rknn.inference(inputs=[img])
+    nchw = rknn.inference(inputs=[img.transpose(2, 0, 1)], data_format=["nchw"])
+    np.testing.assert_array_equal(nhwc[0], nchw[0])
+    rknn.release()
+    # A script that only deploys: load_rknn + init_runtime + inference on the exported file.
+    again = RKNN()
+    again.config(mean_values=MEAN, std_values=STD)
+    assert again.load_rknn("cnn.rknn") == 0 and again.init_runtime(target="rk3588") == 0
+    np.testing.assert_array_equal(again.inference(inputs=[img])[0], nhwc[0])
+    again.release()
+
+
+def test_load_onnx_outputs_cuts_the_model(ws):
+    rknn = RKNN()
+    assert rknn.load_onnx(model="cnn.onnx", outputs=["gap"]) == 0
+    assert rknn.build(do_quantization=False) == 0
+    assert rknn.init_runtime() == 0
+    out = rknn.inference(inputs=[np.zeros((16, 16, 3), np.uint8)])
+    assert [o.shape for o in out] == [(1, 16, 1, 1)]
+    rknn.release()
+
+
+def test_step1_rerun_keeps_the_edited_cfg_as_backup(ws):
+    assert step1_script() == 0
+    cfg = Path("cnn.quantization.cfg")
+    cfg.write_text(cfg.read_text().replace("custom_quantize_layers: {}\n", "custom_quantize_layers:\n  conv3: float16\n"))
+    assert step1_script() == 0
+    backups = [p for p in os.listdir(".") if p.startswith("cnn.quantization.cfg.") and p.endswith(".bak")]
+    assert len(backups) == 1 and "conv3: float16" in Path(backups[0]).read_text()
+
+
+# ---------------------------------------------------------------------- common mistakes
+
+
+def test_no_model_loaded(ws, capsys):
+    rknn = RKNN()
+    assert rknn.build(do_quantization=True, dataset="./dataset.txt") == -1
+    assert rknn.hybrid_quantization_step1(dataset="./dataset.txt") == -1
+    err = capsys.readouterr().err
+    assert "E build: no model is loaded; call rknn.load_onnx(model='model.onnx') first." in err
+    assert "E hybrid_quantization_step1: no model is loaded" in err
+    assert rknn.init_runtime() == -1
+    assert rknn.inference(inputs=[np.zeros((16, 16, 3), np.uint8)]) is None
+    err = capsys.readouterr().err
+    assert "E init_runtime: no model is built" in err and "E inference: the runtime is not initialised" in err
+    assert "Traceback" not in err
+    rknn.release()
+
+
+def test_missing_model_and_missing_dataset(ws, capsys):
+    rknn = RKNN()
+    assert rknn.load_onnx(model="./missing.onnx") == -1
+    assert "E load_onnx:" in capsys.readouterr().err
+    assert rknn.load_onnx(model="cnn.onnx") == 0
+    assert rknn.hybrid_quantization_step1(dataset="./nothere.txt") == -1
+    err = capsys.readouterr().err
+    assert "E hybrid_quantization_step1: dataset" in err and "nothere.txt" in err and "does not exist" in err
+    assert rknn.build(do_quantization=True) == -1
+    assert "E build: do_quantization=True needs a dataset" in capsys.readouterr().err
+    Path("bad.txt").write_text("img0.png\nimg_missing.png\n")
+    assert rknn.build(do_quantization=True, dataset="bad.txt") == -1
+    err = capsys.readouterr().err
+    assert "line 2" in err and "img_missing.png" in err
+    rknn.release()
+
+
+def test_bad_cfg_is_named_with_its_line(ws, capsys):
+    assert step1_script() == 0
+    cfg = Path("cnn.quantization.cfg")
+    good = cfg.read_text()
+    cfg.write_text(good.replace("custom_quantize_layers: {}\n", "custom_quantize_layers:\n  conv_3: float16\n"))
+    rknn = RKNN()
+    assert rknn.hybrid_quantization_step2("./cnn.model", "./cnn.data", "./cnn.quantization.cfg") == -1
+    err = capsys.readouterr().err
+    assert "E hybrid_quantization_step2: cnn.quantization.cfg:" in err and "'conv_3'" in err and "Did you mean: 'conv3'" in err
+    cfg.write_text(good.replace("custom_quantize_layers: {}\n", "custom_quantize_layers:\n  conv3 float16\n  x: [\n"))
+    assert rknn.hybrid_quantization_step2("./cnn.model", "./cnn.data", "./cnn.quantization.cfg") == -1
+    assert "YAML syntax error" in capsys.readouterr().err
+    assert rknn.export_rknn("x.rknn") == -1 and not Path("x.rknn").exists()
+    rknn.release()
+
+
+def test_config_rejects_unknown_options_and_values(capsys):
+    rknn = RKNN()
+    assert rknn.config(mean_values=MEAN, quantized_algorithem="normal") == -1
+    assert "E config: unknown option 'quantized_algorithem'. Did you mean: 'quantized_algorithm'," in capsys.readouterr().err
+    assert rknn.config(quantized_dtype="w4a16") == -1
+    assert "4-bit weights" in capsys.readouterr().err
+    assert rknn.config(quantized_algorithm="kl_divergance") == -1
+    assert "Did you mean: 'kl_divergence'" in capsys.readouterr().err
+    assert rknn.config(quantized_method="group32") == -1
+    assert rknn.config(std_values=[[0, 1, 1]]) == -1
+    # NPU-only options: accepted, reported once per RKNN object.
+    assert rknn.config(target_platform="rk3588", optimization_level=2) == 0
+    assert rknn.config(target_platform="rk3588") == 0
+    err = capsys.readouterr().err
+    assert err.count("target_platform='rk3588' only matters") == 1 and "optimization_level=2" in err
+    # RKNN-Toolkit2's names map onto hybridq's settings.
+    assert rknn.config(quantized_dtype="w16a16i", quantized_algorithm="mmse", quantized_method="layer", quant_img_RGB2BGR=True) == 0
+    s = rknn._settings()
+    assert (s.dtype, s.weight_dtype, s.algorithm, s.qmethod) == ("int16", "int16", "mse", "layer")
+    assert rknn._preprocess(1).color == "bgr"
+    rknn.release()
+
+
+def test_custom_hybrid_unknown_tensor(ws, capsys):
+    assert step1_script(custom_hybrid=[["r_1", "res"]]) == -1
+    err = capsys.readouterr().err
+    assert "E hybrid_quantization_step1: custom_hybrid input tensor 'r_1' is not a tensor of the model. Did you mean:" in err
+    assert step1_script(custom_hybrid=[["res", "r1"]]) == -1
+    assert "no layer lies on a path from 'res' to 'r1'" in capsys.readouterr().err
+
+
+def test_proposal_and_auto_hybrid_use_hybridqs_proposal(ws, capsys):
+    # A target the int8 model cannot reach, so the proposal must move layers to float_dtype (float16, as RKNN).
+    rknn = RKNN(verbose=True)
+    rknn.config(mean_values=MEAN, std_values=STD, auto_hybrid_cos_thresh=0.9999999)
+    rknn.load_onnx(model="cnn.onnx")
+    assert rknn.hybrid_quantization_step1(dataset="./dataset.txt", proposal=True, proposal_dataset_size=4) == 0
+    from hybridq.config import load_cfg
+
+    chosen = load_cfg("cnn.quantization.cfg").custom
+    assert chosen and set(chosen.values()) == {"float16"}
+    err = capsys.readouterr().err
+    assert "I hybrid_quantization_step1: proposal:" in err and "float layers" in err
+    assert rknn.build(do_quantization=True, dataset="./dataset.txt", auto_hybrid=True) == 0
+    assert "I build: proposal:" in capsys.readouterr().err
+    assert rknn.hybrid_quantization_step1(dataset="./dataset.txt", proposal=True, proposal_dataset_size=0) == -1
+    assert "proposal_dataset_size must be a positive integer" in capsys.readouterr().err
+    rknn.release()
+
+
+def test_unsupported_rknn_methods_fail_clearly(capsys):
+    rknn = RKNN()
+    assert rknn.load_tflite(model="m.tflite") == -1
+    assert "E load_tflite: load_tflite is not available in hybridq: hybridq reads ONNX only" in capsys.readouterr().err
+    with pytest.raises(AttributeError, match="Did you mean: 'load_onnx'"):
+        rknn.load_onx  # noqa: B018
+    rknn.release()
+    assert rknn.config() == -1
+    assert "E config: this RKNN object was released; create a new one with RKNN()." in capsys.readouterr().err
