@@ -213,6 +213,19 @@ def pooled_tensors(g: GraphView) -> set[str]:
     return pooled
 
 
+SHAPE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def _feeds_split(tensor: str, g: GraphView, depth: int = 4) -> bool:
+    """Is the tensor (possibly through reshapes) cut into channel groups by Split or Slice?"""
+    for c in g.consumers.get(tensor, []):
+        if c.op_type in ("Split", "Slice"):
+            return True
+        if depth and c.op_type in SHAPE_OPS and _feeds_split(c.output[0], g, depth - 1):
+            return True
+    return False
+
+
 def _policy(node: onnx.NodeProto, g: GraphView, settings: Settings, pooled: set[str] = frozenset()) -> str | None:
     """Why a quantizable node stays float by default, or None."""
     if node.op_type == "ConvTranspose":
@@ -223,6 +236,8 @@ def _policy(node: onnx.NodeProto, g: GraphView, settings: Settings, pooled: set[
         return "depthwise Conv (int8 depthwise is slower than fp32 on x86)"
     if node.op_type == "Conv" and all(o in g.outputs for o in node.output):
         return "Conv producing a graph output stays float"
+    if node.op_type == "Conv" and _feeds_split(node.output[0], g):
+        return "detection-head Conv: its output is split into channels of different ranges (boxes, scores)"
     if node.op_type == "Conv" and settings.float_pooled and node.input[0] in pooled:
         return "Conv on a 1x1 pooled tensor (SE block): too little compute for int8 to pay for its Q/DQ"
     return None

@@ -195,3 +195,28 @@ def attention_block(seed: int = 0, seq: int = 16, dim: int = 32) -> onnx.ModelPr
     ]
     ins = [helper.make_tensor_value_info("x", T.FLOAT, [1, seq, dim]), helper.make_tensor_value_info("mask", T.FLOAT, [1, 1, seq])]
     return _model(nodes, ins, [helper.make_tensor_value_info("y", T.FLOAT, [1, seq, dim])], inits, opset=17)
+
+
+def detector_head(seed: int = 0) -> onnx.ModelProto:
+    """Backbone convs, then one head Conv whose 6 channels are split into 4 box offsets (pixels, large) and 2 score
+    logits; boxes are decoded (x stride + grid) and concatenated with sigmoid scores: out [1,6,8,8]. Input x [1,8,16,16]."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(np.arange(8), np.arange(8)), 0).astype(np.float32) * 8
+    wh = rng.normal(0, 0.3, (6, 16, 1, 1))
+    wh[:4] *= 200  # raw box regressions span hundreds, score logits a few units
+    inits = [_init("w1", rng.normal(0, 0.3, (16, 8, 3, 3))), _init("w2", rng.normal(0, 0.2, (16, 16, 3, 3))),
+             _init("wh", wh), _init("stride", np.array(0.2)),
+             _init("grid", np.concatenate([grid, grid])[None]), _init("split", np.array([4, 2]).astype(np.int64))]
+    inits[-1] = numpy_helper.from_array(np.array([4, 2], dtype=np.int64), "split")
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1] * 4, strides=[2, 2]), helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "wh"], ["head"], name="head"),
+        helper.make_node("Split", ["head", "split"], ["box_raw", "score_logit"], name="split", axis=1),
+        helper.make_node("Mul", ["box_raw", "stride"], ["box_px"], name="box_scale"),
+        helper.make_node("Add", ["box_px", "grid"], ["boxes"], name="box_decode"),
+        helper.make_node("Sigmoid", ["score_logit"], ["scores"], name="score"),
+        helper.make_node("Concat", ["boxes", "scores"], ["out"], name="concat", axis=1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16, 16])],
+                  [helper.make_tensor_value_info("out", T.FLOAT, [1, 6, 8, 8])], inits)

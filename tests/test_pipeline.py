@@ -173,3 +173,20 @@ def test_opset11_constant_weights_become_int8_initializers(tmp_path):
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "w2" for n in q.graph.node)
     for feeds in _eval_samples({"x": (1, 3, 8, 8)}):
         assert cosine(run(r2.output, feeds)[0], run(path, feeds)[0]) > 0.99
+
+
+def test_detector_head_that_concatenates_boxes_and_scores_keeps_scores(tmp_path):
+    path = tmp_path / "det.onnx"
+    onnx.save(models.detector_head(), path)
+    listing = models.write_npy_dataset(tmp_path / "d", {"x": (1, 8, 16, 16)}, 12)
+    _, r2 = _step1_step2(path, listing, tmp_path / "ws")
+    # The head Conv is split into boxes (hundreds of pixels) and score logits: it stays float by policy,
+    # so the scores (a tiny part of the concatenated output's energy) are not wiped out.
+    assert _layer_precisions(r2)["head"] == "float32"
+    for feeds in _eval_samples({"x": (1, 8, 16, 16)}):
+        got, ref = run(r2.output, feeds)[0], run(path, feeds)[0]
+        assert cosine(got[:, 4:], ref[:, 4:]) > 0.99 and cosine(got[:, :4], ref[:, :4]) > 0.99
+
+
+def _layer_precisions(r2) -> dict[str, str]:
+    return {k: v["precision"] for k, v in r2.rewrite.layers.items()}

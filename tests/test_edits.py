@@ -1,0 +1,109 @@
+"""cfg edits of algorithm, dtype, qtype and qmethod change exactly the edited tensor, without running a model."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import numpy_helper
+
+import hybridq
+from hybridq.config import load_cfg
+from hybridq.observers import compute_range
+from hybridq.artifacts import read_step1
+
+
+def _inits(path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def _edit_entry(text: str, tensor: str, key: str, value: str) -> str:
+    """Replace `key:` inside the quantize_parameters entry of `tensor`."""
+    start = text.index(f"\n  {tensor}:\n")
+    end = text.index("\n  ", text.index("zero_point", start))
+    block = text[start:end]
+    return text[:start] + re.sub(rf"(\n    {key}: )[^\n]*", rf"\g<1>{value}", block) + text[end:]
+
+
+@pytest.fixture
+def built(cnn_ws):
+    r1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=cnn_ws["dir"] / "ws")
+    base = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "base.onnx")
+    return r1, _inits(base.output)
+
+
+def _step2_without_running_a_model(r1, out, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("step2 must not run a model")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    return hybridq.step2(r1.model, r1.data, r1.cfg, out)
+
+
+def _changed(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> set[str]:
+    return {k for k in a.keys() | b.keys() if k not in a or k not in b or a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k])}
+
+
+def test_algorithm_edit_recomputes_that_tensor_from_stored_histograms(built, cnn_ws, monkeypatch):
+    r1, base = built
+    r1.cfg.write_text(_edit_entry(r1.cfg.read_text(), "r2", "algorithm", "percentile"))
+    res = _step2_without_running_a_model(r1, cnn_ws["dir"] / "p.onnx", monkeypatch)
+    after = _inits(res.output)
+    # Only r2's parameters and the bias that depends on r2's scale (conv3's b3) change.
+    assert _changed(base, after) <= {"r2_scale", "r2_zero_point", "b3_quantized", "b3_scale"}
+    assert "r2_scale" in _changed(base, after)
+    bundle = read_step1(r1.model, r1.data, None, r1.cfg)
+    lo, hi = compute_range(bundle.observers["r2"], "percentile", 255, 99.99)
+    assert after["r2_scale"] == pytest.approx(np.float32((hi - min(lo, 0)) / 255), rel=1e-6)
+
+
+def test_dtype_edit_gives_16_bit_qdq_on_that_tensor_only(built, cnn_ws, monkeypatch):
+    r1, base = built
+    r1.cfg.write_text(_edit_entry(r1.cfg.read_text(), "r1", "dtype", "int16"))
+    res = _step2_without_running_a_model(r1, cnn_ws["dir"] / "d.onnx", monkeypatch)
+    after = _inits(res.output)
+    assert after["r1_zero_point"].dtype == np.int16 and base["r1_zero_point"].dtype == np.uint8
+    assert after["r2_zero_point"].dtype == np.uint8
+    # Besides r1's own parameters, only conv2's bias (int32 scale = s_r1 * s_w) may change.
+    assert {k for k in _changed(base, after) if not k.startswith("ConvBnFusion")} <= {"r1_scale", "r1_zero_point"}
+
+
+def test_qmethod_edit_makes_a_weight_per_tensor(built, cnn_ws, monkeypatch):
+    r1, base = built
+    r1.cfg.write_text(_edit_entry(r1.cfg.read_text(), "w3", "qmethod", "layer"))
+    res = _step2_without_running_a_model(r1, cnn_ws["dir"] / "l.onnx", monkeypatch)
+    after = _inits(res.output)
+    assert after["w3_scale"].shape == () and base["w3_scale"].shape == (16,)
+    assert after["w3_scale"] == pytest.approx(np.float32(np.abs(base["w3_scale"]).max()), rel=1e-6)
+
+
+def test_qtype_edit_makes_an_activation_symmetric(built, cnn_ws, monkeypatch):
+    r1, base = built
+    r1.cfg.write_text(_edit_entry(_edit_entry(r1.cfg.read_text(), "r2", "qtype", "sym"), "r2", "dtype", "int8"))
+    res = _step2_without_running_a_model(r1, cnn_ws["dir"] / "s.onnx", monkeypatch)
+    after = _inits(res.output)
+    assert after["r2_zero_point"].dtype == np.int8 and int(after["r2_zero_point"]) == 0
+    cfg = load_cfg(r1.cfg)
+    assert after["r2_scale"] == pytest.approx(np.float32(cfg.entries["r2"].values["ori_max"][0] / 127), rel=1e-6)
+
+
+def test_deleted_entry_falls_back_to_step1_statistics_and_says_so(built, cnn_ws):
+    r1, base = built
+    text = r1.cfg.read_text()
+    start = text.index("\n  r2:\n")
+    end = text.index("\n  ", text.index("zero_point", start))
+    r1.cfg.write_text(text[:start] + text[end:])
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "del.onnx")
+    assert any("'r2'" in n and "fell back" in n for n in res.notes)
+    np.testing.assert_array_equal(_inits(res.output)["r2_scale"], base["r2_scale"])
+
+
+def test_scale_edit_is_honoured_with_a_warning_when_it_contradicts_min_max(built, cnn_ws):
+    r1, base = built
+    r1.cfg.write_text(_edit_entry(r1.cfg.read_text(), "r2", "scale", "[0.5]"))
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "sc.onnx")
+    assert _inits(res.output)["r2_scale"] == np.float32(0.5)
+    assert any("contradicts min/max" in w and "'r2'" in w for w in res.warnings)
