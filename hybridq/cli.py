@@ -130,12 +130,13 @@ def step1(
     model: Annotated[Path, typer.Argument(help="fp32 ONNX model.")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="dataset.txt (RKNN convention), a directory or a glob.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where the three artifacts go (default: beside the model).")] = None,
-    dtype: Annotated[str, typer.Option(help="Activation dtype: uint8, int8 or int16.")] = "uint8",
-    weight_dtype: Annotated[str, typer.Option(help="Weight dtype: int8 or int16.")] = "int8",
-    qmethod: Annotated[str, typer.Option(help="Weights per channel or per layer: channel or layer.")] = "channel",
-    qtype: Annotated[str, typer.Option(help="Activations asym or sym.")] = "asym",
-    algorithm: Annotated[str, typer.Option(help="Range algorithm: minmax, percentile, kl or mse.")] = "minmax",
-    percentile: Annotated[float, typer.Option(help="Percentile for --algorithm percentile.")] = 99.99,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Workspace settings file (hybridq.yaml); command-line options win.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Activation dtype: uint8 (default), int8 or int16.")] = None,
+    weight_dtype: Annotated[Optional[str], typer.Option(help="Weight dtype: int8 (default) or int16.")] = None,
+    qmethod: Annotated[Optional[str], typer.Option(help="Weights per channel (default) or per layer: channel or layer.")] = None,
+    qtype: Annotated[Optional[str], typer.Option(help="Activations asym (default) or sym.")] = None,
+    algorithm: Annotated[Optional[str], typer.Option(help="Range algorithm: minmax (default), percentile, kl or mse.")] = None,
+    percentile: Annotated[Optional[float], typer.Option(help="Percentile for --algorithm percentile (default 99.99).")] = None,
     samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per batch (models with a dynamic batch dim).")] = 1,
     mean: MeanOpt = None,
@@ -165,9 +166,17 @@ def step1(
         raise InputError(f"--samples must be at least 1, got {samples}.")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
-    settings = Settings(dtype=dtype, weight_dtype=weight_dtype, qmethod=qmethod, qtype=qtype, algorithm=algorithm, percentile=percentile)
-    settings.validate("command line")
-    pre = _preprocess(mean, std, color, layout, resize, preprocess_hook)
+    values = _workspace_config(config) if config is not None else {}
+    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile}
+    values.update({k: v for k, v in given.items() if v is not None})
+    pre_keys = {"mean": mean, "std": std, "color": color if color != "rgb" else None, "layout": layout, "resize": resize if resize != "none" else None}
+    pre_values = {k: values.pop(k) for k in list(values) if k in pre_keys}
+    pre_values.update({k: v for k, v in pre_keys.items() if v is not None})
+    settings = Settings.from_dict(values, str(config) if config else "command line")
+    pre = _preprocess(
+        _joined(pre_values.get("mean")), _joined(pre_values.get("std")), pre_values.get("color", "rgb"),
+        pre_values.get("layout"), pre_values.get("resize", "none"), preprocess_hook,
+    )
     totals: dict[str, int] = {}
     with progress("calibrating", None) as advance:
         res = api.step1(
@@ -268,6 +277,30 @@ def analyze(
     if getattr(result, "dump_message", None):
         lines.append(result.dump_message)
     _emit(result.to_dict(), [rich_table(result, top=top)], lines)
+
+
+def _workspace_config(path: Path) -> dict[str, Any]:
+    """Settings (and mean/std/color/layout/resize) from a workspace YAML file, loaded safely."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError
+
+    if not path.is_file():
+        raise InputError(f"Workspace config '{path}' does not exist; `hybridq init DIR` writes one as DIR/hybridq.yaml.")
+    try:
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        raise InputError(f"{path}:{mark.line + 1 if mark else '?'}: YAML syntax error: {exc.problem}.") from None
+    if not isinstance(data, dict):
+        raise InputError(f"Workspace config '{path}' must be a mapping of setting: value.")
+    return dict(data)
+
+
+def _joined(value: Any) -> str | None:
+    """A mean/std from YAML (list or text) as the comma text --mean takes."""
+    if value is None:
+        return None
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples):

@@ -77,3 +77,18 @@ def test_python_module_entry_point(tmp_path):
 
     res = subprocess.run([sys.executable, "-m", "hybridq", "--help"], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert res.returncode == 0 and "step1" in res.stdout
+
+
+def test_workspace_config_sets_defaults_and_options_win(capsys, cnn_ws):
+    conf = cnn_ws["dir"] / "hybridq.yaml"
+    conf.write_text("algorithm: percentile\npercentile: 99.9\nqmethod: layer\n")
+    ws = cnn_ws["dir"] / "ws"
+    code, out, err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "--config", conf, "--qmethod", "channel", "-q")
+    assert code == 0, err
+    from hybridq.config import load_cfg
+
+    cfg = load_cfg(ws / "cnn.quantization.cfg")
+    assert (cfg.settings.algorithm, cfg.settings.percentile, cfg.settings.qmethod) == ("percentile", 99.9, "channel")
+    conf.write_text("algorithmm: kl\n")
+    code, out, err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "--config", conf)
+    assert code == 2 and "algorithm" in err and "Did you mean" in err
