@@ -893,6 +893,12 @@ class _Session:
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        # ONNX Runtime plans buffer reuse in time quadratic in the node count: 10 s for the
+        # 4000 nodes of a small analysis graph. Tensors are still freed after their last use.
+        so.enable_mem_reuse = False
+        # thousands of small nodes: one thread avoids a thread-pool hand-off per node (measured
+        # 2-3x faster than two threads on the 2-core bench machine while it was loaded)
+        so.intra_op_num_threads = 1
         self.what = what
         try:
             if model.ByteSize() < _LARGE_MODEL:

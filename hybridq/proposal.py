@@ -145,6 +145,23 @@ def _mean_db(values: list[float]) -> float:
     return float(np.mean(finite))
 
 
+def concrete_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of the model whose inputs take the sample's shapes, with shapes inferred (for compute estimates)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    for vi in work.graph.input:
+        if vi.name in sample and vi.type.HasField("tensor_type"):
+            dims = vi.type.tensor_type.shape.dim
+            for d, n in zip(dims, sample[vi.name].shape):
+                d.Clear()
+                d.dim_value = int(n)
+    del work.graph.value_info[:]
+    try:
+        return onnx.shape_inference.infer_shapes(work, data_prop=True)
+    except Exception:
+        return model
+
+
 def layer_macs(model: onnx.ModelProto) -> dict[str, float]:
     """Multiply-accumulates of each Conv/Gemm/MatMul node (weight size x output positions; weight size when shapes are unknown)."""
     from .graph import tensor_shapes
@@ -235,7 +252,7 @@ def propose(
     existing = dict(existing or {})
     log: list[str] = []
     ranked = [(n, c) for n, c in rank_layers(single, plan, model) if n not in existing]
-    macs = layer_macs(model)
+    macs = layer_macs(concrete_shapes(model, evaluator.samples[0]) if evaluator.samples else model)
     total = sum(macs.get(n, 0.0) for n in plan.layers) or 1.0
 
     def fraction(layers: list[str]) -> float:

@@ -159,3 +159,22 @@ def test_sample_metrics_agree_with_single_functions(a: np.ndarray, data: st.Data
     assert -1.0 <= c <= 1.0
     assert cosine(a, b) == cosine(b, a)
     assert snr_db(a, a) == math.inf
+
+
+def test_metrics_from_sums_match_sample_metrics() -> None:
+    from hybridq.metrics import metrics_from_sums
+
+    rng = np.random.default_rng(3)
+    for a, b in [
+        (rng.normal(size=500), rng.normal(size=500)),
+        (np.linspace(-1, 1, 300), np.linspace(-1, 1, 300) + 1e-4 * rng.normal(size=300)),
+        (np.zeros(4), np.zeros(4)),
+        (np.full(5, 3.0), np.full(5, -2.0)),
+        (np.ones(4), np.zeros(4)),
+    ]:
+        d = a - b
+        got = metrics_from_sums(a @ a, b @ b, d @ d, float(np.abs(d).max()))
+        want = sample_metrics(a, b)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    nan = metrics_from_sums(1.0, 1.0, math.nan, 0.5)
+    assert all(math.isnan(v) for v in (nan[0], nan[1], nan[3]))

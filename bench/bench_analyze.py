@@ -1,0 +1,182 @@
+"""analyze speed (SPEC 9): `hybridq.analyze` vs one fp32 pass + one quant pass on the same samples.
+
+    python bench/bench_analyze.py                    # rec and cls, 10 samples each
+    python bench/bench_analyze.py --models rec,cls,det -n 20
+
+For each PP-OCR model: builds the hybridq QDQ model with `hybridq step1` +
+`step2` (CLI subprocesses, in `--work`, default a temp directory), then on the
+same N calib samples times
+
+* `fp32`: a plain ORT CPU session of the float model (default options), one run per sample;
+* `quant`: the same for the quantized model;
+* `analyze`: `hybridq.analysis.analyze(float, quant, samples)` (entire + single
+  for all layers), wall time including graph building and session creation,
+  and per sample (the time between `on_sample` calls after the first).
+
+Goal: analyze <= 3 x (fp32 + quant). The section between
+`<!-- analyze:begin -->` and `<!-- analyze:end -->` in bench/RESULTS.md is
+replaced (created when missing); the rest of the file is left alone.
+Models and data come from bench/ppocr.py (read-only use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+import ppocr  # noqa: E402
+
+BEGIN, END = "<!-- analyze:begin -->", "<!-- analyze:end -->"
+RESULTS = HERE / "RESULTS.md"
+
+
+def build_quant(task: ppocr.Task, work: Path, calib_n: int) -> tuple[Path, Path]:
+    """(calib dataset.txt, hybridq QDQ model), built once per work dir."""
+    calib = work / "calib" / "dataset.txt"
+    if not calib.is_file():
+        ppocr.write_calib_dataset(task, calib.parent, limit=calib_n)
+    stem = task.model.stem
+    out = work / "hybridq.onnx"
+    if not out.is_file():
+        ws = work / "ws"
+        py = [sys.executable, "-m", "hybridq"]
+        for cmd in (
+            py + ["step1", str(task.model), "--dataset", str(calib), "--out", str(ws)],
+            py + ["step2", str(ws / f"{stem}.model"), str(ws / f"{stem}.data"), str(ws / f"{stem}.quantization.cfg"), "-o", str(out)],
+        ):
+            subprocess.run(cmd, check=True, cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return calib, out
+
+
+def time_passes(model: Path, feeds: list[dict[str, np.ndarray]]) -> float:
+    """Seconds per sample of a default ORT CPU session (best of 3 rounds, 1 warm-up run)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    sess.run(None, feeds[0])
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for f in feeds:
+            sess.run(None, f)
+        best = min(best, (time.perf_counter() - t) / len(feeds))
+    return best
+
+
+def time_analyze(fp: Path, qp: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[float, float, int]:
+    """(total wall seconds, seconds per sample after the first, number of layers)."""
+    from hybridq.analysis import analyze
+
+    marks: list[float] = []
+    t0 = time.perf_counter()
+    res = analyze(fp, qp, feeds, on_sample=lambda: marks.append(time.perf_counter()))
+    total = time.perf_counter() - t0
+    per = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) > 1 else total
+    return total, per, len(res.layers)
+
+
+def render(rows: list[dict], cmd: str, n: int) -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines = [
+        BEGIN,
+        "## analyze speed",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {platform.machine()}, "
+        f"{os.cpu_count()} cores, {platform.python_version()}; load average at the end {load:.1f}  ",
+        f"N = {n} samples per model; fp32/quant: default ORT CPU session, best of 3 rounds; "
+        "analyze: `hybridq.analysis.analyze` (entire + single, all layers), no dump.",
+        "",
+        "| model | layers | fp32 ms/sample | quant ms/sample | analyze ms/sample | analyze total s (setup incl.) "
+        "| ratio per sample | ratio total | goal <= 3x |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | n/a | | | | | | | {r['error']} |")
+            continue
+        base = r["fp32"] + r["quant"]
+        rs, rt = r["per"] / base, r["total"] / (n * base)
+        lines.append(
+            f"| {r['model']} | {r['layers']} | {r['fp32'] * 1e3:.1f} | {r['quant'] * 1e3:.1f} | {r['per'] * 1e3:.1f} "
+            f"| {r['total']:.2f} | {rs:.2f}x | {rt:.2f}x | {'met' if rs <= 3 else 'not met'} |"
+        )
+    lines += [
+        "",
+        "Ratio per sample = analyze per-sample time / (fp32 + quant); ratio total also charges analyze's "
+        "one-off graph building and session creation to the N samples.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str) -> None:
+    old = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n\n"
+    if BEGIN in old and END in old:
+        a, b = old.index(BEGIN), old.index(END) + len(END)
+        new = old[:a] + text.rstrip("\n") + old[b:]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, RESULTS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="rec,cls", help="comma list of rec,cls,det")
+    ap.add_argument("-n", type=int, default=10, help="samples per model (default 10)")
+    ap.add_argument("--calib", type=int, default=20, help="calibration samples for step1 (default 20)")
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "hybridq-bench-analyze")
+    ap.add_argument("--no-write", action="store_true", help="print the section, do not touch RESULTS.md")
+    args = ap.parse_args(argv)
+    if not ppocr.data_available():
+        print(ppocr.skip_message())
+        print("skipped")
+        return 0
+    tasks = ppocr.make_tasks(ppocr.fetch_models())
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        task = tasks[name]
+        try:
+            calib, qp = build_quant(task, args.work / name, args.calib)
+            paths = ppocr.read_dataset(calib)
+            feeds = [{"x": np.load(p)} for p in (paths * (args.n // len(paths) + 1))[: args.n]]
+            import onnxruntime as ort
+
+            in_name = ort.InferenceSession(str(task.model), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+            feeds = [{in_name: f["x"]} for f in feeds]
+            fp32 = time_passes(task.model, feeds)
+            quant = time_passes(qp, feeds)
+            total, per, layers = time_analyze(task.model, qp, feeds)
+            rows.append({"model": name, "fp32": fp32, "quant": quant, "per": per, "total": total, "layers": layers})
+            print(f"{name}: fp32 {fp32 * 1e3:.1f} ms, quant {quant * 1e3:.1f} ms, analyze {per * 1e3:.1f} ms/sample, "
+                  f"{total:.2f} s total -> {per / (fp32 + quant):.2f}x per sample", flush=True)
+        except Exception as e:  # keep the other models' figures
+            rows.append({"model": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+            print(f"{name}: failed: {rows[-1]['error']}", flush=True)
+    cmd = "python bench/bench_analyze.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = render(rows, cmd.strip(), args.n)
+    print(text)
+    if not args.no_write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
