@@ -116,7 +116,10 @@ def run_measured(cmd: list[str], log: Path, timeout_s: float = STEP_TIMEOUT_S) -
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - start
     ok = proc.returncode == 0
-    return Proc(ok, wall, usage.ru_maxrss / 1024.0, "" if ok else last_line(log, proc.returncode))
+    error = "" if ok else last_line(log, proc.returncode)
+    if wall >= timeout_s:
+        error = f"timed out after {timeout_s:.0f} s"
+    return Proc(ok, wall, usage.ru_maxrss / 1024.0, error)
 
 
 def last_line(log: Path, code: int) -> str:

@@ -124,7 +124,7 @@ def publish_all(moves: list[tuple[Path, Path]], keep: Path) -> None:
                     except OSError:
                         shutil.copy2(dst, old)
                 saved.append((dst, old))
-            for i, (src, dst) in enumerate(moves):
+            for src, dst in moves:
                 publish(src, dst)
         except BaseException:
             for dst, old in reversed(saved):

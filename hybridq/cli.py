@@ -385,15 +385,14 @@ def main(argv: list[str] | None = None) -> None:
     args = [a for a in args if a != "--debug"]
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=args, prog_name="hybridq", standalone_mode=False)
+        rc = app(args=args, prog_name="hybridq", standalone_mode=False)
     except HybridqError as exc:
         if debug:
             raise
         err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
-        err.print("interrupted: earlier artifacts are left as they were, and nothing half-written was kept.", highlight=False)
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
@@ -406,4 +405,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         err.print(f"internal error: {type(exc).__name__}: {exc}. Re-run with --debug for the traceback and report it.", highlight=False, markup=False)
         sys.exit(int(ExitCode.FAILURE))
-    sys.exit(0)
+    if rc == 130:  # typer turns KeyboardInterrupt (and our SIGTERM) into 130 and, outside standalone mode, returns it
+        _interrupted()
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _interrupted() -> None:
+    err.print(
+        "interrupted: the outputs are the earlier ones (or a complete new set if the interrupt came while they were "
+        "being put in place); nothing half-written was kept.", highlight=False, markup=False,
+    )
+    sys.exit(130)

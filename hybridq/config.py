@@ -186,9 +186,10 @@ def validate_entry(name: str, raw: Any, where: str) -> dict[str, Any]:
     if "min" in out and "max" in out:
         if len(out["min"]) != len(out["max"]):
             raise ConfigError(f"{where}: '{name}' has {len(out['min'])} min values but {len(out['max'])} max values.")
-        for lo, hi in zip(out["min"], out["max"]):
+        for i, (lo, hi) in enumerate(zip(out["min"], out["max"])):
             if lo > hi:
-                raise ConfigError(f"{where}: '{name}' has min {lo} > max {hi}; make min <= max.")
+                channel = f" (channel {i})" if len(out["min"]) > 1 else ""
+                raise ConfigError(f"{where}: '{name}' has min {lo} > max {hi}{channel}; make min <= max.")
     if "scale" in out and any(s <= 0 for s in out["scale"]):
         raise ConfigError(f"{where}: '{name}' has a scale <= 0; scales must be positive.")
     return out

@@ -252,6 +252,7 @@ def propose(
     existing = dict(existing or {})
     log: list[str] = []
     ranked = [(n, c) for n, c in rank_layers(single, plan, model) if n not in existing]
+    full_ranking = list(ranked)
     macs = layer_macs(concrete_shapes(model, evaluator.samples[0]) if evaluator.samples else model)
     total = sum(macs.get(n, 0.0) for n in plan.layers) or 1.0
 
@@ -274,12 +275,14 @@ def propose(
 
     def result(k: int, score: Score, met: bool, choice: str, use_clips: dict[str, dict[str, Any]]) -> ProposalResult:
         layers = {n: fallback for n, _ in ranked[:k]}
+        position = {n: i + 1 for i, (n, _) in enumerate(full_ranking)}
         comments = {
-            n: f"proposal rank {i + 1}/{len(ranked)}: single cos {c:.4f}" for i, (n, c) in enumerate(ranked[:k])
+            n: f"proposal rank {position[n]}/{len(full_ranking)}: single cos {c:.4f}, {100 * macs.get(n, 0.0) / total:.1f} % of compute"
+            for n, c in ranked[:k]
         }
         return ProposalResult(
             layers=layers, comments=comments, clips=use_clips, clip_comments={t: clip_comments[t] for t in use_clips},
-            baseline=base, predicted=score, met=met, evaluations=evaluator.evaluations, ranked=ranked,
+            baseline=base, predicted=score, met=met, evaluations=evaluator.evaluations, ranked=full_ranking,
             float_fraction=fraction(list(layers)), choice=choice, seconds=time.perf_counter() - t0,
             fp32_task=evaluator.fp32_task, log=log,
         )
@@ -300,12 +303,19 @@ def propose(
     else:
         base_for_search = base
 
+    if max_float_fraction is not None:
+        # Keep the rank order but skip layers that would not fit the compute budget.
+        chosen: list[tuple[str, float]] = []
+        for item in ranked:
+            if fraction([n for n, _ in chosen] + [item[0]]) <= max_float_fraction:
+                chosen.append(item)
+        skipped = len(ranked) - len(chosen)
+        if skipped:
+            log.append(f"{skipped} ranked layer(s) skipped: they do not fit --max-float-fraction {max_float_fraction}")
+        ranked[:] = chosen
     limit = len(ranked)
     if max_float_layers is not None:
         limit = min(limit, max(0, max_float_layers - len(existing)))
-    if max_float_fraction is not None:
-        while limit > 0 and fraction([n for n, _ in ranked[:limit]]) > max_float_fraction:
-            limit -= 1
     if limit == 0:
         return result(0, base_for_search, False, "the budget allows no float layer and the target is not met", best_clips)
     top = candidate(limit, best_clips)

@@ -129,7 +129,9 @@ def resolve(
         w = written.get(t, {})
         v = e.values
         edited = {k for k in v if not _same(v[k], w.get(k))}
-        algo = v.get("algorithm", settings.algorithm if "algorithm" in changed_settings else w.get("algorithm", settings.algorithm))
+        algo = v.get("algorithm", w.get("algorithm", settings.algorithm))
+        if "algorithm" not in edited and "algorithm" in changed_settings:
+            algo = settings.algorithm  # a global edit applies to every entry not edited on its own
         dtype = tp.dtype if tp.dtype != w.get("dtype", tp.dtype) else v.get("dtype", tp.dtype)
         if "dtype" not in edited and "dtype" in changed_settings and tp.dtype == w.get("dtype"):
             dtype = settings.dtype
@@ -139,12 +141,16 @@ def resolve(
         if {"min", "max"} & edited:
             lo = v.get("min", w.get("min"))
             hi = v.get("max", w.get("max"))
+            if lo is None or hi is None:
+                raise ConfigError(f"{where}: '{t}' gives only one of min and max; give both.")
             if len(lo) != 1 or len(hi) != 1:
                 raise ConfigError(f"{where}: activation '{t}' takes one min and one max value, got {len(lo)} and {len(hi)}.")
             if lo[0] > hi[0]:
                 raise ConfigError(f"{where}: '{t}' has min {lo[0]} > max {hi[0]}; make min <= max.")
             qp = compute_qparams(lo, hi, dtype, sym)
         elif {"scale", "zero_point"} & edited and dtype == w.get("dtype") and not ({"algorithm", "qtype"} & edited):
+            if v.get("scale", w.get("scale")) is None or v.get("zero_point", w.get("zero_point")) is None:
+                raise ConfigError(f"{where}: '{t}' gives only one of scale and zero_point; give both, or edit min/max instead.")
             scale = np.array(v.get("scale", w.get("scale")), dtype=np.float32)
             zp = _check_zero_points(t, where, v.get("zero_point", w.get("zero_point")), dtype, sym)
             if scale.size != 1 or zp.size != 1:
@@ -162,10 +168,16 @@ def resolve(
         elif edited & {"dtype", "qtype", "algorithm"} or changed_settings & {"dtype", "qtype", "algorithm", "percentile"} or dtype != w.get("dtype"):
             lo, hi = compute_range(obs, algo, levels(dtype), settings.percentile, t)
             qp = compute_qparams(lo, hi, dtype, sym)
+        elif v.get("scale", w.get("scale")) is None or v.get("zero_point", w.get("zero_point")) is None:
+            # Nothing edited, but scale or zero_point deleted from the entry: back to the statistics.
+            lo, hi = compute_range(obs, algo, levels(dtype), settings.percentile, t)
+            qp = compute_qparams(lo, hi, dtype, sym)
         else:
             from .qparams import NUMPY
 
-            qp = QParams(dtype, np.array(v["scale"], dtype=np.float32), _check_zero_points(t, where, v["zero_point"], dtype, sym).astype(NUMPY[dtype]))
+            scale = np.array(v.get("scale", w.get("scale")), dtype=np.float32)
+            zp = _check_zero_points(t, where, v.get("zero_point", w.get("zero_point")), dtype, sym)
+            qp = QParams(dtype, scale, zp.astype(NUMPY[dtype]))
         res.activations[t] = qp
 
     for wname, wp in plan.weights.items():
@@ -188,10 +200,15 @@ def resolve(
                 "set it back to 0 (or delete the entry) and clip the weight range by editing min/max."
             )
         if {"min", "max"} & edited:
+            if v.get("min", w.get("min")) is None or v.get("max", w.get("max")) is None:
+                raise ConfigError(f"{where}: weight '{wname}' gives only one of min and max; give both.")
             lo, hi = np.array(v.get("min", w.get("min"))), np.array(v.get("max", w.get("max")))
             n = arr.shape[wp.axis] if wp.axis is not None else 1
             if lo.size != n or hi.size != n:
                 raise ConfigError(f"{where}: weight '{wname}' needs {n} min/max values ({'one per channel' if n > 1 else 'per tensor'}), got {lo.size}/{hi.size}.")
+            if np.any(lo > hi):
+                i = int(np.argmax(lo > hi))
+                raise ConfigError(f"{where}: weight '{wname}' has min {lo.reshape(-1)[i]} > max {hi.reshape(-1)[i]} (channel {i}); make min <= max.")
             res.weights[wname] = compute_qparams(lo, hi, wp.dtype, True, wp.axis)
         elif {"scale"} & edited:
             scale = np.array(v["scale"], dtype=np.float32)

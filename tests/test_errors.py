@@ -361,6 +361,28 @@ def test_cfg_weight_zero_point_must_stay_zero(ws, capsys):
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, "zero_point", "'w3'", "symmetric")
 
 
+def test_cfg_value_outside_float32(ws, capsys):
+    ws.edit_cfg("    ori_max: [", "    ori_max: [1e300, ")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "ori_max", "'r1'", "1e+300", "float32")
+
+
+def test_cfg_weight_min_greater_than_max_names_the_channel(ws, capsys):
+    text = ws.cfg.read_text()
+    start = text.index("\n  w3:")
+    ws.cfg.write_text(text[:start] + re.sub(r"min: \[-?[0-9.e-]+,", "min: [9.5,", text[start:], count=1))
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "'w3'", "9.5", "channel 0")
+
+
+def test_cfg_deleted_scale_and_zero_point_fall_back_to_the_statistics(ws, capsys):
+    # Found by the property test below: an entry without scale/zero_point and nothing else edited.
+    text = ws.cfg.read_text()
+    start = text.index("\n  r1:")
+    end = text.index("\n  r2:") if "\n  r2:" in text else len(text)
+    block = re.sub(r"\n    (scale|zero_point): \[[^\]]*\]", "", text[start:end])
+    ws.cfg.write_text(text[:start] + block + text[end:])
+    assert_clean(hq(capsys, *ws.step2_args()), 0)
+
+
 def test_cfg_zero_scale(ws, capsys):
     ws.edit_cfg("    scale: [", "    scale: [0.0, ")
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, "scale", "'r1'")
@@ -613,8 +635,10 @@ _scalars = st.one_of(
     st.text(max_size=12), st.sampled_from(["uint8", "int8", "int16", "float16", "float32", "fp8", "asym", "sym", "layer",
                                            "channel", "kl", "mse", "percentile", "conv2", "r1", "w2", "fc", "x"]),
 )
-_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-                       max_leaves=8)
+_values = st.one_of(
+    _scalars, st.lists(_scalars, max_size=4),
+    st.dictionaries(st.text(max_size=8), st.one_of(_scalars, st.lists(_scalars, max_size=3)), max_size=3),
+)
 
 
 def _paths(node, prefix=()):
@@ -693,7 +717,7 @@ def shared_ws(pristine: Path, tmp_path_factory: pytest.TempPathFactory) -> Ws:
     return Ws(root, root / "cnn.onnx", root / "data" / "dataset.txt", root / "ws")
 
 
-_PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], derandomize=False)
+_PROPERTY = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 @settings(max_examples=30, **_PROPERTY)

@@ -88,10 +88,10 @@ def test_signal_mid_calibration_keeps_earlier_artifacts(earlier, sig):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [round(0.4 + 0.15 * i, 2) for i in range(16)])
+@pytest.mark.parametrize("delay", [round(1.0 + 0.15 * i, 2) for i in range(16)])
 def test_signal_at_any_moment_leaves_old_or_new_artifacts_never_a_mix(earlier, delay):
     # Without the slow hook the run takes ~1-2 s; an interrupt lands anywhere, the write phase included.
-    # (Not before 0.4 s: a Ctrl-C while Python imports typer and rich, before cli.main runs, is Python's own.)
+    # (Not before 1 s: a Ctrl-C while Python imports typer and rich, before cli.main runs, is Python's own.)
     before = _snapshot(earlier["out"])
     proc = _start(earlier)
     time.sleep(delay)
