@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -325,7 +325,6 @@ class Task:
     calib_inputs: Callable[[], Iterator[np.ndarray]]
     evaluate: Callable[[RunFn, int | None], float]
     eval_input: Callable[[], np.ndarray]
-    notes: list[str] = field(default_factory=list)
 
 
 def _lines_for_cls(split: str) -> Iterator[tuple[np.ndarray, int]]:
