@@ -327,7 +327,8 @@ def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
         lines.append(f"  measured on the model step2 builds from the written cfg: {p.measured.describe()}")
     lines.append(f"  float layers: {len(p.layers)}, float compute {100 * p.float_fraction:.1f} %, {p.evaluations} evaluations, {p.seconds:.1f} s")
     if p.clips:
-        lines.append(f"  range clips: {', '.join(p.clips)}")
+        names = list(p.clips)
+        lines.append(f"  range clips (mse) on {len(names)} tensor(s): {', '.join(names[:6])}" + (" ..." if len(names) > 6 else "") + " (commented in the cfg)")
     if not p.met:
         lines.append("  The target was NOT met; the cfg holds the best candidate found. Loosen the target or raise the budget.")
     data = {

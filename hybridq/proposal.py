@@ -205,25 +205,35 @@ def rank_layers(single: dict[str, float], plan: QuantPlan, model: onnx.ModelProt
 
 
 def clip_candidates(
-    ranked: list[tuple[str, float]], plan: QuantPlan, observers: dict[str, HistogramObserver],
-    written: dict[str, dict[str, Any]], settings: Settings, top: int = 8,
+    plan: QuantPlan, observers: dict[str, HistogramObserver], written: dict[str, dict[str, Any]], settings: Settings,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Range clips for the activations around the worst layers, where an MSE range is much tighter than min/max."""
+    """Range clips: every activation whose MSE-optimal range is tighter than its current one.
+
+    Outliers stretch a min/max range so that the bulk of the values gets few levels;
+    the MSE range (from the stored histogram) trades a little saturation for resolution.
+    """
     clips: dict[str, dict[str, Any]] = {}
     comments: dict[str, str] = {}
-    worst = {n for n, _ in ranked[:top]}
     for t, tp in plan.tensors.items():
-        if not ({tp.producer} | set(tp.readers)) & worst or t not in observers or not observers[t].bins:
+        obs = observers.get(t)
+        if obs is None or not obs.bins or t not in written or written[t].get("algorithm") == "mse":
             continue
-        obs = observers[t]
         lo, hi = compute_range(obs, "mse", levels(tp.dtype), settings.percentile)
-        width, clipped = obs.max - min(obs.min, 0.0), hi - min(lo, 0.0)
-        if clipped > 0 and width / clipped >= 2.0:
+        old_lo, old_hi = written[t]["min"][0], written[t]["max"][0]
+        width, clipped = max(old_hi, 0.0) - min(old_lo, 0.0), max(hi, 0.0) - min(lo, 0.0)
+        if clipped > 0 and width / clipped >= 1.05:
             entry = dict(written[t])
             entry.update(algorithm="mse", min=[short_float(lo)], max=[short_float(hi)])
             clips[t] = entry
-            comments[t] = f"proposal: range clipped from [{obs.min:.4g}, {obs.max:.4g}] to [{lo:.4g}, {hi:.4g}] (mse); outliers saturate"
+            comments[t] = f"proposal: range [{old_lo:.4g}, {old_hi:.4g}] clipped to [{lo:.4g}, {hi:.4g}] (mse)"
     return clips, comments
+
+
+def _better(a: Score, b: Score) -> bool:
+    """Is score a better than b (task score when there is one, else the worst output cosine)?"""
+    if a.task is not None and b.task is not None:
+        return a.task > b.task
+    return a.worst_cosine > b.worst_cosine
 
 
 def as_cfg(settings: Settings, custom: dict[str, str], entries: dict[str, dict[str, Any]], edits: dict[str, dict[str, Any]]) -> Cfg:
@@ -290,18 +300,15 @@ def propose(
     if evaluator.met(base):
         return result(0, base, True, "the default quantization already meets the target; nothing to change", {})
 
-    clips, clip_comments = clip_candidates(ranked, plan, observers, written, settings)
+    clips, clip_comments = clip_candidates(plan, observers, written, settings)
+    base_for_search = base
     if clips:
         s = candidate(0, clips)
         if evaluator.met(s):
-            return result(0, s, True, f"range clips on {len(clips)} tensor(s) meet the target with no float layer", clips)
-        if s.worst_cosine > base.worst_cosine:
+            return result(0, s, True, f"MSE range clips on {len(clips)} tensor(s) meet the target with no float layer", clips)
+        if _better(s, base):
             best_clips, base_for_search = clips, s
-            log.append("clips improve the outputs; kept under the float layers")
-        else:
-            base_for_search = base
-    else:
-        base_for_search = base
+            log.append("range clips improve the outputs; kept under the float layers")
 
     if max_float_fraction is not None:
         # Keep the rank order but skip layers that would not fit the compute budget.
@@ -320,6 +327,9 @@ def propose(
         return result(0, base_for_search, False, "the budget allows no float layer and the target is not met", best_clips)
     top = candidate(limit, best_clips)
     if not evaluator.met(top):
+        if not _better(top, base_for_search):
+            what = "range clips only" if best_clips else "no change"
+            return result(0, base_for_search, False, f"{limit} float layer(s) (the budget) miss the target and do not improve on it; {what}", best_clips)
         return result(limit, top, False, f"even {limit} float layer(s) (the budget) miss the target; best effort", best_clips)
     lo, hi, hi_score = 0, limit, top
     while hi - lo > 1:
