@@ -156,6 +156,17 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def tag_external(model: onnx.ModelProto, location: str, min_bytes: int = 0) -> None:
+    """Mark tensors with raw data of at least `min_bytes` as external data in `location` (written by onnx.save_model).
+
+    Done by hand because onnx's save_as_external_data checks `location` against the current
+    directory, not the model's, and refuses when a file of that name happens to sit there.
+    """
+    for tensor in external_data_helper._get_all_tensors(model):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= min_bytes:
+            external_data_helper.set_external_data(tensor, location=location)
+
+
 def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
     """Save a model atomically; models over 2 GB get their weights in `<path>.data` beside it."""
     path = Path(path)
@@ -163,7 +174,10 @@ def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
         target = tmp / path.name
         try:
             if model.ByteSize() > 1_900_000_000:
-                onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+                big = onnx.ModelProto()
+                big.CopyFrom(model)
+                tag_external(big, path.name + ".data", min_bytes=1024)
+                onnx.save_model(big, str(target))
                 publish_all([(tmp / (path.name + ".data"), path.parent / (path.name + ".data")), (target, path)], tmp)
             else:
                 onnx.save_model(model, str(target))
@@ -242,11 +256,7 @@ def write_step1(
         work.metadata_props.extend(props)
         work.metadata_props.add(key=RUN_KEY, value=run_digest(work, dict(meta, stat_tensors=names), stats))
         try:
-            # Tag the weights ourselves: onnx's save_as_external_data checks `location` against the
-            # current directory, not the model's, and refuses when a <stem>.data happens to sit there.
-            for tensor in external_data_helper._get_all_tensors(work):
-                if tensor.HasField("raw_data"):
-                    external_data_helper.set_external_data(tensor, location=paths["data"].name)
+            tag_external(work, paths["data"].name)
             onnx.save_model(work, str(tmp / paths["model"].name))
             model_sha = sha256_file(tmp / paths["model"].name)
             cfg_text = render_cfg(model_sha)

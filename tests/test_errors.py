@@ -787,3 +787,38 @@ def test_random_dataset_lists_give_success_or_a_clean_error(dataset_zoo, capsys,
 @given(data=st.data())
 def test_random_dataset_lists_give_success_or_a_clean_error_1000(dataset_zoo, capsys, data):
     _dataset_property(dataset_zoo, dataset_zoo / "cnn.onnx", capsys, data)
+
+
+@pytest.mark.slow
+def test_model_over_2_gb_round_trips_through_external_data(tmp_path):
+    """A 2.1 GB Gemm weight: step1 and step2 must go through ONNX external data, and the result must run."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import hybridq
+
+    k = 33_554_432  # 16 x k float32 = 2.1 GB
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, k), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transB=1)], "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save_model(model, tmp_path / "big.onnx", save_as_external_data=True, location="big.onnx.data")
+    del model, graph
+    data = tmp_path / "d"
+    data.mkdir()
+    x = rng.standard_normal((1, k), dtype=np.float32)
+    np.save(data / "0.npy", x)
+    (data / "dataset.txt").write_text("0.npy\n")
+    r1 = hybridq.step1(tmp_path / "big.onnx", data / "dataset.txt", out=tmp_path / "ws")
+    r2 = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    assert (tmp_path / "q.onnx.data").exists() or r2.size_quant < 2**31
+    import onnxruntime as ort
+
+    y = ort.InferenceSession(str(r2.output), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = x @ w.T
+    assert float((y * ref).sum() / (np.linalg.norm(y) * np.linalg.norm(ref))) > 0.99
