@@ -69,6 +69,18 @@ def _conv(node: onnx.NodeProto, g: GraphView) -> Slots | None:
     return Slots((0,), (1, 0), bias)
 
 
+def _conv_transpose(node: onnx.NodeProto, g: GraphView) -> Slots | None:
+    # Weights are [Cin, Cout / group, kH, kW]: output channels run along axis 1, and only
+    # with group == 1 does a per-axis-1 scale line up with the bias (int32 scale s_x * s_w[c]).
+    if len(node.input) < 2 or node.input[1] not in g.inits:
+        return None
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    if group != 1:
+        return Slots((0,), None)
+    bias = 2 if len(node.input) > 2 and node.input[2] in g.inits else None
+    return Slots((0,), (1, 1), bias)
+
+
 def _gemm(node: onnx.NodeProto, g: GraphView) -> Slots | None:
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     if attrs.get("transA", 0):
@@ -76,7 +88,7 @@ def _gemm(node: onnx.NodeProto, g: GraphView) -> Slots | None:
     if node.input[1] in g.inits:
         n_out = g.inits[node.input[1]].dims[0 if attrs.get("transB", 0) else 1]
         bias = None
-        if len(node.input) > 2 and node.input[2] in g.inits and list(g.inits[node.input[2]].dims) in ([n_out], [1, n_out]):
+        if len(node.input) > 2 and node.input[2] in g.inits and list(g.inits[node.input[2]].dims) == [n_out]:
             if attrs.get("beta", 1.0) == 1.0 and attrs.get("alpha", 1.0) == 1.0:
                 bias = 2
         return Slots((0,), (1, 0 if attrs.get("transB", 0) else 1), bias)
@@ -106,7 +118,7 @@ def _first_input(node: onnx.NodeProto, g: GraphView) -> Slots | None:
 # setting asks, since ORT's QLinear elementwise kernels are slower than fp32.
 QUANTIZABLE: dict[str, Callable[[onnx.NodeProto, GraphView], Slots | None]] = {
     "Conv": _conv,
-    "ConvTranspose": _conv,
+    "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": _matmul,
     "Add": _all_float_inputs,

@@ -190,3 +190,29 @@ def test_detector_head_that_concatenates_boxes_and_scores_keeps_scores(tmp_path)
 
 def _layer_precisions(r2) -> dict[str, str]:
     return {k: v["precision"] for k, v in r2.rewrite.layers.items()}
+
+
+def test_conv_transpose_forced_int8_uses_output_channel_scales(tmp_path):
+    # ConvTranspose weights are [Cin, Cout, k, k]: per-channel scales must run along axis 1 so the
+    # int32 bias (scale s_x * s_w[c]) lines up with the output channels. Default keeps it float.
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 2, 2)).astype(np.float32), "wt")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), "bt")
+    w1 = numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "w1")
+    nodes = [onnx.helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             onnx.helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             onnx.helper.make_node("ConvTranspose", ["r1", "wt", "bt"], ["up"], name="deconv", strides=[2, 2]),
+             onnx.helper.make_node("Sigmoid", ["up"], ["prob"], name="sigmoid")]
+    g = onnx.helper.make_graph(nodes, "up", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 8, 8])],
+                               [onnx.helper.make_tensor_value_info("prob", onnx.TensorProto.FLOAT, [1, 4, 16, 16])], [w, b, w1])
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    path = tmp_path / "up.onnx"
+    onnx.save(m, path)
+    listing = models.write_npy_dataset(tmp_path / "d", {"x": (1, 8, 8, 8)}, 8)
+    _, r2 = _step1_step2(path, listing, tmp_path / "ws", edit=lambda t: t.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  deconv: uint8"))
+    q = onnx.load(str(r2.output))
+    assert _init(q, "wt_scale").shape == (4,) and _init(q, "bt_scale").shape == (4,)
+    np.testing.assert_allclose(_init(q, "bt_scale"), _init(q, "r1_scale") * _init(q, "wt_scale"), rtol=1e-6)
+    for feeds in _eval_samples({"x": (1, 8, 8, 8)}):
+        assert cosine(run(r2.output, feeds)[0], run(path, feeds)[0]) > 0.999
