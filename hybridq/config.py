@@ -38,7 +38,9 @@ quantize_parameters: one entry per quantized tensor (activations and weights).
   min/max: the range used; edit them to clip a range (scale and zero_point are recomputed).
   ori_min/ori_max: the range observed in calibration (for reference).
   dtype: uint8 | int8 | int16; qtype: asym | sym; qmethod: layer | channel (weights);
-  algorithm: minmax | percentile | kl | mse (recomputed from stored statistics, no re-calibration).
+  algorithm: minmax | percentile | kl | mse (recomputed from stored statistics, no re-calibration;
+    histograms are stored for every tensor listed here, min/max only for the other inputs and outputs
+    of quantizable layers, which a layer moved to int8 may add).
   Delete an entry to fall back to the step1 statistics.
 """
 

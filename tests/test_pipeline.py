@@ -216,3 +216,36 @@ def test_conv_transpose_forced_int8_uses_output_channel_scales(tmp_path):
     np.testing.assert_allclose(_init(q, "bt_scale"), _init(q, "r1_scale") * _init(q, "wt_scale"), rtol=1e-6)
     for feeds in _eval_samples({"x": (1, 8, 8, 8)}):
         assert cosine(run(r2.output, feeds)[0], run(path, feeds)[0]) > 0.999
+
+
+def test_if_subgraph_stays_float_and_is_reported(tmp_path):
+    rng = np.random.default_rng(6)
+    then_g = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["c1"], ["t_out"], name="then_relu")], "then", [],
+                                    [onnx.helper.make_tensor_value_info("t_out", onnx.TensorProto.FLOAT, None)])
+    else_g = onnx.helper.make_graph([onnx.helper.make_node("Neg", ["c1"], ["e_out"], name="else_neg")], "else", [],
+                                    [onnx.helper.make_tensor_value_info("e_out", onnx.TensorProto.FLOAT, None)])
+    nodes = [onnx.helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             onnx.helper.make_node("If", ["flag"], ["branch"], name="branch_if", then_branch=then_g, else_branch=else_g),
+             onnx.helper.make_node("Conv", ["branch", "w2"], ["out"], name="conv2")]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32), "w2")]
+    g = onnx.helper.make_graph(nodes, "cf", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 8, 8]),
+                                             onnx.helper.make_tensor_value_info("flag", onnx.TensorProto.BOOL, [])],
+                               [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    m = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    path = tmp_path / "cf.onnx"
+    onnx.save(m, path)
+    d = tmp_path / "d"
+    d.mkdir()
+    lines = []
+    for i in range(6):
+        np.save(d / f"x{i}.npy", rng.normal(0, 1, (1, 8, 8, 8)).astype(np.float32))
+        np.save(d / f"f{i}.npy", np.array(i % 2 == 0))
+        lines.append(f"x{i}.npy f{i}.npy")
+    (d / "dataset.txt").write_text("\n".join(lines) + "\n")
+    r1, r2 = _step1_step2(path, d / "dataset.txt", tmp_path / "ws")
+    assert r1.float_subgraph_nodes == ["branch_if"]
+    for flag in (True, False):
+        feeds = {"x": rng.normal(0, 1, (1, 8, 8, 8)).astype(np.float32), "flag": np.array(flag)}
+        assert cosine(run(r2.output, feeds)[0], run(path, feeds)[0]) > 0.99
