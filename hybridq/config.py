@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,59 @@ def short_float(x: float) -> float:
     return float(repr(np.float32(x)).replace("np.float32(", "").rstrip(")")) if math.isfinite(x) else float(x)
 
 
+# ruamel's round-trip emitter and loader cost ~0.1 ms per scalar; a cfg lists ~100k
+# per-channel numbers for a mid-size model. Flow lists of plain numbers are therefore
+# swapped for placeholder scalars around every ruamel call and parsed with str.split.
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_NUM_LIST = re.compile(rf"\[[ \t]*{_NUM}(?:[ \t]*,[ \t]*{_NUM})*[ \t]*\]")
+_PLACEHOLDER = re.compile(r"__hqlist(\d+)__")
+
+
+def _shrink(text: str) -> tuple[str, list[str]]:
+    """Replace every one-line flow list of plain numbers by a placeholder scalar; returns the lists' texts."""
+    lists: list[str] = []
+
+    def keep(m: re.Match) -> str:
+        lists.append(m.group(0))
+        return f"__hqlist{len(lists) - 1}__"
+
+    return _NUM_LIST.sub(keep, text), lists
+
+
+def _expand(text: str, lists: list[str]) -> str:
+    """Put the lists back where `_shrink` (or `_number_list`) left placeholders."""
+    return _PLACEHOLDER.sub(lambda m: lists[int(m.group(1))], text)
+
+
+def _parse_numbers(text: str) -> list[int | float]:
+    """Parse '[1, 2.5, -3e-4]' (already known to hold only plain numbers)."""
+    out: list[int | float] = []
+    for tok in text.strip()[1:-1].split(","):
+        tok = tok.strip()
+        out.append(int(tok) if tok.lstrip("+-").isdigit() else float(tok))
+    return out
+
+
+def _restore(node: Any, lists: list[str]) -> Any:
+    """Turn placeholders in a loaded document back into Python lists (in place for mappings and sequences)."""
+    if isinstance(node, str):
+        m = _PLACEHOLDER.fullmatch(node)
+        return _parse_numbers(lists[int(m.group(1))]) if m else node
+    if isinstance(node, dict):
+        for k in list(node):
+            node[k] = _restore(node[k], lists)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            node[i] = _restore(v, lists)
+    return node
+
+
+def _number_list(values, lists: list[str]) -> str:
+    """A placeholder for a flow list written by us (numbers as Python prints them)."""
+    lists.append("[" + ", ".join(str(int(v)) if isinstance(v, int) else repr(float(v)) for v in values) + "]")
+    return f"__hqlist{len(lists) - 1}__"
+
+
 def _flow(values) -> CommentedSeq:
     seq = CommentedSeq(values)
     seq.fa.set_flow_style()
@@ -85,11 +139,12 @@ def render_cfg(
         cq.yaml_add_eol_comment(c, k)
     doc["custom_quantize_layers"] = cq
     qp = CommentedMap()
+    lists: list[str] = []
     for name, entry in entries.items():
         e = CommentedMap()
         for k in ENTRY_KEYS:
             if k in entry:
-                e[k] = _flow(entry[k]) if k in LIST_KEYS else entry[k]
+                e[k] = _number_list(entry[k], lists) if k in LIST_KEYS else entry[k]
         qp[name] = e
         if name in entry_comments:
             qp.yaml_set_comment_before_after_key(name, before=entry_comments[name], indent=2)
@@ -102,7 +157,7 @@ def render_cfg(
     doc.yaml_set_comment_before_after_key("quantize_parameters", before="Per-tensor quantization parameters (RKNN-Toolkit2 keys).")
     buf = io.StringIO()
     _yaml().dump(doc, buf)
-    return buf.getvalue()
+    return _expand(buf.getvalue(), lists)
 
 
 @dataclass
@@ -207,7 +262,8 @@ def load_cfg(path: str | Path) -> Cfg:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"Config file '{p}' cannot be read: {exc}.") from exc
     try:
-        doc = _yaml().load(text)
+        small, lists = _shrink(text)
+        doc = _restore(_yaml().load(small), lists)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
@@ -251,6 +307,7 @@ def load_cfg(path: str | Path) -> Cfg:
 def update_custom_layers(text: str, layers: dict[str, str], comments: dict[str, str]) -> str:
     """Add or replace custom_quantize_layers entries in cfg text, keeping every other edit and comment."""
     y = _yaml()
+    text, lists = _shrink(text)
     doc = y.load(text)
     cq = doc.get("custom_quantize_layers")
     if not isinstance(cq, CommentedMap):
@@ -262,12 +319,13 @@ def update_custom_layers(text: str, layers: dict[str, str], comments: dict[str, 
             cq.yaml_add_eol_comment(comments[name], name)
     buf = io.StringIO()
     y.dump(doc, buf)
-    return buf.getvalue()
+    return _expand(buf.getvalue(), lists)
 
 
 def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[str, str]) -> str:
     """Change keys of quantize_parameters entries in cfg text (e.g. a proposed range clip), keeping everything else."""
     y = _yaml()
+    text, lists = _shrink(text)
     doc = y.load(text)
     qp = doc.get("quantize_parameters")
     for name, values in edits.items():
@@ -281,4 +339,4 @@ def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[s
             entry.yaml_add_eol_comment(comments[name], "max")
     buf = io.StringIO()
     y.dump(doc, buf)
-    return buf.getvalue()
+    return _expand(buf.getvalue(), lists)
