@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .graph import is_large, save_external
 from .errors import HybridqError, InputError, ModelError
 from .metrics import Accumulator, Metrics, metrics_from_sums
 
@@ -58,7 +59,6 @@ _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DO
 _SKIP_OPS = frozenset({"Constant", "ConstantOfShape"})
 _IN_PREFIX = "hybridq.single.in/"
 _OUT_PREFIX = "hybridq.single/"
-_LARGE_MODEL = 1_800_000_000  # bytes; larger models go to ORT through a temp file with external data
 
 
 # --------------------------------------------------------------------------- results
@@ -901,14 +901,14 @@ class _Session:
         so.intra_op_num_threads = 1
         self.what = what
         try:
-            if model.ByteSize() < _LARGE_MODEL:
+            if not is_large(model):
                 self.sess = ort.InferenceSession(
                     model.SerializeToString(), so, providers=["CPUExecutionProvider"]
                 )
             else:
                 with tempfile.TemporaryDirectory(prefix="hybridq-") as tmp:
                     path = os.path.join(tmp, "model.onnx")
-                    onnx.save(model, path, save_as_external_data=True, location="model.data")
+                    save_external(model, path, "model.data")
                     self.sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load the {what}: {e}") from None

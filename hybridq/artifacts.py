@@ -32,6 +32,7 @@ import onnx
 from onnx import external_data_helper
 
 from .errors import ArtifactMismatchError, InputError, OutputError
+from .graph import is_large, tag_external
 from .observers import HistogramObserver
 
 FORMAT_VERSION = 1
@@ -156,24 +157,13 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def tag_external(model: onnx.ModelProto, location: str, min_bytes: int = 0) -> None:
-    """Mark tensors with raw data of at least `min_bytes` as external data in `location` (written by onnx.save_model).
-
-    Done by hand because onnx's save_as_external_data checks `location` against the current
-    directory, not the model's, and refuses when a file of that name happens to sit there.
-    """
-    for tensor in external_data_helper._get_all_tensors(model):
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= min_bytes:
-            external_data_helper.set_external_data(tensor, location=location)
-
-
 def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
     """Save a model atomically; models over 2 GB get their weights in `<path>.data` beside it."""
     path = Path(path)
     with staging(path.parent) as tmp:
         target = tmp / path.name
         try:
-            if model.ByteSize() > 1_900_000_000:
+            if is_large(model):
                 big = onnx.ModelProto()
                 big.CopyFrom(model)
                 tag_external(big, path.name + ".data", min_bytes=1024)

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from .errors import DatasetError, ModelError
-from .graph import float_activations
+from .graph import float_activations, is_large, save_external
 from .observers import HistogramObserver
 
 
@@ -34,10 +34,10 @@ def session_for(model: onnx.ModelProto, outputs: list[str] | None = None, *, bas
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     try:
-        if work.ByteSize() > 1_800_000_000:
+        if is_large(work):
             with tempfile.TemporaryDirectory(prefix="hybridq-sess-") as tmp:
                 path = os.path.join(tmp, "m.onnx")
-                onnx.save_model(work, path, save_as_external_data=True, all_tensors_to_one_file=True, location="m.data")
+                save_external(work, path, "m.data")
                 return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(work.SerializeToString(), so, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -23,6 +23,34 @@ from onnx import numpy_helper
 from .errors import ModelError, OutputError
 
 MIN_OPSET = 13
+# Above this size a model cannot be one protobuf (2 GB limit): it goes through files with external data.
+LARGE_MODEL_BYTES = 1_800_000_000
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Must this model be saved with external data?"""
+    return model.ByteSize() > LARGE_MODEL_BYTES
+
+
+def tag_external(model: onnx.ModelProto, location: str, min_bytes: int = 0) -> None:
+    """Mark tensors with raw data of at least `min_bytes` as external data in `location` (written by onnx.save_model).
+
+    Done by hand because onnx's save_as_external_data checks `location` against the current
+    directory, not the model's, and refuses when a file of that name happens to sit there.
+    """
+    from onnx import external_data_helper
+
+    for tensor in external_data_helper._get_all_tensors(model):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= min_bytes:
+            external_data_helper.set_external_data(tensor, location=location)
+
+
+def save_external(model: onnx.ModelProto, path: str | Path, location: str) -> None:
+    """Save a copy of the model with its weights (>= 1 KB tensors) in `location` beside it."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    tag_external(work, location, min_bytes=1024)
+    onnx.save_model(work, str(path))
 
 
 @dataclass
@@ -155,10 +183,10 @@ def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     with _temp_dir("hybridq-prep-") as tmp:
         src = os.path.join(tmp, "in.onnx")
         dst = os.path.join(tmp, "out.onnx")
-        large = model.ByteSize() > 1_800_000_000
+        large = is_large(model)
         try:
             if large:
-                onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True, location="in.data")
+                save_external(model, src, "in.data")
             else:
                 onnx.save_model(model, src)
         except OSError as exc:
@@ -195,9 +223,14 @@ def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape and type inference; the model is returned unchanged when inference fails on an exotic op."""
     try:
-        if model.ByteSize() > 1_800_000_000:
-            return model
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        if not is_large(model):
+            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        # A proto over 2 GB cannot be serialised in memory: infer through files with external data.
+        with tempfile.TemporaryDirectory(prefix="hybridq-shapes-") as tmp:
+            src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
+            save_external(model, src, "in.data")
+            onnx.shape_inference.infer_shapes_path(src, dst, data_prop=True)
+            return onnx.load(dst)
     except Exception:
         return model
 

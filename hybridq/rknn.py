@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import HybridqError, InputError, ModelError, did_you_mean
+from .graph import is_large, save_external
 
 # quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
 QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
@@ -299,7 +300,10 @@ class RKNN:
         work = self._tmp / "model"
         work.mkdir(exist_ok=True)
         out = work / f"{path.stem}.onnx"  # step1 names its artifacts by this stem, as RKNN does
-        onnx.save(cut, str(out), save_as_external_data=cut.ByteSize() > 1_800_000_000)
+        if is_large(cut):
+            save_external(cut, out, out.name + ".data")
+        else:
+            onnx.save(cut, str(out))
         self._model_path = self._float_path = out
         self._log("I", "load_onnx", f"loaded {path} (inputs {[i.name for i in cut.graph.input]}, outputs {[o.name for o in cut.graph.output]}).")
         return 0

@@ -249,3 +249,18 @@ def test_if_subgraph_stays_float_and_is_reported(tmp_path):
     for flag in (True, False):
         feeds = {"x": rng.normal(0, 1, (1, 8, 8, 8)).astype(np.float32), "flag": np.array(flag)}
         assert cosine(run(r2.output, feeds)[0], run(path, feeds)[0]) > 0.99
+
+
+def test_large_model_paths_through_external_data(tmp_path, monkeypatch):
+    # The > 2 GB code paths (ORT optimisation, calibration session, step2 output with external data),
+    # exercised on a small model by lowering the size threshold; the slow test runs a real 2.1 GB model.
+    import hybridq.graph
+
+    monkeypatch.setattr(hybridq.graph, "LARGE_MODEL_BYTES", 1000)
+    path = tmp_path / "cnn.onnx"
+    onnx.save(models.residual_cnn(), path, save_as_external_data=True, location="cnn.onnx.data", size_threshold=0)
+    listing = models.write_npy_dataset(tmp_path / "d", {"x": (1, 3, 16, 16)}, 6)
+    r1, r2 = _step1_step2(path, listing, tmp_path / "ws")
+    assert (tmp_path / "ws" / "q.onnx.data").exists()
+    for feeds in _eval_samples({"x": (1, 3, 16, 16)}, n=3):
+        assert cosine(run(r2.output, feeds)[0], run(path, feeds)[0]) > 0.995
