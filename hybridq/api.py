@@ -17,7 +17,7 @@ from .calibration import calibrate
 from .config import Cfg, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
-from .graph import float_activations, has_subgraphs, load_model, prepare
+from .graph import has_subgraphs, load_model, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import Evaluator, ProposalResult, Score, Target, as_cfg, propose
 from .qdq import RewriteResult, apply_plan

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .graph import main_opset
 from .plan import GraphView, QuantPlan
-from .qparams import ONNX, QParams, quantize
+from .qparams import QParams, quantize
 
 QDQ_MAP_KEY = "hybridq.qdq_map"
 INT32_LIMIT = 2**31 - 1
@@ -103,9 +103,7 @@ def apply_plan(
         result.tensor_map[t] = dq.output[0]
 
     # Weights: stored quantized, read through a DQ.
-    weight_users = {}
     for w, wp in plan.weights.items():
-        weight_users[w] = wp
         qp = weight_params[w]
         arr = g.init_array(w)
         q_arr = quantize(arr, qp)

@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .analysis import AnalysisResult, LayerError
+from .analysis import AnalysisResult
 from .metrics import METRIC_NAMES, Metrics
 from .snapshot import atomic_write_bytes
 

@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from hybridq.cli import main
-from tests import models
 from tests.conftest import cosine, run
 
 
