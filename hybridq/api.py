@@ -237,7 +237,9 @@ def build_plan(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tuple[
     layer_precision, resolved = resolve_layer_names(cfg, model, meta)
     written = meta.get("written_entries", {})
     tensor_dtype = {t: e.values["dtype"] for t, e in cfg.entries.items() if "dtype" in e.values and e.values["dtype"] != written.get(t, {}).get("dtype")}
-    weight_method = {t: e.values["qmethod"] for t, e in cfg.entries.items() if "qmethod" in e.values}
+    # Per-entry edits only: an unedited entry follows the settings block (where a global edit lands).
+    weight_method = {t: e.values["qmethod"] for t, e in cfg.entries.items()
+                     if "qmethod" in e.values and e.values["qmethod"] != written.get(t, {}).get("qmethod")}
     return make_plan(model, cfg.settings, layer_precision, tensor_dtype, weight_method), resolved
 
 
