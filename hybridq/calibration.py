@@ -67,10 +67,13 @@ def calibrate(
     histograms: set[str] | None = None,
     describe: Callable[[int], str] = lambda i: f"batch {i}",
     on_batch: Callable[[int], None] | None = None,
+    range_batches: int | None = 16,
 ) -> dict[str, HistogramObserver]:
     """Observe every float activation (or `tensors`) over all batches; returns one observer per tensor.
 
-    Tensors in `histograms` (all when None) get a histogram; the others only min/max, which is much cheaper.
+    Tensors in `histograms` (all when None) get a histogram from every batch. The others, which
+    no layer quantizes by default, get min/max only, and only from the first `range_batches`
+    batches (None: all): their in-graph reductions cost more than the model itself on large models.
     """
     names = tensors if tensors is not None else float_activations(model)
     full = [n for n in names if histograms is None or n in histograms]
@@ -81,6 +84,8 @@ def calibrate(
     observers = {n: HistogramObserver(bins=n in full) for n in names}
     n_batches = 0
     for b, batch in enumerate(batches):
+        if ranged and range_batches is not None and b == range_batches:
+            sess, fetch, ranged = session_for(model, full), full, []
         missing = feeds - batch.keys()
         if missing:
             raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")

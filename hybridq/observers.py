@@ -23,6 +23,9 @@ MAX_BINS = 16384
 # the chosen width is a monotone function of the data's range (order-independent).
 E_SPAN = 40
 E_MIN = -160
+# Batches larger than this are histogrammed from an evenly strided subsample (counts scaled
+# back); min, max and count stay exact. Smaller batches are binned exactly.
+SUBSAMPLE = 1 << 16
 
 
 def _needed_exponent(lo: float, hi: float) -> int:
@@ -65,7 +68,9 @@ class HistogramObserver:
             return
         other.exponent = _needed_exponent(lo, hi)
         other.start = math.floor(lo / 2.0**other.exponent)
-        other.counts = _bin_counts(x, other.exponent, other.start)
+        flat = x.ravel()
+        step = max(1, flat.size // SUBSAMPLE)
+        other.counts = _bin_counts(flat[::step], other.exponent, other.start) * step
         self.merge(other)
 
     def update_range(self, lo: float, hi: float, n: int) -> None:

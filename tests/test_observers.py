@@ -64,9 +64,9 @@ def test_minmax_keeps_outliers():
 
 def test_percentile_matches_numpy_and_clips_outliers():
     x = _planted()
-    lo, hi = compute_range(_observe(x), "percentile", 255, 99.99)
+    obs = _observe(*np.array_split(x, 4))  # batches under SUBSAMPLE elements are binned exactly
+    lo, hi = compute_range(obs, "percentile", 255, 99.99)
     ref_lo, ref_hi = np.percentile(x, [0.01, 99.99])
-    obs = _observe(x)
     assert abs(lo - ref_lo) <= 2 * obs.width and abs(hi - ref_hi) <= 2 * obs.width
     assert hi < 10 and lo > -10
 
@@ -142,3 +142,15 @@ def test_min_max_only_observer_refuses_histogram_algorithms():
 def test_unknown_algorithm_lists_the_valid_ones():
     with pytest.raises(KeyError, match="minmax, percentile, kl, mse"):
         compute_range(_observe(np.ones(3, np.float32)), "entropyy", 255)
+
+
+def test_large_batches_are_subsampled_but_min_max_and_count_stay_exact():
+    from hybridq.observers import SUBSAMPLE
+
+    x = np.random.default_rng(4).normal(0, 1, 4 * SUBSAMPLE + 3).astype(np.float32)
+    obs = _observe(x)
+    assert (obs.min, obs.max, obs.count) == (float(x.min()), float(x.max()), x.size)
+    assert abs(int(obs.counts.sum()) - x.size) <= 4
+    lo, hi = compute_range(obs, "percentile", 255, 99.0)
+    ref_lo, ref_hi = np.percentile(x, [1.0, 99.0])
+    assert lo == pytest.approx(ref_lo, rel=0.05) and hi == pytest.approx(ref_hi, rel=0.05)
