@@ -25,7 +25,7 @@ E_SPAN = 40
 E_MIN = -160
 # Batches larger than this are histogrammed from an evenly strided subsample (counts scaled
 # back); min, max and count stay exact. Smaller batches are binned exactly.
-SUBSAMPLE = 1 << 16
+SUBSAMPLE = 1 << 18
 
 
 def _needed_exponent(lo: float, hi: float) -> int:
