@@ -268,13 +268,14 @@ def step2(
         if name not in known:
             raise ConfigError(f"{parsed.path}:{e.line}: quantize_parameters has unknown tensor '{name}'.{did_you_mean(name, known)} Remove the entry or fix the name.")
     rewrite, plan, res, resolved = build_quantized(temp, bundle.observers, bundle.meta, parsed)
+    op_types = {n.name: n.op_type for n in temp.graph.node}
     for r in resolved:
         lp = rewrite.layers.get(r.node)
         r.effective = lp["precision"] if lp else "float32"
         if r.requested in ("uint8", "int8", "int16") and lp is None:
             raise ConfigError(
                 f"{parsed.path}:{parsed.custom_lines.get(r.entry, 0)}: custom_quantize_layers['{r.entry}'] = {r.requested} has no effect: "
-                f"'{r.node}' ({temp.graph.node[[n.name for n in temp.graph.node].index(r.node)].op_type}) has no quantized form. Remove the entry."
+                f"'{r.node}' ({op_types[r.node]}) has no quantized form. Remove the entry."
             )
     out_path = Path(output)
     try:

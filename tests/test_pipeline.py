@@ -133,7 +133,10 @@ def test_min_max_edit_recomputes_scale_of_that_tensor_only(cnn_ws):
     edited = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "edited.onnx")
     a, b = onnx.load(str(base.output)), onnx.load(str(edited.output))
     assert _init(b, "r2_scale") == pytest.approx(np.float32(2.0 / 255))
-    for name in ("r1_scale", "w3_scale", "w2_scale" if any(i.name == "w2_scale" for i in a.graph.initializer) else "r1_scale"):
+    # Every other scale is untouched; only conv3's bias scale (s_r2 * s_w3) follows r2.
+    others = [i.name for i in a.graph.initializer if i.name.endswith("_scale") and i.name not in ("r2_scale", "b3_scale")]
+    assert "r1_scale" in others and "w3_scale" in others
+    for name in others:
         np.testing.assert_array_equal(_init(a, name), _init(b, name))
 
 
