@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -18,8 +20,15 @@ from .graph import float_activations, is_large, save_external
 from .observers import HistogramObserver
 
 
-def session_for(model: onnx.ModelProto, outputs: list[str] | None = None, *, basic: bool = True):
-    """An ORT CPU session over `model`, with extra graph outputs when given (model copied, not modified)."""
+def session_for(
+    model: onnx.ModelProto, outputs: list[str] | None = None, *, basic: bool = True, lean: bool = False, threads: int = 0
+):
+    """An ORT CPU session over `model`, with extra graph outputs when given (model copied, not modified).
+
+    `lean` turns off ORT's memory pattern: with many fetched activations it reserves one more copy of the
+    whole activation set and grows over the first runs (PP-OCR det, 20 samples: peak 1.85 GB instead of 0.93 GB).
+    `threads` caps ORT's intra-op threads (0: ORT's default, one per core).
+    """
     import onnxruntime as ort
 
     work = model
@@ -33,6 +42,9 @@ def session_for(model: onnx.ModelProto, outputs: list[str] | None = None, *, bas
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    if lean:
+        so.enable_mem_pattern = False
     try:
         if is_large(work):
             with tempfile.TemporaryDirectory(prefix="hybridq-sess-") as tmp:
@@ -74,41 +86,91 @@ def calibrate(
     Tensors in `histograms` (all when None) get a histogram from every batch. The others, which
     no layer quantizes by default, get min/max only, and only from the first `range_batches`
     batches (None: all): their in-graph reductions cost more than the model itself on large models.
+    ONNX Runtime runs batch b+1 in a worker thread while batch b is binned (both release the GIL),
+    so at most two batches of activations are alive at a time.
     """
     names = tensors if tensors is not None else float_activations(model)
     full = [n for n in names if histograms is None or n in histograms]
     ranged = [n for n in names if histograms is not None and n not in histograms]
-    sess = session_for(_with_range_outputs(model, ranged), full + [f"{n}{_MIN}" for n in ranged] + [f"{n}{_MAX}" for n in ranged])
-    fetch = full + [f"{n}{_MIN}" for n in ranged] + [f"{n}{_MAX}" for n in ranged]
+    threads = _ort_threads()
+    sess = session_for(_with_range_outputs(model, ranged), _fetch(full, ranged), lean=True, threads=threads)
     feeds = {i.name for i in sess.get_inputs()}
     observers = {n: HistogramObserver(bins=n in full) for n in names}
-    n_batches = 0
-    for b, batch in enumerate(batches):
-        if ranged and range_batches is not None and b == range_batches:
-            sess, fetch, ranged = session_for(model, full), full, []
-        missing = feeds - batch.keys()
-        if missing:
-            raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")
-        try:
-            values = sess.run(fetch, {k: batch[k] for k in feeds})
-        except Exception as exc:
-            raise DatasetError(f"ONNX Runtime failed on {describe(b)}: {str(exc).splitlines()[0]}. Check the sample's shape and dtype against the model input.") from exc
-        name = ""
-        try:
-            for name, value in zip(full, values):
-                observers[name].update(value)
-            k = len(full)
-            for i, name in enumerate(ranged):
-                observers[name].update_range(float(values[k + i]), float(values[k + len(ranged) + i]), 1)
-        except ValueError:
-            raise DatasetError(
-                f"Tensor '{name}' holds NaN or Inf on {describe(b)}. Check that sample (its values, preprocessing "
-                "and mean/std); calibration needs finite activations."
-            ) from None
-        del values
-        n_batches += 1
-        if on_batch:
-            on_batch(len(next(iter(batch.values()))) if batch else 1)
-    if n_batches == 0:
-        raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
+    pending: _Run | None = None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib") as pool:
+        for b, batch in enumerate(batches):
+            missing = feeds - batch.keys()
+            if missing:
+                raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")
+            if ranged and range_batches is not None and b == range_batches:
+                if pending is not None:
+                    _observe(pending, observers, full, describe, on_batch)
+                    pending = None
+                del sess  # free its memory before the next session allocates
+                sess, ranged = session_for(model, full, lean=True, threads=threads), []
+            run = _Run(b, pool.submit(sess.run, _fetch(full, ranged), {k: batch[k] for k in feeds}), ranged, _batch_len(batch))
+            if pending is not None:
+                _observe(pending, observers, full, describe, on_batch)
+            pending = run
+        if pending is None:
+            raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
+        _observe(pending, observers, full, describe, on_batch)
     return observers
+
+
+def _ort_threads() -> int:
+    """Intra-op threads for calibration: one core is left to the numpy binning that runs beside ORT."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
+
+
+@dataclass
+class _Run:
+    """One batch submitted to ONNX Runtime: its index, the future of its outputs, its min/max-only tensors, its size."""
+
+    index: int
+    future: Future
+    ranged: list[str]
+    size: int
+
+
+def _fetch(full: list[str], ranged: list[str]) -> list[str]:
+    """Output names of one run: whole tensors, then the min outputs, then the max outputs of `ranged`."""
+    return full + [f"{n}{_MIN}" for n in ranged] + [f"{n}{_MAX}" for n in ranged]
+
+
+def _batch_len(batch: dict[str, np.ndarray]) -> int:
+    """Samples in a batch (1 for an empty feed)."""
+    return len(next(iter(batch.values()))) if batch else 1
+
+
+def _observe(
+    run: _Run,
+    observers: dict[str, HistogramObserver],
+    full: list[str],
+    describe: Callable[[int], str],
+    on_batch: Callable[[int], None] | None,
+) -> None:
+    """Wait for one run and fold its tensors into the observers."""
+    try:
+        values = run.future.result()
+    except Exception as exc:
+        raise DatasetError(
+            f"ONNX Runtime failed on {describe(run.index)}: {str(exc).splitlines()[0]}. "
+            "Check the sample's shape and dtype against the model input."
+        ) from exc
+    name = ""
+    try:
+        for name, value in zip(full, values):
+            observers[name].update(value)
+        k, r = len(full), len(run.ranged)
+        for i, name in enumerate(run.ranged):
+            observers[name].update_range(float(values[k + i]), float(values[k + r + i]), 1)
+    except ValueError:
+        raise DatasetError(
+            f"Tensor '{name}' holds NaN or Inf on {describe(run.index)}. Check that sample (its values, preprocessing "
+            "and mean/std); calibration needs finite activations."
+        ) from None
+    del values
+    if on_batch:
+        on_batch(run.size)
