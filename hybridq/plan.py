@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .cost import concrete_shapes, layer_macs, nominal_sample
 from .graph import tensor_types
 from .settings import Settings
 
@@ -212,6 +213,23 @@ def _in_channels(node: onnx.NodeProto, g: GraphView) -> int:
     return int(g.inits[node.input[1]].dims[1]) * group
 
 
+DEPTHWISE_SHARE = 0.15
+"""float_depthwise: auto keeps depthwise Convs float from this share of the model's MACs. ORT's int8
+depthwise runs 0.3-0.6x fp32 speed on x86: PP-OCR cls (depthwise 30 %) gets slower in int8, rec (7 %)
+and det (4 %) do not."""
+
+
+def depthwise_share(model: onnx.ModelProto, g: GraphView | None = None) -> float:
+    """Fraction of the Conv/Gemm/MatMul multiply-accumulates in depthwise Convs (nominal shapes when dynamic)."""
+    g = g or GraphView(model)
+    if not any(n.op_type == "Conv" and n.input[1:2] and n.input[1] in g.inits and _is_depthwise(n, g) for n in model.graph.node):
+        return 0.0
+    macs = layer_macs(concrete_shapes(model, nominal_sample(model)))
+    total = sum(macs.values())
+    dw = sum(v for n, v in macs.items() if n in g.nodes and g.nodes[n].op_type == "Conv" and _is_depthwise(g.nodes[n], g))
+    return dw / total if total else 0.0
+
+
 POOLING = ("GlobalAveragePool", "GlobalMaxPool")
 
 
@@ -238,14 +256,22 @@ def _feeds_split(tensor: str, g: GraphView, depth: int = 4) -> bool:
     return False
 
 
-def _policy(node: onnx.NodeProto, g: GraphView, settings: Settings, pooled: set[str] = frozenset()) -> str | None:
+def _policy(
+    node: onnx.NodeProto, g: GraphView, settings: Settings, pooled: set[str] = frozenset(), dw_share: float = 0.0
+) -> str | None:
     """Why a quantizable node stays float by default, or None."""
     if node.op_type == "ConvTranspose":
         return "ConvTranspose has no int8 kernel in ONNX Runtime CPU"
     if node.op_type == "Conv" and settings.float_stem and _in_channels(node, g) <= 4:
         return "stem Conv with <= 4 input channels (int8 is slower there)"
-    if node.op_type == "Conv" and settings.float_depthwise and _is_depthwise(node, g):
-        return "depthwise Conv (int8 depthwise is slower than fp32 on x86)"
+    if node.op_type == "Conv" and _is_depthwise(node, g):
+        if settings.float_depthwise is True:
+            return "depthwise Conv (int8 depthwise is slower than fp32 on x86)"
+        if settings.float_depthwise == "auto" and dw_share >= DEPTHWISE_SHARE:
+            return (
+                f"depthwise Conv: depthwise Convs are {dw_share:.0%} of this model's compute, and int8 depthwise "
+                "is slower than fp32 on x86 (float_depthwise: auto)"
+            )
     if node.op_type == "Conv" and all(o in g.outputs for o in node.output):
         return "Conv producing a graph output stays float"
     if node.op_type == "Conv" and _feeds_split(node.output[0], g):
@@ -291,6 +317,7 @@ def make_plan(
     plan = QuantPlan()
     quantized: dict[str, Slots] = {}
     pooled = pooled_tensors(g)
+    dw_share = depthwise_share(model, g) if settings.float_depthwise == "auto" else 0.0
     for node in model.graph.node:
         requested = layer_precision.get(node.name)
         handler = QUANTIZABLE.get(node.op_type)
@@ -304,7 +331,7 @@ def make_plan(
             continue
         if slots is None or node.op_type not in settings.quantize_ops:
             continue
-        reason = _policy(node, g, settings, pooled)
+        reason = _policy(node, g, settings, pooled, dw_share)
         if reason:
             plan.layers[node.name] = LayerPlan(node.name, node.op_type, "float32", reason)
             continue

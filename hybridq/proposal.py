@@ -21,6 +21,7 @@ import onnx
 
 from .calibration import session_for
 from .config import Cfg, CfgEntry, short_float
+from .cost import concrete_shapes, layer_macs
 from .errors import InputError
 from .metrics import cosine, snr_db
 from .observers import HistogramObserver, compute_range
@@ -143,50 +144,6 @@ def _mean_db(values: list[float]) -> float:
     if not finite:
         return math.inf
     return float(np.mean(finite))
-
-
-def concrete_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of the model whose inputs take the sample's shapes, with shapes inferred (for compute estimates)."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    for vi in work.graph.input:
-        if vi.name in sample and vi.type.HasField("tensor_type"):
-            dims = vi.type.tensor_type.shape.dim
-            for d, n in zip(dims, sample[vi.name].shape):
-                d.Clear()
-                d.dim_value = int(n)
-    del work.graph.value_info[:]
-    try:
-        return onnx.shape_inference.infer_shapes(work, data_prop=True)
-    except Exception:
-        return model
-
-
-def layer_macs(model: onnx.ModelProto) -> dict[str, float]:
-    """Multiply-accumulates of each Conv/Gemm/MatMul node (weight size x output positions; weight size when shapes are unknown)."""
-    from .graph import tensor_shapes
-
-    g = GraphView(model)
-    shapes = tensor_shapes(model)
-    macs: dict[str, float] = {}
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            continue
-        w = next((g.inits[i] for i in node.input[1:2] if i in g.inits), None)
-        out = shapes.get(node.output[0], ())
-        known = [d for d in out if isinstance(d, int) and d > 0]
-        if w is not None:
-            size = float(np.prod(w.dims))
-            if node.op_type in ("Conv", "ConvTranspose"):
-                positions = float(np.prod(known[2:])) if len(known) == len(out) and len(out) > 2 else 1.0
-            else:
-                positions = float(np.prod(known[:-1])) if len(known) == len(out) and len(out) > 1 else 1.0
-            macs[node.name] = size * positions
-        else:
-            a = shapes.get(node.input[0], ())
-            dims = [d for d in a if isinstance(d, int) and d > 0]
-            macs[node.name] = float(np.prod(dims) * (known[-1] if known else 1)) if dims else 1.0
-    return macs
 
 
 def rank_layers(single: dict[str, float], plan: QuantPlan, model: onnx.ModelProto) -> list[tuple[str, float]]:

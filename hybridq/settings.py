@@ -23,7 +23,7 @@ class Settings:
     percentile: float = 99.99  # used by algorithm percentile
     quantize_ops: list[str] = field(default_factory=lambda: list(DEFAULT_QUANTIZE_OPS))  # op types quantized by default
     float_stem: bool = True  # keep a Conv with <= 4 input channels in float (int8 is slower there on x86)
-    float_depthwise: bool = False  # keep depthwise Convs in float: faster on x86 (cls at fp32 parity) but cost PP-OCR rec 3.5 points
+    float_depthwise: bool | str = "auto"  # depthwise Convs in float: true | false | auto (when they are >= 15 % of the compute)
     float_pooled: bool = True  # keep Convs on 1x1 pooled tensors (SE blocks) in float (too small for int8 to pay)
 
     def to_dict(self) -> dict:
@@ -68,6 +68,8 @@ class Settings:
             raise ConfigError(f"{where}: percentile {self.percentile} is outside (50, 100]; use e.g. 99.99.")
         if not isinstance(self.quantize_ops, list) or not all(isinstance(o, str) for o in self.quantize_ops):
             raise ConfigError(f"{where}: quantize_ops must be a list of op types, e.g. [Conv, Gemm, MatMul].")
-        for key in ("float_stem", "float_depthwise", "float_pooled"):
+        if self.float_depthwise != "auto" and not isinstance(self.float_depthwise, bool):
+            raise ConfigError(f"{where}: float_depthwise must be true, false or auto, not {self.float_depthwise!r}.")
+        for key in ("float_stem", "float_pooled"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{where}: {key} must be true or false, not {getattr(self, key)!r}.")

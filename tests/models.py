@@ -220,3 +220,30 @@ def detector_head(seed: int = 0) -> onnx.ModelProto:
     ]
     return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16, 16])],
                   [helper.make_tensor_value_info("out", T.FLOAT, [1, 6, 8, 8])], inits)
+
+
+def mobile_block(c: int, seed: int = 0, hw: int = 16) -> onnx.ModelProto:
+    """Cin=3 stem -> 1x1 expand (c -> 4c) -> Relu -> 3x3 depthwise -> Relu -> 1x1 project (4c -> c); input x [1,3,hw,hw].
+
+    Depthwise share of the MACs is 36 / (63 + 8c): about 0.28 at c=8 and 0.06 at c=64.
+    """
+    rng = np.random.default_rng(seed)
+    e = 4 * c
+    inits = [
+        _init("w0", rng.normal(0, 0.3, (c, 3, 3, 3))), _init("b0", rng.normal(0, 0.1, c)),
+        _init("w1", rng.normal(0, 0.3, (e, c, 1, 1))), _init("b1", rng.normal(0, 0.1, e)),
+        _init("wd", rng.normal(0, 0.3, (e, 1, 3, 3))), _init("bd", rng.normal(0, 0.1, e)),
+        _init("w2", rng.normal(0, 0.3, (c, e, 1, 1))), _init("b2", rng.normal(0, 0.1, c)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["s"], ["s_r"], name="stem_relu"),
+        helper.make_node("Conv", ["s_r", "w1", "b1"], ["e"], name="expand"),
+        helper.make_node("Relu", ["e"], ["e_r"], name="expand_relu"),
+        helper.make_node("Conv", ["e_r", "wd", "bd"], ["d"], name="dw", pads=[1, 1, 1, 1], group=e),
+        helper.make_node("Relu", ["d"], ["d_r"], name="dw_relu"),
+        helper.make_node("Conv", ["d_r", "w2", "b2"], ["y"], name="project"),
+        helper.make_node("Relu", ["y"], ["out"], name="project_relu"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, hw, hw])],
+                  [helper.make_tensor_value_info("out", T.FLOAT, [1, c, hw, hw])], inits)
