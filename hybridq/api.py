@@ -183,9 +183,21 @@ def step1(
         prop.measured = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
-        quantized_tensors=len(entries), layers=plan.precision_counts(), fused=report.fused,
+        quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop,
     )
+
+
+def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, custom: dict[str, str]) -> dict[str, int]:
+    """Layers per precision as step2 will build and count them: the proposal's float layers applied, `default` as its dtype."""
+    if custom:
+        names = {n.name for n in temp.graph.node}
+        plan = make_plan(temp, settings, layer_precision={k: v for k, v in custom.items() if k in names})
+    counts: dict[str, int] = {}
+    for precision, n in plan.precision_counts().items():
+        key = settings.dtype if precision == "default" else precision
+        counts[key] = counts.get(key, 0) + n
+    return counts
 
 
 def _preprocess_dict(pre: Preprocess | None) -> dict[str, Any]:

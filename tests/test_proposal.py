@@ -47,6 +47,7 @@ def test_outlier_channel_is_found_and_the_built_model_measures_the_claim(tmp_pat
     r2 = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
     measured = _output_cosine(path, r2.output, listing)
     assert measured >= 0.99
+    assert r1.layers == r2.layers, "step1's summary counts the proposal's float layer as step2 builds it"
     assert p.measured is not None and p.measured.worst_cosine == pytest.approx(measured, abs=1e-4)
 
 
