@@ -17,7 +17,7 @@ from .calibration import calibrate
 from .config import Cfg, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
-from .graph import has_subgraphs, load_model, prepare
+from .graph import has_subgraphs, is_large, load_model, model_bytes, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import Evaluator, ProposalResult, Score, Target, as_cfg, propose
 from .qdq import RewriteResult, apply_plan
@@ -291,11 +291,12 @@ def step2(
             )
     out_path = Path(output)
     try:
-        onnx.checker.check_model(rewrite.model, full_check=False)
+        if not is_large(rewrite.model):  # protobuf cannot serialize a model over 2 GB for the in-memory check
+            onnx.checker.check_model(rewrite.model, full_check=False)
     except Exception as exc:
         raise HybridqError(f"The quantized model failed the ONNX checker ({str(exc).splitlines()[0]}); this is a hybridq bug, please report it with --debug output.") from exc
     save_model_atomic(rewrite.model, out_path)
-    size_fp32 = temp.ByteSize()
+    size_fp32 = model_bytes(temp)
     return Step2Result(
         output=out_path,
         layers=_count_precisions(rewrite),

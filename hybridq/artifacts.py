@@ -208,7 +208,12 @@ def run_digest(model: onnx.ModelProto, meta: dict[str, Any], stats: dict[str, by
     """
     h = hashlib.sha256()
     for tensor in external_data_helper._get_all_tensors(model):
-        h.update(tensor.SerializeToString())
+        if tensor.HasField("raw_data"):  # fed as bytes: a tensor over 2 GB cannot be serialized
+            h.update(tensor.name.encode("utf-8"))
+            h.update(json.dumps([tensor.data_type, list(tensor.dims)]).encode("utf-8"))
+            h.update(tensor.raw_data)
+        else:
+            h.update(tensor.SerializeToString())
     h.update(json.dumps(meta, sort_keys=True).encode("utf-8"))
     for name, data in stats.items():
         h.update(name.encode("utf-8"))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 
 from .errors import ModelError, OutputError
@@ -27,9 +28,19 @@ MIN_OPSET = 13
 LARGE_MODEL_BYTES = 1_800_000_000
 
 
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of the model; over 2 GB, where protobuf cannot size it, the size of its tensor data."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        from onnx import external_data_helper
+
+        return sum(len(t.raw_data) for t in external_data_helper._get_all_tensors(model))
+
+
 def is_large(model: onnx.ModelProto) -> bool:
     """Must this model be saved with external data?"""
-    return model.ByteSize() > LARGE_MODEL_BYTES
+    return model_bytes(model) > LARGE_MODEL_BYTES
 
 
 def tag_external(model: onnx.ModelProto, location: str, min_bytes: int = 0) -> None:
@@ -82,7 +93,8 @@ def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.Mod
     if not model.graph.node:
         raise ModelError(f"Model file '{p}' holds no graph nodes; it is empty or not an ONNX model.")
     try:
-        onnx.checker.check_model(model, full_check=False)
+        # A model over 2 GB cannot be serialized for the in-memory check; the checker reads it from its path.
+        onnx.checker.check_model(str(p) if is_large(model) else model, full_check=False)
     except Exception as exc:
         raise ModelError(f"Model file '{p}' is not a valid ONNX graph: {str(exc).splitlines()[0]}. Fix the exporter output.") from exc
     return model
