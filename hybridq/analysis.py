@@ -817,7 +817,7 @@ class _Session:
         return dict(zip(self.output_names, values))
 
 
-_PER_SEGMENT = 8  # measured tensors per segment (hybridq.segments): a few MB of tensors stay in cache
+_PER_SEGMENT = 8  # measured tensors per segment (hybridq.segments): only a few layers' tensors are alive at once
 
 
 class _Runner:
