@@ -17,18 +17,17 @@ a single-consumer chain of adapter nodes (QuantizeLinear, DequantizeLinear,
 inserted Cast). Names are never parsed.
 
 Cost per sample, independent of the number of layers (plan first, then build
-the graphs once):
-
-1. one *combined* graph = the fp32 graph plus, for each quantized compute
-   node N, a copy N' whose inputs are rebuilt from fp32 tensors through
-   copies of N's input adapters and whose output goes through a copy of N's
-   output adapters. One run gives every fp32 tensor and every single view.
-2. the quantized model with the intermediate views added as outputs. Extra
-   outputs stop ONNX Runtime from fusing QDQ node groups into integer
-   kernels, so this run *simulates* the integer arithmetic in float
-   (identical up to rounding).
-3. the unmodified quantized model (only when step 2 had extra outputs), so
-   the final outputs are exactly what a plain ``InferenceSession`` gives.
+the graph once): one pass over one *analysis* graph = the fp32 graph, plus for
+each quantized compute node N a copy N' whose inputs are rebuilt from fp32
+tensors through copies of N's input adapters and whose output goes through a
+copy of N's output adapters (the single views), plus the whole quantized
+graph embedded unchanged, so ONNX Runtime fuses its QDQ groups into integer
+kernels as when deployed (the entire views). The pass runs as a chain of
+small sessions, a few measured layers each (:mod:`hybridq.segments`), so the
+tensors are compared while they are still in cache and freed right after;
+the metrics are computed in numpy on a second thread while the next segment
+runs (:func:`hybridq.metrics.metrics_many`; float64 :class:`Accumulator`
+sums when a snapshot is dumped, so the manifest matches the arrays exactly).
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ import math
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .graph import is_large, save_external
 from .errors import HybridqError, InputError, ModelError
-from .metrics import Accumulator, Metrics, metrics_from_sums
+from .graph import is_large, save_external
+from .metrics import Accumulator, Metrics, metrics_many
+from .segments import Segment, split
 
 QDQ_MAP_KEY = "hybridq.qdq_map"
 """``metadata_props`` key of the step2 model's tensor/layer map (JSON)."""
@@ -737,137 +738,32 @@ def _embed(combined: onnx.ModelProto, q: _Graph, fresh: _Namer, types: dict[str,
     return rename
 
 
-@dataclass(frozen=True)
-class _Probe:
-    """Graph outputs holding one comparison's sums: ``test.test``, ``d.d``, max and min of ``d``, ``shape(test)``."""
-
-    yy: str
-    dd: str
-    mx: str
-    mn: str
-    shape: str
-
-
-@dataclass
-class _RefProbes:
-    """Graph outputs for one fp32 tensor: ``ref.ref``, ``shape(ref)`` and its comparisons."""
-
-    xx: str
-    shape: str
-    dtype: str
-    entire: _Probe
-    single: _Probe | None
-
-
 @dataclass
 class _AnalysisGraph:
     model: onnx.ModelProto
-    single_views: dict[str, str]
+    single_views: dict[str, str]  # fp32 tensor -> its single view in the analysis graph
     notes: list[str]
     quant_views: dict[str, str]  # fp32 tensor -> its quant view in the analysis graph
-    probes: dict[str, _RefProbes]  # fp32 tensors measured inside the graph
-    fetched: list[str]  # fp32 tensors whose arrays are fetched and measured in numpy
+    types: dict[str, int]  # element types of the analysis graph's tensors, where known
 
 
-def _build_analysis_graph(f: _Graph, q: _Graph, plan: AnalysisPlan, fetch_all: bool) -> _AnalysisGraph:
-    """One graph for everything: fp32 graph + isolated layers + the whole quantized graph + the sums.
+def _build_analysis_graph(f: _Graph, q: _Graph, plan: AnalysisPlan) -> _AnalysisGraph:
+    """One graph for everything: fp32 graph + isolated layers + the whole quantized graph.
 
     The quantized graph is embedded unchanged (renamed), so ONNX Runtime fuses
-    its QDQ groups into integer kernels as when deployed: a view read by the
-    sums gets its own DequantizeLinear. Each comparison adds ``d = ref - test``
-    and four reductions whose float32 partial sums run along the last axis
-    only (rows, not whole tensors) and are added up in float64 by the caller;
-    so only a few numbers per tensor leave the session, no tensor is copied.
-    Tensors whose element type is unknown, and all tensors when
-    ``fetch_all`` (a snapshot needs the arrays), are fetched instead.
+    its QDQ groups into integer kernels as when deployed (a view that is also
+    an output gets its own DequantizeLinear). The outputs are, per measured
+    tensor, the fp32 tensor, its quant view and its single view.
     """
     combined, single_views, notes, types, fresh = _build_single(f, q, plan)
     rename = _embed(combined, q, fresh, types)
-    g = combined.graph
-    ranks = dict(f.ranks)
-    for k, v in rename.items():
-        if k in q.ranks:
-            ranks[v] = q.ranks[k]
-    opset = _main_opset(combined)
-    axes_name = None
-    if opset >= 18:
-        axes_name = fresh(_M_PREFIX + "axes")
-        g.initializer.append(helper.make_tensor(axes_name, TensorProto.INT64, [1], [-1]))
-    outputs: list[str] = []
-    nodes: list[onnx.NodeProto] = []
-
-    def node(op: str, ins: list[str], base: str, out_type: int = TensorProto.FLOAT, **attrs: Any) -> str:
-        out = fresh(_M_PREFIX + base)
-        nodes.append(helper.make_node(op, ins, [out], name=out, **attrs))
-        types[out] = out_type
-        return out
-
-    casts: dict[str, str] = {}
-
-    def as_float(x: str) -> str:
-        if types.get(x) == TensorProto.FLOAT:
-            return x
-        if x not in casts:
-            casts[x] = node("Cast", [x], x + "/f32", to=TensorProto.FLOAT)
-        return casts[x]
-
-    def sumsq(x: str, base: str, rank: int | None) -> str:
-        if not rank:  # unknown rank or a scalar: one float32 sum over the whole tensor
-            return node("ReduceSumSquare", [x], base, keepdims=0)
-        if axes_name is not None:
-            return node("ReduceSumSquare", [x, axes_name], base, keepdims=0)
-        return node("ReduceSumSquare", [x], base, keepdims=0, axes=[-1])
-
-    def compare(ref: str, test: str, rank: int | None, tag: str) -> _Probe:
-        d = node("Sub", [ref, as_float(test)], f"{tag}/d")
-        return _Probe(
-            yy=sumsq(as_float(test), f"{tag}/yy", rank),
-            dd=sumsq(d, f"{tag}/dd", rank),
-            mx=node("ReduceMax", [d], f"{tag}/max", keepdims=0),
-            mn=node("ReduceMin", [d], f"{tag}/min", keepdims=0),
-            shape=node("Shape", [test], f"{tag}/shape", TensorProto.INT64),
-        )
-
-    probes: dict[str, _RefProbes] = {}
-    fetched: list[str] = []
     quant_views = {tp.tensor: rename[tp.view] for tp in plan.tensors}
+    outputs: list[str] = []
     for tp in plan.tensors:
-        t, view = tp.tensor, quant_views[tp.tensor]
-        sv = single_views.get(t)
-        known = [types.get(x) for x in (t, view, sv) if x is not None]
-        if fetch_all or not all(k in _FLOAT_TYPES for k in known):
-            fetched.append(t)
-            outputs += [t, view] + ([sv] if sv else [])
-            continue
-        rank = ranks.get(t)
-        ref = as_float(t)
-        probes[t] = _RefProbes(
-            xx=sumsq(ref, f"{t}/xx", rank),
-            shape=node("Shape", [t], f"{t}/shape", TensorProto.INT64),
-            dtype=str(helper.tensor_dtype_to_np_dtype(types[t])),
-            entire=compare(ref, view, rank, f"{t}/entire"),
-            single=compare(ref, sv, rank, f"{t}/single") if sv else None,
-        )
-        p = probes[t]
-        outputs += [p.xx, p.shape]
-        for c in (p.entire, p.single):
-            if c is not None:
-                outputs += [c.yy, c.dd, c.mx, c.mn, c.shape]
-    g.node.extend(nodes)
-    del g.output[:]
+        outputs += [tp.tensor, quant_views[tp.tensor]] + ([single_views[tp.tensor]] if tp.tensor in single_views else [])
+    del combined.graph.output[:]
     _set_outputs(combined, outputs, types)
-    return _AnalysisGraph(combined, single_views, notes, quant_views, probes, fetched)
-
-
-def _total(x: np.ndarray) -> float:
-    return float(np.sum(x, dtype=np.float64))
-
-
-def _max_abs(mx: np.ndarray, mn: np.ndarray) -> float:
-    a, b = float(mx), float(mn)
-    if math.isnan(a) or math.isnan(b):
-        return math.nan
-    return max(a, -b)
+    return _AnalysisGraph(combined, single_views, notes, quant_views, types)
 
 
 # --------------------------------------------------------------------------- running
@@ -893,11 +789,8 @@ class _Session:
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        # ONNX Runtime plans buffer reuse in time quadratic in the node count: 10 s for the
-        # 4000 nodes of a small analysis graph. Tensors are still freed after their last use.
-        so.enable_mem_reuse = False
-        # thousands of small nodes: one thread avoids a thread-pool hand-off per node (measured
-        # 2-3x faster than two threads on the 2-core bench machine while it was loaded)
+        # many small nodes: one thread avoids a thread-pool hand-off per node (2x faster than two
+        # on the 2-core bench machine); the metrics run beside it on another thread
         so.intra_op_num_threads = 1
         self.what = what
         try:
@@ -922,6 +815,34 @@ class _Session:
             cls = InputError if "INVALID_ARGUMENT" in str(e) else HybridqError
             raise cls(f"running the {self.what} on sample {index} failed: {e}") from None
         return dict(zip(self.output_names, values))
+
+
+_PER_SEGMENT = 8  # measured tensors per segment (hybridq.segments): only a few layers' tensors are alive at once
+
+
+class _Runner:
+    """The analysis graph as a chain of sessions, one per segment (see :mod:`hybridq.segments`)."""
+
+    def __init__(self, ag: _AnalysisGraph, targets: list[list[str]], inputs: list[str], what: str) -> None:
+        segments = split(ag.model, targets, ag.types, _PER_SEGMENT)
+        if segments is None:
+            segments = [Segment(ag.model, inputs, [o.name for o in ag.model.graph.output])]
+        self.sessions = [_Session(s.model, what) for s in segments]
+        later: set[str] = set()
+        self.keep: list[set[str]] = []  # after segment k: the tensors later segments read
+        for s in reversed(segments):
+            self.keep.append(set(later))
+            later.update(s.inputs)
+        self.keep.reverse()
+
+    def run(self, sample: dict[str, np.ndarray], index: int) -> Iterator[dict[str, np.ndarray]]:
+        """Each segment's outputs in turn; tensors are dropped once no later segment reads them."""
+        env = dict(sample)
+        for sess, keep in zip(self.sessions, self.keep):
+            out = sess.run(env, index)
+            yield out
+            env.update(out)
+            env = {k: v for k, v in env.items() if k in keep}
 
 
 def _check_feed(sample: dict[str, np.ndarray], names: list[str], index: int) -> None:
@@ -972,92 +893,43 @@ def analyze(
             "check that QUANT_MODEL was built from FLOAT_MODEL"
         )
     plan = _plan(f, q)
-    ag = _build_analysis_graph(f, q, plan, fetch_all=dump is not None)
-    notes = plan.notes + ag.notes
-    sess = _Session(ag.model, "float and quantized models with the isolated quantized layers")
-    single_views = ag.single_views
-
+    ag = _build_analysis_graph(f, q, plan)
+    targets = [_names(tp, ag) for tp in plan.tensors]
+    runner = _Runner(ag, targets, f.inputs, "float and quantized models with the isolated quantized layers")
     writer = None
     if dump is not None:
         from .snapshot import ArrayDump
 
         writer = ArrayDump(Path(dump), [tp.tensor for tp in plan.tensors], max_bytes)
-
-    entire = {tp.tensor: Accumulator() for tp in plan.tensors}
-    single = {t: Accumulator() for t in single_views}
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, str] = {}
-    skipped: set[str] = set()
+    m = _Measure(plan, ag, exact=writer is not None)
     n = 0
-
-    def mismatch(t: str, view: str, a: tuple[int, ...], b: tuple[int, ...]) -> HybridqError:
-        return HybridqError(
-            f"tensor {t!r} has shape {a} in the float model but its quantized view "
-            f"{view!r} has shape {b} (sample {n}); the models do not match"
-        )
-
     try:
-        for sample in samples:
-            _check_feed(sample, f.inputs, n)
-            out = sess.run(sample, n)
-            arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-            for tp in plan.tensors:
-                t = tp.tensor
-                if t in skipped:
-                    continue
-                p = ag.probes.get(t)
-                if p is not None:
-                    shape = tuple(int(x) for x in out[p.shape])
-                    if n == 0:
-                        shapes[t], dtypes[t] = shape, p.dtype
-                    xx = _total(out[p.xx])
-                    for c, acc in ((p.entire, entire[t]), (p.single, single.get(t))):
-                        if c is None or acc is None:
-                            continue
-                        got = tuple(int(x) for x in out[c.shape])
-                        if got != shape:
-                            raise mismatch(t, tp.view, shape, got)
-                        acc.add_values(
-                            metrics_from_sums(xx, _total(out[c.yy]), _total(out[c.dd]), _max_abs(out[c.mx], out[c.mn]))
-                        )
-                    continue
-                a, b = out[t], out[ag.quant_views[t]]
-                if n == 0:
-                    if a.dtype.kind != "f":
-                        skipped.add(t)  # not a float tensor after all (types were unknown)
-                        continue
-                    shapes[t], dtypes[t] = tuple(a.shape), str(a.dtype)
-                if a.shape != b.shape:
-                    raise mismatch(t, tp.view, a.shape, b.shape)
-                entire[t].add(a, b)
-                if t in single_views:
-                    single[t].add(a, out[single_views[t]])
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-metrics") as pool:
+            queue: list[Future[None]] = []
+
+            def submit(fn: Callable[..., None], *args: Any) -> None:
+                queue.append(pool.submit(fn, *args))
+                while len(queue) > 2:  # at most two batches of tensors wait: memory stays bounded
+                    queue.pop(0).result()
+
+            for sample in samples:
+                _check_feed(sample, f.inputs, n)
+                arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+                waiting: dict[str, np.ndarray] = {}
+                done: set[str] = set()
+                for out in runner.run(sample, n):
+                    waiting.update((k, v) for k, v in out.items() if k in m.wanted)
+                    submit(m.measure, m.ready(waiting, done), n, arrays)
                 if writer is not None:
-                    arrays[t] = (a, b)
-            if writer is not None:
-                writer.add_sample(arrays)
-            del out, arrays
-            n += 1
-            if on_sample is not None:
-                on_sample()
+                    submit(m.dump, writer, arrays)
+                n += 1
+                if on_sample is not None:
+                    on_sample()
+            while queue:
+                queue.pop(0).result()
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
-        layers = [
-            LayerError(
-                tensor=tp.tensor,
-                layer=tp.layer,
-                op_type=tp.op_type,
-                shape=shapes[tp.tensor],
-                dtype=dtypes[tp.tensor],
-                entire=entire[tp.tensor].result(),
-                single=single[tp.tensor].result() if tp.tensor in single else None,
-                quant_tensor=tp.view,
-                precision=tp.precision,
-            )
-            for tp in plan.tensors
-            if tp.tensor not in skipped
-        ]
-        result = AnalysisResult(layers=layers, outputs=list(f.outputs), n_samples=n, notes=notes)
+        result = AnalysisResult(layers=m.layers(), outputs=list(f.outputs), n_samples=n, notes=plan.notes + ag.notes)
         if writer is not None:
             writer.finish(result)
             from .report import write_reports
@@ -1070,3 +942,94 @@ def analyze(
     finally:
         if writer is not None:
             writer.abort()
+
+
+def _names(tp: TensorPlan, ag: _AnalysisGraph) -> list[str]:
+    """Analysis-graph tensors compared for ``tp``: the fp32 tensor, its quant view, its single view if any."""
+    sv = ag.single_views.get(tp.tensor)
+    return [tp.tensor, ag.quant_views[tp.tensor]] + ([sv] if sv else [])
+
+
+class _Measure:
+    """Per-tensor accumulators, fed batch by batch on the metrics thread (one thread: no locking)."""
+
+    def __init__(self, plan: AnalysisPlan, ag: _AnalysisGraph, exact: bool) -> None:
+        self.plan, self.ag, self.exact = plan, ag, exact
+        self.entire = {tp.tensor: Accumulator() for tp in plan.tensors}
+        self.single = {t: Accumulator() for t in ag.single_views}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        self.skipped: set[str] = set()
+        self.todo = {tp.tensor: (tp, _names(tp, ag)) for tp in plan.tensors}
+        self.wanted = {x for _, names in self.todo.values() for x in names}
+        self.by_name: dict[str, list[str]] = defaultdict(list)
+        for t, (_, names) in self.todo.items():
+            for x in names:
+                self.by_name[x].append(t)
+
+    def ready(self, have: dict[str, np.ndarray], done: set[str]) -> list[tuple[TensorPlan, list[np.ndarray]]]:
+        """Tensors not in ``done`` whose compared arrays are all in ``have``, with those arrays.
+
+        Adds them to ``done`` and drops from ``have`` the arrays no other
+        pending tensor needs, so a sample's tensors are freed as it goes.
+        """
+        out = []
+        for x in list(have):
+            for t in self.by_name.get(x, []):
+                tp, names = self.todo[t]
+                if t not in done and all(y in have for y in names):
+                    done.add(t)
+                    out.append((tp, [have[y] for y in names]))
+        for tp, _ in out:
+            for y in self.todo[tp.tensor][1]:
+                if y in have and all(u in done for u in self.by_name[y]):
+                    del have[y]
+        return out
+
+    def measure(self, batch: list[tuple[TensorPlan, list[np.ndarray]]], n: int, arrays: dict[str, Any]) -> None:
+        """Add one sample's metrics of each tensor in ``batch``; keep the arrays for a dump."""
+        for tp, vals in batch:
+            t, a, tests = tp.tensor, vals[0], vals[1:]
+            if t in self.skipped:
+                continue
+            if n == 0:
+                if a.dtype.kind != "f":
+                    self.skipped.add(t)  # not a float tensor after all (types were unknown)
+                    continue
+                self.shapes[t], self.dtypes[t] = tuple(a.shape), str(a.dtype)
+            for b in tests:
+                if a.shape != b.shape:
+                    raise HybridqError(
+                        f"tensor {t!r} has shape {a.shape} in the float model but its quantized view "
+                        f"{tp.view!r} has shape {b.shape} (sample {n}); the models do not match"
+                    )
+            accs = [self.entire[t]] + ([self.single[t]] if len(tests) > 1 else [])
+            if self.exact:
+                for acc, b in zip(accs, tests):
+                    acc.add(a, b)
+                arrays[t] = (a, tests[0])
+            else:
+                for acc, values in zip(accs, metrics_many(a, tests)):
+                    acc.add_values(values)
+
+    def dump(self, writer: Any, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Append one sample's arrays, in plan order, to the snapshot."""
+        writer.add_sample({tp.tensor: arrays[tp.tensor] for tp in self.plan.tensors if tp.tensor in arrays})
+
+    def layers(self) -> list[LayerError]:
+        """One row per measured tensor, in graph order."""
+        return [
+            LayerError(
+                tensor=tp.tensor,
+                layer=tp.layer,
+                op_type=tp.op_type,
+                shape=self.shapes[tp.tensor],
+                dtype=self.dtypes[tp.tensor],
+                entire=self.entire[tp.tensor].result(),
+                single=self.single[tp.tensor].result() if tp.tensor in self.single else None,
+                quant_tensor=tp.view,
+                precision=tp.precision,
+            )
+            for tp in self.plan.tensors
+            if tp.tensor not in self.skipped
+        ]

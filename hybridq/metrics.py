@@ -140,6 +140,53 @@ def metrics_from_sums(xx: float, yy: float, dd: float, max_abs_diff: float) -> t
     return (cos, math.sqrt(dd) if dd >= 0.0 or math.isnan(dd) else 0.0, _snr_from(xx, dd), mx)
 
 
+_BLOCK32 = 1 << 16  # float32 elements per block of metrics_many: a few blocks stay in L2
+
+
+def metrics_many(ref: Any, tests: Sequence[Any]) -> list[tuple[float, float, float, float]]:
+    """:func:`sample_metrics` of each of ``tests`` against ``ref``, in one blockwise pass over ``ref``.
+
+    Fast path for float32 arrays: each block's sums come from float32 BLAS
+    dot products and are added up in float64 (relative error near 1e-7, like
+    :func:`metrics_from_sums`), about ten times faster than the float64
+    path. Other dtypes go through :func:`sample_metrics`.
+    """
+    x = np.ravel(ref)
+    ys = [np.ravel(t) for t in tests]
+    for y, t in zip(ys, tests):
+        if y.size != x.size:
+            raise ValueError(
+                f"cannot compare tensors of {x.size} and {y.size} elements (shapes {np.shape(ref)} and {np.shape(t)})"
+            )
+    if x.dtype != np.float32 or any(y.dtype != np.float32 for y in ys):
+        return [sample_metrics(ref, t) for t in tests]
+    buf = np.empty(min(_BLOCK32, x.size), np.float32)
+    xx = 0.0
+    yy, dd = [0.0] * len(ys), [0.0] * len(ys)
+    hi: list[list[float]] = [[] for _ in ys]
+    lo: list[list[float]] = [[] for _ in ys]
+    for s in range(0, x.size, _BLOCK32):
+        xs = x[s : s + _BLOCK32]
+        d = buf[: xs.size]
+        xx += float(np.dot(xs, xs))
+        for j, y in enumerate(ys):
+            yb = y[s : s + _BLOCK32]
+            np.subtract(xs, yb, out=d)
+            yy[j] += float(np.dot(yb, yb))
+            dd[j] += float(np.dot(d, d))
+            hi[j].append(float(d.max()))
+            lo[j].append(float(d.min()))
+    return [metrics_from_sums(xx, yy[j], dd[j], _max_abs(hi[j], lo[j])) for j in range(len(ys))]
+
+
+def _max_abs(hi: list[float], lo: list[float]) -> float:
+    """``max |d|`` from the blocks' maxima and minima of ``d``; NaN when any is NaN, 0.0 when empty."""
+    if not hi:
+        return 0.0
+    a, b = float(np.max(hi)), float(np.min(lo))
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, -b)
+
+
 def mean(values: Sequence[float]) -> float:
     """Mean of per-sample values, exact for infinities.
 

@@ -357,3 +357,56 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
         analyze(float_model(), quant_model(True), [{"x": np.zeros((1, 2, 6, 6), np.float64)}])
     with pytest.raises(InputError, match="not a snapshot"):
         load_snapshot(tmp_path)
+
+
+def test_segments_give_the_same_metrics_as_a_plain_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One layer per segment vs one segment: same numbers, and entire = plain ORT quant session vs fp32, in numpy."""
+    import hybridq.analysis as an
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from hybridq.metrics import sample_metrics
+
+    fpath, qpath = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(_ort_model(), fpath)
+    rng = np.random.default_rng(2)
+    calib = iter([{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(calib, None)
+
+    quantize_static(str(fpath), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    data = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    sessions: list[int] = []
+    real_runner = an._Runner
+
+    def counting_runner(*args: object) -> object:
+        r = real_runner(*args)  # type: ignore[arg-type]
+        sessions.append(len(r.sessions))
+        return r
+
+    monkeypatch.setattr(an, "_Runner", counting_runner)
+    monkeypatch.setattr(an, "_PER_SEGMENT", 1)
+    split = analyze(fpath, qpath, data)
+    monkeypatch.setattr(an, "_PER_SEGMENT", 10**6)
+    whole = analyze(fpath, qpath, data)
+    assert sessions[0] == len(split.layers) and sessions[1] == 1
+    for a, b in zip(split.layers, whole.layers):
+        assert a.tensor == b.tensor
+        assert a.entire.to_dict(False) == pytest.approx(b.entire.to_dict(False), rel=1e-6, abs=1e-6)
+        assert a.single is not None and b.single is not None
+        assert a.single.to_dict(False) == pytest.approx(b.single.to_dict(False), rel=1e-6, abs=1e-6)
+
+    # entire, independently: each model with the layer's tensor as an extra output, metrics in float64 numpy
+    def session(path: Path, names: list[str]) -> ort.InferenceSession:
+        m = onnx.load(str(path))
+        have = {o.name for o in m.graph.output}
+        m.graph.output.extend(h.make_empty_tensor_value_info(n) for n in names if n not in have)
+        return ort.InferenceSession(m.SerializeToString())
+
+    fs = session(fpath, [layer.tensor for layer in split.layers])
+    qs = session(qpath, [layer.quant_tensor for layer in split.layers])
+    for layer in split.layers:
+        want = np.mean([sample_metrics(fs.run([layer.tensor], s)[0], qs.run([layer.quant_tensor], s)[0]) for s in data], axis=0)
+        got = [getattr(layer.entire, k) for k in ("cosine", "euclid", "snr_db", "max_abs")]
+        assert got == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6), layer.tensor

@@ -178,3 +178,27 @@ def test_metrics_from_sums_match_sample_metrics() -> None:
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
     nan = metrics_from_sums(1.0, 1.0, math.nan, 0.5)
     assert all(math.isnan(v) for v in (nan[0], nan[1], nan[3]))
+
+
+def test_metrics_many_matches_sample_metrics() -> None:
+    from hybridq.metrics import metrics_many
+
+    rng = np.random.default_rng(5)
+    big = rng.normal(size=(3, 70_000)).astype(np.float32)  # several blocks, a partial last one
+    near = (big + 1e-3 * rng.normal(size=big.shape)).astype(np.float32)
+    cases = [
+        (big, [near, rng.normal(size=big.shape).astype(np.float32)]),
+        (np.zeros(7, np.float32), [np.zeros(7, np.float32), np.ones(7, np.float32)]),
+        (np.full(5, 3.0, np.float32), [np.full(5, -2.0, np.float32)]),
+        (np.zeros(0, np.float32), [np.zeros(0, np.float32)]),
+        (A.astype(np.float16), [B.astype(np.float16)]),  # not float32: the float64 path
+    ]
+    for ref, tests in cases:
+        got = metrics_many(ref, tests)
+        for g, t in zip(got, tests):
+            assert g == pytest.approx(sample_metrics(ref, t), rel=1e-6, abs=1e-6)  # cosine from sums: abs error
+    nan = B.copy()
+    nan[0, 0] = np.nan
+    assert all(math.isnan(v) for v in metrics_many(A, [nan])[0])
+    with pytest.raises(ValueError, match="cannot compare"):
+        metrics_many(A, [B.ravel()[:3]])

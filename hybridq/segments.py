@@ -1,0 +1,251 @@
+"""Split an analysis graph into consecutive segments, each run by its own ONNX Runtime session.
+
+Why: the analysis graph holds the fp32 graph, the quantized graph and the
+isolated layers side by side, and in one session ONNX Runtime runs one of
+them to the end before the next, so every compared tensor lives until the
+end of the run and is read back from main memory. Run segment by segment,
+each holding a few compared layers of all three graphs (nodes ordered by a
+depth-first walk from the compared tensors), the tensors are compared while
+they are still in cache and freed right after.
+
+Fusion groups are never cut: a node stays with the DequantizeLinear nodes
+that feed it and the QuantizeLinear nodes it feeds, so ONNX Runtime fuses the
+QDQ groups into the same integer kernels as in one session. A
+DequantizeLinear read by several nodes is first copied per reader, as ONNX
+Runtime itself does before fusing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+
+@dataclass
+class Segment:
+    """One consecutive part of the graph: a model and the tensors it reads and writes."""
+
+    model: onnx.ModelProto
+    inputs: list[str]
+    outputs: list[str]
+
+
+def _outer_refs(g: onnx.GraphProto) -> set[str]:
+    """Tensors a subgraph reads from enclosing scopes."""
+    local = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+    refs: set[str] = set()
+    for n in g.node:
+        refs.update(i for i in n.input if i and i not in local)
+        for sg in _subgraphs(n):
+            refs.update(r for r in _outer_refs(sg) if r not in local)
+    refs.update(o.name for o in g.output if o.name not in local)
+    return refs
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _outer_reads(node: onnx.NodeProto) -> list[str]:
+    """Tensors a node's subgraphs read from the main graph."""
+    return sorted({r for sg in _subgraphs(node) for r in _outer_refs(sg)})
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads, its subgraphs' outer references included."""
+    return [i for i in node.input if i] + _outer_reads(node)
+
+
+def _unique_dq(nodes: list[onnx.NodeProto], graph_outputs: set[str], used: set[str], types: dict[str, int]) -> list[onnx.NodeProto]:
+    """Give each reader of a shared DequantizeLinear output its own copy (the original keeps graph outputs)."""
+    readers: dict[str, list[int]] = defaultdict(list)
+    for k, n in enumerate(nodes):
+        for i in n.input:
+            if i:
+                readers[i].append(k)
+        for r in _outer_reads(n):
+            readers[r].append(-1)  # read by a subgraph: never rewired
+    extra: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    for k, n in enumerate(nodes):
+        if n.op_type != "DequantizeLinear" or len(n.output) != 1:
+            continue
+        out = n.output[0]
+        rs = readers.get(out, [])
+        if -1 in rs or len(set(rs)) + (out in graph_outputs) < 2:
+            continue
+        keep_first = out not in graph_outputs
+        for j, r in enumerate(sorted(set(rs))):
+            if j == 0 and keep_first:
+                continue
+            name, c = f"{out}/dq{j}", j
+            while name in used:
+                c += 1
+                name = f"{out}/dq{c}"
+            used.add(name)
+            if out in types:
+                types[name] = types[out]
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            copy.output[0] = name
+            copy.name = f"{n.name or out}/dq{c}"
+            extra[r].append(copy)
+            reader = nodes[r]
+            for p, i in enumerate(reader.input):
+                if i == out:
+                    reader.input[p] = name
+    result: list[onnx.NodeProto] = []
+    for k, n in enumerate(nodes):
+        result.extend(extra.get(k, []))
+        result.append(n)
+    return result
+
+
+class _Groups:
+    """Union-find over node indices: the nodes that must share a segment."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _fusion_groups(nodes: list[onnx.NodeProto], producer: dict[str, int], readers: dict[str, list[int]]) -> _Groups:
+    groups = _Groups(len(nodes))
+    for k, n in enumerate(nodes):
+        if n.op_type == "DequantizeLinear" and n.output and len(readers.get(n.output[0], [])) == 1:
+            groups.union(k, readers[n.output[0]][0])
+        if n.op_type == "QuantizeLinear" and n.input and n.input[0] in producer:
+            groups.union(k, producer[n.input[0]])
+    return groups
+
+
+def _order(
+    nodes: list[onnx.NodeProto], producer: dict[str, int], groups: _Groups, targets: Sequence[Sequence[str]], per_segment: int
+) -> list[list[int]]:
+    """Node indices per segment: groups in depth-first order from each target, a cut every ``per_segment`` targets."""
+    members: dict[int, list[int]] = defaultdict(list)
+    for k in range(len(nodes)):
+        members[groups.find(k)].append(k)
+    deps: dict[int, list[int]] = {}
+    for g, ks in members.items():
+        seen: list[int] = []
+        for k in ks:
+            for name in _reads(nodes[k]):
+                p = producer.get(name)
+                if p is not None and groups.find(p) != g and groups.find(p) not in seen:
+                    seen.append(groups.find(p))
+        deps[g] = seen
+    done: set[int] = set()
+    segments: list[list[int]] = [[]]
+    count = 0
+    for target in targets:
+        for name in target:
+            p = producer.get(name)
+            if p is None or groups.find(p) in done:
+                continue
+            stack: list[tuple[int, bool]] = [(groups.find(p), False)]
+            while stack:
+                g, leave = stack.pop()
+                if g in done:
+                    continue
+                if leave:
+                    done.add(g)
+                    segments[-1].extend(members[g])
+                    continue
+                stack.append((g, True))
+                stack.extend((d, False) for d in reversed(deps[g]) if d not in done)
+        count += 1
+        if count % per_segment == 0:
+            segments.append([])
+    return [sorted(s) for s in segments if s]
+
+
+def split(
+    model: onnx.ModelProto, targets: Sequence[Sequence[str]], types: dict[str, int], per_segment: int
+) -> list[Segment] | None:
+    """Segments computing every tensor of ``targets`` (groups compared together, in order), or None.
+
+    ``types`` gives element types of the tensors (extended for new copies);
+    None when a tensor crossing segments has no known type or the graph has
+    sparse initializers: run the whole model as one segment then.
+    """
+    g = model.graph
+    if g.sparse_initializer:
+        return None
+    outputs = {o.name for o in g.output}
+    used = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
+    nodes = _unique_dq([_copy(n) for n in g.node], outputs, used, types)
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    readers: dict[str, list[int]] = defaultdict(list)
+    for k, n in enumerate(nodes):
+        for name in dict.fromkeys(_reads(n)):
+            readers[name].append(k)
+    groups = _fusion_groups(nodes, producer, readers)
+    parts = _order(nodes, producer, groups, targets, max(1, per_segment))
+    seg_of = {k: s for s, ks in enumerate(parts) for k in ks}
+    wanted = {name for t in targets for name in t}
+    inits = {i.name: i for i in g.initializer}
+    graph_inputs = {i.name: i for i in g.input}
+    last_read: dict[str, int] = {}
+    for name, ks in readers.items():
+        segs = [seg_of[k] for k in ks if k in seg_of]
+        if segs:
+            last_read[name] = max(segs)
+    result: list[Segment] = []
+    for s, ks in enumerate(parts):
+        made = {o for k in ks for o in nodes[k].output if o}
+        reads = list(dict.fromkeys(name for k in ks for name in _reads(nodes[k])))
+        ins = [r for r in reads if r not in made and r not in inits]
+        if any(r not in graph_inputs and r not in types for r in ins):
+            return None
+        outs = [o for k in ks for o in nodes[k].output if o and (o in wanted or last_read.get(o, -1) > s)]
+        sub = _shell(model)
+        sg = sub.graph
+        sg.node.extend(nodes[k] for k in ks)
+        sg.initializer.extend(inits[r] for r in reads if r in inits)
+        for r in ins:
+            sg.input.append(graph_inputs[r] if r in graph_inputs else helper.make_tensor_value_info(r, types[r], None))
+        for o in outs:
+            et = types.get(o)
+            sg.output.append(
+                helper.make_tensor_value_info(o, et, None) if et else helper.make_empty_tensor_value_info(o)
+            )
+        result.append(Segment(sub, ins, outs))
+    return result
+
+
+def _shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An empty model with ``model``'s versions, opsets and functions."""
+    sub = onnx.ModelProto(
+        ir_version=model.ir_version, producer_name=model.producer_name, domain=model.domain, model_version=model.model_version
+    )
+    sub.opset_import.extend(model.opset_import)
+    sub.functions.extend(model.functions)
+    sub.graph.name = model.graph.name
+    return sub
+
+
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    return n
+
