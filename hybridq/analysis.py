@@ -9,6 +9,9 @@ averaged:
   errors of all upstream layers accumulate;
 * **single**: fp32[t] vs the same view computed by that layer alone, fed
   the fp32 model's tensors, so a person sees which layer *adds* error.
+  Measured for layers that quantize something (weights, or a Q after them);
+  with step2's map, a float layer that only reads dequantized tensors has
+  none (its producer's single error holds that quantization).
 
 Identity comes from the ``hybridq.qdq_map`` metadata that step2 writes
 (original tensor -> view) and, for QDQ models made elsewhere (ONNX Runtime's
@@ -346,6 +349,7 @@ class AnalysisPlan:
 
     tensors: list[TensorPlan]
     notes: list[str] = field(default_factory=list)
+    layers_known: bool = False  # the quantized model's hybridq.qdq_map says each layer's precision
 
 
 def _read_qdq_map(model: onnx.ModelProto) -> dict[str, Any] | None:
@@ -404,7 +408,10 @@ def _plan(f: _Graph, q: _Graph) -> AnalysisPlan:
                 view = q.nodes[chain[-1]].output[0] if chain else t
             source, out_chain = ident.back_to_source(view)
             qk = q.producer.get(source)
-            info = layer_info.get(layer) if isinstance(layer_info.get(layer), dict) else None
+            # The quantized model's producer names the layer in the map (a fused BatchNormalization's
+            # tensor is written by the Conv it was folded into).
+            qname = q.nodes[qk].name if qk is not None else ""
+            info = next((layer_info[k] for k in (qname, layer) if isinstance(layer_info.get(k), dict)), None)
             plans.append(
                 TensorPlan(
                     tensor=t,
@@ -428,7 +435,7 @@ def _plan(f: _Graph, q: _Graph) -> AnalysisPlan:
             "the float and quantized models have no float tensor in common to compare; "
             "check that QUANT_MODEL was built from FLOAT_MODEL"
         )
-    return AnalysisPlan(plans, notes)
+    return AnalysisPlan(plans, notes, layers_known=bool(layer_info))
 
 
 # --------------------------------------------------------------------------- graphs
@@ -572,9 +579,13 @@ def _build_single(
         memo[x] = name
         return name
 
-    def is_quantized(node: onnx.NodeProto, out_chains: list[tuple[int, ...]]) -> bool:
-        if any(out_chains):
+    def is_quantized(node: onnx.NodeProto, tps: list[TensorPlan]) -> bool:
+        if any(tp.out_chain for tp in tps):
             return True
+        if plan.layers_known:
+            # A float layer that only reads dequantized tensors adds no error of its own: the
+            # producer's single error already holds that quantization.
+            return any(tp.precision not in (None, "float32", "float16") for tp in tps)
         for i in node.input:
             if not i:
                 continue
@@ -596,7 +607,7 @@ def _build_single(
     for k in sorted(by_node):
         node = q.nodes[k]
         tps = by_node[k]
-        if not is_quantized(node, [tp.out_chain for tp in tps]):
+        if not is_quantized(node, tps):
             continue
         if _has_subgraph(node):
             not_isolated.append(f"{node.name or node.output[0]} (has a subgraph)")

@@ -410,3 +410,27 @@ def test_segments_give_the_same_metrics_as_a_plain_session(tmp_path: Path, monke
         want = np.mean([sample_metrics(fs.run([layer.tensor], s)[0], qs.run([layer.quant_tensor], s)[0]) for s in data], axis=0)
         got = [getattr(layer.entire, k) for k in ("cosine", "euclid", "snr_db", "max_abs")]
         assert got == pytest.approx(want.tolist(), rel=1e-5, abs=1e-6), layer.tensor
+
+
+def test_float_layers_reading_dequantized_tensors_get_no_single_error(tmp_path: Path) -> None:
+    """With step2's map, only quantized layers are isolated: the float residual Add adds no error of its own."""
+    import hybridq
+    from tests import models
+
+    path = tmp_path / "cnn.onnx"
+    onnx.save(models.residual_cnn(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 6)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws")
+    r2 = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    quant = onnx.load(str(r2.output))
+    data = [{"x": np.random.default_rng(i).normal(0, 1, (1, 3, 16, 16)).astype(np.float32)} for i in range(3)]
+    by = {layer.layer: layer for layer in analyze(onnx.load(str(path)), quant, data).layers}
+    assert by["add"].single is None and by["add"].entire.cosine < 1.0
+    assert by["conv3"].single is not None and by["fc"].single is not None
+    # conv2's output is the fp32 model's bn2 tensor (BatchNormalization folded into conv2): still isolated
+    assert by["bn2"].precision == "uint8" and by["bn2"].single is not None
+    # the Q after relu2 (absorbed into conv2's integer kernel) is measured at relu2
+    assert by["relu2"].single is not None and by["relu2"].single.cosine < 1.0
+    # without the map (a foreign QDQ model), reading a dequantized tensor counts as quantized
+    del quant.metadata_props[:]
+    assert {layer.layer: layer for layer in analyze(onnx.load(str(path)), quant, data).layers}["add"].single is not None
