@@ -800,8 +800,8 @@ class _Session:
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        # many small nodes: one thread avoids a thread-pool hand-off per node (2x faster than two
-        # on the 2-core bench machine); the metrics run beside it on another thread
+        # one thread: the metrics run beside it on the other core; two ORT threads made rec
+        # analyze 6x slower on the 2-core bench machine (thread-pool spinning against the metrics)
         so.intra_op_num_threads = 1
         self.what = what
         try:
