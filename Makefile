@@ -29,6 +29,8 @@ test-slow: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
+	$(PY) bench/plain_cnn.py
+	$(PY) bench/bench_analyze.py --models cls,rec,det
 
 bench-quick: $(VENV)/.installed
 	$(PY) bench/run.py --quick
