@@ -192,16 +192,34 @@ def _clipped_range(obs: HistogramObserver, threshold: float) -> tuple[float, flo
     return max(obs.min, -threshold), min(obs.max, threshold)
 
 
+KL_BINS = 2048
+"""Histogram size of the entropy search (TensorRT's)."""
+
+
 def range_kl(obs: HistogramObserver, levels: int, percentile: float = 99.99) -> tuple[float, float]:
-    """TensorRT-style entropy calibration on |x|: the threshold minimising KL(P || Q) with `levels` bins."""
+    """TensorRT-style entropy calibration on |x|: the threshold minimising KL(P || Q) with `levels` bins.
+
+    Like TensorRT, the smallest candidate threshold is nq / KL_BINS of max|x| (nq = quantized bins):
+    searched from the stored bins (merged by powers of two, exactly, to KL_BINS..2 KL_BINS bins),
+    candidates started at nq fine bins, 2 % of the range, and clipped post-ReLU tensors with a spike
+    near zero there (PP-OCR det collapsed to hmean 0).
+    """
     hist = _abs_histogram(obs)
+    width = obs.width
+    factor = 1
+    while len(hist) >= factor * 2 * KL_BINS:
+        factor *= 2
+    if factor > 1:
+        hist = np.add.reduceat(hist, np.arange(0, len(hist), factor))
+        width *= factor
     nq = (levels + 1) // 2 if obs.min < 0 else levels + 1
     n = len(hist)
-    if n <= nq or hist.sum() == 0:
+    first = max(nq, math.ceil(n * nq / KL_BINS))
+    if n <= first or hist.sum() == 0:
         return obs.min, obs.max
     best_t, best_kl = n, math.inf
-    step = max(1, (n - nq) // 256)
-    for t in list(range(nq, n, step)) + [n]:
+    step = max(1, (n - first) // 256)
+    for t in list(range(first, n, step)) + [n]:
         sliced = hist[:t]
         p = sliced.copy()
         p[-1] += hist[t:].sum()  # P keeps the clipped tail in its last bin; Q is built without it
@@ -216,7 +234,7 @@ def range_kl(obs: HistogramObserver, levels: int, percentile: float = 99.99) -> 
         kl = float(np.sum(ps[mask] * np.log(ps[mask] / np.maximum(qs[mask], 1e-12))))
         if kl < best_kl:
             best_kl, best_t = kl, t
-    return _clipped_range(obs, best_t * obs.width)
+    return _clipped_range(obs, best_t * width)
 
 
 def range_mse(obs: HistogramObserver, levels: int, percentile: float = 99.99) -> tuple[float, float]:

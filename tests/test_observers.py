@@ -154,3 +154,17 @@ def test_large_batches_are_subsampled_but_min_max_and_count_stay_exact():
     lo, hi = compute_range(obs, "percentile", 255, 99.0)
     ref_lo, ref_hi = np.percentile(x, [1.0, 99.0])
     assert lo == pytest.approx(ref_lo, rel=0.05) and hi == pytest.approx(ref_hi, rel=0.05)
+
+
+def test_kl_on_a_post_relu_spike_follows_the_reference_search_range():
+    """Unsigned data with a spike near zero: the threshold is searched from nq/2048 of max|x|, as TensorRT does.
+
+    Searching the fine stored histogram from 256 fine bins clipped such a tensor of PP-OCR det to 2 % of its range.
+    """
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.exponential(0.002, 180_000), rng.uniform(0, 3.0, 20_000)]).astype(np.float32)
+    lo, hi = compute_range(_observe(*np.array_split(x, 4)), "kl", 255)
+    ref = _kl_reference(x, nq=256)
+    assert lo == float(x.min())
+    assert hi >= 256 / 2048 * float(x.max()) * 0.99
+    assert hi == pytest.approx(ref, rel=0.25)
