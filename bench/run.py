@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import statistics
@@ -184,13 +185,44 @@ def build_hybridq(proposal: bool) -> Builder:
     return build
 
 
+ALGORITHMS = ("percentile", "mse", "kl")
+"""Range algorithms benched beside the default minmax: step2 only, from the `hybridq` variant's step1."""
+
+
+def build_hybridq_algorithm(algorithm: str) -> Builder:
+    """step2 from the `hybridq` variant's artifacts with the cfg's `settings: algorithm:` edited (no re-calibration)."""
+
+    def build(model: Path, dataset: Path, work: Path) -> tuple[Path, Proc]:
+        name = f"hybridq_{algorithm}"
+        src, wd = work / "hybridq" / model.stem, work / name
+        wd.mkdir(parents=True, exist_ok=True)
+        out = wd / f"{model.stem}.q.onnx"
+        out.unlink(missing_ok=True)
+        cfg_in = Path(f"{src}.quantization.cfg")
+        if not cfg_in.is_file():
+            return out, Proc(False, 0.0, 0.0, "needs the hybridq variant (its step1 artifacts) first")
+        text = cfg_in.read_text()
+        edited = re.sub(r"^(  algorithm:) \w+", rf"\1 {algorithm}", text, count=1, flags=re.M)
+        if edited == text:
+            return out, Proc(False, 0.0, 0.0, "the hybridq cfg has no `settings: algorithm:` line")
+        cfg = wd / cfg_in.name
+        cfg.write_text(edited)
+        cmd = hybridq_cmd() + ["step2", f"{src}.model", f"{src}.data", str(cfg), "-o", str(out)]
+        return out, run_measured(cmd, work / f"{name}.step2.log")
+
+    return build
+
+
 BUILDERS: dict[str, Builder] = {
     "fp32": build_fp32,
     "ort_default": build_ort(pre_process=False),
     "ort_pre": build_ort(pre_process=True),
     "hybridq": build_hybridq(proposal=False),
     "hybridq_proposal": build_hybridq(proposal=True),
+    **{f"hybridq_{a}": build_hybridq_algorithm(a) for a in ALGORITHMS},
 }
+SAME_GRAPH = {f"hybridq_{a}" for a in ALGORITHMS}
+"""Variants whose graph is hybridq's with other scales: latency is not measured again."""
 
 
 # --------------------------------------------------------------------------- measurements
@@ -268,7 +300,7 @@ def bench_model(task: ppocr.Task, variants: list[str], prof: Profile) -> dict:
             except Exception as exc:  # a broken model is a result, not a crash
                 v.error = f"evaluate: {type(exc).__name__}: {exc}".splitlines()[0][:200]
         results[name] = v
-    ok = {n: Path(v.path) for n, v in results.items() if not v.error}
+    ok = {n: Path(v.path) for n, v in results.items() if not v.error and n not in SAME_GRAPH}
     x = task.eval_input()
     load = {}
     for threads in prof.threads:
@@ -347,6 +379,8 @@ def render_markdown(report: dict) -> str:
         f"(range of round medians), {report['profile']['rounds']} interleaved rounds. Build = wall time / peak RSS",
         "of the quantizer process(es) on the whole calib split. `ort_default`: quantize_static QDQ,",
         "per_channel, MinMax, default options (S8S8); `ort_pre`: same after opset 13 + quant_pre_process.",
+        "`hybridq_percentile/_mse/_kl`: step2 only, from the `hybridq` step1 with `settings: algorithm:` edited",
+        "in the cfg (no re-calibration; same graph as `hybridq`, so latency is not measured again).",
         "",
     ]
     for r in report["models"]:

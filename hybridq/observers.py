@@ -224,11 +224,13 @@ def range_kl(obs: HistogramObserver, levels: int, percentile: float = 99.99) -> 
         p = sliced.copy()
         p[-1] += hist[t:].sum()  # P keeps the clipped tail in its last bin; Q is built without it
         nonzero = p > 0
-        q = np.zeros(t)
-        for c in np.array_split(np.arange(t), nq):
-            nz = nonzero[c]
-            if nz.any():
-                q[c[nz]] = sliced[c].sum() / nz.sum()
+        # Q: each of nq chunks (np.array_split sizes) spreads its mass evenly over its nonzero bins of P.
+        sizes = np.full(nq, t // nq)
+        sizes[: t % nq] += 1
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        sums = np.add.reduceat(sliced, starts)
+        counts = np.add.reduceat(nonzero.astype(np.int64), starts)
+        q = np.repeat(np.divide(sums, counts, out=np.zeros(nq), where=counts > 0), sizes) * nonzero
         ps, qs = p / p.sum(), q / max(q.sum(), 1e-300)
         mask = ps > 0
         kl = float(np.sum(ps[mask] * np.log(ps[mask] / np.maximum(qs[mask], 1e-12))))
