@@ -79,7 +79,7 @@ def calibrate(
     histograms: set[str] | None = None,
     describe: Callable[[int], str] = lambda i: f"batch {i}",
     on_batch: Callable[[int], None] | None = None,
-    range_batches: int | None = 16,
+    range_batches: int | None = 8,
 ) -> dict[str, HistogramObserver]:
     """Observe every float activation (or `tensors`) over all batches; returns one observer per tensor.
 

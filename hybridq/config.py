@@ -41,7 +41,7 @@ quantize_parameters: one entry per quantized tensor (activations and weights).
   dtype: uint8 | int8 | int16; qtype: asym | sym; qmethod: layer | channel (weights);
   algorithm: minmax | percentile | kl | mse (recomputed from stored statistics, no re-calibration;
     histograms are stored for every tensor listed here; for the other inputs and outputs of
-    quantizable layers, which a layer moved to int8 may add, min/max of the first 16 samples).
+    quantizable layers, which a layer moved to int8 may add, min/max of the first 8 samples).
   Delete an entry to fall back to the step1 statistics.
 """
 
