@@ -214,7 +214,7 @@ class _Graph:
             for i in node.input:
                 if i:
                     self.consumers[i].append(k)
-        self.types, self.ranks = _type_info(model)
+        self.types = _tensor_types(model)
         # tensors computed at run time: graph inputs and node outputs
         self.values = set(self.inputs) | set(self.producer)
 
@@ -223,26 +223,20 @@ class _Graph:
         return None if k is None else self.nodes[k]
 
 
-def _type_info(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
-    """``(element type, rank)`` of every tensor shape inference can tell."""
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor shape inference can tell."""
     types: dict[str, int] = {}
-    ranks: dict[str, int] = {}
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # a model shape inference cannot handle: learn the types at run time
         inferred = model
     g = inferred.graph
     for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.type.HasField("tensor_type"):
-            tt = vi.type.tensor_type
-            if tt.elem_type:
-                types[vi.name] = tt.elem_type
-            if tt.HasField("shape"):
-                ranks[vi.name] = len(tt.shape.dim)
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
     for init in g.initializer:
         types[init.name] = init.data_type
-        ranks[init.name] = len(init.dims)
-    return types, ranks
+    return types
 
 
 def _attr(node: onnx.NodeProto, name: str) -> Any:
@@ -655,7 +649,6 @@ def _build_single(
 # --------------------------------------------------------------------------- analysis graph
 
 _Q_PREFIX = "hybridq.quant/"
-_M_PREFIX = "hybridq.metric/"
 
 
 def _main_opset(model: onnx.ModelProto) -> int:
@@ -768,13 +761,10 @@ def _build_analysis_graph(f: _Graph, q: _Graph, plan: AnalysisPlan) -> _Analysis
     """
     combined, single_views, notes, types, fresh = _build_single(f, q, plan)
     rename = _embed(combined, q, fresh, types)
-    quant_views = {tp.tensor: rename[tp.view] for tp in plan.tensors}
-    outputs: list[str] = []
-    for tp in plan.tensors:
-        outputs += [tp.tensor, quant_views[tp.tensor]] + ([single_views[tp.tensor]] if tp.tensor in single_views else [])
+    ag = _AnalysisGraph(combined, single_views, notes, {tp.tensor: rename[tp.view] for tp in plan.tensors}, types)
     del combined.graph.output[:]
-    _set_outputs(combined, outputs, types)
-    return _AnalysisGraph(combined, single_views, notes, quant_views, types)
+    _set_outputs(combined, [x for tp in plan.tensors for x in _names(tp, ag)], types)
+    return ag
 
 
 # --------------------------------------------------------------------------- running
