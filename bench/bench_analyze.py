@@ -38,8 +38,9 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import ppocr  # noqa: E402
+import results_md  # noqa: E402
 
-BEGIN, END = "<!-- analyze:begin -->", "<!-- analyze:end -->"
+BEGIN, END = results_md.markers("analyze")
 RESULTS = HERE / "RESULTS.md"
 
 
@@ -125,18 +126,6 @@ def render(rows: list[dict], cmd: str, n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    old = RESULTS.read_text(encoding="utf-8") if RESULTS.is_file() else "# Benchmark results\n\n"
-    if BEGIN in old and END in old:
-        a, b = old.index(BEGIN), old.index(END) + len(END)
-        new = old[:a] + text.rstrip("\n") + old[b:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    tmp = RESULTS.with_name(f".{RESULTS.name}.{os.getpid()}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, RESULTS)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="rec,cls", help="comma list of rec,cls,det")
@@ -174,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows, cmd.strip(), args.n)
     print(text)
     if not args.no_write:
-        write_section(text)
+        results_md.write_section(RESULTS, "analyze", text)
     return 0
 
 

@@ -31,9 +31,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import ppocr  # noqa: E402
+import results_md  # noqa: E402
 import run as bench_run  # noqa: E402
 
-BEGIN, END = "<!-- plain:begin -->", "<!-- plain:end -->"
+BEGIN, END = results_md.markers("plain")
 RESULTS = HERE / "RESULTS.md"
 WORK = ppocr.CACHE_DIR / "plain"
 
@@ -178,16 +179,6 @@ def render(rows: list[dict], failed: dict[str, str], args: argparse.Namespace, l
     return "\n".join(out)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the marked section of bench/RESULTS.md."""
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    if BEGIN in old and END in old:
-        new = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    RESULTS.write_text(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=224)
@@ -213,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows, failed, args, (load[0], load[1]))
     print(text)
     if not args.no_write:
-        write_section(text)
+        results_md.write_section(RESULTS, "plain", text)
     print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
     return 0
 

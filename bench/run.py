@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ppocr  # noqa: E402
+import results_md  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORK_DIR = ppocr.CACHE_DIR / "work"
@@ -479,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     report["wall_s"] = time.perf_counter() - start
     out.with_suffix(".json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     plot(report, out.parent / "accuracy_vs_latency.png")
-    out.write_text(render_markdown(report), encoding="utf-8")
+    results_md.write_main(out, render_markdown(report))
     log(f"wrote {out} in {report['wall_s']:.0f} s")
     return 0
 

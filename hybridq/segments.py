@@ -76,7 +76,7 @@ def _unique_dq(nodes: list[onnx.NodeProto], graph_outputs: set[str], used: set[s
         for r in _outer_reads(n):
             readers[r].append(-1)  # read by a subgraph: never rewired
     extra: dict[int, list[onnx.NodeProto]] = defaultdict(list)
-    for k, n in enumerate(nodes):
+    for n in nodes:
         if n.op_type != "DequantizeLinear" or len(n.output) != 1:
             continue
         out = n.output[0]
