@@ -35,11 +35,12 @@ sums when a snapshot is dumped, so the manifest matches the arrays exactly).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import tempfile
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,9 +51,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .cost import concrete_shapes
 from .errors import HybridqError, InputError, ModelError
-from .graph import is_large, save_external
-from .metrics import Accumulator, Metrics, metrics_many
+from .graph import is_large, save_external, tensor_shapes
+from .metrics import Accumulator, Metrics, metrics_many, sample_metrics
 from .segments import Segment, split
 
 QDQ_MAP_KEY = "hybridq.qdq_map"
@@ -782,6 +784,23 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto, what: str) -> onnx.Mo
         raise ModelError(f"{what} '{path}' is not a readable ONNX model ({type(e).__name__}: {e})") from None
 
 
+_ARENA: list[bool] = []
+
+
+def _shared_arena() -> None:
+    """Register, once per process, the ONNX Runtime CPU arena that the analysis sessions share."""
+    if _ARENA:
+        return
+    import onnxruntime as ort
+
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    try:
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))
+    except Exception:  # registered already (by the host program): share that one
+        pass
+    _ARENA.append(True)
+
+
 class _Session:
     """An ONNX Runtime CPU session over an in-memory model (through a temp file when > 2 GB)."""
 
@@ -790,9 +809,13 @@ class _Session:
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        # one thread: the metrics run beside it on the other core; two ORT threads made rec
-        # analyze 6x slower on the 2-core bench machine (thread-pool spinning against the metrics)
+        # one thread per run: samples run side by side, one per core, each measuring its own
+        # tensors (ORT's own threads would spin against them)
         so.intra_op_num_threads = 1
+        # one arena for all segment sessions: a segment's outputs reuse the blocks the previous
+        # segment's freed while they are still in cache (rec peak RSS 937 -> 254 MB)
+        so.add_session_config_entry("session.use_env_allocators", "1")
+        _shared_arena()
         self.what = what
         try:
             if not is_large(model):
@@ -818,14 +841,17 @@ class _Session:
         return dict(zip(self.output_names, values))
 
 
-_PER_SEGMENT = 8  # measured tensors per segment (hybridq.segments): only a few layers' tensors are alive at once
+_SEGMENT_BYTES = 16 << 20  # compared bytes per segment (hybridq.segments): few sessions, few tensors alive at once
+_WORKERS = 2  # samples in flight at most (capped by the core count), each on its own thread
 
 
 class _Runner:
     """The analysis graph as a chain of sessions, one per segment (see :mod:`hybridq.segments`)."""
 
-    def __init__(self, ag: _AnalysisGraph, targets: list[list[str]], inputs: list[str], what: str) -> None:
-        segments = split(ag.model, targets, ag.types, _PER_SEGMENT)
+    def __init__(
+        self, ag: _AnalysisGraph, targets: list[list[str]], weights: list[float], inputs: list[str], what: str
+    ) -> None:
+        segments = split(ag.model, targets, ag.types, weights, _SEGMENT_BYTES)
         if segments is None:
             segments = [Segment(ag.model, inputs, [o.name for o in ag.model.graph.output])]
         self.sessions = [_Session(s.model, what) for s in segments]
@@ -873,10 +899,12 @@ def analyze(
 ) -> AnalysisResult:
     """Entire and single error of every layer output both models have, averaged over ``samples``.
 
-    ``samples`` yields ``{input name: array}`` and is consumed once, one
-    sample at a time: metrics are accumulated per sample and the tensors are
-    dropped (or appended to the snapshot when ``dump`` is a directory, see
-    :mod:`hybridq.snapshot`; ``max_bytes`` caps the arrays written there).
+    ``samples`` yields ``{input name: array}`` and is consumed once; a
+    sample's tensors are measured segment by segment as they are computed
+    and dropped (or appended to the snapshot when ``dump`` is a directory,
+    see :mod:`hybridq.snapshot`; ``max_bytes`` caps the arrays written
+    there). Without ``dump``, up to one sample per core is in flight, each
+    on its own thread; results are added in sample order either way.
     With ``dump``, the manifest and the reports are written too.
     ``on_sample`` is called after each sample (for progress bars).
 
@@ -896,38 +924,40 @@ def analyze(
     plan = _plan(f, q)
     ag = _build_analysis_graph(f, q, plan)
     targets = [_names(tp, ag) for tp in plan.tensors]
-    runner = _Runner(ag, targets, f.inputs, "float and quantized models with the isolated quantized layers")
+    it = iter(samples)
+    first = next(it, None)
+    weights = _target_bytes(fm, plan, targets, first)
+    samples = it if first is None else itertools.chain([first], it)
+    runner = _Runner(ag, targets, weights, f.inputs, "float and quantized models with the isolated quantized layers")
     writer = None
     if dump is not None:
         from .snapshot import ArrayDump
 
         writer = ArrayDump(Path(dump), [tp.tensor for tp in plan.tensors], max_bytes)
     m = _Measure(plan, ag, exact=writer is not None)
+    # a snapshot is written in sample order from one thread; otherwise one sample per core
+    workers = 1 if writer is not None else max(1, min(_WORKERS, os.cpu_count() or 1))
     n = 0
     try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-metrics") as pool:
-            queue: list[Future[None]] = []
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hybridq-analyze") as pool:
+            pending: deque[Future[_SampleErrors]] = deque()
 
-            def submit(fn: Callable[..., None], *args: Any) -> None:
-                queue.append(pool.submit(fn, *args))
-                while len(queue) > 2:  # at most two batches of tensors wait: memory stays bounded
-                    queue.pop(0).result()
+            def finish_oldest() -> None:
+                done = pending.popleft().result()
+                m.add(done)
+                if writer is not None:
+                    m.dump(writer, done)
+                if on_sample is not None:
+                    on_sample()
 
             for sample in samples:
                 _check_feed(sample, f.inputs, n)
-                arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-                waiting: dict[str, np.ndarray] = {}
-                done: set[str] = set()
-                for out in runner.run(sample, n):
-                    waiting.update((k, v) for k, v in out.items() if k in m.wanted)
-                    submit(m.measure, m.ready(waiting, done), n, arrays)
-                if writer is not None:
-                    submit(m.dump, writer, arrays)
+                pending.append(pool.submit(m.sample, runner, sample, n))
                 n += 1
-                if on_sample is not None:
-                    on_sample()
-            while queue:
-                queue.pop(0).result()
+                while len(pending) >= workers:
+                    finish_oldest()
+            while pending:
+                finish_oldest()
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
         result = AnalysisResult(layers=m.layers(), outputs=list(f.outputs), n_samples=n, notes=plan.notes + ag.notes)
@@ -945,14 +975,40 @@ def analyze(
             writer.abort()
 
 
+def _target_bytes(
+    fm: onnx.ModelProto, plan: AnalysisPlan, targets: list[list[str]], sample: dict[str, np.ndarray] | None
+) -> list[float]:
+    """Bytes each target's compared arrays take for ``sample`` (shapes inferred; unknown sizes get the mean)."""
+    shapes = tensor_shapes(concrete_shapes(fm, sample)) if sample is not None else {}
+    sizes: list[float | None] = []
+    for tp, names in zip(plan.tensors, targets):
+        dims = shapes.get(tp.tensor)
+        known = dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
+        sizes.append(4.0 * len(names) * float(np.prod(dims)) if known else None)  # type: ignore[arg-type]
+    seen = [x for x in sizes if x is not None]
+    fill = sum(seen) / len(seen) if seen else float(1 << 20)
+    return [fill if x is None else x for x in sizes]
+
+
 def _names(tp: TensorPlan, ag: _AnalysisGraph) -> list[str]:
     """Analysis-graph tensors compared for ``tp``: the fp32 tensor, its quant view, its single view if any."""
     sv = ag.single_views.get(tp.tensor)
     return [tp.tensor, ag.quant_views[tp.tensor]] + ([sv] if sv else [])
 
 
+@dataclass
+class _SampleErrors:
+    """One sample's measurements, made on a worker thread and added to the totals in sample order."""
+
+    index: int
+    values: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)  # entire[, single]
+    shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # shape and dtype
+    skipped: set[str] = field(default_factory=set)
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # fp32, quant (dump only)
+
+
 class _Measure:
-    """Per-tensor accumulators, fed batch by batch on the metrics thread (one thread: no locking)."""
+    """Per-tensor accumulators; :meth:`sample` runs on worker threads, :meth:`add` on the caller's, in order."""
 
     def __init__(self, plan: AnalysisPlan, ag: _AnalysisGraph, exact: bool) -> None:
         self.plan, self.ag, self.exact = plan, ag, exact
@@ -967,6 +1023,21 @@ class _Measure:
         for t, (_, names) in self.todo.items():
             for x in names:
                 self.by_name[x].append(t)
+
+    def sample(self, runner: _Runner, sample: dict[str, np.ndarray], n: int) -> _SampleErrors:
+        """Run one sample segment by segment, measuring each tensor as soon as its arrays exist.
+
+        The arrays are still in cache then, and dropped right after (kept
+        for the snapshot in ``exact`` mode).
+        """
+        res = _SampleErrors(n)
+        waiting: dict[str, np.ndarray] = {}
+        done: set[str] = set()
+        for out in runner.run(sample, n):
+            waiting.update((k, v) for k, v in out.items() if k in self.wanted)
+            for tp, vals in self.ready(waiting, done):
+                self._measure(tp, vals, res)
+        return res
 
     def ready(self, have: dict[str, np.ndarray], done: set[str]) -> list[tuple[TensorPlan, list[np.ndarray]]]:
         """Tensors not in ``done`` whose compared arrays are all in ``have``, with those arrays.
@@ -987,35 +1058,41 @@ class _Measure:
                     del have[y]
         return out
 
-    def measure(self, batch: list[tuple[TensorPlan, list[np.ndarray]]], n: int, arrays: dict[str, Any]) -> None:
-        """Add one sample's metrics of each tensor in ``batch``; keep the arrays for a dump."""
-        for tp, vals in batch:
-            t, a, tests = tp.tensor, vals[0], vals[1:]
+    def _measure(self, tp: TensorPlan, vals: list[np.ndarray], res: _SampleErrors) -> None:
+        """One tensor of one sample: its metrics against each view (and its arrays for a dump)."""
+        t, a, tests = tp.tensor, vals[0], vals[1:]
+        if a.dtype.kind != "f":
+            res.skipped.add(t)  # not a float tensor after all (types were unknown)
+            return
+        for b in tests:
+            if a.shape != b.shape:
+                raise HybridqError(
+                    f"tensor {t!r} has shape {a.shape} in the float model but its quantized view "
+                    f"{tp.view!r} has shape {b.shape} (sample {res.index}); the models do not match"
+                )
+        res.shapes[t] = (tuple(a.shape), str(a.dtype))
+        if self.exact:
+            res.values[t] = [sample_metrics(a, b) for b in tests]
+            res.arrays[t] = (a, tests[0])
+        else:
+            res.values[t] = metrics_many(a, tests)
+
+    def add(self, res: _SampleErrors) -> None:
+        """Add one sample's measurements to the totals (samples must come in order)."""
+        if res.index == 0:
+            self.skipped |= res.skipped
+            for t, (shape, dtype) in res.shapes.items():
+                self.shapes[t], self.dtypes[t] = shape, dtype
+        for t, values in res.values.items():
             if t in self.skipped:
                 continue
-            if n == 0:
-                if a.dtype.kind != "f":
-                    self.skipped.add(t)  # not a float tensor after all (types were unknown)
-                    continue
-                self.shapes[t], self.dtypes[t] = tuple(a.shape), str(a.dtype)
-            for b in tests:
-                if a.shape != b.shape:
-                    raise HybridqError(
-                        f"tensor {t!r} has shape {a.shape} in the float model but its quantized view "
-                        f"{tp.view!r} has shape {b.shape} (sample {n}); the models do not match"
-                    )
-            accs = [self.entire[t]] + ([self.single[t]] if len(tests) > 1 else [])
-            if self.exact:
-                for acc, b in zip(accs, tests):
-                    acc.add(a, b)
-                arrays[t] = (a, tests[0])
-            else:
-                for acc, values in zip(accs, metrics_many(a, tests)):
-                    acc.add_values(values)
+            self.entire[t].add_values(values[0])
+            if len(values) > 1:
+                self.single[t].add_values(values[1])
 
-    def dump(self, writer: Any, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def dump(self, writer: Any, res: _SampleErrors) -> None:
         """Append one sample's arrays, in plan order, to the snapshot."""
-        writer.add_sample({tp.tensor: arrays[tp.tensor] for tp in self.plan.tensors if tp.tensor in arrays})
+        writer.add_sample({tp.tensor: res.arrays[tp.tensor] for tp in self.plan.tensors if tp.tensor in res.arrays})
 
     def layers(self) -> list[LayerError]:
         """One row per measured tensor, in graph order."""

@@ -141,6 +141,7 @@ def metrics_from_sums(xx: float, yy: float, dd: float, max_abs_diff: float) -> t
 
 
 _BLOCK32 = 1 << 16  # float32 elements per block of metrics_many: a few blocks stay in L2
+_max, _min, _sub, _dot = np.maximum.reduce, np.minimum.reduce, np.subtract, np.dot
 
 
 def metrics_many(ref: Any, tests: Sequence[Any]) -> list[tuple[float, float, float, float]]:
@@ -160,31 +161,26 @@ def metrics_many(ref: Any, tests: Sequence[Any]) -> list[tuple[float, float, flo
             )
     if x.dtype != np.float32 or any(y.dtype != np.float32 for y in ys):
         return [sample_metrics(ref, t) for t in tests]
+    if not x.size:
+        return [metrics_from_sums(0.0, 0.0, 0.0, 0.0) for _ in ys]
     buf = np.empty(min(_BLOCK32, x.size), np.float32)
+    k = len(ys)
     xx = 0.0
-    yy, dd = [0.0] * len(ys), [0.0] * len(ys)
-    hi: list[list[float]] = [[] for _ in ys]
-    lo: list[list[float]] = [[] for _ in ys]
+    yy, dd, hi, lo = [0.0] * k, [0.0] * k, [-math.inf] * k, [math.inf] * k
     for s in range(0, x.size, _BLOCK32):
         xs = x[s : s + _BLOCK32]
         d = buf[: xs.size]
-        xx += float(np.dot(xs, xs))
+        xx += float(_dot(xs, xs))
         for j, y in enumerate(ys):
             yb = y[s : s + _BLOCK32]
-            np.subtract(xs, yb, out=d)
-            yy[j] += float(np.dot(yb, yb))
-            dd[j] += float(np.dot(d, d))
-            hi[j].append(float(d.max()))
-            lo[j].append(float(d.min()))
-    return [metrics_from_sums(xx, yy[j], dd[j], _max_abs(hi[j], lo[j])) for j in range(len(ys))]
-
-
-def _max_abs(hi: list[float], lo: list[float]) -> float:
-    """``max |d|`` from the blocks' maxima and minima of ``d``; NaN when any is NaN, 0.0 when empty."""
-    if not hi:
-        return 0.0
-    a, b = float(np.max(hi)), float(np.min(lo))
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, -b)
+            _sub(xs, yb, out=d)
+            yy[j] += float(_dot(yb, yb))
+            dd[j] += float(_dot(d, d))
+            h, lw = float(_max(d)), float(_min(d))
+            # NaN sticks: a NaN block makes the sums NaN, which metrics_from_sums turns into a NaN max
+            hi[j] = h if h > hi[j] or h != h else hi[j]
+            lo[j] = lw if lw < lo[j] or lw != lw else lo[j]
+    return [metrics_from_sums(xx, yy[j], dd[j], max(hi[j], -lo[j])) for j in range(k)]
 
 
 def mean(values: Sequence[float]) -> float:

@@ -139,9 +139,14 @@ def _fusion_groups(nodes: list[onnx.NodeProto], producer: dict[str, int], reader
 
 
 def _order(
-    nodes: list[onnx.NodeProto], producer: dict[str, int], groups: _Groups, targets: Sequence[Sequence[str]], per_segment: int
+    nodes: list[onnx.NodeProto],
+    producer: dict[str, int],
+    groups: _Groups,
+    targets: Sequence[Sequence[str]],
+    weights: Sequence[float],
+    budget: float,
 ) -> list[list[int]]:
-    """Node indices per segment: groups in depth-first order from each target, a cut every ``per_segment`` targets."""
+    """Node indices per segment: groups in depth-first order from each target, a cut once the targets' weights reach ``budget``."""
     members: dict[int, list[int]] = defaultdict(list)
     for k in range(len(nodes)):
         members[groups.find(k)].append(k)
@@ -156,8 +161,8 @@ def _order(
         deps[g] = seen
     done: set[int] = set()
     segments: list[list[int]] = [[]]
-    count = 0
-    for target in targets:
+    load = 0.0
+    for target, weight in zip(targets, weights):
         for name in target:
             p = producer.get(name)
             if p is None or groups.find(p) in done:
@@ -173,18 +178,25 @@ def _order(
                     continue
                 stack.append((g, True))
                 stack.extend((d, False) for d in reversed(deps[g]) if d not in done)
-        count += 1
-        if count % per_segment == 0:
+        load += weight
+        if load >= budget:
             segments.append([])
+            load = 0.0
     return [sorted(s) for s in segments if s]
 
 
 def split(
-    model: onnx.ModelProto, targets: Sequence[Sequence[str]], types: dict[str, int], per_segment: int
+    model: onnx.ModelProto,
+    targets: Sequence[Sequence[str]],
+    types: dict[str, int],
+    weights: Sequence[float],
+    budget: float,
 ) -> list[Segment] | None:
     """Segments computing every tensor of ``targets`` (groups compared together, in order), or None.
 
-    ``types`` gives element types of the tensors (extended for new copies);
+    A segment ends once the ``weights`` of its targets (their bytes, say)
+    add up to ``budget``. ``types`` gives element types of the tensors
+    (extended for new copies);
     None when a tensor crossing segments has no known type or the graph has
     sparse initializers: run the whole model as one segment then.
     """
@@ -200,7 +212,7 @@ def split(
         for name in dict.fromkeys(_reads(n)):
             readers[name].append(k)
     groups = _fusion_groups(nodes, producer, readers)
-    parts = _order(nodes, producer, groups, targets, max(1, per_segment))
+    parts = _order(nodes, producer, groups, targets, weights, budget)
     seg_of = {k: s for s, ks in enumerate(parts) for k in ks}
     wanted = {name for t in targets for name in t}
     inits = {i.name: i for i in g.initializer}

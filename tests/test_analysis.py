@@ -7,6 +7,7 @@ ONNX Runtime session, never from hybridq itself.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -386,9 +387,9 @@ def test_segments_give_the_same_metrics_as_a_plain_session(tmp_path: Path, monke
         return r
 
     monkeypatch.setattr(an, "_Runner", counting_runner)
-    monkeypatch.setattr(an, "_PER_SEGMENT", 1)
+    monkeypatch.setattr(an, "_SEGMENT_BYTES", 0)
     split = analyze(fpath, qpath, data)
-    monkeypatch.setattr(an, "_PER_SEGMENT", 10**6)
+    monkeypatch.setattr(an, "_SEGMENT_BYTES", math.inf)
     whole = analyze(fpath, qpath, data)
     assert sessions[0] == len(split.layers) and sessions[1] == 1
     for a, b in zip(split.layers, whole.layers):
