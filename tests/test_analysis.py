@@ -19,6 +19,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 from onnx.reference import ReferenceEvaluator
 
+import hybridq.analysis as an
 from hybridq.analysis import QDQ_MAP_KEY, analyze, plan_analysis
 from hybridq.errors import InputError, ModelError
 from hybridq.report import render_csv, render_txt
@@ -192,6 +193,38 @@ def test_single_flags_the_lossy_layer_and_entire_propagates(with_map: bool) -> N
     assert by["c1"].precision == ("int8" if with_map else None)
 
 
+def test_samples_measured_side_by_side_keep_their_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two samples in flight (worker processes on Linux) give each sample's own numbers, in sample order."""
+    rng = np.random.default_rng(5)
+    # samples scaled far apart: each has its own entire error, so a swap would show
+    data = [{"x": (rng.normal(size=(1, 2, 6, 6)) * k).astype(np.float32)} for k in (0.05, 3.0, 0.3, 1.0, 8.0)]
+    monkeypatch.setattr(an, "_WORKERS", 2)
+    side = analyze(float_model(), quant_model(True), iter(data))
+    monkeypatch.setattr(an, "_WORKERS", 1)
+    alone = analyze(float_model(), quant_model(True), iter(data))
+    for a, b in zip(side.layers, alone.layers):
+        assert a.entire.per_sample == b.entire.per_sample and a.single.per_sample == b.single.per_sample, a.tensor
+    # the output's per-sample cosines, independently: plain ONNX Runtime sessions, metrics in float64 numpy
+    fs = ort.InferenceSession(float_model().SerializeToString())
+    qs = ort.InferenceSession(quant_model(True).SerializeToString())
+    want = [np_cos(fs.run(None, s)[0], qs.run(None, s)[0]) for s in data]
+    (out,) = side.output_layers()
+    assert out.entire.per_sample["cosine"] == pytest.approx(want, abs=1e-6)
+    assert len(set(np.round(want, 4))) == len(data)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_graph_onnx_runtime_cannot_load_is_a_model_error(workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also when the sessions are made in worker processes: the error reaches the caller, not a traceback."""
+    fm, qm = float_model(), quant_model(True)
+    for m in (fm, qm):
+        m.graph.node.append(h.make_node("Weird", ["c3"], ["w"], domain="foo.bar"))
+        m.opset_import.append(h.make_opsetid("foo.bar", 1))
+    monkeypatch.setattr(an, "_WORKERS", workers)
+    with pytest.raises(ModelError, match="ONNX Runtime cannot load.*foo.bar:Weird"):
+        analyze(fm, qm, samples(3))
+
+
 def test_models_given_as_protos_are_not_modified() -> None:
     fm, qm = float_model(), quant_model(True)
     before = (fm.SerializeToString(), qm.SerializeToString())
@@ -362,7 +395,6 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
 
 def test_segments_give_the_same_metrics_as_a_plain_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One layer per segment vs one segment: same numbers, and entire = plain ORT quant session vs fp32, in numpy."""
-    import hybridq.analysis as an
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     from hybridq.metrics import sample_metrics
@@ -387,6 +419,7 @@ def test_segments_give_the_same_metrics_as_a_plain_session(tmp_path: Path, monke
         return r
 
     monkeypatch.setattr(an, "_Runner", counting_runner)
+    monkeypatch.setattr(an, "_WORKERS", 1)  # sessions made in this process, where they are counted
     monkeypatch.setattr(an, "_SEGMENT_BYTES", 0)
     split = analyze(fpath, qpath, data)
     monkeypatch.setattr(an, "_SEGMENT_BYTES", math.inf)
