@@ -1145,7 +1145,8 @@ class _Measure:
                     f"tensor {t!r} has shape {a.shape} in the float model but its quantized view "
                     f"{tp.view!r} has shape {b.shape} (sample {res.index}); the models do not match"
                 )
-        res.shapes[t] = (tuple(a.shape), str(a.dtype))
+        if res.index == 0:  # the totals keep the first sample's shape and dtype
+            res.shapes[t] = (tuple(a.shape), str(a.dtype))
         if self.exact:
             res.values[t] = [sample_metrics(a, b) for b in tests]
             res.arrays[t] = (a, tests[0])
