@@ -58,7 +58,7 @@ from onnx import TensorProto, helper
 from .cost import concrete_shapes
 from .errors import HybridqError, InputError, ModelError
 from .graph import is_large, model_bytes, save_external, tensor_shapes
-from .metrics import Accumulator, Metrics, metrics_many, sample_metrics
+from .metrics import Accumulator, Metrics, fused_kernel, metrics_many, sample_metrics
 from .segments import Segment, split
 
 QDQ_MAP_KEY = "hybridq.qdq_map"
@@ -1008,6 +1008,8 @@ def analyze(
 
         writer = ArrayDump(Path(dump), [tp.tensor for tp in plan.tensors], max_bytes)
     m = _Measure(plan, ag, exact=writer is not None)
+    if writer is None:
+        fused_kernel()  # compiled or loaded once here, before the workers start
     work = _Work(m, ag, targets, weights, f.inputs)
     # a snapshot is written in sample order by one worker; otherwise one sample per core
     head = list(itertools.islice(samples, _cores()))

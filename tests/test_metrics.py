@@ -180,9 +180,15 @@ def test_metrics_from_sums_match_sample_metrics() -> None:
     assert all(math.isnan(v) for v in (nan[0], nan[1], nan[3]))
 
 
-def test_metrics_many_matches_sample_metrics() -> None:
+@pytest.mark.parametrize("path", ["fused", "numpy"])
+def test_metrics_many_matches_sample_metrics(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hybridq.metrics as hm
     from hybridq.metrics import metrics_many
 
+    if path == "numpy":
+        monkeypatch.setattr(hm, "fused_kernel", lambda: None)
+    else:
+        assert hm.fused_kernel() is not None, "numba is a dependency: the fused kernel must compile"
     rng = np.random.default_rng(5)
     big = rng.normal(size=(3, 70_000)).astype(np.float32)  # several blocks, a partial last one
     near = (big + 1e-3 * rng.normal(size=big.shape)).astype(np.float32)
@@ -200,5 +206,25 @@ def test_metrics_many_matches_sample_metrics() -> None:
     nan = B.copy()
     nan[0, 0] = np.nan
     assert all(math.isnan(v) for v in metrics_many(A, [nan])[0])
+    inf = B.copy()
+    inf[1, 1] = np.inf
+    assert metrics_many(A, [inf])[0][3] == math.inf and metrics_many(A, [inf])[0][1] == math.inf
     with pytest.raises(ValueError, match="cannot compare"):
         metrics_many(A, [B.ravel()[:3]])
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 33, 100_003])
+def test_fused_kernel_sums_equal_float64_numpy(n: int) -> None:
+    """Lane-wise float64 sums of the compiled kernel against numpy's float64 sums, every tail length."""
+    from hybridq.metrics import fused_kernel
+
+    kernel = fused_kernel()
+    assert kernel is not None
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=n).astype(np.float32)
+    y = (x + 0.01 * rng.normal(size=n)).astype(np.float32)
+    xx, yy, dd, hi, lo = kernel(x, y)
+    d32 = x - y  # the kernel subtracts in float32, as ONNX Runtime and the numpy path do
+    x64, y64, d64 = x.astype(np.float64), y.astype(np.float64), d32.astype(np.float64)
+    assert (xx, yy, dd) == pytest.approx((x64 @ x64, y64 @ y64, d64 @ d64), rel=1e-12)
+    assert (hi, lo) == (float(d32.max()), float(d32.min()))
