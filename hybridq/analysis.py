@@ -26,11 +26,14 @@ tensors through copies of N's input adapters and whose output goes through a
 copy of N's output adapters (the single views), plus the whole quantized
 graph embedded unchanged, so ONNX Runtime fuses its QDQ groups into integer
 kernels as when deployed (the entire views). The pass runs as a chain of
-small sessions, a few measured layers each (:mod:`hybridq.segments`), so the
-tensors are compared while they are still in cache and freed right after;
-the metrics are computed in numpy on a second thread while the next segment
-runs (:func:`hybridq.metrics.metrics_many`; float64 :class:`Accumulator`
-sums when a snapshot is dumped, so the manifest matches the arrays exactly).
+small sessions, about a megabyte of compared tensors each
+(:mod:`hybridq.segments`), sharing one ONNX Runtime arena, so the tensors are
+compared right after they are written, while still in cache, and their
+memory is reused by the next segment (:func:`hybridq.metrics.metrics_many`,
+one compiled pass per comparison; float64 :class:`Accumulator` sums when a
+snapshot is dumped, so the manifest matches the arrays exactly). Samples run
+side by side, one per core, in forked worker processes (threads where fork
+is missing or the graph is large); results are added in sample order.
 """
 
 from __future__ import annotations
@@ -931,6 +934,12 @@ _CHILD: list[_Work] = []  # in a worker process: its _Work
 def _child_start(work: _Work) -> None:
     """Worker process set-up: Ctrl-C is the parent's to handle; a session error waits for the first sample."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:  # end with the parent, however it ends (PR_SET_PDEATHSIG)
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
     try:
         work.start()
     except HybridqError as e:
