@@ -49,6 +49,7 @@ import tempfile
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -934,6 +935,7 @@ _CHILD: list[_Work] = []  # in a worker process: its _Work
 def _child_start(work: _Work) -> None:
     """Worker process set-up: Ctrl-C is the parent's to handle; a session error waits for the first sample."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler: end quietly
     try:  # end with the parent, however it ends (PR_SET_PDEATHSIG)
         import ctypes
 
@@ -955,10 +957,10 @@ def _child_sample(sample: dict[str, np.ndarray], n: int) -> _SampleErrors:
 def _executor(work: _Work, workers: int) -> Iterator[tuple[Executor, int, Callable[[dict[str, np.ndarray], int], _SampleErrors]]]:
     """A pool running ``workers`` samples at once: ``(pool, workers, function to submit)``.
 
-    Worker processes where fork exists and the graph is small: each measures
-    its sample's tensors in numpy without waiting for the other's GIL (cls
-    analyze 30 -> 16 ms per sample on 2 cores). Otherwise threads, which share
-    the sessions.
+    Worker processes where fork exists and the graph is small: each runs its
+    sample's sessions and metrics without waiting for the other's GIL (cls
+    analyze 30 -> 16 ms per sample on 2 cores, before the compiled metrics).
+    Otherwise threads, which share the sessions.
     """
     if workers > 1 and sys.platform.startswith("linux") and model_bytes(work.ag.model) <= _FORK_LIMIT:
         ctx = multiprocessing.get_context("fork")
@@ -986,7 +988,8 @@ def analyze(
     and dropped (or appended to the snapshot when ``dump`` is a directory,
     see :mod:`hybridq.snapshot`; ``max_bytes`` caps the arrays written
     there). Without ``dump``, up to one sample per core is in flight, each
-    on its own thread; results are added in sample order either way.
+    in its own worker process (a thread where fork is missing or the graph
+    is over 512 MB); results are added in sample order either way.
     With ``dump``, the manifest and the reports are written too.
     ``on_sample`` is called after each sample (for progress bars).
 
@@ -1029,7 +1032,14 @@ def analyze(
             pending: deque[Future[_SampleErrors]] = deque()
 
             def finish_oldest() -> None:
-                done = pending.popleft().result()
+                try:
+                    done = pending.popleft().result()
+                except BrokenProcessPool as e:
+                    raise HybridqError(
+                        f"a worker process of the analysis ended abruptly ({e}): it was killed or ran out of "
+                        "memory; free memory and re-run, or run on one core (`taskset -c 0 hybridq analyze ...`), "
+                        "which measures the samples one after the other in this process"
+                    ) from None
                 m.add(done)
                 if writer is not None:
                     m.dump(writer, done)
@@ -1084,7 +1094,7 @@ def _names(tp: TensorPlan, ag: _AnalysisGraph) -> list[str]:
 
 @dataclass
 class _SampleErrors:
-    """One sample's measurements, made on a worker thread and added to the totals in sample order."""
+    """One sample's measurements, made by a worker and added to the totals in sample order."""
 
     index: int
     values: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)  # entire[, single]
@@ -1094,7 +1104,7 @@ class _SampleErrors:
 
 
 class _Measure:
-    """Per-tensor accumulators; :meth:`sample` runs on worker threads, :meth:`add` on the caller's, in order."""
+    """Per-tensor accumulators; :meth:`sample` runs in the workers, :meth:`add` in the caller, in sample order."""
 
     def __init__(self, plan: AnalysisPlan, ag: _AnalysisGraph, exact: bool) -> None:
         self.plan, self.ag, self.exact = plan, ag, exact

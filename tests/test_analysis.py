@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from onnx.reference import ReferenceEvaluator
 
 import hybridq.analysis as an
 from hybridq.analysis import QDQ_MAP_KEY, analyze, plan_analysis
-from hybridq.errors import InputError, ModelError
+from hybridq.errors import HybridqError, InputError, ModelError
 from hybridq.report import render_csv, render_txt
 from hybridq.snapshot import load_arrays, load_snapshot, safe_names
 
@@ -223,6 +225,18 @@ def test_a_graph_onnx_runtime_cannot_load_is_a_model_error(workers: int, monkeyp
     monkeypatch.setattr(an, "_WORKERS", workers)
     with pytest.raises(ModelError, match="ONNX Runtime cannot load.*foo.bar:Weird"):
         analyze(fm, qm, samples(3))
+
+
+def _die(sample: dict[str, np.ndarray], n: int) -> None:
+    os._exit(3)  # a worker killed mid-sample (the OOM killer, say)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker processes are forked on Linux only")
+def test_a_worker_process_that_dies_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(an, "_WORKERS", 2)
+    monkeypatch.setattr(an, "_child_sample", _die)
+    with pytest.raises(HybridqError, match="worker process of the analysis ended abruptly.*taskset"):
+        analyze(float_model(), quant_model(True), samples(4))
 
 
 def test_models_given_as_protos_are_not_modified() -> None:
