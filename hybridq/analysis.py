@@ -62,6 +62,7 @@ from onnx import TensorProto, helper
 from .cost import concrete_shapes
 from .errors import HybridqError, InputError, ModelError
 from .graph import is_large, model_bytes, save_external, tensor_shapes
+from .kernels import SATURATION_NOTE, exact_int8, is_x86, u8s8_saturates
 from .metrics import Accumulator, Metrics, fused_kernel, metrics_many, sample_metrics
 from .segments import Segment, split
 
@@ -695,6 +696,91 @@ def _align_opsets(fm: onnx.ModelProto, qm: onnx.ModelProto) -> tuple[onnx.ModelP
     return (new, qm) if old is fm else (fm, new)
 
 
+def _s8_pairs_to_u8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The int8 Q -> DQ pairs that ONNX Runtime's CPU provider turns into uint8 on x86, turned here first.
+
+    ORT's ``QDQS8ToU8Transformer`` (x86 builds, where int8 activations do not
+    fuse) rewrites a QuantizeLinear with an int8 scalar zero point whose one
+    consumer is a DequantizeLinear with the same zero point to uint8, zero
+    point + 128: the same real values, but then the pair fuses into U8S8
+    kernels. The analysis graph gives each view's DequantizeLinear a second
+    reader, which would stop that rewrite and run other kernels than the model
+    as deployed; done beforehand, the analysis runs what a plain session runs.
+    Elsewhere (ARM), and when no pair qualifies, ``model`` is returned as is.
+    """
+    if not is_x86():
+        return model
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            if i:
+                readers[i].append(n)
+        for r in _subgraph_reads(n):
+            readers[r].append(n)
+
+    def scalar_s8(name: str) -> int | None:
+        t = inits.get(name)
+        if t is None or t.data_type != TensorProto.INT8:
+            return None
+        a = onnx.numpy_helper.to_array(t)
+        return int(a.reshape(-1)[0]) if a.size == 1 else None
+
+    pairs = []
+    for q in g.node:
+        if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or len(q.input) != 3 or not q.output:
+            continue
+        zq = scalar_s8(q.input[2])
+        rs = readers.get(q.output[0], [])
+        if zq is None or q.output[0] in outputs or len(rs) != 1:
+            continue
+        dq = rs[0]
+        if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or list(dq.input).count(q.output[0]) != 1:
+            continue
+        zdq = scalar_s8(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else 0
+        if zdq is None or zdq != zq or dq.input[0] != q.output[0]:
+            continue
+        pairs.append((q, dq, zq))
+    if not pairs:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = {id(n): k for k, n in enumerate(g.node)}
+    used = {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+    fresh = _Namer(used)
+    for q, dq, zp in pairs:
+        name = fresh(f"{q.output[0]}/zero_point_u8")
+        out.graph.initializer.append(onnx.numpy_helper.from_array(np.array(zp + 128, np.uint8), name))
+        nq, ndq = out.graph.node[nodes[id(q)]], out.graph.node[nodes[id(dq)]]
+        nq.input[2] = name
+        if len(ndq.input) > 2:
+            ndq.input[2] = name
+        else:
+            while len(ndq.input) < 2:
+                ndq.input.append("")
+            ndq.input.append(name)
+    # the rewritten Q outputs are uint8 now: drop their stale type annotations
+    changed = {q.output[0] for q, _, _ in pairs}
+    kept = [vi for vi in out.graph.value_info if vi.name not in changed]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept)
+    return out
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read (a superset: any input name inside them)."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            for n in sg.node:
+                names.update(i for i in n.input if i)
+                for r in _subgraph_reads(n):
+                    names.add(r)
+    return names
+
+
 def _rename_outer(g: onnx.GraphProto, rename: dict[str, str], shadow: frozenset[str] = frozenset()) -> None:
     """In a subgraph, rename the references to outer-scope tensors that ``rename`` maps."""
     local = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
@@ -812,11 +898,13 @@ def _shared_arena() -> None:
 class _Session:
     """An ONNX Runtime CPU session over an in-memory model (through a temp file when > 2 GB)."""
 
-    def __init__(self, model: onnx.ModelProto, what: str) -> None:
+    def __init__(self, model: onnx.ModelProto, what: str, host_int8: bool = False) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
+        if not host_int8:
+            exact_int8(so)  # int8 products as the model defines them, whatever this CPU's default kernels do
         # one thread per run: samples run side by side, one per core, each measuring its own
         # tensors (ORT's own threads would spin against them)
         so.intra_op_num_threads = 1
@@ -855,13 +943,8 @@ _SEGMENT_BYTES = 1 << 20  # compared bytes per segment (hybridq.segments): its t
 class _Runner:
     """The analysis graph as a chain of sessions, one per segment (see :mod:`hybridq.segments`)."""
 
-    def __init__(
-        self, ag: _AnalysisGraph, targets: list[list[str]], weights: list[float], inputs: list[str], what: str
-    ) -> None:
-        segments = split(ag.model, targets, ag.types, weights, _SEGMENT_BYTES)
-        if segments is None:
-            segments = [Segment(ag.model, inputs, [o.name for o in ag.model.graph.output])]
-        self.sessions = [_Session(s.model, what) for s in segments]
+    def __init__(self, segments: list[Segment], what: str, host_int8: bool) -> None:
+        self.sessions = [_Session(s.model, what, host_int8) for s in segments]
         later: set[str] = set()
         self.keep: list[set[str]] = []  # after segment k: the tensors later segments read
         for s in reversed(segments):
@@ -911,16 +994,19 @@ def _cores() -> int:
 class _Work:
     """What a worker needs to measure a sample; the sessions are made where the samples run."""
 
-    def __init__(self, m: _Measure, ag: _AnalysisGraph, targets: list[list[str]], weights: list[float], inputs: list[str]) -> None:
-        self.measure, self.ag, self.targets, self.weights, self.inputs = m, ag, targets, weights, inputs
+    def __init__(
+        self, m: _Measure, ag: _AnalysisGraph, targets: list[list[str]], weights: list[float], inputs: list[str], host_int8: bool
+    ) -> None:
+        self.measure, self.ag, self.host_int8 = m, ag, host_int8
+        # cut once, here, before any worker starts (rec: 0.2 s that each worker would repeat)
+        segments = split(ag.model, targets, ag.types, weights, _SEGMENT_BYTES)
+        self.segments = segments or [Segment(ag.model, inputs, [o.name for o in ag.model.graph.output])]
         self.runner: _Runner | None = None
         self.error: HybridqError | None = None
 
     def start(self) -> None:
         """Create the segment sessions (raises ModelError when ONNX Runtime cannot load one)."""
-        self.runner = _Runner(
-            self.ag, self.targets, self.weights, self.inputs, "float and quantized models with the isolated quantized layers"
-        )
+        self.runner = _Runner(self.segments, "float and quantized models with the isolated quantized layers", self.host_int8)
 
     def sample(self, sample: dict[str, np.ndarray], n: int) -> _SampleErrors:
         if self.error is not None:
@@ -980,6 +1066,7 @@ def analyze(
     dump: str | os.PathLike[str] | None = None,
     max_bytes: int | None = None,
     on_sample: Callable[[], None] | None = None,
+    host_int8: bool = False,
 ) -> AnalysisResult:
     """Entire and single error of every layer output both models have, averaged over ``samples``.
 
@@ -992,6 +1079,8 @@ def analyze(
     is over 512 MB); results are added in sample order either way.
     With ``dump``, the manifest and the reports are written too.
     ``on_sample`` is called after each sample (for progress bars).
+    int8 products are exact (:mod:`hybridq.kernels`) unless ``host_int8``,
+    which runs this CPU's default ONNX Runtime kernels, saturating ones included.
 
     Raises :class:`~hybridq.errors.InputError` for unusable models or
     samples, :class:`~hybridq.errors.OutputError` when the dump cannot be
@@ -1000,6 +1089,7 @@ def analyze(
     fm = _load(float_model, "float model")
     qm = _load(quant_model, "quantized model")
     fm, qm = _align_opsets(fm, qm)
+    qm = _s8_pairs_to_u8(qm)
     f, q = _Graph(fm), _Graph(qm)
     if sorted(q.inputs) != sorted(f.inputs):
         raise InputError(
@@ -1022,7 +1112,7 @@ def analyze(
     m = _Measure(plan, ag, exact=writer is not None)
     if writer is None:
         fused_kernel()  # compiled or loaded once here, before the workers start
-    work = _Work(m, ag, targets, weights, f.inputs)
+    work = _Work(m, ag, targets, weights, f.inputs, host_int8)
     # a snapshot is written in sample order by one worker; otherwise one sample per core
     head = list(itertools.islice(samples, _cores()))
     samples = itertools.chain(head, samples)
@@ -1056,7 +1146,8 @@ def analyze(
                 finish_oldest()
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
-        result = AnalysisResult(layers=m.layers(), outputs=list(f.outputs), n_samples=n, notes=plan.notes + ag.notes)
+        notes = plan.notes + ag.notes + ([SATURATION_NOTE] if u8s8_saturates() and not host_int8 and _has_int8(qm) else [])
+        result = AnalysisResult(layers=m.layers(), outputs=list(f.outputs), n_samples=n, notes=notes)
         if writer is not None:
             writer.finish(result)
             from .report import write_reports
@@ -1069,6 +1160,13 @@ def analyze(
     finally:
         if writer is not None:
             writer.abort()
+
+
+def _has_int8(model: onnx.ModelProto) -> bool:
+    """Does ``model`` dequantize any 8-bit integer tensor (so int8 kernels may run)?"""
+    eight = (TensorProto.INT8, TensorProto.UINT8)
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    return any(n.op_type == "DequantizeLinear" and inits.get(n.input[0]) in eight for n in model.graph.node)
 
 
 def _target_bytes(

@@ -17,6 +17,7 @@ import onnx
 
 from .errors import DatasetError, ModelError
 from .graph import float_activations, is_large, save_external
+from .kernels import exact_int8
 from .observers import HistogramObserver
 
 
@@ -27,7 +28,8 @@ def session_for(
 
     `lean` turns off ORT's memory pattern: with many fetched activations it reserves one more copy of the
     whole activation set and grows over the first runs (PP-OCR det, 20 samples: peak 1.85 GB instead of 0.93 GB).
-    `threads` caps ORT's intra-op threads (0: ORT's default, one per core).
+    `threads` caps ORT's intra-op threads (0: ORT's default, one per core). int8 products are exact
+    (:mod:`hybridq.kernels`).
     """
     import onnxruntime as ort
 
@@ -43,6 +45,7 @@ def session_for(
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     so.intra_op_num_threads = threads
+    exact_int8(so)  # a quantized model (proposal candidates) computes the same on every CPU
     if lean:
         so.enable_mem_pattern = False
     try:

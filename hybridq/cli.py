@@ -271,11 +271,11 @@ def analyze(
             result = api.analyze(float_model, quant_model, dataset, preprocess=pre, samples=samples, dump=dump, max_bytes=max_bytes,
                                  on_sample=lambda: advance(1))
     lines = [verdict(result)]
-    if dump is not None and from_dir is None:
-        lines.append(f"Snapshot written to {dump}: error_analysis.txt/.csv/.png, report.html, manifest.json.")
     lines += [f"note: {n}" for n in getattr(result, "notes", [])]
     if getattr(result, "dump_message", None):
         lines.append(result.dump_message)
+    if dump is not None and from_dir is None:
+        lines.append(f"Snapshot written to {dump}: error_analysis.txt/.csv/.png, report.html, manifest.json.")
     _emit(result.to_dict(), [rich_table(result, top=top)], lines)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import HybridqError, InputError, ModelError, did_you_mean
 from .graph import is_large, save_external
+from .kernels import exact_int8
 
 # quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
 QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
@@ -668,7 +669,8 @@ class RKNN:
             self._once("init_runtime:target", "init_runtime", f"target={target!r}: there is no Rockchip NPU here; running the built ONNX model in ONNX Runtime's CPU provider.")
         built = self._need_built()
         try:
-            self._session = ort.InferenceSession(str(built), providers=["CPUExecutionProvider"])
+            # the simulator computes int8 products exactly, as the NPU does (hybridq.kernels)
+            self._session = ort.InferenceSession(str(built), exact_int8(ort.SessionOptions()), providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot load the built model '{built}': {str(exc).splitlines()[0]}") from None
         self._log("I", "init_runtime", f"ONNX Runtime {ort.__version__} CPU session on {built.name}.")

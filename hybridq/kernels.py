@@ -1,0 +1,65 @@
+"""Which int8 products ONNX Runtime's CPU kernels compute exactly on this machine, and how to make them exact.
+
+On x86 CPUs without VNNI (AVX2 or AVX-512F only, e.g. AMD Zen 2/3, Intel
+before Ice Lake), MLAS multiplies uint8 activations by int8 weights with
+``vpmaddubsw``, which adds each pair of products in a saturating int16: a
+pair of 255 x 127 products (64770) clips at 32767. The model's QDQ
+semantics, VNNI CPUs, ARM and NPUs compute those sums exactly. The session
+option ``session.x64quantprecision=1`` makes ONNX Runtime convert int8
+weights to uint8 (+128) on such CPUs, so its U8U8 kernels sum exactly:
+the same numbers, at U8U8 speed. hybridq's own measurements (analyze,
+proposal) use it where the CPU needs it, so their figures do not depend on
+the machine they run on.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from typing import Any
+
+X64_PRECISION_KEY = "session.x64quantprecision"
+"""ONNX Runtime session config key (``kOrtSessionOptionsAvx2PrecisionMode``)."""
+
+_X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+_VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def is_x86() -> bool:
+    """Is this an x86 machine (where ORT's int8 Q/DQ pairs become uint8 and U8S8 may saturate)?"""
+    return platform.machine().lower() in _X86
+
+
+@functools.lru_cache(maxsize=1)
+def u8s8_saturates() -> bool:
+    """Do ONNX Runtime's default U8S8 kernels saturate on this CPU (x86 without VNNI)?
+
+    Read from ``/proc/cpuinfo``; where that cannot be read on x86 the answer
+    is yes, which only costs speed (the exact kernels are used).
+    """
+    if not is_x86():
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return not (_VNNI_FLAGS & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return True
+
+
+def exact_int8(options: Any) -> Any:
+    """Set ``options`` (an ``onnxruntime.SessionOptions``) so int8 products are exact on this CPU; returns it."""
+    if u8s8_saturates():
+        options.add_session_config_entry(X64_PRECISION_KEY, "1")
+    return options
+
+
+SATURATION_NOTE = (
+    "this CPU is x86 without VNNI: ONNX Runtime's default int8 kernels add pairs of products in a "
+    "saturating int16 here, so a plain session on it gives less accurate outputs than the figures "
+    f"above, which use exact int8 products (as VNNI and ARM CPUs and NPUs compute them). To deploy on "
+    f"such CPUs, set the session option {X64_PRECISION_KEY}=1 (exact, slower kernels)"
+)
+"""What analyze tells a user on such a CPU."""
