@@ -327,11 +327,13 @@ def analyze(
     max_bytes: int | None = None,
     on_sample: Callable[[], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    host_int8: bool = False,
 ):
     """Run the fp32 and quantized models side by side; entire and single error of every layer.
 
     `quant_model` may also be a step1 cfg (`<name>.quantization.cfg`): the model it
     describes is built in a temporary directory first, so a cfg can be checked before step2.
+    int8 products are exact unless `host_int8` (this CPU's default ONNX Runtime kernels; see hybridq.kernels).
     """
     import tempfile
 
@@ -349,7 +351,7 @@ def analyze(
             built = step2(quant_path.with_name(f"{stem}.model"), quant_path.with_name(f"{stem}.data"), quant_path, Path(tmp) / "q.onnx")
             quant_path = built.output
         qm = load_model(quant_path)
-        return run_analysis(fm, qm, ds.samples(limit=n), dump=dump, max_bytes=max_bytes, on_sample=on_sample)
+        return run_analysis(fm, qm, ds.samples(limit=n), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
 
 
 def load_snapshot(directory: str | Path):

@@ -247,6 +247,8 @@ def analyze(
     max_bytes: Annotated[Optional[int], typer.Option(help="Cap the arrays written by --dump (bytes).")] = None,
     from_dir: Annotated[Optional[Path], typer.Option("--from", help="Re-render a snapshot without running a model.")] = None,
     top: Annotated[int, typer.Option(help="Rows in the table of worst layers.")] = 20,
+    host_int8: Annotated[bool, typer.Option("--host-int8", help="Measure with this CPU's default ONNX Runtime int8 kernels "
+                                            "(they saturate on x86 without VNNI) instead of exact int8 products.")] = False,
     mean: MeanOpt = None,
     std: StdOpt = None,
     color: ColorOpt = "rgb",
@@ -269,7 +271,7 @@ def analyze(
         pre = _preprocess(mean, std, color, layout, resize, preprocess_hook)
         with progress("analyzing", None) as advance:
             result = api.analyze(float_model, quant_model, dataset, preprocess=pre, samples=samples, dump=dump, max_bytes=max_bytes,
-                                 on_sample=lambda: advance(1))
+                                 on_sample=lambda: advance(1), host_int8=host_int8)
     lines = [verdict(result)]
     lines += [f"note: {n}" for n in getattr(result, "notes", [])]
     if getattr(result, "dump_message", None):

@@ -32,21 +32,28 @@ def is_x86() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def u8s8_saturates() -> bool:
-    """Do ONNX Runtime's default U8S8 kernels saturate on this CPU (x86 without VNNI)?
+    """Do ONNX Runtime's default U8S8 kernels saturate on this CPU (x86 without VNNI)?"""
+    return saturates(platform.machine(), _cpu_flags())
 
-    Read from ``/proc/cpuinfo``; where that cannot be read on x86 the answer
-    is yes, which only costs speed (the exact kernels are used).
+
+def saturates(machine: str, flags: set[str] | None) -> bool:
+    """:func:`u8s8_saturates` for a machine name and its CPU flags (None: unknown, counts as saturating on x86).
+
+    Unknown flags only cost speed: the exact kernels are used.
     """
-    if not is_x86():
-        return False
+    return machine.lower() in _X86 and not (flags is not None and _VNNI_FLAGS & flags)
+
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU flags of ``/proc/cpuinfo`` (Linux), or None."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return not (_VNNI_FLAGS & set(line.split(":", 1)[1].split()))
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return True
+    return None
 
 
 def exact_int8(options: Any) -> Any:

@@ -1,0 +1,161 @@
+"""Exact int8 products whatever the CPU (hybridq.kernels), and analyze running what a plain session runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import hybridq.analysis as an
+from hybridq.analysis import analyze
+from hybridq.kernels import SATURATION_NOTE, saturates, u8s8_saturates
+from tests.conftest import exact_options
+
+K, N = 64, 8
+
+
+def test_which_cpus_saturate() -> None:
+    assert saturates("x86_64", {"sse4_2", "avx2", "fma"})
+    assert saturates("AMD64", {"avx2", "avx512f", "avx512bw"})  # AVX-512 without VNNI still uses vpmaddubsw
+    assert not saturates("x86_64", {"avx2", "avx512f", "avx512_vnni"})
+    assert not saturates("x86_64", {"avx2", "avx_vnni"})
+    assert saturates("x86_64", None)  # unknown: the exact (slower) kernels, never wrong numbers
+    assert not saturates("aarch64", {"asimd", "asimddp"})
+    assert not saturates("arm64", None)
+
+
+def _saturating_pair() -> tuple[onnx.ModelProto, onnx.ModelProto, np.ndarray]:
+    """fp32 Relu -> MatMul and its QDQ model whose uint8 x int8 products are 255 x +-127: each pair overflows int16."""
+    rng = np.random.default_rng(0)
+    wq = np.where(rng.random((K, N)) < 0.9, 127, -127).astype(np.int8)
+    w = wq.astype(np.float32) / np.float32(127)
+    x_in = h.make_tensor_value_info("x", TP.FLOAT, [1, K])
+    y_out = h.make_tensor_value_info("y", TP.FLOAT, [1, N])
+    fg = h.make_graph(
+        [h.make_node("Relu", ["x"], ["r"], name="relu"), h.make_node("MatMul", ["r", "w"], ["y"], name="mm")],
+        "f", [x_in], [y_out], [nh.from_array(w, "w")],
+    )
+    inits = [nh.from_array(np.float32(4.0 / 255), "sx"), nh.from_array(np.uint8(0), "zx"),
+             nh.from_array(wq, "wq"), nh.from_array(np.float32(1 / 127), "sw"), nh.from_array(np.int8(0), "zw")]
+    qg = h.make_graph(
+        [h.make_node("Relu", ["x"], ["r"], name="relu"),
+         h.make_node("QuantizeLinear", ["r", "sx", "zx"], ["r_q"], name="r_q"),
+         h.make_node("DequantizeLinear", ["r_q", "sx", "zx"], ["r_dq"], name="r_dq"),
+         h.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w_dq"], name="w_dq"),
+         h.make_node("MatMul", ["r_dq", "w_dq"], ["y"], name="mm")],
+        "q", [x_in], [y_out], inits,
+    )
+    opset = [h.make_opsetid("", 13)]
+    fm, qm = h.make_model(fg, opset_imports=opset, ir_version=8), h.make_model(qg, opset_imports=opset, ir_version=8)
+    # every activation quantizes to 255: the exact products, in float64 numpy
+    exact = (np.full((1, K), 255.0) * (4.0 / 255)) @ (wq.astype(np.float64) / 127)
+    return fm, qm, exact
+
+
+def _dumped(snap: Path, tensor: str) -> np.ndarray:
+    manifest = json.loads((snap / "manifest.json").read_text())
+    return np.load(snap / manifest["tensors"][tensor]["quant"])[0]
+
+
+def test_analyze_measures_exact_int8_products_on_every_cpu(tmp_path: Path) -> None:
+    fm, qm, exact = _saturating_pair()
+    x = {"x": np.full((1, K), 4.0, np.float32)}
+    result = analyze(fm, qm, [x], dump=tmp_path / "snap")
+    np.testing.assert_allclose(_dumped(tmp_path / "snap", "y"), exact, rtol=1e-5)
+    assert result.output_layers()[0].entire.snr_db > 80
+    assert (SATURATION_NOTE in result.notes) == u8s8_saturates()
+
+
+@pytest.mark.skipif(not u8s8_saturates(), reason="this CPU's default int8 kernels are exact (VNNI or not x86)")
+def test_host_int8_shows_this_cpus_saturation(tmp_path: Path) -> None:
+    fm, qm, exact = _saturating_pair()
+    x = {"x": np.full((1, K), 4.0, np.float32)}
+    plain = ort.InferenceSession(qm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.abs(plain - exact).max() > 10  # the default kernels saturate here ...
+    result = analyze(fm, qm, [x], dump=tmp_path / "snap", host_int8=True)
+    np.testing.assert_array_equal(_dumped(tmp_path / "snap", "y"), plain)  # ... and analyze --host-int8 says so
+    # every pair clips alike, so the direction survives (cosine 1.0) and only SNR shows the loss
+    assert result.output_layers()[0].entire.snr_db < 20 and SATURATION_NOTE not in result.notes
+
+
+def _s8_model() -> onnx.ModelProto:
+    """x -> Q(int8) -> DQ -> Relu (one reader) and x -> Q(int8) -> DQ, DQ (two readers)."""
+    inits = [nh.from_array(np.float32(0.05), "s"), nh.from_array(np.int8(-3), "z")]
+    nodes = [
+        h.make_node("QuantizeLinear", ["x", "s", "z"], ["a_q"], name="qa"),
+        h.make_node("DequantizeLinear", ["a_q", "s", "z"], ["a"], name="dqa"),
+        h.make_node("Relu", ["a"], ["ra"], name="relu"),
+        h.make_node("QuantizeLinear", ["x", "s", "z"], ["b_q"], name="qb"),
+        h.make_node("DequantizeLinear", ["b_q", "s", "z"], ["b1"], name="dqb1"),
+        h.make_node("DequantizeLinear", ["b_q", "s", "z"], ["b2"], name="dqb2"),
+        h.make_node("Sub", ["b1", "b2"], ["d"], name="sub"),
+    ]
+    g = h.make_graph(nodes, "s8", [h.make_tensor_value_info("x", TP.FLOAT, [2, 5])],
+                     [h.make_tensor_value_info("ra", TP.FLOAT, [2, 5]), h.make_tensor_value_info("d", TP.FLOAT, [2, 5])], inits)
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 13)], ir_version=8)
+
+
+def test_int8_pairs_become_uint8_as_onnxruntime_turns_them_on_x86(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(an, "is_x86", lambda: True)
+    m = _s8_model()
+    out = an._s8_pairs_to_u8(m)
+    onnx.checker.check_model(out)
+    inits = {i.name: nh.to_array(i) for i in out.graph.initializer}
+    nodes = {n.name: n for n in out.graph.node}
+    # the pair with one reader: uint8, zero point -3 + 128; the Q read twice keeps int8 (ORT leaves it too)
+    assert nodes["qa"].input[2] == nodes["dqa"].input[2] and inits[nodes["qa"].input[2]].dtype == np.uint8
+    assert int(inits[nodes["qa"].input[2]]) == 125
+    assert all(nodes[k].input[2] == "z" for k in ("qb", "dqb1", "dqb2"))
+    # the same real values: both models give identical outputs, Q/DQ unfused (ORT_DISABLE_ALL)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    x = {"x": np.linspace(-8, 8, 10, dtype=np.float32).reshape(2, 5)}  # clips at both ends
+    want = ort.InferenceSession(m.SerializeToString(), so).run(None, x)
+    got = ort.InferenceSession(out.SerializeToString(), so).run(None, x)
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+    assert m.graph.initializer[1].data_type == TP.INT8  # the input model is not modified
+    monkeypatch.setattr(an, "is_x86", lambda: False)
+    assert an._s8_pairs_to_u8(m) is m
+
+
+def test_host_int8_analysis_runs_the_kernels_of_a_plain_session(tmp_path: Path) -> None:
+    """ORT's own S8S8 QDQ model: analyze's final output equals a plain default session's, bit for bit."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from tests.test_analysis import _ort_model
+
+    fpath, qpath = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(_ort_model(), fpath)
+    rng = np.random.default_rng(1)
+    calib = iter([{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)])
+
+    class Reader(CalibrationDataReader):
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(calib, None)
+
+    quantize_static(str(fpath), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    data = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    for host, options in ((True, ort.SessionOptions()), (False, exact_options())):
+        snap = tmp_path / f"snap-{host}"
+        analyze(fpath, qpath, data, dump=snap, host_int8=host)
+        plain = ort.InferenceSession(str(qpath), options)
+        np.testing.assert_array_equal(
+            np.load(snap / json.loads((snap / "manifest.json").read_text())["tensors"]["conv3_out"]["quant"]),
+            np.stack([plain.run(None, s)[0] for s in data]),
+        )
+
+
+def test_proposal_and_rknn_simulator_sessions_compute_exact_int8(tmp_path: Path) -> None:
+    from hybridq.calibration import session_for
+
+    _, qm, exact = _saturating_pair()
+    x = {"x": np.full((1, K), 4.0, np.float32)}
+    np.testing.assert_allclose(session_for(qm, basic=False).run(None, x)[0], exact, rtol=1e-5)
