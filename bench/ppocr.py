@@ -431,11 +431,17 @@ def read_dataset(dataset: Path) -> list[Path]:
 # --------------------------------------------------------------------------- onnxruntime
 
 
-def ort_session(model: Path, threads: int = 2):
-    """CPU session at ORT_ENABLE_ALL with the given intra-op thread count."""
+def ort_session(model: Path, threads: int = 2, exact_int8: bool = False):
+    """CPU session at ORT_ENABLE_ALL with the given intra-op thread count.
+
+    ``exact_int8``: ``session.x64quantprecision=1``, exact int8 products on x86 CPUs without VNNI
+    (see hybridq/kernels.py); otherwise the CPU's default kernels, as a deployment runs them.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    if exact_int8:
+        opts.add_session_config_entry("session.x64quantprecision", "1")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -443,9 +449,9 @@ def ort_session(model: Path, threads: int = 2):
     return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
 
 
-def session_runner(model: Path, threads: int = 2) -> RunFn:
+def session_runner(model: Path, threads: int = 2, exact_int8: bool = False) -> RunFn:
     """A function x -> first output of the model."""
-    sess = ort_session(model, threads)
+    sess = ort_session(model, threads, exact_int8)
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
 

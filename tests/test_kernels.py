@@ -153,7 +153,7 @@ def test_host_int8_analysis_runs_the_kernels_of_a_plain_session(tmp_path: Path) 
         )
 
 
-def test_proposal_and_rknn_simulator_sessions_compute_exact_int8(tmp_path: Path) -> None:
+def test_proposal_sessions_compute_exact_int8(tmp_path: Path) -> None:
     from hybridq.calibration import session_for
 
     _, qm, exact = _saturating_pair()
