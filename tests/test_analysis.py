@@ -210,7 +210,7 @@ def test_samples_measured_side_by_side_keep_their_order(monkeypatch: pytest.Monk
         assert a.entire.per_sample == b.entire.per_sample and a.single.per_sample == b.single.per_sample, a.tensor
     # the output's per-sample cosines, independently: plain ONNX Runtime sessions, metrics in float64 numpy
     fs = ort.InferenceSession(float_model().SerializeToString())
-    qs = ort.InferenceSession(quant_model(True).SerializeToString())
+    qs = ort.InferenceSession(quant_model(True).SerializeToString(), exact_options())
     want = [np_cos(fs.run(None, s)[0], qs.run(None, s)[0]) for s in data]
     (out,) = side.output_layers()
     assert out.entire.per_sample["cosine"] == pytest.approx(want, abs=1e-6)
