@@ -62,7 +62,7 @@ from onnx import TensorProto, helper
 from .cost import concrete_shapes
 from .errors import HybridqError, InputError, ModelError
 from .graph import is_large, model_bytes, save_external, tensor_shapes
-from .kernels import SATURATION_NOTE, exact_int8, is_x86, u8s8_saturates
+from .kernels import NOT_EXACT_NOTE, SATURATION_NOTE, exact_int8, exact_session, is_x86, u8s8_saturates
 from .metrics import Accumulator, Metrics, fused_kernel, metrics_many, sample_metrics
 from .segments import Segment, split
 
@@ -769,6 +769,42 @@ def _s8_pairs_to_u8(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _own_weight_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` where each DequantizeLinear of an int8 initializer has its own zero-point initializer.
+
+    ONNX Runtime's exact-int8 rewrite (:mod:`hybridq.kernels`) converts each
+    fused layer's weight zero point to uint8 under a name taken from it, and
+    fails to load a model where two weights share one (``Attempt to replace
+    the existing tensor``; ``quantize_static`` output after
+    ``quant_pre_process`` does). Same values, so the same numbers; ``model``
+    itself when nothing is shared.
+    """
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    readers: dict[str, int] = defaultdict(int)
+    for n in g.node:
+        for i in n.input:
+            readers[i] += 1
+    shared = [
+        k for k, n in enumerate(g.node)
+        if n.op_type == "DequantizeLinear" and len(n.input) > 2 and readers[n.input[2]] > 1
+        and n.input[2] in inits and getattr(inits.get(n.input[0]), "data_type", None) == TensorProto.INT8
+    ]
+    if not shared:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    fresh = _Namer({i.name for i in g.initializer} | {o for n in g.node for o in n.output})
+    for k in shared:
+        node = out.graph.node[k]
+        t = TensorProto()
+        t.CopyFrom(inits[node.input[2]])
+        t.name = fresh(f"{node.input[0]}/zero_point")
+        out.graph.initializer.append(t)
+        node.input[2] = t.name
+    return out
+
+
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read (a superset: any input name inside them)."""
     names: set[str] = set()
@@ -901,30 +937,32 @@ class _Session:
     def __init__(self, model: onnx.ModelProto, what: str, host_int8: bool = False) -> None:
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if not host_int8:
-            exact_int8(so)  # int8 products as the model defines them, whatever this CPU's default kernels do
-        # one thread per run: samples run side by side, one per core, each measuring its own
-        # tensors (ORT's own threads would spin against them)
-        so.intra_op_num_threads = 1
-        # one arena for all segment sessions: a segment's outputs reuse the blocks the previous
-        # segment's freed while they are still in cache (rec peak RSS 937 -> 254 MB)
-        so.add_session_config_entry("session.use_env_allocators", "1")
         _shared_arena()
         self.what = what
-        try:
+
+        def make(exact: bool) -> Any:
+            so = ort.SessionOptions()
+            so.log_severity_level = 4 if exact else 3  # a failed exact attempt is retried: not an error to print
+            if exact:
+                exact_int8(so)  # int8 products as the model defines them, whatever this CPU's default kernels do
+            # one thread per run: samples run side by side, one per core, each measuring its own
+            # tensors (ORT's own threads would spin against them)
+            so.intra_op_num_threads = 1
+            # one arena for all segment sessions: a segment's outputs reuse the blocks the previous
+            # segment's freed while they are still in cache (rec peak RSS 937 -> 254 MB)
+            so.add_session_config_entry("session.use_env_allocators", "1")
             if not is_large(model):
-                self.sess = ort.InferenceSession(
-                    model.SerializeToString(), so, providers=["CPUExecutionProvider"]
-                )
-            else:
-                with tempfile.TemporaryDirectory(prefix="hybridq-") as tmp:
-                    path = os.path.join(tmp, "model.onnx")
-                    save_external(model, path, "model.data")
-                    self.sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+                return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            with tempfile.TemporaryDirectory(prefix="hybridq-") as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                save_external(model, path, "model.data")
+                return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+        try:
+            self.sess, exact = (make(False), False) if host_int8 else exact_session(make)
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load the {what}: {e}") from None
+        self.exact_failed = not host_int8 and not exact  # ORT could not make int8 exact: say so
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.input_names = [i.name for i in self.sess.get_inputs()]
 
@@ -945,6 +983,7 @@ class _Runner:
 
     def __init__(self, segments: list[Segment], what: str, host_int8: bool) -> None:
         self.sessions = [_Session(s.model, what, host_int8) for s in segments]
+        self.exact_failed = any(s.exact_failed for s in self.sessions)
         later: set[str] = set()
         self.keep: list[set[str]] = []  # after segment k: the tensors later segments read
         for s in reversed(segments):
@@ -1089,7 +1128,7 @@ def analyze(
     fm = _load(float_model, "float model")
     qm = _load(quant_model, "quantized model")
     fm, qm = _align_opsets(fm, qm)
-    qm = _s8_pairs_to_u8(qm)
+    qm = _own_weight_zero_points(_s8_pairs_to_u8(qm))  # run as a plain session would, exact where asked
     f, q = _Graph(fm), _Graph(qm)
     if sorted(q.inputs) != sorted(f.inputs):
         raise InputError(
@@ -1146,7 +1185,11 @@ def analyze(
                 finish_oldest()
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
-        notes = plan.notes + ag.notes + ([SATURATION_NOTE] if u8s8_saturates() and not host_int8 and _has_int8(qm) else [])
+        notes = plan.notes + ag.notes
+        if m.exact_failed:
+            notes.append(NOT_EXACT_NOTE)
+        elif u8s8_saturates() and not host_int8 and _has_int8(qm):
+            notes.append(SATURATION_NOTE)
         result = AnalysisResult(layers=m.layers(), outputs=list(f.outputs), n_samples=n, notes=notes)
         if writer is not None:
             writer.finish(result)
@@ -1199,6 +1242,7 @@ class _SampleErrors:
     shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # shape and dtype
     skipped: set[str] = field(default_factory=set)
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # fp32, quant (dump only)
+    exact_failed: bool = False  # measured on this CPU's default int8 kernels although exact ones were asked for
 
 
 class _Measure:
@@ -1211,6 +1255,7 @@ class _Measure:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         self.skipped: set[str] = set()
+        self.exact_failed = False
         self.todo = {tp.tensor: (tp, _names(tp, ag)) for tp in plan.tensors}
         self.wanted = {x for _, names in self.todo.values() for x in names}
         self.by_name: dict[str, list[str]] = defaultdict(list)
@@ -1224,7 +1269,7 @@ class _Measure:
         The arrays are still in cache then, and dropped right after (kept
         for the snapshot in ``exact`` mode).
         """
-        res = _SampleErrors(n)
+        res = _SampleErrors(n, exact_failed=runner.exact_failed)
         waiting: dict[str, np.ndarray] = {}
         done: set[str] = set()
         for out in runner.run(sample, n):
@@ -1274,6 +1319,7 @@ class _Measure:
 
     def add(self, res: _SampleErrors) -> None:
         """Add one sample's measurements to the totals (samples must come in order)."""
+        self.exact_failed |= res.exact_failed
         if res.index == 0:
             self.skipped |= res.skipped
             for t, (shape, dtype) in res.shapes.items():

@@ -17,7 +17,7 @@ import onnx
 
 from .errors import DatasetError, ModelError
 from .graph import float_activations, is_large, save_external
-from .kernels import exact_int8
+from .kernels import exact_int8, exact_session
 from .observers import HistogramObserver
 
 
@@ -29,7 +29,7 @@ def session_for(
     `lean` turns off ORT's memory pattern: with many fetched activations it reserves one more copy of the
     whole activation set and grows over the first runs (PP-OCR det, 20 samples: peak 1.85 GB instead of 0.93 GB).
     `threads` caps ORT's intra-op threads (0: ORT's default, one per core). int8 products are exact
-    (:mod:`hybridq.kernels`).
+    (:mod:`hybridq.kernels`) where ONNX Runtime can make them so.
     """
     import onnxruntime as ort
 
@@ -41,20 +41,25 @@ def session_for(
         for name in outputs:
             if name not in present:
                 work.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
-    so.intra_op_num_threads = threads
-    exact_int8(so)  # a quantized model (proposal candidates) computes the same on every CPU
-    if lean:
-        so.enable_mem_pattern = False
-    try:
+
+    def make(exact: bool):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 4 if exact else 3  # a failed exact attempt is retried: not an error to print
+        so.intra_op_num_threads = threads
+        if exact:
+            exact_int8(so)  # a quantized model (proposal candidates) computes the same on every CPU
+        if lean:
+            so.enable_mem_pattern = False
         if is_large(work):
             with tempfile.TemporaryDirectory(prefix="hybridq-sess-") as tmp:
                 path = os.path.join(tmp, "m.onnx")
                 save_external(work, path, "m.data")
                 return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(work.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    try:
+        return exact_session(make)[0]
     except Exception as exc:
         raise ModelError(f"ONNX Runtime cannot run the model: {str(exc).splitlines()[0]}") from exc
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import functools
 import platform
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 X64_PRECISION_KEY = "session.x64quantprecision"
 """ONNX Runtime session config key (``kOrtSessionOptionsAvx2PrecisionMode``)."""
@@ -63,6 +66,25 @@ def exact_int8(options: Any) -> Any:
     return options
 
 
+def exact_session(make: Callable[[bool], T]) -> tuple[T, bool]:
+    """``make(exact=True)``, or ``make(exact=False)`` where that fails; returns ``(session, exact)``.
+
+    ``make(exact)`` builds a session whose options went through
+    :func:`exact_int8` when ``exact``. ONNX Runtime's rewrite behind
+    :data:`X64_PRECISION_KEY` fails on some models (``AddInitializedOrtValue
+    Attempt to replace the existing tensor`` on ``quantize_static`` output
+    after ``quant_pre_process``, ORT 1.32); then the session runs this CPU's
+    default kernels and ``exact`` is False, so the caller can say so. Errors
+    of the plain session are the caller's to handle.
+    """
+    if not u8s8_saturates():
+        return make(False), True
+    try:
+        return make(True), True
+    except Exception:
+        return make(False), False
+
+
 SATURATION_NOTE = (
     "this CPU is x86 without VNNI: ONNX Runtime's default int8 kernels add pairs of products in a "
     "saturating int16 here, so a plain session on it gives less accurate outputs than the figures "
@@ -70,3 +92,10 @@ SATURATION_NOTE = (
     f"such CPUs, set the session option {X64_PRECISION_KEY}=1 (exact, slower kernels)"
 )
 """What analyze tells a user on such a CPU."""
+
+NOT_EXACT_NOTE = (
+    "ONNX Runtime cannot make this model's int8 products exact on this CPU (its "
+    f"{X64_PRECISION_KEY} rewrite fails on the model): the figures are from this CPU's default, "
+    "saturating int8 kernels"
+)
+"""What analyze says when :func:`exact_session` fell back."""

@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import HybridqError, InputError, ModelError, did_you_mean
 from .graph import is_large, save_external
-from .kernels import exact_int8
+from .kernels import exact_int8, exact_session
 
 # quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
 QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
@@ -670,7 +670,11 @@ class RKNN:
         built = self._need_built()
         try:
             # the simulator computes int8 products exactly, as the NPU does (hybridq.kernels)
-            self._session = ort.InferenceSession(str(built), exact_int8(ort.SessionOptions()), providers=["CPUExecutionProvider"])
+            self._session = exact_session(
+                lambda exact: ort.InferenceSession(
+                    str(built), exact_int8(ort.SessionOptions()) if exact else ort.SessionOptions(), providers=["CPUExecutionProvider"]
+                )
+            )[0]
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot load the built model '{built}': {str(exc).splitlines()[0]}") from None
         self._log("I", "init_runtime", f"ONNX Runtime {ort.__version__} CPU session on {built.name}.")

@@ -159,3 +159,63 @@ def test_proposal_sessions_compute_exact_int8(tmp_path: Path) -> None:
     _, qm, exact = _saturating_pair()
     x = {"x": np.full((1, K), 4.0, np.float32)}
     np.testing.assert_allclose(session_for(qm, basic=False).run(None, x)[0], exact, rtol=1e-5)
+
+
+def _two_convs(share_zero_point: bool) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """fp32 Conv -> Conv and its QDQ model; with ``share_zero_point`` both weights dequantize with one zero-point tensor."""
+    rng = np.random.default_rng(4)
+    weights = [rng.integers(-127, 128, (4, 4, 1, 1)).astype(np.int8) for _ in range(2)]
+    x_in = h.make_tensor_value_info("x", TP.FLOAT, [1, 4, 4, 4])
+    out = h.make_tensor_value_info("c1", TP.FLOAT, [1, 4, 4, 4])
+    fnodes = [h.make_node("Conv", ["x", "w0"], ["c0"], name="conv0"), h.make_node("Conv", ["c0", "w1"], ["c1"], name="conv1")]
+    fm = h.make_graph(fnodes, "f", [x_in], [out], [nh.from_array(w.astype(np.float32) * 0.01, f"w{i}") for i, w in enumerate(weights)])
+    inits = [nh.from_array(np.float32(0.02), "sx"), nh.from_array(np.uint8(128), "zx")]
+    nodes = [h.make_node("QuantizeLinear", ["x", "sx", "zx"], ["x_q"]), h.make_node("DequantizeLinear", ["x_q", "sx", "zx"], ["x_dq"])]
+    src = "x_dq"
+    for i, w in enumerate(weights):
+        zp = "zw" if share_zero_point else f"zw{i}"
+        inits += [nh.from_array(w, f"w{i}_q"), nh.from_array(np.full(4, 0.01, np.float32), f"sw{i}")]
+        if zp not in {t.name for t in inits}:
+            inits.append(nh.from_array(np.zeros(4, np.int8), zp))
+        nodes += [h.make_node("DequantizeLinear", [f"w{i}_q", f"sw{i}", zp], [f"w{i}"], axis=0),
+                  h.make_node("Conv", [src, f"w{i}"], [f"c{i}"], name=f"conv{i}")]
+        if i == 0:
+            nodes += [h.make_node("QuantizeLinear", ["c0", "sx", "zx"], ["c0_q"]), h.make_node("DequantizeLinear", ["c0_q", "sx", "zx"], ["c0_dq"])]
+            src = "c0_dq"
+    qm = h.make_graph(nodes, "q", [x_in], [out], inits)
+    opset = [h.make_opsetid("", 13)]
+    return h.make_model(fm, opset_imports=opset, ir_version=8), h.make_model(qm, opset_imports=opset, ir_version=8)
+
+
+def test_a_shared_weight_zero_point_still_gets_exact_int8(tmp_path: Path) -> None:
+    """ORT cannot load such a model with session.x64quantprecision; analyze gives each weight its own copy first."""
+    fm, shared = _two_convs(True)
+    _, own = _two_convs(False)
+    x = [{"x": np.random.default_rng(i).normal(size=(1, 4, 4, 4)).astype(np.float32)} for i in range(2)]
+    if u8s8_saturates():
+        with pytest.raises(Exception, match="replace the existing tensor"):
+            ort.InferenceSession(shared.SerializeToString(), exact_options())
+    result = analyze(fm, shared, x, dump=tmp_path / "snap")
+    assert not any("cannot make this model's int8 products exact" in n for n in result.notes)
+    plain = ort.InferenceSession(own.SerializeToString(), exact_options())
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "snap" / json.loads((tmp_path / "snap" / "manifest.json").read_text())["tensors"]["c1"]["quant"]),
+        np.stack([plain.run(None, s)[0] for s in x]),
+    )
+
+
+@pytest.mark.skipif(not u8s8_saturates(), reason="exact int8 needs no ORT rewrite on this CPU")
+def test_when_onnxruntime_cannot_make_int8_exact_analyze_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hybridq.kernels import NOT_EXACT_NOTE
+
+    monkeypatch.setattr(an, "_own_weight_zero_points", lambda m: m)  # leave the shared zero point: ORT's rewrite fails
+    fm, shared = _two_convs(True)
+    x = [{"x": np.ones((1, 4, 4, 4), np.float32)}]
+    result = analyze(fm, shared, x)
+    assert NOT_EXACT_NOTE in result.notes and SATURATION_NOTE not in result.notes
+    plain = ort.InferenceSession(shared.SerializeToString())  # this CPU's default kernels
+    want = plain.run(None, x[0])[0]
+    got_cos = result.output_layers()[0].entire.cosine
+    ref = ort.InferenceSession(fm.SerializeToString()).run(None, x[0])[0]
+    a, b = ref.astype(np.float64).ravel(), want.astype(np.float64).ravel()
+    assert got_cos == pytest.approx(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))), abs=1e-6)
