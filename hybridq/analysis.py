@@ -61,8 +61,9 @@ from onnx import TensorProto, helper
 
 from .cost import concrete_shapes
 from .errors import HybridqError, InputError, ModelError
-from .graph import is_large, model_bytes, save_external, tensor_shapes
-from .kernels import NOT_EXACT_NOTE, SATURATION_NOTE, exact_int8, exact_session, is_x86, u8s8_saturates
+from .graph import Namer, is_large, model_bytes, save_external, tensor_shapes
+from .deployed import as_deployed
+from .kernels import NOT_EXACT_NOTE, SATURATION_NOTE, exact_int8, exact_session, u8s8_saturates
 from .metrics import Accumulator, Metrics, fused_kernel, metrics_many, sample_metrics
 from .segments import Segment, split
 
@@ -446,21 +447,6 @@ def _plan(f: _Graph, q: _Graph) -> AnalysisPlan:
 # --------------------------------------------------------------------------- graphs
 
 
-class _Namer:
-    """Fresh, deterministic tensor names that never collide with existing ones."""
-
-    def __init__(self, used: Iterable[str]) -> None:
-        self.used = set(used)
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            k += 1
-            name = f"{base}#{k}"
-        self.used.add(name)
-        return name
-
-
 def _merge_opsets(a: onnx.ModelProto, b: onnx.ModelProto) -> list[onnx.OperatorSetIdProto]:
     versions: dict[str, int] = {}
     for op in list(a.opset_import) + list(b.opset_import):
@@ -504,7 +490,7 @@ def build_single_model(
 
 def _build_single(
     f: _Graph, q: _Graph, plan: AnalysisPlan
-) -> tuple[onnx.ModelProto, dict[str, str], list[str], dict[str, int], _Namer]:
+) -> tuple[onnx.ModelProto, dict[str, str], list[str], dict[str, int], Namer]:
     """:func:`build_single_model` without the extra outputs; also the types and the name source."""
     float_model, quant_model = f.model, q.model
     ident = _Identity(f, q)
@@ -517,7 +503,7 @@ def _build_single(
     combined.functions.extend(fn for fn in quant_model.functions if (fn.domain, fn.name) not in have_funcs)
     g = combined.graph
     used = set(f.values) | set(f.inits) | set(q.values) | set(q.inits)
-    fresh = _Namer(used)
+    fresh = Namer(used)
     types = dict(f.types)
 
     # a quant-model tensor written by a compute node -> the fp32 tensor it stands for
@@ -696,127 +682,6 @@ def _align_opsets(fm: onnx.ModelProto, qm: onnx.ModelProto) -> tuple[onnx.ModelP
     return (new, qm) if old is fm else (fm, new)
 
 
-def _s8_pairs_to_u8(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The int8 Q -> DQ pairs that ONNX Runtime's CPU provider turns into uint8 on x86, turned here first.
-
-    ORT's ``QDQS8ToU8Transformer`` (x86 builds, where int8 activations do not
-    fuse) rewrites a QuantizeLinear with an int8 scalar zero point whose one
-    consumer is a DequantizeLinear with the same zero point to uint8, zero
-    point + 128: the same real values, but then the pair fuses into U8S8
-    kernels. The analysis graph gives each view's DequantizeLinear a second
-    reader, which would stop that rewrite and run other kernels than the model
-    as deployed; done beforehand, the analysis runs what a plain session runs.
-    Elsewhere (ARM), and when no pair qualifies, ``model`` is returned as is.
-    """
-    if not is_x86():
-        return model
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    outputs = {o.name for o in g.output}
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            if i:
-                readers[i].append(n)
-        for r in _subgraph_reads(n):
-            readers[r].append(n)
-
-    def scalar_s8(name: str) -> int | None:
-        t = inits.get(name)
-        if t is None or t.data_type != TensorProto.INT8:
-            return None
-        a = onnx.numpy_helper.to_array(t)
-        return int(a.reshape(-1)[0]) if a.size == 1 else None
-
-    pairs = []
-    for q in g.node:
-        if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or len(q.input) != 3 or not q.output:
-            continue
-        zq = scalar_s8(q.input[2])
-        rs = readers.get(q.output[0], [])
-        if zq is None or q.output[0] in outputs or len(rs) != 1:
-            continue
-        dq = rs[0]
-        if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or list(dq.input).count(q.output[0]) != 1:
-            continue
-        zdq = scalar_s8(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else 0
-        if zdq is None or zdq != zq or dq.input[0] != q.output[0]:
-            continue
-        pairs.append((q, dq, zq))
-    if not pairs:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    nodes = {id(n): k for k, n in enumerate(g.node)}
-    used = {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
-    fresh = _Namer(used)
-    for q, dq, zp in pairs:
-        name = fresh(f"{q.output[0]}/zero_point_u8")
-        out.graph.initializer.append(onnx.numpy_helper.from_array(np.array(zp + 128, np.uint8), name))
-        nq, ndq = out.graph.node[nodes[id(q)]], out.graph.node[nodes[id(dq)]]
-        nq.input[2] = name
-        if len(ndq.input) > 2:
-            ndq.input[2] = name
-        else:
-            while len(ndq.input) < 2:
-                ndq.input.append("")
-            ndq.input.append(name)
-    # the rewritten Q outputs are uint8 now: drop their stale type annotations
-    changed = {q.output[0] for q, _, _ in pairs}
-    kept = [vi for vi in out.graph.value_info if vi.name not in changed]
-    del out.graph.value_info[:]
-    out.graph.value_info.extend(kept)
-    return out
-
-
-def _own_weight_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` where each DequantizeLinear of an int8 initializer has its own zero-point initializer.
-
-    ONNX Runtime's exact-int8 rewrite (:mod:`hybridq.kernels`) converts each
-    fused layer's weight zero point to uint8 under a name taken from it, and
-    fails to load a model where two weights share one (``Attempt to replace
-    the existing tensor``; ``quantize_static`` output after
-    ``quant_pre_process`` does). Same values, so the same numbers; ``model``
-    itself when nothing is shared.
-    """
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    readers: dict[str, int] = defaultdict(int)
-    for n in g.node:
-        for i in n.input:
-            readers[i] += 1
-    shared = [
-        k for k, n in enumerate(g.node)
-        if n.op_type == "DequantizeLinear" and len(n.input) > 2 and readers[n.input[2]] > 1
-        and n.input[2] in inits and getattr(inits.get(n.input[0]), "data_type", None) == TensorProto.INT8
-    ]
-    if not shared:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    fresh = _Namer({i.name for i in g.initializer} | {o for n in g.node for o in n.output})
-    for k in shared:
-        node = out.graph.node[k]
-        t = TensorProto()
-        t.CopyFrom(inits[node.input[2]])
-        t.name = fresh(f"{node.input[0]}/zero_point")
-        out.graph.initializer.append(t)
-        node.input[2] = t.name
-    return out
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs read (a superset: any input name inside them)."""
-    names: set[str] = set()
-    for a in node.attribute:
-        for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            for n in sg.node:
-                names.update(i for i in n.input if i)
-                for r in _subgraph_reads(n):
-                    names.add(r)
-    return names
-
-
 def _rename_outer(g: onnx.GraphProto, rename: dict[str, str], shadow: frozenset[str] = frozenset()) -> None:
     """In a subgraph, rename the references to outer-scope tensors that ``rename`` maps."""
     local = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
@@ -838,7 +703,7 @@ def _rename_outer(g: onnx.GraphProto, rename: dict[str, str], shadow: frozenset[
         o.name = sub(o.name)
 
 
-def _embed(combined: onnx.ModelProto, q: _Graph, fresh: _Namer, types: dict[str, int]) -> dict[str, str]:
+def _embed(combined: onnx.ModelProto, q: _Graph, fresh: Namer, types: dict[str, int]) -> dict[str, str]:
     """Append a renamed copy of the whole quantized graph (sharing the inputs); return its name map."""
     g = combined.graph
     rename = {i: i for i in q.inputs}
@@ -1128,7 +993,7 @@ def analyze(
     fm = _load(float_model, "float model")
     qm = _load(quant_model, "quantized model")
     fm, qm = _align_opsets(fm, qm)
-    qm = _own_weight_zero_points(_s8_pairs_to_u8(qm))  # run as a plain session would, exact where asked
+    qm = as_deployed(qm)  # the kernels a plain session runs, exact where asked
     f, q = _Graph(fm), _Graph(qm)
     if sorted(q.inputs) != sorted(f.inputs):
         raise InputError(

@@ -28,6 +28,21 @@ MIN_OPSET = 13
 LARGE_MODEL_BYTES = 1_800_000_000
 
 
+class Namer:
+    """Fresh, deterministic tensor names that never collide with existing ones."""
+
+    def __init__(self, used: Iterable[str]) -> None:
+        self.used = set(used)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            k += 1
+            name = f"{base}#{k}"
+        self.used.add(name)
+        return name
+
+
 def model_bytes(model: onnx.ModelProto) -> int:
     """Serialized size of the model; over 2 GB, where protobuf cannot size it, the size of its tensor data."""
     try:

@@ -56,14 +56,14 @@ def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     return out
 
 
-def _outer_reads(node: onnx.NodeProto) -> list[str]:
+def outer_reads(node: onnx.NodeProto) -> list[str]:
     """Tensors a node's subgraphs read from the main graph."""
     return sorted({r for sg in _subgraphs(node) for r in _outer_refs(sg)})
 
 
 def _reads(node: onnx.NodeProto) -> list[str]:
     """Every tensor a node reads, its subgraphs' outer references included."""
-    return [i for i in node.input if i] + _outer_reads(node)
+    return [i for i in node.input if i] + outer_reads(node)
 
 
 def _unique_dq(nodes: list[onnx.NodeProto], graph_outputs: set[str], used: set[str], types: dict[str, int]) -> list[onnx.NodeProto]:
@@ -73,7 +73,7 @@ def _unique_dq(nodes: list[onnx.NodeProto], graph_outputs: set[str], used: set[s
         for i in n.input:
             if i:
                 readers[i].append(k)
-        for r in _outer_reads(n):
+        for r in outer_reads(n):
             readers[r].append(-1)  # read by a subgraph: never rewired
     extra: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     for n in nodes:

@@ -13,7 +13,7 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-import hybridq.analysis as an
+import hybridq.deployed as deployed
 from hybridq.analysis import analyze
 from hybridq.kernels import SATURATION_NOTE, saturates, u8s8_saturates
 from tests.conftest import exact_options
@@ -103,9 +103,9 @@ def _s8_model() -> onnx.ModelProto:
 
 
 def test_int8_pairs_become_uint8_as_onnxruntime_turns_them_on_x86(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(an, "is_x86", lambda: True)
+    monkeypatch.setattr(deployed, "is_x86", lambda: True)
     m = _s8_model()
-    out = an._s8_pairs_to_u8(m)
+    out = deployed.s8_pairs_to_u8(m)
     onnx.checker.check_model(out)
     inits = {i.name: nh.to_array(i) for i in out.graph.initializer}
     nodes = {n.name: n for n in out.graph.node}
@@ -122,8 +122,8 @@ def test_int8_pairs_become_uint8_as_onnxruntime_turns_them_on_x86(monkeypatch: p
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a, b)
     assert m.graph.initializer[1].data_type == TP.INT8  # the input model is not modified
-    monkeypatch.setattr(an, "is_x86", lambda: False)
-    assert an._s8_pairs_to_u8(m) is m
+    monkeypatch.setattr(deployed, "is_x86", lambda: False)
+    assert deployed.s8_pairs_to_u8(m) is m
 
 
 def test_host_int8_analysis_runs_the_kernels_of_a_plain_session(tmp_path: Path) -> None:
@@ -208,7 +208,7 @@ def test_a_shared_weight_zero_point_still_gets_exact_int8(tmp_path: Path) -> Non
 def test_when_onnxruntime_cannot_make_int8_exact_analyze_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     from hybridq.kernels import NOT_EXACT_NOTE
 
-    monkeypatch.setattr(an, "_own_weight_zero_points", lambda m: m)  # leave the shared zero point: ORT's rewrite fails
+    monkeypatch.setattr(deployed, "own_weight_zero_points", lambda m: m)  # leave the shared zero point: ORT's rewrite fails
     fm, shared = _two_convs(True)
     x = [{"x": np.ones((1, 4, 4, 4), np.float32)}]
     result = analyze(fm, shared, x)
