@@ -297,23 +297,25 @@ def _ort_model() -> onnx.ModelProto:
     return h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8)
 
 
-def test_foreign_qdq_model_from_onnxruntime(tmp_path: Path) -> None:
+def ort_quantized(tmp_path: Path, seed: int) -> tuple[Path, Path, list[dict[str, np.ndarray]]]:
+    """:func:`_ort_model` and ONNX Runtime's quantize_static QDQ model of it on disk, with 3 fresh samples."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
 
     fpath, qpath = tmp_path / "f.onnx", tmp_path / "q.onnx"
     onnx.save(_ort_model(), fpath)
-    rng = np.random.default_rng(1)
-    calib = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    rng = np.random.default_rng(seed)
+    calib = iter([{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)])
 
     class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(calib)
-
         def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.it, None)
+            return next(calib, None)
 
     quantize_static(str(fpath), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    data = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    return fpath, qpath, [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+
+
+def test_foreign_qdq_model_from_onnxruntime(tmp_path: Path) -> None:
+    fpath, qpath, data = ort_quantized(tmp_path, 1)
     result = analyze(fpath, qpath, data, dump=tmp_path / "snap")
 
     fs, qs = ort.InferenceSession(str(fpath)), ort.InferenceSession(str(qpath), exact_options())
@@ -411,21 +413,9 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:
 
 def test_segments_give_the_same_metrics_as_a_plain_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """One layer per segment vs one segment: same numbers, and entire = plain ORT quant session vs fp32, in numpy."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
     from hybridq.metrics import sample_metrics
 
-    fpath, qpath = tmp_path / "f.onnx", tmp_path / "q.onnx"
-    onnx.save(_ort_model(), fpath)
-    rng = np.random.default_rng(2)
-    calib = iter([{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)])
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(calib, None)
-
-    quantize_static(str(fpath), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    data = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    fpath, qpath, data = ort_quantized(tmp_path, 2)
     sessions: list[int] = []
     real_runner = an._Runner
 

@@ -128,21 +128,9 @@ def test_int8_pairs_become_uint8_as_onnxruntime_turns_them_on_x86(monkeypatch: p
 
 def test_host_int8_analysis_runs_the_kernels_of_a_plain_session(tmp_path: Path) -> None:
     """ORT's own S8S8 QDQ model: analyze's final output equals a plain default session's, bit for bit."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from tests.test_analysis import ort_quantized
 
-    from tests.test_analysis import _ort_model
-
-    fpath, qpath = tmp_path / "f.onnx", tmp_path / "q.onnx"
-    onnx.save(_ort_model(), fpath)
-    rng = np.random.default_rng(1)
-    calib = iter([{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)])
-
-    class Reader(CalibrationDataReader):
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(calib, None)
-
-    quantize_static(str(fpath), str(qpath), Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    data = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
+    fpath, qpath, data = ort_quantized(tmp_path, 1)
     for host, options in ((True, ort.SessionOptions()), (False, exact_options())):
         snap = tmp_path / f"snap-{host}"
         analyze(fpath, qpath, data, dump=snap, host_int8=host)
