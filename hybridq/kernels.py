@@ -87,9 +87,10 @@ def exact_session(make: Callable[[bool], T]) -> tuple[T, bool]:
 
 SATURATION_NOTE = (
     "this CPU is x86 without VNNI: ONNX Runtime's default int8 kernels add pairs of products in a "
-    "saturating int16 here, so a plain session on it gives less accurate outputs than the figures "
-    f"above, which use exact int8 products (as VNNI and ARM CPUs and NPUs compute them). To deploy on "
-    f"such CPUs, set the session option {X64_PRECISION_KEY}=1 (exact, slower kernels)"
+    "saturating int16 here, so a plain session on it may give less accurate outputs than these "
+    "figures, which use exact int8 products (as VNNI and ARM CPUs and NPUs compute them). To deploy on "
+    f"such CPUs, set the session option {X64_PRECISION_KEY}=1 (exact, slower kernels); "
+    "`hybridq analyze --host-int8` measures the default kernels"
 )
 """What analyze tells a user on such a CPU."""
 
