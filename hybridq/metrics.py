@@ -204,9 +204,8 @@ def fused_kernel() -> Callable[[np.ndarray, np.ndarray], tuple[float, float, flo
     try:
         import numba
 
-        opts = dict(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-        sums = numba.njit(fastmath={"reassoc"}, **opts)(_pair_sums)
-        peak = numba.njit(**opts)(_max_abs_diff)
+        sums = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})(_pair_sums)
+        peak = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")(_max_abs_diff)
         one = np.ones(_LANES + 1, np.float32)
         sums(one, one)  # compile now (or load the cached machine code)
         peak(one, one)
