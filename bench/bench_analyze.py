@@ -103,15 +103,13 @@ def render(rows: list[dict], cmd: str, n: int, rounds: int) -> str:
     from hybridq.kernels import u8s8_saturates
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").is_file() else platform.machine()
     exact = u8s8_saturates()
     lines = [
         BEGIN,
         "## analyze speed",
         "",
         f"Command: `{cmd}`  ",
-        f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {cpu}, "
+        f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}; machine: {results_md.cpu()}, "
         f"{os.cpu_count()} cores, Python {platform.python_version()}; load average at the end {load:.1f}  ",
         f"N = {n} samples per model; fp32/quant: default ORT CPU session (2 threads), best of 3 passes; "
         f"analyze: `hybridq.analysis.analyze` (entire + single, all layers), no dump; {rounds} interleaved "

@@ -9,6 +9,21 @@ from pathlib import Path
 _SECTION = re.compile(r"<!-- (\w+):begin -->.*?<!-- \1:end -->", re.S)
 
 
+def cpu() -> str:
+    """The CPU's model name, and whether ONNX Runtime's default int8 kernels are exact on it (VNNI) or saturate."""
+    from hybridq.kernels import u8s8_saturates
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown")
+    flags = next((ln for ln in lines if ln.startswith("flags")), "")
+    if "avx512_vnni" in flags:
+        return name + " (AVX512-VNNI)"
+    if u8s8_saturates():
+        return name + " (AVX2, no VNNI: ORT's default U8S8 kernels saturate int16 pair sums)"
+    return name
+
+
 def markers(name: str) -> tuple[str, str]:
     """The begin/end comments around the section `name`."""
     return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

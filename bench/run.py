@@ -34,7 +34,7 @@ import ppocr  # noqa: E402
 import results_md  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hybridq.kernels import u8s8_saturates  # noqa: E402
+from hybridq.kernels import u8s8_saturates  # noqa: E402  (results_md.cpu needs hybridq on the path too)
 
 BENCH_DIR = Path(__file__).resolve().parent
 WORK_DIR = ppocr.CACHE_DIR / "work"
@@ -347,20 +347,8 @@ def machine_info() -> dict:
     import onnx
     import onnxruntime
 
-    cpu = "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "")
-        if "avx512_vnni" in flags:
-            cpu += " (AVX512-VNNI)"
-        elif u8s8_saturates():
-            cpu += " (AVX2, no VNNI: ORT's default U8S8 kernels saturate int16 pair sums)"
     return {
-        "cpu": cpu,
+        "cpu": results_md.cpu(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnx": onnx.__version__,

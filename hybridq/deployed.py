@@ -66,12 +66,11 @@ def s8_pairs_to_u8(model: onnx.ModelProto) -> onnx.ModelProto:
         if zq is None or q.output[0] in outputs or len(rs) != 1:
             continue
         dq = rs[0]
-        if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or list(dq.input).count(q.output[0]) != 1:
+        if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or dq.input[0] != q.output[0]:
             continue
         zdq = scalar_s8(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else 0
-        if zdq is None or zdq != zq or dq.input[0] != q.output[0]:
-            continue
-        pairs.append((q, dq, zq))
+        if zdq == zq:
+            pairs.append((q, dq, zq))
     if not pairs:
         return model
     out = onnx.ModelProto()
@@ -86,9 +85,7 @@ def s8_pairs_to_u8(model: onnx.ModelProto) -> onnx.ModelProto:
         nq.input[2] = name
         if len(ndq.input) > 2:
             ndq.input[2] = name
-        else:
-            while len(ndq.input) < 2:
-                ndq.input.append("")
+        else:  # DequantizeLinear always has x and scale
             ndq.input.append(name)
     # the rewritten Q outputs are uint8 now: drop their stale type annotations
     changed = {q.output[0] for q, _, _ in pairs}
