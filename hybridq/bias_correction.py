@@ -1,0 +1,154 @@
+"""Bias correction: the mean output shift each quantized layer adds on its own, and the bias that cancels it.
+
+Rounding weights and inputs moves a layer's mean output (per output channel); the
+shift passes through every later layer. It is measured in isolation, as NNCF's fast
+bias correction does: each quantized Conv/Gemm is evaluated on the fp32 model's own
+input, through the same Q/DQ parameters as in the built model, beside its fp32
+original, in one combined graph (one pass per sample for all layers). Isolated
+shifts do not double count: correcting one layer does not change another's.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .graph import main_opset, tensor_shapes
+from .plan import GraphView
+
+CORRECTABLE = ("Conv", "Gemm")
+"""Layers with a bias slot whose output channels run along axis 1."""
+
+
+def _channel_axes(rank: int) -> list[int]:
+    return [a for a in range(rank) if a != 1]
+
+
+def shift_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """The fp32 model plus, per layer, its quantized copy fed the fp32 input and the mean of (fp32 - quantized) per channel.
+
+    Returns the combined model and layer -> output holding its shift (shape [channels]).
+    Layers that are not quantized Conv/Gemm in `qdq` are left out.
+    """
+    q = GraphView(qdq)
+    f = GraphView(fp32)
+    work = onnx.ModelProto()
+    work.CopyFrom(fp32)
+    del work.opset_import[:]
+    work.opset_import.extend(qdq.opset_import)
+    opset = main_opset(qdq)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+    copied: set[str] = set()
+    outputs: dict[str, str] = {}
+
+    def copy_init(name: str, prefix: str) -> str:
+        new = f"{prefix}{name}"
+        if new not in copied:
+            t = onnx.TensorProto()
+            t.CopyFrom(q.inits[name])
+            t.name = new
+            inits.append(t)
+            copied.add(new)
+        return new
+
+    for layer in layers:
+        node = q.nodes.get(layer)
+        if node is None or node.op_type not in CORRECTABLE or layer not in f.nodes:
+            continue
+        prefix = f"hybridq_bc/{layer}/"
+        new_inputs: list[str] = []
+        quantized = False
+        for x in node.input:
+            dq = q.producer.get(x)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                new_inputs.append(x)
+                continue
+            quantized = True
+            params = [copy_init(p, prefix) for p in dq.input[1:]]
+            attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+            src = dq.input[0]
+            qn = q.producer.get(src)
+            if qn is not None and qn.op_type == "QuantizeLinear":
+                qparams = [copy_init(p, prefix) for p in qn.input[1:]]
+                nodes.append(helper.make_node("QuantizeLinear", [qn.input[0], *qparams], [f"{prefix}{src}"], name=f"{prefix}{qn.name}", domain=qn.domain))
+                src = f"{prefix}{src}"
+            else:
+                src = copy_init(src, prefix)
+            nodes.append(helper.make_node("DequantizeLinear", [src, *params], [f"{prefix}{x}"], name=f"{prefix}{dq.name}", domain=dq.domain, **attrs))
+            new_inputs.append(f"{prefix}{x}")
+        if not quantized:
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{prefix}{node.name}"
+        del copy.input[:]
+        copy.input.extend(new_inputs)
+        del copy.output[:]
+        copy.output.append(f"{prefix}y")
+        diff = f"{prefix}diff"
+        nodes += [copy, helper.make_node("Sub", [node.output[0], f"{prefix}y"], [diff], name=f"{prefix}sub")]
+        axes = _channel_axes(2 if node.op_type == "Gemm" else _rank(f, node.output[0], 4))
+        out = f"{prefix}shift"
+        if opset >= 18:
+            axes_init = numpy_helper.from_array(np.array(axes, np.int64), f"{prefix}axes")
+            inits.append(axes_init)
+            nodes.append(helper.make_node("ReduceMean", [diff, axes_init.name], [out], name=f"{prefix}mean", keepdims=0))
+        else:
+            nodes.append(helper.make_node("ReduceMean", [diff], [out], name=f"{prefix}mean", axes=axes, keepdims=0))
+        outputs[layer] = out
+    work.graph.node.extend(nodes)
+    work.graph.initializer.extend(inits)
+    del work.graph.output[:]
+    work.graph.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs.values())
+    return work, outputs
+
+
+def _rank(g: GraphView, tensor: str, default: int) -> int:
+    shape = tensor_shapes(g.model).get(tensor)
+    return len(shape) if shape else default
+
+
+def mean_shifts(session, outputs: dict[str, str], samples: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Average each layer's per-channel shift over the samples (float64 sums, sample order kept)."""
+    names = list(outputs.values())
+    sums: dict[str, np.ndarray] = {}
+    n = 0
+    for feeds in samples:
+        for layer, value in zip(outputs, session.run(names, feeds)):
+            sums[layer] = sums.get(layer, 0.0) + np.asarray(value, np.float64).reshape(-1)
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def apply(model: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of the model whose layers' biases are moved by their shifts (a zero bias is added where there was none)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    g = GraphView(work)
+    new_inits: list[onnx.TensorProto] = []
+    for layer, shift in shifts.items():
+        node = g.nodes[layer]
+        shift = np.asarray(shift, np.float64).reshape(-1)
+        if len(node.input) > 2 and node.input[2]:
+            b = node.input[2]
+            if b not in g.inits:
+                raise ValueError(f"bias of '{layer}' is computed, not an initializer; it cannot be corrected")
+            if len(g.consumers.get(b, [])) != 1:
+                raise ValueError(f"bias '{b}' of '{layer}' is shared with other nodes")
+            arr = g.init_array(b)
+            if arr.size != shift.size:
+                raise ValueError(f"bias '{b}' of '{layer}' has {arr.size} values, the correction {shift.size}")
+            g.inits[b].CopyFrom(numpy_helper.from_array((arr.reshape(-1) + shift).astype(arr.dtype).reshape(arr.shape), b))
+        else:
+            name = f"{layer}_bias_corrected"
+            new_inits.append(numpy_helper.from_array(shift.astype(np.float32), name))
+            if len(node.input) == 2:
+                node.input.append(name)
+            else:
+                node.input[2] = name
+    work.graph.initializer.extend(new_inits)
+    return work

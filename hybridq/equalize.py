@@ -1,0 +1,184 @@
+"""Channel equalization: move an activation channel's scale into the weights of the layers that read it.
+
+For a tensor t = act(producer(x)) with a positively homogeneous act (Relu, LeakyRelu,
+MaxPool, ...), dividing the producer's output channel c (weights and bias) by s_c > 0
+divides t's channel c by s_c; multiplying every reader's input channel c by s_c
+restores the fp32 function exactly. An outlier channel that stretches t's per-tensor
+range is shrunk this way without losing information (SmoothQuant, cross-layer
+equalization). The model is changed as data (initializers), so step2 applies it
+without re-calibration; the tensor's new range comes with the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .plan import GraphView
+
+HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu", "MaxPool", "Identity", "Dropout")
+"""Ops with f(x / s) = f(x) / s for s > 0 per channel (PRelu only with a per-channel or scalar slope)."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where channels of `tensor` can be rescaled: the producer that divides, the readers that multiply."""
+
+    tensor: str
+    producer: str
+    path: tuple[str, ...]
+    readers: tuple[str, ...]
+    axis: int
+    channels: int
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int | float) -> int | float:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _out_channel(node: onnx.NodeProto, g: GraphView) -> tuple[str, int, str | None] | None:
+    """(weight, output-channel axis of the weight, bias or None) of a producer whose output channels can be divided."""
+    if len(node.input) < 2 or node.input[1] not in g.inits:
+        return None
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] in g.inits else None
+    if node.op_type == "Conv":
+        return node.input[1], 0, bias
+    if node.op_type == "Gemm" and not _attr(node, "transA", 0) and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0:
+        return node.input[1], 0 if _attr(node, "transB", 0) else 1, bias
+    if node.op_type == "MatMul" and len(g.inits[node.input[1]].dims) == 2:
+        return node.input[1], 1, None
+    return None
+
+
+def _in_channel(node: onnx.NodeProto, tensor: str, g: GraphView) -> tuple[str, int, int] | None:
+    """(weight, input-channel axis of the weight, channel axis of the activation) of a reader that can absorb a scale."""
+    if not node.input or node.input[0] != tensor or tensor in node.input[1:] or len(node.input) < 2 or node.input[1] not in g.inits:
+        return None
+    if node.op_type == "Conv" and _attr(node, "group", 1) == 1:
+        return node.input[1], 1, 1
+    if node.op_type == "Gemm" and not _attr(node, "transA", 0):
+        return node.input[1], 1 if _attr(node, "transB", 0) else 0, -1
+    if node.op_type == "MatMul" and len(g.inits[node.input[1]].dims) == 2:
+        return node.input[1], 0, -1
+    return None
+
+
+def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -> Site | str:
+    """The equalization site of `tensor`, or why there is none (a sentence for the candidate table)."""
+    g = g or GraphView(model)
+    path: list[str] = []
+    t = tensor
+    node = g.producer.get(t)
+    while node is not None and node.op_type in HOMOGENEOUS + ("Add",):
+        if node.op_type == "Add":
+            break
+        if len(g.consumers.get(node.input[0], [])) != 1 or node.input[0] in g.outputs:
+            return f"'{node.input[0]}' has other readers besides '{node.name}'"
+        if node.op_type == "PRelu" and (len(node.input) < 2 or node.input[1] not in g.inits):
+            return f"'{node.name}' has a computed slope"
+        path.append(node.name)
+        t = node.input[0]
+        node = g.producer.get(t)
+    bias_add = None
+    if node is not None and node.op_type == "Add":
+        # MatMul + Add(bias): the bias is divided with the weight.
+        const = [i for i in node.input if i in g.inits]
+        other = [i for i in node.input if i not in g.inits]
+        if len(const) != 1 or len(other) != 1 or len(g.inits[const[0]].dims) != 1 or len(g.consumers.get(other[0], [])) != 1:
+            return f"'{tensor}' comes from '{node.name}' (Add of two computed tensors)"
+        bias_add = node
+        node = g.producer.get(other[0])
+    if node is None:
+        return f"'{tensor}' is not computed by a layer with weights"
+    prod = _out_channel(node, g)
+    if prod is None or (bias_add is not None and node.op_type != "MatMul"):
+        return f"'{tensor}' is produced by '{node.name}' ({node.op_type}), whose output channels cannot be rescaled"
+    weight, _, _ = prod
+    if len(g.consumers.get(weight, [])) != 1:
+        return f"weight '{weight}' of '{node.name}' is shared with other nodes"
+    readers = g.consumers.get(tensor, [])
+    if not readers or tensor in g.outputs:
+        return f"'{tensor}' is a model output or has no reader"
+    axes = set()
+    for r in readers:
+        info = _in_channel(r, tensor, g)
+        if info is None:
+            return f"'{tensor}' is read by '{r.name}' ({r.op_type}), which cannot absorb a per-channel scale"
+        if len(g.consumers.get(info[0], [])) != 1:
+            return f"weight '{info[0]}' of '{r.name}' is shared with other nodes"
+        axes.add(info[2])
+    if len(axes) != 1:
+        return f"the readers of '{tensor}' take its channels along different axes"
+    w = g.inits[weight]
+    channels = int(w.dims[prod[1]])
+    full_path = tuple(path) + ((bias_add.name,) if bias_add is not None else ())
+    return Site(tensor, node.name, full_path, tuple(r.name for r in readers), axes.pop(), channels)
+
+
+def reader_absmax(model: onnx.ModelProto, site: Site, g: GraphView | None = None) -> np.ndarray:
+    """Largest |weight| of each input channel over all readers (what a scale multiplies)."""
+    g = g or GraphView(model)
+    out = np.zeros(site.channels)
+    for name in site.readers:
+        node = g.nodes[name]
+        weight, axis, _ = _in_channel(node, site.tensor, g)
+        w = np.abs(g.init_array(weight))
+        out = np.maximum(out, np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).max(axis=1))
+    return out
+
+
+def smooth_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Per-channel scales s_c = (a_c / median a)^alpha * (median w / w_c)^(1 - alpha), SmoothQuant's balance.
+
+    Typical channels get s close to 1, an outlier channel a scale that meets its weights halfway.
+    Channels that are all zero (a_c = 0) or whose weights are zero keep s = 1.
+    """
+    a = np.asarray(act_absmax, np.float64)
+    w = np.asarray(weight_absmax, np.float64)
+    ok = (a > 0) & (w > 0)
+    if not ok.any():
+        return np.ones_like(a)
+    am, wm = np.median(a[ok]), np.median(w[ok])
+    s = np.ones_like(a)
+    s[ok] = (a[ok] / am) ** alpha * (wm / w[ok]) ** (1.0 - alpha)
+    return s
+
+
+def _scaled(g: GraphView, name: str, factor: np.ndarray, axis: int) -> onnx.TensorProto:
+    arr = g.init_array(name).astype(np.float64)
+    shape = [1] * arr.ndim
+    shape[axis] = -1
+    return numpy_helper.from_array((arr * factor.reshape(shape)).astype(g.init_array(name).dtype), name)
+
+
+def apply(model: onnx.ModelProto, site: Site, scales: np.ndarray) -> onnx.ModelProto:
+    """A copy of the model with `site.tensor`'s channel c divided by scales[c], the fp32 function unchanged."""
+    s = np.asarray(scales, np.float64).reshape(-1)
+    if s.size != site.channels or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError(f"equalization of '{site.tensor}' needs {site.channels} positive scales, got {s.size}")
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    g = GraphView(work)
+    replace: dict[str, onnx.TensorProto] = {}
+    weight, axis, bias = _out_channel(g.nodes[site.producer], g)
+    replace[weight] = _scaled(g, weight, 1.0 / s, axis)
+    if bias is not None:
+        replace[bias] = _scaled(g, bias, 1.0 / s, 0)
+    for name in site.path:
+        node = g.nodes[name]
+        if node.op_type == "Add":
+            b = next(i for i in node.input if i in g.inits)
+            replace[b] = _scaled(g, b, 1.0 / s, 0)
+    for name in site.readers:
+        w, in_axis, _ = _in_channel(g.nodes[name], site.tensor, g)
+        replace[w] = _scaled(g, w, s, in_axis)
+    for init in work.graph.initializer:
+        if init.name in replace:
+            init.CopyFrom(replace[init.name])
+    return work

@@ -1,0 +1,97 @@
+"""Models built in fixtures for the proposal: each has one quantization problem with a known cheapest fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper
+
+from tests.models import _init, _model
+
+
+def uninformative_outlier_cnn(seed: int = 0) -> onnx.ModelProto:
+    """conv1 writes one channel ~300x larger than the rest, and no later layer reads it (input x [1,8,16,16]).
+
+    Per-tensor uint8 on conv1's output wipes the 15 small channels conv2 needs; clipping that
+    tensor's max to the small channels' range loses nothing, since channel 0's weights in conv2 are zero.
+    """
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (16, 8, 3, 3))
+    w1[0] *= 300
+    w2 = rng.normal(0, 0.2, (16, 16, 3, 3))
+    w2[:, 0] = 0.0
+    inits = [_init("w1", w1), _init("b1", rng.normal(0, 0.1, 16)), _init("w2", w2), _init("b2", rng.normal(0, 0.1, 16)),
+             _init("w3", rng.normal(0, 0.2, (16, 16, 1, 1))), _init("w4", rng.normal(0, 0.2, (8, 16, 1, 1)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4), helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"], name="conv3"), helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+        helper.make_node("Conv", ["r3", "w4"], ["out"], name="conv4"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16, 16])],
+                  [helper.make_tensor_value_info("out", T.FLOAT, [1, 8, 16, 16])], inits)
+
+
+def informative_outlier_gemm(seed: int = 0, rows: int = 16) -> onnx.ModelProto:
+    """Gemm -> Relu -> Gemm -> Relu -> Gemm on x [rows, 32]; fc1's channel 0 is 300x larger and fc2 reads it at 1/300.
+
+    Every channel matters to fc2, so clipping channel 0 destroys information: the fix is to move
+    its scale into fc2's weights (equalization), which leaves the fp32 function unchanged.
+    """
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.3, (32, 32))
+    b1 = rng.normal(0.2, 0.1, 32)
+    w1[0] *= 300
+    b1[0] = abs(b1[0]) * 300
+    w2 = rng.normal(0, 0.2, (32, 32))
+    w2[:, 0] /= 300
+    inits = [_init("w1", w1), _init("b1", b1), _init("w2", w2), _init("b2", rng.normal(0, 0.1, 32)),
+             _init("w3", rng.normal(0, 0.2, (8, 32))), _init("b3", rng.normal(0, 0.1, 8))]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], name="fc1", transB=1), helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], name="fc2", transB=1), helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+        helper.make_node("Gemm", ["r2", "w3", "b3"], ["out"], name="fc3", transB=1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [rows, 32])],
+                  [helper.make_tensor_value_info("out", T.FLOAT, [rows, 8])], inits)
+
+
+def yolo_concat(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
+    """A YOLO-style head: boxes in pixels (0-320) and sigmoid class scores (0-1) concatenated along channels.
+
+    Output `det` [1, 4 + classes, 64]. The shared feature r2 carries a box channel ~100x larger
+    than the class features, so per-tensor uint8 on r2 costs the scores most of their resolution
+    while the whole-output cosine, dominated by the boxes, stays near 1. Input x [1,8,16,16].
+    """
+    rng = np.random.default_rng(seed)
+    w2 = rng.normal(0, 0.2, (16, 16, 3, 3))
+    w2[:4] *= 60
+    wb = rng.normal(0, 0.3, (4, 16, 1, 1))
+    wb[:, 4:] = 0.0
+    wc = rng.normal(0, 0.8, (classes, 16, 1, 1))
+    wc[:, :4] = 0.0
+    grid = (np.arange(64, dtype=np.float32) % 8 * 40 + 20)[None, None, :]
+    inits = [
+        _init("w1", rng.normal(0, 0.3, (16, 8, 3, 3))), _init("b1", rng.normal(0, 0.1, 16)),
+        _init("w2", w2), _init("b2", rng.normal(0, 0.1, 16)),
+        _init("wb", wb), _init("bb", rng.normal(0, 0.1, 4)), _init("wc", wc), _init("bc", rng.normal(-1.0, 0.3, classes)),
+        _init("box_scale", np.array(0.05)), _init("grid", np.concatenate([grid, grid, np.full_like(grid, 20), np.full_like(grid, 20)], 1)),
+        onnx.numpy_helper.from_array(np.array([1, 4, 64], np.int64), "shape_b"),
+        onnx.numpy_helper.from_array(np.array([1, classes, 64], np.int64), "shape_c"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4, strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "wb", "bb"], ["box_raw"], name="box_head"),
+        helper.make_node("Reshape", ["box_raw", "shape_b"], ["box_flat"], name="box_flat"),
+        helper.make_node("Mul", ["box_flat", "box_scale"], ["box_off"], name="box_scale"),
+        helper.make_node("Add", ["box_off", "grid"], ["boxes"], name="box_decode"),
+        helper.make_node("Conv", ["r2", "wc", "bc"], ["cls_raw"], name="cls_head"),
+        helper.make_node("Reshape", ["cls_raw", "shape_c"], ["cls_flat"], name="cls_flat"),
+        helper.make_node("Sigmoid", ["cls_flat"], ["scores"], name="scores"),
+        helper.make_node("Concat", ["boxes", "scores"], ["det"], name="concat", axis=1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16, 16])],
+                  [helper.make_tensor_value_info("det", T.FLOAT, [1, 4 + classes, 64])], inits)
