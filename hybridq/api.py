@@ -19,7 +19,7 @@ from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
 from .graph import has_subgraphs, is_large, load_model, model_bytes, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
-from .proposal import Evaluator, ProposalResult, Score, Target, as_cfg, propose
+from .proposal import DEFAULT_FLOAT_BUDGET, Evaluator, ProposalResult, Score, Target
 from .qdq import RewriteResult, apply_plan
 from .resolve import activation_entry, resolve, weight_entry
 from .settings import Settings
@@ -369,7 +369,7 @@ class ProposalOptions:
 
     target: Target = field(default_factory=Target)
     max_float_layers: int | None = None
-    max_float_fraction: float | None = None
+    max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET
     fallback: str = "float32"
     samples: int = 16
 
@@ -379,23 +379,29 @@ def run_proposal(
     existing: dict[str, str], samples: list[dict[str, np.ndarray]], options: ProposalOptions,
     single: dict[str, float] | None = None,
 ) -> tuple[ProposalResult, Evaluator]:
-    """Rank layers (analysis, unless `single` errors are given), then search candidates built like step2 builds them."""
+    """Climb the ladder of fixes from the cfg as it stands (its edits kept and never changed); candidates built as step2 builds."""
+    from .build import Edits
+    from .config import CfgEntry
+    from .proposal import propose as climb
+
     if options.fallback not in ("float32", "float16"):
         raise InputError(f"--fallback {options.fallback!r} is not valid; use float32 (fastest on CPU) or float16 (NPUs).")
     evaluator = Evaluator(temp, samples, options.target)
+    written = meta.get("written_entries", {})
+    base = Edits(dict(existing), {t: CfgEntry(t, 0, dict(v)) for t, v in entries.items()})
+    protected = {t for t, v in entries.items() if v != written.get(t)}
+    edited = bool(existing) or bool(protected)
 
-    def build(layers: dict[str, str], edits: dict[str, dict[str, Any]]) -> onnx.ModelProto:
-        return build_quantized(temp, observers, meta, as_cfg(settings, layers, entries, edits))[0].model
-
-    if single is None:
+    def analyse(fp32, quant, smp):
         from .analysis import analyze as run_analysis
 
-        analysed = run_analysis(temp, build(existing, {}), samples)
-        single = {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
-    plan = make_plan(temp, settings, existing)
-    result = propose(
-        build, evaluator, single, plan, temp, observers, entries, settings, fallback=options.fallback,
-        max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction, existing=existing,
+        analysed = run_analysis(fp32, quant, smp)
+        return {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
+
+    result = climb(
+        temp, observers, meta, settings, base, samples, evaluator, single=single, protected=protected, fallback=options.fallback,
+        max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
+        started_from="your cfg as edited" if edited else "the default int8 cfg", analyse=analyse,
     )
     return result, evaluator
 

@@ -1,0 +1,52 @@
+"""Proposal: the cheapest verified fix that brings the outputs to a target.
+
+Split as NNCF's accuracy control is: `ranker` (what to try first), `evaluator`
+(how a candidate scores), `fixes` (the ladder of fixes, as cfg data) and
+`search` (how they are climbed). Candidates are built with `hybridq.build`, the
+same path step2 takes, and scored on real samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from ..build import Built, Edits, build
+from ..calibration import session_for
+from ..observers import HistogramObserver
+from ..settings import Settings
+from .evaluator import Evaluator, OutputScore, Score, Target
+from .fixes import FIXES, Candidate, Context
+from .search import DEFAULT_FLOAT_BUDGET, ProposalResult, Row, search
+
+__all__ = [
+    "DEFAULT_FLOAT_BUDGET", "FIXES", "Candidate", "Evaluator", "OutputScore", "ProposalResult", "Row", "Score", "Target", "propose",
+]
+
+
+def propose(
+    temp: onnx.ModelProto, observers: dict[str, HistogramObserver], meta: dict[str, Any], settings: Settings, base: Edits,
+    samples: list[dict[str, np.ndarray]], evaluator: Evaluator, *, single: dict[str, float] | None = None,
+    protected: set[str] | None = None, fallback: str = "float32", max_float_layers: int | None = None,
+    max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default int8 cfg",
+    analyse: Callable[[onnx.ModelProto, onnx.ModelProto, list[dict[str, np.ndarray]]], dict[str, float]] | None = None,
+) -> ProposalResult:
+    """Climb the ladder of fixes from `base` (the cfg as the user left it); `protected` tensors are never changed.
+
+    `single` gives isolated layer errors (from a snapshot); otherwise `analyse(temp, quant, samples)` computes them.
+    """
+    written = meta.get("written_entries", {})
+
+    def make(edits: Edits) -> Built:
+        return build(temp, observers, meta, settings, edits, where="proposal")
+
+    first = make(base)
+    if single is None:
+        single = analyse(temp, first.model, samples) if analyse is not None else {}
+    ctx = Context(temp, observers, settings, first.plan, written, set(protected or ()))
+    return search(
+        ctx, evaluator, make, base, single, samples, lambda m: session_for(m, basic=False), fallback=fallback,
+        max_float_layers=max_float_layers, max_float_fraction=max_float_fraction, started_from=started_from,
+    )

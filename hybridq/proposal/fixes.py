@@ -1,0 +1,180 @@
+"""The fixes a proposal can make, cheapest first; each is cfg data that step2 applies without re-calibration.
+
+One function per kind in the explicit FIXES table. A fix returns candidates: edits
+to quantize_parameters entries (a range algorithm, a clipped min/max, channel
+equalization scales, bias corrections) or to custom_quantize_layers (float
+fallback). The search scores them; nothing here runs a candidate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from .. import bias_correction, equalize
+from ..build import Edits
+from ..config import CfgEntry, short_float
+from ..observers import HistogramObserver, compute_range
+from ..plan import GraphView, QuantPlan
+from ..qparams import levels
+from ..settings import Settings
+from .ranker import ChannelStats
+
+WIDER = 1.05
+"""A range algorithm is proposed for a tensor when the current range is at least this much wider."""
+
+
+@dataclass
+class Candidate:
+    """One fix as data: entries to replace, layers to set, a comment for each, and the float compute it adds."""
+
+    kind: str
+    label: str
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layers: dict[str, str] = field(default_factory=dict)
+    comments: dict[str, str] = field(default_factory=dict)
+    cost: float = 0.0
+
+    def onto(self, edits: Edits, model: onnx.ModelProto) -> Edits:
+        """The edits with this fix applied on top."""
+        out = edits.with_entries(self.entries)
+        out.layers.update(self.layers)
+        for t, v in self.entries.items():
+            if "equalize" in v:
+                out.equalize[t] = list(v["equalize"])
+            if "bias_correction" in v:
+                node = next(n.name for n in model.graph.node if len(n.input) > 1 and n.input[1] == t)
+                out.bias_correction[node] = list(v["bias_correction"])
+        return out
+
+
+@dataclass
+class Context:
+    """What every fix may read: the temp model, its statistics, the plan and the cfg as it stands."""
+
+    temp: onnx.ModelProto
+    observers: dict[str, HistogramObserver]
+    settings: Settings
+    plan: QuantPlan
+    written: dict[str, dict[str, Any]]
+    protected: set[str]
+    graph: GraphView = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.graph = GraphView(self.temp)
+
+    def entry(self, edits: Edits, tensor: str) -> dict[str, Any]:
+        """The entry a tensor has now (the edits', else step1's)."""
+        e = edits.entries.get(tensor)
+        return dict(e.values) if isinstance(e, CfgEntry) else dict(self.written.get(tensor, {}))
+
+
+def _floats(values) -> list[float]:
+    return [short_float(float(v)) for v in np.asarray(values, np.float64).reshape(-1)]
+
+
+def range_fix(ctx: Context, edits: Edits, algorithm: str) -> list[Candidate]:
+    """One candidate: every tensor whose `algorithm` range is narrower than its current one takes it."""
+    cand = Candidate("range", f"{algorithm} ranges")
+    for t, tp in ctx.plan.tensors.items():
+        obs = ctx.observers.get(t)
+        cur = ctx.entry(edits, t)
+        if t in ctx.protected or obs is None or not obs.bins or not cur or cur.get("algorithm") == algorithm or "equalize" in cur:
+            continue
+        lo, hi = compute_range(obs, algorithm, levels(tp.dtype), ctx.settings.percentile)
+        old_lo, old_hi = cur["min"][0], cur["max"][0]
+        width, narrow = max(old_hi, 0.0) - min(old_lo, 0.0), max(hi, 0.0) - min(lo, 0.0)
+        if narrow > 0 and width / narrow >= WIDER:
+            cur.update(algorithm=algorithm, min=_floats([lo]), max=_floats([hi]))
+            cand.entries[t] = cur
+            cand.comments[t] = f"proposal: range [{old_lo:.4g}, {old_hi:.4g}] -> [{lo:.4g}, {hi:.4g}] ({algorithm})"
+    cand.label = f"{algorithm} ranges on {len(cand.entries)} tensor(s)"
+    return [cand] if cand.entries else []
+
+
+def clip_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candidate]:
+    """Clip a tensor to the range of its ordinary channels: right when the outlier channels carry nothing downstream."""
+    t = stats.tensor
+    if t in ctx.protected or t not in ctx.plan.tensors:
+        return []
+    out = stats.outliers()
+    keep = np.setdiff1d(np.arange(stats.min.size), out)
+    lo, hi = min(float(stats.min[keep].min()), 0.0), max(float(stats.max[keep].max()), 0.0)
+    cur = ctx.entry(edits, t)
+    if not cur or hi <= lo:
+        return []
+    cur.update(min=_floats([lo]), max=_floats([hi]))
+    cur.pop("equalize", None)
+    chans = ", ".join(str(int(c)) for c in out[:6]) + (" ..." if out.size > 6 else "")
+    comment = (f"proposal: clipped to [{lo:.4g}, {hi:.4g}], the range of its ordinary channels; "
+               f"channel(s) {chans} reach {stats.absmax[out].max():.4g} and saturate")
+    return [Candidate("clip", f"clip '{t}' (outlier channel(s) {chans})", {t: cur}, comments={t: comment})]
+
+
+def equalize_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candidate]:
+    """Move the outlier channels' scale into the readers' weights: right when the outliers carry information."""
+    t = stats.tensor
+    if t in ctx.protected or t not in ctx.plan.tensors:
+        return []
+    site = equalize.find_site(ctx.temp, t, ctx.graph)
+    if isinstance(site, str) or site.axis % stats.rank != stats.axis or site.channels != stats.min.size:
+        return []
+    if any(ctx.graph.nodes[n].input[0] in ctx.plan.tensors for n in site.path):
+        return []  # a quantized tensor inside the site would change range too
+    scales = equalize.smooth_scales(stats.absmax, equalize.reader_absmax(ctx.temp, site, ctx.graph))
+    lo, hi = min(float((stats.min / scales).min()), 0.0), max(float((stats.max / scales).max()), 0.0)
+    cur = ctx.entry(edits, t)
+    if not cur:
+        return []
+    cur.update(min=_floats([lo]), max=_floats([hi]), equalize=_floats(scales))
+    out = stats.outliers()
+    comment = (f"proposal: equalized: channel c divided by equalize[c] here and multiplied into "
+               f"{', '.join(site.readers)}'s weights (largest scale {scales.max():.4g}, channel {int(np.argmax(scales))}); "
+               f"range after equalization [{lo:.4g}, {hi:.4g}]")
+    return [Candidate("equalize", f"equalize '{t}' into {', '.join(site.readers)} ({out.size} outlier channel(s))", {t: cur}, comments={t: comment})]
+
+
+def bias_fix(ctx: Context, edits: Edits, fixed: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
+             session: Callable[[onnx.ModelProto], Any]) -> list[Candidate]:
+    """Shift each quantized Conv/Gemm's bias by its isolated mean output error over the samples."""
+    layers = [w.node for w in ctx.plan.weights.values() if w.node in ctx.graph.nodes
+              and ctx.graph.nodes[w.node].op_type in bias_correction.CORRECTABLE]
+    model, outputs = bias_correction.shift_model(fixed, qdq, layers)
+    if not outputs:
+        return []
+    shifts = bias_correction.mean_shifts(session(model), outputs, samples)
+    cand = Candidate("bias_correction", "")
+    for layer, shift in shifts.items():
+        node = ctx.graph.nodes[layer]
+        weight = node.input[1]
+        if weight in ctx.protected or not np.any(shift):
+            continue
+        cur = ctx.entry(edits, weight)
+        if not cur:
+            continue
+        prev = np.asarray(cur.get("bias_correction", np.zeros_like(shift)), np.float64)
+        cur["bias_correction"] = _floats(prev + shift)
+        cand.entries[weight] = cur
+        cand.comments[weight] = f"proposal: bias of {layer} shifted by its mean output error over {len(samples)} samples (largest {np.abs(shift).max():.3g})"
+    cand.label = f"bias correction on {len(cand.entries)} layer(s)"
+    return [cand] if cand.entries else []
+
+
+def float_fix(ctx: Context, layers: list[str], precision: str, cost: float, why: dict[str, str]) -> Candidate:
+    """Run these layers in float (float32 or float16), their inputs unquantized."""
+    return Candidate("float", f"{len(layers)} layer(s) in {precision}", layers={n: precision for n in layers},
+                     comments={n: why.get(n, "proposal") for n in layers}, cost=cost)
+
+
+FIXES: dict[str, Callable[..., Any]] = {
+    "range": range_fix,
+    "clip": clip_fix,
+    "equalize": equalize_fix,
+    "bias_correction": bias_fix,
+    "float": float_fix,
+}
+"""The ladder, cheapest first. int16 layers are not offered for target cpu: ONNX Runtime's CPU
+provider has no int16 kernels, so an int16 layer costs at least what a float layer costs."""

@@ -1,0 +1,237 @@
+"""The search: climb the ladder of fixes, cheapest first, keep what helps, stop at the target.
+
+Steps, each scored on the model step2 would build: (1) a range algorithm for the
+tensors it narrows (mse, percentile); (2) per tensor with outlier channels, a clip
+or an equalization; (3) bias correction; (4) float fallback of the fewest layers,
+ordered by their measured effect at the outputs (local error pre-ranks, a short
+run of the top candidates re-orders), found by bisection. The fixes of steps 1-3
+cost no float compute; step 4 stays within the float budget. Every candidate is a
+row of the table the user sees.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from ..build import Built, Edits
+from ..cost import concrete_shapes, layer_macs
+from .evaluator import Evaluator, Score
+from .fixes import Candidate, Context, bias_fix, clip_fix, equalize_fix, float_fix, range_fix
+from .ranker import channel_stats, local_rank, outlier_tensors
+
+SENSITIVITY_LAYERS = 8
+"""Top locally-ranked layers whose effect at the outputs is measured before the float bisection."""
+SENSITIVITY_SAMPLES = 4
+OUTLIER_TENSORS = 6
+DEFAULT_FLOAT_BUDGET = 0.05
+"""Default --max-float-fraction: float compute the proposal may add (SPEC 9: <= 5 % of compute)."""
+
+
+@dataclass
+class Row:
+    """One candidate the search scored: the table printed and written beside the cfg."""
+
+    step: str
+    fix: str
+    quality: float
+    cosine: float
+    snr_db: float
+    cost: float
+    outcome: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in vars(self).items()}
+
+
+@dataclass
+class ProposalResult:
+    """The choice, what it costs, what it measured, and every candidate tried."""
+
+    layers: dict[str, str]
+    comments: dict[str, str]
+    entries: dict[str, dict[str, Any]]
+    entry_comments: dict[str, str]
+    baseline: Score
+    predicted: Score
+    met: bool
+    evaluations: int
+    ranked: list[tuple[str, float]]
+    float_fraction: float
+    choice: str
+    seconds: float
+    table: list[Row] = field(default_factory=list)
+    fixes: list[str] = field(default_factory=list)
+    fp32_task: float | None = None
+    measured: Score | None = None
+    started_from: str = "the default int8 cfg"
+
+
+class _Climb:
+    """The state of the search: current edits, their score, what was kept, and the table."""
+
+    def __init__(self, ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, started_from: str) -> None:
+        self.ctx, self.evaluator, self.build = ctx, evaluator, build
+        self.table: list[Row] = []
+        self.kept: list[Candidate] = []
+        self.edits = base
+        self.built = build(base)
+        self.score = evaluator.score(self.built.model)
+        self.baseline = self.score
+        self._row("start", started_from, self.score, 0.0, "met" if self.met else "below target")
+
+    @property
+    def met(self) -> bool:
+        return self.evaluator.met(self.score)
+
+    def quality(self, s: Score) -> float:
+        return self.evaluator.quality(s)
+
+    def _row(self, step: str, fix: str, s: Score, cost: float, outcome: str) -> None:
+        self.table.append(Row(step, fix, self.quality(s), s.worst_cosine, s.worst_snr, cost, outcome))
+
+    def try_each(self, step: str, cands: list[Candidate]) -> bool:
+        """Score each candidate on top of the current edits; keep the best if it beats the current score."""
+        best: tuple[Score, Candidate, Edits, Built] | None = None
+        for c in cands:
+            edits = c.onto(self.edits, self.ctx.temp)
+            built = self.build(edits)
+            s = self.evaluator.score(built.model)
+            self._row(step, c.label, s, c.cost, "")
+            if best is None or self.quality(s) > self.quality(best[0]):
+                best = (s, c, edits, built)
+        if best is None or self.quality(best[0]) <= self.quality(self.score):
+            for r in self.table[len(self.table) - len(cands):]:
+                r.outcome = "no gain"
+            return False
+        for r in self.table[len(self.table) - len(cands):]:
+            r.outcome = "kept" if r.fix == best[1].label else "worse than the kept one"
+        self.score, c, self.edits, self.built = best
+        self.kept.append(c)
+        return True
+
+
+def search(
+    ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, single: dict[str, float],
+    samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any], *, fallback: str = "float32",
+    max_float_layers: int | None = None, max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default int8 cfg",
+) -> ProposalResult:
+    """The cheapest candidate that meets the evaluator's target, or the best one within the budget."""
+    t0 = time.perf_counter()
+    climb = _Climb(ctx, evaluator, build, base, started_from)
+    macs = layer_macs(concrete_shapes(ctx.temp, samples[0]) if samples else ctx.temp)
+    total = sum(macs.values()) or 1.0
+
+    def done(choice: str, ranked: list[tuple[str, float]] | None = None) -> ProposalResult:
+        layers: dict[str, str] = {}
+        comments: dict[str, str] = {}
+        entries: dict[str, dict[str, Any]] = {}
+        entry_comments: dict[str, str] = {}
+        for c in climb.kept:
+            layers.update(c.layers)
+            entries.update(c.entries)
+            for k, v in c.comments.items():
+                (comments if k in c.layers else entry_comments)[k] = v
+        return ProposalResult(
+            layers, comments, entries, entry_comments, climb.baseline, climb.score, climb.met, evaluator.evaluations,
+            ranked or [], sum(macs.get(n, 0.0) for n in layers) / total, choice, time.perf_counter() - t0, climb.table,
+            [c.label for c in climb.kept], evaluator.fp32_task, started_from=started_from,
+        )
+
+    if climb.met:
+        return done(f"{started_from} already meets the target; nothing to change")
+    # 1. range algorithms, global candidates
+    climb.try_each("range", range_fix(ctx, climb.edits, "mse") + range_fix(ctx, climb.edits, "percentile"))
+    if climb.met:
+        return done("range algorithm: " + ", ".join(c.label for c in climb.kept))
+    # 2. outlier channels, tensor by tensor
+    stats = channel_stats(ctx.temp, samples[:8], list(ctx.plan.tensors))
+    for st in outlier_tensors(stats, OUTLIER_TENSORS):
+        cands = clip_fix(ctx, climb.edits, st) + equalize_fix(ctx, climb.edits, st)
+        if cands:
+            climb.try_each("outlier", cands)
+        if climb.met:
+            return done(", ".join(c.label for c in climb.kept))
+    # 3. bias correction, measured on the model as it now stands
+    climb.try_each("bias", bias_fix(ctx, climb.edits, climb.built.fixed, climb.built.model, samples, session))
+    if climb.met:
+        return done(", ".join(c.label for c in climb.kept))
+    # 4. float fallback, fewest layers by measured effect
+    taken = set(climb.edits.layers)
+    ranked = [(n, c) for n, c in local_rank(single, ctx.plan, ctx.temp) if n not in taken]
+    order = _by_output_effect(climb, ranked, fallback, macs, total)
+    budget_names: list[str] = []
+    used = 0.0
+    for n in order:
+        share = macs.get(n, 0.0) / total
+        if max_float_fraction is not None and used + share > max_float_fraction + 1e-12:
+            continue
+        if max_float_layers is not None and len(budget_names) + len(taken) >= max_float_layers:
+            break
+        budget_names.append(n)
+        used += share
+    skipped = len(order) - len(budget_names)
+    if not budget_names:
+        prefix = ", ".join(c.label for c in climb.kept) or "no change"
+        return done(f"{prefix}; the float budget allows no layer and the target is not met", ranked)
+    pos = {n: i + 1 for i, (n, _) in enumerate(ranked)}
+    single_of = dict(ranked)
+
+    def fallback_for(k: int) -> Candidate:
+        names = budget_names[:k]
+        why = {n: f"proposal: rank {pos[n]}/{len(ranked)} by effect at the outputs, single cos {single_of[n]:.4f}, "
+                  f"{100 * macs.get(n, 0.0) / total:.1f} % of compute" for n in names}
+        return float_fix(ctx, names, fallback, sum(macs.get(n, 0.0) for n in names) / total, why)
+
+    top = fallback_for(len(budget_names))
+    top_edits = top.onto(climb.edits, ctx.temp)
+    top_built = build(top_edits)
+    top_score = evaluator.score(top_built.model)
+    climb._row("float", top.label + (f" (budget; {skipped} more ranked layer(s) do not fit)" if skipped else " (all ranked)"), top_score, top.cost, "")
+    if not evaluator.met(top_score):
+        if climb.quality(top_score) > climb.quality(climb.score):
+            climb.table[-1].outcome = "kept: best within the budget"
+            climb.score, climb.edits, climb.built = top_score, top_edits, top_built
+            climb.kept.append(top)
+            return done(", ".join(c.label for c in climb.kept) + "; target NOT met within the float budget", ranked)
+        climb.table[-1].outcome = "no gain"
+        return done((", ".join(c.label for c in climb.kept) or "no change") + "; target NOT met", ranked)
+    lo, hi, hi_state = 0, len(budget_names), (top_score, top, top_edits, top_built)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        c = fallback_for(mid)
+        e = c.onto(climb.edits, ctx.temp)
+        b = build(e)
+        s = evaluator.score(b.model)
+        ok = evaluator.met(s)
+        climb._row("float", c.label, s, c.cost, "meets" if ok else "below target")
+        if ok:
+            hi, hi_state = mid, (s, c, e, b)
+        else:
+            lo = mid
+    climb.score, chosen, climb.edits, climb.built = hi_state
+    climb.kept.append(chosen)
+    for r in climb.table:
+        if r.fix == chosen.label and r.step == "float":
+            r.outcome = "kept: fewest float layers that meet the target"
+    return done(", ".join(c.label for c in climb.kept), ranked)
+
+
+def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: str, macs: dict[str, float], total: float) -> list[str]:
+    """Layer order for the fallback: the top locally-ranked layers re-ordered by what floating each alone gains at the outputs."""
+    head = [n for n, _ in ranked[:SENSITIVITY_LAYERS]]
+    if len(head) < 2:
+        return [n for n, _ in ranked]
+    base = climb.evaluator.score(climb.built.model, limit=SENSITIVITY_SAMPLES)
+    gains: dict[str, float] = {}
+    for n in head:
+        c = float_fix(climb.ctx, [n], fallback, macs.get(n, 0.0) / total, {})
+        s = climb.evaluator.score(climb.build(c.onto(climb.edits, climb.ctx.temp)).model, limit=SENSITIVITY_SAMPLES)
+        gains[n] = climb.quality(s) - climb.quality(base)
+        climb._row("sensitivity", f"{n} alone in {fallback} ({SENSITIVITY_SAMPLES} samples)", s, c.cost, f"gain {gains[n]:+.4g}")
+    head.sort(key=lambda n: -gains[n] / max(macs.get(n, 0.0) / total, 1e-3))
+    return head + [n for n, _ in ranked[SENSITIVITY_LAYERS:]]
