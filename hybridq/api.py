@@ -171,8 +171,8 @@ def step1(
         prop_samples = list(ds.samples(limit=min(n, proposal.samples)))
         prop, evaluator = run_proposal(temp, observers, meta, settings, entries, {}, prop_samples, proposal)
         custom, custom_comments = prop.layers, prop.comments
-        cfg_entries = {t: prop.clips.get(t, e) for t, e in entries.items()}
-        comments.update({t: f"{comments.get(t, '')}; {c}" for t, c in prop.clip_comments.items()})
+        cfg_entries = {t: prop.entries.get(t, e) for t, e in entries.items()}
+        comments.update({t: f"{comments.get(t, '')}; {c}" for t, c in prop.entry_comments.items()})
 
     def cfg_text(model_sha: str) -> str:
         header["model_sha256"] = model_sha
@@ -450,7 +450,7 @@ def propose_cfg(
     result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options, single)
     text = cfg_path.read_text(encoding="utf-8")
     text = update_custom_layers(text, result.layers, result.comments)
-    text = update_entries(text, result.clips, result.clip_comments)
+    text = update_entries(text, result.entries, result.entry_comments)
     backup = backup_if_edited(cfg_path, data_path)
     write_text_atomic(cfg_path, text)
     result.measured = verify_proposal(model_path, data_path, cfg_path, evaluator)

@@ -328,13 +328,13 @@ def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
     if p.measured is not None:
         lines.append(f"  measured on the model step2 builds from the written cfg: {p.measured.describe()}")
     lines.append(f"  float layers: {len(p.layers)}, float compute {100 * p.float_fraction:.1f} %, {p.evaluations} evaluations, {p.seconds:.1f} s")
-    if p.clips:
-        names = list(p.clips)
+    if p.entries:
+        names = list(p.entries)
         lines.append(f"  range clips (mse) on {len(names)} tensor(s): {', '.join(names[:6])}" + (" ..." if len(names) > 6 else "") + " (commented in the cfg)")
     if not p.met:
         lines.append("  The target was NOT met; the cfg holds the best candidate found. Loosen the target or raise the budget.")
     data = {
-        "layers": p.layers, "clips": list(p.clips), "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
+        "layers": p.layers, "entries": list(p.entries), "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
         "baseline": p.baseline.to_dict(), "predicted": p.predicted.to_dict(),
         "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
     }

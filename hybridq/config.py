@@ -23,8 +23,8 @@ from .plan import LAYER_PRECISIONS
 from .qparams import normalize_dtype
 from .settings import Settings
 
-ENTRY_KEYS = ("qtype", "qmethod", "dtype", "algorithm", "min", "max", "ori_min", "ori_max", "scale", "zero_point")
-LIST_KEYS = ("min", "max", "ori_min", "ori_max", "scale", "zero_point")
+ENTRY_KEYS = ("qtype", "qmethod", "dtype", "algorithm", "min", "max", "ori_min", "ori_max", "scale", "zero_point", "equalize", "bias_correction")
+LIST_KEYS = ("min", "max", "ori_min", "ori_max", "scale", "zero_point", "equalize", "bias_correction")
 TOP_KEYS = ("hybridq", "settings", "custom_quantize_layers", "quantize_parameters")
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -332,7 +332,7 @@ def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[s
         entry = qp.get(name) if isinstance(qp, CommentedMap) else None
         if not isinstance(entry, CommentedMap):
             continue
-        for k in ("algorithm", "min", "max"):
+        for k in ("algorithm", "min", "max", "equalize", "bias_correction"):
             if k in values:
                 entry[k] = _flow(values[k]) if k in LIST_KEYS else values[k]
         if name in comments:

@@ -413,8 +413,8 @@ class RKNN:
         if p.measured is not None:
             self._log("I", where, f"proposal measured on the model step2 builds from the cfg: {p.measured.describe()}.")
         self._log("I", where, f"proposal: {len(p.layers)} float layers ({', '.join(p.layers) or 'none'}), float compute {100 * p.float_fraction:.1f} %.")
-        if p.clips:
-            self._log("I", where, f"proposal: range clips on {', '.join(p.clips)}.")
+        if p.entries:
+            self._log("I", where, f"proposal: fixes on {', '.join(p.entries)}.")
         if not p.met:
             self._log("W", where, "the proposal did NOT meet the target; the cfg holds the best candidate found. "
                                   "Lower auto_hybrid_cos_thresh or edit the cfg by hand.")

@@ -78,6 +78,7 @@ class _Climb:
         self.ctx, self.evaluator, self.build = ctx, evaluator, build
         self.table: list[Row] = []
         self.kept: list[Candidate] = []
+        self.base = base
         self.edits = base
         self.built = build(base)
         self.score = evaluator.score(self.built.model)
@@ -115,6 +116,30 @@ class _Climb:
         return True
 
 
+    def prune(self) -> bool:
+        """Drop kept fixes the target does not need (each tried once without it; later fixes of the same tensors stay)."""
+        dropped = False
+        if not self.met:
+            return False
+        for c in list(self.kept[:-1]):
+            later = self.kept[self.kept.index(c) + 1:]
+            if any(set(c.entries) & set(k.entries) or set(c.layers) & set(k.layers) for k in later):
+                continue
+            edits = self.base
+            for k in self.kept:
+                if k is not c:
+                    edits = k.onto(edits, self.ctx.temp)
+            built = self.build(edits)
+            s = self.evaluator.score(built.model)
+            ok = self.evaluator.met(s)
+            self._row("prune", f"without: {c.label}", s, 0.0, "dropped: not needed" if ok else "needed")
+            if ok:
+                self.kept.remove(c)
+                self.score, self.edits, self.built = s, edits, built
+                dropped = True
+        return dropped
+
+
 def search(
     ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, single: dict[str, float],
     samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any], *, fallback: str = "float32",
@@ -127,6 +152,8 @@ def search(
     total = sum(macs.values()) or 1.0
 
     def done(choice: str, ranked: list[tuple[str, float]] | None = None) -> ProposalResult:
+        if climb.prune():
+            choice = ", ".join(c.label for c in climb.kept)
         layers: dict[str, str] = {}
         comments: dict[str, str] = {}
         entries: dict[str, dict[str, Any]] = {}

@@ -1,0 +1,182 @@
+"""The one way from statistics + settings + edits to a QDQ model: fix -> plan -> resolve -> apply.
+
+step2, the proposal and the RKNN facade all call `build` with data: the settings
+and an `Edits` (layer precisions, per-tensor cfg values, channel equalization,
+bias corrections). `edits_from_cfg` turns a parsed cfg into that data, resolving
+layer names of the original or the temp model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import bias_correction, equalize
+from .config import Cfg, CfgEntry
+from .errors import ConfigError, did_you_mean
+from .observers import HistogramObserver
+from .plan import QuantPlan, make_plan
+from .qdq import RewriteResult, apply_plan
+from .resolve import Resolution, activation_entry, resolve, weight_entry
+from .settings import Settings
+
+
+@dataclass
+class Edits:
+    """What a cfg (or a proposal candidate) asks beyond the settings, as data keyed by temp-model names."""
+
+    layers: dict[str, str] = field(default_factory=dict)
+    entries: dict[str, CfgEntry] = field(default_factory=dict)
+    equalize: dict[str, list[float]] = field(default_factory=dict)
+    bias_correction: dict[str, list[float]] = field(default_factory=dict)
+
+    def with_entries(self, values: dict[str, dict[str, Any]]) -> Edits:
+        """A copy whose entries for these tensors are replaced by `values` (line 0: not from a file)."""
+        entries = dict(self.entries)
+        entries.update({t: CfgEntry(t, 0, dict(v)) for t, v in values.items()})
+        return Edits(dict(self.layers), entries, dict(self.equalize), dict(self.bias_correction))
+
+
+@dataclass
+class LayerResolution:
+    """What one custom_quantize_layers entry resolved to."""
+
+    entry: str
+    node: str
+    requested: str
+    effective: str
+    how: str
+
+
+@dataclass
+class Built:
+    """A QDQ model and how it was made."""
+
+    rewrite: RewriteResult
+    plan: QuantPlan
+    resolution: Resolution
+    fixed: onnx.ModelProto = field(repr=False)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.rewrite.model
+
+
+def initializer_arrays(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
+    """The named initializers as arrays."""
+    wanted = set(names)
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
+
+
+def written_entries(plan: QuantPlan, model: onnx.ModelProto, observers: dict[str, HistogramObserver], settings: Settings) -> dict[str, dict[str, Any]]:
+    """The quantize_parameters step1 writes for a plan: activations from statistics, weights from the weights."""
+    entries: dict[str, dict[str, Any]] = {}
+    for t, tp in plan.tensors.items():
+        entries[t], _ = activation_entry(tp, observers[t], settings)
+    arrays = initializer_arrays(model, plan.weights)
+    for w, wp in plan.weights.items():
+        entries[w], _ = weight_entry(wp, arrays[w])
+    return entries
+
+
+def resolve_layer_names(
+    custom: dict[str, str], lines: dict[str, int], where: str, model: onnx.ModelProto, meta: dict[str, Any],
+) -> tuple[dict[str, str], list[LayerResolution]]:
+    """Map each custom_quantize_layers key (node or output tensor, original or temp model) to a temp-model node."""
+    nodes = {n.name: n for n in model.graph.node}
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    original = meta.get("original_nodes", {})
+    fused = meta.get("fused", {})
+    renamed = meta.get("renamed", {})
+    inputs = {i.name for i in model.graph.input}
+    out: dict[str, str] = {}
+    resolved: list[LayerResolution] = []
+    for key, prec in custom.items():
+        line = lines.get(key, 0)
+        if key in nodes:
+            node, how = key, "node name"
+        elif key in producer:
+            node, how = producer[key], "output tensor"
+        elif key in renamed and renamed[key] in nodes:
+            node, how = renamed[key], f"original node renamed to '{renamed[key]}'"
+        elif key in fused and fused[key]:
+            node, how = fused[key], f"original node fused into '{fused[key]}'"
+        elif key in original and any(o in producer for o in original[key]):
+            node = next(producer[o] for o in original[key] if o in producer)
+            how = f"original node, now '{node}'"
+        elif key in inputs:
+            raise ConfigError(f"{where}:{line}: '{key}' is a model input, not a layer; name the first layer that reads it instead.")
+        else:
+            candidates = list(nodes) + list(producer)
+            raise ConfigError(
+                f"{where}:{line}: custom_quantize_layers entry '{key}' is neither a node nor a tensor of the model."
+                f"{did_you_mean(key, candidates)} Names of the original model and of the temp model both work."
+            )
+        if node in out and out[node] != prec:
+            raise ConfigError(f"{where}:{line}: '{key}' resolves to node '{node}', which another entry already sets to {out[node]}; keep one.")
+        out[node] = prec
+        resolved.append(LayerResolution(key, node, prec, "", how))
+    return out, resolved
+
+
+def _weight_reader(model: onnx.ModelProto, weight: str) -> str | None:
+    return next((n.name for n in model.graph.node if len(n.input) > 1 and n.input[1] == weight), None)
+
+
+def edits_from_cfg(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tuple[Edits, list[LayerResolution]]:
+    """The cfg as build data: resolved layer precisions, entries, and the channel fixes its entries carry."""
+    layers, resolved = resolve_layer_names(cfg.custom, cfg.custom_lines, str(cfg.path), model, meta)
+    edits = Edits(layers, dict(cfg.entries))
+    for t, e in cfg.entries.items():
+        if "equalize" in e.values:
+            edits.equalize[t] = [float(v) for v in e.values["equalize"]]
+        if "bias_correction" in e.values:
+            node = _weight_reader(model, t)
+            if node is None:
+                raise ConfigError(f"{cfg.path}:{e.line}: bias_correction is given on '{t}', which is not a layer's weight; remove it.")
+            edits.bias_correction[node] = [float(v) for v in e.values["bias_correction"]]
+    return edits, resolved
+
+
+def apply_fixes(model: onnx.ModelProto, edits: Edits, where: str = "cfg") -> onnx.ModelProto:
+    """The temp model with equalization scales and bias corrections applied (a copy when there are any)."""
+    for tensor, scales in edits.equalize.items():
+        site = equalize.find_site(model, tensor)
+        if isinstance(site, str):
+            raise ConfigError(f"{where}: 'equalize' on '{tensor}' cannot be applied: {site}. Remove the key from its entry.")
+        try:
+            model = equalize.apply(model, site, np.asarray(scales))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}; fix or remove the 'equalize' key of '{tensor}'.") from None
+    if edits.bias_correction:
+        try:
+            model = bias_correction.apply(model, {k: np.asarray(v) for k, v in edits.bias_correction.items()})
+        except ValueError as exc:
+            raise ConfigError(f"{where}: bias_correction cannot be applied: {exc}. Remove the key from that weight's entry.") from None
+    return model
+
+
+def plan_for(model: onnx.ModelProto, settings: Settings, edits: Edits, written: dict[str, dict[str, Any]]) -> QuantPlan:
+    """The plan for these edits: layer precisions and per-tensor dtype/qmethod edits (only keys that differ from step1's)."""
+    tensor_dtype = {t: e.values["dtype"] for t, e in edits.entries.items() if "dtype" in e.values and e.values["dtype"] != written.get(t, {}).get("dtype")}
+    weight_method = {t: e.values["qmethod"] for t, e in edits.entries.items()
+                     if "qmethod" in e.values and e.values["qmethod"] != written.get(t, {}).get("qmethod")}
+    return make_plan(model, settings, edits.layers, tensor_dtype, weight_method)
+
+
+def build(
+    temp: onnx.ModelProto, observers: dict[str, HistogramObserver], meta: dict[str, Any], settings: Settings, edits: Edits,
+    where: str = "cfg",
+) -> Built:
+    """Fix, plan, resolve parameters and rewrite: the one path from step1's state to a QDQ model."""
+    fixed = apply_fixes(temp, edits, where)
+    written = meta.get("written_entries", {})
+    plan = plan_for(fixed, settings, edits, written)
+    written_settings = Settings(**meta.get("written_settings", {}))
+    arrays = initializer_arrays(fixed, plan.weights)
+    res = resolve(plan, edits.entries, written, observers, arrays, settings, written_settings, where)
+    return Built(apply_plan(fixed, plan, res.activations, res.weights), plan, res, fixed)
