@@ -75,6 +75,8 @@ def weight_entry(wp: WeightPlan, w: np.ndarray) -> tuple[dict[str, Any], QParams
 
 
 def _same(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
     if isinstance(a, list) and isinstance(b, list):
         with np.errstate(over="ignore"):
             return len(a) == len(b) and all(np.float32(x) == np.float32(y) for x, y in zip(a, b))
@@ -183,7 +185,7 @@ def resolve(
     for wname, wp in plan.weights.items():
         arr = weights[wname]
         e = entries.get(wname)
-        _, fresh = weight_entry(wp, arr)
+        fresh = weight_qparams(arr, wp.dtype, wp.axis)[0]
         if e is None:
             if wname in written:
                 res.notes.append(f"'{wname}': no entry in the cfg; recomputed from the weights")

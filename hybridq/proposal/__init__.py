@@ -43,10 +43,14 @@ def propose(
         return build(temp, observers, meta, settings, edits, where="proposal")
 
     first = make(base)
-    if single is None:
-        single = analyse(temp, first.model, samples) if analyse is not None else {}
+
+    def single_errors() -> dict[str, float]:
+        if single is not None:
+            return single
+        return analyse(temp, first.model, samples) if analyse is not None else {}
+
     ctx = Context(temp, observers, settings, first.plan, written, set(protected or ()))
     return search(
-        ctx, evaluator, make, base, single, samples, lambda m: session_for(m, basic=False), fallback=fallback,
+        ctx, evaluator, make, base, first, single_errors, samples, lambda m: session_for(m, basic=False), fallback=fallback,
         max_float_layers=max_float_layers, max_float_fraction=max_float_fraction, started_from=started_from,
     )

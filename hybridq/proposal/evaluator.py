@@ -4,8 +4,12 @@ A whole-tensor cosine is dominated by the output's largest values: an output tha
 concatenates box coordinates (0-320) with class scores (0-1) keeps 0.9995 while its
 scores are noise. Each output is therefore also compared slice by slice along axis 1
 (the channel axis of NCHW maps and of [N, 4 + classes, anchors] detections, the time
-axis of [N, T, classes] sequences); a slice's cosine does not depend on its scale, so
-every slice counts, and the worst slice is what the target checks.
+axis of [N, T, classes] sequences), every slice normalised to unit energy so that each
+counts the same: the *normalised* cosine is the mean of the slices' cosines, the
+normalised SNR the signal-to-noise ratio of the normalised slices pooled. The target
+checks the whole tensor and the normalised figure; the worst single slice is reported
+(one ambiguous time step of a sequence model can sit far below the rest while the
+task metric does not move).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class OutputScore:
 
     cosine: float
     snr_db: float
+    norm_cosine: float
+    norm_snr_db: float
     slice_cosine: float
     slice_snr_db: float
     worst_slice: int | None
@@ -58,19 +64,25 @@ class Score:
 
     @property
     def worst_cosine(self) -> float:
-        """The lowest cosine of any output, whole or slice."""
-        return min(min(o.cosine, o.slice_cosine) for o in self.outputs.values())
+        """The lowest cosine of any output, whole tensor or slice-normalised."""
+        return min(min(o.cosine, o.norm_cosine) for o in self.outputs.values())
 
     @property
     def worst_snr(self) -> float:
-        """The lowest SNR in dB of any output, whole or slice."""
-        return min(min(o.snr_db, o.slice_snr_db) for o in self.outputs.values())
+        """The lowest SNR in dB of any output, whole tensor or slice-normalised."""
+        return min(min(o.snr_db, o.norm_snr_db) for o in self.outputs.values())
+
+    @property
+    def worst_slice_snr(self) -> float:
+        """The lowest SNR of any single slice of any output."""
+        return min(o.slice_snr_db for o in self.outputs.values())
 
     def to_dict(self) -> dict[str, Any]:
         return {"outputs": {k: v.to_dict() for k, v in self.outputs.items()}, "task": self.task}
 
     def describe(self) -> str:
-        text = f"worst output cosine {self.worst_cosine:.5f} (whole or slice), SNR {self.worst_snr:.1f} dB"
+        text = (f"output cosine {self.worst_cosine:.5f}, SNR {self.worst_snr:.1f} dB (worst of whole tensor and slice-normalised), "
+                f"worst slice SNR {self.worst_slice_snr:.1f} dB")
         return text + (f", task {self.task:.4f}" if self.task is not None else "")
 
 
@@ -102,9 +114,13 @@ class SliceSums:
         per = [_cos_snr(*c) for c in zip(rr, qq, rq, dd)]
         live = [i for i in range(len(per)) if rr[i] > 0 or qq[i] > 0]
         if not live:
-            return OutputScore(*whole, *whole, None)
-        worst = min(live, key=lambda i: (per[i][0], per[i][1]))
-        return OutputScore(whole[0], whole[1], per[worst][0], per[worst][1], worst if len(per) > 1 else None)
+            return OutputScore(*whole, *whole, *whole, None)
+        norm_cos = float(np.mean([per[i][0] for i in live]))
+        nsr = [dd[i] / rr[i] if rr[i] > 0 else math.inf for i in live]
+        total = float(np.sum(nsr))
+        norm_snr = math.inf if total == 0 else 10.0 * math.log10(len(live) / total)
+        worst = min(live, key=lambda i: (per[i][1], per[i][0]))
+        return OutputScore(whole[0], whole[1], norm_cos, norm_snr, per[worst][0], per[worst][1], worst if len(per) > 1 else None)
 
 
 def _cos_snr(rr: float, qq: float, rq: float, dd: float) -> tuple[float, float]:

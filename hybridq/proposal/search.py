@@ -41,6 +41,7 @@ class Row:
     quality: float
     cosine: float
     snr_db: float
+    slice_snr_db: float
     cost: float
     outcome: str
 
@@ -74,13 +75,13 @@ class ProposalResult:
 class _Climb:
     """The state of the search: current edits, their score, what was kept, and the table."""
 
-    def __init__(self, ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, started_from: str) -> None:
+    def __init__(self, ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, first: Built, started_from: str) -> None:
         self.ctx, self.evaluator, self.build = ctx, evaluator, build
         self.table: list[Row] = []
         self.kept: list[Candidate] = []
         self.base = base
         self.edits = base
-        self.built = build(base)
+        self.built = first
         self.score = evaluator.score(self.built.model)
         self.baseline = self.score
         self._row("start", started_from, self.score, 0.0, "met" if self.met else "below target")
@@ -93,7 +94,7 @@ class _Climb:
         return self.evaluator.quality(s)
 
     def _row(self, step: str, fix: str, s: Score, cost: float, outcome: str) -> None:
-        self.table.append(Row(step, fix, self.quality(s), s.worst_cosine, s.worst_snr, cost, outcome))
+        self.table.append(Row(step, fix, self.quality(s), s.worst_cosine, s.worst_snr, s.worst_slice_snr, cost, outcome))
 
     def try_each(self, step: str, cands: list[Candidate]) -> bool:
         """Score each candidate on top of the current edits; keep the best if it beats the current score."""
@@ -117,14 +118,11 @@ class _Climb:
 
 
     def prune(self) -> bool:
-        """Drop kept fixes the target does not need (each tried once without it; later fixes of the same tensors stay)."""
+        """Drop kept fixes the target does not need, each tried once without it (a later fix of the same tensor wins anyway)."""
         dropped = False
         if not self.met:
             return False
         for c in list(self.kept[:-1]):
-            later = self.kept[self.kept.index(c) + 1:]
-            if any(set(c.entries) & set(k.entries) or set(c.layers) & set(k.layers) for k in later):
-                continue
             edits = self.base
             for k in self.kept:
                 if k is not c:
@@ -141,13 +139,13 @@ class _Climb:
 
 
 def search(
-    ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, single: dict[str, float],
-    samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any], *, fallback: str = "float32",
+    ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, first: Built,
+    single: Callable[[], dict[str, float]], samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any], *, fallback: str = "float32",
     max_float_layers: int | None = None, max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default int8 cfg",
 ) -> ProposalResult:
     """The cheapest candidate that meets the evaluator's target, or the best one within the budget."""
     t0 = time.perf_counter()
-    climb = _Climb(ctx, evaluator, build, base, started_from)
+    climb = _Climb(ctx, evaluator, build, base, first, started_from)
     macs = layer_macs(concrete_shapes(ctx.temp, samples[0]) if samples else ctx.temp)
     total = sum(macs.values()) or 1.0
 
@@ -178,7 +176,7 @@ def search(
     # 2. outlier channels, tensor by tensor
     stats = channel_stats(ctx.temp, samples[:8], list(ctx.plan.tensors))
     for st in outlier_tensors(stats, OUTLIER_TENSORS):
-        cands = clip_fix(ctx, climb.edits, st) + equalize_fix(ctx, climb.edits, st)
+        cands = clip_fix(ctx, climb.base, st) + equalize_fix(ctx, climb.base, st)  # from step1's entry: a later prune stays clean
         if cands:
             climb.try_each("outlier", cands)
         if climb.met:
@@ -189,7 +187,7 @@ def search(
         return done(", ".join(c.label for c in climb.kept))
     # 4. float fallback, fewest layers by measured effect
     taken = set(climb.edits.layers)
-    ranked = [(n, c) for n, c in local_rank(single, ctx.plan, ctx.temp) if n not in taken]
+    ranked = [(n, c) for n, c in local_rank(single(), ctx.plan, ctx.temp) if n not in taken]
     order = _by_output_effect(climb, ranked, fallback, macs, total)
     budget_names: list[str] = []
     used = 0.0

@@ -1,0 +1,106 @@
+"""The proposal's fixes as graph transforms, checked against numpy and ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from hybridq import bias_correction, equalize
+from hybridq.calibration import session_for
+from tests import models
+from tests import proposal_models as pm
+from tests.conftest import run
+
+
+def _samples(shape: tuple[int, ...], n: int, seed: int = 3) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(0, 1, shape).astype(np.float32)} for _ in range(n)]
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    return m
+
+
+def test_equalization_keeps_the_fp32_function_and_divides_the_channels():
+    m = pm.informative_outlier_gemm()
+    site = equalize.find_site(m, "r1")
+    assert not isinstance(site, str)
+    assert (site.producer, site.path, site.readers, site.channels) == ("fc1", ("relu1",), ("fc2",), 32)
+    scales = np.linspace(0.5, 40.0, 32)
+    eq = equalize.apply(m, site, scales)
+    for feeds in _samples((16, 32), 3):
+        before = run(_with_outputs(m, ["r1"]), feeds)
+        after = run(_with_outputs(eq, ["r1"]), feeds)
+        np.testing.assert_allclose(after[0], before[0], rtol=1e-4, atol=1e-4)  # the model's output is unchanged
+        np.testing.assert_allclose(after[1], before[1] / scales[None, :].astype(np.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_equalization_scales_meet_the_weights_halfway():
+    # SmoothQuant with alpha 0.5: an outlier activation channel 300x the median whose weights are 1/300 of the median gets s = 300.
+    a = np.array([300.0, 1.0, 1.0, 1.0, 1.0])
+    w = np.array([1 / 300, 1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(equalize.smooth_scales(a, w), [300.0, 1, 1, 1, 1])
+    # an all-zero channel keeps scale 1
+    assert equalize.smooth_scales(np.array([0.0, 2.0, 2.0]), np.array([1.0, 1.0, 1.0]))[0] == 1.0
+
+
+@pytest.mark.parametrize("tensor, reason", [
+    ("out", "model output"),
+    ("c1", "other readers"),
+])
+def test_equalization_refuses_sites_it_cannot_rescale(tensor, reason):
+    m = pm.uninformative_outlier_cnn()
+    site = equalize.find_site(m, tensor)
+    assert isinstance(site, str)
+
+
+def test_bias_correction_shift_equals_a_numpy_recomputation(tmp_path: Path):
+    """The isolated mean shift of each Gemm: mean(x W^T + b - (dq(q(x)) dq(q(W))^T + dq(q(b)))) with the built model's parameters."""
+    from hybridq import api
+
+    m = pm.informative_outlier_gemm()
+    onnx.save(m, tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (16, 32)}, 8)
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws")
+    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
+    temp, qdq = onnx.load(r.model, load_external_data=False), onnx.load(tmp_path / "q.onnx")
+    onnx.load_external_data_for_model(temp, str(tmp_path / "ws"))
+    model, outputs = bias_correction.shift_model(temp, qdq, ["fc1", "fc2", "fc3"])
+    samples = _samples((16, 32), 6)
+    shifts = bias_correction.mean_shifts(session_for(model, basic=False), outputs, samples)
+    assert set(shifts) == {"fc1", "fc2", "fc3"}
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+
+    def fq(x, name):
+        s, z = inits[f"{name}_scale"].astype(np.float64), inits[f"{name}_zero_point"]
+        info = np.iinfo(z.dtype)
+        return (np.clip(np.rint(x / s) + z.astype(np.float64), info.min, info.max) - z) * s
+
+    for layer, inp, w, b in (("fc1", "x", "w1", "b1"), ("fc2", "r1", "w2", "b2"), ("fc3", "r2", "w3", "b3")):
+        W = numpy_helper.to_array(next(i for i in temp.graph.initializer if i.name == w)).astype(np.float64)
+        B = numpy_helper.to_array(next(i for i in temp.graph.initializer if i.name == b)).astype(np.float64)
+        Wq = (inits[f"{w}_quantized"].astype(np.float64) * inits[f"{w}_scale"].astype(np.float64)[:, None])
+        Bq = inits[f"{b}_quantized"].astype(np.float64) * inits[f"{b}_scale"].astype(np.float64)
+        total = 0.0
+        for feeds in samples:
+            x = (feeds["x"] if inp == "x" else run(_with_outputs(temp, [inp]), feeds)[1]).astype(np.float64)
+            total = total + (x @ W.T + B - (fq(x, inp) @ Wq.T + Bq)).mean(0)
+        np.testing.assert_allclose(shifts[layer], total / len(samples), rtol=1e-3, atol=1e-5)
+
+
+def test_bias_correction_adds_the_shift_to_the_bias_or_creates_one():
+    m = pm.uninformative_outlier_cnn()
+    shift = np.arange(8, dtype=np.float64)
+    out = bias_correction.apply(m, {"conv4": shift, "conv1": np.ones(16)})
+    g = {i.name: numpy_helper.to_array(i) for i in out.graph.initializer}
+    conv4 = next(n for n in out.graph.node if n.name == "conv4")
+    np.testing.assert_array_equal(g[conv4.input[2]], shift.astype(np.float32))  # conv4 had no bias
+    b1 = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}["b1"]
+    np.testing.assert_allclose(g["b1"], b1 + 1.0)
