@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from ._fs import copy_atomic, write_atomic
 from .errors import HybridqError, InputError, ModelError, did_you_mean
 from .graph import is_large, save_external
 from .kernels import exact_int8, exact_session
@@ -383,7 +384,7 @@ class RKNN:
             pairs = {str(tuple(p)) for p in custom_hybrid}
             comments = {n: f"custom_hybrid {why}" for n, why in layers.items()}
             text = update_custom_layers(res.cfg.read_text(encoding="utf-8"), {n: self._cfg.float_dtype for n in layers}, comments)
-            _atomic_write_text(res.cfg, text)
+            write_atomic(res.cfg, text)
             self._log("I", "hybrid_quantization_step1", f"custom_hybrid {', '.join(sorted(pairs))}: {len(layers)} layers set to {self._cfg.float_dtype} in {res.cfg.name}.")
         return 0
 
@@ -566,17 +567,7 @@ class RKNN:
         return 0
 
     def _export(self, dest: Path) -> None:
-        from .errors import OutputError
-
-        src = self._need_built()
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"cannot write '{dest}': {exc.strerror or exc}.") from None
+        copy_atomic(self._need_built(), dest, parents=True)
 
     def _opset(self) -> int:
         import onnx
@@ -864,12 +855,6 @@ def _cwd(path: Path) -> Iterator[None]:
 def _absolute(dataset: Any, base: Path) -> str:
     """A dataset argument (list file, directory or glob) made absolute against `base`."""
     return os.path.join(base, os.fspath(dataset))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _rknn_layout(out: Path, result: Any) -> None:
