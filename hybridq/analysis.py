@@ -45,7 +45,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import tempfile
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -61,9 +60,11 @@ from onnx import TensorProto, helper
 
 from .cost import concrete_shapes
 from .errors import HybridqError, InputError, ModelError
-from .graph import Namer, is_large, model_bytes, save_external, tensor_shapes
+from . import _runtime
+from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, model_bytes
+from .graph import Namer, tensor_shapes
 from .deployed import as_deployed
-from .kernels import NOT_EXACT_NOTE, SATURATION_NOTE, exact_int8, exact_session, u8s8_saturates
+from .kernels import NOT_EXACT_NOTE, SATURATION_NOTE, u8s8_saturates
 from .metrics import Accumulator, Metrics, fused_kernel, metrics_many, sample_metrics
 from .segments import Segment, split
 
@@ -206,33 +207,20 @@ class AnalysisResult:
 # --------------------------------------------------------------------------- graph index
 
 
-class _Graph:
-    """Read-only index of a model's main graph."""
+class _Graph(GraphIndex):
+    """Read-only index of a model's main graph, with its inputs, outputs, initializers and types."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         g = model.graph
+        super().__init__(g)
         self.model = model
-        self.nodes = list(g.node)
         self.inits = {i.name: i for i in g.initializer}
         self.inputs = [i.name for i in g.input if i.name not in self.inits]
         self.outputs = [o.name for o in g.output]
         self.output_set = set(self.outputs)
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = defaultdict(list)
-        for k, node in enumerate(self.nodes):
-            for o in node.output:
-                if o:
-                    self.producer[o] = k
-            for i in node.input:
-                if i:
-                    self.consumers[i].append(k)
         self.types = _tensor_types(model)
         # tensors computed at run time: graph inputs and node outputs
         self.values = set(self.inputs) | set(self.producer)
-
-    def node_of(self, tensor: str) -> onnx.NodeProto | None:
-        k = self.producer.get(tensor)
-        return None if k is None else self.nodes[k]
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -273,7 +261,7 @@ class _Identity:
         if node.op_type in _QDQ_OPS:
             return True
         if node.op_type == "Cast" and node.output:
-            orig = self.f.node_of(node.output[0])
+            orig = self.f.producer_node(node.output[0])
             return orig is None or orig.op_type != "Cast"
         return False
 
@@ -552,7 +540,7 @@ def _build_single(
                 t.name = name
                 new_inits.append(t)
                 types[name] = init.data_type
-        elif (node := q.node_of(x)) is not None:
+        elif (node := q.producer_node(x)) is not None:
             if ident.is_adapter(node) or not any(node.input):  # adapters and Constant nodes
                 ins = [rebuild(i) for i in node.input]
                 if all(i is not None for i in ins):
@@ -580,7 +568,7 @@ def _build_single(
         for i in node.input:
             if not i:
                 continue
-            p = q.node_of(i)
+            p = q.producer_node(i)
             if p is not None and ident.is_adapter(p):
                 return True
             if i in q.inits and not (i in f.inits and _same_initializer(q.inits[i], f.inits[i])):
@@ -648,13 +636,6 @@ def _build_single(
 _Q_PREFIX = "hybridq.quant/"
 
 
-def _main_opset(model: onnx.ModelProto) -> int:
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            return int(op.version)
-    return 0
-
-
 def _align_opsets(fm: onnx.ModelProto, qm: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """Both models at the same ai.onnx opset (the older one converted), so their nodes can share a graph.
 
@@ -662,23 +643,18 @@ def _align_opsets(fm: onnx.ModelProto, qm: onnx.ModelProto) -> tuple[onnx.ModelP
     than the quantized one; an old node (``Squeeze`` with an ``axes``
     attribute) is invalid under the newer opset.
     """
-    a, b = _main_opset(fm), _main_opset(qm)
+    a, b = main_opset(fm), main_opset(qm)
     if not a or not b or a == b:
         return fm, qm
-    from onnx import version_converter
-
     old, target = (fm, b) if a < b else (qm, a)
     try:
-        new = version_converter.convert_version(old, target)
+        new = convert_opset(old, target)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
         raise ModelError(
             f"the float model (opset {a}) and the quantized model (opset {b}) use different opsets and "
-            f"the older cannot be converted to opset {target} ({type(e).__name__}: {first}); "
+            f"the older cannot be converted to opset {target} ({describe_error(e)}); "
             "export the float model with the quantized model's opset"
         ) from None
-    del new.metadata_props[:]
-    new.metadata_props.extend(old.metadata_props)
     return (new, qm) if old is fm else (fm, new)
 
 
@@ -779,55 +755,21 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto, what: str) -> onnx.Mo
         raise ModelError(f"{what} '{path}' is not a readable ONNX model ({type(e).__name__}: {e})") from None
 
 
-_ARENA: list[bool] = []
-
-
-def _shared_arena() -> None:
-    """Register, once per process, the ONNX Runtime CPU arena that the analysis sessions share."""
-    if _ARENA:
-        return
-    import onnxruntime as ort
-
-    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    try:
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))
-    except Exception:  # registered already (by the host program): share that one
-        pass
-    _ARENA.append(True)
-
-
 class _Session:
-    """An ONNX Runtime CPU session over an in-memory model (through a temp file when > 2 GB)."""
+    """An ONNX Runtime CPU session over an in-memory model, in the process's shared arena."""
 
     def __init__(self, model: onnx.ModelProto, what: str, host_int8: bool = False) -> None:
-        import onnxruntime as ort
-
-        _shared_arena()
         self.what = what
-
-        def make(exact: bool) -> Any:
-            so = ort.SessionOptions()
-            so.log_severity_level = 4 if exact else 3  # a failed exact attempt is retried: not an error to print
-            if exact:
-                exact_int8(so)  # int8 products as the model defines them, whatever this CPU's default kernels do
-            # one thread per run: samples run side by side, one per core, each measuring its own
-            # tensors (ORT's own threads would spin against them)
-            so.intra_op_num_threads = 1
-            # one arena for all segment sessions: a segment's outputs reuse the blocks the previous
-            # segment's freed while they are still in cache (rec peak RSS 937 -> 254 MB)
-            so.add_session_config_entry("session.use_env_allocators", "1")
-            if not is_large(model):
-                return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            with tempfile.TemporaryDirectory(prefix="hybridq-") as tmp:
-                path = os.path.join(tmp, "model.onnx")
-                save_external(model, path, "model.data")
-                return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
         try:
-            self.sess, exact = (make(False), False) if host_int8 else exact_session(make)
+            # int8 products as the model defines them, whatever this CPU's default kernels do (unless
+            # host_int8); one thread per run: samples run side by side, one per core, each measuring its
+            # own tensors (ORT's own threads would spin against them); one arena for all segment sessions:
+            # a segment's outputs reuse the blocks the previous segment's freed while they are still in
+            # cache (rec peak RSS 937 -> 254 MB)
+            self.sess = _runtime.session(model, exact_int8=not host_int8, threads=1, shared_arena=True, log_level=3)
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load the {what}: {e}") from None
-        self.exact_failed = not host_int8 and not exact  # ORT could not make int8 exact: say so
+        self.exact_failed = not host_int8 and not _runtime.is_exact(self.sess)  # ORT could not make int8 exact: say so
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.input_names = [i.name for i in self.sess.get_inputs()]
 
@@ -888,11 +830,7 @@ _FORK_LIMIT = 512 << 20  # analysis graphs above this size run on threads (a pro
 
 def _cores() -> int:
     """Samples to keep in flight: one per core this process may run on, at most ``_WORKERS``."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(_WORKERS, cores))
+    return max(1, min(_WORKERS, _runtime.cores()))
 
 
 class _Work:

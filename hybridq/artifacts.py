@@ -29,7 +29,7 @@ from onnx import external_data_helper
 from ._fs import publish_all, staging
 from ._fs import write_atomic as write_text_atomic  # noqa: F401  (api.propose_cfg imports it from here)
 from .errors import ArtifactMismatchError, InputError, OutputError
-from .graph import is_large, tag_external
+from ._onnx import is_large, tag_external
 from .observers import HistogramObserver
 
 FORMAT_VERSION = 1

@@ -153,8 +153,8 @@ def rank_layers(single: dict[str, float], plan: QuantPlan, model: onnx.ModelProt
     worst: dict[str, float] = {}
     for node, cos in single.items():
         target = node
-        if node not in quantized and node in g.nodes:
-            prod = g.producer.get(g.nodes[node].input[0]) if g.nodes[node].input else None
+        if node not in quantized and node in g.by_name:
+            prod = g.producer_node(g.by_name[node].input[0]) if g.by_name[node].input else None
             target = prod.name if prod is not None else node
         if target in quantized and not math.isnan(cos):
             worst[target] = min(cos, worst.get(target, 1.0))

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import main_opset
+from ._onnx import convert_opset, main_opset
 from .plan import GraphView, QuantPlan
 from .qparams import QParams, quantize
 
@@ -49,10 +49,8 @@ def _prepare_opset(model: onnx.ModelProto, sixteen: bool) -> tuple[onnx.ModelPro
     """16-bit Q/DQ need opset 21; upgrade when possible, else use ONNX Runtime's com.microsoft Q/DQ."""
     if not sixteen or main_opset(model) >= 21:
         return model, ""
-    from onnx import version_converter
-
     try:
-        upgraded = version_converter.convert_version(model, 21)
+        upgraded = convert_opset(model, 21)
         onnx.checker.check_model(upgraded)
         return upgraded, ""
     except Exception:
@@ -80,7 +78,7 @@ def apply_plan(
         return ms_domain if dtype in ("int16", "uint16") else ""
 
     for name, lp in plan.layers.items():
-        node = g.nodes[name]
+        node = g.by_name[name]
         eff = lp.precision
         if eff in ("default", "uint8", "int8", "int16"):
             dts = [plan.tensors[t].dtype for t in node.input if t in plan.tensors]
@@ -96,7 +94,7 @@ def apply_plan(
         dom = qdq_domain(qp.dtype)
         q = helper.make_node("QuantizeLinear", [t, scale.name, zp.name], [f"{t}_quantized"], name=f"{t}_QuantizeLinear", domain=dom)
         dq = helper.make_node("DequantizeLinear", [q.output[0], scale.name, zp.name], [f"{t}_dequantized"], name=f"{t}_DequantizeLinear", domain=dom)
-        prod = g.producer.get(t)
+        prod = g.producer_node(t)
         after.setdefault(prod.name if prod is not None else "", []).extend([q, dq])
         for reader in tp.readers:
             rewire.setdefault(reader, {})[t] = dq.output[0]
@@ -114,7 +112,7 @@ def apply_plan(
         dq = helper.make_node("DequantizeLinear", [f"{w}_quantized", scale.name, zp.name], [f"{w}_dequantized"], name=f"{w}_DequantizeLinear", domain=qdq_domain(qp.dtype), **attrs)
         after.setdefault("", []).append(dq)
         rewire.setdefault(wp.node, {})[w] = dq.output[0]
-        if all(c.name == wp.node for c in g.consumers.get(w, [])):
+        if all(c.name == wp.node for c in g.consumer_nodes(w)):
             dropped_inits.add(w)
 
     # Biases: int32 with scale = s_input * s_weight, when it fits.
@@ -136,14 +134,14 @@ def apply_plan(
         dq = helper.make_node("DequantizeLinear", [f"{b}_quantized", f"{b}_scale", f"{b}_zero_point"], [f"{b}_dequantized"], name=f"{b}_DequantizeLinear", axis=0)
         after.setdefault("", []).append(dq)
         rewire.setdefault(bp.node, {})[b] = dq.output[0]
-        if all(c.name == bp.node for c in g.consumers.get(b, [])):
+        if all(c.name == bp.node for c in g.consumer_nodes(b)):
             dropped_inits.add(b)
 
     # Float16 layers: Cast in, fp16 weights, Cast out.
     fp16_nodes = {n for n, lp in plan.layers.items() if lp.precision == "float16"}
     before: dict[str, list[onnx.NodeProto]] = {}
     for name in fp16_nodes:
-        node = g.nodes[name]
+        node = g.by_name[name]
         casts_in, casts_out = [], []
         for i, t in enumerate(node.input):
             src = rewire.get(name, {}).get(t, t)
@@ -151,7 +149,7 @@ def apply_plan(
                 half = numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16")
                 new_inits.append(half)
                 rewire.setdefault(name, {})[t] = half.name
-                if all(c.name == name for c in g.consumers.get(t, [])):
+                if all(c.name == name for c in g.consumer_nodes(t)):
                     dropped_inits.add(t)
             elif g.is_float_activation(t):
                 out = f"{name}_input{i}_fp16"
@@ -180,7 +178,7 @@ def apply_plan(
     del work.graph.initializer[:]
     work.graph.initializer.extend(keep + new_inits)
     # value_info of fp16-renamed outputs would now lie; drop stale entries.
-    stale = {o for n in fp16_nodes for o in g.nodes[n].output}
+    stale = {o for n in fp16_nodes for o in g.by_name[n].output}
     vi = [v for v in work.graph.value_info if v.name not in stale]
     del work.graph.value_info[:]
     work.graph.value_info.extend(vi)

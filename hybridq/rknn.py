@@ -29,10 +29,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import _runtime
 from ._fs import copy_atomic, write_atomic
 from .errors import HybridqError, InputError, ModelError, did_you_mean
-from .graph import is_large, save_external
-from .kernels import exact_int8, exact_session
+from ._onnx import GraphIndex, is_large, save_external
 
 # quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
 QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
@@ -430,13 +430,9 @@ class RKNN:
         original = None
         if self._float_path is not None:
             original = onnx.load(str(self._float_path), load_external_data=False).graph
-        producer = {o: n for n in g.node for o in n.output}
-        consumers: dict[str, list[Any]] = {}
-        for n in g.node:
-            for t in n.input:
-                consumers.setdefault(t, []).append(n)
-        by_name = {n.name: n for n in g.node}
-        tensors = set(producer) | {i.name for i in g.input}
+        index = GraphIndex(g)
+        by_name = index.by_name
+        tensors = index.tensors() | {i.name for i in g.input}
         float_out = _float_outputs(g)
 
         def find(t: str, role: str) -> list[str]:
@@ -455,19 +451,19 @@ class RKNN:
         for src, dst in pairs:
             starts, ends = find(str(src), "input"), find(str(dst), "output")
             down: set[str] = set()
-            stack = [c for t in starts for c in consumers.get(t, [])]
+            stack = [c for t in starts for c in index.consumer_nodes(t)]
             while stack:
                 n = stack.pop()
                 if n.name not in down:
                     down.add(n.name)
-                    stack.extend(c for o in n.output for c in consumers.get(o, []))
+                    stack.extend(c for o in n.output for c in index.consumer_nodes(o))
             up: set[str] = set()
-            stack = [producer[t] for t in ends if t in producer]
+            stack = [p for t in ends if (p := index.producer_node(t)) is not None]
             while stack:
                 n = stack.pop()
                 if n.name not in up:
                     up.add(n.name)
-                    stack.extend(producer[t] for t in n.input if t in producer)
+                    stack.extend(p for t in n.input if (p := index.producer_node(t)) is not None)
             on_path = [n.name for n in g.node if n.name in down and n.name in up and any(o in float_out for o in n.output)]
             if not on_path:
                 raise InputError(f"custom_hybrid pair [{src!r}, {dst!r}]: no layer lies on a path from {src!r} to {dst!r}; "
@@ -572,7 +568,7 @@ class RKNN:
     def _opset(self) -> int:
         import onnx
 
-        from .graph import main_opset
+        from ._onnx import main_opset
 
         return main_opset(onnx.load(str(self._need_built()), load_external_data=False))
 
@@ -661,11 +657,7 @@ class RKNN:
         built = self._need_built()
         try:
             # the simulator computes int8 products exactly, as the NPU does (hybridq.kernels)
-            self._session = exact_session(
-                lambda exact: ort.InferenceSession(
-                    str(built), exact_int8(ort.SessionOptions()) if exact else ort.SessionOptions(), providers=["CPUExecutionProvider"]
-                )
-            )[0]
+            self._session = _runtime.session(built, exact_int8=True)
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot load the built model '{built}': {str(exc).splitlines()[0]}") from None
         self._log("I", "init_runtime", f"ONNX Runtime {ort.__version__} CPU session on {built.name}.")

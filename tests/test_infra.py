@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnx.parser
 import pytest
 
-from hybridq import _fs
+from hybridq import _fs, _onnx, _runtime
 from hybridq.errors import OutputError
+from hybridq.kernels import X64_PRECISION_KEY
 
 
 # --------------------------------------------------------------------------- _fs
@@ -90,3 +94,121 @@ def test_publish_all_restores_every_target_when_one_move_fails(tmp_path: Path, m
         monkeypatch.setattr(os, "replace", real)
     assert a.read_text() == "old a" and not b.exists()
     assert _leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- _runtime
+
+
+def _relu_model(opset: int = 13) -> onnx.ModelProto:
+    return onnx.parser.parse_model(
+        f"""<ir_version: 8, opset_import: ["" : {opset}]>
+        g (float[1, 4] x) => (float[1, 4] y) {{
+            r = Relu(x)
+            y = Identity(r)
+        }}"""
+    )
+
+
+def _config(sess: object, key: str) -> str | None:
+    try:
+        return sess.get_session_options().get_session_config_entry(key)  # type: ignore[attr-defined]
+    except RuntimeError:  # not set
+        return None
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_session_sets_the_exact_int8_option_only_where_the_cpu_needs_it(monkeypatch: pytest.MonkeyPatch, saturates: bool) -> None:
+    monkeypatch.setattr(_runtime, "u8s8_saturates", lambda: saturates)
+    exact = _runtime.session(_relu_model(), exact_int8=True)
+    plain = _runtime.session(_relu_model())
+    assert _config(exact, X64_PRECISION_KEY) == ("1" if saturates else None)
+    assert _config(plain, X64_PRECISION_KEY) is None
+    assert _runtime.is_exact(exact)
+    assert _runtime.is_exact(plain) is not saturates
+
+
+def test_session_falls_back_to_default_kernels_when_the_exact_rewrite_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime as ort
+
+    monkeypatch.setattr(_runtime, "u8s8_saturates", lambda: True)
+    real = ort.InferenceSession
+
+    def refuse_exact(model: object, so: object, **kw: object) -> object:
+        if _config_of(so) == "1":
+            raise RuntimeError("AddInitializedOrtValue Attempt to replace the existing tensor")
+        return real(model, so, **kw)
+
+    def _config_of(so: object) -> str | None:
+        try:
+            return so.get_session_config_entry(X64_PRECISION_KEY)  # type: ignore[attr-defined]
+        except RuntimeError:
+            return None
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse_exact)
+    sess = _runtime.session(_relu_model(), exact_int8=True)
+    assert not _runtime.is_exact(sess)
+
+
+def test_session_threads_arena_and_memory_pattern() -> None:
+    sess = _runtime.session(_relu_model(), threads=1, shared_arena=True, mem_pattern=False, optimization="basic")
+    so = sess.get_session_options()
+    assert so.intra_op_num_threads == 1
+    assert so.enable_mem_pattern is False
+    assert _config(sess, "session.use_env_allocators") == "1"
+    x = np.array([[-1.0, 0.0, 2.0, -3.0]], np.float32)
+    np.testing.assert_array_equal(sess.run(None, {"x": x})[0], np.maximum(x, 0))
+
+
+def test_session_over_the_size_limit_goes_through_external_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = _relu_model()
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(4096, np.float32), "unused"))
+    monkeypatch.setattr(_onnx, "LARGE_MODEL_BYTES", 1000)
+    assert _onnx.is_large(m)
+    x = np.ones((1, 4), np.float32)
+    np.testing.assert_array_equal(_runtime.session(m).run(None, {"x": x})[0], x)
+
+
+def test_cores_is_the_affinity_mask() -> None:
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert _runtime.cores() == expected >= 1
+
+
+# --------------------------------------------------------------------------- _onnx
+
+
+def test_graph_index() -> None:
+    m = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (float[2] x) => (float[2] y, float[2] z) {
+            a = Relu(x)
+            y = Add(a, a)
+            z = Neg(a)
+        }"""
+    )
+    idx = _onnx.GraphIndex(m.graph)
+    relu, add, neg = idx.nodes
+    assert idx.producer == {"a": 0, "y": 1, "z": 2}
+    assert idx.producer_node("a") is relu and idx.producer_node("x") is None
+    # a node reading a tensor twice is listed twice (callers count readers)
+    assert idx.consumers["a"] == [1, 1, 2]
+    assert [n.op_type for n in idx.consumer_nodes("a")] == ["Add", "Add", "Neg"]
+    assert idx.consumer_nodes("y") == []
+    assert idx.tensors() == {"a", "y", "z"}
+    assert set(idx.by_name) == {n.name for n in m.graph.node}
+
+
+def test_main_opset_and_convert_opset_keep_metadata() -> None:
+    m = _relu_model(opset=11)
+    onnx.helper.set_model_props(m, {"k": "v"})
+    assert _onnx.main_opset(m) == 11
+    up = _onnx.convert_opset(m, 13)
+    assert _onnx.main_opset(up) == 13 and _onnx.main_opset(m) == 11
+    assert {p.key: p.value for p in up.metadata_props} == {"k": "v"}
+    # no ai.onnx import at all
+    del m.opset_import[:]
+    assert _onnx.main_opset(m) == 0
+
+
+def test_describe_error_is_one_line() -> None:
+    assert _onnx.describe_error(ValueError("first\nsecond")) == "ValueError: first"
+    assert _onnx.describe_error(ValueError()) == "ValueError: "
