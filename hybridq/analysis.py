@@ -39,7 +39,6 @@ is missing or the graph is large); results are added in sample order.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import multiprocessing
 import os
@@ -66,10 +65,8 @@ from .graph import Namer, tensor_shapes
 from .deployed import as_deployed
 from .kernels import NOT_EXACT_NOTE, SATURATION_NOTE, u8s8_saturates
 from .metrics import Accumulator, Metrics, fused_kernel, metrics_many, sample_metrics
+from .qdq import QDQ_MAP_KEY, QdqMap
 from .segments import Segment, split
-
-QDQ_MAP_KEY = "hybridq.qdq_map"
-"""``metadata_props`` key of the step2 model's tensor/layer map (JSON)."""
 
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
@@ -346,25 +343,6 @@ class AnalysisPlan:
     layers_known: bool = False  # the quantized model's hybridq.qdq_map says each layer's precision
 
 
-def _read_qdq_map(model: onnx.ModelProto) -> dict[str, Any] | None:
-    for p in model.metadata_props:
-        if p.key == QDQ_MAP_KEY:
-            try:
-                m = json.loads(p.value)
-            except json.JSONDecodeError as e:
-                raise ModelError(
-                    f"the quantized model's metadata '{QDQ_MAP_KEY}' is not valid JSON ({e}); "
-                    "rebuild the model with `hybridq step2`"
-                ) from None
-            if not isinstance(m, dict) or not isinstance(m.get("tensors", {}), dict):
-                raise ModelError(
-                    f"the quantized model's metadata '{QDQ_MAP_KEY}' must be an object with a "
-                    "'tensors' object; rebuild the model with `hybridq step2`"
-                )
-            return m
-    return None
-
-
 def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> AnalysisPlan:
     """Decide which fp32 tensors are compared with which quant-model views (no model is run)."""
     return _plan(_Graph(float_model), _Graph(quant_model))
@@ -373,9 +351,9 @@ def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) ->
 def _plan(f: _Graph, q: _Graph) -> AnalysisPlan:
     quant_model = q.model
     ident = _Identity(f, q)
-    qmap = _read_qdq_map(quant_model)
-    mapped: dict[str, str] = dict(qmap.get("tensors", {})) if qmap else {}
-    layer_info: dict[str, Any] = dict(qmap.get("layers", {})) if qmap else {}
+    qmap = QdqMap.from_model(quant_model)
+    mapped: dict[str, str] = qmap.tensors if qmap else {}
+    layer_info: dict[str, Any] = qmap.layers if qmap else {}
     notes: list[str] = []
     plans: list[TensorPlan] = []
     missing_views: list[str] = []

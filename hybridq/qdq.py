@@ -16,11 +16,59 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ._onnx import convert_opset, main_opset
+from .errors import ModelError
 from .plan import GraphView, QuantPlan
 from .qparams import QParams, quantize
 
 QDQ_MAP_KEY = "hybridq.qdq_map"
+"""``metadata_props`` key of the step2 model's :class:`QdqMap` (JSON)."""
 INT32_LIMIT = 2**31 - 1
+
+
+@dataclass
+class QdqMap:
+    """What step2 stores in the model for analysis: original tensor -> its quantized view, layer -> op and precision.
+
+    ``layers`` values are ``{"op": ..., "precision": ...}``; readers accept
+    other entries (maps written by other versions) and skip what is not an
+    object.
+    """
+
+    tensors: dict[str, str] = field(default_factory=dict)
+    layers: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The metadata value: sorted keys, so the same map gives the same bytes."""
+        return json.dumps({"tensors": self.tensors, "layers": self.layers}, sort_keys=True)
+
+    def write_to(self, model: onnx.ModelProto) -> None:
+        """Store the map in ``model``'s metadata (in place), replacing an older one."""
+        props = [p for p in model.metadata_props if p.key != QDQ_MAP_KEY]
+        del model.metadata_props[:]
+        model.metadata_props.extend(props)
+        model.metadata_props.add(key=QDQ_MAP_KEY, value=self.to_json())
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> QdqMap | None:
+        """The map stored in ``model``, or None (a QDQ model made elsewhere); ModelError when it is malformed."""
+        for p in model.metadata_props:
+            if p.key != QDQ_MAP_KEY:
+                continue
+            try:
+                m = json.loads(p.value)
+            except json.JSONDecodeError as e:
+                raise ModelError(
+                    f"the quantized model's metadata '{QDQ_MAP_KEY}' is not valid JSON ({e}); "
+                    "rebuild the model with `hybridq step2`"
+                ) from None
+            if not isinstance(m, dict) or not isinstance(m.get("tensors", {}), dict):
+                raise ModelError(
+                    f"the quantized model's metadata '{QDQ_MAP_KEY}' must be an object with a "
+                    "'tensors' object; rebuild the model with `hybridq step2`"
+                )
+            layers = m.get("layers", {})
+            return cls(dict(m.get("tensors", {})), dict(layers) if isinstance(layers, dict) else {})
+        return None
 
 
 @dataclass
@@ -183,10 +231,7 @@ def apply_plan(
     del work.graph.value_info[:]
     work.graph.value_info.extend(vi)
 
-    meta = {"tensors": result.tensor_map, "layers": {k: {"op": v["op"], "precision": v["precision"]} for k, v in result.layers.items()}}
-    props = [p for p in work.metadata_props if p.key != QDQ_MAP_KEY]
-    del work.metadata_props[:]
-    work.metadata_props.extend(props)
-    work.metadata_props.add(key=QDQ_MAP_KEY, value=json.dumps(meta, sort_keys=True))
+    layers = {k: {"op": v["op"], "precision": v["precision"]} for k, v in result.layers.items()}
+    QdqMap(result.tensor_map, layers).write_to(work)
     result.model = work
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,8 +12,9 @@ import onnx.parser
 import pytest
 
 from hybridq import _fs, _onnx, _runtime
-from hybridq.errors import OutputError
+from hybridq.errors import ModelError, OutputError
 from hybridq.kernels import X64_PRECISION_KEY
+from hybridq.qdq import QDQ_MAP_KEY, QdqMap
 
 
 # --------------------------------------------------------------------------- _fs
@@ -212,3 +214,27 @@ def test_main_opset_and_convert_opset_keep_metadata() -> None:
 def test_describe_error_is_one_line() -> None:
     assert _onnx.describe_error(ValueError("first\nsecond")) == "ValueError: first"
     assert _onnx.describe_error(ValueError()) == "ValueError: "
+
+
+# --------------------------------------------------------------------------- qdq map
+
+
+def test_qdq_map_round_trips_through_model_metadata() -> None:
+    m = _relu_model()
+    onnx.helper.set_model_props(m, {"other": "kept", QDQ_MAP_KEY: "{}"})
+    qmap = QdqMap({"r": "r_dq"}, {"Relu_0": {"op": "Relu", "precision": "int8"}})
+    qmap.write_to(m)
+    assert [p.key for p in m.metadata_props] == ["other", QDQ_MAP_KEY]  # the older map replaced
+    assert QdqMap.from_model(m) == qmap
+    assert json.loads(qmap.to_json()) == {"tensors": {"r": "r_dq"}, "layers": {"Relu_0": {"op": "Relu", "precision": "int8"}}}
+
+
+def test_qdq_map_absent_or_malformed() -> None:
+    m = _relu_model()
+    assert QdqMap.from_model(m) is None
+    onnx.helper.set_model_props(m, {QDQ_MAP_KEY: "not json"})
+    with pytest.raises(ModelError, match="not valid JSON"):
+        QdqMap.from_model(m)
+    onnx.helper.set_model_props(m, {QDQ_MAP_KEY: '{"tensors": []}'})
+    with pytest.raises(ModelError, match="'tensors' object"):
+        QdqMap.from_model(m)
