@@ -21,7 +21,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from .errors import ConfigError, did_you_mean
 from .plan import LAYER_PRECISIONS
 from .qparams import normalize_dtype
-from .settings import Settings
+from .settings import Settings, check_value
 
 ENTRY_KEYS = ("qtype", "qmethod", "dtype", "algorithm", "min", "max", "ori_min", "ori_max", "scale", "zero_point")
 LIST_KEYS = ("min", "max", "ori_min", "ori_max", "scale", "zero_point")
@@ -220,26 +220,9 @@ def validate_entry(name: str, raw: Any, where: str) -> dict[str, Any]:
         if key in LIST_KEYS:
             out[key] = _as_list(v, where, key, name)
         elif key == "dtype":
-            dt = normalize_dtype(v)
-            if dt not in ("uint8", "int8", "int16", "uint16"):
-                raise ConfigError(f"{where}: dtype {v!r} of '{name}' is not valid; use uint8, int8 or int16 (or move the layer to custom_quantize_layers for float).")
-            out[key] = dt
-        elif key == "qtype":
-            qt = {"asymmetric": "asym", "symmetric": "sym"}.get(str(v), str(v))
-            if qt not in ("asym", "sym"):
-                raise ConfigError(f"{where}: qtype {v!r} of '{name}' is not valid; use asym or sym.")
-            out[key] = qt
-        elif key == "qmethod":
-            if v not in ("layer", "channel"):
-                raise ConfigError(f"{where}: qmethod {v!r} of '{name}' is not valid; use layer or channel.")
-            out[key] = v
+            out[key] = check_value(key, v, where, name, hint=" (or move the layer to custom_quantize_layers for float)")
         else:
-            from .observers import ALGORITHM_ALIASES, ALGORITHMS
-
-            algo = ALGORITHM_ALIASES.get(str(v), str(v))
-            if algo not in ALGORITHMS:
-                raise ConfigError(f"{where}: algorithm {v!r} of '{name}' is not valid.{did_you_mean(algo, ALGORITHMS)} Use one of: {', '.join(ALGORITHMS)}.")
-            out[key] = algo
+            out[key] = check_value(key, v, where, name)
     if "min" in out and "max" in out:
         if len(out["min"]) != len(out["max"]):
             raise ConfigError(f"{where}: '{name}' has {len(out['min'])} min values but {len(out['max'])} max values.")

@@ -32,6 +32,9 @@ import numpy as np
 from . import _runtime
 from ._fs import copy_atomic, write_atomic
 from .errors import HybridqError, InputError, ModelError, did_you_mean
+from .observers import ALGORITHMS
+from .qparams import FLOAT_DTYPES
+from .settings import canonical
 from ._onnx import GraphIndex, is_large, save_external
 
 # quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
@@ -50,8 +53,6 @@ QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
 }
 UNSUPPORTED_DTYPES = {"w4a16": "4-bit weights have no QDQ form that ONNX Runtime's CPU kernels run; use w8a8 or w8a16"}
 QUANTIZED_ALGORITHMS = {"normal": "minmax", "kl_divergence": "kl", "mmse": "mse"}
-HYBRIDQ_ALGORITHMS = ("minmax", "percentile", "kl", "mse")
-FLOAT_DTYPES = ("float16", "float32")
 
 # config() options that only mean something on a Rockchip NPU, with their RKNN defaults.
 NPU_ONLY_OPTIONS: dict[str, Any] = {
@@ -253,13 +254,13 @@ class RKNN:
             self._once("dfp", "config", f"quantized_dtype {quantized_dtype!r}: dynamic fixed point (power-of-two scales) is an NPU format; "
                                         "hybridq quantizes symmetrically with the exact scale instead.")
         algo = str(quantized_algorithm)
-        if algo in HYBRIDQ_ALGORITHMS:  # hybridq's own names work too
+        if algo in ALGORITHMS:  # hybridq's own names work too
             algo = next((k for k, v in QUANTIZED_ALGORITHMS.items() if v == algo), algo)
-        if algo not in QUANTIZED_ALGORITHMS and algo not in HYBRIDQ_ALGORITHMS:
+        if algo not in QUANTIZED_ALGORITHMS and algo not in ALGORITHMS:
             extra = " ('gdq' tunes weights by gradient descent on the NPU toolchain; hybridq has no equivalent, try 'mmse')" if algo == "gdq" else ""
             raise InputError(f"quantized_algorithm {algo!r} is not supported{extra}.{did_you_mean(algo, QUANTIZED_ALGORITHMS)} Use one of: {', '.join(QUANTIZED_ALGORITHMS)}.")
-        cfg.algorithm = QUANTIZED_ALGORITHMS.get(algo, algo)
-        if quantized_method not in ("channel", "layer"):
+        cfg.algorithm = canonical("algorithm", algo)
+        if canonical("qmethod", quantized_method) is None:
             why = " (group quantization has no ONNX QDQ form that ONNX Runtime's CPU kernels run)" if str(quantized_method).startswith("group") else ""
             raise InputError(f"quantized_method {quantized_method!r} is not supported{why}; use 'channel' or 'layer'.")
         cfg.qmethod = quantized_method

@@ -12,9 +12,10 @@ import onnx.parser
 import pytest
 
 from hybridq import _fs, _onnx, _runtime
-from hybridq.errors import ModelError, OutputError
+from hybridq.errors import ConfigError, ModelError, OutputError
 from hybridq.kernels import X64_PRECISION_KEY
 from hybridq.qdq import QDQ_MAP_KEY, QdqMap
+from hybridq.settings import canonical, check_value
 
 
 # --------------------------------------------------------------------------- _fs
@@ -238,3 +239,29 @@ def test_qdq_map_absent_or_malformed() -> None:
     onnx.helper.set_model_props(m, {QDQ_MAP_KEY: '{"tensors": []}'})
     with pytest.raises(ModelError, match="'tensors' object"):
         QdqMap.from_model(m)
+
+
+# --------------------------------------------------------------------------- settings values
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("dtype", "u8", "uint8"),
+        ("dtype", "float16", None),  # a layer precision, not an activation dtype
+        ("weight_dtype", "int16", "int16"),
+        ("weight_dtype", "uint8", None),
+        ("qtype", "symmetric", "sym"),
+        ("qmethod", "layer", "layer"),
+        ("qmethod", "group32", None),
+        ("algorithm", "kl_divergence", "kl"),  # RKNN's name
+        ("algorithm", "kll", None),
+    ],
+)
+def test_settings_values_are_checked_in_one_place(key: str, value: str, expected: str | None) -> None:
+    assert canonical(key, value) == expected
+    if expected is None:
+        with pytest.raises(ConfigError, match=rf"^cfg:3: {key} '{value}' of 't' is not valid"):
+            check_value(key, value, "cfg:3", "t")
+    else:
+        assert check_value(key, value, "cfg:3") == expected
