@@ -316,7 +316,7 @@ class _Identity:
 
 
 @dataclass(frozen=True)
-class TensorPlan:
+class ComparedTensor:
     """How one fp32 tensor is measured (plain data; see :func:`plan_analysis`).
 
     ``source`` is the quant-model tensor written by the compute node
@@ -338,7 +338,7 @@ class TensorPlan:
 class AnalysisPlan:
     """The tensors to measure, in fp32 graph order, and anything worth telling the user."""
 
-    tensors: list[TensorPlan]
+    tensors: list[ComparedTensor]
     notes: list[str] = field(default_factory=list)
     layers_known: bool = False  # the quantized model's hybridq.qdq_map says each layer's precision
 
@@ -355,7 +355,7 @@ def _plan(f: _Graph, q: _Graph) -> AnalysisPlan:
     mapped: dict[str, str] = qmap.tensors if qmap else {}
     layer_info: dict[str, Any] = qmap.layers if qmap else {}
     notes: list[str] = []
-    plans: list[TensorPlan] = []
+    plans: list[ComparedTensor] = []
     missing_views: list[str] = []
     seen: set[str] = set()
     for k, node in enumerate(f.nodes):
@@ -385,7 +385,7 @@ def _plan(f: _Graph, q: _Graph) -> AnalysisPlan:
             qname = q.nodes[qk].name if qk is not None else ""
             info = next((layer_info[k] for k in (qname, layer) if isinstance(layer_info.get(k), dict)), None)
             plans.append(
-                TensorPlan(
+                ComparedTensor(
                     tensor=t,
                     layer=layer,
                     op_type=node.op_type,
@@ -536,7 +536,7 @@ def _build_single(
         memo[x] = name
         return name
 
-    def is_quantized(node: onnx.NodeProto, tps: list[TensorPlan]) -> bool:
+    def is_quantized(node: onnx.NodeProto, tps: list[ComparedTensor]) -> bool:
         if any(tp.out_chain for tp in tps):
             return True
         if plan.layers_known:
@@ -553,7 +553,7 @@ def _build_single(
                 return True
         return False
 
-    by_node: dict[int, list[TensorPlan]] = defaultdict(list)
+    by_node: dict[int, list[ComparedTensor]] = defaultdict(list)
     for tp in plan.tensors:
         if tp.quant_node is not None:
             by_node[tp.quant_node].append(tp)
@@ -1008,7 +1008,7 @@ def _target_bytes(
     return [fill if x is None else x for x in sizes]
 
 
-def _names(tp: TensorPlan, ag: _AnalysisGraph) -> list[str]:
+def _names(tp: ComparedTensor, ag: _AnalysisGraph) -> list[str]:
     """Analysis-graph tensors compared for ``tp``: the fp32 tensor, its quant view, its single view if any."""
     sv = ag.single_views.get(tp.tensor)
     return [tp.tensor, ag.quant_views[tp.tensor]] + ([sv] if sv else [])
@@ -1059,7 +1059,7 @@ class _Measure:
                 self._measure(tp, vals, res)
         return res
 
-    def ready(self, have: dict[str, np.ndarray], done: set[str]) -> list[tuple[TensorPlan, list[np.ndarray]]]:
+    def ready(self, have: dict[str, np.ndarray], done: set[str]) -> list[tuple[ComparedTensor, list[np.ndarray]]]:
         """Tensors not in ``done`` whose compared arrays are all in ``have``, with those arrays.
 
         Adds them to ``done`` and drops from ``have`` the arrays no other
@@ -1078,7 +1078,7 @@ class _Measure:
                     del have[y]
         return out
 
-    def _measure(self, tp: TensorPlan, vals: list[np.ndarray], res: _SampleErrors) -> None:
+    def _measure(self, tp: ComparedTensor, vals: list[np.ndarray], res: _SampleErrors) -> None:
         """One tensor of one sample: its metrics against each view (and its arrays for a dump)."""
         t, a, tests = tp.tensor, vals[0], vals[1:]
         if a.dtype.kind != "f":
