@@ -285,21 +285,6 @@ class _Identity:
             cur = node.output[0]
         return chain[:last_float]
 
-    def adapter_path(self, src: str, dst: str, max_depth: int = 8) -> list[int] | None:
-        """Adapter nodes leading from ``src`` to ``dst`` (breadth first), or None."""
-        frontier: list[tuple[str, list[int]]] = [(src, [])]
-        for _ in range(max_depth + 1):
-            nxt: list[tuple[str, list[int]]] = []
-            for cur, path in frontier:
-                if cur == dst:
-                    return path
-                for k in self.q.consumers.get(cur, []):
-                    node = self.q.nodes[k]
-                    if self.is_adapter(node) and node.input[0] == cur and node.output:
-                        nxt.append((node.output[0], path + [k]))
-            frontier = nxt
-        return None
-
     def back_to_source(self, view: str) -> tuple[str, list[int]]:
         """Walk back from a view through adapters: (source tensor, adapter nodes source -> view)."""
         chain: list[int] = []
@@ -439,25 +424,17 @@ def _set_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int]
             existing.add(n)
 
 
-def build_single_model(
-    float_model: onnx.ModelProto, quant_model: onnx.ModelProto, plan: AnalysisPlan
-) -> tuple[onnx.ModelProto, dict[str, str], list[str]]:
-    """The combined graph: the fp32 graph plus an isolated copy of every quantized compute node.
-
-    Returns ``(model, single_views, notes)``: ``single_views`` maps each fp32
-    tensor to the combined-graph tensor holding its single-layer view. The
-    combined model's outputs are the fp32 tensors of ``plan`` and the single
-    views. Neither input model is modified.
-    """
-    combined, single_views, notes, types, _ = _build_single(_Graph(float_model), _Graph(quant_model), plan)
-    _set_outputs(combined, [tp.tensor for tp in plan.tensors] + list(single_views.values()), types)
-    return combined, single_views, notes
-
-
 def _build_single(
     f: _Graph, q: _Graph, plan: AnalysisPlan
 ) -> tuple[onnx.ModelProto, dict[str, str], list[str], dict[str, int], Namer]:
-    """:func:`build_single_model` without the extra outputs; also the types and the name source."""
+    """The combined graph: the fp32 graph plus an isolated copy of every quantized compute node.
+
+    Returns ``(model, single_views, notes, types, namer)``: ``single_views``
+    maps each fp32 tensor to the combined-graph tensor holding its
+    single-layer view; ``types`` are the element types known of the combined
+    graph's tensors, ``namer`` gives fresh names in it. The outputs are left
+    to the caller. Neither input model is modified.
+    """
     float_model, quant_model = f.model, q.model
     ident = _Identity(f, q)
     combined = onnx.ModelProto()
