@@ -38,6 +38,7 @@ is missing or the graph is large); results are added in sample order.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import math
 import multiprocessing
@@ -58,7 +59,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .cost import concrete_shapes
-from .errors import HybridqError, InputError, ModelError
+from .errors import HybridqError, InputError, ModelError, did_you_mean
 from . import _runtime
 from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, model_bytes
 from .graph import Namer, tensor_shapes
@@ -764,8 +765,6 @@ class _Runner:
 
 
 def _check_feed(sample: dict[str, np.ndarray], names: list[str], index: int) -> None:
-    from .errors import did_you_mean
-
     for n in names:
         if n not in sample:
             raise InputError(
@@ -820,8 +819,6 @@ def _child_start(work: _Work) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler: end quietly
     try:  # end with the parent, however it ends (PR_SET_PDEATHSIG)
-        import ctypes
-
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
     except (OSError, AttributeError):
         pass

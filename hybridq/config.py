@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -55,8 +56,6 @@ def _yaml() -> YAML:
 
 def short_float(x: float) -> float:
     """The shortest decimal that round-trips the value's float32 (what YAML shows the user)."""
-    import numpy as np
-
     return float(repr(np.float32(x)).replace("np.float32(", "").rstrip(")")) if math.isfinite(x) else float(x)
 
 

@@ -22,6 +22,7 @@ import onnx
 from .calibration import session_for
 from .config import Cfg, CfgEntry, short_float
 from .cost import concrete_shapes, layer_macs
+from .dataset import load_callable
 from .errors import InputError
 from .metrics import cosine, snr_db
 from .observers import HistogramObserver, compute_range
@@ -100,8 +101,6 @@ class Evaluator:
         self._eval = None
         self.fp32_task = None
         if target.eval_fn:
-            from .dataset import load_callable
-
             self._eval = load_callable(target.eval_fn, "--eval function")
             self.fp32_task = self._task(fp32)
 

@@ -28,14 +28,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
 
-from . import _runtime
+from . import __version__, _runtime
 from ._fs import copy_atomic, write_atomic
+from ._onnx import GraphIndex, is_large, main_opset, save_external
 from .errors import HybridqError, InputError, ModelError, did_you_mean
+from .graph import load_model
 from .observers import ALGORITHMS
 from .qparams import FLOAT_DTYPES
-from .settings import canonical
-from ._onnx import GraphIndex, is_large, save_external
+from .settings import Settings, canonical
 
 # quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
 QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
@@ -287,10 +290,6 @@ class RKNN:
     def load_onnx(self, model: str, inputs: list[str] | None = None, input_size_list: list[list[int]] | None = None,
                   input_initial_val: list[Any] | None = None, outputs: list[str] | None = None) -> int:
         """Load an ONNX model; `inputs`/`outputs` cut it, `input_size_list` fixes input shapes."""
-        import onnx
-
-        from .graph import load_model
-
         path = Path(model)
         proto = load_model(path)
         self._model_path = self._float_path = None
@@ -327,8 +326,6 @@ class RKNN:
     # ------------------------------------------------------------------ settings from config
 
     def _settings(self):
-        from .settings import Settings
-
         c = self._cfg
         s = Settings(dtype=c.dtype, qtype=c.qtype, weight_dtype=c.weight_dtype, qmethod=c.qmethod, algorithm=c.algorithm)
         s.validate("rknn.config")
@@ -345,7 +342,6 @@ class RKNN:
 
     def _n_inputs(self, path: Path) -> int:
         from .dataset import input_specs
-        from .graph import load_model
 
         return len(input_specs(load_model(path, load_external_data=False)))
 
@@ -423,8 +419,6 @@ class RKNN:
 
     def _custom_hybrid_layers(self, pairs: list[list[str]], temp_model: Path, fused: dict[str, str]) -> dict[str, str]:
         """Temp-model nodes on every path from each pair's input tensor to its output tensor."""
-        import onnx
-
         if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
             raise InputError(f"custom_hybrid must be a list of [input_tensor, output_tensor] pairs, got {pairs!r}.")
         g = onnx.load(str(temp_model), load_external_data=False).graph
@@ -567,17 +561,11 @@ class RKNN:
         copy_atomic(self._need_built(), dest, parents=True)
 
     def _opset(self) -> int:
-        import onnx
-
-        from ._onnx import main_opset
-
         return main_opset(onnx.load(str(self._need_built()), load_external_data=False))
 
     @_rknn_method()
     def load_rknn(self, path: str) -> int:
         """Load a model written by export_rknn / export_onnx (an ONNX file) for init_runtime / inference."""
-        from .graph import load_model
-
         p = Path(path)
         try:
             load_model(p)
@@ -703,8 +691,6 @@ class RKNN:
         """hybridq and ONNX Runtime versions (there is no NPU SDK)."""
         import onnxruntime as ort
 
-        from . import __version__
-
         return f"hybridq {__version__} (ONNX Runtime {ort.__version__}, CPU)"
 
     def release(self) -> None:
@@ -745,17 +731,12 @@ def _single(values: list[tuple[float, ...]] | None, n_inputs: int, what: str) ->
 
 def _float_outputs(g: Any) -> set[str]:
     """Tensors known to be float: graph inputs/outputs/value_info typed FLOAT, and outputs of nodes with float inputs."""
-    from onnx import TensorProto
-
     typed = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
     return {o for n in g.node for o in n.output if typed.get(o, TensorProto.FLOAT) in (TensorProto.FLOAT, TensorProto.FLOAT16)}
 
 
 def _edit_model(proto: Any, path: Path, inputs: list[str] | None, sizes: list[list[int]] | None, initial: list[Any] | None, outputs: list[str] | None) -> Any:
     """load_onnx's inputs / input_size_list / input_initial_val / outputs applied to a copy of the model."""
-    import onnx
-    from onnx import numpy_helper
-
     g = proto.graph
     inits = {i.name for i in g.initializer}
     tensors = {i.name for i in g.input} | {o for n in g.node for o in n.output}

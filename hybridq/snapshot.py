@@ -28,7 +28,7 @@ import numpy as np
 
 from ._fs import publish, write_atomic
 from .analysis import AnalysisResult
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, did_you_mean
 
 MANIFEST = "manifest.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -249,8 +249,6 @@ def load_arrays(directory: str | os.PathLike[str], tensor: str) -> tuple[np.ndar
     """The dumped ``(fp32, quant)`` arrays of ``tensor``, samples on axis 0."""
     d = Path(directory)
     result = load_snapshot(d)
-    from .errors import did_you_mean
-
     for layer in result.layers:
         if layer.tensor == tensor:
             if layer.fp32_file is None or layer.quant_file is None:
