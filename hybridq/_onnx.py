@@ -27,10 +27,12 @@ class GraphIndex:
     copy or reorder nodes can keep their own lists; :meth:`producer_node` and
     :meth:`consumer_nodes` give the nodes themselves. Empty names (optional
     inputs or outputs left out) are not indexed; a tensor written twice (an
-    invalid graph) maps to its last writer.
+    invalid graph) maps to its last writer. With ``subgraph_reads``, a node
+    whose subgraphs read a main-graph tensor (:func:`outer_reads`) is also
+    one of its consumers.
     """
 
-    def __init__(self, nodes: onnx.GraphProto | Iterable[onnx.NodeProto]) -> None:
+    def __init__(self, nodes: onnx.GraphProto | Iterable[onnx.NodeProto], *, subgraph_reads: bool = False) -> None:
         self.nodes: list[onnx.NodeProto] = list(nodes.node if isinstance(nodes, onnx.GraphProto) else nodes)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
@@ -43,6 +45,8 @@ class GraphIndex:
             for i in node.input:
                 if i:
                     self.consumers.setdefault(i, []).append(k)
+            for r in outer_reads(node) if subgraph_reads else ():
+                self.consumers.setdefault(r, []).append(k)
 
     def producer_node(self, tensor: str) -> onnx.NodeProto | None:
         """The node writing ``tensor``, or None (graph input, initializer or unknown)."""
@@ -56,6 +60,37 @@ class GraphIndex:
     def tensors(self) -> set[str]:
         """Every tensor a node writes."""
         return set(self.producer)
+
+
+# --------------------------------------------------------------------------- subgraphs
+
+
+def _outer_refs(g: onnx.GraphProto) -> set[str]:
+    """Tensors a subgraph reads from enclosing scopes."""
+    local = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+    refs: set[str] = set()
+    for n in g.node:
+        refs.update(i for i in n.input if i and i not in local)
+        for sg in subgraphs(n):
+            refs.update(r for r in _outer_refs(sg) if r not in local)
+    refs.update(o.name for o in g.output if o.name not in local)
+    return refs
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs in a node's attributes (If branches, Loop and Scan bodies)."""
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def outer_reads(node: onnx.NodeProto) -> list[str]:
+    """Tensors a node's subgraphs read from the main graph."""
+    return sorted({r for sg in subgraphs(node) for r in _outer_refs(sg)})
 
 
 # --------------------------------------------------------------------------- opset

@@ -61,7 +61,7 @@ from onnx import TensorProto, helper
 from .cost import concrete_shapes
 from .errors import HybridqError, InputError, ModelError, did_you_mean
 from . import _runtime
-from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, model_bytes
+from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, model_bytes, subgraphs
 from .graph import Namer, tensor_shapes
 from .deployed import as_deployed
 from .kernels import NOT_EXACT_NOTE, SATURATION_NOTE, u8s8_saturates
@@ -242,10 +242,6 @@ def _attr(node: onnx.NodeProto, name: str) -> Any:
         if a.name == name:
             return helper.get_attribute_value(a)
     return None
-
-
-def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
 class _Identity:
@@ -544,7 +540,7 @@ def _build_single(
         tps = by_node[k]
         if not is_quantized(node, tps):
             continue
-        if _has_subgraph(node):
+        if subgraphs(node):
             not_isolated.append(f"{node.name or node.output[0]} (has a subgraph)")
             continue
         ins = [rebuild(i) for i in node.input]

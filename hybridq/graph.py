@@ -21,7 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import _runtime
-from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external
+from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, subgraphs
 from ._onnx import model_bytes  # noqa: F401  (api imports it from here)
 from .errors import ModelError, OutputError
 
@@ -270,4 +270,4 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
 
 def has_subgraphs(model: onnx.ModelProto) -> list[str]:
     """Names of main-graph nodes that carry subgraphs (If, Loop, Scan); these stay float."""
-    return [n.name for n in model.graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]
+    return [n.name for n in model.graph.node if subgraphs(n)]

@@ -265,3 +265,19 @@ def test_settings_values_are_checked_in_one_place(key: str, value: str, expected
             check_value(key, value, "cfg:3", "t")
     else:
         assert check_value(key, value, "cfg:3") == expected
+
+
+def test_graph_index_with_subgraph_reads() -> None:
+    m = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 13]>
+        g (bool c, float[2] x) => (float[2] y) {
+            a = Relu(x)
+            y = If(c) <
+                then_branch = t () => (float[2] o) { o = Neg(a) },
+                else_branch = e () => (float[2] o) { o = Identity(a) }
+            >
+        }"""
+    )
+    assert _onnx.outer_reads(m.graph.node[1]) == ["a"]
+    assert _onnx.GraphIndex(m.graph).consumers.get("a") is None
+    assert _onnx.GraphIndex(m.graph, subgraph_reads=True).consumers["a"] == [1]
