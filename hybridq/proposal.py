@@ -22,6 +22,7 @@ import onnx
 from .calibration import session_for
 from .config import Cfg, CfgEntry, short_float
 from .cost import concrete_shapes, layer_macs
+from .dataset import load_callable
 from .errors import InputError
 from .metrics import cosine, snr_db
 from .observers import HistogramObserver, compute_range
@@ -100,8 +101,6 @@ class Evaluator:
         self._eval = None
         self.fp32_task = None
         if target.eval_fn:
-            from .dataset import load_callable
-
             self._eval = load_callable(target.eval_fn, "--eval function")
             self.fp32_task = self._task(fp32)
 
@@ -153,8 +152,8 @@ def rank_layers(single: dict[str, float], plan: QuantPlan, model: onnx.ModelProt
     worst: dict[str, float] = {}
     for node, cos in single.items():
         target = node
-        if node not in quantized and node in g.nodes:
-            prod = g.producer.get(g.nodes[node].input[0]) if g.nodes[node].input else None
+        if node not in quantized and node in g.by_name:
+            prod = g.producer_node(g.by_name[node].input[0]) if g.by_name[node].input else None
             target = prod.name if prod is not None else node
         if target in quantized and not math.isnan(cos):
             worst[target] = min(cos, worst.get(target, 1.0))
