@@ -38,14 +38,13 @@ is missing or the graph is large); results are added in sample order.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
-import json
 import math
 import multiprocessing
 import os
 import signal
 import sys
-import tempfile
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -60,15 +59,15 @@ import onnx
 from onnx import TensorProto, helper
 
 from .cost import concrete_shapes
-from .errors import HybridqError, InputError, ModelError
-from .graph import Namer, is_large, model_bytes, save_external, tensor_shapes
+from .errors import HybridqError, InputError, ModelError, did_you_mean
+from . import _runtime
+from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, model_bytes, subgraphs
+from .graph import Namer, tensor_shapes
 from .deployed import as_deployed
-from .kernels import NOT_EXACT_NOTE, SATURATION_NOTE, exact_int8, exact_session, u8s8_saturates
+from .kernels import NOT_EXACT_NOTE, SATURATION_NOTE, u8s8_saturates
 from .metrics import Accumulator, Metrics, fused_kernel, metrics_many, sample_metrics
+from .qdq import QDQ_MAP_KEY, QdqMap
 from .segments import Segment, split
-
-QDQ_MAP_KEY = "hybridq.qdq_map"
-"""``metadata_props`` key of the step2 model's tensor/layer map (JSON)."""
 
 _QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 _FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
@@ -206,33 +205,20 @@ class AnalysisResult:
 # --------------------------------------------------------------------------- graph index
 
 
-class _Graph:
-    """Read-only index of a model's main graph."""
+class _Graph(GraphIndex):
+    """Read-only index of a model's main graph, with its inputs, outputs, initializers and types."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         g = model.graph
+        super().__init__(g)
         self.model = model
-        self.nodes = list(g.node)
         self.inits = {i.name: i for i in g.initializer}
         self.inputs = [i.name for i in g.input if i.name not in self.inits]
         self.outputs = [o.name for o in g.output]
         self.output_set = set(self.outputs)
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = defaultdict(list)
-        for k, node in enumerate(self.nodes):
-            for o in node.output:
-                if o:
-                    self.producer[o] = k
-            for i in node.input:
-                if i:
-                    self.consumers[i].append(k)
         self.types = _tensor_types(model)
         # tensors computed at run time: graph inputs and node outputs
         self.values = set(self.inputs) | set(self.producer)
-
-    def node_of(self, tensor: str) -> onnx.NodeProto | None:
-        k = self.producer.get(tensor)
-        return None if k is None else self.nodes[k]
 
 
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -258,10 +244,6 @@ def _attr(node: onnx.NodeProto, name: str) -> Any:
     return None
 
 
-def _has_subgraph(node: onnx.NodeProto) -> bool:
-    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-
-
 class _Identity:
     """Which quant-model tensors stand for which fp32 tensors."""
 
@@ -273,7 +255,7 @@ class _Identity:
         if node.op_type in _QDQ_OPS:
             return True
         if node.op_type == "Cast" and node.output:
-            orig = self.f.node_of(node.output[0])
+            orig = self.f.producer_node(node.output[0])
             return orig is None or orig.op_type != "Cast"
         return False
 
@@ -300,21 +282,6 @@ class _Identity:
             cur = node.output[0]
         return chain[:last_float]
 
-    def adapter_path(self, src: str, dst: str, max_depth: int = 8) -> list[int] | None:
-        """Adapter nodes leading from ``src`` to ``dst`` (breadth first), or None."""
-        frontier: list[tuple[str, list[int]]] = [(src, [])]
-        for _ in range(max_depth + 1):
-            nxt: list[tuple[str, list[int]]] = []
-            for cur, path in frontier:
-                if cur == dst:
-                    return path
-                for k in self.q.consumers.get(cur, []):
-                    node = self.q.nodes[k]
-                    if self.is_adapter(node) and node.input[0] == cur and node.output:
-                        nxt.append((node.output[0], path + [k]))
-            frontier = nxt
-        return None
-
     def back_to_source(self, view: str) -> tuple[str, list[int]]:
         """Walk back from a view through adapters: (source tensor, adapter nodes source -> view)."""
         chain: list[int] = []
@@ -331,7 +298,7 @@ class _Identity:
 
 
 @dataclass(frozen=True)
-class TensorPlan:
+class ComparedTensor:
     """How one fp32 tensor is measured (plain data; see :func:`plan_analysis`).
 
     ``source`` is the quant-model tensor written by the compute node
@@ -353,28 +320,9 @@ class TensorPlan:
 class AnalysisPlan:
     """The tensors to measure, in fp32 graph order, and anything worth telling the user."""
 
-    tensors: list[TensorPlan]
+    tensors: list[ComparedTensor]
     notes: list[str] = field(default_factory=list)
     layers_known: bool = False  # the quantized model's hybridq.qdq_map says each layer's precision
-
-
-def _read_qdq_map(model: onnx.ModelProto) -> dict[str, Any] | None:
-    for p in model.metadata_props:
-        if p.key == QDQ_MAP_KEY:
-            try:
-                m = json.loads(p.value)
-            except json.JSONDecodeError as e:
-                raise ModelError(
-                    f"the quantized model's metadata '{QDQ_MAP_KEY}' is not valid JSON ({e}); "
-                    "rebuild the model with `hybridq step2`"
-                ) from None
-            if not isinstance(m, dict) or not isinstance(m.get("tensors", {}), dict):
-                raise ModelError(
-                    f"the quantized model's metadata '{QDQ_MAP_KEY}' must be an object with a "
-                    "'tensors' object; rebuild the model with `hybridq step2`"
-                )
-            return m
-    return None
 
 
 def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> AnalysisPlan:
@@ -385,11 +333,11 @@ def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) ->
 def _plan(f: _Graph, q: _Graph) -> AnalysisPlan:
     quant_model = q.model
     ident = _Identity(f, q)
-    qmap = _read_qdq_map(quant_model)
-    mapped: dict[str, str] = dict(qmap.get("tensors", {})) if qmap else {}
-    layer_info: dict[str, Any] = dict(qmap.get("layers", {})) if qmap else {}
+    qmap = QdqMap.from_model(quant_model)
+    mapped: dict[str, str] = qmap.tensors if qmap else {}
+    layer_info: dict[str, Any] = qmap.layers if qmap else {}
     notes: list[str] = []
-    plans: list[TensorPlan] = []
+    plans: list[ComparedTensor] = []
     missing_views: list[str] = []
     seen: set[str] = set()
     for k, node in enumerate(f.nodes):
@@ -419,7 +367,7 @@ def _plan(f: _Graph, q: _Graph) -> AnalysisPlan:
             qname = q.nodes[qk].name if qk is not None else ""
             info = next((layer_info[k] for k in (qname, layer) if isinstance(layer_info.get(k), dict)), None)
             plans.append(
-                TensorPlan(
+                ComparedTensor(
                     tensor=t,
                     layer=layer,
                     op_type=node.op_type,
@@ -473,25 +421,17 @@ def _set_outputs(model: onnx.ModelProto, names: list[str], types: dict[str, int]
             existing.add(n)
 
 
-def build_single_model(
-    float_model: onnx.ModelProto, quant_model: onnx.ModelProto, plan: AnalysisPlan
-) -> tuple[onnx.ModelProto, dict[str, str], list[str]]:
-    """The combined graph: the fp32 graph plus an isolated copy of every quantized compute node.
-
-    Returns ``(model, single_views, notes)``: ``single_views`` maps each fp32
-    tensor to the combined-graph tensor holding its single-layer view. The
-    combined model's outputs are the fp32 tensors of ``plan`` and the single
-    views. Neither input model is modified.
-    """
-    combined, single_views, notes, types, _ = _build_single(_Graph(float_model), _Graph(quant_model), plan)
-    _set_outputs(combined, [tp.tensor for tp in plan.tensors] + list(single_views.values()), types)
-    return combined, single_views, notes
-
-
 def _build_single(
     f: _Graph, q: _Graph, plan: AnalysisPlan
 ) -> tuple[onnx.ModelProto, dict[str, str], list[str], dict[str, int], Namer]:
-    """:func:`build_single_model` without the extra outputs; also the types and the name source."""
+    """The combined graph: the fp32 graph plus an isolated copy of every quantized compute node.
+
+    Returns ``(model, single_views, notes, types, namer)``: ``single_views``
+    maps each fp32 tensor to the combined-graph tensor holding its
+    single-layer view; ``types`` are the element types known of the combined
+    graph's tensors, ``namer`` gives fresh names in it. The outputs are left
+    to the caller. Neither input model is modified.
+    """
     float_model, quant_model = f.model, q.model
     ident = _Identity(f, q)
     combined = onnx.ModelProto()
@@ -552,7 +492,7 @@ def _build_single(
                 t.name = name
                 new_inits.append(t)
                 types[name] = init.data_type
-        elif (node := q.node_of(x)) is not None:
+        elif (node := q.producer_node(x)) is not None:
             if ident.is_adapter(node) or not any(node.input):  # adapters and Constant nodes
                 ins = [rebuild(i) for i in node.input]
                 if all(i is not None for i in ins):
@@ -570,7 +510,7 @@ def _build_single(
         memo[x] = name
         return name
 
-    def is_quantized(node: onnx.NodeProto, tps: list[TensorPlan]) -> bool:
+    def is_quantized(node: onnx.NodeProto, tps: list[ComparedTensor]) -> bool:
         if any(tp.out_chain for tp in tps):
             return True
         if plan.layers_known:
@@ -580,14 +520,14 @@ def _build_single(
         for i in node.input:
             if not i:
                 continue
-            p = q.node_of(i)
+            p = q.producer_node(i)
             if p is not None and ident.is_adapter(p):
                 return True
             if i in q.inits and not (i in f.inits and _same_initializer(q.inits[i], f.inits[i])):
                 return True
         return False
 
-    by_node: dict[int, list[TensorPlan]] = defaultdict(list)
+    by_node: dict[int, list[ComparedTensor]] = defaultdict(list)
     for tp in plan.tensors:
         if tp.quant_node is not None:
             by_node[tp.quant_node].append(tp)
@@ -600,7 +540,7 @@ def _build_single(
         tps = by_node[k]
         if not is_quantized(node, tps):
             continue
-        if _has_subgraph(node):
+        if subgraphs(node):
             not_isolated.append(f"{node.name or node.output[0]} (has a subgraph)")
             continue
         ins = [rebuild(i) for i in node.input]
@@ -648,13 +588,6 @@ def _build_single(
 _Q_PREFIX = "hybridq.quant/"
 
 
-def _main_opset(model: onnx.ModelProto) -> int:
-    for op in model.opset_import:
-        if op.domain in ("", "ai.onnx"):
-            return int(op.version)
-    return 0
-
-
 def _align_opsets(fm: onnx.ModelProto, qm: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """Both models at the same ai.onnx opset (the older one converted), so their nodes can share a graph.
 
@@ -662,23 +595,18 @@ def _align_opsets(fm: onnx.ModelProto, qm: onnx.ModelProto) -> tuple[onnx.ModelP
     than the quantized one; an old node (``Squeeze`` with an ``axes``
     attribute) is invalid under the newer opset.
     """
-    a, b = _main_opset(fm), _main_opset(qm)
+    a, b = main_opset(fm), main_opset(qm)
     if not a or not b or a == b:
         return fm, qm
-    from onnx import version_converter
-
     old, target = (fm, b) if a < b else (qm, a)
     try:
-        new = version_converter.convert_version(old, target)
+        new = convert_opset(old, target)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
         raise ModelError(
             f"the float model (opset {a}) and the quantized model (opset {b}) use different opsets and "
-            f"the older cannot be converted to opset {target} ({type(e).__name__}: {first}); "
+            f"the older cannot be converted to opset {target} ({describe_error(e)}); "
             "export the float model with the quantized model's opset"
         ) from None
-    del new.metadata_props[:]
-    new.metadata_props.extend(old.metadata_props)
     return (new, qm) if old is fm else (fm, new)
 
 
@@ -779,55 +707,21 @@ def _load(model: str | os.PathLike[str] | onnx.ModelProto, what: str) -> onnx.Mo
         raise ModelError(f"{what} '{path}' is not a readable ONNX model ({type(e).__name__}: {e})") from None
 
 
-_ARENA: list[bool] = []
-
-
-def _shared_arena() -> None:
-    """Register, once per process, the ONNX Runtime CPU arena that the analysis sessions share."""
-    if _ARENA:
-        return
-    import onnxruntime as ort
-
-    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    try:
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))
-    except Exception:  # registered already (by the host program): share that one
-        pass
-    _ARENA.append(True)
-
-
 class _Session:
-    """An ONNX Runtime CPU session over an in-memory model (through a temp file when > 2 GB)."""
+    """An ONNX Runtime CPU session over an in-memory model, in the process's shared arena."""
 
     def __init__(self, model: onnx.ModelProto, what: str, host_int8: bool = False) -> None:
-        import onnxruntime as ort
-
-        _shared_arena()
         self.what = what
-
-        def make(exact: bool) -> Any:
-            so = ort.SessionOptions()
-            so.log_severity_level = 4 if exact else 3  # a failed exact attempt is retried: not an error to print
-            if exact:
-                exact_int8(so)  # int8 products as the model defines them, whatever this CPU's default kernels do
-            # one thread per run: samples run side by side, one per core, each measuring its own
-            # tensors (ORT's own threads would spin against them)
-            so.intra_op_num_threads = 1
-            # one arena for all segment sessions: a segment's outputs reuse the blocks the previous
-            # segment's freed while they are still in cache (rec peak RSS 937 -> 254 MB)
-            so.add_session_config_entry("session.use_env_allocators", "1")
-            if not is_large(model):
-                return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            with tempfile.TemporaryDirectory(prefix="hybridq-") as tmp:
-                path = os.path.join(tmp, "model.onnx")
-                save_external(model, path, "model.data")
-                return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
         try:
-            self.sess, exact = (make(False), False) if host_int8 else exact_session(make)
+            # int8 products as the model defines them, whatever this CPU's default kernels do (unless
+            # host_int8); one thread per run: samples run side by side, one per core, each measuring its
+            # own tensors (ORT's own threads would spin against them); one arena for all segment sessions:
+            # a segment's outputs reuse the blocks the previous segment's freed while they are still in
+            # cache (rec peak RSS 937 -> 254 MB)
+            self.sess = _runtime.session(model, exact_int8=not host_int8, threads=1, shared_arena=True, log_level=3)
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load the {what}: {e}") from None
-        self.exact_failed = not host_int8 and not exact  # ORT could not make int8 exact: say so
+        self.exact_failed = not host_int8 and not _runtime.is_exact(self.sess)  # ORT could not make int8 exact: say so
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.input_names = [i.name for i in self.sess.get_inputs()]
 
@@ -867,8 +761,6 @@ class _Runner:
 
 
 def _check_feed(sample: dict[str, np.ndarray], names: list[str], index: int) -> None:
-    from .errors import did_you_mean
-
     for n in names:
         if n not in sample:
             raise InputError(
@@ -888,11 +780,7 @@ _FORK_LIMIT = 512 << 20  # analysis graphs above this size run on threads (a pro
 
 def _cores() -> int:
     """Samples to keep in flight: one per core this process may run on, at most ``_WORKERS``."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(_WORKERS, cores))
+    return max(1, min(_WORKERS, _runtime.cores()))
 
 
 class _Work:
@@ -927,8 +815,6 @@ def _child_start(work: _Work) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler: end quietly
     try:  # end with the parent, however it ends (PR_SET_PDEATHSIG)
-        import ctypes
-
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
@@ -1092,7 +978,7 @@ def _target_bytes(
     return [fill if x is None else x for x in sizes]
 
 
-def _names(tp: TensorPlan, ag: _AnalysisGraph) -> list[str]:
+def _names(tp: ComparedTensor, ag: _AnalysisGraph) -> list[str]:
     """Analysis-graph tensors compared for ``tp``: the fp32 tensor, its quant view, its single view if any."""
     sv = ag.single_views.get(tp.tensor)
     return [tp.tensor, ag.quant_views[tp.tensor]] + ([sv] if sv else [])
@@ -1143,7 +1029,7 @@ class _Measure:
                 self._measure(tp, vals, res)
         return res
 
-    def ready(self, have: dict[str, np.ndarray], done: set[str]) -> list[tuple[TensorPlan, list[np.ndarray]]]:
+    def ready(self, have: dict[str, np.ndarray], done: set[str]) -> list[tuple[ComparedTensor, list[np.ndarray]]]:
         """Tensors not in ``done`` whose compared arrays are all in ``have``, with those arrays.
 
         Adds them to ``done`` and drops from ``have`` the arrays no other
@@ -1162,7 +1048,7 @@ class _Measure:
                     del have[y]
         return out
 
-    def _measure(self, tp: TensorPlan, vals: list[np.ndarray], res: _SampleErrors) -> None:
+    def _measure(self, tp: ComparedTensor, vals: list[np.ndarray], res: _SampleErrors) -> None:
         """One tensor of one sample: its metrics against each view (and its arrays for a dump)."""
         t, a, tests = tp.tensor, vals[0], vals[1:]
         if a.dtype.kind != "f":

@@ -12,27 +12,24 @@ valid external data.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
 import shutil
-import signal
-import tempfile
-import threading
 import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import external_data_helper
 
+from ._fs import publish_all, staging
+from ._fs import write_atomic as write_text_atomic  # noqa: F401  (api.propose_cfg imports it from here)
 from .errors import ArtifactMismatchError, InputError, OutputError
-from .graph import is_large, tag_external
+from ._onnx import is_large, tag_external
 from .observers import HistogramObserver
 
 FORMAT_VERSION = 1
@@ -51,110 +48,6 @@ def sha256_file(path: Path) -> str:
 def sha256_text(text: str) -> str:
     """Hex sha256 of UTF-8 text."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-@contextlib.contextmanager
-def staging(out_dir: Path) -> Iterator[Path]:
-    """A temporary directory beside the outputs, removed afterwards whatever happens."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".hybridq-", dir=out_dir))
-    except OSError as exc:
-        blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-        if blocker is not None and not blocker.is_dir():
-            raise OutputError(f"Cannot write into '{out_dir}': '{blocker}' is a file, not a directory. Choose another output location.") from exc
-        raise OutputError(f"Cannot write into '{out_dir}': {exc.strerror or exc}. Choose a writable output directory with free space.") from exc
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def publish(src: Path, dst: Path) -> None:
-    """Move a finished file into place atomically (same filesystem)."""
-    with open(src, "rb") as f:
-        os.fsync(f.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(src, 0o666 & ~umask)
-    os.replace(src, dst)
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one to the previous handler.
-
-    Used around the renames that publish several files, so Ctrl-C cannot land between two of them.
-    Only the main thread can set handlers; elsewhere the block runs unprotected.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.getsignal(sig)
-        signal.signal(sig, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if pending:
-            handler = previous[pending[0]]
-            if callable(handler):
-                handler(pending[0], None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(pending[0])
-
-
-def publish_all(moves: list[tuple[Path, Path]], keep: Path) -> None:
-    """Move finished files into place as one unit: if any move fails, every target gets its previous content back.
-
-    Each existing target is first hard-linked (or copied) into `keep`, a staging directory on the same filesystem.
-    """
-    saved: list[tuple[Path, Path | None]] = []
-    with signals_held():
-        try:
-            for i, (_, dst) in enumerate(moves):
-                old = None
-                if dst.is_file():
-                    old = keep / f"previous-{i}-{dst.name}"
-                    try:
-                        os.link(dst, old)
-                    except OSError:
-                        shutil.copy2(dst, old)
-                saved.append((dst, old))
-            for src, dst in moves:
-                publish(src, dst)
-        except BaseException:
-            for dst, old in reversed(saved):
-                with contextlib.suppress(OSError):
-                    if old is not None:
-                        os.replace(old, dst)
-                    else:
-                        os.unlink(dst)
-            raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text via a temp file in the same directory and rename it into place."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".hybridq-{path.name}.", dir=path.parent or ".")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}. Check the directory exists, is writable and has space.") from exc
-        raise
 
 
 def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph import main_opset, tensor_shapes
+from ._onnx import main_opset
+from .graph import tensor_shapes
 from .plan import GraphView
 
 CORRECTABLE = ("Conv", "Gemm")
@@ -56,14 +57,14 @@ def shift_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[st
         return new
 
     for layer in layers:
-        node = q.nodes.get(layer)
-        if node is None or node.op_type not in CORRECTABLE or layer not in f.nodes:
+        node = q.by_name.get(layer)
+        if node is None or node.op_type not in CORRECTABLE or layer not in f.by_name:
             continue
         prefix = f"hybridq_bc/{layer}/"
         new_inputs: list[str] = []
         quantized = False
         for x in node.input:
-            dq = q.producer.get(x)
+            dq = q.producer_node(x)
             if dq is None or dq.op_type != "DequantizeLinear":
                 new_inputs.append(x)
                 continue
@@ -71,7 +72,7 @@ def shift_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[st
             params = [copy_init(p, prefix) for p in dq.input[1:]]
             attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
             src = dq.input[0]
-            qn = q.producer.get(src)
+            qn = q.producer_node(src)
             if qn is not None and qn.op_type == "QuantizeLinear":
                 qparams = [copy_init(p, prefix) for p in qn.input[1:]]
                 nodes.append(helper.make_node("QuantizeLinear", [qn.input[0], *qparams], [f"{prefix}{src}"], name=f"{prefix}{qn.name}", domain=qn.domain))
@@ -131,13 +132,13 @@ def apply(model: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> onnx.ModelPr
     g = GraphView(work)
     new_inits: list[onnx.TensorProto] = []
     for layer, shift in shifts.items():
-        node = g.nodes[layer]
+        node = g.by_name[layer]
         shift = np.asarray(shift, np.float64).reshape(-1)
         if len(node.input) > 2 and node.input[2]:
             b = node.input[2]
             if b not in g.inits:
                 raise ValueError(f"bias of '{layer}' is computed, not an initializer; it cannot be corrected")
-            if len(g.consumers.get(b, [])) != 1:
+            if len(g.consumer_nodes(b)) != 1:
                 raise ValueError(f"bias '{b}' of '{layer}' is shared with other nodes")
             arr = g.init_array(b)
             if arr.size != shift.size:

@@ -6,8 +6,6 @@ statistics are merged, so memory does not grow with the number of samples.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from . import _runtime
 from .errors import DatasetError, ModelError
-from .graph import float_activations, is_large, save_external
-from .kernels import exact_int8, exact_session
+from .graph import float_activations
 from .observers import HistogramObserver
 
 
@@ -31,8 +29,6 @@ def session_for(
     `threads` caps ORT's intra-op threads (0: ORT's default, one per core). int8 products are exact
     (:mod:`hybridq.kernels`) where ONNX Runtime can make them so.
     """
-    import onnxruntime as ort
-
     work = model
     if outputs:
         work = onnx.ModelProto()
@@ -42,24 +38,11 @@ def session_for(
             if name not in present:
                 work.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
 
-    def make(exact: bool):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 4 if exact else 3  # a failed exact attempt is retried: not an error to print
-        so.intra_op_num_threads = threads
-        if exact:
-            exact_int8(so)  # a quantized model (proposal candidates) computes the same on every CPU
-        if lean:
-            so.enable_mem_pattern = False
-        if is_large(work):
-            with tempfile.TemporaryDirectory(prefix="hybridq-sess-") as tmp:
-                path = os.path.join(tmp, "m.onnx")
-                save_external(work, path, "m.data")
-                return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(work.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
     try:
-        return exact_session(make)[0]
+        # a quantized model (proposal candidates) computes the same on every CPU
+        return _runtime.session(
+            work, exact_int8=True, threads=threads, optimization="basic" if basic else "all", mem_pattern=not lean, log_level=3
+        )
     except Exception as exc:
         raise ModelError(f"ONNX Runtime cannot run the model: {str(exc).splitlines()[0]}") from exc
 
@@ -128,8 +111,7 @@ def calibrate(
 
 def _ort_threads() -> int:
     """Intra-op threads for calibration: one core is left to the numpy binning that runs beside ORT."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return max(1, _runtime.cores() - 1)
 
 
 @dataclass

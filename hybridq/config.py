@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -21,7 +22,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from .errors import ConfigError, did_you_mean
 from .plan import LAYER_PRECISIONS
 from .qparams import normalize_dtype
-from .settings import Settings
+from .settings import Settings, check_value
 
 ENTRY_KEYS = ("qtype", "qmethod", "dtype", "algorithm", "min", "max", "ori_min", "ori_max", "scale", "zero_point", "equalize", "bias_correction")
 LIST_KEYS = ("min", "max", "ori_min", "ori_max", "scale", "zero_point", "equalize", "bias_correction")
@@ -55,8 +56,6 @@ def _yaml() -> YAML:
 
 def short_float(x: float) -> float:
     """The shortest decimal that round-trips the value's float32 (what YAML shows the user)."""
-    import numpy as np
-
     return float(repr(np.float32(x)).replace("np.float32(", "").rstrip(")")) if math.isfinite(x) else float(x)
 
 
@@ -220,26 +219,9 @@ def validate_entry(name: str, raw: Any, where: str) -> dict[str, Any]:
         if key in LIST_KEYS:
             out[key] = _as_list(v, where, key, name)
         elif key == "dtype":
-            dt = normalize_dtype(v)
-            if dt not in ("uint8", "int8", "int16", "uint16"):
-                raise ConfigError(f"{where}: dtype {v!r} of '{name}' is not valid; use uint8, int8 or int16 (or move the layer to custom_quantize_layers for float).")
-            out[key] = dt
-        elif key == "qtype":
-            qt = {"asymmetric": "asym", "symmetric": "sym"}.get(str(v), str(v))
-            if qt not in ("asym", "sym"):
-                raise ConfigError(f"{where}: qtype {v!r} of '{name}' is not valid; use asym or sym.")
-            out[key] = qt
-        elif key == "qmethod":
-            if v not in ("layer", "channel"):
-                raise ConfigError(f"{where}: qmethod {v!r} of '{name}' is not valid; use layer or channel.")
-            out[key] = v
+            out[key] = check_value(key, v, where, name, hint=" (or move the layer to custom_quantize_layers for float)")
         else:
-            from .observers import ALGORITHM_ALIASES, ALGORITHMS
-
-            algo = ALGORITHM_ALIASES.get(str(v), str(v))
-            if algo not in ALGORITHMS:
-                raise ConfigError(f"{where}: algorithm {v!r} of '{name}' is not valid.{did_you_mean(algo, ALGORITHMS)} Use one of: {', '.join(ALGORITHMS)}.")
-            out[key] = algo
+            out[key] = check_value(key, v, where, name)
     if "min" in out and "max" in out:
         if len(out["min"]) != len(out["max"]):
             raise ConfigError(f"{where}: '{name}' has {len(out['min'])} min values but {len(out['max'])} max values.")

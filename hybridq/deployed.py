@@ -9,15 +9,13 @@ the model alone, with the same real values.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import onnx
 from onnx import TensorProto
 
+from ._onnx import GraphIndex
 from .graph import Namer
 from .kernels import is_x86
-from .segments import outer_reads
 
 
 def as_deployed(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -42,13 +40,7 @@ def s8_pairs_to_u8(model: onnx.ModelProto) -> onnx.ModelProto:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     outputs = {o.name for o in g.output}
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            if i:
-                readers[i].append(n)
-        for r in outer_reads(n):
-            readers[r].append(n)
+    index = GraphIndex(g, subgraph_reads=True)
 
     def scalar_s8(name: str) -> int | None:
         t = inits.get(name)
@@ -62,7 +54,7 @@ def s8_pairs_to_u8(model: onnx.ModelProto) -> onnx.ModelProto:
         if q.op_type != "QuantizeLinear" or q.domain not in ("", "ai.onnx") or len(q.input) != 3 or not q.output:
             continue
         zq = scalar_s8(q.input[2])
-        rs = readers.get(q.output[0], [])
+        rs = index.consumer_nodes(q.output[0])
         if zq is None or q.output[0] in outputs or len(rs) != 1:
             continue
         dq = rs[0]
@@ -107,13 +99,10 @@ def own_weight_zero_points(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    readers: dict[str, int] = defaultdict(int)
-    for n in g.node:
-        for i in n.input:
-            readers[i] += 1
+    index = GraphIndex(g)
     shared = [
         k for k, n in enumerate(g.node)
-        if n.op_type == "DequantizeLinear" and len(n.input) > 2 and readers[n.input[2]] > 1
+        if n.op_type == "DequantizeLinear" and len(n.input) > 2 and len(index.consumers.get(n.input[2], [])) > 1
         and n.input[2] in inits and getattr(inits.get(n.input[0]), "data_type", None) == TensorProto.INT8
     ]
     if not shared:

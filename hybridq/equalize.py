@@ -74,35 +74,35 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
     g = g or GraphView(model)
     path: list[str] = []
     t = tensor
-    node = g.producer.get(t)
+    node = g.producer_node(t)
     while node is not None and node.op_type in HOMOGENEOUS + ("Add",):
         if node.op_type == "Add":
             break
-        if len(g.consumers.get(node.input[0], [])) != 1 or node.input[0] in g.outputs:
+        if len(g.consumer_nodes(node.input[0])) != 1 or node.input[0] in g.outputs:
             return f"'{node.input[0]}' has other readers besides '{node.name}'"
         if node.op_type == "PRelu" and (len(node.input) < 2 or node.input[1] not in g.inits):
             return f"'{node.name}' has a computed slope"
         path.append(node.name)
         t = node.input[0]
-        node = g.producer.get(t)
+        node = g.producer_node(t)
     bias_add = None
     if node is not None and node.op_type == "Add":
         # MatMul + Add(bias): the bias is divided with the weight.
         const = [i for i in node.input if i in g.inits]
         other = [i for i in node.input if i not in g.inits]
-        if len(const) != 1 or len(other) != 1 or len(g.inits[const[0]].dims) != 1 or len(g.consumers.get(other[0], [])) != 1:
+        if len(const) != 1 or len(other) != 1 or len(g.inits[const[0]].dims) != 1 or len(g.consumer_nodes(other[0])) != 1:
             return f"'{tensor}' comes from '{node.name}' (Add of two computed tensors)"
         bias_add = node
-        node = g.producer.get(other[0])
+        node = g.producer_node(other[0])
     if node is None:
         return f"'{tensor}' is not computed by a layer with weights"
     prod = _out_channel(node, g)
     if prod is None or (bias_add is not None and node.op_type != "MatMul"):
         return f"'{tensor}' is produced by '{node.name}' ({node.op_type}), whose output channels cannot be rescaled"
     weight, _, _ = prod
-    if len(g.consumers.get(weight, [])) != 1:
+    if len(g.consumer_nodes(weight)) != 1:
         return f"weight '{weight}' of '{node.name}' is shared with other nodes"
-    readers = g.consumers.get(tensor, [])
+    readers = g.consumer_nodes(tensor)
     if not readers or tensor in g.outputs:
         return f"'{tensor}' is a model output or has no reader"
     axes = set()
@@ -110,7 +110,7 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
         info = _in_channel(r, tensor, g)
         if info is None:
             return f"'{tensor}' is read by '{r.name}' ({r.op_type}), which cannot absorb a per-channel scale"
-        if len(g.consumers.get(info[0], [])) != 1:
+        if len(g.consumer_nodes(info[0])) != 1:
             return f"weight '{info[0]}' of '{r.name}' is shared with other nodes"
         axes.add(info[2])
     if len(axes) != 1:
@@ -126,7 +126,7 @@ def reader_absmax(model: onnx.ModelProto, site: Site, g: GraphView | None = None
     g = g or GraphView(model)
     out = np.zeros(site.channels)
     for name in site.readers:
-        node = g.nodes[name]
+        node = g.by_name[name]
         weight, axis, _ = _in_channel(node, site.tensor, g)
         w = np.abs(g.init_array(weight))
         out = np.maximum(out, np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).max(axis=1))
@@ -166,17 +166,17 @@ def apply(model: onnx.ModelProto, site: Site, scales: np.ndarray) -> onnx.ModelP
     work.CopyFrom(model)
     g = GraphView(work)
     replace: dict[str, onnx.TensorProto] = {}
-    weight, axis, bias = _out_channel(g.nodes[site.producer], g)
+    weight, axis, bias = _out_channel(g.by_name[site.producer], g)
     replace[weight] = _scaled(g, weight, 1.0 / s, axis)
     if bias is not None:
         replace[bias] = _scaled(g, bias, 1.0 / s, 0)
     for name in site.path:
-        node = g.nodes[name]
+        node = g.by_name[name]
         if node.op_type == "Add":
             b = next(i for i in node.input if i in g.inits)
             replace[b] = _scaled(g, b, 1.0 / s, 0)
     for name in site.readers:
-        w, in_axis, _ = _in_channel(g.nodes[name], site.tensor, g)
+        w, in_axis, _ = _in_channel(g.by_name[name], site.tensor, g)
         replace[w] = _scaled(g, w, s, in_axis)
     for init in work.graph.initializer:
         if init.name in replace:

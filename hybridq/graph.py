@@ -18,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import EncodeError
 from onnx import numpy_helper
 
+from . import _runtime
+from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, subgraphs
+from ._onnx import model_bytes  # noqa: F401  (api imports it from here)
 from .errors import ModelError, OutputError
 
 MIN_OPSET = 13
-# Above this size a model cannot be one protobuf (2 GB limit): it goes through files with external data.
-LARGE_MODEL_BYTES = 1_800_000_000
 
 
 class Namer:
@@ -41,42 +41,6 @@ class Namer:
             name = f"{base}#{k}"
         self.used.add(name)
         return name
-
-
-def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of the model; over 2 GB, where protobuf cannot size it, the size of its tensor data."""
-    try:
-        return model.ByteSize()
-    except EncodeError:
-        from onnx import external_data_helper
-
-        return sum(len(t.raw_data) for t in external_data_helper._get_all_tensors(model))
-
-
-def is_large(model: onnx.ModelProto) -> bool:
-    """Must this model be saved with external data?"""
-    return model_bytes(model) > LARGE_MODEL_BYTES
-
-
-def tag_external(model: onnx.ModelProto, location: str, min_bytes: int = 0) -> None:
-    """Mark tensors with raw data of at least `min_bytes` as external data in `location` (written by onnx.save_model).
-
-    Done by hand because onnx's save_as_external_data checks `location` against the current
-    directory, not the model's, and refuses when a file of that name happens to sit there.
-    """
-    from onnx import external_data_helper
-
-    for tensor in external_data_helper._get_all_tensors(model):
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= min_bytes:
-            external_data_helper.set_external_data(tensor, location=location)
-
-
-def save_external(model: onnx.ModelProto, path: str | Path, location: str) -> None:
-    """Save a copy of the model with its weights (>= 1 KB tensors) in `location` beside it."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    tag_external(work, location, min_bytes=1024)
-    onnx.save_model(work, str(path))
 
 
 @dataclass
@@ -113,14 +77,6 @@ def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.Mod
     except Exception as exc:
         raise ModelError(f"Model file '{p}' is not a valid ONNX graph: {str(exc).splitlines()[0]}. Fix the exporter output.") from exc
     return model
-
-
-def main_opset(model: onnx.ModelProto) -> int:
-    """The ai.onnx opset version the model imports."""
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 1
 
 
 def name_nodes(model: onnx.ModelProto) -> dict[str, str]:
@@ -177,14 +133,11 @@ def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.Model
     """Convert to opset `target` when older (per-channel QDQ needs opset 13)."""
     if main_opset(model) >= target:
         return model
-    from onnx import version_converter
-
     try:
-        return version_converter.convert_version(model, target)
+        return convert_opset(model, target)
     except Exception as exc:
         raise ModelError(
-            f"Could not upgrade the model from opset {main_opset(model)} to {target} "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            f"Could not upgrade the model from opset {main_opset(model)} to {target} ({describe_error(exc)}). "
             "Re-export the model with opset >= 13."
         ) from exc
 
@@ -205,8 +158,6 @@ def _temp_dir(prefix: str) -> Iterator[str]:
 
 def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding, Conv+BN/Add/Mul fusion, identity removal: ORT's basic level, standard ops only."""
-    import onnxruntime as ort
-
     with _temp_dir("hybridq-prep-") as tmp:
         src = os.path.join(tmp, "in.onnx")
         dst = os.path.join(tmp, "out.onnx")
@@ -221,15 +172,10 @@ def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
                 f"Cannot write a temporary copy of the model into '{tmp}': {exc.strerror or exc}. "
                 "Free space there, or point TMPDIR at a directory with room."
             ) from exc
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = dst
-        so.log_severity_level = 3
-        if large:
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "out.data")
-            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
-            ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+            _runtime.session(
+                src, optimization="basic", log_level=3, optimized_model=dst, optimized_external_data="out.data" if large else None
+            )
         except Exception as exc:
             raise ModelError(
                 f"ONNX Runtime cannot load this model: {str(exc).splitlines()[0]}. "
@@ -275,13 +221,12 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepReport]:
     work = ort_basic_optimize(work)
     name_nodes(work)
     work = infer_shapes(work)
-    producer = {o: n.name for n in work.graph.node for o in n.output}
-    present = {n.name for n in work.graph.node}
+    index = GraphIndex(work.graph)
     for name, (op, outputs) in original.items():
         report.original_nodes[name] = outputs
-        if name in present or op == "Constant":
+        if name in index.by_name or op == "Constant":
             continue
-        report.fused[name] = next((producer[o] for o in outputs if o in producer), "")
+        report.fused[name] = next((p.name for o in outputs if (p := index.producer_node(o)) is not None), "")
     return work, report
 
 
@@ -325,4 +270,4 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
 
 def has_subgraphs(model: onnx.ModelProto) -> list[str]:
     """Names of main-graph nodes that carry subgraphs (If, Loop, Scan); these stay float."""
-    return [n.name for n in model.graph.node if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)]
+    return [n.name for n in model.graph.node if subgraphs(n)]

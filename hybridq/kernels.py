@@ -8,18 +8,15 @@ semantics, VNNI CPUs, ARM and NPUs compute those sums exactly. The session
 option ``session.x64quantprecision=1`` makes ONNX Runtime convert int8
 weights to uint8 (+128) on such CPUs, so its U8U8 kernels sum exactly:
 the same numbers, at U8U8 speed. hybridq's own measurements (analyze,
-proposal) use it where the CPU needs it, so their figures do not depend on
-the machine they run on.
+proposal) use it where the CPU needs it (``exact_int8`` of
+:func:`hybridq._runtime.session`), so their figures do not depend on the
+machine they run on.
 """
 
 from __future__ import annotations
 
 import functools
 import platform
-from collections.abc import Callable
-from typing import Any, TypeVar
-
-T = TypeVar("T")
 
 X64_PRECISION_KEY = "session.x64quantprecision"
 """ONNX Runtime session config key (``kOrtSessionOptionsAvx2PrecisionMode``)."""
@@ -59,32 +56,6 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
-def exact_int8(options: Any) -> Any:
-    """Set ``options`` (an ``onnxruntime.SessionOptions``) so int8 products are exact on this CPU; returns it."""
-    if u8s8_saturates():
-        options.add_session_config_entry(X64_PRECISION_KEY, "1")
-    return options
-
-
-def exact_session(make: Callable[[bool], T]) -> tuple[T, bool]:
-    """``make(exact=True)``, or ``make(exact=False)`` where that fails; returns ``(session, exact)``.
-
-    ``make(exact)`` builds a session whose options went through
-    :func:`exact_int8` when ``exact``. ONNX Runtime's rewrite behind
-    :data:`X64_PRECISION_KEY` fails on some models (``AddInitializedOrtValue
-    Attempt to replace the existing tensor`` on ``quantize_static`` output
-    after ``quant_pre_process``, ORT 1.32); then the session runs this CPU's
-    default kernels and ``exact`` is False, so the caller can say so. Errors
-    of the plain session are the caller's to handle.
-    """
-    if not u8s8_saturates():
-        return make(False), True
-    try:
-        return make(True), True
-    except Exception:
-        return make(False), False
-
-
 SATURATION_NOTE = (
     "this CPU is x86 without VNNI: ONNX Runtime's default int8 kernels add pairs of products in a "
     "saturating int16 here, so a plain session on it may give less accurate outputs than these "
@@ -99,4 +70,4 @@ NOT_EXACT_NOTE = (
     f"{X64_PRECISION_KEY} rewrite fails on the model): the figures are from this CPU's default, "
     "saturating int8 kernels"
 )
-"""What analyze says when :func:`exact_session` fell back."""
+"""What analyze says when :func:`hybridq._runtime.session` fell back to the default kernels."""

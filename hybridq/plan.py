@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from .cost import concrete_shapes, layer_macs, nominal_sample
+from ._onnx import GraphIndex
 from .graph import tensor_types
 from .settings import Settings
 
@@ -31,27 +32,13 @@ class Slots:
     quantize_output: bool = True
 
 
-@dataclass
-class GraphView:
-    """Producer/consumer lookups over a model's main graph."""
+class GraphView(GraphIndex):
+    """A model's main graph for planning: the graph index plus initializers, element types and outputs."""
 
-    model: onnx.ModelProto
-    nodes: dict[str, onnx.NodeProto] = field(init=False)
-    producer: dict[str, onnx.NodeProto] = field(init=False)
-    consumers: dict[str, list[onnx.NodeProto]] = field(init=False)
-    inits: dict[str, onnx.TensorProto] = field(init=False)
-    types: dict[str, int] = field(init=False)
-    outputs: set[str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        g = self.model.graph
-        self.nodes = {n.name: n for n in g.node}
-        self.producer = {o: n for n in g.node for o in n.output if o}
-        self.consumers = {}
-        for n in g.node:
-            for i in n.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        super().__init__(g)
+        self.model = model
         self.inits = {i.name: i for i in g.initializer}
         self.types = tensor_types(self.model)
         self.outputs = {o.name for o in g.output}
@@ -226,7 +213,7 @@ def depthwise_share(model: onnx.ModelProto, g: GraphView | None = None) -> float
         return 0.0
     macs = layer_macs(concrete_shapes(model, nominal_sample(model)))
     total = sum(macs.values())
-    dw = sum(v for n, v in macs.items() if n in g.nodes and g.nodes[n].op_type == "Conv" and _is_depthwise(g.nodes[n], g))
+    dw = sum(v for n, v in macs.items() if n in g.by_name and g.by_name[n].op_type == "Conv" and _is_depthwise(g.by_name[n], g))
     return dw / total if total else 0.0
 
 
@@ -248,7 +235,7 @@ SHAPE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 
 def _feeds_split(tensor: str, g: GraphView, depth: int = 4) -> bool:
     """Is the tensor (possibly through reshapes) cut into channel groups by Split or Slice?"""
-    for c in g.consumers.get(tensor, []):
+    for c in g.consumer_nodes(tensor):
         if c.op_type in ("Split", "Slice"):
             return True
         if depth and c.op_type in SHAPE_OPS and _feeds_split(c.output[0], g, depth - 1):
@@ -284,7 +271,7 @@ def _policy(
 def _absorbed_output(node: onnx.NodeProto, g: GraphView) -> str:
     """The tensor whose Q ends this layer: after a sole following Relu/Clip that ORT folds into the Q."""
     out = node.output[0]
-    users = g.consumers.get(out, [])
+    users = g.consumer_nodes(out)
     if out not in g.outputs and len(users) == 1 and users[0].op_type in ABSORBED_ACTIVATIONS:
         nxt = users[0]
         if nxt.op_type == "Relu" or _clip_min_is_zero(nxt, g):
@@ -352,10 +339,10 @@ def make_plan(
             tp.readers.append(reader)
 
     for name, slots in quantized.items():
-        node, lp = g.nodes[name], plan.layers[name]
+        node, lp = g.by_name[name], plan.layers[name]
         for i in slots.activations:
             t = node.input[i]
-            prod = g.producer.get(t)
+            prod = g.producer_node(t)
             want(t, lp.precision, name, prod.name if prod else "", False)
         if slots.weight:
             idx, axis = slots.weight
@@ -375,7 +362,7 @@ def make_plan(
     for tp in plan.tensors.values():
         if tp.layer_output:
             explicit_float = {n for n, p in layer_precision.items() if p in ("float16", "float32")}
-            tp.readers = [c.name for c in g.consumers.get(tp.tensor, []) if c.name not in explicit_float]
+            tp.readers = [c.name for c in g.consumer_nodes(tp.tensor) if c.name not in explicit_float]
     # MatMul outputs get a Q only when a quantized consumer needs it (MatMulIntegerToFloat otherwise).
     plan.tensors = {k: v for k, v in plan.tensors.items() if v.readers}
     return plan

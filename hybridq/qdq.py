@@ -15,12 +15,60 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .graph import main_opset
+from ._onnx import convert_opset, main_opset
+from .errors import ModelError
 from .plan import GraphView, QuantPlan
 from .qparams import QParams, quantize
 
 QDQ_MAP_KEY = "hybridq.qdq_map"
+"""``metadata_props`` key of the step2 model's :class:`QdqMap` (JSON)."""
 INT32_LIMIT = 2**31 - 1
+
+
+@dataclass
+class QdqMap:
+    """What step2 stores in the model for analysis: original tensor -> its quantized view, layer -> op and precision.
+
+    ``layers`` values are ``{"op": ..., "precision": ...}``; readers accept
+    other entries (maps written by other versions) and skip what is not an
+    object.
+    """
+
+    tensors: dict[str, str] = field(default_factory=dict)
+    layers: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        """The metadata value: sorted keys, so the same map gives the same bytes."""
+        return json.dumps({"tensors": self.tensors, "layers": self.layers}, sort_keys=True)
+
+    def write_to(self, model: onnx.ModelProto) -> None:
+        """Store the map in ``model``'s metadata (in place), replacing an older one."""
+        props = [p for p in model.metadata_props if p.key != QDQ_MAP_KEY]
+        del model.metadata_props[:]
+        model.metadata_props.extend(props)
+        model.metadata_props.add(key=QDQ_MAP_KEY, value=self.to_json())
+
+    @classmethod
+    def from_model(cls, model: onnx.ModelProto) -> QdqMap | None:
+        """The map stored in ``model``, or None (a QDQ model made elsewhere); ModelError when it is malformed."""
+        for p in model.metadata_props:
+            if p.key != QDQ_MAP_KEY:
+                continue
+            try:
+                m = json.loads(p.value)
+            except json.JSONDecodeError as e:
+                raise ModelError(
+                    f"the quantized model's metadata '{QDQ_MAP_KEY}' is not valid JSON ({e}); "
+                    "rebuild the model with `hybridq step2`"
+                ) from None
+            if not isinstance(m, dict) or not isinstance(m.get("tensors", {}), dict):
+                raise ModelError(
+                    f"the quantized model's metadata '{QDQ_MAP_KEY}' must be an object with a "
+                    "'tensors' object; rebuild the model with `hybridq step2`"
+                )
+            layers = m.get("layers", {})
+            return cls(dict(m.get("tensors", {})), dict(layers) if isinstance(layers, dict) else {})
+        return None
 
 
 @dataclass
@@ -49,10 +97,8 @@ def _prepare_opset(model: onnx.ModelProto, sixteen: bool) -> tuple[onnx.ModelPro
     """16-bit Q/DQ need opset 21; upgrade when possible, else use ONNX Runtime's com.microsoft Q/DQ."""
     if not sixteen or main_opset(model) >= 21:
         return model, ""
-    from onnx import version_converter
-
     try:
-        upgraded = version_converter.convert_version(model, 21)
+        upgraded = convert_opset(model, 21)
         onnx.checker.check_model(upgraded)
         return upgraded, ""
     except Exception:
@@ -80,7 +126,7 @@ def apply_plan(
         return ms_domain if dtype in ("int16", "uint16") else ""
 
     for name, lp in plan.layers.items():
-        node = g.nodes[name]
+        node = g.by_name[name]
         eff = lp.precision
         if eff in ("default", "uint8", "int8", "int16"):
             dts = [plan.tensors[t].dtype for t in node.input if t in plan.tensors]
@@ -96,7 +142,7 @@ def apply_plan(
         dom = qdq_domain(qp.dtype)
         q = helper.make_node("QuantizeLinear", [t, scale.name, zp.name], [f"{t}_quantized"], name=f"{t}_QuantizeLinear", domain=dom)
         dq = helper.make_node("DequantizeLinear", [q.output[0], scale.name, zp.name], [f"{t}_dequantized"], name=f"{t}_DequantizeLinear", domain=dom)
-        prod = g.producer.get(t)
+        prod = g.producer_node(t)
         after.setdefault(prod.name if prod is not None else "", []).extend([q, dq])
         for reader in tp.readers:
             rewire.setdefault(reader, {})[t] = dq.output[0]
@@ -114,7 +160,7 @@ def apply_plan(
         dq = helper.make_node("DequantizeLinear", [f"{w}_quantized", scale.name, zp.name], [f"{w}_dequantized"], name=f"{w}_DequantizeLinear", domain=qdq_domain(qp.dtype), **attrs)
         after.setdefault("", []).append(dq)
         rewire.setdefault(wp.node, {})[w] = dq.output[0]
-        if all(c.name == wp.node for c in g.consumers.get(w, [])):
+        if all(c.name == wp.node for c in g.consumer_nodes(w)):
             dropped_inits.add(w)
 
     # Biases: int32 with scale = s_input * s_weight, when it fits.
@@ -136,14 +182,14 @@ def apply_plan(
         dq = helper.make_node("DequantizeLinear", [f"{b}_quantized", f"{b}_scale", f"{b}_zero_point"], [f"{b}_dequantized"], name=f"{b}_DequantizeLinear", axis=0)
         after.setdefault("", []).append(dq)
         rewire.setdefault(bp.node, {})[b] = dq.output[0]
-        if all(c.name == bp.node for c in g.consumers.get(b, [])):
+        if all(c.name == bp.node for c in g.consumer_nodes(b)):
             dropped_inits.add(b)
 
     # Float16 layers: Cast in, fp16 weights, Cast out.
     fp16_nodes = {n for n, lp in plan.layers.items() if lp.precision == "float16"}
     before: dict[str, list[onnx.NodeProto]] = {}
     for name in fp16_nodes:
-        node = g.nodes[name]
+        node = g.by_name[name]
         casts_in, casts_out = [], []
         for i, t in enumerate(node.input):
             src = rewire.get(name, {}).get(t, t)
@@ -151,7 +197,7 @@ def apply_plan(
                 half = numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16")
                 new_inits.append(half)
                 rewire.setdefault(name, {})[t] = half.name
-                if all(c.name == name for c in g.consumers.get(t, [])):
+                if all(c.name == name for c in g.consumer_nodes(t)):
                     dropped_inits.add(t)
             elif g.is_float_activation(t):
                 out = f"{name}_input{i}_fp16"
@@ -180,15 +226,12 @@ def apply_plan(
     del work.graph.initializer[:]
     work.graph.initializer.extend(keep + new_inits)
     # value_info of fp16-renamed outputs would now lie; drop stale entries.
-    stale = {o for n in fp16_nodes for o in g.nodes[n].output}
+    stale = {o for n in fp16_nodes for o in g.by_name[n].output}
     vi = [v for v in work.graph.value_info if v.name not in stale]
     del work.graph.value_info[:]
     work.graph.value_info.extend(vi)
 
-    meta = {"tensors": result.tensor_map, "layers": {k: {"op": v["op"], "precision": v["precision"]} for k, v in result.layers.items()}}
-    props = [p for p in work.metadata_props if p.key != QDQ_MAP_KEY]
-    del work.metadata_props[:]
-    work.metadata_props.extend(props)
-    work.metadata_props.add(key=QDQ_MAP_KEY, value=json.dumps(meta, sort_keys=True))
+    layers = {k: {"op": v["op"], "precision": v["precision"]} for k, v in result.layers.items()}
+    QdqMap(result.tensor_map, layers).write_to(work)
     result.model = work
     return result

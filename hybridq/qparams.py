@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-INT_DTYPES = ("uint8", "int8", "uint16", "int16")
 FLOAT_DTYPES = ("float16", "float32")
 ALL_DTYPES = ("uint8", "int8", "int16", "float16", "float32")
 

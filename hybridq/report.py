@@ -24,9 +24,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._fs import write_atomic
 from .analysis import AnalysisResult
 from .metrics import METRIC_NAMES, Metrics
-from .snapshot import atomic_write_bytes
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -417,7 +417,7 @@ def write_reports(result: AnalysisResult, directory: str | os.PathLike[str]) -> 
         (d / HTML, render_html(result, png).encode("utf-8")),
     ]
     for path, data in files:
-        atomic_write_bytes(path, data)
+        write_atomic(path, data, parents=True)
     return [p for p, _ in files]
 
 

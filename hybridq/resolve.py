@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .observers import HistogramObserver
 from .observers import compute_range as _compute_range
 from .plan import QuantPlan, TensorPlan, WeightPlan
-from .qparams import QParams, compute_qparams, levels, qrange, range_of, weight_qparams
+from .qparams import NUMPY, QParams, compute_qparams, levels, qrange, range_of, weight_qparams
 from .settings import Settings
 
 
@@ -157,8 +157,6 @@ def resolve(
             zp = _check_zero_points(t, where, v.get("zero_point", w.get("zero_point")), dtype, sym)
             if scale.size != 1 or zp.size != 1:
                 raise ConfigError(f"{where}: activation '{t}' takes one scale and one zero_point value.")
-            from .qparams import NUMPY
-
             qp = QParams(dtype, scale, zp.astype(NUMPY[dtype]))
             lo, hi = range_of(qp)
             mn, mx = v.get("min", [None])[0], v.get("max", [None])[0]
@@ -175,8 +173,6 @@ def resolve(
             lo, hi = compute_range(obs, algo, levels(dtype), settings.percentile, t)
             qp = compute_qparams(lo, hi, dtype, sym)
         else:
-            from .qparams import NUMPY
-
             scale = np.array(v.get("scale", w.get("scale")), dtype=np.float32)
             zp = _check_zero_points(t, where, v.get("zero_point", w.get("zero_point")), dtype, sym)
             qp = QParams(dtype, scale, zp.astype(NUMPY[dtype]))

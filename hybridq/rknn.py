@@ -28,10 +28,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
 
+from . import __version__, _runtime
+from ._fs import copy_atomic, write_atomic
+from ._onnx import GraphIndex, is_large, main_opset, save_external
 from .errors import HybridqError, InputError, ModelError, did_you_mean
-from .graph import is_large, save_external
-from .kernels import exact_int8, exact_session
+from .graph import load_model
+from .observers import ALGORITHMS
+from .qparams import FLOAT_DTYPES
+from .settings import Settings, canonical
 
 # quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
 QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
@@ -49,8 +56,6 @@ QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
 }
 UNSUPPORTED_DTYPES = {"w4a16": "4-bit weights have no QDQ form that ONNX Runtime's CPU kernels run; use w8a8 or w8a16"}
 QUANTIZED_ALGORITHMS = {"normal": "minmax", "kl_divergence": "kl", "mmse": "mse"}
-HYBRIDQ_ALGORITHMS = ("minmax", "percentile", "kl", "mse")
-FLOAT_DTYPES = ("float16", "float32")
 
 # config() options that only mean something on a Rockchip NPU, with their RKNN defaults.
 NPU_ONLY_OPTIONS: dict[str, Any] = {
@@ -252,13 +257,13 @@ class RKNN:
             self._once("dfp", "config", f"quantized_dtype {quantized_dtype!r}: dynamic fixed point (power-of-two scales) is an NPU format; "
                                         "hybridq quantizes symmetrically with the exact scale instead.")
         algo = str(quantized_algorithm)
-        if algo in HYBRIDQ_ALGORITHMS:  # hybridq's own names work too
+        if algo in ALGORITHMS:  # hybridq's own names work too
             algo = next((k for k, v in QUANTIZED_ALGORITHMS.items() if v == algo), algo)
-        if algo not in QUANTIZED_ALGORITHMS and algo not in HYBRIDQ_ALGORITHMS:
+        if algo not in QUANTIZED_ALGORITHMS and algo not in ALGORITHMS:
             extra = " ('gdq' tunes weights by gradient descent on the NPU toolchain; hybridq has no equivalent, try 'mmse')" if algo == "gdq" else ""
             raise InputError(f"quantized_algorithm {algo!r} is not supported{extra}.{did_you_mean(algo, QUANTIZED_ALGORITHMS)} Use one of: {', '.join(QUANTIZED_ALGORITHMS)}.")
-        cfg.algorithm = QUANTIZED_ALGORITHMS.get(algo, algo)
-        if quantized_method not in ("channel", "layer"):
+        cfg.algorithm = canonical("algorithm", algo)
+        if canonical("qmethod", quantized_method) is None:
             why = " (group quantization has no ONNX QDQ form that ONNX Runtime's CPU kernels run)" if str(quantized_method).startswith("group") else ""
             raise InputError(f"quantized_method {quantized_method!r} is not supported{why}; use 'channel' or 'layer'.")
         cfg.qmethod = quantized_method
@@ -285,10 +290,6 @@ class RKNN:
     def load_onnx(self, model: str, inputs: list[str] | None = None, input_size_list: list[list[int]] | None = None,
                   input_initial_val: list[Any] | None = None, outputs: list[str] | None = None) -> int:
         """Load an ONNX model; `inputs`/`outputs` cut it, `input_size_list` fixes input shapes."""
-        import onnx
-
-        from .graph import load_model
-
         path = Path(model)
         proto = load_model(path)
         self._model_path = self._float_path = None
@@ -325,8 +326,6 @@ class RKNN:
     # ------------------------------------------------------------------ settings from config
 
     def _settings(self):
-        from .settings import Settings
-
         c = self._cfg
         s = Settings(dtype=c.dtype, qtype=c.qtype, weight_dtype=c.weight_dtype, qmethod=c.qmethod, algorithm=c.algorithm)
         s.validate("rknn.config")
@@ -343,7 +342,6 @@ class RKNN:
 
     def _n_inputs(self, path: Path) -> int:
         from .dataset import input_specs
-        from .graph import load_model
 
         return len(input_specs(load_model(path, load_external_data=False)))
 
@@ -383,7 +381,7 @@ class RKNN:
             pairs = {str(tuple(p)) for p in custom_hybrid}
             comments = {n: f"custom_hybrid {why}" for n, why in layers.items()}
             text = update_custom_layers(res.cfg.read_text(encoding="utf-8"), {n: self._cfg.float_dtype for n in layers}, comments)
-            _atomic_write_text(res.cfg, text)
+            write_atomic(res.cfg, text)
             self._log("I", "hybrid_quantization_step1", f"custom_hybrid {', '.join(sorted(pairs))}: {len(layers)} layers set to {self._cfg.float_dtype} in {res.cfg.name}.")
         return 0
 
@@ -421,21 +419,15 @@ class RKNN:
 
     def _custom_hybrid_layers(self, pairs: list[list[str]], temp_model: Path, fused: dict[str, str]) -> dict[str, str]:
         """Temp-model nodes on every path from each pair's input tensor to its output tensor."""
-        import onnx
-
         if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
             raise InputError(f"custom_hybrid must be a list of [input_tensor, output_tensor] pairs, got {pairs!r}.")
         g = onnx.load(str(temp_model), load_external_data=False).graph
         original = None
         if self._float_path is not None:
             original = onnx.load(str(self._float_path), load_external_data=False).graph
-        producer = {o: n for n in g.node for o in n.output}
-        consumers: dict[str, list[Any]] = {}
-        for n in g.node:
-            for t in n.input:
-                consumers.setdefault(t, []).append(n)
-        by_name = {n.name: n for n in g.node}
-        tensors = set(producer) | {i.name for i in g.input}
+        index = GraphIndex(g)
+        by_name = index.by_name
+        tensors = index.tensors() | {i.name for i in g.input}
         float_out = _float_outputs(g)
 
         def find(t: str, role: str) -> list[str]:
@@ -454,19 +446,19 @@ class RKNN:
         for src, dst in pairs:
             starts, ends = find(str(src), "input"), find(str(dst), "output")
             down: set[str] = set()
-            stack = [c for t in starts for c in consumers.get(t, [])]
+            stack = [c for t in starts for c in index.consumer_nodes(t)]
             while stack:
                 n = stack.pop()
                 if n.name not in down:
                     down.add(n.name)
-                    stack.extend(c for o in n.output for c in consumers.get(o, []))
+                    stack.extend(c for o in n.output for c in index.consumer_nodes(o))
             up: set[str] = set()
-            stack = [producer[t] for t in ends if t in producer]
+            stack = [p for t in ends if (p := index.producer_node(t)) is not None]
             while stack:
                 n = stack.pop()
                 if n.name not in up:
                     up.add(n.name)
-                    stack.extend(producer[t] for t in n.input if t in producer)
+                    stack.extend(p for t in n.input if (p := index.producer_node(t)) is not None)
             on_path = [n.name for n in g.node if n.name in down and n.name in up and any(o in float_out for o in n.output)]
             if not on_path:
                 raise InputError(f"custom_hybrid pair [{src!r}, {dst!r}]: no layer lies on a path from {src!r} to {dst!r}; "
@@ -566,30 +558,14 @@ class RKNN:
         return 0
 
     def _export(self, dest: Path) -> None:
-        from .errors import OutputError
-
-        src = self._need_built()
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"cannot write '{dest}': {exc.strerror or exc}.") from None
+        copy_atomic(self._need_built(), dest, parents=True)
 
     def _opset(self) -> int:
-        import onnx
-
-        from .graph import main_opset
-
         return main_opset(onnx.load(str(self._need_built()), load_external_data=False))
 
     @_rknn_method()
     def load_rknn(self, path: str) -> int:
         """Load a model written by export_rknn / export_onnx (an ONNX file) for init_runtime / inference."""
-        from .graph import load_model
-
         p = Path(path)
         try:
             load_model(p)
@@ -670,11 +646,7 @@ class RKNN:
         built = self._need_built()
         try:
             # the simulator computes int8 products exactly, as the NPU does (hybridq.kernels)
-            self._session = exact_session(
-                lambda exact: ort.InferenceSession(
-                    str(built), exact_int8(ort.SessionOptions()) if exact else ort.SessionOptions(), providers=["CPUExecutionProvider"]
-                )
-            )[0]
+            self._session = _runtime.session(built, exact_int8=True)
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot load the built model '{built}': {str(exc).splitlines()[0]}") from None
         self._log("I", "init_runtime", f"ONNX Runtime {ort.__version__} CPU session on {built.name}.")
@@ -719,8 +691,6 @@ class RKNN:
         """hybridq and ONNX Runtime versions (there is no NPU SDK)."""
         import onnxruntime as ort
 
-        from . import __version__
-
         return f"hybridq {__version__} (ONNX Runtime {ort.__version__}, CPU)"
 
     def release(self) -> None:
@@ -761,17 +731,12 @@ def _single(values: list[tuple[float, ...]] | None, n_inputs: int, what: str) ->
 
 def _float_outputs(g: Any) -> set[str]:
     """Tensors known to be float: graph inputs/outputs/value_info typed FLOAT, and outputs of nodes with float inputs."""
-    from onnx import TensorProto
-
     typed = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
     return {o for n in g.node for o in n.output if typed.get(o, TensorProto.FLOAT) in (TensorProto.FLOAT, TensorProto.FLOAT16)}
 
 
 def _edit_model(proto: Any, path: Path, inputs: list[str] | None, sizes: list[list[int]] | None, initial: list[Any] | None, outputs: list[str] | None) -> Any:
     """load_onnx's inputs / input_size_list / input_initial_val / outputs applied to a copy of the model."""
-    import onnx
-    from onnx import numpy_helper
-
     g = proto.graph
     inits = {i.name for i in g.initializer}
     tensors = {i.name for i in g.input} | {o for n in g.node for o in n.output}
@@ -864,12 +829,6 @@ def _cwd(path: Path) -> Iterator[None]:
 def _absolute(dataset: Any, base: Path) -> str:
     """A dataset argument (list file, directory or glob) made absolute against `base`."""
     return os.path.join(base, os.fspath(dataset))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _rknn_layout(out: Path, result: Any) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
+from ._onnx import outer_reads
+
 
 @dataclass
 class Segment:
@@ -32,33 +34,6 @@ class Segment:
     model: onnx.ModelProto
     inputs: list[str]
     outputs: list[str]
-
-
-def _outer_refs(g: onnx.GraphProto) -> set[str]:
-    """Tensors a subgraph reads from enclosing scopes."""
-    local = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
-    refs: set[str] = set()
-    for n in g.node:
-        refs.update(i for i in n.input if i and i not in local)
-        for sg in _subgraphs(n):
-            refs.update(r for r in _outer_refs(sg) if r not in local)
-    refs.update(o.name for o in g.output if o.name not in local)
-    return refs
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    out: list[onnx.GraphProto] = []
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            out.extend(a.graphs)
-    return out
-
-
-def outer_reads(node: onnx.NodeProto) -> list[str]:
-    """Tensors a node's subgraphs read from the main graph."""
-    return sorted({r for sg in _subgraphs(node) for r in _outer_refs(sg)})
 
 
 def _reads(node: onnx.NodeProto) -> list[str]:

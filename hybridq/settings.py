@@ -3,12 +3,57 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from .errors import ConfigError, did_you_mean
 from .observers import ALGORITHM_ALIASES, ALGORITHMS
 from .qparams import normalize_dtype
 
 DEFAULT_QUANTIZE_OPS = ("Conv", "Gemm", "MatMul")
+
+ACTIVATION_DTYPES = ("uint8", "int8", "int16", "uint16")
+WEIGHT_DTYPES = ("int8", "int16")
+QTYPES = ("asym", "sym")
+QMETHODS = ("channel", "layer")
+_QTYPE_ALIASES = {"asymmetric": "asym", "symmetric": "sym"}
+
+_CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
+    "dtype": (ACTIVATION_DTYPES, "uint8, int8 or int16"),
+    "weight_dtype": (WEIGHT_DTYPES, "int8 or int16"),
+    "qtype": (QTYPES, "asym or sym"),
+    "qmethod": (QMETHODS, "channel or layer"),
+    "algorithm": (tuple(ALGORITHMS), ", ".join(ALGORITHMS)),
+}
+"""The value keys shared by the cfg's settings and entries, the CLI and the RKNN facade: valid values, how to list them."""
+
+
+def canonical(key: str, value: Any) -> str | None:
+    """The canonical form of ``value`` for ``key`` (dtype, weight_dtype, qtype, qmethod, algorithm), or None when invalid.
+
+    Aliases are resolved: dtype names (``u8``, ...), ``asymmetric``/``symmetric``, RKNN's algorithm names.
+    """
+    if key in ("dtype", "weight_dtype"):
+        v = normalize_dtype(value)
+    elif key == "qtype":
+        v = _QTYPE_ALIASES.get(str(value), str(value))
+    elif key == "algorithm":
+        v = ALGORITHM_ALIASES.get(str(value), str(value))
+    else:
+        v = value
+    return v if v in _CHOICES[key][0] else None
+
+
+def check_value(key: str, value: Any, where: str, name: str = "", hint: str = "") -> str:
+    """:func:`canonical`, or a ConfigError naming ``where`` (and the tensor ``name``) that lists the valid values.
+
+    ``hint`` is appended to the message (e.g. another way to get what was asked).
+    """
+    v = canonical(key, value)
+    if v is None:
+        choices, listing = _CHOICES[key]
+        of = f" of '{name}'" if name else ""
+        raise ConfigError(f"{where}: {key} {value!r}{of} is not valid.{did_you_mean(str(value), choices)} Use {listing}{hint}.")
+    return v
 
 
 @dataclass
@@ -43,23 +88,8 @@ class Settings:
 
     def validate(self, where: str) -> None:
         """Normalise names and check every value; raises ConfigError naming `where`."""
-        dt = normalize_dtype(self.dtype)
-        if dt not in ("uint8", "int8", "int16", "uint16"):
-            raise ConfigError(f"{where}: dtype {self.dtype!r} is not an activation dtype; use uint8, int8 or int16.")
-        self.dtype = dt
-        wdt = normalize_dtype(self.weight_dtype)
-        if wdt not in ("int8", "int16"):
-            raise ConfigError(f"{where}: weight_dtype {self.weight_dtype!r} is not valid; use int8 or int16.")
-        self.weight_dtype = wdt
-        self.qtype = {"asymmetric": "asym", "symmetric": "sym"}.get(str(self.qtype), str(self.qtype))
-        if self.qtype not in ("asym", "sym"):
-            raise ConfigError(f"{where}: qtype {self.qtype!r} is not valid; use asym or sym.")
-        if self.qmethod not in ("channel", "layer"):
-            raise ConfigError(f"{where}: qmethod {self.qmethod!r} is not valid; use channel or layer.")
-        algo = ALGORITHM_ALIASES.get(str(self.algorithm), str(self.algorithm))
-        if algo not in ALGORITHMS:
-            raise ConfigError(f"{where}: algorithm {self.algorithm!r} is not valid.{did_you_mean(algo, ALGORITHMS)} Use one of: {', '.join(ALGORITHMS)}.")
-        self.algorithm = algo
+        for key in ("dtype", "weight_dtype", "qtype", "qmethod", "algorithm"):
+            setattr(self, key, check_value(key, getattr(self, key), where))
         try:
             self.percentile = float(self.percentile)
         except (TypeError, ValueError):

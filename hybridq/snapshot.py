@@ -26,31 +26,13 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ._fs import publish, write_atomic
 from .analysis import AnalysisResult
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, did_you_mean
 
 MANIFEST = "manifest.json"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_STEM = 120
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write '{path}': {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def safe_names(names: list[str]) -> dict[str, str]:
@@ -114,11 +96,9 @@ class _NpyAppender:
         assert self.fh is not None
         self.fh.seek(0)
         self.fh.write(_npy_header(self.dtype, (self.count, *self.shape), self.reserved))
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
         self.fh.close()
         self.fh = None
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
 
     def abort(self) -> None:
         if self.fh is not None:
@@ -236,7 +216,7 @@ def write_snapshot(result: AnalysisResult, directory: str | os.PathLike[str]) ->
     """Write ``DIR/manifest.json`` for ``result`` (atomically); returns its path."""
     path = Path(directory) / MANIFEST
     text = json.dumps(result.to_dict(), indent=1, allow_nan=False, ensure_ascii=False) + "\n"
-    atomic_write_bytes(path, text.encode("utf-8"))
+    write_atomic(path, text, parents=True)
     return path
 
 
@@ -269,8 +249,6 @@ def load_arrays(directory: str | os.PathLike[str], tensor: str) -> tuple[np.ndar
     """The dumped ``(fp32, quant)`` arrays of ``tensor``, samples on axis 0."""
     d = Path(directory)
     result = load_snapshot(d)
-    from .errors import did_you_mean
-
     for layer in result.layers:
         if layer.tensor == tensor:
             if layer.fp32_file is None or layer.quant_file is None:

@@ -257,9 +257,9 @@ def test_if_subgraph_stays_float_and_is_reported(tmp_path):
 def test_large_model_paths_through_external_data(tmp_path, monkeypatch):
     # The > 2 GB code paths (ORT optimisation, calibration session, step2 output with external data),
     # exercised on a small model by lowering the size threshold; the slow test runs a real 2.1 GB model.
-    import hybridq.graph
+    import hybridq._onnx
 
-    monkeypatch.setattr(hybridq.graph, "LARGE_MODEL_BYTES", 1000)
+    monkeypatch.setattr(hybridq._onnx, "LARGE_MODEL_BYTES", 1000)
     path = tmp_path / "cnn.onnx"
     onnx.save(models.residual_cnn(), path, save_as_external_data=True, location="cnn.onnx.data", size_threshold=0)
     listing = models.write_npy_dataset(tmp_path / "d", {"x": (1, 3, 16, 16)}, 6)

@@ -122,7 +122,7 @@ def equalize_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candid
     site = equalize.find_site(ctx.temp, t, ctx.graph)
     if isinstance(site, str) or site.axis % stats.rank != stats.axis or site.channels != stats.min.size:
         return []
-    if any(ctx.graph.nodes[n].input[0] in ctx.plan.tensors for n in site.path):
+    if any(ctx.graph.by_name[n].input[0] in ctx.plan.tensors for n in site.path):
         return []  # a quantized tensor inside the site would change range too
     scales = equalize.smooth_scales(stats.absmax, equalize.reader_absmax(ctx.temp, site, ctx.graph))
     lo, hi = min(float((stats.min / scales).min()), 0.0), max(float((stats.max / scales).max()), 0.0)
@@ -140,15 +140,15 @@ def equalize_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candid
 def bias_fix(ctx: Context, edits: Edits, fixed: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
              session: Callable[[onnx.ModelProto], Any]) -> list[Candidate]:
     """Shift each quantized Conv/Gemm's bias by its isolated mean output error over the samples."""
-    layers = [w.node for w in ctx.plan.weights.values() if w.node in ctx.graph.nodes
-              and ctx.graph.nodes[w.node].op_type in bias_correction.CORRECTABLE]
+    layers = [w.node for w in ctx.plan.weights.values() if w.node in ctx.graph.by_name
+              and ctx.graph.by_name[w.node].op_type in bias_correction.CORRECTABLE]
     model, outputs = bias_correction.shift_model(fixed, qdq, layers)
     if not outputs:
         return []
     shifts = bias_correction.mean_shifts(session(model), outputs, samples)
     cand = Candidate("bias_correction", "")
     for layer, shift in shifts.items():
-        node = ctx.graph.nodes[layer]
+        node = ctx.graph.by_name[layer]
         weight = node.input[1]
         if weight in ctx.protected or not np.any(shift):
             continue

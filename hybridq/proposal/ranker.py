@@ -28,8 +28,8 @@ def local_rank(single: dict[str, float], plan: QuantPlan, model: onnx.ModelProto
     worst: dict[str, float] = {}
     for node, cos in single.items():
         target = node
-        if node not in quantized and node in g.nodes:
-            prod = g.producer.get(g.nodes[node].input[0]) if g.nodes[node].input else None
+        if node not in quantized and node in g.by_name:
+            prod = g.producer_node(g.by_name[node].input[0]) if g.by_name[node].input else None
             target = prod.name if prod is not None else node
         if target in quantized and not math.isnan(cos):
             worst[target] = min(cos, worst.get(target, 1.0))
@@ -68,7 +68,7 @@ def channel_axis(tensor: str, g: GraphView, rank: int) -> int:
     """Axis 1 for tensors that Conv-like layers read (NCHW), else the last axis (Gemm/MatMul features)."""
     if rank <= 1:
         return 0
-    readers = g.consumers.get(tensor, [])
+    readers = g.consumer_nodes(tensor)
     if any(r.op_type in ("Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization") for r in readers) or rank == 4:
         return 1
     return rank - 1

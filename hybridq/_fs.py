@@ -1,0 +1,161 @@
+"""Atomic file output: every file hybridq writes appears whole or not at all.
+
+A file is written to a temporary name in its target's directory (same file
+system), flushed and ``fsync``ed, given the permissions a plain ``open``
+would, then renamed over the target with ``os.replace``. Temporary names
+start with ``.hybridq-`` and are removed on any error, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import OutputError
+
+TEMP_PREFIX = ".hybridq-"
+"""Start of every temporary file or directory name hybridq creates beside its outputs."""
+
+
+def _default_mode() -> int:
+    """The mode ``open(..., "w")`` gives a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync(path: str | os.PathLike[str]) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def publish(src: Path, dst: Path) -> None:
+    """Move a finished file into place atomically (same file system): fsync, usual mode, ``os.replace``."""
+    _fsync(src)
+    os.chmod(src, _default_mode())
+    os.replace(src, dst)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, parents: bool = False) -> None:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically; ``parents`` creates missing directories.
+
+    Raises :class:`~hybridq.errors.OutputError` naming ``path`` when it cannot
+    be written; no temporary file is left behind.
+    """
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    _atomic(path, lambda f: f.write(raw), parents)
+
+
+def copy_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, parents: bool = False) -> None:
+    """Copy the file ``src`` to ``dst`` atomically (as :func:`write_atomic`)."""
+
+    def copy(f: BinaryIO) -> None:
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f)
+
+    _atomic(Path(dst), copy, parents)
+
+
+def _atomic(path: Path, fill: Callable[[BinaryIO], object], parents: bool) -> None:
+    tmp: str | None = None
+    try:
+        if parents:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent or ".")
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise OutputError(
+                f"Cannot write '{path}': {exc.strerror or exc}. Check the directory exists, is writable and has space."
+            ) from exc
+        raise
+
+
+@contextlib.contextmanager
+def staging(out_dir: Path) -> Iterator[Path]:
+    """A temporary directory beside the outputs, removed afterwards whatever happens."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out_dir))
+    except OSError as exc:
+        blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise OutputError(f"Cannot write into '{out_dir}': '{blocker}' is a file, not a directory. Choose another output location.") from exc
+        raise OutputError(f"Cannot write into '{out_dir}': {exc.strerror or exc}. Choose a writable output directory with free space.") from exc
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver the first one to the previous handler.
+
+    Used around the renames that publish several files, so Ctrl-C cannot land between two of them.
+    Only the main thread can set handlers; elsewhere the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.getsignal(sig)
+        signal.signal(sig, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
+
+
+def publish_all(moves: list[tuple[Path, Path]], keep: Path) -> None:
+    """Move finished files into place as one unit: if any move fails, every target gets its previous content back.
+
+    Each existing target is first hard-linked (or copied) into `keep`, a staging directory on the same filesystem.
+    """
+    saved: list[tuple[Path, Path | None]] = []
+    with signals_held():
+        try:
+            for i, (_, dst) in enumerate(moves):
+                old = None
+                if dst.is_file():
+                    old = keep / f"previous-{i}-{dst.name}"
+                    try:
+                        os.link(dst, old)
+                    except OSError:
+                        shutil.copy2(dst, old)
+                saved.append((dst, old))
+            for src, dst in moves:
+                publish(src, dst)
+        except BaseException:
+            for dst, old in reversed(saved):
+                with contextlib.suppress(OSError):
+                    if old is not None:
+                        os.replace(old, dst)
+                    else:
+                        os.unlink(dst)
+            raise

@@ -1,0 +1,156 @@
+"""ONNX plumbing shared by every stage: the graph index, the opset helper, models over 2 GB.
+
+No stage builds its own producer/consumer dicts, reads ``opset_import`` or
+calls ``onnx.version_converter``: they use :class:`GraphIndex`,
+:func:`main_opset` and :func:`convert_opset`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import onnx
+from google.protobuf.message import EncodeError
+from onnx import external_data_helper, version_converter
+
+LARGE_MODEL_BYTES = 1_800_000_000
+"""Above this size a model cannot be one protobuf (2 GB limit): it goes through files with external data."""
+
+
+# --------------------------------------------------------------------------- graph index
+
+
+class GraphIndex:
+    """Read-only lookups over one graph's nodes: producer, consumers and nodes by name.
+
+    Node positions (indices into :attr:`nodes`) are stored, so callers that
+    copy or reorder nodes can keep their own lists; :meth:`producer_node` and
+    :meth:`consumer_nodes` give the nodes themselves. Empty names (optional
+    inputs or outputs left out) are not indexed; a tensor written twice (an
+    invalid graph) maps to its last writer. With ``subgraph_reads``, a node
+    whose subgraphs read a main-graph tensor (:func:`outer_reads`) is also
+    one of its consumers.
+    """
+
+    def __init__(self, nodes: onnx.GraphProto | Iterable[onnx.NodeProto], *, subgraph_reads: bool = False) -> None:
+        self.nodes: list[onnx.NodeProto] = list(nodes.node if isinstance(nodes, onnx.GraphProto) else nodes)
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[int]] = {}
+        self.by_name: dict[str, onnx.NodeProto] = {}
+        for k, node in enumerate(self.nodes):
+            self.by_name[node.name] = node
+            for o in node.output:
+                if o:
+                    self.producer[o] = k
+            for i in node.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(k)
+            for r in outer_reads(node) if subgraph_reads else ():
+                self.consumers.setdefault(r, []).append(k)
+
+    def producer_node(self, tensor: str) -> onnx.NodeProto | None:
+        """The node writing ``tensor``, or None (graph input, initializer or unknown)."""
+        k = self.producer.get(tensor)
+        return None if k is None else self.nodes[k]
+
+    def consumer_nodes(self, tensor: str) -> list[onnx.NodeProto]:
+        """The nodes reading ``tensor`` as a direct input, in graph order."""
+        return [self.nodes[k] for k in self.consumers.get(tensor, [])]
+
+    def tensors(self) -> set[str]:
+        """Every tensor a node writes."""
+        return set(self.producer)
+
+
+# --------------------------------------------------------------------------- subgraphs
+
+
+def _outer_refs(g: onnx.GraphProto) -> set[str]:
+    """Tensors a subgraph reads from enclosing scopes."""
+    local = {i.name for i in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}
+    refs: set[str] = set()
+    for n in g.node:
+        refs.update(i for i in n.input if i and i not in local)
+        for sg in subgraphs(n):
+            refs.update(r for r in _outer_refs(sg) if r not in local)
+    refs.update(o.name for o in g.output if o.name not in local)
+    return refs
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs in a node's attributes (If branches, Loop and Scan bodies)."""
+    out: list[onnx.GraphProto] = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def outer_reads(node: onnx.NodeProto) -> list[str]:
+    """Tensors a node's subgraphs read from the main graph."""
+    return sorted({r for sg in subgraphs(node) for r in _outer_refs(sg)})
+
+
+# --------------------------------------------------------------------------- opset
+
+
+def main_opset(model: onnx.ModelProto) -> int:
+    """The ai.onnx opset version the model imports (0 when it imports none)."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """A copy of ``model`` at ai.onnx opset ``target`` (``onnx.version_converter``), metadata kept.
+
+    The converter's exception propagates; :func:`describe_error` gives its one-line summary.
+    """
+    new = version_converter.convert_version(model, target)
+    del new.metadata_props[:]
+    new.metadata_props.extend(model.metadata_props)
+    return new
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: first line of the message``, for error messages that quote a library's failure."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+# --------------------------------------------------------------------------- models over 2 GB
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of the model; over 2 GB, where protobuf cannot size it, the size of its tensor data."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return sum(len(t.raw_data) for t in external_data_helper._get_all_tensors(model))
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    """Must this model be saved with external data?"""
+    return model_bytes(model) > LARGE_MODEL_BYTES
+
+
+def tag_external(model: onnx.ModelProto, location: str, min_bytes: int = 0) -> None:
+    """Mark tensors with raw data of at least `min_bytes` as external data in `location` (written by onnx.save_model).
+
+    Done by hand because onnx's save_as_external_data checks `location` against the current
+    directory, not the model's, and refuses when a file of that name happens to sit there.
+    """
+    for tensor in external_data_helper._get_all_tensors(model):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= min_bytes:
+            external_data_helper.set_external_data(tensor, location=location)
+
+
+def save_external(model: onnx.ModelProto, path: str, location: str) -> None:
+    """Save a copy of the model with its weights (>= 1 KB tensors) in `location` beside it."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    tag_external(work, location, min_bytes=1024)
+    onnx.save_model(work, str(path))
