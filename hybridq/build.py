@@ -152,9 +152,11 @@ def apply_fixes(model: onnx.ModelProto, edits: Edits, where: str = "cfg") -> onn
             model = equalize.apply(model, site, np.asarray(scales))
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}; fix or remove the 'equalize' key of '{tensor}'.") from None
-    if edits.bias_correction:
+    # A layer that runs in float computes its fp32 output: a correction of its int8 error would add one.
+    shifts = {k: np.asarray(v) for k, v in edits.bias_correction.items() if edits.layers.get(k) not in ("float16", "float32")}
+    if shifts:
         try:
-            model = bias_correction.apply(model, {k: np.asarray(v) for k, v in edits.bias_correction.items()})
+            model = bias_correction.apply(model, shifts)
         except ValueError as exc:
             raise ConfigError(f"{where}: bias_correction cannot be applied: {exc}. Remove the key from that weight's entry.") from None
     return model
