@@ -168,7 +168,7 @@ def step1(
     custom_comments: dict[str, str] = {}
     cfg_entries = entries
     if proposal is not None:
-        prop_samples = list(ds.samples(limit=min(n, proposal.samples)))
+        prop_samples = list(ds.samples(limit=min(n, 2 * proposal.samples)))
         prop, evaluator = run_proposal(temp, observers, meta, settings, entries, {}, prop_samples, proposal)
         custom, custom_comments = prop.layers, prop.comments
         cfg_entries = {t: prop.entries.get(t, e) for t, e in entries.items()}
@@ -386,20 +386,24 @@ def run_proposal(
 
     if options.fallback not in ("float32", "float16"):
         raise InputError(f"--fallback {options.fallback!r} is not valid; use float32 (fastest on CPU) or float16 (NPUs).")
-    evaluator = Evaluator(temp, samples, options.target)
+    # Candidates are scored on the first samples; what fixes fit (outlier ranges, bias shifts) comes from the
+    # others when there are enough, so a fix is judged on samples it was not fitted to.
+    scored = samples[: options.samples]
+    fit = samples[options.samples:] or scored
+    evaluator = Evaluator(temp, scored, options.target)
     written = meta.get("written_entries", {})
     base = Edits(dict(existing), {t: CfgEntry(t, 0, dict(v)) for t, v in entries.items()})
     protected = {t for t, v in entries.items() if v != written.get(t)}
     edited = bool(existing) or bool(protected)
 
-    def analyse(fp32, quant, smp):
+    def analyse(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> dict[str, float]:
         from .analysis import analyze as run_analysis
 
-        analysed = run_analysis(fp32, quant, smp)
+        analysed = run_analysis(fp32, quant, scored)
         return {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
 
     result = climb(
-        temp, observers, meta, settings, base, samples, evaluator, single=single, protected=protected, fallback=options.fallback,
+        temp, observers, meta, settings, base, fit, evaluator, single=single, protected=protected, fallback=options.fallback,
         max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
         started_from="your cfg as edited" if edited else "the default int8 cfg", analyse=analyse,
     )
@@ -446,7 +450,7 @@ def propose_cfg(
         snap = load_snapshot(snapshot)
         single = {le.layer: le.single.cosine for le in snap.layers if le.single is not None}
     ds = open_dataset(bundle.model, dataset, preprocess)
-    samples = list(ds.samples(limit=min(len(ds), options.samples)))
+    samples = list(ds.samples(limit=min(len(ds), 2 * options.samples)))
     result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options, single)
     text = cfg_path.read_text(encoding="utf-8")
     text = update_custom_layers(text, result.layers, result.comments)

@@ -31,11 +31,12 @@ def propose(
     samples: list[dict[str, np.ndarray]], evaluator: Evaluator, *, single: dict[str, float] | None = None,
     protected: set[str] | None = None, fallback: str = "float32", max_float_layers: int | None = None,
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default int8 cfg",
-    analyse: Callable[[onnx.ModelProto, onnx.ModelProto, list[dict[str, np.ndarray]]], dict[str, float]] | None = None,
+    analyse: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]] | None = None,
 ) -> ProposalResult:
     """Climb the ladder of fixes from `base` (the cfg as the user left it); `protected` tensors are never changed.
 
-    `single` gives isolated layer errors (from a snapshot); otherwise `analyse(temp, quant, samples)` computes them.
+    `samples` are those fixes are fitted on (outlier ranges, bias shifts); the evaluator scores on its own.
+    `single` gives isolated layer errors (from a snapshot); otherwise `analyse(temp, quant)` computes them.
     """
     written = meta.get("written_entries", {})
 
@@ -47,7 +48,7 @@ def propose(
     def single_errors() -> dict[str, float]:
         if single is not None:
             return single
-        return analyse(temp, first.model, samples) if analyse is not None else {}
+        return analyse(temp, first.model) if analyse is not None else {}
 
     ctx = Context(temp, observers, settings, first.plan, written, set(protected or ()))
     return search(
