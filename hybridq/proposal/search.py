@@ -258,5 +258,6 @@ def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: 
         s = climb.evaluator.score(climb.build(c.onto(climb.edits, climb.ctx.temp)).model, limit=SENSITIVITY_SAMPLES)
         gains[n] = climb.quality(s) - climb.quality(base)
         climb._row("sensitivity", f"{n} alone in {fallback} ({SENSITIVITY_SAMPLES} samples)", s, c.cost, f"gain {gains[n]:+.4g}")
-    head.sort(key=lambda n: -gains[n] / max(macs.get(n, 0.0) / total, 1e-3))
-    return head + [n for n, _ in ranked[SENSITIVITY_LAYERS:]]
+    # Measured gain per unit of compute first; a layer whose float copy measured no gain is not offered.
+    helpful = sorted((n for n in head if gains[n] > 0), key=lambda n: -gains[n] / max(macs.get(n, 0.0) / total, 1e-3))
+    return helpful + [n for n, _ in ranked[SENSITIVITY_LAYERS:]]
