@@ -29,6 +29,7 @@ from .metrics import METRIC_NAMES, Metrics
 from .snapshot import atomic_write_bytes
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from rich.table import Table
 
 TXT, CSV, PNG, HTML = "error_analysis.txt", "error_analysis.csv", "error_analysis.png", "report.html"
@@ -191,6 +192,17 @@ _MAX_LABELS = 10  # failing layers named on the chart at most (the table lists a
 def render_png(
     result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, snr_threshold: float = SNR_THRESHOLD
 ) -> bytes:
+    """The chart of :func:`chart` as PNG bytes."""
+    fig = chart(result, cos_threshold, snr_threshold)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # cosmetic only: a layer name with a glyph the font lacks
+        warnings.simplefilter("ignore", UserWarning)
+        fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def chart(result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, snr_threshold: float = SNR_THRESHOLD) -> Figure:
     """Per-layer entire vs single cosine (top) and SNR (bottom) along the graph.
 
     Red circles mark only the layers whose single error is below a threshold
@@ -244,8 +256,8 @@ def render_png(
         m = w.single
         assert m is not None
         sy = clip([m.snr_db])[0]
-        ax_c.plot([i], [m.cosine], "o", ms=10, mfc="none", mec="red", mew=1.5)
-        ax_s.plot([i], [sy], "o", ms=10, mfc="none", mec="red", mew=1.5)
+        ax_c.plot([i], [m.cosine], "o", ms=10, mfc="none", mec="red", mew=1.5, gid="below-threshold")
+        ax_s.plot([i], [sy], "o", ms=10, mfc="none", mec="red", mew=1.5, gid="below-threshold")
         if k < _MAX_LABELS:  # staggered so neighbouring names do not overlap
             ax_s.annotate(
                 _plain(w.layer), (i, sy), xytext=(6, -12 - 10 * (k % 4)), textcoords="offset points",
@@ -265,12 +277,7 @@ def render_png(
         ax_s.xaxis.set_major_locator(MaxNLocator(nbins=20, integer=True))
         ax_s.set_xlabel("layer index in graph order (the table names every layer)")
     ax_s.set_xlim(-0.5, max(n - 0.5, 0.5))
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        # cosmetic only: a layer name with a glyph the font lacks
-        warnings.simplefilter("ignore", UserWarning)
-        fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+    return fig
 
 
 # --------------------------------------------------------------------------- html
@@ -538,6 +545,7 @@ def write_reports(
 __all__ = [
     "CSV_COLUMNS",
     "OUTPUT_COLUMNS",
+    "chart",
     "fmt",
     "outputs_table",
     "render_csv",
