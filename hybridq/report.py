@@ -260,7 +260,7 @@ def chart(result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, snr_thre
         ax_s.plot([i], [sy], "o", ms=10, mfc="none", mec="red", mew=1.5, gid="below-threshold")
         if k < _MAX_LABELS:  # staggered so neighbouring names do not overlap
             ax_s.annotate(
-                _plain(w.layer), (i, sy), xytext=(6, -12 - 10 * (k % 4)), textcoords="offset points",
+                _plain(w.layer), (i, sy), xytext=(8, 6 + 9 * (k % 4)), textcoords="offset points",
                 fontsize=7, color="red", arrowprops={"arrowstyle": "-", "color": "red", "lw": 0.5},
             )
     v = judge(result, cos_threshold, snr_threshold)
@@ -387,8 +387,8 @@ def render_html(
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>hybridq error analysis: {status}</title>
 <style>{_CSS}</style></head><body>
-<div class="verdict {status.lower()}"><b>{status}</b> {e(verdict(result, cos_threshold, snr_threshold, v=v))}
-{cmd}</div>
+<div class="verdict {status.lower()}"><p><b>{e(verdict(result, cos_threshold, snr_threshold, v=v, brief=True))}</b></p>
+{f"<p>Next: {e(v.next_step)}.</p>" if not v.ok else ""}{cmd}</div>
 <img alt="per-layer error chart" src="data:image/png;base64,{img}">
 <h2>Outputs</h2>
 <table><thead><tr>{out_head}</tr></thead><tbody>{out_body}</tbody></table>
@@ -417,8 +417,10 @@ def verdict(
     cos_threshold: float = COS_THRESHOLD,
     snr_threshold: float = SNR_THRESHOLD,
     v: Verdict | None = None,
+    brief: bool = False,
 ) -> str:
-    """The verdict as one paragraph: OK or CHECK, the worst output (whole and worst slice), what to do next."""
+    """The verdict as one paragraph: OK or CHECK, the worst output (whole and worst slice), what to do next
+    (left out when ``brief``)."""
     v = judge(result, cos_threshold, snr_threshold) if v is None else v
     if not v.outputs:
         return "no tensor was compared"
@@ -440,7 +442,8 @@ def verdict(
         )
         return f"OK: every output keeps {thr} over {v.n_samples} sample(s) (worst {where}); {tail}."
     bad = [x for x in v.outputs if not x["ok"]]
-    return f"CHECK: {len(bad)} output(s) below {thr} over {v.n_samples} sample(s) (worst {where}). Next: {v.next_step}."
+    head = f"CHECK: {len(bad)} output(s) below {thr} over {v.n_samples} sample(s) (worst {where})."
+    return head if brief else f"{head} Next: {v.next_step}."
 
 
 def outputs_table(v: Verdict) -> Table:

@@ -270,7 +270,7 @@ def test_report_shows_verdict_and_chart_without_scrolling(tmp_path: Path, n: int
     assert len(box) and box.min() < 120
     for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):
         rows = _rows_with(img, colour, tol=30)
-        assert len(rows) > 50, colour
+        assert len(rows) > 10 and rows.max() < 780, colour
     # the chart's lower panel (SNR axis, x labels) ends above the fold: white rows below the image
     blue = _rows_with(img, (0x1F, 0x77, 0xB4), tol=30)
     assert blue.max() < 780
