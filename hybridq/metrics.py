@@ -379,16 +379,16 @@ def channel_axis(shape: Sequence[int]) -> int | None:
     Rule (axis 0 is the batch): rank >= 4 -> 1 (NCHW-like: ``[N, C, H, W...]``);
     rank 3 -> the shorter of axes 1 and 2, the last on a tie (``[N, 84, 8400]``
     YOLOv8 heads -> 1, ``[N, 25200, 85]`` YOLOv5 heads -> 2, ``[N, T, classes]``
-    OCR outputs -> 1, one slice per time step); rank 2 -> 1 (``[N, C]``); rank
-    0 or 1 -> ``None``. An axis of length 1 gives no slices either.
+    OCR outputs -> 1, one slice per time step); rank 2 and lower -> ``None``: a
+    slice of ``[N, C]`` (class logits) is one number per sample, whose energy
+    can be near zero by chance, so its SNR says nothing and the whole-tensor
+    figure stands alone. An axis of length 1 gives no slices either.
     """
     r = len(shape)
     if r >= 4:
         axis: int | None = 1
     elif r == 3:
         axis = 1 if shape[1] < shape[2] else 2
-    elif r == 2:
-        axis = 1
     else:
         axis = None
     return None if axis is None or shape[axis] <= 1 else axis

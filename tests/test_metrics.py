@@ -244,8 +244,8 @@ def test_channel_axis_rule() -> None:
     assert channel_axis((1, 25200, 85)) == 2
     # a tie goes to the last axis ([N, T, C])
     assert channel_axis((1, 16, 16)) == 2
-    # [N, C]: axis 1; rank 0/1 and single-slice axes: no slicing
-    assert channel_axis((1, 10)) == 1
+    # [N, C] (one number per slice and sample), rank 0/1 and single-slice axes: no slicing
+    assert channel_axis((1, 10)) is None
     assert channel_axis((10,)) is None and channel_axis(()) is None
     assert channel_axis((1, 1, 8, 8)) is None
 
