@@ -366,7 +366,22 @@ def judge(
             f"or let `{command}` find the cheapest fix"
         )
     else:
-        step = f"no single layer is below the thresholds, so the error builds up over many layers: run `{command}`"
+        worst = entries[0]
+        ws = worst["worst_slice"]
+        row = next((o for o in outs if o.tensor == worst["tensor"]), None)
+        if ws is not None and worst["cosine"] >= cos_threshold and row is not None:
+            # the whole tensor passes: a slice is drowned by the range its neighbours set
+            prec = row.precision or ""
+            if prec.startswith("float32->") or (prec and not prec.startswith(("float32", "float16"))):
+                cfg_entry = f"custom_quantize_layers: {{{row.layer}: int16}}"
+            step = (
+                f"output {row.label} passes as a whole but slice #{ws['index']} on axis {ws['axis']} does not: "
+                "its values are small beside the other slices that share one quantization range"
+                + (f"; set `{cfg_entry}` in the cfg for a finer step" if cfg_entry else "")
+                + f", or run `{command}`"
+            )
+        else:
+            step = f"no single layer is below the thresholds, so the error builds up over many layers: run `{command}`"
     return Verdict(False, cos_threshold, snr_threshold, result.n_samples, entries, layers, step, cfg_entry, command)
 
 

@@ -274,3 +274,19 @@ def test_report_shows_verdict_and_chart_without_scrolling(tmp_path: Path, n: int
     # the chart's lower panel (SNR axis, x labels) ends above the fold: white rows below the image
     blue = _rows_with(img, (0x1F, 0x77, 0xB4), tol=30)
     assert blue.max() < 780
+
+
+def test_a_failing_slice_points_at_the_output_layer() -> None:
+    from hybridq.metrics import SliceMetrics
+
+    r = _result(6, [], out_cos=0.9999)
+    out = r.layers[-1]
+    # whole tensor fine, slice 2 of 3 at 5 dB: CHECK, and the cfg entry names the output's layer
+    out.slices = SliceMetrics(1, [0.99999, 0.99999, 0.9], [45.0, 44.0, 5.0])
+    v = judge(r, snapshot="snap")
+    assert not v.ok and v.outputs[0]["worst_slice"]["index"] == 2
+    assert v.cfg_entry == f"custom_quantize_layers: {{{out.layer}: int16}}"
+    assert "slice #2 on axis 1" in v.next_step and "hybridq propose snap" in v.next_step
+    # a float32 output layer gets no int16 entry, only the propose command
+    out.precision = "float32"
+    assert judge(r).cfg_entry is None
