@@ -394,15 +394,27 @@ def channel_axis(shape: Sequence[int]) -> int | None:
     return None if axis is None or shape[axis] <= 1 else axis
 
 
-def slice_sums(ref: np.ndarray, test: np.ndarray, axis: int) -> np.ndarray:
+def slice_sums(ref: np.ndarray, test: np.ndarray, axis: int, fast: bool = False) -> np.ndarray:
     """Per slice along ``axis``: the float64 sums ``(a.a, b.b, a.b, d.d)`` with ``d = a - b``, shape ``(4, C)``.
 
     Each slice gathers every element with the same index on ``axis``; the
-    sums of several samples add up (:class:`SliceAccumulator`).
+    sums of several samples add up (:class:`SliceAccumulator`). With ``fast``
+    and float32 inputs, each slice goes through :func:`fused_kernel` (float64
+    sums, ``d`` in float32, ``a.b`` recovered as ``(a.a + b.b - d.d) / 2`` as in
+    :func:`metrics_from_sums`): about ten times faster than the float64 copies.
     """
     if ref.shape != test.shape:
         raise ValueError(f"cannot compare slices of shapes {ref.shape} and {test.shape}")
     c = ref.shape[axis]
+    kernel = fused_kernel() if fast and ref.dtype == np.float32 and test.dtype == np.float32 else None
+    if kernel is not None:
+        xs = np.ascontiguousarray(np.moveaxis(ref, axis, 0).reshape(c, -1))
+        ys = np.ascontiguousarray(np.moveaxis(test, axis, 0).reshape(c, -1))
+        out = np.empty((4, c))
+        for i in range(c):
+            xx, yy, dd, _ = kernel(xs[i], ys[i])
+            out[:, i] = (xx, yy, 0.5 * ((xx + yy) - dd), dd)
+        return out
     x = np.moveaxis(np.asarray(ref), axis, 0).reshape(c, -1).astype(np.float64)
     y = np.moveaxis(np.asarray(test), axis, 0).reshape(c, -1).astype(np.float64)
     d = x - y

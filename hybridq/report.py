@@ -1,15 +1,22 @@
 """Renders an :class:`~hybridq.analysis.AnalysisResult`; computes no metric.
 
+Every view starts with the verdict (:func:`hybridq.analysis.judge`: OK or
+CHECK, the worst output as a whole and in its worst slice, the next step) and
+names a row the same way: ``node [tensor] precision``
+(:attr:`hybridq.analysis.LayerError.label`).
+
 Files written by :func:`write_reports` (each atomically):
 
-* ``error_analysis.txt``: RKNN-Toolkit2's layout (``[OpType] name``, entire
-  cos | euc, single cos | euc) plus SNR and max abs error; column widths are
-  computed from the content, so columns never run together;
+* ``error_analysis.txt``: the verdict and outputs as ``#`` lines, then
+  RKNN-Toolkit2's layout (``[OpType] name``, entire cos | euc, single cos |
+  euc) plus SNR and max abs error; column widths are computed from the
+  content, so columns never run together;
 * ``error_analysis.csv``: one row per tensor, full precision, for scripts;
 * ``error_analysis.png``: entire vs single cosine and SNR along the graph,
-  worst layers marked;
-* ``report.html``: self-contained (the chart inlined as base64 PNG, a table
-  sortable by clicking a column header).
+  red circles on the layers below a threshold only;
+* ``report.html``: self-contained: verdict and next step, the chart (inlined
+  as base64 PNG), the outputs, and the layer table worst first (sortable by
+  clicking a column header).
 """
 
 from __future__ import annotations

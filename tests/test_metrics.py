@@ -317,3 +317,18 @@ def test_strict_json_round_trip_has_no_nonfinite_tokens() -> None:
     back = from_strict_json(parsed)
     assert back["a"]["snr_db"] == math.inf and back["a"]["x/y"][1] == -math.inf and math.isnan(back["a"]["x/y"][2])
     assert back["s"] == "inf" and back["n"] == 3  # strings stay strings
+
+
+@pytest.mark.parametrize("shape, axis", [((1, 6, 5, 7), 1), ((1, 50, 9), 2)])
+def test_fast_slice_sums_match_numpy(shape: tuple[int, ...], axis: int) -> None:
+    from hybridq.metrics import slice_sums
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 3, shape).astype(np.float32)
+    b = (a + rng.normal(0, 0.05, shape)).astype(np.float32)
+    x = np.moveaxis(a.astype(np.float64), axis, 0).reshape(shape[axis], -1)
+    y = np.moveaxis(b.astype(np.float64), axis, 0).reshape(shape[axis], -1)
+    want = np.stack([(x * x).sum(1), (y * y).sum(1), (x * y).sum(1), ((x - y) ** 2).sum(1)])
+    # the fast path (compiled kernel where numba works) is within float32 rounding of the float64 reference
+    np.testing.assert_allclose(slice_sums(a, b, axis, fast=True), want, rtol=1e-6)
+    np.testing.assert_allclose(slice_sums(a, b, axis), want, rtol=1e-12)
