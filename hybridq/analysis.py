@@ -132,7 +132,7 @@ class LayerError:
         return f"{self.layer} [{self.tensor}]" + (f" {self.precision}" if self.precision else "")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (the manifest's per-tensor entry)."""
+        """The manifest's per-tensor entry; floats may be non-finite (:meth:`AnalysisResult.to_dict` makes it strict JSON)."""
         return {
             "layer": self.layer,
             "op_type": self.op_type,
