@@ -125,3 +125,33 @@ def test_snapshot_of_a_result_round_trips(tmp_path: Path) -> None:
     back = load_snapshot(tmp_path)
     assert back == r
     assert render_txt(back) == render_txt(r)
+
+
+def test_manifest_is_strict_json_and_old_string_manifests_still_read(tmp_path: Path) -> None:
+    import json
+
+    r = result()
+    write_snapshot(r, tmp_path)
+    text = (tmp_path / "manifest.json").read_text()
+
+    def refuse(token: str) -> None:
+        raise ValueError(token)
+
+    doc = json.loads(text, parse_constant=refuse)
+    # conv1 is lossless: its SNR is written as null and listed as "inf" by its JSON Pointer
+    assert doc["tensors"]["conv1_out"]["entire"]["snr_db"] is None
+    assert doc["nonfinite"]["/tensors/conv1_out/entire/snr_db"] == "inf"
+    assert '"inf"' not in text.replace('": "inf"', "")  # no number written as a string
+    # a manifest from before (non-finite numbers as strings) reads back the same
+    old = json.loads(text)
+    for ptr, kind in old.pop("nonfinite").items():
+        node = old
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in ptr.split("/")[1:]]
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        if isinstance(node, list):
+            node[int(last)] = kind
+        else:
+            node[last] = kind
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    assert load_snapshot(tmp_path) == r

@@ -149,6 +149,11 @@ def test_strict_exit_code(capsys, head) -> None:
     code, out, err = cli(capsys, "analyze", head["fp32"], head["output"], "-d", head["dataset"], "--strict")
     assert code == ExitCode.BELOW_THRESHOLD == 3, err
     assert "Traceback" not in out + err and "CHECK" in out and "Next:" in out
+    # a cfg beside the quantized model (what step1 + step2 leave in a workspace) goes into the command
+    cfg = head["output"].with_name("output.quantization.cfg")
+    cfg.write_text("custom_quantize_layers: {}\nquantize_parameters: {}\n")
+    code, out, err = cli(capsys, "analyze", head["fp32"], head["output"], "-d", head["dataset"], "--json")
+    assert json.loads(out)["verdict"]["command"] == f"hybridq propose SNAPSHOT_DIR --cfg {cfg} --target-cosine 0.99"
     # the accurate model passes the same gate
     code, out, err = cli(capsys, "analyze", head["fp32"], head["input"], "-d", head["dataset"], "--strict", "--json")
     assert code == 0, err
