@@ -324,12 +324,13 @@ def judge(
     snr_threshold: float = SNR_THRESHOLD,
     snapshot: str | None = None,
     cfg: str | None = None,
+    dataset: str | None = None,
 ) -> Verdict:
     """The verdict of ``result`` against the thresholds, with the next step.
 
-    ``snapshot`` and ``cfg`` are the paths put into the suggested ``hybridq
-    propose`` command (placeholders ``SNAPSHOT_DIR`` and
-    ``MODEL.quantization.cfg`` when unknown).
+    ``snapshot``, ``cfg`` and ``dataset`` are the paths put into the suggested
+    ``hybridq propose`` command (without a snapshot, propose analyses anew;
+    placeholders ``MODEL.quantization.cfg`` and ``DATASET`` when unknown).
     """
     outs = result.output_layers() or result.layers[-1:]
     entries = sorted((_output_entry(o, cos_threshold, snr_threshold) for o in outs), key=_output_rank)
@@ -352,9 +353,12 @@ def judge(
     if ok:
         return Verdict(True, cos_threshold, snr_threshold, result.n_samples, entries, layers,
                        "nothing to do: every output meets the thresholds")
-    command = (
-        f"hybridq propose {snapshot or 'SNAPSHOT_DIR'} --cfg {cfg or 'MODEL.quantization.cfg'}"
-        f" --target-cosine {cos_threshold:g}"
+    import shlex
+
+    command = " ".join(
+        ["hybridq", "propose", *([shlex.quote(snapshot)] if snapshot else []),
+         "--cfg", shlex.quote(cfg) if cfg else "MODEL.quantization.cfg",
+         "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", f"{cos_threshold:g}"]
     )
     cfg_entry = None
     if adders:

@@ -299,7 +299,7 @@ def analyze(
                                  on_sample=lambda: advance(1), host_int8=host_int8)
         snapshot = str(dump) if dump is not None else None
     cfg = _cfg_beside(quant_model)
-    v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg)
+    v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset)
     if dump is not None and from_dir is None and (cfg is not None or (target_cosine, target_snr) != (0.99, 20.0)):
         write_reports(result, dump, target_cosine, target_snr, v)  # the snapshot's reports: these thresholds, this cfg
     lines = [verdict(result, target_cosine, target_snr, v=v)]
