@@ -65,7 +65,19 @@ from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, model_
 from .graph import Namer, tensor_shapes
 from .deployed import as_deployed
 from .kernels import NOT_EXACT_NOTE, SATURATION_NOTE, u8s8_saturates
-from .metrics import Accumulator, Metrics, fused_kernel, metrics_many, sample_metrics
+from .metrics import (
+    Accumulator,
+    Metrics,
+    SliceAccumulator,
+    SliceMetrics,
+    channel_axis,
+    from_strict_json,
+    fused_kernel,
+    metrics_many,
+    sample_metrics,
+    slice_sums,
+    to_strict_json,
+)
 from .qdq import QDQ_MAP_KEY, QdqMap
 from .segments import Segment, split
 
@@ -83,11 +95,20 @@ _OUT_PREFIX = "hybridq.single/"
 class LayerError:
     """Errors of one fp32 tensor (one row of the table), in graph order.
 
-    ``layer`` and ``op_type`` are those of the fp32 node that writes ``tensor``;
+    ``layer`` and ``op_type`` name the node the cfg names for ``tensor``: the
+    fp32 model's node that writes it, or, where step1 folded that node into
+    another (a BatchNormalization into its Conv), the node it was folded into,
+    with the folded one in ``folded`` (``"BatchNormalization block0.bn1"``).
+    ``precision`` is what the layer runs in: the step2 map's precision for
+    the layers it quantizes (``uint8``, ``int16``, ``float16``, ``float32``),
+    ``float32->uint8`` for a float op whose output is quantized (its single
+    error is that quantization), ``float32`` for a float op that only reads
+    dequantized tensors; ``None`` when the quantized model has no step2 map.
     ``shape`` and ``dtype`` describe one sample of the fp32 tensor;
     ``quant_tensor`` names the view compared in the quantized model; ``single``
     is ``None`` when the layer is not quantized (nothing to isolate) or could
-    not be isolated (see :attr:`AnalysisResult.notes`).
+    not be isolated (see :attr:`AnalysisResult.notes`). ``slices`` holds the
+    per-slice measure of a model output (:class:`~hybridq.metrics.SliceMetrics`).
     """
 
     tensor: str
@@ -101,15 +122,16 @@ class LayerError:
     precision: str | None = None
     fp32_file: str | None = None
     quant_file: str | None = None
+    folded: str | None = None
+    slices: SliceMetrics | None = None
 
     @property
     def label(self) -> str:
-        """``[OpType] layer``, plus ``(tensor)`` when the tensor is named differently."""
-        s = f"[{self.op_type}] {self.layer}"
-        return s if self.tensor == self.layer else f"{s} ({self.tensor})"
+        """The one name used everywhere: ``layer [tensor] precision``, e.g. ``block0.conv1 [block0.bn1] uint8``."""
+        return f"{self.layer} [{self.tensor}]" + (f" {self.precision}" if self.precision else "")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (the manifest's per-tensor entry)."""
+        """The manifest's per-tensor entry; floats may be non-finite (:meth:`AnalysisResult.to_dict` makes it strict JSON)."""
         return {
             "layer": self.layer,
             "op_type": self.op_type,
@@ -117,10 +139,13 @@ class LayerError:
             "dtype": self.dtype,
             "quant_tensor": self.quant_tensor,
             "precision": self.precision,
+            "label": self.label,
+            "folded": self.folded,
             "fp32": self.fp32_file,
             "quant": self.quant_file,
-            "entire": self.entire.to_dict(),
-            "single": self.single.to_dict() if self.single is not None else None,
+            "entire": self.entire.to_dict(encode=False),
+            "single": self.single.to_dict(encode=False) if self.single is not None else None,
+            "slices": self.slices.to_dict() if self.slices is not None else None,
         }
 
     @classmethod
@@ -138,6 +163,8 @@ class LayerError:
             precision=d.get("precision"),
             fp32_file=d.get("fp32"),
             quant_file=d.get("quant"),
+            folded=d.get("folded"),
+            slices=SliceMetrics.from_dict(d["slices"]) if d.get("slices") is not None else None,
         )
 
 
@@ -167,8 +194,9 @@ class AnalysisResult:
     dump_message: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict; ``tensors`` is keyed by tensor name in graph order."""
-        return {
+        """Strict-JSON-ready dict (:func:`~hybridq.metrics.to_strict_json`: non-finite numbers are
+        ``null``, listed under ``"nonfinite"``); ``tensors`` is keyed by tensor name in graph order."""
+        return to_strict_json({
             "format": "hybridq-snapshot",
             "version": 1,
             "n_samples": self.n_samples,
@@ -177,11 +205,12 @@ class AnalysisResult:
             "dumped_samples": self.dumped_samples,
             "dump_message": self.dump_message,
             "tensors": {layer.tensor: layer.to_dict() for layer in self.layers},
-        }
+        })
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AnalysisResult:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict` (also reads manifests that wrote non-finite numbers as strings)."""
+        d = from_strict_json(d)
         return cls(
             layers=[LayerError.from_dict(t, e) for t, e in d["tensors"].items()],
             outputs=[str(o) for o in d["outputs"]],
@@ -200,6 +229,163 @@ class AnalysisResult:
         """The rows of the model's outputs, in output order."""
         by_name = {layer.tensor: layer for layer in self.layers}
         return [by_name[o] for o in self.outputs if o in by_name]
+
+
+# --------------------------------------------------------------------------- verdict
+
+COS_THRESHOLD = 0.99
+"""Default cosine below which an output, an output slice or a layer's single error fails the verdict."""
+SNR_THRESHOLD = 20.0
+"""Default SNR (dB) below which an output slice or a layer's single error fails the verdict."""
+
+
+def _below(m: Metrics | None, cos_threshold: float, snr_threshold: float) -> bool:
+    """Is ``m`` below either threshold (NaN counts as below)?"""
+    return m is not None and (not m.cosine >= cos_threshold or not m.snr_db >= snr_threshold)
+
+
+@dataclass
+class Verdict:
+    """OK or CHECK for an analysis, why, and what to do next (plain data; the report renders it).
+
+    ``ok`` is true when every model output keeps whole-tensor cosine >=
+    ``cos_threshold`` and its worst slice along the channel axis
+    (:func:`~hybridq.metrics.channel_axis`) keeps cosine >= ``cos_threshold``
+    and SNR >= ``snr_threshold``. ``outputs`` lists every output, worst first;
+    ``layers`` the layers whose single error is below a threshold (the ones
+    that add error), worst first, at most five. ``next_step`` says what to do
+    in one sentence; ``cfg_entry`` is the cfg line to try and ``command`` the
+    ``hybridq propose`` command line (None when the verdict is OK).
+    """
+
+    ok: bool
+    cos_threshold: float
+    snr_threshold: float
+    n_samples: int
+    outputs: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    next_step: str
+    cfg_entry: str | None = None
+    command: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (floats may be non-finite: write it through :func:`~hybridq.metrics.to_strict_json`)."""
+        return {
+            "ok": self.ok,
+            "status": "OK" if self.ok else "CHECK",
+            "thresholds": {"cosine": self.cos_threshold, "snr_db": self.snr_threshold},
+            "n_samples": self.n_samples,
+            "worst_outputs": self.outputs,
+            "worst_layers": self.layers,
+            "next_step": self.next_step,
+            "cfg_entry": self.cfg_entry,
+            "command": self.command,
+        }
+
+
+def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float) -> dict[str, Any]:
+    e = layer.entire
+    sl = layer.slices
+    entry: dict[str, Any] = {
+        "tensor": layer.tensor,
+        "label": layer.label,
+        "cosine": e.cosine,
+        "snr_db": e.snr_db,
+        "worst_slice": None,
+    }
+    ok = e.cosine >= cos_threshold
+    if sl is not None:
+        w = sl.worst
+        entry["worst_slice"] = {
+            "axis": sl.axis,
+            "index": w,
+            "slices": len(sl.cosine),
+            "cosine": sl.cosine[w],
+            "snr_db": sl.snr_db[w],
+            "min_cosine": sl.min_cosine,
+        }
+        ok = ok and sl.min_cosine >= cos_threshold and sl.snr_db[w] >= snr_threshold
+    entry["ok"] = bool(ok)
+    return entry
+
+
+def _output_rank(entry: dict[str, Any]) -> tuple[bool, float, float]:
+    def num(v: float) -> float:
+        return -math.inf if math.isnan(v) else v
+
+    ws = entry["worst_slice"]
+    return (entry["ok"], num(ws["snr_db"]) if ws else math.inf, num(entry["cosine"]))
+
+
+def judge(
+    result: AnalysisResult,
+    cos_threshold: float = COS_THRESHOLD,
+    snr_threshold: float = SNR_THRESHOLD,
+    snapshot: str | None = None,
+    cfg: str | None = None,
+    dataset: str | None = None,
+) -> Verdict:
+    """The verdict of ``result`` against the thresholds, with the next step.
+
+    ``snapshot``, ``cfg`` and ``dataset`` are the paths put into the suggested
+    ``hybridq propose`` command (without a snapshot, propose analyses anew;
+    placeholders ``MODEL.quantization.cfg`` and ``DATASET`` when unknown).
+    """
+    outs = result.output_layers() or result.layers[-1:]
+    entries = sorted((_output_entry(o, cos_threshold, snr_threshold) for o in outs), key=_output_rank)
+    ok = all(e["ok"] for e in entries)
+    adders = [layer for layer in result.worst() if _below(layer.single, cos_threshold, snr_threshold)]
+    layers = [
+        {
+            "label": a.label,
+            "layer": a.layer,
+            "tensor": a.tensor,
+            "op_type": a.op_type,
+            "precision": a.precision,
+            "single_cosine": a.single.cosine if a.single else math.nan,
+            "single_snr_db": a.single.snr_db if a.single else math.nan,
+            "entire_cosine": a.entire.cosine,
+            "entire_snr_db": a.entire.snr_db,
+        }
+        for a in adders[:5]
+    ]
+    if ok:
+        return Verdict(True, cos_threshold, snr_threshold, result.n_samples, entries, layers,
+                       "nothing to do: every output meets the thresholds")
+    import shlex
+
+    command = " ".join(
+        ["hybridq", "propose", *([shlex.quote(snapshot)] if snapshot else []),
+         "--cfg", shlex.quote(cfg) if cfg else "MODEL.quantization.cfg",
+         "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", f"{cos_threshold:g}"]
+    )
+    cfg_entry = None
+    if adders:
+        a = adders[0]
+        cfg_entry = f"custom_quantize_layers: {{{a.layer}: float32}}"
+        step = (
+            f"layer {a.label} adds the most error: in the cfg set `{cfg_entry}` (or int16), "
+            f"or clip the range (`min`/`max`) of its input tensors under quantize_parameters; "
+            f"or let `{command}` find the cheapest fix"
+        )
+    else:
+        worst = entries[0]
+        ws = worst["worst_slice"]
+        row = next((o for o in outs if o.tensor == worst["tensor"]), None)
+        if ws is not None and worst["cosine"] >= cos_threshold and row is not None:
+            # the whole tensor passes: a slice is drowned by the range its neighbours set
+            prec = row.precision or ""
+            if prec.startswith("float32->") or (prec and not prec.startswith(("float32", "float16"))):
+                cfg_entry = f"custom_quantize_layers: {{{row.layer}: int16}}"
+            step = (
+                f"output {row.label} passes as a whole but slice #{ws['index']} on axis {ws['axis']} does not: "
+                "its values are small beside the other slices that share one quantization range"
+                + (f"; set `{cfg_entry}` in the cfg for a finer step" if cfg_entry else "")
+                + f", or run `{command}`"
+            )
+        else:
+            step = f"no single layer is below the thresholds, so the error builds up over many layers: run `{command}`"
+    return Verdict(False, cos_threshold, snr_threshold, result.n_samples, entries, layers, step, cfg_entry, command)
 
 
 # --------------------------------------------------------------------------- graph index
@@ -314,6 +500,7 @@ class ComparedTensor:
     out_chain: tuple[int, ...]
     quant_node: int | None
     precision: str | None = None
+    folded: str | None = None
 
 
 @dataclass
@@ -323,6 +510,25 @@ class AnalysisPlan:
     tensors: list[ComparedTensor]
     notes: list[str] = field(default_factory=list)
     layers_known: bool = False  # the quantized model's hybridq.qdq_map says each layer's precision
+
+
+_INT_NAMES = {
+    TensorProto.UINT8: "uint8",
+    TensorProto.INT8: "int8",
+    TensorProto.UINT16: "uint16",
+    TensorProto.INT16: "int16",
+    TensorProto.INT32: "int32",
+}
+
+
+def _quantized_to(q: _Graph, chain: Iterable[int]) -> str | None:
+    """The integer type of the first QuantizeLinear in ``chain`` (node indices), None when there is none."""
+    for k in chain:
+        node = q.nodes[k]
+        if node.op_type == "QuantizeLinear":
+            zp = q.inits.get(node.input[2]) if len(node.input) > 2 else None
+            return _INT_NAMES.get(zp.data_type, "int") if zp is not None else "uint8"
+    return None
 
 
 def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> AnalysisPlan:
@@ -366,16 +572,25 @@ def _plan(f: _Graph, q: _Graph) -> AnalysisPlan:
             # tensor is written by the Conv it was folded into).
             qname = q.nodes[qk].name if qk is not None else ""
             info = next((layer_info[k] for k in (qname, layer) if isinstance(layer_info.get(k), dict)), None)
+            name, op, folded = layer, node.op_type, None
+            if qk is not None and qname and qname != layer and qname in layer_info and layer not in layer_info:
+                # step1 folded this node into the one the cfg names: the row carries that name
+                name, op, folded = qname, q.nodes[qk].op_type, f"{node.op_type} {layer}"
+            precision = (info or {}).get("precision")
+            if precision is None and layer_info:
+                qdtype = _quantized_to(q, out_chain)
+                precision = f"float32->{qdtype}" if qdtype else "float32"
             plans.append(
                 ComparedTensor(
                     tensor=t,
-                    layer=layer,
-                    op_type=node.op_type,
+                    layer=name,
+                    op_type=op,
                     view=view,
                     source=source,
                     out_chain=tuple(out_chain),
                     quant_node=qk,
-                    precision=(info or {}).get("precision"),
+                    precision=precision,
+                    folded=folded,
                 )
             )
     if missing_views:
@@ -899,7 +1114,7 @@ def analyze(
         from .snapshot import ArrayDump
 
         writer = ArrayDump(Path(dump), [tp.tensor for tp in plan.tensors], max_bytes)
-    m = _Measure(plan, ag, exact=writer is not None)
+    m = _Measure(plan, ag, exact=writer is not None, outputs=f.outputs)
     if writer is None:
         fused_kernel()  # compiled or loaded once here, before the workers start
     work = _Work(m, ag, targets, weights, f.inputs, host_int8)
@@ -993,14 +1208,18 @@ class _SampleErrors:
     shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # shape and dtype
     skipped: set[str] = field(default_factory=set)
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # fp32, quant (dump only)
+    slices: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # model outputs: axis, slice_sums
     exact_failed: bool = False  # measured on this CPU's default int8 kernels although exact ones were asked for
 
 
 class _Measure:
     """Per-tensor accumulators; :meth:`sample` runs in the workers, :meth:`add` in the caller, in sample order."""
 
-    def __init__(self, plan: AnalysisPlan, ag: _AnalysisGraph, exact: bool) -> None:
+    def __init__(self, plan: AnalysisPlan, ag: _AnalysisGraph, exact: bool, outputs: Iterable[str] = ()) -> None:
         self.plan, self.ag, self.exact = plan, ag, exact
+        self.outputs = frozenset(outputs)  # model outputs get the per-slice measure too
+        self.slices: dict[str, SliceAccumulator] = {}
+        self.ragged: set[str] = set()
         self.entire = {tp.tensor: Accumulator() for tp in plan.tensors}
         self.single = {t: Accumulator() for t in ag.single_views}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -1062,6 +1281,8 @@ class _Measure:
                 )
         if res.index == 0:  # the totals keep the first sample's shape and dtype
             res.shapes[t] = (tuple(a.shape), str(a.dtype))
+        if t in self.outputs and (axis := channel_axis(a.shape)) is not None:
+            res.slices[t] = (axis, slice_sums(a, tests[0], axis, fast=not self.exact))
         if self.exact:
             res.values[t] = [sample_metrics(a, b) for b in tests]
             res.arrays[t] = (a, tests[0])
@@ -1081,6 +1302,15 @@ class _Measure:
             self.entire[t].add_values(values[0])
             if len(values) > 1:
                 self.single[t].add_values(values[1])
+        for t, (axis, sums) in res.slices.items():
+            acc = self.slices.setdefault(t, SliceAccumulator(axis))
+            if t in self.skipped or t in self.ragged:
+                continue
+            if acc.sums is not None and acc.sums.shape != sums.shape:
+                self.ragged.add(t)  # the slice axis changed length between samples: no per-slice measure
+                del self.slices[t]
+                continue
+            acc.add_sums(sums)
 
     def dump(self, writer: Any, res: _SampleErrors) -> None:
         """Append one sample's arrays, in plan order, to the snapshot."""
@@ -1099,6 +1329,8 @@ class _Measure:
                 single=self.single[tp.tensor].result() if tp.tensor in self.single else None,
                 quant_tensor=tp.view,
                 precision=tp.precision,
+                folded=tp.folded,
+                slices=self.slices[tp.tensor].result() if tp.tensor in self.slices else None,
             )
             for tp in self.plan.tensors
             if tp.tensor not in self.skipped

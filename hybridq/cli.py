@@ -237,6 +237,18 @@ def step2(
     _emit(data, tables, lines)
 
 
+def _cfg_beside(quant_model: Path | None) -> str | None:
+    """The cfg a quantized model was built from, when analyze was given it or it lies beside the model."""
+    if quant_model is None:
+        return None
+    if quant_model.suffix == ".cfg":
+        return str(quant_model)
+    found = sorted(quant_model.parent.glob("*.quantization.cfg"))
+    stem = quant_model.name.split(".")[0]
+    named = [c for c in found if c.name.split(".")[0] == stem]
+    return str((named or found)[0]) if len(named or found) == 1 else None
+
+
 @app.command()
 def analyze(
     float_model: Annotated[Optional[Path], typer.Argument(help="fp32 ONNX model.")] = None,
@@ -247,6 +259,9 @@ def analyze(
     max_bytes: Annotated[Optional[int], typer.Option(help="Cap the arrays written by --dump (bytes).")] = None,
     from_dir: Annotated[Optional[Path], typer.Option("--from", help="Re-render a snapshot without running a model.")] = None,
     top: Annotated[int, typer.Option(help="Rows in the table of worst layers.")] = 20,
+    target_cosine: Annotated[float, typer.Option(help="Verdict threshold: cosine of every output, of its worst slice, and of each layer's single error.")] = 0.99,
+    target_snr: Annotated[float, typer.Option(help="Verdict threshold (dB): SNR of every output's worst slice and of each layer's single error.")] = 20.0,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with code 3 when the analysis ran but the verdict is CHECK (for CI); without it CHECK exits 0.")] = False,
     host_int8: Annotated[bool, typer.Option("--host-int8", help="Measure with this CPU's default ONNX Runtime int8 kernels "
                                             "(they saturate on x86 without VNNI) instead of exact int8 products.")] = False,
     mean: MeanOpt = None,
@@ -258,13 +273,23 @@ def analyze(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Per-layer error of QUANT_MODEL against FLOAT_MODEL: entire (accumulated) and single (isolated), with a snapshot."""
+    """Per-layer error of QUANT_MODEL against FLOAT_MODEL: entire (accumulated) and single (isolated), with a snapshot.
+
+    The verdict comes first: OK, or CHECK with the next step. --json prints strict JSON (non-finite numbers are
+    null, listed by JSON Pointer under "nonfinite") with the verdict under "verdict". Exit codes: 0 ran (OK or
+    CHECK), 3 CHECK with --strict, 2 bad input, 1 failure.
+    """
     from . import api
-    from .report import rich_table, verdict
+    from .analysis import judge
+    from .metrics import to_strict_json
+    from .report import outputs_table, rich_table, verdict, write_reports
 
     State.quiet, State.json = quiet, as_json
+    if not 0.0 < target_cosine <= 1.0:
+        raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}.")
     if from_dir is not None:
         result = api.load_snapshot(from_dir)
+        snapshot = str(from_dir)
     else:
         if float_model is None or quant_model is None or dataset is None:
             raise InputError("analyze needs FLOAT_MODEL QUANT_MODEL --dataset D (or --from SNAPSHOT_DIR to re-read a snapshot).")
@@ -272,13 +297,29 @@ def analyze(
         with progress("analyzing", None) as advance:
             result = api.analyze(float_model, quant_model, dataset, preprocess=pre, samples=samples, dump=dump, max_bytes=max_bytes,
                                  on_sample=lambda: advance(1), host_int8=host_int8)
-    lines = [verdict(result)]
+        snapshot = str(dump) if dump is not None else None
+    cfg = _cfg_beside(quant_model)
+    v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset)
+    if dump is not None and from_dir is None and (cfg is not None or (target_cosine, target_snr) != (0.99, 20.0)):
+        write_reports(result, dump, target_cosine, target_snr, v)  # the snapshot's reports: these thresholds, this cfg
+    lines = [verdict(result, target_cosine, target_snr, v=v)]
+    if v.command:
+        lines.append(f"Command: {v.command}")
     lines += [f"note: {n}" for n in getattr(result, "notes", [])]
     if getattr(result, "dump_message", None):
         lines.append(result.dump_message)
     if dump is not None and from_dir is None:
         lines.append(f"Snapshot written to {dump}: error_analysis.txt/.csv/.png, report.html, manifest.json.")
-    _emit(result.to_dict(), [rich_table(result, top=top)], lines)
+    data = to_strict_json({"verdict": v.to_dict(), **result.to_dict()})
+    if State.json:
+        out.print(json.dumps(data, allow_nan=False, ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)
+    elif not State.quiet:
+        out.print(rich_table(result, top=top, cos_threshold=target_cosine, snr_threshold=target_snr))
+        out.print(outputs_table(v))
+        for line in lines:
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+    if strict and not v.ok:
+        raise typer.Exit(int(ExitCode.BELOW_THRESHOLD))
 
 
 def _workspace_config(path: Path) -> dict[str, Any]:

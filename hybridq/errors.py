@@ -6,11 +6,16 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Process exit codes: 0 ok, 1 failure, 2 bad input or usage."""
+    """Process exit codes: 0 ok, 1 failure, 2 bad input or usage, 3 ran but below thresholds.
+
+    ``BELOW_THRESHOLD`` is returned only when asked (``hybridq analyze --strict``),
+    so a CI job can tell "the model is not good enough" from "the run failed".
+    """
 
     OK = 0
     FAILURE = 1
     USAGE = 2
+    BELOW_THRESHOLD = 3
 
 
 class HybridqError(Exception):

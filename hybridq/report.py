@@ -1,15 +1,22 @@
 """Renders an :class:`~hybridq.analysis.AnalysisResult`; computes no metric.
 
+Every view starts with the verdict (:func:`hybridq.analysis.judge`: OK or
+CHECK, the worst output as a whole and in its worst slice, the next step) and
+names a row the same way: ``node [tensor] precision``
+(:attr:`hybridq.analysis.LayerError.label`).
+
 Files written by :func:`write_reports` (each atomically):
 
-* ``error_analysis.txt``: RKNN-Toolkit2's layout (``[OpType] name``, entire
-  cos | euc, single cos | euc) plus SNR and max abs error; column widths are
-  computed from the content, so columns never run together;
+* ``error_analysis.txt``: the verdict and outputs as ``#`` lines, then
+  RKNN-Toolkit2's layout (``[OpType] name``, entire cos | euc, single cos |
+  euc) plus SNR and max abs error; column widths are computed from the
+  content, so columns never run together;
 * ``error_analysis.csv``: one row per tensor, full precision, for scripts;
 * ``error_analysis.png``: entire vs single cosine and SNR along the graph,
-  worst layers marked;
-* ``report.html``: self-contained (the chart inlined as base64 PNG, a table
-  sortable by clicking a column header).
+  red circles on the layers below a threshold only;
+* ``report.html``: self-contained: verdict and next step, the chart (inlined
+  as base64 PNG), the outputs, and the layer table worst first (sortable by
+  clicking a column header).
 """
 
 from __future__ import annotations
@@ -25,17 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._fs import write_atomic
-from .analysis import AnalysisResult
+from .analysis import COS_THRESHOLD, SNR_THRESHOLD, AnalysisResult, Verdict, judge
 from .metrics import METRIC_NAMES, Metrics
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from rich.table import Table
 
 TXT, CSV, PNG, HTML = "error_analysis.txt", "error_analysis.csv", "error_analysis.png", "report.html"
-COS_THRESHOLD = 0.99
-"""Default cosine below which a layer is highlighted."""
-SNR_THRESHOLD = 20.0
-"""Default SNR (dB) below which a layer is highlighted."""
 _SHORT = {"cosine": "cos", "euclid": "euc", "snr_db": "snr", "max_abs": "max_abs"}
 _GAP = "    "
 
@@ -68,13 +72,19 @@ def _flagged(m: Metrics | None, cos_threshold: float, snr_threshold: float) -> b
 # --------------------------------------------------------------------------- text
 
 
-def render_txt(result: AnalysisResult) -> str:
-    """The ``error_analysis.txt`` text."""
+def render_txt(
+    result: AnalysisResult,
+    cos_threshold: float = COS_THRESHOLD,
+    snr_threshold: float = SNR_THRESHOLD,
+    v: Verdict | None = None,
+) -> str:
+    """The ``error_analysis.txt`` text: the verdict first, then one row per layer in graph order."""
+    v = judge(result, cos_threshold, snr_threshold) if v is None else v
     names = list(METRIC_NAMES)
     rows = []
     for layer in result.layers:
         cells = [fmt(n, _get(layer.entire, n)) for n in names] + [fmt(n, _get(layer.single, n)) for n in names]
-        rows.append((layer.label, cells))
+        rows.append((f"[{layer.op_type}] {layer.label}", cells))
     heads = [_SHORT[n] for n in names] * 2
     widths = [max([len(h)] + [len(r[1][i]) for r in rows]) for i, h in enumerate(heads)]
     lw = max([len("layer_name")] + [len(r[0]) for r in rows])
@@ -89,11 +99,17 @@ def render_txt(result: AnalysisResult) -> str:
 
     gw = [len(group(heads[:4], widths[:4])), len(group(heads[4:], widths[4:]))]
     out = [
+        f"# verdict: {verdict(result, cos_threshold, snr_threshold, v=v)}",
+        *([f"# command: {v.command}"] if v.command else []),
+        *(
+            f"# output {r[0]}: cos {r[1]}, SNR {r[2]} dB; worst slice ({r[3]}): cos {r[4]}, SNR {r[5]} dB; {r[6]}"
+            for r in _outputs_rows(v)
+        ),
         f"# hybridq error analysis: {result.n_samples} sample(s); every figure is the mean over samples.",
         "# entire: fp32 model vs quantized model at this tensor; errors accumulate layer by layer.",
         "# single: this layer quantized alone, fed the fp32 model's tensors; shows which layer adds error.",
         "# cos: cosine similarity, euc: Euclidean distance, snr: SNR in dB, max_abs: max absolute error;",
-        "# '-': layer not quantized or not isolated.",
+        "# '-': layer not quantized or not isolated. Names: node [tensor] precision.",
     ]
     out += [f"# note: {n}" for n in result.notes]
     if result.dump_message:
@@ -119,6 +135,11 @@ CSV_COLUMNS: tuple[str, ...] = (
     "quant_tensor",
     *(f"entire_{n}" for n in METRIC_NAMES),
     *(f"single_{n}" for n in METRIC_NAMES),
+    "label",
+    "slice_axis",
+    "worst_slice",
+    "worst_slice_cosine",
+    "worst_slice_snr_db",
     "fp32_file",
     "quant_file",
 )
@@ -149,6 +170,12 @@ def render_csv(result: AnalysisResult) -> str:
                 layer.quant_tensor,
                 *(_csv_num(_get(layer.entire, n)) for n in METRIC_NAMES),
                 *(_csv_num(_get(layer.single, n)) for n in METRIC_NAMES),
+                layer.label,
+                *(
+                    [sl.axis, sl.worst, _csv_num(sl.cosine[sl.worst]), _csv_num(sl.snr_db[sl.worst])]
+                    if (sl := layer.slices) is not None
+                    else ["", "", "", ""]
+                ),
                 layer.fp32_file or "",
                 layer.quant_file or "",
             ]
@@ -165,16 +192,41 @@ def _plain(s: str, n: int = 28) -> str:
     return s.replace("$", r"\$")
 
 
-def render_png(result: AnalysisResult, n_marked: int = 5) -> bytes:
-    """Per-layer entire vs single cosine (top) and SNR (bottom) along the graph, worst layers marked."""
+_NAMED_TICKS = 40  # up to this many layers the x axis names every layer; beyond, every k-th index
+_MAX_LABELS = 10  # failing layers named on the chart at most (the table lists all)
+
+
+def render_png(
+    result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, snr_threshold: float = SNR_THRESHOLD
+) -> bytes:
+    """The chart of :func:`chart` as PNG bytes."""
+    fig = chart(result, cos_threshold, snr_threshold)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # cosmetic only: a layer name with a glyph the font lacks
+        warnings.simplefilter("ignore", UserWarning)
+        fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def chart(result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, snr_threshold: float = SNR_THRESHOLD) -> Figure:
+    """Per-layer entire vs single cosine (top) and SNR (bottom) along the graph.
+
+    Red circles mark only the layers whose single error is below a threshold
+    (none when every layer passes); the worst of them are named. Up to 40
+    layers the x axis names every layer; beyond that it shows every k-th
+    index (the table names them). The figure keeps its size whatever the
+    number of layers, and the constrained layout keeps axis labels inside it.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     layers = result.layers
     n = len(layers)
     xs = list(range(n))
-    width = max(8.0, min(0.22 * n + 3, 40.0))
-    fig = Figure(figsize=(width, 7.5), dpi=100)
+    named = n <= _NAMED_TICKS
+    fig = Figure(figsize=(12.8, 7.2 if named else 5.6), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax_c, ax_s = fig.subplots(2, 1, sharex=True)
 
@@ -183,52 +235,72 @@ def render_png(result: AnalysisResult, n_marked: int = 5) -> bytes:
             math.nan if (m := getattr(layer, kind)) is None else float(getattr(m, name)) for layer in layers
         ]
 
-    finite = [v for k in ("entire", "single") for v in series(k, "snr_db") if math.isfinite(v)]
-    top = (max(finite) if finite else 0.0) + 10.0
-    bottom = (min(finite) if finite else 0.0) - 10.0
+    snrs = [v for k in ("entire", "single") for v in series(k, "snr_db")]
+    finite = [v for v in snrs if math.isfinite(v)]
+    top = max([*finite, snr_threshold]) + 10.0
+    bottom = min([*finite, snr_threshold]) - 10.0
 
     def clip(vs: list[float]) -> list[float]:
         return [top if v == math.inf else bottom if v == -math.inf else v for v in vs]
 
-    for ax, name, values in (
-        (ax_c, "cosine", (series("entire", "cosine"), series("single", "cosine"))),
-        (ax_s, "snr_db", (clip(series("entire", "snr_db")), clip(series("single", "snr_db")))),
+    ms = 3 if n <= 200 else 1.5
+    for ax, values in (
+        (ax_c, (series("entire", "cosine"), series("single", "cosine"))),
+        (ax_s, (clip(series("entire", "snr_db")), clip(series("single", "snr_db")))),
     ):
-        ax.plot(xs, values[0], "-o", ms=3, lw=1.2, color="#1f77b4", label="entire (accumulated)")
-        ax.plot(xs, values[1], "-s", ms=3, lw=1.0, color="#ff7f0e", label="single (layer alone)")
+        ax.plot(xs, values[0], "-o", ms=ms, lw=1.0, color="#1f77b4", label="entire (accumulated)")
+        ax.plot(xs, values[1], "s", ms=ms, color="#ff7f0e", label="single (layer alone)")
         ax.grid(True, alpha=0.3)
     ax_c.set_ylabel("cosine similarity")
-    ax_s.set_ylabel("SNR (dB)" + (f", inf drawn at {top:.0f}" if any(
-        math.isinf(v) for k in ("entire", "single") for v in series(k, "snr_db")) else ""))
-    ax_c.axhline(COS_THRESHOLD, color="grey", ls=":", lw=0.8)
-    ax_s.axhline(SNR_THRESHOLD, color="grey", ls=":", lw=0.8)
+    inf_note = f" (inf drawn at {top:.0f})" if any(math.isinf(v) for v in snrs) else ""
+    ax_s.set_ylabel("SNR dB" + inf_note)
+    ax_c.axhline(cos_threshold, color="red", ls=":", lw=0.8, label=f"threshold {cos_threshold:g}")
+    ax_s.axhline(snr_threshold, color="red", ls=":", lw=0.8, label=f"threshold {snr_threshold:g} dB")
     index = {id(layer): i for i, layer in enumerate(layers)}
-    worst = [w for w in result.worst(n_marked) if w.single is not None or w.entire.cosine < 1.0]
-    for w in worst:
+    failing = [w for w in result.worst() if _flagged(w.single, cos_threshold, snr_threshold)]
+    tiers: list[list[tuple[float, float]]] = [[] for _ in range(4)]  # label spans (pixels) taken per height
+    axes_px = 1200.0  # about the plot width at 12.8 inches, 100 dpi
+    labelled = 0
+    for w in failing:
         i = index[id(w)]
-        m = w.single if w.single is not None else w.entire
-        cy = m.cosine
+        m = w.single
+        assert m is not None
         sy = clip([m.snr_db])[0]
-        ax_c.plot([i], [cy], "o", ms=10, mfc="none", mec="red", mew=1.5)
-        ax_s.plot([i], [sy], "o", ms=10, mfc="none", mec="red", mew=1.5)
-        ax_c.annotate(_plain(w.layer), (i, cy), xytext=(4, -12), textcoords="offset points", fontsize=7, color="red")
+        ax_c.plot([i], [m.cosine], "o", ms=10, mfc="none", mec="red", mew=1.5, gid="below-threshold")
+        ax_s.plot([i], [sy], "o", ms=10, mfc="none", mec="red", mew=1.5, gid="below-threshold")
+        if labelled >= _MAX_LABELS:
+            continue
+        text = _plain(w.layer)
+        x_px = (i + 0.5) / max(n, 1) * axes_px
+        width = 6.5 * len(text) + 16  # DejaVu Sans at 8 points, with a margin
+        left = x_px + width > axes_px  # near the right edge: the name goes to the left of its point
+        span = (x_px - width, x_px) if left else (x_px, x_px + width)
+        tier = next((t for t in range(4) if all(span[1] < a or span[0] > b for a, b in tiers[t])), None)
+        if tier is None:
+            continue  # no free height here: the table names it
+        tiers[tier].append(span)
+        labelled += 1
+        gap = 6.0 * max(n, 1) / axes_px  # six pixels in data units
+        ax_s.annotate(  # one row of names per tier, at fixed heights, so equal spans never overlap
+            text, (i, sy), xytext=(i - gap if left else i + gap, 0.42 + 0.1 * tier),
+            textcoords=("data", "axes fraction"), ha="right" if left else "left", va="center",
+            fontsize=8, color="red", gid="layer-name", arrowprops={"arrowstyle": "-", "color": "red", "lw": 0.5},
+        )
+    v = judge(result, cos_threshold, snr_threshold)
+    circled = f"red circles: {len(failing)} layer(s) below threshold" if failing else "no layer below threshold"
     ax_c.set_title(
-        f"hybridq per-layer error ({result.n_samples} sample(s)); red circles: worst layers", fontsize=10
+        f"{'OK' if v.ok else 'CHECK'}: per-layer error, {result.n_samples} sample(s), {n} tensors; {circled}",
+        fontsize=10, color="#060" if v.ok else "#a00",
     )
     ax_c.legend(loc="lower left", fontsize=8)
-    if n <= 60:
+    if named:
         ax_s.set_xticks(xs)
-        ax_s.set_xticklabels([_plain(layer.label, 32) for layer in layers], rotation=90, fontsize=6)
-        fig.subplots_adjust(left=0.08, right=0.98, top=0.94, bottom=0.3, hspace=0.08)
+        ax_s.set_xticklabels([_plain(layer.layer, 28) for layer in layers], rotation=90, fontsize=7)
     else:
-        ax_s.set_xlabel("layer index (graph order)")
-        fig.subplots_adjust(left=0.08, right=0.98, top=0.94, bottom=0.08, hspace=0.08)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        # cosmetic only: a layer name with a glyph the font lacks
-        warnings.simplefilter("ignore", UserWarning)
-        fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+        ax_s.xaxis.set_major_locator(MaxNLocator(nbins=20, integer=True))
+        ax_s.set_xlabel("layer index in graph order (the table names every layer)")
+    ax_s.set_xlim(-0.5, max(n - 0.5, 0.5))
+    return fig
 
 
 # --------------------------------------------------------------------------- html
@@ -246,11 +318,14 @@ document.querySelectorAll("table.sortable th").forEach((th, i) => th.addEventLis
 """
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+body{font-family:system-ui,sans-serif;margin:0.8em 1.2em;color:#222}h2{font-size:1.1em;margin:0.8em 0 0.3em}
 table{border-collapse:collapse;font-size:13px}th,td{padding:3px 8px;border-bottom:1px solid #ddd}
 th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}td.n{text-align:right;font-family:monospace}
 td.bad{background:#fdd;color:#900;font-weight:bold}td.warn{background:#ffefc4}
-img{max-width:100%}.verdict{font-size:1.1em;font-weight:bold}
+img{display:block;max-width:100%;max-height:66vh}
+.verdict{padding:0.4em 0.8em;margin-bottom:0.5em;border-left:6px solid}.verdict p{margin:0.2em 0}
+.verdict.ok{background:#e8f6e8;border-color:#2a2}.verdict.check{background:#fdecec;border-color:#c22}
+code{background:#f4f4f4;padding:0 0.2em}
 """
 
 
@@ -264,52 +339,91 @@ def _js_num(v: float | None) -> str:
     return repr(float(v))
 
 
+def _outputs_rows(v: Verdict) -> list[list[str]]:
+    """Rows of the output table: label, whole cos, whole SNR, worst slice (axis, index), its cos and SNR, status."""
+    rows = []
+    for o in v.outputs:
+        ws = o["worst_slice"]
+        rows.append([
+            o["label"],
+            fmt("cosine", o["cosine"]),
+            fmt("snr_db", o["snr_db"]),
+            f"axis {ws['axis']}, #{ws['index']} of {ws['slices']}" if ws else "-",
+            fmt("cosine", ws["cosine"]) if ws else "-",
+            fmt("snr_db", ws["snr_db"]) if ws else "-",
+            "ok" if o["ok"] else "CHECK",
+        ])
+    return rows
+
+
+OUTPUT_COLUMNS = ("output", "cos", "SNR dB", "worst slice", "slice cos", "slice SNR dB", "")
+"""Columns of the per-output table (terminal, html, txt)."""
+
+
 def render_html(
     result: AnalysisResult,
     png: bytes | None = None,
     cos_threshold: float = COS_THRESHOLD,
     snr_threshold: float = SNR_THRESHOLD,
+    v: Verdict | None = None,
 ) -> str:
-    """The self-contained ``report.html`` (pass ``png`` to reuse a rendered chart)."""
-    png = render_png(result) if png is None else png
+    """The self-contained ``report.html``: verdict and next step, outputs, chart, then the layer table
+    worst first (click a header to sort; ``#`` restores graph order). Pass ``png`` to reuse a chart."""
+    v = judge(result, cos_threshold, snr_threshold) if v is None else v
+    png = render_png(result, cos_threshold, snr_threshold) if png is None else png
     e = html.escape
-    cols = ["#", "layer", "op", "tensor", "precision"] + [
-        f"{kind} {_SHORT[n]}" for kind in ("entire", "single") for n in ("cosine", "snr_db", "euclid", "max_abs")
+    cols = ["#", "layer [tensor] precision", "op"] + [
+        f"{kind} {_SHORT[n]}" for kind in ("single", "entire") for n in ("cosine", "snr_db", "euclid", "max_abs")
     ]
     head = "".join(f"<th>{e(c)}</th>" for c in cols)
+    index = {id(layer): i for i, layer in enumerate(result.layers)}
     body = []
-    for i, layer in enumerate(result.layers):
+    for layer in result.worst():
+        i = index[id(layer)]
+        op = layer.op_type + (f" (+ {layer.folded})" if layer.folded else "")
         cells = [
             f'<td class="n" data-v="{i}">{i}</td>',
-            f'<td data-v="{e(layer.layer)}">{e(layer.layer)}</td>',
-            f'<td data-v="{e(layer.op_type)}">{e(layer.op_type)}</td>',
-            f'<td data-v="{e(layer.tensor)}">{e(layer.tensor)}</td>',
-            f'<td data-v="{e(layer.precision or "")}">{e(layer.precision or "")}</td>',
+            f'<td data-v="{e(layer.label)}">{e(layer.label)}</td>',
+            f'<td data-v="{e(op)}">{e(op)}</td>',
         ]
-        for kind, m in (("entire", layer.entire), ("single", layer.single)):
+        for kind, m in (("single", layer.single), ("entire", layer.entire)):
             for n in ("cosine", "snr_db", "euclid", "max_abs"):
-                v = _get(m, n)
+                val = _get(m, n)
                 cls = "n"
-                if v is not None and (
-                    (n == "cosine" and not v >= cos_threshold) or (n == "snr_db" and not v >= snr_threshold)
+                if val is not None and (
+                    (n == "cosine" and not val >= cos_threshold) or (n == "snr_db" and not val >= snr_threshold)
                 ):
                     cls += " bad" if kind == "single" else " warn"
-                cells.append(f'<td class="{cls}" data-v="{_js_num(v)}">{e(fmt(n, v))}</td>')
+                cells.append(f'<td class="{cls}" data-v="{_js_num(val)}">{e(fmt(n, val))}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
+    out_head = "".join(f"<th>{e(c)}</th>" for c in OUTPUT_COLUMNS)
+    out_body = "".join(
+        "<tr>" + "".join(f'<td class="{"bad" if r[-1] == "CHECK" and j == len(r) - 1 else "n" if j else ""}">{e(c)}</td>'
+                         for j, c in enumerate(r)) + "</tr>"
+        for r in _outputs_rows(v)
+    )
     notes = [*result.notes, *([result.dump_message] if result.dump_message else [])]
     notes_html = "".join(f"<li>{e(n)}</li>" for n in notes)
     img = base64.b64encode(png).decode("ascii")
+    status = "OK" if v.ok else "CHECK"
+    cmd = f'<p>Command: <code>{e(v.command)}</code></p>' if v.command else ""
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>hybridq error analysis</title>
+<html lang="en"><head><meta charset="utf-8"><title>hybridq error analysis: {status}</title>
 <style>{_CSS}</style></head><body>
-<h1>hybridq error analysis</h1>
-<p class="verdict">{e(verdict(result, cos_threshold, snr_threshold))}</p>
-<p>{result.n_samples} sample(s), {len(result.layers)} tensors. <b>entire</b>: fp32 vs quantized model, errors
-accumulated; <b>single</b>: the layer quantized alone on fp32 inputs (shows which layer adds error).
-Red: single below cosine {cos_threshold} or SNR {snr_threshold} dB; yellow: entire below.
-Click a column header to sort.</p>
-{f"<ul>{notes_html}</ul>" if notes_html else ""}
+<div class="verdict {status.lower()}"><p><b>{e(verdict(result, cos_threshold, snr_threshold, v=v, brief=True))}</b></p>
+{f"<p>Next: {e(v.next_step)}.</p>" if not v.ok else ""}{cmd}</div>
 <img alt="per-layer error chart" src="data:image/png;base64,{img}">
+<h2>Outputs</h2>
+<table><thead><tr>{out_head}</tr></thead><tbody>{out_body}</tbody></table>
+<p>{result.n_samples} sample(s), {len(result.layers)} tensors. Thresholds: cosine {cos_threshold:g}, SNR
+{snr_threshold:g} dB (an output must keep the cosine as a whole, and the cosine and SNR in its worst slice along the
+channel axis, each slice measured against its own energy). <b>single</b>: the layer quantized alone on fp32 inputs
+(shows which layer adds error); <b>entire</b>: fp32 vs quantized model, errors accumulated. Names: node [tensor]
+precision; <code>float32-&gt;uint8</code> is a float op whose output is quantized (its single error is that
+quantization). Red: single below a threshold; yellow: entire below.</p>
+{f"<ul>{notes_html}</ul>" if notes_html else ""}
+<h2>Layers, worst first</h2>
+<p>Click a column header to sort; <b>#</b> is graph order.</p>
 <table class="sortable"><thead><tr>{head}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>
@@ -322,31 +436,52 @@ Click a column header to sort.</p>
 
 
 def verdict(
-    result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, snr_threshold: float = SNR_THRESHOLD
+    result: AnalysisResult,
+    cos_threshold: float = COS_THRESHOLD,
+    snr_threshold: float = SNR_THRESHOLD,
+    v: Verdict | None = None,
+    brief: bool = False,
 ) -> str:
-    """One line: do the outputs keep ``cos_threshold``, and which layers add the most error."""
-    outs = result.output_layers() or result.layers[-1:]
-    if not outs:
+    """The verdict as one paragraph: OK or CHECK, the worst output (whole and worst slice), what to do next
+    (left out when ``brief``)."""
+    v = judge(result, cos_threshold, snr_threshold) if v is None else v
+    if not v.outputs:
         return "no tensor was compared"
-    worst_out = min(outs, key=lambda layer: (not math.isnan(layer.entire.cosine), layer.entire.cosine))
-    ok = all(layer.entire.cosine >= cos_threshold for layer in outs)
-    adders = [
-        layer for layer in result.worst() if _flagged(layer.single, cos_threshold, snr_threshold)
-    ]
-    where = (
-        f"output {worst_out.tensor!r} cos {fmt('cosine', worst_out.entire.cosine)}, "
-        f"SNR {fmt('snr_db', worst_out.entire.snr_db)} dB over {result.n_samples} sample(s)"
-    )
-    if adders:
-        names = ", ".join(
-            f"{a.label} (single cos {fmt('cosine', a.single.cosine)})" for a in adders[:3] if a.single
+    o = v.outputs[0]
+    ws = o["worst_slice"]
+    where = f"output {o['label']}: cos {fmt('cosine', o['cosine'])}, SNR {fmt('snr_db', o['snr_db'])} dB"
+    if ws:
+        where += (
+            f"; worst slice #{ws['index']} of {ws['slices']} on axis {ws['axis']}: "
+            f"cos {fmt('cosine', ws['cosine'])}, SNR {fmt('snr_db', ws['snr_db'])} dB"
         )
-        tail = f"; {len(adders)} layer(s) add error, worst: {names}"
-    else:
-        tail = "; no single layer is below the thresholds"
-    if ok:
-        return f"OK: every output keeps cosine >= {cos_threshold} (worst {where}){tail}"
-    return f"CHECK: {where} is below {cos_threshold}{tail}"
+    thr = f"cosine >= {cos_threshold:g} and slice SNR >= {snr_threshold:g} dB"
+    if v.ok:
+        tail = (
+            f"{len(v.layers)} layer(s) below the thresholds, worst: "
+            + ", ".join(f"{x['label']} (single cos {fmt('cosine', x['single_cosine'])})" for x in v.layers[:3])
+            if v.layers
+            else "no layer is below the thresholds"
+        )
+        return f"OK: every output keeps {thr} over {v.n_samples} sample(s) (worst {where}); {tail}."
+    bad = [x for x in v.outputs if not x["ok"]]
+    head = f"CHECK: {len(bad)} output(s) below {thr} over {v.n_samples} sample(s) (worst {where})."
+    return head if brief else f"{head} Next: {v.next_step}."
+
+
+def outputs_table(v: Verdict) -> Table:
+    """The model outputs, worst first: whole-tensor cosine and SNR beside the worst slice's."""
+    from rich.table import Table
+
+    t = Table(title="outputs: whole tensor and worst slice along the channel axis")
+    for c in OUTPUT_COLUMNS:
+        t.add_column(c, justify="left" if c in ("output", "worst slice", "") else "right")
+    for r in _outputs_rows(v):
+        r = [_escape(c) for c in r]
+        if r[-1] == "CHECK":
+            r[-1] = "[bold red]CHECK[/]"
+        t.add_row(*r)
+    return t
 
 
 def rich_table(
@@ -362,11 +497,12 @@ def rich_table(
     shown = result.worst(top)
     t = Table(
         title=f"worst {len(shown)} of {len(result.layers)} layers ({result.n_samples} sample(s))",
-        caption="single: layer quantized alone on fp32 inputs; entire: errors accumulated",
+        caption="single: layer quantized alone on fp32 inputs; entire: errors accumulated; "
+        "float32->uint8: a float op whose output is quantized",
     )
     t.add_column("#", justify="right")
-    t.add_column("layer")
-    t.add_column("prec")
+    t.add_column(_escape("layer [tensor] precision"))
+    t.add_column("op")
     for kind in ("single", "entire"):
         t.add_column(f"{kind} cos", justify="right")
         t.add_column(f"{kind} SNR dB", justify="right")
@@ -385,7 +521,7 @@ def rich_table(
         t.add_row(
             str(index[id(layer)]),
             _escape(layer.label),
-            layer.precision or "",
+            _escape(layer.op_type + (f" (+ {layer.folded})" if layer.folded else "")),
             cell(layer.single, "cosine", "bold red"),
             cell(layer.single, "snr_db", "bold red"),
             cell(layer.entire, "cosine", "yellow"),
@@ -406,15 +542,26 @@ def _escape(s: str) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def write_reports(result: AnalysisResult, directory: str | os.PathLike[str]) -> list[Path]:
-    """Write the txt, csv, png and html reports into ``directory``; returns their paths."""
+def write_reports(
+    result: AnalysisResult,
+    directory: str | os.PathLike[str],
+    cos_threshold: float = COS_THRESHOLD,
+    snr_threshold: float = SNR_THRESHOLD,
+    v: Verdict | None = None,
+) -> list[Path]:
+    """Write the txt, csv, png and html reports into ``directory``; returns their paths.
+
+    ``v`` is the verdict to show (default: :func:`~hybridq.analysis.judge` of ``result``
+    with the thresholds and this directory as the snapshot).
+    """
     d = Path(directory)
-    png = render_png(result)
+    v = judge(result, cos_threshold, snr_threshold, snapshot=str(d)) if v is None else v
+    png = render_png(result, cos_threshold, snr_threshold)
     files = [
-        (d / TXT, render_txt(result).encode("utf-8")),
+        (d / TXT, render_txt(result, cos_threshold, snr_threshold, v).encode("utf-8")),
         (d / CSV, render_csv(result).encode("utf-8")),
         (d / PNG, png),
-        (d / HTML, render_html(result, png).encode("utf-8")),
+        (d / HTML, render_html(result, png, cos_threshold, snr_threshold, v).encode("utf-8")),
     ]
     for path, data in files:
         write_atomic(path, data, parents=True)
@@ -423,7 +570,10 @@ def write_reports(result: AnalysisResult, directory: str | os.PathLike[str]) -> 
 
 __all__ = [
     "CSV_COLUMNS",
+    "OUTPUT_COLUMNS",
+    "chart",
     "fmt",
+    "outputs_table",
     "render_csv",
     "render_html",
     "render_png",

@@ -4,12 +4,16 @@ Layout of a snapshot directory ``DIR``::
 
     DIR/manifest.json        AnalysisResult.to_dict(): per tensor its layer, op type,
                              shape, dtype, files ("fp32", "quant": paths relative to DIR,
-                             null when not dumped) and metrics ("entire", "single")
+                             null when not dumped), metrics ("entire", "single") and, for
+                             model outputs, "slices" (per-slice cosine and SNR)
     DIR/fp32/<safe>.npy      the fp32 tensor, samples stacked on axis 0
     DIR/quant/<safe>.npy     the quantized model's view of it, same layout
 
-Non-finite metric values are written as the strings "inf", "-inf", "nan" so
-the manifest is strict JSON. Every file is written to a temporary name in
+The manifest is strict JSON: a non-finite metric value (an infinite SNR of two
+identical tensors, say) is written as ``null`` and listed under the top-level
+``"nonfinite"`` object, which maps its JSON Pointer to ``"inf"``, ``"-inf"`` or
+``"nan"`` (:func:`hybridq.metrics.to_strict_json`); manifests that wrote such
+values as those strings are still read. Every file is written to a temporary name in
 its directory and renamed into place, so an interrupted run never leaves a
 half-written file under a final name.
 """

@@ -349,8 +349,8 @@ def test_snapshot_round_trip_and_numpy_recomputation(tmp_path: Path) -> None:
 
     back = load_snapshot(snap)
     assert back.to_dict() == result.to_dict()
-    # `analyze --from DIR` renders the same table without a model
-    assert render_txt(back) == (snap / "error_analysis.txt").read_text()
+    # `analyze --from DIR` renders the same table (and, told the snapshot's path, the same verdict) without a model
+    assert render_txt(back, v=an.judge(back, snapshot=str(snap))) == (snap / "error_analysis.txt").read_text()
     assert render_csv(back) == (snap / "error_analysis.csv").read_text()
 
     for layer in back.layers:
@@ -360,6 +360,19 @@ def test_snapshot_round_trip_and_numpy_recomputation(tmp_path: Path) -> None:
         assert layer.entire.cosine == pytest.approx(want, rel=1e-12)
         d = a.astype(np.float64) - b.astype(np.float64)
         assert layer.entire.max_abs == pytest.approx(np.mean([np.abs(d[i]).max() for i in range(3)]), rel=1e-12)
+        if layer.tensor not in back.outputs:
+            assert layer.slices is None  # only model outputs get the per-slice measure
+            continue
+        # per-slice measure of the output, recomputed in numpy from the dumped arrays (samples pooled)
+        sl = layer.slices
+        assert sl is not None and sl.axis == 1 and len(sl.cosine) == layer.shape[1]
+        x = np.moveaxis(a.astype(np.float64), 2, 0).reshape(layer.shape[1], -1)
+        y = np.moveaxis(b.astype(np.float64), 2, 0).reshape(layer.shape[1], -1)
+        cos = (x * y).sum(1) / np.sqrt((x * x).sum(1) * (y * y).sum(1))
+        snr = 10 * np.log10((x * x).sum(1) / ((x - y) ** 2).sum(1))
+        assert sl.cosine == pytest.approx(cos.tolist(), rel=1e-12)
+        assert sl.snr_db == pytest.approx(snr.tolist(), rel=1e-9)
+        assert sl.worst == int(np.argmin(snr))
 
 
 def test_max_bytes_caps_the_dump_but_not_the_metrics(tmp_path: Path) -> None:
@@ -467,10 +480,19 @@ def test_float_layers_reading_dequantized_tensors_get_no_single_error(tmp_path: 
     by = {layer.layer: layer for layer in analyze(onnx.load(str(path)), quant, data).layers}
     assert by["add"].single is None and by["add"].entire.cosine < 1.0
     assert by["conv3"].single is not None and by["fc"].single is not None
-    # conv2's output is the fp32 model's bn2 tensor (BatchNormalization folded into conv2): still isolated
-    assert by["bn2"].precision == "uint8" and by["bn2"].single is not None
-    # the Q after relu2 (absorbed into conv2's integer kernel) is measured at relu2
+    # conv2's output is the fp32 model's bn2 tensor (BatchNormalization folded into conv2): still isolated,
+    # and the row is named by the node the cfg names (conv2), the folded node kept beside it
+    assert "bn2" not in by
+    conv2 = by["conv2"]
+    assert conv2.precision == "uint8" and conv2.single is not None and conv2.op_type == "Conv"
+    assert conv2.folded == "BatchNormalization bn2" and conv2.label == f"conv2 [{conv2.tensor}] uint8"
+    assert "# output of conv2" in Path(r1.cfg).read_text()  # the name the cfg uses for that tensor's layer
+    # the Q after relu2 (absorbed into conv2's integer kernel) is measured at relu2: a float op whose output
+    # is quantized, labelled so
     assert by["relu2"].single is not None and by["relu2"].single.cosine < 1.0
+    assert by["relu2"].precision == "float32->uint8"
+    # a float op that only reads dequantized tensors runs in float32
+    assert by["add"].precision == "float32"
     # without the map (a foreign QDQ model), reading a dequantized tensor counts as quantized
     del quant.metadata_props[:]
     assert {layer.layer: layer for layer in analyze(onnx.load(str(path)), quant, data).layers}["add"].single is not None

@@ -228,3 +228,107 @@ def test_fused_kernel_sums_equal_float64_numpy(n: int) -> None:
     x64, y64, d64 = x.astype(np.float64), y.astype(np.float64), d32.astype(np.float64)
     assert (xx, yy, dd) == pytest.approx((x64 @ x64, y64 @ y64, d64 @ d64), rel=1e-12)
     assert peak == float(np.abs(d32).max())
+
+
+# --------------------------------------------------------------------------- per-slice output measure
+
+
+def test_channel_axis_rule() -> None:
+    from hybridq.metrics import channel_axis
+
+    # NCHW-like and higher rank: axis 1
+    assert channel_axis((1, 84, 20, 20)) == 1
+    assert channel_axis((1, 3, 4, 5, 6)) == 1
+    # rank 3: the shorter of axes 1 and 2 (YOLOv8 head [N, 84, 8400] -> 1; YOLOv5 [N, 25200, 85] -> 2)
+    assert channel_axis((1, 84, 8400)) == 1
+    assert channel_axis((1, 25200, 85)) == 2
+    # a tie goes to the last axis ([N, T, C])
+    assert channel_axis((1, 16, 16)) == 2
+    # [N, C] (one number per slice and sample), rank 0/1 and single-slice axes: no slicing
+    assert channel_axis((1, 10)) is None
+    assert channel_axis((10,)) is None and channel_axis(()) is None
+    assert channel_axis((1, 1, 8, 8)) is None
+
+
+def test_slice_metrics_match_numpy_and_pool_samples() -> None:
+    from hybridq.metrics import SliceAccumulator, slice_sums
+
+    rng = np.random.default_rng(0)
+    # boxes 0-320 beside sigmoid scores 0-1 along axis 1, the scores with a large relative error
+    refs = [np.concatenate([rng.uniform(0, 320, (1, 4, 50)), rng.uniform(0, 1, (1, 3, 50))], 1).astype(np.float32)
+            for _ in range(3)]
+    tests = [r + np.concatenate([rng.normal(0, 0.5, (1, 4, 50)), rng.normal(0, 0.2, (1, 3, 50))], 1).astype(np.float32)
+             for r in refs]
+    acc = SliceAccumulator(1)
+    for r, t in zip(refs, tests):
+        acc.add_sums(slice_sums(r, t, 1))
+    sl = acc.result()
+    assert sl is not None and sl.axis == 1 and len(sl.cosine) == 7
+    # numpy reference: samples pooled, one row per slice
+    x = np.concatenate([np.moveaxis(r, 1, 0).reshape(7, -1) for r in refs], 1).astype(np.float64)
+    y = np.concatenate([np.moveaxis(t, 1, 0).reshape(7, -1) for t in tests], 1).astype(np.float64)
+    cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    snr = 10 * np.log10((x**2).sum(1) / ((x - y) ** 2).sum(1))
+    assert sl.cosine == pytest.approx(cos.tolist(), rel=1e-12)
+    assert sl.snr_db == pytest.approx(snr.tolist(), rel=1e-12)
+    assert sl.worst == int(np.argmin(snr)) and sl.worst >= 4  # a score slice
+    assert sl.min_cosine == pytest.approx(cos.min(), rel=1e-12)
+    # the whole tensor hides it: its cosine stays high
+    assert cosine(np.concatenate(refs), np.concatenate(tests)) > 0.9999
+    # rank 3 with the channel last
+    r3, t3 = refs[0].transpose(0, 2, 1), tests[0].transpose(0, 2, 1)
+    assert slice_sums(r3, t3, 2) == pytest.approx(slice_sums(refs[0], tests[0], 1), rel=1e-12)
+
+
+def test_slice_metrics_degenerate() -> None:
+    from hybridq.metrics import SliceAccumulator, slice_sums
+
+    a = np.array([[[0.0, 0.0], [1.0, 2.0], [0.0, 0.0]]], np.float32)  # (1, 3, 2)
+    b = np.array([[[0.0, 0.0], [1.0, 2.0], [0.5, 0.0]]], np.float32)
+    acc = SliceAccumulator(1)
+    acc.add_sums(slice_sums(a, b, 1))
+    sl = acc.result()
+    assert sl is not None
+    # slice 0: both zero -> identical; slice 1: identical; slice 2: zero reference with an error
+    assert sl.cosine == [1.0, 1.0, 0.0]
+    assert sl.snr_db == [math.inf, math.inf, -math.inf]
+    assert sl.worst == 2
+    assert SliceAccumulator(1).result() is None  # no sample yet
+    with pytest.raises(ValueError):
+        slice_sums(a, b[:, :2], 1)
+
+
+def test_strict_json_round_trip_has_no_nonfinite_tokens() -> None:
+    import json
+
+    from hybridq.metrics import from_strict_json, to_strict_json
+
+    doc = {"a": {"snr_db": math.inf, "x/y": [1.0, -math.inf, math.nan]}, "n": 3, "s": "inf"}
+    strict = to_strict_json(doc)
+    text = json.dumps(strict, allow_nan=False)
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-standard JSON token {token}")
+
+    parsed = json.loads(text, parse_constant=refuse)
+    assert parsed["a"]["snr_db"] is None and parsed["a"]["x/y"] == [1.0, None, None]
+    # each null is listed by its JSON Pointer ('/' in a key escaped as ~1)
+    assert parsed["nonfinite"] == {"/a/snr_db": "inf", "/a/x~1y/1": "-inf", "/a/x~1y/2": "nan"}
+    back = from_strict_json(parsed)
+    assert back["a"]["snr_db"] == math.inf and back["a"]["x/y"][1] == -math.inf and math.isnan(back["a"]["x/y"][2])
+    assert back["s"] == "inf" and back["n"] == 3  # strings stay strings
+
+
+@pytest.mark.parametrize("shape, axis", [((1, 6, 5, 7), 1), ((1, 50, 9), 2)])
+def test_fast_slice_sums_match_numpy(shape: tuple[int, ...], axis: int) -> None:
+    from hybridq.metrics import slice_sums
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 3, shape).astype(np.float32)
+    b = (a + rng.normal(0, 0.05, shape)).astype(np.float32)
+    x = np.moveaxis(a.astype(np.float64), axis, 0).reshape(shape[axis], -1)
+    y = np.moveaxis(b.astype(np.float64), axis, 0).reshape(shape[axis], -1)
+    want = np.stack([(x * x).sum(1), (y * y).sum(1), (x * y).sum(1), ((x - y) ** 2).sum(1)])
+    # the fast path (compiled kernel where numba works) is within float32 rounding of the float64 reference
+    np.testing.assert_allclose(slice_sums(a, b, axis, fast=True), want, rtol=1e-6)
+    np.testing.assert_allclose(slice_sums(a, b, axis), want, rtol=1e-12)

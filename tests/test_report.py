@@ -21,7 +21,10 @@ def m(cos: float, euc: float, snr: float, mx: float) -> Metrics:
 
 
 def layer(tensor: str, op: str, entire: Metrics, single: Metrics | None, name: str | None = None) -> LayerError:
-    return LayerError(tensor, name or tensor, op, (1, 8, 4, 4), "float32", entire, single, quant_tensor=f"{tensor}_dq")
+    return LayerError(
+        tensor, name or tensor, op, (1, 8, 4, 4), "float32", entire, single, quant_tensor=f"{tensor}_dq",
+        precision="uint8" if single is not None else "float32",
+    )
 
 
 def result(output_cos: float = 0.9995) -> AnalysisResult:
@@ -53,8 +56,9 @@ def test_txt_columns_never_run_together() -> None:
     assert len(rows) == 4
     # label + 4 entire + 4 single cells on every row, even with euclid >= 1000 and missing values
     assert {len(r) for r in rows} == {9}
-    assert rows[0][0] == "[Conv] conv1 (conv1_out)"
-    assert rows[1][0] == "[Conv] a/very/long/tensor:0"
+    # RKNN's [OpType] first, then the one name used everywhere: node [tensor] precision
+    assert rows[0][0] == "[Conv] conv1 [conv1_out] uint8"
+    assert rows[1][0] == "[Conv] a/very/long/tensor:0 [a/very/long/tensor:0] uint8"
     assert float(rows[1][2]) == pytest.approx(123456.789, rel=1e-5)
     assert float(rows[1][6]) == 1000.0
     assert rows[0][3] == "inf"
@@ -102,7 +106,7 @@ def test_rich_table_lists_worst_first_and_highlights() -> None:
     console.print(rich_table(result(), top=2))
     text = console.export_text(clear=False)
     assert "worst 2 of 4 layers" in text
-    lines = [line for line in text.splitlines() if "[Conv]" in line or "[Gemm]" in line or "[MaxPool]" in line]
+    lines = [line for line in text.splitlines() if line.startswith("│")]
     assert "a/very/long/tensor:0" in lines[0]  # single cosine 0.93: the layer that adds error
     assert len(lines) == 2
     assert "\x1b[1;31" in console.export_text(styles=True)  # the flagged cell is bold red
@@ -110,7 +114,7 @@ def test_rich_table_lists_worst_first_and_highlights() -> None:
 
 def test_verdict() -> None:
     ok = verdict(result())
-    assert ok.startswith("OK:") and "'y'" in ok and "a/very/long/tensor:0" in ok and "\n" not in ok
+    assert ok.startswith("OK:") and "y [y] uint8" in ok and "a/very/long/tensor:0" in ok and "\n" not in ok
     bad = verdict(result(output_cos=0.95))
     assert bad.startswith("CHECK:") and "0.950000" in bad
 
@@ -121,3 +125,33 @@ def test_snapshot_of_a_result_round_trips(tmp_path: Path) -> None:
     back = load_snapshot(tmp_path)
     assert back == r
     assert render_txt(back) == render_txt(r)
+
+
+def test_manifest_is_strict_json_and_old_string_manifests_still_read(tmp_path: Path) -> None:
+    import json
+
+    r = result()
+    write_snapshot(r, tmp_path)
+    text = (tmp_path / "manifest.json").read_text()
+
+    def refuse(token: str) -> None:
+        raise ValueError(token)
+
+    doc = json.loads(text, parse_constant=refuse)
+    # conv1 is lossless: its SNR is written as null and listed as "inf" by its JSON Pointer
+    assert doc["tensors"]["conv1_out"]["entire"]["snr_db"] is None
+    assert doc["nonfinite"]["/tensors/conv1_out/entire/snr_db"] == "inf"
+    assert '"inf"' not in text.replace('": "inf"', "")  # no number written as a string
+    # a manifest from before (non-finite numbers as strings) reads back the same
+    old = json.loads(text)
+    for ptr, kind in old.pop("nonfinite").items():
+        node = old
+        *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in ptr.split("/")[1:]]
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        if isinstance(node, list):
+            node[int(last)] = kind
+        else:
+            node[last] = kind
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    assert load_snapshot(tmp_path) == r

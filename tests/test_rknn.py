@@ -144,8 +144,8 @@ def test_build_accuracy_analysis_export_as_rockchip_example(ws, capsys):
     assert not any(Path(p).exists() for p in ("cnn.model", "cnn.data", "cnn.quantization.cfg"))
     snap = Path("snapshot")
     assert {"golden", "simulator", "fp32", "quant", "manifest.json", "error_analysis.txt"} <= set(os.listdir(snap))
-    assert "[Gemm] fc (logits)" in (snap / "error_analysis.txt").read_text()
-    assert "[Gemm] fc (logits)" in capsys.readouterr().out  # the table is printed, as RKNN does
+    assert "[Gemm] fc [logits] uint8" in (snap / "error_analysis.txt").read_text()  # node [tensor] precision
+    assert "[Gemm] fc [logits] uint8" in capsys.readouterr().out  # the table is printed, as RKNN does
     # golden/ and simulator/ hold hybridq's fp32/ and quant/ arrays under the same names.
     for sub, side in (("golden", "fp32"), ("simulator", "quant")):
         assert sorted(os.listdir(snap / side)) == sorted(p for p in os.listdir(snap / sub) if p.endswith(".npy"))
