@@ -74,6 +74,8 @@ from .metrics import (
     from_strict_json,
     fused_kernel,
     metrics_many,
+    SNR_DEFAULT,
+    output_ok,
     sample_metrics,
     slice_sums,
     to_strict_json,
@@ -235,7 +237,7 @@ class AnalysisResult:
 
 COS_THRESHOLD = 0.99
 """Default cosine below which an output, an output slice or a layer's single error fails the verdict."""
-SNR_THRESHOLD = 20.0
+SNR_THRESHOLD = SNR_DEFAULT
 """Default SNR (dB) below which an output slice or a layer's single error fails the verdict."""
 
 
@@ -293,7 +295,6 @@ def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float)
         "snr_db": e.snr_db,
         "worst_slice": None,
     }
-    ok = e.cosine >= cos_threshold
     if sl is not None:
         w = sl.worst
         entry["worst_slice"] = {
@@ -304,8 +305,7 @@ def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float)
             "snr_db": sl.snr_db[w],
             "min_cosine": sl.min_cosine,
         }
-        ok = ok and sl.min_cosine >= cos_threshold and sl.snr_db[w] >= snr_threshold
-    entry["ok"] = bool(ok)
+    entry["ok"] = output_ok(e.cosine, sl, cos_threshold, snr_threshold)
     return entry
 
 

@@ -472,6 +472,34 @@ class SliceMetrics:
         return cls(int(d["axis"]), [decode_float(v) for v in d["cosine"]], [decode_float(v) for v in d["snr_db"]])
 
 
+SNR_DEFAULT = 20.0
+"""Default SNR (dB) the worst slice of an output must keep (analyze's verdict, the proposal's target)."""
+
+
+def output_ok(whole_cosine: float, slices: SliceMetrics | None, cos_threshold: float, snr_threshold: float) -> bool:
+    """The rule for one model output, shared by analyze's verdict and the proposal's target.
+
+    The whole tensor keeps cosine >= ``cos_threshold``; where the output is sliced
+    (:func:`channel_axis`), every slice keeps cosine >= ``cos_threshold`` and the
+    worst slice SNR >= ``snr_threshold``. NaN fails.
+    """
+    ok = whole_cosine >= cos_threshold
+    if slices is not None:
+        ok = ok and slices.min_cosine >= cos_threshold and slices.snr_db[slices.worst] >= snr_threshold
+    return bool(ok)
+
+
+def normalised(slices: SliceMetrics) -> tuple[float, float]:
+    """Cosine and SNR of the output with every slice scaled to unit energy: the mean slice cosine, the pooled SNR.
+
+    A smooth summary where every slice counts the same; the proposal compares candidates by it.
+    """
+    cos = float(np.mean(slices.cosine))
+    nsr = [10.0 ** (-s / 10.0) for s in slices.snr_db]
+    total = float(np.sum(nsr))
+    return cos, (math.inf if total == 0 else 10.0 * math.log10(len(nsr) / total))
+
+
 class SliceAccumulator:
     """Adds the :func:`slice_sums` of each sample; memory is O(slices)."""
 

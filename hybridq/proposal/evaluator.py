@@ -2,14 +2,13 @@
 
 A whole-tensor cosine is dominated by the output's largest values: an output that
 concatenates box coordinates (0-320) with class scores (0-1) keeps 0.9995 while its
-scores are noise. Each output is therefore also compared slice by slice along axis 1
-(the channel axis of NCHW maps and of [N, 4 + classes, anchors] detections, the time
-axis of [N, T, classes] sequences), every slice normalised to unit energy so that each
-counts the same: the *normalised* cosine is the mean of the slices' cosines, the
-normalised SNR the signal-to-noise ratio of the normalised slices pooled. The target
-checks the whole tensor and the normalised figure; the worst single slice is reported
-(one ambiguous time step of a sequence model can sit far below the rest while the
-task metric does not move).
+scores are noise. Each output is therefore also compared slice by slice along its
+channel axis (:func:`hybridq.metrics.channel_axis`), each slice normalised by its
+own energy. A candidate meets the target by the rule analyze's verdict uses
+(:func:`hybridq.metrics.output_ok`: whole tensor and every slice); candidates are
+compared by a smooth figure, the lower of the whole-tensor and the slice-normalised
+cosine (mean slice cosine), since the single worst slice of a sequence model (one
+ambiguous time step) moves by chance from candidate to candidate.
 """
 
 from __future__ import annotations
@@ -24,35 +23,46 @@ import numpy as np
 import onnx
 
 from ..calibration import session_for
+from ..dataset import load_callable
 from ..errors import InputError
-
-SLICE_AXIS = 1
+from ..metrics import SNR_DEFAULT, SliceAccumulator, SliceMetrics, channel_axis, normalised, output_ok, slice_sums
 
 
 @dataclass
 class Target:
-    """What every output must reach: cosine (whole and worst slice), and/or SNR, and optionally a task metric."""
+    """What every output must reach (cosine, and SNR of the worst slice), and optionally a task metric."""
 
     cosine: float | None = 0.99
     snr_db: float | None = None
     eval_fn: str | None = None
     max_drop: float = 0.01
 
+    def thresholds(self) -> tuple[float, float]:
+        """(cosine, slice SNR) as analyze's verdict takes them; an unset one does not constrain."""
+        cos = self.cosine if self.cosine is not None else -1.0
+        snr = self.snr_db if self.snr_db is not None else (SNR_DEFAULT if self.cosine is not None else -math.inf)
+        return cos, snr
+
 
 @dataclass
 class OutputScore:
-    """One output of one candidate: whole-tensor and worst-slice figures, pooled over the samples."""
+    """One output of one candidate: whole tensor, slice-normalised and worst slice, pooled over the samples."""
 
     cosine: float
     snr_db: float
     norm_cosine: float
     norm_snr_db: float
-    slice_cosine: float
-    slice_snr_db: float
-    worst_slice: int | None
+    slices: SliceMetrics | None
+
+    @property
+    def slice_snr_db(self) -> float:
+        return self.slices.snr_db[self.slices.worst] if self.slices else self.snr_db
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: _json_float(v) for k, v in vars(self).items()}
+        return {"cosine": self.cosine, "snr_db": self.snr_db, "norm_cosine": self.norm_cosine, "norm_snr_db": self.norm_snr_db,
+                "worst_slice": None if self.slices is None else {"axis": self.slices.axis, "index": self.slices.worst,
+                                                                  "cosine": self.slices.cosine[self.slices.worst],
+                                                                  "snr_db": self.slice_snr_db}}
 
 
 @dataclass
@@ -86,50 +96,28 @@ class Score:
         return text + (f", task {self.task:.4f}" if self.task is not None else "")
 
 
-def _json_float(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v
+class _OutputSums:
+    """Float64 sums of one output, per slice along its channel axis (one slice when it has none)."""
 
-
-class SliceSums:
-    """Float64 sums per slice along axis 1 (r.r, q.q, r.q, d.d), added sample by sample in order."""
-
-    def __init__(self) -> None:
-        self.sums: np.ndarray | None = None
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.axis = channel_axis(shape)
+        self.acc = SliceAccumulator(self.axis if self.axis is not None else 0)
 
     def add(self, ref: np.ndarray, test: np.ndarray) -> None:
-        r = np.asarray(ref, np.float64)
-        q = np.asarray(test, np.float64)
-        if r.ndim <= SLICE_AXIS:
-            r, q = r.reshape(1, -1), q.reshape(1, -1)
-        else:
-            r = np.moveaxis(r, SLICE_AXIS, 0).reshape(r.shape[SLICE_AXIS], -1)
-            q = np.moveaxis(q, SLICE_AXIS, 0).reshape(q.shape[SLICE_AXIS], -1)
-        d = r - q
-        s = np.stack([(r * r).sum(1), (q * q).sum(1), (r * q).sum(1), (d * d).sum(1)])
-        self.sums = s if self.sums is None else self.sums + s
+        if self.axis is None:
+            ref, test = np.reshape(ref, (1, -1)), np.reshape(test, (1, -1))
+        self.acc.add_sums(slice_sums(ref, test, self.acc.axis))
 
     def score(self) -> OutputScore:
-        rr, qq, rq, dd = self.sums
-        whole = _cos_snr(rr.sum(), qq.sum(), rq.sum(), dd.sum())
-        per = [_cos_snr(*c) for c in zip(rr, qq, rq, dd)]
-        live = [i for i in range(len(per)) if rr[i] > 0 or qq[i] > 0]
-        if not live:
-            return OutputScore(*whole, *whole, *whole, None)
-        norm_cos = float(np.mean([per[i][0] for i in live]))
-        nsr = [dd[i] / rr[i] if rr[i] > 0 else math.inf for i in live]
-        total = float(np.sum(nsr))
-        norm_snr = math.inf if total == 0 else 10.0 * math.log10(len(live) / total)
-        worst = min(live, key=lambda i: (per[i][1], per[i][0]))
-        return OutputScore(whole[0], whole[1], norm_cos, norm_snr, per[worst][0], per[worst][1], worst if len(per) > 1 else None)
-
-
-def _cos_snr(rr: float, qq: float, rq: float, dd: float) -> tuple[float, float]:
-    """Cosine and SNR from sums; two zero tensors are identical (cosine 1, SNR +inf)."""
-    if rr == 0 and qq == 0:
-        return 1.0, math.inf
-    cos = float(rq / math.sqrt(rr * qq)) if rr > 0 and qq > 0 else 0.0
-    snr = math.inf if dd == 0 else (-math.inf if rr == 0 else 10.0 * math.log10(rr / dd))
-    return cos, snr
+        per = self.acc.result()
+        xx, yy, xy, dd = (float(v) for v in self.acc.sums.sum(axis=1))
+        whole = SliceAccumulator(0)
+        whole.add_sums(np.array([[xx], [yy], [xy], [dd]]))
+        w = whole.result()
+        if self.axis is None:
+            return OutputScore(w.cosine[0], w.snr_db[0], w.cosine[0], w.snr_db[0], None)
+        ncos, nsnr = normalised(per)
+        return OutputScore(w.cosine[0], w.snr_db[0], ncos, nsnr, per)
 
 
 class Evaluator:
@@ -145,8 +133,6 @@ class Evaluator:
         self._eval = None
         self.fp32_task = None
         if target.eval_fn:
-            from ..dataset import load_callable
-
             self._eval = load_callable(target.eval_fn, "--eval function")
             self.fp32_task = self._task(fp32)
 
@@ -163,7 +149,7 @@ class Evaluator:
         """Run the candidate on the samples (the first `limit` only, for a quick sensitivity); one evaluation."""
         self.evaluations += 1
         sess = session_for(model, basic=False)
-        sums = {n: SliceSums() for n in self.names}
+        sums = {n: _OutputSums(np.shape(r)) for n, r in zip(self.names, self.ref[0])} if self.ref else {}
         for feeds, ref in list(zip(self.samples, self.ref))[:limit]:
             for name, r, q in zip(self.names, ref, sess.run(self.names, feeds)):
                 sums[name].add(r, q)
@@ -171,11 +157,10 @@ class Evaluator:
         return Score({n: s.score() for n, s in sums.items()}, task)
 
     def met(self, s: Score) -> bool:
-        """Does a score reach the target on every output (whole tensor and worst slice)?"""
+        """Does a score reach the target on every output, by analyze's verdict rule (whole tensor and every slice)?"""
         t = self.target
-        if t.cosine is not None and s.worst_cosine < t.cosine:
-            return False
-        if t.snr_db is not None and s.worst_snr < t.snr_db:
+        cos, snr = t.thresholds()
+        if not all(output_ok(o.cosine, o.slices, cos, snr) and (t.snr_db is None or o.snr_db >= t.snr_db) for o in s.outputs.values()):
             return False
         if self._eval is not None and s.task is not None and self.fp32_task is not None and s.task < self.fp32_task - t.max_drop:
             return False
