@@ -118,20 +118,21 @@ class _Climb:
 
 
     def prune(self) -> bool:
-        """Drop kept fixes the target does not need, each tried once without it (a later fix of the same tensor wins anyway)."""
+        """Drop kept fixes the others make unneeded: each tried once without it (a later fix of the same tensor wins anyway).
+
+        A fix goes when the rest still meet the target, or, below the target, when the rest score at least as well.
+        """
         dropped = False
-        if not self.met:
-            return False
-        for c in list(self.kept[:-1]):
+        for c in list(self.kept[:-1]) if len(self.kept) > 1 else []:
             edits = self.base
             for k in self.kept:
                 if k is not c:
                     edits = k.onto(edits, self.ctx.temp)
             built = self.build(edits)
             s = self.evaluator.score(built.model)
-            ok = self.evaluator.met(s)
-            self._row("prune", f"without: {c.label}", s, 0.0, "dropped: not needed" if ok else "needed")
-            if ok:
+            better = self.evaluator.met(s) if self.met else self.quality(s) >= self.quality(self.score)
+            self._row("prune", f"without: {c.label}", s, 0.0, "dropped: not needed" if better else "needed")
+            if better:
                 self.kept.remove(c)
                 self.score, self.edits, self.built = s, edits, built
                 dropped = True
@@ -174,7 +175,8 @@ def search(
     if climb.met:
         return done("range algorithm: " + ", ".join(c.label for c in climb.kept))
     # 2. outlier channels, tensor by tensor
-    stats = channel_stats(ctx.temp, samples[:8], list(ctx.plan.tensors))
+    # Ranges are calibration statistics: taken, as step1's are, over samples the candidates are also scored on.
+    stats = channel_stats(ctx.temp, evaluator.samples[:8] + samples[:8], list(ctx.plan.tensors))
     for st in outlier_tensors(stats, OUTLIER_TENSORS):
         cands = clip_fix(ctx, climb.base, st) + equalize_fix(ctx, climb.base, st)  # from step1's entry: a later prune stays clean
         if cands:
@@ -183,6 +185,9 @@ def search(
             return done(", ".join(c.label for c in climb.kept))
     # 3. bias correction, measured on the model as it now stands
     climb.try_each("bias", bias_fix(ctx, climb.edits, climb.built.fixed, climb.built.model, samples, session))
+    if climb.met:
+        return done(", ".join(c.label for c in climb.kept))
+    climb.prune()
     if climb.met:
         return done(", ".join(c.label for c in climb.kept))
     # 4. float fallback, fewest layers by measured effect
