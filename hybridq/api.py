@@ -9,19 +9,18 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from . import __version__
 from .artifacts import read_step1, save_model_atomic, write_step1
+from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration import calibrate
-from .config import Cfg, load_cfg, render_cfg
+from .config import load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
 from .graph import has_subgraphs, is_large, load_model, model_bytes, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import DEFAULT_FLOAT_BUDGET, Evaluator, ProposalResult, Score, Target
-from .qdq import RewriteResult, apply_plan
-from .resolve import activation_entry, resolve, weight_entry
+from .qdq import RewriteResult
 from .settings import Settings
 
 Progress = Callable[[int], None]
@@ -41,17 +40,6 @@ class Step1Result:
     fused: dict[str, str]
     float_subgraph_nodes: list[str]
     proposal: Any = None
-
-
-@dataclass
-class LayerResolution:
-    """What one custom_quantize_layers entry resolved to."""
-
-    entry: str
-    node: str
-    requested: str
-    effective: str
-    how: str
 
 
 @dataclass
@@ -82,22 +70,6 @@ def _describe(ds: Dataset, batch_size: int) -> Callable[[int], str]:
         return f"sample {b * batch_size + 1} ({where})"
 
     return describe
-
-
-def _initializer_arrays(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
-    wanted = set(names)
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
-
-
-def written_entries(plan: QuantPlan, model: onnx.ModelProto, observers, settings: Settings) -> dict[str, dict[str, Any]]:
-    """The quantize_parameters step1 writes for a plan: activations from statistics, weights from the weights."""
-    entries: dict[str, dict[str, Any]] = {}
-    for t, tp in plan.tensors.items():
-        entries[t], _ = activation_entry(tp, observers[t], settings)
-    arrays = _initializer_arrays(model, plan.weights)
-    for w, wp in plan.weights.items():
-        entries[w], _ = weight_entry(wp, arrays[w])
-    return entries
 
 
 def _entry_comments(plan: QuantPlan) -> dict[str, str]:
@@ -206,65 +178,6 @@ def _preprocess_dict(pre: Preprocess | None) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(pre).items() if v is not None}
 
 
-def resolve_layer_names(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tuple[dict[str, str], list[LayerResolution]]:
-    """Map each custom_quantize_layers key (node or output tensor, original or temp model) to a temp-model node."""
-    nodes = {n.name: n for n in model.graph.node}
-    producer = {o: n.name for n in model.graph.node for o in n.output}
-    original = meta.get("original_nodes", {})
-    fused = meta.get("fused", {})
-    renamed = meta.get("renamed", {})
-    inputs = {i.name for i in model.graph.input}
-    out: dict[str, str] = {}
-    resolved: list[LayerResolution] = []
-    for key, prec in cfg.custom.items():
-        line = cfg.custom_lines.get(key, 0)
-        if key in nodes:
-            node, how = key, "node name"
-        elif key in producer:
-            node, how = producer[key], "output tensor"
-        elif key in renamed and renamed[key] in nodes:
-            node, how = renamed[key], f"original node renamed to '{renamed[key]}'"
-        elif key in fused and fused[key]:
-            node, how = fused[key], f"original node fused into '{fused[key]}'"
-        elif key in original and any(o in producer for o in original[key]):
-            node = next(producer[o] for o in original[key] if o in producer)
-            how = f"original node, now '{node}'"
-        elif key in inputs:
-            raise ConfigError(f"{cfg.path}:{line}: '{key}' is a model input, not a layer; name the first layer that reads it instead.")
-        else:
-            candidates = list(nodes) + list(producer)
-            raise ConfigError(
-                f"{cfg.path}:{line}: custom_quantize_layers entry '{key}' is neither a node nor a tensor of the model."
-                f"{did_you_mean(key, candidates)} Names of the original model and of the temp model both work."
-            )
-        if node in out and out[node] != prec:
-            raise ConfigError(f"{cfg.path}:{line}: '{key}' resolves to node '{node}', which another entry already sets to {out[node]}; keep one.")
-        out[node] = prec
-        resolved.append(LayerResolution(key, node, prec, "", how))
-    return out, resolved
-
-
-def build_plan(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tuple[QuantPlan, list[LayerResolution]]:
-    """The plan for step2: settings, resolved layer precisions and per-tensor dtype/qmethod edits."""
-    layer_precision, resolved = resolve_layer_names(cfg, model, meta)
-    written = meta.get("written_entries", {})
-    tensor_dtype = {t: e.values["dtype"] for t, e in cfg.entries.items() if "dtype" in e.values and e.values["dtype"] != written.get(t, {}).get("dtype")}
-    # Per-entry edits only: an unedited entry follows the settings block (where a global edit lands).
-    weight_method = {t: e.values["qmethod"] for t, e in cfg.entries.items()
-                     if "qmethod" in e.values and e.values["qmethod"] != written.get(t, {}).get("qmethod")}
-    return make_plan(model, cfg.settings, layer_precision, tensor_dtype, weight_method), resolved
-
-
-def build_quantized(temp: onnx.ModelProto, observers, meta: dict[str, Any], cfg: Cfg):
-    """Plan, resolve parameters and rewrite: the one path from (temp model, statistics, cfg) to a QDQ model."""
-    plan, resolved = build_plan(cfg, temp, meta)
-    written_settings = Settings(**meta.get("written_settings", {}))
-    arrays = _initializer_arrays(temp, plan.weights)
-    res = resolve(plan, cfg.entries, meta.get("written_entries", {}), observers, arrays, cfg.settings, written_settings, str(cfg.path))
-    rewrite = apply_plan(temp, plan, res.activations, res.weights)
-    return rewrite, plan, res, resolved
-
-
 def step2(
     model: str | Path,
     data: str | Path,
@@ -279,7 +192,9 @@ def step2(
     for name, e in parsed.entries.items():
         if name not in known:
             raise ConfigError(f"{parsed.path}:{e.line}: quantize_parameters has unknown tensor '{name}'.{did_you_mean(name, known)} Remove the entry or fix the name.")
-    rewrite, plan, res, resolved = build_quantized(temp, bundle.observers, bundle.meta, parsed)
+    edits, resolved = edits_from_cfg(parsed, temp, bundle.meta)
+    built = build(temp, bundle.observers, bundle.meta, parsed.settings, edits, where=str(parsed.path))
+    rewrite, plan, res = built.rewrite, built.plan, built.resolution
     op_types = {n.name: n.op_type for n in temp.graph.node}
     for r in resolved:
         lp = rewrite.layers.get(r.node)
@@ -380,7 +295,6 @@ def run_proposal(
     single: dict[str, float] | None = None,
 ) -> tuple[ProposalResult, Evaluator]:
     """Climb the ladder of fixes from the cfg as it stands (its edits kept and never changed); candidates built as step2 builds."""
-    from .build import Edits
     from .config import CfgEntry
     from .proposal import propose as climb
 
@@ -392,7 +306,7 @@ def run_proposal(
     fit = samples[options.samples:] or scored
     evaluator = Evaluator(temp, scored, options.target)
     written = meta.get("written_entries", {})
-    base = Edits(dict(existing), {t: CfgEntry(t, 0, dict(v)) for t, v in entries.items()})
+    base = edits_from(existing, {t: CfgEntry(t, 0, dict(v)) for t, v in entries.items()}, temp, "cfg")
     protected = {t for t, v in entries.items() if v != written.get(t)}
     edited = bool(existing) or bool(protected)
 
@@ -443,7 +357,7 @@ def propose_cfg(
     model_path, data_path = cfg_path.with_name(f"{stem}.model"), cfg_path.with_name(f"{stem}.data")
     parsed = load_cfg(cfg_path)
     bundle = read_step1(model_path, data_path, parsed.header.get("model_sha256"), cfg_path)
-    existing, _ = resolve_layer_names(parsed, bundle.model, bundle.meta)
+    existing, _ = resolve_layer_names(parsed.custom, parsed.custom_lines, str(parsed.path), bundle.model, bundle.meta)
     entries = {t: e.values for t, e in parsed.entries.items()}
     single = None
     if snapshot is not None:

@@ -127,19 +127,24 @@ def _weight_reader(model: onnx.ModelProto, weight: str) -> str | None:
     return next((n.name for n in model.graph.node if len(n.input) > 1 and n.input[1] == weight), None)
 
 
-def edits_from_cfg(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tuple[Edits, list[LayerResolution]]:
-    """The cfg as build data: resolved layer precisions, entries, and the channel fixes its entries carry."""
-    layers, resolved = resolve_layer_names(cfg.custom, cfg.custom_lines, str(cfg.path), model, meta)
-    edits = Edits(layers, dict(cfg.entries))
-    for t, e in cfg.entries.items():
+def edits_from(layers: dict[str, str], entries: dict[str, CfgEntry], model: onnx.ModelProto, where: str) -> Edits:
+    """Edits from resolved layer precisions and cfg entries, with the channel fixes the entries carry."""
+    edits = Edits(dict(layers), dict(entries))
+    for t, e in entries.items():
         if "equalize" in e.values:
             edits.equalize[t] = [float(v) for v in e.values["equalize"]]
         if "bias_correction" in e.values:
             node = _weight_reader(model, t)
             if node is None:
-                raise ConfigError(f"{cfg.path}:{e.line}: bias_correction is given on '{t}', which is not a layer's weight; remove it.")
+                raise ConfigError(f"{where}:{e.line}: bias_correction is given on '{t}', which is not a layer's weight; remove it.")
             edits.bias_correction[node] = [float(v) for v in e.values["bias_correction"]]
-    return edits, resolved
+    return edits
+
+
+def edits_from_cfg(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tuple[Edits, list[LayerResolution]]:
+    """The cfg as build data: resolved layer precisions, entries, and the channel fixes its entries carry."""
+    layers, resolved = resolve_layer_names(cfg.custom, cfg.custom_lines, str(cfg.path), model, meta)
+    return edits_from(layers, cfg.entries, model, str(cfg.path)), resolved
 
 
 def apply_fixes(model: onnx.ModelProto, edits: Edits, where: str = "cfg") -> onnx.ModelProto:

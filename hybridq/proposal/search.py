@@ -176,8 +176,11 @@ def search(
         return done("range algorithm: " + ", ".join(c.label for c in climb.kept))
     # 2. outlier channels, tensor by tensor
     # Ranges are calibration statistics: taken, as step1's are, over samples the candidates are also scored on.
-    stats = channel_stats(ctx.temp, evaluator.samples[:8] + samples[:8], list(ctx.plan.tensors))
-    for st in outlier_tensors(stats, OUTLIER_TENSORS):
+    # Found on a few samples; the ranges a clip or an equalization writes come from all of them.
+    found = outlier_tensors(channel_stats(ctx.temp, evaluator.samples[:8] + samples[:8], list(ctx.plan.tensors)), OUTLIER_TENSORS)
+    everything = evaluator.samples + [x for x in samples if not any(x is y for y in evaluator.samples)]
+    full = channel_stats(ctx.temp, everything, [st.tensor for st in found])
+    for st in (full.get(f.tensor, f) for f in found):
         cands = clip_fix(ctx, climb.base, st) + equalize_fix(ctx, climb.base, st)  # from step1's entry: a later prune stays clean
         if cands:
             climb.try_each("outlier", cands)
