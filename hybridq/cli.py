@@ -349,7 +349,7 @@ def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
         lines.append(f"  started from your edits, all kept: {'; '.join(p.edits)}")
     lines += [
         f"  baseline ({p.baseline_label}): {p.baseline.describe()}",
-        f"  predicted:     {p.predicted.describe()}",
+        f"  predicted: {p.predicted.describe()}",
     ]
     if p.measured is not None:
         lines.append(f"  measured on the model step2 builds from the {'written ' if p.layers or p.clips else ''}cfg: {p.measured.describe()}")
