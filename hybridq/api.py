@@ -378,19 +378,21 @@ def run_proposal(
     temp: onnx.ModelProto, observers, meta: dict[str, Any], settings: Settings, entries: dict[str, dict[str, Any]],
     existing: dict[str, str], samples: list[dict[str, np.ndarray]], options: ProposalOptions,
     single: dict[str, float] | None = None, keep: set[str] = frozenset(), baseline_label: str = "the default quantization",
+    source: Cfg | None = None,
 ) -> tuple[ProposalResult, Evaluator]:
     """Rank layers (analysis, unless `single` errors are given), then search candidates built like step2 builds them.
 
     `entries`, `existing` (custom_quantize_layers as node -> precision) and `settings` are the cfg's own:
     every candidate, the baseline included, is built from them, with the proposal's layers and clips
-    added on top. Tensors in `keep` (edited by the user) are never clipped.
+    added on top. Tensors in `keep` (edited by the user) are never clipped. `source`, the parsed cfg
+    file, lets a bad entry be reported at its line.
     """
     if options.fallback not in ("float32", "float16"):
         raise InputError(f"--fallback {options.fallback!r} is not valid; use float32 (fastest on CPU) or float16 (NPUs).")
     evaluator = Evaluator(temp, samples, options.target)
 
     def cfg_with(layers: dict[str, str], edits: dict[str, dict[str, Any]]) -> Cfg:
-        return as_cfg(settings, layers, entries, edits)
+        return as_cfg(settings, layers, entries, edits, source)
 
     def build(layers: dict[str, str], edits: dict[str, dict[str, Any]]) -> onnx.ModelProto:
         return build_quantized(temp, observers, meta, cfg_with(layers, edits))[0].model
@@ -462,6 +464,7 @@ def propose_cfg(
     """
     from .artifacts import backup_if_edited, write_text_atomic
     from .config import update_custom_layers, update_entries
+    from .errors import OutputError
 
     options = options or ProposalOptions()
     cfg_path = Path(cfg)
@@ -470,6 +473,7 @@ def propose_cfg(
     stem = cfg_path.name[: -len(".quantization.cfg")]
     model_path, data_path = cfg_path.with_name(f"{stem}.model"), cfg_path.with_name(f"{stem}.data")
     parsed = load_cfg(cfg_path)
+    before = cfg_path.read_text(encoding="utf-8")
     bundle = read_step1(model_path, data_path, parsed.header.get("model_sha256"), cfg_path)
     existing, _ = resolve_layer_names(parsed, bundle.model, bundle.meta)
     entries = {t: e.values for t, e in parsed.entries.items()}
@@ -485,13 +489,14 @@ def propose_cfg(
     samples = list(ds.samples(limit=min(len(ds), options.samples)))
     label = "your cfg as edited" if what else "the default quantization"
     result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options,
-                                     single, keep=edited, baseline_label=label)
+                                     single, keep=edited, baseline_label=label, source=parsed)
     result.edits = what
-    before = cfg_path.read_text(encoding="utf-8")
     text = update_custom_layers(before, result.layers, result.comments)
     text = update_entries(text, result.clips, result.clip_comments)
     backup = None
     if text != before:
+        if cfg_path.read_text(encoding="utf-8") != before:
+            raise OutputError(f"'{cfg_path}' was changed while the proposal ran; it was left as it is now. Re-run hybridq propose on it.")
         backup = backup_if_edited(cfg_path, data_path, text)
         write_text_atomic(cfg_path, text)
         result.written = True

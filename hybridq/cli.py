@@ -395,7 +395,11 @@ def propose(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Choose layers to keep in float (or ranges to clip) for a cfg, verified on the model step2 builds."""
+    """Choose layers to keep in float (or ranges to clip) for a cfg, verified on the model step2 builds.
+
+    Starts from the cfg as you edited it: your custom_quantize_layers, per-tensor edits, settings and comments
+    are kept, and a tensor you edited is never clipped. When nothing needs to change, the cfg is not touched.
+    """
     from . import api
 
     State.quiet, State.json = quiet, as_json

@@ -246,10 +246,19 @@ def _better(a: Score, b: Score) -> bool:
     return a.worst_cosine > b.worst_cosine
 
 
-def as_cfg(settings: Settings, custom: dict[str, str], entries: dict[str, dict[str, Any]], edits: dict[str, dict[str, Any]]) -> Cfg:
-    """An in-memory cfg: the given entries with `edits` applied, and `custom` layer precisions."""
-    merged = {t: CfgEntry(t, 0, dict(edits.get(t, v))) for t, v in entries.items()}
-    return Cfg(Path("<proposal>"), {}, settings, dict(custom), {k: 0 for k in custom}, merged)
+def as_cfg(
+    settings: Settings, custom: dict[str, str], entries: dict[str, dict[str, Any]], edits: dict[str, dict[str, Any]],
+    source: Cfg | None = None,
+) -> Cfg:
+    """An in-memory cfg: the given entries with `edits` applied, and `custom` layer precisions.
+
+    With `source` (the cfg file the entries come from), errors name its path and the entries' lines.
+    """
+    path = source.path if source is not None else Path("<proposal>")
+    lines = {t: e.line for t, e in source.entries.items()} if source is not None else {}
+    custom_lines = source.custom_lines if source is not None else {}
+    merged = {t: CfgEntry(t, lines.get(t, 0), dict(edits.get(t, v))) for t, v in entries.items()}
+    return Cfg(path, {}, settings, dict(custom), {k: custom_lines.get(k, 0) for k in custom}, merged)
 
 
 def propose(

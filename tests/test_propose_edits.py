@@ -242,11 +242,32 @@ def test_update_entries_keeps_an_existing_comment_on_a_changed_key():
     assert out == "quantize_parameters:\n  r3:\n    algorithm: mse  # proposal: clip\n    min: [0.0]\n    max: [5.0]  # looked at it\n    scale: [0.0196]\n"
 
 
-def test_an_invalid_edit_exits_2_without_traceback_and_leaves_the_cfg(outlier_ws, capsys):
+def test_a_cfg_changed_while_the_proposal_ran_is_not_overwritten(outlier_ws, monkeypatch):
     cfg = outlier_ws["cfg"]
-    cfg.write_text(edit_entry(cfg.read_text(), "r1", "algorithm", "percentil"))
+    real = hybridq.api.run_proposal
+
+    def edit_meanwhile(*args, **kwargs):
+        out = real(*args, **kwargs)
+        cfg.write_text(cfg.read_text() + "# edited meanwhile\n")
+        return out
+
+    monkeypatch.setattr(hybridq.api, "run_proposal", edit_meanwhile)
+    with pytest.raises(hybridq.errors.OutputError, match="was changed while the proposal ran"):
+        hybridq.api.propose_cfg(cfg, outlier_ws["dataset"])
+    assert cfg.read_text().endswith("# edited meanwhile\n") and list(cfg.parent.glob("*.bak")) == []
+
+
+@pytest.mark.parametrize("tensor,key,value,message", [
+    ("r1", "algorithm", "percentil", "algorithm 'percentil' of 'r1' is not valid. Did you mean: 'percentile'?"),
+    # Found only when the edited cfg is built: still reported at the entry's line of the file.
+    ("x", "zero_point", "[300]", "zero_point 300 of 'x' is outside uint8 [0, 255]"),
+])
+def test_an_invalid_edit_exits_2_at_its_line_and_leaves_the_cfg(outlier_ws, capsys, tensor, key, value, message):
+    cfg = outlier_ws["cfg"]
+    cfg.write_text(edit_entry(cfg.read_text(), tensor, key, value))
     before = cfg.read_bytes()
     code, out, err = cli(capsys, "propose", "--cfg", cfg, "-d", outlier_ws["dataset"])
     assert code == 2 and "Traceback" not in err
-    assert "m.quantization.cfg:" in err and "algorithm 'percentil' of 'r1'" in err and "Did you mean: 'percentile'?" in err
+    line = cfg.read_text().splitlines().index(f"  {tensor}:") + 1
+    assert f"m.quantization.cfg:{line}: {message}" in err
     assert cfg.read_bytes() == before and list(cfg.parent.glob("*.bak")) == []
