@@ -161,6 +161,19 @@ def test_a_percentile_edit_stays_percentile_when_the_proposal_clips_other_ranges
     assert backup is not None and "algorithm: percentile" in backup.read_text()
 
 
+def test_a_global_range_setting_edit_is_not_overridden_by_clips(outlier_ws):
+    ws, cfg = outlier_ws, outlier_ws["cfg"]
+    text = cfg.read_text().replace("\n  algorithm: minmax\n", "\n  algorithm: percentile\n", 1)
+    assert "\n  algorithm: percentile\n" in text  # the settings block's algorithm (per-tensor keys are indented deeper)
+    cfg.write_text(text)
+    result, _ = hybridq.api.propose_cfg(cfg, ws["dataset"], options=hybridq.api.ProposalOptions(hybridq.proposal.Target(cosine=0.99)))
+    # Every unedited entry follows the edited setting; the proposal does not even try to turn one into an mse clip.
+    assert result.met and result.clips == {} and "settings algorithm" in result.edits
+    assert not any("+ clips" in line for line in result.log), result.log
+    parsed = load_cfg(cfg)
+    assert parsed.settings.algorithm == "percentile" and all(e.values["algorithm"] != "mse" for e in parsed.entries.values())
+
+
 def test_summary_line_counts_proposed_and_policy_floats_as_the_built_model_runs_them(outlier_ws, capsys):
     ws = outlier_ws
     out_dir = ws["dir"] / "p"
