@@ -334,9 +334,10 @@ def _insert_custom_lines(text: str, lines: list[str]) -> str | None:
     if m is None:
         return None
     head = text[: m.start()]
-    header = "custom_quantize_layers:" + (f"  {m.group('comment')}" if m.group("comment") else "")
-    rest = text[m.end():].split("\n")
-    first, *rest = rest if rest else [""]  # `first` is what followed the header on its line: nothing
+    header = m.group(0)
+    if m.group("empty"):  # `{}` becomes a block header; its comment stays on the line
+        header = "custom_quantize_layers:" + (f"  {m.group('comment')}" if m.group("comment") else "")
+    first, *rest = text[m.end():].split("\n")  # `first` is what followed the header on its line: nothing
     body_end = 0
     indent = 2
     found_indent = False

@@ -238,6 +238,8 @@ def test_update_custom_layers_adds_lines_and_moves_no_comment():
     # The user's conv3 is not changed; the new entry takes the section's indentation, after its last line.
     assert out == "custom_quantize_layers:\n    conv3: int16  # mine\n    # trailing note\n    conv2: float32\n\n# params\nquantize_parameters: {}\n"
     assert update_custom_layers(block, {"conv3": "float16"}, {}) == block
+    odd = "custom_quantize_layers: #mine\n  conv3: int16\nquantize_parameters: {}\n"  # the user's header line is kept as typed
+    assert update_custom_layers(odd, {"conv2": "float32"}, {}) == "custom_quantize_layers: #mine\n  conv3: int16\n  conv2: float32\nquantize_parameters: {}\n"
     flow = "custom_quantize_layers: {conv3: int16}\nquantize_parameters: {}\n"
     assert load_cfg_text(update_custom_layers(flow, {"conv2": "float32"}, {})) == {"conv3": "int16", "conv2": "float32"}
 
