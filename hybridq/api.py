@@ -377,25 +377,36 @@ class ProposalOptions:
 def run_proposal(
     temp: onnx.ModelProto, observers, meta: dict[str, Any], settings: Settings, entries: dict[str, dict[str, Any]],
     existing: dict[str, str], samples: list[dict[str, np.ndarray]], options: ProposalOptions,
-    single: dict[str, float] | None = None,
+    single: dict[str, float] | None = None, keep: set[str] = frozenset(), baseline_label: str = "the default quantization",
+    source: Cfg | None = None,
 ) -> tuple[ProposalResult, Evaluator]:
-    """Rank layers (analysis, unless `single` errors are given), then search candidates built like step2 builds them."""
+    """Rank layers (analysis, unless `single` errors are given), then search candidates built like step2 builds them.
+
+    `entries`, `existing` (custom_quantize_layers as node -> precision) and `settings` are the cfg's own:
+    every candidate, the baseline included, is built from them, with the proposal's layers and clips
+    added on top. Tensors in `keep` (edited by the user) are never clipped. `source`, the parsed cfg
+    file, lets a bad entry be reported at its line.
+    """
     if options.fallback not in ("float32", "float16"):
         raise InputError(f"--fallback {options.fallback!r} is not valid; use float32 (fastest on CPU) or float16 (NPUs).")
     evaluator = Evaluator(temp, samples, options.target)
 
+    def cfg_with(layers: dict[str, str], edits: dict[str, dict[str, Any]]) -> Cfg:
+        return as_cfg(settings, layers, entries, edits, source)
+
     def build(layers: dict[str, str], edits: dict[str, dict[str, Any]]) -> onnx.ModelProto:
-        return build_quantized(temp, observers, meta, as_cfg(settings, layers, entries, edits))[0].model
+        return build_quantized(temp, observers, meta, cfg_with(layers, edits))[0].model
 
     if single is None:
         from .analysis import analyze as run_analysis
 
         analysed = run_analysis(temp, build(existing, {}), samples)
         single = {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
-    plan = make_plan(temp, settings, existing)
+    plan, _ = build_plan(cfg_with(existing, {}), temp, meta)
     result = propose(
         build, evaluator, single, plan, temp, observers, entries, settings, fallback=options.fallback,
         max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction, existing=existing,
+        keep=keep, baseline_label=baseline_label,
     )
     return result, evaluator
 
@@ -409,6 +420,31 @@ def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) ->
         return evaluator.score(onnx.load(str(built.output)))
 
 
+RANGE_SETTINGS = ("dtype", "qtype", "algorithm", "percentile")
+"""Settings that change every unedited activation range: when the user edits one, no range is clipped."""
+
+
+def user_edits(parsed: Cfg, meta: dict[str, Any], existing: dict[str, str]) -> tuple[set[str], list[str]]:
+    """Tensors whose cfg entry differs from what step1 wrote (any key, or deleted), and a description of every edit."""
+    from .resolve import _same
+
+    written = meta.get("written_entries", {})
+    edited = set()
+    for t, w in written.items():
+        e = parsed.entries.get(t)
+        if e is None or set(e.values) != set(w) or not all(_same(e.values[k], w[k]) for k in w):
+            edited.add(t)
+    edited |= set(parsed.entries) - set(written)
+    what = [f"{len(edited)} tensor entr{'y' if len(edited) == 1 else 'ies'}"] if edited else []
+    if existing:
+        what.append(f"{len(existing)} custom_quantize_layers entr{'y' if len(existing) == 1 else 'ies'}")
+    written_settings = Settings(**meta.get("written_settings", {}))
+    changed = [k for k, v in parsed.settings.to_dict().items() if v != written_settings.to_dict().get(k)]
+    if changed:
+        what.append("settings " + ", ".join(changed))
+    return edited, what
+
+
 def propose_cfg(
     cfg: str | Path,
     dataset: str | Path,
@@ -417,13 +453,18 @@ def propose_cfg(
     preprocess: Preprocess | None = None,
     options: ProposalOptions | None = None,
 ) -> tuple[ProposalResult, Path | None]:
-    """Propose float layers for an existing cfg (keeping its edits and comments), write them into it, verify.
+    """Propose float layers (or range clips) for an existing cfg, write them into it, verify.
 
-    With `snapshot` (from `analyze --dump`), its single errors rank the layers and no analysis is re-run.
-    Returns the result and the backup of the previous cfg.
+    The proposal starts from the cfg as the user left it: its custom_quantize_layers, per-tensor
+    edits and settings are what the baseline is built from, and they, and every comment, are kept;
+    a tensor the user edited is never clipped. When the proposal adds nothing the file is not
+    touched (no rewrite, no backup). With `snapshot` (from `analyze --dump`), its single errors
+    rank the layers and no analysis is re-run. Returns the result and the backup of the previous
+    cfg (None when none was needed); `result.written` says whether the cfg changed.
     """
     from .artifacts import backup_if_edited, write_text_atomic
     from .config import update_custom_layers, update_entries
+    from .errors import OutputError
 
     options = options or ProposalOptions()
     cfg_path = Path(cfg)
@@ -432,20 +473,32 @@ def propose_cfg(
     stem = cfg_path.name[: -len(".quantization.cfg")]
     model_path, data_path = cfg_path.with_name(f"{stem}.model"), cfg_path.with_name(f"{stem}.data")
     parsed = load_cfg(cfg_path)
+    before = cfg_path.read_text(encoding="utf-8")
     bundle = read_step1(model_path, data_path, parsed.header.get("model_sha256"), cfg_path)
     existing, _ = resolve_layer_names(parsed, bundle.model, bundle.meta)
     entries = {t: e.values for t, e in parsed.entries.items()}
+    edited, what = user_edits(parsed, bundle.meta, existing)
+    written_settings = Settings(**bundle.meta.get("written_settings", {}))
+    if any(getattr(parsed.settings, k) != getattr(written_settings, k) for k in RANGE_SETTINGS):
+        edited |= set(entries)  # a global range edit applies to every entry: the proposal does not override it per tensor
     single = None
     if snapshot is not None:
         snap = load_snapshot(snapshot)
         single = {le.layer: le.single.cosine for le in snap.layers if le.single is not None}
     ds = open_dataset(bundle.model, dataset, preprocess)
     samples = list(ds.samples(limit=min(len(ds), options.samples)))
-    result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options, single)
-    text = cfg_path.read_text(encoding="utf-8")
-    text = update_custom_layers(text, result.layers, result.comments)
+    label = "your cfg as edited" if what else "the default quantization"
+    result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options,
+                                     single, keep=edited, baseline_label=label, source=parsed)
+    result.edits = what
+    text = update_custom_layers(before, result.layers, result.comments)
     text = update_entries(text, result.clips, result.clip_comments)
-    backup = backup_if_edited(cfg_path, data_path)
-    write_text_atomic(cfg_path, text)
+    backup = None
+    if text != before:
+        if cfg_path.read_text(encoding="utf-8") != before:
+            raise OutputError(f"'{cfg_path}' was changed while the proposal ran; it was left as it is now. Re-run hybridq propose on it.")
+        backup = backup_if_edited(cfg_path, data_path, text)
+        write_text_atomic(cfg_path, text)
+        result.written = True
     result.measured = verify_proposal(model_path, data_path, cfg_path, evaluator)
     return result, backup

@@ -358,26 +358,58 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
     return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, max_float_fraction, fallback, samples)
 
 
+def _cost_line(p) -> str:
+    """Float layers and float compute by cause: proposed, the user's own entries, policies (never contradicting each other)."""
+    from collections import Counter
+
+    from .cost import PROPOSED, USER
+
+    text = f"  float layers proposed: {len(p.layers)}"
+    if p.existing:
+        mine = Counter(p.existing.values())
+        text += " (yours: " + ", ".join(f"{n} {prec}" for prec, n in sorted(mine.items())) + ")"
+    c = p.cost
+    if c is None:
+        return text + f"; float compute {100 * p.float_fraction:.1f} %"
+    text += f"; float compute {100 * c.fraction:.1f} % of the Conv/Gemm/MatMul MACs"
+    parts = [f"{100 * c.share({PROPOSED}):.1f} % proposed"]
+    if USER in c.cause.values():
+        parts.append(f"{100 * c.share({USER}):.1f} % yours")
+    policies = c.policies()
+    if policies:
+        names = ", ".join(f"{k}: {n} layer{'s' if n > 1 else ''}" for k, n in sorted(policies.items()))
+        parts.append(f"{100 * c.policy_fraction:.1f} % by policy ({names})")
+    return text + ": " + ", ".join(parts)
+
+
 def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
     rows = [[i + 1, n, f"{c:.5f}", "float" if n in p.layers else ""] for i, (n, c) in enumerate(p.ranked[:max(10, len(p.layers))])]
     tables = [_table("layers ranked by isolated error", ["rank", "layer", "single cos", "proposed"], rows)]
-    lines = [
-        f"Proposal: {p.choice}.",
-        f"  int8 baseline: {p.baseline.describe()}",
-        f"  predicted:     {p.predicted.describe()}",
+    lines = [f"Proposal: {p.choice}."]
+    if p.edits:
+        lines.append(f"  started from your edits, all kept: {'; '.join(p.edits)}")
+    lines += [
+        f"  baseline ({p.baseline_label}): {p.baseline.describe()}",
+        f"  predicted: {p.predicted.describe()}",
     ]
     if p.measured is not None:
-        lines.append(f"  measured on the model step2 builds from the written cfg: {p.measured.describe()}")
-    lines.append(f"  float layers: {len(p.layers)}, float compute {100 * p.float_fraction:.1f} %, {p.evaluations} evaluations, {p.seconds:.1f} s")
+        lines.append(f"  measured on the model step2 builds from the {'written ' if p.layers or p.clips else ''}cfg: {p.measured.describe()}")
+    lines.append(_cost_line(p) + f"; {p.evaluations} evaluations, {p.seconds:.1f} s")
     if p.clips:
         names = list(p.clips)
         lines.append(f"  range clips (mse) on {len(names)} tensor(s): {', '.join(names[:6])}" + (" ..." if len(names) > 6 else "") + " (commented in the cfg)")
     if not p.met:
         lines.append("  The target was NOT met; the cfg holds the best candidate found. Loosen the target or raise the budget.")
+    cost = p.cost
     data = {
         "layers": p.layers, "clips": list(p.clips), "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
-        "baseline": p.baseline.to_dict(), "predicted": p.predicted.to_dict(),
+        "baseline": p.baseline.to_dict(), "baseline_label": p.baseline_label, "predicted": p.predicted.to_dict(),
         "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
+        "your_layers": p.existing, "your_edits": p.edits,
+        "float_compute": None if cost is None else {
+            "total": cost.fraction, "proposed": cost.share({"proposed"}), "yours": cost.share({"yours"}),
+            "policy": cost.policy_fraction, "policies": cost.policies(), "layers": cost.cause,
+        },
     }
     return tables, lines, data
 
@@ -404,7 +436,11 @@ def propose(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Choose layers to keep in float (or ranges to clip) for a cfg, verified on the model step2 builds."""
+    """Choose layers to keep in float (or ranges to clip) for a cfg, verified on the model step2 builds.
+
+    Starts from the cfg as you edited it: your custom_quantize_layers, per-tensor edits, settings and comments
+    are kept, and a tensor you edited is never clipped. When nothing needs to change, the cfg is not touched.
+    """
     from . import api
 
     State.quiet, State.json = quiet, as_json
@@ -414,7 +450,11 @@ def propose(
     opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples)
     result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts)
     tables, lines, data = _proposal_report(result)
-    lines.append(f"Wrote the proposal into {cfg}" + (f" (previous version kept as {backup})." if backup else "."))
+    if result.written:
+        lines.append(f"Wrote the proposal into {cfg}" + (f" (previous version kept as {backup})." if backup else "."))
+    else:
+        lines.append(f"Nothing changed: {cfg} was left as it was (not rewritten, no backup).")
+    data.update(written=result.written, backup=str(backup) if backup else None)
     _emit(data, tables, lines)
 
 

@@ -21,13 +21,13 @@ import onnx
 
 from .calibration import session_for
 from .config import Cfg, CfgEntry, short_float
-from .cost import concrete_shapes, layer_macs
+from .cost import PROPOSED, USER, FloatShare, concrete_shapes, float_share, layer_macs
 from .dataset import load_callable
 from .errors import InputError
 from .metrics import cosine, snr_db
 from .observers import HistogramObserver, compute_range
 from .plan import GraphView, QuantPlan
-from .qparams import levels
+from .qparams import compute_qparams, levels
 from .settings import Settings
 
 BuildFn = Callable[[dict[str, str], dict[str, dict[str, Any]]], onnx.ModelProto]
@@ -69,7 +69,14 @@ class Score:
 
 @dataclass
 class ProposalResult:
-    """The choice, what it costs and what it measured."""
+    """The choice, what it costs and what it measured.
+
+    `layers` and `clips` are what the proposal adds; `existing` are the cfg's own
+    custom_quantize_layers (node -> precision), kept; `cost` splits the float compute of
+    the model built with both by cause; `baseline_label` names what `baseline` measured;
+    `edits` describes the user's edits the proposal started from; `written` is True when
+    `propose_cfg` changed the cfg file.
+    """
 
     layers: dict[str, str]
     comments: dict[str, str]
@@ -86,6 +93,11 @@ class ProposalResult:
     fp32_task: float | None = None
     measured: Score | None = None
     log: list[str] = field(default_factory=list)
+    cost: FloatShare | None = None
+    existing: dict[str, str] = field(default_factory=dict)
+    baseline_label: str = "the default quantization"
+    edits: list[str] = field(default_factory=list)
+    written: bool = False
 
 
 class Evaluator:
@@ -161,28 +173,69 @@ def rank_layers(single: dict[str, float], plan: QuantPlan, model: onnx.ModelProt
 
 
 def clip_candidates(
-    plan: QuantPlan, observers: dict[str, HistogramObserver], written: dict[str, dict[str, Any]], settings: Settings,
+    plan: QuantPlan, observers: dict[str, HistogramObserver], entries: dict[str, dict[str, Any]], settings: Settings,
+    keep: set[str] = frozenset(),
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Range clips: every activation whose MSE-optimal range is tighter than its current one.
 
     Outliers stretch a min/max range so that the bulk of the values gets few levels;
     the MSE range (from the stored histogram) trades a little saturation for resolution.
+    `entries` are the cfg's entries; a tensor in `keep` (one the user edited) or without an
+    entry is never a candidate. A clip carries the scale and zero point of its new range.
     """
     clips: dict[str, dict[str, Any]] = {}
     comments: dict[str, str] = {}
     for t, tp in plan.tensors.items():
         obs = observers.get(t)
-        if obs is None or not obs.bins or t not in written or written[t].get("algorithm") == "mse":
+        if obs is None or not obs.bins or t not in entries or t in keep or entries[t].get("algorithm") == "mse":
+            continue
+        if "min" not in entries[t] or "max" not in entries[t]:
             continue
         lo, hi = compute_range(obs, "mse", levels(tp.dtype), settings.percentile)
-        old_lo, old_hi = written[t]["min"][0], written[t]["max"][0]
+        old_lo, old_hi = entries[t]["min"][0], entries[t]["max"][0]
         width, clipped = max(old_hi, 0.0) - min(old_lo, 0.0), max(hi, 0.0) - min(lo, 0.0)
         if clipped > 0 and width / clipped >= 1.05:
-            entry = dict(written[t])
-            entry.update(algorithm="mse", min=[short_float(lo)], max=[short_float(hi)])
+            lo, hi = short_float(lo), short_float(hi)
+            qp = compute_qparams([lo], [hi], tp.dtype, entries[t].get("qtype", "sym" if tp.symmetric else "asym") == "sym")
+            entry = dict(entries[t])
+            entry.update(algorithm="mse", min=[lo], max=[hi], scale=[short_float(float(qp.scale[0]))], zero_point=[int(qp.zero_point[0])])
             clips[t] = entry
             comments[t] = f"proposal: range [{old_lo:.4g}, {old_hi:.4g}] clipped to [{lo:.4g}, {hi:.4g}] (mse)"
     return clips, comments
+
+
+POLICY_NAMES = (
+    ("stem Conv", "float_stem"),
+    ("depthwise Conv", "float_depthwise"),
+    ("Conv on a 1x1 pooled", "float_pooled"),
+    ("ConvTranspose", "ConvTranspose"),
+    ("Conv producing a graph output", "graph-output Conv"),
+    ("detection-head Conv", "detection head"),
+)
+"""Short names for the plan's policy reasons (the setting that decides, where there is one)."""
+
+
+def policy_name(reason: str) -> str:
+    """The setting or rule behind a plan's policy reason, e.g. 'float_stem'."""
+    for prefix, name in POLICY_NAMES:
+        if reason.startswith(prefix):
+            return name
+    return reason.split(" (")[0].split(":")[0]
+
+
+def float_causes(model: onnx.ModelProto, plan: QuantPlan, macs: dict[str, float], proposed: set[str], settings: Settings) -> dict[str, str]:
+    """Cause of every MAC-counted layer that runs float in the model built from `plan` with `proposed` moved to float."""
+    ops = {n.name: n.op_type for n in model.graph.node}
+    cause: dict[str, str] = {}
+    for name in macs:
+        lp = plan.layers.get(name)
+        if name in proposed:
+            cause[name] = PROPOSED
+        elif lp is None:
+            cause[name] = "quantize_ops" if ops.get(name) not in settings.quantize_ops else f"{ops.get(name)} without int8 form"
+        elif lp.precision in ("float16", "float32"):
+            cause[name] = USER if lp.reason == "cfg" else policy_name(lp.reason)
+    return cause
 
 
 def _better(a: Score, b: Score) -> bool:
@@ -192,10 +245,19 @@ def _better(a: Score, b: Score) -> bool:
     return a.worst_cosine > b.worst_cosine
 
 
-def as_cfg(settings: Settings, custom: dict[str, str], entries: dict[str, dict[str, Any]], edits: dict[str, dict[str, Any]]) -> Cfg:
-    """An in-memory cfg: the given entries with `edits` applied, and `custom` layer precisions."""
-    merged = {t: CfgEntry(t, 0, dict(edits.get(t, v))) for t, v in entries.items()}
-    return Cfg(Path("<proposal>"), {}, settings, dict(custom), {k: 0 for k in custom}, merged)
+def as_cfg(
+    settings: Settings, custom: dict[str, str], entries: dict[str, dict[str, Any]], edits: dict[str, dict[str, Any]],
+    source: Cfg | None = None,
+) -> Cfg:
+    """An in-memory cfg: the given entries with `edits` applied, and `custom` layer precisions.
+
+    With `source` (the cfg file the entries come from), errors name its path and the entries' lines.
+    """
+    path = source.path if source is not None else Path("<proposal>")
+    lines = {t: e.line for t, e in source.entries.items()} if source is not None else {}
+    custom_lines = source.custom_lines if source is not None else {}
+    merged = {t: CfgEntry(t, lines.get(t, 0), dict(edits.get(t, v))) for t, v in entries.items()}
+    return Cfg(path, {}, settings, dict(custom), {k: custom_lines.get(k, 0) for k in custom}, merged)
 
 
 def propose(
@@ -205,27 +267,36 @@ def propose(
     plan: QuantPlan,
     model: onnx.ModelProto,
     observers: dict[str, HistogramObserver],
-    written: dict[str, dict[str, Any]],
+    entries: dict[str, dict[str, Any]],
     settings: Settings,
     *,
     fallback: str = "float32",
     max_float_layers: int | None = None,
     max_float_fraction: float | None = None,
     existing: dict[str, str] | None = None,
+    keep: set[str] = frozenset(),
+    baseline_label: str = "the default quantization",
 ) -> ProposalResult:
-    """Search the ranked layers (and range clips) for the cheapest candidate that meets the target."""
+    """Search the ranked layers (and range clips) for the cheapest candidate that meets the target.
+
+    `plan` and `entries` are those of the cfg the proposal starts from (with the user's edits),
+    `existing` its custom_quantize_layers (node -> precision); these layers are never ranked.
+    Tensors in `keep` (edited by the user) are never clipped. `baseline_label` names the
+    starting point in the result's wording.
+    """
     t0 = time.perf_counter()
     existing = dict(existing or {})
     log: list[str] = []
     ranked = [(n, c) for n, c in rank_layers(single, plan, model) if n not in existing]
     full_ranking = list(ranked)
     macs = layer_macs(concrete_shapes(model, evaluator.samples[0]) if evaluator.samples else model)
-    total = sum(macs.get(n, 0.0) for n in plan.layers) or 1.0
+    total = sum(macs.values()) or 1.0
+
+    def cost(layers: list[str]) -> FloatShare:
+        return float_share(macs, float_causes(model, plan, macs, set(layers), settings))
 
     def fraction(layers: list[str]) -> float:
-        names = set(layers) | {n for n, p in existing.items() if p in ("float16", "float32")}
-        names |= {n for n, lp in plan.layers.items() if lp.precision in ("float16", "float32")}
-        return sum(macs.get(n, 0.0) for n in names) / total
+        return cost(layers).fraction
 
     def candidate(k: int, clips: dict[str, dict[str, Any]]) -> Score:
         layers = dict(existing)
@@ -250,13 +321,13 @@ def propose(
             layers=layers, comments=comments, clips=use_clips, clip_comments={t: clip_comments[t] for t in use_clips},
             baseline=base, predicted=score, met=met, evaluations=evaluator.evaluations, ranked=full_ranking,
             float_fraction=fraction(list(layers)), choice=choice, seconds=time.perf_counter() - t0,
-            fp32_task=evaluator.fp32_task, log=log,
+            fp32_task=evaluator.fp32_task, log=log, cost=cost(list(layers)), existing=dict(existing), baseline_label=baseline_label,
         )
 
     if evaluator.met(base):
-        return result(0, base, True, "the default quantization already meets the target; nothing to change", {})
+        return result(0, base, True, f"{baseline_label} already meets the target; nothing to change", {})
 
-    clips, clip_comments = clip_candidates(plan, observers, written, settings)
+    clips, clip_comments = clip_candidates(plan, observers, entries, settings, keep)
     base_for_search = base
     if clips:
         s = candidate(0, clips)
