@@ -37,12 +37,12 @@ class Step1Result:
     cfg: Path
     backup: Path | None
     samples: int
-    config: Path | None = field(default=None, kw_only=True)
     quantized_tensors: int
     layers: dict[str, int]
     fused: dict[str, str]
     float_subgraph_nodes: list[str]
     proposal: Any = None
+    config: Path | None = None  # the workspace hybridq.yaml that was read, if any
 
 
 @dataclass
