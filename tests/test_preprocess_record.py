@@ -164,3 +164,17 @@ def test_preprocess_round_trips_through_dict():
     assert Preprocess(mean=(127.5,)).differences(Preprocess(mean=(127.5, 127.5, 127.5))) == []
     with pytest.raises(hybridq.errors.DatasetError, match="Did you mean"):
         Preprocess.from_dict({"meen": [1]}, "here")
+
+
+def test_rknn_facade_reads_the_preprocessing_from_a_loaded_model(calibrated):
+    from hybridq.rknn import RKNN
+
+    # a deploy-only script: no config(), the exported (step2) model's metadata supplies mean/std
+    rknn = RKNN()
+    assert rknn.load_rknn(str(calibrated["q"])) == 0 and rknn.init_runtime() == 0
+    listing = calibrated["eval"]
+    first = listing.parent / listing.read_text().split()[0]
+    raw = np.asarray(Image.open(first).convert("RGB"))
+    got = rknn.inference(inputs=[raw])[0]
+    rknn.release()
+    np.testing.assert_allclose(got, run(calibrated["q"], {"x": numpy_inputs(listing)[0]})[0], rtol=1e-5, atol=1e-5)
