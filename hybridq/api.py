@@ -21,7 +21,7 @@ from .graph import has_subgraphs, is_large, load_model, model_bytes, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import Evaluator, ProposalResult, Score, Target, as_cfg, propose
 from .qdq import RewriteResult, apply_plan
-from .recorded import InputStats, PreprocessArg, choose_preprocess, model_props, range_warnings, read_record
+from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record
 from .resolve import activation_entry, resolve, weight_entry
 from .settings import Settings
 
@@ -297,7 +297,7 @@ def step2(
                 f"{parsed.path}:{parsed.custom_lines.get(r.entry, 0)}: custom_quantize_layers['{r.entry}'] = {r.requested} has no effect: "
                 f"'{r.node}' ({op_types[r.node]}) has no quantized form. Remove the entry."
             )
-    _record_in_model(rewrite.model, bundle.meta, parsed.header)
+    _record_in_model(rewrite.model, bundle.meta, parsed.header, parsed.path)
     out_path = Path(output)
     try:
         if not is_large(rewrite.model):  # protobuf cannot serialize a model over 2 GB for the in-memory check
@@ -318,8 +318,9 @@ def step2(
     )
 
 
-def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[str, Any]) -> None:
+def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[str, Any], header_path: Path) -> None:
     """Write step1's record (preprocessing, calibrated input ranges) into the model's metadata_props (see hybridq.recorded)."""
+    check_header(header, meta, header_path)
     pre = meta["preprocess"] if "preprocess" in meta else (dict(header["preprocess"]) if header.get("preprocess") else None)
     props = model_props(pre, meta.get("input_ranges"))
     kept = [p for p in model.metadata_props if p.key not in props]
@@ -471,6 +472,7 @@ def propose_cfg(
     if snapshot is not None:
         snap = load_snapshot(snapshot)
         single = {le.layer: le.single.cosine for le in snap.layers if le.single is not None}
+    check_header(parsed.header, bundle.meta, cfg_path)
     record = read_record(cfg_path)
     ds = open_dataset(bundle.model, dataset, choose_preprocess(record, preprocess, force_preprocess))
     samples = list(ds.samples(limit=min(len(ds), options.samples)))

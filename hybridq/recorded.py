@@ -121,6 +121,21 @@ def record_of_model(model: onnx.ModelProto, source: str) -> Record:
     return rec
 
 
+def check_header(header: Mapping[str, Any], meta: Mapping[str, Any], cfg: str | Path) -> None:
+    """Refuse a cfg whose `hybridq: preprocess:` header no longer matches what step1 calibrated with (the `.data` meta)."""
+    if "preprocess" not in meta or not header.get("preprocess"):
+        return
+    where = f"{cfg}: hybridq: preprocess:"
+    written = Preprocess.from_dict(dict(meta["preprocess"]), where)
+    diffs = written.differences(Preprocess.from_dict(dict(header["preprocess"]), where))
+    if diffs:
+        listed = "; ".join(f"{name}: calibrated with {_fmt(a)}, header says {_fmt(b)}" for name, a, b in diffs)
+        raise InputError(
+            f"{where} was edited ({listed}), but preprocessing is fixed by calibration and cannot be changed in the cfg. "
+            "Restore the header, or re-run step1 with the new options (and copy your edits into the new cfg)."
+        )
+
+
 def model_props(preprocess: dict[str, Any] | None, input_ranges: dict[str, Any] | None) -> dict[str, str]:
     """The metadata_props step2 writes: the record as compact, sorted JSON."""
     props = {}

@@ -178,3 +178,13 @@ def test_rknn_facade_reads_the_preprocessing_from_a_loaded_model(calibrated):
     got = rknn.inference(inputs=[raw])[0]
     rknn.release()
     np.testing.assert_allclose(got, run(calibrated["q"], {"x": numpy_inputs(listing)[0]})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_edited_preprocess_header_is_refused(capsys, calibrated):
+    cfg = calibrated["cfg"]
+    text = cfg.read_text()
+    assert "- 123.675" in text or "123.675," in text
+    cfg.write_text(text.replace("123.675", "127.5", 1))
+    code, out, err = cli(capsys, "step2", calibrated["temp"], calibrated["data"], cfg, "-o", calibrated["dir"] / "edited.onnx")
+    assert code == 2 and "was edited" in err and "mean: calibrated with 123.675,116.28,103.53, header says 127.5" in err
+    assert not (calibrated["dir"] / "edited.onnx").exists()
