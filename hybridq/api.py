@@ -151,7 +151,8 @@ def step1(
         temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
         describe=_describe(ds, batch_size), on_batch=on_progress,
     )
-    recorded_pre = ds.preprocess.to_dict()
+    # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
+    recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
     entries = written_entries(plan, temp, observers, settings)
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem

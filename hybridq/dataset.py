@@ -276,6 +276,11 @@ class Dataset:
                 if any(paths[i].suffix.lower() in IMAGE_EXTENSIONS for _, paths in self._entries):
                     self._plans[spec.name] = _image_plan(spec, self.preprocess)
 
+    @property
+    def image_inputs(self) -> list[str]:
+        """Inputs fed from image files, which the image preprocessing (mean, std, color, layout, resize) applies to."""
+        return list(self._plans)
+
     def __len__(self) -> int:
         """Number of samples."""
         return len(self._entries)

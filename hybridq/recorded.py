@@ -1,6 +1,7 @@
 """What step1 recorded about its inputs, read back from any artifact, and checked against what a command is given.
 
-step1 records two things: the preprocessing it calibrated with (`Preprocess.to_dict()`) and the
+step1 records two things: the preprocessing it calibrated with (`Preprocess.to_dict()`; only when
+some input was read from images or through a hook, since it applies to nothing else) and the
 range of every float model input it saw (min, max, mean, std over all calibration samples). Both go
 into the cfg header (preprocessing), the `.data` meta (both) and the step2 model's `metadata_props`
 (both, as JSON under PREPROCESS_KEY and INPUT_RANGES_KEY). `analyze`, `propose` and the RKNN facade read
@@ -174,7 +175,8 @@ def choose_preprocess(record: Record, given: PreprocessArg, force: bool = False)
                 "options given do not combine with it. Drop the preprocessing options, or add --force-preprocess "
                 "(force_preprocess=True in Python) to use only the ones given."
             ) from None
-    diffs = recorded.differences(wanted)
+    # a layout step1 did not record was inferred from the model: a given one is not a contradiction
+    diffs = [d for d in recorded.differences(wanted) if not (d[0] == "layout" and d[1] is None)]
     if not diffs:
         return wanted
     listed = "; ".join(f"{name}: recorded {_fmt(rec)}, given {_fmt(giv)}" for name, rec, giv in diffs)

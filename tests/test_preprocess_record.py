@@ -188,3 +188,15 @@ def test_an_edited_preprocess_header_is_refused(capsys, calibrated):
     code, out, err = cli(capsys, "step2", calibrated["temp"], calibrated["data"], cfg, "-o", calibrated["dir"] / "edited.onnx")
     assert code == 2 and "was edited" in err and "mean: calibrated with 123.675,116.28,103.53, header says 127.5" in err
     assert not (calibrated["dir"] / "edited.onnx").exists()
+
+
+def test_npy_calibration_records_no_preprocessing_but_the_input_range(cnn_ws):
+    from hybridq.recorded import read_record
+
+    res = api.step1(cnn_ws["model"], cnn_ws["dataset"])
+    record = read_record(res.cfg)
+    assert record.preprocess is None  # mean/std never applied to .npy files: flags stay free
+    xs = np.concatenate([np.load(cnn_ws["dataset"].parent / p).ravel() for p in cnn_ws["dataset"].read_text().splitlines() if p and not p.startswith("#")])
+    assert record.input_ranges["x"]["min"] == pytest.approx(float(xs.min())) and record.input_ranges["x"]["max"] == pytest.approx(float(xs.max()))
+    out = api.analyze(cnn_ws["model"], res.cfg, cnn_ws["dataset"], preprocess={"mean": (1.0,), "layout": "nchw"})
+    assert out.warnings == []
