@@ -95,7 +95,11 @@ def test_bad_workspace_config_is_a_clear_error(capsys, cnn_ws):
 
 @pytest.mark.slow
 def test_init_works_after_a_plain_wheel_install(tmp_path):
-    """Build a wheel, install it (no deps) into a fresh venv that borrows this one's dependencies, run `hybridq init`."""
+    """Build a wheel, install it (no deps) into a fresh venv that borrows this one's dependencies, run `hybridq init`.
+
+    About 6 s with pip's cache, but the isolated build fetches setuptools from the package index when the cache
+    is cold, so it is marked slow to keep the fast suite offline.
+    """
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)], check=True, capture_output=True)
     venv = tmp_path / "venv"
