@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -21,6 +21,7 @@ from .graph import has_subgraphs, is_large, load_model, model_bytes, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import Evaluator, ProposalResult, Score, Target, as_cfg, propose
 from .qdq import RewriteResult, apply_plan
+from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record
 from .resolve import activation_entry, resolve, weight_entry
 from .settings import Settings
 
@@ -41,6 +42,7 @@ class Step1Result:
     fused: dict[str, str]
     float_subgraph_nodes: list[str]
     proposal: Any = None
+    config: Path | None = None  # the workspace hybridq.yaml that was read, if any
 
 
 @dataclass
@@ -114,8 +116,9 @@ def step1(
     dataset: str | Path,
     *,
     out: str | Path | None = None,
-    settings: Settings | None = None,
-    preprocess: Preprocess | None = None,
+    settings: Settings | Mapping[str, Any] | None = None,
+    preprocess: PreprocessArg = None,
+    config: str | Path | None = None,
     samples: int | None = None,
     batch_size: int = 1,
     on_progress: Progress | None = None,
@@ -124,9 +127,16 @@ def step1(
 ) -> Step1Result:
     """Prepare the temp model, calibrate on the dataset, and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg`.
 
-    With `proposal`, the worst layers are first chosen for float (verified on the built model) and written into the cfg.
+    `config` is a workspace `hybridq.yaml` (see hybridq.workspace; `workspace.find_config` finds the one the CLI
+    would use). A full Settings / Preprocess replaces the file's values; a mapping overrides them key by key.
+    The preprocessing used and the range of every float input are recorded in the cfg header and the `.data`
+    meta, and step2 copies them into the deployable model. With `proposal`, the worst layers are first chosen
+    for float (verified on the built model) and written into the cfg.
     """
-    settings = settings or Settings()
+    from .workspace import merge
+
+    chosen = merge(config, settings, preprocess)
+    settings, preprocess = chosen.settings, chosen.preprocess
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
@@ -136,10 +146,13 @@ def step1(
     if on_start:
         on_start(n)
     plan = make_plan(temp, settings)
+    input_stats = InputStats()
     observers = calibrate(
-        temp, ds.batches(batch_size, limit=n), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
+        temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
         describe=_describe(ds, batch_size), on_batch=on_progress,
     )
+    # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
+    recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
     entries = written_entries(plan, temp, observers, settings)
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem
@@ -149,7 +162,7 @@ def step1(
         "model_sha256": "",
         "dataset": str(dataset),
         "samples": n,
-        "preprocess": _preprocess_dict(preprocess),
+        "preprocess": recorded_pre,
     }
     meta = {
         "tool_version": __version__,
@@ -161,6 +174,8 @@ def step1(
         "fused": report.fused,
         "dataset": str(dataset),
         "samples": n,
+        "preprocess": recorded_pre,
+        "input_ranges": input_stats.to_dict(),
     }
     comments = _entry_comments(plan)
     prop, evaluator = None, None
@@ -184,7 +199,7 @@ def step1(
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
-        float_subgraph_nodes=has_subgraphs(temp), proposal=prop,
+        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config,
     )
 
 
@@ -198,12 +213,6 @@ def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, cu
         key = settings.dtype if precision == "default" else precision
         counts[key] = counts.get(key, 0) + n
     return counts
-
-
-def _preprocess_dict(pre: Preprocess | None) -> dict[str, Any]:
-    if pre is None:
-        return {}
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(pre).items() if v is not None}
 
 
 def resolve_layer_names(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tuple[dict[str, str], list[LayerResolution]]:
@@ -289,6 +298,7 @@ def step2(
                 f"{parsed.path}:{parsed.custom_lines.get(r.entry, 0)}: custom_quantize_layers['{r.entry}'] = {r.requested} has no effect: "
                 f"'{r.node}' ({op_types[r.node]}) has no quantized form. Remove the entry."
             )
+    _record_in_model(rewrite.model, bundle.meta, parsed.header, parsed.path)
     out_path = Path(output)
     try:
         if not is_large(rewrite.model):  # protobuf cannot serialize a model over 2 GB for the in-memory check
@@ -309,6 +319,18 @@ def step2(
     )
 
 
+def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[str, Any], header_path: Path) -> None:
+    """Write step1's record (preprocessing, calibrated input ranges) into the model's metadata_props (see hybridq.recorded)."""
+    check_header(header, meta, header_path)
+    pre = meta["preprocess"] if "preprocess" in meta else (dict(header["preprocess"]) if header.get("preprocess") else None)
+    props = model_props(pre, meta.get("input_ranges"))
+    kept = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+
+
 def _count_precisions(rewrite: RewriteResult) -> dict[str, int]:
     counts: dict[str, int] = {}
     for lp in rewrite.layers.values():
@@ -321,7 +343,8 @@ def analyze(
     quant_model: str | Path,
     dataset: str | Path,
     *,
-    preprocess: Preprocess | None = None,
+    preprocess: PreprocessArg = None,
+    force_preprocess: bool = False,
     samples: int | None = None,
     dump: str | Path | None = None,
     max_bytes: int | None = None,
@@ -333,6 +356,10 @@ def analyze(
 
     `quant_model` may also be a step1 cfg (`<name>.quantization.cfg`): the model it
     describes is built in a temporary directory first, so a cfg can be checked before step2.
+    The preprocessing is the one recorded in `quant_model` (cfg, or the step2 model's metadata);
+    `preprocess` (a Preprocess, or a mapping of some options) must agree with it unless
+    `force_preprocess`; with nothing recorded it is used as given (see hybridq.recorded).
+    The result's `warnings` list inputs far outside the calibrated range.
     int8 products are exact unless `host_int8` (this CPU's default ONNX Runtime kernels; see hybridq.kernels).
     """
     import tempfile
@@ -340,7 +367,8 @@ def analyze(
     from .analysis import analyze as run_analysis
 
     fm = load_model(float_model)
-    ds = open_dataset(fm, dataset, preprocess)
+    record = read_record(quant_model)
+    ds = open_dataset(fm, dataset, choose_preprocess(record, preprocess, force_preprocess))
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
         on_start(n)
@@ -351,7 +379,10 @@ def analyze(
             built = step2(quant_path.with_name(f"{stem}.model"), quant_path.with_name(f"{stem}.data"), quant_path, Path(tmp) / "q.onnx")
             quant_path = built.output
         qm = load_model(quant_path)
-        return run_analysis(fm, qm, ds.samples(limit=n), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
+        seen = InputStats()
+        result = run_analysis(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
+    result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
+    return result
 
 
 def load_snapshot(directory: str | Path):
@@ -450,8 +481,9 @@ def propose_cfg(
     dataset: str | Path,
     *,
     snapshot: str | Path | None = None,
-    preprocess: Preprocess | None = None,
+    preprocess: PreprocessArg = None,
     options: ProposalOptions | None = None,
+    force_preprocess: bool = False,
 ) -> tuple[ProposalResult, Path | None]:
     """Propose float layers (or range clips) for an existing cfg, write them into it, verify.
 
@@ -459,8 +491,10 @@ def propose_cfg(
     edits and settings are what the baseline is built from, and they, and every comment, are kept;
     a tensor the user edited is never clipped. When the proposal adds nothing the file is not
     touched (no rewrite, no backup). With `snapshot` (from `analyze --dump`), its single errors
-    rank the layers and no analysis is re-run. Returns the result and the backup of the previous
-    cfg (None when none was needed); `result.written` says whether the cfg changed.
+    rank the layers and no analysis is re-run. The preprocessing is the one step1 recorded for the
+    cfg; `preprocess` must agree with it unless `force_preprocess` (see `analyze`). The result's
+    `warnings` list inputs far outside the calibrated range. Returns the result and the backup of
+    the previous cfg (None when none was needed); `result.written` says whether the cfg changed.
     """
     from .artifacts import backup_if_edited, write_text_atomic
     from .config import update_custom_layers, update_entries
@@ -485,8 +519,13 @@ def propose_cfg(
     if snapshot is not None:
         snap = load_snapshot(snapshot)
         single = {le.layer: le.single.cosine for le in snap.layers if le.single is not None}
-    ds = open_dataset(bundle.model, dataset, preprocess)
+    check_header(parsed.header, bundle.meta, cfg_path)
+    record = read_record(cfg_path)
+    ds = open_dataset(bundle.model, dataset, choose_preprocess(record, preprocess, force_preprocess))
     samples = list(ds.samples(limit=min(len(ds), options.samples)))
+    seen = InputStats()
+    for sample in samples:
+        seen.update(sample)
     label = "your cfg as edited" if what else "the default quantization"
     result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options,
                                      single, keep=edited, baseline_label=label, source=parsed)
@@ -501,4 +540,5 @@ def propose_cfg(
         write_text_atomic(cfg_path, text)
         result.written = True
     result.measured = verify_proposal(model_path, data_path, cfg_path, evaluator)
+    result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
     return result, backup

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -78,21 +77,30 @@ def _emit(data: dict[str, Any], tables: list[Table], lines: list[str]) -> None:
         out.print(line, highlight=False, markup=False)
 
 
-def _preprocess(mean, std, color, layout, resize, hook):
-    from .dataset import Preprocess, parse_floats
+def _given_preprocess(mean, std, color, layout, resize, hook) -> dict[str, Any]:
+    """Only the preprocessing options given on the command line (the API fills the rest from the record or the workspace)."""
+    from .dataset import parse_floats
 
-    return Preprocess(
-        mean=parse_floats(mean, "--mean") if mean else None,
-        std=parse_floats(std, "--std") if std else None,
-        color=color, layout=layout, resize=resize, hook=hook,
-    )
+    given = {
+        "mean": parse_floats(mean, "--mean") if mean else None,
+        "std": parse_floats(std, "--std") if std else None,
+        "color": color, "layout": layout, "resize": resize, "hook": hook,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
 
 
 MeanOpt = Annotated[Optional[str], typer.Option(help="Per-channel mean in 0-255 pixel units, e.g. 123.675,116.28,103.53 (RKNN mean_values).")]
 StdOpt = Annotated[Optional[str], typer.Option(help="Per-channel std in 0-255 pixel units, e.g. 58.395,57.12,57.375.")]
-ColorOpt = Annotated[str, typer.Option(help="Channel order fed to the model: rgb or bgr.")]
+ColorOpt = Annotated[Optional[str], typer.Option(help="Channel order fed to the model: rgb (default) or bgr.")]
 LayoutOpt = Annotated[Optional[str], typer.Option(help="nchw or nhwc; inferred from the model when omitted.")]
-ResizeOpt = Annotated[str, typer.Option(help="none (size mismatch is an error), stretch or letterbox.")]
+ResizeOpt = Annotated[Optional[str], typer.Option(help="none (default: size mismatch is an error), stretch or letterbox.")]
+ForceOpt = Annotated[bool, typer.Option("--force-preprocess", help="Use the preprocessing options given even where they "
+                                         "contradict the ones step1 recorded (default: read them from the cfg or model; a contradiction is an error).")]
 HookOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module.py:function(path, spec) -> array, replacing image loading.")]
 TargetCosOpt = Annotated[Optional[float], typer.Option(help="Proposal target: cosine on every output (default 0.99).")]
 TargetSnrOpt = Annotated[Optional[float], typer.Option(help="Proposal target: SNR in dB on every output (instead of or with cosine).")]
@@ -111,17 +119,10 @@ def init(
     directory: Annotated[Path, typer.Argument(help="Workspace directory to create.")],
     model: Annotated[Optional[Path], typer.Option(help="Copy this ONNX model into the workspace.")] = None,
 ) -> None:
-    """Create a workspace from the template: commented config, dataset.txt, README of the three-step loop."""
-    template = Path(__file__).resolve().parent.parent / "workspace_template"
-    if not template.is_dir():
-        template = Path(__file__).resolve().parent / "workspace_template"
-    if directory.exists() and any(directory.iterdir()):
-        raise InputError(f"'{directory}' exists and is not empty; choose a new directory for the workspace.")
-    shutil.copytree(template, directory, dirs_exist_ok=True)
-    if model is not None:
-        if not model.is_file():
-            raise InputError(f"Model '{model}' does not exist; give the path of an .onnx file.")
-        shutil.copy2(model, directory / model.name)
+    """Create a workspace from the template: commented config (hybridq.yaml, read by step1), dataset.txt, README of the loop."""
+    from .workspace import init as make_workspace
+
+    make_workspace(directory, model)
     _emit({"workspace": str(directory)}, [], [f"Workspace ready in {directory}: edit dataset.txt, then run the commands in {directory}/README.md."])
 
 
@@ -130,7 +131,8 @@ def step1(
     model: Annotated[Path, typer.Argument(help="fp32 ONNX model.")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="dataset.txt (RKNN convention), a directory or a glob.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where the three artifacts go (default: beside the model).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="Workspace settings file (hybridq.yaml); command-line options win.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Workspace settings file (default: hybridq.yaml in --out, beside the model, "
+                                                   "or beside the dataset, if there is one); command-line options win.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Activation dtype: uint8 (default), int8 or int16.")] = None,
     weight_dtype: Annotated[Optional[str], typer.Option(help="Weight dtype: int8 (default) or int16.")] = None,
     qmethod: Annotated[Optional[str], typer.Option(help="Weights per channel (default) or per layer: channel or layer.")] = None,
@@ -159,32 +161,27 @@ def step1(
 ) -> None:
     """Calibrate MODEL on a dataset and write <name>.model, <name>.data and the editable <name>.quantization.cfg."""
     from . import api
-    from .settings import Settings
 
     State.quiet, State.json = quiet, as_json
     if samples is not None and samples < 1:
         raise InputError(f"--samples must be at least 1, got {samples}.")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
-    values = _workspace_config(config) if config is not None else {}
+    from .workspace import find_config
+
+    if config is None:
+        config = find_config(out_dir, model, dataset)
     given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile}
-    values.update({k: v for k, v in given.items() if v is not None})
-    pre_keys = {"mean": mean, "std": std, "color": color if color != "rgb" else None, "layout": layout, "resize": resize if resize != "none" else None}
-    pre_values = {k: values.pop(k) for k in list(values) if k in pre_keys}
-    pre_values.update({k: v for k, v in pre_keys.items() if v is not None})
-    settings = Settings.from_dict(values, str(config) if config else "command line")
-    pre = _preprocess(
-        _joined(pre_values.get("mean")), _joined(pre_values.get("std")), pre_values.get("color", "rgb"),
-        pre_values.get("layout"), pre_values.get("resize", "none"), preprocess_hook,
-    )
+    pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     totals: dict[str, int] = {}
     with progress("calibrating", None) as advance:
         res = api.step1(
-            model, dataset, out=out_dir, settings=settings, preprocess=pre, samples=samples, batch_size=batch_size,
+            model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
             on_progress=advance, on_start=lambda n: totals.setdefault("n", n),
             proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples) if proposal else None,
         )
-    lines = [
+    lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
+    lines += [
         f"Calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.",
         f"  temp model: {res.model}",
         f"  data:       {res.data}",
@@ -197,7 +194,8 @@ def step1(
     if res.float_subgraph_nodes:
         lines.append(f"Control-flow nodes stay float (their subgraphs are not quantized): {', '.join(res.float_subgraph_nodes)}.")
     lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
-    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused}
+    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused,
+            "config": res.config}
     tables = [_table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:
         ptables, plines, pdata = _proposal_report(res.proposal)
@@ -270,6 +268,7 @@ def analyze(
     layout: LayoutOpt = None,
     resize: ResizeOpt = "none",
     preprocess_hook: HookOpt = None,
+    force_preprocess: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -277,7 +276,8 @@ def analyze(
 
     The verdict comes first: OK, or CHECK with the next step. --json prints strict JSON (non-finite numbers are
     null, listed by JSON Pointer under "nonfinite") with the verdict under "verdict". Exit codes: 0 ran (OK or
-    CHECK), 3 CHECK with --strict, 2 bad input, 1 failure.
+    CHECK), 3 CHECK with --strict, 2 bad input, 1 failure. The preprocessing comes from QUANT_MODEL (step1
+    recorded it in the cfg, step2 in the model); no options needed.
     """
     from . import api
     from .analysis import judge
@@ -293,10 +293,11 @@ def analyze(
     else:
         if float_model is None or quant_model is None or dataset is None:
             raise InputError("analyze needs FLOAT_MODEL QUANT_MODEL --dataset D (or --from SNAPSHOT_DIR to re-read a snapshot).")
-        pre = _preprocess(mean, std, color, layout, resize, preprocess_hook)
+        pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
         with progress("analyzing", None) as advance:
-            result = api.analyze(float_model, quant_model, dataset, preprocess=pre, samples=samples, dump=dump, max_bytes=max_bytes,
-                                 on_sample=lambda: advance(1), host_int8=host_int8)
+            result = api.analyze(float_model, quant_model, dataset, preprocess=pre, force_preprocess=force_preprocess, samples=samples,
+                                 dump=dump, max_bytes=max_bytes, on_sample=lambda: advance(1), host_int8=host_int8)
+        _warn(getattr(result, "warnings", []))
         snapshot = str(dump) if dump is not None else None
     cfg = _cfg_beside(quant_model)
     v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset)
@@ -320,30 +321,6 @@ def analyze(
             out.print(line, highlight=False, markup=False, soft_wrap=True)
     if strict and not v.ok:
         raise typer.Exit(int(ExitCode.BELOW_THRESHOLD))
-
-
-def _workspace_config(path: Path) -> dict[str, Any]:
-    """Settings (and mean/std/color/layout/resize) from a workspace YAML file, loaded safely."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import MarkedYAMLError
-
-    if not path.is_file():
-        raise InputError(f"Workspace config '{path}' does not exist; `hybridq init DIR` writes one as DIR/hybridq.yaml.")
-    try:
-        data = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        raise InputError(f"{path}:{mark.line + 1 if mark else '?'}: YAML syntax error: {exc.problem}.") from None
-    if not isinstance(data, dict):
-        raise InputError(f"Workspace config '{path}' must be a mapping of setting: value.")
-    return dict(data)
-
-
-def _joined(value: Any) -> str | None:
-    """A mean/std from YAML (list or text) as the comma text --mean takes."""
-    if value is None:
-        return None
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples):
@@ -433,6 +410,7 @@ def propose(
     layout: LayoutOpt = None,
     resize: ResizeOpt = "none",
     preprocess_hook: HookOpt = None,
+    force_preprocess: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -440,15 +418,17 @@ def propose(
 
     Starts from the cfg as you edited it: your custom_quantize_layers, per-tensor edits, settings and comments
     are kept, and a tensor you edited is never clipped. When nothing needs to change, the cfg is not touched.
+    The preprocessing comes from the cfg (step1 recorded it); no options needed.
     """
     from . import api
 
     State.quiet, State.json = quiet, as_json
     if not str(cfg) or not dataset:
         raise InputError("propose needs --cfg <name>.quantization.cfg and --dataset D (samples to measure candidates on).")
-    pre = _preprocess(mean, std, color, layout, resize, preprocess_hook)
+    pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
     opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples)
-    result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts)
+    result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts, force_preprocess=force_preprocess)
+    _warn(getattr(result, "warnings", []))
     tables, lines, data = _proposal_report(result)
     if result.written:
         lines.append(f"Wrote the proposal into {cfg}" + (f" (previous version kept as {backup})." if backup else "."))
