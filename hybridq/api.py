@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import onnx
@@ -14,13 +14,15 @@ from . import __version__
 from .artifacts import read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration import calibrate
-from .config import load_cfg, render_cfg
+from .config import Cfg, CfgEntry, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
 from .graph import has_subgraphs, is_large, load_model, model_bytes, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import DEFAULT_FLOAT_BUDGET, Evaluator, ProposalResult, Score, Target
+from .proposal import propose as climb
 from .qdq import RewriteResult
+from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record
 from .settings import Settings
 
 Progress = Callable[[int], None]
@@ -40,6 +42,7 @@ class Step1Result:
     fused: dict[str, str]
     float_subgraph_nodes: list[str]
     proposal: Any = None
+    config: Path | None = None  # the workspace hybridq.yaml that was read, if any
 
 
 @dataclass
@@ -86,8 +89,9 @@ def step1(
     dataset: str | Path,
     *,
     out: str | Path | None = None,
-    settings: Settings | None = None,
-    preprocess: Preprocess | None = None,
+    settings: Settings | Mapping[str, Any] | None = None,
+    preprocess: PreprocessArg = None,
+    config: str | Path | None = None,
     samples: int | None = None,
     batch_size: int = 1,
     on_progress: Progress | None = None,
@@ -96,9 +100,16 @@ def step1(
 ) -> Step1Result:
     """Prepare the temp model, calibrate on the dataset, and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg`.
 
-    With `proposal`, the worst layers are first chosen for float (verified on the built model) and written into the cfg.
+    `config` is a workspace `hybridq.yaml` (see hybridq.workspace; `workspace.find_config` finds the one the CLI
+    would use). A full Settings / Preprocess replaces the file's values; a mapping overrides them key by key.
+    The preprocessing used and the range of every float input are recorded in the cfg header and the `.data`
+    meta, and step2 copies them into the deployable model. With `proposal`, the worst layers are first chosen
+    for float (verified on the built model) and written into the cfg.
     """
-    settings = settings or Settings()
+    from .workspace import merge
+
+    chosen = merge(config, settings, preprocess)
+    settings, preprocess = chosen.settings, chosen.preprocess
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
@@ -108,10 +119,13 @@ def step1(
     if on_start:
         on_start(n)
     plan = make_plan(temp, settings)
+    input_stats = InputStats()
     observers = calibrate(
-        temp, ds.batches(batch_size, limit=n), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
+        temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
         describe=_describe(ds, batch_size), on_batch=on_progress,
     )
+    # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
+    recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
     entries = written_entries(plan, temp, observers, settings)
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem
@@ -121,7 +135,7 @@ def step1(
         "model_sha256": "",
         "dataset": str(dataset),
         "samples": n,
-        "preprocess": _preprocess_dict(preprocess),
+        "preprocess": recorded_pre,
     }
     meta = {
         "tool_version": __version__,
@@ -133,6 +147,8 @@ def step1(
         "fused": report.fused,
         "dataset": str(dataset),
         "samples": n,
+        "preprocess": recorded_pre,
+        "input_ranges": input_stats.to_dict(),
     }
     comments = _entry_comments(plan)
     prop, evaluator = None, None
@@ -156,7 +172,7 @@ def step1(
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
-        float_subgraph_nodes=has_subgraphs(temp), proposal=prop,
+        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config,
     )
 
 
@@ -170,12 +186,6 @@ def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, cu
         key = settings.dtype if precision == "default" else precision
         counts[key] = counts.get(key, 0) + n
     return counts
-
-
-def _preprocess_dict(pre: Preprocess | None) -> dict[str, Any]:
-    if pre is None:
-        return {}
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(pre).items() if v is not None}
 
 
 def step2(
@@ -204,6 +214,7 @@ def step2(
                 f"{parsed.path}:{parsed.custom_lines.get(r.entry, 0)}: custom_quantize_layers['{r.entry}'] = {r.requested} has no effect: "
                 f"'{r.node}' ({op_types[r.node]}) has no quantized form. Remove the entry."
             )
+    _record_in_model(rewrite.model, bundle.meta, parsed.header, parsed.path)
     out_path = Path(output)
     try:
         if not is_large(rewrite.model):  # protobuf cannot serialize a model over 2 GB for the in-memory check
@@ -224,6 +235,18 @@ def step2(
     )
 
 
+def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[str, Any], header_path: Path) -> None:
+    """Write step1's record (preprocessing, calibrated input ranges) into the model's metadata_props (see hybridq.recorded)."""
+    check_header(header, meta, header_path)
+    pre = meta["preprocess"] if "preprocess" in meta else (dict(header["preprocess"]) if header.get("preprocess") else None)
+    props = model_props(pre, meta.get("input_ranges"))
+    kept = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+
+
 def _count_precisions(rewrite: RewriteResult) -> dict[str, int]:
     counts: dict[str, int] = {}
     for lp in rewrite.layers.values():
@@ -236,7 +259,8 @@ def analyze(
     quant_model: str | Path,
     dataset: str | Path,
     *,
-    preprocess: Preprocess | None = None,
+    preprocess: PreprocessArg = None,
+    force_preprocess: bool = False,
     samples: int | None = None,
     dump: str | Path | None = None,
     max_bytes: int | None = None,
@@ -248,6 +272,10 @@ def analyze(
 
     `quant_model` may also be a step1 cfg (`<name>.quantization.cfg`): the model it
     describes is built in a temporary directory first, so a cfg can be checked before step2.
+    The preprocessing is the one recorded in `quant_model` (cfg, or the step2 model's metadata);
+    `preprocess` (a Preprocess, or a mapping of some options) must agree with it unless
+    `force_preprocess`; with nothing recorded it is used as given (see hybridq.recorded).
+    The result's `warnings` list inputs far outside the calibrated range.
     int8 products are exact unless `host_int8` (this CPU's default ONNX Runtime kernels; see hybridq.kernels).
     """
     import tempfile
@@ -255,7 +283,8 @@ def analyze(
     from .analysis import analyze as run_analysis
 
     fm = load_model(float_model)
-    ds = open_dataset(fm, dataset, preprocess)
+    record = read_record(quant_model)
+    ds = open_dataset(fm, dataset, choose_preprocess(record, preprocess, force_preprocess))
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
         on_start(n)
@@ -266,7 +295,10 @@ def analyze(
             built = step2(quant_path.with_name(f"{stem}.model"), quant_path.with_name(f"{stem}.data"), quant_path, Path(tmp) / "q.onnx")
             quant_path = built.output
         qm = load_model(quant_path)
-        return run_analysis(fm, qm, ds.samples(limit=n), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
+        seen = InputStats()
+        result = run_analysis(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
+    result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
+    return result
 
 
 def load_snapshot(directory: str | Path):
@@ -284,31 +316,34 @@ class ProposalOptions:
 
     target: Target = field(default_factory=Target)
     max_float_layers: int | None = None
-    max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET
+    max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET  # float compute the proposal may add
     fallback: str = "float32"
-    samples: int = 16
+    samples: int = 16  # scored on these; fixes are fitted on as many more when the dataset has them
 
 
 def run_proposal(
     temp: onnx.ModelProto, observers, meta: dict[str, Any], settings: Settings, entries: dict[str, dict[str, Any]],
     existing: dict[str, str], samples: list[dict[str, np.ndarray]], options: ProposalOptions,
-    single: dict[str, float] | None = None,
+    single: dict[str, float] | None = None, keep: set[str] = frozenset(), baseline_label: str = "the default quantization",
+    source: Cfg | None = None,
 ) -> tuple[ProposalResult, Evaluator]:
-    """Climb the ladder of fixes from the cfg as it stands (its edits kept and never changed); candidates built as step2 builds."""
-    from .config import CfgEntry
-    from .proposal import propose as climb
+    """Climb the ladder of fixes from the cfg as it stands; candidates are built as step2 builds them.
 
+    `entries`, `existing` (custom_quantize_layers as node -> precision) and `settings` are the cfg's own:
+    every candidate, the baseline included, is built from them with the proposal's fixes on top. Tensors in
+    `keep` (edited by the user) are never changed. `source`, the parsed cfg file, lets a bad entry be
+    reported at its line. Candidates are scored on the first `options.samples` samples; fixes (outlier
+    ranges, bias shifts) are fitted on the rest when there are any, so a fix is judged on samples it was
+    not fitted to.
+    """
     if options.fallback not in ("float32", "float16"):
         raise InputError(f"--fallback {options.fallback!r} is not valid; use float32 (fastest on CPU) or float16 (NPUs).")
-    # Candidates are scored on the first samples; what fixes fit (outlier ranges, bias shifts) comes from the
-    # others when there are enough, so a fix is judged on samples it was not fitted to.
     scored = samples[: options.samples]
     fit = samples[options.samples:] or scored
     evaluator = Evaluator(temp, scored, options.target)
-    written = meta.get("written_entries", {})
-    base = edits_from(existing, {t: CfgEntry(t, 0, dict(v)) for t, v in entries.items()}, temp, "cfg")
-    protected = {t for t, v in entries.items() if v != written.get(t)}
-    edited = bool(existing) or bool(protected)
+    lines = {t: e.line for t, e in source.entries.items()} if source is not None else {}
+    where = str(source.path) if source is not None else "cfg"
+    base = edits_from(existing, {t: CfgEntry(t, lines.get(t, 0), dict(v)) for t, v in entries.items()}, temp, where)
 
     def analyse(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> dict[str, float]:
         from .analysis import analyze as run_analysis
@@ -317,9 +352,9 @@ def run_proposal(
         return {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
 
     result = climb(
-        temp, observers, meta, settings, base, fit, evaluator, single=single, protected=protected, fallback=options.fallback,
+        temp, observers, meta, settings, base, fit, evaluator, single=single, protected=set(keep), fallback=options.fallback,
         max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
-        started_from="your cfg as edited" if edited else "the default int8 cfg", analyse=analyse,
+        started_from=baseline_label, analyse=analyse, where=where,
     )
     return result, evaluator
 
@@ -333,21 +368,54 @@ def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) ->
         return evaluator.score(onnx.load(str(built.output)))
 
 
+RANGE_SETTINGS = ("dtype", "qtype", "algorithm", "percentile")
+"""Settings that change every unedited activation range: when the user edits one, no range is clipped."""
+
+
+def user_edits(parsed: Cfg, meta: dict[str, Any], existing: dict[str, str]) -> tuple[set[str], list[str]]:
+    """Tensors whose cfg entry differs from what step1 wrote (any key, or deleted), and a description of every edit."""
+    from .resolve import _same
+
+    written = meta.get("written_entries", {})
+    edited = set()
+    for t, w in written.items():
+        e = parsed.entries.get(t)
+        if e is None or set(e.values) != set(w) or not all(_same(e.values[k], w[k]) for k in w):
+            edited.add(t)
+    edited |= set(parsed.entries) - set(written)
+    what = [f"{len(edited)} tensor entr{'y' if len(edited) == 1 else 'ies'}"] if edited else []
+    if existing:
+        what.append(f"{len(existing)} custom_quantize_layers entr{'y' if len(existing) == 1 else 'ies'}")
+    written_settings = Settings(**meta.get("written_settings", {}))
+    changed = [k for k, v in parsed.settings.to_dict().items() if v != written_settings.to_dict().get(k)]
+    if changed:
+        what.append("settings " + ", ".join(changed))
+    return edited, what
+
+
 def propose_cfg(
     cfg: str | Path,
     dataset: str | Path,
     *,
     snapshot: str | Path | None = None,
-    preprocess: Preprocess | None = None,
+    preprocess: PreprocessArg = None,
     options: ProposalOptions | None = None,
+    force_preprocess: bool = False,
 ) -> tuple[ProposalResult, Path | None]:
-    """Propose float layers for an existing cfg (keeping its edits and comments), write them into it, verify.
+    """Propose float layers (or range clips) for an existing cfg, write them into it, verify.
 
-    With `snapshot` (from `analyze --dump`), its single errors rank the layers and no analysis is re-run.
-    Returns the result and the backup of the previous cfg.
+    The proposal starts from the cfg as the user left it: its custom_quantize_layers, per-tensor
+    edits and settings are what the baseline is built from, and they, and every comment, are kept;
+    a tensor the user edited is never clipped. When the proposal adds nothing the file is not
+    touched (no rewrite, no backup). With `snapshot` (from `analyze --dump`), its single errors
+    rank the layers and no analysis is re-run. The preprocessing is the one step1 recorded for the
+    cfg; `preprocess` must agree with it unless `force_preprocess` (see `analyze`). The result's
+    `warnings` list inputs far outside the calibrated range. Returns the result and the backup of
+    the previous cfg (None when none was needed); `result.written` says whether the cfg changed.
     """
     from .artifacts import backup_if_edited, write_text_atomic
     from .config import update_custom_layers, update_entries
+    from .errors import OutputError
 
     options = options or ProposalOptions()
     cfg_path = Path(cfg)
@@ -356,20 +424,38 @@ def propose_cfg(
     stem = cfg_path.name[: -len(".quantization.cfg")]
     model_path, data_path = cfg_path.with_name(f"{stem}.model"), cfg_path.with_name(f"{stem}.data")
     parsed = load_cfg(cfg_path)
+    before = cfg_path.read_text(encoding="utf-8")
     bundle = read_step1(model_path, data_path, parsed.header.get("model_sha256"), cfg_path)
     existing, _ = resolve_layer_names(parsed.custom, parsed.custom_lines, str(parsed.path), bundle.model, bundle.meta)
     entries = {t: e.values for t, e in parsed.entries.items()}
+    edited, what = user_edits(parsed, bundle.meta, existing)
+    written_settings = Settings(**bundle.meta.get("written_settings", {}))
+    if any(getattr(parsed.settings, k) != getattr(written_settings, k) for k in RANGE_SETTINGS):
+        edited |= set(entries)  # a global range edit applies to every entry: the proposal does not override it per tensor
     single = None
     if snapshot is not None:
         snap = load_snapshot(snapshot)
         single = {le.layer: le.single.cosine for le in snap.layers if le.single is not None}
-    ds = open_dataset(bundle.model, dataset, preprocess)
+    check_header(parsed.header, bundle.meta, cfg_path)
+    record = read_record(cfg_path)
+    ds = open_dataset(bundle.model, dataset, choose_preprocess(record, preprocess, force_preprocess))
     samples = list(ds.samples(limit=min(len(ds), 2 * options.samples)))
-    result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options, single)
-    text = cfg_path.read_text(encoding="utf-8")
-    text = update_custom_layers(text, result.layers, result.comments)
+    seen = InputStats()
+    for sample in samples:
+        seen.update(sample)
+    label = "your cfg as edited" if what else "the default quantization"
+    result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options,
+                                     single, keep=edited, baseline_label=label, source=parsed)
+    result.edits = what
+    text = update_custom_layers(before, result.layers, result.comments)
     text = update_entries(text, result.entries, result.entry_comments)
-    backup = backup_if_edited(cfg_path, data_path)
-    write_text_atomic(cfg_path, text)
+    backup = None
+    if text != before:
+        if cfg_path.read_text(encoding="utf-8") != before:
+            raise OutputError(f"'{cfg_path}' was changed while the proposal ran; it was left as it is now. Re-run hybridq propose on it.")
+        backup = backup_if_edited(cfg_path, data_path, text)
+        write_text_atomic(cfg_path, text)
+        result.written = True
     result.measured = verify_proposal(model_path, data_path, cfg_path, evaluator)
+    result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
     return result, backup

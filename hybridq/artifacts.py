@@ -170,9 +170,15 @@ def write_step1(
     return written
 
 
-def backup_if_edited(cfg: Path, data: Path) -> Path | None:
-    """Copy an existing cfg to `<cfg>.<timestamp>.bak` unless it is byte-identical to what step1 last wrote."""
+def backup_if_edited(cfg: Path, data: Path, new_text: str | None = None) -> Path | None:
+    """Copy an existing cfg to `<cfg>.<timestamp>.bak` before it is replaced, if it holds edits.
+
+    No backup when the cfg is byte-identical to what step1 last wrote (nothing of the user's
+    to lose), or to `new_text`, the text about to replace it (nothing changes).
+    """
     if not cfg.exists():
+        return None
+    if new_text is not None and cfg.read_bytes() == new_text.encode("utf-8"):
         return None
     try:
         previous = read_meta(data).get("cfg_sha256")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 from contextlib import contextmanager
@@ -78,21 +77,30 @@ def _emit(data: dict[str, Any], tables: list[Table], lines: list[str]) -> None:
         out.print(line, highlight=False, markup=False)
 
 
-def _preprocess(mean, std, color, layout, resize, hook):
-    from .dataset import Preprocess, parse_floats
+def _given_preprocess(mean, std, color, layout, resize, hook) -> dict[str, Any]:
+    """Only the preprocessing options given on the command line (the API fills the rest from the record or the workspace)."""
+    from .dataset import parse_floats
 
-    return Preprocess(
-        mean=parse_floats(mean, "--mean") if mean else None,
-        std=parse_floats(std, "--std") if std else None,
-        color=color, layout=layout, resize=resize, hook=hook,
-    )
+    given = {
+        "mean": parse_floats(mean, "--mean") if mean else None,
+        "std": parse_floats(std, "--std") if std else None,
+        "color": color, "layout": layout, "resize": resize, "hook": hook,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
 
 
 MeanOpt = Annotated[Optional[str], typer.Option(help="Per-channel mean in 0-255 pixel units, e.g. 123.675,116.28,103.53 (RKNN mean_values).")]
 StdOpt = Annotated[Optional[str], typer.Option(help="Per-channel std in 0-255 pixel units, e.g. 58.395,57.12,57.375.")]
-ColorOpt = Annotated[str, typer.Option(help="Channel order fed to the model: rgb or bgr.")]
+ColorOpt = Annotated[Optional[str], typer.Option(help="Channel order fed to the model: rgb (default) or bgr.")]
 LayoutOpt = Annotated[Optional[str], typer.Option(help="nchw or nhwc; inferred from the model when omitted.")]
-ResizeOpt = Annotated[str, typer.Option(help="none (size mismatch is an error), stretch or letterbox.")]
+ResizeOpt = Annotated[Optional[str], typer.Option(help="none (default: size mismatch is an error), stretch or letterbox.")]
+ForceOpt = Annotated[bool, typer.Option("--force-preprocess", help="Use the preprocessing options given even where they "
+                                         "contradict the ones step1 recorded (default: read them from the cfg or model; a contradiction is an error).")]
 HookOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module.py:function(path, spec) -> array, replacing image loading.")]
 TargetCosOpt = Annotated[Optional[float], typer.Option(help="Proposal target: cosine on every output (default 0.99).")]
 TargetSnrOpt = Annotated[Optional[float], typer.Option(help="Proposal target: SNR in dB on every output (instead of or with cosine).")]
@@ -111,17 +119,10 @@ def init(
     directory: Annotated[Path, typer.Argument(help="Workspace directory to create.")],
     model: Annotated[Optional[Path], typer.Option(help="Copy this ONNX model into the workspace.")] = None,
 ) -> None:
-    """Create a workspace from the template: commented config, dataset.txt, README of the three-step loop."""
-    template = Path(__file__).resolve().parent.parent / "workspace_template"
-    if not template.is_dir():
-        template = Path(__file__).resolve().parent / "workspace_template"
-    if directory.exists() and any(directory.iterdir()):
-        raise InputError(f"'{directory}' exists and is not empty; choose a new directory for the workspace.")
-    shutil.copytree(template, directory, dirs_exist_ok=True)
-    if model is not None:
-        if not model.is_file():
-            raise InputError(f"Model '{model}' does not exist; give the path of an .onnx file.")
-        shutil.copy2(model, directory / model.name)
+    """Create a workspace from the template: commented config (hybridq.yaml, read by step1), dataset.txt, README of the loop."""
+    from .workspace import init as make_workspace
+
+    make_workspace(directory, model)
     _emit({"workspace": str(directory)}, [], [f"Workspace ready in {directory}: edit dataset.txt, then run the commands in {directory}/README.md."])
 
 
@@ -130,7 +131,8 @@ def step1(
     model: Annotated[Path, typer.Argument(help="fp32 ONNX model.")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="dataset.txt (RKNN convention), a directory or a glob.")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where the three artifacts go (default: beside the model).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="Workspace settings file (hybridq.yaml); command-line options win.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Workspace settings file (default: hybridq.yaml in --out, beside the model, "
+                                                   "or beside the dataset, if there is one); command-line options win.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Activation dtype: uint8 (default), int8 or int16.")] = None,
     weight_dtype: Annotated[Optional[str], typer.Option(help="Weight dtype: int8 (default) or int16.")] = None,
     qmethod: Annotated[Optional[str], typer.Option(help="Weights per channel (default) or per layer: channel or layer.")] = None,
@@ -159,32 +161,27 @@ def step1(
 ) -> None:
     """Calibrate MODEL on a dataset and write <name>.model, <name>.data and the editable <name>.quantization.cfg."""
     from . import api
-    from .settings import Settings
 
     State.quiet, State.json = quiet, as_json
     if samples is not None and samples < 1:
         raise InputError(f"--samples must be at least 1, got {samples}.")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
-    values = _workspace_config(config) if config is not None else {}
+    from .workspace import find_config
+
+    if config is None:
+        config = find_config(out_dir, model, dataset)
     given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile}
-    values.update({k: v for k, v in given.items() if v is not None})
-    pre_keys = {"mean": mean, "std": std, "color": color if color != "rgb" else None, "layout": layout, "resize": resize if resize != "none" else None}
-    pre_values = {k: values.pop(k) for k in list(values) if k in pre_keys}
-    pre_values.update({k: v for k, v in pre_keys.items() if v is not None})
-    settings = Settings.from_dict(values, str(config) if config else "command line")
-    pre = _preprocess(
-        _joined(pre_values.get("mean")), _joined(pre_values.get("std")), pre_values.get("color", "rgb"),
-        pre_values.get("layout"), pre_values.get("resize", "none"), preprocess_hook,
-    )
+    pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     totals: dict[str, int] = {}
     with progress("calibrating", None) as advance:
         res = api.step1(
-            model, dataset, out=out_dir, settings=settings, preprocess=pre, samples=samples, batch_size=batch_size,
+            model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
             on_progress=advance, on_start=lambda n: totals.setdefault("n", n),
             proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples) if proposal else None,
         )
-    lines = [
+    lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
+    lines += [
         f"Calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.",
         f"  temp model: {res.model}",
         f"  data:       {res.data}",
@@ -197,7 +194,8 @@ def step1(
     if res.float_subgraph_nodes:
         lines.append(f"Control-flow nodes stay float (their subgraphs are not quantized): {', '.join(res.float_subgraph_nodes)}.")
     lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
-    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused}
+    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused,
+            "config": res.config}
     tables = [_table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:
         ptables, plines, pdata = _proposal_report(res.proposal)
@@ -270,6 +268,7 @@ def analyze(
     layout: LayoutOpt = None,
     resize: ResizeOpt = "none",
     preprocess_hook: HookOpt = None,
+    force_preprocess: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -277,7 +276,8 @@ def analyze(
 
     The verdict comes first: OK, or CHECK with the next step. --json prints strict JSON (non-finite numbers are
     null, listed by JSON Pointer under "nonfinite") with the verdict under "verdict". Exit codes: 0 ran (OK or
-    CHECK), 3 CHECK with --strict, 2 bad input, 1 failure.
+    CHECK), 3 CHECK with --strict, 2 bad input, 1 failure. The preprocessing comes from QUANT_MODEL (step1
+    recorded it in the cfg, step2 in the model); no options needed.
     """
     from . import api
     from .analysis import judge
@@ -293,10 +293,11 @@ def analyze(
     else:
         if float_model is None or quant_model is None or dataset is None:
             raise InputError("analyze needs FLOAT_MODEL QUANT_MODEL --dataset D (or --from SNAPSHOT_DIR to re-read a snapshot).")
-        pre = _preprocess(mean, std, color, layout, resize, preprocess_hook)
+        pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
         with progress("analyzing", None) as advance:
-            result = api.analyze(float_model, quant_model, dataset, preprocess=pre, samples=samples, dump=dump, max_bytes=max_bytes,
-                                 on_sample=lambda: advance(1), host_int8=host_int8)
+            result = api.analyze(float_model, quant_model, dataset, preprocess=pre, force_preprocess=force_preprocess, samples=samples,
+                                 dump=dump, max_bytes=max_bytes, on_sample=lambda: advance(1), host_int8=host_int8)
+        _warn(getattr(result, "warnings", []))
         snapshot = str(dump) if dump is not None else None
     cfg = _cfg_beside(quant_model)
     v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset)
@@ -322,30 +323,6 @@ def analyze(
         raise typer.Exit(int(ExitCode.BELOW_THRESHOLD))
 
 
-def _workspace_config(path: Path) -> dict[str, Any]:
-    """Settings (and mean/std/color/layout/resize) from a workspace YAML file, loaded safely."""
-    from ruamel.yaml import YAML
-    from ruamel.yaml.error import MarkedYAMLError
-
-    if not path.is_file():
-        raise InputError(f"Workspace config '{path}' does not exist; `hybridq init DIR` writes one as DIR/hybridq.yaml.")
-    try:
-        data = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        raise InputError(f"{path}:{mark.line + 1 if mark else '?'}: YAML syntax error: {exc.problem}.") from None
-    if not isinstance(data, dict):
-        raise InputError(f"Workspace config '{path}' must be a mapping of setting: value.")
-    return dict(data)
-
-
-def _joined(value: Any) -> str | None:
-    """A mean/std from YAML (list or text) as the comma text --mean takes."""
-    if value is None:
-        return None
-    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
-
-
 def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples):
     from .api import ProposalOptions
     from .proposal import Target
@@ -358,26 +335,58 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
     return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, max_float_fraction, fallback, samples)
 
 
+def _cost_line(p) -> str:
+    """Float layers and float compute by cause: proposed, the user's own entries, policies (never contradicting each other)."""
+    from collections import Counter
+
+    from .cost import PROPOSED, USER
+
+    text = f"  float layers proposed: {len(p.layers)}"
+    if p.existing:
+        mine = Counter(p.existing.values())
+        text += " (yours: " + ", ".join(f"{n} {prec}" for prec, n in sorted(mine.items())) + ")"
+    c = p.cost
+    if c is None:
+        return text + f"; float compute {100 * p.float_fraction:.1f} %"
+    text += f"; float compute {100 * c.fraction:.1f} % of the Conv/Gemm/MatMul MACs"
+    parts = [f"{100 * c.share({PROPOSED}):.1f} % proposed"]
+    if USER in c.cause.values():
+        parts.append(f"{100 * c.share({USER}):.1f} % yours")
+    policies = c.policies()
+    if policies:
+        names = ", ".join(f"{k}: {n} layer{'s' if n > 1 else ''}" for k, n in sorted(policies.items()))
+        parts.append(f"{100 * c.policy_fraction:.1f} % by policy ({names})")
+    return text + ": " + ", ".join(parts)
+
+
 def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
     rows = [[i + 1, n, f"{c:.5f}", "float" if n in p.layers else ""] for i, (n, c) in enumerate(p.ranked[:max(10, len(p.layers))])]
     tables = [_table("layers ranked by isolated error", ["rank", "layer", "single cos", "proposed"], rows)]
-    lines = [
-        f"Proposal: {p.choice}.",
-        f"  int8 baseline: {p.baseline.describe()}",
-        f"  predicted:     {p.predicted.describe()}",
+    lines = [f"Proposal: {p.choice}."]
+    if p.edits:
+        lines.append(f"  started from your edits, all kept: {'; '.join(p.edits)}")
+    lines += [
+        f"  baseline ({p.baseline_label}): {p.baseline.describe()}",
+        f"  predicted: {p.predicted.describe()}",
     ]
     if p.measured is not None:
-        lines.append(f"  measured on the model step2 builds from the written cfg: {p.measured.describe()}")
-    lines.append(f"  float layers: {len(p.layers)}, float compute {100 * p.float_fraction:.1f} %, {p.evaluations} evaluations, {p.seconds:.1f} s")
+        lines.append(f"  measured on the model step2 builds from the {'written ' if p.layers or p.entries else ''}cfg: {p.measured.describe()}")
+    lines.append(_cost_line(p) + f"; {p.evaluations} evaluations, {p.seconds:.1f} s")
     if p.entries:
         names = list(p.entries)
         lines.append(f"  range clips (mse) on {len(names)} tensor(s): {', '.join(names[:6])}" + (" ..." if len(names) > 6 else "") + " (commented in the cfg)")
     if not p.met:
         lines.append("  The target was NOT met; the cfg holds the best candidate found. Loosen the target or raise the budget.")
+    cost = p.cost
     data = {
         "layers": p.layers, "entries": list(p.entries), "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
-        "baseline": p.baseline.to_dict(), "predicted": p.predicted.to_dict(),
+        "baseline": p.baseline.to_dict(), "baseline_label": p.baseline_label, "predicted": p.predicted.to_dict(),
         "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
+        "your_layers": p.existing, "your_edits": p.edits,
+        "float_compute": None if cost is None else {
+            "total": cost.fraction, "proposed": cost.share({"proposed"}), "yours": cost.share({"yours"}),
+            "policy": cost.policy_fraction, "policies": cost.policies(), "layers": cost.cause,
+        },
     }
     return tables, lines, data
 
@@ -401,20 +410,31 @@ def propose(
     layout: LayoutOpt = None,
     resize: ResizeOpt = "none",
     preprocess_hook: HookOpt = None,
+    force_preprocess: ForceOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Choose layers to keep in float (or ranges to clip) for a cfg, verified on the model step2 builds."""
+    """Choose layers to keep in float (or ranges to clip) for a cfg, verified on the model step2 builds.
+
+    Starts from the cfg as you edited it: your custom_quantize_layers, per-tensor edits, settings and comments
+    are kept, and a tensor you edited is never clipped. When nothing needs to change, the cfg is not touched.
+    The preprocessing comes from the cfg (step1 recorded it); no options needed.
+    """
     from . import api
 
     State.quiet, State.json = quiet, as_json
     if not str(cfg) or not dataset:
         raise InputError("propose needs --cfg <name>.quantization.cfg and --dataset D (samples to measure candidates on).")
-    pre = _preprocess(mean, std, color, layout, resize, preprocess_hook)
+    pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
     opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples)
-    result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts)
+    result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts, force_preprocess=force_preprocess)
+    _warn(getattr(result, "warnings", []))
     tables, lines, data = _proposal_report(result)
-    lines.append(f"Wrote the proposal into {cfg}" + (f" (previous version kept as {backup})." if backup else "."))
+    if result.written:
+        lines.append(f"Wrote the proposal into {cfg}" + (f" (previous version kept as {backup})." if backup else "."))
+    else:
+        lines.append(f"Nothing changed: {cfg} was left as it was (not rewritten, no backup).")
+    data.update(written=result.written, backup=str(backup) if backup else None)
     _emit(data, tables, lines)
 
 

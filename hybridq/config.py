@@ -25,6 +25,8 @@ from .qparams import normalize_dtype
 from .settings import Settings, check_value
 
 ENTRY_KEYS = ("qtype", "qmethod", "dtype", "algorithm", "min", "max", "ori_min", "ori_max", "scale", "zero_point", "equalize", "bias_correction")
+FIX_KEYS = ("equalize", "bias_correction")
+"""Entry keys written by the proposal's fixes: channel equalization scales, bias shifts (step2 applies them)."""
 LIST_KEYS = ("min", "max", "ori_min", "ori_max", "scale", "zero_point", "equalize", "bias_correction")
 TOP_KEYS = ("hybridq", "settings", "custom_quantize_layers", "quantize_parameters")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -286,16 +288,78 @@ def load_cfg(path: str | Path) -> Cfg:
     return Cfg(p, header, settings, custom, custom_lines, entries, doc)
 
 
+def _custom_map(text: str) -> dict[str, Any] | None:
+    """custom_quantize_layers of cfg text as a plain dict (None when the cfg has no such mapping)."""
+    small, lists = _shrink(text)
+    doc = _yaml().load(small)
+    cq = doc.get("custom_quantize_layers") if isinstance(doc, dict) else None
+    if cq is None and isinstance(doc, dict) and "custom_quantize_layers" in doc:
+        return {}
+    return {str(k): v for k, v in cq.items()} if isinstance(cq, dict) else None
+
+
+def _entry_line(name: str, precision: str, comment: str | None) -> str:
+    """One `name: precision  # comment` line, the name quoted by YAML's rules where it must be."""
+    buf = io.StringIO()
+    _yaml().dump({name: precision}, buf)
+    return buf.getvalue().rstrip("\n") + (f"  # {comment}" if comment else "")
+
+
+_CUSTOM_HEADER = re.compile(r"^custom_quantize_layers:[ \t]*(?P<empty>\{[ \t]*\})?[ \t]*(?P<comment>#[^\n]*)?$", re.M)
+
+
+def _insert_custom_lines(text: str, lines: list[str]) -> str | None:
+    """Text with entry lines (unindented) added to a block (or `{}`) custom_quantize_layers section, every other line as it was.
+
+    New lines go right after the section's last indented line, so comments that follow the
+    section (and belong to the next one) stay where they are. None when the section has another form.
+    """
+    m = _CUSTOM_HEADER.search(text)
+    if m is None:
+        return None
+    head = text[: m.start()]
+    header = m.group(0)
+    if m.group("empty"):  # `{}` becomes a block header; its comment stays on the line
+        header = "custom_quantize_layers:" + (f"  {m.group('comment')}" if m.group("comment") else "")
+    first, *rest = text[m.end():].split("\n")  # `first` is what followed the header on its line: nothing
+    body_end = 0
+    indent = 2
+    found_indent = False
+    for i, line in enumerate(rest):
+        if line.strip() == "":
+            continue
+        if not line[0].isspace():
+            break
+        if not found_indent and not line.lstrip().startswith("#"):
+            indent, found_indent = len(line) - len(line.lstrip()), True
+        body_end = i + 1
+    if m.group("empty") and body_end:
+        return None
+    new_rest = rest[:body_end] + [" " * indent + ln for ln in lines] + rest[body_end:]
+    return head + header + first + "\n" + "\n".join(new_rest)
+
+
 def update_custom_layers(text: str, layers: dict[str, str], comments: dict[str, str]) -> str:
-    """Add or replace custom_quantize_layers entries in cfg text, keeping every other edit and comment."""
+    """Add custom_quantize_layers entries to cfg text, keeping every other edit and comment.
+
+    An entry the cfg already has is never changed (the user's own entry wins); the text is
+    otherwise left byte for byte as it was, the new lines added at the end of the section.
+    """
+    current = _custom_map(text)
+    new = {n: p for n, p in layers.items() if current is None or n not in current}
+    if not new:
+        return text
+    inserted = _insert_custom_lines(text, [_entry_line(n, p, comments.get(n)) for n, p in new.items()])
+    if inserted is not None and _custom_map(inserted) == {**(current or {}), **new}:
+        return inserted
     y = _yaml()
-    text, lists = _shrink(text)
-    doc = y.load(text)
+    small, lists = _shrink(text)
+    doc = y.load(small)
     cq = doc.get("custom_quantize_layers")
     if not isinstance(cq, CommentedMap):
         cq = CommentedMap()
         doc["custom_quantize_layers"] = cq
-    for name, prec in layers.items():
+    for name, prec in new.items():
         cq[name] = prec
         if name in comments:
             cq.yaml_add_eol_comment(comments[name], name)
@@ -305,7 +369,13 @@ def update_custom_layers(text: str, layers: dict[str, str], comments: dict[str, 
 
 
 def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[str, str]) -> str:
-    """Change keys of quantize_parameters entries in cfg text (e.g. a proposed range clip), keeping everything else."""
+    """Change keys of quantize_parameters entries in cfg text (e.g. a proposed range clip), keeping everything else.
+
+    Only keys whose value differs are rewritten; the comment goes on the first changed key
+    that has no comment of its own, so no existing comment is replaced.
+    """
+    if not edits:
+        return text
     y = _yaml()
     text, lists = _shrink(text)
     doc = y.load(text)
@@ -314,11 +384,16 @@ def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[s
         entry = qp.get(name) if isinstance(qp, CommentedMap) else None
         if not isinstance(entry, CommentedMap):
             continue
-        for k in ("algorithm", "min", "max", "equalize", "bias_correction"):
-            if k in values:
-                entry[k] = _flow(values[k]) if k in LIST_KEYS else values[k]
-        if name in comments:
-            entry.yaml_add_eol_comment(comments[name], "max")
+        old = {k: _restore(entry[k], lists) for k in entry}
+        changed = [k for k in ENTRY_KEYS if k in values and (k not in entry or old[k] != values[k])]
+        for k in changed:
+            entry[k] = _number_list(values[k], lists) if k in LIST_KEYS else values[k]
+        for k in FIX_KEYS:
+            if k in entry and k not in values:
+                del entry[k]  # a fix the new entry no longer carries
+        free = [k for k in changed if not (entry.ca.items.get(k) and len(entry.ca.items[k]) > 2 and entry.ca.items[k][2])]
+        if name in comments and free:
+            entry.yaml_add_eol_comment(comments[name], "max" if "max" in free else free[0])
     buf = io.StringIO()
     y.dump(doc, buf)
     return _expand(buf.getvalue(), lists)

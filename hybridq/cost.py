@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 
@@ -64,3 +66,50 @@ def nominal_sample(model: onnx.ModelProto) -> dict[str, np.ndarray]:
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (1 if k == 0 else NOMINAL_DIM) for k, d in enumerate(t.shape.dim)]
         sample[vi.name] = np.broadcast_to(np.zeros((), np.float32), dims)
     return sample
+
+
+PROPOSED = "proposed"
+USER = "yours"
+
+
+@dataclass
+class FloatShare:
+    """Which multiply-accumulates run float in a built model, and why.
+
+    `cause` maps every float-running Conv/ConvTranspose/Gemm/MatMul to PROPOSED (the proposal
+    chose it), USER (the cfg's custom_quantize_layers) or the name of the policy that keeps it
+    float (a setting such as float_stem, or an op with no int8 form).
+    """
+
+    total: float
+    macs: dict[str, float]
+    cause: dict[str, str]
+
+    def share(self, causes: set[str] | None = None) -> float:
+        """Fraction of all MACs in float layers whose cause is in `causes` (all float layers when None)."""
+        if self.total <= 0:
+            return 0.0
+        return sum(self.macs.get(n, 0.0) for n, c in self.cause.items() if causes is None or c in causes) / self.total
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of all MACs that runs float."""
+        return self.share()
+
+    def policies(self) -> dict[str, int]:
+        """Policy name -> number of float layers it keeps float (proposed and user layers excluded)."""
+        out: dict[str, int] = {}
+        for c in self.cause.values():
+            if c not in (PROPOSED, USER):
+                out[c] = out.get(c, 0) + 1
+        return out
+
+    @property
+    def policy_fraction(self) -> float:
+        """Fraction of all MACs kept float by policies."""
+        return self.share(set(self.policies()))
+
+
+def float_share(macs: dict[str, float], cause: dict[str, str]) -> FloatShare:
+    """The float share of a model whose MAC-counted layers are `macs`, given the cause of each float layer."""
+    return FloatShare(float(sum(macs.values())), {n: macs.get(n, 0.0) for n in cause}, dict(cause))

@@ -158,6 +158,47 @@ class Preprocess:
                 )
 
 
+    def to_dict(self) -> dict[str, object]:
+        """The options as plain data (lists, strings), as step1 records them; an unset layout or hook is left out."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> "Preprocess":
+        """Rebuild from `to_dict` output (a cfg header, a `.data` meta, model metadata); `where` names the source in errors."""
+        if not isinstance(data, dict):
+            raise DatasetError(f"{where}: the recorded preprocessing {data!r} is not a mapping; re-run step1 to record it again.")
+        known = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in known:
+                raise DatasetError(
+                    f"{where}: unknown preprocessing key {key!r}.{did_you_mean(str(key), known)} Valid keys: {', '.join(known)}."
+                )
+        try:
+            return cls(**data)
+        except DatasetError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
+
+    def differences(self, other: "Preprocess") -> list[tuple[str, object, object]]:
+        """(option, this value, other value) for every option that differs; a one-value mean/std equals its per-channel copy."""
+        out: list[tuple[str, object, object]] = []
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name in ("mean", "std") and mine is not None and theirs is not None:
+                a, b = np.asarray(mine, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
+                if a.size == b.size or 1 in (a.size, b.size):
+                    if np.allclose(np.broadcast_to(a, max(a.shape, b.shape)), np.broadcast_to(b, max(a.shape, b.shape)), rtol=1e-6, atol=1e-9):
+                        continue
+            elif mine == theirs:
+                continue
+            out.append((f.name, list(mine) if isinstance(mine, tuple) else mine, list(theirs) if isinstance(theirs, tuple) else theirs))
+        return out
+
+
 def _as_floats(values: object, what: str) -> tuple[float, ...]:
     """Normalise a mean/std given as text or a sequence into a tuple of finite floats."""
     if isinstance(values, str):
@@ -234,6 +275,11 @@ class Dataset:
             for i, spec in enumerate(self.inputs):
                 if any(paths[i].suffix.lower() in IMAGE_EXTENSIONS for _, paths in self._entries):
                     self._plans[spec.name] = _image_plan(spec, self.preprocess)
+
+    @property
+    def image_inputs(self) -> list[str]:
+        """Inputs fed from image files, which the image preprocessing (mean, std, color, layout, resize) applies to."""
+        return list(self._plans)
 
     def __len__(self) -> int:
         """Number of samples."""

@@ -172,7 +172,7 @@ class RKNN:
         self._float_path: Path | None = None  # fp32 reference for accuracy_analysis
         self._built: Path | None = None  # the deployable QDQ (or fp32) ONNX model
         self._built_quantized = False
-        self._built_pre: dict[str, Any] = {}  # preprocess recorded in a cfg (step2 without config())
+        self._built_pre: dict[str, Any] = {}  # preprocessing step1 recorded, read from the built model's metadata
         self._session: Any = None
         self.last_error: str | None = None
 
@@ -471,14 +471,13 @@ class RKNN:
     def hybrid_quantization_step2(self, model_input: str, data_input: str, model_quantization_cfg: str) -> int:
         """Build the deployable model from the three step1 artifacts (the cfg as edited)."""
         from . import api
-        from .config import load_cfg
 
         out = self._tmp / "built"
         out.mkdir(exist_ok=True)
         self._reset_build()
         res = api.step2(model_input, data_input, model_quantization_cfg, out / f"{Path(model_input).stem}.q.onnx")
         self._built, self._built_quantized = res.output, True
-        self._built_pre = dict(load_cfg(model_quantization_cfg).header.get("preprocess") or {})
+        self._built_pre = _recorded_pre(res.output)
         if self._float_path is None:
             self._float_path = Path(model_input).resolve()  # the temp model is plain fp32 ONNX
         self._report_step2(res, "hybrid_quantization_step2")
@@ -500,7 +499,6 @@ class RKNN:
     def build(self, do_quantization: bool = True, dataset: str | None = None, rknn_batch_size: int | None = None, auto_hybrid: bool = False) -> int:
         """step1 + step2 in a private directory (nothing is written beside the model or in the current directory)."""
         from . import api
-        from .config import load_cfg
 
         model = self._need_model()
         self._reset_build()
@@ -528,7 +526,7 @@ class RKNN:
         self._report_proposal("build", r1.proposal)
         res = api.step2(r1.model, r1.data, r1.cfg, work / f"{model.stem}.q.onnx")
         self._built, self._built_quantized = res.output, True
-        self._built_pre = dict(load_cfg(r1.cfg).header.get("preprocess") or {})
+        self._built_pre = _recorded_pre(res.output)
         self._report_step2(res, "build")
         return 0
 
@@ -573,6 +571,7 @@ class RKNN:
             raise ModelError(f"{exc} hybridq's load_rknn reads the ONNX files its export_rknn writes; a real .rknn file runs only on a Rockchip NPU.") from None
         self._reset_build()
         self._built, self._built_quantized = p.resolve(), True
+        self._built_pre = _recorded_pre(p)
         return 0
 
     # ------------------------------------------------------------------ accuracy analysis
@@ -626,12 +625,15 @@ class RKNN:
         return 0
 
     def _analysis_preprocess(self, n_inputs: int):
-        if self._cfg.mean_values is None and self._cfg.std_values is None and self._built_pre:
-            from .dataset import Preprocess
+        """The recorded preprocessing of the built model; config()'s mean/std/color must agree with it (hybridq.recorded)."""
+        from .recorded import Record, choose_preprocess
 
-            p = self._built_pre
-            return Preprocess(mean=p.get("mean"), std=p.get("std"), color=p.get("color", "rgb"))
-        return self._preprocess(n_inputs)
+        if not self._built_pre:
+            return self._preprocess(n_inputs)
+        given = None
+        if self._cfg.mean_values is not None or self._cfg.std_values is not None:
+            given = {k: v for k, v in self._preprocess(n_inputs).to_dict().items() if k in ("mean", "std", "color")}
+        return choose_preprocess(Record(f"the built model '{self._built}'", self._built_pre), given)
 
     # ------------------------------------------------------------------ runtime
 
@@ -715,6 +717,13 @@ def _per_input(values: Any, what: str) -> list[tuple[float, ...]] | None:
             raise InputError(f"{what} must be a list of per-channel lists of numbers, e.g. [[123.675, 116.28, 103.53]]; got {values!r}.")
         out.append(tuple(float(v) for v in sub))
     return out
+
+
+def _recorded_pre(model: Path) -> dict[str, Any]:
+    """The preprocessing step1 recorded, as step2 wrote it into the model's metadata ({} when none)."""
+    from .recorded import read_record
+
+    return dict(read_record(model).preprocess or {})
 
 
 def _single(values: list[tuple[float, ...]] | None, n_inputs: int, what: str) -> tuple[float, ...] | None:

@@ -141,4 +141,4 @@ def test_a_tensor_the_user_edited_is_not_changed_by_the_proposal(tmp_path, edit)
     result, _ = api.propose_cfg(r.cfg, listing)
     values = load_cfg(r.cfg).entries["r1"].values
     assert values["algorithm"] == "percentile" and "equalize" not in values
-    assert result.started_from == "your cfg as edited"
+    assert result.baseline_label == "your cfg as edited"

@@ -30,8 +30,8 @@ def propose(
     temp: onnx.ModelProto, observers: dict[str, HistogramObserver], meta: dict[str, Any], settings: Settings, base: Edits,
     samples: list[dict[str, np.ndarray]], evaluator: Evaluator, *, single: dict[str, float] | None = None,
     protected: set[str] | None = None, fallback: str = "float32", max_float_layers: int | None = None,
-    max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default int8 cfg",
-    analyse: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]] | None = None,
+    max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default quantization",
+    analyse: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]] | None = None, where: str = "proposal",
 ) -> ProposalResult:
     """Climb the ladder of fixes from `base` (the cfg as the user left it); `protected` tensors are never changed.
 
@@ -41,7 +41,7 @@ def propose(
     written = meta.get("written_entries", {})
 
     def make(edits: Edits) -> Built:
-        return build(temp, observers, meta, settings, edits, where="proposal")
+        return build(temp, observers, meta, settings, edits, where=where)
 
     first = make(base)
 

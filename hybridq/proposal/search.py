@@ -19,7 +19,9 @@ import numpy as np
 import onnx
 
 from ..build import Built, Edits
-from ..cost import concrete_shapes, layer_macs
+from ..cost import PROPOSED, USER, FloatShare, concrete_shapes, float_share, layer_macs
+from ..plan import QuantPlan
+from ..settings import Settings
 from .evaluator import Evaluator, Score
 from .fixes import Candidate, Context, bias_fix, clip_fix, equalize_fix, float_fix, range_fix
 from .ranker import channel_stats, local_rank, outlier_tensors
@@ -49,9 +51,50 @@ class Row:
         return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in vars(self).items()}
 
 
+POLICY_NAMES = (
+    ("stem Conv", "float_stem"),
+    ("depthwise Conv", "float_depthwise"),
+    ("Conv on a 1x1 pooled", "float_pooled"),
+    ("ConvTranspose", "ConvTranspose"),
+    ("Conv producing a graph output", "graph-output Conv"),
+    ("detection-head Conv", "detection head"),
+)
+"""Short names for the plan's policy reasons (the setting that decides, where there is one)."""
+
+
+def policy_name(reason: str) -> str:
+    """The setting or rule behind a plan's policy reason, e.g. 'float_stem'."""
+    for prefix, name in POLICY_NAMES:
+        if reason.startswith(prefix):
+            return name
+    return reason.split(" (")[0].split(":")[0]
+
+
+def float_causes(model: onnx.ModelProto, plan: QuantPlan, macs: dict[str, float], proposed: set[str], settings: Settings) -> dict[str, str]:
+    """Cause of every MAC-counted layer that runs float in the model built from `plan` with `proposed` moved to float."""
+    ops = {n.name: n.op_type for n in model.graph.node}
+    cause: dict[str, str] = {}
+    for name in macs:
+        lp = plan.layers.get(name)
+        if name in proposed:
+            cause[name] = PROPOSED
+        elif lp is None:
+            cause[name] = "quantize_ops" if ops.get(name) not in settings.quantize_ops else f"{ops.get(name)} without int8 form"
+        elif lp.precision in ("float16", "float32"):
+            cause[name] = USER if lp.reason == "cfg" else policy_name(lp.reason)
+    return cause
+
+
 @dataclass
 class ProposalResult:
-    """The choice, what it costs, what it measured, and every candidate tried."""
+    """The choice, what it costs, what it measured, and every candidate tried.
+
+    `layers` and `entries` are what the proposal adds (float layers; quantize_parameters entries it
+    rewrote: ranges, clips, equalization, bias corrections); `existing` are the cfg's own
+    custom_quantize_layers, kept; `cost` splits the float compute of the model built with both by
+    cause; `baseline_label` names what `baseline` measured; `edits` describes the user's edits the
+    proposal started from; `written` is True when `propose_cfg` changed the cfg file.
+    """
 
     layers: dict[str, str]
     comments: dict[str, str]
@@ -69,7 +112,12 @@ class ProposalResult:
     fixes: list[str] = field(default_factory=list)
     fp32_task: float | None = None
     measured: Score | None = None
-    started_from: str = "the default int8 cfg"
+    baseline_label: str = "the default quantization"
+    cost: FloatShare | None = None
+    existing: dict[str, str] = field(default_factory=dict)
+    edits: list[str] = field(default_factory=list)
+    written: bool = False
+    warnings: list[str] = field(default_factory=list)
 
 
 class _Climb:
@@ -142,7 +190,7 @@ class _Climb:
 def search(
     ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, first: Built,
     single: Callable[[], dict[str, float]], samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any], *, fallback: str = "float32",
-    max_float_layers: int | None = None, max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default int8 cfg",
+    max_float_layers: int | None = None, max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default quantization",
 ) -> ProposalResult:
     """The cheapest candidate that meets the evaluator's target, or the best one within the budget."""
     t0 = time.perf_counter()
@@ -162,10 +210,12 @@ def search(
             entries.update(c.entries)
             for k, v in c.comments.items():
                 (comments if k in c.layers else entry_comments)[k] = v
+        existing = {n: p for n, p in climb.base.layers.items()}
+        cost = float_share(macs, float_causes(ctx.temp, climb.built.plan, macs, set(layers), ctx.settings))
         return ProposalResult(
             layers, comments, entries, entry_comments, climb.baseline, climb.score, climb.met, evaluator.evaluations,
             ranked or [], sum(macs.get(n, 0.0) for n in layers) / total, choice, time.perf_counter() - t0, climb.table,
-            [c.label for c in climb.kept], evaluator.fp32_task, started_from=started_from,
+            [c.label for c in climb.kept], evaluator.fp32_task, baseline_label=started_from, cost=cost, existing=existing,
         )
 
     if climb.met:

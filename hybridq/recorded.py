@@ -1,0 +1,219 @@
+"""What step1 recorded about its inputs, read back from any artifact, and checked against what a command is given.
+
+step1 records two things: the preprocessing it calibrated with (`Preprocess.to_dict()`; only when
+some input was read from images or through a hook, since it applies to nothing else) and the
+range of every float model input it saw (min, max, mean, std over all calibration samples). Both go
+into the cfg header (preprocessing), the `.data` meta (both) and the step2 model's `metadata_props`
+(both, as JSON under PREPROCESS_KEY and INPUT_RANGES_KEY). `analyze`, `propose` and the RKNN facade read
+them from whatever they are given (a cfg, a `.data` file or a QDQ model), so no flag has to be repeated.
+
+Range check (`range_warnings`): an input whose evaluation values span more than RANGE_RATIO x the
+calibrated width (max - min), or whose mean is more than MEAN_STDS calibrated standard deviations
+away from the calibrated mean, gets a warning naming the input. A forgotten `--std 58` makes the
+range ~58x wider; a forgotten `--mean 123` moves the mean by ~2 standard deviations of a normalised image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .dataset import Preprocess
+from .errors import DatasetError, InputError
+
+PREPROCESS_KEY = "hybridq.preprocess"
+INPUT_RANGES_KEY = "hybridq.input_ranges"
+RANGE_RATIO = 2.0
+MEAN_STDS = 1.0
+CFG_SUFFIX = ".quantization.cfg"
+
+PreprocessArg = Preprocess | Mapping[str, Any] | None
+
+
+class InputStats:
+    """Running min, max, mean and std of every float input over the batches it sees (one pass, O(1) memory)."""
+
+    def __init__(self) -> None:
+        self._acc: dict[str, list[float]] = {}
+
+    def update(self, batch: Mapping[str, np.ndarray]) -> None:
+        """Fold one batch (input name -> array) in; integer and empty inputs are skipped."""
+        for name, arr in batch.items():
+            if arr.dtype.kind != "f" or arr.size == 0:
+                continue
+            x = arr.astype(np.float64, copy=False)
+            lo, hi, s, ss, n = float(x.min()), float(x.max()), float(x.sum()), float(np.square(x).sum()), float(x.size)
+            acc = self._acc.get(name)
+            if acc is None:
+                self._acc[name] = [lo, hi, s, ss, n]
+            else:
+                acc[0], acc[1] = min(acc[0], lo), max(acc[1], hi)
+                acc[2] += s
+                acc[3] += ss
+                acc[4] += n
+
+    def watch(self, batches: Iterable[Mapping[str, np.ndarray]]) -> Iterator[Mapping[str, np.ndarray]]:
+        """Yield the batches unchanged, updating the statistics on the way."""
+        for batch in batches:
+            self.update(batch)
+            yield batch
+
+    def to_dict(self) -> dict[str, dict[str, float]]:
+        """{input: {min, max, mean, std}} as plain floats."""
+        out = {}
+        for name, (lo, hi, s, ss, n) in self._acc.items():
+            mean = s / n
+            out[name] = {"min": lo, "max": hi, "mean": mean, "std": math.sqrt(max(ss / n - mean * mean, 0.0))}
+        return out
+
+
+@dataclass
+class Record:
+    """What an artifact records: the preprocessing (None: nothing recorded) and the calibrated input ranges."""
+
+    source: str
+    preprocess: dict[str, Any] | None = None
+    input_ranges: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def read_record(artifact: str | Path) -> Record:
+    """The record of a step1 cfg (from its `.data` beside it, else its header), a `.data` file, or an ONNX model."""
+    from .artifacts import read_meta
+
+    path = Path(artifact)
+    if path.name.endswith(CFG_SUFFIX):
+        data = path.with_name(path.name[: -len(CFG_SUFFIX)] + ".data")
+        if data.is_file():
+            meta = read_meta(data)
+            if "preprocess" in meta:
+                return Record(f"'{path}' (recorded in '{data.name}')", meta.get("preprocess"), meta.get("input_ranges") or {})
+        from .config import load_cfg
+
+        header = load_cfg(path).header
+        return Record(f"'{path}'", header.get("preprocess") or None)
+    if path.suffix == ".data":
+        meta = read_meta(path)
+        return Record(f"'{path}'", meta.get("preprocess"), meta.get("input_ranges") or {})
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return Record(f"'{path}'")
+    return record_of_model(model, f"'{path}'")
+
+
+def record_of_model(model: onnx.ModelProto, source: str) -> Record:
+    """The record step2 wrote into a model's metadata_props (empty for models hybridq did not build)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    rec = Record(source)
+    try:
+        if PREPROCESS_KEY in props:
+            rec.preprocess = json.loads(props[PREPROCESS_KEY])
+        if INPUT_RANGES_KEY in props:
+            rec.input_ranges = json.loads(props[INPUT_RANGES_KEY])
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{source}: metadata '{PREPROCESS_KEY}'/'{INPUT_RANGES_KEY}' is not valid JSON ({exc}); rebuild the model with step2.") from None
+    return rec
+
+
+def check_header(header: Mapping[str, Any], meta: Mapping[str, Any], cfg: str | Path) -> None:
+    """Refuse a cfg whose `hybridq: preprocess:` header no longer matches what step1 calibrated with (the `.data` meta)."""
+    if "preprocess" not in meta or not header.get("preprocess"):
+        return
+    where = f"{cfg}: hybridq: preprocess:"
+    written = Preprocess.from_dict(dict(meta["preprocess"]), where)
+    diffs = written.differences(Preprocess.from_dict(dict(header["preprocess"]), where))
+    if diffs:
+        listed = "; ".join(f"{name}: calibrated with {_fmt(a)}, header says {_fmt(b)}" for name, a, b in diffs)
+        raise InputError(
+            f"{where} was edited ({listed}), but preprocessing is fixed by calibration and cannot be changed in the cfg. "
+            "Restore the header, or re-run step1 with the new options (and copy your edits into the new cfg)."
+        )
+
+
+def model_props(preprocess: dict[str, Any] | None, input_ranges: dict[str, Any] | None) -> dict[str, str]:
+    """The metadata_props step2 writes: the record as compact, sorted JSON."""
+    props = {}
+    if preprocess is not None:
+        props[PREPROCESS_KEY] = json.dumps(preprocess, sort_keys=True)
+    if input_ranges:
+        props[INPUT_RANGES_KEY] = json.dumps(input_ranges, sort_keys=True)
+    return props
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" for v in value)
+    return "(not set)" if value is None else str(value)
+
+
+def choose_preprocess(record: Record, given: PreprocessArg, force: bool = False) -> Preprocess | None:
+    """The preprocessing to use: the recorded one, or `given` where it agrees; a disagreement is an InputError unless `force`.
+
+    `given` is a full Preprocess (every option compared), or a mapping of only the options the user set
+    (the others come from the record). Nothing recorded: `given` is used as is. With `force`, `given` wins outright.
+    """
+    if given is None:
+        return Preprocess.from_dict(record.preprocess, record.source) if record.preprocess is not None else None
+    if record.preprocess is None or force:
+        return given if isinstance(given, Preprocess) else Preprocess.from_dict(dict(given), "the given preprocessing")
+    recorded = Preprocess.from_dict(record.preprocess, record.source)
+    if isinstance(given, Preprocess):
+        wanted = given
+    else:
+        try:
+            wanted = Preprocess.from_dict({**recorded.to_dict(), **dict(given)}, "the given preprocessing")
+        except DatasetError as exc:
+            raise InputError(
+                f"{exc} {record.source} records the preprocessing step1 calibrated with ({describe(record.preprocess)}), and the "
+                "options given do not combine with it. Drop the preprocessing options, or add --force-preprocess "
+                "(force_preprocess=True in Python) to use only the ones given."
+            ) from None
+    # a layout step1 did not record was inferred from the model: a given one is not a contradiction
+    diffs = [d for d in recorded.differences(wanted) if not (d[0] == "layout" and d[1] is None)]
+    if not diffs:
+        return wanted
+    listed = "; ".join(f"{name}: recorded {_fmt(rec)}, given {_fmt(giv)}" for name, rec, giv in diffs)
+    raise InputError(
+        f"{record.source} records the preprocessing step1 calibrated with, and the options given disagree with it ({listed}). "
+        "Results measured with other preprocessing than calibration are wrong. Drop those options (the recorded values "
+        "are used), or, if these inputs really need different preprocessing (e.g. .npy files normalised already), "
+        "add --force-preprocess (force_preprocess=True in Python)."
+    )
+
+
+def describe(preprocess: Mapping[str, Any] | None) -> str:
+    """'mean 123.675,116.28,103.53, std 58.395,57.12,57.375, color rgb, resize none' for messages."""
+    if not preprocess:
+        return "nothing recorded"
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in preprocess.items())
+
+
+def range_warnings(calibrated: Mapping[str, Mapping[str, float]], seen: Mapping[str, Mapping[str, float]], source: str) -> list[str]:
+    """One warning per input whose evaluation values fall far outside the calibrated ones (rule in the module docstring)."""
+    out = []
+    for name, ev in seen.items():
+        cal = calibrated.get(name)
+        if not cal:
+            continue
+        width_c, width_e = cal["max"] - cal["min"], ev["max"] - ev["min"]
+        reasons = []
+        if width_e > RANGE_RATIO * width_c:
+            reasons.append(f"a range {width_e / width_c:.3g}x as wide" if width_c > 0 else "a spread where calibration saw a constant")
+        if abs(ev["mean"] - cal["mean"]) > MEAN_STDS * cal["std"] and (cal["std"] > 0 or ev["mean"] != cal["mean"]):
+            off = abs(ev["mean"] - cal["mean"]) / cal["std"] if cal["std"] > 0 else math.inf
+            reasons.append(f"a mean {off:.3g} calibrated standard deviations away")
+        if reasons:
+            out.append(
+                f"input '{name}': these samples span [{ev['min']:.4g}, {ev['max']:.4g}] (mean {ev['mean']:.4g}) but step1 calibrated "
+                f"on [{cal['min']:.4g}, {cal['max']:.4g}] (mean {cal['mean']:.4g}), as recorded in {source}: {' and '.join(reasons)}. "
+                "Check that they are preprocessed like the calibration data (mean/std, color, layout); otherwise the figures "
+                "measure inputs the quantization ranges were not set for."
+            )
+    return out

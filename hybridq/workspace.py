@@ -1,0 +1,141 @@
+"""Workspaces: `hybridq init` copies workspace_template/, and step1 reads the workspace's `hybridq.yaml`.
+
+Which `hybridq.yaml` step1 uses (`find_config`): the one given with `--config` (`config=` in Python);
+otherwise the first `hybridq.yaml` found in the `--out` directory, then beside the model, then beside
+the dataset list (or in the dataset directory). Options given on the command line (or as mappings in
+Python) win over the file. The file holds `settings:` keys (dtype, algorithm, ...) and the image
+preprocessing keys mean, std, color, layout, resize (and preprocess, a hook).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from .artifacts import write_text_atomic
+from .dataset import Preprocess
+from .errors import ConfigError, InputError, did_you_mean
+from .settings import Settings
+
+CONFIG_NAME = "hybridq.yaml"
+PREPROCESS_KEYS = ("mean", "std", "color", "layout", "resize", "preprocess")
+TEMPLATE_FILES = ("README.md", "dataset.txt", "hybridq.yaml")
+_MODEL_FILES = re.compile(r"\bmodel(\.onnx|\.model|\.data|\.quantization\.cfg|\.q\.onnx)\b")  # the template's file names
+
+
+def template_dir() -> Path:
+    """workspace_template/: beside the package in a source checkout, inside it when installed from a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "workspace_template", here / "workspace_template"):
+        if all((candidate / f).is_file() for f in TEMPLATE_FILES):
+            return candidate
+    raise InputError(
+        "The workspace template is missing from this hybridq installation (looked beside and inside the package). "
+        "Reinstall hybridq (pip install --force-reinstall hybridq)."
+    )
+
+
+def find_config(out: str | Path | None, model: str | Path, dataset: str | Path | None) -> Path | None:
+    """The workspace config step1 uses when none is given: `hybridq.yaml` in `out`, beside `model`, or beside `dataset`."""
+    places: list[Path] = []
+    if out is not None:
+        places.append(Path(out))
+    places.append(Path(model).parent)
+    if dataset is not None:
+        d = Path(dataset)
+        places.append(d if d.is_dir() else d.parent)
+    seen: set[Path] = set()
+    for place in places:
+        candidate = (place / CONFIG_NAME).absolute()
+        if candidate in seen:
+            continue
+        seen.add(candidate)
+        if candidate.is_file():
+            return place / CONFIG_NAME
+    return None
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The mapping in a workspace YAML file, loaded safely; unknown keys are refused with a 'did you mean'."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Workspace config '{path}' does not exist; `hybridq init DIR` writes one as DIR/{CONFIG_NAME}.")
+    try:
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        raise ConfigError(f"{path}:{mark.line + 1 if mark else '?'}: YAML syntax error: {exc.problem}. Fix the line and re-run.") from None
+    except (YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Workspace config '{path}' cannot be read as YAML ({exc}). Fix it, or copy it again from `hybridq init`.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Workspace config '{path}' must be a mapping of setting: value (e.g. `algorithm: mse`).")
+    known = [f.name for f in fields(Settings)] + list(PREPROCESS_KEYS)
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r}.{did_you_mean(str(key), known)} Valid keys: {', '.join(known)}.")
+    return dict(data)
+
+
+@dataclass
+class WorkspaceOptions:
+    """Settings and preprocessing for step1: the workspace file's values with the given ones on top."""
+
+    settings: Settings
+    preprocess: Preprocess
+    config: Path | None
+
+
+def merge(
+    config: str | Path | None,
+    settings: Settings | Mapping[str, Any] | None = None,
+    preprocess: Preprocess | Mapping[str, Any] | None = None,
+) -> WorkspaceOptions:
+    """Combine a workspace file with given options; a full Settings or Preprocess replaces the file's values, a mapping overrides key by key."""
+    values = load_config(config) if config is not None else {}
+    where = str(config) if config is not None else "the given settings"
+    pre_values = {k: values.pop(k) for k in list(values) if k in PREPROCESS_KEYS}
+    if "preprocess" in pre_values:
+        pre_values["hook"] = pre_values.pop("preprocess")
+    if isinstance(settings, Settings):
+        chosen = settings
+    else:
+        values.update({k: v for k, v in dict(settings or {}).items() if v is not None})
+        chosen = Settings.from_dict(values, where)
+    if isinstance(preprocess, Preprocess):
+        pre = preprocess
+    else:
+        pre_values.update({k: v for k, v in dict(preprocess or {}).items() if v is not None})
+        pre = Preprocess.from_dict(pre_values, where)
+    return WorkspaceOptions(chosen, pre, Path(config) if config is not None else None)
+
+
+def init(directory: str | Path, model: str | Path | None = None) -> Path:
+    """Create a workspace: the template's files, the model copied in, and the README/config naming that model."""
+    directory = Path(directory)
+    template = template_dir()
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"'{directory}' is a file, not a directory; choose a new directory for the workspace.")
+    if directory.exists() and any(directory.iterdir()):
+        raise InputError(f"'{directory}' exists and is not empty; choose a new directory for the workspace.")
+    model_path = Path(model) if model is not None else None
+    if model_path is not None and not model_path.is_file():
+        raise InputError(f"Model '{model_path}' does not exist; give the path of an .onnx file.")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in TEMPLATE_FILES:
+            text = (template / name).read_text(encoding="utf-8")
+            if model_path is not None and name == "README.md":
+                text = _MODEL_FILES.sub(lambda m: model_path.stem + m.group(1), text)
+            write_text_atomic(directory / name, text)
+        if model_path is not None:
+            shutil.copy2(model_path, directory / model_path.name)
+    except OSError as exc:
+        raise InputError(f"Cannot create the workspace in '{directory}': {exc.strerror or exc}. Choose a writable location.") from None
+    return directory

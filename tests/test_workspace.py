@@ -1,0 +1,124 @@
+"""`hybridq init` workspaces: step1 finds hybridq.yaml, the README names the real model, a wheel install ships the template."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from hybridq import api
+from hybridq.config import load_cfg
+from hybridq.workspace import find_config
+from tests import models
+from tests.conftest import cosine, run
+from tests.test_preprocess_record import MEAN, STD, cli, numpy_inputs, write_images
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_init_step1_step2_analyze_from_the_workspace_files_only(capsys, tmp_path, monkeypatch):
+    src = tmp_path / "cnn.onnx"
+    onnx.save(models.residual_cnn(), src)
+    code, out, err = cli(capsys, "init", tmp_path / "ws", "--model", src)
+    assert code == 0, err
+    ws = tmp_path / "ws"
+    readme = (ws / "README.md").read_text()
+    assert "cnn.onnx" in readme and "cnn.quantization.cfg" in readme and "model.onnx" not in readme
+    # the user's edits: images listed in dataset.txt, preprocessing and an algorithm in hybridq.yaml
+    write_images(ws / "images", 8, seed=3)
+    (ws / "dataset.txt").write_text("".join(f"images/img{i}.png\n" for i in range(8)))
+    yaml = (ws / "hybridq.yaml").read_text().replace("algorithm: minmax", "algorithm: percentile")
+    (ws / "hybridq.yaml").write_text(yaml + f"mean: {list(MEAN)}\nstd: {list(STD)}\n")
+    monkeypatch.chdir(ws)
+    # the README's commands, verbatim
+    commands = [line.strip().split()[1:] for line in readme.splitlines() if line.strip().startswith("hybridq ")]
+    assert [c[0] for c in commands] == ["step1", "step2", "analyze"]
+    for command in commands:
+        code, out, err = cli(capsys, *command)
+        assert code == 0, (command, err)
+        assert "warning" not in err
+        if command[0] == "step1":
+            assert "Workspace config: hybridq.yaml" in out
+    header = load_cfg(ws / "cnn.quantization.cfg")
+    assert header.settings.algorithm == "percentile"
+    assert header.header["preprocess"]["mean"] == pytest.approx(MEAN)
+    snap = api.load_snapshot(ws / "snapshot")
+    logits = next(le for le in snap.layers if le.tensor == "logits")
+    cos = [cosine(run(src, {"x": x})[0], run(ws / "cnn.q.onnx", {"x": x})[0]) for x in numpy_inputs(ws / "dataset.txt")]
+    assert logits.entire.cosine == pytest.approx(float(np.mean(cos)), abs=1e-5)
+
+
+def test_command_line_wins_over_the_workspace_file(capsys, cnn_ws):
+    (cnn_ws["dir"] / "hybridq.yaml").write_text("algorithm: mse\nqmethod: layer\n")
+    code, out, err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "--algorithm", "percentile")
+    assert code == 0, err
+    settings = load_cfg(cnn_ws["dir"] / "cnn.quantization.cfg").settings
+    assert (settings.algorithm, settings.qmethod) == ("percentile", "layer")
+
+
+def test_python_api_reads_a_workspace_config(cnn_ws, tmp_path):
+    conf = tmp_path / "elsewhere.yaml"
+    conf.write_text("dtype: int8\nalgorithm: mse\n")
+    res = api.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "o", config=conf, settings={"algorithm": "minmax"})
+    settings = load_cfg(res.cfg).settings
+    assert (settings.dtype, settings.algorithm) == ("int8", "minmax") and res.config == conf
+
+
+def test_find_config_looks_in_out_then_model_then_dataset(tmp_path):
+    for d in ("out", "model", "data"):
+        (tmp_path / d).mkdir()
+    model, listing = tmp_path / "model" / "m.onnx", tmp_path / "data" / "dataset.txt"
+    assert find_config(tmp_path / "out", model, listing) is None
+    (tmp_path / "data" / "hybridq.yaml").write_text("")
+    assert find_config(tmp_path / "out", model, listing) == tmp_path / "data" / "hybridq.yaml"
+    (tmp_path / "model" / "hybridq.yaml").write_text("")
+    assert find_config(tmp_path / "out", model, listing) == tmp_path / "model" / "hybridq.yaml"
+    (tmp_path / "out" / "hybridq.yaml").write_text("")
+    assert find_config(tmp_path / "out", model, listing) == tmp_path / "out" / "hybridq.yaml"
+
+
+def test_bad_workspace_config_is_a_clear_error(capsys, cnn_ws):
+    (cnn_ws["dir"] / "hybridq.yaml").write_text("algoritm: mse\n")
+    code, out, err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"])
+    assert code == 2 and "Traceback" not in err
+    assert "hybridq.yaml" in err and "'algoritm'" in err and "Did you mean: 'algorithm'" in err
+    (cnn_ws["dir"] / "hybridq.yaml").write_text("dtype: [uint8\n")
+    code, out, err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"])
+    assert code == 2 and "YAML syntax error" in err
+
+
+@pytest.mark.slow
+def test_init_works_after_a_plain_wheel_install(tmp_path):
+    """Build a wheel, install it (no deps) into a fresh venv that borrows this one's dependencies, run `hybridq init`.
+
+    About 6 s with pip's cache, but the isolated build fetches setuptools from the package index when the cache
+    is cold, so it is marked slow to keep the fast suite offline.
+    """
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)], check=True, capture_output=True)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    wheel = next(wheels.glob("hybridq-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)], check=True, capture_output=True)
+    # dependencies from the test venv, appended after the new site-packages (its editable hybridq finder is not loaded)
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run([str(py), "-c", "import hybridq.workspace as w; print(w.__file__, w.template_dir())"],
+                           cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
+    assert str(site) in where and str(REPO) not in where
+    model = tmp_path / "net.onnx"
+    onnx.save(models.residual_cnn(), model)
+    done = subprocess.run([str(py), "-m", "hybridq", "init", str(tmp_path / "ws"), "--model", str(model)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert {p.name for p in (tmp_path / "ws").iterdir()} == {"README.md", "dataset.txt", "hybridq.yaml", "net.onnx"}
+    assert "hybridq step1 net.onnx" in (tmp_path / "ws" / "README.md").read_text()
