@@ -105,7 +105,7 @@ HookOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module.py:
 TargetCosOpt = Annotated[Optional[float], typer.Option(help="Proposal target: cosine on every output (default 0.99).")]
 TargetSnrOpt = Annotated[Optional[float], typer.Option(help="Proposal target: SNR in dB on every output (instead of or with cosine).")]
 MaxLayersOpt = Annotated[Optional[int], typer.Option(help="Proposal budget: at most K float layers.")]
-MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: at most this fraction of Conv/MatMul/Gemm compute in float.")]
+MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the fraction of the Conv/Gemm/MatMul compute the proposal may move to float (default 0.05; 1 for no limit).")]
 EvalOpt = Annotated[Optional[str], typer.Option("--eval", help="module.py:function(model_path) -> score (higher is better) for the proposal target.")]
 MaxDropOpt = Annotated[float, typer.Option(help="With --eval: largest allowed drop of the score below fp32.")]
 FallbackOpt = Annotated[str, typer.Option(help="Precision of proposed layers: float32 (fastest on CPU) or float16 (NPUs).")]
@@ -325,14 +325,17 @@ def analyze(
 
 def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples):
     from .api import ProposalOptions
-    from .proposal import Target
+    from .proposal import DEFAULT_FLOAT_BUDGET, Target
 
     if samples < 1:
         raise InputError(f"--proposal-samples must be at least 1, got {samples}.")
     cos = target_cosine if target_cosine is not None else (None if target_snr is not None or eval_fn else 0.99)
     if cos is not None and not -1.0 <= cos <= 1.0:
         raise InputError(f"--target-cosine {cos} is outside [-1, 1]; use e.g. 0.99.")
-    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, max_float_fraction, fallback, samples)
+    if max_float_fraction is not None and not 0.0 <= max_float_fraction <= 1.0:
+        raise InputError(f"--max-float-fraction {max_float_fraction} is outside [0, 1]; use e.g. 0.05 (5 % of the compute).")
+    budget = DEFAULT_FLOAT_BUDGET if max_float_fraction is None else max_float_fraction
+    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples)
 
 
 def _cost_line(p) -> str:
@@ -360,8 +363,13 @@ def _cost_line(p) -> str:
 
 
 def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
-    rows = [[i + 1, n, f"{c:.5f}", "float" if n in p.layers else ""] for i, (n, c) in enumerate(p.ranked[:max(10, len(p.layers))])]
-    tables = [_table("layers ranked by isolated error", ["rank", "layer", "single cos", "proposed"], rows)]
+    def num(v: float, fmt: str) -> str:
+        return format(v, fmt) if v == v and abs(v) != float("inf") else ("inf" if v == float("inf") else str(v))
+
+    rows = [[r.step, r.fix, num(r.cosine, ".5f"), num(r.snr_db, ".1f"), num(r.slice_snr_db, ".1f"), f"{100 * r.cost:.1f} %", r.outcome]
+            for r in p.table]
+    tables = [_table("candidates, cheapest fixes first (cosine and SNR: worst output, whole tensor or slice-normalised)",
+                     ["step", "fix", "cosine", "SNR dB", "worst slice dB", "float compute", "outcome"], rows)]
     lines = [f"Proposal: {p.choice}."]
     if p.edits:
         lines.append(f"  started from your edits, all kept: {'; '.join(p.edits)}")
@@ -372,14 +380,15 @@ def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
     if p.measured is not None:
         lines.append(f"  measured on the model step2 builds from the {'written ' if p.layers or p.entries else ''}cfg: {p.measured.describe()}")
     lines.append(_cost_line(p) + f"; {p.evaluations} evaluations, {p.seconds:.1f} s")
-    if p.entries:
-        names = list(p.entries)
-        lines.append(f"  range clips (mse) on {len(names)} tensor(s): {', '.join(names[:6])}" + (" ..." if len(names) > 6 else "") + " (commented in the cfg)")
+    if p.fixes:
+        lines.append("  fixes kept (each commented in the cfg): " + "; ".join(p.fixes))
     if not p.met:
-        lines.append("  The target was NOT met; the cfg holds the best candidate found. Loosen the target or raise the budget.")
+        lines.append("  The target was NOT met; the cfg holds the best candidate found. Loosen the target, raise the budget "
+                     "(--max-float-fraction), or judge by your task metric (--eval).")
     cost = p.cost
     data = {
-        "layers": p.layers, "entries": list(p.entries), "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
+        "layers": p.layers, "entries": list(p.entries), "fixes": p.fixes, "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
+        "candidates": [r.to_dict() for r in p.table],
         "baseline": p.baseline.to_dict(), "baseline_label": p.baseline_label, "predicted": p.predicted.to_dict(),
         "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
         "your_layers": p.existing, "your_edits": p.edits,
