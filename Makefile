@@ -7,10 +7,10 @@ DEMO := examples/demo
 
 .PHONY: install demo test test-slow bench bench-quick clean
 
+# PYTHONWARNINGS hides setuptools' 10-line "Editable installation" notice, printed on every editable install; it needs no action.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# setuptools' lenient editable mode always prints a 10-line "Editable installation" notice; it needs no action.
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
