@@ -19,7 +19,8 @@ from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
 from .graph import has_subgraphs, is_large, load_model, model_bytes, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
-from .proposal import Evaluator, ProposalResult, Score, Target, as_cfg, propose
+from .proposal import Evaluator, ProposalResult, Score, Target, as_cfg
+from .proposal import propose as search_proposal
 from .qdq import RewriteResult, apply_plan
 from .resolve import activation_entry, resolve, weight_entry
 from .settings import Settings
@@ -393,7 +394,7 @@ def run_proposal(
         analysed = run_analysis(temp, build(existing, {}), samples)
         single = {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
     plan = make_plan(temp, settings, existing)
-    result = propose(
+    result = search_proposal(
         build, evaluator, single, plan, temp, observers, entries, settings, fallback=options.fallback,
         max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction, existing=existing,
     )
@@ -409,7 +410,7 @@ def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) ->
         return evaluator.score(onnx.load(str(built.output)))
 
 
-def propose_cfg(
+def propose(
     cfg: str | Path,
     dataset: str | Path,
     *,
@@ -449,3 +450,6 @@ def propose_cfg(
     write_text_atomic(cfg_path, text)
     result.measured = verify_proposal(model_path, data_path, cfg_path, evaluator)
     return result, backup
+
+
+propose_cfg = propose  # the name before `propose` became public
