@@ -12,7 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import __version__
-from .artifacts import read_step1, save_model_atomic, write_step1
+from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .calibration import calibrate
 from .config import Cfg, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
@@ -110,6 +110,29 @@ def _entry_comments(plan: QuantPlan) -> dict[str, str]:
     return comments
 
 
+def check_output_dir(path: Path, what: str) -> None:
+    """Refuse, before any work, an output directory that is a file, lies under a file, or cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"The {what} '{path}' is a file, not a directory; give a directory (it is created if missing).")
+    _check_writable(path, (path, *path.parents), what)
+
+
+def check_output_file(path: Path, what: str, example: str) -> None:
+    """Refuse, before any work, an output file that is a directory, lies under a file, or cannot be written."""
+    if path.is_dir():
+        raise InputError(f"The {what} '{path}' is a directory; give a file name, such as '{path / example}'.")
+    _check_writable(path, path.parents, what)
+
+
+def _check_writable(path: Path, ancestors, what: str) -> None:
+    """The nearest existing ancestor of `path` must be a directory this process can write into."""
+    existing = next(p for p in ancestors if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"The {what} '{path}' cannot be written: '{existing}' is a file, not a directory. Choose another location.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"The {what} '{path}' cannot be written: '{existing}' is not writable. Choose a directory you can write to.")
+
+
 def step1(
     model: str | Path,
     dataset: str | Path,
@@ -131,6 +154,7 @@ def step1(
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
+    check_output_dir(Path(out) if out else model_path.parent, "step1 output directory (--out)")
     temp, report = prepare(original)
     ds = open_dataset(temp, dataset, preprocess)
     n = min(len(ds), samples) if samples else len(ds)
@@ -273,6 +297,8 @@ def step2(
     output: str | Path,
 ) -> Step2Result:
     """Merge temp model + data + cfg into one deployable QDQ ONNX model."""
+    check_order(Path(model), Path(data), Path(cfg))
+    check_output_file(Path(output), "step2 output (-o)", Path(model).stem + ".q.onnx")
     parsed = load_cfg(cfg)
     bundle = read_step1(model, data, parsed.header.get("model_sha256"), cfg)
     temp = bundle.model
@@ -341,6 +367,8 @@ def analyze(
     from .analysis import analyze as run_analysis
 
     fm = load_model(float_model)
+    if dump is not None:
+        check_output_dir(Path(dump), "snapshot directory (--dump)")
     ds = open_dataset(fm, dataset, preprocess)
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .errors import ExitCode, HybridqError, InputError
@@ -29,6 +30,21 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"hybridq {__version__}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Options before the command."""
+
+
 class State:
     """Flags that apply to every command."""
 
@@ -36,25 +52,37 @@ class State:
     json = False
 
 
+class Advance:
+    """Moves a progress bar on by `n` when called (nothing when no bar is shown); `start(total)` sets its length."""
+
+    def __init__(self, bar: Progress | None = None, task: TaskID | None = None) -> None:
+        self._bar, self._task = bar, task
+
+    def __call__(self, n: int = 1) -> None:
+        if self._bar is None or self._task is None:
+            return
+        self._bar.advance(self._task, n)
+        t = self._bar.tasks[self._task]
+        if t.elapsed:
+            self._bar.update(self._task, rate=f"{t.completed / t.elapsed:.1f} samples/s")
+
+    def start(self, total: int) -> None:
+        """Give the bar its length once the API knows it (the `on_start(n)` callbacks)."""
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, total=total)
+
+
 @contextmanager
-def progress(label: str, total: int | None) -> Iterator[Any]:
-    """A rich progress bar on stderr (silent when quiet or not a terminal); yields an advance(n) callable."""
+def progress(label: str, total: int | None = None) -> Iterator[Advance]:
+    """A rich progress bar on stderr (silent when quiet or not a terminal); yields an `Advance`."""
     if State.quiet or State.json or not err.is_terminal:
-        yield lambda n=1: None
+        yield Advance()
         return
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
     ) as bar:
-        task = bar.add_task(label, total=total, rate="")
-
-        def advance(n: int = 1) -> None:
-            bar.advance(task, n)
-            t = bar.tasks[task]
-            if t.elapsed:
-                bar.update(task, rate=f"{t.completed / t.elapsed:.1f} samples/s")
-
-        yield advance
+        yield Advance(bar, bar.add_task(label, total=total, rate=""))
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
@@ -74,8 +102,8 @@ def _emit(data: dict[str, Any], tables: list[Table], lines: list[str]) -> None:
         return
     for t in tables:
         out.print(t)
-    for line in lines:
-        out.print(line, highlight=False, markup=False)
+    for line in lines:  # soft_wrap: a long line (a command to copy) is never broken by inserted newlines
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _preprocess(mean, std, color, layout, resize, hook):
@@ -111,10 +139,15 @@ def init(
     directory: Annotated[Path, typer.Argument(help="Workspace directory to create.")],
     model: Annotated[Optional[Path], typer.Option(help="Copy this ONNX model into the workspace.")] = None,
 ) -> None:
-    """Create a workspace from the template: commented config, dataset.txt, README of the three-step loop."""
+    """Create a workspace from the template.
+
+    The workspace holds a commented config (hybridq.yaml), dataset.txt and a README of the three-step loop.
+    """
     template = Path(__file__).resolve().parent.parent / "workspace_template"
     if not template.is_dir():
         template = Path(__file__).resolve().parent / "workspace_template"
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"'{directory}' is a file, not a directory; choose a new directory for the workspace.")
     if directory.exists() and any(directory.iterdir()):
         raise InputError(f"'{directory}' exists and is not empty; choose a new directory for the workspace.")
     shutil.copytree(template, directory, dirs_exist_ok=True)
@@ -157,7 +190,10 @@ def step1(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Calibrate MODEL on a dataset and write <name>.model, <name>.data and the editable <name>.quantization.cfg."""
+    """Calibrate a model and write the three step1 artifacts.
+
+    Writes <name>.model, <name>.data and the editable <name>.quantization.cfg.
+    """
     from . import api
     from .settings import Settings
 
@@ -177,11 +213,10 @@ def step1(
         _joined(pre_values.get("mean")), _joined(pre_values.get("std")), pre_values.get("color", "rgb"),
         pre_values.get("layout"), pre_values.get("resize", "none"), preprocess_hook,
     )
-    totals: dict[str, int] = {}
-    with progress("calibrating", None) as advance:
+    with progress("calibrating") as advance:
         res = api.step1(
             model, dataset, out=out_dir, settings=settings, preprocess=pre, samples=samples, batch_size=batch_size,
-            on_progress=advance, on_start=lambda n: totals.setdefault("n", n),
+            on_progress=advance, on_start=advance.start,
             proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples) if proposal else None,
         )
     lines = [
@@ -216,7 +251,10 @@ def step2(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Merge temp model + data + cfg into one deployable QDQ ONNX model."""
+    """Build the deployable QDQ model from the step1 artifacts.
+
+    Merges temp model + data + cfg into one QDQ ONNX model.
+    """
     from . import api
 
     State.quiet, State.json = quiet, as_json
@@ -229,7 +267,7 @@ def step2(
     lines = [f"Wrote {res.output}: {res.size_fp32 / 1e6:.2f} MB fp32 -> {res.size_quant / 1e6:.2f} MB."]
     lines += [f"note: {n}" for n in res.notes]
     for w in res.warnings:
-        err.print(f"warning: {w}", highlight=False, markup=False)
+        err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
     data = {
         "output": res.output, "layers": res.layers, "size_fp32": res.size_fp32, "size_quant": res.size_quant,
         "resolved": [vars(r) for r in res.resolved], "notes": res.notes, "warnings": res.warnings,
@@ -258,7 +296,10 @@ def analyze(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Per-layer error of QUANT_MODEL against FLOAT_MODEL: entire (accumulated) and single (isolated), with a snapshot."""
+    """Compare a quantized model with the fp32 model, layer by layer.
+
+    Per-layer error of QUANT_MODEL against FLOAT_MODEL: entire (accumulated) and single (isolated), with a snapshot.
+    """
     from . import api
     from .report import rich_table, verdict
 
@@ -269,9 +310,9 @@ def analyze(
         if float_model is None or quant_model is None or dataset is None:
             raise InputError("analyze needs FLOAT_MODEL QUANT_MODEL --dataset D (or --from SNAPSHOT_DIR to re-read a snapshot).")
         pre = _preprocess(mean, std, color, layout, resize, preprocess_hook)
-        with progress("analyzing", None) as advance:
+        with progress("analyzing") as advance:
             result = api.analyze(float_model, quant_model, dataset, preprocess=pre, samples=samples, dump=dump, max_bytes=max_bytes,
-                                 on_sample=lambda: advance(1), host_int8=host_int8)
+                                 on_sample=lambda: advance(1), on_start=advance.start, host_int8=host_int8)
     lines = [verdict(result)]
     lines += [f"note: {n}" for n in getattr(result, "notes", [])]
     if getattr(result, "dump_message", None):
@@ -363,7 +404,10 @@ def propose(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Choose layers to keep in float (or ranges to clip) for a cfg, verified on the model step2 builds."""
+    """Choose float layers or range clips for a cfg, verified.
+
+    Chooses layers to keep in float (or ranges to clip) for a cfg, verified on the model step2 builds.
+    """
     from . import api
 
     State.quiet, State.json = quiet, as_json
@@ -375,6 +419,15 @@ def propose(
     tables, lines, data = _proposal_report(result)
     lines.append(f"Wrote the proposal into {cfg}" + (f" (previous version kept as {backup})." if backup else "."))
     _emit(data, tables, lines)
+
+
+def _full_summaries() -> None:
+    """Give each command its first docstring line as short help, so `hybridq --help` never cuts it at any width."""
+    for info in app.registered_commands:
+        info.short_help = info.short_help or (inspect.getdoc(info.callback) or "").partition("\n")[0]
+
+
+_full_summaries()
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
