@@ -42,6 +42,7 @@ class Step1Result:
     fused: dict[str, str]
     float_subgraph_nodes: list[str]
     proposal: Any = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -209,7 +210,7 @@ def step1(
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
-        float_subgraph_nodes=has_subgraphs(temp), proposal=prop,
+        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, notes=ds.notes(),
     )
 
 
@@ -380,7 +381,9 @@ def analyze(
             built = step2(quant_path.with_name(f"{stem}.model"), quant_path.with_name(f"{stem}.data"), quant_path, Path(tmp) / "q.onnx")
             quant_path = built.output
         qm = load_model(quant_path)
-        return run_analysis(fm, qm, ds.samples(limit=n), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
+        result = run_analysis(fm, qm, ds.samples(limit=n), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
+    result.notes.extend(ds.notes())
+    return result
 
 
 def load_snapshot(directory: str | Path):

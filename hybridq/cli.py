@@ -225,6 +225,7 @@ def step1(
         f"  data:       {res.data}",
         f"  cfg:        {res.cfg}",
     ]
+    lines += [f"note: {n}" for n in res.notes]
     if res.backup:
         lines.append(f"The previous cfg had edits: kept as {res.backup}.")
     if res.fused:
@@ -232,7 +233,7 @@ def step1(
     if res.float_subgraph_nodes:
         lines.append(f"Control-flow nodes stay float (their subgraphs are not quantized): {', '.join(res.float_subgraph_nodes)}.")
     lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
-    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused}
+    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused, "notes": res.notes}
     tables = [_table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:
         ptables, plines, pdata = _proposal_report(res.proposal)
