@@ -7,10 +7,11 @@ DEMO := examples/demo
 
 .PHONY: install demo test test-slow bench bench-quick clean
 
+# PYTHONWARNINGS hides setuptools' 10-line "Editable installation" notice, printed on every editable install; it needs no action.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed

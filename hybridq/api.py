@@ -11,13 +11,14 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .artifacts import read_step1, save_model_atomic, write_step1
+from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration import calibrate
 from .config import Cfg, CfgEntry, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
-from .graph import has_subgraphs, is_large, load_model, model_bytes, prepare
+from ._onnx import is_large, model_bytes
+from .graph import has_subgraphs, load_model, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import DEFAULT_FLOAT_BUDGET, Evaluator, ProposalResult, Score, Target
 from .proposal import propose as climb
@@ -43,6 +44,7 @@ class Step1Result:
     float_subgraph_nodes: list[str]
     proposal: Any = None
     config: Path | None = None  # the workspace hybridq.yaml that was read, if any
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -57,6 +59,29 @@ class Step2Result:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     rewrite: RewriteResult | None = field(default=None, repr=False)
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    """Refuse, before any work, an output directory that is a file, lies under a file, or cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"The {what} '{path}' is a file, not a directory; give a directory (it is created if missing).")
+    _check_writable(path, (path, *path.parents), what)
+
+
+def check_output_file(path: Path, what: str, example: str) -> None:
+    """Refuse, before any work, an output file that is a directory, lies under a file, or cannot be written."""
+    if path.is_dir():
+        raise InputError(f"The {what} '{path}' is a directory; give a file name, such as '{path / example}'.")
+    _check_writable(path, path.parents, what)
+
+
+def _check_writable(path: Path, ancestors, what: str) -> None:
+    """The nearest existing ancestor of `path` must be a directory this process can write into."""
+    existing = next(p for p in ancestors if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"The {what} '{path}' cannot be written: '{existing}' is a file, not a directory. Choose another location.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"The {what} '{path}' cannot be written: '{existing}' is not writable. Choose a directory you can write to.")
 
 
 def open_dataset(model: onnx.ModelProto, dataset: str | Path, preprocess: Preprocess | None) -> Dataset:
@@ -113,6 +138,7 @@ def step1(
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
+    check_output_dir(Path(out) if out else model_path.parent, "step1 output directory (--out)")
     temp, report = prepare(original)
     ds = open_dataset(temp, dataset, preprocess)
     n = min(len(ds), samples) if samples else len(ds)
@@ -172,7 +198,7 @@ def step1(
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
-        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config,
+        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes(),
     )
 
 
@@ -195,6 +221,8 @@ def step2(
     output: str | Path,
 ) -> Step2Result:
     """Merge temp model + data + cfg into one deployable QDQ ONNX model."""
+    check_order(Path(model), Path(data), Path(cfg))
+    check_output_file(Path(output), "step2 output (-o)", Path(model).stem + ".q.onnx")
     parsed = load_cfg(cfg)
     bundle = read_step1(model, data, parsed.header.get("model_sha256"), cfg)
     temp = bundle.model
@@ -283,6 +311,8 @@ def analyze(
     from .analysis import analyze as run_analysis
 
     fm = load_model(float_model)
+    if dump is not None:
+        check_output_dir(Path(dump), "snapshot directory (--dump)")
     record = read_record(quant_model)
     ds = open_dataset(fm, dataset, choose_preprocess(record, preprocess, force_preprocess))
     n = min(len(ds), samples) if samples else len(ds)
@@ -298,6 +328,7 @@ def analyze(
         seen = InputStats()
         result = run_analysis(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
+    result.notes.extend(ds.notes())
     return result
 
 
@@ -393,7 +424,7 @@ def user_edits(parsed: Cfg, meta: dict[str, Any], existing: dict[str, str]) -> t
     return edited, what
 
 
-def propose_cfg(
+def propose(
     cfg: str | Path,
     dataset: str | Path,
     *,
@@ -413,7 +444,8 @@ def propose_cfg(
     `warnings` list inputs far outside the calibrated range. Returns the result and the backup of
     the previous cfg (None when none was needed); `result.written` says whether the cfg changed.
     """
-    from .artifacts import backup_if_edited, write_text_atomic
+    from ._fs import write_atomic as write_text_atomic
+    from .artifacts import backup_if_edited
     from .config import update_custom_layers, update_entries
     from .errors import OutputError
 
@@ -459,3 +491,6 @@ def propose_cfg(
     result.measured = verify_proposal(model_path, data_path, cfg_path, evaluator)
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
     return result, backup
+
+
+propose_cfg = propose  # the name before `propose` became public

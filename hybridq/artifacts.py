@@ -12,6 +12,7 @@ valid external data.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
@@ -27,7 +28,6 @@ import onnx
 from onnx import external_data_helper
 
 from ._fs import publish_all, staging
-from ._fs import write_atomic as write_text_atomic  # noqa: F401  (api.propose_cfg imports it from here)
 from .errors import ArtifactMismatchError, InputError, OutputError
 from ._onnx import is_large, tag_external
 from .observers import HistogramObserver
@@ -203,13 +203,58 @@ def read_meta(data_path: Path) -> dict[str, Any]:
             return json.loads(zf.read("meta.json"))
     except FileNotFoundError:
         raise InputError(f"Data file '{data_path}' does not exist. step1 writes it beside the .model file.") from None
+    except IsADirectoryError:
+        raise InputError(f"Data file '{data_path}' is a directory. Pass the <name>.data file written by step1.") from None
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as exc:
-        raise InputError(f"'{data_path}' is not a hybridq .data artifact ({exc}). Pass the <name>.data file written by step1, or re-run step1.") from None
+        why = {zipfile.BadZipFile: "it holds no step1 statistics", KeyError: "it has no step1 metadata",
+               json.JSONDecodeError: "its step1 metadata is damaged"}.get(type(exc), str(exc))
+        raise InputError(f"'{data_path}' is not a hybridq .data artifact ({why}). Pass the <name>.data file written by step1, or re-run step1.") from None
+
+
+_KINDS = {"model": "the ONNX model", "data": "the data file", "cfg": "the cfg"}
+_SLOTS = {"model": "the model (<name>.model)", "data": "the data file (<name>.data)", "cfg": "the cfg (<name>.quantization.cfg)"}
+
+
+def artifact_kind(path: Path) -> str | None:
+    """What a step1 artifact is by its content, whatever its name: 'model', 'data', 'cfg', or None.
+
+    'data' holds the weights and then a zip; 'model' is ONNX protobuf, whose first field is ir_version (tag 0x08);
+    'cfg' is UTF-8 text naming quantize_parameters or custom_quantize_layers.
+    """
+    try:
+        if not path.is_file():
+            return None
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        if zipfile.is_zipfile(path):
+            return "data"
+    except OSError:
+        return None
+    if head[:1] == b"\x08":
+        return "model"
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return None
+    return "cfg" if "\0" not in text and ("quantize_parameters" in text or "custom_quantize_layers" in text) else None
+
+
+def check_order(model_path: Path, data_path: Path, cfg_path: Path) -> None:
+    """Refuse step1 artifacts given in the wrong places, naming each misplaced file (the order is MODEL DATA CFG)."""
+    given = {"model": Path(model_path), "data": Path(data_path), "cfg": Path(cfg_path)}
+    wrong = [f"{_KINDS[kind]} '{path}' where {_SLOTS[slot]} goes"
+             for slot, path in given.items() if (kind := artifact_kind(path)) not in (None, slot)]
+    if wrong:
+        raise InputError(
+            f"The step1 artifacts are out of order: you passed {', '.join(wrong[:-1])}{' and ' if len(wrong) > 1 else ''}{wrong[-1]}. "
+            "The order is MODEL DATA CFG: hybridq step2 <name>.model <name>.data <name>.quantization.cfg -o OUT.onnx."
+        )
 
 
 def read_step1(model_path: str | Path, data_path: str | Path, cfg_model_sha: str | None, cfg_path: str | Path) -> Step1Bundle:
-    """Load and cross-check the artifacts; a mismatch names the file that does not belong."""
+    """Load and cross-check the artifacts; a file in the wrong place or from another run is named."""
     model_path, data_path = Path(model_path), Path(data_path)
+    check_order(model_path, data_path, Path(cfg_path))
     if not model_path.is_file():
         state = "is not a file" if model_path.exists() else "does not exist"
         raise InputError(f"Temp model '{model_path}' {state}. Pass the <name>.model written by step1.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .errors import ExitCode, HybridqError, InputError
@@ -28,6 +29,21 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"hybridq {__version__}", highlight=False, markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Options before the command."""
+
+
 class State:
     """Flags that apply to every command."""
 
@@ -35,25 +51,37 @@ class State:
     json = False
 
 
+class Advance:
+    """Moves a progress bar on by `n` when called (nothing when no bar is shown); `start(total)` sets its length."""
+
+    def __init__(self, bar: Progress | None = None, task: TaskID | None = None) -> None:
+        self._bar, self._task = bar, task
+
+    def __call__(self, n: int = 1) -> None:
+        if self._bar is None or self._task is None:
+            return
+        self._bar.advance(self._task, n)
+        t = self._bar.tasks[self._task]
+        if t.elapsed:
+            self._bar.update(self._task, rate=f"{t.completed / t.elapsed:.1f} samples/s")
+
+    def start(self, total: int) -> None:
+        """Give the bar its length once the API knows it (the `on_start(n)` callbacks)."""
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, total=total)
+
+
 @contextmanager
-def progress(label: str, total: int | None) -> Iterator[Any]:
-    """A rich progress bar on stderr (silent when quiet or not a terminal); yields an advance(n) callable."""
+def progress(label: str, total: int | None = None) -> Iterator[Advance]:
+    """A rich progress bar on stderr (silent when quiet or not a terminal); yields an `Advance`."""
     if State.quiet or State.json or not err.is_terminal:
-        yield lambda n=1: None
+        yield Advance()
         return
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
     ) as bar:
-        task = bar.add_task(label, total=total, rate="")
-
-        def advance(n: int = 1) -> None:
-            bar.advance(task, n)
-            t = bar.tasks[task]
-            if t.elapsed:
-                bar.update(task, rate=f"{t.completed / t.elapsed:.1f} samples/s")
-
-        yield advance
+        yield Advance(bar, bar.add_task(label, total=total, rate=""))
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
@@ -73,8 +101,8 @@ def _emit(data: dict[str, Any], tables: list[Table], lines: list[str]) -> None:
         return
     for t in tables:
         out.print(t)
-    for line in lines:
-        out.print(line, highlight=False, markup=False)
+    for line in lines:  # soft_wrap: a long line (a command to copy) is never broken by inserted newlines
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _given_preprocess(mean, std, color, layout, resize, hook) -> dict[str, Any]:
@@ -119,9 +147,14 @@ def init(
     directory: Annotated[Path, typer.Argument(help="Workspace directory to create.")],
     model: Annotated[Optional[Path], typer.Option(help="Copy this ONNX model into the workspace.")] = None,
 ) -> None:
-    """Create a workspace from the template: commented config (hybridq.yaml, read by step1), dataset.txt, README of the loop."""
+    """Create a workspace from the template.
+
+    The workspace holds a commented config (hybridq.yaml, read by step1), dataset.txt and a README of the loop.
+    """
     from .workspace import init as make_workspace
 
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"'{directory}' is a file, not a directory; choose a new directory for the workspace.")
     make_workspace(directory, model)
     _emit({"workspace": str(directory)}, [], [f"Workspace ready in {directory}: edit dataset.txt, then run the commands in {directory}/README.md."])
 
@@ -159,7 +192,10 @@ def step1(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Calibrate MODEL on a dataset and write <name>.model, <name>.data and the editable <name>.quantization.cfg."""
+    """Calibrate a model and write the three step1 artifacts.
+
+    Writes <name>.model, <name>.data and the editable <name>.quantization.cfg.
+    """
     from . import api
 
     State.quiet, State.json = quiet, as_json
@@ -173,11 +209,10 @@ def step1(
         config = find_config(out_dir, model, dataset)
     given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile}
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
-    totals: dict[str, int] = {}
-    with progress("calibrating", None) as advance:
+    with progress("calibrating") as advance:
         res = api.step1(
             model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
-            on_progress=advance, on_start=lambda n: totals.setdefault("n", n),
+            on_progress=advance, on_start=advance.start,
             proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples) if proposal else None,
         )
     lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
@@ -187,6 +222,7 @@ def step1(
         f"  data:       {res.data}",
         f"  cfg:        {res.cfg}",
     ]
+    lines += [f"note: {n}" for n in res.notes]
     if res.backup:
         lines.append(f"The previous cfg had edits: kept as {res.backup}.")
     if res.fused:
@@ -195,7 +231,7 @@ def step1(
         lines.append(f"Control-flow nodes stay float (their subgraphs are not quantized): {', '.join(res.float_subgraph_nodes)}.")
     lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
     data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused,
-            "config": res.config}
+            "config": res.config, "notes": res.notes}
     tables = [_table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:
         ptables, plines, pdata = _proposal_report(res.proposal)
@@ -214,7 +250,10 @@ def step2(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Merge temp model + data + cfg into one deployable QDQ ONNX model."""
+    """Build the deployable QDQ model from the step1 artifacts.
+
+    Merges temp model + data + cfg into one QDQ ONNX model.
+    """
     from . import api
 
     State.quiet, State.json = quiet, as_json
@@ -227,7 +266,7 @@ def step2(
     lines = [f"Wrote {res.output}: {res.size_fp32 / 1e6:.2f} MB fp32 -> {res.size_quant / 1e6:.2f} MB."]
     lines += [f"note: {n}" for n in res.notes]
     for w in res.warnings:
-        err.print(f"warning: {w}", highlight=False, markup=False)
+        err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
     data = {
         "output": res.output, "layers": res.layers, "size_fp32": res.size_fp32, "size_quant": res.size_quant,
         "resolved": [vars(r) for r in res.resolved], "notes": res.notes, "warnings": res.warnings,
@@ -272,8 +311,9 @@ def analyze(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Per-layer error of QUANT_MODEL against FLOAT_MODEL: entire (accumulated) and single (isolated), with a snapshot.
+    """Compare a quantized model with the fp32 model, layer by layer.
 
+    Per-layer error of QUANT_MODEL against FLOAT_MODEL: entire (accumulated) and single (isolated), with a snapshot.
     The verdict comes first: OK, or CHECK with the next step. --json prints strict JSON (non-finite numbers are
     null, listed by JSON Pointer under "nonfinite") with the verdict under "verdict". Exit codes: 0 ran (OK or
     CHECK), 3 CHECK with --strict, 2 bad input, 1 failure. The preprocessing comes from QUANT_MODEL (step1
@@ -294,9 +334,9 @@ def analyze(
         if float_model is None or quant_model is None or dataset is None:
             raise InputError("analyze needs FLOAT_MODEL QUANT_MODEL --dataset D (or --from SNAPSHOT_DIR to re-read a snapshot).")
         pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
-        with progress("analyzing", None) as advance:
+        with progress("analyzing") as advance:
             result = api.analyze(float_model, quant_model, dataset, preprocess=pre, force_preprocess=force_preprocess, samples=samples,
-                                 dump=dump, max_bytes=max_bytes, on_sample=lambda: advance(1), host_int8=host_int8)
+                                 dump=dump, max_bytes=max_bytes, on_sample=lambda: advance(1), on_start=advance.start, host_int8=host_int8)
         _warn(getattr(result, "warnings", []))
         snapshot = str(dump) if dump is not None else None
     cfg = _cfg_beside(quant_model)
@@ -423,11 +463,13 @@ def propose(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Choose layers to keep in float (or ranges to clip) for a cfg, verified on the model step2 builds.
+    """Find the cheapest verified fix for a cfg.
 
-    Starts from the cfg as you edited it: your custom_quantize_layers, per-tensor edits, settings and comments
-    are kept, and a tensor you edited is never clipped. When nothing needs to change, the cfg is not touched.
-    The preprocessing comes from the cfg (step1 recorded it); no options needed.
+    Climbs a ladder of fixes, cheapest first (range algorithm, outlier clip or equalization, bias correction,
+    float layers within the budget), each verified on the model step2 builds. Starts from the cfg as you
+    edited it: your custom_quantize_layers, per-tensor edits, settings and comments are kept, and a tensor you
+    edited is never changed. When nothing needs to change, the cfg is not touched. The preprocessing comes from
+    the cfg (step1 recorded it); no options needed.
     """
     from . import api
 
@@ -445,6 +487,15 @@ def propose(
         lines.append(f"Nothing changed: {cfg} was left as it was (not rewritten, no backup).")
     data.update(written=result.written, backup=str(backup) if backup else None)
     _emit(data, tables, lines)
+
+
+def _full_summaries() -> None:
+    """Give each command its first docstring line as short help, so `hybridq --help` never cuts it at any width."""
+    for info in app.registered_commands:
+        info.short_help = info.short_help or (inspect.getdoc(info.callback) or "").partition("\n")[0]
+
+
+_full_summaries()
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature

@@ -29,6 +29,10 @@ Image conversions, explicit and in this order:
    the result cast to the input's dtype (integer inputs: rounded and clipped,
    and only without mean/std).
 
+Steps 2 and 3 change what the file holds (alpha dropped, gray copied to three
+channels, colour to gray, 16 bits to 8, CMYK/YCbCr to RGB); `Dataset.notes()`
+says which happened, once per kind of change, with a count and the first file.
+
 A hook `module.py:function` (or `package.module:function`) replaces all of
 this for every file: `function(path, spec)` returns the model-ready array,
 which is then checked like an `.npy` file.
@@ -69,6 +73,7 @@ _FLOAT_SEPARATOR = re.compile(r"\s*,\s*|\s+")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _GRAY_MODES = ("1", "L", "LA")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
 @dataclass(frozen=True)
@@ -271,6 +276,7 @@ class Dataset:
         self._entries = [(line, list(paths)) for line, paths in entries]
         self._hook = _load_hook(self.preprocess.hook) if self.preprocess.hook else None
         self._plans: dict[str, _ImagePlan] = {}
+        self._converted: dict[tuple[str, str], dict[Path, None]] = {}
         if self._hook is None:
             for i, spec in enumerate(self.inputs):
                 if any(paths[i].suffix.lower() in IMAGE_EXTENSIONS for _, paths in self._entries):
@@ -284,6 +290,13 @@ class Dataset:
     def __len__(self) -> int:
         """Number of samples."""
         return len(self._entries)
+
+    def notes(self) -> list[str]:
+        """One line per kind of image conversion seen so far (alpha dropped, gray to RGB, ...), with a count and the first file."""
+        return [
+            f"image conversion: {what} in {_count(len(paths), 'image')} (first: '{next(iter(paths))}'): {how}."
+            for (what, how), paths in self._converted.items()
+        ]
 
     def entries(self) -> list[tuple[int, list[Path]]]:
         """(1-based list line, or 0 for a directory/glob; one path per input) for every sample."""
@@ -358,7 +371,10 @@ class Dataset:
         if suffix == ".npz":
             return _check_array(_read_npz_member(path, spec, where), spec, where)
         plan = self._plans.get(spec.name) or _image_plan(spec, self.preprocess)
-        return _read_image(path, spec, plan, self.preprocess, where)
+        pixels, conversions = _read_image(path, spec, plan, self.preprocess, where)
+        for conversion in conversions:
+            self._converted.setdefault(conversion, {})[path] = None
+        return pixels
 
     def _call_hook(self, spec: InputSpec, path: Path, where: str) -> np.ndarray:
         """Run the user's hook, turning its exceptions into a DatasetError naming the file."""
@@ -653,11 +669,15 @@ def _per_channel(values: tuple[float, ...] | None, channels: int, what: str, spe
     return np.broadcast_to(np.asarray(values, dtype=np.float32), (channels,)).copy()
 
 
-def _read_image(path: Path, spec: InputSpec, plan: _ImagePlan, pre: Preprocess, where: str) -> np.ndarray:
-    """Decode, convert, resize, reorder, normalise and lay out one image for `spec`."""
+def _read_image(path: Path, spec: InputSpec, plan: _ImagePlan, pre: Preprocess, where: str) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Decode, convert, resize, reorder, normalise and lay out one image for `spec`.
+
+    Returns the array and the conversions that changed its content, each as (what, how) (see `Dataset.notes`).
+    """
     try:
         with Image.open(path) as image:
             image.load()
+            conversions = _mode_conversions(image)
             pixels = _pixels(image)
     except Exception as exc:
         raise DatasetError(
@@ -666,8 +686,10 @@ def _read_image(path: Path, spec: InputSpec, plan: _ImagePlan, pre: Preprocess, 
         ) from exc
     if plan.channels == 3 and pixels.shape[2] == 1:
         pixels = np.repeat(pixels, 3, axis=2)
+        conversions.append(("grayscale", f"the gray channel is copied to R, G and B for the 3-channel input {spec.name!r}"))
     elif plan.channels == 1 and pixels.shape[2] == 3:
         pixels = (pixels @ _LUMA)[..., np.newaxis]
+        conversions.append(("colour", f"turned into one gray channel (0.299 R + 0.587 G + 0.114 B) for the 1-channel input {spec.name!r}"))
     pixels = _fit(pixels, plan, pre.resize, spec, where)
     if pre.color == "bgr":
         pixels = pixels[..., ::-1]
@@ -681,7 +703,19 @@ def _read_image(path: Path, spec: InputSpec, plan: _ImagePlan, pre: Preprocess, 
     if spec.dtype.kind in "iu":
         info = np.iinfo(spec.dtype)
         batch = np.clip(np.rint(batch), info.min, info.max)
-    return np.ascontiguousarray(batch, dtype=spec.dtype)
+    return np.ascontiguousarray(batch, dtype=spec.dtype), conversions
+
+
+def _mode_conversions(image: Image.Image) -> list[tuple[str, str]]:
+    """The content changes `_pixels` makes to an image of this mode, as (what, how)."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        return [(f"16-bit pixels (mode {mode})", "divided by 257 into 0-255")]
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        return [("an alpha channel", "dropped, not composited over a background")]
+    if mode not in _GRAY_MODES + ("RGB", "P"):
+        return [(f"mode {mode}", "converted to RGB by pillow")]
+    return []
 
 
 def _pixels(image: Image.Image) -> np.ndarray:

@@ -22,7 +22,6 @@ from onnx import numpy_helper
 
 from . import _runtime
 from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, subgraphs
-from ._onnx import model_bytes  # noqa: F401  (api imports it from here)
 from .errors import ModelError, OutputError
 
 MIN_OPSET = 13

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .artifacts import write_text_atomic
+from ._fs import write_atomic as write_text_atomic
 from .dataset import Preprocess
 from .errors import ConfigError, InputError, did_you_mean
 from .settings import Settings

@@ -90,3 +90,37 @@ def test_workspace_config_sets_defaults_and_options_win(capsys, cnn_ws):
     conf.write_text("algorithmm: kl\n")
     code, out, err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "--config", conf)
     assert code == 2 and "algorithm" in err and "Did you mean" in err
+
+
+def test_version_and_full_command_summaries_in_help(capsys, monkeypatch):
+    from hybridq import __version__
+    from hybridq.cli import app
+
+    code, out, err = cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"hybridq {__version__}"
+    monkeypatch.setenv("COLUMNS", "60")
+    code, out, err = cli(capsys, "--help")
+    listed = " ".join(out.split("Commands:")[1].split())
+    assert code == 0 and "..." not in listed
+    for info in app.registered_commands:
+        summary = info.callback.__doc__.strip().splitlines()[0]
+        assert len(summary) <= 65 and summary.endswith(".")  # 65: what click shows uncut at 80 columns
+        assert f"{info.callback.__name__} {summary}" in listed, summary
+
+
+def test_progress_bar_knows_its_length_and_next_command_is_one_line(capsys, monkeypatch, cnn_ws):
+    import io
+
+    from rich.console import Console
+
+    from hybridq import cli as cli_module
+
+    bar = io.StringIO()
+    monkeypatch.setattr(cli_module, "err", Console(file=bar, force_terminal=True, width=120))
+    monkeypatch.setattr(cli_module, "out", Console(file=io.StringIO(), width=60))
+    deep = cnn_ws["dir"] / ("a-rather-long-directory-name-" * 3) / "ws"
+    cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", deep)
+    assert "12/12" in bar.getvalue() and "12/?" not in bar.getvalue()  # "0/?" may show before the dataset is opened
+    printed = cli_module.out.file.getvalue()
+    next_line = next(line for line in printed.splitlines() if line.startswith("Next:"))
+    assert next_line.endswith(f"-o {deep / 'cnn.q.onnx'}`.")

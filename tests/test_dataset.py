@@ -477,3 +477,28 @@ def test_hook_failure_and_bad_result_name_the_file(tmp_path: Path) -> None:
         data = load_dataset(tmp_path / "a.npy", [_spec((1,))], Preprocess(hook=f"{tmp_path / 'hook.py'}:{function}"))
         message = _error(data.sample, 0)
         assert "a.npy" in message and culprit in message
+
+
+def test_conversions_are_noted_once_per_kind_with_count_and_first_file(tmp_path: Path) -> None:
+    image = _rgb()
+    _save(tmp_path / "g1.png", image[..., 0])
+    _save(tmp_path / "g2.png", image[..., 1])
+    _save(tmp_path / "a.png", np.concatenate([image, np.full((4, 5, 1), 9, np.uint8)], axis=2))
+    _save(tmp_path / "deep.png", (np.arange(20, dtype=np.uint16) * 3000).reshape(4, 5))
+    _save(tmp_path / "plain.png", image)
+    data = load_dataset(_write(tmp_path / "list.txt", "g1.png\ng2.png\na.png\ndeep.png\nplain.png\n"), [_spec((1, 3, 4, 5))])
+    assert data.notes() == []
+    for _ in range(2):  # loading again (as a proposal does) counts each file once
+        list(data.samples())
+    notes = data.notes()
+    assert len(notes) == 3, notes
+    gray, alpha, deep = notes
+    assert "grayscale in 3 images" in gray and "g1.png" in gray and "R, G and B" in gray
+    assert "alpha channel in 1 image " in alpha and "a.png" in alpha and "dropped" in alpha
+    assert "16-bit" in deep and "deep.png" in deep and "257" in deep
+    rgb_only = load_dataset(_write(tmp_path / "rgb.txt", "plain.png\n"), [_spec((1, 3, 4, 5))])
+    list(rgb_only.samples())
+    assert rgb_only.notes() == []
+    luma = load_dataset(_write(tmp_path / "luma.txt", "plain.png\n"), [_spec((1, 1, 4, 5))])
+    list(luma.samples())
+    assert len(luma.notes()) == 1 and "one gray channel" in luma.notes()[0]

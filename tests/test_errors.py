@@ -472,14 +472,39 @@ def test_output_under_a_regular_file(ws, capsys):
     blocker = ws.root / "somefile"
     blocker.write_text("I am a file")
     out = ws.root / "somefile" / "q.onnx"
-    status, output = hq(capsys, *ws.step2_args(output=out))
-    assert_clean((status, output), status, "somefile", "not a directory")
-    assert status in (USAGE, FAILURE)
+    assert_clean(hq(capsys, *ws.step2_args(output=out)), USAGE, "somefile", "not a directory")
     assert blocker.read_text() == "I am a file"
-    status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", blocker / "ws")
-    assert_clean((status, output), status, "somefile", "not a directory")
-    assert status in (USAGE, FAILURE)
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", blocker / "ws"), USAGE, "somefile", "not a directory")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", blocker), USAGE, "somefile", "not a directory")
+    for dump in (blocker, blocker / "snap"):
+        assert_clean(hq(capsys, "analyze", ws.model, ws.cfg, "--dataset", ws.dataset, "--dump", dump), USAGE, "somefile", "--dump")
+    assert_clean(hq(capsys, "init", blocker), USAGE, "somefile", "not a directory")
+    assert blocker.read_text() == "I am a file"
     assert no_staging_left(ws.root) == []
+
+
+def test_output_directory_not_writable_exits_2(ws, capsys, monkeypatch):
+    # Root may write anywhere, so the permission check (os.access) is what this test drives.
+    locked = ws.root / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == locked and mode & os.W_OK else real(p, mode, **kw))
+    assert_clean(hq(capsys, *ws.step2_args(output=locked / "q.onnx")), USAGE, "locked", "not writable")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", locked / "ws"), USAGE, "locked", "not writable")
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("order", [(1, 0, 2), (0, 2, 1), (2, 0, 1)], ids=["data-model", "cfg-data", "rotated"])
+def test_step2_arguments_out_of_order_say_which_file_went_where(ws, capsys, order):
+    files = [ws.artifacts[i] for i in order]
+    out = assert_clean(hq(capsys, "step2", *files, "-o", ws.root / "q.onnx"), USAGE, "MODEL DATA CFG", "out of order")
+    assert "zip" not in out
+    kinds = {0: "the ONNX model", 1: "the data file", 2: "the cfg"}
+    slots = {0: "where the model", 1: "where the data file", 2: "where the cfg"}
+    for slot, i in enumerate(order):
+        if slot != i:
+            assert f"{kinds[i]} '{ws.artifacts[i]}' {slots[slot]}" in out, out
+    assert not (ws.root / "q.onnx").exists()
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
@@ -488,9 +513,7 @@ def test_output_directory_without_write_permission(ws, capsys):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        status, output = hq(capsys, *ws.step2_args(output=locked / "q.onnx"))
-        assert_clean((status, output), status, "locked")
-        assert status in (USAGE, FAILURE)
+        assert_clean(hq(capsys, *ws.step2_args(output=locked / "q.onnx")), USAGE, "locked", "not writable")
     finally:
         locked.chmod(0o700)
 
@@ -498,9 +521,8 @@ def test_output_directory_without_write_permission(ws, capsys):
 def test_output_is_an_existing_directory(ws, capsys):
     target = ws.root / "adir.onnx"
     target.mkdir()
-    status, output = hq(capsys, *ws.step2_args(output=target))
-    assert_clean((status, output), status, "adir.onnx")
-    assert status in (USAGE, FAILURE) and target.is_dir()
+    assert_clean(hq(capsys, *ws.step2_args(output=target)), USAGE, "adir.onnx", "is a directory", str(target / "cnn.q.onnx"))
+    assert target.is_dir() and list(target.iterdir()) == []
 
 
 def _enospc(*_args, **_kwargs):
