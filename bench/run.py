@@ -68,6 +68,7 @@ class Proc:
     wall_s: float
     peak_rss_mb: float
     error: str = ""
+    proposal: dict = field(default_factory=dict)  # hybridq --proposal: what it chose (proposal_summary)
 
 
 @dataclass
@@ -178,17 +179,36 @@ def build_hybridq(proposal: bool) -> Builder:
         out = wd / f"{model.stem}.q.onnx"
         out.unlink(missing_ok=True)
         cmd1 = hybridq_cmd() + ["step1", str(model), "--dataset", str(dataset), "--out", str(wd)]
-        # The proposal runs under SPEC 9's budget: at most 10 % of the compute may stay float.
-        cmd1 += (["--proposal", "--max-float-fraction", "0.1"] if proposal else []) + shlex.split(os.environ.get("HYBRIDQ_STEP1_ARGS", ""))
+        # Plain --proposal, as a new user runs it (default target and float budget); --json for its figures.
+        cmd1 += (["--proposal", "--json"] if proposal else []) + shlex.split(os.environ.get("HYBRIDQ_STEP1_ARGS", ""))
         p1 = run_measured(cmd1, work / f"{name}.step1.log")
         if not p1.ok:
             return out, p1
+        if proposal:
+            p1.proposal = proposal_summary(work / f"{name}.step1.log")
         s = wd / model.stem
         cmd2 = hybridq_cmd() + ["step2", f"{s}.model", f"{s}.data", f"{s}.quantization.cfg", "-o", str(out)]
         p2 = run_measured(cmd2, work / f"{name}.step2.log")
-        return out, Proc(p2.ok, p1.wall_s + p2.wall_s, max(p1.peak_rss_mb, p2.peak_rss_mb), p2.error)
+        return out, Proc(p2.ok, p1.wall_s + p2.wall_s, max(p1.peak_rss_mb, p2.peak_rss_mb), p2.error, p1.proposal)
 
     return build
+
+
+def proposal_summary(log: Path) -> dict:
+    """What the proposal chose, from step1's --json output in its log: fixes, float layers, float compute, seconds."""
+    text = log.read_text(encoding="utf-8", errors="replace")
+    start = next((m.start() for m in re.finditer(r"^\{", text, re.M)), None)
+    if start is None:
+        return {}
+    try:
+        doc, _ = json.JSONDecoder().raw_decode(text[start:])
+    except json.JSONDecodeError:
+        return {}
+    p = doc.get("proposal") or {}
+    fc = p.get("float_compute") or {}
+    return {"choice": p.get("choice"), "met": p.get("met"), "fixes": p.get("fixes", []), "float_layers": len(p.get("layers", {})),
+            "float_proposed": fc.get("proposed"), "float_total": fc.get("total"), "evaluations": p.get("evaluations"),
+            "seconds": p.get("seconds")}
 
 
 ALGORITHMS = ("percentile", "mse", "kl")
@@ -408,6 +428,15 @@ def render_markdown(report: dict) -> str:
                 f"| {v['name']} | {v['metric']:.3f} |{ex} {fmt_latency(v['latency_ms'].get('1t'))} | "
                 f"{fmt_latency(v['latency_ms'].get('2t'))} | {v['size_mb']:.2f} | {b['wall_s']:.1f} | {b['peak_rss_mb']:.0f} |"
             )
+        for v in r["variants"]:
+            pr = (v.get("build") or {}).get("proposal") or {}
+            if pr:
+                fixes = "; ".join(pr.get("fixes") or []) or "none"
+                out += ["", f"`{v['name']}` (plain `--proposal`): {pr.get('choice')}. Target met: {pr.get('met')}; "
+                        f"fixes kept: {fixes}; float layers added: {pr.get('float_layers')} "
+                        f"({100 * (pr.get('float_proposed') or 0):.1f} % of the Conv/Gemm/MatMul compute; float in all, "
+                        f"policy floats included: {100 * (pr.get('float_total') or 0):.1f} %); {pr.get('evaluations')} evaluations, "
+                        f"proposal {pr.get('seconds') or 0:.1f} s of the build time."]
         load = ", ".join(f"{k} {v:.2f}" for k, v in r["load_avg_before_latency"].items())
         out += ["", f"1-min load average before the latency rounds: {load} ({report['machine']['cores']} cores;"]
         out += ["above ~0.5 other work was running and latencies are inflated)."]

@@ -94,8 +94,11 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
 
 
 def _emit(data: dict[str, Any], tables: list[Table], lines: list[str]) -> None:
-    if State.json:
-        out.print_json(json.dumps(data, default=str))
+    if State.json:  # strict JSON: non-finite numbers as null, listed under "nonfinite" (see metrics.to_strict_json)
+        from .metrics import to_strict_json
+
+        plain = json.loads(json.dumps(data, default=str))
+        out.print(json.dumps(to_strict_json(plain), allow_nan=False, ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)
         return
     if State.quiet:
         return
