@@ -142,3 +142,23 @@ def test_a_tensor_the_user_edited_is_not_changed_by_the_proposal(tmp_path, edit)
     values = load_cfg(r.cfg).entries["r1"].values
     assert values["algorithm"] == "percentile" and "equalize" not in values
     assert result.baseline_label == "your cfg as edited"
+
+
+def test_decisions_flipped_on_a_softmax_output_rank_before_cosine(tmp_path):
+    """Flips are counted as numpy's argmax says, and a candidate with fewer flips ranks higher even at a lower cosine."""
+    from hybridq.proposal import Evaluator, Score, Target
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(models.matmul_mlp(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (4, 32)}, 8)
+    r = api.step1(path, listing, out=tmp_path / "ws")
+    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
+    samples = _fresh((4, 32), 8)
+    ev = Evaluator(onnx.load(path), samples, Target())
+    assert ev.class_axis == {"prob": -1}
+    s = ev.score(onnx.load(tmp_path / "q.onnx"))
+    flips = sum(int((run(path, f)[0].argmax(-1) != run(tmp_path / "q.onnx", f)[0].argmax(-1)).sum()) for f in samples)
+    assert (s.flips, s.decisions) == (flips, 8 * 4)
+    fewer = Score(s.outputs, None, 0, 32)
+    more = Score(s.outputs, None, 3, 32)
+    assert ev.rank(fewer) > ev.rank(more)

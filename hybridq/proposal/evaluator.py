@@ -8,7 +8,10 @@ own energy. A candidate meets the target by the rule analyze's verdict uses
 (:func:`hybridq.metrics.output_ok`: whole tensor and every slice); candidates are
 compared by a smooth figure, the lower of the whole-tensor and the slice-normalised
 cosine (mean slice cosine), since the single worst slice of a sequence model (one
-ambiguous time step) moves by chance from candidate to candidate.
+ambiguous time step) moves by chance from candidate to candidate. For an output a
+Softmax writes, the decision is its argmax: a candidate that flips more decisions
+than another ranks below it whatever its cosine (bias correction on PP-OCR rec
+raised the output cosine and lowered character accuracy by flipping blanks).
 """
 
 from __future__ import annotations
@@ -67,10 +70,12 @@ class OutputScore:
 
 @dataclass
 class Score:
-    """A candidate's quality on every output, and the task score when an --eval function is given."""
+    """A candidate's quality on every output, decisions flipped on Softmax outputs, and the task score (--eval)."""
 
     outputs: dict[str, OutputScore]
     task: float | None = None
+    flips: int = 0
+    decisions: int = 0
 
     @property
     def worst_cosine(self) -> float:
@@ -88,11 +93,14 @@ class Score:
         return min(o.slice_snr_db for o in self.outputs.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"outputs": {k: v.to_dict() for k, v in self.outputs.items()}, "task": self.task}
+        return {"outputs": {k: v.to_dict() for k, v in self.outputs.items()}, "task": self.task,
+                "flips": self.flips, "decisions": self.decisions}
 
     def describe(self) -> str:
         text = (f"output cosine {self.worst_cosine:.5f}, SNR {self.worst_snr:.1f} dB (worst of whole tensor and slice-normalised), "
                 f"worst slice SNR {self.worst_slice_snr:.1f} dB")
+        if self.decisions:
+            text += f", {self.flips}/{self.decisions} argmax decisions differ from fp32"
         return text + (f", task {self.task:.4f}" if self.task is not None else "")
 
 
@@ -129,6 +137,7 @@ class Evaluator:
         sess = session_for(fp32, basic=False)
         self.names = [o.name for o in sess.get_outputs()]
         self.ref = [sess.run(self.names, s) for s in samples]
+        self.class_axis = _softmax_axes(fp32, self.names)
         self.evaluations = 0
         self._eval = None
         self.fp32_task = None
@@ -150,11 +159,17 @@ class Evaluator:
         self.evaluations += 1
         sess = session_for(model, basic=False)
         sums = {n: _OutputSums(np.shape(r)) for n, r in zip(self.names, self.ref[0])} if self.ref else {}
+        flips = decisions = 0
         for feeds, ref in list(zip(self.samples, self.ref))[:limit]:
             for name, r, q in zip(self.names, ref, sess.run(self.names, feeds)):
                 sums[name].add(r, q)
+                axis = self.class_axis.get(name)
+                if axis is not None:
+                    agree = np.argmax(r, axis=axis) == np.argmax(q, axis=axis)
+                    flips += int(agree.size - np.count_nonzero(agree))
+                    decisions += int(agree.size)
         task = self._task(model) if self._eval and limit is None else None
-        return Score({n: s.score() for n, s in sums.items()}, task)
+        return Score({n: s.score() for n, s in sums.items()}, task, flips, decisions)
 
     def met(self, s: Score) -> bool:
         """Does a score reach the target on every output, by analyze's verdict rule (whole tensor and every slice)?"""
@@ -167,9 +182,25 @@ class Evaluator:
         return True
 
     def quality(self, s: Score) -> float:
-        """One number to compare candidates by (higher is better): the task score, else the measure the target names."""
+        """One number for how good a candidate is (higher is better): the task score, else the measure the target names."""
         if s.task is not None:
             return s.task
         if self.target.cosine is None and self.target.snr_db is not None:
             return s.worst_snr
         return s.worst_cosine
+
+    def rank(self, s: Score) -> tuple[float, float]:
+        """What candidates are compared by (higher is better): fewer flipped decisions first (unless a task
+        score decides), then quality."""
+        return (0.0 if s.task is not None else -float(s.flips), self.quality(s))
+
+
+def _softmax_axes(model: onnx.ModelProto, outputs: list[str]) -> dict[str, int]:
+    """Outputs a Softmax (or LogSoftmax) writes directly, with the axis its decision (argmax) is taken along."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    axes: dict[str, int] = {}
+    for name in outputs:
+        node = producer.get(name)
+        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
+            axes[name] = next((a.i for a in node.attribute if a.name == "axis"), -1)
+    return axes

@@ -141,6 +141,9 @@ class _Climb:
     def quality(self, s: Score) -> float:
         return self.evaluator.quality(s)
 
+    def rank(self, s: Score) -> tuple[float, float]:
+        return self.evaluator.rank(s)
+
     def _row(self, step: str, fix: str, s: Score, cost: float, outcome: str) -> None:
         self.table.append(Row(step, fix, self.quality(s), s.worst_cosine, s.worst_snr, s.worst_slice_snr, cost, outcome))
 
@@ -152,9 +155,9 @@ class _Climb:
             built = self.build(edits)
             s = self.evaluator.score(built.model)
             self._row(step, c.label, s, c.cost, "")
-            if best is None or self.quality(s) > self.quality(best[0]):
+            if best is None or self.rank(s) > self.rank(best[0]):
                 best = (s, c, edits, built)
-        if best is None or self.quality(best[0]) <= self.quality(self.score):
+        if best is None or self.rank(best[0]) <= self.rank(self.score):
             for r in self.table[len(self.table) - len(cands):]:
                 r.outcome = "no gain"
             return False
@@ -178,7 +181,7 @@ class _Climb:
                     edits = k.onto(edits, self.ctx.temp)
             built = self.build(edits)
             s = self.evaluator.score(built.model)
-            better = self.evaluator.met(s) if self.met else self.quality(s) >= self.quality(self.score)
+            better = self.evaluator.met(s) if self.met else self.rank(s) >= self.rank(self.score)
             self._row("prune", f"without: {c.label}", s, 0.0, "dropped: not needed" if better else "needed")
             if better:
                 self.kept.remove(c)
@@ -276,7 +279,7 @@ def search(
     top_score = evaluator.score(top_built.model)
     climb._row("float", top.label + (f" (budget; {skipped} more ranked layer(s) do not fit)" if skipped else " (all ranked)"), top_score, top.cost, "")
     if not evaluator.met(top_score):
-        if climb.quality(top_score) > climb.quality(climb.score):
+        if climb.rank(top_score) > climb.rank(climb.score):
             climb.table[-1].outcome = "kept: best within the budget"
             climb.score, climb.edits, climb.built = top_score, top_edits, top_built
             climb.kept.append(top)
@@ -309,13 +312,16 @@ def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: 
     head = [n for n, _ in ranked[:SENSITIVITY_LAYERS]]
     if len(head) < 2:
         return [n for n, _ in ranked]
-    base = climb.evaluator.score(climb.built.model, limit=SENSITIVITY_SAMPLES)
-    gains: dict[str, float] = {}
+    base = climb.rank(climb.evaluator.score(climb.built.model, limit=SENSITIVITY_SAMPLES))
+    gains: dict[str, tuple[float, float]] = {}
     for n in head:
         c = float_fix(climb.ctx, [n], fallback, macs.get(n, 0.0) / total, {})
-        s = climb.evaluator.score(climb.build(c.onto(climb.edits, climb.ctx.temp)).model, limit=SENSITIVITY_SAMPLES)
-        gains[n] = climb.quality(s) - climb.quality(base)
-        climb._row("sensitivity", f"{n} alone in {fallback} ({SENSITIVITY_SAMPLES} samples)", s, c.cost, f"gain {gains[n]:+.4g}")
-    # Measured gain per unit of compute first; a layer whose float copy measured no gain is not offered.
-    helpful = sorted((n for n in head if gains[n] > 0), key=lambda n: -gains[n] / max(macs.get(n, 0.0) / total, 1e-3))
+        r = climb.rank(s := climb.evaluator.score(climb.build(c.onto(climb.edits, climb.ctx.temp)).model, limit=SENSITIVITY_SAMPLES))
+        gains[n] = (r[0] - base[0], r[1] - base[1])
+        climb._row("sensitivity", f"{n} alone in {fallback} ({SENSITIVITY_SAMPLES} samples)", s, c.cost,
+                   f"gain {gains[n][1]:+.4g}" + (f", {-gains[n][0]:+.0f} flips" if gains[n][0] else ""))
+    # Measured gain (fewer flipped decisions, then quality) per unit of compute first; a layer whose float copy
+    # measured no gain is not offered.
+    share = {n: max(macs.get(n, 0.0) / total, 1e-3) for n in head}
+    helpful = sorted((n for n in head if gains[n] > (0.0, 0.0)), key=lambda n: (-gains[n][0] / share[n], -gains[n][1] / share[n]))
     return helpful + [n for n, _ in ranked[SENSITIVITY_LAYERS:]]
