@@ -1,6 +1,8 @@
 """Build the bundled demo: a small residual CNN classifier (ONNX) and 24 synthetic RGB images with a dataset.txt.
 
-Deterministic and offline: `python examples/build_demo.py examples/demo`.
+Deterministic and offline: `python examples/build_demo.py examples/demo`. With `--outlier`, the 1x1 `expand`
+conv writes one channel ~300x larger than the others that the classifier never reads: the README's
+walk-through of a failing layer and its fix.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ def _conv(rng, name, cin, cout, k):
             numpy_helper.from_array(rng.normal(0, 0.05, cout).astype(np.float32), f"{name}.bias")]
 
 
-def build_model(seed: int = 7) -> onnx.ModelProto:
-    """stem 3->16 (stride 2) -> 2 residual blocks with BN -> 1x1 expand -> GAP -> Gemm(10); input [1,3,64,64]."""
+def build_model(seed: int = 7, outlier: bool = False) -> onnx.ModelProto:
+    """stem 3->16 (stride 2) -> 2 residual blocks with BN -> 1x1 expand -> GAP -> Gemm(10); input [1,3,64,64].
+
+    `outlier`: expand's channel 0 is scaled 300x (with a positive bias, so Relu keeps it) and fc ignores it.
+    """
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
     inits += _conv(rng, "stem", 3, 16, 3)
@@ -43,8 +48,16 @@ def build_model(seed: int = 7) -> onnx.ModelProto:
             helper.make_node("Relu", [f"{p}.sum"], [f"{p}.out"], name=f"{p}.relu2"),
         ]
         x = f"{p}.out"
-    inits += _conv(rng, "expand", 16, 64, 1)
-    inits += [numpy_helper.from_array(rng.normal(0, 0.2, (10, 64)).astype(np.float32), "fc.weight"),
+    expand = _conv(rng, "expand", 16, 64, 1)
+    fc_w = rng.normal(0, 0.2, (10, 64)).astype(np.float32)
+    if outlier:
+        w, b = (numpy_helper.to_array(t).copy() for t in expand)
+        w[0] = np.abs(w[0]) * 300
+        b[0] = 1.0
+        expand = [numpy_helper.from_array(w, "expand.weight"), numpy_helper.from_array(b, "expand.bias")]
+        fc_w[:, 0] = 0.0
+    inits += expand
+    inits += [numpy_helper.from_array(fc_w, "fc.weight"),
               numpy_helper.from_array(rng.normal(0, 0.05, 10).astype(np.float32), "fc.bias")]
     nodes += [
         helper.make_node("Conv", [x, "expand.weight", "expand.bias"], ["expand_out"], name="expand"),
@@ -75,11 +88,11 @@ def draw_image(rng: np.random.Generator, size: int = 64) -> Image.Image:
     return img
 
 
-def main(out: str) -> None:
+def main(out: str, outlier: bool = False) -> None:
     """Write model, images and dataset lists into `out`."""
     root = Path(out)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    onnx.save(build_model(), root / "demo_cnn.onnx")
+    onnx.save(build_model(outlier=outlier), root / "demo_cnn.onnx")
     rng = np.random.default_rng(0)
     names = []
     for i in range(24):
@@ -91,4 +104,5 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "examples/demo")
+    args = [a for a in sys.argv[1:] if a != "--outlier"]
+    main(args[0] if args else "examples/demo", outlier="--outlier" in sys.argv[1:])

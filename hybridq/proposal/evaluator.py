@@ -9,9 +9,10 @@ own energy. A candidate meets the target by the rule analyze's verdict uses
 compared by a smooth figure, the lower of the whole-tensor and the slice-normalised
 cosine (mean slice cosine), since the single worst slice of a sequence model (one
 ambiguous time step) moves by chance from candidate to candidate. For an output a
-Softmax writes, the decision is its argmax: a candidate that flips more decisions
-than another ranks below it whatever its cosine (bias correction on PP-OCR rec
-raised the output cosine and lowered character accuracy by flipping blanks).
+Softmax writes, the decision is its argmax: a candidate that flips clearly more
+decisions than the current state is not taken, whatever its cosine (bias correction
+on PP-OCR rec raised the output cosine and lowered character accuracy by flipping
+blanks); "clearly" is beyond the noise of counting, sqrt of the flips compared.
 """
 
 from __future__ import annotations
@@ -189,10 +190,15 @@ class Evaluator:
             return s.worst_snr
         return s.worst_cosine
 
-    def rank(self, s: Score) -> tuple[float, float]:
-        """What candidates are compared by (higher is better): fewer flipped decisions first (unless a task
-        score decides), then quality."""
-        return (0.0 if s.task is not None else -float(s.flips), self.quality(s))
+    def flips_more(self, a: Score, b: Score) -> bool:
+        """Does `a` flip clearly more argmax decisions than `b` (beyond sqrt of the two counts; never with a task score)?"""
+        if a.task is not None or not a.decisions:
+            return False
+        return a.flips - b.flips > max(1.0, math.sqrt(a.flips + b.flips))
+
+    def better(self, a: Score, b: Score) -> bool:
+        """Is `a` a better candidate than `b`: higher quality, without clearly more flipped decisions?"""
+        return self.quality(a) > self.quality(b) and not self.flips_more(a, b)
 
 
 def _softmax_axes(model: onnx.ModelProto, outputs: list[str]) -> dict[str, int]:

@@ -95,12 +95,51 @@ def range_fix(ctx: Context, edits: Edits, algorithm: str) -> list[Candidate]:
     return [cand] if cand.entries else []
 
 
+PASS_CHANNELS = ("GlobalAveragePool", "AveragePool", "MaxPool", "GlobalMaxPool", "Relu", "Flatten", "Identity")
+"""Ops between an activation and the layer that weighs its channels that keep the channels where they are."""
+NEGLIGIBLE = 0.1
+"""An outlier channel carries nothing downstream when its largest contribution to a reader is below this
+share of the median channel's."""
+
+
+def contributions(ctx: Context, stats: ChannelStats, depth: int = 4) -> np.ndarray | None:
+    """Per channel, largest |value| x largest |weight| any reader gives it; None when some reader does not weigh
+    channels (through pooling, Relu and Flatten, which keep them in place)."""
+    t = stats.tensor
+    for _ in range(depth):
+        readers = ctx.graph.consumer_nodes(t)
+        if len(readers) == 1 and readers[0].op_type in PASS_CHANNELS:
+            t = readers[0].output[0]
+            continue
+        if not readers:
+            return None
+        weights = np.zeros(stats.min.size)
+        for r in readers:
+            info = equalize._in_channel(r, t, ctx.graph)
+            if info is None:
+                return None
+            w = np.abs(ctx.graph.init_array(info[0]))
+            per = np.moveaxis(w, info[1], 0).reshape(w.shape[info[1]], -1).max(axis=1)
+            if per.size != weights.size:
+                return None
+            weights = np.maximum(weights, per)
+        return stats.absmax * weights
+    return None
+
+
 def clip_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candidate]:
-    """Clip a tensor to the range of its ordinary channels: right when the outlier channels carry nothing downstream."""
+    """Clip a tensor to the range of its ordinary channels: only when the outlier channels carry nothing downstream
+    (their readers give them negligible weight); an informative outlier is equalized instead."""
     t = stats.tensor
     if t in ctx.protected or t not in ctx.plan.tensors:
         return []
     out = stats.outliers()
+    contrib = contributions(ctx, stats)
+    if contrib is not None:  # clip only the outlier channels the readers (nearly) ignore
+        ordinary = np.median(np.delete(contrib, out)) if contrib.size > out.size else 0.0
+        out = out[contrib[out] < NEGLIGIBLE * ordinary]
+        if not out.size:
+            return []
     keep = np.setdiff1d(np.arange(stats.min.size), out)
     lo, hi = min(float(stats.min[keep].min()), 0.0), max(float(stats.max[keep].max()), 0.0)
     cur = ctx.entry(edits, t)

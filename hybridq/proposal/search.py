@@ -11,6 +11,7 @@ row of the table the user sees.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -141,8 +142,8 @@ class _Climb:
     def quality(self, s: Score) -> float:
         return self.evaluator.quality(s)
 
-    def rank(self, s: Score) -> tuple[float, float]:
-        return self.evaluator.rank(s)
+    def better(self, a: Score, b: Score) -> bool:
+        return self.evaluator.better(a, b)
 
     def _row(self, step: str, fix: str, s: Score, cost: float, outcome: str) -> None:
         self.table.append(Row(step, fix, self.quality(s), s.worst_cosine, s.worst_snr, s.worst_slice_snr, cost, outcome))
@@ -155,9 +156,9 @@ class _Climb:
             built = self.build(edits)
             s = self.evaluator.score(built.model)
             self._row(step, c.label, s, c.cost, "")
-            if best is None or self.rank(s) > self.rank(best[0]):
+            if not self.evaluator.flips_more(s, self.score) and (best is None or self.quality(s) > self.quality(best[0])):
                 best = (s, c, edits, built)
-        if best is None or self.rank(best[0]) <= self.rank(self.score):
+        if best is None or not self.better(best[0], self.score):
             for r in self.table[len(self.table) - len(cands):]:
                 r.outcome = "no gain"
             return False
@@ -181,7 +182,8 @@ class _Climb:
                     edits = k.onto(edits, self.ctx.temp)
             built = self.build(edits)
             s = self.evaluator.score(built.model)
-            better = self.evaluator.met(s) if self.met else self.rank(s) >= self.rank(self.score)
+            better = self.evaluator.met(s) if self.met else (
+                self.quality(s) >= self.quality(self.score) and not self.evaluator.flips_more(s, self.score))
             self._row("prune", f"without: {c.label}", s, 0.0, "dropped: not needed" if better else "needed")
             if better:
                 self.kept.remove(c)
@@ -279,7 +281,7 @@ def search(
     top_score = evaluator.score(top_built.model)
     climb._row("float", top.label + (f" (budget; {skipped} more ranked layer(s) do not fit)" if skipped else " (all ranked)"), top_score, top.cost, "")
     if not evaluator.met(top_score):
-        if climb.rank(top_score) > climb.rank(climb.score):
+        if climb.better(top_score, climb.score):
             climb.table[-1].outcome = "kept: best within the budget"
             climb.score, climb.edits, climb.built = top_score, top_edits, top_built
             climb.kept.append(top)
@@ -312,16 +314,14 @@ def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: 
     head = [n for n, _ in ranked[:SENSITIVITY_LAYERS]]
     if len(head) < 2:
         return [n for n, _ in ranked]
-    base = climb.rank(climb.evaluator.score(climb.built.model, limit=SENSITIVITY_SAMPLES))
-    gains: dict[str, tuple[float, float]] = {}
+    base = climb.evaluator.score(climb.built.model, limit=SENSITIVITY_SAMPLES)
+    gains: dict[str, float] = {}
     for n in head:
         c = float_fix(climb.ctx, [n], fallback, macs.get(n, 0.0) / total, {})
-        r = climb.rank(s := climb.evaluator.score(climb.build(c.onto(climb.edits, climb.ctx.temp)).model, limit=SENSITIVITY_SAMPLES))
-        gains[n] = (r[0] - base[0], r[1] - base[1])
+        s = climb.evaluator.score(climb.build(c.onto(climb.edits, climb.ctx.temp)).model, limit=SENSITIVITY_SAMPLES)
+        gains[n] = climb.quality(s) - climb.quality(base) if not climb.evaluator.flips_more(s, base) else -math.inf
         climb._row("sensitivity", f"{n} alone in {fallback} ({SENSITIVITY_SAMPLES} samples)", s, c.cost,
-                   f"gain {gains[n][1]:+.4g}" + (f", {-gains[n][0]:+.0f} flips" if gains[n][0] else ""))
-    # Measured gain (fewer flipped decisions, then quality) per unit of compute first; a layer whose float copy
-    # measured no gain is not offered.
-    share = {n: max(macs.get(n, 0.0) / total, 1e-3) for n in head}
-    helpful = sorted((n for n in head if gains[n] > (0.0, 0.0)), key=lambda n: (-gains[n][0] / share[n], -gains[n][1] / share[n]))
+                   f"gain {gains[n]:+.4g}" if math.isfinite(gains[n]) else "flips more decisions")
+    # Measured gain per unit of compute first; a layer whose float copy measured no gain is not offered.
+    helpful = sorted((n for n in head if gains[n] > 0), key=lambda n: -gains[n] / max(macs.get(n, 0.0) / total, 1e-3))
     return helpful + [n for n, _ in ranked[SENSITIVITY_LAYERS:]]
