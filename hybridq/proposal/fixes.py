@@ -115,7 +115,7 @@ def contributions(ctx: Context, stats: ChannelStats, depth: int = 4) -> np.ndarr
             return None
         weights = np.zeros(stats.min.size)
         for r in readers:
-            info = equalize._in_channel(r, t, ctx.graph)
+            info = equalize._in_channel(r, t, ctx.graph) or _depthwise(r, t, ctx)
             if info is None:
                 return None
             w = np.abs(ctx.graph.init_array(info[0]))
@@ -125,6 +125,15 @@ def contributions(ctx: Context, stats: ChannelStats, depth: int = 4) -> np.ndarr
             weights = np.maximum(weights, per)
         return stats.absmax * weights
     return None
+
+
+def _depthwise(node: onnx.NodeProto, tensor: str, ctx: Context) -> tuple[str, int, int] | None:
+    """(weight, axis of the input channel in the weight, activation channel axis) of a depthwise Conv reading `tensor`."""
+    if node.op_type != "Conv" or not node.input or node.input[0] != tensor or len(node.input) < 2 or node.input[1] not in ctx.graph.inits:
+        return None
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    dims = ctx.graph.inits[node.input[1]].dims
+    return (node.input[1], 0, 1) if group > 1 and len(dims) == 4 and dims[1] == 1 and dims[0] == group else None
 
 
 def clip_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candidate]:
