@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/build_demo.py $(DEMO)
 	$(HQ) step1 $(DEMO)/demo_cnn.onnx --dataset $(DEMO)/dataset.txt --mean 127.5 --std 127.5 --out $(DEMO)/out
 	$(HQ) step2 $(DEMO)/out/demo_cnn.model $(DEMO)/out/demo_cnn.data $(DEMO)/out/demo_cnn.quantization.cfg -o $(DEMO)/out/demo_cnn.q.onnx
-	$(HQ) analyze $(DEMO)/demo_cnn.onnx $(DEMO)/out/demo_cnn.q.onnx --dataset $(DEMO)/eval.txt --mean 127.5 --std 127.5 --dump $(DEMO)/out/snapshot
+	$(HQ) analyze $(DEMO)/demo_cnn.onnx $(DEMO)/out/demo_cnn.q.onnx --dataset $(DEMO)/eval.txt --dump $(DEMO)/out/snapshot
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow"
