@@ -133,6 +133,7 @@ class _Climb:
         self.built = first
         self.score = evaluator.score(self.built.model)
         self.baseline = self.score
+        self.started_from = started_from
         self._row("start", started_from, self.score, 0.0, "met" if self.met else "below target")
 
     @property
@@ -202,36 +203,30 @@ def search(
     climb = _Climb(ctx, evaluator, build, base, first, started_from)
     macs = layer_macs(concrete_shapes(ctx.temp, samples[0]) if samples else ctx.temp)
     total = sum(macs.values()) or 1.0
-
-    def done(choice: str, ranked: list[tuple[str, float]] | None = None) -> ProposalResult:
-        if climb.prune():
-            choice = ", ".join(c.label for c in climb.kept)
-        layers: dict[str, str] = {}
-        comments: dict[str, str] = {}
-        entries: dict[str, dict[str, Any]] = {}
-        entry_comments: dict[str, str] = {}
-        for c in climb.kept:
-            layers.update(c.layers)
-            entries.update(c.entries)
-            for k, v in c.comments.items():
-                (comments if k in c.layers else entry_comments)[k] = v
-        existing = {n: p for n, p in climb.base.layers.items()}
-        cost = float_share(macs, float_causes(ctx.temp, climb.built.plan, macs, set(layers), ctx.settings))
-        return ProposalResult(
-            layers, comments, entries, entry_comments, climb.baseline, climb.score, climb.met, evaluator.evaluations,
-            ranked or [], sum(macs.get(n, 0.0) for n in layers) / total, choice, time.perf_counter() - t0, climb.table,
-            [c.label for c in climb.kept], evaluator.fp32_task, baseline_label=started_from, cost=cost, existing=existing,
-        )
-
+    ranked: list[tuple[str, float]] = []
     if climb.met:
-        return done(f"{started_from} already meets the target; nothing to change")
-    # 1. range algorithms, global candidates
+        choice = f"{started_from} already meets the target; nothing to change"
+    elif _zero_cost_fixes(climb, samples, session):
+        choice = ", ".join(c.label for c in climb.kept)
+    else:
+        taken = set(climb.edits.layers)
+        ranked = [(n, c) for n, c in local_rank(single(), ctx.plan, ctx.temp) if n not in taken]
+        order = _by_output_effect(climb, ranked, fallback, macs, total)
+        budget = _within_budget(order, macs, total, len(taken), max_float_fraction, max_float_layers)
+        choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, macs, total)
+    if climb.prune():
+        choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
+    return _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
+
+
+def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> bool:
+    """Steps 1-3 of the ladder (range algorithm, outlier channels, bias correction); True once the target is met."""
+    ctx, evaluator = climb.ctx, climb.evaluator
     climb.try_each("range", range_fix(ctx, climb.edits, "mse") + range_fix(ctx, climb.edits, "percentile"))
     if climb.met:
-        return done("range algorithm: " + ", ".join(c.label for c in climb.kept))
-    # 2. outlier channels, tensor by tensor
-    # Ranges are calibration statistics: taken, as step1's are, over samples the candidates are also scored on.
-    # Found on a few samples; the ranges a clip or an equalization writes come from all of them.
+        return True
+    # Outliers are found on a few samples; the ranges a clip or an equalization writes are calibration
+    # statistics, taken (as step1's are) over all samples, those the candidates are scored on included.
     found = outlier_tensors(channel_stats(ctx.temp, evaluator.samples[:8] + samples[:8], list(ctx.plan.tensors)), OUTLIER_TENSORS)
     everything = evaluator.samples + [x for x in samples if not any(x is y for y in evaluator.samples)]
     full = channel_stats(ctx.temp, everything, [st.tensor for st in found])
@@ -240,73 +235,95 @@ def search(
         if cands:
             climb.try_each("outlier", cands)
         if climb.met:
-            return done(", ".join(c.label for c in climb.kept))
-    # 3. bias correction, measured on the model as it now stands
+            return True
     climb.try_each("bias", bias_fix(ctx, climb.edits, climb.built.fixed, climb.built.model, samples, session))
-    if climb.met:
-        return done(", ".join(c.label for c in climb.kept))
     climb.prune()
-    if climb.met:
-        return done(", ".join(c.label for c in climb.kept))
-    # 4. float fallback, fewest layers by measured effect
-    taken = set(climb.edits.layers)
-    ranked = [(n, c) for n, c in local_rank(single(), ctx.plan, ctx.temp) if n not in taken]
-    order = _by_output_effect(climb, ranked, fallback, macs, total)
-    budget_names: list[str] = []
+    return climb.met
+
+
+def _within_budget(order: list[str], macs: dict[str, float], total: float, taken: int,
+                   max_fraction: float | None, max_layers: int | None) -> list[str]:
+    """The layers of `order`, in order, that fit the float budget (compute share added, layer count with the user's)."""
+    names: list[str] = []
     used = 0.0
     for n in order:
         share = macs.get(n, 0.0) / total
-        if max_float_fraction is not None and used + share > max_float_fraction + 1e-12:
+        if max_fraction is not None and used + share > max_fraction + 1e-12:
             continue
-        if max_float_layers is not None and len(budget_names) + len(taken) >= max_float_layers:
+        if max_layers is not None and len(names) + taken >= max_layers:
             break
-        budget_names.append(n)
+        names.append(n)
         used += share
-    skipped = len(order) - len(budget_names)
-    if not budget_names:
-        prefix = ", ".join(c.label for c in climb.kept) or "no change"
-        return done(f"{prefix}; the float budget allows no layer and the target is not met", ranked)
+    return names
+
+
+def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str], skipped: int, fallback: str,
+                macs: dict[str, float], total: float) -> str:
+    """Step 4: the fewest float layers (a prefix of `budget`, by bisection) that meet the target; returns the choice."""
+    prefix = ", ".join(c.label for c in climb.kept)
+    if not budget:
+        return f"{prefix or 'no change'}; the float budget allows no layer and the target is not met"
     pos = {n: i + 1 for i, (n, _) in enumerate(ranked)}
     single_of = dict(ranked)
 
-    def fallback_for(k: int) -> Candidate:
-        names = budget_names[:k]
+    def candidate(k: int) -> tuple[Score, Candidate, Edits, Built]:
+        names = budget[:k]
         why = {n: f"proposal: rank {pos[n]}/{len(ranked)} by effect at the outputs, single cos {single_of[n]:.4f}, "
                   f"{100 * macs.get(n, 0.0) / total:.1f} % of compute" for n in names}
-        return float_fix(ctx, names, fallback, sum(macs.get(n, 0.0) for n in names) / total, why)
+        c = float_fix(climb.ctx, names, fallback, sum(macs.get(n, 0.0) for n in names) / total, why)
+        e = c.onto(climb.edits, climb.ctx.temp)
+        b = climb.build(e)
+        return climb.evaluator.score(b.model), c, e, b
 
-    top = fallback_for(len(budget_names))
-    top_edits = top.onto(climb.edits, ctx.temp)
-    top_built = build(top_edits)
-    top_score = evaluator.score(top_built.model)
-    climb._row("float", top.label + (f" (budget; {skipped} more ranked layer(s) do not fit)" if skipped else " (all ranked)"), top_score, top.cost, "")
-    if not evaluator.met(top_score):
-        if climb.better(top_score, climb.score):
-            climb.table[-1].outcome = "kept: best within the budget"
-            climb.score, climb.edits, climb.built = top_score, top_edits, top_built
-            climb.kept.append(top)
-            return done(", ".join(c.label for c in climb.kept) + "; target NOT met within the float budget", ranked)
-        climb.table[-1].outcome = "no gain"
-        return done((", ".join(c.label for c in climb.kept) or "no change") + "; target NOT met", ranked)
-    lo, hi, hi_state = 0, len(budget_names), (top_score, top, top_edits, top_built)
+    top = candidate(len(budget))
+    climb._row("float", top[1].label + (f" (budget; {skipped} more ranked layer(s) do not fit)" if skipped else " (all ranked)"),
+               top[0], top[1].cost, "")
+    if not climb.evaluator.met(top[0]):
+        if not climb.better(top[0], climb.score):
+            climb.table[-1].outcome = "no gain"
+            return f"{prefix or 'no change'}; target NOT met"
+        climb.table[-1].outcome = "kept: best within the budget"
+        climb.score, c, climb.edits, climb.built = top
+        climb.kept.append(c)
+        return ", ".join(k.label for k in climb.kept) + "; target NOT met within the float budget"
+    lo, hi, best = 0, len(budget), top
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        c = fallback_for(mid)
-        e = c.onto(climb.edits, ctx.temp)
-        b = build(e)
-        s = evaluator.score(b.model)
-        ok = evaluator.met(s)
-        climb._row("float", c.label, s, c.cost, "meets" if ok else "below target")
+        state = candidate(mid)
+        ok = climb.evaluator.met(state[0])
+        climb._row("float", state[1].label, state[0], state[1].cost, "meets" if ok else "below target")
         if ok:
-            hi, hi_state = mid, (s, c, e, b)
+            hi, best = mid, state
         else:
             lo = mid
-    climb.score, chosen, climb.edits, climb.built = hi_state
+    climb.score, chosen, climb.edits, climb.built = best
     climb.kept.append(chosen)
     for r in climb.table:
         if r.fix == chosen.label and r.step == "float":
             r.outcome = "kept: fewest float layers that meet the target"
-    return done(", ".join(c.label for c in climb.kept), ranked)
+    return ", ".join(c.label for c in climb.kept)
+
+
+def _result(climb: _Climb, choice: str, ranked: list[tuple[str, float]], macs: dict[str, float], total: float,
+            seconds: float) -> ProposalResult:
+    """The kept fixes as cfg data (layers, entries, their comments) with the scores and the cost."""
+    layers: dict[str, str] = {}
+    comments: dict[str, str] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    entry_comments: dict[str, str] = {}
+    for c in climb.kept:
+        layers.update(c.layers)
+        entries.update(c.entries)
+        for k, v in c.comments.items():
+            (comments if k in c.layers else entry_comments)[k] = v
+    ctx = climb.ctx
+    cost = float_share(macs, float_causes(ctx.temp, climb.built.plan, macs, set(layers), ctx.settings))
+    return ProposalResult(
+        layers, comments, entries, entry_comments, climb.baseline, climb.score, climb.met, climb.evaluator.evaluations,
+        ranked, sum(macs.get(n, 0.0) for n in layers) / total, choice, seconds, climb.table,
+        [c.label for c in climb.kept], climb.evaluator.fp32_task, baseline_label=climb.started_from, cost=cost,
+        existing=dict(climb.base.layers),
+    )
 
 
 def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: str, macs: dict[str, float], total: float) -> list[str]:
