@@ -34,11 +34,28 @@ class Edits:
     equalize: dict[str, list[float]] = field(default_factory=dict)
     bias_correction: dict[str, list[float]] = field(default_factory=dict)
 
-    def with_entries(self, values: dict[str, dict[str, Any]]) -> Edits:
-        """A copy whose entries for these tensors are replaced by `values` (line 0: not from a file)."""
-        entries = dict(self.entries)
-        entries.update({t: CfgEntry(t, 0, dict(v)) for t, v in values.items()})
-        return Edits(dict(self.layers), entries, dict(self.equalize), dict(self.bias_correction))
+    def with_entries(self, values: dict[str, dict[str, Any]], model: onnx.ModelProto) -> Edits:
+        """A copy whose entries for these tensors are replaced by `values` (line 0: not from a file), fixes included."""
+        out = Edits(dict(self.layers), dict(self.entries), dict(self.equalize), dict(self.bias_correction))
+        for t, v in values.items():
+            out.take(CfgEntry(t, 0, dict(v)), model, "proposal")
+        return out
+
+    def take(self, entry: CfgEntry, model: onnx.ModelProto, where: str) -> None:
+        """Set one entry, and the channel fixes it carries (equalize on its tensor, bias_correction on its weight's layer)."""
+        t, v = entry.name, entry.values
+        old = self.entries.get(t)
+        if old is not None and "bias_correction" in old.values and "bias_correction" not in v:
+            self.bias_correction.pop(weight_reader(model, t) or "", None)  # the new entry drops the correction
+        self.entries[t] = entry
+        self.equalize.pop(t, None)
+        if "equalize" in v:
+            self.equalize[t] = [float(x) for x in v["equalize"]]
+        node = weight_reader(model, t) if "bias_correction" in v else None
+        if "bias_correction" in v and node is None:
+            raise ConfigError(f"{where}:{entry.line}: bias_correction is given on '{t}', which is not a layer's weight; remove it.")
+        if node is not None:
+            self.bias_correction[node] = [float(x) for x in v["bias_correction"]]
 
 
 @dataclass
@@ -123,21 +140,16 @@ def resolve_layer_names(
     return out, resolved
 
 
-def _weight_reader(model: onnx.ModelProto, weight: str) -> str | None:
+def weight_reader(model: onnx.ModelProto, weight: str) -> str | None:
+    """The layer that reads `weight` as its weight input (where a bias correction on the weight's entry applies)."""
     return next((n.name for n in model.graph.node if len(n.input) > 1 and n.input[1] == weight), None)
 
 
 def edits_from(layers: dict[str, str], entries: dict[str, CfgEntry], model: onnx.ModelProto, where: str) -> Edits:
     """Edits from resolved layer precisions and cfg entries, with the channel fixes the entries carry."""
-    edits = Edits(dict(layers), dict(entries))
-    for t, e in entries.items():
-        if "equalize" in e.values:
-            edits.equalize[t] = [float(v) for v in e.values["equalize"]]
-        if "bias_correction" in e.values:
-            node = _weight_reader(model, t)
-            if node is None:
-                raise ConfigError(f"{where}:{e.line}: bias_correction is given on '{t}', which is not a layer's weight; remove it.")
-            edits.bias_correction[node] = [float(v) for v in e.values["bias_correction"]]
+    edits = Edits(dict(layers))
+    for e in entries.values():
+        edits.take(e, model, where)
     return edits
 
 

@@ -75,9 +75,7 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
     path: list[str] = []
     t = tensor
     node = g.producer_node(t)
-    while node is not None and node.op_type in HOMOGENEOUS + ("Add",):
-        if node.op_type == "Add":
-            break
+    while node is not None and node.op_type in HOMOGENEOUS:
         if len(g.consumer_nodes(node.input[0])) != 1 or node.input[0] in g.outputs:
             return f"'{node.input[0]}' has other readers besides '{node.name}'"
         if node.op_type == "PRelu" and (len(node.input) < 2 or node.input[1] not in g.inits):

@@ -40,14 +40,8 @@ class Candidate:
 
     def onto(self, edits: Edits, model: onnx.ModelProto) -> Edits:
         """The edits with this fix applied on top."""
-        out = edits.with_entries(self.entries)
+        out = edits.with_entries(self.entries, model)
         out.layers.update(self.layers)
-        for t, v in self.entries.items():
-            if "equalize" in v:
-                out.equalize[t] = list(v["equalize"])
-            if "bias_correction" in v:
-                node = next(n.name for n in model.graph.node if len(n.input) > 1 and n.input[1] == t)
-                out.bias_correction[node] = list(v["bias_correction"])
         return out
 
 
