@@ -141,8 +141,11 @@ def resolve_layer_names(
 
 
 def weight_reader(model: onnx.ModelProto, weight: str) -> str | None:
-    """The layer that reads `weight` as its weight input (where a bias correction on the weight's entry applies)."""
-    return next((n.name for n in model.graph.node if len(n.input) > 1 and n.input[1] == weight), None)
+    """The Conv/Gemm whose weight input is the initializer `weight` (where a bias correction on its entry applies)."""
+    if not any(i.name == weight for i in model.graph.initializer):
+        return None
+    return next((n.name for n in model.graph.node
+                 if n.op_type in bias_correction.CORRECTABLE and len(n.input) > 1 and n.input[1] == weight), None)
 
 
 def edits_from(layers: dict[str, str], entries: dict[str, CfgEntry], model: onnx.ModelProto, where: str) -> Edits:

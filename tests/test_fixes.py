@@ -104,3 +104,48 @@ def test_bias_correction_adds_the_shift_to_the_bias_or_creates_one():
     np.testing.assert_array_equal(g[conv4.input[2]], shift.astype(np.float32))  # conv4 had no bias
     b1 = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}["b1"]
     np.testing.assert_allclose(g["b1"], b1 + 1.0)
+
+
+def _edit_entry(text: str, tensor: str, key: str, value: str) -> str:
+    """Add `key: value` to the quantize_parameters entry of `tensor` (after its zero_point line)."""
+    start = text.index(f"\n  {tensor}:\n")
+    zp = text.index("\n    zero_point:", start)
+    end = text.index("\n", zp + 1)
+    return text[:end] + f"\n    {key}: {value}" + text[end:]
+
+
+def test_step2_applies_a_bias_correction_written_in_the_cfg(tmp_path: Path):
+    from hybridq import api
+
+    onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 8)
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws")
+    shift = np.linspace(-0.5, 0.5, 16)
+    r.cfg.write_text(_edit_entry(r.cfg.read_text(), "w3", "bias_correction", "[" + ", ".join(f"{v:.6g}" for v in shift) + "]"))
+    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "q.onnx").graph.initializer}
+    b3 = numpy_helper.to_array(next(i for i in models.residual_cnn().graph.initializer if i.name == "b3")).astype(np.float64)
+    deq = inits["b3_quantized"].astype(np.float64) * inits["b3_scale"].astype(np.float64)
+    np.testing.assert_allclose(deq, b3 + shift, atol=inits["b3_scale"].max())  # int32 bias: within one step
+
+
+@pytest.mark.parametrize("tensor, key, value, message", [
+    ("r1", "bias_correction", "[0.1]", "not a layer's weight"),
+    ("r1", "equalize", "[2.0]", "cannot be applied"),  # r1 is also read by the residual Add: no layer takes the scale
+])
+def test_a_misplaced_fix_in_the_cfg_is_a_clear_error(tmp_path: Path, capsys, tensor, key, value, message):
+    from hybridq import api
+    from hybridq.cli import main
+
+    onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 4)
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws")
+    text = r.cfg.read_text()
+    if f"\n  {tensor}:\n" not in text:
+        pytest.skip(f"{tensor} has no entry")
+    r.cfg.write_text(_edit_entry(text, tensor, key, value))
+    with pytest.raises(SystemExit) as exc:
+        main(["step2", str(r.model), str(r.data), str(r.cfg), "-o", str(tmp_path / "q.onnx")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "q.onnx").exists()
