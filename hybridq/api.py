@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -24,6 +24,9 @@ from .proposal import propose as climb
 from .qdq import RewriteResult
 from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .analysis import AnalysisOptions, AnalysisResult
 
 Progress = Callable[[int], None]
 
@@ -280,8 +283,6 @@ def analyze(
     """
     import tempfile
 
-    from .analysis import analyze as run_analysis
-
     fm = load_model(float_model)
     record = read_record(quant_model)
     ds = open_dataset(fm, dataset, choose_preprocess(record, preprocess, force_preprocess))
@@ -296,8 +297,39 @@ def analyze(
             quant_path = built.output
         qm = load_model(quant_path)
         seen = InputStats()
-        result = run_analysis(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
+        result = analyze_samples(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
+    return result
+
+
+def analyze_samples(
+    float_model: str | os.PathLike[str] | onnx.ModelProto,
+    quant_model: str | os.PathLike[str] | onnx.ModelProto,
+    samples: Iterable[dict[str, np.ndarray]],
+    *,
+    dump: str | os.PathLike[str] | None = None,
+    max_bytes: int | None = None,
+    on_sample: Callable[[], None] | None = None,
+    host_int8: bool = False,
+    options: AnalysisOptions | None = None,
+) -> AnalysisResult:
+    """The analysis of two models over `samples` (hybridq.analysis.analyze); with `dump`, a snapshot too.
+
+    With `dump` (a directory) each sample's fp32 and quant arrays are streamed there while the
+    analysis runs (`max_bytes` caps them; see hybridq.snapshot), then the manifest and the reports
+    (error_analysis.txt/.csv/.png, report.html) are written. Without it nothing is written.
+    """
+    from .analysis import analyze as run_analysis
+
+    if dump is None:
+        return run_analysis(float_model, quant_model, samples, on_sample=on_sample, host_int8=host_int8, options=options)
+    from .report import write_reports
+    from .snapshot import ArrayDump, write_snapshot
+
+    sink = ArrayDump(Path(dump), max_bytes)
+    result = run_analysis(float_model, quant_model, samples, sink=sink, on_sample=on_sample, host_int8=host_int8, options=options)
+    write_snapshot(result, Path(dump))
+    write_reports(result, Path(dump))
     return result
 
 

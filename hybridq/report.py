@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._fs import write_atomic
-from .analysis import COS_THRESHOLD, SNR_THRESHOLD, AnalysisResult, Verdict, judge
+from .analysis.results import AnalysisResult
+from .analysis.verdict import COS_THRESHOLD, SNR_THRESHOLD, Verdict, judge
 from .metrics import METRIC_NAMES, Metrics
 
 if TYPE_CHECKING:
