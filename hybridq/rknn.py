@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from . import __version__, _runtime
+from . import _runtime
+from ._version import __version__
 from ._fs import copy_atomic, write_atomic
 from ._onnx import GraphIndex, is_large, main_opset, save_external
 from .errors import HybridqError, InputError, ModelError, did_you_mean

@@ -8,9 +8,9 @@ figures in the caller, in sample order; :meth:`Measure.layers` gives the rows.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -23,8 +23,14 @@ from .graphs import AnalysisGraph, compared_names
 from .matching import AnalysisPlan, ComparedTensor
 from .results import LayerError, SampleSink
 
-if TYPE_CHECKING:
-    from .running import Runner
+class SegmentRunner(Protocol):
+    """What :meth:`Measure.sample` runs a sample on (:class:`~hybridq.analysis.running.Runner`)."""
+
+    exact_failed: bool
+
+    def run(self, sample: dict[str, np.ndarray], index: int) -> Iterator[dict[str, np.ndarray]]:
+        """Each segment's outputs in turn."""
+        ...
 
 
 @dataclass
@@ -61,7 +67,7 @@ class Measure:
             for x in names:
                 self.by_name[x].append(t)
 
-    def sample(self, runner: Runner, sample: dict[str, np.ndarray], n: int) -> SampleErrors:
+    def sample(self, runner: SegmentRunner, sample: dict[str, np.ndarray], n: int) -> SampleErrors:
         """Run one sample segment by segment, measuring each tensor as soon as its arrays exist.
 
         The arrays are still in cache then, and dropped right after (kept
