@@ -22,10 +22,9 @@ import shutil
 import sys
 import tempfile
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -311,11 +310,6 @@ class RKNN:
         self._log("I", "load_onnx", f"loaded {path} (inputs {[i.name for i in cut.graph.input]}, outputs {[o.name for o in cut.graph.output]}).")
         return 0
 
-    def _empty_dir(self) -> Path:
-        d = self._tmp / "cwd"
-        d.mkdir(exist_ok=True)
-        return d
-
     def _need_model(self) -> Path:
         if self._model_path is None:
             raise InputError("no model is loaded; call rknn.load_onnx(model='model.onnx') first.")
@@ -361,12 +355,8 @@ class RKNN:
         if proposal:
             kwargs = self._proposal_kwargs("hybrid_quantization_step1", proposal_dataset_size)
         pre = self._preprocess(self._n_inputs(model))
-        here = Path.cwd()
-        # onnx.save_model(location=...) refuses to write when a file of that name exists relative to the
-        # *current* directory (onnx/external_data_helper.py), which is where a previous step1 left
-        # <name>.data; so step1 runs from the private directory, with every path made absolute.
-        with _cwd(self._empty_dir()):
-            res = api.step1(here / model, _absolute(dataset, here), out=here, settings=self._settings(), preprocess=pre, **kwargs)
+        here = Path.cwd()  # RKNN writes step1's artifacts into the current directory; every path is passed absolute
+        res = api.step1(here / model, _absolute(dataset, here), out=here, settings=self._settings(), preprocess=pre, **kwargs)
         self._log("I", "hybrid_quantization_step1", f"calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.")
         for p in (res.model, res.data, res.cfg):
             self._log("I", "hybrid_quantization_step1", f"wrote {p}")
@@ -521,8 +511,7 @@ class RKNN:
             shutil.rmtree(work)
         pre = self._preprocess(self._n_inputs(model))
         here = Path.cwd()
-        with _cwd(self._empty_dir()):  # see hybrid_quantization_step1
-            r1 = api.step1(here / model, _absolute(dataset, here), out=work, settings=self._settings(), preprocess=pre, **kwargs)
+        r1 = api.step1(here / model, _absolute(dataset, here), out=work, settings=self._settings(), preprocess=pre, **kwargs)
         self._log("I", "build", f"calibrated on {r1.samples} samples.")
         self._report_proposal("build", r1.proposal)
         res = api.step2(r1.model, r1.data, r1.cfg, work / f"{model.stem}.q.onnx")
@@ -824,16 +813,6 @@ def _runtime_input(arr: np.ndarray, meta: Any, data_format: str, mean: tuple[flo
         raise InputError(f"input '{meta.name}' wants shape {shape} but got {list(arr.shape)} after layout conversion; "
                          "check data_format ('nhwc' for HxWxC images) and the image size.")
     return np.ascontiguousarray(arr, dtype=dtype)
-
-
-@contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def _absolute(dataset: Any, base: Path) -> str:
