@@ -36,6 +36,7 @@ from ._fs import copy_atomic, write_atomic
 from ._onnx import GraphIndex, is_large, main_opset, save_external
 from .errors import HybridqError, InputError, ModelError, did_you_mean
 from .graph import load_model
+from .images import normalize_input
 from .observers import ALGORITHMS
 from .qparams import FLOAT_DTYPES
 from .settings import Settings, canonical
@@ -663,7 +664,7 @@ class RKNN:
         std = self._runtime_values("std", len(metas))
         feed = {}
         for k, (meta, arr) in enumerate(zip(metas, inputs)):
-            feed[meta.name] = _runtime_input(np.asarray(arr), meta, formats[k] or "nhwc", None if passes[k] else mean[k], None if passes[k] else std[k])
+            feed[meta.name] = normalize_input(np.asarray(arr), meta, formats[k] or "nhwc", None if passes[k] else mean[k], None if passes[k] else std[k])
         return list(self._session.run(None, feed))
 
     def _runtime_values(self, which: str, n: int) -> list[tuple[float, ...] | None]:
@@ -779,40 +780,6 @@ def _edit_model(proto: Any, path: Path, inputs: list[str] | None, sizes: list[li
             g.initializer.append(numpy_helper.from_array(arr.astype(onnx.helper.tensor_dtype_to_np_dtype(by_name[name].type.tensor_type.elem_type)), name))
             g.input.remove(by_name[name])
     return model
-
-
-def _runtime_input(arr: np.ndarray, meta: Any, data_format: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> np.ndarray:
-    """One inference input: batch dim added, mean/std applied on the channel axis, laid out like the model input."""
-    fmt = str(data_format).lower()
-    if fmt not in ("nhwc", "nchw"):
-        raise InputError(f"data_format {data_format!r} is not valid; use 'nhwc' or 'nchw'.")
-    shape = list(meta.shape)
-    dtype = np.dtype({"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-                      "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int32)": np.int32,
-                      "tensor(int64)": np.int64, "tensor(bool)": np.bool_}.get(meta.type, np.float32))
-    if arr.ndim == len(shape) - 1:
-        arr = arr[np.newaxis]
-    if len(shape) == 4 and arr.ndim == 4:
-        model_nchw = shape[1] in (1, 3) or not (shape[3] in (1, 3))
-        x = arr.astype(np.float32) if (mean is not None or std is not None) else arr
-        c_axis = 1 if fmt == "nchw" else 3
-        for vals, op in ((mean, np.subtract), (std, np.divide)):
-            if vals is not None:
-                if len(vals) not in (1, x.shape[c_axis]):
-                    raise InputError(f"input '{meta.name}': {len(vals)} mean/std values for {x.shape[c_axis]} channels (data_format {fmt}); check data_format.")
-                b = [1, 1, 1, 1]
-                b[c_axis] = len(vals)
-                x = op(x, np.asarray(vals, np.float32).reshape(b))
-        if fmt == "nhwc" and model_nchw:
-            x = x.transpose(0, 3, 1, 2)
-        elif fmt == "nchw" and not model_nchw:
-            x = x.transpose(0, 2, 3, 1)
-        arr = x
-    want = [d if isinstance(d, int) else None for d in shape]
-    if arr.ndim != len(want) or any(w is not None and w != a for w, a in zip(want, arr.shape)):
-        raise InputError(f"input '{meta.name}' wants shape {shape} but got {list(arr.shape)} after layout conversion; "
-                         "check data_format ('nhwc' for HxWxC images) and the image size.")
-    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 def _absolute(dataset: Any, base: Path) -> str:
