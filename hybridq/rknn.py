@@ -28,14 +28,13 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
 
 from . import _runtime
 from ._version import __version__
 from ._fs import copy_atomic, write_atomic
 from ._onnx import GraphIndex, is_large, main_opset, save_external
 from .errors import HybridqError, InputError, ModelError, did_you_mean
-from .graph import load_model
+from .graph import cut_model, float_layers_between, load_model
 from .images import normalize_input
 from .observers import ALGORITHMS
 from .qparams import FLOAT_DTYPES
@@ -299,7 +298,7 @@ class RKNN:
             self._model_path = self._float_path = path.resolve()
             self._log("I", "load_onnx", f"loaded {path}.")
             return 0
-        cut = _edit_model(proto, path, inputs, input_size_list, input_initial_val, outputs)
+        cut = cut_model(proto, path, inputs, input_size_list, input_initial_val, outputs)
         work = self._tmp / "model"
         work.mkdir(exist_ok=True)
         out = work / f"{path.stem}.onnx"  # step1 names its artifacts by this stem, as RKNN does
@@ -420,7 +419,6 @@ class RKNN:
         index = GraphIndex(g)
         by_name = index.by_name
         tensors = index.tensors() | {i.name for i in g.input}
-        float_out = _float_outputs(g)
 
         def find(t: str, role: str) -> list[str]:
             if t in tensors:
@@ -437,21 +435,7 @@ class RKNN:
         chosen: dict[str, str] = {}
         for src, dst in pairs:
             starts, ends = find(str(src), "input"), find(str(dst), "output")
-            down: set[str] = set()
-            stack = [c for t in starts for c in index.consumer_nodes(t)]
-            while stack:
-                n = stack.pop()
-                if n.name not in down:
-                    down.add(n.name)
-                    stack.extend(c for o in n.output for c in index.consumer_nodes(o))
-            up: set[str] = set()
-            stack = [p for t in ends if (p := index.producer_node(t)) is not None]
-            while stack:
-                n = stack.pop()
-                if n.name not in up:
-                    up.add(n.name)
-                    stack.extend(p for t in n.input if (p := index.producer_node(t)) is not None)
-            on_path = [n.name for n in g.node if n.name in down and n.name in up and any(o in float_out for o in n.output)]
+            on_path = float_layers_between(g, starts, ends, index)
             if not on_path:
                 raise InputError(f"custom_hybrid pair [{src!r}, {dst!r}]: no layer lies on a path from {src!r} to {dst!r}; "
                                  "the first name must be the input of the subgraph and the second an output computed from it.")
@@ -727,59 +711,6 @@ def _single(values: list[tuple[float, ...]] | None, n_inputs: int, what: str) ->
         raise InputError(f"{what} differs between inputs ({values}); hybridq applies one mean/std to every image input. "
                          "Use the same values for all inputs, or feed the other inputs as preprocessed .npy files.")
     return values[0]
-
-
-def _float_outputs(g: Any) -> set[str]:
-    """Tensors known to be float: graph inputs/outputs/value_info typed FLOAT, and outputs of nodes with float inputs."""
-    typed = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
-    return {o for n in g.node for o in n.output if typed.get(o, TensorProto.FLOAT) in (TensorProto.FLOAT, TensorProto.FLOAT16)}
-
-
-def _edit_model(proto: Any, path: Path, inputs: list[str] | None, sizes: list[list[int]] | None, initial: list[Any] | None, outputs: list[str] | None) -> Any:
-    """load_onnx's inputs / input_size_list / input_initial_val / outputs applied to a copy of the model."""
-    g = proto.graph
-    inits = {i.name for i in g.initializer}
-    tensors = {i.name for i in g.input} | {o for n in g.node for o in n.output}
-    model_inputs = [i.name for i in g.input if i.name not in inits]
-    for name in list(inputs or []) + list(outputs or []):
-        if name not in tensors:
-            raise InputError(f"'{name}' is not a tensor of {path}.{did_you_mean(name, sorted(tensors))} Give tensor names as Netron shows them.")
-    if sizes is not None and inputs is None and len(sizes) != len(model_inputs):
-        raise InputError(f"input_size_list has {len(sizes)} shapes but {path} has {len(model_inputs)} inputs ({', '.join(model_inputs)}); give one shape per input.")
-    if inputs is not None and sizes is not None and len(sizes) != len(inputs):
-        raise InputError(f"input_size_list has {len(sizes)} shapes but inputs names {len(inputs)} tensors; give one shape per input.")
-    model = proto
-    if inputs is not None or outputs is not None:
-        try:
-            model = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto)).extract_model(list(inputs or model_inputs), list(outputs or [o.name for o in g.output]))
-        except Exception as exc:
-            raise InputError(f"cannot cut {path} at inputs {inputs} / outputs {outputs}: {exc}") from None
-        del model.opset_import[:]
-        model.opset_import.extend(proto.opset_import)
-        model.ir_version = proto.ir_version
-    g = model.graph
-    names = list(inputs or [i.name for i in g.input if i.name not in {x.name for x in g.initializer}])
-    by_name = {i.name: i for i in g.input}
-    if sizes is not None:
-        for name, size in zip(names, sizes):
-            dims = by_name[name].type.tensor_type.shape.dim
-            size = list(size)
-            if len(size) == len(dims) - 1:
-                size = [1] + size  # RKNN lists often leave out the batch dim
-            if len(size) != len(dims):
-                raise InputError(f"input_size_list gives {size} for '{name}', which has {len(dims)} dims.")
-            for d, v in zip(dims, size):
-                d.ClearField("dim_param")
-                d.dim_value = int(v)
-        del g.value_info[:]  # shapes are inferred again by step1
-    if initial is not None:
-        for name, val in zip(names, initial):
-            if val is None:
-                continue
-            arr = np.asarray(val)
-            g.initializer.append(numpy_helper.from_array(arr.astype(onnx.helper.tensor_dtype_to_np_dtype(by_name[name].type.tensor_type.elem_type)), name))
-            g.input.remove(by_name[name])
-    return model
 
 
 def _absolute(dataset: Any, base: Path) -> str:
