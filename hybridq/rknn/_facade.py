@@ -1,152 +1,43 @@
-"""`from hybridq.rknn import RKNN`: RKNN-Toolkit2's Python API on top of hybridq, for ONNX models.
-
-Scripts written for `from rknn.api import RKNN` (Rockchip's step1.py / step2.py /
-accuracy_analysis examples) run with only the import line changed. Every method
-keeps RKNN-Toolkit2 2.x's argument names and defaults, returns 0 on success and -1
-on failure (`inference` returns the outputs, or None), and prints RKNN-style log
-lines: `E <method>: <message>` and `W <method>: <message>` on stderr always,
-`I <method>: <message>` only with `RKNN(verbose=True)`. The messages are hybridq's
-own (the ones its CLI prints), so a failure names the file, line, layer or value.
-
-Nothing here quantizes: each call maps its arguments onto `hybridq.step1`,
-`hybridq.step2` and `hybridq.analyze` (hybridq/api.py) and runs the result in
-ONNX Runtime. What maps to what, and what differs, is in docs/coming-from-rknn.md.
-"""
+"""The `RKNN` class: each RKNN-Toolkit2 method translated onto hybridq's API (see :mod:`hybridq.rknn`)."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import shutil
 import sys
 import tempfile
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 
-from . import _runtime
-from ._version import __version__
-from ._fs import copy_atomic, write_atomic
-from ._onnx import GraphIndex, is_large, main_opset, save_external
-from .errors import HybridqError, InputError, ModelError, did_you_mean
-from .graph import cut_model, float_layers_between, load_model
-from .images import normalize_input
-from .observers import ALGORITHMS
-from .qparams import FLOAT_DTYPES
-from .settings import Settings, canonical
-
-# quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
-QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
-    "w8a8": ("uint8", "asym", "int8"),
-    "w8a16": ("int16", "sym", "int8"),
-    "w16a16i": ("int16", "sym", "int16"),
-    "w16a16i_dfp": ("int16", "sym", "int16"),
-    "asymmetric_quantized-8": ("int8", "asym", "int8"),
-    "asymmetric_quantized-u8": ("uint8", "asym", "int8"),
-    "asymmetric_affine-u8": ("uint8", "asym", "int8"),
-    "dynamic_fixed_point-i8": ("int8", "sym", "int8"),
-    "dynamic_fixed_point-8": ("int8", "sym", "int8"),
-    "dynamic_fixed_point-i16": ("int16", "sym", "int16"),
-    "dynamic_fixed_point-16": ("int16", "sym", "int16"),
-}
-UNSUPPORTED_DTYPES = {"w4a16": "4-bit weights have no QDQ form that ONNX Runtime's CPU kernels run; use w8a8 or w8a16"}
-QUANTIZED_ALGORITHMS = {"normal": "minmax", "kl_divergence": "kl", "mmse": "mse"}
-
-# config() options that only mean something on a Rockchip NPU, with their RKNN defaults.
-NPU_ONLY_OPTIONS: dict[str, Any] = {
-    "quantized_hybrid_level": 0,
-    "target_platform": None,
-    "optimization_level": 3,
-    "custom_string": None,
-    "remove_weight": False,
-    "compress_weight": False,
-    "inputs_yuv_fmt": None,
-    "single_core_mode": False,
-    "dynamic_input": None,
-    "model_pruning": False,
-    "op_target": None,
-    "quantize_weight": False,
-    "remove_reshape": False,
-    "sparse_infer": False,
-    "enable_flash_attention": False,
-}
-
-# RKNN methods hybridq does not provide, with what to do instead.
-UNSUPPORTED_METHODS = {
-    "load_tensorflow": "hybridq reads ONNX only; export the model to ONNX (tf2onnx) and call load_onnx",
-    "load_tflite": "hybridq reads ONNX only; convert the model with tf2onnx and call load_onnx",
-    "load_caffe": "hybridq reads ONNX only; convert the model to ONNX and call load_onnx",
-    "load_darknet": "hybridq reads ONNX only; convert the model to ONNX and call load_onnx",
-    "load_pytorch": "hybridq reads ONNX only; export with torch.onnx.export and call load_onnx",
-    "eval_perf": "there is no NPU to profile; time rknn.inference or the exported model in ONNX Runtime",
-    "eval_memory": "there is no NPU to measure; the exported model runs in ONNX Runtime",
-    "export_encrypted_rknn_model": "hybridq writes plain ONNX, which cannot be encrypted for an NPU driver",
-    "codegen": "hybridq writes ONNX; deploy it with ONNX Runtime's C/C++ API",
-    "gen_cpp_demo": "hybridq writes ONNX; deploy it with ONNX Runtime's C/C++ API",
-    "reg_custom_op": "custom ops must be registered with ONNX Runtime itself",
-    "optimize_onnx": "step1 already prepares the graph (fusions, shape inference) in <name>.model",
-    "list_devices": "hybridq runs on this machine's CPU through ONNX Runtime; there are no devices",
-}
-
-
-class _Failed(Exception):
-    """A method gave up after logging its error; the wrapper turns it into -1."""
-
-
-def _rknn_method(fail: Any = -1) -> Callable:
-    """Run an RKNN method: HybridqError -> `E name: message` on stderr and `fail`; no traceback.
-
-    With HYBRIDQ_DEBUG=1 (or RKNN(verbose='debug')) unexpected exceptions propagate.
-    """
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(self: "RKNN", *args: Any, **kwargs: Any) -> Any:
-            if not self._cleanup.alive:
-                self._log("E", fn.__name__, "this RKNN object was released; create a new one with RKNN().")
-                return fail
-            try:
-                return fn(self, *args, **kwargs)
-            except _Failed:
-                return fail
-            except HybridqError as exc:
-                self._log("E", fn.__name__, str(exc))
-                return fail
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:
-                if self._debug:
-                    raise
-                self._log("E", fn.__name__, f"internal error: {type(exc).__name__}: {exc}. "
-                                            "Set HYBRIDQ_DEBUG=1 for the traceback and report it.")
-                return fail
-
-        return run
-
-    return wrap
-
-
-@dataclass
-class _Config:
-    """What config() set, already mapped to hybridq's names."""
-
-    mean_values: list[tuple[float, ...]] | None = None
-    std_values: list[tuple[float, ...]] | None = None
-    bgr: bool = False
-    dtype: str = "uint8"
-    qtype: str = "asym"
-    weight_dtype: str = "int8"
-    qmethod: str = "channel"
-    algorithm: str = "minmax"
-    float_dtype: str = "float16"
-    cos_thresh: float = 0.98
-    euc_thresh: float | None = None
-    npu_only: dict[str, Any] = field(default_factory=dict)
+from .. import _runtime
+from .._fs import copy_atomic, write_atomic
+from .._onnx import GraphIndex, is_large, main_opset, save_external
+from .._version import __version__
+from ..errors import InputError, ModelError, did_you_mean
+from ..graph import cut_model, float_layers_between, load_model
+from ..images import normalize_input
+from ..observers import ALGORITHMS
+from ..qparams import FLOAT_DTYPES
+from ..settings import Settings, canonical
+from ._translate import (
+    NPU_ONLY_OPTIONS,
+    QUANTIZED_ALGORITHMS,
+    QUANTIZED_DTYPES,
+    UNSUPPORTED_DTYPES,
+    UNSUPPORTED_METHODS,
+    _absolute,
+    _Config,
+    _Failed,
+    _per_input,
+    _rknn_layout,
+    _rknn_method,
+    _single,
+)
 
 
 class RKNN:
@@ -328,7 +219,7 @@ class RKNN:
 
     def _preprocess(self, n_inputs: int):
         """hybridq's Preprocess for images read from files (dataset, accuracy_analysis)."""
-        from .dataset import Preprocess
+        from ..dataset import Preprocess
 
         c = self._cfg
         mean = _single(c.mean_values, n_inputs, "mean_values")
@@ -336,7 +227,7 @@ class RKNN:
         return Preprocess(mean=mean, std=std, color="bgr" if c.bgr else "rgb")
 
     def _n_inputs(self, path: Path) -> int:
-        from .dataset import input_specs
+        from ..dataset import input_specs
 
         return len(input_specs(load_model(path, load_external_data=False)))
 
@@ -346,7 +237,7 @@ class RKNN:
     def hybrid_quantization_step1(self, dataset: str = "dataset.txt", rknn_batch_size: int | None = None, proposal: bool = False,
                                   proposal_dataset_size: int = 1, custom_hybrid: list[list[str]] | None = None) -> int:
         """Calibrate and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg` into the current directory."""
-        from . import api
+        from .. import api
 
         model = self._need_model()
         if rknn_batch_size is not None:
@@ -367,7 +258,7 @@ class RKNN:
             self._log("I", "hybrid_quantization_step1", "fused in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in res.fused.items()))
         if custom_hybrid:
             layers = self._custom_hybrid_layers(custom_hybrid, res.model, res.fused)
-            from .config import update_custom_layers
+            from ..config import update_custom_layers
 
             pairs = {str(tuple(p)) for p in custom_hybrid}
             comments = {n: f"custom_hybrid {why}" for n, why in layers.items()}
@@ -378,7 +269,7 @@ class RKNN:
 
     def _proposal_kwargs(self, where: str, samples: int) -> dict[str, Any]:
         """`proposal=` for hybridq.step1 (target auto_hybrid_cos_thresh, fallback float_dtype), or a clear failure."""
-        from . import api
+        from .. import api
 
         options = getattr(api, "ProposalOptions", None)
         if options is None or "proposal" not in inspect.signature(api.step1).parameters:
@@ -386,7 +277,7 @@ class RKNN:
                                   "then find the layers to keep in float with `hybridq analyze MODEL.onnx MODEL.quantization.cfg --dataset D` "
                                   "and list them in custom_quantize_layers.")
             raise _Failed
-        from .proposal import Target
+        from ..proposal import Target
 
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise InputError(f"proposal_dataset_size must be a positive integer, got {samples!r}.")
@@ -446,7 +337,7 @@ class RKNN:
     @_rknn_method()
     def hybrid_quantization_step2(self, model_input: str, data_input: str, model_quantization_cfg: str) -> int:
         """Build the deployable model from the three step1 artifacts (the cfg as edited)."""
-        from . import api
+        from .. import api
 
         out = self._tmp / "built"
         out.mkdir(exist_ok=True)
@@ -474,7 +365,7 @@ class RKNN:
     @_rknn_method()
     def build(self, do_quantization: bool = True, dataset: str | None = None, rknn_batch_size: int | None = None, auto_hybrid: bool = False) -> int:
         """step1 + step2 in a private directory (nothing is written beside the model or in the current directory)."""
-        from . import api
+        from .. import api
 
         model = self._need_model()
         self._reset_build()
@@ -560,8 +451,8 @@ class RKNN:
         (hard links when possible), and golden/<output>.txt, simulator/<output>.txt the model
         outputs flattened, one value per line (what np.genfromtxt in Rockchip's examples reads).
         """
-        from . import api
-        from .report import render_txt, verdict
+        from .. import api
+        from ..report import render_txt, verdict
 
         if target is not None or device_id is not None:
             self._once("accuracy_analysis:target", "accuracy_analysis", f"target={target!r} needs a Rockchip board; comparing fp32 with the built model in ONNX Runtime only.")
@@ -601,7 +492,7 @@ class RKNN:
 
     def _analysis_preprocess(self, n_inputs: int):
         """The recorded preprocessing of the built model; config()'s mean/std/color must agree with it (hybridq.recorded)."""
-        from .recorded import Record, choose_preprocess
+        from ..recorded import Record, choose_preprocess
 
         if not self._built_pre:
             return self._preprocess(n_inputs)
@@ -676,66 +567,8 @@ class RKNN:
         self._cleanup()
 
 
-# ---------------------------------------------------------------------- helpers
-
-
-def _per_input(values: Any, what: str) -> list[tuple[float, ...]] | None:
-    """RKNN's [[...], ...] (one list per input) or the older flat [...] as a list of tuples."""
-    if values is None:
-        return None
-    if not isinstance(values, (list, tuple)) or not values:
-        raise InputError(f"{what} must be a list of per-channel lists, one per input, e.g. [[123.675, 116.28, 103.53]]; got {values!r}.")
-    lists = [values] if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) else values
-    out = []
-    for sub in lists:
-        if not isinstance(sub, (list, tuple)) or not sub or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sub):
-            raise InputError(f"{what} must be a list of per-channel lists of numbers, e.g. [[123.675, 116.28, 103.53]]; got {values!r}.")
-        out.append(tuple(float(v) for v in sub))
-    return out
-
-
 def _recorded_pre(model: Path) -> dict[str, Any]:
     """The preprocessing step1 recorded, as step2 wrote it into the model's metadata ({} when none)."""
-    from .recorded import read_record
+    from ..recorded import read_record
 
     return dict(read_record(model).preprocess or {})
-
-
-def _single(values: list[tuple[float, ...]] | None, n_inputs: int, what: str) -> tuple[float, ...] | None:
-    """The one mean/std hybridq's dataset loader applies to every image input."""
-    if values is None:
-        return None
-    if len(values) not in (1, n_inputs):
-        raise InputError(f"{what} has {len(values)} lists but the model has {n_inputs} input(s); give one list per input.")
-    if any(v != values[0] for v in values[1:]):
-        raise InputError(f"{what} differs between inputs ({values}); hybridq applies one mean/std to every image input. "
-                         "Use the same values for all inputs, or feed the other inputs as preprocessed .npy files.")
-    return values[0]
-
-
-def _absolute(dataset: Any, base: Path) -> str:
-    """A dataset argument (list file, directory or glob) made absolute against `base`."""
-    return os.path.join(base, os.fspath(dataset))
-
-
-def _rknn_layout(out: Path, result: Any) -> None:
-    """golden/ and simulator/ beside hybridq's fp32/ and quant/ (same arrays), plus .txt for the model outputs."""
-    outputs = set(result.outputs)
-    for sub, side in (("golden", "fp32"), ("simulator", "quant")):
-        d = out / sub
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        for layer in result.layers:
-            rel = layer.fp32_file if side == "fp32" else layer.quant_file
-            if rel is None:
-                continue
-            src = out / rel
-            dst = d / Path(rel).name
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
-            if layer.tensor in outputs:
-                np.savetxt(d / (Path(rel).stem + ".txt"), np.load(src).reshape(-1), fmt="%.6f")
-
