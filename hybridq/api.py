@@ -132,27 +132,7 @@ def step1(
     entries = written_entries(plan, temp, observers, settings)
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem
-    header = {
-        "version": __version__,
-        "model": model_path.name,
-        "model_sha256": "",
-        "dataset": str(dataset),
-        "samples": n,
-        "preprocess": recorded_pre,
-    }
-    meta = {
-        "tool_version": __version__,
-        "source_model": str(model_path),
-        "written_entries": entries,
-        "written_settings": settings.to_dict(),
-        "original_nodes": report.original_nodes,
-        "renamed": report.renamed,
-        "fused": report.fused,
-        "dataset": str(dataset),
-        "samples": n,
-        "preprocess": recorded_pre,
-        "input_ranges": input_stats.to_dict(),
-    }
+    header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
     comments = _entry_comments(plan)
     prop, evaluator = None, None
     custom: dict[str, str] = {}
@@ -177,6 +157,35 @@ def step1(
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config,
     )
+
+
+def _step1_record(
+    model_path: Path, dataset: str | Path, n: int, recorded_pre: dict[str, Any] | None, entries: dict[str, dict[str, Any]],
+    settings: Settings, report: Any, input_stats: InputStats,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What step1 records: the cfg header (its ``model_sha256`` filled in when the model is written) and the `.data` meta."""
+    header = {
+        "version": __version__,
+        "model": model_path.name,
+        "model_sha256": "",
+        "dataset": str(dataset),
+        "samples": n,
+        "preprocess": recorded_pre,
+    }
+    meta = {
+        "tool_version": __version__,
+        "source_model": str(model_path),
+        "written_entries": entries,
+        "written_settings": settings.to_dict(),
+        "original_nodes": report.original_nodes,
+        "renamed": report.renamed,
+        "fused": report.fused,
+        "dataset": str(dataset),
+        "samples": n,
+        "preprocess": recorded_pre,
+        "input_ranges": input_stats.to_dict(),
+    }
+    return header, meta
 
 
 def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, custom: dict[str, str]) -> dict[str, int]:
