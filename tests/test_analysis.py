@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +238,55 @@ def test_a_worker_process_that_dies_is_a_clear_error(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(running, "_child_sample", _die)
     with pytest.raises(HybridqError, match="worker process of the analysis ended abruptly.*taskset"):
         analyze(float_model(), quant_model(True), samples(4), options=AnalysisOptions(workers=2))
+
+
+class RecordingSink:
+    """A SampleSink that records what the engine hands it, in order."""
+
+    def __init__(self, log: list[tuple]) -> None:
+        self.log = log
+
+    def start(self, tensors: list[str]) -> None:
+        self.log.append(("start", list(tensors)))
+
+    def add_sample(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.log.append(("sample", {t: (a.copy(), b.copy()) for t, (a, b) in arrays.items()}))
+
+    def finish(self, result: object) -> None:
+        self.log.append(("finish", result))
+
+    def abort(self) -> None:
+        self.log.append(("abort",))
+
+
+def test_the_engine_writes_no_file_and_streams_each_sample_to_its_sink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = samples(4)
+    log: list[tuple] = []
+
+    def pulled() -> Iterator[dict[str, np.ndarray]]:
+        for i, s in enumerate(data):
+            log.append(("pulled", i))
+            yield s
+
+    result = analyze(float_model(), quant_model(True), pulled(), sink=RecordingSink(log))
+    assert list(tmp_path.iterdir()) == []  # the engine writes nothing; api.analyze_samples writes the snapshot
+    kinds = [e[0] for e in log if e[0] != "pulled"]
+    assert kinds == ["start", "sample", "sample", "sample", "sample", "finish"]
+    assert log[[e[0] for e in log].index("start")][1] == [layer.tensor for layer in result.layers]
+    # streamed: the first sample reaches the sink before the last one is read from the dataset
+    assert log.index(next(e for e in log if e[0] == "sample")) < log.index(("pulled", 3))
+    # the arrays handed over are the fp32 tensor and its quant view of that sample
+    first = next(e[1] for e in log if e[0] == "sample")
+    np.testing.assert_allclose(first["c1"][0], fp32_values(data[0])["c1"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_analysis_aborts_its_sink() -> None:
+    log: list[tuple] = []
+    bad = [*samples(2), {"x": np.zeros((1, 2, 6, 6), np.float64)}]
+    with pytest.raises(InputError, match="sample 2"):
+        analyze(float_model(), quant_model(True), bad, sink=RecordingSink(log))
+    assert [e[0] for e in log] == ["start", "sample", "sample", "abort"]
 
 
 def test_models_given_as_protos_are_not_modified() -> None:
