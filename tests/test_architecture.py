@@ -27,7 +27,6 @@ ALLOWED_MODULES: dict[str, str] = {
 }
 ALLOWED_FUNCTIONS: dict[str, str] = {
     # "module:qualified.name" -> one line; docs/architecture.md says why
-    "hybridq.resolve:resolve": "the per-tensor decision table for cfg edits",
     "hybridq.proposal.search:search": "the proposal's climb, owned by the proposal work in progress",
 }
 
