@@ -16,7 +16,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _PUBLIC: dict[str, str] = {
     # The commands.

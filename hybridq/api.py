@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
 import onnx
 
-from . import __version__
+from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration import calibrate
@@ -25,6 +25,9 @@ from .proposal import propose as climb
 from .qdq import RewriteResult
 from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .analysis import AnalysisOptions, AnalysisResult
 
 Progress = Callable[[int], None]
 
@@ -155,27 +158,7 @@ def step1(
     entries = written_entries(plan, temp, observers, settings)
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem
-    header = {
-        "version": __version__,
-        "model": model_path.name,
-        "model_sha256": "",
-        "dataset": str(dataset),
-        "samples": n,
-        "preprocess": recorded_pre,
-    }
-    meta = {
-        "tool_version": __version__,
-        "source_model": str(model_path),
-        "written_entries": entries,
-        "written_settings": settings.to_dict(),
-        "original_nodes": report.original_nodes,
-        "renamed": report.renamed,
-        "fused": report.fused,
-        "dataset": str(dataset),
-        "samples": n,
-        "preprocess": recorded_pre,
-        "input_ranges": input_stats.to_dict(),
-    }
+    header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
     comments = _entry_comments(plan)
     prop, evaluator = None, None
     custom: dict[str, str] = {}
@@ -200,6 +183,35 @@ def step1(
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes(),
     )
+
+
+def _step1_record(
+    model_path: Path, dataset: str | Path, n: int, recorded_pre: dict[str, Any] | None, entries: dict[str, dict[str, Any]],
+    settings: Settings, report: Any, input_stats: InputStats,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What step1 records: the cfg header (its ``model_sha256`` filled in when the model is written) and the `.data` meta."""
+    header = {
+        "version": __version__,
+        "model": model_path.name,
+        "model_sha256": "",
+        "dataset": str(dataset),
+        "samples": n,
+        "preprocess": recorded_pre,
+    }
+    meta = {
+        "tool_version": __version__,
+        "source_model": str(model_path),
+        "written_entries": entries,
+        "written_settings": settings.to_dict(),
+        "original_nodes": report.original_nodes,
+        "renamed": report.renamed,
+        "fused": report.fused,
+        "dataset": str(dataset),
+        "samples": n,
+        "preprocess": recorded_pre,
+        "input_ranges": input_stats.to_dict(),
+    }
+    return header, meta
 
 
 def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, custom: dict[str, str]) -> dict[str, int]:
@@ -308,8 +320,6 @@ def analyze(
     """
     import tempfile
 
-    from .analysis import analyze as run_analysis
-
     fm = load_model(float_model)
     if dump is not None:
         check_output_dir(Path(dump), "snapshot directory (--dump)")
@@ -326,9 +336,40 @@ def analyze(
             quant_path = built.output
         qm = load_model(quant_path)
         seen = InputStats()
-        result = run_analysis(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
+        result = analyze_samples(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
     result.notes.extend(ds.notes())
+    return result
+
+
+def analyze_samples(
+    float_model: str | os.PathLike[str] | onnx.ModelProto,
+    quant_model: str | os.PathLike[str] | onnx.ModelProto,
+    samples: Iterable[dict[str, np.ndarray]],
+    *,
+    dump: str | os.PathLike[str] | None = None,
+    max_bytes: int | None = None,
+    on_sample: Callable[[], None] | None = None,
+    host_int8: bool = False,
+    options: AnalysisOptions | None = None,
+) -> AnalysisResult:
+    """The analysis of two models over `samples` (hybridq.analysis.analyze); with `dump`, a snapshot too.
+
+    With `dump` (a directory) each sample's fp32 and quant arrays are streamed there while the
+    analysis runs (`max_bytes` caps them; see hybridq.snapshot), then the manifest and the reports
+    (error_analysis.txt/.csv/.png, report.html) are written. Without it nothing is written.
+    """
+    from .analysis import analyze as run_analysis
+
+    if dump is None:
+        return run_analysis(float_model, quant_model, samples, on_sample=on_sample, host_int8=host_int8, options=options)
+    from .report import write_reports
+    from .snapshot import ArrayDump, write_snapshot
+
+    sink = ArrayDump(Path(dump), max_bytes)
+    result = run_analysis(float_model, quant_model, samples, sink=sink, on_sample=on_sample, host_int8=host_int8, options=options)
+    write_snapshot(result, Path(dump))
+    write_reports(result, Path(dump))
     return result
 
 

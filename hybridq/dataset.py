@@ -9,32 +9,9 @@ memory stays flat in the number of samples. Nothing in a list is executed:
 arrays load with `allow_pickle=False`, and the preprocess hook is imported only
 when `Preprocess.hook` is set.
 
-Image conversions, explicit and in this order:
-1. Decode with pillow; EXIF orientation is not applied (pixels as stored).
-2. Mode: 16-bit grayscale (`I;16*`, `I`) is divided by 257 into 0-255 and
-   clipped; `1`/`L`/`LA` become one gray channel (alpha dropped); `P`/`PA`
-   go through RGBA to RGB; every other mode (`RGBA`, `CMYK`, `YCbCr`...) is
-   converted to RGB, so alpha is dropped, never composited.
-3. Channels: gray is replicated to 3 channels when the model wants 3; colour
-   becomes one channel for a 1-channel model by ITU-R 601-2 luma
-   (0.299 R + 0.587 G + 0.114 B), computed in float32.
-4. Resize to the model's H, W: `none` (a mismatch is an error), `stretch`
-   (pillow bilinear on float32 channels) or `letterbox` (keep aspect, center,
-   pad with pixel value 0 before normalisation). A symbolic H or W takes the
-   image's own size (`stretch`, `none`) or the aspect-kept size (`letterbox`).
-5. Colour order: `bgr` reverses the channels; mean/std are given in the
-   order fed to the model.
-6. `(x - mean) / std` in float32, 0-255 pixel units (RKNN mean_values).
-7. Layout `nchw` transposes HWC to CHW; a leading batch dim of 1 is added and
-   the result cast to the input's dtype (integer inputs: rounded and clipped,
-   and only without mean/std).
-
-Steps 2 and 3 change what the file holds (alpha dropped, gray copied to three
-channels, colour to gray, 16 bits to 8, CMYK/YCbCr to RGB); `Dataset.notes()`
-says which happened, once per kind of change, with a count and the first file.
-
-A hook `module.py:function` (or `package.module:function`) replaces all of
-this for every file: `function(path, spec)` returns the model-ready array,
+Images become inputs as :mod:`hybridq.images` describes (decode, convert,
+resize, normalise, lay out). A hook `module.py:function` (or
+`package.module:function`) replaces all of that for every file: `function(path, spec)` returns the model-ready array,
 which is then checked like an `.npy` file.
 """
 
@@ -43,225 +20,39 @@ from __future__ import annotations
 import glob
 import importlib
 import importlib.util
-import math
 import re
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-import onnx
-from PIL import Image
 
-from hybridq.errors import DatasetError, ModelError, did_you_mean
+from .errors import DatasetError, did_you_mean
+from .images import image_plan, ImagePlan, read_image
+from .inputs import (  # re-exported: the dataset's public names, as before
+    ARRAY_EXTENSIONS,
+    COLORS,
+    IMAGE_EXTENSIONS,
+    LAYOUTS,
+    RESIZES,
+    SUPPORTED_EXTENSIONS,
+    Dim,
+    Hook,
+    InputSpec,
+    Preprocess,
+    fmt_shape,
+    input_specs,
+    parse_floats,
+)
 
-Dim = int | str | None
-Hook = Callable[[str, "InputSpec"], np.ndarray]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
-ARRAY_EXTENSIONS = (".npy", ".npz")
-SUPPORTED_EXTENSIONS = IMAGE_EXTENSIONS + ARRAY_EXTENSIONS
-COLORS = ("rgb", "bgr")
-LAYOUTS = ("nchw", "nhwc")
-RESIZES = ("none", "stretch", "letterbox")
+__all__ = [
+    "ARRAY_EXTENSIONS", "COLORS", "IMAGE_EXTENSIONS", "LAYOUTS", "RESIZES", "SUPPORTED_EXTENSIONS",
+    "Dataset", "Dim", "Hook", "InputSpec", "Preprocess", "input_specs", "load_callable", "load_dataset", "parse_floats",
+]
 
 _SUPPORTED_TEXT = ", ".join(SUPPORTED_EXTENSIONS)
 _COMMENT = re.compile(r"(^|\s)#.*")
-_FLOAT_SEPARATOR = re.compile(r"\s*,\s*|\s+")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_GRAY_MODES = ("1", "L", "LA")
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input; a str or None dim is symbolic or unknown and matches any size."""
-
-    name: str
-    shape: tuple[Dim, ...]
-    dtype: np.dtype
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(self.shape))
-        object.__setattr__(self, "dtype", np.dtype(self.dtype))
-
-
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """Graph inputs that are not initializers, in graph order."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        kind = value.type.WhichOneof("value")
-        if kind != "tensor_type":
-            raise ModelError(
-                f"model input {value.name!r} is a {kind or 'value of unknown type'}, not a tensor; "
-                "hybridq can only feed tensor inputs. Re-export the model with plain tensor inputs."
-            )
-        tensor = value.type.tensor_type
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ModelError(
-                f"model input {value.name!r} has ONNX element type {tensor.elem_type}, which has no "
-                "numpy equivalent; re-export the model with a float32 or integer input."
-            ) from exc
-        specs.append(InputSpec(value.name, tuple(_onnx_dim(d) for d in tensor.shape.dim), dtype))
-    return specs
-
-
-def _onnx_dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
-    """A fixed positive size, a symbolic name, or None when unknown."""
-    if dim.WhichOneof("value") == "dim_value" and dim.dim_value > 0:
-        return int(dim.dim_value)
-    return dim.dim_param or None
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Image preprocessing with RKNN conventions; values are validated on construction."""
-
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    color: str = "rgb"
-    layout: str | None = None
-    resize: str = "none"
-    hook: str | None = None
-
-    def __post_init__(self) -> None:
-        for field in ("mean", "std"):
-            values = getattr(self, field)
-            if values is not None:
-                object.__setattr__(self, field, _as_floats(values, field))
-        if self.std is not None and any(v <= 0 for v in self.std):
-            raise DatasetError(
-                f"std {list(self.std)} has a value <= 0; every std must be positive "
-                "(0-255 pixel units, e.g. 58.395,57.12,57.375)."
-            )
-        object.__setattr__(self, "color", _choice(self.color, COLORS, "color"))
-        object.__setattr__(self, "resize", _choice(self.resize, RESIZES, "resize"))
-        if self.layout is not None:
-            object.__setattr__(self, "layout", _choice(self.layout, LAYOUTS, "layout"))
-        if self.hook is not None:
-            module, _, function = self.hook.rpartition(":")
-            if not module or not function:
-                raise DatasetError(
-                    f"preprocess hook {self.hook!r} is not of the form path/to/module.py:function; "
-                    "give the module file and the function name separated by ':'."
-                )
-            defaults = {f.name: f.default for f in fields(self)}
-            options = ("mean", "std", "color", "layout", "resize")
-            changed = [name for name in options if getattr(self, name) != defaults[name]]
-            if changed:
-                raise DatasetError(
-                    f"preprocess hook {self.hook!r} returns model-ready arrays, so {', '.join(changed)} would be ignored; "
-                    "drop those options or apply them inside the hook."
-                )
-
-
-    def to_dict(self) -> dict[str, object]:
-        """The options as plain data (lists, strings), as step1 records them; an unset layout or hook is left out."""
-        out: dict[str, object] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: object, where: str) -> "Preprocess":
-        """Rebuild from `to_dict` output (a cfg header, a `.data` meta, model metadata); `where` names the source in errors."""
-        if not isinstance(data, dict):
-            raise DatasetError(f"{where}: the recorded preprocessing {data!r} is not a mapping; re-run step1 to record it again.")
-        known = [f.name for f in fields(cls)]
-        for key in data:
-            if key not in known:
-                raise DatasetError(
-                    f"{where}: unknown preprocessing key {key!r}.{did_you_mean(str(key), known)} Valid keys: {', '.join(known)}."
-                )
-        try:
-            return cls(**data)
-        except DatasetError as exc:
-            raise DatasetError(f"{where}: {exc}") from None
-
-    def differences(self, other: "Preprocess") -> list[tuple[str, object, object]]:
-        """(option, this value, other value) for every option that differs; a one-value mean/std equals its per-channel copy."""
-        out: list[tuple[str, object, object]] = []
-        for f in fields(self):
-            mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if f.name in ("mean", "std") and mine is not None and theirs is not None:
-                a, b = np.asarray(mine, dtype=np.float64), np.asarray(theirs, dtype=np.float64)
-                if a.size == b.size or 1 in (a.size, b.size):
-                    if np.allclose(np.broadcast_to(a, max(a.shape, b.shape)), np.broadcast_to(b, max(a.shape, b.shape)), rtol=1e-6, atol=1e-9):
-                        continue
-            elif mine == theirs:
-                continue
-            out.append((f.name, list(mine) if isinstance(mine, tuple) else mine, list(theirs) if isinstance(theirs, tuple) else theirs))
-        return out
-
-
-def _as_floats(values: object, what: str) -> tuple[float, ...]:
-    """Normalise a mean/std given as text or a sequence into a tuple of finite floats."""
-    if isinstance(values, str):
-        return parse_floats(values, what)
-    try:
-        floats = tuple(float(v) for v in values)  # type: ignore[attr-defined]
-    except (TypeError, ValueError) as exc:
-        raise DatasetError(
-            f"{what} {values!r} is not a list of numbers;"
-            " give per-channel values such as 123.675,116.28,103.53."
-        ) from exc
-    if not floats or not all(math.isfinite(v) for v in floats):
-        raise DatasetError(f"{what} {list(floats)} must hold one or more finite numbers, e.g. 123.675,116.28,103.53.")
-    return floats
-
-
-def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
-    """Lower-case `value` and check it is one of `choices`."""
-    normal = str(value).lower()
-    if normal not in choices:
-        raise DatasetError(
-            f"{what} {value!r} is not one of {', '.join(choices)};"
-            f" pick one of those.{did_you_mean(normal, choices)}"
-        )
-    return normal
-
-
-def parse_floats(text: str, what: str) -> tuple[float, ...]:
-    """Parse '123.675,116.28,103.53' (commas or spaces, optional [ ]) into finite floats."""
-    body = text.strip().strip("[]").strip()
-    items = _FLOAT_SEPARATOR.split(body) if body else []
-    if not items:
-        raise DatasetError(f"{what}: {text!r} is empty; give comma-separated numbers such as 123.675,116.28,103.53.")
-    values = []
-    for item in items:
-        try:
-            value = float(item)
-        except ValueError:
-            value = math.nan
-        if not item or not math.isfinite(value):
-            raise DatasetError(
-                f"{what}: {item!r} in {text!r} is not a finite number;"
-                " give comma-separated numbers such as 123.675,116.28,103.53."
-            )
-        values.append(value)
-    return tuple(values)
-
-
-@dataclass(frozen=True)
-class _ImagePlan:
-    """How images become one input: layout, channel count, target size, mean and std."""
-
-    layout: str
-    channels: int
-    height: int | None
-    width: int | None
-    mean: np.ndarray | None
-    std: np.ndarray | None
 
 
 class Dataset:
@@ -275,12 +66,12 @@ class Dataset:
         self.preprocess = preprocess or Preprocess()
         self._entries = [(line, list(paths)) for line, paths in entries]
         self._hook = _load_hook(self.preprocess.hook) if self.preprocess.hook else None
-        self._plans: dict[str, _ImagePlan] = {}
+        self._plans: dict[str, ImagePlan] = {}
         self._converted: dict[tuple[str, str], dict[Path, None]] = {}
         if self._hook is None:
             for i, spec in enumerate(self.inputs):
                 if any(paths[i].suffix.lower() in IMAGE_EXTENSIONS for _, paths in self._entries):
-                    self._plans[spec.name] = _image_plan(spec, self.preprocess)
+                    self._plans[spec.name] = image_plan(spec, self.preprocess)
 
     @property
     def image_inputs(self) -> list[str]:
@@ -321,7 +112,7 @@ class Dataset:
                 if spec.shape and isinstance(spec.shape[0], int):
                     raise DatasetError(
                         f"batch size {batch_size} needs a symbolic batch dim, but input {spec.name!r} has a fixed batch dim "
-                        f"of {spec.shape[0]} (shape {_fmt(spec.shape)}); use batch size 1 or export the model with a dynamic batch axis."
+                        f"of {spec.shape[0]} (shape {fmt_shape(spec.shape)}); use batch size 1 or export the model with a dynamic batch axis."
                     )
         return self._batches(batch_size, self._count(limit))
 
@@ -370,8 +161,8 @@ class Dataset:
             return _check_array(_read_npy(path, where), spec, where)
         if suffix == ".npz":
             return _check_array(_read_npz_member(path, spec, where), spec, where)
-        plan = self._plans.get(spec.name) or _image_plan(spec, self.preprocess)
-        pixels, conversions = _read_image(path, spec, plan, self.preprocess, where)
+        plan = self._plans.get(spec.name) or image_plan(spec, self.preprocess)
+        pixels, conversions = read_image(path, spec, plan, self.preprocess, where)
         for conversion in conversions:
             self._converted.setdefault(conversion, {})[path] = None
         return pixels
@@ -512,10 +303,6 @@ def _names(inputs: list[InputSpec]) -> str:
     return ", ".join(repr(spec.name) for spec in inputs)
 
 
-def _fmt(shape: tuple[Dim, ...]) -> str:
-    """A shape with symbolic dims by name and unknown ones as '?'."""
-    dims = ["?" if d is None else str(d) for d in shape]
-    return f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
 
 
 def _where(path: Path, line: int, source: Path) -> str:
@@ -543,11 +330,11 @@ def _check_array(array: object, spec: InputSpec, where: str) -> np.ndarray:
     if not _shape_matches(array.shape, spec.shape):
         batch_optional = bool(spec.shape) and (spec.shape[0] == 1 or not isinstance(spec.shape[0], int))
         if not (batch_optional and _shape_matches(array.shape, spec.shape[1:])):
-            alternative = f" or {_fmt(spec.shape[1:])} without the batch dim" if batch_optional else ""
+            alternative = f" or {fmt_shape(spec.shape[1:])} without the batch dim" if batch_optional else ""
             wildcard = " ('?' and named dims may be any size)" if any(not isinstance(d, int) for d in spec.shape) else ""
             raise DatasetError(
-                f"{where}: array has shape {_fmt(array.shape)} but input {spec.name!r} expects "
-                f"{_fmt(spec.shape)}{alternative}{wildcard}; save arrays of that shape."
+                f"{where}: array has shape {fmt_shape(array.shape)} but input {spec.name!r} expects "
+                f"{fmt_shape(spec.shape)}{alternative}{wildcard}; save arrays of that shape."
             )
         array = array[np.newaxis]
     with np.errstate(over="ignore", invalid="ignore"):
@@ -609,157 +396,6 @@ def _read_npz_member(path: Path, spec: InputSpec, where: str) -> np.ndarray:
             ) from exc
 
 
-def _image_plan(spec: InputSpec, pre: Preprocess) -> _ImagePlan:
-    """Work out how images feed `spec`, refusing inputs images cannot feed."""
-    shape = spec.shape
-    if len(shape) != 4:
-        raise DatasetError(
-            f"input {spec.name!r} has shape {_fmt(shape)}, but images can only feed 4-D inputs (NCHW or NHWC); "
-            "feed it with .npy/.npz files or a preprocess hook."
-        )
-    if spec.dtype.kind not in "fiu":
-        raise DatasetError(
-            f"input {spec.name!r} has dtype {spec.dtype}, which images cannot feed;"
-            " use .npy/.npz files or a preprocess hook."
-        )
-    layout = pre.layout or _infer_layout(spec)
-    c_dim, height, width = (shape[1], shape[2], shape[3]) if layout == "nchw" else (shape[3], shape[1], shape[2])
-    channels = c_dim if isinstance(c_dim, int) else 3
-    if channels not in (1, 3):
-        raise DatasetError(
-            f"input {spec.name!r} (shape {_fmt(shape)}, layout {layout}) wants {channels} channels, but images give 1 or 3; "
-            "check the layout option or feed .npy/.npz files."
-        )
-    mean = _per_channel(pre.mean, channels, "mean", spec)
-    std = _per_channel(pre.std, channels, "std", spec)
-    if spec.dtype.kind in "iu" and (mean is not None or std is not None):
-        raise DatasetError(
-            f"input {spec.name!r} is {spec.dtype}, but mean/std give fractional values; drop mean/std for this model "
-            "(it normalises internally) or feed .npy files."
-        )
-    return _ImagePlan(layout, channels, _fixed(height), _fixed(width), mean, std)
-
-
-def _fixed(dim: Dim) -> int | None:
-    """The size of a fixed dim, None for a symbolic one."""
-    return dim if isinstance(dim, int) else None
-
-
-def _infer_layout(spec: InputSpec) -> str:
-    """NCHW when axis 1 has 1 or 3 channels, NHWC when axis 3 has, else ask the user."""
-    if spec.shape[1] in (1, 3):
-        return "nchw"
-    if spec.shape[3] in (1, 3):
-        return "nhwc"
-    raise DatasetError(
-        f"cannot infer the layout of input {spec.name!r} with shape {_fmt(spec.shape)}: neither axis 1 nor axis 3 "
-        "has 1 or 3 channels; set layout to nchw or nhwc."
-    )
-
-
-def _per_channel(values: tuple[float, ...] | None, channels: int, what: str, spec: InputSpec) -> np.ndarray | None:
-    """Broadcast one value to every channel, or check there is one value per channel."""
-    if values is None:
-        return None
-    if len(values) not in (1, channels):
-        raise DatasetError(
-            f"{what} {list(values)} has {len(values)} values but input {spec.name!r} takes {channels}-channel images; "
-            f"give 1 or {channels} values."
-        )
-    return np.broadcast_to(np.asarray(values, dtype=np.float32), (channels,)).copy()
-
-
-def _read_image(path: Path, spec: InputSpec, plan: _ImagePlan, pre: Preprocess, where: str) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decode, convert, resize, reorder, normalise and lay out one image for `spec`.
-
-    Returns the array and the conversions that changed its content, each as (what, how) (see `Dataset.notes`).
-    """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            conversions = _mode_conversions(image)
-            pixels = _pixels(image)
-    except Exception as exc:
-        raise DatasetError(
-            f"{where}: cannot read this image ({type(exc).__name__}: {exc}); check it is a valid "
-            f"{'/'.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} file or remove it from the dataset."
-        ) from exc
-    if plan.channels == 3 and pixels.shape[2] == 1:
-        pixels = np.repeat(pixels, 3, axis=2)
-        conversions.append(("grayscale", f"the gray channel is copied to R, G and B for the 3-channel input {spec.name!r}"))
-    elif plan.channels == 1 and pixels.shape[2] == 3:
-        pixels = (pixels @ _LUMA)[..., np.newaxis]
-        conversions.append(("colour", f"turned into one gray channel (0.299 R + 0.587 G + 0.114 B) for the 1-channel input {spec.name!r}"))
-    pixels = _fit(pixels, plan, pre.resize, spec, where)
-    if pre.color == "bgr":
-        pixels = pixels[..., ::-1]
-    if plan.mean is not None:
-        pixels = pixels - plan.mean
-    if plan.std is not None:
-        pixels = pixels / plan.std
-    if plan.layout == "nchw":
-        pixels = pixels.transpose(2, 0, 1)
-    batch = pixels[np.newaxis]
-    if spec.dtype.kind in "iu":
-        info = np.iinfo(spec.dtype)
-        batch = np.clip(np.rint(batch), info.min, info.max)
-    return np.ascontiguousarray(batch, dtype=spec.dtype), conversions
-
-
-def _mode_conversions(image: Image.Image) -> list[tuple[str, str]]:
-    """The content changes `_pixels` makes to an image of this mode, as (what, how)."""
-    mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        return [(f"16-bit pixels (mode {mode})", "divided by 257 into 0-255")]
-    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
-        return [("an alpha channel", "dropped, not composited over a background")]
-    if mode not in _GRAY_MODES + ("RGB", "P"):
-        return [(f"mode {mode}", "converted to RGB by pillow")]
-    return []
-
-
-def _pixels(image: Image.Image) -> np.ndarray:
-    """HxWxC float32 in 0-255 with C = 1 (gray) or 3 (RGB), per the module docstring."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        gray = np.clip(np.asarray(image).astype(np.float32) / 257.0, 0.0, 255.0)
-        return gray[..., np.newaxis]
-    if image.mode in _GRAY_MODES:
-        return np.asarray(image.convert("L"), dtype=np.float32)[..., np.newaxis]
-    if image.mode in ("P", "PA"):
-        image = image.convert("RGBA")
-    return np.asarray(image.convert("RGB"), dtype=np.float32)
-
-
-def _fit(pixels: np.ndarray, plan: _ImagePlan, mode: str, spec: InputSpec, where: str) -> np.ndarray:
-    """Bring an image to the input's H, W per `mode`; symbolic dims follow the image."""
-    height, width = pixels.shape[:2]
-    target_h = plan.height if plan.height is not None else height
-    target_w = plan.width if plan.width is not None else width
-    if (height, width) == (target_h, target_w):
-        return pixels
-    if mode == "none":
-        raise DatasetError(
-            f"{where}: image is {width}x{height} (width x height) but input {spec.name!r} expects {target_w}x{target_h}; "
-            "set resize to stretch or letterbox, or resize the files beforehand."
-        )
-    if mode == "stretch":
-        return _resize(pixels, target_w, target_h)
-    scale = min(t / s for t, s in ((plan.height, height), (plan.width, width)) if t is not None)
-    new_h, new_w = max(1, math.floor(height * scale + 0.5)), max(1, math.floor(width * scale + 0.5))
-    box_h = plan.height if plan.height is not None else new_h
-    box_w = plan.width if plan.width is not None else new_w
-    new_h, new_w = min(new_h, box_h), min(new_w, box_w)
-    canvas = np.zeros((box_h, box_w, pixels.shape[2]), dtype=np.float32)
-    top, left = (box_h - new_h) // 2, (box_w - new_w) // 2
-    canvas[top : top + new_h, left : left + new_w] = _resize(pixels, new_w, new_h)
-    return canvas
-
-
-def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Pillow bilinear resize of each float32 channel to width x height."""
-    planes = [Image.fromarray(np.ascontiguousarray(pixels[..., c], dtype=np.float32)) for c in range(pixels.shape[2])]
-    resized = [np.asarray(p.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) for p in planes]
-    return np.stack(resized, axis=2)
 
 
 def load_callable(hook: str, what: str = "preprocess hook") -> Callable:

@@ -15,14 +15,15 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from . import _runtime
 from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, subgraphs
-from .errors import ModelError, OutputError
+from .errors import InputError, ModelError, OutputError, did_you_mean
 
 MIN_OPSET = 13
 
@@ -270,3 +271,84 @@ def float_activations(model: onnx.ModelProto) -> list[str]:
 def has_subgraphs(model: onnx.ModelProto) -> list[str]:
     """Names of main-graph nodes that carry subgraphs (If, Loop, Scan); these stay float."""
     return [n.name for n in model.graph.node if subgraphs(n)]
+
+
+def cut_model(
+    proto: onnx.ModelProto, path: Path, inputs: list[str] | None, sizes: list[list[int]] | None,
+    initial: list[Any] | None, outputs: list[str] | None,
+) -> onnx.ModelProto:
+    """A copy of ``proto`` cut at tensors ``inputs`` / ``outputs``, inputs fixed to ``sizes`` or to constants ``initial``.
+
+    (RKNN's ``load_onnx(inputs=, outputs=, input_size_list=, input_initial_val=)``.) ``path`` names the
+    model in errors; a size list may leave out the batch dim. ``proto`` is not modified.
+    """
+    g = proto.graph
+    inits = {i.name for i in g.initializer}
+    tensors = {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    model_inputs = [i.name for i in g.input if i.name not in inits]
+    for name in list(inputs or []) + list(outputs or []):
+        if name not in tensors:
+            raise InputError(f"'{name}' is not a tensor of {path}.{did_you_mean(name, sorted(tensors))} Give tensor names as Netron shows them.")
+    if sizes is not None and inputs is None and len(sizes) != len(model_inputs):
+        raise InputError(f"input_size_list has {len(sizes)} shapes but {path} has {len(model_inputs)} inputs ({', '.join(model_inputs)}); give one shape per input.")
+    if inputs is not None and sizes is not None and len(sizes) != len(inputs):
+        raise InputError(f"input_size_list has {len(sizes)} shapes but inputs names {len(inputs)} tensors; give one shape per input.")
+    model = proto
+    if inputs is not None or outputs is not None:
+        try:
+            model = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto)).extract_model(list(inputs or model_inputs), list(outputs or [o.name for o in g.output]))
+        except Exception as exc:
+            raise InputError(f"cannot cut {path} at inputs {inputs} / outputs {outputs}: {exc}") from None
+        del model.opset_import[:]
+        model.opset_import.extend(proto.opset_import)
+        model.ir_version = proto.ir_version
+    g = model.graph
+    names = list(inputs or [i.name for i in g.input if i.name not in {x.name for x in g.initializer}])
+    by_name = {i.name: i for i in g.input}
+    if sizes is not None:
+        for name, size in zip(names, sizes):
+            dims = by_name[name].type.tensor_type.shape.dim
+            size = list(size)
+            if len(size) == len(dims) - 1:
+                size = [1] + size  # RKNN lists often leave out the batch dim
+            if len(size) != len(dims):
+                raise InputError(f"input_size_list gives {size} for '{name}', which has {len(dims)} dims.")
+            for d, v in zip(dims, size):
+                d.ClearField("dim_param")
+                d.dim_value = int(v)
+        del g.value_info[:]  # shapes are inferred again by step1
+    if initial is not None:
+        for name, val in zip(names, initial):
+            if val is None:
+                continue
+            arr = np.asarray(val)
+            g.initializer.append(numpy_helper.from_array(arr.astype(onnx.helper.tensor_dtype_to_np_dtype(by_name[name].type.tensor_type.elem_type)), name))
+            g.input.remove(by_name[name])
+    return model
+
+
+def float_layers_between(g: onnx.GraphProto, starts: list[str], ends: list[str], index: GraphIndex | None = None) -> list[str]:
+    """Nodes (by name, graph order) on some path from a tensor in ``starts`` to one in ``ends`` that write a float tensor."""
+    index = index or GraphIndex(g)
+    down: set[str] = set()
+    stack = [c for t in starts for c in index.consumer_nodes(t)]
+    while stack:
+        n = stack.pop()
+        if n.name not in down:
+            down.add(n.name)
+            stack.extend(c for o in n.output for c in index.consumer_nodes(o))
+    up: set[str] = set()
+    stack = [p for t in ends if (p := index.producer_node(t)) is not None]
+    while stack:
+        n = stack.pop()
+        if n.name not in up:
+            up.add(n.name)
+            stack.extend(p for t in n.input if (p := index.producer_node(t)) is not None)
+    float_out = _float_outputs(g)
+    return [n.name for n in g.node if n.name in down and n.name in up and any(o in float_out for o in n.output)]
+
+
+def _float_outputs(g: onnx.GraphProto) -> set[str]:
+    """Tensors known to be float: graph inputs/outputs/value_info typed FLOAT, and outputs of nodes with float inputs."""
+    typed = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
+    return {o for n in g.node for o in n.output if typed.get(o, TensorProto.FLOAT) in (TensorProto.FLOAT, TensorProto.FLOAT16)}

@@ -285,23 +285,10 @@ def _clip_min_is_zero(node: onnx.NodeProto, g: GraphView) -> bool:
     return any(a.name == "min" and a.f == 0.0 for a in node.attribute)
 
 
-def make_plan(
-    model: onnx.ModelProto,
-    settings: Settings,
-    layer_precision: dict[str, str] | None = None,
-    tensor_dtype: dict[str, str] | None = None,
-    weight_method: dict[str, str] | None = None,
-) -> QuantPlan:
-    """Plan the rewrite of `model` (the temp model).
-
-    `layer_precision` maps node names to a precision from the cfg's custom_quantize_layers;
-    `tensor_dtype` and `weight_method` carry per-tensor dtype / qmethod edits from the cfg.
-    """
-    layer_precision = layer_precision or {}
-    tensor_dtype = tensor_dtype or {}
-    weight_method = weight_method or {}
-    g = GraphView(model)
-    plan = QuantPlan()
+def _choose_layers(
+    model: onnx.ModelProto, g: GraphView, settings: Settings, layer_precision: dict[str, str], plan: QuantPlan
+) -> dict[str, Slots]:
+    """Each node's precision into ``plan.layers`` (the cfg's choice, else the policy); the quantized nodes' slots."""
     quantized: dict[str, Slots] = {}
     pooled = pooled_tensors(g)
     dw_share = depthwise_share(model, g) if settings.float_depthwise == "auto" else 0.0
@@ -324,6 +311,27 @@ def make_plan(
             continue
         plan.layers[node.name] = LayerPlan(node.name, node.op_type, "default", "default")
         quantized[node.name] = slots
+    return quantized
+
+
+def make_plan(
+    model: onnx.ModelProto,
+    settings: Settings,
+    layer_precision: dict[str, str] | None = None,
+    tensor_dtype: dict[str, str] | None = None,
+    weight_method: dict[str, str] | None = None,
+) -> QuantPlan:
+    """Plan the rewrite of `model` (the temp model).
+
+    `layer_precision` maps node names to a precision from the cfg's custom_quantize_layers;
+    `tensor_dtype` and `weight_method` carry per-tensor dtype / qmethod edits from the cfg.
+    """
+    layer_precision = layer_precision or {}
+    tensor_dtype = tensor_dtype or {}
+    weight_method = weight_method or {}
+    g = GraphView(model)
+    plan = QuantPlan()
+    quantized = _choose_layers(model, g, settings, layer_precision, plan)
 
     sym = settings.qtype == "sym"
 

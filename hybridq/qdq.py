@@ -117,121 +117,156 @@ def apply_plan(
     work = onnx.ModelProto()
     work.CopyFrom(model)
     work, ms_domain = _prepare_opset(work, _needs_16bit(plan))
-    g = GraphView(work)
-    result = RewriteResult(work)
-    new_inits: list[TensorProto] = []
-    dropped_inits: set[str] = set()
-
-    def qdq_domain(dtype: str) -> str:
-        return ms_domain if dtype in ("int16", "uint16") else ""
-
-    for name, lp in plan.layers.items():
-        node = g.by_name[name]
-        eff = lp.precision
-        if eff in ("default", "uint8", "int8", "int16"):
-            dts = [plan.tensors[t].dtype for t in node.input if t in plan.tensors]
-            eff = "int16" if "int16" in dts or lp.precision == "int16" else (dts[0] if dts else lp.precision)
-        result.layers[name] = {"op": lp.op, "precision": eff, "requested": lp.precision, "reason": lp.reason}
-    # Activations: Q -> DQ right after the producer, readers rewired.
-    after: dict[str, list[onnx.NodeProto]] = {}
-    rewire: dict[str, dict[str, str]] = {}
-    for t, tp in plan.tensors.items():
-        qp = act_params[t]
-        scale, zp = _qparam_inits(t, qp)
-        new_inits += [scale, zp]
-        dom = qdq_domain(qp.dtype)
-        q = helper.make_node("QuantizeLinear", [t, scale.name, zp.name], [f"{t}_quantized"], name=f"{t}_QuantizeLinear", domain=dom)
-        dq = helper.make_node("DequantizeLinear", [q.output[0], scale.name, zp.name], [f"{t}_dequantized"], name=f"{t}_DequantizeLinear", domain=dom)
-        prod = g.producer_node(t)
-        after.setdefault(prod.name if prod is not None else "", []).extend([q, dq])
-        for reader in tp.readers:
-            rewire.setdefault(reader, {})[t] = dq.output[0]
-        result.tensor_map[t] = dq.output[0]
-
-    # Weights: stored quantized, read through a DQ.
-    for w, wp in plan.weights.items():
-        qp = weight_params[w]
-        arr = g.init_array(w)
-        q_arr = quantize(arr, qp)
-        new_inits.append(numpy_helper.from_array(q_arr, f"{w}_quantized"))
-        scale, zp = _qparam_inits(w, qp)
-        new_inits += [scale, zp]
-        attrs = {"axis": qp.axis} if qp.axis is not None else {}
-        dq = helper.make_node("DequantizeLinear", [f"{w}_quantized", scale.name, zp.name], [f"{w}_dequantized"], name=f"{w}_DequantizeLinear", domain=qdq_domain(qp.dtype), **attrs)
-        after.setdefault("", []).append(dq)
-        rewire.setdefault(wp.node, {})[w] = dq.output[0]
-        if all(c.name == wp.node for c in g.consumer_nodes(w)):
-            dropped_inits.add(w)
-
-    # Biases: int32 with scale = s_input * s_weight, when it fits.
-    for b, bp in plan.biases.items():
-        if bp.activation not in act_params or bp.weight not in weight_params:
-            continue
-        s_x, qp_w = act_params[bp.activation], weight_params[bp.weight]
-        arr = g.init_array(b).reshape(-1).astype(np.float64)
-        scale = (s_x.scale.astype(np.float64).reshape(()) * qp_w.scale.astype(np.float64)).reshape(-1)
-        if scale.size == 1:
-            scale = np.full(arr.shape, scale[0])
-        if np.any(scale <= 0) or np.any(np.abs(np.rint(arr / scale)) > INT32_LIMIT):
-            result.notes.append(f"bias '{b}' of '{bp.node}' would overflow int32; kept float")
-            continue
-        q_arr = np.rint(arr / scale).astype(np.int32).reshape(g.inits[b].dims)
-        new_inits.append(numpy_helper.from_array(q_arr, f"{b}_quantized"))
-        new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{b}_scale"))
-        new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{b}_zero_point"))
-        dq = helper.make_node("DequantizeLinear", [f"{b}_quantized", f"{b}_scale", f"{b}_zero_point"], [f"{b}_dequantized"], name=f"{b}_DequantizeLinear", axis=0)
-        after.setdefault("", []).append(dq)
-        rewire.setdefault(bp.node, {})[b] = dq.output[0]
-        if all(c.name == bp.node for c in g.consumer_nodes(b)):
-            dropped_inits.add(b)
-
-    # Float16 layers: Cast in, fp16 weights, Cast out.
-    fp16_nodes = {n for n, lp in plan.layers.items() if lp.precision == "float16"}
-    before: dict[str, list[onnx.NodeProto]] = {}
-    for name in fp16_nodes:
-        node = g.by_name[name]
-        casts_in, casts_out = [], []
-        for i, t in enumerate(node.input):
-            src = rewire.get(name, {}).get(t, t)
-            if t in g.inits and g.types.get(t) == TensorProto.FLOAT:
-                half = numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16")
-                new_inits.append(half)
-                rewire.setdefault(name, {})[t] = half.name
-                if all(c.name == name for c in g.consumer_nodes(t)):
-                    dropped_inits.add(t)
-            elif g.is_float_activation(t):
-                out = f"{name}_input{i}_fp16"
-                casts_in.append(helper.make_node("Cast", [src], [out], name=f"{name}_Cast_input{i}", to=TensorProto.FLOAT16))
-                rewire.setdefault(name, {})[t] = out
-        for j, o in enumerate(node.output):
-            if g.types.get(o) == TensorProto.FLOAT:
-                half_out = f"{o}_fp16"
-                casts_out.append(helper.make_node("Cast", [half_out], [o], name=f"{name}_Cast_output{j}", to=TensorProto.FLOAT))
-                node.output[j] = half_out
-        before[name] = casts_in
-        after.setdefault(name, [])[:0] = casts_out
-
-    nodes: list[onnx.NodeProto] = list(after.get("", []))
-    for node in work.graph.node:
-        nodes.extend(before.get(node.name, []))
-        for i, t in enumerate(node.input):
-            new = rewire.get(node.name, {}).get(t)
-            if new:
-                node.input[i] = new
-        nodes.append(node)
-        nodes.extend(after.get(node.name, []))
-    del work.graph.node[:]
-    work.graph.node.extend(nodes)
-    keep = [i for i in work.graph.initializer if i.name not in dropped_inits]
-    del work.graph.initializer[:]
-    work.graph.initializer.extend(keep + new_inits)
-    # value_info of fp16-renamed outputs would now lie; drop stale entries.
-    stale = {o for n in fp16_nodes for o in g.by_name[n].output}
-    vi = [v for v in work.graph.value_info if v.name not in stale]
-    del work.graph.value_info[:]
-    work.graph.value_info.extend(vi)
-
+    r = _Rewrite(work, plan, ms_domain)
+    r.layers()
+    r.activations(act_params)
+    r.weights(weight_params)
+    r.biases(act_params, weight_params)
+    fp16_nodes = r.float16_layers()
+    r.assemble(fp16_nodes)
+    result = r.result
     layers = {k: {"op": v["op"], "precision": v["precision"]} for k, v in result.layers.items()}
     QdqMap(result.tensor_map, layers).write_to(work)
     result.model = work
     return result
+
+
+class _Rewrite:
+    """The pieces of one QDQ rewrite, collected section by section, then assembled once into ``work``.
+
+    ``after[node]`` / ``before[node]`` are nodes inserted after / before a node (``""``: at the top),
+    ``rewire[node][tensor]`` the tensor that node reads instead, ``new_inits`` and ``dropped_inits``
+    the initializers added and removed.
+    """
+
+    def __init__(self, work: onnx.ModelProto, plan: QuantPlan, ms_domain: str) -> None:
+        self.work, self.plan, self.ms_domain = work, plan, ms_domain
+        self.g = GraphView(work)
+        self.result = RewriteResult(work)
+        self.new_inits: list[TensorProto] = []
+        self.dropped_inits: set[str] = set()
+        self.after: dict[str, list[onnx.NodeProto]] = {}
+        self.before: dict[str, list[onnx.NodeProto]] = {}
+        self.rewire: dict[str, dict[str, str]] = {}
+
+    def qdq_domain(self, dtype: str) -> str:
+        return self.ms_domain if dtype in ("int16", "uint16") else ""
+
+    def layers(self) -> None:
+        """Each planned layer's effective precision, in the result."""
+        plan, g = self.plan, self.g
+        for name, lp in plan.layers.items():
+            node = g.by_name[name]
+            eff = lp.precision
+            if eff in ("default", "uint8", "int8", "int16"):
+                dts = [plan.tensors[t].dtype for t in node.input if t in plan.tensors]
+                eff = "int16" if "int16" in dts or lp.precision == "int16" else (dts[0] if dts else lp.precision)
+            self.result.layers[name] = {"op": lp.op, "precision": eff, "requested": lp.precision, "reason": lp.reason}
+
+    def activations(self, act_params: dict[str, QParams]) -> None:
+        """Activations: Q -> DQ right after the producer, readers rewired."""
+        g, after, rewire = self.g, self.after, self.rewire
+        for t, tp in self.plan.tensors.items():
+            qp = act_params[t]
+            scale, zp = _qparam_inits(t, qp)
+            self.new_inits += [scale, zp]
+            dom = self.qdq_domain(qp.dtype)
+            q = helper.make_node("QuantizeLinear", [t, scale.name, zp.name], [f"{t}_quantized"], name=f"{t}_QuantizeLinear", domain=dom)
+            dq = helper.make_node("DequantizeLinear", [q.output[0], scale.name, zp.name], [f"{t}_dequantized"], name=f"{t}_DequantizeLinear", domain=dom)
+            prod = g.producer_node(t)
+            after.setdefault(prod.name if prod is not None else "", []).extend([q, dq])
+            for reader in tp.readers:
+                rewire.setdefault(reader, {})[t] = dq.output[0]
+            self.result.tensor_map[t] = dq.output[0]
+
+    def weights(self, weight_params: dict[str, QParams]) -> None:
+        """Weights: stored quantized, read through a DQ."""
+        g = self.g
+        for w, wp in self.plan.weights.items():
+            qp = weight_params[w]
+            arr = g.init_array(w)
+            q_arr = quantize(arr, qp)
+            self.new_inits.append(numpy_helper.from_array(q_arr, f"{w}_quantized"))
+            scale, zp = _qparam_inits(w, qp)
+            self.new_inits += [scale, zp]
+            attrs = {"axis": qp.axis} if qp.axis is not None else {}
+            dq = helper.make_node("DequantizeLinear", [f"{w}_quantized", scale.name, zp.name], [f"{w}_dequantized"], name=f"{w}_DequantizeLinear", domain=self.qdq_domain(qp.dtype), **attrs)
+            self.after.setdefault("", []).append(dq)
+            self.rewire.setdefault(wp.node, {})[w] = dq.output[0]
+            if all(c.name == wp.node for c in g.consumer_nodes(w)):
+                self.dropped_inits.add(w)
+
+    def biases(self, act_params: dict[str, QParams], weight_params: dict[str, QParams]) -> None:
+        """Biases: int32 with scale = s_input * s_weight, when it fits."""
+        g = self.g
+        for b, bp in self.plan.biases.items():
+            if bp.activation not in act_params or bp.weight not in weight_params:
+                continue
+            s_x, qp_w = act_params[bp.activation], weight_params[bp.weight]
+            arr = g.init_array(b).reshape(-1).astype(np.float64)
+            scale = (s_x.scale.astype(np.float64).reshape(()) * qp_w.scale.astype(np.float64)).reshape(-1)
+            if scale.size == 1:
+                scale = np.full(arr.shape, scale[0])
+            if np.any(scale <= 0) or np.any(np.abs(np.rint(arr / scale)) > INT32_LIMIT):
+                self.result.notes.append(f"bias '{b}' of '{bp.node}' would overflow int32; kept float")
+                continue
+            q_arr = np.rint(arr / scale).astype(np.int32).reshape(g.inits[b].dims)
+            self.new_inits.append(numpy_helper.from_array(q_arr, f"{b}_quantized"))
+            self.new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{b}_scale"))
+            self.new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{b}_zero_point"))
+            dq = helper.make_node("DequantizeLinear", [f"{b}_quantized", f"{b}_scale", f"{b}_zero_point"], [f"{b}_dequantized"], name=f"{b}_DequantizeLinear", axis=0)
+            self.after.setdefault("", []).append(dq)
+            self.rewire.setdefault(bp.node, {})[b] = dq.output[0]
+            if all(c.name == bp.node for c in g.consumer_nodes(b)):
+                self.dropped_inits.add(b)
+
+    def float16_layers(self) -> set[str]:
+        """Float16 layers: Cast in, fp16 weights, Cast out. Returns their names."""
+        g, rewire = self.g, self.rewire
+        fp16_nodes = {n for n, lp in self.plan.layers.items() if lp.precision == "float16"}
+        for name in fp16_nodes:
+            node = g.by_name[name]
+            casts_in, casts_out = [], []
+            for i, t in enumerate(node.input):
+                src = rewire.get(name, {}).get(t, t)
+                if t in g.inits and g.types.get(t) == TensorProto.FLOAT:
+                    half = numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16")
+                    self.new_inits.append(half)
+                    rewire.setdefault(name, {})[t] = half.name
+                    if all(c.name == name for c in g.consumer_nodes(t)):
+                        self.dropped_inits.add(t)
+                elif g.is_float_activation(t):
+                    out = f"{name}_input{i}_fp16"
+                    casts_in.append(helper.make_node("Cast", [src], [out], name=f"{name}_Cast_input{i}", to=TensorProto.FLOAT16))
+                    rewire.setdefault(name, {})[t] = out
+            for j, o in enumerate(node.output):
+                if g.types.get(o) == TensorProto.FLOAT:
+                    half_out = f"{o}_fp16"
+                    casts_out.append(helper.make_node("Cast", [half_out], [o], name=f"{name}_Cast_output{j}", to=TensorProto.FLOAT))
+                    node.output[j] = half_out
+            self.before[name] = casts_in
+            self.after.setdefault(name, [])[:0] = casts_out
+        return fp16_nodes
+
+    def assemble(self, fp16_nodes: set[str]) -> None:
+        """Insert the new nodes, rewire the readers, swap the initializers, drop stale value_info."""
+        work, g = self.work, self.g
+        nodes: list[onnx.NodeProto] = list(self.after.get("", []))
+        for node in work.graph.node:
+            nodes.extend(self.before.get(node.name, []))
+            for i, t in enumerate(node.input):
+                new = self.rewire.get(node.name, {}).get(t)
+                if new:
+                    node.input[i] = new
+            nodes.append(node)
+            nodes.extend(self.after.get(node.name, []))
+        del work.graph.node[:]
+        work.graph.node.extend(nodes)
+        keep = [i for i in work.graph.initializer if i.name not in self.dropped_inits]
+        del work.graph.initializer[:]
+        work.graph.initializer.extend(keep + self.new_inits)
+        # value_info of fp16-renamed outputs would now lie; drop stale entries.
+        stale = {o for n in fp16_nodes for o in g.by_name[n].output}
+        vi = [v for v in work.graph.value_info if v.name not in stale]
+        del work.graph.value_info[:]
+        work.graph.value_info.extend(vi)

@@ -29,10 +29,11 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._fs import write_atomic
-from .analysis import COS_THRESHOLD, SNR_THRESHOLD, AnalysisResult, Verdict, judge
+from .analysis.results import AnalysisResult, LayerError
+from .analysis.verdict import COS_THRESHOLD, SNR_THRESHOLD, Verdict, judge
 from .metrics import METRIC_NAMES, Metrics
 
 if TYPE_CHECKING:
@@ -209,6 +210,37 @@ def render_png(
     return buf.getvalue()
 
 
+def _mark_failing(ax_c: Any, ax_s: Any, failing: list[LayerError], xs: list[int], n: int, clip: Callable[[list[float]], list[float]]) -> None:
+    """Circle the layers below a threshold (at graph positions ``xs``) and name as many as fit, in tiers."""
+    tiers: list[list[tuple[float, float]]] = [[] for _ in range(4)]  # label spans (pixels) taken per height
+    axes_px = 1200.0  # about the plot width at 12.8 inches, 100 dpi
+    labelled = 0
+    for w, i in zip(failing, xs):
+        m = w.single
+        assert m is not None
+        sy = clip([m.snr_db])[0]
+        ax_c.plot([i], [m.cosine], "o", ms=10, mfc="none", mec="red", mew=1.5, gid="below-threshold")
+        ax_s.plot([i], [sy], "o", ms=10, mfc="none", mec="red", mew=1.5, gid="below-threshold")
+        if labelled >= _MAX_LABELS:
+            continue
+        text = _plain(w.layer)
+        x_px = (i + 0.5) / max(n, 1) * axes_px
+        width = 6.5 * len(text) + 16  # DejaVu Sans at 8 points, with a margin
+        left = x_px + width > axes_px  # near the right edge: the name goes to the left of its point
+        span = (x_px - width, x_px) if left else (x_px, x_px + width)
+        tier = next((t for t in range(4) if all(span[1] < a or span[0] > b for a, b in tiers[t])), None)
+        if tier is None:
+            continue  # no free height here: the table names it
+        tiers[tier].append(span)
+        labelled += 1
+        gap = 6.0 * max(n, 1) / axes_px  # six pixels in data units
+        ax_s.annotate(  # one row of names per tier, at fixed heights, so equal spans never overlap
+            text, (i, sy), xytext=(i - gap if left else i + gap, 0.42 + 0.1 * tier),
+            textcoords=("data", "axes fraction"), ha="right" if left else "left", va="center",
+            fontsize=8, color="red", gid="layer-name", arrowprops={"arrowstyle": "-", "color": "red", "lw": 0.5},
+        )
+
+
 def chart(result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, snr_threshold: float = SNR_THRESHOLD) -> Figure:
     """Per-layer entire vs single cosine (top) and SNR (bottom) along the graph.
 
@@ -258,34 +290,7 @@ def chart(result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, snr_thre
     ax_s.axhline(snr_threshold, color="red", ls=":", lw=0.8, label=f"threshold {snr_threshold:g} dB")
     index = {id(layer): i for i, layer in enumerate(layers)}
     failing = [w for w in result.worst() if _flagged(w.single, cos_threshold, snr_threshold)]
-    tiers: list[list[tuple[float, float]]] = [[] for _ in range(4)]  # label spans (pixels) taken per height
-    axes_px = 1200.0  # about the plot width at 12.8 inches, 100 dpi
-    labelled = 0
-    for w in failing:
-        i = index[id(w)]
-        m = w.single
-        assert m is not None
-        sy = clip([m.snr_db])[0]
-        ax_c.plot([i], [m.cosine], "o", ms=10, mfc="none", mec="red", mew=1.5, gid="below-threshold")
-        ax_s.plot([i], [sy], "o", ms=10, mfc="none", mec="red", mew=1.5, gid="below-threshold")
-        if labelled >= _MAX_LABELS:
-            continue
-        text = _plain(w.layer)
-        x_px = (i + 0.5) / max(n, 1) * axes_px
-        width = 6.5 * len(text) + 16  # DejaVu Sans at 8 points, with a margin
-        left = x_px + width > axes_px  # near the right edge: the name goes to the left of its point
-        span = (x_px - width, x_px) if left else (x_px, x_px + width)
-        tier = next((t for t in range(4) if all(span[1] < a or span[0] > b for a, b in tiers[t])), None)
-        if tier is None:
-            continue  # no free height here: the table names it
-        tiers[tier].append(span)
-        labelled += 1
-        gap = 6.0 * max(n, 1) / axes_px  # six pixels in data units
-        ax_s.annotate(  # one row of names per tier, at fixed heights, so equal spans never overlap
-            text, (i, sy), xytext=(i - gap if left else i + gap, 0.42 + 0.1 * tier),
-            textcoords=("data", "axes fraction"), ha="right" if left else "left", va="center",
-            fontsize=8, color="red", gid="layer-name", arrowprops={"arrowstyle": "-", "color": "red", "lw": 0.5},
-        )
+    _mark_failing(ax_c, ax_s, failing, [index[id(w)] for w in failing], n, clip)
     v = judge(result, cos_threshold, snr_threshold)
     circled = f"red circles: {len(failing)} layer(s) below threshold" if failing else "no layer below threshold"
     ax_c.set_title(

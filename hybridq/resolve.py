@@ -178,6 +178,15 @@ def resolve(
             qp = QParams(dtype, scale, zp.astype(NUMPY[dtype]))
         res.activations[t] = qp
 
+    _resolve_weights(plan, entries, written, weights, cfg_name, res)
+    return res
+
+
+def _resolve_weights(
+    plan: QuantPlan, entries: dict[str, CfgEntry], written: dict[str, dict[str, Any]], weights: dict[str, np.ndarray],
+    cfg_name: str, res: Resolution,
+) -> None:
+    """Weight parameters into ``res.weights``: recomputed from the weights unless the cfg edits min/max or scale."""
     for wname, wp in plan.weights.items():
         arr = weights[wname]
         e = entries.get(wname)
@@ -215,4 +224,3 @@ def resolve(
             res.weights[wname] = QParams(wp.dtype, scale, fresh.zero_point, wp.axis)
         else:
             res.weights[wname] = fresh
-    return res

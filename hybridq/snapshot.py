@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ._fs import publish, write_atomic
-from .analysis import AnalysisResult
+from .analysis.results import AnalysisResult
 from .errors import InputError, OutputError, did_you_mean
 
 MANIFEST = "manifest.json"
@@ -118,14 +118,17 @@ class ArrayDump:
     order while they fit; each further sample is written only if all its kept
     tensors still fit; then writing stops. Metrics are unaffected; the result
     says what was left out (:attr:`AnalysisResult.dump_message`).
+
+    Given to :func:`hybridq.analysis.analyze` as its
+    :class:`~hybridq.analysis.results.SampleSink`: the engine calls
+    :meth:`start`, :meth:`add_sample` per sample, then :meth:`finish` or
+    :meth:`abort`; nothing is created before :meth:`start`.
     """
 
-    def __init__(self, root: Path, tensors: list[str], max_bytes: int | None = None) -> None:
-        if max_bytes is not None and max_bytes < 0:
-            raise InputError(f"--max-bytes must be >= 0, got {max_bytes}")
+    def __init__(self, root: Path, max_bytes: int | None = None) -> None:
         self.root = Path(root)
-        self.names = safe_names(tensors)
-        self.order = list(tensors)
+        self.names: dict[str, str] = {}
+        self.order: list[str] = []
         self.max_bytes = max_bytes
         self.files: dict[str, tuple[_NpyAppender, _NpyAppender]] = {}
         self.kept: list[str] | None = None
@@ -133,6 +136,13 @@ class ArrayDump:
         self.samples = 0
         self.seen = 0
         self.stopped = False
+
+    def start(self, tensors: list[str]) -> None:
+        """Create ``DIR/fp32`` and ``DIR/quant`` for ``tensors`` (graph order: the order kept under a cap)."""
+        if self.max_bytes is not None and self.max_bytes < 0:
+            raise InputError(f"--max-bytes must be >= 0, got {self.max_bytes}")
+        self.names = safe_names(tensors)
+        self.order = list(tensors)
         try:
             (self.root / "fp32").mkdir(parents=True, exist_ok=True)
             (self.root / "quant").mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from onnx import numpy_helper as nh
 from onnx.reference import ReferenceEvaluator
 
 import hybridq.analysis as an
-from hybridq.analysis import QDQ_MAP_KEY, analyze, plan_analysis
+from hybridq.analysis import QDQ_MAP_KEY, AnalysisOptions, analyze, plan_analysis
+from hybridq.analysis import running
+from hybridq.api import analyze_samples
 from hybridq.errors import HybridqError, InputError, ModelError
 from hybridq.kernels import SATURATION_NOTE
 from hybridq.report import render_csv, render_txt
@@ -197,15 +200,13 @@ def test_single_flags_the_lossy_layer_and_entire_propagates(with_map: bool) -> N
     assert by["c1"].precision == ("int8" if with_map else None)
 
 
-def test_samples_measured_side_by_side_keep_their_order(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_samples_measured_side_by_side_keep_their_order() -> None:
     """Two samples in flight (worker processes on Linux) give each sample's own numbers, in sample order."""
     rng = np.random.default_rng(5)
     # samples scaled far apart: each has its own entire error, so a swap would show
     data = [{"x": (rng.normal(size=(1, 2, 6, 6)) * k).astype(np.float32)} for k in (0.05, 3.0, 0.3, 1.0, 8.0)]
-    monkeypatch.setattr(an, "_WORKERS", 2)
-    side = analyze(float_model(), quant_model(True), iter(data))
-    monkeypatch.setattr(an, "_WORKERS", 1)
-    alone = analyze(float_model(), quant_model(True), iter(data))
+    side = analyze(float_model(), quant_model(True), iter(data), options=AnalysisOptions(workers=2))
+    alone = analyze(float_model(), quant_model(True), iter(data), options=AnalysisOptions(workers=1))
     for a, b in zip(side.layers, alone.layers):
         assert a.entire.per_sample == b.entire.per_sample and a.single.per_sample == b.single.per_sample, a.tensor
     # the output's per-sample cosines, independently: plain ONNX Runtime sessions, metrics in float64 numpy
@@ -218,15 +219,14 @@ def test_samples_measured_side_by_side_keep_their_order(monkeypatch: pytest.Monk
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_graph_onnx_runtime_cannot_load_is_a_model_error(workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_graph_onnx_runtime_cannot_load_is_a_model_error(workers: int) -> None:
     """Also when the sessions are made in worker processes: the error reaches the caller, not a traceback."""
     fm, qm = float_model(), quant_model(True)
     for m in (fm, qm):
         m.graph.node.append(h.make_node("Weird", ["c3"], ["w"], domain="foo.bar"))
         m.opset_import.append(h.make_opsetid("foo.bar", 1))
-    monkeypatch.setattr(an, "_WORKERS", workers)
     with pytest.raises(ModelError, match="ONNX Runtime cannot load.*foo.bar:Weird"):
-        analyze(fm, qm, samples(3))
+        analyze(fm, qm, samples(3), options=AnalysisOptions(workers=workers))
 
 
 def _die(sample: dict[str, np.ndarray], n: int) -> None:
@@ -235,10 +235,58 @@ def _die(sample: dict[str, np.ndarray], n: int) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker processes are forked on Linux only")
 def test_a_worker_process_that_dies_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(an, "_WORKERS", 2)
-    monkeypatch.setattr(an, "_child_sample", _die)
+    monkeypatch.setattr(running, "_child_sample", _die)
     with pytest.raises(HybridqError, match="worker process of the analysis ended abruptly.*taskset"):
-        analyze(float_model(), quant_model(True), samples(4))
+        analyze(float_model(), quant_model(True), samples(4), options=AnalysisOptions(workers=2))
+
+
+class RecordingSink:
+    """A SampleSink that records what the engine hands it, in order."""
+
+    def __init__(self, log: list[tuple]) -> None:
+        self.log = log
+
+    def start(self, tensors: list[str]) -> None:
+        self.log.append(("start", list(tensors)))
+
+    def add_sample(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        self.log.append(("sample", {t: (a.copy(), b.copy()) for t, (a, b) in arrays.items()}))
+
+    def finish(self, result: object) -> None:
+        self.log.append(("finish", result))
+
+    def abort(self) -> None:
+        self.log.append(("abort",))
+
+
+def test_the_engine_writes_no_file_and_streams_each_sample_to_its_sink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = samples(4)
+    log: list[tuple] = []
+
+    def pulled() -> Iterator[dict[str, np.ndarray]]:
+        for i, s in enumerate(data):
+            log.append(("pulled", i))
+            yield s
+
+    result = analyze(float_model(), quant_model(True), pulled(), sink=RecordingSink(log))
+    assert list(tmp_path.iterdir()) == []  # the engine writes nothing; api.analyze_samples writes the snapshot
+    kinds = [e[0] for e in log if e[0] != "pulled"]
+    assert kinds == ["start", "sample", "sample", "sample", "sample", "finish"]
+    assert log[[e[0] for e in log].index("start")][1] == [layer.tensor for layer in result.layers]
+    # streamed: the first sample reaches the sink before the last one is read from the dataset
+    assert log.index(next(e for e in log if e[0] == "sample")) < log.index(("pulled", 3))
+    # the arrays handed over are the fp32 tensor and its quant view of that sample
+    first = next(e[1] for e in log if e[0] == "sample")
+    np.testing.assert_allclose(first["c1"][0], fp32_values(data[0])["c1"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_analysis_aborts_its_sink() -> None:
+    log: list[tuple] = []
+    bad = [*samples(2), {"x": np.zeros((1, 2, 6, 6), np.float64)}]
+    with pytest.raises(InputError, match="sample 2"):
+        analyze(float_model(), quant_model(True), bad, sink=RecordingSink(log))
+    assert [e[0] for e in log] == ["start", "sample", "sample", "abort"]
 
 
 def test_models_given_as_protos_are_not_modified() -> None:
@@ -316,7 +364,7 @@ def ort_quantized(tmp_path: Path, seed: int) -> tuple[Path, Path, list[dict[str,
 
 def test_foreign_qdq_model_from_onnxruntime(tmp_path: Path) -> None:
     fpath, qpath, data = ort_quantized(tmp_path, 1)
-    result = analyze(fpath, qpath, data, dump=tmp_path / "snap")
+    result = analyze_samples(fpath, qpath, data, dump=tmp_path / "snap")
 
     fs, qs = ort.InferenceSession(str(fpath)), ort.InferenceSession(str(qpath), exact_options())
     f_out = [fs.run(None, s)[0] for s in data]
@@ -337,7 +385,7 @@ def test_foreign_qdq_model_from_onnxruntime(tmp_path: Path) -> None:
 
 def test_snapshot_round_trip_and_numpy_recomputation(tmp_path: Path) -> None:
     snap = tmp_path / "snap"
-    result = analyze(float_model(), quant_model(True), samples(3), dump=snap)
+    result = analyze_samples(float_model(), quant_model(True), samples(3), dump=snap)
     assert sorted(p.name for p in snap.iterdir()) == [
         "error_analysis.csv", "error_analysis.png", "error_analysis.txt", "fp32", "manifest.json", "quant", "report.html",
     ]
@@ -378,7 +426,7 @@ def test_snapshot_round_trip_and_numpy_recomputation(tmp_path: Path) -> None:
 def test_max_bytes_caps_the_dump_but_not_the_metrics(tmp_path: Path) -> None:
     one = 2 * 4 * 36 * 4  # fp32 + quant arrays of c1 for one sample: 2 x (1*4*6*6) float32
     snap = tmp_path / "snap"
-    result = analyze(float_model(), quant_model(True), samples(3), dump=snap, max_bytes=one + 10)
+    result = analyze_samples(float_model(), quant_model(True), samples(3), dump=snap, max_bytes=one + 10)
     assert result.dumped_samples == 1
     assert result.dump_message is not None and "1 of 3 tensors and 1 of 3 samples" in result.dump_message
     by = {layer.tensor: layer for layer in result.layers}
@@ -430,19 +478,17 @@ def test_segments_give_the_same_metrics_as_a_plain_session(tmp_path: Path, monke
 
     fpath, qpath, data = ort_quantized(tmp_path, 2)
     sessions: list[int] = []
-    real_runner = an._Runner
+    real_runner = running.Runner
 
     def counting_runner(*args: object) -> object:
         r = real_runner(*args)  # type: ignore[arg-type]
         sessions.append(len(r.sessions))
         return r
 
-    monkeypatch.setattr(an, "_Runner", counting_runner)
-    monkeypatch.setattr(an, "_WORKERS", 1)  # sessions made in this process, where they are counted
-    monkeypatch.setattr(an, "_SEGMENT_BYTES", 0)
-    split = analyze(fpath, qpath, data)
-    monkeypatch.setattr(an, "_SEGMENT_BYTES", math.inf)
-    whole = analyze(fpath, qpath, data)
+    monkeypatch.setattr(running, "Runner", counting_runner)
+    # workers=1: sessions made in this process, where they are counted
+    split = analyze(fpath, qpath, data, options=AnalysisOptions(workers=1, segment_bytes=0))
+    whole = analyze(fpath, qpath, data, options=AnalysisOptions(workers=1, segment_bytes=math.inf))
     assert sessions[0] == len(split.layers) and sessions[1] == 1
     for a, b in zip(split.layers, whole.layers):
         assert a.tensor == b.tensor

@@ -15,6 +15,7 @@ from onnx import numpy_helper as nh
 
 import hybridq.deployed as deployed
 from hybridq.analysis import analyze
+from hybridq.api import analyze_samples
 from hybridq.kernels import SATURATION_NOTE, saturates, u8s8_saturates
 from tests.conftest import exact_options
 
@@ -67,7 +68,7 @@ def _dumped(snap: Path, tensor: str) -> np.ndarray:
 def test_analyze_measures_exact_int8_products_on_every_cpu(tmp_path: Path) -> None:
     fm, qm, exact = _saturating_pair()
     x = {"x": np.full((1, K), 4.0, np.float32)}
-    result = analyze(fm, qm, [x], dump=tmp_path / "snap")
+    result = analyze_samples(fm, qm, [x], dump=tmp_path / "snap")
     np.testing.assert_allclose(_dumped(tmp_path / "snap", "y"), exact, rtol=1e-5)
     assert result.output_layers()[0].entire.snr_db > 80
     assert (SATURATION_NOTE in result.notes) == u8s8_saturates()
@@ -79,7 +80,7 @@ def test_host_int8_shows_this_cpus_saturation(tmp_path: Path) -> None:
     x = {"x": np.full((1, K), 4.0, np.float32)}
     plain = ort.InferenceSession(qm.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert np.abs(plain - exact).max() > 10  # the default kernels saturate here ...
-    result = analyze(fm, qm, [x], dump=tmp_path / "snap", host_int8=True)
+    result = analyze_samples(fm, qm, [x], dump=tmp_path / "snap", host_int8=True)
     np.testing.assert_array_equal(_dumped(tmp_path / "snap", "y"), plain)  # ... and analyze --host-int8 says so
     # every pair clips alike, so the direction survives (cosine 1.0) and only SNR shows the loss
     assert result.output_layers()[0].entire.snr_db < 20 and SATURATION_NOTE not in result.notes
@@ -133,7 +134,7 @@ def test_host_int8_analysis_runs_the_kernels_of_a_plain_session(tmp_path: Path) 
     fpath, qpath, data = ort_quantized(tmp_path, 1)
     for host, options in ((True, ort.SessionOptions()), (False, exact_options())):
         snap = tmp_path / f"snap-{host}"
-        analyze(fpath, qpath, data, dump=snap, host_int8=host)
+        analyze_samples(fpath, qpath, data, dump=snap, host_int8=host)
         plain = ort.InferenceSession(str(qpath), options)
         np.testing.assert_array_equal(
             np.load(snap / json.loads((snap / "manifest.json").read_text())["tensors"]["conv3_out"]["quant"]),
@@ -183,7 +184,7 @@ def test_a_shared_weight_zero_point_still_gets_exact_int8(tmp_path: Path) -> Non
     if u8s8_saturates():
         with pytest.raises(Exception, match="replace the existing tensor"):
             ort.InferenceSession(shared.SerializeToString(), exact_options())
-    result = analyze(fm, shared, x, dump=tmp_path / "snap")
+    result = analyze_samples(fm, shared, x, dump=tmp_path / "snap")
     assert not any("cannot make this model's int8 products exact" in n for n in result.notes)
     plain = ort.InferenceSession(own.SerializeToString(), exact_options())
     np.testing.assert_array_equal(

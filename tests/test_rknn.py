@@ -77,6 +77,18 @@ def step2_script(analyse: bool = True) -> tuple[int, list[np.ndarray] | None]:
     return 0, outputs
 
 
+def test_step1_twice_in_one_directory_never_changes_the_working_directory(ws, monkeypatch):
+    """The second step1 overwrites cnn.data where the first left it, without a process-wide chdir."""
+    def no_chdir(path):
+        raise AssertionError(f"os.chdir({path!r}) called")
+
+    monkeypatch.setattr(os, "chdir", no_chdir)
+    assert step1_script() == 0
+    first = Path("cnn.data").read_bytes()
+    assert first and step1_script() == 0
+    assert Path("cnn.data").read_bytes() == first and Path.cwd() == ws
+
+
 def test_hybrid_quant_scripts_step1_edit_step2(ws, capsys):
     assert step1_script() == 0
     # RKNN writes the three artifacts into the current directory, named after the model.

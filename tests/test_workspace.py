@@ -116,6 +116,10 @@ def test_init_works_after_a_plain_wheel_install(tmp_path):
     where = subprocess.run([str(py), "-c", "import hybridq.workspace as w; print(w.__file__, w.template_dir())"],
                            cwd=tmp_path, env=env, check=True, capture_output=True, text=True).stdout
     assert str(site) in where and str(REPO) not in where
+    # every subpackage is in the wheel (pyproject lists them one by one)
+    imported = subprocess.run([str(py), "-c", "import hybridq.api, hybridq.analysis, hybridq.proposal, hybridq.rknn"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
     model = tmp_path / "net.onnx"
     onnx.save(models.residual_cnn(), model)
     done = subprocess.run([str(py), "-m", "hybridq", "init", str(tmp_path / "ws"), "--model", str(model)], cwd=tmp_path, env=env,

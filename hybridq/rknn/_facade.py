@@ -1,152 +1,43 @@
-"""`from hybridq.rknn import RKNN`: RKNN-Toolkit2's Python API on top of hybridq, for ONNX models.
-
-Scripts written for `from rknn.api import RKNN` (Rockchip's step1.py / step2.py /
-accuracy_analysis examples) run with only the import line changed. Every method
-keeps RKNN-Toolkit2 2.x's argument names and defaults, returns 0 on success and -1
-on failure (`inference` returns the outputs, or None), and prints RKNN-style log
-lines: `E <method>: <message>` and `W <method>: <message>` on stderr always,
-`I <method>: <message>` only with `RKNN(verbose=True)`. The messages are hybridq's
-own (the ones its CLI prints), so a failure names the file, line, layer or value.
-
-Nothing here quantizes: each call maps its arguments onto `hybridq.step1`,
-`hybridq.step2` and `hybridq.analyze` (hybridq/api.py) and runs the result in
-ONNX Runtime. What maps to what, and what differs, is in docs/coming-from-rknn.md.
-"""
+"""The `RKNN` class: each RKNN-Toolkit2 method translated onto hybridq's API (see :mod:`hybridq.rknn`)."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import shutil
 import sys
 import tempfile
 import weakref
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
 
-from . import __version__, _runtime
-from ._fs import copy_atomic, write_atomic
-from ._onnx import GraphIndex, is_large, main_opset, save_external
-from .errors import HybridqError, InputError, ModelError, did_you_mean
-from .graph import load_model
-from .observers import ALGORITHMS
-from .qparams import FLOAT_DTYPES
-from .settings import Settings, canonical
-
-# quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
-QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
-    "w8a8": ("uint8", "asym", "int8"),
-    "w8a16": ("int16", "sym", "int8"),
-    "w16a16i": ("int16", "sym", "int16"),
-    "w16a16i_dfp": ("int16", "sym", "int16"),
-    "asymmetric_quantized-8": ("int8", "asym", "int8"),
-    "asymmetric_quantized-u8": ("uint8", "asym", "int8"),
-    "asymmetric_affine-u8": ("uint8", "asym", "int8"),
-    "dynamic_fixed_point-i8": ("int8", "sym", "int8"),
-    "dynamic_fixed_point-8": ("int8", "sym", "int8"),
-    "dynamic_fixed_point-i16": ("int16", "sym", "int16"),
-    "dynamic_fixed_point-16": ("int16", "sym", "int16"),
-}
-UNSUPPORTED_DTYPES = {"w4a16": "4-bit weights have no QDQ form that ONNX Runtime's CPU kernels run; use w8a8 or w8a16"}
-QUANTIZED_ALGORITHMS = {"normal": "minmax", "kl_divergence": "kl", "mmse": "mse"}
-
-# config() options that only mean something on a Rockchip NPU, with their RKNN defaults.
-NPU_ONLY_OPTIONS: dict[str, Any] = {
-    "quantized_hybrid_level": 0,
-    "target_platform": None,
-    "optimization_level": 3,
-    "custom_string": None,
-    "remove_weight": False,
-    "compress_weight": False,
-    "inputs_yuv_fmt": None,
-    "single_core_mode": False,
-    "dynamic_input": None,
-    "model_pruning": False,
-    "op_target": None,
-    "quantize_weight": False,
-    "remove_reshape": False,
-    "sparse_infer": False,
-    "enable_flash_attention": False,
-}
-
-# RKNN methods hybridq does not provide, with what to do instead.
-UNSUPPORTED_METHODS = {
-    "load_tensorflow": "hybridq reads ONNX only; export the model to ONNX (tf2onnx) and call load_onnx",
-    "load_tflite": "hybridq reads ONNX only; convert the model with tf2onnx and call load_onnx",
-    "load_caffe": "hybridq reads ONNX only; convert the model to ONNX and call load_onnx",
-    "load_darknet": "hybridq reads ONNX only; convert the model to ONNX and call load_onnx",
-    "load_pytorch": "hybridq reads ONNX only; export with torch.onnx.export and call load_onnx",
-    "eval_perf": "there is no NPU to profile; time rknn.inference or the exported model in ONNX Runtime",
-    "eval_memory": "there is no NPU to measure; the exported model runs in ONNX Runtime",
-    "export_encrypted_rknn_model": "hybridq writes plain ONNX, which cannot be encrypted for an NPU driver",
-    "codegen": "hybridq writes ONNX; deploy it with ONNX Runtime's C/C++ API",
-    "gen_cpp_demo": "hybridq writes ONNX; deploy it with ONNX Runtime's C/C++ API",
-    "reg_custom_op": "custom ops must be registered with ONNX Runtime itself",
-    "optimize_onnx": "step1 already prepares the graph (fusions, shape inference) in <name>.model",
-    "list_devices": "hybridq runs on this machine's CPU through ONNX Runtime; there are no devices",
-}
-
-
-class _Failed(Exception):
-    """A method gave up after logging its error; the wrapper turns it into -1."""
-
-
-def _rknn_method(fail: Any = -1) -> Callable:
-    """Run an RKNN method: HybridqError -> `E name: message` on stderr and `fail`; no traceback.
-
-    With HYBRIDQ_DEBUG=1 (or RKNN(verbose='debug')) unexpected exceptions propagate.
-    """
-
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(self: "RKNN", *args: Any, **kwargs: Any) -> Any:
-            if not self._cleanup.alive:
-                self._log("E", fn.__name__, "this RKNN object was released; create a new one with RKNN().")
-                return fail
-            try:
-                return fn(self, *args, **kwargs)
-            except _Failed:
-                return fail
-            except HybridqError as exc:
-                self._log("E", fn.__name__, str(exc))
-                return fail
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:
-                if self._debug:
-                    raise
-                self._log("E", fn.__name__, f"internal error: {type(exc).__name__}: {exc}. "
-                                            "Set HYBRIDQ_DEBUG=1 for the traceback and report it.")
-                return fail
-
-        return run
-
-    return wrap
-
-
-@dataclass
-class _Config:
-    """What config() set, already mapped to hybridq's names."""
-
-    mean_values: list[tuple[float, ...]] | None = None
-    std_values: list[tuple[float, ...]] | None = None
-    bgr: bool = False
-    dtype: str = "uint8"
-    qtype: str = "asym"
-    weight_dtype: str = "int8"
-    qmethod: str = "channel"
-    algorithm: str = "minmax"
-    float_dtype: str = "float16"
-    cos_thresh: float = 0.98
-    euc_thresh: float | None = None
-    npu_only: dict[str, Any] = field(default_factory=dict)
+from .. import _runtime
+from .._fs import copy_atomic, write_atomic
+from .._onnx import GraphIndex, is_large, main_opset, save_external
+from .._version import __version__
+from ..errors import InputError, ModelError, did_you_mean
+from ..graph import cut_model, float_layers_between, load_model
+from ..images import normalize_input
+from ..observers import ALGORITHMS
+from ..qparams import FLOAT_DTYPES
+from ..settings import Settings, canonical
+from ._translate import (
+    NPU_ONLY_OPTIONS,
+    QUANTIZED_ALGORITHMS,
+    QUANTIZED_DTYPES,
+    UNSUPPORTED_DTYPES,
+    UNSUPPORTED_METHODS,
+    _absolute,
+    _Config,
+    _Failed,
+    _per_input,
+    _rknn_layout,
+    _rknn_method,
+    _single,
+)
 
 
 class RKNN:
@@ -298,7 +189,7 @@ class RKNN:
             self._model_path = self._float_path = path.resolve()
             self._log("I", "load_onnx", f"loaded {path}.")
             return 0
-        cut = _edit_model(proto, path, inputs, input_size_list, input_initial_val, outputs)
+        cut = cut_model(proto, path, inputs, input_size_list, input_initial_val, outputs)
         work = self._tmp / "model"
         work.mkdir(exist_ok=True)
         out = work / f"{path.stem}.onnx"  # step1 names its artifacts by this stem, as RKNN does
@@ -309,11 +200,6 @@ class RKNN:
         self._model_path = self._float_path = out
         self._log("I", "load_onnx", f"loaded {path} (inputs {[i.name for i in cut.graph.input]}, outputs {[o.name for o in cut.graph.output]}).")
         return 0
-
-    def _empty_dir(self) -> Path:
-        d = self._tmp / "cwd"
-        d.mkdir(exist_ok=True)
-        return d
 
     def _need_model(self) -> Path:
         if self._model_path is None:
@@ -333,7 +219,7 @@ class RKNN:
 
     def _preprocess(self, n_inputs: int):
         """hybridq's Preprocess for images read from files (dataset, accuracy_analysis)."""
-        from .dataset import Preprocess
+        from ..dataset import Preprocess
 
         c = self._cfg
         mean = _single(c.mean_values, n_inputs, "mean_values")
@@ -341,7 +227,7 @@ class RKNN:
         return Preprocess(mean=mean, std=std, color="bgr" if c.bgr else "rgb")
 
     def _n_inputs(self, path: Path) -> int:
-        from .dataset import input_specs
+        from ..dataset import input_specs
 
         return len(input_specs(load_model(path, load_external_data=False)))
 
@@ -351,7 +237,7 @@ class RKNN:
     def hybrid_quantization_step1(self, dataset: str = "dataset.txt", rknn_batch_size: int | None = None, proposal: bool = False,
                                   proposal_dataset_size: int = 1, custom_hybrid: list[list[str]] | None = None) -> int:
         """Calibrate and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg` into the current directory."""
-        from . import api
+        from .. import api
 
         model = self._need_model()
         if rknn_batch_size is not None:
@@ -360,12 +246,8 @@ class RKNN:
         if proposal:
             kwargs = self._proposal_kwargs("hybrid_quantization_step1", proposal_dataset_size)
         pre = self._preprocess(self._n_inputs(model))
-        here = Path.cwd()
-        # onnx.save_model(location=...) refuses to write when a file of that name exists relative to the
-        # *current* directory (onnx/external_data_helper.py), which is where a previous step1 left
-        # <name>.data; so step1 runs from the private directory, with every path made absolute.
-        with _cwd(self._empty_dir()):
-            res = api.step1(here / model, _absolute(dataset, here), out=here, settings=self._settings(), preprocess=pre, **kwargs)
+        here = Path.cwd()  # RKNN writes step1's artifacts into the current directory; every path is passed absolute
+        res = api.step1(here / model, _absolute(dataset, here), out=here, settings=self._settings(), preprocess=pre, **kwargs)
         self._log("I", "hybrid_quantization_step1", f"calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.")
         for p in (res.model, res.data, res.cfg):
             self._log("I", "hybrid_quantization_step1", f"wrote {p}")
@@ -376,7 +258,7 @@ class RKNN:
             self._log("I", "hybrid_quantization_step1", "fused in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in res.fused.items()))
         if custom_hybrid:
             layers = self._custom_hybrid_layers(custom_hybrid, res.model, res.fused)
-            from .config import update_custom_layers
+            from ..config import update_custom_layers
 
             pairs = {str(tuple(p)) for p in custom_hybrid}
             comments = {n: f"custom_hybrid {why}" for n, why in layers.items()}
@@ -387,7 +269,7 @@ class RKNN:
 
     def _proposal_kwargs(self, where: str, samples: int) -> dict[str, Any]:
         """`proposal=` for hybridq.step1 (target auto_hybrid_cos_thresh, fallback float_dtype), or a clear failure."""
-        from . import api
+        from .. import api
 
         options = getattr(api, "ProposalOptions", None)
         if options is None or "proposal" not in inspect.signature(api.step1).parameters:
@@ -395,7 +277,7 @@ class RKNN:
                                   "then find the layers to keep in float with `hybridq analyze MODEL.onnx MODEL.quantization.cfg --dataset D` "
                                   "and list them in custom_quantize_layers.")
             raise _Failed
-        from .proposal import Target
+        from ..proposal import Target
 
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise InputError(f"proposal_dataset_size must be a positive integer, got {samples!r}.")
@@ -428,7 +310,6 @@ class RKNN:
         index = GraphIndex(g)
         by_name = index.by_name
         tensors = index.tensors() | {i.name for i in g.input}
-        float_out = _float_outputs(g)
 
         def find(t: str, role: str) -> list[str]:
             if t in tensors:
@@ -445,21 +326,7 @@ class RKNN:
         chosen: dict[str, str] = {}
         for src, dst in pairs:
             starts, ends = find(str(src), "input"), find(str(dst), "output")
-            down: set[str] = set()
-            stack = [c for t in starts for c in index.consumer_nodes(t)]
-            while stack:
-                n = stack.pop()
-                if n.name not in down:
-                    down.add(n.name)
-                    stack.extend(c for o in n.output for c in index.consumer_nodes(o))
-            up: set[str] = set()
-            stack = [p for t in ends if (p := index.producer_node(t)) is not None]
-            while stack:
-                n = stack.pop()
-                if n.name not in up:
-                    up.add(n.name)
-                    stack.extend(p for t in n.input if (p := index.producer_node(t)) is not None)
-            on_path = [n.name for n in g.node if n.name in down and n.name in up and any(o in float_out for o in n.output)]
+            on_path = float_layers_between(g, starts, ends, index)
             if not on_path:
                 raise InputError(f"custom_hybrid pair [{src!r}, {dst!r}]: no layer lies on a path from {src!r} to {dst!r}; "
                                  "the first name must be the input of the subgraph and the second an output computed from it.")
@@ -470,7 +337,7 @@ class RKNN:
     @_rknn_method()
     def hybrid_quantization_step2(self, model_input: str, data_input: str, model_quantization_cfg: str) -> int:
         """Build the deployable model from the three step1 artifacts (the cfg as edited)."""
-        from . import api
+        from .. import api
 
         out = self._tmp / "built"
         out.mkdir(exist_ok=True)
@@ -498,7 +365,7 @@ class RKNN:
     @_rknn_method()
     def build(self, do_quantization: bool = True, dataset: str | None = None, rknn_batch_size: int | None = None, auto_hybrid: bool = False) -> int:
         """step1 + step2 in a private directory (nothing is written beside the model or in the current directory)."""
-        from . import api
+        from .. import api
 
         model = self._need_model()
         self._reset_build()
@@ -520,8 +387,7 @@ class RKNN:
             shutil.rmtree(work)
         pre = self._preprocess(self._n_inputs(model))
         here = Path.cwd()
-        with _cwd(self._empty_dir()):  # see hybrid_quantization_step1
-            r1 = api.step1(here / model, _absolute(dataset, here), out=work, settings=self._settings(), preprocess=pre, **kwargs)
+        r1 = api.step1(here / model, _absolute(dataset, here), out=work, settings=self._settings(), preprocess=pre, **kwargs)
         self._log("I", "build", f"calibrated on {r1.samples} samples.")
         self._report_proposal("build", r1.proposal)
         res = api.step2(r1.model, r1.data, r1.cfg, work / f"{model.stem}.q.onnx")
@@ -585,8 +451,8 @@ class RKNN:
         (hard links when possible), and golden/<output>.txt, simulator/<output>.txt the model
         outputs flattened, one value per line (what np.genfromtxt in Rockchip's examples reads).
         """
-        from . import api
-        from .report import render_txt, verdict
+        from .. import api
+        from ..report import render_txt, verdict
 
         if target is not None or device_id is not None:
             self._once("accuracy_analysis:target", "accuracy_analysis", f"target={target!r} needs a Rockchip board; comparing fp32 with the built model in ONNX Runtime only.")
@@ -626,7 +492,7 @@ class RKNN:
 
     def _analysis_preprocess(self, n_inputs: int):
         """The recorded preprocessing of the built model; config()'s mean/std/color must agree with it (hybridq.recorded)."""
-        from .recorded import Record, choose_preprocess
+        from ..recorded import Record, choose_preprocess
 
         if not self._built_pre:
             return self._preprocess(n_inputs)
@@ -673,7 +539,7 @@ class RKNN:
         std = self._runtime_values("std", len(metas))
         feed = {}
         for k, (meta, arr) in enumerate(zip(metas, inputs)):
-            feed[meta.name] = _runtime_input(np.asarray(arr), meta, formats[k] or "nhwc", None if passes[k] else mean[k], None if passes[k] else std[k])
+            feed[meta.name] = normalize_input(np.asarray(arr), meta, formats[k] or "nhwc", None if passes[k] else mean[k], None if passes[k] else std[k])
         return list(self._session.run(None, feed))
 
     def _runtime_values(self, which: str, n: int) -> list[tuple[float, ...] | None]:
@@ -701,163 +567,8 @@ class RKNN:
         self._cleanup()
 
 
-# ---------------------------------------------------------------------- helpers
-
-
-def _per_input(values: Any, what: str) -> list[tuple[float, ...]] | None:
-    """RKNN's [[...], ...] (one list per input) or the older flat [...] as a list of tuples."""
-    if values is None:
-        return None
-    if not isinstance(values, (list, tuple)) or not values:
-        raise InputError(f"{what} must be a list of per-channel lists, one per input, e.g. [[123.675, 116.28, 103.53]]; got {values!r}.")
-    lists = [values] if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) else values
-    out = []
-    for sub in lists:
-        if not isinstance(sub, (list, tuple)) or not sub or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sub):
-            raise InputError(f"{what} must be a list of per-channel lists of numbers, e.g. [[123.675, 116.28, 103.53]]; got {values!r}.")
-        out.append(tuple(float(v) for v in sub))
-    return out
-
-
 def _recorded_pre(model: Path) -> dict[str, Any]:
     """The preprocessing step1 recorded, as step2 wrote it into the model's metadata ({} when none)."""
-    from .recorded import read_record
+    from ..recorded import read_record
 
     return dict(read_record(model).preprocess or {})
-
-
-def _single(values: list[tuple[float, ...]] | None, n_inputs: int, what: str) -> tuple[float, ...] | None:
-    """The one mean/std hybridq's dataset loader applies to every image input."""
-    if values is None:
-        return None
-    if len(values) not in (1, n_inputs):
-        raise InputError(f"{what} has {len(values)} lists but the model has {n_inputs} input(s); give one list per input.")
-    if any(v != values[0] for v in values[1:]):
-        raise InputError(f"{what} differs between inputs ({values}); hybridq applies one mean/std to every image input. "
-                         "Use the same values for all inputs, or feed the other inputs as preprocessed .npy files.")
-    return values[0]
-
-
-def _float_outputs(g: Any) -> set[str]:
-    """Tensors known to be float: graph inputs/outputs/value_info typed FLOAT, and outputs of nodes with float inputs."""
-    typed = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output) + list(g.value_info)}
-    return {o for n in g.node for o in n.output if typed.get(o, TensorProto.FLOAT) in (TensorProto.FLOAT, TensorProto.FLOAT16)}
-
-
-def _edit_model(proto: Any, path: Path, inputs: list[str] | None, sizes: list[list[int]] | None, initial: list[Any] | None, outputs: list[str] | None) -> Any:
-    """load_onnx's inputs / input_size_list / input_initial_val / outputs applied to a copy of the model."""
-    g = proto.graph
-    inits = {i.name for i in g.initializer}
-    tensors = {i.name for i in g.input} | {o for n in g.node for o in n.output}
-    model_inputs = [i.name for i in g.input if i.name not in inits]
-    for name in list(inputs or []) + list(outputs or []):
-        if name not in tensors:
-            raise InputError(f"'{name}' is not a tensor of {path}.{did_you_mean(name, sorted(tensors))} Give tensor names as Netron shows them.")
-    if sizes is not None and inputs is None and len(sizes) != len(model_inputs):
-        raise InputError(f"input_size_list has {len(sizes)} shapes but {path} has {len(model_inputs)} inputs ({', '.join(model_inputs)}); give one shape per input.")
-    if inputs is not None and sizes is not None and len(sizes) != len(inputs):
-        raise InputError(f"input_size_list has {len(sizes)} shapes but inputs names {len(inputs)} tensors; give one shape per input.")
-    model = proto
-    if inputs is not None or outputs is not None:
-        try:
-            model = onnx.utils.Extractor(onnx.shape_inference.infer_shapes(proto)).extract_model(list(inputs or model_inputs), list(outputs or [o.name for o in g.output]))
-        except Exception as exc:
-            raise InputError(f"cannot cut {path} at inputs {inputs} / outputs {outputs}: {exc}") from None
-        del model.opset_import[:]
-        model.opset_import.extend(proto.opset_import)
-        model.ir_version = proto.ir_version
-    g = model.graph
-    names = list(inputs or [i.name for i in g.input if i.name not in {x.name for x in g.initializer}])
-    by_name = {i.name: i for i in g.input}
-    if sizes is not None:
-        for name, size in zip(names, sizes):
-            dims = by_name[name].type.tensor_type.shape.dim
-            size = list(size)
-            if len(size) == len(dims) - 1:
-                size = [1] + size  # RKNN lists often leave out the batch dim
-            if len(size) != len(dims):
-                raise InputError(f"input_size_list gives {size} for '{name}', which has {len(dims)} dims.")
-            for d, v in zip(dims, size):
-                d.ClearField("dim_param")
-                d.dim_value = int(v)
-        del g.value_info[:]  # shapes are inferred again by step1
-    if initial is not None:
-        for name, val in zip(names, initial):
-            if val is None:
-                continue
-            arr = np.asarray(val)
-            g.initializer.append(numpy_helper.from_array(arr.astype(onnx.helper.tensor_dtype_to_np_dtype(by_name[name].type.tensor_type.elem_type)), name))
-            g.input.remove(by_name[name])
-    return model
-
-
-def _runtime_input(arr: np.ndarray, meta: Any, data_format: str, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> np.ndarray:
-    """One inference input: batch dim added, mean/std applied on the channel axis, laid out like the model input."""
-    fmt = str(data_format).lower()
-    if fmt not in ("nhwc", "nchw"):
-        raise InputError(f"data_format {data_format!r} is not valid; use 'nhwc' or 'nchw'.")
-    shape = list(meta.shape)
-    dtype = np.dtype({"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-                      "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(int32)": np.int32,
-                      "tensor(int64)": np.int64, "tensor(bool)": np.bool_}.get(meta.type, np.float32))
-    if arr.ndim == len(shape) - 1:
-        arr = arr[np.newaxis]
-    if len(shape) == 4 and arr.ndim == 4:
-        model_nchw = shape[1] in (1, 3) or not (shape[3] in (1, 3))
-        x = arr.astype(np.float32) if (mean is not None or std is not None) else arr
-        c_axis = 1 if fmt == "nchw" else 3
-        for vals, op in ((mean, np.subtract), (std, np.divide)):
-            if vals is not None:
-                if len(vals) not in (1, x.shape[c_axis]):
-                    raise InputError(f"input '{meta.name}': {len(vals)} mean/std values for {x.shape[c_axis]} channels (data_format {fmt}); check data_format.")
-                b = [1, 1, 1, 1]
-                b[c_axis] = len(vals)
-                x = op(x, np.asarray(vals, np.float32).reshape(b))
-        if fmt == "nhwc" and model_nchw:
-            x = x.transpose(0, 3, 1, 2)
-        elif fmt == "nchw" and not model_nchw:
-            x = x.transpose(0, 2, 3, 1)
-        arr = x
-    want = [d if isinstance(d, int) else None for d in shape]
-    if arr.ndim != len(want) or any(w is not None and w != a for w, a in zip(want, arr.shape)):
-        raise InputError(f"input '{meta.name}' wants shape {shape} but got {list(arr.shape)} after layout conversion; "
-                         "check data_format ('nhwc' for HxWxC images) and the image size.")
-    return np.ascontiguousarray(arr, dtype=dtype)
-
-
-@contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-def _absolute(dataset: Any, base: Path) -> str:
-    """A dataset argument (list file, directory or glob) made absolute against `base`."""
-    return os.path.join(base, os.fspath(dataset))
-
-
-def _rknn_layout(out: Path, result: Any) -> None:
-    """golden/ and simulator/ beside hybridq's fp32/ and quant/ (same arrays), plus .txt for the model outputs."""
-    outputs = set(result.outputs)
-    for sub, side in (("golden", "fp32"), ("simulator", "quant")):
-        d = out / sub
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        for layer in result.layers:
-            rel = layer.fp32_file if side == "fp32" else layer.quant_file
-            if rel is None:
-                continue
-            src = out / rel
-            dst = d / Path(rel).name
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
-            if layer.tensor in outputs:
-                np.savetxt(d / (Path(rel).stem + ".txt"), np.load(src).reshape(-1), fmt="%.6f")
-

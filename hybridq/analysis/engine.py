@@ -1,0 +1,160 @@
+"""The analysis: plan, build the analysis graph once, run the samples, return an :class:`AnalysisResult`.
+
+Writes no file: each sample's arrays go to the :class:`SampleSink` the caller
+passes (``hybridq.api`` passes a snapshot writer), and the caller writes the
+manifest and the reports.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from ..deployed import as_deployed
+from ..errors import HybridqError, InputError, ModelError
+from ..kernels import NOT_EXACT_NOTE, SATURATION_NOTE, u8s8_saturates
+from ..metrics import fused_kernel
+from .graphs import align_opsets, build_analysis_graph, compared_names
+from .matching import ModelIndex, plan_tensors
+from .measuring import Measure, SampleErrors, target_bytes
+from .results import AnalysisResult, SampleSink
+from .running import AnalysisOptions, Work, check_feed, executor, in_flight
+
+
+def _load(model: str | os.PathLike[str] | onnx.ModelProto, what: str) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise ModelError(f"{what} '{path}' does not exist or is not a file")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # protobuf raises several unrelated types on corrupt files
+        raise ModelError(f"{what} '{path}' is not a readable ONNX model ({type(e).__name__}: {e})") from None
+
+
+def analyze(
+    float_model: str | os.PathLike[str] | onnx.ModelProto,
+    quant_model: str | os.PathLike[str] | onnx.ModelProto,
+    samples: Iterable[dict[str, np.ndarray]],
+    *,
+    sink: SampleSink | None = None,
+    on_sample: Callable[[], None] | None = None,
+    host_int8: bool = False,
+    options: AnalysisOptions | None = None,
+) -> AnalysisResult:
+    """Entire and single error of every layer output both models have, averaged over ``samples``.
+
+    ``samples`` yields ``{input name: array}`` and is consumed once; a
+    sample's tensors are measured segment by segment as they are computed
+    and dropped (or handed to ``sink``, in sample order, when one is given:
+    :class:`~hybridq.analysis.results.SampleSink`; the metrics are then
+    summed in float64 so a snapshot's manifest matches its arrays exactly).
+    Without a sink, up to one sample per core is in flight (at most
+    ``options.workers``), each in its own worker process (a thread where
+    fork is missing or the graph is over ``options.fork_limit``); results
+    are added in sample order either way. Nothing is written here: the
+    caller writes the manifest and the reports (:func:`hybridq.api.analyze_samples`).
+    ``on_sample`` is called after each sample (for progress bars).
+    int8 products are exact (:mod:`hybridq.kernels`) unless ``host_int8``,
+    which runs this CPU's default ONNX Runtime kernels, saturating ones included.
+
+    Raises :class:`~hybridq.errors.InputError` for unusable models or
+    samples; whatever the sink raises (an :class:`~hybridq.errors.OutputError`
+    when the snapshot cannot be written) is passed on, after ``sink.abort()``.
+    """
+    options = options or AnalysisOptions()
+    fm, qm = _load(float_model, "float model"), _load(quant_model, "quantized model")
+    fm, qm = align_opsets(fm, qm)
+    qm = as_deployed(qm)  # the kernels a plain session runs, exact where asked
+    f, q = ModelIndex(fm), ModelIndex(qm)
+    if sorted(q.inputs) != sorted(f.inputs):
+        raise InputError(
+            f"the float and quantized models have different inputs ({f.inputs!r} vs {q.inputs!r}); "
+            "check that QUANT_MODEL was built from FLOAT_MODEL"
+        )
+    plan = plan_tensors(f, q)
+    ag = build_analysis_graph(f, q, plan)
+    targets = [compared_names(tp, ag) for tp in plan.tensors]
+    samples = iter(samples)
+    first = next(samples, None)
+    weights = target_bytes(fm, plan, targets, first)
+    if first is not None:
+        samples = itertools.chain([first], samples)
+    if sink is not None:
+        sink.start([tp.tensor for tp in plan.tensors])
+    m = Measure(plan, ag, exact=sink is not None, outputs=f.outputs)
+    if sink is None:
+        fused_kernel()  # compiled or loaded once here, before the workers start
+    work = Work(m, ag, targets, weights, f.inputs, host_int8, options)
+    # a snapshot is written in sample order by one worker; otherwise one sample per core
+    head = list(itertools.islice(samples, in_flight(options)))
+    samples = itertools.chain(head, samples)
+    try:
+        n = _run(work, m, samples, 1 if sink is not None else len(head), f.inputs, sink, on_sample)
+        if n == 0:
+            raise InputError("no samples to analyse: the dataset is empty")
+        notes = plan.notes + ag.notes
+        if m.exact_failed:
+            notes.append(NOT_EXACT_NOTE)
+        elif u8s8_saturates() and not host_int8 and _has_int8(qm):
+            notes.append(SATURATION_NOTE)
+        result = AnalysisResult(layers=m.layers(), outputs=list(f.outputs), n_samples=n, notes=notes)
+        if sink is not None:
+            sink.finish(result)
+            sink = None
+        return result
+    finally:
+        if sink is not None:
+            sink.abort()
+
+
+def _run(
+    work: Work, m: Measure, samples: Iterable[dict[str, np.ndarray]], workers: int, inputs: list[str],
+    sink: SampleSink | None, on_sample: Callable[[], None] | None,
+) -> int:
+    """Run every sample on ``workers`` workers, adding results (and handing arrays to ``sink``) in sample order."""
+    n = 0
+    with executor(work, workers) as (pool, workers, run):
+        pending: deque[Future[SampleErrors]] = deque()
+
+        def finish_oldest() -> None:
+            try:
+                done = pending.popleft().result()
+            except BrokenProcessPool as e:
+                raise HybridqError(
+                    f"a worker process of the analysis ended abruptly ({e}): it was killed or ran out of "
+                    "memory; free memory and re-run, or run on one core (`taskset -c 0 hybridq analyze ...`), "
+                    "which measures the samples one after the other in this process"
+                ) from None
+            m.add(done)
+            if sink is not None:
+                m.dump(sink, done)
+            if on_sample is not None:
+                on_sample()
+
+        for sample in samples:
+            check_feed(sample, inputs, n)
+            pending.append(pool.submit(run, sample, n))
+            n += 1
+            while len(pending) >= workers:
+                finish_oldest()
+        while pending:
+            finish_oldest()
+    return n
+
+
+def _has_int8(model: onnx.ModelProto) -> bool:
+    """Does ``model`` dequantize any 8-bit integer tensor (so int8 kernels may run)?"""
+    eight = (TensorProto.INT8, TensorProto.UINT8)
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    return any(n.op_type == "DequantizeLinear" and inits.get(n.input[0]) in eight for n in model.graph.node)

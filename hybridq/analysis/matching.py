@@ -1,0 +1,242 @@
+"""Which fp32 tensor is compared with which view of the quantized model (no model is run).
+
+Identity comes from the ``hybridq.qdq_map`` metadata that step2 writes
+(original tensor -> view) and, for QDQ models made elsewhere, from the graph
+structure: from a tensor forward along a single-consumer chain of adapter
+nodes (QuantizeLinear, DequantizeLinear, inserted Cast). Names are never
+parsed. :func:`plan_analysis` returns the plan as plain data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+from onnx import TensorProto, helper
+
+from .._onnx import GraphIndex
+from ..errors import InputError
+from ..qdq import QDQ_MAP_KEY, QdqMap
+
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
+_SKIP_OPS = frozenset({"Constant", "ConstantOfShape"})
+
+
+class ModelIndex(GraphIndex):
+    """Read-only index of a model's main graph, with its inputs, outputs, initializers and types."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        super().__init__(g)
+        self.model = model
+        self.inits = {i.name: i for i in g.initializer}
+        self.inputs = [i.name for i in g.input if i.name not in self.inits]
+        self.outputs = [o.name for o in g.output]
+        self.output_set = set(self.outputs)
+        self.types = _tensor_types(model)
+        # tensors computed at run time: graph inputs and node outputs
+        self.values = set(self.inputs) | set(self.producer)
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor shape inference can tell."""
+    types: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a model shape inference cannot handle: learn the types at run time
+        inferred = model
+    g = inferred.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
+def _attr(node: onnx.NodeProto, name: str) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return None
+
+
+class Identity:
+    """Which quant-model tensors stand for which fp32 tensors."""
+
+    def __init__(self, f: ModelIndex, q: ModelIndex) -> None:
+        self.f, self.q = f, q
+
+    def is_adapter(self, node: onnx.NodeProto) -> bool:
+        """Q/DQ always; a Cast only when it is not one of the fp32 model's own Casts."""
+        if node.op_type in QDQ_OPS:
+            return True
+        if node.op_type == "Cast" and node.output:
+            orig = self.f.producer_node(node.output[0])
+            return orig is None or orig.op_type != "Cast"
+        return False
+
+    def yields_float(self, node: onnx.NodeProto) -> bool:
+        if node.op_type == "QuantizeLinear":
+            return False
+        if node.op_type == "Cast":
+            return _attr(node, "to") in FLOAT_TYPES
+        return True
+
+    def forward_chain(self, t: str) -> list[int]:
+        """Adapter nodes after ``t`` along a single-consumer chain, cut after the last float view."""
+        q, chain, last_float, cur = self.q, [], 0, t
+        while cur not in q.output_set:
+            cons = q.consumers.get(cur, [])
+            if len(cons) != 1:
+                break
+            node = q.nodes[cons[0]]
+            if not self.is_adapter(node) or node.input[0] != cur or len(node.output) != 1:
+                break
+            chain.append(cons[0])
+            if self.yields_float(node):
+                last_float = len(chain)
+            cur = node.output[0]
+        return chain[:last_float]
+
+    def back_to_source(self, view: str) -> tuple[str, list[int]]:
+        """Walk back from a view through adapters: (source tensor, adapter nodes source -> view)."""
+        chain: list[int] = []
+        cur = view
+        while True:
+            k = self.q.producer.get(cur)
+            if k is None or not self.is_adapter(self.q.nodes[k]):
+                return cur, chain[::-1]
+            chain.append(k)
+            cur = self.q.nodes[k].input[0]
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class ComparedTensor:
+    """How one fp32 tensor is measured (plain data; see :func:`plan_analysis`).
+
+    ``source`` is the quant-model tensor written by the compute node
+    ``quant_node`` (index into the quant graph) before the output adapters
+    ``out_chain`` (node indices) that lead to ``view``.
+    """
+
+    tensor: str
+    layer: str
+    op_type: str
+    view: str
+    source: str
+    out_chain: tuple[int, ...]
+    quant_node: int | None
+    precision: str | None = None
+    folded: str | None = None
+
+
+@dataclass
+class AnalysisPlan:
+    """The tensors to measure, in fp32 graph order, and anything worth telling the user."""
+
+    tensors: list[ComparedTensor]
+    notes: list[str] = field(default_factory=list)
+    layers_known: bool = False  # the quantized model's hybridq.qdq_map says each layer's precision
+
+
+_INT_NAMES = {
+    TensorProto.UINT8: "uint8",
+    TensorProto.INT8: "int8",
+    TensorProto.UINT16: "uint16",
+    TensorProto.INT16: "int16",
+    TensorProto.INT32: "int32",
+}
+
+
+def _quantized_to(q: ModelIndex, chain: Iterable[int]) -> str | None:
+    """The integer type of the first QuantizeLinear in ``chain`` (node indices), None when there is none."""
+    for k in chain:
+        node = q.nodes[k]
+        if node.op_type == "QuantizeLinear":
+            zp = q.inits.get(node.input[2]) if len(node.input) > 2 else None
+            return _INT_NAMES.get(zp.data_type, "int") if zp is not None else "uint8"
+    return None
+
+
+def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> AnalysisPlan:
+    """Decide which fp32 tensors are compared with which quant-model views (no model is run)."""
+    return plan_tensors(ModelIndex(float_model), ModelIndex(quant_model))
+
+
+def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
+    quant_model = q.model
+    ident = Identity(f, q)
+    qmap = QdqMap.from_model(quant_model)
+    mapped: dict[str, str] = qmap.tensors if qmap else {}
+    layer_info: dict[str, Any] = qmap.layers if qmap else {}
+    notes: list[str] = []
+    plans: list[ComparedTensor] = []
+    missing_views: list[str] = []
+    seen: set[str] = set()
+    for k, node in enumerate(f.nodes):
+        if node.op_type in _SKIP_OPS or not any(node.input):
+            continue
+        layer = node.name or node.output[0]
+        for t in node.output:
+            if not t or t in seen:
+                continue
+            seen.add(t)
+            et = f.types.get(t)
+            if et is not None and et not in FLOAT_TYPES:
+                continue
+            view = mapped.get(t)
+            if view is not None and view not in q.values:
+                missing_views.append(f"{t!r} -> {view!r}")
+                view = None
+            if view is None:
+                if t not in q.values:
+                    continue  # fused away or renamed by the quantizer: nothing to compare
+                chain = ident.forward_chain(t)
+                view = q.nodes[chain[-1]].output[0] if chain else t
+            source, out_chain = ident.back_to_source(view)
+            qk = q.producer.get(source)
+            # The quantized model's producer names the layer in the map (a fused BatchNormalization's
+            # tensor is written by the Conv it was folded into).
+            qname = q.nodes[qk].name if qk is not None else ""
+            info = next((layer_info[k] for k in (qname, layer) if isinstance(layer_info.get(k), dict)), None)
+            name, op, folded = layer, node.op_type, None
+            if qk is not None and qname and qname != layer and qname in layer_info and layer not in layer_info:
+                # step1 folded this node into the one the cfg names: the row carries that name
+                name, op, folded = qname, q.nodes[qk].op_type, f"{node.op_type} {layer}"
+            precision = (info or {}).get("precision")
+            if precision is None and layer_info:
+                qdtype = _quantized_to(q, out_chain)
+                precision = f"float32->{qdtype}" if qdtype else "float32"
+            plans.append(
+                ComparedTensor(
+                    tensor=t,
+                    layer=name,
+                    op_type=op,
+                    view=view,
+                    source=source,
+                    out_chain=tuple(out_chain),
+                    quant_node=qk,
+                    precision=precision,
+                    folded=folded,
+                )
+            )
+    if missing_views:
+        notes.append(
+            f"{len(missing_views)} entries of '{QDQ_MAP_KEY}' name tensors the quantized model does "
+            f"not have and were matched structurally instead: {', '.join(missing_views[:5])}"
+            + (" ..." if len(missing_views) > 5 else "")
+        )
+    if not plans:
+        raise InputError(
+            "the float and quantized models have no float tensor in common to compare; "
+            "check that QUANT_MODEL was built from FLOAT_MODEL"
+        )
+    return AnalysisPlan(plans, notes, layers_known=bool(layer_info))
+

@@ -1,0 +1,186 @@
+"""Measuring: per-tensor accumulation of one sample's errors, added to the totals in sample order.
+
+:meth:`Measure.sample` runs where the sample runs (a worker) and compares each
+tensor as soon as its arrays exist; :meth:`Measure.add` adds a sample's
+figures in the caller, in sample order; :meth:`Measure.layers` gives the rows.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from ..cost import concrete_shapes
+from ..errors import HybridqError
+from ..graph import tensor_shapes
+from ..metrics import Accumulator, SliceAccumulator, channel_axis, metrics_many, sample_metrics, slice_sums
+from .graphs import AnalysisGraph, compared_names
+from .matching import AnalysisPlan, ComparedTensor
+from .results import LayerError, SampleSink
+
+class SegmentRunner(Protocol):
+    """What :meth:`Measure.sample` runs a sample on (:class:`~hybridq.analysis.running.Runner`)."""
+
+    exact_failed: bool
+
+    def run(self, sample: dict[str, np.ndarray], index: int) -> Iterator[dict[str, np.ndarray]]:
+        """Each segment's outputs in turn."""
+        ...
+
+
+@dataclass
+class SampleErrors:
+    """One sample's measurements, made by a worker and added to the totals in sample order."""
+
+    index: int
+    values: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)  # entire[, single]
+    shapes: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)  # shape and dtype
+    skipped: set[str] = field(default_factory=set)
+    arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # fp32, quant (dump only)
+    slices: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # model outputs: axis, slice_sums
+    exact_failed: bool = False  # measured on this CPU's default int8 kernels although exact ones were asked for
+
+
+class Measure:
+    """Per-tensor accumulators; :meth:`sample` runs in the workers, :meth:`add` in the caller, in sample order."""
+
+    def __init__(self, plan: AnalysisPlan, ag: AnalysisGraph, exact: bool, outputs: Iterable[str] = ()) -> None:
+        self.plan, self.ag, self.exact = plan, ag, exact
+        self.outputs = frozenset(outputs)  # model outputs get the per-slice measure too
+        self.slices: dict[str, SliceAccumulator] = {}
+        self.ragged: set[str] = set()
+        self.entire = {tp.tensor: Accumulator() for tp in plan.tensors}
+        self.single = {t: Accumulator() for t in ag.single_views}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        self.skipped: set[str] = set()
+        self.exact_failed = False
+        self.todo = {tp.tensor: (tp, compared_names(tp, ag)) for tp in plan.tensors}
+        self.wanted = {x for _, names in self.todo.values() for x in names}
+        self.by_name: dict[str, list[str]] = defaultdict(list)
+        for t, (_, names) in self.todo.items():
+            for x in names:
+                self.by_name[x].append(t)
+
+    def sample(self, runner: SegmentRunner, sample: dict[str, np.ndarray], n: int) -> SampleErrors:
+        """Run one sample segment by segment, measuring each tensor as soon as its arrays exist.
+
+        The arrays are still in cache then, and dropped right after (kept
+        for the snapshot in ``exact`` mode).
+        """
+        res = SampleErrors(n, exact_failed=runner.exact_failed)
+        waiting: dict[str, np.ndarray] = {}
+        done: set[str] = set()
+        for out in runner.run(sample, n):
+            waiting.update((k, v) for k, v in out.items() if k in self.wanted)
+            for tp, vals in self.ready(waiting, done):
+                self._measure(tp, vals, res)
+        return res
+
+    def ready(self, have: dict[str, np.ndarray], done: set[str]) -> list[tuple[ComparedTensor, list[np.ndarray]]]:
+        """Tensors not in ``done`` whose compared arrays are all in ``have``, with those arrays.
+
+        Adds them to ``done`` and drops from ``have`` the arrays no other
+        pending tensor needs, so a sample's tensors are freed as it goes.
+        """
+        out = []
+        for x in list(have):
+            for t in self.by_name.get(x, []):
+                tp, names = self.todo[t]
+                if t not in done and all(y in have for y in names):
+                    done.add(t)
+                    out.append((tp, [have[y] for y in names]))
+        for tp, _ in out:
+            for y in self.todo[tp.tensor][1]:
+                if y in have and all(u in done for u in self.by_name[y]):
+                    del have[y]
+        return out
+
+    def _measure(self, tp: ComparedTensor, vals: list[np.ndarray], res: SampleErrors) -> None:
+        """One tensor of one sample: its metrics against each view (and its arrays for a dump)."""
+        t, a, tests = tp.tensor, vals[0], vals[1:]
+        if a.dtype.kind != "f":
+            res.skipped.add(t)  # not a float tensor after all (types were unknown)
+            return
+        for b in tests:
+            if a.shape != b.shape:
+                raise HybridqError(
+                    f"tensor {t!r} has shape {a.shape} in the float model but its quantized view "
+                    f"{tp.view!r} has shape {b.shape} (sample {res.index}); the models do not match"
+                )
+        if res.index == 0:  # the totals keep the first sample's shape and dtype
+            res.shapes[t] = (tuple(a.shape), str(a.dtype))
+        if t in self.outputs and (axis := channel_axis(a.shape)) is not None:
+            res.slices[t] = (axis, slice_sums(a, tests[0], axis, fast=not self.exact))
+        if self.exact:
+            res.values[t] = [sample_metrics(a, b) for b in tests]
+            res.arrays[t] = (a, tests[0])
+        else:
+            res.values[t] = metrics_many(a, tests)
+
+    def add(self, res: SampleErrors) -> None:
+        """Add one sample's measurements to the totals (samples must come in order)."""
+        self.exact_failed |= res.exact_failed
+        if res.index == 0:
+            self.skipped |= res.skipped
+            for t, (shape, dtype) in res.shapes.items():
+                self.shapes[t], self.dtypes[t] = shape, dtype
+        for t, values in res.values.items():
+            if t in self.skipped:
+                continue
+            self.entire[t].add_values(values[0])
+            if len(values) > 1:
+                self.single[t].add_values(values[1])
+        for t, (axis, sums) in res.slices.items():
+            acc = self.slices.setdefault(t, SliceAccumulator(axis))
+            if t in self.skipped or t in self.ragged:
+                continue
+            if acc.sums is not None and acc.sums.shape != sums.shape:
+                self.ragged.add(t)  # the slice axis changed length between samples: no per-slice measure
+                del self.slices[t]
+                continue
+            acc.add_sums(sums)
+
+    def dump(self, sink: SampleSink, res: SampleErrors) -> None:
+        """Append one sample's arrays, in plan order, to the snapshot."""
+        sink.add_sample({tp.tensor: res.arrays[tp.tensor] for tp in self.plan.tensors if tp.tensor in res.arrays})
+
+    def layers(self) -> list[LayerError]:
+        """One row per measured tensor, in graph order."""
+        return [
+            LayerError(
+                tensor=tp.tensor,
+                layer=tp.layer,
+                op_type=tp.op_type,
+                shape=self.shapes[tp.tensor],
+                dtype=self.dtypes[tp.tensor],
+                entire=self.entire[tp.tensor].result(),
+                single=self.single[tp.tensor].result() if tp.tensor in self.single else None,
+                quant_tensor=tp.view,
+                precision=tp.precision,
+                folded=tp.folded,
+                slices=self.slices[tp.tensor].result() if tp.tensor in self.slices else None,
+            )
+            for tp in self.plan.tensors
+            if tp.tensor not in self.skipped
+        ]
+
+
+def target_bytes(
+    fm: onnx.ModelProto, plan: AnalysisPlan, targets: list[list[str]], sample: dict[str, np.ndarray] | None
+) -> list[float]:
+    """Bytes each target's compared arrays take for ``sample`` (shapes inferred; unknown sizes get the mean)."""
+    shapes = tensor_shapes(concrete_shapes(fm, sample)) if sample is not None else {}
+    sizes: list[float | None] = []
+    for tp, names in zip(plan.tensors, targets):
+        dims = shapes.get(tp.tensor)
+        known = dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
+        sizes.append(4.0 * len(names) * float(np.prod(dims)) if known else None)  # type: ignore[arg-type]
+    seen = [x for x in sizes if x is not None]
+    fill = sum(seen) / len(seen) if seen else float(1 << 20)
+    return [fill if x is None else x for x in sizes]

@@ -1,0 +1,185 @@
+"""What an analysis returns (plain data, no engine): per-layer errors, the whole result, and the sink.
+
+:class:`LayerError` is one row (one fp32 tensor), :class:`AnalysisResult` the
+table plus notes, which is also what a snapshot's ``manifest.json`` holds.
+:class:`SampleSink` is the interface through which the engine hands each
+sample's compared arrays to a writer while it runs (a snapshot's
+:class:`~hybridq.snapshot.ArrayDump`), so the arrays are streamed to disk
+and never held for all samples at once; the engine itself writes no file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..metrics import Metrics, SliceMetrics, from_strict_json, to_strict_json
+
+
+@dataclass
+class LayerError:
+    """Errors of one fp32 tensor (one row of the table), in graph order.
+
+    ``layer`` and ``op_type`` name the node the cfg names for ``tensor``: the
+    fp32 model's node that writes it, or, where step1 folded that node into
+    another (a BatchNormalization into its Conv), the node it was folded into,
+    with the folded one in ``folded`` (``"BatchNormalization block0.bn1"``).
+    ``precision`` is what the layer runs in: the step2 map's precision for
+    the layers it quantizes (``uint8``, ``int16``, ``float16``, ``float32``),
+    ``float32->uint8`` for a float op whose output is quantized (its single
+    error is that quantization), ``float32`` for a float op that only reads
+    dequantized tensors; ``None`` when the quantized model has no step2 map.
+    ``shape`` and ``dtype`` describe one sample of the fp32 tensor;
+    ``quant_tensor`` names the view compared in the quantized model; ``single``
+    is ``None`` when the layer is not quantized (nothing to isolate) or could
+    not be isolated (see :attr:`AnalysisResult.notes`). ``slices`` holds the
+    per-slice measure of a model output (:class:`~hybridq.metrics.SliceMetrics`).
+    """
+
+    tensor: str
+    layer: str
+    op_type: str
+    shape: tuple[int, ...]
+    dtype: str
+    entire: Metrics
+    single: Metrics | None
+    quant_tensor: str = ""
+    precision: str | None = None
+    fp32_file: str | None = None
+    quant_file: str | None = None
+    folded: str | None = None
+    slices: SliceMetrics | None = None
+
+    @property
+    def label(self) -> str:
+        """The one name used everywhere: ``layer [tensor] precision``, e.g. ``block0.conv1 [block0.bn1] uint8``."""
+        return f"{self.layer} [{self.tensor}]" + (f" {self.precision}" if self.precision else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's per-tensor entry; floats may be non-finite (:meth:`AnalysisResult.to_dict` makes it strict JSON)."""
+        return {
+            "layer": self.layer,
+            "op_type": self.op_type,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "quant_tensor": self.quant_tensor,
+            "precision": self.precision,
+            "label": self.label,
+            "folded": self.folded,
+            "fp32": self.fp32_file,
+            "quant": self.quant_file,
+            "entire": self.entire.to_dict(encode=False),
+            "single": self.single.to_dict(encode=False) if self.single is not None else None,
+            "slices": self.slices.to_dict() if self.slices is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, tensor: str, d: dict[str, Any]) -> LayerError:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            tensor=tensor,
+            layer=str(d["layer"]),
+            op_type=str(d["op_type"]),
+            shape=tuple(int(x) for x in d["shape"]),
+            dtype=str(d["dtype"]),
+            entire=Metrics.from_dict(d["entire"]),
+            single=Metrics.from_dict(d["single"]) if d.get("single") is not None else None,
+            quant_tensor=str(d.get("quant_tensor", "")),
+            precision=d.get("precision"),
+            fp32_file=d.get("fp32"),
+            quant_file=d.get("quant"),
+            folded=d.get("folded"),
+            slices=SliceMetrics.from_dict(d["slices"]) if d.get("slices") is not None else None,
+        )
+
+
+def badness(layer: LayerError) -> tuple[float, float]:
+    """Sort key, worst first: the error the layer adds (single cosine), then the accumulated one.
+
+    A layer without a single error adds none (cosine 1.0); NaN sorts first.
+    """
+
+    def c(m: Metrics | None) -> float:
+        if m is None:
+            return 1.0
+        return -math.inf if math.isnan(m.cosine) else m.cosine
+
+    return (c(layer.single), c(layer.entire))
+
+
+@dataclass
+class AnalysisResult:
+    """Everything the report renders; also what a snapshot's ``manifest.json`` holds."""
+
+    layers: list[LayerError]
+    outputs: list[str]
+    n_samples: int
+    notes: list[str] = field(default_factory=list)
+    dumped_samples: int = 0
+    dump_message: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Strict-JSON-ready dict (:func:`~hybridq.metrics.to_strict_json`: non-finite numbers are
+        ``null``, listed under ``"nonfinite"``); ``tensors`` is keyed by tensor name in graph order."""
+        return to_strict_json({
+            "format": "hybridq-snapshot",
+            "version": 1,
+            "n_samples": self.n_samples,
+            "outputs": list(self.outputs),
+            "notes": list(self.notes),
+            "dumped_samples": self.dumped_samples,
+            "dump_message": self.dump_message,
+            "tensors": {layer.tensor: layer.to_dict() for layer in self.layers},
+        })
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnalysisResult:
+        """Inverse of :meth:`to_dict` (also reads manifests that wrote non-finite numbers as strings)."""
+        d = from_strict_json(d)
+        return cls(
+            layers=[LayerError.from_dict(t, e) for t, e in d["tensors"].items()],
+            outputs=[str(o) for o in d["outputs"]],
+            n_samples=int(d["n_samples"]),
+            notes=[str(n) for n in d.get("notes", [])],
+            dumped_samples=int(d.get("dumped_samples", 0)),
+            dump_message=d.get("dump_message"),
+        )
+
+    def worst(self, n: int | None = None) -> list[LayerError]:
+        """The ``n`` worst layers (all when ``None``), by :func:`badness`; ties keep graph order."""
+        ranked = sorted(self.layers, key=badness)
+        return ranked if n is None else ranked[:n]
+
+    def output_layers(self) -> list[LayerError]:
+        """The rows of the model's outputs, in output order."""
+        by_name = {layer.tensor: layer for layer in self.layers}
+        return [by_name[o] for o in self.outputs if o in by_name]
+
+
+
+
+class SampleSink(Protocol):
+    """Receives each sample's compared arrays while the analysis runs (a snapshot writer implements it).
+
+    The engine calls :meth:`start` once with the measured tensors in graph
+    order (before the first sample), :meth:`add_sample` once per sample in
+    sample order, then :meth:`finish` with the result (the sink may record in
+    it what it wrote: file names, a cap message), or :meth:`abort` if the
+    analysis fails. The arrays passed to :meth:`add_sample` are not kept by
+    the engine: a sink that wants them must write or copy them.
+    """
+
+    def start(self, tensors: list[str]) -> None:
+        """The tensors that will be measured, in graph order."""
+
+    def add_sample(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """One sample: ``{tensor: (fp32 array, quant view array)}``."""
+
+    def finish(self, result: AnalysisResult) -> None:
+        """The analysis ended: complete the output and record it in ``result``."""
+
+    def abort(self) -> None:
+        """The analysis failed: remove anything half-written."""

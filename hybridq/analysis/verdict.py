@@ -1,0 +1,162 @@
+"""The verdict of an analysis: OK or CHECK against the thresholds, why, and the next step (plain data)."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import dataclass
+from typing import Any
+
+from ..metrics import SNR_DEFAULT, Metrics, output_ok
+from .results import AnalysisResult, LayerError
+
+COS_THRESHOLD = 0.99
+"""Default cosine below which an output, an output slice or a layer's single error fails the verdict."""
+SNR_THRESHOLD = SNR_DEFAULT
+"""Default SNR (dB) below which an output slice or a layer's single error fails the verdict."""
+
+
+def _below(m: Metrics | None, cos_threshold: float, snr_threshold: float) -> bool:
+    """Is ``m`` below either threshold (NaN counts as below)?"""
+    return m is not None and (not m.cosine >= cos_threshold or not m.snr_db >= snr_threshold)
+
+
+@dataclass
+class Verdict:
+    """OK or CHECK for an analysis, why, and what to do next (plain data; the report renders it).
+
+    ``ok`` is true when every model output keeps whole-tensor cosine >=
+    ``cos_threshold`` and its worst slice along the channel axis
+    (:func:`~hybridq.metrics.channel_axis`) keeps cosine >= ``cos_threshold``
+    and SNR >= ``snr_threshold``. ``outputs`` lists every output, worst first;
+    ``layers`` the layers whose single error is below a threshold (the ones
+    that add error), worst first, at most five. ``next_step`` says what to do
+    in one sentence; ``cfg_entry`` is the cfg line to try and ``command`` the
+    ``hybridq propose`` command line (None when the verdict is OK).
+    """
+
+    ok: bool
+    cos_threshold: float
+    snr_threshold: float
+    n_samples: int
+    outputs: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    next_step: str
+    cfg_entry: str | None = None
+    command: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (floats may be non-finite: write it through :func:`~hybridq.metrics.to_strict_json`)."""
+        return {
+            "ok": self.ok,
+            "status": "OK" if self.ok else "CHECK",
+            "thresholds": {"cosine": self.cos_threshold, "snr_db": self.snr_threshold},
+            "n_samples": self.n_samples,
+            "worst_outputs": self.outputs,
+            "worst_layers": self.layers,
+            "next_step": self.next_step,
+            "cfg_entry": self.cfg_entry,
+            "command": self.command,
+        }
+
+
+def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float) -> dict[str, Any]:
+    e = layer.entire
+    sl = layer.slices
+    entry: dict[str, Any] = {
+        "tensor": layer.tensor,
+        "label": layer.label,
+        "cosine": e.cosine,
+        "snr_db": e.snr_db,
+        "worst_slice": None,
+    }
+    if sl is not None:
+        w = sl.worst
+        entry["worst_slice"] = {
+            "axis": sl.axis,
+            "index": w,
+            "slices": len(sl.cosine),
+            "cosine": sl.cosine[w],
+            "snr_db": sl.snr_db[w],
+            "min_cosine": sl.min_cosine,
+        }
+    entry["ok"] = output_ok(e.cosine, sl, cos_threshold, snr_threshold)
+    return entry
+
+
+def _output_rank(entry: dict[str, Any]) -> tuple[bool, float, float]:
+    def num(v: float) -> float:
+        return -math.inf if math.isnan(v) else v
+
+    ws = entry["worst_slice"]
+    return (entry["ok"], num(ws["snr_db"]) if ws else math.inf, num(entry["cosine"]))
+
+
+def judge(
+    result: AnalysisResult,
+    cos_threshold: float = COS_THRESHOLD,
+    snr_threshold: float = SNR_THRESHOLD,
+    snapshot: str | None = None,
+    cfg: str | None = None,
+    dataset: str | None = None,
+) -> Verdict:
+    """The verdict of ``result`` against the thresholds, with the next step.
+
+    ``snapshot``, ``cfg`` and ``dataset`` are the paths put into the suggested
+    ``hybridq propose`` command (without a snapshot, propose analyses anew;
+    placeholders ``MODEL.quantization.cfg`` and ``DATASET`` when unknown).
+    """
+    outs = result.output_layers() or result.layers[-1:]
+    entries = sorted((_output_entry(o, cos_threshold, snr_threshold) for o in outs), key=_output_rank)
+    ok = all(e["ok"] for e in entries)
+    adders = [layer for layer in result.worst() if _below(layer.single, cos_threshold, snr_threshold)]
+    layers = [
+        {
+            "label": a.label,
+            "layer": a.layer,
+            "tensor": a.tensor,
+            "op_type": a.op_type,
+            "precision": a.precision,
+            "single_cosine": a.single.cosine if a.single else math.nan,
+            "single_snr_db": a.single.snr_db if a.single else math.nan,
+            "entire_cosine": a.entire.cosine,
+            "entire_snr_db": a.entire.snr_db,
+        }
+        for a in adders[:5]
+    ]
+    if ok:
+        return Verdict(True, cos_threshold, snr_threshold, result.n_samples, entries, layers,
+                       "nothing to do: every output meets the thresholds")
+    command = " ".join(
+        ["hybridq", "propose", *([shlex.quote(snapshot)] if snapshot else []),
+         "--cfg", shlex.quote(cfg) if cfg else "MODEL.quantization.cfg",
+         "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", f"{cos_threshold:g}"]
+    )
+    cfg_entry = None
+    if adders:
+        a = adders[0]
+        cfg_entry = f"custom_quantize_layers: {{{a.layer}: float32}}"
+        step = (
+            f"layer {a.label} adds the most error: in the cfg set `{cfg_entry}` (or int16), "
+            f"or clip the range (`min`/`max`) of its input tensors under quantize_parameters; "
+            f"or let `{command}` find the cheapest fix"
+        )
+    else:
+        worst = entries[0]
+        ws = worst["worst_slice"]
+        row = next((o for o in outs if o.tensor == worst["tensor"]), None)
+        if ws is not None and worst["cosine"] >= cos_threshold and row is not None:
+            # the whole tensor passes: a slice is drowned by the range its neighbours set
+            prec = row.precision or ""
+            if prec.startswith("float32->") or (prec and not prec.startswith(("float32", "float16"))):
+                cfg_entry = f"custom_quantize_layers: {{{row.layer}: int16}}"
+            step = (
+                f"output {row.label} passes as a whole but slice #{ws['index']} on axis {ws['axis']} does not: "
+                "its values are small beside the other slices that share one quantization range"
+                + (f"; set `{cfg_entry}` in the cfg for a finer step" if cfg_entry else "")
+                + f", or run `{command}`"
+            )
+        else:
+            step = f"no single layer is below the thresholds, so the error builds up over many layers: run `{command}`"
+    return Verdict(False, cos_threshold, snr_threshold, result.n_samples, entries, layers, step, cfg_entry, command)
+

@@ -1,0 +1,25 @@
+"""`from hybridq.rknn import RKNN`: RKNN-Toolkit2's Python API on top of hybridq, for ONNX models.
+
+Scripts written for `from rknn.api import RKNN` (Rockchip's step1.py / step2.py /
+accuracy_analysis examples) run with only the import line changed. Every method
+keeps RKNN-Toolkit2 2.x's argument names and defaults, returns 0 on success and -1
+on failure (`inference` returns the outputs, or None), and prints RKNN-style log
+lines: `E <method>: <message>` and `W <method>: <message>` on stderr always,
+`I <method>: <message>` only with `RKNN(verbose=True)`. The messages are hybridq's
+own (the ones its CLI prints), so a failure names the file, line, layer or value.
+
+Nothing here quantizes: each call maps its arguments onto `hybridq.step1`,
+`hybridq.step2` and `hybridq.analyze` (hybridq/api.py) and runs the result in
+ONNX Runtime. What maps to what, and what differs, is in docs/coming-from-rknn.md.
+
+The package: :mod:`._facade` holds the `RKNN` class (one method per RKNN method,
+each calling hybridq's API), :mod:`._translate` the tables that map RKNN's
+names and values onto hybridq's.
+"""
+
+from __future__ import annotations
+
+from ._facade import RKNN
+from ._translate import NPU_ONLY_OPTIONS, QUANTIZED_ALGORITHMS, QUANTIZED_DTYPES, UNSUPPORTED_DTYPES, UNSUPPORTED_METHODS
+
+__all__ = ["NPU_ONLY_OPTIONS", "QUANTIZED_ALGORITHMS", "QUANTIZED_DTYPES", "RKNN", "UNSUPPORTED_DTYPES", "UNSUPPORTED_METHODS"]
