@@ -188,15 +188,17 @@ def apply_plan(
     # Float16 layers: Cast in, fp16 weights, Cast out.
     fp16_nodes = {n for n, lp in plan.layers.items() if lp.precision == "float16"}
     before: dict[str, list[onnx.NodeProto]] = {}
+    halves: dict[str, str] = {}  # one fp16 copy of a weight, however many float16 layers read it
     for name in fp16_nodes:
         node = g.by_name[name]
         casts_in, casts_out = [], []
         for i, t in enumerate(node.input):
             src = rewire.get(name, {}).get(t, t)
             if t in g.inits and g.types.get(t) == TensorProto.FLOAT:
-                half = numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16")
-                new_inits.append(half)
-                rewire.setdefault(name, {})[t] = half.name
+                if t not in halves:
+                    new_inits.append(numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16"))
+                    halves[t] = f"{t}_fp16"
+                rewire.setdefault(name, {})[t] = halves[t]
                 if all(c.name == name for c in g.consumer_nodes(t)):
                     dropped_inits.add(t)
             elif g.is_float_activation(t):

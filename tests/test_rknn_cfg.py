@@ -355,3 +355,19 @@ def test_real_ppocr_cfgs_import_and_export(task, tmp_path):
     mapped_back = {k for k in layers if k in res.mapped}
     assert mapped_back <= set(written["custom_quantize_layers"] or {}) | {u.name for u in back.unmapped}
     assert written["quantize_parameters"] == orig["quantize_parameters"]
+
+
+def test_imported_float16_layers_sharing_a_weight_build(ws, tmp_path):
+    """RKNN's det proposal marks several HardSwish pieces float16; they share the constants 3 and 6 (one fp16 copy each)."""
+    rk = tmp_path / "rk.quantization.cfg"
+    rk.write_text(rknn_cfg_text(RKNN_ENTRIES, {"tmp_c": None, "hardswish_0.tmp_0": None, "tmp_a": None}))
+    res = import_rknn_cfg(rk, ws["cfg"])
+    assert res.layers == {"Clip_0": "float16", "Div_0": "float16", "Add_0": "float16"}
+    out = hybridq.step2(ws["model"], ws["data"], ws["cfg"], tmp_path / "q.onnx").output
+    q = onnx.load(str(out))
+    assert [i.name for i in q.graph.initializer].count("six_fp16") == 1
+    x = np.random.default_rng(1).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    from tests.conftest import run
+
+    ref, got = run(ws["onnx"], {"x": x})[0], run(q, {"x": x})[0]
+    assert np.abs(ref - got).max() < 0.05
