@@ -496,7 +496,7 @@ rknn_cfg_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None,
     help="Carry float layers and min/max ranges between RKNN-Toolkit2's step1 cfg and hybridq's.",
 )
-app.add_typer(rknn_cfg_app, name="rknn-cfg", help="Read an RKNN-Toolkit2 step1 cfg into a hybridq cfg, or write hybridq's decisions into one.")
+app.add_typer(rknn_cfg_app, name="rknn-cfg", help="Carry float layers and ranges from/to an RKNN-Toolkit2 step1 cfg.")
 
 
 def _unmapped_lines(unmapped) -> tuple[list[Table], dict[str, Any]]:
@@ -505,7 +505,7 @@ def _unmapped_lines(unmapped) -> tuple[list[Table], dict[str, Any]]:
     return tables, {"unmapped": [vars(u) for u in unmapped]}
 
 
-@rknn_cfg_app.command("import")
+@rknn_cfg_app.command("import", short_help="RKNN cfg -> hybridq cfg (float layers, edited min/max).")
 def rknn_cfg_import(
     rknn_cfg: Annotated[Path, typer.Argument(help="The <name>.quantization.cfg RKNN's hybrid_quantization_step1 wrote (edited or with proposal).")],
     cfg: Annotated[Path, typer.Option("--cfg", help="The hybridq <name>.quantization.cfg of the same ONNX model, updated in place.")],
@@ -524,7 +524,7 @@ def rknn_cfg_import(
     State.quiet, State.json = quiet, as_json
     res = import_rknn_cfg(rknn_cfg, cfg, baseline=baseline, all_ranges=all_ranges)
     tables, data = _unmapped_lines(res.unmapped)
-    rows = [["layer", k, v, res.layers.get(v, "kept")] for k, v in res.mapped.items() if k not in res.ranges]
+    rows = [["layer", k, v, res.layers.get(v, "already set")] for k, v in res.mapped.items() if k not in res.ranges]
     rows += [["range", t, t, f"[{lo}, {hi}]"] for t, (lo, hi) in res.ranges.items()]
     if rows:
         tables.insert(0, _table("carried over", ["kind", "RKNN name", "hybridq name", "value"], rows))
@@ -537,7 +537,7 @@ def rknn_cfg_import(
     _emit(data, tables, lines)
 
 
-@rknn_cfg_app.command("export")
+@rknn_cfg_app.command("export", short_help="hybridq cfg -> RKNN step1 cfg (float layers, clips).")
 def rknn_cfg_export(
     cfg: Annotated[Path, typer.Argument(help="The hybridq <name>.quantization.cfg (after propose or your edits).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The RKNN cfg to write (for RKNN's hybrid_quantization_step2).")],
