@@ -373,6 +373,49 @@ def _replace_key(lines: list[str], entry: Any, key: str, values: list[Any]) -> N
     lines[start : end + 1] = _block(indent, key, values)
 
 
+def _edit_ranges(lines: list[str], r: RknnCfg, ranges: dict[str, tuple[float, float]]) -> None:
+    """Replace min/max (widened to include 0), scale and zero_point of entries, bottom up so line numbers stay valid."""
+    qp = r.doc["quantize_parameters"]
+    jobs: list[tuple[int, Any, str, list[Any]]] = []
+    for name, (lo, hi) in ranges.items():
+        entry = qp[name]
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        new: dict[str, list[Any]] = {"min": [lo], "max": [hi]}
+        q = _rknn_qparams(r.data["quantize_parameters"][name], lo, hi)
+        if q is not None:
+            new["scale"], new["zero_point"] = q
+        jobs += [(entry.lc.key(key)[0], entry, key, values) for key, values in new.items() if key in entry]
+    for _, entry, key, values in sorted(jobs, key=lambda j: -j[0]):
+        _replace_key(lines, entry, key, values)
+
+
+def _edit_layers(lines: list[str], r: RknnCfg, add: dict[str, str], remove: list[str]) -> None:
+    """Remove and add custom_quantize_layers lines (4-space indent, as RKNN writes them); the header's comment stays."""
+    new_lines = [f"    {_yaml_key(n)}: {p}" for n, p in add.items()]
+    if "custom_quantize_layers" not in r.doc:
+        if new_lines:
+            lines[0:0] = ["custom_quantize_layers:", *new_lines]
+        return
+    cq = r.doc.get("custom_quantize_layers") or {}
+    header = r.doc.lc.key("custom_quantize_layers")[0]
+    block = len(cq) > 0 and not cq.fa.flow_style()
+    removed_lines = sorted((cq.lc.key(n)[0] for n in remove), reverse=True)
+    for line in removed_lines:
+        del lines[line]
+    head = lines[header]
+    comment = head[head.index("#"):] if "#" in head else ""
+    if new_lines:
+        if block:  # after the last entry left, so comments after the section stay where they are
+            last = max((cq.lc.key(n)[0] for n in cq if n not in remove), default=header)
+            last -= sum(1 for line in removed_lines if line < last)
+        else:  # `custom_quantize_layers: {}` becomes a block header; its comment stays where it was
+            lines[header] = head.replace(": {}", ":   ", 1) if comment else "custom_quantize_layers:"
+            last = header
+        lines[last + 1 : last + 1] = new_lines
+    elif block and len(cq) == len(remove):
+        lines[header] = "custom_quantize_layers: {}" + (f"  {comment}" if comment else "")
+
+
 def edit_rknn_cfg(
     r: RknnCfg, layers_add: dict[str, str], layers_remove: list[str], ranges: dict[str, tuple[float, float]],
 ) -> str:
@@ -395,39 +438,13 @@ def edit_rknn_cfg(
     if not (layers_add or layers_remove or ranges):
         return r.text
     lines = r.text.split("\n")
-    qp = r.doc["quantize_parameters"]
-    jobs: list[tuple[int, Any]] = []
-    for name, (lo, hi) in ranges.items():
-        entry = qp[name]
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-        new = {"min": [lo], "max": [hi]}
-        q = _rknn_qparams(r.data["quantize_parameters"][name], lo, hi)
-        if q is not None:
-            new["scale"], new["zero_point"] = q
-        for key, values in new.items():
-            if key in entry:
-                jobs.append((entry.lc.key(key)[0], (entry, key, values)))
-    for _, (entry, key, values) in sorted(jobs, key=lambda j: -j[0]):
-        _replace_key(lines, entry, key, values)
-    cq = r.doc.get("custom_quantize_layers") or {}
-    header = r.doc.lc.key("custom_quantize_layers")[0]
-    block = len(cq) > 0 and not cq.fa.flow_style()
-    removed_lines = sorted((cq.lc.key(n)[0] for n in layers_remove), reverse=True)
-    for line in removed_lines:
-        del lines[line]
-    new_lines = [f"    {_yaml_key(n)}: {p}" for n, p in layers_add.items()]
-    head = lines[header]
-    comment = head[head.index("#"):] if "#" in head else ""
-    if new_lines:
-        if block:  # after the last entry left, so comments after the section stay where they are
-            last = max((cq.lc.key(n)[0] for n in cq if n not in layers_remove), default=header)
-            last -= sum(1 for line in removed_lines if line < last)
-        else:  # `custom_quantize_layers: {}` becomes a block header; its comment stays where it was
-            lines[header] = head.replace(": {}", ":   ", 1) if comment else "custom_quantize_layers:"
-            last = header
-        lines[last + 1 : last + 1] = new_lines
-    elif block and len(cq) == len(layers_remove):
-        lines[header] = "custom_quantize_layers: {}" + (f"  {comment}" if comment else "")
+    in_file = "custom_quantize_layers" in r.doc
+    if in_file and r.doc.lc.key("custom_quantize_layers")[0] > r.doc.lc.key("quantize_parameters")[0]:
+        _edit_layers(lines, r, layers_add, layers_remove)  # the lower section first: line numbers above stay valid
+        _edit_ranges(lines, r, ranges)
+    else:
+        _edit_ranges(lines, r, ranges)
+        _edit_layers(lines, r, layers_add, layers_remove)
     text = "\n".join(lines)
     _check_written(r, text, layers_add, layers_remove, ranges)
     return text
@@ -540,5 +557,5 @@ def _check_written(r: RknnCfg, text: str, add: dict[str, str], remove: list[str]
     moved = all(
         math.isclose(qp[t]["min"][0], min(lo, 0.0)) and math.isclose(qp[t]["max"][0], max(hi, 0.0)) for t, (lo, hi) in ranges.items()
     )
-    if got != expect or not same or not moved or list(new) != list(r.data):
+    if got != expect or not same or not moved or set(new) | {"custom_quantize_layers"} != set(r.data) | {"custom_quantize_layers"}:
         raise RuntimeError(f"editing '{r.path}' as text did not give the intended cfg; nothing was written")

@@ -142,6 +142,22 @@ def test_real_rknn_cfgs_round_trip(path, tmp_path):
     assert all(ln in text.splitlines() for ln in kept)  # predicted-cosine comments and layout kept
 
 
+def test_sections_in_another_order_or_missing(tmp_path):
+    text = rknn_cfg_text(RKNN_ENTRIES, {"relu_0.tmp_0": 0.99})
+    head, rest = text.split("quantize_parameters:\n", 1)
+    variants = {"below": "quantize_parameters:\n" + rest + head, "missing": "quantize_parameters:\n" + rest}
+    for kind, body in variants.items():
+        path = tmp_path / f"{kind}.cfg"
+        path.write_text(body)
+        r = read_rknn_cfg(path)
+        remove = ["relu_0.tmp_0"] if kind == "below" else []
+        out = edit_rknn_cfg(r, {"pool2d_0.tmp_0": "float16"}, remove, {"linear_1.tmp_1": (-0.2, 0.1)})
+        new = YAML(typ="safe").load(out)
+        assert new["custom_quantize_layers"] == {"pool2d_0.tmp_0": "float16"}, kind
+        assert new["quantize_parameters"]["linear_1.tmp_1"]["max"] == [0.1]
+        assert new["quantize_parameters"]["relu_0.tmp_0"] == YAML(typ="safe").load(body)["quantize_parameters"]["relu_0.tmp_0"]
+
+
 def test_real_rknn_formula_reproduced():
     """RKNN's int8 scale/zero point are (max-min)/255 and -128-round(min/scale): what the export writes."""
     for path in REAL_CFGS:
