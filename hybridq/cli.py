@@ -496,7 +496,8 @@ rknn_cfg_app = typer.Typer(
     no_args_is_help=True, rich_markup_mode=None,
     help="Carry float layers and min/max ranges between RKNN-Toolkit2's step1 cfg and hybridq's.",
 )
-app.add_typer(rknn_cfg_app, name="rknn-cfg", help="Carry float layers and ranges from/to an RKNN-Toolkit2 step1 cfg.")
+app.add_typer(rknn_cfg_app, name="rknn-cfg", help="Carry float layers and ranges from/to an RKNN-Toolkit2 step1 cfg.",
+              short_help="Carry float layers and ranges from/to an RKNN step1 cfg.")
 
 
 def _unmapped_lines(unmapped) -> tuple[list[Table], dict[str, Any]]:
