@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .metrics import Metrics, sample_metrics
+from .metrics import METRIC_NAMES, Metrics, sample_metrics
 
 MAP_FILE = "map_name_to_file.txt"
 TREES = ("golden", "simulator", "runtime")
@@ -124,7 +124,7 @@ def read_rknn_dump(directory: str | Path) -> RknnDump:
     if (root / MAP_FILE).is_file():
         names = read_name_map(root / MAP_FILE)
     else:
-        stems = sorted({p.stem for p in (root / "golden" / "npy").glob("*.npy")} | {p.stem for p in (root / "golden").glob("*.txt")} - {"error_analysis"})
+        stems = sorted({p.stem for p in (root / "golden" / "npy").glob("*.npy")} | {p.stem for p in (root / "golden").glob("*.txt")})
         names = {s: s for s in stems}
         notes.append(f"{root / MAP_FILE} is missing: tensors are named by their file names ('/' and '.' shown as '_').")
     has_runtime = (root / "runtime").is_dir()
@@ -156,7 +156,7 @@ def _metrics(ref: np.ndarray | None, test: np.ndarray | None, name: str, what: s
     if ref.size != test.size:
         raise InputError(f"Tensor '{name}': {what} hold {ref.size} and {test.size} values; the dumps come from different models or inputs.")
     values = sample_metrics(ref, test)
-    return Metrics(*values, per_sample={k: [v] for k, v in zip(("cosine", "euclid", "snr_db", "max_abs"), values)})
+    return Metrics(*values, per_sample={k: [v] for k, v in zip(METRIC_NAMES, values)})
 
 
 def compare_rknn_dump(dump: RknnDump | str | Path) -> list[RknnLayerMetrics]:

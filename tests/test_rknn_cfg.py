@@ -197,6 +197,10 @@ def test_import_maps_layers_and_edited_ranges(ws, tmp_path):
     assert all(ln in text.splitlines() for ln in before_lines)  # every comment kept
     r2 = hybridq.step2(ws["model"], ws["data"], ws["cfg"], tmp_path / "q.onnx")
     assert {r.node: r.effective for r in r2.resolved}["Div_0"] == "float16"
+    q = onnx.load(str(r2.output))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    ql = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "relu_0.tmp_0")
+    assert float(inits[ql.input[1]]) == pytest.approx(2.0 / 255)  # step2 quantizes with RKNN's edited range [0, 2] (uint8)
     assert import_rknn_cfg(rk, ws["cfg"]).written is False  # idempotent: nothing new the second time
 
 

@@ -108,3 +108,11 @@ def test_not_an_rknn_folder_is_an_input_error(tmp_path):
     (tmp_path / "map_name_to_file.txt").write_text("layer_name  file_name\n-----\nlonely\n")
     with pytest.raises(InputError, match=r"map_name_to_file.txt:3"):
         read_rknn_dump(tmp_path)
+
+
+def test_without_the_map_tensors_are_named_by_their_files(tmp_path):
+    _dump(tmp_path)
+    (tmp_path / "map_name_to_file.txt").unlink()
+    d = read_rknn_dump(tmp_path)
+    assert sorted(d.tensors) == sorted(file_stem(n) for n in NAMES)
+    assert d.notes and "missing" in d.notes[0]
