@@ -22,7 +22,7 @@ import hybridq
 from hybridq.cli import app
 from hybridq.config import load_cfg
 from hybridq.errors import ConfigError, InputError
-from hybridq.rknn_cfg import edit_rknn_cfg, export_rknn_cfg, import_rknn_cfg, read_rknn_cfg
+from hybridq.rknn.cfg import edit_rknn_cfg, export_rknn_cfg, import_rknn_cfg, read_rknn_cfg
 from tests.models import write_npy_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "rknn"

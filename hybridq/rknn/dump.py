@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .metrics import METRIC_NAMES, Metrics, sample_metrics
+from ..errors import InputError
+from ..metrics import METRIC_NAMES, Metrics, sample_metrics
 
 MAP_FILE = "map_name_to_file.txt"
 TREES = ("golden", "simulator", "runtime")

@@ -34,12 +34,12 @@ import onnx
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from ._fs import write_atomic
-from .artifacts import backup_if_edited, read_step1
-from .build import resolve_layer_names
-from .config import load_cfg, update_custom_layers, update_entries
-from .errors import ConfigError, InputError
-from .qparams import normalize_dtype
+from .._fs import write_atomic
+from ..artifacts import backup_if_edited, read_step1
+from ..build import resolve_layer_names
+from ..config import load_cfg, update_custom_layers, update_entries
+from ..errors import ConfigError, InputError
+from ..qparams import normalize_dtype
 
 RKNN_LAYER_PRECISIONS = ("float16",)
 """What RKNN-Toolkit2 2.5 accepts in custom_quantize_layers (it refuses float32, see SPEC section 3)."""
@@ -237,28 +237,8 @@ def _hybridq_edited_ranges(h: _Hybridq) -> dict[str, tuple[list[float], list[flo
 # --------------------------------------------------------------------------- import
 
 
-def import_rknn_cfg(
-    rknn_cfg: str | Path,
-    cfg: str | Path,
-    *,
-    baseline: str | Path | None = None,
-    all_ranges: bool = False,
-) -> RknnImportResult:
-    """Write an RKNN step1 cfg's float layers and edited ranges into a hybridq cfg of the same ONNX model.
-
-    Layers of RKNN's custom_quantize_layers go into hybridq's custom_quantize_layers under the
-    temp-model node name, commented with the RKNN name; an entry the hybridq cfg already has for
-    that node is kept. A range counts as edited when its min/max differ from `baseline` (the cfg
-    as RKNN wrote it, before your edits) or, without a baseline, from its ori_min/ori_max (RKNN
-    itself narrows some ranges, e.g. inputs of HardSwish to -3: those come along then);
-    `all_ranges` takes every int8/int16 range. Edited ranges go into the matching hybridq
-    entries' min/max (step2 recomputes scale and zero point), except where the hybridq entry was
-    itself edited. The cfg is rewritten atomically, every other line and comment kept, and an
-    edited cfg is first backed up (as `hybridq propose` does).
-    """
-    r = read_rknn_cfg(rknn_cfg)
-    h = _open_hybridq(cfg)
-    res = RknnImportResult(h.cfg)
+def _import_layers(r: RknnCfg, h: _Hybridq, res: RknnImportResult) -> tuple[dict[str, str], dict[str, str]]:
+    """RKNN's custom_quantize_layers as hybridq layer precisions (temp-model nodes) and their comments."""
     existing, _ = resolve_layer_names(h.parsed.custom, h.parsed.custom_lines, str(h.cfg), h.model, h.meta)
     layers: dict[str, str] = {}
     comments: dict[str, str] = {}
@@ -281,8 +261,11 @@ def import_rknn_cfg(
         layers[node] = p
         comments[node] = f"from RKNN '{name}'" if name != node else "from RKNN"
     res.layers = layers
+    return layers, comments
 
-    base = read_rknn_cfg(baseline).data["quantize_parameters"] if baseline is not None else None
+
+def _import_ranges(r: RknnCfg, h: _Hybridq, res: RknnImportResult, base: dict | None, all_ranges: bool) -> dict[str, dict[str, Any]]:
+    """RKNN's edited int8/int16 ranges as min/max edits of the matching hybridq entries."""
     edited_here = set(_hybridq_edited_ranges(h))
     edits: dict[str, dict[str, Any]] = {}
     for name, entry in r.data["quantize_parameters"].items():
@@ -312,6 +295,34 @@ def import_rknn_cfg(
             continue
         edits[name] = {"min": lo, "max": hi}
         res.ranges[name] = (lo[0], hi[0])
+    return edits
+
+
+def import_rknn_cfg(
+    rknn_cfg: str | Path,
+    cfg: str | Path,
+    *,
+    baseline: str | Path | None = None,
+    all_ranges: bool = False,
+) -> RknnImportResult:
+    """Write an RKNN step1 cfg's float layers and edited ranges into a hybridq cfg of the same ONNX model.
+
+    Layers of RKNN's custom_quantize_layers go into hybridq's custom_quantize_layers under the
+    temp-model node name, commented with the RKNN name; an entry the hybridq cfg already has for
+    that node is kept. A range counts as edited when its min/max differ from `baseline` (the cfg
+    as RKNN wrote it, before your edits) or, without a baseline, from its ori_min/ori_max (RKNN
+    itself narrows some ranges, e.g. inputs of HardSwish to -3: those come along then);
+    `all_ranges` takes every int8/int16 range. Edited ranges go into the matching hybridq
+    entries' min/max (step2 recomputes scale and zero point), except where the hybridq entry was
+    itself edited. The cfg is rewritten atomically, every other line and comment kept, and an
+    edited cfg is first backed up (as `hybridq propose` does).
+    """
+    r = read_rknn_cfg(rknn_cfg)
+    h = _open_hybridq(cfg)
+    res = RknnImportResult(h.cfg)
+    layers, comments = _import_layers(r, h, res)
+    base = read_rknn_cfg(baseline).data["quantize_parameters"] if baseline is not None else None
+    edits = _import_ranges(r, h, res, base, all_ranges)
     text = update_custom_layers(h.text, layers, comments)
     text = update_entries(text, edits, {t: "from RKNN" for t in edits})
     if text != h.text:
