@@ -226,7 +226,7 @@ def analyze(
     samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
     dump: Annotated[Optional[Path], typer.Option(help="Write a snapshot here: fp32/ and quant/ tensors, manifest, reports.")] = None,
     max_bytes: Annotated[Optional[int], typer.Option(help="Cap the arrays written by --dump (bytes).")] = None,
-    from_dir: Annotated[Optional[Path], typer.Option("--from", help="Re-render a snapshot without running a model.")] = None,
+    from_dir: Annotated[Optional[Path], typer.Option("--from", help="Re-render a snapshot, or RKNN-Toolkit2's accuracy_analysis folder, without running a model (with --dump DIR: its reports into DIR).")] = None,
     top: Annotated[int, typer.Option(help="Rows in the table of worst layers.")] = 20,
     target_cosine: Annotated[float, typer.Option(help="Verdict threshold: cosine of every output, of its worst slice, and of each layer's single error.")] = 0.99,
     target_snr: Annotated[float, typer.Option(help="Verdict threshold (dB): SNR of every output's worst slice and of each layer's single error.")] = 20.0,
@@ -275,6 +275,9 @@ def analyze(
     v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset)
     if dump is not None and from_dir is None and (cfg is not None or (target_cosine, target_snr) != (0.99, 20.0)):
         write_reports(result, dump, target_cosine, target_snr, v)  # the snapshot's reports: these thresholds, this cfg
+    elif dump is not None and from_dir is not None:  # a snapshot or an RKNN folder rendered as reports elsewhere
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        write_reports(result, dump, target_cosine, target_snr, v)
     lines = [verdict(result, target_cosine, target_snr, v=v)]
     if v.command:
         lines.append(f"Command: {v.command}")
@@ -283,6 +286,8 @@ def analyze(
         lines.append(result.dump_message)
     if dump is not None and from_dir is None:
         lines.append(f"Snapshot written to {dump}: error_analysis.txt/.csv/.png, report.html, manifest.json.")
+    elif dump is not None:
+        lines.append(f"Reports written to {dump}: error_analysis.txt/.csv/.png, report.html.")
     data = to_strict_json({"verdict": v.to_dict(), **result.to_dict()})
     if State.json:
         console.out.print(json.dumps(data, allow_nan=False, ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)

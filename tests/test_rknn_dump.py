@@ -116,3 +116,22 @@ def test_without_the_map_tensors_are_named_by_their_files(tmp_path):
     d = read_rknn_dump(tmp_path)
     assert sorted(d.tensors) == sorted(file_stem(n) for n in NAMES)
     assert d.notes and "missing" in d.notes[0]
+
+
+def test_analyze_from_an_rknn_folder_renders_hybridqs_report(tmp_path, capsys):
+    """`hybridq analyze --from RKNN_DIR --dump OUT`: RKNN's dumps as hybridq's table and report files, figures as numpy says."""
+    from hybridq.cli import main
+
+    trees = _dump(tmp_path / "rknn")
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "--from", str(tmp_path / "rknn"), "--dump", str(tmp_path / "report"), "--json"])
+    assert exc.value.code == 0
+    import json
+
+    doc = json.loads(capsys.readouterr().out)
+    tensors = doc["tensors"]
+    assert list(tensors) == NAMES
+    for name in NAMES:
+        assert tensors[name]["entire"]["cosine"] == pytest.approx(_cos(trees["golden"][name], trees["simulator"][name]), abs=1e-9)
+    assert any(f"first tensor where it departs from the simulator: {CORRUPT}" in n for n in doc["notes"])
+    assert {p.name for p in (tmp_path / "report").iterdir()} >= {"error_analysis.txt", "error_analysis.csv", "error_analysis.png", "report.html"}
