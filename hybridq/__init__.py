@@ -25,6 +25,11 @@ _PUBLIC: dict[str, str] = {
     "analyze": "api",
     "propose": "api",
     "load_snapshot": "api",
+    # RKNN-Toolkit2 interop (SPEC section 12).
+    "import_rknn_cfg": "rknn.cfg",
+    "export_rknn_cfg": "rknn.cfg",
+    "read_rknn_dump": "rknn.dump",
+    "compare_rknn_dump": "rknn.dump",
     # Options.
     "Settings": "settings",
     "Preprocess": "dataset",
@@ -38,6 +43,10 @@ _PUBLIC: dict[str, str] = {
     "LayerError": "analysis",
     "ProposalResult": "proposal",
     "Score": "proposal",
+    "RknnImportResult": "rknn.cfg",
+    "RknnExportResult": "rknn.cfg",
+    "RknnDump": "rknn.dump",
+    "RknnLayerMetrics": "rknn.dump",
     # Errors.
     "HybridqError": "errors",
     "InputError": "errors",

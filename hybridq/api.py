@@ -374,12 +374,40 @@ def analyze_samples(
 
 
 def load_snapshot(directory: str | Path):
-    """Read a snapshot written by `analyze(..., dump=DIR)`; no model is run."""
+    """Read a snapshot written by `analyze(..., dump=DIR)`, or RKNN-Toolkit2's accuracy_analysis folder; no model is run.
+
+    For an RKNN folder (golden/, simulator/, runtime/, map_name_to_file.txt) each dumped tensor becomes a row whose
+    entire error is golden vs simulator (RKNN dumps one sample and no isolated error); with a runtime/ tree, a
+    note names the tensor where the device first departs from the simulator.
+    """
     from .snapshot import load_snapshot as read
 
-    if not (Path(directory) / "manifest.json").exists():
-        raise InputError(f"'{directory}' is not a hybridq snapshot (no manifest.json). Write one with `hybridq analyze ... --dump {directory}`.")
+    root = Path(directory)
+    if not (root / "manifest.json").exists():
+        if (root / "map_name_to_file.txt").exists() or (root / "golden").is_dir():
+            return _rknn_result(root)
+        raise InputError(f"'{directory}' is not a hybridq snapshot (no manifest.json) nor an RKNN-Toolkit2 accuracy_analysis "
+                         f"folder (no golden/ or map_name_to_file.txt). Write one with `hybridq analyze ... --dump {directory}`.")
     return read(directory)
+
+
+def _rknn_result(root: Path) -> AnalysisResult:
+    """RKNN's dumps as an analysis result (one sample, entire error = golden vs simulator)."""
+    from .analysis import AnalysisResult, LayerError
+    from .rknn.dump import compare_rknn_dump, first_divergence, read_rknn_dump
+
+    dump = read_rknn_dump(root)
+    rows = compare_rknn_dump(dump)
+    layers = [LayerError(tensor=m.name, layer=m.name, op_type="", shape=tuple(m.shape), dtype="float32",
+                         entire=m.simulator, single=None) for m in rows if m.simulator is not None]
+    notes = [f"RKNN-Toolkit2 accuracy_analysis folder {root}: golden vs simulator, one sample."] + list(dump.notes)
+    if dump.missing:
+        notes.append(f"{len(dump.missing)} tensor(s) listed without a golden file: {', '.join(dump.missing[:6])}")
+    if dump.has_runtime:
+        first = first_divergence(rows)
+        notes.append(f"runtime/ (the board): first tensor where it departs from the simulator: {first.name}"
+                     if first is not None else "runtime/ (the board) agrees with the simulator on every tensor")
+    return AnalysisResult(layers, [layers[-1].tensor] if layers else [], 1, notes)
 
 
 @dataclass

@@ -7,15 +7,14 @@ import json
 import os
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import _console as console
+from ._console import JsonOpt, QuietOpt, State, emit, progress, table
 from .errors import ExitCode, HybridqError, InputError
 
 app = typer.Typer(
@@ -25,15 +24,11 @@ app = typer.Typer(
     rich_markup_mode=None,
     help="Hybrid post-training quantization of ONNX models (RKNN-Toolkit2 style): step1 -> edit cfg -> step2 -> analyze.",
 )
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-
-
 def _print_version(value: bool) -> None:
     if value:
         from . import __version__
 
-        out.print(f"hybridq {__version__}", highlight=False, markup=False)
+        console.out.print(f"hybridq {__version__}", highlight=False, markup=False)
         raise typer.Exit()
 
 
@@ -42,70 +37,6 @@ def _options(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Options before the command."""
-
-
-class State:
-    """Flags that apply to every command."""
-
-    quiet = False
-    json = False
-
-
-class Advance:
-    """Moves a progress bar on by `n` when called (nothing when no bar is shown); `start(total)` sets its length."""
-
-    def __init__(self, bar: Progress | None = None, task: TaskID | None = None) -> None:
-        self._bar, self._task = bar, task
-
-    def __call__(self, n: int = 1) -> None:
-        if self._bar is None or self._task is None:
-            return
-        self._bar.advance(self._task, n)
-        t = self._bar.tasks[self._task]
-        if t.elapsed:
-            self._bar.update(self._task, rate=f"{t.completed / t.elapsed:.1f} samples/s")
-
-    def start(self, total: int) -> None:
-        """Give the bar its length once the API knows it (the `on_start(n)` callbacks)."""
-        if self._bar is not None and self._task is not None:
-            self._bar.update(self._task, total=total)
-
-
-@contextmanager
-def progress(label: str, total: int | None = None) -> Iterator[Advance]:
-    """A rich progress bar on stderr (silent when quiet or not a terminal); yields an `Advance`."""
-    if State.quiet or State.json or not err.is_terminal:
-        yield Advance()
-        return
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
-    ) as bar:
-        yield Advance(bar, bar.add_task(label, total=total, rate=""))
-
-
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    table = Table(title=title, box=None if not out.is_terminal else None, show_edge=False, header_style="bold")
-    for c in columns:
-        table.add_column(c)
-    for r in rows:
-        table.add_row(*(str(x) for x in r))
-    return table
-
-
-def _emit(data: dict[str, Any], tables: list[Table], lines: list[str]) -> None:
-    if State.json:  # strict JSON: non-finite numbers as null, listed under "nonfinite" (see metrics.to_strict_json)
-        from .metrics import to_strict_json
-
-        plain = json.loads(json.dumps(data, default=str))
-        out.print(json.dumps(to_strict_json(plain), allow_nan=False, ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)
-        return
-    if State.quiet:
-        return
-    for t in tables:
-        out.print(t)
-    for line in lines:  # soft_wrap: a long line (a command to copy) is never broken by inserted newlines
-        out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _given_preprocess(mean, std, color, layout, resize, hook) -> dict[str, Any]:
@@ -122,7 +53,7 @@ def _given_preprocess(mean, std, color, layout, resize, hook) -> dict[str, Any]:
 
 def _warn(warnings: list[str]) -> None:
     for w in warnings:
-        err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
+        console.err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
 
 
 MeanOpt = Annotated[Optional[str], typer.Option(help="Per-channel mean in 0-255 pixel units, e.g. 123.675,116.28,103.53 (RKNN mean_values).")]
@@ -141,8 +72,6 @@ EvalOpt = Annotated[Optional[str], typer.Option("--eval", help="module.py:functi
 MaxDropOpt = Annotated[float, typer.Option(help="With --eval: largest allowed drop of the score below fp32.")]
 FallbackOpt = Annotated[str, typer.Option(help="Precision of proposed layers: float32 (fastest on CPU) or float16 (NPUs).")]
 PropSamplesOpt = Annotated[int, typer.Option(help="Samples the proposal measures candidates on.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 
 
 @app.command()
@@ -159,7 +88,7 @@ def init(
     if directory.exists() and not directory.is_dir():
         raise InputError(f"'{directory}' is a file, not a directory; choose a new directory for the workspace.")
     make_workspace(directory, model)
-    _emit({"workspace": str(directory)}, [], [f"Workspace ready in {directory}: edit dataset.txt, then run the commands in {directory}/README.md."])
+    emit({"workspace": str(directory)}, [], [f"Workspace ready in {directory}: edit dataset.txt, then run the commands in {directory}/README.md."])
 
 
 @app.command()
@@ -235,13 +164,13 @@ def step1(
     lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
     data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused,
             "config": res.config, "notes": res.notes}
-    tables = [_table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
+    tables = [table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:
         ptables, plines, pdata = _proposal_report(res.proposal)
         tables += ptables
         lines = plines + lines
         data["proposal"] = pdata
-    _emit(data, tables, lines)
+    emit(data, tables, lines)
 
 
 @app.command()
@@ -262,19 +191,19 @@ def step2(
     State.quiet, State.json = quiet, as_json
     res = api.step2(model, data, cfg, output)
     rows = [[k, v] for k, v in sorted(res.layers.items())]
-    tables = [_table("layers per precision", ["precision", "layers"], rows)]
+    tables = [table("layers per precision", ["precision", "layers"], rows)]
     if res.resolved:
-        tables.append(_table("custom_quantize_layers", ["entry", "node", "requested", "effective", "resolved as"],
+        tables.append(table("custom_quantize_layers", ["entry", "node", "requested", "effective", "resolved as"],
                              [[r.entry, r.node, r.requested, r.effective, r.how] for r in res.resolved]))
     lines = [f"Wrote {res.output}: {res.size_fp32 / 1e6:.2f} MB fp32 -> {res.size_quant / 1e6:.2f} MB."]
     lines += [f"note: {n}" for n in res.notes]
     for w in res.warnings:
-        err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
+        console.err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
     data = {
         "output": res.output, "layers": res.layers, "size_fp32": res.size_fp32, "size_quant": res.size_quant,
         "resolved": [vars(r) for r in res.resolved], "notes": res.notes, "warnings": res.warnings,
     }
-    _emit(data, tables, lines)
+    emit(data, tables, lines)
 
 
 def _cfg_beside(quant_model: Path | None) -> str | None:
@@ -297,7 +226,7 @@ def analyze(
     samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
     dump: Annotated[Optional[Path], typer.Option(help="Write a snapshot here: fp32/ and quant/ tensors, manifest, reports.")] = None,
     max_bytes: Annotated[Optional[int], typer.Option(help="Cap the arrays written by --dump (bytes).")] = None,
-    from_dir: Annotated[Optional[Path], typer.Option("--from", help="Re-render a snapshot without running a model.")] = None,
+    from_dir: Annotated[Optional[Path], typer.Option("--from", help="Re-render a snapshot, or RKNN-Toolkit2's accuracy_analysis folder, without running a model (with --dump DIR: its reports into DIR).")] = None,
     top: Annotated[int, typer.Option(help="Rows in the table of worst layers.")] = 20,
     target_cosine: Annotated[float, typer.Option(help="Verdict threshold: cosine of every output, of its worst slice, and of each layer's single error.")] = 0.99,
     target_snr: Annotated[float, typer.Option(help="Verdict threshold (dB): SNR of every output's worst slice and of each layer's single error.")] = 20.0,
@@ -346,6 +275,9 @@ def analyze(
     v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset)
     if dump is not None and from_dir is None and (cfg is not None or (target_cosine, target_snr) != (0.99, 20.0)):
         write_reports(result, dump, target_cosine, target_snr, v)  # the snapshot's reports: these thresholds, this cfg
+    elif dump is not None and from_dir is not None:  # a snapshot or an RKNN folder rendered as reports elsewhere
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        write_reports(result, dump, target_cosine, target_snr, v)
     lines = [verdict(result, target_cosine, target_snr, v=v)]
     if v.command:
         lines.append(f"Command: {v.command}")
@@ -354,14 +286,16 @@ def analyze(
         lines.append(result.dump_message)
     if dump is not None and from_dir is None:
         lines.append(f"Snapshot written to {dump}: error_analysis.txt/.csv/.png, report.html, manifest.json.")
+    elif dump is not None:
+        lines.append(f"Reports written to {dump}: error_analysis.txt/.csv/.png, report.html.")
     data = to_strict_json({"verdict": v.to_dict(), **result.to_dict()})
     if State.json:
-        out.print(json.dumps(data, allow_nan=False, ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)
+        console.out.print(json.dumps(data, allow_nan=False, ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)
     elif not State.quiet:
-        out.print(rich_table(result, top=top, cos_threshold=target_cosine, snr_threshold=target_snr))
-        out.print(outputs_table(v))
+        console.out.print(rich_table(result, top=top, cos_threshold=target_cosine, snr_threshold=target_snr))
+        console.out.print(outputs_table(v))
         for line in lines:
-            out.print(line, highlight=False, markup=False, soft_wrap=True)
+            console.out.print(line, highlight=False, markup=False, soft_wrap=True)
     if strict and not v.ok:
         raise typer.Exit(int(ExitCode.BELOW_THRESHOLD))
 
@@ -411,7 +345,7 @@ def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
 
     rows = [[r.step, r.fix, num(r.cosine, ".5f"), num(r.snr_db, ".1f"), num(r.slice_snr_db, ".1f"), f"{100 * r.cost:.1f} %", r.outcome]
             for r in p.table]
-    tables = [_table("candidates, cheapest fixes first (cosine and SNR: worst output, whole tensor or slice-normalised)",
+    tables = [table("candidates, cheapest fixes first (cosine and SNR: worst output, whole tensor or slice-normalised)",
                      ["step", "fix", "cosine", "SNR dB", "worst slice dB", "float compute", "outcome"], rows)]
     lines = [f"Proposal: {p.choice}."]
     if p.edits:
@@ -489,7 +423,13 @@ def propose(
     else:
         lines.append(f"Nothing changed: {cfg} was left as it was (not rewritten, no backup).")
     data.update(written=result.written, backup=str(backup) if backup else None)
-    _emit(data, tables, lines)
+    emit(data, tables, lines)
+
+
+from ._cli_rknn import rknn_cfg_app  # noqa: E402  (a sub-command group, defined beside)
+
+app.add_typer(rknn_cfg_app, name="rknn-cfg", help="Carry float layers and ranges from/to an RKNN-Toolkit2 step1 cfg.",
+              short_help="Carry float layers and ranges from/to an RKNN step1 cfg.")
 
 
 def _full_summaries() -> None:
@@ -516,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     except HybridqError as exc:
         if debug:
             raise
-        err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        console.err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:
         _interrupted()
@@ -530,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(int(ExitCode.USAGE))
         if debug:
             raise
-        err.print(f"internal error: {type(exc).__name__}: {exc}. Re-run with --debug for the traceback and report it.", highlight=False, markup=False)
+        console.err.print(f"internal error: {type(exc).__name__}: {exc}. Re-run with --debug for the traceback and report it.", highlight=False, markup=False)
         sys.exit(int(ExitCode.FAILURE))
     if rc == 130:  # typer turns KeyboardInterrupt (and our SIGTERM) into 130 and, outside standalone mode, returns it
         _interrupted()
@@ -538,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _interrupted() -> None:
-    err.print(
+    console.err.print(
         "interrupted: the outputs are the earlier ones (or a complete new set if the interrupt came while they were "
         "being put in place); nothing half-written was kept.", highlight=False, markup=False,
     )

@@ -224,15 +224,17 @@ class _Rewrite:
         """Float16 layers: Cast in, fp16 weights, Cast out. Returns their names."""
         g, rewire = self.g, self.rewire
         fp16_nodes = {n for n, lp in self.plan.layers.items() if lp.precision == "float16"}
+        halves: dict[str, str] = {}  # one fp16 copy of a weight, however many float16 layers read it
         for name in fp16_nodes:
             node = g.by_name[name]
             casts_in, casts_out = [], []
             for i, t in enumerate(node.input):
                 src = rewire.get(name, {}).get(t, t)
                 if t in g.inits and g.types.get(t) == TensorProto.FLOAT:
-                    half = numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16")
-                    self.new_inits.append(half)
-                    rewire.setdefault(name, {})[t] = half.name
+                    if t not in halves:
+                        self.new_inits.append(numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16"))
+                        halves[t] = f"{t}_fp16"
+                    rewire.setdefault(name, {})[t] = halves[t]
                     if all(c.name == name for c in g.consumer_nodes(t)):
                         self.dropped_inits.add(t)
                 elif g.is_float_activation(t):

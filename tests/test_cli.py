@@ -113,7 +113,7 @@ def test_progress_bar_knows_its_length_and_next_command_is_one_line(capsys, monk
 
     from rich.console import Console
 
-    from hybridq import cli as cli_module
+    from hybridq import _console as cli_module
 
     bar = io.StringIO()
     monkeypatch.setattr(cli_module, "err", Console(file=bar, force_terminal=True, width=120))

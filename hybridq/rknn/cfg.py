@@ -1,0 +1,572 @@
+"""RKNN-Toolkit2 step1 cfgs <-> hybridq cfgs: float layers and min/max ranges, names mapped both ways.
+
+RKNN's `<name>.quantization.cfg` (from `hybrid_quantization_step1`) has two sections:
+`custom_quantize_layers` ({post-fusion tensor name: float16}) and `quantize_parameters`
+({activation tensor name: qtype, qmethod, dtype, min, max, scale, zero_point, ori_min, ori_max}).
+hybridq's cfg has the same sections, keyed by temp-model node names (layers) and tensor names.
+
+Names are mapped through the temp model (`<name>.model`: producers and consumers of every
+tensor) and the step1 metadata in `<name>.data` (`original_nodes`, `renamed`, `fused`):
+
+- RKNN layer -> hybridq node: the producer of that tensor in the temp model; else a temp-model
+  node of that name; else, for a tensor of the original model that preparation fused away, the
+  node its producer was fused into.
+- RKNN tensor -> hybridq tensor: the same name, when hybridq's cfg has an entry for it.
+- hybridq node -> RKNN layer: the node's output tensor when RKNN's cfg names it; else the first
+  tensor RKNN's cfg names down the node's single-consumer chain (RKNN fuses e.g. hybridq's
+  Add/Clip/Mul/Div into one HardSwish whose output it names).
+- hybridq tensor -> RKNN tensor: the same name, when RKNN's cfg has an entry for it.
+
+A name with no counterpart (RKNN's own tensors such as `x_int8` or `GlobalAveragePool@0_2conv0`,
+tensors hybridq does not quantize, weights) is returned in `unmapped` with the reason, never dropped.
+Files are edited as text: every line neither tool changes is kept byte for byte.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from .._fs import write_atomic
+from ..artifacts import backup_if_edited, read_step1
+from ..build import resolve_layer_names
+from ..config import load_cfg, update_custom_layers, update_entries
+from ..errors import ConfigError, InputError
+from ..qparams import normalize_dtype
+
+RKNN_LAYER_PRECISIONS = ("float16",)
+"""What RKNN-Toolkit2 2.5 accepts in custom_quantize_layers (it refuses float32, see SPEC section 3)."""
+_FORWARD_DEPTH = 8
+
+
+@dataclass
+class Unmapped:
+    """A name of one cfg with no counterpart in the other, and why."""
+
+    name: str
+    section: str
+    reason: str
+
+
+@dataclass
+class RknnImportResult:
+    """What `import_rknn_cfg` wrote into the hybridq cfg."""
+
+    cfg: Path
+    layers: dict[str, str] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    mapped: dict[str, str] = field(default_factory=dict)
+    unmapped: list[Unmapped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    backup: Path | None = None
+    written: bool = False
+
+
+@dataclass
+class RknnExportResult:
+    """What `export_rknn_cfg` wrote into the RKNN cfg."""
+
+    output: Path
+    layers: dict[str, str] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    mapped: dict[str, str] = field(default_factory=dict)
+    unmapped: list[Unmapped] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    backup: Path | None = None
+    written: bool = False
+
+
+# --------------------------------------------------------------------------- reading RKNN cfgs
+
+
+@dataclass
+class RknnCfg:
+    """An RKNN step1 cfg: its text, plain data (safe loader) and the round-trip document (for line numbers)."""
+
+    path: Path
+    text: str
+    data: dict[str, Any]
+    doc: Any
+
+    def line(self, section: str, name: str | None = None) -> int:
+        """1-based line of a section key, or of an entry in it (0 when unknown)."""
+        try:
+            node = self.doc if name is None else self.doc[section]
+            return int(node.lc.key(section if name is None else name)[0]) + 1
+        except Exception:
+            return 0
+
+
+def read_rknn_cfg(path: str | Path) -> RknnCfg:
+    """Parse an RKNN-Toolkit2 step1 cfg; a YAML or structure error is a ConfigError naming the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"RKNN cfg '{p}' does not exist. RKNN's hybrid_quantization_step1 writes it as <name>.quantization.cfg.")
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = YAML(typ="safe").load(text)
+        rt = YAML(typ="rt")
+        doc = rt.load(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"RKNN cfg '{p}' cannot be read: {exc}.") from None
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc.context}. Fix the line or take the cfg RKNN wrote.") from None
+    except YAMLError as exc:
+        raise ConfigError(f"{p}: YAML error: {exc}.") from None
+    if not isinstance(data, dict) or "quantize_parameters" not in data:
+        raise ConfigError(f"'{p}' is not an RKNN step1 cfg: it has no quantize_parameters mapping. Pass the <name>.quantization.cfg RKNN's hybrid_quantization_step1 wrote.")
+    if "hybridq" in data:
+        raise ConfigError(f"'{p}' is a hybridq cfg (it has a hybridq: header), not RKNN's. Pass the cfg RKNN's hybrid_quantization_step1 wrote.")
+    for section in ("custom_quantize_layers", "quantize_parameters"):
+        if data.get(section) is None:
+            data[section] = {}
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{p}:{RknnCfg(p, text, data, doc).line(section)}: {section} must be a mapping.")
+    return RknnCfg(p, text, data, doc)
+
+
+def _range(cfg: RknnCfg, name: str, entry: Any) -> tuple[list[float], list[float]] | None:
+    """An RKNN entry's min/max as float lists; None when it has none; ConfigError when invalid."""
+    where = f"{cfg.path}:{cfg.line('quantize_parameters', name)}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: the entry of '{name}' must be a mapping (qtype, dtype, min, max, ...).")
+    if "min" not in entry or "max" not in entry:
+        return None
+    out = []
+    for key in ("min", "max"):
+        v = entry[key]
+        vals = v if isinstance(v, list) else [v]
+        if not vals or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in vals):
+            raise ConfigError(f"{where}: {key} of '{name}' must be a list of finite numbers, got {v!r}.")
+        out.append([float(x) for x in vals])
+    lo, hi = out
+    if len(lo) != len(hi) or any(a > b for a, b in zip(lo, hi)):
+        raise ConfigError(f"{where}: '{name}' has min {lo} and max {hi}; give as many of each, with min <= max (RKNN ignores such a range silently).")
+    return lo, hi
+
+
+# --------------------------------------------------------------------------- the hybridq side
+
+
+@dataclass
+class _Hybridq:
+    """A hybridq cfg with its step1 artifacts and the name index of its temp model."""
+
+    cfg: Path
+    data: Path
+    text: str
+    parsed: Any
+    meta: dict[str, Any]
+    model: onnx.ModelProto
+    producer: dict[str, str]
+    consumers: dict[str, list[str]]
+    outputs: dict[str, list[str]]
+    original_producer: dict[str, str]
+
+
+def _open_hybridq(cfg: str | Path) -> _Hybridq:
+    p = Path(cfg)
+    if not p.name.endswith(".quantization.cfg"):
+        raise InputError(f"'{p}' is not a hybridq step1 cfg (<name>.quantization.cfg); pass the cfg hybridq step1 wrote.")
+    stem = p.name[: -len(".quantization.cfg")]
+    parsed = load_cfg(p)
+    bundle = read_step1(p.with_name(f"{stem}.model"), p.with_name(f"{stem}.data"), parsed.header.get("model_sha256"), p)
+    g = bundle.model.graph
+    producer = {o: n.name for n in g.node for o in n.output if o}
+    consumers: dict[str, list[str]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.name)
+    outputs = {n.name: [o for o in n.output if o] for n in g.node}
+    original_producer = {t: node for node, outs in bundle.meta.get("original_nodes", {}).items() for t in outs}
+    return _Hybridq(p, bundle.data_path, p.read_text(encoding="utf-8"), parsed, bundle.meta, bundle.model, producer, consumers, outputs, original_producer)
+
+
+def _rknn_layer_to_node(h: _Hybridq, name: str) -> tuple[str | None, str]:
+    """The temp-model node an RKNN custom_quantize_layers name stands for, and how it was found (or why not)."""
+    if name in h.producer:
+        return h.producer[name], "output tensor"
+    if name in h.outputs:
+        return name, "node name"
+    inputs = {i.name for i in h.model.graph.input}
+    if name in inputs:
+        return None, "a model input, not a layer"
+    node = h.original_producer.get(name)
+    if node is not None:
+        renamed = h.meta.get("renamed", {}).get(node, node)
+        if renamed in h.outputs:
+            return renamed, f"tensor of original node '{node}'"
+        fused = h.meta.get("fused", {}).get(node)
+        if fused:
+            return fused, f"tensor of original node '{node}', fused into '{fused}'"
+        return None, f"tensor of original node '{node}', removed when hybridq prepared the model"
+    return None, "no tensor or node of that name in the ONNX model (a tensor RKNN inserts, e.g. its int8 conversion of an input or output)"
+
+
+def _rknn_tensor_reason(h: _Hybridq, name: str) -> str:
+    """Why an RKNN quantize_parameters tensor has no hybridq entry."""
+    if name in h.producer or name in {i.name for i in h.model.graph.input}:
+        return "tensor of the model that hybridq does not quantize with these settings (no quantize_parameters entry)"
+    if name in h.original_producer:
+        return f"tensor of the original model that hybridq's preparation fused away (node '{h.original_producer[name]}')"
+    return "no tensor of that name in the ONNX model (a tensor RKNN inserts)"
+
+
+def _hybridq_edited_ranges(h: _Hybridq) -> dict[str, tuple[list[float], list[float]]]:
+    """hybridq entries whose min/max differ from what step1 wrote (user edits or proposal clips)."""
+    written = h.meta.get("written_entries", {})
+    out = {}
+    for t, e in h.parsed.entries.items():
+        v, w = e.values, written.get(t, {})
+        if "min" in v and "max" in v and (v["min"] != w.get("min") or v["max"] != w.get("max")):
+            out[t] = (list(v["min"]), list(v["max"]))
+    return out
+
+
+# --------------------------------------------------------------------------- import
+
+
+def _import_layers(r: RknnCfg, h: _Hybridq, res: RknnImportResult) -> tuple[dict[str, str], dict[str, str]]:
+    """RKNN's custom_quantize_layers as hybridq layer precisions (temp-model nodes) and their comments."""
+    existing, _ = resolve_layer_names(h.parsed.custom, h.parsed.custom_lines, str(h.cfg), h.model, h.meta)
+    layers: dict[str, str] = {}
+    comments: dict[str, str] = {}
+    for name, prec in r.data["custom_quantize_layers"].items():
+        name = str(name)
+        p = normalize_dtype(prec) if prec is not None else None
+        if p not in ("float16", "float32", "int16", "int8", "uint8"):
+            res.unmapped.append(Unmapped(name, "custom_quantize_layers", f"precision {prec!r} is not one hybridq runs"))
+            continue
+        node, how = _rknn_layer_to_node(h, name)
+        if node is None:
+            res.unmapped.append(Unmapped(name, "custom_quantize_layers", how))
+            continue
+        res.mapped[name] = node
+        if node in existing or node in layers:
+            have = existing.get(node, layers.get(node))
+            if have != p:
+                res.notes.append(f"'{name}' ({p}) maps to node '{node}', which the hybridq cfg already sets to {have}; kept {have}.")
+            continue
+        layers[node] = p
+        comments[node] = f"from RKNN '{name}'" if name != node else "from RKNN"
+    res.layers = layers
+    return layers, comments
+
+
+def _import_ranges(r: RknnCfg, h: _Hybridq, res: RknnImportResult, base: dict | None, all_ranges: bool) -> dict[str, dict[str, Any]]:
+    """RKNN's edited int8/int16 ranges as min/max edits of the matching hybridq entries."""
+    edited_here = set(_hybridq_edited_ranges(h))
+    edits: dict[str, dict[str, Any]] = {}
+    for name, entry in r.data["quantize_parameters"].items():
+        name = str(name)
+        rng = _range(r, name, entry)
+        if rng is None or str(entry.get("dtype", "")) not in ("int8", "uint8", "int16"):
+            continue
+        lo, hi = rng
+        if base is not None:
+            b = base.get(name)
+            if isinstance(b, dict) and b.get("min") == entry.get("min") and b.get("max") == entry.get("max"):
+                continue
+        elif not all_ranges and entry.get("ori_min") == entry.get("min") and entry.get("ori_max") == entry.get("max"):
+            continue
+        target = h.parsed.entries.get(name)
+        if target is None:
+            res.unmapped.append(Unmapped(name, "quantize_parameters", _rknn_tensor_reason(h, name)))
+            continue
+        if len(target.values.get("min", [])) != len(lo):
+            res.unmapped.append(Unmapped(name, "quantize_parameters", f"RKNN gives {len(lo)} value(s), hybridq's entry has {len(target.values.get('min', []))}"))
+            continue
+        res.mapped[name] = name
+        if name in edited_here:
+            res.notes.append(f"'{name}': the hybridq cfg has its own min/max edit; kept it.")
+            continue
+        if target.values.get("min") == lo and target.values.get("max") == hi:
+            continue
+        edits[name] = {"min": lo, "max": hi}
+        res.ranges[name] = (lo[0], hi[0])
+    return edits
+
+
+def import_rknn_cfg(
+    rknn_cfg: str | Path,
+    cfg: str | Path,
+    *,
+    baseline: str | Path | None = None,
+    all_ranges: bool = False,
+) -> RknnImportResult:
+    """Write an RKNN step1 cfg's float layers and edited ranges into a hybridq cfg of the same ONNX model.
+
+    Layers of RKNN's custom_quantize_layers go into hybridq's custom_quantize_layers under the
+    temp-model node name, commented with the RKNN name; an entry the hybridq cfg already has for
+    that node is kept. A range counts as edited when its min/max differ from `baseline` (the cfg
+    as RKNN wrote it, before your edits) or, without a baseline, from its ori_min/ori_max (RKNN
+    itself narrows some ranges, e.g. inputs of HardSwish to -3: those come along then);
+    `all_ranges` takes every int8/int16 range. Edited ranges go into the matching hybridq
+    entries' min/max (step2 recomputes scale and zero point), except where the hybridq entry was
+    itself edited. The cfg is rewritten atomically, every other line and comment kept, and an
+    edited cfg is first backed up (as `hybridq propose` does).
+    """
+    r = read_rknn_cfg(rknn_cfg)
+    h = _open_hybridq(cfg)
+    res = RknnImportResult(h.cfg)
+    layers, comments = _import_layers(r, h, res)
+    base = read_rknn_cfg(baseline).data["quantize_parameters"] if baseline is not None else None
+    edits = _import_ranges(r, h, res, base, all_ranges)
+    text = update_custom_layers(h.text, layers, comments)
+    text = update_entries(text, edits, {t: "from RKNN" for t in edits})
+    if text != h.text:
+        res.backup = backup_if_edited(h.cfg, h.data, text)
+        write_atomic(h.cfg, text)
+        res.written = True
+    return res
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _yaml_float(v: float) -> str:
+    """A float as PyYAML writes it (a dot always present, so YAML 1.1 loaders read a float)."""
+    s = repr(float(v))
+    return s.replace("e", ".0e") if "e" in s and "." not in s else s
+
+
+def _yaml_key(name: str) -> str:
+    """A mapping key, quoted where YAML needs it."""
+    y = YAML(typ="safe", pure=True)
+    y.default_flow_style = False
+    buf = io.StringIO()
+    y.dump({name: 0}, buf)
+    return buf.getvalue().rsplit(":", 1)[0]
+
+
+def _rknn_qparams(entry: dict[str, Any], lo: float, hi: float) -> tuple[list[float], list[int]] | None:
+    """Scale and zero point RKNN computes for a range (intN; None for float dtypes).
+
+    asym: scale = (hi - lo) / (2^N - 1), zero_point = qmin - round(lo / scale); sym: scale = max(|lo|, |hi|) / qmax,
+    zero_point 0 (checked against every int8/int16/int32 entry of the PP-OCR det and cls cfgs).
+    """
+    dtype = str(entry.get("dtype", ""))
+    if not dtype.startswith("int") or not dtype[3:].isdigit():
+        return None
+    bits = int(dtype[3:])
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if entry.get("qtype") == "sym":
+        amax = max(abs(lo), abs(hi))
+        return ([amax / qmax] if amax > 0 else [1.0]), [0]
+    scale = (hi - lo) / (qmax - qmin)
+    if scale <= 0:
+        return [1.0], [qmin]
+    return [scale], [int(min(qmax, max(qmin, qmin - round(lo / scale))))]
+
+
+def _block(indent: str, key: str, values: list[Any]) -> list[str]:
+    items = [str(int(v)) if isinstance(v, int) else _yaml_float(v) for v in values]
+    return [f"{indent}{key}:"] + [f"{indent}-   {v}" for v in items] if items else [f"{indent}{key}: []"]
+
+
+def _replace_key(lines: list[str], entry: Any, key: str, values: list[Any]) -> None:
+    """Replace the lines of `key: [list]` in an entry (block or flow form) by a block list of `values`."""
+    start = entry.lc.key(key)[0]
+    seq = entry[key]
+    end = max((seq.lc.item(i)[0] for i in range(len(seq))), default=start) if len(seq) and not seq.fa.flow_style() else start
+    indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
+    lines[start : end + 1] = _block(indent, key, values)
+
+
+def _edit_ranges(lines: list[str], r: RknnCfg, ranges: dict[str, tuple[float, float]]) -> None:
+    """Replace min/max (widened to include 0), scale and zero_point of entries, bottom up so line numbers stay valid."""
+    qp = r.doc["quantize_parameters"]
+    jobs: list[tuple[int, Any, str, list[Any]]] = []
+    for name, (lo, hi) in ranges.items():
+        entry = qp[name]
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        new: dict[str, list[Any]] = {"min": [lo], "max": [hi]}
+        q = _rknn_qparams(r.data["quantize_parameters"][name], lo, hi)
+        if q is not None:
+            new["scale"], new["zero_point"] = q
+        jobs += [(entry.lc.key(key)[0], entry, key, values) for key, values in new.items() if key in entry]
+    for _, entry, key, values in sorted(jobs, key=lambda j: -j[0]):
+        _replace_key(lines, entry, key, values)
+
+
+def _edit_layers(lines: list[str], r: RknnCfg, add: dict[str, str], remove: list[str]) -> None:
+    """Remove and add custom_quantize_layers lines (4-space indent, as RKNN writes them); the header's comment stays."""
+    new_lines = [f"    {_yaml_key(n)}: {p}" for n, p in add.items()]
+    if "custom_quantize_layers" not in r.doc:
+        if new_lines:
+            lines[0:0] = ["custom_quantize_layers:", *new_lines]
+        return
+    cq = r.doc.get("custom_quantize_layers") or {}
+    header = r.doc.lc.key("custom_quantize_layers")[0]
+    block = len(cq) > 0 and not cq.fa.flow_style()
+    removed_lines = sorted((cq.lc.key(n)[0] for n in remove), reverse=True)
+    for line in removed_lines:
+        del lines[line]
+    head = lines[header]
+    comment = head[head.index("#"):] if "#" in head else ""
+    if new_lines:
+        if block:  # after the last entry left, so comments after the section stay where they are
+            last = max((cq.lc.key(n)[0] for n in cq if n not in remove), default=header)
+            last -= sum(1 for line in removed_lines if line < last)
+        else:  # `custom_quantize_layers: {}` becomes a block header; its comment stays where it was
+            lines[header] = head.replace(": {}", ":   ", 1) if comment else "custom_quantize_layers:"
+            last = header
+        lines[last + 1 : last + 1] = new_lines
+    elif block and len(cq) == len(remove):
+        lines[header] = "custom_quantize_layers: {}" + (f"  {comment}" if comment else "")
+
+
+def edit_rknn_cfg(
+    r: RknnCfg, layers_add: dict[str, str], layers_remove: list[str], ranges: dict[str, tuple[float, float]],
+) -> str:
+    """RKNN cfg text with custom_quantize_layers entries added (or re-set) and removed, and ranges replaced.
+
+    A range (lo, hi) is widened to include 0 and written as RKNN does (min, max, and the scale and
+    zero point of the entry's dtype); every other line is kept byte for byte. The result is checked
+    with a plain YAML loader to be the cfg with exactly these changes (RuntimeError otherwise).
+    """
+    current = r.data["custom_quantize_layers"]
+    for name in layers_remove:
+        if name not in current:
+            raise ValueError(f"'{name}' is not in custom_quantize_layers of '{r.path}'")
+    for name in layers_add:
+        if name in current and name not in layers_remove:
+            raise ValueError(f"'{name}' is already in custom_quantize_layers of '{r.path}'; remove it first to re-set it")
+    for name in ranges:
+        if name not in r.data["quantize_parameters"]:
+            raise ValueError(f"'{name}' is not in quantize_parameters of '{r.path}'")
+    if not (layers_add or layers_remove or ranges):
+        return r.text
+    lines = r.text.split("\n")
+    in_file = "custom_quantize_layers" in r.doc
+    if in_file and r.doc.lc.key("custom_quantize_layers")[0] > r.doc.lc.key("quantize_parameters")[0]:
+        _edit_layers(lines, r, layers_add, layers_remove)  # the lower section first: line numbers above stay valid
+        _edit_ranges(lines, r, ranges)
+    else:
+        _edit_ranges(lines, r, ranges)
+        _edit_layers(lines, r, layers_add, layers_remove)
+    text = "\n".join(lines)
+    _check_written(r, text, layers_add, layers_remove, ranges)
+    return text
+
+
+def _node_to_rknn_layer(h: _Hybridq, node: str, known: set[str]) -> tuple[str | None, str]:
+    """The tensor RKNN's cfg names for a temp-model node: its output, else down its single-consumer chain."""
+    outs = h.outputs.get(node, [])
+    for o in outs:
+        if o in known:
+            return o, "output tensor"
+    tensor = outs[0] if len(outs) == 1 else None
+    for _ in range(_FORWARD_DEPTH):
+        readers = h.consumers.get(tensor or "", [])
+        if len(readers) != 1 or len(h.outputs.get(readers[0], [])) != 1:
+            break
+        tensor = h.outputs[readers[0]][0]
+        if tensor in known:
+            return tensor, f"RKNN fused it: output of '{readers[0]}' down the chain"
+    return None, "none of its output tensors, nor one down its single-consumer chain, is named in RKNN's cfg (RKNN fused or renamed it)"
+
+
+def export_rknn_cfg(
+    cfg: str | Path,
+    output: str | Path,
+    *,
+    template: str | Path | None = None,
+    replace_layers: bool = False,
+) -> RknnExportResult:
+    """Write a hybridq cfg's decisions (float layers, edited or clipped min/max) into an RKNN step1 cfg.
+
+    `template` is the cfg RKNN's hybrid_quantization_step1 wrote for the same ONNX model
+    (default: `output` itself, updated in place). Every RKNN key and value hybridq does not change
+    is kept as it was, byte for byte. Float layers are written as float16 (RKNN refuses float32;
+    said in `notes`); int8/int16 layer entries have no RKNN counterpart. A range goes into the RKNN
+    entry of the same tensor, widened to include 0, with the scale and zero point RKNN would compute
+    for its dtype. Entries of the template's custom_quantize_layers that hybridq does not set are
+    kept (listed in `kept`) or, with `replace_layers`, removed (`removed`). Names that do not map
+    are in `unmapped`. The output is written atomically; an existing, different output is backed up.
+    """
+    out = Path(output)
+    src = Path(template) if template is not None else out
+    if template is None and not out.is_file():
+        raise InputError(
+            f"'{out}' does not exist and no --template was given. hybridq writes into the cfg RKNN's hybrid_quantization_step1 "
+            "wrote for the same ONNX model: pass it as --template (or as -o to update it in place)."
+        )
+    r = read_rknn_cfg(src)
+    h = _open_hybridq(cfg)
+    res = RknnExportResult(out)
+    known = {str(k) for k in r.data["quantize_parameters"]} | {str(k) for k in r.data["custom_quantize_layers"]}
+    current = {str(k): v for k, v in r.data["custom_quantize_layers"].items()}
+    layers, resolutions = resolve_layer_names(h.parsed.custom, h.parsed.custom_lines, str(h.cfg), h.model, h.meta)
+    entry_of = {lr.node: lr.entry for lr in resolutions}
+    wanted: dict[str, str] = {}
+    for node, prec in layers.items():
+        label = entry_of.get(node, node)
+        if prec in ("int8", "uint8", "int16"):
+            res.unmapped.append(Unmapped(label, "custom_quantize_layers", f"{prec}: RKNN's custom_quantize_layers takes float16 only"))
+            continue
+        tensor, how = _node_to_rknn_layer(h, node, known)
+        if tensor is None:
+            res.unmapped.append(Unmapped(label, "custom_quantize_layers", how))
+            continue
+        if prec == "float32":
+            res.notes.append(f"'{label}' is float32 in hybridq; written as float16 ('{tensor}'): RKNN refuses float32.")
+        res.mapped[label] = tensor
+        wanted[tensor] = RKNN_LAYER_PRECISIONS[0]
+    add = {t: p for t, p in wanted.items() if t not in current}
+    changed_prec = [t for t, p in wanted.items() if t in current and str(current[t]) != p]
+    others = [t for t in current if t not in wanted]
+    if replace_layers:
+        res.removed = others
+    else:
+        res.kept = others
+    remove = res.removed + changed_prec
+    add.update({t: wanted[t] for t in changed_prec})
+    res.layers = {t: wanted[t] for t in wanted}
+    qp = r.data["quantize_parameters"]
+    ranges: dict[str, tuple[float, float]] = {}
+    for t, (lo, hi) in _hybridq_edited_ranges(h).items():
+        values = h.parsed.entries[t].values
+        if "equalize" in values or "bias_correction" in values:
+            res.unmapped.append(Unmapped(t, "quantize_parameters", "its range belongs with a channel equalization / bias correction, which RKNN's cfg cannot express"))
+        elif t not in qp:
+            why = "a weight (RKNN's cfg lists activations only)" if t in {i.name for i in h.model.graph.initializer} else "RKNN's cfg has no entry for this tensor (RKNN fused or renamed it)"
+            res.unmapped.append(Unmapped(t, "quantize_parameters", why))
+        elif len(lo) != 1:
+            res.unmapped.append(Unmapped(t, "quantize_parameters", f"{len(lo)} per-channel values; RKNN's activation entries hold one"))
+        else:
+            res.mapped[t] = t
+            ranges[t] = (lo[0], hi[0])
+    res.ranges = {t: (min(lo, 0.0), max(hi, 0.0)) for t, (lo, hi) in ranges.items()}
+    text = edit_rknn_cfg(r, add, remove, ranges)
+    if text != r.text or src != out:
+        res.backup = backup_if_edited(out, out.with_suffix(".data"), text)  # no hybridq hash there: any differing output is kept
+        write_atomic(out, text)
+        res.written = True
+    return res
+
+
+def _check_written(r: RknnCfg, text: str, add: dict[str, str], remove: list[str], ranges: dict[str, tuple[float, float]]) -> None:
+    """The edited text, read by a plain YAML loader, must be the template with exactly these changes."""
+    new = YAML(typ="safe").load(text)
+    expect = {str(k): v for k, v in r.data["custom_quantize_layers"].items() if str(k) not in remove}
+    expect.update(add)
+    got = {str(k): v for k, v in (new.get("custom_quantize_layers") or {}).items()}
+    qp = new.get("quantize_parameters") or {}
+    same = all(qp.get(k) == v for k, v in r.data["quantize_parameters"].items() if k not in ranges) and len(qp) == len(r.data["quantize_parameters"])
+    moved = all(
+        math.isclose(qp[t]["min"][0], min(lo, 0.0)) and math.isclose(qp[t]["max"][0], max(hi, 0.0)) for t, (lo, hi) in ranges.items()
+    )
+    if got != expect or not same or not moved or set(new) | {"custom_quantize_layers"} != set(r.data) | {"custom_quantize_layers"}:
+        raise RuntimeError(f"editing '{r.path}' as text did not give the intended cfg; nothing was written")
