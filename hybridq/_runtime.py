@@ -19,7 +19,6 @@ from .kernels import X64_PRECISION_KEY, u8s8_saturates
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-_PROVIDERS = ["CPUExecutionProvider"]
 _ARENA: list[bool] = []
 
 
@@ -56,6 +55,7 @@ def session(
     log_level: int | None = None,
     optimized_model: str | None = None,
     optimized_external_data: str | None = None,
+    provider: str = "CPUExecutionProvider",
 ) -> ort.InferenceSession:
     """An ONNX Runtime CPU session over ``model`` (a proto, or the path of a model file).
 
@@ -70,7 +70,8 @@ def session(
     Runtime's log severity (None: its default). ``optimized_model``: also write
     the optimized graph there (its large initializers into
     ``optimized_external_data`` beside it when given). A proto over 2 GB goes
-    through a temporary file with external data. Errors of ONNX Runtime
+    through a temporary file with external data. ``provider``: the execution provider (the CPU one unless a
+    runtime is compared, see :mod:`hybridq.analysis.runtime`). Errors of ONNX Runtime
     propagate; callers name the model in their own message.
     """
     import onnxruntime as ort
@@ -98,7 +99,7 @@ def session(
             if optimized_external_data is not None:
                 so.add_session_config_entry("session.optimized_model_external_initializers_file_name", optimized_external_data)
                 so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        return _open(model, so)
+        return _open(model, so, [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"])
 
     if not (exact_int8 and u8s8_saturates()):
         return make(False)
@@ -118,14 +119,14 @@ def is_exact(sess: ort.InferenceSession) -> bool:
         return False
 
 
-def _open(model: onnx.ModelProto | str | os.PathLike[str], so: Any) -> ort.InferenceSession:
+def _open(model: onnx.ModelProto | str | os.PathLike[str], so: Any, providers: list[str]) -> ort.InferenceSession:
     import onnxruntime as ort
 
     if not isinstance(model, onnx.ModelProto):
-        return ort.InferenceSession(os.fspath(model), so, providers=_PROVIDERS)
+        return ort.InferenceSession(os.fspath(model), so, providers=providers)
     if not is_large(model):
-        return ort.InferenceSession(model.SerializeToString(), so, providers=_PROVIDERS)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="hybridq-sess-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         save_external(model, path, "model.data")
-        return ort.InferenceSession(path, so, providers=_PROVIDERS)
+        return ort.InferenceSession(path, so, providers=providers)

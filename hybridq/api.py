@@ -307,8 +307,12 @@ def analyze(
     on_sample: Callable[[], None] | None = None,
     on_start: Callable[[int], None] | None = None,
     host_int8: bool = False,
+    runtime: str | None = None,
 ):
     """Run the fp32 and quantized models side by side; entire and single error of every layer.
+
+    `runtime` ("cpu": this CPU's default ONNX Runtime kernels; "openvino") adds, per model output, what that
+    runtime computes against fp32 and against the exact simulation (hybridq.analysis.runtime), in `result.runtime`.
 
     `quant_model` may also be a step1 cfg (`<name>.quantization.cfg`): the model it
     describes is built in a temporary directory first, so a cfg can be checked before step2.
@@ -336,7 +340,19 @@ def analyze(
             quant_path = built.output
         qm = load_model(quant_path)
         seen = InputStats()
+        if runtime is not None:
+            from .analysis.runtime import runtime_for
+
+            runtime_for(runtime)  # an unknown name fails before the analysis runs
         result = analyze_samples(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
+        if runtime is not None:
+            from .analysis.runtime import compare_runtime
+
+            result.runtime = compare_runtime(fm, qm, ds.samples(limit=n), runtime)
+            if dump is not None:
+                from .snapshot import write_snapshot
+
+                write_snapshot(result, Path(dump))  # the manifest again, with the runtime rows
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
     result.notes.extend(ds.notes())
     return result

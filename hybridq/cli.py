@@ -231,6 +231,8 @@ def analyze(
     target_cosine: Annotated[float, typer.Option(help="Verdict threshold: cosine of every output, of its worst slice, and of each layer's single error.")] = 0.99,
     target_snr: Annotated[float, typer.Option(help="Verdict threshold (dB): SNR of every output's worst slice and of each layer's single error.")] = 20.0,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 3 when the analysis ran but the verdict is CHECK (for CI); without it CHECK exits 0.")] = False,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Also run QUANT_MODEL on this runtime, per output against fp32 and "
+                                                   "the exact simulation: cpu (this CPU's default int8 kernels) or openvino.")] = None,
     host_int8: Annotated[bool, typer.Option("--host-int8", help="Measure with this CPU's default ONNX Runtime int8 kernels "
                                             "(they saturate on x86 without VNNI) instead of exact int8 products.")] = False,
     mean: MeanOpt = None,
@@ -254,7 +256,7 @@ def analyze(
     from . import api
     from .analysis import judge
     from .metrics import to_strict_json
-    from .report import outputs_table, rich_table, verdict, write_reports
+    from .report import outputs_table, rich_table, runtime_table, verdict, write_reports
 
     State.quiet, State.json = quiet, as_json
     if not 0.0 < target_cosine <= 1.0:
@@ -268,7 +270,8 @@ def analyze(
         pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
         with progress("analyzing") as advance:
             result = api.analyze(float_model, quant_model, dataset, preprocess=pre, force_preprocess=force_preprocess, samples=samples,
-                                 dump=dump, max_bytes=max_bytes, on_sample=lambda: advance(1), on_start=advance.start, host_int8=host_int8)
+                                 dump=dump, max_bytes=max_bytes, on_sample=lambda: advance(1), on_start=advance.start, host_int8=host_int8,
+                                 runtime=runtime)
         _warn(getattr(result, "warnings", []))
         snapshot = str(dump) if dump is not None else None
     cfg = _cfg_beside(quant_model)
@@ -294,6 +297,8 @@ def analyze(
     elif not State.quiet:
         console.out.print(rich_table(result, top=top, cos_threshold=target_cosine, snr_threshold=target_snr))
         console.out.print(outputs_table(v))
+        if result.runtime:
+            console.out.print(runtime_table(result))
         for line in lines:
             console.out.print(line, highlight=False, markup=False, soft_wrap=True)
     if strict and not v.ok:

@@ -547,6 +547,23 @@ def _escape(s: str) -> str:
 # --------------------------------------------------------------------------- files
 
 
+def runtime_table(result: AnalysisResult) -> Table:
+    """The runtime column (RKNN's runtime_error): each output as another runtime computed it, against fp32 and the simulation."""
+    from rich.table import Table
+
+    t = Table(title=f"runtime: {result.runtime[0].runtime}" if result.runtime else "runtime", show_edge=False)
+    for c in ("output", "vs fp32 cos", "vs fp32 SNR dB", "vs simulator cos", "vs simulator SNR dB", "max abs vs simulator"):
+        t.add_column(c, justify="left" if c == "output" else "right")
+    for r in result.runtime:
+        t.add_row(r.tensor, _num(r.vs_fp32.cosine, 6), _num(r.vs_fp32.snr_db, 2), _num(r.vs_simulator.cosine, 6),
+                  _num(r.vs_simulator.snr_db, 2), _num(r.vs_simulator.max_abs, 4))
+    return t
+
+
+def _num(v: float, digits: int) -> str:
+    return f"{v:.{digits}f}" if v == v and abs(v) != float("inf") else str(v)
+
+
 def write_reports(
     result: AnalysisResult,
     directory: str | os.PathLike[str],

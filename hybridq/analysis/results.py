@@ -111,6 +111,24 @@ def badness(layer: LayerError) -> tuple[float, float]:
 
 
 @dataclass
+class RuntimeRow:
+    """One model output as another runtime computed it: against fp32 and against hybridq's (exact) simulation."""
+
+    tensor: str
+    runtime: str
+    vs_fp32: Metrics
+    vs_simulator: Metrics
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "runtime": self.runtime, "vs_fp32": self.vs_fp32.to_dict(encode=False),
+                "vs_simulator": self.vs_simulator.to_dict(encode=False)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RuntimeRow:
+        return cls(str(d["tensor"]), str(d["runtime"]), Metrics.from_dict(d["vs_fp32"]), Metrics.from_dict(d["vs_simulator"]))
+
+
+@dataclass
 class AnalysisResult:
     """Everything the report renders; also what a snapshot's ``manifest.json`` holds."""
 
@@ -120,6 +138,7 @@ class AnalysisResult:
     notes: list[str] = field(default_factory=list)
     dumped_samples: int = 0
     dump_message: str | None = None
+    runtime: list[RuntimeRow] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Strict-JSON-ready dict (:func:`~hybridq.metrics.to_strict_json`: non-finite numbers are
@@ -133,6 +152,7 @@ class AnalysisResult:
             "dumped_samples": self.dumped_samples,
             "dump_message": self.dump_message,
             "tensors": {layer.tensor: layer.to_dict() for layer in self.layers},
+            "runtime": [r.to_dict() for r in self.runtime],
         })
 
     @classmethod
@@ -146,6 +166,7 @@ class AnalysisResult:
             notes=[str(n) for n in d.get("notes", [])],
             dumped_samples=int(d.get("dumped_samples", 0)),
             dump_message=d.get("dump_message"),
+            runtime=[RuntimeRow.from_dict(r) for r in d.get("runtime", [])],
         )
 
     def worst(self, n: int | None = None) -> list[LayerError]:

@@ -1,0 +1,60 @@
+"""analyze --runtime: each output as another runtime computes it, against fp32 and the exact simulation (RKNN's runtime_error)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from hybridq import api
+from hybridq.cli import main
+from tests import models
+from tests.conftest import cosine, exact_options
+
+
+def _setup(tmp_path):
+    onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 6)
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws")
+    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
+    return listing
+
+
+def test_cpu_runtime_against_the_exact_simulation_equals_onnxruntime_by_hand(tmp_path):
+    listing = _setup(tmp_path)
+    result = api.analyze(tmp_path / "m.onnx", tmp_path / "q.onnx", listing, runtime="cpu")
+    (row,) = result.runtime
+    assert row.tensor == "logits" and "default int8 kernels" in row.runtime
+    # independent: this CPU's default session and an exact one, numpy cosine per sample, then the mean
+    default = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    exact = ort.InferenceSession(str(tmp_path / "q.onnx"), exact_options(), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    xs = [np.load(listing.parent / ln) for ln in listing.read_text().splitlines() if ln.endswith(".npy")]
+    vs_sim = [cosine(exact.run(None, {"x": x})[0], default.run(None, {"x": x})[0]) for x in xs]
+    vs_fp32 = [cosine(fp32.run(None, {"x": x})[0], default.run(None, {"x": x})[0]) for x in xs]
+    assert row.vs_simulator.cosine == pytest.approx(np.mean(vs_sim), abs=1e-6)
+    assert row.vs_fp32.cosine == pytest.approx(np.mean(vs_fp32), abs=1e-6)
+
+
+def test_runtime_rows_survive_the_snapshot_and_json(tmp_path, capsys):
+    listing = _setup(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "-d", str(listing), "--runtime", "cpu",
+              "--dump", str(tmp_path / "snap"), "--json"])
+    assert exc.value.code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["tensor"] for r in doc["runtime"]] == ["logits"]
+    again = api.load_snapshot(tmp_path / "snap")
+    assert [r.tensor for r in again.runtime] == ["logits"]
+    assert again.runtime[0].vs_simulator.cosine == pytest.approx(doc["runtime"][0]["vs_simulator"]["cosine"])
+
+
+def test_an_unknown_runtime_is_a_clear_error(tmp_path, capsys):
+    listing = _setup(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "-d", str(listing), "--runtime", "tpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "cpu, openvino" in err and "Traceback" not in err
