@@ -10,7 +10,7 @@ shifts do not double count: correcting one layer does not change another's.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -22,6 +22,17 @@ from .plan import GraphView
 
 CORRECTABLE = ("Conv", "Gemm")
 """Layers with a bias slot whose output channels run along axis 1."""
+
+
+def correctable(node: onnx.NodeProto, g: GraphView) -> bool:
+    """Can this layer's bias take a correction: a Conv, or a Gemm adding C as it is (beta 1), whose weight is its own
+    and whose bias is absent or an initializer of its own?"""
+    if node.op_type not in CORRECTABLE or len(node.input) < 2 or len(g.consumer_nodes(node.input[1])) != 1:
+        return False
+    if node.op_type == "Gemm" and any(a.name == "beta" and a.f != 1.0 for a in node.attribute):
+        return False
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    return bias is None or (bias in g.inits and len(g.consumer_nodes(bias)) == 1)
 
 
 def _channel_axes(rank: int) -> list[int]:
@@ -56,32 +67,17 @@ def shift_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[st
             copied.add(new)
         return new
 
+    shapes = tensor_shapes(fp32)
     for layer in layers:
         node = q.by_name.get(layer)
-        if node is None or node.op_type not in CORRECTABLE or layer not in f.by_name:
+        if node is None or layer not in f.by_name or not correctable(f.by_name[layer], f):
             continue
+        rank = 2 if node.op_type == "Gemm" else len(shapes.get(node.output[0]) or ())
+        if rank < 2:
+            continue  # unknown output rank: the channel mean cannot be taken
         prefix = f"hybridq_bc/{layer}/"
-        new_inputs: list[str] = []
-        quantized = False
-        for x in node.input:
-            dq = q.producer_node(x)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                new_inputs.append(x)
-                continue
-            quantized = True
-            params = [copy_init(p, prefix) for p in dq.input[1:]]
-            attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
-            src = dq.input[0]
-            qn = q.producer_node(src)
-            if qn is not None and qn.op_type == "QuantizeLinear":
-                qparams = [copy_init(p, prefix) for p in qn.input[1:]]
-                nodes.append(helper.make_node("QuantizeLinear", [qn.input[0], *qparams], [f"{prefix}{src}"], name=f"{prefix}{qn.name}", domain=qn.domain))
-                src = f"{prefix}{src}"
-            else:
-                src = copy_init(src, prefix)
-            nodes.append(helper.make_node("DequantizeLinear", [src, *params], [f"{prefix}{x}"], name=f"{prefix}{dq.name}", domain=dq.domain, **attrs))
-            new_inputs.append(f"{prefix}{x}")
-        if not quantized:
+        new_inputs = _quantized_inputs(q, node, prefix, copy_init, nodes)
+        if new_inputs is None:
             continue
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
@@ -92,7 +88,7 @@ def shift_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[st
         copy.output.append(f"{prefix}y")
         diff = f"{prefix}diff"
         nodes += [copy, helper.make_node("Sub", [node.output[0], f"{prefix}y"], [diff], name=f"{prefix}sub")]
-        axes = _channel_axes(2 if node.op_type == "Gemm" else _rank(f, node.output[0], 4))
+        axes = _channel_axes(rank)
         out = f"{prefix}shift"
         if opset >= 18:
             axes_init = numpy_helper.from_array(np.array(axes, np.int64), f"{prefix}axes")
@@ -108,9 +104,31 @@ def shift_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[st
     return work, outputs
 
 
-def _rank(g: GraphView, tensor: str, default: int) -> int:
-    shape = tensor_shapes(g.model).get(tensor)
-    return len(shape) if shape else default
+def _quantized_inputs(q: GraphView, node: onnx.NodeProto, prefix: str, copy_init: Callable[[str, str], str],
+                      nodes: list[onnx.NodeProto]) -> list[str] | None:
+    """The inputs of `node`'s copy: each Q/DQ (or weight DQ) it reads, copied to read the fp32 tensor instead; None
+    when the layer reads nothing quantized."""
+    new_inputs: list[str] = []
+    quantized = False
+    for x in node.input:
+        dq = q.producer_node(x)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            new_inputs.append(x)
+            continue
+        quantized = True
+        params = [copy_init(p, prefix) for p in dq.input[1:]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        src = dq.input[0]
+        qn = q.producer_node(src)
+        if qn is not None and qn.op_type == "QuantizeLinear":
+            qparams = [copy_init(p, prefix) for p in qn.input[1:]]
+            nodes.append(helper.make_node("QuantizeLinear", [qn.input[0], *qparams], [f"{prefix}{src}"], name=f"{prefix}{qn.name}", domain=qn.domain))
+            src = f"{prefix}{src}"
+        else:
+            src = copy_init(src, prefix)
+        nodes.append(helper.make_node("DequantizeLinear", [src, *params], [f"{prefix}{x}"], name=f"{prefix}{dq.name}", domain=dq.domain, **attrs))
+        new_inputs.append(f"{prefix}{x}")
+    return new_inputs if quantized else None
 
 
 def mean_shifts(session, outputs: dict[str, str], samples: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

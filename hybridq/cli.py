@@ -255,8 +255,7 @@ def analyze(
     """
     from . import api
     from .analysis import judge
-    from .metrics import to_strict_json
-    from .report import outputs_table, rich_table, runtime_table, verdict, write_reports
+    from .report import write_reports
 
     State.quiet, State.json = quiet, as_json
     if not 0.0 < target_cosine <= 1.0:
@@ -281,6 +280,17 @@ def analyze(
     elif dump is not None and from_dir is not None:  # a snapshot or an RKNN folder rendered as reports elsewhere
         Path(dump).mkdir(parents=True, exist_ok=True)
         write_reports(result, dump, target_cosine, target_snr, v)
+    _print_analysis(result, v, dump, from_dir, top, target_cosine, target_snr)
+    if strict and not v.ok:
+        raise typer.Exit(int(ExitCode.BELOW_THRESHOLD))
+
+
+def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: int, target_cosine: float, target_snr: float) -> None:
+    """analyze's output: strict JSON (verdict first), or the tables, the verdict line and the notes."""
+    from .metrics import to_strict_json
+    from .report import verdict
+    from .tables import outputs_table, rich_table, runtime_table
+
     lines = [verdict(result, target_cosine, target_snr, v=v)]
     if v.command:
         lines.append(f"Command: {v.command}")
@@ -291,8 +301,8 @@ def analyze(
         lines.append(f"Snapshot written to {dump}: error_analysis.txt/.csv/.png, report.html, manifest.json.")
     elif dump is not None:
         lines.append(f"Reports written to {dump}: error_analysis.txt/.csv/.png, report.html.")
-    data = to_strict_json({"verdict": v.to_dict(), **result.to_dict()})
     if State.json:
+        data = to_strict_json({"verdict": v.to_dict(), **result.to_dict()})
         console.out.print(json.dumps(data, allow_nan=False, ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)
     elif not State.quiet:
         console.out.print(rich_table(result, top=top, cos_threshold=target_cosine, snr_threshold=target_snr))
@@ -301,8 +311,6 @@ def analyze(
             console.out.print(runtime_table(result))
         for line in lines:
             console.out.print(line, highlight=False, markup=False, soft_wrap=True)
-    if strict and not v.ok:
-        raise typer.Exit(int(ExitCode.BELOW_THRESHOLD))
 
 
 def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples):

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .graph import tensor_shapes
 from .plan import GraphView
 
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu", "MaxPool", "Identity", "Dropout")
@@ -43,14 +44,28 @@ def _attr(node: onnx.NodeProto, name: str, default: int | float) -> int | float:
 
 
 def _out_channel(node: onnx.NodeProto, g: GraphView) -> tuple[str, int, str | None] | None:
-    """(weight, output-channel axis of the weight, bias or None) of a producer whose output channels can be divided."""
+    """(weight, output-channel axis of the weight, bias or None) of a producer whose output channels can be divided.
+
+    A bias must hold exactly one value per output channel (a Gemm's C of shape (N,) or (1, N)); a computed bias,
+    or one that broadcasts otherwise, rules the producer out.
+    """
     if len(node.input) < 2 or node.input[1] not in g.inits:
         return None
-    bias = node.input[2] if len(node.input) > 2 and node.input[2] in g.inits else None
+    w = g.inits[node.input[1]]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and bias not in g.inits:
+        return None
     if node.op_type == "Conv":
-        return node.input[1], 0, bias
-    if node.op_type == "Gemm" and not _attr(node, "transA", 0) and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0:
-        return node.input[1], 0 if _attr(node, "transB", 0) else 1, bias
+        axis = 0
+    elif node.op_type == "Gemm" and not _attr(node, "transA", 0) and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0:
+        axis = 0 if _attr(node, "transB", 0) else 1
+    else:
+        axis = None
+    if axis is not None:
+        n = int(w.dims[axis])
+        if bias is not None and (int(np.prod(g.inits[bias].dims)) != n or any(d not in (1, n) for d in g.inits[bias].dims)):
+            return None
+        return node.input[1], axis, bias
     if node.op_type == "MatMul" and len(g.inits[node.input[1]].dims) == 2:
         return node.input[1], 1, None
     return None
@@ -98,6 +113,7 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
     if prod is None or (bias_add is not None and node.op_type != "MatMul"):
         return f"'{tensor}' is produced by '{node.name}' ({node.op_type}), whose output channels cannot be rescaled"
     weight, _, _ = prod
+    produced_axis = 1 if node.op_type == "Conv" else -1  # where the producer writes its output channels
     if len(g.consumer_nodes(weight)) != 1:
         return f"weight '{weight}' of '{node.name}' is shared with other nodes"
     readers = g.consumer_nodes(tensor)
@@ -113,10 +129,21 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
         axes.add(info[2])
     if len(axes) != 1:
         return f"the readers of '{tensor}' take its channels along different axes"
+    shape = tensor_shapes(model).get(tensor) or tensor_shapes(onnx.shape_inference.infer_shapes(model)).get(tensor)
+    rank = len(shape) if shape else None
+    reader_axis = axes.pop()
+    if rank is None or reader_axis % rank != produced_axis % rank:
+        return f"'{node.name}' writes its channels on another axis than the readers of '{tensor}' take them"
+    if produced_axis != 1 and any(g.by_name[n].op_type == "MaxPool" for n in path):
+        return f"a MaxPool between '{node.name}' and '{tensor}' pools along the channel axis"
+    for n in path:
+        inner = [i for i in g.by_name[n].input if i not in g.inits]
+        if len(inner) != 1:
+            return f"'{n}' between '{node.name}' and '{tensor}' reads more than one computed tensor"
     w = g.inits[weight]
     channels = int(w.dims[prod[1]])
     full_path = tuple(path) + ((bias_add.name,) if bias_add is not None else ())
-    return Site(tensor, node.name, full_path, tuple(r.name for r in readers), axes.pop(), channels)
+    return Site(tensor, node.name, full_path, tuple(r.name for r in readers), reader_axis, channels)
 
 
 def reader_absmax(model: onnx.ModelProto, site: Site, g: GraphView | None = None) -> np.ndarray:
@@ -148,8 +175,11 @@ def smooth_scales(act_absmax: np.ndarray, weight_absmax: np.ndarray, alpha: floa
     return s
 
 
-def _scaled(g: GraphView, name: str, factor: np.ndarray, axis: int) -> onnx.TensorProto:
+def _scaled(g: GraphView, name: str, factor: np.ndarray, axis: int | None) -> onnx.TensorProto:
+    """The initializer times `factor` along `axis` (None: a bias with one value per channel, whatever its shape)."""
     arr = g.init_array(name).astype(np.float64)
+    if axis is None:
+        return numpy_helper.from_array((arr.reshape(-1) * factor).reshape(arr.shape).astype(g.init_array(name).dtype), name)
     shape = [1] * arr.ndim
     shape[axis] = -1
     return numpy_helper.from_array((arr * factor.reshape(shape)).astype(g.init_array(name).dtype), name)
@@ -167,12 +197,12 @@ def apply(model: onnx.ModelProto, site: Site, scales: np.ndarray) -> onnx.ModelP
     weight, axis, bias = _out_channel(g.by_name[site.producer], g)
     replace[weight] = _scaled(g, weight, 1.0 / s, axis)
     if bias is not None:
-        replace[bias] = _scaled(g, bias, 1.0 / s, 0)
+        replace[bias] = _scaled(g, bias, 1.0 / s, None)
     for name in site.path:
         node = g.by_name[name]
         if node.op_type == "Add":
             b = next(i for i in node.input if i in g.inits)
-            replace[b] = _scaled(g, b, 1.0 / s, 0)
+            replace[b] = _scaled(g, b, 1.0 / s, None)
     for name in site.readers:
         w, in_axis, _ = _in_channel(g.by_name[name], site.tensor, g)
         replace[w] = _scaled(g, w, s, in_axis)

@@ -476,17 +476,18 @@ SNR_DEFAULT = 20.0
 """Default SNR (dB) the worst slice of an output must keep (analyze's verdict, the proposal's target)."""
 
 
-def output_ok(whole_cosine: float, slices: SliceMetrics | None, cos_threshold: float, snr_threshold: float) -> bool:
+def output_ok(whole_cosine: float, whole_snr: float, slices: SliceMetrics | None, cos_threshold: float, snr_threshold: float) -> bool:
     """The rule for one model output, shared by analyze's verdict and the proposal's target.
 
     The whole tensor keeps cosine >= ``cos_threshold``; where the output is sliced
     (:func:`channel_axis`), every slice keeps cosine >= ``cos_threshold`` and the
-    worst slice SNR >= ``snr_threshold``. NaN fails.
+    worst slice SNR >= ``snr_threshold`` (its worst slice is the SNR that counts),
+    else the whole tensor keeps SNR >= ``snr_threshold``. NaN fails.
     """
     ok = whole_cosine >= cos_threshold
     if slices is not None:
-        ok = ok and slices.min_cosine >= cos_threshold and slices.snr_db[slices.worst] >= snr_threshold
-    return bool(ok)
+        return bool(ok and slices.min_cosine >= cos_threshold and slices.snr_db[slices.worst] >= snr_threshold)
+    return bool(ok and whole_snr >= snr_threshold)
 
 
 def normalised(slices: SliceMetrics) -> tuple[float, float]:
@@ -535,9 +536,11 @@ def to_strict_json(doc: dict[str, Any]) -> dict[str, Any]:
     ``"inf"``, ``"-inf"`` or ``"nan"`` (for example an infinite SNR, two
     identical tensors: ``{"/tensors/x/entire/snr_db": "inf"}``), so every
     number in the text is a plain JSON number and no string stands for one;
-    :func:`from_strict_json` restores the floats.
+    :func:`from_strict_json` restores the floats. A ``"nonfinite"`` map ``doc``
+    already holds (a strict document spread into this one at the top level) is
+    kept, so those values are not lost.
     """
-    found: dict[str, str] = {}
+    found: dict[str, str] = dict(doc.get(NONFINITE_KEY) or {})
 
     def esc(k: str) -> str:
         return k.replace("~", "~0").replace("/", "~1")

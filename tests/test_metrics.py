@@ -332,3 +332,13 @@ def test_fast_slice_sums_match_numpy(shape: tuple[int, ...], axis: int) -> None:
     # the fast path (compiled kernel where numba works) is within float32 rounding of the float64 reference
     np.testing.assert_allclose(slice_sums(a, b, axis, fast=True), want, rtol=1e-6)
     np.testing.assert_allclose(slice_sums(a, b, axis), want, rtol=1e-12)
+
+
+def test_strict_json_keeps_the_nonfinite_map_of_a_document_spread_into_it():
+    from hybridq.metrics import from_strict_json, to_strict_json
+
+    inner = to_strict_json({"tensors": {"x": {"snr_db": float("inf")}}})
+    outer = to_strict_json({"verdict": {"a": float("nan")}, **inner})
+    assert outer["nonfinite"] == {"/tensors/x/snr_db": "inf", "/verdict/a": "nan"}
+    back = from_strict_json(outer)
+    assert back["tensors"]["x"]["snr_db"] == float("inf")

@@ -12,7 +12,8 @@ from rich.console import Console
 
 from hybridq.analysis import AnalysisResult, LayerError
 from hybridq.metrics import Metrics
-from hybridq.report import CSV_COLUMNS, render_html, render_txt, rich_table, verdict, write_reports
+from hybridq.report import CSV_COLUMNS, render_html, render_txt, verdict, write_reports
+from hybridq.tables import rich_table
 from hybridq.snapshot import load_snapshot, write_snapshot
 
 

@@ -80,7 +80,7 @@ def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float)
             "snr_db": sl.snr_db[w],
             "min_cosine": sl.min_cosine,
         }
-    entry["ok"] = output_ok(e.cosine, sl, cos_threshold, snr_threshold)
+    entry["ok"] = output_ok(e.cosine, e.snr_db, sl, cos_threshold, snr_threshold)
     return entry
 
 

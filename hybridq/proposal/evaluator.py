@@ -110,12 +110,23 @@ class _OutputSums:
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         self.axis = channel_axis(shape)
+        self.shape = tuple(shape)
         self.acc = SliceAccumulator(self.axis if self.axis is not None else 0)
 
     def add(self, ref: np.ndarray, test: np.ndarray) -> None:
+        if self.axis is not None and np.shape(ref)[self.axis] != self.shape[self.axis]:
+            self._whole_only()  # the channel count changes between samples (dynamic shapes): as analyze does, no slices
         if self.axis is None:
             ref, test = np.reshape(ref, (1, -1)), np.reshape(test, (1, -1))
         self.acc.add_sums(slice_sums(ref, test, self.acc.axis))
+
+    def _whole_only(self) -> None:
+        """Fold the slices seen so far into one whole-tensor slice and stop slicing."""
+        self.axis = None
+        whole = SliceAccumulator(0)
+        if self.acc.sums is not None:
+            whole.add_sums(self.acc.sums.sum(axis=1, keepdims=True))
+        self.acc = whole
 
     def score(self) -> OutputScore:
         per = self.acc.result()
@@ -176,7 +187,7 @@ class Evaluator:
         """Does a score reach the target on every output, by analyze's verdict rule (whole tensor and every slice)?"""
         t = self.target
         cos, snr = t.thresholds()
-        if not all(output_ok(o.cosine, o.slices, cos, snr) and (t.snr_db is None or o.snr_db >= t.snr_db) for o in s.outputs.values()):
+        if not all(output_ok(o.cosine, o.snr_db, o.slices, cos, snr) for o in s.outputs.values()):
             return False
         if self._eval is not None and s.task is not None and self.fp32_task is not None and s.task < self.fp32_task - t.max_drop:
             return False

@@ -183,7 +183,7 @@ def bias_fix(ctx: Context, edits: Edits, fixed: onnx.ModelProto, qdq: onnx.Model
              session: Callable[[onnx.ModelProto], Any]) -> list[Candidate]:
     """Shift each quantized Conv/Gemm's bias by its isolated mean output error over the samples."""
     layers = [w.node for w in ctx.plan.weights.values() if w.node in ctx.graph.by_name
-              and ctx.graph.by_name[w.node].op_type in bias_correction.CORRECTABLE]
+              and bias_correction.correctable(ctx.graph.by_name[w.node], ctx.graph)]
     model, outputs = bias_correction.shift_model(fixed, qdq, layers)
     if not outputs:
         return []

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from ..build import Built, Edits
+from ..errors import ConfigError
 from ..cost import PROPOSED, USER, FloatShare, concrete_shapes, float_share, layer_macs
 from ..plan import QuantPlan
 from ..settings import Settings
@@ -154,16 +155,22 @@ class _Climb:
         best: tuple[Score, Candidate, Edits, Built] | None = None
         for c in cands:
             edits = c.onto(self.edits, self.ctx.temp)
-            built = self.build(edits)
+            try:
+                built = self.build(edits)
+            except ConfigError as exc:  # a fix that step2 could not apply here: a row, not the end of the search
+                self.table.append(Row(step, c.label, float("nan"), float("nan"), float("nan"), float("nan"), c.cost,
+                                      f"not applicable: {exc}"[:160]))
+                continue
             s = self.evaluator.score(built.model)
             self._row(step, c.label, s, c.cost, "")
             if not self.evaluator.flips_more(s, self.score) and (best is None or self.quality(s) > self.quality(best[0])):
                 best = (s, c, edits, built)
+        rows = [r for r in self.table[len(self.table) - len(cands):] if not r.outcome.startswith("not applicable")]
         if best is None or not self.better(best[0], self.score):
-            for r in self.table[len(self.table) - len(cands):]:
+            for r in rows:
                 r.outcome = "no gain"
             return False
-        for r in self.table[len(self.table) - len(cands):]:
+        for r in rows:
             r.outcome = "kept" if r.fix == best[1].label else "worse than the kept one"
         self.score, c, self.edits, self.built = best
         self.kept.append(c)
