@@ -456,6 +456,7 @@ def run_proposal(
         raise InputError(f"--fallback {options.fallback!r} is not valid; use float32 (fastest on CPU) or float16 (NPUs).")
     scored = samples[: options.samples]
     fit = samples[options.samples:] or scored
+    shared = fit is scored
     evaluator = Evaluator(temp, scored, options.target)
     lines = {t: e.line for t, e in source.entries.items()} if source is not None else {}
     where = str(source.path) if source is not None else "cfg"
@@ -472,6 +473,9 @@ def run_proposal(
         max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
         started_from=baseline_label, analyse=analyse, where=where,
     )
+    if shared and result.entries:
+        result.warnings.append(f"only {len(scored)} sample(s): the fixes were fitted on the samples they are scored on; "
+                               f"give the dataset more than --proposal-samples {options.samples} samples for a held-out check")
     return result, evaluator
 
 
@@ -574,7 +578,7 @@ def propose(
         write_text_atomic(cfg_path, text)
         result.written = True
     result.measured = verify_proposal(model_path, data_path, cfg_path, evaluator)
-    result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
+    result.warnings += range_warnings(record.input_ranges, seen.to_dict(), record.source)
     return result, backup
 
 

@@ -353,6 +353,8 @@ def _cost_line(p) -> str:
 
 
 def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
+    """The proposal's candidate table, summary lines and JSON data; its warnings go to stderr now."""
+    _warn(p.warnings)
     def num(v: float, fmt: str) -> str:
         return format(v, fmt) if v == v and abs(v) != float("inf") else ("inf" if v == float("inf") else str(v))
 
@@ -429,7 +431,6 @@ def propose(
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
     opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples)
     result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts, force_preprocess=force_preprocess)
-    _warn(getattr(result, "warnings", []))
     tables, lines, data = _proposal_report(result)
     if result.written:
         lines.append(f"Wrote the proposal into {cfg}" + (f" (previous version kept as {backup})." if backup else "."))

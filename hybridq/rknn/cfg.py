@@ -478,6 +478,30 @@ def _node_to_rknn_layer(h: _Hybridq, node: str, known: set[str]) -> tuple[str | 
     return None, "none of its output tensors, nor one down its single-consumer chain, is named in RKNN's cfg (RKNN fused or renamed it)"
 
 
+def _export_ranges(h: _Hybridq, r: RknnCfg, res: RknnExportResult) -> dict[str, tuple[float, float]]:
+    """hybridq's edited activation ranges that RKNN's cfg can hold; the rest (and fixes it has no key for) reported."""
+    qp = r.data["quantize_parameters"]
+    ranges: dict[str, tuple[float, float]] = {}
+    edited = _hybridq_edited_ranges(h)
+    for t, e in h.parsed.entries.items():  # fixes RKNN has no key for, whether or not they come with a range edit
+        if t not in edited and ("equalize" in e.values or "bias_correction" in e.values):
+            what = "a channel equalization" if "equalize" in e.values else "a bias correction"
+            res.unmapped.append(Unmapped(t, "quantize_parameters", f"{what}, which RKNN's cfg cannot express (not carried over)"))
+    for t, (lo, hi) in edited.items():
+        values = h.parsed.entries[t].values
+        if "equalize" in values or "bias_correction" in values:
+            res.unmapped.append(Unmapped(t, "quantize_parameters", "its range belongs with a channel equalization / bias correction, which RKNN's cfg cannot express"))
+        elif t not in qp:
+            why = "a weight (RKNN's cfg lists activations only)" if t in {i.name for i in h.model.graph.initializer} else "RKNN's cfg has no entry for this tensor (RKNN fused or renamed it)"
+            res.unmapped.append(Unmapped(t, "quantize_parameters", why))
+        elif len(lo) != 1:
+            res.unmapped.append(Unmapped(t, "quantize_parameters", f"{len(lo)} per-channel values; RKNN's activation entries hold one"))
+        else:
+            res.mapped[t] = t
+            ranges[t] = (lo[0], hi[0])
+    return ranges
+
+
 def export_rknn_cfg(
     cfg: str | Path,
     output: str | Path,
@@ -534,20 +558,7 @@ def export_rknn_cfg(
     remove = res.removed + changed_prec
     add.update({t: wanted[t] for t in changed_prec})
     res.layers = {t: wanted[t] for t in wanted}
-    qp = r.data["quantize_parameters"]
-    ranges: dict[str, tuple[float, float]] = {}
-    for t, (lo, hi) in _hybridq_edited_ranges(h).items():
-        values = h.parsed.entries[t].values
-        if "equalize" in values or "bias_correction" in values:
-            res.unmapped.append(Unmapped(t, "quantize_parameters", "its range belongs with a channel equalization / bias correction, which RKNN's cfg cannot express"))
-        elif t not in qp:
-            why = "a weight (RKNN's cfg lists activations only)" if t in {i.name for i in h.model.graph.initializer} else "RKNN's cfg has no entry for this tensor (RKNN fused or renamed it)"
-            res.unmapped.append(Unmapped(t, "quantize_parameters", why))
-        elif len(lo) != 1:
-            res.unmapped.append(Unmapped(t, "quantize_parameters", f"{len(lo)} per-channel values; RKNN's activation entries hold one"))
-        else:
-            res.mapped[t] = t
-            ranges[t] = (lo[0], hi[0])
+    ranges = _export_ranges(h, r, res)
     res.ranges = {t: (min(lo, 0.0), max(hi, 0.0)) for t, (lo, hi) in ranges.items()}
     text = edit_rknn_cfg(r, add, remove, ranges)
     if text != r.text or src != out:
