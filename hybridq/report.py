@@ -459,7 +459,7 @@ def verdict(
             f"; worst slice #{ws['index']} of {ws['slices']} on axis {ws['axis']}: "
             f"cos {fmt('cosine', ws['cosine'])}, SNR {fmt('snr_db', ws['snr_db'])} dB"
         )
-    thr = f"cosine >= {cos_threshold:g} and slice SNR >= {snr_threshold:g} dB"
+    thr = f"cosine >= {cos_threshold:g} and SNR >= {snr_threshold:g} dB (of the worst slice where an output is sliced)"
     if v.ok:
         tail = (
             f"{len(v.layers)} layer(s) below the thresholds, worst: "

@@ -25,10 +25,10 @@ def _below(m: Metrics | None, cos_threshold: float, snr_threshold: float) -> boo
 class Verdict:
     """OK or CHECK for an analysis, why, and what to do next (plain data; the report renders it).
 
-    ``ok`` is true when every model output keeps whole-tensor cosine >=
-    ``cos_threshold`` and its worst slice along the channel axis
-    (:func:`~hybridq.metrics.channel_axis`) keeps cosine >= ``cos_threshold``
-    and SNR >= ``snr_threshold``. ``outputs`` lists every output, worst first;
+    ``ok`` is true when every model output passes :func:`~hybridq.metrics.output_ok`:
+    whole-tensor cosine >= ``cos_threshold``, and SNR >= ``snr_threshold`` of its
+    worst slice along the channel axis (every slice also at cosine >=
+    ``cos_threshold``), or of the whole tensor where it is not sliced. ``outputs`` lists every output, worst first;
     ``layers`` the layers whose single error is below a threshold (the ones
     that add error), worst first, at most five. ``next_step`` says what to do
     in one sentence; ``cfg_entry`` is the cfg line to try and ``command`` the
