@@ -455,7 +455,15 @@ def _full_summaries() -> None:
 _full_summaries()
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+class _Signals:
+    """Whether Ctrl-C or SIGTERM came during the run: a library failing under it (ONNX Runtime's session set-up
+    reports "initialization failed") is then the interrupt, not an error in the user's input."""
+
+    received = False
+
+
+def _on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
+    _Signals.received = True
     raise KeyboardInterrupt
 
 
@@ -464,10 +472,13 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("HYBRIDQ_DEBUG") == "1"
     args = [a for a in args if a != "--debug"]
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         rc = app(args=args, prog_name="hybridq", standalone_mode=False)
     except HybridqError as exc:
+        if _Signals.received:
+            _interrupted()
         if debug:
             raise
         console.err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
@@ -482,6 +493,8 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click's usage errors (vendored by newer typer)
             exc.show()
             sys.exit(int(ExitCode.USAGE))
+        if _Signals.received:
+            _interrupted()
         if debug:
             raise
         console.err.print(f"internal error: {type(exc).__name__}: {exc}. Re-run with --debug for the traceback and report it.", highlight=False, markup=False)
