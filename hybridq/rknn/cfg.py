@@ -56,10 +56,9 @@ class Unmapped:
 
 
 @dataclass
-class RknnImportResult:
-    """What `import_rknn_cfg` wrote into the hybridq cfg."""
+class _Carried:
+    """What was carried between the two cfgs: layers, ranges, the names mapped and not, notes, and the file written."""
 
-    cfg: Path
     layers: dict[str, str] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     mapped: dict[str, str] = field(default_factory=dict)
@@ -70,19 +69,19 @@ class RknnImportResult:
 
 
 @dataclass
-class RknnExportResult:
-    """What `export_rknn_cfg` wrote into the RKNN cfg."""
+class RknnImportResult(_Carried):
+    """What `import_rknn_cfg` wrote into the hybridq cfg `cfg`."""
 
-    output: Path
-    layers: dict[str, str] = field(default_factory=dict)
-    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    mapped: dict[str, str] = field(default_factory=dict)
-    unmapped: list[Unmapped] = field(default_factory=list)
+    cfg: Path = Path()
+
+
+@dataclass
+class RknnExportResult(_Carried):
+    """What `export_rknn_cfg` wrote into the RKNN cfg `output`; RKNN's float layers hybridq does not set, kept or removed."""
+
+    output: Path = Path()
     kept: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    backup: Path | None = None
-    written: bool = False
 
 
 # --------------------------------------------------------------------------- reading RKNN cfgs
@@ -319,7 +318,7 @@ def import_rknn_cfg(
     """
     r = read_rknn_cfg(rknn_cfg)
     h = _open_hybridq(cfg)
-    res = RknnImportResult(h.cfg)
+    res = RknnImportResult(cfg=h.cfg)
     layers, comments = _import_layers(r, h, res)
     base = read_rknn_cfg(baseline).data["quantize_parameters"] if baseline is not None else None
     edits = _import_ranges(r, h, res, base, all_ranges)
@@ -529,7 +528,7 @@ def export_rknn_cfg(
         )
     r = read_rknn_cfg(src)
     h = _open_hybridq(cfg)
-    res = RknnExportResult(out)
+    res = RknnExportResult(output=out)
     known = {str(k) for k in r.data["quantize_parameters"]} | {str(k) for k in r.data["custom_quantize_layers"]}
     current = {str(k): v for k, v in r.data["custom_quantize_layers"].items()}
     layers, resolutions = resolve_layer_names(h.parsed.custom, h.parsed.custom_lines, str(h.cfg), h.model, h.meta)
