@@ -147,6 +147,12 @@ def apply(model: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> onnx.ModelPr
     """A copy of the model whose layers' biases are moved by their shifts (a zero bias is added where there was none)."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    apply_in_place(work, shifts)
+    return work
+
+
+def apply_in_place(work: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> None:
+    """`apply` on the model itself (a caller that applies several fixes copies once)."""
     g = GraphView(work)
     new_inits: list[onnx.TensorProto] = []
     for layer, shift in shifts.items():
@@ -170,4 +176,3 @@ def apply(model: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> onnx.ModelPr
             else:
                 node.input[2] = name
     work.graph.initializer.extend(new_inits)
-    return work

@@ -163,23 +163,27 @@ def edits_from_cfg(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tu
 
 
 def apply_fixes(model: onnx.ModelProto, edits: Edits, where: str = "cfg") -> onnx.ModelProto:
-    """The temp model with equalization scales and bias corrections applied (a copy when there are any)."""
+    """The temp model with equalization scales and bias corrections applied (one copy when there are any)."""
+    # A layer that runs in float computes its fp32 output: a correction of its int8 error would add one.
+    shifts = {k: np.asarray(v) for k, v in edits.bias_correction.items() if edits.layers.get(k) not in ("float16", "float32")}
+    if not edits.equalize and not shifts:
+        return model
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
     for tensor, scales in edits.equalize.items():
-        site = equalize.find_site(model, tensor)
+        site = equalize.find_site(work, tensor)
         if isinstance(site, str):
             raise ConfigError(f"{where}: 'equalize' on '{tensor}' cannot be applied: {site}. Remove the key from its entry.")
         try:
-            model = equalize.apply(model, site, np.asarray(scales))
+            equalize.apply_in_place(work, site, np.asarray(scales))
         except ValueError as exc:
             raise ConfigError(f"{where}: {exc}; fix or remove the 'equalize' key of '{tensor}'.") from None
-    # A layer that runs in float computes its fp32 output: a correction of its int8 error would add one.
-    shifts = {k: np.asarray(v) for k, v in edits.bias_correction.items() if edits.layers.get(k) not in ("float16", "float32")}
     if shifts:
         try:
-            model = bias_correction.apply(model, shifts)
+            bias_correction.apply_in_place(work, shifts)
         except ValueError as exc:
             raise ConfigError(f"{where}: bias_correction cannot be applied: {exc}. Remove the key from that weight's entry.") from None
-    return model
+    return work
 
 
 def plan_for(model: onnx.ModelProto, settings: Settings, edits: Edits, written: dict[str, dict[str, Any]]) -> QuantPlan:

@@ -187,11 +187,17 @@ def _scaled(g: GraphView, name: str, factor: np.ndarray, axis: int | None) -> on
 
 def apply(model: onnx.ModelProto, site: Site, scales: np.ndarray) -> onnx.ModelProto:
     """A copy of the model with `site.tensor`'s channel c divided by scales[c], the fp32 function unchanged."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    apply_in_place(work, site, scales)
+    return work
+
+
+def apply_in_place(work: onnx.ModelProto, site: Site, scales: np.ndarray) -> None:
+    """`apply` on the model itself (a caller that applies several fixes copies once)."""
     s = np.asarray(scales, np.float64).reshape(-1)
     if s.size != site.channels or not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise ValueError(f"equalization of '{site.tensor}' needs {site.channels} positive scales, got {s.size}")
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
     g = GraphView(work)
     replace: dict[str, onnx.TensorProto] = {}
     weight, axis, bias = _out_channel(g.by_name[site.producer], g)
@@ -209,4 +215,3 @@ def apply(model: onnx.ModelProto, site: Site, scales: np.ndarray) -> onnx.ModelP
     for init in work.graph.initializer:
         if init.name in replace:
             init.CopyFrom(replace[init.name])
-    return work
