@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import bias_correction, equalize
+from ._onnx import GraphIndex
 from .config import Cfg, CfgEntry
 from .errors import ConfigError, did_you_mean
 from .observers import HistogramObserver
@@ -104,8 +105,9 @@ def resolve_layer_names(
     custom: dict[str, str], lines: dict[str, int], where: str, model: onnx.ModelProto, meta: dict[str, Any],
 ) -> tuple[dict[str, str], list[LayerResolution]]:
     """Map each custom_quantize_layers key (node or output tensor, original or temp model) to a temp-model node."""
-    nodes = {n.name: n for n in model.graph.node}
-    producer = {o: n.name for n in model.graph.node for o in n.output}
+    index = GraphIndex(model.graph)
+    nodes = index.by_name
+    producer = {t: index.nodes[k].name for t, k in index.producer.items()}
     original = meta.get("original_nodes", {})
     fused = meta.get("fused", {})
     renamed = meta.get("renamed", {})

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from .._onnx import GraphIndex
 from ..calibration import session_for
 from ..dataset import load_callable
 from ..errors import InputError
@@ -214,10 +215,10 @@ class Evaluator:
 
 def _softmax_axes(model: onnx.ModelProto, outputs: list[str]) -> dict[str, int]:
     """Outputs a Softmax (or LogSoftmax) writes directly, with the axis its decision (argmax) is taken along."""
-    producer = {o: n for n in model.graph.node for o in n.output}
+    index = GraphIndex(model.graph)
     axes: dict[str, int] = {}
     for name in outputs:
-        node = producer.get(name)
+        node = index.producer_node(name)
         if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
             axes[name] = next((a.i for a in node.attribute if a.name == "axis"), -1)
     return axes

@@ -38,6 +38,7 @@ from .._fs import write_atomic
 from ..artifacts import backup_if_edited, read_step1
 from ..build import resolve_layer_names
 from ..config import load_cfg, update_custom_layers, update_entries
+from .._onnx import GraphIndex
 from ..errors import ConfigError, InputError
 from ..qparams import normalize_dtype
 
@@ -168,10 +169,18 @@ class _Hybridq:
     parsed: Any
     meta: dict[str, Any]
     model: onnx.ModelProto
-    producer: dict[str, str]
-    consumers: dict[str, list[str]]
-    outputs: dict[str, list[str]]
+    index: GraphIndex
     original_producer: dict[str, str]
+
+    def producer(self, tensor: str) -> str | None:
+        """The temp-model node writing `tensor`."""
+        node = self.index.producer_node(tensor)
+        return node.name if node is not None else None
+
+    def outputs(self, node: str) -> list[str]:
+        """The tensors a temp-model node writes (none for an unknown name)."""
+        n = self.index.by_name.get(node)
+        return [o for o in n.output if o] if n is not None else []
 
 
 def _open_hybridq(cfg: str | Path) -> _Hybridq:
@@ -181,22 +190,16 @@ def _open_hybridq(cfg: str | Path) -> _Hybridq:
     stem = p.name[: -len(".quantization.cfg")]
     parsed = load_cfg(p)
     bundle = read_step1(p.with_name(f"{stem}.model"), p.with_name(f"{stem}.data"), parsed.header.get("model_sha256"), p)
-    g = bundle.model.graph
-    producer = {o: n.name for n in g.node for o in n.output if o}
-    consumers: dict[str, list[str]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n.name)
-    outputs = {n.name: [o for o in n.output if o] for n in g.node}
     original_producer = {t: node for node, outs in bundle.meta.get("original_nodes", {}).items() for t in outs}
-    return _Hybridq(p, bundle.data_path, p.read_text(encoding="utf-8"), parsed, bundle.meta, bundle.model, producer, consumers, outputs, original_producer)
+    return _Hybridq(p, bundle.data_path, p.read_text(encoding="utf-8"), parsed, bundle.meta, bundle.model, GraphIndex(bundle.model.graph),
+                    original_producer)
 
 
 def _rknn_layer_to_node(h: _Hybridq, name: str) -> tuple[str | None, str]:
     """The temp-model node an RKNN custom_quantize_layers name stands for, and how it was found (or why not)."""
-    if name in h.producer:
-        return h.producer[name], "output tensor"
-    if name in h.outputs:
+    if h.producer(name) is not None:
+        return h.producer(name), "output tensor"
+    if name in h.index.by_name:
         return name, "node name"
     inputs = {i.name for i in h.model.graph.input}
     if name in inputs:
@@ -204,7 +207,7 @@ def _rknn_layer_to_node(h: _Hybridq, name: str) -> tuple[str | None, str]:
     node = h.original_producer.get(name)
     if node is not None:
         renamed = h.meta.get("renamed", {}).get(node, node)
-        if renamed in h.outputs:
+        if renamed in h.index.by_name:
             return renamed, f"tensor of original node '{node}'"
         fused = h.meta.get("fused", {}).get(node)
         if fused:
@@ -215,7 +218,7 @@ def _rknn_layer_to_node(h: _Hybridq, name: str) -> tuple[str | None, str]:
 
 def _rknn_tensor_reason(h: _Hybridq, name: str) -> str:
     """Why an RKNN quantize_parameters tensor has no hybridq entry."""
-    if name in h.producer or name in {i.name for i in h.model.graph.input}:
+    if h.producer(name) is not None or name in {i.name for i in h.model.graph.input}:
         return "tensor of the model that hybridq does not quantize with these settings (no quantize_parameters entry)"
     if name in h.original_producer:
         return f"tensor of the original model that hybridq's preparation fused away (node '{h.original_producer[name]}')"
@@ -462,16 +465,16 @@ def edit_rknn_cfg(
 
 def _node_to_rknn_layer(h: _Hybridq, node: str, known: set[str]) -> tuple[str | None, str]:
     """The tensor RKNN's cfg names for a temp-model node: its output, else down its single-consumer chain."""
-    outs = h.outputs.get(node, [])
+    outs = h.outputs(node)
     for o in outs:
         if o in known:
             return o, "output tensor"
     tensor = outs[0] if len(outs) == 1 else None
     for _ in range(_FORWARD_DEPTH):
-        readers = h.consumers.get(tensor or "", [])
-        if len(readers) != 1 or len(h.outputs.get(readers[0], [])) != 1:
+        readers = [n.name for n in h.index.consumer_nodes(tensor or "")]
+        if len(readers) != 1 or len(h.outputs(readers[0])) != 1:
             break
-        tensor = h.outputs[readers[0]][0]
+        tensor = h.outputs(readers[0])[0]
         if tensor in known:
             return tensor, f"RKNN fused it: output of '{readers[0]}' down the chain"
     return None, "none of its output tensors, nor one down its single-consumer chain, is named in RKNN's cfg (RKNN fused or renamed it)"
