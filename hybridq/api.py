@@ -14,6 +14,7 @@ from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration import calibrate
+from .int4 import hessian_inputs
 from .config import Cfg, CfgEntry, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
@@ -149,9 +150,10 @@ def step1(
         on_start(n)
     plan = make_plan(temp, settings)
     input_stats = InputStats()
+    hessians = hessian_inputs(temp) if settings.int4_rounding == "gptq" else []
     observers = calibrate(
-        temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
-        describe=_describe(ds, batch_size), on_batch=on_progress,
+        temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors) | set(hessians),
+        describe=_describe(ds, batch_size), on_batch=on_progress, hessians=hessians,
     )
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None

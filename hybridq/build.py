@@ -19,6 +19,7 @@ from . import bias_correction, equalize
 from ._onnx import GraphIndex
 from .config import Cfg, CfgEntry
 from .errors import ConfigError, did_you_mean
+from .int4 import apply_int4
 from .observers import HistogramObserver
 from .plan import QuantPlan, make_plan
 from .qdq import RewriteResult, apply_plan
@@ -207,4 +208,6 @@ def build(
     written_settings = Settings(**meta.get("written_settings", {}))
     arrays = initializer_arrays(fixed, plan.weights)
     res = resolve(plan, edits.entries, written, observers, arrays, settings, written_settings, where)
-    return Built(apply_plan(fixed, plan, res.activations, res.weights), plan, res, fixed)
+    rewrite = apply_plan(fixed, plan, res.activations, res.weights)
+    apply_int4(rewrite.model, fixed, plan, observers, settings, where)
+    return Built(rewrite, plan, res, fixed)
