@@ -104,6 +104,7 @@ def step1(
     qtype: Annotated[Optional[str], typer.Option(help="Activations asym (default) or sym.")] = None,
     algorithm: Annotated[Optional[str], typer.Option(help="Range algorithm: minmax (default), percentile, kl or mse.")] = None,
     percentile: Annotated[Optional[float], typer.Option(help="Percentile for --algorithm percentile (default 99.99).")] = None,
+    int4_rounding: Annotated[Optional[str], typer.Option(help="Rounding of int4 layers: rtn (default) or gptq (step1 then records X^T X of each MatMul/Gemm input).")] = None,
     samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per batch (models with a dynamic batch dim).")] = 1,
     mean: MeanOpt = None,
@@ -139,7 +140,8 @@ def step1(
 
     if config is None:
         config = find_config(out_dir, model, dataset)
-    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile}
+    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile,
+             "int4_rounding": int4_rounding}
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     with progress("calibrating") as advance:
         res = api.step1(
