@@ -437,6 +437,7 @@ class ProposalOptions:
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET  # float compute the proposal may add
     fallback: str = "float32"
     samples: int = 16  # scored on these; fixes are fitted on as many more when the dataset has them
+    max_size_mb: float | None = None  # model-size budget (1 MB = 10^6 bytes), met first with int4 MatMul/Gemm weights
 
 
 def run_proposal(
@@ -473,7 +474,7 @@ def run_proposal(
     result = climb(
         temp, observers, meta, settings, base, fit, evaluator, single=single, protected=set(keep), fallback=options.fallback,
         max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
-        started_from=baseline_label, analyse=analyse, where=where,
+        started_from=baseline_label, analyse=analyse, where=where, max_size_mb=options.max_size_mb,
     )
     if shared and result.entries:
         result.warnings.append(f"only {len(scored)} sample(s): the fixes were fitted on the samples they are scored on; "

@@ -71,6 +71,7 @@ MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the 
 EvalOpt = Annotated[Optional[str], typer.Option("--eval", help="module.py:function(model_path) -> score (higher is better) for the proposal target.")]
 MaxDropOpt = Annotated[float, typer.Option(help="With --eval: largest allowed drop of the score below fp32.")]
 FallbackOpt = Annotated[str, typer.Option(help="Precision of proposed layers: float32 (fastest on CPU) or float16 (NPUs).")]
+MaxSizeOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: model size in MB (10^6 bytes), met first with int4 weights for the least sensitive MatMul/Gemm layers.")]
 PropSamplesOpt = Annotated[int, typer.Option(help="Samples the proposal measures candidates on.")]
 
 
@@ -122,6 +123,7 @@ def step1(
     max_drop: MaxDropOpt = 0.01,
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
+    max_size_mb: MaxSizeOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -147,7 +149,7 @@ def step1(
         res = api.step1(
             model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
             on_progress=advance, on_start=advance.start,
-            proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples) if proposal else None,
+            proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples, max_size_mb) if proposal else None,
         )
     lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
     lines += [
@@ -315,7 +317,7 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
             console.out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
-def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples):
+def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples, max_size_mb=None):
     from .api import ProposalOptions
     from .proposal import DEFAULT_FLOAT_BUDGET, Target
 
@@ -326,8 +328,10 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
         raise InputError(f"--target-cosine {cos} is outside [-1, 1]; use e.g. 0.99.")
     if max_float_fraction is not None and not 0.0 <= max_float_fraction <= 1.0:
         raise InputError(f"--max-float-fraction {max_float_fraction} is outside [0, 1]; use e.g. 0.05 (5 % of the compute).")
+    if max_size_mb is not None and not max_size_mb > 0:
+        raise InputError(f"--max-size-mb {max_size_mb} must be a positive size in MB, e.g. 1.5.")
     budget = DEFAULT_FLOAT_BUDGET if max_float_fraction is None else max_float_fraction
-    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples)
+    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_size_mb)
 
 
 def _cost_line(p) -> str:
@@ -407,6 +411,7 @@ def propose(
     max_drop: MaxDropOpt = 0.01,
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
+    max_size_mb: MaxSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     color: ColorOpt = "rgb",
@@ -431,7 +436,7 @@ def propose(
     if not str(cfg) or not dataset:
         raise InputError("propose needs --cfg <name>.quantization.cfg and --dataset D (samples to measure candidates on).")
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
-    opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples)
+    opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples, max_size_mb)
     result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts, force_preprocess=force_preprocess)
     tables, lines, data = _proposal_report(result)
     if result.written:

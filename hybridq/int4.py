@@ -157,3 +157,30 @@ def apply_int4(model: onnx.ModelProto, source: onnx.ModelProto, plan: QuantPlan,
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
+
+
+def int4_bytes(k: int, n: int, block: int) -> int:
+    """Bytes MatMulNBits stores for a K x N weight: packed codes and one float32 scale per block."""
+    blocks = (k + block - 1) // block
+    return n * blocks * (block // 2) + 4 * n * blocks
+
+
+def weight_bytes(layer: str, model: onnx.ModelProto, plan: QuantPlan, block: int) -> int:
+    """Bytes the layer's weight takes in a model built from `plan`: int4, int8/int16 per channel, float16 or float32."""
+    g = GraphView(model)
+    node = g.by_name[layer]
+    k, n = (int(d) for d in g.inits[node.input[1]].dims)
+    lp = plan.layers.get(layer)
+    if lp is not None and lp.precision == "int4":
+        return int4_bytes(k, n, block)
+    wp = plan.weights.get(node.input[1])
+    if wp is not None:
+        width = 2 if wp.dtype == "int16" else 1
+        return k * n * width + 5 * n  # codes, one scale and zero point per output channel
+    return k * n * (2 if lp is not None and lp.precision == "float16" else 4)
+
+
+def int4_candidates(model: onnx.ModelProto) -> list[str]:
+    """MatMul/Gemm layers that can be int4 (a constant 2-D weight, float input), in graph order."""
+    g = GraphView(model)
+    return [n.name for n in model.graph.node if n.op_type in INT4_OPS and not isinstance(int4_weight(n, g), str)]
