@@ -228,6 +228,8 @@ def search(
         ranked = [(n, c) for n, c in local_rank(single(), ctx.plan, ctx.temp) if n not in taken]
         order = _by_output_effect(climb, ranked, fallback, macs, total)
         budget = _within_budget(order, macs, total, len(taken), max_float_fraction, max_float_layers)
+        if max_bytes is not None:  # float weights are 4x int8 ones: keep the size budget
+            budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
         choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, macs, total)
     if climb.prune():
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
@@ -298,6 +300,20 @@ def _within_budget(order: list[str], macs: dict[str, float], total: float, taken
             break
         names.append(n)
         used += share
+    return names
+
+
+def _within_size(order: list[str], climb: _Climb, room: int) -> list[str]:
+    """The layers of `order`, in order, whose float32 weights (over their quantized ones) fit `room` bytes together."""
+    names, used = [], 0
+    for n in order:
+        node = climb.ctx.graph.by_name.get(n)
+        w = node.input[1] if node is not None and len(node.input) > 1 else ""
+        wp = climb.built.plan.weights.get(w)
+        extra = int(np.prod(climb.ctx.graph.inits[w].dims)) * (2 if wp.dtype == "int16" else 3) if wp is not None else 0
+        if used + extra <= room:
+            names.append(n)
+            used += extra
     return names
 
 
