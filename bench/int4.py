@@ -40,12 +40,13 @@ from hybridq.int4 import int4_candidates  # noqa: E402
 from tests.models import attention_block  # noqa: E402
 
 WORK = ppocr.CACHE_DIR / "int4"
-VARIANTS = ("fp32", "int8", "int4-plain", "int4-gptq", "proposal")
 
 
-def _with_layers(cfg: Path, layers: list[str], rounding: str, out: Path) -> Path:
-    """A copy of a step1 cfg with `layers` set to int4 and int4_rounding set."""
+def _with_layers(cfg: Path, layers: list[str], rounding: str, out: Path, rest_float: bool = False) -> Path:
+    """A copy of a step1 cfg with `layers` set to int4 and int4_rounding set (`rest_float`: nothing else quantized)."""
     text = cfg.read_text()
+    if rest_float:
+        text = text.replace("quantize_ops: [Conv, Gemm, MatMul]", "quantize_ops: []")
     text = text.replace("custom_quantize_layers: {}\n", "custom_quantize_layers:\n" + "".join(f"  {n}: int4\n" for n in layers))
     for r in ("rtn", "gptq"):
         text = text.replace(f"int4_rounding: {r}", f"int4_rounding: {rounding}")
@@ -59,9 +60,10 @@ def build_variants(model: Path, dataset: Path, work: Path, samples: int) -> tupl
     r1 = hybridq.step1(model, dataset, out=ws, settings={"int4_rounding": "gptq"})
     layers = int4_candidates(prepare(onnx.load(str(model)))[0])
     paths = {"fp32": model, "int8": hybridq.step2(r1.model, r1.data, r1.cfg, work / "int8.onnx").output}
-    for name, rounding in (("int4-plain", "rtn"), ("int4-gptq", "gptq")):
-        cfg = _with_layers(r1.cfg, layers, rounding, ws / f"{name}.cfg")
-        paths[name] = hybridq.step2(r1.model, r1.data, cfg, work / f"{name}.onnx").output
+    for name, rounding, rest in (("int4-plain", "rtn", False), ("int4-gptq", "gptq", False),
+                                 ("w4 only, plain", "rtn", True), ("w4 only, gptq", "gptq", True)):
+        cfg = _with_layers(r1.cfg, layers, rounding, ws / f"{name}.cfg".replace(" ", "").replace(",", "_"), rest)
+        paths[name] = hybridq.step2(r1.model, r1.data, cfg, cfg.with_suffix(".onnx")).output
     int8_mb, int4_mb = (os.path.getsize(paths[k]) / 1e6 for k in ("int8", "int4-gptq"))
     budget = round((int8_mb + int4_mb) / 2, 3)
     t0 = time.perf_counter()
@@ -82,9 +84,18 @@ def rec_rows(args: argparse.Namespace) -> tuple[list[dict], dict, str]:
     paths, info = build_variants(task.model, dataset, work, args.samples)
     x = task.eval_input()
     lat = bench_run.measure_latency(paths, x, 1, args.rounds, args.runs)
-    rows = [{"name": n, "mb": os.path.getsize(p) / 1e6, "acc": task.evaluate(ppocr.session_runner(p), args.eval), "ms": min(lat[n])}
-            for n, p in paths.items()]
-    return rows, info, f"char acc ({args.eval or 'all'} eval lines)"
+    inputs = [ppocr.rec_input(ppocr.load_gray(p)) for p, _ in ppocr.read_lines("eval")[:32]]
+    ref = [ppocr.session_runner(task.model)(v).astype(np.float64) for v in inputs]
+    rows = []
+    for n, p in paths.items():
+        run = ppocr.session_runner(p)
+        cos = np.mean([_cos(run(v).astype(np.float64), r) for v, r in zip(inputs, ref)])
+        rows.append({"name": n, "mb": os.path.getsize(p) / 1e6, "acc": task.evaluate(run, args.eval), "cos": cos, "ms": min(lat[n])})
+    return rows, info, f"char acc ({args.eval or 'all'} eval lines) (logits cos vs fp32, 32 lines)"
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def block_rows(args: argparse.Namespace) -> tuple[list[dict], dict, str]:
@@ -112,7 +123,7 @@ def block_rows(args: argparse.Namespace) -> tuple[list[dict], dict, str]:
     for n, p in paths.items():
         sess = ppocr.ort_session(p, 1)
         out = [sess.run(None, h)[0].astype(np.float64) for h in held]
-        cos = np.mean([float(o.ravel() @ r.ravel() / (np.linalg.norm(o) * np.linalg.norm(r))) for o, r in zip(out, ref)])
+        cos = np.mean([_cos(o, r) for o, r in zip(out, ref)])
         snr = np.mean([10 * np.log10(np.sum(r.astype(np.float64) ** 2) / max(np.sum((o - r) ** 2), 1e-30)) for o, r in zip(out, ref)])
         rows.append({"name": n, "mb": os.path.getsize(p) / 1e6, "acc": cos, "snr": snr, "p": p})
     lat = _block_latency({r["name"]: r["p"] for r in rows}, held[0], args)
@@ -146,18 +157,19 @@ def render(results: dict[str, tuple[list[dict], dict, str]], args: argparse.Name
     begin, end = results_md.markers("int4")
     out = [
         begin, "## int4 weights (MatMul/Gemm, MatMulNBits)", "",
-        f"Command: `python bench/int4.py --calib {args.calib} --eval {args.eval}`  ",
+        f"Command: `python bench/int4.py --calib {args.calib} --eval {args.eval or 0}`  ",
         f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU: {results_md.cpu()}, {os.cpu_count()} cores, "
         f"onnxruntime {__import__('onnxruntime').__version__}; 1-min load average before the rounds {load:.2f} "
         "(shared machine: latencies are indicative)  ",
-        "int4: block 32, symmetric, activations float; int8: hybridq's default step2; latency: 1 thread, "
+        "int4: block 32, symmetric, activations float; int8: hybridq's default step2; int4-*: int8 with every MatMul/Gemm "
+        "that can be int4 in int4; w4 only: those int4 and nothing else quantized (the int4 error alone); latency: 1 thread, "
         f"{args.rounds} interleaved rounds of {args.runs} runs, best round median.", "",
     ]
     for title, (rows, info, metric) in results.items():
         fp = next(r for r in rows if r["name"] == "fp32")
         out += [f"### {title}", "", f"| variant | size MB | x smaller than fp32 | {metric} | latency ms | vs fp32 |", "|---|---|---|---|---|---|"]
         for r in rows:
-            acc = f"{r['acc']:.4f}" + (f" ({r['snr']:.1f})" if "snr" in r else "")
+            acc = f"{r['acc']:.4f}" + (f" ({r['snr']:.1f})" if "snr" in r else f" ({r['cos']:.4f})")
             out.append(f"| {r['name']} | {r['mb']:.3f} | {fp['mb'] / r['mb']:.2f}x | {acc} | {r['ms']:.2f} | {fp['ms'] / r['ms']:.2f}x |")
         out += ["", f"proposal: `--max-size-mb {info['budget']}` (halfway between int8 and all-int4); it chose int4 for "
                 f"{len(info['int4'])} of {info['candidates']} MatMul/Gemm layers"
