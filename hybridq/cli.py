@@ -134,16 +134,12 @@ def step1(
     from . import api
 
     State.quiet, State.json = quiet, as_json
-    if samples is not None and samples < 1:
-        raise InputError(f"--samples must be at least 1, got {samples}.")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
+    _check_counts(samples, batch_size)
     from .workspace import find_config
 
     if config is None:
         config = find_config(out_dir, model, dataset)
-    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile,
-             "int4_rounding": int4_rounding}
+    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile, "int4_rounding": int4_rounding}
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     with progress("calibrating") as advance:
         res = api.step1(
@@ -175,6 +171,14 @@ def step1(
         lines = plines + lines
         data["proposal"] = pdata
     emit(data, tables, lines)
+
+
+def _check_counts(samples: int | None, batch_size: int) -> None:
+    """--samples and --batch-size are at least 1."""
+    if samples is not None and samples < 1:
+        raise InputError(f"--samples must be at least 1, got {samples}.")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
 
 
 @app.command()
