@@ -27,7 +27,7 @@ from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from .analysis import AnalysisOptions, AnalysisResult
+    from .analysis import AnalysisOptions, AnalysisResult, SampleSink
 
 Progress = Callable[[int], None]
 
@@ -312,7 +312,8 @@ def analyze(
     """Run the fp32 and quantized models side by side; entire and single error of every layer.
 
     `runtime` ("cpu": this CPU's default ONNX Runtime kernels; "openvino") adds, per model output, what that
-    runtime computes against fp32 and against the exact simulation (hybridq.analysis.runtime), in `result.runtime`.
+    runtime computes against fp32 and against the exact simulation (hybridq.analysis.runtime), in `result.runtime`;
+    a folder of device tensors (a hybridq snapshot, or RKNN's accuracy_analysis folder with runtime/) adds it per layer.
 
     `quant_model` may also be a step1 cfg (`<name>.quantization.cfg`): the model it
     describes is built in a temporary directory first, so a cfg can be checked before step2.
@@ -323,6 +324,8 @@ def analyze(
     int8 products are exact unless `host_int8` (this CPU's default ONNX Runtime kernels; see hybridq.kernels).
     """
     import tempfile
+
+    from .analysis.runtime import runtime_column
 
     fm = load_model(float_model)
     if dump is not None:
@@ -340,19 +343,9 @@ def analyze(
             quant_path = built.output
         qm = load_model(quant_path)
         seen = InputStats()
-        if runtime is not None:
-            from .analysis.runtime import runtime_for
-
-            runtime_for(runtime)  # an unknown name fails before the analysis runs
-        result = analyze_samples(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
-        if runtime is not None:
-            from .analysis.runtime import compare_runtime
-
-            result.runtime = compare_runtime(fm, qm, ds.samples(limit=n), runtime)
-            if dump is not None:
-                from .snapshot import write_snapshot
-
-                write_snapshot(result, Path(dump))  # the manifest again, with the runtime rows
+        device, then = runtime_column(runtime, fm, qm, lambda: ds.samples(limit=n))
+        result = analyze_samples(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample,
+                                 host_int8=host_int8, sink=device, then=then)
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
     result.notes.extend(ds.notes())
     return result
@@ -368,22 +361,30 @@ def analyze_samples(
     on_sample: Callable[[], None] | None = None,
     host_int8: bool = False,
     options: AnalysisOptions | None = None,
+    sink: SampleSink | None = None,
+    then: Callable[[AnalysisResult], None] | None = None,
 ) -> AnalysisResult:
     """The analysis of two models over `samples` (hybridq.analysis.analyze); with `dump`, a snapshot too.
 
     With `dump` (a directory) each sample's fp32 and quant arrays are streamed there while the
     analysis runs (`max_bytes` caps them; see hybridq.snapshot), then the manifest and the reports
     (error_analysis.txt/.csv/.png, report.html) are written. Without it nothing is written.
+    `sink` also receives every sample's arrays; `then` completes the result before anything is written.
     """
-    from .analysis import analyze as run_analysis
+    from .analysis import Tee, analyze as run_analysis
 
     if dump is None:
-        return run_analysis(float_model, quant_model, samples, on_sample=on_sample, host_int8=host_int8, options=options)
+        result = run_analysis(float_model, quant_model, samples, sink=sink, on_sample=on_sample, host_int8=host_int8, options=options)
+        if then is not None:
+            then(result)
+        return result
     from .report import write_reports
     from .snapshot import ArrayDump, write_snapshot
 
-    sink = ArrayDump(Path(dump), max_bytes)
-    result = run_analysis(float_model, quant_model, samples, sink=sink, on_sample=on_sample, host_int8=host_int8, options=options)
+    sinks = Tee(ArrayDump(Path(dump), max_bytes), *([sink] if sink is not None else []))
+    result = run_analysis(float_model, quant_model, samples, sink=sinks, on_sample=on_sample, host_int8=host_int8, options=options)
+    if then is not None:
+        then(result)
     write_snapshot(result, Path(dump))
     write_reports(result, Path(dump))
     return result
@@ -409,8 +410,8 @@ def load_snapshot(directory: str | Path):
 
 def _rknn_result(root: Path) -> AnalysisResult:
     """RKNN's dumps as an analysis result (one sample, entire error = golden vs simulator)."""
-    from .analysis import AnalysisResult, LayerError
-    from .rknn.dump import compare_rknn_dump, first_divergence, read_rknn_dump
+    from .analysis import AnalysisResult, LayerError, RuntimeRow
+    from .dumps import compare_rknn_dump, first_divergence, read_rknn_dump
 
     dump = read_rknn_dump(root)
     rows = compare_rknn_dump(dump)
@@ -423,7 +424,9 @@ def _rknn_result(root: Path) -> AnalysisResult:
         first = first_divergence(rows)
         notes.append(f"runtime/ (the board): first tensor where it departs from the simulator: {first.name}"
                      if first is not None else "runtime/ (the board) agrees with the simulator on every tensor")
-    return AnalysisResult(layers, [layers[-1].tensor] if layers else [], 1, notes)
+    runtime = [RuntimeRow(m.name, f"RKNN board tensors ({root / 'runtime'})", m.runtime, m.runtime_vs_simulator)
+               for m in rows if m.runtime is not None and m.runtime_vs_simulator is not None]
+    return AnalysisResult(layers, [layers[-1].tensor] if layers else [], 1, notes, runtime=runtime)
 
 
 @dataclass

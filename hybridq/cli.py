@@ -231,8 +231,9 @@ def analyze(
     target_cosine: Annotated[float, typer.Option(help="Verdict threshold: cosine of every output, of its worst slice, and of each layer's single error.")] = 0.99,
     target_snr: Annotated[float, typer.Option(help="Verdict threshold (dB): SNR of every output's worst slice and of each layer's single error.")] = 20.0,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 3 when the analysis ran but the verdict is CHECK (for CI); without it CHECK exits 0.")] = False,
-    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Also run QUANT_MODEL on this runtime, per output against fp32 and "
-                                                   "the exact simulation: cpu (this CPU's default int8 kernels) or openvino.")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Add the runtime column, against fp32 and the exact simulation: "
+                                                   "cpu (this CPU's default int8 kernels) or openvino, per output; or a folder of "
+                                                   "device tensors (a hybridq snapshot, RKNN's accuracy_analysis folder), per layer.")] = None,
     host_int8: Annotated[bool, typer.Option("--host-int8", help="Measure with this CPU's default ONNX Runtime int8 kernels "
                                             "(they saturate on x86 without VNNI) instead of exact int8 products.")] = False,
     mean: MeanOpt = None,
@@ -295,6 +296,13 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
     if v.command:
         lines.append(f"Command: {v.command}")
     lines += [f"note: {n}" for n in getattr(result, "notes", [])]
+    if len(result.runtime) > 1:
+        from .analysis.results import runtime_departures
+
+        bad = runtime_departures(result.runtime, target_cosine, target_snr)
+        first = next((r.tensor for r in result.runtime if r in bad), None)
+        lines.append(f"runtime: {len(bad)} of {len(result.runtime)} tensor(s) depart from the simulation"
+                     + (f"; the first in graph order is {first}: look there first (later ones inherit its error)." if first else "."))
     if getattr(result, "dump_message", None):
         lines.append(result.dump_message)
     if dump is not None and from_dir is None:
@@ -308,7 +316,7 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
         console.out.print(rich_table(result, top=top, cos_threshold=target_cosine, snr_threshold=target_snr))
         console.out.print(outputs_table(v))
         if result.runtime:
-            console.out.print(runtime_table(result))
+            console.out.print(runtime_table(result, target_cosine, target_snr, top))
         for line in lines:
             console.out.print(line, highlight=False, markup=False, soft_wrap=True)
 
