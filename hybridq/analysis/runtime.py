@@ -56,7 +56,7 @@ def runtime_for(spec: str) -> Runtime:
     """The RUNTIMES entry named `spec`; an unknown name is an InputError listing the valid ones."""
     if spec not in RUNTIMES:
         raise InputError(f"--runtime {spec!r} is not a runtime hybridq can run; use one of: {', '.join(RUNTIMES)} "
-                         "(device dumps: `hybridq analyze --from RKNN_DIR`).")
+                         "or a folder of device tensors (a hybridq snapshot, or RKNN's accuracy_analysis folder with runtime/).")
     return RUNTIMES[spec]
 
 
