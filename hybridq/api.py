@@ -48,6 +48,7 @@ class Step1Result:
     proposal: Any = None
     config: Path | None = None  # the workspace hybridq.yaml that was read, if any
     notes: list[str] = field(default_factory=list)
+    control_flow: dict[str, Any] = field(default_factory=dict)  # fold.FoldReport: fixed inputs, Ifs folded, nodes kept and why
 
 
 @dataclass
@@ -125,6 +126,7 @@ def step1(
     on_progress: Progress | None = None,
     on_start: Callable[[int], None] | None = None,
     proposal: "ProposalOptions | None" = None,
+    fixed_inputs: Mapping[str, Any] | None = None,
 ) -> Step1Result:
     """Prepare the temp model, calibrate on the dataset, and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg`.
 
@@ -136,13 +138,13 @@ def step1(
     """
     from .workspace import merge
 
-    chosen = merge(config, settings, preprocess)
+    chosen = merge(config, settings, preprocess, fixed_inputs)
     settings, preprocess = chosen.settings, chosen.preprocess
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
     check_output_dir(Path(out) if out else model_path.parent, "step1 output directory (--out)")
-    temp, report = prepare(original)
+    temp, report = prepare(original, chosen.fixed_inputs)
     ds = open_dataset(temp, dataset, preprocess)
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
@@ -159,6 +161,7 @@ def step1(
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem
     header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
+    meta["control_flow"] = report.control_flow.to_dict()
     comments = _entry_comments(plan)
     prop, evaluator = None, None
     custom: dict[str, str] = {}
@@ -182,6 +185,7 @@ def step1(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes(),
+        control_flow=report.control_flow.to_dict(),
     )
 
 
