@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
+from . import recurrent
 from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
@@ -164,13 +165,12 @@ def step1(
     meta["control_flow"] = report.control_flow.to_dict()
     comments = _entry_comments(plan)
     prop, evaluator = None, None
-    custom: dict[str, str] = {}
-    custom_comments: dict[str, str] = {}
+    custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
     cfg_entries = entries
     if proposal is not None:
         prop_samples = list(ds.samples(limit=min(n, 2 * proposal.samples)))
         prop, evaluator = run_proposal(temp, observers, meta, settings, entries, {}, prop_samples, proposal)
-        custom, custom_comments = prop.layers, prop.comments
+        custom, custom_comments = {**custom, **prop.layers}, {**custom_comments, **prop.comments}
         cfg_entries = {t: prop.entries.get(t, e) for t, e in entries.items()}
         comments.update({t: f"{comments.get(t, '')}; {c}" for t, c in prop.entry_comments.items()})
 

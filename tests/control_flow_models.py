@@ -52,3 +52,33 @@ def sample_rate_net(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def recurrent_net(seed: int = 0, steps: int = 12, features: int = 16, hidden: int = 24) -> onnx.ModelProto:
+    """MatMul -> bidirectional LSTM -> (Transpose, Reshape) -> MatMul -> y, and a GRU on the same features -> gru_h.
+
+    x [steps, 1, features]; y [steps, 8]; gru_h [1, 1, hidden].
+    """
+    rng = np.random.default_rng(seed)
+    f, h = features, hidden
+    inits = [
+        _w(rng, "w_in", (f, f), 0.3), _w(rng, "lstm_W", (2, 4 * h, f), 0.25), _w(rng, "lstm_R", (2, 4 * h, h), 0.2),
+        _w(rng, "lstm_B", (2, 8 * h), 0.1), _w(rng, "gru_W", (1, 3 * h, f), 0.25), _w(rng, "gru_R", (1, 3 * h, h), 0.2),
+        _w(rng, "w_out", (2 * h, 8), 0.3), numpy_helper.from_array(np.array([steps, 2 * h], np.int64), "flat_shape"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_in"], ["feat"], name="proj"),
+        helper.make_node("LSTM", ["feat", "lstm_W", "lstm_R", "lstm_B"], ["lstm_y", "lstm_h"], name="lstm", hidden_size=h,
+                         direction="bidirectional"),
+        helper.make_node("Transpose", ["lstm_y"], ["lstm_t"], name="lstm_t", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["lstm_t", "flat_shape"], ["lstm_flat"], name="lstm_flat"),
+        helper.make_node("MatMul", ["lstm_flat", "w_out"], ["y"], name="head"),
+        helper.make_node("GRU", ["feat", "gru_W", "gru_R"], ["", "gru_h"], name="gru", hidden_size=h),
+    ]
+    g = helper.make_graph(nodes, "recurrent_net", [helper.make_tensor_value_info("x", T.FLOAT, [steps, 1, f])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [steps, 8]), helper.make_tensor_value_info("gru_h", T.FLOAT, [1, 1, h])],
+                          inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
