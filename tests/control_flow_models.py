@@ -16,10 +16,10 @@ def _branch(name: str, nodes: list[onnx.NodeProto], out: str, inits: list[onnx.T
     return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, T.FLOAT, None)], list(inits))
 
 
-def sample_rate_net(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
+def sample_rate_net(seed: int = 0, channels: int = 8, width: int | str = 16) -> onnx.ModelProto:
     """An audio-export-like net: `If sr == 16000` picks a Conv branch; inside it a nested `If` on x's static width.
 
-    x [1,C,8,16] float, sr [] int64. sr == 16000: Conv(wa)+Relu, then (width 16 > 8) Conv(wb) else Conv(wc);
+    x [1,C,8,width] float (width a dim name: dynamic), sr [] int64. sr == 16000: Conv(wa)+Relu, then (width 16 > 8) Conv(wb) else Conv(wc);
     otherwise Conv(wd). Then Conv(we) + Relu -> Conv(wf) -> y. Branch tensor 'h' reuses a main-graph name.
     """
     rng = np.random.default_rng(seed)
@@ -46,8 +46,8 @@ def sample_rate_net(seed: int = 0, channels: int = 8) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(np.array(16000, np.int64), "sr16k"), _w(rng, "wb", (c, c, 3, 3)), _w(rng, "wc", (c, c, 3, 3)),
              _w(rng, "wd", (c, c, 3, 3)), _w(rng, "we", (c, c, 3, 3)), _w(rng, "wf", (4, c, 1, 1))]
     g = helper.make_graph(nodes, "sample_rate_net",
-                          [helper.make_tensor_value_info("x", T.FLOAT, [1, c, 8, 16]), helper.make_tensor_value_info("sr", T.INT64, [])],
-                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 8, 16])], inits)
+                          [helper.make_tensor_value_info("x", T.FLOAT, [1, c, 8, width]), helper.make_tensor_value_info("sr", T.INT64, [])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 8, width])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
