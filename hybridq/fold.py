@@ -231,7 +231,7 @@ def _run_cone(model: onnx.ModelProto, cone: dict[str, onnx.NodeProto], shaped: d
     nodes = [n for n in model.graph.node if n.name in cone]
     if not nodes and tensor in shaped:
         return shaped[tensor], ""
-    needed = {i for n in nodes for i in list(n.input) + outer_reads(n)}
+    needed = {i for n in nodes for i in list(n.input) + outer_reads(n)} | {tensor}
     tensors = [inits[i] for i in sorted(needed) if i in inits] + [numpy_helper.from_array(v, k) for k, v in shaped.items()]
     out = helper.make_tensor_value_info(tensor, onnx.TensorProto.UNDEFINED, None)
     graph = helper.make_graph(nodes, "condition", [], [out], initializer=tensors)

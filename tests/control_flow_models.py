@@ -82,3 +82,20 @@ def recurrent_net(seed: int = 0, steps: int = 12, features: int = 16, hidden: in
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def flag_net(seed: int = 1) -> onnx.ModelProto:
+    """Conv -> If(flag: Relu | Neg) -> Conv; the condition is the bool input `flag` itself. x [1,8,8,8]."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("If", ["flag"], ["branch"], name="flag_if",
+                              then_branch=_branch("then", [helper.make_node("Relu", ["c1"], ["t"], name="then_relu")], "t"),
+                              else_branch=_branch("else", [helper.make_node("Neg", ["c1"], ["e"], name="else_neg")], "e")),
+             helper.make_node("Conv", ["branch", "w2"], ["out"], name="conv2")]
+    g = helper.make_graph(nodes, "flag_net", [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 8, 8]),
+                                               helper.make_tensor_value_info("flag", T.BOOL, [])],
+                          [helper.make_tensor_value_info("out", T.FLOAT, [1, 4, 8, 8])], [_w(rng, "w1", (8, 8, 3, 3)), _w(rng, "w2", (4, 8, 1, 1))])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m

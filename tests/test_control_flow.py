@@ -19,7 +19,7 @@ from hybridq.errors import InputError
 from hybridq.graph import cut_model, prepare
 from tests import models
 from tests.conftest import cosine, run
-from tests.control_flow_models import recurrent_net, sample_rate_net
+from tests.control_flow_models import flag_net, recurrent_net, sample_rate_net
 from tests.test_cli import cli
 
 X_SHAPE = (1, 8, 8, 16)
@@ -77,6 +77,15 @@ def test_if_on_a_dynamic_shape_stays_and_says_the_shape_is_not_static():
     assert report.control_flow.folded == {"rate_if": "then_branch"}
     assert "depends on the shape of 'x', which is not static" in report.control_flow.kept["inner_if"]
     assert [n.name for n in temp.graph.node if n.op_type == "If"] == ["inner_if"]
+
+
+@pytest.mark.parametrize("flag, op", [(True, "Relu"), (0, "Neg")])
+def test_if_on_the_fixed_input_itself_folds(flag, op):
+    temp, report = prepare(flag_net(), {"flag": flag})
+    assert report.control_flow.folded == {"flag_if": "then_branch" if flag else "else_branch"}
+    assert [n.op_type for n in temp.graph.node] == ["Conv", op, "Conv"]
+    x = np.random.default_rng(5).normal(0, 1, (1, 8, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(temp, {"x": x})[0], run(flag_net(), {"x": x, "flag": np.array(bool(flag))})[0], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_fixed_inputs_are_clear_input_errors():
