@@ -24,6 +24,9 @@ from onnx.reference import ReferenceEvaluator
 from ._onnx import GraphIndex, describe_error, outer_reads, subgraphs
 from .errors import InputError, did_you_mean
 
+FIXED_INPUTS_PROP = "hybridq.fixed_inputs"
+"""``metadata_props`` key of the step2 model: the inputs step1 fixed (JSON), so analyze fixes them in the fp32 model too."""
+
 NON_CONSTANT_OPS = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli")
 """Ops whose output is not a function of their inputs: a condition computed through one never folds."""
 
@@ -95,6 +98,29 @@ def _input_array(vi: onnx.ValueInfoProto, value: Any, where: str) -> np.ndarray:
         return arr
     shape = [d if d is not None else "?" for d in dims]
     raise InputError(f"{where}: value for '{name}' has shape {list(arr.shape)}, but the input is declared {shape}; give a value of that shape.")
+
+
+def record_props(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The metadata_props step2 writes for the inputs step1 fixed (none when it fixed none)."""
+    fixed = meta.get("control_flow", {}).get("fixed_inputs", {})
+    return {FIXED_INPUTS_PROP: json.dumps(fixed, sort_keys=True)} if fixed else {}
+
+
+def recorded_fixed_inputs(model: onnx.ModelProto) -> dict[str, Any]:
+    """The inputs step2 recorded as fixed in ``model`` (empty for other models)."""
+    value = next((p.value for p in model.metadata_props if p.key == FIXED_INPUTS_PROP), "")
+    try:
+        fixed = json.loads(value) if value else {}
+    except json.JSONDecodeError:
+        return {}
+    return fixed if isinstance(fixed, dict) else {}
+
+
+def as_fixed(model: onnx.ModelProto, fixed: Mapping[str, Any], where: str) -> onnx.ModelProto:
+    """``model`` with those of ``fixed`` that are still its inputs made constants and its Ifs folded, as step1 did."""
+    names = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
+    wanted = {k: v for k, v in fixed.items() if k in names}
+    return fold_control_flow(fix_inputs(model, wanted, where))[0] if wanted else model
 
 
 def fold_control_flow(model: onnx.ModelProto, report: FoldReport | None = None) -> tuple[onnx.ModelProto, FoldReport]:

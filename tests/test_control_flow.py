@@ -59,6 +59,19 @@ def test_fixed_input_folds_nested_ifs_and_their_convs_are_quantized(rate_ws, sr,
         assert cosine(run(r2.output, {"x": x})[0], fp32) > 0.99
 
 
+def test_analyze_fixes_the_input_in_the_fp32_model_and_compares_the_branch_layers(rate_ws):
+    r1 = hybridq.step1(rate_ws["model"], rate_ws["dataset"], out=rate_ws["dir"] / "ws", fixed_inputs={"sr": 16000})
+    r2 = hybridq.step2(r1.model, r1.data, r1.cfg, rate_ws["dir"] / "q.onnx")
+    # the dataset holds x only: the fp32 model gets sr = 16000 from the quant model's record
+    for quant in (r2.output, r1.cfg):
+        result = hybridq.analyze(rate_ws["model"], quant, rate_ws["dataset"], samples=3)
+        rows = {r.tensor: r for r in result.layers}
+        assert (rows["ta"].layer, rows["ta"].precision) == ("conv_a", "uint8") and rows["feat"].layer == "conv_b"
+    xs = [np.load(rate_ws["dataset"].parent / f"x_{i}.npy") for i in range(3)]
+    want = np.mean([cosine(run(r2.output, {"x": x})[0], run(rate_ws["model"], {"x": x, "sr": np.array(16000, np.int64)})[0]) for x in xs])
+    assert rows["y"].entire.cosine == pytest.approx(want, abs=1e-5)
+
+
 def test_if_on_an_input_left_free_stays_and_names_the_input_and_the_fix():
     temp, report = prepare(sample_rate_net())
     kept = report.control_flow.kept
