@@ -12,7 +12,7 @@ import onnx
 
 from . import fold, recurrent
 from ._version import __version__
-from .artifacts import check_order, read_meta, read_step1, save_model_atomic, write_step1
+from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration import calibrate
 from .config import Cfg, CfgEntry, load_cfg, render_cfg
@@ -331,7 +331,7 @@ def analyze(
 
     from .analysis.runtime import runtime_column
 
-    fm = fold.as_fixed(load_model(float_model), _fixed_inputs_of(Path(quant_model)), f"the inputs step1 fixed ({quant_model})")
+    fm = fold.as_fixed(load_model(float_model), fold.fixed_inputs_of(Path(quant_model)), f"the inputs step1 fixed ({quant_model})")
     if dump is not None:
         check_output_dir(Path(dump), "snapshot directory (--dump)")
     record = read_record(quant_model)
@@ -353,14 +353,6 @@ def analyze(
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
     result.notes.extend(ds.notes())
     return result
-
-
-def _fixed_inputs_of(quant: Path) -> dict[str, Any]:
-    """The inputs step1 fixed for this quant model (its metadata) or cfg (its `.data` meta), so the fp32 model gets them too."""
-    if quant.name.endswith(".quantization.cfg"):
-        data = quant.with_name(quant.name[: -len(".quantization.cfg")] + ".data")
-        return read_meta(data).get("control_flow", {}).get("fixed_inputs", {}) if data.is_file() else {}
-    return fold.recorded_fixed_inputs(onnx.load(str(quant), load_external_data=False)) if quant.is_file() else {}
 
 
 def analyze_samples(
