@@ -208,3 +208,20 @@ def test_lstm_set_to_float32_in_the_cfg_stays_lstm_and_analysis_covers_it(rnn_ws
     q = onnx.load(str(r2.output))
     assert next(n.op_type for n in q.graph.node if n.name == "lstm") == "LSTM"
     assert r2.rewrite.layers["lstm"]["precision"] == "float32"
+
+
+def test_rknn_facade_input_initial_val_folds_and_quantizes_the_branch(rate_ws, monkeypatch):
+    from hybridq.rknn import RKNN
+
+    monkeypatch.chdir(rate_ws["dir"])
+    rknn = RKNN()
+    assert rknn.config(target_platform="rk3588") == 0
+    assert rknn.load_onnx(model=str(rate_ws["model"]), input_initial_val=[None, 16000]) == 0
+    assert rknn.build(do_quantization=True, dataset=str(rate_ws["dataset"])) == 0
+    assert rknn.export_onnx("rate.q.onnx") == 0
+    rknn.release()
+    q = onnx.load("rate.q.onnx")
+    assert "If" not in {n.op_type for n in q.graph.node} and [i.name for i in q.graph.input] == ["x"]
+    assert {"wa_DequantizeLinear", "wb_DequantizeLinear", "we_DequantizeLinear"} <= {n.name for n in q.graph.node}
+    for x in _samples(2):
+        assert cosine(run(q, {"x": x})[0], run(rate_ws["model"], {"x": x, "sr": np.array(16000, np.int64)})[0]) > 0.99
