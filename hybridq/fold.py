@@ -59,7 +59,7 @@ def parse_fix_input(text: str) -> tuple[str, Any]:
     return name, value
 
 
-def fix_inputs(model: onnx.ModelProto, values: Mapping[str, Any], where: str = "--fix-input") -> onnx.ModelProto:
+def fix_inputs(model: onnx.ModelProto, values: Mapping[str, Any], where: str = "--fix-input / fixed_inputs") -> onnx.ModelProto:
     """A copy of ``model`` where each named graph input is an initializer holding its value (cast to the input's dtype)."""
     work = onnx.ModelProto()
     work.CopyFrom(model)
@@ -83,7 +83,7 @@ def _input_array(vi: onnx.ValueInfoProto, value: Any, where: str) -> np.ndarray:
     try:
         dtype = helper.tensor_dtype_to_np_dtype(t.elem_type)
         raw = np.asarray(value)
-        if raw.dtype.kind not in "biuf" or raw.dtype == object:
+        if raw.dtype.kind not in "biuf":
             raise ValueError("not numeric")
         arr = raw.astype(dtype)
     except (ValueError, TypeError, KeyError):
@@ -258,7 +258,7 @@ def _shape_value(node: onnx.NodeProto, shape: list[int]) -> np.ndarray:
     if node.op_type == "Size":
         return np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64)
     attrs = {a.name: a.i for a in node.attribute}
-    return np.array(shape[attrs.get("start", 0):attrs.get("end", len(shape))] if "end" in attrs else shape[attrs.get("start", 0):], dtype=np.int64)
+    return np.array(shape[attrs.get("start", 0):attrs.get("end", len(shape))], dtype=np.int64)  # ONNX clamps as Python slices do
 
 
 def _run_cone(model: onnx.ModelProto, cone: dict[str, onnx.NodeProto], shaped: dict[str, np.ndarray], tensor: str) -> tuple[np.ndarray | None, str]:
