@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
+from . import fold, recurrent
 from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
@@ -48,6 +49,7 @@ class Step1Result:
     proposal: Any = None
     config: Path | None = None  # the workspace hybridq.yaml that was read, if any
     notes: list[str] = field(default_factory=list)
+    control_flow: dict[str, Any] = field(default_factory=dict)  # fold.FoldReport: fixed inputs, Ifs folded, nodes kept and why
 
 
 @dataclass
@@ -125,6 +127,7 @@ def step1(
     on_progress: Progress | None = None,
     on_start: Callable[[int], None] | None = None,
     proposal: "ProposalOptions | None" = None,
+    fixed_inputs: Mapping[str, Any] | None = None,
 ) -> Step1Result:
     """Prepare the temp model, calibrate on the dataset, and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg`.
 
@@ -136,13 +139,13 @@ def step1(
     """
     from .workspace import merge
 
-    chosen = merge(config, settings, preprocess)
+    chosen = merge(config, settings, preprocess, fixed_inputs)
     settings, preprocess = chosen.settings, chosen.preprocess
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
     check_output_dir(Path(out) if out else model_path.parent, "step1 output directory (--out)")
-    temp, report = prepare(original)
+    temp, report = prepare(original, chosen.fixed_inputs)
     ds = open_dataset(temp, dataset, preprocess)
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
@@ -159,15 +162,15 @@ def step1(
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem
     header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
+    meta["control_flow"] = report.control_flow.to_dict()
     comments = _entry_comments(plan)
     prop, evaluator = None, None
-    custom: dict[str, str] = {}
-    custom_comments: dict[str, str] = {}
+    custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
     cfg_entries = entries
     if proposal is not None:
         prop_samples = list(ds.samples(limit=min(n, 2 * proposal.samples)))
         prop, evaluator = run_proposal(temp, observers, meta, settings, entries, {}, prop_samples, proposal)
-        custom, custom_comments = prop.layers, prop.comments
+        custom, custom_comments = {**custom, **prop.layers}, {**custom_comments, **prop.comments}
         cfg_entries = {t: prop.entries.get(t, e) for t, e in entries.items()}
         comments.update({t: f"{comments.get(t, '')}; {c}" for t, c in prop.entry_comments.items()})
 
@@ -182,6 +185,7 @@ def step1(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes(),
+        control_flow=report.control_flow.to_dict(),
     )
 
 
@@ -279,7 +283,7 @@ def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[
     """Write step1's record (preprocessing, calibrated input ranges) into the model's metadata_props (see hybridq.recorded)."""
     check_header(header, meta, header_path)
     pre = meta["preprocess"] if "preprocess" in meta else (dict(header["preprocess"]) if header.get("preprocess") else None)
-    props = model_props(pre, meta.get("input_ranges"))
+    props = {**model_props(pre, meta.get("input_ranges")), **fold.record_props(meta)}
     kept = [p for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -327,7 +331,7 @@ def analyze(
 
     from .analysis.runtime import runtime_column
 
-    fm = load_model(float_model)
+    fm = fold.as_fixed(load_model(float_model), fold.fixed_inputs_of(Path(quant_model)), f"the inputs step1 fixed ({quant_model})")
     if dump is not None:
         check_output_dir(Path(dump), "snapshot directory (--dump)")
     record = read_record(quant_model)

@@ -72,6 +72,8 @@ EvalOpt = Annotated[Optional[str], typer.Option("--eval", help="module.py:functi
 MaxDropOpt = Annotated[float, typer.Option(help="With --eval: largest allowed drop of the score below fp32.")]
 FallbackOpt = Annotated[str, typer.Option(help="Precision of proposed layers: float32 (fastest on CPU) or float16 (NPUs).")]
 PropSamplesOpt = Annotated[int, typer.Option(help="Samples the proposal measures candidates on.")]
+FixInputOpt = Annotated[Optional[list[str]], typer.Option("--fix-input", help="NAME=VALUE: make an input a constant (repeatable); "
+                                                          "If nodes it decides fold into their taken branch, e.g. --fix-input sample_rate=16000.")]
 
 
 @app.command()
@@ -121,6 +123,7 @@ def step1(
     max_drop: MaxDropOpt = 0.01,
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
+    fix_input: FixInputOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -144,7 +147,7 @@ def step1(
     with progress("calibrating") as advance:
         res = api.step1(
             model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
-            on_progress=advance, on_start=advance.start,
+            on_progress=advance, on_start=advance.start, fixed_inputs=_fixed_inputs(fix_input),
             proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples) if proposal else None,
         )
     lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
@@ -159,11 +162,10 @@ def step1(
         lines.append(f"The previous cfg had edits: kept as {res.backup}.")
     if res.fused:
         lines.append(f"{len(res.fused)} nodes were fused or folded in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in list(res.fused.items())[:8]) + (" ..." if len(res.fused) > 8 else ""))
-    if res.float_subgraph_nodes:
-        lines.append(f"Control-flow nodes stay float (their subgraphs are not quantized): {', '.join(res.float_subgraph_nodes)}.")
+    lines += _control_flow_lines(res)
     lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
     data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused,
-            "config": res.config, "notes": res.notes}
+            "config": res.config, "notes": res.notes, "control_flow": res.control_flow}
     tables = [table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:
         ptables, plines, pdata = _proposal_report(res.proposal)
@@ -171,6 +173,25 @@ def step1(
         lines = plines + lines
         data["proposal"] = pdata
     emit(data, tables, lines)
+
+
+def _fixed_inputs(items: list[str] | None) -> dict[str, object]:
+    """--fix-input NAME=VALUE options as a mapping."""
+    from .fold import parse_fix_input
+
+    return dict(parse_fix_input(f) for f in items or [])
+
+
+def _control_flow_lines(res) -> list[str]:
+    """Summary lines of step1's control flow: the Ifs folded, the nodes that stay float and why."""
+    cf, lines = res.control_flow, []
+    if cf.get("folded"):
+        fixed = ", ".join(f"{k}={v}" for k, v in cf["fixed_inputs"].items()) or "none"
+        lines.append(f"Control flow folded (fixed inputs {fixed}): " + ", ".join(f"{k} -> {v}" for k, v in cf["folded"].items()) + ".")
+    if res.float_subgraph_nodes:
+        lines.append(f"Control-flow nodes stay float (their subgraphs are not quantized): {', '.join(res.float_subgraph_nodes)}.")
+        lines += [f"  {why}." for why in cf.get("kept", {}).values()]
+    return lines
 
 
 @app.command()
