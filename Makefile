@@ -32,6 +32,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/run.py
 	$(PY) bench/plain_cnn.py
 	$(PY) bench/int4.py
+	$(PY) bench/recurrent.py
 	$(PY) bench/bench_analyze.py --models cls,rec,det --rounds 5
 
 bench-quick: $(VENV)/.installed

@@ -28,8 +28,8 @@ _PUBLIC: dict[str, str] = {
     # RKNN-Toolkit2 interop (SPEC section 12).
     "import_rknn_cfg": "rknn.cfg",
     "export_rknn_cfg": "rknn.cfg",
-    "read_rknn_dump": "rknn.dump",
-    "compare_rknn_dump": "rknn.dump",
+    "read_rknn_dump": "dumps",
+    "compare_rknn_dump": "dumps",
     # Options.
     "Settings": "settings",
     "Preprocess": "dataset",
@@ -45,8 +45,8 @@ _PUBLIC: dict[str, str] = {
     "Score": "proposal",
     "RknnImportResult": "rknn.cfg",
     "RknnExportResult": "rknn.cfg",
-    "RknnDump": "rknn.dump",
-    "RknnLayerMetrics": "rknn.dump",
+    "RknnDump": "dumps",
+    "RknnLayerMetrics": "dumps",
     # Errors.
     "HybridqError": "errors",
     "InputError": "errors",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
+from . import fold, recurrent
 from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
@@ -28,7 +29,7 @@ from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from .analysis import AnalysisOptions, AnalysisResult
+    from .analysis import AnalysisOptions, AnalysisResult, SampleSink
 
 Progress = Callable[[int], None]
 
@@ -49,6 +50,7 @@ class Step1Result:
     proposal: Any = None
     config: Path | None = None  # the workspace hybridq.yaml that was read, if any
     notes: list[str] = field(default_factory=list)
+    control_flow: dict[str, Any] = field(default_factory=dict)  # fold.FoldReport: fixed inputs, Ifs folded, nodes kept and why
 
 
 @dataclass
@@ -126,6 +128,7 @@ def step1(
     on_progress: Progress | None = None,
     on_start: Callable[[int], None] | None = None,
     proposal: "ProposalOptions | None" = None,
+    fixed_inputs: Mapping[str, Any] | None = None,
 ) -> Step1Result:
     """Prepare the temp model, calibrate on the dataset, and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg`.
 
@@ -137,13 +140,13 @@ def step1(
     """
     from .workspace import merge
 
-    chosen = merge(config, settings, preprocess)
+    chosen = merge(config, settings, preprocess, fixed_inputs)
     settings, preprocess = chosen.settings, chosen.preprocess
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
     check_output_dir(Path(out) if out else model_path.parent, "step1 output directory (--out)")
-    temp, report = prepare(original)
+    temp, report = prepare(original, chosen.fixed_inputs)
     ds = open_dataset(temp, dataset, preprocess)
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
@@ -161,15 +164,15 @@ def step1(
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem
     header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
+    meta["control_flow"] = report.control_flow.to_dict()
     comments = _entry_comments(plan)
     prop, evaluator = None, None
-    custom: dict[str, str] = {}
-    custom_comments: dict[str, str] = {}
+    custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
     cfg_entries = entries
     if proposal is not None:
         prop_samples = list(ds.samples(limit=min(n, 2 * proposal.samples)))
         prop, evaluator = run_proposal(temp, observers, meta, settings, entries, {}, prop_samples, proposal)
-        custom, custom_comments = prop.layers, prop.comments
+        custom, custom_comments = {**custom, **prop.layers}, {**custom_comments, **prop.comments}
         cfg_entries = {t: prop.entries.get(t, e) for t, e in entries.items()}
         comments.update({t: f"{comments.get(t, '')}; {c}" for t, c in prop.entry_comments.items()})
 
@@ -184,6 +187,7 @@ def step1(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes(),
+        control_flow=report.control_flow.to_dict(),
     )
 
 
@@ -281,7 +285,7 @@ def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[
     """Write step1's record (preprocessing, calibrated input ranges) into the model's metadata_props (see hybridq.recorded)."""
     check_header(header, meta, header_path)
     pre = meta["preprocess"] if "preprocess" in meta else (dict(header["preprocess"]) if header.get("preprocess") else None)
-    props = model_props(pre, meta.get("input_ranges"))
+    props = {**model_props(pre, meta.get("input_ranges")), **fold.record_props(meta)}
     kept = [p for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -314,7 +318,8 @@ def analyze(
     """Run the fp32 and quantized models side by side; entire and single error of every layer.
 
     `runtime` ("cpu": this CPU's default ONNX Runtime kernels; "openvino") adds, per model output, what that
-    runtime computes against fp32 and against the exact simulation (hybridq.analysis.runtime), in `result.runtime`.
+    runtime computes against fp32 and against the exact simulation (hybridq.analysis.runtime), in `result.runtime`;
+    a folder of device tensors (a hybridq snapshot, or RKNN's accuracy_analysis folder with runtime/) adds it per layer.
 
     `quant_model` may also be a step1 cfg (`<name>.quantization.cfg`): the model it
     describes is built in a temporary directory first, so a cfg can be checked before step2.
@@ -326,7 +331,9 @@ def analyze(
     """
     import tempfile
 
-    fm = load_model(float_model)
+    from .analysis.runtime import runtime_column
+
+    fm = fold.as_fixed(load_model(float_model), fold.fixed_inputs_of(Path(quant_model)), f"the inputs step1 fixed ({quant_model})")
     if dump is not None:
         check_output_dir(Path(dump), "snapshot directory (--dump)")
     record = read_record(quant_model)
@@ -342,19 +349,9 @@ def analyze(
             quant_path = built.output
         qm = load_model(quant_path)
         seen = InputStats()
-        if runtime is not None:
-            from .analysis.runtime import runtime_for
-
-            runtime_for(runtime)  # an unknown name fails before the analysis runs
-        result = analyze_samples(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample, host_int8=host_int8)
-        if runtime is not None:
-            from .analysis.runtime import compare_runtime
-
-            result.runtime = compare_runtime(fm, qm, ds.samples(limit=n), runtime)
-            if dump is not None:
-                from .snapshot import write_snapshot
-
-                write_snapshot(result, Path(dump))  # the manifest again, with the runtime rows
+        device, then = runtime_column(runtime, fm, qm, lambda: ds.samples(limit=n))
+        result = analyze_samples(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample,
+                                 host_int8=host_int8, sink=device, then=then)
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
     result.notes.extend(ds.notes())
     return result
@@ -370,22 +367,30 @@ def analyze_samples(
     on_sample: Callable[[], None] | None = None,
     host_int8: bool = False,
     options: AnalysisOptions | None = None,
+    sink: SampleSink | None = None,
+    then: Callable[[AnalysisResult], None] | None = None,
 ) -> AnalysisResult:
     """The analysis of two models over `samples` (hybridq.analysis.analyze); with `dump`, a snapshot too.
 
     With `dump` (a directory) each sample's fp32 and quant arrays are streamed there while the
     analysis runs (`max_bytes` caps them; see hybridq.snapshot), then the manifest and the reports
     (error_analysis.txt/.csv/.png, report.html) are written. Without it nothing is written.
+    `sink` also receives every sample's arrays; `then` completes the result before anything is written.
     """
-    from .analysis import analyze as run_analysis
+    from .analysis import Tee, analyze as run_analysis
 
     if dump is None:
-        return run_analysis(float_model, quant_model, samples, on_sample=on_sample, host_int8=host_int8, options=options)
+        result = run_analysis(float_model, quant_model, samples, sink=sink, on_sample=on_sample, host_int8=host_int8, options=options)
+        if then is not None:
+            then(result)
+        return result
     from .report import write_reports
     from .snapshot import ArrayDump, write_snapshot
 
-    sink = ArrayDump(Path(dump), max_bytes)
-    result = run_analysis(float_model, quant_model, samples, sink=sink, on_sample=on_sample, host_int8=host_int8, options=options)
+    sinks = Tee(ArrayDump(Path(dump), max_bytes), *([sink] if sink is not None else []))
+    result = run_analysis(float_model, quant_model, samples, sink=sinks, on_sample=on_sample, host_int8=host_int8, options=options)
+    if then is not None:
+        then(result)
     write_snapshot(result, Path(dump))
     write_reports(result, Path(dump))
     return result
@@ -411,8 +416,8 @@ def load_snapshot(directory: str | Path):
 
 def _rknn_result(root: Path) -> AnalysisResult:
     """RKNN's dumps as an analysis result (one sample, entire error = golden vs simulator)."""
-    from .analysis import AnalysisResult, LayerError
-    from .rknn.dump import compare_rknn_dump, first_divergence, read_rknn_dump
+    from .analysis import AnalysisResult, LayerError, RuntimeRow
+    from .dumps import compare_rknn_dump, first_divergence, read_rknn_dump
 
     dump = read_rknn_dump(root)
     rows = compare_rknn_dump(dump)
@@ -425,7 +430,9 @@ def _rknn_result(root: Path) -> AnalysisResult:
         first = first_divergence(rows)
         notes.append(f"runtime/ (the board): first tensor where it departs from the simulator: {first.name}"
                      if first is not None else "runtime/ (the board) agrees with the simulator on every tensor")
-    return AnalysisResult(layers, [layers[-1].tensor] if layers else [], 1, notes)
+    runtime = [RuntimeRow(m.name, f"RKNN board tensors ({root / 'runtime'})", m.runtime, m.runtime_vs_simulator)
+               for m in rows if m.runtime is not None and m.runtime_vs_simulator is not None]
+    return AnalysisResult(layers, [layers[-1].tensor] if layers else [], 1, notes, runtime=runtime)
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import bias_correction, equalize
+from . import bias_correction, equalize, recurrent
 from ._onnx import GraphIndex
 from .config import Cfg, CfgEntry
 from .errors import ConfigError, did_you_mean
@@ -209,5 +209,6 @@ def build(
     arrays = initializer_arrays(fixed, plan.weights)
     res = resolve(plan, edits.entries, written, observers, arrays, settings, written_settings, where)
     rewrite = apply_plan(fixed, plan, res.activations, res.weights)
+    recurrent.apply_in_place(rewrite.model, {n: lp.precision for n, lp in plan.layers.items()}, settings.qmethod == "channel")
     apply_int4(rewrite.model, fixed, plan, observers, settings, where)
     return Built(rewrite, plan, res, fixed)

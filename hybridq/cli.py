@@ -73,6 +73,8 @@ MaxDropOpt = Annotated[float, typer.Option(help="With --eval: largest allowed dr
 FallbackOpt = Annotated[str, typer.Option(help="Precision of proposed layers: float32 (fastest on CPU) or float16 (NPUs).")]
 MaxSizeOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: model size in MB (10^6 bytes), met first with int4 weights for the least sensitive MatMul/Gemm layers.")]
 PropSamplesOpt = Annotated[int, typer.Option(help="Samples the proposal measures candidates on.")]
+FixInputOpt = Annotated[Optional[list[str]], typer.Option("--fix-input", help="NAME=VALUE: make an input a constant (repeatable); "
+                                                          "If nodes it decides fold into their taken branch, e.g. --fix-input sample_rate=16000.")]
 
 
 @app.command()
@@ -124,6 +126,7 @@ def step1(
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
     max_size_mb: MaxSizeOpt = None,
+    fix_input: FixInputOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -144,7 +147,7 @@ def step1(
     with progress("calibrating") as advance:
         res = api.step1(
             model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
-            on_progress=advance, on_start=advance.start,
+            on_progress=advance, on_start=advance.start, fixed_inputs=_fixed_inputs(fix_input),
             proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples, max_size_mb) if proposal else None,
         )
     lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
@@ -159,11 +162,10 @@ def step1(
         lines.append(f"The previous cfg had edits: kept as {res.backup}.")
     if res.fused:
         lines.append(f"{len(res.fused)} nodes were fused or folded in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in list(res.fused.items())[:8]) + (" ..." if len(res.fused) > 8 else ""))
-    if res.float_subgraph_nodes:
-        lines.append(f"Control-flow nodes stay float (their subgraphs are not quantized): {', '.join(res.float_subgraph_nodes)}.")
+    lines += _control_flow_lines(res)
     lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
     data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused,
-            "config": res.config, "notes": res.notes}
+            "config": res.config, "notes": res.notes, "control_flow": res.control_flow}
     tables = [table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:
         ptables, plines, pdata = _proposal_report(res.proposal)
@@ -179,6 +181,25 @@ def _check_counts(samples: int | None, batch_size: int) -> None:
         raise InputError(f"--samples must be at least 1, got {samples}.")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
+
+
+def _fixed_inputs(items: list[str] | None) -> dict[str, object]:
+    """--fix-input NAME=VALUE options as a mapping."""
+    from .fold import parse_fix_input
+
+    return dict(parse_fix_input(f) for f in items or [])
+
+
+def _control_flow_lines(res) -> list[str]:
+    """Summary lines of step1's control flow: the Ifs folded, the nodes that stay float and why."""
+    cf, lines = res.control_flow, []
+    if cf.get("folded"):
+        fixed = ", ".join(f"{k}={v}" for k, v in cf["fixed_inputs"].items()) or "none"
+        lines.append(f"Control flow folded (fixed inputs {fixed}): " + ", ".join(f"{k} -> {v}" for k, v in cf["folded"].items()) + ".")
+    if res.float_subgraph_nodes:
+        lines.append(f"Control-flow nodes stay float (their subgraphs are not quantized): {', '.join(res.float_subgraph_nodes)}.")
+        lines += [f"  {why}." for why in cf.get("kept", {}).values()]
+    return lines
 
 
 @app.command()
@@ -239,8 +260,9 @@ def analyze(
     target_cosine: Annotated[float, typer.Option(help="Verdict threshold: cosine of every output, of its worst slice, and of each layer's single error.")] = 0.99,
     target_snr: Annotated[float, typer.Option(help="Verdict threshold (dB): SNR of every output's worst slice and of each layer's single error.")] = 20.0,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 3 when the analysis ran but the verdict is CHECK (for CI); without it CHECK exits 0.")] = False,
-    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Also run QUANT_MODEL on this runtime, per output against fp32 and "
-                                                   "the exact simulation: cpu (this CPU's default int8 kernels) or openvino.")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Add the runtime column, against fp32 and the exact simulation: "
+                                                   "cpu (this CPU's default int8 kernels) or openvino, per output; or a folder of "
+                                                   "device tensors (a hybridq snapshot, RKNN's accuracy_analysis folder), per layer.")] = None,
     host_int8: Annotated[bool, typer.Option("--host-int8", help="Measure with this CPU's default ONNX Runtime int8 kernels "
                                             "(they saturate on x86 without VNNI) instead of exact int8 products.")] = False,
     mean: MeanOpt = None,
@@ -303,6 +325,13 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
     if v.command:
         lines.append(f"Command: {v.command}")
     lines += [f"note: {n}" for n in getattr(result, "notes", [])]
+    if len(result.runtime) > 1:
+        from .analysis.results import runtime_departures
+
+        bad = runtime_departures(result.runtime, target_cosine, target_snr)
+        first = next((r.tensor for r in result.runtime if r in bad), None)
+        lines.append(f"runtime: {len(bad)} of {len(result.runtime)} tensor(s) depart from the simulation"
+                     + (f"; the first in graph order is {first}: look there first (later ones inherit its error)." if first else "."))
     if getattr(result, "dump_message", None):
         lines.append(result.dump_message)
     if dump is not None and from_dir is None:
@@ -316,7 +345,7 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
         console.out.print(rich_table(result, top=top, cos_threshold=target_cosine, snr_threshold=target_snr))
         console.out.print(outputs_table(v))
         if result.runtime:
-            console.out.print(runtime_table(result))
+            console.out.print(runtime_table(result, target_cosine, target_snr, top))
         for line in lines:
             console.out.print(line, highlight=False, markup=False, soft_wrap=True)
 

@@ -12,7 +12,7 @@ import contextlib
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from . import _runtime
+from . import _runtime, fold
 from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, subgraphs
 from .errors import InputError, ModelError, OutputError, did_you_mean
 
@@ -53,6 +53,7 @@ class PrepReport:
     renamed: dict[str, str] = field(default_factory=dict)
     fused: dict[str, str] = field(default_factory=dict)
     original_nodes: dict[str, list[str]] = field(default_factory=dict)
+    control_flow: fold.FoldReport = field(default_factory=fold.FoldReport)
 
 
 def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
@@ -208,14 +209,18 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepReport]:
-    """Return the temp model (a new proto) and what changed; the input model is not modified."""
+def prepare(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None = None) -> tuple[onnx.ModelProto, PrepReport]:
+    """Return the temp model (a new proto) and what changed; the input model is not modified.
+
+    ``fixed_inputs`` (input name -> value) become constants; `If` nodes whose condition is then constant fold (fold.py).
+    """
     work = onnx.ModelProto()
     work.CopyFrom(model)
     report = PrepReport(opset_from=main_opset(work), opset_to=main_opset(work))
     report.renamed = name_nodes(work)
     original = {n.name: (n.op_type, list(n.output)) for n in work.graph.node}
     report.constants_lifted = lift_constants(work)
+    work = _fold(work, fixed_inputs, report)
     work = upgrade_opset(work)
     report.opset_to = main_opset(work)
     work = ort_basic_optimize(work)
@@ -224,10 +229,20 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, PrepReport]:
     index = GraphIndex(work.graph)
     for name, (op, outputs) in original.items():
         report.original_nodes[name] = outputs
-        if name in index.by_name or op == "Constant":
+        if name in index.by_name or op == "Constant" or name in report.control_flow.folded:
             continue
         report.fused[name] = next((p.name for o in outputs if (p := index.producer_node(o)) is not None), "")
     return work, report
+
+
+def _fold(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None, report: PrepReport) -> onnx.ModelProto:
+    """Fix the given inputs and fold the Ifs that then have a constant condition (skipped when there is nothing to do)."""
+    if fixed_inputs:
+        model = fold.fix_inputs(model, fixed_inputs)
+        report.control_flow.fixed = {k: np.asarray(v).tolist() for k, v in fixed_inputs.items()}
+    if any(subgraphs(n) for n in model.graph.node):
+        model, _ = fold.fold_control_flow(model, report.control_flow)
+    return model
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -317,13 +332,8 @@ def cut_model(
                 d.ClearField("dim_param")
                 d.dim_value = int(v)
         del g.value_info[:]  # shapes are inferred again by step1
-    if initial is not None:
-        for name, val in zip(names, initial):
-            if val is None:
-                continue
-            arr = np.asarray(val)
-            g.initializer.append(numpy_helper.from_array(arr.astype(onnx.helper.tensor_dtype_to_np_dtype(by_name[name].type.tensor_type.elem_type)), name))
-            g.input.remove(by_name[name])
+    if initial is not None:  # checked and cast as --fix-input is; the Ifs they decide fold in step1
+        model = fold.fix_inputs(model, {name: val for name, val in zip(names, initial) if val is not None}, where="input_initial_val")
     return model
 
 

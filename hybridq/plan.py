@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import recurrent
 from .cost import concrete_shapes, layer_macs, nominal_sample
 from ._onnx import GraphIndex
 from .graph import tensor_types
@@ -297,6 +298,10 @@ def _choose_layers(
     dw_share = depthwise_share(model, g) if settings.float_depthwise == "auto" else 0.0
     for node in model.graph.node:
         requested = layer_precision.get(node.name)
+        recurrent_choice = recurrent.layer_choice(node, g.inits, settings.quantize_ops, requested)
+        if recurrent_choice is not None:  # LSTM/GRU: no Q/DQ slots, rewritten after the QDQ rewrite (recurrent.py)
+            plan.layers[node.name] = LayerPlan(node.name, node.op_type, *recurrent_choice)
+            continue
         handler = QUANTIZABLE.get(node.op_type)
         slots = handler(node, g) if handler else None
         if requested is not None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ._fs import write_atomic
-from .analysis.results import AnalysisResult, LayerError
+from .analysis.results import AnalysisResult, LayerError, runtime_departures
 from .analysis.verdict import COS_THRESHOLD, SNR_THRESHOLD, Verdict, judge
 from .metrics import METRIC_NAMES, Metrics
 
@@ -119,7 +119,23 @@ def render_txt(
     out.append(line("", heads))
     out.append("-" * len(line("", heads)))
     out += [line(label, cells) for label, cells in rows]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + _runtime_txt(result, cos_threshold, snr_threshold)) + "\n"
+
+
+def _runtime_txt(result: AnalysisResult, cos_threshold: float, snr_threshold: float) -> list[str]:
+    """The runtime column as text: every row, the ones that depart from the simulation marked `<<`."""
+    if not result.runtime:
+        return []
+    bad = {id(r) for r in runtime_departures(result.runtime, cos_threshold, snr_threshold)}
+    w = max(len(r.tensor) for r in result.runtime)
+    out = ["", f"# runtime: {result.runtime[0].runtime}; '<<': departs from the simulation ({len(bad)} of {len(result.runtime)})",
+           "tensor".ljust(w) + "  vs fp32 cos | vs fp32 snr | vs sim cos | vs sim snr | vs sim max_abs"]
+    for r in result.runtime:
+        cells = [fmt("cosine", r.vs_fp32.cosine).rjust(11), fmt("snr_db", r.vs_fp32.snr_db).rjust(11),
+                 fmt("cosine", r.vs_simulator.cosine).rjust(10), fmt("snr_db", r.vs_simulator.snr_db).rjust(10),
+                 fmt("max_abs", r.vs_simulator.max_abs).rjust(14)]
+        out.append((r.tensor.ljust(w) + "  " + " | ".join(cells) + ("  <<" if id(r) in bad else "")).rstrip())
+    return out
 
 
 # --------------------------------------------------------------------------- csv
@@ -142,6 +158,9 @@ CSV_COLUMNS: tuple[str, ...] = (
     "worst_slice_snr_db",
     "fp32_file",
     "quant_file",
+    "runtime_vs_fp32_cosine",
+    "runtime_vs_simulator_cosine",
+    "runtime_vs_simulator_snr_db",
 )
 """Header of ``error_analysis.csv``; empty cells mean "not available"."""
 
@@ -157,7 +176,9 @@ def render_csv(result: AnalysisResult) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
+    runtime = {r.tensor: r for r in result.runtime}
     for i, layer in enumerate(result.layers):
+        rt = runtime.get(layer.tensor)
         w.writerow(
             [
                 i,
@@ -178,6 +199,8 @@ def render_csv(result: AnalysisResult) -> str:
                 ),
                 layer.fp32_file or "",
                 layer.quant_file or "",
+                *([_csv_num(rt.vs_fp32.cosine), _csv_num(rt.vs_simulator.cosine), _csv_num(rt.vs_simulator.snr_db)]
+                  if rt is not None else ["", "", ""]),
             ]
         )
     return buf.getvalue()
@@ -426,6 +449,7 @@ channel axis, each slice measured against its own energy). <b>single</b>: the la
 precision; <code>float32-&gt;uint8</code> is a float op whose output is quantized (its single error is that
 quantization). Red: single below a threshold; yellow: entire below.</p>
 {f"<ul>{notes_html}</ul>" if notes_html else ""}
+{_runtime_html(result, cos_threshold, snr_threshold)}
 <h2>Layers, worst first</h2>
 <p>Click a column header to sort; <b>#</b> is graph order.</p>
 <table class="sortable"><thead><tr>{head}</tr></thead><tbody>
@@ -434,6 +458,27 @@ quantization). Red: single below a threshold; yellow: entire below.</p>
 <script>{_JS}</script>
 </body></html>
 """
+
+
+def _runtime_html(result: AnalysisResult, cos_threshold: float, snr_threshold: float) -> str:
+    """The runtime column: the rows that depart from the simulation first (red), then the rest in graph order."""
+    if not result.runtime:
+        return ""
+    e = html.escape
+    bad = runtime_departures(result.runtime, cos_threshold, snr_threshold)
+    ids = {id(r) for r in bad}
+    rows = []
+    for r in bad + [r for r in result.runtime if id(r) not in ids]:
+        cls = "n bad" if id(r) in ids else "n"
+        cells = [fmt("cosine", r.vs_fp32.cosine), fmt("snr_db", r.vs_fp32.snr_db), fmt("cosine", r.vs_simulator.cosine),
+                 fmt("snr_db", r.vs_simulator.snr_db), fmt("max_abs", r.vs_simulator.max_abs)]
+        rows.append(f"<tr><td>{e(r.tensor)}</td>" + "".join(f'<td class="{cls}">{e(c)}</td>' for c in cells) + "</tr>")
+    head = "".join(f"<th>{c}</th>" for c in ("tensor", "vs fp32 cos", "vs fp32 SNR dB", "vs simulator cos", "vs simulator SNR dB", "max abs vs simulator"))
+    lead = (f"{len(bad)} of {len(result.runtime)} tensor(s) depart from the simulation (red, worst first); "
+            f"the first in graph order is {e(next(r.tensor for r in result.runtime if id(r) in ids))}." if bad
+            else f"The runtime agrees with the simulation on all {len(result.runtime)} tensor(s).")
+    return (f"<h2>Runtime: {e(result.runtime[0].runtime)}</h2><p>{lead}</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
 
 
 # --------------------------------------------------------------------------- terminal

@@ -9,7 +9,7 @@ from .errors import ConfigError, did_you_mean
 from .observers import ALGORITHM_ALIASES, ALGORITHMS
 from .qparams import normalize_dtype
 
-DEFAULT_QUANTIZE_OPS = ("Conv", "Gemm", "MatMul")
+DEFAULT_QUANTIZE_OPS = ("Conv", "Gemm", "MatMul", "LSTM")  # LSTM: int8 weights via DynamicQuantizeLSTM (recurrent.py)
 
 ACTIVATION_DTYPES = ("uint8", "int8", "int16", "uint16")
 WEIGHT_DTYPES = ("int8", "int16")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.markup import escape as _escape
 from rich.table import Table
 
-from .analysis.results import AnalysisResult
+from .analysis.results import AnalysisResult, runtime_departures
 from .analysis.verdict import COS_THRESHOLD, SNR_THRESHOLD, Verdict
 from .metrics import Metrics
 from .report import OUTPUT_COLUMNS, _flagged, _get, _outputs_rows, fmt
@@ -71,12 +71,20 @@ def rich_table(
     return t
 
 
-def runtime_table(result: AnalysisResult) -> Table:
-    """The runtime column (RKNN's runtime_error): each output as another runtime computed it, against fp32 and the simulation."""
-    t = Table(title=f"runtime: {result.runtime[0].runtime}" if result.runtime else "runtime", show_edge=False)
-    for c in ("output", "vs fp32 cos", "vs fp32 SNR dB", "vs simulator cos", "vs simulator SNR dB", "max abs vs simulator"):
-        t.add_column(c, justify="left" if c == "output" else "right")
-    for r in result.runtime:
+def runtime_table(result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, snr_threshold: float = SNR_THRESHOLD, top: int = 20) -> Table:
+    """The runtime column (RKNN's runtime_error): each tensor as another runtime computed it, against fp32 and the
+    simulation; per layer, the ones that depart from the simulation first (red), at most `top` rows."""
+    bad = runtime_departures(result.runtime, cos_threshold, snr_threshold)
+    ids = {id(r) for r in bad}
+    rows = (bad + [r for r in result.runtime if id(r) not in ids])[:top]
+    title = f"runtime: {result.runtime[0].runtime}" if result.runtime else "runtime"
+    if len(result.runtime) > 1:
+        title += f" ({len(bad)} of {len(result.runtime)} tensors depart from the simulation)"
+    t = Table(title=title, show_edge=False)
+    for c in ("tensor", "vs fp32 cos", "vs fp32 SNR dB", "vs simulator cos", "vs simulator SNR dB", "max abs vs simulator"):
+        t.add_column(c, justify="left" if c == "tensor" else "right")
+    for r in rows:
         t.add_row(r.tensor, fmt("cosine", r.vs_fp32.cosine), fmt("snr_db", r.vs_fp32.snr_db), fmt("cosine", r.vs_simulator.cosine),
-                  fmt("snr_db", r.vs_simulator.snr_db), fmt("max_abs", r.vs_simulator.max_abs))
+                  fmt("snr_db", r.vs_simulator.snr_db), fmt("max_abs", r.vs_simulator.max_abs),
+                  style="bold red" if id(r) in ids else None)
     return t

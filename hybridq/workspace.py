@@ -4,7 +4,8 @@ Which `hybridq.yaml` step1 uses (`find_config`): the one given with `--config` (
 otherwise the first `hybridq.yaml` found in the `--out` directory, then beside the model, then beside
 the dataset list (or in the dataset directory). Options given on the command line (or as mappings in
 Python) win over the file. The file holds `settings:` keys (dtype, algorithm, ...) and the image
-preprocessing keys mean, std, color, layout, resize (and preprocess, a hook).
+preprocessing keys mean, std, color, layout, resize (and preprocess, a hook), and `fixed_inputs:`
+(input name -> value, made constants so control flow on them folds; see hybridq.fold).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .settings import Settings
 
 CONFIG_NAME = "hybridq.yaml"
 PREPROCESS_KEYS = ("mean", "std", "color", "layout", "resize", "preprocess")
+FIXED_INPUTS_KEY = "fixed_inputs"
 TEMPLATE_FILES = ("README.md", "dataset.txt", "hybridq.yaml")
 _MODEL_FILES = re.compile(r"\bmodel(\.onnx|\.model|\.data|\.quantization\.cfg|\.q\.onnx)\b")  # the template's file names
 
@@ -76,7 +78,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Workspace config '{path}' cannot be read as YAML ({exc}). Fix it, or copy it again from `hybridq init`.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Workspace config '{path}' must be a mapping of setting: value (e.g. `algorithm: mse`).")
-    known = [f.name for f in fields(Settings)] + list(PREPROCESS_KEYS)
+    known = [f.name for f in fields(Settings)] + list(PREPROCESS_KEYS) + [FIXED_INPUTS_KEY]
     for key in data:
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}.{did_you_mean(str(key), known)} Valid keys: {', '.join(known)}.")
@@ -90,16 +92,22 @@ class WorkspaceOptions:
     settings: Settings
     preprocess: Preprocess
     config: Path | None
+    fixed_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 def merge(
     config: str | Path | None,
     settings: Settings | Mapping[str, Any] | None = None,
     preprocess: Preprocess | Mapping[str, Any] | None = None,
+    fixed_inputs: Mapping[str, Any] | None = None,
 ) -> WorkspaceOptions:
     """Combine a workspace file with given options; a full Settings or Preprocess replaces the file's values, a mapping overrides key by key."""
     values = load_config(config) if config is not None else {}
     where = str(config) if config is not None else "the given settings"
+    fixed = values.pop(FIXED_INPUTS_KEY, None) or {}
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"{where}: {FIXED_INPUTS_KEY} must be a mapping of input name -> value, e.g. `{FIXED_INPUTS_KEY}: {{sample_rate: 16000}}`.")
+    fixed.update(dict(fixed_inputs or {}))
     pre_values = {k: values.pop(k) for k in list(values) if k in PREPROCESS_KEYS}
     if "preprocess" in pre_values:
         pre_values["hook"] = pre_values.pop("preprocess")
@@ -113,7 +121,7 @@ def merge(
     else:
         pre_values.update({k: v for k, v in dict(preprocess or {}).items() if v is not None})
         pre = Preprocess.from_dict(pre_values, where)
-    return WorkspaceOptions(chosen, pre, Path(config) if config is not None else None)
+    return WorkspaceOptions(chosen, pre, Path(config) if config is not None else None, fixed)
 
 
 def init(directory: str | Path, model: str | Path | None = None) -> Path:

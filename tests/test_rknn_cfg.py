@@ -387,3 +387,27 @@ def test_imported_float16_layers_sharing_a_weight_build(ws, tmp_path):
 
     ref, got = run(ws["onnx"], {"x": x})[0], run(q, {"x": x})[0]
     assert np.abs(ref - got).max() < 0.05
+
+
+def test_the_rknn_facade_step2_builds_from_a_cfg_rknn_wrote(ws, tmp_path, capsys):
+    from hybridq.rknn import RKNN
+
+    rk = tmp_path / "rknn_out" / "m.quantization.cfg"
+    rk.parent.mkdir()
+    entries = dict(RKNN_ENTRIES)
+    entries["relu_0.tmp_0"] = ("int8", 0.0, 2.0, 0.0, 3.25)
+    rk.write_text(rknn_cfg_text(entries, {"hardswish_0.tmp_0": 0.998, "x_int8": 0.999}, 0.99))
+    ours = ws["cfg"].read_text()
+    rknn = RKNN(verbose=True)
+    assert rknn.hybrid_quantization_step2(str(ws["model"]), str(ws["data"]), str(rk)) == 0
+    assert rknn.export_rknn(str(tmp_path / "q.onnx")) == 0
+    err = capsys.readouterr().err
+    assert "1 float layer(s)" in err and "x_int8" in err  # the unmapped RKNN name is logged, not dropped
+    assert ws["cfg"].read_text() == ours  # the user's own hybridq cfg is not touched
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    ql = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "relu_0.tmp_0")
+    assert float(inits[ql.input[1]]) == pytest.approx(2.0 / 255)  # RKNN's edited range, built
+    casts = {n.output[0]: helper.get_attribute_value(n.attribute[0]) for n in q.graph.node if n.op_type == "Cast"}
+    div = next(n for n in q.graph.node if n.op_type == "Div")
+    assert any(casts.get(i) == onnx.TensorProto.FLOAT16 for i in div.input)  # RKNN's float16 layer runs in float16

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hybridq.errors import InputError
-from hybridq.rknn.dump import compare_rknn_dump, file_stem, first_divergence, read_name_map, read_rknn_dump
+from hybridq.dumps import compare_rknn_dump, file_stem, first_divergence, read_name_map, read_rknn_dump
 
 NAMES = ["x", "x_int8", "batch_norm_0.tmp_2", "GlobalAveragePool@0_2conv0", "p2o.Add.19", "save_infer_model/scale_0.tmp_1"]
 CORRUPT = "p2o.Add.19"

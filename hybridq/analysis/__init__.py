@@ -56,7 +56,7 @@ from __future__ import annotations
 from ..qdq import QDQ_MAP_KEY
 from .engine import analyze
 from .matching import AnalysisPlan, ComparedTensor, plan_analysis
-from .results import AnalysisResult, LayerError, RuntimeRow, SampleSink, badness
+from .results import AnalysisResult, LayerError, RuntimeRow, SampleSink, Tee, badness
 from .running import AnalysisOptions
 from .verdict import COS_THRESHOLD, SNR_THRESHOLD, Verdict, judge
 
@@ -71,6 +71,7 @@ __all__ = [
     "LayerError",
     "RuntimeRow",
     "SampleSink",
+    "Tee",
     "Verdict",
     "analyze",
     "badness",

@@ -112,7 +112,8 @@ def badness(layer: LayerError) -> tuple[float, float]:
 
 @dataclass
 class RuntimeRow:
-    """One model output as another runtime computed it: against fp32 and against hybridq's (exact) simulation."""
+    """One tensor (a model output, or a layer a device dumped) as another runtime computed it: against fp32 and against
+    hybridq's (exact) simulation."""
 
     tensor: str
     runtime: str
@@ -204,3 +205,39 @@ class SampleSink(Protocol):
 
     def abort(self) -> None:
         """The analysis failed: remove anything half-written."""
+
+
+def runtime_departures(rows: list[RuntimeRow], cos_threshold: float, snr_threshold: float) -> list[RuntimeRow]:
+    """Rows where the runtime departs from the simulation (cosine or SNR vs simulator below a threshold), worst first."""
+    def bad(r: RuntimeRow) -> bool:
+        return not (r.vs_simulator.cosine >= cos_threshold and r.vs_simulator.snr_db >= snr_threshold)
+
+    return sorted((r for r in rows if bad(r)), key=lambda r: (r.vs_simulator.cosine if math.isfinite(r.vs_simulator.cosine) else -2.0,
+                                                              r.vs_simulator.snr_db if math.isfinite(r.vs_simulator.snr_db) else -1e9))
+
+
+class Tee:
+    """Several sinks as one: each call goes to every sink, in order."""
+
+    def __init__(self, *sinks: SampleSink) -> None:
+        self.sinks = sinks
+
+    def start(self, tensors: list[str]) -> None:
+        """Pass on."""
+        for s in self.sinks:
+            s.start(tensors)
+
+    def add_sample(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Pass on."""
+        for s in self.sinks:
+            s.add_sample(arrays)
+
+    def finish(self, result: AnalysisResult) -> None:
+        """Pass on."""
+        for s in self.sinks:
+            s.finish(result)
+
+    def abort(self) -> None:
+        """Pass on."""
+        for s in self.sinks:
+            s.abort()

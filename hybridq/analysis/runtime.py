@@ -5,8 +5,9 @@ column for runtimes hybridq can drive itself. A runtime is an entry of the expli
 `cpu` is ONNX Runtime's CPU provider with this CPU's default int8 kernels (on x86 without VNNI they
 add pairs of products in a saturating int16: the deployment's figures, where the simulation is
 exact); `openvino` is ONNX Runtime's OpenVINO provider, when installed. Per output: a runtime run as
-a black box exposes no intermediate tensors without changing what it fuses. Dumped tensors of a
-device are read from a folder instead (`hybridq analyze --from RKNN_DIR`).
+a black box exposes no intermediate tensors without changing what it fuses. Per layer: tensors a
+device dumped into a folder (`--runtime DIR`, read by hybridq.dumps), compared while the analysis
+runs by :class:`DeviceSink`, with the fp32 and simulated arrays the analysis already computes.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import numpy as np
 import onnx
 
 from .. import _runtime
+from ..dumps import DeviceDump, read_device_dump
 from ..errors import InputError
-from .results import RuntimeRow
+from ..metrics import Accumulator
+from .results import AnalysisResult, RuntimeRow
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,12 @@ def runtime_for(spec: str) -> Runtime:
     """The RUNTIMES entry named `spec`; an unknown name is an InputError listing the valid ones."""
     if spec not in RUNTIMES:
         raise InputError(f"--runtime {spec!r} is not a runtime hybridq can run; use one of: {', '.join(RUNTIMES)} "
-                         "(device dumps: `hybridq analyze --from RKNN_DIR`).")
+                         "or a folder of device tensors (a hybridq snapshot, or RKNN's accuracy_analysis folder with runtime/).")
     return RUNTIMES[spec]
 
 
 def compare_runtime(fp32: onnx.ModelProto, quant: onnx.ModelProto, samples: Iterable[dict[str, np.ndarray]], spec: str) -> list[RuntimeRow]:
     """Per model output: the runtime against fp32 and against hybridq's exact simulation, averaged over the samples."""
-    from ..metrics import Accumulator
-
     runtime = runtime_for(spec)
     device = runtime.open(quant)
     simulator = _runtime.session(quant, exact_int8=True, optimization="all")
@@ -76,3 +77,90 @@ def compare_runtime(fp32: onnx.ModelProto, quant: onnx.ModelProto, samples: Iter
                 vs_fp32[name].add(ref[name], got)
             vs_sim[name].add(exact, got)
     return [RuntimeRow(n, runtime.label, vs_fp32[n].result(), vs_sim[n].result()) for n in names]
+
+
+def is_device_folder(spec: str) -> bool:
+    """Does `spec` name a folder of device tensors rather than a runtime of the RUNTIMES table?"""
+    from pathlib import Path
+
+    return spec not in RUNTIMES and (Path(spec).is_dir() or "/" in spec or "\\" in spec)
+
+
+class DeviceSink:
+    """A SampleSink that compares each dumped device tensor with the analysis' fp32 and simulated arrays, per layer.
+
+    Sample i of the dump is compared with sample i of the analysis (RKNN's folders hold one sample:
+    the first line of the dataset must be the input the board ran). Tensors the dump lacks have no
+    row; dumped tensors the analysis does not measure, and size mismatches, are listed in notes.
+    """
+
+    def __init__(self, device: DeviceDump, label: str) -> None:
+        self.device, self.label = device, label
+        self.names: list[str] = []
+        self.unmatched: list[str] = []
+        self.index = 0
+        self.acc: dict[str, tuple[Accumulator, Accumulator]] = {}
+        self.mismatched: dict[str, str] = {}
+
+    def start(self, tensors: list[str]) -> None:
+        """Keep the measured tensors the device dumped, in graph order."""
+        self.names = [t for t in tensors if t in self.device.files]
+        self.unmatched = [t for t in self.device.files if t not in set(tensors)]
+        self.acc = {t: (Accumulator(), Accumulator()) for t in self.names}
+
+    def add_sample(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Compare this sample's device tensors with fp32 and with the simulation."""
+        for t in self.names:
+            if t in self.mismatched or t not in arrays:
+                continue
+            got = self.device.sample(t, self.index)
+            if got is None:
+                continue
+            ref, sim = arrays[t]
+            if got.size != ref.size:
+                self.mismatched[t] = f"{t}: device {got.shape}, model {tuple(ref.shape)}"
+                continue
+            got = got.reshape(ref.shape)
+            self.acc[t][0].add(ref, got)
+            self.acc[t][1].add(sim, got)
+        self.index += 1
+
+    def finish(self, result: AnalysisResult) -> None:
+        """Record one runtime row per compared layer, and notes on what could not be compared."""
+        result.runtime = [RuntimeRow(t, self.label, a.result(), b.result()) for t, (a, b) in self.acc.items()
+                          if t not in self.mismatched and a.result().per_sample["cosine"]]
+        notes = list(self.device.notes)
+        if self.unmatched:
+            notes.append(f"{len(self.unmatched)} dumped tensor(s) match no compared tensor of the model: "
+                         + ", ".join(self.unmatched[:6]) + (" ..." if len(self.unmatched) > 6 else ""))
+        if self.mismatched:
+            notes.append("dumped tensor(s) of another size, not compared: " + "; ".join(list(self.mismatched.values())[:4]))
+        if result.runtime:
+            n = min(self.index, max(len(r.vs_fp32.per_sample["cosine"]) for r in result.runtime))
+            notes.append(f"runtime column: {self.label}, {len(result.runtime)} layer(s) over {n} sample(s) "
+                         "(sample i of the dump against sample i of the dataset).")
+        result.notes.extend(notes)
+
+    def abort(self) -> None:
+        """Nothing was written."""
+
+
+def device_runtime(path: str) -> DeviceSink:
+    """The sink that compares the device tensors of folder `path` (hybridq.dumps.read_device_dump)."""
+    dump = read_device_dump(path)
+    return DeviceSink(dump, f"device tensors in {dump.root} ({dump.layout} layout)")
+
+
+def runtime_column(runtime: str | None, fm: onnx.ModelProto, qm: onnx.ModelProto,
+                   samples: Callable[[], Iterable[dict[str, np.ndarray]]]) -> tuple[DeviceSink | None, Callable[[AnalysisResult], None] | None]:
+    """What `--runtime` adds to an analysis: a sink comparing a device folder per layer, or a step that compares a
+    named runtime per output once the analysis ran. An unknown name fails here, before the analysis runs."""
+    if runtime is None:
+        return None, None
+    if is_device_folder(runtime):
+        return device_runtime(runtime), None
+    runtime_for(runtime)
+
+    def then(result: AnalysisResult) -> None:
+        result.runtime = compare_runtime(fm, qm, samples(), runtime)
+    return None, then

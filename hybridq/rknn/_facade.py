@@ -336,19 +336,36 @@ class RKNN:
 
     @_rknn_method()
     def hybrid_quantization_step2(self, model_input: str, data_input: str, model_quantization_cfg: str) -> int:
-        """Build the deployable model from the three step1 artifacts (the cfg as edited)."""
+        """Build the deployable model from the three step1 artifacts (the cfg as edited).
+
+        `model_quantization_cfg` may also be a cfg RKNN-Toolkit2's own step1 wrote (for the same ONNX model):
+        its float layers and edited ranges are carried into a private copy of the hybridq cfg beside
+        `model_input` (hybridq.rknn.cfg.import_rknn_cfg), and the names that do not map are logged."""
         from .. import api
 
         out = self._tmp / "built"
         out.mkdir(exist_ok=True)
         self._reset_build()
-        res = api.step2(model_input, data_input, model_quantization_cfg, out / f"{Path(model_input).stem}.q.onnx")
+        cfg = self._hybridq_cfg(model_input, Path(model_quantization_cfg), out)
+        res = api.step2(model_input, data_input, cfg, out / f"{Path(model_input).stem}.q.onnx")
         self._built, self._built_quantized = res.output, True
         self._built_pre = _recorded_pre(res.output)
         if self._float_path is None:
             self._float_path = Path(model_input).resolve()  # the temp model is plain fp32 ONNX
         self._report_step2(res, "hybrid_quantization_step2")
         return 0
+
+    def _hybridq_cfg(self, model_input: str, given: Path, out: Path) -> Path:
+        """`given`, or, when RKNN wrote it, a copy of the hybridq cfg beside `model_input` with RKNN's decisions imported."""
+        from .cfg import hybridq_cfg_for
+
+        cfg, res = hybridq_cfg_for(model_input, given, out)
+        if res is not None:
+            self._log("I", "hybrid_quantization_step2", f"RKNN cfg {given}: {len(res.layers)} float layer(s) and {len(res.ranges)} "
+                      f"edited range(s) carried into a copy of {res.cfg.name}.")
+            for u in res.unmapped:
+                self._log("W", "hybrid_quantization_step2", f"RKNN {u.section} '{u.name}' has no counterpart: {u.reason}.")
+        return cfg
 
     def _report_step2(self, res: Any, where: str) -> None:
         counts = ", ".join(f"{v} {k}" for k, v in sorted(res.layers.items()))

@@ -34,7 +34,7 @@ import onnx
 from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
-from .._fs import write_atomic
+from .._fs import copy_atomic, write_atomic
 from ..artifacts import backup_if_edited, read_step1
 from ..build import resolve_layer_names
 from ..config import load_cfg, update_custom_layers, update_entries
@@ -183,13 +183,14 @@ class _Hybridq:
         return [o for o in n.output if o] if n is not None else []
 
 
-def _open_hybridq(cfg: str | Path) -> _Hybridq:
+def _open_hybridq(cfg: str | Path, artifacts: Path | None = None) -> _Hybridq:
     p = Path(cfg)
+    home = p.parent if artifacts is None else Path(artifacts)
     if not p.name.endswith(".quantization.cfg"):
         raise InputError(f"'{p}' is not a hybridq step1 cfg (<name>.quantization.cfg); pass the cfg hybridq step1 wrote.")
     stem = p.name[: -len(".quantization.cfg")]
     parsed = load_cfg(p)
-    bundle = read_step1(p.with_name(f"{stem}.model"), p.with_name(f"{stem}.data"), parsed.header.get("model_sha256"), p)
+    bundle = read_step1(home / f"{stem}.model", home / f"{stem}.data", parsed.header.get("model_sha256"), p)
     original_producer = {t: node for node, outs in bundle.meta.get("original_nodes", {}).items() for t in outs}
     return _Hybridq(p, bundle.data_path, p.read_text(encoding="utf-8"), parsed, bundle.meta, bundle.model, GraphIndex(bundle.model.graph),
                     original_producer)
@@ -306,6 +307,7 @@ def import_rknn_cfg(
     *,
     baseline: str | Path | None = None,
     all_ranges: bool = False,
+    artifacts: str | Path | None = None,
 ) -> RknnImportResult:
     """Write an RKNN step1 cfg's float layers and edited ranges into a hybridq cfg of the same ONNX model.
 
@@ -317,10 +319,11 @@ def import_rknn_cfg(
     `all_ranges` takes every int8/int16 range. Edited ranges go into the matching hybridq
     entries' min/max (step2 recomputes scale and zero point), except where the hybridq entry was
     itself edited. The cfg is rewritten atomically, every other line and comment kept, and an
-    edited cfg is first backed up (as `hybridq propose` does).
+    edited cfg is first backed up (as `hybridq propose` does). `artifacts` is the folder of the
+    cfg's `.model` and `.data` when they are not beside it.
     """
     r = read_rknn_cfg(rknn_cfg)
-    h = _open_hybridq(cfg)
+    h = _open_hybridq(cfg, None if artifacts is None else Path(artifacts))
     res = RknnImportResult(cfg=h.cfg)
     layers, comments = _import_layers(r, h, res)
     base = read_rknn_cfg(baseline).data["quantize_parameters"] if baseline is not None else None
@@ -332,6 +335,23 @@ def import_rknn_cfg(
         write_atomic(h.cfg, text)
         res.written = True
     return res
+
+
+def hybridq_cfg_for(model_input: str | Path, given: Path, out: Path) -> tuple[Path, RknnImportResult | None]:
+    """The cfg to build `model_input` from: `given` when it is hybridq's; when RKNN-Toolkit2 wrote it, a copy in `out`
+    of the hybridq cfg beside `model_input` with RKNN's float layers and edited ranges imported (the original untouched)."""
+    try:
+        data = YAML(typ="safe").load(given.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, YAMLError):  # step2 reports what is wrong with it, naming the line
+        return given, None
+    if not isinstance(data, dict) or "hybridq" in data or "quantize_parameters" not in data:
+        return given, None  # hybridq's own cfg
+    ours = Path(model_input).with_name(Path(model_input).name.removesuffix(".model") + ".quantization.cfg")
+    if not ours.is_file() or ours.resolve() == given.resolve():
+        raise InputError(f"'{given}' is a cfg RKNN-Toolkit2 wrote; hybridq builds from its own cfg ({ours}), which is missing. "
+                         "Run hybridq's step1 there first; RKNN's float layers and ranges are then carried over.")
+    copy_atomic(ours, out / ours.name)
+    return out / ours.name, import_rknn_cfg(given, out / ours.name, artifacts=ours.parent)
 
 
 # --------------------------------------------------------------------------- export
@@ -525,10 +545,8 @@ def export_rknn_cfg(
     out = Path(output)
     src = Path(template) if template is not None else out
     if template is None and not out.is_file():
-        raise InputError(
-            f"'{out}' does not exist and no --template was given. hybridq writes into the cfg RKNN's hybrid_quantization_step1 "
-            "wrote for the same ONNX model: pass it as --template (or as -o to update it in place)."
-        )
+        raise InputError(f"'{out}' does not exist and no --template was given. hybridq writes into the cfg RKNN's hybrid_quantization_step1 "
+                         "wrote for the same ONNX model: pass it as --template (or as -o to update it in place).")
     r = read_rknn_cfg(src)
     h = _open_hybridq(cfg)
     res = RknnExportResult(output=out)
@@ -553,13 +571,10 @@ def export_rknn_cfg(
     add = {t: p for t, p in wanted.items() if t not in current}
     changed_prec = [t for t, p in wanted.items() if t in current and str(current[t]) != p]
     others = [t for t in current if t not in wanted]
-    if replace_layers:
-        res.removed = others
-    else:
-        res.kept = others
+    res.removed, res.kept = (others, []) if replace_layers else ([], others)
     remove = res.removed + changed_prec
     add.update({t: wanted[t] for t in changed_prec})
-    res.layers = {t: wanted[t] for t in wanted}
+    res.layers = dict(wanted)
     ranges = _export_ranges(h, r, res)
     res.ranges = {t: (min(lo, 0.0), max(hi, 0.0)) for t, (lo, hi) in ranges.items()}
     text = edit_rknn_cfg(r, add, remove, ranges)

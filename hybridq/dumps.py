@@ -1,4 +1,4 @@
-"""RKNN-Toolkit2's accuracy_analysis output folder, read as data, and per-layer error between its trees.
+"""Tensors dumped by a device or another tool, read as data: RKNN-Toolkit2's accuracy_analysis folder and hybridq's snapshot layout.
 
 The folder RKNN's `accuracy_analysis(output_dir=DIR)` writes (see ../shared/rknn/*.snapshot_layout.txt):
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..metrics import METRIC_NAMES, Metrics, sample_metrics
+from .errors import InputError
+from .metrics import METRIC_NAMES, Metrics, sample_metrics
 
 MAP_FILE = "map_name_to_file.txt"
 TREES = ("golden", "simulator", "runtime")
@@ -186,3 +186,68 @@ def first_divergence(layers: list[RknnLayerMetrics], cos_threshold: float = 0.99
         if le.runtime_vs_simulator is not None and not le.runtime_vs_simulator.cosine >= cos_threshold:
             return le
     return None
+
+
+@dataclass
+class DeviceDump:
+    """Tensors a device (or another runtime) computed, read from a folder: per tensor name, its file.
+
+    ``layout`` is ``"hybridq"`` (a snapshot: ``manifest.json`` and ``quant/<stem>.npy`` with the
+    samples stacked on axis 0; the quant arrays are the device's) or ``"rknn"`` (the ``runtime/``
+    tree of an RKNN accuracy_analysis folder: one sample).
+    """
+
+    root: Path
+    layout: str
+    files: dict[str, Path]
+    notes: list[str] = field(default_factory=list)
+
+    def sample(self, name: str, index: int) -> np.ndarray | None:
+        """Sample `index` of tensor `name` as float32, or None when the dump does not hold that sample."""
+        path = self.files[name]
+        if self.layout == "rknn":
+            return load_array(path) if index == 0 else None
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"'{path}' is not a readable tensor dump ({exc}). Re-write the folder or delete the file.") from None
+        return np.asarray(arr[index], dtype=np.float32) if index < arr.shape[0] else None
+
+
+def _snapshot_files(root: Path) -> dict[str, Path]:
+    """{tensor: quant file} of a hybridq snapshot's manifest (tensors without a dumped quant file left out)."""
+    import json
+
+    path = root / "manifest.json"
+    try:
+        tensors = json.loads(path.read_text(encoding="utf-8"))["tensors"]
+        quant = {str(name): t.get("quant") for name, t in tensors.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"'{path}' is not a hybridq snapshot manifest ({exc!r}). Write the folder with `hybridq analyze ... --dump DIR`.") from None
+    return {name: root / q for name, q in quant.items() if q and (root / q).is_file()}
+
+
+def read_device_dump(directory: str | Path) -> DeviceDump:
+    """Index a folder of device tensors: a hybridq snapshot (its quant arrays) or an RKNN folder's runtime/ tree.
+
+    A folder that is neither, or an RKNN folder without runtime/ (RKNN writes it only with a board
+    attached, `accuracy_analysis(target=...)`), is an InputError saying what to pass.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise InputError(f"--runtime '{root}': no such directory. Pass a runtime name or a folder of device tensors "
+                         "(a hybridq snapshot, or RKNN's accuracy_analysis output_dir with a runtime/ folder).")
+    if (root / "manifest.json").is_file():
+        files = _snapshot_files(root)
+        if not files:
+            raise InputError(f"'{root}' is a hybridq snapshot without arrays (written with --max-bytes 0?); re-write it with arrays.")
+        return DeviceDump(root, "hybridq", files)
+    if (root / "golden").is_dir() or (root / MAP_FILE).is_file():
+        d = read_rknn_dump(root)
+        if not d.has_runtime:
+            raise InputError(f"'{root}' is an RKNN accuracy_analysis folder without runtime/: RKNN writes the board's tensors only "
+                             "with accuracy_analysis(target='rk3588', ...) and a connected board. Pass a folder that has them.")
+        files = {name: t.runtime for name, t in d.tensors.items() if t.runtime is not None}
+        return DeviceDump(root, "rknn", files, list(d.notes))
+    raise InputError(f"'{root}' holds no device tensors: it has neither manifest.json (a hybridq snapshot) nor golden/ and "
+                     f"{MAP_FILE} (RKNN's accuracy_analysis output). Pass one of those folders.")
