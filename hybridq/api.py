@@ -15,6 +15,7 @@ from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration import calibrate
+from .int4 import hessian_inputs
 from .config import Cfg, CfgEntry, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
@@ -152,9 +153,10 @@ def step1(
         on_start(n)
     plan = make_plan(temp, settings)
     input_stats = InputStats()
+    hessians = hessian_inputs(temp) if settings.int4_rounding == "gptq" else []
     observers = calibrate(
-        temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
-        describe=_describe(ds, batch_size), on_batch=on_progress,
+        temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors) | set(hessians),
+        describe=_describe(ds, batch_size), on_batch=on_progress, hessians=hessians,
     )
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
@@ -442,6 +444,7 @@ class ProposalOptions:
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET  # float compute the proposal may add
     fallback: str = "float32"
     samples: int = 16  # scored on these; fixes are fitted on as many more when the dataset has them
+    max_size_mb: float | None = None  # model-size budget (1 MB = 10^6 bytes), met first with int4 MatMul/Gemm weights
 
 
 def run_proposal(
@@ -478,7 +481,7 @@ def run_proposal(
     result = climb(
         temp, observers, meta, settings, base, fit, evaluator, single=single, protected=set(keep), fallback=options.fallback,
         max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
-        started_from=baseline_label, analyse=analyse, where=where,
+        started_from=baseline_label, analyse=analyse, where=where, max_size_mb=options.max_size_mb,
     )
     if shared and result.entries:
         result.warnings.append(f"only {len(scored)} sample(s): the fixes were fitted on the samples they are scored on; "

@@ -30,7 +30,7 @@ from onnx import external_data_helper
 from ._fs import publish_all, staging
 from .errors import ArtifactMismatchError, InputError, OutputError
 from ._onnx import is_large, tag_external
-from .observers import HistogramObserver
+from .observers import HistogramObserver, observer_kind
 
 FORMAT_VERSION = 1
 RUN_KEY = "hybridq.step1_run"
@@ -296,6 +296,7 @@ def read_step1(model_path: str | Path, data_path: str | Path, cfg_model_sha: str
     observers = {}
     with zipfile.ZipFile(data_path) as zf:
         for i, name in enumerate(meta.get("stat_tensors", [])):
-            state = {k: np.lib.format.read_array(io.BytesIO(zf.read(f"stats/{i}.{k}.npy"))) for k in ("scalars", "ints", "counts")}
-            observers[name] = HistogramObserver.from_state(state)
+            kind = observer_kind(name)
+            state = {k: np.lib.format.read_array(io.BytesIO(zf.read(f"stats/{i}.{k}.npy"))) for k in kind.STATE_KEYS}
+            observers[name] = kind.from_state(state)
     return Step1Bundle(model, observers, meta, model_path, data_path)

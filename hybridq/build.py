@@ -19,6 +19,7 @@ from . import bias_correction, equalize, recurrent
 from ._onnx import GraphIndex
 from .config import Cfg, CfgEntry
 from .errors import ConfigError, did_you_mean
+from .int4 import apply_int4
 from .observers import HistogramObserver
 from .plan import QuantPlan, make_plan
 from .qdq import RewriteResult, apply_plan
@@ -209,4 +210,5 @@ def build(
     res = resolve(plan, edits.entries, written, observers, arrays, settings, written_settings, where)
     rewrite = apply_plan(fixed, plan, res.activations, res.weights)
     recurrent.apply_in_place(rewrite.model, {n: lp.precision for n, lp in plan.layers.items()}, settings.qmethod == "channel")
+    apply_int4(rewrite.model, fixed, plan, observers, settings, where)
     return Built(rewrite, plan, res, fixed)

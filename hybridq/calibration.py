@@ -16,7 +16,7 @@ import onnx
 from . import _runtime
 from .errors import DatasetError, ModelError
 from .graph import float_activations
-from .observers import HistogramObserver
+from .observers import HESSIAN_SUFFIX, HessianObserver, HistogramObserver
 
 
 def session_for(
@@ -71,12 +71,14 @@ def calibrate(
     describe: Callable[[int], str] = lambda i: f"batch {i}",
     on_batch: Callable[[int], None] | None = None,
     range_batches: int | None = 8,
+    hessians: Iterable[str] = (),
 ) -> dict[str, HistogramObserver]:
     """Observe every float activation (or `tensors`) over all batches; returns one observer per tensor.
 
     Tensors in `histograms` (all when None) get a histogram from every batch. The others, which
     no layer quantizes by default, get min/max only, and only from the first `range_batches`
     batches (None: all): their in-graph reductions cost more than the model itself on large models.
+    Tensors in `hessians` (histogram tensors) also get a :class:`HessianObserver` under `name + HESSIAN_SUFFIX`.
     ONNX Runtime runs batch b+1 in a worker thread while batch b is binned (both release the GIL),
     so at most two batches of activations are alive at a time.
     """
@@ -87,6 +89,7 @@ def calibrate(
     sess = session_for(_with_range_outputs(model, ranged), _fetch(full, ranged), lean=True, threads=threads)
     feeds = {i.name for i in sess.get_inputs()}
     observers = {n: HistogramObserver(bins=n in full) for n in names}
+    observers.update({n + HESSIAN_SUFFIX: HessianObserver() for n in hessians if n in full})
     pending: _Run | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib") as pool:
         for b, batch in enumerate(batches):
@@ -153,6 +156,8 @@ def _observe(
     try:
         for name, value in zip(full, values):
             observers[name].update(value)
+            if name + HESSIAN_SUFFIX in observers:
+                observers[name + HESSIAN_SUFFIX].update(value)
         k, r = len(full), len(run.ranged)
         for i, name in enumerate(run.ranged):
             observers[name].update_range(float(values[k + i]), float(values[k + r + i]), 1)

@@ -71,6 +71,7 @@ MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the 
 EvalOpt = Annotated[Optional[str], typer.Option("--eval", help="module.py:function(model_path) -> score (higher is better) for the proposal target.")]
 MaxDropOpt = Annotated[float, typer.Option(help="With --eval: largest allowed drop of the score below fp32.")]
 FallbackOpt = Annotated[str, typer.Option(help="Precision of proposed layers: float32 (fastest on CPU) or float16 (NPUs).")]
+MaxSizeOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: model size in MB (10^6 bytes), met first with int4 weights for the least sensitive MatMul/Gemm layers.")]
 PropSamplesOpt = Annotated[int, typer.Option(help="Samples the proposal measures candidates on.")]
 FixInputOpt = Annotated[Optional[list[str]], typer.Option("--fix-input", help="NAME=VALUE: make an input a constant (repeatable); "
                                                           "If nodes it decides fold into their taken branch, e.g. --fix-input sample_rate=16000.")]
@@ -106,6 +107,7 @@ def step1(
     qtype: Annotated[Optional[str], typer.Option(help="Activations asym (default) or sym.")] = None,
     algorithm: Annotated[Optional[str], typer.Option(help="Range algorithm: minmax (default), percentile, kl or mse.")] = None,
     percentile: Annotated[Optional[float], typer.Option(help="Percentile for --algorithm percentile (default 99.99).")] = None,
+    int4_rounding: Annotated[Optional[str], typer.Option(help="Rounding of int4 layers: rtn (default) or gptq (step1 then records X^T X of each MatMul/Gemm input).")] = None,
     samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per batch (models with a dynamic batch dim).")] = 1,
     mean: MeanOpt = None,
@@ -123,6 +125,7 @@ def step1(
     max_drop: MaxDropOpt = 0.01,
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
+    max_size_mb: MaxSizeOpt = None,
     fix_input: FixInputOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
@@ -134,21 +137,18 @@ def step1(
     from . import api
 
     State.quiet, State.json = quiet, as_json
-    if samples is not None and samples < 1:
-        raise InputError(f"--samples must be at least 1, got {samples}.")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
+    _check_counts(samples, batch_size)
     from .workspace import find_config
 
     if config is None:
         config = find_config(out_dir, model, dataset)
-    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile}
+    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile, "int4_rounding": int4_rounding}
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     with progress("calibrating") as advance:
         res = api.step1(
             model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
             on_progress=advance, on_start=advance.start, fixed_inputs=_fixed_inputs(fix_input),
-            proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples) if proposal else None,
+            proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples, max_size_mb) if proposal else None,
         )
     lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
     lines += [
@@ -173,6 +173,14 @@ def step1(
         lines = plines + lines
         data["proposal"] = pdata
     emit(data, tables, lines)
+
+
+def _check_counts(samples: int | None, batch_size: int) -> None:
+    """--samples and --batch-size are at least 1."""
+    if samples is not None and samples < 1:
+        raise InputError(f"--samples must be at least 1, got {samples}.")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
 
 
 def _fixed_inputs(items: list[str] | None) -> dict[str, object]:
@@ -342,7 +350,7 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
             console.out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
-def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples):
+def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples, max_size_mb=None):
     from .api import ProposalOptions
     from .proposal import DEFAULT_FLOAT_BUDGET, Target
 
@@ -353,8 +361,10 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
         raise InputError(f"--target-cosine {cos} is outside [-1, 1]; use e.g. 0.99.")
     if max_float_fraction is not None and not 0.0 <= max_float_fraction <= 1.0:
         raise InputError(f"--max-float-fraction {max_float_fraction} is outside [0, 1]; use e.g. 0.05 (5 % of the compute).")
+    if max_size_mb is not None and not max_size_mb > 0:
+        raise InputError(f"--max-size-mb {max_size_mb} must be a positive size in MB, e.g. 1.5.")
     budget = DEFAULT_FLOAT_BUDGET if max_float_fraction is None else max_float_fraction
-    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples)
+    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_size_mb)
 
 
 def _cost_line(p) -> str:
@@ -434,6 +444,7 @@ def propose(
     max_drop: MaxDropOpt = 0.01,
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
+    max_size_mb: MaxSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     color: ColorOpt = "rgb",
@@ -458,7 +469,7 @@ def propose(
     if not str(cfg) or not dataset:
         raise InputError("propose needs --cfg <name>.quantization.cfg and --dataset D (samples to measure candidates on).")
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
-    opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples)
+    opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples, max_size_mb)
     result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts, force_preprocess=force_preprocess)
     tables, lines, data = _proposal_report(result)
     if result.written:

@@ -20,7 +20,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from .errors import ConfigError, did_you_mean
-from .plan import LAYER_PRECISIONS
+from .plan import LAYER_PRECISIONS, WEIGHT_ONLY_ALIASES
 from .qparams import normalize_dtype
 from .settings import Settings, check_value
 
@@ -36,7 +36,8 @@ hybridq quantization config for '{model}'.
 Edit, then build the deployable model with:
   hybridq step2 {stem}.model {stem}.data {stem}.quantization.cfg -o {stem}.q.onnx
 
-custom_quantize_layers: node or tensor name -> float32 | float16 | int16 | int8 | uint8.
+custom_quantize_layers: node or tensor name -> float32 | float16 | int16 | int8 | uint8 | int4.
+  int4: MatMul/Gemm weights only, 4-bit blocks (settings int4_block_size, int4_rounding), as MatMulNBits.
   Names of the original model or of the temp model ({stem}.model, open it in Netron) both work.
 quantize_parameters: one entry per quantized tensor (activations and weights).
   min/max: the range used; edit them to clip a range (scale and zero_point are recomputed).
@@ -269,7 +270,7 @@ def load_cfg(path: str | Path) -> Cfg:
     custom, custom_lines = {}, {}
     for name, v in custom_raw.items():
         line = _line(custom_raw, name)
-        dt = normalize_dtype(v) if v is not None else None
+        dt = (WEIGHT_ONLY_ALIASES.get(str(v).strip().lower()) or normalize_dtype(v)) if v is not None else None
         if dt not in LAYER_PRECISIONS:
             raise ConfigError(f"{p}:{line}: custom_quantize_layers['{name}'] = {v!r} is not a valid precision; use one of {', '.join(LAYER_PRECISIONS)}.")
         custom[str(name)] = dt

@@ -54,6 +54,8 @@ class HistogramObserver:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     bins: bool = True  # False: exact min/max and count only (cheap; minmax is then the only algorithm)
 
+    STATE_KEYS = ("scalars", "ints", "counts")
+
     def update(self, x: np.ndarray) -> None:
         """Add a batch of values; raises ValueError on NaN or Inf (the caller names the sample)."""
         x = np.asarray(x)
@@ -279,3 +281,55 @@ def compute_range(obs: HistogramObserver, algorithm: str, levels: int, percentil
     if not obs.bins and name != "minmax":
         raise KeyError(f"only min/max were recorded for this tensor, so algorithm {algorithm!r} cannot run; use minmax")
     return ALGORITHMS[name](obs, levels, percentile)
+
+
+HESSIAN_SUFFIX = "::xtx"
+"""Key suffix of a tensor's :class:`HessianObserver` in the observers dict (beside its histogram under the plain name)."""
+
+
+@dataclass
+class HessianObserver:
+    """X^T X of a tensor read as rows of its last axis (a MatMul input [..., K]), summed in float64, and the row count.
+
+    What GPTQ rounding needs (:mod:`hybridq.gptq`); K x K values whatever the number of samples, and sums merge exactly
+    up to float64 rounding.
+    """
+
+    hessian: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    rows: int = 0
+
+    STATE_KEYS = ("hessian", "rows")
+
+    def update(self, x: np.ndarray) -> None:
+        """Add a batch; raises ValueError on NaN or Inf (the caller names the sample)."""
+        x = np.asarray(x, dtype=np.float64)
+        x = x.reshape(-1, x.shape[-1])
+        if not np.all(np.isfinite(x)):
+            raise ValueError("non-finite values (NaN or Inf)")
+        self.merge(HessianObserver(x.T @ x, x.shape[0]))
+
+    def merge(self, other: "HessianObserver") -> None:
+        """Fold another observer's sum into this one."""
+        if other.rows == 0:
+            return
+        if self.rows == 0:
+            self.hessian, self.rows = other.hessian.copy(), other.rows
+            return
+        if other.hessian.shape != self.hessian.shape:
+            raise ValueError(f"X^T X of width {other.hessian.shape[0]} cannot merge into one of width {self.hessian.shape[0]}")
+        self.hessian = self.hessian + other.hessian
+        self.rows += other.rows
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays that round-trip through `from_state` (stored in the .data artifact)."""
+        return {"hessian": self.hessian, "rows": np.array([self.rows], dtype=np.int64)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "HessianObserver":
+        """Rebuild an observer saved with `state()`."""
+        return cls(np.asarray(state["hessian"], dtype=np.float64), int(state["rows"][0]))
+
+
+def observer_kind(name: str) -> type:
+    """The observer class stored under a key of the observers dict: by its suffix."""
+    return HessianObserver if name.endswith(HESSIAN_SUFFIX) else HistogramObserver

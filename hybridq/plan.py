@@ -127,7 +127,10 @@ QUANTIZABLE: dict[str, Callable[[onnx.NodeProto, GraphView], Slots | None]] = {
 # Activations ORT folds into the preceding Q (ReluQuantFusion / ClipQuantFusion).
 ABSORBED_ACTIVATIONS = ("Relu", "Clip")
 
-LAYER_PRECISIONS = ("uint8", "int8", "int16", "float16", "float32")
+LAYER_PRECISIONS = ("uint8", "int8", "int16", "float16", "float32", "int4")
+WEIGHT_ONLY = ("int4",)
+WEIGHT_ONLY_ALIASES = {"int4": "int4", "w4a16": "int4", "w4a32": "int4"}
+"""Layer precisions built after the QDQ rewrite, weights only (:mod:`hybridq.int4`): the plan gives them no Q/DQ."""
 
 
 @dataclass
@@ -302,7 +305,7 @@ def _choose_layers(
         handler = QUANTIZABLE.get(node.op_type)
         slots = handler(node, g) if handler else None
         if requested is not None:
-            if requested in ("float16", "float32"):
+            if requested in ("float16", "float32") + WEIGHT_ONLY:
                 plan.layers[node.name] = LayerPlan(node.name, node.op_type, requested, "cfg")
             elif slots is not None:
                 plan.layers[node.name] = LayerPlan(node.name, node.op_type, requested, "cfg")

@@ -70,6 +70,9 @@ class Settings:
     float_stem: bool = True  # keep a Conv with <= 4 input channels in float (int8 is slower there on x86)
     float_depthwise: bool | str = "auto"  # depthwise Convs in float: true | false | auto (when they are >= 15 % of the compute)
     float_pooled: bool = True  # keep Convs on 1x1 pooled tensors (SE blocks) in float (too small for int8 to pay)
+    int4_block_size: int = 32  # int4 layers: input features per weight scale (power of 2, >= 16)
+    int4_rounding: str = "rtn"  # int4 layers: rtn (round to nearest) | gptq (uses X^T X recorded by step1)
+    int4_activations: str = "float"  # int4 layers: float | int8 (ORT quantizes the input per block: accuracy_level 4)
 
     def to_dict(self) -> dict:
         """Plain dict for YAML and JSON."""
@@ -100,6 +103,26 @@ class Settings:
             raise ConfigError(f"{where}: quantize_ops must be a list of op types, e.g. [Conv, Gemm, MatMul].")
         if self.float_depthwise != "auto" and not isinstance(self.float_depthwise, bool):
             raise ConfigError(f"{where}: float_depthwise must be true, false or auto, not {self.float_depthwise!r}.")
+        validate_int4(self, where)
         for key in ("float_stem", "float_pooled"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{where}: {key} must be true or false, not {getattr(self, key)!r}.")
+
+
+INT4_ROUNDINGS = ("rtn", "gptq")
+INT4_ACTIVATIONS = ("float", "int8")
+
+
+def validate_int4(s: Settings, where: str) -> None:
+    """Check the int4 settings; raises ConfigError naming `where`.
+
+    The default block of 32 keeps the 4-bit error small (one scale per 32 weights: 5 bits a weight with fp32 scales,
+    still 6.4x smaller than fp32) and divides the small K of OCR and vision-transformer layers; 128 stores 4.25 bits a weight.
+    """
+    b = s.int4_block_size
+    if isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1):
+        raise ConfigError(f"{where}: int4_block_size {b!r} is not valid; MatMulNBits needs a power of 2 >= 16, e.g. 32 or 128.")
+    if s.int4_rounding not in INT4_ROUNDINGS:
+        raise ConfigError(f"{where}: int4_rounding {s.int4_rounding!r} is not valid.{did_you_mean(str(s.int4_rounding), INT4_ROUNDINGS)} Use rtn or gptq.")
+    if s.int4_activations not in INT4_ACTIVATIONS:
+        raise ConfigError(f"{where}: int4_activations {s.int4_activations!r} is not valid.{did_you_mean(str(s.int4_activations), INT4_ACTIVATIONS)} Use float or int8.")

@@ -32,11 +32,13 @@ def propose(
     protected: set[str] | None = None, fallback: str = "float32", max_float_layers: int | None = None,
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default quantization",
     analyse: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]] | None = None, where: str = "proposal",
+    max_size_mb: float | None = None,
 ) -> ProposalResult:
     """Climb the ladder of fixes from `base` (the cfg as the user left it); `protected` tensors are never changed.
 
     `samples` are those fixes are fitted on (outlier ranges, bias shifts); the evaluator scores on its own.
     `single` gives isolated layer errors (from a snapshot); otherwise `analyse(temp, quant)` computes them.
+    `max_size_mb` is a model-size budget met first with int4 weights (ranked by `analyse` of an all-int4 build).
     """
     written = meta.get("written_entries", {})
 
@@ -54,4 +56,6 @@ def propose(
     return search(
         ctx, evaluator, make, base, first, single_errors, samples, lambda m: session_for(m, basic=False), fallback=fallback,
         max_float_layers=max_float_layers, max_float_fraction=max_float_fraction, started_from=started_from,
+        max_bytes=int(max_size_mb * 1e6) if max_size_mb is not None else None,
+        measure=(lambda m: analyse(temp, m)) if analyse is not None else None,
     )

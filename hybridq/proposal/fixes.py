@@ -17,6 +17,7 @@ import onnx
 from .. import bias_correction, equalize
 from ..build import Edits
 from ..config import CfgEntry, short_float
+from ..int4 import int4_bytes, int4_candidates, weight_bytes
 from ..observers import HistogramObserver, compute_range
 from ..plan import GraphView, QuantPlan
 from ..qparams import levels
@@ -211,12 +212,36 @@ def float_fix(ctx: Context, layers: list[str], precision: str, cost: float, why:
                      comments={n: why.get(n, "proposal") for n in layers}, cost=cost)
 
 
+def int4_fix(ctx: Context, edits: Edits, built: QuantPlan, size: int, max_bytes: int, cosine: dict[str, float]) -> list[Candidate]:
+    """int4 weights for the fewest MatMul/Gemm layers that bring `size` (bytes, built from `built`) under `max_bytes`.
+
+    The least sensitive layers go first: highest isolated cosine at int4 (`cosine`, measured; unmeasured layers last).
+    Layers the cfg sets, and those whose weight entry the user edited, are left alone. Sizes are estimates
+    (:func:`hybridq.int4.weight_bytes`); the search verifies the built size.
+    """
+    block = ctx.settings.int4_block_size
+    free = [n for n in int4_candidates(ctx.temp) if n not in edits.layers and ctx.graph.by_name[n].input[1] not in ctx.protected]
+    order = sorted(free, key=lambda n: (-cosine.get(n, -2.0), n))
+    chosen: list[str] = []
+    for n in order:
+        if size <= max_bytes:
+            break
+        k, m = (int(d) for d in ctx.graph.inits[ctx.graph.by_name[n].input[1]].dims)
+        size -= weight_bytes(n, ctx.temp, built, block) - int4_bytes(k, m, block)
+        chosen.append(n)
+    why = {n: f"proposal: int4 for the size budget, {i + 1}/{len(order)} least sensitive"
+              + (f" (isolated cosine at int4 {cosine[n]:.4f})" if n in cosine else "") for i, n in enumerate(chosen)}
+    label = f"{len(chosen)} layer(s) in int4 (estimated {size / 1e6:.3g} MB)"
+    return [Candidate("int4", label, layers={n: "int4" for n in chosen}, comments=why)] if chosen else []
+
+
 FIXES: dict[str, Callable[..., Any]] = {
     "range": range_fix,
     "clip": clip_fix,
     "equalize": equalize_fix,
     "bias_correction": bias_fix,
     "float": float_fix,
+    "int4": int4_fix,
 }
 """The ladder, cheapest first. int16 layers are not offered for target cpu: ONNX Runtime's CPU
 provider has no int16 kernels, so an int16 layer costs at least what a float layer costs."""

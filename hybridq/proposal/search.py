@@ -25,7 +25,7 @@ from ..cost import PROPOSED, USER, FloatShare, concrete_shapes, float_share, lay
 from ..plan import QuantPlan
 from ..settings import Settings
 from .evaluator import Evaluator, Score
-from .fixes import Candidate, Context, bias_fix, clip_fix, equalize_fix, float_fix, range_fix
+from .fixes import Candidate, Context, bias_fix, clip_fix, equalize_fix, float_fix, int4_fix, range_fix
 from .ranker import channel_stats, local_rank, outlier_tensors
 
 SENSITIVITY_LAYERS = 8
@@ -184,6 +184,8 @@ class _Climb:
         """
         dropped = False
         for c in list(self.kept[:-1]) if len(self.kept) > 1 else []:
+            if c.kind == "int4":  # the size budget, not an accuracy fix
+                continue
             edits = self.base
             for k in self.kept:
                 if k is not c:
@@ -204,15 +206,21 @@ def search(
     ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, first: Built,
     single: Callable[[], dict[str, float]], samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any], *, fallback: str = "float32",
     max_float_layers: int | None = None, max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default quantization",
+    max_bytes: int | None = None, measure: Callable[[onnx.ModelProto], dict[str, float]] | None = None,
 ) -> ProposalResult:
-    """The cheapest candidate that meets the evaluator's target, or the best one within the budget."""
+    """The cheapest candidate that meets the evaluator's target, or the best one within the budget.
+
+    With `max_bytes`, int4 weights first bring the model under that size (`measure` gives isolated cosines to rank by).
+    """
     t0 = time.perf_counter()
     climb = _Climb(ctx, evaluator, build, base, first, started_from)
+    if max_bytes is not None:
+        _size_step(climb, measure or (lambda m: {}), max_bytes)
     macs = layer_macs(concrete_shapes(ctx.temp, samples[0]) if samples else ctx.temp)
     total = sum(macs.values()) or 1.0
     ranked: list[tuple[str, float]] = []
     if climb.met:
-        choice = f"{started_from} already meets the target; nothing to change"
+        choice = ", ".join(c.label for c in climb.kept) or f"{started_from} already meets the target; nothing to change"
     elif _zero_cost_fixes(climb, samples, session):
         choice = ", ".join(c.label for c in climb.kept)
     else:
@@ -220,10 +228,41 @@ def search(
         ranked = [(n, c) for n, c in local_rank(single(), ctx.plan, ctx.temp) if n not in taken]
         order = _by_output_effect(climb, ranked, fallback, macs, total)
         budget = _within_budget(order, macs, total, len(taken), max_float_fraction, max_float_layers)
+        if max_bytes is not None:  # float weights are 4x int8 ones: keep the size budget
+            budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
         choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, macs, total)
     if climb.prune():
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
     return _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
+
+
+def _size_step(climb: _Climb, measure: Callable[[onnx.ModelProto], dict[str, float]], max_bytes: int) -> None:
+    """The size budget: int4 weights for the least sensitive MatMul/Gemm layers (isolated cosine measured with all of them
+    int4) until the built model fits; kept whatever it scores, the other fixes then work on accuracy. At most one build per layer."""
+    ctx, size = climb.ctx, climb.built.model.ByteSize()
+    budget = f"--max-size-mb {max_bytes / 1e6:g}"
+    if size <= max_bytes:
+        climb._row("size", f"{size / 1e6:.3g} MB already within {budget}", climb.score, 0.0, "no change")
+        return
+    every = int4_fix(ctx, climb.edits, climb.built.plan, 1 << 62, 0, {})
+    cosine = measure(climb.build(every[0].onto(climb.edits, ctx.temp)).model) if every else {}
+    edits, built, layers, comments = climb.edits, climb.built, {}, {}
+    while size > max_bytes:
+        more = int4_fix(ctx, edits, built.plan, size, max_bytes, cosine)
+        if not more:
+            break
+        layers.update(more[0].layers)
+        comments.update(more[0].comments)
+        edits = more[0].onto(edits, ctx.temp)
+        built = climb.build(edits)
+        size = built.model.ByteSize()
+    if not layers:
+        climb._row("size", f"{size / 1e6:.3g} MB; no MatMul/Gemm can be int4", climb.score, 0.0, f"{budget} not reachable")
+        return
+    c = Candidate("int4", f"{len(layers)} layer(s) in int4 ({size / 1e6:.3g} MB)", layers=layers, comments=comments)
+    climb.score, climb.edits, climb.built = climb.evaluator.score(built.model), edits, built
+    climb.kept.append(c)
+    climb._row("size", c.label, climb.score, 0.0, "kept: within " + budget if size <= max_bytes else f"kept: {budget} not reachable with int4")
 
 
 def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> bool:
@@ -261,6 +300,20 @@ def _within_budget(order: list[str], macs: dict[str, float], total: float, taken
             break
         names.append(n)
         used += share
+    return names
+
+
+def _within_size(order: list[str], climb: _Climb, room: int) -> list[str]:
+    """The layers of `order`, in order, whose float32 weights (over their quantized ones) fit `room` bytes together."""
+    names, used = [], 0
+    for n in order:
+        node = climb.ctx.graph.by_name.get(n)
+        w = node.input[1] if node is not None and len(node.input) > 1 else ""
+        wp = climb.built.plan.weights.get(w)
+        extra = int(np.prod(climb.ctx.graph.inits[w].dims)) * (2 if wp.dtype == "int16" else 3) if wp is not None else 0
+        if used + extra <= room:
+            names.append(n)
+            used += extra
     return names
 
 
@@ -324,10 +377,11 @@ def _result(climb: _Climb, choice: str, ranked: list[tuple[str, float]], macs: d
         for k, v in c.comments.items():
             (comments if k in c.layers else entry_comments)[k] = v
     ctx = climb.ctx
-    cost = float_share(macs, float_causes(ctx.temp, climb.built.plan, macs, set(layers), ctx.settings))
+    floats = {n for n, p in layers.items() if p in ("float16", "float32")}
+    cost = float_share(macs, float_causes(ctx.temp, climb.built.plan, macs, floats, ctx.settings))
     return ProposalResult(
         layers, comments, entries, entry_comments, climb.baseline, climb.score, climb.met, climb.evaluator.evaluations,
-        ranked, sum(macs.get(n, 0.0) for n in layers) / total, choice, seconds, climb.table,
+        ranked, sum(macs.get(n, 0.0) for n in floats) / total, choice, seconds, climb.table,
         [c.label for c in climb.kept], climb.evaluator.fp32_task, baseline_label=climb.started_from, cost=cost,
         existing=dict(climb.base.layers),
     )
