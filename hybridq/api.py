@@ -14,10 +14,11 @@ from . import fold, recurrent
 from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
-from .calibration import calibrate
+from .calibration_job import calibrate_dataset
 from .config import Cfg, CfgEntry, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
+from .execution import Execution
 from ._onnx import is_large, model_bytes
 from .graph import has_subgraphs, load_model, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
@@ -94,17 +95,6 @@ def open_dataset(model: onnx.ModelProto, dataset: str | Path, preprocess: Prepro
     return load_dataset(dataset, input_specs(model), preprocess)
 
 
-def _describe(ds: Dataset, batch_size: int) -> Callable[[int], str]:
-    entries = ds.entries()
-
-    def describe(b: int) -> str:
-        first = entries[min(b * batch_size, len(entries) - 1)]
-        where = f"line {first[0]} of '{ds.source}'" if first[0] else f"'{first[1][0]}'"
-        return f"sample {b * batch_size + 1} ({where})"
-
-    return describe
-
-
 def _entry_comments(plan: QuantPlan) -> dict[str, str]:
     comments = {}
     for t, tp in plan.tensors.items():
@@ -128,6 +118,7 @@ def step1(
     on_start: Callable[[int], None] | None = None,
     proposal: "ProposalOptions | None" = None,
     fixed_inputs: Mapping[str, Any] | None = None,
+    execution: Execution | None = None,
 ) -> Step1Result:
     """Prepare the temp model, calibrate on the dataset, and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg`.
 
@@ -135,7 +126,8 @@ def step1(
     would use). A full Settings / Preprocess replaces the file's values; a mapping overrides them key by key.
     The preprocessing used and the range of every float input are recorded in the cfg header and the `.data`
     meta, and step2 copies them into the deployable model. With `proposal`, the worst layers are first chosen
-    for float (verified on the built model) and written into the cfg.
+    for float (verified on the built model) and written into the cfg. `execution` runs the calibration (and the
+    proposal's analyses) on local workers or Ray (hybridq.execution); the artifacts are the same bytes either way.
     """
     from .workspace import merge
 
@@ -152,9 +144,9 @@ def step1(
         on_start(n)
     plan = make_plan(temp, settings)
     input_stats = InputStats()
-    observers = calibrate(
-        temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
-        describe=_describe(ds, batch_size), on_batch=on_progress,
+    observers = calibrate_dataset(
+        temp, ds, batch_size=batch_size, count=n, tensors=candidate_tensors(temp), histograms=set(plan.tensors),
+        input_stats=input_stats, execution=execution, on_batch=on_progress,
     )
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None

@@ -1,0 +1,119 @@
+"""The Ray back end of :mod:`hybridq.execution`: one actor per worker, each holding its own started job.
+
+Imported only for ``--ray``; Ray is the optional extra ``hybridq[ray]``. ``local``
+starts a Ray instance in this process and stops it at the end; ``auto`` or an
+address attaches to a running cluster (left running). A Ray instance this
+process already started (``ray.init`` by a host program or a test) is used as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import _runtime
+from .errors import HybridqError, InputError, WorkerLost
+from .execution import Execution, Job, Progress, Shard, worker_lost, InOrder, threads_per_worker
+
+
+class _Actor:
+    """A worker on the cluster: the job started once; a start failure is raised by the first shard."""
+
+    def __init__(self, job: Job, threads: int) -> None:
+        self.job, self.error = job, None
+        try:
+            job.start(threads)
+        except HybridqError as exc:
+            self.error = exc
+
+    def run(self, shard: Shard) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.job.run(shard, lambda k: None)
+
+    def finish(self) -> Any:
+        return self.job.finish()
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise InputError("--ray needs Ray, an optional extra: install it with `pip install 'hybridq[ray]'` "
+                         "(on this machine and on every node of the cluster), or run without --ray.") from None
+    return ray
+
+
+@contextmanager
+def connected(address: str) -> Iterator[Any]:
+    """Ray, started here (`local`) or attached to (`auto`, an address); stopped on exit only when started here."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    try:
+        if address == "local":
+            ray.init(address="local", num_cpus=_runtime.cores(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except Exception as exc:
+        raise InputError(f"cannot connect to the Ray cluster at {address!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
+                         "Start it (`ray start --head` on the head node), check the address, or use --ray local.") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def run_on_ray(job: Job, shards: Iterable[Shard], execution: Execution, on_result: Callable[[Shard, Any], None],
+               on_progress: Progress) -> list[Any]:
+    """:func:`hybridq.execution.execute` on Ray actors; progress is counted as each shard comes back."""
+    with connected(str(execution.ray)) as ray:
+        try:
+            return _run(ray, job, shards, execution, on_result, on_progress)
+        except ray.exceptions.RayTaskError as exc:  # the job raised: pass its own error on
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, HybridqError):
+                raise cause from None
+            raise HybridqError(f"a Ray worker failed: {cause or exc}") from None
+        except (ray.exceptions.RayError, ConnectionError) as exc:
+            raise worker_lost("a Ray worker (or the cluster)", None, type(exc).__name__) from None
+
+
+def _run(ray: Any, job: Job, shards: Iterable[Shard], execution: Execution, on_result: Callable, on_progress: Progress) -> list[Any]:
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n = execution.workers or max(1, cpus)
+    threads = threads_per_worker(n, cpus) if execution.workers else 1
+    remote = ray.remote(num_cpus=1, max_restarts=0)(_Actor)
+    shipped = ray.put(job)  # once, not once per actor
+    actors = [remote.remote(shipped, threads) for _ in range(n)]
+    flight: dict[Any, tuple[int, Shard]] = {}
+    load = [0] * n
+    order = InOrder(on_result)
+
+    def collect_one() -> None:
+        done, _ = ray.wait(list(flight), num_returns=1)
+        w, shard = flight.pop(done[0])
+        load[w] -= 1
+        result = ray.get(done[0])
+        on_progress(shard.samples)
+        order.arrived(shard.index, result)
+
+    try:
+        for shard in shards:
+            while min(load) >= 2:
+                collect_one()
+            w = min(range(n), key=lambda k: load[k])
+            order.sent(shard)
+            flight[actors[w].run.remote(shard)] = (w, shard)
+            load[w] += 1
+        while flight:
+            collect_one()
+        return ray.get([a.finish.remote() for a in actors])
+    finally:
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # the cluster is gone already: nothing left to stop
+                pass
