@@ -304,6 +304,7 @@ def analyze(
     on_start: Callable[[int], None] | None = None,
     host_int8: bool = False,
     runtime: str | None = None,
+    execution: Execution | None = None,
 ):
     """Run the fp32 and quantized models side by side; entire and single error of every layer.
 
@@ -318,10 +319,14 @@ def analyze(
     `force_preprocess`; with nothing recorded it is used as given (see hybridq.recorded).
     The result's `warnings` list inputs far outside the calibrated range.
     int8 products are exact unless `host_int8` (this CPU's default ONNX Runtime kernels; see hybridq.kernels).
+    `execution` runs the samples on local workers or Ray (hybridq.execution), which read them from the dataset
+    themselves; the figures are the same bit for bit.
     """
     import tempfile
 
+    from .analysis import AnalysisOptions
     from .analysis.runtime import runtime_column
+    from .sources import IndexedSamples
 
     fm = fold.as_fixed(load_model(float_model), fold.fixed_inputs_of(Path(quant_model)), f"the inputs step1 fixed ({quant_model})")
     if dump is not None:
@@ -340,8 +345,9 @@ def analyze(
         qm = load_model(quant_path)
         seen = InputStats()
         device, then = runtime_column(runtime, fm, qm, lambda: ds.samples(limit=n))
-        result = analyze_samples(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample,
-                                 host_int8=host_int8, sink=device, then=then)
+        options = AnalysisOptions(execution=execution) if execution is not None else None
+        result = analyze_samples(fm, qm, IndexedSamples(ds, n, seen), dump=dump, max_bytes=max_bytes, on_sample=on_sample,
+                                 host_int8=host_int8, sink=device, then=then, options=options)
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
     result.notes.extend(ds.notes())
     return result
@@ -434,6 +440,7 @@ class ProposalOptions:
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET  # float compute the proposal may add
     fallback: str = "float32"
     samples: int = 16  # scored on these; fixes are fitted on as many more when the dataset has them
+    execution: Execution | None = None  # where the proposal's analyses run (hybridq.execution); None: analyze's default pool
 
 
 def run_proposal(
@@ -464,7 +471,9 @@ def run_proposal(
     def analyse(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> dict[str, float]:
         from .analysis import analyze as run_analysis
 
-        analysed = run_analysis(fp32, quant, scored)
+        from .analysis import AnalysisOptions
+
+        analysed = run_analysis(fp32, quant, scored, options=AnalysisOptions(execution=options.execution) if options.execution else None)
         return {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
 
     result = climb(

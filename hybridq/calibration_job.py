@@ -11,36 +11,19 @@ whole batches, so the statistics are the same bit for bit on any back end.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import onnx
 
 from .calibration import calibrate
-from .dataset import Dataset, InputSpec, Preprocess, load_dataset
+from .dataset import Dataset
+from .errors import DatasetError
 from .execution import Execution, Progress, Shard, contiguous, execute
 from .observers import HistogramObserver
 from .recorded import InputStats, batch_figures
+from .sources import DatasetRef
 
 SHARDS_PER_WORKER = 2
 """Shards each worker gets on average: a worker that finishes early takes the next one (each shard opens a session)."""
-
-
-@dataclass(frozen=True)
-class DatasetRef:
-    """What a worker needs to open the dataset itself: the list file (absolute), the inputs and the preprocessing."""
-
-    source: str
-    inputs: tuple[InputSpec, ...]
-    preprocess: Preprocess
-
-    @classmethod
-    def of(cls, ds: Dataset) -> "DatasetRef":
-        return cls(str(Path(ds.source).resolve()), tuple(ds.inputs), ds.preprocess)
-
-    def open(self) -> Dataset:
-        """The dataset, listed again here (the list file must be visible at the same path on every worker)."""
-        return load_dataset(self.source, list(self.inputs), self.preprocess)
 
 
 def describe_batches(ds: Dataset, batch_size: int) -> Callable[[int], str]:
@@ -111,8 +94,6 @@ def calibrate_dataset(
     finals = execute(job, shards, execution, lambda shard, figures: [input_stats.fold(f) for f in figures], on_batch)
     partials = [f for f in finals if f]
     if not partials:
-        from .errors import DatasetError
-
         raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
     observers = {n: HistogramObserver(bins=n in histograms) for n in tensors}
     for part in partials:

@@ -119,6 +119,9 @@ def worker_lost(what: str, shard: Shard | None, cause: str) -> WorkerLost:
     )
 
 
+_PENDING = object()  # a worker's final state not received yet (None is a valid one)
+
+
 def _child(conn: Connection, job: Job, threads: int) -> None:
     """A local worker: start the job, then run shards sent over `conn` until told to finish."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -148,7 +151,7 @@ def _local(job: Job, shards: Iterable[Shard], execution: Execution, on_result: C
     procs = [ctx.Process(target=_child, args=(child, job, threads), daemon=True) for _, child in pipes]
     conns = [parent for parent, _ in pipes]
     flight: list[deque[Shard]] = [deque() for _ in range(n)]
-    order, finals = InOrder(on_result), [None] * n
+    order, finals = InOrder(on_result), [_PENDING] * n
     try:
         for p in procs:
             p.start()
@@ -163,7 +166,7 @@ def _local(job: Job, shards: Iterable[Shard], execution: Execution, on_result: C
             conns[w].send(shard)
         for c in conns:
             c.send(None)
-        while any(f is None for f in finals):
+        while any(f is _PENDING for f in finals):
             _receive(procs, conns, flight, order, finals, on_progress)
         return finals
     finally:
@@ -175,7 +178,7 @@ def _local(job: Job, shards: Iterable[Shard], execution: Execution, on_result: C
 
 def _receive(procs: list, conns: list[Connection], flight: list[deque[Shard]], order: InOrder, finals: list, on_progress: Progress) -> None:
     """Wait for one message from any worker and act on it; a worker that died raises WorkerLost."""
-    ready = wait([c for c, f in zip(conns, finals) if f is None])
+    ready = wait([c for c, f in zip(conns, finals) if f is _PENDING])
     for c in ready:
         w = conns.index(c)
         try:
