@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import _runtime
-from .errors import HybridqError, InputError, WorkerLost
-from .execution import Execution, Job, Progress, Shard, worker_lost, InOrder, threads_per_worker
+from .errors import HybridqError, InputError
+from ._workers import InOrder, Job, Progress, Shard, threads_per_worker, worker_lost
 
 
 class _Actor:
@@ -66,12 +66,12 @@ def connected(address: str) -> Iterator[Any]:
         ray.shutdown()
 
 
-def run_on_ray(job: Job, shards: Iterable[Shard], execution: Execution, on_result: Callable[[Shard, Any], None],
+def run_on_ray(job: Job, shards: Iterable[Shard], workers: int, address: str, on_result: Callable[[Shard, Any], None],
                on_progress: Progress) -> list[Any]:
-    """:func:`hybridq.execution.execute` on Ray actors; progress is counted as each shard comes back."""
-    with connected(str(execution.ray)) as ray:
+    """:func:`hybridq.execution.execute` on `workers` Ray actors (0: one per CPU); progress is counted as each shard comes back."""
+    with connected(address) as ray:
         try:
-            return _run(ray, job, shards, execution, on_result, on_progress)
+            return _run(ray, job, shards, workers, on_result, on_progress)
         except ray.exceptions.RayTaskError as exc:  # the job raised: pass its own error on
             cause = getattr(exc, "cause", None)
             if isinstance(cause, HybridqError):
@@ -81,10 +81,10 @@ def run_on_ray(job: Job, shards: Iterable[Shard], execution: Execution, on_resul
             raise worker_lost("a Ray worker (or the cluster)", None, type(exc).__name__) from None
 
 
-def _run(ray: Any, job: Job, shards: Iterable[Shard], execution: Execution, on_result: Callable, on_progress: Progress) -> list[Any]:
+def _run(ray: Any, job: Job, shards: Iterable[Shard], workers: int, on_result: Callable, on_progress: Progress) -> list[Any]:
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    n = execution.workers or max(1, cpus)
-    threads = threads_per_worker(n, cpus) if execution.workers else 1
+    n = workers or max(1, cpus)
+    threads = threads_per_worker(n, cpus) if workers else 1
     remote = ray.remote(num_cpus=1, max_restarts=0)(_Actor)
     shipped = ray.put(job)  # once, not once per actor
     actors = [remote.remote(shipped, threads) for _ in range(n)]

@@ -11,20 +11,14 @@ because the caller merges in shard order and the observers merge exactly.
 
 from __future__ import annotations
 
-import ctypes
-import multiprocessing
-import signal
-import sys
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
-from typing import Any, Protocol
+from typing import Any
 
-from . import _runtime
-from .errors import HybridqError, InputError, WorkerLost
+from ._workers import Job, Progress, Shard, run_local, threads_per_worker
+from .errors import InputError
 
-Progress = Callable[[int], None]
+__all__ = ["BACKENDS", "Execution", "Job", "Progress", "Shard", "contiguous", "execute", "threads_per_worker"]
 
 
 @dataclass(frozen=True)
@@ -49,31 +43,6 @@ class Execution:
             raise InputError("--ray needs an address: auto, local, or a cluster address such as ray://head:10001.")
 
 
-@dataclass(frozen=True)
-class Shard:
-    """A piece of the work: its position in the run, the sample (or batch) indices it covers and their sample count."""
-
-    index: int
-    items: tuple[int, ...]
-    samples: int
-    payload: Any = None  # arrays the caller already holds (the analysis sends its samples); None: the worker reads them
-
-
-class Job(Protocol):
-    """What a worker runs: `start` once, `run` per shard (returns a partial result), `finish` once (its final state)."""
-
-    def start(self, threads: int) -> None: ...
-
-    def run(self, shard: Shard, progress: Progress) -> Any: ...
-
-    def finish(self) -> Any: ...
-
-
-def threads_per_worker(workers: int, cores: int | None = None) -> int:
-    """ONNX Runtime threads for each of `workers` workers so that workers x threads <= cores (at least 1)."""
-    return max(1, (cores or _runtime.cores()) // max(1, workers))
-
-
 def execute(
     job: Job, shards: Iterable[Shard], execution: Execution | None, on_result: Callable[[Shard, Any], None],
     on_progress: Progress | None = None,
@@ -84,10 +53,10 @@ def execute(
     """
     execution = execution or Execution()
     execution.validate()
-    return BACKENDS[execution.backend](job, shards, execution, on_result, on_progress or (lambda k: None))
+    return BACKENDS[execution.backend](job, shards, execution.workers, execution.ray, on_result, on_progress or (lambda k: None))
 
 
-def _in_process(job: Job, shards: Iterable[Shard], execution: Execution, on_result: Callable, on_progress: Progress) -> list[Any]:
+def _in_process(job: Job, shards: Iterable[Shard], workers: int, address: str | None, on_result: Callable, on_progress: Progress) -> list[Any]:
     """Every shard here, one after the other (threads 0: the job's own default)."""
     job.start(0)
     for shard in shards:
@@ -95,120 +64,16 @@ def _in_process(job: Job, shards: Iterable[Shard], execution: Execution, on_resu
     return [job.finish()]
 
 
-class InOrder:
-    """Results that arrive in any order, handed on in shard order."""
-
-    def __init__(self, on_result: Callable[[Shard, Any], None]) -> None:
-        self.on_result, self.next, self.ready, self.shards = on_result, 0, {}, {}
-
-    def sent(self, shard: Shard) -> None:
-        self.shards[shard.index] = shard
-
-    def arrived(self, index: int, result: Any) -> None:
-        self.ready[index] = result
-        while self.next in self.ready:
-            self.on_result(self.shards.pop(self.next), self.ready.pop(self.next))
-            self.next += 1
-
-
-def worker_lost(what: str, shard: Shard | None, cause: str) -> WorkerLost:
-    where = f" while it ran samples {shard.items[0]}-{shard.items[-1]}" if shard is not None and shard.items else ""
-    return WorkerLost(
-        f"{what} ended abruptly{where} ({cause}): it was killed, ran out of memory, or its machine went away. "
-        "Nothing was written and earlier artifacts are as they were; free memory (or fewer --workers) and run the command again."
-    )
-
-
-_PENDING = object()  # a worker's final state not received yet (None is a valid one)
-
-
-def _child(conn: Connection, job: Job, threads: int) -> None:
-    """A local worker: start the job, then run shards sent over `conn` until told to finish."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:  # end with the parent, however it ends (PR_SET_PDEATHSIG)
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-    shard = None
-    try:
-        job.start(threads)
-        while (shard := conn.recv()) is not None:
-            index = shard.index
-            conn.send(("result", index, job.run(shard, lambda k: conn.send(("progress", index, k)))))
-        conn.send(("final", -1, job.finish()))
-    except Exception as exc:  # sent to the parent, which raises it
-        conn.send(("error", -1 if shard is None else shard.index, exc if isinstance(exc, HybridqError) else HybridqError(
-            f"a worker failed: {type(exc).__name__}: {exc}")))
-
-
-def _local(job: Job, shards: Iterable[Shard], execution: Execution, on_result: Callable, on_progress: Progress) -> list[Any]:
-    """`execution.workers` local processes (forked where the OS can), at most two shards in flight each."""
-    n = execution.workers
-    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    threads = threads_per_worker(n)
-    pipes = [ctx.Pipe() for _ in range(n)]
-    procs = [ctx.Process(target=_child, args=(child, job, threads), daemon=True) for _, child in pipes]
-    conns = [parent for parent, _ in pipes]
-    flight: list[deque[Shard]] = [deque() for _ in range(n)]
-    order, finals = InOrder(on_result), [_PENDING] * n
-    try:
-        for p in procs:
-            p.start()
-        for _, child in pipes:
-            child.close()
-        for shard in shards:
-            while min(len(f) for f in flight) >= 2:
-                _receive(procs, conns, flight, order, finals, on_progress)
-            w = min(range(n), key=lambda k: len(flight[k]))
-            order.sent(shard)
-            flight[w].append(shard)
-            conns[w].send(shard)
-        for c in conns:
-            c.send(None)
-        while any(f is _PENDING for f in finals):
-            _receive(procs, conns, flight, order, finals, on_progress)
-        return finals
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-            p.join(timeout=5)
-
-
-def _receive(procs: list, conns: list[Connection], flight: list[deque[Shard]], order: InOrder, finals: list, on_progress: Progress) -> None:
-    """Wait for one message from any worker and act on it; a worker that died raises WorkerLost."""
-    ready = wait([c for c, f in zip(conns, finals) if f is _PENDING])
-    for c in ready:
-        w = conns.index(c)
-        try:
-            kind, index, value = c.recv()
-        except (EOFError, OSError):
-            procs[w].join(timeout=1)
-            code = procs[w].exitcode
-            cause = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            raise worker_lost(f"worker process {procs[w].pid}", flight[w][0] if flight[w] else None, cause) from None
-        if kind == "progress":
-            on_progress(value)
-        elif kind == "result":
-            flight[w].popleft()
-            order.arrived(index, value)
-        elif kind == "final":
-            finals[w] = value
-        else:
-            raise value
-
-
-def _ray(job: Job, shards: Iterable[Shard], execution: Execution, on_result: Callable, on_progress: Progress) -> list[Any]:
+def _ray(job: Job, shards: Iterable[Shard], workers: int, address: str | None, on_result: Callable, on_progress: Progress) -> list[Any]:
     """Actors on a Ray cluster (see :mod:`hybridq._ray`); Ray is imported only when asked for."""
     from ._ray import run_on_ray
 
-    return run_on_ray(job, shards, execution, on_result, on_progress)
+    return run_on_ray(job, shards, workers, str(address), on_result, on_progress)
 
 
 BACKENDS: dict[str, Callable[..., list[Any]]] = {
     "inprocess": _in_process,
-    "workers": _local,
+    "workers": run_local,
     "ray": _ray,
 }
 
