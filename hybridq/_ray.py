@@ -18,9 +18,12 @@ from ._workers import InOrder, Job, Progress, Shard, threads_per_worker, worker_
 
 
 class _Actor:
-    """A worker on the cluster: the job started once; a start failure is raised by the first shard."""
+    """A worker on the cluster: it starts each run's job once; a start failure is raised by the run's first shard."""
 
-    def __init__(self, job: Job, threads: int) -> None:
+    def __init__(self) -> None:
+        self.job, self.error = None, None
+
+    def start(self, job: Job, threads: int) -> None:
         self.job, self.error = job, None
         try:
             job.start(threads)
@@ -33,7 +36,36 @@ class _Actor:
         return self.job.run(shard, lambda k: None)
 
     def finish(self) -> Any:
-        return self.job.finish()
+        final, self.job = self.job.finish(), None
+        return final
+
+
+_ACTORS: dict[tuple[str, int], list[Any]] = {}
+"""Actors kept between runs of this process on a Ray instance it did not start (the proposal analyses many times)."""
+
+
+def _actors(ray: Any, n: int) -> list[Any]:
+    """`n` actors on the connected cluster: the ones a previous run left, or new ones."""
+    context = ray.get_runtime_context()
+    key = (f"{context.get_node_id()}:{context.get_job_id()}", n)  # the node id is new with every Ray instance
+    if key not in _ACTORS:
+        remote = ray.remote(num_cpus=1, max_restarts=0)(_Actor)
+        _release(ray, keep=False)  # actors of another size are not needed
+        _ACTORS[key] = [remote.remote() for _ in range(n)]
+    return _ACTORS[key]
+
+
+def _release(ray: Any, keep: bool) -> None:
+    """Stop the kept actors unless `keep` (a run that ended well on a cluster this process did not start)."""
+    if keep:
+        return
+    for actors in _ACTORS.values():
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # the cluster is gone already: nothing left to stop
+                pass
+    _ACTORS.clear()
 
 
 def _import_ray():
@@ -46,11 +78,11 @@ def _import_ray():
 
 
 @contextmanager
-def connected(address: str) -> Iterator[Any]:
-    """Ray, started here (`local`) or attached to (`auto`, an address); stopped on exit only when started here."""
+def connected(address: str) -> Iterator[tuple[Any, bool]]:
+    """(Ray, started here): started for `local`, else attached to (`auto`, an address); stopped on exit only when started here."""
     ray = _import_ray()
     if ray.is_initialized():
-        yield ray
+        yield ray, False
         return
     try:
         if address == "local":
@@ -61,17 +93,21 @@ def connected(address: str) -> Iterator[Any]:
         raise InputError(f"cannot connect to the Ray cluster at {address!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}. "
                          "Start it (`ray start --head` on the head node), check the address, or use --ray local.") from None
     try:
-        yield ray
+        yield ray, True
     finally:
+        _ACTORS.clear()
         ray.shutdown()
 
 
 def run_on_ray(job: Job, shards: Iterable[Shard], workers: int, address: str, on_result: Callable[[Shard, Any], None],
                on_progress: Progress) -> list[Any]:
     """:func:`hybridq.execution.execute` on `workers` Ray actors (0: one per CPU); progress is counted as each shard comes back."""
-    with connected(address) as ray:
+    with connected(address) as (ray, started):
+        ok = False
         try:
-            return _run(ray, job, shards, workers, on_result, on_progress)
+            finals = _run(ray, job, shards, workers, on_result, on_progress)
+            ok = True
+            return finals
         except ray.exceptions.RayTaskError as exc:  # the job raised: pass its own error on
             cause = getattr(exc, "cause", None)
             if isinstance(cause, HybridqError):
@@ -79,15 +115,18 @@ def run_on_ray(job: Job, shards: Iterable[Shard], workers: int, address: str, on
             raise HybridqError(f"a Ray worker failed: {cause or exc}") from None
         except (ray.exceptions.RayError, ConnectionError) as exc:
             raise worker_lost("a Ray worker (or the cluster)", None, type(exc).__name__) from None
+        finally:
+            _release(ray, keep=ok and not started)
 
 
 def _run(ray: Any, job: Job, shards: Iterable[Shard], workers: int, on_result: Callable, on_progress: Progress) -> list[Any]:
+    """Start the job on every actor, keep two shards in flight on each, hand results on in shard order."""
     cpus = int(ray.cluster_resources().get("CPU", 1))
     n = workers or max(1, cpus)
     threads = threads_per_worker(n, cpus) if workers else 1
-    remote = ray.remote(num_cpus=1, max_restarts=0)(_Actor)
+    actors = _actors(ray, n)
     shipped = ray.put(job)  # once, not once per actor
-    actors = [remote.remote(shipped, threads) for _ in range(n)]
+    ray.get([a.start.remote(shipped, threads) for a in actors])
     flight: dict[Any, tuple[int, Shard]] = {}
     load = [0] * n
     order = InOrder(on_result)
@@ -100,20 +139,13 @@ def _run(ray: Any, job: Job, shards: Iterable[Shard], workers: int, on_result: C
         on_progress(shard.samples)
         order.arrived(shard.index, result)
 
-    try:
-        for shard in shards:
-            while min(load) >= 2:
-                collect_one()
-            w = min(range(n), key=lambda k: load[k])
-            order.sent(shard)
-            flight[actors[w].run.remote(shard)] = (w, shard)
-            load[w] += 1
-        while flight:
+    for shard in shards:
+        while min(load) >= 2:
             collect_one()
-        return ray.get([a.finish.remote() for a in actors])
-    finally:
-        for a in actors:
-            try:
-                ray.kill(a)
-            except Exception:  # the cluster is gone already: nothing left to stop
-                pass
+        w = min(range(n), key=lambda k: load[k])
+        order.sent(shard)
+        flight[actors[w].run.remote(shard)] = (w, shard)
+        load[w] += 1
+    while flight:
+        collect_one()
+    return ray.get([a.finish.remote() for a in actors])
