@@ -67,8 +67,10 @@ class CalibrationJob:
         ranged = None if self.range_batches is None else max(0, self.range_batches - first)
         tensors = self.tensors if ranged != 0 else [t for t in self.tensors if t in self.histograms]
         describe = describe_batches(ds, self.batch_size)
+        # as in one process, one of the worker's cores is left to the binning that runs beside ONNX Runtime
+        threads = max(1, self._threads - 1) if self._threads else 0
         observers = calibrate(self.model, batches(), tensors=tensors, histograms=self.histograms, describe=lambda i: describe(first + i),
-                              on_batch=progress, range_batches=ranged, threads=self._threads)
+                              on_batch=progress, range_batches=ranged, threads=threads)
         for name, obs in observers.items():
             self._observers.setdefault(name, HistogramObserver(bins=obs.bins)).merge(obs)
         return figures

@@ -206,3 +206,13 @@ def test_results_come_back_in_shard_order_and_progress_counts_every_sample(execu
                      counted.append)
     assert got == [(k, [k * k, (k + 100) ** 2]) for k in range(12)]
     assert sum(counted) == 24 and sum(finals) == 12
+
+
+def test_ray_is_not_imported_unless_asked():
+    import subprocess
+    import sys
+
+    code = ("import sys, hybridq.api, hybridq.cli, hybridq.execution, hybridq.analysis, hybridq.calibration_job\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    assert res.stdout.strip() == "[]"
