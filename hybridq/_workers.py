@@ -103,15 +103,18 @@ def run_local(job: Job, shards: Iterable[Shard], workers: int, address: str | No
     n = workers
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     threads = threads_per_worker(n)
-    pipes = [ctx.Pipe() for _ in range(n)]
-    procs = [ctx.Process(target=_child, args=(child, job, threads), daemon=True) for _, child in pipes]
-    conns = [parent for parent, _ in pipes]
+    procs: list[Any] = []
+    conns: list[Connection] = []
     flight: list[deque[Shard]] = [deque() for _ in range(n)]
     order, finals = InOrder(on_result), [_PENDING] * n
     try:
-        for p in procs:
-            p.start()
-        for _, child in pipes:
+        for _ in range(n):
+            # one at a time, the worker's end closed here at once: no other process holds it, so its pipe
+            # closes the moment it dies
+            parent, child = ctx.Pipe()
+            procs.append(ctx.Process(target=_child, args=(child, job, threads), daemon=True))
+            conns.append(parent)
+            procs[-1].start()
             child.close()
         for shard in shards:
             while min(len(f) for f in flight) >= 2:
