@@ -36,7 +36,7 @@ import run as bench_run  # noqa: E402
 RESULTS = HERE / "RESULTS.md"
 WORK = ppocr.CACHE_DIR / "scale"
 BACKENDS = {
-    "in-process": [],
+    "default": [],  # step1: in this process (ORT and the binning side by side); analyze: its two forked workers
     "1 worker": ["--workers", "1"],
     "2 workers": ["--workers", "2"],
     "Ray local, 2 workers": ["--ray", "local", "--workers", "2"],
@@ -116,10 +116,13 @@ def render(rows: list[dict], load: tuple[float, float]) -> str:
     begin, end = results_md.markers("scale")
     lines = [begin, "## Scaling out: local workers and Ray (`bench/scale.py`)", "",
              f"PP-OCRv4 rec, {dt.date.today().isoformat()}, CPU: {results_md.cpu()}, {os.cpu_count()} cores; "
-             f"load average {load[0]:.1f} before, {load[1]:.1f} after (a shared machine: the walls are indicative).", "",
-             "| job | back end | wall (s) | peak RSS of the process tree (MB) | same bytes as in-process |",
+             f"load average {load[0]:.1f} before, {load[1]:.1f} after (a shared machine: the walls are indicative). "
+             "Default: step1 in this process (ONNX Runtime and the binning already run side by side on two cores), "
+             "analyze on its two forked workers; `--workers N` local processes; Ray local started by the run. "
+             "analyze compares the per-layer figures of `--json`.", "",
+             "| job | back end | wall (s) | peak RSS of the process tree (MB) | same bytes as the default |",
              "| --- | --- | ---: | ---: | --- |"]
-    base = {r["job"]: r["digest"] for r in rows if r["backend"] == "in-process"}
+    base = {r["job"]: r["digest"] for r in rows if r["backend"] == "default"}
     for r in rows:
         same = "n/a" if not r["ok"] else ("yes" if r["digest"] == base.get(r["job"]) else "**no**")
         wall = f"{r['wall']:.1f}" if r["ok"] else f"failed: {r['error']}"
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     datasets = {n: calib, 4 * n: ppocr.repeat_dataset(calib, 4 * n, calib.parent / f"dataset_{4 * n}.txt")}
     load0 = os.getloadavg()[0]
     rows = step1_rows(task.model, datasets)
-    cfg = WORK / f"step1_{n}_in-process" / f"{task.model.stem}.quantization.cfg"
+    cfg = WORK / f"step1_{n}_default" / f"{task.model.stem}.quantization.cfg"
     rows += analyze_rows(task.model, cfg, calib, 40)
     text = render(rows, (load0, os.getloadavg()[0]))
     print(text)

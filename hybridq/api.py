@@ -469,9 +469,7 @@ def run_proposal(
     base = edits_from(existing, {t: CfgEntry(t, lines.get(t, 0), dict(v)) for t, v in entries.items()}, temp, where)
 
     def analyse(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> dict[str, float]:
-        from .analysis import analyze as run_analysis
-
-        from .analysis import AnalysisOptions
+        from .analysis import AnalysisOptions, analyze as run_analysis
 
         analysed = run_analysis(fp32, quant, scored, options=AnalysisOptions(execution=options.execution) if options.execution else None)
         return {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
