@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -210,9 +211,15 @@ def test_results_come_back_in_shard_order_and_progress_counts_every_sample(execu
 
 def test_ray_is_not_imported_unless_asked():
     import subprocess
-    import sys
 
     code = ("import sys, hybridq.api, hybridq.cli, hybridq.execution, hybridq.analysis, hybridq.calibration_job\n"
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
     assert res.stdout.strip() == "[]"
+
+
+def test_ray_missing_is_a_usage_error_naming_the_extra(monkeypatch, cnn20):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` then raises ImportError, as without the extra
+    with pytest.raises(InputError, match=r"pip install 'hybridq\[ray\]'"):
+        hybridq.step1(cnn20["model"], cnn20["dataset"], out=cnn20["dir"] / "out", execution=Execution(ray="local"))
+    assert not (cnn20["dir"] / "out").exists() or not any((cnn20["dir"] / "out").iterdir())
