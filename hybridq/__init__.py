@@ -35,6 +35,7 @@ _PUBLIC: dict[str, str] = {
     "Preprocess": "dataset",
     "ProposalOptions": "api",
     "Target": "proposal",
+    "Execution": "execution",
     # Results.
     "Step1Result": "api",
     "Step2Result": "api",
@@ -55,6 +56,7 @@ _PUBLIC: dict[str, str] = {
     "ConfigError": "errors",
     "ArtifactMismatchError": "errors",
     "OutputError": "errors",
+    "WorkerLost": "errors",
     "ExitCode": "errors",
 }
 

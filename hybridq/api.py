@@ -14,11 +14,12 @@ from . import fold, recurrent
 from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
-from .calibration import calibrate
+from .calibration_job import calibrate_dataset
 from .int4 import hessian_inputs
 from .config import Cfg, CfgEntry, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
+from .execution import Execution
 from ._onnx import is_large, model_bytes
 from .graph import has_subgraphs, load_model, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
@@ -95,17 +96,6 @@ def open_dataset(model: onnx.ModelProto, dataset: str | Path, preprocess: Prepro
     return load_dataset(dataset, input_specs(model), preprocess)
 
 
-def _describe(ds: Dataset, batch_size: int) -> Callable[[int], str]:
-    entries = ds.entries()
-
-    def describe(b: int) -> str:
-        first = entries[min(b * batch_size, len(entries) - 1)]
-        where = f"line {first[0]} of '{ds.source}'" if first[0] else f"'{first[1][0]}'"
-        return f"sample {b * batch_size + 1} ({where})"
-
-    return describe
-
-
 def _entry_comments(plan: QuantPlan) -> dict[str, str]:
     comments = {}
     for t, tp in plan.tensors.items():
@@ -129,6 +119,7 @@ def step1(
     on_start: Callable[[int], None] | None = None,
     proposal: "ProposalOptions | None" = None,
     fixed_inputs: Mapping[str, Any] | None = None,
+    execution: Execution | None = None,
 ) -> Step1Result:
     """Prepare the temp model, calibrate on the dataset, and write `<name>.model`, `<name>.data`, `<name>.quantization.cfg`.
 
@@ -136,7 +127,8 @@ def step1(
     would use). A full Settings / Preprocess replaces the file's values; a mapping overrides them key by key.
     The preprocessing used and the range of every float input are recorded in the cfg header and the `.data`
     meta, and step2 copies them into the deployable model. With `proposal`, the worst layers are first chosen
-    for float (verified on the built model) and written into the cfg.
+    for float (verified on the built model) and written into the cfg. `execution` runs the calibration (and the
+    proposal's analyses) on local workers or Ray (hybridq.execution); the artifacts are the same bytes either way.
     """
     from .workspace import merge
 
@@ -154,9 +146,9 @@ def step1(
     plan = make_plan(temp, settings)
     input_stats = InputStats()
     hessians = hessian_inputs(temp) if settings.int4_rounding == "gptq" else []
-    observers = calibrate(
-        temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors) | set(hessians),
-        describe=_describe(ds, batch_size), on_batch=on_progress, hessians=hessians,
+    observers = calibrate_dataset(
+        temp, ds, batch_size=batch_size, count=n, tensors=candidate_tensors(temp), histograms=set(plan.tensors) | set(hessians),
+        input_stats=input_stats, execution=execution, on_batch=on_progress, hessians=hessians,
     )
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
@@ -314,6 +306,7 @@ def analyze(
     on_start: Callable[[int], None] | None = None,
     host_int8: bool = False,
     runtime: str | None = None,
+    execution: Execution | None = None,
 ):
     """Run the fp32 and quantized models side by side; entire and single error of every layer.
 
@@ -328,10 +321,14 @@ def analyze(
     `force_preprocess`; with nothing recorded it is used as given (see hybridq.recorded).
     The result's `warnings` list inputs far outside the calibrated range.
     int8 products are exact unless `host_int8` (this CPU's default ONNX Runtime kernels; see hybridq.kernels).
+    `execution` runs the samples on local workers or Ray (hybridq.execution), which read them from the dataset
+    themselves; the figures are the same bit for bit.
     """
     import tempfile
 
+    from .analysis import AnalysisOptions
     from .analysis.runtime import runtime_column
+    from .sources import IndexedSamples
 
     fm = fold.as_fixed(load_model(float_model), fold.fixed_inputs_of(Path(quant_model)), f"the inputs step1 fixed ({quant_model})")
     if dump is not None:
@@ -350,8 +347,9 @@ def analyze(
         qm = load_model(quant_path)
         seen = InputStats()
         device, then = runtime_column(runtime, fm, qm, lambda: ds.samples(limit=n))
-        result = analyze_samples(fm, qm, seen.watch(ds.samples(limit=n)), dump=dump, max_bytes=max_bytes, on_sample=on_sample,
-                                 host_int8=host_int8, sink=device, then=then)
+        options = AnalysisOptions(execution=execution) if execution is not None else None
+        result = analyze_samples(fm, qm, IndexedSamples(ds, n, seen), dump=dump, max_bytes=max_bytes, on_sample=on_sample,
+                                 host_int8=host_int8, sink=device, then=then, options=options)
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
     result.notes.extend(ds.notes())
     return result
@@ -445,6 +443,7 @@ class ProposalOptions:
     fallback: str = "float32"
     samples: int = 16  # scored on these; fixes are fitted on as many more when the dataset has them
     max_size_mb: float | None = None  # model-size budget (1 MB = 10^6 bytes), met first with int4 MatMul/Gemm weights
+    execution: Execution | None = None  # where the proposal's analyses run (hybridq.execution); None: analyze's default pool
 
 
 def run_proposal(
@@ -473,9 +472,9 @@ def run_proposal(
     base = edits_from(existing, {t: CfgEntry(t, lines.get(t, 0), dict(v)) for t, v in entries.items()}, temp, where)
 
     def analyse(fp32: onnx.ModelProto, quant: onnx.ModelProto) -> dict[str, float]:
-        from .analysis import analyze as run_analysis
+        from .analysis import AnalysisOptions, analyze as run_analysis
 
-        analysed = run_analysis(fp32, quant, scored)
+        analysed = run_analysis(fp32, quant, scored, options=AnalysisOptions(execution=options.execution) if options.execution else None)
         return {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
 
     result = climb(

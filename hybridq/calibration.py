@@ -72,6 +72,7 @@ def calibrate(
     on_batch: Callable[[int], None] | None = None,
     range_batches: int | None = 8,
     hessians: Iterable[str] = (),
+    threads: int = 0,
 ) -> dict[str, HistogramObserver]:
     """Observe every float activation (or `tensors`) over all batches; returns one observer per tensor.
 
@@ -80,12 +81,13 @@ def calibrate(
     batches (None: all): their in-graph reductions cost more than the model itself on large models.
     Tensors in `hessians` (histogram tensors) also get a :class:`HessianObserver` under `name + HESSIAN_SUFFIX`.
     ONNX Runtime runs batch b+1 in a worker thread while batch b is binned (both release the GIL),
-    so at most two batches of activations are alive at a time.
+    so at most two batches of activations are alive at a time. `threads` caps ONNX Runtime's threads
+    (0: all cores but one; :mod:`hybridq.execution` gives each worker its share).
     """
     names = tensors if tensors is not None else float_activations(model)
     full = [n for n in names if histograms is None or n in histograms]
     ranged = [n for n in names if histograms is not None and n not in histograms]
-    threads = _ort_threads()
+    threads = threads or _ort_threads()
     sess = session_for(_with_range_outputs(model, ranged), _fetch(full, ranged), lean=True, threads=threads)
     feeds = {i.name for i in sess.get_inputs()}
     observers = {n: HistogramObserver(bins=n in full) for n in names}

@@ -75,6 +75,21 @@ MaxSizeOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: mode
 PropSamplesOpt = Annotated[int, typer.Option(help="Samples the proposal measures candidates on.")]
 FixInputOpt = Annotated[Optional[list[str]], typer.Option("--fix-input", help="NAME=VALUE: make an input a constant (repeatable); "
                                                           "If nodes it decides fold into their taken branch, e.g. --fix-input sample_rate=16000.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Run the samples on N local worker processes (0: in this process); "
+                                         "with --ray, the Ray workers. The figures are the same bit for bit.")]
+RayOpt = Annotated[Optional[str], typer.Option("--ray", help="Run the samples on Ray (pip install 'hybridq[ray]'): auto (the running "
+                                               "cluster), local (started and stopped here) or an address such as ray://head:10001.")]
+
+
+def _execution(workers: int, ray: str | None):
+    """The execution back end the flags ask for (None: the command's default)."""
+    from .execution import Execution
+
+    if workers == 0 and ray is None:
+        return None
+    chosen = Execution(workers, ray)
+    chosen.validate()
+    return chosen
 
 
 @app.command()
@@ -92,6 +107,25 @@ def init(
         raise InputError(f"'{directory}' is a file, not a directory; choose a new directory for the workspace.")
     make_workspace(directory, model)
     emit({"workspace": str(directory)}, [], [f"Workspace ready in {directory}: edit dataset.txt, then run the commands in {directory}/README.md."])
+
+
+def _step1_lines(res) -> list[str]:
+    """What step1 wrote and what to do next, for the terminal."""
+    lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
+    lines += [
+        f"Calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.",
+        f"  temp model: {res.model}",
+        f"  data:       {res.data}",
+        f"  cfg:        {res.cfg}",
+    ]
+    lines += [f"note: {n}" for n in res.notes]
+    if res.backup:
+        lines.append(f"The previous cfg had edits: kept as {res.backup}.")
+    if res.fused:
+        lines.append(f"{len(res.fused)} nodes were fused or folded in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in list(res.fused.items())[:8]) + (" ..." if len(res.fused) > 8 else ""))
+    lines += _control_flow_lines(res)
+    lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
+    return lines
 
 
 @app.command()
@@ -127,6 +161,8 @@ def step1(
     proposal_samples: PropSamplesOpt = 16,
     max_size_mb: MaxSizeOpt = None,
     fix_input: FixInputOpt = None,
+    workers: WorkersOpt = 0,
+    ray: RayOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -144,26 +180,15 @@ def step1(
         config = find_config(out_dir, model, dataset)
     given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile, "int4_rounding": int4_rounding}
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
+    execution = _execution(workers, ray)
     with progress("calibrating") as advance:
         res = api.step1(
             model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
-            on_progress=advance, on_start=advance.start, fixed_inputs=_fixed_inputs(fix_input),
-            proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples, max_size_mb) if proposal else None,
+            on_progress=advance, on_start=advance.start, fixed_inputs=_fixed_inputs(fix_input), execution=execution,
+            proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback,
+                                       proposal_samples, max_size_mb, execution) if proposal else None,
         )
-    lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
-    lines += [
-        f"Calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.",
-        f"  temp model: {res.model}",
-        f"  data:       {res.data}",
-        f"  cfg:        {res.cfg}",
-    ]
-    lines += [f"note: {n}" for n in res.notes]
-    if res.backup:
-        lines.append(f"The previous cfg had edits: kept as {res.backup}.")
-    if res.fused:
-        lines.append(f"{len(res.fused)} nodes were fused or folded in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in list(res.fused.items())[:8]) + (" ..." if len(res.fused) > 8 else ""))
-    lines += _control_flow_lines(res)
-    lines.append(f"Next: edit {res.cfg.name} if needed, then run `hybridq step2 {res.model} {res.data} {res.cfg} -o {res.model.with_suffix('.q.onnx')}`.")
+    lines = _step1_lines(res)
     data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused,
             "config": res.config, "notes": res.notes, "control_flow": res.control_flow}
     tables = [table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
@@ -272,6 +297,8 @@ def analyze(
     resize: ResizeOpt = "none",
     preprocess_hook: HookOpt = None,
     force_preprocess: ForceOpt = False,
+    workers: WorkersOpt = 0,
+    ray: RayOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -300,7 +327,7 @@ def analyze(
         with progress("analyzing") as advance:
             result = api.analyze(float_model, quant_model, dataset, preprocess=pre, force_preprocess=force_preprocess, samples=samples,
                                  dump=dump, max_bytes=max_bytes, on_sample=lambda: advance(1), on_start=advance.start, host_int8=host_int8,
-                                 runtime=runtime)
+                                 runtime=runtime, execution=_execution(workers, ray))
         _warn(getattr(result, "warnings", []))
         snapshot = str(dump) if dump is not None else None
     cfg = _cfg_beside(quant_model)
@@ -350,7 +377,8 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
             console.out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
-def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples, max_size_mb=None):
+def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples, max_size_mb=None,
+                      execution=None):
     from .api import ProposalOptions
     from .proposal import DEFAULT_FLOAT_BUDGET, Target
 
@@ -364,7 +392,7 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
     if max_size_mb is not None and not max_size_mb > 0:
         raise InputError(f"--max-size-mb {max_size_mb} must be a positive size in MB, e.g. 1.5.")
     budget = DEFAULT_FLOAT_BUDGET if max_float_fraction is None else max_float_fraction
-    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_size_mb)
+    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_size_mb, execution)
 
 
 def _cost_line(p) -> str:
@@ -452,6 +480,8 @@ def propose(
     resize: ResizeOpt = "none",
     preprocess_hook: HookOpt = None,
     force_preprocess: ForceOpt = False,
+    workers: WorkersOpt = 0,
+    ray: RayOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -469,7 +499,8 @@ def propose(
     if not str(cfg) or not dataset:
         raise InputError("propose needs --cfg <name>.quantization.cfg and --dataset D (samples to measure candidates on).")
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
-    opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples, max_size_mb)
+    opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples,
+                             max_size_mb, _execution(workers, ray))
     result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts, force_preprocess=force_preprocess)
     tables, lines, data = _proposal_report(result)
     if result.written:

@@ -116,6 +116,10 @@ class Dataset:
                     )
         return self._batches(batch_size, self._count(limit))
 
+    def batch(self, index: int, batch_size: int, count: int) -> dict[str, np.ndarray]:
+        """Batch `index` of `batches(batch_size, limit=count)`, loaded alone (a worker reads only its own batches)."""
+        return self._concat([(i, self.sample(i)) for i in range(index * batch_size, min((index + 1) * batch_size, count))])
+
     def _batches(self, batch_size: int, count: int) -> Iterator[dict[str, np.ndarray]]:
         """Generator behind `batches`, after its arguments were checked."""
         for start in range(0, count, batch_size):

@@ -46,6 +46,10 @@ class ArtifactMismatchError(InputError):
     """step1 artifacts from different runs were mixed together."""
 
 
+class WorkerLost(HybridqError):
+    """A worker process or the Ray cluster went away mid-run (exit code 1); nothing was written."""
+
+
 class OutputError(HybridqError):
     """An output could not be written (permissions, disk full)."""
 

@@ -37,6 +37,17 @@ CFG_SUFFIX = ".quantization.cfg"
 PreprocessArg = Preprocess | Mapping[str, Any] | None
 
 
+def batch_figures(batch: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
+    """Min, max, sum, sum of squares and size of every float input of one batch (integer and empty inputs skipped)."""
+    figures = {}
+    for name, arr in batch.items():
+        if arr.dtype.kind != "f" or arr.size == 0:
+            continue
+        x = arr.astype(np.float64, copy=False)
+        figures[name] = [float(x.min()), float(x.max()), float(x.sum()), float(np.square(x).sum()), float(x.size)]
+    return figures
+
+
 class InputStats:
     """Running min, max, mean and std of every float input over the batches it sees (one pass, O(1) memory)."""
 
@@ -45,11 +56,11 @@ class InputStats:
 
     def update(self, batch: Mapping[str, np.ndarray]) -> None:
         """Fold one batch (input name -> array) in; integer and empty inputs are skipped."""
-        for name, arr in batch.items():
-            if arr.dtype.kind != "f" or arr.size == 0:
-                continue
-            x = arr.astype(np.float64, copy=False)
-            lo, hi, s, ss, n = float(x.min()), float(x.max()), float(x.sum()), float(np.square(x).sum()), float(x.size)
+        self.fold(batch_figures(batch))
+
+    def fold(self, figures: Mapping[str, list[float]]) -> None:
+        """Fold one batch's `batch_figures` in (a worker computes them; the caller folds them in batch order)."""
+        for name, (lo, hi, s, ss, n) in figures.items():
             acc = self._acc.get(name)
             if acc is None:
                 self._acc[name] = [lo, hi, s, ss, n]

@@ -28,6 +28,7 @@ from .matching import ModelIndex, plan_tensors
 from .measuring import Measure, SampleErrors, target_bytes
 from .results import AnalysisResult, SampleSink
 from .running import AnalysisOptions, Work, check_feed, executor, in_flight
+from .sharded import reads_itself, run_sharded
 
 
 def _load(model: str | os.PathLike[str] | onnx.ModelProto, what: str) -> onnx.ModelProto:
@@ -85,22 +86,28 @@ def analyze(
     plan = plan_tensors(f, q)
     ag = build_analysis_graph(f, q, plan)
     targets = [compared_names(tp, ag) for tp in plan.tensors]
-    samples = iter(samples)
-    first = next(samples, None)
+    if reads_itself(samples, options.execution) is not None:
+        first = samples.first()  # workers read the samples themselves: only the first is read here
+    else:
+        samples = iter(samples)
+        first = next(samples, None)
+        if first is not None:
+            samples = itertools.chain([first], samples)
     weights = target_bytes(fm, plan, targets, first)
-    if first is not None:
-        samples = itertools.chain([first], samples)
     if sink is not None:
         sink.start([tp.tensor for tp in plan.tensors])
     m = Measure(plan, ag, exact=sink is not None, outputs=f.outputs)
     if sink is None:
         fused_kernel()  # compiled or loaded once here, before the workers start
     work = Work(m, ag, targets, weights, f.inputs, host_int8, options)
-    # a snapshot is written in sample order by one worker; otherwise one sample per core
-    head = list(itertools.islice(samples, in_flight(options)))
-    samples = itertools.chain(head, samples)
     try:
-        n = _run(work, m, samples, 1 if sink is not None else len(head), f.inputs, sink, on_sample)
+        if options.execution is not None:
+            n = run_sharded(work, m, samples, options.execution, f.inputs, sink, on_sample)
+        else:
+            # a snapshot is written in sample order by one worker; otherwise one sample per core
+            head = list(itertools.islice(samples, in_flight(options)))
+            samples = itertools.chain(head, samples)
+            n = _run(work, m, samples, 1 if sink is not None else len(head), f.inputs, sink, on_sample)
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
         notes = plan.notes + ag.notes

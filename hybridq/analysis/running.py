@@ -24,6 +24,7 @@ import onnx
 
 from .. import _runtime
 from .._onnx import model_bytes
+from ..execution import Execution
 from ..errors import HybridqError, InputError, ModelError, did_you_mean
 from ..segments import Segment, split
 from .graphs import AnalysisGraph
@@ -42,6 +43,8 @@ class AnalysisOptions:
     """Compared bytes per segment session (:mod:`hybridq.segments`): its tensors are measured while in cache."""
     fork_limit: int = 512 << 20
     """Analysis graphs above this size run on threads (a worker process each would copy it)."""
+    execution: Execution | None = None
+    """Run the samples on :mod:`hybridq.execution`'s back ends (in-process, local workers, Ray); None: the pool above."""
 
 
 class _Session:

@@ -1,0 +1,110 @@
+"""Calibration as a map-reduce job: shards of batch indices, run wherever :mod:`hybridq.execution` says.
+
+Each worker reads its own batches from the dataset (a :class:`DatasetRef`,
+not arrays), calibrates them with :func:`hybridq.calibration.calibrate` and
+keeps merging into its own observers; each shard returns its batches' input
+figures, folded by the caller in batch order, and each worker's observers are
+merged at the end. Observers merge exactly and in any order, and a shard is
+whole batches, so the statistics are the same bit for bit on any back end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import onnx
+
+from .calibration import calibrate
+from .dataset import Dataset
+from .errors import DatasetError
+from .execution import Execution, Progress, Shard, contiguous, execute
+from .observers import HessianObserver, HistogramObserver
+from .recorded import InputStats, batch_figures
+from .sources import DatasetRef
+
+SHARDS_PER_WORKER = 2
+"""Shards each worker gets on average: a worker that finishes early takes the next one (each shard opens a session)."""
+
+
+def describe_batches(ds: Dataset, batch_size: int) -> Callable[[int], str]:
+    """Names batch b by its first sample and where it is listed (for error messages)."""
+    entries = ds.entries()
+
+    def describe(b: int) -> str:
+        first = entries[min(b * batch_size, len(entries) - 1)]
+        where = f"line {first[0]} of '{ds.source}'" if first[0] else f"'{first[1][0]}'"
+        return f"sample {b * batch_size + 1} ({where})"
+
+    return describe
+
+
+class CalibrationJob:
+    """Calibrate shards of batches of one dataset on one model (a :class:`hybridq.execution.Job`)."""
+
+    def __init__(self, model: onnx.ModelProto, dataset: DatasetRef, batch_size: int, count: int, tensors: list[str],
+                 histograms: set[str], range_batches: int | None = 8, hessians: tuple[str, ...] = ()) -> None:
+        self.model, self.dataset, self.batch_size, self.count = model, dataset, batch_size, count
+        self.tensors, self.histograms, self.range_batches, self.hessians = tensors, histograms, range_batches, hessians
+        self._ds: Dataset | None = None
+        self._threads = 0
+        self._observers: dict[str, HistogramObserver] = {}
+
+    def start(self, threads: int) -> None:
+        self._ds, self._threads = self.dataset.open(), threads
+
+    def run(self, shard: Shard, progress: Progress) -> list[dict[str, list[float]]]:
+        """Calibrate the shard's batches into this worker's observers; returns each batch's input figures, in order."""
+        assert self._ds is not None
+        ds, first, figures = self._ds, shard.items[0], []
+
+        def batches():
+            for b in shard.items:
+                batch = ds.batch(b, self.batch_size, self.count)
+                figures.append(batch_figures(batch))
+                yield batch
+
+        # min/max-only tensors are observed on the first `range_batches` batches of the whole run, as in one process
+        ranged = None if self.range_batches is None else max(0, self.range_batches - first)
+        tensors = self.tensors if ranged != 0 else [t for t in self.tensors if t in self.histograms]
+        describe = describe_batches(ds, self.batch_size)
+        # as in one process, one of the worker's cores is left to the binning that runs beside ONNX Runtime
+        threads = max(1, self._threads - 1) if self._threads else 0
+        observers = calibrate(self.model, batches(), tensors=tensors, histograms=self.histograms, describe=lambda i: describe(first + i),
+                              on_batch=progress, range_batches=ranged, threads=threads, hessians=self.hessians)
+        for name, obs in observers.items():
+            self._observers.setdefault(name, _empty_like(obs)).merge(obs)
+        return figures
+
+    def finish(self) -> dict[str, HistogramObserver]:
+        return self._observers
+
+
+def calibrate_dataset(
+    model: onnx.ModelProto, ds: Dataset, *, batch_size: int, count: int, tensors: list[str], histograms: set[str],
+    input_stats: InputStats, execution: Execution | None = None, on_batch: Progress | None = None, hessians: Iterable[str] = (),
+) -> dict[str, HistogramObserver]:
+    """Observe `tensors` over the first `count` samples of `ds` where `execution` says; one observer per tensor.
+
+    The same observers, and the same `input_stats`, whatever the back end and the number of workers.
+    """
+    ds.batches(batch_size, limit=count)  # checks the batch size against the inputs before any worker starts
+    n_batches = -(-count // batch_size)
+    workers = 1 if execution is None or execution.backend == "inprocess" else max(1, execution.workers or 2)
+    shards = [Shard(k, tuple(range(a, b)), min(b * batch_size, count) - a * batch_size)
+              for k, (a, b) in enumerate(contiguous(n_batches, workers * SHARDS_PER_WORKER if workers > 1 else 1))]
+    job = CalibrationJob(model, DatasetRef.of(ds), batch_size, count, tensors, histograms, hessians=tuple(hessians))
+    finals = execute(job, shards, execution, lambda shard, figures: [input_stats.fold(f) for f in figures], on_batch)
+    partials = [f for f in finals if f]
+    if not partials:
+        raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
+    observers: dict[str, Any] = {n: HistogramObserver(bins=n in histograms) for n in tensors}
+    for part in partials:  # in shard order: X^T X sums (float64) depend on the partition, histograms do not
+        for name, obs in part.items():
+            observers.setdefault(name, _empty_like(obs)).merge(obs)
+    return observers
+
+
+def _empty_like(obs: Any) -> Any:
+    """An empty observer of the same kind, to merge partial ones into."""
+    return HessianObserver() if isinstance(obs, HessianObserver) else HistogramObserver(bins=obs.bins)

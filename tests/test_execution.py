@@ -1,0 +1,225 @@
+"""The execution back ends: in-process, local workers and Ray give the same artifacts byte for byte; a lost worker is a clear error.
+
+Ray tests share one module-scoped local instance (hybridq attaches to a running instance instead of starting one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import hybridq
+from hybridq.api import ProposalOptions
+from hybridq.artifacts import read_step1
+from hybridq.cli import main
+from hybridq.errors import InputError, WorkerLost
+from hybridq.execution import Execution, Shard, contiguous, execute, threads_per_worker
+from hybridq.observers import HistogramObserver
+from hybridq.proposal import Target
+from tests import models
+from tests.conftest import cosine, run
+
+KILL_HOOK = '''
+import os, signal
+from pathlib import Path
+import numpy as np
+
+
+def load(path, spec):
+    """Loads a .npy sample; kills its own process on the marked sample unless it is the test's own process."""
+    path = Path(path)
+    driver = int((path.parent / "driver.pid").read_text())
+    if path.name == (path.parent / "kill.name").read_text().strip() and os.getpid() != driver:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return np.load(path)
+'''
+
+
+def cli(capsys, *args: object) -> tuple[int, str]:
+    """Run `hybridq args...` in-process; returns (exit code, stdout + stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return int(exc.value.code or 0), captured.out + captured.err
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def cnn20(tmp_path: Path) -> dict[str, Path]:
+    """The residual CNN with 20 samples: more than the 8 batches whose min/max-only tensors are observed."""
+    path = tmp_path / "cnn.onnx"
+    onnx.save(models.residual_cnn(), path)
+    return {"model": path, "dataset": models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 20), "dir": tmp_path}
+
+
+def _step1_digests(ws: dict[str, Path], name: str, execution: Execution | None, **kw) -> tuple[str, str, str]:
+    r = hybridq.step1(ws["model"], ws["dataset"], out=ws["dir"] / name, execution=execution, **kw)
+    return _digest(r.model), _digest(r.data), _digest(r.cfg)
+
+
+def test_histogram_partials_merge_to_the_same_state_in_any_order_and_match_numpy():
+    rng = np.random.default_rng(0)
+    # batches with very different ranges: merging must re-bin exactly whatever came first
+    batches = [rng.normal(0, s, 3000).astype(np.float32) for s in (0.01, 5.0, 0.3, 40.0, 1.0, 2.0)]
+    whole = HistogramObserver()
+    for b in batches:
+        whole.update(b)
+    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 0, 2, 4], [2, 4, 0, 5, 1, 3]):
+        parts = [HistogramObserver(), HistogramObserver()]
+        for k, i in enumerate(order):
+            parts[k % 2].update(batches[i])
+        merged = HistogramObserver()
+        for p in reversed(parts):
+            merged.merge(p)
+        assert (merged.min, merged.max, merged.count, merged.exponent, merged.start) == (
+            whole.min, whole.max, whole.count, whole.exponent, whole.start)
+        np.testing.assert_array_equal(merged.counts, whole.counts)
+    # independent check: numpy's floor binning of all values on the final width
+    x = np.concatenate(batches).astype(np.float64)
+    idx = np.floor(x / whole.width).astype(np.int64) - whole.start
+    np.testing.assert_array_equal(np.bincount(idx, minlength=len(whole.counts)), whole.counts)
+    assert (whole.min, whole.max) == (float(x.min()), float(x.max()))
+
+
+def test_shards_are_contiguous_and_threads_fit_the_cores():
+    assert list(contiguous(10, 4)) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert list(contiguous(2, 4)) == [(0, 1), (1, 2)]
+    assert threads_per_worker(2, 2) == 1 and threads_per_worker(3, 8) == 2 and threads_per_worker(4, 2) == 1
+
+
+def test_step1_artifacts_are_byte_identical_on_every_worker_count(cnn20):
+    base = _step1_digests(cnn20, "inproc", None)
+    assert _step1_digests(cnn20, "w2", Execution(workers=2)) == base
+    assert _step1_digests(cnn20, "w3", Execution(workers=3)) == base
+    # batches of 3 (20 samples: the last has 2) are sharded whole
+    dynamic = models.residual_cnn()
+    for value in (dynamic.graph.input[0], dynamic.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    batched = dict(cnn20, model=cnn20["dir"] / "dyn.onnx")
+    onnx.save(dynamic, batched["model"])
+    assert _step1_digests(batched, "b3", None, batch_size=3) == _step1_digests(batched, "b3w2", Execution(workers=2), batch_size=3)
+    # the statistics are the data's: the output (min/max only, from the first 8 batches of the whole run, though
+    # shard 2 of 4 runs batches 5-9) has the range ONNX Runtime computes over samples 0-7
+    w2 = cnn20["dir"] / "w2"
+    bundle = read_step1(w2 / "cnn.model", w2 / "cnn.data", None, w2 / "cnn.quantization.cfg")
+    xs = [np.load(cnn20["dir"] / "data" / f"x_{i}.npy") for i in range(20)]
+    outs = np.concatenate([run(cnn20["model"], {"x": x})[0].ravel() for x in xs[:8]])
+    obs = bundle.observers["logits"]
+    assert obs.count == 8 and not obs.bins
+    assert (obs.min, obs.max) == pytest.approx((float(outs.min()), float(outs.max())), rel=1e-5, abs=1e-6)
+
+
+def _analyze_manifest(ws: dict[str, Path], quant: Path, name: str, execution: Execution | None) -> tuple[bytes, dict]:
+    r = hybridq.analyze(ws["model"], quant, ws["dataset"], dump=ws["dir"] / name, execution=execution)
+    return (ws["dir"] / name / "manifest.json").read_bytes(), {le.layer: le.entire.cosine for le in r.layers}
+
+
+def test_analyze_manifest_is_identical_on_every_back_end(cnn20):
+    r1 = hybridq.step1(cnn20["model"], cnn20["dataset"], out=cnn20["dir"] / "ws")
+    quant = hybridq.step2(r1.model, r1.data, r1.cfg, cnn20["dir"] / "q.onnx").output
+    base, cos = _analyze_manifest(cnn20, quant, "snap", None)
+    assert _analyze_manifest(cnn20, quant, "snap_in", Execution())[0] == base
+    assert _analyze_manifest(cnn20, quant, "snap_w2", Execution(workers=2))[0] == base
+    # without a snapshot (compiled float32 metrics, not the snapshot's float64 sums) each back end agrees too
+    plain = [{le.layer: (le.entire.cosine, le.entire.snr_db, le.single and le.single.cosine) for le in
+              hybridq.analyze(cnn20["model"], quant, cnn20["dataset"], execution=e).layers} for e in (None, Execution(), Execution(workers=2))]
+    assert plain[0] == plain[1] == plain[2]
+    # the output's cosine is the textbook one, averaged over the samples
+    xs = [np.load(cnn20["dir"] / "data" / f"x_{i}.npy") for i in range(20)]
+    pairs = [(run(cnn20["model"], {"x": x})[0], run(quant, {"x": x})[0]) for x in xs]
+    assert cos["fc"] == pytest.approx(np.mean([cosine(f, q) for f, q in pairs]), abs=1e-9)
+    assert json.loads(base)["n_samples"] == 20
+
+
+def test_proposal_choices_are_identical_with_workers(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(models.concat_ranges_cnn(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 12, 12)}, 16)
+    results = []
+    for name, execution in (("one", None), ("two", Execution(workers=2))):
+        opts = ProposalOptions(Target(cosine=0.995), max_float_fraction=1.0, execution=execution)
+        r = hybridq.step1(path, listing, out=tmp_path / name, settings=hybridq.Settings(float_stem=False), proposal=opts, execution=execution)
+        results.append((r.proposal.layers, r.proposal.entries, r.proposal.evaluations, _digest(r.cfg), _digest(r.data)))
+    assert results[0] == results[1]
+    assert results[0][0] or results[0][1], "the proposal chose something on this model"
+
+
+def _kill_setup(ws: dict[str, Path], victim: str) -> None:
+    (ws["dir"] / "data" / "driver.pid").write_text(str(os.getpid()))
+    (ws["dir"] / "data" / "kill.name").write_text(victim)
+    (ws["dir"] / "hook.py").write_text(KILL_HOOK)
+
+
+def test_a_killed_worker_ends_step1_with_a_clear_error_and_leaves_artifacts(capsys, cnn20):
+    out = cnn20["dir"] / "out"
+    args = ["step1", str(cnn20["model"]), "-d", str(cnn20["dataset"]), "--out", str(out), "--preprocess", str(cnn20["dir"] / "hook.py") + ":load"]
+    _kill_setup(cnn20, "none")
+    assert cli(capsys, *args, "--workers", "2")[0] == 0
+    before = {p.name: _digest(p) for p in out.iterdir()}
+    _kill_setup(cnn20, "x_13.npy")  # read by a worker only
+    code, text = cli(capsys, *args, "--workers", "2")
+    assert code == 1, text
+    assert "ended abruptly while it ran samples 10-14 (signal 9)" in text and "Traceback" not in text
+    assert {p.name: _digest(p) for p in out.iterdir()} == before, "no artifact half-written, none replaced"
+
+
+def test_a_killed_worker_ends_analyze_and_bad_flags_are_usage_errors(capsys, cnn20):
+    r1 = hybridq.step1(cnn20["model"], cnn20["dataset"], out=cnn20["dir"] / "ws")
+    _kill_setup(cnn20, "x_5.npy")
+    with pytest.raises(WorkerLost, match="samples 5-5"):
+        hybridq.analyze(cnn20["model"], r1.cfg, cnn20["dataset"], execution=Execution(workers=2),
+                        preprocess={"hook": str(cnn20["dir"] / "hook.py") + ":load"}, force_preprocess=True)
+    with pytest.raises(InputError, match="--workers"):
+        Execution(workers=-1).validate()
+    code, text = cli(capsys, "analyze", cnn20["model"], r1.cfg, "-d", cnn20["dataset"], "--workers", "-2")
+    assert code == 2 and "--workers must be" in text
+
+
+class _Squares:
+    """A tiny job: each shard returns its items squared; finish returns how many shards this worker ran."""
+
+    def start(self, threads: int) -> None:
+        self.ran = 0
+
+    def run(self, shard: Shard, progress) -> list[int]:
+        self.ran += 1
+        progress(shard.samples)
+        return [i * i for i in shard.items]
+
+    def finish(self) -> int:
+        return self.ran
+
+
+@pytest.mark.parametrize("execution", [None, Execution(workers=3)])
+def test_results_come_back_in_shard_order_and_progress_counts_every_sample(execution):
+    got, counted = [], []
+    finals = execute(_Squares(), (Shard(k, (k, k + 100), 2) for k in range(12)), execution, lambda s, r: got.append((s.index, r)),
+                     counted.append)
+    assert got == [(k, [k * k, (k + 100) ** 2]) for k in range(12)]
+    assert sum(counted) == 24 and sum(finals) == 12
+
+
+def test_ray_is_not_imported_unless_asked():
+    import subprocess
+
+    code = ("import sys, hybridq.api, hybridq.cli, hybridq.execution, hybridq.analysis, hybridq.calibration_job\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    assert res.stdout.strip() == "[]"
+
+
+def test_ray_missing_is_a_usage_error_naming_the_extra(monkeypatch, cnn20):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` then raises ImportError, as without the extra
+    with pytest.raises(InputError, match=r"pip install 'hybridq\[ray\]'"):
+        hybridq.step1(cnn20["model"], cnn20["dataset"], out=cnn20["dir"] / "out", execution=Execution(ray="local"))
+    assert not (cnn20["dir"] / "out").exists() or not any((cnn20["dir"] / "out").iterdir())
