@@ -25,6 +25,7 @@ from .proposal import propose as climb
 from .qdq import RewriteResult
 from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record
 from .settings import Settings
+from .targets import check_target_change, get as get_target
 
 if TYPE_CHECKING:
     from .analysis import AnalysisOptions, AnalysisResult, SampleSink
@@ -147,10 +148,11 @@ def step1(
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
         on_start(n)
-    plan = make_plan(temp, settings)
+    placement = get_target(settings.target).placement
+    plan = make_plan(temp, settings, placement=placement)
     input_stats = InputStats()
     observers = calibrate(
-        temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
+        temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp, placement), histograms=set(plan.tensors),
         describe=_describe(ds, batch_size), on_batch=on_progress,
     )
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
@@ -218,7 +220,8 @@ def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, cu
     """Layers per precision as step2 will build and count them: the proposal's float layers applied, `default` as its dtype."""
     if custom:
         names = {n.name for n in temp.graph.node}
-        plan = make_plan(temp, settings, layer_precision={k: v for k, v in custom.items() if k in names})
+        plan = make_plan(temp, settings, layer_precision={k: v for k, v in custom.items() if k in names},
+                         placement=get_target(settings.target).placement)
     counts: dict[str, int] = {}
     for precision, n in plan.precision_counts().items():
         key = settings.dtype if precision == "default" else precision
@@ -243,6 +246,7 @@ def step2(
         if name not in known:
             raise ConfigError(f"{parsed.path}:{e.line}: quantize_parameters has unknown tensor '{name}'.{did_you_mean(name, known)} Remove the entry or fix the name.")
     edits, resolved = edits_from_cfg(parsed, temp, bundle.meta)
+    check_target_change(temp, parsed.settings, bundle.meta.get("written_settings", {}), bundle.observers, edits.layers, str(parsed.path))
     built = build(temp, bundle.observers, bundle.meta, parsed.settings, edits, where=str(parsed.path))
     rewrite, plan, res = built.rewrite, built.plan, built.resolution
     op_types = {n.name: n.op_type for n in temp.graph.node}

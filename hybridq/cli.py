@@ -104,6 +104,7 @@ def step1(
     qtype: Annotated[Optional[str], typer.Option(help="Activations asym (default) or sym.")] = None,
     algorithm: Annotated[Optional[str], typer.Option(help="Range algorithm: minmax (default), percentile, kl or mse.")] = None,
     percentile: Annotated[Optional[float], typer.Option(help="Percentile for --algorithm percentile (default 99.99).")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Where the model runs: cpu (default; ONNX Runtime's CPU kernels) or npu (every operator in int8).")] = None,
     samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per batch (models with a dynamic batch dim).")] = 1,
     mean: MeanOpt = None,
@@ -139,7 +140,8 @@ def step1(
 
     if config is None:
         config = find_config(out_dir, model, dataset)
-    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile}
+    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile,
+             "target": target}
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     with progress("calibrating") as advance:
         res = api.step1(

@@ -15,6 +15,7 @@ ACTIVATION_DTYPES = ("uint8", "int8", "int16", "uint16")
 WEIGHT_DTYPES = ("int8", "int16")
 QTYPES = ("asym", "sym")
 QMETHODS = ("channel", "layer")
+TARGET_NAMES = ("cpu", "npu")  # the keys of targets.TARGETS (settings cannot import it: targets imports the plan)
 _QTYPE_ALIASES = {"asymmetric": "asym", "symmetric": "sym"}
 
 _CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -23,6 +24,7 @@ _CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
     "qtype": (QTYPES, "asym or sym"),
     "qmethod": (QMETHODS, "channel or layer"),
     "algorithm": (tuple(ALGORITHMS), ", ".join(ALGORITHMS)),
+    "target": (TARGET_NAMES, " or ".join(TARGET_NAMES)),
 }
 """The value keys shared by the cfg's settings and entries, the CLI and the RKNN facade: valid values, how to list them."""
 
@@ -70,6 +72,7 @@ class Settings:
     float_stem: bool = True  # keep a Conv with <= 4 input channels in float (int8 is slower there on x86)
     float_depthwise: bool | str = "auto"  # depthwise Convs in float: true | false | auto (when they are >= 15 % of the compute)
     float_pooled: bool = True  # keep Convs on 1x1 pooled tensors (SE blocks) in float (too small for int8 to pay)
+    target: str = "cpu"  # where the model runs: cpu (ONNX Runtime's CPU kernels) | npu (every operator in int8; SPEC 11)
 
     def to_dict(self) -> dict:
         """Plain dict for YAML and JSON."""
@@ -88,7 +91,7 @@ class Settings:
 
     def validate(self, where: str) -> None:
         """Normalise names and check every value; raises ConfigError naming `where`."""
-        for key in ("dtype", "weight_dtype", "qtype", "qmethod", "algorithm"):
+        for key in ("dtype", "weight_dtype", "qtype", "qmethod", "algorithm", "target"):
             setattr(self, key, check_value(key, getattr(self, key), where))
         try:
             self.percentile = float(self.percentile)
