@@ -137,11 +137,9 @@ def step1(
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
     from .workspace import find_config
-
     if config is None:
         config = find_config(out_dir, model, dataset)
-    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile,
-             "target": target}
+    given = dict(dtype=dtype, weight_dtype=weight_dtype, qmethod=qmethod, qtype=qtype, algorithm=algorithm, percentile=percentile, target=target)
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     with progress("calibrating") as advance:
         res = api.step1(

@@ -251,3 +251,26 @@ def test_cpu_models_are_byte_identical_to_the_code_before_targets(tmp_path):
     # the step1 run's hash covers its settings, which now name the target; every other record is the same
     assert {p.key: p.value for p in a.metadata_props if p.key != "hybridq.step1_run"} == \
         {p.key: p.value for p in b.metadata_props if p.key != "hybridq.step1_run"}
+
+
+def test_analyze_and_proposal_on_an_npu_model(npu_build, tmp_path):
+    """analyze measures every npu tensor; the proposal's float16 layers are built through Casts and meet its target."""
+    from hybridq.api import ProposalOptions
+    from hybridq.proposal import Target
+
+    path, listing, r1, q = npu_build
+    qpath = tmp_path / "q.onnx"
+    onnx.save(q, qpath)
+    result = hybridq.analyze(path, qpath, listing, samples=2)
+    measured = {layer.tensor for layer in result.layers}
+    assert {"add", "sub", "cat", "sm", "ln", "rm"} <= measured  # elementwise, concat, softmax, norm, reduce: int8 on npu
+    # a cosine only float can reach: the proposal must move layers to float16 (the npu fallback) and verify it
+    r = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"},
+                      proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, fallback="float16", samples=4))
+    p = r.proposal
+    assert p.layers and set(p.layers.values()) == {"float16"}
+    text = Path(r.cfg).read_text()
+    assert "target: npu" in text and all(f"{n}: float16" in text for n in p.layers)
+    built = onnx.load(str(hybridq.step2(r.model, r.data, r.cfg, tmp_path / "qp.onnx").output))
+    casts = {n.name for n in built.graph.node if n.op_type == "Cast"}
+    assert all(f"{n}_Cast_input0" in casts for n in p.layers)

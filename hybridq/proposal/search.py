@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..cost import PROPOSED, USER, FloatShare, concrete_shapes, float_share, layer_macs
 from ..plan import QuantPlan
 from ..settings import Settings
+from ..targets import get as get_target
 from .evaluator import Evaluator, Score
 from .fixes import Candidate, Context, bias_fix, clip_fix, equalize_fix, float_fix, range_fix
 from .ranker import channel_stats, local_rank, outlier_tensors
@@ -75,13 +76,14 @@ def policy_name(reason: str) -> str:
 def float_causes(model: onnx.ModelProto, plan: QuantPlan, macs: dict[str, float], proposed: set[str], settings: Settings) -> dict[str, str]:
     """Cause of every MAC-counted layer that runs float in the model built from `plan` with `proposed` moved to float."""
     ops = {n.name: n.op_type for n in model.graph.node}
+    default_ops = get_target(settings.target).placement.default_ops or settings.quantize_ops
     cause: dict[str, str] = {}
     for name in macs:
         lp = plan.layers.get(name)
         if name in proposed:
             cause[name] = PROPOSED
         elif lp is None:
-            cause[name] = "quantize_ops" if ops.get(name) not in settings.quantize_ops else f"{ops.get(name)} without int8 form"
+            cause[name] = "quantize_ops" if ops.get(name) not in default_ops else f"{ops.get(name)} without int8 form"
         elif lp.precision in ("float16", "float32"):
             cause[name] = USER if lp.reason == "cfg" else policy_name(lp.reason)
     return cause
