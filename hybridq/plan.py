@@ -138,7 +138,8 @@ class Placement:
     `cpu_policy` keeps the CPU-speed float policies; `fuse_activations` folds a Relu/Clip into the
     layer before it (no Q/DQ between them); `float_reads_quantized` makes float layers read the
     quantized view of their inputs (as a fallback layer on an integer accelerator does); `passthrough`
-    ops and Concat (`share_concat`) give their outputs and inputs one set of parameters.
+    ops and Concat (`share_concat`) give their outputs and inputs one set of parameters; tensors inside
+    `fused_patterns` (LayerNorm, HardSwish, ... written as elementwise chains) get no Q/DQ.
     """
 
     quantizable: Mapping[str, Handler]
@@ -148,6 +149,7 @@ class Placement:
     float_reads_quantized: bool = False
     passthrough: tuple[str, ...] = ()
     share_concat: bool = False
+    fused_patterns: Callable[[GraphView], set[str]] | None = None  # tensors inside patterns the target runs as one layer
 
 
 CPU_PLACEMENT = Placement(QUANTIZABLE)
@@ -405,7 +407,8 @@ def make_plan(
             explicit_float = set() if placement.float_reads_quantized else {n for n, p in layer_precision.items() if p in ("float16", "float32")}
             tp.readers = [c.name for c in g.consumer_nodes(tp.tensor) if c.name not in explicit_float]
     # MatMul outputs get a Q only when a quantized consumer needs it (MatMulIntegerToFloat otherwise).
-    plan.tensors = {k: v for k, v in plan.tensors.items() if v.readers}
+    inner = placement.fused_patterns(g) if placement.fused_patterns else set()
+    plan.tensors = {k: v for k, v in plan.tensors.items() if v.readers and k not in inner}
     plan.shared = _shared_groups(model, plan, placement)
     return plan
 

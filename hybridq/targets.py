@@ -26,6 +26,7 @@ import onnx
 from .deployed import as_deployed
 from .errors import ConfigError, did_you_mean
 from .observers import HistogramObserver
+from .patterns import inner_tensors
 from .plan import CPU_PLACEMENT, QUANTIZABLE, GraphView, Placement, Slots, _all_float_inputs, _first_input, make_plan
 from .qparams import QParams
 from .settings import Settings
@@ -68,7 +69,7 @@ NPU_QUANTIZABLE = {
 
 NPU_PLACEMENT = Placement(
     NPU_QUANTIZABLE, default_ops=tuple(NPU_QUANTIZABLE), cpu_policy=False, fuse_activations=True,
-    float_reads_quantized=True, passthrough=DATA_MOVEMENT, share_concat=True,
+    float_reads_quantized=True, passthrough=DATA_MOVEMENT, share_concat=True, fused_patterns=inner_tensors,
 )
 
 

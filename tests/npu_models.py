@@ -88,3 +88,42 @@ def every_op(seed: int = 0) -> onnx.ModelProto:
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def exported_patterns(seed: int = 0) -> onnx.ModelProto:
+    """x [1,8,16]: LayerNorm, HardSwish (clip form), Swish and Gelu ((x * (1 + erf)) * 0.5) as exporters write them, in a chain."""
+    rng = np.random.default_rng(seed)
+    n = helper.make_node
+    inits = [
+        _f("two", 2.0), _f("eps", 1e-5), _f("gamma", rng.uniform(0.5, 1.5, 16)), _f("beta", rng.normal(0, 0.1, 16)),
+        _f("three", 3.0), _f("zero", 0.0), _f("six", 6.0), _f("sqrt2", np.sqrt(2.0)), _f("one", 1.0), _f("half", 0.5),
+    ]
+    nodes = [
+        n("ReduceMean", ["x"], ["mean"], name="ln_mean", axes=[-1]),
+        n("Sub", ["x", "mean"], ["d"], name="ln_sub"),
+        n("Pow", ["d", "two"], ["d2"], name="ln_pow"),
+        n("ReduceMean", ["d2"], ["var"], name="ln_var", axes=[-1]),
+        n("Add", ["var", "eps"], ["var_eps"], name="ln_eps"),
+        n("Sqrt", ["var_eps"], ["std"], name="ln_sqrt"),
+        n("Div", ["d", "std"], ["norm"], name="ln_div"),
+        n("Mul", ["norm", "gamma"], ["scaled"], name="ln_gamma"),
+        n("Add", ["scaled", "beta"], ["ln"], name="ln_beta"),
+        n("Add", ["ln", "three"], ["hs_add"], name="hs_add"),
+        n("Clip", ["hs_add", "zero", "six"], ["hs_clip"], name="hs_clip"),
+        n("Mul", ["ln", "hs_clip"], ["hs_mul"], name="hs_mul"),
+        n("Div", ["hs_mul", "six"], ["hs"], name="hs_div"),
+        n("Sigmoid", ["hs"], ["sw_sig"], name="sw_sig"),
+        n("Mul", ["hs", "sw_sig"], ["sw"], name="sw_mul"),
+        n("Div", ["sw", "sqrt2"], ["ge_div"], name="ge_div"),
+        n("Erf", ["ge_div"], ["ge_erf"], name="ge_erf"),
+        n("Add", ["ge_erf", "one"], ["ge_add"], name="ge_add"),
+        n("Mul", ["sw", "ge_add"], ["ge_mul"], name="ge_mul"),
+        n("Mul", ["ge_mul", "half"], ["ge"], name="ge_half"),
+        n("Neg", ["ge"], ["y"], name="out"),
+    ]
+    g = helper.make_graph(nodes, "patterns", [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 16])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m

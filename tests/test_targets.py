@@ -16,9 +16,10 @@ import pytest
 from onnx.reference import ReferenceEvaluator
 
 import hybridq
-from hybridq import targets
+from hybridq import patterns, targets
 from hybridq._onnx import convert_opset
 from hybridq.errors import ConfigError
+from hybridq.plan import GraphView
 from hybridq.settings import TARGET_NAMES, Settings
 from tests import models, npu_models
 from tests.conftest import run
@@ -66,20 +67,25 @@ def test_npu_every_operator_reads_and_writes_int8(npu_build):
     _, _, r1, q = npu_build
     temp = onnx.load(str(r1.model))
     prod, cons = _index(q)
+    # inside a fused pattern (HardSwish = x * HardSigmoid(x), the Gelu chain) tensors stay float: one NPU layer each
+    inner = patterns.inner_tensors(GraphView(temp))
+    assert inner == {"_inlfunc_HardSwish_HS_X", "g_div", "g_erf", "g_add", "g_half"}
     seen = set()
     for node in q.graph.node:
         if node.op_type not in npu_models.NPU_OPS:
             continue
         seen.add(node.op_type)
-        acts = [i for i in node.input if i in prod or i == "x"]
+        acts = [i for i in node.input if (i in prod or i == "x") and i not in inner]
         if node.name == "relu_fused":  # Conv + Relu is one NPU layer: the Conv's raw output carries no Q/DQ
             assert acts == ["c1"] and prod["c1"].op_type == "Conv"
         else:
-            assert acts and all(prod[i].op_type == "DequantizeLinear" for i in acts), node.name
-        if node.name == "conv1":
-            continue
+            assert all(prod[i].op_type == "DequantizeLinear" for i in acts), node.name
+            assert acts or set(node.input) & inner, node.name
         for o in node.output:
-            assert [c.op_type for c in cons[o]] == ["QuantizeLinear"], (node.name, o)
+            if node.name != "conv1" and o not in inner:
+                assert [c.op_type for c in cons[o]] == ["QuantizeLinear"], (node.name, o)
+            if o in inner:
+                assert "QuantizeLinear" not in [c.op_type for c in cons[o]], (node.name, o)
     # HardSwish is split into x * HardSigmoid(x) by the temp model's preparation; both halves are checked above
     expected = {op for n in temp.graph.node for op in [n.op_type] if op in npu_models.NPU_OPS}
     assert seen == expected and expected >= set(npu_models.NPU_OPS) - {"HardSwish"}
@@ -274,3 +280,28 @@ def test_analyze_and_proposal_on_an_npu_model(npu_build, tmp_path):
     built = onnx.load(str(hybridq.step2(r.model, r.data, r.cfg, tmp_path / "qp.onnx").output))
     casts = {n.name for n in built.graph.node if n.op_type == "Cast"}
     assert all(f"{n}_Cast_input0" in casts for n in p.layers)
+
+
+def test_npu_runs_exported_patterns_as_one_layer_each(tmp_path):
+    """LayerNorm, HardSwish, Swish and Gelu chains: Q/DQ on their inputs and results only, numerics as onnx.reference computes them."""
+    path = tmp_path / "patterns.onnx"
+    onnx.save(npu_models.exported_patterns(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 16)}, 8, scale=3.0)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert quantized == {"x", "ln", "hs", "sw", "ge"}
+    x = np.random.default_rng(4).normal(0, 3, (1, 8, 16)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    # the LayerNorm layer: numpy's layer norm of the dequantized input, then one requantization
+    prod, cons = _index(q)
+    xd = vals[next(c for c in cons[cons["x"][0].output[0]] if c.op_type == "DequantizeLinear").output[0]]
+    m = xd.mean(-1, keepdims=True)
+    gamma = onnx.numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == "gamma"))
+    beta = onnx.numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == "beta"))
+    ln = (xd - m) / np.sqrt(((xd - m) ** 2).mean(-1, keepdims=True) + 1e-5) * gamma + beta
+    s, z = _params(q, cons["ln"][0])
+    want = np.clip(np.rint(ln / s) + z, 0, 255)
+    got = vals[cons["ln"][0].output[0]].astype(np.int64)
+    assert np.max(np.abs(want - got)) <= 1 and np.mean(want == got) >= 0.98  # float32 vs float64 only at rounding ties
+    np.testing.assert_allclose(run(q, {"x": x})[0], vals["y"], atol=_params(q, cons["ge"][0])[0] * 1.001)
