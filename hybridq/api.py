@@ -25,7 +25,7 @@ from .proposal import propose as climb
 from .qdq import RewriteResult
 from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record
 from .settings import Settings
-from .targets import check_target_change, get as get_target
+from .targets import check_target_change, floored, get as get_target
 
 if TYPE_CHECKING:
     from .analysis import AnalysisOptions, AnalysisResult, SampleSink
@@ -157,7 +157,7 @@ def step1(
     )
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
-    entries = written_entries(plan, temp, observers, settings)
+    entries = written_entries(plan, temp, floored(observers, plan.floors), settings)
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem
     header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)

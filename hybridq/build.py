@@ -206,6 +206,7 @@ def build(
     plan = plan_for(fixed, settings, edits, written)
     written_settings = Settings(**meta.get("written_settings", {}))
     arrays = initializer_arrays(fixed, plan.weights)
+    observers = targets.floored(observers, plan.floors)
     res = resolve(plan, edits.entries, written, observers, arrays, settings, written_settings, where)
     res.activations = targets.shared_params(plan.shared, res.activations)
     return Built(apply_plan(fixed, plan, res.activations, res.weights), plan, res, fixed)

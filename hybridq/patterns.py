@@ -126,6 +126,25 @@ def gelu(g: GraphView) -> set[str]:
     return inner
 
 
+HARD_SWISH_FLOOR = -3.0
+"""HardSwish is 0 below -3: a tensor only HardSwish reads needs no codes below it (RKNN's cfg clamps its min so)."""
+
+
+def hard_swish_floors(g: GraphView) -> dict[str, float]:
+    """Tensors read only by HardSwish patterns (x of x * HardSigmoid(x), or x * Clip(x + 3, 0, 6) / 6): their range floor."""
+    inner = hard_swish(g)
+    floors: dict[str, float] = {}
+    for t in {i for n in g.model.graph.node for i in n.input}:
+        users = g.consumer_nodes(t)
+        if len(users) != 2 or t in g.outputs:
+            continue
+        gate = next((u for u in users if u.output[0] in inner and u.op_type in ("HardSigmoid", "Add")), None)
+        mul = next((u for u in users if u.op_type == "Mul"), None)
+        if gate is not None and mul is not None and any(i in inner for i in mul.input):
+            floors[t] = HARD_SWISH_FLOOR
+    return floors
+
+
 PATTERNS: dict[str, Callable[[GraphView], set[str]]] = {
     "layer_norm": layer_norm,
     "hard_swish": hard_swish,

@@ -150,6 +150,7 @@ class Placement:
     passthrough: tuple[str, ...] = ()
     share_concat: bool = False
     fused_patterns: Callable[[GraphView], set[str]] | None = None  # tensors inside patterns the target runs as one layer
+    range_floors: Callable[[GraphView], dict[str, float]] | None = None  # tensors whose reader ignores values below a floor
 
 
 CPU_PLACEMENT = Placement(QUANTIZABLE)
@@ -209,7 +210,8 @@ class QuantPlan:
     weights: dict[str, WeightPlan] = field(default_factory=dict)
     biases: dict[str, BiasPlan] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    shared: list[list[str]] = field(default_factory=list)  # tensors that take one set of parameters (widest first resolved)
+    shared: list[list[str]] = field(default_factory=list)  # tensors that take one set of parameters (the widest)
+    floors: dict[str, float] = field(default_factory=dict)  # calibrated range clamped from below (values the readers ignore)
 
     def precision_counts(self) -> dict[str, int]:
         """Number of layers per effective precision (int8 and uint8 counted as their dtype)."""
@@ -410,6 +412,8 @@ def make_plan(
     inner = placement.fused_patterns(g) if placement.fused_patterns else set()
     plan.tensors = {k: v for k, v in plan.tensors.items() if v.readers and k not in inner}
     plan.shared = _shared_groups(model, plan, placement)
+    if placement.range_floors:
+        plan.floors = {t: v for t, v in placement.range_floors(g).items() if t in plan.tensors}
     return plan
 
 

@@ -17,7 +17,7 @@ ops quantized by default, the scale-sharing rules) and the model analysis measur
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -26,7 +26,7 @@ import onnx
 from .deployed import as_deployed
 from .errors import ConfigError, did_you_mean
 from .observers import HistogramObserver
-from .patterns import inner_tensors
+from .patterns import hard_swish_floors, inner_tensors
 from .plan import CPU_PLACEMENT, QUANTIZABLE, GraphView, Placement, Slots, _all_float_inputs, _first_input, make_plan
 from .qparams import QParams
 from .settings import Settings
@@ -70,6 +70,7 @@ NPU_QUANTIZABLE = {
 NPU_PLACEMENT = Placement(
     NPU_QUANTIZABLE, default_ops=tuple(NPU_QUANTIZABLE), cpu_policy=False, fuse_activations=True,
     float_reads_quantized=True, passthrough=DATA_MOVEMENT, share_concat=True, fused_patterns=inner_tensors,
+    range_floors=hard_swish_floors,
 )
 
 
@@ -147,3 +148,24 @@ def check_target_change(
             f"{len(missing)} tensor(s) the {settings.target} target quantizes have no usable statistics ({shown}). "
             f"Run step1 again with --target {settings.target}, or set target back to {old}."
         )
+
+
+def floored(observers: dict[str, HistogramObserver], floors: dict[str, float]) -> dict[str, HistogramObserver]:
+    """`observers` with each floored tensor's statistics clamped from below (copies; mass below the floor moved onto it).
+
+    Every range algorithm then sees the values the reader distinguishes (HardSwish maps all x < -3 to 0).
+    Without floors, `observers` itself is returned.
+    """
+    hit = {t: f for t, f in floors.items() if t in observers and observers[t].count and observers[t].min < f < observers[t].max}
+    if not hit:
+        return observers
+    out = dict(observers)
+    for t, f in hit.items():
+        obs = observers[t]
+        new = replace(obs, min=f, counts=obs.counts.copy())
+        if obs.bins and len(obs.counts):
+            k = min(max(int(np.floor(f / obs.width)) - obs.start, 0), len(obs.counts) - 1)
+            new.counts[k] += new.counts[:k].sum()
+            new.counts[:k] = 0
+        out[t] = new
+    return out

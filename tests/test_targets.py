@@ -305,3 +305,25 @@ def test_npu_runs_exported_patterns_as_one_layer_each(tmp_path):
     got = vals[cons["ln"][0].output[0]].astype(np.int64)
     assert np.max(np.abs(want - got)) <= 1 and np.mean(want == got) >= 0.98  # float32 vs float64 only at rounding ties
     np.testing.assert_allclose(run(q, {"x": x})[0], vals["y"], atol=_params(q, cons["ge"][0])[0] * 1.001)
+
+
+def test_hard_swish_input_range_is_floored_at_minus_three():
+    """HardSwish maps every x < -3 to 0: its input's range starts at -3 (RKNN's cfg does the same), all algorithms agree."""
+    from hybridq.graph import prepare
+    from hybridq.observers import HistogramObserver
+    from hybridq.resolve import compute_range
+
+    temp, _ = prepare(npu_models.exported_patterns())
+    assert patterns.hard_swish_floors(GraphView(temp)) == {"ln": -3.0}  # ln is read only by the clip-form HardSwish
+    data = np.random.default_rng(0).normal(1.0, 4.0, 100_000).astype(np.float32)
+    obs = HistogramObserver()
+    obs.update(data)
+    (fl,) = targets.floored({"t": obs}, {"t": -3.0}).values()
+    ref = HistogramObserver()
+    ref.update(np.maximum(data, -3.0))
+    assert (fl.min, fl.max, fl.count) == (-3.0, float(data.max()), data.size) and obs.min < -3.0  # the original is untouched
+    assert fl.counts.sum() == obs.counts.sum()
+    for algo in ("minmax", "percentile"):
+        lo, hi = compute_range(fl, algo, 256, 99.9)
+        lo_ref, hi_ref = compute_range(ref, algo, 256, 99.9)
+        assert lo == pytest.approx(lo_ref, abs=fl.width) and hi == pytest.approx(hi_ref, abs=fl.width)
