@@ -220,9 +220,13 @@ def search(
     else:
         taken = set(climb.edits.layers)
         ranked = [(n, c) for n, c in local_rank(single(), ctx.plan, ctx.temp) if n not in taken]
-        order = _by_output_effect(climb, ranked, fallback, macs, total)
-        budget = _within_budget(order, macs, total, len(taken), max_float_fraction, max_float_layers)
-        choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, macs, total)
+        weights, wtotal, unit = macs, total, "compute"
+        if get_target(ctx.settings.target).cost_by_layers:  # an NPU: each float16 layer costs a trip out of the integer unit
+            weights, unit = {n: 1.0 for n in ctx.plan.layers}, "quantized layers"
+            wtotal = float(len(weights)) or 1.0
+        order = _by_output_effect(climb, ranked, fallback, weights, wtotal)
+        budget = _within_budget(order, weights, wtotal, len(taken), max_float_fraction, max_float_layers)
+        choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, weights, wtotal, unit)
     if climb.prune():
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
     return _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
@@ -267,7 +271,7 @@ def _within_budget(order: list[str], macs: dict[str, float], total: float, taken
 
 
 def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str], skipped: int, fallback: str,
-                macs: dict[str, float], total: float) -> str:
+                macs: dict[str, float], total: float, unit: str = "compute") -> str:
     """Step 4: the fewest float layers (a prefix of `budget`, by bisection) that meet the target; returns the choice."""
     prefix = ", ".join(c.label for c in climb.kept)
     if not budget:
@@ -278,7 +282,7 @@ def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str
     def candidate(k: int) -> tuple[Score, Candidate, Edits, Built]:
         names = budget[:k]
         why = {n: f"proposal: rank {pos[n]}/{len(ranked)} by effect at the outputs, single cos {single_of[n]:.4f}, "
-                  f"{100 * macs.get(n, 0.0) / total:.1f} % of compute" for n in names}
+                  f"{100 * macs.get(n, 0.0) / total:.1f} % of {unit}" for n in names}
         c = float_fix(climb.ctx, names, fallback, sum(macs.get(n, 0.0) for n in names) / total, why)
         e = c.onto(climb.edits, climb.ctx.temp)
         b = climb.build(e)
