@@ -28,6 +28,7 @@ from .proposal import propose as climb
 from .qdq import RewriteResult
 from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record
 from .settings import Settings
+from .targets import check_target_change, floored, get as get_target
 
 if TYPE_CHECKING:
     from .analysis import AnalysisOptions, AnalysisResult, SampleSink
@@ -143,16 +144,17 @@ def step1(
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
         on_start(n)
-    plan = make_plan(temp, settings)
+    placement = get_target(settings.target).placement
+    plan = make_plan(temp, settings, placement=placement)
     input_stats = InputStats()
     hessians = hessian_inputs(temp) if settings.int4_rounding == "gptq" else []
     observers = calibrate_dataset(
-        temp, ds, batch_size=batch_size, count=n, tensors=candidate_tensors(temp), histograms=set(plan.tensors) | set(hessians),
+        temp, ds, batch_size=batch_size, count=n, tensors=candidate_tensors(temp, placement), histograms=set(plan.tensors) | set(hessians),
         input_stats=input_stats, execution=execution, on_batch=on_progress, hessians=hessians,
     )
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
-    entries = written_entries(plan, temp, observers, settings)
+    entries = written_entries(plan, temp, floored(observers, plan.floors), settings)
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem
     header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
@@ -216,7 +218,8 @@ def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, cu
     """Layers per precision as step2 will build and count them: the proposal's float layers applied, `default` as its dtype."""
     if custom:
         names = {n.name for n in temp.graph.node}
-        plan = make_plan(temp, settings, layer_precision={k: v for k, v in custom.items() if k in names})
+        plan = make_plan(temp, settings, layer_precision={k: v for k, v in custom.items() if k in names},
+                         placement=get_target(settings.target).placement)
     counts: dict[str, int] = {}
     for precision, n in plan.precision_counts().items():
         key = settings.dtype if precision == "default" else precision
@@ -241,6 +244,7 @@ def step2(
         if name not in known:
             raise ConfigError(f"{parsed.path}:{e.line}: quantize_parameters has unknown tensor '{name}'.{did_you_mean(name, known)} Remove the entry or fix the name.")
     edits, resolved = edits_from_cfg(parsed, temp, bundle.meta)
+    check_target_change(temp, parsed.settings, bundle.meta.get("written_settings", {}), bundle.observers, edits.layers, str(parsed.path))
     built = build(temp, bundle.observers, bundle.meta, parsed.settings, edits, where=str(parsed.path))
     rewrite, plan, res = built.rewrite, built.plan, built.resolution
     op_types = {n.name: n.op_type for n in temp.graph.node}

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import bias_correction, equalize, recurrent
+from . import bias_correction, equalize, recurrent, targets
 from ._onnx import GraphIndex
 from .config import Cfg, CfgEntry
 from .errors import ConfigError, did_you_mean
@@ -194,7 +194,7 @@ def plan_for(model: onnx.ModelProto, settings: Settings, edits: Edits, written: 
     tensor_dtype = {t: e.values["dtype"] for t, e in edits.entries.items() if "dtype" in e.values and e.values["dtype"] != written.get(t, {}).get("dtype")}
     weight_method = {t: e.values["qmethod"] for t, e in edits.entries.items()
                      if "qmethod" in e.values and e.values["qmethod"] != written.get(t, {}).get("qmethod")}
-    return make_plan(model, settings, edits.layers, tensor_dtype, weight_method)
+    return make_plan(model, settings, edits.layers, tensor_dtype, weight_method, targets.get(settings.target).placement)
 
 
 def build(
@@ -207,7 +207,9 @@ def build(
     plan = plan_for(fixed, settings, edits, written)
     written_settings = Settings(**meta.get("written_settings", {}))
     arrays = initializer_arrays(fixed, plan.weights)
+    observers = targets.floored(observers, plan.floors)
     res = resolve(plan, edits.entries, written, observers, arrays, settings, written_settings, where)
+    res.activations = targets.shared_params(plan.shared, res.activations)
     rewrite = apply_plan(fixed, plan, res.activations, res.weights)
     recurrent.apply_in_place(rewrite.model, {n: lp.precision for n, lp in plan.layers.items()}, settings.qmethod == "channel")
     apply_int4(rewrite.model, fixed, plan, observers, settings, where)

@@ -142,6 +142,7 @@ def step1(
     algorithm: Annotated[Optional[str], typer.Option(help="Range algorithm: minmax (default), percentile, kl or mse.")] = None,
     percentile: Annotated[Optional[float], typer.Option(help="Percentile for --algorithm percentile (default 99.99).")] = None,
     int4_rounding: Annotated[Optional[str], typer.Option(help="Rounding of int4 layers: rtn (default) or gptq (step1 then records X^T X of each MatMul/Gemm input).")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Where the model runs: cpu (default; ONNX Runtime's CPU kernels) or npu (every operator in int8).")] = None,
     samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per batch (models with a dynamic batch dim).")] = 1,
     mean: MeanOpt = None,
@@ -175,10 +176,10 @@ def step1(
     State.quiet, State.json = quiet, as_json
     _check_counts(samples, batch_size)
     from .workspace import find_config
-
     if config is None:
         config = find_config(out_dir, model, dataset)
-    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile, "int4_rounding": int4_rounding}
+    given = dict(dtype=dtype, weight_dtype=weight_dtype, qmethod=qmethod, qtype=qtype, algorithm=algorithm, percentile=percentile, target=target,
+                 int4_rounding=int4_rounding)
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     execution = _execution(workers, ray)
     with progress("calibrating") as advance:

@@ -8,7 +8,7 @@ CPU provider fuses into integer kernels (see the op table below).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -31,6 +31,7 @@ class Slots:
     weight: tuple[int, int] | None = None
     bias: int | None = None
     quantize_output: bool = True
+    all_outputs: bool = False  # every float output gets Q/DQ (Split), not only the first
 
 
 class GraphView(GraphIndex):
@@ -127,6 +128,35 @@ QUANTIZABLE: dict[str, Callable[[onnx.NodeProto, GraphView], Slots | None]] = {
 # Activations ORT folds into the preceding Q (ReluQuantFusion / ClipQuantFusion).
 ABSORBED_ACTIVATIONS = ("Relu", "Clip")
 
+Handler = Callable[[onnx.NodeProto, GraphView], "Slots | None"]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a target puts Q/DQ, as data for `make_plan` (the entries live in `targets.py`).
+
+    `quantizable` is the op table; `default_ops` the ops quantized by default (None: Settings.quantize_ops);
+    `cpu_policy` keeps the CPU-speed float policies; `fuse_activations` folds a Relu/Clip into the
+    layer before it (no Q/DQ between them); `float_reads_quantized` makes float layers read the
+    quantized view of their inputs (as a fallback layer on an integer accelerator does); `passthrough`
+    ops and Concat (`share_concat`) give their outputs and inputs one set of parameters; tensors inside
+    `fused_patterns` (LayerNorm, HardSwish, ... written as elementwise chains) get no Q/DQ.
+    """
+
+    quantizable: Mapping[str, Handler]
+    default_ops: tuple[str, ...] | None = None
+    cpu_policy: bool = True
+    fuse_activations: bool = False
+    float_reads_quantized: bool = False
+    passthrough: tuple[str, ...] = ()
+    share_concat: bool = False
+    fused_patterns: Callable[[GraphView], set[str]] | None = None  # tensors inside patterns the target runs as one layer
+    range_floors: Callable[[GraphView], dict[str, float]] | None = None  # tensors whose reader ignores values below a floor
+
+
+CPU_PLACEMENT = Placement(QUANTIZABLE)
+"""Today's placement: ONNX Runtime's CPU provider (the `cpu` target)."""
+
 LAYER_PRECISIONS = ("uint8", "int8", "int16", "float16", "float32", "int4")
 WEIGHT_ONLY = ("int4",)
 WEIGHT_ONLY_ALIASES = {"int4": "int4", "w4a16": "int4", "w4a32": "int4"}
@@ -184,6 +214,8 @@ class QuantPlan:
     weights: dict[str, WeightPlan] = field(default_factory=dict)
     biases: dict[str, BiasPlan] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    shared: list[list[str]] = field(default_factory=list)  # tensors that take one set of parameters (the widest)
+    floors: dict[str, float] = field(default_factory=dict)  # calibrated range clamped from below (values the readers ignore)
 
     def precision_counts(self) -> dict[str, int]:
         """Number of layers per effective precision (int8 and uint8 counted as their dtype)."""
@@ -290,19 +322,21 @@ def _clip_min_is_zero(node: onnx.NodeProto, g: GraphView) -> bool:
 
 
 def _choose_layers(
-    model: onnx.ModelProto, g: GraphView, settings: Settings, layer_precision: dict[str, str], plan: QuantPlan
+    model: onnx.ModelProto, g: GraphView, settings: Settings, layer_precision: dict[str, str], plan: QuantPlan,
+    placement: Placement = CPU_PLACEMENT,
 ) -> dict[str, Slots]:
     """Each node's precision into ``plan.layers`` (the cfg's choice, else the policy); the quantized nodes' slots."""
     quantized: dict[str, Slots] = {}
-    pooled = pooled_tensors(g)
-    dw_share = depthwise_share(model, g) if settings.float_depthwise == "auto" else 0.0
+    pooled = pooled_tensors(g) if placement.cpu_policy else set()
+    dw_share = depthwise_share(model, g) if settings.float_depthwise == "auto" and placement.cpu_policy else 0.0
+    default_ops = placement.default_ops if placement.default_ops is not None else settings.quantize_ops
     for node in model.graph.node:
         requested = layer_precision.get(node.name)
-        recurrent_choice = recurrent.layer_choice(node, g.inits, settings.quantize_ops, requested)
+        recurrent_choice = recurrent.layer_choice(node, g.inits, default_ops, requested)
         if recurrent_choice is not None:  # LSTM/GRU: no Q/DQ slots, rewritten after the QDQ rewrite (recurrent.py)
             plan.layers[node.name] = LayerPlan(node.name, node.op_type, *recurrent_choice)
             continue
-        handler = QUANTIZABLE.get(node.op_type)
+        handler = placement.quantizable.get(node.op_type)
         slots = handler(node, g) if handler else None
         if requested is not None:
             if requested in ("float16", "float32") + WEIGHT_ONLY:
@@ -311,9 +345,9 @@ def _choose_layers(
                 plan.layers[node.name] = LayerPlan(node.name, node.op_type, requested, "cfg")
                 quantized[node.name] = slots
             continue
-        if slots is None or node.op_type not in settings.quantize_ops:
+        if slots is None or node.op_type not in default_ops:
             continue
-        reason = _policy(node, g, settings, pooled, dw_share)
+        reason = _policy(node, g, settings, pooled, dw_share) if placement.cpu_policy else None
         if reason:
             plan.layers[node.name] = LayerPlan(node.name, node.op_type, "float32", reason)
             continue
@@ -328,8 +362,9 @@ def make_plan(
     layer_precision: dict[str, str] | None = None,
     tensor_dtype: dict[str, str] | None = None,
     weight_method: dict[str, str] | None = None,
+    placement: Placement = CPU_PLACEMENT,
 ) -> QuantPlan:
-    """Plan the rewrite of `model` (the temp model).
+    """Plan the rewrite of `model` (the temp model) for a target's `placement`.
 
     `layer_precision` maps node names to a precision from the cfg's custom_quantize_layers;
     `tensor_dtype` and `weight_method` carry per-tensor dtype / qmethod edits from the cfg.
@@ -339,7 +374,8 @@ def make_plan(
     weight_method = weight_method or {}
     g = GraphView(model)
     plan = QuantPlan()
-    quantized = _choose_layers(model, g, settings, layer_precision, plan)
+    quantized = _choose_layers(model, g, settings, layer_precision, plan, placement)
+    fused = _fused_activations(quantized, g) if placement.fuse_activations else set()
 
     sym = settings.qtype == "sym"
 
@@ -356,7 +392,7 @@ def make_plan(
 
     for name, slots in quantized.items():
         node, lp = g.by_name[name], plan.layers[name]
-        for i in slots.activations:
+        for i in () if name in fused else slots.activations:
             t = node.input[i]
             prod = g.producer_node(t)
             want(t, lp.precision, name, prod.name if prod else "", False)
@@ -369,22 +405,70 @@ def make_plan(
             if slots.bias is not None and lp.precision != "int16":
                 plan.biases[node.input[slots.bias]] = BiasPlan(node.input[slots.bias], name, node.input[slots.activations[0]], w)
         if slots.quantize_output:
-            out = _absorbed_output(node, g)
-            if out not in g.outputs and g.types.get(out) == FLOAT:
-                want(out, lp.precision, None, name, True)
+            outs = [o for o in node.output if o] if slots.all_outputs else [_absorbed_output(node, g)]
+            for out in outs:
+                if out not in g.outputs and g.types.get(out) == FLOAT:
+                    want(out, lp.precision, None, name, True)
 
     # A quantized layer's output is read dequantized by every consumer (the integer
     # kernel produces it quantized), except layers the cfg explicitly keeps in float.
     for tp in plan.tensors.values():
         if tp.layer_output:
-            explicit_float = {n for n, p in layer_precision.items() if p in ("float16", "float32")}
+            explicit_float = set() if placement.float_reads_quantized else {n for n, p in layer_precision.items() if p in ("float16", "float32")}
             tp.readers = [c.name for c in g.consumer_nodes(tp.tensor) if c.name not in explicit_float]
     # MatMul outputs get a Q only when a quantized consumer needs it (MatMulIntegerToFloat otherwise).
-    plan.tensors = {k: v for k, v in plan.tensors.items() if v.readers}
+    inner = placement.fused_patterns(g) if placement.fused_patterns else set()
+    plan.tensors = {k: v for k, v in plan.tensors.items() if v.readers and k not in inner}
+    plan.shared = _shared_groups(model, plan, placement)
+    if placement.range_floors:
+        plan.floors = {t: v for t, v in placement.range_floors(g).items() if t in plan.tensors}
     return plan
 
 
-def candidate_tensors(model: onnx.ModelProto) -> list[str]:
+def _fused_activations(quantized: dict[str, Slots], g: GraphView) -> set[str]:
+    """Quantized Relu/Clip nodes folded into the weighted layer (Conv, Gemm, MatMul) before them: their input gets no Q/DQ."""
+    fused: set[str] = set()
+    for name, slots in quantized.items():
+        node = g.by_name[name]
+        if slots.weight is not None and slots.quantize_output:  # Conv/Gemm/MatMul + Relu/Clip: one NPU layer
+            out = _absorbed_output(node, g)
+            if out != node.output[0]:
+                act = g.producer_node(out)
+                if act is not None and act.name in quantized:
+                    fused.add(act.name)
+    return fused
+
+
+def _shared_groups(model: onnx.ModelProto, plan: QuantPlan, placement: Placement) -> list[list[str]]:
+    """Tensors that must share parameters: a passthrough op's input and output, a Concat's inputs and output.
+
+    Union-find over the planned tensors; only tensors of one dtype are joined. Groups are in graph order.
+    """
+    parent: dict[str, str] = {}
+
+    def find(t: str) -> str:
+        while parent.get(t, t) != t:
+            t = parent[t]
+        return t
+
+    def join(names: list[str]) -> None:
+        names = [n for n in names if n in plan.tensors]
+        for n in names[1:]:
+            if plan.tensors[n].dtype == plan.tensors[names[0]].dtype:
+                parent[find(n)] = find(names[0])
+
+    for node in model.graph.node:
+        if node.op_type in placement.passthrough and node.input and node.output:
+            join([node.input[0], node.output[0]])
+        elif node.op_type == "Concat" and placement.share_concat and node.output:
+            join([node.output[0], *node.input])
+    groups: dict[str, list[str]] = {}
+    for t in plan.tensors:
+        groups.setdefault(find(t), []).append(t)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def candidate_tensors(model: onnx.ModelProto, placement: Placement = CPU_PLACEMENT) -> list[str]:
     """Float activations any plan could quantize: inputs and outputs of quantizable nodes, in graph order.
 
     Calibration observes only these, which keeps the per-batch copy of tensors small.
@@ -392,7 +476,7 @@ def candidate_tensors(model: onnx.ModelProto) -> list[str]:
     g = GraphView(model)
     wanted: set[str] = set()
     for node in model.graph.node:
-        handler = QUANTIZABLE.get(node.op_type)
+        handler = placement.quantizable.get(node.op_type)
         slots = handler(node, g) if handler else None
         if slots is None:
             continue

@@ -23,6 +23,8 @@ from .qparams import QParams, quantize
 QDQ_MAP_KEY = "hybridq.qdq_map"
 """``metadata_props`` key of the step2 model's :class:`QdqMap` (JSON)."""
 INT32_LIMIT = 2**31 - 1
+FLOAT32_INPUTS = {"Resize": (2,), "Upsample": (1,)}
+"""Inputs that stay float32 in a float16 layer: their type is tensor(float) whatever the data's (Resize's scales)."""
 
 
 @dataclass
@@ -230,6 +232,8 @@ class _Rewrite:
             casts_in, casts_out = [], []
             for i, t in enumerate(node.input):
                 src = rewire.get(name, {}).get(t, t)
+                if i in FLOAT32_INPUTS.get(node.op_type, ()):
+                    continue
                 if t in g.inits and g.types.get(t) == TensorProto.FLOAT:
                     if t not in halves:
                         self.new_inits.append(numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16"))

@@ -15,6 +15,7 @@ ACTIVATION_DTYPES = ("uint8", "int8", "int16", "uint16")
 WEIGHT_DTYPES = ("int8", "int16")
 QTYPES = ("asym", "sym")
 QMETHODS = ("channel", "layer")
+TARGET_NAMES = ("cpu", "npu")  # the keys of targets.TARGETS (settings cannot import it: targets imports the plan)
 _QTYPE_ALIASES = {"asymmetric": "asym", "symmetric": "sym"}
 
 _CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -23,6 +24,7 @@ _CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
     "qtype": (QTYPES, "asym or sym"),
     "qmethod": (QMETHODS, "channel or layer"),
     "algorithm": (tuple(ALGORITHMS), ", ".join(ALGORITHMS)),
+    "target": (TARGET_NAMES, " or ".join(TARGET_NAMES)),
 }
 """The value keys shared by the cfg's settings and entries, the CLI and the RKNN facade: valid values, how to list them."""
 
@@ -73,6 +75,7 @@ class Settings:
     int4_block_size: int = 32  # int4 layers: input features per weight scale (power of 2, >= 16)
     int4_rounding: str = "rtn"  # int4 layers: rtn (round to nearest) | gptq (uses X^T X recorded by step1)
     int4_activations: str = "float"  # int4 layers: float | int8 (ORT quantizes the input per block: accuracy_level 4)
+    target: str = "cpu"  # where the model runs: cpu (ONNX Runtime's CPU kernels) | npu (every operator in int8; SPEC 11)
 
     def to_dict(self) -> dict:
         """Plain dict for YAML and JSON."""
@@ -91,7 +94,7 @@ class Settings:
 
     def validate(self, where: str) -> None:
         """Normalise names and check every value; raises ConfigError naming `where`."""
-        for key in ("dtype", "weight_dtype", "qtype", "qmethod", "algorithm"):
+        for key in ("dtype", "weight_dtype", "qtype", "qmethod", "algorithm", "target"):
             setattr(self, key, check_value(key, getattr(self, key), where))
         try:
             self.percentile = float(self.percentile)

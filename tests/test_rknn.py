@@ -94,7 +94,8 @@ def test_hybrid_quant_scripts_step1_edit_step2(ws, capsys):
     # RKNN writes the three artifacts into the current directory, named after the model.
     assert {"cnn.model", "cnn.data", "cnn.quantization.cfg"} <= set(os.listdir("."))
     err = capsys.readouterr().err
-    assert "W config: target_platform='rk3588' only matters for Rockchip NPUs" in err
+    assert "I config: target_platform='rk3588': settings target npu" in err
+    assert "target: npu" in Path("cnn.quantization.cfg").read_text()
     # The edit Rockchip's step1.py prints as its tip: output tensor name -> float16.
     cfg = Path("cnn.quantization.cfg")
     text = cfg.read_text()
@@ -278,9 +279,11 @@ def test_config_rejects_unknown_options_and_values(capsys):
     assert rknn.config(std_values=[[0, 1, 1]]) == -1
     # NPU-only options: accepted, reported once per RKNN object.
     assert rknn.config(target_platform="rk3588", optimization_level=2) == 0
-    assert rknn.config(target_platform="rk3588") == 0
+    assert rknn.config(target_platform="rk3588", optimization_level=2) == 0
     err = capsys.readouterr().err
-    assert err.count("target_platform='rk3588' only matters") == 1 and "optimization_level=2" in err
+    assert err.count("optimization_level=2 only matters") == 1
+    assert rknn._settings().target == "npu"  # target_platform selects the npu target (SPEC 11)
+    assert rknn.config() == 0 and rknn._settings().target == "cpu"
     # RKNN-Toolkit2's names map onto hybridq's settings.
     assert rknn.config(quantized_dtype="w16a16i", quantized_algorithm="mmse", quantized_method="layer", quant_img_RGB2BGR=True) == 0
     s = rknn._settings()

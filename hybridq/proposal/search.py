@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..cost import PROPOSED, USER, FloatShare, concrete_shapes, float_share, layer_macs
 from ..plan import QuantPlan
 from ..settings import Settings
+from ..targets import get as get_target
 from .evaluator import Evaluator, Score
 from .fixes import Candidate, Context, bias_fix, clip_fix, equalize_fix, float_fix, int4_fix, range_fix
 from .ranker import channel_stats, local_rank, outlier_tensors
@@ -75,13 +76,14 @@ def policy_name(reason: str) -> str:
 def float_causes(model: onnx.ModelProto, plan: QuantPlan, macs: dict[str, float], proposed: set[str], settings: Settings) -> dict[str, str]:
     """Cause of every MAC-counted layer that runs float in the model built from `plan` with `proposed` moved to float."""
     ops = {n.name: n.op_type for n in model.graph.node}
+    default_ops = get_target(settings.target).placement.default_ops or settings.quantize_ops
     cause: dict[str, str] = {}
     for name in macs:
         lp = plan.layers.get(name)
         if name in proposed:
             cause[name] = PROPOSED
         elif lp is None:
-            cause[name] = "quantize_ops" if ops.get(name) not in settings.quantize_ops else f"{ops.get(name)} without int8 form"
+            cause[name] = "quantize_ops" if ops.get(name) not in default_ops else f"{ops.get(name)} without int8 form"
         elif lp.precision in ("float16", "float32"):
             cause[name] = USER if lp.reason == "cfg" else policy_name(lp.reason)
     return cause
@@ -226,11 +228,15 @@ def search(
     else:
         taken = set(climb.edits.layers)
         ranked = [(n, c) for n, c in local_rank(single(), ctx.plan, ctx.temp) if n not in taken]
-        order = _by_output_effect(climb, ranked, fallback, macs, total)
-        budget = _within_budget(order, macs, total, len(taken), max_float_fraction, max_float_layers)
+        weights, wtotal, unit = macs, total, "compute"
+        if get_target(ctx.settings.target).cost_by_layers:  # an NPU: each float16 layer costs a trip out of the integer unit
+            weights, unit = {n: 1.0 for n in ctx.plan.layers}, "quantized layers"
+            wtotal = float(len(weights)) or 1.0
+        order = _by_output_effect(climb, ranked, fallback, weights, wtotal)
+        budget = _within_budget(order, weights, wtotal, len(taken), max_float_fraction, max_float_layers)
         if max_bytes is not None:  # float weights are 4x int8 ones: keep the size budget
             budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
-        choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, macs, total)
+        choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, weights, wtotal, unit)
     if climb.prune():
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
     return _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
@@ -318,7 +324,7 @@ def _within_size(order: list[str], climb: _Climb, room: int) -> list[str]:
 
 
 def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str], skipped: int, fallback: str,
-                macs: dict[str, float], total: float) -> str:
+                macs: dict[str, float], total: float, unit: str = "compute") -> str:
     """Step 4: the fewest float layers (a prefix of `budget`, by bisection) that meet the target; returns the choice."""
     prefix = ", ".join(c.label for c in climb.kept)
     if not budget:
@@ -329,7 +335,7 @@ def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str
     def candidate(k: int) -> tuple[Score, Candidate, Edits, Built]:
         names = budget[:k]
         why = {n: f"proposal: rank {pos[n]}/{len(ranked)} by effect at the outputs, single cos {single_of[n]:.4f}, "
-                  f"{100 * macs.get(n, 0.0) / total:.1f} % of compute" for n in names}
+                  f"{100 * macs.get(n, 0.0) / total:.1f} % of {unit}" for n in names}
         c = float_fix(climb.ctx, names, fallback, sum(macs.get(n, 0.0) for n in names) / total, why)
         e = c.onto(climb.edits, climb.ctx.temp)
         b = climb.build(e)

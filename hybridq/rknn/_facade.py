@@ -164,6 +164,10 @@ class RKNN:
         cfg.float_dtype = float_dtype
         cfg.cos_thresh = float(auto_hybrid_cos_thresh)
         cfg.euc_thresh = auto_hybrid_euc_thresh
+        if target_platform is not None:
+            cfg.target = "npu"
+            self._log("I", "config", f"target_platform={target_platform!r}: settings target npu (every operator quantized, "
+                                     "as an integer-only NPU runs it; SPEC 11).")
         given = dict(locals())
         for name, default in NPU_ONLY_OPTIONS.items():
             value = given[name]
@@ -213,7 +217,7 @@ class RKNN:
 
     def _settings(self):
         c = self._cfg
-        s = Settings(dtype=c.dtype, qtype=c.qtype, weight_dtype=c.weight_dtype, qmethod=c.qmethod, algorithm=c.algorithm)
+        s = Settings(dtype=c.dtype, qtype=c.qtype, weight_dtype=c.weight_dtype, qmethod=c.qmethod, algorithm=c.algorithm, target=c.target)
         s.validate("rknn.config")
         return s
 

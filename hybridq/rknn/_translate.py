@@ -36,7 +36,6 @@ QUANTIZED_ALGORITHMS = {"normal": "minmax", "kl_divergence": "kl", "mmse": "mse"
 # config() options that only mean something on a Rockchip NPU, with their RKNN defaults.
 NPU_ONLY_OPTIONS: dict[str, Any] = {
     "quantized_hybrid_level": 0,
-    "target_platform": None,
     "optimization_level": 3,
     "custom_string": None,
     "remove_weight": False,
@@ -123,6 +122,7 @@ class _Config:
     cos_thresh: float = 0.98
     euc_thresh: float | None = None
     npu_only: dict[str, Any] = field(default_factory=dict)
+    target: str = "cpu"  # target_platform given: hybridq's npu target (every operator in int8, as RKNN's simulator)
 
 
 def _per_input(values: Any, what: str) -> list[tuple[float, ...]] | None:

@@ -1,0 +1,163 @@
+"""Op patterns an NPU compiler fuses into one integer layer, found in a model's main graph.
+
+Exporters write LayerNorm, HardSwish, Swish and Gelu as chains of elementwise ops. An
+integer-only accelerator's compiler (RKNN's, QNN's, TFLite's converter) matches them and runs
+each as one layer: int8 in, int8 out, the intermediates never leave the unit. The `npu` target
+therefore puts no Q/DQ on a pattern's inner tensors. Each matcher returns those inner tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx
+
+from .plan import GraphView
+
+
+def _const(g: GraphView, name: str) -> float | None:
+    """The value of a scalar (or one-element) float initializer, else None."""
+    if name not in g.inits:
+        return None
+    a = g.init_array(name)
+    return float(a.reshape(-1)[0]) if a.size == 1 else None
+
+
+def _sole(g: GraphView, tensor: str) -> onnx.NodeProto | None:
+    """The one node reading `tensor`, when exactly one does and it is not a graph output."""
+    users = g.consumer_nodes(tensor)
+    return users[0] if len(users) == 1 and tensor not in g.outputs else None
+
+
+def _other(node: onnx.NodeProto, name: str) -> str:
+    """The input of a two-input node that is not `name`."""
+    return node.input[1] if node.input[0] == name else node.input[0]
+
+
+def _prod(g: GraphView, tensor: str, op: str) -> onnx.NodeProto | None:
+    p = g.producer_node(tensor)
+    return p if p is not None and p.op_type == op else None
+
+
+def layer_norm(g: GraphView) -> set[str]:
+    """ReduceMean -> Sub -> Pow(2) -> ReduceMean -> Add(eps) -> Sqrt -> Div [-> Mul(gamma) -> Add(beta)]: all but the last output."""
+    inner: set[str] = set()
+    for sqrt in (n for n in g.model.graph.node if n.op_type == "Sqrt"):
+        add = _prod(g, sqrt.input[0], "Add")
+        v = next((i for i in add.input if i not in g.inits), "") if add is not None else ""
+        var = _prod(g, v, "ReduceMean") if v and _other(add, v) in g.inits else None
+        sq = _prod(g, var.input[0], "Pow") if var is not None else None
+        sub = _prod(g, sq.input[0], "Sub") if sq is not None and _const(g, sq.input[1]) == 2.0 else None
+        mean = _prod(g, sub.input[1], "ReduceMean") if sub is not None else None
+        div = _sole(g, sqrt.output[0])
+        if mean is None or div is None or div.op_type != "Div" or div.input[0] != sub.output[0] or mean.input[0] != sub.input[0]:
+            continue
+        chain = [mean, sub, sq, var, add, sqrt]
+        last = div
+        for op in ("Mul", "Add"):  # the affine part, when it follows with constant operands
+            nxt = _sole(g, last.output[0])
+            if nxt is None or nxt.op_type != op or _other(nxt, last.output[0]) not in g.inits:
+                break
+            chain.append(last)
+            last = nxt
+        inner.update(n.output[0] for n in chain)
+    return inner
+
+
+def hard_swish(g: GraphView) -> set[str]:
+    """x * HardSigmoid(x), and x * Clip(x + 3, 0, 6) / 6 in either order: the inner tensors."""
+    inner: set[str] = set()
+    for node in g.model.graph.node:
+        if node.op_type == "HardSigmoid":
+            mul = _sole(g, node.output[0])
+            if mul is not None and mul.op_type == "Mul" and _other(mul, node.output[0]) == node.input[0]:
+                inner.add(node.output[0])
+        elif node.op_type == "Clip" and len(node.input) == 3 and (_const(g, node.input[1]), _const(g, node.input[2])) == (0.0, 6.0):
+            add = _prod(g, node.input[0], "Add")
+            x = next((i for i in add.input if i not in g.inits), None) if add is not None else None
+            if x is None or _const(g, _other(add, x)) != 3.0:
+                continue
+            first = _sole(g, node.output[0])
+            second = _sole(g, first.output[0]) if first is not None else None
+            if first is None or second is None:
+                continue
+            ops = {first.op_type, second.op_type}
+            if ops <= {"Mul", "Div"} and x in (_other(first, node.output[0]), _other(second, first.output[0])):
+                inner.update([add.output[0], node.output[0], first.output[0]])
+    return inner
+
+
+def swish(g: GraphView) -> set[str]:
+    """x * Sigmoid(x): the sigmoid's output."""
+    inner: set[str] = set()
+    for node in g.model.graph.node:
+        if node.op_type == "Sigmoid":
+            mul = _sole(g, node.output[0])
+            if mul is not None and mul.op_type == "Mul" and _other(mul, node.output[0]) == node.input[0]:
+                inner.add(node.output[0])
+    return inner
+
+
+def gelu(g: GraphView) -> set[str]:
+    """x * 0.5 * (1 + Erf(x / sqrt 2)) in the orders exporters write: every tensor but x and the result."""
+    inner: set[str] = set()
+    for erf in (n for n in g.model.graph.node if n.op_type == "Erf"):
+        scale = g.producer_node(erf.input[0])
+        add = _sole(g, erf.output[0])
+        if scale is None or scale.op_type not in ("Div", "Mul") or add is None or add.op_type != "Add":
+            continue
+        x = scale.input[0]
+        mul = _sole(g, add.output[0])
+        if mul is None or mul.op_type != "Mul":
+            continue
+        partner = _other(mul, add.output[0])
+        half = g.producer_node(partner)
+        tensors = [scale.output[0], erf.output[0], add.output[0]]
+        if partner == x:  # (x * (1 + erf)) * 0.5
+            tail = _sole(g, mul.output[0])
+            if tail is None or tail.op_type != "Mul" or _const(g, _other(tail, mul.output[0])) != 0.5:
+                continue
+            tensors.append(mul.output[0])
+        elif half is not None and half.op_type == "Mul" and x in half.input and _const(g, _other(half, x)) == 0.5:
+            tensors.append(partner)
+        else:
+            continue
+        inner.update(tensors)
+    return inner
+
+
+HARD_SWISH_FLOOR = -3.0
+"""HardSwish is 0 below -3: a tensor only HardSwish reads needs no codes below it (RKNN's cfg clamps its min so)."""
+
+
+def hard_swish_floors(g: GraphView) -> dict[str, float]:
+    """Tensors read only by HardSwish patterns (x of x * HardSigmoid(x), or x * Clip(x + 3, 0, 6) / 6): their range floor."""
+    inner = hard_swish(g)
+    floors: dict[str, float] = {}
+    for t in {i for n in g.model.graph.node for i in n.input}:
+        users = g.consumer_nodes(t)
+        if len(users) != 2 or t in g.outputs:
+            continue
+        gate = next((u for u in users if u.output[0] in inner and u.op_type in ("HardSigmoid", "Add")), None)
+        mul = next((u for u in users if u.op_type == "Mul"), None)
+        if gate is not None and mul is not None and any(i in inner for i in mul.input):
+            floors[t] = HARD_SWISH_FLOOR
+    return floors
+
+
+PATTERNS: dict[str, Callable[[GraphView], set[str]]] = {
+    "layer_norm": layer_norm,
+    "hard_swish": hard_swish,
+    "swish": swish,
+    "gelu": gelu,
+}
+"""The fused patterns, by name; each returns the tensors inside its matches."""
+
+
+def inner_tensors(g: GraphView) -> set[str]:
+    """Every tensor inside a fused pattern of `g` (no Q/DQ on an NPU)."""
+    out: set[str] = set()
+    for match in PATTERNS.values():
+        out |= match(g)
+    return out
+

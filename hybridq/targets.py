@@ -1,0 +1,171 @@
+"""Where the deployable model will run: one entry per target, in the `TARGETS` table.
+
+A target decides two things: where Q/DQ go (its `plan.Placement`: the op table, the
+ops quantized by default, the scale-sharing rules) and the model analysis measures
+(its `deploy` function). `build.build` and `api` look the entry up by the cfg's
+`settings: target:`; the stages hold no `if target == ...` chains.
+
+- `cpu`: ONNX Runtime's fused CPU kernels, today's placement (`plan.QUANTIZABLE`).
+- `npu`: an integer-only accelerator (RKNN, QNN HTP, Ethos-U): every activation tensor
+  between the operators of `NPU_QUANTIZABLE` carries Q/DQ; data-movement ops pass their
+  input's parameters through, and a Concat's inputs share its output's parameters, the
+  rule TFLite's int8 spec, QNN HTP and RKNN's compiler impose so that a concatenation is a
+  copy of integers (no requantization inside the op). Float16 fallback layers read the
+  dequantized int8 view of their inputs between explicit Casts, as a layer the NPU hands to
+  its float16 unit does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from .deployed import as_deployed
+from .errors import ConfigError, did_you_mean
+from .observers import HistogramObserver
+from .patterns import hard_swish_floors, inner_tensors
+from .plan import CPU_PLACEMENT, QUANTIZABLE, GraphView, Placement, Slots, _all_float_inputs, _first_input, make_plan
+from .qparams import QParams
+from .settings import Settings
+
+
+def _matmul_any(node: onnx.NodeProto, g: GraphView) -> Slots | None:
+    """MatMul on an NPU: as on the CPU, but its output is requantized too (the NPU writes int8)."""
+    slots = QUANTIZABLE["MatMul"](node, g)
+    return Slots(slots.activations, slots.weight, slots.bias, True) if slots else None
+
+
+def _split(node: onnx.NodeProto, g: GraphView) -> Slots | None:
+    """Split: the input and every output quantized."""
+    return Slots((0,), all_outputs=True) if g.is_float_activation(node.input[0]) else None
+
+
+DATA_MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+"""Ops that move integers without computing: their output keeps the input's scale and zero point."""
+
+NPU_QUANTIZABLE = {
+    **QUANTIZABLE,
+    "MatMul": _matmul_any,
+    "Sub": _all_float_inputs,
+    "Div": _all_float_inputs,
+    "Pow": _all_float_inputs,
+    "Sqrt": _first_input,
+    "HardSigmoid": _first_input,
+    "HardSwish": _first_input,
+    "Tanh": _first_input,
+    "Erf": _first_input,
+    "Gelu": _first_input,
+    "GlobalMaxPool": _first_input,
+    "ReduceMean": _first_input,
+    "Slice": _first_input,
+    "Split": _split,
+    "LayerNormalization": _first_input,
+    **{op: _first_input for op in DATA_MOVEMENT},
+}
+"""Every op an integer-only NPU runs in int8 (ConvTranspose and depthwise Convs included: no CPU-speed policy)."""
+
+NPU_PLACEMENT = Placement(
+    NPU_QUANTIZABLE, default_ops=tuple(NPU_QUANTIZABLE), cpu_policy=False, fuse_activations=True,
+    float_reads_quantized=True, passthrough=DATA_MOVEMENT, share_concat=True, fused_patterns=inner_tensors,
+    range_floors=hard_swish_floors,
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target: where Q/DQ go, the model analysis measures, and what the proposal's float layers cost."""
+
+    name: str
+    placement: Placement
+    deploy: Callable[[onnx.ModelProto], onnx.ModelProto]
+    cost_by_layers: bool  # the proposal counts float layers (npu) rather than their share of the compute (cpu)
+    doc: str
+
+
+TARGETS: dict[str, Target] = {
+    "cpu": Target("cpu", CPU_PLACEMENT, as_deployed, False,
+                  "ONNX Runtime's CPU provider: Q/DQ around Conv/Gemm/MatMul, float where int8 is slower"),
+    "npu": Target("npu", NPU_PLACEMENT, as_deployed, True,
+                  "an integer-only accelerator (RKNN, QNN HTP, Ethos-U): every activation between operators in int8"),
+}
+"""The targets, by the name `settings: target:` takes. The npu's simulation is the exact-int8 QDQ model
+(`deployed.as_deployed`; int8 products exact, see `kernels.py`), as for the cpu."""
+
+
+def get(name: str, where: str = "settings") -> Target:
+    """The target called `name`; an unknown name raises ConfigError listing the valid ones."""
+    try:
+        return TARGETS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"{where}: target {name!r} is not valid.{did_you_mean(str(name), TARGETS)} Use one of: {', '.join(TARGETS)}."
+        ) from None
+
+
+def shared_params(groups: list[list[str]], params: dict[str, QParams]) -> dict[str, QParams]:
+    """`params` with every tensor of a group given the group's widest parameters (largest scale).
+
+    The widest covers every member's range (a Concat's output range is the union of its inputs'; a
+    reshape's is its input's), so sharing clips nothing. Without groups, `params` itself is returned.
+    """
+    if not groups:
+        return params
+    out = dict(params)
+    for group in groups:
+        members = [t for t in group if t in params]
+        if len(members) < 2:
+            continue
+        widest = max(members, key=lambda t: float(np.max(params[t].scale)))
+        for t in members:
+            out[t] = params[widest]
+    return out
+
+
+def check_target_change(
+    temp: onnx.ModelProto, settings: Settings, written_settings: dict, observers: dict[str, HistogramObserver],
+    layers: dict[str, str], where: str,
+) -> None:
+    """Refuse a cfg whose target differs from step1's when step1 did not observe what the new target quantizes.
+
+    A change is honoured when every tensor the new target's plan quantizes has statistics the
+    cfg's algorithm can use (from `npu` to `cpu` usually; from `cpu` to `npu` never, as step1 for
+    `cpu` observes only the tensors around Conv/Gemm/MatMul).
+    """
+    old = written_settings.get("target", "cpu")
+    if settings.target == old:
+        return
+    plan = make_plan(temp, settings, layer_precision=layers, placement=get(settings.target, where).placement)
+    needs_bins = settings.algorithm != "minmax"
+    missing = [t for t in plan.tensors
+               if t not in observers or observers[t].count == 0 or (needs_bins and not observers[t].bins)]
+    if missing:
+        shown = ", ".join(f"'{t}'" for t in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ConfigError(
+            f"{where}: settings target is '{settings.target}' but step1 calibrated this model for '{old}': "
+            f"{len(missing)} tensor(s) the {settings.target} target quantizes have no usable statistics ({shown}). "
+            f"Run step1 again with --target {settings.target}, or set target back to {old}."
+        )
+
+
+def floored(observers: dict[str, HistogramObserver], floors: dict[str, float]) -> dict[str, HistogramObserver]:
+    """`observers` with each floored tensor's statistics clamped from below (copies; mass below the floor moved onto it).
+
+    Every range algorithm then sees the values the reader distinguishes (HardSwish maps all x < -3 to 0).
+    Without floors, `observers` itself is returned.
+    """
+    hit = {t: f for t, f in floors.items() if t in observers and observers[t].count and observers[t].min < f < observers[t].max}
+    if not hit:
+        return observers
+    out = dict(observers)
+    for t, f in hit.items():
+        obs = observers[t]
+        new = replace(obs, min=f, counts=obs.counts.copy())
+        if obs.bins and len(obs.counts):
+            k = min(max(int(np.floor(f / obs.width)) - obs.start, 0), len(obs.counts) - 1)
+            new.counts[k] += new.counts[:k].sum()
+            new.counts[:k] = 0
+        out[t] = new
+    return out

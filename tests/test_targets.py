@@ -1,0 +1,329 @@
+"""`settings: target:` cpu | npu (SPEC 11): the npu's placement on the built graph, its integer numerics, float16 boundaries,
+a target change step2 cannot honour, and cpu models byte-identical to the code before targets existed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+import hybridq
+from hybridq import patterns, targets
+from hybridq._onnx import convert_opset
+from hybridq.errors import ConfigError
+from hybridq.plan import GraphView
+from hybridq.settings import TARGET_NAMES, Settings
+from tests import models, npu_models
+from tests.conftest import run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def npu_build(tmp_path_factory):
+    """every_op through step1 --target npu and step2: (fp32 path, listing, step1 result, built model)."""
+    tmp = tmp_path_factory.mktemp("npu")
+    path = tmp / "every.onnx"
+    onnx.save(npu_models.every_op(), path)
+    listing = models.write_npy_dataset(tmp / "data", {"x": (1, 4, 8, 8)}, 8)
+    r1 = hybridq.step1(path, listing, out=tmp / "ws", settings={"target": "npu"})
+    r2 = hybridq.step2(r1.model, r1.data, r1.cfg, tmp / "q.onnx")
+    return path, listing, r1, onnx.load(str(r2.output))
+
+
+def _index(model: onnx.ModelProto):
+    prod = {o: n for n in model.graph.node for o in n.output}
+    cons: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            cons.setdefault(i, []).append(n)
+    return prod, cons
+
+
+def _params(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[float, int]:
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return float(inits[node.input[1]]), int(inits[node.input[2]])
+
+
+def test_target_names_are_the_registry():
+    # settings validates the name without importing targets (targets imports the plan): the two lists must agree
+    assert TARGET_NAMES == tuple(targets.TARGETS)
+    with pytest.raises(ConfigError, match="target 'gpu' is not valid.*cpu, npu"):
+        targets.get("gpu")
+    with pytest.raises(ConfigError, match="target 'nppu'.*Did you mean: 'npu'"):
+        Settings(target="nppu").validate("settings")
+
+
+def test_npu_every_operator_reads_and_writes_int8(npu_build):
+    """Each listed op reads DequantizeLinear outputs and its outputs feed a QuantizeLinear, except a Relu fused into its Conv."""
+    _, _, r1, q = npu_build
+    temp = onnx.load(str(r1.model))
+    prod, cons = _index(q)
+    # inside a fused pattern (HardSwish = x * HardSigmoid(x), the Gelu chain) tensors stay float: one NPU layer each
+    inner = patterns.inner_tensors(GraphView(temp))
+    assert inner == {"_inlfunc_HardSwish_HS_X", "g_div", "g_erf", "g_add", "g_half"}
+    seen = set()
+    for node in q.graph.node:
+        if node.op_type not in npu_models.NPU_OPS:
+            continue
+        seen.add(node.op_type)
+        acts = [i for i in node.input if (i in prod or i == "x") and i not in inner]
+        if node.name == "relu_fused":  # Conv + Relu is one NPU layer: the Conv's raw output carries no Q/DQ
+            assert acts == ["c1"] and prod["c1"].op_type == "Conv"
+        else:
+            assert all(prod[i].op_type == "DequantizeLinear" for i in acts), node.name
+            assert acts or set(node.input) & inner, node.name
+        for o in node.output:
+            if node.name != "conv1" and o not in inner:
+                assert [c.op_type for c in cons[o]] == ["QuantizeLinear"], (node.name, o)
+            if o in inner:
+                assert "QuantizeLinear" not in [c.op_type for c in cons[o]], (node.name, o)
+    # HardSwish is split into x * HardSigmoid(x) by the temp model's preparation; both halves are checked above
+    expected = {op for n in temp.graph.node for op in [n.op_type] if op in npu_models.NPU_OPS}
+    assert seen == expected and expected >= set(npu_models.NPU_OPS) - {"HardSwish"}
+    # the graph input is quantized as the NPU's input layer is
+    assert [c.op_type for c in cons["x"]] == ["QuantizeLinear"]
+
+
+def test_npu_data_movement_and_concat_share_parameters(npu_build):
+    """Reshape/Transpose/Flatten/Squeeze/Unsqueeze: the output's Q has the input's scale and zero point; Concat's inputs its output's."""
+    _, _, _, q = npu_build
+    prod, cons = _index(q)
+    for node in q.graph.node:
+        if node.op_type in npu_models.DATA_MOVEMENT:
+            before = _params(q, prod[node.input[0]])
+            after = _params(q, cons[node.output[0]][0])
+            assert before == after, node.name
+        if node.op_type == "Concat":
+            out = _params(q, cons[node.output[0]][0])
+            assert all(_params(q, prod[i]) == out for i in node.input), "Concat inputs take the output's parameters"
+
+
+def _quantized_values(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every tensor of the QDQ model by onnx.reference (QDQ semantics, independent of ONNX Runtime's fused kernels)."""
+    ref = ReferenceEvaluator(convert_opset(model, 21))  # onnx.reference implements DequantizeLinear from opset 19
+    names = [o for n in model.graph.node for o in n.output]
+    return dict(zip(names, ref.run(names, {"x": x})))
+
+
+def test_npu_integer_simulation_matches_the_reference(npu_build):
+    """ONNX Runtime (analysis' exact-int8 session) against onnx.reference, and hand-computed integer steps."""
+    _, _, _, q = npu_build
+    x = np.random.default_rng(11).normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    prod, cons = _index(q)
+    ort_out = run(q, {"x": x})
+    for o, got in zip(q.graph.output, ort_out):
+        want = vals[o.name]
+        s, _ = _params(q, prod[prod[o.name].input[0]])  # the DequantizeLinear the final Neg reads
+        # ORT's QLinear kernels round the float result of each op once: at most one step of the last Q's grid apart
+        assert np.max(np.abs(got - want)) <= s * 1.001, o.name
+        assert np.mean(got == want) >= 0.95, o.name
+
+    def q_of(t: str) -> tuple[np.ndarray, float, int]:
+        qnode = next(c for c in cons[t] if c.op_type == "QuantizeLinear")
+        s, z = _params(q, qnode)
+        return vals[qnode.output[0]].astype(np.int64), s, z
+
+    # Add on two int8 inputs: requantize the real sum onto the output grid (numpy, round half to even as QuantizeLinear)
+    (qa, sa, za), (qb, sb, zb), (qo, so, zo) = q_of("r1"), q_of("c2"), q_of("add")
+    want = np.clip(np.rint(((qa - za) * sa + (qb - zb) * sb) / so) + zo, 0, 255)
+    assert np.mean(want == qo) >= 0.99 and np.max(np.abs(want - qo)) <= 1  # float32 vs float64 ties only
+    # data movement copies integers: no requantization
+    qi, _, _ = q_of("sl")
+    qr, _, _ = q_of("rsh")
+    assert np.array_equal(qr, qi.reshape(1, 16, 64))
+    qt, _, _ = q_of("tr")
+    assert np.array_equal(qt, qr.transpose(0, 2, 1))
+    # Concat of inputs already on its grid: the integers are concatenated as they are
+    parts = [q_of(t)[0] for t in ("relu2", "sig", "hsig", "hswish", "tanh", "lrelu", "gelu")]
+    assert np.array_equal(q_of("cat")[0], np.concatenate(parts, axis=1))
+
+
+def test_npu_float16_fallback_boundary(npu_build, tmp_path):
+    """A float16 layer reads the int8 view through Cast(float16) and writes through Cast(float) into the next Q."""
+    _, _, r1, _ = npu_build
+    cfg = Path(r1.cfg)
+    cfg.write_text(cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  sigmoid: float16"))
+    r2 = hybridq.step2(r1.model, r1.data, cfg, tmp_path / "q16.onnx")
+    q = onnx.load(str(r2.output))
+    prod, cons = _index(q)
+    sig = next(n for n in q.graph.node if n.name == "sigmoid")
+    cast_in = prod[sig.input[0]]
+    assert cast_in.op_type == "Cast" and cast_in.attribute[0].i == onnx.TensorProto.FLOAT16
+    assert prod[cast_in.input[0]].op_type == "DequantizeLinear", "the fallback layer reads the int8 view"
+    (cast_out,) = cons[sig.output[0]]
+    assert cast_out.op_type == "Cast" and cast_out.attribute[0].i == onnx.TensorProto.FLOAT
+    assert [c.op_type for c in cons[cast_out.output[0]]] == ["QuantizeLinear"], "the next layer reads int8 again"
+    x = np.random.default_rng(2).normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    # sigmoid of the dequantized clip, by numpy, to float16's precision on (0, 1)
+    clip_dq = vals[cast_in.input[0]]
+    assert np.allclose(vals[cast_out.output[0]], 1 / (1 + np.exp(-clip_dq.astype(np.float64))), rtol=0, atol=2**-10)
+    for got, want in zip(run(q, {"x": x}), (vals[o.name] for o in q.graph.output)):
+        assert np.allclose(got, want, atol=0.05)
+
+
+def test_step2_refuses_a_target_change_step1_did_not_calibrate(tmp_path, capsys):
+    """cpu -> npu needs statistics step1 for cpu never took: ConfigError (exit 2) naming the cfg and what to run."""
+    path = tmp_path / "every.onnx"
+    onnx.save(npu_models.every_op(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 4)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws")
+    cfg = Path(r1.cfg)
+    assert "target: cpu" in cfg.read_text()  # the cfg says which target it was written for
+    cfg.write_text(cfg.read_text().replace("target: cpu", "target: npu"))
+    with pytest.raises(ConfigError, match=r"every\.quantization\.cfg: settings target is 'npu' but step1 calibrated this model for 'cpu'.*--target npu"):
+        hybridq.step2(r1.model, r1.data, cfg, tmp_path / "q.onnx")
+    from hybridq.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["step2", str(r1.model), str(r1.data), str(cfg), "-o", str(tmp_path / "q.onnx")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "step1 calibrated this model for 'cpu'" in err and "Traceback" not in err
+
+
+def test_npu_to_cpu_is_honoured(npu_build, tmp_path):
+    """npu step1 observed every tensor cpu quantizes: step2 for cpu builds, as the cpu placement (Q/DQ around Conv only)."""
+    _, _, r1, _ = npu_build
+    text = Path(r1.cfg).read_text().replace("target: npu", "target: cpu")
+    cfg = tmp_path / "every.quantization.cfg"
+    cfg.write_text(text.replace("custom_quantize_layers:\n  sigmoid: float16", "custom_quantize_layers: {}"))
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, cfg, tmp_path / "q.onnx").output))
+    prod, _ = _index(q)
+    add = next(n for n in q.graph.node if n.name == "add")
+    assert all(prod[i].op_type != "DequantizeLinear" for i in add.input), "cpu leaves Add in float"
+
+
+PRE_TARGETS_SCRIPT = """
+import sys, onnx
+sys.path.insert(0, sys.argv[1])
+import hybridq
+from tests import models, npu_models
+from pathlib import Path
+out = Path(sys.argv[2])
+for name, model, settings in [
+    ("residual", models.residual_cnn(), None),
+    ("mobile", models.mobile_block(8), None),
+    ("every", npu_models.every_op(), {"quantize_ops": ["Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "Sigmoid", "Relu", "Softmax"]}),
+]:
+    d = out / name
+    d.mkdir(parents=True)
+    onnx.save(model, d / "m.onnx")
+    shape = {i.name: tuple(x.dim_value for x in i.type.tensor_type.shape.dim) for i in model.graph.input}
+    listing = models.write_npy_dataset(d / "data", shape, 4)
+    r1 = hybridq.step1(d / "m.onnx", listing, out=d / "ws", settings=settings)
+    hybridq.step2(r1.model, r1.data, r1.cfg, d / "q.onnx")
+"""
+
+
+def _pre_targets_tree(dest: Path) -> str:
+    """The package as it was before targets.py existed (the parent of the commit that added it), unpacked in `dest`."""
+    log = subprocess.run(["git", "-C", str(ROOT), "log", "--diff-filter=A", "--format=%H", "--", "hybridq/targets.py"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    commit = f"{log[-1]}^" if log else "HEAD"  # uncommitted targets.py: HEAD is still the code before it
+    blob = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit, "hybridq"], capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(dest, filter="data")
+    return commit
+
+
+def test_cpu_models_are_byte_identical_to_the_code_before_targets(tmp_path):
+    """The same step1 artifacts and cfg, built by the pre-targets package and by this one: the same bytes (cpu is today's)."""
+    old = tmp_path / "old"
+    _pre_targets_tree(old)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(old), str(ROOT)])}
+    subprocess.run([sys.executable, "-c", PRE_TARGETS_SCRIPT, str(old), str(tmp_path / "runs")], env=env, check=True, cwd=ROOT)
+    for name in ("residual", "mobile", "every"):
+        d = tmp_path / "runs" / name
+        stem = "m"
+        new = hybridq.step2(d / "ws" / f"{stem}.model", d / "ws" / f"{stem}.data", d / "ws" / f"{stem}.quantization.cfg", d / "new.onnx")
+        assert (d / "q.onnx").read_bytes() == Path(new.output).read_bytes(), name
+    # and a fresh step1 with target cpu (its cfg has `target: cpu`) builds the same model again
+    d = tmp_path / "runs" / "every"
+    r1 = hybridq.step1(d / "m.onnx", d / "data" / "dataset.txt", out=tmp_path / "fresh",
+                       settings={"quantize_ops": ["Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "Sigmoid", "Relu", "Softmax"], "target": "cpu"})
+    again = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "fresh.onnx")
+    a, b = onnx.load(str(d / "q.onnx")), onnx.load(str(again.output))
+    assert a.graph.SerializeToString() == b.graph.SerializeToString()
+    # the step1 run's hash covers its settings, which now name the target; every other record is the same
+    assert {p.key: p.value for p in a.metadata_props if p.key != "hybridq.step1_run"} == \
+        {p.key: p.value for p in b.metadata_props if p.key != "hybridq.step1_run"}
+
+
+def test_analyze_and_proposal_on_an_npu_model(npu_build, tmp_path):
+    """analyze measures every npu tensor; the proposal's float16 layers are built through Casts and meet its target."""
+    from hybridq.api import ProposalOptions
+    from hybridq.proposal import Target
+
+    path, listing, r1, q = npu_build
+    qpath = tmp_path / "q.onnx"
+    onnx.save(q, qpath)
+    result = hybridq.analyze(path, qpath, listing, samples=2)
+    measured = {layer.tensor for layer in result.layers}
+    assert {"add", "sub", "cat", "sm", "ln", "rm"} <= measured  # elementwise, concat, softmax, norm, reduce: int8 on npu
+    # a cosine only float can reach: the proposal must move layers to float16 (the npu fallback) and verify it
+    r = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"},
+                      proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, fallback="float16", samples=4))
+    p = r.proposal
+    assert p.layers and set(p.layers.values()) == {"float16"}
+    text = Path(r.cfg).read_text()
+    assert "target: npu" in text and all(f"{n}: float16" in text for n in p.layers)
+    built = onnx.load(str(hybridq.step2(r.model, r.data, r.cfg, tmp_path / "qp.onnx").output))
+    casts = {n.name for n in built.graph.node if n.op_type == "Cast"}
+    assert all(f"{n}_Cast_input0" in casts for n in p.layers)
+
+
+def test_npu_runs_exported_patterns_as_one_layer_each(tmp_path):
+    """LayerNorm, HardSwish, Swish and Gelu chains: Q/DQ on their inputs and results only, numerics as onnx.reference computes them."""
+    path = tmp_path / "patterns.onnx"
+    onnx.save(npu_models.exported_patterns(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 16)}, 8, scale=3.0)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert quantized == {"x", "ln", "hs", "sw", "ge"}
+    x = np.random.default_rng(4).normal(0, 3, (1, 8, 16)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    # the LayerNorm layer: numpy's layer norm of the dequantized input, then one requantization
+    prod, cons = _index(q)
+    xd = vals[next(c for c in cons[cons["x"][0].output[0]] if c.op_type == "DequantizeLinear").output[0]]
+    m = xd.mean(-1, keepdims=True)
+    gamma = onnx.numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == "gamma"))
+    beta = onnx.numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == "beta"))
+    ln = (xd - m) / np.sqrt(((xd - m) ** 2).mean(-1, keepdims=True) + 1e-5) * gamma + beta
+    s, z = _params(q, cons["ln"][0])
+    want = np.clip(np.rint(ln / s) + z, 0, 255)
+    got = vals[cons["ln"][0].output[0]].astype(np.int64)
+    assert np.max(np.abs(want - got)) <= 1 and np.mean(want == got) >= 0.98  # float32 vs float64 only at rounding ties
+    np.testing.assert_allclose(run(q, {"x": x})[0], vals["y"], atol=_params(q, cons["ge"][0])[0] * 1.001)
+
+
+def test_hard_swish_input_range_is_floored_at_minus_three():
+    """HardSwish maps every x < -3 to 0: its input's range starts at -3 (RKNN's cfg does the same), all algorithms agree."""
+    from hybridq.graph import prepare
+    from hybridq.observers import HistogramObserver
+    from hybridq.resolve import compute_range
+
+    temp, _ = prepare(npu_models.exported_patterns())
+    assert patterns.hard_swish_floors(GraphView(temp)) == {"ln": -3.0}  # ln is read only by the clip-form HardSwish
+    data = np.random.default_rng(0).normal(1.0, 4.0, 100_000).astype(np.float32)
+    obs = HistogramObserver()
+    obs.update(data)
+    (fl,) = targets.floored({"t": obs}, {"t": -3.0}).values()
+    ref = HistogramObserver()
+    ref.update(np.maximum(data, -3.0))
+    assert (fl.min, fl.max, fl.count) == (-3.0, float(data.max()), data.size) and obs.min < -3.0  # the original is untouched
+    assert fl.counts.sum() == obs.counts.sum()
+    for algo in ("minmax", "percentile"):
+        lo, hi = compute_range(fl, algo, 256, 99.9)
+        lo_ref, hi_ref = compute_range(ref, algo, 256, 99.9)
+        assert lo == pytest.approx(lo_ref, abs=fl.width) and hi == pytest.approx(hi_ref, abs=fl.width)
