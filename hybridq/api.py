@@ -14,6 +14,7 @@ from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration import calibrate
+from .costmodel import for_step1 as step1_costs
 from .config import Cfg, CfgEntry, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
@@ -147,7 +148,8 @@ def step1(
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
         on_start(n)
-    plan = make_plan(temp, settings)
+    costs, cost_notes = step1_costs(temp, next(ds.samples(limit=1)), settings, Path(out) if out else model_path.parent, model_path.stem)
+    plan = make_plan(temp, settings, costs=costs)
     input_stats = InputStats()
     observers = calibrate(
         temp, input_stats.watch(ds.batches(batch_size, limit=n)), tensors=candidate_tensors(temp), histograms=set(plan.tensors),
@@ -159,6 +161,7 @@ def step1(
     out_dir = Path(out) if out else model_path.parent
     stem = model_path.stem
     header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
+    meta["cost"] = costs.to_dict() if costs else None
     comments = _entry_comments(plan)
     prop, evaluator = None, None
     custom: dict[str, str] = {}
@@ -180,8 +183,8 @@ def step1(
         prop.measured = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
-        quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
-        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes(),
+        quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom, costs), fused=report.fused,
+        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes() + cost_notes + plan.notes,
     )
 
 
@@ -214,11 +217,11 @@ def _step1_record(
     return header, meta
 
 
-def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, custom: dict[str, str]) -> dict[str, int]:
+def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, custom: dict[str, str], costs: Any = None) -> dict[str, int]:
     """Layers per precision as step2 will build and count them: the proposal's float layers applied, `default` as its dtype."""
     if custom:
         names = {n.name for n in temp.graph.node}
-        plan = make_plan(temp, settings, layer_precision={k: v for k, v in custom.items() if k in names})
+        plan = make_plan(temp, settings, layer_precision={k: v for k, v in custom.items() if k in names}, costs=costs)
     counts: dict[str, int] = {}
     for precision, n in plan.precision_counts().items():
         key = settings.dtype if precision == "default" else precision

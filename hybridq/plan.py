@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from .cost import concrete_shapes, layer_macs, nominal_sample
 from ._onnx import GraphIndex
 from .graph import tensor_types
+from .placement import CostTable, Layer, choose_int8
 from .settings import Settings
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -279,6 +280,11 @@ def _absorbed_output(node: onnx.NodeProto, g: GraphView) -> str:
     return out
 
 
+def absorbed_output(node: onnx.NodeProto, g: GraphView) -> str:
+    """The tensor whose Q ends this layer (its output, or that of a sole following Relu/Clip ORT folds into the Q)."""
+    return _absorbed_output(node, g)
+
+
 def _clip_min_is_zero(node: onnx.NodeProto, g: GraphView) -> bool:
     if len(node.input) > 1 and node.input[1] in g.inits:
         return float(g.init_array(node.input[1])) == 0.0
@@ -286,12 +292,13 @@ def _clip_min_is_zero(node: onnx.NodeProto, g: GraphView) -> bool:
 
 
 def _choose_layers(
-    model: onnx.ModelProto, g: GraphView, settings: Settings, layer_precision: dict[str, str], plan: QuantPlan
+    model: onnx.ModelProto, g: GraphView, settings: Settings, layer_precision: dict[str, str], plan: QuantPlan,
+    costs: CostTable | None = None,
 ) -> dict[str, Slots]:
-    """Each node's precision into ``plan.layers`` (the cfg's choice, else the policy); the quantized nodes' slots."""
+    """Each node's precision into ``plan.layers`` (the cfg's choice, else the policy, else the cost model); the quantized nodes' slots."""
     quantized: dict[str, Slots] = {}
     pooled = pooled_tensors(g)
-    dw_share = depthwise_share(model, g) if settings.float_depthwise == "auto" else 0.0
+    dw_share = depthwise_share(model, g) if settings.float_depthwise == "auto" and costs is None else 0.0
     for node in model.graph.node:
         requested = layer_precision.get(node.name)
         handler = QUANTIZABLE.get(node.op_type)
@@ -311,7 +318,34 @@ def _choose_layers(
             continue
         plan.layers[node.name] = LayerPlan(node.name, node.op_type, "default", "default")
         quantized[node.name] = slots
+    if costs is not None:
+        _place_by_cost(g, settings, plan, quantized, costs)
     return quantized
+
+
+def _place_by_cost(g: GraphView, settings: Settings, plan: QuantPlan, quantized: dict[str, Slots], costs: CostTable) -> None:
+    """Keep float the default layers where the measured cost model says int8 does not make the model faster."""
+    free = {n for n, lp in plan.layers.items() if lp.reason == "default" and n in quantized
+            and not (settings.float_depthwise is False and _is_depthwise(g.by_name[n], g))}
+    layers = {}
+    for n, slots in quantized.items():
+        node = g.by_name[n]
+        out = absorbed_output(node, g) if slots.quantize_output else None
+        layers[n] = Layer(tuple(node.input[i] for i in slots.activations), out)
+    fixed = {n for n in quantized if n not in free}
+    readers = {t: [c.name for c in g.consumer_nodes(t)] for lay in layers.values() for t in (*lay.inputs, lay.output) if t}
+    chosen = choose_int8(layers, readers, costs, fixed)
+    dropped = sorted(n for n in free if n in costs.fp32 and n in costs.int8 and n not in chosen.int8)
+    for n in dropped:
+        plan.layers[n] = LayerPlan(n, g.by_name[n].op_type, "float32", (
+            f"int8 is not faster here on this CPU (measured {costs.int8[n]:.3f} ms int8 + its Q/DQ vs {costs.fp32[n]:.3f} ms fp32)"))
+        del quantized[n]
+    if dropped and not chosen.int8 - fixed:
+        plan.notes.append(f"int8 is not faster than fp32 for this model on this CPU: kept {len(dropped)} layers float.")
+    elif costs.model_fp32 > 0:
+        plan.notes.append(
+            f"cost model ({costs.source}): {len(dropped)} layers kept float where int8 is not faster; predicted "
+            f"{chosen.predicted_ms:.2f} ms against {chosen.fp32_ms:.2f} ms in fp32.")
 
 
 def make_plan(
@@ -320,18 +354,20 @@ def make_plan(
     layer_precision: dict[str, str] | None = None,
     tensor_dtype: dict[str, str] | None = None,
     weight_method: dict[str, str] | None = None,
+    costs: CostTable | None = None,
 ) -> QuantPlan:
     """Plan the rewrite of `model` (the temp model).
 
     `layer_precision` maps node names to a precision from the cfg's custom_quantize_layers;
-    `tensor_dtype` and `weight_method` carry per-tensor dtype / qmethod edits from the cfg.
+    `tensor_dtype` and `weight_method` carry per-tensor dtype / qmethod edits from the cfg;
+    `costs`, this CPU's measured cost table (step1's), keeps float the layers where int8 is not faster.
     """
     layer_precision = layer_precision or {}
     tensor_dtype = tensor_dtype or {}
     weight_method = weight_method or {}
     g = GraphView(model)
     plan = QuantPlan()
-    quantized = _choose_layers(model, g, settings, layer_precision, plan)
+    quantized = _choose_layers(model, g, settings, layer_precision, plan, costs)
 
     sym = settings.qtype == "sym"
 

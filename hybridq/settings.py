@@ -14,6 +14,7 @@ DEFAULT_QUANTIZE_OPS = ("Conv", "Gemm", "MatMul")
 ACTIVATION_DTYPES = ("uint8", "int8", "int16", "uint16")
 WEIGHT_DTYPES = ("int8", "int16")
 QTYPES = ("asym", "sym")
+COST_MODELS = ("measured", "macs")
 QMETHODS = ("channel", "layer")
 _QTYPE_ALIASES = {"asymmetric": "asym", "symmetric": "sym"}
 
@@ -68,8 +69,9 @@ class Settings:
     percentile: float = 99.99  # used by algorithm percentile
     quantize_ops: list[str] = field(default_factory=lambda: list(DEFAULT_QUANTIZE_OPS))  # op types quantized by default
     float_stem: bool = True  # keep a Conv with <= 4 input channels in float (int8 is slower there on x86)
-    float_depthwise: bool | str = "auto"  # depthwise Convs in float: true | false | auto (when they are >= 15 % of the compute)
+    float_depthwise: bool | str = "auto"  # depthwise Convs in float: true | false | auto (where int8 is not faster; >= 15 % of MACs with cost_model: macs)
     float_pooled: bool = True  # keep Convs on 1x1 pooled tensors (SE blocks) in float (too small for int8 to pay)
+    cost_model: str = "measured"  # measured (step1 times each layer on this CPU; float where int8 is not faster) | macs (MAC counts, no timing)
 
     def to_dict(self) -> dict:
         """Plain dict for YAML and JSON."""
@@ -100,6 +102,8 @@ class Settings:
             raise ConfigError(f"{where}: quantize_ops must be a list of op types, e.g. [Conv, Gemm, MatMul].")
         if self.float_depthwise != "auto" and not isinstance(self.float_depthwise, bool):
             raise ConfigError(f"{where}: float_depthwise must be true, false or auto, not {self.float_depthwise!r}.")
+        if self.cost_model not in COST_MODELS:
+            raise ConfigError(f"{where}: cost_model {self.cost_model!r} is not valid.{did_you_mean(str(self.cost_model), COST_MODELS)} Use measured or macs.")
         for key in ("float_stem", "float_pooled"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{where}: {key} must be true or false, not {getattr(self, key)!r}.")
