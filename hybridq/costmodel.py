@@ -32,13 +32,13 @@ from .build import initializer_arrays
 from .cost import concrete_shapes
 from .graph import tensor_shapes
 from .placement import CostTable
-from .plan import QUANTIZABLE, GraphView, absorbed_output, make_plan
+from .plan import ABSORBED_ACTIVATIONS, QUANTIZABLE, GraphView, absorbed_output, make_plan
 from .qdq import apply_plan
 from .qparams import compute_qparams
 from .resolve import weight_entry
 from .settings import Settings
 
-FORMAT = 1
+FORMAT = 2
 """Bumped when what is measured changes: an older cache is measured again."""
 THREADS = 1
 """Layers are timed on one thread: the per-core cost, which ranks int8 against fp32 at any thread count."""
@@ -143,10 +143,19 @@ def _bench_model(model: onnx.ModelProto, names: list[str], shapes: dict[str, tup
 
 
 def _int8_model(bench: _Bench, settings: Settings) -> onnx.ModelProto:
-    """The side-by-side model with every layer int8, rewritten as step2 does (activation ranges made up: speed only)."""
+    """The side-by-side model with every layer int8, rewritten as step2 does.
+
+    Activation ranges are made up (speed does not depend on them) but shaped like real ones: a Relu or
+    Clip output starts at 0, so that ONNX Runtime folds the activation into the Q as it does after calibration.
+    """
     everything = dataclasses.replace(settings, float_stem=False, float_depthwise=False, float_pooled=False, cost_model="macs")
     plan = make_plan(bench.model, everything)
-    acts = {t: compute_qparams(-4.0, 4.0, tp.dtype, tp.symmetric) for t, tp in plan.tensors.items()}
+    g = GraphView(bench.model)
+    acts = {}
+    for t, tp in plan.tensors.items():
+        prod = g.producer_node(t)
+        lo = 0.0 if prod is not None and prod.op_type in ABSORBED_ACTIVATIONS else -4.0
+        acts[t] = compute_qparams(lo, 6.0 if lo == 0.0 else 4.0, tp.dtype, tp.symmetric)
     arrays = initializer_arrays(bench.model, plan.weights)
     weights = {w: weight_entry(wp, arrays[w])[1] for w, wp in plan.weights.items()}
     return apply_plan(bench.model, plan, acts, weights).model

@@ -18,6 +18,11 @@ from typing import Any
 
 IMPROVEMENT_MS = 1e-4
 """A move must save more than this (ms) to be taken: ties stay int8, as before."""
+BOUNDARY_WEIGHT = 0.0
+"""Share of a float boundary's measured Q/DQ time charged to a placement. A float layer between int8
+ones also loses ONNX Runtime's NCHWc reorders (ReorderInput/Output, about the size of a Q or DQ of
+the same tensor), which the per-layer fp32 times leave out: the two cancel in the PP-OCR models'
+measured latencies (bench/cost.py), so the search weighs the kernels alone."""
 
 
 @dataclass
@@ -77,7 +82,7 @@ class _Costs:
             cost += self.t.quantize.get(t, 0.0)
         if prod in s and any(r not in s for r in self.readers.get(t, ())):
             cost += self.t.dequantize.get(t, 0.0)
-        return cost
+        return cost * BOUNDARY_WEIGHT
 
     def own(self, n: str) -> float:
         return self.t.int8[n] - self.t.fp32[n]

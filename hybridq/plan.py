@@ -324,24 +324,25 @@ def _choose_layers(
 
 
 def _place_by_cost(g: GraphView, settings: Settings, plan: QuantPlan, quantized: dict[str, Slots], costs: CostTable) -> None:
-    """Keep float the default layers where the measured cost model says int8 does not make the model faster."""
-    free = {n for n, lp in plan.layers.items() if lp.reason == "default" and n in quantized
-            and not (settings.float_depthwise is False and _is_depthwise(g.by_name[n], g))}
+    """Keep float the default layers where int8 does not make the model faster on this CPU (the measured cost
+    table), or every default layer when int8 does not pay at all; ``float_depthwise: false`` keeps depthwise Convs int8."""
+    default = {n for n, lp in plan.layers.items() if lp.reason == "default" and n in quantized}
+    free = {n for n in default if settings.float_depthwise == "auto" or not _is_depthwise(g.by_name[n], g)}
     layers = {}
     for n, slots in quantized.items():
         node = g.by_name[n]
-        out = absorbed_output(node, g) if slots.quantize_output else None
-        layers[n] = Layer(tuple(node.input[i] for i in slots.activations), out)
-    fixed = {n for n in quantized if n not in free}
+        layers[n] = Layer(tuple(node.input[i] for i in slots.activations), absorbed_output(node, g) if slots.quantize_output else None)
     readers = {t: [c.name for c in g.consumer_nodes(t)] for lay in layers.values() for t in (*lay.inputs, lay.output) if t}
-    chosen = choose_int8(layers, readers, costs, fixed)
+    chosen = choose_int8(layers, readers, costs, set(quantized) - free)
     dropped = sorted(n for n in free if n in costs.fp32 and n in costs.int8 and n not in chosen.int8)
-    for n in dropped:
-        plan.layers[n] = LayerPlan(n, g.by_name[n].op_type, "float32", (
-            f"int8 is not faster here on this CPU (measured {costs.int8[n]:.3f} ms int8 + its Q/DQ vs {costs.fp32[n]:.3f} ms fp32)"))
+    whole = costs.model_fp32 > 0 and chosen.predicted_ms >= chosen.fp32_ms and bool(default)
+    for n in sorted(default) if whole else dropped:
+        why = ("int8 does not make this model faster on this CPU (measured cost model)" if whole else
+               f"int8 is not faster here on this CPU (measured {costs.int8[n]:.3f} ms int8 vs {costs.fp32[n]:.3f} ms fp32)")
+        plan.layers[n] = LayerPlan(n, g.by_name[n].op_type, "float32", why)
         del quantized[n]
-    if dropped and not chosen.int8 - fixed:
-        plan.notes.append(f"int8 is not faster than fp32 for this model on this CPU: kept {len(dropped)} layers float.")
+    if whole:
+        plan.notes.append(f"int8 is not faster than fp32 for this model on this CPU: kept {len(default)} layers float.")
     elif costs.model_fp32 > 0:
         plan.notes.append(
             f"cost model ({costs.source}): {len(dropped)} layers kept float where int8 is not faster; predicted "
