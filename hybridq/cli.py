@@ -121,6 +121,8 @@ def step1(
     max_drop: MaxDropOpt = 0.01,
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
+    no_measure: Annotated[bool, typer.Option("--no-measure", help="Do not time layers on this CPU (cost_model: macs): "
+                                             "place by MAC counts, as before the cost model.")] = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -139,7 +141,8 @@ def step1(
 
     if config is None:
         config = find_config(out_dir, model, dataset)
-    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile}
+    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile,
+             "cost_model": "macs" if no_measure else None}
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     with progress("calibrating") as advance:
         res = api.step1(

@@ -37,6 +37,22 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+@pytest.fixture(autouse=True)
+def _mac_cost_model(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """step1 places layers by MAC counts in tests (as with --no-measure), so no test depends on this machine's
+    timings; tests marked ``measured`` run the measured cost model."""
+    if request.node.get_closest_marker("measured") is not None:
+        return
+    import dataclasses
+
+    from hybridq import api, costmodel
+
+    def by_macs(model, sample, settings, out_dir, stem):
+        return costmodel.for_step1(model, sample, dataclasses.replace(settings, cost_model="macs"), out_dir, stem)
+
+    monkeypatch.setattr(api, "step1_costs", by_macs)
+
+
 @pytest.fixture
 def cnn_ws(tmp_path: Path) -> dict[str, Path]:
     """The residual CNN saved to disk with 12 calibration samples."""
