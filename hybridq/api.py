@@ -436,6 +436,7 @@ class ProposalOptions:
     target: Target = field(default_factory=Target)
     max_float_layers: int | None = None
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET  # float compute the proposal may add
+    max_slowdown: float | None = None  # predicted latency the float layers may add, as a factor (measured cost model)
     fallback: str = "float32"
     samples: int = 16  # scored on these; fixes are fitted on as many more when the dataset has them
 
@@ -474,7 +475,7 @@ def run_proposal(
     result = climb(
         temp, observers, meta, settings, base, fit, evaluator, single=single, protected=set(keep), fallback=options.fallback,
         max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
-        started_from=baseline_label, analyse=analyse, where=where,
+        started_from=baseline_label, analyse=analyse, where=where, max_slowdown=options.max_slowdown,
     )
     if shared and result.entries:
         result.warnings.append(f"only {len(scored)} sample(s): the fixes were fitted on the samples they are scored on; "

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from .cost import concrete_shapes, layer_macs, nominal_sample
 from ._onnx import GraphIndex
 from .graph import tensor_types
-from .placement import CostTable, Layer, choose_int8
+from .placement import CostTable, Layer, choose_int8, predicted_ms
 from .settings import Settings
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -328,11 +328,7 @@ def _place_by_cost(g: GraphView, settings: Settings, plan: QuantPlan, quantized:
     table), or every default layer when int8 does not pay at all; ``float_depthwise: false`` keeps depthwise Convs int8."""
     default = {n for n, lp in plan.layers.items() if lp.reason == "default" and n in quantized}
     free = {n for n in default if settings.float_depthwise == "auto" or not _is_depthwise(g.by_name[n], g)}
-    layers = {}
-    for n, slots in quantized.items():
-        node = g.by_name[n]
-        layers[n] = Layer(tuple(node.input[i] for i in slots.activations), absorbed_output(node, g) if slots.quantize_output else None)
-    readers = {t: [c.name for c in g.consumer_nodes(t)] for lay in layers.values() for t in (*lay.inputs, lay.output) if t}
+    layers, readers = _placement_layers(g, quantized)
     chosen = choose_int8(layers, readers, costs, set(quantized) - free)
     dropped = sorted(n for n in free if n in costs.fp32 and n in costs.int8 and n not in chosen.int8)
     whole = costs.model_fp32 > 0 and chosen.predicted_ms >= chosen.fp32_ms and bool(default)
@@ -347,6 +343,29 @@ def _place_by_cost(g: GraphView, settings: Settings, plan: QuantPlan, quantized:
         plan.notes.append(
             f"cost model ({costs.source}): {len(dropped)} layers kept float where int8 is not faster; predicted "
             f"{chosen.predicted_ms:.2f} ms against {chosen.fp32_ms:.2f} ms in fp32.")
+
+
+def _placement_layers(g: GraphView, quantized: dict[str, Slots]) -> tuple[dict[str, Layer], dict[str, list[str]]]:
+    """The quantized layers as placement sees them (activations read, tensor the Q sits on), and who reads those tensors."""
+    layers = {}
+    for n, slots in quantized.items():
+        node = g.by_name[n]
+        layers[n] = Layer(tuple(node.input[i] for i in slots.activations), absorbed_output(node, g) if slots.quantize_output else None)
+    readers = {t: [c.name for c in g.consumer_nodes(t)] for lay in layers.values() for t in (*lay.inputs, lay.output) if t}
+    return layers, readers
+
+
+def predicted_latency(model: onnx.ModelProto, plan: QuantPlan, costs: CostTable) -> float:
+    """Predicted latency (ms, this CPU, 1 thread) of the model built from `plan`, by the measured cost table."""
+    g = GraphView(model)
+    quantized = {}
+    for n, lp in plan.layers.items():
+        handler = QUANTIZABLE.get(lp.op)
+        slots = handler(g.by_name[n], g) if handler and n in g.by_name and lp.precision not in ("float16", "float32") else None
+        if slots is not None:
+            quantized[n] = slots
+    layers, readers = _placement_layers(g, quantized)
+    return predicted_ms(layers, readers, costs, set(layers))
 
 
 def make_plan(

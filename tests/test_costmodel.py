@@ -189,3 +189,38 @@ def test_no_measure_falls_back_to_mac_counts_and_says_so(tmp_path, monkeypatch):
 def test_cost_model_rejects_other_values():
     with pytest.raises(ConfigError, match="cost_model 'fast' is not valid.*Use measured or macs"):
         Settings.from_dict({"cost_model": "fast"}, "hybridq.yaml")
+
+
+def _proposal_run(tmp_path, monkeypatch, max_slowdown):
+    """step1 --proposal on the concat-of-ranges CNN with a stubbed cost table: each layer 1 ms fp32, 0.1 ms int8."""
+    from hybridq.api import ProposalOptions
+    from hybridq.proposal import Target
+
+    model = models.concat_ranges_cnn()
+    temp, _ = prepare(model)
+    names = costmodel.candidates(temp, Settings(float_stem=False))
+    table = CostTable(fp32=dict.fromkeys(names, 1.0), int8=dict.fromkeys(names, 0.1), model_fp32=10.0, source="stub")
+    monkeypatch.setattr(costmodel, "measure", lambda *a: table)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 12, 12)}, 16)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings=Settings(float_stem=False),
+                       proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, max_slowdown=max_slowdown))
+    q = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    int8 = [n for n, v in q.rewrite.layers.items() if v["precision"] not in ("float16", "float32") and n in names]
+    return r1.proposal, names, int8
+
+
+@pytest.mark.measured
+@pytest.mark.parametrize("max_slowdown", [None, 1.1])
+def test_the_proposal_respects_max_slowdown(tmp_path, monkeypatch, max_slowdown):
+    p, names, int8 = _proposal_run(tmp_path, monkeypatch, max_slowdown)
+    before, after, fp32 = p.latency_ms
+    # independent: 10 ms fp32, each int8 layer saves 0.9 ms (kernels only)
+    assert before == pytest.approx(10.0 - 0.9 * len(names)) and fp32 == 10.0
+    assert after == pytest.approx(10.0 - 0.9 * len(int8))
+    if max_slowdown is None:
+        assert p.layers, "unbounded, the proposal floats layers to reach the target"
+    else:
+        assert after <= max_slowdown * before + 1e-9
+        assert p.layers == {}, "one float layer adds 0.9 ms, over 10 % of the predicted 7.3 ms"

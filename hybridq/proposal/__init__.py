@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from ..build import Built, Edits, build
+from ..build import Built, Edits, build, measured_costs
 from ..calibration import session_for
 from ..observers import HistogramObserver
 from ..settings import Settings
@@ -32,11 +32,13 @@ def propose(
     protected: set[str] | None = None, fallback: str = "float32", max_float_layers: int | None = None,
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default quantization",
     analyse: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]] | None = None, where: str = "proposal",
+    max_slowdown: float | None = None,
 ) -> ProposalResult:
     """Climb the ladder of fixes from `base` (the cfg as the user left it); `protected` tensors are never changed.
 
     `samples` are those fixes are fitted on (outlier ranges, bias shifts); the evaluator scores on its own.
     `single` gives isolated layer errors (from a snapshot); otherwise `analyse(temp, quant)` computes them.
+    `max_slowdown` bounds the predicted latency of the float layers added (step1's measured cost table).
     """
     written = meta.get("written_entries", {})
 
@@ -54,4 +56,5 @@ def propose(
     return search(
         ctx, evaluator, make, base, first, single_errors, samples, lambda m: session_for(m, basic=False), fallback=fallback,
         max_float_layers=max_float_layers, max_float_fraction=max_float_fraction, started_from=started_from,
+        costs=measured_costs(meta, settings), max_slowdown=max_slowdown,
     )
