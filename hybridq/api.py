@@ -436,9 +436,9 @@ class ProposalOptions:
     target: Target = field(default_factory=Target)
     max_float_layers: int | None = None
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET  # float compute the proposal may add
-    max_slowdown: float | None = None  # predicted latency the float layers may add, as a factor (measured cost model)
     fallback: str = "float32"
     samples: int = 16  # scored on these; fixes are fitted on as many more when the dataset has them
+    max_slowdown: float | None = None  # predicted latency the float layers may add, as a factor (measured cost model)
 
 
 def run_proposal(

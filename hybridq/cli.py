@@ -67,6 +67,7 @@ HookOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module.py:
 TargetCosOpt = Annotated[Optional[float], typer.Option(help="Proposal target: cosine on every output (default 0.99).")]
 TargetSnrOpt = Annotated[Optional[float], typer.Option(help="Proposal target: SNR in dB on every output (instead of or with cosine).")]
 MaxLayersOpt = Annotated[Optional[int], typer.Option(help="Proposal budget: at most K float layers.")]
+NoMeasureOpt = Annotated[bool, typer.Option("--no-measure", help="Do not time layers on this CPU (cost_model: macs): place by MAC counts.")]
 MaxSlowOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the float layers may slow the model's predicted latency "
                                                     "(step1's measured cost model) by at most this factor, e.g. 1.1; default no limit.")]
 MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the fraction of the Conv/Gemm/MatMul compute the proposal may move to float (default 0.05; 1 for no limit).")]
@@ -124,8 +125,7 @@ def step1(
     max_drop: MaxDropOpt = 0.01,
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
-    no_measure: Annotated[bool, typer.Option("--no-measure", help="Do not time layers on this CPU (cost_model: macs): "
-                                             "place by MAC counts, as before the cost model.")] = False,
+    no_measure: NoMeasureOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -134,25 +134,21 @@ def step1(
     Writes <name>.model, <name>.data and the editable <name>.quantization.cfg.
     """
     from . import api
+    from .workspace import find_config
 
     State.quiet, State.json = quiet, as_json
     if samples is not None and samples < 1:
         raise InputError(f"--samples must be at least 1, got {samples}.")
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
-    from .workspace import find_config
-
     if config is None:
         config = find_config(out_dir, model, dataset)
-    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile,
-             "cost_model": "macs" if no_measure else None}
+    given = {"dtype": dtype, "weight_dtype": weight_dtype, "qmethod": qmethod, "qtype": qtype, "algorithm": algorithm, "percentile": percentile, **_cost_model(no_measure)}
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     with progress("calibrating") as advance:
         res = api.step1(
-            model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
-            on_progress=advance, on_start=advance.start,
-            proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples,
-                                       max_slowdown) if proposal else None,
+            model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size, on_progress=advance, on_start=advance.start,
+            proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples, max_slowdown) if proposal else None,
         )
     lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
     lines += [
@@ -320,6 +316,11 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
             console.out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
+def _cost_model(no_measure: bool) -> dict[str, str | None]:
+    """The cost_model setting --no-measure asks for (None: the workspace's or the default)."""
+    return {"cost_model": "macs" if no_measure else None}
+
+
 def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples, max_slowdown=None):
     from .api import ProposalOptions
     from .proposal import DEFAULT_FLOAT_BUDGET, Target
@@ -334,7 +335,7 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
     if max_slowdown is not None and not max_slowdown >= 1.0:
         raise InputError(f"--max-slowdown {max_slowdown} is below 1; use e.g. 1.1 (the float layers may add 10 % to the predicted latency).")
     budget = DEFAULT_FLOAT_BUDGET if max_float_fraction is None else max_float_fraction
-    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_slowdown)
+    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_slowdown=max_slowdown)
 
 
 def _cost_line(p) -> str:

@@ -250,8 +250,9 @@ def load_or_measure(model: onnx.ModelProto, sample: dict[str, np.ndarray], setti
     return table, False
 
 
-CACHE_DIR = ".hybridq"
-"""The cache's folder in the step1 output directory (the workspace)."""
+def cache_path(out_dir: Path, stem: str) -> Path:
+    """Where step1 caches the cost table: a hidden file beside its artifacts (the workspace)."""
+    return Path(out_dir) / f".{stem}.cost.json"
 
 
 def for_step1(model: onnx.ModelProto, sample: dict[str, np.ndarray], settings: Settings, out_dir: Path, stem: str) -> tuple[CostTable | None, list[str]]:
@@ -259,7 +260,7 @@ def for_step1(model: onnx.ModelProto, sample: dict[str, np.ndarray], settings: S
     if settings.cost_model != "measured":
         return None, ["cost model: MAC counts (cost_model: macs / --no-measure): no layer was timed on this CPU; "
                       "depthwise Convs stay float where they are >= 15 % of the compute."]
-    cache = Path(out_dir) / CACHE_DIR / f"{stem}.cost.json"
+    cache = cache_path(out_dir, stem)
     t0 = time.perf_counter()
     table, reused = load_or_measure(model, sample, settings, cache)
     how = f"reused from {cache}" if reused else f"measured in {time.perf_counter() - t0:.1f} s, cached in {cache}"

@@ -37,20 +37,33 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-@pytest.fixture(autouse=True)
-def _mac_cost_model(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+_MEASURED = [False]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mac_cost_model():
     """step1 places layers by MAC counts in tests (as with --no-measure), so no test depends on this machine's
-    timings; tests marked ``measured`` run the measured cost model."""
-    if request.node.get_closest_marker("measured") is not None:
-        return
+    timings (module-scoped fixtures' step1 runs included); tests marked ``measured`` run the measured cost model."""
     import dataclasses
 
-    from hybridq import api, costmodel
+    from hybridq import api
 
-    def by_macs(model, sample, settings, out_dir, stem):
-        return costmodel.for_step1(model, sample, dataclasses.replace(settings, cost_model="macs"), out_dir, stem)
+    measured = api.step1_costs
 
-    monkeypatch.setattr(api, "step1_costs", by_macs)
+    def chosen(model, sample, settings, out_dir, stem):
+        return measured(model, sample, settings if _MEASURED[0] else dataclasses.replace(settings, cost_model="macs"), out_dir, stem)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "step1_costs", chosen)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _measured_marker(request: pytest.FixtureRequest):
+    """Let a test marked ``measured`` run step1's measured cost model."""
+    _MEASURED[0] = request.node.get_closest_marker("measured") is not None
+    yield
+    _MEASURED[0] = False
 
 
 @pytest.fixture

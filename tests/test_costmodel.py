@@ -158,7 +158,7 @@ def test_step2_follows_the_table_step1_recorded(tmp_path, monkeypatch):
     listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 6)
     monkeypatch.setattr(costmodel, "measure", lambda model, sample, settings: _stub())
     r1 = hybridq.step1(path, listing, out=tmp_path / "ws")
-    assert any("stub" in n for n in r1.notes) and (tmp_path / "ws" / ".hybridq" / "mobile.cost.json").is_file()
+    assert any("stub" in n for n in r1.notes) and (tmp_path / "ws" / ".mobile.cost.json").is_file()
     assert "e_r" in r1.cfg.read_text() and "wd" not in r1.cfg.read_text()
     monkeypatch.setattr(costmodel, "measure", lambda *a: pytest.fail("step2 measured again"))
     r2 = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
