@@ -31,6 +31,7 @@ test-slow: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/run.py
 	$(PY) bench/plain_cnn.py
+	$(PY) bench/cost.py
 	$(PY) bench/bench_analyze.py --models cls,rec,det --rounds 5
 
 bench-quick: $(VENV)/.installed

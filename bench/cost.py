@@ -56,10 +56,10 @@ def small_detector(seed: int = 0, size: int = 320) -> onnx.ModelProto:
     b.nodes.append(helper.make_node("Concat", ["up", p4], ["cat"], name="cat", axis=1))
     n4 = b.conv_bn(b.conv_bn("cat", 128 + c4, 128, 1, 1, True), 128, 128, 3, 1, True)
     outs = []
-    for name, (t, ch) in (("head16", (n4, 128)), ("head32", (lat, 128))):
-        w = b._init(f"{name}.w", b.rng.normal(0, np.sqrt(1.0 / ch), (85 * 3, ch, 1, 1)))
+    for name, t, stride in (("head16", n4, 16), ("head32", lat, 32)):
+        w = b._init(f"{name}.w", b.rng.normal(0, np.sqrt(1.0 / 128), (85 * 3, 128, 1, 1)))
         b.nodes.append(helper.make_node("Conv", [t, w], [name], name=name))
-        outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 85 * 3, size // stride, size // stride]))
     b._init("up_scales", np.array([1, 1, 2, 2], np.float32))
     graph = helper.make_graph(b.nodes, "small_detector", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, size, size])],
                               outs, b.inits)

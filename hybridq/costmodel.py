@@ -43,7 +43,9 @@ FORMAT = 2
 THREADS = 1
 """Layers are timed on one thread: the per-core cost, which ranks int8 against fp32 at any thread count."""
 RUNS = 7
-"""Profiled runs of each small model (the median per node is kept; the first run warms up)."""
+"""Most profiled runs of each small model (the median per node is kept; the first run warms up)."""
+BUDGET_S = 0.25
+"""Time to spend on each timed model beyond its first run: fewer runs (3 at least) for large models."""
 _TAG = re.compile(r"^hqc(\d+)(?:_|$)")
 
 
@@ -165,7 +167,9 @@ def _profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, 
     """Node name -> (op type as run, median kernel time in ms) over RUNS profiled runs, one thread."""
     with tempfile.TemporaryDirectory(prefix="hybridq-cost-") as tmp:
         sess = session(model, threads=THREADS, profile_prefix=os.path.join(tmp, "profile"))
-        for _ in range(RUNS):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        for _ in range(_runs(time.perf_counter() - t0, 2, RUNS - 1)):
             sess.run(None, feeds)
         with open(sess.end_profiling(), encoding="utf-8") as f:
             events = json.load(f)
@@ -183,13 +187,17 @@ def _model_ms(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> float:
     t0 = time.perf_counter()
     sess.run(None, sample)
     first = time.perf_counter() - t0
-    runs = int(min(50, max(5, 0.3 / max(first, 1e-6))))
     times = []
-    for _ in range(runs):
+    for _ in range(_runs(first, 3, 50)):
         t0 = time.perf_counter()
         sess.run(None, sample)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000.0
+
+
+def _runs(first_s: float, least: int, most: int) -> int:
+    """How many more runs fit in BUDGET_S after a first run that took `first_s`."""
+    return int(min(most, max(least, BUDGET_S / max(first_s, 1e-6))))
 
 
 def measure(model: onnx.ModelProto, sample: dict[str, np.ndarray], settings: Settings) -> CostTable:
