@@ -148,7 +148,7 @@ def step1(
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
         on_start(n)
-    costs, cost_notes = step1_costs(temp, next(ds.samples(limit=1)), settings, Path(out) if out else model_path.parent, model_path.stem)
+    costs, cost_notes = step1_costs(temp, next(ds.samples(limit=1), None), settings, Path(out) if out else model_path.parent, model_path.stem)
     plan = make_plan(temp, settings, costs=costs)
     input_stats = InputStats()
     observers = calibrate(

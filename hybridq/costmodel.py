@@ -263,13 +263,21 @@ def cache_path(out_dir: Path, stem: str) -> Path:
     return Path(out_dir) / f".{stem}.cost.json"
 
 
-def for_step1(model: onnx.ModelProto, sample: dict[str, np.ndarray], settings: Settings, out_dir: Path, stem: str) -> tuple[CostTable | None, list[str]]:
-    """step1's cost table (None with ``cost_model: macs``) and a note saying where it came from."""
+def for_step1(
+    model: onnx.ModelProto, sample: dict[str, np.ndarray] | None, settings: Settings, out_dir: Path, stem: str,
+) -> tuple[CostTable | None, list[str]]:
+    """step1's cost table (None with ``cost_model: macs``, or when this model cannot be timed) and a note saying where it came from."""
+    macs = "no layer was timed on this CPU; depthwise Convs stay float where they are >= 15 % of the compute."
     if settings.cost_model != "measured":
-        return None, ["cost model: MAC counts (cost_model: macs / --no-measure): no layer was timed on this CPU; "
-                      "depthwise Convs stay float where they are >= 15 % of the compute."]
+        return None, [f"cost model: MAC counts (cost_model: macs / --no-measure): {macs}"]
+    if sample is None:
+        return None, [f"cost model: MAC counts (no sample to time the layers on): {macs}"]
     cache = cache_path(out_dir, stem)
     t0 = time.perf_counter()
-    table, reused = load_or_measure(model, sample, settings, cache)
+    try:
+        table, reused = load_or_measure(model, sample, settings, cache)
+    except Exception as exc:  # timing is an optimisation: a model ONNX Runtime cannot time in pieces is placed by MACs
+        why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        return None, [f"cost model: MAC counts (timing the layers failed: {why}): {macs}"]
     how = f"reused from {cache}" if reused else f"measured in {time.perf_counter() - t0:.1f} s, cached in {cache}"
     return table, [f"cost model: {len(table.int8)} layers timed in fp32 and int8 ({table.source}; {how})."]

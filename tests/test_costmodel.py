@@ -224,3 +224,15 @@ def test_the_proposal_respects_max_slowdown(tmp_path, monkeypatch, max_slowdown)
     else:
         assert after <= max_slowdown * before + 1e-9
         assert p.layers == {}, "one float layer adds 0.9 ms, over 10 % of the predicted 7.3 ms"
+
+
+@pytest.mark.measured
+def test_a_model_that_cannot_be_timed_is_placed_by_macs_and_says_why(tmp_path, monkeypatch):
+    def broken(*a):
+        raise RuntimeError("ORT could not load the timing graph")
+
+    monkeypatch.setattr(costmodel, "measure", broken)
+    temp, _ = prepare(models.mobile_block(8))
+    table, notes = costmodel.for_step1(temp, SAMPLE, Settings(), tmp_path, "m")
+    assert table is None and "timing the layers failed: ORT could not load the timing graph" in notes[0]
+    assert make_plan(temp, Settings(), costs=table).layers["dw"].precision == "float32", "the MAC rule: depthwise 28 % of the compute"
