@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/plain_cnn.py
 	$(PY) bench/int4.py
 	$(PY) bench/recurrent.py
+	$(PY) bench/cost.py
 	$(PY) bench/bench_analyze.py --models cls,rec,det --rounds 5
 
 bench-quick: $(VENV)/.installed

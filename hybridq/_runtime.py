@@ -56,6 +56,7 @@ def session(
     optimized_model: str | None = None,
     optimized_external_data: str | None = None,
     provider: str = "CPUExecutionProvider",
+    profile_prefix: str | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime CPU session over ``model`` (a proto, or the path of a model file).
 
@@ -71,7 +72,8 @@ def session(
     the optimized graph there (its large initializers into
     ``optimized_external_data`` beside it when given). A proto over 2 GB goes
     through a temporary file with external data. ``provider``: the execution provider (the CPU one unless a
-    runtime is compared, see :mod:`hybridq.analysis.runtime`). Errors of ONNX Runtime
+    runtime is compared, see :mod:`hybridq.analysis.runtime`). ``profile_prefix``: record ONNX Runtime's
+per-node profile into a JSON file starting with this path (read with ``end_profiling``). Errors of ONNX Runtime
     propagate; callers name the model in their own message.
     """
     import onnxruntime as ort
@@ -94,6 +96,9 @@ def session(
         if shared_arena:
             register_shared_arena()
             so.add_session_config_entry("session.use_env_allocators", "1")
+        if profile_prefix is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
         if optimized_model is not None:
             so.optimized_model_filepath = optimized_model
             if optimized_external_data is not None:

@@ -16,6 +16,7 @@ from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration_job import calibrate_dataset
 from .int4 import hessian_inputs
+from .costmodel import for_step1 as step1_costs
 from .config import Cfg, CfgEntry, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
@@ -145,7 +146,9 @@ def step1(
     if on_start:
         on_start(n)
     placement = get_target(settings.target).placement
-    plan = make_plan(temp, settings, placement=placement)
+    costs, cost_notes = (step1_costs(temp, next(ds.samples(limit=1), None), settings, Path(out) if out else model_path.parent, model_path.stem)
+                         if placement.cpu_policy else (None, []))
+    plan = make_plan(temp, settings, placement=placement, costs=costs)
     input_stats = InputStats()
     hessians = hessian_inputs(temp) if settings.int4_rounding == "gptq" else []
     observers = calibrate_dataset(
@@ -159,6 +162,7 @@ def step1(
     stem = model_path.stem
     header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
     meta["control_flow"] = report.control_flow.to_dict()
+    meta["cost"] = costs.to_dict() if costs else None
     comments = _entry_comments(plan)
     prop, evaluator = None, None
     custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
@@ -179,8 +183,8 @@ def step1(
         prop.measured = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
-        quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom), fused=report.fused,
-        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes(),
+        quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom, costs), fused=report.fused,
+        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes() + cost_notes + plan.notes,
         control_flow=report.control_flow.to_dict(),
     )
 
@@ -214,12 +218,12 @@ def _step1_record(
     return header, meta
 
 
-def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, custom: dict[str, str]) -> dict[str, int]:
+def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, custom: dict[str, str], costs: Any = None) -> dict[str, int]:
     """Layers per precision as step2 will build and count them: the proposal's float layers applied, `default` as its dtype."""
     if custom:
         names = {n.name for n in temp.graph.node}
         plan = make_plan(temp, settings, layer_precision={k: v for k, v in custom.items() if k in names},
-                         placement=get_target(settings.target).placement)
+                         placement=get_target(settings.target).placement, costs=costs)
     counts: dict[str, int] = {}
     for precision, n in plan.precision_counts().items():
         key = settings.dtype if precision == "default" else precision
@@ -410,31 +414,12 @@ def load_snapshot(directory: str | Path):
     root = Path(directory)
     if not (root / "manifest.json").exists():
         if (root / "map_name_to_file.txt").exists() or (root / "golden").is_dir():
-            return _rknn_result(root)
+            from .analysis.runtime import rknn_folder_result
+
+            return rknn_folder_result(root)
         raise InputError(f"'{directory}' is not a hybridq snapshot (no manifest.json) nor an RKNN-Toolkit2 accuracy_analysis "
                          f"folder (no golden/ or map_name_to_file.txt). Write one with `hybridq analyze ... --dump {directory}`.")
     return read(directory)
-
-
-def _rknn_result(root: Path) -> AnalysisResult:
-    """RKNN's dumps as an analysis result (one sample, entire error = golden vs simulator)."""
-    from .analysis import AnalysisResult, LayerError, RuntimeRow
-    from .dumps import compare_rknn_dump, first_divergence, read_rknn_dump
-
-    dump = read_rknn_dump(root)
-    rows = compare_rknn_dump(dump)
-    layers = [LayerError(tensor=m.name, layer=m.name, op_type="", shape=tuple(m.shape), dtype="float32",
-                         entire=m.simulator, single=None) for m in rows if m.simulator is not None]
-    notes = [f"RKNN-Toolkit2 accuracy_analysis folder {root}: golden vs simulator, one sample."] + list(dump.notes)
-    if dump.missing:
-        notes.append(f"{len(dump.missing)} tensor(s) listed without a golden file: {', '.join(dump.missing[:6])}")
-    if dump.has_runtime:
-        first = first_divergence(rows)
-        notes.append(f"runtime/ (the board): first tensor where it departs from the simulator: {first.name}"
-                     if first is not None else "runtime/ (the board) agrees with the simulator on every tensor")
-    runtime = [RuntimeRow(m.name, f"RKNN board tensors ({root / 'runtime'})", m.runtime, m.runtime_vs_simulator)
-               for m in rows if m.runtime is not None and m.runtime_vs_simulator is not None]
-    return AnalysisResult(layers, [layers[-1].tensor] if layers else [], 1, notes, runtime=runtime)
 
 
 @dataclass
@@ -448,6 +433,7 @@ class ProposalOptions:
     samples: int = 16  # scored on these; fixes are fitted on as many more when the dataset has them
     max_size_mb: float | None = None  # model-size budget (1 MB = 10^6 bytes), met first with int4 MatMul/Gemm weights
     execution: Execution | None = None  # where the proposal's analyses run (hybridq.execution); None: analyze's default pool
+    max_slowdown: float | None = None  # predicted latency the float layers may add, as a factor (measured cost model)
 
 
 def run_proposal(
@@ -484,7 +470,7 @@ def run_proposal(
     result = climb(
         temp, observers, meta, settings, base, fit, evaluator, single=single, protected=set(keep), fallback=options.fallback,
         max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
-        started_from=baseline_label, analyse=analyse, where=where, max_size_mb=options.max_size_mb,
+        started_from=baseline_label, analyse=analyse, where=where, max_size_mb=options.max_size_mb, max_slowdown=options.max_slowdown,
     )
     if shared and result.entries:
         result.warnings.append(f"only {len(scored)} sample(s): the fixes were fitted on the samples they are scored on; "

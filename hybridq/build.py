@@ -21,6 +21,7 @@ from .config import Cfg, CfgEntry
 from .errors import ConfigError, did_you_mean
 from .int4 import apply_int4
 from .observers import HistogramObserver
+from .placement import CostTable
 from .plan import QuantPlan, make_plan
 from .qdq import RewriteResult, apply_plan
 from .resolve import Resolution, activation_entry, resolve, weight_entry
@@ -189,12 +190,19 @@ def apply_fixes(model: onnx.ModelProto, edits: Edits, where: str = "cfg") -> onn
     return work
 
 
-def plan_for(model: onnx.ModelProto, settings: Settings, edits: Edits, written: dict[str, dict[str, Any]]) -> QuantPlan:
+def measured_costs(meta: dict[str, Any], settings: Settings) -> CostTable | None:
+    """step1's measured cost table, when it measured one and the settings still place by measured cost."""
+    return CostTable.from_dict(meta["cost"]) if meta.get("cost") and settings.cost_model == "measured" else None
+
+
+def plan_for(
+    model: onnx.ModelProto, settings: Settings, edits: Edits, written: dict[str, dict[str, Any]], costs: CostTable | None = None,
+) -> QuantPlan:
     """The plan for these edits: layer precisions and per-tensor dtype/qmethod edits (only keys that differ from step1's)."""
     tensor_dtype = {t: e.values["dtype"] for t, e in edits.entries.items() if "dtype" in e.values and e.values["dtype"] != written.get(t, {}).get("dtype")}
     weight_method = {t: e.values["qmethod"] for t, e in edits.entries.items()
                      if "qmethod" in e.values and e.values["qmethod"] != written.get(t, {}).get("qmethod")}
-    return make_plan(model, settings, edits.layers, tensor_dtype, weight_method, targets.get(settings.target).placement)
+    return make_plan(model, settings, edits.layers, tensor_dtype, weight_method, targets.get(settings.target).placement, costs)
 
 
 def build(
@@ -204,7 +212,7 @@ def build(
     """Fix, plan, resolve parameters and rewrite: the one path from step1's state to a QDQ model."""
     fixed = apply_fixes(temp, edits, where)
     written = meta.get("written_entries", {})
-    plan = plan_for(fixed, settings, edits, written)
+    plan = plan_for(fixed, settings, edits, written, measured_costs(meta, settings))
     written_settings = Settings(**meta.get("written_settings", {}))
     arrays = initializer_arrays(fixed, plan.weights)
     observers = targets.floored(observers, plan.floors)

@@ -67,6 +67,9 @@ HookOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module.py:
 TargetCosOpt = Annotated[Optional[float], typer.Option(help="Proposal target: cosine on every output (default 0.99).")]
 TargetSnrOpt = Annotated[Optional[float], typer.Option(help="Proposal target: SNR in dB on every output (instead of or with cosine).")]
 MaxLayersOpt = Annotated[Optional[int], typer.Option(help="Proposal budget: at most K float layers.")]
+NoMeasureOpt = Annotated[bool, typer.Option("--no-measure", help="Do not time layers on this CPU (cost_model: macs): place by MAC counts.")]
+MaxSlowOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the float layers may slow the model's predicted latency "
+                                                    "(step1's measured cost model) by at most this factor, e.g. 1.1; default no limit.")]
 MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the fraction of the Conv/Gemm/MatMul compute the proposal may move to float (default 0.05; 1 for no limit).")]
 EvalOpt = Annotated[Optional[str], typer.Option("--eval", help="module.py:function(model_path) -> score (higher is better) for the proposal target.")]
 MaxDropOpt = Annotated[float, typer.Option(help="With --eval: largest allowed drop of the score below fp32.")]
@@ -156,6 +159,7 @@ def step1(
     target_snr: TargetSnrOpt = None,
     max_float_layers: MaxLayersOpt = None,
     max_float_fraction: MaxFracOpt = None,
+    max_slowdown: MaxSlowOpt = None,
     eval_fn: EvalOpt = None,
     max_drop: MaxDropOpt = 0.01,
     fallback: FallbackOpt = "float32",
@@ -164,6 +168,7 @@ def step1(
     fix_input: FixInputOpt = None,
     workers: WorkersOpt = 0,
     ray: RayOpt = None,
+    no_measure: NoMeasureOpt = False,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -172,14 +177,14 @@ def step1(
     Writes <name>.model, <name>.data and the editable <name>.quantization.cfg.
     """
     from . import api
+    from .workspace import find_config
 
     State.quiet, State.json = quiet, as_json
     _check_counts(samples, batch_size)
-    from .workspace import find_config
     if config is None:
         config = find_config(out_dir, model, dataset)
     given = dict(dtype=dtype, weight_dtype=weight_dtype, qmethod=qmethod, qtype=qtype, algorithm=algorithm, percentile=percentile, target=target,
-                 int4_rounding=int4_rounding)
+                 int4_rounding=int4_rounding, cost_model="macs" if no_measure else None)  # None: the workspace's or the default
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     execution = _execution(workers, ray)
     with progress("calibrating") as advance:
@@ -187,7 +192,7 @@ def step1(
             model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
             on_progress=advance, on_start=advance.start, fixed_inputs=_fixed_inputs(fix_input), execution=execution,
             proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback,
-                                       proposal_samples, max_size_mb, execution) if proposal else None,
+                                       proposal_samples, max_size_mb, execution, max_slowdown) if proposal else None,
         )
     lines = _step1_lines(res)
     data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused,
@@ -379,7 +384,7 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
 
 
 def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples, max_size_mb=None,
-                      execution=None):
+                      execution=None, max_slowdown=None):
     from .api import ProposalOptions
     from .proposal import DEFAULT_FLOAT_BUDGET, Target
 
@@ -392,8 +397,11 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
         raise InputError(f"--max-float-fraction {max_float_fraction} is outside [0, 1]; use e.g. 0.05 (5 % of the compute).")
     if max_size_mb is not None and not max_size_mb > 0:
         raise InputError(f"--max-size-mb {max_size_mb} must be a positive size in MB, e.g. 1.5.")
+    if max_slowdown is not None and not max_slowdown >= 1.0:
+        raise InputError(f"--max-slowdown {max_slowdown} is below 1; use e.g. 1.1 (the float layers may add 10 % to the predicted latency).")
     budget = DEFAULT_FLOAT_BUDGET if max_float_fraction is None else max_float_fraction
-    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_size_mb, execution)
+    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_size_mb, execution,
+                           max_slowdown=max_slowdown)
 
 
 def _cost_line(p) -> str:
@@ -440,6 +448,8 @@ def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
     if p.measured is not None:
         lines.append(f"  measured on the model step2 builds from the {'written ' if p.layers or p.entries else ''}cfg: {p.measured.describe()}")
     lines.append(_cost_line(p) + f"; {p.evaluations} evaluations, {p.seconds:.1f} s")
+    if p.latency_ms is not None:
+        lines.append("  predicted latency (measured cost model, 1 thread): {1:.2f} ms, from {0:.2f} ms before the proposal; fp32 {2:.2f} ms".format(*p.latency_ms))
     if p.fixes:
         lines.append("  fixes kept (each commented in the cfg): " + "; ".join(p.fixes))
     if not p.met:
@@ -451,6 +461,7 @@ def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
         "candidates": [r.to_dict() for r in p.table],
         "baseline": p.baseline.to_dict(), "baseline_label": p.baseline_label, "predicted": p.predicted.to_dict(),
         "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
+        "predicted_ms": None if p.latency_ms is None else dict(zip(("before", "proposal", "fp32"), p.latency_ms)),
         "your_layers": p.existing, "your_edits": p.edits,
         "float_compute": None if cost is None else {
             "total": cost.fraction, "proposed": cost.share({"proposed"}), "yours": cost.share({"yours"}),
@@ -469,6 +480,7 @@ def propose(
     target_snr: TargetSnrOpt = None,
     max_float_layers: MaxLayersOpt = None,
     max_float_fraction: MaxFracOpt = None,
+    max_slowdown: MaxSlowOpt = None,
     eval_fn: EvalOpt = None,
     max_drop: MaxDropOpt = 0.01,
     fallback: FallbackOpt = "float32",
@@ -501,7 +513,7 @@ def propose(
         raise InputError("propose needs --cfg <name>.quantization.cfg and --dataset D (samples to measure candidates on).")
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
     opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples,
-                             max_size_mb, _execution(workers, ray))
+                             max_size_mb, _execution(workers, ray), max_slowdown)
     result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts, force_preprocess=force_preprocess)
     tables, lines, data = _proposal_report(result)
     if result.written:

@@ -18,6 +18,7 @@ from . import recurrent
 from .cost import concrete_shapes, layer_macs, nominal_sample
 from ._onnx import GraphIndex
 from .graph import tensor_types
+from .placement import CostTable, Layer, choose_int8, predicted_ms
 from .settings import Settings
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -315,6 +316,11 @@ def _absorbed_output(node: onnx.NodeProto, g: GraphView) -> str:
     return out
 
 
+def absorbed_output(node: onnx.NodeProto, g: GraphView) -> str:
+    """The tensor whose Q ends this layer (its output, or that of a sole following Relu/Clip ORT folds into the Q)."""
+    return _absorbed_output(node, g)
+
+
 def _clip_min_is_zero(node: onnx.NodeProto, g: GraphView) -> bool:
     if len(node.input) > 1 and node.input[1] in g.inits:
         return float(g.init_array(node.input[1])) == 0.0
@@ -324,11 +330,12 @@ def _clip_min_is_zero(node: onnx.NodeProto, g: GraphView) -> bool:
 def _choose_layers(
     model: onnx.ModelProto, g: GraphView, settings: Settings, layer_precision: dict[str, str], plan: QuantPlan,
     placement: Placement = CPU_PLACEMENT,
+    costs: CostTable | None = None,
 ) -> dict[str, Slots]:
-    """Each node's precision into ``plan.layers`` (the cfg's choice, else the policy); the quantized nodes' slots."""
+    """Each node's precision into ``plan.layers`` (the cfg's choice, else the policy, else the cost model); the quantized nodes' slots."""
     quantized: dict[str, Slots] = {}
     pooled = pooled_tensors(g) if placement.cpu_policy else set()
-    dw_share = depthwise_share(model, g) if settings.float_depthwise == "auto" and placement.cpu_policy else 0.0
+    dw_share = depthwise_share(model, g) if settings.float_depthwise == "auto" and placement.cpu_policy and costs is None else 0.0
     default_ops = placement.default_ops if placement.default_ops is not None else settings.quantize_ops
     for node in model.graph.node:
         requested = layer_precision.get(node.name)
@@ -353,7 +360,54 @@ def _choose_layers(
             continue
         plan.layers[node.name] = LayerPlan(node.name, node.op_type, "default", "default")
         quantized[node.name] = slots
+    if costs is not None:
+        _place_by_cost(g, settings, plan, quantized, costs)
     return quantized
+
+
+def _place_by_cost(g: GraphView, settings: Settings, plan: QuantPlan, quantized: dict[str, Slots], costs: CostTable) -> None:
+    """Keep float the default layers where int8 does not make the model faster on this CPU (the measured cost
+    table), or every default layer when int8 does not pay at all; ``float_depthwise: false`` keeps depthwise Convs int8."""
+    default = {n for n, lp in plan.layers.items() if lp.reason == "default" and n in quantized}
+    free = {n for n in default if settings.float_depthwise == "auto" or not _is_depthwise(g.by_name[n], g)}
+    layers, readers = _placement_layers(g, quantized)
+    chosen = choose_int8(layers, readers, costs, set(quantized) - free)
+    dropped = sorted(n for n in free if n in costs.fp32 and n in costs.int8 and n not in chosen.int8)
+    whole = costs.model_fp32 > 0 and chosen.predicted_ms >= chosen.fp32_ms and bool(default)
+    for n in sorted(default) if whole else dropped:
+        why = ("int8 does not make this model faster on this CPU (measured cost model)" if whole else
+               f"int8 is not faster here on this CPU (measured {costs.int8[n]:.3f} ms int8 vs {costs.fp32[n]:.3f} ms fp32)")
+        plan.layers[n] = LayerPlan(n, g.by_name[n].op_type, "float32", why)
+        del quantized[n]
+    if whole:
+        plan.notes.append(f"int8 is not faster than fp32 for this model on this CPU: kept {len(default)} layers float.")
+    elif costs.model_fp32 > 0:
+        plan.notes.append(
+            f"cost model ({costs.source}): {len(dropped)} layers kept float where int8 is not faster; predicted "
+            f"{chosen.predicted_ms:.2f} ms against {chosen.fp32_ms:.2f} ms in fp32.")
+
+
+def _placement_layers(g: GraphView, quantized: dict[str, Slots]) -> tuple[dict[str, Layer], dict[str, list[str]]]:
+    """The quantized layers as placement sees them (activations read, tensor the Q sits on), and who reads those tensors."""
+    layers = {}
+    for n, slots in quantized.items():
+        node = g.by_name[n]
+        layers[n] = Layer(tuple(node.input[i] for i in slots.activations), absorbed_output(node, g) if slots.quantize_output else None)
+    readers = {t: [c.name for c in g.consumer_nodes(t)] for lay in layers.values() for t in (*lay.inputs, lay.output) if t}
+    return layers, readers
+
+
+def predicted_latency(model: onnx.ModelProto, plan: QuantPlan, costs: CostTable) -> float:
+    """Predicted latency (ms, this CPU, 1 thread) of the model built from `plan`, by the measured cost table."""
+    g = GraphView(model)
+    quantized = {}
+    for n, lp in plan.layers.items():
+        handler = QUANTIZABLE.get(lp.op)
+        slots = handler(g.by_name[n], g) if handler and n in g.by_name and lp.precision not in ("float16", "float32") else None
+        if slots is not None:
+            quantized[n] = slots
+    layers, readers = _placement_layers(g, quantized)
+    return predicted_ms(layers, readers, costs, set(layers))
 
 
 def make_plan(
@@ -363,18 +417,20 @@ def make_plan(
     tensor_dtype: dict[str, str] | None = None,
     weight_method: dict[str, str] | None = None,
     placement: Placement = CPU_PLACEMENT,
+    costs: CostTable | None = None,
 ) -> QuantPlan:
     """Plan the rewrite of `model` (the temp model) for a target's `placement`.
 
     `layer_precision` maps node names to a precision from the cfg's custom_quantize_layers;
-    `tensor_dtype` and `weight_method` carry per-tensor dtype / qmethod edits from the cfg.
+    `tensor_dtype` and `weight_method` carry per-tensor dtype / qmethod edits from the cfg;
+    `costs`, this CPU's measured cost table (step1's), keeps float the layers where int8 is not faster.
     """
     layer_precision = layer_precision or {}
     tensor_dtype = tensor_dtype or {}
     weight_method = weight_method or {}
     g = GraphView(model)
     plan = QuantPlan()
-    quantized = _choose_layers(model, g, settings, layer_precision, plan, placement)
+    quantized = _choose_layers(model, g, settings, layer_precision, plan, placement, costs)
     fused = _fused_activations(quantized, g) if placement.fuse_activations else set()
 
     sym = settings.qtype == "sym"

@@ -14,6 +14,7 @@ DEFAULT_QUANTIZE_OPS = ("Conv", "Gemm", "MatMul", "LSTM")  # LSTM: int8 weights 
 ACTIVATION_DTYPES = ("uint8", "int8", "int16", "uint16")
 WEIGHT_DTYPES = ("int8", "int16")
 QTYPES = ("asym", "sym")
+COST_MODELS = ("measured", "macs")
 QMETHODS = ("channel", "layer")
 TARGET_NAMES = ("cpu", "npu")  # the keys of targets.TARGETS (settings cannot import it: targets imports the plan)
 _QTYPE_ALIASES = {"asymmetric": "asym", "symmetric": "sym"}
@@ -70,12 +71,13 @@ class Settings:
     percentile: float = 99.99  # used by algorithm percentile
     quantize_ops: list[str] = field(default_factory=lambda: list(DEFAULT_QUANTIZE_OPS))  # op types quantized by default
     float_stem: bool = True  # keep a Conv with <= 4 input channels in float (int8 is slower there on x86)
-    float_depthwise: bool | str = "auto"  # depthwise Convs in float: true | false | auto (when they are >= 15 % of the compute)
+    float_depthwise: bool | str = "auto"  # depthwise Convs in float: true | false | auto (where int8 is not faster; >= 15 % of MACs with cost_model: macs)
     float_pooled: bool = True  # keep Convs on 1x1 pooled tensors (SE blocks) in float (too small for int8 to pay)
     int4_block_size: int = 32  # int4 layers: input features per weight scale (power of 2, >= 16)
     int4_rounding: str = "rtn"  # int4 layers: rtn (round to nearest) | gptq (uses X^T X recorded by step1)
     int4_activations: str = "float"  # int4 layers: float | int8 (ORT quantizes the input per block: accuracy_level 4)
     target: str = "cpu"  # where the model runs: cpu (ONNX Runtime's CPU kernels) | npu (every operator in int8; SPEC 11)
+    cost_model: str = "measured"  # measured (step1 times each layer on this CPU; float where int8 is not faster) | macs (MAC counts, no timing)
 
     def to_dict(self) -> dict:
         """Plain dict for YAML and JSON."""
@@ -107,6 +109,8 @@ class Settings:
         if self.float_depthwise != "auto" and not isinstance(self.float_depthwise, bool):
             raise ConfigError(f"{where}: float_depthwise must be true, false or auto, not {self.float_depthwise!r}.")
         validate_int4(self, where)
+        if self.cost_model not in COST_MODELS:
+            raise ConfigError(f"{where}: cost_model {self.cost_model!r} is not valid.{did_you_mean(str(self.cost_model), COST_MODELS)} Use measured or macs.")
         for key in ("float_stem", "float_pooled"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{where}: {key} must be true or false, not {getattr(self, key)!r}.")

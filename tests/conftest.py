@@ -37,6 +37,35 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+_MEASURED = [False]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mac_cost_model():
+    """step1 places layers by MAC counts in tests (as with --no-measure), so no test depends on this machine's
+    timings (module-scoped fixtures' step1 runs included); tests marked ``measured`` run the measured cost model."""
+    import dataclasses
+
+    from hybridq import api
+
+    measured = api.step1_costs
+
+    def chosen(model, sample, settings, out_dir, stem):
+        return measured(model, sample, settings if _MEASURED[0] else dataclasses.replace(settings, cost_model="macs"), out_dir, stem)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(api, "step1_costs", chosen)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _measured_marker(request: pytest.FixtureRequest):
+    """Let a test marked ``measured`` run step1's measured cost model."""
+    _MEASURED[0] = request.node.get_closest_marker("measured") is not None
+    yield
+    _MEASURED[0] = False
+
+
 @pytest.fixture
 def cnn_ws(tmp_path: Path) -> dict[str, Path]:
     """The residual CNN saved to disk with 12 calibration samples."""

@@ -56,7 +56,7 @@ def _start(earlier: dict[str, Path], *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(earlier["tmp"]))
     env.pop("HYBRIDQ_DEBUG", None)
     cmd = [sys.executable, "-m", "hybridq", "step1", str(earlier["model"]), "--dataset", str(earlier["dataset"]),
-           "--out", str(earlier["out"]), *extra]
+           "--out", str(earlier["out"]), "--no-measure", *extra]  # as the in-process earlier run (conftest): no cost cache file
     return subprocess.Popen(cmd, cwd=earlier["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

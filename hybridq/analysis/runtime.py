@@ -19,10 +19,10 @@ import numpy as np
 import onnx
 
 from .. import _runtime
-from ..dumps import DeviceDump, read_device_dump
+from ..dumps import DeviceDump, compare_rknn_dump, first_divergence, read_device_dump, read_rknn_dump
 from ..errors import InputError
 from ..metrics import Accumulator
-from .results import AnalysisResult, RuntimeRow
+from .results import AnalysisResult, LayerError, RuntimeRow
 
 
 @dataclass(frozen=True)
@@ -164,3 +164,21 @@ def runtime_column(runtime: str | None, fm: onnx.ModelProto, qm: onnx.ModelProto
     def then(result: AnalysisResult) -> None:
         result.runtime = compare_runtime(fm, qm, samples(), runtime)
     return None, then
+
+
+def rknn_folder_result(root: Path) -> AnalysisResult:
+    """RKNN's dumps as an analysis result (one sample, entire error = golden vs simulator)."""
+    dump = read_rknn_dump(root)
+    rows = compare_rknn_dump(dump)
+    layers = [LayerError(tensor=m.name, layer=m.name, op_type="", shape=tuple(m.shape), dtype="float32",
+                         entire=m.simulator, single=None) for m in rows if m.simulator is not None]
+    notes = [f"RKNN-Toolkit2 accuracy_analysis folder {root}: golden vs simulator, one sample."] + list(dump.notes)
+    if dump.missing:
+        notes.append(f"{len(dump.missing)} tensor(s) listed without a golden file: {', '.join(dump.missing[:6])}")
+    if dump.has_runtime:
+        first = first_divergence(rows)
+        notes.append(f"runtime/ (the board): first tensor where it departs from the simulator: {first.name}"
+                     if first is not None else "runtime/ (the board) agrees with the simulator on every tensor")
+    runtime = [RuntimeRow(m.name, f"RKNN board tensors ({root / 'runtime'})", m.runtime, m.runtime_vs_simulator)
+               for m in rows if m.runtime is not None and m.runtime_vs_simulator is not None]
+    return AnalysisResult(layers, [layers[-1].tensor] if layers else [], 1, notes, runtime=runtime)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from ..build import Built, Edits, build
+from ..build import Built, Edits, build, measured_costs
 from ..calibration import session_for
 from ..observers import HistogramObserver
 from ..settings import Settings
@@ -33,12 +33,14 @@ def propose(
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default quantization",
     analyse: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]] | None = None, where: str = "proposal",
     max_size_mb: float | None = None,
+    max_slowdown: float | None = None,
 ) -> ProposalResult:
     """Climb the ladder of fixes from `base` (the cfg as the user left it); `protected` tensors are never changed.
 
     `samples` are those fixes are fitted on (outlier ranges, bias shifts); the evaluator scores on its own.
     `single` gives isolated layer errors (from a snapshot); otherwise `analyse(temp, quant)` computes them.
     `max_size_mb` is a model-size budget met first with int4 weights (ranked by `analyse` of an all-int4 build).
+    `max_slowdown` bounds the predicted latency of the float layers added (step1's measured cost table).
     """
     written = meta.get("written_entries", {})
 
@@ -58,4 +60,5 @@ def propose(
         max_float_layers=max_float_layers, max_float_fraction=max_float_fraction, started_from=started_from,
         max_bytes=int(max_size_mb * 1e6) if max_size_mb is not None else None,
         measure=(lambda m: analyse(temp, m)) if analyse is not None else None,
+        costs=measured_costs(meta, settings), max_slowdown=max_slowdown,
     )

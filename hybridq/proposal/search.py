@@ -22,7 +22,8 @@ import onnx
 from ..build import Built, Edits
 from ..errors import ConfigError
 from ..cost import PROPOSED, USER, FloatShare, concrete_shapes, float_share, layer_macs
-from ..plan import QuantPlan
+from ..placement import CostTable
+from ..plan import QuantPlan, predicted_latency
 from ..settings import Settings
 from ..targets import get as get_target
 from .evaluator import Evaluator, Score
@@ -122,6 +123,7 @@ class ProposalResult:
     edits: list[str] = field(default_factory=list)
     written: bool = False
     warnings: list[str] = field(default_factory=list)
+    latency_ms: tuple[float, float, float] | None = None  # predicted: the starting model, the proposal's, fp32 (measured cost model)
 
 
 class _Climb:
@@ -209,10 +211,13 @@ def search(
     single: Callable[[], dict[str, float]], samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any], *, fallback: str = "float32",
     max_float_layers: int | None = None, max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default quantization",
     max_bytes: int | None = None, measure: Callable[[onnx.ModelProto], dict[str, float]] | None = None,
+    costs: CostTable | None = None, max_slowdown: float | None = None,
 ) -> ProposalResult:
     """The cheapest candidate that meets the evaluator's target, or the best one within the budget.
 
     With `max_bytes`, int4 weights first bring the model under that size (`measure` gives isolated cosines to rank by).
+    With `costs` (step1's measured cost table) and `max_slowdown`, the float layers added may slow the
+    starting model's predicted latency by at most that factor.
     """
     t0 = time.perf_counter()
     climb = _Climb(ctx, evaluator, build, base, first, started_from)
@@ -220,6 +225,9 @@ def search(
         _size_step(climb, measure or (lambda m: {}), max_bytes)
     macs = layer_macs(concrete_shapes(ctx.temp, samples[0]) if samples else ctx.temp)
     total = sum(macs.values()) or 1.0
+    start_ms = predicted_latency(ctx.temp, first.plan, costs) if costs is not None else None
+    ms_budget = (max_slowdown - 1.0) * start_ms if start_ms is not None and max_slowdown is not None else None
+    ms_added = {n: max(0.0, costs.fp32[n] - costs.int8[n]) for n in costs.int8 if n in costs.fp32} if costs is not None else {}
     ranked: list[tuple[str, float]] = []
     if climb.met:
         choice = ", ".join(c.label for c in climb.kept) or f"{started_from} already meets the target; nothing to change"
@@ -233,13 +241,16 @@ def search(
             weights, unit = {n: 1.0 for n in ctx.plan.layers}, "quantized layers"
             wtotal = float(len(weights)) or 1.0
         order = _by_output_effect(climb, ranked, fallback, weights, wtotal)
-        budget = _within_budget(order, weights, wtotal, len(taken), max_float_fraction, max_float_layers)
+        budget = _within_budget(order, weights, wtotal, len(taken), max_float_fraction, max_float_layers, ms_added, ms_budget)
         if max_bytes is not None:  # float weights are 4x int8 ones: keep the size budget
             budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
         choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, weights, wtotal, unit)
     if climb.prune():
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
-    return _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
+    result = _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
+    if costs is not None:
+        result.latency_ms = (start_ms, predicted_latency(ctx.temp, climb.built.plan, costs), costs.model_fp32)
+    return result
 
 
 def _size_step(climb: _Climb, measure: Callable[[onnx.ModelProto], dict[str, float]], max_bytes: int) -> None:
@@ -294,14 +305,20 @@ def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], sessio
 
 
 def _within_budget(order: list[str], macs: dict[str, float], total: float, taken: int,
-                   max_fraction: float | None, max_layers: int | None) -> list[str]:
-    """The layers of `order`, in order, that fit the float budget (compute share added, layer count with the user's)."""
+                   max_fraction: float | None, max_layers: int | None,
+                   ms_added: dict[str, float] | None = None, ms_budget: float | None = None) -> list[str]:
+    """The layers of `order`, in order, that fit the float budget (compute share added, layer count with the user's,
+    predicted milliseconds added when a measured cost table and --max-slowdown give one)."""
     names: list[str] = []
-    used = 0.0
+    used = used_ms = 0.0
     for n in order:
         share = macs.get(n, 0.0) / total
         if max_fraction is not None and used + share > max_fraction + 1e-12:
             continue
+        ms = (ms_added or {}).get(n, 0.0)
+        if ms_budget is not None and used_ms + ms > ms_budget + 1e-9:
+            continue
+        used_ms += ms
         if max_layers is not None and len(names) + taken >= max_layers:
             break
         names.append(n)

@@ -1,0 +1,238 @@
+"""The `target: cpu` cost model: measured per-layer costs, their cache, and placement by predicted latency."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+
+import hybridq
+from hybridq import costmodel, placement
+from hybridq._runtime import session
+from hybridq.graph import prepare, tensor_shapes
+from hybridq.cost import concrete_shapes
+from hybridq.placement import CostTable, Layer, choose_int8, predicted_ms
+from hybridq.plan import make_plan
+from hybridq.settings import Settings
+from hybridq.errors import ConfigError
+from tests import models
+from tests.conftest import cosine, run
+
+SAMPLE = {"x": np.zeros((1, 3, 16, 16), np.float32)}
+
+
+def _stub(fast_dw: bool = False) -> CostTable:
+    """Costs of models.mobile_block: expand and project 3x faster in int8; dw slower unless `fast_dw`."""
+    return CostTable(
+        fp32={"stem": 0.2, "expand": 1.0, "dw": 0.5, "project": 1.0},
+        int8={"stem": 0.4, "expand": 0.3, "dw": 0.4 if fast_dw else 0.9, "project": 0.3},
+        quantize={"s_r": 0.05, "e_r": 0.1, "d_r": 0.1}, dequantize={"e_r": 0.1, "d_r": 0.1},
+        model_fp32=3.0, source="stub",
+    )
+
+
+def test_placement_keeps_the_layer_where_int8_is_slower_float():
+    temp, _ = prepare(models.mobile_block(64))
+    plan = make_plan(temp, Settings(), costs=_stub())
+    assert plan.layers["dw"].precision == "float32" and "not faster" in plan.layers["dw"].reason
+    assert "wd" not in plan.weights
+    assert plan.layers["expand"].precision == plan.layers["project"].precision == "default"
+    # kernels only (BOUNDARY_WEIGHT 0): 3.0 + (0.3 - 1.0) + (0.3 - 1.0) = 1.6 ms
+    assert any("predicted 1.60 ms against 3.00 ms" in n for n in plan.notes)
+    assert make_plan(temp, Settings(), costs=_stub(fast_dw=True)).layers["dw"].precision == "default"
+
+
+def test_float_depthwise_false_overrides_the_cost_model():
+    temp, _ = prepare(models.mobile_block(64))
+    assert make_plan(temp, Settings(float_depthwise=False), costs=_stub()).layers["dw"].precision == "default"
+    assert "depthwise" in make_plan(temp, Settings(float_depthwise=True), costs=_stub(fast_dw=True)).layers["dw"].reason
+
+
+def test_a_model_where_int8_does_not_pay_stays_float_and_says_so():
+    temp, _ = prepare(models.mobile_block(64))
+    slow = _stub()
+    slow.int8 = {k: v * 2 + 1 for k, v in slow.fp32.items()}
+    plan = make_plan(temp, Settings(), costs=slow)
+    assert {n: lp.precision for n, lp in plan.layers.items() if n != "stem"} == dict.fromkeys(("expand", "dw", "project"), "float32")
+    assert not plan.tensors and not plan.weights
+    assert "int8 is not faster than fp32 for this model on this CPU: kept 3 layers float." in plan.notes
+
+
+def _brute_force(layers, readers, table, weight):
+    """min over every subset of the latency formula in placement's docstring, written out independently."""
+    producer = {lay.output: n for n, lay in layers.items() if lay.output}
+    best = None
+    for k in range(len(layers) + 1):
+        for s in map(set, itertools.combinations(sorted(layers), k)):
+            t = table.model_fp32 + sum(table.int8[n] - table.fp32[n] for n in s)
+            tensors = {x for n in s for x in (*layers[n].inputs, layers[n].output) if x}
+            for x in tensors:
+                if producer.get(x) not in s and any(x in layers[n].inputs for n in s):
+                    t += weight * table.quantize.get(x, 0.0)
+                if producer.get(x) in s and any(r not in s for r in readers.get(x, [])):
+                    t += weight * table.dequantize.get(x, 0.0)
+            best = t if best is None else min(best, t)
+    return best
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_a_run_of_layers_moves_to_float_together(monkeypatch, weight):
+    """a -> b -> c where each int8 kernel saves a little but the run's Q and DQ cost more: with boundaries
+    charged, only moving the whole run to float finds the optimum (single flips each add a boundary)."""
+    monkeypatch.setattr(placement, "BOUNDARY_WEIGHT", weight)
+    layers = {"a": Layer(("x",), "ta"), "b": Layer(("ta",), "tb"), "c": Layer(("tb",), "tc")}
+    readers = {"x": ["a"], "ta": ["b"], "tb": ["c"], "tc": ["sink"]}
+    table = CostTable(fp32=dict.fromkeys("abc", 1.0), int8=dict.fromkeys("abc", 0.9),
+                      quantize={"x": 0.25, "ta": 0.25, "tb": 0.25}, dequantize={"ta": 0.25, "tb": 0.25, "tc": 0.25}, model_fp32=5.0)
+    chosen = choose_int8(layers, readers, table)
+    assert chosen.predicted_ms == pytest.approx(_brute_force(layers, readers, table, weight))
+    assert chosen.int8 == (set() if weight else {"a", "b", "c"})
+    assert predicted_ms(layers, readers, table, chosen.int8) == pytest.approx(chosen.predicted_ms)
+
+
+@pytest.mark.measured
+def test_measured_int8_layers_run_as_integer_kernels(tmp_path):
+    """The timed int8 graph is what ORT fuses after calibration: one QLinearConv per layer, no float Conv left."""
+    temp, _ = prepare(models.mobile_block(16))
+    shapes = tensor_shapes(concrete_shapes(temp, SAMPLE))
+    bench = costmodel._bench_model(temp, costmodel.candidates(temp, Settings()), shapes)
+    assert sorted(bench.layers.values()) == ["dw", "expand", "project", "stem"]
+    optimized = tmp_path / "opt.onnx"
+    session(costmodel._int8_model(bench, Settings()), threads=1, optimization="all", optimized_model=str(optimized))
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert ops.count("QLinearConv") == 4 and "Conv" not in ops and "FusedConv" not in ops
+    table = costmodel.measure(temp, SAMPLE, Settings())
+    assert set(table.fp32) == set(table.int8) == set(bench.layers.values())
+    assert all(v > 0 for v in [*table.fp32.values(), *table.int8.values(), table.model_fp32])
+    assert set(table.quantize) == {"x", "s_r", "e_r", "d_r"}
+
+
+def _counting(monkeypatch):
+    calls = []
+
+    def fake(model, sample, settings):
+        calls.append(sample["x"].shape)
+        return CostTable(fp32={"dw": 1.0}, int8={"dw": 2.0}, model_fp32=float(len(calls)), source="stub")
+
+    monkeypatch.setattr(costmodel, "measure", fake)
+    return calls
+
+
+def test_cost_cache_is_reused_and_invalidated_on_shape_cpu_and_ort_change(tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    temp, _ = prepare(models.mobile_block(16))
+    cache = tmp_path / ".hybridq" / "m.cost.json"
+    t1, reused = costmodel.load_or_measure(temp, SAMPLE, Settings(), cache)
+    assert not reused and len(calls) == 1 and json.loads(cache.read_text())["table"]["model_fp32"] == 1.0
+    t2, reused = costmodel.load_or_measure(temp, SAMPLE, Settings(), cache)
+    assert reused and len(calls) == 1 and t2 == t1
+    big = {"x": np.zeros((1, 3, 32, 32), np.float32)}
+    assert costmodel.load_or_measure(temp, big, Settings(), cache)[1] is False and calls[-1] == (1, 3, 32, 32)
+    assert costmodel.load_or_measure(temp, big, Settings(), cache)[1] is True
+    monkeypatch.setattr(costmodel, "cpu_id", lambda: "another CPU [flags 000000000000]")
+    assert costmodel.load_or_measure(temp, big, Settings(), cache)[1] is False
+    monkeypatch.setattr(onnxruntime, "__version__", "0.0.1")
+    assert costmodel.load_or_measure(temp, big, Settings(), cache)[1] is False
+    assert costmodel.load_or_measure(temp, big, Settings(), cache)[1] is True
+    other, _ = prepare(models.mobile_block(8))
+    assert costmodel.load_or_measure(other, big, Settings(), cache)[1] is False
+    assert len(calls) == 5
+
+
+def test_cpu_id_names_the_vnni_flag_when_present():
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    assert ("avx512_vnni" in costmodel.cpu_id()) == (" avx512_vnni" in flags)
+
+
+@pytest.mark.measured
+def test_step2_follows_the_table_step1_recorded(tmp_path, monkeypatch):
+    """step1 records its cost table in the .data meta; step2 places from it (not from a new measurement)."""
+    path = tmp_path / "mobile.onnx"
+    onnx.save(models.mobile_block(64), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 6)
+    monkeypatch.setattr(costmodel, "measure", lambda model, sample, settings: _stub())
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws")
+    assert any("stub" in n for n in r1.notes) and (tmp_path / "ws" / ".mobile.cost.json").is_file()
+    assert "e_r" in r1.cfg.read_text() and "wd" not in r1.cfg.read_text()
+    monkeypatch.setattr(costmodel, "measure", lambda *a: pytest.fail("step2 measured again"))
+    r2 = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    q = onnx.load(str(r2.output))
+    dw = next(n for n in q.graph.node if n.name == "dw")
+    assert dw.input[1] == "wd", "the depthwise weight is read directly as float"
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        feeds = {"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)}
+        assert cosine(run(r2.output, feeds)[0], run(path, feeds)[0]) > 0.99
+
+
+@pytest.mark.measured
+def test_no_measure_falls_back_to_mac_counts_and_says_so(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hybridq.cli import app
+
+    path = tmp_path / "mobile.onnx"
+    onnx.save(models.mobile_block(8), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 4)
+    monkeypatch.setattr(costmodel, "measure", lambda *a: pytest.fail("--no-measure measured"))
+    res = CliRunner().invoke(app, ["step1", str(path), "--dataset", str(listing), "--out", str(tmp_path / "ws"), "--no-measure"])
+    assert res.exit_code == 0, res.output
+    assert "MAC counts" in res.output and "cost_model: macs" in (tmp_path / "ws" / "mobile.quantization.cfg").read_text()
+
+
+def test_cost_model_rejects_other_values():
+    with pytest.raises(ConfigError, match="cost_model 'fast' is not valid.*Use measured or macs"):
+        Settings.from_dict({"cost_model": "fast"}, "hybridq.yaml")
+
+
+def _proposal_run(tmp_path, monkeypatch, max_slowdown):
+    """step1 --proposal on the concat-of-ranges CNN with a stubbed cost table: each layer 1 ms fp32, 0.1 ms int8."""
+    from hybridq.api import ProposalOptions
+    from hybridq.proposal import Target
+
+    model = models.concat_ranges_cnn()
+    temp, _ = prepare(model)
+    names = costmodel.candidates(temp, Settings(float_stem=False))
+    table = CostTable(fp32=dict.fromkeys(names, 1.0), int8=dict.fromkeys(names, 0.1), model_fp32=10.0, source="stub")
+    monkeypatch.setattr(costmodel, "measure", lambda *a: table)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 12, 12)}, 16)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings=Settings(float_stem=False),
+                       proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, max_slowdown=max_slowdown))
+    q = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    int8 = [n for n, v in q.rewrite.layers.items() if v["precision"] not in ("float16", "float32") and n in names]
+    return r1.proposal, names, int8
+
+
+@pytest.mark.measured
+@pytest.mark.parametrize("max_slowdown", [None, 1.1])
+def test_the_proposal_respects_max_slowdown(tmp_path, monkeypatch, max_slowdown):
+    p, names, int8 = _proposal_run(tmp_path, monkeypatch, max_slowdown)
+    before, after, fp32 = p.latency_ms
+    # independent: 10 ms fp32, each int8 layer saves 0.9 ms (kernels only)
+    assert before == pytest.approx(10.0 - 0.9 * len(names)) and fp32 == 10.0
+    assert after == pytest.approx(10.0 - 0.9 * len(int8))
+    if max_slowdown is None:
+        assert p.layers, "unbounded, the proposal floats layers to reach the target"
+    else:
+        assert after <= max_slowdown * before + 1e-9
+        assert p.layers == {}, "one float layer adds 0.9 ms, over 10 % of the predicted 7.3 ms"
+
+
+@pytest.mark.measured
+def test_a_model_that_cannot_be_timed_is_placed_by_macs_and_says_why(tmp_path, monkeypatch):
+    def broken(*a):
+        raise RuntimeError("ORT could not load the timing graph")
+
+    monkeypatch.setattr(costmodel, "measure", broken)
+    temp, _ = prepare(models.mobile_block(8))
+    table, notes = costmodel.for_step1(temp, SAMPLE, Settings(), tmp_path, "m")
+    assert table is None and "timing the layers failed: ORT could not load the timing graph" in notes[0]
+    assert make_plan(temp, Settings(), costs=table).layers["dw"].precision == "float32", "the MAC rule: depthwise 28 % of the compute"
