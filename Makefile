@@ -34,6 +34,8 @@ bench: $(VENV)/.installed
 	$(PY) bench/int4.py
 	$(PY) bench/recurrent.py
 	$(PY) bench/cost.py
+	$(PY) bench/npu.py
+	$(PY) bench/scale.py
 	$(PY) bench/bench_analyze.py --models cls,rec,det --rounds 5
 
 bench-quick: $(VENV)/.installed
