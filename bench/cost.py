@@ -4,8 +4,7 @@
     python bench/cost.py --models cls --no-write
 
 In one run: (1) latency at 1 and 2 threads of fp32, ORT quantize_static (QDQ, per-channel, MinMax),
-hybridq's default int8 (measured cost model) and hybridq --no-measure (MAC placement, as before the
-cost model), with the cost model's predicted latency (step1's note, 1 thread) against the measured
+hybridq --measure (measured cost model) and hybridq's default int8 (MAC placement, --no-measure), with the cost model's predicted latency (step1's note, 1 thread) against the measured
 one; (2) step1 wall time (whole process) against quantize_static MinMax at 10 and 100 samples on cls
 and rec and at 24 samples on a small detector-shaped model, with a cold cost cache (first run in a
 workspace) and a warm one. Writes the section between `<!-- cost:begin -->` and `<!-- cost:end -->`
@@ -83,15 +82,15 @@ def hybridq_build(model: Path, dataset: Path, work: Path, name: str, extra: list
 
 
 def latency_rows(name: str, model: Path, dataset: Path, x: np.ndarray, args: argparse.Namespace) -> dict:
-    """fp32, ORT default, hybridq default and --no-measure: latency at 1 and 2 threads, and the predicted latency."""
+    """fp32, ORT default, hybridq --measure and the default (--no-measure): latency at 1 and 2 threads, and the predicted latency."""
     work = WORK / name
     paths: dict[str, Path] = {"fp32": model}
     out, proc = bench_run.build_ort(False)(model, dataset, work)
     if proc.ok:
         paths["ORT quantize_static"] = out
     predicted = None
-    for label, extra in (("hybridq (measured cost model)", []), ("hybridq --no-measure (MAC placement)", ["--no-measure"])):
-        out, proc, log = hybridq_build(model, dataset, work, "hq_" + ("nomeasure" if extra else "measured"), extra)
+    for label, extra in (("hybridq --measure (measured cost model)", ["--measure"]), ("hybridq default (MAC placement)", ["--no-measure"])):
+        out, proc, log = hybridq_build(model, dataset, work, "hq_" + extra[0].strip("-").replace("-", ""), extra)
         if proc.ok:
             paths[label] = out
         m = PREDICTED.search(log)
@@ -141,7 +140,7 @@ def render(lat_rows: list[dict], wall_rows: list[dict], args: argparse.Namespace
             "| model | predicted int8 ms | measured int8 ms | error | predicted fp32 ms | measured fp32 ms |", "|---|---|---|---|---|---|"]
     for r in lat_rows:
         if r["predicted"]:
-            meas = r["latency"]["1t"].get("hybridq (measured cost model)", float("nan"))
+            meas = r["latency"]["1t"].get("hybridq --measure (measured cost model)", float("nan"))
             p, f = r["predicted"]
             out.append(f"| {r['model']} | {p:.3f} | {meas:.3f} | {100 * (p - meas) / meas:+.1f} % | {f:.3f} | {r['latency']['1t']['fp32']:.3f} |")
     out += ["", "step1 wall time (whole process, s) against ORT quantize_static MinMax; cold = first step1 in a workspace "

@@ -67,7 +67,7 @@ HookOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module.py:
 TargetCosOpt = Annotated[Optional[float], typer.Option(help="Proposal target: cosine on every output (default 0.99).")]
 TargetSnrOpt = Annotated[Optional[float], typer.Option(help="Proposal target: SNR in dB on every output (instead of or with cosine).")]
 MaxLayersOpt = Annotated[Optional[int], typer.Option(help="Proposal budget: at most K float layers.")]
-NoMeasureOpt = Annotated[bool, typer.Option("--no-measure", help="Do not time layers on this CPU (cost_model: macs): place by MAC counts.")]
+NoMeasureOpt = Annotated[Optional[bool], typer.Option("--measure/--no-measure", help="Time each layer on this CPU and keep float where int8 is not faster (cost_model: measured), or place by MAC counts (macs, the default).")]
 MaxSlowOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the float layers may slow the model's predicted latency "
                                                     "(step1's measured cost model) by at most this factor, e.g. 1.1; default no limit.")]
 MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the fraction of the Conv/Gemm/MatMul compute the proposal may move to float (default 0.05; 1 for no limit).")]
@@ -168,7 +168,7 @@ def step1(
     fix_input: FixInputOpt = None,
     workers: WorkersOpt = 0,
     ray: RayOpt = None,
-    no_measure: NoMeasureOpt = False,
+    measure: NoMeasureOpt = None,
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -184,7 +184,7 @@ def step1(
     if config is None:
         config = find_config(out_dir, model, dataset)
     given = dict(dtype=dtype, weight_dtype=weight_dtype, qmethod=qmethod, qtype=qtype, algorithm=algorithm, percentile=percentile, target=target,
-                 int4_rounding=int4_rounding, cost_model="macs" if no_measure else None)  # None: the workspace's or the default
+                 int4_rounding=int4_rounding, cost_model=None if measure is None else ("measured" if measure else "macs"))
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     execution = _execution(workers, ray)
     with progress("calibrating") as advance:

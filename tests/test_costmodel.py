@@ -157,7 +157,7 @@ def test_step2_follows_the_table_step1_recorded(tmp_path, monkeypatch):
     onnx.save(models.mobile_block(64), path)
     listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 6)
     monkeypatch.setattr(costmodel, "measure", lambda model, sample, settings: _stub())
-    r1 = hybridq.step1(path, listing, out=tmp_path / "ws")
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"cost_model": "measured"})
     assert any("stub" in n for n in r1.notes) and (tmp_path / "ws" / ".mobile.cost.json").is_file()
     assert "e_r" in r1.cfg.read_text() and "wd" not in r1.cfg.read_text()
     monkeypatch.setattr(costmodel, "measure", lambda *a: pytest.fail("step2 measured again"))
@@ -204,7 +204,7 @@ def _proposal_run(tmp_path, monkeypatch, max_slowdown):
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 12, 12)}, 16)
-    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings=Settings(float_stem=False),
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings=Settings(float_stem=False, cost_model="measured"),
                        proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, max_slowdown=max_slowdown))
     q = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
     int8 = [n for n, v in q.rewrite.layers.items() if v["precision"] not in ("float16", "float32") and n in names]
@@ -233,6 +233,6 @@ def test_a_model_that_cannot_be_timed_is_placed_by_macs_and_says_why(tmp_path, m
 
     monkeypatch.setattr(costmodel, "measure", broken)
     temp, _ = prepare(models.mobile_block(8))
-    table, notes = costmodel.for_step1(temp, SAMPLE, Settings(), tmp_path, "m")
+    table, notes = costmodel.for_step1(temp, SAMPLE, Settings(cost_model="measured"), tmp_path, "m")
     assert table is None and "timing the layers failed: ORT could not load the timing graph" in notes[0]
     assert make_plan(temp, Settings(), costs=table).layers["dw"].precision == "float32", "the MAC rule: depthwise 28 % of the compute"
