@@ -94,7 +94,7 @@ def latency_rows(name: str, model: Path, dataset: Path, x: np.ndarray, args: arg
         if proc.ok:
             paths[label] = out
         m = PREDICTED.search(log)
-        if m and not extra:
+        if m and extra == ["--measure"]:
             predicted = (float(m.group(1)), float(m.group(2)))
     failed = [k for k, p in paths.items() if plain_cnn.runs_or_error(p, x)]
     for k in failed:  # e.g. ORT's own model of an un-preprocessed BatchNormalization graph
@@ -149,7 +149,7 @@ def render(lat_rows: list[dict], wall_rows: list[dict], args: argparse.Namespace
     for w in wall_rows:
         out.append(f"| {w['model']} | {w['n']} | {w['ort']:.2f} | {w['cold']:.2f} | {w['warm']:.2f} | {w['warm'] / w['ort']:.2f}x |"
                    + ("" if w["ok"] else " (a run failed: see bench/.cache/cost logs)"))
-    out += ["", "Measured on a machine shared with other jobs; the lead re-runs it on a quiet one.", END]
+    out += ["", f"1-min load average at the end: {os.getloadavg()[0]:.2f} (2 cores; above ~0.5 other work was running).", END]
     return "\n".join(out)
 
 

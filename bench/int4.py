@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,7 +47,7 @@ def _with_layers(cfg: Path, layers: list[str], rounding: str, out: Path, rest_fl
     """A copy of a step1 cfg with `layers` set to int4 and int4_rounding set (`rest_float`: nothing else quantized)."""
     text = cfg.read_text()
     if rest_float:
-        text = text.replace("quantize_ops: [Conv, Gemm, MatMul]", "quantize_ops: []")
+        text = re.sub(r"quantize_ops: \[[^\]]*\]", "quantize_ops: []", text)
     text = text.replace("custom_quantize_layers: {}\n", "custom_quantize_layers:\n" + "".join(f"  {n}: int4\n" for n in layers))
     for r in ("rtn", "gptq"):
         text = text.replace(f"int4_rounding: {r}", f"int4_rounding: {rounding}")
@@ -160,7 +161,7 @@ def render(results: dict[str, tuple[list[dict], dict, str]], args: argparse.Name
         f"Command: `python bench/int4.py --calib {args.calib} --eval {args.eval or 0}`  ",
         f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU: {results_md.cpu()}, {os.cpu_count()} cores, "
         f"onnxruntime {__import__('onnxruntime').__version__}; 1-min load average before the rounds {load:.2f} "
-        "(shared machine: latencies are indicative)  ",
+        "(above ~0.5 other work was running: latencies are then indicative)  ",
         "int4: block 32, symmetric, activations float; int8: hybridq's default step2; int4-*: int8 with every MatMul/Gemm "
         "that can be int4 in int4; w4 only: those int4 and nothing else quantized (the int4 error alone); latency: 1 thread, "
         f"{args.rounds} interleaved rounds of {args.runs} runs, best round median.", "",

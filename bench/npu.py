@@ -57,8 +57,8 @@ def render(rows: list[dict], eval_limit: int | None) -> str:
         begin,
         "## target: npu on PP-OCR, beside RKNN-Toolkit2 2.5's simulator",
         "",
-        f"Measured {dt.date.today().isoformat()} on {results_md.cpu()} (`python bench/npu.py`; the machine was shared with other "
-        "jobs, so the build times are loose). Task metric in hybridq's exact-int8 simulation of the QDQ model "
+        f"Measured {dt.date.today().isoformat()} on {results_md.cpu()} (`python bench/npu.py`; build times include the "
+        "machine's other load, if any). Task metric in hybridq's exact-int8 simulation of the QDQ model "
         f"({'first ' + str(eval_limit) + ' eval samples' if eval_limit else 'full eval split'}). RKNN figures: its x86 "
         "simulator on the same models and data, copied from `../shared/rknn/README.md` (SPEC 11).",
         "",
