@@ -66,13 +66,9 @@ def layer_norm(g: GraphView) -> set[str]:
 
 def hard_swish(g: GraphView) -> set[str]:
     """x * HardSigmoid(x), and x * Clip(x + 3, 0, 6) / 6 in either order: the inner tensors."""
-    inner: set[str] = set()
+    inner = _self_gated(g, "HardSigmoid")
     for node in g.model.graph.node:
-        if node.op_type == "HardSigmoid":
-            mul = _sole(g, node.output[0])
-            if mul is not None and mul.op_type == "Mul" and _other(mul, node.output[0]) == node.input[0]:
-                inner.add(node.output[0])
-        elif node.op_type == "Clip" and len(node.input) == 3 and (_const(g, node.input[1]), _const(g, node.input[2])) == (0.0, 6.0):
+        if node.op_type == "Clip" and len(node.input) == 3 and (_const(g, node.input[1]), _const(g, node.input[2])) == (0.0, 6.0):
             add = _prod(g, node.input[0], "Add")
             x = next((i for i in add.input if i not in g.inits), None) if add is not None else None
             if x is None or _const(g, _other(add, x)) != 3.0:
@@ -89,9 +85,14 @@ def hard_swish(g: GraphView) -> set[str]:
 
 def swish(g: GraphView) -> set[str]:
     """x * Sigmoid(x): the sigmoid's output."""
+    return _self_gated(g, "Sigmoid")
+
+
+def _self_gated(g: GraphView, gate: str) -> set[str]:
+    """Outputs of `gate` nodes whose sole reader is a Mul by the gate's own input (x * gate(x))."""
     inner: set[str] = set()
     for node in g.model.graph.node:
-        if node.op_type == "Sigmoid":
+        if node.op_type == gate:
             mul = _sole(g, node.output[0])
             if mul is not None and mul.op_type == "Mul" and _other(mul, node.output[0]) == node.input[0]:
                 inner.add(node.output[0])
