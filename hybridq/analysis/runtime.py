@@ -127,8 +127,8 @@ class DeviceSink:
 
     def finish(self, result: AnalysisResult) -> None:
         """Record one runtime row per compared layer, and notes on what could not be compared."""
-        result.runtime = [RuntimeRow(t, self.label, a.result(), b.result()) for t, (a, b) in self.acc.items()
-                          if t not in self.mismatched and a.result().per_sample["cosine"]]
+        rows = [RuntimeRow(t, self.label, a.result(), b.result()) for t, (a, b) in self.acc.items() if t not in self.mismatched]
+        result.runtime = [r for r in rows if r.vs_fp32.per_sample["cosine"]]  # tensors with at least one compared sample
         notes = list(self.device.notes)
         if self.unmatched:
             notes.append(f"{len(self.unmatched)} dumped tensor(s) match no compared tensor of the model: "
@@ -136,7 +136,7 @@ class DeviceSink:
         if self.mismatched:
             notes.append("dumped tensor(s) of another size, not compared: " + "; ".join(list(self.mismatched.values())[:4]))
         if result.runtime:
-            n = min(self.index, max(len(r.vs_fp32.per_sample["cosine"]) for r in result.runtime))
+            n = max(len(r.vs_fp32.per_sample["cosine"]) for r in result.runtime)
             notes.append(f"runtime column: {self.label}, {len(result.runtime)} layer(s) over {n} sample(s) "
                          "(sample i of the dump against sample i of the dataset).")
         result.notes.extend(notes)
