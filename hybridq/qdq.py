@@ -83,12 +83,24 @@ class RewriteResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _qparam_inits(prefix: str, qp: QParams) -> tuple[TensorProto, TensorProto]:
-    """Scale (float32) and zero point (the integer dtype) initializers; scalars for per-tensor."""
+def _qparam_inits(names: tuple[str, str], qp: QParams) -> tuple[TensorProto, TensorProto]:
+    """Scale (float32) and zero point (the integer dtype) initializers named `names`; scalars for per-tensor."""
     shape = (qp.scale.size,) if qp.axis is not None else ()
-    scale = numpy_helper.from_array(qp.scale.astype(np.float32).reshape(shape), f"{prefix}_scale")
-    zp = numpy_helper.from_array(qp.zero_point.reshape(shape), f"{prefix}_zero_point")
+    scale = numpy_helper.from_array(qp.scale.astype(np.float32).reshape(shape), names[0])
+    zp = numpy_helper.from_array(qp.zero_point.reshape(shape), names[1])
     return scale, zp
+
+
+def _names_in(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name a graph and its subgraphs use: new names must avoid all of them."""
+    names = {v.name for v in [*graph.input, *graph.output, *graph.value_info]} | {i.name for i in graph.initializer}
+    for node in graph.node:
+        names.update(node.input)
+        names.update(node.output)
+        for a in node.attribute:
+            for sub in [a.g] if a.HasField("g") else list(a.graphs):
+                names |= _names_in(sub)
+    return names
 
 
 def _needs_16bit(plan: QuantPlan) -> bool:
@@ -150,6 +162,20 @@ class _Rewrite:
         self.after: dict[str, list[onnx.NodeProto]] = {}
         self.before: dict[str, list[onnx.NodeProto]] = {}
         self.rewire: dict[str, dict[str, str]] = {}
+        self.taken = _names_in(work.graph)
+
+    def fresh(self, base: str) -> str:
+        """`base`, or `base_1`, `base_2`... when the model already has that name (an input `x` beside a tensor `x_scale`)."""
+        name, i = base, 0
+        while name in self.taken:
+            i += 1
+            name = f"{base}_{i}"
+        self.taken.add(name)
+        return name
+
+    def fresh_all(self, base: str, *suffixes: str) -> tuple[str, ...]:
+        """Fresh names for `base` + each suffix."""
+        return tuple(self.fresh(f"{base}{s}") for s in suffixes)
 
     def qdq_domain(self, dtype: str) -> str:
         return self.ms_domain if dtype in ("int16", "uint16") else ""
@@ -170,11 +196,12 @@ class _Rewrite:
         g, after, rewire = self.g, self.after, self.rewire
         for t, tp in self.plan.tensors.items():
             qp = act_params[t]
-            scale, zp = _qparam_inits(t, qp)
+            s_name, zp_name, q_name, dq_name = self.fresh_all(t, "_scale", "_zero_point", "_quantized", "_dequantized")
+            scale, zp = _qparam_inits((s_name, zp_name), qp)
             self.new_inits += [scale, zp]
             dom = self.qdq_domain(qp.dtype)
-            q = helper.make_node("QuantizeLinear", [t, scale.name, zp.name], [f"{t}_quantized"], name=f"{t}_QuantizeLinear", domain=dom)
-            dq = helper.make_node("DequantizeLinear", [q.output[0], scale.name, zp.name], [f"{t}_dequantized"], name=f"{t}_DequantizeLinear", domain=dom)
+            q = helper.make_node("QuantizeLinear", [t, scale.name, zp.name], [q_name], name=f"{t}_QuantizeLinear", domain=dom)
+            dq = helper.make_node("DequantizeLinear", [q.output[0], scale.name, zp.name], [dq_name], name=f"{t}_DequantizeLinear", domain=dom)
             prod = g.producer_node(t)
             after.setdefault(prod.name if prod is not None else "", []).extend([q, dq])
             for reader in tp.readers:
@@ -188,11 +215,12 @@ class _Rewrite:
             qp = weight_params[w]
             arr = g.init_array(w)
             q_arr = quantize(arr, qp)
-            self.new_inits.append(numpy_helper.from_array(q_arr, f"{w}_quantized"))
-            scale, zp = _qparam_inits(w, qp)
+            q_name, s_name, zp_name, dq_name = self.fresh_all(w, "_quantized", "_scale", "_zero_point", "_dequantized")
+            self.new_inits.append(numpy_helper.from_array(q_arr, q_name))
+            scale, zp = _qparam_inits((s_name, zp_name), qp)
             self.new_inits += [scale, zp]
             attrs = {"axis": qp.axis} if qp.axis is not None else {}
-            dq = helper.make_node("DequantizeLinear", [f"{w}_quantized", scale.name, zp.name], [f"{w}_dequantized"], name=f"{w}_DequantizeLinear", domain=self.qdq_domain(qp.dtype), **attrs)
+            dq = helper.make_node("DequantizeLinear", [q_name, scale.name, zp.name], [dq_name], name=f"{w}_DequantizeLinear", domain=self.qdq_domain(qp.dtype), **attrs)
             self.after.setdefault("", []).append(dq)
             self.rewire.setdefault(wp.node, {})[w] = dq.output[0]
             if all(c.name == wp.node for c in g.consumer_nodes(w)):
@@ -213,10 +241,11 @@ class _Rewrite:
                 self.result.notes.append(f"bias '{b}' of '{bp.node}' would overflow int32; kept float")
                 continue
             q_arr = np.rint(arr / scale).astype(np.int32).reshape(g.inits[b].dims)
-            self.new_inits.append(numpy_helper.from_array(q_arr, f"{b}_quantized"))
-            self.new_inits.append(numpy_helper.from_array(scale.astype(np.float32), f"{b}_scale"))
-            self.new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int32), f"{b}_zero_point"))
-            dq = helper.make_node("DequantizeLinear", [f"{b}_quantized", f"{b}_scale", f"{b}_zero_point"], [f"{b}_dequantized"], name=f"{b}_DequantizeLinear", axis=0)
+            q_name, s_name, zp_name, dq_name = self.fresh_all(b, "_quantized", "_scale", "_zero_point", "_dequantized")
+            self.new_inits.append(numpy_helper.from_array(q_arr, q_name))
+            self.new_inits.append(numpy_helper.from_array(scale.astype(np.float32), s_name))
+            self.new_inits.append(numpy_helper.from_array(np.zeros(scale.shape, np.int32), zp_name))
+            dq = helper.make_node("DequantizeLinear", [q_name, s_name, zp_name], [dq_name], name=f"{b}_DequantizeLinear", axis=0)
             self.after.setdefault("", []).append(dq)
             self.rewire.setdefault(bp.node, {})[b] = dq.output[0]
             if all(c.name == bp.node for c in g.consumer_nodes(b)):
@@ -236,18 +265,18 @@ class _Rewrite:
                     continue
                 if t in g.inits and g.types.get(t) == TensorProto.FLOAT:
                     if t not in halves:
-                        self.new_inits.append(numpy_helper.from_array(g.init_array(t).astype(np.float16), f"{t}_fp16"))
-                        halves[t] = f"{t}_fp16"
+                        halves[t] = self.fresh(f"{t}_fp16")
+                        self.new_inits.append(numpy_helper.from_array(g.init_array(t).astype(np.float16), halves[t]))
                     rewire.setdefault(name, {})[t] = halves[t]
                     if all(c.name == name for c in g.consumer_nodes(t)):
                         self.dropped_inits.add(t)
                 elif g.is_float_activation(t):
-                    out = f"{name}_input{i}_fp16"
+                    out = self.fresh(f"{name}_input{i}_fp16")
                     casts_in.append(helper.make_node("Cast", [src], [out], name=f"{name}_Cast_input{i}", to=TensorProto.FLOAT16))
                     rewire.setdefault(name, {})[t] = out
             for j, o in enumerate(node.output):
                 if g.types.get(o) == TensorProto.FLOAT:
-                    half_out = f"{o}_fp16"
+                    half_out = self.fresh(f"{o}_fp16")
                     casts_out.append(helper.make_node("Cast", [half_out], [o], name=f"{name}_Cast_output{j}", to=TensorProto.FLOAT))
                     node.output[j] = half_out
             self.before[name] = casts_in

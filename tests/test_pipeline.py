@@ -267,3 +267,30 @@ def test_large_model_paths_through_external_data(tmp_path, monkeypatch):
     assert (tmp_path / "ws" / "q.onnx.data").exists()
     for feeds in _eval_samples({"x": (1, 3, 16, 16)}, n=3):
         assert cosine(run(r2.output, feeds)[0], run(path, feeds)[0]) > 0.995
+
+
+def test_generated_names_never_collide_with_the_models_own(tmp_path):
+    """A tensor called `x_scale` beside an input `x`: the Q/DQ parameters of `x` get fresh names, both stay right."""
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.normal(0, 0.2, (32, 64)).astype(np.float32), rng.normal(0, 0.2, (64, 8)).astype(np.float32)
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w1"], ["x_scale"], name="mm1"),
+        onnx.helper.make_node("Relu", ["x_scale"], ["r1"], name="relu1"),
+        onnx.helper.make_node("MatMul", ["r1", "r1_zero_point"], ["out"], name="mm2"),
+    ]
+    g = onnx.helper.make_graph(nodes, "names", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 32])],
+                               [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [4, 8])],
+                               [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "r1_zero_point")])
+    path = tmp_path / "names.onnx"
+    onnx.save(onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 13)]), path)
+    listing = models.write_npy_dataset(tmp_path / "d", {"x": (4, 32)}, 6)
+    _, r2 = _step1_step2(path, listing, tmp_path / "ws")
+    q = onnx.load(str(r2.output))
+    onnx.checker.check_model(q, full_check=True)
+    produced = [i.name for i in q.graph.initializer] + [o for n in q.graph.node for o in n.output]
+    assert len(produced) == len(set(produced))
+    dq_x = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == next(
+        m.output[0] for m in q.graph.node if m.op_type == "QuantizeLinear" and m.input[0] == "x"))
+    assert _init(q, dq_x.input[1]).size == 1
+    for feeds in _eval_samples({"x": (4, 32)}):
+        assert cosine(run(r2.output, feeds)[0], np.maximum(feeds["x"] @ w1, 0) @ w2) > 0.999
