@@ -163,3 +163,76 @@ def test_decisions_flipped_on_a_softmax_output_rank_before_cosine(tmp_path):
     # clearly more flips (beyond the counting noise, sqrt of both counts) veto a candidate; one more does not
     assert ev.flips_more(Score(s.outputs, None, 9, 32), Score(s.outputs, None, 1, 32))
     assert not ev.flips_more(Score(s.outputs, None, 2, 32), Score(s.outputs, None, 1, 32))
+
+
+def _wrapped_softmax_model() -> onnx.ModelProto:
+    """x [2,3,8] -> MatMul -> Flatten -> Softmax -> Reshape back (as exporters write an N-d Softmax), and the same
+    probabilities reshaped to [2,8,3] (the normalised axis is no longer the last)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(3).normal(0, 1, (8, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["logits"]),
+        helper.make_node("Flatten", ["logits"], ["flat"], axis=2),
+        helper.make_node("Softmax", ["flat"], ["p2d"], axis=1),
+        helper.make_node("Reshape", ["p2d", "shape"], ["prob"]),
+        helper.make_node("Reshape", ["p2d", "moved"], ["scrambled"]),
+    ]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([2, 3, 8], np.int64), "shape"),
+             numpy_helper.from_array(np.array([2, 8, 3], np.int64), "moved")]
+    graph = helper.make_graph(nodes, "wrapped", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [2, 3, 8]),
+                               helper.make_tensor_value_info("scrambled", TensorProto.FLOAT, [2, 8, 3])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_decisions_are_counted_through_the_reshapes_around_an_exported_softmax():
+    """Flatten -> Softmax -> Reshape is still a decision output (argmax on the last axis); a reshape that moves the
+    normalised axis is not (its last axis does not sum to one)."""
+    from hybridq.proposal import Evaluator, Target
+
+    model = _wrapped_softmax_model()
+    samples = [{"x": x["x"].reshape(2, 3, 8)} for x in _fresh((6, 8), 4)]
+    ev = Evaluator(model, samples, Target())
+    assert ev.class_axis == {"prob": -1}
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    w = onnx.numpy_helper.to_array(other.graph.initializer[0])
+    other.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w + np.float32(0.7) * np.sign(w[::-1]), "w"))
+    flips = sum(int((run(model, f)[0].argmax(-1) != run(other, f)[0].argmax(-1)).sum()) for f in samples)
+    assert flips > 0  # the candidate changes decisions, and the evaluator counts exactly those
+    s = ev.score(other)
+    assert (s.flips, s.decisions) == (flips, 4 * 2 * 3)
+
+
+def test_range_candidates_on_an_npu_keep_the_hard_swish_floor(tmp_path):
+    """A HardSwish input's range starts at -3 (the reader ignores what is below): a proposed range does too, as step2's
+    own algorithms compute it from the floored statistics; the raw histogram's percentile reaches far below."""
+    from hybridq.artifacts import read_step1
+    from hybridq.build import Edits, build
+    from hybridq.observers import compute_range
+    from hybridq.proposal.fixes import Context, range_fix
+    from tests import npu_models
+
+    path = tmp_path / "patterns.onnx"
+    onnx.save(npu_models.exported_patterns(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 16)}, 8, scale=3.0)
+    r1 = api.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    parsed = load_cfg(r1.cfg)
+    bundle = read_step1(r1.model, r1.data, None, r1.cfg)
+    plan = build(bundle.model, bundle.observers, bundle.meta, parsed.settings, Edits()).plan
+    assert plan.floors == {"ln": -3.0}
+    raw_lo, _ = compute_range(bundle.observers["ln"], "percentile", 256, parsed.settings.percentile)
+    assert raw_lo < -3.0  # without the floor the candidate would widen the range below what HardSwish reads
+    ctx = Context(bundle.model, bundle.observers, parsed.settings, plan, bundle.meta["written_entries"], set())
+    lo, hi = compute_range(ctx.observers["ln"], "percentile", 256, parsed.settings.percentile)
+    assert lo == pytest.approx(-3.0, abs=ctx.observers["ln"].width) and bundle.observers["ln"].min < -3.0  # the fixes' statistics are floored, step1's untouched
+    for cand in range_fix(ctx, Edits(), "percentile"):
+        assert cand.entries.get("ln", {"min": [-3.0]})["min"][0] >= -3.0
+    edited = parsed.path.read_text().replace("  algorithm: minmax\n", "  algorithm: percentile\n", 1)
+    (tmp_path / "p.cfg").write_text(edited)
+    q = onnx.load(str(api.step2(r1.model, r1.data, tmp_path / "p.cfg", tmp_path / "p.onnx").output))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in q.graph.initializer}
+    qn = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "ln")
+    # the range the fixes compute is the one step2's own percentile setting builds
+    assert float(inits[qn.input[1]]) == pytest.approx((max(hi, 0) - min(lo, 0)) / 255, rel=1e-4)

@@ -150,7 +150,8 @@ class Evaluator:
         sess = session_for(fp32, basic=False)
         self.names = [o.name for o in sess.get_outputs()]
         self.ref = [sess.run(self.names, s) for s in samples]
-        self.class_axis = _softmax_axes(fp32, self.names)
+        self.class_axis = {n: a for n, a in _softmax_axes(fp32, self.names).items()
+                           if all(_is_distribution(r[self.names.index(n)], a) for r in self.ref)}
         self.evaluations = 0
         self._eval = None
         self.fp32_task = None
@@ -213,12 +214,32 @@ class Evaluator:
         return self.quality(a) > self.quality(b) and not self.flips_more(a, b)
 
 
+RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
+"""Ops that move a Softmax's values without changing them (exporters wrap an N-d Softmax in Flatten ... Reshape)."""
+
+
 def _softmax_axes(model: onnx.ModelProto, outputs: list[str]) -> dict[str, int]:
-    """Outputs a Softmax (or LogSoftmax) writes directly, with the axis its decision (argmax) is taken along."""
+    """Outputs a Softmax (or LogSoftmax) writes, directly or through reshapes, with the axis its decision is taken along.
+
+    Through a reshape the decision axis is the last one: kept only where the fp32 outputs are a distribution along
+    it (see :func:`_is_distribution`), since a reshape may move the normalised axis.
+    """
     index = GraphIndex(model.graph)
     axes: dict[str, int] = {}
     for name in outputs:
-        node = index.producer_node(name)
+        node, reshaped = index.producer_node(name), False
+        while node is not None and node.op_type in RESHAPES:
+            node, reshaped = index.producer_node(node.input[0]), True
         if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-            axes[name] = next((a.i for a in node.attribute if a.name == "axis"), -1)
+            axes[name] = -1 if reshaped else next((a.i for a in node.attribute if a.name == "axis"), -1)
     return axes
+
+
+def _is_distribution(ref: np.ndarray, axis: int) -> bool:
+    """Are the values along `axis` probabilities (or log-probabilities) summing to one?"""
+    p = np.asarray(ref, dtype=np.float64)
+    if p.ndim == 0 or p.shape[axis] < 2:
+        return False
+    if p.max(initial=0.0) <= 0.0:  # LogSoftmax
+        p = np.exp(p)
+    return bool(p.min() >= -1e-6 and np.allclose(p.sum(axis=axis), 1.0, atol=1e-3))

@@ -19,6 +19,7 @@ from ..build import Edits
 from ..config import CfgEntry, short_float
 from ..int4 import int4_bytes, int4_candidates, weight_bytes
 from ..observers import HistogramObserver, compute_range
+from ..targets import floored
 from ..plan import GraphView, QuantPlan
 from ..qparams import levels
 from ..settings import Settings
@@ -60,6 +61,8 @@ class Context:
 
     def __post_init__(self) -> None:
         self.graph = GraphView(self.temp)
+        # Ranges a fix computes are those step2 would: a floored tensor's statistics clamped as build() clamps them.
+        self.observers = floored(self.observers, self.plan.floors)
 
     def entry(self, edits: Edits, tensor: str) -> dict[str, Any]:
         """The entry a tensor has now (the edits', else step1's)."""

@@ -240,7 +240,8 @@ def search(
         if get_target(ctx.settings.target).cost_by_layers:  # an NPU: each float16 layer costs a trip out of the integer unit
             weights, unit = {n: 1.0 for n in ctx.plan.layers}, "quantized layers"
             wtotal = float(len(weights)) or 1.0
-        order = _by_output_effect(climb, ranked, fallback, weights, wtotal)
+        units = _float_units(ctx, ranked) if get_target(ctx.settings.target).placement.float_reads_quantized else {}
+        order = _by_output_effect(climb, ranked, fallback, weights, wtotal, units)
         budget = _within_budget(order, weights, wtotal, len(taken), max_float_fraction, max_float_layers, ms_added, ms_budget)
         if max_bytes is not None:  # float weights are 4x int8 ones: keep the size budget
             budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
@@ -410,19 +411,43 @@ def _result(climb: _Climb, choice: str, ranked: list[tuple[str, float]], macs: d
     )
 
 
-def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: str, macs: dict[str, float], total: float) -> list[str]:
-    """Layer order for the fallback: the top locally-ranked layers re-ordered by what floating each alone gains at the outputs."""
+def _float_units(ctx: Context, ranked: list[tuple[str, float]]) -> dict[str, list[str]]:
+    """Per ranked layer, the layers to float with it where a float layer reads quantized inputs (an NPU): its
+    quantized readers too, so the tensor it writes stays float (alone, a float Add would change nothing), and
+    the whole of any pattern the target runs as one layer (a HardSwish chain) that the unit touches."""
+    names = {n for n, _ in ranked}
+    fused = get_target(ctx.settings.target).placement.fused_patterns
+    inner = fused(ctx.graph) if fused else set()
+    units: dict[str, list[str]] = {}
+    for n, _ in ranked:
+        unit = [n] + [c.name for o in ctx.graph.by_name[n].output for c in ctx.graph.consumer_nodes(o)]
+        for m in unit:  # grows while it runs: a pattern's nodes are reached through its inner tensors
+            node = ctx.graph.by_name[m]
+            touching = [c.name for o in node.output if o in inner for c in ctx.graph.consumer_nodes(o)]
+            touching += [p.name for i in node.input if i in inner for p in [ctx.graph.producer_node(i)] if p is not None]
+            unit += [t for t in touching if t not in unit]
+        units[n] = [m for m in unit if m in names]
+    return units
+
+
+def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: str, macs: dict[str, float], total: float,
+                      units: dict[str, list[str]]) -> list[str]:
+    """Layer order for the fallback: the top locally-ranked layers re-ordered by what floating each alone (with its
+    unit, see :func:`_float_units`) gains at the outputs."""
     head = [n for n, _ in ranked[:SENSITIVITY_LAYERS]]
+    unit = {n: units.get(n, [n]) for n, _ in ranked}
+    cost = {n: sum(macs.get(m, 0.0) for m in unit[n]) / total for n in unit}
     if len(head) < 2:
-        return [n for n, _ in ranked]
+        return list(dict.fromkeys(m for n, _ in ranked for m in unit[n]))
     base = climb.evaluator.score(climb.built.model, limit=SENSITIVITY_SAMPLES)
     gains: dict[str, float] = {}
     for n in head:
-        c = float_fix(climb.ctx, [n], fallback, macs.get(n, 0.0) / total, {})
+        c = float_fix(climb.ctx, unit[n], fallback, cost[n], {})
         s = climb.evaluator.score(climb.build(c.onto(climb.edits, climb.ctx.temp)).model, limit=SENSITIVITY_SAMPLES)
         gains[n] = climb.quality(s) - climb.quality(base) if not climb.evaluator.flips_more(s, base) else -math.inf
-        climb._row("sensitivity", f"{n} alone in {fallback} ({SENSITIVITY_SAMPLES} samples)", s, c.cost,
+        what = n if len(unit[n]) == 1 else f"{n} (+{len(unit[n]) - 1} reader(s))"
+        climb._row("sensitivity", f"{what} alone in {fallback} ({SENSITIVITY_SAMPLES} samples)", s, c.cost,
                    f"gain {gains[n]:+.4g}" if math.isfinite(gains[n]) else "flips more decisions")
     # Measured gain per unit of compute first; a layer whose float copy measured no gain is not offered.
-    helpful = sorted((n for n in head if gains[n] > 0), key=lambda n: -gains[n] / max(macs.get(n, 0.0) / total, 1e-3))
-    return helpful + [n for n, _ in ranked[SENSITIVITY_LAYERS:]]
+    helpful = sorted((n for n in head if gains[n] > 0), key=lambda n: -gains[n] / max(cost[n], 1e-3))
+    return list(dict.fromkeys(m for n in helpful + [n for n, _ in ranked[SENSITIVITY_LAYERS:]] for m in unit[n]))
