@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -38,10 +39,14 @@ class QdqMap:
 
     tensors: dict[str, str] = field(default_factory=dict)
     layers: dict[str, dict[str, str]] = field(default_factory=dict)
+    floors: dict[str, float] = field(default_factory=dict)  # tensor -> value below which its readers see no difference
 
     def to_json(self) -> str:
-        """The metadata value: sorted keys, so the same map gives the same bytes."""
-        return json.dumps({"tensors": self.tensors, "layers": self.layers}, sort_keys=True)
+        """The metadata value: sorted keys, so the same map gives the same bytes (no `floors` key when there is none)."""
+        doc: dict[str, Any] = {"tensors": self.tensors, "layers": self.layers}
+        if self.floors:
+            doc["floors"] = self.floors
+        return json.dumps(doc, sort_keys=True)
 
     def write_to(self, model: onnx.ModelProto) -> None:
         """Store the map in ``model``'s metadata (in place), replacing an older one."""
@@ -68,8 +73,9 @@ class QdqMap:
                     f"the quantized model's metadata '{QDQ_MAP_KEY}' must be an object with a "
                     "'tensors' object; rebuild the model with `hybridq step2`"
                 )
-            layers = m.get("layers", {})
-            return cls(dict(m.get("tensors", {})), dict(layers) if isinstance(layers, dict) else {})
+            layers, floors = m.get("layers", {}), m.get("floors", {})
+            floors = {str(k): float(v) for k, v in floors.items() if isinstance(v, (int, float))} if isinstance(floors, dict) else {}
+            return cls(dict(m.get("tensors", {})), dict(layers) if isinstance(layers, dict) else {}, floors)
         return None
 
 
@@ -140,7 +146,7 @@ def apply_plan(
     r.assemble(fp16_nodes)
     result = r.result
     layers = {k: {"op": v["op"], "precision": v["precision"]} for k, v in result.layers.items()}
-    QdqMap(result.tensor_map, layers).write_to(work)
+    QdqMap(result.tensor_map, layers, {t: f for t, f in plan.floors.items() if t in result.tensor_map}).write_to(work)
     result.model = work
     return result
 

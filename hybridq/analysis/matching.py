@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .._onnx import GraphIndex
 from ..errors import InputError
@@ -135,6 +135,7 @@ class ComparedTensor:
     quant_node: int | None
     precision: str | None = None
     folded: str | None = None
+    floor: float | None = None  # compared above this value only: its readers see nothing below (HardSwish's -3)
 
 
 @dataclass
@@ -165,6 +166,29 @@ def _quantized_to(q: ModelIndex, chain: Iterable[int]) -> str | None:
     return None
 
 
+def _scalar(f: ModelIndex, name: str) -> float | None:
+    """The value of a one-element constant (an initializer or a Constant node's), else None."""
+    node = f.producer_node(name)
+    if name in f.inits:
+        c = numpy_helper.to_array(f.inits[name])
+    elif node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+        c = numpy_helper.to_array(node.attribute[0].t)
+    else:
+        return None
+    return float(c.reshape(-1)[0]) if c.size == 1 else None
+
+
+def _carried_floors(f: ModelIndex, floors: dict[str, float]) -> dict[str, float]:
+    """`floors` with each carried through an Add or Sub of a scalar constant (HardSwish's x + 3 has a floor of 0)."""
+    out = dict(floors)
+    for node in f.nodes:
+        if node.op_type in ("Add", "Sub") and len(node.input) == 2 and node.input[0] in out:
+            c = _scalar(f, node.input[1])
+            if c is not None:
+                out[node.output[0]] = out[node.input[0]] + (c if node.op_type == "Add" else -c)
+    return out
+
+
 def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> AnalysisPlan:
     """Decide which fp32 tensors are compared with which quant-model views (no model is run)."""
     return plan_tensors(ModelIndex(float_model), ModelIndex(quant_model))
@@ -176,6 +200,7 @@ def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
     qmap = QdqMap.from_model(quant_model)
     mapped: dict[str, str] = qmap.tensors if qmap else {}
     layer_info: dict[str, Any] = qmap.layers if qmap else {}
+    floors = _carried_floors(f, qmap.floors) if qmap else {}
     notes: list[str] = []
     plans: list[ComparedTensor] = []
     missing_views: list[str] = []
@@ -225,6 +250,7 @@ def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
                     quant_node=qk,
                     precision=precision,
                     folded=folded,
+                    floor=floors.get(t),
                 )
             )
     if missing_views:
