@@ -157,15 +157,21 @@ class _Climb:
     def try_each(self, step: str, cands: list[Candidate]) -> bool:
         """Score each candidate on top of the current edits; keep the best if it beats the current score."""
         best: tuple[Score, Candidate, Edits, Built] | None = None
+        tried: list[tuple[Candidate, Edits, Built | ConfigError]] = []
         for c in cands:
             edits = c.onto(self.edits, self.ctx.temp)
             try:
-                built = self.build(edits)
+                tried.append((c, edits, self.build(edits)))
             except ConfigError as exc:  # a fix that step2 could not apply here: a row, not the end of the search
+                tried.append((c, edits, exc))
+        # scored side by side when the evaluator has workers; rows and choice in candidate order as before
+        scores = iter(self.evaluator.score_many([b.model for _, _, b in tried if not isinstance(b, ConfigError)]))
+        for c, edits, built in tried:
+            if isinstance(built, ConfigError):
                 self.table.append(Row(step, c.label, float("nan"), float("nan"), float("nan"), float("nan"), c.cost,
-                                      f"not applicable: {exc}"[:160]))
+                                      f"not applicable: {built}"[:160]))
                 continue
-            s = self.evaluator.score(built.model)
+            s = next(scores)
             self._row(step, c.label, s, c.cost, "")
             if not self.evaluator.flips_more(s, self.score) and (best is None or self.quality(s) > self.quality(best[0])):
                 best = (s, c, edits, built)
