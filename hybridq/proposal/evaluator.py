@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,20 +261,27 @@ class ScoringJob:
         self._held = (-1, None)
 
 
-def score_remote(scoring: Scoring, models: list[onnx.ModelProto], count: int, task: bool, execution: Execution) -> list[Score]:
+def score_remote(scoring: Scoring, models: Iterable[onnx.ModelProto], count: int, task: bool, execution: Execution) -> list[Score]:
     """Each model's score on the first `count` samples, computed on `execution`'s workers and merged in sample order.
 
-    A candidate's samples are split into contiguous shards when there are more workers than candidates.
+    A candidate's samples are split into contiguous shards when there are more workers than candidates (a list of them).
     """
-    chunks = max(1, (execution.workers or 1) // len(models))
-    shards: list[Shard] = []
-    for i, model in enumerate(models):
-        blob = model.SerializeToString()
-        shards += [Shard(len(shards) + j, tuple(range(a, b)), b - a, (i, blob, "samples")) for j, (a, b) in enumerate(contiguous(count, chunks))]
-        if task:
-            shards.append(Shard(len(shards), (), 0, (i, blob, "task")))
-    parts: list[list[SamplePart]] = [[] for _ in models]
-    tasks: list[float | None] = [None] * len(models)
+    chunks = max(1, (execution.workers or 1) // len(models)) if isinstance(models, Sized) and len(models) else 1
+    parts: list[list[SamplePart]] = []
+    tasks: list[float | None] = []
+
+    def shards() -> Iterator[Shard]:
+        k = 0
+        for i, model in enumerate(models):  # a generator builds the next candidate while the workers score
+            blob = model.SerializeToString()
+            parts.append([])
+            tasks.append(None)
+            for a, b in contiguous(count, chunks):
+                yield Shard(k, tuple(range(a, b)), b - a, (i, blob, "samples"))
+                k += 1
+            if task:
+                yield Shard(k, (), 0, (i, blob, "task"))
+                k += 1
 
     def arrived(shard: Shard, result: Any) -> None:
         which, _, kind = shard.payload
@@ -283,7 +290,7 @@ def score_remote(scoring: Scoring, models: list[onnx.ModelProto], count: int, ta
         else:
             parts[which] += result  # shards arrive in shard order: a candidate's samples in sample order
 
-    execute(ScoringJob(scoring), shards, execution, arrived)
+    execute(ScoringJob(scoring), shards(), execution, arrived)
     return [scoring.merge(p, t) for p, t in zip(parts, tasks)]
 
 
@@ -321,13 +328,18 @@ class Evaluator:
         parts = self.scoring.parts(sess, range(len(self.samples[:limit])))
         return self.scoring.merge(parts, self._task(model) if self._eval and limit is None else None)
 
-    def score_many(self, models: list[onnx.ModelProto], limit: int | None = None) -> list[Score]:
-        """:meth:`score` of each model, the same figures bit for bit; side by side on the execution's workers when it has them."""
+    def score_many(self, models: Iterable[onnx.ModelProto], limit: int | None = None) -> list[Score]:
+        """:meth:`score` of each model, the same figures bit for bit; side by side on the execution's workers when it has them.
+
+        `models` may be a generator: each candidate is then built here while the workers score the ones before it.
+        """
         remote = self.execution is not None and self.execution.backend != "inprocess"
-        if len(models) < 2 or not remote:
+        many = not isinstance(models, Sized) or len(models) > 1
+        if not (remote and many):
             return [self.score(m, limit) for m in models]
-        self.evaluations += len(models)
-        return score_remote(self.scoring, models, len(self.samples[:limit]), self._eval is not None and limit is None, self.execution)
+        scores = score_remote(self.scoring, models, len(self.samples[:limit]), self._eval is not None and limit is None, self.execution)
+        self.evaluations += len(scores)
+        return scores
 
     def met(self, s: Score) -> bool:
         """Does a score reach the target on every output, by analyze's verdict rule (whole tensor and every slice)?"""
