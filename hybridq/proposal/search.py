@@ -11,6 +11,7 @@ row of the table the user sees.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -421,11 +422,12 @@ def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: 
     head = [n for n, _ in ranked[:SENSITIVITY_LAYERS]]
     if len(head) < 2:
         return [n for n, _ in ranked]
-    base = climb.evaluator.score(climb.built.model, limit=SENSITIVITY_SAMPLES)
+    cands = [float_fix(climb.ctx, [n], fallback, macs.get(n, 0.0) / total, {}) for n in head]
+    # independent runs: side by side when the evaluator has workers (each built here while the others are scored)
+    models = itertools.chain([climb.built.model], (climb.build(c.onto(climb.edits, climb.ctx.temp)).model for c in cands))
+    base, *scores = climb.evaluator.score_many(models, limit=SENSITIVITY_SAMPLES)
     gains: dict[str, float] = {}
-    for n in head:
-        c = float_fix(climb.ctx, [n], fallback, macs.get(n, 0.0) / total, {})
-        s = climb.evaluator.score(climb.build(c.onto(climb.edits, climb.ctx.temp)).model, limit=SENSITIVITY_SAMPLES)
+    for n, c, s in zip(head, cands, scores):
         gains[n] = climb.quality(s) - climb.quality(base) if not climb.evaluator.flips_more(s, base) else -math.inf
         climb._row("sensitivity", f"{n} alone in {fallback} ({SENSITIVITY_SAMPLES} samples)", s, c.cost,
                    f"gain {gains[n]:+.4g}" if math.isfinite(gains[n]) else "flips more decisions")
