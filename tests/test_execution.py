@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -207,6 +208,15 @@ def test_proposal_choices_tables_and_cfg_are_identical_with_workers(monkeypatch,
     assert _proposal(concat16, "two", Execution(workers=2)) == base
     assert sent and all(n >= 2 for n in sent), "a step's candidates went to the workers side by side"
     assert base[0] or base[1], "the proposal chose something on this model"
+    # `propose` on a step1 cfg: the same written cfg and table whether its candidates are scored here or on workers
+    r = hybridq.step1(concat16["model"], concat16["dataset"], out=concat16["dir"] / "plain", settings=hybridq.Settings(float_stem=False))
+    proposed = []
+    for name, execution in (("p_here", None), ("p_two", Execution(workers=2))):
+        shutil.copytree(r.cfg.parent, concat16["dir"] / name)
+        cfg = concat16["dir"] / name / r.cfg.name
+        p, _ = hybridq.propose(cfg, concat16["dataset"], options=ProposalOptions(Target(cosine=0.995), max_float_fraction=1.0, execution=execution))
+        proposed.append((cfg.read_bytes(), [row.to_dict() for row in p.table], p.measured.to_dict()))
+    assert proposed[0] == proposed[1] and proposed[0][0] != r.cfg.read_bytes()
 
 
 def _softmax_model(wiggle: float) -> onnx.ModelProto:
