@@ -333,7 +333,7 @@ class Evaluator:
 
         `models` may be a generator: each candidate is then built here while the workers score the ones before it.
         """
-        remote = self.execution is not None and self.execution.backend != "inprocess"
+        remote = self.execution is not None and (self.execution.backend == "ray" or self.execution.workers > 1)  # 1 worker: no gain
         many = not isinstance(models, Sized) or len(models) > 1
         if not (remote and many):
             return [self.score(m, limit) for m in models]
