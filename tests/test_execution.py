@@ -162,6 +162,13 @@ def evaluate(path):
     x = np.linspace(-2, 2, 8 * 12 * 12, dtype=np.float32).reshape(1, 8, 12, 12)
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     return -float(np.abs(run(path).astype(np.float64) - run(HERE / "m.onnx")).mean())
+
+
+def broken(path):
+    """Fails on a worker (the test's own process computes fp32's figure)."""
+    if os.getpid() != int((HERE / "driver.pid").read_text()):
+        raise ValueError("no labels on this node")
+    return 0.0
 '''
 
 
@@ -270,6 +277,10 @@ def test_eval_runs_on_the_workers_and_gives_the_same_figure(concat16):
     x = np.linspace(-2, 2, 8 * 12 * 12, dtype=np.float32).reshape(1, 8, 12, 12)
     want = -float(np.abs(run(cands[1], {"x": x})[0].astype(np.float64) - run(fp32, {"x": x})[0]).mean())
     assert local[1].task == pytest.approx(want, rel=1e-6) and local[1].task < local[0].task < 0
+    # an --eval function that fails on a worker is the same one-paragraph error as here
+    failing = Evaluator(fp32, samples, Target(cosine=None, eval_fn=f"{concat16['eval']}:broken"), Execution(workers=2))
+    with pytest.raises(InputError, match=r"--eval function .*broken' failed: ValueError: no labels on this node"):
+        failing.score_many(cands)
 
 
 def _scaled_first_conv(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
