@@ -1,14 +1,17 @@
-"""Scaling out: step1 and analyze on PP-OCR rec in this process, on 1 and 2 local workers, and on Ray local with 2 workers.
+"""Scaling out: step1, analyze and the proposal on PP-OCR rec in this process, on 1 and 2 local workers, and on Ray local with 2 workers.
 
-    python bench/scale.py [--no-write]
+    python bench/scale.py [--no-write] [--only step1,analyze,proposal]
 
 step1 at 100 samples (the calib split) and at 400 (the split listed four
 times), analyze on 40 samples; each run in a fresh process, measuring wall time
 and the peak RSS of the whole process tree (the CLI, its workers, and for Ray
 the raylet, GCS and actors: psutil samples every process below the CLI's).
 analyze compares the per-layer figures of `--json`. Ray's per-sample overhead is the slope of its step1 wall time over the 300
-extra samples, minus the slope on 2 local workers. Every back end must write
-the same cfg and .data bytes and the same analyze figures; the table says so.
+extra samples, minus the slope on 2 local workers. `step1 --proposal` at 100
+samples (16 scored; the proposal's own seconds from `--json` beside the wall)
+runs its analyses and scores a step's candidates side by side on the workers.
+Every back end must write the same cfg and .data bytes, the same analyze
+figures and the same candidate table; the table says so.
 Writes the section `scale` of bench/RESULTS.md.
 """
 
@@ -111,6 +114,23 @@ def analyze_rows(model: Path, cfg: Path, ds: Path, n: int) -> list[dict]:
     return rows
 
 
+def proposal_rows(model: Path, ds: Path) -> list[dict]:
+    """step1 --proposal on the default, 2 local workers and Ray; the digests of its cfg, .data and candidate table (--json)."""
+    rows = []
+    for name in ("default", "2 workers", "Ray local, 2 workers"):
+        out = WORK / f"proposal_{name.replace(' ', '_').replace(',', '')}"
+        cmd = bench_run.hybridq_cmd() + ["step1", str(model), "--dataset", str(ds), "--out", str(out), "--proposal", "--json", *BACKENDS[name]]
+        r = run_tree(cmd, out.with_suffix(".log"), out.with_suffix(".json"))
+        if r["ok"]:
+            prop = json.loads(out.with_suffix(".json").read_text())["proposal"]
+            table = hashlib.sha256(json.dumps(prop["candidates"]).encode()).hexdigest()[:12]
+            r["digest"] = (sha(out / f"{model.stem}.quantization.cfg"), sha(out / f"{model.stem}.data"), table)
+            r["note"] = f"proposal {prop['seconds']:.1f} s, {prop['evaluations']} evaluations"
+        rows.append({"job": "step1 --proposal, 100 samples", "n": 0, "backend": name, **r})
+        bench_run.log(f"proposal {name}: {r['wall']:.1f} s, {r['rss_mb']:.0f} MB {r.get('note', '')} {r['error']}")
+    return rows
+
+
 def render(rows: list[dict], load: tuple[float, float]) -> str:
     """The marked section: one row per job and back end, the identity check, and Ray's per-sample overhead."""
     begin, end = results_md.markers("scale")
@@ -119,13 +139,13 @@ def render(rows: list[dict], load: tuple[float, float]) -> str:
              f"load average {load[0]:.1f} before, {load[1]:.1f} after (a shared machine: the walls are indicative). "
              "Default: step1 in this process (ONNX Runtime and the binning already run side by side on two cores), "
              "analyze on its two forked workers; `--workers N` local processes; Ray local started by the run. "
-             "analyze compares the per-layer figures of `--json`.", "",
+             "analyze compares the per-layer figures of `--json`; the proposal its cfg, .data and candidate table.", "",
              "| job | back end | wall (s) | peak RSS of the process tree (MB) | same bytes as the default |",
              "| --- | --- | ---: | ---: | --- |"]
     base = {r["job"]: r["digest"] for r in rows if r["backend"] == "default"}
     for r in rows:
         same = "n/a" if not r["ok"] else ("yes" if r["digest"] == base.get(r["job"]) else "**no**")
-        wall = f"{r['wall']:.1f}" if r["ok"] else f"failed: {r['error']}"
+        wall = (f"{r['wall']:.1f}" + (f" ({r['note']})" if r.get("note") else "")) if r["ok"] else f"failed: {r['error']}"
         lines.append(f"| {r['job']} | {r['backend']} | {wall} | {r['rss_mb']:.0f} | {same} |")
     walls = {(r["n"], r["backend"]): r["wall"] for r in rows if r["ok"] and r["job"].startswith("step1")}
     ns = sorted({n for n, _ in walls})
@@ -147,7 +167,9 @@ def render(rows: list[dict], load: tuple[float, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-write", action="store_true", help="print the section, do not touch RESULTS.md")
+    ap.add_argument("--only", default="step1,analyze,proposal", help="comma-separated jobs to run (a partial run implies --no-write)")
     args = ap.parse_args(argv)
+    jobs = set(args.only.split(","))
     if not ppocr.data_available():
         print(ppocr.skip_message(), file=sys.stderr)
         return 1
@@ -157,12 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     n = len(ppocr.read_dataset(calib))
     datasets = {n: calib, 4 * n: ppocr.repeat_dataset(calib, 4 * n, calib.parent / f"dataset_{4 * n}.txt")}
     load0 = os.getloadavg()[0]
-    rows = step1_rows(task.model, datasets)
-    cfg = WORK / f"step1_{n}_default" / f"{task.model.stem}.quantization.cfg"
-    rows += analyze_rows(task.model, cfg, calib, 40)
+    rows = step1_rows(task.model, datasets) if "step1" in jobs else []
+    if "analyze" in jobs:
+        cfg = WORK / f"step1_{n}_default" / f"{task.model.stem}.quantization.cfg"
+        rows += analyze_rows(task.model, cfg, calib, 40)
+    if "proposal" in jobs:
+        rows += proposal_rows(task.model, calib)
     text = render(rows, (load0, os.getloadavg()[0]))
     print(text)
-    if not args.no_write:
+    if not args.no_write and jobs >= {"step1", "analyze", "proposal"}:
         results_md.write_section(RESULTS, "scale", text)
     return 0
 

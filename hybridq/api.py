@@ -20,7 +20,7 @@ from .costmodel import for_step1 as step1_costs
 from .config import Cfg, CfgEntry, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError, did_you_mean
-from .execution import Execution
+from .execution import Execution, held
 from ._onnx import is_large, model_bytes
 from .graph import has_subgraphs, load_model, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
@@ -432,7 +432,7 @@ class ProposalOptions:
     fallback: str = "float32"
     samples: int = 16  # scored on these; fixes are fitted on as many more when the dataset has them
     max_size_mb: float | None = None  # model-size budget (1 MB = 10^6 bytes), met first with int4 MatMul/Gemm weights
-    execution: Execution | None = None  # where the proposal's analyses run (hybridq.execution); None: analyze's default pool
+    execution: Execution | None = None  # where the analyses and candidate scores run (hybridq.execution); None: analyze's own pool, scores here
     max_slowdown: float | None = None  # predicted latency the float layers may add, as a factor (measured cost model)
 
 
@@ -456,7 +456,7 @@ def run_proposal(
     scored = samples[: options.samples]
     fit = samples[options.samples:] or scored
     shared = fit is scored
-    evaluator = Evaluator(temp, scored, options.target)
+    evaluator = Evaluator(temp, scored, options.target, options.execution)
     lines = {t: e.line for t, e in source.entries.items()} if source is not None else {}
     where = str(source.path) if source is not None else "cfg"
     base = edits_from(existing, {t: CfgEntry(t, lines.get(t, 0), dict(v)) for t, v in entries.items()}, temp, where)
@@ -467,11 +467,12 @@ def run_proposal(
         analysed = run_analysis(fp32, quant, scored, options=AnalysisOptions(execution=options.execution) if options.execution else None)
         return {le.layer: le.single.cosine for le in analysed.layers if le.single is not None}
 
-    result = climb(
-        temp, observers, meta, settings, base, fit, evaluator, single=single, protected=set(keep), fallback=options.fallback,
-        max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
-        started_from=baseline_label, analyse=analyse, where=where, max_size_mb=options.max_size_mb, max_slowdown=options.max_slowdown,
-    )
+    with held(options.execution):  # one Ray instance for the whole search
+        result = climb(
+            temp, observers, meta, settings, base, fit, evaluator, single=single, protected=set(keep), fallback=options.fallback,
+            max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
+            started_from=baseline_label, analyse=analyse, where=where, max_size_mb=options.max_size_mb, max_slowdown=options.max_slowdown,
+        )
     if shared and result.entries:
         result.warnings.append(f"only {len(scored)} sample(s): the fixes were fitted on the samples they are scored on; "
                                f"give the dataset more than --proposal-samples {options.samples} samples for a held-out check")

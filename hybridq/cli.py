@@ -177,6 +177,7 @@ def step1(
     Writes <name>.model, <name>.data and the editable <name>.quantization.cfg.
     """
     from . import api
+    from .execution import held
     from .workspace import find_config
 
     State.quiet, State.json = quiet, as_json
@@ -187,7 +188,7 @@ def step1(
                  int4_rounding=int4_rounding, cost_model=None if measure is None else ("measured" if measure else "macs"))
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook)
     execution = _execution(workers, ray)
-    with progress("calibrating") as advance:
+    with progress("calibrating") as advance, held(execution):  # --ray local: one Ray instance for calibration and proposal
         res = api.step1(
             model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
             on_progress=advance, on_start=advance.start, fixed_inputs=_fixed_inputs(fix_input), execution=execution,

@@ -12,13 +12,14 @@ because the caller merges in shard order and the observers merge exactly.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from ._workers import Job, Progress, Shard, run_local, threads_per_worker
 from .errors import InputError
 
-__all__ = ["BACKENDS", "Execution", "Job", "Progress", "Shard", "contiguous", "execute", "threads_per_worker"]
+__all__ = ["BACKENDS", "Execution", "Job", "Progress", "Shard", "contiguous", "execute", "held", "threads_per_worker"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,22 @@ def execute(
     execution = execution or Execution()
     execution.validate()
     return BACKENDS[execution.backend](job, shards, execution.workers, execution.ray, on_result, on_progress or (lambda k: None))
+
+
+@contextmanager
+def held(execution: Execution | None) -> Iterator[None]:
+    """Keep the Ray instance `--ray local` starts up across the many runs inside (the proposal's), not one per run.
+
+    Its actors are then kept between runs too; other back ends start their workers per run and need nothing here.
+    """
+    if execution is None or execution.backend != "ray":
+        yield
+        return
+    execution.validate()
+    from ._ray import connected
+
+    with connected(str(execution.ray)):
+        yield
 
 
 def _in_process(job: Job, shards: Iterable[Shard], workers: int, address: str | None, on_result: Callable, on_progress: Progress) -> list[Any]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from hybridq.cli import main
 from hybridq.errors import InputError, WorkerLost
 from hybridq.execution import Execution, Shard, contiguous, execute, threads_per_worker
 from hybridq.observers import HistogramObserver
-from hybridq.proposal import Target
+from hybridq.proposal import Evaluator, Target
 from tests import models
 from tests.conftest import cosine, run
 
@@ -141,17 +143,167 @@ def test_analyze_manifest_is_identical_on_every_back_end(cnn20):
     assert json.loads(base)["n_samples"] == 20
 
 
-def test_proposal_choices_are_identical_with_workers(tmp_path):
-    path = tmp_path / "m.onnx"
-    onnx.save(models.concat_ranges_cnn(), path)
+EVAL_HOOK = '''
+import os, signal
+from pathlib import Path
+import numpy as np
+import onnxruntime as ort
+
+HERE = Path(__file__).parent
+
+
+def evaluate(path):
+    """A task figure (higher is better: minus the output's mean distance from fp32's on a fixed input); logs its pid;
+    kills its own process when marked unless it is the test's own process."""
+    with open(HERE / "eval.pids", "a") as log:
+        log.write(f"{os.getpid()}\\n")
+    if (HERE / "kill.eval").exists() and os.getpid() != int((HERE / "driver.pid").read_text()):
+        os.kill(os.getpid(), signal.SIGKILL)
+    x = np.linspace(-2, 2, 8 * 12 * 12, dtype=np.float32).reshape(1, 8, 12, 12)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return -float(np.abs(run(path).astype(np.float64) - run(HERE / "m.onnx")).mean())
+
+
+def broken(path):
+    """Fails on a worker (the test's own process computes fp32's figure)."""
+    if os.getpid() != int((HERE / "driver.pid").read_text()):
+        raise ValueError("no labels on this node")
+    return 0.0
+'''
+
+
+@pytest.fixture
+def concat16(tmp_path: Path) -> dict[str, Path]:
+    """The concat-of-ranges CNN (the proposal has several candidates per step on it), 16 samples, and the --eval hook."""
+    onnx.save(models.concat_ranges_cnn(), tmp_path / "m.onnx")
+    (tmp_path / "evalhook.py").write_text(EVAL_HOOK)
+    (tmp_path / "driver.pid").write_text(str(os.getpid()))
     listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 12, 12)}, 16)
-    results = []
-    for name, execution in (("one", None), ("two", Execution(workers=2))):
-        opts = ProposalOptions(Target(cosine=0.995), max_float_fraction=1.0, execution=execution)
-        r = hybridq.step1(path, listing, out=tmp_path / name, settings=hybridq.Settings(float_stem=False), proposal=opts, execution=execution)
-        results.append((r.proposal.layers, r.proposal.entries, r.proposal.evaluations, _digest(r.cfg), _digest(r.data)))
-    assert results[0] == results[1]
-    assert results[0][0] or results[0][1], "the proposal chose something on this model"
+    return {"model": tmp_path / "m.onnx", "dataset": listing, "dir": tmp_path, "eval": tmp_path / "evalhook.py"}
+
+
+def _proposal(ws: dict[str, Path], name: str, execution: Execution | None, eval_fn: str | None = None) -> tuple:
+    """step1 --proposal's choice, evaluations, candidate table, scores, and the digests of its cfg and data."""
+    target = Target(cosine=None, eval_fn=eval_fn) if eval_fn else Target(cosine=0.995)
+    opts = ProposalOptions(target, max_float_fraction=1.0, execution=execution)
+    r = hybridq.step1(ws["model"], ws["dataset"], out=ws["dir"] / name, settings=hybridq.Settings(float_stem=False), proposal=opts,
+                      execution=execution)
+    p = r.proposal
+    return (p.layers, p.entries, p.choice, p.evaluations, [row.to_dict() for row in p.table], p.baseline.to_dict(), p.predicted.to_dict(),
+            p.measured.to_dict(), _digest(r.cfg), _digest(r.data))
+
+
+def _remote_scoring(monkeypatch) -> list[int]:
+    """Shards of every candidate-scoring run sent to execute (appended to the list returned)."""
+    from hybridq.proposal import evaluator
+
+    sent: list[int] = []
+
+    def spy(job, shards, *args, **kw):
+        shards = list(shards)
+        sent.append(len(shards))
+        return execute(job, shards, *args, **kw)
+
+    monkeypatch.setattr(evaluator, "execute", spy)
+    return sent
+
+
+def test_proposal_choices_tables_and_cfg_are_identical_with_workers(monkeypatch, concat16):
+    sent = _remote_scoring(monkeypatch)
+    base = _proposal(concat16, "one", None)
+    assert not sent, "in-process by default"
+    assert _proposal(concat16, "two", Execution(workers=2)) == base
+    assert sent and all(n >= 2 for n in sent), "a step's candidates went to the workers side by side"
+    assert base[0] or base[1], "the proposal chose something on this model"
+    # `propose` on a step1 cfg: the same written cfg and table whether its candidates are scored here or on workers
+    r = hybridq.step1(concat16["model"], concat16["dataset"], out=concat16["dir"] / "plain", settings=hybridq.Settings(float_stem=False))
+    proposed = []
+    for name, execution in (("p_here", None), ("p_two", Execution(workers=2))):
+        shutil.copytree(r.cfg.parent, concat16["dir"] / name)
+        cfg = concat16["dir"] / name / r.cfg.name
+        p, _ = hybridq.propose(cfg, concat16["dataset"], options=ProposalOptions(Target(cosine=0.995), max_float_fraction=1.0, execution=execution))
+        proposed.append((cfg.read_bytes(), [row.to_dict() for row in p.table], p.measured.to_dict()))
+    assert proposed[0] == proposed[1] and proposed[0][0] != r.cfg.read_bytes()
+
+
+def _softmax_model(wiggle: float) -> onnx.ModelProto:
+    """y = Softmax(x + wiggle * Sin(5x), axis 1) over x [1, C, 8] with C dynamic: wiggle 0 is the fp32 model, others candidates."""
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Constant", [], ["f"], value=helper.make_tensor("f", TensorProto.FLOAT, [], [5.0])),
+             helper.make_node("Constant", [], ["w"], value=helper.make_tensor("w", TensorProto.FLOAT, [], [wiggle])),
+             helper.make_node("Mul", ["x", "f"], ["x5"]), helper.make_node("Sin", ["x5"], ["s"]), helper.make_node("Mul", ["s", "w"], ["ws"]),
+             helper.make_node("Add", ["x", "ws"], ["z"]), helper.make_node("Softmax", ["z"], ["y"], axis=1)]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, "C", 8]) for n in ("x", "y")]
+    graph = helper.make_graph(nodes, "softmax", [io[0]], [io[1]])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_scores_on_workers_are_bit_identical_and_match_numpy():
+    rng = np.random.default_rng(3)
+    # channels 3, 3, 5, 3: from sample 2 on the output is compared whole (dynamic channel count), as analyze does
+    samples = [{"x": rng.normal(0, 1, (1, c, 8)).astype(np.float32)} for c in (3, 3, 5, 3)]
+    fp32, cands = _softmax_model(0.0), [_softmax_model(0.3), _softmax_model(0.6)]
+    here = Evaluator(fp32, samples, Target(cosine=0.99))
+    far = Evaluator(fp32, samples, Target(cosine=0.99), Execution(workers=4))  # 2 shards per candidate: samples split
+    for limit in (None, 2):
+        local = [s.to_dict() for s in here.score_many(cands, limit)]
+        assert [s.to_dict() for s in far.score_many(cands, limit)] == local
+        for cand, got in zip(cands, local):
+            pairs = [(run(fp32, x)[0].astype(np.float64), run(cand, x)[0].astype(np.float64)) for x in samples[:limit]]
+            xy, xx, yy = (sum(float((a * b).sum()) for a, b in products) for products in
+                          ([(r, q) for r, q in pairs], [(r, r) for r, _ in pairs], [(q, q) for _, q in pairs]))
+            assert got["outputs"]["y"]["cosine"] == pytest.approx(xy / math.sqrt(xx * yy), rel=1e-12)
+            flips = sum(int((r.argmax(axis=1) != q.argmax(axis=1)).sum()) for r, q in pairs)
+            assert (got["flips"], got["decisions"]) == (flips, sum(r.shape[2] for r, _ in pairs)) and flips > 0
+            # slices only while the channel count holds: samples 0-1 alone have 3 slices, all four samples none
+            assert (got["outputs"]["y"]["worst_slice"] is None) == (limit is None)
+    assert here.evaluations == far.evaluations == 4
+
+
+def test_eval_runs_on_the_workers_and_gives_the_same_figure(concat16):
+    spec = f"{concat16['eval']}:evaluate"
+    samples = [{"x": np.load(concat16["dir"] / "data" / f"x_{i}.npy")} for i in range(4)]
+    fp32 = onnx.load(concat16["model"])
+    cands = [_scaled_first_conv(fp32, s) for s in (1.01, 0.9)]
+    local = Evaluator(fp32, samples, Target(cosine=None, eval_fn=spec)).score_many(cands)
+    pids = concat16["dir"] / "eval.pids"
+    pids.write_text("")
+    far = Evaluator(fp32, samples, Target(cosine=None, eval_fn=spec), Execution(workers=2))
+    assert [s.to_dict() for s in far.score_many(cands)] == [s.to_dict() for s in local]
+    ran = [int(p) for p in pids.read_text().split()]
+    assert ran[0] == os.getpid() and len(ran) == 3 and os.getpid() not in ran[1:], "fp32's figure here, the candidates' on workers"
+    # the figure is the hook's own, computed here independently
+    x = np.linspace(-2, 2, 8 * 12 * 12, dtype=np.float32).reshape(1, 8, 12, 12)
+    want = -float(np.abs(run(cands[1], {"x": x})[0].astype(np.float64) - run(fp32, {"x": x})[0]).mean())
+    assert local[1].task == pytest.approx(want, rel=1e-6) and local[1].task < local[0].task < 0
+    # an --eval function that fails on a worker is the same one-paragraph error as here
+    failing = Evaluator(fp32, samples, Target(cosine=None, eval_fn=f"{concat16['eval']}:broken"), Execution(workers=2))
+    with pytest.raises(InputError, match=r"--eval function .*broken' failed: ValueError: no labels on this node"):
+        failing.score_many(cands)
+
+
+def _scaled_first_conv(model: onnx.ModelProto, scale: float) -> onnx.ModelProto:
+    """A copy of the model with its first weight scaled: a candidate whose outputs differ from fp32's."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    w = out.graph.initializer[0]
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * np.float32(scale), w.name))
+    return out
+
+
+def test_a_worker_killed_during_the_proposal_is_a_clear_error_and_leaves_artifacts(capsys, concat16):
+    out = concat16["dir"] / "out"
+    args = ["step1", concat16["model"], "-d", concat16["dataset"], "--out", out, "--proposal", "--eval", f"{concat16['eval']}:evaluate",
+            "--workers", "2"]
+    code, text = cli(capsys, *args)
+    assert code == 0, text
+    before = {p.name: _digest(p) for p in out.iterdir()}
+    (concat16["dir"] / "kill.eval").write_text("")  # the --eval function, on a worker, kills its process
+    code, text = cli(capsys, *args)
+    assert code == 1, text
+    assert "ended abruptly" in text and "(signal 9)" in text and "Traceback" not in text
+    assert {p.name: _digest(p) for p in out.iterdir()} == before, "no artifact half-written, none replaced"
 
 
 def _kill_setup(ws: dict[str, Path], victim: str) -> None:

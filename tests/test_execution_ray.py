@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 
 from hybridq.execution import Execution
-from tests.test_execution import _analyze_manifest, _digest, _kill_setup, _step1_digests, cli, cnn20  # noqa: F401 (cnn20: fixture)
+from tests.test_execution import (  # noqa: F401 (cnn20, concat16: fixtures)
+    _analyze_manifest, _digest, _kill_setup, _proposal, _remote_scoring, _step1_digests, cli, cnn20, concat16,
+)
 
 import hybridq
 
@@ -41,3 +43,20 @@ def test_a_killed_ray_worker_is_a_clear_error_and_leaves_artifacts(ray_local, ca
     assert code == 1, text
     assert "ended abruptly" in text and "Traceback" not in text
     assert {p.name: _digest(p) for p in out.iterdir()} == before
+
+
+def test_ray_gives_the_same_proposal_table_and_cfg_and_eval_figure(ray_local, monkeypatch, concat16):
+    sent = _remote_scoring(monkeypatch)
+    base = _proposal(concat16, "one", None, eval_fn=f"{concat16['eval']}:evaluate")
+    assert _proposal(concat16, "ray", Execution(workers=2, ray="local"), eval_fn=f"{concat16['eval']}:evaluate") == base
+    assert sent, "candidates were scored on the Ray actors"
+
+
+def test_a_ray_worker_killed_during_the_proposal_is_a_clear_error(ray_local, capsys, concat16):
+    (concat16["dir"] / "kill.eval").write_text("")  # the --eval function kills the actor that runs it
+    out = concat16["dir"] / "out"
+    code, text = cli(capsys, "step1", concat16["model"], "-d", concat16["dataset"], "--out", out, "--proposal",
+                     "--eval", f"{concat16['eval']}:evaluate", "--ray", "local", "--workers", "2")
+    assert code == 1, text
+    assert "ended abruptly" in text and "Traceback" not in text
+    assert not out.exists() or not any(out.iterdir()), "nothing written"

@@ -13,12 +13,17 @@ Softmax writes, the decision is its argmax: a candidate that flips clearly more
 decisions than the current state is not taken, whatever its cosine (bias correction
 on PP-OCR rec raised the output cosine and lowered character accuracy by flipping
 blanks); "clearly" is beyond the noise of counting, sqrt of the flips compared.
+
+Each sample's sums are kept apart and added in sample order, so a candidate scored on
+workers (:class:`ScoringJob`, any :mod:`hybridq.execution` back end) scores the same bit
+for bit as one scored here.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from .._onnx import GraphIndex
 from ..calibration import session_for
 from ..dataset import load_callable
 from ..errors import InputError
+from ..execution import Execution, Progress, Shard, contiguous, execute
 from ..metrics import SNR_DEFAULT, SliceAccumulator, SliceMetrics, channel_axis, normalised, output_ok, slice_sums
 
 
@@ -106,20 +112,41 @@ class Score:
         return text + (f", task {self.task:.4f}" if self.task is not None else "")
 
 
-class _OutputSums:
-    """Float64 sums of one output, per slice along its channel axis (one slice when it has none)."""
+@dataclass(frozen=True)
+class _Layout:
+    """How one output's samples are summed: per slice along `axis` (None: one whole-tensor slice), whole from sample `switch` on.
 
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.axis = channel_axis(shape)
-        self.shape = tuple(shape)
+    `switch` is the first sample whose channel count differs from sample 0's (dynamic shapes): from there on, as analyze
+    does, no slices. Known from the fp32 shapes alone, so a worker that sums samples 8-15 sums them as one process would.
+    """
+
+    axis: int | None
+    switch: int | None
+
+    @classmethod
+    def of(cls, shapes: list[tuple[int, ...]]) -> "_Layout":
+        axis = channel_axis(shapes[0])
+        switch = None if axis is None else next((k for k, s in enumerate(shapes) if s[axis] != shapes[0][axis]), None)
+        return cls(axis, switch)
+
+    def sums(self, k: int, ref: np.ndarray, test: np.ndarray) -> np.ndarray:
+        """Sample `k`'s float64 sums (xx, yy, xy, dd per slice)."""
+        if self.axis is None or (self.switch is not None and k >= self.switch):
+            return slice_sums(np.reshape(ref, (1, -1)), np.reshape(test, (1, -1)), 0)
+        return slice_sums(ref, test, self.axis)
+
+
+class _OutputSums:
+    """Float64 sums of one output, per slice along its channel axis (one slice when it has none), added in sample order."""
+
+    def __init__(self, layout: _Layout) -> None:
+        self.layout, self.axis = layout, layout.axis
         self.acc = SliceAccumulator(self.axis if self.axis is not None else 0)
 
-    def add(self, ref: np.ndarray, test: np.ndarray) -> None:
-        if self.axis is not None and np.shape(ref)[self.axis] != self.shape[self.axis]:
-            self._whole_only()  # the channel count changes between samples (dynamic shapes): as analyze does, no slices
-        if self.axis is None:
-            ref, test = np.reshape(ref, (1, -1)), np.reshape(test, (1, -1))
-        self.acc.add_sums(slice_sums(ref, test, self.acc.axis))
+    def add(self, k: int, sums: np.ndarray) -> None:
+        if k == self.layout.switch:
+            self._whole_only()
+        self.acc.add_sums(sums)
 
     def _whole_only(self) -> None:
         """Fold the slices seen so far into one whole-tensor slice and stop slicing."""
@@ -141,49 +168,179 @@ class _OutputSums:
         return OutputScore(w.cosine[0], w.snr_db[0], ncos, nsnr, per)
 
 
-class Evaluator:
-    """Scores candidate models on fixed samples against the fp32 outputs (computed once)."""
+SamplePart = tuple[list[np.ndarray], int, int]
+"""One sample's part of a score: each output's sums (in output order), argmax decisions flipped, decisions taken."""
 
-    def __init__(self, fp32: onnx.ModelProto, samples: list[dict[str, np.ndarray]], target: Target) -> None:
-        self.samples = samples
-        self.target = target
-        sess = session_for(fp32, basic=False)
-        self.names = [o.name for o in sess.get_outputs()]
-        self.ref = [sess.run(self.names, s) for s in samples]
-        self.class_axis = {n: a for n, a in _softmax_axes(fp32, self.names).items()
-                           if all(_is_distribution(r[self.names.index(n)], a) for r in self.ref)}
-        self.evaluations = 0
-        self._eval = None
-        self.fp32_task = None
-        if target.eval_fn:
-            self._eval = load_callable(target.eval_fn, "--eval function")
-            self.fp32_task = self._task(fp32)
 
-    def _task(self, model: onnx.ModelProto) -> float:
-        with tempfile.TemporaryDirectory(prefix="hybridq-eval-") as tmp:
-            path = Path(tmp) / "candidate.onnx"
-            onnx.save_model(model, str(path))
-            try:
-                return float(self._eval(str(path)))
-            except Exception as exc:
-                raise InputError(f"The --eval function {self.target.eval_fn!r} failed: {type(exc).__name__}: {exc}. It must take a model path and return a number.") from exc
+@dataclass
+class Scoring:
+    """What scoring a candidate needs besides the candidate: the samples, their fp32 outputs and how to sum them (sent to workers)."""
 
-    def score(self, model: onnx.ModelProto, limit: int | None = None) -> Score:
-        """Run the candidate on the samples (the first `limit` only, for a quick sensitivity); one evaluation."""
-        self.evaluations += 1
-        sess = session_for(model, basic=False)
-        sums = {n: _OutputSums(np.shape(r)) for n, r in zip(self.names, self.ref[0])} if self.ref else {}
-        flips = decisions = 0
-        for feeds, ref in list(zip(self.samples, self.ref))[:limit]:
-            for name, r, q in zip(self.names, ref, sess.run(self.names, feeds)):
-                sums[name].add(r, q)
+    samples: list[dict[str, np.ndarray]]
+    ref: list[list[np.ndarray]]
+    names: list[str]
+    layouts: list[_Layout]
+    class_axis: dict[str, int]
+    eval_fn: str | None
+
+    def parts(self, sess: Any, indices: Iterable[int]) -> list[SamplePart]:
+        """Run the candidate's session on the samples `indices`; each sample's sums and decisions."""
+        out: list[SamplePart] = []
+        for k in indices:
+            ref, flips, decisions, sums = self.ref[k], 0, 0, []
+            for name, layout, r, q in zip(self.names, self.layouts, ref, sess.run(self.names, self.samples[k])):
+                sums.append(layout.sums(k, r, q))
                 axis = self.class_axis.get(name)
                 if axis is not None:
                     agree = np.argmax(r, axis=axis) == np.argmax(q, axis=axis)
                     flips += int(agree.size - np.count_nonzero(agree))
                     decisions += int(agree.size)
-        task = self._task(model) if self._eval and limit is None else None
-        return Score({n: s.score() for n, s in sums.items()}, task, flips, decisions)
+            out.append((sums, flips, decisions))
+        return out
+
+    def merge(self, parts: Iterable[SamplePart], task: float | None) -> Score:
+        """The score of every sample's part, added in sample order (the first part is sample 0's)."""
+        sums = [_OutputSums(layout) for layout in self.layouts]
+        flips = decisions = 0
+        for k, (per_output, f, d) in enumerate(parts):
+            for acc, s in zip(sums, per_output):
+                acc.add(k, s)
+            flips, decisions = flips + f, decisions + d
+        return Score({n: s.score() for n, s in zip(self.names, sums)}, task, flips, decisions)
+
+
+def task_score(eval_fn: Callable[[str], Any], spec: str, model: onnx.ModelProto | bytes) -> float:
+    """The --eval function's figure for `model`, saved to a temporary file it reads (its error as an InputError)."""
+    with tempfile.TemporaryDirectory(prefix="hybridq-eval-") as tmp:
+        path = Path(tmp) / "candidate.onnx"
+        if isinstance(model, bytes):
+            path.write_bytes(model)
+        else:
+            onnx.save_model(model, str(path))
+        try:
+            return float(eval_fn(str(path)))
+        except Exception as exc:
+            raise InputError(f"The --eval function {spec!r} failed: {type(exc).__name__}: {exc}. It must take a model path and return a number.") from exc
+
+
+def portable_spec(spec: str) -> str:
+    """`path/to/module.py:function` with an absolute path (a worker may run elsewhere); `package.module:function` as is."""
+    module_ref, _, function_name = spec.rpartition(":")
+    if module_ref.endswith(".py") or "/" in module_ref or "\\" in module_ref:
+        return f"{Path(module_ref).resolve()}:{function_name}"
+    return spec
+
+
+class ScoringJob:
+    """Score candidates on a worker (a :class:`hybridq.execution.Job`): a shard is one candidate's samples, or its --eval run.
+
+    A shard's payload is (candidate, serialized model, "samples" | "task"); the --eval function is imported here by its
+    spec, never pickled. The session of the last candidate is kept: a worker often runs several shards of one.
+    """
+
+    def __init__(self, scoring: Scoring) -> None:
+        self.scoring = scoring
+        self._threads, self._eval, self._held = 0, None, (-1, None)
+
+    def start(self, threads: int) -> None:
+        self._threads, self._held = threads, (-1, None)
+
+    def run(self, shard: Shard, progress: Progress) -> list[SamplePart] | float:
+        which, blob, kind = shard.payload
+        if kind == "task":
+            if self._eval is None:
+                self._eval = load_callable(str(self.scoring.eval_fn), "--eval function")
+            return task_score(self._eval, str(self.scoring.eval_fn), blob)
+        if self._held[0] != which:
+            self._held = (which, session_for(onnx.load_from_string(blob), basic=False, threads=self._threads))
+        parts = self.scoring.parts(self._held[1], shard.items)
+        progress(shard.samples)
+        return parts
+
+    def finish(self) -> None:
+        self._held = (-1, None)
+
+
+def score_remote(scoring: Scoring, models: Iterable[onnx.ModelProto], count: int, task: bool, execution: Execution) -> list[Score]:
+    """Each model's score on the first `count` samples, computed on `execution`'s workers and merged in sample order.
+
+    A candidate's samples are split into contiguous shards when there are more workers than candidates (a list of them).
+    """
+    chunks = max(1, (execution.workers or 1) // len(models)) if isinstance(models, Sized) and len(models) else 1
+    parts: list[list[SamplePart]] = []
+    tasks: list[float | None] = []
+
+    def shards() -> Iterator[Shard]:
+        k = 0
+        for i, model in enumerate(models):  # a generator builds the next candidate while the workers score
+            blob = model.SerializeToString()
+            parts.append([])
+            tasks.append(None)
+            for a, b in contiguous(count, chunks):
+                yield Shard(k, tuple(range(a, b)), b - a, (i, blob, "samples"))
+                k += 1
+            if task:
+                yield Shard(k, (), 0, (i, blob, "task"))
+                k += 1
+
+    def arrived(shard: Shard, result: Any) -> None:
+        which, _, kind = shard.payload
+        if kind == "task":
+            tasks[which] = result
+        else:
+            parts[which] += result  # shards arrive in shard order: a candidate's samples in sample order
+
+    execute(ScoringJob(scoring), shards(), execution, arrived)
+    return [scoring.merge(p, t) for p, t in zip(parts, tasks)]
+
+
+class Evaluator:
+    """Scores candidate models on fixed samples against the fp32 outputs (computed once).
+
+    With an `execution` of its own workers (hybridq.execution), :meth:`score_many` scores candidates side by side on them.
+    """
+
+    def __init__(self, fp32: onnx.ModelProto, samples: list[dict[str, np.ndarray]], target: Target, execution: Execution | None = None) -> None:
+        self.samples = samples
+        self.target = target
+        self.execution = execution
+        sess = session_for(fp32, basic=False)
+        self.names = [o.name for o in sess.get_outputs()]
+        self.ref = [sess.run(self.names, s) for s in samples]
+        self.class_axis = {n: a for n, a in _softmax_axes(fp32, self.names).items()
+                           if all(_is_distribution(r[self.names.index(n)], a) for r in self.ref)}
+        layouts = [_Layout.of([np.shape(ref[i]) for ref in self.ref]) for i in range(len(self.names))] if self.ref else []
+        self.evaluations = 0
+        self._eval = None
+        self.fp32_task = None
+        spec = portable_spec(target.eval_fn) if target.eval_fn else None
+        self.scoring = Scoring(samples, self.ref, self.names if self.ref else [], layouts, self.class_axis, spec)
+        if spec:
+            self._eval = load_callable(spec, "--eval function")
+            self.fp32_task = self._task(fp32)
+
+    def _task(self, model: onnx.ModelProto) -> float:
+        return task_score(self._eval, str(self.target.eval_fn), model)
+
+    def score(self, model: onnx.ModelProto, limit: int | None = None) -> Score:
+        """Run the candidate on the samples (the first `limit` only, for a quick sensitivity); one evaluation."""
+        self.evaluations += 1
+        sess = session_for(model, basic=False)
+        parts = self.scoring.parts(sess, range(len(self.samples[:limit])))
+        return self.scoring.merge(parts, self._task(model) if self._eval and limit is None else None)
+
+    def score_many(self, models: Iterable[onnx.ModelProto], limit: int | None = None) -> list[Score]:
+        """:meth:`score` of each model, the same figures bit for bit; side by side on the execution's workers when it has them.
+
+        `models` may be a generator: each candidate is then built here while the workers score the ones before it.
+        """
+        remote = self.execution is not None and (self.execution.backend == "ray" or self.execution.workers > 1)  # 1 worker: no gain
+        many = not isinstance(models, Sized) or len(models) > 1
+        if not (remote and many):
+            return [self.score(m, limit) for m in models]
+        scores = score_remote(self.scoring, models, len(self.samples[:limit]), self._eval is not None and limit is None, self.execution)
+        self.evaluations += len(scores)
+        return scores
 
     def met(self, s: Score) -> bool:
         """Does a score reach the target on every output, by analyze's verdict rule (whole tensor and every slice)?"""

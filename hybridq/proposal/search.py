@@ -11,6 +11,7 @@ row of the table the user sees.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -157,15 +158,21 @@ class _Climb:
     def try_each(self, step: str, cands: list[Candidate]) -> bool:
         """Score each candidate on top of the current edits; keep the best if it beats the current score."""
         best: tuple[Score, Candidate, Edits, Built] | None = None
+        tried: list[tuple[Candidate, Edits, Built | ConfigError]] = []
         for c in cands:
             edits = c.onto(self.edits, self.ctx.temp)
             try:
-                built = self.build(edits)
+                tried.append((c, edits, self.build(edits)))
             except ConfigError as exc:  # a fix that step2 could not apply here: a row, not the end of the search
+                tried.append((c, edits, exc))
+        # scored side by side when the evaluator has workers; rows and choice in candidate order as before
+        scores = iter(self.evaluator.score_many([b.model for _, _, b in tried if not isinstance(b, ConfigError)]))
+        for c, edits, built in tried:
+            if isinstance(built, ConfigError):
                 self.table.append(Row(step, c.label, float("nan"), float("nan"), float("nan"), float("nan"), c.cost,
-                                      f"not applicable: {exc}"[:160]))
+                                      f"not applicable: {built}"[:160]))
                 continue
-            s = self.evaluator.score(built.model)
+            s = next(scores)
             self._row(step, c.label, s, c.cost, "")
             if not self.evaluator.flips_more(s, self.score) and (best is None or self.quality(s) > self.quality(best[0])):
                 best = (s, c, edits, built)
@@ -439,11 +446,12 @@ def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: 
     cost = {n: sum(macs.get(m, 0.0) for m in unit[n]) / total for n in unit}
     if len(head) < 2:
         return list(dict.fromkeys(m for n, _ in ranked for m in unit[n]))
-    base = climb.evaluator.score(climb.built.model, limit=SENSITIVITY_SAMPLES)
+    cands = [float_fix(climb.ctx, unit[n], fallback, cost[n], {}) for n in head]
+    # independent runs: side by side when the evaluator has workers (each built here while the others are scored)
+    models = itertools.chain([climb.built.model], (climb.build(c.onto(climb.edits, climb.ctx.temp)).model for c in cands))
+    base, *scores = climb.evaluator.score_many(models, limit=SENSITIVITY_SAMPLES)
     gains: dict[str, float] = {}
-    for n in head:
-        c = float_fix(climb.ctx, unit[n], fallback, cost[n], {})
-        s = climb.evaluator.score(climb.build(c.onto(climb.edits, climb.ctx.temp)).model, limit=SENSITIVITY_SAMPLES)
+    for n, c, s in zip(head, cands, scores):
         gains[n] = climb.quality(s) - climb.quality(base) if not climb.evaluator.flips_more(s, base) else -math.inf
         what = n if len(unit[n]) == 1 else f"{n} (+{len(unit[n]) - 1} reader(s))"
         climb._row("sensitivity", f"{what} alone in {fallback} ({SENSITIVITY_SAMPLES} samples)", s, c.cost,
