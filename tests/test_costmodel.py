@@ -103,7 +103,7 @@ def test_measured_int8_layers_run_as_integer_kernels(tmp_path):
     bench = costmodel._bench_model(temp, costmodel.candidates(temp, Settings()), shapes)
     assert sorted(bench.layers.values()) == ["dw", "expand", "project", "stem"]
     optimized = tmp_path / "opt.onnx"
-    session(costmodel._int8_model(bench, Settings()), threads=1, optimization="all", optimized_model=str(optimized))
+    session(costmodel._int8_model(bench.model, Settings()), threads=1, optimization="all", optimized_model=str(optimized))
     ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
     assert ops.count("QLinearConv") == 4 and "Conv" not in ops and "FusedConv" not in ops
     table = costmodel.measure(temp, SAMPLE, Settings())
