@@ -182,18 +182,21 @@ def _profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, 
 
 
 def _models_ms(models: list[onnx.ModelProto], sample: dict[str, np.ndarray]) -> list[float]:
-    """Median wall latency (ms) of each whole model on the sample, one thread, runs interleaved (a busy spell hits all alike)."""
+    """Best wall latency (ms) of each whole model on the sample, one thread, runs interleaved.
+
+    The best run is the one least disturbed by other work on the machine, and interleaving makes a busy spell hit every model alike.
+    """
     sessions = [session(m, threads=THREADS) for m in models]
     t0 = time.perf_counter()
     for s in sessions:
         s.run(None, sample)
     times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(_runs(time.perf_counter() - t0, 3, 50)):
+    for _ in range(_runs(time.perf_counter() - t0, 5, 50)):
         for s, held in zip(sessions, times):
             t0 = time.perf_counter()
             s.run(None, sample)
             held.append(time.perf_counter() - t0)
-    return [statistics.median(t) * 1000.0 for t in times]
+    return [min(t) * 1000.0 for t in times]
 
 
 def _runs(first_s: float, least: int, most: int) -> int:
