@@ -144,14 +144,14 @@ def _bench_model(model: onnx.ModelProto, names: list[str], shapes: dict[str, tup
     return bench
 
 
-def _int8_model(model: onnx.ModelProto, settings: Settings) -> onnx.ModelProto:
-    """`model` with every candidate layer int8, rewritten as step2 does (the side-by-side model, or the whole model).
+def _int8_model(model: onnx.ModelProto, settings: Settings, costs: CostTable | None = None) -> onnx.ModelProto:
+    """`model` with every candidate layer int8 (or those `costs` places int8), rewritten as step2 does.
 
     Activation ranges are made up (speed does not depend on them) but shaped like real ones: a Relu or
     Clip output starts at 0, so that ONNX Runtime folds the activation into the Q as it does after calibration.
     """
     everything = dataclasses.replace(settings, float_stem=False, float_depthwise=False, float_pooled=False, cost_model="macs")
-    plan = make_plan(model, everything)
+    plan = make_plan(model, everything, costs=costs)
     g = GraphView(model)
     acts = {}
     for t, tp in plan.tensors.items():
