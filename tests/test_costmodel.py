@@ -316,3 +316,27 @@ def test_the_whole_int8_latency_is_measured_and_cached_with_the_table(tmp_path, 
     calls = _counting(monkeypatch)
     monkeypatch.setattr(costmodel, "FORMAT", costmodel.FORMAT + 1)  # what is measured changed: measured again
     assert costmodel.load_or_measure(temp, SAMPLE, Settings(), cache)[1] is False and len(calls) == 1
+
+
+def test_step1_imports_nothing_it_does_not_use(tmp_path):
+    """A fixed cost of every step1: the CLI and a step1 run on a fixture (no control flow, no proposal) import no plotting,
+    no reference evaluator and no Ray. Checked in a fresh interpreter, whose sys.modules holds only what that run imported."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "cnn.onnx"
+    onnx.save(models.residual_cnn(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 4)
+    heavy = ["matplotlib", "onnx.reference", "ray", "scipy", "pandas", "hybridq.analysis", "hybridq.report"]
+    code = (
+        "import sys, hybridq.cli\n"
+        f"try:\n    hybridq.cli.main(['step1', {str(path)!r}, '--dataset', {str(listing)!r}, '--out', {str(tmp_path / 'ws')!r}])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+        "print('onnx' in sys.modules and 'hybridq.api' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    imported, ran = out.stdout.strip().splitlines()[-2:]
+    assert ran == "True" and (tmp_path / "ws" / "cnn.quantization.cfg").is_file()
+    assert imported == "[]", f"step1 imported {imported}"
