@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ FORMAT = 3
 THREADS = 1
 """Layers are timed on one thread: the per-core cost, which ranks int8 against fp32 at any thread count."""
 RUNS = 7
-"""Most profiled runs of each small model (the median per node is kept; the first run warms up)."""
+"""Most profiled runs of each small model (the least time per node is kept: the run other work on the machine disturbed least)."""
 BUDGET_S = 0.25
 """Time to spend on each timed model beyond its first run: fewer runs (3 at least) for large models."""
 _TAG = re.compile(r"^hqc(\d+)(?:_|$)")
@@ -164,7 +163,7 @@ def _int8_model(model: onnx.ModelProto, settings: Settings, costs: CostTable | N
 
 
 def _profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[str, float]]:
-    """Node name -> (op type as run, median kernel time in ms) over RUNS profiled runs, one thread."""
+    """Node name -> (op type as run, least kernel time in ms) over RUNS profiled runs, one thread."""
     with tempfile.TemporaryDirectory(prefix="hybridq-cost-") as tmp:
         sess = session(model, threads=THREADS, profile_prefix=os.path.join(tmp, "profile"))
         t0 = time.perf_counter()
@@ -178,7 +177,7 @@ def _profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, 
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             node = e["name"][: -len("_kernel_time")]
             times.setdefault(node, (e.get("args", {}).get("op_name", ""), []))[1].append(e["dur"] / 1000.0)
-    return {k: (op, statistics.median(v)) for k, (op, v) in times.items()}
+    return {k: (op, min(v)) for k, (op, v) in times.items()}
 
 
 def _models_ms(models: list[onnx.ModelProto], sample: dict[str, np.ndarray]) -> list[float]:

@@ -340,3 +340,16 @@ def test_step1_imports_nothing_it_does_not_use(tmp_path):
     imported, ran = out.stdout.strip().splitlines()[-2:]
     assert ran == "True" and (tmp_path / "ws" / "cnn.quantization.cfg").is_file()
     assert imported == "[]", f"step1 imported {imported}"
+
+
+def test_with_boundaries_charged_the_prediction_is_still_exact_at_both_measured_ends(monkeypatch):
+    monkeypatch.setattr(placement, "BOUNDARY_WEIGHT", 1.0)
+    temp, _ = prepare(models.mobile_block(64))
+    table = _stub(fast_dw=True)
+    table.model_int8 = 2.9
+    layers, readers = _placement_inputs(temp, make_plan(temp, Settings(float_stem=False, float_depthwise=False)))
+    assert predicted_ms(layers, readers, table, set()) == pytest.approx(3.0)
+    assert predicted_ms(layers, readers, table, {"stem", "expand", "dw", "project"}) == pytest.approx(2.9)
+    # float project: its kernel back (1.0 - 0.3), minus its remainder share, plus a DQ on d_r it now needs
+    # (remainder: 2.9 - 3.0 + 1.3 - (Q on x, absent from the stub: 0) = 1.2 over 2.7 ms fp32)
+    assert predicted_ms(layers, readers, table, {"stem", "expand", "dw"}) == pytest.approx(2.9 + 0.7 - 1.2 / 2.7 + 0.1)
