@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,12 +37,12 @@ from .qparams import compute_qparams
 from .resolve import weight_entry
 from .settings import Settings
 
-FORMAT = 2
+FORMAT = 3
 """Bumped when what is measured changes: an older cache is measured again."""
 THREADS = 1
 """Layers are timed on one thread: the per-core cost, which ranks int8 against fp32 at any thread count."""
 RUNS = 7
-"""Most profiled runs of each small model (the median per node is kept; the first run warms up)."""
+"""Most profiled runs of each small model (the least time per node is kept: the run other work on the machine disturbed least)."""
 BUDGET_S = 0.25
 """Time to spend on each timed model beyond its first run: fewer runs (3 at least) for large models."""
 _TAG = re.compile(r"^hqc(\d+)(?:_|$)")
@@ -144,27 +143,27 @@ def _bench_model(model: onnx.ModelProto, names: list[str], shapes: dict[str, tup
     return bench
 
 
-def _int8_model(bench: _Bench, settings: Settings) -> onnx.ModelProto:
-    """The side-by-side model with every layer int8, rewritten as step2 does.
+def _int8_model(model: onnx.ModelProto, settings: Settings, costs: CostTable | None = None) -> onnx.ModelProto:
+    """`model` with every candidate layer int8 (or those `costs` places int8), rewritten as step2 does.
 
     Activation ranges are made up (speed does not depend on them) but shaped like real ones: a Relu or
     Clip output starts at 0, so that ONNX Runtime folds the activation into the Q as it does after calibration.
     """
     everything = dataclasses.replace(settings, float_stem=False, float_depthwise=False, float_pooled=False, cost_model="macs")
-    plan = make_plan(bench.model, everything)
-    g = GraphView(bench.model)
+    plan = make_plan(model, everything, costs=costs)
+    g = GraphView(model)
     acts = {}
     for t, tp in plan.tensors.items():
         prod = g.producer_node(t)
         lo = 0.0 if prod is not None and prod.op_type in ABSORBED_ACTIVATIONS else -4.0
         acts[t] = compute_qparams(lo, 6.0 if lo == 0.0 else 4.0, tp.dtype, tp.symmetric)
-    arrays = initializer_arrays(bench.model, plan.weights)
+    arrays = initializer_arrays(model, plan.weights)
     weights = {w: weight_entry(wp, arrays[w])[1] for w, wp in plan.weights.items()}
-    return apply_plan(bench.model, plan, acts, weights).model
+    return apply_plan(model, plan, acts, weights).model
 
 
 def _profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, tuple[str, float]]:
-    """Node name -> (op type as run, median kernel time in ms) over RUNS profiled runs, one thread."""
+    """Node name -> (op type as run, least kernel time in ms) over RUNS profiled runs, one thread."""
     with tempfile.TemporaryDirectory(prefix="hybridq-cost-") as tmp:
         sess = session(model, threads=THREADS, profile_prefix=os.path.join(tmp, "profile"))
         t0 = time.perf_counter()
@@ -178,21 +177,26 @@ def _profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, 
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             node = e["name"][: -len("_kernel_time")]
             times.setdefault(node, (e.get("args", {}).get("op_name", ""), []))[1].append(e["dur"] / 1000.0)
-    return {k: (op, statistics.median(v)) for k, (op, v) in times.items()}
+    return {k: (op, min(v)) for k, (op, v) in times.items()}
 
 
-def _model_ms(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> float:
-    """Median latency (ms) of the whole model on the sample, one thread."""
-    sess = session(model, threads=THREADS)
+def _models_ms(models: list[onnx.ModelProto], sample: dict[str, np.ndarray]) -> list[float]:
+    """Least CPU time (ms) of a run of each whole model on the sample, one thread, runs interleaved.
+
+    With one intra-op thread ONNX Runtime computes in the calling thread, so this thread's CPU time is the
+    run's cost, which other work on a shared machine does not inflate as it does wall time.
+    """
+    sessions = [session(m, threads=THREADS) for m in models]
     t0 = time.perf_counter()
-    sess.run(None, sample)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(_runs(first, 3, 50)):
-        t0 = time.perf_counter()
-        sess.run(None, sample)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000.0
+    for s in sessions:
+        s.run(None, sample)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(_runs(time.perf_counter() - t0, 5, 50)):
+        for s, held in zip(sessions, times):
+            t0 = time.thread_time()
+            s.run(None, sample)
+            held.append(time.thread_time() - t0)
+    return [min(t) * 1000.0 for t in times]
 
 
 def _runs(first_s: float, least: int, most: int) -> int:
@@ -207,9 +211,11 @@ def measure(model: onnx.ModelProto, sample: dict[str, np.ndarray], settings: Set
     table = CostTable(source=f"measured on {cpu_id()}, 1 thread")
     if bench.layers:
         fp32 = _profile(bench.model, bench.feeds)
-        int8 = _profile(_int8_model(bench, settings), bench.feeds)
+        int8 = _profile(_int8_model(bench.model, settings), bench.feeds)
         _collect(bench, fp32, int8, table)
-    table.model_fp32 = _model_ms(model, sample)
+        table.model_fp32, table.model_int8 = _models_ms([model, _int8_model(model, settings)], sample)
+    else:
+        table.model_fp32 = _models_ms([model], sample)[0]
     return table
 
 

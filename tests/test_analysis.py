@@ -6,6 +6,7 @@ ONNX Runtime session, never from hybridq itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from onnx.reference import ReferenceEvaluator
 
 import hybridq.analysis as an
 from hybridq.analysis import QDQ_MAP_KEY, AnalysisOptions, analyze, plan_analysis
-from hybridq.analysis import running
+from hybridq.analysis import engine, running
 from hybridq.api import analyze_samples
 from hybridq.errors import HybridqError, InputError, ModelError
 from hybridq.kernels import SATURATION_NOTE
@@ -226,7 +227,29 @@ def test_a_graph_onnx_runtime_cannot_load_is_a_model_error(workers: int) -> None
         m.graph.node.append(h.make_node("Weird", ["c3"], ["w"], domain="foo.bar"))
         m.opset_import.append(h.make_opsetid("foo.bar", 1))
     with pytest.raises(ModelError, match="ONNX Runtime cannot load.*foo.bar:Weird"):
-        analyze(fm, qm, samples(3), options=AnalysisOptions(workers=workers))
+        analyze(fm, qm, samples(3), options=AnalysisOptions(workers=workers, fork_min_samples=0))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker processes are forked on Linux only")
+def test_few_samples_run_on_threads_and_many_or_uncounted_in_worker_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker process makes its own sessions, which a few samples do not repay; the figures are the same either way."""
+    used = []
+    real = running.executor
+
+    @contextlib.contextmanager
+    def spy(work, workers, count=None):
+        with real(work, workers, count) as (pool, w, run):
+            used.append(type(pool).__name__)
+            yield pool, w, run
+
+    monkeypatch.setattr(engine, "executor", spy)
+    data = samples(4)
+    few = analyze(float_model(), quant_model(True), data, options=AnalysisOptions(workers=2))
+    many = analyze(float_model(), quant_model(True), data, options=AnalysisOptions(workers=2, fork_min_samples=4))
+    uncounted = analyze(float_model(), quant_model(True), iter(data), options=AnalysisOptions(workers=2))
+    assert used == ["ThreadPoolExecutor", "ProcessPoolExecutor", "ProcessPoolExecutor"]
+    for a, b, c in zip(few.layers, many.layers, uncounted.layers):
+        assert a.entire.per_sample == b.entire.per_sample == c.entire.per_sample, a.tensor
 
 
 def _die(sample: dict[str, np.ndarray], n: int) -> None:
@@ -237,7 +260,7 @@ def _die(sample: dict[str, np.ndarray], n: int) -> None:
 def test_a_worker_process_that_dies_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(running, "_child_sample", _die)
     with pytest.raises(HybridqError, match="worker process of the analysis ended abruptly.*taskset"):
-        analyze(float_model(), quant_model(True), samples(4), options=AnalysisOptions(workers=2))
+        analyze(float_model(), quant_model(True), samples(4), options=AnalysisOptions(workers=2, fork_min_samples=0))
 
 
 class RecordingSink:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -61,9 +61,8 @@ def analyze(
     :class:`~hybridq.analysis.results.SampleSink`; the metrics are then
     summed in float64 so a snapshot's manifest matches its arrays exactly).
     Without a sink, up to one sample per core is in flight (at most
-    ``options.workers``), each in its own worker process (a thread where
-    fork is missing or the graph is over ``options.fork_limit``); results
-    are added in sample order either way. Nothing is written here: the
+    ``options.workers``), each in its own worker process (a thread where fork is missing, the graph
+    is over ``options.fork_limit`` or the samples are few); results are added in sample order either way. Nothing is written here: the
     caller writes the manifest and the reports (:func:`hybridq.api.analyze_samples`).
     ``on_sample`` is called after each sample (for progress bars).
     int8 products are exact (:mod:`hybridq.kernels`) unless ``host_int8``,
@@ -86,6 +85,7 @@ def analyze(
     plan = plan_tensors(f, q)
     ag = build_analysis_graph(f, q, plan)
     targets = [compared_names(tp, ag) for tp in plan.tensors]
+    count = _known_count(samples)
     if reads_itself(samples, options.execution) is not None:
         first = samples.first()  # workers read the samples themselves: only the first is read here
     else:
@@ -107,7 +107,7 @@ def analyze(
             # a snapshot is written in sample order by one worker; otherwise one sample per core
             head = list(itertools.islice(samples, in_flight(options)))
             samples = itertools.chain(head, samples)
-            n = _run(work, m, samples, 1 if sink is not None else len(head), f.inputs, sink, on_sample)
+            n = _run(work, m, samples, 1 if sink is not None else len(head), f.inputs, sink, on_sample, count)
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
         notes = plan.notes + ag.notes
@@ -127,11 +127,11 @@ def analyze(
 
 def _run(
     work: Work, m: Measure, samples: Iterable[dict[str, np.ndarray]], workers: int, inputs: list[str],
-    sink: SampleSink | None, on_sample: Callable[[], None] | None,
+    sink: SampleSink | None, on_sample: Callable[[], None] | None, count: int | None = None,
 ) -> int:
     """Run every sample on ``workers`` workers, adding results (and handing arrays to ``sink``) in sample order."""
     n = 0
-    with executor(work, workers) as (pool, workers, run):
+    with executor(work, workers, count) as (pool, workers, run):
         pending: deque[Future[SampleErrors]] = deque()
 
         def finish_oldest() -> None:
@@ -158,6 +158,14 @@ def _run(
         while pending:
             finish_oldest()
     return n
+
+
+def _known_count(samples: object) -> int | None:
+    """How many samples there are, when that is known before iterating (a list, or a dataset's first N)."""
+    if isinstance(samples, Sized):
+        return len(samples)
+    count = getattr(samples, "count", None)
+    return count if isinstance(count, int) else None
 
 
 def _has_int8(model: onnx.ModelProto) -> bool:
