@@ -130,6 +130,12 @@ def gelu(g: GraphView) -> set[str]:
 HARD_SWISH_FLOOR = -3.0
 """HardSwish is 0 below -3: a tensor only HardSwish reads needs no codes below it (RKNN's cfg clamps its min so)."""
 
+SIGMOID_BOUND = 7.0
+"""Beyond +-7 a Sigmoid is within 1e-3 of 0 or 1, under half a step of an 8-bit [0, 1] output (RKNN's cfg clamps
+a Sigmoid's input to [-7, 7]: PP-OCR det's p2o.Add.281, observed [-155, 113])."""
+
+INF = float("inf")
+
 
 def hard_swish_floors(g: GraphView) -> dict[str, float]:
     """Tensors read only by HardSwish patterns (x of x * HardSigmoid(x), or x * Clip(x + 3, 0, 6) / 6): their range floor."""
@@ -144,6 +150,64 @@ def hard_swish_floors(g: GraphView) -> dict[str, float]:
         if gate is not None and mul is not None and any(i in inner for i in mul.input):
             floors[t] = HARD_SWISH_FLOOR
     return floors
+
+
+def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
+    return next((float(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == name), default)
+
+
+def _clip_bounds(node: onnx.NodeProto, g: GraphView) -> tuple[float, float] | None:
+    """A Clip's [min, max] (opset 11+ inputs or opset 6 attributes); None when a bound is not a constant."""
+    bounds = []
+    for k, attr, default in ((1, "min", -INF), (2, "max", INF)):
+        if len(node.input) > k and node.input[k]:
+            v = _const(g, node.input[k])
+            if v is None:
+                return None
+            bounds.append(v)
+        else:
+            bounds.append(_attr(node, attr, default))
+    return bounds[0], bounds[1]
+
+
+def reader_interval(node: onnx.NodeProto, g: GraphView, eight_bit: bool = True) -> tuple[float, float] | None:
+    """The input interval outside which `node`'s output no longer changes (its saturation points), or None.
+
+    Relu: [0, inf); Clip: its bounds; HardSigmoid(alpha, beta): [-beta/alpha, (1-beta)/alpha]; HardSwish:
+    [-3, inf); Sigmoid: [-7, 7] for an 8-bit tensor (not at int16, whose finer steps still see the tail).
+    """
+    op = node.op_type
+    if op == "Relu":
+        return 0.0, INF
+    if op == "Clip":
+        return _clip_bounds(node, g)
+    if op == "HardSigmoid":
+        alpha, beta = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
+        return (-beta / alpha, (1.0 - beta) / alpha) if alpha > 0 else None
+    if op == "HardSwish":
+        return HARD_SWISH_FLOOR, INF
+    if op == "Sigmoid" and eight_bit:
+        return -SIGMOID_BOUND, SIGMOID_BOUND
+    return None
+
+
+def saturation_ranges(g: GraphView, dtypes: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """Planned tensors (name -> dtype) whose readers all saturate outside an interval: the interval (union over readers).
+
+    An integer NPU spends no codes on values its reader maps to one output: RKNN's cfgs clamp these ranges
+    (PP-OCR det: Conv outputs read by HardSigmoid to [-3, 3] / [-2.5, 2.5], a BatchNormalization output read by
+    Relu to [0, max], HardSwish inputs to [-3, max], the Sigmoid's input to [-7, 7]). HardSwish patterns
+    (x * HardSigmoid(x), x * Clip(x + 3, 0, 6) / 6) floor x at -3, the rest of x's range is kept.
+    """
+    out = {t: (lo, INF) for t, lo in hard_swish_floors(g).items() if t in dtypes}
+    for t, dtype in dtypes.items():
+        users = g.consumer_nodes(t)
+        if t in out or t in g.outputs or not users:
+            continue
+        spans = [reader_interval(u, g, dtype != "int16") for u in users if u.input[0] == t]
+        if len(spans) == len(users) and all(spans):
+            out[t] = (min(lo for lo, _ in spans), max(hi for _, hi in spans))
+    return out
 
 
 PATTERNS: dict[str, Callable[[GraphView], set[str]]] = {

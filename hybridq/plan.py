@@ -152,7 +152,7 @@ class Placement:
     passthrough: tuple[str, ...] = ()
     share_concat: bool = False
     fused_patterns: Callable[[GraphView], set[str]] | None = None  # tensors inside patterns the target runs as one layer
-    range_floors: Callable[[GraphView], dict[str, float]] | None = None  # tensors whose reader ignores values below a floor
+    range_floors: Callable[[GraphView, dict[str, str]], dict[str, tuple[float, float]]] | None = None  # planned tensor -> dtype in; tensors whose readers saturate outside an interval out
 
 
 CPU_PLACEMENT = Placement(QUANTIZABLE)
@@ -216,7 +216,7 @@ class QuantPlan:
     biases: dict[str, BiasPlan] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     shared: list[list[str]] = field(default_factory=list)  # tensors that take one set of parameters (the widest)
-    floors: dict[str, float] = field(default_factory=dict)  # calibrated range clamped from below (values the readers ignore)
+    floors: dict[str, tuple[float, float]] = field(default_factory=dict)  # calibrated range clamped to [lo, hi] (values beyond, the readers map to one output)
 
     def precision_counts(self) -> dict[str, int]:
         """Number of layers per effective precision (int8 and uint8 counted as their dtype)."""
@@ -477,7 +477,7 @@ def make_plan(
     plan.tensors = {k: v for k, v in plan.tensors.items() if v.readers and k not in inner}
     plan.shared = _shared_groups(model, plan, placement)
     if placement.range_floors:
-        plan.floors = {t: v for t, v in placement.range_floors(g).items() if t in plan.tensors}
+        plan.floors = placement.range_floors(g, {t: tp.dtype for t, tp in plan.tensors.items()})
     return plan
 
 

@@ -26,7 +26,7 @@ import onnx
 from .deployed import as_deployed
 from .errors import ConfigError, did_you_mean
 from .observers import HistogramObserver
-from .patterns import hard_swish_floors, inner_tensors
+from .patterns import inner_tensors, saturation_ranges
 from .plan import CPU_PLACEMENT, QUANTIZABLE, GraphView, Placement, Slots, _all_float_inputs, _first_input, make_plan
 from .qparams import QParams
 from .settings import Settings
@@ -70,7 +70,7 @@ NPU_QUANTIZABLE = {
 NPU_PLACEMENT = Placement(
     NPU_QUANTIZABLE, default_ops=tuple(NPU_QUANTIZABLE), cpu_policy=False, fuse_activations=True,
     float_reads_quantized=True, passthrough=DATA_MOVEMENT, share_concat=True, fused_patterns=inner_tensors,
-    range_floors=hard_swish_floors,
+    range_floors=saturation_ranges,
 )
 
 
@@ -150,22 +150,28 @@ def check_target_change(
         )
 
 
-def floored(observers: dict[str, HistogramObserver], floors: dict[str, float]) -> dict[str, HistogramObserver]:
-    """`observers` with each floored tensor's statistics clamped from below (copies; mass below the floor moved onto it).
+def floored(observers: dict[str, HistogramObserver], floors: dict[str, tuple[float, float]]) -> dict[str, HistogramObserver]:
+    """`observers` with each clamped tensor's statistics limited to its [lo, hi] (copies; the mass beyond moved onto the bound).
 
-    Every range algorithm then sees the values the reader distinguishes (HardSwish maps all x < -3 to 0).
-    Without floors, `observers` itself is returned.
+    Every range algorithm then sees the values the reader distinguishes (HardSwish maps all x < -3 to 0,
+    HardSigmoid saturates on both sides). Without clamps that cut a range, `observers` itself is returned.
     """
-    hit = {t: f for t, f in floors.items() if t in observers and observers[t].count and observers[t].min < f < observers[t].max}
+    hit = {t: (max(lo, observers[t].min), min(hi, observers[t].max)) for t, (lo, hi) in floors.items()
+           if t in observers and observers[t].count and observers[t].min < hi and lo < observers[t].max
+           and (observers[t].min < lo or hi < observers[t].max)}
     if not hit:
         return observers
     out = dict(observers)
-    for t, f in hit.items():
+    for t, (lo, hi) in hit.items():
         obs = observers[t]
-        new = replace(obs, min=f, counts=obs.counts.copy())
-        if obs.bins and len(obs.counts):
-            k = min(max(int(np.floor(f / obs.width)) - obs.start, 0), len(obs.counts) - 1)
-            new.counts[k] += new.counts[:k].sum()
-            new.counts[:k] = 0
+        new = replace(obs, min=lo, max=hi, counts=obs.counts.copy())
+        if obs.bins and len(new.counts):
+            last = len(new.counts) - 1
+            k_lo = min(max(int(np.floor(lo / obs.width)) - obs.start, 0), last)
+            k_hi = min(max(int(np.floor(hi / obs.width)) - obs.start, 0), last)
+            new.counts[k_lo] += new.counts[:k_lo].sum()
+            new.counts[:k_lo] = 0
+            new.counts[k_hi] += new.counts[k_hi + 1:].sum()
+            new.counts[k_hi + 1:] = 0
         out[t] = new
     return out

@@ -127,3 +127,26 @@ def exported_patterns(seed: int = 0) -> onnx.ModelProto:
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def saturating_readers(seed: int = 0) -> onnx.ModelProto:
+    """x [1,4,8,8]: five Convs whose outputs only a saturating op reads (HardSigmoid, Sigmoid, Clip; an Add read only
+    by Relu), the ranges an NPU clamps to the reader's saturation interval; one Conv output also read by a Neg (not clamped)."""
+    rng = np.random.default_rng(seed)
+    n = helper.make_node
+    inits = [_f(f"w{k}", rng.normal(0, 1.5, (4, 4, 3, 3))) for k in "abcde"] + [_f("lo", -1.0), _f("hi", 1.0)]
+    nodes = [n("Conv", ["x", f"w{k}"], [f"c{k}"], name=f"conv_{k}", pads=[1, 1, 1, 1]) for k in "abcde"] + [
+        n("HardSigmoid", ["ca"], ["hsig"], name="hardsigmoid", alpha=0.2, beta=0.5),
+        n("Sigmoid", ["cb"], ["sig"], name="sigmoid"),
+        n("Add", ["cc", "cd"], ["s"], name="add"),
+        n("Relu", ["s"], ["r"], name="relu"),
+        n("Clip", ["ce", "lo", "hi"], ["cl"], name="clip"),
+        n("Neg", ["cd"], ["y_d"], name="out_d"),
+    ] + [n("Neg", [t], [f"y_{t}"], name=f"out_{t}") for t in ("hsig", "sig", "r", "cl")]
+    outs = ["y_hsig", "y_sig", "y_r", "y_cl", "y_d"]
+    g = helper.make_graph(nodes, "saturating", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info(o, T.FLOAT, [1, 4, 8, 8]) for o in outs], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
