@@ -496,10 +496,19 @@ def _fused_activations(quantized: dict[str, Slots], g: GraphView) -> set[str]:
 
 
 def _shared_groups(model: onnx.ModelProto, plan: QuantPlan, placement: Placement) -> list[list[str]]:
-    """Tensors that must share parameters: a passthrough op's input and output, a Concat's inputs and output.
+    """Tensors that must share parameters: a passthrough op's input and output, a Concat's output and those of its
+    inputs it alone reads (not made by a passthrough op).
 
-    Union-find over the planned tensors; only tensors of one dtype are joined. Groups are in graph order.
+    An input other ops read too keeps its own parameters and is requantized into the Concat's, as RKNN does
+    (no reader of it gets the Concat's coarser grid). Union-find over the planned tensors; only tensors of one
+    dtype are joined. Groups are in graph order.
     """
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for t in set(node.input):
+            readers[t] = readers.get(t, 0) + 1
+    made_by = {o: node.op_type for node in model.graph.node for o in node.output}
+    outputs = {o.name for o in model.graph.output}
     parent: dict[str, str] = {}
 
     def find(t: str) -> str:
@@ -517,7 +526,8 @@ def _shared_groups(model: onnx.ModelProto, plan: QuantPlan, placement: Placement
         if node.op_type in placement.passthrough and node.input and node.output:
             join([node.input[0], node.output[0]])
         elif node.op_type == "Concat" and placement.share_concat and node.output:
-            join([node.output[0], *node.input])
+            join([node.output[0], *(t for t in node.input if readers.get(t) == 1 and t not in outputs
+                                    and made_by.get(t) not in placement.passthrough)])
     groups: dict[str, list[str]] = {}
     for t in plan.tensors:
         groups.setdefault(find(t), []).append(t)

@@ -150,3 +150,24 @@ def saturating_readers(seed: int = 0) -> onnx.ModelProto:
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def concat_with_shared_input(seed: int = 0) -> onnx.ModelProto:
+    """x [1,4,8,8]: Concat(ca, cb) where ca (range ~4x narrower) is also read by a Neg, cb only by the Concat."""
+    rng = np.random.default_rng(seed)
+    n = helper.make_node
+    inits = [_f("wa", rng.normal(0, 0.25, (4, 4, 3, 3))), _f("wb", rng.normal(0, 1.0, (4, 4, 3, 3)))]
+    nodes = [
+        n("Conv", ["x", "wa"], ["ca"], name="conv_a", pads=[1, 1, 1, 1]),
+        n("Conv", ["x", "wb"], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
+        n("Concat", ["ca", "cb"], ["cat"], name="concat", axis=1),
+        n("Neg", ["cat"], ["y_cat"], name="out_cat"),
+        n("Neg", ["ca"], ["y_a"], name="out_a"),
+    ]
+    g = helper.make_graph(nodes, "concat_shared", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y_cat", T.FLOAT, [1, 8, 8, 8]),
+                           helper.make_tensor_value_info("y_a", T.FLOAT, [1, 4, 8, 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m

@@ -378,3 +378,23 @@ def test_saturating_readers_clamp_their_input_range(tmp_path):
         assert np.max(np.abs(vals[clamped])) > max(abs(v) for v in want[clamped] if np.isfinite(v)), t  # the clamp bites
         got = (vals[next(c for c in cons[t] if c.op_type == "QuantizeLinear").output[0]].astype(np.int64) - z) * s
         assert np.max(np.abs(got - numpy_out[t](vals[clamped]))) <= 1.01 * (s / 2 + s_in / 2), t  # slopes <= 1
+
+
+def test_concat_input_read_elsewhere_keeps_its_own_parameters(tmp_path):
+    """RKNN's det cfg: a Concat's inputs keep their scales, requantized into the output's. hybridq shares only the
+    inputs the Concat alone reads (the same integers); an input other ops read keeps its finer grid (numpy requantization)."""
+    path = tmp_path / "cat.onnx"
+    onnx.save(npu_models.concat_with_shared_input(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 8)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    _, cons = _index(q)
+    qnode = {t: next(c for c in cons[t] if c.op_type == "QuantizeLinear") for t in ("ca", "cb", "cat")}
+    (sa, za), (sb, zb), (so, zo) = (_params(q, qnode[t]) for t in ("ca", "cb", "cat"))
+    assert (sb, zb) == (so, zo) and sa < so / 2  # cb shares the Concat's grid; ca, read by a Neg too, keeps its own
+    x = np.random.default_rng(6).normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    qa, qb, qo = (vals[qnode[t].output[0]].astype(np.int64) for t in ("ca", "cb", "cat"))
+    want = np.concatenate([np.clip(np.rint((qa - za) * sa / so) + zo, 0, 255), qb], axis=1)
+    assert np.max(np.abs(want - qo)) <= 1 and np.mean(want == qo) >= 0.99  # float32 ties only
+    np.testing.assert_allclose(run(q, {"x": x})[1], -(qa - za) * sa, atol=1e-6)  # ca's other reader sees its own grid
