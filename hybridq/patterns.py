@@ -127,6 +127,30 @@ def gelu(g: GraphView) -> set[str]:
     return inner
 
 
+def _per_channel_const(g: GraphView, name: str, channels: int) -> bool:
+    """Is `name` an initializer broadcasting one value per channel of an NCHW tensor (a scalar, [C,1,1] or [1,C,1,1])?"""
+    if name not in g.inits:
+        return False
+    dims = list(g.inits[name].dims)
+    return all(d == 1 for d in dims) or (dims[-3:] == [channels, 1, 1] and all(d == 1 for d in dims[:-3]))
+
+
+def conv_affine(g: GraphView) -> set[str]:
+    """Conv followed by Mul / Add with per-channel constants (a BatchNorm or a learnable affine left unfolded): the
+    tensors between, as an NPU compiler folds the constants into the Conv's weights and bias (RKNN's det cfg names
+    'p2o.Add.19', the Add after Conv -> Mul -> Add, and no tensor in between)."""
+    inner: set[str] = set()
+    for conv in (n for n in g.model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in g.inits):
+        channels, last = int(g.inits[conv.input[1]].dims[0]), conv.output[0]
+        nxt = _sole(g, last)
+        while nxt is not None and nxt.op_type in ("Mul", "Add") and last in nxt.input and \
+                _per_channel_const(g, _other(nxt, last), channels):
+            inner.add(last)
+            last = nxt.output[0]
+            nxt = _sole(g, last)
+    return inner
+
+
 HARD_SWISH_FLOOR = -3.0
 """HardSwish is 0 below -3: a tensor only HardSwish reads needs no codes below it (RKNN's cfg clamps its min so)."""
 
@@ -215,6 +239,7 @@ PATTERNS: dict[str, Callable[[GraphView], set[str]]] = {
     "hard_swish": hard_swish,
     "swish": swish,
     "gelu": gelu,
+    "conv_affine": conv_affine,
 }
 """The fused patterns, by name; each returns the tensors inside its matches."""
 

@@ -171,3 +171,31 @@ def concat_with_shared_input(seed: int = 0) -> onnx.ModelProto:
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)
     return m
+
+
+def conv_affine_chain(seed: int = 0) -> onnx.ModelProto:
+    """x [1,4,8,8]: 1x1 Conv -> Mul (const first) -> Add by [1]-shaped constants, as Paddle exports a learnable affine
+    (ONNX Runtime's Conv fusions, in hybridq's preparation, leave it); and a 1x1 Conv -> Mul by a per-column
+    [1,1,1,8] constant, which no compiler can fold."""
+    rng = np.random.default_rng(seed)
+    n = helper.make_node
+    inits = [
+        _f("w1", rng.normal(0, 0.5, (6, 4, 1, 1))), _f("b1", rng.normal(0, 0.2, 6)),
+        _f("a", [-1.7]), _f("c", [0.4]),
+        _f("w2", rng.normal(0, 0.5, (6, 4, 1, 1))), _f("m", rng.uniform(0.5, 2.0, (1, 1, 1, 8))),
+    ]
+    nodes = [
+        n("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+        n("Mul", ["a", "c1"], ["m1"], name="scale"),
+        n("Add", ["m1", "c"], ["a1"], name="shift"),
+        n("Neg", ["a1"], ["y1"], name="out1"),
+        n("Conv", ["x", "w2"], ["c2"], name="conv2"),
+        n("Mul", ["c2", "m"], ["m2"], name="columns"),
+        n("Neg", ["m2"], ["y2"], name="out2"),
+    ]
+    g = helper.make_graph(nodes, "conv_affine", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info(y, T.FLOAT, [1, 6, 8, 8]) for y in ("y1", "y2")], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m

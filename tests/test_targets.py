@@ -398,3 +398,34 @@ def test_concat_input_read_elsewhere_keeps_its_own_parameters(tmp_path):
     want = np.concatenate([np.clip(np.rint((qa - za) * sa / so) + zo, 0, 255), qb], axis=1)
     assert np.max(np.abs(want - qo)) <= 1 and np.mean(want == qo) >= 0.99  # float32 ties only
     np.testing.assert_allclose(run(q, {"x": x})[1], -(qa - za) * sa, atol=1e-6)  # ca's other reader sees its own grid
+
+
+def test_conv_affine_folds_into_the_conv(tmp_path):
+    """Conv -> Mul/Add by per-channel constants is one NPU layer (RKNN's det cfg quantizes only the Add's output):
+    no Q/DQ in between; the int8 output is numpy's folded Conv (int8 weights per channel, int32 bias), rounded once."""
+    model = npu_models.conv_affine_chain()
+    path = tmp_path / "aff.onnx"
+    onnx.save(model, path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 8)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    quantized = {nd.input[0] for nd in q.graph.node if nd.op_type == "QuantizeLinear"}
+    assert {"a1", "c2", "m2"} <= quantized and not {"c1", "m1"} & quantized
+
+    x = np.random.default_rng(7).normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    _, cons = _index(q)
+    qx = next(c for c in cons["x"] if c.op_type == "QuantizeLinear")
+    sx, zx = _params(q, qx)
+    xd = (vals[qx.output[0]].astype(np.int64) - zx) * sx
+    inits = {i.name: onnx.numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    w = inits["w1"][:, :, 0, 0]
+    sw = np.abs(w).max(axis=1) / 127  # int8 symmetric per output channel
+    bias = np.rint(inits["b1"] / (sx * sw)) * sx * sw  # int32 bias on the accumulator's grid
+    conv = np.einsum("oc,nchw->nohw", np.rint(w / sw[:, None]) * sw[:, None], xd) + bias[None, :, None, None]
+    folded = conv * inits["a"][None] + inits["c"]
+    qo = next(c for c in cons["a1"] if c.op_type == "QuantizeLinear")
+    so, zo = _params(q, qo)
+    want = np.clip(np.rint(folded / so) + zo, 0, 255)
+    got = vals[qo.output[0]].astype(np.int64)
+    assert np.max(np.abs(want - got)) <= 1 and np.mean(want == got) >= 0.99  # float32 vs float64 at ties only
