@@ -3,7 +3,10 @@
 Exporters write LayerNorm, HardSwish, Swish and Gelu as chains of elementwise ops. An
 integer-only accelerator's compiler (RKNN's, QNN's, TFLite's converter) matches them and runs
 each as one layer: int8 in, int8 out, the intermediates never leave the unit. The `npu` target
-therefore puts no Q/DQ on a pattern's inner tensors. Each matcher returns those inner tensors.
+therefore puts no Q/DQ on a pattern's inner tensors. Each matcher returns those inner tensors
+(`conv_affine`: a Conv's per-channel Mul/Add tail, folded into its weights and bias). Also here:
+`saturation_ranges`, the tensors whose readers saturate outside an interval, which an NPU
+calibrates to that interval.
 """
 
 from __future__ import annotations

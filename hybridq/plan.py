@@ -495,6 +495,11 @@ def _fused_activations(quantized: dict[str, Slots], g: GraphView) -> set[str]:
     return fused
 
 
+def _attr_s(node: onnx.NodeProto, name: str) -> str:
+    """A string attribute of `node`, '' when absent."""
+    return next((a.s.decode() for a in node.attribute if a.name == name), "")
+
+
 def _shared_groups(model: onnx.ModelProto, plan: QuantPlan, placement: Placement) -> list[list[str]]:
     """Tensors that must share parameters: a passthrough op's input and output, a Concat's output and those of its
     inputs it alone reads (not made by a passthrough op).
@@ -523,7 +528,7 @@ def _shared_groups(model: onnx.ModelProto, plan: QuantPlan, placement: Placement
                 parent[find(n)] = find(names[0])
 
     for node in model.graph.node:
-        if node.op_type in placement.passthrough and node.input and node.output:
+        if node.op_type in placement.passthrough and node.input and node.output and _attr_s(node, "mode") != "cubic":
             join([node.input[0], node.output[0]])
         elif node.op_type == "Concat" and placement.share_concat and node.output:
             join([node.output[0], *(t for t in node.input if readers.get(t) == 1 and t not in outputs

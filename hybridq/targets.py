@@ -7,12 +7,22 @@ ops quantized by default, the scale-sharing rules) and the model analysis measur
 
 - `cpu`: ONNX Runtime's fused CPU kernels, today's placement (`plan.QUANTIZABLE`).
 - `npu`: an integer-only accelerator (RKNN, QNN HTP, Ethos-U): every activation tensor
-  between the operators of `NPU_QUANTIZABLE` carries Q/DQ; data-movement ops pass their
-  input's parameters through, and a Concat's inputs share its output's parameters, the
-  rule TFLite's int8 spec, QNN HTP and RKNN's compiler impose so that a concatenation is a
-  copy of integers (no requantization inside the op). Float16 fallback layers read the
+  between the operators of `NPU_QUANTIZABLE` carries Q/DQ. Float16 fallback layers read the
   dequantized int8 view of their inputs between explicit Casts, as a layer the NPU hands to
-  its float16 unit does.
+  its float16 unit does. Its rules, each read from RKNN-Toolkit2 2.5's cfgs for PP-OCR det/cls
+  (../shared/rknn/*.noproposal.quantization.cfg; docs/coming-from-rknn.md has the table):
+  - asymmetric 8-bit per tensor, min/max (RKNN 'normal'); the graph input likewise (`x_int8`);
+  - data movement (`DATA_MOVEMENT`) and selecting ops (`SELECTING`: MaxPool, nearest/linear
+    Resize) keep their input's parameters (cls `pool2d_9.tmp_0`, det `nearest_interp_v2_*`);
+  - a Concat's inputs keep their own parameters and are requantized into its output's (det
+    `p2o.Concat.1`); hybridq shares the output's with the inputs only the Concat reads (the
+    same integers), so no other reader of an input gets the coarser grid;
+  - a tensor only saturating ops read is calibrated to their saturation interval
+    (`patterns.saturation_ranges`: det `conv2d_462.tmp_0` -> [-3, 3] before a HardSigmoid,
+    `p2o.Add.281` -> [-7, 7] before the Sigmoid, `p2o.Add.3` -> [-3, max] before a HardSwish);
+  - Conv + Relu/Clip, Conv -> Mul/Add by per-channel constants (det `p2o.Add.19`), and the
+    elementwise chains of HardSwish, Swish, Gelu and LayerNorm run as one layer each
+    (`patterns.inner_tensors`): no Q/DQ inside.
 """
 
 from __future__ import annotations
@@ -46,6 +56,10 @@ def _split(node: onnx.NodeProto, g: GraphView) -> Slots | None:
 DATA_MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 """Ops that move integers without computing: their output keeps the input's scale and zero point."""
 
+SELECTING = ("MaxPool", "GlobalMaxPool", "Resize")
+"""Ops whose outputs are input values (max, nearest) or blends of neighbours (linear): within the input's range,
+so they keep its parameters too (RKNN: MaxPool in cls, nearest Resize in det). A cubic Resize, which overshoots, does not."""
+
 NPU_QUANTIZABLE = {
     **QUANTIZABLE,
     "MatMul": _matmul_any,
@@ -69,7 +83,7 @@ NPU_QUANTIZABLE = {
 
 NPU_PLACEMENT = Placement(
     NPU_QUANTIZABLE, default_ops=tuple(NPU_QUANTIZABLE), cpu_policy=False, fuse_activations=True,
-    float_reads_quantized=True, passthrough=DATA_MOVEMENT, share_concat=True, fused_patterns=inner_tensors,
+    float_reads_quantized=True, passthrough=DATA_MOVEMENT + SELECTING, share_concat=True, fused_patterns=inner_tensors,
     range_floors=saturation_ranges,
 )
 

@@ -105,6 +105,16 @@ def test_npu_data_movement_and_concat_share_parameters(npu_build):
         if node.op_type == "Concat":
             out = _params(q, cons[node.output[0]][0])
             assert all(_params(q, prod[i]) == out for i in node.input), "Concat inputs take the output's parameters"
+    # MaxPool and nearest Resize select input values: the same parameters, the integers moved as they are (numpy)
+    x = np.random.default_rng(12).normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    codes = {t: vals[next(c for c in cons[t] if c.op_type == "QuantizeLinear").output[0]] for t in ("cat", "mp", "ap", "rs")}
+    for src, dst in (("cat", "mp"), ("ap", "rs")):
+        assert _params(q, next(c for c in cons[src] if c.op_type == "QuantizeLinear")) == \
+            _params(q, next(c for c in cons[dst] if c.op_type == "QuantizeLinear")), dst
+    c = codes["cat"]
+    assert np.array_equal(codes["mp"], c.reshape(1, c.shape[1], 4, 2, 4, 2).max(axis=(3, 5)))
+    assert np.array_equal(codes["rs"], codes["ap"].repeat(2, axis=2).repeat(2, axis=3))
 
 
 def _quantized_values(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
