@@ -25,6 +25,16 @@ def _i(name: str, arr) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(arr, dtype=np.int64), name)
 
 
+def _model(name: str, nodes: list, outputs: dict[str, list[int]], inits: list, x_shape: list[int]) -> onnx.ModelProto:
+    """A checked opset-17 model of `nodes` reading one float input x."""
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", T.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info(o, T.FLOAT, shape) for o, shape in outputs.items()], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
 def every_op(seed: int = 0) -> onnx.ModelProto:
     """x [1,4,8,8] through every op of NPU_OPS (opset 17); each branch ends in a Neg (float on every target), so no listed op writes a graph output."""
     rng = np.random.default_rng(seed)
@@ -78,16 +88,7 @@ def every_op(seed: int = 0) -> onnx.ModelProto:
         n("Neg", ["uq"], ["y_pool"], name="out_pool"),
         n("Neg", ["rm"], ["y_mean"], name="out_mean"),
     ]
-    g = helper.make_graph(
-        nodes, "every_op", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("y_attn", T.FLOAT, [1, 4096]), helper.make_tensor_value_info("y_pool", T.FLOAT, [1, 28, 1]),
-         helper.make_tensor_value_info("y_mean", T.FLOAT, [1, 1, 8, 8])],
-        inits,
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
-    return m
+    return _model("every_op", nodes, {"y_attn": [1, 4096], "y_pool": [1, 28, 1], "y_mean": [1, 1, 8, 8]}, inits, [1, 4, 8, 8])
 
 
 def exported_patterns(seed: int = 0) -> onnx.ModelProto:
@@ -121,12 +122,7 @@ def exported_patterns(seed: int = 0) -> onnx.ModelProto:
         n("Mul", ["ge_mul", "half"], ["ge"], name="ge_half"),
         n("Neg", ["ge"], ["y"], name="out"),
     ]
-    g = helper.make_graph(nodes, "patterns", [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16])],
-                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 16])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
-    return m
+    return _model("patterns", nodes, {"y": [1, 8, 16]}, inits, [1, 8, 16])
 
 
 def saturating_readers(seed: int = 0) -> onnx.ModelProto:
@@ -143,13 +139,8 @@ def saturating_readers(seed: int = 0) -> onnx.ModelProto:
         n("Clip", ["ce", "lo", "hi"], ["cl"], name="clip"),
         n("Neg", ["cd"], ["y_d"], name="out_d"),
     ] + [n("Neg", [t], [f"y_{t}"], name=f"out_{t}") for t in ("hsig", "sig", "r", "cl")]
-    outs = ["y_hsig", "y_sig", "y_r", "y_cl", "y_d"]
-    g = helper.make_graph(nodes, "saturating", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
-                          [helper.make_tensor_value_info(o, T.FLOAT, [1, 4, 8, 8]) for o in outs], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
-    return m
+    outs = {o: [1, 4, 8, 8] for o in ("y_hsig", "y_sig", "y_r", "y_cl", "y_d")}
+    return _model("saturating", nodes, outs, inits, [1, 4, 8, 8])
 
 
 def concat_with_shared_input(seed: int = 0) -> onnx.ModelProto:
@@ -164,13 +155,7 @@ def concat_with_shared_input(seed: int = 0) -> onnx.ModelProto:
         n("Neg", ["cat"], ["y_cat"], name="out_cat"),
         n("Neg", ["ca"], ["y_a"], name="out_a"),
     ]
-    g = helper.make_graph(nodes, "concat_shared", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
-                          [helper.make_tensor_value_info("y_cat", T.FLOAT, [1, 8, 8, 8]),
-                           helper.make_tensor_value_info("y_a", T.FLOAT, [1, 4, 8, 8])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
-    return m
+    return _model("concat_shared", nodes, {"y_cat": [1, 8, 8, 8], "y_a": [1, 4, 8, 8]}, inits, [1, 4, 8, 8])
 
 
 def conv_affine_chain(seed: int = 0) -> onnx.ModelProto:
@@ -193,9 +178,4 @@ def conv_affine_chain(seed: int = 0) -> onnx.ModelProto:
         n("Mul", ["c2", "m"], ["m2"], name="columns"),
         n("Neg", ["m2"], ["y2"], name="out2"),
     ]
-    g = helper.make_graph(nodes, "conv_affine", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
-                          [helper.make_tensor_value_info(y, T.FLOAT, [1, 6, 8, 8]) for y in ("y1", "y2")], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
-    return m
+    return _model("conv_affine", nodes, {"y1": [1, 6, 8, 8], "y2": [1, 6, 8, 8]}, inits, [1, 4, 8, 8])
