@@ -1,12 +1,15 @@
 """`target: npu` on PP-OCR beside RKNN-Toolkit2 2.5's simulator (SPEC 11, issue 17).
 
-    python bench/npu.py [--models rec,det,cls] [--variants int8,proposal] [--eval-limit N]
+    python bench/npu.py [--models rec,det,cls] [--variants int8,proposal] [--eval-limit N] [--no-fidelity]
 
 For each model: hybridq step1 --target npu (+ --proposal --fallback float16) and step2,
 as CLI subprocesses (bench/run.py's `build_hybridq`), then the task metric (bench/run.py's
 tasks and data) in the exact-int8 simulation. RKNN's figures are copied from
-../shared/rknn/README.md (its x86 simulator on the same models and data). Writes the
-section between `<!-- npu:begin -->` and `<!-- npu:end -->` of bench/RESULTS.md.
+../shared/rknn/README.md (its x86 simulator on the same models and data). Fidelity (default
+on): the fp32 metric of each model, and det again with RKNN's input normalisation (ImageNet
+mean/std, from ../shared/rknn/det.step1_files.txt; bench/ppocr.py feeds det (p/255-0.5)/0.5),
+fp32 and npu int8. Writes the section between `<!-- npu:begin -->` and `<!-- npu:end -->`
+of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -17,7 +20,12 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -36,6 +44,60 @@ RKNN = {  # RKNN-Toolkit2 2.5.0 x86 simulator, ../shared/rknn/README.md: (int8, 
 }
 GOAL = {"rec": 0.974, "det": 0.917, "cls": 0.990}
 """The issue's bar for the npu proposal (RKNN's, det a little above it)."""
+RKNN_DET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+RKNN_DET_STD = np.array([58.395, 57.12, 57.375], np.float32)
+"""RKNN's det config(mean_values, std_values), ../shared/rknn/det.step1_files.txt (RGB order: quant_img_RGB2BGR=False)."""
+
+
+def det_input_imagenet(path: Path) -> np.ndarray:
+    """Page -> [1,3,H,W], RGB, normalised as RKNN's det run was (ImageNet mean/std in pixel units)."""
+    rgb = np.asarray(Image.open(path).convert("RGB"), np.float32)
+    return np.ascontiguousarray(((rgb - RKNN_DET_MEAN) / RKNN_DET_STD).transpose(2, 0, 1)[None]).astype(np.float32)
+
+
+@contextmanager
+def det_normalisation(fn):
+    """bench/ppocr.py's det tasks (calibration and evaluation) read pages through `fn` meanwhile."""
+    old, ppocr.det_input = ppocr.det_input, fn
+    try:
+        yield
+    finally:
+        ppocr.det_input = old
+
+
+def fidelity(tasks: dict, rows: list[dict], calib_limit: int | None, eval_limit: int | None) -> list[dict]:
+    """fp32 beside each row's npu int8; det again with RKNN's normalisation (fp32 and npu int8), its own work dir."""
+    out = []
+    for r in rows:
+        task = tasks[r["model"]]
+        out.append({"model": r["model"], "input": "bench/ppocr.py", "int8": r.get("int8"),
+                    "fp32": task.evaluate(ppocr.session_runner(task.model, 2), eval_limit)})
+    if "det" in tasks and any(r["model"] == "det" for r in rows):
+        with det_normalisation(det_input_imagenet):
+            task = replace(tasks["det"], name="det-imagenet")
+            row = bench(task, ["int8"], calib_limit, eval_limit)
+            out.append({"model": "det", "input": "RKNN's (ImageNet mean/std, RGB)", "int8": row.get("int8"),
+                        "fp32": task.evaluate(ppocr.session_runner(task.model, 2), eval_limit)})
+    print(f"fidelity: {out}", file=sys.stderr, flush=True)
+    return out
+
+
+def render_fidelity(rows: list[dict]) -> list[str]:
+    """The fidelity table: fp32 and npu int8 on one input, beside RKNN's int8."""
+    lines = [
+        "",
+        "Fidelity (`target: npu` int8 beside RKNN's simulator): the same task metric in fp32 and npu int8 on one input "
+        "normalisation. RKNN normalised det with ImageNet's mean/std (`../shared/rknn/det.step1_files.txt`); bench/ppocr.py "
+        "feeds det `(p/255 - 0.5)/0.5`, on which fp32 itself scores lower, so det is shown on both. RKNN's fp32 on its "
+        "inputs was not recorded.",
+        "",
+        "| model | input normalisation | fp32 | hybridq npu int8 | RKNN int8 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for f in rows:
+        i8 = f"{f['int8']:.3f}" if f.get("int8") is not None else "not run"
+        lines.append(f"| {f['model']} | {f['input']} | {f['fp32']:.3f} | {i8} | {RKNN[f['model']][0]:.3f} |")
+    return lines
 
 
 def build(task: ppocr.Task, variant: str, calib_limit: int | None) -> tuple[Path, bench_run.Proc]:
@@ -50,7 +112,7 @@ def build(task: ppocr.Task, variant: str, calib_limit: int | None) -> tuple[Path
         os.environ.pop("HYBRIDQ_STEP1_ARGS", None)
 
 
-def render(rows: list[dict], eval_limit: int | None) -> str:
+def render(rows: list[dict], eval_limit: int | None, fidelity_rows: list[dict] | None = None) -> str:
     """The marked section: a table per model and variant beside RKNN's anchors."""
     begin, end = results_md.markers("npu")
     lines = [
@@ -76,6 +138,7 @@ def render(rows: list[dict], eval_limit: int | None) -> str:
         "hybridq's proposal here is the plain CLI one (`--proposal --fallback float16`: output cosine target 0.99, float "
         "budget 5 % of the quantized layers), not a task-metric search; RKNN's used its cosine threshold 0.98. "
         "A proposal row with `(0)` met its target (or stopped) with range, clip and bias fixes only: no float16 layer.",
+        *(render_fidelity(fidelity_rows) if fidelity_rows else []),
         "",
         end,
     ]
@@ -108,14 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-limit", type=int, default=None)
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
+    ap.add_argument("--no-fidelity", action="store_true", help="skip the fp32 and RKNN-normalisation det rows")
     args = ap.parse_args(argv)
     if not ppocr.data_available():
         print(ppocr.skip_message(), file=sys.stderr)
         return 0
     tasks = ppocr.make_tasks(ppocr.fetch_models())
     rows = [bench(tasks[m], args.variants.split(","), args.calib_limit, args.eval_limit) for m in args.models.split(",")]
-    (WORK / "rows.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    text = render(rows, args.eval_limit)
+    fid = None if args.no_fidelity else fidelity(tasks, rows, args.calib_limit, args.eval_limit)
+    (WORK / "rows.json").write_text(json.dumps({"rows": rows, "fidelity": fid}, indent=1), encoding="utf-8")
+    text = render(rows, args.eval_limit, fid)
     if args.no_write:
         print(text)
     else:

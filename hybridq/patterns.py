@@ -3,7 +3,10 @@
 Exporters write LayerNorm, HardSwish, Swish and Gelu as chains of elementwise ops. An
 integer-only accelerator's compiler (RKNN's, QNN's, TFLite's converter) matches them and runs
 each as one layer: int8 in, int8 out, the intermediates never leave the unit. The `npu` target
-therefore puts no Q/DQ on a pattern's inner tensors. Each matcher returns those inner tensors.
+therefore puts no Q/DQ on a pattern's inner tensors. Each matcher returns those inner tensors
+(`conv_affine`: a Conv's per-channel Mul/Add tail, folded into its weights and bias). Also here:
+`saturation_ranges`, the tensors whose readers saturate outside an interval, which an NPU
+calibrates to that interval.
 """
 
 from __future__ import annotations
@@ -127,8 +130,38 @@ def gelu(g: GraphView) -> set[str]:
     return inner
 
 
+def _per_channel_const(g: GraphView, name: str, channels: int) -> bool:
+    """Is `name` an initializer broadcasting one value per channel of an NCHW tensor (a scalar, [C,1,1] or [1,C,1,1])?"""
+    if name not in g.inits:
+        return False
+    dims = list(g.inits[name].dims)
+    return all(d == 1 for d in dims) or (dims[-3:] == [channels, 1, 1] and all(d == 1 for d in dims[:-3]))
+
+
+def conv_affine(g: GraphView) -> set[str]:
+    """Conv followed by Mul / Add with per-channel constants (a BatchNorm or a learnable affine left unfolded): the
+    tensors between, as an NPU compiler folds the constants into the Conv's weights and bias (RKNN's det cfg names
+    'p2o.Add.19', the Add after Conv -> Mul -> Add, and no tensor in between)."""
+    inner: set[str] = set()
+    for conv in (n for n in g.model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in g.inits):
+        channels, last = int(g.inits[conv.input[1]].dims[0]), conv.output[0]
+        nxt = _sole(g, last)
+        while nxt is not None and nxt.op_type in ("Mul", "Add") and last in nxt.input and \
+                _per_channel_const(g, _other(nxt, last), channels):
+            inner.add(last)
+            last = nxt.output[0]
+            nxt = _sole(g, last)
+    return inner
+
+
 HARD_SWISH_FLOOR = -3.0
 """HardSwish is 0 below -3: a tensor only HardSwish reads needs no codes below it (RKNN's cfg clamps its min so)."""
+
+SIGMOID_BOUND = 7.0
+"""Beyond +-7 a Sigmoid is within 1e-3 of 0 or 1, under half a step of an 8-bit [0, 1] output (RKNN's cfg clamps
+a Sigmoid's input to [-7, 7]: PP-OCR det's p2o.Add.281, observed [-155, 113])."""
+
+INF = float("inf")
 
 
 def hard_swish_floors(g: GraphView) -> dict[str, float]:
@@ -146,11 +179,70 @@ def hard_swish_floors(g: GraphView) -> dict[str, float]:
     return floors
 
 
+def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
+    return next((float(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == name), default)
+
+
+def _clip_bounds(node: onnx.NodeProto, g: GraphView) -> tuple[float, float] | None:
+    """A Clip's [min, max] (opset 11+ inputs or opset 6 attributes); None when a bound is not a constant."""
+    bounds = []
+    for k, attr, default in ((1, "min", -INF), (2, "max", INF)):
+        if len(node.input) > k and node.input[k]:
+            v = _const(g, node.input[k])
+            if v is None:
+                return None
+            bounds.append(v)
+        else:
+            bounds.append(_attr(node, attr, default))
+    return bounds[0], bounds[1]
+
+
+def reader_interval(node: onnx.NodeProto, g: GraphView, eight_bit: bool = True) -> tuple[float, float] | None:
+    """The input interval outside which `node`'s output no longer changes (its saturation points), or None.
+
+    Relu: [0, inf); Clip: its bounds; HardSigmoid(alpha, beta): [-beta/alpha, (1-beta)/alpha]; HardSwish:
+    [-3, inf); Sigmoid: [-7, 7] for an 8-bit tensor (not at int16, whose finer steps still see the tail).
+    """
+    op = node.op_type
+    if op == "Relu":
+        return 0.0, INF
+    if op == "Clip":
+        return _clip_bounds(node, g)
+    if op == "HardSigmoid":
+        alpha, beta = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
+        return (-beta / alpha, (1.0 - beta) / alpha) if alpha > 0 else None
+    if op == "HardSwish":
+        return HARD_SWISH_FLOOR, INF
+    if op == "Sigmoid" and eight_bit:
+        return -SIGMOID_BOUND, SIGMOID_BOUND
+    return None
+
+
+def saturation_ranges(g: GraphView, dtypes: dict[str, str]) -> dict[str, tuple[float, float]]:
+    """Planned tensors (name -> dtype) whose readers all saturate outside an interval: the interval (union over readers).
+
+    An integer NPU spends no codes on values its reader maps to one output: RKNN's cfgs clamp these ranges
+    (PP-OCR det: Conv outputs read by HardSigmoid to [-3, 3] / [-2.5, 2.5], a BatchNormalization output read by
+    Relu to [0, max], HardSwish inputs to [-3, max], the Sigmoid's input to [-7, 7]). HardSwish patterns
+    (x * HardSigmoid(x), x * Clip(x + 3, 0, 6) / 6) floor x at -3, the rest of x's range is kept.
+    """
+    out = {t: (lo, INF) for t, lo in hard_swish_floors(g).items() if t in dtypes}
+    for t, dtype in dtypes.items():
+        users = g.consumer_nodes(t)
+        if t in out or t in g.outputs or not users:
+            continue
+        spans = [reader_interval(u, g, dtype != "int16") for u in users if u.input[0] == t]
+        if len(spans) == len(users) and all(spans):
+            out[t] = (min(lo for lo, _ in spans), max(hi for _, hi in spans))
+    return out
+
+
 PATTERNS: dict[str, Callable[[GraphView], set[str]]] = {
     "layer_norm": layer_norm,
     "hard_swish": hard_swish,
     "swish": swish,
     "gelu": gelu,
+    "conv_affine": conv_affine,
 }
 """The fused patterns, by name; each returns the tensors inside its matches."""
 

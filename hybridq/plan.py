@@ -152,7 +152,7 @@ class Placement:
     passthrough: tuple[str, ...] = ()
     share_concat: bool = False
     fused_patterns: Callable[[GraphView], set[str]] | None = None  # tensors inside patterns the target runs as one layer
-    range_floors: Callable[[GraphView], dict[str, float]] | None = None  # tensors whose reader ignores values below a floor
+    range_floors: Callable[[GraphView, dict[str, str]], dict[str, tuple[float, float]]] | None = None  # planned tensor -> dtype in; tensors whose readers saturate outside an interval out
 
 
 CPU_PLACEMENT = Placement(QUANTIZABLE)
@@ -216,7 +216,7 @@ class QuantPlan:
     biases: dict[str, BiasPlan] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     shared: list[list[str]] = field(default_factory=list)  # tensors that take one set of parameters (the widest)
-    floors: dict[str, float] = field(default_factory=dict)  # calibrated range clamped from below (values the readers ignore)
+    floors: dict[str, tuple[float, float]] = field(default_factory=dict)  # calibrated range clamped to [lo, hi] (values beyond, the readers map to one output)
 
     def precision_counts(self) -> dict[str, int]:
         """Number of layers per effective precision (int8 and uint8 counted as their dtype)."""
@@ -477,7 +477,7 @@ def make_plan(
     plan.tensors = {k: v for k, v in plan.tensors.items() if v.readers and k not in inner}
     plan.shared = _shared_groups(model, plan, placement)
     if placement.range_floors:
-        plan.floors = {t: v for t, v in placement.range_floors(g).items() if t in plan.tensors}
+        plan.floors = placement.range_floors(g, {t: tp.dtype for t, tp in plan.tensors.items()})
     return plan
 
 
@@ -495,11 +495,25 @@ def _fused_activations(quantized: dict[str, Slots], g: GraphView) -> set[str]:
     return fused
 
 
-def _shared_groups(model: onnx.ModelProto, plan: QuantPlan, placement: Placement) -> list[list[str]]:
-    """Tensors that must share parameters: a passthrough op's input and output, a Concat's inputs and output.
+def _attr_s(node: onnx.NodeProto, name: str) -> str:
+    """A string attribute of `node`, '' when absent."""
+    return next((a.s.decode() for a in node.attribute if a.name == name), "")
 
-    Union-find over the planned tensors; only tensors of one dtype are joined. Groups are in graph order.
+
+def _shared_groups(model: onnx.ModelProto, plan: QuantPlan, placement: Placement) -> list[list[str]]:
+    """Tensors that must share parameters: a passthrough op's input and output, a Concat's output and those of its
+    inputs it alone reads (not made by a passthrough op).
+
+    An input other ops read too keeps its own parameters and is requantized into the Concat's, as RKNN does
+    (no reader of it gets the Concat's coarser grid). Union-find over the planned tensors; only tensors of one
+    dtype are joined. Groups are in graph order.
     """
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for t in set(node.input):
+            readers[t] = readers.get(t, 0) + 1
+    made_by = {o: node.op_type for node in model.graph.node for o in node.output}
+    outputs = {o.name for o in model.graph.output}
     parent: dict[str, str] = {}
 
     def find(t: str) -> str:
@@ -514,10 +528,11 @@ def _shared_groups(model: onnx.ModelProto, plan: QuantPlan, placement: Placement
                 parent[find(n)] = find(names[0])
 
     for node in model.graph.node:
-        if node.op_type in placement.passthrough and node.input and node.output:
+        if node.op_type in placement.passthrough and node.input and node.output and _attr_s(node, "mode") != "cubic":
             join([node.input[0], node.output[0]])
         elif node.op_type == "Concat" and placement.share_concat and node.output:
-            join([node.output[0], *node.input])
+            join([node.output[0], *(t for t in node.input if readers.get(t) == 1 and t not in outputs
+                                    and made_by.get(t) not in placement.passthrough)])
     groups: dict[str, list[str]] = {}
     for t in plan.tensors:
         groups.setdefault(find(t), []).append(t)

@@ -7,12 +7,22 @@ ops quantized by default, the scale-sharing rules) and the model analysis measur
 
 - `cpu`: ONNX Runtime's fused CPU kernels, today's placement (`plan.QUANTIZABLE`).
 - `npu`: an integer-only accelerator (RKNN, QNN HTP, Ethos-U): every activation tensor
-  between the operators of `NPU_QUANTIZABLE` carries Q/DQ; data-movement ops pass their
-  input's parameters through, and a Concat's inputs share its output's parameters, the
-  rule TFLite's int8 spec, QNN HTP and RKNN's compiler impose so that a concatenation is a
-  copy of integers (no requantization inside the op). Float16 fallback layers read the
+  between the operators of `NPU_QUANTIZABLE` carries Q/DQ. Float16 fallback layers read the
   dequantized int8 view of their inputs between explicit Casts, as a layer the NPU hands to
-  its float16 unit does.
+  its float16 unit does. Its rules, each read from RKNN-Toolkit2 2.5's cfgs for PP-OCR det/cls
+  (../shared/rknn/*.noproposal.quantization.cfg; docs/coming-from-rknn.md has the table):
+  - asymmetric 8-bit per tensor, min/max (RKNN 'normal'); the graph input likewise (`x_int8`);
+  - data movement (`DATA_MOVEMENT`) and selecting ops (`SELECTING`: MaxPool, nearest/linear
+    Resize) keep their input's parameters (cls `pool2d_9.tmp_0`, det `nearest_interp_v2_*`);
+  - a Concat's inputs keep their own parameters and are requantized into its output's (det
+    `p2o.Concat.1`); hybridq shares the output's with the inputs only the Concat reads (the
+    same integers), so no other reader of an input gets the coarser grid;
+  - a tensor only saturating ops read is calibrated to their saturation interval
+    (`patterns.saturation_ranges`: det `conv2d_462.tmp_0` -> [-3, 3] before a HardSigmoid,
+    `p2o.Add.281` -> [-7, 7] before the Sigmoid, `p2o.Add.3` -> [-3, max] before a HardSwish);
+  - Conv + Relu/Clip, Conv -> Mul/Add by per-channel constants (det `p2o.Add.19`), and the
+    elementwise chains of HardSwish, Swish, Gelu and LayerNorm run as one layer each
+    (`patterns.inner_tensors`): no Q/DQ inside.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import onnx
 from .deployed import as_deployed
 from .errors import ConfigError, did_you_mean
 from .observers import HistogramObserver
-from .patterns import hard_swish_floors, inner_tensors
+from .patterns import inner_tensors, saturation_ranges
 from .plan import CPU_PLACEMENT, QUANTIZABLE, GraphView, Placement, Slots, _all_float_inputs, _first_input, make_plan
 from .qparams import QParams
 from .settings import Settings
@@ -45,6 +55,10 @@ def _split(node: onnx.NodeProto, g: GraphView) -> Slots | None:
 
 DATA_MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 """Ops that move integers without computing: their output keeps the input's scale and zero point."""
+
+SELECTING = ("MaxPool", "GlobalMaxPool", "Resize")
+"""Ops whose outputs are input values (max, nearest) or blends of neighbours (linear): within the input's range,
+so they keep its parameters too (RKNN: MaxPool in cls, nearest Resize in det). A cubic Resize, which overshoots, does not."""
 
 NPU_QUANTIZABLE = {
     **QUANTIZABLE,
@@ -69,8 +83,8 @@ NPU_QUANTIZABLE = {
 
 NPU_PLACEMENT = Placement(
     NPU_QUANTIZABLE, default_ops=tuple(NPU_QUANTIZABLE), cpu_policy=False, fuse_activations=True,
-    float_reads_quantized=True, passthrough=DATA_MOVEMENT, share_concat=True, fused_patterns=inner_tensors,
-    range_floors=hard_swish_floors,
+    float_reads_quantized=True, passthrough=DATA_MOVEMENT + SELECTING, share_concat=True, fused_patterns=inner_tensors,
+    range_floors=saturation_ranges,
 )
 
 
@@ -150,22 +164,28 @@ def check_target_change(
         )
 
 
-def floored(observers: dict[str, HistogramObserver], floors: dict[str, float]) -> dict[str, HistogramObserver]:
-    """`observers` with each floored tensor's statistics clamped from below (copies; mass below the floor moved onto it).
+def floored(observers: dict[str, HistogramObserver], floors: dict[str, tuple[float, float]]) -> dict[str, HistogramObserver]:
+    """`observers` with each clamped tensor's statistics limited to its [lo, hi] (copies; the mass beyond moved onto the bound).
 
-    Every range algorithm then sees the values the reader distinguishes (HardSwish maps all x < -3 to 0).
-    Without floors, `observers` itself is returned.
+    Every range algorithm then sees the values the reader distinguishes (HardSwish maps all x < -3 to 0,
+    HardSigmoid saturates on both sides). Without clamps that cut a range, `observers` itself is returned.
     """
-    hit = {t: f for t, f in floors.items() if t in observers and observers[t].count and observers[t].min < f < observers[t].max}
+    hit = {t: (max(lo, observers[t].min), min(hi, observers[t].max)) for t, (lo, hi) in floors.items()
+           if t in observers and observers[t].count and observers[t].min < hi and lo < observers[t].max
+           and (observers[t].min < lo or hi < observers[t].max)}
     if not hit:
         return observers
     out = dict(observers)
-    for t, f in hit.items():
+    for t, (lo, hi) in hit.items():
         obs = observers[t]
-        new = replace(obs, min=f, counts=obs.counts.copy())
-        if obs.bins and len(obs.counts):
-            k = min(max(int(np.floor(f / obs.width)) - obs.start, 0), len(obs.counts) - 1)
-            new.counts[k] += new.counts[:k].sum()
-            new.counts[:k] = 0
+        new = replace(obs, min=lo, max=hi, counts=obs.counts.copy())
+        if obs.bins and len(new.counts):
+            last = len(new.counts) - 1
+            k_lo = min(max(int(np.floor(lo / obs.width)) - obs.start, 0), last)
+            k_hi = min(max(int(np.floor(hi / obs.width)) - obs.start, 0), last)
+            new.counts[k_lo] += new.counts[:k_lo].sum()
+            new.counts[:k_lo] = 0
+            new.counts[k_hi] += new.counts[k_hi + 1:].sum()
+            new.counts[k_hi + 1:] = 0
         out[t] = new
     return out

@@ -25,6 +25,16 @@ def _i(name: str, arr) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(arr, dtype=np.int64), name)
 
 
+def _model(name: str, nodes: list, outputs: dict[str, list[int]], inits: list, x_shape: list[int]) -> onnx.ModelProto:
+    """A checked opset-17 model of `nodes` reading one float input x."""
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", T.FLOAT, x_shape)],
+                          [helper.make_tensor_value_info(o, T.FLOAT, shape) for o, shape in outputs.items()], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
 def every_op(seed: int = 0) -> onnx.ModelProto:
     """x [1,4,8,8] through every op of NPU_OPS (opset 17); each branch ends in a Neg (float on every target), so no listed op writes a graph output."""
     rng = np.random.default_rng(seed)
@@ -78,16 +88,7 @@ def every_op(seed: int = 0) -> onnx.ModelProto:
         n("Neg", ["uq"], ["y_pool"], name="out_pool"),
         n("Neg", ["rm"], ["y_mean"], name="out_mean"),
     ]
-    g = helper.make_graph(
-        nodes, "every_op", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("y_attn", T.FLOAT, [1, 4096]), helper.make_tensor_value_info("y_pool", T.FLOAT, [1, 28, 1]),
-         helper.make_tensor_value_info("y_mean", T.FLOAT, [1, 1, 8, 8])],
-        inits,
-    )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
-    return m
+    return _model("every_op", nodes, {"y_attn": [1, 4096], "y_pool": [1, 28, 1], "y_mean": [1, 1, 8, 8]}, inits, [1, 4, 8, 8])
 
 
 def exported_patterns(seed: int = 0) -> onnx.ModelProto:
@@ -121,9 +122,60 @@ def exported_patterns(seed: int = 0) -> onnx.ModelProto:
         n("Mul", ["ge_mul", "half"], ["ge"], name="ge_half"),
         n("Neg", ["ge"], ["y"], name="out"),
     ]
-    g = helper.make_graph(nodes, "patterns", [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16])],
-                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 16])], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.checker.check_model(m, full_check=True)
-    return m
+    return _model("patterns", nodes, {"y": [1, 8, 16]}, inits, [1, 8, 16])
+
+
+def saturating_readers(seed: int = 0) -> onnx.ModelProto:
+    """x [1,4,8,8]: five Convs whose outputs only a saturating op reads (HardSigmoid, Sigmoid, Clip; an Add read only
+    by Relu), the ranges an NPU clamps to the reader's saturation interval; one Conv output also read by a Neg (not clamped)."""
+    rng = np.random.default_rng(seed)
+    n = helper.make_node
+    inits = [_f(f"w{k}", rng.normal(0, 1.5, (4, 4, 3, 3))) for k in "abcde"] + [_f("lo", -1.0), _f("hi", 1.0)]
+    nodes = [n("Conv", ["x", f"w{k}"], [f"c{k}"], name=f"conv_{k}", pads=[1, 1, 1, 1]) for k in "abcde"] + [
+        n("HardSigmoid", ["ca"], ["hsig"], name="hardsigmoid", alpha=0.2, beta=0.5),
+        n("Sigmoid", ["cb"], ["sig"], name="sigmoid"),
+        n("Add", ["cc", "cd"], ["s"], name="add"),
+        n("Relu", ["s"], ["r"], name="relu"),
+        n("Clip", ["ce", "lo", "hi"], ["cl"], name="clip"),
+        n("Neg", ["cd"], ["y_d"], name="out_d"),
+    ] + [n("Neg", [t], [f"y_{t}"], name=f"out_{t}") for t in ("hsig", "sig", "r", "cl")]
+    outs = {o: [1, 4, 8, 8] for o in ("y_hsig", "y_sig", "y_r", "y_cl", "y_d")}
+    return _model("saturating", nodes, outs, inits, [1, 4, 8, 8])
+
+
+def concat_with_shared_input(seed: int = 0) -> onnx.ModelProto:
+    """x [1,4,8,8]: Concat(ca, cb) where ca (range ~4x narrower) is also read by a Neg, cb only by the Concat."""
+    rng = np.random.default_rng(seed)
+    n = helper.make_node
+    inits = [_f("wa", rng.normal(0, 0.25, (4, 4, 3, 3))), _f("wb", rng.normal(0, 1.0, (4, 4, 3, 3)))]
+    nodes = [
+        n("Conv", ["x", "wa"], ["ca"], name="conv_a", pads=[1, 1, 1, 1]),
+        n("Conv", ["x", "wb"], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
+        n("Concat", ["ca", "cb"], ["cat"], name="concat", axis=1),
+        n("Neg", ["cat"], ["y_cat"], name="out_cat"),
+        n("Neg", ["ca"], ["y_a"], name="out_a"),
+    ]
+    return _model("concat_shared", nodes, {"y_cat": [1, 8, 8, 8], "y_a": [1, 4, 8, 8]}, inits, [1, 4, 8, 8])
+
+
+def conv_affine_chain(seed: int = 0) -> onnx.ModelProto:
+    """x [1,4,8,8]: 1x1 Conv -> Mul (const first) -> Add by [1]-shaped constants, as Paddle exports a learnable affine
+    (ONNX Runtime's Conv fusions, in hybridq's preparation, leave it); and a 1x1 Conv -> Mul by a per-column
+    [1,1,1,8] constant, which no compiler can fold."""
+    rng = np.random.default_rng(seed)
+    n = helper.make_node
+    inits = [
+        _f("w1", rng.normal(0, 0.5, (6, 4, 1, 1))), _f("b1", rng.normal(0, 0.2, 6)),
+        _f("a", [-1.7]), _f("c", [0.4]),
+        _f("w2", rng.normal(0, 0.5, (6, 4, 1, 1))), _f("m", rng.uniform(0.5, 2.0, (1, 1, 1, 8))),
+    ]
+    nodes = [
+        n("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+        n("Mul", ["a", "c1"], ["m1"], name="scale"),
+        n("Add", ["m1", "c"], ["a1"], name="shift"),
+        n("Neg", ["a1"], ["y1"], name="out1"),
+        n("Conv", ["x", "w2"], ["c2"], name="conv2"),
+        n("Mul", ["c2", "m"], ["m2"], name="columns"),
+        n("Neg", ["m2"], ["y2"], name="out2"),
+    ]
+    return _model("conv_affine", nodes, {"y1": [1, 6, 8, 8], "y2": [1, 6, 8, 8]}, inits, [1, 4, 8, 8])

@@ -105,6 +105,16 @@ def test_npu_data_movement_and_concat_share_parameters(npu_build):
         if node.op_type == "Concat":
             out = _params(q, cons[node.output[0]][0])
             assert all(_params(q, prod[i]) == out for i in node.input), "Concat inputs take the output's parameters"
+    # MaxPool and nearest Resize select input values: the same parameters, the integers moved as they are (numpy)
+    x = np.random.default_rng(12).normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    codes = {t: vals[next(c for c in cons[t] if c.op_type == "QuantizeLinear").output[0]] for t in ("cat", "mp", "ap", "rs")}
+    for src, dst in (("cat", "mp"), ("ap", "rs")):
+        assert _params(q, next(c for c in cons[src] if c.op_type == "QuantizeLinear")) == \
+            _params(q, next(c for c in cons[dst] if c.op_type == "QuantizeLinear")), dst
+    c = codes["cat"]
+    assert np.array_equal(codes["mp"], c.reshape(1, c.shape[1], 4, 2, 4, 2).max(axis=(3, 5)))
+    assert np.array_equal(codes["rs"], codes["ap"].repeat(2, axis=2).repeat(2, axis=3))
 
 
 def _quantized_values(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -318,7 +328,7 @@ def test_hard_swish_input_range_is_floored_at_minus_three():
     data = np.random.default_rng(0).normal(1.0, 4.0, 100_000).astype(np.float32)
     obs = HistogramObserver()
     obs.update(data)
-    (fl,) = targets.floored({"t": obs}, {"t": -3.0}).values()
+    (fl,) = targets.floored({"t": obs}, {"t": (-3.0, float("inf"))}).values()
     ref = HistogramObserver()
     ref.update(np.maximum(data, -3.0))
     assert (fl.min, fl.max, fl.count) == (-3.0, float(data.max()), data.size) and obs.min < -3.0  # the original is untouched
@@ -327,3 +337,105 @@ def test_hard_swish_input_range_is_floored_at_minus_three():
         lo, hi = compute_range(fl, algo, 256, 99.9)
         lo_ref, hi_ref = compute_range(ref, algo, 256, 99.9)
         assert lo == pytest.approx(lo_ref, abs=fl.width) and hi == pytest.approx(hi_ref, abs=fl.width)
+
+
+def test_saturating_readers_clamp_their_input_range(tmp_path):
+    """A tensor only saturating ops read is calibrated to their saturation interval (RKNN's cfgs: HardSigmoid inputs
+    [-2.5, 2.5], Relu inputs [0, max], the Sigmoid's input [-7, 7]); the readers' outputs do not change (numpy reference)."""
+    from hybridq.graph import prepare
+
+    model = npu_models.saturating_readers()
+    temp, _ = prepare(model)
+    inf = float("inf")
+    dtypes = {t: "uint8" for t in ("ca", "cb", "cc", "cd", "ce", "s")}
+    want = {"ca": (-2.5, 2.5), "cb": (-7.0, 7.0), "ce": (-1.0, 1.0), "s": (0.0, inf)}
+    got = patterns.saturation_ranges(GraphView(temp), dtypes)
+    assert set(got) == set(want) and all(got[t] == pytest.approx(want[t]) for t in want)  # cc, cd feed an Add: kept
+    assert "cb" not in patterns.saturation_ranges(GraphView(temp), {**dtypes, "cb": "int16"})  # int16 sees sigmoid's tail
+
+    path = tmp_path / "sat.onnx"
+    onnx.save(model, path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 8)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    entries = __import__("yaml").safe_load(Path(r1.cfg).read_text())["quantize_parameters"]
+    ref = ReferenceEvaluator(model)
+    names = ["ca", "cb", "ce", "s", "cd"]
+    seen = [ref.run(names, {"x": np.load(p)}) for p in sorted((tmp_path / "data").glob("x_*.npy"))]
+    observed = {t: (min(float(v[i].min()) for v in seen), max(float(v[i].max()) for v in seen)) for i, t in enumerate(names)}
+    _, cons = _index(q)
+    for t, (lo, hi) in want.items():
+        assert observed[t][0] < lo or observed[t][1] > hi, f"{t}: calibration data must reach past the interval"
+        clamped = (max(lo, observed[t][0]), min(hi, observed[t][1]))
+        assert (entries[t]["min"][0], entries[t]["max"][0]) == pytest.approx(clamped, rel=1e-5), t
+        lo_0, hi_0 = min(clamped[0], 0.0), max(clamped[1], 0.0)  # uint8 asymmetric over the clamped range, 0 included
+        scale = (hi_0 - lo_0) / 255
+        qnode = next(c for c in cons[t] if c.op_type == "QuantizeLinear")
+        got_scale, got_zp = _params(q, qnode)
+        assert got_scale == pytest.approx(scale, rel=1e-5) and abs(got_zp - (-lo_0 / scale)) <= 0.5 + 1e-3, t  # ties either way
+    assert (entries["cd"]["min"][0], entries["cd"]["max"][0]) == pytest.approx(observed["cd"], rel=1e-5)  # not clamped
+
+    # each reader's int8 output against numpy applied to its input before the clamping Q (onnx.reference's values
+    # of the QDQ graph): clamping changes no output beyond the input's and the output's rounding
+    x = np.random.default_rng(5).normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    numpy_out = {"hsig": lambda v: np.clip(0.2 * v + 0.5, 0, 1), "sig": lambda v: 1 / (1 + np.exp(-v.astype(np.float64))),
+                 "r": lambda v: np.maximum(v, 0), "cl": lambda v: np.clip(v, -1, 1)}
+    for t, clamped in {"hsig": "ca", "sig": "cb", "r": "s", "cl": "ce"}.items():
+        s, z = _params(q, next(c for c in cons[t] if c.op_type == "QuantizeLinear"))
+        qin = next(c for c in cons[clamped] if c.op_type == "QuantizeLinear")
+        s_in = _params(q, qin)[0]
+        assert np.max(np.abs(vals[clamped])) > max(abs(v) for v in want[clamped] if np.isfinite(v)), t  # the clamp bites
+        got = (vals[next(c for c in cons[t] if c.op_type == "QuantizeLinear").output[0]].astype(np.int64) - z) * s
+        assert np.max(np.abs(got - numpy_out[t](vals[clamped]))) <= 1.01 * (s / 2 + s_in / 2), t  # slopes <= 1
+
+
+def test_concat_input_read_elsewhere_keeps_its_own_parameters(tmp_path):
+    """RKNN's det cfg: a Concat's inputs keep their scales, requantized into the output's. hybridq shares only the
+    inputs the Concat alone reads (the same integers); an input other ops read keeps its finer grid (numpy requantization)."""
+    path = tmp_path / "cat.onnx"
+    onnx.save(npu_models.concat_with_shared_input(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 8)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    _, cons = _index(q)
+    qnode = {t: next(c for c in cons[t] if c.op_type == "QuantizeLinear") for t in ("ca", "cb", "cat")}
+    (sa, za), (sb, zb), (so, zo) = (_params(q, qnode[t]) for t in ("ca", "cb", "cat"))
+    assert (sb, zb) == (so, zo) and sa < so / 2  # cb shares the Concat's grid; ca, read by a Neg too, keeps its own
+    x = np.random.default_rng(6).normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    qa, qb, qo = (vals[qnode[t].output[0]].astype(np.int64) for t in ("ca", "cb", "cat"))
+    want = np.concatenate([np.clip(np.rint((qa - za) * sa / so) + zo, 0, 255), qb], axis=1)
+    assert np.max(np.abs(want - qo)) <= 1 and np.mean(want == qo) >= 0.99  # float32 ties only
+    np.testing.assert_allclose(run(q, {"x": x})[1], -(qa - za) * sa, atol=1e-6)  # ca's other reader sees its own grid
+
+
+def test_conv_affine_folds_into_the_conv(tmp_path):
+    """Conv -> Mul/Add by per-channel constants is one NPU layer (RKNN's det cfg quantizes only the Add's output):
+    no Q/DQ in between; the int8 output is numpy's folded Conv (int8 weights per channel, int32 bias), rounded once."""
+    model = npu_models.conv_affine_chain()
+    path = tmp_path / "aff.onnx"
+    onnx.save(model, path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 8)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    quantized = {nd.input[0] for nd in q.graph.node if nd.op_type == "QuantizeLinear"}
+    assert {"a1", "c2", "m2"} <= quantized and not {"c1", "m1"} & quantized
+
+    x = np.random.default_rng(7).normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    vals = _quantized_values(q, x)
+    _, cons = _index(q)
+    qx = next(c for c in cons["x"] if c.op_type == "QuantizeLinear")
+    sx, zx = _params(q, qx)
+    xd = (vals[qx.output[0]].astype(np.int64) - zx) * sx
+    inits = {i.name: onnx.numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    w = inits["w1"][:, :, 0, 0]
+    sw = np.abs(w).max(axis=1) / 127  # int8 symmetric per output channel
+    bias = np.rint(inits["b1"] / (sx * sw)) * sx * sw  # int32 bias on the accumulator's grid
+    conv = np.einsum("oc,nchw->nohw", np.rint(w / sw[:, None]) * sw[:, None], xd) + bias[None, :, None, None]
+    folded = conv * inits["a"][None] + inits["c"]
+    qo = next(c for c in cons["a1"] if c.op_type == "QuantizeLinear")
+    so, zo = _params(q, qo)
+    want = np.clip(np.rint(folded / so) + zo, 0, 255)
+    got = vals[qo.output[0]].astype(np.int64)
+    assert np.max(np.abs(want - got)) <= 1 and np.mean(want == got) >= 0.99  # float32 vs float64 at ties only
