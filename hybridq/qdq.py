@@ -9,6 +9,7 @@ Generated names are a deterministic function of the source names.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,13 +40,13 @@ class QdqMap:
 
     tensors: dict[str, str] = field(default_factory=dict)
     layers: dict[str, dict[str, str]] = field(default_factory=dict)
-    floors: dict[str, float] = field(default_factory=dict)  # tensor -> value below which its readers see no difference
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # tensor -> interval beyond which its readers saturate
 
     def to_json(self) -> str:
-        """The metadata value: sorted keys, so the same map gives the same bytes (no `floors` key when there is none)."""
+        """The metadata value: sorted keys, so the same map gives the same bytes (no `bounds` key when there is none)."""
         doc: dict[str, Any] = {"tensors": self.tensors, "layers": self.layers}
-        if self.floors:
-            doc["floors"] = self.floors
+        if self.bounds:  # JSON has no infinity: an open side is null
+            doc["bounds"] = {t: [v if math.isfinite(v) else None for v in b] for t, b in self.bounds.items()}
         return json.dumps(doc, sort_keys=True)
 
     def write_to(self, model: onnx.ModelProto) -> None:
@@ -73,10 +74,20 @@ class QdqMap:
                     f"the quantized model's metadata '{QDQ_MAP_KEY}' must be an object with a "
                     "'tensors' object; rebuild the model with `hybridq step2`"
                 )
-            layers, floors = m.get("layers", {}), m.get("floors", {})
-            floors = {str(k): float(v) for k, v in floors.items() if isinstance(v, (int, float))} if isinstance(floors, dict) else {}
-            return cls(dict(m.get("tensors", {})), dict(layers) if isinstance(layers, dict) else {}, floors)
+            layers, bounds = m.get("layers", {}), m.get("bounds", {})
+            return cls(dict(m.get("tensors", {})), dict(layers) if isinstance(layers, dict) else {}, _bounds(bounds))
         return None
+
+
+def _bounds(doc: Any) -> dict[str, tuple[float, float]]:
+    """`bounds` as written by :meth:`QdqMap.to_json` (null: an open side); entries of another shape are skipped."""
+    if not isinstance(doc, dict):
+        return {}
+    out = {}
+    for t, b in doc.items():
+        if isinstance(b, list) and len(b) == 2 and all(v is None or isinstance(v, (int, float)) for v in b):
+            out[str(t)] = (-math.inf if b[0] is None else float(b[0]), math.inf if b[1] is None else float(b[1]))
+    return out
 
 
 @dataclass
@@ -146,7 +157,7 @@ def apply_plan(
     r.assemble(fp16_nodes)
     result = r.result
     layers = {k: {"op": v["op"], "precision": v["precision"]} for k, v in result.layers.items()}
-    QdqMap(result.tensor_map, layers, {t: f for t, f in plan.floors.items() if t in result.tensor_map}).write_to(work)
+    QdqMap(result.tensor_map, layers, {t: b for t, b in plan.floors.items() if t in result.tensor_map}).write_to(work)
     result.model = work
     return result
 

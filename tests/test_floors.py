@@ -1,7 +1,9 @@
-"""A tensor whose readers ignore values below a floor (HardSwish's input below -3) is compared above it: analyze's
+"""A tensor whose readers saturate beyond an interval (HardSwish's input below -3) is compared within it: analyze's
 figures and the proposal's ranking see the error those readers see, not the clamped tail (target npu)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import onnx
@@ -24,7 +26,7 @@ def test_analyze_compares_a_floored_tensor_above_its_floor(tmp_path):
     listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 16)}, 4, scale=3.0)
     r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
     q = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output
-    assert QdqMap.from_model(onnx.load(str(q))).floors == {"ln": -3.0}  # step2 records the floor it calibrated with
+    assert QdqMap.from_model(onnx.load(str(q))).bounds == {"ln": (-3.0, math.inf)}  # step2 records the floor it calibrated with
     result = hybridq.analyze(path, q, listing, samples=4, dump=tmp_path / "snap")
     rows = {layer.tensor: layer for layer in result.layers}
     for tensor, floor in (("ln", -3.0), ("hs_add", 0.0)):  # hs_add = ln + 3: the floor carried through the Add

@@ -135,7 +135,7 @@ class ComparedTensor:
     quant_node: int | None
     precision: str | None = None
     folded: str | None = None
-    floor: float | None = None  # compared above this value only: its readers see nothing below (HardSwish's -3)
+    bounds: tuple[float, float] | None = None  # compared within: its readers saturate beyond (HardSwish below -3)
 
 
 @dataclass
@@ -178,14 +178,15 @@ def _scalar(f: ModelIndex, name: str) -> float | None:
     return float(c.reshape(-1)[0]) if c.size == 1 else None
 
 
-def _carried_floors(f: ModelIndex, floors: dict[str, float]) -> dict[str, float]:
-    """`floors` with each carried through an Add or Sub of a scalar constant (HardSwish's x + 3 has a floor of 0)."""
-    out = dict(floors)
+def _carried_bounds(f: ModelIndex, bounds: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """`bounds` with each carried through an Add or Sub of a scalar constant (HardSwish's x + 3 saturates below 0)."""
+    out = dict(bounds)
     for node in f.nodes:
         if node.op_type in ("Add", "Sub") and len(node.input) == 2 and node.input[0] in out:
             c = _scalar(f, node.input[1])
             if c is not None:
-                out[node.output[0]] = out[node.input[0]] + (c if node.op_type == "Add" else -c)
+                c = c if node.op_type == "Add" else -c
+                out[node.output[0]] = (out[node.input[0]][0] + c, out[node.input[0]][1] + c)
     return out
 
 
@@ -200,7 +201,7 @@ def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
     qmap = QdqMap.from_model(quant_model)
     mapped: dict[str, str] = qmap.tensors if qmap else {}
     layer_info: dict[str, Any] = qmap.layers if qmap else {}
-    floors = _carried_floors(f, qmap.floors) if qmap else {}
+    bounds = _carried_bounds(f, qmap.bounds) if qmap else {}
     notes: list[str] = []
     plans: list[ComparedTensor] = []
     missing_views: list[str] = []
@@ -250,7 +251,7 @@ def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
                     quant_node=qk,
                     precision=precision,
                     folded=folded,
-                    floor=floors.get(t),
+                    bounds=bounds.get(t),
                 )
             )
     if missing_views:

@@ -116,8 +116,8 @@ class Measure:
         if res.index == 0:  # the totals keep the first sample's shape and dtype
             res.shapes[t] = (tuple(a.shape), str(a.dtype))
         raw = (a, tests[0])  # a dump keeps the values; the figures compare what the readers tell apart:
-        if tp.floor is not None:  # below a floor (HardSwish's -3) all values are one to them
-            a, tests = np.maximum(a, tp.floor), [np.maximum(b, tp.floor) for b in tests]
+        if tp.bounds is not None:  # beyond their saturation points (HardSwish below -3) all values are one to them
+            a, tests = np.clip(a, *tp.bounds), [np.clip(b, *tp.bounds) for b in tests]
         if t in self.outputs and (axis := channel_axis(a.shape)) is not None:
             res.slices[t] = (axis, slice_sums(a, tests[0], axis, fast=not self.exact))
         if self.exact:
