@@ -147,7 +147,7 @@ def render(rows: list[dict], load: tuple[float, float]) -> str:
         same = "n/a" if not r["ok"] else ("yes" if r["digest"] == base.get(r["job"]) else "**no**")
         wall = (f"{r['wall']:.1f}" + (f" ({r['note']})" if r.get("note") else "")) if r["ok"] else f"failed: {r['error']}"
         lines.append(f"| {r['job']} | {r['backend']} | {wall} | {r['rss_mb']:.0f} | {same} |")
-    walls = {(r["n"], r["backend"]): r["wall"] for r in rows if r["ok"] and r["job"].startswith("step1")}
+    walls = {(r["n"], r["backend"]): r["wall"] for r in rows if r["ok"] and r["job"].startswith("step1,")}
     ns = sorted({n for n, _ in walls})
     if len(ns) == 2 and all((n, b) in walls for n in ns for b in ("2 workers", "Ray local, 2 workers")):
         lo, hi = ns
