@@ -244,7 +244,7 @@ def test_few_samples_run_on_threads_and_many_or_uncounted_in_worker_processes(mo
 
     monkeypatch.setattr(engine, "executor", spy)
     data = samples(4)
-    few = analyze(float_model(), quant_model(True), data, options=AnalysisOptions(workers=2))
+    few = analyze(float_model(), quant_model(True), data, options=AnalysisOptions(workers=2, fork_min_samples=5))
     many = analyze(float_model(), quant_model(True), data, options=AnalysisOptions(workers=2, fork_min_samples=4))
     uncounted = analyze(float_model(), quant_model(True), iter(data), options=AnalysisOptions(workers=2))
     assert used == ["ThreadPoolExecutor", "ProcessPoolExecutor", "ProcessPoolExecutor"]

@@ -43,9 +43,11 @@ class AnalysisOptions:
     """Compared bytes per segment session (:mod:`hybridq.segments`): its tensors are measured while in cache."""
     fork_limit: int = 512 << 20
     """Analysis graphs above this size run on threads (a worker process each would copy it)."""
-    fork_min_samples: int = 32
-    """Fewer samples than this (when their number is known) run on threads: a worker process creates its own
-    sessions, which a few samples do not repay (10 samples, shared 2 cores: cls 0.53 -> 0.40 s, rec 4.5 -> 3.8 s)."""
+    fork_min_samples: int = 0
+    """Fewer samples than this (when their number is known) run on threads sharing one set of sessions. Off by
+    default: at 10 samples on a quiet 2-core EPYC the total was the same either way (cls 0.22 vs 0.23 s, rec 1.38
+    vs 1.37 s) and threads were slower per sample (cls 5.1 vs 6.4 ms, rec 72 vs 78 ms); only a loaded machine
+    favoured them (cls 0.53 -> 0.40 s, rec 4.5 -> 3.8 s)."""
     execution: Execution | None = None
     """Run the samples on :mod:`hybridq.execution`'s back ends (in-process, local workers, Ray); None: the pool above."""
 
