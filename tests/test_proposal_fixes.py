@@ -236,3 +236,32 @@ def test_range_candidates_on_an_npu_keep_the_hard_swish_floor(tmp_path):
     qn = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "ln")
     # the range the fixes compute is the one step2's own percentile setting builds
     assert float(inits[qn.input[1]]) == pytest.approx((max(hi, 0) - min(lo, 0)) / 255, rel=1e-4)
+
+
+def test_an_npu_float_candidate_takes_its_readers_so_the_tensor_it_writes_stays_float(tmp_path):
+    """On an NPU a float16 layer's readers requantize what it writes: floating the LayerNorm layer alone leaves
+    'ln' quantized; its unit (the HardSwish reading 'ln', whole) leaves 'ln' float."""
+    from hybridq.artifacts import read_step1
+    from hybridq.build import Edits, build
+    from hybridq.proposal.fixes import Context
+    from hybridq.proposal.search import _float_units
+    from tests import npu_models
+
+    path = tmp_path / "patterns.onnx"
+    onnx.save(npu_models.exported_patterns(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 16)}, 8, scale=3.0)
+    r1 = api.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    parsed = load_cfg(r1.cfg)
+    bundle = read_step1(r1.model, r1.data, None, r1.cfg)
+    first = build(bundle.model, bundle.observers, bundle.meta, parsed.settings, Edits())
+    ctx = Context(bundle.model, bundle.observers, parsed.settings, first.plan, bundle.meta["written_entries"], set())
+    ranked = [(n, 0.9) for n in first.plan.layers]
+    norm = ctx.graph.producer_node("ln").name  # the LayerNormalization the temp model fused the chain into
+    unit = _float_units(ctx, ranked)[norm]
+    assert unit[0] == norm and {"hs_add", "hs_clip", "hs_mul", "hs_div"} <= set(unit)
+
+    def quantized(layers: list[str]) -> set[str]:
+        built = build(bundle.model, bundle.observers, bundle.meta, parsed.settings, Edits({n: "float16" for n in layers}))
+        return {n.input[0] for n in built.model.graph.node if n.op_type == "QuantizeLinear"}
+
+    assert "ln" in quantized([]) and "ln" in quantized([norm]) and "ln" not in quantized(unit)

@@ -453,7 +453,7 @@ def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: 
     gains: dict[str, float] = {}
     for n, c, s in zip(head, cands, scores):
         gains[n] = climb.quality(s) - climb.quality(base) if not climb.evaluator.flips_more(s, base) else -math.inf
-        what = n if len(unit[n]) == 1 else f"{n} (+{len(unit[n]) - 1} reader(s))"
+        what = n if len(unit[n]) == 1 else f"{n} (+{len(unit[n]) - 1} layer(s))"
         climb._row("sensitivity", f"{what} alone in {fallback} ({SENSITIVITY_SAMPLES} samples)", s, c.cost,
                    f"gain {gains[n]:+.4g}" if math.isfinite(gains[n]) else "flips more decisions")
     # Measured gain per unit of compute first; a layer whose float copy measured no gain is not offered.
