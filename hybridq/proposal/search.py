@@ -429,7 +429,9 @@ def _float_units(ctx: Context, ranked: list[tuple[str, float]]) -> dict[str, lis
     for n, _ in ranked:
         unit = [n] + [c.name for o in ctx.graph.by_name[n].output for c in ctx.graph.consumer_nodes(o)]
         for m in unit:  # grows while it runs: a pattern's nodes are reached through its inner tensors
-            node = ctx.graph.by_name[m]
+            node = ctx.graph.by_name.get(m)
+            if node is None:
+                continue
             touching = [c.name for o in node.output if o in inner for c in ctx.graph.consumer_nodes(o)]
             touching += [p.name for i in node.input if i in inner for p in [ctx.graph.producer_node(i)] if p is not None]
             unit += [t for t in touching if t not in unit]
