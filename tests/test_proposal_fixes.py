@@ -205,13 +205,11 @@ def test_decisions_are_counted_through_the_reshapes_around_an_exported_softmax()
     assert (s.flips, s.decisions) == (flips, 4 * 2 * 3)
 
 
-def test_range_candidates_on_an_npu_keep_the_hard_swish_floor(tmp_path):
-    """A HardSwish input's range starts at -3 (the reader ignores what is below): a proposed range does too, as step2's
-    own algorithms compute it from the floored statistics; the raw histogram's percentile reaches far below."""
+def _npu_patterns(tmp_path: Path):
+    """exported_patterns through step1 --target npu: (step1 result, parsed cfg, step1 bundle, the fix Context)."""
     from hybridq.artifacts import read_step1
     from hybridq.build import Edits, build
-    from hybridq.observers import compute_range
-    from hybridq.proposal.fixes import Context, range_fix
+    from hybridq.proposal.fixes import Context
     from tests import npu_models
 
     path = tmp_path / "patterns.onnx"
@@ -221,10 +219,20 @@ def test_range_candidates_on_an_npu_keep_the_hard_swish_floor(tmp_path):
     parsed = load_cfg(r1.cfg)
     bundle = read_step1(r1.model, r1.data, None, r1.cfg)
     plan = build(bundle.model, bundle.observers, bundle.meta, parsed.settings, Edits()).plan
-    assert plan.floors == {"ln": (-3.0, float("inf"))}
+    return r1, parsed, bundle, Context(bundle.model, bundle.observers, parsed.settings, plan, bundle.meta["written_entries"], set())
+
+
+def test_range_candidates_on_an_npu_keep_the_hard_swish_floor(tmp_path):
+    """A HardSwish input's range starts at -3 (the reader ignores what is below): a proposed range does too, as step2's
+    own algorithms compute it from the floored statistics; the raw histogram's percentile reaches far below."""
+    from hybridq.build import Edits
+    from hybridq.observers import compute_range
+    from hybridq.proposal.fixes import range_fix
+
+    r1, parsed, bundle, ctx = _npu_patterns(tmp_path)
+    assert ctx.plan.floors == {"ln": (-3.0, float("inf"))}
     raw_lo, _ = compute_range(bundle.observers["ln"], "percentile", 256, parsed.settings.percentile)
     assert raw_lo < -3.0  # without the floor the candidate would widen the range below what HardSwish reads
-    ctx = Context(bundle.model, bundle.observers, parsed.settings, plan, bundle.meta["written_entries"], set())
     lo, hi = compute_range(ctx.observers["ln"], "percentile", 256, parsed.settings.percentile)
     assert lo == pytest.approx(-3.0, abs=ctx.observers["ln"].width) and bundle.observers["ln"].min < -3.0  # the fixes' statistics are floored, step1's untouched
     for cand in range_fix(ctx, Edits(), "percentile"):
@@ -241,21 +249,11 @@ def test_range_candidates_on_an_npu_keep_the_hard_swish_floor(tmp_path):
 def test_an_npu_float_candidate_takes_its_readers_so_the_tensor_it_writes_stays_float(tmp_path):
     """On an NPU a float16 layer's readers requantize what it writes: floating the LayerNorm layer alone leaves
     'ln' quantized; its unit (the HardSwish reading 'ln', whole) leaves 'ln' float."""
-    from hybridq.artifacts import read_step1
     from hybridq.build import Edits, build
-    from hybridq.proposal.fixes import Context
     from hybridq.proposal.search import _float_units
-    from tests import npu_models
 
-    path = tmp_path / "patterns.onnx"
-    onnx.save(npu_models.exported_patterns(), path)
-    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 16)}, 8, scale=3.0)
-    r1 = api.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
-    parsed = load_cfg(r1.cfg)
-    bundle = read_step1(r1.model, r1.data, None, r1.cfg)
-    first = build(bundle.model, bundle.observers, bundle.meta, parsed.settings, Edits())
-    ctx = Context(bundle.model, bundle.observers, parsed.settings, first.plan, bundle.meta["written_entries"], set())
-    ranked = [(n, 0.9) for n in first.plan.layers]
+    _, parsed, bundle, ctx = _npu_patterns(tmp_path)
+    ranked = [(n, 0.9) for n in ctx.plan.layers]
     norm = ctx.graph.producer_node("ln").name  # the LayerNormalization the temp model fused the chain into
     unit = _float_units(ctx, ranked)[norm]
     assert unit[0] == norm and {"hs_add", "hs_clip", "hs_mul", "hs_div"} <= set(unit)
