@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ._onnx import convert_opset, main_opset
 from .errors import ModelError
+from .graph import Namer
 from .plan import GraphView, QuantPlan
 from .qparams import QParams, quantize
 
@@ -179,16 +180,7 @@ class _Rewrite:
         self.after: dict[str, list[onnx.NodeProto]] = {}
         self.before: dict[str, list[onnx.NodeProto]] = {}
         self.rewire: dict[str, dict[str, str]] = {}
-        self.taken = _names_in(work.graph)
-
-    def fresh(self, base: str) -> str:
-        """`base`, or `base_1`, `base_2`... when the model already has that name (an input `x` beside a tensor `x_scale`)."""
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}_{i}"
-        self.taken.add(name)
-        return name
+        self.fresh = Namer(_names_in(work.graph))  # an input `x` beside a tensor `x_scale`: its scale is `x_scale#2`
 
     def fresh_all(self, base: str, *suffixes: str) -> tuple[str, ...]:
         """Fresh names for `base` + each suffix."""
