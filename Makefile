@@ -38,6 +38,7 @@ bench: $(VENV)/.installed
 	$(PY) bench/recurrent.py
 	$(PY) bench/cost.py
 	$(PY) bench/npu.py
+	$(PY) bench/task_metric.py
 	$(PY) bench/scale.py
 	$(PY) bench/bench_analyze.py --models cls,rec,det --rounds 5
 

@@ -189,10 +189,29 @@ def levenshtein(a: str, b: str) -> int:
     return prev[-1]
 
 
-def char_accuracy(preds: list[str], gts: list[str]) -> float:
-    """1 - total Levenshtein distance / total ground-truth characters."""
+def char_accuracy(preds: list[str], gts: list[str], ignore_space: bool = False) -> float:
+    """1 - total Levenshtein distance / total ground-truth characters (the README's metric).
+
+    ``ignore_space`` drops every space from both first, as PaddleOCR's own RecMetric does by default
+    (``ignore_space=True``): a diagnostic, since the model emits edge spaces that the README's metric counts."""
+    if ignore_space:
+        preds, gts = [p.replace(" ", "") for p in preds], [g.replace(" ", "") for g in gts]
     dist = sum(levenshtein(p, g) for p, g in zip(preds, gts))
     return 1.0 - dist / sum(len(g) for g in gts)
+
+
+def rec_space_report(model: Path, runs: dict[str, RunFn], limit: int | None = None) -> dict[str, dict[str, float]]:
+    """Per run: the README's char acc, the same with leading/trailing spaces stripped and with every space ignored,
+    and the eval lines decoded with a leading or trailing space (the ground truth has none); one decode per line."""
+    charset, lines = rec_charset(model), read_lines("eval")[:limit]
+    gts = [t for _, t in lines]
+    out = {}
+    for name, run in runs.items():
+        preds = [ctc_greedy(run(rec_input(load_gray(p)))[0], charset) for p, _ in lines]
+        out[name] = {"char acc": char_accuracy(preds, gts), "edge spaces stripped": char_accuracy([p.strip(" ") for p in preds], gts),
+                     "spaces ignored": char_accuracy(preds, gts, ignore_space=True),
+                     "edge-space lines": sum(p != p.strip(" ") for p in preds), "lines": len(preds)}
+    return out
 
 
 # --------------------------------------------------------------------------- det metric
@@ -309,6 +328,34 @@ def hmean(n_match: int, n_pred: int, n_gt: int) -> float:
     p, r = n_match / n_pred, n_match / n_gt
     return 2 * p * r / (p + r)
 
+
+def det_agreement(runs: dict[str, RunFn], limit: int | None = None) -> dict[str, dict[str, float]]:
+    """Per run (the first is the reference, fp32): hmean against the ground truth; hmean against the reference's
+    boxes (IoU >= 0.5) and the mean IoU of each reference box with its best-overlapping box of the run; and, for
+    each ground-truth box, its best box's area over its own (median) and how many best IoUs lie within 0.05 of 0.5."""
+    keys = ("match", "pred", "gt", "ref match", "ref", "iou sum", "near")
+    out: dict[str, dict] = {k: dict.fromkeys(keys, 0) | {"areas": []} for k in runs}
+    for path, gt in read_pages("eval")[:limit]:
+        x, ref = det_input(path), None
+        gt = np.asarray(gt, dtype=float).reshape(-1, 4)
+        for name, run in runs.items():
+            pred = det_boxes(run(x)[0, 0])
+            ref = pred if ref is None else ref
+            o = out[name]
+            o["match"] += match_count(pred, gt)
+            o["pred"], o["gt"], o["ref"] = o["pred"] + len(pred), o["gt"] + len(gt), o["ref"] + len(ref)
+            o["ref match"] += match_count(pred, ref)
+            if len(pred) and len(ref):
+                o["iou sum"] += float(iou_matrix(ref, pred).max(axis=1).sum())
+            if len(pred) and len(gt):
+                m = iou_matrix(gt, pred)
+                best = pred[m.argmax(axis=1)]
+                o["near"] += int((np.abs(m.max(axis=1) - 0.5) < 0.05).sum())
+                o["areas"] += list(((best[:, 2] - best[:, 0]) * (best[:, 3] - best[:, 1])) / ((gt[:, 2] - gt[:, 0]) * (gt[:, 3] - gt[:, 1])))
+    return {k: {"hmean": hmean(o["match"], o["pred"], o["gt"]), "matched": o["match"], "gt": o["gt"],
+                "hmean vs reference": hmean(o["ref match"], o["pred"], o["ref"]), "mean IoU with reference": o["iou sum"] / max(o["ref"], 1),
+                "area vs gt": float(np.median(o["areas"])) if o["areas"] else float("nan"), "near threshold": o["near"]}
+            for k, o in out.items()}
 
 # --------------------------------------------------------------------------- tasks
 
