@@ -33,3 +33,17 @@ def test_quick_bench_measures_every_variant(tmp_path):
     for name, v in variants.items():
         assert v["build"]["ok"], (name, v["build"])
         assert 0.9 <= v["metric"] <= 1.0, (name, v["metric"])
+
+
+def test_char_accuracy_space_conventions():
+    """The README's char acc counts an edge space; PaddleOCR's ignore_space convention drops every space."""
+    gts = ["five dollars", "bill"]
+    assert ppocr.char_accuracy(gts, gts) == 1.0
+    # one inserted edge space, one dropped interior space, 16 ground-truth characters
+    preds = [" five dollars", "bill"]
+    assert ppocr.char_accuracy(preds, gts) == pytest.approx(1 - 1 / 16)
+    assert ppocr.char_accuracy(preds, gts, ignore_space=True) == 1.0
+    preds = ["fivedollars", "bill"]
+    assert ppocr.char_accuracy(preds, gts) == pytest.approx(1 - 1 / 16)
+    assert ppocr.char_accuracy(preds, gts, ignore_space=True) == 1.0
+    assert ppocr.char_accuracy(["fivedollars ".strip(" "), "biu"], gts) == pytest.approx(1 - 3 / 16)
