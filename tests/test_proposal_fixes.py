@@ -263,3 +263,76 @@ def test_an_npu_float_candidate_takes_its_readers_so_the_tensor_it_writes_stays_
         return {n.input[0] for n in built.model.graph.node if n.op_type == "QuantizeLinear"}
 
     assert "ln" in quantized([]) and "ln" in quantized([norm]) and "ln" not in quantized(unit)
+
+
+class _ScoreTable:
+    """A stand-in for the search state: each float set's score comes from a table, higher is better, and scores
+    within 0.005 of each other are alike."""
+
+    def __init__(self, scores: dict[frozenset, float], target: float, start: float) -> None:
+        from types import SimpleNamespace
+
+        self.scores, self.table, self.score = scores, [], start
+        self.evaluator = SimpleNamespace(met=lambda s: s >= target, as_good=lambda a, b: a >= b - 0.005)
+        self.tried: list[frozenset] = []
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b
+
+    def _row(self, step, fix, s, cost, outcome):
+        from hybridq.proposal.search import Row
+
+        self.table.append(Row(step, fix, s, s, 0.0, 0.0, cost, outcome))
+
+    def candidate(self, names: list[str]):
+        from types import SimpleNamespace
+
+        key = frozenset(names)
+        self.tried.append(key)
+        return self.scores[key], SimpleNamespace(label=f"{len(names)} layer(s) in float16", cost=len(names) / 100), None, None
+
+
+def test_float_layers_that_measured_a_gain_are_added_one_at_a_time_and_kept_only_when_they_help():
+    """Float layers interact: 'b' helped alone but hurts beside 'a', so it is left out, and the search stops at the
+    first set that meets the target ({a, c}), never trying 'd'."""
+    from hybridq.proposal.search import _greedy_head
+
+    s = {frozenset("a"): 0.95, frozenset("ab"): 0.93, frozenset("ac"): 0.995, frozenset("acd"): 0.999}
+    climb = _ScoreTable(s, target=0.99, start=0.90)
+    found, met = _greedy_head(climb, [["a"], ["b"], ["c"], ["d"]], climb.candidate)
+    assert met and [f[0][0] for f in found] == [0.95, 0.995] and found[-1][1] is climb.table[-1]
+    assert climb.tried == [frozenset("a"), frozenset("ab"), frozenset("ac")]
+    assert [r.outcome for r in climb.table] == ["improves", "no gain: left out", "meets"]
+
+
+def test_below_the_target_the_cheapest_of_the_alike_candidates_is_kept():
+    from hybridq.proposal.search import _cheapest_alike, _greedy_head
+
+    s = {frozenset("a"): 0.91, frozenset("ab"): 0.970, frozenset("abc"): 0.973}
+    climb = _ScoreTable(s, target=0.99, start=0.90)
+    found, met = _greedy_head(climb, [["a"], ["b"], ["c"]], climb.candidate)
+    assert not met and [f[0][0] for f in found] == [0.91, 0.970, 0.973]
+    # 0.970 is within the resolution of the best (0.973) and one layer cheaper; 0.91 is not alike
+    state, row = _cheapest_alike(climb, found)
+    assert state[0] == 0.970 and row is climb.table[1]
+    # a unit of several layers (an NPU's layer with its readers) enters whole; no gain, nothing found
+    climb = _ScoreTable({frozenset("xy"): 0.92}, target=0.99, start=0.95)
+    assert _greedy_head(climb, [["x", "y"]], climb.candidate) == ([], False)
+
+
+def test_alike_scores_are_those_within_half_a_decibel_of_output_error():
+    """1 - cosine read as a noise-to-signal ratio: 0.0100 vs 0.0110 is 0.41 dB apart (alike), vs 0.0115 0.61 dB (not);
+    an SNR target compares dB directly; a task score and clearly more flipped decisions are never excused."""
+    from hybridq.proposal.evaluator import Evaluator, OutputScore, Score, Target
+
+    def score(cos: float, snr: float = 20.0, task: float | None = None, flips: int = 0) -> Score:
+        return Score({"y": OutputScore(cos, snr, cos, snr, None)}, task=task, flips=flips, decisions=100 if flips else 0)
+
+    ev = Evaluator.__new__(Evaluator)
+    ev.target = Target(cosine=0.999)
+    assert ev.as_good(score(0.9890), score(0.9900)) and not ev.as_good(score(0.9885), score(0.9900))
+    assert 10 * np.log10(0.0110 / 0.0100) < 0.5 < 10 * np.log10(0.0115 / 0.0100)
+    assert not ev.as_good(score(0.9899, flips=30), score(0.9900, flips=5))
+    assert ev.as_good(score(0.5, task=0.91), score(0.99, task=0.91)) and not ev.as_good(score(0.99, task=0.90), score(0.5, task=0.91))
+    ev.target = Target(cosine=None, snr_db=30.0)
+    assert ev.as_good(score(0.9, snr=29.6), score(0.9, snr=30.0)) and not ev.as_good(score(0.9, snr=29.4), score(0.9, snr=30.0))

@@ -360,6 +360,17 @@ class Evaluator:
             return s.worst_snr
         return s.worst_cosine
 
+    def as_good(self, a: Score, b: Score) -> bool:
+        """Is `a` as good as `b` within what the measure resolves: a task score no lower, an error within
+        RESOLUTION_DB of b's (1 - cosine taken as a noise-to-signal ratio), never with clearly more flipped decisions."""
+        if self.flips_more(a, b):
+            return False
+        if a.task is not None and b.task is not None:
+            return a.task >= b.task
+        if self.target.cosine is None and self.target.snr_db is not None:
+            return a.worst_snr >= b.worst_snr - RESOLUTION_DB
+        return (1.0 - a.worst_cosine) <= (1.0 - b.worst_cosine) * 10 ** (RESOLUTION_DB / 10)
+
     def flips_more(self, a: Score, b: Score) -> bool:
         """Does `a` flip clearly more argmax decisions than `b` (beyond sqrt of the two counts; never with a task score)?"""
         if a.task is not None or not a.decisions:
@@ -370,6 +381,9 @@ class Evaluator:
         """Is `a` a better candidate than `b`: higher quality, without clearly more flipped decisions?"""
         return self.quality(a) > self.quality(b) and not self.flips_more(a, b)
 
+
+RESOLUTION_DB = 0.5
+"""Candidates whose output errors differ by less than this are alike: below the target, the cheaper one is kept."""
 
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 """Ops that move a Softmax's values without changing them (exporters wrap an N-d Softmax in Flatten ... Reshape)."""

@@ -4,7 +4,8 @@ Steps, each scored on the model step2 would build: (1) a range algorithm for the
 tensors it narrows (mse, percentile); (2) per tensor with outlier channels, a clip
 or an equalization; (3) bias correction; (4) float fallback of the fewest layers,
 ordered by their measured effect at the outputs (local error pre-ranks, a short
-run of the top candidates re-orders), found by bisection. The fixes of steps 1-3
+run of the top candidates re-orders): those that gained alone added one at a time while
+they help, then the fewest of the ranked list by bisection. The fixes of steps 1-3
 cost no float compute; step 4 stays within the float budget. Every candidate is a
 row of the table the user sees.
 """
@@ -248,11 +249,12 @@ def search(
             weights, unit = {n: 1.0 for n in ctx.plan.layers}, "quantized layers"
             wtotal = float(len(weights)) or 1.0
         units = _float_units(ctx, ranked) if get_target(ctx.settings.target).placement.float_reads_quantized else {}
-        order = _by_output_effect(climb, ranked, fallback, weights, wtotal, units)
+        order, helpful = _by_output_effect(climb, ranked, fallback, weights, wtotal, units)
         budget = _within_budget(order, weights, wtotal, len(taken), max_float_fraction, max_float_layers, ms_added, ms_budget)
         if max_bytes is not None:  # float weights are 4x int8 ones: keep the size budget
             budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
-        choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, weights, wtotal, unit)
+        head = [u for u in helpful if all(m in budget for m in u)]
+        choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, weights, wtotal, unit, head)
     if climb.prune():
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
     result = _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
@@ -348,17 +350,61 @@ def _within_size(order: list[str], climb: _Climb, room: int) -> list[str]:
     return names
 
 
+State = tuple[Score, Candidate, Edits, Built]
+"""A scored candidate: its score, the fix, the edits with it, the model step2 builds from them."""
+
+
+def _greedy_head(climb: _Climb, head: list[list[str]], candidate: Callable[[list[str]], State]) -> tuple[list[tuple[State, Row]], bool]:
+    """Step 4a: the units that measured a gain alone, best first, added one at a time on every evaluator sample and
+    each kept only when it improves the score; stops at the first set that meets the target. Float layers interact
+    (one alone may do better than it does among ten), which a bisection over a ranked prefix cannot see.
+    Returns each improving set (cheapest first; the last meets the target when the flag says so)."""
+    chosen: list[str] = []
+    kept: list[tuple[State, Row]] = []
+    for unit in head:
+        names = chosen + [m for m in unit if m not in chosen]
+        state = candidate(names)
+        ok = climb.evaluator.met(state[0])
+        gain = climb.better(state[0], kept[-1][0][0] if kept else climb.score)
+        climb._row("float", f"{state[1].label}, measured-helpful layers first", state[0], state[1].cost,
+                   "meets" if ok else "improves" if gain else "no gain: left out")
+        if ok:
+            return kept + [(state, climb.table[-1])], True
+        if gain:
+            chosen = names
+            kept.append((state, climb.table[-1]))
+    return kept, False
+
+
+def _cheapest_alike(climb: _Climb, found: list[tuple[State, Row]]) -> tuple[State, Row]:
+    """Below the target: the cheapest candidate as good as the best one, within what the measure resolves
+    (evaluator.RESOLUTION_DB), so a tenth of a dB does not buy ten more float layers."""
+    best = found[0]
+    for f in found[1:]:
+        if climb.better(f[0][0], best[0][0]):
+            best = f
+    alike = [f for f in found if climb.evaluator.as_good(f[0][0], best[0][0])]
+    return min(alike, key=lambda f: f[0][1].cost)
+
+
+def _keep_float(climb: _Climb, state: State, row: Row, outcome: str) -> None:
+    """Make a float candidate the current state and mark its row."""
+    climb.score, chosen, climb.edits, climb.built = state
+    climb.kept.append(chosen)
+    row.outcome = outcome
+
+
 def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str], skipped: int, fallback: str,
-                macs: dict[str, float], total: float, unit: str = "compute") -> str:
-    """Step 4: the fewest float layers (a prefix of `budget`, by bisection) that meet the target; returns the choice."""
+                macs: dict[str, float], total: float, unit: str = "compute", head: list[list[str]] | None = None) -> str:
+    """Step 4: the fewest float layers that meet the target (the measured-helpful units greedily, then a prefix of
+    `budget` by bisection), or the best candidate within the budget; returns the choice."""
     prefix = ", ".join(c.label for c in climb.kept)
     if not budget:
         return f"{prefix or 'no change'}; the float budget allows no layer and the target is not met"
     pos = {n: i + 1 for i, (n, _) in enumerate(ranked)}
     single_of = dict(ranked)
 
-    def candidate(k: int) -> tuple[Score, Candidate, Edits, Built]:
-        names = budget[:k]
+    def candidate(names: list[str]) -> State:
         why = {n: f"proposal: rank {pos[n]}/{len(ranked)} by effect at the outputs, single cos {single_of[n]:.4f}, "
                   f"{100 * macs.get(n, 0.0) / total:.1f} % of {unit}" for n in names}
         c = float_fix(climb.ctx, names, fallback, sum(macs.get(n, 0.0) for n in names) / total, why)
@@ -366,32 +412,35 @@ def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str
         b = climb.build(e)
         return climb.evaluator.score(b.model), c, e, b
 
-    top = candidate(len(budget))
+    greedy, met = _greedy_head(climb, head or [], candidate)
+    if met:
+        _keep_float(climb, *greedy[-1], "kept: fewest float layers that meet the target")
+        return ", ".join(c.label for c in climb.kept)
+    top = candidate(budget)
     climb._row("float", top[1].label + (f" (budget; {skipped} more ranked layer(s) do not fit)" if skipped else " (all ranked)"),
                top[0], top[1].cost, "")
+    top_row = climb.table[-1]
     if not climb.evaluator.met(top[0]):
-        if not climb.better(top[0], climb.score):
-            climb.table[-1].outcome = "no gain"
+        found = greedy + ([(top, top_row)] if climb.better(top[0], climb.score) else [])
+        if not found:
+            top_row.outcome = "no gain"
             return f"{prefix or 'no change'}; target NOT met"
-        climb.table[-1].outcome = "kept: best within the budget"
-        climb.score, c, climb.edits, climb.built = top
-        climb.kept.append(c)
+        best, row = _cheapest_alike(climb, found)
+        if row is not top_row:
+            top_row.outcome = "no better than a cheaper one" if climb.better(top[0], climb.score) else "no gain"
+        _keep_float(climb, best, row, "kept: best within the budget (cheapest of the alike)")
         return ", ".join(k.label for k in climb.kept) + "; target NOT met within the float budget"
-    lo, hi, best = 0, len(budget), top
+    lo, hi, best, row = 0, len(budget), top, top_row
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        state = candidate(mid)
+        state = candidate(budget[:mid])
         ok = climb.evaluator.met(state[0])
         climb._row("float", state[1].label, state[0], state[1].cost, "meets" if ok else "below target")
         if ok:
-            hi, best = mid, state
+            hi, best, row = mid, state, climb.table[-1]
         else:
             lo = mid
-    climb.score, chosen, climb.edits, climb.built = best
-    climb.kept.append(chosen)
-    for r in climb.table:
-        if r.fix == chosen.label and r.step == "float":
-            r.outcome = "kept: fewest float layers that meet the target"
+    _keep_float(climb, best, row, "kept: fewest float layers that meet the target")
     return ", ".join(c.label for c in climb.kept)
 
 
@@ -440,14 +489,14 @@ def _float_units(ctx: Context, ranked: list[tuple[str, float]]) -> dict[str, lis
 
 
 def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: str, macs: dict[str, float], total: float,
-                      units: dict[str, list[str]]) -> list[str]:
+                      units: dict[str, list[str]]) -> tuple[list[str], list[list[str]]]:
     """Layer order for the fallback: the top locally-ranked layers re-ordered by what floating each alone (with its
-    unit, see :func:`_float_units`) gains at the outputs."""
+    unit, see :func:`_float_units`) gains at the outputs; and the units that measured a gain, best first."""
     head = [n for n, _ in ranked[:SENSITIVITY_LAYERS]]
     unit = {n: units.get(n, [n]) for n, _ in ranked}
     cost = {n: sum(macs.get(m, 0.0) for m in unit[n]) / total for n in unit}
     if len(head) < 2:
-        return list(dict.fromkeys(m for n, _ in ranked for m in unit[n]))
+        return list(dict.fromkeys(m for n, _ in ranked for m in unit[n])), []
     cands = [float_fix(climb.ctx, unit[n], fallback, cost[n], {}) for n in head]
     # independent runs: side by side when the evaluator has workers (each built here while the others are scored)
     models = itertools.chain([climb.built.model], (climb.build(c.onto(climb.edits, climb.ctx.temp)).model for c in cands))
@@ -460,4 +509,5 @@ def _by_output_effect(climb: _Climb, ranked: list[tuple[str, float]], fallback: 
                    f"gain {gains[n]:+.4g}" if math.isfinite(gains[n]) else "flips more decisions")
     # Measured gain per unit of compute first; a layer whose float copy measured no gain is not offered.
     helpful = sorted((n for n in head if gains[n] > 0), key=lambda n: -gains[n] / max(cost[n], 1e-3))
-    return list(dict.fromkeys(m for n in helpful + [n for n, _ in ranked[SENSITIVITY_LAYERS:]] for m in unit[n]))
+    order = list(dict.fromkeys(m for n in helpful + [n for n, _ in ranked[SENSITIVITY_LAYERS:]] for m in unit[n]))
+    return order, [unit[n] for n in helpful]
