@@ -14,10 +14,10 @@ import multiprocessing
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -175,26 +175,55 @@ def _child_sample(sample: dict[str, np.ndarray], n: int) -> SampleErrors:
     return _CHILD[0].sample(sample, n)
 
 
+def _noop() -> None:
+    return None
+
+
+class MixedPool(Executor):
+    """Samples on one thread of this process and on forked worker processes, each to whichever is free.
+
+    This process made the sessions, so its thread starts at once, warm, and one fork fewer is paid; the
+    processes are forked first, before that thread runs anything (no session is mid-run at the fork).
+    """
+
+    def __init__(self, procs: ProcessPoolExecutor, local: Callable[..., SampleErrors]) -> None:
+        self.procs, self.local = procs, local
+        procs.submit(_noop)  # forks the workers now, while this process runs nothing else
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="hybridq-analyze")
+        self.on_thread: Future[SampleErrors] | None = None
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """``fn`` on this process' thread when it is free, else its worker-process twin :func:`_child_sample`."""
+        if self.on_thread is None or self.on_thread.done():
+            self.on_thread = self.thread.submit(fn, *args, **kwargs)
+            return self.on_thread
+        return self.procs.submit(_child_sample, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.thread.shutdown(wait, cancel_futures=cancel_futures)
+        self.procs.shutdown(wait, cancel_futures=cancel_futures)
+
+
 @contextmanager
 def executor(
     work: Work, workers: int, samples: int | None = None,
 ) -> Iterator[tuple[Executor, int, Callable[[dict[str, np.ndarray], int], SampleErrors]]]:
     """A pool running ``workers`` samples at once: ``(pool, workers, function to submit)``.
 
-    Worker processes where fork exists, the graph is small and the samples (``samples``, when known) are
-    many enough: each runs its sample's sessions and metrics without waiting for the other's GIL (cls
-    analyze 30 -> 16 ms per sample on 2 cores, before the compiled metrics). The sessions are made
-    once, here, before the fork, and the workers inherit them (their single-threaded sessions start no
-    thread of their own: nothing is mid-flight in another thread when the process forks).
+    Where fork exists, the graph is small and the samples (``samples``, when known) are many enough, a
+    :class:`MixedPool`: one thread here and ``workers - 1`` worker processes, each running its sample's
+    sessions and metrics without waiting for the other's GIL (cls analyze 30 -> 16 ms per sample on 2
+    cores, before the compiled metrics). The sessions are made once, here, before the fork, and the
+    workers inherit them (single-threaded sessions start no thread of their own).
     Otherwise threads, which share the sessions.
     """
     many = samples is None or samples >= work.options.fork_min_samples
     work.start()
     if workers > 1 and many and sys.platform.startswith("linux") and model_bytes(work.ag.model) <= work.options.fork_limit:
         ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_child_start, initargs=(work,)) as pool:
-            yield pool, workers, _child_sample
+        procs = ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_child_start, initargs=(work,))
+        with MixedPool(procs, work.sample) as pool:
+            yield pool, workers, work.sample
         return
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hybridq-analyze") as tpool:
         yield tpool, max(1, workers), work.sample
-
