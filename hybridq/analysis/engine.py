@@ -92,8 +92,7 @@ def analyze(
     when the snapshot cannot be written) is passed on, after ``sink.abort()``.
     """
     options = options or AnalysisOptions()
-    fm, qm = _load(float_model, "float model"), _load(quant_model, "quantized model")
-    fm, qm = align_opsets(fm, qm)
+    fm, qm = align_opsets(_load(float_model, "float model"), _load(quant_model, "quantized model"))
     qm = as_deployed(qm)  # the kernels a plain session runs, exact where asked
     f, q = ModelIndex(fm), ModelIndex(qm)
     if sorted(q.inputs) != sorted(f.inputs):
