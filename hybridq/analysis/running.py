@@ -203,6 +203,15 @@ class MixedPool(Executor):
         self.thread.shutdown(wait, cancel_futures=cancel_futures)
         self.procs.shutdown(wait, cancel_futures=cancel_futures)
 
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """After the last sample, the workers are told to end and reaped in the background (rec: 15 ms a
+        process takes to exit); on an error, pending samples are cancelled and the workers waited for."""
+        if exc_type is None:
+            self.thread.shutdown()
+            self.procs.shutdown(wait=False)
+        else:
+            self.shutdown(wait=True, cancel_futures=True)
+
 
 @contextmanager
 def executor(
