@@ -80,8 +80,8 @@ def analyze(
     :class:`~hybridq.analysis.results.SampleSink`; the metrics are then
     summed in float64 so a snapshot's manifest matches its arrays exactly).
     Without a sink, up to one sample per core is in flight (at most
-    ``options.workers``), each in its own worker process (a thread where fork is missing, the graph
-    is over ``options.fork_limit`` or the samples are few); results are added in sample order either way. Nothing is written here: the
+    ``options.workers``), one on a thread here and the others in forked worker processes (threads only
+    where fork is missing, the graph is over ``options.fork_limit`` or the samples are few); results are added in sample order either way. Nothing is written here: the
     caller writes the manifest and the reports (:func:`hybridq.api.analyze_samples`).
     ``on_sample`` is called after each sample (for progress bars).
     int8 products are exact (:mod:`hybridq.kernels`) unless ``host_int8``,

@@ -2,9 +2,10 @@
 
 Sessions come from :mod:`hybridq._runtime` (exact int8, one thread each, a
 shared arena so a segment's outputs reuse the blocks the previous segment
-freed). Samples run one per core in forked worker processes (threads where
-fork is missing or the graph is large). How many, and how the graph is cut,
-are :class:`AnalysisOptions`.
+freed), opened once, side by side. Samples run one per core: on a thread of
+this process and in forked worker processes that inherit the sessions
+(:class:`MixedPool`; threads only where fork is missing or the graph is
+large). How many, and how the graph is cut, are :class:`AnalysisOptions`.
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ class AnalysisOptions:
     segment_bytes: float = 1 << 20
     """Compared bytes per segment session (:mod:`hybridq.segments`): its tensors are measured while in cache."""
     fork_limit: int = 512 << 20
-    """Analysis graphs above this size run on threads (a worker process each would copy it)."""
+    """Analysis graphs above this size run on threads only (a worker process would copy what it writes to)."""
     fork_min_samples: int = 0
-    """Fewer samples than this (when their number is known) run on threads sharing one set of sessions. Off by
-    default: at 10 samples on a quiet 2-core EPYC the total was the same either way (cls 0.22 vs 0.23 s, rec 1.38
-    vs 1.37 s) and threads were slower per sample (cls 5.1 vs 6.4 ms, rec 72 vs 78 ms); only a loaded machine
-    favoured them (cls 0.53 -> 0.40 s, rec 4.5 -> 3.8 s)."""
+    """Fewer samples than this (when their number is known) run on threads only, sharing one set of sessions.
+    Off by default: at 10 samples on a quiet 2-core EPYC the total was the same either way (cls 0.22 vs 0.23 s,
+    rec 1.38 vs 1.37 s, measured when each worker process still opened its own sessions) and threads were slower
+    per sample (cls 5.1 vs 6.4 ms, rec 72 vs 78 ms); only a loaded machine favoured them (cls 0.53 -> 0.40 s,
+    rec 4.5 -> 3.8 s)."""
     execution: Execution | None = None
     """Run the samples on :mod:`hybridq.execution`'s back ends (in-process, local workers, Ray); None: the pool above."""
 
