@@ -43,10 +43,11 @@ def _unique_dq(
     ``outer`` holds each node's subgraph reads (:func:`outer_reads`); both lists are returned with the copies
     inserted. A reader that is rewired is copied first: the nodes of ``nodes`` are never changed.
     """
+    dq_outs = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear" and len(n.output) == 1}
     readers: dict[str, list[int]] = defaultdict(list)
     for k, n in enumerate(nodes):
         for i in n.input:
-            if i:
+            if i in dq_outs:
                 readers[i].append(k)
         for r in outer[k]:
             readers[r].append(-1)  # read by a subgraph: never rewired
@@ -191,7 +192,8 @@ def split(
     nodes, outer = _unique_dq(list(g.node), [outer_reads(n) for n in g.node], outputs, used, types)
     # every tensor each node reads, its subgraphs' outer references included
     reads = [[i for i in n.input if i] + o for n, o in zip(nodes, outer)]
-    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    writes = [[o for o in n.output if o] for n in nodes]
+    producer = {o: k for k, w in enumerate(writes) for o in w}
     readers: dict[str, list[int]] = defaultdict(list)
     for k, r in enumerate(reads):
         for name in dict.fromkeys(r):
@@ -209,12 +211,12 @@ def split(
             last_read[name] = max(segs)
     result: list[Segment] = []
     for s, ks in enumerate(parts):
-        made = {o for k in ks for o in nodes[k].output if o}
+        made = {o for k in ks for o in writes[k]}
         seg_reads = list(dict.fromkeys(name for k in ks for name in reads[k]))
         ins = [r for r in seg_reads if r not in made and r not in inits]
         if any(r not in graph_inputs and r not in types for r in ins):
             return None
-        outs = [o for k in ks for o in nodes[k].output if o and (o in wanted or last_read.get(o, -1) > s)]
+        outs = [o for k in ks for o in writes[k] if o in wanted or last_read.get(o, -1) > s]
         sub = _shell(model)
         sg = sub.graph
         sg.node.extend(nodes[k] for k in ks)
