@@ -259,9 +259,9 @@ def test_sessions_opened_side_by_side_give_the_same_table(monkeypatch: pytest.Mo
     opened: list[int] = []
     real = running._open_all
 
-    def spy(segments, what, host_int8):  # type: ignore[no-untyped-def]
+    def spy(segments, what, host_int8, threads=0):  # type: ignore[no-untyped-def]
         opened.append(len(segments))
-        return real(segments, what, host_int8)
+        return real(segments, what, host_int8, threads)
 
     monkeypatch.setattr(running, "_open_all", spy)
     monkeypatch.setattr(running._runtime, "cores", lambda: 1)

@@ -84,8 +84,8 @@ class _Session:
 class Runner:
     """The analysis graph as a chain of sessions, one per segment (see :mod:`hybridq.segments`)."""
 
-    def __init__(self, segments: list[Segment], what: str, host_int8: bool) -> None:
-        self.sessions = _open_all(segments, what, host_int8)
+    def __init__(self, segments: list[Segment], what: str, host_int8: bool, threads: int = 0) -> None:
+        self.sessions = _open_all(segments, what, host_int8, threads)
         self.exact_failed = any(s.exact_failed for s in self.sessions)
         later: set[str] = set()
         self.keep: list[set[str]] = []  # after segment k: the tensors later segments read
@@ -104,12 +104,10 @@ class Runner:
             env = {k: v for k, v in env.items() if k in keep}
 
 
-def _open_all(segments: list[Segment], what: str, host_int8: bool) -> list[_Session]:
-    """One session per segment, in order, opened on one thread per core (ONNX Runtime releases the GIL meanwhile).
-
-    rec's 373 segment sessions: 205 -> 135 ms on 2 cores.
-    """
-    threads = min(_runtime.cores(), len(segments))
+def _open_all(segments: list[Segment], what: str, host_int8: bool, threads: int = 0) -> list[_Session]:
+    """One session per segment, in order, opened on ``threads`` threads (0: one per core; ONNX Runtime releases
+    the GIL for much of the work): rec's 373 segment sessions 205 -> 135 ms on 2 cores."""
+    threads = min(threads or _runtime.cores(), len(segments))
     if threads <= 1:
         return [_Session(s.model, what, host_int8) for s in segments]
     _runtime.register_shared_arena()  # once, before the threads race to register it
@@ -150,9 +148,10 @@ class Work:
         self.segments = segments or [Segment(ag.model, inputs, [o.name for o in ag.model.graph.output])]
         self.runner: Runner | None = None
 
-    def start(self) -> None:
-        """Create the segment sessions (raises ModelError when ONNX Runtime cannot load one)."""
-        self.runner = Runner(self.segments, "float and quantized models with the isolated quantized layers", self.host_int8)
+    def start(self, threads: int = 0) -> None:
+        """Create the segment sessions on ``threads`` threads (0: one per core; ModelError when ONNX Runtime cannot load one)."""
+        what = "float and quantized models with the isolated quantized layers"
+        self.runner = Runner(self.segments, what, self.host_int8, threads)
 
     def sample(self, sample: dict[str, np.ndarray], n: int) -> SampleErrors:
         assert self.runner is not None
