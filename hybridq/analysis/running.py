@@ -43,7 +43,7 @@ class AnalysisOptions:
     segment_bytes: float = 1 << 20
     """Compared bytes per segment session (:mod:`hybridq.segments`): its tensors are measured while in cache."""
     fork_limit: int = 512 << 20
-    """Analysis graphs above this size run on threads only (a worker process would copy what it writes to)."""
+    """Analysis graphs above this size run on threads only (no process that large is forked)."""
     fork_min_samples: int = 0
     """Fewer samples than this (when their number is known) run on threads only, sharing one set of sessions.
     Off by default: at 10 samples on a quiet 2-core EPYC the total was the same either way (cls 0.22 vs 0.23 s,
@@ -187,8 +187,8 @@ class MixedPool(Executor):
     processes are forked first, before that thread runs anything (no session is mid-run at the fork).
     """
 
-    def __init__(self, procs: ProcessPoolExecutor, local: Callable[..., SampleErrors]) -> None:
-        self.procs, self.local = procs, local
+    def __init__(self, procs: ProcessPoolExecutor) -> None:
+        self.procs = procs
         procs.submit(_noop)  # forks the workers now, while this process runs nothing else
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="hybridq-analyze")
         self.on_thread: Future[SampleErrors] | None = None
@@ -232,7 +232,7 @@ def executor(
     if workers > 1 and many and sys.platform.startswith("linux") and model_bytes(work.ag.model) <= work.options.fork_limit:
         ctx = multiprocessing.get_context("fork")
         procs = ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_child_start, initargs=(work,))
-        with MixedPool(procs, work.sample) as pool:
+        with MixedPool(procs) as pool:
             yield pool, workers, work.sample
         return
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hybridq-analyze") as tpool:
