@@ -2,7 +2,8 @@
 
 No stage builds its own producer/consumer dicts, reads ``opset_import`` or
 calls ``onnx.version_converter``: they use :class:`GraphIndex`,
-:func:`main_opset` and :func:`convert_opset`.
+:func:`main_opset` and :func:`convert_opset`. :func:`infer_shapes` is onnx's
+shape inference without carrying the weights through it.
 """
 
 from __future__ import annotations
