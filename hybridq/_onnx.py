@@ -2,7 +2,8 @@
 
 No stage builds its own producer/consumer dicts, reads ``opset_import`` or
 calls ``onnx.version_converter``: they use :class:`GraphIndex`,
-:func:`main_opset` and :func:`convert_opset`.
+:func:`main_opset` and :func:`convert_opset`. :func:`infer_shapes` is onnx's
+shape inference without carrying the weights through it.
 """
 
 from __future__ import annotations
@@ -107,12 +108,66 @@ def main_opset(model: onnx.ModelProto) -> int:
 def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """A copy of ``model`` at ai.onnx opset ``target`` (``onnx.version_converter``), metadata kept.
 
+    The converter runs on a copy without the weights' data (:func:`_set_aside`: it reads no weight,
+    and copies each one several times; rec 46 -> 15 ms), which the result gets back.
     The converter's exception propagates; :func:`describe_error` gives its one-line summary.
     """
-    new = version_converter.convert_version(model, target)
+    light, aside = _set_aside(model)
+    new = _put_back(version_converter.convert_version(light, target), aside)
     del new.metadata_props[:]
     new.metadata_props.extend(model.metadata_props)
     return new
+
+
+def infer_shapes(model: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto:
+    """``onnx.shape_inference.infer_shapes`` of ``model``, run on a copy without the weights' data (rec 8 -> 2 ms).
+
+    The result holds the weights again. Exceptions of shape inference propagate.
+    """
+    light, aside = _set_aside(model)
+    return _put_back(onnx.shape_inference.infer_shapes(light, data_prop=data_prop), aside)
+
+
+_ASIDE_BYTES = 1024
+_SHAPE_DATA = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+
+
+def _set_aside(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[tuple[bool, str], onnx.TensorProto]]:
+    """A copy of ``model`` whose weights (main-graph initializers and Constant values of over 1 KB of raw data,
+    integer shape data excepted) hold no data, and those weights by (is initializer, name)."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    aside: dict[tuple[bool, str], onnx.TensorProto] = {}
+
+    def heavy(t: onnx.TensorProto) -> bool:
+        return len(t.raw_data) > _ASIDE_BYTES and t.data_type not in _SHAPE_DATA
+
+    for t, orig in zip(light.graph.initializer, model.graph.initializer):
+        if heavy(orig):
+            aside[(True, orig.name)] = orig
+            t.ClearField("raw_data")
+    for n, orig in zip(light.graph.node, model.graph.node):
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
+            for a, b in zip(n.attribute, orig.attribute):
+                if a.name == "value" and heavy(b.t):
+                    aside[(False, n.output[0])] = b.t
+                    a.t.ClearField("raw_data")
+    return light, aside
+
+
+def _put_back(model: onnx.ModelProto, aside: dict[tuple[bool, str], onnx.TensorProto]) -> onnx.ModelProto:
+    """``model`` with the weights :func:`_set_aside` took out in place again (by name); returns ``model``."""
+    if not aside:
+        return model
+    for t in model.graph.initializer:
+        if (True, t.name) in aside:
+            t.CopyFrom(aside[(True, t.name)])
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output and (False, n.output[0]) in aside:
+            for a in n.attribute:
+                if a.name == "value":
+                    a.t.CopyFrom(aside[(False, n.output[0])])
+    return model
 
 
 def describe_error(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from ._onnx import infer_shapes
 from .graph import tensor_shapes
 
 NOMINAL_DIM = 224
@@ -25,7 +26,7 @@ def concrete_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> on
                 d.dim_value = int(n)
     del work.graph.value_info[:]
     try:
-        return onnx.shape_inference.infer_shapes(work, data_prop=True)
+        return infer_shapes(work, data_prop=True)
     except Exception:
         return model
 

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import onnx
-from onnx import helper
 
 from ._onnx import outer_reads
 
@@ -36,21 +35,25 @@ class Segment:
     outputs: list[str]
 
 
-def _reads(node: onnx.NodeProto) -> list[str]:
-    """Every tensor a node reads, its subgraphs' outer references included."""
-    return [i for i in node.input if i] + outer_reads(node)
+def _unique_dq(
+    nodes: list[onnx.NodeProto], outer: list[list[str]], graph_outputs: set[str], used: set[str], types: dict[str, int]
+) -> tuple[list[onnx.NodeProto], list[list[str]]]:
+    """Give each reader of a shared DequantizeLinear output its own copy (the original keeps graph outputs).
 
-
-def _unique_dq(nodes: list[onnx.NodeProto], graph_outputs: set[str], used: set[str], types: dict[str, int]) -> list[onnx.NodeProto]:
-    """Give each reader of a shared DequantizeLinear output its own copy (the original keeps graph outputs)."""
+    ``outer`` holds each node's subgraph reads (:func:`outer_reads`); both lists are returned with the copies
+    inserted. A reader that is rewired is copied first: the nodes of ``nodes`` are never changed.
+    """
+    dq_outs = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear" and len(n.output) == 1}
     readers: dict[str, list[int]] = defaultdict(list)
     for k, n in enumerate(nodes):
         for i in n.input:
-            if i:
+            if i in dq_outs:
                 readers[i].append(k)
-        for r in outer_reads(n):
+        for r in outer[k]:
             readers[r].append(-1)  # read by a subgraph: never rewired
     extra: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    nodes = list(nodes)
+    copied: set[int] = set()
     for n in nodes:
         if n.op_type != "DequantizeLinear" or len(n.output) != 1:
             continue
@@ -69,20 +72,25 @@ def _unique_dq(nodes: list[onnx.NodeProto], graph_outputs: set[str], used: set[s
             used.add(name)
             if out in types:
                 types[name] = types[out]
-            copy = onnx.NodeProto()
-            copy.CopyFrom(n)
+            copy = _copy(n)
             copy.output[0] = name
             copy.name = f"{n.name or out}/dq{c}"
             extra[r].append(copy)
+            if r not in copied:
+                nodes[r] = _copy(nodes[r])
+                copied.add(r)
             reader = nodes[r]
             for p, i in enumerate(reader.input):
                 if i == out:
                     reader.input[p] = name
     result: list[onnx.NodeProto] = []
+    result_outer: list[list[str]] = []
     for k, n in enumerate(nodes):
         result.extend(extra.get(k, []))
+        result_outer.extend([] for _ in extra.get(k, []))
         result.append(n)
-    return result
+        result_outer.append(outer[k])
+    return result, result_outer
 
 
 class _Groups:
@@ -114,7 +122,7 @@ def _fusion_groups(nodes: list[onnx.NodeProto], producer: dict[str, int], reader
 
 
 def _order(
-    nodes: list[onnx.NodeProto],
+    reads: list[list[str]],
     producer: dict[str, int],
     groups: _Groups,
     targets: Sequence[Sequence[str]],
@@ -122,27 +130,28 @@ def _order(
     budget: float,
 ) -> list[list[int]]:
     """Node indices per segment: groups in depth-first order from each target, a cut once the targets' weights reach ``budget``."""
+    root = [groups.find(k) for k in range(len(reads))]
     members: dict[int, list[int]] = defaultdict(list)
-    for k in range(len(nodes)):
-        members[groups.find(k)].append(k)
+    for k, g in enumerate(root):
+        members[g].append(k)
     deps: dict[int, list[int]] = {}
     for g, ks in members.items():
-        seen: list[int] = []
+        seen: dict[int, None] = {}  # ordered set
         for k in ks:
-            for name in _reads(nodes[k]):
+            for name in reads[k]:
                 p = producer.get(name)
-                if p is not None and groups.find(p) != g and groups.find(p) not in seen:
-                    seen.append(groups.find(p))
-        deps[g] = seen
+                if p is not None and root[p] != g:
+                    seen[root[p]] = None
+        deps[g] = list(seen)
     done: set[int] = set()
     segments: list[list[int]] = [[]]
     load = 0.0
     for target, weight in zip(targets, weights):
         for name in target:
             p = producer.get(name)
-            if p is None or groups.find(p) in done:
+            if p is None or root[p] in done:
                 continue
-            stack: list[tuple[int, bool]] = [(groups.find(p), False)]
+            stack: list[tuple[int, bool]] = [(root[p], False)]
             while stack:
                 g, leave = stack.pop()
                 if g in done:
@@ -180,14 +189,17 @@ def split(
         return None
     outputs = {o.name for o in g.output}
     used = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {i.name for i in g.initializer}
-    nodes = _unique_dq([_copy(n) for n in g.node], outputs, used, types)
-    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    nodes, outer = _unique_dq(list(g.node), [outer_reads(n) for n in g.node], outputs, used, types)
+    # every tensor each node reads, its subgraphs' outer references included
+    reads = [[i for i in n.input if i] + o for n, o in zip(nodes, outer)]
+    writes = [[o for o in n.output if o] for n in nodes]
+    producer = {o: k for k, w in enumerate(writes) for o in w}
     readers: dict[str, list[int]] = defaultdict(list)
-    for k, n in enumerate(nodes):
-        for name in dict.fromkeys(_reads(n)):
+    for k, r in enumerate(reads):
+        for name in dict.fromkeys(r):
             readers[name].append(k)
     groups = _fusion_groups(nodes, producer, readers)
-    parts = _order(nodes, producer, groups, targets, weights, budget)
+    parts = _order(reads, producer, groups, targets, weights, budget)
     seg_of = {k: s for s, ks in enumerate(parts) for k in ks}
     wanted = {name for t in targets for name in t}
     inits = {i.name: i for i in g.initializer}
@@ -199,25 +211,28 @@ def split(
             last_read[name] = max(segs)
     result: list[Segment] = []
     for s, ks in enumerate(parts):
-        made = {o for k in ks for o in nodes[k].output if o}
-        reads = list(dict.fromkeys(name for k in ks for name in _reads(nodes[k])))
-        ins = [r for r in reads if r not in made and r not in inits]
+        made = {o for k in ks for o in writes[k]}
+        seg_reads = list(dict.fromkeys(name for k in ks for name in reads[k]))
+        ins = [r for r in seg_reads if r not in made and r not in inits]
         if any(r not in graph_inputs and r not in types for r in ins):
             return None
-        outs = [o for k in ks for o in nodes[k].output if o and (o in wanted or last_read.get(o, -1) > s)]
+        outs = [o for k in ks for o in writes[k] if o in wanted or last_read.get(o, -1) > s]
         sub = _shell(model)
         sg = sub.graph
         sg.node.extend(nodes[k] for k in ks)
-        sg.initializer.extend(inits[r] for r in reads if r in inits)
-        for r in ins:
-            sg.input.append(graph_inputs[r] if r in graph_inputs else helper.make_tensor_value_info(r, types[r], None))
-        for o in outs:
-            et = types.get(o)
-            sg.output.append(
-                helper.make_tensor_value_info(o, et, None) if et else helper.make_empty_tensor_value_info(o)
-            )
+        sg.initializer.extend(inits[r] for r in seg_reads if r in inits)
+        sg.input.extend(graph_inputs[r] if r in graph_inputs else _value_info(r, types[r]) for r in ins)
+        sg.output.extend(_value_info(o, types.get(o)) for o in outs)
         result.append(Segment(sub, ins, outs))
     return result
+
+
+def _value_info(name: str, elem_type: int | None) -> onnx.ValueInfoProto:
+    """A tensor of ``elem_type`` and unknown shape (``helper.make_tensor_value_info``'s proto); no type when None."""
+    vi = onnx.ValueInfoProto(name=name)
+    if elem_type:
+        vi.type.tensor_type.elem_type = elem_type
+    return vi
 
 
 def _shell(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -232,7 +232,7 @@ def test_a_graph_onnx_runtime_cannot_load_is_a_model_error(workers: int) -> None
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="worker processes are forked on Linux only")
 def test_few_samples_run_on_threads_and_many_or_uncounted_in_worker_processes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker process makes its own sessions, which a few samples do not repay; the figures are the same either way."""
+    """A few samples run on threads; more on a thread and forked worker processes; the figures are the same either way."""
     used = []
     real = running.executor
 
@@ -247,9 +247,43 @@ def test_few_samples_run_on_threads_and_many_or_uncounted_in_worker_processes(mo
     few = analyze(float_model(), quant_model(True), data, options=AnalysisOptions(workers=2, fork_min_samples=5))
     many = analyze(float_model(), quant_model(True), data, options=AnalysisOptions(workers=2, fork_min_samples=4))
     uncounted = analyze(float_model(), quant_model(True), iter(data), options=AnalysisOptions(workers=2))
-    assert used == ["ThreadPoolExecutor", "ProcessPoolExecutor", "ProcessPoolExecutor"]
+    assert used == ["ThreadPoolExecutor", "MixedPool", "MixedPool"]
     for a, b, c in zip(few.layers, many.layers, uncounted.layers):
         assert a.entire.per_sample == b.entire.per_sample == c.entire.per_sample, a.tensor
+
+
+def test_sessions_opened_side_by_side_give_the_same_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The segment sessions opened on one thread per core measure what sessions opened one by one measure."""
+    data = samples(3)
+    opts = AnalysisOptions(workers=1, segment_bytes=1.0)  # a segment per compared tensor: many sessions
+    opened: list[int] = []
+    real = running._open_all
+
+    def spy(segments, what, host_int8, threads=0):  # type: ignore[no-untyped-def]
+        opened.append(len(segments))
+        return real(segments, what, host_int8, threads)
+
+    monkeypatch.setattr(running, "_open_all", spy)
+    monkeypatch.setattr(running._runtime, "cores", lambda: 1)
+    alone = analyze(float_model(), quant_model(True), data, options=opts)
+    monkeypatch.setattr(running._runtime, "cores", lambda: 4)
+    side = analyze(float_model(), quant_model(True), data, options=opts)
+    assert opened[0] == opened[1] > 2
+    assert [(a.tensor, a.shape, a.entire, a.single) for a in alone.layers] == [(b.tensor, b.shape, b.entire, b.single) for b in side.layers]
+
+
+def test_analyze_pauses_the_cyclic_gc_and_restores_it() -> None:
+    import gc
+
+    seen: list[bool] = []
+    analyze(float_model(), quant_model(True), samples(2), on_sample=lambda: seen.append(gc.isenabled()))
+    assert seen == [False, False] and gc.isenabled()
+    gc.disable()
+    try:
+        analyze(float_model(), quant_model(True), samples(1))
+        assert not gc.isenabled()  # left as the caller had it
+    finally:
+        gc.enable()
 
 
 def _die(sample: dict[str, np.ndarray], n: int) -> None:

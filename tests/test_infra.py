@@ -212,6 +212,37 @@ def test_main_opset_and_convert_opset_keep_metadata() -> None:
     assert _onnx.main_opset(m) == 0
 
 
+def _weighty_model() -> onnx.ModelProto:
+    """Opset 11: a 4 KB weight initializer, a 4 KB Constant, int64 shape data and a Squeeze whose axes become an input at 13."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.normal(size=(32, 32)).astype(np.float32), "w")
+    c = onnx.numpy_helper.from_array(rng.normal(size=(32, 32)).astype(np.float32), "c")
+    shape = onnx.numpy_helper.from_array(np.array([1, 1, 32, 32], np.int64), "shape")
+    h = onnx.helper
+    nodes = [
+        h.make_node("Constant", [], ["cv"], value=c),
+        h.make_node("MatMul", ["x", "w"], ["a"]),
+        h.make_node("Add", ["a", "cv"], ["b"]),
+        h.make_node("Reshape", ["b", "shape"], ["r"]),
+        h.make_node("Squeeze", ["r"], ["y"], axes=[0]),
+    ]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [32, 32])],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [w, shape])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 11)])
+
+
+def test_convert_opset_and_infer_shapes_set_the_weights_aside_and_give_them_back() -> None:
+    """The same model, byte for byte, as onnx's own converter and shape inference on the whole model."""
+    m = _weighty_model()
+    before = m.SerializeToString()
+    want = onnx.version_converter.convert_version(m, 13)
+    assert _onnx.convert_opset(m, 13).SerializeToString() == want.SerializeToString()
+    for data_prop in (False, True):
+        got = _onnx.infer_shapes(want, data_prop=data_prop)
+        assert got.SerializeToString() == onnx.shape_inference.infer_shapes(want, data_prop=data_prop).SerializeToString()
+    assert m.SerializeToString() == before  # the input is left alone
+
+
 def test_describe_error_is_one_line() -> None:
     assert _onnx.describe_error(ValueError("first\nsecond")) == "ValueError: first"
     assert _onnx.describe_error(ValueError()) == "ValueError: "

@@ -31,9 +31,11 @@ small sessions, about a megabyte of compared tensors each
 compared right after they are written, while still in cache, and their
 memory is reused by the next segment (:func:`hybridq.metrics.metrics_many`,
 one compiled pass per comparison; float64 :class:`Accumulator` sums when a
-snapshot is dumped, so the manifest matches the arrays exactly). Samples run
-side by side, one per core, in forked worker processes (threads where fork
-is missing or the graph is large); results are added in sample order.
+snapshot is dumped, so the manifest matches the arrays exactly). The segment
+sessions are opened once, on one thread per core; samples run side by side,
+one per core, on a thread of this process and in forked worker processes that
+inherit those sessions (threads only where fork is missing or the graph is
+large); results are added in sample order.
 
 The package, one module per job (data flows down the list):
 

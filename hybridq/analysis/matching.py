@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .._onnx import GraphIndex
+from .._onnx import GraphIndex, infer_shapes
 from ..errors import InputError
 from ..qdq import QDQ_MAP_KEY, QdqMap
 
@@ -45,7 +45,7 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor shape inference can tell."""
     types: dict[str, int] = {}
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes(model)
     except Exception:  # a model shape inference cannot handle: learn the types at run time
         inferred = model
     g = inferred.graph

@@ -2,9 +2,10 @@
 
 Sessions come from :mod:`hybridq._runtime` (exact int8, one thread each, a
 shared arena so a segment's outputs reuse the blocks the previous segment
-freed). Samples run one per core in forked worker processes (threads where
-fork is missing or the graph is large). How many, and how the graph is cut,
-are :class:`AnalysisOptions`.
+freed), opened once, side by side. Samples run one per core: on a thread of
+this process and in forked worker processes that inherit the sessions
+(:class:`MixedPool`; threads only where fork is missing or the graph is
+large). How many, and how the graph is cut, are :class:`AnalysisOptions`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import multiprocessing
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -42,12 +43,13 @@ class AnalysisOptions:
     segment_bytes: float = 1 << 20
     """Compared bytes per segment session (:mod:`hybridq.segments`): its tensors are measured while in cache."""
     fork_limit: int = 512 << 20
-    """Analysis graphs above this size run on threads (a worker process each would copy it)."""
+    """Analysis graphs above this size run on threads only (no process that large is forked)."""
     fork_min_samples: int = 0
-    """Fewer samples than this (when their number is known) run on threads sharing one set of sessions. Off by
-    default: at 10 samples on a quiet 2-core EPYC the total was the same either way (cls 0.22 vs 0.23 s, rec 1.38
-    vs 1.37 s) and threads were slower per sample (cls 5.1 vs 6.4 ms, rec 72 vs 78 ms); only a loaded machine
-    favoured them (cls 0.53 -> 0.40 s, rec 4.5 -> 3.8 s)."""
+    """Fewer samples than this (when their number is known) run on threads only, sharing one set of sessions.
+    Off by default: at 10 samples on a quiet 2-core EPYC the total was the same either way (cls 0.22 vs 0.23 s,
+    rec 1.38 vs 1.37 s, measured when each worker process still opened its own sessions) and threads were slower
+    per sample (cls 5.1 vs 6.4 ms, rec 72 vs 78 ms); only a loaded machine favoured them (cls 0.53 -> 0.40 s,
+    rec 4.5 -> 3.8 s)."""
     execution: Execution | None = None
     """Run the samples on :mod:`hybridq.execution`'s back ends (in-process, local workers, Ray); None: the pool above."""
 
@@ -82,8 +84,8 @@ class _Session:
 class Runner:
     """The analysis graph as a chain of sessions, one per segment (see :mod:`hybridq.segments`)."""
 
-    def __init__(self, segments: list[Segment], what: str, host_int8: bool) -> None:
-        self.sessions = [_Session(s.model, what, host_int8) for s in segments]
+    def __init__(self, segments: list[Segment], what: str, host_int8: bool, threads: int = 0) -> None:
+        self.sessions = _open_all(segments, what, host_int8, threads)
         self.exact_failed = any(s.exact_failed for s in self.sessions)
         later: set[str] = set()
         self.keep: list[set[str]] = []  # after segment k: the tensors later segments read
@@ -100,6 +102,17 @@ class Runner:
             yield out
             env.update(out)
             env = {k: v for k, v in env.items() if k in keep}
+
+
+def _open_all(segments: list[Segment], what: str, host_int8: bool, threads: int = 0) -> list[_Session]:
+    """One session per segment, in order, opened on ``threads`` threads (0: one per core; ONNX Runtime releases
+    the GIL for much of the work): rec's 373 segment sessions 205 -> 135 ms on 2 cores."""
+    threads = min(threads or _runtime.cores(), len(segments))
+    if threads <= 1:
+        return [_Session(s.model, what, host_int8) for s in segments]
+    _runtime.register_shared_arena()  # once, before the threads race to register it
+    with ThreadPoolExecutor(threads, thread_name_prefix="hybridq-sessions") as pool:
+        return list(pool.map(lambda s: _Session(s.model, what, host_int8), segments))
 
 
 def check_feed(sample: dict[str, np.ndarray], names: list[str], index: int) -> None:
@@ -134,15 +147,13 @@ class Work:
         segments = split(ag.model, targets, ag.types, weights, options.segment_bytes)
         self.segments = segments or [Segment(ag.model, inputs, [o.name for o in ag.model.graph.output])]
         self.runner: Runner | None = None
-        self.error: HybridqError | None = None
 
-    def start(self) -> None:
-        """Create the segment sessions (raises ModelError when ONNX Runtime cannot load one)."""
-        self.runner = Runner(self.segments, "float and quantized models with the isolated quantized layers", self.host_int8)
+    def start(self, threads: int = 0) -> None:
+        """Create the segment sessions on ``threads`` threads (0: one per core; ModelError when ONNX Runtime cannot load one)."""
+        what = "float and quantized models with the isolated quantized layers"
+        self.runner = Runner(self.segments, what, self.host_int8, threads)
 
     def sample(self, sample: dict[str, np.ndarray], n: int) -> SampleErrors:
-        if self.error is not None:
-            raise self.error
         assert self.runner is not None
         return self.measure.sample(self.runner, sample, n)
 
@@ -151,22 +162,56 @@ _CHILD: list[Work] = []  # in a worker process: its Work
 
 
 def _child_start(work: Work) -> None:
-    """Worker process set-up: Ctrl-C is the parent's to handle; a session error waits for the first sample."""
+    """Worker process set-up: Ctrl-C is the parent's to handle; the sessions come made, with the fork."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the CLI's handler: end quietly
     try:  # end with the parent, however it ends (PR_SET_PDEATHSIG)
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
-    try:
-        work.start()
-    except HybridqError as e:
-        work.error = e
     _CHILD.append(work)
 
 
 def _child_sample(sample: dict[str, np.ndarray], n: int) -> SampleErrors:
     return _CHILD[0].sample(sample, n)
+
+
+def _noop() -> None:
+    return None
+
+
+class MixedPool(Executor):
+    """Samples on one thread of this process and on forked worker processes, each to whichever is free.
+
+    This process made the sessions, so its thread starts at once, warm, and one fork fewer is paid; the
+    processes are forked first, before that thread runs anything (no session is mid-run at the fork).
+    """
+
+    def __init__(self, procs: ProcessPoolExecutor) -> None:
+        self.procs = procs
+        procs.submit(_noop)  # forks the workers now, while this process runs nothing else
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="hybridq-analyze")
+        self.on_thread: Future[SampleErrors] | None = None
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        """``fn`` on this process' thread when it is free, else its worker-process twin :func:`_child_sample`."""
+        if self.on_thread is None or self.on_thread.done():
+            self.on_thread = self.thread.submit(fn, *args, **kwargs)
+            return self.on_thread
+        return self.procs.submit(_child_sample, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.thread.shutdown(wait, cancel_futures=cancel_futures)
+        self.procs.shutdown(wait, cancel_futures=cancel_futures)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """After the last sample, the workers are told to end and reaped in the background (rec: 15 ms a
+        process takes to exit); on an error, pending samples are cancelled and the workers waited for."""
+        if exc_type is None:
+            self.thread.shutdown()
+            self.procs.shutdown(wait=False)
+        else:
+            self.shutdown(wait=True, cancel_futures=True)
 
 
 @contextmanager
@@ -175,19 +220,20 @@ def executor(
 ) -> Iterator[tuple[Executor, int, Callable[[dict[str, np.ndarray], int], SampleErrors]]]:
     """A pool running ``workers`` samples at once: ``(pool, workers, function to submit)``.
 
-    Worker processes where fork exists, the graph is small and the samples (``samples``, when known) are
-    many enough to repay each worker's own sessions: each runs its
-    sample's sessions and metrics without waiting for the other's GIL (cls
-    analyze 30 -> 16 ms per sample on 2 cores, before the compiled metrics).
+    Where fork exists, the graph is small and the samples (``samples``, when known) are many enough, a
+    :class:`MixedPool`: one thread here and ``workers - 1`` worker processes, each running its sample's
+    sessions and metrics without waiting for the other's GIL (cls analyze 30 -> 16 ms per sample on 2
+    cores, before the compiled metrics). The sessions are made once, here, before the fork, and the
+    workers inherit them (single-threaded sessions start no thread of their own).
     Otherwise threads, which share the sessions.
     """
     many = samples is None or samples >= work.options.fork_min_samples
+    work.start()
     if workers > 1 and many and sys.platform.startswith("linux") and model_bytes(work.ag.model) <= work.options.fork_limit:
         ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_child_start, initargs=(work,)) as pool:
-            yield pool, workers, _child_sample
+        procs = ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_child_start, initargs=(work,))
+        with MixedPool(procs) as pool:
+            yield pool, workers, work.sample
         return
-    work.start()
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="hybridq-analyze") as tpool:
         yield tpool, max(1, workers), work.sample
-

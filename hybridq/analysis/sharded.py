@@ -29,7 +29,7 @@ class AnalysisJob:
         self._ds = None
 
     def start(self, threads: int) -> None:
-        self.work.start()  # one thread per session: samples run side by side, one per worker
+        self.work.start(threads)  # opened on this worker's threads; each runs on one: samples run side by side, one per worker
         self._ds = self.source.open() if self.source is not None else None
 
     def run(self, shard: Shard, progress: Progress) -> tuple[SampleErrors, dict[str, list[float]] | None]:
