@@ -6,8 +6,10 @@ statistics are merged, so memory does not grow with the number of samples.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +50,8 @@ def session_for(
 
 
 _MIN, _MAX = "__hybridq_min", "__hybridq_max"
+PAIR_BYTES = 64 << 20
+"""Largest activations of one batch (bytes fetched) for which two batches run at once on a two-core machine."""
 
 
 def _with_range_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -82,35 +86,45 @@ def calibrate(
     Tensors in `hessians` (histogram tensors) also get a :class:`HessianObserver` under `name + HESSIAN_SUFFIX`.
     ONNX Runtime runs batch b+1 in a worker thread while batch b is binned (both release the GIL),
     so at most two batches of activations are alive at a time. `threads` caps ONNX Runtime's threads
-    (0: all cores but one; :mod:`hybridq.execution` gives each worker its share).
+    (0: all cores but one; :mod:`hybridq.execution` gives each worker its share). On two cores (threads 0)
+    that leaves ONNX Runtime one thread, and the binning half a core idle: once a batch's activations prove
+    small (`PAIR_BYTES`), two one-thread runs are in flight beside the binning (three batches alive).
     """
     names = tensors if tensors is not None else float_activations(model)
     full = [n for n in names if histograms is None or n in histograms]
     ranged = [n for n in names if histograms is not None and n not in histograms]
+    pair = not threads and _runtime.cores() == 2
     threads = threads or _ort_threads()
     sess = session_for(_with_range_outputs(model, ranged), _fetch(full, ranged), lean=True, threads=threads)
     feeds = {i.name for i in sess.get_inputs()}
     observers = {n: HistogramObserver(bins=n in full) for n in names}
     observers.update({n + HESSIAN_SUFFIX: HessianObserver() for n in hessians if n in full})
-    pending: _Run | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib") as pool:
+    pending: deque[_Run] = deque()
+    with ExitStack() as stack:
+        # batch b runs in pools[b % len(pools)]: one run at a time, or two once `pair` proves the batches small
+        pools = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib"))]
+
+        def observe(run: _Run) -> None:
+            if _observe(run, observers, full, describe, on_batch) <= PAIR_BYTES and pair and len(pools) == 1:
+                pools.append(stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib")))
+
         for b, batch in enumerate(batches):
             missing = feeds - batch.keys()
             if missing:
                 raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")
             if ranged and range_batches is not None and b == range_batches:
-                if pending is not None:
-                    _observe(pending, observers, full, describe, on_batch)
-                    pending = None
+                while pending:
+                    observe(pending.popleft())
                 del sess  # free its memory before the next session allocates
                 sess, ranged = session_for(model, full, lean=True, threads=threads), []
-            run = _Run(b, pool.submit(sess.run, _fetch(full, ranged), {k: batch[k] for k in feeds}), ranged, _batch_len(batch))
-            if pending is not None:
-                _observe(pending, observers, full, describe, on_batch)
-            pending = run
-        if pending is None:
+            run = pools[b % len(pools)].submit(sess.run, _fetch(full, ranged), {k: batch[k] for k in feeds})
+            pending.append(_Run(b, run, ranged, _batch_len(batch)))
+            while len(pending) > len(pools):
+                observe(pending.popleft())
+        if not pending:
             raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
-        _observe(pending, observers, full, describe, on_batch)
+        while pending:
+            observe(pending.popleft())
     return observers
 
 
@@ -145,8 +159,8 @@ def _observe(
     full: list[str],
     describe: Callable[[int], str],
     on_batch: Callable[[int], None] | None,
-) -> None:
-    """Wait for one run and fold its tensors into the observers."""
+) -> int:
+    """Wait for one run and fold its tensors into the observers; returns the bytes of its outputs."""
     try:
         values = run.future.result()
     except Exception as exc:
@@ -168,6 +182,8 @@ def _observe(
             f"Tensor '{name}' holds NaN or Inf on {describe(run.index)}. Check that sample (its values, preprocessing "
             "and mean/std); calibration needs finite activations."
         ) from None
+    size = sum(v.nbytes for v in values)
     del values
     if on_batch:
         on_batch(run.size)
+    return size
