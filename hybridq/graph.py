@@ -158,7 +158,25 @@ def _temp_dir(prefix: str) -> Iterator[str]:
 
 
 def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant folding, Conv+BN/Add/Mul fusion, identity removal: ORT's basic level, standard ops only."""
+    """Constant folding, Conv+BN/Add/Mul fusion, identity removal: ORT's basic level, standard ops only.
+
+    Done already when the CLI's :func:`hybridq._runtime.optimize_early` read this very model (same bytes, same options).
+    """
+    early = None if is_large(model) else _runtime.early_optimized(model.SerializeToString())
+    out = onnx.load_from_string(early) if early is not None else _basic_optimized(model)
+    # ORT's optimizer may drop the model's metadata; keep the original's.
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    used = {n.domain for n in out.graph.node} | {"", "ai.onnx"}
+    keep = [o for o in out.opset_import if o.domain in used]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
+
+
+def _basic_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as ONNX Runtime's basic level leaves it, through temporary files (errors name the model or TMPDIR)."""
     with _temp_dir("hybridq-prep-") as tmp:
         src = os.path.join(tmp, "in.onnx")
         dst = os.path.join(tmp, "out.onnx")
@@ -182,16 +200,7 @@ def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
                 f"ONNX Runtime cannot load this model: {str(exc).splitlines()[0]}. "
                 "hybridq calibrates with ONNX Runtime, so the fp32 model must run there first."
             ) from exc
-        out = onnx.load(dst)
-    # ORT's optimizer may drop the model's metadata; keep the original's.
-    del out.metadata_props[:]
-    out.metadata_props.extend(model.metadata_props)
-    out.producer_name, out.producer_version = model.producer_name, model.producer_version
-    used = {n.domain for n in out.graph.node} | {"", "ai.onnx"}
-    keep = [o for o in out.opset_import if o.domain in used]
-    del out.opset_import[:]
-    out.opset_import.extend(keep)
-    return out
+        return onnx.load(dst)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
