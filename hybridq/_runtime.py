@@ -128,12 +128,12 @@ def is_exact(sess: ort.InferenceSession) -> bool:
 def _open(model: onnx.ModelProto | bytes | str | os.PathLike[str], so: Any, providers: list[str]) -> ort.InferenceSession:
     import onnxruntime as ort
 
-    from ._onnx import is_large, save_external
-
     if isinstance(model, bytes):
         return ort.InferenceSession(model, so, providers=providers)
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), so, providers=providers)
+    from ._onnx import is_large, save_external
+
     if not is_large(model):
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="hybridq-sess-") as tmp:
@@ -159,6 +159,8 @@ def optimize_early(path: str | os.PathLike[str]) -> None:
             return
     except OSError:
         return
+    import onnxruntime  # noqa: F401  (here: importing in two threads at once can break numpy's C extension)
+
     box: list[bytes] = []
 
     def run() -> None:
