@@ -162,7 +162,7 @@ def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Done already when the CLI's :func:`hybridq._runtime.optimize_early` read this very model (same bytes, same options).
     """
-    early = None if is_large(model) else _runtime.early_optimized(model.SerializeToString())
+    early = _runtime.early_optimized(model)
     out = onnx.load_from_string(early) if early is not None else _basic_optimized(model)
     # ORT's optimizer may drop the model's metadata; keep the original's.
     del out.metadata_props[:]

@@ -30,7 +30,7 @@ def test_early_result_is_the_one_preparation_computes(tmp_path):
     before = _prep_dirs()
     direct = ort_basic_optimize(model)
     _runtime.optimize_early(tmp_path / "m.onnx")
-    early = _runtime.early_optimized(model.SerializeToString())
+    early = _runtime.early_optimized(model)
     assert early is not None and _runtime._EARLY == []
     _runtime.optimize_early(tmp_path / "m.onnx")
     assert ort_basic_optimize(model).SerializeToString() == direct.SerializeToString() and _runtime._EARLY == []
@@ -41,8 +41,8 @@ def test_early_result_is_refused_for_another_model(tmp_path):
     # Preparation changed the model (here: another one): the early result is dropped, never used.
     onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
     _runtime.optimize_early(tmp_path / "m.onnx")
-    assert _runtime.early_optimized(models.residual_cnn(seed=5).SerializeToString()) is None
-    assert _runtime.early_optimized(models.residual_cnn().SerializeToString()) is None  # taken once only
+    assert _runtime.early_optimized(models.residual_cnn(seed=5)) is None
+    assert _runtime.early_optimized(models.residual_cnn()) is None  # taken once only
 
 
 @pytest.mark.parametrize("content", [b"not a model", b""])
@@ -51,6 +51,6 @@ def test_early_failure_leaves_nothing(tmp_path, content):
     (tmp_path / "bad.onnx").write_bytes(content)
     before = _prep_dirs()
     _runtime.optimize_early(tmp_path / "bad.onnx")
-    assert _runtime.early_optimized(content) is None
+    assert _runtime.early_optimized(models.residual_cnn()) is None
     _runtime.optimize_early(tmp_path / "missing.onnx")
-    assert _runtime.early_optimized(b"") is None and _prep_dirs() == before
+    assert _runtime.early_optimized(models.residual_cnn()) is None and _prep_dirs() == before
