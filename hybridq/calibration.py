@@ -113,9 +113,9 @@ def calibrate(
             if missing:
                 raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")
             if ranged and range_batches is not None and b == range_batches:
-                while pending:
+                while pending and len(pools) == 1:  # large batches: free the first session's memory before the next allocates
                     observe(pending.popleft())
-                del sess  # free its memory before the next session allocates
+                del sess  # runs in flight keep it until they end
                 sess, ranged = session_for(model, full, lean=True, threads=threads), []
             run = pools[b % len(pools)].submit(sess.run, _fetch(full, ranged), {k: batch[k] for k in feeds})
             pending.append(_Run(b, run, ranged, _batch_len(batch)))
