@@ -132,26 +132,15 @@ def _open(model: onnx.ModelProto | bytes | str | os.PathLike[str], so: Any, prov
         return ort.InferenceSession(model, so, providers=providers)
     if isinstance(model, (str, os.PathLike)):
         return ort.InferenceSession(os.fspath(model), so, providers=providers)
-    from ._onnx import LARGE_MODEL_BYTES, is_large, save_external
+    from ._onnx import is_large, save_external, serialized_within
 
-    data = _serialized(model, LARGE_MODEL_BYTES)
+    data = serialized_within(model)
     if data is not None or not is_large(model):
         return ort.InferenceSession(data if data is not None else model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="hybridq-sess-") as tmp:
         path = os.path.join(tmp, "model.onnx")
         save_external(model, path, "model.data")
         return ort.InferenceSession(path, so, providers=providers)
-
-
-def _serialized(model: onnx.ModelProto, limit: int) -> bytes | None:
-    """The model's bytes if they are at most `limit` (one serialization, not a ByteSize then another); else None."""
-    if sum(len(t.raw_data) for t in model.graph.initializer) > limit:
-        return None
-    try:
-        data = model.SerializeToString()
-    except Exception:  # over protobuf's 2 GB
-        return None
-    return data if len(data) <= limit else None
 
 
 EARLY_MAX_BYTES = 256 << 20
@@ -194,6 +183,8 @@ def early_optimized(model: onnx.ModelProto) -> bytes | None:
     """ORT's basic-optimized model (serialized) from :func:`optimize_early`, if it read exactly ``model``; else None."""
     if not _EARLY:
         return None
+    from ._onnx import serialized_within
+
     thread, box = _EARLY.pop()
     thread.join()
-    return box[1] if box and box[0] == _serialized(model, len(box[0])) else None
+    return box[1] if box and box[0] == serialized_within(model, len(box[0])) else None

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from . import _runtime, fold
-from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, subgraphs
+from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, serialized_within, subgraphs
 from .errors import InputError, ModelError, OutputError, did_you_mean
 
 MIN_OPSET = 13
@@ -74,7 +74,8 @@ def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.Mod
         raise ModelError(f"Model file '{p}' holds no graph nodes; it is empty or not an ONNX model.")
     try:
         # A model over 2 GB cannot be serialized for the in-memory check; the checker reads it from its path.
-        onnx.checker.check_model(str(p) if is_large(model) else model, full_check=False)
+        data = serialized_within(model)
+        onnx.checker.check_model(data if data is not None else str(p), full_check=False)
     except Exception as exc:
         raise ModelError(f"Model file '{p}' is not a valid ONNX graph: {str(exc).splitlines()[0]}. Fix the exporter output.") from exc
     return model
