@@ -6,6 +6,7 @@ statistics are merged, so memory does not grow with the number of samples.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,7 +18,7 @@ import onnx
 
 from . import _runtime
 from .errors import DatasetError, ModelError
-from .graph import float_activations
+from .graph import float_activations, tensor_shapes
 from .observers import HESSIAN_SUFFIX, HessianObserver, HistogramObserver
 
 
@@ -103,6 +104,8 @@ def calibrate(
     with ExitStack() as stack:
         # batch b runs in pools[b % len(pools)]: one run at a time, or two once `pair` proves the batches small
         pools = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib"))]
+        if pair and _static_bytes(model, full) <= PAIR_BYTES:  # known small from the shapes: no need to wait for batch 0
+            pools.append(stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib")))
 
         def observe(run: _Run) -> None:
             if _observe(run, observers, full, describe, on_batch) <= PAIR_BYTES and pair and len(pools) == 1:
@@ -126,6 +129,17 @@ def calibrate(
         while pending:
             observe(pending.popleft())
     return observers
+
+
+def _static_bytes(model: onnx.ModelProto, names: list[str]) -> float:
+    """Bytes of these float32 tensors for one batch, from the model's static shapes (inf when one is not static)."""
+    shapes, total = tensor_shapes(model), 0
+    for name in names:
+        shape = shapes.get(name)
+        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+            return math.inf
+        total += 4 * math.prod(shape)
+    return total
 
 
 def _ort_threads() -> int:
