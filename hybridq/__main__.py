@@ -1,4 +1,4 @@
-"""`python -m hybridq` runs the CLI, then ends the process without the interpreter's object-by-object teardown."""
+"""`python -m hybridq` and the `hybridq` script run the CLI, then end the process without the interpreter's object-by-object teardown."""
 
 import os
 import sys
@@ -28,13 +28,18 @@ def _exit(code: object) -> None:
     os._exit(status)
 
 
-try:
-    from .cli import main
-except KeyboardInterrupt:  # Ctrl-C while the CLI is still importing
-    sys.exit(130)
+def run() -> None:
+    """The `hybridq` command (the console script and `python -m hybridq`)."""
+    try:
+        from hybridq.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while the CLI is still importing
+        sys.exit(130)
+    try:
+        main()
+    except SystemExit as exc:
+        _exit(exc.code)
+    _exit(0)
 
-try:
-    main()
-except SystemExit as exc:
-    _exit(exc.code)
-_exit(0)
+
+if __name__ == "__main__":
+    run()
