@@ -113,7 +113,12 @@ def _restore(node: Any, lists: list[str]) -> Any:
 
 def _number_list(values, lists: list[str]) -> str:
     """A placeholder for a flow list written by us (numbers as Python prints them)."""
-    lists.append("[" + ", ".join(str(int(v)) if isinstance(v, int) else repr(float(v)) for v in values) + "]")
+    values = list(values)
+    if all(type(v) is float for v in values):  # the usual case, ~3x faster: repr(v) is repr(float(v))
+        text = ", ".join(map(repr, values))
+    else:
+        text = ", ".join(str(int(v)) if isinstance(v, int) else repr(float(v)) for v in values)
+    lists.append("[" + text + "]")
     return f"__hqlist{len(lists) - 1}__"
 
 

@@ -92,3 +92,18 @@ def test_any_block_is_ruamels_text(names, word, comment):
     entries = {n: dict(_entry(), qtype=word) for n in names}
     args = _args(entries, {} if comment is None else {names[0]: comment})
     assert render_cfg(*args) == _ruamel_text(*args)
+
+
+def test_number_lists_print_as_before():
+    # The all-floats fast path prints what the general rule prints (ints as ints, anything else as its float).
+    import numpy as np
+
+    def general(values) -> str:
+        return "[" + ", ".join(str(int(v)) if isinstance(v, int) else repr(float(v)) for v in values) + "]"
+
+    cases = [[0.1, -2.5e-08, 1e300, 0.0, -0.0, 3.0], [1, 2, True], [np.float32(0.1), 2.0], [np.int64(3), 4], [], (x / 7 for x in range(3))]
+    for values in cases:
+        values = list(values)
+        lists: list[str] = []
+        config._number_list(values, lists)
+        assert lists == [general(values)]
