@@ -102,6 +102,7 @@ def calibrate(
     feeds = {i.name for i in sess.get_inputs()}
     observers = {n: HistogramObserver(bins=n in full) for n in names}
     observers.update({n + HESSIAN_SUFFIX: HessianObserver() for n in hessians if n in full})
+    hessian_of = {n for n in full if n + HESSIAN_SUFFIX in observers}
     pending: deque[_Run] = deque()
     with ExitStack() as stack:
         # batch b runs in pools[b % len(pools)]: one run at a time, or two once `pair` proves the batches small
@@ -122,7 +123,7 @@ def calibrate(
                     observe(pending.popleft())
                 del sess  # runs in flight keep it until they end
                 sess, ranged = session_for(model, full, lean=True, threads=threads), []
-            run = pools[b % len(pools)].submit(sess.run, _fetch(full, ranged), {k: batch[k] for k in feeds})
+            run = pools[b % len(pools)].submit(_run_and_bin, sess, _fetch(full, ranged), {k: batch[k] for k in feeds}, full, hessian_of)
             pending.append(_Run(b, run, ranged, _batch_len(batch)))
             while len(pending) > len(pools):
                 observe(pending.popleft())
@@ -169,6 +170,31 @@ def _batch_len(batch: dict[str, np.ndarray]) -> int:
     return len(next(iter(batch.values()))) if batch else 1
 
 
+class _NonFinite(Exception):
+    """A fetched tensor holds NaN or Inf (its name as the argument)."""
+
+
+def _non_finite(name: str, where: str) -> DatasetError:
+    return DatasetError(
+        f"Tensor '{name}' holds NaN or Inf on {where}. Check that sample (its values, preprocessing "
+        "and mean/std); calibration needs finite activations."
+    )
+
+
+def _run_and_bin(sess, fetch: list[str], feeds: dict[str, np.ndarray], full: list[str], hessian_of: set[str]) -> tuple:
+    """One run, binned in the worker that ran it (both cores bin): each full tensor's batch statistics, the arrays
+    the Hessians need, the min/max outputs, and the bytes fetched. The caller merges them in batch order."""
+    values = sess.run(fetch, feeds)
+    size = sum(v.nbytes for v in values)
+    stats = []
+    for name, value in zip(full, values):
+        try:
+            stats.append(HistogramObserver.of(value))
+        except ValueError:
+            raise _NonFinite(name) from None
+    return stats, {n: v for n, v in zip(full, values) if n in hessian_of}, [float(v) for v in values[len(full):]], size
+
+
 def _observe(
     run: _Run,
     observers: dict[str, HistogramObserver],
@@ -176,9 +202,11 @@ def _observe(
     describe: Callable[[int], str],
     on_batch: Callable[[int], None] | None,
 ) -> int:
-    """Wait for one run and fold its tensors into the observers; returns the bytes of its outputs."""
+    """Wait for one run and fold its statistics into the observers; returns the bytes of its outputs."""
     try:
-        values = run.future.result()
+        stats, hessian_values, ranges, size = run.future.result()
+    except _NonFinite as exc:
+        raise _non_finite(exc.args[0], describe(run.index)) from None
     except Exception as exc:
         raise DatasetError(
             f"ONNX Runtime failed on {describe(run.index)}: {str(exc).splitlines()[0]}. "
@@ -186,20 +214,16 @@ def _observe(
         ) from exc
     name = ""
     try:
-        for name, value in zip(full, values):
-            observers[name].update(value)
-            if name + HESSIAN_SUFFIX in observers:
-                observers[name + HESSIAN_SUFFIX].update(value)
-        k, r = len(full), len(run.ranged)
+        for name, batch_stats in zip(full, stats):
+            observers[name].merge(batch_stats)
+            if name in hessian_values:
+                observers[name + HESSIAN_SUFFIX].update(hessian_values[name])
+        r = len(run.ranged)
         for i, name in enumerate(run.ranged):
-            observers[name].update_range(float(values[k + i]), float(values[k + r + i]), 1)
+            observers[name].update_range(ranges[i], ranges[r + i], 1)
     except ValueError:
-        raise DatasetError(
-            f"Tensor '{name}' holds NaN or Inf on {describe(run.index)}. Check that sample (its values, preprocessing "
-            "and mean/std); calibration needs finite activations."
-        ) from None
-    size = sum(v.nbytes for v in values)
-    del values
+        raise _non_finite(name, describe(run.index)) from None
+    del stats, hessian_values
     if on_batch:
         on_batch(run.size)
     return size
