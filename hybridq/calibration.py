@@ -111,7 +111,7 @@ def calibrate(
             pools.append(stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib")))
 
         def observe(run: _Run) -> None:
-            if _observe(run, observers, full, describe, on_batch) <= PAIR_BYTES and pair and len(pools) == 1:
+            if _observe(run, observers, full, hessian_of, describe, on_batch) <= PAIR_BYTES and pair and len(pools) == 1:
                 pools.append(stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib")))
 
         for b, batch in enumerate(batches):
@@ -123,8 +123,11 @@ def calibrate(
                     observe(pending.popleft())
                 del sess  # runs in flight keep it until they end
                 sess, ranged = session_for(model, full, lean=True, threads=threads), []
-            run = pools[b % len(pools)].submit(_run_and_bin, sess, _fetch(full, ranged), {k: batch[k] for k in feeds}, full, hessian_of)
-            pending.append(_Run(b, run, ranged, _batch_len(batch)))
+            fetch, feed = _fetch(full, ranged), {k: batch[k] for k in feeds}
+            # two runs in flight: each worker bins its own batch (both cores bin); one: the main thread bins beside ORT
+            run = pools[b % len(pools)].submit(_run_and_bin, sess, fetch, feed, full, hessian_of) if len(pools) == 2 else (
+                pools[0].submit(sess.run, fetch, feed))
+            pending.append(_Run(b, run, ranged, _batch_len(batch), len(pools) == 2))
             while len(pending) > len(pools):
                 observe(pending.popleft())
         if not pending:
@@ -152,12 +155,13 @@ def _ort_threads() -> int:
 
 @dataclass
 class _Run:
-    """One batch submitted to ONNX Runtime: its index, the future of its outputs, its min/max-only tensors, its size."""
+    """One batch submitted to ONNX Runtime: its index, the future of its outputs (or their statistics), its min/max-only tensors, its size."""
 
     index: int
     future: Future
     ranged: list[str]
     size: int
+    binned: bool = False  # the worker binned the outputs (see _run_and_bin)
 
 
 def _fetch(full: list[str], ranged: list[str]) -> list[str]:
@@ -182,9 +186,13 @@ def _non_finite(name: str, where: str) -> DatasetError:
 
 
 def _run_and_bin(sess, fetch: list[str], feeds: dict[str, np.ndarray], full: list[str], hessian_of: set[str]) -> tuple:
-    """One run, binned in the worker that ran it (both cores bin): each full tensor's batch statistics, the arrays
-    the Hessians need, the min/max outputs, and the bytes fetched. The caller merges them in batch order."""
-    values = sess.run(fetch, feeds)
+    """One run, binned in the worker thread that ran it (see :func:`_binned`)."""
+    return _binned(sess.run(fetch, feeds), full, hessian_of)
+
+
+def _binned(values: list[np.ndarray], full: list[str], hessian_of: set[str]) -> tuple:
+    """One run's outputs as each full tensor's batch statistics, the arrays the Hessians need, the min/max outputs,
+    and the bytes fetched; the caller merges them in batch order. Raises _NonFinite naming the first bad tensor."""
     size = sum(v.nbytes for v in values)
     stats = []
     for name, value in zip(full, values):
@@ -199,19 +207,25 @@ def _observe(
     run: _Run,
     observers: dict[str, HistogramObserver],
     full: list[str],
+    hessian_of: set[str],
     describe: Callable[[int], str],
     on_batch: Callable[[int], None] | None,
 ) -> int:
     """Wait for one run and fold its statistics into the observers; returns the bytes of its outputs."""
     try:
-        stats, hessian_values, ranges, size = run.future.result()
-    except _NonFinite as exc:
-        raise _non_finite(exc.args[0], describe(run.index)) from None
+        result = run.future.result()
     except Exception as exc:
+        if isinstance(exc, _NonFinite):
+            raise _non_finite(exc.args[0], describe(run.index)) from None
         raise DatasetError(
             f"ONNX Runtime failed on {describe(run.index)}: {str(exc).splitlines()[0]}. "
             "Check the sample's shape and dtype against the model input."
         ) from exc
+    try:
+        stats, hessian_values, ranges, size = result if run.binned else _binned(result, full, hessian_of)
+    except _NonFinite as exc:
+        raise _non_finite(exc.args[0], describe(run.index)) from None
+    del result
     name = ""
     try:
         for name, batch_stats in zip(full, stats):

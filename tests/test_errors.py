@@ -233,8 +233,12 @@ def test_dataset_npy_wrong_shape_or_dtype(ws, capsys, array, culprits):
     assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, "odd.npy", "line 3", *culprits)
 
 
+@pytest.mark.parametrize("cores", [2, 4])  # 2: batches binned in the workers that ran them; 4: in the main thread
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_dataset_npy_with_nan_or_inf(ws, capsys, bad):
+def test_dataset_npy_with_nan_or_inf(ws, capsys, monkeypatch, bad, cores):
+    from hybridq import _runtime
+
+    monkeypatch.setattr(_runtime, "cores", lambda: cores)
     sample = np.ones((1, 3, 16, 16), np.float32)
     sample[0, 1, 2, 3] = bad
     np.save(ws.root / "data" / "nan.npy", sample)
