@@ -187,6 +187,18 @@ def model_bytes(model: onnx.ModelProto) -> int:
         return sum(len(t.raw_data) for t in external_data_helper._get_all_tensors(model))
 
 
+def serialized_within(model: onnx.ModelProto, limit: int | None = None) -> bytes | None:
+    """The model's bytes if they are at most `limit` (None: LARGE_MODEL_BYTES), serialized once (no ByteSize first); else None."""
+    limit = LARGE_MODEL_BYTES if limit is None else limit
+    if sum(len(t.raw_data) for t in model.graph.initializer) > limit:
+        return None
+    try:
+        data = model.SerializeToString()
+    except Exception:  # over protobuf's 2 GB
+        return None
+    return data if len(data) <= limit else None
+
+
 def is_large(model: onnx.ModelProto) -> bool:
     """Must this model be saved with external data?"""
     return model_bytes(model) > LARGE_MODEL_BYTES

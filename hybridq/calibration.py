@@ -6,8 +6,11 @@ statistics are merged, so memory does not grow with the number of samples.
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +18,7 @@ import onnx
 
 from . import _runtime
 from .errors import DatasetError, ModelError
-from .graph import float_activations
+from .graph import float_activations, tensor_shapes
 from .observers import HESSIAN_SUFFIX, HessianObserver, HistogramObserver
 
 
@@ -48,6 +51,10 @@ def session_for(
 
 
 _MIN, _MAX = "__hybridq_min", "__hybridq_max"
+PAIR_BYTES = 16 << 20
+"""Largest activations of one batch (bytes fetched) for which two batches run at once on a two-core machine: a second
+run in flight also doubles ONNX Runtime's working memory (PP-OCR rec, 65 MB a batch: peak 0.6 -> 0.95 GB; the small detector,
+7 MB: 193 -> 225 MB)."""
 
 
 def _with_range_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -82,36 +89,63 @@ def calibrate(
     Tensors in `hessians` (histogram tensors) also get a :class:`HessianObserver` under `name + HESSIAN_SUFFIX`.
     ONNX Runtime runs batch b+1 in a worker thread while batch b is binned (both release the GIL),
     so at most two batches of activations are alive at a time. `threads` caps ONNX Runtime's threads
-    (0: all cores but one; :mod:`hybridq.execution` gives each worker its share).
+    (0: all cores but one; :mod:`hybridq.execution` gives each worker its share). On two cores (threads 0)
+    that leaves ONNX Runtime one thread, and the binning half a core idle: once a batch's activations prove
+    small (`PAIR_BYTES`), two one-thread runs are in flight beside the binning (three batches alive).
     """
     names = tensors if tensors is not None else float_activations(model)
     full = [n for n in names if histograms is None or n in histograms]
     ranged = [n for n in names if histograms is not None and n not in histograms]
+    pair = not threads and _runtime.cores() == 2
     threads = threads or _ort_threads()
     sess = session_for(_with_range_outputs(model, ranged), _fetch(full, ranged), lean=True, threads=threads)
     feeds = {i.name for i in sess.get_inputs()}
     observers = {n: HistogramObserver(bins=n in full) for n in names}
     observers.update({n + HESSIAN_SUFFIX: HessianObserver() for n in hessians if n in full})
-    pending: _Run | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib") as pool:
+    hessian_of = {n for n in full if n + HESSIAN_SUFFIX in observers}
+    pending: deque[_Run] = deque()
+    with ExitStack() as stack:
+        # batch b runs in pools[b % len(pools)]: one run at a time, or two once `pair` proves the batches small
+        pools = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib"))]
+        if pair and _static_bytes(model, full) <= PAIR_BYTES:  # known small from the shapes: no need to wait for batch 0
+            pools.append(stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib")))
+
+        def observe(run: _Run) -> None:
+            if _observe(run, observers, full, hessian_of, describe, on_batch) <= PAIR_BYTES and pair and len(pools) == 1:
+                pools.append(stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib")))
+
         for b, batch in enumerate(batches):
             missing = feeds - batch.keys()
             if missing:
                 raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")
             if ranged and range_batches is not None and b == range_batches:
-                if pending is not None:
-                    _observe(pending, observers, full, describe, on_batch)
-                    pending = None
-                del sess  # free its memory before the next session allocates
+                while pending and len(pools) == 1:  # large batches: free the first session's memory before the next allocates
+                    observe(pending.popleft())
+                del sess  # runs in flight keep it until they end
                 sess, ranged = session_for(model, full, lean=True, threads=threads), []
-            run = _Run(b, pool.submit(sess.run, _fetch(full, ranged), {k: batch[k] for k in feeds}), ranged, _batch_len(batch))
-            if pending is not None:
-                _observe(pending, observers, full, describe, on_batch)
-            pending = run
-        if pending is None:
+            fetch, feed = _fetch(full, ranged), {k: batch[k] for k in feeds}
+            # two runs in flight: each worker bins its own batch (both cores bin); one: the main thread bins beside ORT
+            run = pools[b % len(pools)].submit(_run_and_bin, sess, fetch, feed, full, hessian_of) if len(pools) == 2 else (
+                pools[0].submit(sess.run, fetch, feed))
+            pending.append(_Run(b, run, ranged, _batch_len(batch), len(pools) == 2))
+            while len(pending) > len(pools):
+                observe(pending.popleft())
+        if not pending:
             raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
-        _observe(pending, observers, full, describe, on_batch)
+        while pending:
+            observe(pending.popleft())
     return observers
+
+
+def _static_bytes(model: onnx.ModelProto, names: list[str]) -> float:
+    """Bytes of these float32 tensors for one batch, from the model's static shapes (inf when one is not static)."""
+    shapes, total = tensor_shapes(model), 0
+    for name in names:
+        shape = shapes.get(name)
+        if shape is None or not all(isinstance(d, int) and d > 0 for d in shape):
+            return math.inf
+        total += 4 * math.prod(shape)
+    return total
 
 
 def _ort_threads() -> int:
@@ -121,12 +155,13 @@ def _ort_threads() -> int:
 
 @dataclass
 class _Run:
-    """One batch submitted to ONNX Runtime: its index, the future of its outputs, its min/max-only tensors, its size."""
+    """One batch submitted to ONNX Runtime: its index, the future of its outputs (or their statistics), its min/max-only tensors, its size."""
 
     index: int
     future: Future
     ranged: list[str]
     size: int
+    binned: bool = False  # the worker binned the outputs (see _run_and_bin)
 
 
 def _fetch(full: list[str], ranged: list[str]) -> list[str]:
@@ -139,35 +174,70 @@ def _batch_len(batch: dict[str, np.ndarray]) -> int:
     return len(next(iter(batch.values()))) if batch else 1
 
 
+class _NonFinite(Exception):
+    """A fetched tensor holds NaN or Inf (its name as the argument)."""
+
+
+def _non_finite(name: str, where: str) -> DatasetError:
+    return DatasetError(
+        f"Tensor '{name}' holds NaN or Inf on {where}. Check that sample (its values, preprocessing "
+        "and mean/std); calibration needs finite activations."
+    )
+
+
+def _run_and_bin(sess, fetch: list[str], feeds: dict[str, np.ndarray], full: list[str], hessian_of: set[str]) -> tuple:
+    """One run, binned in the worker thread that ran it (see :func:`_binned`)."""
+    return _binned(sess.run(fetch, feeds), full, hessian_of)
+
+
+def _binned(values: list[np.ndarray], full: list[str], hessian_of: set[str]) -> tuple:
+    """One run's outputs as each full tensor's batch statistics, the arrays the Hessians need, the min/max outputs,
+    and the bytes fetched; the caller merges them in batch order. Raises _NonFinite naming the first bad tensor."""
+    size = sum(v.nbytes for v in values)
+    stats = []
+    for name, value in zip(full, values):
+        try:
+            stats.append(HistogramObserver.of(value))
+        except ValueError:
+            raise _NonFinite(name) from None
+    return stats, {n: v for n, v in zip(full, values) if n in hessian_of}, [float(v) for v in values[len(full):]], size
+
+
 def _observe(
     run: _Run,
     observers: dict[str, HistogramObserver],
     full: list[str],
+    hessian_of: set[str],
     describe: Callable[[int], str],
     on_batch: Callable[[int], None] | None,
-) -> None:
-    """Wait for one run and fold its tensors into the observers."""
+) -> int:
+    """Wait for one run and fold its statistics into the observers; returns the bytes of its outputs."""
     try:
-        values = run.future.result()
+        result = run.future.result()
     except Exception as exc:
+        if isinstance(exc, _NonFinite):
+            raise _non_finite(exc.args[0], describe(run.index)) from None
         raise DatasetError(
             f"ONNX Runtime failed on {describe(run.index)}: {str(exc).splitlines()[0]}. "
             "Check the sample's shape and dtype against the model input."
         ) from exc
+    try:
+        stats, hessian_values, ranges, size = result if run.binned else _binned(result, full, hessian_of)
+    except _NonFinite as exc:
+        raise _non_finite(exc.args[0], describe(run.index)) from None
+    del result
     name = ""
     try:
-        for name, value in zip(full, values):
-            observers[name].update(value)
-            if name + HESSIAN_SUFFIX in observers:
-                observers[name + HESSIAN_SUFFIX].update(value)
-        k, r = len(full), len(run.ranged)
+        for name, batch_stats in zip(full, stats):
+            observers[name].merge(batch_stats)
+            if name in hessian_values:
+                observers[name + HESSIAN_SUFFIX].update(hessian_values[name])
+        r = len(run.ranged)
         for i, name in enumerate(run.ranged):
-            observers[name].update_range(float(values[k + i]), float(values[k + r + i]), 1)
+            observers[name].update_range(ranges[i], ranges[r + i], 1)
     except ValueError:
-        raise DatasetError(
-            f"Tensor '{name}' holds NaN or Inf on {describe(run.index)}. Check that sample (its values, preprocessing "
-            "and mean/std); calibration needs finite activations."
-        ) from None
-    del values
+        raise _non_finite(name, describe(run.index)) from None
+    del stats, hessian_values
     if on_batch:
         on_batch(run.size)
+    return size

@@ -18,6 +18,8 @@ import numpy as np
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import ScalarNode
+from ruamel.yaml.resolver import VersionedResolver
 
 from .errors import ConfigError, did_you_mean
 from .plan import LAYER_PRECISIONS, WEIGHT_ONLY_ALIASES
@@ -111,7 +113,12 @@ def _restore(node: Any, lists: list[str]) -> Any:
 
 def _number_list(values, lists: list[str]) -> str:
     """A placeholder for a flow list written by us (numbers as Python prints them)."""
-    lists.append("[" + ", ".join(str(int(v)) if isinstance(v, int) else repr(float(v)) for v in values) + "]")
+    values = list(values)
+    if all(type(v) is float for v in values):  # the usual case, ~3x faster: repr(v) is repr(float(v))
+        text = ", ".join(map(repr, values))
+    else:
+        text = ", ".join(str(int(v)) if isinstance(v, int) else repr(float(v)) for v in values)
+    lists.append("[" + text + "]")
     return f"__hqlist{len(lists) - 1}__"
 
 
@@ -140,17 +147,9 @@ def render_cfg(
     for k, c in custom_comments.items():
         cq.yaml_add_eol_comment(c, k)
     doc["custom_quantize_layers"] = cq
-    qp = CommentedMap()
     lists: list[str] = []
-    for name, entry in entries.items():
-        e = CommentedMap()
-        for k in ENTRY_KEYS:
-            if k in entry:
-                e[k] = _number_list(entry[k], lists) if k in LIST_KEYS else entry[k]
-        qp[name] = e
-        if name in entry_comments:
-            qp.yaml_set_comment_before_after_key(name, before=entry_comments[name], indent=2)
-    doc["quantize_parameters"] = qp
+    block = _entries_block(entries, entry_comments, lists)
+    doc["quantize_parameters"] = _BLOCK if block is not None else _entries_map(entries, entry_comments, lists)
     doc.yaml_set_start_comment(HEADER.format(model=header.get("model", stem), stem=stem))
     doc.yaml_set_comment_before_after_key("settings", before="Global settings: apply to every entry below that you did not edit.")
     doc.yaml_set_comment_before_after_key(
@@ -159,7 +158,74 @@ def render_cfg(
     doc.yaml_set_comment_before_after_key("quantize_parameters", before="Per-tensor quantization parameters (RKNN-Toolkit2 keys).")
     buf = io.StringIO()
     _yaml().dump(doc, buf)
-    return _expand(buf.getvalue(), lists)
+    text = buf.getvalue()
+    if block is not None:
+        tail = f"quantize_parameters: {_BLOCK}\n"  # the document's last key
+        text = text[: -len(tail)] + "quantize_parameters:\n" + block
+    return _expand(text, lists)
+
+
+def _entries_map(entries: dict[str, dict[str, Any]], entry_comments: dict[str, str], lists: list[str]) -> CommentedMap:
+    """The quantize_parameters mapping for ruamel to write (lists as placeholders)."""
+    qp = CommentedMap()
+    for name, entry in entries.items():
+        e = CommentedMap()
+        for k in ENTRY_KEYS:
+            if k in entry:
+                e[k] = _number_list(entry[k], lists) if k in LIST_KEYS else entry[k]
+        qp[name] = e
+        if name in entry_comments:
+            qp.yaml_set_comment_before_after_key(name, before=entry_comments[name], indent=2)
+    return qp
+
+
+# The quantize_parameters block is most of a cfg (~0.1 ms per scalar through ruamel): when every name, word
+# and comment in it is one ruamel writes as is, the block is written here, in ruamel's layout, and put in place
+# of this placeholder. tests/test_config_text.py checks the text against ruamel's.
+_BLOCK = "__hqblock__"
+_WORD = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_./-]*(?::+[A-Za-z0-9_./-]+)*")
+_RESOLVER = VersionedResolver()
+_COMMENT = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029\ufeff]*")
+
+
+def _entries_block(entries: dict[str, dict[str, Any]], entry_comments: dict[str, str], lists: list[str]) -> str | None:
+    """The quantize_parameters block as ruamel writes it (lists as placeholders), or None to leave it to ruamel."""
+    if not entries:
+        return None
+    plain: dict[str, bool] = {}
+    out: list[str] = []
+    for name, entry in entries.items():
+        comment = entry_comments.get(name)
+        if comment is not None:
+            if not comment or _COMMENT.fullmatch(comment) is None or comment != comment.strip():
+                return None
+            out.append(f"  # {comment}\n")
+        if not _plain(name, plain) or not any(k in entry for k in ENTRY_KEYS):
+            return None
+        out.append(f"  {name}:\n")
+        for k in ENTRY_KEYS:
+            if k not in entry:
+                continue
+            v = entry[k]
+            if k in LIST_KEYS:
+                v = _number_list(v, lists)
+            elif not _plain(v, plain):
+                return None
+            out.append(f"    {k}: {v}\n")
+    return "".join(out)
+
+
+def _plain(value: Any, seen: dict[str, bool]) -> bool:
+    """Does ruamel write `value` as this very text, unquoted, as a key or a value of a block mapping?
+
+    Conservative: a short word of letters, digits and `_./-:` that YAML does not read as another type (null, bool, number).
+    """
+    if not isinstance(value, str):
+        return False
+    if value not in seen:
+        tag = _RESOLVER.resolve(ScalarNode, value, (True, False))
+        seen[value] = len(value) < 128 and _WORD.fullmatch(value) is not None and str(tag) == "tag:yaml.org,2002:str"
+    return seen[value]
 
 
 @dataclass

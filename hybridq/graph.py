@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from . import _runtime, fold
-from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, subgraphs
+from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, serialized_within, subgraphs
 from .errors import InputError, ModelError, OutputError, did_you_mean
 
 MIN_OPSET = 13
@@ -74,7 +74,8 @@ def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.Mod
         raise ModelError(f"Model file '{p}' holds no graph nodes; it is empty or not an ONNX model.")
     try:
         # A model over 2 GB cannot be serialized for the in-memory check; the checker reads it from its path.
-        onnx.checker.check_model(str(p) if is_large(model) else model, full_check=False)
+        data = serialized_within(model)
+        onnx.checker.check_model(data if data is not None else str(p), full_check=False)
     except Exception as exc:
         raise ModelError(f"Model file '{p}' is not a valid ONNX graph: {str(exc).splitlines()[0]}. Fix the exporter output.") from exc
     return model
@@ -158,7 +159,25 @@ def _temp_dir(prefix: str) -> Iterator[str]:
 
 
 def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant folding, Conv+BN/Add/Mul fusion, identity removal: ORT's basic level, standard ops only."""
+    """Constant folding, Conv+BN/Add/Mul fusion, identity removal: ORT's basic level, standard ops only.
+
+    Done already when the CLI's :func:`hybridq._runtime.optimize_early` read this very model (same bytes, same options).
+    """
+    early = _runtime.early_optimized(model)
+    out = onnx.load_from_string(early) if early is not None else _basic_optimized(model)
+    # ORT's optimizer may drop the model's metadata; keep the original's.
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    used = {n.domain for n in out.graph.node} | {"", "ai.onnx"}
+    keep = [o for o in out.opset_import if o.domain in used]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
+
+
+def _basic_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as ONNX Runtime's basic level leaves it, through temporary files (errors name the model or TMPDIR)."""
     with _temp_dir("hybridq-prep-") as tmp:
         src = os.path.join(tmp, "in.onnx")
         dst = os.path.join(tmp, "out.onnx")
@@ -182,16 +201,7 @@ def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
                 f"ONNX Runtime cannot load this model: {str(exc).splitlines()[0]}. "
                 "hybridq calibrates with ONNX Runtime, so the fp32 model must run there first."
             ) from exc
-        out = onnx.load(dst)
-    # ORT's optimizer may drop the model's metadata; keep the original's.
-    del out.metadata_props[:]
-    out.metadata_props.extend(model.metadata_props)
-    out.producer_name, out.producer_version = model.producer_name, model.producer_version
-    used = {n.domain for n in out.graph.node} | {"", "ai.onnx"}
-    keep = [o for o in out.opset_import if o.domain in used]
-    del out.opset_import[:]
-    out.opset_import.extend(keep)
-    return out
+        return onnx.load(dst)
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -33,13 +33,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from .errors import DatasetError, InputError
 from .inputs import IMAGE_EXTENSIONS, Dim, InputSpec, Preprocess, fmt_shape
+
+if TYPE_CHECKING:  # Pillow is imported when an image is read (a .npy dataset never loads it)
+    from PIL import Image
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _GRAY_MODES = ("1", "L", "LA")
@@ -135,6 +137,8 @@ def read_image(path: Path, spec: InputSpec, plan: ImagePlan, pre: Preprocess, wh
 
     Returns the array and the conversions that changed its content, each as (what, how) (see `Dataset.notes`).
     """
+    from PIL import Image
+
     try:
         with Image.open(path) as image:
             image.load()
@@ -215,6 +219,8 @@ def _fit(pixels: np.ndarray, plan: ImagePlan, mode: str, spec: InputSpec, where:
 
 def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     """Pillow bilinear resize of each float32 channel to width x height."""
+    from PIL import Image
+
     planes = [Image.fromarray(np.ascontiguousarray(pixels[..., c], dtype=np.float32)) for c in range(pixels.shape[2])]
     resized = [np.asarray(p.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32) for p in planes]
     return np.stack(resized, axis=2)

@@ -58,22 +58,26 @@ class HistogramObserver:
 
     def update(self, x: np.ndarray) -> None:
         """Add a batch of values; raises ValueError on NaN or Inf (the caller names the sample)."""
+        self.merge(HistogramObserver.of(x, self.bins))
+
+    @classmethod
+    def of(cls, x: np.ndarray, bins: bool = True) -> "HistogramObserver":
+        """The statistics of one batch alone (`update` merges them); raises ValueError on NaN or Inf."""
         x = np.asarray(x)
         if x.size == 0:
-            return
+            return cls(bins=bins)
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("non-finite values (NaN or Inf)")
-        other = HistogramObserver(lo, hi, int(x.size), bins=self.bins)
-        if not self.bins:
-            self.merge(other)
-            return
+        other = cls(lo, hi, int(x.size), bins=bins)
+        if not bins:
+            return other
         other.exponent = _needed_exponent(lo, hi)
         other.start = math.floor(lo / 2.0**other.exponent)
         flat = x.ravel()
         step = max(1, flat.size // SUBSAMPLE)
         other.counts = _bin_counts(flat[::step], other.exponent, other.start) * step
-        self.merge(other)
+        return other
 
     def update_range(self, lo: float, hi: float, n: int) -> None:
         """Add a batch known only by its min and max (n elements); drops the histogram."""

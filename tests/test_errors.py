@@ -233,8 +233,12 @@ def test_dataset_npy_wrong_shape_or_dtype(ws, capsys, array, culprits):
     assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, "odd.npy", "line 3", *culprits)
 
 
+@pytest.mark.parametrize("cores", [2, 4])  # 2: batches binned in the workers that ran them; 4: in the main thread
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_dataset_npy_with_nan_or_inf(ws, capsys, bad):
+def test_dataset_npy_with_nan_or_inf(ws, capsys, monkeypatch, bad, cores):
+    from hybridq import _runtime
+
+    monkeypatch.setattr(_runtime, "cores", lambda: cores)
     sample = np.ones((1, 3, 16, 16), np.float32)
     sample[0, 1, 2, 3] = bad
     np.save(ws.root / "data" / "nan.npy", sample)
@@ -599,10 +603,19 @@ def test_disk_full_while_writing_step1_keeps_earlier_artifacts(ws, capsys, monke
 
 
 def test_disk_full_in_the_temp_directory(ws, capsys, monkeypatch):
-    # Preparation hands the model to ONNX Runtime through a temp file: a full /tmp is named, not a crash.
+    # Preparation hands the model to ONNX Runtime through a temp file: a full /tmp is named, not a crash
+    # (the CLI's early optimization cannot write its result there either, and leaves the work to preparation).
+    from hybridq import _runtime
+
     def full(*_args, **_kwargs):
         _enospc()
 
+    real_session = _runtime.session
+
+    def session(model, **kw):
+        return full() if kw.get("optimized_model") else real_session(model, **kw)
+
+    monkeypatch.setattr(_runtime, "session", session)
     monkeypatch.setattr(onnx, "save_model", full)
     status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.root / "new")
     assert_clean((status, output), status, "No space left on device", "TMPDIR")

@@ -121,6 +121,28 @@ def test_step1_artifacts_are_byte_identical_on_every_worker_count(cnn20):
     assert (obs.min, obs.max) == pytest.approx((float(outs.min()), float(outs.max())), rel=1e-5, abs=1e-6)
 
 
+def test_two_runs_in_flight_on_two_cores_give_the_same_bytes(cnn20, monkeypatch):
+    # Two cores: two one-thread runs at once beside the binning (batches observed in order, the switch
+    # away from the min/max outputs after batch 8 included); the artifacts are those of one run at a time.
+    from hybridq import _runtime, calibration
+
+    pools = []
+
+    class Pool(calibration.ThreadPoolExecutor):
+        def __init__(self, max_workers: int, **kw) -> None:
+            pools.append(max_workers)
+            super().__init__(max_workers, **kw)
+
+    monkeypatch.setattr(calibration, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(_runtime, "cores", lambda: 2)
+    paired = _step1_digests(cnn20, "pair", None)
+    assert pools == [1, 1]  # the second one-run pool opens once the first batch proved small
+    monkeypatch.setattr(calibration, "PAIR_BYTES", -1)
+    assert _step1_digests(cnn20, "single", None) == paired and pools == [1, 1, 1]
+    monkeypatch.setattr(_runtime, "cores", lambda: 3)
+    assert _step1_digests(cnn20, "three", None) == paired and pools == [1, 1, 1, 1]
+
+
 def _analyze_manifest(ws: dict[str, Path], quant: Path, name: str, execution: Execution | None) -> tuple[bytes, dict]:
     r = hybridq.analyze(ws["model"], quant, ws["dataset"], dump=ws["dir"] / name, execution=execution)
     return (ws["dir"] / name / "manifest.json").read_bytes(), {le.layer: le.entire.cosine for le in r.layers}
