@@ -2,16 +2,13 @@
 
 :func:`session` is the one place that builds ``SessionOptions``; calibration,
 analysis, preparation and the RKNN facade's simulator call it. onnxruntime is
-imported on first use, so ``import hybridq`` stays light; so is onnx, so that the CLI can start
-:func:`optimize_early` before ``import onnx``.
+imported on first use, so ``import hybridq`` stays light.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-import threading
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .kernels import X64_PRECISION_KEY, u8s8_saturates
@@ -141,50 +138,3 @@ def _open(model: onnx.ModelProto | bytes | str | os.PathLike[str], so: Any, prov
         path = os.path.join(tmp, "model.onnx")
         save_external(model, path, "model.data")
         return ort.InferenceSession(path, so, providers=providers)
-
-
-EARLY_MAX_BYTES = 256 << 20
-"""Largest model file :func:`optimize_early` reads (it holds the file and ORT's optimized model in memory)."""
-_EARLY: list[tuple[threading.Thread, list[bytes]]] = []
-
-
-def optimize_early(path: str | os.PathLike[str]) -> None:
-    """Start ONNX Runtime's basic optimization of the model file at ``path`` in a background thread.
-
-    The CLI calls it before ``import onnx`` (~0.5 s of one core, in ml_dtypes), so another core builds the
-    session meanwhile; :func:`early_optimized` hands the result over. Any failure only leaves nothing to hand over.
-    """
-    _EARLY.clear()
-    try:
-        if not 0 < os.path.getsize(path) <= EARLY_MAX_BYTES:
-            return
-    except OSError:
-        return
-    import onnxruntime  # noqa: F401  (here: importing in two threads at once can break numpy's C extension)
-
-    box: list[bytes] = []
-
-    def run() -> None:
-        try:
-            data = Path(path).read_bytes()
-            with tempfile.TemporaryDirectory(prefix="hybridq-prep-") as tmp:
-                out = os.path.join(tmp, "out.onnx")
-                session(data, optimization="basic", log_level=3, optimized_model=out)
-                box.extend([data, Path(out).read_bytes()])
-        except Exception:  # the model is optimized again, where errors are reported
-            pass
-
-    thread = threading.Thread(target=run, name="hybridq-early", daemon=False)
-    thread.start()
-    _EARLY.append((thread, box))
-
-
-def early_optimized(model: onnx.ModelProto) -> bytes | None:
-    """ORT's basic-optimized model (serialized) from :func:`optimize_early`, if it read exactly ``model``; else None."""
-    if not _EARLY:
-        return None
-    from ._onnx import serialized_within
-
-    thread, box = _EARLY.pop()
-    thread.join()
-    return box[1] if box and box[0] == serialized_within(model, len(box[0])) else None

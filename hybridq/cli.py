@@ -176,8 +176,6 @@ def step1(
 
     Writes <name>.model, <name>.data and the editable <name>.quantization.cfg.
     """
-    from . import _runtime
-    _runtime.optimize_early(model)  # on another core while `import onnx` (in api) holds this one
     from . import api
     from .execution import held
     from .workspace import find_config

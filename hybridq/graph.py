@@ -159,12 +159,8 @@ def _temp_dir(prefix: str) -> Iterator[str]:
 
 
 def ort_basic_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant folding, Conv+BN/Add/Mul fusion, identity removal: ORT's basic level, standard ops only.
-
-    Done already when the CLI's :func:`hybridq._runtime.optimize_early` read this very model (same bytes, same options).
-    """
-    early = _runtime.early_optimized(model)
-    out = onnx.load_from_string(early) if early is not None else _basic_optimized(model)
+    """Constant folding, Conv+BN/Add/Mul fusion, identity removal: ORT's basic level, standard ops only."""
+    out = _basic_optimized(model)
     # ORT's optimizer may drop the model's metadata; keep the original's.
     del out.metadata_props[:]
     out.metadata_props.extend(model.metadata_props)

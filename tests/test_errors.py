@@ -603,19 +603,10 @@ def test_disk_full_while_writing_step1_keeps_earlier_artifacts(ws, capsys, monke
 
 
 def test_disk_full_in_the_temp_directory(ws, capsys, monkeypatch):
-    # Preparation hands the model to ONNX Runtime through a temp file: a full /tmp is named, not a crash
-    # (the CLI's early optimization cannot write its result there either, and leaves the work to preparation).
-    from hybridq import _runtime
-
+    # Preparation hands the model to ONNX Runtime through a temp file: a full /tmp is named, not a crash.
     def full(*_args, **_kwargs):
         _enospc()
 
-    real_session = _runtime.session
-
-    def session(model, **kw):
-        return full() if kw.get("optimized_model") else real_session(model, **kw)
-
-    monkeypatch.setattr(_runtime, "session", session)
     monkeypatch.setattr(onnx, "save_model", full)
     status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.root / "new")
     assert_clean((status, output), status, "No space left on device", "TMPDIR")
