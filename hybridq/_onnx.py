@@ -8,11 +8,12 @@ shape inference without carrying the weights through it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 
 import onnx
 from google.protobuf.message import EncodeError
-from onnx import external_data_helper, version_converter
+from onnx import external_data_helper, numpy_helper, version_converter
 
 LARGE_MODEL_BYTES = 1_800_000_000
 """Above this size a model cannot be one protobuf (2 GB limit): it goes through files with external data."""
@@ -168,6 +169,18 @@ def _put_back(model: onnx.ModelProto, aside: dict[tuple[bool, str], onnx.TensorP
                 if a.name == "value":
                     a.t.CopyFrom(aside[(False, n.output[0])])
     return model
+
+
+def scalar_value(name: str, inits: Mapping[str, onnx.TensorProto], producer: onnx.NodeProto | None) -> float | None:
+    """The value of a one-element constant: an initializer in `inits`, or `producer` when it is a Constant node; else None.
+
+    The element count is read off the dims first, so a weight is never converted to find it is not a scalar."""
+    tensor = inits.get(name)
+    if tensor is None and producer is not None and producer.op_type == "Constant":
+        tensor = next((a.t for a in producer.attribute if a.name == "value"), None)
+    if tensor is None or math.prod(tensor.dims) != 1:
+        return None
+    return float(numpy_helper.to_array(tensor).reshape(-1)[0])
 
 
 def describe_error(exc: BaseException) -> str:

@@ -15,15 +15,13 @@ from typing import Callable
 
 import onnx
 
+from ._onnx import scalar_value
 from .plan import GraphView
 
 
 def _const(g: GraphView, name: str) -> float | None:
-    """The value of a scalar (or one-element) float initializer, else None."""
-    if name not in g.inits:
-        return None
-    a = g.init_array(name)
-    return float(a.reshape(-1)[0]) if a.size == 1 else None
+    """The value of a scalar (or one-element) initializer, else None."""
+    return scalar_value(name, g.inits, None)
 
 
 def _sole(g: GraphView, tensor: str) -> onnx.NodeProto | None:

@@ -312,3 +312,17 @@ def test_graph_index_with_subgraph_reads() -> None:
     assert _onnx.outer_reads(m.graph.node[1]) == ["a"]
     assert _onnx.GraphIndex(m.graph).consumers.get("a") is None
     assert _onnx.GraphIndex(m.graph, subgraph_reads=True).consumers["a"] == [1]
+
+
+def test_scalar_value_reads_one_element_initializers_and_constant_nodes_only():
+    from onnx import helper, numpy_helper
+
+    from hybridq._onnx import scalar_value
+
+    inits = {"three": numpy_helper.from_array(np.array([3.0], np.float32), "three"),
+             "w": numpy_helper.from_array(np.ones((4, 4), np.float32), "w")}
+    const = helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.array(-7.5, np.float32)))
+    relu = helper.make_node("Relu", ["x"], ["r"])
+    assert scalar_value("three", inits, None) == 3.0
+    assert scalar_value("c", inits, const) == -7.5
+    assert scalar_value("w", inits, None) is None and scalar_value("r", inits, relu) is None and scalar_value("x", inits, None) is None

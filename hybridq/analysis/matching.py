@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from .._onnx import GraphIndex, infer_shapes
+from .._onnx import GraphIndex, infer_shapes, scalar_value
 from ..errors import InputError
 from ..qdq import QDQ_MAP_KEY, QdqMap
 
@@ -166,24 +166,12 @@ def _quantized_to(q: ModelIndex, chain: Iterable[int]) -> str | None:
     return None
 
 
-def _scalar(f: ModelIndex, name: str) -> float | None:
-    """The value of a one-element constant (an initializer or a Constant node's), else None."""
-    node = f.producer_node(name)
-    if name in f.inits:
-        c = numpy_helper.to_array(f.inits[name])
-    elif node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-        c = numpy_helper.to_array(node.attribute[0].t)
-    else:
-        return None
-    return float(c.reshape(-1)[0]) if c.size == 1 else None
-
-
 def _carried_bounds(f: ModelIndex, bounds: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
     """`bounds` with each carried through an Add or Sub of a scalar constant (HardSwish's x + 3 saturates below 0)."""
     out = dict(bounds)
     for node in f.nodes:
         if node.op_type in ("Add", "Sub") and len(node.input) == 2 and node.input[0] in out:
-            c = _scalar(f, node.input[1])
+            c = scalar_value(node.input[1], f.inits, f.producer_node(node.input[1]))
             if c is not None:
                 c = c if node.op_type == "Add" else -c
                 out[node.output[0]] = (out[node.input[0]][0] + c, out[node.input[0]][1] + c)
