@@ -356,9 +356,12 @@ class Evaluator:
         """One number for how good a candidate is (higher is better): the task score, else the measure the target names."""
         if s.task is not None:
             return s.task
-        if self.target.cosine is None and self.target.snr_db is not None:
-            return s.worst_snr
-        return s.worst_cosine
+        return s.worst_snr if self._by_snr else s.worst_cosine
+
+    @property
+    def _by_snr(self) -> bool:
+        """Does the target name an SNR alone (the quality measure is then the SNR, else the cosine)?"""
+        return self.target.cosine is None and self.target.snr_db is not None
 
     def as_good(self, a: Score, b: Score) -> bool:
         """Is `a` as good as `b` within what the measure resolves: a task score no lower, an error within
@@ -367,7 +370,7 @@ class Evaluator:
             return False
         if a.task is not None and b.task is not None:
             return a.task >= b.task
-        if self.target.cosine is None and self.target.snr_db is not None:
+        if self._by_snr:
             return a.worst_snr >= b.worst_snr - RESOLUTION_DB
         return (1.0 - a.worst_cosine) <= (1.0 - b.worst_cosine) * 10 ** (RESOLUTION_DB / 10)
 
