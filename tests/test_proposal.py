@@ -59,10 +59,47 @@ def test_concat_of_very_different_ranges(tmp_path):
     assert _output_cosine(path, r2.output, listing) >= 0.995
 
 
-def test_no_change_when_int8_already_meets_the_target(cnn_ws):
-    r1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=cnn_ws["dir"] / "ws", proposal=ProposalOptions(Target(cosine=0.9)))
-    assert r1.proposal.met and r1.proposal.layers == {} and r1.proposal.evaluations == 1
-    assert load_cfg(r1.cfg).custom == {}
+def test_a_met_target_adds_no_float_and_keeps_a_free_fix_only_when_the_built_model_is_clearly_better(cnn_ws):
+    """The default meets the target: no float search; the fixes that cost nothing at run time are still tried and
+    kept when they clearly help (bias correction here), which ORT runs of both built models confirm."""
+    path, listing = cnn_ws["model"], cnn_ws["dataset"]
+    r1 = hybridq.step1(path, listing, out=cnn_ws["dir"] / "ws", proposal=ProposalOptions(Target(cosine=0.9)))
+    p = r1.proposal
+    assert p.met and p.layers == {} and load_cfg(r1.cfg).custom == {}
+    assert {r.step for r in p.table} == {"start", "range", "bias"} and p.evaluations == len(p.table)
+    assert p.choice.startswith("bias correction")
+    plain = hybridq.step1(path, listing, out=cnn_ws["dir"] / "plain")
+    default = hybridq.step2(plain.model, plain.data, plain.cfg, cnn_ws["dir"] / "default.onnx").output
+    proposed = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "proposed.onnx").output
+    e_default, e_proposed = (1 - _output_cosine(path, m, listing) for m in (default, proposed))
+    assert 10 * np.log10(e_default / e_proposed) > 0.5, (e_default, e_proposed)
+
+
+def test_a_free_fix_within_the_resolution_is_not_kept_when_the_target_is_met():
+    """Scores from a table: on a met target, a range candidate 0.3 dB better is no clear gain, a 3 dB one is kept."""
+    from types import SimpleNamespace
+
+    from hybridq.build import Edits
+    from hybridq.proposal.evaluator import Evaluator, OutputScore, Score
+    from hybridq.proposal.fixes import Candidate
+    from hybridq.proposal.search import _Climb
+
+    def score(err: float) -> Score:
+        return Score({"y": OutputScore(1 - err, 20.0, 1 - err, 20.0, None)}, task=None, flips=0, decisions=0)
+
+    scores = {"": score(1e-3), "near": score(1e-3 / 10 ** 0.03), "far": score(1e-3 / 10 ** 0.3)}
+    ev = Evaluator.__new__(Evaluator)
+    ev.target, ev._eval = Target(cosine=0.99), None
+    ev.score = lambda model, limit=None: scores[model]
+    ev.score_many = lambda models, limit=None: [scores[m] for m in models]
+    build = lambda edits: SimpleNamespace(model=next(iter(edits.layers.values()), ""))
+    ctx = SimpleNamespace(temp=onnx.ModelProto())
+    for label, kept in (("near", False), ("far", True)):
+        climb = _Climb(ctx, ev, build, Edits(), build(Edits()), "the default quantization")
+        assert climb.try_each("range", [Candidate("range", label, layers={"x": label})], clearly=True) is kept
+        assert climb.table[-1].outcome == ("kept" if kept else "no clear gain")
+        assert not climb.try_each("bias", [Candidate("bias", "worse", layers={"x": ""})], clearly=True)
+        assert climb.table[-1].outcome == "no gain"
 
 
 def test_budget_is_respected_and_a_miss_is_reported(tmp_path):

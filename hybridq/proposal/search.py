@@ -156,8 +156,9 @@ class _Climb:
     def _row(self, step: str, fix: str, s: Score, cost: float, outcome: str) -> None:
         self.table.append(Row(step, fix, self.quality(s), s.worst_cosine, s.worst_snr, s.worst_slice_snr, cost, outcome))
 
-    def try_each(self, step: str, cands: list[Candidate]) -> bool:
-        """Score each candidate on top of the current edits; keep the best if it beats the current score."""
+    def try_each(self, step: str, cands: list[Candidate], clearly: bool = False) -> bool:
+        """Score each candidate on top of the current edits; keep the best if it beats the current score
+        (with `clearly`, by more than the measure resolves: see Evaluator.as_good)."""
         best: tuple[Score, Candidate, Edits, Built] | None = None
         tried: list[tuple[Candidate, Edits, Built | ConfigError]] = []
         for c in cands:
@@ -178,9 +179,10 @@ class _Climb:
             if not self.evaluator.flips_more(s, self.score) and (best is None or self.quality(s) > self.quality(best[0])):
                 best = (s, c, edits, built)
         rows = [r for r in self.table[len(self.table) - len(cands):] if not r.outcome.startswith("not applicable")]
-        if best is None or not self.better(best[0], self.score):
+        if best is None or not self.better(best[0], self.score) or (clearly and self.evaluator.as_good(self.score, best[0])):
+            gain = best is not None and self.better(best[0], self.score)
             for r in rows:
-                r.outcome = "no gain"
+                r.outcome = "no clear gain" if gain and r.fix == best[1].label else "no gain"
             return False
         for r in rows:
             r.outcome = "kept" if r.fix == best[1].label else "worse than the kept one"
@@ -238,6 +240,7 @@ def search(
     ms_added = {n: max(0.0, costs.fp32[n] - costs.int8[n]) for n in costs.int8 if n in costs.fp32} if costs is not None else {}
     ranked: list[tuple[str, float]] = []
     if climb.met:
+        _free_fixes(climb, samples, session)
         choice = ", ".join(c.label for c in climb.kept) or f"{started_from} already meets the target; nothing to change"
     elif _zero_cost_fixes(climb, samples, session):
         choice = ", ".join(c.label for c in climb.kept)
@@ -312,6 +315,14 @@ def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], sessio
     climb.try_each("bias", bias_fix(ctx, climb.edits, climb.built.fixed, climb.built.model, samples, session))
     climb.prune()
     return climb.met
+
+
+def _free_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> None:
+    """Target met: the fixes that cost nothing at run time (range algorithm, bias correction) are still tried, and
+    kept only when they clearly improve the outputs (beyond RESOLUTION_DB): a free gain, never a trade."""
+    ctx = climb.ctx
+    climb.try_each("range", range_fix(ctx, climb.edits, "mse") + range_fix(ctx, climb.edits, "percentile"), clearly=True)
+    climb.try_each("bias", bias_fix(ctx, climb.edits, climb.built.fixed, climb.built.model, samples, session), clearly=True)
 
 
 def _within_budget(order: list[str], macs: dict[str, float], total: float, taken: int,
