@@ -320,14 +320,14 @@ def test_the_whole_int8_latency_is_measured_and_cached_with_the_table(tmp_path, 
 
 def test_step1_imports_nothing_it_does_not_use(tmp_path):
     """A fixed cost of every step1: the CLI and a step1 run on a fixture (no control flow, no proposal) import no plotting,
-    no reference evaluator, no Ray and no Pillow (a .npy dataset). Checked in a fresh interpreter, whose sys.modules holds only what that run imported."""
+    no reference evaluator, no Ray, no Pillow (a .npy dataset) and no pydantic (typer < 0.29). Checked in a fresh interpreter, whose sys.modules holds only what that run imported."""
     import subprocess
     import sys
 
     path = tmp_path / "cnn.onnx"
     onnx.save(models.residual_cnn(), path)
     listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 4)
-    heavy = ["matplotlib", "onnx.reference", "ray", "scipy", "pandas", "hybridq.analysis", "hybridq.report", "PIL"]
+    heavy = ["matplotlib", "onnx.reference", "ray", "scipy", "pandas", "hybridq.analysis", "hybridq.report", "PIL", "pydantic"]
     code = (
         "import sys, hybridq.cli\n"
         f"try:\n    hybridq.cli.main(['step1', {str(path)!r}, '--dataset', {str(listing)!r}, '--out', {str(tmp_path / 'ws')!r}])\n"
