@@ -239,7 +239,8 @@ def search(
     ms_budget = (max_slowdown - 1.0) * start_ms if start_ms is not None and max_slowdown is not None else None
     ms_added = {n: max(0.0, costs.fp32[n] - costs.int8[n]) for n in costs.int8 if n in costs.fp32} if costs is not None else {}
     ranked: list[tuple[str, float]] = []
-    if climb.met:
+    met_at_start = climb.met
+    if met_at_start:
         _free_fixes(climb, samples, session)
         choice = ", ".join(c.label for c in climb.kept) or f"{started_from} already meets the target; nothing to change"
     elif _zero_cost_fixes(climb, samples, session):
@@ -258,7 +259,7 @@ def search(
             budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
         head = [u for u in helpful if all(m in budget for m in u)]
         choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, weights, wtotal, unit, head)
-    if climb.prune():
+    if not met_at_start and climb.prune():  # a free gain on a met target is kept, though the target holds without it
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
     result = _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
     if costs is not None:
