@@ -179,8 +179,8 @@ class _Climb:
             if not self.evaluator.flips_more(s, self.score) and (best is None or self.quality(s) > self.quality(best[0])):
                 best = (s, c, edits, built)
         rows = [r for r in self.table[len(self.table) - len(cands):] if not r.outcome.startswith("not applicable")]
-        if best is None or not self.better(best[0], self.score) or (clearly and self.evaluator.as_good(self.score, best[0])):
-            gain = best is not None and self.better(best[0], self.score)
+        gain = best is not None and self.better(best[0], self.score)
+        if not gain or (clearly and self.evaluator.as_good(self.score, best[0])):
             for r in rows:
                 r.outcome = "no clear gain" if gain and r.fix == best[1].label else "no gain"
             return False
@@ -299,7 +299,7 @@ def _size_step(climb: _Climb, measure: Callable[[onnx.ModelProto], dict[str, flo
 def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> bool:
     """Steps 1-3 of the ladder (range algorithm, outlier channels, bias correction); True once the target is met."""
     ctx, evaluator = climb.ctx, climb.evaluator
-    climb.try_each("range", range_fix(ctx, climb.edits, "mse") + range_fix(ctx, climb.edits, "percentile"))
+    climb.try_each("range", _range_candidates(climb))
     if climb.met:
         return True
     # Outliers are found on a few samples; the ranges a clip or an equalization writes are calibration
@@ -313,7 +313,7 @@ def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], sessio
             climb.try_each("outlier", cands)
         if climb.met:
             return True
-    climb.try_each("bias", bias_fix(ctx, climb.edits, climb.built.fixed, climb.built.model, samples, session))
+    climb.try_each("bias", _bias_candidates(climb, samples, session))
     climb.prune()
     return climb.met
 
@@ -321,9 +321,18 @@ def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], sessio
 def _free_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> None:
     """Target met: the fixes that cost nothing at run time (range algorithm, bias correction) are still tried, and
     kept only when they clearly improve the outputs (beyond RESOLUTION_DB): a free gain, never a trade."""
-    ctx = climb.ctx
-    climb.try_each("range", range_fix(ctx, climb.edits, "mse") + range_fix(ctx, climb.edits, "percentile"), clearly=True)
-    climb.try_each("bias", bias_fix(ctx, climb.edits, climb.built.fixed, climb.built.model, samples, session), clearly=True)
+    climb.try_each("range", _range_candidates(climb), clearly=True)
+    climb.try_each("bias", _bias_candidates(climb, samples, session), clearly=True)
+
+
+def _range_candidates(climb: _Climb) -> list[Candidate]:
+    """Step 1's candidates on top of the current edits: mse ranges, percentile ranges."""
+    return range_fix(climb.ctx, climb.edits, "mse") + range_fix(climb.ctx, climb.edits, "percentile")
+
+
+def _bias_candidates(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> list[Candidate]:
+    """Step 3's candidate on top of the current edits and the model they build."""
+    return bias_fix(climb.ctx, climb.edits, climb.built.fixed, climb.built.model, samples, session)
 
 
 def _within_budget(order: list[str], macs: dict[str, float], total: float, taken: int,
