@@ -2,7 +2,8 @@
 
 Rounding weights and inputs moves a layer's mean output (per output channel); the
 shift passes through every later layer. It is measured in isolation, as NNCF's fast
-bias correction does: each quantized Conv/Gemm is evaluated on the fp32 model's own
+bias correction does: each quantized Conv/Gemm, and each MatMul whose bias is the Add
+after it (a Linear as exporters write it: the layers of a transformer), is evaluated on the fp32 model's own
 input, through the same Q/DQ parameters as in the built model, beside its fp32
 original, in one combined graph (one pass per sample for all layers). Isolated
 shifts do not double count: correcting one layer does not change another's.
@@ -20,19 +21,37 @@ from ._onnx import main_opset
 from .graph import tensor_shapes
 from .plan import GraphView
 
-CORRECTABLE = ("Conv", "Gemm")
-"""Layers with a bias slot whose output channels run along axis 1."""
+CORRECTABLE = ("Conv", "Gemm", "MatMul")
+"""Layers whose bias can move: Conv and Gemm (a bias slot, channels along axis 1), MatMul (the Add after it, channels last)."""
 
 
 def correctable(node: onnx.NodeProto, g: GraphView) -> bool:
     """Can this layer's bias take a correction: a Conv, or a Gemm adding C as it is (beta 1), whose weight is its own
-    and whose bias is absent or an initializer of its own?"""
+    and whose bias is absent or an initializer of its own; or a MatMul by a 2-D weight of its own followed by its bias Add?"""
     if node.op_type not in CORRECTABLE or len(node.input) < 2 or len(g.consumer_nodes(node.input[1])) != 1:
         return False
+    if node.op_type == "MatMul":
+        return linear_bias(node, g) is not None
     if node.op_type == "Gemm" and any(a.name == "beta" and a.f != 1.0 for a in node.attribute):
         return False
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     return bias is None or (bias in g.inits and len(g.consumer_nodes(bias)) == 1)
+
+
+def linear_bias(node: onnx.NodeProto, g: GraphView) -> str | None:
+    """The bias of a MatMul (x @ W, W a 2-D initializer [K, N]): the initializer of N values that the Add reading
+    only its output adds, used nowhere else; None when the MatMul has no such Add."""
+    weight = g.inits.get(node.input[1])
+    readers = g.consumer_nodes(node.output[0])
+    if weight is None or len(weight.dims) != 2 or len(readers) != 1 or readers[0].op_type != "Add":
+        return None
+    others = [x for x in readers[0].input if x != node.output[0]]
+    if len(others) != 1 or others[0] not in g.inits or len(g.consumer_nodes(others[0])) != 1:
+        return None
+    dims = list(g.inits[others[0]].dims)
+    if not dims or dims[-1] != weight.dims[1] or int(np.prod(dims)) != weight.dims[1]:
+        return None
+    return others[0]
 
 
 def _channel_axes(rank: int) -> list[int]:
@@ -43,7 +62,7 @@ def shift_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[st
     """The fp32 model plus, per layer, its quantized copy fed the fp32 input and the mean of (fp32 - quantized) per channel.
 
     Returns the combined model and layer -> output holding its shift (shape [channels]).
-    Layers that are not quantized Conv/Gemm in `qdq` are left out.
+    Layers that are not quantized Conv/Gemm/MatMul in `qdq` are left out.
     """
     q = GraphView(qdq)
     f = GraphView(fp32)
@@ -72,7 +91,7 @@ def shift_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[st
         node = q.by_name.get(layer)
         if node is None or layer not in f.by_name or not correctable(f.by_name[layer], f):
             continue
-        rank = 2 if node.op_type == "Gemm" else len(shapes.get(node.output[0]) or ())
+        rank = {"Gemm": 2, "MatMul": 2}.get(node.op_type) or len(shapes.get(node.output[0]) or ())
         if rank < 2:
             continue  # unknown output rank: the channel mean cannot be taken
         prefix = f"hybridq_bc/{layer}/"
@@ -88,6 +107,11 @@ def shift_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[st
         copy.output.append(f"{prefix}y")
         diff = f"{prefix}diff"
         nodes += [copy, helper.make_node("Sub", [node.output[0], f"{prefix}y"], [diff], name=f"{prefix}sub")]
+        if node.op_type == "MatMul":  # any rank (shape inference often loses it in a transformer): rows x channels, as a Gemm
+            rows = numpy_helper.from_array(np.array([-1, f.inits[f.by_name[layer].input[1]].dims[1]], np.int64), f"{prefix}rows")
+            inits.append(rows)
+            nodes.append(helper.make_node("Reshape", [diff, rows.name], [f"{prefix}diff2d"], name=f"{prefix}rows"))
+            diff = f"{prefix}diff2d"
         axes = _channel_axes(rank)
         out = f"{prefix}shift"
         if opset >= 18:
@@ -158,8 +182,10 @@ def apply_in_place(work: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> None
     for layer, shift in shifts.items():
         node = g.by_name[layer]
         shift = np.asarray(shift, np.float64).reshape(-1)
-        if len(node.input) > 2 and node.input[2]:
-            b = node.input[2]
+        b = linear_bias(node, g) if node.op_type == "MatMul" else node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if node.op_type == "MatMul" and b is None:
+            raise ValueError(f"'{layer}' is a MatMul without a bias Add of its own; it cannot be corrected")
+        if b is not None:
             if b not in g.inits:
                 raise ValueError(f"bias of '{layer}' is computed, not an initializer; it cannot be corrected")
             if len(g.consumer_nodes(b)) != 1:

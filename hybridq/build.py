@@ -145,7 +145,7 @@ def resolve_layer_names(
 
 
 def weight_reader(model: onnx.ModelProto, weight: str) -> str | None:
-    """The Conv/Gemm whose weight input is the initializer `weight` (where a bias correction on its entry applies)."""
+    """The Conv/Gemm/MatMul whose weight input is the initializer `weight` (where a bias correction on its entry applies)."""
     if not any(i.name == weight for i in model.graph.initializer):
         return None
     return next((n.name for n in model.graph.node

@@ -67,6 +67,22 @@ def matmul_mlp(seed: int = 1) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("prob", T.FLOAT, ["N", 8])], inits)
 
 
+def linear_3d(seed: int = 4) -> onnx.ModelProto:
+    """Two Linears on a sequence of any length, as transformer exporters write them: x [1,S,32] -> MatMul + Add(b1) ->
+    Relu -> MatMul (no bias) -> y [1,S,16]. A dynamic 3-D input, so ONNX Runtime does not fuse MatMul + Add into a Gemm."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("w1", rng.normal(0, 0.2, (32, 64))), _init("b1", rng.normal(0, 0.1, 64)),
+             _init("w2", rng.normal(0, 0.2, (64, 16)))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+        helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+        helper.make_node("MatMul", ["r1", "w2"], ["y"], name="mm2"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, "S", 32])],
+                  [helper.make_tensor_value_info("y", T.FLOAT, [1, "S", 16])], inits)
+
+
 def two_input(seed: int = 2) -> onnx.ModelProto:
     """Two image inputs a [1,3,8,8] and b [1,3,8,8]: conv each, concat, conv; two outputs."""
     rng = np.random.default_rng(seed)

@@ -95,6 +95,41 @@ def test_bias_correction_shift_equals_a_numpy_recomputation(tmp_path: Path):
         np.testing.assert_allclose(shifts[layer], total / len(samples), rtol=1e-3, atol=1e-5)
 
 
+def test_matmul_bias_correction_is_the_numpy_shift_and_moves_the_add_bias(tmp_path: Path):
+    """A MatMul followed by its bias Add (a Linear): the shift is mean(x W - dq(q(x)) dq(q(W))) over the batch rows,
+    it lands in the Add's bias; a MatMul without a bias Add is not correctable."""
+    from hybridq import api
+
+    m = models.linear_3d()
+    onnx.save(m, tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 32)}, 8)
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws")
+    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
+    temp, qdq = onnx.load(r.model, load_external_data=False), onnx.load(tmp_path / "q.onnx")
+    onnx.load_external_data_for_model(temp, str(tmp_path / "ws"))
+    model, outputs = bias_correction.shift_model(temp, qdq, ["mm1", "mm2"])
+    assert set(outputs) == {"mm1"}  # mm2 has no bias Add to move
+    samples = _samples((1, 8, 32), 5)
+    shift = bias_correction.mean_shifts(session_for(model, basic=False), outputs, samples)["mm1"]
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    s, z = inits["x_scale"].astype(np.float64), inits["x_zero_point"]
+    info = np.iinfo(z.dtype)
+    W = numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == "w1")).astype(np.float64)
+    Wq = inits["w1_quantized"].astype(np.float64) * inits["w1_scale"].astype(np.float64)[None, :]
+    total = 0.0
+    for feeds in samples:
+        x = feeds["x"].astype(np.float64)
+        xq = (np.clip(np.rint(x / s) + z.astype(np.float64), info.min, info.max) - z) * s
+        total = total + (x @ W - xq @ Wq).mean((0, 1))
+    assert np.abs(total).max() > 1e-4  # the rounding moved the mean: the comparison below says something
+    np.testing.assert_allclose(shift, total / len(samples), rtol=1e-3, atol=1e-5)
+    moved = {i.name: numpy_helper.to_array(i) for i in bias_correction.apply(m, {"mm1": shift}).graph.initializer}
+    b1 = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}["b1"]
+    np.testing.assert_allclose(moved["b1"], b1 + shift.astype(np.float32), rtol=1e-6)
+    with pytest.raises(ValueError, match="without a bias Add"):
+        bias_correction.apply(m, {"mm2": np.zeros(16)})
+
+
 def test_bias_correction_adds_the_shift_to_the_bias_or_creates_one():
     m = pm.uninformative_outlier_cnn()
     shift = np.arange(8, dtype=np.float64)
@@ -148,3 +183,27 @@ def test_a_misplaced_fix_in_the_cfg_is_a_clear_error(tmp_path: Path, capsys, ten
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_step2_moves_a_linear_bias_and_refuses_a_matmul_without_one(tmp_path: Path, capsys):
+    """bias_correction on a MatMul's weight entry lands in the Add after it (checked on the built model, with ONNX
+    Runtime: the output moves by the shift); on a MatMul with no bias Add it is a clear error naming the layer."""
+    from hybridq import api
+    from hybridq.cli import main
+
+    onnx.save(models.linear_3d(), tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 32)}, 4)
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws")
+    text = r.cfg.read_text()
+    shift = np.linspace(-0.3, 0.3, 64)
+    api.step2(r.model, r.data, r.cfg, tmp_path / "plain.onnx")
+    r.cfg.write_text(_edit_entry(text, "w1", "bias_correction", "[" + ", ".join(f"{v:.6g}" for v in shift) + "]"))
+    api.step2(r.model, r.data, r.cfg, tmp_path / "moved.onnx")
+    a1 = lambda path: run(_with_outputs(onnx.load(path), ["a1"]), _samples((1, 8, 32), 1)[0])[1]  # noqa: E731
+    np.testing.assert_allclose(a1(tmp_path / "moved.onnx") - a1(tmp_path / "plain.onnx"), np.broadcast_to(shift, (1, 8, 64)), atol=1e-5)
+    r.cfg.write_text(_edit_entry(text, "w2", "bias_correction", "[" + ", ".join(["0.1"] * 16) + "]"))
+    with pytest.raises(SystemExit) as exc:
+        main(["step2", str(r.model), str(r.data), str(r.cfg), "-o", str(tmp_path / "bad.onnx")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "mm2" in err and "without a bias Add" in err and "Traceback" not in err
+    assert not (tmp_path / "bad.onnx").exists()

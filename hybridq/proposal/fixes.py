@@ -185,7 +185,7 @@ def equalize_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candid
 
 def bias_fix(ctx: Context, edits: Edits, fixed: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
              session: Callable[[onnx.ModelProto], Any]) -> list[Candidate]:
-    """Shift each quantized Conv/Gemm's bias by its isolated mean output error over the samples."""
+    """Shift each quantized Conv/Gemm/MatMul-with-bias-Add layer's bias by its isolated mean output error over the samples."""
     layers = [w.node for w in ctx.plan.weights.values() if w.node in ctx.graph.by_name
               and bias_correction.correctable(ctx.graph.by_name[w.node], ctx.graph)]
     model, outputs = bias_correction.shift_model(fixed, qdq, layers)
