@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from . import _runtime, fold
-from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, serialized_within, subgraphs
+from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, save_external, serialized_within, subgraphs
 from .errors import InputError, ModelError, OutputError, did_you_mean
 
 MIN_OPSET = 13
@@ -177,12 +177,14 @@ def _basic_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
     with _temp_dir("hybridq-prep-") as tmp:
         src = os.path.join(tmp, "in.onnx")
         dst = os.path.join(tmp, "out.onnx")
-        large = is_large(model)
+        data = serialized_within(model)  # serialized once: no size pass first
+        large = data is None
         try:
             if large:
                 save_external(model, src, "in.data")
             else:
-                onnx.save_model(model, src)
+                with open(src, "wb") as f:
+                    f.write(data)
         except OSError as exc:
             raise OutputError(
                 f"Cannot write a temporary copy of the model into '{tmp}': {exc.strerror or exc}. "
@@ -203,8 +205,9 @@ def _basic_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape and type inference; the model is returned unchanged when inference fails on an exotic op."""
     try:
-        if not is_large(model):
-            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        data = serialized_within(model)
+        if data is not None:
+            return onnx.shape_inference.infer_shapes(data, data_prop=True)
         # A proto over 2 GB cannot be serialised in memory: infer through files with external data.
         with tempfile.TemporaryDirectory(prefix="hybridq-shapes-") as tmp:
             src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
