@@ -18,6 +18,7 @@ import datetime as dt
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -125,19 +126,25 @@ def cpu_ms(paths: dict[str, Path], x: np.ndarray, rounds: int, runs: int) -> dic
     return best
 
 
-def step1_wall(name: str, model: Path, dataset: Path, n: int) -> dict:
-    """Whole-process wall time of ORT quantize_static MinMax and of hybridq step1 (cold and warm cost cache) at n samples."""
+def step1_wall(name: str, model: Path, dataset: Path, n: int, rounds: int) -> dict:
+    """Whole-process wall time of ORT quantize_static MinMax and of hybridq step1 at n samples: one cold step1 (measures
+    the cost model), then `rounds` interleaved rounds of ORT and a warm step1 (cost table reused); medians and ranges."""
     work = WORK / name / f"wall_{n}"
     ds = ppocr.repeat_dataset(dataset, n, dataset.parent / f"dataset_{n}.txt")
     ort_out = work / "ort.onnx"
     cmd = [sys.executable, str(bench_run.PPOCR_PY), "ort-quantize", str(model), str(ds), str(ort_out)]
-    ort = bench_run.run_measured(cmd, work / "ort.log")
     wd = work / "hq"
     shutil.rmtree(wd, ignore_errors=True)
     step1 = bench_run.hybridq_cmd() + ["step1", str(model), "--dataset", str(ds), "--out", str(wd)]
     cold = bench_run.run_measured(step1, work / "hq_cold.log")
-    warm = bench_run.run_measured(step1, work / "hq_warm.log")
-    return {"model": name, "n": n, "ort": ort.wall_s, "cold": cold.wall_s, "warm": warm.wall_s, "ok": ort.ok and cold.ok and warm.ok}
+    ort, warm = [], []
+    for _ in range(rounds):
+        ort.append(bench_run.run_measured(cmd, work / "ort.log"))
+        warm.append(bench_run.run_measured(step1, work / "hq_warm.log"))
+    return {"model": name, "n": n, "rounds": rounds, "cold": cold.wall_s,
+            "ort": statistics.median(r.wall_s for r in ort), "ort_range": (min(r.wall_s for r in ort), max(r.wall_s for r in ort)),
+            "warm": statistics.median(r.wall_s for r in warm), "warm_range": (min(r.wall_s for r in warm), max(r.wall_s for r in warm)),
+            "ok": cold.ok and all(r.ok for r in ort + warm)}
 
 
 def render(lat_rows: list[dict], wall_rows: list[dict], args: argparse.Namespace, seconds: float) -> str:
@@ -169,12 +176,15 @@ def render(lat_rows: list[dict], wall_rows: list[dict], args: argparse.Namespace
                        f"| {cpu:.3f} | {100 * (p - cpu) / cpu:+.1f} % |")
     out += ["", "The last column compares the predicted int8/fp32 ratio with the measured one: on a loaded machine step1's "
             "timings and the latency rounds see different loads, and the ratio cancels the difference."]
+    rounds = wall_rows[0]["rounds"] if wall_rows else args.wall_rounds
     out += ["", "step1 wall time (whole process, s) against ORT quantize_static MinMax; cold = first step1 in a workspace "
-            "(measures the cost model), warm = the cost table reused from the workspace cache.", "",
+            f"(measures the cost model), one run; ORT and warm (the cost table reused from the workspace cache): median "
+            f"(range) of {rounds} interleaved rounds.", "",
             "| model | samples | ORT quantize_static | hybridq step1 cold | hybridq step1 warm | warm / ORT |", "|---|---|---|---|---|---|"]
     for w in wall_rows:
-        out.append(f"| {w['model']} | {w['n']} | {w['ort']:.2f} | {w['cold']:.2f} | {w['warm']:.2f} | {w['warm'] / w['ort']:.2f}x |"
-                   + ("" if w["ok"] else " (a run failed: see bench/.cache/cost logs)"))
+        (olo, ohi), (wlo, whi) = w["ort_range"], w["warm_range"]
+        out.append(f"| {w['model']} | {w['n']} | {w['ort']:.2f} ({olo:.2f}-{ohi:.2f}) | {w['cold']:.2f} | {w['warm']:.2f} ({wlo:.2f}-{whi:.2f}) "
+                   f"| {w['warm'] / w['ort']:.2f}x |" + ("" if w["ok"] else " (a run failed: see bench/.cache/cost logs)"))
     out += ["", f"1-min load average at the end: {os.getloadavg()[0]:.2f} (2 cores; above ~0.5 other work was running).", END]
     return "\n".join(out)
 
@@ -184,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="rec,det,cls,resnet18")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-wall", action="store_true", help="skip the step1 wall-time table")
+    ap.add_argument("--wall-rounds", type=int, default=5, help="interleaved ORT / warm step1 rounds per wall-time row (median kept)")
     ap.add_argument("--no-write", action="store_true", help="print the section, do not touch RESULTS.md")
     args = ap.parse_args(argv)
     args.runs = {"rec": 10, "cls": 200, "det": 5, "resnet18": 10}  # cls: 0.8 ms a run, 2-thread medians need more
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, n in (("cls", 10), ("cls", 100), ("rec", 10), ("rec", 100), ("small detector", 24)):
             if name in data:
                 bench_run.log(f"[{name}] step1 wall at {n} samples")
-                wall_rows.append(step1_wall(name.replace(" ", "_"), *data[name], n) | {"model": name})
+                wall_rows.append(step1_wall(name.replace(" ", "_"), *data[name], n, args.wall_rounds) | {"model": name})
     text = render(lat_rows, wall_rows, args, time.time() - t0)
     print(text)
     if not args.no_write:
