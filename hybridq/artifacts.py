@@ -29,7 +29,7 @@ from onnx import external_data_helper
 
 from ._fs import publish_all, staging
 from .errors import ArtifactMismatchError, InputError, OutputError
-from ._onnx import serialized_within, tag_external
+from ._onnx import is_large, tag_external
 from .observers import HistogramObserver, observer_kind
 
 FORMAT_VERSION = 1
@@ -56,15 +56,14 @@ def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
     with staging(path.parent) as tmp:
         target = tmp / path.name
         try:
-            data = serialized_within(model)  # serialized once: no size pass first
-            if data is None:
+            if is_large(model):
                 big = onnx.ModelProto()
                 big.CopyFrom(model)
                 tag_external(big, path.name + ".data", min_bytes=1024)
                 onnx.save_model(big, str(target))
                 publish_all([(tmp / (path.name + ".data"), path.parent / (path.name + ".data")), (target, path)], tmp)
             else:
-                target.write_bytes(data)
+                onnx.save_model(model, str(target))
                 publish_all([(target, path)], tmp)
         except OSError as exc:
             raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}. Check the directory is writable and has space.") from exc

@@ -1,24 +1,24 @@
-"""Bias correction: the mean output shift each quantized layer adds on its own, and the bias that cancels it.
+"""Bias correction: the mean output shift of each quantized layer in the model as it runs, and the bias that cancels it.
 
-Rounding weights and inputs moves a layer's mean output (per output channel); the
-shift passes through every later layer. It is measured in isolation, as NNCF's fast
-bias correction does: each quantized Conv/Gemm, and each MatMul whose bias is the Add
-after it (a Linear as exporters write it: the layers of a transformer), is evaluated on the fp32 model's own
-input, through the same Q/DQ parameters as in the built model, beside its fp32
-original, in one combined graph (one pass per sample for all layers). Isolated
-shifts do not double count: correcting one layer does not change another's.
+Rounding weights and activations moves a layer's mean output (per output channel),
+and the shifts of earlier layers arrive with its input. Each quantized Conv/Gemm, and
+each MatMul whose bias is the Add after it (a Linear as exporters write it: the layers
+of a transformer), is corrected in topological order by the mean difference between
+its fp32 output and its output in the quantized model with the corrections before it in
+place, as NNCF's BiasCorrection does. Measured in isolation instead (the layer alone on
+fp32 inputs, NNCF's fast variant), the shifts do not add up to the model's: on PP-OCR
+rec the isolated correction lowered character accuracy (0.969 -> 0.938), the
+cumulative one raised it (0.983), and held-out output SNR rose 11.8 -> 14.0 dB.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._onnx import main_opset
-from .graph import tensor_shapes
 from .plan import GraphView
 
 CORRECTABLE = ("Conv", "Gemm", "MatMul")
@@ -54,117 +54,93 @@ def linear_bias(node: onnx.NodeProto, g: GraphView) -> str | None:
     return others[0]
 
 
-def _channel_axes(rank: int) -> list[int]:
-    return [a for a in range(rank) if a != 1]
+def channels(node: onnx.NodeProto, g: GraphView) -> int:
+    """Output channels of a correctable layer, from its weight: Conv dims[0], Gemm by transB, MatMul dims[1]."""
+    dims = list(g.inits[node.input[1]].dims)
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return dims[0] if trans_b else dims[1]
+    return dims[1] if node.op_type == "MatMul" else dims[0]
 
 
-def shift_model(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """The fp32 model plus, per layer, its quantized copy fed the fp32 input and the mean of (fp32 - quantized) per channel.
+def channel_mean(value: np.ndarray, op_type: str) -> np.ndarray:
+    """Per-channel mean of a layer output (float64): channels last for MatMul, along axis 1 otherwise."""
+    v = np.asarray(value, np.float64)
+    if op_type == "MatMul":
+        return v.reshape(-1, v.shape[-1]).mean(0)
+    return np.moveaxis(v, 1, -1).reshape(-1, v.shape[1]).mean(0)
 
-    Returns the combined model and layer -> output holding its shift (shape [channels]).
-    Layers that are not quantized Conv/Gemm/MatMul in `qdq` are left out.
+
+def cumulative_shifts(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Iterable[str], samples: list[dict[str, np.ndarray]],
+                      session: Callable[[onnx.ModelProto], Any]) -> dict[str, np.ndarray]:
+    """Each layer's mean output error (fp32 - quantized, per channel) in the quantized model as it runs, layers in
+    topological order, each measured with the corrections of those before it in place. One pass over the samples
+    per layer, the corrections fed as inputs of one session. Layers whose weight is not quantized in `qdq` are left out.
     """
-    q = GraphView(qdq)
-    f = GraphView(fp32)
-    work = onnx.ModelProto()
-    work.CopyFrom(fp32)
-    del work.opset_import[:]
-    work.opset_import.extend(qdq.opset_import)
-    opset = main_opset(qdq)
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-    copied: set[str] = set()
-    outputs: dict[str, str] = {}
-
-    def copy_init(name: str, prefix: str) -> str:
-        new = f"{prefix}{name}"
-        if new not in copied:
-            t = onnx.TensorProto()
-            t.CopyFrom(q.inits[name])
-            t.name = new
-            inits.append(t)
-            copied.add(new)
-        return new
-
-    shapes = tensor_shapes(fp32)
-    for layer in layers:
-        node = q.by_name.get(layer)
-        if node is None or layer not in f.by_name or not correctable(f.by_name[layer], f):
-            continue
-        rank = {"Gemm": 2, "MatMul": 2}.get(node.op_type) or len(shapes.get(node.output[0]) or ())
-        if rank < 2:
-            continue  # unknown output rank: the channel mean cannot be taken
-        prefix = f"hybridq_bc/{layer}/"
-        new_inputs = _quantized_inputs(q, node, prefix, copy_init, nodes)
-        if new_inputs is None:
-            continue
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = f"{prefix}{node.name}"
-        del copy.input[:]
-        copy.input.extend(new_inputs)
-        del copy.output[:]
-        copy.output.append(f"{prefix}y")
-        diff = f"{prefix}diff"
-        nodes += [copy, helper.make_node("Sub", [node.output[0], f"{prefix}y"], [diff], name=f"{prefix}sub")]
-        if node.op_type == "MatMul":  # any rank (shape inference often loses it in a transformer): rows x channels, as a Gemm
-            rows = numpy_helper.from_array(np.array([-1, f.inits[f.by_name[layer].input[1]].dims[1]], np.int64), f"{prefix}rows")
-            inits.append(rows)
-            nodes.append(helper.make_node("Reshape", [diff, rows.name], [f"{prefix}diff2d"], name=f"{prefix}rows"))
-            diff = f"{prefix}diff2d"
-        axes = _channel_axes(rank)
-        out = f"{prefix}shift"
-        if opset >= 18:
-            axes_init = numpy_helper.from_array(np.array(axes, np.int64), f"{prefix}axes")
-            inits.append(axes_init)
-            nodes.append(helper.make_node("ReduceMean", [diff, axes_init.name], [out], name=f"{prefix}mean", keepdims=0))
-        else:
-            nodes.append(helper.make_node("ReduceMean", [diff], [out], name=f"{prefix}mean", axes=axes, keepdims=0))
-        outputs[layer] = out
-    work.graph.node.extend(nodes)
-    work.graph.initializer.extend(inits)
-    del work.graph.output[:]
-    work.graph.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs.values())
-    return work, outputs
-
-
-def _quantized_inputs(q: GraphView, node: onnx.NodeProto, prefix: str, copy_init: Callable[[str, str], str],
-                      nodes: list[onnx.NodeProto]) -> list[str] | None:
-    """The inputs of `node`'s copy: each Q/DQ (or weight DQ) it reads, copied to read the fp32 tensor instead; None
-    when the layer reads nothing quantized."""
-    new_inputs: list[str] = []
-    quantized = False
-    for x in node.input:
-        dq = q.producer_node(x)
-        if dq is None or dq.op_type != "DequantizeLinear":
-            new_inputs.append(x)
-            continue
-        quantized = True
-        params = [copy_init(p, prefix) for p in dq.input[1:]]
-        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
-        src = dq.input[0]
-        qn = q.producer_node(src)
-        if qn is not None and qn.op_type == "QuantizeLinear":
-            qparams = [copy_init(p, prefix) for p in qn.input[1:]]
-            nodes.append(helper.make_node("QuantizeLinear", [qn.input[0], *qparams], [f"{prefix}{src}"], name=f"{prefix}{qn.name}", domain=qn.domain))
-            src = f"{prefix}{src}"
-        else:
-            src = copy_init(src, prefix)
-        nodes.append(helper.make_node("DequantizeLinear", [src, *params], [f"{prefix}{x}"], name=f"{prefix}{dq.name}", domain=dq.domain, **attrs))
-        new_inputs.append(f"{prefix}{x}")
-    return new_inputs if quantized else None
-
-
-def mean_shifts(session, outputs: dict[str, str], samples: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Average each layer's per-channel shift over the samples (float64 sums, sample order kept)."""
-    names = list(outputs.values())
-    sums: dict[str, np.ndarray] = {}
-    n = 0
+    f, q = GraphView(fp32), GraphView(qdq)
+    wanted = set(layers)
+    order = [n.name for n in qdq.graph.node if n.name in wanted and n.name in f.by_name and correctable(f.by_name[n.name], f)
+             and _dequantized(q, n.input[1])]
+    if not order:
+        return {}
+    ref = onnx.ModelProto()
+    ref.CopyFrom(fp32)
+    del ref.graph.output[:]
+    ref.graph.output.extend(helper.make_tensor_value_info(f.by_name[n].output[0], onnx.TensorProto.FLOAT, None) for n in order)
+    sums = {n: 0.0 for n in order}
+    ref_sess = session(ref)
     for feeds in samples:
-        for layer, value in zip(outputs, session.run(names, feeds)):
-            sums[layer] = sums.get(layer, 0.0) + np.asarray(value, np.float64).reshape(-1)
-        n += 1
-    return {k: v / max(n, 1) for k, v in sums.items()}
+        for n, v in zip(order, ref_sess.run(None, feeds)):
+            sums[n] = sums[n] + channel_mean(v, f.by_name[n].op_type)
+    target = {n: v / max(len(samples), 1) for n, v in sums.items()}
+    work, raw, shape = _with_correction_inputs(qdq, order, f)
+    sess = session(work)
+    corr = {n: np.zeros(shape[n], np.float32) for n in order}
+    shifts: dict[str, np.ndarray] = {}
+    for n in order:
+        total = 0.0
+        for feeds in samples:
+            value = sess.run([raw[n]], {**feeds, **{f"hybridq_bc/{k}": v for k, v in corr.items()}})[0]
+            total = total + channel_mean(value, f.by_name[n].op_type)
+        shifts[n] = target[n] - total / max(len(samples), 1)
+        corr[n] = shifts[n].astype(np.float32).reshape(shape[n])
+    return shifts
+
+
+def _dequantized(q: GraphView, tensor: str) -> bool:
+    """Is `tensor` a DequantizeLinear output (the layer's weight quantized)?"""
+    producer = q.producer_node(tensor)
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+def _with_correction_inputs(qdq: onnx.ModelProto, order: list[str], f: GraphView) -> tuple[onnx.ModelProto, dict[str, str], dict[str, tuple[int, ...]]]:
+    """A copy of `qdq` where each layer writes `<out>/hybridq_raw` and an Add of the input `hybridq_bc/<layer>` gives
+    `<out>` (what the bias would add); returns it, layer -> raw output, layer -> correction shape."""
+    work = onnx.ModelProto()
+    work.CopyFrom(qdq)
+    wanted = set(order)
+    raw: dict[str, str] = {}
+    shape: dict[str, tuple[int, ...]] = {}
+    nodes: list[onnx.NodeProto] = []
+    for old in work.graph.node:
+        node = onnx.NodeProto()
+        node.CopyFrom(old)
+        nodes.append(node)
+        if node.name not in wanted:
+            continue
+        fnode = f.by_name[node.name]
+        c = channels(fnode, f)
+        rank = len(f.inits[fnode.input[1]].dims) if fnode.op_type == "Conv" else 2
+        shape[node.name] = (c,) if fnode.op_type == "MatMul" else (1, c) + (1,) * (rank - 2)
+        out = node.output[0]
+        raw[node.name] = f"{out}/hybridq_raw"
+        node.output[0] = raw[node.name]
+        nodes.append(helper.make_node("Add", [raw[node.name], f"hybridq_bc/{node.name}"], [out], name=f"hybridq_bc/{node.name}/add"))
+        work.graph.input.append(helper.make_tensor_value_info(f"hybridq_bc/{node.name}", onnx.TensorProto.FLOAT, list(shape[node.name])))
+        work.graph.output.append(helper.make_tensor_value_info(raw[node.name], onnx.TensorProto.FLOAT, None))
+    del work.graph.node[:]
+    work.graph.node.extend(nodes)
+    return work, raw, shape
 
 
 def apply(model: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> onnx.ModelProto:

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from . import _runtime, fold
-from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, save_external, serialized_within, subgraphs
+from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, serialized_within, subgraphs
 from .errors import InputError, ModelError, OutputError, did_you_mean
 
 MIN_OPSET = 13
@@ -177,14 +177,12 @@ def _basic_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
     with _temp_dir("hybridq-prep-") as tmp:
         src = os.path.join(tmp, "in.onnx")
         dst = os.path.join(tmp, "out.onnx")
-        data = serialized_within(model)  # serialized once: no size pass first
-        large = data is None
+        large = is_large(model)
         try:
             if large:
                 save_external(model, src, "in.data")
             else:
-                with open(src, "wb") as f:
-                    f.write(data)
+                onnx.save_model(model, src)
         except OSError as exc:
             raise OutputError(
                 f"Cannot write a temporary copy of the model into '{tmp}': {exc.strerror or exc}. "

@@ -61,8 +61,9 @@ def test_equalization_refuses_sites_it_cannot_rescale(tensor, reason):
     assert isinstance(site, str)
 
 
-def test_bias_correction_shift_equals_a_numpy_recomputation(tmp_path: Path):
-    """The isolated mean shift of each Gemm: mean(x W^T + b - (dq(q(x)) dq(q(W))^T + dq(q(b)))) with the built model's parameters."""
+def test_bias_correction_is_the_cumulative_numpy_shift(tmp_path: Path):
+    """Each Gemm's shift in the model as it runs, earlier layers corrected: c_k = mean(h_k - h_k^q(c_1..c_k-1)), where
+    h^q takes dq(q(.)) of its input with the built model's parameters; recomputed in numpy layer by layer."""
     from hybridq import api
 
     m = pm.informative_outlier_gemm()
@@ -72,31 +73,42 @@ def test_bias_correction_shift_equals_a_numpy_recomputation(tmp_path: Path):
     api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
     temp, qdq = onnx.load(r.model, load_external_data=False), onnx.load(tmp_path / "q.onnx")
     onnx.load_external_data_for_model(temp, str(tmp_path / "ws"))
-    model, outputs = bias_correction.shift_model(temp, qdq, ["fc1", "fc2", "fc3"])
     samples = _samples((16, 32), 6)
-    shifts = bias_correction.mean_shifts(session_for(model, basic=False), outputs, samples)
+    shifts = bias_correction.cumulative_shifts(temp, qdq, ["fc1", "fc2", "fc3"], samples, lambda mm: session_for(mm, basic=False))
     assert set(shifts) == {"fc1", "fc2", "fc3"}
     inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    fp = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in temp.graph.initializer}
 
     def fq(x, name):
         s, z = inits[f"{name}_scale"].astype(np.float64), inits[f"{name}_zero_point"]
         info = np.iinfo(z.dtype)
         return (np.clip(np.rint(x / s) + z.astype(np.float64), info.min, info.max) - z) * s
 
-    for layer, inp, w, b in (("fc1", "x", "w1", "b1"), ("fc2", "r1", "w2", "b2"), ("fc3", "r2", "w3", "b3")):
-        W = numpy_helper.to_array(next(i for i in temp.graph.initializer if i.name == w)).astype(np.float64)
-        B = numpy_helper.to_array(next(i for i in temp.graph.initializer if i.name == b)).astype(np.float64)
-        Wq = (inits[f"{w}_quantized"].astype(np.float64) * inits[f"{w}_scale"].astype(np.float64)[:, None])
-        Bq = inits[f"{b}_quantized"].astype(np.float64) * inits[f"{b}_scale"].astype(np.float64)
-        total = 0.0
-        for feeds in samples:
-            x = (feeds["x"] if inp == "x" else run(_with_outputs(temp, [inp]), feeds)[1]).astype(np.float64)
-            total = total + (x @ W.T + B - (fq(x, inp) @ Wq.T + Bq)).mean(0)
-        np.testing.assert_allclose(shifts[layer], total / len(samples), rtol=1e-3, atol=1e-5)
+    layers = (("x", "w1", "b1"), ("r1", "w2", "b2"), ("r2", "w3", "b3"))
+
+    def forward(x, c, quantized):
+        outs = []
+        for k, (inp, w, b) in enumerate(layers):
+            if quantized:
+                W = inits[f"{w}_quantized"].astype(np.float64) * inits[f"{w}_scale"].astype(np.float64)[:, None]
+                h = fq(x, inp) @ W.T + inits[f"{b}_quantized"].astype(np.float64) * inits[f"{b}_scale"].astype(np.float64) + c[k]
+            else:
+                h = x @ fp[w].T + fp[b]
+            outs.append(h)
+            x = np.maximum(h, 0.0)
+        return outs
+
+    c = [np.zeros(32), np.zeros(32), np.zeros(8)]
+    for k in range(3):
+        diff = [f[k] - q[k] for f, q in ((forward(s["x"].astype(np.float64), c, False), forward(s["x"].astype(np.float64), c, True)) for s in samples)]
+        c[k] = np.mean([d.mean(0) for d in diff], axis=0)
+    assert np.abs(c[2]).max() > 1e-3  # the rounding moved the last layer's mean: the comparison says something
+    for k, layer in enumerate(("fc1", "fc2", "fc3")):
+        np.testing.assert_allclose(shifts[layer], c[k], rtol=1e-3, atol=1e-4)
 
 
 def test_matmul_bias_correction_is_the_numpy_shift_and_moves_the_add_bias(tmp_path: Path):
-    """A MatMul followed by its bias Add (a Linear): the shift is mean(x W - dq(q(x)) dq(q(W))) over the batch rows,
+    """A MatMul followed by its bias Add (a Linear), the first layer: the shift is mean(x W - dq(q(x)) dq(q(W))) over the rows,
     it lands in the Add's bias; a MatMul without a bias Add is not correctable."""
     from hybridq import api
 
@@ -107,10 +119,10 @@ def test_matmul_bias_correction_is_the_numpy_shift_and_moves_the_add_bias(tmp_pa
     api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
     temp, qdq = onnx.load(r.model, load_external_data=False), onnx.load(tmp_path / "q.onnx")
     onnx.load_external_data_for_model(temp, str(tmp_path / "ws"))
-    model, outputs = bias_correction.shift_model(temp, qdq, ["mm1", "mm2"])
-    assert set(outputs) == {"mm1"}  # mm2 has no bias Add to move
     samples = _samples((1, 8, 32), 5)
-    shift = bias_correction.mean_shifts(session_for(model, basic=False), outputs, samples)["mm1"]
+    shifts = bias_correction.cumulative_shifts(temp, qdq, ["mm1", "mm2"], samples, lambda mm: session_for(mm, basic=False))
+    assert set(shifts) == {"mm1"}  # mm2 has no bias Add to move
+    shift = shifts["mm1"]
     inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
     s, z = inits["x_scale"].astype(np.float64), inits["x_zero_point"]
     info = np.iinfo(z.dtype)

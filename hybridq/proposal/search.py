@@ -320,9 +320,12 @@ def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], sessio
 
 def _free_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> None:
     """Target met: the fixes that cost nothing at run time (range algorithm, bias correction) are still tried, and
-    kept only when they clearly improve the outputs (beyond RESOLUTION_DB): a free gain, never a trade."""
-    climb.try_each("range", _range_candidates(climb), clearly=True)
-    climb.try_each("bias", _bias_candidates(climb, samples, session), clearly=True)
+    kept only when they clearly improve the outputs (beyond RESOLUTION_DB): a free gain, never a trade. A bias
+    correction changes what the ranges see, so the range rung is tried once more after one is kept: proposing again
+    on the result then finds nothing left to gain."""
+    ranged = climb.try_each("range", _range_candidates(climb), clearly=True)
+    if climb.try_each("bias", _bias_candidates(climb, samples, session), clearly=True) and not ranged:
+        climb.try_each("range", _range_candidates(climb), clearly=True)
 
 
 def _range_candidates(climb: _Climb) -> list[Candidate]:
