@@ -81,7 +81,7 @@ def cumulative_shifts(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Itera
     wanted = set(layers)
     order = [n.name for n in qdq.graph.node if n.name in wanted and n.name in f.by_name and correctable(f.by_name[n.name], f)
              and _dequantized(q, n.input[1])]
-    if not order:
+    if not order or not samples:
         return {}
     ref = onnx.ModelProto()
     ref.CopyFrom(fp32)
