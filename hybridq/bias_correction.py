@@ -92,17 +92,15 @@ def cumulative_shifts(fp32: onnx.ModelProto, qdq: onnx.ModelProto, layers: Itera
     for feeds in samples:
         for n, v in zip(order, ref_sess.run(None, feeds)):
             sums[n] = sums[n] + channel_mean(v, f.by_name[n].op_type)
-    target = {n: v / max(len(samples), 1) for n, v in sums.items()}
+    target = {n: v / len(samples) for n, v in sums.items()}
     work, raw, shape = _with_correction_inputs(qdq, order, f)
     sess = session(work)
     corr = {n: np.zeros(shape[n], np.float32) for n in order}
     shifts: dict[str, np.ndarray] = {}
     for n in order:
-        total = 0.0
-        for feeds in samples:
-            value = sess.run([raw[n]], {**feeds, **{f"hybridq_bc/{k}": v for k, v in corr.items()}})[0]
-            total = total + channel_mean(value, f.by_name[n].op_type)
-        shifts[n] = target[n] - total / max(len(samples), 1)
+        fed = {f"hybridq_bc/{k}": v for k, v in corr.items()}
+        total = sum(channel_mean(sess.run([raw[n]], {**feeds, **fed})[0], f.by_name[n].op_type) for feeds in samples)
+        shifts[n] = target[n] - total / len(samples)
         corr[n] = shifts[n].astype(np.float32).reshape(shape[n])
     return shifts
 
@@ -158,9 +156,12 @@ def apply_in_place(work: onnx.ModelProto, shifts: dict[str, np.ndarray]) -> None
     for layer, shift in shifts.items():
         node = g.by_name[layer]
         shift = np.asarray(shift, np.float64).reshape(-1)
-        b = linear_bias(node, g) if node.op_type == "MatMul" else node.input[2] if len(node.input) > 2 and node.input[2] else None
-        if node.op_type == "MatMul" and b is None:
-            raise ValueError(f"'{layer}' is a MatMul without a bias Add of its own; it cannot be corrected")
+        if node.op_type == "MatMul":
+            b = linear_bias(node, g)
+            if b is None:
+                raise ValueError(f"'{layer}' is a MatMul without a bias Add of its own; it cannot be corrected")
+        else:
+            b = node.input[2] if len(node.input) > 2 and node.input[2] else None
         if b is not None:
             if b not in g.inits:
                 raise ValueError(f"bias of '{layer}' is computed, not an initializer; it cannot be corrected")

@@ -103,6 +103,11 @@ def test_bias_correction_is_the_cumulative_numpy_shift(tmp_path: Path):
         diff = [f[k] - q[k] for f, q in ((forward(s["x"].astype(np.float64), c, False), forward(s["x"].astype(np.float64), c, True)) for s in samples)]
         c[k] = np.mean([d.mean(0) for d in diff], axis=0)
     assert np.abs(c[2]).max() > 1e-3  # the rounding moved the last layer's mean: the comparison says something
+    # fc3 alone on fp32 inputs (the isolated shift) is a different figure: the test tells the two apart
+    iso = np.mean([(forward(s["x"].astype(np.float64), c, False)[2] - fq(np.maximum(forward(s["x"].astype(np.float64), c, False)[1], 0), "r2")
+                    @ (inits["w3_quantized"] * inits["w3_scale"][:, None]).astype(np.float64).T
+                    - inits["b3_quantized"] * inits["b3_scale"].astype(np.float64)).mean(0) for s in samples], axis=0)
+    assert np.abs(iso - c[2]).max() > 10 * (1e-4 + 1e-3 * np.abs(c[2]).max())
     for k, layer in enumerate(("fc1", "fc2", "fc3")):
         np.testing.assert_allclose(shifts[layer], c[k], rtol=1e-3, atol=1e-4)
 
