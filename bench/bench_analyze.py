@@ -16,7 +16,10 @@ same N calib samples times
 The three are timed in `--rounds` interleaved rounds and the best of each is
 kept, so a slow spell of the shared machine does not favour either side.
 
-Goal: analyze <= 3 x (fp32 + quant). The section between
+Goal (issue 19): analyze's total time, setup included, <= 3 x one fp32 + one quant pass
+over the N samples on rec and det, <= 5 x on cls. Both readings of "a pass" are shown: the
+runs alone (sessions already made), and a cold pass (session created from the file, then the
+runs), which pays a setup as analyze's total does. The section between
 `<!-- analyze:begin -->` and `<!-- analyze:end -->` in bench/RESULTS.md is
 replaced (created when missing); the rest of the file is left alone.
 Models and data come from bench/ppocr.py (read-only use).
@@ -45,6 +48,8 @@ import results_md  # noqa: E402
 
 BEGIN, END = results_md.markers("analyze")
 RESULTS = HERE / "RESULTS.md"
+GOAL = {"cls": 5.0}
+"""Issue 19's bound on the total ratio per model (3x elsewhere)."""
 
 
 def build_quant(task: ppocr.Task, work: Path, calib_n: int) -> tuple[Path, Path]:
@@ -65,8 +70,9 @@ def build_quant(task: ppocr.Task, work: Path, calib_n: int) -> tuple[Path, Path]
     return calib, out
 
 
-def time_passes(model: Path, feeds: list[dict[str, np.ndarray]], rounds: int = 3, exact_int8: bool = False) -> float:
-    """Seconds per sample of a default ORT CPU session (best of ``rounds`` passes over ``feeds``, 1 warm-up run).
+def time_passes(model: Path, feeds: list[dict[str, np.ndarray]], rounds: int = 3, exact_int8: bool = False) -> tuple[float, float]:
+    """(seconds per sample, seconds to create the session from the file) of a default ORT CPU session (best of
+    ``rounds`` passes over ``feeds``, 1 warm-up run).
 
     ``exact_int8``: with ``session.x64quantprecision=1``, the exact int8 kernels analyze runs on CPUs without VNNI.
     """
@@ -76,7 +82,9 @@ def time_passes(model: Path, feeds: list[dict[str, np.ndarray]], rounds: int = 3
     so.log_severity_level = 3
     if exact_int8:
         so.add_session_config_entry("session.x64quantprecision", "1")
+    t = time.perf_counter()
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    created = time.perf_counter() - t
     sess.run(None, feeds[0])
     best = float("inf")
     for _ in range(rounds):
@@ -84,7 +92,7 @@ def time_passes(model: Path, feeds: list[dict[str, np.ndarray]], rounds: int = 3
         for f in feeds:
             sess.run(None, f)
         best = min(best, (time.perf_counter() - t) / len(feeds))
-    return best
+    return best, created
 
 
 def time_analyze(fp: Path, qp: Path, feeds: list[dict[str, np.ndarray]]) -> tuple[float, float, int]:
@@ -119,24 +127,29 @@ def render(rows: list[dict], cmd: str, n: int, rounds: int) -> str:
            "faster, saturating quant pass."] if exact else []),
         "",
         "| model | layers | fp32 ms/sample | quant ms/sample | " + ("quant exact ms/sample | " if exact else "")
-        + "analyze ms/sample | analyze total s (setup incl.) | ratio per sample | ratio total | goal <= 3x |",
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if exact else ""),
+        + "fp32 + quant session creation ms | analyze ms/sample | analyze total s (setup incl.) | ratio per sample "
+        "| ratio total (runs alone) | ratio total (cold passes) | goal (total) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if exact else ""),
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | n/a | | | | | | |{' |' if exact else ''} {r['error']} |")
+            lines.append(f"| {r['model']} | n/a | | | | | | | | |{' |' if exact else ''} {r['error']} |")
             continue
         base = r["fp32"] + r["quant"]
-        rs, rt = r["per"] / base, r["total"] / (n * base)
+        rs, rt, rc = r["per"] / base, r["total"] / (n * base), r["total"] / (n * base + r["open"])
+        goal = GOAL.get(r["model"], 3.0)
+        verdict = "met" if rt <= goal else "met for cold passes only" if rc <= goal else "not met"
         qx = f" {r['quant_exact'] * 1e3:.1f} |" if exact else ""
         lines.append(
-            f"| {r['model']} | {r['layers']} | {r['fp32'] * 1e3:.1f} | {r['quant'] * 1e3:.1f} |{qx} {r['per'] * 1e3:.1f} "
-            f"| {r['total']:.2f} | {rs:.2f}x | {rt:.2f}x | {'met' if rs <= 3 else 'not met'} |"
+            f"| {r['model']} | {r['layers']} | {r['fp32'] * 1e3:.1f} | {r['quant'] * 1e3:.1f} |{qx} {r['open'] * 1e3:.0f} "
+            f"| {r['per'] * 1e3:.1f} | {r['total']:.2f} | {rs:.2f}x | {rt:.2f}x | {rc:.2f}x | <= {goal:g}x: {verdict} |"
         )
     lines += [
         "",
-        "Ratio per sample = analyze per-sample time / (fp32 + quant); ratio total also charges analyze's "
-        "one-off graph building and session creation to the N samples.",
+        "Ratio per sample = analyze per-sample time / (fp32 + quant); ratio total = analyze's whole time (graph "
+        "building and session creation included) / N x (fp32 + quant), the runs alone; cold passes add the two "
+        "sessions' creation from the model files to the denominator. The goal is judged on the runs alone; "
+        "'met for cold passes only' says it holds on the other reading.",
         END,
     ]
     return "\n".join(lines) + "\n"
@@ -168,15 +181,15 @@ def main(argv: list[str] | None = None) -> int:
             in_name = ort.InferenceSession(str(task.model), providers=["CPUExecutionProvider"]).get_inputs()[0].name
             feeds = [{in_name: f["x"]} for f in feeds]
             # rounds interleaved, best of each: a slow spell on a shared machine hits all three alike
-            fp32 = quant = quant_exact = per = total = float("inf")
+            fp32 = quant = quant_exact = per = total = fp32_open = quant_open = float("inf")
             for _ in range(args.rounds):
-                fp32 = min(fp32, time_passes(task.model, feeds))
-                quant = min(quant, time_passes(qp, feeds))
-                quant_exact = min(quant_exact, time_passes(qp, feeds, exact_int8=True))
+                (f, fo), (q, qo) = time_passes(task.model, feeds), time_passes(qp, feeds)
+                fp32, quant, fp32_open, quant_open = min(fp32, f), min(quant, q), min(fp32_open, fo), min(quant_open, qo)
+                quant_exact = min(quant_exact, time_passes(qp, feeds, exact_int8=True)[0])
                 t, p, layers = time_analyze(task.model, qp, feeds)
                 total, per = min(total, t), min(per, p)
             rows.append({"model": name, "fp32": fp32, "quant": quant, "quant_exact": quant_exact, "per": per,
-                         "total": total, "layers": layers})
+                         "total": total, "layers": layers, "open": fp32_open + quant_open})
             print(f"{name}: fp32 {fp32 * 1e3:.1f} ms, quant {quant * 1e3:.1f} ms, analyze {per * 1e3:.1f} ms/sample, "
                   f"{total:.2f} s total -> {per / (fp32 + quant):.2f}x per sample", flush=True)
         except Exception as e:  # keep the other models' figures
