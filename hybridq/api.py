@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
-from . import fold, recurrent
+from . import fold, recurrent, speedcheck
 from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
@@ -145,11 +145,9 @@ def step1(
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
         on_start(n)
-    placement = get_target(settings.target).placement
-    costs, cost_notes = (step1_costs(temp, next(ds.samples(limit=1), None), settings, Path(out) if out else model_path.parent, model_path.stem)
-                         if placement.cpu_policy else (None, []))
+    placement, out_dir, stem, input_stats = get_target(settings.target).placement, Path(out) if out else model_path.parent, model_path.stem, InputStats()
+    costs, cost_notes = step1_costs(temp, next(ds.samples(limit=1), None), settings, out_dir, stem) if placement.cpu_policy else (None, [])
     plan = make_plan(temp, settings, placement=placement, costs=costs)
-    input_stats = InputStats()
     hessians = hessian_inputs(temp) if settings.int4_rounding == "gptq" else []
     observers = calibrate_dataset(
         temp, ds, batch_size=batch_size, count=n, tensors=candidate_tensors(temp, placement), histograms=set(plan.tensors) | set(hessians),
@@ -158,8 +156,6 @@ def step1(
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
     entries = written_entries(plan, temp, floored(observers, plan.floors), settings)
-    out_dir = Path(out) if out else model_path.parent
-    stem = model_path.stem
     header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
     meta["control_flow"] = report.control_flow.to_dict()
     meta["cost"] = costs.to_dict() if costs else None
@@ -167,9 +163,12 @@ def step1(
     prop, evaluator = None, None
     custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
     cfg_entries = entries
+    if settings.speed_check and placement.cpu_policy and costs is None and speedcheck.default_layers(plan):
+        floats, why, note = speedcheck.decide(temp, observers, meta, settings, entries, custom, plan, next(ds.samples(limit=1)))
+        cost_notes.append(note + (" The proposal was not run: no layer is quantized." if floats and proposal else ""))
+        custom, custom_comments, proposal = {**custom, **floats}, {**custom_comments, **why}, None if floats else proposal
     if proposal is not None:
-        prop_samples = list(ds.samples(limit=min(n, 2 * proposal.samples)))
-        prop, evaluator = run_proposal(temp, observers, meta, settings, entries, {}, prop_samples, proposal)
+        prop, evaluator = run_proposal(temp, observers, meta, settings, entries, {}, list(ds.samples(limit=min(n, 2 * proposal.samples))), proposal)
         custom, custom_comments = {**custom, **prop.layers}, {**custom_comments, **prop.comments}
         cfg_entries = {t: prop.entries.get(t, e) for t, e in entries.items()}
         comments.update({t: f"{comments.get(t, '')}; {c}" for t, c in prop.entry_comments.items()})

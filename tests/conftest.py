@@ -38,6 +38,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 _MEASURED = [False]
+_TIMED = [False]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,12 +59,29 @@ def _mac_cost_model():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _int8_pays():
+    """step1's speed check finds that int8 pays in tests (a fixture model of a few small layers is faster in fp32 on
+    any CPU, and would be kept float), unless a test is marked ``speed_check``: then the models are timed."""
+    from hybridq import speedcheck
+
+    timed = speedcheck.check
+
+    def chosen(*args, **kwargs):
+        return timed(*args, **kwargs) if _TIMED[0] else speedcheck.SpeedCheck({1: 1.0}, {1: 0.5})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(speedcheck, "check", chosen)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _measured_marker(request: pytest.FixtureRequest):
-    """Let a test marked ``measured`` run step1's measured cost model."""
+    """Let a test marked ``measured`` run step1's measured cost model, and one marked ``speed_check`` time its models."""
     _MEASURED[0] = request.node.get_closest_marker("measured") is not None
+    _TIMED[0] = request.node.get_closest_marker("speed_check") is not None
     yield
-    _MEASURED[0] = False
+    _MEASURED[0] = _TIMED[0] = False
 
 
 @pytest.fixture

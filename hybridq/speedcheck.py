@@ -1,0 +1,109 @@
+"""Does int8 pay for this model on this CPU? The default int8 model timed whole against fp32 after calibration.
+
+The MAC rules place layers without timing them. On a model whose layers are all small the Q/DQ
+boundaries cost what the int8 kernels save, and the int8 model is slower than fp32 (PP-OCR cls:
+1.24 ms int8 against 1.13 ms fp32 on a Xeon with AVX-512 VNNI, 0.84 against 0.83 ms on an EPYC).
+step1 then keeps every default layer float, each commented in the cfg, and says so; the setting
+``speed_check: false`` quantizes anyway. The check runs once, in step1: the cfg carries its outcome,
+so step2 builds the same model on any machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+
+from . import _runtime
+from .build import build, edits_from
+from .config import CfgEntry
+from .observers import HistogramObserver
+from .plan import QuantPlan
+from .settings import Settings
+
+MARGIN = 0.03
+"""int8 pays when it is at least this much faster than fp32, at one thread and on every core (the noise of a
+few interleaved runs on a shared machine is about this size). Every core is timed only when one thread leaves
+it unclear (an int8/fp32 ratio within CLEAR)."""
+BUDGET_S = 0.4
+"""Timing budget per thread setting, spent only while the outcome is unclear; at least MIN_RUNS runs of each model."""
+MIN_RUNS = 3
+CLEAR = (0.85, 1.0)
+"""After MIN_RUNS, an int8/fp32 ratio of medians below the first or above the second decides at once."""
+
+
+@dataclass
+class SpeedCheck:
+    """Median milliseconds per run of the fp32 and the default int8 model, at one thread and on every core."""
+
+    fp32_ms: dict[int, float]
+    int8_ms: dict[int, float]
+
+    @property
+    def pays(self) -> bool:
+        return all(self.int8_ms[t] < (1.0 - MARGIN) * self.fp32_ms[t] for t in self.fp32_ms)
+
+    def describe(self) -> str:
+        names = {1: "1 thread", 0: f"{_runtime.cores()} threads"}
+        return "; ".join(f"{names[t]}: {self.int8_ms[t]:.3g} ms int8 vs {self.fp32_ms[t]:.3g} ms fp32" for t in self.fp32_ms)
+
+
+def time_pair(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int) -> tuple[float, float]:
+    """Median ms per run of each model on `threads` threads, runs interleaved so a slow spell hits both alike."""
+    sessions = [_runtime.session(m, threads=threads, log_level=3) for m in (fp32, int8)]
+    feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
+    runs: list[list[float]] = [[], []]
+    for s, f in zip(sessions, feeds):
+        s.run(None, f)  # warm-up: first-run allocations and kernel selection
+    start = time.perf_counter()
+    while True:
+        for k, (s, f) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            runs[k].append((time.perf_counter() - t0) * 1e3)
+        if len(runs[0]) < MIN_RUNS:
+            continue
+        ratio = statistics.median(runs[1]) / statistics.median(runs[0])
+        if not CLEAR[0] <= ratio <= CLEAR[1] or time.perf_counter() - start > BUDGET_S or len(runs[0]) >= 200:
+            return statistics.median(runs[0]), statistics.median(runs[1])
+
+
+def check(
+    temp: onnx.ModelProto, observers: dict[str, HistogramObserver], meta: dict[str, Any], settings: Settings,
+    entries: dict[str, dict[str, Any]], layers: dict[str, str], feed: dict[str, np.ndarray],
+) -> SpeedCheck:
+    """Build the default int8 model as step2 would (the cfg's `entries` and `layers`) and time it against `temp`."""
+    edits = edits_from(layers, {t: CfgEntry(t, 0, dict(v)) for t, v in entries.items()}, temp, "cfg")
+    int8 = build(temp, observers, meta, settings, edits).rewrite.model
+    result = SpeedCheck({}, {})
+    for threads in (1, 0) if _runtime.cores() > 1 else (1,):
+        result.fp32_ms[threads], result.int8_ms[threads] = time_pair(temp, int8, feed, threads)
+        ratio = result.int8_ms[threads] / result.fp32_ms[threads]
+        if not result.pays or ratio < CLEAR[0]:  # slower on one thread, or clearly faster: the other setting follows
+            break
+    return result
+
+
+def default_layers(plan: QuantPlan) -> list[str]:
+    """The layers the default placement quantizes (neither the cfg nor a policy chose their precision)."""
+    return sorted(n for n, lp in plan.layers.items() if lp.reason == "default")
+
+
+def decide(
+    temp: onnx.ModelProto, observers: dict[str, HistogramObserver], meta: dict[str, Any], settings: Settings,
+    entries: dict[str, dict[str, Any]], layers: dict[str, str], plan: QuantPlan, feed: dict[str, np.ndarray],
+) -> tuple[dict[str, str], dict[str, str], str]:
+    """:func:`check`, then what step1 writes: custom_quantize_layers entries keeping every default layer float
+    (none when int8 pays), their comments, and step1's note."""
+    result = check(temp, observers, meta, settings, entries, layers, feed)
+    if result.pays:
+        return {}, {}, f"speed check: the int8 model is faster than fp32 on this CPU ({result.describe()})."
+    names = default_layers(plan)
+    why = f"speed check: int8 is not faster than fp32 for this model on this CPU ({result.describe()})"
+    note = (f"int8 is not faster than fp32 for this model on this CPU ({result.describe()}): kept {len(names)} layers float "
+            "in the cfg; delete them from custom_quantize_layers, or set `speed_check: false`, to quantize anyway.")
+    return {n: "float32" for n in names}, {n: why for n in names}, note

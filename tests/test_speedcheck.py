@@ -1,0 +1,93 @@
+"""step1's speed check: the default int8 model timed whole against fp32; kept float, in the cfg, where int8 does not pay.
+
+Timings are stubbed (a fixture's speed is this machine's business; the bench times the real models); what is
+checked is the decision, what the cfg and step2's model say, and that the timed models are the right ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import hybridq
+from hybridq import speedcheck
+from hybridq.config import load_cfg
+from tests.conftest import run
+
+pytestmark = pytest.mark.speed_check
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def _stub(monkeypatch, fp32_ms: float, int8_ms: float, seen: list | None = None) -> None:
+    def timed(fp32, int8, feed, threads):
+        if seen is not None:
+            seen.append((fp32, int8, threads))
+        return fp32_ms, int8_ms
+
+    monkeypatch.setattr(speedcheck, "time_pair", timed)
+
+
+def test_int8_slower_keeps_every_default_layer_float_in_the_cfg(cnn_ws, tmp_path, monkeypatch):
+    _stub(monkeypatch, fp32_ms=1.0, int8_ms=1.1)
+    s1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "ws")
+    assert any("int8 is not faster than fp32 for this model on this CPU" in n for n in s1.notes)
+    cfg = load_cfg(s1.cfg)
+    assert cfg.custom and set(cfg.custom.values()) == {"float32"}
+    text = s1.cfg.read_text()
+    assert "speed check: int8 is not faster than fp32" in text and "1.1 ms int8 vs 1 ms fp32" in text
+    s2 = hybridq.step2(s1.model, s1.data, s1.cfg, tmp_path / "q.onnx")
+    assert "QuantizeLinear" not in _ops(s2.output) and "DequantizeLinear" not in _ops(s2.output)
+    x = np.load(next(p for p in (cnn_ws["dir"] / "data").iterdir() if p.suffix == ".npy"))
+    ref, out = run(cnn_ws["model"], {"x": x})[0], run(s2.output, {"x": x})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)  # the fp32 function, shipped as is
+
+
+def test_int8_faster_changes_nothing_and_times_the_default_int8_model(cnn_ws, tmp_path, monkeypatch):
+    seen: list = []
+    _stub(monkeypatch, fp32_ms=2.0, int8_ms=1.0, seen=seen)
+    s1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "ws")
+    assert any(n.startswith("speed check: the int8 model is faster") for n in s1.notes)
+    assert not load_cfg(s1.cfg).custom
+    # one thread only: 0.5 is clearly faster, so every core is not timed too
+    assert [t for _, _, t in seen] == [1]
+    fp32, int8, _ = seen[0]
+    assert "QuantizeLinear" not in {n.op_type for n in fp32.graph.node}
+    s2 = hybridq.step2(s1.model, s1.data, s1.cfg, tmp_path / "q.onnx")
+    assert sorted(n.op_type for n in int8.graph.node) == sorted(n.op_type for n in onnx.load(str(s2.output)).graph.node)
+
+
+def test_an_unclear_single_thread_ratio_times_every_core_too(cnn_ws, tmp_path, monkeypatch):
+    seen: list = []
+    _stub(monkeypatch, fp32_ms=1.0, int8_ms=0.9, seen=seen)
+    hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "ws")
+    assert [t for _, _, t in seen] == ([1, 0] if speedcheck._runtime.cores() > 1 else [1])
+
+
+def test_a_proposal_on_a_model_kept_float_says_it_did_not_run(cnn_ws, tmp_path, monkeypatch):
+    _stub(monkeypatch, fp32_ms=1.0, int8_ms=1.2)
+    s1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "ws", proposal=hybridq.ProposalOptions())
+    assert s1.proposal is None and any("The proposal was not run: no layer is quantized." in n for n in s1.notes)
+
+
+def test_speed_check_false_quantizes_anyway(cnn_ws, tmp_path, monkeypatch):
+    _stub(monkeypatch, fp32_ms=1.0, int8_ms=5.0)
+    s1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "ws", settings={"speed_check": False})
+    assert not load_cfg(s1.cfg).custom and not any("speed check" in n or "not faster" in n for n in s1.notes)
+
+
+def test_the_margin_decides() -> None:
+    assert speedcheck.SpeedCheck({1: 1.0}, {1: 0.96}).pays
+    assert not speedcheck.SpeedCheck({1: 1.0}, {1: 0.98}).pays  # within MARGIN: not clearly faster
+    assert not speedcheck.SpeedCheck({1: 1.0, 0: 1.0}, {1: 0.5, 0: 1.01}).pays  # slower on every core
+
+
+def test_time_pair_reports_real_medians_of_both_models(cnn_ws) -> None:
+    """Unstubbed: the same model on both sides takes the same time within a wide band (a sanity check of the timer)."""
+    m = onnx.load(str(cnn_ws["model"]))
+    x = {"x": np.zeros((1, 3, 16, 16), np.float32)}
+    a, b = speedcheck.time_pair(m, m, x, 1)
+    assert a > 0 and b > 0 and 0.25 < a / b < 4
