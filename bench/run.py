@@ -205,6 +205,8 @@ def proposal_summary(log: Path) -> dict:
     except json.JSONDecodeError:
         return {}
     p = doc.get("proposal") or {}
+    if not p:  # step1's speed check kept the model float: no proposal ran
+        return {"skipped": next((n for n in doc.get("notes", []) if "not faster than fp32" in n), "no proposal in step1's output")}
     fc = p.get("float_compute") or {}
     return {"choice": p.get("choice"), "met": p.get("met"), "fixes": p.get("fixes", []), "float_layers": len(p.get("layers", {})),
             "float_proposed": fc.get("proposed"), "float_total": fc.get("total"), "evaluations": p.get("evaluations"),
@@ -430,7 +432,9 @@ def render_markdown(report: dict) -> str:
             )
         for v in r["variants"]:
             pr = (v.get("build") or {}).get("proposal") or {}
-            if pr:
+            if pr.get("skipped"):
+                out += ["", f"`{v['name']}` (plain `--proposal`): not run. step1: {pr['skipped']}"]
+            elif pr:
                 fixes = "; ".join(pr.get("fixes") or []) or "none"
                 out += ["", f"`{v['name']}` (plain `--proposal`): {pr.get('choice')}. Target met: {pr.get('met')}; "
                         f"fixes kept: {fixes}; float layers added: {pr.get('float_layers')} "
