@@ -99,7 +99,11 @@ def decide(
 ) -> tuple[dict[str, str], dict[str, str], str]:
     """:func:`check`, then what step1 writes: custom_quantize_layers entries keeping every default layer float
     (none when int8 pays), their comments, and step1's note."""
-    result = check(temp, observers, meta, settings, entries, layers, feed)
+    try:
+        result = check(temp, observers, meta, settings, entries, layers, feed)
+    except Exception as exc:  # timing is an optimisation: a model that cannot be timed whole is placed by the MAC rules
+        why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        return {}, {}, f"speed check: not run ({why}); placed by the MAC rules alone."
     if result.pays:
         return {}, {}, f"speed check: the int8 model is faster than fp32 on this CPU ({result.describe()})."
     names = default_layers(plan)

@@ -79,6 +79,16 @@ def test_speed_check_false_quantizes_anyway(cnn_ws, tmp_path, monkeypatch):
     assert not load_cfg(s1.cfg).custom and not any("speed check" in n or "not faster" in n for n in s1.notes)
 
 
+def test_a_model_that_cannot_be_timed_is_placed_by_the_mac_rules(cnn_ws, tmp_path, monkeypatch):
+    def fails(*args):
+        raise RuntimeError("no memory for a second session")
+
+    monkeypatch.setattr(speedcheck, "time_pair", fails)
+    s1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "ws")
+    assert not load_cfg(s1.cfg).custom
+    assert any("speed check: not run (no memory for a second session)" in n for n in s1.notes)
+
+
 def test_the_margin_decides() -> None:
     assert speedcheck.SpeedCheck({1: 1.0}, {1: 0.96}).pays
     assert not speedcheck.SpeedCheck({1: 1.0}, {1: 0.98}).pays  # within MARGIN: not clearly faster
