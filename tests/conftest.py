@@ -68,7 +68,7 @@ def _int8_pays():
     timed = speedcheck.check
 
     def chosen(*args, **kwargs):
-        return timed(*args, **kwargs) if _TIMED[0] else speedcheck.SpeedCheck({1: 1.0}, {1: 0.5})
+        return timed(*args, **kwargs) if _TIMED[0] else speedcheck.SpeedCheck(1.0, 0.5)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(speedcheck, "check", chosen)

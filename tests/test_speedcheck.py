@@ -52,19 +52,11 @@ def test_int8_faster_changes_nothing_and_times_the_default_int8_model(cnn_ws, tm
     s1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "ws")
     assert any(n.startswith("speed check: the int8 model is faster") for n in s1.notes)
     assert not load_cfg(s1.cfg).custom
-    # one thread only: 0.5 is clearly faster, so every core is not timed too
-    assert [t for _, _, t in seen] == [1]
+    assert [t for _, _, t in seen] == [1]  # one thread: the per-core cost
     fp32, int8, _ = seen[0]
     assert "QuantizeLinear" not in {n.op_type for n in fp32.graph.node}
     s2 = hybridq.step2(s1.model, s1.data, s1.cfg, tmp_path / "q.onnx")
     assert sorted(n.op_type for n in int8.graph.node) == sorted(n.op_type for n in onnx.load(str(s2.output)).graph.node)
-
-
-def test_an_unclear_single_thread_ratio_times_every_core_too(cnn_ws, tmp_path, monkeypatch):
-    seen: list = []
-    _stub(monkeypatch, fp32_ms=1.0, int8_ms=0.9, seen=seen)
-    hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "ws")
-    assert [t for _, _, t in seen] == ([1, 0] if speedcheck._runtime.cores() > 1 else [1])
 
 
 def test_a_proposal_on_a_model_kept_float_says_it_did_not_run(cnn_ws, tmp_path, monkeypatch):
@@ -80,7 +72,7 @@ def test_speed_check_false_quantizes_anyway(cnn_ws, tmp_path, monkeypatch):
 
 
 def test_a_model_that_cannot_be_timed_is_placed_by_the_mac_rules(cnn_ws, tmp_path, monkeypatch):
-    def fails(*args):
+    def fails(*args, **kwargs):
         raise RuntimeError("no memory for a second session")
 
     monkeypatch.setattr(speedcheck, "time_pair", fails)
@@ -90,9 +82,9 @@ def test_a_model_that_cannot_be_timed_is_placed_by_the_mac_rules(cnn_ws, tmp_pat
 
 
 def test_the_margin_decides() -> None:
-    assert speedcheck.SpeedCheck({1: 1.0}, {1: 0.96}).pays
-    assert not speedcheck.SpeedCheck({1: 1.0}, {1: 0.98}).pays  # within MARGIN: not clearly faster
-    assert not speedcheck.SpeedCheck({1: 1.0, 0: 1.0}, {1: 0.5, 0: 1.01}).pays  # slower on every core
+    assert speedcheck.SpeedCheck(1.0, 0.96).pays
+    assert not speedcheck.SpeedCheck(1.0, 0.98).pays  # within MARGIN: not clearly faster
+    assert not speedcheck.SpeedCheck(1.0, 1.2).pays
 
 
 def test_time_pair_reports_real_medians_of_both_models(cnn_ws) -> None:
