@@ -163,7 +163,7 @@ def step1(
     prop, evaluator = None, None
     custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
     cfg_entries = entries
-    if settings.speed_check and placement.cpu_policy and costs is None and speedcheck.default_layers(plan):
+    if settings.speed_check and placement.cpu_policy and speedcheck.default_layers(plan):
         floats, why, note = speedcheck.decide(temp, observers, meta, settings, entries, custom, plan, next(ds.samples(limit=1)))
         cost_notes.append(note + (" The proposal was not run: no layer is quantized." if floats and proposal else ""))
         custom, custom_comments, proposal = {**custom, **floats}, {**custom_comments, **why}, None if floats else proposal

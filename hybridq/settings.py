@@ -78,7 +78,7 @@ class Settings:
     int4_activations: str = "float"  # int4 layers: float | int8 (ORT quantizes the input per block: accuracy_level 4)
     target: str = "cpu"  # where the model runs: cpu (ONNX Runtime's CPU kernels) | npu (every operator in int8; SPEC 11)
     cost_model: str = "macs"  # macs (MAC-count rules) | measured (step1 times each layer on this CPU; float where int8 is not faster: PP-OCR rec 0.969 -> 0.936)
-    speed_check: bool = True  # target cpu, cost_model macs: step1 times the default int8 model against fp32 and keeps it float where int8 is not faster
+    speed_check: bool = True  # target cpu: step1 times the default int8 model against fp32 and keeps it float where int8 is not faster
 
     def to_dict(self) -> dict:
         """Plain dict for YAML and JSON."""
