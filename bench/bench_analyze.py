@@ -61,6 +61,10 @@ def build_quant(task: ppocr.Task, work: Path, calib_n: int) -> tuple[Path, Path]
     out = work / "hybridq.onnx"
     if not out.is_file():
         ws = work / "ws"
+        ws.mkdir(parents=True, exist_ok=True)
+        # the default int8 placement, even where step1's speed check would keep the model float (cls on some CPUs):
+        # what is timed is the analysis of an int8 model
+        (ws / "hybridq.yaml").write_text("speed_check: false\n")
         py = [sys.executable, "-m", "hybridq"]
         for cmd in (
             py + ["step1", str(task.model), "--dataset", str(calib), "--out", str(ws)],

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -158,7 +157,7 @@ def render(rows: list[dict], failed: dict[str, str], args: argparse.Namespace, l
         "## plain CNN (ResNet-18 shape, random weights)",
         "",
         f"Command: `python bench/plain_cnn.py --size {args.size} --calib {args.calib}`  ",
-        f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
+        f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU: {results_md.cpu()}, "
         f"{os.cpu_count()} cores, onnxruntime {__import__('onnxruntime').__version__}; "
         f"1-min load average before the rounds: 1t {load[0]:.2f}, 2t {load[1]:.2f}  ",
         f"Input 1x3x{args.size}x{args.size}; {args.rounds} interleaved rounds; best round median in ms; "

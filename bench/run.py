@@ -213,8 +213,10 @@ def proposal_summary(log: Path) -> dict:
             "seconds": p.get("seconds")}
 
 
-ALGORITHMS = ("percentile", "mse", "kl")
-"""Range algorithms benched beside the default minmax: step2 only, from the `hybridq` variant's step1."""
+ALGORITHMS = ("minmax", "percentile", "mse", "kl")
+"""Range algorithms benched: step2 only, from the `hybridq` variant's step1, on its int8 placement (minmax is
+`hybridq` itself unless step1's speed check kept that model float)."""
+SPEED_CHECK_FLOAT = re.compile(r"^  \S+: float32\s*# speed check: .*\n", re.M)
 
 
 def build_hybridq_algorithm(algorithm: str) -> Builder:
@@ -231,8 +233,10 @@ def build_hybridq_algorithm(algorithm: str) -> Builder:
             return out, Proc(False, 0.0, 0.0, "needs the hybridq variant (its step1 artifacts) first")
         text = cfg_in.read_text()
         edited = re.sub(r"^(  algorithm:) \w+", rf"\1 {algorithm}", text, count=1, flags=re.M)
-        if edited == text:
+        if edited == text and algorithm != "minmax":
             return out, Proc(False, 0.0, 0.0, "the hybridq cfg has no `settings: algorithm:` line")
+        # the layers step1's speed check kept float go back to int8: these rows are about the ranges
+        edited = re.sub(r"^custom_quantize_layers:\n(?! )", "custom_quantize_layers: {}\n", SPEED_CHECK_FLOAT.sub("", edited), flags=re.M)
         cfg = wd / cfg_in.name
         cfg.write_text(edited)
         cmd = hybridq_cmd() + ["step2", f"{src}.model", f"{src}.data", str(cfg), "-o", str(out)]
@@ -402,8 +406,9 @@ def render_markdown(report: dict) -> str:
         f"(range of round medians), {report['profile']['rounds']} interleaved rounds. Build = wall time / peak RSS",
         "of the quantizer process(es) on the whole calib split. `ort_default`: quantize_static QDQ,",
         "per_channel, MinMax, default options (S8S8); `ort_pre`: same after opset 13 + quant_pre_process.",
-        "`hybridq_percentile/_mse/_kl`: step2 only, from the `hybridq` step1 with `settings: algorithm:` edited",
-        "in the cfg (no re-calibration; same graph as `hybridq`, so latency is not measured again).",
+        "`hybridq_minmax/_percentile/_mse/_kl`: step2 only, from the `hybridq` step1 with `settings: algorithm:` edited",
+        "in the cfg, and any layers its speed check kept float back in int8 (no re-calibration; latency not measured:",
+        "the graph is `hybridq`'s, or the int8 one bench/cost.py times as `speed_check: false`).",
         "",
     ]
     if any(v.get("metric_exact") is not None for r in report["models"] for v in r["variants"]):

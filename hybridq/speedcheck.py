@@ -3,11 +3,10 @@
 The MAC rules place layers without timing them, and the measured cost model predicts the whole model
 from its layers' parts (PP-OCR cls on a Xeon: its placement predicted 0.94 ms, ran 1.27 ms). On a model
 whose layers are all small the Q/DQ boundaries cost what the int8 kernels save, and the int8 model is
-slower than fp32 (PP-OCR cls, one
-thread: 1.24 ms int8 against 1.13 ms fp32 on a Xeon with AVX-512 VNNI, 0.84 against 0.83 ms on an EPYC).
-step1 then keeps every default layer float, each commented in the cfg, and says so; the setting
-``speed_check: false`` quantizes anyway. The check runs once, in step1: the cfg carries its outcome,
-so step2 builds the same model on any machine.
+slower than fp32 (PP-OCR cls, one thread: 1.24 ms int8 against 1.13 ms fp32 on a Xeon with AVX-512
+VNNI, 0.84 against 0.83 ms on an EPYC). step1 then keeps every default layer float, each commented in
+the cfg, and says so; the setting ``speed_check: false`` quantizes anyway. The check runs once, in
+step1: the cfg carries its outcome, so step2 builds the same model on any machine.
 """
 
 from __future__ import annotations
