@@ -102,6 +102,37 @@ def test_a_free_fix_within_the_resolution_is_not_kept_when_the_target_is_met():
         assert climb.table[-1].outcome == "no gain"
 
 
+def test_prune_does_not_score_again_a_fix_found_needed_among_the_same_fixes():
+    """The ladder prunes after its zero-cost rungs and again at the end; when the float step kept nothing the second
+    prune would build and score the very same candidates (PP-OCR rec: one evaluation of ~1.7 s). It does not, and a
+    new kept fix makes the question new."""
+    from types import SimpleNamespace
+
+    from hybridq.build import Edits
+    from hybridq.proposal.evaluator import Evaluator, OutputScore, Score
+    from hybridq.proposal.fixes import Candidate
+    from hybridq.proposal.search import _Climb
+
+    def score(err: float) -> Score:
+        return Score({"y": OutputScore(1 - err, 20.0, 1 - err, 20.0, None)}, task=None, flips=0, decisions=0)
+
+    scores = {"": score(0.2), "A": score(0.15), "B": score(0.12), "AB": score(0.05), "BC": score(0.03), "C": score(0.2), "ABC": score(0.03)}
+    scored: list[str] = []
+    ev = Evaluator.__new__(Evaluator)
+    ev.target, ev._eval = Target(cosine=0.99), None
+    ev.score = lambda model, limit=None: scored.append(model) or scores[model]
+    build = lambda edits: SimpleNamespace(model="".join(sorted(edits.layers.values())))
+    climb = _Climb(SimpleNamespace(temp=onnx.ModelProto()), ev, build, Edits(), build(Edits()), "the default quantization")
+    a, b, c = (Candidate("range", k, layers={k.lower(): k}) for k in "ABC")
+    climb.kept, climb.edits, climb.score = [a, b], b.onto(a.onto(Edits(), None), None), scores["AB"]
+    scored.clear()
+    assert not climb.prune() and scored == ["B"] and climb.table[-1].outcome == "needed"
+    rows = len(climb.table)
+    assert not climb.prune() and scored == ["B"] and len(climb.table) == rows, "the same question, not asked again"
+    climb.kept, climb.score = [a, b, c], scores["ABC"]
+    assert climb.prune() and scored == ["B", "BC", "C"] and climb.kept == [b, c], "a new kept fix: A is tried again, and now goes"
+
+
 def test_budget_is_respected_and_a_miss_is_reported(tmp_path):
     path, listing = _setup(tmp_path, models.outlier_channel_cnn(), (1, 8, 16, 16))
     r1 = hybridq.step1(path, listing, out=tmp_path / "ws", proposal=ProposalOptions(Target(cosine=0.99999999), max_float_layers=1))

@@ -141,6 +141,7 @@ class _Climb:
         self.score = evaluator.score(self.built.model)
         self.baseline = self.score
         self.started_from = started_from
+        self._needed: set[tuple[int, ...]] = set()  # (kept fixes..., the one pruned): found needed, not tried again
         self._row("start", started_from, self.score, 0.0, "met" if self.met else "below target")
 
     @property
@@ -195,10 +196,12 @@ class _Climb:
         """Drop kept fixes the others make unneeded: each tried once without it (a later fix of the same tensor wins anyway).
 
         A fix goes when the rest still meet the target, or, below the target, when the rest score at least as well.
+        A fix found needed among the same kept fixes is not built and scored again (no new row): the score is the same.
         """
         dropped = False
         for c in list(self.kept[:-1]) if len(self.kept) > 1 else []:
-            if c.kind == "int4":  # the size budget, not an accuracy fix
+            key = (*map(id, self.kept), id(c))
+            if c.kind == "int4" or key in self._needed:  # int4: the size budget, not an accuracy fix
                 continue
             edits = self.base
             for k in self.kept:
@@ -213,6 +216,8 @@ class _Climb:
                 self.kept.remove(c)
                 self.score, self.edits, self.built = s, edits, built
                 dropped = True
+            else:
+                self._needed.add(key)
         return dropped
 
 
