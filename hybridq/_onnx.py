@@ -133,6 +133,22 @@ _ASIDE_BYTES = 1024
 _SHAPE_DATA = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor shape inference can tell (graph inputs, outputs, value_info, initializers)."""
+    types: dict[str, int] = {}
+    try:
+        inferred = infer_shapes(model)
+    except Exception:  # a model shape inference cannot handle: the caller learns the types at run time
+        inferred = model
+    g = inferred.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    return types
+
+
 def _set_aside(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[tuple[bool, str], onnx.TensorProto]]:
     """A copy of ``model`` whose weights (main-graph initializers and Constant values of over 1 KB of raw data,
     integer shape data excepted) hold no data, and those weights by (is initializer, name)."""

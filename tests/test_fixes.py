@@ -112,6 +112,36 @@ def test_bias_correction_is_the_cumulative_numpy_shift(tmp_path: Path):
         np.testing.assert_allclose(shifts[layer], c[k], rtol=1e-3, atol=1e-4)
 
 
+def test_bias_correction_run_in_segments_equals_whole_runs(tmp_path: Path, monkeypatch):
+    """The shifts come from one segmented pass over the model (a segment ending at each layer, a residual tensor
+    crossing segments); a whole run per layer, as before, gives the same figures bit for bit."""
+    from hybridq import api
+
+    onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 8)
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"float_stem": False})
+    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
+    temp, qdq = onnx.load(r.model), onnx.load(tmp_path / "q.onnx")
+    samples = _samples((1, 3, 16, 16), 5)
+    opened: list[onnx.ModelProto] = []
+
+    def session(m):
+        opened.append(m)
+        return session_for(m, basic=False)
+
+    layers = ["conv1", "conv2", "conv3", "fc"]
+    segmented = bias_correction.cumulative_shifts(temp, qdq, layers, samples, session)
+    assert set(segmented) == set(layers) and len(opened) == 1 + len(layers), "the fp32 reference, then one segment per layer"
+    # the fc segment reads the residual branch's tensor, written two segments before it
+    assert "r1_quantized" in {i.name for i in opened[-1].graph.input} and "r1_quantized" in {o for n in opened[2].graph.node for o in n.output}
+    monkeypatch.setattr(bias_correction, "split", lambda *a, **k: None)
+    whole = bias_correction.cumulative_shifts(temp, qdq, layers, samples, session)
+    assert len(opened) == 1 + len(layers) + 2, "the fp32 reference and the whole model"
+    for k in layers:
+        np.testing.assert_array_equal(segmented[k], whole[k])
+    assert max(np.abs(v).max() for v in whole.values()) > 1e-4  # the rounding moved the means: the comparison says something
+
+
 def test_matmul_bias_correction_is_the_numpy_shift_and_moves_the_add_bias(tmp_path: Path):
     """A MatMul followed by its bias Add (a Linear), the first layer: the shift is mean(x W - dq(q(x)) dq(q(W))) over the rows,
     it lands in the Add's bias; a MatMul without a bias Add is not correctable."""

@@ -16,7 +16,7 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
-from .._onnx import GraphIndex, infer_shapes, scalar_value
+from .._onnx import GraphIndex, scalar_value, tensor_types
 from ..errors import InputError
 from ..qdq import QDQ_MAP_KEY, QdqMap
 
@@ -36,25 +36,9 @@ class ModelIndex(GraphIndex):
         self.inputs = [i.name for i in g.input if i.name not in self.inits]
         self.outputs = [o.name for o in g.output]
         self.output_set = set(self.outputs)
-        self.types = _tensor_types(model)
+        self.types = tensor_types(model)
         # tensors computed at run time: graph inputs and node outputs
         self.values = set(self.inputs) | set(self.producer)
-
-
-def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor shape inference can tell."""
-    types: dict[str, int] = {}
-    try:
-        inferred = infer_shapes(model)
-    except Exception:  # a model shape inference cannot handle: learn the types at run time
-        inferred = model
-    g = inferred.graph
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
-    for init in g.initializer:
-        types[init.name] = init.data_type
-    return types
 
 
 def _attr(node: onnx.NodeProto, name: str) -> Any:
