@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
-from . import fold, recurrent, speedcheck
+from . import default_model, fold, recurrent
 from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
@@ -162,11 +162,12 @@ def step1(
     comments = _entry_comments(plan)
     prop, evaluator = None, None
     custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
-    cfg_entries = entries
-    if settings.speed_check and placement.cpu_policy and speedcheck.default_layers(plan):
-        floats, why, note = speedcheck.decide(temp, observers, meta, settings, entries, custom, plan, next(ds.samples(limit=1)))
+    floats, why, bias_comments, note = default_model.decide(temp, observers, meta, settings, entries, custom, plan, placement, ds, n)
+    if note:
         cost_notes.append(note + (" The proposal was not run: no layer is quantized." if floats and proposal else ""))
-        custom, custom_comments, proposal = {**custom, **floats}, {**custom_comments, **why}, None if floats else proposal
+    custom, custom_comments, proposal = {**custom, **floats}, {**custom_comments, **why}, None if floats else proposal
+    comments.update({t: f"{comments[t]}; {c}" for t, c in bias_comments.items()})
+    cfg_entries = entries = meta["written_entries"]
     if proposal is not None:
         prop, evaluator = run_proposal(temp, observers, meta, settings, entries, {}, list(ds.samples(limit=min(n, 2 * proposal.samples))), proposal)
         custom, custom_comments = {**custom, **prop.layers}, {**custom_comments, **prop.comments}

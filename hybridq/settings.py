@@ -79,6 +79,7 @@ class Settings:
     target: str = "cpu"  # where the model runs: cpu (ONNX Runtime's CPU kernels) | npu (every operator in int8; SPEC 11)
     cost_model: str = "macs"  # macs (MAC-count rules) | measured (step1 times each layer on this CPU; float where int8 is not faster: PP-OCR rec 0.969 -> 0.936)
     speed_check: bool = True  # target cpu: step1 times the default int8 model against fp32 and keeps it float where int8 is not faster
+    bias_correction: bool = False  # true: step1 writes each quantized layer's cumulative mean output shift as bias_correction on its weight entry
 
     def to_dict(self) -> dict:
         """Plain dict for YAML and JSON."""
@@ -112,7 +113,7 @@ class Settings:
         validate_int4(self, where)
         if self.cost_model not in COST_MODELS:
             raise ConfigError(f"{where}: cost_model {self.cost_model!r} is not valid.{did_you_mean(str(self.cost_model), COST_MODELS)} Use measured or macs.")
-        for key in ("float_stem", "float_pooled", "speed_check"):
+        for key in ("float_stem", "float_pooled", "speed_check", "bias_correction"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{where}: {key} must be true or false, not {getattr(self, key)!r}.")
 

@@ -142,6 +142,36 @@ def test_bias_correction_run_in_segments_equals_whole_runs(tmp_path: Path, monke
     assert max(np.abs(v).max() for v in whole.values()) > 1e-4  # the rounding moved the means: the comparison says something
 
 
+def test_the_bias_correction_setting_writes_step1_s_own_shifts_and_cancels_the_last_layer_s_mean_error(tmp_path: Path):
+    """`bias_correction: true`: step1 writes each layer's cumulative shift, measured on the default int8 model (as
+    cumulative_shifts gives it on a step1 + step2 without the setting), as its own entries (propose sees no user
+    edit); in ONNX Runtime the corrected model's last layer has no mean error left on the samples it was fitted on."""
+    from hybridq import api
+    from hybridq.artifacts import read_step1
+    from hybridq.config import load_cfg
+
+    onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 10)
+    plain = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "plain", settings={"float_stem": False})
+    api.step2(plain.model, plain.data, plain.cfg, tmp_path / "plain.onnx")
+    fit = [{"x": np.load(tmp_path / "data" / f"x_{i}.npy")} for i in range(8)]  # the first 8 calibration samples
+    temp = onnx.load(plain.model)
+    layers = ["conv1", "conv2", "conv3", "fc"]
+    want = bias_correction.cumulative_shifts(temp, onnx.load(tmp_path / "plain.onnx"), layers, fit, lambda m: session_for(m, basic=False))
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"float_stem": False, "bias_correction": True})
+    cfg = load_cfg(r.cfg)
+    weight = {n.name: n.input[1] for n in temp.graph.node if n.name in layers}
+    for layer in layers:
+        np.testing.assert_allclose(cfg.entries[weight[layer]].values["bias_correction"], want[layer], rtol=1e-5, atol=1e-7)
+    assert "bias of fc shifted by its mean output error" in r.cfg.read_text()
+    bundle = read_step1(r.model, r.data, cfg.header.get("model_sha256"), r.cfg)
+    assert api.user_edits(cfg, bundle.meta, {})[0] == set(), "step1's own entries, not the user's"
+    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
+    err = {k: np.mean([run(tmp_path / "m.onnx", s)[0] - run(tmp_path / k, s)[0] for s in fit], axis=0) for k in ("plain.onnx", "q.onnx")}
+    assert np.abs(err["plain.onnx"]).max() > 1e-3, "the rounding moved the logits' mean: the check says something"
+    assert np.abs(err["q.onnx"]).max() < 0.05 * np.abs(err["plain.onnx"]).max(), err
+
+
 def test_matmul_bias_correction_is_the_numpy_shift_and_moves_the_add_bias(tmp_path: Path):
     """A MatMul followed by its bias Add (a Linear), the first layer: the shift is mean(x W - dq(q(x)) dq(q(W))) over the rows,
     it lands in the Add's bias; a MatMul without a bias Add is not correctable."""
