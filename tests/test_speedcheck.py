@@ -111,7 +111,7 @@ def test_the_margin_decides() -> None:
     assert not speedcheck.SpeedCheck(1.0, 1.2).pays
 
 
-def test_time_pair_reports_real_medians_of_both_models(cnn_ws) -> None:
+def test_time_pair_reports_real_times_of_both_models(cnn_ws) -> None:
     """Unstubbed: the same model on both sides takes the same time within a wide band (a sanity check of the timer)."""
     m = onnx.load(str(cnn_ws["model"]))
     x = {"x": np.zeros((1, 3, 16, 16), np.float32)}
