@@ -117,3 +117,31 @@ def test_time_pair_reports_real_times_of_both_models(cnn_ws) -> None:
     x = {"x": np.zeros((1, 3, 16, 16), np.float32)}
     a, b = speedcheck.time_pair(m, m, x, 1)
     assert a > 0 and b > 0 and 0.25 < a / b < 4
+
+
+@pytest.mark.parametrize("int8_ms, runs", [(50.0, speedcheck.MIN_RUNS), (99.0, speedcheck.UNCLEAR_RUNS), (130.0, speedcheck.MIN_RUNS)])
+def test_an_unclear_outcome_gets_more_runs_before_a_model_is_kept_float(monkeypatch, int8_ms, runs):
+    """A clear ratio decides after MIN_RUNS; one within CLEAR (where a few noisy runs once kept PP-OCR det float) takes
+    at least UNCLEAR_RUNS of each model. Sessions and clocks are fakes: each run advances the clock by its model's ms."""
+    clock = [0.0]
+
+    class Fake:
+        def __init__(self, ms):
+            self.ms, self.count = ms, 0
+
+        def get_inputs(self):
+            return []
+
+        def run(self, names, feed):
+            self.count += 1
+            clock[0] += self.ms / 1e3
+
+    made = iter([Fake(100.0), Fake(int8_ms)])
+    sessions = []
+    monkeypatch.setattr(speedcheck._runtime, "session", lambda *a, **k: sessions.append(next(made)) or sessions[-1])
+    monkeypatch.setattr(speedcheck.time, "thread_time", lambda: clock[0])
+    monkeypatch.setattr(speedcheck.time, "perf_counter", lambda: clock[0])
+    fp32_ms, got = speedcheck.time_pair(None, None, {}, 1)
+    assert (fp32_ms, got) == pytest.approx((100.0, int8_ms))
+    assert [s.count for s in sessions] == [runs + 1, runs + 1], "a warm-up run, then the timed ones"
+
