@@ -22,8 +22,8 @@ from . import bias_correction, speedcheck
 from .build import build, edits_from
 from .calibration import session_for
 from .config import CfgEntry, short_float
-from .observers import HistogramObserver
 from .dataset import Dataset
+from .observers import HistogramObserver
 from .plan import GraphView, Placement, QuantPlan
 from .settings import Settings
 

@@ -33,7 +33,7 @@ shared machine is about this size). One thread is the per-core cost, as the meas
 BUDGET_S = 1.0
 """Timing budget, spent only while the outcome is unclear: then at least UNCLEAR_RUNS runs of each model, and at most
 MAX_S seconds in all. Keeping a model float is a large change: three runs of PP-OCR det (130 ms each, all a 0.4 s
-budget allowed) once put it at 136 ms int8 against 138 ms fp32, where every other step1 measured 0.86-0.89."""
+budget allowed) once put it at 136 ms int8 against 138 ms fp32, where the other step1 checks measured 0.85-0.91."""
 MIN_RUNS = 3
 UNCLEAR_RUNS = 7
 MAX_S = 5.0
@@ -57,7 +57,7 @@ class SpeedCheck:
 
 
 def time_pair(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int) -> tuple[float, float]:
-    """Least CPU milliseconds per run of each model on `threads` threads, runs interleaved.
+    """Least CPU milliseconds per run of each model on `threads` threads (1 for CPU time to be the run's), runs interleaved.
 
     With one intra-op thread ONNX Runtime computes in the calling thread, so this thread's CPU time is the run's
     cost, which other work on a shared machine does not inflate as it does wall time; the least of the runs is the

@@ -141,7 +141,8 @@ class _Climb:
         self.score = evaluator.score(self.built.model)
         self.baseline = self.score
         self.started_from = started_from
-        self._needed: set[tuple[int, ...]] = set()  # (kept fixes..., the one pruned): found needed, not tried again
+        # (kept fixes..., the one pruned) by id -> those fixes, held so no id is reused: found needed, not tried again
+        self._needed: dict[tuple[int, ...], tuple[Candidate, ...]] = {}
         self._row("start", started_from, self.score, 0.0, "met" if self.met else "below target")
 
     @property
@@ -217,7 +218,7 @@ class _Climb:
                 self.score, self.edits, self.built = s, edits, built
                 dropped = True
             else:
-                self._needed.add(key)
+                self._needed[key] = (*self.kept, c)
         return dropped
 
 
