@@ -170,25 +170,29 @@ def build_ort(pre_process: bool) -> Builder:
     return build
 
 
-def build_hybridq(proposal: bool) -> Builder:
-    """hybridq step1 (optionally --proposal) then step2, as CLI subprocesses."""
+def build_hybridq(proposal: bool, name: str | None = None, workspace_yaml: str | None = None) -> Builder:
+    """hybridq step1 (optionally --proposal; with `workspace_yaml` as the hybridq.yaml of its --out directory) then
+    step2, as CLI subprocesses."""
 
     def build(model: Path, dataset: Path, work: Path) -> tuple[Path, Proc]:
-        name = "hybridq_proposal" if proposal else "hybridq"
-        wd = work / name
+        label = name or ("hybridq_proposal" if proposal else "hybridq")
+        wd = work / label
+        if workspace_yaml is not None:
+            wd.mkdir(parents=True, exist_ok=True)
+            (wd / "hybridq.yaml").write_text(workspace_yaml)
         out = wd / f"{model.stem}.q.onnx"
         out.unlink(missing_ok=True)
         cmd1 = hybridq_cmd() + ["step1", str(model), "--dataset", str(dataset), "--out", str(wd)]
         # Plain --proposal, as a new user runs it (default target and float budget); --json for its figures.
         cmd1 += (["--proposal", "--json"] if proposal else []) + shlex.split(os.environ.get("HYBRIDQ_STEP1_ARGS", ""))
-        p1 = run_measured(cmd1, work / f"{name}.step1.log")
+        p1 = run_measured(cmd1, work / f"{label}.step1.log")
         if not p1.ok:
             return out, p1
         if proposal:
-            p1.proposal = proposal_summary(work / f"{name}.step1.log")
+            p1.proposal = proposal_summary(work / f"{label}.step1.log")
         s = wd / model.stem
         cmd2 = hybridq_cmd() + ["step2", f"{s}.model", f"{s}.data", f"{s}.quantization.cfg", "-o", str(out)]
-        p2 = run_measured(cmd2, work / f"{name}.step2.log")
+        p2 = run_measured(cmd2, work / f"{label}.step2.log")
         return out, Proc(p2.ok, p1.wall_s + p2.wall_s, max(p1.peak_rss_mb, p2.peak_rss_mb), p2.error, p1.proposal)
 
     return build
@@ -245,28 +249,13 @@ def build_hybridq_algorithm(algorithm: str) -> Builder:
     return build
 
 
-def build_hybridq_bias(model: Path, dataset: Path, work: Path) -> tuple[Path, Proc]:
-    """step1 with `bias_correction: true` (from a hybridq.yaml in its --out directory), then step2."""
-    wd = work / "hybridq_bias"
-    wd.mkdir(parents=True, exist_ok=True)
-    (wd / "hybridq.yaml").write_text("bias_correction: true\n")
-    out = wd / f"{model.stem}.q.onnx"
-    out.unlink(missing_ok=True)
-    p1 = run_measured(hybridq_cmd() + ["step1", str(model), "--dataset", str(dataset), "--out", str(wd)], work / "hybridq_bias.step1.log")
-    if not p1.ok:
-        return out, p1
-    s = wd / model.stem
-    p2 = run_measured(hybridq_cmd() + ["step2", f"{s}.model", f"{s}.data", f"{s}.quantization.cfg", "-o", str(out)], work / "hybridq_bias.step2.log")
-    return out, Proc(p2.ok, p1.wall_s + p2.wall_s, max(p1.peak_rss_mb, p2.peak_rss_mb), p2.error)
-
-
 BUILDERS: dict[str, Builder] = {
     "fp32": build_fp32,
     "ort_default": build_ort(pre_process=False),
     "ort_pre": build_ort(pre_process=True),
     "hybridq": build_hybridq(proposal=False),
     "hybridq_proposal": build_hybridq(proposal=True),
-    "hybridq_bias": build_hybridq_bias,
+    "hybridq_bias": build_hybridq(proposal=False, name="hybridq_bias", workspace_yaml="bias_correction: true\n"),
     **{f"hybridq_{a}": build_hybridq_algorithm(a) for a in ALGORITHMS},
 }
 SAME_GRAPH = {f"hybridq_{a}" for a in ALGORITHMS} | {"hybridq_bias"}

@@ -41,6 +41,11 @@ def correctable(node: onnx.NodeProto, g: GraphView) -> bool:
     return bias is None or (bias in g.inits and len(g.consumer_nodes(bias)) == 1)
 
 
+def correctable_layers(nodes: Iterable[str], g: GraphView) -> list[str]:
+    """Those of `nodes` (layer names, e.g. the plan's weighted layers) whose bias can take a correction."""
+    return [n for n in nodes if n in g.by_name and correctable(g.by_name[n], g)]
+
+
 def linear_bias(node: onnx.NodeProto, g: GraphView) -> str | None:
     """The bias of a MatMul (x @ W, W a 2-D initializer [K, N]): the initializer of N values that the Add reading
     only its output adds, used nowhere else; None when the MatMul has no such Add."""

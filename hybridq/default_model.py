@@ -13,13 +13,14 @@ clips then fail on models they fix alone), and RKNN-Toolkit2's cfg cannot carry 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import onnx
 
 from . import bias_correction, speedcheck
-from .build import build, edits_from
+from .build import Built, build, edits_from
 from .calibration import session_for
 from .config import CfgEntry, short_float
 from .dataset import Dataset
@@ -32,21 +33,18 @@ SAMPLES = 8
 
 
 def corrected(
-    temp: onnx.ModelProto, observers: dict[str, HistogramObserver], meta: dict[str, Any], settings: Settings,
-    entries: dict[str, dict[str, Any]], layers: dict[str, str], plan: QuantPlan, samples: list[dict[str, np.ndarray]],
+    built: Built, entries: dict[str, dict[str, Any]], plan: QuantPlan, samples: list[dict[str, np.ndarray]],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """`entries` with each corrected layer's shift on its weight entry, and a cfg comment for each such weight.
 
-    The model is built from `entries` and `layers` (custom_quantize_layers) exactly as step2 builds the cfg;
-    layers kept float, and weights whose shift is zero, get no key.
+    `built` is the model step2 builds from `entries` and custom_quantize_layers; layers it keeps float, and weights
+    whose shift is zero, get no key.
     """
-    g = GraphView(temp)
-    names = [w.node for w in plan.weights.values() if w.node in g.by_name and bias_correction.correctable(g.by_name[w.node], g)]
-    if not names or not samples:
-        return entries, {}
-    edits = edits_from(layers, {t: CfgEntry(t, 0, dict(v)) for t, v in entries.items()}, temp, "cfg")
-    built = build(temp, observers, meta, settings, edits)
+    g = GraphView(built.fixed)
+    names = bias_correction.correctable_layers((w.node for w in plan.weights.values()), g)
     used = samples[:SAMPLES]
+    if not names or not used:
+        return entries, {}
     shifts = bias_correction.cumulative_shifts(built.fixed, built.model, names, used, lambda m: session_for(m, basic=False))
     out, comments = dict(entries), {}
     for layer, shift in shifts.items():
@@ -63,16 +61,22 @@ def decide(
     temp: onnx.ModelProto, observers: dict[str, HistogramObserver], meta: dict[str, Any], settings: Settings,
     entries: dict[str, dict[str, Any]], custom: dict[str, str], plan: QuantPlan, placement: Placement, ds: Dataset, n: int,
 ) -> tuple[dict[str, str], dict[str, str], dict[str, str], str | None]:
-    """What step1 decides on the default int8 model built as step2 will: the layers the speed check keeps float (with
-    their comments) and the bias correction of the rest, written into ``meta["written_entries"]`` as step1's own
-    entries (step2 and propose see no user edit); the bias comments per weight, and the speed check's note."""
+    """What step1 decides on the default int8 model (built once, as step2 builds the cfg, when either needs it): the
+    layers the speed check keeps float (with their comments) and the bias correction of the rest, written into
+    ``meta["written_entries"]`` as step1's own entries (step2 and propose see no user edit); the bias comments per
+    weight, and the speed check's note."""
+
+    @functools.cache
+    def default() -> Built:
+        edits = edits_from(custom, {t: CfgEntry(t, 0, dict(v)) for t, v in entries.items()}, temp, "cfg")
+        return build(temp, observers, meta, settings, edits)
+
     floats: dict[str, str] = {}
     why: dict[str, str] = {}
     note = None
     if settings.speed_check and placement.cpu_policy and speedcheck.default_layers(plan):
-        floats, why, note = speedcheck.decide(temp, observers, meta, settings, entries, custom, plan, next(ds.samples(limit=1)))
+        floats, why, note = speedcheck.decide(temp, lambda: default().model, plan, next(ds.samples(limit=1)))
     bias_comments: dict[str, str] = {}
     if settings.bias_correction and not floats:
-        meta["written_entries"], bias_comments = corrected(
-            temp, observers, meta, settings, entries, custom, plan, list(ds.samples(limit=min(n, SAMPLES))))
+        meta["written_entries"], bias_comments = corrected(default(), entries, plan, list(ds.samples(limit=min(n, SAMPLES))))
     return floats, why, bias_comments, note

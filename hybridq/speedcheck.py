@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Callable
 
 import numpy as np
 import onnx
 
 from . import _runtime
-from .build import build, edits_from
-from .config import CfgEntry
-from .observers import HistogramObserver
 from .plan import QuantPlan
-from .settings import Settings
 
 MARGIN = 0.03
 """int8 pays when it is at least this much faster than fp32 on one thread (the noise of a few interleaved runs on a
@@ -82,13 +78,8 @@ def time_pair(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.n
             return min(runs[0]), min(runs[1])
 
 
-def check(
-    temp: onnx.ModelProto, observers: dict[str, HistogramObserver], meta: dict[str, Any], settings: Settings,
-    entries: dict[str, dict[str, Any]], layers: dict[str, str], feed: dict[str, np.ndarray],
-) -> SpeedCheck:
-    """Build the default int8 model as step2 would (the cfg's `entries` and `layers`) and time it against `temp`."""
-    edits = edits_from(layers, {t: CfgEntry(t, 0, dict(v)) for t, v in entries.items()}, temp, "cfg")
-    int8 = build(temp, observers, meta, settings, edits).rewrite.model
+def check(temp: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.ndarray]) -> SpeedCheck:
+    """Time the default int8 model (built as step2 builds the cfg) against `temp`, on one thread."""
     fp32_ms, int8_ms = time_pair(temp, int8, feed, threads=1)
     return SpeedCheck(fp32_ms, int8_ms)
 
@@ -99,13 +90,12 @@ def default_layers(plan: QuantPlan) -> list[str]:
 
 
 def decide(
-    temp: onnx.ModelProto, observers: dict[str, HistogramObserver], meta: dict[str, Any], settings: Settings,
-    entries: dict[str, dict[str, Any]], layers: dict[str, str], plan: QuantPlan, feed: dict[str, np.ndarray],
+    temp: onnx.ModelProto, int8: Callable[[], onnx.ModelProto], plan: QuantPlan, feed: dict[str, np.ndarray],
 ) -> tuple[dict[str, str], dict[str, str], str]:
-    """:func:`check`, then what step1 writes: custom_quantize_layers entries keeping every default layer float
-    (none when int8 pays), their comments, and step1's note."""
+    """:func:`check` of the model `int8()` builds, then what step1 writes: custom_quantize_layers entries keeping every
+    default layer float (none when int8 pays), their comments, and step1's note."""
     try:
-        result = check(temp, observers, meta, settings, entries, layers, feed)
+        result = check(temp, int8(), feed)
     except Exception as exc:  # timing is an optimisation: a model that cannot be timed whole is placed by the MAC rules
         why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         return {}, {}, f"speed check: not run ({why}); placed by the MAC rules alone."

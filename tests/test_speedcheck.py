@@ -105,6 +105,19 @@ def test_the_measured_cost_models_placement_is_checked_too(tmp_path, monkeypatch
     assert "QuantizeLinear" in timed, "the timed model had the table's int8 layers"
 
 
+def test_the_speed_check_and_the_bias_correction_share_one_build_of_the_default_model(cnn_ws, tmp_path, monkeypatch):
+    from hybridq import build as build_module
+
+    builds = []  # every build goes through build.apply_fixes first
+    real = build_module.apply_fixes
+    monkeypatch.setattr(build_module, "apply_fixes", lambda *a, **k: builds.append(1) or real(*a, **k))
+    seen: list = []
+    _stub(monkeypatch, fp32_ms=2.0, int8_ms=1.0, seen=seen)
+    s1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "ws", settings={"bias_correction": True})
+    assert len(seen) == 1 and "bias_correction" in s1.cfg.read_text().split("quantize_parameters:")[1]
+    assert len(builds) == 1
+
+
 def test_the_margin_decides() -> None:
     assert speedcheck.SpeedCheck(1.0, 0.96).pays
     assert not speedcheck.SpeedCheck(1.0, 0.98).pays  # within MARGIN: not clearly faster

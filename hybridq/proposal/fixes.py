@@ -187,8 +187,7 @@ def bias_fix(ctx: Context, edits: Edits, fixed: onnx.ModelProto, qdq: onnx.Model
              session: Callable[[onnx.ModelProto], Any]) -> list[Candidate]:
     """Shift each quantized Conv/Gemm/Linear's bias by its mean output error in the model as it runs (upstream errors
     included, layers in order: :func:`hybridq.bias_correction.cumulative_shifts`), over at most BIAS_SAMPLES samples."""
-    layers = [w.node for w in ctx.plan.weights.values() if w.node in ctx.graph.by_name
-              and bias_correction.correctable(ctx.graph.by_name[w.node], ctx.graph)]
+    layers = bias_correction.correctable_layers((w.node for w in ctx.plan.weights.values()), ctx.graph)
     samples = samples[:BIAS_SAMPLES]
     shifts = bias_correction.cumulative_shifts(fixed, qdq, layers, samples, session)
     cand = Candidate("bias_correction", "")
