@@ -36,6 +36,7 @@ VARIANTS = {  # label -> (work directory under bench/.cache, sub-path of the bui
     "cpu int8 (default)": ("work", "hybridq"),
     "cpu algorithm: percentile": ("work", "hybridq_percentile"),
     "cpu --proposal": ("work", "hybridq_proposal"),
+    "cpu bias_correction: true": ("work", "hybridq_bias"),
     "ORT quantize_static": ("work", "ort_default"),
     "npu int8": ("npu", "int8/hybridq"),
     "npu --proposal --fallback float16": ("npu", "proposal/hybridq_proposal"),
