@@ -25,6 +25,8 @@ import datetime as dt
 import sys
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -86,8 +88,33 @@ def render(rec: dict[str, dict] | None, det: dict[str, dict] | None, eval_limit:
                 "| --- | --- | --- | --- | --- | --- | --- |"]
         out += [f"| {k} | {r['hmean']:.4f} | {r['matched']} of {r['gt']} | {r['hmean vs reference']:.4f} | "
                 f"{r['mean IoU with reference']:.4f} | {r['area vs gt']:.3f} | {r['near threshold']} |" for k, r in det.items()]
+        out += ["", det_ranking(det)]
     out += ["", end]
     return "\n".join(out) + "\n"
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (average ranks for ties)."""
+    def ranks(x: list[float]) -> np.ndarray:
+        v = np.asarray(x, np.float64)
+        return np.array([np.mean(np.flatnonzero(np.sort(v) == e)) for e in v])
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / np.sqrt((ra @ ra) * (rb @ rb)))
+
+
+def det_ranking(det: dict[str, dict]) -> str:
+    """Do hmean and fidelity to fp32 rank the quantized det models alike? (Spearman over the models other than fp32.)"""
+    rows = {k: r for k, r in det.items() if k != "fp32"}
+    if len(rows) < 3:
+        return ""
+    hm = [r["hmean"] for r in rows.values()]
+    fid = [r["mean IoU with reference"] for r in rows.values()]
+    area = [r["area vs gt"] for r in rows.values()]
+    return (f"Across the {len(rows)} quantized det models, Spearman's rank correlation of hmean with the mean IoU with "
+            f"fp32's boxes is {spearman(hm, fid):+.2f}, and with the box area over the ground truth's {spearman(hm, area):+.2f} "
+            f"(fp32's own best box is {det['fp32']['area vs gt']:.2f}x its ground-truth box's area, median): a model "
+            "scores higher hmean here by drawing smaller boxes than fp32, not by reproducing fp32 better.")
 
 
 def main(argv: list[str] | None = None) -> int:
