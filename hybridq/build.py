@@ -217,7 +217,7 @@ def build(
     arrays = initializer_arrays(fixed, plan.weights)
     observers = targets.floored(observers, plan.floors)
     res = resolve(plan, edits.entries, written, observers, arrays, settings, written_settings, where)
-    res.activations = targets.shared_params(plan.shared, res.activations)
+    res.activations = targets.shared_params(plan.shared, res.activations, targets.degenerate(res.activations, observers))
     rewrite = apply_plan(fixed, plan, res.activations, res.weights)
     recurrent.apply_in_place(rewrite.model, {n: lp.precision for n, lp in plan.layers.items()}, settings.qmethod == "channel")
     apply_int4(rewrite.model, fixed, plan, observers, settings, where)

@@ -94,6 +94,8 @@ def calibrate(
     small (`PAIR_BYTES`), two one-thread runs are in flight beside the binning (three batches alive).
     """
     names = tensors if tensors is not None else float_activations(model)
+    if not names:  # nothing to observe (a model with no quantization candidate): the samples are only checked and counted
+        return _count_only(model, batches, describe, on_batch)
     full = [n for n in names if histograms is None or n in histograms]
     ranged = [n for n in names if histograms is not None and n not in histograms]
     pair = not threads and _runtime.cores() == 2
@@ -137,6 +139,25 @@ def calibrate(
     return observers
 
 
+def _count_only(
+    model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], describe: Callable[[int], str], on_batch: Callable[[int], None] | None,
+) -> dict[str, HistogramObserver]:
+    """No tensor to observe: each batch is checked for the model's inputs and counted, without running the model
+    (ONNX Runtime reads an empty list of outputs as "all of them")."""
+    feeds = {i.name for i in model.graph.input} - {i.name for i in model.graph.initializer}
+    seen = 0
+    for b, batch in enumerate(batches):
+        missing = feeds - batch.keys()
+        if missing:
+            raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")
+        seen += 1
+        if on_batch:
+            on_batch(_batch_len(batch))
+    if not seen:
+        raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
+    return {}
+
+
 def _static_bytes(model: onnx.ModelProto, names: list[str]) -> float:
     """Bytes of these float32 tensors for one batch, from the model's static shapes (inf when one is not static)."""
     shapes, total = tensor_shapes(model), 0
@@ -175,14 +196,26 @@ def _batch_len(batch: dict[str, np.ndarray]) -> int:
 
 
 class _NonFinite(Exception):
-    """A fetched tensor holds NaN or Inf (its name as the argument)."""
+    """A fetched tensor holds NaN or Inf (its name, then "NaN" or "Inf", as the arguments)."""
 
 
-def _non_finite(name: str, where: str) -> DatasetError:
+def _non_finite(name: str, where: str, kind: str = "NaN") -> DatasetError:
+    if kind == "Inf":
+        return DatasetError(
+            f"Tensor '{name}' holds +-Inf on {where}. If the sample is finite, the model computes it: an attention "
+            "mask filled with -inf is the usual cause. int8 cannot represent Inf and hybridq does not yet keep such a "
+            "tensor float by itself; re-export the model with a large finite mask value (-1e4 is enough before a "
+            "Softmax), or check that sample (its values, preprocessing and mean/std)."
+        )
     return DatasetError(
         f"Tensor '{name}' holds NaN or Inf on {where}. Check that sample (its values, preprocessing "
         "and mean/std); calibration needs finite activations."
     )
+
+
+def _kind(value: object) -> str:
+    """"NaN" when a non-finite tensor (or min/max) holds a NaN, else "Inf"."""
+    return "NaN" if np.isnan(np.asarray(value, dtype=np.float64)).any() else "Inf"
 
 
 def _run_and_bin(sess, fetch: list[str], feeds: dict[str, np.ndarray], full: list[str], hessian_of: set[str]) -> tuple:
@@ -199,7 +232,7 @@ def _binned(values: list[np.ndarray], full: list[str], hessian_of: set[str]) -> 
         try:
             stats.append(HistogramObserver.of(value))
         except ValueError:
-            raise _NonFinite(name) from None
+            raise _NonFinite(name, _kind(value)) from None
     return stats, {n: v for n, v in zip(full, values) if n in hessian_of}, [float(v) for v in values[len(full):]], size
 
 
@@ -216,7 +249,7 @@ def _observe(
         result = run.future.result()
     except Exception as exc:
         if isinstance(exc, _NonFinite):
-            raise _non_finite(exc.args[0], describe(run.index)) from None
+            raise _non_finite(*exc.args[:1], describe(run.index), *exc.args[1:]) from None
         raise DatasetError(
             f"ONNX Runtime failed on {describe(run.index)}: {str(exc).splitlines()[0]}. "
             "Check the sample's shape and dtype against the model input."
@@ -224,7 +257,7 @@ def _observe(
     try:
         stats, hessian_values, ranges, size = result if run.binned else _binned(result, full, hessian_of)
     except _NonFinite as exc:
-        raise _non_finite(exc.args[0], describe(run.index)) from None
+        raise _non_finite(*exc.args[:1], describe(run.index), *exc.args[1:]) from None
     del result
     name = ""
     try:
@@ -236,7 +269,9 @@ def _observe(
         for i, name in enumerate(run.ranged):
             observers[name].update_range(ranges[i], ranges[r + i], 1)
     except ValueError:
-        raise _non_finite(name, describe(run.index)) from None
+        r = len(run.ranged)
+        pair = next(((ranges[i], ranges[r + i]) for i, n in enumerate(run.ranged) if n == name), ())
+        raise _non_finite(name, describe(run.index), _kind(pair) if pair else "NaN") from None
     del stats, hessian_values
     if on_batch:
         on_batch(run.size)

@@ -93,11 +93,11 @@ def calibrate_dataset(
     workers = 1 if execution is None or execution.backend == "inprocess" else max(1, execution.workers or 2)
     shards = [Shard(k, tuple(range(a, b)), min(b * batch_size, count) - a * batch_size)
               for k, (a, b) in enumerate(contiguous(n_batches, workers * SHARDS_PER_WORKER if workers > 1 else 1))]
+    if not shards:
+        raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
     job = CalibrationJob(model, DatasetRef.of(ds), batch_size, count, tensors, histograms, hessians=tuple(hessians))
     finals = execute(job, shards, execution, lambda shard, figures: [input_stats.fold(f) for f in figures], on_batch)
     partials = [f for f in finals if f]
-    if not partials:
-        raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
     observers: dict[str, Any] = {n: HistogramObserver(bins=n in histograms) for n in tensors}
     for part in partials:  # in shard order: X^T X sums (float64) depend on the partition, histograms do not
         for name, obs in part.items():

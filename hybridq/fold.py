@@ -334,7 +334,10 @@ def _inline(model: onnx.ModelProto, node: onnx.NodeProto, taken: str) -> None:
     node_names = {n.name for n in g.node if n.name != node.name}
     for n in branch.node:
         if not n.name or n.name in node_names:
-            n.name = f"{node.name}/{n.name or n.op_type}"
+            base = f"{node.name}/{n.name or n.op_type}"
+            n.name, k = base, 2
+            while n.name in node_names:  # two unnamed nodes of one type in the branch
+                n.name, k = f"{base}_{k}", k + 1
         node_names.add(n.name)
     g.initializer.extend(branch.initializer)
     at = list(g.node).index(node)

@@ -131,6 +131,21 @@ def lift_constants(model: onnx.ModelProto) -> int:
     return lifted
 
 
+def modern_ir(model: onnx.ModelProto) -> None:
+    """Raise the IR version to what the opsets need (at least 4), in place.
+
+    Before IR 4 every initializer is also listed as a graph input (old PyTorch exports); an initializer added
+    later (a lifted Constant, a scale) is then not a graph input, which IR 3 forbids. Those input entries go.
+    """
+    if model.ir_version < 4:
+        inits = {i.name for i in model.graph.initializer}
+        keep = [i for i in model.graph.input if i.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+    need = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(model.ir_version, need, 4)
+
+
 def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.ModelProto:
     """Convert to opset `target` when older (per-channel QDQ needs opset 13)."""
     if main_opset(model) >= target:
@@ -224,11 +239,13 @@ def prepare(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None = Non
     work = onnx.ModelProto()
     work.CopyFrom(model)
     report = PrepReport(opset_from=main_opset(work), opset_to=main_opset(work))
+    modern_ir(work)
     report.renamed = name_nodes(work)
     original = {n.name: (n.op_type, list(n.output)) for n in work.graph.node}
     report.constants_lifted = lift_constants(work)
     work = _fold(work, fixed_inputs, report)
     work = upgrade_opset(work)
+    modern_ir(work)
     report.opset_to = main_opset(work)
     work = ort_basic_optimize(work)
     name_nodes(work)

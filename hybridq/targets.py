@@ -38,7 +38,7 @@ from .errors import ConfigError, did_you_mean
 from .observers import HistogramObserver
 from .patterns import inner_tensors, saturation_ranges
 from .plan import CPU_PLACEMENT, QUANTIZABLE, GraphView, Placement, Slots, _all_float_inputs, _first_input, make_plan
-from .qparams import QParams
+from .qparams import NUMPY, QParams, compute_qparams
 from .settings import Settings
 
 
@@ -119,11 +119,14 @@ def get(name: str, where: str = "settings") -> Target:
         ) from None
 
 
-def shared_params(groups: list[list[str]], params: dict[str, QParams]) -> dict[str, QParams]:
-    """`params` with every tensor of a group given the group's widest parameters (largest scale).
+def shared_params(groups: list[list[str]], params: dict[str, QParams], degenerate: frozenset[str] = frozenset()) -> dict[str, QParams]:
+    """`params` with every tensor of a group given parameters that cover the union of the members' ranges.
 
-    The widest covers every member's range (a Concat's output range is the union of its inputs'; a
-    reshape's is its input's), so sharing clips nothing. Without groups, `params` itself is returned.
+    A Concat's output range is the union of its inputs' (a reshape's is its input's), so sharing clips nothing.
+    The member whose range already covers the others' lends its parameters (the Concat's output, usually);
+    otherwise they are computed for the union. Members in `degenerate` (all-zero tensors: their scale 1.0 is
+    a placeholder, not a range) are given the group's parameters and do not widen them: zero is exact in any.
+    Without groups, `params` itself is returned.
     """
     if not groups:
         return params
@@ -132,10 +135,41 @@ def shared_params(groups: list[list[str]], params: dict[str, QParams]) -> dict[s
         members = [t for t in group if t in params]
         if len(members) < 2:
             continue
-        widest = max(members, key=lambda t: float(np.max(params[t].scale)))
+        live = [t for t in members if t not in degenerate] or members
+        if any(params[t].scale.size != 1 for t in live):  # per-channel activations: the widest step, as the hardware would
+            chosen = params[max(live, key=lambda t: float(np.max(params[t].scale)))]
+        else:
+            chosen = _covering(live, params)
         for t in members:
-            out[t] = params[widest]
+            out[t] = chosen
     return out
+
+
+def degenerate(params: dict[str, QParams], observers: dict[str, HistogramObserver]) -> frozenset[str]:
+    """Tensors whose parameters are the all-zero placeholder (scale 1.0) because calibration saw a single value."""
+    return frozenset(t for t, qp in params.items()
+                     if qp.scale.size == 1 and float(qp.scale.reshape(-1)[0]) == 1.0
+                     and (t not in observers or observers[t].count == 0 or observers[t].max == observers[t].min))
+
+
+def _represented(qp: QParams) -> tuple[float, float]:
+    """The real range a per-tensor QParams maps onto its integer range."""
+    info = np.iinfo(NUMPY[qp.dtype])
+    s, z = float(qp.scale.reshape(-1)[0]), float(qp.zero_point.reshape(-1)[0])
+    return (int(info.min) - z) * s, (int(info.max) - z) * s
+
+
+def _covering(live: list[str], params: dict[str, QParams]) -> QParams:
+    """The parameters of the member whose range holds every other member's, else ones computed for the union."""
+    spans = {t: _represented(params[t]) for t in live}
+    lo, hi = min(s[0] for s in spans.values()), max(s[1] for s in spans.values())
+    for t in sorted(live, key=lambda t: spans[t][1] - spans[t][0], reverse=True):
+        if spans[t][0] <= lo and spans[t][1] >= hi:
+            return params[t]
+    widest = params[max(live, key=lambda t: spans[t][1] - spans[t][0])]
+    # signed members all at zero point 0 are symmetric (int8 activations); otherwise the union is mapped asymmetrically
+    symmetric = np.iinfo(NUMPY[widest.dtype]).min < 0 and all(int(params[t].zero_point.reshape(-1)[0]) == 0 for t in live)
+    return compute_qparams(lo, hi, widest.dtype, symmetric)
 
 
 def check_target_change(

@@ -1,0 +1,144 @@
+"""Valid models of unusual shape that once stopped step1 or built a wrong model (from a sweep over ONNX's
+operator test cases): nothing to quantize, IR version 3, an If branch with unnamed nodes, and an `npu`
+Concat with an all-zero input. Each is checked against the fp32 model in ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as T
+from onnx import helper, numpy_helper
+
+import hybridq
+from hybridq.qparams import compute_qparams
+from hybridq.targets import shared_params
+from tests import models
+from tests.conftest import cosine, run
+
+
+def _build(model: onnx.ModelProto, tmp_path: Path, shapes: dict[str, tuple[int, ...]], **kw) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    ds = models.write_npy_dataset(tmp_path / "data", shapes, 4)
+    out = tmp_path / "ws"
+    out.mkdir()
+    (out / "hybridq.yaml").write_text("speed_check: false\n")
+    r1 = hybridq.step1(src, ds, out=out, **kw)
+    return hybridq.step2(r1.model, r1.data, r1.cfg, out / "q.onnx").output
+
+
+def _feeds(shapes: dict[str, tuple[int, ...]], seed: int = 7) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(0, 1, s).astype(np.float32) for k, s in shapes.items()}
+
+
+def test_a_model_with_nothing_to_quantize_builds_and_matches_fp32(tmp_path):
+    # ONNX Runtime reads an empty list of outputs as "all outputs": calibrating nothing used to fail on sample 1
+    x = helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 6])
+    y = helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 6])
+    m = helper.make_model(helper.make_graph([helper.make_node("Tanh", ["x"], ["y"], name="t")], "g", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 7
+    q = _build(m, tmp_path, {"x": (1, 4, 6)})
+    f = _feeds({"x": (1, 4, 6)})
+    np.testing.assert_allclose(run(q, f)[0], np.tanh(f["x"]), rtol=1e-6, atol=1e-6)
+
+
+def test_ir3_model_with_initializers_as_inputs_builds_for_npu(tmp_path):
+    # IR 3 (old PyTorch exports) lists every initializer as a graph input; the scales step2 adds are not inputs
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, (6,)).astype(np.float32), "b")
+    reps = numpy_helper.from_array(np.array([1, 1, 1, 2], np.int64), "reps")
+    inputs = [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8]),
+              helper.make_tensor_value_info("w", T.FLOAT, [6, 3, 3, 3]), helper.make_tensor_value_info("b", T.FLOAT, [6])]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Constant", [], ["reps"], value=reps),  # lifted into an initializer by step1
+             helper.make_node("Tile", ["r", "reps"], ["y"], name="tile")]
+    g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", T.FLOAT, [1, 6, 8, 16])], [w, b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 9)])
+    m.ir_version = 3
+    onnx.checker.check_model(m)
+    for target in ("npu", "cpu"):
+        q = _build(m, tmp_path / target, {"x": (1, 3, 8, 8)}, settings={"target": target, "float_stem": False})
+        assert onnx.load(str(q)).ir_version >= 7
+        f = _feeds({"x": (1, 3, 8, 8)})
+        assert run(q, f)[0].shape == (1, 6, 8, 16)
+        assert cosine(run(q, f)[0], run(m, f)[0]) > 0.99
+
+
+def test_if_branch_with_two_unnamed_nodes_of_one_type_inlines(tmp_path):
+    # the taken branch of a constant If holds two unnamed Relu: inlined, they once both became "If_0/Relu"
+    then = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["n"]), helper.make_node("Relu", ["n"], ["t"])],
+        "then", [], [helper.make_tensor_value_info("t", T.FLOAT, [1, 4])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [], [helper.make_tensor_value_info("e", T.FLOAT, [1, 4])])
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(True), "cond")),
+             helper.make_node("If", ["cond"], ["i"], then_branch=then, else_branch=other),
+             helper.make_node("MatMul", ["i", "w"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8])],
+                          [numpy_helper.from_array(rng.normal(0, 1, (4, 8)).astype(np.float32), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 7
+    onnx.checker.check_model(m)
+    q = _build(m, tmp_path, {"x": (1, 4)})
+    names = [n.name for n in onnx.load(str(q)).graph.node]
+    assert len(names) == len(set(names))
+    for seed in range(3):
+        f = _feeds({"x": (1, 4)}, seed)
+        ref = np.maximum(-np.maximum(f["x"], 0), 0) @ numpy_helper.to_array(g.initializer[0])  # the then branch: zeros
+        np.testing.assert_allclose(run(q, f)[0], ref, atol=1e-6)
+
+
+def test_npu_concat_with_an_all_zero_input_keeps_the_real_range(tmp_path):
+    # a zero state concatenated before the input: its placeholder scale 1.0 once became the Concat's shared scale
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Mul", ["x", "zero"], ["z"], name="mul"),
+             helper.make_node("Concat", ["z", "x"], ["c"], axis=1, name="cat"),
+             helper.make_node("Conv", ["c", "w"], ["y"], name="conv")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 8])],
+                          [numpy_helper.from_array(rng.normal(0, 1, (8, 8, 1)).astype(np.float32), "w"),
+                           numpy_helper.from_array(np.zeros(1, np.float32), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    q = _build(m, tmp_path, {"x": (1, 4, 8)}, settings={"target": "npu"})
+    scales = {i.name: float(numpy_helper.to_array(i).reshape(-1)[0]) for i in onnx.load(str(q)).graph.initializer if i.name.endswith("_scale")}
+    assert max(v for k, v in scales.items() if not k.startswith("w")) < 0.1, scales
+    for seed in range(3):
+        f = _feeds({"x": (1, 4, 8)}, seed)
+        assert cosine(run(q, f)[0], run(m, f)[0]) > 0.99  # 0.61 with the placeholder scale
+
+
+@pytest.mark.parametrize("ranges", [[(0.0, 10.0), (-5.0, 4.0)], [(-1.0, 1.0), (0.0, 3.0), (-2.0, 0.5)]])
+def test_shared_params_cover_the_union_of_the_members_ranges(ranges):
+    params = {f"t{i}": compute_qparams(lo, hi, "uint8", False) for i, (lo, hi) in enumerate(ranges)}
+    shared = shared_params([list(params)], params)
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    qp = shared["t0"]
+    s, z = float(qp.scale[0]), int(qp.zero_point[0])
+    assert (0 - z) * s <= lo + 1e-6 and (255 - z) * s >= hi - 1e-6  # nothing any member holds is clipped
+    assert all(shared[t] is qp for t in params)
+    # the largest scale alone would clip: [0, 10] has the largest step and zero point 0, so -5 would clip to 0
+    assert ranges != [(0.0, 10.0), (-5.0, 4.0)] or float(params["t0"].scale[0]) > float(params["t1"].scale[0])
+
+
+def test_a_model_that_computes_inf_gets_an_error_that_says_so(tmp_path):
+    # Log(Relu(x)) is -inf wherever x <= 0, as an attention mask filled with -inf is: the sample is not to blame
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Log", ["r"], ["l"], name="log"),
+             helper.make_node("MatMul", ["l", "w"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2, 4])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [2, 3])],
+                          [numpy_helper.from_array(rng.normal(0, 1, (4, 3)).astype(np.float32), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 7
+    with pytest.raises(hybridq.errors.DatasetError, match=r"'l' holds \+-Inf on sample 1 .*attention mask"):
+        _build(m, tmp_path, {"x": (2, 4)})
