@@ -84,10 +84,17 @@ class Dataset:
 
     def notes(self) -> list[str]:
         """One line per kind of image conversion seen so far (alpha dropped, gray to RGB, ...), with a count and the first file."""
-        return [
+        out = [
             f"image conversion: {what} in {_count(len(paths), 'image')} (first: '{next(iter(paths))}'): {how}."
             for (what, how), paths in self._converted.items()
         ]
+        pre = self.preprocess
+        given = [k for k, v in (("mean", pre.mean), ("std", pre.std), ("layout", pre.layout)) if v is not None]
+        given += ["resize"] if pre.resize != "none" else []
+        if given and not self._plans and self._hook is None:
+            out.append(f"{', '.join(given)} not applied: they apply to image files, and '{self.source}' lists none "
+                       "(.npy/.npz samples are fed as stored; normalise them when you write them, or use a preprocess hook).")
+        return out
 
     def entries(self) -> list[tuple[int, list[Path]]]:
         """(1-based list line, or 0 for a directory/glob; one path per input) for every sample."""

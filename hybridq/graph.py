@@ -146,6 +146,41 @@ def modern_ir(model: onnx.ModelProto) -> None:
     model.ir_version = max(model.ir_version, need, 4)
 
 
+WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""Ops whose constant inputs become int8 weights and int32 biases, one per layer."""
+
+
+def untie_weights(model: onnx.ModelProto) -> int:
+    """Give each Conv/ConvTranspose/Gemm/MatMul its own copy of a weight or bias initializer it shares with an earlier
+    one, in place; returns the copies made. A quantized weight belongs to one layer (its scales, its precision, its
+    bias quantized with that layer's input scale), so a shared one was quantized for the last reader only."""
+    inits = {i.name: i for i in model.graph.initializer}
+    taken = set(inits) | {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    seen: set[str] = set()
+    copies = 0
+    for node in model.graph.node:
+        if node.op_type not in WEIGHTED or node.domain not in ("", "ai.onnx"):
+            continue
+        for idx in range(1, len(node.input)):
+            name = node.input[idx]
+            if name not in inits:
+                continue
+            if name not in seen:
+                seen.add(name)
+                continue
+            new, k = f"{name}_{node.name}", 2
+            while new in taken:
+                new, k = f"{name}_{node.name}_{k}", k + 1
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = new
+            model.graph.initializer.append(copy)
+            taken.add(new)
+            node.input[idx] = new
+            copies += 1
+    return copies
+
+
 def upgrade_opset(model: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.ModelProto:
     """Convert to opset `target` when older (per-channel QDQ needs opset 13)."""
     if main_opset(model) >= target:
@@ -249,13 +284,16 @@ def prepare(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None = Non
     report.opset_to = main_opset(work)
     work = ort_basic_optimize(work)
     name_nodes(work)
+    untie_weights(work)
     work = infer_shapes(work)
     index = GraphIndex(work.graph)
+    # ONNX Runtime names a fusion after the node it grew from ("fc1/MatMulAddFusion": the Add's output is now its own)
+    fused_into = {n.name.rsplit("/", 1)[0]: n.name for n in work.graph.node if "/" in n.name and n.name.rsplit("/", 1)[0] in original}
     for name, (op, outputs) in original.items():
         report.original_nodes[name] = outputs
         if name in index.by_name or op == "Constant" or name in report.control_flow.folded:
             continue
-        report.fused[name] = next((p.name for o in outputs if (p := index.producer_node(o)) is not None), "")
+        report.fused[name] = next((p.name for o in outputs if (p := index.producer_node(o)) is not None), "") or fused_into.get(name, "")
     return work, report
 
 

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ._onnx import convert_opset, main_opset
 from .errors import ModelError
-from .graph import Namer
+from .graph import Namer, name_nodes
 from .plan import GraphView, QuantPlan
 from .qparams import QParams, quantize
 
@@ -131,6 +131,7 @@ def _prepare_opset(model: onnx.ModelProto, sixteen: bool) -> tuple[onnx.ModelPro
         return model, ""
     try:
         upgraded = convert_opset(model, 21)
+        name_nodes(upgraded)  # the converter's new nodes (ReduceMean's axes as a Constant) come unnamed; "" means "at the top" here
         onnx.checker.check_model(upgraded)
         return upgraded, ""
     except Exception:

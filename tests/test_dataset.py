@@ -502,3 +502,13 @@ def test_conversions_are_noted_once_per_kind_with_count_and_first_file(tmp_path:
     luma = load_dataset(_write(tmp_path / "luma.txt", "plain.png\n"), [_spec((1, 1, 4, 5))])
     list(luma.samples())
     assert len(luma.notes()) == 1 and "one gray channel" in luma.notes()[0]
+
+
+def test_image_options_on_npy_samples_get_a_note_that_they_were_not_applied(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((1, 3, 4, 4), np.float32))
+    (tmp_path / "ds.txt").write_text("a.npy\n")
+    spec = [InputSpec("x", (1, 3, 4, 4), np.dtype(np.float32))]
+    ds = load_dataset(tmp_path / "ds.txt", spec, Preprocess(mean=(127.5,), std=(127.5,)))
+    assert [n for n in ds.notes() if n.startswith("mean, std not applied")], ds.notes()
+    np.testing.assert_array_equal(ds.sample(0)["x"], np.zeros((1, 3, 4, 4), np.float32))  # fed as stored
+    assert load_dataset(tmp_path / "ds.txt", spec).notes() == []

@@ -142,3 +142,66 @@ def test_a_model_that_computes_inf_gets_an_error_that_says_so(tmp_path):
     m.ir_version = 7
     with pytest.raises(hybridq.errors.DatasetError, match=r"'l' holds \+-Inf on sample 1 .*attention mask"):
         _build(m, tmp_path, {"x": (2, 4)})
+
+
+def test_two_convs_sharing_a_weight_each_get_int8_weights(tmp_path):
+    # one weight and bias read by two Convs: the plan keyed them by name, so only the last reader was quantized
+    rng = np.random.default_rng(0)
+    k = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["a"], name="conv_a", **k), helper.make_node("Relu", ["a"], ["ar"], name="r1"),
+             helper.make_node("Conv", ["ar", "W", "B"], ["b"], name="conv_b", **k), helper.make_node("Relu", ["b"], ["y"], name="r2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 12, 12])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 12, 12])],
+                          [numpy_helper.from_array((rng.normal(0, 1, (8, 8, 3, 3)) / 8).astype(np.float32), "W"),
+                           numpy_helper.from_array(np.full(8, 0.1, np.float32), "B")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    q = onnx.load(str(_build(m, tmp_path, {"x": (1, 8, 12, 12)}, settings={"float_stem": False})))
+    produced = {o: n for n in q.graph.node for o in n.output}
+    int8 = {i.name for i in q.graph.initializer if i.data_type in (T.INT8, T.UINT8)}
+    for conv in (n for n in q.graph.node if n.op_type == "Conv"):
+        dq = produced[conv.input[1]]
+        assert dq.op_type == "DequantizeLinear" and dq.input[0] in int8, conv.name
+    f = _feeds({"x": (1, 8, 12, 12)})
+    assert cosine(run(q, f)[0], run(m, f)[0]) > 0.99
+
+
+@pytest.mark.parametrize("option", [{"weight_dtype": "int16"}, {"dtype": "int16"}])
+def test_16_bit_on_an_old_opset_model_with_reducemean_builds(tmp_path, option):
+    # opset 13 -> 21 for 16-bit Q/DQ turns ReduceMean's axes into an unnamed Constant node; "" meant "graph top"
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"),
+             helper.make_node("ReduceMean", ["mm"], ["y"], name="rm", axes=[-1], keepdims=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 1])],
+                          [numpy_helper.from_array((rng.normal(0, 1, (8, 8)) / 3).astype(np.float32), "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    q = _build(m, tmp_path, {"x": (1, 4, 8)}, settings=option)
+    for seed in range(3):
+        f = _feeds({"x": (1, 4, 8)}, seed)
+        np.testing.assert_allclose(run(q, f)[0], run(m, f)[0], atol=0.05)
+
+
+def test_a_matmul_onnx_runtime_fused_with_its_bias_keeps_its_name_in_the_cfg(tmp_path):
+    # ONNX Runtime fuses MatMul 'fc1' + its bias Add into 'fc1/MatMulAddFusion'; 'fc1: float32' must still resolve
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="fc1"), helper.make_node("Add", ["mm", "B"], ["y"], name="bias_add")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 16])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 16])],
+                          [numpy_helper.from_array((rng.normal(0, 1, (16, 16)) / 4).astype(np.float32), "W"),
+                           numpy_helper.from_array(np.full(16, 0.1, np.float32), "B")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    src, out = tmp_path / "m.onnx", tmp_path / "ws"
+    onnx.save(m, src)
+    r1 = hybridq.step1(src, models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 16)}, 4), out=out,
+                       settings={"speed_check": False})
+    fused = next(n.name for n in onnx.load(str(r1.model)).graph.node if n.name.startswith("fc1"))
+    assert r1.fused.get("fc1") == fused != "fc1"
+    r1.cfg.write_text(r1.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  fc1: float32"))
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, out / "q.onnx").output))
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in q.graph.node)
+    f = _feeds({"x": (1, 4, 16)})
+    np.testing.assert_allclose(run(q, f)[0], run(m, f)[0], rtol=1e-5, atol=1e-5)
+

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from ..cost import concrete_shapes
-from ..errors import HybridqError
+from ..errors import ArtifactMismatchError
 from ..graph import tensor_shapes
 from ..metrics import Accumulator, SliceAccumulator, channel_axis, metrics_many, sample_metrics, slice_sums
 from .graphs import AnalysisGraph, compared_names
@@ -109,9 +109,10 @@ class Measure:
             return
         for b in tests:
             if a.shape != b.shape:
-                raise HybridqError(
+                raise ArtifactMismatchError(
                     f"tensor {t!r} has shape {a.shape} in the float model but its quantized view "
-                    f"{tp.view!r} has shape {b.shape} (sample {res.index}); the models do not match"
+                    f"{tp.view!r} has shape {b.shape} (sample {res.index}): the quantized model was not built from "
+                    "this float model. Pass the fp32 model given to step1 as FLOAT_MODEL."
                 )
         if res.index == 0:  # the totals keep the first sample's shape and dtype
             res.shapes[t] = (tuple(a.shape), str(a.dtype))
