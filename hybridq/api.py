@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import numpy as np
 import onnx
 
-from . import default_model, fold, recurrent
+from . import default_model, fold, infinite, recurrent
 from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
@@ -153,6 +153,8 @@ def step1(
         temp, ds, batch_size=batch_size, count=n, tensors=candidate_tensors(temp, placement), histograms=set(plan.tensors) | set(hessians),
         input_stats=input_stats, execution=execution, on_batch=on_progress, hessians=hessians,
     )
+    plan, inf_floats, inf_why = infinite.keep_float(
+        plan, observers, lambda layers: make_plan(temp, settings, layer_precision=layers, placement=placement, costs=costs))
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
     entries = written_entries(plan, temp, floored(observers, plan.floors), settings)
@@ -162,6 +164,7 @@ def step1(
     comments = _entry_comments(plan)
     prop, evaluator = None, None
     custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
+    custom, custom_comments = {**custom, **inf_floats}, {**custom_comments, **inf_why}
     floats, why, bias_comments, note = default_model.decide(temp, observers, meta, settings, entries, custom, plan, placement, ds, n)
     if note:
         cost_notes.append(note + (" The proposal was not run: no layer is quantized." if floats and proposal else ""))
@@ -169,7 +172,7 @@ def step1(
     comments.update({t: f"{comments[t]}; {c}" for t, c in bias_comments.items()})
     cfg_entries = entries = meta["written_entries"]
     if proposal is not None:
-        prop, evaluator = run_proposal(temp, observers, meta, settings, entries, {}, list(ds.samples(limit=min(n, 2 * proposal.samples))), proposal)
+        prop, evaluator = run_proposal(temp, observers, meta, settings, entries, inf_floats, list(ds.samples(limit=min(n, 2 * proposal.samples))), proposal)
         custom, custom_comments = {**custom, **prop.layers}, {**custom_comments, **prop.comments}
         cfg_entries = {t: prop.entries.get(t, e) for t, e in entries.items()}
         comments.update({t: f"{comments.get(t, '')}; {c}" for t, c in prop.entry_comments.items()})

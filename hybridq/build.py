@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from . import bias_correction, equalize, recurrent, targets
+from . import bias_correction, equalize, infinite, recurrent, targets
 from ._onnx import GraphIndex
 from .config import Cfg, CfgEntry
 from .errors import ConfigError, did_you_mean
@@ -213,6 +213,9 @@ def build(
     fixed = apply_fixes(temp, edits, where)
     written = meta.get("written_entries", {})
     plan = plan_for(fixed, settings, edits, written, measured_costs(meta, settings))
+    for layer, why in infinite.touching(plan, observers).items():
+        raise ConfigError(f"{where}: layer '{layer}' cannot be quantized ({why.removeprefix('float: ')}); "
+                          "keep it float32 in custom_quantize_layers, as step1 wrote it.")
     written_settings = Settings(**meta.get("written_settings", {}))
     arrays = initializer_arrays(fixed, plan.weights)
     observers = targets.floored(observers, plan.floors)

@@ -196,26 +196,14 @@ def _batch_len(batch: dict[str, np.ndarray]) -> int:
 
 
 class _NonFinite(Exception):
-    """A fetched tensor holds NaN or Inf (its name, then "NaN" or "Inf", as the arguments)."""
+    """A fetched tensor holds NaN (its name as the argument; +-Inf is observed and flagged, see hybridq.infinite)."""
 
 
-def _non_finite(name: str, where: str, kind: str = "NaN") -> DatasetError:
-    if kind == "Inf":
-        return DatasetError(
-            f"Tensor '{name}' holds +-Inf on {where}. If the sample is finite, the model computes it: an attention "
-            "mask filled with -inf is the usual cause. int8 cannot represent Inf and hybridq does not yet keep such a "
-            "tensor float by itself; re-export the model with a large finite mask value (-1e4 is enough before a "
-            "Softmax), or check that sample (its values, preprocessing and mean/std)."
-        )
+def _non_finite(name: str, where: str) -> DatasetError:
     return DatasetError(
-        f"Tensor '{name}' holds NaN or Inf on {where}. Check that sample (its values, preprocessing "
-        "and mean/std); calibration needs finite activations."
+        f"Tensor '{name}' holds NaN on {where}. Check that sample (its values, preprocessing "
+        "and mean/std); calibration needs activations that are numbers."
     )
-
-
-def _kind(value: object) -> str:
-    """"NaN" when a non-finite tensor (or min/max) holds a NaN, else "Inf"."""
-    return "NaN" if np.isnan(np.asarray(value, dtype=np.float64)).any() else "Inf"
 
 
 def _run_and_bin(sess, fetch: list[str], feeds: dict[str, np.ndarray], full: list[str], hessian_of: set[str]) -> tuple:
@@ -232,7 +220,7 @@ def _binned(values: list[np.ndarray], full: list[str], hessian_of: set[str]) -> 
         try:
             stats.append(HistogramObserver.of(value))
         except ValueError:
-            raise _NonFinite(name, _kind(value)) from None
+            raise _NonFinite(name) from None
     return stats, {n: v for n, v in zip(full, values) if n in hessian_of}, [float(v) for v in values[len(full):]], size
 
 
@@ -249,7 +237,7 @@ def _observe(
         result = run.future.result()
     except Exception as exc:
         if isinstance(exc, _NonFinite):
-            raise _non_finite(*exc.args[:1], describe(run.index), *exc.args[1:]) from None
+            raise _non_finite(exc.args[0], describe(run.index)) from None
         raise DatasetError(
             f"ONNX Runtime failed on {describe(run.index)}: {str(exc).splitlines()[0]}. "
             "Check the sample's shape and dtype against the model input."
@@ -257,7 +245,7 @@ def _observe(
     try:
         stats, hessian_values, ranges, size = result if run.binned else _binned(result, full, hessian_of)
     except _NonFinite as exc:
-        raise _non_finite(*exc.args[:1], describe(run.index), *exc.args[1:]) from None
+        raise _non_finite(exc.args[0], describe(run.index)) from None
     del result
     name = ""
     try:
@@ -269,9 +257,7 @@ def _observe(
         for i, name in enumerate(run.ranged):
             observers[name].update_range(ranges[i], ranges[r + i], 1)
     except ValueError:
-        r = len(run.ranged)
-        pair = next(((ranges[i], ranges[r + i]) for i, n in enumerate(run.ranged) if n == name), ())
-        raise _non_finite(name, describe(run.index), _kind(pair) if pair else "NaN") from None
+        raise _non_finite(name, describe(run.index)) from None
     del stats, hessian_values
     if on_batch:
         on_batch(run.size)

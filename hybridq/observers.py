@@ -53,22 +53,29 @@ class HistogramObserver:
     start: int = 0
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     bins: bool = True  # False: exact min/max and count only (cheap; minmax is then the only algorithm)
+    infinite: bool = False  # some value was +-Inf (an attention mask): the statistics hold the finite ones only
 
     STATE_KEYS = ("scalars", "ints", "counts")
 
     def update(self, x: np.ndarray) -> None:
-        """Add a batch of values; raises ValueError on NaN or Inf (the caller names the sample)."""
+        """Add a batch of values; raises ValueError on NaN (the caller names the sample); +-Inf is flagged (see `of`)."""
         self.merge(HistogramObserver.of(x, self.bins))
 
     @classmethod
     def of(cls, x: np.ndarray, bins: bool = True) -> "HistogramObserver":
-        """The statistics of one batch alone (`update` merges them); raises ValueError on NaN or Inf."""
+        """The statistics of one batch alone (`update` merges them); raises ValueError on NaN. +-Inf values are
+        left out of the statistics and flag the observer `infinite`."""
         x = np.asarray(x)
         if x.size == 0:
             return cls(bins=bins)
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError("non-finite values (NaN or Inf)")
+            if math.isnan(lo) or math.isnan(hi) or np.isnan(x).any():
+                raise ValueError("non-finite values (NaN)")
+            finite = x[np.isfinite(x)]
+            other = cls.of(finite, bins) if finite.size else cls(bins=bins)
+            other.infinite = True
+            return other
         other = cls(lo, hi, int(x.size), bins=bins)
         if not bins:
             return other
@@ -80,13 +87,18 @@ class HistogramObserver:
         return other
 
     def update_range(self, lo: float, hi: float, n: int) -> None:
-        """Add a batch known only by its min and max (n elements); drops the histogram."""
+        """Add a batch known only by its min and max (n elements); drops the histogram. A NaN raises ValueError; an
+        infinite bound flags the observer `infinite` (its finite range is then unknown: the batch adds nothing else)."""
+        if math.isnan(lo) or math.isnan(hi):
+            raise ValueError("non-finite values (NaN)")
         if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError("non-finite values (NaN or Inf)")
+            self.infinite = True
+            return
         self.merge(HistogramObserver(lo, hi, n, bins=False))
 
     def merge(self, other: "HistogramObserver") -> None:
         """Fold another observer's statistics into this one (exact, order-independent)."""
+        self.infinite = self.infinite or other.infinite
         if other.count == 0:
             return
         if self.count == 0:
@@ -122,7 +134,8 @@ class HistogramObserver:
         """Arrays that round-trip through `from_state` (stored in the .data artifact)."""
         return {
             "scalars": np.array([self.min, self.max], dtype=np.float64),
-            "ints": np.array([self.count, self.exponent, self.start, int(self.bins)], dtype=np.int64),
+            # the flag is stored only when set: every other observer's bytes are as before it existed
+            "ints": np.array([self.count, self.exponent, self.start, int(self.bins)] + ([1] if self.infinite else []), dtype=np.int64),
             "counts": self.counts,
         }
 
@@ -130,8 +143,8 @@ class HistogramObserver:
     def from_state(cls, state: dict[str, np.ndarray]) -> "HistogramObserver":
         """Rebuild an observer saved with `state()`."""
         lo, hi = state["scalars"].tolist()
-        count, exponent, start, bins = (int(v) for v in state["ints"])
-        return cls(lo, hi, count, exponent, start, np.asarray(state["counts"], dtype=np.int64), bool(bins))
+        count, exponent, start, bins, *flag = (int(v) for v in state["ints"])
+        return cls(lo, hi, count, exponent, start, np.asarray(state["counts"], dtype=np.int64), bool(bins), bool(flag and flag[0]))
 
 
 def _bin_counts(x: np.ndarray, exponent: int, start: int) -> np.ndarray:

@@ -125,10 +125,11 @@ def test_all_zero_and_constant_tensors():
     assert compute_range(c, "percentile", 255) == pytest.approx((3.5, 3.5))
 
 
-def test_nan_and_inf_are_refused():
-    for bad in (np.nan, np.inf):
-        with pytest.raises(ValueError):
-            _observe(np.array([1.0, bad], np.float32))
+def test_nan_is_refused_and_inf_is_flagged_and_left_out():
+    with pytest.raises(ValueError):
+        _observe(np.array([1.0, np.nan], np.float32))
+    obs = _observe(np.array([1.0, np.inf, -2.0], np.float32))
+    assert obs.infinite and (obs.min, obs.max, obs.count) == (-2.0, 1.0, 2)
 
 
 def test_min_max_only_observer_refuses_histogram_algorithms():

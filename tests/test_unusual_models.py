@@ -130,18 +130,56 @@ def test_shared_params_cover_the_union_of_the_members_ranges(ranges):
     assert ranges != [(0.0, 10.0), (-5.0, 4.0)] or float(params["t0"].scale[0]) > float(params["t1"].scale[0])
 
 
-def test_a_model_that_computes_inf_gets_an_error_that_says_so(tmp_path):
-    # Log(Relu(x)) is -inf wherever x <= 0, as an attention mask filled with -inf is: the sample is not to blame
+def _masked_attention(keys: int = 16) -> onnx.ModelProto:
+    """scores = x Wq; a mask computed from the input k, 0 or -inf (Log of a 0/1 tensor, as masked_fill(-inf) exports);
+    Softmax(scores + mask) Wv. Sixteen keys: a row is all -inf with probability 2**-16 (and the seed has none)."""
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), helper.make_node("Log", ["r"], ["l"], name="log"),
-             helper.make_node("MatMul", ["l", "w"], ["y"], name="mm")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2, 4])],
-                          [helper.make_tensor_value_info("y", T.FLOAT, [2, 3])],
-                          [numpy_helper.from_array(rng.normal(0, 1, (4, 3)).astype(np.float32), "w")])
+    w = {n: numpy_helper.from_array(rng.normal(0, 0.5, s).astype(np.float32), n) for n, s in (("wq", (8, keys)), ("wv", (keys, 8)))}
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["scores"], name="q"),
+             helper.make_node("Greater", ["k", "zero"], ["open"], name="gt"), helper.make_node("Cast", ["open"], ["openf"], name="cast", to=T.FLOAT),
+             helper.make_node("Log", ["openf"], ["mask"], name="log"), helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+             helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1), helper.make_node("MatMul", ["p", "wv"], ["y"], name="v")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8]), helper.make_tensor_value_info("k", T.FLOAT, [1, 4, keys])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 8])],
+                          [*w.values(), numpy_helper.from_array(np.zeros(1, np.float32), "zero")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    m.ir_version = 7
-    with pytest.raises(hybridq.errors.DatasetError, match=r"'l' holds \+-Inf on sample 1 .*attention mask"):
-        _build(m, tmp_path, {"x": (2, 4)})
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("target", ["cpu", "npu"])
+def test_layers_reading_an_infinite_mask_stay_float(tmp_path, target):
+    # the mask holds -inf: it once stopped calibration; on npu the Add and Softmax would quantize it
+    m = _masked_attention()
+    shapes = {"x": (1, 4, 8), "k": (1, 4, 16)}
+    q = onnx.load(str(_build(m, tmp_path, shapes, settings={"target": target})))
+    cfg = next((tmp_path / "ws").glob("*.quantization.cfg")).read_text()
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert not {"mask", "masked"} & quantized
+    if target == "npu":
+        assert "add_mask: float32" in cfg and "holds +-Inf" in cfg
+        assert {"scores", "x"} <= quantized  # the rest of the graph is still quantized
+    for seed in range(3):
+        f = _feeds(shapes, seed)
+        ref = run(m, f)[0]
+        assert np.isfinite(ref).all()
+        assert cosine(run(q, f)[0], ref) > 0.99
+
+
+def test_observer_leaves_infinite_values_out_and_keeps_the_flag_through_a_round_trip():
+    from hybridq.observers import HistogramObserver
+
+    obs = HistogramObserver()
+    obs.update(np.array([0.0, -np.inf, 2.0, -1.0], np.float32))
+    obs.update(np.array([3.0, 1.0], np.float32))
+    assert obs.infinite and (obs.min, obs.max, obs.count) == (-1.0, 3.0, 5)
+    back = HistogramObserver.from_state(obs.state())
+    assert back.infinite and (back.min, back.max, back.count) == (-1.0, 3.0, 5)
+    plain = HistogramObserver()
+    plain.update(np.array([1.0, 2.0], np.float32))
+    assert len(plain.state()["ints"]) == 4 and not HistogramObserver.from_state(plain.state()).infinite
+    with pytest.raises(ValueError, match="NaN"):
+        HistogramObserver().update(np.array([np.nan, 1.0], np.float32))
 
 
 def test_two_convs_sharing_a_weight_each_get_int8_weights(tmp_path):
@@ -205,3 +243,16 @@ def test_a_matmul_onnx_runtime_fused_with_its_bias_keeps_its_name_in_the_cfg(tmp
     f = _feeds({"x": (1, 4, 16)})
     np.testing.assert_allclose(run(q, f)[0], run(m, f)[0], rtol=1e-5, atol=1e-5)
 
+
+
+def test_step2_refuses_a_cfg_that_quantizes_the_infinite_mask(tmp_path):
+    m = _masked_attention()
+    src, out = tmp_path / "m.onnx", tmp_path / "ws"
+    onnx.save(m, src)
+    r1 = hybridq.step1(src, models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8), "k": (1, 4, 16)}, 4), out=out,
+                       settings={"target": "npu", "speed_check": False})
+    text = r1.cfg.read_text()
+    assert "  add_mask: float32" in text
+    r1.cfg.write_text("\n".join(line for line in text.splitlines() if not line.startswith("  add_mask: float32")) + "\n")
+    with pytest.raises(hybridq.errors.ConfigError, match=r"layer 'add_mask' cannot be quantized \('mask' holds \+-Inf"):
+        hybridq.step2(r1.model, r1.data, r1.cfg, out / "q.onnx")
