@@ -12,7 +12,7 @@ import onnx
 
 from . import default_model, fold, infinite, recurrent
 from ._version import __version__
-from .artifacts import check_order, read_step1, save_model_atomic, write_step1
+from .artifacts import check_order, read_step1, save_model_atomic, sha256_file, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration_job import calibrate_dataset
 from .int4 import hessian_inputs
@@ -27,7 +27,7 @@ from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import DEFAULT_FLOAT_BUDGET, Evaluator, ProposalResult, Score, Target
 from .proposal import propose as climb
 from .qdq import RewriteResult
-from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record
+from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record, source_note
 from .settings import Settings
 from .targets import check_target_change, floored, get as get_target
 
@@ -94,8 +94,8 @@ def _check_writable(path: Path, ancestors, what: str) -> None:
 
 
 def open_dataset(model: onnx.ModelProto, dataset: str | Path, preprocess: Preprocess | None) -> Dataset:
-    """The dataset for this model's inputs."""
-    return load_dataset(dataset, input_specs(model), preprocess)
+    """The dataset for this model's inputs (a list line may also give every input the model had before --fix-input)."""
+    return load_dataset(dataset, input_specs(model), preprocess, fold.input_order(model))
 
 
 def _entry_comments(plan: QuantPlan) -> dict[str, str]:
@@ -147,14 +147,7 @@ def step1(
         on_start(n)
     placement, out_dir, stem, input_stats = get_target(settings.target).placement, Path(out) if out else model_path.parent, model_path.stem, InputStats()
     costs, cost_notes = step1_costs(temp, next(ds.samples(limit=1), None), settings, out_dir, stem) if placement.cpu_policy else (None, [])
-    plan = make_plan(temp, settings, placement=placement, costs=costs)
-    hessians = hessian_inputs(temp) if settings.int4_rounding == "gptq" else []
-    observers = calibrate_dataset(
-        temp, ds, batch_size=batch_size, count=n, tensors=candidate_tensors(temp, placement), histograms=set(plan.tensors) | set(hessians),
-        input_stats=input_stats, execution=execution, on_batch=on_progress, hessians=hessians,
-    )
-    plan, inf_floats, inf_why = infinite.keep_float(
-        plan, observers, lambda layers: make_plan(temp, settings, layer_precision=layers, placement=placement, costs=costs))
+    plan, observers, inf_floats, inf_why = _calibrated_plan(temp, ds, n, settings, placement, costs, batch_size, input_stats, execution, on_progress)
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
     entries = written_entries(plan, temp, floored(observers, plan.floors), settings)
@@ -192,6 +185,22 @@ def step1(
     )
 
 
+def _calibrated_plan(
+    temp: onnx.ModelProto, ds: Dataset, n: int, settings: Settings, placement: Any, costs: Any, batch_size: int,
+    input_stats: InputStats, execution: Execution | None, on_progress: Progress | None,
+) -> tuple[QuantPlan, dict[str, Any], dict[str, str], dict[str, str]]:
+    """The plan, the observers, and the layers kept float32 (with comments) as they would quantize +-Inf (hybridq.infinite)."""
+    plan = make_plan(temp, settings, placement=placement, costs=costs)
+    hessians = hessian_inputs(temp) if settings.int4_rounding == "gptq" else []
+    observers = calibrate_dataset(
+        temp, ds, batch_size=batch_size, count=n, tensors=candidate_tensors(temp, placement), histograms=set(plan.tensors) | set(hessians),
+        input_stats=input_stats, execution=execution, on_batch=on_progress, hessians=hessians,
+    )
+    plan, floats, why = infinite.keep_float(
+        plan, observers, lambda layers: make_plan(temp, settings, layer_precision=layers, placement=placement, costs=costs))
+    return plan, observers, floats, why
+
+
 def _step1_record(
     model_path: Path, dataset: str | Path, n: int, recorded_pre: dict[str, Any] | None, entries: dict[str, dict[str, Any]],
     settings: Settings, report: Any, input_stats: InputStats,
@@ -208,6 +217,7 @@ def _step1_record(
     meta = {
         "tool_version": __version__,
         "source_model": str(model_path),
+        "source_sha256": sha256_file(model_path),
         "written_entries": entries,
         "written_settings": settings.to_dict(),
         "original_nodes": report.original_nodes,
@@ -288,7 +298,7 @@ def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[
     """Write step1's record (preprocessing, calibrated input ranges) into the model's metadata_props (see hybridq.recorded)."""
     check_header(header, meta, header_path)
     pre = meta["preprocess"] if "preprocess" in meta else (dict(header["preprocess"]) if header.get("preprocess") else None)
-    props = {**model_props(pre, meta.get("input_ranges")), **fold.record_props(meta)}
+    props = {**model_props(pre, meta.get("input_ranges"), meta.get("source_sha256")), **fold.record_props(meta)}
     kept = [p for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -362,7 +372,8 @@ def analyze(
         result = analyze_samples(fm, qm, IndexedSamples(ds, n, seen), dump=dump, max_bytes=max_bytes, on_sample=on_sample,
                                  host_int8=host_int8, sink=device, then=then, options=options)
     result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
-    result.notes.extend(ds.notes())
+    other = source_note(float_model, qm) if isinstance(float_model, (str, os.PathLike)) else None
+    result.notes = ([other] if other else []) + result.notes + ds.notes()
     return result
 
 

@@ -64,6 +64,7 @@ class Dataset:
         self.source = Path(source)
         self.inputs = list(inputs)
         self.preprocess = preprocess or Preprocess()
+        self.columns: tuple[str, ...] = ()  # the inputs before --fix-input (see load_dataset)
         self._entries = [(line, list(paths)) for line, paths in entries]
         self._hook = _load_hook(self.preprocess.hook) if self.preprocess.hook else None
         self._plans: dict[str, ImagePlan] = {}
@@ -192,8 +193,14 @@ class Dataset:
             ) from exc
 
 
-def load_dataset(source: str | Path, inputs: list[InputSpec], preprocess: Preprocess | None = None) -> Dataset:
-    """Resolve a list file, directory or glob into a Dataset, checking every path now."""
+def load_dataset(
+    source: str | Path, inputs: list[InputSpec], preprocess: Preprocess | None = None, columns: tuple[str, ...] = (),
+) -> Dataset:
+    """Resolve a list file, directory or glob into a Dataset, checking every path now.
+
+    `columns` are the model's inputs before `--fix-input` made some constant: a list line with a path for each
+    of them is read by name, the fixed inputs' paths skipped (the same list serves the model and its fixed form).
+    """
     pre = preprocess or Preprocess()
     if not inputs:
         raise DatasetError(
@@ -207,7 +214,7 @@ def load_dataset(source: str | Path, inputs: list[InputSpec], preprocess: Prepro
     elif path.is_file() and path.suffix.lower() in SUPPORTED_EXTENSIONS:
         entries = _file_entries([path], inputs, pre, f"file {str(path)!r}")
     elif path.is_file():
-        entries = _parse_list(path, inputs, pre)
+        entries = _parse_list(path, inputs, pre, columns)
     elif glob.has_magic(str(source)):
         files = sorted((Path(p) for p in glob.glob(str(source), recursive=True) if _wanted(Path(p), pre)), key=str)
         entries = _file_entries(files, inputs, pre, f"glob {str(source)!r}")
@@ -216,7 +223,9 @@ def load_dataset(source: str | Path, inputs: list[InputSpec], preprocess: Prepro
             f"dataset {str(source)!r} does not exist; give a list file (dataset.txt), "
             "a directory of samples or a glob pattern such as 'images/*.jpg'."
         )
-    return Dataset(path, inputs, entries, pre)
+    ds = Dataset(path, inputs, entries, pre)
+    ds.columns = tuple(columns)
+    return ds
 
 
 def _wanted(path: Path, pre: Preprocess) -> bool:
@@ -245,8 +254,9 @@ def _file_entries(files: list[Path], inputs: list[InputSpec], pre: Preprocess, w
     return [(0, [f] * len(inputs)) for f in files]
 
 
-def _parse_list(list_path: Path, inputs: list[InputSpec], pre: Preprocess) -> list[tuple[int, list[Path]]]:
-    """Parse a dataset.txt: k paths per line (or one .npz), comments and blanks skipped."""
+def _parse_list(list_path: Path, inputs: list[InputSpec], pre: Preprocess, columns: tuple[str, ...] = ()) -> list[tuple[int, list[Path]]]:
+    """Parse a dataset.txt: k paths per line (or one .npz), comments and blanks skipped; a line with one path per
+    name in `columns` gives the inputs' paths by name."""
     try:
         text = list_path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -269,6 +279,8 @@ def _parse_list(list_path: Path, inputs: list[InputSpec], pre: Preprocess) -> li
         here = f"dataset list {str(list_path)!r} line {number}"
         if len(words) == 1 and k > 1 and words[0].lower().endswith(".npz") and pre.hook is None:
             words = words * k
+        elif len(words) != k and len(words) == len(columns) and all(s.name in columns for s in inputs):
+            words = [words[columns.index(s.name)] for s in inputs]  # the columns of inputs --fix-input fixed are skipped
         elif len(words) != k:
             npz = " or one .npz holding an array per input name" if k > 1 else ""
             raise DatasetError(

@@ -27,6 +27,8 @@ from .errors import InputError, did_you_mean
 
 FIXED_INPUTS_PROP = "hybridq.fixed_inputs"
 """``metadata_props`` key of the step2 model: the inputs step1 fixed (JSON), so analyze fixes them in the fp32 model too."""
+INPUT_ORDER_PROP = "hybridq.input_order"
+"""``metadata_props`` key: the inputs before fix_inputs (JSON list), so a dataset list with a column per input still reads."""
 
 NON_CONSTANT_OPS = ("RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli")
 """Ops whose output is not a function of their inputs: a condition computed through one never folds."""
@@ -65,6 +67,8 @@ def fix_inputs(model: onnx.ModelProto, values: Mapping[str, Any], where: str = "
     g = work.graph
     inits = {i.name for i in g.initializer}
     inputs = {i.name: i for i in g.input if i.name not in inits}
+    if values and not input_order(work):
+        work.metadata_props.add(key=INPUT_ORDER_PROP, value=json.dumps(list(inputs)))
     for name, value in values.items():
         if name not in inputs:
             valid = ", ".join(inputs) or "(none)"
@@ -73,6 +77,16 @@ def fix_inputs(model: onnx.ModelProto, values: Mapping[str, Any], where: str = "
         g.initializer.append(numpy_helper.from_array(arr, name))
         g.input.remove(inputs[name])
     return work
+
+
+def input_order(model: onnx.ModelProto) -> tuple[str, ...]:
+    """The model's inputs before fix_inputs made some constant, as it recorded them (empty when it fixed none)."""
+    value = next((p.value for p in model.metadata_props if p.key == INPUT_ORDER_PROP), "")
+    try:
+        names = json.loads(value) if value else []
+    except json.JSONDecodeError:
+        return ()
+    return tuple(names) if isinstance(names, list) and all(isinstance(n, str) for n in names) else ()
 
 
 def _input_array(vi: onnx.ValueInfoProto, value: Any, where: str) -> np.ndarray:

@@ -19,6 +19,8 @@ so T(S) is exact at both measured ends (no layer int8, every layer int8).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,10 +57,11 @@ class CostTable:
     def remainder_rate(self, boundaries: float = 0.0) -> float:
         """The measured remainder (ms) per fp32 ms of layer moved to int8, 0 when unmeasured:
         (T_int8 - T_fp32 - sum of kernel deltas - the all-int8 model's charged boundaries) / sum fp32."""
-        base = sum(self.fp32[n] for n in self.int8 if n in self.fp32)
+        names = sorted(n for n in self.int8 if n in self.fp32)  # one summation order: a cached table reads back equal
+        base = math.fsum(self.fp32[n] for n in names)
         if self.model_int8 <= 0 or self.model_fp32 <= 0 or base <= 0:
             return 0.0
-        kernels = sum(self.int8[n] - self.fp32[n] for n in self.int8 if n in self.fp32)
+        kernels = math.fsum(self.int8[n] - self.fp32[n] for n in names)
         return (self.model_int8 - self.model_fp32 - kernels - boundaries) / base
 
 

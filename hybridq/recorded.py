@@ -30,6 +30,10 @@ from .errors import DatasetError, InputError
 
 PREPROCESS_KEY = "hybridq.preprocess"
 INPUT_RANGES_KEY = "hybridq.input_ranges"
+SOURCE_KEY = "hybridq.source_sha256"
+"""sha256 of the fp32 model file step1 was given: analyze notes a FLOAT_MODEL that is another file."""
+OTHER_SOURCE = "is not the file step1 quantized"
+"""The words of that note (the verdict's next step reads them)."""
 RANGE_RATIO = 2.0
 MEAN_STDS = 1.0
 CFG_SUFFIX = ".quantization.cfg"
@@ -148,9 +152,9 @@ def check_header(header: Mapping[str, Any], meta: Mapping[str, Any], cfg: str | 
         )
 
 
-def model_props(preprocess: dict[str, Any] | None, input_ranges: dict[str, Any] | None) -> dict[str, str]:
-    """The metadata_props step2 writes: the record as compact, sorted JSON."""
-    props = {}
+def model_props(preprocess: dict[str, Any] | None, input_ranges: dict[str, Any] | None, source_sha256: str | None = None) -> dict[str, str]:
+    """The metadata_props step2 writes: the record as compact, sorted JSON, and the source model's sha256."""
+    props = {SOURCE_KEY: source_sha256} if source_sha256 else {}
     if preprocess is not None:
         props[PREPROCESS_KEY] = json.dumps(preprocess, sort_keys=True)
     if input_ranges:
@@ -228,3 +232,17 @@ def range_warnings(calibrated: Mapping[str, Mapping[str, float]], seen: Mapping[
                 "measure inputs the quantization ranges were not set for."
             )
     return out
+
+
+def source_note(float_model: str | Path, quant: onnx.ModelProto) -> str | None:
+    """A note when `float_model` is not the file the quantized model's step1 was given (None when it is, or unknown)."""
+    recorded = next((p.value for p in quant.metadata_props if p.key == SOURCE_KEY), "")
+    if not recorded:
+        return None
+    from .artifacts import sha256_file
+
+    if sha256_file(Path(float_model)) == recorded:
+        return None
+    return (f"FLOAT_MODEL '{float_model}' {OTHER_SOURCE} (sha256 differs from {recorded[:12]}...): "
+            "if it is another network, the figures compare two different models; pass the fp32 model given to step1.")
+

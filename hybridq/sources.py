@@ -24,15 +24,16 @@ class DatasetRef:
     source: str
     inputs: tuple[InputSpec, ...]
     preprocess: Preprocess
+    columns: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, ds: Dataset) -> "DatasetRef":
         """The reference of an open dataset."""
-        return cls(str(Path(ds.source).resolve()), tuple(ds.inputs), ds.preprocess)
+        return cls(str(Path(ds.source).resolve()), tuple(ds.inputs), ds.preprocess, ds.columns)
 
     def open(self) -> Dataset:
         """The dataset, listed again here (the list file must be visible at the same path on every worker)."""
-        return load_dataset(self.source, list(self.inputs), self.preprocess)
+        return load_dataset(self.source, list(self.inputs), self.preprocess, self.columns)
 
 
 @dataclass

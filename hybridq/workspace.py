@@ -111,16 +111,24 @@ def merge(
     pre_values = {k: values.pop(k) for k in list(values) if k in PREPROCESS_KEYS}
     if "preprocess" in pre_values:
         pre_values["hook"] = pre_values.pop("preprocess")
+    # the file's values the options leave are checked alone first, so an invalid option is not blamed on the file
+    given = "the given options" + (f" (on top of {config})" if config is not None else "")
     if isinstance(settings, Settings):
         chosen = settings
     else:
-        values.update({k: v for k, v in dict(settings or {}).items() if v is not None})
-        chosen = Settings.from_dict(values, where)
+        overrides = {k: v for k, v in dict(settings or {}).items() if v is not None}
+        if config is not None and overrides:
+            Settings.from_dict({k: v for k, v in values.items() if k not in overrides}, where)
+        values.update(overrides)
+        chosen = Settings.from_dict(values, given if overrides else where)
     if isinstance(preprocess, Preprocess):
         pre = preprocess
     else:
-        pre_values.update({k: v for k, v in dict(preprocess or {}).items() if v is not None})
-        pre = Preprocess.from_dict(pre_values, where)
+        pre_overrides = {k: v for k, v in dict(preprocess or {}).items() if v is not None}
+        if config is not None and pre_overrides:
+            Preprocess.from_dict({k: v for k, v in pre_values.items() if k not in pre_overrides}, where)
+        pre_values.update(pre_overrides)
+        pre = Preprocess.from_dict(pre_values, given if pre_overrides else where)
     return WorkspaceOptions(chosen, pre, Path(config) if config is not None else None, fixed)
 
 

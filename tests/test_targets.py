@@ -264,9 +264,11 @@ def test_cpu_models_are_byte_identical_to_the_code_before_targets(tmp_path):
     again = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "fresh.onnx")
     a, b = onnx.load(str(d / "q.onnx")), onnx.load(str(again.output))
     assert a.graph.SerializeToString() == b.graph.SerializeToString()
-    # the step1 run's hash covers its settings, which now name the target; every other record is the same
-    assert {p.key: p.value for p in a.metadata_props if p.key != "hybridq.step1_run"} == \
-        {p.key: p.value for p in b.metadata_props if p.key != "hybridq.step1_run"}
+    # the step1 run's hash covers its settings, which now name the target; the source model's sha256 is recorded
+    # since (the old step1 did not); every other record is the same
+    later = {"hybridq.step1_run", "hybridq.source_sha256"}
+    assert {p.key: p.value for p in a.metadata_props if p.key not in later} == \
+        {p.key: p.value for p in b.metadata_props if p.key not in later}
 
 
 def test_analyze_and_proposal_on_an_npu_model(npu_build, tmp_path):

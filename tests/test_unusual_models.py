@@ -256,3 +256,41 @@ def test_step2_refuses_a_cfg_that_quantizes_the_infinite_mask(tmp_path):
     r1.cfg.write_text("\n".join(line for line in text.splitlines() if not line.startswith("  add_mask: float32")) + "\n")
     with pytest.raises(hybridq.errors.ConfigError, match=r"layer 'add_mask' cannot be quantized \('mask' holds \+-Inf"):
         hybridq.step2(r1.model, r1.data, r1.cfg, out / "q.onnx")
+
+
+def test_analyze_notes_a_float_model_that_is_not_the_one_step1_quantized(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(models.residual_cnn(seed=0), src)
+    other = tmp_path / "other.onnx"
+    onnx.save(models.residual_cnn(seed=1), other)  # same graph, other weights: the runs succeed, the figures mislead
+    ds = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 4)
+    r1 = hybridq.step1(src, ds, out=tmp_path / "ws", settings={"speed_check": False})
+    q = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output
+    mine = hybridq.analyze(src, q, ds)
+    theirs = hybridq.analyze(other, q, ds)
+    assert not [n for n in mine.notes if "is not the file step1 quantized" in n]
+    assert theirs.notes[0].startswith(f"FLOAT_MODEL '{other}' is not the file step1 quantized")
+    from hybridq.analysis.verdict import judge
+
+    assert judge(theirs).next_step.startswith("FLOAT_MODEL is not the file step1 quantized")
+
+
+def test_a_dataset_listing_the_input_fix_input_fixed_still_reads(tmp_path):
+    # the list written for the model (x and b per line) serves its --fix-input form too: b's column is skipped
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Add", ["c", "b"], ["y"], name="add")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("b", T.FLOAT, [1]), helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 8, 8])],
+                          [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    ds = models.write_npy_dataset(tmp_path / "data", {"b": (1,), "x": (1, 3, 8, 8)}, 4)
+    r1 = hybridq.step1(src, ds, out=tmp_path / "ws", fixed_inputs={"b": 0.5}, settings={"speed_check": False, "float_stem": False})
+    assert r1.samples == 4
+    q = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output
+    result = hybridq.analyze(src, q, ds)
+    assert result.n_samples == 4
+    f = _feeds({"x": (1, 3, 8, 8)})
+    assert cosine(run(q, f)[0], run(m, {**f, "b": np.array([0.5], np.float32)})[0]) > 0.99

@@ -145,3 +145,17 @@ def test_every_subpackage_ships_in_the_wheel():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "hybridq").rglob("__init__.py")}
     assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_an_invalid_option_is_blamed_on_the_options_not_on_a_workspace_file_without_it(tmp_path):
+    from hybridq.errors import ConfigError
+    from hybridq.workspace import merge
+
+    cfg = tmp_path / "hybridq.yaml"
+    cfg.write_text("speed_check: false\n")
+    with pytest.raises(ConfigError, match=r"^the given options \(on top of .*hybridq.yaml\): dtype 'int4' is not valid"):
+        merge(cfg, {"dtype": "int4"})
+    cfg.write_text("dtype: int4\n")
+    with pytest.raises(ConfigError, match=r"^.*hybridq.yaml: dtype 'int4' is not valid"):
+        merge(cfg, {"algorithm": "mse"})
+    assert merge(cfg, {"dtype": "int8"}).settings.dtype == "int8"  # a valid option replaces the file's invalid value

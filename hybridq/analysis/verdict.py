@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..metrics import SNR_DEFAULT, Metrics, output_ok
+from ..recorded import OTHER_SOURCE
 from .results import AnalysisResult, LayerError
 
 COS_THRESHOLD = 0.99
@@ -133,7 +134,10 @@ def judge(
          "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", f"{cos_threshold:g}"]
     )
     cfg_entry = None
-    if adders:
+    if any(OTHER_SOURCE in n for n in result.notes):
+        step = ("FLOAT_MODEL is not the file step1 quantized (see the note): run analyze again with the fp32 model "
+                "given to step1 before changing the cfg")
+    elif adders:
         a = adders[0]
         cfg_entry = f"custom_quantize_layers: {{{a.layer}: float32}}"
         step = (
