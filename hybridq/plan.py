@@ -8,6 +8,8 @@ CPU provider fuses into integer kernels (see the op table below).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Iterable
 from typing import Callable, Mapping
 
 import numpy as np
@@ -362,7 +364,39 @@ def _choose_layers(
         quantized[node.name] = slots
     if costs is not None:
         _place_by_cost(g, settings, plan, quantized, costs)
+    if not quantized and not layer_precision:
+        plan.notes.append(_nothing_quantized(plan, default_ops))
     return quantized
+
+
+POLICY_NAMES = (
+    ("stem Conv", "float_stem"),
+    ("depthwise Conv", "float_depthwise"),
+    ("Conv on a 1x1 pooled", "float_pooled"),
+    ("ConvTranspose", "ConvTranspose"),
+    ("Conv producing a graph output", "graph-output Conv"),
+    ("detection-head Conv", "detection head"),
+)
+"""Short names for the plan's policy reasons (the setting that decides, where there is one)."""
+
+
+def policy_name(reason: str) -> str:
+    """The setting or rule behind a plan's policy reason, e.g. 'float_stem'."""
+    for prefix, name in POLICY_NAMES:
+        if reason.startswith(prefix):
+            return name
+    return reason.split(" (")[0].split(":")[0]
+
+
+def _nothing_quantized(plan: QuantPlan, default_ops: Iterable[str]) -> str:
+    """Why a plan quantizes no layer: the rules that kept the candidates float, or that there is no candidate."""
+    rules = Counter(lp.reason for lp in plan.layers.values() if lp.precision == "float32")
+    if not rules:
+        return (f"no layer is quantized: the model has no {'/'.join(sorted(default_ops))} layer with a quantized form "
+                "(quantize_ops in hybridq.yaml lists the ops to quantize).")
+    why = ", ".join(f"{policy_name(reason)}: {n} layer{'s' if n > 1 else ''}" for reason, n in sorted(rules.items()))
+    return (f"no layer is quantized: the rules keep every candidate float ({why}); set a float_* rule named "
+            "here to false in hybridq.yaml, or list a layer in custom_quantize_layers, to quantize it.")
 
 
 def _place_by_cost(g: GraphView, settings: Settings, plan: QuantPlan, quantized: dict[str, Slots], costs: CostTable) -> None:

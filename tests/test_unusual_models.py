@@ -294,3 +294,20 @@ def test_a_dataset_listing_the_input_fix_input_fixed_still_reads(tmp_path):
     assert result.n_samples == 4
     f = _feeds({"x": (1, 3, 8, 8)})
     assert cosine(run(q, f)[0], run(m, {**f, "b": np.array([0.5], np.float32)})[0]) > 0.99
+
+
+def test_step1_says_why_no_layer_is_quantized(tmp_path):
+    x = helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 6])
+    tanh = helper.make_model(helper.make_graph([helper.make_node("Tanh", ["x"], ["y"], name="t")], "g", [x],
+                                               [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 6])]),
+                             opset_imports=[helper.make_opsetid("", 13)])
+    stem = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="stem", pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info("y", T.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")]), opset_imports=[helper.make_opsetid("", 13)])
+    for name, m, shape, expect in (("tanh", tanh, (1, 4, 6), "the model has no Conv/"), ("stem", stem, (1, 3, 8, 8), "(float_stem: 1 layer)")):
+        m.ir_version = 8
+        onnx.save(m, tmp_path / f"{name}.onnx")
+        ds = models.write_npy_dataset(tmp_path / name, {"x": shape}, 2)
+        r1 = hybridq.step1(tmp_path / f"{name}.onnx", ds, out=tmp_path / f"ws_{name}", settings={"speed_check": False})
+        assert [n for n in r1.notes if n.startswith("no layer is quantized") and expect in n], r1.notes

@@ -25,7 +25,7 @@ from ..build import Built, Edits
 from ..errors import ConfigError
 from ..cost import PROPOSED, USER, FloatShare, concrete_shapes, float_share, layer_macs
 from ..placement import CostTable
-from ..plan import QuantPlan, predicted_latency
+from ..plan import QuantPlan, policy_name, predicted_latency
 from ..settings import Settings
 from ..targets import get as get_target
 from .evaluator import Evaluator, Score
@@ -55,25 +55,6 @@ class Row:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in vars(self).items()}
-
-
-POLICY_NAMES = (
-    ("stem Conv", "float_stem"),
-    ("depthwise Conv", "float_depthwise"),
-    ("Conv on a 1x1 pooled", "float_pooled"),
-    ("ConvTranspose", "ConvTranspose"),
-    ("Conv producing a graph output", "graph-output Conv"),
-    ("detection-head Conv", "detection head"),
-)
-"""Short names for the plan's policy reasons (the setting that decides, where there is one)."""
-
-
-def policy_name(reason: str) -> str:
-    """The setting or rule behind a plan's policy reason, e.g. 'float_stem'."""
-    for prefix, name in POLICY_NAMES:
-        if reason.startswith(prefix):
-            return name
-    return reason.split(" (")[0].split(":")[0]
 
 
 def float_causes(model: onnx.ModelProto, plan: QuantPlan, macs: dict[str, float], proposed: set[str], settings: Settings) -> dict[str, str]:
