@@ -11,6 +11,7 @@ step1: the cfg carries its outcome, so step2 builds the same model on any machin
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -37,12 +38,21 @@ CLEAR = (0.85, 1.0)
 """After MIN_RUNS, an int8/fp32 ratio of the least times below the first or above the second decides at once."""
 
 
+BUSY = 0.5
+"""Cores' worth of other work on the machine while timing above which a "not faster" is not trusted. Other work on a
+core's sibling slows the int8 kernels more than fp32 ones (they share the vector units): PP-OCR det, timed while
+another process ran ONNX Runtime on the second core of a 2-core Xeon, read 168 ms int8 against 171 ms fp32 (idle:
+108 against 125)."""
+
+
 @dataclass
 class SpeedCheck:
-    """Least CPU milliseconds per run of the fp32 and the default int8 model, on one thread."""
+    """Least CPU milliseconds per run of the fp32 and the default int8 model, on one thread, and how many cores'
+    worth of other processes' work ran meanwhile (0.0 where that cannot be read)."""
 
     fp32_ms: float
     int8_ms: float
+    others: float = 0.0
 
     @property
     def pays(self) -> bool:
@@ -79,9 +89,32 @@ def time_pair(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.n
 
 
 def check(temp: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.ndarray]) -> SpeedCheck:
-    """Time the default int8 model (built as step2 builds the cfg) against `temp`, on one thread."""
+    """Time the default int8 model (built as step2 builds the cfg) against `temp`, on one thread, and measure the
+    other work the machine did meanwhile."""
+    before = _cpu_sample()
     fp32_ms, int8_ms = time_pair(temp, int8, feed, threads=1)
-    return SpeedCheck(fp32_ms, int8_ms)
+    return SpeedCheck(fp32_ms, int8_ms, _others(before, _cpu_sample()))
+
+
+def _cpu_sample() -> tuple[float | None, float, float]:
+    """(CPU seconds all processes have run, from /proc/stat, or None off Linux; this process' CPU seconds; wall seconds)."""
+    busy = None
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal ...: all but idle and iowait is work
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    own = os.times()
+    return busy, own.user + own.system, time.perf_counter()
+
+
+def _others(a: tuple[float | None, float, float], b: tuple[float | None, float, float]) -> float:
+    """Cores' worth of other processes' work between two samples (0.0 when unknown or too short to tell)."""
+    if a[0] is None or b[0] is None or b[2] - a[2] < 0.05:
+        return 0.0
+    return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / (b[2] - a[2]))
 
 
 def default_layers(plan: QuantPlan) -> list[str]:
@@ -101,6 +134,9 @@ def decide(
         return {}, {}, f"speed check: not run ({why}); placed by the MAC rules alone."
     if result.pays:
         return {}, {}, f"speed check: the int8 model is faster than fp32 on this CPU ({result.describe()})."
+    if result.others > BUSY:
+        return {}, {}, (f"speed check: not decided ({result.describe()}, while other work used {result.others:.1f} cores, "
+                        "which slows int8 more than fp32): placed by the MAC rules; run step1 on a quiet machine to check.")
     names = default_layers(plan)
     why = f"speed check: int8 is not faster than fp32 for this model on this CPU ({result.describe()})"
     note = (f"int8 is not faster than fp32 for this model on this CPU ({result.describe()}): kept {len(names)} layers float "

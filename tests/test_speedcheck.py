@@ -158,3 +158,31 @@ def test_an_unclear_outcome_gets_more_runs_before_a_model_is_kept_float(monkeypa
     assert (fp32_ms, got) == pytest.approx((100.0, int8_ms))
     assert [s.count for s in sessions] == [runs + 1, runs + 1], "a warm-up run, then the timed ones"
 
+
+
+def test_a_busy_machine_does_not_keep_the_model_float(cnn_ws, tmp_path, monkeypatch):
+    """'Not faster' measured while other work ran is not trusted: the MAC placement stays, and the note says why."""
+    monkeypatch.setattr(speedcheck, "check", lambda temp, int8, feed: speedcheck.SpeedCheck(1.0, 0.99, others=1.2))
+    s1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "busy")
+    assert not load_cfg(s1.cfg).custom
+    assert [n for n in s1.notes if n.startswith("speed check: not decided") and "other work used 1.2 cores" in n], s1.notes
+    monkeypatch.setattr(speedcheck, "check", lambda temp, int8, feed: speedcheck.SpeedCheck(1.0, 0.99, others=0.1))
+    quiet = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "quiet")
+    assert load_cfg(quiet.cfg).custom and set(load_cfg(quiet.cfg).custom.values()) == {"float32"}
+
+
+def test_other_work_is_measured_from_proc_stat() -> None:
+    """A child process burning one core while this one sleeps: about one core of other work (Linux)."""
+    import subprocess
+    import sys
+    import time
+
+    if speedcheck._cpu_sample()[0] is None:
+        pytest.skip("no /proc/stat here")
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"])
+    time.sleep(0.3)  # the interpreter started and is spinning
+    before = speedcheck._cpu_sample()
+    time.sleep(0.8)
+    busy = speedcheck._others(before, speedcheck._cpu_sample())
+    child.wait()
+    assert busy > 0.7, busy
