@@ -300,3 +300,15 @@ def test_a_failing_slice_points_at_the_output_layer() -> None:
     # a float32 output layer gets no int16 entry, only the propose command
     out.precision = "float32"
     assert judge(r).cfg_entry is None
+
+
+def test_the_verdict_names_the_worst_sample_beside_the_means() -> None:
+    """A mean of 0.996 over 4 samples hides one at 0.986: the verdict's output entry and paragraph show it."""
+    from hybridq.report import verdict as verdict_text
+
+    r = _result(3, [])
+    per = {"cosine": [0.9995, 0.9991, 0.986, 0.9994], "euclid": [1.0] * 4, "snr_db": [40.0, 38.0, 18.0, 39.0], "max_abs": [0.1] * 4}
+    r.layers[-1].entire = Metrics(float(np.mean(per["cosine"])), 1.0, float(np.mean(per["snr_db"])), 0.1, per_sample=per)
+    v = judge(r)
+    assert v.outputs[0]["worst_sample"] == {"index": 2, "cosine": 0.986, "snr_db": 18.0}
+    assert "worst sample #2: cos 0.986000, SNR 18.00 dB" in verdict_text(r)
