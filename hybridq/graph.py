@@ -278,11 +278,18 @@ def prepare(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None = Non
     report.renamed = name_nodes(work)
     original = {n.name: (n.op_type, list(n.output)) for n in work.graph.node}
     report.constants_lifted = lift_constants(work)
-    work = _fold(work, fixed_inputs, report)
-    work = upgrade_opset(work)
-    modern_ir(work)
-    report.opset_to = main_opset(work)
-    work = ort_basic_optimize(work)
+    fixed = _fix(work, fixed_inputs, report)
+    work = _fold_ifs(fixed, report)
+    try:
+        work = _optimized(work, report)
+    except ModelError as exc:
+        if not report.control_flow.folded:
+            raise
+        # an inlined branch can make static shapes clash that the If hid (a [1] where a scalar is wanted): keep the Ifs
+        why = f"kept: ONNX Runtime cannot load the graph with this If's branch inlined ({str(exc).split(': ', 1)[-1][:160]})"
+        report.control_flow.kept.update(dict.fromkeys(report.control_flow.folded, why))
+        report.control_flow.folded = {}
+        work = _optimized(fixed, report)
     name_nodes(work)
     untie_weights(work)
     work = infer_shapes(work)
@@ -297,14 +304,27 @@ def prepare(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None = Non
     return work, report
 
 
-def _fold(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None, report: PrepReport) -> onnx.ModelProto:
-    """Fix the given inputs and fold the Ifs that then have a constant condition (skipped when there is nothing to do)."""
+def _fix(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None, report: PrepReport) -> onnx.ModelProto:
+    """The given inputs made constants (the model itself when none is given)."""
     if fixed_inputs:
         model = fold.fix_inputs(model, fixed_inputs)
         report.control_flow.fixed = {k: np.asarray(v).tolist() for k, v in fixed_inputs.items()}
+    return model
+
+
+def _fold_ifs(model: onnx.ModelProto, report: PrepReport) -> onnx.ModelProto:
+    """The Ifs with a constant condition replaced by their taken branch (the model itself when it has no subgraph)."""
     if any(subgraphs(n) for n in model.graph.node):
         model, _ = fold.fold_control_flow(model, report.control_flow)
     return model
+
+
+def _optimized(model: onnx.ModelProto, report: PrepReport) -> onnx.ModelProto:
+    """Opset 13 at least, the IR it needs, then ONNX Runtime's basic optimizations."""
+    model = upgrade_opset(model)
+    modern_ir(model)
+    report.opset_to = main_opset(model)
+    return ort_basic_optimize(model)
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -225,3 +225,24 @@ def test_rknn_facade_input_initial_val_folds_and_quantizes_the_branch(rate_ws, m
     assert {"wa_DequantizeLinear", "wb_DequantizeLinear", "we_DequantizeLinear"} <= {n.name for n in q.graph.node}
     for x in _samples(2):
         assert cosine(run(q, {"x": x})[0], run(rate_ws["model"], {"x": x, "sr": np.array(16000, np.int64)})[0]) > 0.99
+
+
+def test_an_if_whose_inlined_branch_onnx_runtime_cannot_load_is_kept(monkeypatch):
+    """Inlining can expose a static shape clash the If hid (ONNX's affine_grid test model: a [1] where Range wants a
+    scalar): step1 then keeps the If, says why, and goes on, instead of blaming the model."""
+    from hybridq import graph
+    from hybridq.errors import ModelError
+
+    real = graph.ort_basic_optimize
+
+    def picky(model):
+        if not any(n.op_type == "If" for n in model.graph.node):
+            raise ModelError("ONNX Runtime cannot load this model: Node (Range_2) Op (Range) [ShapeInferenceError] shapes clash")
+        return real(model)
+
+    monkeypatch.setattr(graph, "ort_basic_optimize", picky)
+    temp, report = graph.prepare(flag_net(), {"flag": True})
+    assert not report.control_flow.folded  # (ONNX Runtime's own constant folding may still remove it)
+    assert report.control_flow.kept["flag_if"].startswith("kept: ONNX Runtime cannot load the graph with this If's branch inlined")
+    x = np.random.default_rng(0).normal(size=(1, 8, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(temp, {"x": x})[0], run(flag_net(), {"x": x, "flag": np.array(True)})[0], rtol=1e-5, atol=1e-5)
