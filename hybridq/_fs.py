@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputError
+from .errors import InputError, OutputError
 
 TEMP_PREFIX = ".hybridq-"
 """Start of every temporary file or directory name hybridq creates beside its outputs."""
@@ -159,3 +159,31 @@ def publish_all(moves: list[tuple[Path, Path]], keep: Path) -> None:
                     else:
                         os.unlink(dst)
             raise
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    """Refuse, before any work, an output directory that is a file, lies under a file, or cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"The {what} '{path}' is a file, not a directory; give a directory (it is created if missing).")
+    _check_writable(path, (path, *path.parents), what)
+
+
+def check_output_file(path: Path, what: str, example: str) -> None:
+    """Refuse, before any work, an output file that is a directory, lies under a file, or cannot be written."""
+    if path.is_dir():
+        raise InputError(f"The {what} '{path}' is a directory; give a file name, such as '{path / example}'.")
+    _check_writable(path, path.parents, what)
+
+
+def _check_writable(path: Path, ancestors, what: str) -> None:
+    """The nearest existing ancestor of `path` must be a directory this process can write into."""
+    existing = next(p for p in ancestors if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"The {what} '{path}' cannot be written: '{existing}' is a file, not a directory. Choose another location.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"The {what} '{path}' cannot be written: '{existing}' is not writable. Choose a directory you can write to.")
+    try:  # access() passes for root on read-only and virtual file systems (/proc): create an entry and take it back
+        os.rmdir(tempfile.mkdtemp(prefix=".hybridq-probe-", dir=existing))
+    except OSError as exc:
+        raise InputError(f"The {what} '{path}' cannot be written: nothing can be created in '{existing}' "
+                         f"({exc.strerror or exc}). Choose a directory you can write to.") from None

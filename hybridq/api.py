@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from . import default_model, fold, infinite, recurrent
+from ._fs import check_output_dir, check_output_file
 from ._version import __version__
 from .artifacts import check_order, read_step1, save_model_atomic, sha256_file, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
@@ -68,29 +69,6 @@ class Step2Result:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     rewrite: RewriteResult | None = field(default=None, repr=False)
-
-
-def check_output_dir(path: Path, what: str) -> None:
-    """Refuse, before any work, an output directory that is a file, lies under a file, or cannot be written."""
-    if path.exists() and not path.is_dir():
-        raise InputError(f"The {what} '{path}' is a file, not a directory; give a directory (it is created if missing).")
-    _check_writable(path, (path, *path.parents), what)
-
-
-def check_output_file(path: Path, what: str, example: str) -> None:
-    """Refuse, before any work, an output file that is a directory, lies under a file, or cannot be written."""
-    if path.is_dir():
-        raise InputError(f"The {what} '{path}' is a directory; give a file name, such as '{path / example}'.")
-    _check_writable(path, path.parents, what)
-
-
-def _check_writable(path: Path, ancestors, what: str) -> None:
-    """The nearest existing ancestor of `path` must be a directory this process can write into."""
-    existing = next(p for p in ancestors if p.exists())
-    if not existing.is_dir():
-        raise InputError(f"The {what} '{path}' cannot be written: '{existing}' is a file, not a directory. Choose another location.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"The {what} '{path}' cannot be written: '{existing}' is not writable. Choose a directory you can write to.")
 
 
 def open_dataset(model: onnx.ModelProto, dataset: str | Path, preprocess: Preprocess | None) -> Dataset:
@@ -298,7 +276,8 @@ def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[
     """Write step1's record (preprocessing, calibrated input ranges) into the model's metadata_props (see hybridq.recorded)."""
     check_header(header, meta, header_path)
     pre = meta["preprocess"] if "preprocess" in meta else (dict(header["preprocess"]) if header.get("preprocess") else None)
-    props = {**model_props(pre, meta.get("input_ranges"), meta.get("source_sha256")), **fold.record_props(meta)}
+    props = {**model_props(pre, meta.get("input_ranges"), (meta.get("source_sha256", ""), header.get("model_sha256", ""))),
+             **fold.record_props(meta)}
     kept = [p for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

@@ -31,7 +31,8 @@ from .errors import DatasetError, InputError
 PREPROCESS_KEY = "hybridq.preprocess"
 INPUT_RANGES_KEY = "hybridq.input_ranges"
 SOURCE_KEY = "hybridq.source_sha256"
-"""sha256 of the fp32 model file step1 was given: analyze notes a FLOAT_MODEL that is another file."""
+"""sha256 of the fp32 files that are a step2 model's float reference (the model step1 was given, its temp model):
+analyze notes a FLOAT_MODEL that is another file."""
 OTHER_SOURCE = "is not the file step1 quantized"
 """The words of that note (the verdict's next step reads them)."""
 RANGE_RATIO = 2.0
@@ -152,9 +153,11 @@ def check_header(header: Mapping[str, Any], meta: Mapping[str, Any], cfg: str | 
         )
 
 
-def model_props(preprocess: dict[str, Any] | None, input_ranges: dict[str, Any] | None, source_sha256: str | None = None) -> dict[str, str]:
-    """The metadata_props step2 writes: the record as compact, sorted JSON, and the source model's sha256."""
-    props = {SOURCE_KEY: source_sha256} if source_sha256 else {}
+def model_props(preprocess: dict[str, Any] | None, input_ranges: dict[str, Any] | None, sources: Iterable[str] = ()) -> dict[str, str]:
+    """The metadata_props step2 writes: the record as compact, sorted JSON, and the sha256 of each fp32 file that is
+    this model's float reference (the model step1 was given, its temp model), space-separated."""
+    sources = [s for s in sources if s]
+    props = {SOURCE_KEY: " ".join(sources)} if sources else {}
     if preprocess is not None:
         props[PREPROCESS_KEY] = json.dumps(preprocess, sort_keys=True)
     if input_ranges:
@@ -236,13 +239,13 @@ def range_warnings(calibrated: Mapping[str, Mapping[str, float]], seen: Mapping[
 
 def source_note(float_model: str | Path, quant: onnx.ModelProto) -> str | None:
     """A note when `float_model` is not the file the quantized model's step1 was given (None when it is, or unknown)."""
-    recorded = next((p.value for p in quant.metadata_props if p.key == SOURCE_KEY), "")
+    recorded = next((p.value for p in quant.metadata_props if p.key == SOURCE_KEY), "").split()
     if not recorded:
         return None
     from .artifacts import sha256_file
 
-    if sha256_file(Path(float_model)) == recorded:
+    if sha256_file(Path(float_model)) in recorded:
         return None
-    return (f"FLOAT_MODEL '{float_model}' {OTHER_SOURCE} (sha256 differs from {recorded[:12]}...): "
+    return (f"FLOAT_MODEL '{float_model}' {OTHER_SOURCE} (sha256 differs from {recorded[0][:12]}...): "
             "if it is another network, the figures compare two different models; pass the fp32 model given to step1.")
 

@@ -853,3 +853,18 @@ def test_model_over_2_gb_round_trips_through_external_data(tmp_path):
     y = ort.InferenceSession(str(r2.output), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     ref = x @ w.T
     assert float((y * ref).sum() / (np.linalg.norm(y) * np.linalg.norm(ref))) > 0.99
+
+
+def test_an_output_dir_where_nothing_can_be_created_is_an_input_error(tmp_path, monkeypatch):
+    """access() passes for root on read-only and virtual file systems (/proc): the check creates an entry to know."""
+    import errno
+
+    from hybridq import _fs
+    from hybridq.errors import InputError
+
+    def refuse(**kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(_fs.tempfile, "mkdtemp", refuse)
+    with pytest.raises(InputError, match=r"'.*out' cannot be written: nothing can be created in '.*' \(Read-only file system\)"):
+        _fs.check_output_dir(tmp_path / "out", "step1 output directory (--out)")

@@ -269,6 +269,8 @@ def test_analyze_notes_a_float_model_that_is_not_the_one_step1_quantized(tmp_pat
     mine = hybridq.analyze(src, q, ds)
     theirs = hybridq.analyze(other, q, ds)
     assert not [n for n in mine.notes if "is not the file step1 quantized" in n]
+    temp = hybridq.analyze(r1.model, q, ds)  # step1's temp model is the same fp32 function (RKNN scripts compare to it)
+    assert not [n for n in temp.notes if "is not the file step1 quantized" in n]
     assert theirs.notes[0].startswith(f"FLOAT_MODEL '{other}' is not the file step1 quantized")
     from hybridq.analysis.verdict import judge
 
