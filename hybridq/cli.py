@@ -325,6 +325,8 @@ def analyze(
     if not 0.0 < target_cosine <= 1.0:
         raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}.")
     if from_dir is not None:
+        if dump is not None:
+            api.check_output_dir(Path(dump), "reports directory (--dump)")
         result = api.load_snapshot(from_dir)
         snapshot = str(from_dir)
     else:

@@ -20,6 +20,7 @@ half-written file under a final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -136,6 +137,7 @@ class ArrayDump:
         self.samples = 0
         self.seen = 0
         self.stopped = False
+        self.made: list[Path] = []  # directories start() created: an aborted dump takes them back
 
     def start(self, tensors: list[str]) -> None:
         """Create ``DIR/fp32`` and ``DIR/quant`` for ``tensors`` (graph order: the order kept under a cap)."""
@@ -144,8 +146,11 @@ class ArrayDump:
         self.names = safe_names(tensors)
         self.order = list(tensors)
         try:
-            (self.root / "fp32").mkdir(parents=True, exist_ok=True)
-            (self.root / "quant").mkdir(parents=True, exist_ok=True)
+            missing = [d for d in (self.root, *self.root.parents) if not d.exists()]
+            for d in [*reversed(missing), self.root / "fp32", self.root / "quant"]:
+                if not d.is_dir():
+                    d.mkdir()
+                    self.made.append(d)
         except OSError as e:
             raise OutputError(f"cannot create the snapshot directory '{self.root}': {e.strerror or e}") from None
 
@@ -191,8 +196,12 @@ class ArrayDump:
         self.samples += 1
 
     def finish(self, result: AnalysisResult) -> None:
-        """Move the arrays into place and record their files and any cap message in ``result``."""
+        """Move the arrays into place and record their files and any cap message in ``result``.
+
+        An older manifest goes first: until the new one is written (last, atomically) the folder is no snapshot,
+        rather than one whose manifest describes arrays of two runs."""
         try:
+            (self.root / MANIFEST).unlink(missing_ok=True)
             for fa, fb in self.files.values():
                 fa.finish()
                 fb.finish()
@@ -220,10 +229,13 @@ class ArrayDump:
             result.dump_message = msg
 
     def abort(self) -> None:
-        """Remove the temporary files of an interrupted dump."""
+        """Remove the temporary files of an interrupted dump, and the directories it created (when left empty)."""
         for fa, fb in self.files.values():
             fa.abort()
             fb.abort()
+        for d in reversed(self.made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def write_snapshot(result: AnalysisResult, directory: str | os.PathLike[str]) -> Path:

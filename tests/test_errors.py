@@ -868,3 +868,9 @@ def test_an_output_dir_where_nothing_can_be_created_is_an_input_error(tmp_path, 
     monkeypatch.setattr(_fs.tempfile, "mkdtemp", refuse)
     with pytest.raises(InputError, match=r"'.*out' cannot be written: nothing can be created in '.*' \(Read-only file system\)"):
         _fs.check_output_dir(tmp_path / "out", "step1 output directory (--out)")
+
+
+def test_analyze_from_a_snapshot_into_a_file_is_a_usage_error(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert_clean(hq(capsys, "analyze", "--from", tmp_path, "--dump", afile), USAGE, "afile", "is a file, not a directory")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -109,3 +110,40 @@ def test_signal_at_any_moment_leaves_old_or_new_artifacts_never_a_mix(earlier, d
     assert set(after) == set(before)
     m, d, c = (earlier["out"] / f"cnn.{s}" for s in ("model", "data", "quantization.cfg"))
     hybridq.step2(m, d, c, earlier["root"] / "q.onnx")
+
+
+def test_an_aborted_dump_takes_back_the_directories_it_made(tmp_path):
+    from hybridq.snapshot import ArrayDump
+
+    dump = ArrayDump(tmp_path / "new" / "snap")
+    dump.start(["a"])
+    dump.add_sample({"a": (np.zeros(3, np.float32), np.ones(3, np.float32))})
+    dump.abort()
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    (kept / "fp32").mkdir(parents=True)
+    (kept / "fp32" / "mine.txt").write_text("x")
+    dump = ArrayDump(kept)
+    dump.start(["a"])
+    dump.abort()
+    assert (kept / "fp32" / "mine.txt").is_file() and not (kept / "quant").exists()  # only what it made, only if empty
+
+
+def test_a_redump_removes_the_old_manifest_before_its_arrays_move_in(tmp_path, monkeypatch):
+    """Interrupted while the new arrays are put in place, the folder has no manifest, not the old one over a mix."""
+    from hybridq.snapshot import MANIFEST, ArrayDump
+
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    (snap / MANIFEST).write_text("{}")
+    dump = ArrayDump(snap)
+    dump.start(["a"])
+    dump.add_sample({"a": (np.zeros(3, np.float32), np.ones(3, np.float32))})
+    seen = []
+    fa = dump.files["a"][0]
+    real = type(fa).finish
+    monkeypatch.setattr(type(fa), "finish", lambda self: seen.append((snap / MANIFEST).exists()) or real(self))
+    from hybridq.analysis.results import AnalysisResult
+
+    dump.finish(AnalysisResult(layers=[], outputs=[], n_samples=1))
+    assert seen and not any(seen)

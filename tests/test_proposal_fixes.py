@@ -336,3 +336,15 @@ def test_alike_scores_are_those_within_half_a_decibel_of_output_error():
     assert ev.as_good(score(0.5, task=0.91), score(0.99, task=0.91)) and not ev.as_good(score(0.99, task=0.90), score(0.5, task=0.91))
     ev.target = Target(cosine=None, snr_db=30.0)
     assert ev.as_good(score(0.9, snr=29.6), score(0.9, snr=30.0)) and not ev.as_good(score(0.9, snr=29.4), score(0.9, snr=30.0))
+
+
+def test_an_eval_function_returning_nan_is_an_input_error() -> None:
+    """A NaN score compared with `<` is never below the target: it once counted as meeting it."""
+    from hybridq.errors import InputError
+    from hybridq.proposal.evaluator import task_score
+
+    model = models.residual_cnn()
+    assert task_score(lambda path: 0.75, "task.py:ok", model) == 0.75
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(InputError, match=r"--eval function 'task.py:score' returned (nan|inf) for a model"):
+            task_score(lambda path, bad=bad: bad, "task.py:score", model)

@@ -218,9 +218,13 @@ def task_score(eval_fn: Callable[[str], Any], spec: str, model: onnx.ModelProto 
         else:
             onnx.save_model(model, str(path))
         try:
-            return float(eval_fn(str(path)))
+            score = float(eval_fn(str(path)))
         except Exception as exc:
             raise InputError(f"The --eval function {spec!r} failed: {type(exc).__name__}: {exc}. It must take a model path and return a number.") from exc
+    if not math.isfinite(score):
+        raise InputError(f"The --eval function {spec!r} returned {score} for a model: a target cannot be judged by it. "
+                         "Make it return a finite number (e.g. accuracy in [0, 1]) for every model.")
+    return score
 
 
 def portable_spec(spec: str) -> str:
@@ -348,7 +352,7 @@ class Evaluator:
         cos, snr = t.thresholds()
         if not all(output_ok(o.cosine, o.snr_db, o.slices, cos, snr) for o in s.outputs.values()):
             return False
-        if self._eval is not None and s.task is not None and self.fp32_task is not None and s.task < self.fp32_task - t.max_drop:
+        if self._eval is not None and s.task is not None and self.fp32_task is not None and not s.task >= self.fp32_task - t.max_drop:
             return False
         return True
 
