@@ -233,6 +233,7 @@ def step2(
     check_output_file(Path(output), "step2 output (-o)", Path(model).stem + ".q.onnx")
     parsed = load_cfg(cfg)
     bundle = read_step1(model, data, parsed.header.get("model_sha256"), cfg)
+    parsed = parsed.with_recorded(bundle.meta.get("written_settings", {}))
     temp = bundle.model
     known = set(bundle.meta.get("written_entries", {})) | set(bundle.observers) | {i.name for i in temp.graph.initializer}
     for name, e in parsed.entries.items():
@@ -540,6 +541,7 @@ def propose(
     parsed = load_cfg(cfg_path)
     before = cfg_path.read_text(encoding="utf-8")
     bundle = read_step1(model_path, data_path, parsed.header.get("model_sha256"), cfg_path)
+    parsed = parsed.with_recorded(bundle.meta.get("written_settings", {}))
     existing, _ = resolve_layer_names(parsed.custom, parsed.custom_lines, str(parsed.path), bundle.model, bundle.meta)
     entries = {t: e.values for t, e in parsed.entries.items()}
     edited, what = user_edits(parsed, bundle.meta, existing)

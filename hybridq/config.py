@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +248,16 @@ class Cfg:
     custom_lines: dict[str, int]
     entries: dict[str, CfgEntry]
     doc: Any = field(repr=False, default=None)
+    settings_given: frozenset[str] = frozenset()  # the keys the cfg's settings block holds (the rest are defaults)
+
+    def with_recorded(self, written: dict[str, Any]) -> "Cfg":
+        """This cfg with the settings it does not hold taken from step1's record (`written_settings`), not from the
+        defaults: a cfg cut down to custom_quantize_layers still builds for the target step1 ran for."""
+        if not written or set(self.settings_given) >= set(written):
+            return self
+        given = self.settings.to_dict()
+        merged = {**written, **{k: given[k] for k in self.settings_given if k in given}}
+        return replace(self, settings=Settings.from_dict(merged, f"{self.path} (settings from step1's record)"))
 
 
 def _line(node: Any, key: Any) -> int:
@@ -352,7 +362,7 @@ def load_cfg(path: str | Path) -> Cfg:
     if not isinstance(header_raw, dict):
         raise ConfigError(f"{p}:{_line(doc, 'hybridq')}: the hybridq header must be the mapping step1 wrote (model, model_sha256, ...); restore it from a fresh step1 cfg.")
     header = dict(header_raw)
-    return Cfg(p, header, settings, custom, custom_lines, entries, doc)
+    return Cfg(p, header, settings, custom, custom_lines, entries, doc, frozenset(str(k) for k in settings_raw))
 
 
 def _custom_map(text: str) -> dict[str, Any] | None:

@@ -355,3 +355,17 @@ def test_with_boundaries_charged_the_prediction_is_still_exact_at_both_measured_
     # float project: its kernel back (1.0 - 0.3), minus its remainder share, plus a DQ on d_r it now needs
     # (remainder: 2.9 - 3.0 + 1.3 - (Q on x, absent from the stub: 0) = 1.2 over 2.7 ms fp32)
     assert predicted_ms(layers, readers, table, {"stem", "expand", "dw"}) == pytest.approx(2.9 + 0.7 - 1.2 / 2.7 + 0.1)
+
+
+def test_max_slowdown_without_a_measured_cost_model_is_refused(tmp_path):
+    """It bounds a predicted latency; with the MAC placement there is none, and it was once ignored without a word."""
+    from hybridq.api import ProposalOptions
+    from hybridq.errors import InputError
+    from hybridq.proposal import Target
+
+    path = tmp_path / "m.onnx"
+    onnx.save(models.concat_ranges_cnn(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 12, 12)}, 4)
+    with pytest.raises(InputError, match="--max-slowdown .* run step1 with --measure"):
+        hybridq.step1(path, listing, out=tmp_path / "ws", settings=Settings(float_stem=False, speed_check=False),
+                      proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, max_slowdown=1.1))

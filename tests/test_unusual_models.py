@@ -313,3 +313,20 @@ def test_step1_says_why_no_layer_is_quantized(tmp_path):
         ds = models.write_npy_dataset(tmp_path / name, {"x": shape}, 2)
         r1 = hybridq.step1(tmp_path / f"{name}.onnx", ds, out=tmp_path / f"ws_{name}", settings={"speed_check": False})
         assert [n for n in r1.notes if n.startswith("no layer is quantized") and expect in n], r1.notes
+
+
+def test_a_cfg_without_its_settings_block_builds_for_the_target_step1_ran_for(tmp_path):
+    """The missing settings come from step1's record, not from the defaults (target cpu)."""
+    src = tmp_path / "m.onnx"
+    onnx.save(models.residual_cnn(), src)
+    ds = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 4)
+    r1 = hybridq.step1(src, ds, out=tmp_path / "ws", settings={"target": "npu"})
+    full = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "full.onnx").output))
+    text = r1.cfg.read_text()
+    start = text.index("\nsettings:")
+    end = text.index("\ncustom_quantize_layers:")
+    short = tmp_path / "ws" / "short.quantization.cfg"
+    short.write_text(text[:start] + text[end:])
+    assert "target:" not in short.read_text()
+    cut = onnx.load(str(hybridq.step2(r1.model, r1.data, short, tmp_path / "short.onnx").output))
+    assert full.graph.SerializeToString() == cut.graph.SerializeToString()

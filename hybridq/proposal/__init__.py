@@ -15,6 +15,7 @@ import onnx
 
 from ..build import Built, Edits, build, measured_costs
 from ..calibration import session_for
+from ..errors import InputError
 from ..observers import HistogramObserver
 from ..settings import Settings
 from .evaluator import Evaluator, OutputScore, Score, Target
@@ -43,6 +44,11 @@ def propose(
     `max_slowdown` bounds the predicted latency of the float layers added (step1's measured cost table).
     """
     written = meta.get("written_entries", {})
+    costs = measured_costs(meta, settings)
+    if max_slowdown is not None and costs is None:
+        raise InputError("--max-slowdown bounds the latency the measured cost model predicts, and this step1 did not "
+                         "measure one: run step1 with --measure (cost_model: measured), or bound the float compute "
+                         "with --max-float-fraction / --max-float-layers instead.")
 
     def make(edits: Edits) -> Built:
         return build(temp, observers, meta, settings, edits, where=where)
@@ -60,5 +66,5 @@ def propose(
         max_float_layers=max_float_layers, max_float_fraction=max_float_fraction, started_from=started_from,
         max_bytes=int(max_size_mb * 1e6) if max_size_mb is not None else None,
         measure=(lambda m: analyse(temp, m)) if analyse is not None else None,
-        costs=measured_costs(meta, settings), max_slowdown=max_slowdown,
+        costs=costs, max_slowdown=max_slowdown,
     )
