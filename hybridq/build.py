@@ -8,6 +8,8 @@ layer names of the original or the temp model.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +24,7 @@ from .errors import ConfigError, did_you_mean
 from .int4 import apply_int4
 from .observers import HistogramObserver
 from .placement import CostTable
-from .plan import QuantPlan, make_plan
+from .plan import ABSORBED_ACTIVATIONS, GraphView, QuantPlan, absorbed_output, make_plan
 from .qdq import RewriteResult, apply_plan
 from .resolve import Resolution, activation_entry, resolve, weight_entry
 from .settings import Settings
@@ -116,6 +118,7 @@ def resolve_layer_names(
     inputs = {i.name for i in model.graph.input}
     out: dict[str, str] = {}
     resolved: list[LayerResolution] = []
+    view = functools.cache(lambda: GraphView(model))
     for key, prec in custom.items():
         line = lines.get(key, 0)
         if key in nodes:
@@ -137,11 +140,27 @@ def resolve_layer_names(
                 f"{where}:{line}: custom_quantize_layers entry '{key}' is neither a node nor a tensor of the model."
                 f"{did_you_mean(key, candidates)} Names of the original model and of the temp model both work."
             )
-        if node in out and out[node] != prec:
-            raise ConfigError(f"{where}:{line}: '{key}' resolves to node '{node}', which another entry already sets to {out[node]}; keep one.")
-        out[node] = prec
-        resolved.append(LayerResolution(key, node, prec, "", how))
+        for n, via in [(node, how), *_absorbing(node, index, view)]:
+            if n in out and out[n] != prec:
+                raise ConfigError(f"{where}:{line}: '{key}' resolves to node '{n}', which another entry already sets to {out[n]}; keep one.")
+            out[n] = prec
+            resolved.append(LayerResolution(key, n, prec, "", via))
     return out, resolved
+
+
+def _absorbing(node: str, index: GraphIndex, view: Callable[[], GraphView]) -> list[tuple[str, str]]:
+    """The layer a Relu/Clip `node` is fused into (its output is that layer's quantized output), as one more resolution:
+    RKNN users, and the cfg's own comments, name a Conv+Relu layer by the Relu's output tensor."""
+    act = index.by_name[node]
+    if act.op_type not in ABSORBED_ACTIVATIONS or not act.input:
+        return []
+    k = index.producer.get(act.input[0])
+    prev = index.nodes[k] if k is not None else None
+    if prev is None or prev.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        return []
+    if absorbed_output(prev, view()) != act.output[0]:
+        return []
+    return [(prev.name, f"layer whose {act.op_type} '{node}' is fused into it (one layer: both take the precision)")]
 
 
 def weight_reader(model: onnx.ModelProto, weight: str) -> str | None:

@@ -66,13 +66,13 @@ ForceOpt = Annotated[bool, typer.Option("--force-preprocess", help="Use the prep
 HookOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module.py:function(path, spec) -> array, replacing image loading.")]
 TargetCosOpt = Annotated[Optional[float], typer.Option(help="Proposal target: cosine on every output (default 0.99).")]
 TargetSnrOpt = Annotated[Optional[float], typer.Option(help="Proposal target: SNR in dB on every output (instead of or with cosine).")]
-MaxLayersOpt = Annotated[Optional[int], typer.Option(help="Proposal budget: at most K float layers.")]
+MaxLayersOpt = Annotated[Optional[int], typer.Option(min=0, help="Proposal budget: at most K float layers.")]
 NoMeasureOpt = Annotated[Optional[bool], typer.Option("--measure/--no-measure", help="Time each layer on this CPU and keep float where int8 is not faster (cost_model: measured), or place by MAC counts (macs, the default).")]
 MaxSlowOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the float layers may slow the model's predicted latency "
                                                     "(step1's measured cost model) by at most this factor, e.g. 1.1; default no limit.")]
 MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the fraction of the Conv/Gemm/MatMul compute the proposal may move to float (default 0.05; 1 for no limit).")]
 EvalOpt = Annotated[Optional[str], typer.Option("--eval", help="module.py:function(model_path) -> score (higher is better) for the proposal target.")]
-MaxDropOpt = Annotated[float, typer.Option(help="With --eval: largest allowed drop of the score below fp32.")]
+MaxDropOpt = Annotated[Optional[float], typer.Option(help="With --eval: largest allowed drop of the score below fp32 [default: 0.01].")]
 FallbackOpt = Annotated[str, typer.Option(help="Precision of proposed layers: float32 (fastest on CPU) or float16 (NPUs).")]
 MaxSizeOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: model size in MB (10^6 bytes), met first with int4 weights for the least sensitive MatMul/Gemm layers.")]
 PropSamplesOpt = Annotated[int, typer.Option(help="Samples the proposal measures candidates on.")]
@@ -161,7 +161,7 @@ def step1(
     max_float_fraction: MaxFracOpt = None,
     max_slowdown: MaxSlowOpt = None,
     eval_fn: EvalOpt = None,
-    max_drop: MaxDropOpt = 0.01,
+    max_drop: MaxDropOpt = None,
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
     max_size_mb: MaxSizeOpt = None,
@@ -288,7 +288,7 @@ def analyze(
     dump: Annotated[Optional[Path], typer.Option(help="Write a snapshot here: fp32/ and quant/ tensors, manifest, reports.")] = None,
     max_bytes: Annotated[Optional[int], typer.Option(help="Cap the arrays written by --dump (bytes).")] = None,
     from_dir: Annotated[Optional[Path], typer.Option("--from", help="Re-render a snapshot, or RKNN-Toolkit2's accuracy_analysis folder, without running a model (with --dump DIR: its reports into DIR).")] = None,
-    top: Annotated[int, typer.Option(help="Rows in the table of worst layers.")] = 20,
+    top: Annotated[int, typer.Option(min=0, help="Rows in the table of worst layers.")] = 20,
     target_cosine: Annotated[float, typer.Option(help="Verdict threshold: cosine of every output, of its worst slice, and of each layer's single error.")] = 0.99,
     target_snr: Annotated[float, typer.Option(help="Verdict threshold (dB): SNR of every output's worst slice and of each layer's single error.")] = 20.0,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 3 when the analysis ran but the verdict is CHECK (for CI); without it CHECK exits 0.")] = False,
@@ -402,6 +402,10 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
         raise InputError(f"--max-size-mb {max_size_mb} must be a positive size in MB, e.g. 1.5.")
     if max_slowdown is not None and not max_slowdown >= 1.0:
         raise InputError(f"--max-slowdown {max_slowdown} is below 1; use e.g. 1.1 (the float layers may add 10 % to the predicted latency).")
+    if max_drop is not None and not eval_fn:
+        raise InputError(f"--max-drop {max_drop} bounds the drop of an --eval task score; give --eval module.py:function too, "
+                         "or leave --max-drop out.")
+    max_drop = 0.01 if max_drop is None else max_drop
     budget = DEFAULT_FLOAT_BUDGET if max_float_fraction is None else max_float_fraction
     return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_size_mb, execution,
                            max_slowdown=max_slowdown)
@@ -485,7 +489,7 @@ def propose(
     max_float_fraction: MaxFracOpt = None,
     max_slowdown: MaxSlowOpt = None,
     eval_fn: EvalOpt = None,
-    max_drop: MaxDropOpt = 0.01,
+    max_drop: MaxDropOpt = None,
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
     max_size_mb: MaxSizeOpt = None,
@@ -547,10 +551,11 @@ class _Signals:
     reports "initialization failed") is then the interrupt, not an error in the user's input."""
 
     received = False
+    signum = int(signal.SIGINT)
 
 
 def _on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
-    _Signals.received = True
+    _Signals.received, _Signals.signum = True, int(signum)
     raise KeyboardInterrupt
 
 
@@ -575,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        sys.exit(130)
+        sys.exit(128 + _Signals.signum)
     except Exception as exc:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click's usage errors (vendored by newer typer)
             exc.show()
@@ -596,4 +601,4 @@ def _interrupted() -> None:
         "interrupted: the outputs are the earlier ones (or a complete new set if the interrupt came while they were "
         "being put in place); nothing half-written was kept.", highlight=False, markup=False,
     )
-    sys.exit(130)
+    sys.exit(128 + _Signals.signum)  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM

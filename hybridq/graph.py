@@ -295,7 +295,8 @@ def prepare(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None = Non
     work = infer_shapes(work)
     index = GraphIndex(work.graph)
     # ONNX Runtime names a fusion after the node it grew from ("fc1/MatMulAddFusion": the Add's output is now its own)
-    fused_into = {n.name.rsplit("/", 1)[0]: n.name for n in work.graph.node if "/" in n.name and n.name.rsplit("/", 1)[0] in original}
+    fused_into = {n.name.rsplit("/", 1)[0]: n.name for n in work.graph.node
+                  if "/" in n.name and n.name not in original and n.name.rsplit("/", 1)[0] in original}
     for name, (op, outputs) in original.items():
         report.original_nodes[name] = outputs
         if name in index.by_name or op == "Constant" or name in report.control_flow.folded:

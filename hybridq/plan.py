@@ -7,9 +7,9 @@ CPU provider fuses into integer kernels (see the op table below).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 import numpy as np
@@ -364,7 +364,7 @@ def _choose_layers(
         quantized[node.name] = slots
     if costs is not None:
         _place_by_cost(g, settings, plan, quantized, costs)
-    if not quantized and not layer_precision:
+    if not quantized and not layer_precision and not plan.notes:  # (the cost model says it when it floated them all)
         plan.notes.append(_nothing_quantized(plan, default_ops))
     return quantized
 

@@ -874,3 +874,16 @@ def test_analyze_from_a_snapshot_into_a_file_is_a_usage_error(capsys, tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("")
     assert_clean(hq(capsys, "analyze", "--from", tmp_path, "--dump", afile), USAGE, "afile", "is a file, not a directory")
+
+
+def test_option_values_that_do_nothing_or_make_no_sense_are_usage_errors(capsys, tmp_path):
+    """--top -1 and --max-float-layers -1 were accepted; --max-drop without --eval was ignored."""
+    code, text = hq(capsys, "analyze", "--from", tmp_path, "--top", "-1")
+    assert code == USAGE and "--top" in text
+    model = tmp_path / "m.onnx"
+    onnx.save(models.residual_cnn(), model)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 2)
+    code, text = hq(capsys, "step1", model, "--dataset", listing, "--out", tmp_path / "ws", "--proposal", "--max-float-layers", "-1")
+    assert code == USAGE and "--max-float-layers" in text
+    assert_clean(hq(capsys, "step1", model, "--dataset", listing, "--out", tmp_path / "ws", "--proposal", "--max-drop", "0.02"),
+                 USAGE, "--max-drop 0.02", "--eval")

@@ -243,6 +243,16 @@ def test_import_refuses_an_invalid_rknn_range_with_its_line(ws, tmp_path):
     assert ws["cfg"].read_text() == before
 
 
+def test_import_of_another_models_rknn_cfg_is_refused(ws, tmp_path):
+    """Not one tensor name in common: the cfg of another model, refused (it once mapped 0 names and exited 0)."""
+    rk = tmp_path / "other.cfg"
+    rk.write_text(rknn_cfg_text({f"other_{k}.tmp_0": ("int8", -1.0, 1.0, -1.0, 2.0) for k in range(3)}, {"other_conv_1": 0.97}))
+    before = ws["cfg"].read_text()
+    with pytest.raises(InputError, match=r"No tensor of '.*other.cfg' \(3, e.g. 'other_0.tmp_0'\) is one of .*same ONNX model"):
+        import_rknn_cfg(rk, ws["cfg"])
+    assert ws["cfg"].read_text() == before
+
+
 # --------------------------------------------------------------------------- export
 
 

@@ -330,3 +330,29 @@ def test_a_cfg_without_its_settings_block_builds_for_the_target_step1_ran_for(tm
     assert "target:" not in short.read_text()
     cut = onnx.load(str(hybridq.step2(r1.model, r1.data, short, tmp_path / "short.onnx").output))
     assert full.graph.SerializeToString() == cut.graph.SerializeToString()
+
+
+def test_a_layer_named_by_its_fused_relu_output_takes_the_precision_whole(tmp_path):
+    """The cfg calls a Conv+Relu's output 'output of conv1' and RKNN users name the layer so: `r1: float16` once
+    floated the Relu alone and left the Conv int8."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c2"], ["y"], name="relu2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 8, 8])],
+                          [numpy_helper.from_array(rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32), n) for n in ("w1", "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    r1 = hybridq.step1(src, models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 8, 8)}, 4), out=tmp_path / "ws",
+                       settings={"speed_check": False, "float_stem": False})
+    r1.cfg.write_text(r1.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  r1: float16"))
+    out = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    assert out.rewrite.layers["conv1"]["precision"] == "float16" and out.rewrite.layers["conv2"]["precision"] != "float16"
+    q = onnx.load(str(out.output))
+    produced = {o: n for n in q.graph.node for o in n.output}
+    conv1 = next(n for n in q.graph.node if n.op_type == "Conv" and n.name.startswith("conv1"))
+    assert produced.get(conv1.input[1]) is None or produced[conv1.input[1]].op_type != "DequantizeLinear"
+    f = _feeds({"x": (1, 8, 8, 8)})
+    assert cosine(run(q, f)[0], run(m, f)[0]) > 0.99

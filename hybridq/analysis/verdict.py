@@ -135,7 +135,7 @@ def judge(
     command = " ".join(
         ["hybridq", "propose", *([shlex.quote(snapshot)] if snapshot else []),
          "--cfg", shlex.quote(cfg) if cfg else "MODEL.quantization.cfg",
-         "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", f"{cos_threshold:g}"]
+         "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", repr(float(cos_threshold))]
     )
     cfg_entry = None
     if any(OTHER_SOURCE in n for n in result.notes):

@@ -328,6 +328,10 @@ def import_rknn_cfg(
     layers, comments = _import_layers(r, h, res)
     base = read_rknn_cfg(baseline).data["quantize_parameters"] if baseline is not None else None
     edits = _import_ranges(r, h, res, base, all_ranges)
+    names = [str(n) for n in r.data["quantize_parameters"]]
+    if names and not any(n in h.parsed.entries for n in names):
+        raise InputError(f"No tensor of '{rknn_cfg}' ({len(names)}, e.g. '{names[0]}') is one of '{h.cfg}': is it the RKNN "
+                         "cfg of the same ONNX model? Nothing was written.")
     text = update_custom_layers(h.text, layers, comments)
     text = update_entries(text, edits, {t: "from RKNN" for t in edits})
     if text != h.text:
