@@ -277,7 +277,8 @@ def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[
     """Write step1's record (preprocessing, calibrated input ranges) into the model's metadata_props (see hybridq.recorded)."""
     check_header(header, meta, header_path)
     pre = meta["preprocess"] if "preprocess" in meta else (dict(header["preprocess"]) if header.get("preprocess") else None)
-    props = {**model_props(pre, meta.get("input_ranges"), (meta.get("source_sha256", ""), header.get("model_sha256", ""))),
+    source = meta.get("source_sha256")  # (artifacts of a step1 before it was recorded: no record, the same bytes as then)
+    props = {**model_props(pre, meta.get("input_ranges"), (source, header.get("model_sha256", "")) if source else ()),
              **fold.record_props(meta)}
     kept = [p for p in model.metadata_props if p.key not in props]
     del model.metadata_props[:]
