@@ -248,4 +248,3 @@ def source_note(float_model: str | Path, quant: onnx.ModelProto) -> str | None:
         return None
     return (f"FLOAT_MODEL '{float_model}' {OTHER_SOURCE} (sha256 differs from {recorded[0][:12]}...): "
             "if it is another network, the figures compare two different models; pass the fp32 model given to step1.")
-
