@@ -57,6 +57,8 @@ def _given_preprocess(mean, std, color, layout, resize, hook) -> dict[str, Any]:
 
 
 def _warn(warnings: list[str]) -> None:
+    if State.quiet:  # --quiet: nothing but errors
+        return
     for w in warnings:
         console.err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
 
@@ -371,8 +373,8 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
     if samples < 1:
         raise InputError(f"--proposal-samples must be at least 1, got {samples}.")
     cos = target_cosine if target_cosine is not None else (None if target_snr is not None or eval_fn else 0.99)
-    if cos is not None and not -1.0 <= cos <= 1.0:
-        raise InputError(f"--target-cosine {cos} is outside [-1, 1]; use e.g. 0.99.")
+    if cos is not None and not 0.0 < cos <= 1.0:
+        raise InputError(f"--target-cosine must be in (0, 1], got {cos}; use e.g. 0.99 (as analyze takes it).")
     if max_float_fraction is not None and not 0.0 <= max_float_fraction <= 1.0:
         raise InputError(f"--max-float-fraction {max_float_fraction} is outside [0, 1]; use e.g. 0.05 (5 % of the compute).")
     if max_size_mb is not None and not max_size_mb > 0:

@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from hybridq.cli import main
+from tests import models
 from tests.conftest import cosine, run
 
 
@@ -124,3 +126,20 @@ def test_progress_bar_knows_its_length_and_next_command_is_one_line(capsys, monk
     printed = cli_module.out.file.getvalue()
     next_line = next(line for line in printed.splitlines() if line.startswith("Next:"))
     assert next_line.endswith(f"-o {deep / 'cnn.q.onnx'}`.")
+
+
+def test_quiet_prints_no_warnings_and_a_non_positive_target_cosine_is_refused(capsys, monkeypatch, tmp_path):
+    """--quiet is "nothing but errors": warnings too; --target-cosine is (0, 1] for propose as for analyze."""
+    from hybridq import _console, cli as cli_module
+
+    monkeypatch.setattr(_console.State, "quiet", True)
+    cli_module._warn(["inputs far outside the calibrated range"])
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(_console.State, "quiet", False)
+    cli_module._warn(["inputs far outside the calibrated range"])
+    assert "warning: inputs far outside" in capsys.readouterr().err
+    model = tmp_path / "m.onnx"
+    onnx.save(models.residual_cnn(), model)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 2)
+    code, out, err = cli(capsys, "step1", model, "--dataset", listing, "--out", tmp_path / "ws", "--proposal", "--target-cosine", "0")
+    assert code == 2 and "--target-cosine must be in (0, 1], got 0.0" in err
