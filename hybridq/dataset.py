@@ -59,12 +59,13 @@ class Dataset:
     """Samples named by a list file, directory or glob, loaded lazily one at a time."""
 
     def __init__(
-        self, source: Path, inputs: list[InputSpec], entries: list[tuple[int, list[Path]]], preprocess: Preprocess | None = None
+        self, source: Path, inputs: list[InputSpec], entries: list[tuple[int, list[Path]]], preprocess: Preprocess | None = None,
+        columns: tuple[str, ...] = (),
     ) -> None:
         self.source = Path(source)
         self.inputs = list(inputs)
         self.preprocess = preprocess or Preprocess()
-        self.columns: tuple[str, ...] = ()  # the inputs before --fix-input (see load_dataset)
+        self.columns = tuple(columns)  # the inputs before --fix-input (see load_dataset)
         self._entries = [(line, list(paths)) for line, paths in entries]
         self._hook = _load_hook(self.preprocess.hook) if self.preprocess.hook else None
         self._plans: dict[str, ImagePlan] = {}
@@ -223,9 +224,7 @@ def load_dataset(
             f"dataset {str(source)!r} does not exist; give a list file (dataset.txt), "
             "a directory of samples or a glob pattern such as 'images/*.jpg'."
         )
-    ds = Dataset(path, inputs, entries, pre)
-    ds.columns = tuple(columns)
-    return ds
+    return Dataset(path, inputs, entries, pre, columns)
 
 
 def _wanted(path: Path, pre: Preprocess) -> bool:

@@ -330,6 +330,9 @@ def test_a_cfg_without_its_settings_block_builds_for_the_target_step1_ran_for(tm
     assert "target:" not in short.read_text()
     cut = onnx.load(str(hybridq.step2(r1.model, r1.data, short, tmp_path / "short.onnx").output))
     assert full.graph.SerializeToString() == cut.graph.SerializeToString()
+    # an npu model: the residual Add's output is quantized (a cpu build leaves elementwise ops float)
+    add_out = next(n.output[0] for n in cut.graph.node if n.op_type == "Add")
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == add_out for n in cut.graph.node)
 
 
 def test_a_layer_named_by_its_fused_relu_output_takes_the_precision_whole(tmp_path):
