@@ -154,7 +154,7 @@ def step1(
 
     paths = write_step1(out_dir, stem, temp, observers, meta, cfg_text)
     if prop is not None:
-        prop.measured = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
+        prop.measured, _ = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom, costs), fused=report.fused,
@@ -474,13 +474,29 @@ def run_proposal(
     return result, evaluator
 
 
-def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) -> Score:
-    """Build the written cfg with step2 (in a temporary directory) and measure it: the figure a proposal may claim."""
+def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) -> tuple[Score, onnx.ModelProto]:
+    """Build the written cfg with step2 (in a temporary directory) and measure it: the figure a proposal may claim.
+
+    Returns the score and the built model (to see which tensors it quantizes).
+    """
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="hybridq-verify-") as tmp:
-        built = step2(model, data, cfg, Path(tmp) / "verify.onnx")
-        return evaluator.score(onnx.load(str(built.output)))
+        built = onnx.load(str(step2(model, data, cfg, Path(tmp) / "verify.onnx").output))
+        return evaluator.score(built), built
+
+
+def moot_edits(edited: set[str], floated: dict[str, str], model: onnx.ModelProto, built: onnx.ModelProto) -> list[str]:
+    """Edited activation tensors the built model no longer quantizes because the proposal floated their readers."""
+    quantized = {n.input[0] for n in built.graph.node if n.op_type == "QuantizeLinear"}
+    weights = {i.name for i in model.graph.initializer}
+    out = []
+    for t in sorted(edited - weights - quantized):
+        readers = sorted({n.name for n in model.graph.node if t in n.input} & set(floated))
+        if readers:
+            out.append(f"your edit of '{t}' no longer takes effect: the proposal keeps its reader{'s' if len(readers) > 1 else ''} "
+                       f"{', '.join(readers)} {floated[readers[0]]}, so '{t}' is not quantized")
+    return out
 
 
 RANGE_SETTINGS = ("dtype", "qtype", "algorithm", "percentile")
@@ -532,6 +548,7 @@ def propose(
     from .artifacts import backup_if_edited
     from .config import update_custom_layers, update_entries
     from .errors import OutputError
+    from .snapshot import layers_for
 
     options = options or ProposalOptions()
     cfg_path = Path(cfg)
@@ -546,13 +563,13 @@ def propose(
     existing, _ = resolve_layer_names(parsed.custom, parsed.custom_lines, str(parsed.path), bundle.model, bundle.meta)
     entries = {t: e.values for t, e in parsed.entries.items()}
     edited, what = user_edits(parsed, bundle.meta, existing)
+    by_hand = set(edited)
     written_settings = Settings(**bundle.meta.get("written_settings", {}))
     if any(getattr(parsed.settings, k) != getattr(written_settings, k) for k in RANGE_SETTINGS):
         edited |= set(entries)  # a global range edit applies to every entry: the proposal does not override it per tensor
-    single = None
+    single, snapshot_warning = None, None
     if snapshot is not None:
-        snap = load_snapshot(snapshot)
-        single = {le.layer: le.single.cosine for le in snap.layers if le.single is not None}
+        single, snapshot_warning = layers_for(snapshot, bundle.model, cfg_path)
     check_header(parsed.header, bundle.meta, cfg_path)
     record = read_record(cfg_path)
     ds = open_dataset(bundle.model, dataset, choose_preprocess(record, preprocess, force_preprocess))
@@ -573,8 +590,10 @@ def propose(
         backup = backup_if_edited(cfg_path, data_path, text)
         write_text_atomic(cfg_path, text)
         result.written = True
-    result.measured = verify_proposal(model_path, data_path, cfg_path, evaluator)
+    result.measured, built = verify_proposal(model_path, data_path, cfg_path, evaluator)
+    result.warnings += moot_edits(by_hand, result.layers, bundle.model, built)
     result.warnings += range_warnings(record.input_ranges, seen.to_dict(), record.source)
+    result.warnings += [snapshot_warning] if snapshot_warning else []
     return result, backup
 
 

@@ -304,6 +304,14 @@ def analyze(
     if not 0.0 < target_cosine <= 1.0:
         raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}.")
     if from_dir is not None:
+        ignored = [name for name, given in (("FLOAT_MODEL", float_model), ("QUANT_MODEL", quant_model), ("--samples", samples),
+                                            ("--max-bytes", max_bytes), ("--runtime", runtime), ("--host-int8", host_int8),
+                                            ("--mean/--std/--layout/--preprocess-hook", (mean, std, layout, preprocess_hook) != (None,) * 4),
+                                            ("--color", color != "rgb"), ("--resize", resize != "none"), ("--force-preprocess", force_preprocess),
+                                            ("--workers", workers), ("--ray", ray)) if given]
+        if ignored:
+            raise InputError(f"--from re-reads the snapshot '{from_dir}' and runs no model, so {', '.join(ignored)} would do nothing: "
+                             "leave them out, or drop --from to run a new analysis.")
         if dump is not None:
             api.check_output_dir(Path(dump), "reports directory (--dump)")
         result = api.load_snapshot(from_dir)
@@ -426,7 +434,7 @@ def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
                      ["step", "fix", "cosine", "SNR dB", "worst slice dB", "float compute", "outcome"], rows)]
     lines = [f"Proposal: {p.choice}."]
     if p.edits:
-        lines.append(f"  started from your edits, all kept: {'; '.join(p.edits)}")
+        lines.append(f"  started from your edits, all kept in the cfg: {'; '.join(p.edits)}")
     lines += [
         f"  baseline ({p.baseline_label}): {p.baseline.describe()}",
         f"  predicted: {p.predicted.describe()}",

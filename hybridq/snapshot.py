@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import onnx
 
 from ._fs import publish, write_atomic
 from .analysis.results import AnalysisResult
@@ -283,3 +284,39 @@ def load_arrays(directory: str | os.PathLike[str], tensor: str) -> tuple[np.ndar
     raise InputError(
         f"snapshot '{d}' has no tensor {tensor!r}.{did_you_mean(tensor, [x.tensor for x in result.layers])}"
     )
+
+
+
+def layer_keys(model: onnx.ModelProto) -> dict[tuple[str, str, str], tuple[int, ...] | None]:
+    """(node name, op type, output) of every node of ``model``, with the output's static shape where inference gives one."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = vi.type.tensor_type.shape.dim if vi.type.tensor_type.HasField("shape") else None
+        shapes[vi.name] = tuple(d.dim_value for d in dims) if dims is not None and all(d.HasField("dim_value") for d in dims) else None
+    return {(n.name, n.op_type, o): shapes.get(o) for n in model.graph.node for o in n.output}
+
+
+def layers_for(directory: str | os.PathLike[str], model: onnx.ModelProto, cfg: str | os.PathLike[str]) -> tuple[dict[str, float], str | None]:
+    """A snapshot's single-error cosines by layer, checked against the layers of the cfg's ``model``.
+
+    A layer matches when a node of that name and op type writes its tensor, of its shape where the model's is
+    static. A snapshot of another model would rank layers that are not there: none matching is an input
+    error; more than half not matching returns a warning beside the cosines (a dump of an earlier model).
+    """
+    snap = load_snapshot(directory)
+    keys = layer_keys(model)
+    single = {le.layer: le.single.cosine for le in snap.layers if le.single is not None}
+    unknown = [le.layer for le in snap.layers if (le.layer, le.op_type, le.tensor) not in keys
+               or keys[(le.layer, le.op_type, le.tensor)] not in (None, tuple(le.shape))]
+    dumped = len(snap.layers)
+    if dumped and len(unknown) == dumped:
+        raise InputError(
+            f"snapshot '{directory}' was dumped from another model: none of its {dumped} layers (e.g. '{unknown[0]}') "
+            f"is a layer of the model of '{cfg}' (same name, op, output tensor and shape). Dump a snapshot of this cfg's "
+            "model (hybridq analyze FLOAT QUANT --dataset D --dump DIR) or leave SNAP out, and the proposal measures the layers itself."
+        )
+    if 2 * len(unknown) > dumped:
+        return single, (f"snapshot '{directory}': {len(unknown)} of its {dumped} layers (e.g. '{unknown[0]}') do not match the "
+                        f"model of '{cfg}'; it may be a dump of an earlier model. The proposal ranks the layers by it all the same.")
+    return single, None

@@ -887,3 +887,11 @@ def test_option_values_that_do_nothing_or_make_no_sense_are_usage_errors(capsys,
     assert code == USAGE and "--max-float-layers" in text
     assert_clean(hq(capsys, "step1", model, "--dataset", listing, "--out", tmp_path / "ws", "--proposal", "--max-drop", "0.02"),
                  USAGE, "--max-drop 0.02", "--eval")
+
+
+@pytest.mark.parametrize("extra, named", [(["m.onnx", "q.onnx"], "FLOAT_MODEL, QUANT_MODEL"), (["--samples", "3", "--runtime", "cpu"], "--samples, --runtime"),
+                                          (["--mean", "1,2,3", "--workers", "2"], "--mean/--std/--layout/--preprocess-hook, --workers")])
+def test_analyze_from_refuses_the_options_of_a_run_it_does_not_make(capsys, tmp_path, extra, named):
+    """--from re-reads a snapshot: model arguments and run options were silently ignored."""
+    args = [*extra[:2], "--from", tmp_path] if extra[0].endswith(".onnx") else ["--from", tmp_path, *extra]
+    assert_clean(hq(capsys, "analyze", *args), USAGE, f"--from re-reads the snapshot '{tmp_path}'", f"so {named} would do nothing")

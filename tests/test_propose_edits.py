@@ -299,3 +299,46 @@ def test_an_invalid_edit_exits_2_at_its_line_and_leaves_the_cfg(outlier_ws, caps
     line = cfg.read_text().splitlines().index(f"  {tensor}:") + 1
     assert f"m.quantization.cfg:{line}: {message}" in err
     assert cfg.read_bytes() == before and list(cfg.parent.glob("*.bak")) == []
+
+
+def test_a_snapshot_of_another_model_is_refused_and_one_half_stale_is_warned_of(outlier_ws, capsys):
+    ws, cfg = outlier_ws, outlier_ws["cfg"]
+    # A snapshot of a residual CNN, 24 channels wide: its layers rank nothing in the outlier CNN.
+    d = ws["dir"] / "other"
+    d.mkdir()
+    onnx.save(models.residual_cnn(channels=24), d / "cnn.onnx")  # its names are the outlier CNN's; no shape is
+    listing = models.write_npy_dataset(d / "data", {"x": (1, 3, 16, 16)}, 4)
+    other = hybridq.step1(d / "cnn.onnx", listing, out=d / "ws")
+    hybridq.step2(other.model, other.data, other.cfg, d / "cnn.q.onnx")
+    foreign = d / "foreign_snap"
+    hybridq.analyze(d / "cnn.onnx", d / "cnn.q.onnx", listing, samples=2, dump=foreign)
+    before = cfg.read_bytes()
+    code, out, err = cli(capsys, "propose", foreign, "--cfg", cfg, "-d", ws["dataset"], "--target-cosine", "0.99")
+    assert code == 2 and "dumped from another model" in err and str(foreign) in err and str(cfg) in err, err
+    assert cfg.read_bytes() == before and not list(cfg.parent.glob("*.bak"))
+    # A snapshot of this model with most layers renamed (an older model's dump): used, with a warning.
+    hybridq.step2(ws["temp"], ws["data"], cfg, ws["dir"] / "q.onnx")
+    own = ws["dir"] / "own_snap"
+    hybridq.analyze(ws["model"], ws["dir"] / "q.onnx", ws["dataset"], samples=2, dump=own)
+    manifest = json.loads((own / "manifest.json").read_text())
+    names = [row["layer"] for row in manifest["tensors"].values()]
+    for row in list(manifest["tensors"].values())[: len(names) // 2 + 1]:
+        row["layer"] = "old_" + row["layer"]
+    (own / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = cli(capsys, "propose", own, "--cfg", cfg, "-d", ws["dataset"], "--target-cosine", "0.99", "--json")
+    assert code == 0 and json.loads(out)["measured"] is not None, err
+    assert f"{len(names) // 2 + 1} of its {len(names)} layers (e.g. 'old_" in err, err
+
+
+def test_an_edit_whose_only_reader_the_proposal_floats_is_named_as_no_longer_taking_effect(outlier_ws, capsys):
+    ws, cfg = outlier_ws, outlier_ws["cfg"]
+    cfg.write_text(edit_entry(cfg.read_text(), "r1", "algorithm", "percentile"))  # the outlier tensor, read by conv2 alone
+    code, out, err = cli(capsys, "propose", "--cfg", cfg, "-d", ws["dataset"], "--target-cosine", "0.99", "--max-float-fraction", "1", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["layers"].get("conv2") == "float32", report["layers"]
+    built = hybridq.step2(ws["temp"], ws["data"], cfg, ws["dir"] / "q.onnx")
+    graph = onnx.load(str(built.output)).graph
+    assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r1"]
+    assert "your edit of 'r1' no longer takes effect: the proposal keeps its reader conv2 float32" in err, err
+    assert "your edit of 'r2'" not in err
