@@ -480,6 +480,8 @@ def propose(
     fallback: FallbackOpt = "float32",
     proposal_samples: PropSamplesOpt = 16,
     max_size_mb: MaxSizeOpt = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit with code 3 when the target was not met (the cfg still holds the best "
+                                         "candidate found); without it that exits 0.")] = False,
     mean: MeanOpt = None,
     std: StdOpt = None,
     color: ColorOpt = "rgb",
@@ -498,7 +500,8 @@ def propose(
     float layers within the budget), each verified on the model step2 builds. Starts from the cfg as you
     edited it: your custom_quantize_layers, per-tensor edits, settings and comments are kept, and a tensor you
     edited is never changed. When nothing needs to change, the cfg is not touched. The preprocessing comes from
-    the cfg (step1 recorded it); no options needed.
+    the cfg (step1 recorded it); no options needed. Exit codes: 0 ran (target met or not), 3 not met with
+    --strict, 2 bad input, 1 failure.
     """
     from . import api
 
@@ -516,6 +519,8 @@ def propose(
         lines.append(f"Nothing changed: {cfg} was left as it was (not rewritten, no backup).")
     data.update(written=result.written, backup=str(backup) if backup else None)
     emit(data, tables, lines)
+    if strict and not result.met:
+        raise typer.Exit(int(ExitCode.BELOW_THRESHOLD))
 
 
 from ._cli_rknn import rknn_cfg_app  # noqa: E402  (a sub-command group, defined beside)

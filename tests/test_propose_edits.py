@@ -342,3 +342,13 @@ def test_an_edit_whose_only_reader_the_proposal_floats_is_named_as_no_longer_tak
     assert not [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r1"]
     assert "your edit of 'r1' no longer takes effect: the proposal keeps its reader conv2 float32" in err, err
     assert "your edit of 'r2'" not in err
+
+
+def test_propose_strict_exits_3_when_the_target_is_not_met_and_0_when_it_is(outlier_ws, capsys):
+    ws, cfg = outlier_ws, outlier_ws["cfg"]
+    unreachable = ["--target-snr", "200", "--max-float-layers", "0"]
+    for strict, expected in (([], 0), (["--strict"], 3)):
+        code, out, err = cli(capsys, "propose", "--cfg", cfg, "-d", ws["dataset"], *unreachable, *strict, "--json")
+        assert code == expected and json.loads(out)["met"] is False, err
+    code, out, err = cli(capsys, "propose", "--cfg", cfg, "-d", ws["dataset"], "--target-cosine", "0.5", "--strict", "--json")
+    assert code == 0 and json.loads(out)["met"] is True, err
