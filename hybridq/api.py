@@ -80,6 +80,11 @@ def _entry_comments(plan: QuantPlan) -> dict[str, str]:
     comments = {}
     for t, tp in plan.tensors.items():
         comments[t] = f"output of {tp.producer}" if tp.layer_output else f"input of {', '.join(tp.readers[:3])}" + (" ..." if len(tp.readers) > 3 else "")
+    for group in plan.shared:
+        for t in group:
+            others = [o for o in group if o != t]
+            comments[t] += (f"; shares one grid with {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} (a Concat or "
+                            "data-movement op keeps one scale: the widest range is used)")
     for w, wp in plan.weights.items():
         comments[w] = f"weight of {wp.node}"
     return comments

@@ -539,8 +539,8 @@ def _shared_groups(model: onnx.ModelProto, plan: QuantPlan, placement: Placement
     inputs it alone reads (not made by a passthrough op).
 
     An input other ops read too keeps its own parameters and is requantized into the Concat's, as RKNN does
-    (no reader of it gets the Concat's coarser grid). Union-find over the planned tensors; only tensors of one
-    dtype are joined. Groups are in graph order.
+    (no reader of it gets the Concat's coarser grid); a Concat or passthrough the cfg keeps float shares nothing.
+    Union-find over the planned tensors; only tensors of one dtype are joined. Groups are in graph order.
     """
     readers: dict[str, int] = {}
     for node in model.graph.node:
@@ -562,6 +562,9 @@ def _shared_groups(model: onnx.ModelProto, plan: QuantPlan, placement: Placement
                 parent[find(n)] = find(names[0])
 
     for node in model.graph.node:
+        lp = plan.layers.get(node.name)
+        if lp is not None and lp.precision in ("float16", "float32"):
+            continue  # a float op reads dequantized inputs and has its output quantized anew: no grid to share
         if node.op_type in placement.passthrough and node.input and node.output and _attr_s(node, "mode") != "cubic":
             join([node.input[0], node.output[0]])
         elif node.op_type == "Concat" and placement.share_concat and node.output:

@@ -441,3 +441,28 @@ def test_conv_affine_folds_into_the_conv(tmp_path):
     want = np.clip(np.rint(folded / so) + zo, 0, 255)
     got = vals[qo.output[0]].astype(np.int64)
     assert np.max(np.abs(want - got)) <= 1 and np.mean(want == got) >= 0.99  # float32 vs float64 at ties only
+
+
+def test_a_concat_kept_float16_shares_no_grid_with_its_inputs(tmp_path):
+    """The sweep's YOLO-style head: the int8 Concat of boxes (hundreds) and sigmoid scores (0-1) puts the scores on the
+    boxes' grid. Keeping the Concat float16 must give the scores their own grid again (it was still shared), so the
+    float16 fix a user or the proposal picks reaches the output: scores' scale from their calibrated range (numpy)."""
+    path = tmp_path / "head.onnx"
+    onnx.save(models.detector_head(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 16, 16)}, 8)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    xs = [np.load(tmp_path / "data" / ln) for ln in listing.read_text().split() if ln.endswith(".npy")]
+    probe = models.detector_head()
+    probe.graph.output.append(onnx.helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, None))
+    fp32 = [run(probe, {"x": x})[1] for x in xs]
+    lo, hi = min(0.0, min(float(s.min()) for s in fp32)), max(0.0, max(float(s.max()) for s in fp32))
+
+    def scores_scale(cfg_text: str, name: str) -> float:
+        r1.cfg.write_text(cfg_text)
+        q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / name).output))
+        return _params(q, next(c for c in _index(q)[1]["scores"] if c.op_type == "QuantizeLinear"))[0]
+
+    text = r1.cfg.read_text()
+    assert scores_scale(text, "int8.onnx") > 100 * (hi - lo) / 255  # the Concat's grid, boxes and all
+    fixed = text.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  concat: float16")
+    assert scores_scale(fixed, "f16.onnx") == pytest.approx((hi - lo) / 255, rel=1e-5)
