@@ -178,17 +178,16 @@ def check_target_change(
 ) -> None:
     """Refuse a cfg whose target differs from step1's when step1 did not observe what the new target quantizes.
 
-    A change is honoured when every tensor the new target's plan quantizes has statistics the
-    cfg's algorithm can use (from `npu` to `cpu` usually; from `cpu` to `npu` never, as step1 for
-    `cpu` observes only the tensors around Conv/Gemm/MatMul).
+    A change is honoured when every tensor the new target's plan quantizes was observed on every
+    calibration sample, with a histogram (from `npu` to `cpu` usually; from `cpu` to `npu` never, as
+    step1 for `cpu` observes the other tensors for min/max on the first batches only).
     """
     old = written_settings.get("target", "cpu")
     if settings.target == old:
         return
     plan = make_plan(temp, settings, layer_precision=layers, placement=get(settings.target, where).placement)
-    needs_bins = settings.algorithm != "minmax"
-    missing = [t for t in plan.tensors
-               if t not in observers or observers[t].count == 0 or (needs_bins and not observers[t].bins)]
+    # a tensor without a histogram was observed for min/max on the first batches only (calibration.observe)
+    missing = [t for t in plan.tensors if t not in observers or observers[t].count == 0 or not observers[t].bins]
     if missing:
         shown = ", ".join(f"'{t}'" for t in missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise ConfigError(

@@ -466,3 +466,16 @@ def test_a_concat_kept_float16_shares_no_grid_with_its_inputs(tmp_path):
     assert scores_scale(text, "int8.onnx") > 100 * (hi - lo) / 255  # the Concat's grid, boxes and all
     fixed = text.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  concat: float16")
     assert scores_scale(fixed, "f16.onnx") == pytest.approx((hi - lo) / 255, rel=1e-5)
+
+
+def test_cpu_to_npu_is_refused_when_a_tensor_was_observed_on_the_first_batches_only(tmp_path):
+    """step1 for cpu observes the tensors no layer quantizes for min/max on the first 8 samples only: an npu build from
+    them clipped the residual Add's range to those samples (the sweep's case), so the change is refused."""
+    path = tmp_path / "cnn.onnx"
+    onnx.save(models.residual_cnn(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 12)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"speed_check": False})
+    cfg = Path(r1.cfg)
+    cfg.write_text(cfg.read_text().replace("target: cpu", "target: npu"))
+    with pytest.raises(ConfigError, match=r"step1 calibrated this model for 'cpu': \d+ tensor\(s\) the npu target quantizes have no usable"):
+        hybridq.step2(r1.model, r1.data, cfg, tmp_path / "q.onnx")
