@@ -491,19 +491,6 @@ def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) ->
         return evaluator.score(built), built
 
 
-def moot_edits(edited: set[str], floated: dict[str, str], model: onnx.ModelProto, built: onnx.ModelProto) -> list[str]:
-    """Edited activation tensors the built model no longer quantizes because the proposal floated their readers."""
-    quantized = {n.input[0] for n in built.graph.node if n.op_type == "QuantizeLinear"}
-    weights = {i.name for i in model.graph.initializer}
-    out = []
-    for t in sorted(edited - weights - quantized):
-        readers = sorted({n.name for n in model.graph.node if t in n.input} & set(floated))
-        if readers:
-            out.append(f"your edit of '{t}' no longer takes effect: the proposal keeps its reader{'s' if len(readers) > 1 else ''} "
-                       f"{', '.join(readers)} {floated[readers[0]]}, so '{t}' is not quantized")
-    return out
-
-
 RANGE_SETTINGS = ("dtype", "qtype", "algorithm", "percentile")
 """Settings that change every unedited activation range: when the user edits one, no range is clipped."""
 
@@ -553,6 +540,7 @@ def propose(
     from .artifacts import backup_if_edited
     from .config import update_custom_layers, update_entries
     from .errors import OutputError
+    from .proposal import moot_edits
     from .snapshot import layers_for
 
     options = options or ProposalOptions()

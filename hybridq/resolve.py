@@ -140,15 +140,9 @@ def resolve(
         sym = (v.get("qtype", "sym" if tp.symmetric else "asym") == "sym")
         if "qtype" not in edited and "qtype" in changed_settings:
             sym = settings.qtype == "sym"
+        _check_entry(res, where, t, v, edited, dtype)
         if {"min", "max"} & edited:
-            lo = v.get("min", w.get("min"))
-            hi = v.get("max", w.get("max"))
-            if lo is None or hi is None:
-                raise ConfigError(f"{where}: '{t}' gives only one of min and max; give both.")
-            if len(lo) != 1 or len(hi) != 1:
-                raise ConfigError(f"{where}: activation '{t}' takes one min and one max value, got {len(lo)} and {len(hi)}.")
-            if lo[0] > hi[0]:
-                raise ConfigError(f"{where}: '{t}' has min {lo[0]} > max {hi[0]}; make min <= max.")
+            lo, hi = _edited_range(res, where, t, v.get("min", w.get("min")), v.get("max", w.get("max")), obs)
             qp = compute_qparams(lo, hi, dtype, sym)
         elif {"scale", "zero_point"} & edited and dtype == w.get("dtype") and not ({"algorithm", "qtype"} & edited):
             if v.get("scale", w.get("scale")) is None or v.get("zero_point", w.get("zero_point")) is None:
@@ -179,7 +173,47 @@ def resolve(
         res.activations[t] = qp
 
     _resolve_weights(plan, entries, written, weights, cfg_name, res)
+    for t, e in entries.items():
+        if t not in plan.tensors and t not in plan.weights and any(not _same(val, written.get(t, {}).get(k)) for k, val in e.values.items()):
+            res.warnings.append(f"{cfg_name}:{e.line}: the edit of '{t}' has no effect: no quantized layer reads or writes it "
+                                "(its layers run float, by custom_quantize_layers or a policy).")
     return res
+
+
+def _check_entry(res: Resolution, where: str, t: str, v: dict[str, Any], edited: set[str], dtype: str) -> None:
+    """Refuse an activation edit nothing can honour; warn of one another edit overrides (never silence)."""
+    if "qmethod" in edited and v["qmethod"] == "channel":
+        raise ConfigError(f"{where}: activation '{t}' has qmethod channel, but activations are quantized per tensor "
+                          "(qmethod applies to weights); set it back to layer.")
+    if "dtype" in edited and v["dtype"] != dtype:
+        res.warnings.append(f"{where}: '{t}' dtype {v['dtype']} has no effect: a layer that writes or reads it runs {dtype} "
+                            "in custom_quantize_layers, which sets the tensors around it.")
+    if {"min", "max"} & edited and "algorithm" in edited:
+        res.warnings.append(f"{where}: '{t}' algorithm {v['algorithm']} has no effect: the min/max edited beside it are used.")
+
+
+def _edited_range(res: Resolution, where: str, t: str, lo: list[float] | None, hi: list[float] | None,
+                  obs: HistogramObserver) -> tuple[list[float], list[float]]:
+    """An activation's hand-edited min/max, checked; a range that misses every observed value is warned of."""
+    if lo is None or hi is None:
+        raise ConfigError(f"{where}: '{t}' gives only one of min and max; give both.")
+    if len(lo) != 1 or len(hi) != 1:
+        raise ConfigError(f"{where}: activation '{t}' takes one min and one max value, got {len(lo)} and {len(hi)}.")
+    if lo[0] > hi[0]:
+        raise ConfigError(f"{where}: '{t}' has min {lo[0]} > max {hi[0]}; make min <= max.")
+    if lo[0] == hi[0] == 0:
+        raise ConfigError(f"{where}: '{t}' has min = max = 0, an empty range; give max > min, or delete min and max "
+                          "to use the step1 statistics.")
+    if obs.max > obs.min and (max(hi[0], 0.0) <= obs.min or min(lo[0], 0.0) >= obs.max):
+        _no_overlap(res, where, t, min(lo[0], 0.0), max(hi[0], 0.0), obs)
+    return lo, hi
+
+
+def _no_overlap(res: Resolution, where: str, t: str, lo: float, hi: float, obs: HistogramObserver) -> None:
+    """Warn of an edited range that shares no interval with the values step1 observed: they all saturate to one end."""
+    res.warnings.append(f"{where}: '{t}' min/max give the range [{lo:.6g}, {hi:.6g}] (0 included), which misses the values "
+                        f"step1 observed, [{obs.min:.6g}, {obs.max:.6g}]: every value quantizes to one end of it. "
+                        "Check the numbers and their sign (ori_min/ori_max hold the observed range).")
 
 
 def _resolve_weights(
@@ -201,6 +235,13 @@ def _resolve_weights(
         edited = {k for k in v if not _same(v[k], w.get(k))}
         if v.get("algorithm", "minmax") != "minmax":
             raise ConfigError(f"{where}: weight '{wname}' uses algorithm minmax only; clip a weight range by editing its min/max instead.")
+        if "dtype" in edited and v["dtype"] != wp.dtype:
+            raise ConfigError(f"{where}: weight '{wname}' has dtype {v['dtype']}, but a weight's dtype is not set per entry: weights "
+                              f"take settings weight_dtype ({wp.dtype} here), or int16 with their layer ({wp.node}: int16 in "
+                              f"custom_quantize_layers); set it back to {w.get('dtype', wp.dtype)}.")
+        if "qtype" in edited and v["qtype"] != "sym":
+            raise ConfigError(f"{where}: weight '{wname}' has qtype {v['qtype']}, but weights are quantized symmetrically "
+                              "(zero_point 0); set it back to sym.")
         if "zero_point" in edited and np.any(_check_zero_points(wname, where, v["zero_point"], wp.dtype, True) != 0):
             raise ConfigError(
                 f"{where}: weight '{wname}' has zero_point {v['zero_point']}, but weights are quantized symmetrically with zero_point 0; "

@@ -107,3 +107,43 @@ def test_scale_edit_is_honoured_with_a_warning_when_it_contradicts_min_max(built
     res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "sc.onnx")
     assert _inits(res.output)["r2_scale"] == np.float32(0.5)
     assert any("contradicts min/max" in w and "'r2'" in w for w in res.warnings)
+
+
+def test_a_range_that_misses_every_observed_value_is_built_with_a_warning_naming_the_line(built, cnn_ws):
+    """The sweep's edit: a Relu output given [-2, -1] quantized every value to 0, with no word."""
+    r1, _ = built
+    text = _edit_entry(_edit_entry(r1.cfg.read_text(), "r2", "min", "[-2.0]"), "r2", "max", "[-1.0]")
+    r1.cfg.write_text(text)
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "miss.onnx")
+    line = text[: text.index("\n  r2:\n") + 1].count("\n") + 1
+    assert any(w.startswith(f"{r1.cfg}:{line}: 'r2' min/max give the range [-2, 0]") and "misses the values" in w for w in res.warnings)
+    assert _inits(res.output)["r2_scale"] == np.float32(2 / 255)  # applied as written: a warning, not a refusal
+
+
+@pytest.mark.parametrize("tensor, edits, message", [
+    ("r2", {"min": "[0.0]", "max": "[0.0]"}, "'r2' has min = max = 0, an empty range"),
+    ("w3", {"dtype": "int16"}, "weight 'w3' has dtype int16, but a weight's dtype is not set per entry"),
+    ("w3", {"qtype": "asym"}, "weight 'w3' has qtype asym, but weights are quantized symmetrically"),
+    ("r2", {"qmethod": "channel"}, "activation 'r2' has qmethod channel, but activations are quantized per tensor"),
+])
+def test_per_entry_edits_nothing_can_honour_are_refused_at_their_line(built, cnn_ws, tensor, edits, message):
+    """These built a model identical to the unedited one (or scale 1.0 from nowhere), exit 0 and no word."""
+    r1, _ = built
+    text = r1.cfg.read_text()
+    for key, value in edits.items():
+        text = _edit_entry(text, tensor, key, value)
+    r1.cfg.write_text(text)
+    with pytest.raises(hybridq.ConfigError, match=re.escape(message)):
+        hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "no.onnx")
+
+
+def test_edits_another_entry_overrides_or_a_float_layer_makes_moot_are_warned_of(built, cnn_ws):
+    r1, _ = built
+    text = _edit_entry(_edit_entry(r1.cfg.read_text(), "r1", "algorithm", "mse"), "r1", "max", "[5.0]")
+    text = _edit_entry(text, "r2", "max", "[0.5]")  # r2 is read by conv3 alone, kept float below
+    r1.cfg.write_text(text.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv3: float32"))
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "moot.onnx")
+    assert any("'r1' algorithm mse has no effect: the min/max edited beside it are used" in w for w in res.warnings), res.warnings
+    assert any("the edit of 'r2' has no effect: no quantized layer reads or writes it" in w for w in res.warnings), res.warnings
+    assert "r2_scale" not in _inits(res.output)
+    assert not [w for w in res.warnings if "'r1'" not in w and "'r2'" not in w]  # unedited entries stay quiet

@@ -23,7 +23,7 @@ from .fixes import FIXES, Candidate, Context
 from .search import DEFAULT_FLOAT_BUDGET, ProposalResult, Row, search
 
 __all__ = [
-    "DEFAULT_FLOAT_BUDGET", "FIXES", "Candidate", "Evaluator", "OutputScore", "ProposalResult", "Row", "Score", "Target", "propose",
+    "DEFAULT_FLOAT_BUDGET", "FIXES", "Candidate", "Evaluator", "OutputScore", "ProposalResult", "Row", "Score", "Target", "moot_edits", "propose",
 ]
 
 
@@ -68,3 +68,16 @@ def propose(
         measure=(lambda m: analyse(temp, m)) if analyse is not None else None,
         costs=costs, max_slowdown=max_slowdown,
     )
+
+
+def moot_edits(edited: set[str], floated: dict[str, str], model: onnx.ModelProto, built: onnx.ModelProto) -> list[str]:
+    """Edited activation tensors the built model no longer quantizes because the proposal floated their readers."""
+    quantized = {n.input[0] for n in built.graph.node if n.op_type == "QuantizeLinear"}
+    weights = {i.name for i in model.graph.initializer}
+    out = []
+    for t in sorted(edited - weights - quantized):
+        readers = sorted({n.name for n in model.graph.node if t in n.input} & set(floated))
+        if readers:
+            out.append(f"your edit of '{t}' no longer takes effect: the proposal keeps its reader{'s' if len(readers) > 1 else ''} "
+                       f"{', '.join(readers)} {floated[readers[0]]}, so '{t}' is not quantized")
+    return out
