@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import onnx
 from google.protobuf.message import EncodeError
 from onnx import external_data_helper, numpy_helper, version_converter
+
+from .errors import ModelError
 
 LARGE_MODEL_BYTES = 1_800_000_000
 """Above this size a model cannot be one protobuf (2 GB limit): it goes through files with external data."""
@@ -250,3 +253,14 @@ def save_external(model: onnx.ModelProto, path: str, location: str) -> None:
     work.CopyFrom(model)
     tag_external(work, location, min_bytes=1024)
     onnx.save_model(work, str(path))
+
+
+def read_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """``onnx.load``; a file that is not ONNX (truncated, corrupt, an image) is a ModelError naming it."""
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf raises DecodeError, external data raises OSError
+        raise ModelError(
+            f"Model file '{path}' could not be read as ONNX ({type(exc).__name__}: {exc}). "
+            "It may be truncated, corrupt or not an ONNX file; re-export or re-download it."
+        ) from exc

@@ -28,7 +28,7 @@ from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import DEFAULT_FLOAT_BUDGET, Evaluator, ProposalResult, Score, Target
 from .proposal import propose as climb
 from .qdq import RewriteResult
-from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record, source_note
+from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record, source_note, step1_siblings, fixed_inputs_of
 from .settings import Settings
 from .targets import check_target_change, floored, get as get_target
 
@@ -337,7 +337,7 @@ def analyze(
     from .analysis.runtime import runtime_column
     from .sources import IndexedSamples
 
-    fm = fold.as_fixed(load_model(float_model), fold.fixed_inputs_of(Path(quant_model)), f"the inputs step1 fixed ({quant_model})")
+    fm = fold.as_fixed(load_model(float_model), fixed_inputs_of(Path(quant_model)), f"the inputs step1 fixed ({quant_model})")
     if dump is not None:
         check_output_dir(Path(dump), "snapshot directory (--dump)")
     record = read_record(quant_model)
@@ -347,10 +347,9 @@ def analyze(
         on_start(n)
     quant_path = Path(quant_model)
     with tempfile.TemporaryDirectory(prefix="hybridq-analyze-") as tmp:
-        if quant_path.name.endswith(".quantization.cfg"):
-            stem = quant_path.name[: -len(".quantization.cfg")]
-            built = step2(quant_path.with_name(f"{stem}.model"), quant_path.with_name(f"{stem}.data"), quant_path, Path(tmp) / "q.onnx")
-            quant_path = built.output
+        siblings = step1_siblings(quant_path)
+        if siblings is not None:
+            quant_path = step2(*siblings, quant_path, Path(tmp) / "q.onnx").output
         qm = load_model(quant_path)
         seen = InputStats()
         device, then = runtime_column(runtime, fm, qm, lambda: ds.samples(limit=n))
@@ -545,10 +544,10 @@ def propose(
 
     options = options or ProposalOptions()
     cfg_path = Path(cfg)
-    if not cfg_path.name.endswith(".quantization.cfg"):
-        raise InputError(f"'{cfg_path}' is not a step1 cfg (<name>.quantization.cfg); pass the cfg written by step1.")
-    stem = cfg_path.name[: -len(".quantization.cfg")]
-    model_path, data_path = cfg_path.with_name(f"{stem}.model"), cfg_path.with_name(f"{stem}.data")
+    siblings = step1_siblings(cfg_path)
+    if siblings is None:
+        raise InputError(f"'{cfg_path}' is not a step1 cfg (no `hybridq:` header); pass the <name>.quantization.cfg step1 wrote.")
+    model_path, data_path = siblings
     parsed = load_cfg(cfg_path)
     before = cfg_path.read_text(encoding="utf-8")
     bundle = read_step1(model_path, data_path, parsed.header.get("model_sha256"), cfg_path)

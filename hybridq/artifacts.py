@@ -253,6 +253,17 @@ def check_order(model_path: Path, data_path: Path, cfg_path: Path) -> None:
         )
 
 
+def _check_readable(model_path: Path) -> None:
+    """A temp model that is no ONNX (truncated, overwritten) is named as such, not as one from another run."""
+    try:
+        onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:
+        raise InputError(
+            f"Temp model '{model_path}' could not be read as ONNX ({type(exc).__name__}); it is truncated or corrupt. "
+            "Re-run step1 to write it again (your cfg edits are kept in a .bak)."
+        ) from None
+
+
 def read_step1(model_path: str | Path, data_path: str | Path, cfg_model_sha: str | None, cfg_path: str | Path) -> Step1Bundle:
     """Load and cross-check the artifacts; a file in the wrong place or from another run is named."""
     model_path, data_path = Path(model_path), Path(data_path)
@@ -269,6 +280,7 @@ def read_step1(model_path: str | Path, data_path: str | Path, cfg_model_sha: str
         raise InputError(f"Temp model '{model_path}' cannot be read: {exc.strerror or exc}.") from None
     data_sha = meta.get("model_sha256")
     if model_sha != data_sha:
+        _check_readable(model_path)
         if cfg_model_sha == data_sha:
             culprit = f"'{model_path}' does not belong with the others"
         elif cfg_model_sha == model_sha:

@@ -9,7 +9,7 @@ layer names of the original or the temp model.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +132,8 @@ def resolve_layer_names(
         elif key in original and any(o in producer for o in original[key]):
             node = next(producer[o] for o in original[key] if o in producer)
             how = f"original node, now '{node}'"
+        elif (now := _now_producing(key, original, nodes, fused)) is not None:
+            node, how = now
         elif key in inputs:
             raise ConfigError(f"{where}:{line}: '{key}' is a model input, not a layer; name the first layer that reads it instead.")
         else:
@@ -146,6 +148,15 @@ def resolve_layer_names(
             out[n] = prec
             resolved.append(LayerResolution(key, n, prec, "", via))
     return out, resolved
+
+
+def _now_producing(tensor: str, original: dict[str, list[str]], nodes: Mapping[str, Any], fused: dict[str, str]) -> tuple[str, str] | None:
+    """The temp-model node that an original output tensor's producer became (a Conv's output that a BatchNorm fold renamed)."""
+    was = next((n for n, outs in original.items() if tensor in outs), None)
+    now = was if was in nodes else fused.get(was or "") or None
+    if not now:
+        return None
+    return now, f"output tensor of the original node '{was}'" + (f", now '{now}'" if now != was else " (its output tensor was renamed)")
 
 
 def _absorbing(node: str, index: GraphIndex, view: Callable[[], GraphView]) -> list[tuple[str, str]]:

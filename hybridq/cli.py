@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -237,8 +238,7 @@ def step2(
                              [[r.entry, r.node, r.requested, r.effective, r.how] for r in res.resolved]))
     lines = [f"Wrote {res.output}: {res.size_fp32 / 1e6:.2f} MB fp32 -> {res.size_quant / 1e6:.2f} MB."]
     lines += [f"note: {n}" for n in res.notes]
-    for w in res.warnings:
-        console.err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
+    _warn(res.warnings)
     data = {
         "output": res.output, "layers": res.layers, "size_fp32": res.size_fp32, "size_quant": res.size_quant,
         "resolved": [vars(r) for r in res.resolved], "notes": res.notes, "warnings": res.warnings,
@@ -268,8 +268,8 @@ def analyze(
     max_bytes: Annotated[Optional[int], typer.Option(help="Cap the arrays written by --dump (bytes).")] = None,
     from_dir: Annotated[Optional[Path], typer.Option("--from", help="Re-render a snapshot, or RKNN-Toolkit2's accuracy_analysis folder, without running a model (with --dump DIR: its reports into DIR).")] = None,
     top: Annotated[int, typer.Option(min=0, help="Rows in the table of worst layers.")] = 20,
-    target_cosine: Annotated[float, typer.Option(help="Verdict threshold: cosine of every output, of its worst slice, and of each layer's single error.")] = 0.99,
-    target_snr: Annotated[float, typer.Option(help="Verdict threshold (dB): SNR of every output's worst slice and of each layer's single error.")] = 20.0,
+    target_cosine: Annotated[float, typer.Option(help="Verdict threshold: cosine of every output and of its worst slice (OK/CHECK); layers whose single error is below it are listed, not judged.")] = 0.99,
+    target_snr: Annotated[float, typer.Option(help="Verdict threshold (dB): SNR of every output's worst slice (OK/CHECK); layers whose single error is below it are listed, not judged.")] = 20.0,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 3 when the analysis ran but the verdict is CHECK (for CI); without it CHECK exits 0.")] = False,
     runtime: Annotated[Optional[str], typer.Option("--runtime", help="Add the runtime column, against fp32 and the exact simulation: "
                                                    "cpu (this CPU's default int8 kernels) or openvino, per output; or a folder of "
@@ -499,7 +499,8 @@ def propose(
     Climbs a ladder of fixes, cheapest first (range algorithm, outlier clip or equalization, bias correction,
     float layers within the budget), each verified on the model step2 builds. Starts from the cfg as you
     edited it: your custom_quantize_layers, per-tensor edits, settings and comments are kept, and a tensor you
-    edited is never changed. When nothing needs to change, the cfg is not touched. The preprocessing comes from
+    edited is never changed. A cfg that already meets the target gets only the fixes that cost nothing at run time
+    (range algorithm, bias correction) and clearly help; when none does, it is not touched. The preprocessing comes from
     the cfg (step1 recorded it); no options needed. Exit codes: 0 ran (target met or not), 3 not met with
     --strict, 2 bad input, 1 failure.
     """
@@ -564,7 +565,7 @@ def main(argv: list[str] | None = None) -> None:
         if _Signals.received:
             _interrupted()
         if debug:
-            raise
+            traceback.print_exc()
         console.err.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(int(exc.exit_code))
     except KeyboardInterrupt:

@@ -22,7 +22,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ._onnx import GraphIndex, describe_error, outer_reads, subgraphs
-from .artifacts import read_meta
 from .errors import InputError, did_you_mean
 
 FIXED_INPUTS_PROP = "hybridq.fixed_inputs"
@@ -129,14 +128,6 @@ def recorded_fixed_inputs(model: onnx.ModelProto) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return fixed if isinstance(fixed, dict) else {}
-
-
-def fixed_inputs_of(quant: Path) -> dict[str, Any]:
-    """The inputs step1 fixed for a step2 model (its metadata) or a cfg (its `.data` meta); empty for other models."""
-    if quant.name.endswith(".quantization.cfg"):
-        data = quant.with_name(quant.name[: -len(".quantization.cfg")] + ".data")
-        return read_meta(data).get("control_flow", {}).get("fixed_inputs", {}) if data.is_file() else {}
-    return recorded_fixed_inputs(onnx.load(str(quant), load_external_data=False)) if quant.is_file() else {}
 
 
 def as_fixed(model: onnx.ModelProto, fixed: Mapping[str, Any], where: str) -> onnx.ModelProto:

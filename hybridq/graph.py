@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from . import _runtime, fold
-from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, save_external, serialized_within, subgraphs
+from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, read_onnx, save_external, serialized_within, subgraphs
 from .errors import InputError, ModelError, OutputError, did_you_mean
 
 MIN_OPSET = 13
@@ -63,13 +63,7 @@ def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.Mod
         raise ModelError(f"Model file '{p}' does not exist. Check the path, or run `hybridq step1` first if it is a step1 artifact.")
     if p.is_dir():
         raise ModelError(f"Model path '{p}' is a directory; give the path of an .onnx file.")
-    try:
-        model = onnx.load(str(p), load_external_data=load_external_data)
-    except Exception as exc:  # protobuf raises DecodeError, external data raises OSError
-        raise ModelError(
-            f"Model file '{p}' could not be read as ONNX ({type(exc).__name__}: {exc}). "
-            "It may be truncated, corrupt or not an ONNX file; re-export or re-download it."
-        ) from exc
+    model = read_onnx(p, load_external_data=load_external_data)
     if not model.graph.node:
         raise ModelError(f"Model file '{p}' holds no graph nodes; it is empty or not an ONNX model.")
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,9 @@ from typing import Any
 import numpy as np
 import onnx
 
+from . import fold
+from ._onnx import read_onnx
+from .artifacts import read_meta
 from .dataset import Preprocess
 from .errors import DatasetError, InputError
 
@@ -99,13 +103,51 @@ class Record:
     input_ranges: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def step1_siblings(path: str | Path) -> tuple[Path, Path] | None:
+    """The `.model` and `.data` beside a step1 cfg, or None when ``path`` is no cfg.
+
+    A cfg is known by its name (`<name>.quantization.cfg`) or, renamed, by its `hybridq:` header line.
+    """
+    p = Path(path)
+    if p.name.endswith(CFG_SUFFIX):
+        stem = p.name[: -len(CFG_SUFFIX)]
+    elif _has_cfg_header(p):
+        from .config import load_cfg
+
+        model = load_cfg(p).header.get("model")
+        if not model:
+            raise InputError(f"'{p}' looks like a step1 cfg but its header names no model; pass the cfg step1 wrote.")
+        stem = Path(str(model)).stem
+    else:
+        return None
+    return p.with_name(f"{stem}.model"), p.with_name(f"{stem}.data")
+
+
+def _has_cfg_header(path: Path) -> bool:
+    """True for a text file whose first 64 KiB hold the cfg's top-level `hybridq:` line."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return False
+    return b"\0" not in head and re.search(rb"(?m)^hybridq:[ \t]*\r?$", head) is not None
+
+
+def fixed_inputs_of(quant: Path) -> dict[str, Any]:
+    """The inputs step1 fixed for a step2 model (its metadata) or a cfg (its `.data` meta); empty for other models."""
+    siblings = step1_siblings(quant)
+    if siblings is not None:
+        data = siblings[1]
+        return read_meta(data).get("control_flow", {}).get("fixed_inputs", {}) if data.is_file() else {}
+    return fold.recorded_fixed_inputs(read_onnx(quant, load_external_data=False)) if quant.is_file() else {}
+
+
 def read_record(artifact: str | Path) -> Record:
     """The record of a step1 cfg (from its `.data` beside it, else its header), a `.data` file, or an ONNX model."""
-    from .artifacts import read_meta
-
     path = Path(artifact)
-    if path.name.endswith(CFG_SUFFIX):
-        data = path.with_name(path.name[: -len(CFG_SUFFIX)] + ".data")
+    siblings = step1_siblings(path)
+    if siblings is not None:
+        data = siblings[1]
         if data.is_file():
             meta = read_meta(data)
             if "preprocess" in meta:
@@ -117,9 +159,8 @@ def read_record(artifact: str | Path) -> Record:
     if path.suffix == ".data":
         meta = read_meta(path)
         return Record(f"'{path}'", meta.get("preprocess"), meta.get("input_ranges") or {})
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
+    model = read_onnx(path, load_external_data=False) if path.is_file() else None
+    if model is None:
         return Record(f"'{path}'")
     return record_of_model(model, f"'{path}'")
 

@@ -510,7 +510,7 @@ def verdict(
     thr = f"cosine >= {cos_threshold:g} and SNR >= {snr_threshold:g} dB (of the worst slice where an output is sliced)"
     if v.ok:
         tail = (
-            f"{len(v.layers)} layer(s) below the thresholds, worst: "
+            f"{len(v.layers)} layer(s) below the thresholds on their own, which the outputs absorb (listed, not judged), worst: "
             + ", ".join(f"{x['label']} (single cos {fmt('cosine', x['single_cosine'])})" for x in v.layers[:3])
             if v.layers
             else "no layer is below the thresholds"

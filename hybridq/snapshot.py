@@ -113,6 +113,25 @@ class _NpyAppender:
         self.tmp.unlink(missing_ok=True)
 
 
+def _sweep_orphans(directory: Path) -> None:
+    """Remove the `.<name>.npy.<pid>.tmp` files of a dump that was killed (SIGKILL skips our cleanup); live ones stay."""
+    for tmp in directory.glob(".*.npy.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    """True when a process with this id runs on this machine (a dump on a shared disk from another host looks dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
 class ArrayDump:
     """Streams the fp32 and quant arrays of each sample into ``DIR/fp32`` and ``DIR/quant``.
 
@@ -154,6 +173,8 @@ class ArrayDump:
                     self.made.append(d)
         except OSError as e:
             raise OutputError(f"cannot create the snapshot directory '{self.root}': {e.strerror or e}") from None
+        for d in (self.root / "fp32", self.root / "quant"):
+            _sweep_orphans(d)
 
     def add_sample(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Append one sample: ``{tensor: (fp32 array, quant array)}``."""

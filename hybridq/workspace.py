@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._fs import write_atomic as write_text_atomic
+from ._onnx import read_onnx
 from .dataset import Preprocess
 from .errors import ConfigError, InputError, did_you_mean
 from .settings import Settings
@@ -143,6 +144,8 @@ def init(directory: str | Path, model: str | Path | None = None) -> Path:
     model_path = Path(model) if model is not None else None
     if model_path is not None and not model_path.is_file():
         raise InputError(f"Model '{model_path}' does not exist; give the path of an .onnx file.")
+    if model_path is not None:
+        read_onnx(model_path, load_external_data=False)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for name in TEMPLATE_FILES:
