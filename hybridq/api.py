@@ -30,7 +30,7 @@ from .proposal import propose as climb
 from .qdq import RewriteResult
 from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record, source_note, step1_siblings, fixed_inputs_of
 from .settings import Settings
-from .targets import check_target_change, floored, get as get_target
+from .targets import check_target_change, get as get_target
 
 if TYPE_CHECKING:
     from .analysis import AnalysisOptions, AnalysisResult, SampleSink
@@ -133,7 +133,7 @@ def step1(
     plan, observers, inf_floats, inf_why = _calibrated_plan(temp, ds, n, settings, placement, costs, batch_size, input_stats, execution, on_progress)
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
-    entries = written_entries(plan, temp, floored(observers, plan.floors), settings)
+    entries = written_entries(plan, temp, observers, settings)
     header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
     meta["control_flow"] = report.control_flow.to_dict()
     meta["cost"] = costs.to_dict() if costs else None

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from . import bias_correction, equalize, infinite, recurrent, targets
 from ._onnx import GraphIndex
-from .config import Cfg, CfgEntry
+from .config import Cfg, CfgEntry, short_float
 from .errors import ConfigError, did_you_mean
 from .int4 import apply_int4
 from .observers import HistogramObserver
@@ -95,10 +95,16 @@ def initializer_arrays(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
 
 
 def written_entries(plan: QuantPlan, model: onnx.ModelProto, observers: dict[str, HistogramObserver], settings: Settings) -> dict[str, dict[str, Any]]:
-    """The quantize_parameters step1 writes for a plan: activations from statistics, weights from the weights."""
+    """The quantize_parameters step1 writes for a plan: activations from statistics, weights from the weights.
+
+    A tensor whose readers saturate is ranged within that interval (targets.floored); its ori_min/ori_max stay the observed range.
+    """
     entries: dict[str, dict[str, Any]] = {}
+    within = targets.floored(observers, plan.floors)
     for t, tp in plan.tensors.items():
-        entries[t], _ = activation_entry(tp, observers[t], settings)
+        entries[t], _ = activation_entry(tp, within[t], settings)
+        if within[t] is not observers[t]:
+            entries[t]["ori_min"], entries[t]["ori_max"] = [short_float(observers[t].min)], [short_float(observers[t].max)]
     arrays = initializer_arrays(model, plan.weights)
     for w, wp in plan.weights.items():
         entries[w], _ = weight_entry(wp, arrays[w])

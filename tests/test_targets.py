@@ -3,6 +3,7 @@ a target change step2 cannot honour, and cpu models byte-identical to the code b
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -370,6 +371,7 @@ def test_saturating_readers_clamp_their_input_range(tmp_path):
         assert observed[t][0] < lo or observed[t][1] > hi, f"{t}: calibration data must reach past the interval"
         clamped = (max(lo, observed[t][0]), min(hi, observed[t][1]))
         assert (entries[t]["min"][0], entries[t]["max"][0]) == pytest.approx(clamped, rel=1e-5), t
+        assert (entries[t]["ori_min"][0], entries[t]["ori_max"][0]) == pytest.approx(observed[t], rel=1e-5), t  # raw, as seen
         lo_0, hi_0 = min(clamped[0], 0.0), max(clamped[1], 0.0)  # uint8 asymmetric over the clamped range, 0 included
         scale = (hi_0 - lo_0) / 255
         qnode = next(c for c in cons[t] if c.op_type == "QuantizeLinear")
@@ -390,6 +392,31 @@ def test_saturating_readers_clamp_their_input_range(tmp_path):
         assert np.max(np.abs(vals[clamped])) > max(abs(v) for v in want[clamped] if np.isfinite(v)), t  # the clamp bites
         got = (vals[next(c for c in cons[t] if c.op_type == "QuantizeLinear").output[0]].astype(np.int64) - z) * s
         assert np.max(np.abs(got - numpy_out[t](vals[clamped]))) <= 1.01 * (s / 2 + s_in / 2), t  # slopes <= 1
+
+
+def test_a_tensor_compared_within_its_readers_range_says_so_in_the_snapshot(tmp_path):
+    """analyze compares `s` (read only by a Relu) clipped to [0, inf); the manifest records it, and the figure is the
+    cosine of the dumped arrays clipped so (numpy), not of the raw ones."""
+    model = npu_models.saturating_readers()
+    path = tmp_path / "sat.onnx"
+    onnx.save(model, path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 4)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    q = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output
+    res = hybridq.analyze(path, q, listing, dump=tmp_path / "snap")
+    doc = json.loads((tmp_path / "snap" / "manifest.json").read_text())["tensors"]
+    assert doc["s"]["compared_within"] == [0.0, None] and doc["cd"]["compared_within"] is None
+    assert any("compared_within" in n and "s to [0, inf]" in n for n in res.notes), res.notes
+    f, qv = np.load(tmp_path / "snap" / "fp32" / "s.npy"), np.load(tmp_path / "snap" / "quant" / "s.npy")
+    assert (f < 0).any()
+
+    def cos(a, b):
+        a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+        return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    clipped = np.mean([cos(np.maximum(f[i], 0), np.maximum(qv[i], 0)) for i in range(len(f))])
+    raw = np.mean([cos(f[i], qv[i]) for i in range(len(f))])
+    assert doc["s"]["entire"]["cosine"] == pytest.approx(clipped, abs=1e-6) and abs(clipped - raw) > 1e-3
 
 
 def test_concat_input_read_elsewhere_keeps_its_own_parameters(tmp_path):

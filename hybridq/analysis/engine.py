@@ -28,7 +28,7 @@ from ..metrics import fused_kernel
 from .graphs import align_opsets, build_analysis_graph, compared_names
 from .matching import ModelIndex, plan_tensors
 from .measuring import Measure, SampleErrors, target_bytes
-from .results import AnalysisResult, SampleSink
+from .results import AnalysisResult, SampleSink, bounds_note
 from .running import AnalysisOptions, Work, check_feed, executor, in_flight
 from .sharded import reads_itself, run_sharded
 
@@ -128,12 +128,8 @@ def analyze(
             n = _run(work, m, samples, 1 if sink is not None else len(head), f.inputs, sink, on_sample, count)
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
-        notes = plan.notes + ag.notes
-        if m.exact_failed:
-            notes.append(NOT_EXACT_NOTE)
-        elif u8s8_saturates() and not host_int8 and _has_int8(qm):
-            notes.append(SATURATION_NOTE)
-        result = AnalysisResult(layers=m.layers(), outputs=list(f.outputs), n_samples=n, notes=notes)
+        layers = m.layers()
+        result = AnalysisResult(layers=layers, outputs=list(f.outputs), n_samples=n, notes=_notes(plan.notes + ag.notes, m, qm, host_int8, layers))
         if sink is not None:
             sink.finish(result)
             sink = None
@@ -184,6 +180,15 @@ def _known_count(samples: object) -> int | None:
         return len(samples)
     count = getattr(samples, "count", None)
     return count if isinstance(count, int) else None
+
+
+def _notes(notes: list[str], m: Measure, qm: onnx.ModelProto, host_int8: bool, layers: list) -> list[str]:
+    """The plan's notes, then what the figures rest on: inexact kernels or their saturation, clipped comparisons."""
+    if m.exact_failed:
+        notes.append(NOT_EXACT_NOTE)
+    elif u8s8_saturates() and not host_int8 and _has_int8(qm):
+        notes.append(SATURATION_NOTE)
+    return notes + bounds_note(layers)
 
 
 def _has_int8(model: onnx.ModelProto) -> bool:

@@ -169,6 +169,7 @@ class Measure:
                 precision=tp.precision,
                 folded=tp.folded,
                 slices=self.slices[tp.tensor].result() if tp.tensor in self.slices else None,
+                bounds=tp.bounds,
             )
             for tp in self.plan.tensors
             if tp.tensor not in self.skipped

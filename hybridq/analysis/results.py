@@ -37,6 +37,8 @@ class LayerError:
     is ``None`` when the layer is not quantized (nothing to isolate) or could
     not be isolated (see :attr:`AnalysisResult.notes`). ``slices`` holds the
     per-slice measure of a model output (:class:`~hybridq.metrics.SliceMetrics`).
+    ``bounds``: both tensors were clipped to it before measuring, since every reader saturates beyond
+    (``(0, inf)`` before a Relu); the dumped arrays are the raw ones.
     """
 
     tensor: str
@@ -52,6 +54,7 @@ class LayerError:
     quant_file: str | None = None
     folded: str | None = None
     slices: SliceMetrics | None = None
+    bounds: tuple[float, float] | None = None
 
     @property
     def label(self) -> str:
@@ -74,6 +77,7 @@ class LayerError:
             "entire": self.entire.to_dict(encode=False),
             "single": self.single.to_dict(encode=False) if self.single is not None else None,
             "slices": self.slices.to_dict() if self.slices is not None else None,
+            "compared_within": [v if math.isfinite(v) else None for v in self.bounds] if self.bounds is not None else None,
         }
 
     @classmethod
@@ -93,7 +97,27 @@ class LayerError:
             quant_file=d.get("quant"),
             folded=d.get("folded"),
             slices=SliceMetrics.from_dict(d["slices"]) if d.get("slices") is not None else None,
+            bounds=_bounds(d.get("compared_within")),
         )
+
+
+def _bounds(doc: Any) -> tuple[float, float] | None:
+    """A manifest's `compared_within` ([low, high]; null was an infinite side in strict JSON) as a tuple."""
+    if not isinstance(doc, list) or len(doc) != 2:
+        return None
+    return (-math.inf if doc[0] is None else float(doc[0]), math.inf if doc[1] is None else float(doc[1]))
+
+
+def bounds_note(layers: list[LayerError]) -> list[str]:
+    """The note that says which tensors were measured clipped to where their readers saturate (none: no note)."""
+    within = [x for x in layers if x.bounds is not None]
+    if not within:
+        return []
+    shown = ", ".join(f"{x.tensor} to [{x.bounds[0]:g}, {x.bounds[1]:g}]" for x in within[:4])  # type: ignore[index]
+    more = f" and {len(within) - 4} more" if len(within) > 4 else ""
+    return [f"{len(within)} tensor(s) are compared within the range their readers tell apart, both sides clipped "
+            f"({shown}{more}): a value beyond is one value to a Relu or Sigmoid after it. A snapshot keeps the raw "
+            "arrays; manifest.json records each range as compared_within."]
 
 
 def badness(layer: LayerError) -> tuple[float, float]:
