@@ -99,7 +99,8 @@ def step1(
     preprocess: PreprocessArg = None,
     config: str | Path | None = None,
     samples: int | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
+    seed: int | None = None,
     on_progress: Progress | None = None,
     on_start: Callable[[int], None] | None = None,
     proposal: "ProposalOptions | None" = None,
@@ -119,12 +120,14 @@ def step1(
 
     chosen = merge(config, settings, preprocess, fixed_inputs)
     settings, preprocess = chosen.settings, chosen.preprocess
+    samples, batch_size, seed = (chosen.run.get(k) if v is None else v for k, v in (("samples", samples), ("batch_size", batch_size), ("seed", seed)))
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
     check_output_dir(Path(out) if out else model_path.parent, "step1 output directory (--out)")
     temp, report = prepare(original, chosen.fixed_inputs)
     ds = open_dataset(temp, dataset, preprocess)
+    ds, batch_size = ds.drawn(samples, seed) if samples and seed is not None else ds, batch_size or 1
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
         on_start(n)
@@ -135,6 +138,7 @@ def step1(
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
     entries = written_entries(plan, temp, observers, settings)
     header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
+    header.update({"seed": seed} if seed is not None and ds.selection else {})
     meta["control_flow"] = report.control_flow.to_dict()
     meta["cost"] = costs.to_dict() if costs else None
     comments = _entry_comments(plan)

@@ -127,7 +127,8 @@ def step1(
     int4_rounding: Annotated[Optional[str], typer.Option(help="Rounding of int4 layers: rtn (default) or gptq (step1 then records X^T X of each MatMul/Gemm input).")] = None,
     target: Annotated[Optional[str], typer.Option(help="Where the model runs: cpu (default; ONNX Runtime's CPU kernels) or npu (every operator in int8).")] = None,
     samples: Annotated[Optional[int], typer.Option(help="Use at most N samples.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per batch (models with a dynamic batch dim).")] = 1,
+    batch_size: Annotated[Optional[int], typer.Option(help="Samples per batch (models with a dynamic batch dim; default 1).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="With --samples N: draw the N samples at random with this seed (default: the first N listed).")] = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
     color: ColorOpt = "rgb",
@@ -162,6 +163,8 @@ def step1(
 
     State.quiet, State.json = quiet, as_json
     _check_counts(samples, batch_size)
+    if seed is not None and seed < 0:
+        raise InputError(f"--seed must be at least 0, got {seed}.")
     if config is None:
         config = find_config(out_dir, model, dataset)
     given = dict(dtype=dtype, weight_dtype=weight_dtype, qmethod=qmethod, qtype=qtype, algorithm=algorithm, percentile=percentile, target=target,
@@ -170,7 +173,7 @@ def step1(
     execution = _execution(workers, ray)
     with progress("calibrating") as advance, held(execution):  # --ray local: one Ray instance for calibration and proposal
         res = api.step1(
-            model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size,
+            model, dataset, out=out_dir, settings=given, preprocess=pre, config=config, samples=samples, batch_size=batch_size, seed=seed,
             on_progress=advance, on_start=advance.start, fixed_inputs=_fixed_inputs(fix_input), execution=execution,
             proposal=_proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback,
                                        proposal_samples, max_size_mb, execution, max_slowdown) if proposal else None,
@@ -187,11 +190,11 @@ def step1(
     emit(data, tables, lines)
 
 
-def _check_counts(samples: int | None, batch_size: int) -> None:
+def _check_counts(samples: int | None, batch_size: int | None) -> None:
     """--samples and --batch-size are at least 1."""
     if samples is not None and samples < 1:
         raise InputError(f"--samples must be at least 1, got {samples}.")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}.")
 
 

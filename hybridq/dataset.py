@@ -17,6 +17,7 @@ which is then checked like an `.npy` file.
 
 from __future__ import annotations
 
+import copy
 import glob
 import importlib
 import importlib.util
@@ -67,6 +68,7 @@ class Dataset:
         self.preprocess = preprocess or Preprocess()
         self.columns = tuple(columns)  # the inputs before --fix-input (see load_dataset)
         self._entries = [(line, list(paths)) for line, paths in entries]
+        self.selection: tuple[int, ...] = ()  # the listed samples this dataset holds (select); empty: all, in list order
         self._hook = _load_hook(self.preprocess.hook) if self.preprocess.hook else None
         self._plans: dict[str, ImagePlan] = {}
         self._converted: dict[tuple[str, str], dict[Path, None]] = {}
@@ -101,6 +103,21 @@ class Dataset:
     def entries(self) -> list[tuple[int, list[Path]]]:
         """(1-based list line, or 0 for a directory/glob; one path per input) for every sample."""
         return [(line, list(paths)) for line, paths in self._entries]
+
+    def select(self, indices: tuple[int, ...]) -> "Dataset":
+        """This dataset holding only the listed samples ``indices`` (0-based, in that order); a worker selects the same."""
+        if not indices:
+            return self
+        out = copy.copy(self)
+        out._entries = [self._entries[i] for i in indices]
+        out.selection = tuple(int(i) for i in indices)
+        return out
+
+    def drawn(self, n: int, seed: int) -> "Dataset":
+        """``n`` samples drawn at random (numpy's default generator seeded with ``seed``), kept in list order."""
+        if n >= len(self):
+            return self
+        return self.select(tuple(sorted(np.random.default_rng(seed).choice(len(self), n, replace=False).tolist())))
 
     def sample(self, index: int) -> dict[str, np.ndarray]:
         """Load one sample: input name -> array with a leading batch dim, in the input's dtype."""

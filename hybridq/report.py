@@ -444,7 +444,8 @@ def render_html(
 <table><thead><tr>{out_head}</tr></thead><tbody>{out_body}</tbody></table>
 <p>{result.n_samples} sample(s), {len(result.layers)} tensors. Thresholds: cosine {cos_threshold:g}, SNR
 {snr_threshold:g} dB (an output must keep the cosine as a whole, and the cosine and SNR in its worst slice along the
-channel axis, each slice measured against its own energy). <b>single</b>: the layer quantized alone on fp32 inputs
+channel axis, each slice measured against its own energy, its errors pooled over the samples; whole-tensor figures
+are means of the per-sample ones). <b>single</b>: the layer quantized alone on fp32 inputs
 (shows which layer adds error); <b>entire</b>: fp32 vs quantized model, errors accumulated. Names: node [tensor]
 precision; <code>float32-&gt;uint8</code> is a float op whose output is quantized (its single error is that
 quantization). Red: single below a threshold; yellow: entire below.</p>
@@ -504,7 +505,7 @@ def verdict(
         where += f", means of the samples; worst sample #{s['index']}: cos {fmt('cosine', s['cosine'])}, SNR {fmt('snr_db', s['snr_db'])} dB"
     if ws:
         where += (
-            f"; worst slice #{ws['index']} of {ws['slices']} on axis {ws['axis']}: "
+            f"; worst slice #{ws['index']} of {ws['slices']} on axis {ws['axis']}, pooled over the samples: "
             f"cos {fmt('cosine', ws['cosine'])}, SNR {fmt('snr_db', ws['snr_db'])} dB"
         )
     thr = f"cosine >= {cos_threshold:g} and SNR >= {snr_threshold:g} dB (of the worst slice where an output is sliced)"

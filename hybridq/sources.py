@@ -25,15 +25,16 @@ class DatasetRef:
     inputs: tuple[InputSpec, ...]
     preprocess: Preprocess
     columns: tuple[str, ...] = ()
+    selection: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, ds: Dataset) -> "DatasetRef":
         """The reference of an open dataset."""
-        return cls(str(Path(ds.source).resolve()), tuple(ds.inputs), ds.preprocess, ds.columns)
+        return cls(str(Path(ds.source).resolve()), tuple(ds.inputs), ds.preprocess, ds.columns, ds.selection)
 
     def open(self) -> Dataset:
         """The dataset, listed again here (the list file must be visible at the same path on every worker)."""
-        return load_dataset(self.source, list(self.inputs), self.preprocess, self.columns)
+        return load_dataset(self.source, list(self.inputs), self.preprocess, self.columns).select(self.selection)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from .settings import Settings
 CONFIG_NAME = "hybridq.yaml"
 PREPROCESS_KEYS = ("mean", "std", "color", "layout", "resize", "preprocess")
 FIXED_INPUTS_KEY = "fixed_inputs"
+RUN_KEYS = ("samples", "batch_size", "seed")  # how step1 reads the dataset: --samples, --batch-size, --seed
 TEMPLATE_FILES = ("README.md", "dataset.txt", "hybridq.yaml")
 _MODEL_FILES = re.compile(r"\bmodel(\.onnx|\.model|\.data|\.quantization\.cfg|\.q\.onnx)\b")  # the template's file names
 
@@ -79,7 +80,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Workspace config '{path}' cannot be read as YAML ({exc}). Fix it, or copy it again from `hybridq init`.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Workspace config '{path}' must be a mapping of setting: value (e.g. `algorithm: mse`).")
-    known = [f.name for f in fields(Settings)] + list(PREPROCESS_KEYS) + [FIXED_INPUTS_KEY]
+    known = [f.name for f in fields(Settings)] + list(PREPROCESS_KEYS) + [FIXED_INPUTS_KEY, *RUN_KEYS]
     for key in data:
         if key not in known:
             raise ConfigError(f"{path}: unknown key {key!r}.{did_you_mean(str(key), known)} Valid keys: {', '.join(known)}.")
@@ -94,6 +95,7 @@ class WorkspaceOptions:
     preprocess: Preprocess
     config: Path | None
     fixed_inputs: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, int] = field(default_factory=dict)  # the file's samples, batch_size, seed (checked)
 
 
 def merge(
@@ -109,6 +111,7 @@ def merge(
     if not isinstance(fixed, dict):
         raise ConfigError(f"{where}: {FIXED_INPUTS_KEY} must be a mapping of input name -> value, e.g. `{FIXED_INPUTS_KEY}: {{sample_rate: 16000}}`.")
     fixed.update(dict(fixed_inputs or {}))
+    run = {k: _count(k, values.pop(k), where) for k in RUN_KEYS if k in values}
     pre_values = {k: values.pop(k) for k in list(values) if k in PREPROCESS_KEYS}
     if "preprocess" in pre_values:
         pre_values["hook"] = pre_values.pop("preprocess")
@@ -130,7 +133,15 @@ def merge(
             Preprocess.from_dict({k: v for k, v in pre_values.items() if k not in pre_overrides}, where)
         pre_values.update(pre_overrides)
         pre = Preprocess.from_dict(pre_values, given if pre_overrides else where)
-    return WorkspaceOptions(chosen, pre, Path(config) if config is not None else None, fixed)
+    return WorkspaceOptions(chosen, pre, Path(config) if config is not None else None, fixed, run)
+
+
+def _count(key: str, value: Any, where: str) -> int:
+    """A run key's value: an integer, at least 1 (seed: at least 0)."""
+    least = 0 if key == "seed" else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"{where}: {key} must be a whole number >= {least}, not {value!r}.")
+    return value
 
 
 def init(directory: str | Path, model: str | Path | None = None) -> Path:

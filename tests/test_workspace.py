@@ -159,3 +159,36 @@ def test_an_invalid_option_is_blamed_on_the_options_not_on_a_workspace_file_with
     with pytest.raises(ConfigError, match=r"^.*hybridq.yaml: dtype 'int4' is not valid"):
         merge(cfg, {"algorithm": "mse"})
     assert merge(cfg, {"dtype": "int8"}).settings.dtype == "int8"  # a valid option replaces the file's invalid value
+
+
+def test_seed_draws_the_samples_and_the_workspace_file_can_set_it(cnn_ws, tmp_path, capsys):
+    """--samples 4 --seed 3 calibrates on the 4 samples numpy's generator draws, in list order: the recorded input range
+    is theirs (numpy over those files), the same with 2 workers and from hybridq.yaml; without a seed, the first 4."""
+    from hybridq.artifacts import read_meta
+    from hybridq.execution import Execution
+
+    files = [ln.split()[0] for ln in Path(cnn_ws["dataset"]).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    arrays = [np.load(Path(cnn_ws["dataset"]).parent / f) for f in files]
+    drawn = sorted(np.random.default_rng(3).choice(len(arrays), 4, replace=False).tolist())
+    assert drawn != [0, 1, 2, 3]
+
+    def recorded(out: Path) -> tuple[float, float]:
+        r = read_meta(out / "cnn.data")["input_ranges"]["x"]
+        return r["min"], r["max"]
+
+    def expected(idx: list[int]) -> tuple[float, float]:
+        return float(min(arrays[i].min() for i in idx)), float(max(arrays[i].max() for i in idx))
+
+    api.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "a", samples=4, seed=3)
+    assert recorded(tmp_path / "a") == pytest.approx(expected(drawn)) and load_cfg(tmp_path / "a" / "cnn.quantization.cfg").header["seed"] == 3
+    api.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "b", samples=4, seed=3, execution=Execution(workers=2))
+    assert (tmp_path / "b" / "cnn.quantization.cfg").read_bytes() == (tmp_path / "a" / "cnn.quantization.cfg").read_bytes()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "hybridq.yaml").write_text("samples: 4\nseed: 3\n")
+    assert cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "--out", tmp_path / "c", "-q")[0] == 0
+    assert recorded(tmp_path / "c") == recorded(tmp_path / "a")
+    api.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "d", samples=4)
+    assert recorded(tmp_path / "d") == pytest.approx(expected([0, 1, 2, 3]))
+    (tmp_path / "c" / "hybridq.yaml").write_text("samples: 0\n")
+    code, _, err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "--out", tmp_path / "c")
+    assert code == 2 and "samples must be a whole number >= 1" in err, err

@@ -105,7 +105,8 @@ class Score:
                 "flips": self.flips, "decisions": self.decisions}
 
     def describe(self) -> str:
-        text = (f"output cosine {self.worst_cosine:.5f}, SNR {self.worst_snr:.1f} dB (worst of whole tensor and slice-normalised), "
+        text = (f"output cosine {self.worst_cosine:.5f}, SNR {self.worst_snr:.1f} dB (worst of whole tensor and slice-normalised, "
+                "errors pooled over the samples; analyze prints means of per-sample figures), "
                 f"worst slice SNR {self.worst_slice_snr:.1f} dB")
         if self.decisions:
             text += f", {self.flips}/{self.decisions} argmax decisions differ from fp32"
