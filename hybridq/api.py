@@ -50,6 +50,7 @@ class Step1Result:
     quantized_tensors: int
     layers: dict[str, int]
     fused: dict[str, str]
+    renamed: dict[str, list[str]]
     float_subgraph_nodes: list[str]
     proposal: Any = None
     config: Path | None = None  # the workspace hybridq.yaml that was read, if any
@@ -166,7 +167,7 @@ def step1(
         prop.measured, _ = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
-        quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom, costs), fused=report.fused,
+        quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom, costs), fused=report.fused, renamed=report.renamed,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes() + cost_notes + plan.notes,
         control_flow=report.control_flow.to_dict(),
     )

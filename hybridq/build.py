@@ -131,8 +131,8 @@ def resolve_layer_names(
             node, how = key, "node name"
         elif key in producer:
             node, how = producer[key], "output tensor"
-        elif key in renamed and renamed[key] in nodes:
-            node, how = renamed[key], f"original node renamed to '{renamed[key]}'"
+        elif (now := _renamed(key, renamed, nodes, f"{where}:{line}")) is not None:
+            node, how = now, f"original node renamed to '{now}'"
         elif key in fused and fused[key]:
             node, how = fused[key], f"original node fused into '{fused[key]}'"
         elif key in original and any(o in producer for o in original[key]):
@@ -154,6 +154,15 @@ def resolve_layer_names(
             out[n] = prec
             resolved.append(LayerResolution(key, n, prec, "", via))
     return out, resolved
+
+
+def _renamed(key: str, renamed: dict[str, Any], nodes: Mapping[str, Any], where: str) -> str | None:
+    """The temp-model name of an original node step1 renamed (None: not renamed); a name several nodes shared is refused."""
+    names = [n for n in ([renamed[key]] if isinstance(renamed.get(key), str) else renamed.get(key, [])) if n in nodes]
+    if len(names) > 1:
+        raise ConfigError(f"{where}: '{key}' named {len(names)} nodes of the original model, which the temp model calls "
+                          f"{', '.join(repr(n) for n in names)}; name the one you mean (or its output tensor).")
+    return names[0] if names else None
 
 
 def _now_producing(tensor: str, original: dict[str, list[str]], nodes: Mapping[str, Any], fused: dict[str, str]) -> tuple[str, str] | None:

@@ -104,6 +104,9 @@ def _step1_lines(res) -> list[str]:
     lines += [f"note: {n}" for n in res.notes]
     if res.backup:
         lines.append(f"The previous cfg had edits: kept as {res.backup}.")
+    if res.renamed:
+        shown = [f"{k} -> {', '.join(v)}" for k, v in res.renamed.items()]
+        lines.append(f"{len(res.renamed)} node name(s) were shared by several nodes, renamed in the temp model: " + "; ".join(shown[:8]) + (" ..." if len(shown) > 8 else ""))
     if res.fused:
         lines.append(f"{len(res.fused)} nodes were fused or folded in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in list(res.fused.items())[:8]) + (" ..." if len(res.fused) > 8 else ""))
     lines += _control_flow_lines(res)
@@ -179,7 +182,7 @@ def step1(
                                        proposal_samples, max_size_mb, execution, max_slowdown) if proposal else None,
         )
     lines = _step1_lines(res)
-    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused,
+    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused, "renamed": res.renamed,
             "config": res.config, "notes": res.notes, "control_flow": res.control_flow}
     tables = [table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:

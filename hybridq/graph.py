@@ -50,7 +50,7 @@ class PrepReport:
     opset_from: int
     opset_to: int
     constants_lifted: int = 0
-    renamed: dict[str, str] = field(default_factory=dict)
+    renamed: dict[str, list[str]] = field(default_factory=dict)
     fused: dict[str, str] = field(default_factory=dict)
     original_nodes: dict[str, list[str]] = field(default_factory=dict)
     control_flow: fold.FoldReport = field(default_factory=fold.FoldReport)
@@ -75,11 +75,11 @@ def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.Mod
     return model
 
 
-def name_nodes(model: onnx.ModelProto) -> dict[str, str]:
-    """Give unnamed or duplicate nodes a unique `<OpType>_<n>` name in place; returns old -> new for renamed ones."""
+def name_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Give unnamed or duplicate nodes a unique `<OpType>_<n>` name in place; returns old -> new names for renamed ones."""
     taken = Counter(n.name for n in model.graph.node if n.name)
     seen: set[str] = set()
-    renamed: dict[str, str] = {}
+    renamed: dict[str, list[str]] = {}
     counters: Counter[str] = Counter()
     for node in model.graph.node:
         if node.name and taken[node.name] == 1:
@@ -94,7 +94,7 @@ def name_nodes(model: onnx.ModelProto) -> dict[str, str]:
         node.name = candidate
         seen.add(candidate)
         if old:
-            renamed.setdefault(old, candidate)
+            renamed.setdefault(old, []).append(candidate)
     return renamed
 
 

@@ -160,3 +160,21 @@ def test_a_dump_sweeps_the_temp_files_a_killed_dump_left(tmp_path):
     dump.add_sample({"c1": (np.ones(3, np.float32), np.ones(3, np.float32))})
     dump.abort()
     assert not orphan.exists() and live.exists()
+
+
+def test_a_name_several_original_nodes_shared_is_listed_and_refused_in_the_cfg(tmp_path, capsys):
+    model = models.residual_cnn()
+    for node in model.graph.node[:4]:
+        node.name = "dup"
+    onnx.save(model, tmp_path / "d.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 2)
+    code, out, err = hq(capsys, "step1", tmp_path / "d.onnx", "-d", listing, "--out", tmp_path / "ws", "--json")
+    renamed = json.loads(out)["renamed"]["dup"]
+    temp = onnx.load(str(tmp_path / "ws" / "d.model"), load_external_data=False)
+    assert code == 0 and len(renamed) == 4 and set(renamed) <= {n.name for n in temp.graph.node} | set(json.loads(out)["fused"])
+    cfg = tmp_path / "ws" / "d.quantization.cfg"
+    text = cfg.read_text()
+    head, _, tail = text.partition("\ncustom_quantize_layers:")
+    cfg.write_text(head + "\ncustom_quantize_layers:\n  dup: float32\n" + tail.split("\n", 1)[1])
+    _clean(*hq(capsys, "step2", tmp_path / "ws" / "d.model", tmp_path / "ws" / "d.data", cfg, "-o", tmp_path / "o.onnx"),
+           "'dup' named", "dup_0", "name the one you mean")

@@ -138,6 +138,8 @@ def _rknn_layer_to_node(h: _Hybridq, name: str) -> tuple[str | None, str]:
     node = h.original_producer.get(name)
     if node is not None:
         renamed = h.meta.get("renamed", {}).get(node, node)
+        if isinstance(renamed, list):  # old -> new names; a name several nodes shared stays ambiguous
+            renamed = renamed[0] if len(renamed) == 1 else node
         if renamed in h.index.by_name:
             return renamed, f"tensor of original node '{node}'"
         fused = h.meta.get("fused", {}).get(node)
