@@ -56,6 +56,14 @@ def progress(label: str, total: int | None = None) -> Iterator[Advance]:
         yield Advance(bar, bar.add_task(label, total=total, rate=""))
 
 
+def warn(warnings: list[str]) -> None:
+    """Each warning on stderr, unless --quiet (nothing but errors); --json keeps them in its data."""
+    if State.quiet:
+        return
+    for w in warnings:
+        err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
+
+
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     """A plain rich table of strings."""
     table = Table(title=title, box=None if not out.is_terminal else None, show_edge=False, header_style="bold")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.table import Table
 
 from . import _console as console
 from ._cli_options import (
@@ -20,7 +19,8 @@ from ._cli_options import (
     MaxLayersOpt, NoMeasureOpt, MaxSlowOpt, MaxFracOpt, EvalOpt, MaxDropOpt, FallbackOpt, MaxSizeOpt,
     PropSamplesOpt, FixInputOpt, WorkersOpt, RayOpt,
 )
-from ._console import JsonOpt, QuietOpt, State, emit, progress, table
+from ._cli_proposal import proposal_report
+from ._console import JsonOpt, QuietOpt, State, emit, progress, table, warn
 from .errors import ExitCode, HybridqError, InputError
 
 app = typer.Typer(
@@ -55,13 +55,6 @@ def _given_preprocess(mean, std, color, layout, resize, hook) -> dict[str, Any]:
         "color": color, "layout": layout, "resize": resize, "hook": hook,
     }
     return {k: v for k, v in given.items() if v is not None}
-
-
-def _warn(warnings: list[str]) -> None:
-    if State.quiet:  # --quiet: nothing but errors
-        return
-    for w in warnings:
-        console.err.print(f"warning: {w}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _execution(workers: int, ray: str | None):
@@ -186,7 +179,7 @@ def step1(
             "config": res.config, "notes": res.notes, "control_flow": res.control_flow}
     tables = [table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:
-        ptables, plines, pdata = _proposal_report(res.proposal)
+        ptables, plines, pdata = proposal_report(res.proposal)
         tables += ptables
         lines = plines + lines
         data["proposal"] = pdata
@@ -244,7 +237,7 @@ def step2(
                              [[r.entry, r.node, r.requested, r.effective, r.how] for r in res.resolved]))
     lines = [f"Wrote {res.output}: {res.size_fp32 / 1e6:.2f} MB fp32 -> {res.size_quant / 1e6:.2f} MB."]
     lines += [f"note: {n}" for n in res.notes]
-    _warn(res.warnings)
+    warn(res.warnings)
     data = {
         "output": res.output, "layers": res.layers, "size_fp32": res.size_fp32, "size_quant": res.size_quant,
         "resolved": [vars(r) for r in res.resolved], "notes": res.notes, "warnings": res.warnings,
@@ -330,7 +323,7 @@ def analyze(
             result = api.analyze(float_model, quant_model, dataset, preprocess=pre, force_preprocess=force_preprocess, samples=samples,
                                  dump=dump, max_bytes=max_bytes, on_sample=lambda: advance(1), on_start=advance.start, host_int8=host_int8,
                                  runtime=runtime, execution=_execution(workers, ray))
-        _warn(getattr(result, "warnings", []))
+        warn(getattr(result, "warnings", []))
         snapshot = str(dump) if dump is not None else None
     cfg = _cfg_beside(quant_model)
     v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset)
@@ -404,73 +397,6 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
                            max_slowdown=max_slowdown)
 
 
-def _cost_line(p) -> str:
-    """Float layers and float compute by cause: proposed, the user's own entries, policies (never contradicting each other)."""
-    from collections import Counter
-
-    from .cost import PROPOSED, USER
-
-    text = f"  float layers proposed: {len(p.layers)}"
-    if p.existing:
-        mine = Counter(p.existing.values())
-        text += " (yours: " + ", ".join(f"{n} {prec}" for prec, n in sorted(mine.items())) + ")"
-    c = p.cost
-    if c is None:
-        return text + f"; float compute {100 * p.float_fraction:.1f} %"
-    text += f"; float compute {100 * c.fraction:.1f} % of the Conv/Gemm/MatMul MACs"
-    parts = [f"{100 * c.share({PROPOSED}):.1f} % proposed"]
-    if USER in c.cause.values():
-        parts.append(f"{100 * c.share({USER}):.1f} % yours")
-    policies = c.policies()
-    if policies:
-        names = ", ".join(f"{k}: {n} layer{'s' if n > 1 else ''}" for k, n in sorted(policies.items()))
-        parts.append(f"{100 * c.policy_fraction:.1f} % by policy ({names})")
-    return text + ": " + ", ".join(parts)
-
-
-def _proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
-    """The proposal's candidate table, summary lines and JSON data; its warnings go to stderr now."""
-    _warn(p.warnings)
-    def num(v: float, fmt: str) -> str:
-        return format(v, fmt) if v == v and abs(v) != float("inf") else ("inf" if v == float("inf") else str(v))
-
-    rows = [[r.step, r.fix, num(r.cosine, ".5f"), num(r.snr_db, ".1f"), num(r.slice_snr_db, ".1f"), f"{100 * r.cost:.1f} %", r.outcome]
-            for r in p.table]
-    tables = [table("candidates, cheapest fixes first (cosine and SNR: worst output, whole tensor or slice-normalised)",
-                     ["step", "fix", "cosine", "SNR dB", "worst slice dB", "float compute", "outcome"], rows)]
-    lines = [f"Proposal: {p.choice}."]
-    if p.edits:
-        lines.append(f"  started from your edits, all kept in the cfg: {'; '.join(p.edits)}")
-    lines += [
-        f"  baseline ({p.baseline_label}): {p.baseline.describe()}",
-        f"  predicted: {p.predicted.describe()}",
-    ]
-    if p.measured is not None:
-        lines.append(f"  measured on the model step2 builds from the {'written ' if p.layers or p.entries else ''}cfg: {p.measured.describe()}")
-    lines.append(_cost_line(p) + f"; {p.evaluations} evaluations, {p.seconds:.1f} s")
-    if p.latency_ms is not None:
-        lines.append("  predicted latency (measured cost model, 1 thread): {1:.2f} ms, from {0:.2f} ms before the proposal; fp32 {2:.2f} ms".format(*p.latency_ms))
-    if p.fixes:
-        lines.append("  fixes kept (each commented in the cfg): " + "; ".join(p.fixes))
-    if not p.met:
-        lines.append("  The target was NOT met; the cfg holds the best candidate found. Loosen the target, raise the budget "
-                     "(--max-float-fraction), or judge by your task metric (--eval).")
-    cost = p.cost
-    data = {
-        "layers": p.layers, "entries": list(p.entries), "fixes": p.fixes, "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
-        "candidates": [r.to_dict() for r in p.table],
-        "baseline": p.baseline.to_dict(), "baseline_label": p.baseline_label, "predicted": p.predicted.to_dict(),
-        "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
-        "predicted_ms": None if p.latency_ms is None else dict(zip(("before", "proposal", "fp32"), p.latency_ms)),
-        "your_layers": p.existing, "your_edits": p.edits,
-        "float_compute": None if cost is None else {
-            "total": cost.fraction, "proposed": cost.share({"proposed"}), "yours": cost.share({"yours"}),
-            "policy": cost.policy_fraction, "policies": cost.policies(), "layers": cost.cause,
-        },
-    }
-    return tables, lines, data
-
-
 @app.command()
 def propose(
     snapshot: Annotated[Optional[Path], typer.Argument(help="Snapshot from `analyze --dump` (its single errors rank the layers); omit to analyse now.")] = None,
@@ -519,7 +445,7 @@ def propose(
     opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples,
                              max_size_mb, _execution(workers, ray), max_slowdown)
     result, backup = api.propose_cfg(cfg, dataset, snapshot=snapshot, preprocess=pre, options=opts, force_preprocess=force_preprocess)
-    tables, lines, data = _proposal_report(result)
+    tables, lines, data = proposal_report(result)
     if result.written:
         lines.append(f"Wrote the proposal into {cfg}" + (f" (previous version kept as {backup})." if backup else "."))
     else:

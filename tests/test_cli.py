@@ -130,13 +130,13 @@ def test_progress_bar_knows_its_length_and_next_command_is_one_line(capsys, monk
 
 def test_quiet_prints_no_warnings_and_a_non_positive_target_cosine_is_refused(capsys, monkeypatch, tmp_path):
     """--quiet is "nothing but errors": warnings too; --target-cosine is (0, 1] for propose as for analyze."""
-    from hybridq import _console, cli as cli_module
+    from hybridq import _console
 
     monkeypatch.setattr(_console.State, "quiet", True)
-    cli_module._warn(["inputs far outside the calibrated range"])
+    _console.warn(["inputs far outside the calibrated range"])
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(_console.State, "quiet", False)
-    cli_module._warn(["inputs far outside the calibrated range"])
+    _console.warn(["inputs far outside the calibrated range"])
     assert "warning: inputs far outside" in capsys.readouterr().err
     model = tmp_path / "m.onnx"
     onnx.save(models.residual_cnn(), model)

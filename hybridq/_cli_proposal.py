@@ -1,0 +1,76 @@
+"""How the CLI reports a proposal (step1 --proposal, propose): the candidate table, summary lines and JSON data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from ._console import table, warn
+
+
+def cost_line(p) -> str:
+    """Float layers and float compute by cause: proposed, the user's own entries, policies (never contradicting each other)."""
+    from collections import Counter
+
+    from .cost import PROPOSED, USER
+
+    text = f"  float layers proposed: {len(p.layers)}"
+    if p.existing:
+        mine = Counter(p.existing.values())
+        text += " (yours: " + ", ".join(f"{n} {prec}" for prec, n in sorted(mine.items())) + ")"
+    c = p.cost
+    if c is None:
+        return text + f"; float compute {100 * p.float_fraction:.1f} %"
+    text += f"; float compute {100 * c.fraction:.1f} % of the Conv/Gemm/MatMul MACs"
+    parts = [f"{100 * c.share({PROPOSED}):.1f} % proposed"]
+    if USER in c.cause.values():
+        parts.append(f"{100 * c.share({USER}):.1f} % yours")
+    policies = c.policies()
+    if policies:
+        names = ", ".join(f"{k}: {n} layer{'s' if n > 1 else ''}" for k, n in sorted(policies.items()))
+        parts.append(f"{100 * c.policy_fraction:.1f} % by policy ({names})")
+    return text + ": " + ", ".join(parts)
+
+
+def proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
+    """The proposal's candidate table, summary lines and JSON data; its warnings go to stderr now."""
+    warn(p.warnings)
+    def num(v: float, fmt: str) -> str:
+        return format(v, fmt) if v == v and abs(v) != float("inf") else ("inf" if v == float("inf") else str(v))
+
+    rows = [[r.step, r.fix, num(r.cosine, ".5f"), num(r.snr_db, ".1f"), num(r.slice_snr_db, ".1f"), f"{100 * r.cost:.1f} %", r.outcome]
+            for r in p.table]
+    tables = [table("candidates, cheapest fixes first (cosine and SNR: worst output, whole tensor or slice-normalised)",
+                     ["step", "fix", "cosine", "SNR dB", "worst slice dB", "float compute", "outcome"], rows)]
+    lines = [f"Proposal: {p.choice}."]
+    if p.edits:
+        lines.append(f"  started from your edits, all kept in the cfg: {'; '.join(p.edits)}")
+    lines += [
+        f"  baseline ({p.baseline_label}): {p.baseline.describe()}",
+        f"  predicted: {p.predicted.describe()}",
+    ]
+    if p.measured is not None:
+        lines.append(f"  measured on the model step2 builds from the {'written ' if p.layers or p.entries else ''}cfg: {p.measured.describe()}")
+    lines.append(cost_line(p) + f"; {p.evaluations} evaluations, {p.seconds:.1f} s")
+    if p.latency_ms is not None:
+        lines.append("  predicted latency (measured cost model, 1 thread): {1:.2f} ms, from {0:.2f} ms before the proposal; fp32 {2:.2f} ms".format(*p.latency_ms))
+    if p.fixes:
+        lines.append("  fixes kept (each commented in the cfg): " + "; ".join(p.fixes))
+    if not p.met:
+        lines.append("  The target was NOT met; the cfg holds the best candidate found. Loosen the target, raise the budget "
+                     "(--max-float-fraction), or judge by your task metric (--eval).")
+    cost = p.cost
+    data = {
+        "layers": p.layers, "entries": list(p.entries), "fixes": p.fixes, "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
+        "candidates": [r.to_dict() for r in p.table],
+        "baseline": p.baseline.to_dict(), "baseline_label": p.baseline_label, "predicted": p.predicted.to_dict(),
+        "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
+        "predicted_ms": None if p.latency_ms is None else dict(zip(("before", "proposal", "fp32"), p.latency_ms)),
+        "your_layers": p.existing, "your_edits": p.edits,
+        "float_compute": None if cost is None else {
+            "total": cost.fraction, "proposed": cost.share({"proposed"}), "yours": cost.share({"yours"}),
+            "policy": cost.policy_fraction, "policies": cost.policies(), "layers": cost.cause,
+        },
+    }
+    return tables, lines, data
