@@ -13,7 +13,7 @@ import onnx
 from . import default_model, fold, infinite, recurrent
 from ._fs import check_output_dir, check_output_file
 from ._version import __version__
-from .artifacts import check_order, read_step1, save_model_atomic, sha256_file, write_step1
+from .artifacts import check_order, edited_cfg_entries, read_step1, save_model_atomic, sha256_file, why_edits_do_not_apply, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration_job import calibrate_dataset
 from .int4 import hessian_inputs
@@ -28,6 +28,7 @@ from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import DEFAULT_FLOAT_BUDGET, Evaluator, ProposalResult, Score, Target
 from .proposal import propose as climb
 from .qdq import RewriteResult
+from .resolve import RANGE_SETTINGS, user_edits
 from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record, source_note
 from .settings import Settings
 from .targets import check_target_change, floored, get as get_target
@@ -145,6 +146,8 @@ def step1(
     if note:
         cost_notes.append(note + (" The proposal was not run: no layer is quantized." if floats and proposal else ""))
     custom, custom_comments, proposal = {**custom, **floats}, {**custom_comments, **why}, None if floats else proposal
+    old_entries = edited_cfg_entries(out_dir, stem) if proposal is not None else None
+    later, proposal = (proposal, None) if old_entries is not None else (None, proposal)  # SPEC 6: the user's edits are kept
     comments.update({t: f"{comments[t]}; {c}" for t, c in bias_comments.items()})
     cfg_entries = entries = meta["written_entries"]
     if proposal is not None:
@@ -160,12 +163,38 @@ def step1(
     paths = write_step1(out_dir, stem, temp, observers, meta, cfg_text)
     if prop is not None:
         prop.measured, _ = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
+    prop = _propose_over_edits(paths, old_entries, header, meta, dataset, later, cost_notes) if later is not None else prop
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom, costs), fused=report.fused,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes() + cost_notes + plan.notes,
         control_flow=report.control_flow.to_dict(),
     )
+
+
+def _propose_over_edits(
+    paths: dict[str, Path], old_entries: dict[str, Any], header: dict[str, Any], meta: dict[str, Any], dataset: str | Path,
+    options: "ProposalOptions", notes: list[str],
+) -> ProposalResult:
+    """step1 --proposal over a cfg the user edited: put their cfg (step1 kept it as `.bak`) back in place of the fresh
+    one when it still applies, and run `propose` on it, which keeps their entries and comments; else propose on the fresh cfg."""
+    from ._fs import write_atomic
+
+    bak = paths["backup"]
+    try:
+        why = why_edits_do_not_apply(load_cfg(bak).header, old_entries, header, meta)
+    except ConfigError as exc:
+        why = f"it does not load ({exc})"
+    if why is None:
+        write_atomic(paths["cfg"], bak.read_bytes())
+        notes.append(f"The proposal started from your edited cfg ({bak.name}) and was written into it.")
+    else:
+        notes.append(f"The proposal started from the default quantization, not from your edited cfg ({bak.name}): {why}. "
+                     "Copy your edits into the new cfg and run hybridq propose on it.")
+    prop, again = propose(paths["cfg"], dataset, options=options)
+    if again is not None and again.read_bytes() == bak.read_bytes():
+        again.unlink()  # the same bytes as step1's backup
+    return prop
 
 
 def _calibrated_plan(
@@ -489,31 +518,6 @@ def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) ->
     with tempfile.TemporaryDirectory(prefix="hybridq-verify-") as tmp:
         built = onnx.load(str(step2(model, data, cfg, Path(tmp) / "verify.onnx").output))
         return evaluator.score(built), built
-
-
-RANGE_SETTINGS = ("dtype", "qtype", "algorithm", "percentile")
-"""Settings that change every unedited activation range: when the user edits one, no range is clipped."""
-
-
-def user_edits(parsed: Cfg, meta: dict[str, Any], existing: dict[str, str]) -> tuple[set[str], list[str]]:
-    """Tensors whose cfg entry differs from what step1 wrote (any key, or deleted), and a description of every edit."""
-    from .resolve import _same
-
-    written = meta.get("written_entries", {})
-    edited = set()
-    for t, w in written.items():
-        e = parsed.entries.get(t)
-        if e is None or set(e.values) != set(w) or not all(_same(e.values[k], w[k]) for k in w):
-            edited.add(t)
-    edited |= set(parsed.entries) - set(written)
-    what = [f"{len(edited)} tensor entr{'y' if len(edited) == 1 else 'ies'}"] if edited else []
-    if existing:
-        what.append(f"{len(existing)} custom_quantize_layers entr{'y' if len(existing) == 1 else 'ies'}")
-    written_settings = Settings(**meta.get("written_settings", {}))
-    changed = [k for k, v in parsed.settings.to_dict().items() if v != written_settings.to_dict().get(k)]
-    if changed:
-        what.append("settings " + ", ".join(changed))
-    return edited, what
 
 
 def propose(
