@@ -12,8 +12,7 @@ import onnx
 
 from . import default_model, fold, infinite, recurrent
 from ._fs import check_output_dir, check_output_file
-from ._version import __version__
-from .artifacts import check_order, read_step1, save_model_atomic, sha256_file, write_step1
+from .artifacts import check_order, edited_cfg_entries, read_step1, save_model_atomic, why_edits_do_not_apply, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration_job import calibrate_dataset
 from .int4 import hessian_inputs
@@ -28,7 +27,8 @@ from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import DEFAULT_FLOAT_BUDGET, Evaluator, ProposalResult, Score, Target
 from .proposal import propose as climb
 from .qdq import RewriteResult
-from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record, source_note, step1_siblings, fixed_inputs_of
+from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record, source_note, step1_record, step1_siblings, fixed_inputs_of
+from .resolve import RANGE_SETTINGS, user_edits
 from .settings import Settings
 from .targets import check_target_change, get as get_target
 
@@ -138,10 +138,7 @@ def step1(
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
     entries = written_entries(plan, temp, observers, settings)
-    header, meta = _step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats)
-    header.update({"seed": seed} if seed is not None and ds.selection else {})
-    meta["control_flow"] = report.control_flow.to_dict()
-    meta["cost"] = costs.to_dict() if costs else None
+    header, meta = step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats, costs, seed if ds.selection else None)
     comments = _entry_comments(plan)
     prop, evaluator = None, None
     custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
@@ -150,6 +147,8 @@ def step1(
     if note:
         cost_notes.append(note + (" The proposal was not run: no layer is quantized." if floats and proposal else ""))
     custom, custom_comments, proposal = {**custom, **floats}, {**custom_comments, **why}, None if floats else proposal
+    old_entries = edited_cfg_entries(out_dir, stem) if proposal is not None else None
+    later, proposal = (proposal, None) if old_entries is not None else (None, proposal)  # SPEC 6: the user's edits are kept
     comments.update({t: f"{comments[t]}; {c}" for t, c in bias_comments.items()})
     cfg_entries = entries = meta["written_entries"]
     if proposal is not None:
@@ -165,12 +164,38 @@ def step1(
     paths = write_step1(out_dir, stem, temp, observers, meta, cfg_text)
     if prop is not None:
         prop.measured, _ = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
+    prop = _propose_over_edits(paths, old_entries, header, meta, dataset, later, cost_notes) if later is not None else prop
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom, costs), fused=report.fused, renamed=report.renamed,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes() + cost_notes + plan.notes,
         control_flow=report.control_flow.to_dict(),
     )
+
+
+def _propose_over_edits(
+    paths: dict[str, Path], old_entries: dict[str, Any], header: dict[str, Any], meta: dict[str, Any], dataset: str | Path,
+    options: "ProposalOptions", notes: list[str],
+) -> ProposalResult:
+    """step1 --proposal over a cfg the user edited: put their cfg (step1 kept it as `.bak`) back in place of the fresh
+    one when it still applies, and run `propose` on it, which keeps their entries and comments; else propose on the fresh cfg."""
+    from ._fs import write_atomic
+
+    bak = paths["backup"]
+    try:
+        why = why_edits_do_not_apply(load_cfg(bak).header, old_entries, header, meta)
+    except ConfigError as exc:
+        why = f"it does not load ({exc})"
+    if why is None:
+        write_atomic(paths["cfg"], bak.read_bytes())
+        notes.append(f"The proposal started from your edited cfg ({bak.name}) and was written into it.")
+    else:
+        notes.append(f"The proposal started from the default quantization, not from your edited cfg ({bak.name}): {why}. "
+                     "Copy your edits into the new cfg and run hybridq propose on it.")
+    prop, again = propose(paths["cfg"], dataset, options=options)
+    if again is not None and again.read_bytes() == bak.read_bytes():
+        again.unlink()  # the same bytes as step1's backup
+    return prop
 
 
 def _calibrated_plan(
@@ -187,36 +212,6 @@ def _calibrated_plan(
     plan, floats, why = infinite.keep_float(
         plan, observers, lambda layers: make_plan(temp, settings, layer_precision=layers, placement=placement, costs=costs))
     return plan, observers, floats, why
-
-
-def _step1_record(
-    model_path: Path, dataset: str | Path, n: int, recorded_pre: dict[str, Any] | None, entries: dict[str, dict[str, Any]],
-    settings: Settings, report: Any, input_stats: InputStats,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What step1 records: the cfg header (its ``model_sha256`` filled in when the model is written) and the `.data` meta."""
-    header = {
-        "version": __version__,
-        "model": model_path.name,
-        "model_sha256": "",
-        "dataset": str(dataset),
-        "samples": n,
-        "preprocess": recorded_pre,
-    }
-    meta = {
-        "tool_version": __version__,
-        "source_model": str(model_path),
-        "source_sha256": sha256_file(model_path),
-        "written_entries": entries,
-        "written_settings": settings.to_dict(),
-        "original_nodes": report.original_nodes,
-        "renamed": report.renamed,
-        "fused": report.fused,
-        "dataset": str(dataset),
-        "samples": n,
-        "preprocess": recorded_pre,
-        "input_ranges": input_stats.to_dict(),
-    }
-    return header, meta
 
 
 def _layer_counts(temp: onnx.ModelProto, settings: Settings, plan: QuantPlan, custom: dict[str, str], costs: Any = None) -> dict[str, int]:
@@ -493,31 +488,6 @@ def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) ->
     with tempfile.TemporaryDirectory(prefix="hybridq-verify-") as tmp:
         built = onnx.load(str(step2(model, data, cfg, Path(tmp) / "verify.onnx").output))
         return evaluator.score(built), built
-
-
-RANGE_SETTINGS = ("dtype", "qtype", "algorithm", "percentile")
-"""Settings that change every unedited activation range: when the user edits one, no range is clipped."""
-
-
-def user_edits(parsed: Cfg, meta: dict[str, Any], existing: dict[str, str]) -> tuple[set[str], list[str]]:
-    """Tensors whose cfg entry differs from what step1 wrote (any key, or deleted), and a description of every edit."""
-    from .resolve import _same
-
-    written = meta.get("written_entries", {})
-    edited = set()
-    for t, w in written.items():
-        e = parsed.entries.get(t)
-        if e is None or set(e.values) != set(w) or not all(_same(e.values[k], w[k]) for k in w):
-            edited.add(t)
-    edited |= set(parsed.entries) - set(written)
-    what = [f"{len(edited)} tensor entr{'y' if len(edited) == 1 else 'ies'}"] if edited else []
-    if existing:
-        what.append(f"{len(existing)} custom_quantize_layers entr{'y' if len(existing) == 1 else 'ies'}")
-    written_settings = Settings(**meta.get("written_settings", {}))
-    changed = [k for k, v in parsed.settings.to_dict().items() if v != written_settings.to_dict().get(k)]
-    if changed:
-        what.append("settings " + ", ".join(changed))
-    return edited, what
 
 
 def propose(

@@ -314,3 +314,26 @@ def read_step1(model_path: str | Path, data_path: str | Path, cfg_model_sha: str
             state = {k: np.lib.format.read_array(io.BytesIO(zf.read(f"stats/{i}.{k}.npy"))) for k in kind.STATE_KEYS}
             observers[name] = kind.from_state(state)
     return Step1Bundle(model, observers, meta, model_path, data_path)
+
+
+def edited_cfg_entries(out_dir: Path, stem: str) -> dict[str, Any] | None:
+    """The entries the previous step1 wrote into `<stem>.quantization.cfg` when the user has edited that cfg since
+    (the base their edits are measured from), else None (no cfg, no readable `.data`, or not edited)."""
+    cfg, data = out_dir / f"{stem}.quantization.cfg", out_dir / f"{stem}.data"
+    if not cfg.is_file() or not data.is_file():
+        return None
+    try:
+        meta = read_meta(data)
+    except InputError:
+        return None
+    return None if meta.get("cfg_sha256") == sha256_file(cfg) else meta.get("written_entries")
+
+
+def why_edits_do_not_apply(cfg_header: dict[str, Any], old_entries: dict[str, Any], header: dict[str, Any], meta: dict[str, Any]) -> str | None:
+    """Why a user's edited cfg (its `hybridq:` header) cannot carry over to a new step1 run (None when it can): it must
+    belong to the same temp model, and have been edited from the entries this run wrote again (same model, data, settings)."""
+    if json.loads(json.dumps(meta.get("written_entries"))) != old_entries:
+        return "this run calibrated other ranges than the run it was edited from (another model, dataset, sample count or settings)"
+    if cfg_header.get("model_sha256") != header.get("model_sha256"):
+        return "its header's model_sha256 names another temp model than the one this run wrote"
+    return None

@@ -142,6 +142,11 @@ def resolve_layer_names(
             node, how = now
         elif key in inputs:
             raise ConfigError(f"{where}:{line}: '{key}' is a model input, not a layer; name the first layer that reads it instead.")
+        elif any(i.name == key for i in model.graph.initializer):
+            readers = [n.name for n in index.consumer_nodes(key)]
+            layer = f"the layer that reads it ({', '.join(readers)})" if readers else "a layer instead"
+            raise ConfigError(f"{where}:{line}: custom_quantize_layers entry '{key}' is a weight (an initializer of the model), "
+                              f"not a layer; name {layer}.")
         else:
             candidates = list(nodes) + list(producer)
             raise ConfigError(

@@ -21,6 +21,7 @@ from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import ScalarNode
 from ruamel.yaml.resolver import VersionedResolver
 
+from . import _cfg_errors
 from .errors import ConfigError, did_you_mean
 from .plan import LAYER_PRECISIONS, WEIGHT_ONLY_ALIASES
 from .qparams import normalize_dtype
@@ -86,6 +87,18 @@ def _shrink(text: str) -> tuple[str, list[str]]:
 def _expand(text: str, lists: list[str]) -> str:
     """Put the lists back where `_shrink` (or `_number_list`) left placeholders."""
     return _PLACEHOLDER.sub(lambda m: lists[int(m.group(1))], text)
+
+
+def _user_column(small_line: str, col: int, lists: list[str]) -> int:
+    """The column in the user's line of column `col` of its `_shrink`ed form (a column inside a placeholder: the list's start)."""
+    shift = 0
+    for m in _PLACEHOLDER.finditer(small_line):
+        if col < m.start():
+            break
+        if col < m.end():
+            return m.start() + shift
+        shift += len(lists[int(m.group(1))]) - len(m.group(0))
+    return col + shift
 
 
 def _parse_numbers(text: str) -> list[int | float]:
@@ -319,20 +332,19 @@ def load_cfg(path: str | Path) -> Cfg:
     if not p.exists():
         raise ConfigError(f"Config file '{p}' does not exist. step1 writes it as <name>.quantization.cfg.")
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        data = p.read_bytes()
+    except OSError as exc:
         raise ConfigError(f"Config file '{p}' cannot be read: {exc}.") from exc
+    text = _cfg_errors.decode(p, data)
+    small, lists = _shrink(text)
     try:
-        small, lists = _shrink(text)
         doc = _restore(_yaml().load(small), lists)
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
-        raise ConfigError(f"{where}: YAML syntax error: {exc.problem or exc.context}. Fix the line (indentation, a missing ':' or quote).") from None
+        raise ConfigError(_cfg_errors.syntax_message(p, text, small, exc, TOP_KEYS, lambda s, c: _user_column(s, c, lists))) from None
     except YAMLError as exc:
         raise ConfigError(f"{p}: YAML error: {exc}.") from None
     if not isinstance(doc, dict):
-        raise ConfigError(f"{p}: expected a YAML mapping with custom_quantize_layers and quantize_parameters, got {type(doc).__name__}.")
+        raise ConfigError(_cfg_errors.not_a_mapping(p, doc, TOP_KEYS))
     for key in doc:
         if key not in TOP_KEYS:
             raise ConfigError(f"{p}:{_line(doc, key)}: unknown top-level key {key!r}.{did_you_mean(str(key), TOP_KEYS)} Valid keys: {', '.join(TOP_KEYS)}.")

@@ -28,7 +28,8 @@ import onnx
 
 from . import fold
 from ._onnx import read_onnx
-from .artifacts import read_meta
+from ._version import __version__
+from .artifacts import read_meta, sha256_file
 from .dataset import Preprocess
 from .errors import DatasetError, InputError
 
@@ -140,6 +141,40 @@ def fixed_inputs_of(quant: Path) -> dict[str, Any]:
         data = siblings[1]
         return read_meta(data).get("control_flow", {}).get("fixed_inputs", {}) if data.is_file() else {}
     return fold.recorded_fixed_inputs(read_onnx(quant, load_external_data=False)) if quant.is_file() else {}
+
+
+def step1_record(
+    model_path: Path, dataset: str | Path, n: int, recorded_pre: dict[str, Any] | None, entries: dict[str, dict[str, Any]],
+    settings: Any, report: Any, input_stats: InputStats, costs: Any = None, seed: int | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What step1 records: the cfg header (its ``model_sha256`` filled in when the model is written) and the `.data` meta."""
+    header = {
+        "version": __version__,
+        "model": model_path.name,
+        "model_sha256": "",
+        "dataset": str(dataset),
+        "samples": n,
+        "preprocess": recorded_pre,
+    }
+    meta = {
+        "tool_version": __version__,
+        "source_model": str(model_path),
+        "source_sha256": sha256_file(model_path),
+        "written_entries": entries,
+        "written_settings": settings.to_dict(),
+        "original_nodes": report.original_nodes,
+        "renamed": report.renamed,
+        "fused": report.fused,
+        "dataset": str(dataset),
+        "samples": n,
+        "preprocess": recorded_pre,
+        "input_ranges": input_stats.to_dict(),
+        "control_flow": report.control_flow.to_dict(),
+        "cost": costs.to_dict() if costs else None,
+    }
+    if seed is not None:  # the samples were drawn with it (--seed)
+        header["seed"] = seed
+    return header, meta
 
 
 def read_record(artifact: str | Path) -> Record:
@@ -283,8 +318,6 @@ def source_note(float_model: str | Path, quant: onnx.ModelProto) -> str | None:
     recorded = next((p.value for p in quant.metadata_props if p.key == SOURCE_KEY), "").split()
     if not recorded:
         return None
-    from .artifacts import sha256_file
-
     if sha256_file(Path(float_model)) in recorded:
         return None
     return (f"FLOAT_MODEL '{float_model}' {OTHER_SOURCE} (sha256 differs from {recorded[0][:12]}...): "

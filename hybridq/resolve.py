@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import CfgEntry, short_float
+from .config import Cfg, CfgEntry, short_float
 from .errors import ConfigError
 from .observers import HistogramObserver
 from .observers import compute_range as _compute_range
@@ -265,3 +265,26 @@ def _resolve_weights(
             res.weights[wname] = QParams(wp.dtype, scale, fresh.zero_point, wp.axis)
         else:
             res.weights[wname] = fresh
+
+
+RANGE_SETTINGS = ("dtype", "qtype", "algorithm", "percentile")
+"""Settings that change every unedited activation range: when the user edits one, no range is clipped."""
+
+
+def user_edits(parsed: Cfg, meta: dict[str, Any], existing: dict[str, str]) -> tuple[set[str], list[str]]:
+    """Tensors whose cfg entry differs from what step1 wrote (any key, or deleted), and a description of every edit."""
+    written = meta.get("written_entries", {})
+    edited = set()
+    for t, w in written.items():
+        e = parsed.entries.get(t)
+        if e is None or set(e.values) != set(w) or not all(_same(e.values[k], w[k]) for k in w):
+            edited.add(t)
+    edited |= set(parsed.entries) - set(written)
+    what = [f"{len(edited)} tensor entr{'y' if len(edited) == 1 else 'ies'}"] if edited else []
+    if existing:
+        what.append(f"{len(existing)} custom_quantize_layers entr{'y' if len(existing) == 1 else 'ies'}")
+    written_settings = Settings(**meta.get("written_settings", {}))
+    changed = [k for k, v in parsed.settings.to_dict().items() if v != written_settings.to_dict().get(k)]
+    if changed:
+        what.append("settings " + ", ".join(changed))
+    return edited, what

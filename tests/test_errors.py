@@ -404,6 +404,98 @@ def test_cfg_not_utf8(ws, capsys):
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, "cnn.quantization.cfg")
 
 
+def _duplicate_line(ws: Ws, after: str, prefix: str) -> tuple[int, int]:
+    """Repeat the first line starting with `prefix` below the line `after`; returns (its line, the copy's line), 1-based."""
+    lines = ws.cfg.read_text().splitlines(keepends=True)
+    i = next(k for k in range(lines.index(after), len(lines)) if lines[k].startswith(prefix))
+    ws.cfg.write_text("".join(lines[: i + 1] + [lines[i]] + lines[i + 1:]))
+    return i + 1, i + 2
+
+
+def test_cfg_duplicate_field_names_the_key_the_entry_and_both_lines(ws, capsys):
+    # ruamel's own message showed the number-list placeholders (`__hqlist8__`) and advised fixing indentation.
+    first, second = _duplicate_line(ws, "  r1:\n", "    max:")
+    out = assert_clean(hq(capsys, *ws.step2_args()), USAGE,
+                       f"cnn.quantization.cfg:{second}: 'max' appears twice in the entry of 'r1' (lines {first} and {second}); keep one.")
+    assert "__hq" not in out and "indentation" not in out, out
+
+
+def test_cfg_duplicate_tensor_entry_names_both_lines_without_a_dump(ws, capsys):
+    text = ws.cfg.read_text()
+    lines = text.splitlines(keepends=True)
+    start = lines.index("  r1:\n")
+    end = next(k for k in range(start + 1, len(lines)) if re.match(r"  [^ #]", lines[k]))
+    ws.cfg.write_text(text + "".join(lines[start:end]))
+    out = assert_clean(hq(capsys, *ws.step2_args()), USAGE,
+                       f"'r1' appears twice in quantize_parameters (lines {start + 1} and {len(lines) + 1}); keep one.")
+    assert "__hq" not in out and "{" not in out, out
+
+
+def test_cfg_duplicate_layer_names_both_lines(ws, capsys):
+    line = ws.edit_cfg("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv2: float16\n  conv2: float32")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE,
+                 f"cnn.quantization.cfg:{line + 2}: 'conv2' appears twice in custom_quantize_layers (lines {line + 1} and {line + 2})")
+
+
+def test_cfg_entries_below_empty_braces_say_remove_the_braces(ws, capsys):
+    # step1 writes `custom_quantize_layers: {}`; adding a line below it without deleting `{}` is the likeliest first edit.
+    line = ws.edit_cfg("custom_quantize_layers: {}", "custom_quantize_layers: {}  # none yet\n  conv2: float32")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line + 1}:3",
+                 "remove the '{}' after 'custom_quantize_layers:' when you add entries below it")
+
+
+def test_cfg_indented_top_level_key_is_named(ws, capsys):
+    line = ws.edit_cfg("\nquantize_parameters:", "\n quantize_parameters:")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}:2",
+                 "top-level key 'quantize_parameters:' is indented by 1 space", "remove the indentation")
+
+
+def test_cfg_line_indented_under_a_value_is_named(ws, capsys):
+    first, second = _duplicate_line(ws, "  r1:\n", "    max:")
+    lines = ws.cfg.read_text().splitlines(keepends=True)
+    lines[second - 1] = "  " + lines[second - 1].replace("max:", "min:")
+    ws.cfg.write_text("".join(lines))
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{second}",
+                 f"indented deeper than line {first}, which already has a value")
+
+
+@pytest.mark.parametrize("quote", ['"', "'"])
+def test_cfg_unclosed_quote_names_the_line_where_it_starts(ws, capsys, quote):
+    # ruamel reports the end of the file, where it gave up; the user needs the line the string starts on.
+    line = ws.edit_cfg("custom_quantize_layers: {}", f"custom_quantize_layers:\n  conv2: {quote}float32")
+    out = assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line + 1}:10", "never closed",
+                       f"add the closing {quote}")
+    assert not re.search(rf"cfg:{len(ws.cfg.read_text().splitlines()) + 1}:", out), out
+
+
+@pytest.mark.parametrize("text, what", [("", "is empty"), ("  \n\n\t\n", "is empty"), ("# only\n# comments\n", "is empty"),
+                                        ("- a\n- b\n", "is a YAML list"), ("hello\n", "is a single value")],
+                         ids=["empty", "blank", "comments", "list", "scalar"])
+def test_cfg_empty_or_not_a_mapping_says_what_to_do(ws, capsys, text, what):
+    ws.cfg.write_text(text)
+    out = assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg: the cfg {what}", "re-run step1")
+    assert "NoneType" not in out and "CommentedSeq" not in out, out
+    bak = ws.cfg.with_name(ws.cfg.name + ".20260101-000000.bak")
+    bak.write_text("settings: {}\n")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"restore it from '{bak}'")
+
+
+def test_cfg_non_utf8_byte_names_its_line_and_column(ws, capsys):
+    lines = ws.cfg.read_bytes().split(b"\n")
+    lines.insert(2, "# café".encode("latin-1"))
+    ws.cfg.write_bytes(b"\n".join(lines))
+    out = assert_clean(hq(capsys, *ws.step2_args()), USAGE, "cnn.quantization.cfg:3:6: byte 0xe9", "save the file as UTF-8")
+    assert "position" not in out, out
+
+
+@pytest.mark.parametrize("name, reader", [("w3", "conv3"), ("fc_b", "fc")])
+def test_cfg_weight_as_layer_names_the_layer_that_reads_it(ws, capsys, name, reader):
+    ws.edit_cfg("custom_quantize_layers: {}", f"custom_quantize_layers:\n  {name}: float32")
+    line = _line_of(ws.cfg, f"  {name}: float32")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}", f"'{name}' is a weight",
+                 f"name the layer that reads it ({reader})")
+
+
 @pytest.mark.parametrize(
     "payload",
     [

@@ -352,3 +352,39 @@ def test_propose_strict_exits_3_when_the_target_is_not_met_and_0_when_it_is(outl
         assert code == expected and json.loads(out)["met"] is False, err
     code, out, err = cli(capsys, "propose", "--cfg", cfg, "-d", ws["dataset"], "--target-cosine", "0.5", "--strict", "--json")
     assert code == 0 and json.loads(out)["met"] is True, err
+
+
+def _hand_edit(cfg: Path) -> str:
+    """A top comment, a layer the user sets with a comment, and a dtype edit with one; returns the edited text."""
+    text = "# my top comment: edited by hand\n" + cfg.read_text()
+    text = text.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv4: uint8  # my own choice")
+    text = edit_entry(text, "r2", "dtype", "int16  # wider for r2")
+    cfg.write_text(text)
+    return text
+
+
+def test_step1_proposal_over_an_edited_cfg_keeps_its_entries_and_comments(outlier_ws):
+    # SPEC 6: step1 --proposal, like propose, keeps the user's own entries and comments (it used to start from defaults).
+    ws, cfg = outlier_ws, outlier_ws["cfg"]
+    text = _hand_edit(cfg)
+    opts = hybridq.api.ProposalOptions(hybridq.proposal.Target(cosine=0.99), max_float_fraction=1.0)
+    r = hybridq.step1(ws["model"], ws["dataset"], out=cfg.parent, proposal=opts)
+    after = r.cfg.read_text()
+    assert after != text and after.startswith("# my top comment: edited by hand\n")  # the proposal wrote into it
+    assert "  conv4: uint8  # my own choice\n" in after and "    dtype: int16  # wider for r2\n" in after
+    assert r.proposal.baseline_label == "your cfg as edited" and r.proposal.measured is not None
+    parsed = load_cfg(r.cfg)
+    assert parsed.custom["conv4"] == "uint8" and parsed.entries["r2"].values["dtype"] == "int16"
+    assert r.backup.read_text() == text and list(cfg.parent.glob("*.bak")) == [r.backup]  # one backup, as before
+    assert any("started from your edited cfg" in n for n in r.notes)
+
+
+def test_step1_proposal_over_a_cfg_edited_for_other_ranges_starts_fresh_and_says_why(outlier_ws):
+    # Calibrated on fewer samples, the user's unedited entries would carry stale ranges: a fresh cfg, the edits in the .bak.
+    ws, cfg = outlier_ws, outlier_ws["cfg"]
+    text = _hand_edit(cfg)
+    opts = hybridq.api.ProposalOptions(hybridq.proposal.Target(cosine=0.99), max_float_fraction=1.0, samples=4)
+    r = hybridq.step1(ws["model"], ws["dataset"], out=cfg.parent, samples=8, proposal=opts)
+    assert "my own choice" not in r.cfg.read_text() and r.backup.read_text() == text
+    assert r.proposal.baseline_label == "the default quantization"
+    assert any("not from your edited cfg" in n and "other ranges" in n for n in r.notes), r.notes
