@@ -219,6 +219,12 @@ def check_header(header: Mapping[str, Any], meta: Mapping[str, Any], cfg: str | 
     if "preprocess" not in meta or not header.get("preprocess"):
         return
     where = f"{cfg}: hybridq: preprocess:"
+    if not isinstance(header["preprocess"], Mapping) or not isinstance(meta["preprocess"], Mapping):
+        raise InputError(
+            f"{where} holds {header['preprocess']!r}, but step1 recorded "
+            f"{'no preprocessing (its samples were arrays, fed as stored)' if meta['preprocess'] is None else meta['preprocess']}; "
+            "the preprocessing is fixed by calibration. Restore the header as step1 wrote it (or re-run step1)."
+        )
     written = Preprocess.from_dict(dict(meta["preprocess"]), where)
     diffs = written.differences(Preprocess.from_dict(dict(header["preprocess"]), where))
     if diffs:

@@ -178,3 +178,11 @@ def test_a_name_several_original_nodes_shared_is_listed_and_refused_in_the_cfg(t
     cfg.write_text(head + "\ncustom_quantize_layers:\n  dup: float32\n" + tail.split("\n", 1)[1])
     _clean(*hq(capsys, "step2", tmp_path / "ws" / "d.model", tmp_path / "ws" / "d.data", cfg, "-o", tmp_path / "o.onnx"),
            "'dup' named", "dup_0", "name the one you mean")
+
+
+@pytest.mark.parametrize("value", ["0 null", "[1, 2]", "{mean: [1, 2, 3]}"])
+def test_a_preprocess_header_edited_on_array_data_is_refused_at_the_header(ws, capsys, value):
+    """step1 calibrated on .npy arrays and recorded no preprocessing; a value typed into the header is an input error."""
+    cfg = ws / "ws" / "cnn.quantization.cfg"
+    _edit(cfg, "\n  preprocess:\n", f"\n  preprocess: {value}\n")
+    _clean(*hq(capsys, "step2", ws / "ws" / "cnn.model", ws / "ws" / "cnn.data", cfg, "-o", ws / "o.onnx"), "preprocess", "Restore the header")
