@@ -57,7 +57,7 @@ def progress(label: str, total: int | None = None) -> Iterator[Advance]:
 
 
 def warn(warnings: list[str]) -> None:
-    """Each warning on stderr, unless --quiet (nothing but errors); --json keeps them in its data."""
+    """Each warning on stderr, unless --quiet (nothing but errors)."""
     if State.quiet:
         return
     for w in warnings:

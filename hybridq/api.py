@@ -119,9 +119,9 @@ def step1(
     """
     from .workspace import merge
 
-    chosen = merge(config, settings, preprocess, fixed_inputs)
+    chosen = merge(config, settings, preprocess, fixed_inputs, {"samples": samples, "batch_size": batch_size, "seed": seed})
     settings, preprocess = chosen.settings, chosen.preprocess
-    samples, batch_size, seed = (chosen.run.get(k) if v is None else v for k, v in (("samples", samples), ("batch_size", batch_size), ("seed", seed)))
+    samples, batch_size, seed = (chosen.run.get(k) for k in ("samples", "batch_size", "seed"))
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
@@ -134,6 +134,7 @@ def step1(
         on_start(n)
     placement, out_dir, stem, input_stats = get_target(settings.target).placement, Path(out) if out else model_path.parent, model_path.stem, InputStats()
     costs, cost_notes = step1_costs(temp, next(ds.samples(limit=1), None), settings, out_dir, stem) if placement.cpu_policy else (None, [])
+    cost_notes += [] if seed is None or ds.selection else [f"seed {seed} drew nothing: it draws --samples N of a larger dataset, and all {n} samples were used."]
     plan, observers, inf_floats, inf_why = _calibrated_plan(temp, ds, n, settings, placement, costs, batch_size, input_stats, execution, on_progress)
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
@@ -164,7 +165,9 @@ def step1(
     paths = write_step1(out_dir, stem, temp, observers, meta, cfg_text)
     if prop is not None:
         prop.measured, _ = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
-    prop = _propose_over_edits(paths, old_entries, header, meta, dataset, later, cost_notes) if later is not None else prop
+    if later is not None:
+        prop = _propose_over_edits(paths, old_entries, header, meta, dataset, later, cost_notes, ds.selection)
+        custom = {**prop.existing, **prop.layers} if prop is not None else custom
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom, costs), fused=report.fused, renamed=report.renamed,
@@ -175,8 +178,8 @@ def step1(
 
 def _propose_over_edits(
     paths: dict[str, Path], old_entries: dict[str, Any], header: dict[str, Any], meta: dict[str, Any], dataset: str | Path,
-    options: "ProposalOptions", notes: list[str],
-) -> ProposalResult:
+    options: "ProposalOptions", notes: list[str], selection: tuple[int, ...],
+) -> ProposalResult | None:
     """step1 --proposal over a cfg the user edited: put their cfg (step1 kept it as `.bak`) back in place of the fresh
     one when it still applies, and run `propose` on it, which keeps their entries and comments; else propose on the fresh cfg."""
     from ._fs import write_atomic
@@ -192,7 +195,11 @@ def _propose_over_edits(
     else:
         notes.append(f"The proposal started from the default quantization, not from your edited cfg ({bak.name}): {why}. "
                      "Copy your edits into the new cfg and run hybridq propose on it.")
-    prop, again = propose(paths["cfg"], dataset, options=options)
+    try:
+        prop, again = propose(paths["cfg"], dataset, options=options, selection=selection)
+    except HybridqError as exc:  # the artifacts are written: a proposal that cannot run on them is a note, not a failed step1
+        notes.append(f"The proposal did not run on {paths['cfg'].name}: {exc}")
+        return None
     if again is not None and again.read_bytes() == bak.read_bytes():
         again.unlink()  # the same bytes as step1's backup
     return prop
@@ -498,6 +505,7 @@ def propose(
     preprocess: PreprocessArg = None,
     options: ProposalOptions | None = None,
     force_preprocess: bool = False,
+    selection: tuple[int, ...] = (),
 ) -> tuple[ProposalResult, Path | None]:
     """Propose float layers (or range clips) for an existing cfg, write them into it, verify.
 
@@ -509,6 +517,7 @@ def propose(
     cfg; `preprocess` must agree with it unless `force_preprocess` (see `analyze`). The result's
     `warnings` list inputs far outside the calibrated range. Returns the result and the backup of
     the previous cfg (None when none was needed); `result.written` says whether the cfg changed.
+    `selection` (Dataset.select) keeps the samples step1 drew with --seed.
     """
     from ._fs import write_atomic as write_text_atomic
     from .artifacts import backup_if_edited
@@ -520,6 +529,8 @@ def propose(
     options = options or ProposalOptions()
     cfg_path = Path(cfg)
     siblings = step1_siblings(cfg_path)
+    if siblings is None and not cfg_path.is_file():
+        raise InputError(f"cfg '{cfg_path}' does not exist; pass the <name>.quantization.cfg step1 wrote.")
     if siblings is None:
         raise InputError(f"'{cfg_path}' is not a step1 cfg (no `hybridq:` header); pass the <name>.quantization.cfg step1 wrote.")
     model_path, data_path = siblings
@@ -539,7 +550,7 @@ def propose(
         single, snapshot_warning = layers_for(snapshot, bundle.model, cfg_path)
     check_header(parsed.header, bundle.meta, cfg_path)
     record = read_record(cfg_path)
-    ds = open_dataset(bundle.model, dataset, choose_preprocess(record, preprocess, force_preprocess))
+    ds = open_dataset(bundle.model, dataset, choose_preprocess(record, preprocess, force_preprocess)).select(selection)
     samples = list(ds.samples(limit=min(len(ds), 2 * options.samples)))
     seen = InputStats()
     for sample in samples:

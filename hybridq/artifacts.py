@@ -332,7 +332,10 @@ def edited_cfg_entries(out_dir: Path, stem: str) -> dict[str, Any] | None:
 def why_edits_do_not_apply(cfg_header: dict[str, Any], old_entries: dict[str, Any], header: dict[str, Any], meta: dict[str, Any]) -> str | None:
     """Why a user's edited cfg (its `hybridq:` header) cannot carry over to a new step1 run (None when it can): it must
     belong to the same temp model, and have been edited from the entries this run wrote again (same model, data, settings)."""
-    if json.loads(json.dumps(meta.get("written_entries"))) != old_entries:
+    def ranges(entries: Any) -> Any:  # ori_min/ori_max are for reference (a newer hybridq may write them differently)
+        return {t: {k: v for k, v in e.items() if k not in ("ori_min", "ori_max")} for t, e in (entries or {}).items()}
+
+    if ranges(json.loads(json.dumps(meta.get("written_entries")))) != ranges(old_entries):
         return "this run calibrated other ranges than the run it was edited from (another model, dataset, sample count or settings)"
     if cfg_header.get("model_sha256") != header.get("model_sha256"):
         return "its header's model_sha256 names another temp model than the one this run wrote"

@@ -249,7 +249,9 @@ def _cfg_beside(quant_model: Path | None) -> str | None:
     """The cfg a quantized model was built from, when analyze was given it or it lies beside the model."""
     if quant_model is None:
         return None
-    if quant_model.suffix == ".cfg":
+    from .recorded import step1_siblings
+
+    if quant_model.suffix == ".cfg" or (quant_model.is_file() and step1_siblings(quant_model) is not None):
         return str(quant_model)
     found = sorted(quant_model.parent.glob("*.quantization.cfg"))
     stem = quant_model.name.split(".")[0]

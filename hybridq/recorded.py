@@ -131,7 +131,7 @@ def _has_cfg_header(path: Path) -> bool:
             head = f.read(65536)
     except OSError:
         return False
-    return b"\0" not in head and re.search(rb"(?m)^hybridq:[ \t]*\r?$", head) is not None
+    return b"\0" not in head and re.search(rb"(?m)^hybridq:[ \t]*(#[^\n]*)?\r?$", head) is not None
 
 
 def fixed_inputs_of(quant: Path) -> dict[str, Any]:

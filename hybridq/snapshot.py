@@ -25,6 +25,7 @@ import json
 import os
 import re
 import struct
+import time
 from hashlib import sha1
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -113,11 +114,20 @@ class _NpyAppender:
         self.tmp.unlink(missing_ok=True)
 
 
+ORPHAN_AGE_S = 600.0  # a dump appends to its temp files sample by sample: one untouched this long is no live dump's
+
+
 def _sweep_orphans(directory: Path) -> None:
-    """Remove the `.<name>.npy.<pid>.tmp` files of a dump that was killed (SIGKILL skips our cleanup); live ones stay."""
+    """Remove the `.<name>.npy.<pid>.tmp` files of a dump that was killed (SIGKILL skips our cleanup): no process of that
+    id runs here and the file was not written for ORPHAN_AGE_S (a dump on another host sharing the disk keeps writing)."""
+    now = time.time()
     for tmp in directory.glob(".*.npy.*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        try:
+            stale = now - tmp.stat().st_mtime > ORPHAN_AGE_S
+        except OSError:
+            continue
+        if stale and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 

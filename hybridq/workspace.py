@@ -103,6 +103,7 @@ def merge(
     settings: Settings | Mapping[str, Any] | None = None,
     preprocess: Preprocess | Mapping[str, Any] | None = None,
     fixed_inputs: Mapping[str, Any] | None = None,
+    run_options: Mapping[str, int | None] | None = None,
 ) -> WorkspaceOptions:
     """Combine a workspace file with given options; a full Settings or Preprocess replaces the file's values, a mapping overrides key by key."""
     values = load_config(config) if config is not None else {}
@@ -112,6 +113,7 @@ def merge(
         raise ConfigError(f"{where}: {FIXED_INPUTS_KEY} must be a mapping of input name -> value, e.g. `{FIXED_INPUTS_KEY}: {{sample_rate: 16000}}`.")
     fixed.update(dict(fixed_inputs or {}))
     run = {k: _count(k, values.pop(k), where) for k in RUN_KEYS if k in values}
+    run.update({k: _count(k, v, "the given options") for k, v in dict(run_options or {}).items() if v is not None})
     pre_values = {k: values.pop(k) for k in list(values) if k in PREPROCESS_KEYS}
     if "preprocess" in pre_values:
         pre_values["hook"] = pre_values.pop("preprocess")

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,7 @@ def test_a_renamed_cfg_is_known_by_its_header(ws, capsys):
     other = ws / "notes.txt"
     other.write_text("not a cfg\n")
     _clean(*hq(capsys, "propose", "--cfg", other, "-d", ws / "data" / "dataset.txt"), "notes.txt", "hybridq:")
+    _clean(*hq(capsys, "propose", "--cfg", ws / "nope.cfg", "-d", ws / "data" / "dataset.txt"), "nope.cfg", "does not exist")
 
 
 def test_a_truncated_temp_model_is_called_corrupt_not_from_another_run(ws, capsys):
@@ -155,11 +157,16 @@ def test_a_dump_sweeps_the_temp_files_a_killed_dump_left(tmp_path):
     orphan.write_bytes(b"x" * 100)
     live = tmp_path / "quant" / f".c1.npy.{os.getppid()}.tmp"
     live.write_bytes(b"y")
+    recent = tmp_path / "quant" / f".c2.npy.{dead.pid}.tmp"  # another host's live dump sharing the disk: still written to
+    recent.write_bytes(b"z")
+    old = time.time() - 3600
+    for f in (orphan, live):
+        os.utime(f, (old, old))
     dump = ArrayDump(tmp_path)
     dump.start(["c1"])
     dump.add_sample({"c1": (np.ones(3, np.float32), np.ones(3, np.float32))})
     dump.abort()
-    assert not orphan.exists() and live.exists()
+    assert not orphan.exists() and live.exists() and recent.exists()
 
 
 def test_a_name_several_original_nodes_shared_is_listed_and_refused_in_the_cfg(tmp_path, capsys):

@@ -14,6 +14,7 @@ import onnx
 import pytest
 
 from hybridq import api
+from hybridq import errors as hybridq_errors
 from hybridq.config import load_cfg
 from hybridq.workspace import find_config
 from tests import models
@@ -192,3 +193,7 @@ def test_seed_draws_the_samples_and_the_workspace_file_can_set_it(cnn_ws, tmp_pa
     (tmp_path / "c" / "hybridq.yaml").write_text("samples: 0\n")
     code, _, err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "--out", tmp_path / "c")
     assert code == 2 and "samples must be a whole number >= 1" in err, err
+    with pytest.raises(hybridq_errors.InputError, match="batch_size must be a whole number >= 1"):
+        api.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "e", batch_size=0)
+    r = api.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "e", seed=5)
+    assert any("seed 5 drew nothing" in n for n in r.notes) and "seed" not in load_cfg(r.cfg).header

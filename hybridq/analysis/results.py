@@ -105,7 +105,10 @@ def _bounds(doc: Any) -> tuple[float, float] | None:
     """A manifest's `compared_within` ([low, high]; null was an infinite side in strict JSON) as a tuple."""
     if not isinstance(doc, list) or len(doc) != 2:
         return None
-    return (-math.inf if doc[0] is None else float(doc[0]), math.inf if doc[1] is None else float(doc[1]))
+    try:
+        return (-math.inf if doc[0] is None else float(doc[0]), math.inf if doc[1] is None else float(doc[1]))
+    except (TypeError, ValueError):  # a hand-edited manifest: the range is only a record
+        return None
 
 
 def bounds_note(layers: list[LayerError]) -> list[str]:
@@ -115,9 +118,9 @@ def bounds_note(layers: list[LayerError]) -> list[str]:
         return []
     shown = ", ".join(f"{x.tensor} to [{x.bounds[0]:g}, {x.bounds[1]:g}]" for x in within[:4])  # type: ignore[index]
     more = f" and {len(within) - 4} more" if len(within) > 4 else ""
-    return [f"{len(within)} tensor(s) are compared within the range their readers tell apart, both sides clipped "
-            f"({shown}{more}): a value beyond is one value to a Relu or Sigmoid after it. A snapshot keeps the raw "
-            "arrays; manifest.json records each range as compared_within."]
+    return [f"{len(within)} tensor(s) are compared within the range their readers tell apart, the fp32 and the quantized "
+            f"values both clipped to it ({shown}{more}): every value beyond is one value to the Relu, Clip, Sigmoid or "
+            "HardSigmoid/HardSwish that reads it. A snapshot keeps the raw arrays; manifest.json records each range as compared_within."]
 
 
 def badness(layer: LayerError) -> tuple[float, float]:

@@ -41,6 +41,7 @@ from ..config import load_cfg, update_custom_layers, update_entries
 from .._onnx import GraphIndex
 from ..errors import ConfigError, InputError
 from ..qparams import normalize_dtype
+from ..recorded import step1_siblings
 from .reading import RknnCfg, _range, read_rknn_cfg
 
 RKNN_LAYER_PRECISIONS = ("float16",)
@@ -116,11 +117,11 @@ class _Hybridq:
 def _open_hybridq(cfg: str | Path, artifacts: Path | None = None) -> _Hybridq:
     p = Path(cfg)
     home = p.parent if artifacts is None else Path(artifacts)
-    if not p.name.endswith(".quantization.cfg"):
-        raise InputError(f"'{p}' is not a hybridq step1 cfg (<name>.quantization.cfg); pass the cfg hybridq step1 wrote.")
-    stem = p.name[: -len(".quantization.cfg")]
+    siblings = step1_siblings(p)
+    if siblings is None:
+        raise InputError(f"'{p}' is not a hybridq step1 cfg (no `hybridq:` header); pass the <name>.quantization.cfg hybridq step1 wrote.")
     parsed = load_cfg(p)
-    bundle = read_step1(home / f"{stem}.model", home / f"{stem}.data", parsed.header.get("model_sha256"), p)
+    bundle = read_step1(home / siblings[0].name, home / siblings[1].name, parsed.header.get("model_sha256"), p)
     original_producer = {t: node for node, outs in bundle.meta.get("original_nodes", {}).items() for t in outs}
     return _Hybridq(p, bundle.data_path, p.read_text(encoding="utf-8"), parsed, bundle.meta, bundle.model, GraphIndex(bundle.model.graph),
                     original_producer)
