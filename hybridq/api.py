@@ -128,20 +128,18 @@ def step1(
     check_output_dir(Path(out) if out else model_path.parent, "step1 output directory (--out)")
     temp, report = prepare(original, chosen.fixed_inputs)
     ds = open_dataset(temp, dataset, preprocess)
-    ds, batch_size = ds.drawn(samples, seed) if samples and seed is not None else ds, batch_size or 1
+    ds, batch_size = ds.drawn(samples, seed) if seed is not None else ds, batch_size or 1
     n = min(len(ds), samples) if samples else len(ds)
     if on_start:
         on_start(n)
     placement, out_dir, stem, input_stats = get_target(settings.target).placement, Path(out) if out else model_path.parent, model_path.stem, InputStats()
     costs, cost_notes = step1_costs(temp, next(ds.samples(limit=1), None), settings, out_dir, stem) if placement.cpu_policy else (None, [])
-    cost_notes += [] if seed is None or ds.selection else [f"seed {seed} drew nothing: it draws --samples N of a larger dataset, and all {n} samples were used."]
     plan, observers, inf_floats, inf_why = _calibrated_plan(temp, ds, n, settings, placement, costs, batch_size, input_stats, execution, on_progress)
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
     entries = written_entries(plan, temp, observers, settings)
     header, meta = step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats, costs, seed if ds.selection else None)
-    comments = _entry_comments(plan)
-    prop, evaluator = None, None
+    comments, prop, evaluator = _entry_comments(plan), None, None
     custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
     custom, custom_comments = {**custom, **inf_floats}, {**custom_comments, **inf_why}
     floats, why, bias_comments, note = default_model.decide(temp, observers, meta, settings, entries, custom, plan, placement, ds, n)
@@ -164,13 +162,12 @@ def step1(
 
     paths = write_step1(out_dir, stem, temp, observers, meta, cfg_text)
     if prop is not None:
-        prop.measured, _ = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
-    if later is not None:
-        prop = _propose_over_edits(paths, old_entries, header, meta, dataset, later, cost_notes, ds.selection)
-        custom = {**prop.existing, **prop.layers} if prop is not None else custom
+        prop.measured, _, prop.built_layers = verify_proposal(paths["model"], paths["data"], paths["cfg"], evaluator)
+    prop = _propose_over_edits(paths, old_entries, header, meta, dataset, later, cost_notes, ds.selection) if later is not None else prop
+    layers = prop.built_layers if later is not None and prop is not None and prop.built_layers else _layer_counts(temp, settings, plan, custom, costs)
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
-        quantized_tensors=len(entries), layers=_layer_counts(temp, settings, plan, custom, costs), fused=report.fused, renamed=report.renamed,
+        quantized_tensors=len(entries), layers=layers, fused=report.fused, renamed=report.renamed,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes() + cost_notes + plan.notes,
         control_flow=report.control_flow.to_dict(),
     )
@@ -485,16 +482,17 @@ def run_proposal(
     return result, evaluator
 
 
-def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) -> tuple[Score, onnx.ModelProto]:
+def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) -> tuple[Score, onnx.ModelProto, dict[str, int]]:
     """Build the written cfg with step2 (in a temporary directory) and measure it: the figure a proposal may claim.
 
-    Returns the score and the built model (to see which tensors it quantizes).
+    Returns the score, the built model (to see which tensors it quantizes) and its layers per precision.
     """
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="hybridq-verify-") as tmp:
-        built = onnx.load(str(step2(model, data, cfg, Path(tmp) / "verify.onnx").output))
-        return evaluator.score(built), built
+        res = step2(model, data, cfg, Path(tmp) / "verify.onnx")
+        built = onnx.load(str(res.output))
+        return evaluator.score(built), built, res.layers
 
 
 def propose(
@@ -568,7 +566,7 @@ def propose(
         backup = backup_if_edited(cfg_path, data_path, text)
         write_text_atomic(cfg_path, text)
         result.written = True
-    result.measured, built = verify_proposal(model_path, data_path, cfg_path, evaluator)
+    result.measured, built, result.built_layers = verify_proposal(model_path, data_path, cfg_path, evaluator)
     result.warnings += moot_edits(by_hand, result.layers, bundle.model, built)
     result.warnings += range_warnings(record.input_ranges, seen.to_dict(), record.source)
     result.warnings += [snapshot_warning] if snapshot_warning else []

@@ -69,6 +69,7 @@ class Dataset:
         self.columns = tuple(columns)  # the inputs before --fix-input (see load_dataset)
         self._entries = [(line, list(paths)) for line, paths in entries]
         self.selection: tuple[int, ...] = ()  # the listed samples this dataset holds (select); empty: all, in list order
+        self._seed_note = ""
         self._hook = _load_hook(self.preprocess.hook) if self.preprocess.hook else None
         self._plans: dict[str, ImagePlan] = {}
         self._converted: dict[tuple[str, str], dict[Path, None]] = {}
@@ -92,6 +93,7 @@ class Dataset:
             f"image conversion: {what} in {_count(len(paths), 'image')} (first: '{next(iter(paths))}'): {how}."
             for (what, how), paths in self._converted.items()
         ]
+        out += [self._seed_note] if self._seed_note else []
         pre = self.preprocess
         given = [k for k, v in (("mean", pre.mean), ("std", pre.std), ("layout", pre.layout)) if v is not None]
         given += ["resize"] if pre.resize != "none" else []
@@ -113,9 +115,11 @@ class Dataset:
         out.selection = tuple(int(i) for i in indices)
         return out
 
-    def drawn(self, n: int, seed: int) -> "Dataset":
-        """``n`` samples drawn at random (numpy's default generator seeded with ``seed``), kept in list order."""
-        if n >= len(self):
+    def drawn(self, n: int | None, seed: int) -> "Dataset":
+        """``n`` samples drawn at random (numpy's default generator seeded with ``seed``), kept in list order;
+        with no ``n`` below the dataset's size, all of them (and a note that the seed drew nothing)."""
+        if n is None or n >= len(self):
+            self._seed_note = f"seed {seed} drew nothing: it draws --samples N of a larger dataset, and all {len(self)} samples were used."
             return self
         return self.select(tuple(sorted(np.random.default_rng(seed).choice(len(self), n, replace=False).tolist())))
 

@@ -105,6 +105,7 @@ class ProposalResult:
     existing: dict[str, str] = field(default_factory=dict)
     edits: list[str] = field(default_factory=list)
     written: bool = False
+    built_layers: dict[str, int] = field(default_factory=dict)  # layers per precision of the model step2 builds from the written cfg
     warnings: list[str] = field(default_factory=list)
     latency_ms: tuple[float, float, float] | None = None  # predicted: the starting model, the proposal's, fp32 (measured cost model)
 
