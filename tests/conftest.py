@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,22 @@ def run(model: str | Path | onnx.ModelProto, feeds: dict[str, np.ndarray]) -> li
     """Run a model in ONNX Runtime's CPU provider, int8 products exact (see :func:`exact_options`)."""
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(src, exact_options(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
+    """Run `hybridq ARGS` through cli.main (its SIGTERM handler undone after); returns (exit code, stdout, stderr)."""
+    from hybridq import cli
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        cli.main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:

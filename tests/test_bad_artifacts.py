@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,25 +15,15 @@ import onnx
 import pytest
 
 import hybridq
-from hybridq import cli
 from hybridq.snapshot import ArrayDump
 from tests import models
+from tests.conftest import run_cli
 
 USAGE = 2
 
 
 def hq(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
-    """Run `hybridq ARGS` through cli.main; returns (exit code, stdout, stderr)."""
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_cli(capsys, *args)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import errno
 import os
 import re
 import shutil
-import signal
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,24 +24,16 @@ from onnx import TensorProto, helper
 from ruamel.yaml import YAML
 
 import hybridq
-from hybridq import cli
 from tests import models
+from tests.conftest import run_cli
 
 USAGE, FAILURE = 2, 1
 
 
 def hq(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str]:
     """Run `hybridq ARGS` through cli.main; returns (exit code, stdout + stderr)."""
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    code, out, err = run_cli(capsys, *args)
+    return code, out + err
 
 
 def assert_clean(result: tuple[int, str], code: int, *culprits: str) -> str:
