@@ -28,8 +28,8 @@ import onnx
 from onnx import external_data_helper
 
 from ._fs import publish_all, staging
-from .errors import ArtifactMismatchError, InputError, OutputError
-from ._onnx import is_large, tag_external
+from .errors import ArtifactMismatchError, InputError, ModelError, OutputError
+from ._onnx import is_large, read_onnx, tag_external
 from .observers import HistogramObserver, observer_kind
 
 FORMAT_VERSION = 1
@@ -256,10 +256,10 @@ def check_order(model_path: Path, data_path: Path, cfg_path: Path) -> None:
 def _check_readable(model_path: Path) -> None:
     """A temp model that is no ONNX (truncated, overwritten) is named as such, not as one from another run."""
     try:
-        onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:
+        read_onnx(model_path, load_external_data=False)
+    except ModelError as exc:
         raise InputError(
-            f"Temp model '{model_path}' could not be read as ONNX ({type(exc).__name__}); it is truncated or corrupt. "
+            f"Temp model '{model_path}' could not be read as ONNX ({type(exc.__cause__).__name__}); it is truncated or corrupt. "
             "Re-run step1 to write it again (your cfg edits are kept in a .bak)."
         ) from None
 

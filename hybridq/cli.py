@@ -159,8 +159,6 @@ def step1(
 
     State.quiet, State.json = quiet, as_json
     _check_counts(samples, batch_size)
-    if seed is not None and seed < 0:
-        raise InputError(f"--seed must be at least 0, got {seed}.")
     if config is None:
         config = find_config(out_dir, model, dataset)
     given = dict(dtype=dtype, weight_dtype=weight_dtype, qmethod=qmethod, qtype=qtype, algorithm=algorithm, percentile=percentile, target=target,
@@ -251,7 +249,7 @@ def _cfg_beside(quant_model: Path | None) -> str | None:
         return None
     from .recorded import step1_siblings
 
-    if quant_model.suffix == ".cfg" or (quant_model.is_file() and step1_siblings(quant_model) is not None):
+    if quant_model.is_file() and step1_siblings(quant_model) is not None:
         return str(quant_model)
     found = sorted(quant_model.parent.glob("*.quantization.cfg"))
     stem = quant_model.name.split(".")[0]

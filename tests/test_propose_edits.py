@@ -378,7 +378,8 @@ def test_step1_proposal_over_an_edited_cfg_keeps_its_entries_and_comments(outlie
     assert r.backup.read_text() == text and list(cfg.parent.glob("*.bak")) == [r.backup]  # one backup, as before
     assert any("started from your edited cfg" in n for n in r.notes)
     built = hybridq.step2(r.model, r.data, r.cfg, cfg.parent / "q.onnx")  # the layer counts step1 printed are the cfg's
-    assert r.layers == built.layers and built.layers.get("float32", 0) >= len(r.proposal.layers)
+    floats, _ = float_conv_share(built.output, OUTLIER_MACS)  # read from the ONNX graph: weights not dequantized
+    assert r.layers == built.layers and r.layers.get("float32", 0) == len(floats) >= len(r.proposal.layers)
 
 
 def test_step1_proposal_over_a_cfg_edited_for_other_ranges_starts_fresh_and_says_why(outlier_ws):

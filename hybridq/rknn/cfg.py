@@ -6,7 +6,7 @@ RKNN's `<name>.quantization.cfg` (from `hybrid_quantization_step1`) has two sect
 hybridq's cfg has the same sections, keyed by temp-model node names (layers) and tensor names.
 
 Names are mapped through the temp model (`<name>.model`: producers and consumers of every
-tensor) and the step1 metadata in `<name>.data` (`original_nodes`, `renamed`, `fused`):
+tensor) and the step1 metadata in `<name>.data` (`original_nodes`, `fused`):
 
 - RKNN layer -> hybridq node: the producer of that tensor in the temp model; else a temp-model
   node of that name; else, for a tensor of the original model that preparation fused away, the
@@ -138,11 +138,8 @@ def _rknn_layer_to_node(h: _Hybridq, name: str) -> tuple[str | None, str]:
         return None, "a model input, not a layer"
     node = h.original_producer.get(name)
     if node is not None:
-        renamed = h.meta.get("renamed", {}).get(node, node)
-        if isinstance(renamed, list):  # old -> new names; a name several nodes shared stays ambiguous
-            renamed = renamed[0] if len(renamed) == 1 else node
-        if renamed in h.index.by_name:
-            return renamed, f"tensor of original node '{node}'"
+        if node in h.index.by_name:  # original_nodes is keyed by the names step1 gave (renamed ones included)
+            return node, f"tensor of original node '{node}'"
         fused = h.meta.get("fused", {}).get(node)
         if fused:
             return fused, f"tensor of original node '{node}', fused into '{fused}'"
