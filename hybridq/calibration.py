@@ -92,6 +92,9 @@ def calibrate(
     (0: all cores but one; :mod:`hybridq.execution` gives each worker its share). On two cores (threads 0)
     that leaves ONNX Runtime one thread, and the binning half a core idle: once a batch's activations prove
     small (`PAIR_BYTES`), two one-thread runs are in flight beside the binning (three batches alive).
+    The sessions use ONNX Runtime's full optimization level, as deployment does: its blocked-layout convolutions run a
+    calibration pass 7-32 % faster than the basic level (one thread: small detector 12.9 vs 19.1 ms, PP-OCR rec 76 vs
+    94 ms), and the fetched activations differ from the basic level's by float rounding (1e-6 relative).
     """
     names = tensors if tensors is not None else float_activations(model)
     if not names:  # nothing to observe (a model with no quantization candidate): the samples are only checked and counted
@@ -100,7 +103,7 @@ def calibrate(
     ranged = [n for n in names if histograms is not None and n not in histograms]
     pair = not threads and _runtime.cores() == 2
     threads = threads or _ort_threads()
-    sess = session_for(_with_range_outputs(model, ranged), _fetch(full, ranged), lean=True, threads=threads)
+    sess = session_for(_with_range_outputs(model, ranged), _fetch(full, ranged), basic=False, lean=True, threads=threads)
     feeds = {i.name for i in sess.get_inputs()}
     observers = {n: HistogramObserver(bins=n in full) for n in names}
     observers.update({n + HESSIAN_SUFFIX: HessianObserver() for n in hessians if n in full})
@@ -124,7 +127,7 @@ def calibrate(
                 while pending and len(pools) == 1:  # large batches: free the first session's memory before the next allocates
                     observe(pending.popleft())
                 del sess  # runs in flight keep it until they end
-                sess, ranged = session_for(model, full, lean=True, threads=threads), []
+                sess, ranged = session_for(model, full, basic=False, lean=True, threads=threads), []
             fetch, feed = _fetch(full, ranged), {k: batch[k] for k in feeds}
             # two runs in flight: each worker bins its own batch (both cores bin); one: the main thread bins beside ORT
             run = pools[b % len(pools)].submit(_run_and_bin, sess, fetch, feed, full, hessian_of) if len(pools) == 2 else (
