@@ -39,10 +39,14 @@ def proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
     def num(v: float, fmt: str) -> str:
         return format(v, fmt) if v == v and abs(v) != float("inf") else ("inf" if v == float("inf") else str(v))
 
-    rows = [[r.step, r.fix, num(r.cosine, ".5f"), num(r.snr_db, ".1f"), num(r.slice_snr_db, ".1f"), f"{100 * r.cost:.1f} %", r.outcome]
+    logp = any(r.logp_snr_db is not None for r in p.table)  # Softmax outputs: compared on their log-probabilities
+    rows = [[r.step, r.fix, num(r.cosine, ".5f"), num(r.snr_db, ".1f"), num(r.slice_snr_db, ".1f")]
+            + ([num(r.logp_snr_db, ".1f") if r.logp_snr_db is not None else "-"] if logp else []) + [f"{100 * r.cost:.1f} %", r.outcome]
             for r in p.table]
-    tables = [table("candidates, cheapest fixes first (cosine and SNR: worst output, whole tensor or slice-normalised)",
-                     ["step", "fix", "cosine", "SNR dB", "worst slice dB", "float compute", "outcome"], rows)]
+    title = "candidates, cheapest fixes first (cosine and SNR: worst output, whole tensor or slice-normalised"
+    title += "; compared by the log-probabilities of the Softmax outputs)" if logp else ")"
+    tables = [table(title, ["step", "fix", "cosine", "SNR dB", "worst slice dB"] + (["log-prob SNR dB"] if logp else [])
+                    + ["float compute", "outcome"], rows)]
     lines = [f"Proposal: {p.choice}."]
     if p.edits:
         lines.append(f"  started from your edits, all kept in the cfg: {'; '.join(p.edits)}")

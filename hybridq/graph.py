@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from . import _runtime, fold
-from ._onnx import GraphIndex, convert_opset, describe_error, is_large, main_opset, read_onnx, save_external, serialized_within, subgraphs
+from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, read_onnx, save_external, serialized_within, subgraphs
 from .errors import InputError, ModelError, OutputError, did_you_mean
 
 MIN_OPSET = 13
@@ -221,12 +221,14 @@ def _basic_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
     with _temp_dir("hybridq-prep-") as tmp:
         src = os.path.join(tmp, "in.onnx")
         dst = os.path.join(tmp, "out.onnx")
-        large = is_large(model)
+        data = serialized_within(model)  # one serialization, no ByteSize pass first
+        large = data is None
         try:
             if large:
                 save_external(model, src, "in.data")
             else:
-                onnx.save_model(model, src)
+                with open(src, "wb") as f:
+                    f.write(data)
         except OSError as exc:
             raise OutputError(
                 f"Cannot write a temporary copy of the model into '{tmp}': {exc.strerror or exc}. "

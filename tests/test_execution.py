@@ -280,7 +280,20 @@ def test_scores_on_workers_are_bit_identical_and_match_numpy():
             assert (got["flips"], got["decisions"]) == (flips, sum(r.shape[2] for r, _ in pairs)) and flips > 0
             # slices only while the channel count holds: samples 0-1 alone have 3 slices, all four samples none
             assert (got["outputs"]["y"]["worst_slice"] is None) == (limit is None)
+            # candidates are compared on the log-probabilities: Softmax's logits centred along its axis, from numpy
+            def centred(w, x):
+                z = x.astype(np.float64) + w * np.sin(5 * x.astype(np.float64))
+                return z - z.mean(axis=1, keepdims=True)
+            w = float(onnx.numpy_helper.to_array(cand.graph.node[1].attribute[0].t))
+            lz = [(centred(0.0, f["x"]), centred(w, f["x"])) for f in samples[:limit]]
+            err, sig = sum(float(((a - b) ** 2).sum()) for a, b in lz), sum(float((a ** 2).sum()) for a, _ in lz)
+            cross, qq = sum(float((a * b).sum()) for a, b in lz), sum(float((b ** 2).sum()) for _, b in lz)
+            logp = got["log_probabilities"]["y"]
+            assert logp["snr_db"] == pytest.approx(10 * math.log10(sig / err), rel=1e-6)
+            assert logp["cosine"] == pytest.approx(cross / math.sqrt(sig * qq), rel=1e-6)  # float32 Softmax
     assert here.evaluations == far.evaluations == 4
+    scored = here.score(cands[0])
+    assert here.quality(scored) == scored.logp["y"].cosine < scored.worst_cosine
 
 
 def test_eval_runs_on_the_workers_and_gives_the_same_figure(concat16):

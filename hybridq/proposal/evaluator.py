@@ -13,6 +13,13 @@ Softmax writes, the decision is its argmax: a candidate that flips clearly more
 decisions than the current state is not taken, whatever its cosine (bias correction
 on PP-OCR rec raised the output cosine and lowered character accuracy by flipping
 blanks); "clearly" is beyond the noise of counting, sqrt of the flips compared.
+Such an output's candidates are also compared on its log-probabilities (floored at
+LOGP_FLOOR, centred along the class axis: the logits up to the shift Softmax ignores),
+not on the probabilities: near-one probabilities hide the margins a decision rests on.
+On PP-OCR rec (16 samples), probability cosine ranked a proposal scoring char acc 0.965
+above the default int8 model (0.968) and mse ranges (0.981) last; log-probability SNR
+ranks the five models of 0.965-0.981 in the order of their char acc but one.
+The target is still judged on the outputs as analyze judges them.
 
 Each sample's sums are kept apart and added in sample order, so a candidate scored on
 workers (:class:`ScoringJob`, any :mod:`hybridq.execution` back end) scores the same bit
@@ -24,7 +31,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +85,31 @@ class OutputScore:
 
 @dataclass
 class Score:
-    """A candidate's quality on every output, decisions flipped on Softmax outputs, and the task score (--eval)."""
+    """A candidate's quality on every output, decisions flipped on Softmax outputs, and the task score (--eval).
+
+    `logp` holds the Softmax outputs' log-probability comparison (whole tensor), by which candidates are compared.
+    """
 
     outputs: dict[str, OutputScore]
     task: float | None = None
     flips: int = 0
     decisions: int = 0
+    logp: dict[str, OutputScore] = field(default_factory=dict)
+
+    @property
+    def compared_cosine(self) -> float:
+        """:attr:`worst_cosine` with each Softmax output's log-probability cosine in place of its own."""
+        return min(self.logp[n].cosine if n in self.logp else min(o.cosine, o.norm_cosine) for n, o in self.outputs.items())
+
+    @property
+    def compared_snr(self) -> float:
+        """:attr:`worst_snr` with each Softmax output's log-probability SNR in place of its own."""
+        return min(self.logp[n].snr_db if n in self.logp else min(o.snr_db, o.norm_snr_db) for n, o in self.outputs.items())
+
+    @property
+    def logp_snr(self) -> float | None:
+        """The lowest log-probability SNR of the Softmax outputs (None: the model has none)."""
+        return min(o.snr_db for o in self.logp.values()) if self.logp else None
 
     @property
     def worst_cosine(self) -> float:
@@ -102,12 +128,14 @@ class Score:
 
     def to_dict(self) -> dict[str, Any]:
         return {"outputs": {k: v.to_dict() for k, v in self.outputs.items()}, "task": self.task,
-                "flips": self.flips, "decisions": self.decisions}
+                "flips": self.flips, "decisions": self.decisions, "log_probabilities": {k: v.to_dict() for k, v in self.logp.items()}}
 
     def describe(self) -> str:
         text = (f"output cosine {self.worst_cosine:.5f}, SNR {self.worst_snr:.1f} dB (worst of whole tensor and slice-normalised, "
                 "errors pooled over the samples; analyze prints means of per-sample figures), "
                 f"worst slice SNR {self.worst_slice_snr:.1f} dB")
+        if self.logp_snr is not None:
+            text += f", log-probability SNR {self.logp_snr:.1f} dB"
         if self.decisions:
             text += f", {self.flips}/{self.decisions} argmax decisions differ from fp32"
         return text + (f", task {self.task:.4f}" if self.task is not None else "")
@@ -189,6 +217,7 @@ class Scoring:
         out: list[SamplePart] = []
         for k in indices:
             ref, flips, decisions, sums = self.ref[k], 0, 0, []
+            logp = []
             for name, layout, r, q in zip(self.names, self.layouts, ref, sess.run(self.names, self.samples[k])):
                 sums.append(layout.sums(k, r, q))
                 axis = self.class_axis.get(name)
@@ -196,18 +225,24 @@ class Scoring:
                     agree = np.argmax(r, axis=axis) == np.argmax(q, axis=axis)
                     flips += int(agree.size - np.count_nonzero(agree))
                     decisions += int(agree.size)
-            out.append((sums, flips, decisions))
+                    is_log = float(np.max(r)) <= 0.0  # the fp32 output of a LogSoftmax
+                    lr, lq = (np.reshape(log_probabilities(v, axis, is_log), (1, -1)) for v in (r, q))
+                    logp.append(slice_sums(lr, lq, 0))
+            out.append((sums + logp, flips, decisions))
         return out
 
     def merge(self, parts: Iterable[SamplePart], task: float | None) -> Score:
         """The score of every sample's part, added in sample order (the first part is sample 0's)."""
-        sums = [_OutputSums(layout) for layout in self.layouts]
+        dist = [n for n in self.names if n in self.class_axis]
+        sums = [_OutputSums(layout) for layout in self.layouts] + [_OutputSums(_Layout(None, None)) for _ in dist]
         flips = decisions = 0
         for k, (per_output, f, d) in enumerate(parts):
             for acc, s in zip(sums, per_output):
                 acc.add(k, s)
             flips, decisions = flips + f, decisions + d
-        return Score({n: s.score() for n, s in zip(self.names, sums)}, task, flips, decisions)
+        n = len(self.names)
+        return Score({name: s.score() for name, s in zip(self.names, sums)}, task, flips, decisions,
+                     {name: s.score() for name, s in zip(dist, sums[n:])})
 
 
 def task_score(eval_fn: Callable[[str], Any], spec: str, model: onnx.ModelProto | bytes) -> float:
@@ -361,7 +396,7 @@ class Evaluator:
         """One number for how good a candidate is (higher is better): the task score, else the measure the target names."""
         if s.task is not None:
             return s.task
-        return s.worst_snr if self._by_snr else s.worst_cosine
+        return s.compared_snr if self._by_snr else s.compared_cosine
 
     @property
     def _by_snr(self) -> bool:
@@ -376,8 +411,8 @@ class Evaluator:
         if a.task is not None and b.task is not None:
             return a.task >= b.task
         if self._by_snr:
-            return a.worst_snr >= b.worst_snr - RESOLUTION_DB
-        return (1.0 - a.worst_cosine) <= (1.0 - b.worst_cosine) * 10 ** (RESOLUTION_DB / 10)
+            return a.compared_snr >= b.compared_snr - RESOLUTION_DB
+        return (1.0 - a.compared_cosine) <= (1.0 - b.compared_cosine) * 10 ** (RESOLUTION_DB / 10)
 
     def flips_more(self, a: Score, b: Score) -> bool:
         """Does `a` flip clearly more argmax decisions than `b` (beyond sqrt of the two counts; never with a task score)?"""
@@ -392,6 +427,17 @@ class Evaluator:
 
 RESOLUTION_DB = 0.5
 """Candidates whose output errors differ by less than this are alike: below the target, the cheaper one is kept."""
+
+LOGP_FLOOR = 1e-12
+"""Probabilities below this compare as this: a class that unlikely decides nothing, and float32 underflows to 0 far below it."""
+
+
+def log_probabilities(p: np.ndarray, axis: int, is_log: bool = False) -> np.ndarray:
+    """float64 log of a distribution (`is_log`: a LogSoftmax's output, already one), floored, centred along `axis`."""
+    x = np.asarray(p, dtype=np.float64)
+    logp = np.maximum(x if is_log else np.log(np.maximum(x, LOGP_FLOOR)), math.log(LOGP_FLOOR))
+    return logp - logp.mean(axis=axis, keepdims=True)
+
 
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
 """Ops that move a Softmax's values without changing them (exporters wrap an N-d Softmax in Flatten ... Reshape)."""

@@ -52,6 +52,7 @@ class Row:
     slice_snr_db: float
     cost: float
     outcome: str
+    logp_snr_db: float | None = None  # Softmax outputs' log-probability SNR, by which candidates are compared
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in vars(self).items()}
@@ -138,7 +139,7 @@ class _Climb:
         return self.evaluator.better(a, b)
 
     def _row(self, step: str, fix: str, s: Score, cost: float, outcome: str) -> None:
-        self.table.append(Row(step, fix, self.quality(s), s.worst_cosine, s.worst_snr, s.worst_slice_snr, cost, outcome))
+        self.table.append(Row(step, fix, self.quality(s), s.worst_cosine, s.worst_snr, s.worst_slice_snr, cost, outcome, s.logp_snr))
 
     def try_each(self, step: str, cands: list[Candidate], clearly: bool = False) -> bool:
         """Score each candidate on top of the current edits; keep the best if it beats the current score
