@@ -46,7 +46,7 @@ def proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
     title = "candidates, cheapest fixes first (cosine and SNR: worst output, whole tensor or slice-normalised"
     title += "; compared by the log-probabilities of the Softmax outputs)" if logp else ")"
     tables = [table(title, ["step", "fix", "cosine", "SNR dB", "worst slice dB"] + (["log-prob SNR dB"] if logp else [])
-                    + ["float compute", "outcome"], rows)]
+                    + ["float compute" if p.cost_unit == "compute" else f"float share of {p.cost_unit}", "outcome"], rows)]
     lines = [f"Proposal: {p.choice}."]
     if p.edits:
         lines.append(f"  started from your edits, all kept in the cfg: {'; '.join(p.edits)}")
@@ -67,7 +67,7 @@ def proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
     cost = p.cost
     data = {
         "layers": p.layers, "entries": list(p.entries), "fixes": p.fixes, "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
-        "candidates": [r.to_dict() for r in p.table],
+        "candidates": [r.to_dict() for r in p.table], "candidate_cost_unit": p.cost_unit,
         "baseline": p.baseline.to_dict(), "baseline_label": p.baseline_label, "predicted": p.predicted.to_dict(),
         "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
         "predicted_ms": None if p.latency_ms is None else dict(zip(("before", "proposal", "fp32"), p.latency_ms)),

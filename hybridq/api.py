@@ -56,6 +56,7 @@ class Step1Result:
     config: Path | None = None  # the workspace hybridq.yaml that was read, if any
     notes: list[str] = field(default_factory=list)
     control_flow: dict[str, Any] = field(default_factory=dict)  # fold.FoldReport: fixed inputs, Ifs folded, nodes kept and why
+    warnings: list[str] = field(default_factory=list)  # the default int8 model far from fp32 (default_model.far_from_fp32)
 
 
 @dataclass
@@ -142,7 +143,7 @@ def step1(
     comments, prop, evaluator = _entry_comments(plan), None, None
     custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
     custom, custom_comments = {**custom, **inf_floats}, {**custom_comments, **inf_why}
-    floats, why, bias_comments, note = default_model.decide(temp, observers, meta, settings, entries, custom, plan, placement, ds, n)
+    floats, why, bias_comments, note, far = default_model.decide(temp, observers, meta, settings, entries, custom, plan, placement, ds, n)
     if note:
         cost_notes.append(note + (" The proposal was not run: no layer is quantized." if floats and proposal else ""))
     custom, custom_comments, proposal = {**custom, **floats}, {**custom_comments, **why}, None if floats else proposal
@@ -169,7 +170,7 @@ def step1(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=layers, fused=report.fused, renamed=report.renamed,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes() + cost_notes + plan.notes,
-        control_flow=report.control_flow.to_dict(),
+        control_flow=report.control_flow.to_dict(), warnings=[far] if far and prop is None else [],
     )
 
 

@@ -173,8 +173,9 @@ def step1(
                                        proposal_samples, max_size_mb, execution, max_slowdown) if proposal else None,
         )
     lines = _step1_lines(res)
+    warn(res.warnings)
     data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused, "renamed": res.renamed,
-            "config": res.config, "notes": res.notes, "control_flow": res.control_flow}
+            "config": res.config, "notes": res.notes, "warnings": res.warnings, "control_flow": res.control_flow}
     tables = [table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:
         ptables, plines, pdata = proposal_report(res.proposal)
@@ -257,6 +258,16 @@ def _cfg_beside(quant_model: Path | None) -> str | None:
     return str((named or found)[0]) if len(named or found) == 1 else None
 
 
+def _fallback_of(cfg: str | None) -> str:
+    """The precision analyze's next step suggests for a layer: float16 for a cfg written for target npu, else float32."""
+    from .config import load_cfg
+
+    try:
+        return "float16" if cfg is not None and load_cfg(Path(cfg)).settings.target == "npu" else "float32"
+    except HybridqError:  # an unreadable cfg is reported where it is used, not here
+        return "float32"
+
+
 @app.command()
 def analyze(
     float_model: Annotated[Optional[Path], typer.Argument(help="fp32 ONNX model.")] = None,
@@ -290,8 +301,8 @@ def analyze(
     """Compare a quantized model with the fp32 model, layer by layer.
 
     Per-layer error of QUANT_MODEL against FLOAT_MODEL: entire (accumulated) and single (isolated), with a snapshot.
-    The verdict comes first: OK, or CHECK with the next step. --json prints strict JSON (non-finite numbers are
-    null, listed by JSON Pointer under "nonfinite") with the verdict under "verdict". Exit codes: 0 ran (OK or
+    The verdict, OK or CHECK with the next step, follows the tables, where a terminal shows it last. --json prints strict
+    JSON (non-finite numbers are null, listed by JSON Pointer under "nonfinite"), the verdict first, under "verdict". Exit codes: 0 ran (OK or
     CHECK), 3 CHECK with --strict, 2 bad input, 1 failure. The preprocessing comes from QUANT_MODEL (step1
     recorded it in the cfg, step2 in the model); no options needed.
     """
@@ -326,7 +337,7 @@ def analyze(
         warn(getattr(result, "warnings", []))
         snapshot = str(dump) if dump is not None else None
     cfg = _cfg_beside(quant_model)
-    v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset)
+    v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset, fallback=_fallback_of(cfg))
     if dump is not None and from_dir is None and (cfg is not None or (target_cosine, target_snr) != (0.99, 20.0)):
         write_reports(result, dump, target_cosine, target_snr, v)  # the snapshot's reports: these thresholds, this cfg
     elif dump is not None and from_dir is not None:  # a snapshot or an RKNN folder rendered as reports elsewhere

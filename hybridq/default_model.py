@@ -30,6 +30,12 @@ from .settings import Settings
 
 SAMPLES = 8
 """Calibration samples the shifts are measured on (as the proposal's bias rung: its BIAS_SAMPLES)."""
+FAR_COSINE = 0.9
+FAR_FLIPS = 0.2
+"""The default int8 model is far from fp32 when an output's cosine on a calibration sample is below FAR_COSINE, or
+more than FAR_FLIPS of a distribution output's argmax decisions change: then step1 warns. PP-OCRv3 rec's default
+int8 model (BN-folded depthwise weights up to 265 reading one per-tensor uint8 input) decodes every frame as blank,
+output cosine 0.61; the PP-OCRv4 models' are at 0.98-0.999 with 3 % of decisions changed at most."""
 
 
 def corrected(
@@ -73,10 +79,59 @@ def decide(
 
     floats: dict[str, str] = {}
     why: dict[str, str] = {}
-    note = None
+    note, checked = None, None
     if settings.speed_check and placement.cpu_policy and speedcheck.default_layers(plan):
-        floats, why, note = speedcheck.decide(temp, lambda: default().model, plan, next(ds.samples(limit=1)))
+        floats, why, note, checked = speedcheck.decide(temp, lambda: default().model, plan, next(ds.samples(limit=1)))
     bias_comments: dict[str, str] = {}
     if settings.bias_correction and not floats:
         meta["written_entries"], bias_comments = corrected(default(), entries, plan, list(ds.samples(limit=min(n, SAMPLES))))
-    return floats, why, bias_comments, note
+    far = None if floats or not plan.layers else far_from_fp32(temp, default, checked, next(ds.samples(limit=1), None))
+    return floats, why, bias_comments, note, far
+
+
+def far_from_fp32(
+    temp: onnx.ModelProto, default: Any, checked: "speedcheck.SpeedCheck | None", sample: dict[str, np.ndarray] | None,
+) -> str | None:
+    """step1's warning when the default int8 model's outputs are far from fp32's on the first calibration sample (see
+    FAR_COSINE), else None. The speed check's warm-up outputs are used when it ran; otherwise both models run once."""
+    if checked is not None and checked.outputs is not None:
+        names, (ref, got) = [o.name for o in temp.graph.output], checked.outputs
+    elif sample is not None:
+        try:
+            runs = [session_for(m, basic=False) for m in (temp, default().model)]
+            names = [o.name for o in runs[0].get_outputs()]
+            ref, got = (s.run(names, {i.name: sample[i.name] for i in s.get_inputs()}) for s in runs)
+        except Exception:  # a check, not a step: a model that cannot run here is left to step2 and analyze
+            return None
+    else:
+        return None
+    far = [f for f in (_far(n, r, g) for n, r, g in zip(names, ref, got)) if f]
+    if not far:
+        return None
+    return (f"the default int8 model is far from fp32 on the first calibration sample ({'; '.join(far)}): layers quantized "
+            "here lose too much. `hybridq analyze` shows where the error starts; `hybridq step1 --proposal` (or `hybridq "
+            "propose --cfg ...`) chooses the layers to keep in float.")
+
+
+def _far(name: str, ref: np.ndarray, got: np.ndarray) -> str | None:
+    """Why one float output is far from fp32's (cosine, argmax decisions of a distribution), or None."""
+    if not (isinstance(ref, np.ndarray) and isinstance(got, np.ndarray)) or ref.dtype.kind != "f" or ref.shape != got.shape or not ref.size:
+        return None  # integer indices, sequences, or a shape that varies: not judged here
+    r, g = ref.astype(np.float64), got.astype(np.float64)
+    if not np.isfinite(r).all():
+        return None  # fp32 itself writes +-Inf or NaN here: no figure to hold the int8 model to
+    if not np.isfinite(g).all():
+        return f"{name}: values not finite"
+    denom = float(np.linalg.norm(r) * np.linalg.norm(g))
+    cos = float((r * g).sum()) / denom if denom > 0 else (1.0 if not r.any() and not g.any() else 0.0)
+    why = [f"cosine {cos:.3f}"] if cos < FAR_COSINE else []
+    if r.ndim and r.shape[-1] > 1 and r.min() >= -1e-6 and np.allclose(r.sum(axis=-1), 1.0, atol=1e-3):
+        want, have = r.argmax(-1).ravel(), g.argmax(-1).ravel()
+        # fp32's most frequent class (CTC's blank, a background) apart: a model that writes it everywhere is found
+        rare = want != np.bincount(want).argmax()
+        counted = rare if rare.sum() >= 3 else np.ones_like(rare)
+        changed = float(np.mean(want[counted] != have[counted]))
+        if changed > FAR_FLIPS:
+            what = "argmax decisions" if counted is not rare else "argmax decisions outside fp32's most frequent class"
+            why.append(f"{100 * changed:.0f} % of its {what} differ")
+    return f"{name}: " + ", ".join(why) if why else None

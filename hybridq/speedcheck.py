@@ -56,6 +56,7 @@ class SpeedCheck:
     fp32_ms: float
     int8_ms: float
     others: float = 0.0
+    outputs: tuple[list[np.ndarray], list[np.ndarray]] | None = None  # the warm-up run's outputs: fp32, int8
 
     @property
     def pays(self) -> bool:
@@ -65,19 +66,24 @@ class SpeedCheck:
         return f"1 thread: {self.int8_ms:.3g} ms int8 vs {self.fp32_ms:.3g} ms fp32"
 
 
-def time_pair(fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int) -> tuple[float, float]:
+def time_pair(
+    fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, outputs: list[list[np.ndarray]] | None = None,
+) -> tuple[float, float]:
     """Least CPU milliseconds per run of each model on `threads` threads (1 for CPU time to be the run's), runs interleaved.
 
     With one intra-op thread ONNX Runtime computes in the calling thread, so this thread's CPU time is the run's
     cost, which other work on a shared machine does not inflate as it does wall time; the least of the runs is the
     one it disturbed least (as :mod:`hybridq.costmodel` times). Wall-time medians flipped PP-OCR det on a loaded
     2-core Xeon: 146 ms int8 against 149 ms fp32 in one step1, where the latency rounds measured 120 against 146 ms.
+    `outputs`, when given, receives each model's outputs of the warm-up run (fp32's, then int8's).
     """
     sessions = [_runtime.session(m, threads=threads, log_level=3) for m in (fp32, int8)]
     feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
     runs: list[list[float]] = [[], []]
     for s, f in zip(sessions, feeds):
-        s.run(None, f)  # warm-up: first-run allocations and kernel selection
+        warm = s.run(None, f)  # warm-up: first-run allocations and kernel selection
+        if outputs is not None:
+            outputs.append(warm)
     start = time.perf_counter()
     while True:
         for k, (s, f) in enumerate(zip(sessions, feeds)):
@@ -97,8 +103,9 @@ def check(temp: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.ndarr
     """Time the default int8 model (built as step2 builds the cfg) against `temp`, on one thread, and measure the
     other work the machine did meanwhile."""
     before = _cpu_sample()
-    fp32_ms, int8_ms = time_pair(temp, int8, feed, threads=1)
-    return SpeedCheck(fp32_ms, int8_ms, _others(before, _cpu_sample()))
+    outputs: list[list[np.ndarray]] = []
+    fp32_ms, int8_ms = time_pair(temp, int8, feed, threads=1, outputs=outputs)
+    return SpeedCheck(fp32_ms, int8_ms, _others(before, _cpu_sample()), (outputs[0], outputs[1]) if len(outputs) == 2 else None)
 
 
 def _cpu_sample() -> tuple[float | None, float, float]:
@@ -129,21 +136,21 @@ def default_layers(plan: QuantPlan) -> list[str]:
 
 def decide(
     temp: onnx.ModelProto, int8: Callable[[], onnx.ModelProto], plan: QuantPlan, feed: dict[str, np.ndarray],
-) -> tuple[dict[str, str], dict[str, str], str]:
+) -> tuple[dict[str, str], dict[str, str], str, SpeedCheck | None]:
     """:func:`check` of the model `int8()` builds, then what step1 writes: custom_quantize_layers entries keeping every
-    default layer float (none when int8 pays), their comments, and step1's note."""
+    default layer float (none when int8 pays), their comments, step1's note, and the check (None when it failed)."""
     try:
         result = check(temp, int8(), feed)
     except Exception as exc:  # timing is an optimisation: a model that cannot be timed whole is placed by the MAC rules
         why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        return {}, {}, f"speed check: not run ({why}); placed by the MAC rules alone."
+        return {}, {}, f"speed check: not run ({why}); placed by the MAC rules alone.", None
     if result.pays:
-        return {}, {}, f"speed check: the int8 model is faster than fp32 on this CPU ({result.describe()})."
+        return {}, {}, f"speed check: the int8 model is faster than fp32 on this CPU ({result.describe()}).", result
     if result.others > BUSY:
         return {}, {}, (f"speed check: not decided ({result.describe()}, while other work used {result.others:.1f} cores, "
-                        "which slows int8 more than fp32): placed by the MAC rules; run step1 on a quiet machine to check.")
+                        "which slows int8 more than fp32): placed by the MAC rules; run step1 on a quiet machine to check."), result
     names = default_layers(plan)
     why = f"speed check: int8 is not faster than fp32 for this model on this CPU ({result.describe()})"
     note = (f"int8 is not faster than fp32 for this model on this CPU ({result.describe()}): kept {len(names)} layers float "
             "in the cfg; delete them from custom_quantize_layers, or set `speed_check: false`, to quantize anyway.")
-    return {n: "float32" for n in names}, {n: why for n in names}, note
+    return {n: "float32" for n in names}, {n: why for n in names}, note, result

@@ -690,7 +690,10 @@ def test_disk_full_in_the_temp_directory(ws, capsys, monkeypatch):
     def full(*_args, **_kwargs):
         _enospc()
 
-    monkeypatch.setattr(onnx, "save_model", full)
+    from hybridq import graph
+
+    monkeypatch.setattr(onnx, "save_model", full)  # a large model's copy
+    monkeypatch.setattr(graph, "open", full, raising=False)  # a small model's bytes, written as they were serialized
     status, output = hq(capsys, "step1", ws.model, "--dataset", ws.dataset, "--out", ws.root / "new")
     assert_clean((status, output), status, "No space left on device", "TMPDIR")
     assert status in (USAGE, FAILURE)
@@ -735,6 +738,27 @@ def test_analyze_bad_inputs_are_named(ws, capsys):
     status, output = hq(capsys, "analyze", ws.model, q, "--dataset", ws.dataset, "--dump", blocker / "snap")
     assert_clean((status, output), status, "blocker")
     assert status in (USAGE, FAILURE)
+
+
+def test_analyze_swapped_models_and_samples_the_model_cannot_run_are_usage_errors(ws, capsys):
+    hybridq.step2(*ws.artifacts, ws.root / "q.onnx")
+    q = ws.root / "q.onnx"
+    assert_clean(hq(capsys, "analyze", q, ws.model, "--dataset", ws.dataset), USAGE, "other way round")
+    # a model with free input dims that runs on 16x16 only (a Reshape to 3 x 256): 20x20 samples pass the loader
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+             helper.make_node("MatMul", ["flat", "w"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([1, 3, 256], np.int64), "shape"),
+             numpy_helper.from_array(np.random.default_rng(0).normal(0, 1, (256, 4)).astype(np.float32), "w")]
+    graph = helper.make_graph(nodes, "fixed_reshape", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 4])], inits)
+    path = ws.root / "reshape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    r = hybridq.step1(path, ws.dataset, out=ws.root / "rws", settings={"speed_check": False})
+    rq = hybridq.step2(r.model, r.data, r.cfg, ws.root / "rq.onnx").output
+    wrong = models.write_npy_dataset(ws.root / "wrong", {"x": (1, 3, 20, 20)}, 2)
+    assert_clean(hq(capsys, "analyze", path, rq, "--dataset", wrong), USAGE, "float model itself fails on the first sample", "x [1, 3, 20, 20]")
 
 
 # ---- property tests: random cfg edits and dataset lists never crash ------------------------------------

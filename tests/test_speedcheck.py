@@ -25,7 +25,7 @@ def _ops(path) -> set[str]:
 
 
 def _stub(monkeypatch, fp32_ms: float, int8_ms: float, seen: list | None = None) -> None:
-    def timed(fp32, int8, feed, threads):
+    def timed(fp32, int8, feed, threads, outputs=None):
         if seen is not None:
             seen.append((fp32, int8, threads))
         return fp32_ms, int8_ms

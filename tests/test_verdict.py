@@ -17,11 +17,13 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
+import hybridq
 from hybridq.analysis import AnalysisResult, LayerError, judge
 from hybridq.cli import main
 from hybridq.errors import ExitCode
 from hybridq.metrics import Metrics
 from hybridq.report import chart, render_html, write_reports
+from tests import models
 from tests.conftest import run
 
 SHAPE = (1, 7, 64)  # 4 box channels (0-320) then 3 score channels (sigmoid, 0-1), 64 anchors
@@ -240,6 +242,27 @@ def test_verdict_json_holds_worst_layers_and_next_step() -> None:
     assert "--cfg 'my ws/m.cfg'" in judge(_result(12, [9]), cfg="my ws/m.cfg").command
     assert d["cfg_entry"] == "custom_quantize_layers: {stage0.block9.conv: float32}"
     assert math.isfinite(d["worst_outputs"][0]["cosine"])
+    # a cfg written for an NPU falls back to float16: the next step says so
+    assert judge(_result(12, [9, 4]), fallback="float16").cfg_entry == "custom_quantize_layers: {stage0.block9.conv: float16}"
+
+
+def test_analyze_suggests_the_npu_fallback_for_a_cfg_written_for_npu(tmp_path) -> None:
+    from hybridq.cli import _fallback_of
+
+    r = hybridq.step1(*_npu_inputs(tmp_path), out=tmp_path / "npu", settings={"target": "npu"})
+    c = hybridq.step1(*_npu_inputs(tmp_path), out=tmp_path / "cpu")
+    assert (_fallback_of(str(r.cfg)), _fallback_of(str(c.cfg)), _fallback_of(None)) == ("float16", "float32", "float32")
+    broken = tmp_path / "broken.quantization.cfg"
+    broken.write_text("settings: [\n")
+    assert _fallback_of(str(broken)) == "float32"
+
+
+def _npu_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    path = tmp_path / "cnn.onnx"
+    if not path.exists():
+        onnx.save(models.residual_cnn(), path)
+        models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 4)
+    return path, tmp_path / "data" / "dataset.txt"
 
 
 # --------------------------------------------------------------------------- screenshot

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .. import _runtime
 from ..deployed import as_deployed
 from ..errors import HybridqError, InputError, ModelError
 from ..kernels import NOT_EXACT_NOTE, SATURATION_NOTE, u8s8_saturates
@@ -92,7 +93,7 @@ def analyze(
     when the snapshot cannot be written) is passed on, after ``sink.abort()``.
     """
     options = options or AnalysisOptions()
-    fm, qm = align_opsets(_load(float_model, "float model"), _load(quant_model, "quantized model"))
+    fm, qm = _models(float_model, quant_model)
     qm = as_deployed(qm)  # the kernels a plain session runs, exact where asked
     f, q = ModelIndex(fm), ModelIndex(qm)
     if sorted(q.inputs) != sorted(f.inputs):
@@ -125,7 +126,10 @@ def analyze(
             # a snapshot is written in sample order by one worker; otherwise one sample per core
             head = list(itertools.islice(samples, in_flight(options)))
             samples = itertools.chain(head, samples)
-            n = _run(work, m, samples, 1 if sink is not None else len(head), f.inputs, sink, on_sample, count)
+            try:
+                n = _run(work, m, samples, 1 if sink is not None else len(head), f.inputs, sink, on_sample, count)
+            except HybridqError as exc:  # a sample's run failed (not a load or a feed): the samples may not suit the model
+                raise (exc if isinstance(exc, (ModelError, InputError)) else _input_error(fm, first) or exc) from None
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
         layers = m.layers()
@@ -174,6 +178,42 @@ def _run(
     return n
 
 
+def _models(float_model: str | os.PathLike[str] | onnx.ModelProto, quant_model: str | os.PathLike[str] | onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """Both models loaded at one opset; an InputError when they are given the other way round."""
+    fm, qm = align_opsets(_load(float_model, "float model"), _load(quant_model, "quantized model"))
+    if _quantized(fm) and not _quantized(qm):
+        raise InputError("the float model holds quantized operators (QuantizeLinear/DequantizeLinear or integer kernels) and "
+                         "the quantized model none: the two are given the other way round. Give the fp32 model first, then the quantized one.")
+    return fm, qm
+
+
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits",
+                           "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"})
+
+
+def _quantized(model: onnx.ModelProto) -> bool:
+    """Does the main graph hold a quantization operator (Q/DQ, a QLinear or integer kernel, int4 weights)?"""
+    return any(n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear") for n in model.graph.node)
+
+
+def _input_error(fm: onnx.ModelProto, first: dict[str, np.ndarray] | None) -> InputError | None:
+    """An InputError when the float model alone cannot run on the first sample (the samples do not suit the model), else None."""
+    try:
+        sess = _runtime.session(fm, log_level=4)
+        feed = {i.name: first[i.name] for i in sess.get_inputs()} if first is not None else None
+    except Exception:  # the float model does not load alone, or the sample lacks an input: not this diagnosis
+        return None
+    if feed is None:
+        return None
+    try:
+        sess.run(None, feed)
+    except Exception as exc:  # whatever ONNX Runtime raises: the user's model and samples disagree
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feed.items())
+        return InputError(f"the float model itself fails on the first sample ({shapes}): {str(exc).splitlines()[0][:300]}. "
+                          "Give analyze samples shaped as the model input, as step1 was given (the same dataset format and preprocessing).")
+    return None
+
+
 def _known_count(samples: object) -> int | None:
     """How many samples there are, when that is known before iterating (a list, or a dataset's first N)."""
     if isinstance(samples, Sized):
@@ -184,6 +224,9 @@ def _known_count(samples: object) -> int | None:
 
 def _notes(notes: list[str], m: Measure, qm: onnx.ModelProto, host_int8: bool, layers: list) -> list[str]:
     """The plan's notes, then what the figures rest on: inexact kernels or their saturation, clipped comparisons."""
+    if not _quantized(qm):
+        notes.append("the quantized model holds no quantization operator (QuantizeLinear/DequantizeLinear or an integer "
+                     "kernel): check that QUANT_MODEL is the model step2 wrote")
     if m.exact_failed:
         notes.append(NOT_EXACT_NOTE)
     elif u8s8_saturates() and not host_int8 and _has_int8(qm):

@@ -65,7 +65,8 @@ class _Session:
             # own tensors (ORT's own threads would spin against them); one arena for all segment sessions:
             # a segment's outputs reuse the blocks the previous segment's freed while they are still in
             # cache (rec peak RSS 937 -> 254 MB)
-            self.sess = _runtime.session(model, exact_int8=not host_int8, threads=1, shared_arena=True, log_level=3)
+            # log level fatal: a failed run is reported once, by run()'s own error, not by ONNX Runtime's log line too
+            self.sess = _runtime.session(model, exact_int8=not host_int8, threads=1, shared_arena=True, log_level=4)
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load the {what}: {e}") from None
         self.exact_failed = not host_int8 and not _runtime.is_exact(self.sess)  # ORT could not make int8 exact: say so
@@ -79,6 +80,19 @@ class _Session:
             cls = InputError if "INVALID_ARGUMENT" in str(e) else HybridqError
             raise cls(f"running the {self.what} on sample {index} failed: {e}") from None
         return dict(zip(self.output_names, values))
+
+
+def _misfit(sess: Any, feed: dict[str, np.ndarray]) -> str:
+    """The first input of `sess` whose fixed dimensions `feed`'s array does not have ("" when all fit)."""
+    for i in sess.get_inputs():
+        if i.name not in feed:
+            continue
+        got = tuple(np.shape(feed[i.name]))
+        want = tuple(i.shape)
+        if len(got) != len(want) or any(isinstance(w, int) and w != g for w, g in zip(want, got)):
+            dims = ", ".join(str(w) if isinstance(w, int) else "?" for w in want)
+            return f"input {i.name!r} is [{dims}], the sample's array is {list(got)}"
+    return ""
 
 
 class Runner:
@@ -98,7 +112,14 @@ class Runner:
         """Each segment's outputs in turn; tensors are dropped once no later segment reads them."""
         env = dict(sample)
         for sess, keep in zip(self.sessions, self.keep):
-            out = sess.run(env, index)
+            try:
+                out = sess.run(env, index)
+            except HybridqError:
+                misfit = _misfit(self.sessions[0].sess, sample)  # the first segment reads the graph inputs
+                if misfit:
+                    raise InputError(f"sample {index} does not fit the model: {misfit}. Give analyze samples shaped as the "
+                                     "model input, as step1 was given (the same dataset format and preprocessing).") from None
+                raise
             yield out
             env.update(out)
             env = {k: v for k, v in env.items() if k in keep}

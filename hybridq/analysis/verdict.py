@@ -104,12 +104,14 @@ def judge(
     snapshot: str | None = None,
     cfg: str | None = None,
     dataset: str | None = None,
+    fallback: str = "float32",
 ) -> Verdict:
     """The verdict of ``result`` against the thresholds, with the next step.
 
     ``snapshot``, ``cfg`` and ``dataset`` are the paths put into the suggested
     ``hybridq propose`` command (without a snapshot, propose analyses anew;
-    placeholders ``MODEL.quantization.cfg`` and ``DATASET`` when unknown).
+    placeholders ``MODEL.quantization.cfg`` and ``DATASET`` when unknown). ``fallback`` is the precision the next
+    step suggests for a layer (float16 for a cfg written for target npu, whose fallback it is).
     """
     outs = result.output_layers() or result.layers[-1:]
     entries = sorted((_output_entry(o, cos_threshold, snr_threshold) for o in outs), key=_output_rank)
@@ -143,7 +145,7 @@ def judge(
                 "given to step1 before changing the cfg")
     elif adders:
         a = adders[0]
-        cfg_entry = f"custom_quantize_layers: {{{a.layer}: float32}}"
+        cfg_entry = f"custom_quantize_layers: {{{a.layer}: {fallback}}}"
         step = (
             f"layer {a.label} adds the most error: in the cfg set `{cfg_entry}` (or int16), "
             f"or clip the range (`min`/`max`) of its input tensors under quantize_parameters; "

@@ -109,6 +109,7 @@ class ProposalResult:
     built_layers: dict[str, int] = field(default_factory=dict)  # layers per precision of the model step2 builds from the written cfg
     warnings: list[str] = field(default_factory=list)
     latency_ms: tuple[float, float, float] | None = None  # predicted: the starting model, the proposal's, fp32 (measured cost model)
+    cost_unit: str = "compute"  # what a candidate's cost is a share of: compute (MACs), or quantized layers (an NPU)
 
 
 class _Climb:
@@ -228,6 +229,7 @@ def search(
     ms_budget = (max_slowdown - 1.0) * start_ms if start_ms is not None and max_slowdown is not None else None
     ms_added = {n: max(0.0, costs.fp32[n] - costs.int8[n]) for n in costs.int8 if n in costs.fp32} if costs is not None else {}
     ranked: list[tuple[str, float]] = []
+    unit = "compute"
     met_at_start = climb.met
     if met_at_start:
         _free_fixes(climb, samples, session)
@@ -251,6 +253,7 @@ def search(
     if not met_at_start and climb.prune():  # a free gain on a met target is kept, though the target holds without it
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
     result = _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
+    result.cost_unit = unit
     if costs is not None:
         result.latency_ms = (start_ms, predicted_latency(ctx.temp, climb.built.plan, costs), costs.model_fp32)
     return result
