@@ -2,7 +2,7 @@
 
     python bench/npu.py [--models rec,det,cls] [--variants int8,proposal] [--eval-limit N] [--no-fidelity]
 
-For each model: hybridq step1 --target npu (+ --proposal --fallback float16) and step2,
+For each model: hybridq step1 --target npu (+ --proposal, whose fallback on npu is float16) and step2,
 as CLI subprocesses (bench/run.py's `build_hybridq`), then the task metric (bench/run.py's
 tasks and data) in the exact-int8 simulation. RKNN's figures are copied from
 ../shared/rknn/README.md (its x86 simulator on the same models and data). Fidelity (default
@@ -101,10 +101,10 @@ def render_fidelity(rows: list[dict]) -> list[str]:
 
 
 def build(task: ppocr.Task, variant: str, calib_limit: int | None) -> tuple[Path, bench_run.Proc]:
-    """step1 --target npu (with --proposal --fallback float16 for `proposal`) and step2, through bench/run.py's builder."""
+    """step1 --target npu (with --proposal for `proposal`: float16 fallback, npu's default) and step2, through bench/run.py's builder."""
     work = WORK / task.name
     dataset = ppocr.write_calib_dataset(task, work / "calib", calib_limit)
-    extra = "--target npu" + (" --fallback float16" if variant == "proposal" else "")
+    extra = "--target npu"
     os.environ["HYBRIDQ_STEP1_ARGS"] = extra
     try:
         return bench_run.build_hybridq(variant == "proposal")(task.model, dataset, work / variant)
@@ -135,7 +135,7 @@ def render(rows: list[dict], eval_limit: int | None, fidelity_rows: list[dict] |
                      f">= {GOAL[r['model']]:.3f}, fewer float16 layers | {r.get('seconds', '')} |")
     lines += [
         "",
-        "hybridq's proposal here is the plain CLI one (`--proposal --fallback float16`: output cosine target 0.99, float "
+        "hybridq's proposal here is the plain CLI one (`--target npu --proposal`, float16 fallback by default on npu: output cosine target 0.99, float "
         "budget 5 % of the quantized layers), not a task-metric search; RKNN's used its cosine threshold 0.98. "
         "A proposal row with `(0)` met its target (or stopped) with range, clip and bias fixes only: no float16 layer.",
         *(render_fidelity(fidelity_rows) if fidelity_rows else []),

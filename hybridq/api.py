@@ -433,7 +433,7 @@ class ProposalOptions:
     target: Target = field(default_factory=Target)
     max_float_layers: int | None = None
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET  # float compute the proposal may add
-    fallback: str = "float32"
+    fallback: str | None = None  # None: the target's (float32 on cpu, float16 on npu)
     samples: int = 16  # scored on these; fixes are fitted on as many more when the dataset has them
     max_size_mb: float | None = None  # model-size budget (1 MB = 10^6 bytes), met first with int4 MatMul/Gemm weights
     execution: Execution | None = None  # where the analyses and candidate scores run (hybridq.execution); None: analyze's own pool, scores here
@@ -455,8 +455,9 @@ def run_proposal(
     ranges, bias shifts) are fitted on the rest when there are any, so a fix is judged on samples it was
     not fitted to.
     """
-    if options.fallback not in ("float32", "float16"):
+    if options.fallback not in (None, "float32", "float16"):
         raise InputError(f"--fallback {options.fallback!r} is not valid; use float32 (fastest on CPU) or float16 (NPUs).")
+    fallback = options.fallback or get_target(settings.target).fallback
     scored = samples[: options.samples]
     fit = samples[options.samples:] or scored
     shared = fit is scored
@@ -473,7 +474,7 @@ def run_proposal(
 
     with held(options.execution):  # one Ray instance for the whole search
         result = climb(
-            temp, observers, meta, settings, base, fit, evaluator, single=single, protected=set(keep), fallback=options.fallback,
+            temp, observers, meta, settings, base, fit, evaluator, single=single, protected=set(keep), fallback=fallback,
             max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
             started_from=baseline_label, analyse=analyse, where=where, max_size_mb=options.max_size_mb, max_slowdown=options.max_slowdown,
         )

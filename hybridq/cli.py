@@ -139,7 +139,7 @@ def step1(
     max_slowdown: MaxSlowOpt = None,
     eval_fn: EvalOpt = None,
     max_drop: MaxDropOpt = None,
-    fallback: FallbackOpt = "float32",
+    fallback: FallbackOpt = None,
     proposal_samples: PropSamplesOpt = 16,
     max_size_mb: MaxSizeOpt = None,
     fix_input: FixInputOpt = None,
@@ -420,7 +420,7 @@ def propose(
     max_slowdown: MaxSlowOpt = None,
     eval_fn: EvalOpt = None,
     max_drop: MaxDropOpt = None,
-    fallback: FallbackOpt = "float32",
+    fallback: FallbackOpt = None,
     proposal_samples: PropSamplesOpt = 16,
     max_size_mb: MaxSizeOpt = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit with code 3 when the target was not met (the cfg still holds the best "

@@ -97,13 +97,14 @@ class Target:
     deploy: Callable[[onnx.ModelProto], onnx.ModelProto]
     cost_by_layers: bool  # the proposal counts float layers (npu) rather than their share of the compute (cpu)
     doc: str
+    fallback: str = "float32"  # the precision the proposal gives a layer it takes out of int8 (--fallback's default)
 
 
 TARGETS: dict[str, Target] = {
     "cpu": Target("cpu", CPU_PLACEMENT, as_deployed, False,
                   "ONNX Runtime's CPU provider: Q/DQ around Conv/Gemm/MatMul, float where int8 is slower"),
     "npu": Target("npu", NPU_PLACEMENT, as_deployed, True,
-                  "an integer-only accelerator (RKNN, QNN HTP, Ethos-U): every activation between operators in int8"),
+                  "an integer-only accelerator (RKNN, QNN HTP, Ethos-U): every activation between operators in int8", "float16"),
 }
 """The targets, by the name `settings: target:` takes. The npu's simulation is the exact-int8 QDQ model
 (`deployed.as_deployed`; int8 products exact, see `kernels.py`), as for the cpu."""

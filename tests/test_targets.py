@@ -291,7 +291,7 @@ def test_analyze_and_proposal_on_an_npu_model(npu_build, tmp_path):
     assert {"add", "sub", "cat", "sm", "ln", "rm"} <= measured  # elementwise, concat, softmax, norm, reduce: int8 on npu
     # a cosine only float can reach: the proposal must move layers to float16 (the npu fallback) and verify it
     r = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"},
-                      proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, fallback="float16", samples=4))
+                      proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, samples=4))  # npu's fallback: float16
     p = r.proposal
     assert p.layers and set(p.layers.values()) == {"float16"}
     text = Path(r.cfg).read_text()
