@@ -256,7 +256,7 @@ def step2(
     op_types = {n.name: n.op_type for n in temp.graph.node}
     for r in resolved:
         lp = rewrite.layers.get(r.node)
-        r.effective = lp["precision"] if lp else "float32"
+        r.effective = (parsed.settings.dtype if lp["precision"] == "default" else lp["precision"]) if lp else "float32"
         if r.requested in ("uint8", "int8", "int16") and lp is None:
             raise ConfigError(
                 f"{parsed.path}:{parsed.custom_lines.get(r.entry, 0)}: custom_quantize_layers['{r.entry}'] = {r.requested} has no effect: "
@@ -273,7 +273,7 @@ def step2(
     size_fp32 = model_bytes(temp)
     return Step2Result(
         output=out_path,
-        layers=_count_precisions(rewrite),
+        layers=_count_precisions(rewrite, parsed.settings.dtype),
         resolved=resolved,
         size_fp32=size_fp32,
         size_quant=os.path.getsize(out_path),
@@ -297,10 +297,12 @@ def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[
         model.metadata_props.add(key=key, value=value)
 
 
-def _count_precisions(rewrite: RewriteResult) -> dict[str, int]:
+def _count_precisions(rewrite: RewriteResult, dtype: str) -> dict[str, int]:
+    """Layers per precision in the built model, `default` counted as the cfg's dtype (as step1 counts them)."""
     counts: dict[str, int] = {}
     for lp in rewrite.layers.values():
-        counts[lp["precision"]] = counts.get(lp["precision"], 0) + 1
+        key = dtype if lp["precision"] == "default" else lp["precision"]
+        counts[key] = counts.get(key, 0) + 1
     return counts
 
 

@@ -159,6 +159,13 @@ def test_npu_integer_simulation_matches_the_reference(npu_build):
     assert np.array_equal(q_of("cat")[0], np.concatenate(parts, axis=1))
 
 
+def test_step1_and_step2_count_npu_layers_alike(npu_build, tmp_path):
+    """Elementwise and pooling layers quantized by default are counted as the cfg's dtype by both steps, never as `default`."""
+    _, _, r1, _ = npu_build
+    r2 = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "again.onnx")
+    assert "default" not in r2.layers and r2.layers == r1.layers and r2.layers.get("uint8", 0) > 10
+
+
 def test_npu_float16_fallback_boundary(npu_build, tmp_path):
     """A float16 layer reads the int8 view through Cast(float16) and writes through Cast(float) into the next Q."""
     _, _, r1, _ = npu_build
