@@ -108,3 +108,44 @@ def test_zero_exact_and_every_q_in_range(lo, hi, dtype, symmetric, per_channel, 
     assert np.all(qp.scale > 0)
     a, b = qrange(dtype, symmetric)
     assert a <= qp.zero_point.min() and qp.zero_point.max() <= b
+
+
+def test_a_bias_beside_near_zero_weights_fits_int32_by_a_coarser_weight_scale(tmp_path):
+    """Channel 3's weights are 1e-9: its int32 bias (scale s_x * s_w) would overflow. step2 raises that channel's weight
+    scale instead of keeping the bias float, which ONNX Runtime would quantize (and saturate) itself when it fuses the
+    layer: the model then runs the same with or without ORT's WeightBiasQuantization, and as numpy computes it."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    import hybridq
+    from tests import models
+
+    rng = np.random.default_rng(2)
+    w1 = rng.normal(0, 0.5, (4, 3, 1, 1)).astype(np.float32)
+    w1[3] = 1e-9
+    b1 = np.array([0.1, -0.2, 0.3, 5.0], np.float32)
+    w2 = rng.normal(0, 0.5, (2, 4, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])],
+                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 8, 8)}, 4)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"speed_check": False, "float_stem": False})
+    r2 = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    assert any("bias fits int32" in n for n in r2.notes) and not any("kept float" in n for n in r2.notes)
+    q = onnx.load(str(r2.output))
+    conv1 = next(n for n in q.graph.node if n.name == "conv1")
+    assert conv1.input[2].endswith("_dequantized")  # the bias is read through a DequantizeLinear of int32
+    x = np.load(listing.parent / "x_0.npy")
+    plain = ort.InferenceSession(str(r2.output), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    unfused = ort.InferenceSession(str(r2.output), providers=["CPUExecutionProvider"],
+                                   disabled_optimizers=["WeightBiasQuantization", "QDQSelectorActionTransformer"]).run(None, {"x": x})[0]
+    fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    step = float(np.abs(fp32).max()) / 127
+    assert np.abs(plain - unfused).max() <= 2 * step  # fused int8 kernels against Q/DQ computed in float: a rounding apart
+    cos = float((plain * fp32).sum() / np.linalg.norm(plain) / np.linalg.norm(fp32))
+    assert cos > 0.99  # channel 3 (5.0 from its bias alone) survives

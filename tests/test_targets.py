@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import hybridq
@@ -519,3 +520,32 @@ def test_cpu_to_npu_is_refused_when_a_tensor_was_observed_on_the_first_batches_o
     cfg.write_text(cfg.read_text().replace("target: cpu", "target: npu"))
     with pytest.raises(ConfigError, match=r"step1 calibrated this model for 'cpu': \d+ tensor\(s\) the npu target quantizes have no usable"):
         hybridq.step2(r1.model, r1.data, cfg, tmp_path / "q.onnx")
+
+
+def test_a_float32_layer_of_an_npu_model_stays_float_in_the_simulation(tmp_path):
+    """ONNX Runtime's WeightBiasQuantization would quantize a float32 layer that reads a DequantizeLinear and feeds a
+    QuantizeLinear (an npu float32 fallback); the exact sessions hybridq measures with leave it float, as onnx.reference does."""
+    from hybridq import _runtime
+
+    rng = np.random.default_rng(4)
+    w1, w2 = rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32), rng.normal(0, 0.5, (4, 8, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["h0"], name="conv0"), helper.make_node("Conv", ["h0", "w1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["h", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "three_convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 1, 1)).astype(np.float32), "w0"), numpy_helper.from_array(w1, "w1"),
+                               numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b1"),
+                               numpy_helper.from_array(w2, "w2")])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 4)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    r1.cfg.write_text(r1.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv1: float32"))
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    assert any(n.op_type == "Conv" and n.name == "conv1" and n.input[1] == "w1" for n in q.graph.node), "conv1 keeps its float weight"
+    x = np.load(listing.parent / "x_0.npy")
+    want = ReferenceEvaluator(convert_opset(q, 21)).run(None, {"x": x})[0]
+    got = _runtime.session(q, exact_int8=True).run(None, {"x": x})[0]
+    plain = _runtime.session(q).run(None, {"x": x})[0]  # ORT's default: conv1's weights quantized by WeightBiasQuantization
+    assert np.abs(got - want).max() < 0.2 * np.abs(plain - want).max()
+    assert np.mean(np.isclose(got, want, atol=1e-5)) > 0.95  # the rest: int8 kernels against float Q/DQ, a rounding apart
