@@ -42,9 +42,10 @@ def session_for(
                 work.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
 
     try:
-        # a quantized model (proposal candidates) computes the same on every CPU
+        # a quantized model (proposal candidates) computes the same on every CPU; log level fatal: a run that fails
+        # raises, and its caller names the sample, so ONNX Runtime's own error line would only repeat it
         return _runtime.session(
-            work, exact_int8=True, threads=threads, optimization="basic" if basic else "all", mem_pattern=not lean, log_level=3
+            work, exact_int8=True, threads=threads, optimization="basic" if basic else "all", mem_pattern=not lean, log_level=4
         )
     except Exception as exc:
         raise ModelError(f"ONNX Runtime cannot run the model: {str(exc).splitlines()[0]}") from exc
