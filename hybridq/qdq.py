@@ -248,10 +248,11 @@ class _Rewrite:
                 continue
             qp_w = out[bp.weight]
             s_x = float(np.asarray(act_params[bp.activation].scale, np.float64).reshape(-1)[0])
+            bias = np.abs(self.g.init_array(b).astype(np.float64).reshape(-1))
             scale = np.asarray(qp_w.scale, np.float64).reshape(-1)
-            need = np.abs(self.g.init_array(b).astype(np.float64).reshape(-1)) / (s_x * INT32_LIMIT) * (1 + 1e-3)
-            if s_x <= 0 or (scale.size != 1 and scale.size != need.size):
-                continue
+            if not s_x > 0 or (scale.size != 1 and scale.size != bias.size):
+                continue  # biases() keeps such a bias float and says so
+            need = bias / (s_x * INT32_LIMIT) * (1 + 1e-3)
             fitted = np.maximum(scale, need.max() if scale.size == 1 else need)
             if np.any(fitted > scale):
                 out[bp.weight] = QParams(qp_w.dtype, fitted.astype(np.float32).reshape(np.shape(qp_w.scale)), qp_w.zero_point, qp_w.axis)
