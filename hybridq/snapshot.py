@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import struct
 import time
 from hashlib import sha1
@@ -114,6 +115,9 @@ class _NpyAppender:
         self.tmp.unlink(missing_ok=True)
 
 
+DISK_RESERVE = 1 << 30
+"""Without --max-bytes a dump stops before it leaves less than this free on its disk (or 5 % of the disk, the larger):
+a 640x640 detector writes 0.7 GB of arrays per sample, so 100 samples could fill a disk and fail the run."""
 ORPHAN_AGE_S = 600.0  # a dump appends to its temp files sample by sample: one untouched this long is no live dump's
 
 
@@ -168,6 +172,7 @@ class ArrayDump:
         self.seen = 0
         self.stopped = False
         self.made: list[Path] = []  # directories start() created: an aborted dump takes them back
+        self.disk_cap: int | None = None  # without max_bytes: the bytes the disk can take and keep DISK_RESERVE free
 
     def start(self, tensors: list[str]) -> None:
         """Create ``DIR/fp32`` and ``DIR/quant`` for ``tensors`` (graph order: the order kept under a cap)."""
@@ -185,13 +190,17 @@ class ArrayDump:
             raise OutputError(f"cannot create the snapshot directory '{self.root}': {e.strerror or e}") from None
         for d in (self.root / "fp32", self.root / "quant"):
             _sweep_orphans(d)
+        if self.max_bytes is None:
+            with contextlib.suppress(OSError):
+                usage = shutil.disk_usage(self.root)
+                self.disk_cap = max(0, usage.free - max(DISK_RESERVE, usage.total // 20))
 
     def add_sample(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Append one sample: ``{tensor: (fp32 array, quant array)}``."""
         self.seen += 1
         if self.stopped:
             return
-        cap = self.max_bytes
+        cap = self.max_bytes if self.max_bytes is not None else self.disk_cap
         if self.kept is None:
             self.kept, total = [], 0
             for t in self.order:
@@ -250,8 +259,10 @@ class ArrayDump:
         total = len(result.layers)
         if kept < total or self.samples < self.seen:
             left = [layer.tensor for layer in result.layers if layer.tensor not in self.files]
+            why = (f"snapshot capped at {self.max_bytes} bytes (--max-bytes)" if self.max_bytes is not None else
+                   f"snapshot stopped to keep free space on the disk holding '{self.root}' (pass --max-bytes to choose the cap)")
             msg = (
-                f"snapshot capped at {self.max_bytes} bytes (--max-bytes): arrays written for "
+                f"{why}: arrays written for "
                 f"{kept} of {total} tensors and {self.samples} of {self.seen} samples "
                 f"({self.bytes} bytes)"
             )

@@ -495,6 +495,24 @@ def test_max_bytes_caps_the_dump_but_not_the_metrics(tmp_path: Path) -> None:
     assert not [p for p in snap.rglob(".*")]
 
 
+def test_a_dump_without_max_bytes_stops_before_the_disk_fills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk reports room for one sample's arrays beyond the reserve: the dump stops there, says why, and the metrics
+    still cover every sample."""
+    from collections import namedtuple
+
+    from hybridq import snapshot
+
+    one = 2 * 4 * 36 * 4 * 3  # fp32 + quant arrays of the three tensors of one sample
+    reserve = snapshot.DISK_RESERVE  # a disk of 20 reserves: 5 % of it is the reserve itself
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(snapshot.shutil, "disk_usage", lambda p: usage(20 * reserve, 0, reserve + one + 10))
+    result = analyze_samples(float_model(), quant_model(True), samples(3), dump=tmp_path / "snap")
+    assert result.dumped_samples == 1 and all(layer.entire.n_samples == 3 for layer in result.layers)
+    assert "stopped to keep free space on the disk" in result.dump_message and "--max-bytes" in result.dump_message
+    unlimited = analyze_samples(float_model(), quant_model(True), samples(3), dump=tmp_path / "snap2", max_bytes=10 ** 9)
+    assert unlimited.dumped_samples == 3 and unlimited.dump_message is None  # --max-bytes chosen: the user's cap rules
+
+
 def test_plan_is_data_and_deterministic() -> None:
     p1 = plan_analysis(float_model(), quant_model(False))
     p2 = plan_analysis(float_model(), quant_model(False))
