@@ -14,7 +14,7 @@ keeps it only where the built model measures better.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -24,6 +24,7 @@ from .build import Built, build, edits_from
 from .calibration import session_for
 from .config import CfgEntry, short_float
 from .dataset import Dataset
+from .metrics import cosine, is_distribution
 from .observers import HistogramObserver
 from .plan import GraphView, Placement, QuantPlan
 from .settings import Settings
@@ -90,7 +91,7 @@ def decide(
 
 
 def far_from_fp32(
-    temp: onnx.ModelProto, default: Any, checked: "speedcheck.SpeedCheck | None", sample: dict[str, np.ndarray] | None,
+    temp: onnx.ModelProto, default: Callable[[], Built], checked: speedcheck.SpeedCheck | None, sample: dict[str, np.ndarray] | None,
 ) -> str | None:
     """step1's warning when the default int8 model's outputs are far from fp32's on the first calibration sample (see
     FAR_COSINE), else None. The speed check's warm-up outputs are used when it ran; otherwise both models run once."""
@@ -117,16 +118,14 @@ def _far(name: str, ref: np.ndarray, got: np.ndarray) -> str | None:
     """Why one float output is far from fp32's (cosine, argmax decisions of a distribution), or None."""
     if not (isinstance(ref, np.ndarray) and isinstance(got, np.ndarray)) or ref.dtype.kind != "f" or ref.shape != got.shape or not ref.size:
         return None  # integer indices, sequences, or a shape that varies: not judged here
-    r, g = ref.astype(np.float64), got.astype(np.float64)
-    if not np.isfinite(r).all():
+    if not np.isfinite(ref).all():
         return None  # fp32 itself writes +-Inf or NaN here: no figure to hold the int8 model to
-    if not np.isfinite(g).all():
+    if not np.isfinite(got).all():
         return f"{name}: values not finite"
-    denom = float(np.linalg.norm(r) * np.linalg.norm(g))
-    cos = float((r * g).sum()) / denom if denom > 0 else (1.0 if not r.any() and not g.any() else 0.0)
+    cos = cosine(ref, got)
     why = [f"cosine {cos:.3f}"] if cos < FAR_COSINE else []
-    if r.ndim and r.shape[-1] > 1 and r.min() >= -1e-6 and np.allclose(r.sum(axis=-1), 1.0, atol=1e-3):
-        want, have = r.argmax(-1).ravel(), g.argmax(-1).ravel()
+    if is_distribution(ref, -1):
+        want, have = ref.argmax(-1).ravel(), got.argmax(-1).ravel()
         # fp32's most frequent class (CTC's blank, a background) apart: a model that writes it everywhere is found
         rare = want != np.bincount(want).argmax()
         counted = rare if rare.sum() >= 3 else np.ones_like(rare)

@@ -92,6 +92,16 @@ def cosine(a: Any, b: Any) -> float:
     return _cosine_from(xy, xx, yy)
 
 
+def is_distribution(ref: np.ndarray, axis: int) -> bool:
+    """Are the values along `axis` probabilities (or log-probabilities) summing to one (a Softmax's output)?"""
+    p = np.asarray(ref, dtype=np.float64)
+    if p.ndim == 0 or p.shape[axis] < 2:
+        return False
+    if p.max(initial=0.0) <= 0.0:  # LogSoftmax
+        p = np.exp(p)
+    return bool(p.min() >= -1e-6 and np.allclose(p.sum(axis=axis), 1.0, atol=1e-3))
+
+
 def euclid(a: Any, b: Any) -> float:
     """Euclidean distance ``|a - b|_2`` (0.0 for identical or empty inputs)."""
     return math.sqrt(_sums(a, b)[3])

@@ -138,6 +138,17 @@ def write_npy_dataset(directory: Path, shapes: dict[str, tuple[int, ...]], n: in
     return listing
 
 
+def residual_cnn_step1(root: Path, seed: int = 0) -> Path:
+    """The residual CNN saved as root/cnn.onnx, 4 samples in root/data, step1 into root/ws; returns the dataset listing."""
+    import hybridq
+
+    root.mkdir(parents=True, exist_ok=True)
+    onnx.save(residual_cnn(seed=seed), root / "cnn.onnx")
+    listing = write_npy_dataset(root / "data", {"x": (1, 3, 16, 16)}, 4)
+    hybridq.step1(root / "cnn.onnx", listing, out=root / "ws")
+    return listing
+
+
 def outlier_channel_cnn(seed: int = 0) -> onnx.ModelProto:
     """Four convs; conv1 writes one channel ~300x larger than the others (input x [1,8,16,16]).
 

@@ -30,9 +30,7 @@ def hq(capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """step1 + step2 of the residual CNN (conv2 absorbs a BatchNorm) on 4 samples."""
     root = tmp_path_factory.mktemp("built")
-    onnx.save(models.residual_cnn(), root / "cnn.onnx")
-    listing = models.write_npy_dataset(root / "data", {"x": (1, 3, 16, 16)}, 4)
-    hybridq.step1(root / "cnn.onnx", listing, out=root / "ws")
+    models.residual_cnn_step1(root)
     hybridq.step2(root / "ws" / "cnn.model", root / "ws" / "cnn.data", root / "ws" / "cnn.quantization.cfg", root / "q.onnx")
     return root
 

@@ -91,9 +91,7 @@ class Ws:
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One step1 run of the residual CNN (and one of another model, in other/), copied by each test."""
     root = tmp_path_factory.mktemp("pristine")
-    onnx.save(models.residual_cnn(), root / "cnn.onnx")
-    listing = models.write_npy_dataset(root / "data", {"x": (1, 3, 16, 16)}, 4)
-    hybridq.step1(root / "cnn.onnx", listing, out=root / "ws")
+    listing = models.residual_cnn_step1(root)
     (root / "other").mkdir()
     onnx.save(models.residual_cnn(seed=7), root / "other" / "cnn.onnx")
     hybridq.step1(root / "other" / "cnn.onnx", listing, out=root / "other" / "ws")

@@ -82,19 +82,6 @@ class _Session:
         return dict(zip(self.output_names, values))
 
 
-def _misfit(sess: Any, feed: dict[str, np.ndarray]) -> str:
-    """The first input of `sess` whose fixed dimensions `feed`'s array does not have ("" when all fit)."""
-    for i in sess.get_inputs():
-        if i.name not in feed:
-            continue
-        got = tuple(np.shape(feed[i.name]))
-        want = tuple(i.shape)
-        if len(got) != len(want) or any(isinstance(w, int) and w != g for w, g in zip(want, got)):
-            dims = ", ".join(str(w) if isinstance(w, int) else "?" for w in want)
-            return f"input {i.name!r} is [{dims}], the sample's array is {list(got)}"
-    return ""
-
-
 class Runner:
     """The analysis graph as a chain of sessions, one per segment (see :mod:`hybridq.segments`)."""
 
@@ -112,14 +99,7 @@ class Runner:
         """Each segment's outputs in turn; tensors are dropped once no later segment reads them."""
         env = dict(sample)
         for sess, keep in zip(self.sessions, self.keep):
-            try:
-                out = sess.run(env, index)
-            except HybridqError:
-                misfit = _misfit(self.sessions[0].sess, sample)  # the first segment reads the graph inputs
-                if misfit:
-                    raise InputError(f"sample {index} does not fit the model: {misfit}. Give analyze samples shaped as the "
-                                     "model input, as step1 was given (the same dataset format and preprocessing).") from None
-                raise
+            out = sess.run(env, index)
             yield out
             env.update(out)
             env = {k: v for k, v in env.items() if k in keep}

@@ -43,7 +43,7 @@ from ..calibration import session_for
 from ..dataset import load_callable
 from ..errors import InputError
 from ..execution import Execution, Progress, Shard, contiguous, execute
-from ..metrics import SNR_DEFAULT, SliceAccumulator, SliceMetrics, channel_axis, normalised, output_ok, slice_sums
+from ..metrics import SNR_DEFAULT, SliceAccumulator, SliceMetrics, channel_axis, is_distribution, normalised, output_ok, slice_sums
 
 
 @dataclass
@@ -348,7 +348,7 @@ class Evaluator:
         self.names = [o.name for o in sess.get_outputs()]
         self.ref = [sess.run(self.names, s) for s in samples]
         self.class_axis = {n: a for n, a in _softmax_axes(fp32, self.names).items()
-                           if all(_is_distribution(r[self.names.index(n)], a) for r in self.ref)}
+                           if all(is_distribution(r[self.names.index(n)], a) for r in self.ref)}
         layouts = [_Layout.of([np.shape(ref[i]) for ref in self.ref]) for i in range(len(self.names))] if self.ref else []
         self.evaluations = 0
         self._eval = None
@@ -450,7 +450,7 @@ def _softmax_axes(model: onnx.ModelProto, outputs: list[str]) -> dict[str, int]:
     """Outputs a Softmax (or LogSoftmax) writes, directly or through reshapes, with the axis its decision is taken along.
 
     Through a reshape the decision axis is the last one: kept only where the fp32 outputs are a distribution along
-    it (see :func:`_is_distribution`), since a reshape may move the normalised axis.
+    it (see :func:`hybridq.metrics.is_distribution`), since a reshape may move the normalised axis.
     """
     index = GraphIndex(model.graph)
     axes: dict[str, int] = {}
@@ -462,12 +462,3 @@ def _softmax_axes(model: onnx.ModelProto, outputs: list[str]) -> dict[str, int]:
             axes[name] = -1 if reshaped else next((a.i for a in node.attribute if a.name == "axis"), -1)
     return axes
 
-
-def _is_distribution(ref: np.ndarray, axis: int) -> bool:
-    """Are the values along `axis` probabilities (or log-probabilities) summing to one?"""
-    p = np.asarray(ref, dtype=np.float64)
-    if p.ndim == 0 or p.shape[axis] < 2:
-        return False
-    if p.max(initial=0.0) <= 0.0:  # LogSoftmax
-        p = np.exp(p)
-    return bool(p.min() >= -1e-6 and np.allclose(p.sum(axis=axis), 1.0, atol=1e-3))
