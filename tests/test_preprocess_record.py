@@ -202,3 +202,16 @@ def test_npy_calibration_records_no_preprocessing_but_the_input_range(cnn_ws):
     assert record.input_ranges["x"]["min"] == pytest.approx(float(xs.min())) and record.input_ranges["x"]["max"] == pytest.approx(float(xs.max()))
     out = api.analyze(cnn_ws["model"], res.cfg, cnn_ws["dataset"], preprocess={"mean": (1.0,), "layout": "nchw"})
     assert out.warnings == []
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_batch_figures_match_float64_numpy(dtype):
+    """Min, max, sum and sum of squares of a batch (non-contiguous here) as numpy computes them on a float64 copy."""
+    from hybridq.recorded import batch_figures
+
+    x = (np.random.default_rng(0).normal(3.0, 40.0, (2, 3, 17, 19)).astype(dtype)).transpose(0, 2, 3, 1)
+    ref = x.astype(np.float64)
+    lo, hi, s, ss, n = batch_figures({"x": x, "ids": np.arange(4)})["x"]
+    assert (lo, hi, n) == (ref.min(), ref.max(), ref.size)
+    assert (s, ss) == (ref.sum(), np.square(ref).sum())  # the same float64 sums, bit for bit
+    assert list(batch_figures({"ids": np.arange(4), "e": np.zeros((0, 3), np.float32)})) == []
