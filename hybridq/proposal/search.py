@@ -392,13 +392,16 @@ def _greedy_head(climb: _Climb, head: list[list[str]], candidate: Callable[[list
     return kept, False
 
 
-def _cheapest_alike(climb: _Climb, found: list[tuple[State, Row]]) -> tuple[State, Row]:
+def _cheapest_alike(climb: _Climb, found: list[tuple[State, Row]]) -> tuple[State, Row] | None:
     """Below the target: the cheapest candidate as good as the best one, within what the measure resolves
-    (evaluator.RESOLUTION_DB), so a tenth of a dB does not buy ten more float layers."""
+    (evaluator.RESOLUTION_DB), so a tenth of a dB does not buy ten more float layers; None when the current
+    state, which adds no float layer, is itself as good as the best (then no float layer is bought at all)."""
     best = found[0]
     for f in found[1:]:
         if climb.better(f[0][0], best[0][0]):
             best = f
+    if climb.evaluator.as_good(climb.score, best[0][0]):
+        return None
     alike = [f for f in found if climb.evaluator.as_good(f[0][0], best[0][0])]
     return min(alike, key=lambda f: f[0][1].cost)
 
@@ -441,7 +444,14 @@ def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str
         if not found:
             top_row.outcome = "no gain"
             return f"{prefix or 'no change'}; target NOT met"
-        best, row = _cheapest_alike(climb, found)
+        alike = _cheapest_alike(climb, found)
+        if alike is None:
+            for _, r in found:
+                r.outcome = "no clear gain over no float layer"
+            if not any(r is top_row for _, r in found):
+                top_row.outcome = "no gain"
+            return f"{prefix or 'no change'}; target NOT met: no float layer within the budget gains more than the measure resolves"
+        best, row = alike
         if row is not top_row:
             top_row.outcome = "no better than a cheaper one" if climb.better(top[0], climb.score) else "no gain"
         _keep_float(climb, best, row, "kept: best within the budget (cheapest of the alike)")
