@@ -73,7 +73,7 @@ class CalibrationJob:
         threads = max(1, self._threads - 1) if self._threads else 0
         observers = calibrate(self.model, batches(), tensors=tensors, histograms=self.histograms, describe=lambda i: describe(first + i),
                               on_batch=progress, range_batches=ranged, threads=threads, hessians=self.hessians,
-                                 subsample=self.subsample)
+                                 subsample=self.subsample, first_batch=first)
         for name, obs in observers.items():
             self._observers.setdefault(name, _empty_like(obs)).merge(obs)
         return figures

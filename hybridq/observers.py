@@ -76,10 +76,12 @@ class HistogramObserver:
         self.merge(HistogramObserver.of(x, self.bins))
 
     @classmethod
-    def of(cls, x: np.ndarray, bins: bool = True, subsample: int = SUBSAMPLE) -> "HistogramObserver":
+    def of(cls, x: np.ndarray, bins: bool = True, subsample: int = SUBSAMPLE, phase: int = 0) -> "HistogramObserver":
         """The statistics of one batch alone (`update` merges them); raises ValueError on NaN. +-Inf values are
         left out of the statistics and flag the observer `infinite`. Batches over `subsample` values are binned
-        from a strided subsample (min, max and count stay exact)."""
+        from every step-th value, starting at `phase` modulo the step (min, max and count stay exact): a calibration
+        turns the phase with the batch index, so over as many batches as the step every position is seen alike (a
+        fixed start would see one column of every step-th and never a hot pixel beside it)."""
         x = np.asarray(x)
         if x.size == 0:
             return cls(bins=bins)
@@ -88,7 +90,7 @@ class HistogramObserver:
             if math.isnan(lo) or math.isnan(hi) or np.isnan(x).any():
                 raise ValueError("non-finite values (NaN)")
             finite = x[np.isfinite(x)]
-            other = cls.of(finite, bins, subsample) if finite.size else cls(bins=bins)
+            other = cls.of(finite, bins, subsample, phase) if finite.size else cls(bins=bins)
             other.infinite = True
             return other
         other = cls(lo, hi, int(x.size), bins=bins)
@@ -98,7 +100,7 @@ class HistogramObserver:
         other.start = math.floor(lo / 2.0**other.exponent)
         flat = x.ravel()
         step = max(1, flat.size // subsample)
-        other.counts = _bin_counts(flat[::step], other.exponent, other.start) * step
+        other.counts = _bin_counts(flat[phase % step :: step], other.exponent, other.start) * step
         return other
 
     def update_range(self, lo: float, hi: float, n: int) -> None:

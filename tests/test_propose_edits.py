@@ -203,9 +203,10 @@ def test_summary_line_counts_proposed_and_policy_floats_as_the_built_model_runs_
 
 def test_nothing_changed_leaves_the_cfg_byte_identical_and_writes_no_backup(cnn_ws, capsys):
     r1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=cnn_ws["dir"] / "ws")
-    # The default meets the target; bias correction, free at run time, clearly helps, and the ranges after it: written once.
+    # The default meets the target; bias correction, free at run time, clearly helps (+6.6 dB), the ranges after it do not
+    # beyond what 12 samples resolve (+0.5 dB): written once.
     code, out, err = cli(capsys, "propose", "--cfg", r1.cfg, "-d", cnn_ws["dataset"], "--target-cosine", "0.9")
-    assert code == 0 and "Proposal: bias correction on 3 layer(s), percentile ranges on 3 tensor(s)." in out and "Wrote" in out, out + err
+    assert code == 0 and "Proposal: bias correction on 3 layer(s)." in out and "Wrote" in out, out + err
     backups = sorted(r1.cfg.parent.glob("*.bak"))
     # Proposing again finds nothing more: the cfg is left alone, byte for byte, with no new backup.
     for custom in ("{}", "\n  fc: float32  # keep the classifier float"):
