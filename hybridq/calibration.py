@@ -19,7 +19,7 @@ import onnx
 from . import _runtime
 from .errors import DatasetError, ModelError
 from .graph import float_activations, tensor_shapes
-from .observers import HESSIAN_SUFFIX, SUBSAMPLE, HessianObserver, HistogramObserver
+from .observers import HESSIAN_SUFFIX, HessianObserver, HistogramObserver
 
 
 def session_for(
@@ -81,8 +81,6 @@ def calibrate(
     range_batches: int | None = 8,
     hessians: Iterable[str] = (),
     threads: int = 0,
-    subsample: int = SUBSAMPLE,
-    first_batch: int = 0,
 ) -> dict[str, HistogramObserver]:
     """Observe every float activation (or `tensors`) over all batches; returns one observer per tensor.
 
@@ -90,8 +88,6 @@ def calibrate(
     no layer quantizes by default, get min/max only, and only from the first `range_batches`
     batches (None: all): their in-graph reductions cost more than the model itself on large models.
     Tensors in `hessians` (histogram tensors) also get a :class:`HessianObserver` under `name + HESSIAN_SUFFIX`.
-    A batch's tensor over `subsample` values is binned from a strided subsample (:func:`hybridq.observers.subsample_for`)
-    whose offset turns with the batch's index in the whole run (`first_batch` is this call's first).
     ONNX Runtime runs batch b+1 in a worker thread while batch b is binned (both release the GIL),
     so at most two batches of activations are alive at a time. `threads` caps ONNX Runtime's threads
     (0: all cores but one; :mod:`hybridq.execution` gives each worker its share). On two cores (threads 0)
@@ -121,7 +117,7 @@ def calibrate(
             pools.append(stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib")))
 
         def observe(run: _Run) -> None:
-            if _observe(run, observers, full, hessian_of, describe, on_batch, subsample, first_batch) <= PAIR_BYTES and pair and len(pools) == 1:
+            if _observe(run, observers, full, hessian_of, describe, on_batch) <= PAIR_BYTES and pair and len(pools) == 1:
                 pools.append(stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib")))
 
         for b, batch in enumerate(batches):
@@ -135,7 +131,7 @@ def calibrate(
                 sess, ranged = session_for(model, full, basic=False, lean=True, threads=threads), []
             fetch, feed = _fetch(full, ranged), {k: batch[k] for k in feeds}
             # two runs in flight: each worker bins its own batch (both cores bin); one: the main thread bins beside ORT
-            run = pools[b % len(pools)].submit(_run_and_bin, sess, fetch, feed, full, hessian_of, subsample, first_batch + b) if len(pools) == 2 else (
+            run = pools[b % len(pools)].submit(_run_and_bin, sess, fetch, feed, full, hessian_of) if len(pools) == 2 else (
                 pools[0].submit(sess.run, fetch, feed))
             pending.append(_Run(b, run, ranged, _batch_len(batch), len(pools) == 2))
             while len(pending) > len(pools):
@@ -214,20 +210,19 @@ def _non_finite(name: str, where: str) -> DatasetError:
     )
 
 
-def _run_and_bin(sess, fetch: list[str], feeds: dict[str, np.ndarray], full: list[str], hessian_of: set[str], subsample: int,
-                 phase: int) -> tuple:
+def _run_and_bin(sess, fetch: list[str], feeds: dict[str, np.ndarray], full: list[str], hessian_of: set[str]) -> tuple:
     """One run, binned in the worker thread that ran it (see :func:`_binned`)."""
-    return _binned(sess.run(fetch, feeds), full, hessian_of, subsample, phase)
+    return _binned(sess.run(fetch, feeds), full, hessian_of)
 
 
-def _binned(values: list[np.ndarray], full: list[str], hessian_of: set[str], subsample: int = SUBSAMPLE, phase: int = 0) -> tuple:
+def _binned(values: list[np.ndarray], full: list[str], hessian_of: set[str]) -> tuple:
     """One run's outputs as each full tensor's batch statistics, the arrays the Hessians need, the min/max outputs,
     and the bytes fetched; the caller merges them in batch order. Raises _NonFinite naming the first bad tensor."""
     size = sum(v.nbytes for v in values)
     stats = []
     for name, value in zip(full, values):
         try:
-            stats.append(HistogramObserver.of(value, subsample=subsample, phase=phase))
+            stats.append(HistogramObserver.of(value))
         except ValueError:
             raise _NonFinite(name) from None
     return stats, {n: v for n, v in zip(full, values) if n in hessian_of}, [float(v) for v in values[len(full):]], size
@@ -240,8 +235,6 @@ def _observe(
     hessian_of: set[str],
     describe: Callable[[int], str],
     on_batch: Callable[[int], None] | None,
-    subsample: int = SUBSAMPLE,
-    first_batch: int = 0,
 ) -> int:
     """Wait for one run and fold its statistics into the observers; returns the bytes of its outputs."""
     try:
@@ -254,7 +247,7 @@ def _observe(
             "Check the sample's shape and dtype against the model input."
         ) from exc
     try:
-        stats, hessian_values, ranges, size = result if run.binned else _binned(result, full, hessian_of, subsample, first_batch + run.index)
+        stats, hessian_values, ranges, size = result if run.binned else _binned(result, full, hessian_of)
     except _NonFinite as exc:
         raise _non_finite(exc.args[0], describe(run.index)) from None
     del result

@@ -19,7 +19,7 @@ from .calibration import calibrate
 from .dataset import Dataset
 from .errors import DatasetError
 from .execution import Execution, Progress, Shard, contiguous, execute
-from .observers import HessianObserver, HistogramObserver, subsample_for
+from .observers import HessianObserver, HistogramObserver
 from .recorded import InputStats, batch_figures
 from .sources import DatasetRef
 
@@ -45,7 +45,6 @@ class CalibrationJob:
     def __init__(self, model: onnx.ModelProto, dataset: DatasetRef, batch_size: int, count: int, tensors: list[str],
                  histograms: set[str], range_batches: int | None = 8, hessians: tuple[str, ...] = ()) -> None:
         self.model, self.dataset, self.batch_size, self.count = model, dataset, batch_size, count
-        self.subsample = subsample_for(-(-count // batch_size))  # from the whole run's batches: the same in every shard
         self.tensors, self.histograms, self.range_batches, self.hessians = tensors, histograms, range_batches, hessians
         self._ds: Dataset | None = None
         self._threads = 0
@@ -72,8 +71,7 @@ class CalibrationJob:
         # as in one process, one of the worker's cores is left to the binning that runs beside ONNX Runtime
         threads = max(1, self._threads - 1) if self._threads else 0
         observers = calibrate(self.model, batches(), tensors=tensors, histograms=self.histograms, describe=lambda i: describe(first + i),
-                              on_batch=progress, range_batches=ranged, threads=threads, hessians=self.hessians,
-                                 subsample=self.subsample, first_batch=first)
+                              on_batch=progress, range_batches=ranged, threads=threads, hessians=self.hessians)
         for name, obs in observers.items():
             self._observers.setdefault(name, _empty_like(obs)).merge(obs)
         return figures

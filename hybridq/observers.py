@@ -26,20 +26,6 @@ E_MIN = -160
 # Batches larger than this are histogrammed from an evenly strided subsample (counts scaled
 # back); min, max and count stay exact. Smaller batches are binned exactly.
 SUBSAMPLE = 1 << 18
-# A calibration over many batches bins fewer values of each (see `subsample_for`): about this many per
-# tensor in all, never fewer than SUBSAMPLE_MIN of a batch.
-HIST_BUDGET = 1 << 21
-SUBSAMPLE_MIN = 1 << 16
-
-
-def subsample_for(batches: int) -> int:
-    """Values of one batch a calibration over `batches` batches bins exactly (larger batches: a strided subsample).
-
-    Up to 8 batches, SUBSAMPLE; then about HIST_BUDGET per tensor over the whole run (at least SUBSAMPLE_MIN a
-    batch): binning is most of a calibration pass on a small model (a 320x320 detector: 11 ms of binning beside
-    a 10 ms run), while 2 M values already put 200 in the tail of a 99.99 percentile.
-    """
-    return min(SUBSAMPLE, max(SUBSAMPLE_MIN, HIST_BUDGET // max(1, batches)))
 
 
 def _needed_exponent(lo: float, hi: float) -> int:
@@ -76,12 +62,9 @@ class HistogramObserver:
         self.merge(HistogramObserver.of(x, self.bins))
 
     @classmethod
-    def of(cls, x: np.ndarray, bins: bool = True, subsample: int = SUBSAMPLE, phase: int = 0) -> "HistogramObserver":
+    def of(cls, x: np.ndarray, bins: bool = True) -> "HistogramObserver":
         """The statistics of one batch alone (`update` merges them); raises ValueError on NaN. +-Inf values are
-        left out of the statistics and flag the observer `infinite`. Batches over `subsample` values are binned
-        from every step-th value, starting at `phase` modulo the step (min, max and count stay exact): a calibration
-        turns the phase with the batch index, so over as many batches as the step every position is seen alike (a
-        fixed start would see one column of every step-th and never a hot pixel beside it)."""
+        left out of the statistics and flag the observer `infinite`."""
         x = np.asarray(x)
         if x.size == 0:
             return cls(bins=bins)
@@ -90,7 +73,7 @@ class HistogramObserver:
             if math.isnan(lo) or math.isnan(hi) or np.isnan(x).any():
                 raise ValueError("non-finite values (NaN)")
             finite = x[np.isfinite(x)]
-            other = cls.of(finite, bins, subsample, phase) if finite.size else cls(bins=bins)
+            other = cls.of(finite, bins) if finite.size else cls(bins=bins)
             other.infinite = True
             return other
         other = cls(lo, hi, int(x.size), bins=bins)
@@ -99,8 +82,8 @@ class HistogramObserver:
         other.exponent = _needed_exponent(lo, hi)
         other.start = math.floor(lo / 2.0**other.exponent)
         flat = x.ravel()
-        step = max(1, flat.size // subsample)
-        other.counts = _bin_counts(flat[phase % step :: step], other.exponent, other.start) * step
+        step = max(1, flat.size // SUBSAMPLE)
+        other.counts = _bin_counts(flat[::step], other.exponent, other.start) * step
         return other
 
     def update_range(self, lo: float, hi: float, n: int) -> None:

@@ -170,33 +170,3 @@ def test_kl_on_a_post_relu_spike_follows_the_reference_search_range():
     assert hi >= 256 / 2048 * float(x.max()) * 0.99
     assert hi == pytest.approx(ref, rel=0.25)
 
-
-def test_many_batches_bin_a_strided_subsample_within_the_histogram_budget(tmp_path):
-    """step1 over 24 samples bins every 2nd value of a 204800-value tensor (about HIST_BUDGET per tensor in all),
-    over 8 samples every value; min, max and count stay exact either way, and the percentile follows numpy's."""
-    import onnx
-    from onnx import TensorProto as T
-    from onnx import helper
-
-    import hybridq
-    from hybridq.artifacts import read_step1
-    from hybridq.observers import HIST_BUDGET, SUBSAMPLE, SUBSAMPLE_MIN, subsample_for
-    from tests.models import _init, _model, write_npy_dataset
-
-    assert [subsample_for(n) for n in (1, 8, 24, 10_000)] == [SUBSAMPLE, SUBSAMPLE, HIST_BUDGET // 24, SUBSAMPLE_MIN]
-    rng = np.random.default_rng(0)
-    model = _model([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv"), helper.make_node("Relu", ["y"], ["out"], name="relu")],
-                   [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 160, 160])], [helper.make_tensor_value_info("out", T.FLOAT, [1, 8, 160, 160])],
-                   [_init("w", rng.normal(0, 0.5, (8, 8, 1, 1))), _init("b", rng.normal(0, 0.1, 8))])
-    onnx.save(model, tmp_path / "m.onnx")
-    listing = write_npy_dataset(tmp_path / "data", {"x": (1, 8, 160, 160)}, 24)
-    xs = np.concatenate([np.load(tmp_path / "data" / f"x_{i}.npy").ravel() for i in range(24)])
-    for n, step in ((24, 2), (8, 1)):
-        res = hybridq.step1(tmp_path / "m.onnx", listing, out=tmp_path / f"ws{n}", samples=n)
-        obs = read_step1(res.model, res.data, None, res.cfg).observers["x"]
-        seen = xs[: n * 204800]
-        assert (obs.min, obs.max, obs.count) == (float(seen.min()), float(seen.max()), seen.size)
-        assert np.all(obs.counts % step == 0) and (step == 1 or np.any(obs.counts % (2 * step) != 0))
-        assert abs(int(obs.counts.sum()) - seen.size) <= n * step
-        lo, hi = compute_range(obs, "percentile", 255, 99.9)
-        assert (lo, hi) == pytest.approx(tuple(np.percentile(seen, [0.1, 99.9])), rel=0.02)

@@ -1,0 +1,148 @@
+"""What the proposal can tell apart on its samples, and float candidates scored with a bias correction fitted to them.
+
+Every figure is recomputed here from ONNX Runtime outputs with numpy: the leave-one-out cosines, their jackknife
+error, and the mean output shift a re-fitted bias correction writes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import hybridq
+from hybridq.proposal import Target
+from hybridq.proposal.evaluator import RESOLUTION_DB, Evaluator
+from tests import models
+from tests.conftest import run
+
+
+def _perturbed(model: onnx.ModelProto, name: str, scale: float) -> onnx.ModelProto:
+    """The model with noise added to one classifier initializer: a candidate with its own error (on the weights, an error
+    that grows with the input; on the bias, one that does not)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, init in enumerate(out.graph.initializer):
+        if init.name == name:
+            w = numpy_helper.to_array(init)
+            w = w + np.random.default_rng(1).normal(0, scale, w.shape).astype(np.float32)
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, name))
+    return out
+
+
+def test_resolution_is_twice_the_jackknife_error_of_the_candidates_difference():
+    """A score carries its cosine with each sample left out; two candidates differ beyond what the samples resolve only
+    by twice the jackknife standard error of their dB difference (at least RESOLUTION_DB), here dominated by one loud sample."""
+    fp32 = models.residual_cnn()
+    rng = np.random.default_rng(0)
+    samples = [{"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32) * (6.0 if k == 3 else 1.0)} for k in range(8)]
+    a_model, b_model = _perturbed(fp32, "fc_w", 0.02), _perturbed(fp32, "fc_b", 0.05)
+    ev = Evaluator(fp32, samples, Target(cosine=0.999))
+    a, b = ev.score(a_model), ev.score(b_model)
+
+    ref = [run(fp32, s)[0].astype(np.float64) for s in samples]
+
+    def loo(model: onnx.ModelProto) -> list[float]:
+        out = [run(model, s)[0].astype(np.float64) for s in samples]
+        cos = []
+        for i in range(len(samples)):
+            keep = [k for k in range(len(samples)) if k != i]
+            xy = sum(float((ref[k] * out[k]).sum()) for k in keep)
+            xx = sum(float((ref[k] ** 2).sum()) for k in keep)
+            yy = sum(float((out[k] ** 2).sum()) for k in keep)
+            cos.append(xy / math.sqrt(xx * yy))
+        return cos
+
+    ca, cb = loo(a_model), loo(b_model)
+    assert np.allclose([c for c, _ in a.loo], ca, rtol=0, atol=1e-9) and np.allclose([c for c, _ in b.loo], cb, rtol=0, atol=1e-9)
+    d = np.array([-10 * np.log10(1 - x) + 10 * np.log10(1 - y) for x, y in zip(ca, cb)])
+    se = math.sqrt((len(d) - 1) / len(d) * float(((d - d.mean()) ** 2).sum()))
+    assert 2 * se > RESOLUTION_DB  # the loud sample makes the difference uncertain: the estimate, not the floor, decides
+    assert math.isclose(ev.resolution(a, b), max(RESOLUTION_DB, 2 * se), rel_tol=1e-6)
+    gap = -10 * math.log10(1 - a.compared_cosine) + 10 * math.log10(1 - b.compared_cosine)
+    assert ev.as_good(b, a) == (gap <= 2 * se)
+    few = Evaluator(fp32, samples[:3], Target(cosine=0.999))  # too few samples to estimate: the floor
+    assert few.score(a_model).loo == [] and few.resolution(few.score(a_model), few.score(b_model)) == RESOLUTION_DB
+
+
+def _deep_cnn() -> onnx.ModelProto:
+    """x -> conv_a -> relu -> conv_b -> relu -> conv_c -> relu -> conv_d; 3x3 convs, 8 channels, input [1, 3, 12, 12]."""
+    rng = np.random.default_rng(5)
+    inits, nodes, prev, cin = [], [], "x", 3
+    for k, name in enumerate(("conv_a", "conv_b", "conv_c", "conv_d")):
+        inits += [numpy_helper.from_array(rng.normal(0, 0.4, (8, cin, 3, 3)).astype(np.float32), f"{name}_w"),
+                  numpy_helper.from_array(rng.normal(0.2, 0.1, 8).astype(np.float32), f"{name}_b")]
+        nodes.append(helper.make_node("Conv", [prev, f"{name}_w", f"{name}_b"], [f"{name}_out"], name=name, pads=[1, 1, 1, 1]))
+        prev, cin = f"{name}_out", 8
+        if k < 3:
+            nodes.append(helper.make_node("Relu", [prev], [f"relu_{k}"], name=f"relu_{k}"))
+            prev = f"relu_{k}"
+    graph = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 12, 12])],
+                              [helper.make_tensor_value_info(prev, onnx.TensorProto.FLOAT, [1, 8, 12, 12])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+def test_a_float_candidate_carries_a_bias_correction_fitted_to_its_placement(tmp_path):
+    """With a bias correction kept, a float candidate replaces it with one fitted on the model where that layer is float:
+    conv_c's correction is then its own mean output error there (numpy, from ORT runs of that model), not the one it had
+    when conv_b was int8; keeping the candidate drops the stale correction."""
+    from hybridq.artifacts import read_step1
+    from hybridq.build import build
+    from hybridq.calibration import session_for
+    from hybridq.config import load_cfg
+    from hybridq.proposal.fixes import Context, bias_fix, float_fix
+    from hybridq.proposal.search import _Climb, _fit_with_floats, _keep_float
+
+    fp32 = _deep_cnn()
+    onnx.save(fp32, tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 12, 12)}, 8)
+    res = hybridq.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"float_stem": False})
+    art = read_step1(res.model, res.data, None, res.cfg)
+    settings = load_cfg(res.cfg).with_recorded(art.meta.get("written_settings", {})).settings
+    samples = [{"x": np.load(tmp_path / "data" / f"x_{k}.npy")} for k in range(8)]
+    make = lambda edits: build(art.model, art.observers, art.meta, settings, edits)
+    from hybridq.build import Edits
+
+    first = make(Edits())
+    ctx = Context(art.model, art.observers, settings, first.plan, art.meta["written_entries"], set())
+    session = lambda m: session_for(m, basic=False)
+    stale = bias_fix(ctx, Edits(), first.fixed, first.model, samples, session)[0]
+    ev = Evaluator(art.model, samples, Target(cosine=0.99999))
+    climb = _Climb(ctx, ev, make, Edits(), first, "the default quantization")
+    climb.kept, climb.edits = [stale], stale.onto(Edits(), art.model)
+    climb.built = make(climb.edits)
+    climb.score = ev.score(climb.built.model)
+
+    _fit_with_floats(climb, samples, session)
+    cand, edits = climb.float_edits(float_fix(ctx, ["conv_b"], "float32", 0.25, {}))
+    assert cand.layers == {"conv_b": "float32"} and "fitted again" in cand.label
+    weight_of = {n.name: n.input[1] for n in art.model.graph.node if n.op_type == "Conv"}
+    fitted = cand.entries[weight_of["conv_c"]]["bias_correction"]
+
+    # conv_c's own mean output error (fp32 - quantized, per channel) in the model with conv_b float and conv_a corrected
+    # as the candidate corrects it (conv_a is upstream of conv_b: its correction is the stale one, unchanged)
+    assert np.allclose(cand.entries[weight_of["conv_a"]]["bias_correction"], stale.entries[weight_of["conv_a"]]["bias_correction"])
+    partial = Edits().with_entries({weight_of["conv_a"]: cand.entries[weight_of["conv_a"]]}, art.model)
+    partial.layers.update(cand.layers)
+    quant = make(partial).model
+
+    def with_output(m: onnx.ModelProto, name: str) -> onnx.ModelProto:
+        out = onnx.ModelProto()
+        out.CopyFrom(m)
+        out.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        return out
+
+    f_out = [run(with_output(art.model, "conv_c_out"), s)[-1] for s in samples]
+    q_out = [run(with_output(quant, "conv_c_out"), s)[-1] for s in samples]
+    shift = np.mean([(f - q).astype(np.float64).mean(axis=(0, 2, 3)) for f, q in zip(f_out, q_out)], axis=0)
+    # (step2 writes conv_a's correction into its int32 bias; the fit fed it in float: 1 % of the largest shift apart)
+    tol = 0.01 * float(np.abs(shift).max())
+    assert np.abs(np.asarray(fitted) - shift).max() <= tol
+    assert np.abs(np.asarray(stale.entries[weight_of["conv_c"]]["bias_correction"]) - shift).max() > 5 * tol
+
+    _keep_float(climb, (ev.score(make(edits).model), cand, edits, make(edits)), climb.table[-1], "kept")
+    assert climb.kept == [cand]  # the stale correction is gone; the candidate carries the fitted one
