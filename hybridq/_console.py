@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
-from typing import Annotated, Any, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Iterator
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
@@ -49,6 +51,9 @@ def progress(label: str, total: int | None = None) -> Iterator[Advance]:
     if State.quiet or State.json or not err.is_terminal:
         yield Advance()
         return
+    # imported here: 10 ms that a run without a terminal (scripts, CI, benches) does not pay
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,

@@ -327,7 +327,7 @@ def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], sessio
 
 def _free_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> None:
     """Target met: the fixes that cost nothing at run time (range algorithm, bias correction) are still tried, and
-    kept only when they clearly improve the outputs (beyond RESOLUTION_DB): a free gain, never a trade. A bias
+    kept only when they clearly improve the outputs (beyond Evaluator.resolution): a free gain, never a trade. A bias
     correction changes what the ranges see, so the range rung is tried once more after one is kept: proposing again
     on the result then finds nothing left to gain."""
     ranged = climb.try_each("range", _range_candidates(climb), clearly=True)
@@ -409,7 +409,7 @@ def _greedy_head(climb: _Climb, head: list[list[str]], candidate: Callable[[list
 
 def _cheapest_alike(climb: _Climb, found: list[tuple[State, Row]]) -> tuple[State, Row] | None:
     """Below the target: the cheapest candidate as good as the best one, within what the measure resolves
-    (evaluator.RESOLUTION_DB), so a tenth of a dB does not buy ten more float layers; None when the current
+    (Evaluator.resolution), so a tenth of a dB does not buy ten more float layers; None when the current
     state, which adds no float layer, is itself as good as the best (then no float layer is bought at all)."""
     best = found[0]
     for f in found[1:]:
