@@ -28,6 +28,20 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def l2_bytes(default: int = 512 << 10, root: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The level-2 cache of one core (Linux sysfs, under `root`), or `default` where it cannot be read."""
+    try:
+        for index in sorted(os.listdir(root)):
+            base = f"{root}/{index}"
+            with open(f"{base}/level") as lf, open(f"{base}/type") as tf, open(f"{base}/size") as sf:
+                if lf.read().strip() == "2" and tf.read().strip() in ("Unified", "Data"):
+                    size = sf.read().strip().upper()
+                    return int(size[:-1]) * {"K": 1 << 10, "M": 1 << 20}[size[-1]] if size[-1] in "KM" else int(size)
+    except (OSError, ValueError, KeyError):
+        pass
+    return default
+
+
 def register_shared_arena() -> None:
     """Register, once per process, an ONNX Runtime CPU arena that sessions opened with ``shared_arena`` share."""
     if _ARENA:

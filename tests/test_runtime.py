@@ -58,3 +58,20 @@ def test_an_unknown_runtime_is_a_clear_error(tmp_path, capsys):
         main(["analyze", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "-d", str(listing), "--runtime", "tpu"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "cpu, openvino" in err and "Traceback" not in err
+
+
+def test_l2_bytes_reads_the_level_2_cache_and_falls_back_where_sysfs_has_none(tmp_path):
+    from hybridq._runtime import l2_bytes
+    from hybridq.analysis import AnalysisOptions
+
+    for index, (level, kind, size) in enumerate((("1", "Data", "48K"), ("1", "Instruction", "64K"), ("2", "Unified", "2048K"), ("3", "Unified", "32M"))):
+        d = tmp_path / "cache" / f"index{index}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(level + "\n")
+        (d / "type").write_text(kind + "\n")
+        (d / "size").write_text(size + "\n")
+    assert l2_bytes(root=str(tmp_path / "cache")) == 2 << 20
+    assert l2_bytes(12345, root=str(tmp_path / "none")) == 12345
+    (tmp_path / "cache" / "index2" / "size").write_text("lots\n")
+    assert l2_bytes(777, root=str(tmp_path / "cache")) == 777
+    assert AnalysisOptions().segment_bytes == 2.0 * l2_bytes()
