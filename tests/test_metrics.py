@@ -230,6 +230,36 @@ def test_fused_kernel_sums_equal_float64_numpy(n: int) -> None:
     assert peak == float(np.abs(d32).max())
 
 
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 100_003])
+def test_three_array_kernel_equals_two_pair_passes_and_numpy(n: int) -> None:
+    """A layer's two views against one reference in one pass: the sums of both pairs as numpy computes them in float64,
+    the maxima exact, and metrics_many's two-view results those of two pair passes; a NaN or infinity in one view
+    leaves the other view's figures alone."""
+    from hybridq.metrics import _compiled, metrics_from_sums, metrics_many
+
+    kernels = _compiled()
+    assert kernels is not None
+    pair, triple = kernels
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=n).astype(np.float32)
+    y = (x + 0.01 * rng.normal(size=n)).astype(np.float32)
+    z = (x + 0.1 * rng.normal(size=n)).astype(np.float32)
+    xx, yy, dd, md, zz, ee, me = triple(x, y, z)
+    x64 = x.astype(np.float64)
+    for (s2, d2, m2), t in (((yy, dd, md), y), ((zz, ee, me), z)):
+        d32 = x - t
+        assert (xx, s2, d2) == pytest.approx((x64 @ x64, t.astype(np.float64) @ t.astype(np.float64), d32.astype(np.float64) @ d32.astype(np.float64)), rel=1e-12)
+        assert m2 == float(np.abs(d32).max())
+    for got, want in zip(metrics_many(x, [y, z]), (metrics_from_sums(*pair(x, y)), metrics_from_sums(*pair(x, z)))):
+        assert got == pytest.approx(want, rel=1e-12)
+    bad = z.copy()
+    bad[-1] = np.nan
+    good, nan = metrics_many(x, [y, bad])
+    assert good == pytest.approx(metrics_from_sums(*pair(x, y)), rel=1e-12) and all(math.isnan(v) for v in (nan[0], nan[2], nan[3]))
+    bad[-1] = np.inf
+    assert metrics_many(x, [y, bad])[1][3] == math.inf
+
+
 # --------------------------------------------------------------------------- per-slice output measure
 
 
