@@ -617,3 +617,37 @@ def test_float_layers_reading_dequantized_tensors_get_no_single_error(tmp_path: 
     # without the map (a foreign QDQ model), reading a dequantized tensor counts as quantized
     del quant.metadata_props[:]
     assert {layer.layer: layer for layer in analyze(onnx.load(str(path)), quant, data).layers}["add"].single is not None
+
+
+def test_a_small_analysis_uses_the_numpy_blocks_and_never_loads_numba(tmp_path, monkeypatch):
+    """Below COMPILE_MIN_PAIRS pairs to compare, loading numba (0.1-0.4 s) costs more than its kernel saves: a fresh
+    process analysing a small CNN never imports it, and its figures equal those of the compiled kernel."""
+    import glob
+    import subprocess
+
+    import hybridq
+    from hybridq.metrics import COMPILE_MIN_PAIRS, fused_kernel, worth_compiling
+    from tests import models
+
+    monkeypatch.delitem(sys.modules, "numba", raising=False)
+    assert not worth_compiling(COMPILE_MIN_PAIRS / 10) and worth_compiling(COMPILE_MIN_PAIRS) and worth_compiling(None)
+    monkeypatch.undo()
+    listing = models.residual_cnn_step1(tmp_path)
+    ws = tmp_path / "ws"
+    hybridq.step2(ws / "cnn.model", ws / "cnn.data", ws / "cnn.quantization.cfg", tmp_path / "q.onnx")
+    script = (
+        "import json, sys, numpy as np\n"
+        "from hybridq.analysis import analyze\n"
+        f"samples = [{{'x': np.load(p)}} for p in sorted(__import__('glob').glob({str(tmp_path / 'data' / 'x_*.npy')!r}))]\n"
+        f"res = analyze({str(tmp_path / 'cnn.onnx')!r}, {str(tmp_path / 'q.onnx')!r}, samples)\n"
+        "print(json.dumps({'numba': 'numba' in sys.modules, 'rows': [[l.tensor, l.entire.cosine, l.entire.snr_db] for l in res.layers]}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fresh["numba"] is False
+    assert fused_kernel() is not None  # numba loaded here: this process compares with the compiled kernel
+    samples = [{"x": np.load(p)} for p in sorted(glob.glob(str(tmp_path / "data" / "x_*.npy")))]
+    here = analyze(tmp_path / "cnn.onnx", tmp_path / "q.onnx", samples)
+    assert [r[0] for r in fresh["rows"]] == [l.tensor for l in here.layers] and listing.is_file()
+    for (_, cos, snr), l in zip(fresh["rows"], here.layers):
+        assert cos == pytest.approx(l.entire.cosine, rel=1e-6, abs=1e-7) and snr == pytest.approx(l.entire.snr_db, rel=1e-5)

@@ -25,7 +25,7 @@ from .. import _runtime
 from ..deployed import as_deployed
 from ..errors import HybridqError, InputError, ModelError
 from ..kernels import NOT_EXACT_NOTE, SATURATION_NOTE, u8s8_saturates
-from ..metrics import fused_kernel
+from ..metrics import fused_kernel, worth_compiling
 from .graphs import align_opsets, build_analysis_graph, compared_names
 from .matching import ModelIndex, plan_tensors
 from .measuring import Measure, SampleErrors, target_bytes
@@ -115,9 +115,10 @@ def analyze(
     weights = target_bytes(fm, plan, targets, first)
     if sink is not None:
         sink.start([tp.tensor for tp in plan.tensors])
-    m = Measure(plan, ag, exact=sink is not None, outputs=f.outputs)
-    if sink is None:
-        fused_kernel()  # compiled or loaded once here, before the workers start
+    compiled = sink is None and worth_compiling(None if count is None else count * sum(weights) / 8)  # pairs ~ bytes / 8
+    m = Measure(plan, ag, exact=sink is not None, outputs=f.outputs, compiled=compiled)
+    if compiled:
+        fused_kernel()  # loaded here, before the workers start
     work = Work(m, ag, targets, weights, f.inputs, host_int8, options)
     try:
         if options.execution is not None:

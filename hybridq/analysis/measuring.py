@@ -49,8 +49,8 @@ class SampleErrors:
 class Measure:
     """Per-tensor accumulators; :meth:`sample` runs in the workers, :meth:`add` in the caller, in sample order."""
 
-    def __init__(self, plan: AnalysisPlan, ag: AnalysisGraph, exact: bool, outputs: Iterable[str] = ()) -> None:
-        self.plan, self.ag, self.exact = plan, ag, exact
+    def __init__(self, plan: AnalysisPlan, ag: AnalysisGraph, exact: bool, outputs: Iterable[str] = (), compiled: bool = True) -> None:
+        self.plan, self.ag, self.exact, self.compiled = plan, ag, exact, compiled  # compiled: the numba kernel (else numpy blocks)
         self.outputs = frozenset(outputs)  # model outputs get the per-slice measure too
         self.slices: dict[str, SliceAccumulator] = {}
         self.ragged: set[str] = set()
@@ -120,12 +120,12 @@ class Measure:
         if tp.bounds is not None:  # beyond their saturation points (HardSwish below -3) all values are one to them
             a, tests = np.clip(a, *tp.bounds), [np.clip(b, *tp.bounds) for b in tests]
         if t in self.outputs and (axis := channel_axis(a.shape)) is not None:
-            res.slices[t] = (axis, slice_sums(a, tests[0], axis, fast=not self.exact))
+            res.slices[t] = (axis, slice_sums(a, tests[0], axis, fast=self.compiled and not self.exact))
         if self.exact:
             res.values[t] = [sample_metrics(a, b) for b in tests]
             res.arrays[t] = raw
         else:
-            res.values[t] = metrics_many(a, tests)
+            res.values[t] = metrics_many(a, tests, compiled=self.compiled)
 
     def add(self, res: SampleErrors) -> None:
         """Add one sample's measurements to the totals (samples must come in order)."""
