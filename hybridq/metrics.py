@@ -224,17 +224,17 @@ def fused_kernel() -> Callable[[np.ndarray, np.ndarray], tuple[float, float, flo
     return kernels[0] if kernels is not None else None
 
 
-COMPILE_MIN_PAIRS = 2e9
+COMPILE_MIN_PAIRS = 5e8
 """Element pairs from which loading the compiled kernel pays (see :func:`worth_compiling`)."""
 
 
 def worth_compiling(pairs: float | None) -> bool:
     """Is the compiled kernel worth loading to compare this many element pairs (None: unknown, yes)?
 
-    Loading numba and the cached kernel takes 0.1-0.4 s, and the kernel then saves 0.19 ns a pair over the numpy
-    blocks (0.65 against 0.84 on an AVX-512 Xeon), over two workers: below about 2e9 pairs the numpy blocks finish
-    first (`hybridq analyze` on PP-OCR cls, 10 samples: 0.89 -> 0.60 s; rec at 20 samples, 2.3e9 pairs, the same
-    either way). Once numba is loaded in the process, always.
+    Loading numba and the cached kernel takes 0.1-0.4 s; the kernel then saves about 0.12 ns of wall time a pair over
+    the numpy blocks on two workers (PP-OCR rec: 79 against 94 ms a sample, 1.2e8 pairs), so it pays from 1-3e9 pairs.
+    Below 5e8 the numpy blocks surely finish first (`hybridq analyze` on PP-OCR cls at 20 samples, 6e7 pairs: 0.89 ->
+    0.60 s on an AVX-512 Xeon). Once numba is loaded in the process, always.
     """
     return "numba" in sys.modules or pairs is None or pairs >= COMPILE_MIN_PAIRS
 
