@@ -157,6 +157,8 @@ def metrics_from_sums(xx: float, yy: float, dd: float, max_abs_diff: float) -> t
 
 _BLOCK32 = 1 << 16  # float32 elements per block of metrics_many: a few blocks stay in L2
 _max, _min, _sub, _dot = np.maximum.reduce, np.minimum.reduce, np.subtract, np.dot
+
+
 def _pair_metrics(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     """``(x.x, y.y, d.d, max|d|)`` with ``d = x - y`` (float32, as ONNX Runtime subtracts): float64 sums and the
     float32 maximum in one pass over both arrays.

@@ -169,4 +169,3 @@ def test_kl_on_a_post_relu_spike_follows_the_reference_search_range():
     assert lo == float(x.min())
     assert hi >= 256 / 2048 * float(x.max()) * 0.99
     assert hi == pytest.approx(ref, rel=0.25)
-
