@@ -24,7 +24,8 @@ _CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
     "weight_dtype": (WEIGHT_DTYPES, "int8 or int16"),
     "qtype": (QTYPES, "asym or sym"),
     "qmethod": (QMETHODS, "channel or layer"),
-    "algorithm": (tuple(ALGORITHMS), ", ".join(ALGORITHMS)),
+    "algorithm": (tuple(ALGORITHMS), ", ".join(ALGORITHMS) + " (RKNN-Toolkit2's names are read too: "
+                  + ", ".join(f"{k} as {v}" for k, v in ALGORITHM_ALIASES.items()) + ")"),
     "target": (TARGET_NAMES, " or ".join(TARGET_NAMES)),
 }
 """The value keys shared by the cfg's settings and entries, the CLI and the RKNN facade: valid values, how to list them."""

@@ -315,8 +315,10 @@ def test_cfg_model_input_as_layer(ws, capsys):
         ("  dtype: uint8\n  qtype", "  dtype: uint4\n  qtype", ["uint4", "uint8, int8", "int16"]),
         ("  weight_dtype: int8", "  weight_dtype: int4", ["int4", "int8 or int16"]),
         ("  algorithm: minmax\n  percentile", "  algorithm: minmx\n  percentile", ["minmx", "'minmax'"]),
+        ("  algorithm: minmax\n  percentile", "  algorithm: 42\n  percentile", ["algorithm 42", "minmax, percentile, kl, mse",
+                                                                               "normal as minmax", "kl_divergence as kl", "mmse as mse"]),
     ],
-    ids=["entry", "layer", "settings", "weight", "algorithm"],
+    ids=["entry", "layer", "settings", "weight", "algorithm", "algorithm-rknn-names"],
 )
 def test_cfg_unknown_dtype_lists_the_allowed_ones(ws, capsys, old, new, culprits):
     ws.edit_cfg(old, new)
