@@ -151,24 +151,26 @@ def _float_layer_between_qdq(model: onnx.ModelProto | bytes | str | os.PathLike[
     into QuantizeLinear only (a layer WeightBiasQuantization would quantize)? Models given by path or bytes: not read, False."""
     import onnx
 
+    from ._onnx import GraphIndex
+
     if not isinstance(model, onnx.ModelProto):
         return False
     g = model.graph
     floats = {i.name for i in g.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
-    producer = {o: n.op_type for n in g.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    index = GraphIndex(g)
 
     def quantized(t: str) -> bool:  # read by QuantizeLinear only, through a Relu or Clip ORT folds into the Q
-        rs = readers.get(t, [])
+        rs = index.consumer_nodes(t)
         if len(rs) == 1 and rs[0].op_type in ("Relu", "Clip"):
-            rs = readers.get(rs[0].output[0], [])
+            rs = index.consumer_nodes(rs[0].output[0])
         return bool(rs) and all(r.op_type == "QuantizeLinear" for r in rs)
 
-    return any(n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in floats and producer.get(n.input[0]) == "DequantizeLinear"
-               and quantized(n.output[0]) for n in g.node)
+    def reads_dq(n: onnx.NodeProto) -> bool:
+        p = index.producer_node(n.input[0])
+        return p is not None and p.op_type == "DequantizeLinear"
+
+    return any(n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in floats and reads_dq(n) and quantized(n.output[0])
+               for n in g.node)
 
 
 def _open(model: onnx.ModelProto | bytes | str | os.PathLike[str], so: Any, providers: list[str], disabled: tuple[str, ...] = ()) -> ort.InferenceSession:

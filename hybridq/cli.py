@@ -259,11 +259,13 @@ def _cfg_beside(quant_model: Path | None) -> str | None:
 
 
 def _fallback_of(cfg: str | None) -> str:
-    """The precision analyze's next step suggests for a layer: float16 for a cfg written for target npu, else float32."""
+    """The precision analyze's next step suggests for a layer: the fallback of the target the cfg was written for
+    (float16 on npu), float32 without a readable cfg."""
     from .config import load_cfg
+    from .targets import get as get_target
 
     try:
-        return "float16" if cfg is not None and load_cfg(Path(cfg)).settings.target == "npu" else "float32"
+        return get_target(load_cfg(Path(cfg)).settings.target).fallback if cfg is not None else "float32"
     except HybridqError:  # an unreadable cfg is reported where it is used, not here
         return "float32"
 
