@@ -95,3 +95,30 @@ def yolo_concat(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
     ]
     return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16, 16])],
                   [helper.make_tensor_value_info("det", T.FLOAT, [1, 4 + classes, 64])], inits)
+
+
+def masked_culprit_mlp(seed: int = 0, rows: int = 16, side: int = 8, gain: float = 30.0) -> onnx.ModelProto:
+    """A layer with a tiny local error that does the damage, hidden behind layers with large local errors that do none.
+
+    fc_a maps x [rows, 32] into an 8-dim subspace S (rank-8 weights): its own output is off by weight rounding alone
+    (local cosine near 1), but that rounding leaks outside S, where fc_amp multiplies everything by `gain`. `side`
+    Gemms read x cubed (heavy tails: per-tensor uint8 keeps a few levels for most values), so each has a large
+    local error, and they reach the output scaled by 1e-4. Only fc_a and fc_amp matter; floating both fixes it.
+    """
+    rng = np.random.default_rng(seed)
+    u = np.linalg.qr(rng.normal(size=(32, 8)))[0]
+    wa = u @ rng.normal(0, 0.5, (8, 32))
+    w_amp = u @ u.T + gain * (np.eye(32) - u @ u.T)
+    inits = [_init("wa", wa), _init("ba", np.zeros(32)), _init("wamp", w_amp), _init("bamp", np.zeros(32)), _init("tiny", np.array(1e-4))]
+    nodes = [
+        helper.make_node("Gemm", ["x", "wa", "ba"], ["h"], name="fc_a", transB=1),
+        helper.make_node("Gemm", ["h", "wamp", "bamp"], ["y"], name="fc_amp", transB=1),
+        helper.make_node("Mul", ["x", "x"], ["x2"], name="sq"), helper.make_node("Mul", ["x2", "x"], ["x3"], name="cube"),
+    ]
+    for i in range(side):
+        inits += [_init(f"wb{i}", rng.normal(0, 0.2, (32 // side, 32))), _init(f"bb{i}", np.zeros(32 // side))]
+        nodes.append(helper.make_node("Gemm", ["x3", f"wb{i}", f"bb{i}"], [f"s{i}"], name=f"fc_side{i}", transB=1))
+    nodes += [helper.make_node("Concat", [f"s{i}" for i in range(side)], ["s"], name="cat", axis=1),
+              helper.make_node("Mul", ["s", "tiny"], ["st"], name="scale"), helper.make_node("Add", ["y", "st"], ["out"], name="add")]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [rows, 32])],
+                  [helper.make_tensor_value_info("out", T.FLOAT, [rows, 32])], inits)
