@@ -32,9 +32,9 @@ def _perturbed(model: onnx.ModelProto, name: str, scale: float) -> onnx.ModelPro
     return out
 
 
-def test_resolution_is_twice_the_jackknife_error_of_the_candidates_difference():
-    """A score carries its cosine with each sample left out; two candidates differ beyond what the samples resolve only
-    by twice the jackknife standard error of their dB difference (at least RESOLUTION_DB), here dominated by one loud sample."""
+def test_resolution_is_twice_the_standard_error_of_the_paired_per_sample_differences():
+    """A score carries each sample's own cosine; two candidates differ beyond what the samples resolve only by twice
+    the standard error of their per-sample dB differences (at least RESOLUTION_DB). A loud sample counts as one of n."""
     fp32 = models.residual_cnn()
     rng = np.random.default_rng(0)
     samples = [{"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32) * (6.0 if k == 3 else 1.0)} for k in range(8)]
@@ -44,29 +44,40 @@ def test_resolution_is_twice_the_jackknife_error_of_the_candidates_difference():
 
     ref = [run(fp32, s)[0].astype(np.float64) for s in samples]
 
-    def loo(model: onnx.ModelProto) -> list[float]:
+    def per_sample(model: onnx.ModelProto) -> list[float]:
         out = [run(model, s)[0].astype(np.float64) for s in samples]
-        cos = []
-        for i in range(len(samples)):
-            keep = [k for k in range(len(samples)) if k != i]
-            xy = sum(float((ref[k] * out[k]).sum()) for k in keep)
-            xx = sum(float((ref[k] ** 2).sum()) for k in keep)
-            yy = sum(float((out[k] ** 2).sum()) for k in keep)
-            cos.append(xy / math.sqrt(xx * yy))
-        return cos
+        return [float((r * o).sum() / math.sqrt((r * r).sum() * (o * o).sum())) for r, o in zip(ref, out)]
 
-    ca, cb = loo(a_model), loo(b_model)
-    assert np.allclose([c for c, _ in a.loo], ca, rtol=0, atol=1e-9) and np.allclose([c for c, _ in b.loo], cb, rtol=0, atol=1e-9)
+    ca, cb = per_sample(a_model), per_sample(b_model)
+    assert np.allclose([c for c, _ in a.per_sample], ca, rtol=0, atol=1e-9) and np.allclose([c for c, _ in b.per_sample], cb, rtol=0, atol=1e-9)
     d = np.array([-10 * np.log10(1 - x) + 10 * np.log10(1 - y) for x, y in zip(ca, cb)])
-    se = math.sqrt((len(d) - 1) / len(d) * float(((d - d.mean()) ** 2).sum()))
-    assert 2 * se > RESOLUTION_DB  # the loud sample makes the difference uncertain: the estimate, not the floor, decides
+    se = float(d.std(ddof=1) / math.sqrt(len(d)))
+    assert 2 * se > RESOLUTION_DB  # the estimate, not the floor, decides
     assert math.isclose(ev.resolution(a, b), max(RESOLUTION_DB, 2 * se), rel_tol=1e-6)
-    gap = -10 * math.log10(1 - a.compared_cosine) + 10 * math.log10(1 - b.compared_cosine)
-    assert ev.as_good(b, a) == (gap <= 2 * se)
+    assert ev.as_good(b, a) == (d.mean() <= 2 * se) and ev.as_good(a, b) == (-d.mean() <= 2 * se)
     few = Evaluator(fp32, samples[:3], Target(cosine=0.999))  # too few samples to estimate: the floor
-    assert few.score(a_model).loo == [] and few.resolution(few.score(a_model), few.score(b_model)) == RESOLUTION_DB
+    assert few.score(a_model).per_sample == [] and few.resolution(few.score(a_model), few.score(b_model)) == RESOLUTION_DB
 
 
+def test_a_gain_on_most_samples_is_resolved_though_one_sample_loses():
+    """Candidate b is better than a by 3 dB on seven samples and worse by 4 dB on the eighth: paired, the gain is
+    resolved; the pooled figures' leave-one-out error that the search used before let the one sample veto it."""
+    from hybridq.proposal.evaluator import OutputScore, Score
+
+    def score(errors: list[float]) -> Score:
+        pooled = 1 - float(np.mean(errors))
+        return Score({"y": OutputScore(pooled, 20.0, pooled, 20.0, None)}, per_sample=[(1 - e, 20.0) for e in errors])
+
+    ev = Evaluator.__new__(Evaluator)
+    ev.target = Target(cosine=0.999)
+    a_err = [1e-2] * 8
+    b_err = [1e-2 / 10 ** 0.3] * 7 + [1e-2 * 10 ** 0.4]
+    a, b = score(a_err), score(b_err)
+    d = np.array([10 * np.log10(x / y) for x, y in zip(a_err, b_err)])
+    assert math.isclose(ev.resolution(b, a), 2 * d.std(ddof=1) / math.sqrt(8), rel_tol=1e-9)  # 1.75 dB
+    assert d.mean() > ev.resolution(b, a) and not ev.as_good(a, b) and ev.as_good(b, a)  # 2.1 dB on average: resolved
+    pooled = 10 * np.log10(np.mean(a_err) / np.mean(b_err))
+    assert pooled < ev.resolution(b, a)  # pooled (1.2 dB), the eighth sample would have hidden it
 def _deep_cnn() -> onnx.ModelProto:
     """x -> conv_a -> relu -> conv_b -> relu -> conv_c -> relu -> conv_d; 3x3 convs, 8 channels, input [1, 3, 12, 12]."""
     rng = np.random.default_rng(5)
