@@ -202,15 +202,19 @@ def char_accuracy(preds: list[str], gts: list[str], ignore_space: bool = False) 
 
 def rec_space_report(model: Path, runs: dict[str, RunFn], limit: int | None = None) -> dict[str, dict[str, float]]:
     """Per run: the README's char acc, the same with leading/trailing spaces stripped and with every space ignored,
-    and the eval lines decoded with a leading or trailing space (the ground truth has none); one decode per line."""
+    the eval lines decoded with a leading or trailing space (the ground truth has none); and against the first run's
+    decodes (fp32's, by the caller's order): char acc, and the lines decoded otherwise. One decode per line."""
     charset, lines = rec_charset(model), read_lines("eval")[:limit]
     gts = [t for _, t in lines]
-    out = {}
+    out, first = {}, None
     for name, run in runs.items():
         preds = [ctc_greedy(run(rec_input(load_gray(p)))[0], charset) for p, _ in lines]
+        first = preds if first is None else first
         out[name] = {"char acc": char_accuracy(preds, gts), "edge spaces stripped": char_accuracy([p.strip(" ") for p in preds], gts),
                      "spaces ignored": char_accuracy(preds, gts, ignore_space=True),
-                     "edge-space lines": sum(p != p.strip(" ") for p in preds), "lines": len(preds)}
+                     "edge-space lines": sum(p != p.strip(" ") for p in preds), "lines": len(preds),
+                     "vs first": char_accuracy(preds, first), "lines unlike first": sum(p != f for p, f in zip(preds, first)),
+                     "unlike by an edge space": sum(p != f and p.strip(" ") == f.strip(" ") for p, f in zip(preds, first))}
     return out
 
 

@@ -73,11 +73,15 @@ def render(rec: dict[str, dict] | None, det: dict[str, dict] | None, eval_limit:
     if rec:
         out += ["", "rec: the README's char acc counts spaces, and the model decodes a space before or after many lines "
                 "(the ground truth has none). The same decodes with edge spaces stripped (interior spaces still count), "
-                "and with every space ignored as PaddleOCR's own RecMetric does by default (`ignore_space=True`):", "",
-                "| rec model | char acc (README) | edge spaces stripped | spaces ignored (PaddleOCR) | lines with an edge space |",
-                "| --- | --- | --- | --- | --- |"]
+                "and with every space ignored as PaddleOCR's own RecMetric does by default (`ignore_space=True`); then "
+                "against fp32's own decodes (how closely the model reproduces fp32): char acc, and the lines decoded "
+                "otherwise, of which those that differ only by an edge space:", "",
+                "| rec model | char acc (README) | edge spaces stripped | spaces ignored (PaddleOCR) | lines with an edge space "
+                "| char acc vs fp32's decodes | lines unlike fp32's |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
         out += [f"| {k} | {r['char acc']:.4f} | {r['edge spaces stripped']:.4f} | {r['spaces ignored']:.4f} | "
-                f"{r['edge-space lines']} of {r['lines']} |" for k, r in rec.items()]
+                f"{r['edge-space lines']} of {r['lines']} | {r['vs first']:.4f} | {r['lines unlike first']} "
+                f"({r['unlike by an edge space']} by an edge space only) |" for k, r in rec.items()]
     if det:
         out += ["", "det: hmean against the ground truth (IoU >= 0.5), against fp32's own boxes, and the mean IoU of each "
                 "fp32 box with the model's best-overlapping box (1.0 = fp32's boxes exactly); then, per ground-truth box, "
