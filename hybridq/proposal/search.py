@@ -11,6 +11,7 @@ step 4 stays within the float budget. Every candidate is a row of the table the 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -127,6 +128,7 @@ class _Climb:
         # (kept fixes..., the one pruned) by id -> those fixes, held so no id is reused: found needed, not tried again
         self._needed: dict[tuple[int, ...], tuple[Candidate, ...]] = {}
         self.refit: tuple[Edits, Callable[[Edits, Built], Candidate | None]] | None = None  # float step: edits without the bias fix, its fit
+        self.damage: dict[str, tuple[int, float]] = {}  # layer -> (rank, measure) quantized alone (see _alone_order)
         self._row("start", started_from, self.score, 0.0, "met" if self.met else "below target")
 
     @property
@@ -440,13 +442,16 @@ def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str
     prefix = ", ".join(c.label for c in climb.kept)
     if not budget:
         return f"{prefix or 'no change'}; the float budget allows no layer and the target is not met"
-    pos = {n: i + 1 for i, (n, _) in enumerate(ranked)}
     single_of = dict(ranked)
 
+    def why(n: str) -> str:
+        rank, alone = climb.damage.get(n, (0, math.nan))
+        worst = f"{rank} of {len(climb.damage)} by damage at the outputs (quantized alone: {alone:.4f})" if rank else "ranked by local error"
+        return f"proposal: {worst}, local cos {single_of.get(n, math.nan):.4f}, {100 * macs.get(n, 0.0) / total:.1f} % of {unit}"
+
     def candidate(names: list[str]) -> State:
-        why = {n: f"proposal: rank {pos.get(n, 0)}/{len(ranked)} by damage at the outputs, single cos {single_of.get(n, float('nan')):.4f}, "
-                  f"{100 * macs.get(n, 0.0) / total:.1f} % of {unit}" for n in names}
-        c, e = climb.float_edits(float_fix(climb.ctx, names, fallback, sum(macs.get(n, 0.0) for n in names) / total, why))
+        why_of = {n: why(n) for n in names}
+        c, e = climb.float_edits(float_fix(climb.ctx, names, fallback, sum(macs.get(n, 0.0) for n in names) / total, why_of))
         b = climb.build(e)
         return climb.evaluator.score(b.model), c, e, b
 
@@ -555,6 +560,7 @@ def _alone_order(climb: _Climb, ranked: list[tuple[str, float]], units: dict[str
     # independent runs: side by side when the evaluator has workers (each built here while the others are scored)
     scores = dict(zip(head, climb.evaluator.score_many((alone(n) for n in head), limit=SENSITIVITY_SAMPLES)))
     worst = sorted(head, key=lambda n: climb.quality(scores[n]))
+    climb.damage = {n: (i + 1, climb.quality(scores[n])) for i, n in enumerate(worst)}
     for i, n in enumerate(worst[:ALONE_ROWS]):
         climb._row("sensitivity", f"{n} alone in int8, the rest float32 ({SENSITIVITY_SAMPLES} samples)", scores[n], 0.0,
                    f"damage rank {i + 1} of {len(head)}")
