@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -553,15 +553,24 @@ def _alone_order(climb: _Climb, ranked: list[tuple[str, float]], units: dict[str
     quantized = [n for n, lp in climb.built.plan.layers.items() if lp.precision not in ("float16", "float32")]
     base = climb.refit[0] if climb.refit is not None else climb.edits
 
-    def alone(n: str) -> onnx.ModelProto:
-        others = float_fix(climb.ctx, [m for m in quantized if m != n], "float32", 0.0, {})
-        return climb.build(others.onto(base, climb.ctx.temp)).model
+    measured: list[str] = []
+
+    def models() -> Iterator[onnx.ModelProto]:
+        for n in head:
+            others = float_fix(climb.ctx, [m for m in quantized if m != n], "float32", 0.0, {})
+            try:
+                model = climb.build(others.onto(base, climb.ctx.temp)).model
+            except ConfigError:  # a layer step2 cannot quantize on its own: ordered by its local error, after the measured
+                continue
+            measured.append(n)
+            yield model
 
     # independent runs: side by side when the evaluator has workers (each built here while the others are scored)
-    scores = dict(zip(head, climb.evaluator.score_many((alone(n) for n in head), limit=SENSITIVITY_SAMPLES)))
-    worst = sorted(head, key=lambda n: climb.quality(scores[n]))
+    scores = dict(zip(measured, climb.evaluator.score_many(models(), limit=SENSITIVITY_SAMPLES)))
+    worst = sorted(measured, key=lambda n: climb.quality(scores[n]))
     climb.damage = {n: (i + 1, climb.quality(scores[n])) for i, n in enumerate(worst)}
     for i, n in enumerate(worst[:ALONE_ROWS]):
-        climb._row("sensitivity", f"{n} alone in int8, the rest float32 ({SENSITIVITY_SAMPLES} samples)", scores[n], 0.0,
-                   f"damage rank {i + 1} of {len(head)}")
-    return list(dict.fromkeys(m for n in worst + [n for n, _ in ranked[ALONE_LAYERS:]] for m in units.get(n, [n])))
+        climb._row("sensitivity", f"{n} quantized alone, the rest float32 ({SENSITIVITY_SAMPLES} samples)", scores[n], 0.0,
+                   f"damage rank {i + 1} of {len(worst)}")
+    rest = [n for n in head if n not in scores] + [n for n, _ in ranked[ALONE_LAYERS:]]
+    return list(dict.fromkeys(m for n in worst + rest for m in units.get(n, [n])))
