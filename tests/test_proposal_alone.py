@@ -55,8 +55,8 @@ def _snr(ref: np.ndarray, test: np.ndarray) -> float:
 
 def test_the_float_step_finds_the_layer_whose_damage_shows_only_at_the_outputs(tmp_path):
     """fc_a's own output is nearly exact (local cosine > 0.9999) but, alone in int8, costs the outputs 20 dB; eight side
-    Gemms have larger local errors and cost nothing. Ranked by local error (the search before), a budget of two float
-    layers went to fc_amp and a side Gemm and missed the target; ranked by damage alone, fc_a and fc_amp meet it."""
+    Gemms have larger local errors and cost nothing. The search before (the 8 locally worst layers, each set float in
+    the int8 model) kept fc_amp alone and missed the target; ranked by damage alone, fc_a and fc_amp meet it."""
     model = pm.masked_culprit_mlp()
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
