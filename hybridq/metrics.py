@@ -260,12 +260,13 @@ def metrics_many(ref: Any, tests: Sequence[Any], compiled: bool = True) -> list[
         return [sample_metrics(ref, t) for t in tests]
     if not x.size:
         return [metrics_from_sums(0.0, 0.0, 0.0, 0.0) for _ in ys]
-    kernel = fused_kernel() if compiled else None
-    if kernel is not None:
+    kernels = _compiled() if compiled else None
+    if kernels is not None:
+        pair, triple = kernels
         if len(ys) == 2:  # a layer's entire and single views: x read once
-            xx, yy, dd, md, zz, ee, me = _compiled()[1](x, ys[0], ys[1])  # type: ignore[index]
+            xx, yy, dd, md, zz, ee, me = triple(x, ys[0], ys[1])
             return [metrics_from_sums(xx, yy, dd, md), metrics_from_sums(xx, zz, ee, me)]
-        return [metrics_from_sums(*kernel(x, y)) for y in ys]
+        return [metrics_from_sums(*pair(x, y)) for y in ys]
     buf = np.empty(min(_BLOCK32, x.size), np.float32)
     k = len(ys)
     xx = 0.0
