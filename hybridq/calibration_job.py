@@ -71,7 +71,8 @@ class CalibrationJob:
         # as in one process, one of the worker's cores is left to the binning that runs beside ONNX Runtime
         threads = max(1, self._threads - 1) if self._threads else 0
         observers = calibrate(self.model, batches(), tensors=tensors, histograms=self.histograms, describe=lambda i: describe(first + i),
-                              on_batch=progress, range_batches=ranged, threads=threads, hessians=self.hessians)
+                              on_batch=progress, range_batches=ranged, threads=threads, hessians=self.hessians,
+                              expected_batches=len(shard.items))
         for name, obs in observers.items():
             self._observers.setdefault(name, _empty_like(obs)).merge(obs)
         return figures

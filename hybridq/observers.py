@@ -17,6 +17,8 @@ from typing import Callable
 
 import numpy as np
 
+from .binning import bin_counts
+
 MAX_BINS = 16384
 # Bin widths never go below 2**-E_SPAN times the largest magnitude seen (nor below
 # 2**E_MIN), so bin indices stay well inside int64 even for constant tensors, and
@@ -62,9 +64,10 @@ class HistogramObserver:
         self.merge(HistogramObserver.of(x, self.bins))
 
     @classmethod
-    def of(cls, x: np.ndarray, bins: bool = True) -> "HistogramObserver":
+    def of(cls, x: np.ndarray, bins: bool = True, kernel: Callable[..., None] | None = None) -> "HistogramObserver":
         """The statistics of one batch alone (`update` merges them); raises ValueError on NaN. +-Inf values are
-        left out of the statistics and flag the observer `infinite`."""
+        left out of the statistics and flag the observer `infinite`. `kernel` (:func:`hybridq.binning.kernel_for`)
+        bins by one compiled pass instead of numpy, to the same counts."""
         x = np.asarray(x)
         if x.size == 0:
             return cls(bins=bins)
@@ -73,7 +76,7 @@ class HistogramObserver:
             if math.isnan(lo) or math.isnan(hi) or np.isnan(x).any():
                 raise ValueError("non-finite values (NaN)")
             finite = x[np.isfinite(x)]
-            other = cls.of(finite, bins) if finite.size else cls(bins=bins)
+            other = cls.of(finite, bins, kernel) if finite.size else cls(bins=bins)
             other.infinite = True
             return other
         other = cls(lo, hi, int(x.size), bins=bins)
@@ -83,7 +86,8 @@ class HistogramObserver:
         other.start = math.floor(lo / 2.0**other.exponent)
         flat = x.ravel()
         step = max(1, flat.size // SUBSAMPLE)
-        other.counts = _bin_counts(flat[::step], other.exponent, other.start) * step
+        stop = math.floor(hi / 2.0**other.exponent)
+        other.counts = bin_counts(flat[::step], other.exponent, other.start, stop, kernel) * step
         return other
 
     def update_range(self, lo: float, hi: float, n: int) -> None:
@@ -145,21 +149,6 @@ class HistogramObserver:
         lo, hi = state["scalars"].tolist()
         count, exponent, start, bins, *flag = (int(v) for v in state["ints"])
         return cls(lo, hi, count, exponent, start, np.asarray(state["counts"], dtype=np.int64), bool(bins), bool(flag and flag[0]))
-
-
-def _bin_counts(x: np.ndarray, exponent: int, start: int) -> np.ndarray:
-    """Counts of floor(x / 2**exponent) - start; scaling by a power of two and floor are exact in float32."""
-    x = x.ravel()
-    if x.dtype != np.float32 or not -126 <= -exponent <= 127:
-        x = x.astype(np.float64)
-    scaled = np.multiply(x, x.dtype.type(2.0**-exponent))
-    np.floor(scaled, out=scaled)
-    if exponent > 0:
-        # x * 2**-e can underflow to -0.0 for tiny negative x, whose bin is -1, not 0.
-        scaled[(scaled == 0) & np.signbit(scaled) & (x != 0)] = -1
-    if start != 0:
-        scaled -= x.dtype.type(start)
-    return np.bincount(scaled.astype(np.intp)).astype(np.int64)
 
 
 def _rebin(start: int, counts: np.ndarray, e_from: int, e_to: int) -> tuple[int, np.ndarray]:
