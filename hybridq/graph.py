@@ -23,6 +23,7 @@ from onnx import TensorProto, numpy_helper
 
 from . import _runtime, fold
 from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, read_onnx, save_external, serialized_within, subgraphs
+from ._onnx import infer_shapes as _infer_shapes
 from .errors import InputError, ModelError, OutputError, did_you_mean
 
 MIN_OPSET = 13
@@ -247,17 +248,10 @@ def _basic_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape and type inference; the model is returned unchanged when inference fails on an exotic op."""
+    """Shape and type inference with data propagation, run without the weights' data (:func:`hybridq._onnx.infer_shapes`:
+    no weight is serialized, parsed or copied for it); the model is returned unchanged when inference fails on an exotic op."""
     try:
-        data = serialized_within(model)
-        if data is not None:
-            return onnx.shape_inference.infer_shapes(data, data_prop=True)
-        # A proto over 2 GB cannot be serialised in memory: infer through files with external data.
-        with tempfile.TemporaryDirectory(prefix="hybridq-shapes-") as tmp:
-            src, dst = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
-            save_external(model, src, "in.data")
-            onnx.shape_inference.infer_shapes_path(src, dst, data_prop=True)
-            return onnx.load(dst)
+        return _infer_shapes(model, data_prop=True)
     except Exception:
         return model
 
