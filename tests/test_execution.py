@@ -261,6 +261,33 @@ def _softmax_model(wiggle: float) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def test_scores_side_by_side_in_this_process_equal_one_at_a_time(monkeypatch):
+    """On two cores an in-process evaluator scores a generator's candidates two at a time, one ONNX Runtime thread each:
+    the figures are those of one candidate at a time on every core, in candidate order."""
+    import threading
+
+    from hybridq.proposal import evaluator as ev
+
+    rng = np.random.default_rng(5)
+    samples = [{"x": rng.normal(0, 1, (1, 4, 8)).astype(np.float32)} for _ in range(4)]
+    fp32, wiggles = _softmax_model(0.0), (0.1, 0.3, 0.6, 0.9, 1.2)
+    here = Evaluator(fp32, samples, Target(cosine=0.99))
+    alone = [here.score(_softmax_model(w)).to_dict() for w in wiggles]
+    monkeypatch.setattr(ev._runtime, "cores", lambda: 2)
+    where, real = [], ev.Evaluator._scored
+
+    def spy(self, model, limit, threads=0):
+        where.append((threading.current_thread().name, threads))
+        return real(self, model, limit, threads)
+
+    monkeypatch.setattr(ev.Evaluator, "_scored", spy)
+    before = here.evaluations
+    got = [s.to_dict() for s in here.score_many(_softmax_model(w) for w in wiggles)]
+    assert got == alone and len({str(g) for g in got}) == len(wiggles)
+    assert here.evaluations - before == len(wiggles)
+    assert len(where) == len(wiggles) and all(name.startswith("hybridq-score") and threads == 1 for name, threads in where)
+
+
 def test_scores_on_workers_are_bit_identical_and_match_numpy():
     rng = np.random.default_rng(3)
     # channels 3, 3, 5, 3: from sample 2 on the output is compared whole (dynamic channel count), as analyze does
