@@ -142,6 +142,47 @@ def test_bias_correction_run_in_segments_equals_whole_runs(tmp_path: Path, monke
     assert max(np.abs(v).max() for v in whole.values()) > 1e-4  # the rounding moved the means: the comparison says something
 
 
+def test_bias_correction_memo_reuses_the_fp32_means_of_the_same_model_and_samples(tmp_path: Path):
+    """With a memo, a second fit on the same fp32 model and samples (the proposal fits again per float candidate) opens
+    no fp32 session and gives the shifts a fit without the memo gives; other samples, or another model, are measured."""
+    from hybridq import api
+
+    onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 8)
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"float_stem": False})
+    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
+    temp, qdq = onnx.load(r.model), onnx.load(tmp_path / "q.onnx")
+    samples, others = _samples((1, 3, 16, 16), 5), _samples((1, 3, 16, 16), 5)
+    layers = ["conv1", "conv2", "conv3", "fc"]
+    opened: list[onnx.ModelProto] = []
+
+    def session(m):
+        opened.append(m)
+        return session_for(m, basic=False)
+
+    def fp32_sessions() -> int:  # the reference: the fp32 model's graph, without the correction inputs
+        return sum(not any(i.name.startswith("hybridq_bc/") for i in m.graph.input) and len(m.graph.node) == len(temp.graph.node)
+                   for m in opened)
+
+    plain = bias_correction.cumulative_shifts(temp, qdq, layers, samples, session)
+    assert fp32_sessions() == 1
+    memo: dict = {}
+    for run in range(2):
+        got = bias_correction.cumulative_shifts(temp, qdq, layers, samples, session, memo)
+        assert fp32_sessions() == 2, f"run {run}: only the first fit with the memo measures fp32"
+        for k in layers:
+            np.testing.assert_array_equal(got[k], plain[k])
+    fewer = bias_correction.cumulative_shifts(temp, qdq, layers[1:], samples, session, memo)
+    assert fp32_sessions() == 2 and set(fewer) == set(layers[1:])
+    bias_correction.cumulative_shifts(temp, qdq, layers, others, session, memo)
+    assert fp32_sessions() == 3
+    moved = onnx.ModelProto()
+    moved.CopyFrom(temp)
+    bias_correction.apply_in_place(moved, {"conv1": np.full(len(plain["conv1"]), 0.25)})
+    bias_correction.cumulative_shifts(moved, qdq, layers, samples, session, memo)
+    assert fp32_sessions() == 4
+
+
 def test_the_bias_correction_setting_writes_step1_s_own_shifts_and_cancels_the_last_layer_s_mean_error(tmp_path: Path):
     """`bias_correction: true`: step1 writes each layer's cumulative shift, measured on the default int8 model (as
     cumulative_shifts gives it on a step1 + step2 without the setting), as its own entries (propose sees no user

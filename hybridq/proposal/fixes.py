@@ -58,6 +58,7 @@ class Context:
     written: dict[str, dict[str, Any]]
     protected: set[str]
     graph: GraphView = field(init=False)
+    bias_memo: dict[Any, Any] = field(init=False, default_factory=dict)  # fp32 layer means for bias_fix (see cumulative_shifts)
 
     def __post_init__(self) -> None:
         self.graph = GraphView(self.temp)
@@ -189,7 +190,7 @@ def bias_fix(ctx: Context, edits: Edits, fixed: onnx.ModelProto, qdq: onnx.Model
     included, layers in order: :func:`hybridq.bias_correction.cumulative_shifts`), over at most BIAS_SAMPLES samples."""
     layers = bias_correction.correctable_layers((w.node for w in ctx.plan.weights.values()), ctx.graph)
     samples = samples[:BIAS_SAMPLES]
-    shifts = bias_correction.cumulative_shifts(fixed, qdq, layers, samples, session)
+    shifts = bias_correction.cumulative_shifts(fixed, qdq, layers, samples, session, ctx.bias_memo)
     cand = Candidate("bias_correction", "")
     for layer, shift in shifts.items():
         node = ctx.graph.by_name[layer]
