@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._onnx import tensor_types
+from ._onnx import serialized_within, tensor_types
 from .plan import GraphView
 from .segments import Segment, split
 
@@ -117,8 +117,9 @@ def _fp32_means(fp32: onnx.ModelProto, f: GraphView, order: list[str], samples: 
     fp32 pass over 8 samples each time). The memo keeps the samples, so their ids stay theirs.
     """
     held: dict[str, np.ndarray] = {}
-    if memo is not None:
-        key = (hashlib.sha256(fp32.SerializeToString()).hexdigest(), tuple(id(x) for x in samples))
+    data = serialized_within(fp32) if memo is not None else None  # None over 2 GB: measured each time
+    if memo is not None and data is not None:
+        key = (hashlib.sha256(data).hexdigest(), tuple(id(x) for x in samples))
         held = memo.setdefault(key, ({}, samples))[0]
     missing = [n for n in order if n not in held]
     if missing:

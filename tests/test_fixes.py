@@ -183,6 +183,32 @@ def test_bias_correction_memo_reuses_the_fp32_means_of_the_same_model_and_sample
     assert fp32_sessions() == 4
 
 
+def test_bias_correction_memo_is_not_used_for_a_model_over_2_gb(tmp_path: Path, monkeypatch):
+    """A model protobuf cannot serialize (over 2 GB) has no content key: each fit measures fp32 again, and works."""
+    from hybridq import api
+
+    onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 8)
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"float_stem": False})
+    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
+    temp, qdq = onnx.load(r.model), onnx.load(tmp_path / "q.onnx")
+    samples = _samples((1, 3, 16, 16), 3)
+    monkeypatch.setattr(bias_correction, "serialized_within", lambda model, limit=None: None)
+    opened: list[onnx.ModelProto] = []
+
+    def session(m):
+        opened.append(m)
+        return session_for(m, basic=False)
+
+    memo: dict = {}
+    first = bias_correction.cumulative_shifts(temp, qdq, ["conv1", "fc"], samples, session, memo)
+    count = len(opened)
+    second = bias_correction.cumulative_shifts(temp, qdq, ["conv1", "fc"], samples, session, memo)
+    assert memo == {} and len(opened) == 2 * count
+    for k in first:
+        np.testing.assert_array_equal(first[k], second[k])
+
+
 def test_the_bias_correction_setting_writes_step1_s_own_shifts_and_cancels_the_last_layer_s_mean_error(tmp_path: Path):
     """`bias_correction: true`: step1 writes each layer's cumulative shift, measured on the default int8 model (as
     cumulative_shifts gives it on a step1 + step2 without the setting), as its own entries (propose sees no user
