@@ -51,6 +51,15 @@ def residual_cnn(seed: int = 0, channels: int = 16) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("logits", T.FLOAT, [1, 10])], inits)
 
 
+def conv_relu(channels: int = 8, size: int = 16, seed: int = 11) -> onnx.ModelProto:
+    """x [1, 3, size, size] -> Conv 3x3 (pads 1, `channels` outputs) 'c' -> Relu 'y': the least a calibration observes."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, size, size])],
+                  [helper.make_tensor_value_info("y", T.FLOAT, [1, channels, size, size])],
+                  [_init("w", rng.normal(0, 0.5, (channels, 3, 3, 3)))], opset=17)
+
+
 def matmul_mlp(seed: int = 1) -> onnx.ModelProto:
     """MatMul + Add -> Relu -> MatMul -> Softmax, with a dynamic batch dim; input x [N, 32]."""
     rng = np.random.default_rng(seed)

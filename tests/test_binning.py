@@ -10,6 +10,7 @@ import pytest
 
 from hybridq import binning, calibration
 from hybridq.observers import HistogramObserver, _needed_exponent
+from tests import models
 
 kernel = binning._compiled()
 pytestmark = pytest.mark.skipif(kernel is None, reason="numba cannot compile on this platform")
@@ -98,15 +99,8 @@ def test_the_kernel_is_chosen_where_binning_is_what_the_calibration_waits_on(mon
 def test_calibration_by_the_kernel_gives_the_same_observers(monkeypatch: pytest.MonkeyPatch) -> None:
     """A calibration the rule sends to the kernel (threshold lowered, binning taken as the bottleneck) observes what the
     numpy one does."""
-    from onnx import TensorProto, helper
-
+    model = models.conv_relu()
     rng = np.random.default_rng(11)
-    w = helper.make_tensor("w", TensorProto.FLOAT, [8, 3, 3, 3], rng.normal(0, 0.5, 216).astype(np.float32).ravel())
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"], name="relu")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16, 16])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     batches = [{"x": rng.normal(0, 1, (1, 3, 16, 16)).astype(np.float32)} for _ in range(8)]
     used: list[object] = []
     real = HistogramObserver.of.__func__

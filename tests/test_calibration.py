@@ -8,16 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from hybridq import calibration
-
-
-def _conv_relu():
-    rng = np.random.default_rng(2)
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], rng.normal(0, 0.5, 108).astype(np.float32).ravel())
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"], name="relu")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+from tests import models
 
 
 @pytest.mark.parametrize("threads", [0, 1])
@@ -25,7 +16,7 @@ def test_min_max_only_tensors_past_range_batches_are_counted_not_run(threads: in
     """Every tensor min/max only (no histogram): past `range_batches` nothing is left to fetch. A run fetching no output
     would return all of them (ONNX Runtime's reading of an empty list), which once failed step1 on PP-OCR cls with a
     cached cost table that kept every layer float; the rest of the samples are now checked and counted."""
-    model = _conv_relu()
+    model = models.conv_relu(channels=4, size=8, seed=2)
     rng = np.random.default_rng(4)
     batches = [{"x": rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(5)]
     seen: list[int] = []

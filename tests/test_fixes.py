@@ -112,16 +112,21 @@ def test_bias_correction_is_the_cumulative_numpy_shift(tmp_path: Path):
         np.testing.assert_allclose(shifts[layer], c[k], rtol=1e-3, atol=1e-4)
 
 
-def test_bias_correction_run_in_segments_equals_whole_runs(tmp_path: Path, monkeypatch):
-    """The shifts come from one segmented pass over the model (a segment ending at each layer, a residual tensor
-    crossing segments); a whole run per layer, as before, gives the same figures bit for bit."""
+def _residual_temp_and_qdq(tmp_path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """step1's temp model and step2's QDQ model of the residual CNN (no float stem), on 8 samples."""
     from hybridq import api
 
     onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
     listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 8)
     r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"float_stem": False})
     api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
-    temp, qdq = onnx.load(r.model), onnx.load(tmp_path / "q.onnx")
+    return onnx.load(r.model), onnx.load(tmp_path / "q.onnx")
+
+
+def test_bias_correction_run_in_segments_equals_whole_runs(tmp_path: Path, monkeypatch):
+    """The shifts come from one segmented pass over the model (a segment ending at each layer, a residual tensor
+    crossing segments); a whole run per layer, as before, gives the same figures bit for bit."""
+    temp, qdq = _residual_temp_and_qdq(tmp_path)
     samples = _samples((1, 3, 16, 16), 5)
     opened: list[onnx.ModelProto] = []
 
@@ -145,13 +150,7 @@ def test_bias_correction_run_in_segments_equals_whole_runs(tmp_path: Path, monke
 def test_bias_correction_memo_reuses_the_fp32_means_of_the_same_model_and_samples(tmp_path: Path):
     """With a memo, a second fit on the same fp32 model and samples (the proposal fits again per float candidate) opens
     no fp32 session and gives the shifts a fit without the memo gives; other samples, or another model, are measured."""
-    from hybridq import api
-
-    onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
-    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 8)
-    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"float_stem": False})
-    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
-    temp, qdq = onnx.load(r.model), onnx.load(tmp_path / "q.onnx")
+    temp, qdq = _residual_temp_and_qdq(tmp_path)
     samples, others = _samples((1, 3, 16, 16), 5), _samples((1, 3, 16, 16), 5)
     layers = ["conv1", "conv2", "conv3", "fc"]
     opened: list[onnx.ModelProto] = []
@@ -185,13 +184,7 @@ def test_bias_correction_memo_reuses_the_fp32_means_of_the_same_model_and_sample
 
 def test_bias_correction_memo_is_not_used_for_a_model_over_2_gb(tmp_path: Path, monkeypatch):
     """A model protobuf cannot serialize (over 2 GB) has no content key: each fit measures fp32 again, and works."""
-    from hybridq import api
-
-    onnx.save(models.residual_cnn(), tmp_path / "m.onnx")
-    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 8)
-    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"float_stem": False})
-    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
-    temp, qdq = onnx.load(r.model), onnx.load(tmp_path / "q.onnx")
+    temp, qdq = _residual_temp_and_qdq(tmp_path)
     samples = _samples((1, 3, 16, 16), 3)
     monkeypatch.setattr(bias_correction, "serialized_within", lambda model, limit=None: None)
     opened: list[onnx.ModelProto] = []
