@@ -239,7 +239,7 @@ class _Binner:
     batches left) pay for loading it and binning is what the calibration waits on (the workers bin two runs in flight,
     or the main thread hardly waits for the run beside it). Where ONNX Runtime is the bottleneck the kernel would only
     add numba's load and its memory: PP-OCR det at 16 samples, 4.9-5.8 s either way, peak RSS 0.96 -> 1.17 GB. rec at
-    100 samples waits on its binning once the first 8 batches' min/max outputs are dropped: 8.2 -> 6.7 s."""
+    100 samples waits on its binning once the first 8 batches' min/max outputs are dropped: step1 8.2 -> 6.9 s."""
 
     batches: int | None
     kernel: Callable[..., None] | None = None
