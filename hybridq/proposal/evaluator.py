@@ -410,9 +410,9 @@ class Evaluator:
 
     def _side_by_side(self, models: Iterable[onnx.ModelProto], limit: int | None, width: int) -> list[Score]:
         """Each model scored on one of `width` threads, one ONNX Runtime thread each (it releases the GIL while it runs),
-        each candidate built here meanwhile; scores in model order. A one-thread session computes what a session on every
-        core does, bit for bit: ONNX Runtime's CPU kernels split a layer's outputs among threads, not its sums (checked on
-        PP-OCR rec, det and rec `target: npu`)."""
+        each candidate built here meanwhile; scores in model order. One-thread sessions gave the outputs of sessions on
+        every core bit for bit on PP-OCR rec, det and rec `target: npu` (the remote path relies on the same), and a test
+        checks the figures against one-at-a-time scoring."""
         scores: list[Score] = []
         pending: deque[Future[Score]] = deque()
         with ThreadPoolExecutor(width, thread_name_prefix="hybridq-score") as pool:
