@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from ._jit import compiled
+
 COMPILE_MIN_VALUES = 3e8
 """Values binned in one calibration from which loading numba pays. Loading it and the cached kernel takes 0.1-0.4 s;
 the kernel then bins about 1.5 ns a value faster than numpy on one core (small detector, 4.0 M values a sample on an
@@ -64,14 +66,8 @@ def _lane_counts(x: np.ndarray, scale: np.float32, start: np.float32, lanes: np.
 @functools.lru_cache(maxsize=None)
 def _compiled() -> Callable[..., None] | None:
     """:func:`_lane_counts` compiled by numba (cached on disk), or None where numba is missing or fails."""
-    try:
-        import numba
-
-        kernel = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")(_lane_counts)
-        kernel(np.ones(3, np.float32), np.float32(1.0), np.float32(1.0), np.zeros((2, 1), np.int32))  # compile now, or load the cache
-    except Exception:  # no numba, or no compiler back end for this platform
-        return None
-    return kernel
+    kernels = compiled([(_lane_counts, (np.ones(3, np.float32), np.float32(1.0), np.float32(1.0), np.zeros((2, 1), np.int32)))])
+    return kernels[0] if kernels is not None else None
 
 
 def compiled_counts(kernel: Callable[..., None], x: np.ndarray, exponent: int, start: int, stop: int) -> np.ndarray:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ._jit import compiled
+
 METRIC_NAMES: tuple[str, ...] = ("cosine", "euclid", "snr_db", "max_abs")
 """The metric names, in the order used by tables, CSV and JSON."""
 
@@ -202,16 +204,9 @@ def _triple_metrics(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[float,
 def _compiled() -> tuple[Callable[..., tuple[float, ...]], Callable[..., tuple[float, ...]]] | None:
     """:func:`_pair_metrics` and :func:`_triple_metrics` compiled by numba (cached on disk), or None where numba is
     missing or fails."""
-    try:
-        import numba
-
-        jit = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"})
-        pair, triple = jit(_pair_metrics), jit(_triple_metrics)
-        one = np.ones(17, np.float32)
-        pair(one, one), triple(one, one, one)  # compile now (or load the cached machine code)
-    except Exception:  # no numba, or no compiler back end for this platform
-        return None
-    return pair, triple
+    one = np.ones(17, np.float32)
+    kernels = compiled([(_pair_metrics, (one, one)), (_triple_metrics, (one, one, one))], fastmath={"reassoc"})
+    return (kernels[0], kernels[1]) if kernels is not None else None
 
 
 def fused_kernel() -> Callable[[np.ndarray, np.ndarray], tuple[float, float, float, float]] | None:
