@@ -37,6 +37,7 @@ RESULTS = HERE / "RESULTS.md"
 VARIANTS = {  # label -> (work directory under bench/.cache, sub-path of the built model's folder)
     "cpu int8 (default)": ("work", "hybridq"),
     "cpu algorithm: percentile": ("work", "hybridq_percentile"),
+    "cpu algorithm: mse": ("work", "hybridq_mse"),
     "cpu --proposal": ("work", "hybridq_proposal"),
     "cpu bias_correction: true": ("work", "hybridq_bias"),
     "ORT quantize_static": ("work", "ort_default"),

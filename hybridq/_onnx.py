@@ -219,6 +219,12 @@ def model_bytes(model: onnx.ModelProto) -> int:
         return sum(len(t.raw_data) for t in external_data_helper._get_all_tensors(model))
 
 
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Serialized size of the model's tensors (initializers, Constant values, subgraphs' too): nearly all of its size,
+    summed per tensor where ``ByteSize`` walks every message (PP-OCR rec's analysis graph: 8 against 30 ms)."""
+    return sum(t.ByteSize() for t in external_data_helper._get_all_tensors(model))
+
+
 def serialized_within(model: onnx.ModelProto, limit: int | None = None) -> bytes | None:
     """The model's bytes if they are at most `limit` (None: LARGE_MODEL_BYTES), serialized once (no ByteSize first); else None."""
     limit = LARGE_MODEL_BYTES if limit is None else limit

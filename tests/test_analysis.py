@@ -25,10 +25,12 @@ from onnx.reference import ReferenceEvaluator
 
 import hybridq.analysis as an
 from hybridq.analysis import QDQ_MAP_KEY, AnalysisOptions, analyze, plan_analysis
+from hybridq._onnx import tensor_bytes
 from hybridq.analysis import engine, running
 from hybridq.api import analyze_samples
 from hybridq.errors import HybridqError, InputError, ModelError
 from hybridq.kernels import SATURATION_NOTE
+from hybridq.metrics import fused_kernel
 from hybridq.report import render_csv, render_txt
 from hybridq.snapshot import load_arrays, load_snapshot, safe_names
 from tests.conftest import exact_options
@@ -243,13 +245,30 @@ def test_few_samples_run_on_threads_and_many_or_uncounted_in_worker_processes(mo
             yield pool, w, run
 
     monkeypatch.setattr(engine, "executor", spy)
+    fused_kernel()  # every run below then sums by the same kernel (numba loaded), whichever tests ran before this one
     data = samples(4)
     few = analyze(float_model(), quant_model(True), data, options=AnalysisOptions(workers=2, fork_min_samples=5))
     many = analyze(float_model(), quant_model(True), data, options=AnalysisOptions(workers=2, fork_min_samples=4))
     uncounted = analyze(float_model(), quant_model(True), iter(data), options=AnalysisOptions(workers=2))
-    assert used == ["ThreadPoolExecutor", "MixedPool", "MixedPool"]
-    for a, b, c in zip(few.layers, many.layers, uncounted.layers):
-        assert a.entire.per_sample == b.entire.per_sample == c.entire.per_sample, a.tensor
+    large = analyze(float_model(), quant_model(True), data, options=AnalysisOptions(workers=2, fork_limit=1))  # a graph "too large" to fork
+    assert used == ["ThreadPoolExecutor", "MixedPool", "MixedPool", "ThreadPoolExecutor"]
+    for a, b, c, d in zip(few.layers, many.layers, uncounted.layers, large.layers):
+        assert a.entire.per_sample == b.entire.per_sample == c.entire.per_sample == d.entire.per_sample, a.tensor
+
+
+def test_tensor_bytes_counts_initializers_constants_and_subgraphs() -> None:
+    """The fork limit's measure: every tensor's serialized size, wherever it sits, which is nearly the model's own size."""
+    w, c, inner = (np.arange(n, dtype=np.float32) for n in (1000, 300, 200))
+    then = h.make_graph([h.make_node("Constant", [], ["t"], value=nh.from_array(inner, "inner"))], "then", [],
+                        [h.make_tensor_value_info("t", TP.FLOAT, [200])])
+    nodes = [h.make_node("Constant", [], ["c"], value=nh.from_array(c, "c")),
+             h.make_node("If", ["cond"], ["y"], then_branch=then, else_branch=then)]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("cond", TP.BOOL, [])], [h.make_tensor_value_info("y", TP.FLOAT, [200])],
+                     initializer=[nh.from_array(w, "w")])
+    m = h.make_model(g)
+    expected = sum(nh.from_array(a, n).ByteSize() for a, n in ((w, "w"), (c, "c"), (inner, "inner"), (inner, "inner")))
+    assert tensor_bytes(m) == expected
+    assert 0.95 * m.ByteSize() <= tensor_bytes(m) <= m.ByteSize()
 
 
 def test_sessions_opened_side_by_side_give_the_same_table(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from .. import _runtime
-from .._onnx import model_bytes
+from .._onnx import tensor_bytes
 from ..execution import Execution
 from ..errors import HybridqError, InputError, ModelError, did_you_mean
 from ..segments import Segment, split
@@ -45,7 +45,7 @@ class AnalysisOptions:
     core's L2: 1 MB on the 512 KB L2 of an AMD EPYC, where it was tuned; 4 MB on a Xeon's 2 MB, where rec analyze at 10
     samples took 1.45-1.50 s against 1.62-1.66 s at 1 MB (cls 5.3 against 6.8 ms a sample)."""
     fork_limit: int = 512 << 20
-    """Analysis graphs above this size run on threads only (no process that large is forked)."""
+    """Analysis graphs whose tensors take more bytes than this run on threads only (no process that large is forked)."""
     fork_min_samples: int = 0
     """Fewer samples than this (when their number is known) run on threads only, sharing one set of sessions.
     Off by default: at 10 samples on a quiet 2-core EPYC the total was the same either way (cls 0.22 vs 0.23 s,
@@ -232,7 +232,7 @@ def executor(
     """
     many = samples is None or samples >= work.options.fork_min_samples
     work.start()
-    if workers > 1 and many and sys.platform.startswith("linux") and model_bytes(work.ag.model) <= work.options.fork_limit:
+    if workers > 1 and many and sys.platform.startswith("linux") and tensor_bytes(work.ag.model) <= work.options.fork_limit:
         ctx = multiprocessing.get_context("fork")
         procs = ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_child_start, initargs=(work,))
         with MixedPool(procs) as pool:
