@@ -140,7 +140,7 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor shape inference can tell (graph inputs, outputs, value_info, initializers)."""
     types: dict[str, int] = {}
     try:
-        inferred = infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(without_weights(model))  # types only: the weights' data is not needed back
     except Exception:  # a model shape inference cannot handle: the caller learns the types at run time
         inferred = model
     g = inferred.graph
@@ -150,6 +150,12 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
     for init in g.initializer:
         types[init.name] = init.data_type
     return types
+
+
+def without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose large weights hold no data (their names, dims and types kept): enough for shape
+    inference and compute estimates, at a fraction of a full copy's cost."""
+    return _set_aside(model)[0]
 
 
 def _set_aside(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[tuple[bool, str], onnx.TensorProto]]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ._onnx import infer_shapes
+from ._onnx import without_weights
 from .graph import tensor_shapes
 
 NOMINAL_DIM = 224
@@ -15,9 +15,9 @@ NOMINAL_DIM = 224
 
 
 def concrete_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of the model whose inputs take the sample's shapes, with shapes inferred (for compute estimates)."""
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
+    """A copy of the model whose inputs take the sample's shapes, with shapes inferred (for compute estimates); its
+    large weights hold no data (:func:`~hybridq._onnx.without_weights`), their dims do."""
+    work = without_weights(model)
     for vi in work.graph.input:
         if vi.name in sample and vi.type.HasField("tensor_type"):
             dims = vi.type.tensor_type.shape.dim
@@ -26,7 +26,7 @@ def concrete_shapes(model: onnx.ModelProto, sample: dict[str, np.ndarray]) -> on
                 d.dim_value = int(n)
     del work.graph.value_info[:]
     try:
-        return infer_shapes(work, data_prop=True)
+        return onnx.shape_inference.infer_shapes(work, data_prop=True)
     except Exception:
         return model
 
