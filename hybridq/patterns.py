@@ -235,6 +235,31 @@ def saturation_ranges(g: GraphView, dtypes: dict[str, str]) -> dict[str, tuple[f
     return out
 
 
+ACTIVATIONS = {"hard_swish": "HardSwish", "swish": "Swish", "gelu": "GELU", "layer_norm": "LayerNorm"}
+"""The patterns that stand for one activation or normalisation layer (by PATTERNS key: its name as a layer)."""
+
+
+def pattern_outputs(g: GraphView, names: dict[str, str] = ACTIVATIONS) -> dict[str, tuple[str, list[onnx.NodeProto]]]:
+    """Each match of the `names` patterns by the tensor it computes: (the pattern's name as a layer, the nodes inside
+    it, in graph order). A pattern's inner tensors are read inside it only; the node reading one and writing a tensor
+    outside ends the match."""
+    out: dict[str, tuple[str, list[onnx.NodeProto]]] = {}
+    order = {id(n): k for k, n in enumerate(g.model.graph.node)}
+    for key, label in names.items():
+        inner = PATTERNS[key](g)
+        for node in g.model.graph.node:
+            if len(node.output) != 1 or node.output[0] in inner or not any(i in inner for i in node.input):
+                continue
+            group, todo = {}, [i for i in node.input if i in inner]
+            while todo:
+                p = g.producer_node(todo.pop())
+                if p is not None and id(p) not in group:
+                    group[id(p)] = p
+                    todo += [i for i in p.input if i in inner]
+            out.setdefault(node.output[0], (label, sorted(group.values(), key=lambda n: order[id(n)])))
+    return out
+
+
 PATTERNS: dict[str, Callable[[GraphView], set[str]]] = {
     "layer_norm": layer_norm,
     "hard_swish": hard_swish,

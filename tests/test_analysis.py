@@ -670,3 +670,69 @@ def test_a_small_analysis_uses_the_numpy_blocks_and_never_loads_numba(tmp_path, 
     assert [r[0] for r in fresh["rows"]] == [l.tensor for l in here.layers] and listing.is_file()
     for (_, cos, snr), l in zip(fresh["rows"], here.layers):
         assert cos == pytest.approx(l.entire.cosine, rel=1e-6, abs=1e-7) and snr == pytest.approx(l.entire.snr_db, rel=1e-5)
+
+
+
+def _hard_swish_models(quantize_inside: bool) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """fp32: x -> Conv -> c -> HardSwish as exporters write it (Add 3 from a Constant node, Clip 0..6, Div 6, Mul by c)
+    -> y. The quantized model: x through Q/DQ and, with `quantize_inside`, the Add's output too."""
+    w = np.random.default_rng(3).normal(0, 0.5, (3, 2, 3, 3)).astype(np.float32)
+
+    def model(head: list[onnx.NodeProto], conv_in: str, mid: list[onnx.NodeProto], clip_in: str) -> onnx.ModelProto:
+        nodes = head + [
+            h.make_node("Conv", [conv_in, "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            h.make_node("Constant", [], ["three"], value=nh.from_array(np.array(3.0, np.float32))),
+            h.make_node("Add", ["c", "three"], ["hs_add"], name="hs_add"),
+        ] + mid + [
+            h.make_node("Clip", [clip_in, "zero", "six"], ["hs_clip"], name="hs_clip"),
+            h.make_node("Div", ["hs_clip", "six"], ["hs_div"], name="hs_div"),
+            h.make_node("Mul", ["c", "hs_div"], ["y"], name="hs_mul"),
+        ]
+        inits = [nh.from_array(w, "w"), nh.from_array(np.array(0.0, np.float32), "zero"), nh.from_array(np.array(6.0, np.float32), "six"),
+                 nh.from_array(np.array(0.02, np.float32), "s"), nh.from_array(np.array(0.05, np.float32), "s2"),
+                 nh.from_array(np.array(0, np.int8), "z")]
+        g = h.make_graph(nodes, "hs", [h.make_tensor_value_info("x", TP.FLOAT, [1, 2, 6, 6])], [h.make_tensor_value_info("y", TP.FLOAT, None)],
+                         initializer=inits)
+        return h.make_model(g, opset_imports=[h.make_opsetid("", 13)])
+
+    fm = model([], "x", [], "hs_add")
+    head = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"])]
+    inside = [h.make_node("QuantizeLinear", ["hs_add", "s2", "z"], ["aq"]), h.make_node("DequantizeLinear", ["aq", "s2", "z"], ["a_dq"])]
+    qm = model(head, "xd", inside, "a_dq") if quantize_inside else model(head, "xd", [], "hs_add")
+    return fm, qm
+
+
+@pytest.mark.parametrize("quantize_inside", [False, True])
+def test_an_activation_written_out_is_one_row_unless_quantized_inside(quantize_inside: bool) -> None:
+    """A HardSwish exported as Add/Clip/Div/Mul is one row, at its output, naming the nodes inside (RKNN-Toolkit2's one
+    HardSwish row), when the quantized model computes it in float; a QuantizeLinear inside lists every tensor. The
+    rows' figures are the cosines of ONNX Runtime's outputs either way."""
+    fm, qm = _hard_swish_models(quantize_inside)
+    data = samples(3)
+    res = analyze(fm, qm, data)
+    rows = {layer.tensor: layer for layer in res.layers}
+    if quantize_inside:
+        assert list(rows) == ["c", "hs_add", "hs_clip", "hs_div", "y"] and rows["y"].folded is None
+    else:
+        assert list(rows) == ["c", "y"]
+        assert (rows["y"].op_type, rows["y"].layer, rows["y"].folded) == ("HardSwish", "hs_mul", "Add hs_add, Clip hs_clip, Div hs_div")
+        assert any("1 activations written as chains" in n and "HardSwish" in n for n in res.notes)
+    views = {t: rows[t].quant_tensor for t in rows}  # a quantized tensor is compared after its Q/DQ
+    ref = ort.InferenceSession(_with_outputs(fm, list(views)).SerializeToString(), exact_options())
+    got = ort.InferenceSession(_with_outputs(qm, list(views.values())).SerializeToString(), exact_options())
+    for t, v in views.items():
+        want = np.mean([_cosine(ref.run([t], d)[0], got.run([v], d)[0]) for d in data])
+        assert rows[t].entire.cosine == pytest.approx(want, rel=1e-6), t
+
+
+def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.output[:]
+    m.graph.output.extend(h.make_tensor_value_info(n, TP.FLOAT, None) for n in names)
+    return m
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -16,8 +16,11 @@ from typing import Any
 import onnx
 from onnx import TensorProto, helper
 
-from .._onnx import GraphIndex, scalar_value, tensor_types
+from .._onnx import GraphIndex, tensor_types, without_weights
 from ..errors import InputError
+from ..graph import lift_constants
+from ..patterns import pattern_outputs
+from ..plan import GraphView
 from ..qdq import QDQ_MAP_KEY, QdqMap
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
@@ -150,16 +153,15 @@ def _quantized_to(q: ModelIndex, chain: Iterable[int]) -> str | None:
     return None
 
 
-def _carried_bounds(f: ModelIndex, bounds: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-    """`bounds` with each carried through an Add or Sub of a scalar constant (HardSwish's x + 3 saturates below 0)."""
-    out = dict(bounds)
-    for node in f.nodes:
-        if node.op_type in ("Add", "Sub") and len(node.input) == 2 and node.input[0] in out:
-            c = scalar_value(node.input[1], f.inits, f.producer_node(node.input[1]))
-            if c is not None:
-                c = c if node.op_type == "Add" else -c
-                out[node.output[0]] = (out[node.input[0]][0] + c, out[node.input[0]][1] + c)
-    return out
+def folded_patterns(f: ModelIndex, q: ModelIndex) -> dict[str, tuple[str, list[onnx.NodeProto]]]:
+    """The fp32 model's activations written as chains of elementwise ops (HardSwish as x * Clip(x + 3, 0, 6) / 6,
+    Swish, GELU, LayerNorm) that the quantized model computes in float inside (no QuantizeLinear reads an inner
+    tensor), by output tensor: (the activation's name, its inner nodes). Each is one row, at its output, as
+    RKNN-Toolkit2 lists them: the inner tensors carry their input's error and no quantization of their own."""
+    light = without_weights(f.model)
+    lift_constants(light)  # exporters write the chains' constants as Constant nodes
+    return {t: (label, nodes) for t, (label, nodes) in pattern_outputs(GraphView(light)).items()
+            if not any(c.op_type == "QuantizeLinear" for n in nodes for c in q.consumer_nodes(n.output[0]))}
 
 
 def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> AnalysisPlan:
@@ -173,11 +175,12 @@ def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
     qmap = QdqMap.from_model(quant_model)
     mapped: dict[str, str] = qmap.tensors if qmap else {}
     layer_info: dict[str, Any] = qmap.layers if qmap else {}
-    bounds = _carried_bounds(f, qmap.bounds) if qmap else {}
+    bounds = qmap.bounds if qmap else {}
     notes: list[str] = []
     plans: list[ComparedTensor] = []
     missing_views: list[str] = []
-    seen: set[str] = set()
+    folds = folded_patterns(f, q)
+    seen: set[str] = {n.output[0] for _, nodes in folds.values() for n in nodes}  # inner tensors: their pattern's row
     for k, node in enumerate(f.nodes):
         if node.op_type in _SKIP_OPS or not any(node.input):
             continue
@@ -208,6 +211,9 @@ def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
             if qk is not None and qname and qname != layer and qname in layer_info and layer not in layer_info:
                 # step1 folded this node into the one the cfg names: the row carries that name
                 name, op, folded = qname, q.nodes[qk].op_type, f"{node.op_type} {layer}"
+            if t in folds and folded is None:  # the activation's row: named as a layer of its own, as RKNN-Toolkit2 lists it
+                op, inner = folds[t]
+                folded = ", ".join(f"{n.op_type} {n.name or n.output[0]}" for n in inner)
             precision = (info or {}).get("precision")
             if precision is None and layer_info:
                 qdtype = _quantized_to(q, out_chain)
@@ -226,6 +232,11 @@ def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
                     bounds=bounds.get(t),
                 )
             )
+    if folds:
+        kinds = sorted({label for label, _ in folds.values()})
+        notes.append(f"{len(folds)} activations written as chains of elementwise ops ({', '.join(kinds)}) are one row each, "
+                     f"at their output; the {sum(len(n) for _, n in folds.values())} tensors inside them are not listed (float "
+                     "in both models, they carry their input's error).")
     if missing_views:
         notes.append(
             f"{len(missing_views)} entries of '{QDQ_MAP_KEY}' name tensors the quantized model does "

@@ -27,6 +27,9 @@ class LayerError:
     fp32 model's node that writes it, or, where step1 folded that node into
     another (a BatchNormalization into its Conv), the node it was folded into,
     with the folded one in ``folded`` (``"BatchNormalization block0.bn1"``).
+    An activation exported as a chain of elementwise ops is one row at its
+    output: ``op_type`` is the activation (``HardSwish``), ``layer`` the
+    chain's last node and ``folded`` the nodes inside it.
     ``precision`` is what the layer runs in: the step2 map's precision for
     the layers it quantizes (``uint8``, ``int16``, ``float16``, ``float32``),
     ``float32->uint8`` for a float op whose output is quantized (its single
