@@ -6,7 +6,8 @@ each as one layer: int8 in, int8 out, the intermediates never leave the unit. Th
 therefore puts no Q/DQ on a pattern's inner tensors. Each matcher returns those inner tensors
 (`conv_affine`: a Conv's per-channel Mul/Add tail, folded into its weights and bias). Also here:
 `saturation_ranges`, the tensors whose readers saturate outside an interval, which an NPU
-calibrates to that interval.
+calibrates to that interval; and `pattern_outputs`, each activation pattern by the tensor it
+computes, which analyze lists as one layer.
 """
 
 from __future__ import annotations
