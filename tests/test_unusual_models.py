@@ -359,3 +359,58 @@ def test_a_layer_named_by_its_fused_relu_output_takes_the_precision_whole(tmp_pa
     assert produced.get(conv1.input[1]) is None or produced[conv1.input[1]].op_type != "DequantizeLinear"
     f = _feeds({"x": (1, 8, 8, 8)})
     assert cosine(run(q, f)[0], run(m, f)[0]) > 0.99
+
+
+def _conv_affine_model(tail: str) -> onnx.ModelProto:
+    """x -> Conv 'conv' (bias or none) -> a Mul and an Add by constants (the `tail` case) -> Relu -> y.
+
+    scalar: a learnable affine block as Paddle2ONNX writes it (one-element [1] constants as Constant nodes, which ONNX
+    Runtime's own Conv+Mul/Add fusions refuse); channel: [1,C,1,1]; last_axis: a rank-1 [C] (it scales the width, not
+    the channels: not foldable); shared: the Conv's output is read twice."""
+    rng = np.random.default_rng(1)
+    c = 6
+    const = {"scalar": ([1], [1]), "channel": ([1, c, 1, 1], [1, c, 1, 1]), "last_axis": ([c], [c]), "shared": ([1], [1])}[tail]
+    s = rng.uniform(0.3, 1.7, const[0]).astype(np.float32)
+    b = rng.normal(0, 0.5, const[1]).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"] + (["B"] if tail != "scalar" else []), ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(s)),
+             helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(b)),
+             helper.make_node("Mul", ["c", "s"], ["m"], name="lab_mul"),
+             helper.make_node("Add", ["b", "m"], ["a"], name="lab_add"),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    outputs = [helper.make_tensor_value_info("y", T.FLOAT, [1, c, c, c])]
+    if tail == "shared":
+        nodes.append(helper.make_node("Neg", ["c"], ["side"], name="side"))
+        outputs.append(helper.make_tensor_value_info("side", T.FLOAT, [1, c, c, c]))
+    inits = [numpy_helper.from_array(rng.normal(0, 0.4, (c, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "B")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, c, c])], outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("tail, folds", [("scalar", True), ("channel", True), ("last_axis", False), ("shared", False)])
+def test_a_constant_scale_and_shift_after_a_conv_fold_into_it(tmp_path, tail, folds):
+    """step1's temp model folds a Conv's constant Mul/Add tail into its weight and bias when the constants broadcast
+    per output channel and the Conv's output has no other reader; its outputs stay ONNX Runtime's fp32 outputs, the
+    folded nodes are reported as fused into the Conv, and the cfg may still name them."""
+    m = _conv_affine_model(tail)
+    src, out = tmp_path / "m.onnx", tmp_path / "ws"
+    onnx.save(m, src)
+    r1 = hybridq.step1(src, models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 6, 6)}, 4), out=out,
+                       settings={"speed_check": False, "float_stem": False})
+    temp = onnx.load(str(r1.model))
+    ops = [n.op_type for n in temp.graph.node]
+    assert (ops.count("Mul"), ops.count("Add")) == ((0, 0) if folds else (1, 1)), ops
+    if folds:
+        assert r1.fused.get("lab_mul") == r1.fused.get("lab_add") == "conv"
+        assert next(n for n in temp.graph.node if n.op_type == "Conv").output[0] == "a"
+    for seed in range(3):
+        f = _feeds({"x": (1, 3, 6, 6)}, seed)
+        for got, want in zip(run(temp, f), run(m, f)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    r1.cfg.write_text(r1.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  lab_mul: float32"))
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, out / "q.onnx").output))
+    conv = next(n for n in q.graph.node if n.op_type == "Conv")
+    assert (conv.input[1] in {i.name for i in q.graph.initializer}) == folds  # the layer the folded Mul names is float
