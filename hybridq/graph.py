@@ -152,7 +152,8 @@ def fold_conv_affine(model: onnx.ModelProto) -> dict[str, str]:
     cost ONNX Runtime a pass over the tensor each, in fp32 and int8 alike, and its own Conv+Mul/Add fusions refuse a
     one-element operand of rank 1 (PP-OCR det: 28 such chains, 104 -> 93 ms a run on one thread). Operands are float32
     initializers of one element or one per output channel along axis 1 ([C,1,..] or [1,C,1,..]); the Conv's output
-    must have no other reader. The weights must be untied (:func:`untie_weights`): each scaled one is its Conv's own.
+    must have no other reader, and no operand may be a graph input (fed at run time). The weights must be untied
+    (:func:`untie_weights`): each scaled one is its Conv's own.
     """
     inits = {i.name: i for i in model.graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -160,6 +161,7 @@ def fold_conv_affine(model: onnx.ModelProto) -> dict[str, str]:
         for i in node.input:
             readers.setdefault(i, []).append(node)
     outputs = {o.name for o in model.graph.output}
+    fed = {i.name for i in model.graph.input}  # an initializer that is also a graph input can be fed another value
     folded: dict[str, str] = {}
     gone: set[int] = set()
     for conv in model.graph.node:
@@ -174,7 +176,7 @@ def fold_conv_affine(model: onnx.ModelProto) -> dict[str, str]:
         while out not in outputs and len(readers.get(out, [])) == 1 and readers[out][0].op_type in ("Mul", "Add"):
             node = readers[out][0]
             other = node.input[1] if node.input[0] == out else node.input[0]
-            value = _channel_constant(inits.get(other), channels, rank)
+            value = None if other in fed else _channel_constant(inits.get(other), channels, rank)
             if value is None or node.domain not in ("", "ai.onnx"):
                 break
             if node.op_type == "Mul":
@@ -205,7 +207,7 @@ def fold_conv_affine(model: onnx.ModelProto) -> dict[str, str]:
         del model.graph.node[:]
         model.graph.node.extend(keep)
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    orphans = [i for i in model.graph.initializer if i.name not in used and i.name in readers]  # operands only the folded nodes read
+    orphans = [i for i in model.graph.initializer if i.name not in used and i.name in readers and i.name not in fed]  # read by folded nodes only
     for i in orphans:
         model.graph.initializer.remove(i)
     return folded

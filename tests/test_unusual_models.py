@@ -366,10 +366,11 @@ def _conv_affine_model(tail: str) -> onnx.ModelProto:
 
     scalar: a learnable affine block as Paddle2ONNX writes it (one-element [1] constants as Constant nodes, which ONNX
     Runtime's own Conv+Mul/Add fusions refuse); channel: [1,C,1,1]; last_axis: a rank-1 [C] (it scales the width, not
-    the channels: not foldable); shared: the Conv's output is read twice."""
+    the channels: not foldable); shared: the Conv's output is read twice; fed: the scale is also a graph input."""
     rng = np.random.default_rng(1)
     c = 6
-    const = {"scalar": ([1], [1]), "channel": ([1, c, 1, 1], [1, c, 1, 1]), "last_axis": ([c], [c]), "shared": ([1], [1])}[tail]
+    const = {"scalar": ([1], [1]), "channel": ([1, c, 1, 1], [1, c, 1, 1]), "last_axis": ([c], [c]), "shared": ([1], [1]),
+             "fed": ([1], [1])}[tail]
     s = rng.uniform(0.3, 1.7, const[0]).astype(np.float32)
     b = rng.normal(0, 0.5, const[1]).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "W"] + (["B"] if tail != "scalar" else []), ["c"], name="conv", pads=[1, 1, 1, 1]),
@@ -385,12 +386,16 @@ def _conv_affine_model(tail: str) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(rng.normal(0, 0.4, (c, 3, 3, 3)).astype(np.float32), "W"),
              numpy_helper.from_array(rng.normal(0, 0.1, c).astype(np.float32), "B")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, c, c])], outputs, inits)
+    if tail == "fed":  # the scale is an initializer and a graph input (IR 3 style): a value the caller may feed
+        g.node.remove(g.node[1])
+        g.initializer.append(numpy_helper.from_array(s, "s"))
+        g.input.append(helper.make_tensor_value_info("s", T.FLOAT, [1]))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     return m
 
 
-@pytest.mark.parametrize("tail, folds", [("scalar", True), ("channel", True), ("last_axis", False), ("shared", False)])
+@pytest.mark.parametrize("tail, folds", [("scalar", True), ("channel", True), ("last_axis", False), ("shared", False), ("fed", False)])
 def test_a_constant_scale_and_shift_after_a_conv_fold_into_it(tmp_path, tail, folds):
     """step1's temp model folds a Conv's constant Mul/Add tail into its weight and bias when the constants broadcast
     per output channel and the Conv's output has no other reader; its outputs stay ONNX Runtime's fp32 outputs, the
