@@ -672,7 +672,6 @@ def test_a_small_analysis_uses_the_numpy_blocks_and_never_loads_numba(tmp_path, 
         assert cos == pytest.approx(l.entire.cosine, rel=1e-6, abs=1e-7) and snr == pytest.approx(l.entire.snr_db, rel=1e-5)
 
 
-
 def _hard_swish_models(quantize_inside: bool) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """fp32: x -> Conv -> c -> HardSwish as exporters write it (Add 3 from a Constant node, Clip 0..6, Div 6, Mul by c)
     -> y. The quantized model: x through Q/DQ and, with `quantize_inside`, the Add's output too."""
@@ -716,12 +715,12 @@ def test_an_activation_written_out_is_one_row_unless_quantized_inside(quantize_i
     else:
         assert list(rows) == ["c", "y"]
         assert (rows["y"].op_type, rows["y"].layer, rows["y"].folded) == ("HardSwish", "hs_mul", "Add hs_add, Clip hs_clip, Div hs_div")
-        assert any("1 activations written as chains" in n and "HardSwish" in n for n in res.notes)
+        assert any("1 activation(s) written as chains" in n and "HardSwish" in n for n in res.notes)
     views = {t: rows[t].quant_tensor for t in rows}  # a quantized tensor is compared after its Q/DQ
     ref = ort.InferenceSession(_with_outputs(fm, list(views)).SerializeToString(), exact_options())
     got = ort.InferenceSession(_with_outputs(qm, list(views.values())).SerializeToString(), exact_options())
     for t, v in views.items():
-        want = np.mean([_cosine(ref.run([t], d)[0], got.run([v], d)[0]) for d in data])
+        want = np.mean([np_cos(ref.run([t], d)[0], got.run([v], d)[0]) for d in data])
         assert rows[t].entire.cosine == pytest.approx(want, rel=1e-6), t
 
 
@@ -731,8 +730,3 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     del m.graph.output[:]
     m.graph.output.extend(h.make_tensor_value_info(n, TP.FLOAT, None) for n in names)
     return m
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -234,7 +234,7 @@ def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
             )
     if folds:
         kinds = sorted({label for label, _ in folds.values()})
-        notes.append(f"{len(folds)} activations written as chains of elementwise ops ({', '.join(kinds)}) are one row each, "
+        notes.append(f"{len(folds)} activation(s) written as chains of elementwise ops ({', '.join(kinds)}) are one row each, "
                      f"at their output; the {sum(len(n) for _, n in folds.values())} tensors inside them are not listed (float "
                      "in both models, they carry their input's error).")
     if missing_views:
