@@ -150,72 +150,63 @@ def fold_conv_affine(model: onnx.ModelProto) -> dict[str, str]:
 
     A scale and shift written after a Conv (PP-LCNet's learnable affine blocks: Mul and Add by a one-element constant)
     cost ONNX Runtime a pass over the tensor each, in fp32 and int8 alike, and its own Conv+Mul/Add fusions refuse a
-    one-element operand of rank 1 (PP-OCR det: 28 such chains, 104 -> 93 ms a run on one thread). Operands are float32
-    initializers of one element or one per output channel along axis 1 ([C,1,..] or [1,C,1,..]); the Conv's output
-    must have no other reader, and no operand may be a graph input (fed at run time). The weights must be untied
-    (:func:`untie_weights`): each scaled one is its Conv's own.
+    one-element operand of rank 1 (PP-OCR det: 28 such chains, 104 -> 93 ms a run on one thread). Operands are
+    :func:`channel_constant` initializers; the Conv's output must have no other reader, and no operand may be a graph
+    input (fed at run time). The weights must be untied (:func:`untie_weights`): each scaled one is its Conv's own.
     """
-    inits = {i.name: i for i in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            readers.setdefault(i, []).append(node)
-    outputs = {o.name for o in model.graph.output}
-    fed = {i.name for i in model.graph.input}  # an initializer that is also a graph input can be fed another value
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    index = GraphIndex(g)
+    outputs, fed = {o.name for o in g.output}, {i.name for i in g.input}
+    taken = set(inits) | set(index.producer) | set(index.consumers) | fed
     folded: dict[str, str] = {}
     gone: set[int] = set()
-    for conv in model.graph.node:
-        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2 or conv.input[1] not in inits:
-            continue
-        w = inits[conv.input[1]]
-        bias = inits.get(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
-        if w.data_type != TensorProto.FLOAT or (len(conv.input) > 2 and conv.input[2] and bias is None) or len(readers.get(w.name, [])) != 1:
+    for conv in index.nodes:
+        w = inits.get(conv.input[1]) if conv.op_type == "Conv" and conv.domain in ("", "ai.onnx") and len(conv.input) > 1 else None
+        bias_name = conv.input[2] if len(conv.input) > 2 else ""
+        own = w is not None and len(index.consumer_nodes(w.name)) == 1 and (not bias_name or bias_name in inits)
+        if not own or w.data_type != TensorProto.FLOAT or len(w.dims) < 3:
             continue
         channels, rank = int(w.dims[0]), len(w.dims)
         scale, shift, tail, out = np.ones(channels), np.zeros(channels), [], conv.output[0]
-        while out not in outputs and len(readers.get(out, [])) == 1 and readers[out][0].op_type in ("Mul", "Add"):
-            node = readers[out][0]
+        while out not in outputs and len(readers := index.consumer_nodes(out)) == 1 and readers[0].op_type in ("Mul", "Add"):
+            node = readers[0]
             other = node.input[1] if node.input[0] == out else node.input[0]
-            value = None if other in fed else _channel_constant(inits.get(other), channels, rank)
-            if value is None or node.domain not in ("", "ai.onnx"):
+            value = None if other in fed or node.domain not in ("", "ai.onnx") else channel_constant(inits.get(other), channels, rank)
+            if value is None:
                 break
-            if node.op_type == "Mul":
-                scale, shift = scale * value, shift * value
-            else:
-                shift = shift + value
+            scale, shift = (scale * value, shift * value) if node.op_type == "Mul" else (scale, shift + value)
             tail.append(node)
             out = node.output[0]
         if not tail:
             continue
         weight = numpy_helper.to_array(w).astype(np.float64) * scale.reshape((-1,) + (1,) * (rank - 1))
         w.CopyFrom(numpy_helper.from_array(weight.astype(np.float32), w.name))
-        b = (numpy_helper.to_array(bias).astype(np.float64) if bias is not None else np.zeros(channels)) * scale + shift
-        if bias is not None and len(readers.get(bias.name, [])) == 1:
-            bias.CopyFrom(numpy_helper.from_array(b.astype(np.float32), bias.name))
+        bias = (numpy_helper.to_array(inits[bias_name]).astype(np.float64) if bias_name else np.zeros(channels)) * scale + shift
+        if bias_name and len(index.consumer_nodes(bias_name)) == 1:
+            inits[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
         else:
-            name = _fresh_name(f"{conv.name}.folded_bias", inits, readers)
-            new = numpy_helper.from_array(b.astype(np.float32), name)
-            model.graph.initializer.append(new)
-            inits[name] = new
+            name = fresh_name(f"{conv.name}.folded_bias", taken)
+            g.initializer.append(numpy_helper.from_array(bias.astype(np.float32), name))
             del conv.input[2:]
             conv.input.append(name)
         conv.output[0] = out
         folded.update((n.name, conv.name) for n in tail)
         gone.update(id(n) for n in tail)
     if gone:
-        keep = [n for n in model.graph.node if id(n) not in gone]  # one rebuild, after the loop over the nodes
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    orphans = [i for i in model.graph.initializer if i.name not in used and i.name in readers and i.name not in fed]  # read by folded nodes only
-    for i in orphans:
-        model.graph.initializer.remove(i)
+        keep = [n for n in index.nodes if id(n) not in gone]  # one rebuild, after the loop over the nodes
+        del g.node[:]
+        g.node.extend(keep)
+        used = {i for n in g.node for i in n.input} | outputs
+        for i in [i for i in g.initializer if i.name not in used and i.name in index.consumers and i.name not in fed]:
+            g.initializer.remove(i)  # operands the folded nodes alone read
     return folded
 
 
-def _channel_constant(t: onnx.TensorProto | None, channels: int, rank: int) -> np.ndarray | None:
-    """A float32 constant broadcast over an NCHW Conv output as one value, or one per channel along axis 1, as a
-    vector of `channels` values; None for any other operand (a rank-1 [C] runs along the last axis, not the channels)."""
+def channel_constant(t: onnx.TensorProto | None, channels: int, rank: int) -> np.ndarray | None:
+    """A float32 constant broadcast over a Conv output of `rank` dims (N, C, spatial...) as one value, or one per channel
+    along axis 1 ([C,1,..] or [1,C,1,..]), as a vector of `channels` values; None for any other operand (a rank-1 [C]
+    runs along the last axis, not the channels)."""
     if t is None or t.data_type != TensorProto.FLOAT:
         return None
     dims, v = list(t.dims), numpy_helper.to_array(t).astype(np.float64)
@@ -226,10 +217,12 @@ def _channel_constant(t: onnx.TensorProto | None, channels: int, rank: int) -> n
     return None
 
 
-def _fresh_name(base: str, inits: Mapping[str, Any], readers: Mapping[str, Any]) -> str:
+def fresh_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_2`, `base_3`, ... : the first not in `taken`, which then holds it."""
     name, k = base, 2
-    while name in inits or name in readers:
+    while name in taken:
         name, k = f"{base}_{k}", k + 1
+    taken.add(name)
     return name
 
 
@@ -251,14 +244,11 @@ def untie_weights(model: onnx.ModelProto) -> int:
             if name not in seen:
                 seen.add(name)
                 continue
-            new, k = f"{name}_{node.name}", 2
-            while new in taken:
-                new, k = f"{name}_{node.name}_{k}", k + 1
+            new = fresh_name(f"{name}_{node.name}", taken)
             copy = onnx.TensorProto()
             copy.CopyFrom(inits[name])
             copy.name = new
             model.graph.initializer.append(copy)
-            taken.add(new)
             node.input[idx] = new
             copies += 1
     return copies

@@ -17,6 +17,7 @@ from typing import Callable
 import onnx
 
 from ._onnx import scalar_value
+from .graph import channel_constant
 from .plan import GraphView
 
 
@@ -129,12 +130,10 @@ def gelu(g: GraphView) -> set[str]:
     return inner
 
 
-def _per_channel_const(g: GraphView, name: str, channels: int) -> bool:
-    """Is `name` an initializer broadcasting one value per channel of an NCHW tensor (a scalar, [C,1,1] or [1,C,1,1])?"""
-    if name not in g.inits:
-        return False
-    dims = list(g.inits[name].dims)
-    return all(d == 1 for d in dims) or (dims[-3:] == [channels, 1, 1] and all(d == 1 for d in dims[:-3]))
+def _per_channel_const(g: GraphView, name: str, channels: int, rank: int) -> bool:
+    """Is `name` an initializer broadcasting one value, or one per channel, over a Conv output of `rank` dims
+    (:func:`hybridq.graph.channel_constant`, the rule step1's fold follows)?"""
+    return channel_constant(g.inits.get(name), channels, rank) is not None
 
 
 def conv_affine(g: GraphView) -> set[str]:
@@ -143,10 +142,11 @@ def conv_affine(g: GraphView) -> set[str]:
     'p2o.Add.19', the Add after Conv -> Mul -> Add, and no tensor in between)."""
     inner: set[str] = set()
     for conv in (n for n in g.model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in g.inits):
-        channels, last = int(g.inits[conv.input[1]].dims[0]), conv.output[0]
+        w = g.inits[conv.input[1]]
+        channels, rank, last = int(w.dims[0]), len(w.dims), conv.output[0]
         nxt = _sole(g, last)
         while nxt is not None and nxt.op_type in ("Mul", "Add") and last in nxt.input and \
-                _per_channel_const(g, _other(nxt, last), channels):
+                _per_channel_const(g, _other(nxt, last), channels, rank):
             inner.add(last)
             last = nxt.output[0]
             nxt = _sole(g, last)
