@@ -18,6 +18,8 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -44,6 +46,9 @@ RKNN = {  # RKNN-Toolkit2 2.5.0 x86 simulator, ../shared/rknn/README.md: (int8, 
 }
 GOAL = {"rec": 0.974, "det": 0.917, "cls": 0.990}
 """The issue's bar for the npu proposal (RKNN's, det a little above it)."""
+RKNN_CFGS = {"det": HERE.parent.parent / "shared" / "rknn" / "det.noproposal.quantization.cfg",
+             "cls": HERE.parent.parent / "shared" / "rknn" / "cls.noproposal.quantization.cfg"}
+"""RKNN's own int8 ranges (its step1 cfg, no proposal); none was recorded for rec."""
 RKNN_DET_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 RKNN_DET_STD = np.array([58.395, 57.12, 57.375], np.float32)
 """RKNN's det config(mean_values, std_values), ../shared/rknn/det.step1_files.txt (RGB order: quant_img_RGB2BGR=False)."""
@@ -65,19 +70,43 @@ def det_normalisation(fn):
         ppocr.det_input = old
 
 
+def with_rknn_ranges(task: ppocr.Task, eval_limit: int | None) -> float | None:
+    """The npu int8 workspace with every range of RKNN's own cfg imported (`hybridq rknn-cfg import --all-ranges`),
+    step2, evaluated: the simulation given RKNN's parameters instead of hybridq's. None without RKNN's cfg."""
+    rknn_cfg = RKNN_CFGS.get(task.name.split("-")[0])
+    src = WORK / task.name / "int8" / "hybridq"
+    if rknn_cfg is None or not rknn_cfg.is_file() or not src.is_dir():
+        return None
+    wd = WORK / task.name / "rknn-ranges"
+    shutil.rmtree(wd, ignore_errors=True)
+    shutil.copytree(src, wd)
+    s, out = wd / task.model.stem, wd / "rknn-ranges.q.onnx"
+    cmds = [["rknn-cfg", "import", str(rknn_cfg), "--cfg", f"{s}.quantization.cfg", "--all-ranges", "-q"],
+            ["step2", f"{s}.model", f"{s}.data", f"{s}.quantization.cfg", "-o", str(out), "-q"]]
+    for cmd in cmds:
+        proc = subprocess.run(bench_run.hybridq_cmd() + cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"[{task.name}] rknn ranges: {' '.join(cmd[:2])} failed: {proc.stderr[-400:]}", file=sys.stderr)
+            return None
+    return task.evaluate(ppocr.session_runner(out, 2, exact_int8=True), eval_limit)
+
+
 def fidelity(tasks: dict, rows: list[dict], calib_limit: int | None, eval_limit: int | None) -> list[dict]:
-    """fp32 beside each row's npu int8; det again with RKNN's normalisation (fp32 and npu int8), its own work dir."""
+    """fp32 beside each row's npu int8 (and int8 with RKNN's ranges where its cfg exists); det again with RKNN's
+    normalisation, its own work dir."""
     out = []
     for r in rows:
         task = tasks[r["model"]]
         out.append({"model": r["model"], "input": "bench/ppocr.py", "int8": r.get("int8"),
-                    "fp32": task.evaluate(ppocr.session_runner(task.model, 2), eval_limit)})
+                    "fp32": task.evaluate(ppocr.session_runner(task.model, 2), eval_limit),
+                    "rknn_ranges": with_rknn_ranges(task, eval_limit) if r["model"] == "cls" else None})
     if "det" in tasks and any(r["model"] == "det" for r in rows):
         with det_normalisation(det_input_imagenet):
             task = replace(tasks["det"], name="det-imagenet")
             row = bench(task, ["int8"], calib_limit, eval_limit)
             out.append({"model": "det", "input": "RKNN's (ImageNet mean/std, RGB)", "int8": row.get("int8"),
-                        "fp32": task.evaluate(ppocr.session_runner(task.model, 2), eval_limit)})
+                        "fp32": task.evaluate(ppocr.session_runner(task.model, 2), eval_limit),
+                        "rknn_ranges": with_rknn_ranges(task, eval_limit)})
     print(f"fidelity: {out}", file=sys.stderr, flush=True)
     return out
 
@@ -89,14 +118,19 @@ def render_fidelity(rows: list[dict]) -> list[str]:
         "Fidelity (`target: npu` int8 beside RKNN's simulator): the same task metric in fp32 and npu int8 on one input "
         "normalisation. RKNN normalised det with ImageNet's mean/std (`../shared/rknn/det.step1_files.txt`); bench/ppocr.py "
         "feeds det `(p/255 - 0.5)/0.5`, on which fp32 itself scores lower, so det is shown on both. RKNN's fp32 on its "
-        "inputs was not recorded.",
+        "inputs was not recorded. `with RKNN's ranges`: the same npu int8 workspace with every range of RKNN's own cfg "
+        "imported (`hybridq rknn-cfg import --all-ranges`, `../shared/rknn/*.noproposal.quantization.cfg`), so the "
+        "simulation, not the calibration, is compared; RKNN wrote no cfg for rec, and its det cfg was calibrated on "
+        "ImageNet-normalised inputs, so det is shown there only.",
         "",
-        "| model | input normalisation | fp32 | hybridq npu int8 | RKNN int8 |",
-        "| --- | --- | --- | --- | --- |",
+        "| model | input normalisation | fp32 | hybridq npu int8 | hybridq npu int8 with RKNN's ranges | RKNN int8 |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for f in rows:
         i8 = f"{f['int8']:.3f}" if f.get("int8") is not None else "not run"
-        lines.append(f"| {f['model']} | {f['input']} | {f['fp32']:.3f} | {i8} | {RKNN[f['model']][0]:.3f} |")
+        rr = (f"{f['rknn_ranges']:.3f}" if f.get("rknn_ranges") is not None
+              else "no RKNN cfg" if f["model"] not in RKNN_CFGS else "its ranges fit the other input")
+        lines.append(f"| {f['model']} | {f['input']} | {f['fp32']:.3f} | {i8} | {rr} | {RKNN[f['model']][0]:.3f} |")
     return lines
 
 
