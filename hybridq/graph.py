@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from . import _runtime, fold
-from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, read_onnx, save_external, serialized_within, subgraphs
+from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, outer_reads, read_onnx, save_external, serialized_within, subgraphs
 from ._onnx import infer_shapes as _infer_shapes
 from .errors import InputError, ModelError, OutputError, did_you_mean
 
@@ -156,7 +156,7 @@ def fold_conv_affine(model: onnx.ModelProto) -> dict[str, str]:
     """
     g = model.graph
     inits = {i.name: i for i in g.initializer}
-    index = GraphIndex(g)
+    index = GraphIndex(g, subgraph_reads=True)  # an If/Loop body reading a tensor is one of its readers
     outputs, fed = {o.name for o in g.output}, {i.name for i in g.input}
     taken = set(inits) | set(index.producer) | set(index.consumers) | fed
     folded: dict[str, str] = {}
@@ -164,7 +164,10 @@ def fold_conv_affine(model: onnx.ModelProto) -> dict[str, str]:
     for conv in index.nodes:
         w = inits.get(conv.input[1]) if conv.op_type == "Conv" and conv.domain in ("", "ai.onnx") and len(conv.input) > 1 else None
         bias_name = conv.input[2] if len(conv.input) > 2 else ""
-        own = w is not None and len(index.consumer_nodes(w.name)) == 1 and (not bias_name or bias_name in inits)
+        # the weight is changed in place: read by this Conv alone and not a graph output; neither it nor the bias is a
+        # value the caller may feed instead
+        own = (w is not None and len(index.consumer_nodes(w.name)) == 1 and w.name not in outputs | fed
+               and (not bias_name or (bias_name in inits and bias_name not in fed)))
         if not own or w.data_type != TensorProto.FLOAT or len(w.dims) < 3:
             continue
         channels, rank = int(w.dims[0]), len(w.dims)
@@ -183,7 +186,7 @@ def fold_conv_affine(model: onnx.ModelProto) -> dict[str, str]:
         weight = numpy_helper.to_array(w).astype(np.float64) * scale.reshape((-1,) + (1,) * (rank - 1))
         w.CopyFrom(numpy_helper.from_array(weight.astype(np.float32), w.name))
         bias = (numpy_helper.to_array(inits[bias_name]).astype(np.float64) if bias_name else np.zeros(channels)) * scale + shift
-        if bias_name and len(index.consumer_nodes(bias_name)) == 1:
+        if bias_name and len(index.consumer_nodes(bias_name)) == 1 and bias_name not in outputs:
             inits[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32), bias_name))
         else:
             name = fresh_name(f"{conv.name}.folded_bias", taken)
@@ -197,7 +200,7 @@ def fold_conv_affine(model: onnx.ModelProto) -> dict[str, str]:
         keep = [n for n in index.nodes if id(n) not in gone]  # one rebuild, after the loop over the nodes
         del g.node[:]
         g.node.extend(keep)
-        used = {i for n in g.node for i in n.input} | outputs
+        used = {i for n in g.node for i in n.input} | {r for n in g.node for r in outer_reads(n)} | outputs
         for i in [i for i in g.initializer if i.name not in used and i.name in index.consumers and i.name not in fed]:
             g.initializer.remove(i)  # operands the folded nodes alone read
     return folded

@@ -395,6 +395,53 @@ def _conv_affine_model(tail: str) -> onnx.ModelProto:
     return m
 
 
+def _conv_mul_with_reader(reader: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """x -> Conv(W, B) 'c' -> Mul by a one-element [1] constant 's' -> y, plus one more reader of c, W, B or s: an If
+    body ('if_c', 'if_W', 'if_B', 'if_s'), a graph output ('out_W', 'out_B'), or a graph input the caller feeds with
+    another value than the initializer's ('fed_W', 'fed_B'). Returns the model and its feeds."""
+    rng = np.random.default_rng(3)
+    kind, name = reader.split("_")
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (6, 4, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (6,)).astype(np.float32), "B"),
+             numpy_helper.from_array(np.array([2.5], np.float32), "s")]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv"), helper.make_node("Mul", ["c", "s"], ["y"], name="mul")]
+    inputs = [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])]
+    outputs = [helper.make_tensor_value_info("y", T.FLOAT, None)]
+    feeds = {"x": rng.normal(0, 1, (1, 4, 8, 8)).astype(np.float32)}
+    if kind == "if":
+        branch = helper.make_tensor_value_info("o", T.FLOAT, None)
+        then_g = helper.make_graph([helper.make_node("Add", [name, "k"], ["o"], name="then_add")], "then", [], [branch])
+        else_g = helper.make_graph([helper.make_node("Sub", [name, "k"], ["o"], name="else_sub")], "else", [], [branch])
+        nodes.append(helper.make_node("If", ["cond"], ["side"], name="if", then_branch=then_g, else_branch=else_g))
+        inputs += [helper.make_tensor_value_info("cond", T.BOOL, []), helper.make_tensor_value_info("k", T.FLOAT, [1])]
+        outputs.append(helper.make_tensor_value_info("side", T.FLOAT, None))
+        feeds.update(cond=np.array(True), k=np.array([0.5], np.float32))
+    elif kind == "out":
+        outputs.append(helper.make_tensor_value_info(name, T.FLOAT, None))
+    else:
+        value = next(i for i in inits if i.name == name)
+        inputs.append(helper.make_tensor_value_info(name, T.FLOAT, list(value.dims)))
+        feeds[name] = (numpy_helper.to_array(value) * -1.5).astype(np.float32)
+    m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m, feeds
+
+
+@pytest.mark.parametrize("reader", ["if_c", "if_W", "if_B", "if_s", "out_W", "out_B", "fed_W", "fed_B"])
+def test_the_conv_tail_fold_respects_every_other_reader(reader: str) -> None:
+    """Folding a Conv's constant tail changes its weight and bias: a tensor also read by an If body, a weight or bias
+    that is a graph output, or one the caller feeds, keeps its value; the temp model computes what ONNX Runtime
+    computes on the original."""
+    from hybridq.graph import prepare
+
+    m, feeds = _conv_mul_with_reader(reader)
+    temp, _ = prepare(m)
+    want, got = run(m, feeds), run(temp, feeds)
+    assert [o.name for o in temp.graph.output] == [o.name for o in m.graph.output]
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("tail, folds", [("scalar", True), ("channel", True), ("last_axis", False), ("shared", False), ("fed", False)])
 def test_a_constant_scale_and_shift_after_a_conv_fold_into_it(tmp_path, tail, folds):
     """step1's temp model folds a Conv's constant Mul/Add tail into its weight and bias when the constants broadcast
