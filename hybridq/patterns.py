@@ -16,7 +16,7 @@ from typing import Callable
 
 import onnx
 
-from ._onnx import scalar_value
+from ._onnx import outer_reads, scalar_value
 from .graph import channel_constant
 from .plan import GraphView
 
@@ -42,9 +42,22 @@ def _prod(g: GraphView, tensor: str, op: str) -> onnx.NodeProto | None:
     return p if p is not None and p.op_type == op else None
 
 
+def _closed(g: GraphView, inner: list[str], end: str, outer: set[str]) -> bool:
+    """Is each of `inner` read only by the nodes writing `inner` or `end`, and none a graph output or read by a subgraph
+    (`outer`)? Only then is the match one layer: a tensor read outside keeps its own value, quantized on an NPU."""
+    members = {g.producer[t] for t in inner + [end] if t in g.producer}
+    return all(t not in g.outputs and t not in outer and set(g.consumers.get(t, ())) <= members for t in inner)
+
+
+def _subgraph_reads(g: GraphView) -> set[str]:
+    """Main-graph tensors an If/Loop/Scan body reads."""
+    return {r for n in g.nodes for r in outer_reads(n)}
+
+
 def layer_norm(g: GraphView) -> set[str]:
     """ReduceMean -> Sub -> Pow(2) -> ReduceMean -> Add(eps) -> Sqrt -> Div [-> Mul(gamma) -> Add(beta)]: all but the last output."""
     inner: set[str] = set()
+    outer = _subgraph_reads(g)
     for sqrt in (n for n in g.model.graph.node if n.op_type == "Sqrt"):
         add = _prod(g, sqrt.input[0], "Add")
         v = next((i for i in add.input if i not in g.inits), "") if add is not None else ""
@@ -63,13 +76,15 @@ def layer_norm(g: GraphView) -> set[str]:
                 break
             chain.append(last)
             last = nxt
-        inner.update(n.output[0] for n in chain)
+        if _closed(g, [n.output[0] for n in chain], last.output[0], outer):
+            inner.update(n.output[0] for n in chain)
     return inner
 
 
 def hard_swish(g: GraphView) -> set[str]:
     """x * HardSigmoid(x), and x * Clip(x + 3, 0, 6) / 6 in either order: the inner tensors."""
     inner = _self_gated(g, "HardSigmoid")
+    outer = _subgraph_reads(g)
     for node in g.model.graph.node:
         if node.op_type == "Clip" and len(node.input) == 3 and (_const(g, node.input[1]), _const(g, node.input[2])) == (0.0, 6.0):
             add = _prod(g, node.input[0], "Add")
@@ -81,8 +96,10 @@ def hard_swish(g: GraphView) -> set[str]:
             if first is None or second is None:
                 continue
             ops = {first.op_type, second.op_type}
-            if ops <= {"Mul", "Div"} and x in (_other(first, node.output[0]), _other(second, first.output[0])):
-                inner.update([add.output[0], node.output[0], first.output[0]])
+            tensors = [add.output[0], node.output[0], first.output[0]]
+            if ops <= {"Mul", "Div"} and x in (_other(first, node.output[0]), _other(second, first.output[0])) and \
+                    _closed(g, tensors, second.output[0], outer):
+                inner.update(tensors)
     return inner
 
 
@@ -94,10 +111,11 @@ def swish(g: GraphView) -> set[str]:
 def _self_gated(g: GraphView, gate: str) -> set[str]:
     """Outputs of `gate` nodes whose sole reader is a Mul by the gate's own input (x * gate(x))."""
     inner: set[str] = set()
+    outer = _subgraph_reads(g)
     for node in g.model.graph.node:
         if node.op_type == gate:
             mul = _sole(g, node.output[0])
-            if mul is not None and mul.op_type == "Mul" and _other(mul, node.output[0]) == node.input[0]:
+            if mul is not None and mul.op_type == "Mul" and _other(mul, node.output[0]) == node.input[0] and node.output[0] not in outer:
                 inner.add(node.output[0])
     return inner
 
@@ -105,6 +123,7 @@ def _self_gated(g: GraphView, gate: str) -> set[str]:
 def gelu(g: GraphView) -> set[str]:
     """x * 0.5 * (1 + Erf(x / sqrt 2)) in the orders exporters write: every tensor but x and the result."""
     inner: set[str] = set()
+    outer = _subgraph_reads(g)
     for erf in (n for n in g.model.graph.node if n.op_type == "Erf"):
         scale = g.producer_node(erf.input[0])
         add = _sole(g, erf.output[0])
@@ -122,11 +141,14 @@ def gelu(g: GraphView) -> set[str]:
             if tail is None or tail.op_type != "Mul" or _const(g, _other(tail, mul.output[0])) != 0.5:
                 continue
             tensors.append(mul.output[0])
+            end = tail.output[0]
         elif half is not None and half.op_type == "Mul" and x in half.input and _const(g, _other(half, x)) == 0.5:
             tensors.append(partner)
+            end = mul.output[0]
         else:
             continue
-        inner.update(tensors)
+        if _closed(g, tensors, end, outer):
+            inner.update(tensors)
     return inner
 
 
@@ -141,11 +163,12 @@ def conv_affine(g: GraphView) -> set[str]:
     tensors between, as an NPU compiler folds the constants into the Conv's weights and bias (RKNN's det cfg names
     'p2o.Add.19', the Add after Conv -> Mul -> Add, and no tensor in between)."""
     inner: set[str] = set()
+    outer = _subgraph_reads(g)
     for conv in (n for n in g.model.graph.node if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in g.inits):
         w = g.inits[conv.input[1]]
         channels, rank, last = int(w.dims[0]), len(w.dims), conv.output[0]
         nxt = _sole(g, last)
-        while nxt is not None and nxt.op_type in ("Mul", "Add") and last in nxt.input and \
+        while nxt is not None and nxt.op_type in ("Mul", "Add") and last in nxt.input and last not in outer and \
                 _per_channel_const(g, _other(nxt, last), channels, rank):
             inner.add(last)
             last = nxt.output[0]

@@ -334,6 +334,36 @@ def test_npu_runs_exported_patterns_as_one_layer_each(tmp_path):
     np.testing.assert_allclose(run(q, {"x": x})[0], vals["y"], atol=_params(q, cons["ge"][0])[0] * 1.001)
 
 
+PATTERN_INNER = {"d": ("LayerNorm", {"mean", "d", "d2", "var", "var_eps", "std", "norm", "scaled"}),
+                 "hs_add": ("HardSwish", {"hs_add", "hs_clip", "hs_mul"}),
+                 "sw_sig": ("Swish", {"sw_sig"}),
+                 "ge_div": ("GELU", {"ge_div", "ge_erf", "ge_add", "ge_mul"})}
+
+
+@pytest.mark.parametrize("read", list(PATTERN_INNER))
+def test_a_pattern_whose_inner_tensor_is_read_outside_is_not_one_layer(tmp_path, read):
+    """An activation chain is one layer only when its inner tensors are read inside it: one also read by another node
+    (and a graph output) leaves that chain as separate operators, analysed row by row and, on an NPU, quantized between
+    them; the other chains stay one layer each."""
+    from hybridq.analysis.matching import plan_analysis
+
+    m = npu_models.exported_patterns()
+    m.graph.node.append(helper.make_node("Neg", [read], ["outside"], name="outside"))
+    m.graph.output.append(helper.make_tensor_value_info("outside", TensorProto.FLOAT, [1, 8, 16]))
+    label, inner = PATTERN_INNER[read]
+    others = set().union(*(t for r, (_, t) in PATTERN_INNER.items() if r != read))
+    found = patterns.inner_tensors(GraphView(m))
+    assert not (found & inner) and others <= found
+    rows = {t.tensor: t for t in plan_analysis(m, m).tensors}
+    assert read in rows and rows["outside"].op_type == "Neg" and label not in {t.op_type for t in rows.values()}
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 16)}, 4, scale=3.0)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"})
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    assert read in {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+
+
 def test_hard_swish_input_range_is_floored_at_minus_three():
     """HardSwish maps every x < -3 to 0: its input's range starts at -3 (RKNN's cfg does the same), all algorithms agree."""
     from hybridq.graph import prepare
