@@ -12,6 +12,7 @@ computes, which analyze lists as one layer.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import onnx
@@ -50,8 +51,13 @@ def _closed(g: GraphView, inner: list[str], end: str, outer: set[str]) -> bool:
 
 
 def _subgraph_reads(g: GraphView) -> set[str]:
-    """Main-graph tensors an If/Loop/Scan body reads."""
-    return {r for n in g.nodes for r in outer_reads(n)}
+    """Main-graph tensors an If/Loop/Scan body reads (found once per view: every matcher asks)."""
+    if g not in _OUTER:
+        _OUTER[g] = {r for n in g.nodes for r in outer_reads(n)}
+    return _OUTER[g]
+
+
+_OUTER: weakref.WeakKeyDictionary[GraphView, set[str]] = weakref.WeakKeyDictionary()
 
 
 def layer_norm(g: GraphView) -> set[str]:
