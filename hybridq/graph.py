@@ -232,9 +232,11 @@ def fresh_name(base: str, taken: set[str]) -> str:
 def untie_weights(model: onnx.ModelProto) -> int:
     """Give each Conv/ConvTranspose/Gemm/MatMul its own copy of a weight or bias initializer it shares with an earlier
     one, in place; returns the copies made. A quantized weight belongs to one layer (its scales, its precision, its
-    bias quantized with that layer's input scale), so a shared one was quantized for the last reader only."""
+    bias quantized with that layer's input scale), so a shared one was quantized for the last reader only. An initializer
+    that is also a graph input stays shared: the caller may feed it, and a copy would not see the fed value."""
     inits = {i.name: i for i in model.graph.initializer}
-    taken = set(inits) | {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    fed = {i.name for i in model.graph.input}
+    taken = set(inits) | {o for n in model.graph.node for o in n.output} | fed
     seen: set[str] = set()
     copies = 0
     for node in model.graph.node:
@@ -242,7 +244,7 @@ def untie_weights(model: onnx.ModelProto) -> int:
             continue
         for idx in range(1, len(node.input)):
             name = node.input[idx]
-            if name not in inits:
+            if name not in inits or name in fed:
                 continue
             if name not in seen:
                 seen.add(name)
