@@ -98,6 +98,12 @@ def outer_reads(node: onnx.NodeProto) -> list[str]:
     return sorted({r for sg in subgraphs(node) for r in _outer_refs(sg)})
 
 
+def read_names(graph: onnx.GraphProto) -> set[str]:
+    """Every name the graph still reads: node inputs, what its nodes' subgraphs read from it, and its outputs. An
+    initializer replaced for some layers is dropped only when it is not among them."""
+    return {i for n in graph.node for i in n.input} | {r for n in graph.node for r in outer_reads(n)} | {o.name for o in graph.output}
+
+
 # --------------------------------------------------------------------------- opset
 
 

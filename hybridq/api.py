@@ -169,9 +169,18 @@ def step1(
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=layers, fused=report.fused, renamed=report.renamed,
-        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=ds.notes() + cost_notes + plan.notes,
+        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=_initializer_inputs_note(report.initializer_inputs, original.ir_version) + ds.notes() + cost_notes + plan.notes,
         control_flow=report.control_flow.to_dict(), warnings=[far] if far and prop is None else [],
     )
+
+
+def _initializer_inputs_note(names: list[str], ir_version: int) -> list[str]:
+    """What step1 says when weights were also graph inputs an IR >= 4 model lets a caller replace (IR 3 had to list them)."""
+    if not names or ir_version < 4:
+        return []
+    shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [f"{len(names)} initializer(s) were also graph inputs ({shown}; an exporter's keep_initializers_as_inputs): the "
+            "temp and quantized models take them as constants, their stored values, and are fed the other inputs only."]
 
 
 def _propose_over_edits(

@@ -55,6 +55,7 @@ class PrepReport:
     fused: dict[str, str] = field(default_factory=dict)
     original_nodes: dict[str, list[str]] = field(default_factory=dict)
     control_flow: fold.FoldReport = field(default_factory=fold.FoldReport)
+    initializer_inputs: list[str] = field(default_factory=list)  # graph inputs that were initializers: now constants
 
 
 def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
@@ -126,17 +127,30 @@ def lift_constants(model: onnx.ModelProto) -> int:
     return lifted
 
 
-def modern_ir(model: onnx.ModelProto) -> None:
-    """Raise the IR version to what the opsets need (at least 4), in place.
+def initializer_inputs(model: onnx.ModelProto) -> list[str]:
+    """Take the initializers out of the graph inputs, in place; returns their names in input order.
 
-    Before IR 4 every initializer is also listed as a graph input (old PyTorch exports); an initializer added
-    later (a lifted Constant, a scale) is then not a graph input, which IR 3 forbids. Those input entries go.
+    Before IR 4 every initializer had to be a graph input (old PyTorch exports); later ones list them when asked
+    (`keep_initializers_as_inputs=True`), which makes each a default a caller may replace. A quantized model stores
+    its weights quantized: they are constants here, as analyze already takes them (only the other inputs are fed).
     """
-    if model.ir_version < 4:
-        inits = {i.name for i in model.graph.initializer}
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name in inits]
+    if names:
         keep = [i for i in model.graph.input if i.name not in inits]
         del model.graph.input[:]
         model.graph.input.extend(keep)
+    return names
+
+
+def modern_ir(model: onnx.ModelProto) -> None:
+    """Raise the IR version to what the opsets need (at least 4), in place.
+
+    Before IR 4 every initializer is also listed as a graph input; an initializer added later (a lifted Constant,
+    a scale) is then not a graph input, which IR 3 forbids. Those input entries go (:func:`initializer_inputs`).
+    """
+    if model.ir_version < 4:
+        initializer_inputs(model)
     need = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
     model.ir_version = max(model.ir_version, need, 4)
 
@@ -347,6 +361,7 @@ def prepare(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None = Non
     work = onnx.ModelProto()
     work.CopyFrom(model)
     report = PrepReport(opset_from=main_opset(work), opset_to=main_opset(work))
+    report.initializer_inputs = initializer_inputs(work)
     modern_ir(work)
     report.renamed = name_nodes(work)
     original = {n.name: (n.op_type, list(n.output)) for n in work.graph.node}

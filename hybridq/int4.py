@@ -19,6 +19,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import gptq
+from ._onnx import read_names
 from .errors import ConfigError
 from .observers import HESSIAN_SUFFIX, HessianObserver
 from .plan import GraphView, QuantPlan
@@ -150,7 +151,7 @@ def apply_int4(model: onnx.ModelProto, source: onnx.ModelProto, plan: QuantPlan,
         replaced.add(w.source)
         if w.bias is not None:
             replaced.add(g_src.by_name[name].input[2])
-    still_read = {i for n in model.graph.node for i in n.input}
+    still_read = read_names(model.graph)
     keep = [i for i in model.graph.initializer if i.name not in replaced or i.name in still_read]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep + new_inits)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ._onnx import convert_opset, main_opset
+from ._onnx import convert_opset, main_opset, read_names
 from .errors import ModelError
 from .graph import Namer, name_nodes
 from .plan import GraphView, QuantPlan
@@ -331,7 +331,8 @@ class _Rewrite:
             nodes.extend(self.after.get(node.name, []))
         del work.graph.node[:]
         work.graph.node.extend(nodes)
-        keep = [i for i in work.graph.initializer if i.name not in self.dropped_inits]
+        read = read_names(work.graph)  # a replaced initializer that a graph output, an If/Loop body or a node still reads stays
+        keep = [i for i in work.graph.initializer if i.name not in self.dropped_inits or i.name in read]
         del work.graph.initializer[:]
         work.graph.initializer.extend(keep + self.new_inits)
         # value_info of fp16-renamed outputs would now lie; drop stale entries.

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ._onnx import read_names
 from .qparams import quantize, weight_qparams
 
 MS_DOMAIN = "com.microsoft"
@@ -121,7 +122,7 @@ def apply_in_place(model: onnx.ModelProto, layers: Mapping[str, str], per_channe
         done.append(node.name)
     if not done:
         return done
-    used = {i for n in g.node for i in n.input}
+    used = read_names(g)
     keep = [i for i in g.initializer if i.name in used or i.name not in readers] + new_inits  # drop only the float W/R now unread
     del g.initializer[:]
     g.initializer.extend(keep)

@@ -366,7 +366,8 @@ def _conv_affine_model(tail: str) -> onnx.ModelProto:
 
     scalar: a learnable affine block as Paddle2ONNX writes it (one-element [1] constants as Constant nodes, which ONNX
     Runtime's own Conv+Mul/Add fusions refuse); channel: [1,C,1,1]; last_axis: a rank-1 [C] (it scales the width, not
-    the channels: not foldable); shared: the Conv's output is read twice; fed: the scale is also a graph input."""
+    the channels: not foldable); shared: the Conv's output is read twice; fed: the scale is also a graph input (an IR 8
+    model's overridable initializer: a constant of the temp model, so it folds too)."""
     rng = np.random.default_rng(1)
     c = 6
     const = {"scalar": ([1], [1]), "channel": ([1, c, 1, 1], [1, c, 1, 1]), "last_axis": ([c], [c]), "shared": ([1], [1]),
@@ -397,8 +398,8 @@ def _conv_affine_model(tail: str) -> onnx.ModelProto:
 
 def _conv_mul_with_reader(reader: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """x -> Conv(W, B) 'c' -> Mul by a one-element [1] constant 's' -> y, plus one more reader of c, W, B or s: an If
-    body ('if_c', 'if_W', 'if_B', 'if_s'), a graph output ('out_W', 'out_B'), or a graph input the caller feeds with
-    another value than the initializer's ('fed_W', 'fed_B'). Returns the model and its feeds."""
+    body ('if_c', 'if_W', 'if_B', 'if_s'), a graph output ('out_W', 'out_B'), or also a graph input, as
+    keep_initializers_as_inputs exports write it ('fed_W', 'fed_B'). Returns the model and its feeds."""
     rng = np.random.default_rng(3)
     kind, name = reader.split("_")
     inits = [numpy_helper.from_array(rng.normal(0, 0.3, (6, 4, 3, 3)).astype(np.float32), "W"),
@@ -421,7 +422,6 @@ def _conv_mul_with_reader(reader: str) -> tuple[onnx.ModelProto, dict[str, np.nd
     else:
         value = next(i for i in inits if i.name == name)
         inputs.append(helper.make_tensor_value_info(name, T.FLOAT, list(value.dims)))
-        feeds[name] = (numpy_helper.to_array(value) * -1.5).astype(np.float32)
     m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     return m, feeds
@@ -429,20 +429,25 @@ def _conv_mul_with_reader(reader: str) -> tuple[onnx.ModelProto, dict[str, np.nd
 
 @pytest.mark.parametrize("reader", ["if_c", "if_W", "if_B", "if_s", "out_W", "out_B", "fed_W", "fed_B"])
 def test_the_conv_tail_fold_respects_every_other_reader(reader: str) -> None:
-    """Folding a Conv's constant tail changes its weight and bias: a tensor also read by an If body, a weight or bias
-    that is a graph output, or one the caller feeds, keeps its value; the temp model computes what ONNX Runtime
-    computes on the original."""
+    """Folding a Conv's constant tail changes its weight and bias: a tensor also read by an If body, or a weight or bias
+    that is a graph output, keeps its value; one also listed as a graph input is a constant of the temp model (no
+    longer an input, reported) and folds. The temp model computes what ONNX Runtime computes on the original."""
     from hybridq.graph import prepare
 
     m, feeds = _conv_mul_with_reader(reader)
-    temp, _ = prepare(m)
+    temp, report = prepare(m)
     want, got = run(m, feeds), run(temp, feeds)
     assert [o.name for o in temp.graph.output] == [o.name for o in m.graph.output]
+    fed = reader.split("_")[1] if reader.startswith("fed") else None
+    assert [i.name for i in temp.graph.input] == [i.name for i in m.graph.input if i.name != fed]
+    assert report.initializer_inputs == ([fed] if fed else [])
+    if fed:
+        assert [n.op_type for n in temp.graph.node] == ["Conv"]
     for w, g in zip(want, got):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tail, folds", [("scalar", True), ("channel", True), ("last_axis", False), ("shared", False), ("fed", False)])
+@pytest.mark.parametrize("tail, folds", [("scalar", True), ("channel", True), ("last_axis", False), ("shared", False), ("fed", True)])
 def test_a_constant_scale_and_shift_after_a_conv_fold_into_it(tmp_path, tail, folds):
     """step1's temp model folds a Conv's constant Mul/Add tail into its weight and bias when the constants broadcast
     per output channel and the Conv's output has no other reader; its outputs stay ONNX Runtime's fp32 outputs, the
@@ -455,6 +460,8 @@ def test_a_constant_scale_and_shift_after_a_conv_fold_into_it(tmp_path, tail, fo
     temp = onnx.load(str(r1.model))
     ops = [n.op_type for n in temp.graph.node]
     assert (ops.count("Mul"), ops.count("Add")) == ((0, 0) if folds else (1, 1)), ops
+    assert any("1 initializer(s) were also graph inputs ('s'" in n for n in r1.notes) == (tail == "fed")
+    assert [i.name for i in temp.graph.input] == ["x"]
     if folds:
         assert r1.fused.get("lab_mul") == r1.fused.get("lab_add") == "conv"
         assert next(n for n in temp.graph.node if n.op_type == "Conv").output[0] == "a"
@@ -466,3 +473,54 @@ def test_a_constant_scale_and_shift_after_a_conv_fold_into_it(tmp_path, tail, fo
     q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, out / "q.onnx").output))
     conv = next(n for n in q.graph.node if n.op_type == "Conv")
     assert (conv.input[1] in {i.name for i in q.graph.initializer}) == folds  # the layer the folded Mul names is float
+
+
+def _weights_read_elsewhere(case: str) -> onnx.ModelProto:
+    """x -> Conv(w1, b1) -> Relu -> Conv(w2, b2) -> Relu -> y, with the weights also read elsewhere: 'inputs' lists every
+    initializer as a graph input (keep_initializers_as_inputs), 'outputs' makes w1 and b2 graph outputs, 'if_body' has an
+    If (its condition computed from x) whose then-branch runs another Conv with w1 and b1."""
+    rng = np.random.default_rng(24)
+    c = 8
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n)
+             for n, s in (("w1", (c, c, 3, 3)), ("b1", (c,)), ("w2", (c, c, 3, 3)), ("b2", (c,)))]
+    vi = lambda n, s: helper.make_tensor_value_info(n, T.FLOAT, s)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1")]
+    inputs, outputs, mid = [vi("x", [1, c, 6, 6])], [vi("y", [1, c, 6, 6])], "r1"
+    if case == "if_body":
+        then_g = helper.make_graph([helper.make_node("Conv", ["r1", "w1", "b1"], ["t"], name="conv_then", pads=[1] * 4)], "then", [], [vi("t", None)])
+        else_g = helper.make_graph([helper.make_node("Neg", ["r1"], ["e"], name="neg_else")], "else", [], [vi("e", None)])
+        inits.append(numpy_helper.from_array(np.array(0.0, np.float32), "zero"))
+        nodes += [helper.make_node("ReduceMean", ["x"], ["mx"], name="mean", keepdims=0),
+                  helper.make_node("Greater", ["mx", "zero"], ["cond"], name="gt"),
+                  helper.make_node("If", ["cond"], ["iv"], name="if", then_branch=then_g, else_branch=else_g)]
+        mid = "iv"
+    nodes += [helper.make_node("Conv", [mid, "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4),
+              helper.make_node("Relu", ["c2"], ["y"], name="relu2")]
+    if case == "inputs":
+        inputs += [vi(i.name, list(i.dims)) for i in inits]
+    if case == "outputs":
+        outputs += [vi("w1", [c, c, 3, 3]), vi("b2", [c])]
+    m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("case", ["inputs", "outputs", "if_body"])
+def test_weights_read_elsewhere_survive_step2(tmp_path: Path, case: str) -> None:
+    """A quantized layer's weight that a graph output or an If body also reads stays in the QDQ model, and weights
+    listed as graph inputs become its constants (the model is fed x alone): the model loads in ONNX Runtime, keeps its
+    outputs, and stays close to fp32."""
+    m = _weights_read_elsewhere(case)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    r1 = hybridq.step1(src, models.write_npy_dataset(tmp_path / "data", {"x": (1, 8, 6, 6)}, 8), out=tmp_path / "ws",
+                       settings={"speed_check": False, "float_stem": False})
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) >= 2
+    assert [i.name for i in q.graph.input] == ["x"] and [o.name for o in q.graph.output] == [o.name for o in m.graph.output]
+    f = {"x": np.random.default_rng(5).normal(0, 1, (1, 8, 6, 6)).astype(np.float32)}
+    got, want = run(q, f), run(m, f)
+    assert cosine(got[0], want[0]) > 0.99
+    for g, w in zip(got[1:], want[1:]):  # the weights themselves, as graph outputs: unchanged
+        np.testing.assert_array_equal(g, w)
