@@ -85,7 +85,8 @@ def _gemm(node: onnx.NodeProto, g: GraphView) -> Slots | None:
             if attrs.get("beta", 1.0) == 1.0 and attrs.get("alpha", 1.0) == 1.0:
                 bias = 2
         return Slots((0,), (1, 0 if attrs.get("transB", 0) else 1), bias)
-    return Slots((0, 1))
+    acts = tuple(i for i in (0, 1) if g.is_float_activation(node.input[i]))  # A may be a constant with B computed
+    return Slots(acts) if acts else None
 
 
 def _matmul(node: onnx.NodeProto, g: GraphView) -> Slots | None:
