@@ -203,8 +203,19 @@ def hard_swish_floors(g: GraphView) -> dict[str, float]:
         gate = next((u for u in users if u.output[0] in inner and u.op_type in ("HardSigmoid", "Add")), None)
         mul = next((u for u in users if u.op_type == "Mul"), None)
         if gate is not None and mul is not None and any(i in inner for i in mul.input):
-            floors[t] = HARD_SWISH_FLOOR
+            floor = _gate_floor(gate)
+            if floor is not None:
+                floors[t] = floor
     return floors
+
+
+def _gate_floor(gate: onnx.NodeProto) -> float | None:
+    """Below what x a HardSwish gate is 0: -3 for Clip(x + 3, 0, 6); -beta/alpha for HardSigmoid (its attributes,
+    ONNX's defaults 0.2 and 0.5 otherwise), at most 0; None when alpha <= 0 (no such point)."""
+    if gate.op_type != "HardSigmoid":
+        return HARD_SWISH_FLOOR
+    alpha, beta = _attr(gate, "alpha", 0.2), _attr(gate, "beta", 0.5)
+    return min(-beta / alpha, 0.0) if alpha > 0 else None
 
 
 def _attr(node: onnx.NodeProto, name: str, default: float) -> float:

@@ -579,3 +579,23 @@ def test_a_float32_layer_of_an_npu_model_stays_float_in_the_simulation(tmp_path)
     plain = _runtime.session(q).run(None, {"x": x})[0]  # ORT's default: conv1's weights quantized by WeightBiasQuantization
     assert np.abs(got - want).max() < 0.2 * np.abs(plain - want).max()
     assert np.mean(np.isclose(got, want, atol=1e-5)) > 0.95  # the rest: int8 kernels against float Q/DQ, a rounding apart
+
+
+@pytest.mark.parametrize("attrs, floor", [({"alpha": 1 / 6, "beta": 0.5}, -3.0), ({}, -2.5), ({"alpha": 0.1, "beta": 0.5}, -5.0),
+                                          ({"alpha": -0.2, "beta": 0.5}, None)])
+def test_a_hard_sigmoid_gate_floors_its_input_where_it_reaches_zero(attrs, floor):
+    """x * HardSigmoid(x) is 0 below -beta/alpha (ONNX's defaults 0.2 and 0.5): the range floor of x, measured on the
+    op itself with numpy; a negative alpha has no such point and no floor."""
+    n = helper.make_node
+    nodes = [n("HardSigmoid", ["x"], ["g"], name="gate", **attrs), n("Mul", ["x", "g"], ["y"], name="mul")]
+    m = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])]),
+                          opset_imports=[helper.make_opsetid("", 13)])
+    got = patterns.hard_swish_floors(GraphView(m)).get("x")
+    if floor is None:
+        assert got is None
+        return
+    assert got == pytest.approx(floor)
+    x = np.concatenate([np.linspace(got - 3, got, 301), [got + 0.01]])
+    hs = x * np.clip(attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5), 0, 1)
+    assert np.all(np.abs(hs[:-1]) <= 1e-6) and abs(hs[-1]) > 1e-4  # zero up to the floor, not just above it
