@@ -147,14 +147,27 @@ WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _float_layer_between_qdq(model: onnx.ModelProto | bytes | str | os.PathLike[str]) -> bool:
-    """Does the model hold a Conv/Gemm/MatMul with a float initializer weight that reads a DequantizeLinear and writes
-    into QuantizeLinear only (a layer WeightBiasQuantization would quantize)? Models given by path or bytes: not read, False."""
+    """Does the model hold a float layer between Q/DQ that is float by design (step2's map says so: an npu model's
+    float16/float32 fallback), which WeightBiasQuantization would quantize? Elsewhere (a cpu model, a QDQ model made
+    by another tool) ONNX Runtime's CPU provider runs such a layer int8, and so does the simulation. Models given by
+    path or bytes: not read, False."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        return False
+    from .qdq import QdqMap
+
+    qmap = QdqMap.from_model(model)
+    return qmap is not None and qmap.float_between_qdq and bool(float_layers_between_qdq(model))
+
+
+def float_layers_between_qdq(model: onnx.ModelProto) -> list[str]:
+    """Conv/Gemm/MatMul nodes with a float initializer weight that read a DequantizeLinear and write into QuantizeLinear
+    only: the layers ONNX Runtime's WeightBiasQuantization (ORT >= 1.20) quantizes when it loads the model."""
     import onnx
 
     from ._onnx import GraphIndex
 
-    if not isinstance(model, onnx.ModelProto):
-        return False
     g = model.graph
     floats = {i.name for i in g.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
     index = GraphIndex(g)
@@ -169,8 +182,8 @@ def _float_layer_between_qdq(model: onnx.ModelProto | bytes | str | os.PathLike[
         p = index.producer_node(n.input[0])
         return p is not None and p.op_type == "DequantizeLinear"
 
-    return any(n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in floats and reads_dq(n) and quantized(n.output[0])
-               for n in g.node)
+    return [n.name for n in g.node
+            if n.op_type in WEIGHTED and len(n.input) > 1 and n.input[1] in floats and reads_dq(n) and quantized(n.output[0])]
 
 
 def _open(model: onnx.ModelProto | bytes | str | os.PathLike[str], so: Any, providers: list[str], disabled: tuple[str, ...] = ()) -> ort.InferenceSession:

@@ -220,6 +220,7 @@ class QuantPlan:
     notes: list[str] = field(default_factory=list)
     shared: list[list[str]] = field(default_factory=list)  # tensors that take one set of parameters (the widest)
     floors: dict[str, tuple[float, float]] = field(default_factory=dict)  # calibrated range clamped to [lo, hi] (values beyond, the readers map to one output)
+    float_reads_quantized: bool = False  # the placement's: float layers read quantized tensors and stay float (an NPU)
 
     def precision_counts(self) -> dict[str, int]:
         """Number of layers per effective precision (int8 and uint8 counted as their dtype)."""
@@ -464,7 +465,7 @@ def make_plan(
     tensor_dtype = tensor_dtype or {}
     weight_method = weight_method or {}
     g = GraphView(model)
-    plan = QuantPlan()
+    plan = QuantPlan(float_reads_quantized=placement.float_reads_quantized)
     quantized = _choose_layers(model, g, settings, layer_precision, plan, placement, costs)
     fused = _fused_activations(quantized, g) if placement.fuse_activations else set()
 

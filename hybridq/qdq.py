@@ -42,12 +42,15 @@ class QdqMap:
     tensors: dict[str, str] = field(default_factory=dict)
     layers: dict[str, dict[str, str]] = field(default_factory=dict)
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # tensor -> interval beyond which its readers saturate
+    float_between_qdq: bool = False  # a float layer between Q/DQ stays float (an accelerator's fallback), not ORT's int8
 
     def to_json(self) -> str:
         """The metadata value: sorted keys, so the same map gives the same bytes (no `bounds` key when there is none)."""
         doc: dict[str, Any] = {"tensors": self.tensors, "layers": self.layers}
         if self.bounds:  # JSON has no infinity: an open side is null
             doc["bounds"] = {t: [v if math.isfinite(v) else None for v in b] for t, b in self.bounds.items()}
+        if self.float_between_qdq:
+            doc["float_between_qdq"] = True
         return json.dumps(doc, sort_keys=True)
 
     def write_to(self, model: onnx.ModelProto) -> None:
@@ -76,7 +79,8 @@ class QdqMap:
                     "'tensors' object; rebuild the model with `hybridq step2`"
                 )
             layers, bounds = m.get("layers", {}), m.get("bounds", {})
-            return cls(dict(m.get("tensors", {})), dict(layers) if isinstance(layers, dict) else {}, _bounds(bounds))
+            return cls(dict(m.get("tensors", {})), dict(layers) if isinstance(layers, dict) else {}, _bounds(bounds),
+                       m.get("float_between_qdq") is True)
         return None
 
 
@@ -160,7 +164,14 @@ def apply_plan(
     r.assemble(fp16_nodes)
     result = r.result
     layers = {k: {"op": v["op"], "precision": v["precision"]} for k, v in result.layers.items()}
-    QdqMap(result.tensor_map, layers, {t: b for t, b in plan.floors.items() if t in result.tensor_map}).write_to(work)
+    QdqMap(result.tensor_map, layers, {t: b for t, b in plan.floors.items() if t in result.tensor_map}, plan.float_reads_quantized).write_to(work)
+    if not plan.float_reads_quantized:
+        from ._runtime import float_layers_between_qdq
+
+        for name in float_layers_between_qdq(work):
+            result.notes.append(f"layer '{name}' is float between a DequantizeLinear and a QuantizeLinear: ONNX Runtime's CPU "
+                                "provider quantizes its weights when it loads the model (WeightBiasQuantization) and runs it "
+                                "int8, and analyze measures it so")
     result.model = work
     return result
 

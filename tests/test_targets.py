@@ -599,3 +599,34 @@ def test_a_hard_sigmoid_gate_floors_its_input_where_it_reaches_zero(attrs, floor
     x = np.concatenate([np.linspace(got - 3, got, 301), [got + 0.01]])
     hs = x * np.clip(attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5), 0, 1)
     assert np.all(np.abs(hs[:-1]) <= 1e-6) and abs(hs[-1]) > 1e-4  # zero up to the floor, not just above it
+
+
+def test_a_float_layer_between_qdq_of_a_cpu_model_is_simulated_as_onnx_runtime_runs_it(tmp_path):
+    """On cpu, ONNX Runtime quantizes a float layer that reads a DequantizeLinear and feeds a QuantizeLinear when it
+    loads the model (WeightBiasQuantization): step2 says so, and the exact sessions analyze and the benches measure with
+    compute what a plain ONNX Runtime session computes (only an npu model's float layers stay float there)."""
+    from hybridq import _runtime
+
+    rng = np.random.default_rng(1)
+    nodes, inits, cur = [], [], "x"
+    for i in range(3):  # conv a1's output is also a graph output: step2 leaves that layer float between Q/DQ
+        nodes += [helper.make_node("Conv", [cur, f"w{i}", f"b{i}"], [f"a{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"a{i}"], [f"r{i}"], name=f"relu{i}")]
+        inits += [numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(rng.normal(0, 0.1, 4).astype(np.float32), f"b{i}")]
+        cur = f"r{i}"
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8, 8]) for n in ("r2", "a1")]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])], outs, inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 4)
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"speed_check": False, "float_stem": False})
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    q = onnx.load(str(res.output))
+    between = _runtime.float_layers_between_qdq(q)
+    assert between and all(any(f"layer '{n}' is float between" in note for note in res.notes) for n in between)
+    x = np.load(listing.parent / "x_0.npy")
+    plain = _runtime.session(q).run(None, {"x": x})
+    exact = _runtime.session(q, exact_int8=True).run(None, {"x": x})
+    for p, e in zip(plain, exact):
+        np.testing.assert_array_equal(e, p)
