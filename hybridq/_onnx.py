@@ -98,6 +98,24 @@ def outer_reads(node: onnx.NodeProto) -> list[str]:
     return sorted({r for sg in subgraphs(node) for r in _outer_refs(sg)})
 
 
+QDQ_MAP_KEY = "hybridq.qdq_map"
+"""``metadata_props`` key of the step2 model's map for analysis (JSON; :class:`hybridq.qdq.QdqMap` writes and reads it)."""
+
+
+def qdq_map_flag(model: onnx.ModelProto, key: str) -> bool:
+    """Is `key` true in the model's step2 map? (False without a map, or with one that is not a JSON object.)"""
+    import json
+
+    for p in model.metadata_props:
+        if p.key == QDQ_MAP_KEY:
+            try:
+                doc = json.loads(p.value)
+            except json.JSONDecodeError:
+                return False
+            return isinstance(doc, dict) and doc.get(key) is True
+    return False
+
+
 def read_names(graph: onnx.GraphProto) -> set[str]:
     """Every name the graph still reads: node inputs, what its nodes' subgraphs read from it, and its outputs. An
     initializer replaced for some layers is dropped only when it is not among them."""

@@ -155,10 +155,9 @@ def _float_layer_between_qdq(model: onnx.ModelProto | bytes | str | os.PathLike[
 
     if not isinstance(model, onnx.ModelProto):
         return False
-    from .qdq import QdqMap
+    from ._onnx import qdq_map_flag
 
-    qmap = QdqMap.from_model(model)
-    return qmap is not None and qmap.float_between_qdq and bool(float_layers_between_qdq(model))
+    return qdq_map_flag(model, "float_between_qdq") and bool(float_layers_between_qdq(model))
 
 
 def float_layers_between_qdq(model: onnx.ModelProto) -> list[str]:

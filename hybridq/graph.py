@@ -353,6 +353,36 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
+def fill_types(model: onnx.ModelProto) -> None:
+    """Give the main graph's node outputs that shape inference left untyped the element type ONNX Runtime gives them,
+    in place, as value_info (a model whose types are all inferred is unchanged).
+
+    ONNX types nothing a com.microsoft op (Gelu, FusedMatMul) writes, nor what follows from it; every later stage reads
+    the types (layers to quantize, the Casts of a float16 layer). ONNX Runtime types them when it loads the model with
+    them as outputs; nothing is run. A tensor it gives no tensor type stays untyped.
+    """
+    g = model.graph
+    entries = {v.name: v for v in list(g.output) + list(g.value_info)}
+    typed = {n for n, v in entries.items() if v.type.tensor_type.elem_type} | {i.name for i in g.input} | {i.name for i in g.initializer}
+    missing = list(dict.fromkeys(o for n in g.node for o in n.output if o and o not in typed))
+    if not missing:
+        return
+    declared, outputs = len(g.output), {o.name for o in g.output}
+    g.output.extend(onnx.ValueInfoProto(name=n) for n in missing if n not in outputs)
+    try:
+        found = {o.name: o.type for o in _runtime.session(model, optimization="basic", log_level=3).get_outputs()}
+    except Exception:  # the caller then meets the tensors untyped, as before
+        found = {}
+    finally:
+        del g.output[declared:]
+    for name in missing:
+        kind = found.get(name, "")
+        elem = getattr(TensorProto, kind[len("tensor("):-1].upper(), 0) if kind.startswith("tensor(") else 0
+        if elem:
+            entry = entries[name] if name in entries else g.value_info.add(name=name)
+            entry.type.tensor_type.elem_type = elem
+
+
 def prepare(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None = None) -> tuple[onnx.ModelProto, PrepReport]:
     """Return the temp model (a new proto) and what changed; the input model is not modified.
 
@@ -386,6 +416,7 @@ def prepare(model: onnx.ModelProto, fixed_inputs: Mapping[str, Any] | None = Non
     untie_weights(work)
     folded = fold_conv_affine(work)
     work = infer_shapes(work)
+    fill_types(work)
     index = GraphIndex(work.graph)
     # ONNX Runtime names a fusion after the node it grew from ("fc1/MatMulAddFusion": the Add's output is now its own)
     fused_into = {n.name.rsplit("/", 1)[0]: n.name for n in work.graph.node

@@ -17,14 +17,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ._onnx import convert_opset, main_opset, read_names
-from .errors import ModelError
+from ._onnx import QDQ_MAP_KEY, convert_opset, main_opset, read_names
+from ._runtime import float_layers_between_qdq
+from .errors import ConfigError, ModelError
 from .graph import Namer, name_nodes
 from .plan import GraphView, QuantPlan
 from .qparams import QParams, quantize
 
-QDQ_MAP_KEY = "hybridq.qdq_map"
-"""``metadata_props`` key of the step2 model's :class:`QdqMap` (JSON)."""
 INT32_LIMIT = 2**31 - 1
 FLOAT32_INPUTS = {"Resize": (2,), "Upsample": (1,)}
 """Inputs that stay float32 in a float16 layer: their type is tensor(float) whatever the data's (Resize's scales)."""
@@ -166,8 +165,6 @@ def apply_plan(
     layers = {k: {"op": v["op"], "precision": v["precision"]} for k, v in result.layers.items()}
     QdqMap(result.tensor_map, layers, {t: b for t, b in plan.floors.items() if t in result.tensor_map}, plan.float_reads_quantized).write_to(work)
     if not plan.float_reads_quantized:
-        from ._runtime import float_layers_between_qdq
-
         for name in float_layers_between_qdq(work):
             result.notes.append(f"layer '{name}' is float between a DequantizeLinear and a QuantizeLinear: ONNX Runtime's CPU "
                                 "provider quantizes its weights when it loads the model (WeightBiasQuantization) and runs it "
@@ -303,6 +300,7 @@ class _Rewrite:
         halves: dict[str, str] = {}  # one fp16 copy of a weight, however many float16 layers read it
         for name in fp16_nodes:
             node = g.by_name[name]
+            _require_types(g, node)
             casts_in, casts_out = [], []
             for i, t in enumerate(node.input):
                 src = rewire.get(name, {}).get(t, t)
@@ -351,3 +349,16 @@ class _Rewrite:
         vi = [v for v in work.graph.value_info if v.name not in stale]
         del work.graph.value_info[:]
         work.graph.value_info.extend(vi)
+
+
+def _require_types(g: GraphView, node: onnx.NodeProto) -> None:
+    """A ConfigError when a tensor of float16 layer ``node`` (an input that is not float32 by definition, an output) has
+    no known element type: its Casts could not be placed, and the fp16 weights alone make a model ONNX Runtime refuses."""
+    keep = FLOAT32_INPUTS.get(node.op_type, ())
+    unknown = [t for i, t in enumerate(node.input) if t and i not in keep and t not in g.types] + [o for o in node.output if o and o not in g.types]
+    if unknown:
+        raise ConfigError(
+            f"custom_quantize_layers sets '{node.name}' ({node.op_type}) to float16, but the element type of "
+            f"{', '.join(repr(t) for t in unknown)} is unknown to ONNX shape inference and to ONNX Runtime, so its Casts "
+            f"cannot be placed. Set '{node.name}' to float32 instead, or run step1 again if its artifacts are older than this hybridq."
+        )

@@ -1,6 +1,6 @@
 """Valid models of unusual shape that once stopped step1 or built a wrong model (from a sweep over ONNX's
-operator test cases): nothing to quantize, IR version 3, an If branch with unnamed nodes, and an `npu`
-Concat with an all-zero input. Each is checked against the fp32 model in ONNX Runtime."""
+operator test cases): nothing to quantize, IR version 3, an If branch with unnamed nodes, an `npu` Concat with
+an all-zero input, and a float16 layer beside an op ONNX cannot type. Each is checked against the fp32 model in ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -544,3 +544,52 @@ def test_a_gemm_whose_first_operand_is_the_constant(tmp_path: Path) -> None:
     assert {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"} == {"x"}
     f = {"x": rng.normal(0, 1, (16, 4)).astype(np.float32)}
     assert cosine(run(q, f)[0], run(m, f)[0]) > 0.99
+
+
+def _gelu_between_matmuls() -> onnx.ModelProto:
+    """MatMul -> com.microsoft Gelu -> MatMul -> Relu -> MatMul: ONNX shape inference types nothing after the Gelu."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+             helper.make_node("Gelu", ["m1"], ["g1"], name="gelu", domain="com.microsoft"),
+             helper.make_node("MatMul", ["g1", "w2"], ["m2"], name="mm2"), helper.make_node("Relu", ["m2"], ["r2"], name="relu"),
+             helper.make_node("MatMul", ["r2", "w3"], ["y"], name="mm3")]
+    weights = [numpy_helper.from_array(rng.normal(0, s, shape).astype(np.float32), n)
+               for n, s, shape in (("w1", 0.3, (16, 32)), ("w2", 0.2, (32, 16)), ("w3", 0.2, (16, 8)))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2, 5, 16])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [2, 5, 8])], weights)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("layer", ["gelu", "mm2", "mm3"])
+def test_a_float16_layer_beside_an_op_shape_inference_cannot_type_builds(tmp_path: Path, layer: str) -> None:
+    """A float16 layer at or after a com.microsoft Gelu: step2 once gave it fp16 weights but no Cast where ONNX shape
+    inference left the tensor untyped, and ONNX Runtime refused the model (MatMul bound to float16 and float).
+    step1 now records the types ONNX Runtime gives those tensors, so the Casts are placed and the MatMuls after the Gelu
+    are quantized like any other."""
+    m = _gelu_between_matmuls()
+    src, out = tmp_path / "m.onnx", tmp_path / "ws"
+    onnx.save(m, src)
+    r1 = hybridq.step1(src, models.write_npy_dataset(tmp_path / "data", {"x": (2, 5, 16)}, 4), out=out,
+                       settings={"speed_check": False})
+    r1.cfg.write_text(r1.cfg.read_text().replace("custom_quantize_layers: {}", f"custom_quantize_layers:\n  {layer}: float16"))
+    built = hybridq.step2(r1.model, r1.data, r1.cfg, out / "q.onnx")
+    assert built.rewrite.layers[layer]["precision"] == "float16"
+    f = _feeds({"x": (2, 5, 16)})
+    assert cosine(run(built.output, f)[0], run(m, f)[0]) > 0.99
+    others = {n: built.rewrite.layers.get(n, {}).get("precision") for n in ("mm2", "mm3") if n != layer}
+    assert others == dict.fromkeys(others, "uint8")
+
+
+def test_a_float16_layer_with_an_untyped_tensor_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Should a tensor stay untyped (here: step1 made to skip ONNX Runtime's types), step2 names the float16 layer and
+    what to do instead of writing a model ONNX Runtime cannot load."""
+    monkeypatch.setattr(hybridq.graph, "fill_types", lambda model: None)
+    src, out = tmp_path / "m.onnx", tmp_path / "ws"
+    onnx.save(_gelu_between_matmuls(), src)
+    r1 = hybridq.step1(src, models.write_npy_dataset(tmp_path / "data", {"x": (2, 5, 16)}, 4), out=out,
+                       settings={"speed_check": False})
+    r1.cfg.write_text(r1.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  gelu: float16"))
+    with pytest.raises(hybridq.errors.ConfigError, match=r"sets 'gelu' \(Gelu\) to float16, but the element type of 'g1' is unknown.*float32"):
+        hybridq.step2(r1.model, r1.data, r1.cfg, out / "q.onnx")
