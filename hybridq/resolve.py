@@ -91,6 +91,7 @@ class Resolution:
     weights: dict[str, QParams] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    edited: set[str] = field(default_factory=set)  # activations whose min/max or scale/zero_point the cfg edits
 
 
 def _check_zero_points(name: str, where: str, zps: list, dtype: str, symmetric: bool) -> np.ndarray:
@@ -141,6 +142,8 @@ def resolve(
         if "qtype" not in edited and "qtype" in changed_settings:
             sym = settings.qtype == "sym"
         _check_entry(res, where, t, v, edited, dtype)
+        if {"min", "max", "scale", "zero_point"} & edited:
+            res.edited.add(t)
         if {"min", "max"} & edited:
             lo, hi = _edited_range(res, where, t, v.get("min", w.get("min")), v.get("max", w.get("max")), obs)
             qp = compute_qparams(lo, hi, dtype, sym)

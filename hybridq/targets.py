@@ -120,13 +120,15 @@ def get(name: str, where: str = "settings") -> Target:
         ) from None
 
 
-def shared_params(groups: list[list[str]], params: dict[str, QParams], degenerate: frozenset[str] = frozenset()) -> dict[str, QParams]:
+def shared_params(groups: list[list[str]], params: dict[str, QParams], degenerate: frozenset[str] = frozenset(),
+                  edited: frozenset[str] = frozenset()) -> dict[str, QParams]:
     """`params` with every tensor of a group given parameters that cover the union of the members' ranges.
 
     A Concat's output range is the union of its inputs' (a reshape's is its input's), so sharing clips nothing.
     The member whose range already covers the others' lends its parameters (the Concat's output, usually);
     otherwise they are computed for the union. Members in `degenerate` (all-zero tensors: their scale 1.0 is
     a placeholder, not a range) are given the group's parameters and do not widen them: zero is exact in any.
+    Where the cfg edits members' ranges (`edited`), those alone decide: the edit wins over the statistics.
     Without groups, `params` itself is returned.
     """
     if not groups:
@@ -136,7 +138,7 @@ def shared_params(groups: list[list[str]], params: dict[str, QParams], degenerat
         members = [t for t in group if t in params]
         if len(members) < 2:
             continue
-        live = [t for t in members if t not in degenerate] or members
+        live = [t for t in members if t in edited] or [t for t in members if t not in degenerate] or members
         if any(params[t].scale.size != 1 for t in live):  # per-channel activations: the widest step, as the hardware would
             chosen = params[max(live, key=lambda t: float(np.max(params[t].scale)))]
         else:

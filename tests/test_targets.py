@@ -630,3 +630,40 @@ def test_a_float_layer_between_qdq_of_a_cpu_model_is_simulated_as_onnx_runtime_r
     exact = _runtime.session(q, exact_int8=True).run(None, {"x": x})
     for p, e in zip(plain, exact):
         np.testing.assert_array_equal(e, p)
+
+
+def test_an_edited_range_on_npu_is_what_its_shared_group_takes(tmp_path):
+    """On npu a Concat's output and inputs (and reshapes) share one scale; a min/max edited in the cfg on one of them is
+    what the whole group gets (it was replaced by the group's widest statistics, silently): scale and zero point as
+    numpy computes them for the edited range, and step2 says which tensors follow the edit."""
+    from ruamel.yaml import YAML
+
+    rng = np.random.default_rng(15)
+    c = 8
+    w = lambda n, *s: numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4),
+             helper.make_node("Reshape", ["c1", "shp"], ["r"], name="reshape"),
+             helper.make_node("Conv", ["x", "w3"], ["c3"], name="conv3", pads=[1] * 4),
+             helper.make_node("Concat", ["r", "c3"], ["cat"], name="cat", axis=1),
+             helper.make_node("Conv", ["cat", "w2"], ["y"], name="conv2", pads=[1] * 4)]
+    inits = [w("w1", c, c, 3, 3), w("w3", c, c, 3, 3), w("w2", c, 2 * c, 3, 3), numpy_helper.from_array(np.array([1, c, 6, 6], np.int64), "shp")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 6, 6])], inits)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    r1 = hybridq.step1(path, models.write_npy_dataset(tmp_path / "data", {"x": (1, c, 6, 6)}, 4), out=tmp_path / "ws",
+                       settings={"target": "npu"})
+    yaml = YAML()
+    doc = yaml.load(r1.cfg.read_text())
+    doc["quantize_parameters"]["cat"]["min"], doc["quantize_parameters"]["cat"]["max"] = [-1.0], [2.0]
+    with r1.cfg.open("w") as f:
+        yaml.dump(doc, f)
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    q = onnx.load(str(res.output))
+    inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    group = {n.input[0]: (float(inits_q[n.input[1]]), int(inits_q[n.input[2]])) for n in q.graph.node
+             if n.op_type == "QuantizeLinear" and n.input[0] in ("r", "c1", "c3", "cat")}
+    scale = 3.0 / 255
+    assert group["cat"] == pytest.approx((scale, round(1.0 / scale)), rel=1e-6)
+    shared = [t for t in group if group[t] == group["cat"]]
+    assert len(shared) >= 2 and any("'cat' edited" in n and "take the edited range" in n for n in res.notes)
