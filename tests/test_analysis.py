@@ -730,3 +730,33 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     del m.graph.output[:]
     m.graph.output.extend(h.make_tensor_value_info(n, TP.FLOAT, None) for n in names)
     return m
+
+
+def test_a_model_output_also_read_by_a_quantized_layer_is_compared_as_returned(tmp_path: Path) -> None:
+    """An output that the next quantized layer also reads (through its Q/DQ) is compared as the quantized model returns
+    it, the raw tensor, not the reader's dequantized copy: its row is ONNX Runtime's cosine of the two models' outputs."""
+    import hybridq
+    from tests import models
+
+    rng = np.random.default_rng(1)
+    nodes, inits, cur = [], [], "x"
+    for i in range(4):
+        nodes += [h.make_node("Conv", [cur, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  h.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        bias = np.array([40.0, 0, 0, 0], np.float32) if i == 2 else rng.normal(0, 0.1, 4).astype(np.float32)  # r2: one wide channel
+        inits += [nh.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), f"w{i}"), nh.from_array(bias, f"b{i}")]
+        cur = f"r{i}"
+    outs = [h.make_tensor_value_info(n, TP.FLOAT, [1, 4, 8, 8]) for n in ("r2", "r3")]
+    fm = h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 4, 8, 8])], outs, inits),
+                      opset_imports=[h.make_opsetid("", 17)])
+    src = tmp_path / "m.onnx"
+    onnx.save(fm, src)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 6)
+    r1 = hybridq.step1(src, listing, out=tmp_path / "ws", settings={"speed_check": False, "float_stem": False})
+    qm = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == "r2" for n in qm.graph.node)
+    data = [{"x": np.load(listing.parent / f"x_{k}.npy")} for k in range(6)]
+    row = {layer.tensor: layer for layer in analyze(fm, qm, data).layers}["r2"]
+    fs, qs = ort.InferenceSession(fm.SerializeToString()), ort.InferenceSession(qm.SerializeToString(), exact_options())
+    want = np.mean([np_cos(fs.run(["r2"], d)[0], qs.run(["r2"], d)[0]) for d in data])
+    assert row.quant_tensor == "r2" and row.entire.cosine == pytest.approx(want, rel=1e-6)

@@ -192,7 +192,8 @@ def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
             et = f.types.get(t)
             if et is not None and et not in FLOAT_TYPES:
                 continue
-            view = mapped.get(t)
+            # a model output is compared as the quantized model returns it (not as a quantized reader sees it)
+            view = t if t in f.output_set and t in q.output_set else mapped.get(t)
             if view is not None and view not in q.values:
                 missing_views.append(f"{t!r} -> {view!r}")
                 view = None
