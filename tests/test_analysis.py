@@ -760,3 +760,34 @@ def test_a_model_output_also_read_by_a_quantized_layer_is_compared_as_returned(t
     fs, qs = ort.InferenceSession(fm.SerializeToString()), ort.InferenceSession(qm.SerializeToString(), exact_options())
     want = np.mean([np_cos(fs.run(["r2"], d)[0], qs.run(["r2"], d)[0]) for d in data])
     assert row.quant_tensor == "r2" and row.entire.cosine == pytest.approx(want, rel=1e-6)
+
+
+def test_rows_name_the_precision_the_model_quantizes_to(tmp_path: Path) -> None:
+    """An int8 (sym) model: the rows of float ops whose output is quantized say 'float32->int8', the type of the
+    model's own QuantizeLinear zero points, though on x86 the analysis runs those pairs as uint8 (as ORT does)."""
+    import hybridq
+    from tests import models
+
+    rng = np.random.default_rng(3)
+    nodes, inits, cur = [], [], "x"
+    for i in range(3):
+        nodes += [h.make_node("Conv", [cur, f"w{i}", f"b{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]),
+                  h.make_node("Relu", [f"c{i}"], [f"r{i}"], name=f"relu{i}")]
+        inits += [nh.from_array(rng.normal(0, 0.3, (8, 8 if i else 3, 3, 3)).astype(np.float32), f"w{i}"),
+                  nh.from_array(rng.normal(0, 0.1, 8).astype(np.float32), f"b{i}")]
+        cur = f"r{i}"
+    nodes.append(h.make_node("Conv", [cur, "w3"], ["y"], name="conv3", pads=[1, 1, 1, 1]))
+    inits.append(nh.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "w3"))
+    fm = h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+                                   [h.make_tensor_value_info("y", TP.FLOAT, [1, 8, 8, 8])], inits), opset_imports=[h.make_opsetid("", 17)])
+    src = tmp_path / "m.onnx"
+    onnx.save(fm, src)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 8, 8)}, 4)
+    r1 = hybridq.step1(src, listing, out=tmp_path / "ws", settings={"speed_check": False, "float_stem": False, "dtype": "int8", "qtype": "sym"})
+    qm = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    zp = {i.name: i.data_type for i in qm.graph.initializer}
+    written = {TP.DataType.Name(zp[n.input[2]]).lower() for n in qm.graph.node if n.op_type == "QuantizeLinear"}
+    assert written == {"int8"}
+    res = analyze(fm, qm, [{"x": np.load(listing.parent / f"x_{k}.npy")} for k in range(2)])
+    labels = {layer.precision for layer in res.layers if layer.op_type == "Relu"}
+    assert labels == {"float32->int8"}

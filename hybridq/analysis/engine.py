@@ -94,14 +94,16 @@ def analyze(
     """
     options = options or AnalysisOptions()
     fm, qm = _models(float_model, quant_model)
-    qm = as_deployed(qm)  # the kernels a plain session runs, exact where asked
-    f, q = ModelIndex(fm), ModelIndex(qm)
+    deployed = as_deployed(qm)  # the kernels a plain session runs, exact where asked
+    f, q = ModelIndex(fm), ModelIndex(deployed)
+    written = ModelIndex(qm) if deployed is not qm else q  # the precisions the rows name: the model's own, not x86's uint8
+    qm = deployed
     if sorted(q.inputs) != sorted(f.inputs):
         raise InputError(
             f"the float and quantized models have different inputs ({f.inputs!r} vs {q.inputs!r}); "
             "check that QUANT_MODEL was built from FLOAT_MODEL"
         )
-    plan = plan_tensors(f, q)
+    plan = plan_tensors(f, q, written)
     ag = build_analysis_graph(f, q, plan)
     targets = [compared_names(tp, ag) for tp in plan.tensors]
     count = _known_count(samples)

@@ -169,7 +169,10 @@ def plan_analysis(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) ->
     return plan_tensors(ModelIndex(float_model), ModelIndex(quant_model))
 
 
-def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
+def plan_tensors(f: ModelIndex, q: ModelIndex, written: ModelIndex | None = None) -> AnalysisPlan:
+    """The compared tensors of `f` and their views in `q`; precisions named after `written` (the quantized model as
+    given, when `q` is its form as deployed: int8 pairs that x86 runs as uint8 keep their int8 name)."""
+    written = written or q
     quant_model = q.model
     ident = Identity(f, q)
     qmap = QdqMap.from_model(quant_model)
@@ -217,7 +220,7 @@ def plan_tensors(f: ModelIndex, q: ModelIndex) -> AnalysisPlan:
                 folded = ", ".join(f"{n.op_type} {n.name or n.output[0]}" for n in inner)
             precision = (info or {}).get("precision")
             if precision is None and layer_info:
-                qdtype = _quantized_to(q, out_chain)
+                qdtype = _quantized_to(written, out_chain)
                 precision = f"float32->{qdtype}" if qdtype else "float32"
             plans.append(
                 ComparedTensor(
