@@ -153,6 +153,23 @@ def _quantized_to(q: ModelIndex, chain: Iterable[int]) -> str | None:
     return None
 
 
+def _plan_notes(folds: dict[str, tuple[str, list[onnx.NodeProto]]], missing_views: list[str]) -> list[str]:
+    """What the plan tells the reader: activations listed as one row, map entries matched by structure instead."""
+    notes = []
+    if folds:
+        kinds = sorted({label for label, _ in folds.values()})
+        notes.append(f"{len(folds)} activation(s) written as chains of elementwise ops ({', '.join(kinds)}) are one row each, "
+                     f"at their output; the {sum(len(n) for _, n in folds.values())} tensors inside them are not listed (float "
+                     "in both models, they carry their input's error).")
+    if missing_views:
+        notes.append(
+            f"{len(missing_views)} entries of '{QDQ_MAP_KEY}' name tensors the quantized model does "
+            f"not have and were matched structurally instead: {', '.join(missing_views[:5])}"
+            + (" ..." if len(missing_views) > 5 else "")
+        )
+    return notes
+
+
 def folded_patterns(f: ModelIndex, q: ModelIndex) -> dict[str, tuple[str, list[onnx.NodeProto]]]:
     """The fp32 model's activations written as chains of elementwise ops (HardSwish as x * Clip(x + 3, 0, 6) / 6,
     Swish, GELU, LayerNorm) that the quantized model computes in float inside (no QuantizeLinear reads an inner
@@ -236,17 +253,7 @@ def plan_tensors(f: ModelIndex, q: ModelIndex, written: ModelIndex | None = None
                     bounds=bounds.get(t),
                 )
             )
-    if folds:
-        kinds = sorted({label for label, _ in folds.values()})
-        notes.append(f"{len(folds)} activation(s) written as chains of elementwise ops ({', '.join(kinds)}) are one row each, "
-                     f"at their output; the {sum(len(n) for _, n in folds.values())} tensors inside them are not listed (float "
-                     "in both models, they carry their input's error).")
-    if missing_views:
-        notes.append(
-            f"{len(missing_views)} entries of '{QDQ_MAP_KEY}' name tensors the quantized model does "
-            f"not have and were matched structurally instead: {', '.join(missing_views[:5])}"
-            + (" ..." if len(missing_views) > 5 else "")
-        )
+    notes += _plan_notes(folds, missing_views)
     if not plans:
         raise InputError(
             "the float and quantized models have no float tensor in common to compare; "
