@@ -95,9 +95,7 @@ def analyze(
     options = options or AnalysisOptions()
     fm, qm = _models(float_model, quant_model)
     deployed = as_deployed(qm)  # the kernels a plain session runs, exact where asked
-    f, q = ModelIndex(fm), ModelIndex(deployed)
-    written = ModelIndex(qm) if deployed is not qm else q  # the precisions the rows name: the model's own, not x86's uint8
-    qm = deployed
+    f, q, written = ModelIndex(fm), ModelIndex(deployed), ModelIndex(qm) if deployed is not qm else None  # rows: the model's own precisions
     if sorted(q.inputs) != sorted(f.inputs):
         raise InputError(
             f"the float and quantized models have different inputs ({f.inputs!r} vs {q.inputs!r}); "
@@ -136,7 +134,7 @@ def analyze(
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
         layers = m.layers()
-        result = AnalysisResult(layers=layers, outputs=list(f.outputs), n_samples=n, notes=_notes(plan.notes + ag.notes, m, qm, host_int8, layers))
+        result = AnalysisResult(layers=layers, outputs=list(f.outputs), n_samples=n, notes=_notes(plan.notes + ag.notes, m, deployed, host_int8, layers))
         if sink is not None:
             sink.finish(result)
             sink = None
