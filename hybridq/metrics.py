@@ -161,6 +161,12 @@ _BLOCK32 = 1 << 16  # float32 elements per block of metrics_many: a few blocks s
 _max, _min, _sub, _dot = np.maximum.reduce, np.minimum.reduce, np.subtract, np.dot
 
 
+def _sq(v: np.ndarray) -> float:
+    """``v.v`` of a float32 block: a float32 BLAS dot, redone in float64 if that overflows or is under 2^-86."""
+    r = float(_dot(v, v))
+    return r if 2.0**-86 <= r < math.inf or (r == 0.0 and not v.any()) else float(np.square(v, dtype=np.float64).sum())
+
+
 def _pair_metrics(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     """``(x.x, y.y, d.d, max|d|)`` with ``d = x - y`` (float32, as ONNX Runtime subtracts): float64 sums and the
     float32 maximum in one pass over both arrays.
@@ -236,13 +242,13 @@ def worth_compiling(pairs: float | None) -> bool:
     return "numba" in sys.modules or pairs is None or pairs >= COMPILE_MIN_PAIRS
 
 
+@np.errstate(over="ignore")  # float32 squares past 3.4e38: _sq sums them again
 def metrics_many(ref: Any, tests: Sequence[Any], compiled: bool = True) -> list[tuple[float, float, float, float]]:
     """:func:`sample_metrics` of each of ``tests`` against ``ref``.
 
-    Fast path for float32 arrays: :func:`fused_kernel`, one compiled pass per
-    test with float64 sums; without numba (or `compiled` False), blockwise numpy with float32 BLAS dot products
-    added up in float64 (relative error near 1e-7, like
-    :func:`metrics_from_sums`). Other dtypes go through :func:`sample_metrics`.
+    Fast path for float32 arrays: :func:`fused_kernel`, one compiled pass per test with float64 sums; without numba
+    (or `compiled` False), numpy blocks: float32 BLAS dots added up in float64 (relative error near 1e-7), in float64
+    where float32 squares overflow or may underflow (:func:`_sq`). Other dtypes go through :func:`sample_metrics`.
     """
     x = np.ravel(ref)
     ys = [np.ravel(t) for t in tests]
@@ -262,20 +268,18 @@ def metrics_many(ref: Any, tests: Sequence[Any], compiled: bool = True) -> list[
             xx, yy, dd, md, zz, ee, me = triple(x, ys[0], ys[1])
             return [metrics_from_sums(xx, yy, dd, md), metrics_from_sums(xx, zz, ee, me)]
         return [metrics_from_sums(*pair(x, y)) for y in ys]
-    buf = np.empty(min(_BLOCK32, x.size), np.float32)
-    k = len(ys)
-    xx = 0.0
+    buf, k, xx = np.empty(min(_BLOCK32, x.size), np.float32), len(ys), 0.0
     yy, dd, hi, lo = [0.0] * k, [0.0] * k, [-math.inf] * k, [math.inf] * k
     for s in range(0, x.size, _BLOCK32):
         xs = x[s : s + _BLOCK32]
         d = buf[: xs.size]
-        xx += float(_dot(xs, xs))
+        xx += _sq(xs)
         for j, y in enumerate(ys):
             yb = y[s : s + _BLOCK32]
             _sub(xs, yb, out=d)
-            yy[j] += float(_dot(yb, yb))
-            dd[j] += float(_dot(d, d))
+            yy[j] += _sq(yb)
             h, lw = float(_max(d)), float(_min(d))
+            dd[j] += _sq(d) if h or lw else 0.0  # a block with no difference (a NaN one is summed)
             # NaN sticks: a NaN block makes the sums NaN, which metrics_from_sums turns into a NaN max
             hi[j] = h if h > hi[j] or h != h else hi[j]
             lo[j] = lw if lw < lo[j] or lw != lw else lo[j]

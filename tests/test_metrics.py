@@ -260,6 +260,23 @@ def test_three_array_kernel_equals_two_pair_passes_and_numpy(n: int) -> None:
     assert metrics_many(x, [y, bad])[1][3] == math.inf
 
 
+@pytest.mark.parametrize("path", ["fused", "numpy"])
+def test_metrics_many_sums_float32_extremes_like_float64_numpy(path: str) -> None:
+    """Float32 squares that overflow (a Hugging Face causal mask) or vanish (1e-25): numpy's float64 figures."""
+    from hybridq.metrics import metrics_many
+
+    rng = np.random.default_rng(11)
+    mask = np.triu(np.full((96, 96), np.finfo(np.float32).min, np.float32), 1)  # 2 * 4 * 96 * 96: three blocks
+    scores = rng.normal(size=(2, 4, 96, 96)).astype(np.float32)
+    masked = scores + mask
+    noisy = (masked + np.where(mask == 0, 0.01 * rng.normal(size=masked.shape), 0)).astype(np.float32)
+    tiny = (1e-25 * rng.normal(size=50_000)).astype(np.float32)
+    for ref, test in ((masked, noisy), (tiny, (tiny * (1 + 0.01 * rng.normal(size=tiny.size))).astype(np.float32))):
+        x, y, d = (v.astype(np.float64).ravel() for v in (ref, test, ref - test))
+        want = (x @ y / math.sqrt((x @ x) * (y @ y)), math.sqrt(d @ d), 10 * math.log10((x @ x) / (d @ d)), np.abs(d).max())
+        assert metrics_many(ref, [test], compiled=path == "fused")[0] == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
 # --------------------------------------------------------------------------- per-slice output measure
 
 
