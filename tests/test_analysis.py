@@ -28,7 +28,7 @@ from hybridq.analysis import QDQ_MAP_KEY, AnalysisOptions, analyze, plan_analysi
 from hybridq._onnx import tensor_bytes
 from hybridq.analysis import engine, running
 from hybridq.api import analyze_samples
-from hybridq.errors import HybridqError, InputError, ModelError
+from hybridq.errors import ArtifactMismatchError, HybridqError, InputError, ModelError
 from hybridq.kernels import SATURATION_NOTE
 from hybridq.metrics import fused_kernel
 from hybridq.report import render_csv, render_txt
@@ -791,3 +791,61 @@ def test_rows_name_the_precision_the_model_quantizes_to(tmp_path: Path) -> None:
     res = analyze(fm, qm, [{"x": np.load(listing.parent / f"x_{k}.npy")} for k in range(2)])
     labels = {layer.precision for layer in res.layers if layer.op_type == "Relu"}
     assert labels == {"float32->int8"}
+
+
+
+def _qdq(src: str, dst: str) -> list[onnx.NodeProto]:
+    """QuantizeLinear + DequantizeLinear of ``src`` into ``dst`` (int8, scale ``s``, zero point ``z``)."""
+    q = h.make_node("QuantizeLinear", [src, "s", "z"], [f"{dst}_q"])
+    return [q, h.make_node("DequantizeLinear", [f"{dst}_q", "s", "z"], [dst])]
+
+
+def _kept_scores_models(first: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """fp32: x [1, 50] -> Sigmoid -> p; the scores above 0.5 (Greater, NonZero, GatherND) -> kept, of a data-dependent
+    length. The quantized model reads x through Q/DQ (scale 0.1) and keeps p's first `first` columns (50: all)."""
+
+    def model(head: list[onnx.NodeProto], src: str, inits: list[TP]) -> onnx.ModelProto:
+        nodes = head + [
+            h.make_node("Sigmoid", [src], ["p"], name="sigmoid"),
+            h.make_node("Greater", ["p", "half"], ["above"], name="greater"),
+            h.make_node("NonZero", ["above"], ["nz"], name="nonzero"),
+            h.make_node("Transpose", ["nz"], ["idx"], name="transpose", perm=[1, 0]),
+            h.make_node("GatherND", ["p", "idx"], ["kept"], name="gather_kept"),
+        ]
+        inits = [nh.from_array(np.array(0.5, np.float32), "half"), *inits]
+        g = h.make_graph(nodes, "kept", [h.make_tensor_value_info("x", TP.FLOAT, [1, 50])],
+                         [h.make_tensor_value_info("kept", TP.FLOAT, ["n"])], inits)
+        return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+    qdq = [nh.from_array(np.array(0.1, np.float32), "s"), nh.from_array(np.array(0, np.int8), "z")]
+    if first < 50:
+        cut = [nh.from_array(np.array([0, 0], np.int64), "starts"), nh.from_array(np.array([1, first], np.int64), "ends")]
+        qm = model(_qdq("x", "x_dq") + [h.make_node("Slice", ["x_dq", "starts", "ends"], ["x_cut"])], "x_cut", qdq + cut)
+    else:
+        qm = model(_qdq("x", "x_dq"), "x_dq", qdq)
+    return model([], "x", []), qm
+
+
+def test_a_data_dependent_length_is_left_out_where_it_differs_and_a_static_one_is_an_error() -> None:
+    """NonZero keeps fewer scores once x is quantized: that sample is left out with a note, not the whole analysis."""
+    fm, qm = _kept_scores_models(50)
+    rng = np.random.default_rng(4)
+    near = rng.normal(size=(1, 50)).astype(np.float32)
+    near[0, :3] = [0.01, 0.02, 0.04]  # quantized to 0: sigmoid 0.5, not above
+    far = (np.sign(near) * (0.1 + np.abs(near))).astype(np.float32)  # every |x| >= 0.1: the same scores kept
+    data = [{"x": near}, {"x": far}, {"x": near[:, ::-1].copy()}]
+    fs, qs = (ort.InferenceSession(_with_outputs(m, ["kept", "p"]).SerializeToString(), exact_options()) for m in (fm, qm))
+    f_out, q_out = [fs.run(None, d) for d in data], [qs.run(None, d) for d in data]
+    assert [a[0].shape != b[0].shape for a, b in zip(f_out, q_out)] == [True, False, True]
+    res = analyze(fm, qm, data)
+    rows = {layer.tensor: layer for layer in res.layers}
+    assert rows["kept"].entire.cosine == pytest.approx(np_cos(f_out[1][0], q_out[1][0]), rel=1e-6)
+    assert rows["kept"].entire.n_samples == 1 and rows["p"].entire.n_samples == 3
+    want = np.mean([np_cos(a[1], b[1]) for a, b in zip(f_out, q_out)])
+    assert rows["p"].entire.cosine == pytest.approx(want, rel=1e-6)
+    told = [n for n in res.notes if "depends on the data" in n]
+    assert len(told) == 1 and f"'kept': fp32 {f_out[0][0].shape} vs quantized {q_out[0][0].shape} on sample 0" in told[0]
+    assert "not compared on 2 of 3 sample(s)" in told[0]
+    with pytest.raises(ArtifactMismatchError, match="not built from this float model"):
+        analyze(fm, _kept_scores_models(40)[1], data)  # p: 50 columns against 40, both static
+

@@ -112,11 +112,11 @@ def analyze(
         first = next(samples, None)
         if first is not None:
             samples = itertools.chain([first], samples)
-    weights = target_bytes(fm, plan, targets, first)
+    weights, shapes = target_bytes(fm, plan, targets, first)
     if sink is not None:
         sink.start([tp.tensor for tp in plan.tensors])
     compiled = sink is None and worth_compiling(None if count is None else count * sum(weights) / 8)  # pairs ~ bytes / 8
-    m = Measure(plan, ag, exact=sink is not None, outputs=f.outputs, compiled=compiled)
+    m = Measure(plan, ag, exact=sink is not None, outputs=f.outputs, compiled=compiled, shapes=shapes)
     if compiled:
         fused_kernel()  # loaded here, before the workers start
     work = Work(m, ag, targets, weights, f.inputs, host_int8, options)
@@ -232,7 +232,7 @@ def _notes(notes: list[str], m: Measure, qm: onnx.ModelProto, host_int8: bool, l
         notes.append(NOT_EXACT_NOTE)
     elif u8s8_saturates() and not host_int8 and _has_int8(qm):
         notes.append(SATURATION_NOTE)
-    return notes + bounds_note(layers)
+    return notes + m.notes() + bounds_note(layers)
 
 
 def _has_int8(model: onnx.ModelProto) -> bool:

@@ -43,14 +43,22 @@ class SampleErrors:
     skipped: set[str] = field(default_factory=set)
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # fp32, quant (dump only)
     slices: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # model outputs: axis, slice_sums
+    unequal: dict[str, str] = field(default_factory=dict)  # not compared: fp32 and quantized shapes (data-dependent)
     exact_failed: bool = False  # measured on this CPU's default int8 kernels although exact ones were asked for
 
 
 class Measure:
     """Per-tensor accumulators; :meth:`sample` runs in the workers, :meth:`add` in the caller, in sample order."""
 
-    def __init__(self, plan: AnalysisPlan, ag: AnalysisGraph, exact: bool, outputs: Iterable[str] = (), compiled: bool = True) -> None:
+    def __init__(
+        self, plan: AnalysisPlan, ag: AnalysisGraph, exact: bool, outputs: Iterable[str] = (), compiled: bool = True,
+        shapes: dict[str, tuple[int | str | None, ...]] | None = None,
+    ) -> None:
         self.plan, self.ag, self.exact, self.compiled = plan, ag, exact, compiled  # compiled: the numba kernel (else numpy blocks)
+        self.inferred = shapes or {}  # fp32 shapes inferred for the first sample's input shapes: a data-dependent dim is open
+        self.unequal: dict[str, list[tuple[int, str]]] = defaultdict(list)  # tensor -> (sample, shapes) not compared
+        self.counted: set[str] = set()  # tensors compared on at least one sample
+        self.n_samples = 0
         self.outputs = frozenset(outputs)  # model outputs get the per-slice measure too
         self.slices: dict[str, SliceAccumulator] = {}
         self.ragged: set[str] = set()
@@ -107,16 +115,21 @@ class Measure:
         if a.dtype.kind != "f":
             res.skipped.add(t)  # not a float tensor after all (types were unknown)
             return
-        for b in tests:
-            if a.shape != b.shape:
-                raise ArtifactMismatchError(
-                    f"tensor {t!r} has shape {a.shape} in the float model but its quantized view "
-                    f"{tp.view!r} has shape {b.shape} (sample {res.index}): the quantized model was not built from "
-                    "this float model. Pass the fp32 model given to step1 as FLOAT_MODEL."
-                )
         if res.index == 0:  # the totals keep the first sample's shape and dtype
             res.shapes[t] = (tuple(a.shape), str(a.dtype))
         raw = (a, tests[0])  # a dump keeps the values; the figures compare what the readers tell apart:
+        for b in tests:
+            if a.shape != b.shape:
+                if not self.data_dependent(t, a.shape, b.shape):
+                    raise ArtifactMismatchError(
+                        f"tensor {t!r} has shape {a.shape} in the float model but its quantized view "
+                        f"{tp.view!r} has shape {b.shape} (sample {res.index}): the quantized model was not built from "
+                        "this float model. Pass the fp32 model given to step1 as FLOAT_MODEL."
+                    )
+                res.unequal[t] = f"fp32 {a.shape} vs quantized {b.shape}"
+                if self.exact:
+                    res.arrays[t] = raw
+                return
         if tp.bounds is not None:  # beyond their saturation points (HardSwish below -3) all values are one to them
             a, tests = np.clip(a, *tp.bounds), [np.clip(b, *tp.bounds) for b in tests]
         if t in self.outputs and (axis := channel_axis(a.shape)) is not None:
@@ -127,9 +140,21 @@ class Measure:
         else:
             res.values[t] = metrics_many(a, tests, compiled=self.compiled)
 
+    def data_dependent(self, t: str, fp: tuple[int, ...], quant: tuple[int, ...]) -> bool:
+        """Do the fp32 and quantized shapes of ``t`` differ only in dims its inferred shape leaves open (set by the data,
+        as after NonZero or NonMaxSuppression)? A different rank or static dim is another model's tensor."""
+        dims = self.inferred.get(t)
+        if dims is None or len(dims) != len(fp):
+            dims = (None,) * len(fp)  # not inferred: any dim may be the data's
+        return len(fp) == len(quant) and all(x == y or not isinstance(d, int) for x, y, d in zip(fp, quant, dims))
+
     def add(self, res: SampleErrors) -> None:
         """Add one sample's measurements to the totals (samples must come in order)."""
         self.exact_failed |= res.exact_failed
+        self.n_samples += 1
+        self.counted.update(res.values)
+        for t, shapes in res.unequal.items():
+            self.unequal[t].append((res.index, shapes))
         if res.index == 0:
             self.skipped |= res.skipped
             for t, (shape, dtype) in res.shapes.items():
@@ -149,6 +174,17 @@ class Measure:
                 del self.slices[t]
                 continue
             acc.add_sums(sums)
+
+    def notes(self) -> list[str]:
+        """What was left out: tensors whose fp32 and quantized shapes differed on some sample (set by the data)."""
+        if not self.unequal:
+            return []
+        told = [
+            f"{t!r}: {runs[0][1]} on sample {runs[0][0]}; not compared on {len(runs)} of {self.n_samples} sample(s)"
+            + ("" if t in self.counted else ", so no row")
+            for t, runs in self.unequal.items()
+        ]
+        return ["shape depends on the data, so the fp32 and quantized shapes differ: " + "; ".join(told)]
 
     def dump(self, sink: SampleSink, res: SampleErrors) -> None:
         """Append one sample's arrays, in plan order, to the snapshot."""
@@ -172,14 +208,15 @@ class Measure:
                 bounds=tp.bounds,
             )
             for tp in self.plan.tensors
-            if tp.tensor not in self.skipped
+            if tp.tensor not in self.skipped and (tp.tensor in self.counted or tp.tensor not in self.unequal)
         ]
 
 
 def target_bytes(
     fm: onnx.ModelProto, plan: AnalysisPlan, targets: list[list[str]], sample: dict[str, np.ndarray] | None
-) -> list[float]:
-    """Bytes each target's compared arrays take for ``sample`` (shapes inferred; unknown sizes get the mean)."""
+) -> tuple[list[float], dict[str, tuple[int | str | None, ...]]]:
+    """Bytes each target's compared arrays take for ``sample`` (unknown sizes get the mean), and the fp32 shapes they
+    come from: inferred for ``sample``'s input shapes, so a dim left open is set by the data (:meth:`Measure.data_dependent`)."""
     shapes = tensor_shapes(concrete_shapes(fm, sample)) if sample is not None else {}
     sizes: list[float | None] = []
     for tp, names in zip(plan.tensors, targets):
@@ -188,4 +225,4 @@ def target_bytes(
         sizes.append(4.0 * len(names) * float(np.prod(dims)) if known else None)  # type: ignore[arg-type]
     seen = [x for x in sizes if x is not None]
     fill = sum(seen) / len(seen) if seen else float(1 << 20)
-    return [fill if x is None else x for x in sizes]
+    return [fill if x is None else x for x in sizes], shapes
