@@ -849,3 +849,46 @@ def test_a_data_dependent_length_is_left_out_where_it_differs_and_a_static_one_i
     with pytest.raises(ArtifactMismatchError, match="not built from this float model"):
         analyze(fm, _kept_scores_models(40)[1], data)  # p: 50 columns against 40, both static
 
+
+def _reshaped_conv_models() -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """fp32: x [1, 2, H, W] -> Conv (6 channels) -> Reshape -> y [1, 6, H * W]; quantized: int8 weights, Q/DQ on x, c."""
+    w = np.random.default_rng(5).normal(0, 0.5, (6, 2, 3, 3)).astype(np.float32)
+    wq = np.clip(np.round(w / 0.01), -127, 127).astype(np.int8)
+
+    def model(nodes: list[onnx.NodeProto], inits: list[TP]) -> onnx.ModelProto:
+        nodes = nodes + [h.make_node("Reshape", [nodes[-1].output[0], "shape"], ["y"], name="reshape")]
+        inits = [nh.from_array(np.array([0, 6, -1], np.int64), "shape"), *inits]
+        g = h.make_graph(nodes, "r", [h.make_tensor_value_info("x", TP.FLOAT, [1, 2, "H", "W"])],
+                         [h.make_tensor_value_info("y", TP.FLOAT, [1, 6, None])], inits)
+        return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+    fm = model([h.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])], [nh.from_array(w, "w")])
+    weights = [h.make_node("DequantizeLinear", ["wq", "ws", "z"], ["w_dq"])]
+    conv = [h.make_node("Conv", ["x_dq", "w_dq"], ["c"], name="conv", pads=[1, 1, 1, 1])]
+    scales = [nh.from_array(np.array(v, np.float32), n) for n, v in (("ws", 0.01), ("s", 0.05))]
+    inits = [nh.from_array(wq, "wq"), nh.from_array(np.array(0, np.int8), "z"), *scales]
+    return fm, model(_qdq("x", "x_dq") + weights + conv + _qdq("c", "c_dq"), inits)
+
+
+@pytest.mark.parametrize("sizes, axis", [([(8, 8), (4, 4)], 1), ([(2, 3), (8, 8)], None), ([(8, 8), (1, 1)], None)])
+def test_an_output_whose_slice_axis_moves_between_samples_gets_no_per_slice_measure(
+    sizes: list[tuple[int, int]], axis: int | None
+) -> None:
+    """Samples slicing an output along other axes ([1, 6, 6]: 2, [1, 6, 64]: 1) or none ([1, 6, 1]) get no slices."""
+    fm, qm = _reshaped_conv_models()
+    rng = np.random.default_rng(6)
+    data = [{"x": rng.normal(size=(1, 2, *hw)).astype(np.float32)} for hw in sizes]
+    res = analyze(fm, qm, data)
+    y = {layer.tensor: layer for layer in res.layers}["y"]
+    fs, qs = (ort.InferenceSession(m.SerializeToString(), exact_options()) for m in (fm, qm))
+    pairs = [(fs.run(None, d)[0].astype(np.float64), qs.run(None, d)[0].astype(np.float64)) for d in data]
+    assert y.entire.cosine == pytest.approx(np.mean([np_cos(a, b) for a, b in pairs]), rel=1e-6)
+    if axis is None:
+        assert y.slices is None
+        return
+    x = np.concatenate([a[0] for a, _ in pairs], axis=1)  # one axis: each channel pooled over the samples, as numpy sums
+    q = np.concatenate([b[0] for _, b in pairs], axis=1)
+    assert y.slices is not None and y.slices.axis == axis
+    cos = (x * q).sum(1) / np.sqrt((x * x).sum(1) * (q * q).sum(1))
+    assert y.slices.cosine == pytest.approx(cos.tolist(), rel=1e-6)
+    assert y.slices.snr_db == pytest.approx((10 * np.log10((x * x).sum(1) / ((x - q) ** 2).sum(1))).tolist(), rel=1e-6)

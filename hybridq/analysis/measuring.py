@@ -165,12 +165,15 @@ class Measure:
             self.entire[t].add_values(values[0])
             if len(values) > 1:
                 self.single[t].add_values(values[1])
+        for t in self.outputs.intersection(res.values).difference(res.slices):
+            self.ragged.add(t)  # no slice axis on this sample (an axis of length 1): no per-slice measure
+            self.slices.pop(t, None)
         for t, (axis, sums) in res.slices.items():
-            acc = self.slices.setdefault(t, SliceAccumulator(axis))
             if t in self.skipped or t in self.ragged:
                 continue
-            if acc.sums is not None and acc.sums.shape != sums.shape:
-                self.ragged.add(t)  # the slice axis changed length between samples: no per-slice measure
+            acc = self.slices.setdefault(t, SliceAccumulator(axis))
+            if acc.axis != axis or (acc.sums is not None and acc.sums.shape != sums.shape):
+                self.ragged.add(t)  # the slice axis moved or changed length between samples: no per-slice measure
                 del self.slices[t]
                 continue
             acc.add_sums(sums)
