@@ -892,3 +892,30 @@ def test_an_output_whose_slice_axis_moves_between_samples_gets_no_per_slice_meas
     cos = (x * q).sum(1) / np.sqrt((x * x).sum(1) * (q * q).sum(1))
     assert y.slices.cosine == pytest.approx(cos.tolist(), rel=1e-6)
     assert y.slices.snr_db == pytest.approx((10 * np.log10((x * x).sum(1) / ((x - q) ** 2).sum(1))).tolist(), rel=1e-6)
+
+
+def test_unnamed_float_nodes_are_rows_under_step1_names_not_folds(tmp_path: Path) -> None:
+    """A float model whose nodes have no names: step1 names them (Conv_0 ...) and the rows carry those names, as the cfg
+    does, without calling the node folded into itself; a BatchNormalization folded into a Conv is still a fold."""
+    import hybridq
+    from tests import models
+
+    rng = np.random.default_rng(2)
+    nodes = [h.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1]),
+             h.make_node("BatchNormalization", ["c0", "s", "b", "m", "v"], ["bn"]),
+             h.make_node("Relu", ["bn"], ["r0"]), h.make_node("Conv", ["r0", "w1"], ["y"], pads=[1, 1, 1, 1])]
+    inits = [nh.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w0"),
+             nh.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "w1")]
+    inits += [nh.from_array(v.astype(np.float32), n) for n, v in
+              (("s", rng.uniform(0.5, 1.5, 4)), ("b", rng.normal(0, 0.1, 4)), ("m", rng.normal(0, 0.1, 4)), ("v", rng.uniform(0.5, 1.5, 4)))]
+    fm = h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, 8, 8])],
+                                   [h.make_tensor_value_info("y", TP.FLOAT, [1, 4, 8, 8])], inits), opset_imports=[h.make_opsetid("", 17)])
+    src = tmp_path / "m.onnx"
+    onnx.save(fm, src)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 8, 8)}, 4)
+    r1 = hybridq.step1(src, listing, out=tmp_path / "ws", settings={"speed_check": False, "float_stem": False})
+    qm = onnx.load(str(hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output))
+    producer = {n.output[0]: n for n in qm.graph.node}
+    rows = {layer.tensor: layer for layer in analyze(fm, qm, [{"x": np.load(listing.parent / f"x_{k}.npy")} for k in range(2)]).layers}
+    assert (rows["y"].layer, rows["y"].folded) == (producer["y"].name, None) and rows["y"].layer != "y"
+    assert rows["bn"].folded is not None and rows["bn"].op_type == "Conv"

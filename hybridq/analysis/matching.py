@@ -230,8 +230,10 @@ def plan_tensors(f: ModelIndex, q: ModelIndex, written: ModelIndex | None = None
             info = next((layer_info[k] for k in (qname, layer) if isinstance(layer_info.get(k), dict)), None)
             name, op, folded = layer, node.op_type, None
             if qk is not None and qname and qname != layer and qname in layer_info and layer not in layer_info:
-                # step1 folded this node into the one the cfg names: the row carries that name
-                name, op, folded = qname, q.nodes[qk].op_type, f"{node.op_type} {layer}"
+                # the row carries the name the cfg uses: step1 folded this node into that one, or named it (unnamed here)
+                name = qname
+                if node.name or q.nodes[qk].op_type != node.op_type:
+                    op, folded = q.nodes[qk].op_type, f"{node.op_type} {layer}"
             if t in folds and folded is None:  # the activation's row: named as a layer of its own, as RKNN-Toolkit2 lists it
                 op, inner = folds[t]
                 folded = ", ".join(f"{n.op_type} {n.name or n.output[0]}" for n in inner)
