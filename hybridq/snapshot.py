@@ -167,6 +167,7 @@ class ArrayDump:
         self.max_bytes = max_bytes
         self.files: dict[str, tuple[_NpyAppender, _NpyAppender]] = {}
         self.kept: list[str] | None = None
+        self.varying: list[str] = []  # tensors whose shape changed between samples: not written
         self.bytes = 0
         self.samples = 0
         self.seen = 0
@@ -215,6 +216,7 @@ class ArrayDump:
                 self.stopped = True
                 return
         else:
+            self._drop_varying(arrays)
             need = sum(arrays[t][0].nbytes + arrays[t][1].nbytes for t in self.kept)
             if cap is not None and self.bytes + need > cap:
                 self.stopped = True
@@ -235,6 +237,18 @@ class ArrayDump:
         except OSError as e:
             raise OutputError(f"cannot write the snapshot under '{self.root}': {e.strerror or e}") from None
         self.samples += 1
+
+    def _drop_varying(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Stop writing a tensor this sample lacks or gives another shape (its length depends on the data, or it was not
+        compared): one `.npy` per tensor holds samples of one shape. Its files go; the manifest says why."""
+        assert self.kept is not None
+        for t in [t for t in self.kept if t not in arrays or (t in self.files and (arrays[t][0].shape != self.files[t][0].shape
+                                                                               or arrays[t][1].shape != self.files[t][1].shape))]:
+            self.kept.remove(t)
+            self.varying.append(t)
+            for f in self.files.pop(t, ()):
+                self.bytes -= f.count * int(np.prod(f.shape)) * f.dtype.itemsize
+                f.abort()
 
     def finish(self, result: AnalysisResult) -> None:
         """Move the arrays into place and record their files and any cap message in ``result``.
@@ -257,8 +271,12 @@ class ArrayDump:
         result.dumped_samples = self.samples
         kept = len(self.files)
         total = len(result.layers)
-        if kept < total or self.samples < self.seen:
-            left = [layer.tensor for layer in result.layers if layer.tensor not in self.files]
+        varying = (f"; {len(self.varying)} tensor(s) not written, their shape changing from sample to sample: "
+                   + ", ".join(repr(t) for t in self.varying[:5]) + (" ..." if len(self.varying) > 5 else "")) if self.varying else ""
+        if kept + len(self.varying) >= total and self.samples >= self.seen:
+            result.dump_message = f"snapshot: {varying.removeprefix('; ')}" if varying else None
+        else:
+            left = [layer.tensor for layer in result.layers if layer.tensor not in self.files and layer.tensor not in self.varying]
             why = (f"snapshot capped at {self.max_bytes} bytes (--max-bytes)" if self.max_bytes is not None else
                    f"snapshot stopped to keep free space on the disk holding '{self.root}' (pass --max-bytes to choose the cap)")
             msg = (
@@ -268,7 +286,7 @@ class ArrayDump:
             )
             if left:
                 msg += f"; not written: {', '.join(repr(t) for t in left[:5])}" + (" ..." if len(left) > 5 else "")
-            msg += "; the metrics cover every tensor and sample"
+            msg += varying + "; the metrics cover every tensor and sample"
             result.dump_message = msg
 
     def abort(self) -> None:

@@ -919,3 +919,26 @@ def test_unnamed_float_nodes_are_rows_under_step1_names_not_folds(tmp_path: Path
     rows = {layer.tensor: layer for layer in analyze(fm, qm, [{"x": np.load(listing.parent / f"x_{k}.npy")} for k in range(2)]).layers}
     assert (rows["y"].layer, rows["y"].folded) == (producer["y"].name, None) and rows["y"].layer != "y"
     assert rows["bn"].folded is not None and rows["bn"].op_type == "Conv"
+
+
+def test_a_snapshot_leaves_out_tensors_whose_shape_changes_between_samples(tmp_path: Path) -> None:
+    """Samples of two sizes through a model with dynamic height and width: the feature maps change shape, so their arrays
+    are not written (one .npy per tensor holds one shape) and the manifest says so; the pooled output keeps one shape
+    and is written, every sample of it, as ONNX Runtime computes it in each model."""
+    rng = np.random.default_rng(6)
+    nodes = [h.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), h.make_node("Relu", ["c"], ["r"], name="relu"),
+             h.make_node("GlobalAveragePool", ["r"], ["y"], name="pool")]
+    fm = h.make_model(h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 3, "H", "W"])],
+                                   [h.make_tensor_value_info("y", TP.FLOAT, [1, 4, 1, 1])],
+                                   [nh.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w")]),
+                      opset_imports=[h.make_opsetid("", 17)])
+    qm = onnx.ModelProto()
+    qm.CopyFrom(fm)  # the same graph: the snapshot's layout is the point here, not the error
+    data = [{"x": rng.normal(0, 1, (1, 3, s, s)).astype(np.float32)} for s in (8, 12, 8)]
+    res = analyze_samples(fm, qm, data, dump=tmp_path / "snap")
+    assert res.dump_message is not None and "'c'" in res.dump_message and "shape changing" in res.dump_message
+    back = load_snapshot(tmp_path / "snap")
+    assert {layer.tensor for layer in back.layers if layer.fp32_file} == {"y"}
+    got, _ = load_arrays(tmp_path / "snap", "y")
+    want = [ort.InferenceSession(fm.SerializeToString()).run(["y"], d)[0] for d in data]
+    np.testing.assert_allclose(got, np.stack(want), rtol=1e-6, atol=1e-7)
