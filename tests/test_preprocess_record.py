@@ -215,3 +215,20 @@ def test_batch_figures_match_float64_numpy(dtype):
     assert (lo, hi, n) == (ref.min(), ref.max(), ref.size)
     assert (s, ss) == (ref.sum(), np.square(ref).sum())  # the same float64 sums, bit for bit
     assert list(batch_figures({"ids": np.arange(4), "e": np.zeros((0, 3), np.float32)})) == []
+
+
+def test_cli_color_comes_from_the_workspace_and_the_record_when_not_given(capsys, tmp_path: Path) -> None:
+    """`color: bgr` in the workspace's hybridq.yaml is what step1 uses when --color is not given (the CLI passed rgb as
+    if given), and analyze and propose of that run need no option (they were refused: 'recorded bgr, given rgb')."""
+    model = tmp_path / "cnn.onnx"
+    onnx.save(models.residual_cnn(), model)
+    calib = write_images(tmp_path / "calib", 6, seed=1)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "hybridq.yaml").write_text("color: bgr\n")
+    code, _, err = cli(capsys, "step1", model, "-d", calib, "--out", ws, "-q")
+    assert code == 0, err
+    cfg = ws / "cnn.quantization.cfg"
+    assert "color: bgr" in cfg.read_text()
+    assert cli(capsys, "analyze", model, cfg, "-d", calib, "-q")[0] == 0
+    assert cli(capsys, "propose", "--cfg", cfg, "-d", calib, "-q")[0] == 0
