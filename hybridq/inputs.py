@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -78,6 +79,15 @@ def _onnx_dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
     return dim.dim_param or None
 
 
+def portable_spec(spec: str) -> str:
+    """`path/to/module.py:function` with an absolute path (a worker, or a later run, may start elsewhere);
+    `package.module:function` as is."""
+    module_ref, _, function_name = spec.rpartition(":")
+    if module_ref.endswith(".py") or "/" in module_ref or "\\" in module_ref:
+        return f"{Path(module_ref).resolve()}:{function_name}"
+    return spec
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """Image preprocessing with RKNN conventions; values are validated on construction."""
@@ -118,6 +128,7 @@ class Preprocess:
                     f"preprocess hook {self.hook!r} returns model-ready arrays, so {', '.join(changed)} would be ignored; "
                     "drop those options or apply them inside the hook."
                 )
+            object.__setattr__(self, "hook", portable_spec(self.hook))  # recorded so: analyze may run from elsewhere
 
 
     def to_dict(self) -> dict[str, object]:

@@ -232,3 +232,25 @@ def test_cli_color_comes_from_the_workspace_and_the_record_when_not_given(capsys
     assert "color: bgr" in cfg.read_text()
     assert cli(capsys, "analyze", model, cfg, "-d", calib, "-q")[0] == 0
     assert cli(capsys, "propose", "--cfg", cfg, "-d", calib, "-q")[0] == 0
+
+
+def test_a_relative_hook_is_recorded_absolute(capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--preprocess hooks/pre.py:pre` given relative to step1's directory is recorded as an absolute path, so analyze
+    run from another directory finds it with no option (it failed: 'module does not exist'), and the same hook given
+    by its absolute path agrees with the record."""
+    proj, other = tmp_path / "proj", tmp_path / "other"
+    (proj / "hooks").mkdir(parents=True)
+    other.mkdir()
+    onnx.save(models.conv_relu(), proj / "conv.onnx")
+    for i in range(2):
+        np.save(proj / f"s{i}.npy", np.random.default_rng(i).normal(size=(3, 16, 16)).astype(np.float32))
+    (proj / "ds.txt").write_text("s0.npy\ns1.npy\n")
+    (proj / "hooks" / "pre.py").write_text("import numpy as np\n\ndef pre(path, spec):\n    return np.load(path) * 0.5\n")
+    monkeypatch.chdir(proj)
+    assert cli(capsys, "step1", "conv.onnx", "-d", "ds.txt", "--preprocess", "hooks/pre.py:pre", "--out", "o", "-q")[0] == 0
+    cfg = proj / "o" / "conv.quantization.cfg"
+    assert f"hook: {proj / 'hooks' / 'pre.py'}:pre" in cfg.read_text()
+    monkeypatch.chdir(other)
+    args = ["analyze", proj / "conv.onnx", cfg, "-d", proj / "ds.txt", "-q"]
+    assert cli(capsys, *args)[0] == 0
+    assert cli(capsys, *args, "--preprocess", f"{proj / 'hooks' / 'pre.py'}:pre")[0] == 0

@@ -45,6 +45,7 @@ from .._onnx import GraphIndex
 from ..calibration import session_for
 from ..dataset import load_callable
 from ..errors import InputError
+from ..inputs import portable_spec
 from ..execution import Execution, Progress, Shard, contiguous, execute
 from ..metrics import SNR_DEFAULT, SliceAccumulator, SliceMetrics, channel_axis, is_distribution, normalised, output_ok, slice_sums
 
@@ -279,14 +280,6 @@ def task_score(eval_fn: Callable[[str], Any], spec: str, model: onnx.ModelProto 
         raise InputError(f"The --eval function {spec!r} returned {score} for a model: a target cannot be judged by it. "
                          "Make it return a finite number (e.g. accuracy in [0, 1]) for every model.")
     return score
-
-
-def portable_spec(spec: str) -> str:
-    """`path/to/module.py:function` with an absolute path (a worker may run elsewhere); `package.module:function` as is."""
-    module_ref, _, function_name = spec.rpartition(":")
-    if module_ref.endswith(".py") or "/" in module_ref or "\\" in module_ref:
-        return f"{Path(module_ref).resolve()}:{function_name}"
-    return spec
 
 
 class ScoringJob:
