@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import os
@@ -43,6 +44,10 @@ def _options(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """Options before the command."""
+
+
+USER_PATH_ERRORS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR}
+"""Errors of a path as given (too long, a symlink loop, a file where a directory is wanted): the user's to fix, exit 2."""
 
 
 def _given_preprocess(mean, std, color, layout, resize, hook) -> dict[str, Any]:
@@ -522,6 +527,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # click's usage errors (vendored by newer typer)
             exc.show()
+            sys.exit(int(ExitCode.USAGE))
+        if isinstance(exc, OSError) and exc.filename and exc.errno in USER_PATH_ERRORS and not debug:
+            console.err.print(f"error: cannot use the path '{exc.filename}': {exc.strerror}. Check the path you gave (a model, "
+                              "a dataset or an output directory).", highlight=False, markup=False, soft_wrap=True)
             sys.exit(int(ExitCode.USAGE))
         if _Signals.received:
             _interrupted()

@@ -327,8 +327,13 @@ def _list_path(word: str, base: Path, here: str, pre: Preprocess) -> Path:
             f"{here}: {word!r} has extension {path.suffix or '(none)'!r}, which hybridq cannot read; "
             f"supported: {_SUPPORTED_TEXT}. Convert the file or load it with a preprocess hook."
         )
-    if not path.is_file():
-        state = "is not a file" if path.exists() else "does not exist"
+    try:
+        found, exists = path.is_file(), path.exists()
+    except OSError as exc:  # a name too long for the file system: several paths joined by commas, say
+        raise DatasetError(f"{here}: {word[:80]!r}{'...' if len(word) > 80 else ''} is not a usable path ({exc.strerror or exc}); "
+                           "separate the paths of a line with spaces, not commas.") from None
+    if not found:
+        state = "is not a file" if exists else "does not exist"
         raise DatasetError(
             f"{here}: {word!r} {state} (looked for {str(path)!r}; relative paths are relative to the list file);"
             " fix the path or remove the line."

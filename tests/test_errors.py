@@ -126,6 +126,15 @@ def test_model_file_is_a_directory(ws, capsys):
     assert_clean(hq(capsys, "step1", ws.root / "data", "--dataset", ws.dataset), USAGE, "data", "directory")
 
 
+def test_a_path_too_long_for_the_file_system(ws, capsys):
+    """A model path, or a dataset line of paths joined by commas, over the file system's name limit: exit 2 naming the
+    path (and the list line), not an internal error."""
+    assert_clean(hq(capsys, "step1", ws.root / ("m" * 300 + ".onnx"), "--dataset", ws.dataset), USAGE, "mmmmmmmm", "too long")
+    line = ",".join(f"img_{i:04d}.png" for i in range(30))
+    (ws.root / "commas.txt").write_text(line + "\n")
+    assert_clean(hq(capsys, "step1", ws.model, "--dataset", ws.root / "commas.txt"), USAGE, "line 1", "with spaces, not commas")
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.97])
 def test_model_file_truncated(ws, capsys, fraction):
     data = ws.model.read_bytes()
