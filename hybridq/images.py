@@ -18,7 +18,7 @@ Image conversions, explicit and in this order:
 6. `(x - mean) / std` in float32, 0-255 pixel units (RKNN mean_values).
 7. Layout `nchw` transposes HWC to CHW; a leading batch dim of 1 is added and
    the result cast to the input's dtype (integer inputs: rounded and clipped,
-   and only without mean/std).
+   noted when clipping changed a pixel, and only without mean/std).
 
 Steps 2 and 3 change what the file holds (alpha dropped, gray copied to three
 channels, colour to gray, 16 bits to 8, CMYK/YCbCr to RGB); `Dataset.notes()`
@@ -164,6 +164,11 @@ def read_image(path: Path, spec: InputSpec, plan: ImagePlan, pre: Preprocess, wh
     batch = pixels[np.newaxis]
     if spec.dtype.kind in "iu":
         info = np.iinfo(spec.dtype)
+        outside = int(np.count_nonzero((batch < info.min) | (batch > info.max)))
+        if outside:
+            conversions.append((f"pixels outside {spec.dtype} ({info.min}..{info.max})",
+                                f"clipped to that range for the {spec.dtype} input {spec.name!r}; feed .npy samples holding "
+                                "the values the model expects (an integer input takes no mean/std)"))
         batch = np.clip(np.rint(batch), info.min, info.max)
     return np.ascontiguousarray(batch, dtype=spec.dtype), conversions
 

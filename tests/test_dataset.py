@@ -195,6 +195,19 @@ def test_uint8_model_input_gets_raw_pixels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got[0], image)
 
 
+def test_int8_model_input_notes_the_pixels_it_clips(tmp_path: Path) -> None:
+    image = _rgb()  # values 0..252: those above 127 cannot be held by int8
+    _save(tmp_path / "a.png", image)
+    data = load_dataset(_write(tmp_path / "list.txt", "a.png\n"), [_spec((1, 4, 5, 3), dtype=np.int8)])
+    got = next(data.samples())["x"]
+    np.testing.assert_array_equal(got[0], np.minimum(image, 127).astype(np.int8))
+    (note,) = data.notes()
+    assert "outside int8" in note and "a.png" in note and "clipped" in note and ".npy" in note
+    fits = load_dataset(_write(tmp_path / "fits.txt", "a.png\n"), [_spec((1, 4, 5, 3), dtype=np.uint8)])
+    list(fits.samples())
+    assert fits.notes() == []
+
+
 def test_symbolic_height_and_width_use_the_image_size(tmp_path: Path) -> None:
     image = _rgb(6, 7)
     assert _one(tmp_path, image, _spec(("n", 3, "h", None))).shape == (1, 3, 6, 7)
