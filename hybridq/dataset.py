@@ -97,6 +97,7 @@ class Dataset:
         pre = self.preprocess
         given = [k for k, v in (("mean", pre.mean), ("std", pre.std), ("layout", pre.layout)) if v is not None]
         given += ["resize"] if pre.resize != "none" else []
+        given += ["color bgr"] if pre.color == "bgr" else []
         if given and not self._plans and self._hook is None:
             out.append(f"{', '.join(given)} not applied: they apply to image files, and '{self.source}' lists none "
                        "(.npy/.npz samples are fed as stored; normalise them when you write them, or use a preprocess hook).")

@@ -525,3 +525,5 @@ def test_image_options_on_npy_samples_get_a_note_that_they_were_not_applied(tmp_
     assert [n for n in ds.notes() if n.startswith("mean, std not applied")], ds.notes()
     np.testing.assert_array_equal(ds.sample(0)["x"], np.zeros((1, 3, 4, 4), np.float32))  # fed as stored
     assert load_dataset(tmp_path / "ds.txt", spec).notes() == []
+    bgr = load_dataset(tmp_path / "ds.txt", spec, Preprocess(color="bgr"))
+    assert [n for n in bgr.notes() if n.startswith("color bgr not applied")], bgr.notes()
