@@ -166,9 +166,11 @@ class Dataset:
             first_index, first = chunk[0][0], chunk[0][1][spec.name]
             for index, sample in chunk[1:]:
                 if sample[spec.name].shape[1:] != first.shape[1:]:
+                    images = spec.name in self._plans and self._hook is None  # resize applies to image files only
+                    fix = "use batch size 1 or set resize: stretch or letterbox" if images else "use batch size 1 or save samples of one shape"
                     raise DatasetError(
                         f"cannot batch input {spec.name!r}: {self._where(first_index, k)} gives shape {first.shape} but "
-                        f"{self._where(index, k)} gives {sample[spec.name].shape}; use batch size 1 or set resize: stretch or letterbox."
+                        f"{self._where(index, k)} gives {sample[spec.name].shape}; {fix}."
                     )
             batch[spec.name] = np.concatenate([sample[spec.name] for _, sample in chunk], axis=0)
         return batch

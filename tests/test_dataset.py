@@ -452,7 +452,14 @@ def test_batching_images_of_different_sizes_names_both_files(tmp_path: Path) -> 
     _save(tmp_path / "b.png", _rgb(4, 6))
     data = load_dataset(tmp_path, [_spec(("n", 3, "h", "w"))])
     message = _error(lambda: list(data.batches(2)))
-    assert "a.png" in message and "b.png" in message
+    assert "a.png" in message and "b.png" in message and "resize: stretch" in message
+
+
+def test_batching_arrays_of_different_shapes_does_not_suggest_resize(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((1, 3, 4, 5), np.float32))
+    np.save(tmp_path / "b.npy", np.zeros((1, 3, 4, 6), np.float32))
+    message = _error(lambda: list(load_dataset(tmp_path, [_spec(("n", 3, "h", "w"))]).batches(2)))
+    assert "a.npy" in message and "b.npy" in message and "resize" not in message and "one shape" in message
 
 
 # ---- preprocess hook -------------------------------------------------------------------------------------
