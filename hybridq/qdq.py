@@ -206,7 +206,9 @@ class _Rewrite:
             node = g.by_name[name]
             eff = lp.precision
             if eff in ("default", "uint8", "int8", "int16"):
-                dts = [plan.tensors[t].dtype for t in node.input if t in plan.tensors]
+                # a layer fused behind its producer (npu: Conv -> Relu) has no quantized input: its output's dtype says
+                dts = [plan.tensors[t].dtype for t in node.input if t in plan.tensors] or [
+                    plan.tensors[t].dtype for t in node.output if t in plan.tensors]
                 eff = "int16" if "int16" in dts or lp.precision == "int16" else (dts[0] if dts else lp.precision)
             self.result.layers[name] = {"op": lp.op, "precision": eff, "requested": lp.precision, "reason": lp.reason}
 

@@ -297,6 +297,10 @@ def test_analyze_and_proposal_on_an_npu_model(npu_build, tmp_path):
     result = hybridq.analyze(path, qpath, listing, samples=2)
     measured = {layer.tensor for layer in result.layers}
     assert {"add", "sub", "cat", "sm", "ln", "rm"} <= measured  # elementwise, concat, softmax, norm, reduce: int8 on npu
+    # each row names the precision the layer runs in; a Relu fused into its Conv, or a GELU whose input is the
+    # pattern's own, runs in its output's dtype (it read "default" before)
+    precision = {layer.tensor: layer.precision for layer in result.layers if layer.op_type != "Neg"}
+    assert set(precision.values()) == {"uint8"}, {t: p for t, p in precision.items() if p != "uint8"}
     # a cosine only float can reach: the proposal must move layers to float16 (the npu fallback) and verify it
     r = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"},
                       proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, samples=4))  # npu's fallback: float16
