@@ -3,7 +3,7 @@
 Image conversions, explicit and in this order:
 1. Decode with pillow; EXIF orientation is not applied (pixels as stored).
 2. Mode: 16-bit grayscale (`I;16*`, `I`) is divided by 257 into 0-255 and
-   clipped; `1`/`L`/`LA` become one gray channel (alpha dropped); `P`/`PA`
+   clipped; 16-bit colour keeps each value's high byte (pillow's decoding); `1`/`L`/`LA` become one gray channel (alpha dropped); `P`/`PA`
    go through RGBA to RGB; every other mode (`RGBA`, `CMYK`, `YCbCr`...) is
    converted to RGB, so alpha is dropped, never composited.
 3. Channels: gray is replicated to 3 channels when the model wants 3; colour
@@ -141,8 +141,9 @@ def read_image(path: Path, spec: InputSpec, plan: ImagePlan, pre: Preprocess, wh
 
     try:
         with Image.open(path) as image:
+            deep = _deep_colour(image)
             image.load()
-            conversions = _mode_conversions(image)
+            conversions = _mode_conversions(image) + deep
             pixels = _pixels(image)
     except Exception as exc:
         raise DatasetError(
@@ -182,6 +183,15 @@ def _mode_conversions(image: Image.Image) -> list[tuple[str, str]]:
         return [("an alpha channel", "dropped, not composited over a background")]
     if mode not in _GRAY_MODES + ("RGB", "P"):
         return [(f"mode {mode}", "converted to RGB by pillow")]
+    return []
+
+
+def _deep_colour(image: Image.Image) -> list[tuple[str, str]]:
+    """A 16-bit colour file (pillow decodes it to 8 bits, keeping each value's high byte), as a conversion; read before
+    ``load()``, which drops the decoder's raw mode."""
+    raw = [t[3] for t in getattr(image, "tile", None) or () if len(t) > 3 and isinstance(t[3], str)]
+    if image.mode not in _SIXTEEN_BIT_MODES and any(";16" in r for r in raw):
+        return [(f"16-bit colour pixels ({raw[0]})", "read as 8 bits (each value's high byte, about value / 257) by pillow")]
     return []
 
 

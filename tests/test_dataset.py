@@ -195,6 +195,33 @@ def test_uint8_model_input_gets_raw_pixels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got[0], image)
 
 
+def _png16_rgb(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit-per-channel RGB PNG written by hand (pillow cannot write one)."""
+    import struct
+    import zlib
+
+    h, w, _ = values.shape
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_sixteen_bit_colour_png_keeps_the_high_byte_with_a_note(tmp_path: Path) -> None:
+    values = (np.arange(4 * 5 * 3).reshape(4, 5, 3) * 1000 + 7).astype(np.uint16)
+    _png16_rgb(tmp_path / "deep.png", values)
+    data = load_dataset(_write(tmp_path / "list.txt", "deep.png\n"), [_spec((1, 4, 5, 3))])
+    got = next(data.samples())["x"][0]
+    np.testing.assert_array_equal(got, (values >> 8).astype(np.float32))
+    assert np.abs(got - values / 257.0).max() <= 1.0
+    (note,) = data.notes()
+    assert "16-bit colour" in note and "deep.png" in note and "high byte" in note
+
+
 def test_int8_model_input_notes_the_pixels_it_clips(tmp_path: Path) -> None:
     image = _rgb()  # values 0..252: those above 127 cannot be held by int8
     _save(tmp_path / "a.png", image)
