@@ -145,6 +145,13 @@ class Dataset:
                         f"batch size {batch_size} needs a symbolic batch dim, but input {spec.name!r} has a fixed batch dim "
                         f"of {spec.shape[0]} (shape {fmt_shape(spec.shape)}); use batch size 1 or export the model with a dynamic batch axis."
                     )
+                axis = _named_batch_axis(spec.shape)
+                if axis:
+                    raise DatasetError(
+                        f"batch size {batch_size} joins samples along axis 0, but input {spec.name!r} names axis {axis} "
+                        f"'{spec.shape[axis]}' as its batch (shape {fmt_shape(spec.shape)}): axis 0 is not a batch there; "
+                        "use batch size 1."
+                    )
         return self._batches(batch_size, self._count(limit))
 
     def batch(self, index: int, batch_size: int, count: int) -> dict[str, np.ndarray]:
@@ -397,6 +404,14 @@ def _check_array(array: object, spec: InputSpec, where: str) -> np.ndarray:
             "fix or remove this sample."
         )
     return array
+
+
+def _named_batch_axis(shape: tuple) -> int | None:
+    """The axis other than 0 whose symbolic name says batch (`[seq, batch, dim]`), when axis 0's does not; else None."""
+    names = [d.lower() if isinstance(d, str) else "" for d in shape]
+    if not names or "batch" in names[0]:
+        return None
+    return next((k for k, n in enumerate(names) if k and "batch" in n), None)
 
 
 def _read_npy(path: Path, where: str) -> np.ndarray:

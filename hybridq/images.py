@@ -3,8 +3,9 @@
 Image conversions, explicit and in this order:
 1. Decode with pillow; EXIF orientation is not applied (pixels as stored).
 2. Mode: 16-bit grayscale (`I;16*`, `I`) is divided by 257 into 0-255 and
-   clipped; 16-bit colour keeps each value's high byte (pillow's decoding); `1`/`L`/`LA` become one gray channel (alpha dropped); `P`/`PA`
-   go through RGBA to RGB; every other mode (`RGBA`, `CMYK`, `YCbCr`...) is
+   clipped; 16-bit colour keeps each value's high byte (pillow's decoding);
+   `1`/`L`/`LA` become one gray channel (alpha dropped); `P`/`PA` go through
+   RGBA to RGB; every other mode (`RGBA`, `CMYK`, `YCbCr`...) is
    converted to RGB, so alpha is dropped, never composited.
 3. Channels: gray is replicated to 3 channels when the model wants 3; colour
    becomes one channel for a 1-channel model by ITU-R 601-2 luma

@@ -474,6 +474,17 @@ def test_batches_need_a_symbolic_batch_dim(tmp_path: Path) -> None:
     assert "-1" in _error(data.samples, -1)
 
 
+def test_batches_refuse_a_model_whose_batch_axis_is_not_first(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((4, 1, 8), np.float32))
+    seq_first = load_dataset(tmp_path, [_spec(("seq", "batch_size", 8))])
+    message = _error(lambda: list(seq_first.batches(2)))
+    assert "'x'" in message and "axis 1 'batch_size'" in message and "batch size 1" in message
+    assert [b["x"].shape for b in seq_first.batches(1)] == [(4, 1, 8)]
+    np.save(tmp_path / "a.npy", np.zeros((1, 4, 8), np.float32))
+    batch_first = load_dataset(tmp_path, [_spec(("Batch", "seq", 8))])
+    assert [b["x"].shape for b in batch_first.batches(2)] == [(1, 4, 8)]
+
+
 def test_batching_images_of_different_sizes_names_both_files(tmp_path: Path) -> None:
     _save(tmp_path / "a.png", _rgb(4, 5))
     _save(tmp_path / "b.png", _rgb(4, 6))
