@@ -162,9 +162,9 @@ class Measure:
         for t, values in res.values.items():
             if t in self.skipped:
                 continue
-            self.entire[t].add_values(values[0])
+            self.entire[t].add_values(values[0], res.index)
             if len(values) > 1:
-                self.single[t].add_values(values[1])
+                self.single[t].add_values(values[1], res.index)
         for t in self.outputs.intersection(res.values).difference(res.slices):
             self.ragged.add(t)  # no slice axis on this sample (an axis of length 1): no per-slice measure
             self.slices.pop(t, None)

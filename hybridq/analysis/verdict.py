@@ -84,7 +84,8 @@ def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float)
     per = (e.per_sample or {}).get("cosine") or []
     if len(per) > 1:  # the figures are means over the samples: the worst sample beside them, so none hides
         worst = min(range(len(per)), key=lambda i: (not math.isnan(per[i]), per[i]))
-        entry["worst_sample"] = {"index": worst, "cosine": per[worst], "snr_db": e.per_sample["snr_db"][worst]}
+        index = int(e.per_sample["sample"][worst]) if "sample" in e.per_sample else worst  # samples left out: the run's index
+        entry["worst_sample"] = {"index": index, "cosine": per[worst], "snr_db": e.per_sample["snr_db"][worst]}
     entry["ok"] = output_ok(e.cosine, e.snr_db, sl, cos_threshold, snr_threshold)
     return entry
 
