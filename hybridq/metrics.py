@@ -351,27 +351,23 @@ class Accumulator:
 
     def __init__(self) -> None:
         self._values: dict[str, list[float]] = {k: [] for k in METRIC_NAMES}
-        self._samples: list[int] = []  # the index of each sample added with one
 
     def add(self, ref: Any, test: Any) -> None:
         """Add one sample."""
         for k, v in zip(METRIC_NAMES, sample_metrics(ref, test)):
             self._values[k].append(v)
 
-    def add_values(self, values: Sequence[float], sample: int | None = None) -> None:
-        """Add one sample's ``(cosine, euclid, snr_db, max_abs)``, computed elsewhere; ``sample`` is its index in the run."""
+    def add_values(self, values: Sequence[float]) -> None:
+        """Add one sample's ``(cosine, euclid, snr_db, max_abs)``, computed elsewhere."""
         for k, v in zip(METRIC_NAMES, values):
             self._values[k].append(float(v))
-        if sample is not None:
-            self._samples.append(int(sample))
 
     def result(self) -> Metrics:
-        """Means (see :func:`mean`) and the per-sample values; ``per_sample["sample"]`` gives the run's index of each
-        value when a sample was left out (a tensor not compared on every sample), so a worst sample is named rightly."""
-        per = {k: list(v) for k, v in self._values.items()}
-        if len(self._samples) == len(per["cosine"]) and self._samples != list(range(len(self._samples))):
-            per["sample"] = [float(i) for i in self._samples]
-        return Metrics(*(mean(self._values[k]) for k in METRIC_NAMES), per_sample=per)
+        """Means (see :func:`mean`) and the per-sample values."""
+        return Metrics(
+            *(mean(self._values[k]) for k in METRIC_NAMES),
+            per_sample={k: list(v) for k, v in self._values.items()},
+        )
 
 
 def compare(ref_batch: Sequence[Any], test_batch: Sequence[Any]) -> Metrics:

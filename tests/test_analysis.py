@@ -850,6 +850,29 @@ def test_a_data_dependent_length_is_left_out_where_it_differs_and_a_static_one_i
         analyze(fm, _kept_scores_models(40)[1], data)  # p: 50 columns against 40, both static
 
 
+def test_the_worst_sample_of_an_output_left_out_on_some_samples_is_named_by_its_place_in_the_run() -> None:
+    """'kept' is left out on sample 0 (NonZero keeps fewer scores once x is quantized) and compared on 1 and 2: the verdict
+    names the worse of those two by its index in the run, checked against ONNX Runtime's outputs."""
+    from hybridq.analysis.verdict import judge
+
+    fm, qm = _kept_scores_models(50)
+    rng = np.random.default_rng(4)
+    near = rng.normal(size=(1, 50)).astype(np.float32)
+    near[0, :3] = [0.01, 0.02, 0.04]
+    far = [(np.sign(v) * (0.1 + np.abs(v))).astype(np.float32) for v in (near, rng.normal(size=(1, 50)) * 3)]
+    data = [{"x": near}, {"x": far[0]}, {"x": far[1]}]
+    fs, qs = (ort.InferenceSession(_with_outputs(m, ["kept"]).SerializeToString(), exact_options()) for m in (fm, qm))
+    f_out, q_out = [fs.run(None, d)[0] for d in data], [qs.run(None, d)[0] for d in data]
+    assert [a.shape != b.shape for a, b in zip(f_out, q_out)] == [True, False, False]
+    cos = {i: np_cos(f_out[i], q_out[i]) for i in (1, 2)}
+    assert abs(cos[1] - cos[2]) > 1e-6  # the two compared samples differ, so the worst is one of them
+    res = analyze(fm, qm, data)
+    (kept,) = [o for o in judge(res).outputs if o["tensor"] == "kept"]
+    worst = min(cos, key=cos.get)
+    assert kept["worst_sample"]["index"] == worst
+    assert kept["worst_sample"]["cosine"] == pytest.approx(cos[worst], rel=1e-6)
+
+
 def _reshaped_conv_models() -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """fp32: x [1, 2, H, W] -> Conv (6 channels) -> Reshape -> y [1, 6, H * W]; quantized: int8 weights, Q/DQ on x, c."""
     w = np.random.default_rng(5).normal(0, 0.5, (6, 2, 3, 3)).astype(np.float32)

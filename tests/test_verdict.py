@@ -336,21 +336,3 @@ def test_the_verdict_names_the_worst_sample_beside_the_means() -> None:
     assert v.outputs[0]["worst_sample"] == {"index": 2, "cosine": 0.986, "snr_db": 18.0}
     assert "worst sample #2: cos 0.986000, SNR 18.00 dB" in verdict_text(r)
 
-
-def test_the_worst_sample_is_named_by_its_index_in_the_run_when_samples_were_left_out() -> None:
-    """An output compared on samples 0, 2 and 3 only (sample 1 left out, its shape set by the data): the worst of the
-    three is sample 3 of the run, not the third value."""
-    from hybridq.metrics import Accumulator
-
-    acc = Accumulator()
-    for index, (cos, snr) in zip((0, 2, 3), ((0.9995, 40.0), (0.9991, 38.0), (0.986, 18.0))):
-        acc.add_values((cos, 1.0, snr, 0.1), index)
-    metrics = acc.result()
-    assert metrics.per_sample["sample"] == [0.0, 2.0, 3.0]
-    r = _result(3, [])
-    r.layers[-1].entire = metrics
-    assert judge(r).outputs[0]["worst_sample"] == {"index": 3, "cosine": 0.986, "snr_db": 18.0}
-    every = Accumulator()  # every sample compared: no index list, the values' order is the run's
-    for index in range(3):
-        every.add_values((0.99, 1.0, 30.0, 0.1), index)
-    assert "sample" not in every.result().per_sample

@@ -18,7 +18,7 @@ import onnx
 from ..cost import concrete_shapes
 from ..errors import ArtifactMismatchError
 from ..graph import tensor_shapes
-from ..metrics import Accumulator, SliceAccumulator, channel_axis, metrics_many, sample_metrics, slice_sums
+from ..metrics import Accumulator, Metrics, SliceAccumulator, channel_axis, metrics_many, sample_metrics, slice_sums
 from .graphs import AnalysisGraph, compared_names
 from .matching import AnalysisPlan, ComparedTensor
 from .results import LayerError, SampleSink
@@ -162,9 +162,9 @@ class Measure:
         for t, values in res.values.items():
             if t in self.skipped:
                 continue
-            self.entire[t].add_values(values[0], res.index)
+            self.entire[t].add_values(values[0])
             if len(values) > 1:
-                self.single[t].add_values(values[1], res.index)
+                self.single[t].add_values(values[1])
         for t in self.outputs.intersection(res.values).difference(res.slices):
             self.ragged.add(t)  # no slice axis on this sample (an axis of length 1): no per-slice measure
             self.slices.pop(t, None)
@@ -193,6 +193,16 @@ class Measure:
         """Append one sample's arrays, in plan order, to the snapshot."""
         sink.add_sample({tp.tensor: res.arrays[tp.tensor] for tp in self.plan.tensors if tp.tensor in res.arrays})
 
+    def _result(self, acc: Accumulator, tensor: str) -> Metrics:
+        """The accumulator's figures; for a tensor left out on some samples, ``per_sample["sample"]`` holds the run's index
+        of each value, so the worst sample is named by its place in the run, not among the compared ones."""
+        m = acc.result()
+        left = {i for i, _ in self.unequal.get(tensor, ())}
+        kept = [float(i) for i in range(self.n_samples) if i not in left]
+        if left and m.per_sample is not None and len(kept) == len(m.per_sample["cosine"]):
+            m.per_sample["sample"] = kept
+        return m
+
     def layers(self) -> list[LayerError]:
         """One row per measured tensor, in graph order."""
         return [
@@ -202,8 +212,8 @@ class Measure:
                 op_type=tp.op_type,
                 shape=self.shapes[tp.tensor],
                 dtype=self.dtypes[tp.tensor],
-                entire=self.entire[tp.tensor].result(),
-                single=self.single[tp.tensor].result() if tp.tensor in self.single else None,
+                entire=self._result(self.entire[tp.tensor], tp.tensor),
+                single=self._result(self.single[tp.tensor], tp.tensor) if tp.tensor in self.single else None,
                 quant_tensor=tp.view,
                 precision=tp.precision,
                 folded=tp.folded,
