@@ -173,8 +173,9 @@ class Dataset:
             first_index, first = chunk[0][0], chunk[0][1][spec.name]
             for index, sample in chunk[1:]:
                 if sample[spec.name].shape[1:] != first.shape[1:]:
-                    images = spec.name in self._plans and self._hook is None  # resize applies to image files only
-                    fix = "use batch size 1 or set resize: stretch or letterbox" if images else "use batch size 1 or save samples of one shape"
+                    # images reach here only through symbolic H/W, where each keeps its own size whatever resize says
+                    kind = "images at one size" if spec.name in self._plans and self._hook is None else "samples of one shape"
+                    fix = f"use batch size 1 or save {kind}"
                     raise DatasetError(
                         f"cannot batch input {spec.name!r}: {self._where(first_index, k)} gives shape {first.shape} but "
                         f"{self._where(index, k)} gives {sample[spec.name].shape}; {fix}."

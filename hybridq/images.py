@@ -3,9 +3,9 @@
 Image conversions, explicit and in this order:
 1. Decode with pillow; EXIF orientation is not applied (pixels as stored).
 2. Mode: 16-bit grayscale (`I;16*`, `I`) is divided by 257 into 0-255 and
-   clipped; 16-bit colour keeps each value's high byte (pillow's decoding);
-   `1`/`L`/`LA` become one gray channel (alpha dropped); `P`/`PA` go through
-   RGBA to RGB; every other mode (`RGBA`, `CMYK`, `YCbCr`...) is
+   clipped; other 16-bit files (colour, gray with alpha) keep each value's
+   high byte (pillow's decoding); `1`/`L`/`LA` become one gray channel (alpha
+   dropped); `P`/`PA` go through RGBA to RGB; every other mode (`RGBA`, `CMYK`, `YCbCr`...) is
    converted to RGB, so alpha is dropped, never composited.
 3. Channels: gray is replicated to 3 channels when the model wants 3; colour
    becomes one channel for a 1-channel model by ITU-R 601-2 luma
@@ -188,11 +188,11 @@ def _mode_conversions(image: Image.Image) -> list[tuple[str, str]]:
 
 
 def _deep_colour(image: Image.Image) -> list[tuple[str, str]]:
-    """A 16-bit colour file (pillow decodes it to 8 bits, keeping each value's high byte), as a conversion; read before
+    """A 16-bit file pillow decodes to 8 bits (colour, gray with alpha: each value's high byte), as a conversion; read before
     ``load()``, which drops the decoder's raw mode."""
     raw = [t[3] for t in getattr(image, "tile", None) or () if len(t) > 3 and isinstance(t[3], str)]
     if image.mode not in _SIXTEEN_BIT_MODES and any(";16" in r for r in raw):
-        return [(f"16-bit colour pixels ({raw[0]})", "read as 8 bits (each value's high byte, about value / 257) by pillow")]
+        return [(f"16-bit pixels (raw mode {raw[0]})", "read as 8 bits (each value's high byte, about value / 257) by pillow")]
     return []
 
 

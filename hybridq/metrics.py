@@ -311,7 +311,8 @@ def mean(values: Sequence[float]) -> float:
 class Metrics:
     """Mean over samples of each metric, plus the per-sample values when kept.
 
-    ``per_sample`` maps each name in :data:`METRIC_NAMES` to one value per sample.
+    ``per_sample`` maps each name in :data:`METRIC_NAMES` to one value per sample (and ``"sample"``, where analyze
+    left samples out, to the run's index of each: :meth:`hybridq.analysis.measuring.Measure.layers`).
     """
 
     cosine: float

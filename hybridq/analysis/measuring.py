@@ -58,6 +58,7 @@ class Measure:
         self.inferred = shapes or {}  # fp32 shapes inferred for the first sample's input shapes: a data-dependent dim is open
         self.unequal: dict[str, list[tuple[int, str]]] = defaultdict(list)  # tensor -> (sample, shapes) not compared
         self.counted: set[str] = set()  # tensors compared on at least one sample
+        self.compared_on: dict[str, list[int]] = defaultdict(list)  # tensor -> the samples it was compared on, in order
         self.n_samples = 0
         self.outputs = frozenset(outputs)  # model outputs get the per-slice measure too
         self.slices: dict[str, SliceAccumulator] = {}
@@ -162,6 +163,7 @@ class Measure:
         for t, values in res.values.items():
             if t in self.skipped:
                 continue
+            self.compared_on[t].append(res.index)
             self.entire[t].add_values(values[0])
             if len(values) > 1:
                 self.single[t].add_values(values[1])
@@ -197,10 +199,9 @@ class Measure:
         """The accumulator's figures; for a tensor left out on some samples, ``per_sample["sample"]`` holds the run's index
         of each value, so the worst sample is named by its place in the run, not among the compared ones."""
         m = acc.result()
-        left = {i for i, _ in self.unequal.get(tensor, ())}
-        kept = [float(i) for i in range(self.n_samples) if i not in left]
-        if left and m.per_sample is not None and len(kept) == len(m.per_sample["cosine"]):
-            m.per_sample["sample"] = kept
+        seen = self.compared_on.get(tensor, [])
+        if seen != list(range(len(seen))) and m.per_sample is not None and len(seen) == len(m.per_sample["cosine"]):
+            m.per_sample["sample"] = [float(i) for i in seen]
         return m
 
     def layers(self) -> list[LayerError]:
