@@ -335,3 +335,64 @@ def test_an_eval_function_returning_nan_is_an_input_error() -> None:
     for bad in (float("nan"), float("inf")):
         with pytest.raises(InputError, match=r"--eval function 'task.py:score' returned (nan|inf) for a model"):
             task_score(lambda path, bad=bad: bad, "task.py:score", model)
+
+
+def _hard_swish_after_conv() -> onnx.ModelProto:
+    """x [1, 4, 12, 12] -> Conv (8 channels, biases down to -40: a long negative tail) -> HardSwish exported as
+    x * Clip(x + 3, 0, 6) / 6 -> 1x1 Conv -> y. Everything below -3 reads as 0 to the HardSwish."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    rng = np.random.default_rng(3)
+    w1 = rng.normal(0, 0.4, (8, 4, 3, 3)).astype(np.float32)
+    b1 = np.array([-40, -25, -10, -4, -2, 0, 1, 2], np.float32)
+    w2 = rng.normal(0, 0.5, (4, 8, 1, 1)).astype(np.float32)
+    consts = {"w1": w1, "b1": b1, "w2": w2, "three": np.array(3, np.float32), "zero": np.array(0, np.float32),
+              "six": np.array(6, np.float32)}
+    nodes = [
+        h.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        h.make_node("Add", ["c", "three"], ["c3"], name="hs_add"),
+        h.make_node("Clip", ["c3", "zero", "six"], ["gate"], name="hs_clip"),
+        h.make_node("Mul", ["c", "gate"], ["cg"], name="hs_mul"),
+        h.make_node("Div", ["cg", "six"], ["hs"], name="hs_div"),
+        h.make_node("Conv", ["hs", "w2"], ["y"], name="conv2"),
+    ]
+    g = h.make_graph(nodes, "hs", [h.make_tensor_value_info("x", T.FLOAT, [1, 4, 12, 12])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [1, 4, 12, 12])], [nh.from_array(v, k) for k, v in consts.items()])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_ranges_clamped_where_a_hard_swish_saturates_are_a_verified_cpu_candidate(tmp_path):
+    """cpu: the Conv output a float HardSwish reads spans [-40+, ...]; the clamp candidate narrows it to [-3, max] (what the
+    reader tells apart), and the model step2 builds with it is closer to fp32 in ONNX Runtime; the proposal keeps it."""
+    from hybridq.artifacts import read_step1
+    from hybridq.build import Edits, build
+    from hybridq.proposal.fixes import Context, clamp_fix
+
+    path = tmp_path / "hs.onnx"
+    onnx.save(_hard_swish_after_conv(), path)
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 12, 12)}, 16)
+    settings = {"float_stem": False, "speed_check": False}
+    r1 = api.step1(path, listing, out=tmp_path / "ws", settings=settings)
+    parsed = load_cfg(r1.cfg)
+    bundle = read_step1(r1.model, r1.data, None, r1.cfg)
+    plan = build(bundle.model, bundle.observers, bundle.meta, parsed.settings, Edits()).plan
+    ctx = Context(bundle.model, bundle.observers, parsed.settings, plan, bundle.meta["written_entries"], set())
+    assert not plan.floors  # cpu: the plain ranges by default
+    (cand,) = clamp_fix(ctx, Edits())
+    entry = cand.entries["c"]
+    assert bundle.observers["c"].min < -30 and entry["min"][0] == pytest.approx(-3.0, abs=bundle.observers["c"].width)
+    assert entry["max"][0] == pytest.approx(bundle.meta["written_entries"]["c"]["max"][0])
+    assert "its readers (HardSwish) give one output outside [-3, inf]" in cand.comments["c"]
+    default = build(bundle.model, bundle.observers, bundle.meta, parsed.settings, Edits()).model
+    clamped = build(bundle.model, bundle.observers, bundle.meta, parsed.settings, cand.onto(Edits(), bundle.model)).model
+    fresh = _fresh((1, 4, 12, 12))
+    ref = [run(path, s)[0] for s in fresh]
+    snr = {k: float(_slice_snr(ref, [run(m, s)[0] for s in fresh]).min()) for k, m in (("default", default), ("clamped", clamped))}
+    assert snr["clamped"] > snr["default"] + 3.0, snr
+    r2 = api.step1(path, listing, out=tmp_path / "ws2", settings=settings, proposal=api.ProposalOptions())
+    p = r2.proposal
+    assert [r.outcome for r in p.table if r.fix.startswith("ranges clamped at saturating readers")][:1] == ["kept"], p.table
+    assert p.entries["c"]["min"][0] == pytest.approx(entry["min"][0]) and not p.layers  # in the cfg, with no float layer
+    assert "its readers" in Path(r2.cfg).read_text()

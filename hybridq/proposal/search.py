@@ -27,7 +27,7 @@ from ..plan import QuantPlan, policy_name, predicted_latency
 from ..settings import Settings
 from ..targets import get as get_target
 from .evaluator import Evaluator, Score
-from .fixes import Candidate, Context, bias_fix, clip_fix, equalize_fix, float_fix, int4_fix, range_fix
+from .fixes import Candidate, Context, bias_fix, clamp_fix, clip_fix, equalize_fix, float_fix, int4_fix, range_fix
 from .ranker import channel_stats, local_rank, outlier_tensors
 
 ALONE_LAYERS = 64
@@ -336,8 +336,8 @@ def _free_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Ca
 
 
 def _range_candidates(climb: _Climb) -> list[Candidate]:
-    """Step 1's candidates on top of the current edits: mse ranges, percentile ranges."""
-    return range_fix(climb.ctx, climb.edits, "mse") + range_fix(climb.ctx, climb.edits, "percentile")
+    """Step 1's candidates on top of the current edits: mse ranges, percentile ranges, ranges clamped where readers saturate."""
+    return range_fix(climb.ctx, climb.edits, "mse") + range_fix(climb.ctx, climb.edits, "percentile") + clamp_fix(climb.ctx, climb.edits)
 
 
 def _bias_candidates(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> list[Candidate]:
