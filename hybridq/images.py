@@ -5,8 +5,9 @@ Image conversions, explicit and in this order:
 2. Mode: 16-bit grayscale (`I;16*`, `I`) is divided by 257 into 0-255 and
    clipped; other 16-bit files (colour, gray with alpha) keep each value's
    high byte (pillow's decoding); `1`/`L`/`LA` become one gray channel (alpha
-   dropped); `P`/`PA` go through RGBA to RGB; every other mode (`RGBA`, `CMYK`, `YCbCr`...) is
-   converted to RGB, so alpha is dropped, never composited.
+   dropped); `P`/`PA` go through RGBA to RGB; every other mode (`RGBA`,
+   `CMYK`, `YCbCr`...) is converted to RGB, so alpha is dropped, never
+   composited.
 3. Channels: gray is replicated to 3 channels when the model wants 3; colour
    becomes one channel for a 1-channel model by ITU-R 601-2 luma
    (0.299 R + 0.587 G + 0.114 B), computed in float32.
@@ -142,7 +143,7 @@ def read_image(path: Path, spec: InputSpec, plan: ImagePlan, pre: Preprocess, wh
 
     try:
         with Image.open(path) as image:
-            deep = _deep_colour(image)
+            deep = _sixteen_bit_raw(image)
             image.load()
             conversions = _mode_conversions(image) + deep
             pixels = _pixels(image)
@@ -166,8 +167,7 @@ def read_image(path: Path, spec: InputSpec, plan: ImagePlan, pre: Preprocess, wh
     batch = pixels[np.newaxis]
     if spec.dtype.kind in "iu":
         info = np.iinfo(spec.dtype)
-        outside = int(np.count_nonzero((batch < info.min) | (batch > info.max)))
-        if outside:
+        if batch.min() < info.min or batch.max() > info.max:
             conversions.append((f"pixels outside {spec.dtype} ({info.min}..{info.max})",
                                 f"clipped to that range for the {spec.dtype} input {spec.name!r}; feed .npy samples holding "
                                 "the values the model expects (an integer input takes no mean/std)"))
@@ -187,7 +187,7 @@ def _mode_conversions(image: Image.Image) -> list[tuple[str, str]]:
     return []
 
 
-def _deep_colour(image: Image.Image) -> list[tuple[str, str]]:
+def _sixteen_bit_raw(image: Image.Image) -> list[tuple[str, str]]:
     """A 16-bit file pillow decodes to 8 bits (colour, gray with alpha: each value's high byte), as a conversion; read before
     ``load()``, which drops the decoder's raw mode."""
     raw = [t[3] for t in getattr(image, "tile", None) or () if len(t) > 3 and isinstance(t[3], str)]

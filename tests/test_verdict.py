@@ -335,4 +335,3 @@ def test_the_verdict_names_the_worst_sample_beside_the_means() -> None:
     v = judge(r)
     assert v.outputs[0]["worst_sample"] == {"index": 2, "cosine": 0.986, "snr_db": 18.0}
     assert "worst sample #2: cos 0.986000, SNR 18.00 dB" in verdict_text(r)
-

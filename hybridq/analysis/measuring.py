@@ -200,7 +200,7 @@ class Measure:
         of each value, so the worst sample is named by its place in the run, not among the compared ones."""
         m = acc.result()
         seen = self.compared_on.get(tensor, [])
-        if seen != list(range(len(seen))) and m.per_sample is not None and len(seen) == len(m.per_sample["cosine"]):
+        if seen != list(range(len(seen))):  # one index per value: both are added in Measure.add, together
             m.per_sample["sample"] = [float(i) for i in seen]
         return m
 

@@ -111,7 +111,7 @@ def clamp_fix(ctx: Context, edits: Edits) -> list[Candidate]:
         obs, cur = clamped.get(t), ctx.entry(edits, t)
         if t in ctx.protected or obs is None or obs is ctx.observers.get(t) or not cur or "equalize" in cur or not obs.bins:
             continue
-        lo, hi = compute_range(obs, cur.get("algorithm", "minmax"), levels(ctx.plan.tensors[t].dtype), ctx.settings.percentile)
+        lo, hi = compute_range(obs, cur.get("algorithm", ctx.settings.algorithm), levels(ctx.plan.tensors[t].dtype), ctx.settings.percentile)
         old_lo, old_hi = cur["min"][0], cur["max"][0]
         if lo <= old_lo and hi >= old_hi:
             continue
