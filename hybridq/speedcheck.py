@@ -34,8 +34,10 @@ budget allowed) once put it at 136 ms int8 against 138 ms fp32, where the other 
 MIN_RUNS = 3
 UNCLEAR_RUNS = 7
 MAX_S = 5.0
-CLEAR = (0.85, 1.0)
-"""After MIN_RUNS, an int8/fp32 ratio of the least times below the first or above the second decides at once."""
+CLEAR = (0.85, 1.15)
+"""After MIN_RUNS, an int8/fp32 ratio of the least times below the first or above the second decides at once; between
+them the budget is spent. "Not faster" keeps the model float, so it needs a clear margin or the full budget: three
+runs of PP-OCR det on a shared VM read 102 ms int8 against 101 ms fp32 where the latency rounds measured 0.85x."""
 DECISIVE = 0.6
 """An int8/fp32 ratio below this after the first timed run of each decides at once: one-thread CPU times of a run
 vary by a few per cent, not by 40 % (a small detector: 4.1 ms int8 against 8.5 ms fp32, 25 ms of step1 saved)."""
