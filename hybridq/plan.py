@@ -276,12 +276,14 @@ SHAPE_OPS = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 
 def _feeds_split(tensor: str, g: GraphView, depth: int = 4) -> bool:
     """Is the tensor (possibly through reshapes) cut into channel groups by Split or Slice?"""
-    for c in g.consumer_nodes(tensor):
-        if c.op_type in ("Split", "Slice"):
-            return True
-        if depth and c.op_type in SHAPE_OPS and _feeds_split(c.output[0], g, depth - 1):
-            return True
-    return False
+    return any(c.op_type in ("Split", "Slice") or depth and c.op_type in SHAPE_OPS and _feeds_split(c.output[0], g, depth - 1)
+               for c in g.consumer_nodes(tensor))
+
+
+def _reaches_output(tensor: str, g: GraphView, depth: int = 4) -> bool:
+    """Is the tensor a graph output, directly or through reshapes and Concat (a head exported as Conv -> Reshape -> output)?"""
+    return tensor in g.outputs or depth > 0 and any(
+        c.op_type in (*SHAPE_OPS, "Concat") and _reaches_output(c.output[0], g, depth - 1) for c in g.consumer_nodes(tensor))
 
 
 def _policy(
@@ -300,7 +302,7 @@ def _policy(
                 f"depthwise Conv: depthwise Convs are {dw_share:.0%} of this model's compute, and int8 depthwise "
                 "is slower than fp32 on x86 (float_depthwise: auto)"
             )
-    if node.op_type == "Conv" and all(o in g.outputs for o in node.output):
+    if node.op_type == "Conv" and _reaches_output(node.output[0], g):
         return "Conv producing a graph output stays float"
     if node.op_type == "Conv" and _feeds_split(node.output[0], g):
         return "detection-head Conv: its output is split into channels of different ranges (boxes, scores)"

@@ -258,6 +258,25 @@ def detector_head(seed: int = 0) -> onnx.ModelProto:
                   [helper.make_tensor_value_info("out", T.FLOAT, [1, 6, 8, 8])], inits)
 
 
+def reshaped_head(seed: int = 7, transpose: bool = False) -> onnx.ModelProto:
+    """Backbone convs, then a 1x1 head Conv whose channels 0-3 are 100x the other 8 (boxes beside scores), exported as
+    Conv -> Reshape [1,3,4,64] (-> Transpose [1,3,64,4] with `transpose`) -> graph output. Input x [1,8,16,16]."""
+    rng = np.random.default_rng(seed)
+    w3, b3 = rng.normal(0, 0.2, (12, 16, 1, 1)), rng.normal(0, 0.1, 12)
+    w3[:4] *= 100
+    b3[:4] *= 100
+    inits = [_init("w1", rng.normal(0, 0.2, (16, 8, 3, 3))), _init("w2", rng.normal(0, 0.1, (16, 16, 3, 3))), _init("w3", w3), _init("b3", b3),
+             numpy_helper.from_array(np.array([1, 3, 4, 64], np.int64), "shape")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1] * 4, strides=[2, 2]), helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="head"),
+        helper.make_node("Reshape", ["c3", "shape"], ["reshaped" if transpose else "y"], name="reshape_out"),
+    ] + ([helper.make_node("Transpose", ["reshaped"], ["y"], name="transpose_out", perm=[0, 1, 3, 2])] if transpose else [])
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 8, 16, 16])],
+                  [helper.make_tensor_value_info("y", T.FLOAT, [1, 3, 64, 4] if transpose else [1, 3, 4, 64])], inits)
+
+
 def mobile_block(c: int, seed: int = 0, hw: int = 16) -> onnx.ModelProto:
     """Cin=3 stem -> 1x1 expand (c -> 4c) -> Relu -> 3x3 depthwise -> Relu -> 1x1 project (4c -> c); input x [1,3,hw,hw].
 

@@ -191,6 +191,22 @@ def test_detector_head_that_concatenates_boxes_and_scores_keeps_scores(tmp_path)
         assert cosine(got[:, 4:], ref[:, 4:]) > 0.99 and cosine(got[:, :4], ref[:, :4]) > 0.99
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+def test_a_head_conv_that_reaches_the_output_through_reshapes_stays_float(tmp_path, transpose):
+    """Conv -> Reshape (-> Transpose) -> output is the same head as Conv -> output: float by policy, so its small
+    channels (scores beside 100x larger boxes) keep their precision (int8 on its per-tensor output grid: ~2 dB)."""
+    path = tmp_path / "head.onnx"
+    onnx.save(models.reshaped_head(transpose=transpose), path)
+    listing = models.write_npy_dataset(tmp_path / "d", {"x": (1, 8, 16, 16)}, 16)
+    _, r2 = _step1_step2(path, listing, tmp_path / "ws", settings={"speed_check": False})
+    assert _layer_precisions(r2)["head"] == "float32"
+    for feeds in _eval_samples({"x": (1, 8, 16, 16)}, n=4):
+        got, ref = run(r2.output, feeds)[0], run(path, feeds)[0]
+        small = (ref.reshape(12, -1) if not transpose else ref.transpose(0, 1, 3, 2).reshape(12, -1))[4:]
+        err = small - (got.reshape(12, -1) if not transpose else got.transpose(0, 1, 3, 2).reshape(12, -1))[4:]
+        assert 10 * np.log10((small ** 2).sum() / (err ** 2).sum()) > 20
+
+
 def _layer_precisions(r2) -> dict[str, str]:
     return {k: v["precision"] for k, v in r2.rewrite.layers.items()}
 
