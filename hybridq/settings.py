@@ -109,6 +109,7 @@ class Settings:
             raise ConfigError(f"{where}: percentile {self.percentile} is outside (50, 100]; use e.g. 99.99.")
         if not isinstance(self.quantize_ops, list) or not all(isinstance(o, str) for o in self.quantize_ops):
             raise ConfigError(f"{where}: quantize_ops must be a list of op types, e.g. [Conv, Gemm, MatMul].")
+        _check_quantize_ops(self.quantize_ops, where)
         if self.float_depthwise != "auto" and not isinstance(self.float_depthwise, bool):
             raise ConfigError(f"{where}: float_depthwise must be true, false or auto, not {self.float_depthwise!r}.")
         validate_int4(self, where)
@@ -117,6 +118,18 @@ class Settings:
         for key in ("float_stem", "float_pooled", "speed_check", "bias_correction"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{where}: {key} must be true or false, not {getattr(self, key)!r}.")
+
+
+def _check_quantize_ops(ops: list[str], where: str) -> None:
+    """Every quantize_ops entry must be an op type some target quantizes: a typo ('Gem') would leave those layers float in silence."""
+    from .recurrent import RECURRENT
+    from .targets import NPU_QUANTIZABLE
+
+    known = sorted({*NPU_QUANTIZABLE, *RECURRENT})
+    for op in ops:
+        if op not in known:
+            raise ConfigError(f"{where}: quantize_ops lists {op!r}, which is not an op type hybridq quantizes.{did_you_mean(op, known)} "
+                              f"Op types are case-sensitive ONNX names; the quantizable ones are: {', '.join(known)}.")
 
 
 INT4_ROUNDINGS = ("rtn", "gptq")

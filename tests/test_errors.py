@@ -299,6 +299,16 @@ def test_cfg_unknown_setting_did_you_mean(ws, capsys):
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, "weight_dtpye", "'weight_dtype'")
 
 
+def test_quantize_ops_typo_is_refused_in_the_cfg_and_in_hybridq_yaml(ws, capsys):
+    """'Gem' for Gemm would leave every Gemm float in silence: refused, with the op type meant."""
+    ws.edit_cfg("quantize_ops: [Conv, Gemm,", "quantize_ops: [Conv, Gem,")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "quantize_ops", "'Gem'", "Did you mean", "'Gemm'")
+    (ws.root / "hybridq.yaml").write_text("quantize_ops: [Conv, Gem]\n")
+    args = ["step1", ws.model, "--dataset", ws.dataset, "--out", ws.root / "again", "--config", ws.root / "hybridq.yaml"]
+    assert_clean(hq(capsys, *args), USAGE, "quantize_ops", "'Gem'", "'Gemm'")
+    assert not (ws.root / "again").exists()
+
+
 def test_cfg_unknown_layer_did_you_mean(ws, capsys):
     ws.edit_cfg("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv22: float16")
     line = _line_of(ws.cfg, "conv22")
