@@ -333,6 +333,13 @@ def _list_path(word: str, base: Path, here: str, pre: Preprocess) -> Path:
     path = Path(word)
     if not path.is_absolute():
         path = base / path
+    if _is_dir(path):
+        files = "files" if pre.hook else "files with a supported extension"
+        raise DatasetError(
+            f"{here}: {word!r} is a directory ({str(path)!r}), and a list line names files; list the files in it, one "
+            f"sample per line, or pass the directory itself as the dataset (--dataset {str(path)!r}: its {files}, sorted by "
+            "name, are the samples; subdirectories are not read)."
+        )
     if pre.hook is None and path.suffix.lower() not in SUPPORTED_EXTENSIONS:
         raise DatasetError(
             f"{here}: {word!r} has extension {path.suffix or '(none)'!r}, which hybridq cannot read; "
@@ -350,6 +357,14 @@ def _list_path(word: str, base: Path, here: str, pre: Preprocess) -> Path:
             " fix the path or remove the line."
         )
     return path
+
+
+def _is_dir(path: Path) -> bool:
+    """Whether `path` is a directory; False for a name the file system refuses (too long, say)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def _count(n: int, noun: str) -> str:

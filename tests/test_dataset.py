@@ -418,6 +418,17 @@ def test_unsupported_extension_lists_supported_ones(tmp_path: Path) -> None:
     assert "a.tiff" in message and "line 1" in message and ".jpg" in message and ".npz" in message
 
 
+@pytest.mark.parametrize("hook", [None, "hook.py:load"], ids=["plain", "hook"])
+def test_listed_directory_is_named_as_one_with_what_to_do(tmp_path: Path, hook: str | None) -> None:
+    # a directory is no file of an unknown kind (it has no extension) nor a missing file: it gets its own message
+    np.save(tmp_path / "a.npy", np.zeros(1, np.float32))
+    (tmp_path / "more.d").mkdir()
+    pre = Preprocess(hook=str(tmp_path / hook) if hook else None)
+    message = _error(load_dataset, _write(tmp_path / "list.txt", "a.npy\nmore.d\n"), [_spec((1,))], pre)
+    assert "list.txt" in message and "line 2" in message and "'more.d' is a directory" in message
+    assert "list the files in it" in message and "--dataset" in message and "extension '" not in message
+
+
 def test_binary_list_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "list.txt").write_bytes(b"\xff\xfe\x00junk")
     assert "list.txt" in _error(load_dataset, tmp_path / "list.txt", [_spec((1,))])

@@ -200,6 +200,16 @@ def test_dataset_file_of_unknown_kind_is_named(ws, capsys):
     assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing), USAGE, "notes.txt", "line 2", ".npy")
 
 
+def test_dataset_line_that_is_a_directory_says_so(ws, capsys):
+    # a directory has no extension: the message was "extension '(none)' ... convert the file", which misleads
+    (ws.root / "data" / "more").mkdir()
+    listing = ws.root / "data" / "dirs.txt"
+    listing.write_text("x_0.npy\nmore\n")
+    output = assert_clean(hq(capsys, "step1", ws.model, "--dataset", listing, "--out", ws.root / "w6"), USAGE,
+                          "dirs.txt", "line 2", "'more' is a directory", "list the files in it", "--dataset")
+    assert "'(none)'" not in output and "Convert the file" not in output, output
+
+
 def test_dataset_wrong_number_of_paths_per_line(ws, capsys):
     listing = ws.root / "data" / "pairs.txt"
     listing.write_text("x_0.npy\nx_1.npy x_2.npy\n")
