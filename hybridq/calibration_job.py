@@ -3,7 +3,8 @@
 Each worker reads its own batches from the dataset (a :class:`DatasetRef`,
 not arrays), calibrates them with :func:`hybridq.calibration.calibrate` and
 keeps merging into its own observers; each shard returns its batches' input
-figures, folded by the caller in batch order, and each worker's observers are
+figures, folded by the caller in batch order, and the image conversions it read
+(counted in the caller's dataset, for its notes); each worker's observers are
 merged at the end. Observers merge exactly and in any order, and a shard is
 whole batches, so the statistics are the same bit for bit on any back end.
 """
@@ -16,7 +17,7 @@ from typing import Any
 import onnx
 
 from .calibration import calibrate
-from .dataset import Dataset
+from .dataset import ConversionRead, Dataset
 from .errors import DatasetError
 from .execution import Execution, Progress, Shard, contiguous, execute
 from .observers import HessianObserver, HistogramObserver
@@ -53,8 +54,9 @@ class CalibrationJob:
     def start(self, threads: int) -> None:
         self._ds, self._threads = self.dataset.open(), threads
 
-    def run(self, shard: Shard, progress: Progress) -> list[dict[str, list[float]]]:
-        """Calibrate the shard's batches into this worker's observers; returns each batch's input figures, in order."""
+    def run(self, shard: Shard, progress: Progress) -> tuple[list[dict[str, list[float]]], list[ConversionRead]]:
+        """Calibrate the shard's batches into this worker's observers; returns each batch's input figures, in order,
+        and the image conversions read (see `Dataset.take_conversions`)."""
         assert self._ds is not None
         ds, first, figures = self._ds, shard.items[0], []
 
@@ -75,7 +77,7 @@ class CalibrationJob:
                               expected_batches=len(shard.items))
         for name, obs in observers.items():
             self._observers.setdefault(name, _empty_like(obs)).merge(obs)
-        return figures
+        return figures, ds.take_conversions()
 
     def finish(self) -> dict[str, HistogramObserver]:
         return self._observers
@@ -97,7 +99,14 @@ def calibrate_dataset(
     if not shards:
         raise DatasetError("The dataset gave no samples to calibrate on; list at least one sample.")
     job = CalibrationJob(model, DatasetRef.of(ds), batch_size, count, tensors, histograms, hessians=tuple(hessians))
-    finals = execute(job, shards, execution, lambda shard, figures: [input_stats.fold(f) for f in figures], on_batch)
+
+    def folded(shard: Shard, result: tuple[list[dict[str, list[float]]], list[ConversionRead]]) -> None:
+        figures, conversions = result
+        for f in figures:
+            input_stats.fold(f)
+        ds.add_conversions(conversions)  # step1's notes count what every worker read
+
+    finals = execute(job, shards, execution, folded, on_batch)
     partials = [f for f in finals if f]
     observers: dict[str, Any] = {n: HistogramObserver(bins=n in histograms) for n in tensors}
     for part in partials:  # in shard order: X^T X sums (float64) depend on the partition, histograms do not

@@ -23,7 +23,7 @@ import importlib
 import importlib.util
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -48,12 +48,15 @@ from .inputs import (  # re-exported: the dataset's public names, as before
 )
 
 __all__ = [
-    "ARRAY_EXTENSIONS", "COLORS", "IMAGE_EXTENSIONS", "LAYOUTS", "RESIZES", "SUPPORTED_EXTENSIONS",
+    "ARRAY_EXTENSIONS", "COLORS", "IMAGE_EXTENSIONS", "LAYOUTS", "RESIZES", "SUPPORTED_EXTENSIONS", "ConversionRead",
     "Dataset", "Dim", "Hook", "InputSpec", "Preprocess", "input_specs", "load_callable", "load_dataset", "parse_floats",
 ]
 
 _SUPPORTED_TEXT = ", ".join(SUPPORTED_EXTENSIONS)
 _COMMENT = re.compile(r"(^|\s)#.*")
+
+ConversionRead = tuple[str, str, int, int]
+"""An image conversion one sample needed: (what, how, sample index, input index), as `Dataset.take_conversions` gives it."""
 
 
 class Dataset:
@@ -73,6 +76,7 @@ class Dataset:
         self._hook = _load_hook(self.preprocess.hook) if self.preprocess.hook else None
         self._plans: dict[str, ImagePlan] = {}
         self._converted: dict[tuple[str, str], dict[Path, None]] = {}
+        self._read: list[ConversionRead] = []  # since the last take_conversions
         if self._hook is None:
             for i, spec in enumerate(self.inputs):
                 if any(paths[i].suffix.lower() in IMAGE_EXTENSIONS for _, paths in self._entries):
@@ -112,6 +116,7 @@ class Dataset:
         if not indices:
             return self
         out = copy.copy(self)
+        out._read = []  # positions in this selection, not in the whole list
         out._entries = [self._entries[i] for i in indices]
         out.selection = tuple(int(i) for i in indices)
         return out
@@ -127,7 +132,23 @@ class Dataset:
     def sample(self, index: int) -> dict[str, np.ndarray]:
         """Load one sample: input name -> array with a leading batch dim, in the input's dtype."""
         line, paths = self._entries[index]
-        return {spec.name: self._load(spec, path, line) for spec, path in zip(self.inputs, paths)}
+        sample = {}
+        for k, (spec, path) in enumerate(zip(self.inputs, paths)):
+            sample[spec.name], conversions = self._load(spec, path, line)
+            for what, how in conversions:
+                self._converted.setdefault((what, how), {})[path] = None
+                self._read.append((what, how, index, k))
+        return sample
+
+    def take_conversions(self) -> list[ConversionRead]:
+        """The image conversions read since the last call, in reading order (a worker hands them to the caller)."""
+        taken, self._read = self._read, []
+        return taken
+
+    def add_conversions(self, read: Iterable[ConversionRead]) -> None:
+        """Count the conversions another copy of this dataset read (a worker's `take_conversions`) as if read here."""
+        for what, how, index, k in read:
+            self._converted.setdefault((what, how), {})[self._entries[index][1][k]] = None
 
     def samples(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Load the first `limit` samples (all when None), one at a time."""
@@ -196,21 +217,18 @@ class Dataset:
         line, paths = self._entries[index]
         return _where(paths[input_index], line, self.source)
 
-    def _load(self, spec: InputSpec, path: Path, line: int) -> np.ndarray:
-        """Load, convert and check the array one file gives to one input."""
+    def _load(self, spec: InputSpec, path: Path, line: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        """Load, convert and check the array one file gives to one input; with the image conversions it needed."""
         where = _where(path, line, self.source)
         if self._hook is not None:
-            return _check_array(self._call_hook(spec, path, where), spec, where)
+            return _check_array(self._call_hook(spec, path, where), spec, where), []
         suffix = path.suffix.lower()
         if suffix == ".npy":
-            return _check_array(_read_npy(path, where), spec, where)
+            return _check_array(_read_npy(path, where), spec, where), []
         if suffix == ".npz":
-            return _check_array(_read_npz_member(path, spec, where), spec, where)
+            return _check_array(_read_npz_member(path, spec, where), spec, where), []
         plan = self._plans.get(spec.name) or image_plan(spec, self.preprocess)
-        pixels, conversions = read_image(path, spec, plan, self.preprocess, where)
-        for conversion in conversions:
-            self._converted.setdefault(conversion, {})[path] = None
-        return pixels
+        return read_image(path, spec, plan, self.preprocess, where)
 
     def _call_hook(self, spec: InputSpec, path: Path, where: str) -> np.ndarray:
         """Run the user's hook, turning its exceptions into a DatasetError naming the file."""

@@ -583,3 +583,39 @@ def test_image_options_on_npy_samples_get_a_note_that_they_were_not_applied(tmp_
     assert load_dataset(tmp_path / "ds.txt", spec).notes() == []
     bgr = load_dataset(tmp_path / "ds.txt", spec, Preprocess(color="bgr"))
     assert [n for n in bgr.notes() if n.startswith("color bgr not applied")], bgr.notes()
+
+
+# ---- conversions seen wherever the samples are read ------------------------------------------------------
+
+
+def _mixed_images(root: Path) -> Path:
+    """16x16 images: RGB, grayscale, RGBA, grayscale, grayscale (conversions after the first sample), and their list."""
+    image = _rgb(16, 16)
+    _save(root / "rgb.png", image)
+    for k in (1, 2, 3):
+        _save(root / f"g{k}.png", image[..., k - 1])
+    _save(root / "rgba.png", np.concatenate([image, np.full((16, 16, 1), 9, np.uint8)], axis=2))
+    return _write(root / "list.txt", "rgb.png\ng1.png\nrgba.png\ng2.png\ng3.png\n")
+
+
+def _conversion_notes(notes: list[str], root: Path) -> None:
+    """Both kinds noted once, with every file counted and the first one named."""
+    gray, alpha = [n for n in notes if n.startswith("image conversion")]
+    assert f"grayscale in 3 images (first: '{root / 'g1.png'}')" in gray, notes
+    assert f"alpha channel in 1 image (first: '{root / 'rgba.png'}')" in alpha, notes
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "workers"])
+def test_step1_and_analyze_note_every_conversion_wherever_the_samples_are_read(tmp_path: Path, workers: int) -> None:
+    # the calibration (and analyze on workers) reads the samples on its own copy of the dataset: step1 noted only what
+    # its first-sample probe saw (nothing when sample 0 is RGB, 1 image when all are gray), analyze --workers nothing
+    from hybridq import api
+    from hybridq.execution import Execution
+    from tests import models
+
+    listing, model = _mixed_images(tmp_path), tmp_path / "cnn.onnx"
+    onnx.save(models.residual_cnn(), model)
+    execution = Execution(workers=workers) if workers else None
+    res = api.step1(model, listing, out=tmp_path / "ws", preprocess=Preprocess(mean=(127.5,), std=(127.5,)), execution=execution)
+    _conversion_notes(res.notes, tmp_path)
+    _conversion_notes(api.analyze(model, res.cfg, listing, execution=execution).notes, tmp_path)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..dataset import ConversionRead
 from ..execution import Execution, Progress, Shard, execute
 from ..recorded import batch_figures
 from ..sources import DatasetRef, IndexedSamples
@@ -32,12 +33,13 @@ class AnalysisJob:
         self.work.start(threads)  # opened on this worker's threads; each runs on one: samples run side by side, one per worker
         self._ds = self.source.open() if self.source is not None else None
 
-    def run(self, shard: Shard, progress: Progress) -> tuple[SampleErrors, dict[str, list[float]] | None]:
-        """The sample's errors, and its input figures when this worker read it."""
+    def run(self, shard: Shard, progress: Progress) -> tuple[SampleErrors, dict[str, list[float]] | None, list[ConversionRead]]:
+        """The sample's errors; its input figures and image conversions when this worker read it."""
         n = shard.items[0]
         sample = shard.payload if self._ds is None else self._ds.sample(n)
         check_feed(sample, self.inputs, n)
-        return self.work.sample(sample, n), (batch_figures(sample) if self._ds is not None else None)
+        read = (batch_figures(sample), self._ds.take_conversions()) if self._ds is not None else (None, [])
+        return self.work.sample(sample, n), *read
 
     def finish(self) -> None:
         return None
@@ -64,10 +66,11 @@ def run_sharded(
         for i, sample in enumerate(samples):
             yield Shard(i, (i,), 1, sample)
 
-    def added(shard: Shard, result: tuple[SampleErrors, dict[str, list[float]] | None]) -> None:
-        done, figures = result
+    def added(shard: Shard, result: tuple[SampleErrors, dict[str, list[float]] | None, list[ConversionRead]]) -> None:
+        done, figures, conversions = result
         if figures is not None and indexed is not None:
             indexed.stats.fold(figures)
+            indexed.dataset.add_conversions(conversions)  # analyze's notes count what every worker read
         m.add(done)
         if sink is not None:
             m.dump(sink, done)
