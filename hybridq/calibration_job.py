@@ -52,7 +52,7 @@ class CalibrationJob:
         self._observers: dict[str, HistogramObserver] = {}
 
     def start(self, threads: int) -> None:
-        self._ds, self._threads = self.dataset.open(), threads
+        self._ds, self._threads = self.dataset.open().log_conversions(), threads
 
     def run(self, shard: Shard, progress: Progress) -> tuple[list[dict[str, list[float]]], list[ConversionRead]]:
         """Calibrate the shard's batches into this worker's observers; returns each batch's input figures, in order,

@@ -76,7 +76,7 @@ class Dataset:
         self._hook = _load_hook(self.preprocess.hook) if self.preprocess.hook else None
         self._plans: dict[str, ImagePlan] = {}
         self._converted: dict[tuple[str, str], dict[Path, None]] = {}
-        self._read: list[ConversionRead] = []  # since the last take_conversions
+        self._read: list[ConversionRead] | None = None  # a worker's copy: read since the last take_conversions
         if self._hook is None:
             for i, spec in enumerate(self.inputs):
                 if any(paths[i].suffix.lower() in IMAGE_EXTENSIONS for _, paths in self._entries):
@@ -116,7 +116,7 @@ class Dataset:
         if not indices:
             return self
         out = copy.copy(self)
-        out._read = []  # positions in this selection, not in the whole list
+        out._read = None if self._read is None else []  # positions in this selection, not in the whole list
         out._entries = [self._entries[i] for i in indices]
         out.selection = tuple(int(i) for i in indices)
         return out
@@ -137,12 +137,18 @@ class Dataset:
             sample[spec.name], conversions = self._load(spec, path, line)
             for what, how in conversions:
                 self._converted.setdefault((what, how), {})[path] = None
-                self._read.append((what, how, index, k))
+                if self._read is not None:
+                    self._read.append((what, how, index, k))
         return sample
 
+    def log_conversions(self) -> Dataset:
+        """Log the image conversions each read needs from now on (a worker's copy, which hands them on); returns self."""
+        self._read = []
+        return self
+
     def take_conversions(self) -> list[ConversionRead]:
-        """The image conversions read since the last call, in reading order (a worker hands them to the caller)."""
-        taken, self._read = self._read, []
+        """The image conversions read since the last call, in reading order (none unless `log_conversions` was called)."""
+        taken, self._read = self._read or [], None if self._read is None else []
         return taken
 
     def add_conversions(self, read: Iterable[ConversionRead]) -> None:

@@ -120,12 +120,18 @@ class Settings:
                 raise ConfigError(f"{where}: {key} must be true or false, not {getattr(self, key)!r}.")
 
 
+QUANTIZE_OP_TYPES = (
+    "Add", "AveragePool", "Clip", "Concat", "Conv", "ConvTranspose", "Div", "Erf", "Flatten", "GRU", "Gelu", "Gemm",
+    "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "LSTM", "LayerNormalization", "LeakyRelu", "MatMul",
+    "MaxPool", "Mul", "Pow", "RNN", "ReduceMean", "Relu", "Reshape", "Resize", "Sigmoid", "Slice", "Softmax", "Split",
+    "Sqrt", "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze",
+)
+"""The op types some target quantizes (targets.NPU_QUANTIZABLE and recurrent.RECURRENT; a test keeps them equal)."""
+
+
 def _check_quantize_ops(ops: list[str], where: str) -> None:
     """Every quantize_ops entry must be an op type some target quantizes: a typo ('Gem') would leave those layers float in silence."""
-    from .recurrent import RECURRENT
-    from .targets import NPU_QUANTIZABLE
-
-    known = sorted({*NPU_QUANTIZABLE, *RECURRENT})
+    known = QUANTIZE_OP_TYPES
     for op in ops:
         if op not in known:
             raise ConfigError(f"{where}: quantize_ops lists {op!r}, which is not an op type hybridq quantizes.{did_you_mean(op, known)} "

@@ -319,6 +319,14 @@ def test_quantize_ops_typo_is_refused_in_the_cfg_and_in_hybridq_yaml(ws, capsys)
     assert not (ws.root / "again").exists()
 
 
+def test_the_quantize_ops_settings_accept_are_the_op_types_the_targets_quantize():
+    from hybridq.recurrent import RECURRENT
+    from hybridq.settings import QUANTIZE_OP_TYPES
+    from hybridq.targets import NPU_QUANTIZABLE
+
+    assert set(QUANTIZE_OP_TYPES) == set(NPU_QUANTIZABLE) | set(RECURRENT)
+
+
 def test_cfg_unknown_layer_did_you_mean(ws, capsys):
     ws.edit_cfg("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv22: float16")
     line = _line_of(ws.cfg, "conv22")

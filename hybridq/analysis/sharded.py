@@ -31,7 +31,7 @@ class AnalysisJob:
 
     def start(self, threads: int) -> None:
         self.work.start(threads)  # opened on this worker's threads; each runs on one: samples run side by side, one per worker
-        self._ds = self.source.open() if self.source is not None else None
+        self._ds = self.source.open().log_conversions() if self.source is not None else None
 
     def run(self, shard: Shard, progress: Progress) -> tuple[SampleErrors, dict[str, list[float]] | None, list[ConversionRead]]:
         """The sample's errors; its input figures and image conversions when this worker read it."""
