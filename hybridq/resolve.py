@@ -144,10 +144,12 @@ def resolve(
         _check_entry(res, where, t, v, edited, dtype)
         if {"min", "max", "scale", "zero_point"} & edited:
             res.edited.add(t)
-        if {"min", "max"} & edited:
+        # SPEC 3: an edited scale/zero_point is honoured, min/max edited beside it or not (a warning when they disagree)
+        zp_edit = bool({"scale", "zero_point"} & edited) and dtype == w.get("dtype") and not ({"algorithm", "qtype"} & edited)
+        if {"min", "max"} & edited and not zp_edit:
             lo, hi = _edited_range(res, where, t, v.get("min", w.get("min")), v.get("max", w.get("max")), obs)
             qp = compute_qparams(lo, hi, dtype, sym)
-        elif {"scale", "zero_point"} & edited and dtype == w.get("dtype") and not ({"algorithm", "qtype"} & edited):
+        elif zp_edit:
             if v.get("scale", w.get("scale")) is None or v.get("zero_point", w.get("zero_point")) is None:
                 raise ConfigError(f"{where}: '{t}' gives only one of scale and zero_point; give both, or edit min/max instead.")
             scale = np.array(v.get("scale", w.get("scale")), dtype=np.float32)

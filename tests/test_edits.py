@@ -109,6 +109,22 @@ def test_scale_edit_is_honoured_with_a_warning_when_it_contradicts_min_max(built
     assert any("contradicts min/max" in w and "'r2'" in w for w in res.warnings)
 
 
+def test_scale_and_min_max_edited_together_use_the_scale_and_say_so_when_they_disagree(built, cnn_ws):
+    """Both edited: the scale/zero_point edit is honoured (SPEC 3), not dropped for one recomputed from min/max."""
+    r1, _ = built
+    text = _edit_entry(_edit_entry(r1.cfg.read_text(), "r2", "max", "[3.0]"), "r2", "scale", "[0.1]")
+    r1.cfg.write_text(_edit_entry(text, "r2", "zero_point", "[60]"))
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "both.onnx")
+    got = _inits(res.output)
+    assert got["r2_scale"] == np.float32(0.1) and int(got["r2_zero_point"]) == 60
+    assert any("contradicts min/max" in w and "'r2'" in w for w in res.warnings)
+    lo = float(load_cfg(r1.cfg).entries["r2"].values["min"][0])
+    r1.cfg.write_text(_edit_entry(_edit_entry(r1.cfg.read_text(), "r2", "scale", f"[{(3.0 - min(lo, 0.0)) / 255:.9g}]"),
+                                  "r2", "zero_point", f"[{round(-min(lo, 0.0) * 255 / (3.0 - min(lo, 0.0)))}]"))
+    agreed = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "agreed.onnx")
+    assert not any("contradicts" in w for w in agreed.warnings)
+
+
 def test_a_range_that_misses_every_observed_value_is_built_with_a_warning_naming_the_line(built, cnn_ws):
     """The sweep's edit: a Relu output given [-2, -1] quantized every value to 0, with no word."""
     r1, _ = built
