@@ -7,8 +7,6 @@ CPU provider fuses into integer kernels (see the op table below).
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -21,6 +19,7 @@ from .cost import concrete_shapes, layer_macs, nominal_sample
 from ._onnx import GraphIndex
 from .graph import tensor_types
 from .placement import CostTable, Layer, choose_int8, predicted_ms
+from .float_reasons import no_form_note, no_quantized_form, nothing_quantized
 from .settings import Settings
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -359,6 +358,8 @@ def _choose_layers(
                 quantized[node.name] = slots
             continue
         if slots is None or node.op_type not in default_ops:
+            if slots is None and node.op_type in default_ops:  # SPEC 2: stays float, and the summary says which and why
+                plan.layers[node.name] = LayerPlan(node.name, node.op_type, "float32", no_quantized_form(node, g.inits))
             continue
         reason = _policy(node, g, settings, pooled, dw_share) if placement.cpu_policy else None
         if reason:
@@ -369,38 +370,9 @@ def _choose_layers(
     if costs is not None:
         _place_by_cost(g, settings, plan, quantized, costs)
     if not quantized and not layer_precision and not plan.notes:  # (the cost model says it when it floated them all)
-        plan.notes.append(_nothing_quantized(plan, default_ops))
+        plan.notes.append(nothing_quantized(plan.layers, default_ops))
+    plan.notes.extend(no_form_note(plan.layers))
     return quantized
-
-
-POLICY_NAMES = (
-    ("stem Conv", "float_stem"),
-    ("depthwise Conv", "float_depthwise"),
-    ("Conv on a 1x1 pooled", "float_pooled"),
-    ("ConvTranspose", "ConvTranspose"),
-    ("Conv producing a graph output", "graph-output Conv"),
-    ("detection-head Conv", "detection head"),
-)
-"""Short names for the plan's policy reasons (the setting that decides, where there is one)."""
-
-
-def policy_name(reason: str) -> str:
-    """The setting or rule behind a plan's policy reason, e.g. 'float_stem'."""
-    for prefix, name in POLICY_NAMES:
-        if reason.startswith(prefix):
-            return name
-    return reason.split(" (")[0].split(":")[0]
-
-
-def _nothing_quantized(plan: QuantPlan, default_ops: Iterable[str]) -> str:
-    """Why a plan quantizes no layer: the rules that kept the candidates float, or that there is no candidate."""
-    rules = Counter(lp.reason for lp in plan.layers.values() if lp.precision == "float32")
-    if not rules:
-        return (f"no layer is quantized: the model has no {'/'.join(sorted(default_ops))} layer with a quantized form "
-                "(quantize_ops in hybridq.yaml lists the ops to quantize).")
-    why = ", ".join(f"{policy_name(reason)}: {n} layer{'s' if n > 1 else ''}" for reason, n in sorted(rules.items()))
-    return (f"no layer is quantized: the rules keep every candidate float ({why}); set a float_* rule named "
-            "here to false in hybridq.yaml, or list a layer in custom_quantize_layers, to quantize it.")
 
 
 def _place_by_cost(g: GraphView, settings: Settings, plan: QuantPlan, quantized: dict[str, Slots], costs: CostTable) -> None:

@@ -593,3 +593,36 @@ def test_a_float16_layer_with_an_untyped_tensor_is_a_config_error(tmp_path: Path
     r1.cfg.write_text(r1.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  gelu: float16"))
     with pytest.raises(hybridq.errors.ConfigError, match=r"sets 'gelu' \(Gelu\) to float16, but the element type of 'g1' is unknown.*float32"):
         hybridq.step2(r1.model, r1.data, r1.cfg, out / "q.onnx")
+
+
+def _linear_then_relu(node: onnx.NodeProto, weights: dict[str, tuple[int, ...]], x: list[int], y: list[int]) -> onnx.ModelProto:
+    rng = np.random.default_rng(9)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, s).astype(np.float32), n) for n, s in weights.items()]
+    graph = helper.make_graph([node, helper.make_node("Relu", ["t"], ["y"], name="relu")], "g",
+                              [helper.make_tensor_value_info("x", T.FLOAT, x)], [helper.make_tensor_value_info("y", T.FLOAT, y)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("node, weights, x, y, why", [
+    (helper.make_node("MatMul", ["W", "x"], ["t"], name="mm"), {"W": (48, 32)}, [1, 32, 24], [1, 48, 24], "W @ x"),
+    (helper.make_node("MatMul", ["x", "W"], ["t"], name="mm"), {"W": (1, 24, 40)}, [1, 32, 24], [1, 32, 40], "rank 3"),
+    (helper.make_node("Gemm", ["x", "W"], ["t"], name="mm", transA=1), {"W": (32, 16)}, [32, 24], [24, 16], "transA=1"),
+    (helper.make_node("MatMul", ["x", "W"], ["t"], name="mm"), {"W": (24, 40)}, [1, 32, 24], [1, 32, 40], None),
+])
+@pytest.mark.parametrize("target", ["cpu", "npu"])
+def test_a_linear_layer_with_no_quantized_form_is_named_float(tmp_path, node, weights, x, y, why, target):
+    """SPEC 2: a quantize_ops layer hybridq cannot quantize stays float and the summary says which and why (it was left
+    out of the layer counts and notes); the 2-D x @ W beside them is quantized and gets no such note."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_linear_then_relu(node, weights, x, y), src)
+    ds = models.write_npy_dataset(tmp_path / "data", {"x": tuple(x)}, 4)
+    r1 = hybridq.step1(src, ds, out=tmp_path / "ws", settings={"speed_check": False, "target": target})
+    noted = [n for n in r1.notes if "no quantized form" in n]
+    if why is None:
+        assert not noted and "float32" not in r1.layers
+        return
+    assert r1.layers.get("float32") == 1 and len(noted) == 1 and "'mm'" in noted[0] and why in noted[0], r1.notes
+    built = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output
+    assert not [n for n in onnx.load(built).graph.initializer if n.data_type != T.FLOAT and n.name.startswith("W")]
+    feeds = _feeds({"x": tuple(x)})
+    assert cosine(run(built, feeds)[0], run(src, feeds)[0]) > 0.999

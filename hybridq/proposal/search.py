@@ -23,7 +23,8 @@ from ..build import Built, Edits
 from ..errors import ConfigError
 from ..cost import PROPOSED, USER, FloatShare, concrete_shapes, float_share, layer_macs
 from ..placement import CostTable
-from ..plan import QuantPlan, policy_name, predicted_latency
+from ..float_reasons import policy_name
+from ..plan import QuantPlan, predicted_latency
 from ..settings import Settings
 from ..targets import get as get_target
 from .evaluator import Evaluator, Score
