@@ -23,8 +23,8 @@ MaxSlowOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the 
 MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the fraction of the Conv/Gemm/MatMul compute the proposal may move to float (default 0.05; 1 for no limit).")]
 EvalOpt = Annotated[Optional[str], typer.Option("--eval", help="module.py:function(model_path) -> score (higher is better) for the proposal target.")]
 MaxDropOpt = Annotated[Optional[float], typer.Option(help="With --eval: largest allowed drop of the score below fp32 [default: 0.01].")]
-FallbackOpt = Annotated[Optional[str], typer.Option(help="Precision of proposed layers: float32 (fastest on CPU) or float16 "
-                                                            "(NPUs). Default: the target's, float32 on cpu, float16 on npu.")]
+FallbackOpt = Annotated[Optional[str], typer.Option(help="Precision of proposed layers: float32 (fastest on CPU), float16 or "
+                                                            "int16 (npu only). Default: the target's, float32 on cpu, float16 on npu.")]
 MaxSizeOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: model size in MB (10^6 bytes), met first with int4 weights for the least sensitive MatMul/Gemm layers.")]
 PropSamplesOpt = Annotated[int, typer.Option(help="Samples the proposal measures candidates on.")]
 FixInputOpt = Annotated[Optional[list[str]], typer.Option("--fix-input", help="NAME=VALUE: make an input a constant (repeatable); "

@@ -466,8 +466,11 @@ def run_proposal(
     ranges, bias shifts) are fitted on the rest when there are any, so a fix is judged on samples it was
     not fitted to.
     """
-    if options.fallback not in (None, "float32", "float16"):
-        raise InputError(f"--fallback {options.fallback!r} is not valid; use float32 (fastest on CPU) or float16 (NPUs).")
+    if options.fallback not in (None, "float32", "float16", "int16"):
+        raise InputError(f"--fallback {options.fallback!r} is not valid; use float32 (fastest on CPU), float16 or int16 (NPUs).")
+    if options.fallback == "int16" and settings.target != "npu":
+        raise InputError("--fallback int16 is for target npu: ONNX Runtime's CPU provider has no int16 kernels, so an int16 "
+                         "layer costs what a float one does there; use float32, or --target npu.")
     fallback = options.fallback or get_target(settings.target).fallback
     scored = samples[: options.samples]
     fit = samples[options.samples:] or scored

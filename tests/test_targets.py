@@ -671,3 +671,46 @@ def test_an_edited_range_on_npu_is_what_its_shared_group_takes(tmp_path):
     assert group["cat"] == pytest.approx((scale, round(1.0 / scale)), rel=1e-6)
     shared = [t for t in group if group[t] == group["cat"]]
     assert len(shared) >= 2 and any("'cat' edited" in n and "take the edited range" in n for n in res.notes)
+
+
+def _additive_mask_attention() -> onnx.ModelProto:
+    """scores = x Wq; Softmax(scores + (1 - m) * -10000) Wv, m a 0/1 key mask: on npu the masked sum's int8 grid (a
+    step of ~40) wipes out the scores, an int16 one (~0.15) keeps them."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, s).astype(np.float32), n) for n, s in (("wq", (8, 16)), ("wv", (16, 8)))]
+    inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in (("one", 1.0), ("neg", -10000.0))]
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["scores"], name="q"), helper.make_node("Sub", ["one", "m"], ["inv"], name="inv"),
+             helper.make_node("Mul", ["inv", "neg"], ["ext"], name="ext"), helper.make_node("Add", ["scores", "ext"], ["masked"], name="mask_add"),
+             helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1), helper.make_node("MatMul", ["p", "wv"], ["y"], name="v")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8]),
+                                       helper.make_tensor_value_info("m", TensorProto.FLOAT, [1, 1, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_npu_int16_fallback_fixes_an_additive_mask_that_float16_cannot(tmp_path):
+    """`--fallback int16` (npu): the masked sum's own output goes int16, which a float16 layer cannot give (its output
+    is requantized to int8 for the Softmax); output cosine checked in ONNX Runtime. cpu refuses int16: no int16 kernels."""
+    from hybridq.api import ProposalOptions
+    from hybridq.proposal import Target
+    from tests.conftest import cosine
+
+    path, rng, lines = tmp_path / "mask.onnx", np.random.default_rng(0), []
+    onnx.save(_additive_mask_attention(), path)
+    for i in range(12):
+        np.save(tmp_path / f"x{i}.npy", rng.normal(0, 1, (1, 4, 8)).astype(np.float32))
+        np.save(tmp_path / f"m{i}.npy", (rng.random((1, 1, 16)) > 0.25).astype(np.float32))
+        lines.append(f"{tmp_path / f'x{i}.npy'} {tmp_path / f'm{i}.npy'}")
+    listing = tmp_path / "dataset.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    opts = ProposalOptions(Target(cosine=0.99), max_float_fraction=0.5, fallback="int16", samples=8)  # 1 of 6 layers: 17 %
+    r = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"}, proposal=opts)
+    assert r.proposal.layers and set(r.proposal.layers.values()) == {"int16"}, r.proposal.layers
+    built = hybridq.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx").output
+    plain = hybridq.step1(path, listing, out=tmp_path / "plain", settings={"target": "npu"})
+    default = hybridq.step2(plain.model, plain.data, plain.cfg, tmp_path / "d.onnx").output
+    feeds = [{"x": rng.normal(0, 1, (1, 4, 8)).astype(np.float32), "m": (rng.random((1, 1, 16)) > 0.25).astype(np.float32)} for _ in range(4)]
+    cos = lambda m: min(float(cosine(run(m, f)[0], run(path, f)[0])) for f in feeds)  # noqa: E731
+    assert cos(built) > 0.99 > cos(default)
+    with pytest.raises(hybridq.errors.InputError, match="int16 is for target npu"):
+        hybridq.step1(path, listing, out=tmp_path / "cpu", proposal=ProposalOptions(Target(cosine=0.99), fallback="int16"))

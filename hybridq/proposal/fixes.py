@@ -244,7 +244,7 @@ BIAS_SAMPLES = 8
 
 
 def float_fix(ctx: Context, layers: list[str], precision: str, cost: float, why: dict[str, str]) -> Candidate:
-    """Run these layers in float (float32 or float16), their inputs unquantized."""
+    """Run these layers in float (float32 or float16), their inputs unquantized; or in int16 (npu, `--fallback int16`)."""
     return Candidate("float", f"{len(layers)} layer(s) in {precision}", layers={n: precision for n in layers},
                      comments={n: why.get(n, "proposal") for n in layers}, cost=cost)
 
@@ -281,4 +281,5 @@ FIXES: dict[str, Callable[..., Any]] = {
     "int4": int4_fix,
 }
 """The ladder, cheapest first. int16 layers are not offered for target cpu: ONNX Runtime's CPU
-provider has no int16 kernels, so an int16 layer costs at least what a float layer costs."""
+provider has no int16 kernels, so an int16 layer costs at least what a float layer costs. On npu,
+`--fallback int16` makes the fallback step's layers int16 instead of float16."""
