@@ -15,7 +15,8 @@ def cost_line(p) -> str:
 
     from .cost import PROPOSED, USER
 
-    text = f"  float layers proposed: {len(p.layers)}"
+    ints = sum(1 for v in p.layers.values() if not v.startswith("float"))  # npu: int16 layers, the rung before float16
+    text = f"  float layers proposed: {len(p.layers) - ints}" + (f"; int16 layers proposed: {ints}" if ints else "")
     if p.existing:
         mine = Counter(p.existing.values())
         text += " (yours: " + ", ".join(f"{n} {prec}" for prec, n in sorted(mine.items())) + ")"

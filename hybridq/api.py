@@ -471,7 +471,8 @@ def run_proposal(
     if options.fallback == "int16" and settings.target != "npu":
         raise InputError("--fallback int16 is for target npu: ONNX Runtime's CPU provider has no int16 kernels, so an int16 "
                          "layer costs what a float one does there; use float32, or --target npu.")
-    fallback = options.fallback or get_target(settings.target).fallback
+    target = get_target(settings.target)
+    fallback = (options.fallback,) if options.fallback else (*target.rungs, target.fallback)
     scored = samples[: options.samples]
     fit = samples[options.samples:] or scored
     shared = fit is scored

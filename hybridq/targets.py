@@ -98,13 +98,15 @@ class Target:
     cost_by_layers: bool  # the proposal counts float layers (npu) rather than their share of the compute (cpu)
     doc: str
     fallback: str = "float32"  # the precision the proposal gives a layer it takes out of int8 (--fallback's default)
+    rungs: tuple[str, ...] = ()  # cheaper precisions the proposal tries first, without --fallback (SPEC 6: int16 on npu)
 
 
 TARGETS: dict[str, Target] = {
     "cpu": Target("cpu", CPU_PLACEMENT, as_deployed, False,
                   "ONNX Runtime's CPU provider: Q/DQ around Conv/Gemm/MatMul, float where int8 is slower"),
     "npu": Target("npu", NPU_PLACEMENT, as_deployed, True,
-                  "an integer-only accelerator (RKNN, QNN HTP, Ethos-U): every activation between operators in int8", "float16"),
+                  "an integer-only accelerator (RKNN, QNN HTP, Ethos-U): every activation between operators in int8", "float16",
+                  ("int16",)),
 }
 """The targets, by the name `settings: target:` takes. The npu's simulation is the exact-int8 QDQ model
 (`deployed.as_deployed`; int8 products exact, see `kernels.py`), as for the cpu."""

@@ -301,9 +301,9 @@ def test_analyze_and_proposal_on_an_npu_model(npu_build, tmp_path):
     # pattern's own, runs in its output's dtype (it read "default" before)
     precision = {layer.tensor: layer.precision for layer in result.layers if layer.op_type != "Neg"}
     assert set(precision.values()) == {"uint8"}, {t: p for t, p in precision.items() if p != "uint8"}
-    # a cosine only float can reach: the proposal must move layers to float16 (the npu fallback) and verify it
+    # a cosine int8 cannot reach: with --fallback float16 the proposal must move layers to float16 and verify it
     r = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"},
-                      proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, samples=4))  # npu's fallback: float16
+                      proposal=ProposalOptions(Target(cosine=0.9999), max_float_fraction=1.0, samples=4, fallback="float16"))
     p = r.proposal
     assert p.layers and set(p.layers.values()) == {"float16"}
     text = Path(r.cfg).read_text()
@@ -688,9 +688,11 @@ def _additive_mask_attention() -> onnx.ModelProto:
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
 
 
-def test_npu_int16_fallback_fixes_an_additive_mask_that_float16_cannot(tmp_path):
-    """`--fallback int16` (npu): the masked sum's own output goes int16, which a float16 layer cannot give (its output
-    is requantized to int8 for the Softmax); output cosine checked in ONNX Runtime. cpu refuses int16: no int16 kernels."""
+def test_npu_proposal_tries_int16_first_and_fixes_an_additive_mask_with_fewer_layers(tmp_path):
+    """npu's ladder (SPEC 6): int16 layers before float16 ones. The masked sum's own output goes int16, which a float16
+    layer alone cannot give (its output is requantized to int8 for the Softmax): the float16 fix needs more layers.
+    Output cosine checked in ONNX Runtime.
+    `--fallback int16` on cpu is refused: no int16 kernels."""
     from hybridq.api import ProposalOptions
     from hybridq.proposal import Target
     from tests.conftest import cosine
@@ -703,7 +705,7 @@ def test_npu_int16_fallback_fixes_an_additive_mask_that_float16_cannot(tmp_path)
         lines.append(f"{tmp_path / f'x{i}.npy'} {tmp_path / f'm{i}.npy'}")
     listing = tmp_path / "dataset.txt"
     listing.write_text("\n".join(lines) + "\n")
-    opts = ProposalOptions(Target(cosine=0.99), max_float_fraction=0.5, fallback="int16", samples=8)  # 1 of 6 layers: 17 %
+    opts = ProposalOptions(Target(cosine=0.99), max_float_fraction=0.5, samples=8)  # 1 of 6 layers: 17 %; npu tries int16 first
     r = hybridq.step1(path, listing, out=tmp_path / "ws", settings={"target": "npu"}, proposal=opts)
     assert r.proposal.layers and set(r.proposal.layers.values()) == {"int16"}, r.proposal.layers
     built = hybridq.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx").output
@@ -712,5 +714,8 @@ def test_npu_int16_fallback_fixes_an_additive_mask_that_float16_cannot(tmp_path)
     feeds = [{"x": rng.normal(0, 1, (1, 4, 8)).astype(np.float32), "m": (rng.random((1, 1, 16)) > 0.25).astype(np.float32)} for _ in range(4)]
     cos = lambda m: min(float(cosine(run(m, f)[0], run(path, f)[0])) for f in feeds)  # noqa: E731
     assert cos(built) > 0.99 > cos(default)
+    only16 = hybridq.step1(path, listing, out=tmp_path / "f16", settings={"target": "npu"},
+                           proposal=ProposalOptions(Target(cosine=0.99), max_float_fraction=0.5, samples=8, fallback="float16"))
+    assert set(only16.proposal.layers.values()) == {"float16"} and len(only16.proposal.layers) > len(r.proposal.layers)
     with pytest.raises(hybridq.errors.InputError, match="int16 is for target npu"):
         hybridq.step1(path, listing, out=tmp_path / "cpu", proposal=ProposalOptions(Target(cosine=0.99), fallback="int16"))

@@ -30,7 +30,7 @@ __all__ = [
 def propose(
     temp: onnx.ModelProto, observers: dict[str, HistogramObserver], meta: dict[str, Any], settings: Settings, base: Edits,
     samples: list[dict[str, np.ndarray]], evaluator: Evaluator, *, single: dict[str, float] | None = None,
-    protected: set[str] | None = None, fallback: str = "float32", max_float_layers: int | None = None,
+    protected: set[str] | None = None, fallback: str | tuple[str, ...] = "float32", max_float_layers: int | None = None,
     max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default quantization",
     analyse: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]] | None = None, where: str = "proposal",
     max_size_mb: float | None = None,

@@ -224,7 +224,8 @@ class _Climb:
 
 def search(
     ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, first: Built,
-    single: Callable[[], dict[str, float]], samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any], *, fallback: str = "float32",
+    single: Callable[[], dict[str, float]], samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any], *,
+    fallback: str | tuple[str, ...] = "float32",
     max_float_layers: int | None = None, max_float_fraction: float | None = DEFAULT_FLOAT_BUDGET, started_from: str = "the default quantization",
     max_bytes: int | None = None, measure: Callable[[onnx.ModelProto], dict[str, float]] | None = None,
     costs: CostTable | None = None, max_slowdown: float | None = None,
@@ -233,7 +234,8 @@ def search(
 
     With `max_bytes`, int4 weights first bring the model under that size (`measure` gives isolated cosines to rank by).
     With `costs` (step1's measured cost table) and `max_slowdown`, the float layers added may slow the
-    starting model's predicted latency by at most that factor.
+    starting model's predicted latency by at most that factor. `fallback` may list precisions, cheapest first
+    (npu: int16, then float16): the fallback step runs with each until one meets the target.
     """
     t0 = time.perf_counter()
     climb = _Climb(ctx, evaluator, build, base, first, started_from)
@@ -265,7 +267,8 @@ def search(
         budget = _within_budget(order, weights, wtotal, len(taken), max_float_fraction, max_float_layers, ms_added, ms_budget)
         if max_bytes is not None:  # float weights are 4x int8 ones: keep the size budget
             budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
-        choice = _float_step(climb, ranked, budget, len(order) - len(budget), fallback, weights, wtotal, unit)
+        choice = _fallback_steps(climb, (fallback,) if isinstance(fallback, str) else fallback,
+                                 lambda fb: _float_step(climb, ranked, budget, len(order) - len(budget), fb, weights, wtotal, unit))
     if not met_at_start and climb.prune():  # a free gain on a met target is kept, though the target holds without it
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
     result = _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
@@ -425,6 +428,20 @@ def _fit_with_floats(climb: _Climb, samples: list[dict[str, np.ndarray]], sessio
         return next(iter(bias_fix(climb.ctx, edits, built.fixed, built.model, samples, session)), None)
 
     climb.refit = (unfitted, fit)
+
+
+def _fallback_steps(climb: _Climb, fallbacks: tuple[str, ...], step: Callable[[str], str]) -> str:
+    """Step 4 with each precision in turn, cheapest first, until one meets the target; one that does not is undone
+    (its rows stay, marked) before the next is tried. The last one's choice stands whatever it reaches."""
+    for i, fb in enumerate(fallbacks):
+        saved, rows = (climb.score, climb.edits, climb.built, list(climb.kept)), len(climb.table)
+        choice = step(fb)
+        if climb.met or i == len(fallbacks) - 1:
+            return choice
+        climb.score, climb.edits, climb.built, climb.kept = saved
+        for r in climb.table[rows:]:
+            r.outcome = f"{r.outcome}; undone: {fb} does not meet the target, {fallbacks[i + 1]} tried" if r.outcome.startswith("kept") else r.outcome
+    return choice
 
 
 def _keep_float(climb: _Climb, state: State, row: Row, outcome: str) -> None:
