@@ -9,12 +9,14 @@ start with ``.hybridq-`` and are removed on any error, Ctrl-C included.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,11 +38,51 @@ def _fsync(path: str | os.PathLike[str]) -> None:
         os.fsync(f.fileno())
 
 
+_KINDS = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket",
+          stat.S_ISCHR: "a device node", stat.S_ISBLK: "a device node"}
+
+
+def output_target(path: str | os.PathLike[str], what: str = "output", hint: str = "Remove it or choose another output path.") -> Path:
+    """Where writing `path` lands: the file a symlink resolves to (so the link stays a link), else `path` itself.
+
+    Raises :class:`~hybridq.errors.InputError` naming `path` when that is an existing directory, FIFO, socket or device.
+    """
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:  # missing (created by the write), or unreadable (the write reports it)
+        return target
+    kind = next((name for test, name in _KINDS.items() if test(mode)), None)
+    if kind is None:
+        return target
+    shown = f"'{path}'" + (f" (a symlink to '{target}')" if target != path else "")
+    raise InputError(f"The {what} {shown} is {kind}, not a regular file, and hybridq will not replace it with one. {hint}")
+
+
+def check_not_input(output: str | os.PathLike[str], inputs: Mapping[str, Path], what: str) -> None:
+    """Refuse an output that is one of `inputs` ({role: path}) by any spelling or symlink: writing it would destroy that input."""
+    for role, src in inputs.items():
+        with contextlib.suppress(OSError):  # either one missing: not the same file
+            if os.path.samefile(output, src):
+                raise InputError(f"The {what} '{output}' is the same file as {role} '{src}': writing it would destroy that input. "
+                                 "Choose another output path; nothing was written.")
+
+
 def publish(src: Path, dst: Path) -> None:
-    """Move a finished file into place atomically (same file system): fsync, usual mode, ``os.replace``."""
+    """Move a finished file into place atomically: fsync, usual mode, ``os.replace`` (through a symlink onto its target).
+
+    A target on another file system (a symlink's) gets a copy made atomically beside it."""
     _fsync(src)
     os.chmod(src, _default_mode())
-    os.replace(src, dst)
+    target = output_target(dst)
+    try:
+        os.replace(src, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        copy_atomic(src, target)
+        os.unlink(src)
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, parents: bool = False) -> None:
@@ -65,6 +107,7 @@ def copy_atomic(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, par
 
 
 def _atomic(path: Path, fill: Callable[[BinaryIO], object], parents: bool) -> None:
+    path = output_target(path)
     tmp: str | None = None
     try:
         if parents:
@@ -137,6 +180,7 @@ def publish_all(moves: list[tuple[Path, Path]], keep: Path) -> None:
 
     Each existing target is first hard-linked (or copied) into `keep`, a staging directory on the same filesystem.
     """
+    moves = [(src, output_target(dst)) for src, dst in moves]  # a refused target stops it before anything moves
     saved: list[tuple[Path, Path | None]] = []
     with signals_held():
         try:
@@ -172,6 +216,7 @@ def check_output_file(path: Path, what: str, example: str) -> None:
     """Refuse, before any work, an output file that is a directory, lies under a file, or cannot be written."""
     if path.is_dir():
         raise InputError(f"The {what} '{path}' is a directory; give a file name, such as '{path / example}'.")
+    output_target(path, what)
     _check_writable(path, path.parents, what)
 
 

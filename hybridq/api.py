@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 
 from . import default_model, fold, infinite, recurrent
-from ._fs import check_output_dir, check_output_file
-from .artifacts import check_order, edited_cfg_entries, read_step1, save_model_atomic, why_edits_do_not_apply, write_step1
+from ._fs import check_not_input, check_output_dir, check_output_file
+from .artifacts import check_order, check_step1_outputs, edited_cfg_entries, fp32_source_at, read_step1, save_model_atomic, why_edits_do_not_apply, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration_job import calibrate_dataset
 from .int4 import hessian_inputs
@@ -126,7 +126,7 @@ def step1(
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
-    check_output_dir(Path(out) if out else model_path.parent, "step1 output directory (--out)")
+    check_step1_outputs(Path(out) if out else model_path.parent, model_path.stem)
     temp, report = prepare(original, chosen.fixed_inputs)
     ds = open_dataset(temp, dataset, preprocess)
     ds, batch_size = ds.drawn(samples, seed) if seed is not None else ds, batch_size or 1
@@ -250,8 +250,12 @@ def step2(
     """Merge temp model + data + cfg into one deployable QDQ ONNX model."""
     check_order(Path(model), Path(data), Path(cfg))
     check_output_file(Path(output), "step2 output (-o)", Path(model).stem + ".q.onnx")
+    inputs = {"the temp model": Path(model), "the data file": Path(data), "the cfg": Path(cfg)}
+    check_not_input(output, inputs, "step2 output (-o)")
     parsed = load_cfg(cfg)
     bundle = read_step1(model, data, parsed.header.get("model_sha256"), cfg)
+    inputs.update(fp32_source_at(Path(output), bundle.meta))
+    check_not_input(output, inputs, "step2 output (-o)")
     parsed = parsed.with_recorded(bundle.meta.get("written_settings", {}))
     temp = bundle.model
     known = set(bundle.meta.get("written_entries", {})) | set(bundle.observers) | {i.name for i in temp.graph.initializer}
@@ -278,6 +282,8 @@ def step2(
             onnx.checker.check_model(rewrite.model, full_check=False)
     except Exception as exc:
         raise HybridqError(f"The quantized model failed the ONNX checker ({str(exc).splitlines()[0]}); this is a hybridq bug, please report it with --debug output.") from exc
+    if is_large(rewrite.model):  # its weights go to `<output>.data`
+        check_not_input(f"{out_path}.data", inputs, "weights file of the step2 output")
     save_model_atomic(rewrite.model, out_path)
     size_fp32 = model_bytes(temp)
     return Step2Result(

@@ -13,9 +13,11 @@ valid external data.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 import time
 import zipfile
@@ -27,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from ._fs import publish_all, staging
+from ._fs import check_output_dir, output_target, publish_all, staging
 from .errors import ArtifactMismatchError, InputError, ModelError, OutputError
 from ._onnx import is_large, read_onnx, tag_external
 from .observers import HistogramObserver, observer_kind
@@ -52,7 +54,7 @@ def sha256_text(text: str) -> str:
 
 def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
     """Save a model atomically; models over 2 GB get their weights in `<path>.data` beside it."""
-    path = Path(path)
+    path = output_target(path)  # a symlink's target: staged beside it, the link kept
     with staging(path.parent) as tmp:
         target = tmp / path.name
         try:
@@ -67,6 +69,32 @@ def save_model_atomic(model: onnx.ModelProto, path: Path) -> None:
                 publish_all([(target, path)], tmp)
         except OSError as exc:
             raise OutputError(f"Cannot write '{path}': {exc.strerror or exc}. Check the directory is writable and has space.") from exc
+
+
+def step1_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """The three step1 artifacts in `out_dir`, checked before any work: none may be a directory, FIFO, device or socket."""
+    paths = {"model": out_dir / f"{stem}.model", "data": out_dir / f"{stem}.data", "cfg": out_dir / f"{stem}.quantization.cfg"}
+    for path in paths.values():
+        output_target(path, "step1 output", "Remove it, or choose another --out.")
+    return paths
+
+
+def check_step1_outputs(out_dir: Path, stem: str) -> None:
+    """Refuse, before any work, an --out that cannot be written or an artifact path that is a directory or special file."""
+    check_output_dir(out_dir, "step1 output directory (--out)")
+    step1_paths(out_dir, stem)
+
+
+def fp32_source_at(output: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """{role: path} when `output` is the fp32 model step1 was given, else {}: the path step1 recorded (a relative one read
+    from the working directory), or any file with that model's recorded hash (the model moved, or another spelling)."""
+    recorded = meta.get("source_model")
+    with contextlib.suppress(OSError):
+        if recorded and os.path.samefile(output, recorded):
+            return {"the fp32 model step1 was given": Path(recorded)}
+        if output.is_file() and sha256_file(output) == meta.get("source_sha256"):
+            return {f"the fp32 model step1 was given (by its bytes; step1 read it as '{recorded}')": output}
+    return {}
 
 
 @dataclass
@@ -129,11 +157,7 @@ def write_step1(
     to a timestamped `.bak`. If writing fails or is interrupted, the previous three
     files are left as they were. Returns the written paths (plus `backup` when one was made).
     """
-    paths = {
-        "model": out_dir / f"{stem}.model",
-        "data": out_dir / f"{stem}.data",
-        "cfg": out_dir / f"{stem}.quantization.cfg",
-    }
+    paths = step1_paths(out_dir, stem)
     names = list(observers)
     stats = {f"stats/{i}.{key}.npy": _npy_bytes(arr) for i, name in enumerate(names) for key, arr in observers[name].state().items()}
     with staging(out_dir) as tmp:
@@ -178,7 +202,7 @@ def backup_if_edited(cfg: Path, data: Path, new_text: str | None = None) -> Path
     No backup when the cfg is byte-identical to what step1 last wrote (nothing of the user's
     to lose), or to `new_text`, the text about to replace it (nothing changes).
     """
-    if not cfg.exists():
+    if not cfg.is_file():  # missing, or a FIFO or device the write refuses (reading one could block)
         return None
     if new_text is not None and cfg.read_bytes() == new_text.encode("utf-8"):
         return None

@@ -34,7 +34,7 @@ import onnx
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
-from .._fs import copy_atomic, write_atomic
+from .._fs import check_not_input, copy_atomic, output_target, write_atomic
 from ..artifacts import backup_if_edited, read_step1
 from ..build import resolve_layer_names
 from ..config import load_cfg, update_custom_layers, update_entries
@@ -477,6 +477,8 @@ def export_rknn_cfg(
     are in `unmapped`. The output is written atomically; an existing, different output is backed up.
     """
     out = Path(output)
+    output_target(out, "RKNN cfg output (-o)")
+    check_not_input(out, {"the hybridq cfg": Path(cfg)}, "RKNN cfg output (-o)")
     src = Path(template) if template is not None else out
     if template is None and not out.is_file():
         raise InputError(f"'{out}' does not exist and no --template was given. hybridq writes into the cfg RKNN's hybrid_quantization_step1 "
