@@ -15,8 +15,8 @@ def cost_line(p) -> str:
 
     from .cost import PROPOSED, USER
 
-    ints = sum(1 for v in p.layers.values() if not v.startswith("float"))  # npu: int16 layers, the rung before float16
-    text = f"  float layers proposed: {len(p.layers) - ints}" + (f"; int16 layers proposed: {ints}" if ints else "")
+    kinds = Counter(v for v in p.layers.values() if not v.startswith("float"))  # npu's int16 rung, the size budget's int4
+    text = f"  float layers proposed: {len(p.layers) - sum(kinds.values())}" + "".join(f"; {k} layers proposed: {n}" for k, n in sorted(kinds.items()))
     if p.existing:
         mine = Counter(p.existing.values())
         text += " (yours: " + ", ".join(f"{n} {prec}" for prec, n in sorted(mine.items())) + ")"

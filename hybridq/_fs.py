@@ -198,10 +198,12 @@ def publish_all(moves: list[tuple[Path, Path]], keep: Path) -> None:
         except BaseException:
             for dst, old in reversed(saved):
                 with contextlib.suppress(OSError):
-                    if old is not None:
-                        os.replace(old, dst)
-                    else:
+                    if old is None:
                         os.unlink(dst)
+                    elif os.stat(old).st_dev == os.stat(dst.parent).st_dev:
+                        os.replace(old, dst)
+                    else:  # a symlink's target on another file system: the saved copy cannot be renamed there
+                        copy_atomic(old, dst)
             raise
 
 

@@ -291,6 +291,17 @@ def save_external(model: onnx.ModelProto, path: str, location: str) -> None:
     onnx.save_model(work, str(path))
 
 
+def external_data_files(path: str | Path) -> list[Path]:
+    """The files a model file's tensors keep their data in (external data, beside it); none for an unreadable file."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return []
+    where = {e.value for t in external_data_helper._get_all_tensors(model)
+             if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+    return sorted(Path(path).parent / w for w in where)
+
+
 def read_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
     """``onnx.load``; a file that is not ONNX (truncated, corrupt, an image) is a ModelError naming it."""
     try:

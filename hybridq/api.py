@@ -126,7 +126,7 @@ def step1(
     settings.validate("settings")
     model_path = Path(model)
     original = load_model(model_path)
-    check_step1_outputs(Path(out) if out else model_path.parent, model_path.stem)
+    check_step1_outputs(Path(out) if out else model_path.parent, model_path.stem, model_path, dataset)
     temp, report = prepare(original, chosen.fixed_inputs)
     ds = open_dataset(temp, dataset, preprocess)
     ds, batch_size = ds.drawn(samples, seed) if seed is not None else ds, batch_size or 1

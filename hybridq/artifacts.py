@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from ._fs import check_output_dir, output_target, publish_all, staging
+from ._fs import check_not_input, check_output_dir, output_target, publish_all, staging
 from .errors import ArtifactMismatchError, InputError, ModelError, OutputError
-from ._onnx import is_large, read_onnx, tag_external
+from ._onnx import external_data_files, is_large, read_onnx, tag_external
 from .observers import HistogramObserver, observer_kind
 
 FORMAT_VERSION = 1
@@ -79,10 +79,16 @@ def step1_paths(out_dir: Path, stem: str) -> dict[str, Path]:
     return paths
 
 
-def check_step1_outputs(out_dir: Path, stem: str) -> None:
-    """Refuse, before any work, an --out that cannot be written or an artifact path that is a directory or special file."""
+def check_step1_outputs(out_dir: Path, stem: str, model: Path, dataset: str | Path) -> None:
+    """Refuse, before any work, an --out that cannot be written, an artifact path that is a directory or special file,
+    or one that is an input: the model, its external data (`cnn.data` beside `cnn.onnx`), the dataset list."""
     check_output_dir(out_dir, "step1 output directory (--out)")
-    step1_paths(out_dir, stem)
+    existing = [p for p in step1_paths(out_dir, stem).values() if p.exists()]
+    if existing:
+        inputs = {"the model": model, "the dataset list": Path(dataset)}
+        inputs.update({f"the model's external data '{f.name}'": f for f in external_data_files(model)})
+        for path in existing:
+            check_not_input(path, inputs, "step1 output (in --out)")
 
 
 def fp32_source_at(output: Path, meta: dict[str, Any]) -> dict[str, Path]:

@@ -38,6 +38,8 @@ def nothing_quantized(layers: Mapping[str, Any], default_ops: Iterable[str]) -> 
             "here to false in hybridq.yaml, or list a layer in custom_quantize_layers, to quantize it.")
 
 
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+"""The layers a missing quantized form is reported for (elementwise and shape ops without float tensors are not layers)."""
 NO_FORM = "no quantized form"
 """The start of the reason of a quantize_ops layer that hybridq cannot quantize as it is."""
 

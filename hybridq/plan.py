@@ -19,7 +19,7 @@ from .cost import concrete_shapes, layer_macs, nominal_sample
 from ._onnx import GraphIndex
 from .graph import tensor_types
 from .placement import CostTable, Layer, choose_int8, predicted_ms
-from .float_reasons import no_form_note, no_quantized_form, nothing_quantized
+from .float_reasons import WEIGHTED_OPS, no_form_note, no_quantized_form, nothing_quantized
 from .settings import Settings
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -358,7 +358,8 @@ def _choose_layers(
                 quantized[node.name] = slots
             continue
         if slots is None or node.op_type not in default_ops:
-            if slots is None and node.op_type in default_ops:  # SPEC 2: stays float, and the summary says which and why
+            if slots is None and node.op_type in WEIGHTED_OPS and node.op_type in default_ops and g.is_float_activation(node.output[0]):
+                # SPEC 2: a layer of quantize_ops stays float, and the summary says which and why
                 plan.layers[node.name] = LayerPlan(node.name, node.op_type, "float32", no_quantized_form(node, g.inits))
             continue
         reason = _policy(node, g, settings, pooled, dw_share) if placement.cpu_policy else None

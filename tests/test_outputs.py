@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import onnx
@@ -203,9 +204,48 @@ def test_step1_writes_through_a_symlinked_cfg(ws: Path, capsys: pytest.CaptureFi
     cfg = ws / "ws" / "cnn.quantization.cfg"
     kept = ws / "kept.cfg"
     cfg.rename(kept)
+    kept.write_text(kept.read_text().replace("model_sha256:", "model_sha256: stale-"))  # step1 must rewrite it
     cfg.symlink_to(kept)
     _clean(capsys, 0, "step1", ws / "cnn.onnx", "-d", ws / "data" / "dataset.txt", "--out", ws / "ws")
-    assert cfg.is_symlink() and "quantize_parameters:" in kept.read_text()
+    assert cfg.is_symlink() and "stale-" not in kept.read_text() and "quantize_parameters:" in kept.read_text()
+
+
+def test_step1_refuses_to_write_over_the_models_external_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """cnn.onnx with its weights in cnn.data, step1 into the model's directory: its cnn.data would replace the weights."""
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 2)
+    model = models.residual_cnn()
+    onnx.save(model, tmp_path / "cnn.onnx", save_as_external_data=True, location="cnn.data", size_threshold=0)
+    before = (tmp_path / "cnn.data").read_bytes()
+    text = _clean(capsys, USAGE, "step1", tmp_path / "cnn.onnx", "-d", listing)
+    assert "external data 'cnn.data'" in text and (tmp_path / "cnn.data").read_bytes() == before
+    _clean(capsys, 0, "step1", tmp_path / "cnn.onnx", "-d", listing, "--out", tmp_path / "ws")
+
+
+def test_a_failed_publish_restores_a_symlinked_target_on_another_file_system(tmp_path: Path, monkeypatch) -> None:
+    """The saved copy of a link's target cannot be renamed back across file systems: it is copied back instead."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev or not os.access(other, os.W_OK):
+        pytest.skip("needs /dev/shm on another file system than the tmp dir")
+    far = Path(tempfile.mkdtemp(dir=other))
+    try:
+        (far / "real.data").write_text("old data")
+        (tmp_path / "m.data").symlink_to(far / "real.data")
+        (tmp_path / "m.model").write_text("old model")
+        real = _fs.publish
+
+        def second_fails(src: Path, dst: Path) -> None:
+            if dst.name == "m.model":
+                raise OSError(28, "No space left on device")
+            real(src, dst)
+        monkeypatch.setattr(_fs, "publish", second_fails)
+        with _fs.staging(tmp_path) as stage, pytest.raises(OSError):
+            (stage / "d").write_text("new data")
+            (stage / "m").write_text("new model")
+            _fs.publish_all([(stage / "d", tmp_path / "m.data"), (stage / "m", tmp_path / "m.model")], stage)
+        assert (far / "real.data").read_text() == "old data" and (tmp_path / "m.model").read_text() == "old model"
+        assert (tmp_path / "m.data").is_symlink()
+    finally:
+        shutil.rmtree(far, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- other commands

@@ -202,3 +202,46 @@ def test_transformer_block_does_not_collapse_and_proposal_reaches_target(tmp_pat
     r1 = hybridq.step1(path, data / "dataset.txt", out=tmp_path / "ws", proposal=ProposalOptions(Target(cosine=0.999)))
     assert r1.proposal.baseline.worst_cosine > 0.98  # default int8 does not collapse
     assert r1.proposal.met and r1.proposal.measured.worst_cosine >= 0.999
+
+
+def test_the_fallback_rungs_keep_the_best_when_none_meets_the_target():
+    """npu tries int16 then float16 from the same state; neither meeting the target, the better one stands (int16
+    here, although float16 ran last) and the other's kept row says it was undone; one that meets ends the ladder."""
+    import sys
+    from types import SimpleNamespace
+
+    import hybridq.proposal  # noqa: F401  (the package re-exports a function named `search`: the module is read from sys.modules)
+
+    S = sys.modules["hybridq.proposal.search"]
+    reached = {"int16": 0.985, "float16": 0.95}
+
+    class Climb(SimpleNamespace):
+        target = 0.99
+        met = property(lambda self: self.score >= self.target)
+
+    def run(target: float) -> tuple[str, Climb, list[tuple[str, str]]]:
+        c, tried = Climb(score=0.9, edits="start", built=None, kept=[], table=[], quality=lambda s: s, target=target), []
+
+        def step(fb: str) -> str:
+            tried.append((fb, c.edits))
+            c.score, c.edits = reached[fb], fb
+            c.kept.append(fb)
+            c.table.append(S.Row("float", f"1 layer(s) in {fb}", c.score, c.score, 0, 0, 0, "kept: best within the budget"))
+            return f"1 layer(s) in {fb}"
+        return S._fallback_steps(c, ("int16", "float16"), step), c, tried
+
+    choice, c, tried = run(0.99)
+    assert choice == "1 layer(s) in int16" and tried == [("int16", "start"), ("float16", "start")]
+    assert (c.score, c.edits, c.kept) == (0.985, "int16", ["int16"])
+    assert "undone" in c.table[1].outcome and "undone" not in c.table[0].outcome
+    choice, c, tried = run(0.98)
+    assert choice == "1 layer(s) in int16" and len(tried) == 1
+
+
+def test_the_summary_counts_each_non_float_precision_apart():
+    from types import SimpleNamespace
+
+    from hybridq._cli_proposal import cost_line
+
+    line = cost_line(SimpleNamespace(layers={"a": "int4", "b": "int4", "c": "float16", "d": "int16"}, existing={}, cost=None, float_fraction=0.0))
+    assert "float layers proposed: 1; int16 layers proposed: 1; int4 layers proposed: 2" in line

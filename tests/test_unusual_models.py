@@ -626,3 +626,21 @@ def test_a_linear_layer_with_no_quantized_form_is_named_float(tmp_path, node, we
     assert not [n for n in onnx.load(built).graph.initializer if n.data_type != T.FLOAT and n.name.startswith("W")]
     feeds = _feeds({"x": tuple(x)})
     assert cosine(run(built, feeds)[0], run(src, feeds)[0]) > 0.999
+
+
+def test_npu_shape_arithmetic_is_not_named_a_layer_without_a_quantized_form(tmp_path):
+    """int64 shape ops (Shape -> Gather -> Concat -> Reshape) have no float tensor to quantize: not layers, no note."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Shape", ["r"], ["s"], name="shape"), helper.make_node("Gather", ["s", "i0"], ["n"], name="gather", axis=0),
+             helper.make_node("Concat", ["n", "minus1"], ["shp"], name="cat_shape", axis=0),
+             helper.make_node("Reshape", ["r", "shp"], ["y"], name="flat")]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0], np.int64), "i0"), numpy_helper.from_array(np.array([-1], np.int64), "minus1")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, ["N", 3, 8, 8])],  # dynamic: not folded away
+                          [helper.make_tensor_value_info("y", T.FLOAT, ["N", 512])], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    ds = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 8, 8)}, 4)
+    r1 = hybridq.step1(src, ds, out=tmp_path / "ws", settings={"speed_check": False, "target": "npu"})
+    assert not [n for n in r1.notes if "no quantized form" in n] and "float32" not in r1.layers, (r1.notes, r1.layers)

@@ -431,17 +431,23 @@ def _fit_with_floats(climb: _Climb, samples: list[dict[str, np.ndarray]], sessio
 
 
 def _fallback_steps(climb: _Climb, fallbacks: tuple[str, ...], step: Callable[[str], str]) -> str:
-    """Step 4 with each precision in turn, cheapest first, until one meets the target; one that does not is undone
-    (its rows stay, marked) before the next is tried. The last one's choice stands whatever it reaches."""
-    for i, fb in enumerate(fallbacks):
-        saved, rows = (climb.score, climb.edits, climb.built, list(climb.kept)), len(climb.table)
-        choice = step(fb)
-        if climb.met or i == len(fallbacks) - 1:
-            return choice
-        climb.score, climb.edits, climb.built, climb.kept = saved
-        for r in climb.table[rows:]:
-            r.outcome = f"{r.outcome}; undone: {fb} does not meet the target, {fallbacks[i + 1]} tried" if r.outcome.startswith("kept") else r.outcome
-    return choice
+    """Step 4 with each precision in turn, cheapest first, until one meets the target; each is tried from the same
+    state. When none meets it, the best one (the cheaper on a tie) stands and the others' kept rows are marked undone."""
+    start = (climb.score, climb.edits, climb.built, list(climb.kept))
+    tried: list[tuple[str, str, tuple, list[Row]]] = []
+    for fb in fallbacks:
+        climb.score, climb.edits, climb.built, climb.kept = start[0], start[1], start[2], list(start[3])
+        rows, choice = len(climb.table), step(fb)
+        tried.append((fb, choice, (climb.score, climb.edits, climb.built, list(climb.kept)), climb.table[rows:]))
+        if climb.met:
+            break
+    best = tried[-1] if climb.met else max(tried, key=lambda t: climb.quality(t[2][0]))  # max keeps the first of equals
+    climb.score, climb.edits, climb.built, climb.kept = best[2]
+    for fb, _, _, rows in tried:
+        for r in rows:
+            if fb != best[0] and r.outcome.startswith("kept"):
+                r.outcome += f"; undone: {best[0]} {'meets the target' if climb.met else 'scores better'}"
+    return best[1]
 
 
 def _keep_float(climb: _Climb, state: State, row: Row, outcome: str) -> None:
