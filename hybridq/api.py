@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from . import default_model, fold, infinite, recurrent
-from ._fs import check_not_input, check_output_dir, check_output_file
+from ._fs import check_not_input, check_output_dir, check_output_file, output_target
 from .artifacts import check_order, check_step1_outputs, edited_cfg_entries, fp32_source_at, read_step1, save_model_atomic, why_edits_do_not_apply, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration_job import calibrate_dataset
@@ -283,7 +283,7 @@ def step2(
     except Exception as exc:
         raise HybridqError(f"The quantized model failed the ONNX checker ({str(exc).splitlines()[0]}); this is a hybridq bug, please report it with --debug output.") from exc
     if is_large(rewrite.model):  # its weights go to `<output>.data`
-        check_not_input(f"{out_path}.data", inputs, "weights file of the step2 output")
+        check_not_input(f"{output_target(out_path)}.data", inputs, "weights file of the step2 output")  # beside a link's target
     save_model_atomic(rewrite.model, out_path)
     size_fp32 = model_bytes(temp)
     return Step2Result(
@@ -551,7 +551,8 @@ def propose(
     cfg_path = Path(cfg)
     siblings = step1_siblings(cfg_path)
     if siblings is None and not cfg_path.is_file():
-        raise InputError(f"cfg '{cfg_path}' does not exist; pass the <name>.quantization.cfg step1 wrote.")
+        what = "is not a regular file" if cfg_path.exists() else "does not exist"
+        raise InputError(f"cfg '{cfg_path}' {what}; pass the <name>.quantization.cfg step1 wrote.")
     if siblings is None:
         raise InputError(f"'{cfg_path}' is not a step1 cfg (no `hybridq:` header); pass the <name>.quantization.cfg step1 wrote.")
     model_path, data_path = siblings

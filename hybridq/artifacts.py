@@ -301,6 +301,8 @@ def read_step1(model_path: str | Path, data_path: str | Path, cfg_model_sha: str
     if not model_path.is_file():
         state = "is not a file" if model_path.exists() else "does not exist"
         raise InputError(f"Temp model '{model_path}' {state}. Pass the <name>.model written by step1.")
+    if data_path.exists() and not data_path.is_file():  # a FIFO would be read forever; a missing file is read_meta's to name
+        raise InputError(f"Data file '{data_path}' is not a file. Pass the <name>.data written by step1.")
     meta = read_meta(data_path)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ArtifactMismatchError(f"'{data_path}' has format version {meta.get('format_version')}, this hybridq reads {FORMAT_VERSION}. Re-run step1.")

@@ -331,6 +331,8 @@ def load_cfg(path: str | Path) -> Cfg:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"Config file '{p}' does not exist. step1 writes it as <name>.quantization.cfg.")
+    if not p.is_file():  # a directory, FIFO or device: reading a FIFO would wait for a writer forever
+        raise ConfigError(f"Config file '{p}' is not a regular file; give the path of the <name>.quantization.cfg step1 wrote.")
     try:
         data = p.read_bytes()
     except OSError as exc:

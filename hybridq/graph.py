@@ -65,6 +65,8 @@ def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.Mod
         raise ModelError(f"Model file '{p}' does not exist. Check the path, or run `hybridq step1` first if it is a step1 artifact.")
     if p.is_dir():
         raise ModelError(f"Model path '{p}' is a directory; give the path of an .onnx file.")
+    if not p.is_file():  # a FIFO or device: reading a FIFO would wait for a writer forever
+        raise ModelError(f"Model path '{p}' is not a regular file (a FIFO or device); give the path of an .onnx file.")
     model = read_onnx(p, load_external_data=load_external_data)
     if not model.graph.node:
         raise ModelError(f"Model file '{p}' holds no graph nodes; it is empty or not an ONNX model.")

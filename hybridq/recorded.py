@@ -128,7 +128,9 @@ def step1_siblings(path: str | Path) -> tuple[Path, Path] | None:
 
 
 def _has_cfg_header(path: Path) -> bool:
-    """True for a text file whose first 64 KiB hold the cfg's top-level `hybridq:` line."""
+    """True for a text file whose first 64 KiB hold the cfg's top-level `hybridq:` line (a FIFO or device is not read)."""
+    if not path.is_file():
+        return False
     try:
         with open(path, "rb") as f:
             head = f.read(65536)

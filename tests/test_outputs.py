@@ -265,3 +265,19 @@ def test_rknn_cfg_export_refuses_to_write_onto_the_hybridq_cfg(ws: Path, capsys:
     text = _clean(capsys, USAGE, "rknn-cfg", "export", cfg, "-o", cfg)
     assert str(cfg) in text and "same file" in text
     assert cfg.read_bytes() == before
+
+
+def test_a_fifo_given_as_the_cfg_or_the_model_is_refused_not_read(ws: Path, capsys: pytest.CaptureFixture) -> None:
+    """Reading a FIFO waits for a writer forever: propose --cfg and step1's model are refused, naming the path."""
+    fifo = ws / "pipe.cfg"
+    os.mkfifo(fifo)
+    text = _clean(capsys, USAGE, "propose", "--cfg", fifo, "-d", ws / "data" / "dataset.txt")
+    assert str(fifo) in text and "not a regular file" in text
+    model = ws / "pipe.onnx"
+    os.mkfifo(model)
+    text = _clean(capsys, USAGE, "step1", model, "-d", ws / "data" / "dataset.txt", "--out", ws / "p")
+    assert str(model) in text and "not a regular file" in text
+    data = ws / "pipe.data"
+    os.mkfifo(data)
+    text = _clean(capsys, USAGE, "step2", ws / "ws" / "cnn.model", data, ws / "ws" / "cnn.quantization.cfg", "-o", ws / "q.onnx")
+    assert str(data) in text and "not a file" in text
