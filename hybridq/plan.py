@@ -30,7 +30,7 @@ class Slots:
     """Which inputs of a node are activations to quantize, which is a weight (and its channel axis), which a bias."""
 
     activations: tuple[int, ...]
-    weight: tuple[int, int] | None = None
+    weight: tuple[int, int | None] | None = None  # (input, channel axis; None: per tensor only)
     bias: int | None = None
     quantize_output: bool = True
     all_outputs: bool = False  # every float output gets Q/DQ (Split), not only the first
@@ -63,14 +63,12 @@ def _conv(node: onnx.NodeProto, g: GraphView) -> Slots | None:
 
 def _conv_transpose(node: onnx.NodeProto, g: GraphView) -> Slots | None:
     # Weights are [Cin, Cout / group, kH, kW]: output channels run along axis 1, and only
-    # with group == 1 does a per-axis-1 scale line up with the bias (int32 scale s_x * s_w[c]).
+    # with group == 1 does a per-axis-1 scale line up with the bias (int32 scale s_x * s_w[c]): grouped, per tensor.
     if len(node.input) < 2 or node.input[1] not in g.inits:
         return None
     group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    if group != 1:
-        return Slots((0,), None)
     bias = 2 if len(node.input) > 2 and node.input[2] in g.inits else None
-    return Slots((0,), (1, 1), bias)
+    return Slots((0,), (1, 1 if group == 1 else None), bias)
 
 
 def _gemm(node: onnx.NodeProto, g: GraphView) -> Slots | None:
