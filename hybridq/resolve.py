@@ -9,7 +9,7 @@ statistics. No model is run.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -141,7 +141,7 @@ def resolve(
         sym = (v.get("qtype", "sym" if tp.symmetric else "asym") == "sym")
         if "qtype" not in edited and "qtype" in changed_settings:
             sym = settings.qtype == "sym"
-        _check_entry(res, where, t, v, edited, dtype)
+        _check_entry(res, where, t, v, edited, dtype, lambda: compute_range(obs, v["algorithm"], levels(dtype), settings.percentile, t))
         if {"min", "max", "scale", "zero_point"} & edited:
             res.edited.add(t)
         # SPEC 3: an edited scale/zero_point is honoured, min/max edited beside it or not (a warning when they disagree)
@@ -185,7 +185,8 @@ def resolve(
     return res
 
 
-def _check_entry(res: Resolution, where: str, t: str, v: dict[str, Any], edited: set[str], dtype: str) -> None:
+def _check_entry(res: Resolution, where: str, t: str, v: dict[str, Any], edited: set[str], dtype: str,
+                 algorithm_range: Callable[[], tuple[Any, Any]]) -> None:
     """Refuse an activation edit nothing can honour; warn of one another edit overrides (never silence)."""
     if "qmethod" in edited and v["qmethod"] == "channel":
         raise ConfigError(f"{where}: activation '{t}' has qmethod channel, but activations are quantized per tensor "
@@ -193,8 +194,27 @@ def _check_entry(res: Resolution, where: str, t: str, v: dict[str, Any], edited:
     if "dtype" in edited and v["dtype"] != dtype:
         res.warnings.append(f"{where}: '{t}' dtype {v['dtype']} has no effect: a layer that writes or reads it runs {dtype} "
                             "in custom_quantize_layers, which sets the tensors around it.")
-    if {"min", "max"} & edited and "algorithm" in edited:
+    if {"min", "max"} & edited and "algorithm" in edited and not _is_range_of(v, algorithm_range):
         res.warnings.append(f"{where}: '{t}' algorithm {v['algorithm']} has no effect: the min/max edited beside it are used.")
+    if {"scale", "zero_point"} & edited and {"algorithm", "qtype", "dtype"} & edited and not _scale_of_range(v, dtype):
+        res.warnings.append(f"{where}: '{t}' scale/zero_point edit has no effect: the {'/'.join(sorted({'algorithm', 'qtype', 'dtype'} & edited))} "
+                            "edited beside it sets them; edit min/max to set the range, or leave the others as written.")
+
+
+def _scale_of_range(v: dict[str, Any], dtype: str) -> bool:
+    """Are the entry's scale/zero_point those of its own min/max (as the proposal writes them)?"""
+    if not {"min", "max", "scale", "zero_point"} <= set(v):
+        return False
+    qp = compute_qparams(np.array(v["min"][:1]), np.array(v["max"][:1]), dtype, v.get("qtype") == "sym")
+    return bool(np.allclose(np.ravel(qp.scale), v["scale"][:1], rtol=1e-5)) and [int(z) for z in np.ravel(qp.zero_point)] == [int(z) for z in v["zero_point"][:1]]
+
+
+def _is_range_of(v: dict[str, Any], algorithm_range: Callable[[], tuple[Any, Any]]) -> bool:
+    """Are the entry's min/max the range its algorithm gives (a proposal's range fix writes both), to the cfg's digits?"""
+    if "min" not in v or "max" not in v:
+        return False
+    lo, hi = algorithm_range()
+    return bool(np.allclose([float(np.ravel(lo)[0]), float(np.ravel(hi)[0])], [v["min"][0], v["max"][0]], rtol=1e-5, atol=1e-7))
 
 
 def _edited_range(res: Resolution, where: str, t: str, lo: list[float] | None, hi: list[float] | None,

@@ -125,6 +125,14 @@ def test_scale_and_min_max_edited_together_use_the_scale_and_say_so_when_they_di
     assert not any("contradicts" in w for w in agreed.warnings)
 
 
+def test_a_scale_edit_beside_an_algorithm_edit_is_said_to_have_no_effect(built, cnn_ws):
+    r1, _ = built
+    r1.cfg.write_text(_edit_entry(_edit_entry(r1.cfg.read_text(), "r2", "algorithm", "percentile"), "r2", "scale", "[0.05]"))
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "alg.onnx")
+    assert _inits(res.output)["r2_scale"] != np.float32(0.05)
+    assert any("'r2' scale/zero_point edit has no effect" in w and "algorithm" in w for w in res.warnings), res.warnings
+
+
 def test_a_range_that_misses_every_observed_value_is_built_with_a_warning_naming_the_line(built, cnn_ws):
     """The sweep's edit: a Relu output given [-2, -1] quantized every value to 0, with no word."""
     r1, _ = built

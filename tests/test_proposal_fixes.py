@@ -396,3 +396,11 @@ def test_ranges_clamped_where_a_hard_swish_saturates_are_a_verified_cpu_candidat
     assert [r.outcome for r in p.table if r.fix.startswith("ranges clamped at saturating readers")][:1] == ["kept"], p.table
     assert p.entries["c"]["min"][0] == pytest.approx(entry["min"][0]) and not p.layers  # in the cfg, with no float layer
     assert "its readers" in Path(r2.cfg).read_text()
+    # the cfg agrees with itself: the scale/zero_point written beside the new range are what step2 uses, with no warning
+    from onnx import numpy_helper
+
+    built = api.step2(r2.model, r2.data, r2.cfg, tmp_path / "q.onnx")
+    assert not [w for w in built.warnings if "no effect" in w or "contradicts" in w], built.warnings
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(built.output)).graph.initializer}
+    written = load_cfg(r2.cfg).entries["c"].values
+    assert float(inits["c_scale"]) == pytest.approx(written["scale"][0], rel=1e-6) and int(inits["c_zero_point"]) == written["zero_point"][0]

@@ -22,7 +22,7 @@ from ..observers import HistogramObserver, compute_range
 from ..patterns import hard_swish_floors, saturation_ranges
 from ..targets import floored
 from ..plan import GraphView, QuantPlan
-from ..qparams import levels
+from ..qparams import compute_qparams, levels
 from ..settings import Settings
 from .ranker import ChannelStats
 
@@ -76,6 +76,14 @@ def _floats(values) -> list[float]:
     return [short_float(float(v)) for v in np.asarray(values, np.float64).reshape(-1)]
 
 
+def _ranged(cur: dict[str, Any], lo: float, hi: float, **more: Any) -> dict[str, Any]:
+    """The entry with range [lo, hi] and the scale/zero_point step2 computes from it, so the cfg agrees with itself."""
+    (lo,), (hi,) = _floats([lo]), _floats([hi])  # as written: step2 computes from these
+    qp = compute_qparams(np.array([lo]), np.array([hi]), cur.get("dtype", "uint8"), cur.get("qtype") == "sym")
+    cur.update(min=[lo], max=[hi], scale=_floats(qp.scale), zero_point=[int(z) for z in np.ravel(qp.zero_point)], **more)
+    return cur
+
+
 def range_fix(ctx: Context, edits: Edits, algorithm: str) -> list[Candidate]:
     """One candidate: every tensor whose `algorithm` range is narrower than its current one takes it."""
     cand = Candidate("range", f"{algorithm} ranges")
@@ -88,7 +96,7 @@ def range_fix(ctx: Context, edits: Edits, algorithm: str) -> list[Candidate]:
         old_lo, old_hi = cur["min"][0], cur["max"][0]
         width, narrow = max(old_hi, 0.0) - min(old_lo, 0.0), max(hi, 0.0) - min(lo, 0.0)
         if narrow > 0 and width / narrow >= WIDER:
-            cur.update(algorithm=algorithm, min=_floats([lo]), max=_floats([hi]))
+            _ranged(cur, lo, hi, algorithm=algorithm)
             cand.entries[t] = cur
             cand.comments[t] = f"proposal: range [{old_lo:.4g}, {old_hi:.4g}] -> [{lo:.4g}, {hi:.4g}] ({algorithm})"
     cand.label = f"{algorithm} ranges on {len(cand.entries)} tensor(s)"
@@ -115,8 +123,7 @@ def clamp_fix(ctx: Context, edits: Edits) -> list[Candidate]:
         old_lo, old_hi = cur["min"][0], cur["max"][0]
         if lo <= old_lo and hi >= old_hi:
             continue
-        cur.update(min=_floats([lo]), max=_floats([hi]))
-        cand.entries[t] = cur
+        cand.entries[t] = _ranged(cur, lo, hi)
         readers = "HardSwish" if t in swish else ", ".join(sorted({n.op_type for n in ctx.graph.consumer_nodes(t)}))
         cand.comments[t] = (f"proposal: range [{old_lo:.4g}, {old_hi:.4g}] -> [{lo:.4g}, {hi:.4g}]: its readers ({readers}) "
                             f"give one output outside [{b_lo:.4g}, {b_hi:.4g}]")
@@ -183,8 +190,7 @@ def clip_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candidate]
     cur = ctx.entry(edits, t)
     if not cur or hi <= lo:
         return []
-    cur.update(min=_floats([lo]), max=_floats([hi]))
-    cur.pop("equalize", None)
+    _ranged(cur, lo, hi).pop("equalize", None)
     chans = ", ".join(str(int(c)) for c in out[:6]) + (" ..." if out.size > 6 else "")
     comment = (f"proposal: clipped to [{lo:.4g}, {hi:.4g}], the range of its ordinary channels; "
                f"channel(s) {chans} reach {stats.absmax[out].max():.4g} and saturate")
@@ -206,7 +212,7 @@ def equalize_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candid
     cur = ctx.entry(edits, t)
     if not cur:
         return []
-    cur.update(min=_floats([lo]), max=_floats([hi]), equalize=_floats(scales))
+    _ranged(cur, lo, hi, equalize=_floats(scales))
     out = stats.outliers()
     comment = (f"proposal: equalized: channel c divided by equalize[c] here and multiplied into "
                f"{', '.join(site.readers)}'s weights (largest scale {scales.max():.4g}, channel {int(np.argmax(scales))}); "
