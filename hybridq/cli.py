@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import inspect
 import json
+import math
 import os
 import signal
 import sys
@@ -320,6 +321,8 @@ def analyze(
     State.quiet, State.json = quiet, as_json
     if not 0.0 < target_cosine <= 1.0:
         raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}.")
+    if not math.isfinite(target_snr):
+        raise InputError(f"--target-snr must be a finite number of dB, got {target_snr}; use e.g. 20.")
     if from_dir is not None:
         ignored = [name for name, given in (("FLOAT_MODEL", float_model), ("QUANT_MODEL", quant_model), ("--samples", samples),
                                             ("--max-bytes", max_bytes), ("--runtime", runtime), ("--host-int8", host_int8),
@@ -365,7 +368,7 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
     if v.command:
         lines.append(f"Command: {v.command}")
     lines += [f"note: {n}" for n in getattr(result, "notes", [])]
-    if len(result.runtime) > 1:
+    if result.runtime:
         from .analysis.results import runtime_departures
 
         bad = runtime_departures(result.runtime, target_cosine, target_snr)

@@ -78,7 +78,7 @@ def runtime_table(result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, 
     ids = {id(r) for r in bad}
     rows = (bad + [r for r in result.runtime if id(r) not in ids])[:top]
     title = f"runtime: {result.runtime[0].runtime}" if result.runtime else "runtime"
-    if len(result.runtime) > 1:
+    if result.runtime:
         title += f" ({len(bad)} of {len(result.runtime)} tensors depart from the simulation)"
     t = Table(title=title, show_edge=False)
     for c in ("tensor", "vs fp32 cos", "vs fp32 SNR dB", "vs simulator cos", "vs simulator SNR dB", "max abs vs simulator"):

@@ -171,9 +171,13 @@ def test_strict_exit_code(capsys, head) -> None:
     code, out, err = cli(capsys, "analyze", head["fp32"], head["input"], "-d", head["dataset"], "--strict",
                          "--target-snr", str(tight), "--json")
     assert code == 3 and json.loads(out)["verdict"]["thresholds"]["snr_db"] == tight
+    assert f"--target-snr {tight!r}" in json.loads(out)["verdict"]["command"]  # the next step aims at the same threshold
     # a bad threshold is a usage error
     code, out, err = cli(capsys, "analyze", head["fp32"], head["input"], "-d", head["dataset"], "--target-cosine", "1.5")
     assert code == 2 and "--target-cosine" in err and "Traceback" not in err
+    for bad in ("nan", "inf"):
+        code, out, err = cli(capsys, "analyze", head["fp32"], head["input"], "-d", head["dataset"], "--target-snr", bad)
+        assert code == 2 and "--target-snr" in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- hand-made results

@@ -138,7 +138,8 @@ def judge(
     command = " ".join(
         ["hybridq", "propose", *([shlex.quote(snapshot)] if snapshot else []),
          "--cfg", shlex.quote(cfg) if cfg else "MODEL.quantization.cfg",
-         "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", repr(float(cos_threshold))]
+         "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", repr(float(cos_threshold)),
+         *(["--target-snr", repr(float(snr_threshold))] if snr_threshold != SNR_THRESHOLD else [])]  # a threshold the user set
     )
     cfg_entry = None
     if any(OTHER_SOURCE in n for n in result.notes):
