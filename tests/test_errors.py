@@ -781,6 +781,8 @@ def test_analyze_swapped_models_and_samples_the_model_cannot_run_are_usage_error
     hybridq.step2(*ws.artifacts, ws.root / "q.onnx")
     q = ws.root / "q.onnx"
     assert_clean(hq(capsys, "analyze", q, ws.model, "--dataset", ws.dataset), USAGE, "other way round")
+    # the quantized model twice: measured against a quantized reference it read "OK, cos 1.0"
+    assert_clean(hq(capsys, "analyze", q, q, "--dataset", ws.dataset, "--strict"), USAGE, "fp32 model step1 was given")
     # a model with free input dims that runs on 16x16 only (a Reshape to 3 x 256): 20x20 samples pass the loader
     from onnx import TensorProto, helper, numpy_helper
 

@@ -132,3 +132,15 @@ def test_a_runtime_folder_that_is_not_one_is_a_clear_error(tmp_path, capsys):
             main(["analyze", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "-d", str(listing), "--runtime", str(folder)])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and words in " ".join(err.split()) and "Traceback" not in err
+    # an RKNN folder of another model's tensors: refused (it gave exit 0, no runtime column and a note)
+    other = tmp_path / "other"
+    for tree in ("golden", "simulator", "runtime"):
+        (other / tree / "npy").mkdir(parents=True)
+        for i in range(3):
+            np.save(other / tree / "npy" / f"backbone_conv{i}_Conv_output_0.npy", np.ones((1, 8, 4, 4), np.float32))
+    (other / "map_name_to_file.txt").write_text("layer_name  file_name\n----\n" + "".join(
+        f"/backbone/conv{i}/Conv_output_0  backbone_conv{i}_Conv_output_0.txt\n" for i in range(3)))
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "-d", str(listing), "--runtime", str(other)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exc.value.code == 2 and "None of the 3 tensors dumped" in err and "/backbone/conv0/Conv_output_0" in err

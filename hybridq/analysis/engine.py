@@ -185,6 +185,9 @@ def _models(float_model: str | os.PathLike[str] | onnx.ModelProto, quant_model: 
     if _quantized(fm) and not _quantized(qm):
         raise InputError("the float model holds quantized operators (QuantizeLinear/DequantizeLinear or integer kernels) and "
                          "the quantized model none: the two are given the other way round. Give the fp32 model first, then the quantized one.")
+    if _quantized(fm):  # two quantized models: every error would be measured against a quantized reference (q vs q: "OK")
+        raise InputError("the float model holds quantized operators (QuantizeLinear/DequantizeLinear or integer kernels): analyze "
+                         "measures a quantized model against its fp32 original. Give the fp32 model step1 was given first.")
     return fm, qm
 
 

@@ -106,6 +106,11 @@ class DeviceSink:
         """Keep the measured tensors the device dumped, in graph order."""
         self.names = [t for t in tensors if t in self.device.files]
         self.unmatched = [t for t in self.device.files if t not in set(tensors)]
+        if self.unmatched and not self.names:  # tensors of another model: a runtime column of nothing, said in a note only
+            shown = ", ".join(repr(t) for t in self.unmatched[:3]) + (" ..." if len(self.unmatched) > 3 else "")
+            raise InputError(f"None of the {len(self.unmatched)} tensors dumped in the --runtime folder ({shown}) is a tensor "
+                             f"this analysis compares (e.g. {', '.join(repr(t) for t in tensors[:3])}): is the folder from "
+                             "this model? Dump the device tensors of the model you analyse, named as in its graph.")
         self.acc = {t: (Accumulator(), Accumulator()) for t in self.names}
 
     def add_sample(self, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
