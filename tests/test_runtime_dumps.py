@@ -102,6 +102,7 @@ def test_the_runtime_column_reads_an_rknn_folder_of_board_tensors(tmp_path, caps
     # the same folder rendered by itself (--from) carries the board's column too
     again = api.load_snapshot(rk)
     assert {r.tensor: round(r.vs_simulator.cosine, 6) for r in again.runtime}[victim] == -1.0
+    assert any("does not say which tensors are the model's outputs" in n and names[-1] in n for n in again.notes)
 
 
 @pytest.mark.parametrize("per", ["layer", "output"])

@@ -186,4 +186,7 @@ def rknn_folder_result(root: Path) -> AnalysisResult:
                      if first is not None else "runtime/ (the board) agrees with the simulator on every tensor")
     runtime = [RuntimeRow(m.name, f"RKNN board tensors ({root / 'runtime'})", m.runtime, m.runtime_vs_simulator)
                for m in rows if m.runtime is not None and m.runtime_vs_simulator is not None]
+    if layers:  # the folder lists tensors, not which of them the model outputs
+        notes.append(f"RKNN's folder does not say which tensors are the model's outputs: the verdict judges the last one in "
+                     f"graph order, {layers[-1].tensor}; read the table for the others (a model with several outputs).")
     return AnalysisResult(layers, [layers[-1].tensor] if layers else [], 1, notes, runtime=runtime)
