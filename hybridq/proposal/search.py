@@ -253,6 +253,7 @@ def search(
         _free_fixes(climb, samples, session)
         choice = ", ".join(c.label for c in climb.kept) or f"{started_from} already meets the target; nothing to change"
     elif _zero_cost_fixes(climb, samples, session):
+        _free_fixes(climb, samples, session)  # met part way up: the rest is a free gain, so proposing again changes nothing
         choice = ", ".join(c.label for c in climb.kept)
     else:
         _fit_with_floats(climb, samples, session)
@@ -443,10 +444,8 @@ def _fallback_steps(climb: _Climb, fallbacks: tuple[str, ...], step: Callable[[s
             break
     best = tried[-1] if climb.met else max(tried, key=lambda t: climb.quality(t[2][0]))  # max keeps the first of equals
     climb.score, climb.edits, climb.built, climb.kept = best[2]
-    for fb, _, _, rows in tried:
-        for r in rows:
-            if fb != best[0] and r.outcome.startswith("kept"):
-                r.outcome += f"; undone: {best[0]} {'meets the target' if climb.met else 'scores better'}"
+    for r in (r for fb, _, _, rows in tried if fb != best[0] for r in rows if r.outcome.startswith("kept")):
+        r.outcome += f"; undone: {best[0]} {'meets the target' if climb.met else 'scores better'}"
     return best[1]
 
 
