@@ -169,9 +169,9 @@ def render(rows: list[dict], eval_limit: int | None, fidelity_rows: list[dict] |
                      f">= {GOAL[r['model']]:.3f}, fewer float16 layers | {r.get('seconds', '')} |")
     lines += [
         "",
-        "hybridq's proposal here is the plain CLI one (`--target npu --proposal`, float16 fallback by default on npu: output cosine target 0.99, float "
+        "hybridq's proposal here is the plain CLI one (`--target npu --proposal`, int16 then float16 layers by default on npu: output cosine target 0.99, float "
         "budget 5 % of the quantized layers), not a task-metric search; RKNN's used its cosine threshold 0.98. "
-        "A proposal row with `(0)` met its target (or stopped) with range, clip and bias fixes only: no float16 layer.",
+        "A proposal row with `(0)` met its target (or stopped) with range, clip and bias fixes only: no layer taken out of int8.",
         *(render_fidelity(fidelity_rows) if fidelity_rows else []),
         "",
         end,
