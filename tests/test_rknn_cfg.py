@@ -306,6 +306,12 @@ def test_export_reports_weights_and_unknown_tensors(ws, tmp_path):
 def test_export_without_template_or_output_is_an_input_error(ws, tmp_path):
     with pytest.raises(InputError, match="--template"):
         export_rknn_cfg(ws["cfg"], tmp_path / "nothere.quantization.cfg")
+    # another model's template: refused, as import refuses it (it wrote the template unchanged, exit 0)
+    other = tmp_path / "other.quantization.cfg"
+    other.write_text(rknn_cfg_text({f"/backbone/conv{i}/Conv_output_0": v for i, v in enumerate(RKNN_ENTRIES.values())}, {}))
+    with pytest.raises(InputError, match="same ONNX model"):
+        export_rknn_cfg(ws["cfg"], tmp_path / "x.quantization.cfg", template=other)
+    assert not (tmp_path / "x.quantization.cfg").exists()
 
 
 def test_round_trip_through_hybridq_keeps_rknn_cfg(ws, tmp_path):

@@ -486,6 +486,10 @@ def export_rknn_cfg(
     r = read_rknn_cfg(src)
     h = _open_hybridq(cfg)
     res = RknnExportResult(output=out)
+    names = [str(n) for n in r.data["quantize_parameters"]]
+    if names and not any(n in h.parsed.entries for n in names):  # as import refuses: the decisions would all be lost
+        raise InputError(f"No tensor of '{src}' ({len(names)}, e.g. '{names[0]}') is one of '{h.cfg}': is it the RKNN "
+                         "cfg of the same ONNX model? Nothing was written.")
     known = {str(k) for k in r.data["quantize_parameters"]} | {str(k) for k in r.data["custom_quantize_layers"]}
     current = {str(k): v for k, v in r.data["custom_quantize_layers"].items()}
     layers, resolutions = resolve_layer_names(h.parsed.custom, h.parsed.custom_lines, str(h.cfg), h.model, h.meta)
