@@ -145,3 +145,20 @@ def test_a_runtime_folder_that_is_not_one_is_a_clear_error(tmp_path, capsys):
         main(["analyze", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "-d", str(listing), "--runtime", str(other)])
     err = " ".join(capsys.readouterr().err.split())
     assert exc.value.code == 2 and "None of the 3 tensors dumped" in err and "/backbone/conv0/Conv_output_0" in err
+
+
+def test_a_single_dumped_tensor_that_departs_is_counted(tmp_path, capsys):
+    """One runtime tensor (a single-output model, `--runtime` per output): its departure is still counted and named."""
+    listing, manifest = _snapshot(tmp_path)
+    name = [t for t, v in manifest["tensors"].items() if v.get("quant")][-1]
+    rk = tmp_path / "rknn"
+    v = manifest["tensors"][name]
+    fp, q = np.load(tmp_path / "snap" / v["fp32"])[:1], np.load(tmp_path / "snap" / v["quant"])[:1]
+    for tree, arr in (("golden", fp), ("simulator", q), ("runtime", -q)):
+        (rk / tree / "npy").mkdir(parents=True)
+        np.save(rk / tree / "npy" / f"{file_stem(name)}.npy", arr)
+    (rk / "map_name_to_file.txt").write_text(f"layer_name  file_name\n----\n{name}  {file_stem(name)}.txt\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), "-d", str(listing), "--runtime", str(rk)])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0 and "1 of 1 tensor(s) depart from the simulation" in out and name in out
