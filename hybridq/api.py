@@ -254,8 +254,8 @@ def step2(
     check_not_input(output, inputs, "step2 output (-o)")
     parsed = load_cfg(cfg)
     bundle = read_step1(model, data, parsed.header.get("model_sha256"), cfg)
-    inputs.update(fp32_source_at(Path(output), bundle.meta))
-    check_not_input(output, inputs, "step2 output (-o)")
+    inputs.update(source := fp32_source_at(Path(output), bundle.meta))
+    check_not_input(output, source, "step2 output (-o)")  # the three above were checked before they were read
     parsed = parsed.with_recorded(bundle.meta.get("written_settings", {}))
     temp = bundle.model
     known = set(bundle.meta.get("written_entries", {})) | set(bundle.observers) | {i.name for i in temp.graph.initializer}

@@ -98,7 +98,7 @@ def fp32_source_at(output: Path, meta: dict[str, Any]) -> dict[str, Path]:
     with contextlib.suppress(OSError):
         if recorded and os.path.samefile(output, recorded):
             return {"the fp32 model step1 was given": Path(recorded)}
-        if output.is_file() and sha256_file(output) == meta.get("source_sha256"):
+        if meta.get("source_sha256") and output.is_file() and sha256_file(output) == meta["source_sha256"]:
             return {f"the fp32 model step1 was given (by its bytes; step1 read it as '{recorded}')": output}
     return {}
 

@@ -136,7 +136,7 @@ class Dataset:
         for k, (spec, path) in enumerate(zip(self.inputs, paths)):
             sample[spec.name], conversions = self._load(spec, path, line)
             for what, how in conversions:
-                self._converted.setdefault((what, how), {})[path] = None
+                self._count_conversion(what, how, path)
                 if self._read is not None:
                     self._read.append((what, how, index, k))
         return sample
@@ -154,7 +154,11 @@ class Dataset:
     def add_conversions(self, read: Iterable[ConversionRead]) -> None:
         """Count the conversions another copy of this dataset read (a worker's `take_conversions`) as if read here."""
         for what, how, index, k in read:
-            self._converted.setdefault((what, how), {})[self._entries[index][1][k]] = None
+            self._count_conversion(what, how, self._entries[index][1][k])
+
+    def _count_conversion(self, what: str, how: str, path: Path) -> None:
+        """One file that needed this conversion (each file once, in first-read order)."""
+        self._converted.setdefault((what, how), {})[path] = None
 
     def samples(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Load the first `limit` samples (all when None), one at a time."""

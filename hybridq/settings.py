@@ -131,11 +131,10 @@ QUANTIZE_OP_TYPES = (
 
 def _check_quantize_ops(ops: list[str], where: str) -> None:
     """Every quantize_ops entry must be an op type some target quantizes: a typo ('Gem') would leave those layers float in silence."""
-    known = QUANTIZE_OP_TYPES
     for op in ops:
-        if op not in known:
-            raise ConfigError(f"{where}: quantize_ops lists {op!r}, which is not an op type hybridq quantizes.{did_you_mean(op, known)} "
-                              f"Op types are case-sensitive ONNX names; the quantizable ones are: {', '.join(known)}.")
+        if op not in QUANTIZE_OP_TYPES:
+            raise ConfigError(f"{where}: quantize_ops lists {op!r}, which is not an op type hybridq quantizes.{did_you_mean(op, QUANTIZE_OP_TYPES)} "
+                              f"Op types are case-sensitive ONNX names; the quantizable ones are: {', '.join(QUANTIZE_OP_TYPES)}.")
 
 
 INT4_ROUNDINGS = ("rtn", "gptq")
