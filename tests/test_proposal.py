@@ -82,7 +82,7 @@ def test_a_free_fix_within_the_resolution_is_not_kept_when_the_target_is_met():
     from hybridq.build import Edits
     from hybridq.proposal.evaluator import Evaluator, OutputScore, Score
     from hybridq.proposal.fixes import Candidate
-    from hybridq.proposal.search import _Climb
+    from hybridq.proposal.climb import Climb
 
     def score(err: float) -> Score:
         return Score({"y": OutputScore(1 - err, 20.0, 1 - err, 20.0, None)}, task=None, flips=0, decisions=0)
@@ -95,7 +95,7 @@ def test_a_free_fix_within_the_resolution_is_not_kept_when_the_target_is_met():
     build = lambda edits: SimpleNamespace(model=next(iter(edits.layers.values()), ""))
     ctx = SimpleNamespace(temp=onnx.ModelProto())
     for label, kept in (("near", False), ("far", True)):
-        climb = _Climb(ctx, ev, build, Edits(), build(Edits()), "the default quantization")
+        climb = Climb(ctx, ev, build, Edits(), build(Edits()), "the default quantization")
         assert climb.try_each("range", [Candidate("range", label, layers={"x": label})], clearly=True) is kept
         assert climb.table[-1].outcome == ("kept" if kept else "no clear gain")
         assert not climb.try_each("bias", [Candidate("bias", "worse", layers={"x": ""})], clearly=True)
@@ -110,7 +110,8 @@ def test_below_the_target_float_layers_are_bought_only_for_a_gain_the_measure_re
 
     from hybridq.build import Edits
     from hybridq.proposal.evaluator import Evaluator, OutputScore, Score
-    from hybridq.proposal.search import _Climb, _float_step
+    from hybridq.proposal.climb import Climb
+    from hybridq.proposal.search import _float_step
 
     def score(err: float) -> Score:
         return Score({"y": OutputScore(1 - err, 20.0, 1 - err, 20.0, None)}, task=None, flips=0, decisions=0)
@@ -122,7 +123,7 @@ def test_below_the_target_float_layers_are_bought_only_for_a_gain_the_measure_re
         ev.target, ev._eval = Target(cosine=0.999), None
         ev.score = lambda model, limit=None, scores=scores: scores[model]
         build = lambda edits: SimpleNamespace(model="".join(sorted(edits.layers)))
-        climb = _Climb(SimpleNamespace(temp=onnx.ModelProto()), ev, build, Edits(), build(Edits()), "the default quantization")
+        climb = Climb(SimpleNamespace(temp=onnx.ModelProto()), ev, build, Edits(), build(Edits()), "the default quantization")
         choice = _float_step(climb, ranked, ["a", "b"], 0, "float16", {"a": 1.0, "b": 1.0}, 100.0)
         assert not climb.met and "target NOT met" in choice
         if kept:  # 'a' alone is within the resolution of the best ('ab') and one layer cheaper
@@ -142,7 +143,7 @@ def test_prune_does_not_score_again_a_fix_found_needed_among_the_same_fixes():
     from hybridq.build import Edits
     from hybridq.proposal.evaluator import Evaluator, OutputScore, Score
     from hybridq.proposal.fixes import Candidate
-    from hybridq.proposal.search import _Climb
+    from hybridq.proposal.climb import Climb
 
     def score(err: float) -> Score:
         return Score({"y": OutputScore(1 - err, 20.0, 1 - err, 20.0, None)}, task=None, flips=0, decisions=0)
@@ -153,7 +154,7 @@ def test_prune_does_not_score_again_a_fix_found_needed_among_the_same_fixes():
     ev.target, ev._eval = Target(cosine=0.99), None
     ev.score = lambda model, limit=None: scored.append(model) or scores[model]
     build = lambda edits: SimpleNamespace(model="".join(sorted(edits.layers.values())))
-    climb = _Climb(SimpleNamespace(temp=onnx.ModelProto()), ev, build, Edits(), build(Edits()), "the default quantization")
+    climb = Climb(SimpleNamespace(temp=onnx.ModelProto()), ev, build, Edits(), build(Edits()), "the default quantization")
     a, b, c = (Candidate("range", k, layers={k.lower(): k}) for k in "ABC")
     climb.kept, climb.edits, climb.score = [a, b], b.onto(a.onto(Edits(), None), None), scores["AB"]
     scored.clear()

@@ -96,14 +96,15 @@ def test_float_sets_grow_worst_first_by_doubling_then_bisect_to_the_fewest_that_
 
     from hybridq.build import Edits
     from hybridq.proposal.evaluator import Evaluator, OutputScore, Score, Target
-    from hybridq.proposal.search import _Climb, _float_step, _sizes
+    from hybridq.proposal.climb import Climb
+    from hybridq.proposal.search import _float_step, _sizes
 
     assert _sizes(1) == [1] and _sizes(5) == [1, 2, 4, 5] and _sizes(8) == [1, 2, 4, 8]
 
     def score(err: float) -> Score:
         return Score({"y": OutputScore(1 - err, 20.0, 1 - err, 20.0, None)}, task=None, flips=0, decisions=0)
 
-    def climb_over(errors: dict[str, float]) -> tuple[_Climb, list[str]]:
+    def climb_over(errors: dict[str, float]) -> tuple[Climb, list[str]]:
         ev = Evaluator.__new__(Evaluator)
         ev.target, ev._eval = Target(cosine=0.999), None
         tried: list[str] = []
@@ -114,7 +115,7 @@ def test_float_sets_grow_worst_first_by_doubling_then_bisect_to_the_fewest_that_
 
         ev.score = scored
         build = lambda edits: SimpleNamespace(model="".join(sorted(edits.layers)))
-        return _Climb(SimpleNamespace(temp=onnx.ModelProto()), ev, build, Edits(), build(Edits()), "the default quantization"), tried
+        return Climb(SimpleNamespace(temp=onnx.ModelProto()), ev, build, Edits(), build(Edits()), "the default quantization"), tried
 
     ranked = [(n, 0.9) for n in "abcde"]
     macs = {n: 1.0 for n in "abcde"}

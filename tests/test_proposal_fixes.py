@@ -280,7 +280,7 @@ class _ScoreTable:
         return a > b
 
     def _row(self, step, fix, s, cost, outcome):
-        from hybridq.proposal.search import Row
+        from hybridq.proposal.climb import Row
 
         self.table.append(Row(step, fix, s, s, 0.0, 0.0, cost, outcome))
 

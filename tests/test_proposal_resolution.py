@@ -106,7 +106,8 @@ def test_a_float_candidate_carries_a_bias_correction_fitted_to_its_placement(tmp
     from hybridq.calibration import session_for
     from hybridq.config import load_cfg
     from hybridq.proposal.fixes import Context, bias_fix, float_fix
-    from hybridq.proposal.search import _Climb, _fit_with_floats, _keep_float
+    from hybridq.proposal.climb import Climb
+    from hybridq.proposal.search import _fit_with_floats, _keep_float
 
     fp32 = _deep_cnn()
     onnx.save(fp32, tmp_path / "m.onnx")
@@ -123,7 +124,7 @@ def test_a_float_candidate_carries_a_bias_correction_fitted_to_its_placement(tmp
     session = lambda m: session_for(m, basic=False)
     stale = bias_fix(ctx, Edits(), first.fixed, first.model, samples, session)[0]
     ev = Evaluator(art.model, samples, Target(cosine=0.99999))
-    climb = _Climb(ctx, ev, make, Edits(), first, "the default quantization")
+    climb = Climb(ctx, ev, make, Edits(), first, "the default quantization")
     climb.kept, climb.edits = [stale], stale.onto(Edits(), art.model)
     climb.built = make(climb.edits)
     climb.score = ev.score(climb.built.model)

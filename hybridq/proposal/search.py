@@ -27,6 +27,7 @@ from ..float_reasons import policy_name
 from ..plan import QuantPlan, predicted_latency
 from ..settings import Settings
 from ..targets import get as get_target
+from .climb import Climb, Row, State
 from .evaluator import Evaluator, Score
 from .fixes import Candidate, Context, bias_fix, clamp_fix, clip_fix, equalize_fix, float_fix, int4_fix, range_fix
 from .ranker import channel_stats, local_rank, outlier_tensors
@@ -39,24 +40,6 @@ SENSITIVITY_SAMPLES = 4
 OUTLIER_TENSORS = 6
 DEFAULT_FLOAT_BUDGET = 0.05
 """Default --max-float-fraction: float compute the proposal may add (SPEC 9: <= 5 % of compute)."""
-
-
-@dataclass
-class Row:
-    """One candidate the search scored: the table printed and written beside the cfg."""
-
-    step: str
-    fix: str
-    quality: float
-    cosine: float
-    snr_db: float
-    slice_snr_db: float
-    cost: float
-    outcome: str
-    logp_snr_db: float | None = None  # Softmax outputs' log-probability SNR, by which candidates are compared
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in vars(self).items()}
 
 
 def float_causes(model: onnx.ModelProto, plan: QuantPlan, macs: dict[str, float], proposed: set[str], settings: Settings) -> dict[str, str]:
@@ -113,115 +96,6 @@ class ProposalResult:
     cost_unit: str = "compute"  # what a candidate's cost is a share of: compute (MACs), or quantized layers (an NPU)
 
 
-class _Climb:
-    """The state of the search: current edits, their score, what was kept, and the table."""
-
-    def __init__(self, ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, first: Built, started_from: str) -> None:
-        self.ctx, self.evaluator, self.build = ctx, evaluator, build
-        self.table: list[Row] = []
-        self.kept: list[Candidate] = []
-        self.base = base
-        self.edits = base
-        self.built = first
-        self.score = evaluator.score(self.built.model)
-        self.baseline = self.score
-        self.started_from = started_from
-        # (kept fixes..., the one pruned) by id -> those fixes, held so no id is reused: found needed, not tried again
-        self._needed: dict[tuple[int, ...], tuple[Candidate, ...]] = {}
-        self.refit: tuple[Edits, Callable[[Edits, Built], Candidate | None]] | None = None  # float step: edits without the bias fix, its fit
-        self.damage: dict[str, tuple[int, float]] = {}  # layer -> (rank, measure) quantized alone (see _alone_order)
-        self._row("start", started_from, self.score, 0.0, "met" if self.met else "below target")
-
-    @property
-    def met(self) -> bool:
-        return self.evaluator.met(self.score)
-
-    def quality(self, s: Score) -> float:
-        return self.evaluator.quality(s)
-
-    def better(self, a: Score, b: Score) -> bool:
-        return self.evaluator.better(a, b)
-
-    def float_edits(self, c: Candidate) -> tuple[Candidate, Edits]:
-        """A float candidate and the edits it makes on the current ones; with a kept bias correction, the candidate
-        carries one fitted again to its placement instead (see :func:`_fit_with_floats`)."""
-        if self.refit is None:
-            return c, c.onto(self.edits, self.ctx.temp)
-        unfitted, fit = self.refit
-        edits = c.onto(unfitted, self.ctx.temp)
-        bias = fit(edits, self.build(edits))
-        if bias is None:
-            return c, edits
-        both = Candidate(c.kind, f"{c.label}, {bias.label} fitted again", bias.entries, c.layers, {**c.comments, **bias.comments}, c.cost)
-        return both, both.onto(unfitted, self.ctx.temp)
-
-    def _row(self, step: str, fix: str, s: Score, cost: float, outcome: str) -> None:
-        self.table.append(Row(step, fix, self.quality(s), s.worst_cosine, s.worst_snr, s.worst_slice_snr, cost, outcome, s.logp_snr))
-
-    def try_each(self, step: str, cands: list[Candidate], clearly: bool = False) -> bool:
-        """Score each candidate on top of the current edits; keep the best if it beats the current score
-        (with `clearly`, by more than the measure resolves: see Evaluator.as_good)."""
-        best: tuple[Score, Candidate, Edits, Built] | None = None
-        tried: list[tuple[Candidate, Edits, Built | ConfigError]] = []
-        for c in cands:
-            edits = c.onto(self.edits, self.ctx.temp)
-            try:
-                tried.append((c, edits, self.build(edits)))
-            except ConfigError as exc:  # a fix that step2 could not apply here: a row, not the end of the search
-                tried.append((c, edits, exc))
-        # scored side by side when the evaluator has workers; rows and choice in candidate order as before
-        scores = iter(self.evaluator.score_many([b.model for _, _, b in tried if not isinstance(b, ConfigError)]))
-        for c, edits, built in tried:
-            if isinstance(built, ConfigError):
-                self.table.append(Row(step, c.label, float("nan"), float("nan"), float("nan"), float("nan"), c.cost,
-                                      f"not applicable: {built}"[:160]))
-                continue
-            s = next(scores)
-            self._row(step, c.label, s, c.cost, "")
-            if not self.evaluator.flips_more(s, self.score) and (best is None or self.quality(s) > self.quality(best[0])):
-                best = (s, c, edits, built)
-        rows = [r for r in self.table[len(self.table) - len(cands):] if not r.outcome.startswith("not applicable")]
-        gain = best is not None and self.better(best[0], self.score)
-        if not gain or (clearly and self.evaluator.as_good(self.score, best[0])):
-            for r in rows:
-                r.outcome = "no clear gain" if gain and r.fix == best[1].label else "no gain"
-            return False
-        for r in rows:
-            r.outcome = "kept" if r.fix == best[1].label else "worse than the kept one"
-        self.score, c, self.edits, self.built = best
-        self.kept.append(c)
-        return True
-
-
-    def prune(self) -> bool:
-        """Drop kept fixes the others make unneeded: each tried once without it (a later fix of the same tensor wins anyway).
-
-        A fix goes when the rest still meet the target, or, below the target, when the rest score at least as well.
-        A fix found needed among the same kept fixes is not built and scored again (no new row): the score is the same.
-        """
-        dropped = False
-        for c in list(self.kept[:-1]) if len(self.kept) > 1 else []:
-            key = (*map(id, self.kept), id(c))
-            if c.kind == "int4" or key in self._needed:  # int4: the size budget, not an accuracy fix
-                continue
-            edits = self.base
-            for k in self.kept:
-                if k is not c:
-                    edits = k.onto(edits, self.ctx.temp)
-            built = self.build(edits)
-            s = self.evaluator.score(built.model)
-            better = self.evaluator.met(s) if self.met else (
-                self.quality(s) >= self.quality(self.score) and not self.evaluator.flips_more(s, self.score))
-            self._row("prune", f"without: {c.label}", s, 0.0, "dropped: not needed" if better else "needed")
-            if better:
-                self.kept.remove(c)
-                self.score, self.edits, self.built = s, edits, built
-                dropped = True
-            else:
-                self._needed[key] = (*self.kept, c)
-        return dropped
-
-
 def search(
     ctx: Context, evaluator: Evaluator, build: Callable[[Edits], Built], base: Edits, first: Built,
     single: Callable[[], dict[str, float]], samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any], *,
@@ -238,7 +112,7 @@ def search(
     (npu: int16, then float16): the fallback step runs with each until one meets the target.
     """
     t0 = time.perf_counter()
-    climb = _Climb(ctx, evaluator, build, base, first, started_from)
+    climb = Climb(ctx, evaluator, build, base, first, started_from)
     if max_bytes is not None:
         _size_step(climb, measure or (lambda m: {}), max_bytes)
     macs = layer_macs(concrete_shapes(ctx.temp, samples[0]) if samples else ctx.temp)
@@ -279,7 +153,7 @@ def search(
     return result
 
 
-def _size_step(climb: _Climb, measure: Callable[[onnx.ModelProto], dict[str, float]], max_bytes: int) -> None:
+def _size_step(climb: Climb, measure: Callable[[onnx.ModelProto], dict[str, float]], max_bytes: int) -> None:
     """The size budget: int4 weights for the least sensitive MatMul/Gemm layers (isolated cosine measured with all of them
     int4) until the built model fits; kept whatever it scores, the other fixes then work on accuracy. At most one build per layer."""
     ctx, size = climb.ctx, climb.built.model.ByteSize()
@@ -308,7 +182,7 @@ def _size_step(climb: _Climb, measure: Callable[[onnx.ModelProto], dict[str, flo
     climb._row("size", c.label, climb.score, 0.0, "kept: within " + budget if size <= max_bytes else f"kept: {budget} not reachable with int4")
 
 
-def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> bool:
+def _zero_cost_fixes(climb: Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> bool:
     """Steps 1-3 of the ladder (range algorithm, outlier channels, bias correction); True once the target is met."""
     ctx, evaluator = climb.ctx, climb.evaluator
     climb.try_each("range", _range_candidates(climb))
@@ -330,7 +204,7 @@ def _zero_cost_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], sessio
     return climb.met
 
 
-def _free_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> None:
+def _free_fixes(climb: Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> None:
     """Target met: the fixes that cost nothing at run time (range algorithm, bias correction) are still tried, and
     kept only when they clearly improve the outputs (beyond Evaluator.resolution): a free gain, never a trade. A bias
     correction changes what the ranges see, so the range rung is tried once more after one is kept: proposing again
@@ -340,12 +214,12 @@ def _free_fixes(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Ca
         climb.try_each("range", _range_candidates(climb), clearly=True)
 
 
-def _range_candidates(climb: _Climb) -> list[Candidate]:
+def _range_candidates(climb: Climb) -> list[Candidate]:
     """Step 1's candidates on top of the current edits: mse ranges, percentile ranges, ranges clamped where readers saturate."""
     return range_fix(climb.ctx, climb.edits, "mse") + range_fix(climb.ctx, climb.edits, "percentile") + clamp_fix(climb.ctx, climb.edits)
 
 
-def _bias_candidates(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> list[Candidate]:
+def _bias_candidates(climb: Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> list[Candidate]:
     """Step 3's candidate on top of the current edits and the model they build."""
     return bias_fix(climb.ctx, climb.edits, climb.built.fixed, climb.built.model, samples, session)
 
@@ -372,7 +246,7 @@ def _within_budget(order: list[str], macs: dict[str, float], total: float, taken
     return names
 
 
-def _within_size(order: list[str], climb: _Climb, room: int) -> list[str]:
+def _within_size(order: list[str], climb: Climb, room: int) -> list[str]:
     """The layers of `order`, in order, whose float32 weights (over their quantized ones) fit `room` bytes together."""
     names, used = [], 0
     for n in order:
@@ -386,7 +260,6 @@ def _within_size(order: list[str], climb: _Climb, room: int) -> list[str]:
     return names
 
 
-State = tuple[Score, Candidate, Edits, Built]
 """A scored candidate: its score, the fix, the edits with it, the model step2 builds from them."""
 
 
@@ -399,7 +272,7 @@ def _sizes(n: int) -> list[int]:
     return sizes + [n]
 
 
-def _cheapest_alike(climb: _Climb, found: list[tuple[State, Row]]) -> tuple[State, Row] | None:
+def _cheapest_alike(climb: Climb, found: list[tuple[State, Row]]) -> tuple[State, Row] | None:
     """Below the target: the cheapest candidate as good as the best one, within what the measure resolves
     (Evaluator.resolution), so a tenth of a dB does not buy ten more float layers; None when the current
     state, which adds no float layer, is itself as good as the best (then no float layer is bought at all)."""
@@ -413,7 +286,7 @@ def _cheapest_alike(climb: _Climb, found: list[tuple[State, Row]]) -> tuple[Stat
     return min(alike, key=lambda f: f[0][1].cost)
 
 
-def _fit_with_floats(climb: _Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> None:
+def _fit_with_floats(climb: Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> None:
     """A kept bias correction corrects each layer for the errors of the quantized layers upstream: under a layer set float
     later, its followers would correct an error that is gone (PP-OCR rec: its first depthwise Conv set float under the
     correction scored -1.4 dB of log-probability SNR, the correction alone 13.8, the Conv with the correction fitted
@@ -431,7 +304,7 @@ def _fit_with_floats(climb: _Climb, samples: list[dict[str, np.ndarray]], sessio
     climb.refit = (unfitted, fit)
 
 
-def _fallback_steps(climb: _Climb, fallbacks: tuple[str, ...], step: Callable[[str], str]) -> str:
+def _fallback_steps(climb: Climb, fallbacks: tuple[str, ...], step: Callable[[str], str]) -> str:
     """Step 4 with each precision in turn, cheapest first, until one meets the target; each is tried from the same
     state. When none meets it, the best one (the cheaper on a tie) stands and the others' kept rows are marked undone."""
     start = (climb.score, climb.edits, climb.built, list(climb.kept))
@@ -449,7 +322,7 @@ def _fallback_steps(climb: _Climb, fallbacks: tuple[str, ...], step: Callable[[s
     return best[1]
 
 
-def _keep_float(climb: _Climb, state: State, row: Row, outcome: str) -> None:
+def _keep_float(climb: Climb, state: State, row: Row, outcome: str) -> None:
     """Make a float candidate the current state and mark its row."""
     climb.score, chosen, climb.edits, climb.built = state
     if climb.refit is not None:  # the chosen candidate carries the bias correction fitted to it
@@ -458,7 +331,7 @@ def _keep_float(climb: _Climb, state: State, row: Row, outcome: str) -> None:
     row.outcome = outcome
 
 
-def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str], skipped: int, fallback: str,
+def _float_step(climb: Climb, ranked: list[tuple[str, float]], budget: list[str], skipped: int, fallback: str,
                 macs: dict[str, float], total: float, unit: str = "compute") -> str:
     """Step 4: the fewest float layers of `budget` (worst first) that meet the target: prefixes of 1, 2, 4, ... layers
     until one meets, then bisection; below the target, the cheapest prefix as good as the best. Returns the choice."""
@@ -518,7 +391,7 @@ def _float_step(climb: _Climb, ranked: list[tuple[str, float]], budget: list[str
     return ", ".join(c.label for c in climb.kept)
 
 
-def _result(climb: _Climb, choice: str, ranked: list[tuple[str, float]], macs: dict[str, float], total: float,
+def _result(climb: Climb, choice: str, ranked: list[tuple[str, float]], macs: dict[str, float], total: float,
             seconds: float) -> ProposalResult:
     """The kept fixes as cfg data (layers, entries, their comments) with the scores and the cost."""
     layers: dict[str, str] = {}
@@ -562,7 +435,7 @@ def _float_units(ctx: Context, ranked: list[tuple[str, float]]) -> dict[str, lis
     return units
 
 
-def _alone_order(climb: _Climb, ranked: list[tuple[str, float]], units: dict[str, list[str]]) -> list[str]:
+def _alone_order(climb: Climb, ranked: list[tuple[str, float]], units: dict[str, list[str]]) -> list[str]:
     """Layer order for the fallback: each of the top ALONE_LAYERS locally-ranked layers quantized alone in the fp32 model
     (every other layer float32, no bias correction), the most damage at the outputs first; the rest after, in local order;
     each with its unit (see :func:`_float_units`).
