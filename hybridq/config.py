@@ -7,6 +7,7 @@ file, the line and the key.
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import re
@@ -459,6 +460,28 @@ def update_custom_layers(text: str, layers: dict[str, str], comments: dict[str, 
     return _expand(buf.getvalue(), lists)
 
 
+def _move_trailing_comments(entry: CommentedMap, last: str) -> None:
+    """Keys added after `last` come before the comment lines that followed it (the next entry's "# input of ..."),
+    which ruamel keeps on `last`: those lines move to the new last key, so the next entry keeps its comment."""
+    now = list(entry)[-1] if entry else last
+    token = entry.ca.items.get(last, [None] * 4)[2] if last in entry else None
+    if now == last or token is None:
+        return
+    eol, _, rest = token.value.partition("\n")
+    if not rest:
+        return
+    if eol.strip():
+        token.value = eol + "\n"
+    else:
+        entry.ca.items[last][2] = None
+    slot = entry.ca.items.setdefault(now, [None] * 4)
+    if slot[2] is None:
+        slot[2] = copy.copy(token)
+        slot[2].value = "\n" + rest
+    else:
+        slot[2].value = slot[2].value.rstrip("\n") + "\n" + rest
+
+
 def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[str, str]) -> str:
     """Change keys of quantize_parameters entries in cfg text (e.g. a proposed range clip), keeping everything else.
 
@@ -475,7 +498,7 @@ def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[s
         entry = qp.get(name) if isinstance(qp, CommentedMap) else None
         if not isinstance(entry, CommentedMap):
             continue
-        old = {k: _restore(entry[k], lists) for k in entry}
+        old, last = {k: _restore(entry[k], lists) for k in entry}, list(entry)[-1]
         changed = [k for k in ENTRY_KEYS if k in values and (k not in entry or old[k] != values[k])]
         for k in changed:
             entry[k] = _number_list(values[k], lists) if k in LIST_KEYS else values[k]
@@ -485,6 +508,7 @@ def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[s
         free = [k for k in changed if not (entry.ca.items.get(k) and len(entry.ca.items[k]) > 2 and entry.ca.items[k][2])]
         if name in comments and free:
             entry.yaml_add_eol_comment(comments[name], "max" if "max" in free else free[0])
+        _move_trailing_comments(entry, last)
     buf = io.StringIO()
     y.dump(doc, buf)
     return _expand(buf.getvalue(), lists)

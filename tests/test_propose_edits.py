@@ -271,6 +271,18 @@ def test_update_entries_keeps_an_existing_comment_on_a_changed_key():
     assert out == "quantize_parameters:\n  r3:\n    algorithm: mse  # proposal: clip\n    min: [0.0]\n    max: [5.0]  # looked at it\n    scale: [0.0196]\n"
 
 
+def test_keys_a_fix_adds_go_above_the_next_entrys_comment():
+    """ruamel keeps the lines after an entry's last key ("# input of conv_b") on that key: keys a fix appends must
+    come before them, or the next entry's comment reads as part of this one (the cfg still loads the same)."""
+    text = ("quantize_parameters:\n  # input of conv_a\n  a:\n    max: [1.0]\n    zero_point: [128]\n"
+            "  # input of conv_b\n  b:\n    max: [2.0]\n    zero_point: [128]  # mine\n  # input of conv_c\n  c:\n    max: [3.0]\n")
+    out = update_entries(text, {"a": {"max": [1.0], "algorithm": "mse"}, "b": {"max": [2.0], "bias_correction": [0.5, 0.25]}},
+                         {"a": "proposal: mse"})
+    assert out == ("quantize_parameters:\n  # input of conv_a\n  a:\n    max: [1.0]\n    zero_point: [128]\n"
+                   "    algorithm: mse # proposal: mse\n  # input of conv_b\n  b:\n    max: [2.0]\n    zero_point: [128]  # mine\n"
+                   "    bias_correction: [0.5, 0.25]\n  # input of conv_c\n  c:\n    max: [3.0]\n")
+
+
 def test_a_cfg_changed_while_the_proposal_ran_is_not_overwritten(outlier_ws, monkeypatch):
     cfg = outlier_ws["cfg"]
     real = hybridq.api.run_proposal
