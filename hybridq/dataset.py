@@ -279,6 +279,11 @@ def load_dataset(
     elif glob.has_magic(str(source)):
         files = sorted((Path(p) for p in glob.glob(str(source), recursive=True) if _wanted(Path(p), pre)), key=str)
         entries = _file_entries(files, inputs, pre, f"glob {str(source)!r}")
+    elif path.exists():  # a FIFO, socket or device: reading a FIFO would wait for a writer forever
+        raise DatasetError(
+            f"dataset {str(source)!r} is not a regular file (a FIFO, socket or device); give a list file (dataset.txt), "
+            "a directory of samples or a glob pattern such as 'images/*.jpg'."
+        )
     else:
         raise DatasetError(
             f"dataset {str(source)!r} does not exist; give a list file (dataset.txt), "

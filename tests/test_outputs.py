@@ -268,7 +268,8 @@ def test_rknn_cfg_export_refuses_to_write_onto_the_hybridq_cfg(ws: Path, capsys:
 
 
 def test_a_fifo_given_as_the_cfg_or_the_model_is_refused_not_read(ws: Path, capsys: pytest.CaptureFixture) -> None:
-    """Reading a FIFO waits for a writer forever: propose --cfg and step1's model are refused, naming the path."""
+    """Reading a FIFO waits for a writer forever: propose --cfg, step1's model and dataset list, step2's .data are
+    refused, naming the path."""
     fifo = ws / "pipe.cfg"
     os.mkfifo(fifo)
     text = _clean(capsys, USAGE, "propose", "--cfg", fifo, "-d", ws / "data" / "dataset.txt")
@@ -281,3 +282,7 @@ def test_a_fifo_given_as_the_cfg_or_the_model_is_refused_not_read(ws: Path, caps
     os.mkfifo(data)
     text = _clean(capsys, USAGE, "step2", ws / "ws" / "cnn.model", data, ws / "ws" / "cnn.quantization.cfg", "-o", ws / "q.onnx")
     assert str(data) in text and "not a file" in text
+    listing = ws / "pipe.txt"  # the dataset list: named as what it is, not as missing
+    os.mkfifo(listing)
+    text = _clean(capsys, USAGE, "step1", ws / "cnn.onnx", "-d", listing, "--out", ws / "p")
+    assert str(listing) in text and "not a regular file" in text and "does not exist" not in text
