@@ -171,6 +171,18 @@ def test_budget_is_respected_and_a_miss_is_reported(tmp_path):
     assert not r1.proposal.met and len(r1.proposal.layers) <= 1
 
 
+def test_float_layer_budget_counts_the_users_float_layers_by_node(tmp_path):
+    """--max-float-layers counts the float layers the cfg sets once each, by the node an entry resolves to: conv2 named
+    by its output tensor 'c2' is one layer, and 'relu2: float32' none (a cpu model never quantizes a Relu). Both used to
+    count, leaving the budget of 2 no room."""
+    path, listing = _setup(tmp_path, models.outlier_channel_cnn(), (1, 8, 16, 16))
+    r1 = hybridq.step1(path, listing, out=tmp_path / "ws")
+    r1.cfg.write_text(r1.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  c2: float32\n  relu2: float32"))
+    result, _ = hybridq.api.propose_cfg(r1.cfg, listing, options=ProposalOptions(Target(cosine=0.99999999), max_float_layers=2,
+                                                                                  max_float_fraction=1.0))
+    assert not result.met and len(result.layers) == 1 and "conv2" not in result.layers
+
+
 def test_propose_on_a_hand_edited_cfg_keeps_edits_and_comments(tmp_path):
     path, listing = _setup(tmp_path, models.outlier_channel_cnn(), (1, 8, 16, 16))
     r1 = hybridq.step1(path, listing, out=tmp_path / "ws")

@@ -131,7 +131,8 @@ def search(
         choice = ", ".join(c.label for c in climb.kept)
     else:
         _fit_with_floats(climb, samples, session)
-        taken = set(climb.edits.layers)
+        # the layers the cfg sets, by the node each entry resolved to (an entry may name a tensor or a fused node)
+        taken = {n: lp.precision for n, lp in climb.built.plan.layers.items() if lp.reason == "cfg"}
         ranked = [(n, c) for n, c in local_rank(single(), ctx.plan, ctx.temp) if n not in taken]
         weights, wtotal, unit = macs, total, "compute"
         if get_target(ctx.settings.target).cost_by_layers:  # an NPU: each float16 layer costs a trip out of the integer unit
@@ -139,7 +140,10 @@ def search(
             wtotal = float(len(weights)) or 1.0
         units = _float_units(ctx, ranked) if get_target(ctx.settings.target).placement.float_reads_quantized else {}
         order = _alone_order(climb, ranked, units)
-        budget = _within_budget(order, weights, wtotal, len(taken), max_float_fraction, max_float_layers, ms_added, ms_budget)
+        placement = get_target(ctx.settings.target).placement  # --max-float-layers counts layers the target would quantize
+        ops = placement.default_ops if placement.default_ops is not None else ctx.settings.quantize_ops
+        floats = sum(p in ("float16", "float32") and ctx.graph.by_name[n].op_type in ops for n, p in taken.items())
+        budget = _within_budget(order, weights, wtotal, floats, max_float_fraction, max_float_layers, ms_added, ms_budget)
         if max_bytes is not None:  # float weights are 4x int8 ones: keep the size budget
             budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
         choice = _fallback_steps(climb, (fallback,) if isinstance(fallback, str) else fallback,
