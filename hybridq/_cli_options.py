@@ -20,7 +20,7 @@ MaxLayersOpt = Annotated[Optional[int], typer.Option(min=0, help="Proposal budge
 NoMeasureOpt = Annotated[Optional[bool], typer.Option("--measure/--no-measure", help="Time each layer on this CPU and keep float where int8 is not faster (cost_model: measured), or place by MAC counts (macs, the default).")]
 MaxSlowOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the float layers may slow the model's predicted latency "
                                                     "(step1's measured cost model) by at most this factor, e.g. 1.1; default no limit.")]
-MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the fraction of the Conv/Gemm/MatMul compute the proposal may move to float (default 0.05; 1 for no limit).")]
+MaxFracOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the fraction of the Conv/Gemm/MatMul compute the proposal may move to float (default 0.05; 1 for no limit); on --target npu, of the quantized layers (an NPU pays per float16 layer, not per MAC).")]
 EvalOpt = Annotated[Optional[str], typer.Option("--eval", help="module.py:function(model_path) -> score (higher is better) for the proposal target.")]
 MaxDropOpt = Annotated[Optional[float], typer.Option(help="With --eval: largest allowed drop of the score below fp32 [default: 0.01].")]
 FallbackOpt = Annotated[Optional[str], typer.Option(help="Precision of proposed layers: float32 (fastest on CPU), float16 or "
