@@ -66,3 +66,18 @@ def no_form_note(layers: Mapping[str, Any]) -> list[str]:
         return []
     shown = "; ".join(f"'{n}' ({why})" for n, why in found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
     return [f"{len(found)} layer(s) of quantize_ops stay float32, having no quantized form: {shown}."]
+
+
+def policy_note(layers: Mapping[str, Any]) -> list[str]:
+    """step1's note naming the layers the placement rules keep float32 (a plan's LayerPlans), grouped by rule."""
+    by_rule: dict[str, list[str]] = {}
+    for n, lp in layers.items():
+        if lp.precision == "float32" and any(lp.reason.startswith(prefix) for prefix, _ in POLICY_NAMES):
+            by_rule.setdefault(policy_name(lp.reason), []).append(n)
+    if not by_rule:
+        return []
+    shown = "; ".join(f"{rule}: " + ", ".join(f"'{n}'" for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+                      for rule, names in sorted(by_rule.items()))
+    count = sum(len(v) for v in by_rule.values())
+    return [f"{count} layer(s) stay float32 by the placement rules ({shown}). The float_* rules are settings in hybridq.yaml "
+            "(false quantizes those layers); any layer can be set in custom_quantize_layers."]

@@ -19,7 +19,7 @@ from .cost import concrete_shapes, layer_macs, nominal_sample
 from ._onnx import GraphIndex
 from .graph import tensor_types
 from .placement import CostTable, Layer, choose_int8, predicted_ms
-from .float_reasons import WEIGHTED_OPS, no_form_note, no_quantized_form, nothing_quantized
+from .float_reasons import WEIGHTED_OPS, no_form_note, no_quantized_form, nothing_quantized, policy_note
 from .settings import Settings
 
 FLOAT = onnx.TensorProto.FLOAT
@@ -370,7 +370,7 @@ def _choose_layers(
         _place_by_cost(g, settings, plan, quantized, costs)
     if not quantized and not layer_precision and not plan.notes:  # (the cost model says it when it floated them all)
         plan.notes.append(nothing_quantized(plan.layers, default_ops))
-    plan.notes.extend(no_form_note(plan.layers))
+    plan.notes.extend(no_form_note(plan.layers) + (policy_note(plan.layers) if quantized else []))
     return quantized
 
 

@@ -628,6 +628,26 @@ def test_a_linear_layer_with_no_quantized_form_is_named_float(tmp_path, node, we
     assert cosine(run(built, feeds)[0], run(src, feeds)[0]) > 0.999
 
 
+def test_layers_the_placement_rules_keep_float_are_named_with_their_rule(tmp_path):
+    """README: each layer kept float by a rule is named in step1's summary with the rule (a stem Conv: float_stem; a
+    Conv writing a graph output); the layer that is quantized is not named there."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.2, s).astype(np.float32), n)
+             for n, s in (("w0", (16, 3, 3, 3)), ("w1", (16, 16, 3, 3)), ("w2", (2, 16, 3, 3)))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="stem", pads=[1] * 4), helper.make_node("Relu", ["c0"], ["r0"], name="r0"),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], name="body", pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], name="head", pads=[1] * 4)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 16, 16])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 2, 16, 16])], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    ds = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 4)
+    r1 = hybridq.step1(src, ds, out=tmp_path / "ws", settings={"speed_check": False})
+    note = next(n for n in r1.notes if "placement rules" in n)
+    assert "float_stem: 'stem'" in note and "graph-output Conv: 'head'" in note and "'body'" not in note, note
+    assert r1.layers == {"float32": 2, "uint8": 1}
+
+
 def test_npu_shape_arithmetic_is_not_named_a_layer_without_a_quantized_form(tmp_path):
     """int64 shape ops (Shape -> Gather -> Concat -> Reshape) have no float tensor to quantize: not layers, no note."""
     rng = np.random.default_rng(0)
