@@ -140,6 +140,10 @@ def resolve_layer_names(
             how = f"original node, now '{node}'"
         elif (now := _now_producing(key, original, nodes, fused)) is not None:
             node, how = now
+        elif key in fused or key in original:  # gone from the temp model: folded into a constant, or an Identity dropped
+            raise ConfigError(f"{where}:{line}: custom_quantize_layers entry '{key}' is a node of the original model that step1's "
+                              "graph optimization removed (folded into a constant, as step1's summary lists, or a no-op it "
+                              "dropped), so the temp model has no layer there to set; remove the entry.")
         elif key in inputs:
             raise ConfigError(f"{where}:{line}: '{key}' is a model input, not a layer; name the first layer that reads it instead.")
         elif any(i.name == key for i in model.graph.initializer):

@@ -648,6 +648,33 @@ def test_layers_the_placement_rules_keep_float_are_named_with_their_rule(tmp_pat
     assert r1.layers == {"float32": 2, "uint8": 1}
 
 
+def test_a_cfg_entry_naming_a_node_step1_folded_away_says_so(tmp_path):
+    """Shape -> Gather of a static shape folds into a constant (step1 lists 'gather -> (folded)'): an entry naming it is
+    refused as a removed node of the original model, not as "neither a node nor a tensor" with a wrong "did you mean"."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Shape", ["r"], ["s"], name="shape"), helper.make_node("Gather", ["s", "i0"], ["n"], name="gather", axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["n1"], name="unsq"),
+             helper.make_node("Concat", ["n1", "minus1"], ["shp"], name="cat_shape", axis=0),
+             helper.make_node("Reshape", ["r", "shp"], ["f"], name="reshape"), helper.make_node("Gemm", ["f", "wf"], ["y"], name="fc", transB=1)]
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 4, 1, 1)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array(0, np.int64), "i0"), numpy_helper.from_array(np.array([0], np.int64), "ax"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus1"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (10, 512)).astype(np.float32), "wf")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 10])], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    ds = models.write_npy_dataset(tmp_path / "data", {"x": (1, 4, 8, 8)}, 4)
+    r1 = hybridq.step1(src, ds, out=tmp_path / "ws", settings={"speed_check": False})
+    assert r1.fused.get("gather") == "", r1.fused
+    r1.cfg.write_text(r1.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  gather: float32"))
+    with pytest.raises(hybridq.errors.ConfigError, match="'gather' is a node of the original model that step1's graph optimization "
+                       "removed") as err:
+        hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
+    assert "Did you mean" not in str(err.value) and "remove the entry" in str(err.value)
+
+
 def test_npu_shape_arithmetic_is_not_named_a_layer_without_a_quantized_form(tmp_path):
     """int64 shape ops (Shape -> Gather -> Concat -> Reshape) have no float tensor to quantize: not layers, no note."""
     rng = np.random.default_rng(0)
