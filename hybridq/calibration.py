@@ -20,11 +20,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 
 from . import _runtime, binning
+from ._onnx import serialized_within
 from .errors import DatasetError, ModelError
 from .graph import float_activations, tensor_shapes
 from .observers import HESSIAN_SUFFIX, HessianObserver, HistogramObserver
@@ -44,11 +46,18 @@ def session_for(
     if outputs:
         work = onnx.ModelProto()
         work.CopyFrom(model)
-        present = {o.name for o in work.graph.output}
-        for name in outputs:
-            if name not in present:
-                work.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        work.graph.output.extend(_new_outputs(model, outputs))
+    return _session(work, basic=basic, lean=lean, threads=threads)
 
+
+def _new_outputs(model: onnx.ModelProto, outputs: list[str]) -> list[onnx.ValueInfoProto]:
+    """Float graph outputs for the names in `outputs` that are not outputs of the model yet."""
+    present = {o.name for o in model.graph.output}
+    return [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs if name not in present]
+
+
+def _session(work: onnx.ModelProto | bytes, *, basic: bool, lean: bool, threads: int):
+    """:func:`session_for` over the model as it is (a proto or its bytes)."""
     try:
         # a quantized model (proposal candidates) computes the same on every CPU; log level fatal: a run that fails
         # raises, and its caller names the sample, so ONNX Runtime's own error line would only repeat it
@@ -60,22 +69,45 @@ def session_for(
 
 
 _MIN, _MAX = "__hybridq_min", "__hybridq_max"
+KEEP_BYTES = 64 << 20
+"""Largest model whose bytes are kept from the first calibration session to the second: a larger one is serialized
+again rather than held beside the session and the activations."""
 PAIR_BYTES = 16 << 20
 """Largest activations of one batch (bytes fetched) for which two batches run at once on a two-core machine: a second
 run in flight also doubles ONNX Runtime's working memory (PP-OCR rec, 65 MB a batch: peak 0.6 -> 0.95 GB; the small detector,
 7 MB: 193 -> 225 MB)."""
 
 
-def _with_range_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of the model that also computes ReduceMin/ReduceMax of `names` (scalars are cheap to fetch)."""
-    if not names:
-        return model
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    for n in names:
-        for op, suffix in (("ReduceMin", _MIN), ("ReduceMax", _MAX)):
-            work.graph.node.append(onnx.helper.make_node(op, [n], [n + suffix], name=n + suffix, keepdims=0))
-    return work
+def _range_nodes(names: list[str]) -> list[onnx.NodeProto]:
+    """ReduceMin/ReduceMax nodes of `names` (scalars are cheap to fetch)."""
+    return [onnx.helper.make_node(op, [n], [n + suffix], name=n + suffix, keepdims=0)
+            for n in names for op, suffix in (("ReduceMin", _MIN), ("ReduceMax", _MAX))]
+
+
+def _pass_session(model: onnx.ModelProto, base: bytes | None, full: list[str], ranged: list[str], threads: int):
+    """The session of calibration runs that fetch `full` whole and the min and max of `ranged`.
+
+    `base` is the model's bytes (None over 2 GB: the proto is copied and extended). Protobuf merges concatenated
+    messages, repeated fields appended, so the base bytes followed by a model holding only the new nodes and outputs
+    are the extended model: neither copied nor serialized again for each pass (small detector: three 5.8 MB copies and
+    one serialization less, ~1400 page faults each on this VM, 10-15 ms of step1)."""
+    if base is None:
+        work = model
+        if ranged:
+            work = onnx.ModelProto()
+            work.CopyFrom(model)
+            work.graph.node.extend(_range_nodes(ranged))
+        return session_for(work, _fetch(full, ranged), basic=False, lean=True, threads=threads)
+    extra = onnx.ModelProto()
+    extra.graph.node.extend(_range_nodes(ranged))
+    extra.graph.output.extend(_new_outputs(model, _fetch(full, ranged)))
+    return _session(base + extra.SerializeToString(), basic=False, lean=True, threads=threads)
+
+
+def _first_session(model: onnx.ModelProto, full: list[str], ranged: list[str], threads: int) -> tuple[Any, bytes | None]:
+    """The first pass's session (:func:`_pass_session`), and the model's bytes when they are kept for the second."""
+    base = serialized_within(model)
+    return _pass_session(model, base, full, ranged, threads), base if base is not None and len(base) <= KEEP_BYTES else None
 
 
 def calibrate(
@@ -111,7 +143,7 @@ def calibrate(
     ranged = [n for n in names if histograms is not None and n not in histograms]
     pair = not threads and _runtime.cores() == 2
     threads = threads or _ort_threads()
-    sess = session_for(_with_range_outputs(model, ranged), _fetch(full, ranged), basic=False, lean=True, threads=threads)
+    sess, base = _first_session(model, full, ranged, threads)
     feeds = {i.name for i in sess.get_inputs()}
     observers = {n: HistogramObserver(bins=n in full) for n in names}
     observers.update({n + HESSIAN_SUFFIX: HessianObserver() for n in hessians if n in full})
@@ -145,7 +177,7 @@ def calibrate(
                 if not full:  # min/max tensors only, all observed: a run would fetch nothing (ONNX Runtime reads that as all outputs)
                     _count_only(model, itertools.chain([batch], rest), lambda i: describe(b + i), on_batch)
                     return observers
-                sess, ranged = session_for(model, full, basic=False, lean=True, threads=threads), []
+                sess, ranged = _pass_session(model, base or serialized_within(model), full, [], threads), []
             fetch, feed = _fetch(full, ranged), {k: batch[k] for k in feeds}
             # two runs in flight: each worker bins its own batch (both cores bin); one: the main thread bins beside ORT
             run = pools[b % len(pools)].submit(_run_and_bin, sess, fetch, feed, full, hessian_of, binner) if len(pools) == 2 else (

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from . import _runtime, fold
-from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, outer_reads, read_onnx, save_external, serialized_within, subgraphs
+from ._onnx import GraphIndex, convert_opset, describe_error, main_opset, outer_reads, read_onnx_bytes, save_external, serialized_within, subgraphs
 from ._onnx import infer_shapes as _infer_shapes
 from .errors import InputError, ModelError, OutputError, did_you_mean
 
@@ -67,12 +67,12 @@ def load_model(path: str | Path, *, load_external_data: bool = True) -> onnx.Mod
         raise ModelError(f"Model path '{p}' is a directory; give the path of an .onnx file.")
     if not p.is_file():  # a FIFO or device: reading a FIFO would wait for a writer forever
         raise ModelError(f"Model path '{p}' is not a regular file (a FIFO or device); give the path of an .onnx file.")
-    model = read_onnx(p, load_external_data=load_external_data)
+    model, data = read_onnx_bytes(p, load_external_data=load_external_data)
     if not model.graph.node:
         raise ModelError(f"Model file '{p}' holds no graph nodes; it is empty or not an ONNX model.")
     try:
-        # A model over 2 GB cannot be serialized for the in-memory check; the checker reads it from its path.
-        data = serialized_within(model)
+        # The file's own bytes, else the model serialized; over 2 GB the checker reads it from its path.
+        data = data if data is not None else serialized_within(model)
         onnx.checker.check_model(data if data is not None else str(p), full_check=False)
     except Exception as exc:
         raise ModelError(f"Model file '{p}' is not a valid ONNX graph: {str(exc).splitlines()[0]}. Fix the exporter output.") from exc
