@@ -334,8 +334,15 @@ def read_onnx_bytes(path: str | Path, *, load_external_data: bool = True) -> tup
                 load_external_data and any(external_data_helper.uses_external_data(t) for t in tensors)):
             data = None
         if load_external_data:
+            missing = [p for p in external_data_files(path) if not p.is_file()]
+            if missing:
+                raise ModelError(f"Model file '{path}' keeps its weights in external data file(s) that are missing: "
+                                 f"{', '.join(repr(str(p)) for p in missing)}. Put the data file(s) the exporter wrote beside the "
+                                 "model, under the name(s) the model gives (copy them with it).")
             external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         return model, data
+    except ModelError:
+        raise
     except Exception as exc:  # protobuf raises DecodeError, external data raises OSError
         raise ModelError(
             f"Model file '{path}' could not be read as ONNX ({type(exc).__name__}: {exc}). "

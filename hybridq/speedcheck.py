@@ -153,6 +153,6 @@ def decide(
                         "which slows int8 more than fp32): placed by the MAC rules; run step1 on a quiet machine to check."), result
     names = default_layers(plan)
     why = f"speed check: int8 is not faster than fp32 for this model on this CPU ({result.describe()})"
-    note = (f"int8 is not faster than fp32 for this model on this CPU ({result.describe()}): kept {len(names)} layers float "
+    note = (f"int8 is not faster than fp32 for this model on this CPU ({result.describe()}): kept {len(names)} layer{'s' if len(names) != 1 else ''} float "
             "in the cfg; delete them from custom_quantize_layers, or set `speed_check: false`, to quantize anyway.")
     return {n: "float32" for n in names}, {n: why for n in names}, note, result

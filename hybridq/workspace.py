@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._fs import write_atomic as write_text_atomic
-from ._onnx import read_onnx
+from ._onnx import external_data_files, read_onnx
 from .dataset import Preprocess
 from .errors import ConfigError, InputError, did_you_mean
 from .settings import Settings
@@ -157,8 +157,17 @@ def init(directory: str | Path, model: str | Path | None = None) -> Path:
     model_path = Path(model) if model is not None else None
     if model_path is not None and not model_path.is_file():
         raise InputError(f"Model '{model_path}' does not exist; give the path of an .onnx file.")
+    data_files = external_data_files(model_path) if model_path is not None else []
     if model_path is not None:
         read_onnx(model_path, load_external_data=False)
+        missing = [p for p in data_files if not p.is_file()]
+        outside = [p for p in data_files if not p.resolve().is_relative_to(model_path.parent.resolve())]
+        if outside:
+            raise InputError(f"Model '{model_path}' keeps its weights in '{outside[0]}', outside its directory; hybridq "
+                             "copies a model's data files with it: save the model with its data beside it.")
+        if missing:
+            raise InputError(f"Model '{model_path}' keeps its weights in external data file(s) that are missing: "
+                             f"{', '.join(repr(str(p)) for p in missing)}. Put them beside the model, then run init again.")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for name in TEMPLATE_FILES:
@@ -168,6 +177,9 @@ def init(directory: str | Path, model: str | Path | None = None) -> Path:
             write_text_atomic(directory / name, text)
         if model_path is not None:
             shutil.copy2(model_path, directory / model_path.name)
+            for data in data_files:  # its weights, where the model says they are
+                (directory / data.relative_to(model_path.parent)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(data, directory / data.relative_to(model_path.parent))
     except OSError as exc:
         raise InputError(f"Cannot create the workspace in '{directory}': {exc.strerror or exc}. Choose a writable location.") from None
     return directory

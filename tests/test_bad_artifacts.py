@@ -98,6 +98,23 @@ def test_init_refuses_a_model_that_is_not_onnx(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
+def test_init_copies_a_models_external_data_and_a_missing_data_file_is_named(tmp_path, capsys):
+    """A model whose weights live in external data (sub/net.weights beside it) is copied with them, so step1 on the
+    workspace's copy runs; without the data file, init and step1 name it as missing (not the model as corrupt)."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    onnx.save(models.conv_relu(), src / "net.onnx", save_as_external_data=True, location="sub/net.weights", size_threshold=0)
+    assert hq(capsys, "init", tmp_path / "w", "--model", src / "net.onnx")[0] == 0
+    assert (tmp_path / "w" / "sub" / "net.weights").read_bytes() == (src / "sub" / "net.weights").read_bytes()
+    ds = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 2)
+    assert hq(capsys, "step1", tmp_path / "w" / "net.onnx", "-d", ds, "--out", tmp_path / "w" / "out")[0] == 0
+    (src / "sub" / "net.weights").unlink()
+    _clean(*hq(capsys, "init", tmp_path / "w2", "--model", src / "net.onnx"), "net.weights", "missing")
+    assert not (tmp_path / "w2").exists()
+    text = _clean(*hq(capsys, "step1", src / "net.onnx", "-d", ds, "--out", tmp_path / "o"), "net.weights", "missing")
+    assert "corrupt" not in text
+
+
 def test_debug_keeps_the_usage_exit_code_and_shows_the_traceback(ws):
     cfg = ws / "ws" / "cnn.quantization.cfg"
     _edit(cfg, "custom_quantize_layers: {}", "custom_quantize_layers:\n  conv_2: float32")
