@@ -118,7 +118,7 @@ per-node profile into a JSON file starting with this path (read with ``end_profi
                 so.add_session_config_entry("session.optimized_model_external_initializers_file_name", optimized_external_data)
                 so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-        return _open(model, so, providers, EXACT_DISABLED if exact_int8 and _float_layer_between_qdq(model) else ())
+        return _open(model, so, providers, EXACT_DISABLED if exact_int8 and float_layer_between_qdq(model) else ())
 
     if not (exact_int8 and u8s8_saturates()):
         return make(False)
@@ -146,7 +146,7 @@ layer float). Elsewhere it stays: for int8 weights beside a float bias it only q
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _float_layer_between_qdq(model: onnx.ModelProto | bytes | str | os.PathLike[str]) -> bool:
+def float_layer_between_qdq(model: onnx.ModelProto | bytes | str | os.PathLike[str]) -> bool:
     """Does the model hold a float layer between Q/DQ that is float by design (step2's map says so: an npu model's
     float16/float32 fallback), which WeightBiasQuantization would quantize? Elsewhere (a cpu model, a QDQ model made
     by another tool) ONNX Runtime's CPU provider runs such a layer int8, and so does the simulation. Models given by

@@ -90,8 +90,9 @@ def _pass_session(model: onnx.ModelProto, base: bytes | None, full: list[str], r
     `base` is the model's bytes (None over 2 GB: the proto is copied and extended). Protobuf merges concatenated
     messages, repeated fields appended, so the base bytes followed by a model holding only the new nodes and outputs
     are the extended model: neither copied nor serialized again for each pass (small detector: three 5.8 MB copies and
-    one serialization less, ~1400 page faults each on this VM, 10-15 ms of step1)."""
-    if base is None:
+    one serialization less, ~1400 page faults each on this VM, 10-15 ms of step1). A model whose session must see
+    step2's map (an npu model's float layers between Q/DQ, kept float) goes as a proto too."""
+    if base is None or _runtime.float_layer_between_qdq(model):
         work = model
         if ranged:
             work = onnx.ModelProto()

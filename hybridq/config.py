@@ -62,9 +62,9 @@ def _yaml() -> YAML:
 
 
 def short_float(x: float) -> float:
-    """The shortest decimal that round-trips the value's float32 (what YAML shows the user): numpy's `str` of the
-    float32, the digits its `repr` wraps in ``np.float32(...)``, at half the cost (a cfg holds thousands)."""
-    return float(str(np.float32(x))) if math.isfinite(x) else float(x)
+    """The shortest decimal that round-trips the value's float32 (what YAML shows the user). Its `repr`, not its `str`:
+    `str` follows numpy's print options, and a caller's ``legacy="1.13"`` keeps 6 digits (0.1234567 -> 0.123457)."""
+    return float(np.format_float_positional(np.float32(x), unique=True, trim="-")) if math.isfinite(x) else float(x)
 
 
 # ruamel's round-trip emitter and loader cost ~0.1 ms per scalar; a cfg lists ~100k
@@ -461,7 +461,7 @@ def update_custom_layers(text: str, layers: dict[str, str], comments: dict[str, 
     return _expand(buf.getvalue(), lists)
 
 
-def _move_trailing_comments(entry: CommentedMap, last: str) -> None:
+def _move_trailing_comments(entry: CommentedMap, last: str | None) -> None:
     """Keys added after `last` come before the comment lines that followed it (the next entry's "# input of ..."),
     which ruamel keeps on `last`: those lines move to the new last key, so the next entry keeps its comment."""
     now = list(entry)[-1] if entry else last
@@ -499,7 +499,7 @@ def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[s
         entry = qp.get(name) if isinstance(qp, CommentedMap) else None
         if not isinstance(entry, CommentedMap):
             continue
-        old, last = {k: _restore(entry[k], lists) for k in entry}, list(entry)[-1]
+        old, last = {k: _restore(entry[k], lists) for k in entry}, next(reversed(entry), None)
         changed = [k for k in ENTRY_KEYS if k in values and (k not in entry or old[k] != values[k])]
         for k in changed:
             entry[k] = _number_list(values[k], lists) if k in LIST_KEYS else values[k]

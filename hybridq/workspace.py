@@ -146,6 +146,15 @@ def _count(key: str, value: Any, where: str) -> int:
     return value
 
 
+def _outside(data: Path, home: Path) -> bool:
+    """Is an external data file not a plain relative path under the model's directory (absolute, or through '..')?"""
+    try:
+        rel = data.relative_to(home)
+    except ValueError:
+        return True
+    return ".." in rel.parts or not data.resolve().is_relative_to(home.resolve())
+
+
 def init(directory: str | Path, model: str | Path | None = None) -> Path:
     """Create a workspace: the template's files, the model copied in, and the README/config naming that model."""
     directory = Path(directory)
@@ -161,10 +170,10 @@ def init(directory: str | Path, model: str | Path | None = None) -> Path:
     if model_path is not None:
         read_onnx(model_path, load_external_data=False)
         missing = [p for p in data_files if not p.is_file()]
-        outside = [p for p in data_files if not p.resolve().is_relative_to(model_path.parent.resolve())]
+        outside = [p for p in data_files if _outside(p, model_path.parent)]
         if outside:
-            raise InputError(f"Model '{model_path}' keeps its weights in '{outside[0]}', outside its directory; hybridq "
-                             "copies a model's data files with it: save the model with its data beside it.")
+            raise InputError(f"Model '{model_path}' keeps its weights at '{outside[0]}': an absolute location, or one through "
+                             "'..' (ONNX loaders refuse both); save the model with its data file(s) beside it, by relative names.")
         if missing:
             raise InputError(f"Model '{model_path}' keeps its weights in external data file(s) that are missing: "
                              f"{', '.join(repr(str(p)) for p in missing)}. Put them beside the model, then run init again.")

@@ -113,6 +113,13 @@ def test_init_copies_a_models_external_data_and_a_missing_data_file_is_named(tmp
     assert not (tmp_path / "w2").exists()
     text = _clean(*hq(capsys, "step1", src / "net.onnx", "-d", ds, "--out", tmp_path / "o"), "net.weights", "missing")
     assert "corrupt" not in text
+    (tmp_path / "w.bin").write_bytes(b"")  # through '..': onnx refuses it, and init must not write beside the workspace
+    m = onnx.load(src / "net.onnx", load_external_data=False)
+    for t in m.graph.initializer:
+        next(e for e in t.external_data if e.key == "location").value = "../w.bin"
+    onnx.save(m, src / "dots.onnx")
+    _clean(*hq(capsys, "init", tmp_path / "w3" / "ws", "--model", src / "dots.onnx"), "w.bin", "'..'")
+    assert not (tmp_path / "w3").exists()
 
 
 def test_debug_keeps_the_usage_exit_code_and_shows_the_traceback(ws):

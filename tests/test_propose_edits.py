@@ -281,6 +281,8 @@ def test_keys_a_fix_adds_go_above_the_next_entrys_comment():
     assert out == ("quantize_parameters:\n  # input of conv_a\n  a:\n    max: [1.0]\n    zero_point: [128]\n"
                    "    algorithm: mse # proposal: mse\n  # input of conv_b\n  b:\n    max: [2.0]\n    zero_point: [128]  # mine\n"
                    "    bias_correction: [0.5, 0.25]\n  # input of conv_c\n  c:\n    max: [3.0]\n")
+    empty = "quantize_parameters:\n  a: {}\n  b:\n    max: [1.0]\n"  # an entry with no key yet: nothing to move
+    assert update_entries(empty, {"a": {"algorithm": "mse"}}, {}) == "quantize_parameters:\n  a:\n    algorithm: mse\n  b:\n    max: [1.0]\n"
 
 
 def test_a_cfg_changed_while_the_proposal_ran_is_not_overwritten(outlier_ws, monkeypatch):

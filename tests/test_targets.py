@@ -719,3 +719,42 @@ def test_npu_proposal_tries_int16_first_and_fixes_an_additive_mask_with_fewer_la
     assert set(only16.proposal.layers.values()) == {"float16"} and len(only16.proposal.layers) > len(r.proposal.layers)
     with pytest.raises(hybridq.errors.InputError, match="int16 is for target npu"):
         hybridq.step1(path, listing, out=tmp_path / "cpu", proposal=ProposalOptions(Target(cosine=0.99), fallback="int16"))
+
+
+def test_calibration_of_a_model_whose_map_keeps_a_layer_float_between_qdq_runs_that_layer_float():
+    """An npu model's float layer between Q/DQ (step2's map: float_between_qdq) stays float in ONNX Runtime only when the
+    session sees the map; calibration hands it the model, not bare bytes, so the statistics are those of the float
+    Conv: the fold of each batch's values computed here (numpy Q/DQ around a plain ORT Conv)."""
+    from hybridq._onnx import QDQ_MAP_KEY
+    from hybridq.calibration import calibrate
+    from hybridq.observers import HistogramObserver
+    from tests.conftest import run
+
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(8, 4, 3, 3)).astype(np.float32), rng.normal(size=8).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B"), numpy_helper.from_array(np.float32(0.02), "s"),
+             numpy_helper.from_array(np.uint8(128), "z"), numpy_helper.from_array(np.float32(0.05), "s2"),
+             numpy_helper.from_array(np.uint8(128), "z2")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q0"),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq0"),
+             helper.make_node("Conv", ["xd", "W", "B"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["y", "s2", "z2"], ["yq"], name="q1"),
+             helper.make_node("DequantizeLinear", ["yq", "s2", "z2"], ["out"], name="dq1"),
+             helper.make_node("Relu", ["out"], ["r"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    m.metadata_props.add(key=QDQ_MAP_KEY, value=json.dumps({"float_between_qdq": True}))
+    conv = helper.make_model(helper.make_graph([nodes[2]], "c", [helper.make_tensor_value_info("xd", TensorProto.FLOAT, [1, 4, 8, 8])],
+                                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits[:2]),
+                             opset_imports=[helper.make_opsetid("", 17)])
+    batches = [{"x": rng.normal(size=(1, 4, 8, 8)).astype(np.float32) * 2} for _ in range(4)]
+    expected = HistogramObserver()
+    for batch in batches:
+        xd = ((np.clip(np.rint(batch["x"] / np.float32(0.02)) + 128, 0, 255) - 128) * np.float32(0.02)).astype(np.float32)
+        y = run(conv, {"xd": xd})[0]
+        expected.update(((np.clip(np.rint(y / np.float32(0.05)) + 128, 0, 255) - 128) * np.float32(0.05)).astype(np.float32))
+    got = calibrate(m, iter(batches), tensors=["out"], histograms={"out"}, threads=1)["out"]
+    assert (got.min, got.max, got.count) == (expected.min, expected.max, expected.count)
+    assert np.abs(got.counts - expected.counts).sum() <= 2 * expected.counts.sum() // 1000, "float Conv's values, up to rounding ties"

@@ -31,6 +31,7 @@ class Row:
 
 
 State = tuple[Score, Candidate, Edits, Built]
+"""A scored candidate: its score, the fix, the edits with it, the model step2 builds from them."""
 
 
 class Climb:

@@ -264,8 +264,6 @@ def _within_size(order: list[str], climb: Climb, room: int) -> list[str]:
     return names
 
 
-"""A scored candidate: its score, the fix, the edits with it, the model step2 builds from them."""
-
 
 def _sizes(n: int) -> list[int]:
     """Float-set sizes tried below the target: 1, 2, 4, ... layers of the ordered budget, then all n."""
