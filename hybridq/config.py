@@ -461,20 +461,34 @@ def update_custom_layers(text: str, layers: dict[str, str], comments: dict[str, 
     return _expand(buf.getvalue(), lists)
 
 
-def _move_trailing_comments(entry: CommentedMap, last: str | None) -> None:
+def _trailing(entry: CommentedMap, last: str | None) -> tuple[list, int] | None:
+    """Where ruamel keeps the comment after the entry's last key (its end-of-line comment and the comment lines after
+    it): (the comment slots, the index) of that key, or of the last item of its block-style list."""
+    if last is None or last not in entry:
+        return None
+    value = entry[last]
+    if isinstance(value, CommentedSeq) and len(value) and value.ca.items.get(len(value) - 1, [None])[0] is not None:
+        return value.ca.items[len(value) - 1], 0
+    slots = entry.ca.items.get(last)
+    return (slots, 2) if slots and len(slots) > 2 and slots[2] is not None else None
+
+
+def _move_trailing_comments(entry: CommentedMap, last: str | None, where: tuple[list, int] | None) -> None:
     """Keys added after `last` come before the comment lines that followed it (the next entry's "# input of ..."),
-    which ruamel keeps on `last`: those lines move to the new last key, so the next entry keeps its comment."""
-    now = list(entry)[-1] if entry else last
-    token = entry.ca.items.get(last, [None] * 4)[2] if last in entry else None
-    if now == last or token is None:
+    which ruamel keeps on `last` (`where`, found before the edit): those lines move to the new last key, so the next
+    entry keeps its comment; they move too when `last` was a fix key the edit deleted."""
+    now = next(reversed(entry), None)
+    if now is None or now == last or where is None:
         return
+    slots, i = where
+    token = slots[i]
     eol, _, rest = token.value.partition("\n")
     if not rest:
         return
-    if eol.strip():
+    if last in entry and eol.strip():
         token.value = eol + "\n"
-    else:
-        entry.ca.items[last][2] = None
+    elif last in entry:
+        slots[i] = None
     slot = entry.ca.items.setdefault(now, [None] * 4)
     if slot[2] is None:
         slot[2] = copy.copy(token)
@@ -500,6 +514,7 @@ def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[s
         if not isinstance(entry, CommentedMap):
             continue
         old, last = {k: _restore(entry[k], lists) for k in entry}, next(reversed(entry), None)
+        where = _trailing(entry, last)
         changed = [k for k in ENTRY_KEYS if k in values and (k not in entry or old[k] != values[k])]
         for k in changed:
             entry[k] = _number_list(values[k], lists) if k in LIST_KEYS else values[k]
@@ -509,7 +524,7 @@ def update_entries(text: str, edits: dict[str, dict[str, Any]], comments: dict[s
         free = [k for k in changed if not (entry.ca.items.get(k) and len(entry.ca.items[k]) > 2 and entry.ca.items[k][2])]
         if name in comments and free:
             entry.yaml_add_eol_comment(comments[name], "max" if "max" in free else free[0])
-        _move_trailing_comments(entry, last)
+        _move_trailing_comments(entry, last, where)
     buf = io.StringIO()
     y.dump(doc, buf)
     return _expand(buf.getvalue(), lists)

@@ -281,6 +281,11 @@ def test_keys_a_fix_adds_go_above_the_next_entrys_comment():
     assert out == ("quantize_parameters:\n  # input of conv_a\n  a:\n    max: [1.0]\n    zero_point: [128]\n"
                    "    algorithm: mse # proposal: mse\n  # input of conv_b\n  b:\n    max: [2.0]\n    zero_point: [128]  # mine\n"
                    "    bias_correction: [0.5, 0.25]\n  # input of conv_c\n  c:\n    max: [3.0]\n")
+    block = "quantize_parameters:\n  a:\n    max:\n    - 1.0\n  # input of b\n  b:\n    max: [2.0]\n"  # the comment on a list item
+    assert update_entries(block, {"a": {"max": [1.0], "algorithm": "mse"}}, {}).endswith("    algorithm: mse\n  # input of b\n  b:\n    max: [2.0]\n")
+    fixed = "quantize_parameters:\n  a:\n    max: [1.0]\n    bias_correction: [0.5]\n  # input of b\n  b:\n    max: [2.0]\n"
+    assert update_entries(fixed, {"a": {"max": [1.0], "algorithm": "mse"}}, {}) == (  # the key holding it deleted: kept
+        "quantize_parameters:\n  a:\n    max: [1.0]\n    algorithm: mse\n  # input of b\n  b:\n    max: [2.0]\n")
     empty = "quantize_parameters:\n  a: {}\n  b:\n    max: [1.0]\n"  # an entry with no key yet: nothing to move
     assert update_entries(empty, {"a": {"algorithm": "mse"}}, {}) == "quantize_parameters:\n  a:\n    algorithm: mse\n  b:\n    max: [1.0]\n"
 
