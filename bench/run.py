@@ -210,7 +210,7 @@ def proposal_summary(log: Path) -> dict:
         return {}
     p = doc.get("proposal") or {}
     if not p:  # step1's speed check kept the model float: no proposal ran
-        return {"skipped": next((n for n in doc.get("notes", []) if "not faster than fp32" in n), "no proposal in step1's output")}
+        return {"skipped": next((n for n in doc.get("notes", []) if "slower than fp32" in n or "not faster than fp32" in n), "no proposal in step1's output")}
     fc = p.get("float_compute") or {}
     return {"choice": p.get("choice"), "met": p.get("met"), "fixes": p.get("fixes", []), "float_layers": len(p.get("layers", {})),
             "float_proposed": fc.get("proposed"), "float_total": fc.get("total"), "evaluations": p.get("evaluations"),
