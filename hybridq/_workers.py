@@ -12,7 +12,7 @@ import multiprocessing
 import signal
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
@@ -100,7 +100,10 @@ def _child(conn: Connection, job: Job, threads: int) -> None:
 
 def run_local(job: Job, shards: Iterable[Shard], workers: int, address: str | None, on_result: Callable, on_progress: Progress) -> list[Any]:
     """`workers` local processes (forked where the OS can), at most two shards in flight each; `address` is unused."""
-    n = workers
+    if isinstance(shards, Sized):  # a worker with no shard would only be forked and told to stop
+        shards, n = list(shards), max(1, min(workers, len(shards)))
+    else:
+        n = workers
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     threads = threads_per_worker(n)
     procs: list[Any] = []
@@ -114,7 +117,11 @@ def run_local(job: Job, shards: Iterable[Shard], workers: int, address: str | No
             parent, child = ctx.Pipe()
             procs.append(ctx.Process(target=_child, args=(child, job, threads), daemon=True))
             conns.append(parent)
-            procs[-1].start()
+            try:
+                procs[-1].start()
+            except OSError as exc:  # out of processes or file descriptors
+                raise HybridqError(f"could not start worker {len(procs)} of {n} ({exc.strerror or exc}): the machine allows no "
+                                   "more processes or open files here; use fewer --workers.") from None
             child.close()
         for shard in shards:
             while min(len(f) for f in flight) >= 2:
@@ -130,6 +137,8 @@ def run_local(job: Job, shards: Iterable[Shard], workers: int, address: str | No
         return finals
     finally:
         for p in procs:
+            if p.pid is None:  # never started
+                continue
             if p.is_alive():
                 p.terminate()
             p.join(timeout=5)

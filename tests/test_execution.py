@@ -21,7 +21,7 @@ import hybridq
 from hybridq.api import ProposalOptions
 from hybridq.artifacts import read_step1
 from hybridq.cli import main
-from hybridq.errors import InputError, WorkerLost
+from hybridq.errors import HybridqError, InputError, WorkerLost
 from hybridq.execution import Execution, Shard, contiguous, execute, threads_per_worker
 from hybridq.observers import HistogramObserver
 from hybridq.proposal import Evaluator, Target
@@ -437,3 +437,59 @@ def test_ray_missing_is_a_usage_error_naming_the_extra(monkeypatch, cnn20):
     with pytest.raises(InputError, match=r"pip install 'hybridq\[ray\]'"):
         hybridq.step1(cnn20["model"], cnn20["dataset"], out=cnn20["dir"] / "out", execution=Execution(ray="local"))
     assert not (cnn20["dir"] / "out").exists() or not any((cnn20["dir"] / "out").iterdir())
+
+
+def test_local_workers_are_no_more_than_the_shards_and_a_failed_start_is_named(monkeypatch):
+    """--workers beyond the shards forks only one worker a shard (3000 on 8 samples took a minute); a worker the OS cannot
+    start (out of processes or file descriptors) is a one-paragraph error, not "can only join a started process"."""
+    import multiprocessing.context as mpc
+
+    from hybridq import _workers
+
+    started = []
+    real = mpc.ForkProcess.start
+
+    def count(self):
+        started.append(self)
+        return real(self)
+
+    monkeypatch.setattr(mpc.ForkProcess, "start", count)
+    got = []
+    shards = [Shard(k, (k,), 1) for k in range(3)]
+    _workers.run_local(_Squares(), shards, 50, None, lambda s, r: got.append(r), lambda n: None)
+    assert len(started) == 3 and got == [[0], [1], [4]]
+
+    def fail_second(self):
+        if started:
+            raise OSError(24, "Too many open files")
+        started.append(self)
+        return real(self)
+
+    started.clear()
+    monkeypatch.setattr(mpc.ForkProcess, "start", fail_second)
+    with pytest.raises(HybridqError, match=r"could not start worker 2 of 3 \(Too many open files\).*use fewer --workers"):
+        _workers.run_local(_Squares(), shards, 3, None, lambda s, r: None, lambda n: None)
+    assert not started[0].is_alive()
+
+
+def test_ray_init_leaves_the_clis_sigterm_handler_in_place(monkeypatch):
+    """ray.init installs a SIGTERM handler of its own (a C++ trace, exit 15, sometimes a false error): the one the CLI
+    installed is put back, so SIGTERM under --ray ends as without it (exit 143, its paragraph, artifacts untouched)."""
+    import signal
+    import types
+
+    from hybridq import _ray
+
+    def init(**kw):
+        signal.signal(signal.SIGTERM, lambda *a: None)
+        fake.up = True
+
+    fake = types.SimpleNamespace(up=False, is_initialized=lambda: fake.up, init=init, shutdown=lambda: setattr(fake, "up", False))
+    monkeypatch.setattr(_ray, "_import_ray", lambda: fake)
+    ours = lambda *a: None  # noqa: E731
+    old = signal.signal(signal.SIGTERM, ours)
+    try:
+        with _ray.connected("local") as (ray, started):
+            assert started and signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, old)
