@@ -9,6 +9,7 @@ process already started (``ray.init`` by a host program or a test) is used as is
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -79,6 +80,25 @@ def _import_ray():
     return ray
 
 
+REACH_S = 5.0
+"""Seconds a cluster address may take to accept a TCP connection before --ray gives up: ray.init itself retries an
+address nothing listens on for ever, deaf to Ctrl-C."""
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a `host:port` (or `ray://host:port`) address where nothing accepts a connection, naming it."""
+    where = address.split("://", 1)[-1]
+    host, sep, port = where.rpartition(":")
+    if address in ("local", "auto") or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=REACH_S).close()
+    except OSError as exc:
+        raise InputError(f"cannot connect to the Ray cluster at {address!r}: nothing accepts a connection at {where} "
+                         f"({exc.strerror or exc}). Start it (`ray start --head` on the head node), check the address, "
+                         "or use --ray local.") from None
+
+
 def _restore_sigterm(handler: Any) -> None:
     """Put back the SIGTERM handler ray.init replaced (its own dumps a C++ trace and exits 15): the CLI's ends the run
     cleanly, artifacts untouched, with exit 143 and its one paragraph, as it does without Ray."""
@@ -93,6 +113,7 @@ def connected(address: str) -> Iterator[tuple[Any, bool]]:
     if ray.is_initialized():
         yield ray, False
         return
+    _check_reachable(address)
     own = signal.getsignal(signal.SIGTERM)
     try:
         if address == "local":

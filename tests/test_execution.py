@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import re
 import sys
 from pathlib import Path
 
@@ -493,3 +494,21 @@ def test_ray_init_leaves_the_clis_sigterm_handler_in_place(monkeypatch):
             assert started and signal.getsignal(signal.SIGTERM) is ours
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_at_once(monkeypatch, cnn20):
+    """ray.init retries such an address for ever, deaf to Ctrl-C: a TCP connection is tried first, and refused it is a
+    usage error naming the address (a fake Ray: no cluster is started)."""
+    import socket
+    import types
+
+    from hybridq import _ray
+
+    fake = types.SimpleNamespace(is_initialized=lambda: False, init=lambda **kw: pytest.fail("ray.init must not be reached"))
+    monkeypatch.setattr(_ray, "_import_ray", lambda: fake)
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(InputError, match=rf"cannot connect to the Ray cluster at '{re.escape(address)}': nothing accepts"):
+            hybridq.step1(cnn20["model"], cnn20["dataset"], out=cnn20["dir"] / "out", execution=Execution(ray=address))
