@@ -136,12 +136,17 @@ def run_local(job: Job, shards: Iterable[Shard], workers: int, address: str | No
             _receive(procs, conns, flight, order, finals, on_progress)
         return finals
     finally:
+        for c in conns:
+            c.close()  # a worker still waiting for a shard reads the end
         for p in procs:
             if p.pid is None:  # never started
                 continue
             if p.is_alive():
                 p.terminate()
             p.join(timeout=5)
+            if p.is_alive():  # terminated before it set its own SIGTERM handler: the parent's caught the signal
+                p.kill()
+                p.join(timeout=5)
 
 
 def _receive(procs: list, conns: list[Connection], flight: list[deque[Shard]], order: InOrder, finals: list, on_progress: Progress) -> None:
