@@ -310,9 +310,14 @@ def external_data_files(path: str | Path) -> list[Path]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:
         return []
+    return external_data_paths(model, Path(path).parent)
+
+
+def external_data_paths(model: onnx.ModelProto, directory: Path) -> list[Path]:
+    """The files, in `directory`, that a model read without its external data keeps its tensors in."""
     where = {e.value for t in external_data_helper._get_all_tensors(model)
              if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
-    return sorted(Path(path).parent / w for w in where)
+    return sorted(directory / w for w in where)
 
 
 def read_onnx(path: str | Path, *, load_external_data: bool = True) -> onnx.ModelProto:
@@ -334,7 +339,7 @@ def read_onnx_bytes(path: str | Path, *, load_external_data: bool = True) -> tup
                 load_external_data and any(external_data_helper.uses_external_data(t) for t in tensors)):
             data = None
         if load_external_data:
-            missing = [p for p in external_data_files(path) if not p.is_file()]
+            missing = [p for p in external_data_paths(model, Path(path).parent) if not p.is_file()]
             if missing:
                 raise ModelError(f"Model file '{path}' keeps its weights in external data file(s) that are missing: "
                                  f"{', '.join(repr(str(p)) for p in missing)}. Put the data file(s) the exporter wrote beside the "

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._fs import write_atomic as write_text_atomic
-from ._onnx import external_data_files, read_onnx
+from ._onnx import external_data_paths, read_onnx
 from .dataset import Preprocess
 from .errors import ConfigError, InputError, did_you_mean
 from .settings import Settings
@@ -166,9 +166,8 @@ def init(directory: str | Path, model: str | Path | None = None) -> Path:
     model_path = Path(model) if model is not None else None
     if model_path is not None and not model_path.is_file():
         raise InputError(f"Model '{model_path}' does not exist; give the path of an .onnx file.")
-    data_files = external_data_files(model_path) if model_path is not None else []
+    data_files = external_data_paths(read_onnx(model_path, load_external_data=False), model_path.parent) if model_path else []
     if model_path is not None:
-        read_onnx(model_path, load_external_data=False)
         missing = [p for p in data_files if not p.is_file()]
         outside = [p for p in data_files if _outside(p, model_path.parent)]
         if outside:

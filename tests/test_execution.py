@@ -457,7 +457,7 @@ def test_local_workers_are_no_more_than_the_shards_and_a_failed_start_is_named(m
     monkeypatch.setattr(mpc.ForkProcess, "start", count)
     got = []
     shards = [Shard(k, (k,), 1) for k in range(3)]
-    _workers.run_local(_Squares(), shards, 50, None, lambda s, r: got.append(r), lambda n: None)
+    _workers.run_local(_Squares(), iter(shards), 50, None, lambda s, r: got.append(r), lambda n: None)  # a stream, as analyze's
     assert len(started) == 3 and got == [[0], [1], [4]]
 
     def fail_second(self):
