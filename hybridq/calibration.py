@@ -156,6 +156,10 @@ def calibrate(
         pools = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib"))]
         if pair and _static_bytes(model, full) <= PAIR_BYTES:  # known small from the shapes: no need to wait for batch 0
             pools.append(stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib")))
+        later = None  # the session without the min/max outputs, opened beside the first batches (see PREFETCH)
+        if full and ranged and base is not None and range_batches is not None and (expected_batches or math.inf) > range_batches:
+            opener = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib-open"))
+            later = opener.submit(_pass_session, model, base, full, [], threads)
 
         def observe(run: _Run) -> None:
             start = time.perf_counter()
@@ -178,7 +182,8 @@ def calibrate(
                 if not full:  # min/max tensors only, all observed: a run would fetch nothing (ONNX Runtime reads that as all outputs)
                     _count_only(model, itertools.chain([batch], rest), lambda i: describe(b + i), on_batch)
                     return observers
-                sess, ranged = _pass_session(model, base or serialized_within(model), full, [], threads), []
+                sess = later.result() if later is not None else _pass_session(model, base or serialized_within(model), full, [], threads)
+                ranged = []
             fetch, feed = _fetch(full, ranged), {k: batch[k] for k in feeds}
             # two runs in flight: each worker bins its own batch (both cores bin); one: the main thread bins beside ORT
             run = pools[b % len(pools)].submit(_run_and_bin, sess, fetch, feed, full, hessian_of, binner) if len(pools) == 2 else (

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,7 +77,8 @@ class SpeedCheck:
 
 
 def time_pair(
-    fp32: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, outputs: list[list[np.ndarray]] | None = None,
+    fp32: onnx.ModelProto, int8: onnx.ModelProto | Callable[[], onnx.ModelProto], feed: dict[str, np.ndarray], threads: int,
+    outputs: list[list[np.ndarray]] | None = None,
 ) -> tuple[float, float]:
     """Least CPU milliseconds per run of each model on `threads` threads (1 for CPU time to be the run's), runs interleaved.
 
@@ -84,15 +86,20 @@ def time_pair(
     cost, which other work on a shared machine does not inflate as it does wall time; the least of the runs is the
     one it disturbed least (as :mod:`hybridq.costmodel` times). Wall-time medians flipped PP-OCR det on a loaded
     2-core Xeon: 146 ms int8 against 149 ms fp32 in one step1, where the latency rounds measured 120 against 146 ms.
-    `outputs`, when given, receives each model's outputs of the warm-up run (fp32's, then int8's).
+    `int8` may be the function that builds the model: the fp32 session opens beside the build, and the int8 one beside
+    fp32's warm-up run (ONNX Runtime releases the GIL while it opens a session; small detector: 30 ms of step1), but no
+    timed run has anything beside it. `outputs`, when given, receives each model's outputs of the warm-up run (fp32's,
+    then int8's).
     """
-    sessions = [_runtime.session(m, threads=threads, log_level=3) for m in (fp32, int8)]
-    feeds = [{i.name: feed[i.name] for i in s.get_inputs()} for s in sessions]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-speed") as pool:
+        opening = pool.submit(_runtime.session, fp32, threads=threads, log_level=3)
+        built = int8() if callable(int8) else int8
+        sessions = [opening.result()]
+        opening = pool.submit(_runtime.session, built, threads=threads, log_level=3)
+        warm = _warm(sessions[0], feed, outputs)
+        sessions.append(opening.result())
+    feeds = [warm, _warm(sessions[1], feed, outputs)]
     runs: list[list[float]] = [[], []]
-    for s, f in zip(sessions, feeds):
-        warm = s.run(None, f)  # warm-up: first-run allocations and kernel selection
-        if outputs is not None:
-            outputs.append(warm)
     start = time.perf_counter()
     while True:
         for k, (s, f) in enumerate(zip(sessions, feeds)):
@@ -108,9 +115,18 @@ def time_pair(
             return min(runs[0]), min(runs[1])
 
 
-def check(temp: onnx.ModelProto, int8: onnx.ModelProto, feed: dict[str, np.ndarray]) -> SpeedCheck:
-    """Time the default int8 model (built as step2 builds the cfg) against `temp`, on one thread, and measure the
-    other work the machine did meanwhile."""
+def _warm(session, feed: dict[str, np.ndarray], outputs: list[list[np.ndarray]] | None) -> dict[str, np.ndarray]:
+    """One untimed run of `session` (first-run allocations and kernel selection); its feed, for the timed runs."""
+    own = {i.name: feed[i.name] for i in session.get_inputs()}
+    out = session.run(None, own)
+    if outputs is not None:
+        outputs.append(out)
+    return own
+
+
+def check(temp: onnx.ModelProto, int8: onnx.ModelProto | Callable[[], onnx.ModelProto], feed: dict[str, np.ndarray]) -> SpeedCheck:
+    """Time the default int8 model (built as step2 builds the cfg; or the function building it) against `temp`, on one
+    thread, and measure the other work the machine did meanwhile."""
     before = _cpu_sample()
     outputs: list[list[np.ndarray]] = []
     fp32_ms, int8_ms = time_pair(temp, int8, feed, threads=1, outputs=outputs)
@@ -149,7 +165,7 @@ def decide(
     """:func:`check` of the model `int8()` builds, then what step1 writes: custom_quantize_layers entries keeping every
     default layer float (none when int8 pays), their comments, step1's note, and the check (None when it failed)."""
     try:
-        result = check(temp, int8(), feed)
+        result = check(temp, int8, feed)
     except Exception as exc:  # timing is an optimisation: a model that cannot be timed whole is placed by the MAC rules
         why = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         return {}, {}, f"speed check: not run ({why}); placed by the MAC rules alone.", None

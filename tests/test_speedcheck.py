@@ -26,6 +26,7 @@ def _ops(path) -> set[str]:
 
 def _stub(monkeypatch, fp32_ms: float, int8_ms: float, seen: list | None = None) -> None:
     def timed(fp32, int8, feed, threads, outputs=None):
+        int8 = int8() if callable(int8) else int8  # step1 hands over the function building it
         if seen is not None:
             seen.append((fp32, int8, threads))
         return fp32_ms, int8_ms
@@ -171,6 +172,39 @@ def test_an_unclear_outcome_gets_more_runs_before_a_model_is_kept_float(monkeypa
     assert [s.count for s in sessions] == [runs + 1, runs + 1], "a warm-up run, then the timed ones"
 
 
+
+
+def test_the_int8_model_is_built_while_the_fp32_session_opens(monkeypatch):
+    """Given the function that builds the int8 model, time_pair builds it once, beside the fp32 session's opening, and
+    times the model it built; the sessions still open fp32 first (fakes, as above)."""
+    events: list[str] = []
+
+    class Fake:
+        def __init__(self, model):
+            self.model = model
+
+        def get_inputs(self):
+            return []
+
+        def run(self, names, feed):
+            return [self.model]
+
+    def opened(model, **kwargs):
+        events.append(f"session {model}")
+        return Fake(model)
+
+    def build():
+        events.append("build")
+        return "int8 model"
+
+    monkeypatch.setattr(speedcheck._runtime, "session", opened)
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(speedcheck.time, "thread_time", lambda: float(next(ticks)))  # each run takes one tick
+    outputs: list = []
+    speedcheck.time_pair("fp32 model", build, {}, 1, outputs=outputs)
+    assert events.count("build") == 1 and events.index("session fp32 model") < events.index("session int8 model")
+    assert events.index("build") < events.index("session int8 model")
+    assert outputs == [["fp32 model"], ["int8 model"]], "the warm-up outputs of fp32, then of the model built"
 
 def test_a_busy_machine_does_not_keep_the_model_float(cnn_ws, tmp_path, monkeypatch):
     """'Slower' measured while other work ran is not trusted: the MAC placement stays, and the note says why."""
