@@ -121,6 +121,7 @@ def calibrate(
     on_batch: Callable[[int], None] | None = None,
     range_batches: int | None = 8,
     hessians: Iterable[str] = (),
+    hessian_blocks: Iterable[int] = (),
     threads: int = 0,
     expected_batches: int | None = None,
 ) -> dict[str, HistogramObserver]:
@@ -129,7 +130,8 @@ def calibrate(
     Tensors in `histograms` (all when None) get a histogram from every batch. The others, which
     no layer quantizes by default, get min/max only, and only from the first `range_batches`
     batches (None: all): their in-graph reductions cost more than the model itself on large models.
-    Tensors in `hessians` (histogram tensors) also get a :class:`HessianObserver` under `name + HESSIAN_SUFFIX`.
+    Tensors in `hessians` (histogram tensors) also get a :class:`HessianObserver` under `name + HESSIAN_SUFFIX`, whose
+    batches are summed in blocks starting at the batch indices in `hessian_blocks` (and at 0).
     ONNX Runtime runs batch b+1 in a worker thread while batch b is binned (both release the GIL),
     so at most two batches of activations are alive at a time. `threads` caps ONNX Runtime's threads
     (0: all cores but one; :mod:`hybridq.execution` gives each worker its share). On two cores (threads 0)
@@ -149,6 +151,7 @@ def calibrate(
     observers = {n: HistogramObserver(bins=n in full) for n in names}
     observers.update({n + HESSIAN_SUFFIX: HessianObserver() for n in hessians if n in full})
     hessian_of = {n for n in full if n + HESSIAN_SUFFIX in observers}
+    cuts = set(hessian_blocks) - {0}
     pending: deque[_Run] = deque()
     binner = _Binner(expected_batches, binning.kernel_for(None))
     with ExitStack() as stack:
@@ -167,6 +170,9 @@ def calibrate(
             start = time.perf_counter()
             wait([run.future])
             waited = time.perf_counter() - start
+            if run.index in cuts:
+                for n in hessian_of:
+                    observers[n + HESSIAN_SUFFIX].close()
             size = _observe(run, observers, full, hessian_of, describe, on_batch, binner.kernel)
             binner.observed(size, waited, time.perf_counter() - start - waited, run.binned)
             if size <= PAIR_BYTES and pair and len(pools) == 1:

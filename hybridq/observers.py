@@ -297,25 +297,37 @@ HESSIAN_SUFFIX = "::xtx"
 class HessianObserver:
     """X^T X of a tensor read as rows of its last axis (a MatMul input [..., K]), summed in float64, and the row count.
 
-    What GPTQ rounding needs (:mod:`hybridq.gptq`); K x K values whatever the number of samples, and sums merge exactly
-    up to float64 rounding.
+    What GPTQ rounding needs (:mod:`hybridq.gptq`); K x K values whatever the number of samples. Float64 sums depend on
+    their grouping, so batches are summed in blocks: :meth:`update` adds to the open block, :meth:`close` adds that
+    block to the total, and :meth:`merge` adds another observer's closed total. The same blocks, closed and merged in
+    the same order, give the same bits on one process or many (:mod:`hybridq.calibration_job`).
     """
 
     hessian: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     rows: int = 0
+    block: "HessianObserver | None" = field(default=None, repr=False, compare=False)
 
     STATE_KEYS = ("hessian", "rows")
 
     def update(self, x: np.ndarray) -> None:
-        """Add a batch; raises ValueError on NaN or Inf (the caller names the sample)."""
+        """Add a batch to the open block; raises ValueError on NaN or Inf (the caller names the sample)."""
         x = np.asarray(x, dtype=np.float64)
         x = x.reshape(-1, x.shape[-1])
         if not np.all(np.isfinite(x)):
             raise ValueError("non-finite values (NaN or Inf)")
-        self.merge(HessianObserver(x.T @ x, x.shape[0]))
+        if self.block is None:
+            self.block = HessianObserver()
+        self.block.merge(HessianObserver(x.T @ x, x.shape[0]))
+
+    def close(self) -> None:
+        """Add the open block to the total (nothing when no batch came since the last close)."""
+        if self.block is not None:
+            block, self.block = self.block, None
+            self.merge(block)
 
     def merge(self, other: "HessianObserver") -> None:
-        """Fold another observer's sum into this one."""
+        """Fold another observer's total (its open block closed first) into this one's."""
+        other.close()
         if other.rows == 0:
             return
         if self.rows == 0:
@@ -327,7 +339,8 @@ class HessianObserver:
         self.rows += other.rows
 
     def state(self) -> dict[str, np.ndarray]:
-        """Arrays that round-trip through `from_state` (stored in the .data artifact)."""
+        """Arrays that round-trip through `from_state` (stored in the .data artifact); the open block is closed first."""
+        self.close()
         return {"hessian": self.hessian, "rows": np.array([self.rows], dtype=np.int64)}
 
     @classmethod

@@ -127,17 +127,19 @@ def test_two_runs_in_flight_on_two_cores_give_the_same_bytes(cnn20, monkeypatch)
     # away from the min/max outputs after batch 8 included); the artifacts are those of one run at a time.
     from hybridq import _runtime, calibration
 
-    pools = []
+    pools, openers = [], []
 
     class Pool(calibration.ThreadPoolExecutor):
         def __init__(self, max_workers: int, **kw) -> None:
-            pools.append(max_workers)
+            # the runs' pools; the one that opens the session without min/max outputs beside the first batches apart
+            (openers if kw.get("thread_name_prefix") == "hybridq-calib-open" else pools).append(max_workers)
             super().__init__(max_workers, **kw)
 
     monkeypatch.setattr(calibration, "ThreadPoolExecutor", Pool)
     monkeypatch.setattr(_runtime, "cores", lambda: 2)
     paired = _step1_digests(cnn20, "pair", None)
     assert pools == [1, 1]  # the second one-run pool opens once the first batch proved small
+    assert openers == [1], "20 batches: the second session opens beside the first 8"
     monkeypatch.setattr(calibration, "PAIR_BYTES", -1)
     assert _step1_digests(cnn20, "single", None) == paired and pools == [1, 1, 1]
     monkeypatch.setattr(_runtime, "cores", lambda: 3)

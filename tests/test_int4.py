@@ -229,3 +229,17 @@ def test_proposal_meets_a_size_budget_with_int4_on_the_least_sensitive_layers(bl
     listing.write_text("\n".join(block_ws["calib"][:6]))
     single = {le.layer: le.single.cosine for le in hybridq.analyze(d / "block.onnx", every, listing).layers if le.single is not None}
     assert min(single[n] for n in chosen) >= max(single[n] for n in set(WEIGHT_LAYERS) - chosen) - 1e-9
+
+
+def test_gptq_statistics_are_byte_identical_on_every_worker_count(block_ws, tmp_path):
+    """X^T X sums in float64 depend on how the batches are grouped; they are grouped in fixed blocks on every back
+    end, so `.data` (and the run id the cfg records) do not change with --workers."""
+    from hybridq.execution import Execution
+
+    d = block_ws["dir"]
+    digests = []
+    for workers in (0, 2, 3):
+        r = hybridq.step1(d / "block.onnx", d / "list.txt", out=tmp_path / f"w{workers}", settings={"int4_rounding": "gptq"},
+                          execution=Execution(workers=workers))
+        digests.append((r.data.read_bytes(), r.cfg.read_text()))
+    assert digests[1] == digests[0] and digests[2] == digests[0]
