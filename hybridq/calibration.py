@@ -127,52 +127,41 @@ def calibrate(
 ) -> dict[str, HistogramObserver]:
     """Observe every float activation (or `tensors`) over all batches; returns one observer per tensor.
 
-    Tensors in `histograms` (all when None) get a histogram from every batch. The others, which
-    no layer quantizes by default, get min/max only, and only from the first `range_batches`
-    batches (None: all): their in-graph reductions cost more than the model itself on large models.
-    Tensors in `hessians` (histogram tensors) also get a :class:`HessianObserver` under `name + HESSIAN_SUFFIX`, whose
-    batches are summed in blocks starting at the batch indices in `hessian_blocks` (and at 0).
-    ONNX Runtime runs batch b+1 in a worker thread while batch b is binned (both release the GIL),
-    so at most two batches of activations are alive at a time. `threads` caps ONNX Runtime's threads
-    (0: all cores but one; :mod:`hybridq.execution` gives each worker its share). On two cores (threads 0)
-    that leaves ONNX Runtime one thread, and the binning half a core idle: once a batch's activations prove
-    small (`PAIR_BYTES`), two one-thread runs are in flight beside the binning (three batches alive).
-    `expected_batches` lets the binning switch to the compiled kernel where it pays (:class:`_Binner`).
+    Tensors in `histograms` (all when None) get a histogram from every batch. The others, which no layer quantizes by
+    default, get min/max only, and only from the first `range_batches` batches (None: all): their in-graph reductions
+    cost more than the model itself on large models. Tensors in `hessians` (histogram tensors) also get a
+    :class:`HessianObserver` under `name + HESSIAN_SUFFIX`, summed in blocks starting at the batches in `hessian_blocks`.
+    ONNX Runtime runs batch b+1 in a worker thread while batch b is binned (both release the GIL), so at most two
+    batches of activations are alive at a time. `threads` caps ONNX Runtime's threads (0: all cores but one;
+    :mod:`hybridq.execution` gives each worker its share). On two cores (threads 0) that leaves ONNX Runtime one
+    thread, and the binning half a core idle: once a batch's activations prove small (`PAIR_BYTES`), two one-thread
+    runs are in flight beside the binning (three batches alive). `expected_batches` lets the binning switch to the
+    compiled kernel where it pays (:class:`_Binner`).
     """
     names = tensors if tensors is not None else float_activations(model)
     if not names:  # nothing to observe (a model with no quantization candidate): the samples are only checked and counted
         return _count_only(model, batches, describe, on_batch)
     full = [n for n in names if histograms is None or n in histograms]
     ranged = [n for n in names if histograms is not None and n not in histograms]
-    pair = not threads and _runtime.cores() == 2
-    threads = threads or _ort_threads()
+    pair, threads = not threads and _runtime.cores() == 2, threads or _ort_threads()
     sess, base = _first_session(model, full, ranged, threads)
     feeds = {i.name for i in sess.get_inputs()}
-    observers = {n: HistogramObserver(bins=n in full) for n in names}
-    observers.update({n + HESSIAN_SUFFIX: HessianObserver() for n in hessians if n in full})
-    hessian_of = {n for n in full if n + HESSIAN_SUFFIX in observers}
+    observers, hessian_of = _observers(names, full, hessians)
     cuts = set(hessian_blocks) - {0}
-    pending: deque[_Run] = deque()
-    binner = _Binner(expected_batches, binning.kernel_for(None))
+    pending, binner = deque[_Run](), _Binner(expected_batches, binning.kernel_for(None))
     with ExitStack() as stack:
         # batch b runs in pools[b % len(pools)]: one run at a time, or two once `pair` proves the batches small
         pools = [stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib"))]
         if pair and _static_bytes(model, full) <= PAIR_BYTES:  # known small from the shapes: no need to wait for batch 0
             pools.append(stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib")))
-        # the session without the min/max outputs opens beside the first batches (ORT releases the GIL meanwhile; small
-        # detector, 24 samples: calibration 298 -> 283 ms); one over KEEP_BYTES opens it when needed (its bytes are not held)
-        later = None
-        if full and ranged and base is not None and range_batches is not None and (expected_batches or math.inf) > range_batches:
-            opener = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib-open"))
-            later = opener.submit(_pass_session, model, base, full, [], threads)
+        later = _open_later(stack, model, base, full, ranged, threads, range_batches, expected_batches)
 
         def observe(run: _Run) -> None:
             start = time.perf_counter()
             wait([run.future])
             waited = time.perf_counter() - start
-            if run.index in cuts:
-                for n in hessian_of:
-                    observers[n + HESSIAN_SUFFIX].close()
+            for n in hessian_of if run.index in cuts else ():  # a new block of X^T X starts here
+                observers[n + HESSIAN_SUFFIX].close()
             size = _observe(run, observers, full, hessian_of, describe, on_batch, binner.kernel)
             binner.observed(size, waited, time.perf_counter() - start - waited, run.binned)
             if size <= PAIR_BYTES and pair and len(pools) == 1:
@@ -180,9 +169,7 @@ def calibrate(
 
         rest = iter(batches)
         for b, batch in enumerate(rest):
-            missing = feeds - batch.keys()
-            if missing:
-                raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")
+            _check_feeds(feeds, batch, describe, b)
             if ranged and range_batches is not None and b == range_batches:
                 while pending and (len(pools) == 1 or not full):  # large batches: free the session's memory before the next allocates
                     observe(pending.popleft())
@@ -204,6 +191,33 @@ def calibrate(
         while pending:
             observe(pending.popleft())
     return observers
+
+
+def _check_feeds(feeds: set[str], batch: dict[str, np.ndarray], describe: Callable[[int], str], b: int) -> None:
+    """DatasetError naming batch `b` when it lacks one of the model inputs `feeds`."""
+    missing = feeds - batch.keys()
+    if missing:
+        raise DatasetError(f"{describe(b)} has no data for model input(s) {sorted(missing)}.")
+
+
+def _observers(names: list[str], full: list[str], hessians: Iterable[str]) -> tuple[dict[str, Any], set[str]]:
+    """An observer per tensor (a histogram for those in `full`) and per X^T X, and the tensors that have one."""
+    observers: dict[str, Any] = {n: HistogramObserver(bins=n in full) for n in names}
+    observers.update({n + HESSIAN_SUFFIX: HessianObserver() for n in hessians if n in full})
+    return observers, {n for n in full if n + HESSIAN_SUFFIX in observers}
+
+
+def _open_later(
+    stack: ExitStack, model: onnx.ModelProto, base: bytes | None, full: list[str], ranged: list[str], threads: int,
+    range_batches: int | None, expected_batches: int | None,
+) -> Future | None:
+    """The session without the min/max outputs, opening in a thread of `stack` beside the first batches (ONNX Runtime
+    releases the GIL meanwhile; small detector, 24 samples: calibration 298 -> 283 ms); None when no switch is expected,
+    or the model's bytes were not held (over KEEP_BYTES: it opens when needed)."""
+    if not (full and ranged and base is not None and range_batches is not None and (expected_batches or math.inf) > range_batches):
+        return None
+    opener = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-calib-open"))
+    return opener.submit(_pass_session, model, base, full, [], threads)
 
 
 def _count_only(
