@@ -357,6 +357,26 @@ def layer_keys(model: onnx.ModelProto) -> dict[tuple[str, str, str], tuple[int, 
     return {(n.name, n.op_type, o): shapes.get(o) for n in model.graph.node for o in n.output}
 
 
+def _reshaped_from(model: onnx.ModelProto) -> dict[str, set[tuple[str, str]]]:
+    """Each tensor a reshape writes (matching.RESHAPES), with the (name, op) of the nodes whose outputs reach it through
+    reshapes only: analyze lists a layer that ONNX Runtime wrapped in reshapes (MatMul + Add on a 3-D input -> Reshape,
+    Gemm, Reshape) at the tensor after them."""
+    from .analysis.matching import RESHAPES
+
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out: dict[str, set[tuple[str, str]]] = {}
+    for n in model.graph.node:
+        if n.op_type not in RESHAPES or not n.input:
+            continue
+        found, cur, seen = set(), producer.get(n.input[0]), set()
+        while cur is not None and id(cur) not in seen:
+            seen.add(id(cur))
+            found.add((cur.name, cur.op_type))
+            cur = producer.get(cur.input[0]) if cur.op_type in RESHAPES and cur.input else None
+        out.setdefault(n.output[0], set()).update(found)
+    return out
+
+
 def layers_for(directory: str | os.PathLike[str], model: onnx.ModelProto, cfg: str | os.PathLike[str]) -> tuple[dict[str, float], str | None]:
     """A snapshot's single-error cosines by layer, checked against the layers of the cfg's ``model``.
 
@@ -366,9 +386,11 @@ def layers_for(directory: str | os.PathLike[str], model: onnx.ModelProto, cfg: s
     """
     snap = load_snapshot(directory)
     keys = layer_keys(model)
+    reshaped = _reshaped_from(model)
     single = {le.layer: le.single.cosine for le in snap.layers if le.single is not None}
-    unknown = [le.layer for le in snap.layers if (le.layer, le.op_type, le.tensor) not in keys
-               or keys[(le.layer, le.op_type, le.tensor)] not in (None, tuple(le.shape))]
+    unknown = [le.layer for le in snap.layers if not (
+        keys.get((le.layer, le.op_type, le.tensor), "absent") in (None, tuple(le.shape))
+        or (le.layer, le.op_type) in reshaped.get(le.tensor, ()))]
     dumped = len(snap.layers)
     if dumped and len(unknown) == dumped:
         raise InputError(

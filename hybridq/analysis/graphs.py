@@ -125,7 +125,8 @@ class _SingleBuilder:
         if x in q.inits:
             name = self._rebuild_initializer(x)
         elif (node := q.producer_node(x)) is not None:
-            if self.ident.is_adapter(node) or not any(node.input):  # adapters and Constant nodes
+            # adapters, Constant nodes, and reshapes the quantized model adds (an fp32 tensor reshaped as it reshapes)
+            if self.ident.is_adapter(node) or not any(node.input) or (self.ident.added_reshape(node) and self.fp32_name(x) is None):
                 ins = [self.rebuild(i) for i in node.input]
                 if all(i is not None for i in ins):
                     outs = [self.fresh(_IN_PREFIX + o) if o else "" for o in node.output]

@@ -24,6 +24,9 @@ from ..plan import GraphView
 from ..qdq import QDQ_MAP_KEY, QdqMap
 
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+"""Ops that only reshape: one the quantized model adds (ONNX Runtime writes a MatMul + Add on a static 3-D input as
+Reshape -> Gemm -> Reshape) stands between a layer and the tensor the fp32 model names, and is walked through."""
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16})
 _SKIP_OPS = frozenset({"Constant", "ConstantOfShape"})
 
@@ -66,6 +69,20 @@ class Identity:
             return orig is None or orig.op_type != "Cast"
         return False
 
+    def added_reshape(self, node: onnx.NodeProto) -> bool:
+        """A reshape (RESHAPES) of the quantized model that the fp32 model does not compute there: none of its kind
+        writes that tensor in fp32, or one does but from another tensor, which a compute node of the quantized model
+        writes (the added Reshape merged with the model's own: Gemm -> Reshape into attention heads)."""
+        if node.op_type not in RESHAPES or len(node.output) != 1 or not node.input:
+            return False
+        orig = self.f.producer_node(node.output[0])
+        if orig is None or orig.op_type != node.op_type:
+            return True
+        cur = node.input[0]  # through its input's adapters to the tensor a compute node writes
+        while (src := self.q.producer_node(cur)) is not None and self.is_adapter(src):
+            cur = src.input[0]
+        return cur not in self.f.values and src is not None
+
     def yields_float(self, node: onnx.NodeProto) -> bool:
         if node.op_type == "QuantizeLinear":
             return False
@@ -90,12 +107,12 @@ class Identity:
         return chain[:last_float]
 
     def back_to_source(self, view: str) -> tuple[str, list[int]]:
-        """Walk back from a view through adapters: (source tensor, adapter nodes source -> view)."""
+        """Walk back from a view through adapters and added reshapes: (source tensor, those nodes source -> view)."""
         chain: list[int] = []
         cur = view
         while True:
             k = self.q.producer.get(cur)
-            if k is None or not self.is_adapter(self.q.nodes[k]):
+            if k is None or not (self.is_adapter(self.q.nodes[k]) or self.added_reshape(self.q.nodes[k])):
                 return cur, chain[::-1]
             chain.append(k)
             cur = self.q.nodes[k].input[0]

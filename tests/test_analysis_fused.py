@@ -1,0 +1,129 @@
+"""analyze on layers ONNX Runtime rewrote with reshapes around them: a MatMul + Add on a static 3-D input becomes
+Reshape -> Gemm -> Reshape in step1's temp model. Each quantized Gemm gets its row, its precision and a single error,
+checked against a numpy computation of the layer from the QDQ model's own parameters."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+import hybridq
+from hybridq.analysis import analyze
+
+
+def _mlp(path: Path) -> None:
+    """Two linear layers (MatMul + Add) with a Relu between, on a [1, 16, 64] input."""
+    r = np.random.default_rng(0)
+    f32 = lambda a: a.astype(np.float32)  # noqa: E731
+    inits = [nh.from_array(f32(r.standard_normal((64, 128)) / 8), "W1"), nh.from_array(f32(r.standard_normal(128) * 0.1), "b1"),
+             nh.from_array(f32(r.standard_normal((128, 64)) / 11), "W2"), nh.from_array(f32(r.standard_normal(64) * 0.1), "b2")]
+    nodes = [h.make_node("MatMul", ["x", "W1"], ["m1"], name="fc1"), h.make_node("Add", ["m1", "b1"], ["a1"], name="fc1_bias"),
+             h.make_node("Relu", ["a1"], ["r1"], name="relu"), h.make_node("MatMul", ["r1", "W2"], ["m2"], name="fc2"),
+             h.make_node("Add", ["m2", "b2"], ["y"], name="fc2_bias")]
+    graph = h.make_graph(nodes, "mlp", [h.make_tensor_value_info("x", TP.FLOAT, [1, 16, 64])],
+                         [h.make_tensor_value_info("y", TP.FLOAT, [1, 16, 64])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, path)
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("fused")
+    _mlp(d / "mlp.onnx")
+    rng = np.random.default_rng(1)
+    samples = [rng.standard_normal((1, 16, 64)).astype(np.float32) for _ in range(8)]
+    for i, s in enumerate(samples):
+        np.save(d / f"s{i}.npy", s)
+    (d / "list.txt").write_text("".join(f"s{i}.npy\n" for i in range(8)))
+    s1 = hybridq.step1(d / "mlp.onnx", d / "list.txt", out=d / "ws", settings={"speed_check": False, "float_stem": False})
+    assert any("MatMulAddFusion" in v for v in s1.fused.values()), "the temp model is expected to hold the fused Gemms"
+    return {"dir": d, "s1": s1, "samples": samples}
+
+
+def _edit_entry(text: str, tensor: str, key: str, value: str) -> str:
+    """Replace `key:` inside the quantize_parameters entry of `tensor`."""
+    start = text.index(f"\n  {tensor}:\n")
+    end = text.index("\n  ", text.index("zero_point", start))
+    block = text[start:end]
+    return text[:start] + re.sub(rf"(\n    {key}: )[^\n]*", rf"\g<1>{value}", block) + text[end:]
+
+
+def _params(q: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: nh.to_array(i) for i in q.graph.initializer}
+
+
+def _fc2_single(q: onnx.ModelProto, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 y, and fc2 alone on fp32 r1 computed in numpy from the QDQ model's scales and integer weights."""
+    sess = ort.InferenceSession(_with_output(onnx.load(str(x[1])), "r1").SerializeToString(), providers=["CPUExecutionProvider"])
+    y, r1 = sess.run(["y", "r1"], {"x": x[0]})
+    p = _params(q)
+    gemm = next(n for n in q.graph.node if n.op_type == "Gemm" and n.name.startswith("fc2"))
+    dq = next(n for n in q.graph.node if n.output[0] == gemm.input[0])
+    qin = next(n for n in q.graph.node if n.output[0] == dq.input[0])
+    qout = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == gemm.output[0])
+
+    def fake(v: np.ndarray, node: onnx.NodeProto) -> np.ndarray:
+        s, z = p[node.input[1]].astype(np.float64), p[node.input[2]].astype(np.float64)
+        return (np.clip(np.round(v / s) + z, 0, 255) - z) * s
+
+    w = (p["W2_quantized"].astype(np.float64) - p["W2_zero_point"]) * p["W2_scale"][None, :]
+    b = (p["b2_quantized"].astype(np.float64) - p["b2_zero_point"]) * p["b2_scale"]
+    out = fake(fake(r1.reshape(16, 128).astype(np.float64), qin) @ w + b, qout)
+    return y, out.reshape(y.shape)
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    model.graph.output.append(h.make_tensor_value_info(name, TP.FLOAT, None))
+    return model
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["default", "fc2-input-clipped"])
+def test_every_fused_gemm_has_a_row_a_precision_and_a_single_error(fused, broken):
+    d, s1 = fused["dir"], fused["s1"]
+    cfg = s1.cfg
+    if broken:  # clip fc2's input far inside its range: fc2 alone loses most (the tester's repro)
+        reader = next(n for n in onnx.load(str(s1.model)).graph.node if n.op_type == "Gemm" and n.name.startswith("fc2"))
+        cfg = d / "broken.cfg"
+        cfg.write_text(_edit_entry(s1.cfg.read_text(), reader.input[0], "max", "[0.5]"))
+    q_path = d / f"q_{broken}.onnx"
+    hybridq.step2(s1.model, s1.data, cfg, q_path)
+    result = analyze(d / "mlp.onnx", q_path, [{"x": s} for s in fused["samples"]])
+    rows = {le.layer: le for le in result.layers}
+    gemms = sorted(k for k in rows if "MatMulAddFusion" in k)
+    assert gemms == ["fc1/MatMulAddFusion", "fc2/MatMulAddFusion"], list(rows)
+    assert all(rows[g].precision == "uint8" and rows[g].single is not None for g in gemms)
+    assert rows["fc2/MatMulAddFusion"].tensor == "y" and rows["fc1/MatMulAddFusion"].tensor == "a1"
+    q = onnx.load(str(q_path))
+    want = np.mean([_cos(*_fc2_single(q, (s, d / "mlp.onnx"))) for s in fused["samples"]])
+    assert rows["fc2/MatMulAddFusion"].single.cosine == pytest.approx(want, abs=2e-4)
+    if broken:
+        assert want < 0.95 and result.worst(1)[0].layer == "fc2/MatMulAddFusion"
+    else:
+        assert want > 0.999
+
+
+def test_a_snapshot_of_the_fused_model_matches_its_cfg_for_the_proposal(fused):
+    """`propose SNAP --cfg` ranks layers by the snapshot's single errors: the rows analyze lists at the tensor after
+    the reshapes are the cfg model's layers, not 'layers of an earlier model'."""
+    from hybridq.snapshot import layers_for
+
+    d, s1 = fused["dir"], fused["s1"]
+    q = hybridq.step2(s1.model, s1.data, s1.cfg, d / "q_snap.onnx").output
+    hybridq.analyze(d / "mlp.onnx", q, d / "list.txt", dump=d / "snap")
+    single, warning = layers_for(d / "snap", onnx.load(str(s1.model)), s1.cfg)
+    assert warning is None
+    assert {"fc1/MatMulAddFusion", "fc2/MatMulAddFusion"} <= set(single)
