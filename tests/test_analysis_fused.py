@@ -1,6 +1,7 @@
-"""analyze on layers ONNX Runtime rewrote with reshapes around them: a MatMul + Add on a static 3-D input becomes
-Reshape -> Gemm -> Reshape in step1's temp model. Each quantized Gemm gets its row, its precision and a single error,
-checked against a numpy computation of the layer from the QDQ model's own parameters."""
+"""analyze on layers ONNX Runtime writes differently from the fp32 model: a MatMul + Add on a static 3-D input becomes
+Reshape -> Gemm -> Reshape in step1's temp model, and an opset-14 HardSwish becomes HardSigmoid and Mul. Each
+quantized layer gets its row, its precision and a single error, checked against a numpy computation of the layer
+from the QDQ model's own parameters."""
 
 from __future__ import annotations
 
@@ -127,3 +128,44 @@ def test_a_snapshot_of_the_fused_model_matches_its_cfg_for_the_proposal(fused):
     single, warning = layers_for(d / "snap", onnx.load(str(s1.model)), s1.cfg)
     assert warning is None
     assert {"fc1/MatMulAddFusion", "fc2/MatMulAddFusion"} <= set(single)
+
+
+def test_an_inlined_hardswish_with_a_quantized_output_gets_its_single_error(tmp_path):
+    """HardSwish (opset 14) reaches the temp model as HardSigmoid and Mul, whose inner tensor the fp32 model has not:
+    the single view computes both again from the fp32 input (through its Q/DQ), as numpy does here."""
+    r = np.random.default_rng(0)
+    w1 = nh.from_array((r.standard_normal((16, 8, 3, 3)) / 6).astype(np.float32), "W1")
+    w2 = nh.from_array((r.standard_normal((16, 16, 3, 3)) / 8.5).astype(np.float32), "W2")
+    nodes = [h.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1] * 4), h.make_node("HardSwish", ["c1"], ["hs"], name="hswish"),
+             h.make_node("Conv", ["hs", "W2"], ["c2"], name="conv2", pads=[1] * 4), h.make_node("Sigmoid", ["c2"], ["y"], name="sig")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 8, 16, 16])],
+                         [h.make_tensor_value_info("y", TP.FLOAT, [1, 16, 16, 16])], [w1, w2])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 14)])
+    model.ir_version = 7
+    onnx.save(model, tmp_path / "hs.onnx")
+    samples = [r.standard_normal((1, 8, 16, 16)).astype(np.float32) for _ in range(6)]
+    for i, x in enumerate(samples):
+        np.save(tmp_path / f"s{i}.npy", x)
+    (tmp_path / "list.txt").write_text("".join(f"s{i}.npy\n" for i in range(6)))
+    s1 = hybridq.step1(tmp_path / "hs.onnx", tmp_path / "list.txt", out=tmp_path / "ws", settings={"speed_check": False, "float_stem": False})
+    q_path = hybridq.step2(s1.model, s1.data, s1.cfg, tmp_path / "q.onnx").output
+    result = analyze(tmp_path / "hs.onnx", q_path, [{"x": x} for x in samples])
+    row = next(le for le in result.layers if le.tensor == "hs")
+    assert row.single is not None and not any("no fp32 counterpart" in n for n in result.notes), result.notes
+
+    q, p = onnx.load(str(q_path)), _params(onnx.load(str(q_path)))
+    quantizer = {n.input[0]: n for n in q.graph.node if n.op_type == "QuantizeLinear"}
+
+    def fake(v: np.ndarray, tensor: str) -> np.ndarray:
+        node = quantizer[tensor]
+        scale, zero = float(p[node.input[1]]), float(p[node.input[2]])
+        return (np.clip(np.round(v / scale) + zero, 0, 255) - zero) * scale
+
+    fp32 = _with_output(_with_output(onnx.load(str(tmp_path / "hs.onnx")), "c1"), "hs")
+    sess = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = []
+    for x in samples:
+        c1, hs = sess.run(["c1", "hs"], {"x": x})
+        c = fake(c1.astype(np.float64), "c1")
+        want.append(_cos(hs, fake(c * np.clip(c / 6 + 0.5, 0, 1), "hs")))
+    assert row.single.cosine == pytest.approx(float(np.mean(want)), abs=2e-4)

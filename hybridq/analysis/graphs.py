@@ -125,8 +125,9 @@ class _SingleBuilder:
         if x in q.inits:
             name = self._rebuild_initializer(x)
         elif (node := q.producer_node(x)) is not None:
-            # adapters, Constant nodes, and reshapes the quantized model adds (an fp32 tensor reshaped as it reshapes)
-            if self.ident.is_adapter(node) or not any(node.input) or (self.ident.added_reshape(node) and self.fp32_name(x) is None):
+            # adapters, Constant nodes, and float nodes of the quantized model that the fp32 model has not (reshapes
+            # ONNX Runtime adds around a Gemm, HardSwish inlined as HardSigmoid and Mul): computed again from fp32 tensors
+            if self.ident.is_adapter(node) or not any(node.input) or (self.fp32_name(x) is None and not self._reads_quantized_weights(node)):
                 ins = [self.rebuild(i) for i in node.input]
                 if all(i is not None for i in ins):
                     outs = [self.fresh(_IN_PREFIX + o) if o else "" for o in node.output]
@@ -141,6 +142,15 @@ class _SingleBuilder:
             name = x
         self.memo[x] = name
         return name
+
+    def _reads_quantized_weights(self, node: onnx.NodeProto) -> bool:
+        """Does ``node`` read a weight through Q/DQ? Such a node is a quantized layer of its own, not a float op (an
+        inlined function's HardSigmoid) to compute again on fp32 inputs."""
+        for i in node.input:
+            source, chain = self.ident.back_to_source(i) if i else ("", [])
+            if chain and source in self.q.inits:
+                return True
+        return False
 
     def _rebuild_initializer(self, x: str) -> str:
         """A quant-model initializer: the fp32 model's own when equal, else a renamed copy."""
