@@ -27,7 +27,7 @@ from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import DEFAULT_FLOAT_BUDGET, Evaluator, ProposalResult, Score, Target
 from .proposal import propose as climb
 from .qdq import RewriteResult
-from .recorded import InputStats, PreprocessArg, check_header, choose_preprocess, model_props, range_warnings, read_record, source_note, step1_record, step1_siblings, fixed_inputs_of
+from .recorded import InputStats, PreprocessArg, cfg_siblings, check_header, choose_preprocess, model_props, range_warnings, read_record, source_note, step1_record, step1_siblings, fixed_inputs_of
 from .resolve import RANGE_SETTINGS, user_edits
 from .settings import Settings
 from .targets import check_target_change, get as get_target
@@ -369,16 +369,15 @@ def analyze(
         on_start(n)
     quant_path = Path(quant_model)
     with tempfile.TemporaryDirectory(prefix="hybridq-analyze-") as tmp:
-        siblings = step1_siblings(quant_path)
-        if siblings is not None:
-            quant_path = step2(*siblings, quant_path, Path(tmp) / "q.onnx").output
+        built = step2(*siblings, quant_path, Path(tmp) / "q.onnx") if (siblings := cfg_siblings(quant_path)) else None
+        quant_path = built.output if built else quant_path
         qm = load_model(quant_path)
         seen = InputStats()
         device, then = runtime_column(runtime, fm, qm, lambda: ds.samples(limit=n))
         options = AnalysisOptions(execution=execution) if execution is not None else None
         result = analyze_samples(fm, qm, IndexedSamples(ds, n, seen), dump=dump, max_bytes=max_bytes, on_sample=on_sample,
                                  host_int8=host_int8, sink=device, then=then, options=options)
-    result.warnings = range_warnings(record.input_ranges, seen.to_dict(), record.source)
+    result.warnings = (built.warnings if built else []) + range_warnings(record.input_ranges, seen.to_dict(), record.source)
     other = source_note(float_model, qm) if isinstance(float_model, (str, os.PathLike)) else None
     result.notes = ([other] if other else []) + result.notes + ds.notes()
     return result

@@ -127,6 +127,18 @@ def step1_siblings(path: str | Path) -> tuple[Path, Path] | None:
     return p.with_name(f"{stem}.model"), p.with_name(f"{stem}.data")
 
 
+def cfg_siblings(path: str | Path) -> tuple[Path, Path] | None:
+    """:func:`step1_siblings` of a cfg given as the model to analyze, checked: the model is built from them."""
+    siblings = step1_siblings(path)
+    if siblings is not None and not siblings[0].is_file():
+        raise InputError(
+            f"'{path}' is a step1 cfg, so the model is built from the step1 artifacts beside it, but '{siblings[0]}' does "
+            f"not exist. Keep the cfg in its step1 folder, beside {siblings[0].name} and {siblings[1].name}, or build the "
+            "model with `hybridq step2` and pass the .onnx it writes."
+        )
+    return siblings
+
+
 def _has_cfg_header(path: Path) -> bool:
     """True for a text file whose first 64 KiB hold the cfg's top-level `hybridq:` line (a FIFO or device is not read)."""
     if not path.is_file():

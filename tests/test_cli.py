@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,27 @@ def test_analyze_accepts_a_cfg_before_step2(capsys, cnn_ws):
     assert code == 0, err
     assert json.loads(out)["n_samples"] == 12
 
+
+
+def test_analyze_on_a_cfg_prints_step2s_warnings_and_names_missing_artifacts(capsys, cnn_ws, tmp_path):
+    """A cfg passed to analyze is built as step2 builds it: step2's warnings on its edits are printed too; copied away
+    from step1's folder, the error says where the .model was looked for and what to do."""
+    ws = cnn_ws["dir"] / "ws"
+    assert cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "-q")[0] == 0
+    cfg = ws / "cnn.quantization.cfg"
+    text = cfg.read_text()
+    start = text.index("\n  r2:\n")
+    end = text.index("\n  ", text.index("zero_point", start))
+    cfg.write_text(text[:start] + re.sub(r"(\n    scale: )[^\n]*", r"\g<1>[0.5]", text[start:end]) + text[end:])
+    code, out, err = cli(capsys, "analyze", cnn_ws["model"], cfg, "-d", cnn_ws["dataset"])
+    assert code == 0, err
+    assert "contradicts min/max" in out + err and "'r2'" in out + err
+    away = tmp_path / "away" / "cnn.quantization.cfg"
+    away.parent.mkdir()
+    away.write_text(cfg.read_text())
+    code, out, err = cli(capsys, "analyze", cnn_ws["model"], away, "-d", cnn_ws["dataset"])
+    assert code == 2 and "Traceback" not in out + err
+    assert str(away.parent / "cnn.model") in err and "Keep the cfg in its step1 folder" in err
 
 def test_bad_usage_exits_2_without_traceback(capsys, cnn_ws):
     code, out, err = cli(capsys, "step1", cnn_ws["model"], "--dataset", cnn_ws["dataset"], "--dtype", "int4")
