@@ -274,10 +274,11 @@ def build(
     arrays = initializer_arrays(fixed, plan.weights)
     observers = targets.floored(observers, plan.floors)
     res = resolve(plan, edits.entries, written, observers, arrays, settings, written_settings, where)
-    res.activations = targets.shared_params(plan.shared, res.activations, targets.degenerate(res.activations, observers), frozenset(res.edited))
-    res.notes += [f"{where}: {', '.join(repr(t) for t in g if t in res.edited)} edited: the tensors that share its parameters on "
-                  f"this target (one scale through data movement and Concat: {', '.join(repr(t) for t in g if t not in res.edited)}) "
-                  "take the edited range" for g in plan.shared if res.edited & set(g) and len(g) > 1]
+    edited = frozenset(res.edited)
+    before, res.activations = res.activations, targets.shared_params(plan.shared, res.activations, targets.degenerate(res.activations, observers), edited)
+    notes, warnings = targets.shared_edit_messages(plan.shared, before, res.activations, edited, where)
+    res.notes += notes
+    res.warnings += warnings
     rewrite = apply_plan(fixed, plan, res.activations, res.weights)
     recurrent.apply_in_place(rewrite.model, {n: lp.precision for n, lp in plan.layers.items()}, settings.qmethod == "channel")
     apply_int4(rewrite.model, fixed, plan, observers, settings, where)

@@ -150,6 +150,31 @@ def shared_params(groups: list[list[str]], params: dict[str, QParams], degenerat
     return out
 
 
+def shared_edit_messages(
+    groups: list[list[str]], before: dict[str, QParams], after: dict[str, QParams], edited: frozenset[str], where: str,
+) -> tuple[list[str], list[str]]:
+    """What step2 says of cfg edits to tensors that share one scale (:func:`shared_params`): a note per group where one
+    member's edit carries the others, a warning where members were edited to different ranges (their union is used)."""
+    notes, warnings = [], []
+    for group in groups:
+        mine = [t for t in group if t in edited and t in before]
+        if not mine or len(group) < 2:
+            continue
+        shown = lambda r: f"[{r[0]:.6g}, {r[1]:.6g}]"  # noqa: E731
+        used = shown(_represented(after[mine[0]])) if after[mine[0]].scale.size == 1 else "the widest step"
+        others = [t for t in group if t not in edited]
+        if len(mine) > 1 and len({tuple(np.ravel(before[t].scale)) + tuple(np.ravel(before[t].zero_point)) for t in mine}) > 1:
+            ranges = ", ".join(f"{t!r} {shown(_represented(before[t])) if before[t].scale.size == 1 else '(per channel)'}" for t in mine)
+            warnings.append(f"{where}: {ranges} are edited to different ranges, but they share one scale on this target (data "
+                            f"movement and Concat pass it through): all {len(group)} tensors of the group use {used}, which covers "
+                            "every edit. Give them the same min/max to choose the range yourself.")
+        elif others:
+            notes.append(f"{where}: {', '.join(repr(t) for t in mine)} edited: the tensors that share its parameters on this "
+                         f"target (one scale through data movement and Concat: {', '.join(repr(t) for t in others)}) take the "
+                         f"edited range {used}")
+    return notes, warnings
+
+
 def degenerate(params: dict[str, QParams], observers: dict[str, HistogramObserver]) -> frozenset[str]:
     """Tensors whose parameters are the all-zero placeholder (scale 1.0) because calibration saw a single value."""
     return frozenset(t for t, qp in params.items()
