@@ -1,7 +1,8 @@
 """Channel equalization: move an activation channel's scale into the weights of the layers that read it.
 
 For a tensor t = act(producer(x)) with a positively homogeneous act (Relu, LeakyRelu,
-MaxPool, ...), dividing the producer's output channel c (weights and bias) by s_c > 0
+MaxPool, ...), dividing the producer's output channel c (weights and bias; a LayerNorm's
+gamma and beta, as SmoothQuant does for transformers) by s_c > 0
 divides t's channel c by s_c; multiplying every reader's input channel c by s_c
 restores the fp32 function exactly. An outlier channel that stretches t's per-tensor
 range is shrunk this way without losing information (SmoothQuant, cross-layer
@@ -68,7 +69,20 @@ def _out_channel(node: onnx.NodeProto, g: GraphView) -> tuple[str, int, str | No
         return node.input[1], axis, bias
     if node.op_type == "MatMul" and len(g.inits[node.input[1]].dims) == 2:
         return node.input[1], 1, None
+    if node.op_type in ("LayerNormalization", "Mul") and _last_axis_vector(node, g, bias):
+        return node.input[1], 0, bias  # LayerNorm's gamma (and beta), or the Mul by gamma that ends a written-out LayerNorm
     return None
+
+
+def _last_axis_vector(node: onnx.NodeProto, g: GraphView, bias: str | None) -> bool:
+    """Is input 1 of this LayerNormalization (normalising the last axis only) or Mul a 1-D per-channel vector, and its
+    bias (LayerNorm's B) one of the same length? Dividing them divides the output's last-axis channels."""
+    w = g.inits[node.input[1]]
+    if len(w.dims) != 1 or w.dims[0] <= 1 or (node.op_type == "Mul" and (len(node.input) != 2 or node.input[0] in g.inits)):
+        return False
+    if node.op_type == "LayerNormalization" and _attr(node, "axis", -1) != -1:
+        return False
+    return bias is None or list(g.inits[bias].dims) == list(w.dims)
 
 
 def _in_channel(node: onnx.NodeProto, tensor: str, g: GraphView) -> tuple[str, int, int] | None:
@@ -110,7 +124,7 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
     if node is None:
         return f"'{tensor}' is not computed by a layer with weights"
     prod = _out_channel(node, g)
-    if prod is None or (bias_add is not None and node.op_type != "MatMul"):
+    if prod is None or (bias_add is not None and node.op_type not in ("MatMul", "Mul")):
         return f"'{tensor}' is produced by '{node.name}' ({node.op_type}), whose output channels cannot be rescaled"
     weight, _, _ = prod
     produced_axis = 1 if node.op_type == "Conv" else -1  # where the producer writes its output channels

@@ -122,3 +122,32 @@ def masked_culprit_mlp(seed: int = 0, rows: int = 16, side: int = 8, gain: float
               helper.make_node("Mul", ["s", "tiny"], ["st"], name="scale"), helper.make_node("Add", ["y", "st"], ["out"], name="add")]
     return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [rows, 32])],
                   [helper.make_tensor_value_info("out", T.FLOAT, [rows, 32])], inits)
+
+
+def layernorm_outlier(native: bool = True, seed: int = 0, rows: int = 16) -> onnx.ModelProto:
+    """x [rows, 32] -> LayerNorm whose gamma is 40 on channel 5 (a transformer's 'massive activation') -> q and k
+    MatMuls reading it (weights on channel 5 at 1/40) -> Relu -> MatMul. Per-tensor uint8 on the LayerNorm's output
+    leaves the other channels a handful of codes; SmoothQuant moves gamma's outlier into the MatMuls' weights.
+    `native`: LayerNormalization (opset 17); else written out (ReduceMean, Sub, Pow, Sqrt, Div, Mul gamma, Add beta)."""
+    rng = np.random.default_rng(seed)
+    gamma = 1 + 0.1 * rng.normal(size=32)
+    gamma[5] = 40.0
+    wq, wk = rng.normal(0, 0.2, (32, 32)), rng.normal(0, 0.2, (32, 32))
+    wq[5] /= 40
+    wk[5] /= 40
+    inits = [_init("gamma", gamma), _init("beta", 0.1 * rng.normal(size=32)), _init("wq", wq), _init("wk", wk),
+             _init("wo", rng.normal(0, 0.2, (32, 8)))]
+    if native:
+        ln = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1, epsilon=1e-5)]
+    else:
+        inits += [_init("two", np.array(2.0)), _init("eps", np.array(1e-5))]
+        ln = [helper.make_node("ReduceMean", ["x"], ["mu"], name="mean", axes=[-1]), helper.make_node("Sub", ["x", "mu"], ["d"], name="sub"),
+              helper.make_node("Pow", ["d", "two"], ["d2"], name="pow"), helper.make_node("ReduceMean", ["d2"], ["var"], name="var", axes=[-1]),
+              helper.make_node("Add", ["var", "eps"], ["ve"], name="add_eps"), helper.make_node("Sqrt", ["ve"], ["sd"], name="sqrt"),
+              helper.make_node("Div", ["d", "sd"], ["n"], name="div"), helper.make_node("Mul", ["n", "gamma"], ["ng"], name="ln_gamma"),
+              helper.make_node("Add", ["ng", "beta"], ["ln"], name="ln_beta")]
+    nodes = ln + [helper.make_node("MatMul", ["ln", "wq"], ["q"], name="q"), helper.make_node("MatMul", ["ln", "wk"], ["k"], name="k"),
+                  helper.make_node("Add", ["q", "k"], ["s"], name="qk_sum"), helper.make_node("Relu", ["s"], ["r"], name="relu"),
+                  helper.make_node("MatMul", ["r", "wo"], ["out"], name="o")]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [rows, 32])],
+                  [helper.make_tensor_value_info("out", T.FLOAT, [rows, 8])], inits, opset=17 if native else 13)

@@ -42,6 +42,25 @@ def test_equalization_keeps_the_fp32_function_and_divides_the_channels():
         np.testing.assert_allclose(after[1], before[1] / scales[None, :].astype(np.float32), rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("native", [True, False], ids=["LayerNormalization", "written-out"])
+def test_equalization_through_a_layernorm_keeps_the_fp32_function(native):
+    """SmoothQuant's site in a transformer: a LayerNorm's gamma and beta (native, or the Mul and Add ending a written-out
+    one) divided per channel, the MatMuls reading it multiplied; ONNX Runtime computes the same outputs, and the
+    LayerNorm's output channels divided by the scales."""
+    m = pm.layernorm_outlier(native)
+    site = equalize.find_site(m, "ln")
+    assert not isinstance(site, str), site
+    assert (site.producer, site.path, sorted(site.readers), site.channels) == (
+        ("ln", (), ["k", "q"], 32) if native else ("ln_gamma", ("ln_beta",), ["k", "q"], 32))
+    scales = np.linspace(0.5, 40.0, 32)
+    eq = equalize.apply(m, site, scales)
+    for feeds in _samples((16, 32), 3):
+        before = run(_with_outputs(m, ["ln"]), feeds)
+        after = run(_with_outputs(eq, ["ln"]), feeds)
+        np.testing.assert_allclose(after[0], before[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(after[1], before[1] / scales[None, :].astype(np.float32), rtol=1e-5, atol=1e-5)
+
 def test_equalization_scales_meet_the_weights_halfway():
     # SmoothQuant with alpha 0.5: an outlier activation channel 300x the median whose weights are 1/300 of the median gets s = 300.
     a = np.array([300.0, 1.0, 1.0, 1.0, 1.0])

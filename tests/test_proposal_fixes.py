@@ -68,6 +68,22 @@ def test_informative_outlier_channel_feeding_a_gemm_is_equalized_with_no_float_l
     assert np.mean([cosine(run(path, f)[0], run(base / "q.onnx", f)[0]) for f in _fresh((16, 32))]) < 0.9
 
 
+
+@pytest.mark.parametrize("native", [True, False], ids=["LayerNormalization", "written-out"])
+def test_a_layernorm_outlier_channel_is_equalized_into_the_matmuls_with_no_float_layer(tmp_path, native):
+    """A transformer's LayerNorm with one channel 40x the rest feeding q and k: the proposal moves the channel's scale
+    into their weights (it could only rescale Conv/Gemm/MatMul producers before, and reached cos 0.95 at best)."""
+    path, res, q = _step1(tmp_path, pm.layernorm_outlier(native), (16, 32))
+    p = res.proposal
+    assert p.met and p.layers == {}, p.table
+    assert len(load_cfg(res.cfg).entries["ln"].values["equalize"]) == 32
+    cos = [cosine(run(path, f)[0], run(q, f)[0]) for f in _fresh((16, 32))]
+    assert min(cos) >= 0.99
+    onnx.save(pm.layernorm_outlier(native), tmp_path / "b.onnx")
+    r = api.step1(tmp_path / "b.onnx", tmp_path / "data" / "dataset.txt", out=tmp_path / "base")
+    api.step2(r.model, r.data, r.cfg, tmp_path / "base" / "q.onnx")
+    assert np.mean([cosine(run(path, f)[0], run(tmp_path / "base" / "q.onnx", f)[0]) for f in _fresh((16, 32))]) < 0.99
+
 def _detections(out: np.ndarray, threshold: float = 0.5) -> list[tuple[int, np.ndarray]]:
     """(class, box x0 y0 x1 y1) of every anchor whose best score passes the threshold; out is [1, 4 + C, A] with cx, cy, w, h."""
     boxes, scores = out[0, :4].T, out[0, 4:].T
