@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
@@ -353,8 +354,6 @@ def analyze(
     `execution` runs the samples on local workers or Ray (hybridq.execution), which read them from the dataset
     themselves; the figures are the same bit for bit.
     """
-    import tempfile
-
     from .analysis import AnalysisOptions
     from .analysis.runtime import runtime_column
     from .sources import IndexedSamples
@@ -509,8 +508,6 @@ def verify_proposal(model: Path, data: Path, cfg: Path, evaluator: Evaluator) ->
 
     Returns the score, the built model (to see which tensors it quantizes) and its layers per precision.
     """
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="hybridq-verify-") as tmp:
         res = step2(model, data, cfg, Path(tmp) / "verify.onnx")
         built = onnx.load(str(res.output))
@@ -576,6 +573,8 @@ def propose(
     seen = InputStats()
     for sample in samples:
         seen.update(sample)
+    with tempfile.TemporaryDirectory(prefix="hybridq-check-") as tmp:  # the cfg as step2 takes it: its errors before any write
+        step2(model_path, data_path, cfg_path, Path(tmp) / "as_given.onnx")
     label = "your cfg as edited" if what else "the default quantization"
     result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options,
                                      single, keep=edited, baseline_label=label, source=parsed)

@@ -321,6 +321,20 @@ def test_an_invalid_edit_exits_2_at_its_line_and_leaves_the_cfg(outlier_ws, caps
     assert cfg.read_bytes() == before and list(cfg.parent.glob("*.bak")) == []
 
 
+def test_a_layer_entry_step2_refuses_stops_the_proposal_before_it_writes(cnn_ws, capsys):
+    """An entry only step2 finds wrong (a precision the layer has no quantized form for) is found before the search:
+    the cfg is neither rewritten nor backed up. It was rewritten with the proposed float layers, then the final check
+    exited 2."""
+    r1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=cnn_ws["dir"] / "ws")
+    cfg = r1.cfg
+    cfg.write_text(cfg.read_text().replace("custom_quantize_layers: {}\n", "custom_quantize_layers:\n  flatten: uint8\n"))
+    before = cfg.read_bytes()
+    code, out, err = cli(capsys, "propose", "--cfg", cfg, "-d", cnn_ws["dataset"], "--target-snr", "80", "--max-float-fraction", "1")
+    assert code == 2 and "Traceback" not in err
+    assert "custom_quantize_layers['flatten'] = uint8 has no effect" in err, err
+    assert cfg.read_bytes() == before and list(cfg.parent.glob("*.bak")) == []
+
+
 def test_a_snapshot_of_another_model_is_refused_and_one_half_stale_is_warned_of(outlier_ws, capsys):
     ws, cfg = outlier_ws, outlier_ws["cfg"]
     # A snapshot of a residual CNN, 24 channels wide: its layers rank nothing in the outlier CNN.
