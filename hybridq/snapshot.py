@@ -254,12 +254,16 @@ class ArrayDump:
         """Move the arrays into place and record their files and any cap message in ``result``.
 
         An older manifest goes first: until the new one is written (last, atomically) the folder is no snapshot,
-        rather than one whose manifest describes arrays of two runs."""
+        rather than one whose manifest describes arrays of two runs. The older snapshot's arrays that this one does
+        not write again go too (a script reading fp32/*.npy would take them for this run's); other files stay."""
         try:
+            older = _snapshot_files(self.root)
             (self.root / MANIFEST).unlink(missing_ok=True)
             for fa, fb in self.files.values():
                 fa.finish()
                 fb.finish()
+            for stale in older - {f.path for pair in self.files.values() for f in pair}:
+                stale.unlink(missing_ok=True)
         except OSError as e:
             self.abort()
             raise OutputError(f"cannot write the snapshot under '{self.root}': {e.strerror or e}") from None
@@ -305,6 +309,17 @@ def write_snapshot(result: AnalysisResult, directory: str | os.PathLike[str]) ->
     text = json.dumps(result.to_dict(), indent=1, allow_nan=False, ensure_ascii=False) + "\n"
     write_atomic(path, text, parents=True)
     return path
+
+
+def _snapshot_files(root: Path) -> set[Path]:
+    """The array files the snapshot in `root` lists (none when there is no readable manifest), inside `root` only."""
+    try:
+        older = load_snapshot(root)
+    except InputError:
+        return set()
+    inside = root.resolve()
+    files = {root / f for layer in older.layers for f in (layer.fp32_file, layer.quant_file) if f}
+    return {f for f in files if f.resolve().parent.parent == inside and f.suffix == ".npy"}
 
 
 def load_snapshot(directory: str | os.PathLike[str]) -> AnalysisResult:

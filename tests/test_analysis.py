@@ -514,6 +514,20 @@ def test_max_bytes_caps_the_dump_but_not_the_metrics(tmp_path: Path) -> None:
     assert not [p for p in snap.rglob(".*")]
 
 
+def test_a_dump_into_an_older_snapshot_replaces_its_arrays_and_keeps_other_files(tmp_path: Path) -> None:
+    """Dumping again into a snapshot folder: the older run's arrays that the new one does not write are removed (a
+    script reading fp32/*.npy took them for the new run's), files the snapshot did not write stay."""
+    snap = tmp_path / "snap"
+    analyze_samples(float_model(), quant_model(True), samples(3), dump=snap)
+    (snap / "fp32" / "my_notes.txt").write_text("mine")
+    (snap / "quant" / "kept.npy").write_bytes(b"not the snapshot's")
+    one = 2 * 4 * 36 * 4
+    result = analyze_samples(float_model(), quant_model(True), samples(3), dump=snap, max_bytes=one + 10)
+    listed = {f for layer in result.layers for f in (layer.fp32_file, layer.quant_file) if f}
+    assert listed == {"fp32/c1.npy", "quant/c1.npy"}
+    assert {str(p.relative_to(snap)) for p in snap.rglob("*.npy")} == listed | {"quant/kept.npy"}
+    assert (snap / "fp32" / "my_notes.txt").read_text() == "mine"
+
 def test_a_dump_without_max_bytes_stops_before_the_disk_fills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk reports room for one sample's arrays beyond the reserve: the dump stops there, says why, and the metrics
     still cover every sample."""
