@@ -502,7 +502,8 @@ def verdict(
     where = f"output {o['label']}: cos {fmt('cosine', o['cosine'])}, SNR {fmt('snr_db', o['snr_db'])} dB"
     if o.get("worst_sample"):
         s = o["worst_sample"]
-        where += f", means of the samples; worst sample #{s['index']}: cos {fmt('cosine', s['cosine'])}, SNR {fmt('snr_db', s['snr_db'])} dB"
+        how = "pooled over the samples" if o.get("pooled") else "means of the samples"
+        where += f", {how}; worst sample #{s['index']}: cos {fmt('cosine', s['cosine'])}, SNR {fmt('snr_db', s['snr_db'])} dB"
     if ws:
         where += (
             f"; worst slice #{ws['index']} of {ws['slices']} on axis {ws['axis']}, pooled over the samples: "

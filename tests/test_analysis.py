@@ -497,6 +497,17 @@ def test_snapshot_round_trip_and_numpy_recomputation(tmp_path: Path) -> None:
         assert sl.cosine == pytest.approx(cos.tolist(), rel=1e-12)
         assert sl.snr_db == pytest.approx(snr.tolist(), rel=1e-9)
         assert sl.worst == int(np.argmin(snr))
+        # the whole output with the samples pooled (the proposal's figure), and the verdict judges by it
+        pooled_cos = float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
+        pooled_snr = float(10 * np.log10((x * x).sum() / ((x - y) ** 2).sum()))
+        assert layer.pooled == pytest.approx((pooled_cos, pooled_snr), rel=1e-9)
+        entry = next(o for o in an.judge(back).outputs if o["tensor"] == layer.tensor)
+        assert (entry["cosine"], entry["snr_db"], entry["pooled"]) == (layer.pooled[0], layer.pooled[1], True)
+        mean_snr = layer.entire.snr_db
+        if abs(mean_snr - pooled_snr) > 1e-6:  # a threshold between the two: the verdict follows the pooled figure
+            between = (mean_snr + pooled_snr) / 2
+            v = an.judge(back, cos_threshold=-1.0, snr_threshold=min(between, sl.snr_db[sl.worst]))
+            assert v.ok or pooled_snr < between
 
 
 def test_max_bytes_caps_the_dump_but_not_the_metrics(tmp_path: Path) -> None:

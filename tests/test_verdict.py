@@ -339,3 +339,33 @@ def test_the_verdict_names_the_worst_sample_beside_the_means() -> None:
     v = judge(r)
     assert v.outputs[0]["worst_sample"] == {"index": 2, "cosine": 0.986, "snr_db": 18.0}
     assert "worst sample #2: cos 0.986000, SNR 18.00 dB" in verdict_text(r)
+
+
+def test_analyze_and_the_proposal_judge_an_output_by_the_same_pooled_figures(cnn_ws, tmp_path):
+    """A classifier's logits (rank 2, not sliced): the verdict's whole-tensor cosine and SNR are pooled over the samples,
+    as numpy computes them from the two models' outputs and as the proposal's target takes them, so at a threshold
+    between the pooled SNR and the mean of the per-sample SNRs both say the same. Before, analyze judged the means:
+    `propose` said 'target met' where analyze said CHECK and suggested running propose."""
+    import numpy as np
+
+    import hybridq
+    from hybridq import _runtime
+    from hybridq.analysis import analyze, judge
+    from hybridq.proposal import Evaluator, Target
+
+    r1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=tmp_path / "ws")
+    q = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx").output
+    xs = [{"x": np.load(p)} for p in sorted((cnn_ws["dir"] / "data").glob("*.npy"))]
+    result = analyze(cnn_ws["model"], q, xs)
+    out = next(le for le in result.layers if le.tensor in result.outputs)
+    fp32, quant = (_runtime.session(str(m), exact_int8=True) for m in (cnn_ws["model"], q))
+    a = np.concatenate([fp32.run(None, x)[0].ravel() for x in xs]).astype(np.float64)
+    b = np.concatenate([quant.run(None, x)[0].ravel() for x in xs]).astype(np.float64)
+    want = (float(a @ b / np.sqrt((a @ a) * (b @ b))), float(10 * np.log10((a @ a) / ((a - b) @ (a - b)))))
+    assert out.slices is None and out.pooled == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert abs(out.entire.snr_db - out.pooled[1]) > 1e-3, "the test needs the mean and the pooled figure to differ"
+    threshold = (out.entire.snr_db + out.pooled[1]) / 2
+    verdict = judge(result, cos_threshold=-1.0, snr_threshold=threshold)
+    evaluator = Evaluator(onnx.load(str(cnn_ws["model"])), xs, Target(cosine=None, snr_db=threshold))
+    met = evaluator.met(evaluator.score(onnx.load(str(q))))
+    assert verdict.ok == met == (out.pooled[1] >= threshold)

@@ -43,6 +43,7 @@ class SampleErrors:
     skipped: set[str] = field(default_factory=set)
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # fp32, quant (dump only)
     slices: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # model outputs: axis, slice_sums
+    whole: dict[str, np.ndarray] = field(default_factory=dict)  # model outputs: the whole tensor's (a.a, b.b, a.b, d.d)
     unequal: dict[str, str] = field(default_factory=dict)  # not compared: fp32 and quantized shapes (data-dependent)
     exact_failed: bool = False  # measured on this CPU's default int8 kernels although exact ones were asked for
 
@@ -62,6 +63,7 @@ class Measure:
         self.n_samples = 0
         self.outputs = frozenset(outputs)  # model outputs get the per-slice measure too
         self.slices: dict[str, SliceAccumulator] = {}
+        self.whole: dict[str, np.ndarray] = {}  # model outputs: sums over the samples, for the pooled figures
         self.ragged: set[str] = set()
         self.entire = {tp.tensor: Accumulator() for tp in plan.tensors}
         self.single = {t: Accumulator() for t in ag.single_views}
@@ -133,8 +135,11 @@ class Measure:
                 return
         if tp.bounds is not None:  # beyond their saturation points (HardSwish below -3) all values are one to them
             a, tests = np.clip(a, *tp.bounds), [np.clip(b, *tp.bounds) for b in tests]
-        if t in self.outputs and (axis := channel_axis(a.shape)) is not None:
-            res.slices[t] = (axis, slice_sums(a, tests[0], axis, fast=self.compiled and not self.exact))
+        if t in self.outputs:  # pooled over the samples, as the proposal judges them: per slice, and the whole tensor
+            fast = self.compiled and not self.exact
+            if (axis := channel_axis(a.shape)) is not None:
+                res.slices[t] = (axis, slice_sums(a, tests[0], axis, fast=fast))
+            res.whole[t] = res.slices[t][1].sum(axis=1) if t in res.slices else slice_sums(a.reshape(1, -1), tests[0].reshape(1, -1), 0, fast=fast)[:, 0]
         if self.exact:
             res.values[t] = [sample_metrics(a, b) for b in tests]
             res.arrays[t] = raw
@@ -167,6 +172,9 @@ class Measure:
             self.entire[t].add_values(values[0])
             if len(values) > 1:
                 self.single[t].add_values(values[1])
+        for t, sums in res.whole.items():
+            if t not in self.skipped:
+                self.whole[t] = self.whole[t] + sums if t in self.whole else sums.copy()
         for t in self.outputs.intersection(res.values).difference(res.slices):
             self.ragged.add(t)  # no slice axis on this sample (an axis of length 1): no per-slice measure
             self.slices.pop(t, None)
@@ -220,10 +228,20 @@ class Measure:
                 folded=tp.folded,
                 slices=self.slices[tp.tensor].result() if tp.tensor in self.slices else None,
                 bounds=tp.bounds,
+                pooled=_pooled(self.whole[tp.tensor]) if tp.tensor in self.whole else None,
             )
             for tp in self.plan.tensors
             if tp.tensor not in self.skipped and (tp.tensor in self.counted or tp.tensor not in self.unequal)
         ]
+
+
+def _pooled(sums: np.ndarray) -> tuple[float, float]:
+    """Whole-tensor cosine and SNR of the sums of every sample (the proposal's figures for an output)."""
+    acc = SliceAccumulator(0)
+    acc.add_sums(sums.reshape(4, 1))
+    m = acc.result()
+    assert m is not None
+    return m.cosine[0], m.snr_db[0]
 
 
 def target_bytes(

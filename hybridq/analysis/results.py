@@ -58,6 +58,7 @@ class LayerError:
     folded: str | None = None
     slices: SliceMetrics | None = None
     bounds: tuple[float, float] | None = None
+    pooled: tuple[float, float] | None = None  # a model output's whole-tensor cosine and SNR with the samples pooled
 
     @property
     def label(self) -> str:
@@ -81,6 +82,7 @@ class LayerError:
             "single": self.single.to_dict(encode=False) if self.single is not None else None,
             "slices": self.slices.to_dict() if self.slices is not None else None,
             "compared_within": [v if math.isfinite(v) else None for v in self.bounds] if self.bounds is not None else None,
+            "pooled": {"cosine": self.pooled[0], "snr_db": self.pooled[1]} if self.pooled is not None else None,
         }
 
     @classmethod
@@ -101,6 +103,7 @@ class LayerError:
             folded=d.get("folded"),
             slices=SliceMetrics.from_dict(d["slices"]) if d.get("slices") is not None else None,
             bounds=_bounds(d.get("compared_within")),
+            pooled=_pooled(d.get("pooled")),
         )
 
 
@@ -111,6 +114,16 @@ def _bounds(doc: Any) -> tuple[float, float] | None:
     try:
         return (-math.inf if doc[0] is None else float(doc[0]), math.inf if doc[1] is None else float(doc[1]))
     except (TypeError, ValueError):  # a hand-edited manifest: the range is only a record
+        return None
+
+
+def _pooled(doc: Any) -> tuple[float, float] | None:
+    """A manifest's `pooled` ({cosine, snr_db}; a non-finite value is null there) as a tuple; None for older manifests."""
+    if not isinstance(doc, dict):
+        return None
+    try:
+        return tuple(math.nan if doc.get(k) is None else float(doc[k]) for k in ("cosine", "snr_db"))  # type: ignore[return-value]
+    except (TypeError, ValueError):
         return None
 
 

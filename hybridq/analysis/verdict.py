@@ -62,13 +62,17 @@ class Verdict:
 
 
 def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float) -> dict[str, Any]:
+    """One output as the verdict judges it: the whole tensor with the samples pooled, as the proposal's target does
+    (the means of per-sample figures where a manifest predates them), and its worst slice."""
     e = layer.entire
     sl = layer.slices
+    cos, snr = layer.pooled if layer.pooled is not None else (e.cosine, e.snr_db)
     entry: dict[str, Any] = {
         "tensor": layer.tensor,
         "label": layer.label,
-        "cosine": e.cosine,
-        "snr_db": e.snr_db,
+        "cosine": cos,
+        "snr_db": snr,
+        "pooled": layer.pooled is not None,
         "worst_slice": None,
     }
     if sl is not None:
@@ -86,7 +90,7 @@ def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float)
         worst = min(range(len(per)), key=lambda i: (not math.isnan(per[i]), per[i]))
         index = int(e.per_sample["sample"][worst]) if "sample" in e.per_sample else worst  # samples left out: the run's index
         entry["worst_sample"] = {"index": index, "cosine": per[worst], "snr_db": e.per_sample["snr_db"][worst]}
-    entry["ok"] = output_ok(e.cosine, e.snr_db, sl, cos_threshold, snr_threshold)
+    entry["ok"] = output_ok(cos, snr, sl, cos_threshold, snr_threshold)
     return entry
 
 

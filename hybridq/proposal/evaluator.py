@@ -138,7 +138,7 @@ class Score:
 
     def describe(self) -> str:
         text = (f"output cosine {self.worst_cosine:.5f}, SNR {self.worst_snr:.1f} dB (worst of whole tensor and slice-normalised, "
-                "errors pooled over the samples; analyze prints means of per-sample figures), "
+                "errors pooled over the samples, as analyze's verdict judges them), "
                 f"worst slice SNR {self.worst_slice_snr:.1f} dB")
         if self.logp_snr is not None:
             text += f", log-probability SNR {self.logp_snr:.1f} dB"
