@@ -165,6 +165,10 @@ def step1(
 
     State.quiet, State.json = quiet, as_json
     _check_counts(samples, batch_size)
+    if not proposal:
+        _proposal_only({"--target-cosine": target_cosine, "--target-snr": target_snr, "--max-float-layers": max_float_layers,
+                        "--max-float-fraction": max_float_fraction, "--max-slowdown": max_slowdown, "--eval": eval_fn, "--max-drop": max_drop,
+                        "--fallback": fallback, "--max-size-mb": max_size_mb, "--proposal-samples": None if proposal_samples == 16 else proposal_samples})
     if config is None:
         config = find_config(out_dir, model, dataset)
     given = dict(dtype=dtype, weight_dtype=weight_dtype, qmethod=qmethod, qtype=qtype, algorithm=algorithm, percentile=percentile, target=target,
@@ -391,6 +395,14 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
             console.out.print(runtime_table(result, target_cosine, target_snr, top))
         for line in lines:
             console.out.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _proposal_only(given: dict[str, Any]) -> None:
+    """A usage error for proposal options given to step1 without --proposal: they would be ignored in silence."""
+    named = [k for k, v in given.items() if v is not None]
+    if named:
+        raise InputError(f"{', '.join(named)} {'sets' if len(named) == 1 else 'set'} the proposal, which step1 runs only with "
+                         "--proposal: add --proposal, or leave them out (or run `hybridq propose --cfg ...` later with them).")
 
 
 def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, samples, max_size_mb=None,

@@ -165,3 +165,13 @@ def test_quiet_prints_no_warnings_and_a_non_positive_target_cosine_is_refused(ca
     listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 2)
     code, out, err = cli(capsys, "step1", model, "--dataset", listing, "--out", tmp_path / "ws", "--proposal", "--target-cosine", "0")
     assert code == 2 and "--target-cosine must be in (0, 1], got 0.0" in err
+
+
+def test_proposal_options_without_proposal_are_a_usage_error(capsys, cnn_ws):
+    """`step1 --target-snr 30` without --proposal set nothing and said nothing; `propose --max-drop` without --eval is
+    refused the same way."""
+    code, out, err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", cnn_ws["dir"] / "ws", "--target-snr", "30",
+                         "--max-float-layers", "2")
+    assert code == 2 and "Traceback" not in out + err
+    assert "--target-snr, --max-float-layers set the proposal" in err and "add --proposal" in err
+    assert not (cnn_ws["dir"] / "ws").exists()
