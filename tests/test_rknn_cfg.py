@@ -348,6 +348,11 @@ def test_cli_errors_have_no_traceback(ws, tmp_path):
     bad.write_text("custom_quantize_layers: {}\nquantize_parameters:\n    a: [1\n")
     p = subprocess.run([sys.executable, "-m", "hybridq", "rknn-cfg", "import", str(bad), "--cfg", str(ws["cfg"])], capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "bad.cfg:" in p.stderr
+    rk = tmp_path / "rk.quantization.cfg"
+    rk.write_text(rknn_cfg_text(RKNN_ENTRIES, {"x_int8": 0.999}, 0.99))
+    p = subprocess.run([sys.executable, "-m", "hybridq", "rknn-cfg", "import", str(rk), "--cfg", str(tmp_path / "missing.quantization.cfg")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "missing.quantization.cfg' does not exist" in p.stderr, p.stderr  # not "no `hybridq:` header"
 
 
 # --------------------------------------------------------------------------- the real PP-OCR models

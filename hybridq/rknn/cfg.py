@@ -117,6 +117,9 @@ class _Hybridq:
 def _open_hybridq(cfg: str | Path, artifacts: Path | None = None) -> _Hybridq:
     p = Path(cfg)
     home = p.parent if artifacts is None else Path(artifacts)
+    if not p.is_file():
+        what = "is not a regular file" if p.exists() else "does not exist"
+        raise InputError(f"cfg '{p}' {what}; pass the <name>.quantization.cfg hybridq step1 wrote.")
     siblings = step1_siblings(p)
     if siblings is None:
         raise InputError(f"'{p}' is not a hybridq step1 cfg (no `hybridq:` header); pass the <name>.quantization.cfg hybridq step1 wrote.")
