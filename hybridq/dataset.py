@@ -524,6 +524,9 @@ def load_callable(hook: str, what: str = "preprocess hook") -> Callable:
 def _load_hook(hook: str) -> Hook:
     """Import `path/to/module.py:function` or `package.module:function` and return the function."""
     module_ref, _, function_name = hook.rpartition(":")
+    if not module_ref or not function_name:
+        raise DatasetError(f"preprocess hook {hook!r} names no function: give path/to/module.py:function or package.module:function "
+                           f"(the module, a colon, then the function's name).")
     if module_ref.endswith(".py") or "/" in module_ref or "\\" in module_ref:
         module = _import_file(Path(module_ref), hook)
     else:

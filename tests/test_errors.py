@@ -1033,6 +1033,9 @@ def test_option_values_that_do_nothing_or_make_no_sense_are_usage_errors(capsys,
     assert code == USAGE and "--max-float-layers" in text
     assert_clean(hq(capsys, "step1", model, "--dataset", listing, "--out", tmp_path / "ws", "--proposal", "--max-drop", "0.02"),
                  USAGE, "--max-drop 0.02", "--eval")
+    (tmp_path / "myeval.py").write_text("def evaluate(path):\n    return 1.0\n")
+    assert_clean(hq(capsys, "step1", model, "--dataset", listing, "--out", tmp_path / "ws", "--proposal", "--eval", tmp_path / "myeval.py"),
+                 USAGE, "myeval.py' names no function", "path/to/module.py:function")  # was "Empty module name"
 
 
 @pytest.mark.parametrize("extra, named", [(["m.onnx", "q.onnx"], "FLOAT_MODEL, QUANT_MODEL"), (["--samples", "3", "--runtime", "cpu"], "--samples, --runtime"),
