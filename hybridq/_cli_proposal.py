@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
 from ._console import table, warn
+
+if TYPE_CHECKING:
+    from .proposal import ProposalResult
 
 
 def cost_line(p) -> str:
@@ -63,8 +66,7 @@ def proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
     if p.fixes:
         lines.append("  fixes kept (each commented in the cfg): " + "; ".join(p.fixes))
     if not p.met:
-        lines.append("  The target was NOT met; the cfg holds the best candidate found. Loosen the target, raise the budget "
-                     "(--max-float-fraction), or judge by your task metric (--eval).")
+        lines.append(not_met_advice(p))
     cost = p.cost
     data = {
         "layers": p.layers, "entries": list(p.entries), "fixes": p.fixes, "met": p.met, "choice": p.choice, "evaluations": p.evaluations,
@@ -79,3 +81,10 @@ def proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
         },
     }
     return tables, lines, data
+
+
+def not_met_advice(p: ProposalResult) -> str:
+    """What to do when the target was not met: the budget that stopped the search, and --eval unless it was given."""
+    budget = "--max-float-layers" if p.budget_hit == "layers" else "--max-slowdown" if p.budget_hit == "slowdown" else "--max-float-fraction"
+    task = "" if p.task_judged else ", or judge by your task metric (--eval)"
+    return f"  The target was NOT met; the cfg holds the best candidate found. Loosen the target, raise the budget ({budget}){task}."

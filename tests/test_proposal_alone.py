@@ -81,7 +81,7 @@ def test_the_float_step_finds_the_layer_whose_damage_shows_only_at_the_outputs(t
     assert [r.fix.split()[0] for r in rows[:2]] == ["fc_amp", "fc_a"]
     assert all("quantized alone, the rest float32" in r.fix for r in rows) and rows[-1].fix.startswith("fc_side")
     assert p.met and p.layers == {"fc_amp": "float32", "fc_a": "float32"}
-    assert re.search(r"fc_a: float32 *# proposal: 2 of 10 by damage at the outputs \(quantized alone: 0\.99", res.cfg.read_text())
+    assert re.search(r"fc_a: float32 *# proposal: 2 of 10 by damage at the outputs \(output cosine quantized alone: 0\.99", res.cfg.read_text())
     out = tmp_path / "q.onnx"
     api.step2(res.model, res.data, res.cfg, out)
     fresh = np.random.default_rng(5).normal(0, 1, (8, 16, 32)).astype(np.float32)

@@ -425,3 +425,19 @@ def test_step1_proposal_over_a_cfg_edited_for_other_ranges_starts_fresh_and_says
     assert "my own choice" not in r.cfg.read_text() and r.backup.read_text() == text
     assert r.proposal.baseline_label == "the default quantization"
     assert any("not from your edited cfg" in n and "other ranges" in n for n in r.notes), r.notes
+
+
+def test_a_target_not_met_names_the_budget_that_stopped_the_search(cnn_ws, capsys):
+    """--max-float-layers 1 against an unreachable target: the advice names that budget (it always said
+    --max-float-fraction), and with --eval it does not suggest --eval."""
+    from types import SimpleNamespace
+
+    from hybridq._cli_proposal import not_met_advice
+
+    r1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=cnn_ws["dir"] / "ws")
+    code, out, err = cli(capsys, "propose", "--cfg", r1.cfg, "-d", cnn_ws["dataset"], "--target-snr", "90", "--max-float-layers", "1",
+                         "--max-float-fraction", "1")
+    assert code == 0, err
+    assert "The target was NOT met" in out and "raise the budget (--max-float-layers)" in out, out
+    assert "(--max-float-fraction)" in not_met_advice(SimpleNamespace(budget_hit="fraction", task_judged=False))
+    assert "--eval" not in not_met_advice(SimpleNamespace(budget_hit=None, task_judged=True))

@@ -434,6 +434,11 @@ class Evaluator:
         return s.compared_snr if self._by_snr else s.compared_cosine
 
     @property
+    def quality_name(self) -> str:
+        """What :meth:`quality` measures, to print beside its value."""
+        return "task score" if self._eval is not None else "output SNR dB" if self._by_snr else "output cosine"
+
+    @property
     def _by_snr(self) -> bool:
         """Does the target name an SNR alone (the quality measure is then the SNR, else the cosine)?"""
         return self.target.cosine is None and self.target.snr_db is not None

@@ -94,6 +94,12 @@ class ProposalResult:
     warnings: list[str] = field(default_factory=list)
     latency_ms: tuple[float, float, float] | None = None  # predicted: the starting model, the proposal's, fp32 (measured cost model)
     cost_unit: str = "compute"  # what a candidate's cost is a share of: compute (MACs), or quantized layers (an NPU)
+    budget_hit: str | None = None  # the budget that left ranked layers out: "layers", "slowdown" or "fraction" (None: none)
+
+    @property
+    def task_judged(self) -> bool:
+        """Was the target a task metric (--eval)?"""
+        return self.fp32_task is not None
 
 
 def search(
@@ -121,7 +127,7 @@ def search(
     ms_budget = (max_slowdown - 1.0) * start_ms if start_ms is not None and max_slowdown is not None else None
     ms_added = {n: max(0.0, costs.fp32[n] - costs.int8[n]) for n in costs.int8 if n in costs.fp32} if costs is not None else {}
     ranked: list[tuple[str, float]] = []
-    unit = "compute"
+    unit, limit = "compute", None
     met_at_start = climb.met
     if met_at_start:
         _free_fixes(climb, samples, session)
@@ -144,6 +150,7 @@ def search(
         ops = placement.default_ops if placement.default_ops is not None else ctx.settings.quantize_ops
         floats = sum(p in ("float16", "float32") and ctx.graph.by_name[n].op_type in ops for n, p in taken.items())
         budget = _within_budget(order, weights, wtotal, floats, max_float_fraction, max_float_layers, ms_added, ms_budget)
+        limit = _limit(len(budget) < len(order), max_float_layers is not None and len(budget) + floats >= max_float_layers, ms_budget)
         if max_bytes is not None:  # float weights are 4x int8 ones: keep the size budget
             budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
         choice = _fallback_steps(climb, (fallback,) if isinstance(fallback, str) else fallback,
@@ -151,7 +158,7 @@ def search(
     if not met_at_start and climb.prune():  # a free gain on a met target is kept, though the target holds without it
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
     result = _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
-    result.cost_unit = unit
+    result.cost_unit, result.budget_hit = unit, limit
     if costs is not None:
         result.latency_ms = (start_ms, predicted_latency(ctx.temp, climb.built.plan, costs), costs.model_fp32)
     return result
@@ -226,6 +233,13 @@ def _range_candidates(climb: Climb) -> list[Candidate]:
 def _bias_candidates(climb: Climb, samples: list[dict[str, np.ndarray]], session: Callable[[onnx.ModelProto], Any]) -> list[Candidate]:
     """Step 3's candidate on top of the current edits and the model they build."""
     return bias_fix(climb.ctx, climb.edits, climb.built.fixed, climb.built.model, samples, session)
+
+
+def _limit(cut: bool, by_count: bool, ms_budget: float | None) -> str | None:
+    """Which budget left ranked layers out of the float step: "layers", "slowdown" or "fraction" (None: none did)."""
+    if not cut:
+        return None
+    return "layers" if by_count else "slowdown" if ms_budget is not None else "fraction"
 
 
 def _within_budget(order: list[str], macs: dict[str, float], total: float, taken: int,
@@ -344,7 +358,8 @@ def _float_step(climb: Climb, ranked: list[tuple[str, float]], budget: list[str]
 
     def why(n: str) -> str:
         rank, alone = climb.damage.get(n, (0, math.nan))
-        worst = f"{rank} of {len(climb.damage)} by damage at the outputs (quantized alone: {alone:.4f})" if rank else "ranked by local error"
+        worst = (f"{rank} of {len(climb.damage)} by damage at the outputs ({climb.evaluator.quality_name} quantized alone: {alone:.4f})"
+                 if rank else "ranked by local error")
         return f"proposal: {worst}, local cos {single_of.get(n, math.nan):.4f}, {100 * macs.get(n, 0.0) / total:.1f} % of {unit}"
 
     def candidate(names: list[str]) -> State:
