@@ -34,6 +34,7 @@ FIX_KEYS = ("equalize", "bias_correction")
 LIST_KEYS = ("min", "max", "ori_min", "ori_max", "scale", "zero_point", "equalize", "bias_correction")
 TOP_KEYS = ("hybridq", "settings", "custom_quantize_layers", "quantize_parameters")
 FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32: a smaller scale is 0 or subnormal in the model
 
 HEADER = """\
 hybridq quantization config for '{model}'.
@@ -325,6 +326,11 @@ def validate_entry(name: str, raw: Any, where: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: '{name}' has min {lo} > max {hi}{channel}; make min <= max.")
     if "scale" in out and any(s <= 0 for s in out["scale"]):
         raise ConfigError(f"{where}: '{name}' has a scale <= 0; scales must be positive.")
+    if "scale" in out and (tiny := next((s for s in out["scale"] if abs(np.float32(s)) < FLOAT32_TINY), None)) is not None:
+        stored = "0" if np.float32(tiny) == 0 else f"the subnormal {float(np.float32(tiny)):.6g}"
+        raise ConfigError(f"{where}: '{name}' has a scale {tiny!r}, which the model's float32 scale stores as {stored}; "
+                          f"scales must be at least {FLOAT32_TINY:.8g} (the smallest normal float32): use a larger scale, "
+                          "or delete scale and zero_point to recompute them from min/max.")
     return out
 
 

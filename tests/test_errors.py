@@ -420,6 +420,16 @@ def test_cfg_zero_scale(ws, capsys):
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, "scale", "'r1'")
 
 
+@pytest.mark.parametrize("scale, stored", [("1e-50", "stores as 0;"), ("1e-40", "stores as the subnormal 9.99995e-41")])
+def test_cfg_scale_that_float32_stores_as_zero_or_subnormal_is_refused_at_its_line(ws, capsys, scale, stored):
+    # 1e-50 built with exit 0 and a QuantizeLinear scale of 0.0 (float32 underflow); 1e-40 built a denormal scale.
+    line = _line_of(ws.cfg, "  r1:")
+    ws.edit_cfg("    scale: [", f"    scale: [{scale}]  # [")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}: 'r1' has a scale {scale}", stored,
+                 "smallest normal float32")
+    assert not (ws.root / "q.onnx").exists()
+
+
 def test_cfg_not_a_mapping_and_empty(ws, capsys):
     ws.cfg.write_text("- just\n- a list\n")
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, "cnn.quantization.cfg", "mapping")
