@@ -283,6 +283,19 @@ def _line(node: Any, key: Any) -> int:
         return 0
 
 
+def _name(mapping: Any, key: Any, small: str, where: str, section: str, value: str) -> str:
+    """A layer or tensor name as written: YAML 1.2 reads an unquoted true/false (any case), null or ~ as a boolean or
+    null, not as the name (yes/no/on/off stay names), so such a key is refused with the quoting that keeps it a name."""
+    if key is not None and not isinstance(key, bool):
+        return str(key)
+    line, col = mapping.lc.key(key)
+    lines = small.split("\n")
+    raw = (re.match(r"[^\s:,{}]*", lines[line][col:]).group(0) if line < len(lines) else "") or ("~" if key is None else str(key).lower())
+    what = "null (no name)" if key is None else f"the boolean {str(key).lower()}"
+    raise ConfigError(f"{where}: the {section} entry {raw} is read by YAML as {what}, not as a name; quote the name "
+                      f"('{raw}':{value}) if a layer or tensor is called that.")
+
+
 def _as_list(v: Any, where: str, key: str, name: str) -> list[float]:
     items = list(v) if isinstance(v, (list, tuple)) else [v]
     out = []
@@ -366,20 +379,22 @@ def load_cfg(path: str | Path) -> Cfg:
     if not isinstance(custom_raw, dict):
         raise ConfigError(f"{p}:{_line(doc, 'custom_quantize_layers')}: custom_quantize_layers must be a mapping of layer name -> precision, e.g. `conv1: float16`.")
     custom, custom_lines = {}, {}
-    for name, v in custom_raw.items():
-        line = _line(custom_raw, name)
+    for key, v in custom_raw.items():
+        line = _line(custom_raw, key)
+        name = _name(custom_raw, key, small, f"{p}:{line}", "custom_quantize_layers", f" {v}")
         dt = (WEIGHT_ONLY_ALIASES.get(str(v).strip().lower()) or normalize_dtype(v)) if v is not None else None
         if dt not in LAYER_PRECISIONS:
             raise ConfigError(f"{p}:{line}: custom_quantize_layers['{name}'] = {v!r} is not a valid precision; use one of {', '.join(LAYER_PRECISIONS)}.")
-        custom[str(name)] = dt
-        custom_lines[str(name)] = line
+        custom[name] = dt
+        custom_lines[name] = line
     params_raw = doc.get("quantize_parameters") or {}
     if not isinstance(params_raw, dict):
         raise ConfigError(f"{p}:{_line(doc, 'quantize_parameters')}: quantize_parameters must be a mapping of tensor name -> parameters.")
     entries = {}
-    for name, raw in params_raw.items():
-        line = _line(params_raw, name)
-        entries[str(name)] = CfgEntry(str(name), line, validate_entry(str(name), raw, f"{p}:{line}"))
+    for key, raw in params_raw.items():
+        line = _line(params_raw, key)
+        name = _name(params_raw, key, small, f"{p}:{line}", "quantize_parameters", "")
+        entries[name] = CfgEntry(name, line, validate_entry(name, raw, f"{p}:{line}"))
     header_raw = doc.get("hybridq") or {}
     if not isinstance(header_raw, dict):
         raise ConfigError(f"{p}:{_line(doc, 'hybridq')}: the hybridq header must be the mapping step1 wrote (model, model_sha256, ...); restore it from a fresh step1 cfg.")

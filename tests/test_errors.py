@@ -339,6 +339,19 @@ def test_cfg_unknown_tensor_did_you_mean(ws, capsys):
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}", "r11", "Did you mean", "'r1'")
 
 
+@pytest.mark.parametrize("name, what", [("true", "the boolean true"), ("FALSE", "the boolean false"), ("~", "null (no name)"),
+                                        ("Null", "null (no name)")])
+def test_cfg_layer_name_yaml_reads_as_a_boolean_or_null_says_to_quote_it(ws, capsys, name, what):
+    # Was "entry 'True' is neither a node nor a tensor": the parsed value, not the name written. YAML 1.2 (ruamel) keeps
+    # yes/no/on/off as names, so only true/false/null/~ (any case) are converted.
+    ws.edit_cfg("custom_quantize_layers: {}", f"custom_quantize_layers:\n  conv1: int16\n  {name}: float32")
+    line = _line_of(ws.cfg, f"  {name}: float32")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}: the custom_quantize_layers entry {name} is read "
+                 f"by YAML as {what}, not as a name; quote the name ('{name}': float32)")
+    ws.edit_cfg(f"  {name}: float32", "  yes: float32")  # a name: looked up as written
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "custom_quantize_layers entry 'yes' is neither a node nor a tensor")
+
+
 def test_cfg_model_input_as_layer(ws, capsys):
     ws.edit_cfg("custom_quantize_layers: {}", "custom_quantize_layers:\n  x: float16")
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, "'x'", "model input")
