@@ -266,6 +266,11 @@ class Cfg:
     doc: Any = field(repr=False, default=None)
     settings_given: frozenset[str] = frozenset()  # the keys the cfg's settings block holds (the rest are defaults)
 
+    def setting_line(self, key: str) -> int:
+        """The line of a key of the cfg's settings block (0 when it has none)."""
+        block = self.doc.get("settings") if isinstance(self.doc, dict) else None
+        return _line(block, key) if isinstance(block, dict) else 0
+
     def with_recorded(self, written: dict[str, Any]) -> "Cfg":
         """This cfg with the settings it does not hold taken from step1's record (`written_settings`), not from the
         defaults: a cfg cut down to custom_quantize_layers still builds for the target step1 ran for."""

@@ -212,3 +212,30 @@ def test_a_scale_edit_a_custom_layer_dtype_overrides_is_said_to_have_no_effect(b
     assert (f"{r1.cfg}:{line}: 'r2' scale/zero_point edit has no effect: custom_quantize_layers sets layer 'conv2' (which writes "
             "'r2') to int16, so 'r2' is quantized to int16 with parameters from its range; edit min/max to set the range instead."
             in res.warnings), res.warnings
+
+
+def test_settings_only_step1_reads_changed_in_the_cfg_are_said_to_wait_for_step1(built, cnn_ws):
+    """bias_correction, speed_check and cost_model: measured edited in the cfg's settings built as before, with no word."""
+    r1, base = built
+    text = r1.cfg.read_text()
+    for old, new in (("  bias_correction: false", "  bias_correction: true"), ("  speed_check: true", "  speed_check: false"),
+                     ("  cost_model: macs", "  cost_model: measured"), ("  float_pooled: true", "  float_pooled: true  # as written")):
+        assert old in text, old
+        text = text.replace(old, new)
+    r1.cfg.write_text(text)
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "s.onnx")
+    assert not _changed(base, _inits(res.output))
+    lines = {k: text[: text.index(f"  {k}: ")].count("\n") + 1 for k in ("bias_correction", "speed_check", "cost_model")}
+    said = [w for w in res.warnings if "takes effect when step1 is re-run" in w]
+    assert said == [
+        f"{r1.cfg}:{lines['speed_check']}: settings speed_check: false has no effect in step2 (step1 ran with true): it is used "
+        "by step1 only (step1 times the default int8 model against fp32 and writes the layers where int8 is not faster into "
+        "custom_quantize_layers), so the change takes effect when step1 is re-run; the layers its speed check kept float32 are "
+        "entries of custom_quantize_layers: delete those entries to quantize them now.",
+        f"{r1.cfg}:{lines['bias_correction']}: settings bias_correction: true has no effect in step2 (step1 ran with false): it "
+        "is used by step1 only (step1 measures each layer's mean output shift and writes it as bias_correction on the weight "
+        "entries), so the change takes effect when step1 is re-run.",
+        f"{r1.cfg}:{lines['cost_model']}: settings cost_model: measured has no effect in step2 (step1 ran with macs): measured "
+        "places layers by per-layer timings that step1 takes on this CPU with that setting, and this step1 run took none, so the "
+        "change takes effect when step1 is re-run.",
+    ], res.warnings

@@ -589,6 +589,21 @@ def test_mixed_artifacts_name_the_cfg(ws, capsys):
     assert not (ws.root / "q.onnx").exists()
 
 
+def test_cfg_without_its_header_is_matched_by_its_weight_ranges_and_said_so(ws, capsys):
+    # Without the hybridq: header, step2 skipped the check that the cfg belongs to the model, in silence: the cfg of
+    # another model with the same tensor names built.
+    other = ws.root / "other" / "ws" / "cnn.quantization.cfg"
+    foreign = ws.root / "foreign.cfg"
+    foreign.write_text(re.sub(r"^hybridq:\n(?:  .*\n)*", "", other.read_text(), flags=re.M))
+    line = _line_of(foreign, "  ConvBnFusion_W_w2:")
+    assert_clean(hq(capsys, *ws.step2_args(foreign)), USAGE, f"foreign.cfg:{line}: the cfg has no hybridq: header, and weight "
+                 "'ConvBnFusion_W_w2' records ori_min [", "the cfg was written for another model")
+    assert not (ws.root / "q.onnx").exists()
+    ws.cfg.write_text(re.sub(r"^hybridq:\n(?:  .*\n)*", "", ws.cfg.read_text(), flags=re.M))  # its own cfg: built, and said
+    assert_clean(hq(capsys, *ws.step2_args()), 0, "cnn.quantization.cfg: the cfg has no hybridq: header, so step2 cannot check "
+                 "that it was written for", "(only the ranges its weight entries record were compared with the model's)")
+
+
 def test_step2_given_the_original_model_or_a_foreign_data_file(ws, capsys):
     _, d, c = ws.artifacts
     assert_clean(hq(capsys, "step2", ws.model, d, c, "-o", ws.root / "q.onnx"), USAGE, str(ws.model))
