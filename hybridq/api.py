@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from . import default_model, fold, infinite, recurrent
+from ._cfg_checks import check_cfg
 from ._fs import check_not_input, check_output_dir, check_output_file, output_target
 from .artifacts import check_order, check_step1_outputs, edited_cfg_entries, fp32_source_at, read_step1, save_model_atomic, why_edits_do_not_apply, write_step1
 from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
@@ -20,7 +21,7 @@ from .int4 import hessian_inputs
 from .costmodel import for_step1 as step1_costs
 from .config import Cfg, CfgEntry, load_cfg, render_cfg
 from .dataset import Dataset, Preprocess, input_specs, load_dataset
-from .errors import ConfigError, HybridqError, InputError, did_you_mean
+from .errors import ConfigError, HybridqError, InputError
 from .execution import Execution, held
 from ._onnx import is_large, model_bytes
 from .graph import has_subgraphs, load_model, prepare
@@ -259,10 +260,7 @@ def step2(
     check_not_input(output, source, "step2 output (-o)")  # the three above were checked before they were read
     parsed = parsed.with_recorded(bundle.meta.get("written_settings", {}))
     temp = bundle.model
-    known = set(bundle.meta.get("written_entries", {})) | set(bundle.observers) | {i.name for i in temp.graph.initializer}
-    for name, e in parsed.entries.items():
-        if name not in known:
-            raise ConfigError(f"{parsed.path}:{e.line}: quantize_parameters has unknown tensor '{name}'.{did_you_mean(name, known)} Remove the entry or fix the name.")
+    checked = check_cfg(parsed, bundle.meta, temp, bundle.model_path)
     edits, resolved = edits_from_cfg(parsed, temp, bundle.meta)
     check_target_change(temp, parsed.settings, bundle.meta.get("written_settings", {}), bundle.observers, edits.layers, str(parsed.path))
     built = build(temp, bundle.observers, bundle.meta, parsed.settings, edits, where=str(parsed.path))
@@ -294,7 +292,7 @@ def step2(
         size_fp32=size_fp32,
         size_quant=os.path.getsize(out_path),
         notes=res.notes + rewrite.notes + plan.notes,
-        warnings=res.warnings,
+        warnings=checked + res.warnings,
         rewrite=rewrite,
     )
 

@@ -34,6 +34,7 @@ FIX_KEYS = ("equalize", "bias_correction")
 LIST_KEYS = ("min", "max", "ori_min", "ori_max", "scale", "zero_point", "equalize", "bias_correction")
 TOP_KEYS = ("hybridq", "settings", "custom_quantize_layers", "quantize_parameters")
 FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32: a smaller scale is 0 or subnormal in the model
 
 HEADER = """\
 hybridq quantization config for '{model}'.
@@ -265,6 +266,11 @@ class Cfg:
     doc: Any = field(repr=False, default=None)
     settings_given: frozenset[str] = frozenset()  # the keys the cfg's settings block holds (the rest are defaults)
 
+    def setting_line(self, key: str) -> int:
+        """The line of a key of the cfg's settings block (0 when it has none)."""
+        block = self.doc.get("settings") if isinstance(self.doc, dict) else None
+        return _line(block, key) if isinstance(block, dict) else 0
+
     def with_recorded(self, written: dict[str, Any]) -> "Cfg":
         """This cfg with the settings it does not hold taken from step1's record (`written_settings`), not from the
         defaults: a cfg cut down to custom_quantize_layers still builds for the target step1 ran for."""
@@ -280,6 +286,19 @@ def _line(node: Any, key: Any) -> int:
         return int(node.lc.key(key)[0]) + 1
     except Exception:
         return 0
+
+
+def _name(mapping: Any, key: Any, small: str, where: str, section: str, value: str) -> str:
+    """A layer or tensor name as written: YAML 1.2 reads an unquoted true/false (any case), null or ~ as a boolean or
+    null, not as the name (yes/no/on/off stay names), so such a key is refused with the quoting that keeps it a name."""
+    if key is not None and not isinstance(key, bool):
+        return str(key)
+    line, col = mapping.lc.key(key)
+    lines = small.split("\n")
+    raw = (re.match(r"[^\s:,{}]*", lines[line][col:]).group(0) if line < len(lines) else "") or ("~" if key is None else str(key).lower())
+    what = "null (no name)" if key is None else f"the boolean {str(key).lower()}"
+    raise ConfigError(f"{where}: the {section} entry {raw} is read by YAML as {what}, not as a name; quote the name "
+                      f"('{raw}':{value}) if a layer or tensor is called that.")
 
 
 def _as_list(v: Any, where: str, key: str, name: str) -> list[float]:
@@ -325,6 +344,11 @@ def validate_entry(name: str, raw: Any, where: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: '{name}' has min {lo} > max {hi}{channel}; make min <= max.")
     if "scale" in out and any(s <= 0 for s in out["scale"]):
         raise ConfigError(f"{where}: '{name}' has a scale <= 0; scales must be positive.")
+    if "scale" in out and (tiny := next((s for s in out["scale"] if abs(np.float32(s)) < FLOAT32_TINY), None)) is not None:
+        stored = "0" if np.float32(tiny) == 0 else f"the subnormal {float(np.float32(tiny)):.6g}"
+        raise ConfigError(f"{where}: '{name}' has a scale {tiny!r}, which the model's float32 scale stores as {stored}; "
+                          f"scales must be at least {FLOAT32_TINY:.8g} (the smallest normal float32): use a larger scale, "
+                          "or delete scale and zero_point to recompute them from min/max.")
     return out
 
 
@@ -360,20 +384,22 @@ def load_cfg(path: str | Path) -> Cfg:
     if not isinstance(custom_raw, dict):
         raise ConfigError(f"{p}:{_line(doc, 'custom_quantize_layers')}: custom_quantize_layers must be a mapping of layer name -> precision, e.g. `conv1: float16`.")
     custom, custom_lines = {}, {}
-    for name, v in custom_raw.items():
-        line = _line(custom_raw, name)
+    for key, v in custom_raw.items():
+        line = _line(custom_raw, key)
+        name = _name(custom_raw, key, small, f"{p}:{line}", "custom_quantize_layers", f" {v}")
         dt = (WEIGHT_ONLY_ALIASES.get(str(v).strip().lower()) or normalize_dtype(v)) if v is not None else None
         if dt not in LAYER_PRECISIONS:
             raise ConfigError(f"{p}:{line}: custom_quantize_layers['{name}'] = {v!r} is not a valid precision; use one of {', '.join(LAYER_PRECISIONS)}.")
-        custom[str(name)] = dt
-        custom_lines[str(name)] = line
+        custom[name] = dt
+        custom_lines[name] = line
     params_raw = doc.get("quantize_parameters") or {}
     if not isinstance(params_raw, dict):
         raise ConfigError(f"{p}:{_line(doc, 'quantize_parameters')}: quantize_parameters must be a mapping of tensor name -> parameters.")
     entries = {}
-    for name, raw in params_raw.items():
-        line = _line(params_raw, name)
-        entries[str(name)] = CfgEntry(str(name), line, validate_entry(str(name), raw, f"{p}:{line}"))
+    for key, raw in params_raw.items():
+        line = _line(params_raw, key)
+        name = _name(params_raw, key, small, f"{p}:{line}", "quantize_parameters", "")
+        entries[name] = CfgEntry(name, line, validate_entry(name, raw, f"{p}:{line}"))
     header_raw = doc.get("hybridq") or {}
     if not isinstance(header_raw, dict):
         raise ConfigError(f"{p}:{_line(doc, 'hybridq')}: the hybridq header must be the mapping step1 wrote (model, model_sha256, ...); restore it from a fresh step1 cfg.")

@@ -8,6 +8,7 @@ statistics. No model is run.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -141,29 +142,22 @@ def resolve(
         sym = (v.get("qtype", "sym" if tp.symmetric else "asym") == "sym")
         if "qtype" not in edited and "qtype" in changed_settings:
             sym = settings.qtype == "sym"
-        _check_entry(res, where, t, v, edited, dtype, lambda: compute_range(obs, v["algorithm"], levels(dtype), settings.percentile, t))
+        algorithm_range = functools.partial(compute_range, obs, v.get("algorithm", algo), levels(dtype), settings.percentile, t)
+        _check_entry(res, where, t, v, edited, dtype, algorithm_range)
         if {"min", "max", "scale", "zero_point"} & edited:
             res.edited.add(t)
         # SPEC 3: an edited scale/zero_point is honoured, min/max edited beside it or not (a warning when they disagree)
         zp_edit = bool({"scale", "zero_point"} & edited) and dtype == w.get("dtype") and not ({"algorithm", "qtype"} & edited)
+        if {"scale", "zero_point"} & edited and dtype != w.get("dtype", dtype) and not _scale_edit_warned(v, edited, w.get("dtype", dtype)):
+            res.warnings.append(f"{where}: '{t}' scale/zero_point edit has no effect: {_dtype_source(plan, tp, dtype, w)}, so '{t}' "
+                                f"is quantized to {dtype} with parameters from its range; edit min/max to set the range instead.")
         if {"min", "max"} & edited and not zp_edit:
             lo, hi = _edited_range(res, where, t, v.get("min", w.get("min")), v.get("max", w.get("max")), obs)
             qp = compute_qparams(lo, hi, dtype, sym)
+            if sym and not ("algorithm" in edited and _is_range_of(v, algorithm_range)):  # a range fix's algorithm range
+                res.warnings += _symmetric_bounds(f"{where}: '{t}' is quantized symmetrically (qtype sym)", lo, hi, w, edited, activation=True)
         elif zp_edit:
-            if v.get("scale", w.get("scale")) is None or v.get("zero_point", w.get("zero_point")) is None:
-                raise ConfigError(f"{where}: '{t}' gives only one of scale and zero_point; give both, or edit min/max instead.")
-            scale = np.array(v.get("scale", w.get("scale")), dtype=np.float32)
-            zp = _check_zero_points(t, where, v.get("zero_point", w.get("zero_point")), dtype, sym)
-            if scale.size != 1 or zp.size != 1:
-                raise ConfigError(f"{where}: activation '{t}' takes one scale and one zero_point value.")
-            qp = QParams(dtype, scale, zp.astype(NUMPY[dtype]))
-            lo, hi = range_of(qp)
-            mn, mx = v.get("min", [None])[0], v.get("max", [None])[0]
-            if mn is not None and mx is not None and (abs(lo[0] - min(mn, 0.0)) > scale[0] or abs(hi[0] - max(mx, 0.0)) > scale[0]):
-                res.warnings.append(
-                    f"{where}: '{t}' scale/zero_point give the range [{lo[0]:.6g}, {hi[0]:.6g}], which contradicts min/max "
-                    f"[{mn:.6g}, {mx:.6g}]; the scale/zero_point edit is used."
-                )
+            qp = _scale_edit(res, where, t, v, w, dtype, sym)
         elif edited & {"dtype", "qtype", "algorithm"} or changed_settings & {"dtype", "qtype", "algorithm", "percentile"} or dtype != w.get("dtype"):
             lo, hi = compute_range(obs, algo, levels(dtype), settings.percentile, t)
             qp = compute_qparams(lo, hi, dtype, sym)
@@ -178,11 +172,68 @@ def resolve(
         res.activations[t] = qp
 
     _resolve_weights(plan, entries, written, weights, cfg_name, res)
-    for t, e in entries.items():
-        if t not in plan.tensors and t not in plan.weights and any(not _same(val, written.get(t, {}).get(k)) for k, val in e.values.items()):
-            res.warnings.append(f"{cfg_name}:{e.line}: the edit of '{t}' has no effect: no quantized layer reads or writes it "
-                                "(its layers run float, by custom_quantize_layers or a policy).")
+    res.warnings += [f"{cfg_name}:{e.line}: the edit of '{t}' has no effect: no quantized layer reads or writes it (its layers run "
+                     "float, by custom_quantize_layers or a policy)." for t, e in entries.items() if t not in plan.tensors
+                     and t not in plan.weights and any(not _same(val, written.get(t, {}).get(k)) for k, val in e.values.items())]
     return res
+
+
+def _scale_edit(res: Resolution, where: str, t: str, v: dict[str, Any], w: dict[str, Any], dtype: str, sym: bool) -> QParams:
+    """An activation's hand-edited scale/zero_point, checked; min/max beside it that give another range are warned of."""
+    if v.get("scale", w.get("scale")) is None or v.get("zero_point", w.get("zero_point")) is None:
+        raise ConfigError(f"{where}: '{t}' gives only one of scale and zero_point; give both, or edit min/max instead.")
+    scale = np.array(v.get("scale", w.get("scale")), dtype=np.float32)
+    zp = _check_zero_points(t, where, v.get("zero_point", w.get("zero_point")), dtype, sym)
+    if scale.size != 1 or zp.size != 1:
+        raise ConfigError(f"{where}: activation '{t}' takes one scale and one zero_point value.")
+    qp = QParams(dtype, scale, zp.astype(NUMPY[dtype]))
+    lo, hi = range_of(qp)
+    mn, mx = v.get("min", [None])[0], v.get("max", [None])[0]
+    if mn is not None and mx is not None and (abs(lo[0] - min(mn, 0.0)) > scale[0] or abs(hi[0] - max(mx, 0.0)) > scale[0]):
+        res.warnings.append(
+            f"{where}: '{t}' scale/zero_point give the range [{lo[0]:.6g}, {hi[0]:.6g}], which contradicts min/max "
+            f"[{mn:.6g}, {mx:.6g}]; the scale/zero_point edit is used."
+        )
+    return qp
+
+
+def _scale_edit_warned(v: dict[str, Any], edited: set[str], written_dtype: str) -> bool:
+    """Is a scale/zero_point edit that a changed dtype overrides already warned of (an algorithm, qtype or dtype edited beside
+    it: `_check_entry`), or harmless (the scale of the min/max edited beside it, which are used)?"""
+    return bool({"algorithm", "qtype", "dtype"} & edited) or (bool({"min", "max"} & edited) and _scale_of_range(v, written_dtype))
+
+
+def _dtype_source(plan: QuantPlan, tp: TensorPlan, dtype: str, w: dict[str, Any]) -> str:
+    """What sets an activation's dtype other than step1 wrote: a custom_quantize_layers entry of a layer that writes or reads
+    it, else the settings' dtype."""
+    for node in (tp.producer, *tp.readers):
+        lp = plan.layers.get(node)
+        if lp is not None and lp.reason == "cfg" and lp.precision == dtype:
+            return f"custom_quantize_layers sets layer '{node}' (which {'writes' if node == tp.producer else 'reads'} '{tp.tensor}') to {dtype}"
+    return f"settings dtype is {dtype} (step1 wrote {w.get('dtype')})"
+
+
+def _symmetric_bounds(subject: str, lo: Any, hi: Any, w: dict[str, Any], edited: set[str], activation: bool) -> list[str]:
+    """The warning for an edited min or max that a symmetric range does not use: the range is +-max(|min|, |max|), so a
+    bound edited below the other one's magnitude is not used (in the channels where it was edited)."""
+    neg = np.abs(np.minimum(np.asarray(lo, dtype=np.float64).reshape(-1), 0.0))
+    pos = np.maximum(np.asarray(hi, dtype=np.float64).reshape(-1), 0.0)
+    out = []
+    for key, other, mine, theirs, raw in (("max", "min", pos, neg, hi), ("min", "max", neg, pos, lo)):
+        if key not in edited:
+            continue
+        before = np.asarray(w.get(key, []), dtype=np.float64).reshape(-1)
+        changed = np.asarray(raw, dtype=np.float64).reshape(-1) != before if before.size == mine.size else np.ones(mine.size, bool)
+        unused = np.flatnonzero(changed & (mine < theirs))
+        if not unused.size:
+            continue
+        i, n = int(unused[0]), len(unused)
+        at = f" in {n} channel{'s' if n > 1 else ''} (channel {i}: " if mine.size > 1 else " ("
+        out.append(f"{subject}, with the range +-max(|min|, |max|){' per channel' if mine.size > 1 else ''}: the edited {key} is not "
+                   f"used{at}{key} {float(np.ravel(raw)[i]):.6g}, but |{other}| = {theirs[i]:.6g} sets the range +-{theirs[i]:.6g}). "
+                   f"To clip a symmetric range, edit both bounds (min -{mine[i]:.6g} and max {mine[i]:.6g})"
+                   + (", or set qtype: asym." if activation else "."))
+    return out
 
 
 def _check_entry(res: Resolution, where: str, t: str, v: dict[str, Any], edited: set[str], dtype: str,
@@ -283,6 +334,7 @@ def _resolve_weights(
                 i = int(np.argmax(lo > hi))
                 raise ConfigError(f"{where}: weight '{wname}' has min {lo.reshape(-1)[i]} > max {hi.reshape(-1)[i]} (channel {i}); make min <= max.")
             res.weights[wname] = compute_qparams(lo, hi, wp.dtype, True, wp.axis)
+            res.warnings += _symmetric_bounds(f"{where}: weight '{wname}' is quantized symmetrically", lo, hi, w, edited, activation=False)
         elif {"scale"} & edited:
             scale = np.array(v["scale"], dtype=np.float32)
             if scale.size != fresh.scale.size:

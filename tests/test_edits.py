@@ -171,3 +171,71 @@ def test_edits_another_entry_overrides_or_a_float_layer_makes_moot_are_warned_of
     assert any("the edit of 'r2' has no effect: no quantized layer reads or writes it" in w for w in res.warnings), res.warnings
     assert "r2_scale" not in _inits(res.output)
     assert not [w for w in res.warnings if "'r1'" not in w and "'r2'" not in w]  # unedited entries stay quiet
+
+
+def test_one_bound_of_a_symmetric_range_edited_below_the_other_is_warned_of(built, cnn_ws):
+    """A weight (always symmetric) and a qtype sym activation take +-max(|min|, |max|): a clipped max alone did nothing, in silence."""
+    r1, base = built
+    written = load_cfg(r1.cfg).entries
+    w3_max = list(written["w3"].values["max"])
+    w3_max[1] = 0.1  # channel 1: min -0.384, so the range stays +-0.384
+    text = _edit_entry(r1.cfg.read_text(), "w3", "max", "[" + ", ".join(str(x) for x in w3_max) + "]")
+    for key, value in (("qtype", "sym"), ("dtype", "int8"), ("max", "[2.0]")):  # c3: min -5.45, max 5.52
+        text = _edit_entry(text, "c3", key, value)
+    r1.cfg.write_text(text)
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "sym.onnx")
+    after = _inits(res.output)
+    w3_min, c3_min = written["w3"].values["min"][1], written["c3"].values["min"][0]
+    assert after["w3_scale"][1] == base["w3_scale"][1] == pytest.approx(np.float32(-w3_min / 127), rel=1e-6)  # no effect
+    assert after["c3_scale"] == pytest.approx(np.float32(-c3_min / 127), rel=1e-6)
+    w3_line = text[: text.index("\n  w3:\n") + 1].count("\n") + 1
+    assert f"{r1.cfg}:{w3_line}: weight 'w3' is quantized symmetrically, with the range +-max(|min|, |max|) per channel: the edited max " \
+           f"is not used in 1 channel (channel 1: max 0.1, but |min| = {-w3_min:.6g} sets the range +-{-w3_min:.6g}). To clip a " \
+           "symmetric range, edit both bounds (min -0.1 and max 0.1)." in res.warnings, res.warnings
+    assert any(w.startswith(f"{r1.cfg}:") and "'c3' is quantized symmetrically (qtype sym)" in w and "the edited max is not used (max 2," in w
+               and "edit both bounds (min -2 and max 2), or set qtype: asym." in w for w in res.warnings), res.warnings
+    # both bounds edited: the clip is what was asked, and nothing is said
+    r1.cfg.write_text(_edit_entry(text, "c3", "min", "[-2.0]"))
+    both = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "both.onnx")
+    assert _inits(both.output)["c3_scale"] == pytest.approx(np.float32(2 / 127), rel=1e-6)
+    assert not [w for w in both.warnings if "'c3'" in w], both.warnings
+
+
+def test_a_scale_edit_a_custom_layer_dtype_overrides_is_said_to_have_no_effect(built, cnn_ws):
+    """custom_quantize_layers {conv2: int16} sets r2 (conv2's output) to int16: its edited scale was dropped in silence."""
+    r1, _ = built
+    text = _edit_entry(r1.cfg.read_text(), "r2", "scale", "[0.1]")
+    r1.cfg.write_text(text.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv2: int16"))
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "i16.onnx")
+    assert _inits(res.output)["r2_zero_point"].dtype == np.int16 and _inits(res.output)["r2_scale"] != np.float32(0.1)
+    line = text[: text.index("\n  r2:\n") + 1].count("\n") + 1 + 1  # the section gained a line above the entry
+    assert (f"{r1.cfg}:{line}: 'r2' scale/zero_point edit has no effect: custom_quantize_layers sets layer 'conv2' (which writes "
+            "'r2') to int16, so 'r2' is quantized to int16 with parameters from its range; edit min/max to set the range instead."
+            in res.warnings), res.warnings
+
+
+def test_settings_only_step1_reads_changed_in_the_cfg_are_said_to_wait_for_step1(built, cnn_ws):
+    """bias_correction, speed_check and cost_model: measured edited in the cfg's settings built as before, with no word."""
+    r1, base = built
+    text = r1.cfg.read_text()
+    for old, new in (("  bias_correction: false", "  bias_correction: true"), ("  speed_check: true", "  speed_check: false"),
+                     ("  cost_model: macs", "  cost_model: measured"), ("  float_pooled: true", "  float_pooled: true  # as written")):
+        assert old in text, old
+        text = text.replace(old, new)
+    r1.cfg.write_text(text)
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "s.onnx")
+    assert not _changed(base, _inits(res.output))
+    lines = {k: text[: text.index(f"  {k}: ")].count("\n") + 1 for k in ("bias_correction", "speed_check", "cost_model")}
+    said = [w for w in res.warnings if "takes effect when step1 is re-run" in w]
+    assert said == [
+        f"{r1.cfg}:{lines['speed_check']}: settings speed_check: false has no effect in step2 (step1 ran with true): it is used "
+        "by step1 only (step1 times the default int8 model against fp32 and writes the layers where int8 is not faster into "
+        "custom_quantize_layers), so the change takes effect when step1 is re-run; the layers its speed check kept float32 are "
+        "entries of custom_quantize_layers: delete those entries to quantize them now.",
+        f"{r1.cfg}:{lines['bias_correction']}: settings bias_correction: true has no effect in step2 (step1 ran with false): it "
+        "is used by step1 only (step1 measures each layer's mean output shift and writes it as bias_correction on the weight "
+        "entries), so the change takes effect when step1 is re-run.",
+        f"{r1.cfg}:{lines['cost_model']}: settings cost_model: measured has no effect in step2 (step1 ran with macs): measured "
+        "places layers by per-layer timings that step1 takes on this CPU with that setting, and this step1 run took none, so the "
+        "change takes effect when step1 is re-run.",
+    ], res.warnings

@@ -339,6 +339,19 @@ def test_cfg_unknown_tensor_did_you_mean(ws, capsys):
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}", "r11", "Did you mean", "'r1'")
 
 
+@pytest.mark.parametrize("name, what", [("true", "the boolean true"), ("FALSE", "the boolean false"), ("~", "null (no name)"),
+                                        ("Null", "null (no name)")])
+def test_cfg_layer_name_yaml_reads_as_a_boolean_or_null_says_to_quote_it(ws, capsys, name, what):
+    # Was "entry 'True' is neither a node nor a tensor": the parsed value, not the name written. YAML 1.2 (ruamel) keeps
+    # yes/no/on/off as names, so only true/false/null/~ (any case) are converted.
+    ws.edit_cfg("custom_quantize_layers: {}", f"custom_quantize_layers:\n  conv1: int16\n  {name}: float32")
+    line = _line_of(ws.cfg, f"  {name}: float32")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}: the custom_quantize_layers entry {name} is read "
+                 f"by YAML as {what}, not as a name; quote the name ('{name}': float32)")
+    ws.edit_cfg(f"  {name}: float32", "  yes: float32")  # a name: looked up as written
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "custom_quantize_layers entry 'yes' is neither a node nor a tensor")
+
+
 def test_cfg_model_input_as_layer(ws, capsys):
     ws.edit_cfg("custom_quantize_layers: {}", "custom_quantize_layers:\n  x: float16")
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, "'x'", "model input")
@@ -418,6 +431,16 @@ def test_cfg_deleted_scale_and_zero_point_fall_back_to_the_statistics(ws, capsys
 def test_cfg_zero_scale(ws, capsys):
     ws.edit_cfg("    scale: [", "    scale: [0.0, ")
     assert_clean(hq(capsys, *ws.step2_args()), USAGE, "scale", "'r1'")
+
+
+@pytest.mark.parametrize("scale, stored", [("1e-50", "stores as 0;"), ("1e-40", "stores as the subnormal 9.99995e-41")])
+def test_cfg_scale_that_float32_stores_as_zero_or_subnormal_is_refused_at_its_line(ws, capsys, scale, stored):
+    # 1e-50 built with exit 0 and a QuantizeLinear scale of 0.0 (float32 underflow); 1e-40 built a denormal scale.
+    line = _line_of(ws.cfg, "  r1:")
+    ws.edit_cfg("    scale: [", f"    scale: [{scale}]  # [")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}: 'r1' has a scale {scale}", stored,
+                 "smallest normal float32")
+    assert not (ws.root / "q.onnx").exists()
 
 
 def test_cfg_not_a_mapping_and_empty(ws, capsys):
@@ -564,6 +587,21 @@ def test_mixed_artifacts_name_the_cfg(ws, capsys):
     other = ws.root / "other" / "ws" / "cnn.quantization.cfg"
     assert_clean(hq(capsys, "step2", m, d, other, "-o", ws.root / "q.onnx"), USAGE, str(other))
     assert not (ws.root / "q.onnx").exists()
+
+
+def test_cfg_without_its_header_is_matched_by_its_weight_ranges_and_said_so(ws, capsys):
+    # Without the hybridq: header, step2 skipped the check that the cfg belongs to the model, in silence: the cfg of
+    # another model with the same tensor names built.
+    other = ws.root / "other" / "ws" / "cnn.quantization.cfg"
+    foreign = ws.root / "foreign.cfg"
+    foreign.write_text(re.sub(r"^hybridq:\n(?:  .*\n)*", "", other.read_text(), flags=re.M))
+    line = _line_of(foreign, "  ConvBnFusion_W_w2:")
+    assert_clean(hq(capsys, *ws.step2_args(foreign)), USAGE, f"foreign.cfg:{line}: the cfg has no hybridq: header, and weight "
+                 "'ConvBnFusion_W_w2' records ori_min [", "the cfg was written for another model")
+    assert not (ws.root / "q.onnx").exists()
+    ws.cfg.write_text(re.sub(r"^hybridq:\n(?:  .*\n)*", "", ws.cfg.read_text(), flags=re.M))  # its own cfg: built, and said
+    assert_clean(hq(capsys, *ws.step2_args()), 0, "cnn.quantization.cfg: the cfg has no hybridq: header, so step2 cannot check "
+                 "that it was written for", "(only the ranges its weight entries record were compared with the model's)")
 
 
 def test_step2_given_the_original_model_or_a_foreign_data_file(ws, capsys):
