@@ -328,3 +328,51 @@ def test_unsupported_rknn_methods_fail_clearly(capsys):
     rknn.release()
     assert rknn.config() == -1
     assert "E config: this RKNN object was released; create a new one with RKNN()." in capsys.readouterr().err
+
+
+def _workspace_state() -> dict[str, bytes]:
+    """Every file of the current directory, by name, with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(Path(".").iterdir()) if p.is_file()}
+
+
+def test_step1_with_a_misspelled_custom_hybrid_tensor_changes_nothing(ws, capsys):
+    # A workspace from an earlier run, its cfg edited by hand: a failed step1 must leave all of it as it was.
+    assert step1_script() == 0
+    cfg = Path("cnn.quantization.cfg")
+    cfg.write_text(cfg.read_text().replace("custom_quantize_layers: {}\n", "custom_quantize_layers:\n  conv3: float16\n"))
+    before = _workspace_state()
+    capsys.readouterr()
+    assert step1_script(custom_hybrid=[["r_1", "res"]]) == -1
+    err = capsys.readouterr().err
+    assert "E hybrid_quantization_step1: custom_hybrid input tensor 'r_1' is not a tensor of the model. Did you mean:" in err
+    assert "I hybrid_quantization_step1: wrote" not in err and "Traceback" not in err
+    assert _workspace_state() == before  # no new .model/.data/.cfg, no .bak
+    # A pair with no layer between its tensors is found before anything is written too.
+    assert step1_script(custom_hybrid=[["res", "r1"]]) == -1
+    assert "no layer lies on a path from 'res' to 'r1'" in capsys.readouterr().err
+    assert step1_script(custom_hybrid=["r1"]) == -1
+    assert "custom_hybrid must be a list of [input_tensor, output_tensor] pairs" in capsys.readouterr().err
+    assert _workspace_state() == before
+
+
+def test_failed_load_build_and_step2_keep_the_loaded_model_and_the_build(ws, capsys):
+    rknn = RKNN()
+    rknn.config(mean_values=MEAN, std_values=STD)
+    assert rknn.load_onnx(model="cnn.onnx") == 0
+    assert rknn.build(do_quantization=True, dataset="./dataset.txt") == 0
+    assert rknn.export_onnx("first.onnx") == 0
+    Path("bad.txt").write_text("img0.png\nimg_missing.png\n")
+    assert rknn.build(do_quantization=True, dataset="bad.txt") == -1
+    assert rknn.build(do_quantization=True) == -1
+    assert rknn.hybrid_quantization_step2("./nothere.model", "./nothere.data", "./nothere.cfg") == -1
+    assert rknn.load_onnx(model="cnn.onnx", outputs=["no_such_tensor"]) == -1
+    err = capsys.readouterr().err
+    assert err.count("E ") == 4 and "Traceback" not in err
+    # Each failed call returned -1 and changed nothing: the first build is still the one exported and run.
+    assert rknn.export_onnx("again.onnx") == 0
+    assert Path("again.onnx").read_bytes() == Path("first.onnx").read_bytes()
+    assert rknn.init_runtime() == 0 and rknn.inference(inputs=[np.zeros((16, 16, 3), np.uint8)])[0].shape == (1, 10)
+    # ... and the loaded model is still the whole cnn.onnx, not a cut of it.
+    assert rknn.build(do_quantization=False) == 0 and rknn.init_runtime() == 0
+    assert rknn.inference(inputs=[np.zeros((16, 16, 3), np.uint8)])[0].shape == (1, 10)
+    rknn.release()
