@@ -376,3 +376,51 @@ def test_failed_load_build_and_step2_keep_the_loaded_model_and_the_build(ws, cap
     assert rknn.build(do_quantization=False) == 0 and rknn.init_runtime() == 0
     assert rknn.inference(inputs=[np.zeros((16, 16, 3), np.uint8)])[0].shape == (1, 10)
     rknn.release()
+
+
+@pytest.mark.speed_check
+def test_build_where_int8_does_not_pay_says_so_and_export_says_float(ws, capsys, monkeypatch):
+    # This CPU "times" the int8 model slower than fp32 (stubbed as tests/test_speedcheck.py does): step1 keeps it float.
+    from hybridq import speedcheck
+
+    monkeypatch.setattr(speedcheck, "time_pair", lambda fp32, int8, feed, threads, outputs=None: (1.0, 1.1))
+    rknn = RKNN()  # not verbose: W lines are printed anyway
+    rknn.config(mean_values=MEAN, std_values=STD)
+    assert rknn.load_onnx(model="cnn.onnx") == 0
+    assert rknn.build(do_quantization=True, dataset="./dataset.txt") == 0
+    assert rknn.export_rknn("./cnn.rknn") == 0
+    err = capsys.readouterr().err
+    assert ("W build: int8 was not applied: int8 is slower than fp32 for this model on this CPU (1 thread: 1.1 ms int8 vs 1 ms fp32): "
+            "kept 3 layers float in the cfg;") in err
+    assert "From a script: rknn.config(..., speed_check=False) quantizes anyway" in err
+    assert ("W export_rknn: ./cnn.rknn is a float ONNX model (no quantization operators, opset 13), not an RKNN model" in err
+            and "QDQ" not in err)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in onnx.load("cnn.rknn").graph.node}
+    # step1 says the same; with speed_check=False (hybridq's option) the model is quantized and exported as QDQ.
+    assert rknn.hybrid_quantization_step1(dataset="./dataset.txt") == 0
+    assert "W hybrid_quantization_step1: int8 was not applied: int8 is slower than fp32" in capsys.readouterr().err
+    assert rknn.config(mean_values=MEAN, std_values=STD, speed_check=False) == 0
+    assert rknn.build(do_quantization=True, dataset="./dataset.txt") == 0 and rknn.export_rknn("./cnn.rknn") == 0
+    err = capsys.readouterr().err
+    assert "int8 was not applied" not in err and "W export_rknn: ./cnn.rknn is an ONNX model (QDQ, opset 13)" in err
+    assert rknn.config(speed_check="no") == -1
+    assert "E config: speed_check must be True or False, got 'no'." in capsys.readouterr().err
+    rknn.release()
+
+
+def test_step1_notes_and_warnings_are_logged(tmp_path, monkeypatch, capsys):
+    # The default int8 model of this classifier answers one class everywhere: step1 warns (tests/test_default_check.py).
+    from tests.test_default_check import _collapsing_classifier
+
+    monkeypatch.chdir(tmp_path)
+    onnx.save(_collapsing_classifier(), "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (32, 8)}, 4)
+    rknn = RKNN(verbose=True)
+    assert rknn.load_onnx(model="m.onnx") == 0
+    assert rknn.build(do_quantization=True, dataset=str(listing)) == 0
+    err = capsys.readouterr().err
+    assert "W build: the default int8 model is far from fp32 on the first calibration sample (prob: cosine" in err
+    assert "I build: note: speed check: the int8 model is faster than fp32 on this CPU" in err  # conftest's _int8_pays
+    assert rknn.hybrid_quantization_step1(dataset=str(listing)) == 0
+    assert "W hybrid_quantization_step1: the default int8 model is far from fp32" in capsys.readouterr().err
+    rknn.release()

@@ -17,25 +17,25 @@ import onnx
 
 from .. import _runtime
 from .._fs import copy_atomic, write_atomic
-from .._onnx import is_large, main_opset, save_external
+from .._onnx import is_large, save_external
 from .._version import __version__
 from ..errors import InputError, ModelError, did_you_mean
 from ..graph import cut_model, load_model
 from ..images import normalize_input
-from ..observers import ALGORITHMS
 from ..qparams import FLOAT_DTYPES
-from ..settings import Settings, canonical
-from . import _hybrid
+from ..settings import Settings
+from . import _hybrid, _report
 from ._translate import (
     NPU_ONLY_OPTIONS,
-    QUANTIZED_ALGORITHMS,
     QUANTIZED_DTYPES,
     UNSUPPORTED_DTYPES,
     UNSUPPORTED_METHODS,
     _absolute,
+    _algorithm,
     _Config,
     _Failed,
     _per_input,
+    _qmethod,
     _rknn_layout,
     _rknn_method,
     _single,
@@ -87,6 +87,10 @@ class RKNN:
             except OSError:
                 self._log_file = None
 
+    def _emit(self, where: str, lines: list[_report.Line]) -> None:
+        for level, message in lines:
+            self._log(level, where, message)
+
     def _once(self, key: str, where: str, message: str) -> None:
         if key not in self._reported:
             self._reported.add(key)
@@ -130,9 +134,14 @@ class RKNN:
         enable_flash_attention: bool = False,
         auto_hybrid_cos_thresh: float = 0.98,
         auto_hybrid_euc_thresh: float | None = None,
+        speed_check: bool = True,
         **kwargs: Any,
     ) -> int:
-        """Preprocessing and quantization options; NPU-only options are accepted and reported once."""
+        """Preprocessing and quantization options; NPU-only options are accepted and reported once.
+
+        `speed_check` is hybridq's own (no RKNN equivalent): without `target_platform`, step1 times the int8 model
+        against fp32 and keeps it float where int8 is not faster on this CPU; `speed_check=False` quantizes anyway.
+        """
         known = [p for p in inspect.signature(RKNN.config).parameters if p not in ("self", "kwargs")]
         for key in kwargs:
             raise InputError(f"unknown option {key!r}.{did_you_mean(key, known)} Valid options: {', '.join(known)}.")
@@ -150,23 +159,17 @@ class RKNN:
         if key.endswith("_dfp") or key.startswith("dynamic_fixed_point"):
             self._once("dfp", "config", f"quantized_dtype {quantized_dtype!r}: dynamic fixed point (power-of-two scales) is an NPU format; "
                                         "hybridq quantizes symmetrically with the exact scale instead.")
-        algo = str(quantized_algorithm)
-        if algo in ALGORITHMS:  # hybridq's own names work too
-            algo = next((k for k, v in QUANTIZED_ALGORITHMS.items() if v == algo), algo)
-        if algo not in QUANTIZED_ALGORITHMS and algo not in ALGORITHMS:
-            extra = " ('gdq' tunes weights by gradient descent on the NPU toolchain; hybridq has no equivalent, try 'mmse')" if algo == "gdq" else ""
-            raise InputError(f"quantized_algorithm {algo!r} is not supported{extra}.{did_you_mean(algo, QUANTIZED_ALGORITHMS)} Use one of: {', '.join(QUANTIZED_ALGORITHMS)}.")
-        cfg.algorithm = canonical("algorithm", algo)
-        if canonical("qmethod", quantized_method) is None:
-            why = " (group quantization has no ONNX QDQ form that ONNX Runtime's CPU kernels run)" if str(quantized_method).startswith("group") else ""
-            raise InputError(f"quantized_method {quantized_method!r} is not supported{why}; use 'channel' or 'layer'.")
-        cfg.qmethod = quantized_method
+        cfg.algorithm = _algorithm(quantized_algorithm)
+        cfg.qmethod = _qmethod(quantized_method)
         cfg.bgr = bool(quant_img_RGB2BGR)
         if float_dtype not in FLOAT_DTYPES:
             raise InputError(f"float_dtype {float_dtype!r} is not valid; use 'float16' (as RKNN) or 'float32' (hybridq only).")
         cfg.float_dtype = float_dtype
         cfg.cos_thresh = float(auto_hybrid_cos_thresh)
         cfg.euc_thresh = auto_hybrid_euc_thresh
+        if not isinstance(speed_check, bool):
+            raise InputError(f"speed_check must be True or False, got {speed_check!r}.")
+        cfg.speed_check = speed_check
         if target_platform is not None:
             cfg.target = "npu"
             self._log("I", "config", f"target_platform={target_platform!r}: settings target npu (every operator quantized, "
@@ -239,7 +242,8 @@ class RKNN:
 
     def _settings(self):
         c = self._cfg
-        s = Settings(dtype=c.dtype, qtype=c.qtype, weight_dtype=c.weight_dtype, qmethod=c.qmethod, algorithm=c.algorithm, target=c.target)
+        s = Settings(dtype=c.dtype, qtype=c.qtype, weight_dtype=c.weight_dtype, qmethod=c.qmethod, algorithm=c.algorithm, target=c.target,
+                     speed_check=c.speed_check)
         s.validate("rknn.config")
         return s
 
@@ -280,7 +284,7 @@ class RKNN:
             self._log("I", "hybrid_quantization_step1", f"wrote {p}")
         if res.backup:
             self._log("W", "hybrid_quantization_step1", f"the previous cfg had edits: kept as {res.backup}.")
-        self._report_proposal("hybrid_quantization_step1", res.proposal)
+        self._emit("hybrid_quantization_step1", _report.step1_lines(res))
         if res.fused:
             self._log("I", "hybrid_quantization_step1", "fused in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in res.fused.items()))
         if hybrid is not None:
@@ -318,19 +322,6 @@ class RKNN:
                                             "only auto_hybrid_cos_thresh is used as the target.")
         return {"proposal": options(target=Target(cosine=self._cfg.cos_thresh), fallback=self._cfg.float_dtype, samples=samples)}
 
-    def _report_proposal(self, where: str, p: Any) -> None:
-        if p is None:
-            return
-        self._log("I", where, f"proposal: {p.choice}; int8 baseline {p.baseline.describe()}; predicted {p.predicted.describe()}.")
-        if p.measured is not None:
-            self._log("I", where, f"proposal measured on the model step2 builds from the cfg: {p.measured.describe()}.")
-        self._log("I", where, f"proposal: {len(p.layers)} float layers ({', '.join(p.layers) or 'none'}), float compute {100 * p.float_fraction:.1f} %.")
-        if p.entries:
-            self._log("I", where, f"proposal: fixes on {', '.join(p.entries)}.")
-        if not p.met:
-            self._log("W", where, "the proposal did NOT meet the target; the cfg holds the best candidate found. "
-                                  "Lower auto_hybrid_cos_thresh or edit the cfg by hand.")
-
     @_rknn_method()
     def hybrid_quantization_step2(self, model_input: str, data_input: str, model_quantization_cfg: str) -> int:
         """Build the deployable model from the three step1 artifacts (the cfg as edited).
@@ -346,7 +337,7 @@ class RKNN:
         self._set_built(res.output, out, True)
         if self._float_path is None:
             self._float_path = Path(model_input).resolve()  # the temp model is plain fp32 ONNX
-        self._report_step2(res, "hybrid_quantization_step2")
+        self._emit("hybrid_quantization_step2", _report.step2_lines(res))
         return 0
 
     def _hybridq_cfg(self, model_input: str, given: Path, out: Path) -> Path:
@@ -360,16 +351,6 @@ class RKNN:
             for u in res.unmapped:
                 self._log("W", "hybrid_quantization_step2", f"RKNN {u.section} '{u.name}' has no counterpart: {u.reason}.")
         return cfg
-
-    def _report_step2(self, res: Any, where: str) -> None:
-        counts = ", ".join(f"{v} {k}" for k, v in sorted(res.layers.items()))
-        self._log("I", where, f"built: {counts}; {res.size_fp32 / 1e6:.2f} MB fp32 -> {res.size_quant / 1e6:.2f} MB.")
-        for r in res.resolved:
-            self._log("I", where, f"custom_quantize_layers {r.entry!r}: {r.requested} -> node {r.node!r} runs {r.effective} ({r.how}).")
-        for n in res.notes:
-            self._log("I", where, f"note: {n}")
-        for w in res.warnings:
-            self._log("W", where, w)
 
     # ------------------------------------------------------------------ build
 
@@ -399,8 +380,8 @@ class RKNN:
             res = api.step2(r1.model, r1.data, r1.cfg, work / f"{model.stem}.q.onnx")
         self._set_built(res.output, work, True)
         self._log("I", "build", f"calibrated on {r1.samples} samples.")
-        self._report_proposal("build", r1.proposal)
-        self._report_step2(res, "build")
+        self._emit("build", _report.step1_lines(r1))
+        self._emit("build", _report.step2_lines(res))
         return 0
 
     def _need_built(self) -> Path:
@@ -413,11 +394,12 @@ class RKNN:
 
     @_rknn_method()
     def export_rknn(self, export_path: str, **kwargs: Any) -> int:
-        """Write the built model; it is a QDQ ONNX model (ONNX Runtime runs it), not an RKNN file."""
+        """Write the built model, an ONNX model (QDQ, or float when nothing was quantized) ONNX Runtime runs, not an RKNN file."""
         if kwargs:
             self._once("export_rknn:kwargs", "export_rknn", f"options {', '.join(kwargs)} are for RKNN files; ignored.")
+        kind = _report.model_kind(self._need_built())
         self._export(Path(export_path))
-        self._log("W", "export_rknn", f"{export_path} is an ONNX model (QDQ, opset {self._opset()}), not an RKNN model: run it with ONNX Runtime, "
+        self._log("W", "export_rknn", f"{export_path} is {kind}, not an RKNN model: run it with ONNX Runtime, "
                                       "open it in Netron, or call rknn.export_onnx() to give it an .onnx name.")
         return 0
 
@@ -430,9 +412,6 @@ class RKNN:
 
     def _export(self, dest: Path) -> None:
         copy_atomic(self._need_built(), dest, parents=True)
-
-    def _opset(self) -> int:
-        return main_opset(onnx.load(str(self._need_built()), load_external_data=False))
 
     @_rknn_method()
     def load_rknn(self, path: str) -> int:

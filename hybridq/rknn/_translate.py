@@ -15,7 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import HybridqError, InputError
+from ..errors import HybridqError, InputError, did_you_mean
+from ..observers import ALGORITHMS
+from ..settings import canonical
 # quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
 QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
     "w8a8": ("uint8", "asym", "int8"),
@@ -123,6 +125,7 @@ class _Config:
     euc_thresh: float | None = None
     npu_only: dict[str, Any] = field(default_factory=dict)
     target: str = "cpu"  # target_platform given: hybridq's npu target (every operator in int8, as RKNN's simulator)
+    speed_check: bool = True  # hybridq's own: the cpu target keeps the model float where int8 is not faster here
 
 
 def _per_input(values: Any, what: str) -> list[tuple[float, ...]] | None:
@@ -150,6 +153,25 @@ def _single(values: list[tuple[float, ...]] | None, n_inputs: int, what: str) ->
         raise InputError(f"{what} differs between inputs ({values}); hybridq applies one mean/std to every image input. "
                          "Use the same values for all inputs, or feed the other inputs as preprocessed .npy files.")
     return values[0]
+
+
+def _algorithm(quantized_algorithm: Any) -> str:
+    """hybridq's algorithm for RKNN's `quantized_algorithm` (hybridq's own names work too); an InputError for others."""
+    algo = str(quantized_algorithm)
+    if algo in ALGORITHMS:
+        algo = next((k for k, v in QUANTIZED_ALGORITHMS.items() if v == algo), algo)
+    if algo not in QUANTIZED_ALGORITHMS and algo not in ALGORITHMS:
+        extra = " ('gdq' tunes weights by gradient descent on the NPU toolchain; hybridq has no equivalent, try 'mmse')" if algo == "gdq" else ""
+        raise InputError(f"quantized_algorithm {algo!r} is not supported{extra}.{did_you_mean(algo, QUANTIZED_ALGORITHMS)} Use one of: {', '.join(QUANTIZED_ALGORITHMS)}.")
+    return canonical("algorithm", algo)
+
+
+def _qmethod(quantized_method: Any) -> str:
+    """RKNN's `quantized_method` checked: 'channel' or 'layer' (group quantization is refused)."""
+    if canonical("qmethod", quantized_method) is None:
+        why = " (group quantization has no ONNX QDQ form that ONNX Runtime's CPU kernels run)" if str(quantized_method).startswith("group") else ""
+        raise InputError(f"quantized_method {quantized_method!r} is not supported{why}; use 'channel' or 'layer'.")
+    return quantized_method
 
 
 def _absolute(dataset: Any, base: Path) -> str:
