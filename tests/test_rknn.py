@@ -156,13 +156,13 @@ def test_build_accuracy_analysis_export_as_rockchip_example(ws, capsys):
     # build() writes nothing into the current directory; the snapshot has both layouts.
     assert not any(Path(p).exists() for p in ("cnn.model", "cnn.data", "cnn.quantization.cfg"))
     snap = Path("snapshot")
-    assert {"golden", "simulator", "fp32", "quant", "manifest.json", "error_analysis.txt"} <= set(os.listdir(snap))
+    assert {"golden", "simulator", "map_name_to_file.txt", "fp32", "quant", "manifest.json", "error_analysis.txt"} <= set(os.listdir(snap))
     assert "[Gemm] fc [logits] uint8" in (snap / "error_analysis.txt").read_text()  # node [tensor] precision
     assert "[Gemm] fc [logits] uint8" in capsys.readouterr().out  # the table is printed, as RKNN does
-    # golden/ and simulator/ hold hybridq's fp32/ and quant/ arrays under the same names.
+    # golden/npy/ and simulator/npy/ hold the first (only) sample of hybridq's fp32/ and quant/ arrays.
     for sub, side in (("golden", "fp32"), ("simulator", "quant")):
-        assert sorted(os.listdir(snap / side)) == sorted(p for p in os.listdir(snap / sub) if p.endswith(".npy"))
-        np.testing.assert_array_equal(np.load(snap / sub / "r2.npy"), np.load(snap / side / "r2.npy"))
+        assert sorted(os.listdir(snap / side)) == sorted(os.listdir(snap / sub / "npy"))
+        np.testing.assert_array_equal(np.load(snap / sub / "npy" / "r2.npy"), np.load(snap / side / "r2.npy")[0])
     # What Rockchip's accuracy_analysis example reads: np.genfromtxt of the output, one value per line.
     golden = np.genfromtxt(snap / "golden" / "logits.txt")
     simulator = np.genfromtxt(snap / "simulator" / "logits.txt")
@@ -424,3 +424,82 @@ def test_step1_notes_and_warnings_are_logged(tmp_path, monkeypatch, capsys):
     assert rknn.hybrid_quantization_step1(dataset=str(listing)) == 0
     assert "W hybrid_quantization_step1: the default int8 model is far from fp32" in capsys.readouterr().err
     rknn.release()
+
+
+# Tensor names as PaddlePaddle/paddle2onnx exports write them, and two that share RKNN's file name.
+RENAMED = {"r1": "block/relu.out", "r2": "relu_2.out", "c3": "conv_3.tmp_0", "res": "p2o.Add.19", "gap": "relu_2_out"}
+
+
+def _renamed_cnn() -> onnx.ModelProto:
+    m = models.residual_cnn()
+    for node in m.graph.node:
+        for field in (node.input, node.output):
+            names = [RENAMED.get(t, t) for t in field]
+            del field[:]
+            field.extend(names)
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_accuracy_analysis_writes_rknns_folder_layout(tmp_path, monkeypatch, capsys):
+    import json
+    import shutil
+
+    from hybridq.dumps import read_name_map
+    from tests.conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    onnx.save(_renamed_cnn(), "cnn.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 8)
+    rknn = RKNN()
+    assert rknn.load_onnx(model="cnn.onnx") == 0
+    assert rknn.build(do_quantization=True, dataset=str(listing)) == 0
+    assert rknn.accuracy_analysis(inputs=["data/x_0.npy"], output_dir="./snap") == 0
+    assert rknn.export_onnx("q.onnx") == 0
+    rknn.release()
+    snap = Path("snap")
+    # map_name_to_file.txt: every analysed tensor in graph order, RKNN's fixed-width table, '/' and '.' -> '_'.
+    table = read_name_map(snap / "map_name_to_file.txt")
+    assert list(table) == list(json.loads((snap / "manifest.json").read_text())["tensors"])
+    assert table["block/relu.out"] == "block_relu_out" and table["p2o.Add.19"] == "p2o_Add_19" and table["logits"] == "logits"
+    assert table["relu_2.out"] == "relu_2_out" and table["relu_2_out"] == "relu_2_out_2"  # the later name gives way
+    lines = (snap / "map_name_to_file.txt").read_text().splitlines()
+    assert lines[0] == "layer_name".ljust(44) + "file_name" and set(lines[1]) == {"-"}
+    assert "p2o.Add.19".ljust(44) + "p2o_Add_19.txt" in lines
+    # golden/NAME.txt and golden/npy/NAME.npy (simulator/ the same): nothing else directly in the trees.
+    x = np.load("data/x_0.npy")
+    fp32_out, quant_out = run("cnn.onnx", {"x": x})[0], run("q.onnx", {"x": x})[0]
+    for tree, hybridq_side, logits in (("golden", "fp32", fp32_out), ("simulator", "quant", quant_out)):
+        assert sorted(p.name for p in (snap / tree).iterdir()) == sorted([f"{s}.txt" for s in table.values()] + ["npy"])
+        assert sorted(p.name for p in (snap / tree / "npy").iterdir()) == sorted(f"{s}.npy" for s in table.values())
+        for name, stem in table.items():
+            arr = np.load(snap / tree / "npy" / f"{stem}.npy")
+            # float32 in the model tensor's own shape: hybridq's snapshot stacks samples on axis 0, RKNN's does not
+            assert arr.dtype == np.float32
+            np.testing.assert_array_equal(arr, np.load(snap / snapshot_file(snap, name, hybridq_side))[0])
+            text = (snap / tree / f"{stem}.txt").read_text().splitlines()
+            assert text == ["%f" % v for v in arr.ravel().tolist()]  # one %f per line, flattened NCHW
+        assert np.load(snap / tree / "npy" / "block_relu_out.npy").shape == (1, 16, 16, 16)
+        assert np.load(snap / tree / "npy" / "relu_2_out_2.npy").shape == (1, 16, 1, 1)
+        np.testing.assert_allclose(np.load(snap / tree / "npy" / "logits.npy"), logits, atol=1e-6)
+    # `hybridq analyze --from` reads the folder: as hybridq's snapshot (manifest.json), and as RKNN's alone.
+    rk = Path("rk")
+    rk.mkdir()
+    for part in ("golden", "simulator"):
+        shutil.copytree(snap / part, rk / part)
+    shutil.copy(snap / "map_name_to_file.txt", rk)
+    for folder in (snap, rk):
+        code, out, err = run_cli(capsys, "analyze", "--from", folder, "--json")
+        assert code == 0, err
+        tensors = json.loads(out.strip().splitlines()[-1])["tensors"]  # the JSON document follows the table
+        assert list(tensors) == list(table)
+    for name, stem in table.items():
+        g, s = (np.load(rk / tree / "npy" / f"{stem}.npy") for tree in ("golden", "simulator"))
+        assert tensors[name]["entire"]["cosine"] == pytest.approx(cosine(g, s), abs=1e-9)
+
+
+def snapshot_file(snap: Path, name: str, side: str) -> str:
+    """A tensor's array in hybridq's own snapshot ('fp32' or 'quant'), from its manifest."""
+    import json
+
+    return json.loads((snap / "manifest.json").read_text())["tensors"][name][side]

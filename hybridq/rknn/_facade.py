@@ -24,7 +24,7 @@ from ..graph import cut_model, load_model
 from ..images import normalize_input
 from ..qparams import FLOAT_DTYPES
 from ..settings import Settings
-from . import _hybrid, _report
+from . import _hybrid, _layout, _report
 from ._translate import (
     NPU_ONLY_OPTIONS,
     QUANTIZED_DTYPES,
@@ -36,7 +36,6 @@ from ._translate import (
     _Failed,
     _per_input,
     _qmethod,
-    _rknn_layout,
     _rknn_method,
     _single,
 )
@@ -430,10 +429,10 @@ class RKNN:
     def accuracy_analysis(self, inputs: list[str], output_dir: str | None = "./snapshot", target: str | None = None, device_id: str | None = None) -> int:
         """Per-layer error of the built model against fp32 on one sample (one path per model input).
 
-        Writes hybridq's snapshot (fp32/, quant/, manifest.json, error_analysis.txt, report) into
-        `output_dir` and RKNN's names beside it: golden/ and simulator/ hold the same .npy arrays
-        (hard links when possible), and golden/<output>.txt, simulator/<output>.txt the model
-        outputs flattened, one value per line (what np.genfromtxt in Rockchip's examples reads).
+        Writes into `output_dir` RKNN's folder (golden/ and simulator/, each NAME.txt and npy/NAME.npy per tensor
+        in its own shape, map_name_to_file.txt, error_analysis.txt; hybridq.rknn._layout) and, beside it,
+        hybridq's snapshot of the same analysis (fp32/, quant/, manifest.json, report), which `hybridq analyze
+        --from` re-reads. `output_dir=None` writes nothing.
         """
         from .. import api
         from ..report import render_txt, verdict
@@ -467,7 +466,8 @@ class RKNN:
         listing.write_text(" ".join(names) + "\n", encoding="utf-8")
         out = Path(output_dir) if output_dir is not None else self._tmp / "snapshot"
         result = api.analyze(float_path, built, listing, preprocess=self._analysis_preprocess(n), dump=out)
-        _rknn_layout(out, result)
+        if output_dir is not None:
+            _layout.write_rknn_folder(out, result)
         print(render_txt(result), flush=True)  # RKNN prints the table too
         self._log("I", "accuracy_analysis", verdict(result))
         if output_dir is not None:

@@ -1,4 +1,4 @@
-"""RKNN-Toolkit2's names and conventions mapped to hybridq's: option tables, config values, errors, the snapshot layout.
+"""RKNN-Toolkit2's names and conventions mapped to hybridq's: option tables, config values, errors.
 
 Plain translation, no pipeline work: :mod:`hybridq.rknn._facade` uses these to
 turn an RKNN call into a call of hybridq's API.
@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from ..errors import HybridqError, InputError, did_you_mean
 from ..observers import ALGORITHMS
 from ..settings import canonical
+
 # quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
 QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
     "w8a8": ("uint8", "asym", "int8"),
@@ -177,26 +175,3 @@ def _qmethod(quantized_method: Any) -> str:
 def _absolute(dataset: Any, base: Path) -> str:
     """A dataset argument (list file, directory or glob) made absolute against `base`."""
     return os.path.join(base, os.fspath(dataset))
-
-
-def _rknn_layout(out: Path, result: Any) -> None:
-    """golden/ and simulator/ beside hybridq's fp32/ and quant/ (same arrays), plus .txt for the model outputs."""
-    outputs = set(result.outputs)
-    for sub, side in (("golden", "fp32"), ("simulator", "quant")):
-        d = out / sub
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        for layer in result.layers:
-            rel = layer.fp32_file if side == "fp32" else layer.quant_file
-            if rel is None:
-                continue
-            src = out / rel
-            dst = d / Path(rel).name
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
-            if layer.tensor in outputs:
-                np.savetxt(d / (Path(rel).stem + ".txt"), np.load(src).reshape(-1), fmt="%.6f")
-
