@@ -24,7 +24,7 @@ from .dataset import Dataset, Preprocess, input_specs, load_dataset
 from .errors import ConfigError, HybridqError, InputError
 from .execution import Execution, held
 from ._onnx import is_large, model_bytes
-from .graph import has_subgraphs, load_model, prepare
+from .graph import has_subgraphs, initializer_inputs_note, load_model, prepare
 from .plan import QuantPlan, candidate_tensors, make_plan
 from .proposal import DEFAULT_FLOAT_BUDGET, Evaluator, ProposalResult, Score, Target
 from .proposal import propose as climb
@@ -59,6 +59,7 @@ class Step1Result:
     notes: list[str] = field(default_factory=list)
     control_flow: dict[str, Any] = field(default_factory=dict)  # fold.FoldReport: fixed inputs, Ifs folded, nodes kept and why
     warnings: list[str] = field(default_factory=list)  # the default int8 model far from fp32 (default_model.far_from_fp32)
+    kept_float: str | None = None  # the speed check's note when it kept every default layer float: int8 was not applied
 
 
 @dataclass
@@ -171,18 +172,9 @@ def step1(
     return Step1Result(
         model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
         quantized_tensors=len(entries), layers=layers, fused=report.fused, renamed=report.renamed,
-        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=_initializer_inputs_note(report.initializer_inputs, original.ir_version) + ds.notes() + cost_notes + plan.notes,
-        control_flow=report.control_flow.to_dict(), warnings=[far] if far and prop is None else [],
+        float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=initializer_inputs_note(report.initializer_inputs, original.ir_version) + ds.notes() + cost_notes + plan.notes,
+        control_flow=report.control_flow.to_dict(), warnings=[far] if far and prop is None else [], kept_float=note if floats else None,
     )
-
-
-def _initializer_inputs_note(names: list[str], ir_version: int) -> list[str]:
-    """What step1 says when weights were also graph inputs an IR >= 4 model lets a caller replace (IR 3 had to list them)."""
-    if not names or ir_version < 4:
-        return []
-    shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return [f"{len(names)} initializer(s) were also graph inputs ({shown}; an exporter's keep_initializers_as_inputs): the "
-            "temp and quantized models take them as constants, their stored values, and are fed the other inputs only."]
 
 
 def _propose_over_edits(

@@ -145,6 +145,15 @@ def initializer_inputs(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def initializer_inputs_note(names: list[str], ir_version: int) -> list[str]:
+    """What step1 says when weights were also graph inputs an IR >= 4 model lets a caller replace (IR 3 had to list them)."""
+    if not names or ir_version < 4:
+        return []
+    shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [f"{len(names)} initializer(s) were also graph inputs ({shown}; an exporter's keep_initializers_as_inputs): the "
+            "temp and quantized models take them as constants, their stored values, and are fed the other inputs only."]
+
+
 def modern_ir(model: onnx.ModelProto) -> None:
     """Raise the IR version to what the opsets need (at least 4), in place.
 

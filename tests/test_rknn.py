@@ -156,13 +156,13 @@ def test_build_accuracy_analysis_export_as_rockchip_example(ws, capsys):
     # build() writes nothing into the current directory; the snapshot has both layouts.
     assert not any(Path(p).exists() for p in ("cnn.model", "cnn.data", "cnn.quantization.cfg"))
     snap = Path("snapshot")
-    assert {"golden", "simulator", "fp32", "quant", "manifest.json", "error_analysis.txt"} <= set(os.listdir(snap))
+    assert {"golden", "simulator", "map_name_to_file.txt", "fp32", "quant", "manifest.json", "error_analysis.txt"} <= set(os.listdir(snap))
     assert "[Gemm] fc [logits] uint8" in (snap / "error_analysis.txt").read_text()  # node [tensor] precision
     assert "[Gemm] fc [logits] uint8" in capsys.readouterr().out  # the table is printed, as RKNN does
-    # golden/ and simulator/ hold hybridq's fp32/ and quant/ arrays under the same names.
+    # golden/npy/ and simulator/npy/ hold the first (only) sample of hybridq's fp32/ and quant/ arrays.
     for sub, side in (("golden", "fp32"), ("simulator", "quant")):
-        assert sorted(os.listdir(snap / side)) == sorted(p for p in os.listdir(snap / sub) if p.endswith(".npy"))
-        np.testing.assert_array_equal(np.load(snap / sub / "r2.npy"), np.load(snap / side / "r2.npy"))
+        assert sorted(os.listdir(snap / side)) == sorted(os.listdir(snap / sub / "npy"))
+        np.testing.assert_array_equal(np.load(snap / sub / "npy" / "r2.npy"), np.load(snap / side / "r2.npy")[0])
     # What Rockchip's accuracy_analysis example reads: np.genfromtxt of the output, one value per line.
     golden = np.genfromtxt(snap / "golden" / "logits.txt")
     simulator = np.genfromtxt(snap / "simulator" / "logits.txt")
@@ -328,3 +328,178 @@ def test_unsupported_rknn_methods_fail_clearly(capsys):
     rknn.release()
     assert rknn.config() == -1
     assert "E config: this RKNN object was released; create a new one with RKNN()." in capsys.readouterr().err
+
+
+def _workspace_state() -> dict[str, bytes]:
+    """Every file of the current directory, by name, with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(Path(".").iterdir()) if p.is_file()}
+
+
+def test_step1_with_a_misspelled_custom_hybrid_tensor_changes_nothing(ws, capsys):
+    # A workspace from an earlier run, its cfg edited by hand: a failed step1 must leave all of it as it was.
+    assert step1_script() == 0
+    cfg = Path("cnn.quantization.cfg")
+    cfg.write_text(cfg.read_text().replace("custom_quantize_layers: {}\n", "custom_quantize_layers:\n  conv3: float16\n"))
+    before = _workspace_state()
+    capsys.readouterr()
+    assert step1_script(custom_hybrid=[["r_1", "res"]]) == -1
+    err = capsys.readouterr().err
+    assert "E hybrid_quantization_step1: custom_hybrid input tensor 'r_1' is not a tensor of the model. Did you mean:" in err
+    assert "I hybrid_quantization_step1: wrote" not in err and "Traceback" not in err
+    assert _workspace_state() == before  # no new .model/.data/.cfg, no .bak
+    # A pair with no layer between its tensors is found before anything is written too.
+    assert step1_script(custom_hybrid=[["res", "r1"]]) == -1
+    assert "no layer lies on a path from 'res' to 'r1'" in capsys.readouterr().err
+    assert step1_script(custom_hybrid=["r1"]) == -1
+    assert "custom_hybrid must be a list of [input_tensor, output_tensor] pairs" in capsys.readouterr().err
+    assert _workspace_state() == before
+
+
+def test_failed_load_build_and_step2_keep_the_loaded_model_and_the_build(ws, capsys):
+    rknn = RKNN()
+    rknn.config(mean_values=MEAN, std_values=STD)
+    assert rknn.load_onnx(model="cnn.onnx") == 0
+    assert rknn.build(do_quantization=True, dataset="./dataset.txt") == 0
+    assert rknn.export_onnx("first.onnx") == 0
+    Path("bad.txt").write_text("img0.png\nimg_missing.png\n")
+    assert rknn.build(do_quantization=True, dataset="bad.txt") == -1
+    assert rknn.build(do_quantization=True) == -1
+    assert rknn.hybrid_quantization_step2("./nothere.model", "./nothere.data", "./nothere.cfg") == -1
+    assert rknn.load_onnx(model="cnn.onnx", outputs=["no_such_tensor"]) == -1
+    err = capsys.readouterr().err
+    assert err.count("E ") == 4 and "Traceback" not in err
+    # Each failed call returned -1 and changed nothing: the first build is still the one exported and run.
+    assert rknn.export_onnx("again.onnx") == 0
+    assert Path("again.onnx").read_bytes() == Path("first.onnx").read_bytes()
+    assert rknn.init_runtime() == 0 and rknn.inference(inputs=[np.zeros((16, 16, 3), np.uint8)])[0].shape == (1, 10)
+    # ... and the loaded model is still the whole cnn.onnx, not a cut of it.
+    assert rknn.build(do_quantization=False) == 0 and rknn.init_runtime() == 0
+    assert rknn.inference(inputs=[np.zeros((16, 16, 3), np.uint8)])[0].shape == (1, 10)
+    rknn.release()
+
+
+@pytest.mark.speed_check
+def test_build_where_int8_does_not_pay_says_so_and_export_says_float(ws, capsys, monkeypatch):
+    # This CPU "times" the int8 model slower than fp32 (stubbed as tests/test_speedcheck.py does): step1 keeps it float.
+    from hybridq import speedcheck
+
+    monkeypatch.setattr(speedcheck, "time_pair", lambda fp32, int8, feed, threads, outputs=None: (1.0, 1.1))
+    rknn = RKNN()  # not verbose: W lines are printed anyway
+    rknn.config(mean_values=MEAN, std_values=STD)
+    assert rknn.load_onnx(model="cnn.onnx") == 0
+    assert rknn.build(do_quantization=True, dataset="./dataset.txt") == 0
+    assert rknn.export_rknn("./cnn.rknn") == 0
+    err = capsys.readouterr().err
+    assert ("W build: int8 was not applied: int8 is slower than fp32 for this model on this CPU (1 thread: 1.1 ms int8 vs 1 ms fp32): "
+            "kept 3 layers float in the cfg;") in err
+    assert "From a script: rknn.config(..., speed_check=False) quantizes anyway" in err
+    assert ("W export_rknn: ./cnn.rknn is a float ONNX model (no quantization operators, opset 13), not an RKNN model" in err
+            and "QDQ" not in err)
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in onnx.load("cnn.rknn").graph.node}
+    # step1 says the same; with speed_check=False (hybridq's option) the model is quantized and exported as QDQ.
+    assert rknn.hybrid_quantization_step1(dataset="./dataset.txt") == 0
+    assert "W hybrid_quantization_step1: int8 was not applied: int8 is slower than fp32" in capsys.readouterr().err
+    assert rknn.config(mean_values=MEAN, std_values=STD, speed_check=False) == 0
+    assert rknn.build(do_quantization=True, dataset="./dataset.txt") == 0 and rknn.export_rknn("./cnn.rknn") == 0
+    err = capsys.readouterr().err
+    assert "int8 was not applied" not in err and "W export_rknn: ./cnn.rknn is an ONNX model (QDQ, opset 13)" in err
+    assert rknn.config(speed_check="no") == -1
+    assert "E config: speed_check must be True or False, got 'no'." in capsys.readouterr().err
+    rknn.release()
+
+
+def test_step1_notes_and_warnings_are_logged(tmp_path, monkeypatch, capsys):
+    # The default int8 model of this classifier answers one class everywhere: step1 warns (tests/test_default_check.py).
+    from tests.test_default_check import _collapsing_classifier
+
+    monkeypatch.chdir(tmp_path)
+    onnx.save(_collapsing_classifier(), "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (32, 8)}, 4)
+    rknn = RKNN(verbose=True)
+    assert rknn.load_onnx(model="m.onnx") == 0
+    assert rknn.build(do_quantization=True, dataset=str(listing)) == 0
+    err = capsys.readouterr().err
+    assert "W build: the default int8 model is far from fp32 on the first calibration sample (prob: cosine" in err
+    assert "I build: note: speed check: the int8 model is faster than fp32 on this CPU" in err  # conftest's _int8_pays
+    assert rknn.hybrid_quantization_step1(dataset=str(listing)) == 0
+    assert "W hybrid_quantization_step1: the default int8 model is far from fp32" in capsys.readouterr().err
+    rknn.release()
+
+
+# Tensor names as PaddlePaddle/paddle2onnx exports write them, and two that share RKNN's file name.
+RENAMED = {"r1": "block/relu.out", "r2": "relu_2.out", "c3": "conv_3.tmp_0", "res": "p2o.Add.19", "gap": "relu_2_out"}
+
+
+def _renamed_cnn() -> onnx.ModelProto:
+    m = models.residual_cnn()
+    for node in m.graph.node:
+        for field in (node.input, node.output):
+            names = [RENAMED.get(t, t) for t in field]
+            del field[:]
+            field.extend(names)
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_accuracy_analysis_writes_rknns_folder_layout(tmp_path, monkeypatch, capsys):
+    import json
+    import shutil
+
+    from hybridq.dumps import read_name_map
+    from tests.conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    onnx.save(_renamed_cnn(), "cnn.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 8)
+    rknn = RKNN()
+    assert rknn.load_onnx(model="cnn.onnx") == 0
+    assert rknn.build(do_quantization=True, dataset=str(listing)) == 0
+    assert rknn.accuracy_analysis(inputs=["data/x_0.npy"], output_dir="./snap") == 0
+    assert rknn.export_onnx("q.onnx") == 0
+    rknn.release()
+    snap = Path("snap")
+    # map_name_to_file.txt: every analysed tensor in graph order, RKNN's fixed-width table, '/' and '.' -> '_'.
+    table = read_name_map(snap / "map_name_to_file.txt")
+    assert list(table) == list(json.loads((snap / "manifest.json").read_text())["tensors"])
+    assert table["block/relu.out"] == "block_relu_out" and table["p2o.Add.19"] == "p2o_Add_19" and table["logits"] == "logits"
+    assert table["relu_2.out"] == "relu_2_out" and table["relu_2_out"] == "relu_2_out_2"  # the later name gives way
+    lines = (snap / "map_name_to_file.txt").read_text().splitlines()
+    assert lines[0] == "layer_name".ljust(44) + "file_name" and set(lines[1]) == {"-"}
+    assert "p2o.Add.19".ljust(44) + "p2o_Add_19.txt" in lines
+    # golden/NAME.txt and golden/npy/NAME.npy (simulator/ the same): nothing else directly in the trees.
+    x = np.load("data/x_0.npy")
+    fp32_out, quant_out = run("cnn.onnx", {"x": x})[0], run("q.onnx", {"x": x})[0]
+    for tree, hybridq_side, logits in (("golden", "fp32", fp32_out), ("simulator", "quant", quant_out)):
+        assert sorted(p.name for p in (snap / tree).iterdir()) == sorted([f"{s}.txt" for s in table.values()] + ["npy"])
+        assert sorted(p.name for p in (snap / tree / "npy").iterdir()) == sorted(f"{s}.npy" for s in table.values())
+        for name, stem in table.items():
+            arr = np.load(snap / tree / "npy" / f"{stem}.npy")
+            # float32 in the model tensor's own shape: hybridq's snapshot stacks samples on axis 0, RKNN's does not
+            assert arr.dtype == np.float32
+            np.testing.assert_array_equal(arr, np.load(snap / snapshot_file(snap, name, hybridq_side))[0])
+            text = (snap / tree / f"{stem}.txt").read_text().splitlines()
+            assert text == ["%f" % v for v in arr.ravel().tolist()]  # one %f per line, flattened NCHW
+        assert np.load(snap / tree / "npy" / "block_relu_out.npy").shape == (1, 16, 16, 16)
+        assert np.load(snap / tree / "npy" / "relu_2_out_2.npy").shape == (1, 16, 1, 1)
+        np.testing.assert_allclose(np.load(snap / tree / "npy" / "logits.npy"), logits, atol=1e-6)
+    # `hybridq analyze --from` reads the folder: as hybridq's snapshot (manifest.json), and as RKNN's alone.
+    rk = Path("rk")
+    rk.mkdir()
+    for part in ("golden", "simulator"):
+        shutil.copytree(snap / part, rk / part)
+    shutil.copy(snap / "map_name_to_file.txt", rk)
+    for folder in (snap, rk):
+        code, out, err = run_cli(capsys, "analyze", "--from", folder, "--json")
+        assert code == 0, err
+        tensors = json.loads(out.strip().splitlines()[-1])["tensors"]  # the JSON document follows the table
+        assert list(tensors) == list(table)
+    for name, stem in table.items():
+        g, s = (np.load(rk / tree / "npy" / f"{stem}.npy") for tree in ("golden", "simulator"))
+        assert tensors[name]["entire"]["cosine"] == pytest.approx(cosine(g, s), abs=1e-9)
+
+
+def snapshot_file(snap: Path, name: str, side: str) -> str:
+    """A tensor's array in hybridq's own snapshot ('fp32' or 'quant'), from its manifest."""
+    import json
+
+    return json.loads((snap / "manifest.json").read_text())["tensors"][name][side]

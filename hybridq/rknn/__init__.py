@@ -14,7 +14,10 @@ ONNX Runtime. What maps to what, and what differs, is in docs/coming-from-rknn.m
 
 The package: :mod:`._facade` holds the `RKNN` class (one method per RKNN method,
 each calling hybridq's API), :mod:`._translate` the tables that map RKNN's
-names and values onto hybridq's.
+names and values onto hybridq's, :mod:`._hybrid` the `custom_hybrid` pairs
+resolved on the temp model before step1 writes anything, :mod:`._report` the
+log lines said of step1's and step2's results, :mod:`._layout` the folder
+accuracy_analysis writes in RKNN's layout.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import shutil
@@ -9,32 +10,32 @@ import sys
 import tempfile
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
 
 from .. import _runtime
 from .._fs import copy_atomic, write_atomic
-from .._onnx import GraphIndex, is_large, main_opset, save_external
+from .._onnx import is_large, save_external
 from .._version import __version__
 from ..errors import InputError, ModelError, did_you_mean
-from ..graph import cut_model, float_layers_between, load_model
+from ..graph import cut_model, load_model
 from ..images import normalize_input
-from ..observers import ALGORITHMS
 from ..qparams import FLOAT_DTYPES
-from ..settings import Settings, canonical
+from ..settings import Settings
+from . import _hybrid, _layout, _report
 from ._translate import (
     NPU_ONLY_OPTIONS,
-    QUANTIZED_ALGORITHMS,
     QUANTIZED_DTYPES,
     UNSUPPORTED_DTYPES,
     UNSUPPORTED_METHODS,
     _absolute,
+    _algorithm,
     _Config,
     _Failed,
     _per_input,
-    _rknn_layout,
+    _qmethod,
     _rknn_method,
     _single,
 )
@@ -62,6 +63,7 @@ class RKNN:
         self._model_path: Path | None = None  # what step1 reads (the ONNX file, or a cut copy named like it)
         self._float_path: Path | None = None  # fp32 reference for accuracy_analysis
         self._built: Path | None = None  # the deployable QDQ (or fp32) ONNX model
+        self._built_dir: Path | None = None  # the private directory build / step2 wrote it in (None for a user's file)
         self._built_quantized = False
         self._built_pre: dict[str, Any] = {}  # preprocessing step1 recorded, read from the built model's metadata
         self._session: Any = None
@@ -83,6 +85,10 @@ class RKNN:
                     fh.write(line + "\n")
             except OSError:
                 self._log_file = None
+
+    def _emit(self, where: str, lines: list[_report.Line]) -> None:
+        for level, message in lines:
+            self._log(level, where, message)
 
     def _once(self, key: str, where: str, message: str) -> None:
         if key not in self._reported:
@@ -127,9 +133,14 @@ class RKNN:
         enable_flash_attention: bool = False,
         auto_hybrid_cos_thresh: float = 0.98,
         auto_hybrid_euc_thresh: float | None = None,
+        speed_check: bool = True,
         **kwargs: Any,
     ) -> int:
-        """Preprocessing and quantization options; NPU-only options are accepted and reported once."""
+        """Preprocessing and quantization options; NPU-only options are accepted and reported once.
+
+        `speed_check` is hybridq's own (no RKNN equivalent): without `target_platform`, step1 times the int8 model
+        against fp32 and keeps it float where int8 is not faster on this CPU; `speed_check=False` quantizes anyway.
+        """
         known = [p for p in inspect.signature(RKNN.config).parameters if p not in ("self", "kwargs")]
         for key in kwargs:
             raise InputError(f"unknown option {key!r}.{did_you_mean(key, known)} Valid options: {', '.join(known)}.")
@@ -147,23 +158,17 @@ class RKNN:
         if key.endswith("_dfp") or key.startswith("dynamic_fixed_point"):
             self._once("dfp", "config", f"quantized_dtype {quantized_dtype!r}: dynamic fixed point (power-of-two scales) is an NPU format; "
                                         "hybridq quantizes symmetrically with the exact scale instead.")
-        algo = str(quantized_algorithm)
-        if algo in ALGORITHMS:  # hybridq's own names work too
-            algo = next((k for k, v in QUANTIZED_ALGORITHMS.items() if v == algo), algo)
-        if algo not in QUANTIZED_ALGORITHMS and algo not in ALGORITHMS:
-            extra = " ('gdq' tunes weights by gradient descent on the NPU toolchain; hybridq has no equivalent, try 'mmse')" if algo == "gdq" else ""
-            raise InputError(f"quantized_algorithm {algo!r} is not supported{extra}.{did_you_mean(algo, QUANTIZED_ALGORITHMS)} Use one of: {', '.join(QUANTIZED_ALGORITHMS)}.")
-        cfg.algorithm = canonical("algorithm", algo)
-        if canonical("qmethod", quantized_method) is None:
-            why = " (group quantization has no ONNX QDQ form that ONNX Runtime's CPU kernels run)" if str(quantized_method).startswith("group") else ""
-            raise InputError(f"quantized_method {quantized_method!r} is not supported{why}; use 'channel' or 'layer'.")
-        cfg.qmethod = quantized_method
+        cfg.algorithm = _algorithm(quantized_algorithm)
+        cfg.qmethod = _qmethod(quantized_method)
         cfg.bgr = bool(quant_img_RGB2BGR)
         if float_dtype not in FLOAT_DTYPES:
             raise InputError(f"float_dtype {float_dtype!r} is not valid; use 'float16' (as RKNN) or 'float32' (hybridq only).")
         cfg.float_dtype = float_dtype
         cfg.cos_thresh = float(auto_hybrid_cos_thresh)
         cfg.euc_thresh = auto_hybrid_euc_thresh
+        if not isinstance(speed_check, bool):
+            raise InputError(f"speed_check must be True or False, got {speed_check!r}.")
+        cfg.speed_check = speed_check
         if target_platform is not None:
             cfg.target = "npu"
             self._log("I", "config", f"target_platform={target_platform!r}: settings target npu (every operator quantized, "
@@ -187,13 +192,12 @@ class RKNN:
         """Load an ONNX model; `inputs`/`outputs` cut it, `input_size_list` fixes input shapes."""
         path = Path(model)
         proto = load_model(path)
-        self._model_path = self._float_path = None
-        self._reset_build()
         if inputs is None and outputs is None and input_size_list is None and input_initial_val is None:
             self._model_path = self._float_path = path.resolve()
+            self._reset_build()
             self._log("I", "load_onnx", f"loaded {path}.")
             return 0
-        cut = cut_model(proto, path, inputs, input_size_list, input_initial_val, outputs)
+        cut = cut_model(proto, path, inputs, input_size_list, input_initial_val, outputs)  # a failure changes nothing
         work = self._tmp / "model"
         work.mkdir(exist_ok=True)
         out = work / f"{path.stem}.onnx"  # step1 names its artifacts by this stem, as RKNN does
@@ -202,6 +206,7 @@ class RKNN:
         else:
             onnx.save(cut, str(out))
         self._model_path = self._float_path = out
+        self._reset_build()
         self._log("I", "load_onnx", f"loaded {path} (inputs {[i.name for i in cut.graph.input]}, outputs {[o.name for o in cut.graph.output]}).")
         return 0
 
@@ -211,13 +216,33 @@ class RKNN:
         return self._model_path
 
     def _reset_build(self) -> None:
-        self._built, self._built_quantized, self._built_pre, self._session = None, False, {}, None
+        """Forget the built model (and delete the private directory it was built in)."""
+        if self._built_dir is not None:
+            shutil.rmtree(self._built_dir, ignore_errors=True)
+        self._built, self._built_dir, self._built_quantized, self._built_pre, self._session = None, None, False, {}, None
+
+    @contextlib.contextmanager
+    def _staging(self, kind: str) -> Iterator[Path]:
+        """A new private directory to build in; deleted when the block fails, so a failed call keeps the previous build."""
+        work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self._tmp))
+        try:
+            yield work
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+    def _set_built(self, output: Path, work: Path | None, quantized: bool) -> None:
+        """Make `output` the built model (`work`: the private directory holding it); the previous build goes."""
+        pre = _recorded_pre(output) if quantized else {}
+        self._reset_build()
+        self._built, self._built_dir, self._built_quantized, self._built_pre = output, work, quantized, pre
 
     # ------------------------------------------------------------------ settings from config
 
     def _settings(self):
         c = self._cfg
-        s = Settings(dtype=c.dtype, qtype=c.qtype, weight_dtype=c.weight_dtype, qmethod=c.qmethod, algorithm=c.algorithm, target=c.target)
+        s = Settings(dtype=c.dtype, qtype=c.qtype, weight_dtype=c.weight_dtype, qmethod=c.qmethod, algorithm=c.algorithm, target=c.target,
+                     speed_check=c.speed_check)
         s.validate("rknn.config")
         return s
 
@@ -250,6 +275,7 @@ class RKNN:
         if proposal:
             kwargs = self._proposal_kwargs("hybrid_quantization_step1", proposal_dataset_size)
         pre = self._preprocess(self._n_inputs(model))
+        hybrid = _hybrid.resolve(custom_hybrid, model) if custom_hybrid else None  # checked before anything is written
         here = Path.cwd()  # RKNN writes step1's artifacts into the current directory; every path is passed absolute
         res = api.step1(here / model, _absolute(dataset, here), out=here, settings=self._settings(), preprocess=pre, **kwargs)
         self._log("I", "hybrid_quantization_step1", f"calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.")
@@ -257,19 +283,24 @@ class RKNN:
             self._log("I", "hybrid_quantization_step1", f"wrote {p}")
         if res.backup:
             self._log("W", "hybrid_quantization_step1", f"the previous cfg had edits: kept as {res.backup}.")
-        self._report_proposal("hybrid_quantization_step1", res.proposal)
+        self._emit("hybrid_quantization_step1", _report.step1_lines(res))
         if res.fused:
             self._log("I", "hybrid_quantization_step1", "fused in the temp model: " + ", ".join(f"{k} -> {v or '(folded)'}" for k, v in res.fused.items()))
-        if custom_hybrid:
-            layers = self._custom_hybrid_layers(custom_hybrid, res.model, res.fused)
-            from ..config import update_custom_layers
-
-            pairs = {str(tuple(p)) for p in custom_hybrid}
-            comments = {n: f"custom_hybrid {why}" for n, why in layers.items()}
-            text = update_custom_layers(res.cfg.read_text(encoding="utf-8"), {n: self._cfg.float_dtype for n in layers}, comments)
-            write_atomic(res.cfg, text)
-            self._log("I", "hybrid_quantization_step1", f"custom_hybrid {', '.join(sorted(pairs))}: {len(layers)} layers set to {self._cfg.float_dtype} in {res.cfg.name}.")
+        if hybrid is not None:
+            self._write_custom_hybrid(hybrid, res.cfg)
         return 0
+
+    def _write_custom_hybrid(self, hybrid: _hybrid.CustomHybrid, cfg: Path) -> None:
+        """custom_hybrid's layers added to step1's cfg as float_dtype, each commented with its pair."""
+        from ..config import update_custom_layers
+
+        for note in hybrid.notes:
+            self._log("I", "hybrid_quantization_step1", note)
+        comments = {n: f"custom_hybrid {why}" for n, why in hybrid.layers.items()}
+        text = update_custom_layers(cfg.read_text(encoding="utf-8"), {n: self._cfg.float_dtype for n in hybrid.layers}, comments)
+        write_atomic(cfg, text)
+        self._log("I", "hybrid_quantization_step1", f"custom_hybrid {', '.join(hybrid.pairs)}: {len(hybrid.layers)} layers set to "
+                                                    f"{self._cfg.float_dtype} in {cfg.name}.")
 
     def _proposal_kwargs(self, where: str, samples: int) -> dict[str, Any]:
         """`proposal=` for hybridq.step1 (target auto_hybrid_cos_thresh, fallback float_dtype), or a clear failure."""
@@ -290,54 +321,6 @@ class RKNN:
                                             "only auto_hybrid_cos_thresh is used as the target.")
         return {"proposal": options(target=Target(cosine=self._cfg.cos_thresh), fallback=self._cfg.float_dtype, samples=samples)}
 
-    def _report_proposal(self, where: str, p: Any) -> None:
-        if p is None:
-            return
-        self._log("I", where, f"proposal: {p.choice}; int8 baseline {p.baseline.describe()}; predicted {p.predicted.describe()}.")
-        if p.measured is not None:
-            self._log("I", where, f"proposal measured on the model step2 builds from the cfg: {p.measured.describe()}.")
-        self._log("I", where, f"proposal: {len(p.layers)} float layers ({', '.join(p.layers) or 'none'}), float compute {100 * p.float_fraction:.1f} %.")
-        if p.entries:
-            self._log("I", where, f"proposal: fixes on {', '.join(p.entries)}.")
-        if not p.met:
-            self._log("W", where, "the proposal did NOT meet the target; the cfg holds the best candidate found. "
-                                  "Lower auto_hybrid_cos_thresh or edit the cfg by hand.")
-
-    def _custom_hybrid_layers(self, pairs: list[list[str]], temp_model: Path, fused: dict[str, str]) -> dict[str, str]:
-        """Temp-model nodes on every path from each pair's input tensor to its output tensor."""
-        if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
-            raise InputError(f"custom_hybrid must be a list of [input_tensor, output_tensor] pairs, got {pairs!r}.")
-        g = onnx.load(str(temp_model), load_external_data=False).graph
-        original = None
-        if self._float_path is not None:
-            original = onnx.load(str(self._float_path), load_external_data=False).graph
-        index = GraphIndex(g)
-        by_name = index.by_name
-        tensors = index.tensors() | {i.name for i in g.input}
-
-        def find(t: str, role: str) -> list[str]:
-            if t in tensors:
-                return [t]
-            if original is not None:  # a tensor the temp model's fusions removed: follow its producer
-                prod = next((n.name for n in original.node if t in n.output), None)
-                node = prod if prod in by_name else fused.get(prod or "", "")
-                if node in by_name:
-                    self._log("I", "hybrid_quantization_step1", f"custom_hybrid {role} tensor {t!r} was fused into {node!r} in the temp model; using its output.")
-                    return list(by_name[node].output)
-            raise InputError(f"custom_hybrid {role} tensor {t!r} is not a tensor of the model.{did_you_mean(t, sorted(tensors))} "
-                             "Give tensor names (node outputs, as Netron shows them), not node names.")
-
-        chosen: dict[str, str] = {}
-        for src, dst in pairs:
-            starts, ends = find(str(src), "input"), find(str(dst), "output")
-            on_path = float_layers_between(g, starts, ends, index)
-            if not on_path:
-                raise InputError(f"custom_hybrid pair [{src!r}, {dst!r}]: no layer lies on a path from {src!r} to {dst!r}; "
-                                 "the first name must be the input of the subgraph and the second an output computed from it.")
-            for n in on_path:
-                chosen.setdefault(n, f"[{src}, {dst}]")
-        return chosen
-
     @_rknn_method()
     def hybrid_quantization_step2(self, model_input: str, data_input: str, model_quantization_cfg: str) -> int:
         """Build the deployable model from the three step1 artifacts (the cfg as edited).
@@ -347,16 +330,13 @@ class RKNN:
         `model_input` (hybridq.rknn.cfg.import_rknn_cfg), and the names that do not map are logged."""
         from .. import api
 
-        out = self._tmp / "built"
-        out.mkdir(exist_ok=True)
-        self._reset_build()
-        cfg = self._hybridq_cfg(model_input, Path(model_quantization_cfg), out)
-        res = api.step2(model_input, data_input, cfg, out / f"{Path(model_input).stem}.q.onnx")
-        self._built, self._built_quantized = res.output, True
-        self._built_pre = _recorded_pre(res.output)
+        with self._staging("built") as out:
+            cfg = self._hybridq_cfg(model_input, Path(model_quantization_cfg), out)
+            res = api.step2(model_input, data_input, cfg, out / f"{Path(model_input).stem}.q.onnx")
+        self._set_built(res.output, out, True)
         if self._float_path is None:
             self._float_path = Path(model_input).resolve()  # the temp model is plain fp32 ONNX
-        self._report_step2(res, "hybrid_quantization_step2")
+        self._emit("hybrid_quantization_step2", _report.step2_lines(res))
         return 0
 
     def _hybridq_cfg(self, model_input: str, given: Path, out: Path) -> Path:
@@ -371,16 +351,6 @@ class RKNN:
                 self._log("W", "hybrid_quantization_step2", f"RKNN {u.section} '{u.name}' has no counterpart: {u.reason}.")
         return cfg
 
-    def _report_step2(self, res: Any, where: str) -> None:
-        counts = ", ".join(f"{v} {k}" for k, v in sorted(res.layers.items()))
-        self._log("I", where, f"built: {counts}; {res.size_fp32 / 1e6:.2f} MB fp32 -> {res.size_quant / 1e6:.2f} MB.")
-        for r in res.resolved:
-            self._log("I", where, f"custom_quantize_layers {r.entry!r}: {r.requested} -> node {r.node!r} runs {r.effective} ({r.how}).")
-        for n in res.notes:
-            self._log("I", where, f"note: {n}")
-        for w in res.warnings:
-            self._log("W", where, w)
-
     # ------------------------------------------------------------------ build
 
     @_rknn_method()
@@ -389,13 +359,12 @@ class RKNN:
         from .. import api
 
         model = self._need_model()
-        self._reset_build()
         if rknn_batch_size is not None:
             self._once("rknn_batch_size", "build", f"rknn_batch_size={rknn_batch_size!r} sets the NPU model's batch; ignored (the ONNX model keeps its own batch dim).")
         if not do_quantization:
             if auto_hybrid:
                 self._log("W", "build", "auto_hybrid=True has no effect with do_quantization=False.")
-            self._built, self._built_quantized = model, False
+            self._set_built(model, None, False)
             self._log("I", "build", "do_quantization=False: the built model is the fp32 ONNX model "
                                     "(RKNN would run it in float16 on the NPU; ONNX Runtime's CPU runs float32).")
             return 0
@@ -403,18 +372,15 @@ class RKNN:
             raise InputError("do_quantization=True needs a dataset: rknn.build(do_quantization=True, dataset='./dataset.txt') "
                              "(one image or .npy path per line, one path per model input).")
         kwargs = self._proposal_kwargs("build", 16) if auto_hybrid else {}
-        work = self._tmp / "build"
-        if work.exists():
-            shutil.rmtree(work)
         pre = self._preprocess(self._n_inputs(model))
         here = Path.cwd()
-        r1 = api.step1(here / model, _absolute(dataset, here), out=work, settings=self._settings(), preprocess=pre, **kwargs)
+        with self._staging("build") as work:
+            r1 = api.step1(here / model, _absolute(dataset, here), out=work, settings=self._settings(), preprocess=pre, **kwargs)
+            res = api.step2(r1.model, r1.data, r1.cfg, work / f"{model.stem}.q.onnx")
+        self._set_built(res.output, work, True)
         self._log("I", "build", f"calibrated on {r1.samples} samples.")
-        self._report_proposal("build", r1.proposal)
-        res = api.step2(r1.model, r1.data, r1.cfg, work / f"{model.stem}.q.onnx")
-        self._built, self._built_quantized = res.output, True
-        self._built_pre = _recorded_pre(res.output)
-        self._report_step2(res, "build")
+        self._emit("build", _report.step1_lines(r1))
+        self._emit("build", _report.step2_lines(res))
         return 0
 
     def _need_built(self) -> Path:
@@ -427,11 +393,12 @@ class RKNN:
 
     @_rknn_method()
     def export_rknn(self, export_path: str, **kwargs: Any) -> int:
-        """Write the built model; it is a QDQ ONNX model (ONNX Runtime runs it), not an RKNN file."""
+        """Write the built model, an ONNX model (QDQ, or float when nothing was quantized) ONNX Runtime runs, not an RKNN file."""
         if kwargs:
             self._once("export_rknn:kwargs", "export_rknn", f"options {', '.join(kwargs)} are for RKNN files; ignored.")
+        kind = _report.model_kind(self._need_built())
         self._export(Path(export_path))
-        self._log("W", "export_rknn", f"{export_path} is an ONNX model (QDQ, opset {self._opset()}), not an RKNN model: run it with ONNX Runtime, "
+        self._log("W", "export_rknn", f"{export_path} is {kind}, not an RKNN model: run it with ONNX Runtime, "
                                       "open it in Netron, or call rknn.export_onnx() to give it an .onnx name.")
         return 0
 
@@ -445,9 +412,6 @@ class RKNN:
     def _export(self, dest: Path) -> None:
         copy_atomic(self._need_built(), dest, parents=True)
 
-    def _opset(self) -> int:
-        return main_opset(onnx.load(str(self._need_built()), load_external_data=False))
-
     @_rknn_method()
     def load_rknn(self, path: str) -> int:
         """Load a model written by export_rknn / export_onnx (an ONNX file) for init_runtime / inference."""
@@ -456,9 +420,7 @@ class RKNN:
             load_model(p)
         except ModelError as exc:
             raise ModelError(f"{exc} hybridq's load_rknn reads the ONNX files its export_rknn writes; a real .rknn file runs only on a Rockchip NPU.") from None
-        self._reset_build()
-        self._built, self._built_quantized = p.resolve(), True
-        self._built_pre = _recorded_pre(p)
+        self._set_built(p.resolve(), None, True)
         return 0
 
     # ------------------------------------------------------------------ accuracy analysis
@@ -467,10 +429,10 @@ class RKNN:
     def accuracy_analysis(self, inputs: list[str], output_dir: str | None = "./snapshot", target: str | None = None, device_id: str | None = None) -> int:
         """Per-layer error of the built model against fp32 on one sample (one path per model input).
 
-        Writes hybridq's snapshot (fp32/, quant/, manifest.json, error_analysis.txt, report) into
-        `output_dir` and RKNN's names beside it: golden/ and simulator/ hold the same .npy arrays
-        (hard links when possible), and golden/<output>.txt, simulator/<output>.txt the model
-        outputs flattened, one value per line (what np.genfromtxt in Rockchip's examples reads).
+        Writes into `output_dir` RKNN's folder (golden/ and simulator/, each NAME.txt and npy/NAME.npy per tensor
+        in its own shape, map_name_to_file.txt, error_analysis.txt; hybridq.rknn._layout) and, beside it,
+        hybridq's snapshot of the same analysis (fp32/, quant/, manifest.json, report), which `hybridq analyze
+        --from` re-reads. `output_dir=None` writes nothing.
         """
         from .. import api
         from ..report import render_txt, verdict
@@ -504,7 +466,8 @@ class RKNN:
         listing.write_text(" ".join(names) + "\n", encoding="utf-8")
         out = Path(output_dir) if output_dir is not None else self._tmp / "snapshot"
         result = api.analyze(float_path, built, listing, preprocess=self._analysis_preprocess(n), dump=out)
-        _rknn_layout(out, result)
+        if output_dir is not None:
+            _layout.write_rknn_folder(out, result)
         print(render_txt(result), flush=True)  # RKNN prints the table too
         self._log("I", "accuracy_analysis", verdict(result))
         if output_dir is not None:

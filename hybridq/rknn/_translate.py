@@ -1,4 +1,4 @@
-"""RKNN-Toolkit2's names and conventions mapped to hybridq's: option tables, config values, errors, the snapshot layout.
+"""RKNN-Toolkit2's names and conventions mapped to hybridq's: option tables, config values, errors.
 
 Plain translation, no pipeline work: :mod:`hybridq.rknn._facade` uses these to
 turn an RKNN call into a call of hybridq's API.
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+from ..errors import HybridqError, InputError, did_you_mean
+from ..observers import ALGORITHMS
+from ..settings import canonical
 
-from ..errors import HybridqError, InputError
 # quantized_dtype -> (activation dtype, activation qtype, weight dtype); RKNN-Toolkit1 names too.
 QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
     "w8a8": ("uint8", "asym", "int8"),
@@ -123,6 +123,7 @@ class _Config:
     euc_thresh: float | None = None
     npu_only: dict[str, Any] = field(default_factory=dict)
     target: str = "cpu"  # target_platform given: hybridq's npu target (every operator in int8, as RKNN's simulator)
+    speed_check: bool = True  # hybridq's own: the cpu target keeps the model float where int8 is not faster here
 
 
 def _per_input(values: Any, what: str) -> list[tuple[float, ...]] | None:
@@ -152,29 +153,25 @@ def _single(values: list[tuple[float, ...]] | None, n_inputs: int, what: str) ->
     return values[0]
 
 
+def _algorithm(quantized_algorithm: Any) -> str:
+    """hybridq's algorithm for RKNN's `quantized_algorithm` (hybridq's own names work too); an InputError for others."""
+    algo = str(quantized_algorithm)
+    if algo in ALGORITHMS:
+        algo = next((k for k, v in QUANTIZED_ALGORITHMS.items() if v == algo), algo)
+    if algo not in QUANTIZED_ALGORITHMS and algo not in ALGORITHMS:
+        extra = " ('gdq' tunes weights by gradient descent on the NPU toolchain; hybridq has no equivalent, try 'mmse')" if algo == "gdq" else ""
+        raise InputError(f"quantized_algorithm {algo!r} is not supported{extra}.{did_you_mean(algo, QUANTIZED_ALGORITHMS)} Use one of: {', '.join(QUANTIZED_ALGORITHMS)}.")
+    return canonical("algorithm", algo)
+
+
+def _qmethod(quantized_method: Any) -> str:
+    """RKNN's `quantized_method` checked: 'channel' or 'layer' (group quantization is refused)."""
+    if canonical("qmethod", quantized_method) is None:
+        why = " (group quantization has no ONNX QDQ form that ONNX Runtime's CPU kernels run)" if str(quantized_method).startswith("group") else ""
+        raise InputError(f"quantized_method {quantized_method!r} is not supported{why}; use 'channel' or 'layer'.")
+    return quantized_method
+
+
 def _absolute(dataset: Any, base: Path) -> str:
     """A dataset argument (list file, directory or glob) made absolute against `base`."""
     return os.path.join(base, os.fspath(dataset))
-
-
-def _rknn_layout(out: Path, result: Any) -> None:
-    """golden/ and simulator/ beside hybridq's fp32/ and quant/ (same arrays), plus .txt for the model outputs."""
-    outputs = set(result.outputs)
-    for sub, side in (("golden", "fp32"), ("simulator", "quant")):
-        d = out / sub
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
-        for layer in result.layers:
-            rel = layer.fp32_file if side == "fp32" else layer.quant_file
-            if rel is None:
-                continue
-            src = out / rel
-            dst = d / Path(rel).name
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
-            if layer.tensor in outputs:
-                np.savetxt(d / (Path(rel).stem + ".txt"), np.load(src).reshape(-1), fmt="%.6f")
-
