@@ -41,9 +41,11 @@ CLEAR = (0.85, 1.15)
 """After MIN_RUNS, an int8/fp32 ratio of the least times below the first or above the second decides at once; between
 them the budget is spent. "Not faster" keeps the model float, so it needs a clear margin or the full budget: three
 runs of PP-OCR det on a shared VM read 102 ms int8 against 101 ms fp32 where the latency rounds measured 0.85x."""
-DECISIVE = 0.6
-"""An int8/fp32 ratio below this after the first timed run of each decides at once: one-thread CPU times of a run
-vary by a few per cent, not by 40 % (a small detector: 4.1 ms int8 against 8.5 ms fp32, 25 ms of step1 saved)."""
+DECISIVE = 0.8
+"""An int8/fp32 ratio below this after the first timed run of each decides "int8 pays" at once: one-thread CPU times of
+a run vary by a few per cent, not by 20 % (a small detector: 4.1 ms int8 against 8.5 ms fp32 on a Xeon, 7.75 against
+12.8 ms on an EPYC, where 0.6 took two more runs of each, 40 ms of step1). Only "pays" is decided so early: it keeps
+the placement the MAC rules chose, while "slower" keeps the model float and needs the runs below."""
 
 
 BUSY = 0.5
@@ -180,5 +182,6 @@ def decide(
     names = default_layers(plan)
     why = f"speed check: int8 is slower than fp32 for this model on this CPU ({result.describe()})"
     note = (f"int8 is slower than fp32 for this model on this CPU ({result.describe()}): kept {len(names)} layer{'s' if len(names) != 1 else ''} float "
-            "in the cfg; delete them from custom_quantize_layers, or set `speed_check: false`, to quantize anyway.")
+            "in the cfg; delete them from custom_quantize_layers to quantize them anyway (or re-run step1 with `speed_check: false` "
+            "in hybridq.yaml: a step1 setting).")
     return {n: "float32" for n in names}, {n: why for n in names}, note, result
