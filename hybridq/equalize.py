@@ -156,6 +156,8 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
             return f"'{n}' between '{node.name}' and '{tensor}' reads more than one computed tensor"
     w = g.inits[weight]
     channels = int(w.dims[prod[1]])
+    if bias_add is not None and int(np.prod(g.inits[next(i for i in bias_add.input if i in g.inits)].dims)) != channels:
+        return f"'{bias_add.name}' adds a bias that is not one value per channel"
     full_path = tuple(path) + ((bias_add.name,) if bias_add is not None else ())
     return Site(tensor, node.name, full_path, tuple(r.name for r in readers), reader_axis, channels)
 

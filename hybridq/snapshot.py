@@ -259,11 +259,11 @@ class ArrayDump:
         try:
             older = _snapshot_files(self.root)
             (self.root / MANIFEST).unlink(missing_ok=True)
+            for stale in older:  # before the new arrays land: on a case-insensitive disk an old name may be a new file's
+                stale.unlink(missing_ok=True)
             for fa, fb in self.files.values():
                 fa.finish()
                 fb.finish()
-            for stale in older - {f.path for pair in self.files.values() for f in pair}:
-                stale.unlink(missing_ok=True)
         except OSError as e:
             self.abort()
             raise OutputError(f"cannot write the snapshot under '{self.root}': {e.strerror or e}") from None
@@ -318,7 +318,7 @@ def _snapshot_files(root: Path) -> set[Path]:
     except InputError:
         return set()
     inside = root.resolve()
-    files = {root / f for layer in older.layers for f in (layer.fp32_file, layer.quant_file) if f}
+    files = {root / f for layer in older.layers for f in (layer.fp32_file, layer.quant_file) if isinstance(f, str) and f}
     return {f for f in files if f.resolve().parent.parent == inside and f.suffix == ".npy"}
 
 

@@ -80,7 +80,7 @@ class SpeedCheck:
 
 def time_pair(
     fp32: onnx.ModelProto, int8: onnx.ModelProto | Callable[[], onnx.ModelProto], feed: dict[str, np.ndarray], threads: int,
-    outputs: list[list[np.ndarray]] | None = None,
+    outputs: list[list[np.ndarray]] | None = None, window: list | None = None,
 ) -> tuple[float, float]:
     """Least CPU milliseconds per run of each model on `threads` threads (1 for CPU time to be the run's), runs interleaved.
 
@@ -91,7 +91,8 @@ def time_pair(
     `int8` may be the function that builds the model: the fp32 session opens beside the build, and the int8 one beside
     fp32's warm-up run (ONNX Runtime releases the GIL while it opens a session; small detector: 30 ms of step1), but no
     timed run has anything beside it. `outputs`, when given, receives each model's outputs of the warm-up run (fp32's,
-    then int8's).
+    then int8's). `window`, when given, receives a CPU sample (:func:`_cpu_sample`) before the first timed run and one
+    after the last: the other work the machine did while the runs were timed, not while the model was built.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridq-speed") as pool:
         opening = pool.submit(_runtime.session, fp32, threads=threads, log_level=3)
@@ -102,6 +103,8 @@ def time_pair(
         sessions.append(opening.result())
     feeds = [warm, _warm(sessions[1], feed, outputs)]
     runs: list[list[float]] = [[], []]
+    if window is not None:
+        window.append(_cpu_sample())
     start = time.perf_counter()
     while True:
         for k, (s, f) in enumerate(zip(sessions, feeds)):
@@ -109,11 +112,12 @@ def time_pair(
             s.run(None, f)
             runs[k].append((time.thread_time() - t0) * 1e3)
         ratio, spent = min(runs[1]) / min(runs[0]), time.perf_counter() - start
-        if ratio < DECISIVE:
-            return min(runs[0]), min(runs[1])
-        if len(runs[0]) < MIN_RUNS:
+        if len(runs[0]) < MIN_RUNS and ratio >= DECISIVE:
             continue
-        if not CLEAR[0] <= ratio <= CLEAR[1] or (spent > BUDGET_S and len(runs[0]) >= UNCLEAR_RUNS) or spent > MAX_S or len(runs[0]) >= 200:
+        if ratio < DECISIVE or not CLEAR[0] <= ratio <= CLEAR[1] or (spent > BUDGET_S and len(runs[0]) >= UNCLEAR_RUNS) or (
+                spent > MAX_S or len(runs[0]) >= 200):
+            if window is not None:
+                window.append(_cpu_sample())
             return min(runs[0]), min(runs[1])
 
 
@@ -129,10 +133,11 @@ def _warm(session, feed: dict[str, np.ndarray], outputs: list[list[np.ndarray]] 
 def check(temp: onnx.ModelProto, int8: onnx.ModelProto | Callable[[], onnx.ModelProto], feed: dict[str, np.ndarray]) -> SpeedCheck:
     """Time the default int8 model (built as step2 builds the cfg; or the function building it) against `temp`, on one
     thread, and measure the other work the machine did meanwhile."""
-    before = _cpu_sample()
     outputs: list[list[np.ndarray]] = []
-    fp32_ms, int8_ms = time_pair(temp, int8, feed, threads=1, outputs=outputs)
-    return SpeedCheck(fp32_ms, int8_ms, _others(before, _cpu_sample()), (outputs[0], outputs[1]) if len(outputs) == 2 else None)
+    window: list = []
+    fp32_ms, int8_ms = time_pair(temp, int8, feed, threads=1, outputs=outputs, window=window)
+    others = _others(window[0], window[1]) if len(window) == 2 else 0.0
+    return SpeedCheck(fp32_ms, int8_ms, others, (outputs[0], outputs[1]) if len(outputs) == 2 else None)
 
 
 def _cpu_sample() -> tuple[float | None, float, float]:

@@ -169,3 +169,15 @@ def test_an_inlined_hardswish_with_a_quantized_output_gets_its_single_error(tmp_
         c = fake(c1.astype(np.float64), "c1")
         want.append(_cos(hs, fake(c * np.clip(c / 6 + 0.5, 0, 1), "hs")))
     assert row.single.cosine == pytest.approx(float(np.mean(want)), abs=2e-4)
+
+
+def test_a_fused_layer_kept_float_gets_no_single_error(fused):
+    """A float32 Gemm wrapped in added reshapes adds no quantization error of its own: its row has no single view (an
+    added reshape alone is no adapter)."""
+    d, s1 = fused["dir"], fused["s1"]
+    cfg = d / "float_fc2.cfg"
+    cfg.write_text(s1.cfg.read_text().replace("custom_quantize_layers: {}\n", "custom_quantize_layers:\n  fc2/MatMulAddFusion: float32\n"))
+    q = hybridq.step2(s1.model, s1.data, cfg, d / "q_float_fc2.onnx").output
+    rows = {le.tensor: le for le in analyze(d / "mlp.onnx", q, [{"x": s} for s in fused["samples"]]).layers}
+    assert rows["y"].precision == "float32" and rows["y"].single is None
+    assert rows["a1"].precision == "uint8" and rows["a1"].single is not None

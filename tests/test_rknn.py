@@ -383,7 +383,7 @@ def test_build_where_int8_does_not_pay_says_so_and_export_says_float(ws, capsys,
     # This CPU "times" the int8 model slower than fp32 (stubbed as tests/test_speedcheck.py does): step1 keeps it float.
     from hybridq import speedcheck
 
-    monkeypatch.setattr(speedcheck, "time_pair", lambda fp32, int8, feed, threads, outputs=None: (1.0, 1.1))
+    monkeypatch.setattr(speedcheck, "time_pair", lambda fp32, int8, feed, threads, outputs=None, window=None: (1.0, 1.1))
     rknn = RKNN()  # not verbose: W lines are printed anyway
     rknn.config(mean_values=MEAN, std_values=STD)
     assert rknn.load_onnx(model="cnn.onnx") == 0

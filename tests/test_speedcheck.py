@@ -25,7 +25,7 @@ def _ops(path) -> set[str]:
 
 
 def _stub(monkeypatch, fp32_ms: float, int8_ms: float, seen: list | None = None) -> None:
-    def timed(fp32, int8, feed, threads, outputs=None):
+    def timed(fp32, int8, feed, threads, outputs=None, window=None):
         int8 = int8() if callable(int8) else int8  # step1 hands over the function building it
         if seen is not None:
             seen.append((fp32, int8, threads))
@@ -232,3 +232,26 @@ def test_other_work_is_measured_from_proc_stat() -> None:
     busy = speedcheck._others(before, speedcheck._cpu_sample())
     child.wait()
     assert busy > 0.4, busy  # about 1.0; a CPU quota on the spinning child may give it less than a core
+
+
+def test_other_work_is_sampled_around_the_timed_runs_only(monkeypatch):
+    """The CPU samples that tell a busy machine are taken after the warm-up runs and after the last timed run, so the
+    build and the session openings before them do not dilute the other processes' share."""
+    events: list[str] = []
+
+    class Fake:
+        def get_inputs(self):
+            return []
+
+        def run(self, names, feed):
+            events.append("run")
+            return []
+
+    monkeypatch.setattr(speedcheck._runtime, "session", lambda *a, **k: Fake())
+    monkeypatch.setattr(speedcheck, "_cpu_sample", lambda: events.append("sample") or (None, 0.0, 0.0))
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(speedcheck.time, "thread_time", lambda: float(next(ticks)))
+    window: list = []
+    speedcheck.time_pair("fp32", lambda: events.append("build") or "int8", {}, 1, window=window)
+    assert len(window) == 2 and events.index("build") < events.index("sample")
+    assert events[:4] == ["build", "run", "run", "sample"] and events[-1] == "sample", events

@@ -127,7 +127,8 @@ class _SingleBuilder:
         elif (node := q.producer_node(x)) is not None:
             # adapters, Constant nodes, and float nodes of the quantized model that the fp32 model has not (reshapes
             # ONNX Runtime adds around a Gemm, HardSwish inlined as HardSigmoid and Mul): computed again from fp32 tensors
-            if self.ident.is_adapter(node) or not any(node.input) or (self.fp32_name(x) is None and not self._reads_quantized_weights(node)):
+            if self.ident.is_adapter(node) or not any(node.input) or (
+                    self.fp32_name(x) is None and not subgraphs(node) and not self._reads_quantized_weights(node)):
                 ins = [self.rebuild(i) for i in node.input]
                 if all(i is not None for i in ins):
                     outs = [self.fresh(_IN_PREFIX + o) if o else "" for o in node.output]
@@ -148,9 +149,13 @@ class _SingleBuilder:
         inlined function's HardSigmoid) to compute again on fp32 inputs."""
         for i in node.input:
             source, chain = self.ident.back_to_source(i) if i else ("", [])
-            if chain and source in self.q.inits:
+            if source in self.q.inits and self._has_qdq(chain):
                 return True
         return False
+
+    def _has_qdq(self, chain: list[int] | tuple[int, ...]) -> bool:
+        """Does this chain change values (a Q, DQ or inserted Cast in it), not only reshape them (an added reshape)?"""
+        return any(self.ident.is_adapter(self.q.nodes[k]) for k in chain)
 
     def _rebuild_initializer(self, x: str) -> str:
         """A quant-model initializer: the fp32 model's own when equal, else a renamed copy."""
@@ -167,7 +172,7 @@ class _SingleBuilder:
 
     def is_quantized(self, node: onnx.NodeProto, tps: list[ComparedTensor]) -> bool:
         """Does ``node`` quantize something (so its single error means something)?"""
-        if any(tp.out_chain for tp in tps):
+        if any(self._has_qdq(tp.out_chain) for tp in tps):
             return True
         if self.plan.layers_known:
             # A float layer that only reads dequantized tensors adds no error of its own: the

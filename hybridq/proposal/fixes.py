@@ -205,7 +205,7 @@ def equalize_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candid
     site = equalize.find_site(ctx.temp, t, ctx.graph)
     if isinstance(site, str) or site.axis % stats.rank != stats.axis or site.channels != stats.min.size:
         return []
-    if any(ctx.graph.by_name[n].input[0] in ctx.plan.tensors for n in site.path):
+    if any(i in ctx.plan.tensors for n in site.path for i in ctx.graph.by_name[n].input if i not in ctx.graph.inits):
         return []  # a quantized tensor inside the site would change range too
     scales = equalize.smooth_scales(stats.absmax, equalize.reader_absmax(ctx.temp, site, ctx.graph))
     lo, hi = min(float((stats.min / scales).min()), 0.0), max(float((stats.max / scales).max()), 0.0)
