@@ -19,7 +19,8 @@ Line = tuple[str, str]
 
 def step1_lines(res: Any) -> list[Line]:
     """step1's notes (I), its warnings and a model its speed check kept float (W), then its proposal."""
-    lines: list[Line] = [("I", f"note: {note}") for note in res.notes if note != res.kept_float]
+    # the kept-float note may have a sentence appended in `notes` ("The proposal was not run ..."): it is the W line below
+    lines: list[Line] = [("I", f"note: {note}") for note in res.notes if not (res.kept_float and note.startswith(res.kept_float))]
     lines += [("W", warning) for warning in res.warnings]
     if res.kept_float:
         lines.append(("W", f"int8 was not applied: {res.kept_float} From a script: rknn.config(..., speed_check=False) quantizes "
