@@ -659,29 +659,28 @@ def test_an_edited_range_on_npu_is_what_its_shared_group_takes(tmp_path):
                        settings={"target": "npu"})
     yaml = YAML()
     doc = yaml.load(r1.cfg.read_text())
-    doc["quantize_parameters"]["cat"]["min"], doc["quantize_parameters"]["cat"]["max"] = [-1.0], [2.0]
-    with r1.cfg.open("w") as f:
-        yaml.dump(doc, f)
-    res = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q.onnx")
-    q = onnx.load(str(res.output))
-    inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-    group = {n.input[0]: (float(inits_q[n.input[1]]), int(inits_q[n.input[2]])) for n in q.graph.node
-             if n.op_type == "QuantizeLinear" and n.input[0] in ("r", "c1", "c3", "cat")}
+
+    def built(edits: dict[str, tuple[float, float]], name: str):
+        """step2 on the cfg with these ranges edited: its result, and (scale, zero point) of each quantized tensor."""
+        for t, (lo, hi) in edits.items():
+            doc["quantize_parameters"][t]["min"], doc["quantize_parameters"][t]["max"] = [lo], [hi]
+        with r1.cfg.open("w") as f:
+            yaml.dump(doc, f)
+        res = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / name)
+        q = onnx.load(str(res.output))
+        inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+        return res, {n.input[0]: (float(inits_q[n.input[1]]), int(inits_q[n.input[2]])) for n in q.graph.node
+                     if n.op_type == "QuantizeLinear" and n.input[0] in ("r", "c1", "c3", "cat")}
+
+    res, group = built({"cat": (-1.0, 2.0)}, "q.onnx")
     scale = 3.0 / 255
     assert group["cat"] == pytest.approx((scale, round(1.0 / scale)), rel=1e-6)
     shared = [t for t in group if group[t] == group["cat"]]
     assert len(shared) >= 2 and any("'cat' edited" in n and "take the edited range [-1, 2]" in n for n in res.notes)
     # two members of one group (a Reshape's input and output) edited to different ranges: one scale covers both, and
     # step2 warns (it said nothing, and its note listed no tensor)
-    doc["quantize_parameters"]["c1"]["min"], doc["quantize_parameters"]["c1"]["max"] = [-0.5], [1.0]
-    doc["quantize_parameters"]["r"]["min"], doc["quantize_parameters"]["r"]["max"] = [-1.0], [2.0]
-    with r1.cfg.open("w") as f:
-        yaml.dump(doc, f)
-    res = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "q2.onnx")
-    q = onnx.load(str(res.output))
-    inits_q = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
-    group = {n.input[0]: float(inits_q[n.input[1]]) for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in ("r", "c1")}
-    assert group["c1"] == pytest.approx(scale, rel=1e-6) and group["r"] == group["c1"], group
+    res, group = built({"c1": (-0.5, 1.0), "r": (-1.0, 2.0)}, "q2.onnx")
+    assert group["c1"][0] == pytest.approx(scale, rel=1e-6) and group["r"] == group["c1"], group
     assert any("'c1' [-0.5, 1], 'r' [-1, 2] are edited to different ranges" in w and "use [-1, 2]" in w for w in res.warnings), res.warnings
     assert not any("share its parameters on this target (one scale through data movement and Concat: )" in n for n in res.notes)
 
