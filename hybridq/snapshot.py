@@ -29,7 +29,7 @@ import struct
 import time
 from hashlib import sha1
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import onnx
@@ -43,20 +43,20 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_STEM = 120
 
 
-def safe_names(names: list[str]) -> dict[str, str]:
-    """File stems for tensor names: characters outside ``[A-Za-z0-9._-]`` become ``_``.
+def safe_names(names: list[str], stem_of: Callable[[str], str] | None = None) -> dict[str, str]:
+    """File stems for tensor names: characters outside ``[A-Za-z0-9._-]`` become ``_`` (or ``stem_of(name)``).
 
     Deterministic in the order given: a stem already taken (compared without
     case, for case-insensitive file systems) gets ``_2``, ``_3``, ...; long
-    names are cut and keep a short hash of the full name; a stem that would be
+    names are cut to _MAX_STEM bytes and keep a short hash of the full name; a stem that would be
     empty or start with a dot starts with ``_``.
     """
     out: dict[str, str] = {}
     taken: set[str] = set()
     for name in names:
-        stem = _UNSAFE.sub("_", name)
-        if len(stem) > _MAX_STEM:
-            stem = stem[:_MAX_STEM] + "_" + sha1(name.encode()).hexdigest()[:8]
+        stem = stem_of(name) if stem_of is not None else _UNSAFE.sub("_", name)
+        if len(stem.encode()) > _MAX_STEM:
+            stem = stem.encode()[:_MAX_STEM].decode(errors="ignore") + "_" + sha1(name.encode()).hexdigest()[:8]
         if not stem or stem.startswith("."):
             stem = "_" + stem
         cand, k = stem, 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import shutil
-from hashlib import sha1
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,6 +22,7 @@ import numpy as np
 
 from .._fs import write_atomic
 from ..dumps import MAP_FILE, file_stem
+from ..snapshot import safe_names
 
 TREES = (("golden", "fp32_file"), ("simulator", "quant_file"))
 """RKNN's folder and the snapshot file (of each analysed tensor) it is written from."""
@@ -30,8 +30,6 @@ NAME_WIDTH = 44
 """Column of the file name in map_name_to_file.txt (RKNN's table: `layer_name` padded to 44 characters)."""
 TXT_CHUNK = 1 << 20
 """Values formatted at a time for a text file (bounds the memory a large tensor takes)."""
-MAX_STEM = 200
-"""Longest file stem, in bytes (file names end at 255 bytes on most file systems)."""
 _SPACE = re.compile(r"\s")
 
 
@@ -85,20 +83,6 @@ def name_table(stems: dict[str, str]) -> str:
 
 
 def _stems(names: list[str]) -> dict[str, str]:
-    """RKNN's file stem of each name; a stem taken by an earlier name gets `_2`, `_3` ... (a name keeps its own).
-
-    Beyond RKNN's rule, whitespace becomes `_` too (the table's last field is the file name) and a stem too long
-    for a file name is cut to MAX_STEM // 4 characters (at most MAX_STEM bytes) plus a hash of the name."""
-    out: dict[str, str] = {}
-    taken: set[str] = set()
-    for name in names:
-        base = stem = _SPACE.sub("_", file_stem(name))
-        if len(base.encode()) > MAX_STEM:
-            base = stem = f"{base[:MAX_STEM // 4]}_{sha1(name.encode()).hexdigest()[:10]}"
-        k = 1
-        while stem in taken:
-            k += 1
-            stem = f"{base}_{k}"
-        taken.add(stem)
-        out[name] = stem
-    return out
+    """RKNN's file stem of each name (:func:`hybridq.dumps.file_stem`, whitespace to `_` too: the table's last field
+    is the file name), unique and cut to a file name's length as :func:`hybridq.snapshot.safe_names` makes them."""
+    return safe_names(names, lambda name: _SPACE.sub("_", file_stem(name)))
