@@ -252,20 +252,8 @@ def step2(
     check_not_input(output, source, "step2 output (-o)")  # the three above were checked before they were read
     parsed = parsed.with_recorded(bundle.meta.get("written_settings", {}))
     temp = bundle.model
-    checked = check_cfg(parsed, bundle.meta, temp, bundle.model_path)
-    edits, resolved = edits_from_cfg(parsed, temp, bundle.meta)
-    check_target_change(temp, parsed.settings, bundle.meta.get("written_settings", {}), bundle.observers, edits.layers, str(parsed.path))
-    built = build(temp, bundle.observers, bundle.meta, parsed.settings, edits, where=str(parsed.path))
+    built, resolved, checked = _built_as_step2(parsed, bundle)
     rewrite, plan, res = built.rewrite, built.plan, built.resolution
-    op_types = {n.name: n.op_type for n in temp.graph.node}
-    for r in resolved:
-        lp = rewrite.layers.get(r.node)
-        r.effective = (parsed.settings.dtype if lp["precision"] == "default" else lp["precision"]) if lp else "float32"
-        if r.requested in ("uint8", "int8", "int16") and lp is None:
-            raise ConfigError(
-                f"{parsed.path}:{parsed.custom_lines.get(r.entry, 0)}: custom_quantize_layers['{r.entry}'] = {r.requested} has no effect: "
-                f"'{r.node}' ({op_types[r.node]}) has no quantized form. Remove the entry."
-            )
     _record_in_model(rewrite.model, bundle.meta, parsed.header, parsed.path)
     out_path = Path(output)
     try:
@@ -287,6 +275,26 @@ def step2(
         warnings=checked + res.warnings,
         rewrite=rewrite,
     )
+
+
+def _built_as_step2(parsed: Cfg, bundle: Any) -> tuple[Any, list[LayerResolution], list[str]]:
+    """The cfg checked and built as step2 builds it (nothing written): the build, each custom_quantize_layers entry as
+    resolved, and the cfg checks' warnings. A ConfigError names what step2 cannot honour."""
+    temp = bundle.model
+    checked = check_cfg(parsed, bundle.meta, temp, bundle.model_path)
+    edits, resolved = edits_from_cfg(parsed, temp, bundle.meta)
+    check_target_change(temp, parsed.settings, bundle.meta.get("written_settings", {}), bundle.observers, edits.layers, str(parsed.path))
+    built = build(temp, bundle.observers, bundle.meta, parsed.settings, edits, where=str(parsed.path))
+    op_types = {n.name: n.op_type for n in temp.graph.node}
+    for r in resolved:
+        lp = built.rewrite.layers.get(r.node)
+        r.effective = (parsed.settings.dtype if lp["precision"] == "default" else lp["precision"]) if lp else "float32"
+        if r.requested in ("uint8", "int8", "int16") and lp is None:
+            raise ConfigError(
+                f"{parsed.path}:{parsed.custom_lines.get(r.entry, 0)}: custom_quantize_layers['{r.entry}'] = {r.requested} has no effect: "
+                f"'{r.node}' ({op_types[r.node]}) has no quantized form. Remove the entry."
+            )
+    return built, resolved, checked
 
 
 def _record_in_model(model: onnx.ModelProto, meta: dict[str, Any], header: dict[str, Any], header_path: Path) -> None:
@@ -563,8 +571,7 @@ def propose(
     seen = InputStats()
     for sample in samples:
         seen.update(sample)
-    with tempfile.TemporaryDirectory(prefix="hybridq-check-") as tmp:  # the cfg as step2 takes it: its errors before any write
-        step2(model_path, data_path, cfg_path, Path(tmp) / "as_given.onnx")
+    _built_as_step2(parsed, bundle)  # the cfg as step2 takes it: its errors before the search and any write
     label = "your cfg as edited" if what else "the default quantization"
     result, evaluator = run_proposal(bundle.model, bundle.observers, bundle.meta, parsed.settings, entries, existing, samples, options,
                                      single, keep=edited, baseline_label=label, source=parsed)
