@@ -15,7 +15,7 @@ from . import default_model, fold, infinite, recurrent
 from ._cfg_checks import check_cfg
 from ._fs import check_not_input, check_output_dir, check_output_file, output_target
 from .artifacts import check_order, check_step1_outputs, edited_cfg_entries, fp32_source_at, read_step1, save_model_atomic, why_edits_do_not_apply, write_step1
-from .build import LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
+from .build import Built, LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration_job import calibrate_dataset
 from .int4 import hessian_inputs
 from .costmodel import for_step1 as step1_costs
@@ -277,7 +277,7 @@ def step2(
     )
 
 
-def _built_as_step2(parsed: Cfg, bundle: Any) -> tuple[Any, list[LayerResolution], list[str]]:
+def _built_as_step2(parsed: Cfg, bundle: Any) -> tuple[Built, list[LayerResolution], list[str]]:
     """The cfg checked and built as step2 builds it (nothing written): the build, each custom_quantize_layers entry as
     resolved, and the cfg checks' warnings. A ConfigError names what step2 cannot honour."""
     temp = bundle.model
