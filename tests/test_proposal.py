@@ -165,6 +165,33 @@ def test_prune_does_not_score_again_a_fix_found_needed_among_the_same_fixes():
     assert climb.prune() and scored == ["B", "BC", "C"] and climb.kept == [b, c], "a new kept fix: A is tried again, and now goes"
 
 
+def test_prune_rows_show_the_cost_of_the_fixes_they_keep():
+    """A prune row scores the kept fixes without one: its cost column is theirs (float layers included), not 0 (det's table
+    showed 0.0 % float compute for a state holding 3 float layers)."""
+    from types import SimpleNamespace
+
+    from hybridq.build import Edits
+    from hybridq.proposal.climb import Climb
+    from hybridq.proposal.evaluator import Evaluator, OutputScore, Score
+    from hybridq.proposal.fixes import Candidate
+
+    def score(err: float) -> Score:
+        return Score({"y": OutputScore(1 - err, 20.0, 1 - err, 20.0, None)}, task=None, flips=0, decisions=0)
+
+    scores = {"": score(0.2), "A": score(0.15), "F": score(0.1), "AF": score(0.001)}
+    ev = Evaluator.__new__(Evaluator)
+    ev.target, ev._eval = Target(cosine=0.99), None
+    ev.score = lambda model, limit=None: scores[model]
+    build = lambda edits: SimpleNamespace(model="".join(sorted(edits.layers.values())))
+    climb = Climb(SimpleNamespace(temp=onnx.ModelProto()), ev, build, Edits(), build(Edits()), "the default quantization")
+    a = Candidate("range", "A", layers={"a": "A"})
+    f = Candidate("float", "F", layers={"f": "F"}, cost=0.03)
+    climb.kept, climb.edits, climb.score = [a, f], f.onto(a.onto(Edits(), None), None), scores["AF"]
+    assert not climb.prune()
+    row = climb.table[-1]
+    assert (row.fix, row.outcome, row.cost) == ("without: A", "needed", 0.03)
+
+
 def test_budget_is_respected_and_a_miss_is_reported(tmp_path):
     path, listing = _setup(tmp_path, models.outlier_channel_cnn(), (1, 8, 16, 16))
     r1 = hybridq.step1(path, listing, out=tmp_path / "ws", proposal=ProposalOptions(Target(cosine=0.99999999), max_float_layers=1))

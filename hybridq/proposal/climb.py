@@ -133,7 +133,8 @@ class Climb:
             s = self.evaluator.score(built.model)
             better = self.evaluator.met(s) if self.met else (
                 self.quality(s) >= self.quality(self.score) and not self.evaluator.flips_more(s, self.score))
-            self._row("prune", f"without: {c.label}", s, 0.0, "dropped: not needed" if better else "needed")
+            cost = sum(k.cost for k in self.kept if k is not c)  # what the rest cost: the fixes this row keeps
+            self._row("prune", f"without: {c.label}", s, cost, "dropped: not needed" if better else "needed")
             if better:
                 self.kept.remove(c)
                 self.score, self.edits, self.built = s, edits, built
