@@ -379,6 +379,8 @@ def load_cfg(path: str | Path) -> Cfg:
     settings_raw = doc.get("settings") or {}
     if not isinstance(settings_raw, dict):
         raise ConfigError(f"{p}:{_line(doc, 'settings')}: settings must be a mapping.")
+    for key, value in settings_raw.items():  # each key alone first: an error names the key's own line
+        Settings.from_dict({key: value}, f"{p}:{_line(settings_raw, key) or _line(doc, 'settings')}")
     settings = Settings.from_dict(dict(settings_raw), f"{p}:{_line(doc, 'settings')}")
     custom_raw = doc.get("custom_quantize_layers") or {}
     if not isinstance(custom_raw, dict):

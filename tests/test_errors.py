@@ -305,8 +305,16 @@ def test_cfg_unknown_entry_key_did_you_mean(ws, capsys):
 
 
 def test_cfg_unknown_setting_did_you_mean(ws, capsys):
-    ws.edit_cfg("  weight_dtype:", "  weight_dtpye:")
-    assert_clean(hq(capsys, *ws.step2_args()), USAGE, "weight_dtpye", "'weight_dtype'")
+    line = ws.edit_cfg("  weight_dtype:", "  weight_dtpye:")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}:", "weight_dtpye", "'weight_dtype'")
+
+
+def test_a_bad_setting_value_names_its_own_line(ws, capsys):
+    """The error points at the setting's line, not at the `settings:` line some 20 lines above it."""
+    text = ws.cfg.read_text()
+    old = next(ln for ln in text.splitlines() if ln.startswith("  percentile:"))
+    line = ws.edit_cfg(old, "  percentile: 40")
+    assert_clean(hq(capsys, *ws.step2_args()), USAGE, f"cnn.quantization.cfg:{line}:", "percentile 40", "outside")
 
 
 def test_quantize_ops_typo_is_refused_in_the_cfg_and_in_hybridq_yaml(ws, capsys):
