@@ -220,6 +220,22 @@ def edits_from_cfg(cfg: Cfg, model: onnx.ModelProto, meta: dict[str, Any]) -> tu
     return edits_from(layers, cfg.entries, model, str(cfg.path)), resolved
 
 
+def _equalize_sites(model: onnx.ModelProto, scales: dict[str, list[float]], where: str) -> list[tuple[equalize.Site, list[float]]]:
+    """Each equalization site once: the views of one tensor (ONNX Runtime's reshapes before each Gemm) carry the same
+    scales, applied once; different scales on them are refused."""
+    sites: dict[str, tuple[equalize.Site, list[float]]] = {}
+    g = GraphView(model)
+    for tensor, s in scales.items():
+        site = equalize.find_site(model, tensor, g)
+        if isinstance(site, str):
+            raise ConfigError(f"{where}: 'equalize' on '{tensor}' cannot be applied: {site}. Remove the key from its entry.")
+        first = sites.setdefault(site.producer, (site, s))
+        if first[1] != s:
+            raise ConfigError(f"{where}: 'equalize' on '{tensor}' and on '{first[0].tensor}' differ, but both rescale the "
+                              f"output of '{site.producer}' (one is a view of the other): give them the same list, or remove both.")
+    return list(sites.values())
+
+
 def apply_fixes(model: onnx.ModelProto, edits: Edits, where: str = "cfg") -> onnx.ModelProto:
     """The temp model with equalization scales and bias corrections applied (one copy when there are any)."""
     # A layer that runs in float computes its fp32 output: a correction of its int8 error would add one.
@@ -228,14 +244,11 @@ def apply_fixes(model: onnx.ModelProto, edits: Edits, where: str = "cfg") -> onn
         return model
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    for tensor, scales in edits.equalize.items():
-        site = equalize.find_site(work, tensor)
-        if isinstance(site, str):
-            raise ConfigError(f"{where}: 'equalize' on '{tensor}' cannot be applied: {site}. Remove the key from its entry.")
+    for site, scales in _equalize_sites(model, edits.equalize, where):
         try:
             equalize.apply_in_place(work, site, np.asarray(scales))
         except ValueError as exc:
-            raise ConfigError(f"{where}: {exc}; fix or remove the 'equalize' key of '{tensor}'.") from None
+            raise ConfigError(f"{where}: {exc}; fix or remove the 'equalize' key of '{site.tensor}'.") from None
     if shifts:
         try:
             bias_correction.apply_in_place(work, shifts)

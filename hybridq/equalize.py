@@ -21,6 +21,8 @@ from onnx import numpy_helper
 from .graph import tensor_shapes
 from .plan import GraphView
 
+VIEWS = ("Reshape", "Flatten")
+"""Ops that only reshape: one keeping its input's last axis keeps last-axis channels where they are."""
 HOMOGENEOUS = ("Relu", "LeakyRelu", "PRelu", "MaxPool", "Identity", "Dropout")
 """Ops with f(x / s) = f(x) / s for s > 0 per channel (PRelu only with a per-channel or scalar slope)."""
 
@@ -35,6 +37,15 @@ class Site:
     readers: tuple[str, ...]
     axis: int
     channels: int
+    inputs: tuple[str, ...] = ()
+    """The tensor each reader reads: the rescaled tensor, or a view of it (default: `tensor` for all)."""
+    views: tuple[str, ...] = ()
+    """Every tensor carrying the rescaled channels: the producer's (homogeneous path's) output and the views of it
+    that feed readers (a Reshape or Flatten keeping the last axis, as ONNX Runtime puts before a Gemm on 3-D input)."""
+
+    def reads(self, i: int) -> str:
+        """The tensor reader ``i`` reads."""
+        return self.inputs[i] if self.inputs else self.tensor
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int | float) -> int | float:
@@ -101,8 +112,9 @@ def _in_channel(node: onnx.NodeProto, tensor: str, g: GraphView) -> tuple[str, i
 def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -> Site | str:
     """The equalization site of `tensor`, or why there is none (a sentence for the candidate table)."""
     g = g or GraphView(model)
+    shapes = _Shapes(model)
     path: list[str] = []
-    t = tensor
+    t = source = _view_source(tensor, g, shapes)
     node = g.producer_node(t)
     while node is not None and node.op_type in HOMOGENEOUS:
         if len(g.consumer_nodes(node.input[0])) != 1 or node.input[0] in g.outputs:
@@ -130,23 +142,17 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
     produced_axis = 1 if node.op_type == "Conv" else -1  # where the producer writes its output channels
     if len(g.consumer_nodes(weight)) != 1:
         return f"weight '{weight}' of '{node.name}' is shared with other nodes"
-    readers = g.consumer_nodes(tensor)
-    if not readers or tensor in g.outputs:
-        return f"'{tensor}' is a model output or has no reader"
-    axes = set()
-    for r in readers:
-        info = _in_channel(r, tensor, g)
-        if info is None:
-            return f"'{tensor}' is read by '{r.name}' ({r.op_type}), which cannot absorb a per-channel scale"
-        if len(g.consumer_nodes(info[0])) != 1:
-            return f"weight '{info[0]}' of '{r.name}' is shared with other nodes"
-        axes.add(info[2])
+    found = _readers(source, g, shapes)
+    if isinstance(found, str):
+        return found
+    readers, inputs, views = found
+    axes = {info[2] for info in (_in_channel(r, i, g) for r, i in zip(readers, inputs)) if info is not None}
     if len(axes) != 1:
-        return f"the readers of '{tensor}' take its channels along different axes"
-    shape = tensor_shapes(model).get(tensor) or tensor_shapes(onnx.shape_inference.infer_shapes(model)).get(tensor)
+        return f"the readers of '{source}' take its channels along different axes"
+    shape = shapes.get(source)
     rank = len(shape) if shape else None
     reader_axis = axes.pop()
-    if rank is None or reader_axis % rank != produced_axis % rank:
+    if rank is None or reader_axis % rank != produced_axis % rank or (len(views) > 1 and produced_axis != -1):
         return f"'{node.name}' writes its channels on another axis than the readers of '{tensor}' take them"
     if produced_axis != 1 and any(g.by_name[n].op_type == "MaxPool" for n in path):
         return f"a MaxPool between '{node.name}' and '{tensor}' pools along the channel axis"
@@ -159,16 +165,69 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
     if bias_add is not None and int(np.prod(g.inits[next(i for i in bias_add.input if i in g.inits)].dims)) != channels:
         return f"'{bias_add.name}' adds a bias that is not one value per channel"
     full_path = tuple(path) + ((bias_add.name,) if bias_add is not None else ())
-    return Site(tensor, node.name, full_path, tuple(r.name for r in readers), reader_axis, channels)
+    return Site(tensor, node.name, full_path, tuple(r.name for r in readers), reader_axis, channels, tuple(inputs), tuple(views))
+
+
+class _Shapes:
+    """Tensor shapes of a model, inferred only when the model does not record one that is asked for."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model, self.known, self.inferred = model, tensor_shapes(model), False
+
+    def get(self, name: str) -> tuple | None:
+        if name not in self.known and not self.inferred:
+            self.known = {**tensor_shapes(onnx.shape_inference.infer_shapes(self.model)), **self.known}
+            self.inferred = True
+        return self.known.get(name)
+
+
+def _keeps_last_axis(node: onnx.NodeProto, shapes: _Shapes) -> bool:
+    """Is ``node`` a Reshape or Flatten whose output keeps its input's last axis (so channel c stays channel c)?"""
+    if node.op_type not in VIEWS:
+        return False
+    a, b = shapes.get(node.input[0]), shapes.get(node.output[0])
+    return bool(a) and bool(b) and isinstance(a[-1], int) and a[-1] > 1 and a[-1] == b[-1]
+
+
+def _view_source(tensor: str, g: GraphView, shapes: _Shapes) -> str:
+    """The tensor ``tensor`` is a last-axis-keeping view of (itself when it is none)."""
+    node = g.producer_node(tensor)
+    while node is not None and _keeps_last_axis(node, shapes):
+        tensor = node.input[0]
+        node = g.producer_node(tensor)
+    return tensor
+
+
+def _readers(source: str, g: GraphView, shapes: _Shapes) -> tuple[list[onnx.NodeProto], list[str], list[str]] | str:
+    """(readers, the tensor each reads, every tensor carrying the channels) of ``source``, each reader taking it
+    directly or through one last-axis-keeping view; or why some reader cannot absorb a scale."""
+    readers: list[onnx.NodeProto] = []
+    inputs: list[str] = []
+    views = [source]
+    todo = [(r, source) for r in g.consumer_nodes(source)]
+    if not todo or source in g.outputs:
+        return f"'{source}' is a model output or has no reader"
+    for r, t in todo:
+        if t == source and _keeps_last_axis(r, shapes) and r.output[0] not in g.outputs and g.consumer_nodes(r.output[0]):
+            views.append(r.output[0])
+            todo.extend((c, r.output[0]) for c in g.consumer_nodes(r.output[0]))
+            continue
+        info = _in_channel(r, t, g)
+        if info is None:
+            return f"'{t}' is read by '{r.name}' ({r.op_type}), which cannot absorb a per-channel scale"
+        if len(g.consumer_nodes(info[0])) != 1:
+            return f"weight '{info[0]}' of '{r.name}' is shared with other nodes"
+        readers.append(r)
+        inputs.append(t)
+    return readers, inputs, views
 
 
 def reader_absmax(model: onnx.ModelProto, site: Site, g: GraphView | None = None) -> np.ndarray:
     """Largest |weight| of each input channel over all readers (what a scale multiplies)."""
     g = g or GraphView(model)
     out = np.zeros(site.channels)
-    for name in site.readers:
-        node = g.by_name[name]
-        weight, axis, _ = _in_channel(node, site.tensor, g)
+    for i, name in enumerate(site.readers):
+        weight, axis, _ = _in_channel(g.by_name[name], site.reads(i), g)
         w = np.abs(g.init_array(weight))
         out = np.maximum(out, np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).max(axis=1))
     return out
@@ -225,8 +284,8 @@ def apply_in_place(work: onnx.ModelProto, site: Site, scales: np.ndarray) -> Non
         if node.op_type == "Add":
             b = next(i for i in node.input if i in g.inits)
             replace[b] = _scaled(g, b, 1.0 / s, None)
-    for name in site.readers:
-        w, in_axis, _ = _in_channel(g.by_name[name], site.tensor, g)
+    for i, name in enumerate(site.readers):
+        w, in_axis, _ = _in_channel(g.by_name[name], site.reads(i), g)
         replace[w] = _scaled(g, w, s, in_axis)
     for init in work.graph.initializer:
         if init.name in replace:

@@ -151,3 +151,24 @@ def layernorm_outlier(native: bool = True, seed: int = 0, rows: int = 16) -> onn
                   helper.make_node("MatMul", ["r", "wo"], ["out"], name="o")]
     return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [rows, 32])],
                   [helper.make_tensor_value_info("out", T.FLOAT, [rows, 8])], inits, opset=17 if native else 13)
+
+
+def layernorm_outlier_3d(seed: int = 0, tokens: int = 16) -> onnx.ModelProto:
+    """:func:`layernorm_outlier` on a static [1, tokens, 32] input, q and k with biases: ONNX Runtime fuses each
+    MatMul + Add into Reshape -> Gemm -> Reshape, so the quantized tensors are two 2-D views of the LayerNorm's
+    output, one before each Gemm, and the LayerNorm output itself is not quantized."""
+    rng = np.random.default_rng(seed)
+    gamma = 1 + 0.1 * rng.normal(size=32)
+    gamma[5] = 40.0
+    wq, wk = rng.normal(0, 0.2, (32, 32)), rng.normal(0, 0.2, (32, 32))
+    wq[5] /= 40
+    wk[5] /= 40
+    inits = [_init("gamma", gamma), _init("beta", 0.1 * rng.normal(size=32)), _init("wq", wq), _init("wk", wk),
+             _init("bq", 0.1 * rng.normal(size=32)), _init("bk", 0.1 * rng.normal(size=32)), _init("wo", rng.normal(0, 0.2, (32, 8)))]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1, epsilon=1e-5),
+             helper.make_node("MatMul", ["ln", "wq"], ["q0"], name="q"), helper.make_node("Add", ["q0", "bq"], ["q"], name="q_bias"),
+             helper.make_node("MatMul", ["ln", "wk"], ["k0"], name="k"), helper.make_node("Add", ["k0", "bk"], ["k"], name="k_bias"),
+             helper.make_node("Add", ["q", "k"], ["s"], name="qk_sum"), helper.make_node("Relu", ["s"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "wo"], ["out"], name="o")]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, tokens, 32])],
+                  [helper.make_tensor_value_info("out", T.FLOAT, [1, tokens, 8])], inits, opset=17)

@@ -12,7 +12,7 @@ from hybridq import api
 from hybridq.config import load_cfg
 from tests import models
 from tests import proposal_models as pm
-from tests.conftest import cosine, run
+from tests.conftest import cosine, run, run_cli
 
 
 def _step1(tmp_path: Path, model: onnx.ModelProto, shape: tuple[int, ...], n: int = 32):
@@ -83,6 +83,41 @@ def test_a_layernorm_outlier_channel_is_equalized_into_the_matmuls_with_no_float
     r = api.step1(tmp_path / "b.onnx", tmp_path / "data" / "dataset.txt", out=tmp_path / "base")
     api.step2(r.model, r.data, r.cfg, tmp_path / "base" / "q.onnx")
     assert np.mean([cosine(run(path, f)[0], run(tmp_path / "base" / "q.onnx", f)[0]) for f in _fresh((16, 32))]) < 0.99
+
+def test_a_layernorm_read_through_onnx_runtime_s_gemm_reshapes_is_equalized_once_for_all_its_views(tmp_path, capsys):
+    """A static-shape transformer: ONNX Runtime rewrites MatMul + Add on 3-D input as Reshape -> Gemm -> Reshape, so the
+    LayerNorm's output is quantized as one 2-D view per Gemm. Equalization reaches the LayerNorm through the views: each
+    view's entry carries the same scales and the same range, and step2 rescales gamma, beta and the weights once."""
+    path, res, q = _step1(tmp_path, pm.layernorm_outlier_3d(), (1, 16, 32))
+    p = res.proposal
+    assert p.met and p.layers == {}, p.table
+    cfg = load_cfg(res.cfg)
+    views = [t for t, e in cfg.entries.items() if "equalize" in e.values]
+    assert len(views) == 2 and "ln" not in cfg.entries, views
+    a, b = (cfg.entries[v].values for v in views)
+    assert a["equalize"] == b["equalize"] and (a["min"], a["max"]) == (b["min"], b["max"]) and len(a["equalize"]) == 32
+    fresh = _fresh((1, 16, 32))
+    assert min(cosine(run(path, f)[0], run(q, f)[0]) for f in fresh) >= 0.99
+    # applied once: gamma divided by the scales (numpy), the fp32 function unchanged with the weights multiplied
+    from hybridq.build import apply_fixes, edits_from
+    temp = onnx.load(res.model)
+    fixed = apply_fixes(temp, edits_from({}, cfg.entries, temp, "cfg"))
+    gamma = {i.name: onnx.numpy_helper.to_array(i) for i in fixed.graph.initializer}["gamma"]
+    orig = {i.name: onnx.numpy_helper.to_array(i) for i in temp.graph.initializer}["gamma"]
+    np.testing.assert_allclose(gamma, orig / np.asarray(a["equalize"]), rtol=1e-6)
+    np.testing.assert_allclose(run(fixed, fresh[0])[0], run(temp, fresh[0])[0], rtol=1e-4, atol=1e-4)
+    base = tmp_path / "base"
+    onnx.save(pm.layernorm_outlier_3d(), tmp_path / "b.onnx")
+    r = api.step1(tmp_path / "b.onnx", tmp_path / "data" / "dataset.txt", out=base)
+    api.step2(r.model, r.data, r.cfg, base / "q.onnx")
+    assert np.mean([cosine(run(path, f)[0], run(base / "q.onnx", f)[0]) for f in fresh]) < 0.99
+    # views edited to different scales would rescale the LayerNorm twice: refused, naming both
+    text = res.cfg.read_text()
+    first = text.index("equalize:", text.index(f"  {views[1]}:"))
+    res.cfg.write_text(text[:first] + text[first:].replace("equalize: [", "equalize: [2.0, ", 1).replace(f"{a['equalize'][-1]}]", "]", 1))
+    code, out, err = run_cli(capsys, "step2", res.model, res.data, res.cfg, "-o", tmp_path / "q2.onnx")
+    assert code == 2 and "differ" in err and views[0] in err and views[1] in err and "Traceback" not in err, err
+
 
 def _detections(out: np.ndarray, threshold: float = 0.5) -> list[tuple[int, np.ndarray]]:
     """(class, box x0 y0 x1 y1) of every anchor whose best score passes the threshold; out is [1, 4 + C, A] with cx, cy, w, h."""

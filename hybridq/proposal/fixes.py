@@ -207,17 +207,23 @@ def equalize_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candid
         return []
     if any(i in ctx.plan.tensors for n in site.path for i in ctx.graph.by_name[n].input if i not in ctx.graph.inits):
         return []  # a quantized tensor inside the site would change range too
+    # the views ONNX Runtime puts before a Gemm carry the same channels: each quantized one takes the new range
+    carriers = [v for v in site.views if v in ctx.plan.tensors] or [t]
+    if any(v in ctx.protected for v in carriers):
+        return []
     scales = equalize.smooth_scales(stats.absmax, equalize.reader_absmax(ctx.temp, site, ctx.graph))
     lo, hi = min(float((stats.min / scales).min()), 0.0), max(float((stats.max / scales).max()), 0.0)
-    cur = ctx.entry(edits, t)
-    if not cur:
+    entries = {v: ctx.entry(edits, v) for v in carriers}
+    if not all(entries.values()):
         return []
-    _ranged(cur, lo, hi, equalize=_floats(scales))
+    for cur in entries.values():
+        _ranged(cur, lo, hi, equalize=_floats(scales))
     out = stats.outliers()
     comment = (f"proposal: equalized: channel c divided by equalize[c] here and multiplied into "
                f"{', '.join(site.readers)}'s weights (largest scale {scales.max():.4g}, channel {int(np.argmax(scales))}); "
                f"range after equalization [{lo:.4g}, {hi:.4g}]")
-    return [Candidate("equalize", f"equalize '{t}' into {', '.join(site.readers)} ({out.size} outlier channel(s))", {t: cur}, comments={t: comment})]
+    return [Candidate("equalize", f"equalize '{t}' into {', '.join(site.readers)} ({out.size} outlier channel(s))", entries,
+                      comments={v: comment for v in entries})]
 
 
 def bias_fix(ctx: Context, edits: Edits, fixed: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[dict[str, np.ndarray]],

@@ -205,6 +205,8 @@ def _zero_cost_fixes(climb: Climb, samples: list[dict[str, np.ndarray]], session
     everything = evaluator.samples + [x for x in samples if not any(x is y for y in evaluator.samples)]
     full = channel_stats(ctx.temp, everything, [st.tensor for st in found])
     for st in (full.get(f.tensor, f) for f in found):
+        if st.tensor in climb.edits.equalize:  # a view of a tensor equalized already: that fix set its range
+            continue
         cands = clip_fix(ctx, climb.base, st) + equalize_fix(ctx, climb.base, st)  # from step1's entry: a later prune stays clean
         if cands:
             climb.try_each("outlier", cands)
