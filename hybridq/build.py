@@ -25,7 +25,7 @@ from .int4 import apply_int4
 from .observers import HistogramObserver
 from .placement import CostTable
 from .plan import ABSORBED_ACTIVATIONS, GraphView, QuantPlan, absorbed_output, make_plan
-from .qdq import RewriteResult, apply_plan
+from .qdq import QdqMap, RewriteResult, apply_plan
 from .resolve import Resolution, activation_entry, resolve, weight_entry
 from .settings import Settings
 
@@ -236,6 +236,16 @@ def _equalize_sites(model: onnx.ModelProto, scales: dict[str, list[float]], wher
     return list(sites.values())
 
 
+def record_equalized(model: onnx.ModelProto, temp: onnx.ModelProto, edits: Edits, where: str) -> None:
+    """Note in ``model``'s QDQ map every tensor an equalization divides, with its scales: analyze multiplies them back
+    before comparing with fp32, and divides the fp32 tensors a layer alone reads (its weights carry the scales)."""
+    g = GraphView(temp)
+    qmap = QdqMap.from_model(model) or QdqMap()
+    for site, scales in _equalize_sites(temp, edits.equalize, where):
+        qmap.equalized.update({t: (axis, [float(x) for x in scales]) for t, axis in site.carriers(g).items()})
+    qmap.write_to(model)
+
+
 def apply_fixes(model: onnx.ModelProto, edits: Edits, where: str = "cfg") -> onnx.ModelProto:
     """The temp model with equalization scales and bias corrections applied (one copy when there are any)."""
     # A layer that runs in float computes its fp32 output: a correction of its int8 error would add one.
@@ -293,6 +303,8 @@ def build(
     res.notes += notes
     res.warnings += warnings
     rewrite = apply_plan(fixed, plan, res.activations, res.weights)
+    if edits.equalize:
+        record_equalized(rewrite.model, temp, edits, where)
     recurrent.apply_in_place(rewrite.model, {n: lp.precision for n, lp in plan.layers.items()}, settings.qmethod == "channel")
     apply_int4(rewrite.model, fixed, plan, observers, settings, where)
     return Built(rewrite, plan, res, fixed)

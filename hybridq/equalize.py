@@ -43,6 +43,19 @@ class Site:
     """Every tensor carrying the rescaled channels: the producer's (homogeneous path's) output and the views of it
     that feed readers (a Reshape or Flatten keeping the last axis, as ONNX Runtime puts before a Gemm on 3-D input)."""
 
+    rank: int = 0
+    """Rank of the rescaled tensor (0: unknown)."""
+
+    def carriers(self, g: GraphView) -> dict[str, int]:
+        """Every tensor whose channels this equalization divides -> its channel axis counted from the end (-1: last):
+        the producer's output, each op's on the way to the rescaled tensor, and its views."""
+        axis = (self.axis % self.rank) - self.rank if self.rank else -1
+        out = {g.by_name[self.producer].output[0]: axis}
+        out.update({g.by_name[n].output[0]: axis for n in self.path})
+        out.update({v: -1 if v != self.views[0] else axis for v in self.views})
+        out.setdefault(self.tensor, axis)
+        return out
+
     def reads(self, i: int) -> str:
         """The tensor reader ``i`` reads."""
         return self.inputs[i] if self.inputs else self.tensor
@@ -165,7 +178,7 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
     if bias_add is not None and int(np.prod(g.inits[next(i for i in bias_add.input if i in g.inits)].dims)) != channels:
         return f"'{bias_add.name}' adds a bias that is not one value per channel"
     full_path = tuple(path) + ((bias_add.name,) if bias_add is not None else ())
-    return Site(tensor, node.name, full_path, tuple(r.name for r in readers), reader_axis, channels, tuple(inputs), tuple(views))
+    return Site(tensor, node.name, full_path, tuple(r.name for r in readers), reader_axis, channels, tuple(inputs), tuple(views), rank)
 
 
 class _Shapes:

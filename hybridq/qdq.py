@@ -42,6 +42,8 @@ class QdqMap:
     layers: dict[str, dict[str, str]] = field(default_factory=dict)
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # tensor -> interval beyond which its readers saturate
     float_between_qdq: bool = False  # a float layer between Q/DQ stays float (an accelerator's fallback), not ORT's int8
+    equalized: dict[str, tuple[int, list[float]]] = field(default_factory=dict)
+    """tensor -> (channel axis from the end, scales): its channel c is fp32's divided by scales[c] (channel equalization)."""
 
     def to_json(self) -> str:
         """The metadata value: sorted keys, so the same map gives the same bytes (no `bounds` key when there is none)."""
@@ -50,6 +52,8 @@ class QdqMap:
             doc["bounds"] = {t: [v if math.isfinite(v) else None for v in b] for t, b in self.bounds.items()}
         if self.float_between_qdq:
             doc["float_between_qdq"] = True
+        if self.equalized:
+            doc["equalized"] = {t: {"axis": a, "scales": list(v)} for t, (a, v) in self.equalized.items()}
         return json.dumps(doc, sort_keys=True)
 
     def write_to(self, model: onnx.ModelProto) -> None:
@@ -79,8 +83,18 @@ class QdqMap:
                 )
             layers, bounds = m.get("layers", {}), m.get("bounds", {})
             return cls(dict(m.get("tensors", {})), dict(layers) if isinstance(layers, dict) else {}, _bounds(bounds),
-                       m.get("float_between_qdq") is True)
+                       m.get("float_between_qdq") is True, _equalized(m.get("equalized")))
         return None
+
+
+def _equalized(doc: Any) -> dict[str, tuple[int, list[float]]]:
+    """`equalized` as written by :meth:`QdqMap.to_json`; entries of another shape are skipped."""
+    out: dict[str, tuple[int, list[float]]] = {}
+    for t, e in (doc.items() if isinstance(doc, dict) else ()):
+        axis, scales = (e.get("axis"), e.get("scales")) if isinstance(e, dict) else (None, None)
+        if isinstance(axis, int) and axis < 0 and isinstance(scales, list) and scales and all(isinstance(v, (int, float)) and v > 0 for v in scales):
+            out[str(t)] = (axis, [float(v) for v in scales])
+    return out
 
 
 def _bounds(doc: Any) -> dict[str, tuple[float, float]]:

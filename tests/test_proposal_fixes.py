@@ -84,6 +84,36 @@ def test_a_layernorm_outlier_channel_is_equalized_into_the_matmuls_with_no_float
     api.step2(r.model, r.data, r.cfg, tmp_path / "base" / "q.onnx")
     assert np.mean([cosine(run(path, f)[0], run(tmp_path / "base" / "q.onnx", f)[0]) for f in _fresh((16, 32))]) < 0.99
 
+def test_analyze_measures_an_equalized_model_against_fp32_s_own_channels(tmp_path):
+    """After an equalization the quantized model's LayerNorm output is fp32's divided by the scales and q's weights are
+    multiplied by them: analyze must undo that before comparing (it reported the LayerNorm at cos 0.33 and q alone at
+    0.90, false alarms that would float q). Every figure is recomputed in numpy from the cfg's parameters."""
+    from hybridq.analysis import analyze
+
+    path, res, q = _step1(tmp_path, pm.layernorm_outlier(True), (16, 32))
+    cfg = load_cfg(res.cfg)
+    e, w = cfg.entries["ln"].values, cfg.entries["wq"].values
+    s = np.asarray(e["equalize"])
+    model = onnx.load(path)
+    init = {i.name: onnx.numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    w_eq = init["wq"] * s[:, None]  # the weights step2 quantizes: input channel c times s[c]
+    w_scale = np.abs(w_eq).max(axis=0) / 127  # per output channel, symmetric int8
+    wq = np.clip(np.round(w_eq / w_scale), -127, 127) * w_scale
+    fresh = _fresh((16, 32), 6)
+    ln_cos, q_cos = [], []
+    for f in fresh:
+        x = f["x"].astype(np.float64)
+        ln = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * init["gamma"] + init["beta"]
+        code = np.clip(np.round(ln / s / e["scale"][0]) + e["zero_point"][0], 0, 255)
+        deq = (code - e["zero_point"][0]) * e["scale"][0]
+        ln_cos.append(cosine(ln, deq * s))
+        q_cos.append(cosine(ln @ init["wq"], deq @ wq))
+    rows = {r.tensor: r for r in analyze(path, q, fresh).layers}
+    assert rows["ln"].entire.cosine == pytest.approx(np.mean(ln_cos), abs=1e-4) and np.mean(ln_cos) > 0.999
+    assert rows["ln"].single.cosine == pytest.approx(np.mean(ln_cos), abs=1e-4)
+    assert rows["q"].single.cosine == pytest.approx(np.mean(q_cos), abs=1e-4) and np.mean(q_cos) > 0.999
+
+
 def test_a_layernorm_read_through_onnx_runtime_s_gemm_reshapes_is_equalized_once_for_all_its_views(tmp_path, capsys):
     """A static-shape transformer: ONNX Runtime rewrites MatMul + Add on 3-D input as Reshape -> Gemm -> Reshape, so the
     LayerNorm's output is quantized as one 2-D view per Gemm. Equalization reaches the LayerNorm through the views: each

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from .._onnx import convert_opset, describe_error, main_opset, subgraphs
 from ..errors import ModelError
@@ -61,6 +62,22 @@ def _combined_copy(f: ModelIndex, q: ModelIndex) -> onnx.ModelProto:
     have_funcs = {(fn.domain, fn.name) for fn in combined.functions}
     combined.functions.extend(fn for fn in quant_model.functions if (fn.domain, fn.name) not in have_funcs)
     return combined
+
+
+def _rescale(graph: tuple[list[onnx.NodeProto], list[TensorProto]], fresh: Namer, types: dict[str, int], name: str,
+             eq: tuple[int, list[float]], divide: bool) -> str:
+    """``name`` times an equalization's scales along its channel axis (divided by them with ``divide``): a node and an
+    initializer added to ``graph``; returns the new tensor's name."""
+    axis, scales = eq
+    dtype = np.float16 if types.get(name) == TensorProto.FLOAT16 else np.float32
+    factor = (1.0 / np.asarray(scales, np.float64) if divide else np.asarray(scales, np.float64)).astype(dtype)
+    const = numpy_helper.from_array(factor.reshape([-1] + [1] * (-axis - 1)), fresh("hybridq.equalized/" + name + "/scales"))
+    out = fresh("hybridq.equalized/" + name)
+    graph[0].append(helper.make_node("Mul", [name, const.name], [out], name=fresh("hybridq.equalized/" + name + "/Mul")))
+    graph[1].append(const)
+    if name in types:
+        types[out] = types[name]
+    return out
 
 
 class _SingleBuilder:
@@ -139,6 +156,8 @@ class _SingleBuilder:
                     name = self.memo[x]
             else:
                 name = self.fp32_name(x)
+                if name is not None and x in self.plan.equalized:  # the quant layer reads fp32's channels divided
+                    name = _rescale((self.nodes, self.inits), self.fresh, self.types, name, self.plan.equalized[x], divide=True)
         elif x in q.inputs and x in self.f.values:
             name = x
         self.memo[x] = name
@@ -208,6 +227,8 @@ class _SingleBuilder:
         self._copy_outputs_types(list(local), list(local.values()))
         for tp in tps:
             cur = self._output_adapters(local[tp.source], tp)
+            if cur and tp.source in self.plan.equalized:  # back to fp32's channels before the comparison
+                cur = _rescale((self.nodes, self.inits), self.fresh, self.types, cur, self.plan.equalized[tp.source], divide=False)
             if cur:
                 self.single_views[tp.tensor] = cur
             else:
@@ -362,7 +383,12 @@ def build_analysis_graph(f: ModelIndex, q: ModelIndex, plan: AnalysisPlan) -> An
     """
     combined, single_views, notes, types, fresh = _build_single(f, q, plan)
     rename = _embed(combined, q, fresh, types)
-    ag = AnalysisGraph(combined, single_views, notes, {tp.tensor: rename[tp.view] for tp in plan.tensors}, types)
+    added: tuple[list[onnx.NodeProto], list[TensorProto]] = ([], [])
+    views = {tp.tensor: _rescale(added, fresh, types, rename[tp.view], plan.equalized[tp.source], divide=False)
+             if tp.source in plan.equalized else rename[tp.view] for tp in plan.tensors}  # equalized: back to fp32's channels
+    combined.graph.node.extend(added[0])
+    combined.graph.initializer.extend(added[1])
+    ag = AnalysisGraph(combined, single_views, notes, views, types)
     del combined.graph.output[:]
     _set_outputs(combined, [x for tp in plan.tensors for x in compared_names(tp, ag)], types)
     return ag

@@ -149,6 +149,8 @@ class AnalysisPlan:
     tensors: list[ComparedTensor]
     notes: list[str] = field(default_factory=list)
     layers_known: bool = False  # the quantized model's hybridq.qdq_map says each layer's precision
+    equalized: dict[str, tuple[int, list[float]]] = field(default_factory=dict)
+    """quant-model tensor -> (channel axis from the end, scales): fp32's channel c divided by scales[c] (QdqMap.equalized)."""
 
 
 _INT_NAMES = {
@@ -278,5 +280,5 @@ def plan_tensors(f: ModelIndex, q: ModelIndex, written: ModelIndex | None = None
             "the float and quantized models have no float tensor in common to compare; "
             "check that QUANT_MODEL was built from FLOAT_MODEL"
         )
-    return AnalysisPlan(plans, notes, layers_known=bool(layer_info))
+    return AnalysisPlan(plans, notes, layers_known=bool(layer_info), equalized=qmap.equalized if qmap else {})
 
