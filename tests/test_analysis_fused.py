@@ -181,3 +181,45 @@ def test_a_fused_layer_kept_float_gets_no_single_error(fused):
     rows = {le.tensor: le for le in analyze(d / "mlp.onnx", q, [{"x": s} for s in fused["samples"]]).layers}
     assert rows["y"].precision == "float32" and rows["y"].single is None
     assert rows["a1"].precision == "uint8" and rows["a1"].single is not None
+
+
+def test_a_gelu_chain_alone_reads_its_quantized_input(tmp_path):
+    """npu: a GELU exported as Div, Erf, Add, Mul, Mul (opset 17) is one row; its single error is the chain on the
+    quantized input, quantized again, as a native Gelu's is: Q(gelu(Q(a))). It was Q(gelu(a)), about 4 dB too good,
+    because the chain's inner tensors were taken from fp32. Checked against numpy from the cfg's parameters."""
+    from math import erf
+
+    r = np.random.default_rng(1)
+    d = 16
+    f32 = lambda name, a: nh.from_array(np.asarray(a, np.float32), name)  # noqa: E731
+    inits = [f32("w1", r.normal(0, 0.4, (d, d))), f32("w2", r.normal(0, 0.3, (d, d))), f32("sq", np.sqrt(2.0)), f32("one", 1.0), f32("half", 0.5)]
+    nodes = [h.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"), h.make_node("Div", ["a", "sq"], ["gd"], name="gelu_div"),
+             h.make_node("Erf", ["gd"], ["ge"], name="gelu_erf"), h.make_node("Add", ["ge", "one"], ["ga"], name="gelu_add"),
+             h.make_node("Mul", ["a", "half"], ["gh"], name="gelu_half"), h.make_node("Mul", ["gh", "ga"], ["g"], name="gelu_mul"),
+             h.make_node("MatMul", ["g", "w2"], ["y"], name="fc2")]
+    graph = h.make_graph(nodes, "gelu", [h.make_tensor_value_info("x", TP.FLOAT, [1, 6, d])], [h.make_tensor_value_info("y", TP.FLOAT, [1, 6, d])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "m.onnx")
+    samples = [{"x": r.normal(0, 1, (1, 6, d)).astype(np.float32)} for _ in range(6)]
+    (tmp_path / "d").mkdir()
+    for k, s in enumerate(samples):
+        np.save(tmp_path / "d" / f"{k}.npy", s["x"])
+    (tmp_path / "d" / "dataset.txt").write_text("".join(f"{k}.npy\n" for k in range(6)))
+    res = hybridq.step1(tmp_path / "m.onnx", tmp_path / "d" / "dataset.txt", out=tmp_path / "ws", settings={"target": "npu"})
+    hybridq.step2(res.model, res.data, res.cfg, tmp_path / "q.onnx")
+    entries = hybridq.config.load_cfg(res.cfg).entries
+
+    def fq(v: np.ndarray, t: str) -> np.ndarray:
+        e = entries[t].values
+        return (np.clip(np.round(v / e["scale"][0]) + e["zero_point"][0], 0, 255) - e["zero_point"][0]) * e["scale"][0]
+
+    gelu = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / np.sqrt(2.0))))
+    w1 = nh.to_array(inits[0]).astype(np.float64)
+    snr = []
+    for s in samples:
+        a = s["x"][0].astype(np.float64) @ w1
+        g, gq = gelu(a), fq(gelu(fq(a, "a")), "g")
+        snr.append(10 * np.log10((g**2).sum() / ((g - gq) ** 2).sum()))
+    row = next(r for r in analyze(tmp_path / "m.onnx", tmp_path / "q.onnx", samples).layers if r.tensor == "g")
+    assert row.single is not None and row.single.snr_db == pytest.approx(np.mean(snr), abs=0.05)

@@ -144,7 +144,8 @@ class _SingleBuilder:
         elif (node := q.producer_node(x)) is not None:
             # adapters, Constant nodes, and float nodes of the quantized model that the fp32 model has not (reshapes
             # ONNX Runtime adds around a Gemm, HardSwish inlined as HardSigmoid and Mul): computed again from fp32 tensors
-            if self.ident.is_adapter(node) or not any(node.input) or (
+            # and the inside of an activation written as a chain: computed from the chain's input as the layer reads it
+            if self.ident.is_adapter(node) or not any(node.input) or x in self.plan.inner or (
                     self.fp32_name(x) is None and not subgraphs(node) and not self._reads_quantized_weights(node)):
                 ins = [self.rebuild(i) for i in node.input]
                 if all(i is not None for i in ins):

@@ -151,6 +151,9 @@ class AnalysisPlan:
     layers_known: bool = False  # the quantized model's hybridq.qdq_map says each layer's precision
     equalized: dict[str, tuple[int, list[float]]] = field(default_factory=dict)
     """quant-model tensor -> (channel axis from the end, scales): fp32's channel c divided by scales[c] (QdqMap.equalized)."""
+    inner: frozenset[str] = frozenset()
+    """Tensors inside activations written as chains of elementwise ops: a layer alone computes them again from the
+    chain's (quantized) input, not from fp32's (see :func:`folded_patterns`)."""
 
 
 _INT_NAMES = {
@@ -280,5 +283,6 @@ def plan_tensors(f: ModelIndex, q: ModelIndex, written: ModelIndex | None = None
             "the float and quantized models have no float tensor in common to compare; "
             "check that QUANT_MODEL was built from FLOAT_MODEL"
         )
-    return AnalysisPlan(plans, notes, layers_known=bool(layer_info), equalized=qmap.equalized if qmap else {})
+    inner = frozenset(n.output[0] for _, nodes in folds.values() for n in nodes) - set(folds)
+    return AnalysisPlan(plans, notes, layers_known=bool(layer_info), equalized=qmap.equalized if qmap else {}, inner=inner)
 
