@@ -174,7 +174,9 @@ def write_step1(
         work.metadata_props.extend(props)
         work.metadata_props.add(key=RUN_KEY, value=run_digest(work, dict(meta, stat_tensors=names), stats))
         try:
-            tag_external(work, paths["data"].name)
+            # weights go to the data file; small tensors (a Resize's scales, a Reshape's shape) stay inline: ONNX Runtime
+            # reads shape-giving inputs only from the model itself, so it could not load the temp model otherwise
+            tag_external(work, paths["data"].name, min_bytes=1024)
             onnx.save_model(work, str(tmp / paths["model"].name))
             model_sha = sha256_file(tmp / paths["model"].name)
             cfg_text = render_cfg(model_sha)

@@ -710,3 +710,28 @@ def test_a_grouped_conv_transpose_gets_int8_weights_per_tensor_on_npu(tmp_path):
     for seed in range(2):
         f = _feeds({"x": (1, 32, 8, 8)}, seed)
         assert cosine(run(q, f)[0], run(m, f)[0]) > 0.999
+
+
+def test_the_temp_model_is_plain_onnx_that_onnx_runtime_runs(tmp_path):
+    """SPEC 3: step1's temp model runs in ONNX Runtime as it is. A Resize's scales stored as external data made ORT's
+    shape inference refuse it ("Cannot parse data from external tensors"); small tensors stay inline now."""
+    import onnxruntime as ort
+
+    r = np.random.default_rng(0)
+    f32 = lambda name, a: numpy_helper.from_array(np.asarray(a, np.float32), name)  # noqa: E731
+    inits = [f32("w1", r.normal(0, 0.5, (16, 3, 3, 3))), f32("b1", r.normal(0, 0.1, 16)), f32("scales", [1, 1, 2, 2])]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Resize", ["r", "", "scales"], ["y"], name="resize", mode="nearest")]
+    graph = helper.make_graph(nodes, "rs", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", T.FLOAT, [1, 16, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "rs.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 8, 8)}, 4)
+    res = hybridq.step1(tmp_path / "rs.onnx", listing, out=tmp_path / "ws")
+    stored = onnx.load(res.model, load_external_data=False)
+    assert [i.name for i in stored.graph.initializer if i.data_location == T.EXTERNAL] == ["w1"]  # the weights are in .data
+    x = {"x": r.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)}
+    want = ort.InferenceSession(str(tmp_path / "rs.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(str(res.model), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
