@@ -278,6 +278,9 @@ def test_cpu_models_are_byte_identical_to_the_code_before_targets(tmp_path):
                        settings={"quantize_ops": ["Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "Sigmoid", "Relu", "Softmax"], "target": "cpu"})
     again = hybridq.step2(r1.model, r1.data, r1.cfg, tmp_path / "fresh.onnx")
     a, b = onnx.load(str(d / "q.onnx")), onnx.load(str(again.output))
+    for init in [*a.graph.initializer, *b.graph.initializer]:  # a tensor read back from external data says DEFAULT
+        if init.data_location == onnx.TensorProto.DEFAULT:  # aloud; the temp model keeps small ones inline since
+            init.ClearField("data_location")
     assert a.graph.SerializeToString() == b.graph.SerializeToString()
     # the step1 run's hash covers its settings, which now name the target; the source model's sha256 is recorded
     # since (the old step1 did not); every other record is the same
