@@ -15,7 +15,7 @@ from . import default_model, fold, infinite, recurrent
 from ._cfg_checks import check_cfg
 from ._fs import check_not_input, check_output_dir, check_output_file, output_target
 from .artifacts import check_order, check_step1_outputs, edited_cfg_entries, fp32_source_at, read_step1, save_model_atomic, why_edits_do_not_apply, write_step1
-from .build import Built, LayerResolution, build, edits_from, edits_from_cfg, resolve_layer_names, written_entries
+from .build import Built, LayerResolution, build, check_requests, edits_from, edits_from_cfg, resolve_layer_names, written_entries
 from .calibration_job import calibrate_dataset
 from .int4 import hessian_inputs
 from .costmodel import for_step1 as step1_costs
@@ -285,15 +285,7 @@ def _built_as_step2(parsed: Cfg, bundle: Any) -> tuple[Built, list[LayerResoluti
     edits, resolved = edits_from_cfg(parsed, temp, bundle.meta)
     check_target_change(temp, parsed.settings, bundle.meta.get("written_settings", {}), bundle.observers, edits.layers, str(parsed.path))
     built = build(temp, bundle.observers, bundle.meta, parsed.settings, edits, where=str(parsed.path))
-    op_types = {n.name: n.op_type for n in temp.graph.node}
-    for r in resolved:
-        lp = built.rewrite.layers.get(r.node)
-        r.effective = (parsed.settings.dtype if lp["precision"] == "default" else lp["precision"]) if lp else "float32"
-        if r.requested in ("uint8", "int8", "int16") and lp is None:
-            raise ConfigError(
-                f"{parsed.path}:{parsed.custom_lines.get(r.entry, 0)}: custom_quantize_layers['{r.entry}'] = {r.requested} has no effect: "
-                f"'{r.node}' ({op_types[r.node]}) has no quantized form. Remove the entry."
-            )
+    checked += check_requests(built, resolved, edits, parsed.settings, bundle.meta, str(parsed.path), parsed.custom_lines)
     return built, resolved, checked
 
 

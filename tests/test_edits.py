@@ -239,3 +239,19 @@ def test_settings_only_step1_reads_changed_in_the_cfg_are_said_to_wait_for_step1
         "places layers by per-layer timings that step1 takes on this CPU with that setting, and this step1 run took none, so the "
         "change takes effect when step1 is re-run.",
     ], res.warnings
+
+
+def test_a_float32_entry_that_changes_nothing_is_said_to_have_no_effect(built, cnn_ws):
+    """SPEC 4: an entry with no effect is never silent. relu1 sits on conv1, a float stem: float32 there builds the very
+    same model (checked byte for byte), so step2 says so; conv3 float32 changes the model and gets no such warning."""
+    r1, _ = built
+    base = (cnn_ws["dir"] / "base.onnx").read_bytes()
+    text = r1.cfg.read_text()
+    r1.cfg.write_text(text.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  relu1: float32"))
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "moot.onnx")
+    assert onnx.load(str(res.output)).graph.SerializeToString() == onnx.load_from_string(base).graph.SerializeToString()
+    assert [w for w in res.warnings if "no effect" in w] and "custom_quantize_layers['relu1'] = float32 has no effect" in res.warnings[-1]
+    r1.cfg.write_text(text.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv3: float32"))
+    res = hybridq.step2(r1.model, r1.data, r1.cfg, cnn_ws["dir"] / "real.onnx")
+    assert onnx.load(str(res.output)).graph.SerializeToString() != onnx.load_from_string(base).graph.SerializeToString()
+    assert not [w for w in res.warnings if "no effect" in w], res.warnings
