@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from .. import _runtime
 from ..deployed import as_deployed
 from ..errors import HybridqError, InputError, ModelError
-from ..kernels import NOT_EXACT_NOTE, SATURATION_NOTE, u8s8_saturates
+from ..kernels import NOT_EXACT_NOTE, SATURATION_NOTE, int8_product_nodes, u8s8_saturates
 from ..metrics import fused_kernel, worth_compiling
 from .graphs import align_opsets, build_analysis_graph, compared_names
 from .matching import ModelIndex, plan_tensors
@@ -134,7 +133,7 @@ def analyze(
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
         layers = m.layers()
-        result = AnalysisResult(layers=layers, outputs=list(f.outputs), n_samples=n, notes=_notes(plan.notes + ag.notes, m, deployed, host_int8, layers))
+        result = AnalysisResult(layers=layers, outputs=list(f.outputs), n_samples=n, notes=_notes(plan.notes + ag.notes, m, deployed, host_int8, layers, q.types))
         if sink is not None:
             sink.finish(result)
             sink = None
@@ -226,20 +225,14 @@ def _known_count(samples: object) -> int | None:
     return count if isinstance(count, int) else None
 
 
-def _notes(notes: list[str], m: Measure, qm: onnx.ModelProto, host_int8: bool, layers: list) -> list[str]:
+def _notes(notes: list[str], m: Measure, qm: onnx.ModelProto, host_int8: bool, layers: list, types: dict[str, int]) -> list[str]:
     """The plan's notes, then what the figures rest on: inexact kernels or their saturation, clipped comparisons."""
     if not _quantized(qm):
         notes.append("the quantized model holds no quantization operator (QuantizeLinear/DequantizeLinear or an integer "
                      "kernel): check that QUANT_MODEL is the model step2 wrote")
     if m.exact_failed:
         notes.append(NOT_EXACT_NOTE)
-    elif u8s8_saturates() and not host_int8 and _has_int8(qm):
+    elif u8s8_saturates() and not host_int8 and int8_product_nodes(qm, types):
         notes.append(SATURATION_NOTE)
     return notes + m.notes() + bounds_note(layers)
 
-
-def _has_int8(model: onnx.ModelProto) -> bool:
-    """Does ``model`` dequantize any 8-bit integer tensor (so int8 kernels may run)?"""
-    eight = (TensorProto.INT8, TensorProto.UINT8)
-    inits = {i.name: i.data_type for i in model.graph.initializer}
-    return any(n.op_type == "DequantizeLinear" and inits.get(n.input[0]) in eight for n in model.graph.node)
