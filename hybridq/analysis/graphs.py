@@ -358,13 +358,14 @@ def build_analysis_graph(f: ModelIndex, q: ModelIndex, plan: AnalysisPlan) -> An
     The quantized graph is embedded unchanged (renamed), so ONNX Runtime fuses
     its QDQ groups into integer kernels as when deployed (a view that is also
     an output gets its own DequantizeLinear). The outputs are, per measured
-    tensor, the fp32 tensor, its quant view and its single view.
+    tensor (``plan.tensors``, then the integer outputs ``plan.exact``), the fp32 tensor, its quant view and its single view.
     """
     combined, single_views, notes, types, fresh = _build_single(f, q, plan)
     rename = _embed(combined, q, fresh, types)
-    ag = AnalysisGraph(combined, single_views, notes, {tp.tensor: rename[tp.view] for tp in plan.tensors}, types)
+    measured = plan.tensors + plan.exact
+    ag = AnalysisGraph(combined, single_views, notes, {tp.tensor: rename[tp.view] for tp in measured}, types)
     del combined.graph.output[:]
-    _set_outputs(combined, [x for tp in plan.tensors for x in compared_names(tp, ag)], types)
+    _set_outputs(combined, [x for tp in measured for x in compared_names(tp, ag)], types)
     return ag
 
 
