@@ -17,6 +17,12 @@ from __future__ import annotations
 
 import functools
 import platform
+from collections.abc import Iterator, Mapping
+
+import onnx
+from onnx import TensorProto
+
+from ._onnx import subgraphs
 
 X64_PRECISION_KEY = "session.x64quantprecision"
 """ONNX Runtime session config key (``kOrtSessionOptionsAvx2PrecisionMode``)."""
@@ -54,6 +60,51 @@ def _cpu_flags() -> set[str] | None:
     except OSError:
         pass
     return None
+
+
+INT8_WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "MatMulInteger": (1,),
+    "QLinearMatMul": (3,),
+    "QLinearConv": (3,),
+    "QGemm": (3,),
+    "MatMulIntegerToFloat": (1,),
+    "DynamicQuantizeMatMul": (1,),
+    "QAttention": (1,),
+    "DynamicQuantizeLSTM": (1, 2),
+}
+"""ONNX Runtime's integer kernels that multiply uint8 activations by an int8 weight (U8S8) when the weight, at these
+inputs, is int8: the ops its x86 rewrite ``session.x64quantprecision`` converts (ConvInteger takes no int8 weight).
+A QDQ model's int8 products come from a DequantizeLinear of an 8-bit weight, which ORT fuses into these kernels."""
+
+
+def int8_product_nodes(model: onnx.ModelProto, types: Mapping[str, int] | None = None) -> list[str]:
+    """The nodes of ``model`` (subgraphs too) a plain ONNX Runtime session runs as int8 products: a DequantizeLinear of
+    a constant 8-bit weight, or a kernel of :data:`INT8_WEIGHT_INPUTS` whose weight is int8 (``types``: element types
+    known beyond the constants, by tensor name)."""
+    known = dict(types or {})
+    constants: dict[str, int] = {}
+    for g in _graphs(model.graph):
+        constants.update((i.name, i.data_type) for i in g.initializer)
+        constants.update((n.output[0], a.t.data_type) for n in g.node if n.op_type == "Constant" and n.output
+                         for a in n.attribute if a.name == "value")
+    known.update(constants)
+    eight = (TensorProto.INT8, TensorProto.UINT8)
+    found = []
+    for g in _graphs(model.graph):
+        for n in g.node:
+            if n.op_type == "DequantizeLinear" and n.input and constants.get(n.input[0]) in eight:
+                found.append(n.name or n.output[0])
+            elif any(k < len(n.input) and known.get(n.input[k]) == TensorProto.INT8 for k in INT8_WEIGHT_INPUTS.get(n.op_type, ())):
+                found.append(n.name or n.output[0])
+    return found
+
+
+def _graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``g`` and every graph inside its nodes, depth first."""
+    yield g
+    for n in g.node:
+        for sg in subgraphs(n):
+            yield from _graphs(sg)
 
 
 SATURATION_NOTE = (

@@ -103,6 +103,7 @@ def render_txt(
         *([f"# command: {v.command}"] if v.command else []),
         *(
             f"# output {r[0]}: cos {r[1]}, SNR {r[2]} dB; worst slice ({r[3]}): cos {r[4]}, SNR {r[5]} dB; {r[6]}"
+            if r[1] != "-" else f"# output {r[0]}: {r[3]}; {r[6]}"
             for r in _outputs_rows(v)
         ),
         f"# hybridq error analysis: {result.n_samples} sample(s); every figure is the mean over samples.",
@@ -380,7 +381,16 @@ def _outputs_rows(v: Verdict) -> list[list[str]]:
             fmt("snr_db", ws["snr_db"]) if ws else "-",
             "ok" if o["ok"] else "CHECK",
         ])
+    for x in v.exact_outputs:  # integer or bool outputs: value for value
+        rows.append([x["label"], "-", "-", _differ(x), "-", "-", "ok" if x["ok"] else "CHECK"])
+    rows += [[m["tensor"], "-", "-", f"not compared: {m['reason']}", "-", "-", "CHECK"] for m in v.not_compared]
     return rows
+
+
+def _differ(x: dict[str, Any], against: str = "") -> str:
+    """An integer output's agreement: ``1 of 36 values differ (2.8 %)`` (``against``: words after "differ")."""
+    pct = 100.0 * x["differ"] / x["total"] if x["total"] else 0.0
+    return f"{x['differ']} of {x['total']} values differ{against} ({f'{pct:.1f}' if pct == 0 or pct >= 0.1 else f'{pct:.2g}'} %)"
 
 
 OUTPUT_COLUMNS = ("output", "cos", "SNR dB", "worst slice", "slice cos", "slice SNR dB", "")
@@ -445,7 +455,7 @@ def render_html(
 <p>{result.n_samples} sample(s), {len(result.layers)} tensors. Thresholds: cosine {cos_threshold:g}, SNR
 {snr_threshold:g} dB (an output must keep the cosine as a whole, and the cosine and SNR in its worst slice along the
 channel axis, each slice measured against its own energy, its errors pooled over the samples; whole-tensor figures
-are means of the per-sample ones). <b>single</b>: the layer quantized alone on fp32 inputs
+are means of the per-sample ones; an integer or bool output must equal fp32's value for value). <b>single</b>: the layer quantized alone on fp32 inputs
 (shows which layer adds error); <b>entire</b>: fp32 vs quantized model, errors accumulated. Names: node [tensor]
 precision; <code>float32-&gt;uint8</code> is a float op whose output is quantized (its single error is that
 quantization). Red: single below a threshold; yellow: entire below.</p>
@@ -495,9 +505,38 @@ def verdict(
     """The verdict as one paragraph: OK or CHECK, the worst output (whole and worst slice), what to do next
     (left out when ``brief``)."""
     v = judge(result, cos_threshold, snr_threshold) if v is None else v
-    if not v.outputs:
+    if not (v.outputs or v.exact_outputs or v.not_compared):
         return "no tensor was compared"
-    o = v.outputs[0]
+    thr = f"cosine >= {cos_threshold:g} and SNR >= {snr_threshold:g} dB (of the worst slice where an output is sliced)"
+    where = _worst_output(v.outputs[0]) if v.outputs else ""
+    n = f"over {v.n_samples} sample(s)"
+    if v.ok:
+        tail = (
+            f"{len(v.layers)} layer(s) below the thresholds on their own, which the outputs absorb (listed, not judged), worst: "
+            + ", ".join(f"{x['label']} (single cos {fmt('cosine', x['single_cosine'])})" for x in v.layers[:3])
+            if v.layers
+            else "no layer is below the thresholds"
+        )
+        if not v.exact_outputs:
+            return f"OK: every output keeps {thr} {n} (worst {where}); {tail}."
+        same = "every integer or bool output equals fp32's on every value (" + ", ".join(
+            f"{x['label']}: {x['total']} values" for x in v.exact_outputs) + ")"
+        floats = f"every float output keeps {thr} and " if v.outputs else ""
+        return f"OK: {floats}{same} {n}" + (f" (worst {where})" if where else "") + f"; {tail}."
+    bad = [x for x in v.outputs if not x["ok"]]
+    parts = [f"{len(bad)} output(s) below {thr} {n} (worst {where})"] if bad else []
+    parts += [f"output {x['label']}: {_differ(x, ' from fp32')}, pooled {n}" for x in v.exact_outputs if not x["ok"]]
+    parts += [f"output {m['tensor']} not compared: {m['reason']}" for m in v.not_compared]
+    head = "CHECK: " + "; ".join(parts) + "."
+    if any(not x["ok"] for x in v.exact_outputs):
+        head += " An integer or bool output passes only when every value equals fp32's."
+    if v.outputs and not bad:
+        head += f" The float outputs keep {thr} (worst {where})."
+    return head if brief else f"{head} Next: {v.next_step}."
+
+
+def _worst_output(o: dict[str, Any]) -> str:
+    """The worst float output in words: whole tensor, worst sample, worst slice."""
     ws = o["worst_slice"]
     where = f"output {o['label']}: cos {fmt('cosine', o['cosine'])}, SNR {fmt('snr_db', o['snr_db'])} dB"
     if o.get("worst_sample"):
@@ -509,18 +548,7 @@ def verdict(
             f"; worst slice #{ws['index']} of {ws['slices']} on axis {ws['axis']}, pooled over the samples: "
             f"cos {fmt('cosine', ws['cosine'])}, SNR {fmt('snr_db', ws['snr_db'])} dB"
         )
-    thr = f"cosine >= {cos_threshold:g} and SNR >= {snr_threshold:g} dB (of the worst slice where an output is sliced)"
-    if v.ok:
-        tail = (
-            f"{len(v.layers)} layer(s) below the thresholds on their own, which the outputs absorb (listed, not judged), worst: "
-            + ", ".join(f"{x['label']} (single cos {fmt('cosine', x['single_cosine'])})" for x in v.layers[:3])
-            if v.layers
-            else "no layer is below the thresholds"
-        )
-        return f"OK: every output keeps {thr} over {v.n_samples} sample(s) (worst {where}); {tail}."
-    bad = [x for x in v.outputs if not x["ok"]]
-    head = f"CHECK: {len(bad)} output(s) below {thr} over {v.n_samples} sample(s) (worst {where})."
-    return head if brief else f"{head} Next: {v.next_step}."
+    return where
 
 
 # --------------------------------------------------------------------------- files

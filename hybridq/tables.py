@@ -12,8 +12,10 @@ from .report import OUTPUT_COLUMNS, _flagged, _get, _outputs_rows, fmt
 
 
 def outputs_table(v: Verdict) -> Table:
-    """The model outputs, worst first: whole-tensor cosine and SNR beside the worst slice's."""
-    t = Table(title="outputs: whole tensor and worst slice along the channel axis")
+    """The model outputs, worst first: whole-tensor cosine and SNR beside the worst slice's; then the integer or bool
+    outputs, value for value, and any output not compared."""
+    t = Table(title="outputs: whole tensor and worst slice along the channel axis"
+              + ("; integer and bool outputs value for value" if v.exact_outputs else ""))
     for c in OUTPUT_COLUMNS:
         t.add_column(c, justify="left" if c in ("output", "worst slice", "") else "right")
     for r in _outputs_rows(v):

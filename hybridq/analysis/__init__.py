@@ -40,7 +40,7 @@ large); results are added in sample order.
 The package, one module per job (data flows down the list):
 
 * :mod:`.results`: what an analysis returns (:class:`LayerError`,
-  :class:`AnalysisResult`) and the :class:`SampleSink` a caller passes to
+  :class:`OutputMatch`, :class:`AnalysisResult`) and the :class:`SampleSink` a caller passes to
   receive each sample's arrays; plain data, no engine;
 * :mod:`.verdict`: :func:`judge` and its thresholds (plain data);
 * :mod:`.matching`: which fp32 tensor compares with which quant view
@@ -58,7 +58,7 @@ from __future__ import annotations
 from ..qdq import QDQ_MAP_KEY
 from .engine import analyze
 from .matching import AnalysisPlan, ComparedTensor, plan_analysis
-from .results import AnalysisResult, LayerError, RuntimeRow, SampleSink, Tee, badness
+from .results import AnalysisResult, LayerError, OutputMatch, RuntimeRow, SampleSink, Tee, badness
 from .running import AnalysisOptions
 from .verdict import COS_THRESHOLD, SNR_THRESHOLD, Verdict, judge
 
@@ -71,6 +71,7 @@ __all__ = [
     "AnalysisResult",
     "ComparedTensor",
     "LayerError",
+    "OutputMatch",
     "RuntimeRow",
     "SampleSink",
     "Tee",

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from .. import _runtime
 from ..deployed import as_deployed
 from ..errors import HybridqError, InputError, ModelError
-from ..kernels import NOT_EXACT_NOTE, SATURATION_NOTE, u8s8_saturates
+from ..kernels import NOT_EXACT_NOTE, SATURATION_NOTE, int8_product_nodes, u8s8_saturates
 from ..metrics import fused_kernel, worth_compiling
 from .graphs import align_opsets, build_analysis_graph, compared_names
-from .matching import ModelIndex, plan_tensors
+from .matching import AnalysisPlan, ModelIndex, plan_tensors
 from .measuring import Measure, SampleErrors, target_bytes
 from .results import AnalysisResult, SampleSink, bounds_note
 from .running import AnalysisOptions, Work, check_feed, executor, in_flight
@@ -103,7 +102,7 @@ def analyze(
         )
     plan = plan_tensors(f, q, written)
     ag = build_analysis_graph(f, q, plan)
-    targets = [compared_names(tp, ag) for tp in plan.tensors]
+    targets = [compared_names(tp, ag) for tp in plan.tensors + plan.exact]
     count = _known_count(samples)
     if reads_itself(samples, options.execution) is not None:
         first = samples.first()  # workers read the samples themselves: only the first is read here
@@ -133,8 +132,7 @@ def analyze(
                 raise (exc if isinstance(exc, (ModelError, InputError)) else _input_error(fm, first) or exc) from None
         if n == 0:
             raise InputError("no samples to analyse: the dataset is empty")
-        layers = m.layers()
-        result = AnalysisResult(layers=layers, outputs=list(f.outputs), n_samples=n, notes=_notes(plan.notes + ag.notes, m, deployed, host_int8, layers))
+        result = _result(f, plan, m, n, _notes(plan.notes + ag.notes, m, deployed, host_int8, q.types))
         if sink is not None:
             sink.finish(result)
             sink = None
@@ -226,20 +224,27 @@ def _known_count(samples: object) -> int | None:
     return count if isinstance(count, int) else None
 
 
-def _notes(notes: list[str], m: Measure, qm: onnx.ModelProto, host_int8: bool, layers: list) -> list[str]:
-    """The plan's notes, then what the figures rest on: inexact kernels or their saturation, clipped comparisons."""
+def _notes(notes: list[str], m: Measure, qm: onnx.ModelProto, host_int8: bool, types: dict[str, int]) -> list[str]:
+    """The plan's notes, then what the figures rest on: inexact kernels or their saturation, shapes set by the data."""
     if not _quantized(qm):
         notes.append("the quantized model holds no quantization operator (QuantizeLinear/DequantizeLinear or an integer "
                      "kernel): check that QUANT_MODEL is the model step2 wrote")
     if m.exact_failed:
         notes.append(NOT_EXACT_NOTE)
-    elif u8s8_saturates() and not host_int8 and _has_int8(qm):
+    elif u8s8_saturates() and not host_int8 and int8_product_nodes(qm, types):
         notes.append(SATURATION_NOTE)
-    return notes + m.notes() + bounds_note(layers)
+    return notes + m.notes()
 
 
-def _has_int8(model: onnx.ModelProto) -> bool:
-    """Does ``model`` dequantize any 8-bit integer tensor (so int8 kernels may run)?"""
-    eight = (TensorProto.INT8, TensorProto.UINT8)
-    inits = {i.name: i.data_type for i in model.graph.initializer}
-    return any(n.op_type == "DequantizeLinear" and inits.get(n.input[0]) in eight for n in model.graph.node)
+def _result(f: ModelIndex, plan: AnalysisPlan, m: Measure, n: int, notes: list[str]) -> AnalysisResult:
+    """The rows, the integer outputs compared value for value, and the model outputs with no figures and why (the plan's
+    reason, the samples', or a model input given back)."""
+    layers, exact = m.layers(), m.exact_outputs()
+    done = {x.tensor for x in layers} | {x.tensor for x in exact}
+    missing = {
+        o: plan.uncompared.get(o) or m.why_not(o) or ("a model input given back as an output: no layer computes it" if o in f.inputs
+                                                     else "no tensor of the quantized model could be matched with it")
+        for o in f.outputs if o not in done
+    }
+    return AnalysisResult(layers=layers, outputs=list(f.outputs), n_samples=n, notes=notes + bounds_note(layers),
+                          exact_outputs=exact, not_compared=missing)

@@ -380,18 +380,19 @@ def build_analysis_graph(f: ModelIndex, q: ModelIndex, plan: AnalysisPlan) -> An
     The quantized graph is embedded unchanged (renamed), so ONNX Runtime fuses
     its QDQ groups into integer kernels as when deployed (a view that is also
     an output gets its own DequantizeLinear). The outputs are, per measured
-    tensor, the fp32 tensor, its quant view and its single view.
+    tensor (``plan.tensors``, then the integer outputs ``plan.exact``), the fp32 tensor, its quant view and its single view.
     """
     combined, single_views, notes, types, fresh = _build_single(f, q, plan)
     rename = _embed(combined, q, fresh, types)
+    measured = plan.tensors + plan.exact
     added: tuple[list[onnx.NodeProto], list[TensorProto]] = ([], [])
     views = {tp.tensor: _rescale(added, fresh, types, rename[tp.view], plan.equalized[tp.source], divide=False)
-             if tp.source in plan.equalized else rename[tp.view] for tp in plan.tensors}  # equalized: back to fp32's channels
+             if tp.source in plan.equalized else rename[tp.view] for tp in measured}  # equalized: back to fp32's channels
     combined.graph.node.extend(added[0])
     combined.graph.initializer.extend(added[1])
     ag = AnalysisGraph(combined, single_views, notes, views, types)
     del combined.graph.output[:]
-    _set_outputs(combined, [x for tp in plan.tensors for x in compared_names(tp, ag)], types)
+    _set_outputs(combined, [x for tp in measured for x in compared_names(tp, ag)], types)
     return ag
 
 

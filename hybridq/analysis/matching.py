@@ -154,6 +154,8 @@ class AnalysisPlan:
     inner: frozenset[str] = frozenset()
     """Tensors inside activations written as chains of elementwise ops: a layer alone computes them again from the
     chain's (quantized) input, not from fp32's (see :func:`folded_patterns`)."""
+    exact: list[ComparedTensor] = field(default_factory=list)  # integer or bool model outputs: compared value for value
+    uncompared: dict[str, str] = field(default_factory=dict)  # model outputs left out of the plan, and why
 
 
 _INT_NAMES = {
@@ -218,13 +220,13 @@ def plan_tensors(f: ModelIndex, q: ModelIndex, written: ModelIndex | None = None
     mapped: dict[str, str] = qmap.tensors if qmap else {}
     layer_info: dict[str, Any] = qmap.layers if qmap else {}
     bounds = qmap.bounds if qmap else {}
-    notes: list[str] = []
     plans: list[ComparedTensor] = []
     missing_views: list[str] = []
     folds = folded_patterns(f, q)
     seen: set[str] = {n.output[0] for _, nodes in folds.values() for n in nodes}  # inner tensors: their pattern's row
+    exact: list[ComparedTensor] = []  # integer or bool outputs (an ArgMax, TopK indices, a mask): value for value, no single view
     for k, node in enumerate(f.nodes):
-        if node.op_type in _SKIP_OPS or not any(node.input):
+        if (node.op_type in _SKIP_OPS or not any(node.input)) and f.output_set.isdisjoint(node.output):
             continue
         layer = node.name or node.output[0]
         for t in node.output:
@@ -233,6 +235,8 @@ def plan_tensors(f: ModelIndex, q: ModelIndex, written: ModelIndex | None = None
             seen.add(t)
             et = f.types.get(t)
             if et is not None and et not in FLOAT_TYPES:
+                if t in f.output_set and t in q.values:
+                    exact.append(ComparedTensor(tensor=t, layer=layer, op_type=node.op_type, view=t, source=t, out_chain=(), quant_node=None))
                 continue
             # a model output is compared as the quantized model returns it (not as a quantized reader sees it)
             view = t if t in f.output_set and t in q.output_set else mapped.get(t)
@@ -277,12 +281,16 @@ def plan_tensors(f: ModelIndex, q: ModelIndex, written: ModelIndex | None = None
                     bounds=bounds.get(t),
                 )
             )
-    notes += _plan_notes(folds, missing_views)
-    if not plans:
+    planned = {tp.tensor for tp in plans + exact}
+    uncompared = {o: _MISSING for o in f.outputs if o not in planned and o not in q.values}
+    if not plans and not exact:
         raise InputError(
             "the float and quantized models have no float tensor in common to compare; "
             "check that QUANT_MODEL was built from FLOAT_MODEL"
         )
     inner = frozenset(n.output[0] for _, nodes in folds.values() for n in nodes) - set(folds)
-    return AnalysisPlan(plans, notes, layers_known=bool(layer_info), equalized=qmap.equalized if qmap else {}, inner=inner)
+    return AnalysisPlan(plans, _plan_notes(folds, missing_views), layers_known=bool(layer_info), exact=exact, uncompared=uncompared,
+                        equalized=qmap.equalized if qmap else {}, inner=inner)
 
+
+_MISSING = "the quantized model has no tensor of that name (check that QUANT_MODEL was built from FLOAT_MODEL)"

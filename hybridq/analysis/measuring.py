@@ -21,7 +21,7 @@ from ..graph import tensor_shapes
 from ..metrics import Accumulator, Metrics, SliceAccumulator, channel_axis, metrics_many, sample_metrics, slice_sums
 from .graphs import AnalysisGraph, compared_names
 from .matching import AnalysisPlan, ComparedTensor
-from .results import LayerError, SampleSink
+from .results import LayerError, OutputMatch, SampleSink
 
 class SegmentRunner(Protocol):
     """What :meth:`Measure.sample` runs a sample on (:class:`~hybridq.analysis.running.Runner`)."""
@@ -45,6 +45,7 @@ class SampleErrors:
     slices: dict[str, tuple[int, np.ndarray]] = field(default_factory=dict)  # model outputs: axis, slice_sums
     whole: dict[str, np.ndarray] = field(default_factory=dict)  # model outputs: the whole tensor's (a.a, b.b, a.b, d.d)
     unequal: dict[str, str] = field(default_factory=dict)  # not compared: fp32 and quantized shapes (data-dependent)
+    matches: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer or bool outputs: values that differ, values
     exact_failed: bool = False  # measured on this CPU's default int8 kernels although exact ones were asked for
 
 
@@ -71,7 +72,8 @@ class Measure:
         self.dtypes: dict[str, str] = {}
         self.skipped: set[str] = set()
         self.exact_failed = False
-        self.todo = {tp.tensor: (tp, compared_names(tp, ag)) for tp in plan.tensors}
+        self.matches: dict[str, list[int]] = {}  # integer or bool outputs: values that differ, values, samples
+        self.todo = {tp.tensor: (tp, compared_names(tp, ag)) for tp in plan.tensors + plan.exact}
         self.wanted = {x for _, names in self.todo.values() for x in names}
         self.by_name: dict[str, list[str]] = defaultdict(list)
         for t, (_, names) in self.todo.items():
@@ -115,7 +117,7 @@ class Measure:
     def _measure(self, tp: ComparedTensor, vals: list[np.ndarray], res: SampleErrors) -> None:
         """One tensor of one sample: its metrics against each view (and its arrays for a dump)."""
         t, a, tests = tp.tensor, vals[0], vals[1:]
-        if a.dtype.kind != "f":
+        if a.dtype.kind != "f" and t not in self.outputs:
             res.skipped.add(t)  # not a float tensor after all (types were unknown)
             return
         if res.index == 0:  # the totals keep the first sample's shape and dtype
@@ -130,9 +132,12 @@ class Measure:
                         "this float model. Pass the fp32 model given to step1 as FLOAT_MODEL."
                     )
                 res.unequal[t] = f"fp32 {a.shape} vs quantized {b.shape}"
-                if self.exact:
+                if self.exact and a.dtype.kind == "f":
                     res.arrays[t] = raw
                 return
+        if a.dtype.kind != "f":  # an integer or bool output (an ArgMax, a mask): value for value
+            res.matches[t] = (int(np.count_nonzero(a != tests[0])), int(a.size))
+            return
         if tp.bounds is not None:  # beyond their saturation points (HardSwish below -3) all values are one to them
             a, tests = np.clip(a, *tp.bounds), [np.clip(b, *tp.bounds) for b in tests]
         if t in self.outputs:  # pooled over the samples, as the proposal judges them: per slice, and the whole tensor
@@ -159,8 +164,12 @@ class Measure:
         self.exact_failed |= res.exact_failed
         self.n_samples += 1
         self.counted.update(res.values)
+        self.counted.update(res.matches)
         for t, shapes in res.unequal.items():
             self.unequal[t].append((res.index, shapes))
+        for t, (differ, total) in res.matches.items():
+            acc = self.matches.setdefault(t, [0, 0, 0])
+            acc[0], acc[1], acc[2] = acc[0] + differ, acc[1] + total, acc[2] + 1
         if res.index == 0:
             self.skipped |= res.skipped
             for t, (shape, dtype) in res.shapes.items():
@@ -231,8 +240,24 @@ class Measure:
                 pooled=_pooled(self.whole[tp.tensor]) if tp.tensor in self.whole else None,
             )
             for tp in self.plan.tensors
-            if tp.tensor not in self.skipped and (tp.tensor in self.counted or tp.tensor not in self.unequal)
+            if tp.tensor not in self.skipped and tp.tensor not in self.matches and self.dtypes.get(tp.tensor, "float")[0] == "f"
+            and (tp.tensor in self.counted or tp.tensor not in self.unequal)
         ]
+
+    def exact_outputs(self) -> list[OutputMatch]:
+        """The integer or bool model outputs compared value for value on at least one sample, in plan order."""
+        return [
+            OutputMatch(tp.tensor, tp.layer, self.dtypes[tp.tensor], self.shapes[tp.tensor], *self.matches[tp.tensor])
+            for tp in self.plan.tensors + self.plan.exact if tp.tensor in self.matches
+        ]
+
+    def why_not(self, tensor: str) -> str | None:
+        """Why model output ``tensor`` has no figures, when the samples tell: its shapes differed on every sample."""
+        runs = self.unequal.get(tensor)
+        if not runs:
+            return None
+        return (f"its shape depends on the data and the fp32 and quantized shapes differed on all {len(runs)} sample(s) "
+                f"({runs[0][1]} on sample {runs[0][0]})")
 
 
 def _pooled(sums: np.ndarray) -> tuple[float, float]:
@@ -251,7 +276,7 @@ def target_bytes(
     come from: inferred for ``sample``'s input shapes, so a dim left open is set by the data (:meth:`Measure.data_dependent`)."""
     shapes = tensor_shapes(concrete_shapes(fm, sample)) if sample is not None else {}
     sizes: list[float | None] = []
-    for tp, names in zip(plan.tensors, targets):
+    for tp, names in zip(plan.tensors + plan.exact, targets):
         dims = shapes.get(tp.tensor)
         known = dims is not None and all(isinstance(d, int) and d > 0 for d in dims)
         sizes.append(4.0 * len(names) * float(np.prod(dims)) if known else None)  # type: ignore[arg-type]

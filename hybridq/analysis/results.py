@@ -154,6 +154,42 @@ def badness(layer: LayerError) -> tuple[float, float]:
 
 
 @dataclass
+class OutputMatch:
+    """An integer or bool model output (an ArgMax, TopK indices, a mask) compared value for value with fp32's.
+
+    ``differ`` of ``total`` values differ, pooled over ``samples`` samples (the ones whose fp32 and quantized shapes
+    agree); ``shape`` and ``dtype`` describe the first sample's fp32 tensor.
+    """
+
+    tensor: str
+    layer: str
+    dtype: str
+    shape: tuple[int, ...]
+    differ: int
+    total: int
+    samples: int
+
+    @property
+    def label(self) -> str:
+        """``layer [tensor] dtype``, as :attr:`LayerError.label` names a row."""
+        return f"{self.layer} [{self.tensor}] {self.dtype}"
+
+    @property
+    def share(self) -> float:
+        """The fraction of values that differ (0.0 when there is none)."""
+        return self.differ / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tensor": self.tensor, "layer": self.layer, "label": self.label, "dtype": self.dtype, "shape": list(self.shape),
+                "differ": self.differ, "total": self.total, "share": self.share, "samples": self.samples}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> OutputMatch:
+        return cls(str(d["tensor"]), str(d["layer"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]), int(d["differ"]),
+                   int(d["total"]), int(d["samples"]))
+
+
+@dataclass
 class RuntimeRow:
     """One tensor (a model output, or a layer a device dumped) as another runtime computed it: against fp32 and against
     hybridq's (exact) simulation."""
@@ -174,7 +210,11 @@ class RuntimeRow:
 
 @dataclass
 class AnalysisResult:
-    """Everything the report renders; also what a snapshot's ``manifest.json`` holds."""
+    """Everything the report renders; also what a snapshot's ``manifest.json`` holds.
+
+    ``exact_outputs`` are the integer or bool model outputs, compared value for value (they have no row in ``layers``);
+    ``not_compared`` names the model outputs with neither (``{tensor: why}``).
+    """
 
     layers: list[LayerError]
     outputs: list[str]
@@ -183,6 +223,8 @@ class AnalysisResult:
     dumped_samples: int = 0
     dump_message: str | None = None
     runtime: list[RuntimeRow] = field(default_factory=list)
+    exact_outputs: list[OutputMatch] = field(default_factory=list)
+    not_compared: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Strict-JSON-ready dict (:func:`~hybridq.metrics.to_strict_json`: non-finite numbers are
@@ -197,6 +239,8 @@ class AnalysisResult:
             "dump_message": self.dump_message,
             "tensors": {layer.tensor: layer.to_dict() for layer in self.layers},
             "runtime": [r.to_dict() for r in self.runtime],
+            "exact_outputs": [x.to_dict() for x in self.exact_outputs],
+            "not_compared": dict(self.not_compared),
         })
 
     @classmethod
@@ -211,6 +255,8 @@ class AnalysisResult:
             dumped_samples=int(d.get("dumped_samples", 0)),
             dump_message=d.get("dump_message"),
             runtime=[RuntimeRow.from_dict(r) for r in d.get("runtime", [])],
+            exact_outputs=[OutputMatch.from_dict(x) for x in d.get("exact_outputs", [])],
+            not_compared={str(k): str(v) for k, v in d.get("not_compared", {}).items()},
         )
 
     def worst(self, n: int | None = None) -> list[LayerError]:
@@ -223,6 +269,10 @@ class AnalysisResult:
         by_name = {layer.tensor: layer for layer in self.layers}
         return [by_name[o] for o in self.outputs if o in by_name]
 
+    def uncompared_outputs(self) -> dict[str, str]:
+        """The model outputs with neither a row nor a value-for-value comparison, in output order, and why."""
+        done = {layer.tensor for layer in self.layers} | {x.tensor for x in self.exact_outputs}
+        return {o: self.not_compared.get(o, "this result holds no figures for it") for o in self.outputs if o not in done}
 
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..metrics import SNR_DEFAULT, Metrics, output_ok
 from ..recorded import OTHER_SOURCE
-from .results import AnalysisResult, LayerError
+from .results import AnalysisResult, LayerError, OutputMatch
 
 COS_THRESHOLD = 0.99
 """Default cosine below which an output, an output slice or a layer's single error fails the verdict."""
@@ -26,10 +26,12 @@ def _below(m: Metrics | None, cos_threshold: float, snr_threshold: float) -> boo
 class Verdict:
     """OK or CHECK for an analysis, why, and what to do next (plain data; the report renders it).
 
-    ``ok`` is true when every model output passes :func:`~hybridq.metrics.output_ok`:
+    ``ok`` is true when every float model output passes :func:`~hybridq.metrics.output_ok`:
     whole-tensor cosine >= ``cos_threshold``, and SNR >= ``snr_threshold`` of its
     worst slice along the channel axis (every slice also at cosine >=
-    ``cos_threshold``), or of the whole tensor where it is not sliced. ``outputs`` lists every output, worst first;
+    ``cos_threshold``), or of the whole tensor where it is not sliced; every integer or bool output equals fp32's
+    value for value on every sample (``exact_outputs``, the most differing first); and no output is left uncompared
+    (``not_compared``: tensor and why). ``outputs`` lists every float output, worst first;
     ``layers`` the layers whose single error is below a threshold (the ones
     that add error), worst first, at most five. ``next_step`` says what to do
     in one sentence; ``cfg_entry`` is the cfg line to try and ``command`` the
@@ -45,6 +47,8 @@ class Verdict:
     next_step: str
     cfg_entry: str | None = None
     command: str | None = None
+    exact_outputs: list[dict[str, Any]] = field(default_factory=list)
+    not_compared: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (floats may be non-finite: write it through :func:`~hybridq.metrics.to_strict_json`)."""
@@ -54,6 +58,8 @@ class Verdict:
             "thresholds": {"cosine": self.cos_threshold, "snr_db": self.snr_threshold},
             "n_samples": self.n_samples,
             "worst_outputs": self.outputs,
+            "exact_outputs": self.exact_outputs,
+            "not_compared": self.not_compared,
             "worst_layers": self.layers,
             "next_step": self.next_step,
             "cfg_entry": self.cfg_entry,
@@ -102,6 +108,11 @@ def _output_rank(entry: dict[str, Any]) -> tuple[bool, float, float]:
     return (entry["ok"], num(ws["snr_db"]) if ws else math.inf, num(entry["cosine"]))
 
 
+def _exact_entry(x: OutputMatch) -> dict[str, Any]:
+    """An integer or bool output as the verdict judges it: it passes only when every value equals fp32's."""
+    return {**x.to_dict(), "ok": x.differ == 0}
+
+
 def judge(
     result: AnalysisResult,
     cos_threshold: float = COS_THRESHOLD,
@@ -118,9 +129,11 @@ def judge(
     placeholders ``MODEL.quantization.cfg`` and ``DATASET`` when unknown). ``fallback`` is the precision the next
     step suggests for a layer (float16 for a cfg written for target npu, whose fallback it is).
     """
-    outs = result.output_layers() or result.layers[-1:]
+    outs = result.output_layers() if result.outputs else result.layers[-1:]  # no output named (a device folder): the last row
     entries = sorted((_output_entry(o, cos_threshold, snr_threshold) for o in outs), key=_output_rank)
-    ok = all(e["ok"] for e in entries)
+    exact = sorted((_exact_entry(x) for x in result.exact_outputs), key=lambda e: -e["share"])
+    missing = [{"tensor": t, "reason": why} for t, why in result.uncompared_outputs().items()]
+    ok = all(e["ok"] for e in entries) and all(e["ok"] for e in exact) and not missing
     adders = [layer for layer in result.worst() if _below(layer.single, cos_threshold, snr_threshold)]
     layers = [
         {
@@ -138,13 +151,26 @@ def judge(
     ]
     if ok:
         return Verdict(True, cos_threshold, snr_threshold, result.n_samples, entries, layers,
-                       "nothing to do: every output meets the thresholds")
+                       "nothing to do: every output meets the thresholds", exact_outputs=exact)
     command = " ".join(
         ["hybridq", "propose", *([shlex.quote(snapshot)] if snapshot else []),
          "--cfg", shlex.quote(cfg) if cfg else "MODEL.quantization.cfg",
          "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", repr(float(cos_threshold)),
          *(["--target-snr", repr(float(snr_threshold))] if snr_threshold != SNR_THRESHOLD else [])]  # a threshold the user set
     )
+    if missing and all(e["ok"] for e in entries + exact):
+        step = (f"output {missing[0]['tensor']} was not compared ({missing[0]['reason']}): check it another way, on your task's "
+                "own metric, before trusting the others' figures")
+        return Verdict(False, cos_threshold, snr_threshold, result.n_samples, entries, layers, step, None, command, exact, missing)
+    step, cfg_entry = _next_step(result, entries, exact, adders, outs, command, cos_threshold, fallback)
+    return Verdict(False, cos_threshold, snr_threshold, result.n_samples, entries, layers, step, cfg_entry, command, exact, missing)
+
+
+def _next_step(
+    result: AnalysisResult, entries: list[dict[str, Any]], exact: list[dict[str, Any]], adders: list[LayerError],
+    outs: list[LayerError], command: str, cos_threshold: float, fallback: str,
+) -> tuple[str, str | None]:
+    """The next step of a CHECK verdict and the cfg line it suggests (None: no single line)."""
     cfg_entry = None
     if any(OTHER_SOURCE in n for n in result.notes):
         step = ("FLOAT_MODEL is not the file step1 quantized (see the note): run analyze again with the fp32 model "
@@ -156,6 +182,14 @@ def judge(
             f"layer {a.label} adds the most error: in the cfg set `{cfg_entry}` (or int16), "
             f"or clip the range (`min`/`max`) of its input tensors under quantize_parameters; "
             f"or let `{command}` find the cheapest fix"
+        )
+    elif all(e["ok"] for e in entries):  # only integer outputs differ: decisions taken on values the quantization moved
+        x = exact[0]
+        step = (
+            f"output {x['label']} differs from fp32 on {x['differ']} of {x['total']} values, although no layer and no float "
+            "output is below the thresholds: decisions (argmax, top-k, a threshold) flip where fp32 values are near a tie. "
+            "Judge that share on your task's own metric; to shrink it, raise the precision of the layers that compute it "
+            "(custom_quantize_layers in the cfg)"
         )
     else:
         worst = entries[0]
@@ -174,5 +208,4 @@ def judge(
             )
         else:
             step = f"no single layer is below the thresholds, so the error builds up over many layers: run `{command}`"
-    return Verdict(False, cos_threshold, snr_threshold, result.n_samples, entries, layers, step, cfg_entry, command)
-
+    return step, cfg_entry
