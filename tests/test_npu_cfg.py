@@ -1,5 +1,5 @@
 """The npu cfg lists what step2 builds: a shared grid's members carry the group's parameters, and an edit of one member
-names every member's move."""
+names every member's move; a quantized tensor that is also a graph output keeps its Q/DQ for a float16 reader."""
 
 from __future__ import annotations
 
@@ -151,6 +151,50 @@ def test_an_edit_of_one_member_names_every_member_s_move(pooled, tmp_path, edit,
         assert after == pytest.approx([-zp * scale, (255 - zp) * scale], rel=1e-5), (t, note)
         assert what == moved, note
     assert abs(-zp * scale - lo) < scale  # the min step2 used is the one listed for mp (to a step)
+
+
+def _attention_readout() -> onnx.ModelProto:
+    """x [1,6,64] -> Softmax 'att' (a graph output too) -> MatMul by a [64,16] weight 'mm' -> y."""
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array((rng.normal(0, 10, (64, 16))).astype(np.float32), "w")
+    nodes = [helper.make_node("Softmax", ["x"], ["att"], name="softmax", axis=-1), helper.make_node("MatMul", ["att", "w"], ["y"], name="mm")]
+    g = helper.make_graph(nodes, "readout", [helper.make_tensor_value_info("x", T.FLOAT, [1, 6, 64])],
+                          [helper.make_tensor_value_info("y", T.FLOAT, [1, 6, 16]), helper.make_tensor_value_info("att", T.FLOAT, [1, 6, 64])],
+                          [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_float16_layer_reads_the_int8_view_of_a_graph_output(tmp_path):
+    """npu, mm float16: the Softmax output 'att', also a graph output, keeps its Q/DQ (it had none once its only int8
+    reader went float16), so mm reads its uint8 view as the NPU's float16 fallback does; the graph output stays float."""
+    model = _attention_readout()
+    onnx.save(model, tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 6, 64)}, 6, scale=2.0)
+    r1 = hybridq.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"target": "npu"})
+    text = r1.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  mm: float16")
+    (tmp_path / "fp16.cfg").write_text(text)
+    q = onnx.load(str(hybridq.step2(r1.model, r1.data, tmp_path / "fp16.cfg", tmp_path / "q.onnx").output))
+    cfg = YAML().load(text)["quantize_parameters"]
+    built = _qdq(q)
+    assert built["att"][:2] == (pytest.approx(cfg["att"]["scale"][0], rel=1e-7), cfg["att"]["zero_point"][0])
+    cast = next(n for n in q.graph.node if n.op_type == "Cast" and n.name.startswith("mm"))
+    assert cast.input[0] == built["att"][2] and [o.name for o in q.graph.output] == ["y", "att"]
+    x = np.load(listing.parent / "x_0.npy")
+    y, att = run(q, {"x": x})
+    # numpy: x on its uint8 grid, Softmax in float32, att on its grid, then the product in float16 by float16 weights
+    xq = _fake_quant(x, cfg["x"]["scale"][0], cfg["x"]["zero_point"][0])
+    e = np.exp(xq - xq.max(-1, keepdims=True))
+    np.testing.assert_allclose(att, e / e.sum(-1, keepdims=True), rtol=1e-5, atol=1e-7)  # the graph output is float
+    view = _fake_quant(att, cfg["att"]["scale"][0], cfg["att"]["zero_point"][0])
+    w16 = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float16)
+    want = (view.astype(np.float16).astype(np.float32) @ w16.astype(np.float32)).astype(np.float16).astype(np.float32)
+    exact = (att.astype(np.float16).astype(np.float32) @ w16.astype(np.float32)).astype(np.float16).astype(np.float32)
+    ulp = float(np.spacing(np.float16(np.abs(want).max())))  # float16's step at the largest output
+    np.testing.assert_allclose(y, want, atol=2 * ulp)
+    # the unquantized Softmax (what mm read without the Q/DQ) is far off: 0.036 on average against 0.0006
+    assert np.abs(y - exact).mean() > 20 * np.abs(y - want).mean()
 
 
 def test_a_proposed_range_fix_moves_a_shared_group_as_one(pooled):
