@@ -88,8 +88,8 @@ def _entry_comments(plan: QuantPlan) -> dict[str, str]:
     for group in plan.shared:
         for t in group:
             others = [o for o in group if o != t]
-            comments[t] += (f"; shares one grid with {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} (a Concat or "
-                            "data-movement op keeps one scale: the widest range is used)")
+            comments[t] += (f"; shares one grid with {', '.join(others[:3])}{' ...' if len(others) > 3 else ''} (a Concat, MaxPool, "
+                            "Resize or data-movement op keeps one scale): the group's parameters, which step2 uses (an edit moves them all)")
     for w, wp in plan.weights.items():
         comments[w] = f"weight of {wp.node}"
     return comments
@@ -141,8 +141,8 @@ def step1(
     plan, observers, inf_floats, inf_why = _calibrated_plan(temp, ds, n, settings, placement, costs, batch_size, input_stats, execution, on_progress)
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
-    entries = written_entries(plan, temp, observers, settings)
-    header, meta = step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats, costs, seed if ds.selection else None)
+    entries, own = written_entries(plan, temp, observers, settings)
+    header, meta = step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats, costs, seed if ds.selection else None, own)
     comments, prop, evaluator = _entry_comments(plan), None, None
     custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
     custom, custom_comments = {**custom, **inf_floats}, {**custom_comments, **inf_why}

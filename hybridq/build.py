@@ -26,7 +26,7 @@ from .observers import HistogramObserver
 from .placement import CostTable
 from .plan import ABSORBED_ACTIVATIONS, GraphView, QuantPlan, absorbed_output, make_plan
 from .qdq import QdqMap, RewriteResult, apply_plan
-from .resolve import Resolution, activation_entry, resolve, weight_entry
+from .resolve import Resolution, activation_entry, listed_qparams, resolve, weight_entry
 from .settings import Settings
 
 
@@ -94,8 +94,11 @@ def initializer_arrays(model: onnx.ModelProto, names) -> dict[str, np.ndarray]:
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name in wanted}
 
 
-def written_entries(plan: QuantPlan, model: onnx.ModelProto, observers: dict[str, HistogramObserver], settings: Settings) -> dict[str, dict[str, Any]]:
-    """The quantize_parameters step1 writes for a plan: activations from statistics, weights from the weights.
+def written_entries(
+    plan: QuantPlan, model: onnx.ModelProto, observers: dict[str, HistogramObserver], settings: Settings,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """The quantize_parameters step1 writes for a plan (activations from statistics, weights from the weights), and the
+    scale/zero_point each member of a shared group has alone (the entries list the group's; step2 unites its own groups).
 
     A tensor whose readers saturate is ranged within that interval (targets.floored); its ori_min/ori_max stay the observed range.
     """
@@ -105,10 +108,28 @@ def written_entries(plan: QuantPlan, model: onnx.ModelProto, observers: dict[str
         entries[t], _ = activation_entry(tp, within[t], settings)
         if within[t] is not observers[t]:
             entries[t]["ori_min"], entries[t]["ori_max"] = [short_float(observers[t].min)], [short_float(observers[t].max)]
+    own = _list_shared(plan, entries, within)
     arrays = initializer_arrays(model, plan.weights)
     for w, wp in plan.weights.items():
         entries[w], _ = weight_entry(wp, arrays[w])
-    return entries
+    return entries, own
+
+
+def _list_shared(plan: QuantPlan, entries: dict[str, dict[str, Any]], observers: dict[str, HistogramObserver]) -> dict[str, dict[str, Any]]:
+    """Give every member of a shared group the parameters step2 builds it with (targets.shared_params of the listed ones):
+    the lender's min/max, or the range the group's union maps onto; each member's ori_min/ori_max stay its own.
+    Returns each member's own scale/zero_point, which step2 reads for an unedited member (its groups may differ)."""
+    listed = {t: qp for t in plan.tensors if (qp := listed_qparams(entries[t])) is not None}
+    shared = targets.shared_params(plan.shared, listed, targets.degenerate(listed, observers))
+    own = {t: {k: entries[t][k] for k in ("scale", "zero_point")} for group in plan.shared for t in group if t in listed}
+    for group in plan.shared:
+        for t in (m for m in group if m in listed):
+            qp = shared[t]
+            lender = next((m for m in group if listed.get(m) is qp), None)
+            lo, hi = (entries[lender]["min"], entries[lender]["max"]) if lender else ([short_float(r)] for r in targets.represented(qp))
+            entries[t].update(min=list(lo), max=list(hi), scale=[short_float(float(s)) for s in np.ravel(qp.scale)],
+                              zero_point=[int(z) for z in np.ravel(qp.zero_point)])
+    return own
 
 
 def resolve_layer_names(
@@ -296,10 +317,11 @@ def build(
     written_settings = Settings(**meta.get("written_settings", {}))
     arrays = initializer_arrays(fixed, plan.weights)
     observers = targets.floored(observers, plan.floors)
-    res = resolve(plan, edits.entries, written, observers, arrays, settings, written_settings, where)
+    res = resolve(plan, edits.entries, written, observers, arrays, settings, written_settings, where, meta.get("shared_own", {}))
     edited = frozenset(res.edited)
     before, res.activations = res.activations, targets.shared_params(plan.shared, res.activations, targets.degenerate(res.activations, observers), edited)
-    notes, warnings = targets.shared_edit_messages(plan.shared, before, res.activations, edited, where)
+    listed = {t: qp for group in plan.shared for t in group if (qp := listed_qparams(written.get(t, {}))) is not None}
+    notes, warnings = targets.shared_edit_messages(plan.shared, before, res.activations, edited, where, listed)
     res.notes += notes
     res.warnings += warnings
     rewrite = apply_plan(fixed, plan, res.activations, res.weights)

@@ -472,7 +472,9 @@ def make_plan(
         if slots.quantize_output:
             outs = [o for o in node.output if o] if slots.all_outputs else [_absorbed_output(node, g)]
             for out in outs:
-                if out not in g.outputs and g.types.get(out) == FLOAT:
+                # a graph output the NPU's next ops read is quantized for them (it stays float as an output); on the cpu
+                # an integer kernel writes a graph output float and the readers that quantize it add its Q (cpu models unchanged)
+                if (out not in g.outputs or placement.float_reads_quantized) and g.types.get(out) == FLOAT:
                     want(out, lp.precision, None, name, True)
 
     # A quantized layer's output is read dequantized by every consumer (the integer

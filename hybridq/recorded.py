@@ -163,8 +163,10 @@ def fixed_inputs_of(quant: Path) -> dict[str, Any]:
 def step1_record(
     model_path: Path, dataset: str | Path, n: int, recorded_pre: dict[str, Any] | None, entries: dict[str, dict[str, Any]],
     settings: Any, report: Any, input_stats: InputStats, costs: Any = None, seed: int | None = None,
+    shared_own: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What step1 records: the cfg header (its ``model_sha256`` filled in when the model is written) and the `.data` meta."""
+    """What step1 records: the cfg header (its ``model_sha256`` filled in when the model is written) and the `.data` meta
+    (with `shared_own`, the own scale/zero_point of tensors the cfg lists with their shared group's, when there are any)."""
     header = {
         "version": __version__,
         "model": model_path.name,
@@ -191,6 +193,8 @@ def step1_record(
     }
     if seed is not None:  # the samples were drawn with it (--seed)
         header["seed"] = seed
+    if shared_own:
+        meta["shared_own"] = shared_own
     return header, meta
 
 

@@ -57,6 +57,14 @@ def activation_entry(tp: TensorPlan, obs: HistogramObserver, settings: Settings,
     return entry, qp
 
 
+def listed_qparams(entry: dict[str, Any]) -> QParams | None:
+    """The parameters an activation entry lists, as step2 reads an unedited one (None without scale or zero_point)."""
+    if entry.get("scale") is None or entry.get("zero_point") is None:
+        return None
+    dtype = entry["dtype"]
+    return QParams(dtype, np.array(entry["scale"], dtype=np.float32), np.array([int(z) for z in entry["zero_point"]]).astype(NUMPY[dtype]))
+
+
 def weight_entry(wp: WeightPlan, w: np.ndarray) -> tuple[dict[str, Any], QParams]:
     """The cfg entry and parameters of a weight (symmetric, minmax, per channel or per tensor)."""
     qp, lo, hi = weight_qparams(w, wp.dtype, wp.axis)
@@ -114,8 +122,10 @@ def resolve(
     settings: Settings,
     written_settings: Settings,
     cfg_name: str,
+    own: dict[str, dict[str, Any]] | None = None,
 ) -> Resolution:
-    """Parameters for every tensor of the plan, honouring the cfg's edits."""
+    """Parameters for every tensor of the plan, honouring the cfg's edits; an unedited member of a group step1 listed with
+    its group's parameters takes its `own` (the build unites the groups of this plan, which a float layer may have split)."""
     res = Resolution()
     changed_settings = {k for k, v in settings.to_dict().items() if v != written_settings.to_dict().get(k)}
 
@@ -166,8 +176,9 @@ def resolve(
             lo, hi = compute_range(obs, algo, levels(dtype), settings.percentile, t)
             qp = compute_qparams(lo, hi, dtype, sym)
         else:
-            scale = np.array(v.get("scale", w.get("scale")), dtype=np.float32)
-            zp = _check_zero_points(t, where, v.get("zero_point", w.get("zero_point")), dtype, sym)
+            listed = {**w, **v, **(own or {}).get(t, {})}
+            scale = np.array(listed["scale"], dtype=np.float32)
+            zp = _check_zero_points(t, where, listed["zero_point"], dtype, sym)
             qp = QParams(dtype, scale, zp.astype(NUMPY[dtype]))
         res.activations[t] = qp
 

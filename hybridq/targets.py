@@ -152,27 +152,55 @@ def shared_params(groups: list[list[str]], params: dict[str, QParams], degenerat
 
 def shared_edit_messages(
     groups: list[list[str]], before: dict[str, QParams], after: dict[str, QParams], edited: frozenset[str], where: str,
+    listed: dict[str, QParams] | None = None,
 ) -> tuple[list[str], list[str]]:
     """What step2 says of cfg edits to tensors that share one scale (:func:`shared_params`): a note per group where one
-    member's edit carries the others, a warning where members were edited to different ranges (their union is used)."""
+    member's edit carries the others, a warning where members were edited to different ranges (their union is used).
+
+    `before` holds each member's parameters with its edit, `listed` (default `before`) what its cfg entry gave before the
+    edit; both messages name every member's range as listed and as built, and which bound moved."""
+    listed = {**before, **(listed or {})}
     notes, warnings = [], []
     for group in groups:
         mine = [t for t in group if t in edited and t in before]
         if not mine or len(group) < 2:
             continue
-        shown = lambda r: f"[{r[0]:.6g}, {r[1]:.6g}]"  # noqa: E731
-        used = shown(_represented(after[mine[0]])) if after[mine[0]].scale.size == 1 else "the widest step"
+        used = _shown(after[mine[0]]) if after[mine[0]].scale.size == 1 else "the widest step"
+        moves = _moves([t for t in group if t in listed and t in after], listed, after)
         others = [t for t in group if t not in edited]
         if len(mine) > 1 and len({tuple(np.ravel(before[t].scale)) + tuple(np.ravel(before[t].zero_point)) for t in mine}) > 1:
-            ranges = ", ".join(f"{t!r} {shown(_represented(before[t])) if before[t].scale.size == 1 else '(per channel)'}" for t in mine)
+            ranges = ", ".join(f"{t!r} {_shown(before[t])}" for t in mine)
             warnings.append(f"{where}: {ranges} are edited to different ranges, but they share one scale on this target (data "
-                            f"movement and Concat pass it through): all {len(group)} tensors of the group use {used}, which covers "
-                            "every edit. Give them the same min/max to choose the range yourself.")
+                            f"movement, MaxPool/Resize and Concat pass it through): all {len(group)} tensors of the group use {used}, "
+                            f"which covers every edit; as listed -> as built: {moves}. Give them the same min/max to choose the "
+                            "range yourself.")
         elif others:
             notes.append(f"{where}: {', '.join(repr(t) for t in mine)} edited: the tensors that share its parameters on this "
-                         f"target (one scale through data movement and Concat: {', '.join(repr(t) for t in others)}) take the "
-                         f"edited range {used}")
+                         f"target (one scale through data movement, MaxPool/Resize and Concat: {', '.join(repr(t) for t in others)}) "
+                         f"take the edited range {used}; as listed -> as built: {moves}")
     return notes, warnings
+
+
+def _shown(qp: QParams) -> str:
+    """A per-tensor QParams' represented range as step2's messages print it ('(per channel)' for per-channel ones)."""
+    if qp.scale.size != 1:
+        return "(per channel)"
+    lo, hi = represented(qp)
+    return f"[{lo:.6g}, {hi:.6g}]"
+
+
+def _moves(members: list[str], listed: dict[str, QParams], after: dict[str, QParams]) -> str:
+    """Each member's range before -> after, and which bound moved by more than a step (members alike are listed together)."""
+    rows: dict[str, list[str]] = {}
+    for t in members:
+        a, b = listed[t], after[t]
+        what = ""
+        if a.scale.size == 1 and b.scale.size == 1:
+            step = max(float(np.ravel(a.scale)[0]), float(np.ravel(b.scale)[0]))
+            moved = [k for k, x, y in zip(("min", "max"), represented(a), represented(b)) if abs(x - y) > step]
+            what = f" ({' and '.join(moved)} moved)" if moved else " (unchanged)"
+        rows.setdefault(f"{_shown(a)} -> {_shown(b)}{what}", []).append(repr(t))
+    return ", ".join(f"{', '.join(names)} {row}" for row, names in rows.items())
 
 
 def degenerate(params: dict[str, QParams], observers: dict[str, HistogramObserver]) -> frozenset[str]:
@@ -182,7 +210,7 @@ def degenerate(params: dict[str, QParams], observers: dict[str, HistogramObserve
                      and (t not in observers or observers[t].count == 0 or observers[t].max == observers[t].min))
 
 
-def _represented(qp: QParams) -> tuple[float, float]:
+def represented(qp: QParams) -> tuple[float, float]:
     """The real range a per-tensor QParams maps onto its integer range."""
     info = np.iinfo(NUMPY[qp.dtype])
     s, z = float(qp.scale.reshape(-1)[0]), float(qp.zero_point.reshape(-1)[0])
@@ -191,7 +219,7 @@ def _represented(qp: QParams) -> tuple[float, float]:
 
 def _covering(live: list[str], params: dict[str, QParams]) -> QParams:
     """The parameters of the member whose range holds every other member's, else ones computed for the union."""
-    spans = {t: _represented(params[t]) for t in live}
+    spans = {t: represented(params[t]) for t in live}
     lo, hi = min(s[0] for s in spans.values()), max(s[1] for s in spans.values())
     for t in sorted(live, key=lambda t: spans[t][1] - spans[t][0], reverse=True):
         if spans[t][0] <= lo and spans[t][1] >= hi:

@@ -87,12 +87,8 @@ def _ranged(cur: dict[str, Any], lo: float, hi: float, **more: Any) -> dict[str,
 def range_fix(ctx: Context, edits: Edits, algorithm: str) -> list[Candidate]:
     """One candidate: every tensor whose `algorithm` range is narrower than its current one takes it."""
     cand = Candidate("range", f"{algorithm} ranges")
-    for t, tp in ctx.plan.tensors.items():
-        obs = ctx.observers.get(t)
+    for t, (lo, hi) in _algorithm_ranges(ctx, edits, algorithm).items():
         cur = ctx.entry(edits, t)
-        if t in ctx.protected or obs is None or not obs.bins or not cur or cur.get("algorithm") == algorithm or "equalize" in cur:
-            continue
-        lo, hi = compute_range(obs, algorithm, levels(tp.dtype), ctx.settings.percentile)
         old_lo, old_hi = cur["min"][0], cur["max"][0]
         width, narrow = max(old_hi, 0.0) - min(old_lo, 0.0), max(hi, 0.0) - min(lo, 0.0)
         if narrow > 0 and width / narrow >= WIDER:
@@ -101,6 +97,26 @@ def range_fix(ctx: Context, edits: Edits, algorithm: str) -> list[Candidate]:
             cand.comments[t] = f"proposal: range [{old_lo:.4g}, {old_hi:.4g}] -> [{lo:.4g}, {hi:.4g}] ({algorithm})"
     cand.label = f"{algorithm} ranges on {len(cand.entries)} tensor(s)"
     return [cand] if cand.entries else []
+
+
+def _algorithm_ranges(ctx: Context, edits: Edits, algorithm: str) -> dict[str, tuple[float, float]]:
+    """Each tensor's `algorithm` range where a range fix may change it. The members of a group sharing one scale (npu) take
+    their union, or none does when one of them may not change: the range fixed on one member is the whole group's."""
+    out = {}
+    for t, tp in ctx.plan.tensors.items():
+        obs = ctx.observers.get(t)
+        cur = ctx.entry(edits, t)
+        if t in ctx.protected or obs is None or not obs.bins or not cur or cur.get("algorithm") == algorithm or "equalize" in cur:
+            continue
+        out[t] = compute_range(obs, algorithm, levels(tp.dtype), ctx.settings.percentile)
+    for group in ctx.plan.shared:
+        members = [t for t in group if t in ctx.plan.tensors]
+        if all(t in out for t in members):
+            out.update(dict.fromkeys(members, (min(out[t][0] for t in members), max(out[t][1] for t in members))))
+        else:
+            for t in members:
+                out.pop(t, None)
+    return out
 
 
 def clamp_fix(ctx: Context, edits: Edits) -> list[Candidate]:
