@@ -288,9 +288,8 @@ def plan_tensors(f: ModelIndex, q: ModelIndex, written: ModelIndex | None = None
             "the float and quantized models have no float tensor in common to compare; "
             "check that QUANT_MODEL was built from FLOAT_MODEL"
         )
-    inner = frozenset(n.output[0] for _, nodes in folds.values() for n in nodes) - set(folds)
     return AnalysisPlan(plans, _plan_notes(folds, missing_views), layers_known=bool(layer_info), exact=exact, uncompared=uncompared,
-                        equalized=qmap.equalized if qmap else {}, inner=inner)
+                        equalized=qmap.equalized if qmap else {}, inner=frozenset(n.output[0] for _, ns in folds.values() for n in ns) - set(folds))
 
 
 _MISSING = "the quantized model has no tensor of that name (check that QUANT_MODEL was built from FLOAT_MODEL)"
