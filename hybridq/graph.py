@@ -474,7 +474,17 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
             types[vi.name] = vi.type.tensor_type.elem_type
     for init in model.graph.initializer:
         types[init.name] = init.data_type
+    for node in model.graph.node:  # a Constant's type is its value's (the opset converter writes untyped ones: ReduceMean's axes)
+        if node.op_type == "Constant" and node.output and node.output[0] not in types and node.attribute:
+            a = node.attribute[0]
+            t = a.t.data_type if a.name == "value" else _CONSTANT_TYPES.get(a.name)
+            if t:
+                types[node.output[0]] = t
     return types
+
+
+_CONSTANT_TYPES = {"value_float": TensorProto.FLOAT, "value_floats": TensorProto.FLOAT, "value_int": TensorProto.INT64,
+                   "value_ints": TensorProto.INT64, "value_string": TensorProto.STRING, "value_strings": TensorProto.STRING}
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:

@@ -735,3 +735,29 @@ def test_the_temp_model_is_plain_onnx_that_onnx_runtime_runs(tmp_path):
     want = ort.InferenceSession(str(tmp_path / "rs.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
     got = ort.InferenceSession(str(res.model), providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float16_reducemean_beside_an_int16_layer_builds_after_the_opset_21_conversion(tmp_path):
+    """An int16 layer makes step2 convert the graph to opset 21, where ReduceMean's axes become an untyped Constant
+    output; a float16 ReduceMean then failed ("element type of '_v_9' is unknown"). A Constant's type is its value's."""
+    import onnxruntime as ort
+
+    r, d = np.random.default_rng(1), 16
+    inits = [numpy_helper.from_array(r.normal(0, 0.3, (d, d)).astype(np.float32), n) for n in ("w1", "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"], name="fc1"), helper.make_node("ReduceMean", ["a"], ["m"], name="reducemean", axes=[1], keepdims=1),
+             helper.make_node("Sub", ["a", "m"], ["c"], name="center"), helper.make_node("MatMul", ["c", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "rm", [helper.make_tensor_value_info("x", T.FLOAT, [1, 6, d])], [helper.make_tensor_value_info("y", T.FLOAT, [1, 6, d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "rm.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 6, d)}, 6)
+    res = hybridq.step1(tmp_path / "rm.onnx", listing, out=tmp_path / "ws", settings={"target": "npu"})
+    res.cfg.write_text(res.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  fc2: int16\n  reducemean: float16"))
+    built = hybridq.step2(res.model, res.data, res.cfg, tmp_path / "q.onnx")
+    q = onnx.load(str(built.output))
+    assert any(n.op_type == "ReduceMean" and any(i.endswith("_fp16") or "Cast" in i for i in n.input) for n in q.graph.node) or \
+        any(n.op_type == "Cast" and n.attribute[0].i == T.FLOAT16 for n in q.graph.node)
+    x = {"x": r.normal(0, 1, (1, 6, d)).astype(np.float32)}
+    want = ort.InferenceSession(str(tmp_path / "rm.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(str(built.output), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert cosine(want, got) > 0.99
