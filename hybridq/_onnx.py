@@ -145,7 +145,32 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     new = _put_back(version_converter.convert_version(light, target), aside)
     del new.metadata_props[:]
     new.metadata_props.extend(model.metadata_props)
+    _name_after_originals(new.graph, {n.name for n in model.graph.node if n.name})
     return new
+
+
+def _name_after_originals(graph: onnx.GraphProto, original: set[str]) -> None:
+    """Name each node the converter added after the original node it serves: ``softmax/Reshape`` rather than
+    ``Reshape_0`` for the Reshape an opset-11 Softmax on 4-D gains, so a row, a cfg entry or an advice names it."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    taken = {n.name for n in graph.node}
+    for n in graph.node:
+        if n.name in original:
+            continue
+        near = [r for o in n.output for r in readers.get(o, [])] + [producer[i] for i in n.input if i in producer]
+        owner = next((m.name for m in near if m.name in original), None)
+        if owner is None:
+            continue
+        name, k = f"{owner}/{n.op_type}", 2
+        while name in taken:
+            name, k = f"{owner}/{n.op_type}_{k}", k + 1
+        taken.discard(n.name)
+        taken.add(name)
+        n.name = name
 
 
 def infer_shapes(model: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto:

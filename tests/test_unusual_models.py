@@ -761,3 +761,28 @@ def test_a_float16_reducemean_beside_an_int16_layer_builds_after_the_opset_21_co
     want = ort.InferenceSession(str(tmp_path / "rm.onnx"), providers=["CPUExecutionProvider"]).run(None, x)[0]
     got = ort.InferenceSession(str(built.output), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert cosine(want, got) > 0.99
+
+
+def test_nodes_the_opset_upgrade_adds_are_named_after_the_node_they_serve(tmp_path):
+    """An opset-11 Softmax(axis=1) on 4-D becomes Flatten -> Softmax -> Reshape at opset 13; the model output was then
+    written by 'Reshape_0', a name the user never had, in the cfg and in analyze's rows. They are 'softmax/...' now."""
+    from hybridq.analysis import analyze
+
+    r = np.random.default_rng(12)
+    inits = [numpy_helper.from_array(r.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(r.normal(0, 0.1, 8).astype(np.float32), "b1")]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Softmax", ["c1"], ["y"], name="softmax", axis=1)]
+    graph = helper.make_graph(nodes, "op11", [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info("y", T.FLOAT, [1, 8, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    onnx.save(model, tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 8, 8)}, 4)
+    res = hybridq.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"speed_check": False})
+    temp = onnx.load(res.model)
+    names = {n.op_type: n.name for n in temp.graph.node}
+    assert names["Flatten"] == "softmax/Flatten" and names["Reshape"] == "softmax/Reshape" and names["Softmax"] == "softmax", names
+    built = hybridq.step2(res.model, res.data, res.cfg, tmp_path / "q.onnx")
+    x = [{"x": r.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    rows = {row.tensor: row for row in analyze(tmp_path / "m.onnx", built.output, x).layers}
+    assert rows["y"].layer == "softmax/Reshape"
