@@ -1,13 +1,15 @@
 """Channel equalization: move an activation channel's scale into the weights of the layers that read it.
 
 For a tensor t = act(producer(x)) with a positively homogeneous act (Relu, LeakyRelu,
-MaxPool, ...), dividing the producer's output channel c (weights and bias; a LayerNorm's
-gamma and beta, as SmoothQuant does for transformers) by s_c > 0
-divides t's channel c by s_c; multiplying every reader's input channel c by s_c
-restores the fp32 function exactly. An outlier channel that stretches t's per-tensor
-range is shrunk this way without losing information (SmoothQuant, cross-layer
-equalization). The model is changed as data (initializers), so step2 applies it
-without re-calibration; the tensor's new range comes with the fix.
+MaxPool, ...), dividing the producer's output channel c by s_c > 0 divides t's channel c
+by s_c: a layer's weights and bias; a LayerNorm's gamma and beta, as SmoothQuant does for
+transformers; the constants of a Mul and Add by a scalar or per-channel constant (such as
+PP-LCNet's learnable affine block after its HardSwish), which then hold one value per
+channel. Multiplying every reader's input channel c by s_c (a Conv's, Gemm's or MatMul's
+weights; a depthwise Conv's filter c) restores the fp32 function exactly. An outlier
+channel that stretches t's per-tensor range is shrunk this way without losing information
+(SmoothQuant, cross-layer equalization). The model is changed as data (initializers), so
+step2 applies it without re-calibration; the tensor's new range comes with the fix.
 """
 
 from __future__ import annotations
@@ -37,14 +39,12 @@ class Site:
     readers: tuple[str, ...]
     axis: int
     channels: int
+    rank: int = 0  # rank of `tensor`: a scalar constant the site divides becomes one value per channel of that rank
     inputs: tuple[str, ...] = ()
     """The tensor each reader reads: the rescaled tensor, or a view of it (default: `tensor` for all)."""
     views: tuple[str, ...] = ()
     """Every tensor carrying the rescaled channels: the producer's (homogeneous path's) output and the views of it
     that feed readers (a Reshape or Flatten keeping the last axis, as ONNX Runtime puts before a Gemm on 3-D input)."""
-
-    rank: int = 0
-    """Rank of the rescaled tensor (0: unknown)."""
 
     def carriers(self, g: GraphView) -> dict[str, int]:
         """Every tensor whose channels this equalization divides -> its channel axis counted from the end (-1: last):
@@ -115,6 +115,8 @@ def _in_channel(node: onnx.NodeProto, tensor: str, g: GraphView) -> tuple[str, i
         return None
     if node.op_type == "Conv" and _attr(node, "group", 1) == 1:
         return node.input[1], 1, 1
+    if node.op_type == "Conv" and depthwise(node, g):  # input channel c has filter c alone: scaled on the output axis
+        return node.input[1], 0, 1
     if node.op_type == "Gemm" and not _attr(node, "transA", 0):
         return node.input[1], 1 if _attr(node, "transB", 0) else 0, -1
     if node.op_type == "MatMul" and len(g.inits[node.input[1]].dims) == 2:
@@ -122,63 +124,58 @@ def _in_channel(node: onnx.NodeProto, tensor: str, g: GraphView) -> tuple[str, i
     return None
 
 
-def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -> Site | str:
-    """The equalization site of `tensor`, or why there is none (a sentence for the candidate table)."""
-    g = g or GraphView(model)
-    shapes = _Shapes(model)
+def depthwise(node: onnx.NodeProto, g: GraphView) -> bool:
+    """Is this a depthwise Conv with one filter per input channel (weight [C, 1, ...], group C)?"""
+    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in g.inits:
+        return False
+    dims, group = g.inits[node.input[1]].dims, _attr(node, "group", 1)
+    return group > 1 and len(dims) >= 3 and dims[0] == group and dims[1] == 1
+
+
+def _affine(node: onnx.NodeProto, g: GraphView, rank: int) -> str | None:
+    """The constant of a Mul of a computed tensor (of this rank) by an initializer of its own that is a scalar or one
+    value per channel of axis 1 ([C, 1, 1] or [1, C, 1, 1] for NCHW); None for any other node."""
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    const = [i for i in node.input if i in g.inits]
+    if len(const) != 1 or len(g.consumer_nodes(const[0])) != 1:
+        return None
+    return const[0] if channel_constant(list(g.inits[const[0]].dims), rank) else None
+
+
+def channel_constant(dims: list[int], rank: int) -> bool:
+    """Does a constant of these dims, broadcast against a tensor of this rank, hold a scalar or one value per channel of
+    axis 1 (its only dim other than 1, right-aligned, on axis 1)?"""
+    if len(dims) > rank or rank < 2:
+        return False
+    padded = [1] * (rank - len(dims)) + dims
+    return all(d == 1 for i, d in enumerate(padded) if i != 1)
+
+
+def _walk_back(g: GraphView, tensor: str) -> tuple[list[str], onnx.NodeProto | None, onnx.NodeProto] | str:
+    """From `tensor` up through homogeneous ops and at most one Add of a constant: (that path, the Add or None, the node
+    that would divide its output channels), or why there is none."""
     path: list[str] = []
-    t = source = _view_source(tensor, g, shapes)
-    node = g.producer_node(t)
+    node = g.producer_node(tensor)
     while node is not None and node.op_type in HOMOGENEOUS:
         if len(g.consumer_nodes(node.input[0])) != 1 or node.input[0] in g.outputs:
             return f"'{node.input[0]}' has other readers besides '{node.name}'"
         if node.op_type == "PRelu" and (len(node.input) < 2 or node.input[1] not in g.inits):
             return f"'{node.name}' has a computed slope"
         path.append(node.name)
-        t = node.input[0]
-        node = g.producer_node(t)
+        node = g.producer_node(node.input[0])
     bias_add = None
     if node is not None and node.op_type == "Add":
-        # MatMul + Add(bias): the bias is divided with the weight.
+        # MatMul + Add(bias), or an affine Mul + Add: the bias is divided with the weight.
         const = [i for i in node.input if i in g.inits]
         other = [i for i in node.input if i not in g.inits]
-        if len(const) != 1 or len(other) != 1 or len(g.inits[const[0]].dims) != 1 or len(g.consumer_nodes(other[0])) != 1:
-            return f"'{tensor}' comes from '{node.name}' (Add of two computed tensors)"
+        if len(const) != 1 or len(other) != 1 or len(g.consumer_nodes(other[0])) != 1 or len(g.consumer_nodes(const[0])) != 1:
+            return f"'{tensor}' comes from '{node.name}' (an Add that is not a bias of its own)"
         bias_add = node
         node = g.producer_node(other[0])
     if node is None:
         return f"'{tensor}' is not computed by a layer with weights"
-    prod = _out_channel(node, g)
-    if prod is None or (bias_add is not None and node.op_type not in ("MatMul", "Mul")):
-        return f"'{tensor}' is produced by '{node.name}' ({node.op_type}), whose output channels cannot be rescaled"
-    weight, _, _ = prod
-    produced_axis = 1 if node.op_type == "Conv" else -1  # where the producer writes its output channels
-    if len(g.consumer_nodes(weight)) != 1:
-        return f"weight '{weight}' of '{node.name}' is shared with other nodes"
-    found = _readers(source, g, shapes)
-    if isinstance(found, str):
-        return found
-    readers, inputs, views = found
-    axes = {info[2] for info in (_in_channel(r, i, g) for r, i in zip(readers, inputs)) if info is not None}
-    if len(axes) != 1:
-        return f"the readers of '{source}' take its channels along different axes"
-    shape = shapes.get(source)
-    rank = len(shape) if shape else None
-    reader_axis = axes.pop()
-    if rank is None or reader_axis % rank != produced_axis % rank or (len(views) > 1 and produced_axis != -1):
-        return f"'{node.name}' writes its channels on another axis than the readers of '{tensor}' take them"
-    if produced_axis != 1 and any(g.by_name[n].op_type == "MaxPool" for n in path):
-        return f"a MaxPool between '{node.name}' and '{tensor}' pools along the channel axis"
-    for n in path:
-        inner = [i for i in g.by_name[n].input if i not in g.inits]
-        if len(inner) != 1:
-            return f"'{n}' between '{node.name}' and '{tensor}' reads more than one computed tensor"
-    w = g.inits[weight]
-    channels = int(w.dims[prod[1]])
-    if bias_add is not None and int(np.prod(g.inits[next(i for i in bias_add.input if i in g.inits)].dims)) != channels:
-        return f"'{bias_add.name}' adds a bias that is not one value per channel"
-    full_path = tuple(path) + ((bias_add.name,) if bias_add is not None else ())
-    return Site(tensor, node.name, full_path, tuple(r.name for r in readers), reader_axis, channels, tuple(inputs), tuple(views), rank)
+    return path, bias_add, node
 
 
 class _Shapes:
@@ -235,6 +232,53 @@ def _readers(source: str, g: GraphView, shapes: _Shapes) -> tuple[list[onnx.Node
     return readers, inputs, views
 
 
+def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -> Site | str:
+    """The equalization site of `tensor`, or why there is none (a sentence for the candidate table)."""
+    g = g or GraphView(model)
+    shapes = _Shapes(model)
+    source = _view_source(tensor, g, shapes)
+    walked = _walk_back(g, source)
+    if isinstance(walked, str):
+        return walked
+    path, bias_add, node = walked
+    shape = shapes.get(source)
+    rank = len(shape) if shape else None
+    prod = _out_channel(node, g)
+    affine = _affine(node, g, rank) if prod is None and rank else None
+    if (prod is None and affine is None) or (bias_add is not None and prod is not None and node.op_type not in ("MatMul", "Mul")):
+        return f"'{tensor}' is produced by '{node.name}' ({node.op_type}), whose output channels cannot be rescaled"
+    weight = prod[0] if prod is not None else affine
+    produced_axis = 1 if node.op_type == "Conv" or affine is not None else -1  # where the producer writes its output channels
+    if len(g.consumer_nodes(weight)) != 1:
+        return f"weight '{weight}' of '{node.name}' is shared with other nodes"
+    found = _readers(source, g, shapes)
+    if isinstance(found, str):
+        return found
+    readers, inputs, views = found
+    axes = {info[2] for info in (_in_channel(r, i, g) for r, i in zip(readers, inputs)) if info is not None}
+    if len(axes) != 1:
+        return f"the readers of '{source}' take its channels along different axes"
+    reader_axis = axes.pop()
+    if rank is None or reader_axis % rank != produced_axis % rank or (len(views) > 1 and produced_axis != -1):
+        return f"'{node.name}' writes its channels on another axis than the readers of '{tensor}' take them"
+    if produced_axis != 1 and any(g.by_name[n].op_type == "MaxPool" for n in path):
+        return f"a MaxPool between '{node.name}' and '{tensor}' pools along the channel axis"
+    for n in path:
+        inner = [i for i in g.by_name[n].input if i not in g.inits]
+        if len(inner) != 1:
+            return f"'{n}' between '{node.name}' and '{tensor}' reads more than one computed tensor"
+    channels = int(g.inits[weight].dims[prod[1]]) if prod is not None else shape[1] if isinstance(shape[1], int) else 0
+    if channels < 1:
+        return f"the channels of '{tensor}' are not known (axis 1 of its shape {shape})"
+    if bias_add is not None:
+        dims = list(g.inits[next(i for i in bias_add.input if i in g.inits)].dims)
+        ok = channel_constant(dims, rank) and int(np.prod(dims)) in (1, channels) if affine else len(dims) == 1 and dims[0] == channels
+        if not ok:
+            return f"'{bias_add.name}' adds a bias that is not one value per channel"
+    full_path = tuple(path) + ((bias_add.name,) if bias_add is not None else ())
+    return Site(tensor, node.name, full_path, tuple(r.name for r in readers), reader_axis, channels, rank, tuple(inputs), tuple(views))
+
+
 def reader_absmax(model: onnx.ModelProto, site: Site, g: GraphView | None = None) -> np.ndarray:
     """Largest |weight| of each input channel over all readers (what a scale multiplies)."""
     g = g or GraphView(model)
@@ -273,6 +317,15 @@ def _scaled(g: GraphView, name: str, factor: np.ndarray, axis: int | None) -> on
     return numpy_helper.from_array((arr * factor.reshape(shape)).astype(g.init_array(name).dtype), name)
 
 
+def _per_channel(g: GraphView, name: str, factor: np.ndarray, rank: int) -> onnx.TensorProto:
+    """A scalar or per-channel constant (of an affine Mul or Add) times `factor`, as one value per channel of axis 1
+    (shape [1, C, 1, ...] for a tensor of this rank)."""
+    arr = g.init_array(name)
+    shape = (1, factor.size) + (1,) * (rank - 2)
+    full = np.broadcast_to(arr.astype(np.float64).reshape((1,) * (rank - arr.ndim) + arr.shape), shape)
+    return numpy_helper.from_array((full * factor.reshape(shape)).astype(arr.dtype), name)
+
+
 def apply(model: onnx.ModelProto, site: Site, scales: np.ndarray) -> onnx.ModelProto:
     """A copy of the model with `site.tensor`'s channel c divided by scales[c], the fp32 function unchanged."""
     work = onnx.ModelProto()
@@ -288,15 +341,22 @@ def apply_in_place(work: onnx.ModelProto, site: Site, scales: np.ndarray) -> Non
         raise ValueError(f"equalization of '{site.tensor}' needs {site.channels} positive scales, got {s.size}")
     g = GraphView(work)
     replace: dict[str, onnx.TensorProto] = {}
-    weight, axis, bias = _out_channel(g.by_name[site.producer], g)
-    replace[weight] = _scaled(g, weight, 1.0 / s, axis)
-    if bias is not None:
-        replace[bias] = _scaled(g, bias, 1.0 / s, None)
+    prod = _out_channel(g.by_name[site.producer], g)
+    if prod is None:  # a Mul by a scalar or per-channel constant (find_site checked it): one value per channel from now on
+        const = _affine(g.by_name[site.producer], g, site.rank)
+        if const is None:
+            raise ValueError(f"'{site.producer}' no longer divides the channels of '{site.tensor}'")
+        replace[const] = _per_channel(g, const, 1.0 / s, site.rank)
+    else:
+        weight, axis, bias = prod
+        replace[weight] = _scaled(g, weight, 1.0 / s, axis)
+        if bias is not None:
+            replace[bias] = _scaled(g, bias, 1.0 / s, None)
     for name in site.path:
         node = g.by_name[name]
         if node.op_type == "Add":
             b = next(i for i in node.input if i in g.inits)
-            replace[b] = _scaled(g, b, 1.0 / s, None)
+            replace[b] = _per_channel(g, b, 1.0 / s, site.rank) if prod is None else _scaled(g, b, 1.0 / s, None)
     for i, name in enumerate(site.readers):
         w, in_axis, _ = _in_channel(g.by_name[name], site.reads(i), g)
         replace[w] = _scaled(g, w, s, in_axis)

@@ -172,3 +172,31 @@ def layernorm_outlier_3d(seed: int = 0, tokens: int = 16) -> onnx.ModelProto:
              helper.make_node("MatMul", ["r", "wo"], ["out"], name="o")]
     return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, tokens, 32])],
                   [helper.make_tensor_value_info("out", T.FLOAT, [1, tokens, 8])], inits, opset=17)
+
+
+def depthwise_spread_cnn(seed: int = 0) -> onnx.ModelProto:
+    """A float stem conv0 -> HardSwish -> Mul and Add by scalars (an affine block, as PP-LCNet writes after its HardSwish)
+    -> depthwise dw -> Relu -> conv2 -> Relu -> conv3 on x [1, 3, 16, 16].
+
+    Half of conv0's 16 channels are 200x smaller than the rest, as folded batch norms leave them, and dw's filters
+    scale them back, so every channel counts alike downstream. No channel is an outlier (the largest is ~2x the
+    median), yet per-tensor uint8 on dw's input rounds the small half away. Equalizing that tensor into dw's
+    filters (exact in fp32: the affine block's constants become one per channel) gives each channel the same range.
+    """
+    rng = np.random.default_rng(seed)
+    factor = np.where(np.arange(16) % 2 == 0, 1.0, 1 / 200)
+    w0 = rng.normal(0, 0.3, (16, 3, 3, 3)) * factor[:, None, None, None]
+    wd = rng.normal(0, 0.5, (16, 1, 3, 3)) / factor[:, None, None, None]
+    inits = [_init("w0", w0), _init("b0", rng.normal(0, 0.1, 16) * factor), _init("gamma", np.array([0.7])),
+             _init("beta", np.array([0.0004])), _init("wd", wd), _init("bd", rng.normal(0, 0.1, 16)),
+             _init("w2", rng.normal(0, 0.2, (16, 16, 3, 3))), _init("b2", rng.normal(0, 0.1, 16)),
+             _init("w3", rng.normal(0, 0.2, (8, 16, 1, 1))), _init("b3", rng.normal(0, 0.1, 8))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", pads=[1] * 4), helper.make_node("HardSwish", ["c0"], ["h0"], name="hswish0"),
+        helper.make_node("Mul", ["gamma", "h0"], ["m0"], name="scale0"), helper.make_node("Add", ["m0", "beta"], ["a0"], name="shift0"),
+        helper.make_node("Conv", ["a0", "wd", "bd"], ["d1"], name="dw", pads=[1] * 4, group=16), helper.make_node("Relu", ["d1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4), helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["out"], name="conv3"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", T.FLOAT, [1, 3, 16, 16])],
+                  [helper.make_tensor_value_info("out", T.FLOAT, [1, 8, 16, 16])], inits, opset=14)

@@ -61,6 +61,25 @@ def test_equalization_through_a_layernorm_keeps_the_fp32_function(native):
         np.testing.assert_allclose(after[0], before[0], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(after[1], before[1] / scales[None, :].astype(np.float32), rtol=1e-5, atol=1e-5)
 
+def test_equalization_through_an_affine_block_into_a_depthwise_conv_keeps_the_fp32_function():
+    """PP-LCNet's site: HardSwish -> Mul and Add by scalars -> depthwise Conv. The scalars become one value per channel
+    divided by the scales, filter c of the depthwise Conv is multiplied by scale c; ONNX Runtime computes the same
+    outputs, and the tensor's channels divided by the scales."""
+    m = pm.depthwise_spread_cnn()
+    site = equalize.find_site(m, "a0")
+    assert not isinstance(site, str), site
+    assert (site.producer, site.path, site.readers, site.axis, site.channels, site.rank) == ("scale0", ("shift0",), ("dw",), 1, 16, 4)
+    scales = np.linspace(0.005, 3.0, 16)
+    eq = equalize.apply(m, site, scales)
+    consts = {i.name: numpy_helper.to_array(i) for i in eq.graph.initializer}
+    assert consts["gamma"].shape == consts["beta"].shape == (1, 16, 1, 1)
+    for feeds in _samples((1, 3, 16, 16), 3):
+        before = run(_with_outputs(m, ["a0"]), feeds)
+        after = run(_with_outputs(eq, ["a0"]), feeds)
+        np.testing.assert_allclose(after[0], before[0], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(after[1], before[1] / scales.reshape(1, -1, 1, 1).astype(np.float32), rtol=1e-4, atol=1e-6)
+
+
 def test_equalization_scales_meet_the_weights_halfway():
     # SmoothQuant with alpha 0.5: an outlier activation channel 300x the median whose weights are 1/300 of the median gets s = 300.
     a = np.array([300.0, 1.0, 1.0, 1.0, 1.0])

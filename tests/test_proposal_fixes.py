@@ -69,6 +69,23 @@ def test_informative_outlier_channel_feeding_a_gemm_is_equalized_with_no_float_l
 
 
 
+def test_small_channels_a_depthwise_conv_reads_are_equalized_with_no_float_layer(tmp_path):
+    """Half the channels of a depthwise Conv's input are 200x smaller (no outlier: the largest is ~2x the median), so
+    per-tensor uint8 rounds them away; the proposal equalizes the tensor into the depthwise filters: no float layer."""
+    path, res, q = _step1(tmp_path, pm.depthwise_spread_cnn(), (1, 3, 16, 16))
+    p = res.proposal
+    assert p.met and p.layers == {} and p.float_fraction == 0.0
+    scales = np.array(load_cfg(res.cfg).entries["a0"].values["equalize"])
+    assert scales.size == 16 and scales[0::2].min() > 100 * scales[1::2].max()  # the small channels widened to the typical range
+    assert any(r.fix.startswith("equalize 1 tensor(s) into the depthwise Convs") and r.outcome == "kept" for r in p.table)
+    fresh = _fresh((1, 3, 16, 16))
+    assert min(cosine(run(path, f)[0], run(q, f)[0]) for f in fresh) >= 0.99
+    base = tmp_path / "base"
+    r = api.step1(path, tmp_path / "data" / "dataset.txt", out=base)
+    api.step2(r.model, r.data, r.cfg, base / "q.onnx")
+    assert np.mean([cosine(run(path, f)[0], run(base / "q.onnx", f)[0]) for f in fresh]) < 0.9  # the default int8 is far off
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["LayerNormalization", "written-out"])
 def test_a_layernorm_outlier_channel_is_equalized_into_the_matmuls_with_no_float_layer(tmp_path, native):
     """A transformer's LayerNorm with one channel 40x the rest feeding q and k: the proposal moves the channel's scale

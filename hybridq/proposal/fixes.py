@@ -167,7 +167,7 @@ def contributions(ctx: Context, stats: ChannelStats, depth: int = 4) -> np.ndarr
             return None
         weights = np.zeros(stats.min.size)
         for r in readers:
-            info = equalize._in_channel(r, t, ctx.graph) or _depthwise(r, t, ctx)
+            info = equalize._in_channel(r, t, ctx.graph)
             if info is None:
                 return None
             w = np.abs(ctx.graph.init_array(info[0]))
@@ -177,15 +177,6 @@ def contributions(ctx: Context, stats: ChannelStats, depth: int = 4) -> np.ndarr
             weights = np.maximum(weights, per)
         return stats.absmax * weights
     return None
-
-
-def _depthwise(node: onnx.NodeProto, tensor: str, ctx: Context) -> tuple[str, int, int] | None:
-    """(weight, axis of the input channel in the weight, activation channel axis) of a depthwise Conv reading `tensor`."""
-    if node.op_type != "Conv" or not node.input or node.input[0] != tensor or len(node.input) < 2 or node.input[1] not in ctx.graph.inits:
-        return None
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    dims = ctx.graph.inits[node.input[1]].dims
-    return (node.input[1], 0, 1) if group > 1 and len(dims) == 4 and dims[1] == 1 and dims[0] == group else None
 
 
 def clip_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candidate]:
@@ -213,33 +204,81 @@ def clip_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candidate]
     return [Candidate("clip", f"clip '{t}' (outlier channel(s) {chans})", {t: cur}, comments={t: comment})]
 
 
-def equalize_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candidate]:
-    """Move the outlier channels' scale into the readers' weights: right when the outliers carry information."""
+def _site(ctx: Context, stats: ChannelStats) -> equalize.Site | None:
+    """The equalization site of a quantized tensor the proposal may change, or None."""
     t = stats.tensor
     if t in ctx.protected or t not in ctx.plan.tensors:
-        return []
+        return None
     site = equalize.find_site(ctx.temp, t, ctx.graph)
     if isinstance(site, str) or site.axis % stats.rank != stats.axis or site.channels != stats.min.size:
-        return []
+        return None
     if any(i in ctx.plan.tensors for n in site.path for i in ctx.graph.by_name[n].input if i not in ctx.graph.inits):
-        return []  # a quantized tensor inside the site would change range too
-    # the views ONNX Runtime puts before a Gemm carry the same channels: each quantized one takes the new range
-    carriers = [v for v in site.views if v in ctx.plan.tensors] or [t]
+        return None  # a quantized tensor inside the site would change range too
+    return site
+
+
+def _equalized(ctx: Context, edits: Edits, stats: ChannelStats, site: equalize.Site, scales: np.ndarray) -> tuple[dict[str, dict[str, Any]], str] | None:
+    """The entries equalized by `scales`, each with the range the channels then span, and their comment: the tensor's, and
+    those of the views of it ONNX Runtime puts before each Gemm (the same channels); None when one has no entry or is the user's."""
+    carriers = [v for v in site.views if v in ctx.plan.tensors] or [stats.tensor]
     if any(v in ctx.protected for v in carriers):
-        return []
-    scales = equalize.smooth_scales(stats.absmax, equalize.reader_absmax(ctx.temp, site, ctx.graph))
+        return None
     lo, hi = min(float((stats.min / scales).min()), 0.0), max(float((stats.max / scales).max()), 0.0)
     entries = {v: ctx.entry(edits, v) for v in carriers}
     if not all(entries.values()):
-        return []
+        return None
     for cur in entries.values():
         _ranged(cur, lo, hi, equalize=_floats(scales))
-    out = stats.outliers()
-    comment = (f"proposal: equalized: channel c divided by equalize[c] here and multiplied into "
-               f"{', '.join(site.readers)}'s weights (largest scale {scales.max():.4g}, channel {int(np.argmax(scales))}); "
-               f"range after equalization [{lo:.4g}, {hi:.4g}]")
-    return [Candidate("equalize", f"equalize '{t}' into {', '.join(site.readers)} ({out.size} outlier channel(s))", entries,
-                      comments={v: comment for v in entries})]
+    return entries, (f"proposal: equalized: channel c divided by equalize[c] here and multiplied into "
+                 f"{', '.join(site.readers)}'s weights (largest scale {scales.max():.4g}, channel {int(np.argmax(scales))}); "
+                 f"range after equalization [{lo:.4g}, {hi:.4g}]")
+
+
+def equalize_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candidate]:
+    """Move the outlier channels' scale into the readers' weights: right when the outliers carry information."""
+    site = _site(ctx, stats)
+    if site is None:
+        return []
+    made = _equalized(ctx, edits, stats, site, equalize.smooth_scales(stats.absmax, equalize.reader_absmax(ctx.temp, site, ctx.graph)))
+    if made is None:
+        return []
+    t = stats.tensor
+    label = f"equalize '{t}' into {', '.join(site.readers)} ({stats.outliers().size} outlier channel(s))"
+    return [Candidate("equalize", label, made[0], comments={v: made[1] for v in made[0]})]
+
+
+def depthwise_read(ctx: Context) -> list[str]:
+    """Quantized tensors that only depthwise Convs read, each with its weights quantized per channel."""
+    out = []
+    for t in ctx.plan.tensors:
+        readers = ctx.graph.consumer_nodes(t)
+        if readers and t not in ctx.graph.outputs and all(
+                equalize.depthwise(r, ctx.graph) and r.input[0] == t and getattr(ctx.plan.weights.get(r.input[1]), "axis", None) == 0
+                for r in readers):
+            out.append(t)
+    return out
+
+
+def depthwise_equalize_fix(ctx: Context, edits: Edits, stats: dict[str, ChannelStats]) -> list[Candidate]:
+    """One candidate: every tensor of `stats` (see :func:`depthwise_read`) whose producer can divide its channels is
+    equalized fully into the depthwise Convs reading it, s_c = absmax_c / median absmax (cross-layer equalization).
+
+    A depthwise filter is one weight channel, quantized on its own grid, so scaling it loses nothing: every channel of
+    the tensor gets the range of the typical one (PP-OCR det: the input of its first stride-2 depthwise Conv, quantized
+    alone in the fp32 model, cost the outputs 23.7 dB of noise-to-signal; equalized, 41.5 dB).
+    """
+    cand = Candidate("equalize", "")
+    for t, st in stats.items():
+        site = _site(ctx, st)
+        live = st.absmax[st.absmax > 0]
+        if site is None or not live.size:
+            continue
+        made = _equalized(ctx, edits, st, site, np.where(st.absmax > 0, st.absmax / np.median(live), 1.0))
+        if made is not None:
+            cand.entries.update(made[0])
+            cand.comments.update({v: made[1] for v in made[0]})
+    cand.label = f"equalize {len(cand.entries)} tensor(s) into the depthwise Convs reading them"
+    return [cand] if cand.entries else []
 
 
 def bias_fix(ctx: Context, edits: Edits, fixed: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
@@ -304,6 +343,7 @@ FIXES: dict[str, Callable[..., Any]] = {
     "range": range_fix,
     "clip": clip_fix,
     "equalize": equalize_fix,
+    "depthwise_equalize": depthwise_equalize_fix,
     "bias_correction": bias_fix,
     "float": float_fix,
     "int4": int4_fix,

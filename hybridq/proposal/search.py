@@ -1,8 +1,9 @@
 """The search: climb the ladder of fixes, cheapest first, keep what helps, stop at the target.
 
 Steps, each scored on the model step2 would build: (1) a range algorithm for the
-tensors it narrows (mse, percentile); (2) per tensor with outlier channels, a clip
-or an equalization; (3) bias correction; (4) float fallback of the fewest layers,
+tensors it narrows (mse, percentile); (2) the tensors only depthwise Convs read,
+equalized into their filters, then per tensor with outlier channels, a clip or an
+equalization; (3) bias correction; (4) float fallback of the fewest layers,
 ordered by the damage each does at the outputs quantized alone in the fp32 model
 (local error pre-ranks which are measured): the worst 1, 2, 4, ... layers, then the
 fewest of that list by bisection. The fixes of steps 1-3 cost no float compute;
@@ -29,7 +30,8 @@ from ..settings import Settings
 from ..targets import get as get_target
 from .climb import Climb, Row, State
 from .evaluator import Evaluator, Score
-from .fixes import Candidate, Context, bias_fix, clamp_fix, clip_fix, equalize_fix, float_fix, int4_fix, range_fix
+from .fixes import (Candidate, Context, bias_fix, clamp_fix, clip_fix, depthwise_equalize_fix, depthwise_read, equalize_fix, float_fix,
+                    int4_fix, range_fix)
 from .ranker import channel_stats, local_rank, outlier_tensors
 
 ALONE_LAYERS = 64
@@ -203,7 +205,11 @@ def _zero_cost_fixes(climb: Climb, samples: list[dict[str, np.ndarray]], session
     # statistics, taken (as step1's are) over all samples, those the candidates are scored on included.
     found = outlier_tensors(channel_stats(ctx.temp, evaluator.samples[:8] + samples[:8], list(ctx.plan.tensors)), OUTLIER_TENSORS)
     everything = evaluator.samples + [x for x in samples if not any(x is y for y in evaluator.samples)]
-    full = channel_stats(ctx.temp, everything, [st.tensor for st in found])
+    dw = depthwise_read(ctx)
+    full = channel_stats(ctx.temp, everything, list(dict.fromkeys([st.tensor for st in found] + dw)))
+    climb.try_each("outlier", depthwise_equalize_fix(ctx, climb.base, {t: full[t] for t in dw if t in full}))
+    if climb.met:
+        return True
     for st in (full.get(f.tensor, f) for f in found):
         if st.tensor in climb.edits.equalize:  # a view of a tensor equalized already: that fix set its range
             continue
