@@ -115,6 +115,7 @@ def test_analyze_measures_an_equalized_model_against_fp32_s_own_channels(tmp_pat
     init = {i.name: onnx.numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
     w_eq = init["wq"] * s[:, None]  # the weights step2 quantizes: input channel c times s[c]
     w_scale = np.abs(w_eq).max(axis=0) / 127  # per output channel, symmetric int8
+    np.testing.assert_allclose(w["scale"], w_scale, rtol=1e-6)  # the cfg lists the equalized weights' scales, as step2 uses
     wq = np.clip(np.round(w_eq / w_scale), -127, 127) * w_scale
     fresh = _fresh((16, 32), 6)
     ln_cos, q_cos = [], []

@@ -25,7 +25,9 @@ from ..errors import ConfigError
 from ..cost import PROPOSED, USER, FloatShare, concrete_shapes, float_share, layer_macs
 from ..placement import CostTable
 from ..float_reasons import policy_name
-from ..plan import QuantPlan, predicted_latency
+from .. import equalize
+from ..plan import GraphView, QuantPlan, predicted_latency
+from ..resolve import weight_entry
 from ..settings import Settings
 from ..targets import get as get_target
 from .climb import Climb, Row, State
@@ -429,6 +431,7 @@ def _result(climb: Climb, choice: str, ranked: list[tuple[str, float]], macs: di
         for k, v in c.comments.items():
             (comments if k in c.layers else entry_comments)[k] = v
     ctx = climb.ctx
+    _equalized_weights(climb, entries, entry_comments)
     floats = {n for n, p in layers.items() if p in ("float16", "float32")}
     cost = float_share(macs, float_causes(ctx.temp, climb.built.plan, macs, floats, ctx.settings))
     return ProposalResult(
@@ -437,6 +440,29 @@ def _result(climb: Climb, choice: str, ranked: list[tuple[str, float]], macs: di
         [c.label for c in climb.kept], climb.evaluator.fp32_task, baseline_label=climb.started_from, cost=cost,
         existing=dict(climb.base.layers),
     )
+
+
+def _equalized_weights(climb: Climb, entries: dict[str, dict[str, Any]], comments: dict[str, str]) -> None:
+    """The weight entries of the layers an equalization multiplied, as step2 quantizes them: the range of the scaled
+    weights (step1 listed the original's; ori_min/ori_max keep it)."""
+    ctx, built = climb.ctx, climb.built
+    view = GraphView(built.fixed)
+    for t in [t for t, e in entries.items() if "equalize" in e]:
+        site = equalize.find_site(ctx.temp, t, ctx.graph)
+        if isinstance(site, str):
+            continue
+        for i, name in enumerate(site.readers):
+            info = equalize._in_channel(ctx.graph.by_name[name], site.reads(i), ctx.graph)
+            w = info[0] if info else None
+            if w is None or w not in built.plan.weights or w in ctx.protected:
+                continue
+            fresh = weight_entry(built.plan.weights[w], view.init_array(w))[0]
+            bound = [max(-lo, hi) for lo, hi in zip(fresh["min"], fresh["max"])]  # the symmetric range step2 uses
+            cur = entries.get(w) or ctx.entry(climb.edits, w)
+            cur.update(min=[-b for b in bound], max=bound, scale=fresh["scale"], zero_point=fresh["zero_point"])
+            entries[w] = cur
+            comments.setdefault(w, f"proposal: the range of these weights after equalizing '{t}' (input channel c times its "
+                                   "equalize[c]); ori_min/ori_max are the original weights'")
 
 
 def _float_units(ctx: Context, ranked: list[tuple[str, float]]) -> dict[str, list[str]]:
