@@ -145,29 +145,45 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     new = _put_back(version_converter.convert_version(light, target), aside)
     del new.metadata_props[:]
     new.metadata_props.extend(model.metadata_props)
-    _name_after_originals(new.graph, {n.name for n in model.graph.node if n.name})
+    _name_after_originals(new.graph, model.graph)
     return new
 
 
-def _name_after_originals(graph: onnx.GraphProto, original: set[str]) -> None:
-    """Name each node the converter added after the original node it serves: ``softmax/Reshape`` rather than
-    ``Reshape_0`` for the Reshape an opset-11 Softmax on 4-D gains, so a row, a cfg entry or an advice names it."""
+def _name_after_originals(graph: onnx.GraphProto, before: onnx.GraphProto) -> None:
+    """Name each node the converter added after the original node it serves: ``softmax_Reshape`` rather than
+    ``Reshape_0`` for the Reshape an opset-11 Softmax on 4-D gains, so a row, a cfg entry or an advice names it.
+
+    A node is original when it keeps an original node's name, or its op and outputs (an unnamed one); the node it
+    serves is the original one the converter adapted (its outputs changed), else a named original neighbour. No
+    ``/`` in the name: that is how ONNX Runtime names its fusions (see graph.prepare)."""
+    names = {n.name: tuple(n.output) for n in before.node if n.name}
+    kept = {(n.op_type, tuple(n.output)) for n in before.node}
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
+    added = [n for n in graph.node if n.name not in names and (n.op_type, tuple(n.output)) not in kept]
+
+    def neighbours(n: onnx.NodeProto) -> list[onnx.NodeProto]:
+        return [producer[i] for i in n.input if i in producer] + [r for o in n.output for r in readers.get(o, [])]
+
+    # the adapted original a new node touches, or one it reaches through other new nodes (a Shape feeding the Reshape)
+    owners = {id(n): m.name for n in added for m in neighbours(n) if m.name in names and tuple(m.output) != names[m.name]}
+    grew = True
+    while grew:
+        grew = False
+        for n in added:
+            if id(n) not in owners and (via := next((owners[id(m)] for m in neighbours(n) if id(m) in owners), None)):
+                owners[id(n)], grew = via, True
     taken = {n.name for n in graph.node}
-    for n in graph.node:
-        if n.name in original:
-            continue
-        near = [r for o in n.output for r in readers.get(o, [])] + [producer[i] for i in n.input if i in producer]
-        owner = next((m.name for m in near if m.name in original), None)
+    for n in added:
+        owner = owners.get(id(n)) or next((m.name for m in neighbours(n) if m.name in names), None)
         if owner is None:
             continue
-        name, k = f"{owner}/{n.op_type}", 2
+        name, k = f"{owner}_{n.op_type}", 2
         while name in taken:
-            name, k = f"{owner}/{n.op_type}_{k}", k + 1
+            name, k = f"{owner}_{n.op_type}_{k}", k + 1
         taken.discard(n.name)
         taken.add(name)
         n.name = name

@@ -169,7 +169,8 @@ def _walk_back(g: GraphView, tensor: str) -> tuple[list[str], onnx.NodeProto | N
         # MatMul + Add(bias), or an affine Mul + Add: the bias is divided with the weight.
         const = [i for i in node.input if i in g.inits]
         other = [i for i in node.input if i not in g.inits]
-        if len(const) != 1 or len(other) != 1 or len(g.consumer_nodes(other[0])) != 1 or len(g.consumer_nodes(const[0])) != 1:
+        if len(const) != 1 or len(other) != 1 or len(g.consumer_nodes(other[0])) != 1 or len(g.consumer_nodes(const[0])) != 1 \
+                or other[0] in g.outputs:
             return f"'{tensor}' comes from '{node.name}' (an Add that is not a bias of its own)"
         bias_add = node
         node = g.producer_node(other[0])
@@ -225,6 +226,8 @@ def _readers(source: str, g: GraphView, shapes: _Shapes) -> tuple[list[onnx.Node
         info = _in_channel(r, t, g)
         if info is None:
             return f"'{t}' is read by '{r.name}' ({r.op_type}), which cannot absorb a per-channel scale"
+        if t != source and info[2] != -1:  # a view keeps the last axis only: a Conv reading it takes another
+            return f"'{t}', a reshaped view of '{source}', is read by '{r.name}' ({r.op_type}) along another axis than its last"
         if len(g.consumer_nodes(info[0])) != 1:
             return f"weight '{info[0]}' of '{r.name}' is shared with other nodes"
         readers.append(r)

@@ -382,3 +382,30 @@ def test_step2_moves_a_linear_bias_and_refuses_a_matmul_without_one(tmp_path: Pa
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "mm2" in err and "without a bias Add" in err and "Traceback" not in err
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_equalization_refuses_a_view_read_along_another_axis_and_a_bias_whose_input_is_a_model_output():
+    """Two sites that would change the fp32 function: a Conv1d reading a [1, 8, 8] view of a Gemm's [8, 8] output takes
+    the Gemm's rows as channels (the view keeps only the last axis in place); a MatMul whose output, before its bias Add,
+    is also a model output would change that output."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from hybridq import equalize
+
+    r = np.random.default_rng(0)
+    f = lambda name, a: numpy_helper.from_array(np.asarray(a, np.float32), name)  # noqa: E731
+    inits = [f("W", r.normal(size=(8, 8))), numpy_helper.from_array(np.array([1, 8, 8], np.int64), "shape"), f("Wc", r.normal(size=(4, 8, 1)))]
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["g"], name="gemm"), helper.make_node("Relu", ["g"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["v"], name="view"), helper.make_node("Conv", ["v", "Wc"], ["y"], name="conv")]
+    m = onnx.shape_inference.infer_shapes(helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [8, 8])], [helper.make_tensor_value_info("y", T.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 17)]))
+    assert "along another axis" in equalize.find_site(m, "r")
+    inits = [f("W1", r.normal(size=(8, 8))), f("b1", r.normal(size=8)), f("W2", r.normal(size=(8, 4)))]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["q0"], name="q"), helper.make_node("Add", ["q0", "b1"], ["q1"], name="bias"),
+             helper.make_node("Relu", ["q1"], ["r"], name="relu"), helper.make_node("MatMul", ["r", "W2"], ["y"], name="o")]
+    m = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", T.FLOAT, [2, 8])],
+                                            [helper.make_tensor_value_info("y", T.FLOAT, [2, 4]), helper.make_tensor_value_info("q0", T.FLOAT, [2, 8])],
+                                            inits), opset_imports=[helper.make_opsetid("", 17)])
+    assert isinstance(equalize.find_site(m, "r"), str)
