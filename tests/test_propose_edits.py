@@ -441,3 +441,23 @@ def test_a_target_not_met_names_the_budget_that_stopped_the_search(cnn_ws, capsy
     assert "The target was NOT met" in out and "raise the budget (--max-float-layers)" in out, out
     assert "(--max-float-fraction)" in not_met_advice(SimpleNamespace(budget_hit="fraction", task_judged=False))
     assert "--eval" not in not_met_advice(SimpleNamespace(budget_hit=None, task_judged=True))
+
+
+def test_a_hand_edited_weight_range_is_not_rescaled_by_an_equalization(tmp_path, capsys):
+    """fc2 reads r1's outlier channel: the proposal equalizes r1 into w2. With w2's min/max edited by hand, that would
+    apply the user's range to rescaled weights (a range they never saw): the site is left alone, the edit kept as written."""
+    from tests import proposal_models as pm
+
+    onnx.save(pm.informative_outlier_gemm(), tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (16, 32)}, 32)
+    r1 = hybridq.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"speed_check": False})
+    clean = tmp_path / "clean.cfg"
+    clean.write_text(r1.cfg.read_text())
+    code, _, _ = cli(capsys, "propose", "--cfg", r1.cfg, "--dataset", listing)
+    assert code == 0 and "equalize" in load_cfg(r1.cfg).entries["r1"].values  # the site the fix takes unedited
+    w = load_cfg(clean).entries["w2"].values
+    r1.cfg.write_text(edit_entry(clean.read_text(), "w2", "max", "[" + ", ".join(str(0.9 * v) for v in w["max"]) + "]"))
+    edited = load_cfg(r1.cfg).entries["w2"].values["max"]
+    code, _, _ = cli(capsys, "propose", "--cfg", r1.cfg, "--dataset", listing)
+    cfg = load_cfg(r1.cfg)
+    assert "equalize" not in cfg.entries["r1"].values and cfg.entries["w2"].values["max"] == edited

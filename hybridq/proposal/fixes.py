@@ -214,6 +214,9 @@ def _site(ctx: Context, stats: ChannelStats) -> equalize.Site | None:
         return None
     if any(i in ctx.plan.tensors for n in site.path for i in ctx.graph.by_name[n].input if i not in ctx.graph.inits):
         return None  # a quantized tensor inside the site would change range too
+    scaled = {i for n in (site.producer, *site.path, *site.readers) for i in ctx.graph.by_name[n].input if i in ctx.graph.inits}
+    if scaled & ctx.protected:
+        return None  # a weight range the user edited would apply to the rescaled weights
     return site
 
 
