@@ -348,6 +348,8 @@ def analyze(
     from .analysis.runtime import runtime_column
     from .sources import IndexedSamples
 
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise InputError(f"samples must be at least 1 (None: all the dataset's samples), got {samples!r}.")
     fm = fold.as_fixed(load_model(float_model), fixed_inputs_of(Path(quant_model)), f"the inputs step1 fixed ({quant_model})")
     if dump is not None:
         check_output_dir(Path(dump), "snapshot directory (--dump)")

@@ -323,12 +323,9 @@ def analyze(
     from .report import write_reports
 
     State.quiet, State.json = quiet, as_json
-    if not 0.0 < target_cosine <= 1.0:
-        raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}.")
-    if not math.isfinite(target_snr):
-        raise InputError(f"--target-snr must be a finite number of dB, got {target_snr}; use e.g. 20.")
+    _check_thresholds(target_cosine, target_snr)
     if from_dir is not None:
-        ignored = [name for name, given in (("FLOAT_MODEL", float_model), ("QUANT_MODEL", quant_model), ("--samples", samples),
+        ignored = [name for name, given in (("FLOAT_MODEL", float_model), ("QUANT_MODEL", quant_model), ("--samples", samples is not None),
                                             ("--max-bytes", max_bytes), ("--runtime", runtime), ("--host-int8", host_int8),
                                             ("--mean/--std/--layout/--preprocess-hook", (mean, std, layout, preprocess_hook) != (None,) * 4),
                                             ("--color", color is not None), ("--resize", resize is not None), ("--force-preprocess", force_preprocess),
@@ -343,6 +340,7 @@ def analyze(
     else:
         if float_model is None or quant_model is None or dataset is None:
             raise InputError("analyze needs FLOAT_MODEL QUANT_MODEL --dataset D (or --from SNAPSHOT_DIR to re-read a snapshot).")
+        _check_counts(samples, None)  # as step1: leaving --samples out is "all", 0 is a mistake
         pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
         with progress("analyzing") as advance:
             result = api.analyze(float_model, quant_model, dataset, preprocess=pre, force_preprocess=force_preprocess, samples=samples,
@@ -360,6 +358,14 @@ def analyze(
     _print_analysis(result, v, dump, from_dir, top, target_cosine, target_snr)
     if strict and not v.ok:
         raise typer.Exit(int(ExitCode.BELOW_THRESHOLD))
+
+
+def _check_thresholds(target_cosine: float, target_snr: float) -> None:
+    """analyze's verdict thresholds: a cosine in (0, 1], a finite SNR."""
+    if not 0.0 < target_cosine <= 1.0:
+        raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}.")
+    if not math.isfinite(target_snr):
+        raise InputError(f"--target-snr must be a finite number of dB, got {target_snr}; use e.g. 20.")
 
 
 def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: int, target_cosine: float, target_snr: float) -> None:

@@ -175,3 +175,24 @@ def test_proposal_options_without_proposal_are_a_usage_error(capsys, cnn_ws):
     assert code == 2 and "Traceback" not in out + err
     assert "--target-snr, --max-float-layers set the proposal" in err and "add --proposal" in err
     assert not (cnn_ws["dir"] / "ws").exists()
+
+
+@pytest.mark.parametrize("given", ["0", "-2"])
+def test_analyze_refuses_a_sample_count_below_one_as_step1_does(capsys, cnn_ws, given):
+    """--samples 0 is not "all samples" (step1 refuses it, and leaving --samples out already means all): analyze
+    refuses it too, exit 2, with step1's message; the Python API refuses it as well."""
+    import hybridq
+
+    ws = cnn_ws["dir"] / "ws"
+    assert cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "-q")[0] == 0
+    code, _, step1_err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "--samples", given)
+    assert code == 2
+    code, out, err = cli(capsys, "analyze", cnn_ws["model"], ws / "cnn.quantization.cfg", "-d", cnn_ws["dataset"], "--samples", given)
+    assert code == 2 and "Traceback" not in out + err
+    assert f"--samples must be at least 1, got {given}" in err and "0 or more" not in err
+    assert f"--samples must be at least 1, got {given}" in step1_err
+    with pytest.raises(hybridq.InputError, match="at least 1"):
+        hybridq.analyze(cnn_ws["model"], ws / "cnn.quantization.cfg", cnn_ws["dataset"], samples=int(given))
+    # With --from, --samples of any value runs nothing, and saying so is the message.
+    code, out, err = cli(capsys, "analyze", "--from", ws, "--samples", given)
+    assert code == 2 and "--samples" in err and "would do nothing" in err
