@@ -540,9 +540,10 @@ def _worst_output(o: dict[str, Any]) -> str:
     ws = o["worst_slice"]
     where = f"output {o['label']}: cos {fmt('cosine', o['cosine'])}, SNR {fmt('snr_db', o['snr_db'])} dB"
     if o.get("worst_sample"):
-        s = o["worst_sample"]
+        s, by_snr = o["worst_sample"], o.get("worst_sample_by_snr") or o["worst_sample"]
         how = "pooled over the samples" if o.get("pooled") else "means of the samples"
-        where += f", {how}; worst sample #{s['index']}: cos {fmt('cosine', s['cosine'])}, SNR {fmt('snr_db', s['snr_db'])} dB"
+        a, b = (f"#{x['index']}: cos {fmt('cosine', x['cosine'])}, SNR {fmt('snr_db', x['snr_db'])} dB" for x in (s, by_snr))
+        where += f", {how}; " + (f"worst sample {a}" if by_snr["index"] == s["index"] else f"worst sample by cosine {a}, by SNR {b}")
     if ws:
         where += (
             f"; worst slice #{ws['index']} of {ws['slices']} on axis {ws['axis']}, pooled over the samples: "

@@ -92,12 +92,21 @@ def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float)
             "min_cosine": sl.min_cosine,
         }
     per = (e.per_sample or {}).get("cosine") or []
-    if len(per) > 1:  # the figures are means over the samples: the worst sample beside them, so none hides
-        worst = min(range(len(per)), key=lambda i: (not math.isnan(per[i]), per[i]))
-        index = int(e.per_sample["sample"][worst]) if "sample" in e.per_sample else worst  # samples left out: the run's index
-        entry["worst_sample"] = {"index": index, "cosine": per[worst], "snr_db": e.per_sample["snr_db"][worst]}
+    if len(per) > 1:  # the figures are pooled over the samples: the worst sample beside them, so none hides
+        entry["worst_sample"] = _worst_sample(e.per_sample, "cosine")
+        # the verdict judges the SNR too, and the sample lowest in cosine need not be lowest in SNR
+        entry["worst_sample_by_snr"] = _worst_sample(e.per_sample, "snr_db")
     entry["ok"] = output_ok(cos, snr, sl, cos_threshold, snr_threshold)
     return entry
+
+
+def _worst_sample(per: dict[str, list[float]], measure: str) -> dict[str, Any]:
+    """The sample lowest on `measure` (NaN lowest), with its cosine and SNR; named by its place in the run when some
+    samples were left out of the comparison."""
+    values = per[measure]
+    worst = min(range(len(values)), key=lambda i: (not math.isnan(values[i]), values[i]))
+    index = int(per["sample"][worst]) if "sample" in per else worst
+    return {"index": index, "cosine": per["cosine"][worst], "snr_db": per["snr_db"][worst]}
 
 
 def _output_rank(entry: dict[str, Any]) -> tuple[bool, float, float]:
