@@ -544,6 +544,8 @@ def _worst_output(o: dict[str, Any]) -> str:
         how = "pooled over the samples" if o.get("pooled") else "means of the samples"
         a, b = (f"#{x['index']}: cos {fmt('cosine', x['cosine'])}, SNR {fmt('snr_db', x['snr_db'])} dB" for x in (s, by_snr))
         where += f", {how}; " + (f"worst sample {a}" if by_snr["index"] == s["index"] else f"worst sample by cosine {a}, by SNR {b}")
+    if (nf := o.get("non_finite")) and nf["differ"]:
+        where += f"; {nf['differ']} non-finite value(s) differ from fp32's, left out of these figures"
     if ws:
         where += (
             f"; worst slice #{ws['index']} of {ws['slices']} on axis {ws['axis']}, pooled over the samples: "

@@ -59,6 +59,7 @@ class LayerError:
     slices: SliceMetrics | None = None
     bounds: tuple[float, float] | None = None
     pooled: tuple[float, float] | None = None  # a model output's whole-tensor cosine and SNR with the samples pooled
+    nonfinite: tuple[int, int] | None = None  # +-inf/NaN left out of the figures: (equal infinities, values that differ)
 
     @property
     def label(self) -> str:
@@ -83,6 +84,7 @@ class LayerError:
             "slices": self.slices.to_dict() if self.slices is not None else None,
             "compared_within": [v if math.isfinite(v) else None for v in self.bounds] if self.bounds is not None else None,
             "pooled": {"cosine": self.pooled[0], "snr_db": self.pooled[1]} if self.pooled is not None else None,
+            "non_finite": {"equal": self.nonfinite[0], "differ": self.nonfinite[1]} if self.nonfinite is not None else None,
         }
 
     @classmethod
@@ -104,6 +106,7 @@ class LayerError:
             slices=SliceMetrics.from_dict(d["slices"]) if d.get("slices") is not None else None,
             bounds=_bounds(d.get("compared_within")),
             pooled=_pooled(d.get("pooled")),
+            nonfinite=(int(d["non_finite"]["equal"]), int(d["non_finite"]["differ"])) if d.get("non_finite") else None,
         )
 
 

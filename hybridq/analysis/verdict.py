@@ -96,7 +96,9 @@ def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float)
         entry["worst_sample"] = _worst_sample(e.per_sample, "cosine")
         # the verdict judges the SNR too, and the sample lowest in cosine need not be lowest in SNR
         entry["worst_sample_by_snr"] = _worst_sample(e.per_sample, "snr_db")
-    entry["ok"] = output_ok(cos, snr, sl, cos_threshold, snr_threshold)
+    if layer.nonfinite is not None:  # left out of the figures: equal infinities agree, the rest differ
+        entry["non_finite"] = {"equal": layer.nonfinite[0], "differ": layer.nonfinite[1]}
+    entry["ok"] = output_ok(cos, snr, sl, cos_threshold, snr_threshold) and not (layer.nonfinite or (0, 0))[1]
     return entry
 
 
