@@ -254,18 +254,22 @@ def step2(
     emit(data, tables, lines)
 
 
-def _cfg_beside(quant_model: Path | None) -> str | None:
-    """The cfg a quantized model was built from, when analyze was given it or it lies beside the model."""
+def _cfg_beside(quant_model: Path | None, float_model: Path | None = None) -> str | None:
+    """The cfg a quantized model was built from, when analyze was given it or it lies beside the model; else the one
+    cfg beside either model or in a folder under it that the step2 model records as its step1 run's (recorded_cfg)."""
     if quant_model is None:
         return None
-    from .recorded import step1_siblings
+    from .recorded import recorded_cfg, step1_siblings
 
     if quant_model.is_file() and step1_siblings(quant_model) is not None:
         return str(quant_model)
     found = sorted(quant_model.parent.glob("*.quantization.cfg"))
     stem = quant_model.name.split(".")[0]
     named = [c for c in found if c.name.split(".")[0] == stem]
-    return str((named or found)[0]) if len(named or found) == 1 else None
+    if len(named or found) == 1:
+        return str((named or found)[0])
+    recorded = recorded_cfg(quant_model, [quant_model.parent] + ([float_model.parent] if float_model is not None else []))
+    return str(recorded) if recorded is not None else None
 
 
 def _fallback_of(cfg: str | None) -> str:
@@ -348,8 +352,9 @@ def analyze(
                                  runtime=runtime, execution=_execution(workers, ray))
         warn(getattr(result, "warnings", []))
         snapshot = str(dump) if dump is not None else None
-    cfg = _cfg_beside(quant_model)
-    v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset, fallback=_fallback_of(cfg))
+    cfg = _cfg_beside(quant_model, float_model)
+    v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset, fallback=_fallback_of(cfg),
+              float_model=None if float_model is None else str(float_model))
     if dump is not None and from_dir is None and (cfg is not None or (target_cosine, target_snr) != (0.99, 20.0)):
         write_reports(result, dump, target_cosine, target_snr, v)  # the snapshot's reports: these thresholds, this cfg
     elif dump is not None and from_dir is not None:  # a snapshot or an RKNN folder rendered as reports elsewhere
@@ -375,8 +380,8 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
     from .tables import outputs_table, rich_table, runtime_table
 
     lines = [verdict(result, target_cosine, target_snr, v=v)]
-    if v.command:
-        lines.append(f"Command: {v.command}")
+    if v.command:  # a placeholder left in it is said in the verdict's next step; a shell comment keeps the line runnable
+        lines.append(f"Command: {v.command}" + ("  # MODEL.quantization.cfg: the cfg step1 wrote, see Next" if " MODEL.quantization.cfg " in v.command else ""))
     lines += [f"note: {n}" for n in getattr(result, "notes", [])]
     if result.runtime:
         from .analysis.results import runtime_departures

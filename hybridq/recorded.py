@@ -139,6 +139,26 @@ def cfg_siblings(path: str | Path) -> tuple[Path, Path] | None:
     return siblings
 
 
+def recorded_cfg(quant: str | Path, folders: Iterable[str | Path]) -> Path | None:
+    """The step1 cfg a step2 model was built from: the one `*.quantization.cfg` in ``folders`` or one level below them
+    (step1's --out) whose header's ``model_sha256`` (its temp model) the model records among its float references
+    (``hybridq.source_sha256``); None for a model hybridq did not build, or when none or several match."""
+    path = Path(quant)
+    model = read_onnx(path, load_external_data=False) if path.is_file() and path.suffix == ".onnx" else None
+    recorded = set(next((p.value for p in model.metadata_props if p.key == SOURCE_KEY), "").split()) if model else set()
+    found: dict[Path, Path] = {}  # resolved -> as found
+    for folder in dict.fromkeys(Path(f) for f in folders) if recorded else ():
+        for cfg in [*folder.glob("*" + CFG_SUFFIX), *folder.glob("*/*" + CFG_SUFFIX)]:
+            try:
+                with open(cfg, "rb") as f:
+                    sha = re.search(rb"(?m)^  model_sha256:[ \t]*([0-9a-f]{64})[ \t]*\r?$", f.read(65536))
+            except OSError:  # unreadable: not the one
+                continue
+            if sha is not None and sha.group(1).decode() in recorded:
+                found.setdefault(cfg.resolve(), cfg)
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
 def _has_cfg_header(path: Path) -> bool:
     """True for a text file whose first 64 KiB hold the cfg's top-level `hybridq:` line (a FIFO or device is not read)."""
     if not path.is_file():

@@ -196,3 +196,31 @@ def test_analyze_refuses_a_sample_count_below_one_as_step1_does(capsys, cnn_ws, 
     # With --from, --samples of any value runs nothing, and saying so is the message.
     code, out, err = cli(capsys, "analyze", "--from", ws, "--samples", given)
     assert code == 2 and "--samples" in err and "would do nothing" in err
+
+
+def test_analyze_of_a_step2_model_elsewhere_suggests_a_propose_command_that_runs(capsys, cnn_ws, tmp_path):
+    """A step2 model written away from its cfg: analyze finds the cfg step1 wrote (in a folder under the fp32 model's,
+    matched by the temp model's sha256 the step2 model records), so the suggested command runs as printed. With no
+    such cfg around, the command keeps a placeholder and the next step names the file to pass."""
+    import shlex
+
+    ws, away = cnn_ws["dir"] / "ws", tmp_path / "deploy"
+    assert cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "-q")[0] == 0
+    onnx.save(models.residual_cnn(seed=1), tmp_path / "other.onnx")  # another model's cfg, under the same folder: not it
+    assert cli(capsys, "step1", tmp_path / "other.onnx", "-d", cnn_ws["dataset"], "-o", cnn_ws["dir"] / "other", "-q")[0] == 0
+    assert cli(capsys, "step2", ws / "cnn.model", ws / "cnn.data", ws / "cnn.quantization.cfg", "-o", away / "q.onnx", "-q")[0] == 0
+    code, out, err = cli(capsys, "analyze", cnn_ws["model"], away / "q.onnx", "-d", cnn_ws["dataset"], "--target-cosine", "0.9999999")
+    assert code == 0, err
+    command = next(line for line in out.splitlines() if line.startswith("Command: "))[len("Command: "):]
+    assert f"--cfg {ws / 'cnn.quantization.cfg'} " in command and "MODEL.quantization.cfg" not in out
+    code, out, err = cli(capsys, *shlex.split(command)[1:])
+    assert code == 0, err
+    # the fp32 model copied where no cfg lies: the placeholder, said plainly
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "cnn.onnx").write_bytes(cnn_ws["model"].read_bytes())
+    code, out, err = cli(capsys, "analyze", alone / "cnn.onnx", away / "q.onnx", "-d", cnn_ws["dataset"], "--target-cosine", "0.9999999")
+    assert code == 0, err
+    assert f"(for MODEL.quantization.cfg pass the cfg step1 wrote for {alone / 'cnn.onnx'}, cnn.quantization.cfg in its --out folder)" in out
+    assert "# MODEL.quantization.cfg: the cfg step1 wrote, see Next" in out
+
