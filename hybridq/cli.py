@@ -95,7 +95,8 @@ def _step1_lines(res) -> list[str]:
     """What step1 wrote and what to do next, for the terminal."""
     lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
     lines += [
-        f"Calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.",
+        f"Calibrated on {res.samples} samples" + (f" in {res.dataset_entries} batched dataset entries" if res.dataset_entries else "")
+        + f"; {res.quantized_tensors} tensors in the cfg.",
         f"  temp model: {res.model}",
         f"  data:       {res.data}",
         f"  cfg:        {res.cfg}",
@@ -184,7 +185,7 @@ def step1(
         )
     lines = _step1_lines(res)
     warn(res.warnings)
-    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused, "renamed": res.renamed,
+    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "dataset_entries": res.dataset_entries, "layers": res.layers, "fused": res.fused, "renamed": res.renamed,
             "config": res.config, "notes": res.notes, "warnings": res.warnings, "control_flow": res.control_flow}
     tables = [table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:

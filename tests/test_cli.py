@@ -224,3 +224,44 @@ def test_analyze_of_a_step2_model_elsewhere_suggests_a_propose_command_that_runs
     assert f"(for MODEL.quantization.cfg pass the cfg step1 wrote for {alone / 'cnn.onnx'}, cnn.quantization.cfg in its --out folder)" in out
     assert "# MODEL.quantization.cfg: the cfg step1 wrote, see Next" in out
 
+
+
+def test_batched_npy_files_are_counted_as_the_samples_they_hold(capsys, tmp_path):
+    """Two .npy files of 4 rows each for a model with a dynamic batch dim: step1 calibrates on 8 samples and says so
+    (message, JSON, cfg header with the 2 entries beside), analyze names 8 samples in 2 batched entries, whose
+    per-sample figures are one per entry; 8 files of one row each are 8 samples, with no entries named."""
+    import hybridq
+    from hybridq.report import verdict
+
+    onnx.save(models.matmul_mlp(), tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(0)
+    for name, rows in (("batched", [4, 4]), ("single", [1] * 8)):
+        d = tmp_path / name
+        d.mkdir()
+        for k, r in enumerate(rows):
+            np.save(d / f"b{k}.npy", rng.normal(0, 1, (r, 32)).astype(np.float32))
+        (d / "dataset.txt").write_text("".join(f"b{k}.npy\n" for k in range(len(rows))))
+    files = sorted((tmp_path / "batched").glob("*.npy"))
+    held = sum(np.load(f).shape[0] for f in files)
+    assert (held, len(files)) == (8, 2)
+
+    ws = tmp_path / "ws"
+    code, out, err = cli(capsys, "step1", tmp_path / "mlp.onnx", "-d", tmp_path / "batched" / "dataset.txt", "-o", ws)
+    assert code == 0, err
+    assert f"Calibrated on {held} samples in {len(files)} batched dataset entries;" in out
+    header = (ws / "mlp.quantization.cfg").read_text()
+    assert f"\n  samples: {held}\n  dataset_entries: {len(files)}\n" in header
+    code, out, err = cli(capsys, "step1", tmp_path / "mlp.onnx", "-d", tmp_path / "batched" / "dataset.txt", "-o", ws, "--json")
+    assert (json.loads(out)["samples"], json.loads(out)["dataset_entries"]) == (held, len(files))
+
+    res = hybridq.analyze(tmp_path / "mlp.onnx", ws / "mlp.quantization.cfg", tmp_path / "batched" / "dataset.txt")
+    assert (res.n_samples, res.batched_rows) == (len(files), held)
+    assert f"over {held} samples in {len(files)} batched dataset entries" in verdict(res)
+    assert any(f"the {len(files)} dataset entries hold {held} samples in batches" in n for n in res.notes)
+    assert type(res).from_dict(res.to_dict()).batched_rows == held
+
+    single = hybridq.step1(tmp_path / "mlp.onnx", tmp_path / "single" / "dataset.txt", out=tmp_path / "ws1")
+    assert (single.samples, single.dataset_entries) == (8, None)
+    assert "\n  samples: 8\n" in single.cfg.read_text() and "dataset_entries" not in single.cfg.read_text()
+    res = hybridq.analyze(tmp_path / "mlp.onnx", single.cfg, tmp_path / "single" / "dataset.txt")
+    assert (res.n_samples, res.batched_rows) == (8, None) and "over 8 sample(s)" in verdict(res)

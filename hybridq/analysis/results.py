@@ -228,6 +228,14 @@ class AnalysisResult:
     runtime: list[RuntimeRow] = field(default_factory=list)
     exact_outputs: list[OutputMatch] = field(default_factory=list)
     not_compared: dict[str, str] = field(default_factory=dict)
+    batched_rows: int | None = None  # the samples the n_samples dataset entries held, where they hold batches
+
+    @property
+    def samples_said(self) -> str:
+        """How many samples were compared, in words; where the dataset entries held batches, the samples and the entries."""
+        if self.batched_rows:
+            return f"{self.batched_rows} samples in {self.n_samples} batched dataset entries"
+        return f"{self.n_samples} sample(s)"
 
     def to_dict(self) -> dict[str, Any]:
         """Strict-JSON-ready dict (:func:`~hybridq.metrics.to_strict_json`: non-finite numbers are
@@ -236,6 +244,7 @@ class AnalysisResult:
             "format": "hybridq-snapshot",
             "version": 1,
             "n_samples": self.n_samples,
+            "batched_rows": self.batched_rows,
             "outputs": list(self.outputs),
             "notes": list(self.notes),
             "dumped_samples": self.dumped_samples,
@@ -260,6 +269,7 @@ class AnalysisResult:
             runtime=[RuntimeRow.from_dict(r) for r in d.get("runtime", [])],
             exact_outputs=[OutputMatch.from_dict(x) for x in d.get("exact_outputs", [])],
             not_compared={str(k): str(v) for k, v in d.get("not_compared", {}).items()},
+            batched_rows=int(d["batched_rows"]) if d.get("batched_rows") else None,
         )
 
     def worst(self, n: int | None = None) -> list[LayerError]:
