@@ -48,7 +48,7 @@ class Step1Result:
     data: Path
     cfg: Path
     backup: Path | None
-    samples: int
+    samples: int  # calibrated: the rows of the dataset entries where they hold batches (see dataset_entries)
     quantized_tensors: int
     layers: dict[str, int]
     fused: dict[str, str]
@@ -60,6 +60,7 @@ class Step1Result:
     control_flow: dict[str, Any] = field(default_factory=dict)  # fold.FoldReport: fixed inputs, Ifs folded, nodes kept and why
     warnings: list[str] = field(default_factory=list)  # the default int8 model far from fp32 (default_model.far_from_fp32)
     kept_float: str | None = None  # the speed check's note when it kept every default layer float: int8 was not applied
+    dataset_entries: int | None = None  # the dataset entries (lines) holding `samples`, when they hold batches; else None
 
 
 @dataclass
@@ -142,7 +143,7 @@ def step1(
     # recorded only when it did something: image inputs or a hook (.npy/.npz calibration data: nothing to record)
     recorded_pre = ds.preprocess.to_dict() if ds.image_inputs or ds.preprocess.hook else None
     entries, own = written_entries(plan, temp, observers, settings)
-    header, meta = step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats, costs, seed if ds.selection else None, own)
+    header, meta = step1_record(model_path, dataset, n, recorded_pre, entries, settings, report, input_stats, costs, seed if ds.selection else None, own, ds.inputs)
     comments, prop, evaluator = _entry_comments(plan), None, None
     custom, custom_comments = recurrent.cfg_layers({k: (lp.op, lp.precision, lp.reason) for k, lp in plan.layers.items()})
     custom, custom_comments = {**custom, **inf_floats}, {**custom_comments, **inf_why}
@@ -170,8 +171,8 @@ def step1(
     prop = _propose_over_edits(paths, old_entries, header, meta, dataset, later, cost_notes, ds.selection) if later is not None else prop
     layers = prop.built_layers if later is not None and prop is not None and prop.built_layers else _layer_counts(temp, settings, plan, custom, costs)
     return Step1Result(
-        model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=n,
-        quantized_tensors=len(entries), layers=layers, fused=report.fused, renamed=report.renamed,
+        model=paths["model"], data=paths["data"], cfg=paths["cfg"], backup=paths.get("backup"), samples=header["samples"],
+        dataset_entries=header.get("dataset_entries"), quantized_tensors=len(entries), layers=layers, fused=report.fused, renamed=report.renamed,
         float_subgraph_nodes=has_subgraphs(temp), proposal=prop, config=chosen.config, notes=initializer_inputs_note(report.initializer_inputs, original.ir_version) + ds.notes() + cost_notes + plan.notes,
         control_flow=report.control_flow.to_dict(), warnings=[far] if far and prop is None else [], kept_float=note if floats else None,
     )
@@ -348,6 +349,8 @@ def analyze(
     from .analysis.runtime import runtime_column
     from .sources import IndexedSamples
 
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise InputError(f"samples must be at least 1 (None: all the dataset's samples), got {samples!r}.")
     fm = fold.as_fixed(load_model(float_model), fixed_inputs_of(Path(quant_model)), f"the inputs step1 fixed ({quant_model})")
     if dump is not None:
         check_output_dir(Path(dump), "snapshot directory (--dump)")
@@ -369,6 +372,10 @@ def analyze(
     result.warnings = (built.warnings if built else []) + range_warnings(record.input_ranges, seen.to_dict(), record.source)
     other = source_note(float_model, qm) if isinstance(float_model, (str, os.PathLike)) else None
     result.notes = ([other] if other else []) + result.notes + ds.notes()
+    if rows := seen.samples_in(ds.inputs, n):  # named as such: the per-sample figures are one per entry
+        result.batched_rows = rows
+        result.notes.append(f"the {n} dataset entries hold {rows} samples in batches (axis 0): each entry's rows are "
+                            "measured together, so the per-sample figures (the worst sample #) are one per entry.")
     return result
 
 

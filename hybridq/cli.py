@@ -95,7 +95,8 @@ def _step1_lines(res) -> list[str]:
     """What step1 wrote and what to do next, for the terminal."""
     lines = [f"Workspace config: {res.config} (command-line options win)."] if res.config else []
     lines += [
-        f"Calibrated on {res.samples} samples; {res.quantized_tensors} tensors in the cfg.",
+        f"Calibrated on {res.samples} samples" + (f" in {res.dataset_entries} batched dataset entries" if res.dataset_entries else "")
+        + f"; {res.quantized_tensors} tensors in the cfg.",
         f"  temp model: {res.model}",
         f"  data:       {res.data}",
         f"  cfg:        {res.cfg}",
@@ -184,7 +185,7 @@ def step1(
         )
     lines = _step1_lines(res)
     warn(res.warnings)
-    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "layers": res.layers, "fused": res.fused, "renamed": res.renamed,
+    data = {"model": res.model, "data": res.data, "cfg": res.cfg, "backup": res.backup, "samples": res.samples, "dataset_entries": res.dataset_entries, "layers": res.layers, "fused": res.fused, "renamed": res.renamed,
             "config": res.config, "notes": res.notes, "warnings": res.warnings, "control_flow": res.control_flow}
     tables = [table("layers", ["precision", "count"], [[k, v] for k, v in sorted(res.layers.items())])]
     if res.proposal is not None:
@@ -254,18 +255,22 @@ def step2(
     emit(data, tables, lines)
 
 
-def _cfg_beside(quant_model: Path | None) -> str | None:
-    """The cfg a quantized model was built from, when analyze was given it or it lies beside the model."""
+def _cfg_beside(quant_model: Path | None, float_model: Path | None = None) -> str | None:
+    """The cfg a quantized model was built from, when analyze was given it or it lies beside the model; else the one
+    cfg beside either model or in a folder under it that the step2 model records as its step1 run's (recorded_cfg)."""
     if quant_model is None:
         return None
-    from .recorded import step1_siblings
+    from .recorded import recorded_cfg, step1_siblings
 
     if quant_model.is_file() and step1_siblings(quant_model) is not None:
         return str(quant_model)
     found = sorted(quant_model.parent.glob("*.quantization.cfg"))
     stem = quant_model.name.split(".")[0]
     named = [c for c in found if c.name.split(".")[0] == stem]
-    return str((named or found)[0]) if len(named or found) == 1 else None
+    if len(named or found) == 1:
+        return str((named or found)[0])
+    recorded = recorded_cfg(quant_model, [quant_model.parent] + ([float_model.parent] if float_model is not None else []))
+    return str(recorded) if recorded is not None else None
 
 
 def _fallback_of(cfg: str | None) -> str:
@@ -323,12 +328,9 @@ def analyze(
     from .report import write_reports
 
     State.quiet, State.json = quiet, as_json
-    if not 0.0 < target_cosine <= 1.0:
-        raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}.")
-    if not math.isfinite(target_snr):
-        raise InputError(f"--target-snr must be a finite number of dB, got {target_snr}; use e.g. 20.")
+    _check_thresholds(target_cosine, target_snr)
     if from_dir is not None:
-        ignored = [name for name, given in (("FLOAT_MODEL", float_model), ("QUANT_MODEL", quant_model), ("--samples", samples),
+        ignored = [name for name, given in (("FLOAT_MODEL", float_model), ("QUANT_MODEL", quant_model), ("--samples", samples is not None),
                                             ("--max-bytes", max_bytes), ("--runtime", runtime), ("--host-int8", host_int8),
                                             ("--mean/--std/--layout/--preprocess-hook", (mean, std, layout, preprocess_hook) != (None,) * 4),
                                             ("--color", color is not None), ("--resize", resize is not None), ("--force-preprocess", force_preprocess),
@@ -343,6 +345,7 @@ def analyze(
     else:
         if float_model is None or quant_model is None or dataset is None:
             raise InputError("analyze needs FLOAT_MODEL QUANT_MODEL --dataset D (or --from SNAPSHOT_DIR to re-read a snapshot).")
+        _check_counts(samples, None)  # as step1: leaving --samples out is "all", 0 is a mistake
         pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
         with progress("analyzing") as advance:
             result = api.analyze(float_model, quant_model, dataset, preprocess=pre, force_preprocess=force_preprocess, samples=samples,
@@ -350,8 +353,9 @@ def analyze(
                                  runtime=runtime, execution=_execution(workers, ray))
         warn(getattr(result, "warnings", []))
         snapshot = str(dump) if dump is not None else None
-    cfg = _cfg_beside(quant_model)
-    v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset, fallback=_fallback_of(cfg))
+    cfg = _cfg_beside(quant_model, float_model)
+    v = judge(result, target_cosine, target_snr, snapshot=snapshot, cfg=cfg, dataset=dataset, fallback=_fallback_of(cfg),
+              float_model=None if float_model is None else str(float_model))
     if dump is not None and from_dir is None and (cfg is not None or (target_cosine, target_snr) != (0.99, 20.0)):
         write_reports(result, dump, target_cosine, target_snr, v)  # the snapshot's reports: these thresholds, this cfg
     elif dump is not None and from_dir is not None:  # a snapshot or an RKNN folder rendered as reports elsewhere
@@ -362,6 +366,14 @@ def analyze(
         raise typer.Exit(int(ExitCode.BELOW_THRESHOLD))
 
 
+def _check_thresholds(target_cosine: float, target_snr: float) -> None:
+    """analyze's verdict thresholds: a cosine in (0, 1], a finite SNR."""
+    if not 0.0 < target_cosine <= 1.0:
+        raise InputError(f"--target-cosine must be in (0, 1], got {target_cosine}.")
+    if not math.isfinite(target_snr):
+        raise InputError(f"--target-snr must be a finite number of dB, got {target_snr}; use e.g. 20.")
+
+
 def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: int, target_cosine: float, target_snr: float) -> None:
     """analyze's output: strict JSON (verdict first), or the tables, the verdict line and the notes."""
     from .metrics import to_strict_json
@@ -369,8 +381,8 @@ def _print_analysis(result, v, dump: Path | None, from_dir: Path | None, top: in
     from .tables import outputs_table, rich_table, runtime_table
 
     lines = [verdict(result, target_cosine, target_snr, v=v)]
-    if v.command:
-        lines.append(f"Command: {v.command}")
+    if v.command:  # a placeholder left in it is said in the verdict's next step; a shell comment keeps the line runnable
+        lines.append(f"Command: {v.command}" + ("  # MODEL.quantization.cfg: the cfg step1 wrote, see Next" if " MODEL.quantization.cfg " in v.command else ""))
     lines += [f"note: {n}" for n in getattr(result, "notes", [])]
     if result.runtime:
         from .analysis.results import runtime_departures

@@ -47,9 +47,15 @@ CFG_SUFFIX = ".quantization.cfg"
 PreprocessArg = Preprocess | Mapping[str, Any] | None
 
 
+ROWS_KEY = ""
+"""batch_figures' entry for the batch's rows (no input has an empty name): the length of its first input's axis 0."""
+
+
 def batch_figures(batch: Mapping[str, np.ndarray]) -> dict[str, list[float]]:
-    """Min, max, sum, sum of squares and size of every float input of one batch (integer and empty inputs skipped)."""
-    figures = {}
+    """Min, max, sum, sum of squares and size of every float input of one batch (integer and empty inputs skipped), and
+    under ROWS_KEY its rows: axis 0 of its first input, along which the dataset batches its entries."""
+    first = next(iter(batch.values()), None)
+    figures = {ROWS_KEY: [float(first.shape[0] if first is not None and first.ndim else 1)]}
     for name, arr in batch.items():
         if arr.dtype.kind != "f" or arr.size == 0:
             continue
@@ -66,6 +72,13 @@ class InputStats:
 
     def __init__(self) -> None:
         self._acc: dict[str, list[float]] = {}
+        self.rows = 0  # axis 0 of the first input, summed over the batches
+
+    def samples_in(self, inputs: list[Any], entries: int) -> int | None:
+        """The samples `entries` dataset entries held when they hold batches: rows along axis 0 (the axis the dataset
+        batches on) of the first input (an InputSpec) when its axis 0 is not fixed and that is not one per entry; else None."""
+        leading = inputs[0].shape[0] if inputs and inputs[0].shape else 1
+        return self.rows if not isinstance(leading, int) and self.rows and self.rows != entries else None
 
     def update(self, batch: Mapping[str, np.ndarray]) -> None:
         """Fold one batch (input name -> array) in; integer and empty inputs are skipped."""
@@ -73,7 +86,8 @@ class InputStats:
 
     def fold(self, figures: Mapping[str, list[float]]) -> None:
         """Fold one batch's `batch_figures` in (a worker computes them; the caller folds them in batch order)."""
-        for name, (lo, hi, s, ss, n) in figures.items():
+        self.rows += int(figures.get(ROWS_KEY, [0])[0])
+        for name, (lo, hi, s, ss, n) in ((k, v) for k, v in figures.items() if k != ROWS_KEY):
             acc = self._acc.get(name)
             if acc is None:
                 self._acc[name] = [lo, hi, s, ss, n]
@@ -139,6 +153,26 @@ def cfg_siblings(path: str | Path) -> tuple[Path, Path] | None:
     return siblings
 
 
+def recorded_cfg(quant: str | Path, folders: Iterable[str | Path]) -> Path | None:
+    """The step1 cfg a step2 model was built from: the one `*.quantization.cfg` in ``folders`` or one level below them
+    (step1's --out) whose header's ``model_sha256`` (its temp model) the model records among its float references
+    (``hybridq.source_sha256``); None for a model hybridq did not build, or when none or several match."""
+    path = Path(quant)
+    model = read_onnx(path, load_external_data=False) if path.is_file() and path.suffix == ".onnx" else None
+    recorded = set(next((p.value for p in model.metadata_props if p.key == SOURCE_KEY), "").split()) if model else set()
+    found: dict[Path, Path] = {}  # resolved -> as found
+    for folder in dict.fromkeys(Path(f) for f in folders) if recorded else ():
+        for cfg in [*folder.glob("*" + CFG_SUFFIX), *folder.glob("*/*" + CFG_SUFFIX)]:
+            try:
+                with open(cfg, "rb") as f:
+                    sha = re.search(rb"(?m)^  model_sha256:[ \t]*([0-9a-f]{64})[ \t]*\r?$", f.read(65536))
+            except OSError:  # unreadable: not the one
+                continue
+            if sha is not None and sha.group(1).decode() in recorded:
+                found.setdefault(cfg.resolve(), cfg)
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
 def _has_cfg_header(path: Path) -> bool:
     """True for a text file whose first 64 KiB hold the cfg's top-level `hybridq:` line (a FIFO or device is not read)."""
     if not path.is_file():
@@ -163,16 +197,20 @@ def fixed_inputs_of(quant: Path) -> dict[str, Any]:
 def step1_record(
     model_path: Path, dataset: str | Path, n: int, recorded_pre: dict[str, Any] | None, entries: dict[str, dict[str, Any]],
     settings: Any, report: Any, input_stats: InputStats, costs: Any = None, seed: int | None = None,
-    shared_own: dict[str, dict[str, Any]] | None = None,
+    shared_own: dict[str, dict[str, Any]] | None = None, inputs: list[Any] = (),
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """What step1 records: the cfg header (its ``model_sha256`` filled in when the model is written) and the `.data` meta
-    (with `shared_own`, the own scale/zero_point of tensors the cfg lists with their shared group's, when there are any)."""
+    (with `shared_own`, the own scale/zero_point of tensors the cfg lists with their shared group's, when there are any).
+    ``samples`` counts the samples calibrated: where the `n` dataset entries held batches (the first of `inputs` with
+    its axis 0 not fixed: :meth:`InputStats.samples_in`), their rows, with ``dataset_entries: n`` beside them."""
+    rows = input_stats.samples_in(list(inputs), n)
+    counts = {"samples": rows, "dataset_entries": n} if rows else {"samples": n}
     header = {
         "version": __version__,
         "model": model_path.name,
         "model_sha256": "",
         "dataset": str(dataset),
-        "samples": n,
+        **counts,
         "preprocess": recorded_pre,
     }
     meta = {
@@ -185,7 +223,7 @@ def step1_record(
         "renamed": report.renamed,
         "fused": report.fused,
         "dataset": str(dataset),
-        "samples": n,
+        **counts,
         "preprocess": recorded_pre,
         "input_ranges": input_stats.to_dict(),
         "control_flow": report.control_flow.to_dict(),

@@ -106,7 +106,7 @@ def render_txt(
             if r[1] != "-" else f"# output {r[0]}: {r[3]}; {r[6]}"
             for r in _outputs_rows(v)
         ),
-        f"# hybridq error analysis: {result.n_samples} sample(s); every figure is the mean over samples.",
+        f"# hybridq error analysis: {result.samples_said}; every figure is the mean over samples.",
         "# entire: fp32 model vs quantized model at this tensor; errors accumulate layer by layer.",
         "# single: this layer quantized alone, fed the fp32 model's tensors; shows which layer adds error.",
         "# cos: cosine similarity, euc: Euclidean distance, snr: SNR in dB, max_abs: max absolute error;",
@@ -317,7 +317,7 @@ def chart(result: AnalysisResult, cos_threshold: float = COS_THRESHOLD, snr_thre
     v = judge(result, cos_threshold, snr_threshold)
     circled = f"red circles: {len(failing)} layer(s) below threshold" if failing else "no layer below threshold"
     ax_c.set_title(
-        f"{'OK' if v.ok else 'CHECK'}: per-layer error, {result.n_samples} sample(s), {n} tensors; {circled}",
+        f"{'OK' if v.ok else 'CHECK'}: per-layer error, {result.samples_said}, {n} tensors; {circled}",
         fontsize=10, color="#060" if v.ok else "#a00",
     )
     ax_c.legend(loc="lower left", fontsize=8)
@@ -452,7 +452,7 @@ def render_html(
 <img alt="per-layer error chart" src="data:image/png;base64,{img}">
 <h2>Outputs</h2>
 <table><thead><tr>{out_head}</tr></thead><tbody>{out_body}</tbody></table>
-<p>{result.n_samples} sample(s), {len(result.layers)} tensors. Thresholds: cosine {cos_threshold:g}, SNR
+<p>{result.samples_said}, {len(result.layers)} tensors. Thresholds: cosine {cos_threshold:g}, SNR
 {snr_threshold:g} dB (an output must keep the cosine as a whole, and the cosine and SNR in its worst slice along the
 channel axis, each slice measured against its own energy, its errors pooled over the samples; whole-tensor figures
 are means of the per-sample ones; an integer or bool output must equal fp32's value for value). <b>single</b>: the layer quantized alone on fp32 inputs
@@ -509,7 +509,7 @@ def verdict(
         return "no tensor was compared"
     thr = f"cosine >= {cos_threshold:g} and SNR >= {snr_threshold:g} dB (of the worst slice where an output is sliced)"
     where = _worst_output(v.outputs[0]) if v.outputs else ""
-    n = f"over {v.n_samples} sample(s)"
+    n = f"over {result.samples_said}"
     if v.ok:
         tail = (
             f"{len(v.layers)} layer(s) below the thresholds on their own, which the outputs absorb (listed, not judged), worst: "
@@ -540,9 +540,12 @@ def _worst_output(o: dict[str, Any]) -> str:
     ws = o["worst_slice"]
     where = f"output {o['label']}: cos {fmt('cosine', o['cosine'])}, SNR {fmt('snr_db', o['snr_db'])} dB"
     if o.get("worst_sample"):
-        s = o["worst_sample"]
+        s, by_snr = o["worst_sample"], o.get("worst_sample_by_snr") or o["worst_sample"]
         how = "pooled over the samples" if o.get("pooled") else "means of the samples"
-        where += f", {how}; worst sample #{s['index']}: cos {fmt('cosine', s['cosine'])}, SNR {fmt('snr_db', s['snr_db'])} dB"
+        a, b = (f"#{x['index']}: cos {fmt('cosine', x['cosine'])}, SNR {fmt('snr_db', x['snr_db'])} dB" for x in (s, by_snr))
+        where += f", {how}; " + (f"worst sample {a}" if by_snr["index"] == s["index"] else f"worst sample by cosine {a}, by SNR {b}")
+    if (nf := o.get("non_finite")) and nf["differ"]:
+        where += f"; {nf['differ']} non-finite value(s) differ from fp32's, left out of these figures"
     if ws:
         where += (
             f"; worst slice #{ws['index']} of {ws['slices']} on axis {ws['axis']}, pooled over the samples: "

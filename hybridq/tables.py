@@ -36,7 +36,7 @@ def rich_table(
     index = {id(layer): i for i, layer in enumerate(result.layers)}
     shown = result.worst(top)
     t = Table(
-        title=f"worst {len(shown)} of {len(result.layers)} layers ({result.n_samples} sample(s))",
+        title=f"worst {len(shown)} of {len(result.layers)} layers ({result.samples_said})",
         caption="single: layer quantized alone on fp32 inputs; entire: errors accumulated; "
         "float32->uint8: a float op whose output is quantized",
     )

@@ -181,3 +181,58 @@ def test_a_result_without_figures_for_an_output_is_check_not_the_last_row() -> N
     res = AnalysisResult.from_dict(doc)
     v = judge(res)
     assert not v.ok and v.outputs == [] and v.not_compared == [{"tensor": "cls", "reason": "this result holds no figures for it"}]
+
+
+def _masked_attention(w_noise: float, extra_masked: bool) -> onnx.ModelProto:
+    """scores = x @ w @ x^T, causal -inf mask by Where, Softmax; outputs the masked scores and the attention. The
+    'quantized' one has noisy weights and, with ``extra_masked``, masks one more position than fp32 (a -inf where
+    fp32 is finite: a non-finite value that differs)."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(0, 0.3, (8, 8)) + w_noise * rng.normal(0, 1, (8, 8))
+    causal = np.triu(np.ones((6, 6), bool), 1)
+    causal[3, 0] |= extra_masked
+    nodes = [h.make_node("MatMul", ["x", "w"], ["xw"], name="mm_w"), h.make_node("Transpose", ["x"], ["xt"], name="tr", perm=[0, 2, 1]),
+             h.make_node("MatMul", ["xw", "xt"], ["s"], name="mm_s"), h.make_node("Where", ["cm", "ninf", "s"], ["masked"], name="where"),
+             h.make_node("Softmax", ["masked"], ["att"], name="softmax", axis=-1)]
+    inits = [nh.from_array(w.astype(np.float32), "w"), nh.from_array(causal[None], "cm"), nh.from_array(np.float32(-np.inf), "ninf")]
+    g = h.make_graph(nodes, "mask", [h.make_tensor_value_info("x", TP.FLOAT, [1, 6, 8])],
+                     [h.make_tensor_value_info("masked", TP.FLOAT, [1, 6, 6]), h.make_tensor_value_info("att", TP.FLOAT, [1, 6, 6])], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("extra_masked", [False, True])
+def test_equal_infinities_agree_and_other_non_finite_values_are_counted_apart(tmp_path, extra_masked) -> None:
+    """An attention mask's -inf in both models agrees: the Where row is measured on the values finite in both (numpy on
+    ORT outputs), not NaN, and a note counts the infinities left out. A -inf in one model only differs: counted, left
+    out of the figures too, and the output is CHECK."""
+    fm, qm = _masked_attention(0.0, False), _masked_attention(0.01, extra_masked)
+    rng = np.random.default_rng(2)
+    data = [{"x": rng.normal(0, 1, (1, 6, 8)).astype(np.float32)} for _ in range(3)]
+    cos, equal, differ = [], 0, 0
+    for d in data:
+        a, b = (run(m, d)[0].astype(np.float64) for m in (fm, qm))
+        keep = np.isfinite(a) & np.isfinite(b)
+        equal += int(((a == b) & ~keep).sum())
+        differ += int((~keep).sum() - ((a == b) & ~keep).sum())
+        x, y = a[keep], b[keep]
+        cos.append(float(x @ y / np.sqrt((x @ x) * (y @ y))))
+    assert equal == 3 * 15 and differ == (3 if extra_masked else 0)  # the premise: 15 masked positions a sample
+
+    res = analyze(fm, qm, data)
+    row = next(r for r in res.layers if r.tensor == "masked")
+    assert row.entire.cosine == pytest.approx(float(np.mean(cos)), abs=1e-9) and np.isfinite(row.entire.snr_db)
+    assert row.nonfinite == (equal, differ)
+    note = next(n for n in res.notes if n.startswith("non-finite values"))
+    assert f"'masked': {equal} equal infinities" + (f", {differ} that differ" if differ else "") + " on 3 sample(s)" in note
+    v = judge(res)
+    entry = next(o for o in v.outputs if o["tensor"] == "masked")
+    assert entry["non_finite"] == {"equal": equal, "differ": differ} and entry["ok"] is (not extra_masked)
+    assert v.ok is (not extra_masked)
+    if extra_masked:  # the attention, masked one more position too, is the worst output; the masked scores' entry says why
+        from hybridq.report import _worst_output
+
+        assert f"{differ} non-finite value(s) differ from fp32's" in _worst_output(entry)
+    back = LayerError.from_dict("masked", json.loads(json.dumps(row.to_dict())))
+    assert back.nonfinite == row.nonfinite

@@ -175,3 +175,93 @@ def test_proposal_options_without_proposal_are_a_usage_error(capsys, cnn_ws):
     assert code == 2 and "Traceback" not in out + err
     assert "--target-snr, --max-float-layers set the proposal" in err and "add --proposal" in err
     assert not (cnn_ws["dir"] / "ws").exists()
+
+
+@pytest.mark.parametrize("given", ["0", "-2"])
+def test_analyze_refuses_a_sample_count_below_one_as_step1_does(capsys, cnn_ws, given):
+    """--samples 0 is not "all samples" (step1 refuses it, and leaving --samples out already means all): analyze
+    refuses it too, exit 2, with step1's message; the Python API refuses it as well."""
+    import hybridq
+
+    ws = cnn_ws["dir"] / "ws"
+    assert cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "-q")[0] == 0
+    code, _, step1_err = cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "--samples", given)
+    assert code == 2
+    code, out, err = cli(capsys, "analyze", cnn_ws["model"], ws / "cnn.quantization.cfg", "-d", cnn_ws["dataset"], "--samples", given)
+    assert code == 2 and "Traceback" not in out + err
+    assert f"--samples must be at least 1, got {given}" in err and "0 or more" not in err
+    assert f"--samples must be at least 1, got {given}" in step1_err
+    with pytest.raises(hybridq.InputError, match="at least 1"):
+        hybridq.analyze(cnn_ws["model"], ws / "cnn.quantization.cfg", cnn_ws["dataset"], samples=int(given))
+    # With --from, --samples of any value runs nothing, and saying so is the message.
+    code, out, err = cli(capsys, "analyze", "--from", ws, "--samples", given)
+    assert code == 2 and "--samples" in err and "would do nothing" in err
+
+
+def test_analyze_of_a_step2_model_elsewhere_suggests_a_propose_command_that_runs(capsys, cnn_ws, tmp_path):
+    """A step2 model written away from its cfg: analyze finds the cfg step1 wrote (in a folder under the fp32 model's,
+    matched by the temp model's sha256 the step2 model records), so the suggested command runs as printed. With no
+    such cfg around, the command keeps a placeholder and the next step names the file to pass."""
+    import shlex
+
+    ws, away = cnn_ws["dir"] / "ws", tmp_path / "deploy"
+    assert cli(capsys, "step1", cnn_ws["model"], "-d", cnn_ws["dataset"], "-o", ws, "-q")[0] == 0
+    onnx.save(models.residual_cnn(seed=1), tmp_path / "other.onnx")  # another model's cfg, under the same folder: not it
+    assert cli(capsys, "step1", tmp_path / "other.onnx", "-d", cnn_ws["dataset"], "-o", cnn_ws["dir"] / "other", "-q")[0] == 0
+    assert cli(capsys, "step2", ws / "cnn.model", ws / "cnn.data", ws / "cnn.quantization.cfg", "-o", away / "q.onnx", "-q")[0] == 0
+    code, out, err = cli(capsys, "analyze", cnn_ws["model"], away / "q.onnx", "-d", cnn_ws["dataset"], "--target-cosine", "0.9999999")
+    assert code == 0, err
+    command = next(line for line in out.splitlines() if line.startswith("Command: "))[len("Command: "):]
+    assert f"--cfg {ws / 'cnn.quantization.cfg'} " in command and "MODEL.quantization.cfg" not in out
+    code, out, err = cli(capsys, *shlex.split(command)[1:])
+    assert code == 0, err
+    # the fp32 model copied where no cfg lies: the placeholder, said plainly
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "cnn.onnx").write_bytes(cnn_ws["model"].read_bytes())
+    code, out, err = cli(capsys, "analyze", alone / "cnn.onnx", away / "q.onnx", "-d", cnn_ws["dataset"], "--target-cosine", "0.9999999")
+    assert code == 0, err
+    assert f"(for MODEL.quantization.cfg pass the cfg step1 wrote for {alone / 'cnn.onnx'}, cnn.quantization.cfg in its --out folder)" in out
+    assert "# MODEL.quantization.cfg: the cfg step1 wrote, see Next" in out
+
+
+
+def test_batched_npy_files_are_counted_as_the_samples_they_hold(capsys, tmp_path):
+    """Two .npy files of 4 rows each for a model with a dynamic batch dim: step1 calibrates on 8 samples and says so
+    (message, JSON, cfg header with the 2 entries beside), analyze names 8 samples in 2 batched entries, whose
+    per-sample figures are one per entry; 8 files of one row each are 8 samples, with no entries named."""
+    import hybridq
+    from hybridq.report import verdict
+
+    onnx.save(models.matmul_mlp(), tmp_path / "mlp.onnx")
+    rng = np.random.default_rng(0)
+    for name, rows in (("batched", [4, 4]), ("single", [1] * 8)):
+        d = tmp_path / name
+        d.mkdir()
+        for k, r in enumerate(rows):
+            np.save(d / f"b{k}.npy", rng.normal(0, 1, (r, 32)).astype(np.float32))
+        (d / "dataset.txt").write_text("".join(f"b{k}.npy\n" for k in range(len(rows))))
+    files = sorted((tmp_path / "batched").glob("*.npy"))
+    held = sum(np.load(f).shape[0] for f in files)
+    assert (held, len(files)) == (8, 2)
+
+    ws = tmp_path / "ws"
+    code, out, err = cli(capsys, "step1", tmp_path / "mlp.onnx", "-d", tmp_path / "batched" / "dataset.txt", "-o", ws)
+    assert code == 0, err
+    assert f"Calibrated on {held} samples in {len(files)} batched dataset entries;" in out
+    header = (ws / "mlp.quantization.cfg").read_text()
+    assert f"\n  samples: {held}\n  dataset_entries: {len(files)}\n" in header
+    code, out, err = cli(capsys, "step1", tmp_path / "mlp.onnx", "-d", tmp_path / "batched" / "dataset.txt", "-o", ws, "--json")
+    assert (json.loads(out)["samples"], json.loads(out)["dataset_entries"]) == (held, len(files))
+
+    res = hybridq.analyze(tmp_path / "mlp.onnx", ws / "mlp.quantization.cfg", tmp_path / "batched" / "dataset.txt")
+    assert (res.n_samples, res.batched_rows) == (len(files), held)
+    assert f"over {held} samples in {len(files)} batched dataset entries" in verdict(res)
+    assert any(f"the {len(files)} dataset entries hold {held} samples in batches" in n for n in res.notes)
+    assert type(res).from_dict(res.to_dict()).batched_rows == held
+
+    single = hybridq.step1(tmp_path / "mlp.onnx", tmp_path / "single" / "dataset.txt", out=tmp_path / "ws1")
+    assert (single.samples, single.dataset_entries) == (8, None)
+    assert "\n  samples: 8\n" in single.cfg.read_text() and "dataset_entries" not in single.cfg.read_text()
+    res = hybridq.analyze(tmp_path / "mlp.onnx", single.cfg, tmp_path / "single" / "dataset.txt")
+    assert (res.n_samples, res.batched_rows) == (8, None) and "over 8 sample(s)" in verdict(res)

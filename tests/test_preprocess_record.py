@@ -207,14 +207,15 @@ def test_npy_calibration_records_no_preprocessing_but_the_input_range(cnn_ws):
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_batch_figures_match_float64_numpy(dtype):
     """Min, max, sum and sum of squares of a batch (non-contiguous here) as numpy computes them on a float64 copy."""
-    from hybridq.recorded import batch_figures
+    from hybridq.recorded import ROWS_KEY, batch_figures
 
     x = (np.random.default_rng(0).normal(3.0, 40.0, (2, 3, 17, 19)).astype(dtype)).transpose(0, 2, 3, 1)
     ref = x.astype(np.float64)
     lo, hi, s, ss, n = batch_figures({"x": x, "ids": np.arange(4)})["x"]
     assert (lo, hi, n) == (ref.min(), ref.max(), ref.size)
     assert (s, ss) == (ref.sum(), np.square(ref).sum())  # the same float64 sums, bit for bit
-    assert list(batch_figures({"ids": np.arange(4), "e": np.zeros((0, 3), np.float32)})) == []
+    # no float input figured, only the batch's rows: axis 0 of its first input, whatever its dtype
+    assert batch_figures({"ids": np.arange(4), "e": np.zeros((0, 3), np.float32)}) == {ROWS_KEY: [4.0]}
 
 
 def test_cli_color_comes_from_the_workspace_and_the_record_when_not_given(capsys, tmp_path: Path) -> None:

@@ -75,8 +75,9 @@ def test_a_met_target_adds_no_float_and_keeps_a_free_fix_only_when_the_built_mod
     assert 10 * np.log10(e_default / e_proposed) > 0.5, (e_default, e_proposed)
 
 
-def test_a_free_fix_within_the_resolution_is_not_kept_when_the_target_is_met():
-    """Scores from a table: on a met target, a range candidate 0.3 dB better is no clear gain, a 3 dB one is kept."""
+def test_a_fix_within_the_resolution_is_not_kept_met_or_not_unless_it_meets_the_target():
+    """Scores from a table: a range candidate 0.3 dB better is no clear gain, a 3 dB one is kept, on a met target and
+    below it alike; below it, the 0.3 dB candidate is kept only when it is the one that meets the target."""
     from types import SimpleNamespace
 
     from hybridq.build import Edits
@@ -89,17 +90,21 @@ def test_a_free_fix_within_the_resolution_is_not_kept_when_the_target_is_met():
 
     scores = {"": score(1e-3), "near": score(1e-3 / 10 ** 0.03), "far": score(1e-3 / 10 ** 0.3)}
     ev = Evaluator.__new__(Evaluator)
-    ev.target, ev._eval = Target(cosine=0.99), None
+    ev._eval = None
     ev.score = lambda model, limit=None: scores[model]
     ev.score_many = lambda models, limit=None: [scores[m] for m in models]
     build = lambda edits: SimpleNamespace(model=next(iter(edits.layers.values()), ""))
     ctx = SimpleNamespace(temp=onnx.ModelProto())
-    for label, kept in (("near", False), ("far", True)):
-        climb = Climb(ctx, ev, build, Edits(), build(Edits()), "the default quantization")
-        assert climb.try_each("range", [Candidate("range", label, layers={"x": label})], clearly=True) is kept
-        assert climb.table[-1].outcome == ("kept" if kept else "no clear gain")
-        assert not climb.try_each("bias", [Candidate("bias", "worse", layers={"x": ""})], clearly=True)
-        assert climb.table[-1].outcome == "no gain"
+    # cosines: start 0.99900, near 0.99907 (+0.3 dB), far 0.99950 (+3 dB)
+    for cosine, near_kept in ((0.99, False), (0.9999, False), (0.99905, True)):
+        ev.target = Target(cosine=cosine)
+        for label, kept in (("near", near_kept), ("far", True)):
+            climb = Climb(ctx, ev, build, Edits(), build(Edits()), "the default quantization")
+            assert climb.met == (cosine == 0.99)
+            assert climb.try_each("range", [Candidate("range", label, layers={"x": label})]) is kept, (cosine, label)
+            assert climb.table[-1].outcome == ("kept" if kept else "no clear gain")
+            assert not climb.try_each("bias", [Candidate("bias", "worse", layers={"x": ""})])
+            assert climb.table[-1].outcome == "no gain"
 
 
 def test_below_the_target_float_layers_are_bought_only_for_a_gain_the_measure_resolves():

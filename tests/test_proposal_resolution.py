@@ -7,6 +7,7 @@ error, and the mean output shift a re-fitted bias correction writes.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -158,3 +159,65 @@ def test_a_float_candidate_carries_a_bias_correction_fitted_to_its_placement(tmp
 
     _keep_float(climb, (ev.score(make(edits).model), cand, edits, make(edits)), climb.table[-1], "kept")
     assert climb.kept == [cand]  # the stale correction is gone; the candidate carries the fitted one
+
+
+def _softmax_head(directory) -> tuple[Path, Path]:
+    """conv1 -> HardSwish -> conv2 (+ residual) -> Mul -> MaxPool -> Resize -> Concat -> Softmax over 16 channels, with
+    8 Gaussian samples: the exploratory tester's m1 model, whose bias correction moves the log-probabilities by 0.01 dB."""
+    rng = np.random.default_rng(0)
+    f = lambda n, a: numpy_helper.from_array(np.asarray(a, np.float32), n)  # noqa: E731
+    rng.normal(0, 0.5, (4, 8, 3, 3)), rng.normal(0, 0.1, 8)  # the draws the original script made and dropped
+    inits = [f("w1", rng.normal(0, 0.5, (8, 4, 3, 3))), f("b1", rng.normal(0, 0.1, 8)), f("w2", rng.normal(0, 0.5, (8, 8, 1, 1))),
+             f("b2", rng.normal(0, 0.1, 8)), f("scales", [1, 1, 2, 2])]
+    n = helper.make_node
+    nodes = [n("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]), n("HardSwish", ["c1"], ["hs"], name="hswish"),
+             n("Conv", ["hs", "w2", "b2"], ["c2"], name="conv2"), n("Add", ["c2", "hs"], ["add"], name="add"),
+             n("Mul", ["add", "c1"], ["mul"], name="mul"), n("MaxPool", ["mul"], ["mp"], name="maxpool", kernel_shape=[2, 2], strides=[2, 2]),
+             n("Resize", ["mp", "", "scales"], ["rs"], name="resize", mode="nearest"),
+             n("Concat", ["rs", "add"], ["cat"], name="concat", axis=1), n("Softmax", ["cat"], ["y"], name="softmax", axis=1)]
+    graph = helper.make_graph(nodes, "m1", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path, data = Path(directory) / "m1.onnx", Path(directory) / "d"
+    onnx.save(model, path)
+    data.mkdir()
+    for k in range(8):
+        np.save(data / f"s{k}.npy", rng.normal(0, 1, (1, 4, 8, 8)).astype(np.float32))
+    (data / "dataset.txt").write_text("".join(f"s{k}.npy\n" for k in range(8)))
+    return path, data / "dataset.txt"
+
+
+def test_below_the_target_a_fix_within_the_resolution_is_not_kept(tmp_path):
+    """Below the target as above it, a fix is kept only when it gains more than the samples resolve (at least
+    RESOLUTION_DB): bias correction on the m1 model moves the pooled log-probability SNR by hundredths of a dB (numpy on
+    ORT outputs of the models step2 builds with and without `bias_correction: true`), and the proposal no longer keeps it."""
+    from hybridq.api import ProposalOptions
+
+    path, listing = _softmax_head(tmp_path)
+    xs = [np.load(listing.parent / f"s{k}.npy") for k in range(8)]
+
+    def logp_snr(model) -> float:
+        """Pooled SNR of the log-probabilities (floored at 1e-4, centred over the classes) against fp32's."""
+        def logp(p):
+            lp = np.log(np.maximum(p.astype(np.float64), 1e-4))
+            return lp - lp.mean(axis=1, keepdims=True)
+        ref = np.stack([logp(run(path, {"x": x})[0]) for x in xs])
+        out = np.stack([logp(run(model, {"x": x})[0]) for x in xs])
+        return float(10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()))
+
+    figures = {}
+    for bias in (False, True):
+        ws = tmp_path / f"ws_{bias}"
+        r = hybridq.step1(path, listing, out=ws, settings={"target": "npu", "bias_correction": bias})
+        hybridq.step2(r.model, r.data, r.cfg, ws / "q.onnx")
+        figures[bias] = logp_snr(ws / "q.onnx")
+    assert 0 < abs(figures[True] - figures[False]) < 0.1 < RESOLUTION_DB  # far within what any 8 samples resolve
+
+    res = hybridq.step1(path, listing, out=tmp_path / "wsp", settings={"target": "npu"}, proposal=ProposalOptions()).proposal
+    start, = [r for r in res.table if r.step == "start"]
+    bias_row, = [r for r in res.table if r.step == "bias"]
+    assert start.outcome == "below target" and math.isclose(start.logp_snr_db, figures[False], abs_tol=1e-3)
+    assert math.isclose(bias_row.logp_snr_db, figures[True], abs_tol=1e-3)  # the candidate is the model measured above
+    assert bias_row.outcome == "no clear gain" and res.fixes == [] and not res.entries
+    assert "bias_correction" not in res.choice

@@ -369,3 +369,46 @@ def test_analyze_and_the_proposal_judge_an_output_by_the_same_pooled_figures(cnn
     evaluator = Evaluator(onnx.load(str(cnn_ws["model"])), xs, Target(cosine=None, snr_db=threshold))
     met = evaluator.met(evaluator.score(onnx.load(str(q))))
     assert verdict.ok == met == (out.pooled[1] >= threshold)
+
+
+def test_the_worst_sample_is_named_on_each_measure_the_verdict_judges(tmp_path) -> None:
+    """The sample lowest in cosine need not be lowest in SNR: one whose error is a pure 15 % gain keeps cosine 1 at
+    16.5 dB, one with noise at 1 % of its power reaches cosine 0.995 at 20 dB. The verdict names both samples, each
+    with the figures numpy computes from ORT's outputs of the two models."""
+    from hybridq.report import verdict as verdict_text
+
+    def model(noise: float) -> onnx.ModelProto:  # y = x[:, 0] + noise * x[:, 1]: fp32 with noise 0, "quant" with 1
+        nodes = [h.make_node("Gather", ["x", "i0"], ["x0"], name="g0", axis=1), h.make_node("Gather", ["x", "i1"], ["x1"], name="g1", axis=1),
+                 h.make_node("Mul", ["x1", "k"], ["e"], name="mul"), h.make_node("Add", ["x0", "e"], ["y"], name="add")]
+        inits = [nh.from_array(np.array(0, np.int64), "i0"), nh.from_array(np.array(1, np.int64), "i1"), nh.from_array(np.float32(noise), "k")]
+        g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 2, 64])], [h.make_tensor_value_info("y", TP.FLOAT, [1, 64])], inits)
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    rng = np.random.default_rng(3)
+    signals = [rng.normal(0, 1, 64) for _ in range(4)]
+    errors = [0.02 * rng.normal(0, 1, 64), 0.15 * signals[1], 0.1 * rng.normal(0, 1, 64), 0.01 * signals[3]]
+    data = tmp_path / "d"
+    data.mkdir()
+    for k, (s, e) in enumerate(zip(signals, errors)):
+        np.save(data / f"s{k}.npy", np.stack([s, e])[None].astype(np.float32))
+    (data / "dataset.txt").write_text("".join(f"s{k}.npy\n" for k in range(4)))
+    onnx.save(model(0.0), tmp_path / "f.onnx")
+    onnx.save(model(1.0), tmp_path / "q.onnx")
+    cos, snr = [], []
+    for k in range(4):
+        x = np.load(data / f"s{k}.npy")
+        r, q = (run(tmp_path / m, {"x": x})[0].astype(np.float64).ravel() for m in ("f.onnx", "q.onnx"))
+        cos.append(float(r @ q / np.sqrt((r @ r) * (q @ q))))
+        snr.append(float(10 * np.log10((r @ r) / ((r - q) @ (r - q)))))
+    by_cos, by_snr = int(np.argmin(cos)), int(np.argmin(snr))
+    assert (by_cos, by_snr) == (2, 1)  # the noisy sample and the scaled one
+
+    result = hybridq.analyze(tmp_path / "f.onnx", tmp_path / "q.onnx", data / "dataset.txt")
+    out = judge(result).outputs[0]
+    assert out["worst_sample"]["index"] == by_cos and out["worst_sample"]["cosine"] == pytest.approx(cos[by_cos], abs=1e-6)
+    assert out["worst_sample_by_snr"]["index"] == by_snr and out["worst_sample_by_snr"]["snr_db"] == pytest.approx(snr[by_snr], abs=1e-3)
+    text = verdict_text(result)
+    assert (f"worst sample by cosine #{by_cos}: cos {cos[by_cos]:.6f}, SNR {snr[by_cos]:.2f} dB, "
+            f"by SNR #{by_snr}: cos {cos[by_snr]:.6f}, SNR {snr[by_snr]:.2f} dB") in text

@@ -47,6 +47,7 @@ class SampleErrors:
     unequal: dict[str, str] = field(default_factory=dict)  # not compared: fp32 and quantized shapes (data-dependent)
     matches: dict[str, tuple[int, int]] = field(default_factory=dict)  # integer or bool outputs: values that differ, values
     exact_failed: bool = False  # measured on this CPU's default int8 kernels although exact ones were asked for
+    nonfinite: dict[str, tuple[int, int]] = field(default_factory=dict)  # +-inf/NaN left out: (equal infinities, values that differ)
 
 
 class Measure:
@@ -73,6 +74,7 @@ class Measure:
         self.skipped: set[str] = set()
         self.exact_failed = False
         self.matches: dict[str, list[int]] = {}  # integer or bool outputs: values that differ, values, samples
+        self.nonfinite: dict[str, list[int]] = {}  # tensor -> non-finite values left out: equal infinities, differing, samples
         self.todo = {tp.tensor: (tp, compared_names(tp, ag)) for tp in plan.tensors + plan.exact}
         self.wanted = {x for _, names in self.todo.values() for x in names}
         self.by_name: dict[str, list[str]] = defaultdict(list)
@@ -140,16 +142,20 @@ class Measure:
             return
         if tp.bounds is not None:  # beyond their saturation points (HardSwish below -3) all values are one to them
             a, tests = np.clip(a, *tp.bounds), [np.clip(b, *tp.bounds) for b in tests]
+        with np.errstate(invalid="ignore", over="ignore"):  # a non-finite value on either side makes the distance non-finite
+            values = [sample_metrics(a, b) for b in tests] if self.exact else metrics_many(a, tests, compiled=self.compiled)
+        if not all(np.isfinite(v[1]) for v in values):  # +-inf or NaN (an attention mask's -inf): compared apart
+            pairs, res.nonfinite[t] = finite_part(a, tests)
+            values = [sample_metrics(x, y) for x, y in pairs]
+            a, tests = pairs[0][0], [y for _, y in pairs]  # the output's sums below: the first view's pair
+        res.values[t] = values
+        if self.exact:
+            res.arrays[t] = raw
         if t in self.outputs:  # pooled over the samples, as the proposal judges them: per slice, and the whole tensor
             fast = self.compiled and not self.exact
             if (axis := channel_axis(a.shape)) is not None:
                 res.slices[t] = (axis, slice_sums(a, tests[0], axis, fast=fast))
             res.whole[t] = res.slices[t][1].sum(axis=1) if t in res.slices else slice_sums(a.reshape(1, -1), tests[0].reshape(1, -1), 0, fast=fast)[:, 0]
-        if self.exact:
-            res.values[t] = [sample_metrics(a, b) for b in tests]
-            res.arrays[t] = raw
-        else:
-            res.values[t] = metrics_many(a, tests, compiled=self.compiled)
 
     def data_dependent(self, t: str, fp: tuple[int, ...], quant: tuple[int, ...]) -> bool:
         """Do the fp32 and quantized shapes of ``t`` differ only in dims its inferred shape leaves open (set by the data,
@@ -167,6 +173,9 @@ class Measure:
         self.counted.update(res.matches)
         for t, shapes in res.unequal.items():
             self.unequal[t].append((res.index, shapes))
+        for t, counts in res.nonfinite.items():
+            acc = self.nonfinite.setdefault(t, [0, 0, 0])
+            acc[0], acc[1], acc[2] = acc[0] + counts[0], acc[1] + counts[1], acc[2] + 1
         for t, (differ, total) in res.matches.items():
             acc = self.matches.setdefault(t, [0, 0, 0])
             acc[0], acc[1], acc[2] = acc[0] + differ, acc[1] + total, acc[2] + 1
@@ -198,15 +207,17 @@ class Measure:
             acc.add_sums(sums)
 
     def notes(self) -> list[str]:
-        """What was left out: tensors whose fp32 and quantized shapes differed on some sample (set by the data)."""
+        """What was left out: non-finite values (:func:`finite_part`); tensors whose fp32 and quantized shapes differed on
+        some sample (set by the data)."""
+        notes = [nonfinite_note(self.nonfinite)] if self.nonfinite else []
         if not self.unequal:
-            return []
+            return notes
         told = [
             f"{t!r}: {runs[0][1]} on sample {runs[0][0]}; not compared on {len(runs)} of {self.n_samples} sample(s)"
             + ("" if t in self.counted else ", so no row")
             for t, runs in self.unequal.items()
         ]
-        return ["shape depends on the data, so the fp32 and quantized shapes differ: " + "; ".join(told)]
+        return notes + ["shape depends on the data, so the fp32 and quantized shapes differ: " + "; ".join(told)]
 
     def dump(self, sink: SampleSink, res: SampleErrors) -> None:
         """Append one sample's arrays, in plan order, to the snapshot."""
@@ -238,6 +249,7 @@ class Measure:
                 slices=self.slices[tp.tensor].result() if tp.tensor in self.slices else None,
                 bounds=tp.bounds,
                 pooled=_pooled(self.whole[tp.tensor]) if tp.tensor in self.whole else None,
+                nonfinite=(self.nonfinite[tp.tensor][0], self.nonfinite[tp.tensor][1]) if tp.tensor in self.nonfinite else None,
             )
             for tp in self.plan.tensors
             if tp.tensor not in self.skipped and tp.tensor not in self.matches and self.dtypes.get(tp.tensor, "float")[0] == "f"
@@ -258,6 +270,29 @@ class Measure:
             return None
         return (f"its shape depends on the data and the fp32 and quantized shapes differed on all {len(runs)} sample(s) "
                 f"({runs[0][1]} on sample {runs[0][0]})")
+
+
+def finite_part(a: np.ndarray, tests: list[np.ndarray]) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[int, int]]:
+    """``a`` and each view as a pair, with every value that is not finite on both sides set to 0 on both (so it adds
+    nothing to any sum), and, for the first view, how many were equal infinities (both models agree: an attention mask's -inf) and how
+    many differ (NaN, or infinite in one model only, or infinities of opposite sign)."""
+    out, counts = [], (0, 0)
+    for k, b in enumerate(tests):
+        keep = np.isfinite(a) & np.isfinite(b)
+        if k == 0:
+            agree = int(np.count_nonzero((a == b) & ~keep))
+            counts = (agree, int(keep.size - np.count_nonzero(keep)) - agree)
+        out.append((np.where(keep, a, 0).astype(a.dtype, copy=False), np.where(keep, b, 0).astype(b.dtype, copy=False)))
+    return out, counts
+
+
+def nonfinite_note(counts: dict[str, list[int]]) -> str:
+    """The note on the non-finite values left out of the figures, per tensor."""
+    told = [f"{t!r}: {agree} equal infinities" + (f", {differ} that differ" if differ else "") + f" on {n} sample(s)"
+            for t, (agree, differ, n) in counts.items()]
+    return ("non-finite values (+-inf, NaN) are left out of the figures; equal infinities in both models agree (an "
+            "attention mask's -inf), any other (NaN, or infinite in one model only) differs and makes an output CHECK: "
+            + "; ".join(told))
 
 
 def _pooled(sums: np.ndarray) -> tuple[float, float]:

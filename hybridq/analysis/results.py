@@ -59,6 +59,7 @@ class LayerError:
     slices: SliceMetrics | None = None
     bounds: tuple[float, float] | None = None
     pooled: tuple[float, float] | None = None  # a model output's whole-tensor cosine and SNR with the samples pooled
+    nonfinite: tuple[int, int] | None = None  # +-inf/NaN left out of the figures: (equal infinities, values that differ)
 
     @property
     def label(self) -> str:
@@ -83,6 +84,7 @@ class LayerError:
             "slices": self.slices.to_dict() if self.slices is not None else None,
             "compared_within": [v if math.isfinite(v) else None for v in self.bounds] if self.bounds is not None else None,
             "pooled": {"cosine": self.pooled[0], "snr_db": self.pooled[1]} if self.pooled is not None else None,
+            "non_finite": {"equal": self.nonfinite[0], "differ": self.nonfinite[1]} if self.nonfinite is not None else None,
         }
 
     @classmethod
@@ -104,6 +106,7 @@ class LayerError:
             slices=SliceMetrics.from_dict(d["slices"]) if d.get("slices") is not None else None,
             bounds=_bounds(d.get("compared_within")),
             pooled=_pooled(d.get("pooled")),
+            nonfinite=(int(d["non_finite"]["equal"]), int(d["non_finite"]["differ"])) if d.get("non_finite") else None,
         )
 
 
@@ -225,6 +228,14 @@ class AnalysisResult:
     runtime: list[RuntimeRow] = field(default_factory=list)
     exact_outputs: list[OutputMatch] = field(default_factory=list)
     not_compared: dict[str, str] = field(default_factory=dict)
+    batched_rows: int | None = None  # the samples the n_samples dataset entries held, where they hold batches
+
+    @property
+    def samples_said(self) -> str:
+        """How many samples were compared, in words; where the dataset entries held batches, the samples and the entries."""
+        if self.batched_rows:
+            return f"{self.batched_rows} samples in {self.n_samples} batched dataset entries"
+        return f"{self.n_samples} sample(s)"
 
     def to_dict(self) -> dict[str, Any]:
         """Strict-JSON-ready dict (:func:`~hybridq.metrics.to_strict_json`: non-finite numbers are
@@ -233,6 +244,7 @@ class AnalysisResult:
             "format": "hybridq-snapshot",
             "version": 1,
             "n_samples": self.n_samples,
+            "batched_rows": self.batched_rows,
             "outputs": list(self.outputs),
             "notes": list(self.notes),
             "dumped_samples": self.dumped_samples,
@@ -257,6 +269,7 @@ class AnalysisResult:
             runtime=[RuntimeRow.from_dict(r) for r in d.get("runtime", [])],
             exact_outputs=[OutputMatch.from_dict(x) for x in d.get("exact_outputs", [])],
             not_compared={str(k): str(v) for k, v in d.get("not_compared", {}).items()},
+            batched_rows=int(d["batched_rows"]) if d.get("batched_rows") else None,
         )
 
     def worst(self, n: int | None = None) -> list[LayerError]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shlex
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,12 +93,23 @@ def _output_entry(layer: LayerError, cos_threshold: float, snr_threshold: float)
             "min_cosine": sl.min_cosine,
         }
     per = (e.per_sample or {}).get("cosine") or []
-    if len(per) > 1:  # the figures are means over the samples: the worst sample beside them, so none hides
-        worst = min(range(len(per)), key=lambda i: (not math.isnan(per[i]), per[i]))
-        index = int(e.per_sample["sample"][worst]) if "sample" in e.per_sample else worst  # samples left out: the run's index
-        entry["worst_sample"] = {"index": index, "cosine": per[worst], "snr_db": e.per_sample["snr_db"][worst]}
-    entry["ok"] = output_ok(cos, snr, sl, cos_threshold, snr_threshold)
+    if len(per) > 1:  # the figures are pooled over the samples: the worst sample beside them, so none hides
+        entry["worst_sample"] = _worst_sample(e.per_sample, "cosine")
+        # the verdict judges the SNR too, and the sample lowest in cosine need not be lowest in SNR
+        entry["worst_sample_by_snr"] = _worst_sample(e.per_sample, "snr_db")
+    if layer.nonfinite is not None:  # left out of the figures: equal infinities agree, the rest differ
+        entry["non_finite"] = {"equal": layer.nonfinite[0], "differ": layer.nonfinite[1]}
+    entry["ok"] = output_ok(cos, snr, sl, cos_threshold, snr_threshold) and not (layer.nonfinite or (0, 0))[1]
     return entry
+
+
+def _worst_sample(per: dict[str, list[float]], measure: str) -> dict[str, Any]:
+    """The sample lowest on `measure` (NaN lowest), with its cosine and SNR; named by its place in the run when some
+    samples were left out of the comparison."""
+    values = per[measure]
+    worst = min(range(len(values)), key=lambda i: (not math.isnan(values[i]), values[i]))
+    index = int(per["sample"][worst]) if "sample" in per else worst
+    return {"index": index, "cosine": per["cosine"][worst], "snr_db": per["snr_db"][worst]}
 
 
 def _output_rank(entry: dict[str, Any]) -> tuple[bool, float, float]:
@@ -121,12 +133,14 @@ def judge(
     cfg: str | None = None,
     dataset: str | None = None,
     fallback: str = "float32",
+    float_model: str | None = None,
 ) -> Verdict:
     """The verdict of ``result`` against the thresholds, with the next step.
 
     ``snapshot``, ``cfg`` and ``dataset`` are the paths put into the suggested
     ``hybridq propose`` command (without a snapshot, propose analyses anew;
-    placeholders ``MODEL.quantization.cfg`` and ``DATASET`` when unknown). ``fallback`` is the precision the next
+    placeholders ``MODEL.quantization.cfg`` and ``DATASET`` when unknown; the next step then says which cfg to pass,
+    named after ``float_model`` when given, as step1 names it). ``fallback`` is the precision the next
     step suggests for a layer (float16 for a cfg written for target npu, whose fallback it is).
     """
     outs = result.output_layers() if result.outputs else result.layers[-1:]  # no output named (a device folder): the last row
@@ -158,11 +172,14 @@ def judge(
          "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", repr(float(cos_threshold)),
          *(["--target-snr", repr(float(snr_threshold))] if snr_threshold != SNR_THRESHOLD else [])]  # a threshold the user set
     )
+    which = "" if cfg else (f" (for MODEL.quantization.cfg pass the cfg step1 wrote for {float_model}, "
+                            f"{Path(float_model).stem}.quantization.cfg in its --out folder" if float_model else
+                            " (for MODEL.quantization.cfg pass the cfg step1 wrote for the fp32 model") + ")"
     if missing and all(e["ok"] for e in entries + exact):
         step = (f"output {missing[0]['tensor']} was not compared ({missing[0]['reason']}): check it another way, on your task's "
                 "own metric, before trusting the others' figures")
         return Verdict(False, cos_threshold, snr_threshold, result.n_samples, entries, layers, step, None, command, exact, missing)
-    step, cfg_entry = _next_step(result, entries, exact, adders, outs, command, cos_threshold, fallback)
+    step, cfg_entry = _next_step(result, entries, exact, adders, outs, f"`{command}`{which}", cos_threshold, fallback)
     return Verdict(False, cos_threshold, snr_threshold, result.n_samples, entries, layers, step, cfg_entry, command, exact, missing)
 
 
@@ -170,7 +187,7 @@ def _next_step(
     result: AnalysisResult, entries: list[dict[str, Any]], exact: list[dict[str, Any]], adders: list[LayerError],
     outs: list[LayerError], command: str, cos_threshold: float, fallback: str,
 ) -> tuple[str, str | None]:
-    """The next step of a CHECK verdict and the cfg line it suggests (None: no single line)."""
+    """The next step of a CHECK verdict and the cfg line it suggests (None: no single line); ``command`` as said, quoted."""
     cfg_entry = None
     if any(OTHER_SOURCE in n for n in result.notes):
         step = ("FLOAT_MODEL is not the file step1 quantized (see the note): run analyze again with the fp32 model "
@@ -181,7 +198,7 @@ def _next_step(
         step = (
             f"layer {a.label} adds the most error: in the cfg set `{cfg_entry}` (or int16), "
             f"or clip the range (`min`/`max`) of its input tensors under quantize_parameters; "
-            f"or let `{command}` find the cheapest fix"
+            f"or let {command} find the cheapest fix"
         )
     elif all(e["ok"] for e in entries):  # only integer outputs differ: decisions taken on values the quantization moved
         x = exact[0]
@@ -204,8 +221,8 @@ def _next_step(
                 f"output {row.label} passes as a whole but slice #{ws['index']} on axis {ws['axis']} does not: "
                 "its values are small beside the other slices that share one quantization range"
                 + (f"; set `{cfg_entry}` in the cfg for a finer step" if cfg_entry else "")
-                + f", or run `{command}`"
+                + f", or run {command}"
             )
         else:
-            step = f"no single layer is below the thresholds, so the error builds up over many layers: run `{command}`"
+            step = f"no single layer is below the thresholds, so the error builds up over many layers: run {command}"
     return step, cfg_entry

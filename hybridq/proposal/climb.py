@@ -79,9 +79,10 @@ class Climb:
     def _row(self, step: str, fix: str, s: Score, cost: float, outcome: str) -> None:
         self.table.append(Row(step, fix, self.quality(s), s.worst_cosine, s.worst_snr, s.worst_slice_snr, cost, outcome, s.logp_snr))
 
-    def try_each(self, step: str, cands: list[Candidate], clearly: bool = False) -> bool:
-        """Score each candidate on top of the current edits; keep the best if it beats the current score
-        (with `clearly`, by more than the measure resolves: see Evaluator.as_good)."""
+    def try_each(self, step: str, cands: list[Candidate]) -> bool:
+        """Score each candidate on top of the current edits; keep the best if it beats the current score by more than
+        the measure resolves (see Evaluator.as_good), or if it meets the target the current state misses. Below the
+        target as above it: a gain the samples cannot tell from noise buys nothing (README, "What the samples resolve")."""
         best: tuple[Score, Candidate, Edits, Built] | None = None
         tried: list[tuple[Candidate, Edits, Built | ConfigError]] = []
         for c in cands:
@@ -103,7 +104,8 @@ class Climb:
                 best = (s, c, edits, built)
         rows = [r for r in self.table[len(self.table) - len(cands):] if not r.outcome.startswith("not applicable")]
         gain = best is not None and self.better(best[0], self.score)
-        if not gain or (clearly and self.evaluator.as_good(self.score, best[0])):
+        crosses = gain and not self.met and self.evaluator.met(best[0])
+        if not gain or (not crosses and self.evaluator.as_good(self.score, best[0])):
             for r in rows:
                 r.outcome = "no clear gain" if gain and r.fix == best[1].label else "no gain"
             return False

@@ -230,9 +230,9 @@ def _free_fixes(climb: Climb, samples: list[dict[str, np.ndarray]], session: Cal
     kept only when they clearly improve the outputs (beyond Evaluator.resolution): a free gain, never a trade. A bias
     correction changes what the ranges see, so the range rung is tried once more after one is kept: proposing again
     on the result then finds nothing left to gain."""
-    ranged = climb.try_each("range", _range_candidates(climb), clearly=True)
-    if climb.try_each("bias", _bias_candidates(climb, samples, session), clearly=True) and not ranged:
-        climb.try_each("range", _range_candidates(climb), clearly=True)
+    ranged = climb.try_each("range", _range_candidates(climb))
+    if climb.try_each("bias", _bias_candidates(climb, samples, session)) and not ranged:
+        climb.try_each("range", _range_candidates(climb))
 
 
 def _range_candidates(climb: Climb) -> list[Candidate]:
