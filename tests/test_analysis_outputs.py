@@ -236,3 +236,18 @@ def test_equal_infinities_agree_and_other_non_finite_values_are_counted_apart(tm
         assert f"{differ} non-finite value(s) differ from fp32's" in _worst_output(entry)
     back = LayerError.from_dict("masked", json.loads(json.dumps(row.to_dict())))
     assert back.nonfinite == row.nonfinite
+
+
+def test_a_model_input_given_back_as_an_output_is_the_same_in_both_models_not_a_check(tmp_path):
+    """Both models take the same inputs, so an input passed through as an output is equal by construction: a note, and
+    the verdict judges the other outputs (it said CHECK, "not compared", on a lossless model)."""
+    models = []
+    for quant in (None, "lossless"):
+        m = _classifier(quant, ("logits",))
+        m.graph.output.append(h.make_tensor_value_info("x", TP.FLOAT, [1, POS, D]))
+        models.append(m)
+    onnx.save(models[0], tmp_path / "f.onnx")
+    onnx.save(models[1], tmp_path / "q.onnx")
+    res = analyze(tmp_path / "f.onnx", tmp_path / "q.onnx", _samples(grid=True))
+    assert res.not_compared == {} and any("output x is the model input itself" in n for n in res.notes), res.notes
+    assert judge(res).ok

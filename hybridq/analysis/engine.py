@@ -238,13 +238,13 @@ def _notes(notes: list[str], m: Measure, qm: onnx.ModelProto, host_int8: bool, t
 
 def _result(f: ModelIndex, plan: AnalysisPlan, m: Measure, n: int, notes: list[str]) -> AnalysisResult:
     """The rows, the integer outputs compared value for value, and the model outputs with no figures and why (the plan's
-    reason, the samples', or a model input given back)."""
+    reason or the samples'). A model input given back as an output is the same in both models (they take the same
+    inputs): a note, not a CHECK."""
     layers, exact = m.layers(), m.exact_outputs()
     done = {x.tensor for x in layers} | {x.tensor for x in exact}
-    missing = {
-        o: plan.uncompared.get(o) or m.why_not(o) or ("a model input given back as an output: no layer computes it" if o in f.inputs
-                                                     else "no tensor of the quantized model could be matched with it")
-        for o in f.outputs if o not in done
-    }
-    return AnalysisResult(layers=layers, outputs=list(f.outputs), n_samples=n, notes=notes + bounds_note(layers),
-                          exact_outputs=exact, not_compared=missing)
+    echoed = [o for o in f.outputs if o not in done and o in f.inputs]
+    missing = {o: plan.uncompared.get(o) or m.why_not(o) or "no tensor of the quantized model could be matched with it"
+               for o in f.outputs if o not in done and o not in echoed}
+    notes = notes + [f"output {o} is the model input itself, the same in both models: not compared" for o in echoed]
+    return AnalysisResult(layers=layers, outputs=[o for o in f.outputs if o not in echoed], n_samples=n,
+                          notes=notes + bounds_note(layers), exact_outputs=exact, not_compared=missing)
