@@ -124,19 +124,23 @@ def masked_culprit_mlp(seed: int = 0, rows: int = 16, side: int = 8, gain: float
                   [helper.make_tensor_value_info("out", T.FLOAT, [rows, 32])], inits)
 
 
+def _outlier_ln(rng: np.random.Generator) -> list[onnx.TensorProto]:
+    """gamma (40 on channel 5), beta, and q and k weights reading channel 5 at 1/40, drawn in this order."""
+    gamma = 1 + 0.1 * rng.normal(size=32)
+    gamma[5] = 40.0
+    wq, wk = rng.normal(0, 0.2, (32, 32)), rng.normal(0, 0.2, (32, 32))
+    wq[5] /= 40
+    wk[5] /= 40
+    return [_init("gamma", gamma), _init("beta", 0.1 * rng.normal(size=32)), _init("wq", wq), _init("wk", wk)]
+
+
 def layernorm_outlier(native: bool = True, seed: int = 0, rows: int = 16) -> onnx.ModelProto:
     """x [rows, 32] -> LayerNorm whose gamma is 40 on channel 5 (a transformer's 'massive activation') -> q and k
     MatMuls reading it (weights on channel 5 at 1/40) -> Relu -> MatMul. Per-tensor uint8 on the LayerNorm's output
     leaves the other channels a handful of codes; SmoothQuant moves gamma's outlier into the MatMuls' weights.
     `native`: LayerNormalization (opset 17); else written out (ReduceMean, Sub, Pow, Sqrt, Div, Mul gamma, Add beta)."""
     rng = np.random.default_rng(seed)
-    gamma = 1 + 0.1 * rng.normal(size=32)
-    gamma[5] = 40.0
-    wq, wk = rng.normal(0, 0.2, (32, 32)), rng.normal(0, 0.2, (32, 32))
-    wq[5] /= 40
-    wk[5] /= 40
-    inits = [_init("gamma", gamma), _init("beta", 0.1 * rng.normal(size=32)), _init("wq", wq), _init("wk", wk),
-             _init("wo", rng.normal(0, 0.2, (32, 8)))]
+    inits = _outlier_ln(rng) + [_init("wo", rng.normal(0, 0.2, (32, 8)))]
     if native:
         ln = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1, epsilon=1e-5)]
     else:
@@ -158,13 +162,8 @@ def layernorm_outlier_3d(seed: int = 0, tokens: int = 16) -> onnx.ModelProto:
     MatMul + Add into Reshape -> Gemm -> Reshape, so the quantized tensors are two 2-D views of the LayerNorm's
     output, one before each Gemm, and the LayerNorm output itself is not quantized."""
     rng = np.random.default_rng(seed)
-    gamma = 1 + 0.1 * rng.normal(size=32)
-    gamma[5] = 40.0
-    wq, wk = rng.normal(0, 0.2, (32, 32)), rng.normal(0, 0.2, (32, 32))
-    wq[5] /= 40
-    wk[5] /= 40
-    inits = [_init("gamma", gamma), _init("beta", 0.1 * rng.normal(size=32)), _init("wq", wq), _init("wk", wk),
-             _init("bq", 0.1 * rng.normal(size=32)), _init("bk", 0.1 * rng.normal(size=32)), _init("wo", rng.normal(0, 0.2, (32, 8)))]
+    inits = _outlier_ln(rng) + [_init("bq", 0.1 * rng.normal(size=32)), _init("bk", 0.1 * rng.normal(size=32)),
+                                _init("wo", rng.normal(0, 0.2, (32, 8)))]
     nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], name="ln", axis=-1, epsilon=1e-5),
              helper.make_node("MatMul", ["ln", "wq"], ["q0"], name="q"), helper.make_node("Add", ["q0", "bq"], ["q"], name="q_bias"),
              helper.make_node("MatMul", ["ln", "wk"], ["k0"], name="k"), helper.make_node("Add", ["k0", "bk"], ["k"], name="k_bias"),
