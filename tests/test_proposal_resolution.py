@@ -188,10 +188,10 @@ def _softmax_head(directory) -> tuple[Path, Path]:
     return path, data / "dataset.txt"
 
 
-def test_below_the_target_a_fix_within_the_resolution_is_not_kept(tmp_path):
-    """Below the target as above it, a fix is kept only when it gains more than the samples resolve (at least
-    RESOLUTION_DB): bias correction on the m1 model moves the pooled log-probability SNR by hundredths of a dB (numpy on
-    ORT outputs of the models step2 builds with and without `bias_correction: true`), and the proposal no longer keeps it."""
+def test_below_the_target_a_gain_within_the_resolution_is_said_to_be_so(tmp_path):
+    """Bias correction on the m1 model moves the pooled log-probability SNR by hundredths of a dB (numpy on ORT outputs
+    of the models step2 builds with and without `bias_correction: true`), far below RESOLUTION_DB. Below the target the
+    proposal keeps a free fix's gain, but its row says the gain is within what the samples resolve (it said "kept")."""
     from hybridq.api import ProposalOptions
 
     path, listing = _softmax_head(tmp_path)
@@ -219,5 +219,5 @@ def test_below_the_target_a_fix_within_the_resolution_is_not_kept(tmp_path):
     bias_row, = [r for r in res.table if r.step == "bias"]
     assert start.outcome == "below target" and math.isclose(start.logp_snr_db, figures[False], abs_tol=1e-3)
     assert math.isclose(bias_row.logp_snr_db, figures[True], abs_tol=1e-3)  # the candidate is the model measured above
-    assert bias_row.outcome == "no clear gain" and res.fixes == [] and not res.entries
-    assert "bias_correction" not in res.choice
+    gained = figures[True] > figures[False]
+    assert bias_row.outcome == ("kept (a gain within what the samples resolve)" if gained else "no gain"), bias_row.outcome
