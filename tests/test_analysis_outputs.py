@@ -251,3 +251,30 @@ def test_a_model_input_given_back_as_an_output_is_the_same_in_both_models_not_a_
     res = analyze(tmp_path / "f.onnx", tmp_path / "q.onnx", _samples(grid=True))
     assert res.not_compared == {} and any("output x is the model input itself" in n for n in res.notes), res.notes
     assert judge(res).ok
+
+
+def test_an_output_whose_slice_axis_changes_length_says_it_has_no_worst_slice(tmp_path):
+    """[1, T, 16] outputs with T set by each sample: the slices (one per time step) cannot be pooled, so the output is
+    judged whole; the worst-slice figure was dropped without a word. Samples of one length keep it, with no note."""
+    rng = np.random.default_rng(1)
+    inits = [nh.from_array(rng.normal(0, 0.3, (D, D)).astype(np.float32), "w1")]
+    models = []
+    for quant in (False, True):
+        nodes, x = [], "x"
+        if quant:
+            inits_q = [nh.from_array(np.array(1 / 16, np.float32), "sx"), nh.from_array(np.array(0, np.int8), "zx")]
+            nodes += [h.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]), h.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"])]
+            x = "xd"
+        nodes.append(h.make_node("MatMul", [x, "w1"], ["y"], name="fc1"))
+        g = h.make_graph(nodes, "dyn", [h.make_tensor_value_info("x", TP.FLOAT, [1, "T", D])], [h.make_tensor_value_info("y", TP.FLOAT, [1, "T", D])],
+                         inits + (inits_q if quant else []))
+        models.append(h.make_model(g, opset_imports=[h.make_opsetid("", 17)], ir_version=8))
+    onnx.save(models[0], tmp_path / "f.onnx")
+    onnx.save(models[1], tmp_path / "q.onnx")
+    ragged = [{"x": rng.normal(0, 1, (1, t, D)).astype(np.float32)} for t in (6, 20, 12)]
+    res = analyze(tmp_path / "f.onnx", tmp_path / "q.onnx", ragged)
+    row = next(r for r in res.layers if r.tensor == "y")
+    assert row.slices is None and any("no worst-slice figure for output(s) y" in n for n in res.notes), res.notes
+    even = [{"x": rng.normal(0, 1, (1, 6, D)).astype(np.float32)} for _ in range(3)]
+    res = analyze(tmp_path / "f.onnx", tmp_path / "q.onnx", even)
+    assert next(r for r in res.layers if r.tensor == "y").slices is not None and not any("worst-slice" in n for n in res.notes)

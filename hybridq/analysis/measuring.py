@@ -67,6 +67,7 @@ class Measure:
         self.slices: dict[str, SliceAccumulator] = {}
         self.whole: dict[str, np.ndarray] = {}  # model outputs: sums over the samples, for the pooled figures
         self.ragged: set[str] = set()
+        self.slices_dropped: set[str] = set()  # outputs sliced on some samples, not on others: judged whole, and said so
         self.entire = {tp.tensor: Accumulator() for tp in plan.tensors}
         self.single = {t: Accumulator() for t in ag.single_views}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -195,13 +196,16 @@ class Measure:
                 self.whole[t] = self.whole[t] + sums if t in self.whole else sums.copy()
         for t in self.outputs.intersection(res.values).difference(res.slices):
             self.ragged.add(t)  # no slice axis on this sample (an axis of length 1): no per-slice measure
-            self.slices.pop(t, None)
+            if self.slices.pop(t, None) is not None:
+                self.slices_dropped.add(t)
         for t, (axis, sums) in res.slices.items():
             if t in self.skipped or t in self.ragged:
+                self.slices_dropped.update([t] if t in self.ragged else [])
                 continue
             acc = self.slices.setdefault(t, SliceAccumulator(axis))
             if acc.axis != axis or (acc.sums is not None and acc.sums.shape != sums.shape):
                 self.ragged.add(t)  # the slice axis moved or changed length between samples: no per-slice measure
+                self.slices_dropped.add(t)
                 del self.slices[t]
                 continue
             acc.add_sums(sums)
@@ -210,6 +214,9 @@ class Measure:
         """What was left out: non-finite values (:func:`finite_part`); tensors whose fp32 and quantized shapes differed on
         some sample (set by the data)."""
         notes = [nonfinite_note(self.nonfinite)] if self.nonfinite else []
+        if self.slices_dropped:
+            notes.append(f"no worst-slice figure for output(s) {', '.join(sorted(self.slices_dropped))}: the slice axis changed length "
+                         "(or vanished) between samples, so the slices cannot be pooled; the output is judged on the whole tensor")
         if not self.unequal:
             return notes
         told = [
