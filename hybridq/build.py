@@ -257,25 +257,27 @@ def _equalize_sites(model: onnx.ModelProto, scales: dict[str, list[float]], wher
     return list(sites.values())
 
 
-def record_equalized(model: onnx.ModelProto, temp: onnx.ModelProto, edits: Edits, where: str) -> None:
+def record_equalized(model: onnx.ModelProto, temp: onnx.ModelProto, sites: list[tuple[equalize.Site, list[float]]]) -> None:
     """Note in ``model``'s QDQ map every tensor an equalization divides, with its scales: analyze multiplies them back
     before comparing with fp32, and divides the fp32 tensors a layer alone reads (its weights carry the scales)."""
     g = GraphView(temp)
     qmap = QdqMap.from_model(model) or QdqMap()
-    for site, scales in _equalize_sites(temp, edits.equalize, where):
+    for site, scales in sites:
         qmap.equalized.update({t: (axis, [float(x) for x in scales]) for t, axis in site.carriers(g).items()})
     qmap.write_to(model)
 
 
-def apply_fixes(model: onnx.ModelProto, edits: Edits, where: str = "cfg") -> onnx.ModelProto:
-    """The temp model with equalization scales and bias corrections applied (one copy when there are any)."""
+def apply_fixes(model: onnx.ModelProto, edits: Edits, where: str = "cfg",
+                sites: list[tuple[equalize.Site, list[float]]] | None = None) -> onnx.ModelProto:
+    """The temp model with equalization scales and bias corrections applied (one copy when there are any); ``sites``:
+    the equalization sites of ``edits`` when the caller found them already."""
     # A layer that runs in float computes its fp32 output: a correction of its int8 error would add one.
     shifts = {k: np.asarray(v) for k, v in edits.bias_correction.items() if edits.layers.get(k) not in ("float16", "float32")}
     if not edits.equalize and not shifts:
         return model
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    for site, scales in _equalize_sites(model, edits.equalize, where):
+    for site, scales in sites if sites is not None else _equalize_sites(model, edits.equalize, where):
         try:
             equalize.apply_in_place(work, site, np.asarray(scales))
         except ValueError as exc:
@@ -308,7 +310,8 @@ def build(
     where: str = "cfg",
 ) -> Built:
     """Fix, plan, resolve parameters and rewrite: the one path from step1's state to a QDQ model."""
-    fixed = apply_fixes(temp, edits, where)
+    sites = _equalize_sites(temp, edits.equalize, where) if edits.equalize else []
+    fixed = apply_fixes(temp, edits, where, sites)
     written = meta.get("written_entries", {})
     plan = plan_for(fixed, settings, edits, written, measured_costs(meta, settings))
     for layer, why in infinite.touching(plan, observers).items():
@@ -325,8 +328,8 @@ def build(
     res.notes += notes
     res.warnings += warnings
     rewrite = apply_plan(fixed, plan, res.activations, res.weights)
-    if edits.equalize:
-        record_equalized(rewrite.model, temp, edits, where)
+    if sites:
+        record_equalized(rewrite.model, temp, sites)
     recurrent.apply_in_place(rewrite.model, {n: lp.precision for n, lp in plan.layers.items()}, settings.qmethod == "channel")
     apply_int4(rewrite.model, fixed, plan, observers, settings, where)
     return Built(rewrite, plan, res, fixed)
