@@ -282,12 +282,22 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
     return Site(tensor, node.name, full_path, tuple(r.name for r in readers), reader_axis, channels, rank, tuple(inputs), tuple(views))
 
 
+def reader_weights(site: Site, g: GraphView) -> list[tuple[str, int]]:
+    """(weight, its input-channel axis) of each reader: what the scales multiply."""
+    return [_in_channel(g.by_name[name], site.reads(i), g)[:2] for i, name in enumerate(site.readers)]
+
+
+def scaled_weights(site: Site, g: GraphView) -> list[str]:
+    """Every weight the equalization changes: the producer's (divided; not an affine constant) and the readers'."""
+    prod = _out_channel(g.by_name[site.producer], g)
+    return ([prod[0]] if prod is not None else []) + [w for w, _ in reader_weights(site, g)]
+
+
 def reader_absmax(model: onnx.ModelProto, site: Site, g: GraphView | None = None) -> np.ndarray:
     """Largest |weight| of each input channel over all readers (what a scale multiplies)."""
     g = g or GraphView(model)
     out = np.zeros(site.channels)
-    for i, name in enumerate(site.readers):
-        weight, axis, _ = _in_channel(g.by_name[name], site.reads(i), g)
+    for weight, axis in reader_weights(site, g):
         w = np.abs(g.init_array(weight))
         out = np.maximum(out, np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).max(axis=1))
     return out
@@ -360,8 +370,7 @@ def apply_in_place(work: onnx.ModelProto, site: Site, scales: np.ndarray) -> Non
         if node.op_type == "Add":
             b = next(i for i in node.input if i in g.inits)
             replace[b] = _per_channel(g, b, 1.0 / s, site.rank) if prod is None else _scaled(g, b, 1.0 / s, None)
-    for i, name in enumerate(site.readers):
-        w, in_axis, _ = _in_channel(g.by_name[name], site.reads(i), g)
+    for w, in_axis in reader_weights(site, g):
         replace[w] = _scaled(g, w, s, in_axis)
     for init in work.graph.initializer:
         if init.name in replace:

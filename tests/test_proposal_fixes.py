@@ -55,6 +55,10 @@ def test_informative_outlier_channel_feeding_a_gemm_is_equalized_with_no_float_l
     path, res, q = _step1(tmp_path, pm.informative_outlier_gemm(), (16, 32))
     p = res.proposal
     assert p.met and p.layers == {}
+    # both weights the equalization rescales (fc1's divided, fc2's multiplied) are listed with the scales the model uses
+    model_inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(q).graph.initializer}
+    for w in ("w1", "w2"):
+        np.testing.assert_allclose(load_cfg(res.cfg).entries[w].values["scale"], model_inits[f"{w}_scale"], rtol=1e-6)
     entry = load_cfg(res.cfg).entries["r1"].values
     assert len(entry["equalize"]) == 32 and max(entry["equalize"]) > 50  # channel 0's scale moved into fc2
     assert not any(r.fix.startswith("clip 'r1'") for r in p.table)  # fc2 reads channel 0: a clip is not even tried

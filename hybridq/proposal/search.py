@@ -443,25 +443,25 @@ def _result(climb: Climb, choice: str, ranked: list[tuple[str, float]], macs: di
 
 
 def _equalized_weights(climb: Climb, entries: dict[str, dict[str, Any]], comments: dict[str, str]) -> None:
-    """The weight entries of the layers an equalization multiplied, as step2 quantizes them: the range of the scaled
-    weights (step1 listed the original's; ori_min/ori_max keep it)."""
+    """The weight entries of the layers an equalization rescaled (the producer's divided, the readers' multiplied), as
+    step2 quantizes them: the range of the scaled weights (step1 listed the original's; ori_min/ori_max keep it)."""
     ctx, built = climb.ctx, climb.built
     view = GraphView(built.fixed)
+    sites = {}
     for t in [t for t, e in entries.items() if "equalize" in e]:
         site = equalize.find_site(ctx.temp, t, ctx.graph)
-        if isinstance(site, str):
-            continue
-        for i, name in enumerate(site.readers):
-            info = equalize._in_channel(ctx.graph.by_name[name], site.reads(i), ctx.graph)
-            w = info[0] if info else None
-            if w is None or w not in built.plan.weights or w in ctx.protected:
+        if not isinstance(site, str):
+            sites.setdefault(site.producer, (t, site))  # the views of one tensor: one site
+    for t, site in sites.values():
+        for w in equalize.scaled_weights(site, ctx.graph):
+            if w not in built.plan.weights or w in ctx.protected:
                 continue
             fresh = weight_entry(built.plan.weights[w], view.init_array(w))[0]
             bound = [max(-lo, hi) for lo, hi in zip(fresh["min"], fresh["max"])]  # the symmetric range step2 uses
             cur = entries.get(w) or ctx.entry(climb.edits, w)
             cur.update(min=[-b for b in bound], max=bound, scale=fresh["scale"], zero_point=fresh["zero_point"])
             entries[w] = cur
-            comments.setdefault(w, f"proposal: the range of these weights after equalizing '{t}' (input channel c times its "
+            comments.setdefault(w, f"proposal: the range of these weights after equalizing '{t}' (channel c rescaled by its "
                                    "equalize[c]); ori_min/ori_max are the original weights'")
 
 
