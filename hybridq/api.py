@@ -15,7 +15,8 @@ from . import default_model, fold, infinite, recurrent
 from ._cfg_checks import check_cfg
 from ._fs import check_not_input, check_output_dir, check_output_file, output_target
 from .artifacts import check_order, check_step1_outputs, edited_cfg_entries, fp32_source_at, read_step1, save_model_atomic, why_edits_do_not_apply, write_step1
-from .build import Built, LayerResolution, build, check_requests, edits_from, edits_from_cfg, resolve_layer_names, written_entries
+from .build import (Built, LayerResolution, build, edits_from, edits_from_cfg, moot_float_entries, resolve_layer_names, set_effective,
+                    written_entries)
 from .calibration_job import calibrate_dataset
 from .int4 import hessian_inputs
 from .costmodel import for_step1 as step1_costs
@@ -286,7 +287,8 @@ def _built_as_step2(parsed: Cfg, bundle: Any) -> tuple[Built, list[LayerResoluti
     edits, resolved = edits_from_cfg(parsed, temp, bundle.meta)
     check_target_change(temp, parsed.settings, bundle.meta.get("written_settings", {}), bundle.observers, edits.layers, str(parsed.path))
     built = build(temp, bundle.observers, bundle.meta, parsed.settings, edits, where=str(parsed.path))
-    checked += check_requests(built, resolved, edits, parsed.settings, bundle.meta, str(parsed.path), parsed.custom_lines)
+    set_effective(built, resolved, parsed.settings, str(parsed.path), parsed.custom_lines)
+    checked += moot_float_entries(built, resolved, edits, parsed.settings, bundle.meta, str(parsed.path), parsed.custom_lines)
     return built, resolved, checked
 
 

@@ -335,21 +335,29 @@ def build(
     return Built(rewrite, plan, res, fixed)
 
 
-def check_requests(built: Built, resolved: list[LayerResolution], edits: Edits, settings: Settings, meta: dict[str, Any],
-                   where: str, lines: Mapping[str, int]) -> list[str]:
-    """Set each custom_quantize_layers entry's effective precision; a ConfigError for an integer request on a layer with
-    no quantized form, a warning for a float request that changes nothing (the plan without it is the same around
-    that node: a Mul inside a GELU chain, a Relu that runs float anyway)."""
-    op_types = {n.name: n.op_type for n in built.fixed.graph.node}
+def set_effective(built: Built, resolved: list[LayerResolution], settings: Settings, where: str, lines: Mapping[str, int]) -> None:
+    """Each custom_quantize_layers entry's effective precision; a ConfigError for an integer request on a layer with no
+    quantized form."""
     for r in resolved:
         lp = built.rewrite.layers.get(r.node)
         r.effective = (settings.dtype if lp["precision"] == "default" else lp["precision"]) if lp else "float32"
         if r.requested in ("uint8", "int8", "int16") and lp is None:
+            op = next(n.op_type for n in built.fixed.graph.node if n.name == r.node)
             raise ConfigError(f"{where}:{lines.get(r.entry, 0)}: custom_quantize_layers['{r.entry}'] = {r.requested} has no effect: "
-                              f"'{r.node}' ({op_types[r.node]}) has no quantized form. Remove the entry.")
-    floats = {r.node for r in resolved if r.requested == "float32"}
-    if not floats:
+                              f"'{r.node}' ({op}) has no quantized form. Remove the entry.")
+
+
+def moot_float_entries(built: Built, resolved: list[LayerResolution], edits: Edits, settings: Settings, meta: dict[str, Any],
+                       where: str, lines: Mapping[str, int]) -> list[str]:
+    """A warning per float32 entry that changes nothing: the plan without the float32 entries is the same around each of
+    its nodes (a Mul inside a GELU chain, a Relu on a float stem)."""
+    by_entry: dict[str, list[str]] = {}
+    for r in resolved:
+        if r.requested == "float32":
+            by_entry.setdefault(r.entry, []).append(r.node)
+    if not by_entry:
         return []
+    floats = {n for names in by_entry.values() for n in names}
     rest = Edits({k: v for k, v in edits.layers.items() if k not in floats}, edits.entries, edits.equalize, edits.bias_correction)
     base = plan_for(built.fixed, settings, rest, meta.get("written_entries", {}), measured_costs(meta, settings))
     nodes = {n.name: n for n in built.fixed.graph.node}
@@ -361,11 +369,10 @@ def check_requests(built: Built, resolved: list[LayerResolution], edits: Edits, 
         float_here = lp is None or lp.precision == "float32" or set(nodes[name].output) <= inner
         return float_here, frozenset(t for t in plan.tensors if t in io), frozenset(w for w in plan.weights if w in io)
 
-    moot: dict[str, list[str]] = {}
-    for r in resolved:
-        if r.node in floats:
-            moot.setdefault(r.entry, []).append(r.node if r.node in nodes and around(base, r.node) == around(built.plan, r.node) else "")
+    def unchanged(name: str) -> bool:
+        return name in nodes and around(base, name) == around(built.plan, name)
+
     return [f"{where}:{lines.get(e, 0)}: custom_quantize_layers['{e}'] = float32 has no effect: "
-            f"{', '.join(f'{n!r} ({op_types[n]})' for n in names)} run(s) in float32 without it, with the same quantized tensors "
-            "around; remove the entry, or list the layer that writes or reads the quantized tensor you meant."
-            for e, names in moot.items() if all(names)]
+            f"{', '.join(f'{n!r} ({nodes[n].op_type})' for n in names)} run(s) in float32 without it, with the same quantized "
+            "tensors around; remove the entry, or list the layer that writes or reads the quantized tensor you meant."
+            for e, names in by_entry.items() if all(unchanged(n) for n in names)]
