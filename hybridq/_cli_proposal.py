@@ -65,6 +65,7 @@ def proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
         lines.append("  predicted latency (measured cost model, 1 thread): {1:.2f} ms, from {0:.2f} ms before the proposal; fp32 {2:.2f} ms".format(*p.latency_ms))
     if p.fixes:
         lines.append("  fixes kept (each commented in the cfg): " + "; ".join(p.fixes))
+    lines += [f"  note: {n}." for n in p.notes]
     if not p.met:
         lines.append(not_met_advice(p))
     cost = p.cost
@@ -74,7 +75,7 @@ def proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
         "baseline": p.baseline.to_dict(), "baseline_label": p.baseline_label, "predicted": p.predicted.to_dict(),
         "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
         "predicted_ms": None if p.latency_ms is None else dict(zip(("before", "proposal", "fp32"), p.latency_ms)),
-        "your_layers": p.existing, "your_edits": p.edits,
+        "your_layers": p.existing, "your_edits": p.edits, "notes": p.notes,
         "float_compute": None if cost is None else {
             "total": cost.fraction, "proposed": cost.share({"proposed"}), "yours": cost.share({"yours"}),
             "policy": cost.policy_fraction, "policies": cost.policies(), "layers": cost.cause,

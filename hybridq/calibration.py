@@ -33,9 +33,11 @@ from .observers import HESSIAN_SUFFIX, HessianObserver, HistogramObserver
 
 
 def session_for(
-    model: onnx.ModelProto, outputs: list[str] | None = None, *, basic: bool = True, lean: bool = False, threads: int = 0
+    model: onnx.ModelProto, outputs: list[str] | None = None, *, basic: bool = True, lean: bool = False, threads: int = 0,
+    nodes: list[onnx.NodeProto] = (),
 ):
-    """An ORT CPU session over `model`, with extra graph outputs when given (model copied, not modified).
+    """An ORT CPU session over `model`, with extra graph outputs (written by the extra `nodes`, if any) when given;
+    the model is not modified.
 
     `lean` turns off ORT's memory pattern: with many fetched activations it reserves one more copy of the
     whole activation set and grows over the first runs (PP-OCR det, 20 samples: peak 1.85 GB instead of 0.93 GB).
@@ -43,9 +45,10 @@ def session_for(
     (:mod:`hybridq.kernels`) where ONNX Runtime can make them so.
     """
     work = model
-    if outputs:
+    if outputs:  # a copy, not bytes: ONNX Runtime's options for a model depend on its proto (_runtime.float_layer_between_qdq)
         work = onnx.ModelProto()
         work.CopyFrom(model)
+        work.graph.node.extend(nodes)
         work.graph.output.extend(_new_outputs(model, outputs))
     return _session(work, basic=basic, lean=lean, threads=threads)
 

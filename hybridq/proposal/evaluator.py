@@ -19,7 +19,11 @@ not on the probabilities: near-one probabilities hide the margins a decision res
 On PP-OCR rec (16 samples), probability cosine ranked a proposal scoring char acc 0.965
 above the default int8 model (0.968) and mse ranges (0.981) last; log-probability SNR
 puts the default model below mse ranges, bias correction and the 0.979 proposal.
-The target is still judged on the outputs as analyze judges them.
+The target is still judged on the outputs as analyze judges them. An integer output
+is no measure of closeness (a class index changed from 1 to 2 is not "nearer" than
+from 0 to 4): where an ArgMax (ArgMin) writes it, the float tensor it decides over is
+judged in its place and its decisions counted; any other integer output is compared
+value for value, its differing values counted as flipped decisions.
 
 Each sample's sums are kept apart and added in sample order, so a candidate scored on
 workers (:class:`ScoringJob`, any :mod:`hybridq.execution` back end) scores the same bit
@@ -41,13 +45,13 @@ import numpy as np
 import onnx
 
 from .. import _runtime
-from .._onnx import GraphIndex
 from ..calibration import session_for
 from ..dataset import load_callable
 from ..errors import InputError
 from ..inputs import portable_spec
 from ..execution import Execution, Progress, Shard, contiguous, execute
 from ..metrics import SNR_DEFAULT, SliceAccumulator, SliceMetrics, channel_axis, is_distribution, normalised, output_ok, slice_sums
+from .judged import DECIDERS, Decision, integer_outputs, log_probabilities, softmax_axes
 
 
 @dataclass
@@ -143,7 +147,7 @@ class Score:
         if self.logp_snr is not None:
             text += f", log-probability SNR {self.logp_snr:.1f} dB"
         if self.decisions:
-            text += f", {self.flips}/{self.decisions} argmax decisions differ from fp32"
+            text += f", {self.flips}/{self.decisions} decisions (argmax, integer values) differ from fp32"
         return text + (f", task {self.task:.4f}" if self.task is not None else "")
 
 
@@ -211,7 +215,11 @@ SamplePart = tuple[list[np.ndarray], int, int]
 
 @dataclass
 class Scoring:
-    """What scoring a candidate needs besides the candidate: the samples, their fp32 outputs and how to sum them (sent to workers)."""
+    """What scoring a candidate needs besides the candidate: the samples, their fp32 outputs and how to sum them (sent to workers).
+
+    `names` are the judged outputs as fetched (an ArgMax's float input under :attr:`Decision.fetch`), `labels` the model
+    outputs they stand for; `exact` the other integer outputs, fetched after them and compared value for value.
+    """
 
     samples: list[dict[str, np.ndarray]]
     ref: list[list[np.ndarray]]
@@ -219,23 +227,41 @@ class Scoring:
     layouts: list[_Layout]
     class_axis: dict[str, int]
     eval_fn: str | None
+    labels: list[str] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    exact: list[str] = field(default_factory=list)
+
+    def session(self, model: onnx.ModelProto, threads: int = 0) -> Any:
+        """A session over `model` that also writes each decided tensor under its :attr:`Decision.fetch` name."""
+        if not self.decisions:
+            return session_for(model, basic=False, threads=threads)
+        nodes = [n for d in self.decisions for n in d.nodes(model)]
+        return session_for(model, [d.fetch for d in self.decisions], basic=False, threads=threads, nodes=nodes)
 
     def parts(self, sess: Any, indices: Iterable[int]) -> list[SamplePart]:
         """Run the candidate's session on the samples `indices`; each sample's sums and decisions."""
         out: list[SamplePart] = []
+        signs = {d.fetch: (d.axis, DECIDERS[d.op]) for d in self.decisions}
         for k in indices:
             ref, flips, decisions, sums = self.ref[k], 0, 0, []
             logp = []
-            for name, layout, r, q in zip(self.names, self.layouts, ref, sess.run(self.names, self.samples[k])):
+            values = sess.run(self.names + self.exact, self.samples[k])
+            for name, layout, r, q in zip(self.names, self.layouts, ref, values):
                 sums.append(layout.sums(k, r, q))
                 axis = self.class_axis.get(name)
                 if axis is not None:
-                    agree = np.argmax(r, axis=axis) == np.argmax(q, axis=axis)
-                    flips += int(agree.size - np.count_nonzero(agree))
-                    decisions += int(agree.size)
                     is_log = float(np.max(r)) <= 0.0  # the fp32 output of a LogSoftmax
                     lr, lq = (np.reshape(log_probabilities(v, axis, is_log), (1, -1)) for v in (r, q))
                     logp.append(slice_sums(lr, lq, 0))
+                axis, sign = (axis, 1.0) if axis is not None else signs.get(name, (None, 1.0))
+                if axis is not None:
+                    agree = np.argmax(sign * r, axis=axis) == np.argmax(sign * q, axis=axis)
+                    flips += int(agree.size - np.count_nonzero(agree))
+                    decisions += int(agree.size)
+            for r, q in zip(ref[len(self.names):], values[len(self.names):]):
+                same = np.shape(r) == np.shape(q)
+                flips += int(np.count_nonzero(np.asarray(r) != np.asarray(q))) if same else max(np.size(r), np.size(q))
+                decisions += max(np.size(r), np.size(q))
             out.append((sums + logp, flips, decisions))
         return out
 
@@ -259,9 +285,9 @@ class Scoring:
                 acc.add(k, s if only is None or k == only else None)
             if only is None or k == only:
                 flips, decisions = flips + f, decisions + d
-        n = len(self.names)
-        return Score({name: s.score() for name, s in zip(self.names, sums)}, task, flips, decisions,
-                     {name: s.score() for name, s in zip(dist, sums[n:])})
+        n, label = len(self.names), dict(zip(self.names, self.labels or self.names))
+        return Score({label[name]: s.score() for name, s in zip(self.names, sums)}, task, flips, decisions,
+                     {label[name]: s.score() for name, s in zip(dist, sums[n:])})
 
 
 def task_score(eval_fn: Callable[[str], Any], spec: str, model: onnx.ModelProto | bytes) -> float:
@@ -303,7 +329,7 @@ class ScoringJob:
                 self._eval = load_callable(str(self.scoring.eval_fn), "--eval function")
             return task_score(self._eval, str(self.scoring.eval_fn), blob)
         if self._held[0] != which:
-            self._held = (which, session_for(onnx.load_from_string(blob), basic=False, threads=self._threads))
+            self._held = (which, self.scoring.session(onnx.load_from_string(blob), self._threads))
         parts = self.scoring.parts(self._held[1], shard.items)
         progress(shard.samples)
         return parts
@@ -355,17 +381,29 @@ class Evaluator:
         self.samples = samples
         self.target = target
         self.execution = execution
-        sess = session_for(fp32, basic=False)
-        self.names = [o.name for o in sess.get_outputs()]
-        self.ref = [sess.run(self.names, s) for s in samples]
-        self.class_axis = {n: a for n, a in _softmax_axes(fp32, self.names).items()
-                           if all(is_distribution(r[self.names.index(n)], a) for r in self.ref)}
+        decided, exact = integer_outputs(fp32)
+        outputs = [o.name for o in fp32.graph.output if o.name not in exact]
+        if not outputs:
+            raise InputError(f"Every output of the model ({', '.join(exact)}) is an integer tensor that no ArgMax/ArgMin writes: the "
+                             "proposal has no float output to judge. Mark a float tensor as a model output, or choose the float layers "
+                             "by analyze's figures.")
+        self.names = [decided[n].fetch if n in decided else n for n in outputs]
+        self.notes = [d.note() for d in decided.values()] + [
+            f"output '{n}' is integer and no ArgMax/ArgMin writes it: the proposal counts its values that differ from fp32's "
+            "as flipped decisions" for n in exact]
+        scoring = Scoring(samples, [], self.names, [], {}, None, outputs, list(decided.values()), exact)
+        sess = scoring.session(fp32)
+        self.ref = [sess.run(self.names + exact, s) for s in samples]
+        sources = {d.source: d.fetch for d in decided.values()}
+        softmax = {**softmax_axes(fp32, self.names), **{sources[t]: a for t, a in softmax_axes(fp32, list(sources)).items()}}
+        self.class_axis = {n: a for n, a in softmax.items() if all(is_distribution(r[self.names.index(n)], a) for r in self.ref)}
         layouts = [_Layout.of([np.shape(ref[i]) for ref in self.ref]) for i in range(len(self.names))] if self.ref else []
         self.evaluations = 0
         self._eval = None
         self.fp32_task = None
         spec = portable_spec(target.eval_fn) if target.eval_fn else None
-        self.scoring = Scoring(samples, self.ref, self.names if self.ref else [], layouts, self.class_axis, spec)
+        self.scoring = Scoring(samples, self.ref, self.names if self.ref else [], layouts, self.class_axis, spec,
+                               outputs if self.ref else [], scoring.decisions, exact)
         if spec:
             self._eval = load_callable(spec, "--eval function")
             self.fp32_task = self._task(fp32)
@@ -380,7 +418,7 @@ class Evaluator:
 
     def _scored(self, model: onnx.ModelProto, limit: int | None, threads: int = 0) -> Score:
         """:meth:`score` without counting it; ONNX Runtime on `threads` threads (0: one per core)."""
-        sess = session_for(model, basic=False, threads=threads)
+        sess = self.scoring.session(model, threads)
         parts = self.scoring.parts(sess, range(len(self.samples[:limit])))
         return self.scoring.merge(parts, self._task(model) if self._eval and limit is None else None)
 
@@ -501,38 +539,3 @@ SIDE_BY_SIDE = 2
 """Candidates scored at once in this process at most, one core each: two one-thread runs side by side do more than one
 run on two threads, whose layers are too small to split well. PP-OCR rec, `target: npu`, on a 2-core Xeon: its 64
 sensitivity runs 12.3 -> 10.0 s, `step1 --proposal` 49.4 -> 45.5 s, the same table and cfg."""
-
-LOGP_FLOOR = 1e-4
-"""Probabilities below this compare as this: a class that unlikely decides nothing, and an int8 Softmax output (an npu
-model, steps of 1/255) writes 0 for it. Floored at 1e-12, PP-OCR rec's npu int8 model (char acc 0.983) and a proposal
-scoring 0.920 both measured 0.1 dB; at 1e-4, 5.7 and 1.7 dB, and the cpu default model (0.968) still measures below
-mse ranges, bias correction and the proposal (0.977-0.981)."""
-
-
-def log_probabilities(p: np.ndarray, axis: int, is_log: bool = False) -> np.ndarray:
-    """float64 log of a distribution (`is_log`: a LogSoftmax's output, already one), floored, centred along `axis`."""
-    x = np.asarray(p, dtype=np.float64)
-    logp = np.maximum(x if is_log else np.log(np.maximum(x, LOGP_FLOOR)), math.log(LOGP_FLOOR))
-    return logp - logp.mean(axis=axis, keepdims=True)
-
-
-RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity")
-"""Ops that move a Softmax's values without changing them (exporters wrap an N-d Softmax in Flatten ... Reshape)."""
-
-
-def _softmax_axes(model: onnx.ModelProto, outputs: list[str]) -> dict[str, int]:
-    """Outputs a Softmax (or LogSoftmax) writes, directly or through reshapes, with the axis its decision is taken along.
-
-    Through a reshape the decision axis is the last one: kept only where the fp32 outputs are a distribution along
-    it (see :func:`hybridq.metrics.is_distribution`), since a reshape may move the normalised axis.
-    """
-    index = GraphIndex(model.graph)
-    axes: dict[str, int] = {}
-    for name in outputs:
-        node, reshaped = index.producer_node(name), False
-        while node is not None and node.op_type in RESHAPES:
-            node, reshaped = index.producer_node(node.input[0]), True
-        if node is not None and node.op_type in ("Softmax", "LogSoftmax"):
-            axes[name] = -1 if reshaped else next((a.i for a in node.attribute if a.name == "axis"), -1)
-    return axes
-
