@@ -75,3 +75,52 @@ def test_l2_bytes_reads_the_level_2_cache_and_falls_back_where_sysfs_has_none(tm
     (tmp_path / "cache" / "index2" / "size").write_text("lots\n")
     assert l2_bytes(777, root=str(tmp_path / "cache")) == 777
     assert AnalysisOptions().segment_bytes == 2.0 * l2_bytes()
+
+
+def _labelled_cnn() -> onnx.ModelProto:
+    """Conv-Relu-Conv to 5-class logits; outputs `label` (ArgMax, int64) and `logp` (Log of Relu: -inf where <= 0)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    w1, w2 = rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32), rng.normal(0, 0.4, (5, 8, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["logits"], name="conv2"),
+             helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0, name="argmax"),
+             helper.make_node("Relu", ["logits"], ["pos"], name="relu2"),
+             helper.make_node("Log", ["pos"], ["logp"], name="log")]
+    graph = helper.make_graph(nodes, "labelled", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, [1, 16, 16]),
+                               helper.make_tensor_value_info("logp", TensorProto.FLOAT, [1, 5, 16, 16])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_the_runtime_column_compares_an_integer_output_value_for_value_and_leaves_infinities_out(tmp_path):
+    """An ArgMax output is counted in a note (not a cosine of class indices); Log(Relu)'s -inf is left out of the
+    cosine (it was NaN), both recomputed here from ONNX Runtime sessions."""
+    onnx.save(_labelled_cnn(), tmp_path / "m.onnx")
+    listing = models.write_npy_dataset(tmp_path / "data", {"x": (1, 3, 16, 16)}, 6)
+    r = api.step1(tmp_path / "m.onnx", listing, out=tmp_path / "ws", settings={"speed_check": False})
+    api.step2(r.model, r.data, r.cfg, tmp_path / "q.onnx")
+    result = api.analyze(tmp_path / "m.onnx", tmp_path / "q.onnx", listing, runtime="cpu")
+
+    default = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    exact = ort.InferenceSession(str(tmp_path / "q.onnx"), exact_options(), providers=["CPUExecutionProvider"])
+    fp32 = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    xs = [np.load(listing.parent / ln) for ln in listing.read_text().splitlines() if ln.endswith(".npy")]
+    runs = [(fp32.run(None, {"x": x}), exact.run(None, {"x": x}), default.run(None, {"x": x})) for x in xs]
+    vs_fp32 = sum(int(np.count_nonzero(f[0] != d[0])) for f, _, d in runs)
+    vs_sim = sum(int(np.count_nonzero(e[0] != d[0])) for _, e, d in runs)
+    assert [row.tensor for row in result.runtime] == ["logp"]
+    told = [n for n in result.notes if "'label' is integer" in n]
+    assert told and f"{vs_fp32} of {6 * 16 * 16} value(s) differ from fp32's, {vs_sim} from the simulation's" in told[0]
+
+    def finite_cos(a: np.ndarray, b: np.ndarray) -> float:
+        keep = np.isfinite(a) & np.isfinite(b)
+        return cosine(a[keep], b[keep])
+
+    (row,) = result.runtime
+    assert np.isfinite(row.vs_fp32.cosine)
+    assert row.vs_fp32.cosine == pytest.approx(np.mean([finite_cos(f[1], d[1]) for f, _, d in runs]), abs=1e-6)
+    assert any("non-finite values" in n and "'logp'" in n for n in result.notes)

@@ -115,7 +115,7 @@ def test_this_cpus_default_kernels_part_from_the_simulation_only_where_they_satu
     else:
         from hybridq.analysis.runtime import compare_runtime
 
-        rows = compare_runtime(fm, qm, [x], "cpu")
+        rows, _ = compare_runtime(fm, qm, [x], "cpu")
     (row,) = [r for r in (result.runtime if per == "layer" else rows) if r.tensor == "y"]
     if u8s8_saturates():
         assert row.vs_simulator.max_abs > 10

@@ -22,6 +22,7 @@ from .. import _runtime
 from ..dumps import DeviceDump, compare_rknn_dump, first_divergence, read_device_dump, read_rknn_dump
 from ..errors import InputError
 from ..metrics import Accumulator
+from .measuring import finite_part, nonfinite_note
 from .results import AnalysisResult, LayerError, RuntimeRow
 
 
@@ -60,8 +61,11 @@ def runtime_for(spec: str) -> Runtime:
     return RUNTIMES[spec]
 
 
-def compare_runtime(fp32: onnx.ModelProto, quant: onnx.ModelProto, samples: Iterable[dict[str, np.ndarray]], spec: str) -> list[RuntimeRow]:
-    """Per model output: the runtime against fp32 and against hybridq's exact simulation, averaged over the samples."""
+def compare_runtime(fp32: onnx.ModelProto, quant: onnx.ModelProto, samples: Iterable[dict[str, np.ndarray]], spec: str
+                    ) -> tuple[list[RuntimeRow], list[str]]:
+    """Per model output: the runtime against fp32 and against hybridq's exact simulation, pooled over the samples; and
+    notes. As analyze's own output table does: an integer or bool output (an ArgMax, a mask) is compared value for value,
+    in a note, not by cosine; non-finite values (an attention mask's -inf) are left out of the figures and counted."""
     runtime = runtime_for(spec)
     device = runtime.open(quant)
     simulator = _runtime.session(quant, exact_int8=True, optimization="all")
@@ -69,14 +73,43 @@ def compare_runtime(fp32: onnx.ModelProto, quant: onnx.ModelProto, samples: Iter
     names = [o.name for o in device.get_outputs()]
     vs_fp32 = {n: Accumulator() for n in names}
     vs_sim = {n: Accumulator() for n in names}
+    exact: dict[str, list[int]] = {}  # integer output -> [differ from fp32, differ from the simulation, values]
+    nonfinite: dict[str, list[int]] = {}
     for feeds in samples:
         ref = dict(zip([o.name for o in reference.get_outputs()], reference.run(None, feeds)))
         sim = simulator.run(names, feeds)
-        for name, got, exact in zip(names, device.run(names, feeds), sim):
-            if name in ref:
-                vs_fp32[name].add(ref[name], got)
-            vs_sim[name].add(exact, got)
-    return [RuntimeRow(n, runtime.label, vs_fp32[n].result(), vs_sim[n].result()) for n in names]
+        for name, got, sim_value in zip(names, device.run(names, feeds), sim):
+            if not np.issubdtype(got.dtype, np.floating):
+                counts = exact.setdefault(name, [0, 0, 0])
+                counts[0] += _differing(ref.get(name), got)
+                counts[1] += _differing(sim_value, got)
+                counts[2] += int(got.size)
+                continue
+            for acc, base in ((vs_fp32[name], ref.get(name)), (vs_sim[name], sim_value)):
+                if base is None:
+                    continue
+                if not (np.isfinite(base).all() and np.isfinite(got).all()):
+                    (pair,), (agree, differ) = finite_part(base, [got])
+                    if acc is vs_fp32[name]:
+                        seen = nonfinite.setdefault(name, [0, 0, 0])
+                        seen[0], seen[1], seen[2] = seen[0] + agree, seen[1] + differ, seen[2] + 1
+                    base, got_part = pair
+                    acc.add(base, got_part)
+                else:
+                    acc.add(base, got)
+    rows = [RuntimeRow(n, runtime.label, vs_fp32[n].result(), vs_sim[n].result()) for n in names if n not in exact]
+    notes = [f"runtime column: output '{n}' is integer, compared value for value: {a} of {total} value(s) differ from fp32's, "
+             f"{b} from the simulation's" for n, (a, b, total) in exact.items()]
+    return rows, notes + ([nonfinite_note(nonfinite)] if nonfinite else [])
+
+
+def _differing(base: np.ndarray | None, got: np.ndarray) -> int:
+    """How many values of `got` differ from `base` (all of them when the shapes differ; none when there is no base)."""
+    if base is None:
+        return 0
+    if np.shape(base) != np.shape(got):
+        return max(int(np.size(base)), int(np.size(got)))
+    return int(np.count_nonzero(np.asarray(base) != got))
 
 
 def is_device_folder(spec: str) -> bool:
@@ -167,7 +200,8 @@ def runtime_column(runtime: str | None, fm: onnx.ModelProto, qm: onnx.ModelProto
     runtime_for(runtime)
 
     def then(result: AnalysisResult) -> None:
-        result.runtime = compare_runtime(fm, qm, samples(), runtime)
+        result.runtime, notes = compare_runtime(fm, qm, samples(), runtime)
+        result.notes.extend(notes)
     return None, then
 
 
