@@ -109,7 +109,7 @@ def _last_axis_vector(node: onnx.NodeProto, g: GraphView, bias: str | None) -> b
     return bias is None or list(g.inits[bias].dims) == list(w.dims)
 
 
-def _in_channel(node: onnx.NodeProto, tensor: str, g: GraphView) -> tuple[str, int, int] | None:
+def in_channel(node: onnx.NodeProto, tensor: str, g: GraphView) -> tuple[str, int, int] | None:
     """(weight, input-channel axis of the weight, channel axis of the activation) of a reader that can absorb a scale."""
     if not node.input or node.input[0] != tensor or tensor in node.input[1:] or len(node.input) < 2 or node.input[1] not in g.inits:
         return None
@@ -223,7 +223,7 @@ def _readers(source: str, g: GraphView, shapes: _Shapes) -> tuple[list[onnx.Node
             views.append(r.output[0])
             todo.extend((c, r.output[0]) for c in g.consumer_nodes(r.output[0]))
             continue
-        info = _in_channel(r, t, g)
+        info = in_channel(r, t, g)
         if info is None:
             return f"'{t}' is read by '{r.name}' ({r.op_type}), which cannot absorb a per-channel scale"
         if t != source and info[2] != -1:  # a view keeps the last axis only: a Conv reading it takes another
@@ -258,7 +258,7 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
     if isinstance(found, str):
         return found
     readers, inputs, views = found
-    axes = {info[2] for info in (_in_channel(r, i, g) for r, i in zip(readers, inputs)) if info is not None}
+    axes = {info[2] for info in (in_channel(r, i, g) for r, i in zip(readers, inputs)) if info is not None}
     if len(axes) != 1:
         return f"the readers of '{source}' take its channels along different axes"
     reader_axis = axes.pop()
@@ -284,7 +284,7 @@ def find_site(model: onnx.ModelProto, tensor: str, g: GraphView | None = None) -
 
 def reader_weights(site: Site, g: GraphView) -> list[tuple[str, int]]:
     """(weight, its input-channel axis) of each reader: what the scales multiply."""
-    return [_in_channel(g.by_name[name], site.reads(i), g)[:2] for i, name in enumerate(site.readers)]
+    return [in_channel(g.by_name[name], site.reads(i), g)[:2] for i, name in enumerate(site.readers)]
 
 
 def scaled_weights(site: Site, g: GraphView) -> list[str]:

@@ -167,7 +167,7 @@ def contributions(ctx: Context, stats: ChannelStats, depth: int = 4) -> np.ndarr
             return None
         weights = np.zeros(stats.min.size)
         for r in readers:
-            info = equalize._in_channel(r, t, ctx.graph)
+            info = equalize.in_channel(r, t, ctx.graph)
             if info is None:
                 return None
             w = np.abs(ctx.graph.init_array(info[0]))
