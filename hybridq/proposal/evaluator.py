@@ -21,9 +21,9 @@ above the default int8 model (0.968) and mse ranges (0.981) last; log-probabilit
 puts the default model below mse ranges, bias correction and the 0.979 proposal.
 The target is still judged on the outputs as analyze judges them. An integer output
 is no measure of closeness (a class index changed from 1 to 2 is not "nearer" than
-from 0 to 4): where an ArgMax (ArgMin) writes it, the float tensor it decides over is
-judged in its place and its decisions counted; any other integer output is compared
-value for value, its differing values counted as flipped decisions.
+from 0 to 4): its values are compared with fp32's, those that differ counted as flipped
+decisions, and where a deciding op (an ArgMax, a threshold, NonMaxSuppression) computes
+it from float tensors, those are judged in its place (:mod:`hybridq.proposal.judged`).
 
 Each sample's sums are kept apart and added in sample order, so a candidate scored on
 workers (:class:`ScoringJob`, any :mod:`hybridq.execution` back end) scores the same bit
@@ -51,7 +51,7 @@ from ..errors import InputError
 from ..inputs import portable_spec
 from ..execution import Execution, Progress, Shard, contiguous, execute
 from ..metrics import SNR_DEFAULT, SliceAccumulator, SliceMetrics, channel_axis, is_distribution, normalised, output_ok, slice_sums
-from .judged import DECIDERS, Decision, integer_outputs, log_probabilities, softmax_axes
+from .judged import Decision, integer_outputs, log_probabilities, softmax_axes
 
 
 @dataclass
@@ -236,12 +236,12 @@ class Scoring:
         if not self.decisions:
             return session_for(model, basic=False, threads=threads)
         nodes = [n for d in self.decisions for n in d.nodes(model)]
-        return session_for(model, [d.fetch for d in self.decisions], basic=False, threads=threads, nodes=nodes)
+        return session_for(model, [f for d in self.decisions for f in d.fetch], basic=False, threads=threads, nodes=nodes)
 
     def parts(self, sess: Any, indices: Iterable[int]) -> list[SamplePart]:
         """Run the candidate's session on the samples `indices`; each sample's sums and decisions."""
         out: list[SamplePart] = []
-        signs = {d.fetch: (d.axis, DECIDERS[d.op]) for d in self.decisions}
+        counted = {f for d in self.decisions for f in d.fetch}  # a decided output's own values count its decisions
         for k in indices:
             ref, flips, decisions, sums = self.ref[k], 0, 0, []
             logp = []
@@ -250,14 +250,13 @@ class Scoring:
                 sums.append(layout.sums(k, r, q))
                 axis = self.class_axis.get(name)
                 if axis is not None:
+                    if name not in counted:
+                        agree = np.argmax(r, axis=axis) == np.argmax(q, axis=axis)
+                        flips += int(agree.size - np.count_nonzero(agree))
+                        decisions += int(agree.size)
                     is_log = float(np.max(r)) <= 0.0  # the fp32 output of a LogSoftmax
                     lr, lq = (np.reshape(log_probabilities(v, axis, is_log), (1, -1)) for v in (r, q))
                     logp.append(slice_sums(lr, lq, 0))
-                axis, sign = (axis, 1.0) if axis is not None else signs.get(name, (None, 1.0))
-                if axis is not None:
-                    agree = np.argmax(sign * r, axis=axis) == np.argmax(sign * q, axis=axis)
-                    flips += int(agree.size - np.count_nonzero(agree))
-                    decisions += int(agree.size)
             for r, q in zip(ref[len(self.names):], values[len(self.names):]):
                 same = np.shape(r) == np.shape(q)
                 flips += int(np.count_nonzero(np.asarray(r) != np.asarray(q))) if same else max(np.size(r), np.size(q))
@@ -382,19 +381,22 @@ class Evaluator:
         self.target = target
         self.execution = execution
         decided, exact = integer_outputs(fp32)
-        outputs = [o.name for o in fp32.graph.output if o.name not in exact]
-        if not outputs:
-            raise InputError(f"Every output of the model ({', '.join(exact)}) is an integer tensor that no ArgMax/ArgMin writes: the "
-                             "proposal has no float output to judge. Mark a float tensor as a model output, or choose the float layers "
-                             "by analyze's figures.")
-        self.names = [decided[n].fetch if n in decided else n for n in outputs]
+        self.names, labels = [], []
+        for o in fp32.graph.output:
+            d = decided.get(o.name)
+            self.names += d.fetch if d else [] if o.name in exact else [o.name]
+            labels += d.labels if d else [] if o.name in exact else [o.name]
+        if not self.names:
+            raise InputError(f"Every output of the model ({', '.join(exact)}) is an integer tensor that no ArgMax, threshold or "
+                             "NonMaxSuppression computes from a float tensor: the proposal has nothing to judge by cosine. Mark a "
+                             "float tensor as a model output, or choose the float layers by analyze's figures.")
         self.notes = [d.note() for d in decided.values()] + [
-            f"output '{n}' is integer and no ArgMax/ArgMin writes it: the proposal counts its values that differ from fp32's "
-            "as flipped decisions" for n in exact]
-        scoring = Scoring(samples, [], self.names, [], {}, None, outputs, list(decided.values()), exact)
+            f"output '{n}' is integer, computed from no float tensor the proposal can judge: it counts the output's values that "
+            "differ from fp32's as flipped decisions" for n in exact if n not in decided]
+        scoring = Scoring(samples, [], self.names, [], {}, None, labels, list(decided.values()), exact)
         sess = scoring.session(fp32)
         self.ref = [sess.run(self.names + exact, s) for s in samples]
-        sources = {d.source: d.fetch for d in decided.values()}
+        sources = {s: f for d in decided.values() for s, f in zip(d.sources, d.fetch)}
         softmax = {**softmax_axes(fp32, self.names), **{sources[t]: a for t, a in softmax_axes(fp32, list(sources)).items()}}
         self.class_axis = {n: a for n, a in softmax.items() if all(is_distribution(r[self.names.index(n)], a) for r in self.ref)}
         layouts = [_Layout.of([np.shape(ref[i]) for ref in self.ref]) for i in range(len(self.names))] if self.ref else []
@@ -403,7 +405,7 @@ class Evaluator:
         self.fp32_task = None
         spec = portable_spec(target.eval_fn) if target.eval_fn else None
         self.scoring = Scoring(samples, self.ref, self.names if self.ref else [], layouts, self.class_axis, spec,
-                               outputs if self.ref else [], scoring.decisions, exact)
+                               labels if self.ref else [], scoring.decisions, exact)
         if spec:
             self._eval = load_callable(spec, "--eval function")
             self.fp32_task = self._task(fp32)

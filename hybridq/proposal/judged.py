@@ -9,48 +9,58 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .._onnx import GraphIndex
+from .._onnx import GraphIndex, tensor_types
 from ..errors import ModelError
 
-DECIDERS = {"ArgMax": 1.0, "ArgMin": -1.0}
-"""Ops whose integer output is a decision along an axis of a float tensor (ArgMin's: the argmax of the negated tensor)."""
+DECIDERS: dict[str, tuple[int, ...]] = {
+    "ArgMax": (0,), "ArgMin": (0,), "TopK": (0,), "NonMaxSuppression": (0, 1),
+    "Greater": (0, 1), "GreaterOrEqual": (0, 1), "Less": (0, 1), "LessOrEqual": (0, 1), "Equal": (0, 1),
+}
+"""Ops whose integer or bool output is a decision on float inputs, and which inputs (a constant threshold is not judged)."""
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 JUDGED = "__hybridq_judged__"
-"""Prefix of the graph output a scored model gets for the float tensor an integer output is decided from."""
+"""Prefix of the graph outputs a scored model gets for the float tensors an integer output is decided from."""
 
 
 @dataclass(frozen=True)
 class Decision:
-    """An integer model output an ArgMax (ArgMin) writes, through reshapes and casts, from a float tensor: the tensor
-    is judged in the output's place and its decisions counted."""
+    """An integer (bool) model output a deciding op (:data:`DECIDERS`: an ArgMax, a threshold, NonMaxSuppression) writes,
+    through reshapes and casts, from float tensors: those are judged in the output's place, and the output's values
+    are compared with fp32's."""
 
     output: str
-    source: str
-    """The tensor the ArgMax reads in the fp32 model."""
     op: str
-    axis: int
+    sources: tuple[str, ...]
+    """The float tensors the op reads in the fp32 model."""
+    positions: tuple[int, ...]
+    """Their input positions on the op (the same in every candidate)."""
 
     @property
-    def fetch(self) -> str:
-        """The graph output the scored models get for the decided tensor (the same name in every candidate)."""
-        return JUDGED + self.output
+    def fetch(self) -> list[str]:
+        """The graph outputs the scored models get for the decided tensors (the same names in every candidate)."""
+        return [f"{JUDGED}{self.output}/{p}" for p in self.positions]
+
+    @property
+    def labels(self) -> list[str]:
+        """What each judged tensor is called in the figures: the output's name (with the tensor's, when there are two)."""
+        return [self.output] if len(self.sources) == 1 else [f"{self.output} ({s})" for s in self.sources]
 
     def nodes(self, model: onnx.ModelProto) -> list[onnx.NodeProto]:
-        """The Cast to float32 of the tensor the ArgMax reads in `model` (what it decides on there), to :attr:`fetch`."""
+        """The Cast to float32 of each tensor the op reads in `model` (what it decides on there), to :attr:`fetch`."""
         node = _decider(GraphIndex(model.graph), self.output)
-        if node is None:
+        if node is None or node.op_type != self.op:
             raise ModelError(f"the candidate model has no {self.op} writing output '{self.output}', which the fp32 model has")
-        return [onnx.helper.make_node("Cast", [node.input[0]], [self.fetch], to=onnx.TensorProto.FLOAT, name=self.fetch)]
+        return [onnx.helper.make_node("Cast", [node.input[p]], [f], to=onnx.TensorProto.FLOAT, name=f)
+                for p, f in zip(self.positions, self.fetch)]
 
     def note(self) -> str:
-        return (f"output '{self.output}' is integer ({self.op} of '{self.source}' along axis {self.axis}): the proposal judges "
-                f"'{self.source}' in its place and counts the decisions that differ from fp32's")
-
-
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16, onnx.TensorProto.UNDEFINED}
+        judged = " and ".join(f"'{s}'" for s in self.sources)
+        return (f"output '{self.output}' is integer ({self.op} of {judged}): the proposal judges {judged} in its place and "
+                "counts the output's values that differ from fp32's as flipped decisions")
 
 
 def _decider(index: GraphIndex, output: str) -> onnx.NodeProto | None:
-    """The ArgMax/ArgMin writing `output` through reshapes and casts, if one does."""
+    """The deciding op (:data:`DECIDERS`) writing `output` through reshapes and casts, if one does."""
     node = index.producer_node(output)
     while node is not None and node.op_type in (*RESHAPES, "Cast"):
         node = index.producer_node(node.input[0])
@@ -58,18 +68,31 @@ def _decider(index: GraphIndex, output: str) -> onnx.NodeProto | None:
 
 
 def integer_outputs(model: onnx.ModelProto) -> tuple[dict[str, Decision], list[str]]:
-    """The model's integer (and bool) outputs: those an ArgMax/ArgMin decides (:class:`Decision`), and the others."""
-    index, decided, others = GraphIndex(model.graph), {}, []
+    """The model's integer (and bool) outputs, in graph order; and those a deciding op writes from float tensors that
+    are not constants (:class:`Decision`)."""
+    index, decided, ints = GraphIndex(model.graph), {}, []
+    inits = {i.name for i in model.graph.initializer}
+    types: dict[str, int] | None = None
     for out in model.graph.output:
-        if out.type.tensor_type.elem_type in FLOAT_TYPES:
+        elem = out.type.tensor_type.elem_type
+        if elem in FLOAT_TYPES or elem == onnx.TensorProto.UNDEFINED:
             continue
+        ints.append(out.name)
         node = _decider(index, out.name)
         if node is None:
-            others.append(out.name)
             continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        decided[out.name] = Decision(out.name, node.input[0], node.op_type, axis)
-    return decided, others
+        types = tensor_types(model) if types is None else types
+        positions = tuple(p for p in DECIDERS[node.op_type] if p < len(node.input) and types.get(node.input[p]) in FLOAT_TYPES
+                          and not _constant(index, inits, node.input[p]))
+        if positions:
+            decided[out.name] = Decision(out.name, node.op_type, tuple(node.input[p] for p in positions), positions)
+    return decided, ints
+
+
+def _constant(index: GraphIndex, inits: set[str], tensor: str) -> bool:
+    """Is `tensor` an initializer or a Constant's output (a threshold, not a computed tensor)?"""
+    node = index.producer_node(tensor)
+    return tensor in inits or (node is not None and node.op_type == "Constant")
 
 
 LOGP_FLOOR = 1e-4
