@@ -412,3 +412,23 @@ def test_the_worst_sample_is_named_on_each_measure_the_verdict_judges(tmp_path) 
     text = verdict_text(result)
     assert (f"worst sample by cosine #{by_cos}: cos {cos[by_cos]:.6f}, SNR {snr[by_cos]:.2f} dB, "
             f"by SNR #{by_snr}: cos {cos[by_snr]:.6f}, SNR {snr[by_snr]:.2f} dB") in text
+
+
+def test_an_output_without_slices_ranks_by_its_own_snr() -> None:
+    """Two failing outputs: `seq` (sliced, worst slice 10.1 dB, cos 0.95) and `logits` (2-D, no slices, cos 0.73,
+    1.5 dB). The worst output named first is logits: it used to rank after every sliced output, however bad."""
+    from hybridq.metrics import SliceMetrics
+
+    r = _result(6, [], out_cos=0.9999)
+    seq, logits = r.layers[-2], r.layers[-1]
+    seq.entire, seq.slices = _m(0.95, 12.0), SliceMetrics(1, [0.96, 0.95, 0.94], [12.5, 11.0, 10.1])
+    logits.entire, logits.shape = _m(0.73, 1.5), (1, 10)
+    r.outputs = [seq.tensor, logits.tensor]
+    v = judge(r)
+    assert [o["tensor"] for o in v.outputs] == [logits.tensor, seq.tensor]
+    # an output whose whole tensor is below its worst slice ranks by the whole tensor's SNR
+    logits.slices = SliceMetrics(1, [0.999, 0.998], [25.0, 20.0])
+    logits.entire = _m(0.98, 11.0)
+    assert [o["tensor"] for o in judge(r).outputs] == [seq.tensor, logits.tensor]
+    logits.entire = _m(0.98, 9.0)
+    assert [o["tensor"] for o in judge(r).outputs] == [logits.tensor, seq.tensor]

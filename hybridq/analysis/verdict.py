@@ -113,11 +113,14 @@ def _worst_sample(per: dict[str, list[float]], measure: str) -> dict[str, Any]:
 
 
 def _output_rank(entry: dict[str, Any]) -> tuple[bool, float, float]:
+    """Failing outputs first, then the lowest SNR: its worst slice's, or the whole tensor's where that is lower or the
+    output has no slices (a 2-D logits output is as bad as its SNR, not ranked after every sliced one)."""
     def num(v: float) -> float:
         return -math.inf if math.isnan(v) else v
 
     ws = entry["worst_slice"]
-    return (entry["ok"], num(ws["snr_db"]) if ws else math.inf, num(entry["cosine"]))
+    snr = min(num(ws["snr_db"]), num(entry["snr_db"])) if ws else num(entry["snr_db"])
+    return (entry["ok"], snr, num(entry["cosine"]))
 
 
 def _exact_entry(x: OutputMatch) -> dict[str, Any]:
