@@ -14,8 +14,8 @@ ResizeOpt = Annotated[Optional[str], typer.Option(help="none (default: size mism
 ForceOpt = Annotated[bool, typer.Option("--force-preprocess", help="Use the preprocessing options given even where they "
                                          "contradict the ones step1 recorded (default: read them from the cfg or model; a contradiction is an error).")]
 HookOpt = Annotated[Optional[str], typer.Option("--preprocess", help="module.py:function(path, spec) -> array, replacing image loading.")]
-TargetCosOpt = Annotated[Optional[float], typer.Option(help="Proposal target: cosine on every output (default 0.99).")]
-TargetSnrOpt = Annotated[Optional[float], typer.Option(help="Proposal target: SNR in dB on every output (instead of or with cosine).")]
+TargetCosOpt = Annotated[Optional[float], typer.Option(help="Proposal target: cosine on every output and slice. Default: 0.99 with --target-snr 20, as analyze's verdict; a target given replaces that pair (give both for both).")]
+TargetSnrOpt = Annotated[Optional[float], typer.Option(help="Proposal target: SNR in dB of every output's worst slice (instead of or with --target-cosine).")]
 MaxLayersOpt = Annotated[Optional[int], typer.Option(min=0, help="Proposal budget: at most K float layers.")]
 NoMeasureOpt = Annotated[Optional[bool], typer.Option("--measure/--no-measure", help="Time each layer on this CPU and keep float where int8 is not faster (cost_model: measured), or place by MAC counts (macs, the default).")]
 MaxSlowOpt = Annotated[Optional[float], typer.Option(help="Proposal budget: the float layers may slow the model's predicted latency "

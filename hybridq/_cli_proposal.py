@@ -51,7 +51,7 @@ def proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
     title += "; compared by the log-probabilities of the Softmax outputs)" if logp else ")"
     tables = [table(title, ["step", "fix", "cosine", "SNR dB", "worst slice dB"] + (["log-prob SNR dB"] if logp else [])
                     + ["float compute" if p.cost_unit == "compute" else f"float share of {p.cost_unit}", "outcome"], rows)]
-    lines = [f"Proposal: {p.choice}."]
+    lines = [f"Proposal: {p.choice}."] + ([f"  target: {p.target}"] if p.target else [])
     if p.edits:
         lines.append(f"  started from your edits, all kept in the cfg: {'; '.join(p.edits)}")
     lines += [
@@ -75,7 +75,7 @@ def proposal_report(p) -> tuple[list[Table], list[str], dict[str, Any]]:
         "baseline": p.baseline.to_dict(), "baseline_label": p.baseline_label, "predicted": p.predicted.to_dict(),
         "measured": p.measured.to_dict() if p.measured else None, "float_fraction": p.float_fraction, "seconds": p.seconds,
         "predicted_ms": None if p.latency_ms is None else dict(zip(("before", "proposal", "fp32"), p.latency_ms)),
-        "your_layers": p.existing, "your_edits": p.edits, "notes": p.notes,
+        "your_layers": p.existing, "your_edits": p.edits, "notes": p.notes, "target": p.target,
         "float_compute": None if cost is None else {
             "total": cost.fraction, "proposed": cost.share({"proposed"}), "yours": cost.share({"yours"}),
             "policy": cost.policy_fraction, "policies": cost.policies(), "layers": cost.cause,

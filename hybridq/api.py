@@ -496,7 +496,7 @@ def run_proposal(
             max_float_layers=options.max_float_layers, max_float_fraction=options.max_float_fraction,
             started_from=baseline_label, analyse=analyse, where=where, max_size_mb=options.max_size_mb, max_slowdown=options.max_slowdown,
         )
-    result.notes += evaluator.notes
+    result.notes, result.target = result.notes + evaluator.notes, options.target.describe()
     if shared and result.entries:
         result.warnings.append(f"only {len(scored)} sample(s): the fixes were fitted on the samples they are scored on; "
                                f"give the dataset more than --proposal-samples {options.samples} samples for a held-out check")

@@ -424,7 +424,8 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
 
     if samples < 1:
         raise InputError(f"--proposal-samples must be at least 1, got {samples}.")
-    cos = target_cosine if target_cosine is not None else (None if target_snr is not None or eval_fn else 0.99)
+    given = target_cosine is not None or target_snr is not None or eval_fn  # a target given replaces the default pair
+    cos, snr = (target_cosine, target_snr) if given else (Target.cosine, Target.snr_db)
     if cos is not None and not 0.0 < cos <= 1.0:
         raise InputError(f"--target-cosine must be in (0, 1], got {cos}; use e.g. 0.99 (as analyze takes it).")
     if max_float_fraction is not None and not 0.0 <= max_float_fraction <= 1.0:
@@ -438,7 +439,7 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
                          "or leave --max-drop out.")
     max_drop = 0.01 if max_drop is None else max_drop
     budget = DEFAULT_FLOAT_BUDGET if max_float_fraction is None else max_float_fraction
-    return ProposalOptions(Target(cos, target_snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_size_mb, execution,
+    return ProposalOptions(Target(cos, snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_size_mb, execution,
                            max_slowdown=max_slowdown)
 
 

@@ -292,3 +292,40 @@ def test_the_summary_counts_each_non_float_precision_apart():
 
     line = cost_line(SimpleNamespace(layers={"a": "int4", "b": "int4", "c": "float16", "d": "int16"}, existing={}, cost=None, float_fraction=0.0))
     assert "float layers proposed: 1; int16 layers proposed: 1; int4 layers proposed: 2" in line
+
+
+def test_a_target_given_alone_replaces_the_default_pair():
+    """--target-cosine 0.9 alone is a cosine target (with the default 20 dB slice SNR beside it, any cosine below about
+    0.995 was moot); the default is analyze's pair; the report prints the target it enforces. A candidate at cosine
+    0.93 and 11 dB (computed here by numpy from a fixed perturbation) meets the first and not the second."""
+    from hybridq.cli import _proposal_options
+    from hybridq.proposal.evaluator import Evaluator
+
+    def target(cos, snr, eval_fn=None):
+        return _proposal_options(cos, snr, None, None, eval_fn, None, None, 16).target
+
+    assert target(None, None).thresholds() == (0.99, 20.0)
+    assert target(0.9, None).thresholds() == (0.9, -np.inf)
+    assert target(None, 9.0).thresholds() == (-1.0, 9.0)
+    assert target(0.9, 9.0).thresholds() == (0.9, 9.0)
+    assert target(None, None, "m.py:f").thresholds() == (-1.0, -np.inf)
+    assert target(0.9, None).describe() == "cosine >= 0.9 on every output, whole tensor and each slice"
+
+    x = np.random.default_rng(0).normal(0, 1, (4, 16)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    ref = x.astype(np.float64)
+    noisy = ref + rng.normal(0, 0.28, ref.shape)  # about 11 dB
+    cos_, snr = cosine(ref, noisy), float(10 * np.log10((ref**2).sum() / ((ref - noisy) ** 2).sum()))
+    assert 0.9 < cos_ < 0.99 and 9.0 < snr < 20.0
+    from onnx import TensorProto, helper, numpy_helper
+
+    def shift(values: np.ndarray) -> onnx.ModelProto:  # y = x + a fixed tensor: fp32 adds zeros, the candidate the noise
+        g = helper.make_graph([helper.make_node("Add", ["x", "d"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 16])], [numpy_helper.from_array(values.astype(np.float32), "d")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+    fp32, cand = shift(np.zeros_like(x)), shift((noisy - ref).astype(np.float32))
+    loose, default = Evaluator(fp32, [{"x": x}], target(0.9, None)), Evaluator(fp32, [{"x": x}], target(None, None))
+    s = loose.score(cand)
+    assert s.outputs["y"].cosine == pytest.approx(cos_, abs=1e-5)
+    assert loose.met(s) and not default.met(default.score(cand))

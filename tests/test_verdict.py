@@ -124,7 +124,7 @@ def test_mixed_scale_output_is_check_although_whole_cosine_is_high(capsys, head,
     assert ws["min_cosine"] == pytest.approx(float(cos.min()), rel=1e-6)
     # the next step names real paths: this snapshot (the cfg is unknown for a hand-made model)
     assert v["command"] == (
-        f"hybridq propose {snap} --cfg MODEL.quantization.cfg --dataset {head['dataset']} --target-cosine 0.99"
+        f"hybridq propose {snap} --cfg MODEL.quantization.cfg --dataset {head['dataset']} --target-cosine 0.99 --target-snr 20.0"
     )
     assert "propose" in v["next_step"]
     # every number is a number: no "inf" strings anywhere, and non-finite values are listed by pointer
@@ -157,7 +157,7 @@ def test_strict_exit_code(capsys, head) -> None:
     cfg = head["output"].with_name("output.quantization.cfg")
     cfg.write_text("custom_quantize_layers: {}\nquantize_parameters: {}\n")
     code, out, err = cli(capsys, "analyze", head["fp32"], head["output"], "-d", head["dataset"], "--json")
-    want = f"hybridq propose --cfg {cfg} --dataset {head['dataset']} --target-cosine 0.99"  # no snapshot: analyses anew
+    want = f"hybridq propose --cfg {cfg} --dataset {head['dataset']} --target-cosine 0.99 --target-snr 20.0"  # no snapshot: analyses anew
     assert json.loads(out)["verdict"]["command"] == want
     # the accurate model passes the same gate
     code, out, err = cli(capsys, "analyze", head["fp32"], head["input"], "-d", head["dataset"], "--strict", "--json")
@@ -241,7 +241,7 @@ def test_verdict_json_holds_worst_layers_and_next_step() -> None:
     v = judge(_result(12, [9, 4]), snapshot="snap", cfg="ws/m.quantization.cfg")
     d = v.to_dict()
     assert d["ok"] is False and [x["tensor"] for x in d["worst_layers"]] == ["t9", "t4"]  # 12-4%5=8 dB < 12-9%5
-    assert d["command"] == "hybridq propose snap --cfg ws/m.quantization.cfg --dataset DATASET --target-cosine 0.99"
+    assert d["command"] == "hybridq propose snap --cfg ws/m.quantization.cfg --dataset DATASET --target-cosine 0.99 --target-snr 20.0"
     # paths that need quoting are quoted for the shell
     assert "--cfg 'my ws/m.cfg'" in judge(_result(12, [9]), cfg="my ws/m.cfg").command
     assert d["cfg_entry"] == "custom_quantize_layers: {stage0.block9.conv: float32}"

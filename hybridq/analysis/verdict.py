@@ -173,7 +173,7 @@ def judge(
         ["hybridq", "propose", *([shlex.quote(snapshot)] if snapshot else []),
          "--cfg", shlex.quote(cfg) if cfg else "MODEL.quantization.cfg",
          "--dataset", shlex.quote(dataset) if dataset else "DATASET", "--target-cosine", repr(float(cos_threshold)),
-         *(["--target-snr", repr(float(snr_threshold))] if snr_threshold != SNR_THRESHOLD else [])]  # a threshold the user set
+         "--target-snr", repr(float(snr_threshold))]  # both: a target given alone replaces the pair
     )
     which = "" if cfg else (f" (for MODEL.quantization.cfg pass the cfg step1 wrote for {float_model}, "
                             f"{Path(float_model).stem}.quantization.cfg in its --out folder" if float_model else

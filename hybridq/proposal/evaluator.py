@@ -56,18 +56,28 @@ from .judged import Decision, integer_outputs, log_probabilities, softmax_axes
 
 @dataclass
 class Target:
-    """What every output must reach (cosine, and SNR of the worst slice), and optionally a task metric."""
+    """What every output must reach (cosine, and SNR of the worst slice), and optionally a task metric.
+
+    The default is analyze's verdict: cosine 0.99 and worst-slice SNR 20 dB. A measure set to None does not constrain:
+    `Target(cosine=0.95, snr_db=None)` is a cosine target alone (with the 20 dB beside it, the cosine would be moot:
+    0.95 is about 10 dB)."""
 
     cosine: float | None = 0.99
-    snr_db: float | None = None
+    snr_db: float | None = SNR_DEFAULT
     eval_fn: str | None = None
     max_drop: float = 0.01
 
     def thresholds(self) -> tuple[float, float]:
         """(cosine, slice SNR) as analyze's verdict takes them; an unset one does not constrain."""
-        cos = self.cosine if self.cosine is not None else -1.0
-        snr = self.snr_db if self.snr_db is not None else (SNR_DEFAULT if self.cosine is not None else -math.inf)
-        return cos, snr
+        return (self.cosine if self.cosine is not None else -1.0), (self.snr_db if self.snr_db is not None else -math.inf)
+
+    def describe(self) -> str:
+        """The target as enforced, for the report."""
+        parts = ([f"cosine >= {self.cosine:g} on every output, whole tensor and each slice"] if self.cosine is not None else []) + (
+            [f"worst-slice SNR >= {self.snr_db:g} dB"] if self.snr_db is not None else [])
+        if self.eval_fn:
+            parts.append(f"task score of {self.eval_fn} at most {self.max_drop:g} below fp32's")
+        return "; ".join(parts) or "none"
 
 
 @dataclass

@@ -97,6 +97,7 @@ class ProposalResult:
     built_layers: dict[str, int] = field(default_factory=dict)  # layers per precision of the model step2 builds from the written cfg
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # how the outputs were judged (an integer output: by what decides it)
+    target: str = ""  # the target as enforced (Target.describe)
     latency_ms: tuple[float, float, float] | None = None  # predicted: the starting model, the proposal's, fp32 (measured cost model)
     cost_unit: str = "compute"  # what a candidate's cost is a share of: compute (MACs), or quantized layers (an NPU)
     budget_hit: str | None = None  # the budget that left ranked layers out: "layers", "slowdown" or "fraction" (None: none)

@@ -319,7 +319,7 @@ class RKNN:
         if self._cfg.euc_thresh is not None:
             self._once("euc_thresh", where, "auto_hybrid_euc_thresh has no hybridq equivalent (Euclidean distance depends on the tensor's scale); "
                                             "only auto_hybrid_cos_thresh is used as the target.")
-        return {"proposal": options(target=Target(cosine=self._cfg.cos_thresh), fallback=self._cfg.float_dtype, samples=samples)}
+        return {"proposal": options(target=Target(cosine=self._cfg.cos_thresh, snr_db=None), fallback=self._cfg.float_dtype, samples=samples)}
 
     @_rknn_method()
     def hybrid_quantization_step2(self, model_input: str, data_input: str, model_quantization_cfg: str) -> int:
