@@ -179,28 +179,41 @@ def contributions(ctx: Context, stats: ChannelStats, depth: int = 4) -> np.ndarr
     return None
 
 
+def _clipped_channels(ctx: Context, stats: ChannelStats) -> tuple[np.ndarray, bool]:
+    """The outlier channels a clip may saturate, and whether the readers' weights are known: then only those the readers
+    (nearly) ignore, else all of them (the search verifies the clip)."""
+    out = stats.outliers()
+    contrib = contributions(ctx, stats)
+    if contrib is None or not out.size:
+        return out, False
+    ordinary = np.median(np.delete(contrib, out)) if contrib.size > out.size else 0.0
+    return out[contrib[out] < NEGLIGIBLE * ordinary], True
+
+
 def clip_fix(ctx: Context, edits: Edits, stats: ChannelStats) -> list[Candidate]:
-    """Clip a tensor to the range of its ordinary channels: only when the outlier channels carry nothing downstream
-    (their readers give them negligible weight); an informative outlier is equalized instead."""
+    """Clip a tensor to the range of the channels its readers use (an informative outlier is equalized instead); offered
+    only when that saturates an outlier channel they ignore and narrows the current range, which it never widens."""
     t = stats.tensor
     if t in ctx.protected or t not in ctx.plan.tensors:
         return []
-    out = stats.outliers()
-    contrib = contributions(ctx, stats)
-    if contrib is not None:  # clip only the outlier channels the readers (nearly) ignore
-        ordinary = np.median(np.delete(contrib, out)) if contrib.size > out.size else 0.0
-        out = out[contrib[out] < NEGLIGIBLE * ordinary]
-        if not out.size:
-            return []
-    keep = np.setdiff1d(np.arange(stats.min.size), out)
-    lo, hi = min(float(stats.min[keep].min()), 0.0), max(float(stats.max[keep].max()), 0.0)
+    clipped, weighed = _clipped_channels(ctx, stats)
+    keep = np.setdiff1d(np.arange(stats.min.size), clipped)
     cur = ctx.entry(edits, t)
-    if not cur or hi <= lo:
+    if not clipped.size or not keep.size or not cur:
+        return []
+    old_lo, old_hi = float(cur["min"][0]), float(cur["max"][0])
+    own_lo, own_hi = _floats([min(float(stats.min[keep].min()), 0.0), max(float(stats.max[keep].max()), 0.0)])
+    lo, hi = max(own_lo, old_lo), min(own_hi, old_hi)
+    sat = clipped[(stats.max[clipped] > hi) | (stats.min[clipped] < lo)]
+    if not sat.size or hi <= lo or (lo, hi) == (old_lo, old_hi):
         return []
     _ranged(cur, lo, hi).pop("equalize", None)
-    chans = ", ".join(str(int(c)) for c in out[:6]) + (" ..." if out.size > 6 else "")
-    comment = (f"proposal: clipped to [{lo:.4g}, {hi:.4g}], the range of its ordinary channels; "
-               f"channel(s) {chans} reach {stats.absmax[out].max():.4g} and saturate")
+    peaks = np.where(stats.max[sat] > hi, stats.max[sat], stats.min[sat])
+    chans = ", ".join(str(int(c)) for c in sat[:6]) + (" ..." if sat.size > 6 else "")
+    capped = " (within step1's range)" if (lo, hi) != (own_lo, own_hi) else ""
+    which = f"channel(s) {chans}, which its readers weigh (nearly) zero," if weighed else f"its outlier channel(s) {chans}"
+    comment = (f"proposal: clipped to [{lo:.4g}, {hi:.4g}] (was [{old_lo:.4g}, {old_hi:.4g}]), the range of its other channels "
+               f"over {stats.samples} proposal sample(s){capped}; {which} reach {peaks[np.argmax(np.abs(peaks))]:.4g} there and saturate")
     return [Candidate("clip", f"clip '{t}' (outlier channel(s) {chans})", {t: cur}, comments={t: comment})]
 
 

@@ -45,6 +45,7 @@ class ChannelStats:
     rank: int
     min: np.ndarray
     max: np.ndarray
+    samples: int = 1  # how many samples min and max are over
 
     @property
     def absmax(self) -> np.ndarray:
@@ -93,7 +94,7 @@ def channel_stats(fp32: onnx.ModelProto, samples: list[dict[str, np.ndarray]], t
             if st is None:
                 out[name] = ChannelStats(name, axis, v.ndim, lo, hi)
             elif st.min.shape == lo.shape:
-                st.min, st.max = np.minimum(st.min, lo), np.maximum(st.max, hi)
+                st.min, st.max, st.samples = np.minimum(st.min, lo), np.maximum(st.max, hi), st.samples + 1
     return out
 
 

@@ -205,8 +205,8 @@ def _zero_cost_fixes(climb: Climb, samples: list[dict[str, np.ndarray]], session
     climb.try_each("range", _range_candidates(climb))
     if climb.met:
         return True
-    # Outliers are found on a few samples; the ranges a clip or an equalization writes are calibration
-    # statistics, taken (as step1's are) over all samples, those the candidates are scored on included.
+    # Outliers are found on a few samples; the ranges a clip or an equalization writes are per-channel statistics
+    # (step1 keeps none) over all the proposal's samples, those the candidates are scored on included.
     found = outlier_tensors(channel_stats(ctx.temp, evaluator.samples[:8] + samples[:8], list(ctx.plan.tensors)), OUTLIER_TENSORS)
     everything = evaluator.samples + [x for x in samples if not any(x is y for y in evaluator.samples)]
     dw = depthwise_read(ctx)
