@@ -341,7 +341,9 @@ def analyze(
         if dump is not None:
             api.check_output_dir(Path(dump), "reports directory (--dump)")
         result = api.load_snapshot(from_dir)
-        snapshot = str(from_dir)
+        from .snapshot import MANIFEST
+
+        snapshot = str(from_dir) if (Path(from_dir) / MANIFEST).is_file() else None  # propose reads hybridq's, not RKNN's
     else:
         if float_model is None or quant_model is None or dataset is None:
             raise InputError("analyze needs FLOAT_MODEL QUANT_MODEL --dataset D (or --from SNAPSHOT_DIR to re-read a snapshot).")
@@ -437,6 +439,8 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
     if max_drop is not None and not eval_fn:
         raise InputError(f"--max-drop {max_drop} bounds the drop of an --eval task score; give --eval module.py:function too, "
                          "or leave --max-drop out.")
+    if max_drop is not None and not 0.0 <= max_drop < math.inf:
+        raise InputError(f"--max-drop {max_drop} must be a drop of the task score at or above 0, e.g. 0.01.")
     max_drop = 0.01 if max_drop is None else max_drop
     budget = DEFAULT_FLOAT_BUDGET if max_float_fraction is None else max_float_fraction
     return ProposalOptions(Target(cos, snr, eval_fn, max_drop), max_float_layers, budget, fallback, samples, max_size_mb, execution,
@@ -446,7 +450,7 @@ def _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fra
 @app.command()
 def propose(
     snapshot: Annotated[Optional[Path], typer.Argument(help="Snapshot from `analyze --dump` (its single errors rank the layers); omit to analyse now.")] = None,
-    cfg: Annotated[Path, typer.Option(help="The step1 cfg to write the proposal into (its edits and comments are kept).")] = Path(""),
+    cfg: Annotated[Optional[Path], typer.Option(help="The step1 cfg to write the proposal into (its edits and comments are kept).")] = None,
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Samples to measure candidates on.")] = "",
     target_cosine: TargetCosOpt = None,
     target_snr: TargetSnrOpt = None,
@@ -485,7 +489,7 @@ def propose(
     from . import api
 
     State.quiet, State.json = quiet, as_json
-    if not str(cfg) or not dataset:
+    if cfg is None or not dataset:
         raise InputError("propose needs --cfg <name>.quantization.cfg and --dataset D (samples to measure candidates on).")
     pre = _given_preprocess(mean, std, color, layout, resize, preprocess_hook) or None
     opts = _proposal_options(target_cosine, target_snr, max_float_layers, max_float_fraction, eval_fn, max_drop, fallback, proposal_samples,

@@ -1090,3 +1090,12 @@ def test_analyze_from_refuses_the_options_of_a_run_it_does_not_make(capsys, tmp_
     """--from re-reads a snapshot: model arguments and run options were silently ignored."""
     args = [*extra[:2], "--from", tmp_path] if extra[0].endswith(".onnx") else ["--from", tmp_path, *extra]
     assert_clean(hq(capsys, "analyze", *args), USAGE, f"--from re-reads the snapshot '{tmp_path}'", f"so {named} would do nothing")
+
+
+def test_propose_without_a_cfg_or_with_a_negative_max_drop_is_a_usage_error(capsys, cnn_ws):
+    """Omitting --cfg named '.' as the cfg ("cfg '.' is not a regular file"); --max-drop -1 was accepted."""
+    code, _, err = run_cli(capsys, "propose", "--dataset", cnn_ws["dataset"])
+    assert code == 2 and "propose needs --cfg" in err and "'.'" not in err
+    code, _, err = run_cli(capsys, "propose", "--cfg", cnn_ws["dir"] / "x.cfg", "--dataset", cnn_ws["dataset"],
+                           "--eval", "m.py:f", "--max-drop", "-1")
+    assert code == 2 and "--max-drop -1.0" in err and "Traceback" not in err

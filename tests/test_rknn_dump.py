@@ -135,3 +135,9 @@ def test_analyze_from_an_rknn_folder_renders_hybridqs_report(tmp_path, capsys):
         assert tensors[name]["entire"]["cosine"] == pytest.approx(_cos(trees["golden"][name], trees["simulator"][name]), abs=1e-9)
     assert any(f"first tensor where it departs from the simulator: {CORRUPT}" in n for n in doc["notes"])
     assert {p.name for p in (tmp_path / "report").iterdir()} >= {"error_analysis.txt", "error_analysis.csv", "error_analysis.png", "report.html"}
+    # below a threshold, the propose command it suggests analyses anew: propose cannot read an RKNN folder (it named
+    # the folder, which propose refused)
+    with pytest.raises(SystemExit):
+        main(["analyze", "--from", str(tmp_path / "rknn"), "--json", "--target-snr", "90"])
+    command = json.loads(capsys.readouterr().out)["verdict"]["command"]
+    assert command.startswith("hybridq propose --cfg") and str(tmp_path / "rknn") not in command
