@@ -30,7 +30,9 @@ QUANTIZED_DTYPES: dict[str, tuple[str, str, str]] = {
     "dynamic_fixed_point-i16": ("int16", "sym", "int16"),
     "dynamic_fixed_point-16": ("int16", "sym", "int16"),
 }
-UNSUPPORTED_DTYPES = {"w4a16": "4-bit weights have no QDQ form that ONNX Runtime's CPU kernels run; use w8a8 or w8a16"}
+UNSUPPORTED_DTYPES = {"w4a16": "hybridq stores 4-bit weights per layer, for MatMul/Gemm only (as ONNX Runtime's MatMulNBits), not as "
+                               "a whole-model dtype; use w8a8 or w8a16 here and set those layers to int4 (alias w4a16) in the cfg's "
+                               "custom_quantize_layers, or let the proposal choose them with a size budget (--max-size-mb)"}
 QUANTIZED_ALGORITHMS = {"normal": "minmax", "kl_divergence": "kl", "mmse": "mse"}
 
 # config() options that only mean something on a Rockchip NPU, with their RKNN defaults.
