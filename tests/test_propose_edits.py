@@ -16,7 +16,9 @@ from hybridq.artifacts import read_step1
 from hybridq.cli import main
 from hybridq.config import load_cfg, update_custom_layers, update_entries
 from hybridq.observers import compute_range
+from hybridq.api import ProposalOptions
 from hybridq.build import Edits, build
+from hybridq.proposal import Target
 from hybridq.proposal.fixes import Context, range_fix
 from tests import models
 from tests.conftest import cosine, run
@@ -461,3 +463,13 @@ def test_a_hand_edited_weight_range_is_not_rescaled_by_an_equalization(tmp_path,
     code, _, _ = cli(capsys, "propose", "--cfg", r1.cfg, "--dataset", listing)
     cfg = load_cfg(r1.cfg)
     assert "equalize" not in cfg.entries["r1"].values and cfg.entries["w2"].values["max"] == edited
+
+
+def test_a_layer_budget_used_up_by_your_own_float_layers_says_so(cnn_ws):
+    """--max-float-layers 1 with the cfg's own `conv2: float32`: the proposal can add no layer, and its choice says the
+    user's entry used the budget (it said only "the float budget allows no layer")."""
+    r1 = hybridq.step1(cnn_ws["model"], cnn_ws["dataset"], out=cnn_ws["dir"] / "ws", settings={"speed_check": False})
+    r1.cfg.write_text(r1.cfg.read_text().replace("custom_quantize_layers: {}", "custom_quantize_layers:\n  conv2: float32"))
+    result, _ = hybridq.api.propose_cfg(r1.cfg, cnn_ws["dataset"], options=ProposalOptions(Target(cosine=0.99999999, snr_db=None), max_float_layers=1))
+    assert not result.met and not result.layers
+    assert "--max-float-layers 1 is used up by the cfg's own float layer(s) (conv2)" in result.choice, result.choice

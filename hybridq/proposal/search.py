@@ -154,13 +154,16 @@ def search(
         order = _alone_order(climb, ranked, units)
         placement = get_target(ctx.settings.target).placement  # --max-float-layers counts layers the target would quantize
         ops = placement.default_ops if placement.default_ops is not None else ctx.settings.quantize_ops
-        floats = sum(p in ("float16", "float32") and ctx.graph.by_name[n].op_type in ops for n, p in taken.items())
+        yours = [n for n, p in taken.items() if p in ("float16", "float32") and ctx.graph.by_name[n].op_type in ops]
+        floats = len(yours)
         budget = _within_budget(order, weights, wtotal, floats, max_float_fraction, max_float_layers, ms_added, ms_budget)
         limit = _limit(len(budget) < len(order), max_float_layers is not None and len(budget) + floats >= max_float_layers, ms_budget)
         if max_bytes is not None:  # float weights are 4x int8 ones: keep the size budget
             budget = _within_size(budget, climb, max_bytes - climb.built.model.ByteSize())
+        none_left = (f"--max-float-layers {max_float_layers} is used up by the cfg's own float layer(s) ({', '.join(yours)})"
+                     if max_float_layers is not None and floats >= max_float_layers > 0 else "the float budget allows no layer")
         choice = _fallback_steps(climb, (fallback,) if isinstance(fallback, str) else fallback,
-                                 lambda fb: _float_step(climb, ranked, budget, len(order) - len(budget), fb, weights, wtotal, unit))
+                                 lambda fb: _float_step(climb, ranked, budget, len(order) - len(budget), fb, weights, wtotal, unit, none_left))
     if not met_at_start and climb.prune():  # a free gain on a met target is kept, though the target holds without it
         choice = (", ".join(c.label for c in climb.kept) or "no change") + ("" if climb.met else "; target NOT met")
     result = _result(climb, choice, ranked, macs, total, time.perf_counter() - t0)
@@ -360,12 +363,13 @@ def _keep_float(climb: Climb, state: State, row: Row, outcome: str) -> None:
 
 
 def _float_step(climb: Climb, ranked: list[tuple[str, float]], budget: list[str], skipped: int, fallback: str,
-                macs: dict[str, float], total: float, unit: str = "compute") -> str:
+                macs: dict[str, float], total: float, unit: str = "compute", none_left: str = "the float budget allows no layer") -> str:
     """Step 4: the fewest float layers of `budget` (worst first) that meet the target: prefixes of 1, 2, 4, ... layers
-    until one meets, then bisection; below the target, the cheapest prefix as good as the best. Returns the choice."""
+    until one meets, then bisection; below the target, the cheapest prefix as good as the best. Returns the choice
+    (`none_left`: why, when the budget leaves no layer)."""
     prefix = ", ".join(c.label for c in climb.kept)
     if not budget:
-        return f"{prefix or 'no change'}; the float budget allows no layer and the target is not met"
+        return f"{prefix or 'no change'}; {none_left} and the target is not met"
     single_of = dict(ranked)
 
     def why(n: str) -> str:
