@@ -340,10 +340,7 @@ def analyze(
                              "leave them out, or drop --from to run a new analysis.")
         if dump is not None:
             api.check_output_dir(Path(dump), "reports directory (--dump)")
-        result = api.load_snapshot(from_dir)
-        from .snapshot import MANIFEST
-
-        snapshot = str(from_dir) if (Path(from_dir) / MANIFEST).is_file() else None  # propose reads hybridq's, not RKNN's
+        result, snapshot = api.load_snapshot(from_dir), _hybridq_snapshot(from_dir)
     else:
         if float_model is None or quant_model is None or dataset is None:
             raise InputError("analyze needs FLOAT_MODEL QUANT_MODEL --dataset D (or --from SNAPSHOT_DIR to re-read a snapshot).")
@@ -366,6 +363,13 @@ def analyze(
     _print_analysis(result, v, dump, from_dir, top, target_cosine, target_snr)
     if strict and not v.ok:
         raise typer.Exit(int(ExitCode.BELOW_THRESHOLD))
+
+
+def _hybridq_snapshot(folder: Path) -> str | None:
+    """`folder` when it is a hybridq snapshot, which propose reads; None for RKNN's accuracy_analysis folder."""
+    from .snapshot import MANIFEST
+
+    return str(folder) if (Path(folder) / MANIFEST).is_file() else None
 
 
 def _check_thresholds(target_cosine: float, target_snr: float) -> None:
