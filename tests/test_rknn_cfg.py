@@ -212,6 +212,7 @@ def test_import_maps_layers_and_edited_ranges(ws, tmp_path):
     ql = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "relu_0.tmp_0")
     assert float(inits[ql.input[1]]) == pytest.approx(2.0 / 255)  # step2 quantizes with RKNN's edited range [0, 2] (uint8)
     assert import_rknn_cfg(rk, ws["cfg"]).written is False  # idempotent: nothing new the second time
+    assert any("3 layer(s) imported as float16 into a cfg for target cpu" in n for n in res.notes)  # slower than float32 there
 
 
 def test_import_with_baseline_takes_only_the_users_edits(ws, tmp_path):

@@ -318,6 +318,11 @@ def import_rknn_cfg(
     h = _open_hybridq(cfg, None if artifacts is None else Path(artifacts))
     res = RknnImportResult(cfg=h.cfg)
     layers, comments = _import_layers(r, h, res)
+    halves = [n for n, p in layers.items() if p == "float16"]
+    if halves and h.parsed.settings.target == "cpu":
+        res.notes.append(f"{len(halves)} layer(s) imported as float16 into a cfg for target cpu: ONNX Runtime's CPU provider has few "
+                         "float16 kernels and casts around the others, slower than float32. For a CPU deployment set them to "
+                         "float32; to simulate the NPU RKNN wrote the cfg for, run step1 with --target npu.")
     base = read_rknn_cfg(baseline).data["quantize_parameters"] if baseline is not None else None
     edits = _import_ranges(r, h, res, base, all_ranges)
     names = [str(n) for n in r.data["quantize_parameters"]]
