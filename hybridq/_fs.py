@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import signal
@@ -205,6 +206,64 @@ def publish_all(moves: list[tuple[Path, Path]], keep: Path) -> None:
                     else:  # a symlink's target on another file system: the saved copy cannot be renamed there
                         copy_atomic(old, dst)
             raise
+
+
+JOURNAL = "swap.json"
+"""In a stage of :func:`swap_files`: the files it moves in and out, so a swap a crash cut short can be undone."""
+
+
+def swap_files(root: Path, stage: Path, moving_in: list[str], removing: list[str]) -> None:
+    """Replace files under `root` as one unit: `removing` and the files `moving_in` replaces go to `stage/old`, then
+    `moving_in` (paths relative to `root`, staged under `stage/new`) arrive.
+
+    The last of `moving_in` is the commit mark (a manifest): it leaves first and arrives last. SIGINT and SIGTERM are
+    held for the renames; an error puts every file back; a crash between two renames leaves `stage/swap.json`, by
+    which :func:`roll_back` puts them back.
+    """
+    mark = moving_in[-1]
+    out = [r for r in dict.fromkeys([mark, *removing, *moving_in]) if os.path.lexists(root / r)]
+    write_atomic(stage / JOURNAL, json.dumps({"in": moving_in, "out": out}))
+    made: list[Path] = []
+    with signals_held():
+        try:
+            for rel in out:
+                if not os.path.lexists(root / rel):  # gone with another spelling of it (a case-insensitive disk)
+                    continue
+                (stage / "old" / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(root / rel, stage / "old" / rel)
+            for rel in moving_in:
+                for d in reversed((root / rel).parents):
+                    if d not in made and not d.is_dir():
+                        d.mkdir()
+                        made.append(d)
+                os.replace(stage / "new" / rel, root / rel)
+        except BaseException:
+            roll_back(root, stage)
+            for d in reversed(made):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            raise
+
+
+def roll_back(root: Path, stage: Path) -> None:
+    """Undo a :func:`swap_files` cut short, by its journal: the files moved in leave, the files moved out come back.
+
+    A swap that committed (its mark arrived), or one never started, is left as it is; so is a stage without a journal."""
+    try:
+        plan = json.loads((stage / JOURNAL).read_text())
+        moving_in, out = list(plan["in"]), list(plan["out"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    mark = moving_in[-1] if moving_in else None
+    if mark is None or not (stage / "new" / mark).exists() or os.path.lexists(root / mark):
+        return
+    for rel in moving_in:
+        if not (stage / "new" / rel).exists():
+            with contextlib.suppress(OSError):
+                os.unlink(root / rel)
+    for rel in out:
+        with contextlib.suppress(OSError):
+            os.replace(stage / "old" / rel, root / rel)
 
 
 def check_output_dir(path: Path, what: str) -> None:

@@ -398,10 +398,10 @@ def analyze_samples(
 
     With `dump` (a directory) each sample's fp32 and quant arrays are streamed there while the
     analysis runs (`max_bytes` caps them; see hybridq.snapshot), then the manifest and the reports
-    (error_analysis.txt/.csv/.png, report.html) are written. Without it nothing is written.
+    (error_analysis.txt/.csv/.png, report.html), all staged, replace an older snapshot as one unit. Without it nothing is written.
     `sink` also receives every sample's arrays; `then` completes the result before anything is written.
     """
-    from .analysis import Tee, analyze as run_analysis
+    from .analysis import Tee, analyze as run_analysis, judge
 
     if dump is None:
         result = run_analysis(float_model, quant_model, samples, sink=sink, on_sample=on_sample, host_int8=host_int8, options=options)
@@ -409,14 +409,17 @@ def analyze_samples(
             then(result)
         return result
     from .report import write_reports
-    from .snapshot import ArrayDump, write_snapshot
+    from .snapshot import ArrayDump
 
-    sinks = Tee(ArrayDump(Path(dump), max_bytes), *([sink] if sink is not None else []))
-    result = run_analysis(float_model, quant_model, samples, sink=sinks, on_sample=on_sample, host_int8=host_int8, options=options)
-    if then is not None:
-        then(result)
-    write_snapshot(result, Path(dump))
-    write_reports(result, Path(dump))
+    arrays = ArrayDump(Path(dump), max_bytes)
+    try:  # the snapshot is staged, then swapped in whole: interrupted or failed, an older one in `dump` stays as it was
+        result = run_analysis(float_model, quant_model, samples, sink=Tee(arrays, *([sink] if sink is not None else [])),
+                              on_sample=on_sample, host_int8=host_int8, options=options)
+        if then is not None:
+            then(result)
+        arrays.commit(result, lambda staged: write_reports(result, staged, v=judge(result, snapshot=str(dump))))
+    finally:
+        arrays.abort()  # after the commit: nothing left to take back
     return result
 
 

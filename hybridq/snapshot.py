@@ -13,9 +13,10 @@ The manifest is strict JSON: a non-finite metric value (an infinite SNR of two
 identical tensors, say) is written as ``null`` and listed under the top-level
 ``"nonfinite"`` object, which maps its JSON Pointer to ``"inf"``, ``"-inf"`` or
 ``"nan"`` (:func:`hybridq.metrics.to_strict_json`); manifests that wrote such
-values as those strings are still read. Every file is written to a temporary name in
-its directory and renamed into place, so an interrupted run never leaves a
-half-written file under a final name.
+values as those strings are still read. A dump writes the whole snapshot (arrays, manifest,
+reports) into a stage inside ``DIR`` (``.hybridq-snapshot-<pid>-*``), then swaps it in for
+the older one with renames (:func:`hybridq._fs.swap_files`): interrupted or failed, ``DIR``
+keeps the older snapshot whole; files the snapshot did not write stay.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import time
 from hashlib import sha1
 from pathlib import Path
@@ -34,11 +36,13 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import onnx
 
-from ._fs import publish, write_atomic
+from ._fs import JOURNAL, TEMP_PREFIX, publish, roll_back, swap_files, write_atomic
 from .analysis.results import AnalysisResult
 from .errors import InputError, OutputError, did_you_mean
 
 MANIFEST = "manifest.json"
+STAGE_PREFIX = f"{TEMP_PREFIX}snapshot-"
+"""Start of the stage a dump writes its snapshot into, inside DIR: then the process id and ``-``."""
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _MAX_STEM = 120
 
@@ -146,6 +150,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _newest(directory: Path) -> float:
+    """The latest modification time of `directory` and anything under it."""
+    times = [directory.stat().st_mtime]
+    for p in directory.rglob("*"):
+        with contextlib.suppress(OSError):
+            times.append(p.stat().st_mtime)
+    return max(times)
+
+
+def recover(root: Path) -> None:
+    """Clear the stages that dumps into `root` left when killed (SIGKILL, a crash): a swap cut short between two renames is
+    rolled back first, so `root` holds the older snapshot again. A stage of a live process, or one still being written
+    (by another host, whose process looks dead here), stays."""
+    now = time.time()
+    for stage in root.glob(f"{STAGE_PREFIX}*"):
+        pid = stage.name[len(STAGE_PREFIX):].split("-", 1)[0]
+        if not stage.is_dir() or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if not (stage / JOURNAL).exists() and now - _newest(stage) <= ORPHAN_AGE_S:
+            continue
+        roll_back(root, stage)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 class ArrayDump:
     """Streams the fp32 and quant arrays of each sample into ``DIR/fp32`` and ``DIR/quant``.
 
@@ -157,7 +185,8 @@ class ArrayDump:
     Given to :func:`hybridq.analysis.analyze` as its
     :class:`~hybridq.analysis.results.SampleSink`: the engine calls
     :meth:`start`, :meth:`add_sample` per sample, then :meth:`finish` or
-    :meth:`abort`; nothing is created before :meth:`start`.
+    :meth:`abort`; nothing is created before :meth:`start`. Everything is written
+    into a stage inside ``DIR``; :meth:`commit` swaps it in, :meth:`abort` drops it.
     """
 
     def __init__(self, root: Path, max_bytes: int | None = None) -> None:
@@ -174,23 +203,29 @@ class ArrayDump:
         self.stopped = False
         self.made: list[Path] = []  # directories start() created: an aborted dump takes them back
         self.disk_cap: int | None = None  # without max_bytes: the bytes the disk can take and keep DISK_RESERVE free
+        self.stage: Path | None = None  # the new snapshot is written under stage/new until commit()
 
     def start(self, tensors: list[str]) -> None:
-        """Create ``DIR/fp32`` and ``DIR/quant`` for ``tensors`` (graph order: the order kept under a cap)."""
+        """Create ``DIR`` and the stage for ``tensors`` (graph order: the order kept under a cap)."""
         if self.max_bytes is not None and self.max_bytes < 0:
             raise InputError(f"--max-bytes must be >= 0, got {self.max_bytes}")
         self.names = safe_names(tensors)
         self.order = list(tensors)
         try:
             missing = [d for d in (self.root, *self.root.parents) if not d.exists()]
-            for d in [*reversed(missing), self.root / "fp32", self.root / "quant"]:
-                if not d.is_dir():
-                    d.mkdir()
-                    self.made.append(d)
+            for d in reversed(missing):
+                d.mkdir()
+                self.made.append(d)
+            recover(self.root)
+            self.stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{os.getpid()}-", dir=self.root))
+            for sub in ("fp32", "quant"):
+                (self.stage / "new" / sub).mkdir(parents=True)
         except OSError as e:
+            self.abort()
             raise OutputError(f"cannot create the snapshot directory '{self.root}': {e.strerror or e}") from None
         for d in (self.root / "fp32", self.root / "quant"):
-            _sweep_orphans(d)
+            if d.is_dir():
+                _sweep_orphans(d)
         if self.max_bytes is None:
             with contextlib.suppress(OSError):
                 usage = shutil.disk_usage(self.root)
@@ -221,14 +256,15 @@ class ArrayDump:
             if cap is not None and self.bytes + need > cap:
                 self.stopped = True
                 return
+        assert self.stage is not None
         try:
             for t in self.kept:
                 a, b = arrays[t]
                 if t not in self.files:
                     stem = self.names[t]
                     self.files[t] = (
-                        _NpyAppender(self.root / "fp32" / f"{stem}.npy", a.dtype, a.shape),
-                        _NpyAppender(self.root / "quant" / f"{stem}.npy", b.dtype, b.shape),
+                        _NpyAppender(self.stage / "new" / "fp32" / f"{stem}.npy", a.dtype, a.shape),
+                        _NpyAppender(self.stage / "new" / "quant" / f"{stem}.npy", b.dtype, b.shape),
                     )
                 fa, fb = self.files[t]
                 fa.append(a)
@@ -251,16 +287,9 @@ class ArrayDump:
                 f.abort()
 
     def finish(self, result: AnalysisResult) -> None:
-        """Move the arrays into place and record their files and any cap message in ``result``.
-
-        An older manifest goes first: until the new one is written (last, atomically) the folder is no snapshot,
-        rather than one whose manifest describes arrays of two runs. The older snapshot's arrays that this one does
-        not write again go too (a script reading fp32/*.npy would take them for this run's); other files stay."""
+        """Close the staged arrays and record their files and any cap message in ``result``; ``DIR`` is not touched
+        (:meth:`commit` does it)."""
         try:
-            older = _snapshot_files(self.root)
-            (self.root / MANIFEST).unlink(missing_ok=True)
-            for stale in older:  # before the new arrays land: on a case-insensitive disk an old name may be a new file's
-                stale.unlink(missing_ok=True)
             for fa, fb in self.files.values():
                 fa.finish()
                 fb.finish()
@@ -293,11 +322,36 @@ class ArrayDump:
             msg += varying + "; the metrics cover every tensor and sample"
             result.dump_message = msg
 
+    def commit(self, result: AnalysisResult, reports: Callable[[Path], object] | None = None) -> None:
+        """Write the manifest of ``result`` and, by ``reports(directory)``, the reports beside the staged arrays, then
+        swap the whole snapshot in for the older one, whose arrays go even where this one does not write them again (a
+        script reading fp32/*.npy would take them for this run's); other files stay."""
+        assert self.stage is not None
+        new = self.stage / "new"
+        try:
+            write_snapshot(result, new)
+            if reports is not None:
+                reports(new)
+            staged = sorted(str(p.relative_to(new)) for p in new.rglob("*") if p.is_file() and p.name != MANIFEST)
+            for d in (self.root / "fp32", self.root / "quant"):
+                if not d.is_dir():
+                    d.mkdir()
+                    self.made.append(d)
+            swap_files(self.root, self.stage, [*staged, MANIFEST], sorted(_snapshot_files(self.root)))
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"cannot write the snapshot under '{self.root}': {e.strerror or e}") from None
+        stage, self.stage, self.made = self.stage, None, []
+        shutil.rmtree(stage, ignore_errors=True)  # the older snapshot's files; a stage left here is cleared by recover()
+
     def abort(self) -> None:
-        """Remove the temporary files of an interrupted dump, and the directories it created (when left empty)."""
+        """Remove the stage of an interrupted dump, and the directories it created (when left empty): ``DIR`` is as before."""
         for fa, fb in self.files.values():
             fa.abort()
             fb.abort()
+        if self.stage is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self.stage = None
         for d in reversed(self.made):
             with contextlib.suppress(OSError):
                 d.rmdir()
@@ -311,15 +365,15 @@ def write_snapshot(result: AnalysisResult, directory: str | os.PathLike[str]) ->
     return path
 
 
-def _snapshot_files(root: Path) -> set[Path]:
-    """The array files the snapshot in `root` lists (none when there is no readable manifest), inside `root` only."""
+def _snapshot_files(root: Path) -> set[str]:
+    """The array files the snapshot in `root` lists, relative to it (none without a readable manifest), inside `root` only."""
     try:
         older = load_snapshot(root)
     except InputError:
         return set()
     inside = root.resolve()
     files = {root / f for layer in older.layers for f in (layer.fp32_file, layer.quant_file) if isinstance(f, str) and f}
-    return {f for f in files if f.resolve().parent.parent == inside and f.suffix == ".npy"}
+    return {str(f.relative_to(root)) for f in files if f.resolve().parent.parent == inside and f.suffix == ".npy"}
 
 
 def load_snapshot(directory: str | os.PathLike[str]) -> AnalysisResult:

@@ -129,21 +129,45 @@ def test_an_aborted_dump_takes_back_the_directories_it_made(tmp_path):
     assert (kept / "fp32" / "mine.txt").is_file() and not (kept / "quant").exists()  # only what it made, only if empty
 
 
-def test_a_redump_removes_the_old_manifest_before_its_arrays_move_in(tmp_path, monkeypatch):
-    """Interrupted while the new arrays are put in place, the folder has no manifest, not the old one over a mix."""
-    from hybridq.snapshot import MANIFEST, ArrayDump
+@pytest.fixture
+def snapshot_dir(tmp_path: Path) -> dict[str, Path]:
+    """A finished `analyze --dump` snapshot, a file of the user's in it, and a dataset on which a new run changes every file."""
+    from tests.test_analysis import float_model, quant_model
 
+    onnx.save(float_model(), tmp_path / "f.onnx")
+    onnx.save(quant_model(True), tmp_path / "q.onnx")
+    first = models.write_npy_dataset(tmp_path / "first", {"x": (1, 2, 6, 6)}, 20)
+    second = models.write_npy_dataset(tmp_path / "second", {"x": (1, 2, 6, 6)}, 300, seed=1)
     snap = tmp_path / "snap"
-    snap.mkdir()
-    (snap / MANIFEST).write_text("{}")
-    dump = ArrayDump(snap)
-    dump.start(["a"])
-    dump.add_sample({"a": (np.zeros(3, np.float32), np.ones(3, np.float32))})
-    seen = []
-    fa = dump.files["a"][0]
-    real = type(fa).finish
-    monkeypatch.setattr(type(fa), "finish", lambda self: seen.append((snap / MANIFEST).exists()) or real(self))
-    from hybridq.analysis.results import AnalysisResult
+    hybridq.analyze(tmp_path / "f.onnx", tmp_path / "q.onnx", first, dump=snap)
+    (snap / "my_notes.txt").write_text("mine")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    return {"root": tmp_path, "snap": snap, "dataset": second, "tmp": tmpdir}
 
-    dump.finish(AnalysisResult(layers=[], outputs=[], n_samples=1))
-    assert seen and not any(seen)
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [round(1.2 + 0.25 * i, 2) for i in range(6)])
+def test_signal_during_a_redump_leaves_the_old_snapshot_or_the_new_one_never_a_mix(snapshot_dir, delay):
+    """Ctrl-C at any moment of `analyze --dump DIR` over an older snapshot: DIR is the older snapshot byte for byte, or
+    wholly the new one; it loads, and no stage is left behind."""
+    d = snapshot_dir
+    before = _files(d["snap"])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(d["tmp"]))
+    env.pop("HYBRIDQ_DEBUG", None)
+    cmd = [sys.executable, "-m", "hybridq", "analyze", "f.onnx", "q.onnx", "-d", str(d["dataset"]), "--dump", "snap", "-q"]
+    proc = subprocess.Popen(cmd, cwd=d["root"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in out + err, err
+    assert proc.returncode in (0, 130, -signal.SIGINT), (proc.returncode, err)
+    after = _files(d["snap"])
+    assert set(after) == set(before)
+    changed = sorted(k for k in before if after[k] != before[k])
+    assert changed in ([], sorted(set(before) - {"my_notes.txt"})), (changed, proc.returncode, err)
+    assert hybridq.api.load_snapshot(d["snap"]).n_samples == (20 if not changed else 300)
