@@ -451,9 +451,8 @@ def test_cli_errors_have_no_traceback(ws, tmp_path):
 # --------------------------------------------------------------------------- the real PP-OCR models
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task", ["cls", "det"])
-def test_real_ppocr_cfgs_import_and_export(task, tmp_path):
+def _ppocr_models():
+    """bench/ppocr.py and the PP-OCR model files, or a skip naming what is missing."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -461,9 +460,15 @@ def test_real_ppocr_cfgs_import_and_export(task, tmp_path):
     if not ppocr.data_available():
         pytest.skip(ppocr.skip_message())
     try:
-        models = ppocr.fetch_models()
+        return ppocr, ppocr.fetch_models()
     except Exception as exc:  # no network or no pip
         pytest.skip(f"PP-OCR models unavailable: {exc}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["cls", "det"])
+def test_real_ppocr_cfgs_import_and_export(task, tmp_path):
+    ppocr, models = _ppocr_models()
     listing = ppocr.write_calib_dataset(ppocr.make_tasks(models)[task], tmp_path / "calib")
     r1 = hybridq.step1(models[task], listing, out=tmp_path / "ws")
     proposal = SHARED / f"{task}.proposal.quantization.cfg"
@@ -491,16 +496,7 @@ def test_real_ppocr_cfgs_import_and_export(task, tmp_path):
 def test_real_cls_round_trip_with_a_fused_relu_layer_and_range(tmp_path):
     """PP-OCR cls, RKNN's own cfg edited as a user would: relu_3.tmp_0 float16 and batch_norm_1.tmp_2 (Conv+Relu) clipped.
     The round trip gives RKNN's two float16 layers back (was three) and the clip reaches relu_0.tmp_0 (was dropped)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    ppocr = pytest.importorskip("ppocr")
-    if not ppocr.data_available():
-        pytest.skip(ppocr.skip_message())
-    try:
-        models = ppocr.fetch_models()
-    except Exception as exc:  # no network or no pip
-        pytest.skip(f"PP-OCR models unavailable: {exc}")
+    ppocr, models = _ppocr_models()
     listing = ppocr.write_calib_dataset(ppocr.make_tasks(models)["cls"], tmp_path / "calib")
     r1 = hybridq.step1(models["cls"], listing, out=tmp_path / "ws", settings={"target": "npu"})
     base = SHARED / "cls.noproposal.quantization.cfg"
