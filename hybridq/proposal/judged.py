@@ -1,5 +1,5 @@
-"""What of each model output a candidate is judged on: the output itself, the float tensor an ArgMax decides from
-(an integer output), and how a Softmax output's decisions and log-probabilities are read."""
+"""What of each model output a candidate is judged on: the output itself, or for an integer output the float tensors
+the op deciding it reads (an ArgMax, a threshold, NonMaxSuppression); and how a Softmax output's log-probabilities are read."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ class Decision:
                 for p, f in zip(self.positions, self.fetch)]
 
     def note(self) -> str:
+        """The report's note on how this output is judged."""
         judged = " and ".join(f"'{s}'" for s in self.sources)
         return (f"output '{self.output}' is integer ({self.op} of {judged}): the proposal judges {judged} in its place and "
                 "counts the output's values that differ from fp32's as flipped decisions")
