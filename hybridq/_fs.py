@@ -266,6 +266,27 @@ def roll_back(root: Path, stage: Path) -> None:
             os.replace(stage / "old" / rel, root / rel)
 
 
+def pid_alive(pid: int) -> bool:
+    """True when a process with this id runs on this machine (a dump on a shared disk from another host looks dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def process_tempdir(prefix: str) -> tempfile.TemporaryDirectory:
+    """A temporary directory named `prefix<pid>-...`; those of dead processes (a worker killed mid-run, which removes
+    nothing) are removed first."""
+    for stale in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-")
+
+
 def check_output_dir(path: Path, what: str) -> None:
     """Refuse, before any work, an output directory that is a file, lies under a file, or cannot be written."""
     if path.exists() and not path.is_dir():

@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import onnx
 
-from ._fs import JOURNAL, TEMP_PREFIX, publish, roll_back, swap_files, write_atomic
+from ._fs import JOURNAL, TEMP_PREFIX, pid_alive, publish, roll_back, swap_files, write_atomic
 from .analysis.results import AnalysisResult
 from .errors import InputError, OutputError, did_you_mean
 
@@ -135,19 +135,8 @@ def _sweep_orphans(directory: Path) -> None:
             stale = now - tmp.stat().st_mtime > ORPHAN_AGE_S
         except OSError:
             continue
-        if stale and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if stale and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    """True when a process with this id runs on this machine (a dump on a shared disk from another host looks dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 def _newest(directory: Path) -> float:
@@ -166,7 +155,7 @@ def recover(root: Path) -> None:
     now = time.time()
     for stage in root.glob(f"{STAGE_PREFIX}*"):
         pid = stage.name[len(STAGE_PREFIX):].split("-", 1)[0]
-        if not stage.is_dir() or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not stage.is_dir() or not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         if not (stage / JOURNAL).exists() and now - _newest(stage) <= ORPHAN_AGE_S:
             continue

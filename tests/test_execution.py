@@ -514,3 +514,25 @@ def test_a_ray_address_where_nothing_listens_is_refused_at_once(monkeypatch, cnn
     for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
         with pytest.raises(InputError, match=rf"cannot connect to the Ray cluster at '{re.escape(address)}': nothing accepts"):
             hybridq.step1(cnn20["model"], cnn20["dataset"], out=cnn20["dir"] / "out", execution=Execution(ray=address))
+
+
+def test_an_eval_directory_of_a_dead_process_is_removed(tmp_path, monkeypatch):
+    """A scoring worker killed mid --eval leaves its temporary directory (test_a_worker_killed_...): the next --eval run
+    removes those of dead processes, never a live one's."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from hybridq.proposal.evaluator import task_score
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    left = tmp_path / f"hybridq-eval-{dead.stdout.strip()}-abc"
+    mine = tmp_path / f"hybridq-eval-{os.getpid()}-abc"
+    for d in (left, mine):
+        d.mkdir()
+        (d / "candidate.onnx").write_bytes(b"x")
+    seen = []
+    assert task_score(lambda p: seen.append(p) or 0.5, "m.py:f", b"model") == 0.5
+    assert not left.exists() and mine.exists()
+    assert Path(seen[0]).parent.name.startswith(f"hybridq-eval-{os.getpid()}-") and not Path(seen[0]).parent.exists()

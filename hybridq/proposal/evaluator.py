@@ -33,7 +33,6 @@ for bit as one scored here.
 from __future__ import annotations
 
 import math
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,6 +44,7 @@ import numpy as np
 import onnx
 
 from .. import _runtime
+from .._fs import process_tempdir
 from ..calibration import session_for
 from ..dataset import load_callable
 from ..errors import InputError
@@ -301,7 +301,7 @@ class Scoring:
 
 def task_score(eval_fn: Callable[[str], Any], spec: str, model: onnx.ModelProto | bytes) -> float:
     """The --eval function's figure for `model`, saved to a temporary file it reads (its error as an InputError)."""
-    with tempfile.TemporaryDirectory(prefix="hybridq-eval-") as tmp:
+    with process_tempdir("hybridq-eval-") as tmp:
         path = Path(tmp) / "candidate.onnx"
         if isinstance(model, bytes):
             path.write_bytes(model)
