@@ -554,3 +554,14 @@ def test_the_rknn_facade_step2_builds_from_a_cfg_rknn_wrote(ws, tmp_path, capsys
     casts = {n.output[0]: helper.get_attribute_value(n.attribute[0]) for n in q.graph.node if n.op_type == "Cast"}
     div = next(n for n in q.graph.node if n.op_type == "Div")
     assert any(casts.get(i) == onnx.TensorProto.FLOAT16 for i in div.input)  # RKNN's float16 layer runs in float16
+
+
+def test_an_rknn_cfg_saved_over_hybridqs_own_is_named_as_such(ws, tmp_path):
+    """Both tools write <name>.quantization.cfg: RKNN's cfg saved over hybridq's made step2 say hybridq's was "missing"."""
+    from hybridq.rknn.cfg import hybridq_cfg_for
+
+    ws["cfg"].write_text(rknn_cfg_text(dict(RKNN_ENTRIES), {}))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match="which it replaced") as exc:
+        hybridq_cfg_for(ws["model"], ws["cfg"], tmp_path / "out")
+    assert "missing" not in str(exc.value)

@@ -348,7 +348,11 @@ def hybridq_cfg_for(model_input: str | Path, given: Path, out: Path) -> tuple[Pa
     if not isinstance(data, dict) or "hybridq" in data or "quantize_parameters" not in data:
         return given, None  # hybridq's own cfg
     ours = Path(model_input).with_name(Path(model_input).name.removesuffix(".model") + ".quantization.cfg")
-    if not ours.is_file() or ours.resolve() == given.resolve():
+    if ours.is_file() and ours.resolve() == given.resolve():
+        raise InputError(f"'{given}' is a cfg RKNN-Toolkit2 wrote, under the name of hybridq's own cfg beside {Path(model_input).name}, "
+                         "which it replaced (both tools write <name>.quantization.cfg). Run hybridq's step1 again (into another "
+                         "folder, or after saving RKNN's cfg under another name); RKNN's float layers and ranges are then carried over.")
+    if not ours.is_file():
         raise InputError(f"'{given}' is a cfg RKNN-Toolkit2 wrote; hybridq builds from its own cfg ({ours}), which is missing. "
                          "Run hybridq's step1 there first; RKNN's float layers and ranges are then carried over.")
     copy_atomic(ours, out / ours.name)
