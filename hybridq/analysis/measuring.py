@@ -199,8 +199,9 @@ class Measure:
             if self.slices.pop(t, None) is not None:
                 self.slices_dropped.add(t)
         for t, (axis, sums) in res.slices.items():
+            if t in self.ragged:
+                self.slices_dropped.add(t)
             if t in self.skipped or t in self.ragged:
-                self.slices_dropped.update([t] if t in self.ragged else [])
                 continue
             acc = self.slices.setdefault(t, SliceAccumulator(axis))
             if acc.axis != axis or (acc.sums is not None and acc.sums.shape != sums.shape):
@@ -291,6 +292,13 @@ def finite_part(a: np.ndarray, tests: list[np.ndarray]) -> tuple[list[tuple[np.n
             counts = (agree, int(keep.size - np.count_nonzero(keep)) - agree)
         out.append((np.where(keep, a, 0).astype(a.dtype, copy=False), np.where(keep, b, 0).astype(b.dtype, copy=False)))
     return out, counts
+
+
+def differing(a: np.ndarray, b: np.ndarray) -> int:
+    """How many values of two integer or bool tensors differ; every one when their shapes differ (data-dependent)."""
+    if np.shape(a) != np.shape(b):
+        return max(int(np.size(a)), int(np.size(b)))
+    return int(np.count_nonzero(np.asarray(a) != np.asarray(b)))
 
 
 def nonfinite_note(counts: dict[str, list[int]]) -> str:

@@ -22,7 +22,7 @@ from .. import _runtime
 from ..dumps import DeviceDump, compare_rknn_dump, first_divergence, read_device_dump, read_rknn_dump
 from ..errors import InputError
 from ..metrics import Accumulator
-from .measuring import finite_part, nonfinite_note
+from .measuring import differing, finite_part, nonfinite_note
 from .results import AnalysisResult, LayerError, RuntimeRow
 
 
@@ -81,8 +81,8 @@ def compare_runtime(fp32: onnx.ModelProto, quant: onnx.ModelProto, samples: Iter
         for name, got, sim_value in zip(names, device.run(names, feeds), sim):
             if not np.issubdtype(got.dtype, np.floating):
                 counts = exact.setdefault(name, [0, 0, 0])
-                counts[0] += _differing(ref.get(name), got)
-                counts[1] += _differing(sim_value, got)
+                counts[0] += differing(ref[name], got) if name in ref else 0
+                counts[1] += differing(sim_value, got)
                 counts[2] += int(got.size)
                 continue
             for acc, base in ((vs_fp32[name], ref.get(name)), (vs_sim[name], sim_value)):
@@ -101,15 +101,6 @@ def compare_runtime(fp32: onnx.ModelProto, quant: onnx.ModelProto, samples: Iter
     notes = [f"runtime column: output '{n}' is integer, compared value for value: {a} of {total} value(s) differ from fp32's, "
              f"{b} from the simulation's" for n, (a, b, total) in exact.items()]
     return rows, notes + ([nonfinite_note(nonfinite)] if nonfinite else [])
-
-
-def _differing(base: np.ndarray | None, got: np.ndarray) -> int:
-    """How many values of `got` differ from `base` (all of them when the shapes differ; none when there is no base)."""
-    if base is None:
-        return 0
-    if np.shape(base) != np.shape(got):
-        return max(int(np.size(base)), int(np.size(got)))
-    return int(np.count_nonzero(np.asarray(base) != got))
 
 
 def is_device_folder(spec: str) -> bool:

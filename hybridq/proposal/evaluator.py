@@ -223,6 +223,14 @@ SamplePart = tuple[list[np.ndarray], int, int]
 """One sample's part of a score: each output's sums (in output order), argmax decisions flipped, decisions taken."""
 
 
+def judged_session(model: onnx.ModelProto, decisions: list[Decision], threads: int = 0) -> Any:
+    """A session over `model` that also writes each decided tensor under its :attr:`Decision.fetch` name."""
+    if not decisions:
+        return session_for(model, basic=False, threads=threads)
+    nodes = [n for d in decisions for n in d.nodes(model)]
+    return session_for(model, [f for d in decisions for f in d.fetch], basic=False, threads=threads, nodes=nodes)
+
+
 @dataclass
 class Scoring:
     """What scoring a candidate needs besides the candidate: the samples, their fp32 outputs and how to sum them (sent to workers).
@@ -242,14 +250,13 @@ class Scoring:
     exact: list[str] = field(default_factory=list)
 
     def session(self, model: onnx.ModelProto, threads: int = 0) -> Any:
-        """A session over `model` that also writes each decided tensor under its :attr:`Decision.fetch` name."""
-        if not self.decisions:
-            return session_for(model, basic=False, threads=threads)
-        nodes = [n for d in self.decisions for n in d.nodes(model)]
-        return session_for(model, [f for d in self.decisions for f in d.fetch], basic=False, threads=threads, nodes=nodes)
+        """:func:`judged_session` of `model` for these decisions."""
+        return judged_session(model, self.decisions, threads)
 
     def parts(self, sess: Any, indices: Iterable[int]) -> list[SamplePart]:
         """Run the candidate's session on the samples `indices`; each sample's sums and decisions."""
+        from ..analysis.measuring import differing  # here: importing the analysis package costs every step1 ~25 ms
+
         out: list[SamplePart] = []
         counted = {f for d in self.decisions for f in d.fetch}  # a decided output's own values count its decisions
         for k in indices:
@@ -268,9 +275,7 @@ class Scoring:
                     lr, lq = (np.reshape(log_probabilities(v, axis, is_log), (1, -1)) for v in (r, q))
                     logp.append(slice_sums(lr, lq, 0))
             for r, q in zip(ref[len(self.names):], values[len(self.names):]):
-                same = np.shape(r) == np.shape(q)
-                flips += int(np.count_nonzero(np.asarray(r) != np.asarray(q))) if same else max(np.size(r), np.size(q))
-                decisions += max(np.size(r), np.size(q))
+                flips, decisions = flips + differing(r, q), decisions + max(np.size(r), np.size(q))
             out.append((sums + logp, flips, decisions))
         return out
 
@@ -403,8 +408,7 @@ class Evaluator:
         self.notes = [d.note() for d in decided.values()] + [
             f"output '{n}' is integer, computed from no float tensor the proposal can judge: it counts the output's values that "
             "differ from fp32's as flipped decisions" for n in exact if n not in decided]
-        scoring = Scoring(samples, [], self.names, [], {}, None, labels, list(decided.values()), exact)
-        sess = scoring.session(fp32)
+        sess = judged_session(fp32, list(decided.values()))
         self.ref = [sess.run(self.names + exact, s) for s in samples]
         sources = {s: f for d in decided.values() for s, f in zip(d.sources, d.fetch)}
         softmax = {**softmax_axes(fp32, self.names), **{sources[t]: a for t, a in softmax_axes(fp32, list(sources)).items()}}
@@ -415,7 +419,7 @@ class Evaluator:
         self.fp32_task = None
         spec = portable_spec(target.eval_fn) if target.eval_fn else None
         self.scoring = Scoring(samples, self.ref, self.names if self.ref else [], layouts, self.class_axis, spec,
-                               labels if self.ref else [], scoring.decisions, exact)
+                               labels if self.ref else [], list(decided.values()), exact)
         if spec:
             self._eval = load_callable(spec, "--eval function")
             self.fp32_task = self._task(fp32)
