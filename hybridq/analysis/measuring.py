@@ -139,7 +139,7 @@ class Measure:
                     res.arrays[t] = raw
                 return
         if a.dtype.kind != "f":  # an integer or bool output (an ArgMax, a mask): value for value
-            res.matches[t] = (int(np.count_nonzero(a != tests[0])), int(a.size))
+            res.matches[t] = (differing(a, tests[0]), int(a.size))
             return
         if tp.bounds is not None:  # beyond their saturation points (HardSwish below -3) all values are one to them
             a, tests = np.clip(a, *tp.bounds), [np.clip(b, *tp.bounds) for b in tests]
